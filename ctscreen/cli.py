@@ -1,0 +1,60 @@
+"""The ``ctscreen`` command: one entry point, one subcommand per package.
+
+Each subcommand lives in the package that owns it and is imported only when called, so that
+``ctscreen screen`` never imports torch and ``ctscreen phantom`` never imports tritonclient.
+A subcommand is a function ``main(argv: list[str]) -> int``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("phantom.cli", "synthetic chest-CT studies with ground truth, as DICOM series"),
+    "train": ("training.cli:train_main", "train the valid-area or lesion UNet++"),
+    "export": ("training.cli:export_main", "export a checkpoint to ONNX with its model card"),
+    "repo": ("ctscreen.repo", "render the Triton model repository (cpu or gpu profile)"),
+    "triton": ("ctscreen.embedded", "run the embedded tritonserver on the cpu repository"),
+    "serve": ("gateway.cli:serve_main", "run the embedded Triton and the gateway on localhost"),
+    "screen": ("gateway.cli:screen_main", "upload studies to a gateway and print verdicts"),
+    "demo": ("gateway.cli:demo_main", "make sample studies, screen them, keep the service running"),
+    "eval": ("aggregator.cli:eval_main", "evaluate a labelled set through the serving path"),
+    "bench": ("benchmarks.cli", "benchmarks: model level, case level, ratios, scaling"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ctscreen <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run 'ctscreen <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from ctscreen import __version__
+
+        print(f"ctscreen {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ctscreen: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[name][0]
+    module_name, _, func_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name or "main")
+    try:
+        return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        print("ctscreen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

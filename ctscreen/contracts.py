@@ -1,0 +1,52 @@
+"""Contracts shared by every layer: tensor names, shapes, model names and paper defaults.
+
+Everything that crosses a process boundary (ONNX graph, Triton config, gRPC request) is named here
+once, and the tests check ``model_repository/*/config.pbtxt`` and the exported ONNX files against it.
+
+Wire format
+-----------
+``HU_SLICES``      INT16 [B, 1, 512, 512]  Hounsfield units, raw (no windowing; the graph does it).
+``PROB``           FP32  [B, 1, 512, 512]  probability map; output of ``valid_area`` and ``lesion``,
+                                           never leaves Triton.
+``LESION_BOXES``   FP32  [B, K, 5]         (x0, y0, x1, y1, score) per box, 512-pixel coordinates,
+                                           inclusive pixel indices; rows past ``BOX_COUNT`` are padding
+                                           (all ``-1``); K >= 1 so the tensor is never empty.
+``BOX_COUNT``      INT32 [B, 1]            number of real rows in ``LESION_BOXES`` per slice.
+``VALID_AREA_BOX`` FP32  [B, 4]            (x0, y0, x1, y1) of the valid area; all ``-1`` when empty.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SLICE_SIZE: Final = 512
+"""Every slice is sent to Triton at 512 x 512 (resampled by the gateway if needed)."""
+
+# --- tensor names -----------------------------------------------------------------------------
+HU_SLICES: Final = "HU_SLICES"
+PROB: Final = "PROB"
+VALID_PROB: Final = "VALID_PROB"  # ensemble-internal name of the valid-area map
+LESION_PROB: Final = "LESION_PROB"  # ensemble-internal name of the lesion map
+LESION_BOXES: Final = "LESION_BOXES"
+BOX_COUNT: Final = "BOX_COUNT"
+VALID_AREA_BOX: Final = "VALID_AREA_BOX"
+
+# --- model names ------------------------------------------------------------------------------
+VALID_AREA_MODEL: Final = "valid_area"
+LESION_MODEL: Final = "lesion"
+POSTPROCESS_MODEL: Final = "postprocess"
+ENSEMBLE_MODEL: Final = "ct_screen"
+SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
+
+# --- paper defaults (Chen et al., Sci Rep 2020, 10:19196) --------------------------------------
+PROB_CUTOFF: Final = 0.50
+"""A pixel (and a region) counts when its probability is >= this."""
+
+MIN_BOX_AREA: Final = 25
+"""A box counts when it covers strictly more than this many pixels (512-pixel grid)."""
+
+RUN_SLICES: Final = 3
+"""A study is positive when this many consecutive slices have a lesion in the same quadrant."""
+
+PADDING_ROW: Final = (-1.0, -1.0, -1.0, -1.0, -1.0)
+EMPTY_BOX: Final = (-1.0, -1.0, -1.0, -1.0)
