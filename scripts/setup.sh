@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up ctscreen on a fresh machine: Debian packages, the .venv and the project (editable).
+#
+#   scripts/setup.sh          serving only (gateway, aggregator, embedded Triton; no torch)
+#   scripts/setup.sh --test   everything the tests need: train + test extras, dcmtk, libb64-0d
+#
+# Idempotent and quick when nothing changed (a stamp keyed by pyproject.toml and the extras).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-serve}"
+case "$mode" in
+  serve|--serve) extras="" ; debs=() ;;
+  test|--test)   extras="train,test" ; debs=(dcmtk libb64-0d) ;;
+  *) echo "setup.sh: unknown mode '$mode' (use --test or nothing)" >&2; exit 2 ;;
+esac
+
+# --- Debian packages ------------------------------------------------------------------------
+missing=()
+for pkg in "${debs[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: please install Debian packages (needs root): ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# --- Python ---------------------------------------------------------------------------------
+py="${PYTHON:-python3}"
+if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  echo "setup: ctscreen needs Python 3.11 (the Triton python-backend stub in nvidia-pytriton is built for it); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+
+key=$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)
+stamp=".venv/.ctscreen-setup-$key"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing ctscreen${extras:+[$extras]} into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  # numpy 2 makes the Triton python-backend stub send 0-byte tensors: refuse to go on with it.
+  .venv/bin/python -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' \
+    || { echo "setup: numpy >= 2 got installed; ctscreen needs numpy < 2" >&2; exit 1; }
+  touch "$stamp"
+fi
+echo "setup: ready (.venv, ctscreen${extras:+[$extras]})"
