@@ -27,6 +27,7 @@ HU_SLICES: Final = "HU_SLICES"
 PROB: Final = "PROB"
 VALID_PROB: Final = "VALID_PROB"  # ensemble-internal name of the valid-area map
 LESION_PROB: Final = "LESION_PROB"  # ensemble-internal name of the lesion map
+HU_FLOAT: Final = "HU_FLOAT"  # gpu profile, ensemble-internal: HU as FP32 (TensorRT has no INT16)
 LESION_BOXES: Final = "LESION_BOXES"
 BOX_COUNT: Final = "BOX_COUNT"
 VALID_AREA_BOX: Final = "VALID_AREA_BOX"
@@ -36,6 +37,7 @@ VALID_AREA_MODEL: Final = "valid_area"
 LESION_MODEL: Final = "lesion"
 POSTPROCESS_MODEL: Final = "postprocess"
 ENSEMBLE_MODEL: Final = "ct_screen"
+HU_CAST_MODEL: Final = "hu_cast"  # gpu profile only: INT16 -> FP32 in front of the TensorRT plans
 SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
 
 # --- paper defaults (Chen et al., Sci Rep 2020, 10:19196) --------------------------------------
