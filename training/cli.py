@@ -1,0 +1,181 @@
+"""``ctscreen train`` and ``ctscreen export``.
+
+Examples
+--------
+Train the lite lesion model on phantom studies generated on the fly, then ship it::
+
+    ctscreen train lesion --profile lite --data phantom --studies 48 --steps 3000 --out runs/lesion
+    ctscreen export lesion --checkpoint runs/lesion/best.ckpt
+
+Retrain on a NIfTI set (COVID-19-CT-Seg / MosMedData layout, see :mod:`training.datasets`)::
+
+    ctscreen train lesion --profile paper --data nifti:/data/covid19-ct-seg --out runs/lesion-paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
+
+TASK_ALIASES = {"valid-area": VALID_AREA_MODEL, "valid_area": VALID_AREA_MODEL, "lesion": LESION_MODEL}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line and exits with status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _task(value: str) -> str:
+    if value not in TASK_ALIASES:
+        raise argparse.ArgumentTypeError(f"task must be valid-area or lesion, got {value!r}")
+    return TASK_ALIASES[value]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def _torch_or_exit(prog: str) -> None:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        print(f"{prog}: error: needs the train extra (pip install '.[train]'): {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train_main(argv: list[str]) -> int:
+    """``ctscreen train valid-area|lesion``: train one network; see ``--help``."""
+    p = _Parser(prog="ctscreen train", description="Train the valid-area or lesion UNet++.")
+    p.add_argument("task", type=_task, help="valid-area or lesion")
+    p.add_argument("--profile", choices=("lite", "paper"), default="lite")
+    p.add_argument(
+        "--data",
+        default="phantom",
+        help="'phantom' (studies generated on the fly), 'phantom:DIR' (written by `ctscreen phantom`) "
+        "or 'nifti:DIR' (volumes + lesion masks [+ lung masks]); default phantom",
+    )
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<task>-<profile>)")
+    p.add_argument("--studies", type=_positive_int, default=48, help="phantom studies to train on")
+    p.add_argument("--slices", type=_positive_int, default=64, help="slices per phantom study")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, sampling and phantom studies")
+    p.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in all")
+    p.add_argument("--batch", type=_positive_int, default=8)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    _torch_or_exit(p.prog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from training import datasets
+    from training.train import TrainConfig, train
+
+    try:
+        source = datasets.parse_source(args.data)
+    except ValueError as exc:
+        p.error(str(exc))
+    out = args.out or REPO_ROOT / "runs" / f"{args.task}-{args.profile}"
+    if args.resume and not (out / "last.ckpt").is_file():
+        p.error(f"--resume: no checkpoint at {out / 'last.ckpt'}")
+    cfg = TrainConfig(
+        task=args.task,
+        profile=args.profile,
+        source=source,
+        out=out,
+        studies=args.studies,
+        slices=args.slices,
+        seed=args.seed,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        val_every=args.val_every,
+        resume=args.resume,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``ctscreen export``: checkpoint -> ONNX + model card; see ``--help``."""
+    p = _Parser(prog="ctscreen export", description="Export a checkpoint to ONNX with its model card.")
+    p.add_argument("task", type=_task, help="valid-area or lesion")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a .ckpt written by `ctscreen train`")
+    src.add_argument("--untrained", action="store_true", help="export fresh random weights")
+    p.add_argument("--profile", choices=("lite", "paper"), default="lite", help="with --untrained")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="ONNX path (default model_repository/<task>/1/model.onnx; the card goes beside it)",
+    )
+    p.add_argument("--version", default=None, help="model card version (default from the checkpoint)")
+    p.add_argument("--metrics", type=Path, default=None, help="JSON of metrics to put into the card")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-parity", action="store_true", help="skip the torch vs ORT check")
+    args = p.parse_args(argv)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        p.error(f"--checkpoint: no such file: {args.checkpoint}")
+    if args.metrics is not None and not args.metrics.is_file():
+        p.error(f"--metrics: no such file: {args.metrics}")
+    if args.opset < 17:
+        p.error(f"--opset must be 17 or later, got {args.opset}")
+    _torch_or_exit(p.prog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from training.export import export_checkpoint
+
+    out = args.out or REPO_ROOT / "model_repository" / args.task / "1" / "model.onnx"
+    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    try:
+        info = export_checkpoint(
+            task=args.task,
+            checkpoint=args.checkpoint,
+            profile=args.profile,
+            out=out,
+            version=args.version,
+            metrics=metrics,
+            opset=args.opset,
+            check_parity=not args.no_parity,
+        )
+    except (ValueError, KeyError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
