@@ -1,0 +1,11 @@
+"""The aggregator: case rule, metrics and the versioned case result. Pure: no I/O, no Triton.
+
+* :mod:`aggregator.schema`: the :class:`~aggregator.schema.CaseResult` document (pydantic v2).
+* :mod:`aggregator.case`: :class:`~aggregator.case.CaseRule`, :func:`~aggregator.case.decide`.
+* :mod:`aggregator.metrics`: confusion matrices and Table-3 metrics with Wilson intervals.
+"""
+
+from aggregator.case import CaseDecision, CaseRule, SliceInput, decide
+from aggregator.schema import SCHEMA_VERSION, CaseResult
+
+__all__ = ["SCHEMA_VERSION", "CaseDecision", "CaseResult", "CaseRule", "SliceInput", "decide"]

@@ -1,0 +1,564 @@
+"""The case rule: from per-slice boxes to a verdict on the series, with its evidence.
+
+The paper (Chen et al., Sci Rep 2020) says only: boxes with confidence >= 0.50 covering > 25 pixels,
+boxes outside the valid area dropped, and a case is positive when three consecutive slices have
+lesions in the same quadrant. Everything it leaves open is decided here, configurable through
+:class:`CaseRule`, recorded in every result and argued in ``docs/case-rule.md``.
+
+Decisions (defaults first)
+--------------------------
+1. **Filters** (idempotent with Triton's post-processing, using :mod:`ctscreen.postprocess`): a box
+   counts when its score is ``>= cutoff``, it covers ``> min_area`` pixels, and its centre lies inside
+   the slice's valid-area box. A slice whose valid area is empty has no findings at all, whatever
+   ``drop_outside_valid`` says: no lung field, no lung lesion.
+2. **Quadrant split** ``quadrant_split="valid_area"``: each slice is split at the centre of its own
+   valid-area box, because the patient is rarely centred in the field of view; ``"image"`` splits at
+   the image centre (pixel 255.5 on the 512 grid).
+3. **Spanning boxes** ``spanning="every"``: a box counts in every quadrant it covers, so a lesion that
+   drifts across the split line from one slice to the next keeps its run, and the verdict is
+   monotone (a bigger box never removes a quadrant). ``"centre"`` counts a box only in the quadrant
+   holding its centre. A pixel or centre exactly on a split line belongs to both sides, which keeps
+   the rule symmetric under mirroring.
+4. **Order**: slices are ordered by their position along the slice normal (``position_mm``), never
+   by file order or InstanceNumber. Two slices at the same position, or two with the same SOP
+   Instance UID, are an error of the caller (ingest removes duplicates).
+5. **Gaps**: the nominal spacing is the ``spacing_mm`` given to :func:`decide` or else the median
+   distance between neighbours. Neighbours further apart than ``gap_tolerance`` x the nominal spacing
+   (default 1.5: one missing slice is a gap) break a run. A run that would qualify if the gaps were
+   ignored makes the case ``indeterminate`` (``run_broken_by_gap``), never negative.
+6. **Run length**: ``run_slices`` consecutive slices (paper: 3); optionally also ``run_mm``, the slab
+   the run must cover, measured as last minus first position plus the nominal spacing (so three 5 mm
+   slices cover 15 mm). Both must hold when both are given; set ``run_slices=1`` to rule in mm only.
+7. **Never silently negative**: a series with no lung field on any slice (``no_valid_area``), or with
+   no gap-free stretch long enough to hold a run (``too_few_slices``), is ``indeterminate``.
+
+The verdict is positive when any run qualifies; the evidence is the longest run found (qualifying
+first, then most slices, widest extent, lowest position, quadrant order), reported even when the
+case is negative so that a reader sees how close it came.
+
+>>> import numpy as np
+>>> va = np.array([100, 100, 400, 400], np.float32)
+>>> lesion = np.array([[150, 150, 170, 170, 0.9]], np.float32)
+>>> s = [SliceInput(f"1.2.{i}", 5.0 * i, lesion if i in (2, 3, 4) else np.zeros((0, 5)), va)
+...      for i in range(8)]
+>>> d = decide(s)
+>>> d.verdict, d.reason, d.evidence.quadrant, d.evidence.n_slices
+('positive', 'run_found', 'top_left', 3)
+>>> decide(s[:4]).verdict  # slices 2 and 3 only: two in a row
+'negative'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+
+from aggregator.schema import (
+    QUADRANTS,
+    Box,
+    CaseResult,
+    Evidence,
+    EvidenceSlice,
+    Gap,
+    LesionBox,
+    ModelInfo,
+    Quadrant,
+    RejectedFile,
+    RuleParams,
+    SliceFinding,
+    Timings,
+    Verdict,
+)
+from ctscreen.contracts import MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
+from ctscreen.postprocess import inside_valid_area, is_empty_box
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CaseRule", "SliceInput", "CaseDecision", "decide", "to_original_grid", "quadrants_of"]
+
+_MM_EPS = 1e-6
+"""Tolerance for comparing millimetre extents (positions carry float rounding from DICOM)."""
+
+
+@dataclass(frozen=True)
+class CaseRule:
+    """Every parameter of the case rule; the defaults are the paper's, the open choices ours.
+
+    Parameters
+    ----------
+    cutoff : float
+        A box counts when its score (mean lesion probability over the region) is ``>= cutoff``.
+        Paper: 0.50. Triton already applied its own cutoff to the maps; a higher value here filters
+        regions by score, a lower one cannot bring back regions Triton never reported.
+    min_area : int
+        A box counts when it covers strictly more than this many pixels on the 512 grid,
+        ``(x1 - x0 + 1) * (y1 - y0 + 1) > min_area``. Paper: 25.
+    run_slices : int
+        Consecutive slices with a lesion in the same quadrant needed for a positive case. Paper: 3.
+    run_mm : float or None
+        If given, the run must also cover at least this slab in millimetres (last minus first
+        position plus the nominal spacing). None (default): slices only, as in the paper.
+    quadrant_split : {"valid_area", "image"}
+        Where each slice is split into quadrants: the centre of its valid-area box (default) or the
+        image centre.
+    spanning : {"every", "centre"}
+        A box spanning a split line counts in every quadrant it covers (default) or only in the one
+        holding its centre.
+    gap_tolerance : float
+        Neighbours further apart than ``gap_tolerance`` x the nominal spacing are not consecutive.
+        Default 1.5 (a single missing slice breaks a run). Must be > 1.
+    drop_outside_valid : bool
+        Drop boxes whose centre lies outside a non-empty valid area (paper: yes). A slice with an
+        empty valid area has no findings either way.
+    """
+
+    cutoff: float = PROB_CUTOFF
+    min_area: int = MIN_BOX_AREA
+    run_slices: int = RUN_SLICES
+    run_mm: float | None = None
+    quadrant_split: Literal["valid_area", "image"] = "valid_area"
+    spanning: Literal["every", "centre"] = "every"
+    gap_tolerance: float = 1.5
+    drop_outside_valid: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cutoff <= 1.0:
+            raise ValueError(f'Argument "cutoff" must lie in [0, 1], got {self.cutoff}.')
+        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) or self.min_area < 0:
+            raise ValueError(f'Argument "min_area" must be an int >= 0, got {self.min_area!r}.')
+        if isinstance(self.run_slices, bool) or not isinstance(self.run_slices, int) or self.run_slices < 1:
+            raise ValueError(f'Argument "run_slices" must be an int >= 1, got {self.run_slices!r}.')
+        if self.run_mm is not None and not (math.isfinite(self.run_mm) and self.run_mm > 0):
+            raise ValueError(f'Argument "run_mm" must be None or a finite number > 0, got {self.run_mm}.')
+        if self.quadrant_split not in ("valid_area", "image"):
+            raise ValueError(
+                f'Argument "quadrant_split" must be "valid_area" or "image", got {self.quadrant_split!r}.'
+            )
+        if self.spanning not in ("every", "centre"):
+            raise ValueError(f'Argument "spanning" must be "every" or "centre", got {self.spanning!r}.')
+        if not (math.isfinite(self.gap_tolerance) and self.gap_tolerance > 1.0):
+            raise ValueError(f'Argument "gap_tolerance" must be a finite number > 1, got {self.gap_tolerance}.')
+
+    def params(self) -> RuleParams:
+        """The parameters as the schema model recorded in every :class:`~aggregator.schema.CaseResult`."""
+        return RuleParams(**asdict(self))
+
+    @classmethod
+    def from_params(cls, params: RuleParams) -> CaseRule:
+        """The rule recorded in a result, to reproduce its verdict."""
+        return cls(**params.model_dump())
+
+
+@dataclass(frozen=True, eq=False)
+class SliceInput:
+    """What the serving path returns for one slice, plus where the slice lies.
+
+    Parameters
+    ----------
+    sop_instance_uid : str
+        The slice's SOP Instance UID.
+    position_mm : float
+        Position along the slice normal in mm (``ImagePositionPatient`` projected on the normal).
+    boxes : numpy.ndarray
+        ``[N, 5]`` lesion boxes ``(x0, y0, x1, y1, score)`` on the 512 grid, inclusive indices, as
+        unpacked by :func:`ctscreen.postprocess.unpack_boxes`; all ``-1`` padding rows are ignored.
+    valid_area : numpy.ndarray
+        ``[4]`` valid-area box on the 512 grid, ``EMPTY_BOX`` (all -1) when empty.
+    rows, cols : int or None
+        The stored image's size, to map boxes back to its grid; None when unknown.
+    """
+
+    sop_instance_uid: str
+    position_mm: float
+    boxes: np.ndarray
+    valid_area: np.ndarray
+    rows: int | None = None
+    cols: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sop_instance_uid, str) or not self.sop_instance_uid:
+            raise ValueError('Argument "sop_instance_uid" must be a non-empty string.')
+        if not math.isfinite(float(self.position_mm)):
+            raise ValueError(f'Argument "position_mm" must be finite, got {self.position_mm}.')
+        boxes = np.asarray(self.boxes, dtype=np.float32)
+        if boxes.size == 0:
+            boxes = np.zeros((0, 5), np.float32)
+        if boxes.ndim != 2 or boxes.shape[1] != 5:
+            raise ValueError(f'Argument "boxes" must have shape [N, 5], got {boxes.shape}.')
+        if not np.all(np.isfinite(boxes)):
+            raise ValueError('Argument "boxes" must hold finite numbers only.')
+        boxes = boxes[~np.all(boxes == -1.0, axis=1)]  # padding rows of the ensemble output
+        if np.any(boxes[:, :4] < 0) or np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
+            raise ValueError('Argument "boxes" holds a box with negative or out-of-order corners.')
+        valid = np.asarray(self.valid_area, dtype=np.float32).reshape(-1)
+        if valid.shape != (4,) or not np.all(np.isfinite(valid)):
+            raise ValueError(f'Argument "valid_area" must be 4 finite numbers, got {self.valid_area!r}.')
+        for name in ("rows", "cols"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+                raise ValueError(f'Argument "{name}" must be None or an int >= 1, got {value!r}.')
+        object.__setattr__(self, "position_mm", float(self.position_mm))
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "valid_area", valid)
+
+
+@dataclass(frozen=True)
+class CaseDecision:
+    """The verdict on one series, its evidence and the per-slice findings, in position order."""
+
+    verdict: Verdict
+    reason: str
+    message: str
+    evidence: Evidence | None
+    slices: tuple[SliceFinding, ...]
+    gaps: tuple[Gap, ...]
+    nominal_spacing_mm: float | None
+    rule: CaseRule
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def positive(self) -> bool:
+        """True when the verdict is positive."""
+        return self.verdict == "positive"
+
+    def to_result(
+        self,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        models: Iterable[ModelInfo] = (),
+        timings: Timings | None = None,
+        rejected: Iterable[RejectedFile] = (),
+        gaps: Iterable[Gap] = (),
+        warnings: Iterable[str] = (),
+        job_id: str | None = None,
+        created_at: datetime | None = None,
+        software_version: str | None = None,
+    ) -> CaseResult:
+        """Wrap the decision into the versioned :class:`~aggregator.schema.CaseResult`.
+
+        ``gaps`` and ``warnings`` given here (for example by ingest) are added to the decision's
+        own, without duplicates.
+        """
+        all_gaps = list(self.gaps)
+        all_gaps += [g for g in gaps if g not in all_gaps]
+        all_warnings = list(self.warnings)
+        all_warnings += [w for w in warnings if w not in all_warnings]
+        if software_version is None:
+            from ctscreen import __version__ as software_version
+        return CaseResult(
+            job_id=job_id,
+            created_at=created_at,
+            software_version=software_version,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            verdict=self.verdict,
+            reason=self.reason,
+            message=self.message,
+            evidence=self.evidence,
+            n_slices=len(self.slices),
+            nominal_spacing_mm=self.nominal_spacing_mm,
+            slices=list(self.slices),
+            rule=self.rule.params(),
+            models=list(models),
+            timings=timings or Timings(),
+            rejected=list(rejected),
+            gaps=all_gaps,
+            warnings=all_warnings,
+        )
+
+
+def to_original_grid(box: Sequence[float], rows: int, cols: int, grid: int = SLICE_SIZE) -> Box:
+    """Map an inclusive box on the ``grid x grid`` model grid to the stored ``rows x cols`` grid.
+
+    The gateway resamples the whole image to the grid, each axis on its own (no crop, no padding),
+    so pixel ``i`` of the grid spans ``[i, i + 1) * size / grid`` of the stored image. The mapped box
+    is the smallest one covering the same physical extent.
+
+    >>> to_original_grid((0, 0, 511, 255), rows=256, cols=1024).model_dump()
+    {'x0': 0, 'y0': 0, 'x1': 1023, 'y1': 127}
+    >>> to_original_grid((10, 20, 30, 40), rows=512, cols=512).model_dump()
+    {'x0': 10, 'y0': 20, 'x1': 30, 'y1': 40}
+    """
+    sx, sy = cols / grid, rows / grid
+    x0 = min(cols - 1, max(0, math.floor(box[0] * sx + 1e-9)))
+    y0 = min(rows - 1, max(0, math.floor(box[1] * sy + 1e-9)))
+    x1 = min(cols - 1, max(x0, math.ceil((box[2] + 1) * sx - 1e-9) - 1))
+    y1 = min(rows - 1, max(y0, math.ceil((box[3] + 1) * sy - 1e-9) - 1))
+    return Box(x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def _box(values: Sequence[float]) -> Box:
+    return Box(x0=round(values[0]), y0=round(values[1]), x1=round(values[2]), y1=round(values[3]))
+
+
+def quadrants_of(box: Sequence[float], split: tuple[float, float], spanning: str = "every") -> list[Quadrant]:
+    """Quadrants a box ``(x0, y0, x1, y1, ...)`` counts in, for a split point ``(cx, cy)``.
+
+    With ``spanning="every"`` the box counts in each quadrant it covers; with ``"centre"`` only in
+    the one holding its centre. A pixel or centre exactly on a split line lies on both sides.
+
+    >>> quadrants_of((10, 10, 20, 20), (100, 100))
+    ['top_left']
+    >>> quadrants_of((90, 10, 110, 20), (100, 100))
+    ['top_left', 'top_right']
+    >>> quadrants_of((90, 10, 120, 20), (100, 100), "centre")
+    ['top_right']
+    >>> quadrants_of((80, 80, 100, 90), (100, 100))  # touches the vertical line
+    ['top_left', 'top_right']
+    """
+    cx, cy = split
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    if spanning == "centre":
+        x0 = x1 = (x0 + x1) / 2.0
+        y0 = y1 = (y0 + y1) / 2.0
+    left, right = x0 <= cx, x1 >= cx
+    top, bottom = y0 <= cy, y1 >= cy
+    covered = {
+        "top_left": top and left,
+        "top_right": top and right,
+        "bottom_left": bottom and left,
+        "bottom_right": bottom and right,
+    }
+    return [q for q in QUADRANTS if covered[q]]
+
+
+def _split_point(valid: np.ndarray, rule: CaseRule) -> tuple[float, float]:
+    if rule.quadrant_split == "image" or is_empty_box(valid):
+        centre = (SLICE_SIZE - 1) / 2.0
+        return centre, centre
+    return (float(valid[0] + valid[2]) / 2.0, float(valid[1] + valid[3]) / 2.0)
+
+
+def _filter(s: SliceInput, rule: CaseRule) -> tuple[np.ndarray, int]:
+    """Boxes of one slice that count under ``rule``, and how many were dropped."""
+    boxes = s.boxes
+    if is_empty_box(s.valid_area):
+        return boxes[:0], len(boxes)
+    # The area measure of ctscreen.postprocess: inclusive pixel indices.
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    keep = (boxes[:, 4] >= np.float32(rule.cutoff)) & (area > rule.min_area)
+    if rule.drop_outside_valid:
+        keep &= inside_valid_area(boxes, s.valid_area)
+    return boxes[keep], int(len(boxes) - keep.sum())
+
+
+def _finding(index: int, s: SliceInput, rule: CaseRule) -> SliceFinding:
+    kept, dropped = _filter(s, rule)
+    split = _split_point(s.valid_area, rule)
+    has_grid = s.rows is not None and s.cols is not None
+    lesions = []
+    for row in kept:
+        lesions.append(
+            LesionBox(
+                grid=_box(row),
+                original=to_original_grid(row, s.rows, s.cols) if has_grid else None,
+                score=float(min(1.0, max(0.0, row[4]))),
+                quadrants=quadrants_of(row, split, rule.spanning),
+            )
+        )
+    valid = None if is_empty_box(s.valid_area) else _box(s.valid_area)
+    valid_original = to_original_grid(s.valid_area, s.rows, s.cols) if (valid and has_grid) else None
+    present = {q for b in lesions for q in b.quadrants}
+    return SliceFinding(
+        index=index,
+        sop_instance_uid=s.sop_instance_uid,
+        position_mm=s.position_mm,
+        valid_area=valid,
+        valid_area_original=valid_original,
+        boxes=lesions,
+        quadrants=[q for q in QUADRANTS if q in present],
+        n_dropped=dropped,
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    quadrant: Quadrant
+    start: int  # index into the sorted slices
+    stop: int  # exclusive
+    extent_mm: float
+    qualifies: bool
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+def _extent(positions: Sequence[float], start: int, stop: int, spacing: float | None) -> float:
+    return positions[stop - 1] - positions[start] + (spacing or 0.0)
+
+
+def _long_enough(n: int, extent_mm: float, rule: CaseRule) -> bool:
+    return n >= rule.run_slices and (rule.run_mm is None or extent_mm >= rule.run_mm - _MM_EPS)
+
+
+def _runs(
+    findings: Sequence[SliceFinding],
+    segments: Sequence[tuple[int, int]],
+    positions: Sequence[float],
+    spacing: float | None,
+    rule: CaseRule,
+) -> list[_Run]:
+    """Maximal runs of consecutive slices with a lesion in one quadrant, within gap-free segments."""
+    runs = []
+    for q in QUADRANTS:
+        for seg_start, seg_stop in segments:
+            start = None
+            for i in range(seg_start, seg_stop + 1):
+                on = i < seg_stop and q in findings[i].quadrants
+                if on and start is None:
+                    start = i
+                elif not on and start is not None:
+                    extent = _extent(positions, start, i, spacing)
+                    runs.append(_Run(q, start, i, extent, _long_enough(i - start, extent, rule)))
+                    start = None
+    return runs
+
+
+def _best(runs: Sequence[_Run]) -> _Run | None:
+    if not runs:
+        return None
+    return min(runs, key=lambda r: (not r.qualifies, -r.n, -r.extent_mm, r.start, QUADRANTS.index(r.quadrant)))
+
+
+def _evidence(run: _Run, findings: Sequence[SliceFinding]) -> Evidence:
+    return Evidence(
+        quadrant=run.quadrant,
+        qualifies=run.qualifies,
+        n_slices=run.n,
+        extent_mm=round(max(0.0, run.extent_mm), 6),
+        slices=[
+            EvidenceSlice(
+                index=f.index,
+                sop_instance_uid=f.sop_instance_uid,
+                position_mm=f.position_mm,
+                boxes=[b for b in f.boxes if run.quadrant in b.quadrants],
+            )
+            for f in findings[run.start : run.stop]
+        ],
+    )
+
+
+def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
+    first, last = findings[run.start], findings[run.stop - 1]
+    return (
+        f"{run.n} consecutive slices ({run.extent_mm:.1f} mm) with lesions in the {run.quadrant.replace('_', ' ')} "
+        f"quadrant, slices {first.index}-{last.index} ({first.position_mm:.1f} to {last.position_mm:.1f} mm)"
+    )
+
+
+def _requirement(rule: CaseRule) -> str:
+    text = f"{rule.run_slices} consecutive slices"
+    return text + (f" covering {rule.run_mm:g} mm" if rule.run_mm is not None else "")
+
+
+def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacing_mm: float | None = None) -> CaseDecision:
+    """Apply the case rule to one series.
+
+    Parameters
+    ----------
+    slices : Sequence[SliceInput]
+        Every slice of the series, in any order.
+    rule : CaseRule or None
+        The rule; None for the paper's defaults.
+    spacing_mm : float or None
+        Nominal distance between neighbouring slices (for example from SpacingBetweenSlices); None
+        to use the median distance between neighbours.
+
+    Returns
+    -------
+    CaseDecision
+        Verdict, reason code (see :data:`aggregator.schema.REASONS`), message, evidence and the
+        per-slice findings in position order.
+
+    Raises
+    ------
+    ValueError
+        When two slices share a SOP Instance UID or a position, or ``spacing_mm`` is not > 0.
+    """
+    rule = rule or CaseRule()
+    if spacing_mm is not None and not (math.isfinite(spacing_mm) and spacing_mm > 0):
+        raise ValueError(f'Argument "spacing_mm" must be None or a finite number > 0, got {spacing_mm}.')
+    ordered = sorted(slices, key=lambda s: s.position_mm)
+    uids = [s.sop_instance_uid for s in ordered]
+    if len(set(uids)) != len(uids):
+        dup = sorted({u for u in uids if uids.count(u) > 1})[0]
+        raise ValueError(f'Argument "slices" holds SOP Instance UID {dup!r} more than once.')
+    positions = [s.position_mm for s in ordered]
+    diffs = np.diff(positions) if len(positions) > 1 else np.zeros(0)
+    if np.any(diffs <= _MM_EPS):
+        i = int(np.argmax(diffs <= _MM_EPS))
+        raise ValueError(
+            f'Argument "slices" holds two slices at position {positions[i]:.4f} mm '
+            f"({uids[i]!r} and {uids[i + 1]!r})."
+        )
+    spacing = spacing_mm if spacing_mm is not None else (float(np.median(diffs)) if len(diffs) else None)
+
+    gaps: list[Gap] = []
+    segments: list[tuple[int, int]] = []
+    seg_start = 0
+    for i, d in enumerate(diffs):
+        if spacing is not None and d > rule.gap_tolerance * spacing:
+            gaps.append(
+                Gap(
+                    after_sop_instance_uid=uids[i],
+                    before_sop_instance_uid=uids[i + 1],
+                    distance_mm=float(d),
+                    expected_mm=float(spacing),
+                )
+            )
+            segments.append((seg_start, i + 1))
+            seg_start = i + 1
+    if ordered:
+        segments.append((seg_start, len(ordered)))
+
+    findings = [_finding(i, s, rule) for i, s in enumerate(ordered)]
+    runs = _runs(findings, segments, positions, spacing, rule)
+    best = _best(runs)
+    evidence = _evidence(best, findings) if best else None
+    warnings = [
+        f"gap of {g.distance_mm:.2f} mm (expected {g.expected_mm:.2f} mm) between {g.after_sop_instance_uid} "
+        f"and {g.before_sop_instance_uid}"
+        for g in gaps
+    ]
+    need = _requirement(rule)
+
+    def make(verdict: Verdict, reason: str, message: str) -> CaseDecision:
+        return CaseDecision(
+            verdict, reason, message, evidence, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings)
+        )
+
+    if best is not None and best.qualifies:
+        return make("positive", "run_found", _describe(best, findings) + f" (rule: {need}).")
+    if findings and all(f.valid_area is None for f in findings):
+        return make("indeterminate", "no_valid_area", "The valid-area model found no lung field on any slice.")
+    if gaps:
+        whole = _runs(findings, [(0, len(findings))], positions, spacing, rule)
+        broken = [r for r in whole if _long_enough(r.n, r.n * (spacing or 0.0), rule)]
+        if broken:
+            r = _best(broken)
+            return make(
+                "indeterminate",
+                "run_broken_by_gap",
+                f"{r.n} slices with lesions in the {r.quadrant.replace('_', ' ')} quadrant would satisfy "
+                f"the rule ({need}) but a gap in the series breaks the run.",
+            )
+    if not any(_long_enough(b - a, _extent(positions, a, b, spacing), rule) for a, b in segments):
+        longest = max((b - a for a, b in segments), default=0)
+        return make(
+            "indeterminate",
+            "too_few_slices",
+            f"The longest gap-free stretch has {longest} slices, too short for the rule ({need}).",
+        )
+    if best is None:
+        return make("negative", "no_findings", f"No lesion on any of {len(findings)} slices.")
+    return make(
+        "negative", "no_run", f"Longest run: {_describe(best, findings)}; the rule needs {need}."
+    )

@@ -1,0 +1,224 @@
+"""The case result: the one versioned document the gateway API, the CLI and the reports exchange.
+
+Pydantic v2 models; ``docs/schema/case-result.schema.json`` is generated from :class:`CaseResult`
+(``python -m aggregator.schema > docs/schema/case-result.schema.json``) and a test keeps it current.
+
+Layout
+------
+::
+
+    CaseResult
+    ├── schema_version, job_id, created_at, software_version
+    ├── study_instance_uid, series_instance_uid
+    ├── verdict (positive | negative | indeterminate), reason (code), message (text)
+    ├── evidence: Evidence | None       the run of slices, its quadrant and its boxes
+    ├── slices: [SliceFinding]          every slice in position order, boxes in both grids
+    ├── rule: RuleParams                every case-rule parameter used
+    ├── nominal_spacing_mm, n_slices
+    ├── models: [ModelInfo], timings: Timings
+    └── rejected: [RejectedFile], gaps: [Gap], warnings: [str]
+
+Coordinates
+-----------
+Boxes are inclusive pixel indices ``(x0, y0, x1, y1)``: ``x`` is the column, ``y`` the row. ``grid``
+boxes are on the 512 x 512 grid the models saw; ``original`` boxes are on the stored image's own
+``Rows x Columns`` grid (see :func:`aggregator.case.to_original_grid`).
+
+Versioning
+----------
+``SCHEMA_VERSION`` follows semantic versioning: a new optional field bumps the minor version, a
+removed or renamed field or a changed meaning bumps the major version.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION: Final = "1.0.0"
+"""Version of the :class:`CaseResult` document."""
+
+Verdict = Literal["positive", "negative", "indeterminate"]
+Quadrant = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
+"""Quadrants in image coordinates (row 0 at the top). On a standard axial slice (LPS, patient supine,
+the usual orientation) the image's left is the patient's right and its top is anterior."""
+
+QUADRANTS: Final[tuple[Quadrant, ...]] = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+REASONS: Final[dict[str, str]] = {
+    "run_found": "positive: lesions in the same quadrant on enough consecutive slices",
+    "no_run": "negative: lesions found, but no run long enough in any quadrant",
+    "no_findings": "negative: no lesion box survived the filters on any slice",
+    "too_few_slices": "indeterminate: no gap-free stretch of the series is long enough to hold a run",
+    "no_valid_area": "indeterminate: the valid-area model found no lung field on any slice",
+    "run_broken_by_gap": "indeterminate: a run would qualify but a gap in the series breaks it",
+}
+"""Reason codes the aggregator emits, with their meaning. Callers (the gateway) may add their own
+codes for studies that never reach the case rule (for example ``no_usable_series``)."""
+
+_CODE = r"^[a-z][a-z0-9_]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Box(_Model):
+    """An axis-aligned box, inclusive pixel indices: ``x`` is the column, ``y`` the row."""
+
+    x0: int = Field(ge=0)
+    y0: int = Field(ge=0)
+    x1: int = Field(ge=0)
+    y1: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Box:
+        if self.x1 < self.x0 or self.y1 < self.y0:
+            raise ValueError(f"box corners out of order: ({self.x0}, {self.y0}, {self.x1}, {self.y1})")
+        return self
+
+    @property
+    def area(self) -> int:
+        """Pixels covered, ``(x1 - x0 + 1) * (y1 - y0 + 1)`` (the paper's "> 25 pixels" measure)."""
+        return (self.x1 - self.x0 + 1) * (self.y1 - self.y0 + 1)
+
+
+class LesionBox(_Model):
+    """One lesion region that survived the case rule's filters."""
+
+    grid: Box = Field(description="box on the 512 x 512 model grid")
+    original: Box | None = Field(
+        default=None, description="the same box on the stored image's Rows x Columns grid"
+    )
+    score: float = Field(ge=0.0, le=1.0, description="mean lesion probability over the region")
+    quadrants: list[Quadrant] = Field(description="quadrants this box counts in (see the rule)")
+
+
+class SliceFinding(_Model):
+    """What the models and the rule found on one slice."""
+
+    index: int = Field(ge=0, description="0-based index in position order (not file order)")
+    sop_instance_uid: str
+    position_mm: float = Field(description="position along the slice normal, mm")
+    valid_area: Box | None = Field(description="valid-area box on the 512 grid; None when empty")
+    valid_area_original: Box | None = None
+    boxes: list[LesionBox] = Field(default_factory=list)
+    quadrants: list[Quadrant] = Field(default_factory=list, description="quadrants with a lesion")
+    n_dropped: int = Field(default=0, ge=0, description="boxes received but removed by the filters")
+
+
+class EvidenceSlice(_Model):
+    """One slice of the evidence run, with the boxes that count in the run's quadrant."""
+
+    index: int = Field(ge=0)
+    sop_instance_uid: str
+    position_mm: float
+    boxes: list[LesionBox]
+
+
+class Evidence(_Model):
+    """The longest run of consecutive slices with a lesion in one quadrant."""
+
+    quadrant: Quadrant
+    qualifies: bool = Field(description="True when the run satisfies the rule (the case is positive)")
+    n_slices: int = Field(ge=1)
+    extent_mm: float = Field(
+        ge=0.0, description="slab covered: last minus first position plus the nominal spacing"
+    )
+    slices: list[EvidenceSlice]
+
+
+class RuleParams(_Model):
+    """Every parameter of :class:`aggregator.case.CaseRule`, as used for this result."""
+
+    cutoff: float = Field(ge=0.0, le=1.0)
+    min_area: int = Field(ge=0)
+    run_slices: int = Field(ge=1)
+    run_mm: float | None = Field(default=None, gt=0.0)
+    quadrant_split: Literal["valid_area", "image"]
+    spanning: Literal["every", "centre"]
+    gap_tolerance: float = Field(gt=1.0)
+    drop_outside_valid: bool
+
+
+class ModelInfo(_Model):
+    """A model that took part in the result."""
+
+    name: str
+    version: str
+    sha256: str | None = None
+    platform: str | None = Field(default=None, description="e.g. onnxruntime, tensorrt_plan, python")
+
+
+class Timings(_Model):
+    """Wall-clock durations in seconds; None for a stage that did not run or was not measured."""
+
+    queued_s: float | None = Field(default=None, ge=0.0)
+    ingest_s: float | None = Field(default=None, ge=0.0)
+    inference_s: float | None = Field(default=None, ge=0.0)
+    aggregate_s: float | None = Field(default=None, ge=0.0)
+    total_s: float | None = Field(default=None, ge=0.0)
+
+
+class RejectedFile(_Model):
+    """A file of the upload that did not become a slice, and why."""
+
+    filename: str
+    reason: str = Field(pattern=_CODE, description="machine-readable code, e.g. not_dicom")
+    message: str
+
+
+class Gap(_Model):
+    """Two neighbouring slices further apart than ``gap_tolerance`` x the nominal spacing."""
+
+    after_sop_instance_uid: str
+    before_sop_instance_uid: str
+    distance_mm: float = Field(ge=0.0)
+    expected_mm: float = Field(ge=0.0)
+
+
+class CaseResult(_Model):
+    """The verdict on one series of one study, with everything needed to check and reproduce it."""
+
+    schema_version: str = SCHEMA_VERSION
+    job_id: str | None = None
+    created_at: datetime | None = None
+    software_version: str | None = None
+    study_instance_uid: str
+    series_instance_uid: str
+    verdict: Verdict
+    reason: str = Field(pattern=_CODE, description="machine-readable reason, see aggregator.schema.REASONS")
+    message: str = Field(description="one human-readable sentence")
+    evidence: Evidence | None = Field(
+        default=None, description="the longest run found (qualifying or not); None when no lesion"
+    )
+    n_slices: int = Field(ge=0)
+    nominal_spacing_mm: float | None = Field(default=None, ge=0.0)
+    slices: list[SliceFinding] = Field(default_factory=list)
+    rule: RuleParams
+    models: list[ModelInfo] = Field(default_factory=list)
+    timings: Timings = Field(default_factory=Timings)
+    rejected: list[RejectedFile] = Field(default_factory=list)
+    gaps: list[Gap] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of :class:`CaseResult` (what ``docs/schema/case-result.schema.json`` holds)."""
+    schema = CaseResult.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://ctscreen.invalid/schema/case-result/{SCHEMA_VERSION}"
+    return schema
+
+
+def json_schema_text() -> str:
+    """:func:`json_schema` as stable, sorted, newline-terminated JSON text."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - regeneration entry point
+    sys.stdout.write(json_schema_text())
