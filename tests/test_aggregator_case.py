@@ -1,0 +1,440 @@
+"""The case rule: table tests at every boundary, and hypothesis properties.
+
+Pure-library tests: the inputs are the arrays the serving path returns (boxes and valid-area boxes
+on the 512 grid), so no model or Triton is involved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.case import CaseRule, SliceInput, decide, quadrants_of, to_original_grid
+from ctscreen.contracts import EMPTY_BOX, PADDING_ROW
+from ctscreen.postprocess import postprocess_batch, unpack_boxes
+
+VA = np.array([100, 100, 400, 400], np.float32)  # valid area, split point (250, 250)
+BOX = {
+    "top_left": (150, 150, 170, 170),
+    "top_right": (330, 150, 350, 170),
+    "bottom_left": (150, 330, 170, 350),
+    "bottom_right": (330, 330, 350, 350),
+}
+NONE = np.zeros((0, 5), np.float32)
+
+
+def boxes(*quadrants: str, score: float = 0.9) -> np.ndarray:
+    if not quadrants:
+        return NONE
+    return np.array([[*BOX[q], score] for q in quadrants], np.float32)
+
+
+def series(lesions: dict[int, tuple[str, ...]], n: int, spacing: float = 5.0, skip=(), valid=VA):
+    """n slices at spacing mm (indices in ``skip`` missing), lesions by slice index."""
+    return [
+        SliceInput(f"1.2.840.1.{i}", spacing * i, boxes(*lesions.get(i, ())), valid)
+        for i in range(n)
+        if i not in skip
+    ]
+
+
+TL = ("top_left",)
+
+
+# ---- run length ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("lesions", "verdict", "reason"),
+    [
+        ({}, "negative", "no_findings"),
+        ({4: TL}, "negative", "no_run"),
+        ({4: TL, 5: TL}, "negative", "no_run"),
+        ({4: TL, 5: TL, 6: TL}, "positive", "run_found"),
+        ({0: TL, 1: TL, 2: TL}, "positive", "run_found"),  # at the very start
+        ({7: TL, 8: TL, 9: TL}, "positive", "run_found"),  # at the very end
+        ({4: TL, 6: TL, 8: TL}, "negative", "no_run"),  # not consecutive
+        ({4: TL, 5: ("top_right",), 6: TL}, "negative", "no_run"),  # quadrant changes
+        ({4: TL, 5: ("top_left", "bottom_right"), 6: TL}, "positive", "run_found"),
+        ({4: ("bottom_right",), 5: ("bottom_right",), 6: ("bottom_right",)}, "positive", "run_found"),
+    ],
+)
+def test_run_length_table(lesions, verdict, reason):
+    d = decide(series(lesions, 10))
+    assert (d.verdict, d.reason) == (verdict, reason)
+
+
+def test_exactly_two_negative_three_positive_in_every_quadrant():
+    for q in BOX:
+        assert decide(series({3: (q,), 4: (q,)}, 10)).verdict == "negative"
+        d = decide(series({3: (q,), 4: (q,), 5: (q,)}, 10))
+        assert d.verdict == "positive"
+        assert d.evidence.quadrant == q and d.evidence.qualifies
+        assert [s.index for s in d.evidence.slices] == [3, 4, 5]
+
+
+def test_run_slices_parameter_moves_the_boundary():
+    two = series({3: TL, 4: TL}, 10)
+    assert decide(two, CaseRule(run_slices=2)).verdict == "positive"
+    assert decide(series({3: TL, 4: TL, 5: TL}, 10), CaseRule(run_slices=4)).verdict == "negative"
+
+
+def test_negative_case_still_reports_its_longest_run():
+    d = decide(series({1: TL, 5: ("bottom_right",), 6: ("bottom_right",)}, 10))
+    assert d.verdict == "negative"
+    assert d.evidence.quadrant == "bottom_right" and d.evidence.n_slices == 2
+    assert not d.evidence.qualifies
+    assert d.evidence.extent_mm == pytest.approx(10.0)
+
+
+# ---- order --------------------------------------------------------------------------------------
+def test_order_is_by_position_not_by_input_order():
+    s = series({3: TL, 4: TL, 5: TL}, 10)
+    reordered = [s[i] for i in (5, 0, 9, 3, 1, 8, 4, 2, 7, 6)]
+    a, b = decide(s), decide(reordered)
+    assert a.verdict == b.verdict == "positive"
+    assert a.slices == b.slices and a.evidence == b.evidence
+
+
+def test_descending_and_negative_positions_are_sorted():
+    s = [SliceInput(f"u{i}", -2.5 * i, boxes(*(TL if i in (2, 3, 4) else ())), VA) for i in range(8)]
+    d = decide(s)
+    assert d.verdict == "positive"
+    assert [f.position_mm for f in d.slices] == sorted(f.position_mm for f in d.slices)
+
+
+# ---- gaps ---------------------------------------------------------------------------------------
+def test_gap_breaks_a_run_and_makes_the_case_indeterminate():
+    # slices at 0..45 mm, slice 5 missing: lesions on 3, 4 | gap | 6 -> three lesion slices, broken
+    d = decide(series({3: TL, 4: TL, 6: TL}, 10, skip={5}))
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap")
+    assert len(d.gaps) == 1 and d.gaps[0].distance_mm == pytest.approx(10.0)
+    assert d.gaps[0].expected_mm == pytest.approx(5.0)
+    assert d.warnings and "gap" in d.warnings[0]
+
+
+def test_gap_elsewhere_does_not_hide_a_run():
+    d = decide(series({1: TL, 2: TL, 3: TL}, 10, skip={6}))
+    assert d.verdict == "positive" and len(d.gaps) == 1
+
+
+def test_gap_with_no_broken_run_is_still_negative():
+    d = decide(series({1: TL, 7: TL}, 10, skip={5}))
+    assert (d.verdict, d.reason) == ("negative", "no_run")
+
+
+@pytest.mark.parametrize(("distance", "is_gap"), [(7.4, False), (7.5, False), (7.6, True), (10.0, True)])
+def test_gap_tolerance_boundary(distance, is_gap):
+    # nominal 5 mm (median), tolerance 1.5 -> a neighbour distance > 7.5 mm is a gap
+    pos = [0, 5, 10, 15, 15 + distance, 20 + distance, 25 + distance]
+    s = [SliceInput(f"u{i}", p, boxes(*TL) if i in (2, 3, 4) else NONE, VA) for i, p in enumerate(pos)]
+    d = decide(s)
+    assert bool(d.gaps) is is_gap
+    assert d.verdict == ("indeterminate" if is_gap else "positive")
+
+
+def test_explicit_spacing_overrides_the_median():
+    s = series({0: TL, 1: TL, 2: TL}, 6)  # 5 mm apart
+    assert decide(s).verdict == "positive"
+    d = decide(s, spacing_mm=2.5)  # every neighbour is now two slices apart
+    assert d.reason == "run_broken_by_gap" and len(d.gaps) == 5
+    assert d.nominal_spacing_mm == 2.5
+
+
+# ---- too few slices, empty valid area -----------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_few_slices_is_indeterminate_never_negative(n):
+    d = decide(series({}, n))
+    assert (d.verdict, d.reason) == ("indeterminate", "too_few_slices")
+
+
+def test_segments_all_too_short_is_indeterminate():
+    d = decide(series({}, 8, skip={2, 5}))  # 0 1 | 3 4 | 6 7
+    assert (d.verdict, d.reason) == ("indeterminate", "too_few_slices")
+
+
+def test_two_slices_of_lesion_in_a_two_slice_series_is_indeterminate():
+    assert decide(series({0: TL, 1: TL}, 2)).verdict == "indeterminate"
+
+
+def test_empty_valid_area_everywhere_is_indeterminate_with_no_findings():
+    s = series({i: TL for i in range(6)}, 6, valid=np.array(EMPTY_BOX, np.float32))
+    for rule in (CaseRule(), CaseRule(drop_outside_valid=False)):
+        d = decide(s, rule)
+        assert (d.verdict, d.reason) == ("indeterminate", "no_valid_area")
+        assert all(f.boxes == [] and f.valid_area is None for f in d.slices)
+        assert all(f.n_dropped == 1 for f in d.slices)
+        assert d.evidence is None
+
+
+def test_empty_valid_area_on_one_slice_breaks_the_run_there():
+    s = series({3: TL, 4: TL, 5: TL, 6: TL, 7: TL}, 10)
+    s[5] = SliceInput(s[5].sop_instance_uid, s[5].position_mm, boxes(*TL), np.array(EMPTY_BOX))
+    d = decide(s)
+    assert d.slices[5].boxes == [] and d.slices[5].quadrants == []
+    assert d.verdict == "negative"  # 3 4 | 6 7
+    assert decide(s, CaseRule(run_slices=2)).verdict == "positive"
+
+
+# ---- filters ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("row", "kept"),
+    [
+        ((150, 150, 154, 154, 0.9), False),  # 5 x 5 = 25 pixels: not > 25
+        ((150, 150, 151, 162, 0.9), True),  # 2 x 13 = 26 pixels
+        ((150, 150, 150, 175, 0.9), True),  # 1 x 26 = 26 pixels
+        ((150, 150, 170, 170, 0.5), True),  # score == cutoff counts
+        ((150, 150, 170, 170, 0.4999), False),
+        ((50, 150, 70, 170, 0.9), False),  # centre (60, 160) left of the valid area
+        ((90, 150, 112, 170, 0.9), True),  # centre (101, 160) inside, box pokes out
+        ((90, 150, 110, 170, 0.9), True),  # centre exactly on the valid-area edge (inclusive)
+    ],
+)
+def test_box_filters(row, kept):
+    s = series({}, 5)
+    s[2] = SliceInput("x", s[2].position_mm, np.array([row], np.float32), VA)
+    f = decide(s).slices[2]
+    assert (len(f.boxes) == 1) is kept
+    assert f.n_dropped == (0 if kept else 1)
+
+
+def test_drop_outside_valid_can_be_switched_off():
+    s = series({}, 5)
+    s[2] = SliceInput("x", s[2].position_mm, np.array([[50, 150, 70, 170, 0.9]], np.float32), VA)
+    assert decide(s, CaseRule(drop_outside_valid=False)).slices[2].quadrants == ["top_left"]
+
+
+def test_higher_cutoff_and_min_area_refilter():
+    s = series({i: TL for i in range(5)}, 5)
+    assert decide(s, CaseRule(cutoff=0.95)).reason == "no_findings"
+    assert decide(s, CaseRule(min_area=21 * 21)).reason == "no_findings"
+    assert decide(s, CaseRule(min_area=21 * 21 - 1)).verdict == "positive"
+
+
+def test_padding_rows_are_ignored():
+    padded = np.array([[*BOX["top_left"], 0.9], PADDING_ROW, PADDING_ROW], np.float32)
+    s = SliceInput("x", 0.0, padded, VA)
+    assert s.boxes.shape == (1, 5)
+
+
+def test_refilter_is_idempotent_with_triton_postprocessing():
+    """Boxes from ctscreen.postprocess (what Triton returns) all survive the default rule."""
+    rng = np.random.default_rng(0)
+    valid = np.zeros((4, 1, 512, 512), np.float32)
+    valid[:, :, 80:420, 60:460] = 0.9
+    lesion = rng.random((4, 1, 512, 512)).astype(np.float32) * 0.45
+    lesion[:, :, 150:170, 150:175] = 0.8
+    lesion[:, :, 300:302, 300:302] = 0.9  # 4 pixels: Triton drops it
+    lesion[:, :, 10:40, 10:40] = 0.9  # outside the valid area: Triton drops it
+    out, counts, va = postprocess_batch(valid, lesion)
+    s = [SliceInput(f"u{i}", float(i), b, v) for i, (b, v) in enumerate(zip(unpack_boxes(out, counts), va, strict=True))]
+    d = decide(s)
+    assert d.verdict == "positive"
+    assert all(f.n_dropped == 0 and len(f.boxes) == 1 for f in d.slices)
+
+
+# ---- quadrants ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("box", "spanning", "expected"),
+    [
+        ((240, 150, 249, 170), "every", ["top_left"]),
+        ((240, 150, 250, 170), "every", ["top_left", "top_right"]),  # touches the line x = 250
+        ((251, 150, 260, 170), "every", ["top_right"]),
+        ((240, 150, 262, 170), "every", ["top_left", "top_right"]),
+        ((240, 150, 262, 170), "centre", ["top_right"]),  # centre 251
+        ((240, 150, 260, 170), "centre", ["top_left", "top_right"]),  # centre exactly on the line
+        ((240, 240, 262, 262), "every", ["top_left", "top_right", "bottom_left", "bottom_right"]),
+        ((240, 240, 262, 262), "centre", ["bottom_right"]),
+    ],
+)
+def test_box_on_a_quadrant_border(box, spanning, expected):
+    assert quadrants_of(box, (250.0, 250.0), spanning) == expected
+    s = series({}, 5)
+    s[2] = SliceInput("x", s[2].position_mm, np.array([[*box, 0.9]], np.float32), VA)
+    assert decide(s, CaseRule(spanning=spanning)).slices[2].quadrants == expected
+
+
+def test_spanning_box_joins_runs_on_both_sides_only_with_every():
+    """Lesion drifting across the split line: left, straddling, right-and-left."""
+    straddle = np.array([[240, 150, 262, 170, 0.9]], np.float32)  # centre right of x = 250
+    s = series({3: TL, 5: TL}, 10)
+    s[4] = SliceInput(s[4].sop_instance_uid, s[4].position_mm, straddle, VA)
+    assert decide(s, CaseRule(spanning="every")).verdict == "positive"
+    assert decide(s, CaseRule(spanning="centre")).verdict == "negative"
+
+
+def test_quadrants_split_at_the_valid_area_or_the_image_centre():
+    off_centre = np.array([0, 0, 300, 300], np.float32)  # patient lying left and high: split (150, 150)
+    row = np.array([[200, 50, 220, 70, 0.9]], np.float32)
+    s = [SliceInput(f"u{i}", float(i), row, off_centre) for i in range(3)]
+    assert decide(s).evidence.quadrant == "top_right"
+    assert decide(s, CaseRule(quadrant_split="image")).evidence.quadrant == "top_left"
+
+
+# ---- run in millimetres -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("spacing", "run_lesions", "n", "rule", "verdict"),
+    [
+        (5.0, 3, 10, CaseRule(run_mm=15.0), "positive"),  # 3 x 5 mm = 15 mm exactly
+        (5.0, 3, 10, CaseRule(run_mm=15.1), "negative"),
+        (5.0, 4, 10, CaseRule(run_mm=15.1), "positive"),
+        (0.625, 3, 40, CaseRule(run_mm=10.0), "negative"),  # 1.875 mm
+        (0.625, 16, 40, CaseRule(run_mm=10.0), "positive"),  # 16 x 0.625 = 10 mm
+        (0.625, 15, 40, CaseRule(run_mm=10.0), "negative"),
+        (5.0, 2, 10, CaseRule(run_slices=1, run_mm=10.0), "positive"),  # mm only
+        (5.0, 2, 10, CaseRule(run_mm=10.0), "negative"),  # slices still need 3
+        (0.625, 3, 10, CaseRule(run_mm=10.0), "indeterminate"),  # series covers 6.25 mm only
+    ],
+)
+def test_run_mm_variants(spacing, run_lesions, n, rule, verdict):
+    d = decide(series({i: TL for i in range(2, 2 + run_lesions)}, n, spacing=spacing), rule)
+    assert d.verdict == verdict
+    if verdict == "indeterminate":
+        assert d.reason == "too_few_slices"
+
+
+# ---- results and errors -------------------------------------------------------------------------
+def test_every_parameter_is_recorded_and_reproducible():
+    rule = CaseRule(cutoff=0.6, min_area=30, run_slices=4, run_mm=12.5, quadrant_split="image",
+                    spanning="centre", gap_tolerance=2.0, drop_outside_valid=False)
+    result = decide(series({}, 6), rule).to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
+    assert result.rule.model_dump() == {
+        "cutoff": 0.6, "min_area": 30, "run_slices": 4, "run_mm": 12.5, "quadrant_split": "image",
+        "spanning": "centre", "gap_tolerance": 2.0, "drop_outside_valid": False,
+    }
+    assert CaseRule.from_params(result.rule) == rule
+
+
+def test_boxes_are_mapped_back_to_the_original_grid():
+    s = [SliceInput(f"u{i}", float(i), boxes(*TL), VA, rows=1024, cols=768) for i in range(3)]
+    f = decide(s).slices[0]
+    assert f.boxes[0].grid.model_dump() == {"x0": 150, "y0": 150, "x1": 170, "y1": 170}
+    assert f.boxes[0].original.model_dump() == {"x0": 225, "y0": 300, "x1": 256, "y1": 341}
+    assert f.valid_area_original.model_dump() == {"x0": 150, "y0": 200, "x1": 601, "y1": 801}
+    assert to_original_grid((511, 511, 511, 511), 100, 100).model_dump() == {"x0": 99, "y0": 99, "x1": 99, "y1": 99}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"cutoff": 1.5}, "cutoff"),
+        ({"min_area": -1}, "min_area"),
+        ({"min_area": 2.5}, "min_area"),
+        ({"run_slices": 0}, "run_slices"),
+        ({"run_mm": 0.0}, "run_mm"),
+        ({"run_mm": float("nan")}, "run_mm"),
+        ({"quadrant_split": "middle"}, "quadrant_split"),
+        ({"spanning": "some"}, "spanning"),
+        ({"gap_tolerance": 1.0}, "gap_tolerance"),
+    ],
+)
+def test_bad_rule_parameters_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f'"{argument}"'):
+        CaseRule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"boxes": np.zeros((2, 4))}, "boxes"),
+        ({"boxes": np.array([[5, 5, 1, 1, 0.9]])}, "boxes"),
+        ({"boxes": np.array([[np.nan, 5, 1, 1, 0.9]])}, "boxes"),
+        ({"valid_area": np.zeros(3)}, "valid_area"),
+        ({"position_mm": float("inf")}, "position_mm"),
+        ({"sop_instance_uid": ""}, "sop_instance_uid"),
+        ({"rows": 0}, "rows"),
+    ],
+)
+def test_bad_slice_input_names_the_argument(kwargs, argument):
+    base = {"sop_instance_uid": "u", "position_mm": 0.0, "boxes": NONE, "valid_area": VA}
+    with pytest.raises(ValueError, match=f'"{argument}"'):
+        SliceInput(**{**base, **kwargs})
+
+
+def test_duplicate_uid_or_position_is_an_error():
+    a = SliceInput("u1", 0.0, NONE, VA)
+    with pytest.raises(ValueError, match="more than once"):
+        decide([a, SliceInput("u1", 5.0, NONE, VA), SliceInput("u3", 10.0, NONE, VA)])
+    with pytest.raises(ValueError, match="two slices at position"):
+        decide([a, SliceInput("u2", 0.0, NONE, VA), SliceInput("u3", 10.0, NONE, VA)])
+    with pytest.raises(ValueError, match='"spacing_mm"'):
+        decide([a], spacing_mm=0)
+
+
+# ---- properties ---------------------------------------------------------------------------------
+quadrant_sets = st.lists(st.sampled_from(list(BOX)), max_size=2, unique=True)
+
+
+@st.composite
+def studies(draw, max_slices: int = 14):
+    n = draw(st.integers(0, max_slices))
+    spacing = draw(st.sampled_from([0.625, 1.25, 2.5, 5.0]))
+    skip = draw(st.sets(st.integers(0, max(0, n - 1)), max_size=2)) if n > 3 else set()
+    lesions = {i: tuple(draw(quadrant_sets)) for i in range(n)}
+    return series(lesions, n, spacing=spacing, skip=skip)
+
+
+rules = st.builds(
+    CaseRule,
+    run_slices=st.integers(1, 4),
+    run_mm=st.none() | st.sampled_from([2.0, 5.0, 10.0]),
+    quadrant_split=st.sampled_from(["valid_area", "image"]),
+    spanning=st.sampled_from(["every", "centre"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(studies(), rules, st.randoms(use_true_random=False))
+def test_property_verdict_does_not_depend_on_input_order(slices, rule, rnd):
+    shuffled = list(slices)
+    rnd.shuffle(shuffled)
+    a, b = decide(slices, rule), decide(shuffled, rule)
+    assert (a.verdict, a.reason, a.evidence, a.slices) == (b.verdict, b.reason, b.evidence, b.slices)
+
+
+@settings(max_examples=150, deadline=None)
+@given(studies(), rules, st.data())
+def test_property_adding_a_lesion_never_turns_positive_into_negative(slices, rule, data):
+    if not slices:
+        return
+    before = decide(slices, rule)
+    i = data.draw(st.integers(0, len(slices) - 1))
+    x0 = data.draw(st.integers(100, 380))
+    y0 = data.draw(st.integers(100, 380))
+    w, h = data.draw(st.integers(5, 60)), data.draw(st.integers(6, 60))
+    extra = np.array([[x0, y0, min(x0 + w, 400), min(y0 + h, 400), 0.9]], np.float32)
+    s = slices[i]
+    grown = list(slices)
+    grown[i] = SliceInput(s.sop_instance_uid, s.position_mm, np.concatenate([s.boxes, extra]), s.valid_area)
+    after = decide(grown, rule)
+    if before.verdict == "positive":
+        assert after.verdict == "positive"
+    if rule.spanning == "every":  # more boxes never remove a quadrant from a slice
+        for f0, f1 in zip(before.slices, after.slices, strict=True):
+            assert set(f0.quadrants) <= set(f1.quadrants)
+
+
+@settings(max_examples=100, deadline=None)
+@given(studies(), rules)
+def test_property_mirroring_the_image_keeps_the_verdict(slices, rule):
+    def mirror(s: SliceInput) -> SliceInput:
+        b = s.boxes.copy()
+        b[:, [0, 2]] = 511 - s.boxes[:, [2, 0]]
+        v = s.valid_area.copy()
+        v[[0, 2]] = 511 - s.valid_area[[2, 0]]
+        return SliceInput(s.sop_instance_uid, s.position_mm, b, v)
+
+    a, b = decide(slices, rule), decide([mirror(s) for s in slices], rule)
+    assert (a.verdict, a.reason) == (b.verdict, b.reason)
+
+
+@settings(max_examples=100, deadline=None)
+@given(studies(), st.integers(1, 4))
+def test_property_run_mm_of_k_spacings_equals_k_slices_on_a_regular_series(slices, k):
+    """Holds from two slices on; a single slice has no spacing, so no run in mm can be measured."""
+    if len(slices) < 2:
+        return
+    regular = [SliceInput(s.sop_instance_uid, 2.5 * i, s.boxes, s.valid_area) for i, s in enumerate(slices)]
+    by_slices = decide(regular, CaseRule(run_slices=k))
+    by_mm = decide(regular, CaseRule(run_slices=1, run_mm=2.5 * k))
+    assert (by_slices.verdict, by_slices.reason) == (by_mm.verdict, by_mm.reason)
