@@ -1,0 +1,146 @@
+"""DICOMweb STOW-RS: ``POST /dicomweb/studies[/{StudyInstanceUID}]`` (PS3.18 section 10.5).
+
+The request is ``multipart/related; type="application/dicom"``, one DICOM instance per part. The answer
+is a Store Instances Response in ``application/dicom+json``: ``ReferencedSOPSequence`` for the stored
+instances, ``FailedSOPSequence`` (with ``FailureReason``) for the others, and the status PS3.18 asks
+for: 200 every instance stored, 202 some stored, 409 none stored, 415 a media type other than
+``application/dicom``. Stored instances are screened when their study is complete: after
+``CTSCREEN_STOW_QUIET_PERIOD_S`` without a new instance, or on ``POST /v1/studies/{uid}/complete``.
+Each stored study's progress and result are at ``GET /v1/studies/{uid}`` (``Content-Location``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from gateway.api.deps import MetricsDep, SettingsDep, StowDep, read_body
+from gateway.errors import GatewayError, NotDicom
+from gateway.stow import CT_STORAGE, read_header
+from gateway.uploads import split_multipart_related
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+DICOM_JSON = "application/dicom+json"
+# Failure reasons (PS3.4 Annex B / PS3.18 Store Instances Response)
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_TYPE = re.compile(r'type\s*=\s*"?([^";]+)"?', re.IGNORECASE)
+
+
+def _ui(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]}
+
+
+def _item(sop_class: str, sop_instance: str, failure: int | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"00081150": _ui(sop_class or "1.2.840.10008.5.1.4.1.1.7"),
+                            "00081155": _ui(sop_instance or "0")}
+    if failure is not None:
+        item["00081197"] = {"vr": "US", "Value": [failure]}
+    return item
+
+
+def _dicom_json(status: int, body: dict[str, Any], studies: list[str]) -> JSONResponse:
+    headers = {}
+    if len(studies) == 1:
+        headers["Content-Location"] = f"/v1/studies/{studies[0]}"
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _media_error(message: str) -> JSONResponse:
+    body = {"reason": "unsupported_media_type", "message": message}
+    return JSONResponse(body, status_code=415)
+
+
+def _parse(body: bytes, content_type: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    parts = split_multipart_related(body, content_type)
+    return [(f"part-{i + 1}", content, headers) for i, (headers, content) in enumerate(parts)]
+
+
+async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep,
+                 study_instance_uid: str | None) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "multipart/related":
+        return _media_error(f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
+    match = _TYPE.search(content_type)
+    if match is None or match.group(1).strip().lower() != "application/dicom":
+        found = match.group(1) if match else "none"
+        return _media_error(f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
+    body = await read_body(request, settings.max_upload_bytes)
+    parts = await run_in_threadpool(_parse, body, content_type)
+    del body
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    studies: list[str] = []
+    for name, content, headers in parts:
+        part_type = headers.get("content-type", "application/dicom").split(";", 1)[0].strip().lower()
+        if part_type != "application/dicom":
+            metrics.error("unsupported_media_type")
+            failed.append(_item("", "", CANNOT_UNDERSTAND))
+            continue
+        try:
+            header = read_header(content, name)
+        except NotDicom as exc:
+            metrics.error(exc.reason)
+            failed.append(_item("", "", CANNOT_UNDERSTAND))
+            continue
+        if study_instance_uid is not None and header.study_instance_uid != study_instance_uid:
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, DOES_NOT_MATCH))
+            continue
+        if header.sop_class_uid not in CT_STORAGE:
+            metrics.error("not_ct")
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
+            continue
+        if not stow.room_for(header.study_instance_uid, len(content)):
+            metrics.error("out_of_resources")
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
+            continue
+        try:
+            stow.add(header, name, content)
+        except GatewayError:  # pragma: no cover - add() raises nothing today
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PROCESSING_FAILURE))
+            continue
+        referenced.append(_item(header.sop_class_uid, header.sop_instance_uid))
+        if header.study_instance_uid not in studies:
+            studies.append(header.study_instance_uid)
+    body_json: dict[str, Any] = {}
+    if referenced:
+        body_json["00081199"] = {"vr": "SQ", "Value": referenced}
+    if failed:
+        body_json["00081198"] = {"vr": "SQ", "Value": failed}
+    if not parts:
+        return _media_error("The multipart/related body holds no part.")
+    status = 200 if not failed else (202 if referenced else 409)
+    return _dicom_json(status, body_json, studies)
+
+
+_RESPONSES = {
+    200: {"description": "every instance stored", "content": {DICOM_JSON: {}}},
+    202: {"description": "some instances stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},
+    409: {"description": "no instance stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},
+    413: {"description": "body too large"},
+    415: {"description": "not multipart/related; type=application/dicom"},
+}
+
+
+@router.post("/studies", summary="STOW-RS: store instances of any study", responses=_RESPONSES)
+async def stow_studies(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep) -> JSONResponse:
+    """Store instances; each study is screened once complete."""
+    return await _store(request, settings, stow, metrics, None)
+
+
+@router.post("/studies/{study_instance_uid}", summary="STOW-RS: store instances of one study",
+             responses=_RESPONSES)
+async def stow_study(study_instance_uid: str, request: Request, settings: SettingsDep, stow: StowDep,
+                     metrics: MetricsDep) -> JSONResponse:
+    """Store instances of ``study_instance_uid``; instances of another study fail with 0xA900."""
+    return await _store(request, settings, stow, metrics, study_instance_uid)

@@ -1,0 +1,122 @@
+"""``/v1/studies``: upload a study, trigger a STOW study, read a study's latest result."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from aggregator.schema import CaseResult
+from gateway.api.deps import SettingsDep, StoreDep, StowDep, read_body
+from gateway.errors import UploadError
+from gateway.jobs import JobError, JobStore, JobView
+from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+_FILENAME = re.compile(r'filename\*?\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+
+
+class StudyView(BaseModel):
+    """Where a study is: still being received (STOW), screening, or its latest result."""
+
+    study_instance_uid: str
+    state: str = Field(description="receiving, or the state of its latest job")
+    instances_received: int | None = Field(None, description="STOW instances held, while receiving")
+    job_id: str | None = None
+    error: JobError | None = None
+    result: CaseResult | None = None
+
+
+def _expand(body: bytes, content_type: str, filename: str, limits: UploadLimits) -> list[tuple[str, bytes]]:
+    """The files of one upload body: multipart form parts or one raw file/zip, each expanded."""
+    if content_type.lower().startswith("multipart/"):
+        parts = split_multipart_related(body, content_type, max_parts=limits.max_files)
+        uploads = []
+        for i, (headers, content) in enumerate(parts):
+            match = _FILENAME.search(headers.get("content-disposition", ""))
+            if match is None and "filename" not in headers.get("content-disposition", ""):
+                if not content:
+                    continue
+            name = (match.group(1) or match.group(2)) if match else f"part-{i + 1}"
+            uploads.append((name or f"part-{i + 1}", content))
+    else:
+        uploads = [(filename, body)]
+    files: list[tuple[str, bytes]] = []
+    for name, content in uploads:
+        files.extend(iter_upload(name, content, limits))
+        if len(files) > limits.max_files:
+            from gateway.errors import TooLarge
+
+            raise TooLarge(f"The upload holds more than {limits.max_files} files.")
+    if not files:
+        raise UploadError("The upload holds no file.")
+    return files
+
+
+def limits_of(settings: SettingsDep) -> UploadLimits:
+    """Upload limits from the settings."""
+    return UploadLimits(max_upload_bytes=settings.max_upload_bytes,
+                        max_total_bytes=max(settings.max_upload_bytes, 4096 * 1024**2))
+
+
+async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -> JobView:
+    """Submit a study and wait until it is decoded; its decoding errors raise here (4xx)."""
+    job = store.submit(files, origin=origin)
+    del files
+    await job.decoded  # raises the study's ingest error, if any
+    return job.view()
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    summary="Upload one study (multipart files, one zip, or one raw DICOM file)",
+    responses={
+        400: {"description": "bad upload, unsafe path in a zip"},
+        413: {"description": "upload too large, zip bomb"},
+        415: {"description": "not DICOM"},
+        422: {"description": "not CT, no pixel data, undecodable, no usable series"},
+        429: {"description": "too many studies in progress; see Retry-After"},
+    },
+)
+async def upload_study(request: Request, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Accept a study; answers 202 with the job once its slices are decoded, screening continues."""
+    store.check_capacity()  # before reading the body: a full gateway holds no more uploads
+    body = await read_body(request, settings.max_upload_bytes)
+    content_type = request.headers.get("content-type", "application/octet-stream")
+    filename = request.headers.get("x-filename", "upload")
+    files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
+    del body
+    view = await accept(store, files, "upload")
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}
+    )
+
+
+@router.post("/{study_instance_uid}/complete", status_code=202, response_model=JobView,
+             summary="Declare a STOW-RS study complete and screen it now")
+async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse:
+    """Screen the instances received for this study now (instead of after the quiet period)."""
+    job = stow.complete(study_instance_uid)
+    view = job.view()
+    return JSONResponse(view.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/jobs/{view.job_id}"})
+
+
+@router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study")
+async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep) -> StudyView:
+    """The study's latest job (with its result once done), or ``receiving`` while STOW instances wait."""
+    held = stow.pending(study_instance_uid)
+    if held is not None:
+        n, job = held
+        if job is None or stow._studies[study_instance_uid].dirty:
+            return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=n,
+                             job_id=job.id if job else None)
+    view = store.latest_for_study(study_instance_uid)
+    return StudyView(study_instance_uid=study_instance_uid, state=view.state.value, job_id=view.job_id,
+                     error=view.error, result=view.result)

@@ -1,0 +1,116 @@
+"""The gateway application: ``create_app(settings) -> FastAPI``.
+
+The lifespan owns everything with a connection or a thread: the :class:`~gateway.triton_pool.TritonPool`
+(one gRPC client per Triton endpoint), the :class:`~gateway.jobs.JobStore` (decode threads, running
+jobs) and the STOW-RS trigger; all are made on start-up and closed on shut-down, never at import.
+
+Run it with ``uvicorn --factory gateway.main:app_from_env`` (settings from ``CTSCREEN_*``) or
+``ctscreen serve`` (embedded Triton plus the gateway).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ctscreen import __version__
+from gateway.api import dicomweb, errors, jobs, ops, studies
+from gateway.jobs import JobStore, Loader
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.stow import StowBuffer
+from gateway.triton_pool import ClientFactory, TritonPool
+
+logger = logging.getLogger(__name__)
+
+
+def make_pool(settings: Settings, client_factory: ClientFactory | None = None) -> TritonPool:
+    """The Triton pool the settings describe."""
+    return TritonPool(
+        settings.triton_urls,
+        model_name=settings.triton_model,
+        batch_size=settings.triton_batch_size,
+        max_inflight=settings.triton_max_inflight,
+        timeout_s=settings.triton_timeout_s,
+        max_attempts=settings.triton_max_attempts,
+        ready_timeout_s=settings.triton_ready_timeout_s,
+        default_rate=settings.default_slices_per_second,
+        client_factory=client_factory,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    client_factory: ClientFactory | None = None,
+    loader: Loader | None = None,
+) -> FastAPI:
+    """Build the gateway.
+
+    Parameters
+    ----------
+    settings : Settings | None
+        Configuration; ``Settings()`` (the environment) when None.
+    client_factory : Callable[[str], Any] | None
+        Makes the Triton client of an endpoint (unit tests pass a fake; default: real gRPC).
+    loader : Callable | None
+        Turns uploaded files into a prepared study (default :func:`gateway.ingest.load_study`).
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        pool = make_pool(settings, client_factory)
+        store = JobStore(
+            pool, metrics,
+            max_concurrent_studies=settings.max_concurrent_studies,
+            max_queued_studies=settings.max_queued_studies,
+            retry_after_s=settings.retry_after_s,
+            decode_workers=settings.decode_workers,
+            max_finished_jobs=settings.max_finished_jobs,
+            job_ttl_s=settings.job_ttl_s,
+            results_dir=settings.results_dir,
+            loader=loader,
+        )
+        interrupted = store.recover()
+        if interrupted:
+            logger.warning("%d jobs of a previous run were interrupted; marked failed", interrupted)
+        stow = StowBuffer(
+            store,
+            quiet_period_s=settings.stow_quiet_period_s,
+            max_pending_studies=settings.stow_max_pending_studies,
+            max_pending_bytes=settings.stow_max_pending_bytes,
+        )
+        metrics.attach(pool, store.state)
+        app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
+        app.state.store, app.state.stow = store, stow
+        stow.start()
+        logger.info("gateway up: Triton endpoints %s, model %s", pool.endpoints, settings.triton_model)
+        try:
+            yield
+        finally:
+            await stow.close()
+            await store.close()
+            await pool.close()
+
+    app = FastAPI(
+        title="ctscreen gateway",
+        version=__version__,
+        summary="Chest-CT studies in, COVID-19 pneumonia verdicts out (Chen et al., Sci Rep 2020).",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(studies.router)
+    app.include_router(jobs.router)
+    app.include_router(dicomweb.router)
+    app.include_router(ops.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app configured from ``CTSCREEN_*`` variables (for ``uvicorn --factory``)."""
+    return create_app(Settings())

@@ -1,0 +1,123 @@
+"""Gateway configuration: one :class:`Settings`, read from ``CTSCREEN_*`` environment variables.
+
+Every value is validated when the gateway starts, so a bad Triton URL or a zero timeout stops the
+process with a one-line error instead of failing the first study.
+
+>>> Settings(triton_urls="a:8001, b:8001").triton_urls
+['a:8001', 'b:8001']
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ctscreen.contracts import ENSEMBLE_MODEL
+
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def check_endpoint(url: str) -> str:
+    """Validate one Triton gRPC endpoint ``host:port`` (no scheme) and return it stripped.
+
+    >>> check_endpoint(" triton-0.triton:8001 ")
+    'triton-0.triton:8001'
+    """
+    url = url.strip()
+    for scheme in ("grpc://", "http://", "https://"):
+        if url.startswith(scheme):
+            raise ValueError(f'Triton endpoint "{url}" must be host:port without a scheme.')
+    match = _HOST_PORT.match(url)
+    if match is None:
+        raise ValueError(f'Triton endpoint "{url}" must look like host:port.')
+    port = int(match.group(2))
+    if not 0 < port < 65536:
+        raise ValueError(f'Triton endpoint "{url}" has port {port} outside 1..65535.')
+    return url
+
+
+class Settings(BaseSettings):
+    """Gateway settings; each field reads ``CTSCREEN_<FIELD>`` from the environment.
+
+    Lists (``CTSCREEN_TRITON_URLS``) take a comma-separated string or a JSON list.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CTSCREEN_", extra="ignore")
+
+    # --- Triton -----------------------------------------------------------------------------
+    triton_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:8001"],
+        description="Triton gRPC endpoints (host:port); may be empty when discovery fills it.",
+    )
+    triton_model: str = Field(ENSEMBLE_MODEL, min_length=1, description="Ensemble model to call.")
+    triton_timeout_s: float = Field(30.0, gt=0, le=600, description="Deadline of each gRPC call.")
+    triton_batch_size: int = Field(4, ge=1, le=64, description="Slices per inference request.")
+    triton_max_inflight: int = Field(
+        3, ge=1, le=64, description="Requests in flight per Triton endpoint."
+    )
+    triton_max_attempts: int = Field(
+        4, ge=1, le=20, description="Tries per batch, on other endpoints when possible."
+    )
+    triton_ready_timeout_s: float = Field(2.0, gt=0, le=60, description="Deadline of readiness probes.")
+    default_slices_per_second: float = Field(
+        15.0, gt=0, description="Per-replica rate assumed for backlog seconds until one is measured."
+    )
+
+    # --- jobs and limits ---------------------------------------------------------------------
+    max_concurrent_studies: int = Field(2, ge=1, le=256, description="Studies screened at once.")
+    max_queued_studies: int = Field(
+        4, ge=0, le=1024, description="Accepted studies waiting for a slot; beyond this: 429."
+    )
+    retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429 answer.")
+    max_upload_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest request body (413 beyond)."
+    )
+    decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding DICOM.")
+    job_ttl_s: float = Field(
+        24 * 3600.0, gt=0, description="Finished jobs are kept this long after being read."
+    )
+    max_finished_jobs: int = Field(1000, ge=1, description="Finished jobs kept in memory.")
+    results_dir: Path | None = Field(
+        None, description="If set, every result and job state is also written here as JSON."
+    )
+
+    # --- DICOMweb STOW-RS -----------------------------------------------------------------------
+    stow_quiet_period_s: float = Field(
+        10.0, ge=0, le=86400, description="A STOW study is screened after this long without new instances."
+    )
+    stow_max_pending_studies: int = Field(16, ge=1, description="STOW studies being received at once.")
+    stow_max_pending_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="Bytes held for STOW studies not yet screened."
+    )
+    public_url: str | None = Field(None, description="Base URL used in DICOMweb RetrieveURL attributes.")
+
+    @field_validator("triton_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("triton_urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        urls = [check_endpoint(v) for v in value]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"Triton endpoints must be distinct, got {urls}.")
+        return urls
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f'Public URL "{value}" must start with http:// or https://.')
+        return value.rstrip("/") if value else value

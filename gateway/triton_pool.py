@@ -1,0 +1,510 @@
+"""The one Triton boundary of the gateway: batches of HU slices out, boxes back, over gRPC.
+
+:class:`TritonPool` holds one ``tritonclient.grpc.aio`` client per Triton endpoint and fans the
+slices of a study out to them:
+
+* slices travel as binary INT16 tensors ``[B, 1, 512, 512]``, ``batch_size`` slices per request;
+* at most ``max_inflight`` requests are in flight per endpoint, and each request goes to the endpoint
+  with the fewest requests in flight (ties: the one picked least recently);
+* every call carries a deadline (``timeout_s``);
+* a request that fails with ``UNAVAILABLE``, a deadline or another transport error is retried on
+  another endpoint (the failing one rests for a short back-off), up to ``max_attempts`` tries;
+* a slice's result is recorded exactly once: only the attempt that succeeds is kept, and the
+  per-endpoint counters (:attr:`TritonPool.slice_counts`) count slices that came back;
+* :meth:`TritonPool.set_endpoints` adds and removes endpoints at run time (runtime discovery); a removed
+  endpoint finishes the requests it holds and is then closed.
+
+No grpc or tritonclient type leaves this module: failures become :class:`InferenceUnavailable`
+(no endpoint could serve the batch: HTTP 503) or :class:`InferenceFailed` (Triton refused the request).
+
+Errors::
+
+    RuntimeError
+    ├── InferenceUnavailable   reason "triton_unavailable"
+    └── InferenceFailed        reason "inference_failed"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, HU_SLICES, LESION_BOXES, SLICE_SIZE, VALID_AREA_BOX
+
+logger = logging.getLogger(__name__)
+
+#: gRPC status codes after which a request is tried again on another endpoint.
+RETRYABLE = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.CANCELLED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.ABORTED",
+        "StatusCode.UNKNOWN",
+        "StatusCode.INTERNAL",
+        "StatusCode.NOT_FOUND",
+    }
+)
+#: Codes that mean the endpoint itself is unhealthy (it rests for a back-off before the next pick).
+_UNHEALTHY = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND"})
+
+
+class InferenceUnavailable(RuntimeError):
+    """No Triton endpoint could serve a request in time (every try failed or none is configured)."""
+
+    reason = "triton_unavailable"
+
+
+class InferenceFailed(RuntimeError):
+    """Triton answered a request with an error that another endpoint would answer the same way."""
+
+    reason = "inference_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceOutput:
+    """What Triton found on one slice (512-pixel grid).
+
+    Attributes
+    ----------
+    boxes : np.ndarray
+        float32 ``[N, 5]`` lesion boxes ``(x0, y0, x1, y1, score)``.
+    valid_area : np.ndarray
+        float32 ``[4]`` valid-area box, all ``-1`` when empty.
+    endpoint : str
+        The endpoint that answered.
+    """
+
+    boxes: np.ndarray
+    valid_area: np.ndarray
+    endpoint: str
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    url: str
+    client: Any = None
+    inflight: int = 0
+    slices_done: int = 0
+    requests_done: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    down_until: float = 0.0
+    last_pick: float = 0.0
+    removed: bool = False
+    # throughput estimate: slices finished over time with at least one request in flight
+    busy_s: float = 0.0
+    busy_slices: int = 0
+    t_mark: float = field(default_factory=time.monotonic)
+    rate: float | None = None
+
+
+ClientFactory = Callable[[str], Any]
+
+
+def _grpc_client(url: str) -> Any:
+    import tritonclient.grpc.aio as grpcclient
+
+    return grpcclient.InferenceServerClient(url=url)
+
+
+def _status(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    value = status() if callable(status) else status
+    return str(value) if value else "StatusCode.UNKNOWN"
+
+
+class TritonPool:
+    """Fan slices out to a set of Triton endpoints over gRPC.
+
+    Parameters
+    ----------
+    endpoints : Iterable[str]
+        ``host:port`` of each Triton gRPC endpoint (may be empty; see :meth:`set_endpoints`).
+    model_name : str
+        The ensemble to call.
+    batch_size : int
+        Slices per request.
+    max_inflight : int
+        Requests in flight per endpoint.
+    timeout_s : float
+        Deadline of every call, and the longest a batch waits for a free endpoint per try.
+    max_attempts : int
+        Tries per batch before :class:`InferenceUnavailable`.
+    default_rate : float
+        Slices per second assumed for an endpoint until one is measured.
+    client_factory : Callable[[str], Any] | None
+        Makes the client of an endpoint; defaults to ``tritonclient.grpc.aio.InferenceServerClient``.
+        Unit tests pass a fake here.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[str] = (),
+        *,
+        model_name: str = ENSEMBLE_MODEL,
+        batch_size: int = 4,
+        max_inflight: int = 3,
+        timeout_s: float = 30.0,
+        max_attempts: int = 4,
+        ready_timeout_s: float = 2.0,
+        default_rate: float = 15.0,
+        client_factory: ClientFactory | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f'Argument "batch_size" must be >= 1, got {batch_size}.')
+        if max_inflight < 1:
+            raise ValueError(f'Argument "max_inflight" must be >= 1, got {max_inflight}.')
+        if timeout_s <= 0:
+            raise ValueError(f'Argument "timeout_s" must be > 0, got {timeout_s}.')
+        if max_attempts < 1:
+            raise ValueError(f'Argument "max_attempts" must be >= 1, got {max_attempts}.')
+        self.model_name = model_name
+        self.batch_size = batch_size
+        self.max_inflight = max_inflight
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.ready_timeout_s = ready_timeout_s
+        self.default_rate = default_rate
+        self._factory = client_factory or _grpc_client
+        self._eps: dict[str, _Endpoint] = {}
+        self._retired: list[_Endpoint] = []
+        self._cond: asyncio.Condition | None = None
+        self._pending_slices = 0
+        self.retries = 0
+        self.set_endpoints(endpoints)
+
+    # --- endpoints ---------------------------------------------------------------------------
+    @property
+    def endpoints(self) -> list[str]:
+        """The endpoints in use, in the order they were added."""
+        return [url for url, ep in self._eps.items() if not ep.removed]
+
+    def set_endpoints(self, ready: Iterable[str]) -> None:
+        """Use exactly the endpoints in ``ready`` from now on.
+
+        New endpoints are used for the next request; an endpoint no longer listed takes no new
+        request, finishes those it holds and is then closed. Counters of every endpoint ever used
+        stay in :attr:`slice_counts`.
+        """
+        wanted = list(dict.fromkeys(u.strip() for u in ready if u and u.strip()))
+        for url in wanted:
+            ep = self._eps.get(url)
+            if ep is None:
+                self._eps[url] = _Endpoint(url)
+                logger.info("Triton endpoint added: %s", url)
+            elif ep.removed:
+                ep.removed = False
+                ep.down_until = 0.0
+                logger.info("Triton endpoint back: %s", url)
+        for url, ep in self._eps.items():
+            if url not in wanted and not ep.removed:
+                ep.removed = True
+                logger.info("Triton endpoint removed: %s", url)
+        self._notify_soon()
+
+    def _notify_soon(self) -> None:
+        cond = self._cond
+        if cond is None:
+            return
+
+        async def _wake() -> None:
+            async with cond:
+                cond.notify_all()
+
+        try:
+            asyncio.get_running_loop().create_task(_wake())
+        except RuntimeError:  # no running loop: nobody can be waiting
+            pass
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _client(self, ep: _Endpoint) -> Any:
+        if ep.client is None:
+            ep.client = self._factory(ep.url)
+        return ep.client
+
+    # --- statistics --------------------------------------------------------------------------
+    @property
+    def slice_counts(self) -> dict[str, int]:
+        """Slices answered by each endpoint ever used (a slice is counted once, by its answerer)."""
+        return {url: ep.slices_done for url, ep in self._eps.items()}
+
+    @property
+    def pending_slices(self) -> int:
+        """Slices handed to :meth:`infer` and not yet answered."""
+        return self._pending_slices
+
+    @property
+    def inflight_requests(self) -> int:
+        """Requests on the wire now, over all endpoints."""
+        return sum(ep.inflight for ep in self._eps.values())
+
+    def rates(self) -> dict[str, float]:
+        """Measured slices per second of each live endpoint (``default_rate`` until measured)."""
+        return {
+            url: (ep.rate if ep.rate is not None else self.default_rate)
+            for url, ep in self._eps.items()
+            if not ep.removed
+        }
+
+    def capacity(self) -> float:
+        """Slices per second the live endpoints are expected to deliver together."""
+        return sum(self.rates().values())
+
+    def backlog_seconds(self, backlog_slices: int | None = None) -> float:
+        """Time to work through ``backlog_slices`` (default: :attr:`pending_slices`) at :meth:`capacity`."""
+        n = self._pending_slices if backlog_slices is None else backlog_slices
+        cap = self.capacity()
+        if n <= 0:
+            return 0.0
+        return float("inf") if cap <= 0 else n / cap
+
+    def _mark(self, ep: _Endpoint, delta: int, slices: int = 0) -> None:
+        now = time.monotonic()
+        if ep.inflight > 0:
+            ep.busy_s += now - ep.t_mark
+        ep.t_mark = now
+        ep.inflight += delta
+        ep.busy_slices += slices
+        if ep.busy_s >= 2.0 and ep.busy_slices > 0:
+            measured = ep.busy_slices / ep.busy_s
+            ep.rate = measured if ep.rate is None else 0.7 * ep.rate + 0.3 * measured
+            ep.busy_s, ep.busy_slices = 0.0, 0
+
+    # --- readiness ---------------------------------------------------------------------------
+    async def ready_endpoints(self) -> list[str]:
+        """The live endpoints whose server and model are ready now (probes carry a deadline)."""
+
+        async def probe(ep: _Endpoint) -> bool:
+            try:
+                client = self._client(ep)
+                t = self.ready_timeout_s
+                return bool(
+                    await client.is_server_ready(client_timeout=t)
+                    and await client.is_model_ready(self.model_name, client_timeout=t)
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                logger.debug("readiness probe of %s failed: %s", ep.url, exc)
+                return False
+
+        live = [ep for ep in self._eps.values() if not ep.removed]
+        oks = await asyncio.gather(*(probe(ep) for ep in live))
+        return [ep.url for ep, ok in zip(live, oks, strict=True) if ok]
+
+    async def is_ready(self) -> bool:
+        """True when at least one endpoint has the model ready."""
+        return bool(await self.ready_endpoints())
+
+    async def model_version(self) -> str | None:
+        """Version of the ensemble on the first ready endpoint (``None`` if none answers)."""
+        for ep in [e for e in self._eps.values() if not e.removed]:
+            try:
+                meta = await self._client(ep).get_model_metadata(
+                    self.model_name, client_timeout=self.ready_timeout_s
+                )
+                versions = list(getattr(meta, "versions", []) or [])
+                return str(versions[-1]) if versions else None
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("metadata of %s failed: %s", ep.url, exc)
+        return None
+
+    # --- scheduling --------------------------------------------------------------------------
+    async def _acquire(self, tried: set[str], deadline: float) -> _Endpoint:
+        cond = self._condition()
+        async with cond:
+            while True:
+                now = time.monotonic()
+                live = [ep for ep in self._eps.values() if not ep.removed]
+                healthy = [ep for ep in live if ep.down_until <= now]
+                fresh = [ep for ep in healthy if ep.url not in tried]
+                pool = fresh or healthy
+                free = [ep for ep in pool if ep.inflight < self.max_inflight]
+                if free:
+                    ep = min(free, key=lambda e: (e.inflight, e.last_pick))
+                    ep.last_pick = now
+                    self._mark(ep, +1)
+                    return ep
+                if now >= deadline:
+                    names = ", ".join(ep.url for ep in live) or "none configured"
+                    raise InferenceUnavailable(
+                        f"No Triton endpoint could take a request within {self.timeout_s:g} s "
+                        f"(endpoints: {names})."
+                    )
+                wake = deadline
+                resting = [ep.down_until for ep in live if ep.down_until > now]
+                if resting:
+                    wake = min(wake, min(resting))
+                try:
+                    await asyncio.wait_for(cond.wait(), timeout=max(0.01, wake - now))
+                except TimeoutError:
+                    pass
+
+    async def _release(self, ep: _Endpoint, slices: int) -> None:
+        cond = self._condition()
+        async with cond:
+            self._mark(ep, -1, slices)
+            if ep.removed and ep.inflight == 0 and ep.client is not None:
+                client, ep.client = ep.client, None
+                asyncio.get_running_loop().create_task(self._close_client(client))
+            cond.notify_all()
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        try:
+            await client.close()
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("closing a Triton client failed: %s", exc)
+
+    # --- inference ---------------------------------------------------------------------------
+    async def _call(self, ep: _Endpoint, batch: np.ndarray) -> list[SliceOutput]:
+        import tritonclient.grpc as grpcclient
+
+        inp = grpcclient.InferInput(HU_SLICES, list(batch.shape), "INT16")
+        inp.set_data_from_numpy(batch)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (LESION_BOXES, BOX_COUNT, VALID_AREA_BOX)]
+        result = await self._client(ep).infer(
+            self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s
+        )
+        boxes = result.as_numpy(LESION_BOXES)
+        counts = result.as_numpy(BOX_COUNT)
+        valid = result.as_numpy(VALID_AREA_BOX)
+        n = len(batch)
+        if boxes is None or counts is None or valid is None:
+            raise InferenceFailed(f"Triton endpoint {ep.url} left out an output of {self.model_name}.")
+        boxes = boxes.reshape(n, -1, 5)
+        counts = counts.reshape(n, -1)
+        valid = valid.reshape(n, 4)
+        return [
+            SliceOutput(
+                boxes=np.array(boxes[i, : int(counts[i, 0])], dtype=np.float32),
+                valid_area=np.array(valid[i], dtype=np.float32),
+                endpoint=ep.url,
+            )
+            for i in range(n)
+        ]
+
+    async def infer_batch(self, batch: np.ndarray) -> list[SliceOutput]:
+        """Screen one batch of slices ``[B, 512, 512]`` (or ``[B, 1, 512, 512]``) int16 HU.
+
+        Tries up to ``max_attempts`` endpoints; the answer of exactly one try is returned.
+
+        Raises
+        ------
+        InferenceUnavailable
+            When no endpoint answered within the tries.
+        InferenceFailed
+            When Triton refused the request (bad tensor) or its answer was incomplete.
+        """
+        if batch.ndim == 3:
+            batch = batch[:, None]
+        if batch.ndim != 4 or batch.shape[1:] != (1, SLICE_SIZE, SLICE_SIZE):
+            raise ValueError(
+                f'Argument "batch" must be [B, {SLICE_SIZE}, {SLICE_SIZE}], got shape {batch.shape}.'
+            )
+        if batch.dtype != np.int16:
+            raise ValueError(f'Argument "batch" must be int16 HU, got {batch.dtype}.')
+        batch = np.ascontiguousarray(batch)
+        tried: set[str] = set()
+        last: BaseException | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            ep = await self._acquire(tried, time.monotonic() + self.timeout_s)
+            tried.add(ep.url)
+            answered = 0
+            try:
+                out = await self._call(ep, batch)
+                answered = len(out)
+                ep.slices_done += answered
+                ep.requests_done += 1
+                ep.consecutive_failures = 0
+                return out
+            except InferenceFailed:
+                ep.failures += 1
+                raise
+            except Exception as exc:  # tritonclient raises InferenceServerException
+                status = _status(exc)
+                ep.failures += 1
+                last = exc
+                if status not in RETRYABLE:
+                    raise InferenceFailed(
+                        f"Triton endpoint {ep.url} refused the request: {status}: {exc}"
+                    ) from None
+                if status in _UNHEALTHY:
+                    ep.consecutive_failures += 1
+                    ep.down_until = time.monotonic() + min(5.0, 0.25 * 2 ** (ep.consecutive_failures - 1))
+                self.retries += 1
+                logger.warning(
+                    "Triton endpoint %s failed a batch of %d (try %d/%d): %s",
+                    ep.url, len(batch), attempt, self.max_attempts, status,
+                )
+            finally:
+                await self._release(ep, answered)
+        raise InferenceUnavailable(
+            f"Every try of a batch of {len(batch)} slices failed ({self.max_attempts} tries): {_status(last)}."
+        )
+
+    async def infer(
+        self,
+        hu: np.ndarray,
+        on_batch: Callable[[int], Awaitable[None] | None] | None = None,
+    ) -> list[SliceOutput]:
+        """Screen every slice of ``hu`` ``[Z, 512, 512]`` int16; results in slice order.
+
+        Batches are sent concurrently (bounded by the endpoints' in-flight limits). ``on_batch(n)``
+        is called after each batch of ``n`` slices comes back (progress).
+
+        Raises
+        ------
+        InferenceUnavailable, InferenceFailed
+            When a batch cannot be answered; the other batches are cancelled.
+        """
+        if hu.ndim != 3:
+            raise ValueError(f'Argument "hu" must be [Z, H, W], got shape {hu.shape}.')
+        z = len(hu)
+        results: list[SliceOutput | None] = [None] * z
+        self._pending_slices += z
+        remaining = z
+
+        async def run(start: int) -> None:
+            nonlocal remaining
+            stop = min(z, start + self.batch_size)
+            out = await self.infer_batch(hu[start:stop])
+            for i, item in enumerate(out):
+                if results[start + i] is not None:  # pragma: no cover - guarded by construction
+                    raise AssertionError(f"slice {start + i} answered twice")
+                results[start + i] = item
+            self._pending_slices -= stop - start
+            remaining -= stop - start
+            if on_batch is not None:
+                maybe = on_batch(stop - start)
+                if maybe is not None:
+                    await maybe
+
+        tasks = [asyncio.ensure_future(run(s)) for s in range(0, z, self.batch_size)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._pending_slices -= remaining
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # pragma: no cover - gather would have raised
+            raise InferenceFailed(f"Slices {missing[:5]} came back without a result.")
+        return results  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        """Close every client."""
+        for ep in self._eps.values():
+            if ep.client is not None:
+                client, ep.client = ep.client, None
+                await self._close_client(client)
