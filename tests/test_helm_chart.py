@@ -1,0 +1,451 @@
+"""The Helm chart, offline: render (Helm v4 as a library), strict lint, Kubernetes schemas, values schema.
+
+No cluster runs here. Rendering and lint use the real Helm v4 SDK (PyPI ``helm-python-sdk``); every
+rendered object is validated with ``kubernetes-validate --strict`` for Kubernetes 1.29 to 1.33. The
+custom resources (ServiceMonitor, PodMonitor: Prometheus operator; ScaledObject: KEDA) have no schema in
+kubernetes-validate, so they are checked against the subset of their CRD schemas that the chart uses,
+written out below with ``additionalProperties: false`` (a misspelt field fails).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python")
+kv = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "ctscreen"
+PRODUCTION = CHART / "values-production.yaml"
+KUBE_VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
+RELEASE, NAMESPACE = "ctscreen", "screening"
+
+
+def _production() -> dict:
+    return yaml.safe_load(PRODUCTION.read_text())
+
+
+def _keda() -> dict:
+    values = _production()
+    values["autoscaling"]["mode"] = "keda"
+    return values
+
+
+VALUE_SETS = {"default": dict, "production": _production, "keda": _keda}
+
+
+def render(values: dict | None = None) -> list[dict]:
+    """Render the chart and return every object (NOTES.txt and empty documents dropped)."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith(".yaml"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(make()) for name, make in VALUE_SETS.items()}
+
+
+def find(objects: list[dict], kind: str, name_suffix: str = "") -> dict:
+    hits = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
+    assert len(hits) == 1, f"expected one {kind} *{name_suffix}, found {[o['metadata']['name'] for o in hits]}"
+    return hits[0]
+
+
+def container(deployment: dict, name: str, init: bool = False) -> dict:
+    spec = deployment["spec"]["template"]["spec"]
+    for c in spec["initContainers" if init else "containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name!r} in {deployment['metadata']['name']}")
+
+
+# --- render and lint ------------------------------------------------------------------------------
+
+
+def test_default_values_render_the_core_objects(rendered):
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered["default"])
+    names = {k for k, _ in kinds}
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy", "Role",
+            "RoleBinding", "ServiceAccount", "HorizontalPodAutoscaler"} <= names
+    for o in rendered["default"]:
+        assert o["metadata"]["namespace"] == NAMESPACE, o["metadata"]["name"]
+
+
+def test_production_values_render_autoscaling_monitoring_and_ingress(rendered):
+    objs = rendered["production"]
+    kinds = {o["kind"] for o in objs}
+    assert {"ServiceMonitor", "PodMonitor", "Ingress"} <= kinds
+    hpas = {o["metadata"]["name"] for o in objs if o["kind"] == "HorizontalPodAutoscaler"}
+    assert hpas == {f"{RELEASE}-triton", f"{RELEASE}-gateway"}
+    assert "ScaledObject" not in kinds
+    keda_kinds = {o["kind"] for o in rendered["keda"]}
+    assert "ScaledObject" in keda_kinds
+    assert f"{RELEASE}-triton" not in {
+        o["metadata"]["name"] for o in rendered["keda"] if o["kind"] == "HorizontalPodAutoscaler"
+    }, "KEDA owns the Triton HPA; the chart must not render a second one"
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+@pytest.mark.parametrize("kube_version", ["v1.29.0", "v1.33.0"])
+def test_lint_strict_passes(value_set, kube_version):
+    report = helm.lint(CHART, VALUE_SETS[value_set](), strict=True, kube_version=kube_version)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_lint_strict_reports_a_broken_value():
+    values = _production()
+    values["triton"]["gpus"] = 0
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"])
+
+
+# --- Kubernetes schemas -----------------------------------------------------------------------------
+
+CRD_SUBSET_SCHEMAS: dict[tuple[str, str], dict] = {}
+
+
+def _strict(properties: dict, required: list[str] | None = None) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            "required": required or []}
+
+
+_META = _strict({"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+                 "namespace": {"type": "string"}, "labels": {"type": "object",
+                                                             "additionalProperties": {"type": "string"}}},
+                ["name", "namespace"])
+_SELECTOR = _strict({"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                    ["matchLabels"])
+_INTERVAL = {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+CRD_SUBSET_SCHEMAS[("monitoring.coreos.com/v1", "ServiceMonitor")] = _strict({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"}, "metadata": _META,
+    "spec": _strict({"selector": _SELECTOR, "endpoints": {"type": "array", "minItems": 1, "items": _strict(
+        {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"}, "interval": _INTERVAL},
+        ["port"])}}, ["selector", "endpoints"])}, ["apiVersion", "kind", "metadata", "spec"])
+CRD_SUBSET_SCHEMAS[("monitoring.coreos.com/v1", "PodMonitor")] = _strict({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"}, "metadata": _META,
+    "spec": _strict({"selector": _SELECTOR, "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _strict(
+                         {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+                          "interval": _INTERVAL}, ["port"])}}, ["selector", "podMetricsEndpoints"])},
+    ["apiVersion", "kind", "metadata", "spec"])
+_BEHAVIOR_RULES = _strict({"stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+                           "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+                           "policies": {"type": "array", "items": _strict(
+                               {"type": {"enum": ["Pods", "Percent"]}, "value": {"type": "integer", "minimum": 1},
+                                "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800}},
+                               ["type", "value", "periodSeconds"])}})
+CRD_SUBSET_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")] = _strict({
+    "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"}, "metadata": _META,
+    "spec": _strict({
+        "scaleTargetRef": _strict({"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                   "name": {"type": "string"}}, ["name"]),
+        "minReplicaCount": {"type": "integer", "minimum": 0}, "maxReplicaCount": {"type": "integer", "minimum": 1},
+        "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+        "advanced": _strict({"horizontalPodAutoscalerConfig": _strict({"behavior": _strict(
+            {"scaleUp": _BEHAVIOR_RULES, "scaleDown": _BEHAVIOR_RULES})})}),
+        "triggers": {"type": "array", "minItems": 1, "items": _strict({
+            "type": {"const": "prometheus"}, "name": {"type": "string"},
+            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+            "metadata": _strict({"serverAddress": {"type": "string", "pattern": "^https?://"},
+                                 "query": {"type": "string", "minLength": 1},
+                                 "threshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
+                                ["serverAddress", "query", "threshold"])}, ["type", "metadata"])}},
+        ["scaleTargetRef", "triggers"])}, ["apiVersion", "kind", "metadata", "spec"])
+
+
+def test_kubernetes_validate_ships_the_versions_we_support():
+    shipped = {kv.utils.major_minor(v) for v in kv.utils.all_versions()}
+    assert {kv.utils.major_minor(v) for v in KUBE_VERSIONS} <= shipped
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_every_object_passes_kubernetes_validate_strict(rendered, value_set, kube_version):
+    checked_crds = 0
+    for obj in rendered[value_set]:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CRD_SUBSET_SCHEMAS:
+            jsonschema.validate(obj, CRD_SUBSET_SCHEMAS[key])
+            checked_crds += 1
+            continue
+        try:
+            used = kv.validate(obj, kube_version, strict=True)
+        except kv.utils.ValidationError as exc:  # pragma: no cover - the failure message is the point
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for {kube_version}: {exc.message} "
+                        f"at {list(exc.absolute_path)}")
+        assert used == kv.utils.major_minor(kube_version)
+    if value_set != "default":
+        assert checked_crds >= 2
+
+
+def test_strict_validation_catches_a_misspelt_field(rendered):
+    """Guards the check above: kubernetes-validate strict must reject an unknown field."""
+    deployment = json.loads(json.dumps(find(rendered["default"], "Deployment", "-triton")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/"}}
+    with pytest.raises(kv.utils.ValidationError):
+        kv.validate(deployment, "1.33.0", strict=True)
+    monitor = json.loads(json.dumps(find(rendered["production"], "PodMonitor")))
+    monitor["spec"]["podMetricEndpoints"] = monitor["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, CRD_SUBSET_SCHEMAS[("monitoring.coreos.com/v1", "PodMonitor")])
+
+
+# --- values.schema.json -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"triton": {"gpus": 0}}, "/triton/gpus"),
+        ({"triton": {"image": {"tag": "latest"}}}, "/triton/image/tag"),
+        ({"autoscaling": {"mode": "vpa"}}, "value must be one of 'none', 'hpa', 'keda'"),
+        ({"gateway": {"ingress": {"enabled": True, "tlsSecretName": ""}}}, "/gateway/ingress/tlsSecretName"),
+        ({"triton": {"modelRepository": {"source": "s3"}}}, "/triton/modelRepository/s3/url"),
+        ({"triton": {"modelRepository": {"source": "nfs"}}}, "/triton/modelRepository/source"),
+        ({"triton": {"resources": {"limits": {"cpu": "lots"}}}}, "/triton/resources/limits/cpu"),
+        ({"triton": {"securityContext": {"runAsUser": 0}}}, "/triton/securityContext/runAsUser"),
+        ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
+        ({"tritn": {}}, "additional properties 'tritn' not allowed"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(values, message):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as info:
+            chart.validate_schema(values)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"triton": {"engines": {"minBatch": 8, "optBatch": 4}}}, "need minBatch <= optBatch <= maxBatch"),
+        ({"triton": {"engines": {"image": {"tag": "25.01-py3"}}}}, "must equal triton.image.tag"),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas 5 must not exceed maxReplicas 2"),
+        ({"autoscaling": {"mode": "hpa"}}, "enable monitoring.serviceMonitor"),
+    ],
+)
+def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):
+    with pytest.raises(helm.HelmError) as info:
+        render(patch)
+    assert message in str(info.value)
+
+
+def test_production_values_pass_the_schema():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(_production())
+        chart.validate_schema({})
+
+
+# --- what the chart must get right ---------------------------------------------------------------------
+
+
+def _ngc_release_for(tritonclient_version: str) -> str:
+    """NGC container YY.MM for a Triton 2.x release: 2.43.0 is 24.02 and each monthly release adds one.
+
+    Anchors from NVIDIA's release notes: 24.02 <-> 2.43.0, 24.05 <-> 2.46.0, 24.12 <-> 2.53.0.
+    """
+    minor = int(tritonclient_version.split(".")[1])
+    month_index = 2024 * 12 + 1 + (minor - 43)  # 0-based months: 24.02 is index 2024*12 + 1
+    return f"{month_index // 12 % 100:02d}.{month_index % 12 + 1:02d}-py3"
+
+
+def test_triton_image_is_pinned_to_the_release_our_client_speaks(rendered):
+    assert _ngc_release_for("2.43.0") == "24.02-py3" and _ngc_release_for("2.53.0") == "24.12-py3"
+    expected = _ngc_release_for(importlib.metadata.version("tritonclient"))
+    assert expected == "24.10-py3"
+    deployment = find(rendered["default"], "Deployment", "-triton")
+    assert container(deployment, "triton")["image"] == f"nvcr.io/nvidia/tritonserver:{expected}"
+    # trtexec from the same NGC month: same TensorRT (10.5) as the server that loads the plans
+    assert container(deployment, "build-engines", init=True)["image"] == f"nvcr.io/nvidia/tensorrt:{expected}"
+
+
+def test_triton_pod_gpu_probes_drain_and_shm(rendered):
+    deployment = find(rendered["production"], "Deployment", "-triton")
+    spec = deployment["spec"]["template"]["spec"]
+    triton = container(deployment, "triton")
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container(deployment, "build-engines", init=True)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term[0]["matchExpressions"][0]["key"] == "nvidia.com/gpu.product"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    startup = triton["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    sleep = int(re.search(r"sleep (\d+)", triton["lifecycle"]["preStop"]["exec"]["command"][-1]).group(1))
+    exit_timeout = int(next(a for a in triton["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert sleep > 0 and spec["terminationGracePeriodSeconds"] > sleep + exit_timeout
+    assert "--strict-readiness=true" in triton["args"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_every_container_runs_restricted(rendered, value_set):
+    for deployment in (o for o in rendered[value_set] if o["kind"] == "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert c["resources"]["limits"] and c["resources"]["requests"], c["name"]
+
+
+def test_gateway_role_may_only_read_endpointslices(rendered):
+    role = find(rendered["default"], "Role")
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = find(rendered["default"], "RoleBinding")
+    sa = find(rendered["default"], "ServiceAccount")
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    gateway = find(rendered["default"], "Deployment", "-gateway")
+    env = {e["name"]: e.get("value") for e in container(gateway, "gateway")["env"]}
+    headless = find(rendered["default"], "Service", "-triton-headless")
+    assert env["CTSCREEN_TRITON_SERVICE"] == headless["metadata"]["name"]
+    assert env["CTSCREEN_TRITON_DISCOVERY"] == "endpointslice"
+
+
+def test_triton_service_is_headless_with_a_named_grpc_port(rendered):
+    headless = find(rendered["default"], "Service", "-triton-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is False
+    grpc = next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["port"] == 8001 and grpc["appProtocol"] == "grpc"
+
+
+def test_only_the_gateway_reaches_triton(rendered):
+    policy = find(rendered["production"], "NetworkPolicy", "-triton")
+    rules = policy["spec"]["ingress"]
+    inference = [r for r in rules if {p["port"] for p in r["ports"]} & {"grpc", "http"}]
+    assert len(inference) == 1
+    peers = inference[0]["from"]
+    assert peers == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "ctscreen", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "gateway"}}}]
+    metrics = [r for r in rules if r is not inference[0]]
+    assert [p["port"] for r in metrics for p in r["ports"]] == ["metrics"]
+
+
+def test_triton_hpa_scales_on_backlog_seconds_served_by_the_adapter_rules(rendered):
+    hpa = find(rendered["production"], "HorizontalPodAutoscaler", "-triton")
+    rules = yaml.safe_load((CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]
+    external = {r["name"]["as"] for r in rules["external"]}
+    custom = {r["name"]["as"] for r in rules["custom"]}
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert by_type["External"]["external"]["metric"]["name"] in external
+    assert by_type["External"]["external"]["target"] == {"type": "AverageValue", "averageValue": "30"}
+    assert by_type["Pods"]["pods"]["metric"]["name"] in custom
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert down["selectPolicy"] == "Min"
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    for rule in rules["custom"] + rules["external"]:
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+def test_dashboard_has_the_panels_ops_need(rendered):
+    board = json.loads((CHART / "dashboards" / "ctscreen-overview.json").read_text())
+    titles = " | ".join(p["title"].lower() for p in board["panels"])
+    for needle in ("cases per hour", "p95", "backlog", "queue / compute", "gpu utilisation"):
+        assert needle in titles
+    configmap = find(rendered["production"], "ConfigMap", "-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["ctscreen-overview.json"]) == board
+
+
+# --- the engine-build init script ---------------------------------------------------------------------
+
+FAKE_TRTEXEC = """#!/bin/sh
+echo "$@" >> "$TRTEXEC_LOG"
+for a in "$@"; do case "$a" in --saveEngine=*) printf 'plan for %s\\n' "$*" > "${a#--saveEngine=}";; esac; done
+"""
+
+
+def _run_build(tmp_path: Path, gpu: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho '{gpu}'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    dst = tmp_path / "models"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "SRC": str(tmp_path / "src"), "DST": str(dst),
+        "CACHE": str(tmp_path / "cache"), "BUILD": "true", "MODELS": "valid_area lesion",
+        "INPUT_NAME": "HU_SLICES", "MIN_BATCH": "1", "OPT_BATCH": "8", "MAX_BATCH": "16",
+        "PRECISION": "fp16", "WORKSPACE_MIB": "1024", "BUILD_TIMEOUT": "60", "EXTRA_FLAGS": "",
+        "TRT_VERSION": "10.5.0", "TRTEXEC_LOG": str(tmp_path / "trtexec.log"), "HOSTNAME": "pod-a",
+        **(env_extra or {}),
+    }
+    return subprocess.run(["bash", str(CHART / "files" / "build-engines.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    log = tmp_path / "trtexec.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="needs bash")
+def test_engine_build_is_cached_by_gpu_product_tensorrt_version_and_onnx(tmp_path):
+    """Runs the chart's init script with stand-ins for trtexec and nvidia-smi (no GPU here)."""
+    for model in ("valid_area", "lesion"):
+        d = tmp_path / "src" / model / "1"
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(f"onnx {model}".encode())
+        (tmp_path / "src" / model / "config.pbtxt").write_text(f'name: "{model}"\nplatform: "tensorrt_plan"\n')
+
+    first = _run_build(tmp_path, "NVIDIA A100-SXM4-80GB")
+    assert first.returncode == 0, first.stderr
+    assert len(_calls(tmp_path)) == 2
+    assert "--minShapes=HU_SLICES:1x1x512x512" in _calls(tmp_path)[0]
+    assert "--maxShapes=HU_SLICES:16x1x512x512" in _calls(tmp_path)[0] and "--fp16" in _calls(tmp_path)[0]
+    plan = tmp_path / "models" / "lesion" / "1" / "model.plan"
+    assert plan.is_symlink() and "NVIDIA-A100-SXM4-80GB/trt-10.5.0/lesion-" in os.readlink(plan)
+    assert plan.read_text().startswith("plan for")
+    assert not (tmp_path / "models" / "lesion" / "1" / "model.onnx").exists()
+    assert (tmp_path / "models" / "lesion" / "config.pbtxt").exists()
+
+    again = _run_build(tmp_path, "NVIDIA A100-SXM4-80GB")
+    assert again.returncode == 0 and len(_calls(tmp_path)) == 2, "cached plans must not be rebuilt"
+    assert "cached plan" in again.stdout
+
+    other_gpu = _run_build(tmp_path, "NVIDIA L4")
+    assert other_gpu.returncode == 0 and len(_calls(tmp_path)) == 4
+    new_trt = _run_build(tmp_path, "NVIDIA L4", {"TRT_VERSION": "10.7.0"})
+    assert new_trt.returncode == 0 and len(_calls(tmp_path)) == 6
+
+    (tmp_path / "src" / "lesion" / "1" / "model.onnx").write_bytes(b"retrained lesion net")
+    new_onnx = _run_build(tmp_path, "NVIDIA L4", {"TRT_VERSION": "10.7.0"})
+    assert new_onnx.returncode == 0 and len(_calls(tmp_path)) == 7, "only the changed model is rebuilt"
+
+
+def test_engine_build_fails_loudly_without_an_onnx(tmp_path):
+    (tmp_path / "src" / "valid_area" / "1").mkdir(parents=True)
+    result = _run_build(tmp_path, "NVIDIA L4", {"MODELS": "valid_area"})
+    assert result.returncode != 0
+    assert "model.onnx not found" in result.stderr
