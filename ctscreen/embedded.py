@@ -1,0 +1,514 @@
+"""The embedded Triton: the real ``tritonserver`` of the nvidia-pytriton wheel, on the cpu repository.
+
+No GPU, no Docker: the wheel ships ``tritonserver`` 2.51 with the python backend, and the cpu profile
+(:mod:`ctscreen.repo`) runs every model in it. :class:`EmbeddedTriton` assembles a backend folder (the
+python backend plus the stub built for this Python), renders the cpu repository into the cache unless
+given one, starts the server on loopback ports, waits until every model is READY (``--strict-readiness``
+and ``--exit-on-error``: READY means loaded and warmed up), forwards the server log, and stops it with
+SIGTERM, then SIGKILL.
+
+The python-backend stub embeds the first ``python3`` on ``PATH``; this environment's ``bin`` goes first,
+so the stub runs with this environment's numpy (< 2: numpy 2 makes ``pb_utils.Tensor`` carry 0 bytes).
+
+Errors
+------
+``TritonStartError(RuntimeError)``: the binary is missing, a port is taken, a model fails to load, or
+the server is not ready in time. Its message is one line saying what and where.
+
+Example
+-------
+>>> with EmbeddedTriton() as triton:            # doctest: +SKIP
+...     client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from pathlib import Path
+from typing import IO
+
+logger = logging.getLogger(__name__)
+server_logger = logging.getLogger("ctscreen.tritonserver")
+
+_PORT_TAKEN = re.compile(
+    r"Socket '([^']+)' already in use|failed to start (\w+) service.*?address already in use", re.I
+)
+_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version (\d+): (.*?)\"?$")
+_ERROR_LINE = re.compile(r"^E\d{4} |^error: |Error:", re.I)
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver could not be started or did not become ready; the message is one line."""
+
+
+def _pytriton_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent
+
+
+def server_binary() -> tuple[Path, Path]:
+    """``(tritonserver, libs dir)``: ``$CTSCREEN_TRITONSERVER`` or the one in the nvidia-pytriton wheel.
+
+    Raises
+    ------
+    TritonStartError
+        The binary is not there or is not executable.
+    """
+    override = os.environ.get("CTSCREEN_TRITONSERVER")
+    try:
+        root = _pytriton_dir()
+    except ImportError:
+        root = None
+    libs = root.parent / "nvidia_pytriton.libs" if root else Path("/opt/tritonserver/lib")
+    binary = (
+        Path(override) if override else (root / "tritonserver" / "bin" / "tritonserver" if root else None)
+    )
+    if binary is None:
+        raise TritonStartError("tritonserver not found: install nvidia-pytriton or set CTSCREEN_TRITONSERVER")
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise TritonStartError(
+            f"tritonserver binary not found or not executable: {binary}"
+            + (" (from CTSCREEN_TRITONSERVER)" if override else " (reinstall nvidia-pytriton)")
+        )
+    return binary, libs
+
+
+def backend_dir() -> Path:
+    """A backend folder holding the wheel's python backend and the stub for this Python (cached)."""
+    from ctscreen.repo import cache_root
+
+    root = _pytriton_dir() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    backend = root / "backends" / "python"
+    files = [backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub]
+    for path in files:
+        if not path.is_file():
+            raise TritonStartError(f"python backend file missing from nvidia-pytriton: {path}")
+    stamp = "|".join(f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    out = cache_root() / f"triton-backends-py{version}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+    if (out / "python" / stub.name).is_file():
+        return out
+    tmp = cache_root() / f".backends-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    (tmp / "python").mkdir(parents=True)
+    for path in files:
+        shutil.copy2(path, tmp / "python" / path.name)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process assembled it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+_LIVE: weakref.WeakSet[EmbeddedTriton] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # a test run that crashes must not leave servers behind
+    for triton in list(_LIVE):
+        with contextlib.suppress(Exception):
+            triton.stop()
+
+
+class EmbeddedTriton:
+    """A real tritonserver on loopback ports, serving a rendered model repository.
+
+    Parameters
+    ----------
+    repo_dir : Path, optional
+        Rendered repository; default: the cpu profile rendered into the cache by
+        :func:`ctscreen.repo.cached_repository`.
+    grpc_port, http_port, metrics_port : int
+        0 picks a free port (retried if another process takes it first).
+    log_file : Path, optional
+        Also write the server log here (it always goes to the ``ctscreen.tritonserver`` logger).
+    host : str
+        Address to bind; ``127.0.0.1`` by default, ``0.0.0.0`` to serve other machines.
+    log_verbose : int
+        tritonserver ``--log-verbose``.
+    echo : IO[str], optional
+        Write every server log line to this stream as well (the ``ctscreen triton`` command).
+    """
+
+    def __init__(
+        self,
+        repo_dir: Path | None = None,
+        *,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        log_file: Path | None = None,
+        host: str = "127.0.0.1",
+        log_verbose: int = 0,
+        echo: IO[str] | None = None,
+    ) -> None:
+        for name, port in (
+            ("grpc_port", grpc_port),
+            ("http_port", http_port),
+            ("metrics_port", metrics_port),
+        ):
+            if not 0 <= int(port) <= 65535:
+                raise ValueError(f'Argument "{name}" must be in [0, 65535], got {port}.')
+        self._repo_dir = Path(repo_dir) if repo_dir is not None else None
+        self._requested = {"grpc": int(grpc_port), "http": int(http_port), "metrics": int(metrics_port)}
+        self._ports = dict(self._requested)
+        self.host = host
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.log_verbose = int(log_verbose)
+        self._echo = echo
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=400)
+        self._log_fh: IO[str] | None = None
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def repo_dir(self) -> Path | None:
+        """The repository served (known once :meth:`start` has rendered it)."""
+        return self._repo_dir
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` takes)."""
+        return f"{self._client_host}:{self._ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` of the HTTP/REST endpoint (what ``tritonclient.http`` takes)."""
+        return f"{self._client_host}:{self._ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://host:port/metrics``: Prometheus metrics."""
+        return f"http://{self._client_host}:{self._ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_tail(self) -> str:
+        """The last few hundred lines of the server log."""
+        return "".join(self._tail)
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> EmbeddedTriton:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 180.0) -> EmbeddedTriton:
+        """Start tritonserver and wait until every model is READY.
+
+        Raises
+        ------
+        TritonStartError
+            Missing binary, taken port, a model that fails to load, or not ready in ``timeout`` s.
+        """
+        if self.running:
+            return self
+        binary, libs = server_binary()
+        if self._repo_dir is None:
+            from ctscreen.repo import RepositoryError, cached_repository
+
+            try:
+                self._repo_dir = cached_repository("cpu")
+            except (RepositoryError, FileNotFoundError) as exc:
+                raise TritonStartError(f"cannot render the cpu model repository: {exc}") from None
+        if not self._repo_dir.is_dir():
+            raise TritonStartError(f"model repository not found: {self._repo_dir}")
+        backends = backend_dir()
+        attempts = 3 if 0 in self._requested.values() else 1
+        for attempt in range(1, attempts + 1):
+            self._choose_ports()
+            try:
+                self._launch(binary, libs, backends)
+                self._wait_ready(timeout)
+                return self
+            except _PortRace as exc:
+                self._cleanup()
+                if attempt == attempts:
+                    raise TritonStartError(str(exc)) from None
+                logger.info("port race (%s); retrying with other ports", exc)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _choose_ports(self) -> None:
+        names = {"grpc": "gRPC", "http": "HTTP", "metrics": "metrics"}
+        taken: set[int] = set()
+        for key, requested in self._requested.items():
+            if requested == 0:
+                port = free_port(self._client_host)
+                while port in taken:
+                    port = free_port(self._client_host)
+            else:
+                port = requested
+                if not _port_free(self.host, port):
+                    raise TritonStartError(f"{names[key]} port {port} on {self.host} is already in use")
+            taken.add(port)
+            self._ports[key] = port
+
+    def _command(self, binary: Path, backends: Path) -> list[str]:
+        shm_prefix = f"ctscreen_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        return [
+            str(binary),
+            f"--model-repository={self._repo_dir}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}",
+            f"--http-port={self._ports['http']}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self._ports['grpc']}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self._ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            # one slice's probability map is 1 MiB: start the stub's region big enough for a batch
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+        ]
+
+    def _env(self, libs: Path) -> dict[str, str]:
+        env = os.environ.copy()
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
+        env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pools from the model configs
+        return env
+
+    def _launch(self, binary: Path, libs: Path, backends: Path) -> None:
+        self._tail.clear()
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        cmd = self._command(binary, backends)
+        logger.info("starting %s", " ".join(cmd))
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self._env(libs),
+                start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
+            )
+        except OSError as exc:
+            raise TritonStartError(f"cannot run tritonserver {binary}: {exc.strerror or exc}") from None
+        _LIVE.add(self)
+        self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self._tail.append(line)
+            if self._log_fh is not None:
+                self._log_fh.write(line)
+                self._log_fh.flush()
+            if self._echo is not None:
+                self._echo.write(line)
+                self._echo.flush()
+            server_logger.debug("%s", line.rstrip())
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                if self._reader is not None:
+                    self._reader.join(timeout=5)
+                raise self._failure(code)
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        logger.info("tritonserver ready: grpc %s, http %s", self.grpc_url, self.http_url)
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        raise TritonStartError(
+            f"tritonserver not ready after {timeout:.0f} s (repository {self._repo_dir}); "
+            f"last log line: {self._last_error() or '-'}"
+        )
+
+    def _last_error(self) -> str:
+        for line in reversed(self._tail):
+            if _ERROR_LINE.search(line.strip()):
+                return line.strip()
+        return self._tail[-1].strip() if self._tail else ""
+
+    def _failure(self, code: int) -> Exception:
+        text = self.log_tail
+        port = _PORT_TAKEN.search(text)
+        if port:
+            message = f"tritonserver could not bind {port.group(1) or port.group(2)}: address already in use"
+            return _PortRace(message) if 0 in self._requested.values() else TritonStartError(message)
+        failed = []
+        for line in self._tail:
+            m = _LOAD_FAILED.search(line.strip())
+            if m:
+                reason = m.group(3).replace("\\n", " ").strip()
+                failed.append(
+                    f"model '{m.group(1)}' failed to load from {self._repo_dir / m.group(1)}: {reason}"
+                )
+        if failed:
+            return TritonStartError("; ".join(dict.fromkeys(failed)))
+        return TritonStartError(
+            f"tritonserver exited with code {code} before it was ready (repository {self._repo_dir}): "
+            f"{self._last_error() or 'no log'}"
+        )
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the server's process group."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if proc is not None:
+            # python-backend stubs live in the server's session; none may outlive it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+        _LIVE.discard(self)
+
+
+class _PortRace(TritonStartError):
+    """An automatically chosen port was taken between our check and the server's bind."""
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ctscreen triton [--grpc-port --http-port --metrics-port --repo DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="ctscreen triton",
+        description="Run the real tritonserver of the nvidia-pytriton wheel on the cpu model repository.",
+    )
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    parser.add_argument("--repo", type=Path, help="a rendered repository (default: the cpu profile, cached)")
+    parser.add_argument("--log-file", type=Path, help="also write the server log here")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for READY")
+    parser.add_argument("--quiet", action="store_true", help="do not forward the server log to stderr")
+    args = parser.parse_args(argv)
+    try:
+        triton = EmbeddedTriton(
+            args.repo,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            log_file=args.log_file,
+            host=args.host,
+            log_verbose=args.log_verbose,
+            echo=None if args.quiet else sys.stderr,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"ctscreen triton: {exc}\n")
+        return 2
+
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            triton.start(timeout=args.timeout)
+        except TritonStartError as exc:
+            sys.stderr.write(f"ctscreen triton: {exc}\n")
+            return 1
+        if stopping.is_set():
+            return 0
+        sys.stderr.write(
+            f"ctscreen triton: ready, grpc {triton.grpc_url}, http {triton.http_url}, "
+            f"metrics {triton.metrics_url}, repository {triton.repo_dir}\n"
+        )
+        sys.stderr.flush()
+        while not stopping.wait(0.5):
+            if not triton.running:
+                sys.stderr.write(
+                    f"ctscreen triton: tritonserver exited unexpectedly: {triton._last_error()}\n"
+                )
+                return 1
+        sys.stderr.write("ctscreen triton: stopping\n")
+        return 0
+    finally:
+        triton.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
