@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -75,12 +75,14 @@ from aggregator.schema import (
     Timings,
     Verdict,
 )
-from ctscreen.contracts import MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
+from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
 from ctscreen.postprocess import inside_valid_area, is_empty_box
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CaseRule", "SliceInput", "CaseDecision", "decide", "to_original_grid", "quadrants_of"]
+__all__ = [
+    "CaseDecision", "CaseRule", "SliceInput", "decide", "quadrants_of", "replay", "slice_inputs", "to_original_grid",
+]
 
 _MM_EPS = 1e-6
 """Tolerance for comparing millimetre extents (positions carry float rounding from DICOM)."""
@@ -172,6 +174,11 @@ class SliceInput:
         ``[4]`` valid-area box on the 512 grid, ``EMPTY_BOX`` (all -1) when empty.
     rows, cols : int or None
         The stored image's size, to map boxes back to its grid; None when unknown.
+    to_original : callable or None
+        Maps ``[N, 4]`` inclusive 512-grid boxes to the stored grid (ingest passes
+        ``SliceInfo.grid.to_original``, which knows how a non-square image was padded). Without it,
+        a square ``rows == cols`` image is mapped by :func:`to_original_grid` and a non-square one
+        is not mapped (``original`` is None).
     """
 
     sop_instance_uid: str
@@ -180,6 +187,7 @@ class SliceInput:
     valid_area: np.ndarray
     rows: int | None = None
     cols: int | None = None
+    to_original: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sop_instance_uid, str) or not self.sop_instance_uid:
@@ -277,9 +285,10 @@ class CaseDecision:
 def to_original_grid(box: Sequence[float], rows: int, cols: int, grid: int = SLICE_SIZE) -> Box:
     """Map an inclusive box on the ``grid x grid`` model grid to the stored ``rows x cols`` grid.
 
-    The gateway resamples the whole image to the grid, each axis on its own (no crop, no padding),
-    so pixel ``i`` of the grid spans ``[i, i + 1) * size / grid`` of the stored image. The mapped box
-    is the smallest one covering the same physical extent.
+    Pixel ``i`` of the grid spans ``[i, i + 1) * size / grid`` of the stored image on each axis (the
+    gateway's convention for a square image, which it zooms without padding; a non-square image is
+    padded first, and its mapping is the ``to_original`` callable of :class:`SliceInput`). The mapped
+    box is the smallest one covering the same physical extent.
 
     >>> to_original_grid((0, 0, 511, 255), rows=256, cols=1024).model_dump()
     {'x0': 0, 'y0': 0, 'x1': 1023, 'y1': 127}
@@ -349,22 +358,34 @@ def _filter(s: SliceInput, rule: CaseRule) -> tuple[np.ndarray, int]:
     return boxes[keep], int(len(boxes) - keep.sum())
 
 
+def _originals(s: SliceInput, boxes: np.ndarray) -> list[Box | None]:
+    """``boxes [N, >=4]`` of one slice on its stored grid (None each when no mapping is known)."""
+    if len(boxes) == 0:
+        return []
+    if s.to_original is not None:
+        mapped = np.asarray(s.to_original(np.asarray(boxes[:, :4], np.float64)), np.float64)
+        if mapped.shape[0] != len(boxes) or mapped.ndim != 2 or mapped.shape[1] < 4:
+            raise ValueError(f'Argument "to_original" returned shape {mapped.shape} for {len(boxes)} boxes.')
+        return [_box(np.clip(m[:4], 0, None)) for m in mapped]
+    if s.rows is not None and s.rows == s.cols:
+        return [to_original_grid(b, s.rows, s.cols) for b in boxes]
+    return [None] * len(boxes)
+
+
 def _finding(index: int, s: SliceInput, rule: CaseRule) -> SliceFinding:
     kept, dropped = _filter(s, rule)
     split = _split_point(s.valid_area, rule)
-    has_grid = s.rows is not None and s.cols is not None
-    lesions = []
-    for row in kept:
-        lesions.append(
-            LesionBox(
-                grid=_box(row),
-                original=to_original_grid(row, s.rows, s.cols) if has_grid else None,
-                score=float(min(1.0, max(0.0, row[4]))),
-                quadrants=quadrants_of(row, split, rule.spanning),
-            )
+    lesions = [
+        LesionBox(
+            grid=_box(row),
+            original=original,
+            score=float(min(1.0, max(0.0, row[4]))),
+            quadrants=quadrants_of(row, split, rule.spanning),
         )
+        for row, original in zip(kept, _originals(s, kept), strict=True)
+    ]
     valid = None if is_empty_box(s.valid_area) else _box(s.valid_area)
-    valid_original = to_original_grid(s.valid_area, s.rows, s.cols) if (valid and has_grid) else None
+    valid_original = _originals(s, s.valid_area[None, :])[0] if valid else None
     present = {q for b in lesions for q in b.quadrants}
     return SliceFinding(
         index=index,
@@ -562,3 +583,34 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
     return make(
         "negative", "no_run", f"Longest run: {_describe(best, findings)}; the rule needs {need}."
     )
+
+
+def slice_inputs(result: CaseResult) -> list[SliceInput]:
+    """The inputs a result was decided from, rebuilt from its per-slice findings (512 grid)."""
+    out = []
+    for f in result.slices:
+        rows = np.array(
+            [[b.grid.x0, b.grid.y0, b.grid.x1, b.grid.y1, b.score] for b in f.boxes], np.float32
+        ).reshape(-1, 5)
+        va = f.valid_area
+        valid = np.array(EMPTY_BOX if va is None else (va.x0, va.y0, va.x1, va.y1), np.float32)
+        out.append(SliceInput(f.sop_instance_uid, f.position_mm, rows, valid))
+    return out
+
+
+def replay(result: CaseResult, rule: CaseRule | None = None) -> CaseDecision:
+    """Decide a stored result again, under its own rule or another one.
+
+    Only the boxes the result kept are available, so a rule looser than the recorded one (lower
+    ``cutoff`` or ``min_area``) cannot find more than the result holds; a stricter one is exact.
+    The nominal spacing recorded in the result is reused.
+
+    >>> import numpy as np
+    >>> lesion = np.array([[150, 150, 170, 170, 0.7]], np.float32)
+    >>> s = [SliceInput(f"u{i}", 2.0 * i, lesion, np.array([100, 100, 400, 400])) for i in range(3)]
+    >>> r = decide(s).to_result(study_instance_uid="1", series_instance_uid="2")
+    >>> replay(r).verdict, replay(r, CaseRule(cutoff=0.8)).verdict
+    ('positive', 'negative')
+    """
+    rule = rule or CaseRule.from_params(result.rule)
+    return decide(slice_inputs(result), rule, spacing_mm=result.nominal_spacing_mm)

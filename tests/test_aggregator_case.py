@@ -306,11 +306,26 @@ def test_every_parameter_is_recorded_and_reproducible():
 
 
 def test_boxes_are_mapped_back_to_the_original_grid():
-    s = [SliceInput(f"u{i}", float(i), boxes(*TL), VA, rows=1024, cols=768) for i in range(3)]
+    s = [SliceInput(f"u{i}", float(i), boxes(*TL), VA, rows=768, cols=768) for i in range(3)]
     f = decide(s).slices[0]
     assert f.boxes[0].grid.model_dump() == {"x0": 150, "y0": 150, "x1": 170, "y1": 170}
-    assert f.boxes[0].original.model_dump() == {"x0": 225, "y0": 300, "x1": 256, "y1": 341}
-    assert f.valid_area_original.model_dump() == {"x0": 150, "y0": 200, "x1": 601, "y1": 801}
+    assert f.boxes[0].original.model_dump() == {"x0": 225, "y0": 225, "x1": 256, "y1": 256}
+    assert f.valid_area_original.model_dump() == {"x0": 150, "y0": 150, "x1": 601, "y1": 601}
+    assert to_original_grid((0, 0, 511, 255), rows=256, cols=1024).model_dump() == {"x0": 0, "y0": 0, "x1": 1023, "y1": 127}
+
+
+def test_non_square_images_need_the_ingest_mapping():
+    """A non-square image is padded by ingest; only its own mapping knows how (here: shift by 10)."""
+    plain = decide([SliceInput(f"u{i}", float(i), boxes(*TL), VA, rows=512, cols=400) for i in range(3)])
+    assert plain.slices[0].boxes[0].original is None
+
+    def shift(b):
+        return b - 10.0
+
+    mapped = decide([SliceInput(f"u{i}", float(i), boxes(*TL), VA, rows=512, cols=400, to_original=shift)
+                     for i in range(3)])
+    assert mapped.slices[0].boxes[0].original.model_dump() == {"x0": 140, "y0": 140, "x1": 160, "y1": 160}
+    assert mapped.slices[0].valid_area_original.model_dump() == {"x0": 90, "y0": 90, "x1": 390, "y1": 390}
     assert to_original_grid((511, 511, 511, 511), 100, 100).model_dump() == {"x0": 99, "y0": 99, "x1": 99, "y1": 99}
 
 
