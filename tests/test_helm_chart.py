@@ -355,7 +355,8 @@ def test_triton_hpa_scales_on_backlog_seconds_served_by_the_adapter_rules(render
     custom = {r["name"]["as"] for r in rules["custom"]}
     by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert by_type["External"]["external"]["metric"]["name"] in external
-    assert by_type["External"]["external"]["target"] == {"type": "AverageValue", "averageValue": "30"}
+    # ctscreen_backlog_seconds is time to drain at current capacity, so the target is a Value
+    assert by_type["External"]["external"]["target"] == {"type": "Value", "value": "30"}
     assert by_type["Pods"]["pods"]["metric"]["name"] in custom
     down = hpa["spec"]["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300
@@ -363,6 +364,21 @@ def test_triton_hpa_scales_on_backlog_seconds_served_by_the_adapter_rules(render
     assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
     for rule in rules["custom"] + rules["external"]:
         assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+def test_metrics_the_chart_reads_are_the_ones_the_gateway_exports():
+    """Every ctscreen_* series named by the dashboard, the adapter rules and KEDA exists in gateway.metrics."""
+    exported = (ROOT / "gateway" / "metrics.py").read_text()
+    texts = [(CHART / "dashboards" / "ctscreen-overview.json").read_text(),
+             (CHART / "files" / "prometheus-adapter-rules.yaml").read_text(),
+             (CHART / "templates" / "triton-scaledobject.yaml").read_text()]
+    rules = yaml.safe_load(texts[1])["rules"]
+    derived = {r["name"]["as"] for r in rules["custom"]} - {r["seriesQuery"].split("{")[0] for r in rules["custom"]}
+    names = set(re.findall(r"ctscreen_[a-z_]+", " ".join(texts))) - derived
+    assert "ctscreen_backlog_seconds" in names
+    for name in sorted(names):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f'"{base}"' in exported or f"``{base}" in exported, f"{name} is not exported by gateway/metrics.py"
 
 
 def test_dashboard_has_the_panels_ops_need(rendered):
