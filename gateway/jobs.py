@@ -252,7 +252,8 @@ class JobStore:
                 f"{self.max_active} studies are being screened or waiting; retry later.", self.retry_after_s
             )
 
-    def submit(self, sources: list[tuple[str, bytes]], *, origin: str = "upload") -> Job:
+    def submit(self, sources: list[tuple[str, bytes]], *, origin: str = "upload",
+               study_instance_uid: str | None = None) -> Job:
         """Accept a study and start screening it; the caller may await ``job.decoded``.
 
         Raises
@@ -267,6 +268,9 @@ class JobStore:
         self.check_capacity()
         job = Job(uuid.uuid4().hex, origin, sources, len(sources))
         self._jobs[job.id] = job
+        if study_instance_uid is not None:  # known up front (STOW): findable before decoding
+            job.study_instance_uid = study_instance_uid
+            self._by_study[study_instance_uid] = job.id
         self._persist(job)
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
         self._tasks.add(task)

@@ -109,10 +109,10 @@ class StowBuffer:
         """Bytes held now."""
         return sum(p.nbytes for p in self._studies.values())
 
-    def pending(self, study_instance_uid: str) -> tuple[int, Job | None] | None:
-        """``(instances held, last job)`` of a study being received, or None."""
+    def pending(self, study_instance_uid: str) -> tuple[int, bool, Job | None] | None:
+        """``(instances held, still receiving, last job)`` of a held study, or None."""
         p = self._studies.get(study_instance_uid)
-        return None if p is None else (len(p.instances), p.job)
+        return None if p is None else (len(p.instances), p.dirty, p.job)
 
     def room_for(self, study_instance_uid: str, nbytes: int) -> bool:
         """Whether an instance of ``nbytes`` for this study fits the limits now."""
@@ -156,7 +156,7 @@ class StowBuffer:
             raise
 
     def _submit(self, p: _Pending) -> Job:
-        job = self.store.submit(list(p.instances.values()), origin="stow")
+        job = self.store.submit(list(p.instances.values()), origin="stow", study_instance_uid=p.uid)
         p.job, p.dirty, p.force = job, False, False
         logger.info("STOW study %s complete: %d instances, job %s", p.uid, len(p.instances), job.id)
         return job

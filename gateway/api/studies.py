@@ -112,9 +112,9 @@ async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse
 async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep) -> StudyView:
     """The study's latest job (with its result once done), or ``receiving`` while STOW instances wait."""
     held = stow.pending(study_instance_uid)
-    if held is not None:
-        n, job = held
-        if job is None or stow._studies[study_instance_uid].dirty:
+    if held is not None and held[0]:
+        n, receiving, job = held
+        if receiving:
             return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=n,
                              job_id=job.id if job else None)
     view = store.latest_for_study(study_instance_uid)

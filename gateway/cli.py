@@ -1,0 +1,454 @@
+"""``ctscreen serve``, ``ctscreen screen`` and ``ctscreen demo``.
+
+* ``serve``: the embedded Triton (cpu profile) and the gateway on localhost, one command; Ctrl-C stops
+  both.
+* ``screen PATH... [--url URL] [--json]``: upload each study (a folder of DICOM files, a zip, or one
+  file) to a running gateway with a progress bar, follow its progress, print a verdict table.
+* ``demo``: ``serve`` plus sample studies made on the spot (phantom COVID and normal studies), screened
+  and printed, then the service stays up with its URL printed until Ctrl-C (``--exit``: stop after
+  printing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_NOT_DICOM_SUFFIXES = (".json", ".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".txt", ".md", ".csv", ".html")
+
+
+class CliError(Exception):
+    """A one-line error for the user; the command exits non-zero."""
+
+
+# --- the stack: embedded Triton + the gateway under uvicorn ------------------------------------
+@dataclass
+class Stack:
+    """A running gateway (and the embedded Triton it uses, if any)."""
+
+    url: str
+    triton_url: str
+    _server: Any = None
+    _thread: threading.Thread | None = None
+    _triton: Any = None
+
+    def wait(self) -> None:
+        """Block until Ctrl-C or SIGTERM, or until the server stops by itself."""
+        assert self._thread is not None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def _term(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _term)
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping ...", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def run_stack(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    triton_url: str | None = None,
+    repo: Path | None = None,
+    log_level: str = "warning",
+    start_timeout: float = 300.0,
+    settings_overrides: dict[str, Any] | None = None,
+) -> Iterator[Stack]:
+    """Start the embedded Triton (unless ``triton_url``) and the gateway; stop both on exit.
+
+    ``port=0`` picks a free port. The gateway runs in a background thread; the caller's thread is
+    free (see :meth:`Stack.wait`).
+    """
+    import uvicorn
+
+    from ctscreen.embedded import EmbeddedTriton, free_port
+    from gateway.main import create_app
+    from gateway.settings import Settings
+
+    triton = None
+    try:
+        if triton_url is None:
+            print("starting the embedded Triton (cpu profile) ...", file=sys.stderr, flush=True)
+            triton = EmbeddedTriton(repo)
+            triton.start(timeout=start_timeout)
+            triton_url = triton.grpc_url
+        settings = Settings(triton_urls=[triton_url], **(settings_overrides or {}))
+        app = create_app(settings)
+        if port == 0:
+            port = free_port(host)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="ctscreen-gateway", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive():
+                raise CliError(f"the gateway could not start on {host}:{port} (port taken?)")
+            if time.monotonic() > deadline:
+                raise CliError("the gateway did not start within 60 s")
+            time.sleep(0.05)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        stack = Stack(url=f"http://{shown}:{port}", triton_url=triton_url, _server=server, _thread=thread,
+                      _triton=triton)
+        try:
+            yield stack
+        finally:
+            server.should_exit = True
+            thread.join(15)
+    finally:
+        if triton is not None:
+            triton.stop()
+
+
+# --- the client: upload, follow, result --------------------------------------------------------
+@dataclass
+class Outcome:
+    """What screening one path gave."""
+
+    path: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    job_id: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def collect_files(path: Path) -> list[Path]:
+    """The files to upload for ``path``: the file itself, or every likely-DICOM file under a folder."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_NOT_DICOM_SUFFIXES)
+        )
+        if not files:
+            raise CliError(f"{path}: no file to upload")
+        return files
+    raise CliError(f"{path}: no such file or folder")
+
+
+def _multipart(files: list[Path], root: Path, bar: Any) -> tuple[str, int, Iterator[bytes]]:
+    boundary = uuid.uuid4().hex
+    heads = []
+    for f in files:
+        name = f.relative_to(root).as_posix() if f != root else f.name
+        name = name.replace('"', "_")
+        heads.append(
+            (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+             "Content-Type: application/octet-stream\r\n\r\n").encode()
+        )
+    tail = f"--{boundary}--\r\n".encode()
+    sizes = [f.stat().st_size for f in files]
+    total = sum(len(h) + s + 2 for h, s in zip(heads, sizes, strict=True)) + len(tail)
+
+    def body() -> Iterator[bytes]:
+        for head, f in zip(heads, files, strict=True):
+            data = f.read_bytes()
+            yield head
+            yield data
+            yield b"\r\n"
+            bar.update(len(data))
+        yield tail
+
+    return f"multipart/form-data; boundary={boundary}", total, body()
+
+
+def _error_of(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "reason" in body:
+            return body
+    except ValueError:
+        pass
+    return {"reason": f"http_{response.status_code}", "message": response.text[:200]}
+
+
+def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: float = 3600.0) -> Outcome:
+    """Upload one study, follow its progress and return its outcome (never raises for the study)."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    out = Outcome(str(path))
+    files = collect_files(path)
+    root = path if path.is_dir() else path.parent
+    nbytes = sum(f.stat().st_size for f in files)
+    label = path.name or str(path)
+    response = None
+    for _attempt in range(100):
+        with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"{label}: upload", disable=quiet,
+                  leave=False, file=sys.stderr) as bar:
+            content_type, length, body = _multipart(files, root, bar)
+            response = client.post("/v1/studies", content=body,
+                                   headers={"Content-Type": content_type, "Content-Length": str(length)})
+        if response.status_code != 429:
+            break
+        wait = float(response.headers.get("Retry-After", "5"))
+        if not quiet:
+            print(f"{label}: gateway busy, retrying in {wait:g} s", file=sys.stderr)
+        time.sleep(wait)
+    assert response is not None
+    if response.status_code != 202:
+        out.error = _error_of(response)
+        out.seconds = time.monotonic() - t0
+        return out
+    job = response.json()
+    out.job_id = job["job_id"]
+    total = job.get("slices_total") or None
+    with tqdm(total=total, unit="slice", desc=f"{label}: screen", disable=quiet, leave=False,
+              file=sys.stderr) as bar:
+        final = _follow(client, out.job_id, bar, max_wait_s)
+    out.seconds = time.monotonic() - t0
+    if final.get("state") == "done":
+        out.result = final.get("result")
+    else:
+        out.error = final.get("error") or {"reason": "unknown", "message": f"job ended {final.get('state')}"}
+    return out
+
+
+def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, Any]:
+    """Follow the job's server-sent events; fall back to polling if the stream breaks."""
+    deadline = time.monotonic() + max_wait_s
+    try:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+            event = None
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    view = json.loads(line[5:])
+                    if view.get("slices_total") and bar.total != view["slices_total"]:
+                        bar.total = view["slices_total"]
+                        bar.refresh()
+                    bar.update(max(0, view.get("slices_done", 0) - bar.n))
+                    if event in ("done", "failed"):
+                        return client.get(f"/v1/jobs/{job_id}").json()
+                if time.monotonic() > deadline:
+                    break
+    except Exception as exc:  # noqa: BLE001 - a broken stream falls back to polling
+        logger.debug("event stream of %s broke: %s", job_id, exc)
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view.get("state") in ("done", "failed"):
+            return view
+        time.sleep(0.5)
+    return {"state": "failed", "error": {"reason": "timeout", "message": f"no result within {max_wait_s:g} s"}}
+
+
+def _evidence_text(result: dict[str, Any]) -> str:
+    ev = result.get("evidence")
+    if not ev:
+        return "-"
+    idx = [s["index"] for s in ev.get("slices", [])]
+    span = f"slices {idx[0]}-{idx[-1]}" if idx else ""
+    return f"{ev['quadrant']} x{ev['n_slices']} {span}".strip()
+
+
+def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = None) -> str:
+    """A plain-text table, one row per study."""
+    head = ["study", "verdict", "reason", "slices", "evidence (quadrant, run)", "seconds"]
+    if truth:
+        head.insert(1, "truth")
+    rows = [head]
+    for o in outcomes:
+        if o.result is not None:
+            r = o.result
+            row = [o.path, r["verdict"].upper() if r["verdict"] == "positive" else r["verdict"], r["reason"],
+                   str(r.get("n_slices", "")), _evidence_text(r), f"{o.seconds:.1f}"]
+        else:
+            err = o.error or {}
+            row = [o.path, "ERROR", err.get("reason", "?"), "-", str(err.get("message", ""))[:60],
+                   f"{o.seconds:.1f}"]
+        if truth:
+            row.insert(1, truth.get(o.path, "?"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _client(url: str, timeout: float) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0))
+
+
+def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeout: float = 600.0
+                 ) -> list[Outcome]:
+    """Screen each path against the gateway at ``url``."""
+    import httpx
+
+    outcomes = []
+    with _client(url, timeout) as client:
+        try:
+            client.get("/healthz").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise CliError(f"no ctscreen gateway answers at {url} ({type(exc).__name__}); "
+                           "start one with 'ctscreen serve'") from None
+        for path in paths:
+            outcomes.append(screen_path(client, path, quiet=quiet))
+    return outcomes
+
+
+# --- subcommands --------------------------------------------------------------------------------
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="gateway port; 0 picks a free one (default 8000)")
+    p.add_argument("--triton-url", default=None,
+                   help="use this Triton gRPC endpoint (host:port) instead of starting the embedded one")
+    p.add_argument("--repo", type=Path, default=None, help="Triton model repository (default: the cpu profile)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def _check_stack_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.port < 65536:
+        p.error(f"--port must be 0..65535, got {args.port}")
+    if args.repo is not None and not args.repo.is_dir():
+        p.error(f"--repo {args.repo}: no such folder")
+    if args.triton_url is not None:
+        from gateway.settings import check_endpoint
+
+        try:
+            check_endpoint(args.triton_url)
+        except ValueError as exc:
+            p.error(str(exc))
+
+
+def serve_main(argv: list[str]) -> int:
+    """``ctscreen serve``: embedded Triton + gateway on localhost until Ctrl-C."""
+    p = argparse.ArgumentParser(prog="ctscreen serve", description=__doc__.split("\n\n")[1].strip())
+    _stack_args(p)
+    args = p.parse_args(argv)
+    _check_stack_args(p, args)
+    _logging(args.log_level)
+    try:
+        with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
+                       log_level=args.log_level) as stack:
+            print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")
+            print("Ctrl-C to stop.", flush=True)
+            stack.wait()
+    except CliError as exc:
+        print(f"ctscreen serve: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # TritonStartError and friends: one line, no traceback
+        print(f"ctscreen serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def screen_main(argv: list[str]) -> int:
+    """``ctscreen screen PATH... [--url URL] [--json]``."""
+    p = argparse.ArgumentParser(prog="ctscreen screen",
+                                description="Upload studies to a ctscreen gateway and print their verdicts.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="a study: a folder of DICOM files, a zip archive, or one DICOM file")
+    p.add_argument("--url", default=os.environ.get("CTSCREEN_URL", DEFAULT_URL),
+                   help=f"gateway URL (default $CTSCREEN_URL or {DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", help="print the CaseResult documents as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout in seconds (default 600)")
+    args = p.parse_args(argv)
+    if not args.url.startswith(("http://", "https://")):
+        p.error(f"--url must start with http:// or https://, got {args.url!r}")
+    for path in args.paths:
+        if not path.exists():
+            p.error(f"{path}: no such file or folder")
+    try:
+        outcomes = screen_paths(args.url.rstrip("/"), args.paths, quiet=args.quiet or args.json,
+                                timeout=args.timeout)
+    except CliError as exc:
+        print(f"ctscreen screen: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([o.result if o.result is not None else {"path": o.path, "error": o.error}
+                          for o in outcomes], indent=2))
+    else:
+        print(verdict_table(outcomes))
+    return 0 if all(o.result is not None for o in outcomes) else 1
+
+
+def make_samples(out: Path, n_slices: int, kinds: Sequence[str] = ("covid", "normal")) -> dict[str, str]:
+    """Write one phantom study per kind under ``out``; returns ``{path: kind}``."""
+    import phantom
+
+    truth = {}
+    for seed, kind in enumerate(kinds, start=1):
+        study = phantom.make_study(seed=seed, kind=kind, n_slices=n_slices)
+        path = Path(phantom.write_study(study, out / f"{kind}-{seed}"))
+        truth[str(path)] = kind
+    return truth
+
+
+def demo_main(argv: list[str]) -> int:
+    """``ctscreen demo``: serve, screen phantom samples, print verdicts, stay up until Ctrl-C."""
+    p = argparse.ArgumentParser(
+        prog="ctscreen demo",
+        description="Start the embedded stack, screen phantom COVID and normal studies made on the spot, "
+                    "print their verdicts and keep the service running until Ctrl-C.")
+    _stack_args(p)
+    p.add_argument("--slices", type=int, default=64, help="slices per sample study (default 64)")
+    p.add_argument("--out", type=Path, default=None, help="where sample studies are written (default: a temp dir)")
+    p.add_argument("--exit", action="store_true", help="stop after printing the verdicts")
+    args = p.parse_args(argv)
+    _check_stack_args(p, args)
+    if not 8 <= args.slices <= 1000:
+        p.error(f"--slices must be 8..1000, got {args.slices}")
+    _logging(args.log_level)
+    tmp = None
+    try:
+        out = args.out
+        if out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="ctscreen-demo-")
+            out = Path(tmp.name)
+        with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
+                       log_level=args.log_level) as stack:
+            print(f"gateway up at {stack.url}; making sample studies in {out} ...", file=sys.stderr, flush=True)
+            truth = make_samples(out, args.slices)
+            outcomes = screen_paths(stack.url, [Path(p) for p in truth])
+            print(verdict_table(outcomes, truth))
+            print(f"\nctscreen is running at {stack.url}  (API docs {stack.url}/docs)")
+            print(f"screen your own studies: ctscreen screen PATH --url {stack.url}", flush=True)
+            if not args.exit:
+                print("Ctrl-C to stop.", flush=True)
+                stack.wait()
+            failed = [o for o in outcomes if o.result is None]
+    except CliError as exc:
+        print(f"ctscreen demo: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, no traceback
+        print(f"ctscreen demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 1 if failed else 0

@@ -1,0 +1,281 @@
+"""Unit tests of the gateway app (routes, jobs, STOW-RS, limits, metrics) with ``TestClient(app)``.
+
+DICOM decoding, series selection and the case rule are the real ones; only Triton is replaced, by the
+fake client of ``tests/gateway_app_fakes.py`` (a one-layer unit test: it "finds" a lesion on slices
+carrying a marker patch). The real Triton path is ``tests/test_e2e_gateway.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet, ct_series
+
+
+def _app(fleet: FakeFleet | None = None, **settings):
+    settings.setdefault("triton_urls", "fake:1")
+    return create_app(Settings(**settings), client_factory=fleet or FakeFleet())
+
+
+def _files(files):
+    return [("files", (name, data, "application/dicom")) for name, data in files]
+
+
+def _wait(client: TestClient, job_id: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in ("done", "failed"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {view}")
+
+
+def _related(parts: list[bytes], boundary: str = "b0undary", part_type: str = "application/dicom") -> bytes:
+    out = b""
+    for p in parts:
+        out += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + p + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+
+
+# --- settings ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("triton_urls", "http://a:8001"), ("triton_urls", "a"), ("triton_urls", "a:99999"),
+     ("triton_urls", "a:1,a:1"), ("triton_timeout_s", 0), ("triton_timeout_s", -1), ("public_url", "ftp://x")],
+)
+def test_settings_reject_bad_values(field, value):
+    with pytest.raises(ValidationError):
+        Settings(**{field: value})
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("CTSCREEN_TRITON_URLS", "t0:8001,t1:8001")
+    monkeypatch.setenv("CTSCREEN_TRITON_TIMEOUT_S", "7.5")
+    s = Settings()
+    assert s.triton_urls == ["t0:8001", "t1:8001"] and s.triton_timeout_s == 7.5
+
+
+# --- uploads ----------------------------------------------------------------------------------------
+def test_upload_positive_study_with_progress_events_and_metrics():
+    fleet = FakeFleet()
+    uid, files = ct_series(10, lesion=[4, 5, 6])
+    with TestClient(_app(fleet)) as client:
+        r = client.post("/v1/studies", files=_files(files))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["slices_total"] == 10 and r.headers["location"] == f"/v1/jobs/{job['job_id']}"
+        with client.stream("GET", f"/v1/jobs/{job['job_id']}/events") as stream:
+            text = stream.read().decode()
+        assert text.rstrip().split("\n\n")[-1].startswith("event: done")
+        view = _wait(client, job["job_id"])
+        result = view["result"]
+        assert result["verdict"] == "positive" and result["reason"] == "run_found"
+        assert result["evidence"]["quadrant"] == "top_left"
+        assert [s["index"] for s in result["evidence"]["slices"]] == [4, 5, 6]
+        assert result["study_instance_uid"] == uid and result["n_slices"] == 10
+        assert view["slices_done"] == 10
+        study = client.get(f"/v1/studies/{uid}").json()
+        assert study["state"] == "done" and study["result"]["verdict"] == "positive"
+        metrics = client.get("/metrics").text
+        for name in ("ctscreen_backlog_slices", "ctscreen_backlog_seconds", "ctscreen_stage_seconds_bucket",
+                     "ctscreen_triton_slices_total", "ctscreen_errors_total"):
+            assert name in metrics
+        assert 'ctscreen_studies_total{verdict="positive"} 1.0' in metrics
+        assert "ctscreen_slices_total 10.0" in metrics
+    assert fleet.clients["fake:1"].closed  # the lifespan closed the client
+
+
+def test_zip_upload_negative_study():
+    _, files = ct_series(8, lesion=[2, 3])  # two in a row: not enough
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files:
+            zf.writestr(f"study/{name}", data)
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", content=buf.getvalue(), headers={"Content-Type": "application/zip"})
+        assert r.status_code == 202, r.text
+        assert _wait(client, r.json()["job_id"])["result"]["verdict"] == "negative"
+
+
+def test_too_few_slices_is_indeterminate_not_negative():
+    _, files = ct_series(2, lesion=[0, 1])
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", files=_files(files))
+        assert r.status_code == 202, r.text
+        result = _wait(client, r.json()["job_id"])["result"]
+        assert result["verdict"] == "indeterminate" and result["reason"] == "too_few_slices"
+        assert result["n_slices"] == 2
+
+
+def test_refused_file_does_not_sink_the_study():
+    _, files = ct_series(6, lesion=[1, 2, 3])
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", files=_files([*files, ("notes.txt", b"hello, not dicom")]))
+        assert r.status_code == 202, r.text
+        result = _wait(client, r.json()["job_id"])["result"]
+        assert result["verdict"] == "positive"
+        assert [(x["filename"], x["reason"]) for x in result["rejected"]] == [("notes.txt", "not_dicom")]
+
+
+def _zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b"this is not a DICOM file at all" * 10, 415, "not_dicom"),
+        (_zip({"../../etc/passwd": b"x"}), 400, "unsafe_path"),
+        (_zip({"bomb.dcm": b"\0" * (8 * 1024 * 1024)}), 413, "zip_bomb"),
+    ],
+    ids=["not-dicom", "path-traversal", "zip-bomb"],
+)
+def test_bad_inputs_get_specific_4xx(body, status, reason):
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", files=[("files", ("upload.bin", body, "application/octet-stream"))])
+        assert r.status_code == status, r.text
+        assert r.json()["reason"] == reason
+        assert f'ctscreen_errors_total{{reason="{reason}"}} 1.0' in client.get("/metrics").text
+
+
+def test_oversize_upload_is_413():
+    with TestClient(_app(max_upload_bytes=4096)) as client:
+        r = client.post("/v1/studies", content=b"\0" * 5000, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 413 and r.json()["reason"] == "too_large"
+
+
+def test_empty_upload_is_400():
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", content=b"", headers={"Content-Type": "application/dicom"})
+        assert 400 <= r.status_code < 500 and "reason" in r.json()
+
+
+def test_full_gateway_answers_429_with_retry_after():
+    fleet = FakeFleet(**{"fake:1": {"delay": 0.3}})
+    with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, retry_after_s=7)) as client:
+        _, files = ct_series(8)
+        first = client.post("/v1/studies", files=_files(files))
+        assert first.status_code == 202
+        second = client.post("/v1/studies", files=_files(files))
+        assert second.status_code == 429 and second.headers["retry-after"] == "7"
+        assert second.json()["reason"] == "busy"
+        assert _wait(client, first.json()["job_id"])["state"] == "done"
+        assert client.post("/v1/studies", files=_files(files)).status_code == 202
+
+
+def test_triton_down_fails_the_job_with_a_reason():
+    fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
+    with TestClient(_app(fleet, triton_max_attempts=1, triton_timeout_s=1)) as client:
+        assert client.get("/readyz").status_code == 200
+        _, files = ct_series(4)
+        r = client.post("/v1/studies", files=_files(files))
+        view = _wait(client, r.json()["job_id"])
+        assert view["state"] == "failed" and view["error"]["reason"] == "triton_unavailable"
+
+
+def test_unknown_job_and_study_are_404():
+    with TestClient(_app()) as client:
+        assert client.get("/v1/jobs/nope").json()["reason"] == "not_found"
+        assert client.get("/v1/jobs/nope").status_code == 404
+        assert client.get("/v1/studies/1.2.3").status_code == 404
+        assert client.get("/v1/jobs/nope/events").status_code == 404
+
+
+def test_readyz_and_healthz():
+    with TestClient(_app(FakeFleet(**{"fake:1": {"ready": False}}))) as client:
+        assert client.get("/healthz").status_code == 200
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False
+    with TestClient(_app()) as client:
+        assert client.get("/readyz").json() == {"ready": True, "endpoints": ["fake:1"], "ready_endpoints": ["fake:1"]}
+
+
+def test_openapi_lists_the_routes():
+    with TestClient(_app()) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/studies", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/studies/{study_instance_uid}",
+                 "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/healthz", "/readyz", "/metrics"):
+        assert path in paths
+
+
+def test_results_survive_eviction_with_results_dir(tmp_path):
+    with TestClient(_app(results_dir=tmp_path, max_finished_jobs=1)) as client:
+        ids = []
+        for lesion in ([1, 2, 3], []):
+            _, files = ct_series(5, lesion=lesion)
+            r = client.post("/v1/studies", files=_files(files))
+            ids.append(r.json()["job_id"])
+            _wait(client, ids[-1])
+        first = client.get(f"/v1/jobs/{ids[0]}").json()  # evicted from memory, read from disk
+        assert first["state"] == "done" and first["result"]["verdict"] == "positive"
+
+
+# --- DICOMweb STOW-RS -------------------------------------------------------------------------------
+def test_stow_then_explicit_complete():
+    uid, files = ct_series(6, lesion=[2, 3, 4])
+    with TestClient(_app(stow_quiet_period_s=3600)) as client:
+        r = client.post("/dicomweb/studies", content=_related([d for _, d in files]),
+                        headers={"Content-Type": STOW_TYPE})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/dicom+json"
+        body = r.json()
+        assert len(body["00081199"]["Value"]) == 6 and "00081198" not in body
+        assert client.get(f"/v1/studies/{uid}").json() == {
+            "study_instance_uid": uid, "state": "receiving", "instances_received": 6, "job_id": None,
+            "error": None, "result": None}
+        job = client.post(f"/v1/studies/{uid}/complete")
+        assert job.status_code == 202
+        assert _wait(client, job.json()["job_id"])["result"]["verdict"] == "positive"
+        assert client.get(f"/v1/studies/{uid}").json()["result"]["verdict"] == "positive"
+        assert client.post("/v1/studies/1.2.3.4/complete").status_code == 404
+
+
+def test_stow_quiet_period_triggers_screening():
+    uid, files = ct_series(5, lesion=[0, 1, 2])
+    with TestClient(_app(stow_quiet_period_s=0.2)) as client:
+        half = len(files) // 2
+        for chunk in (files[:half], files[half:]):
+            r = client.post(f"/dicomweb/studies/{uid}", content=_related([d for _, d in chunk]),
+                            headers={"Content-Type": STOW_TYPE})
+            assert r.status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            study = client.get(f"/v1/studies/{uid}").json()
+            if study["state"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+        assert study["state"] == "done" and study["result"]["n_slices"] == 5
+
+
+def test_stow_partial_and_total_failure_and_media_types():
+    uid, files = ct_series(2)
+    with TestClient(_app(stow_quiet_period_s=3600)) as client:
+        mixed = client.post("/dicomweb/studies", content=_related([files[0][1], b"garbage" * 50]),
+                            headers={"Content-Type": STOW_TYPE})
+        assert mixed.status_code == 202
+        assert mixed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        wrong_study = client.post("/dicomweb/studies/1.2.3", content=_related([files[1][1]]),
+                                  headers={"Content-Type": STOW_TYPE})
+        assert wrong_study.status_code == 409
+        assert wrong_study.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+        bad_type = client.post("/dicomweb/studies", content=_related([files[1][1]], part_type="application/dicom+json"),
+                               headers={"Content-Type": 'multipart/related; type="application/dicom+json"; boundary=b0undary'})
+        assert bad_type.status_code == 415
+        not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
+        assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"

@@ -1,0 +1,132 @@
+"""Unit tests of :class:`gateway.triton_pool.TritonPool` scheduling, one layer only.
+
+A fake Triton client (``tests/gateway_app_fakes.FakeTriton``) stands in for the gRPC client here,
+because these tests need endpoints that fail on command, count calls and measure concurrency; the
+real gRPC path is covered by ``tests/test_e2e_gateway.py`` against the embedded Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from gateway.triton_pool import InferenceFailed, InferenceUnavailable, TritonPool
+from tests.gateway_app_fakes import MARK, FakeFleet
+
+
+def _hu(z: int, marked: tuple[int, ...] = ()) -> np.ndarray:
+    hu = np.full((z, 512, 512), -1000, np.int16)
+    for i in marked:
+        hu[i][MARK] = 50
+    return hu
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_results_in_slice_order_each_slice_once():
+    fleet = FakeFleet(**{"a:1": {"delay": 0.01}, "b:1": {"delay": 0.003}})
+    pool = TritonPool(["a:1", "b:1"], batch_size=3, max_inflight=2, client_factory=fleet)
+    seen: list[int] = []
+    out = _run(pool.infer(_hu(20, (5, 17)), on_batch=seen.append))
+    assert len(out) == 20 and sum(seen) == 20
+    assert [i for i, o in enumerate(out) if len(o.boxes)] == [5, 17]
+    assert all(o.valid_area.tolist() == [0, 0, 511, 511] for o in out)
+    assert sum(pool.slice_counts.values()) == 20
+    assert sum(c.slices for c in fleet.clients.values()) == 20
+    assert pool.pending_slices == 0 and pool.inflight_requests == 0
+
+
+def test_inflight_bound_and_least_loaded_spread():
+    fleet = FakeFleet(**{"a:1": {"delay": 0.02}, "b:1": {"delay": 0.02}})
+    pool = TritonPool(["a:1", "b:1"], batch_size=2, max_inflight=2, client_factory=fleet)
+    _run(pool.infer(_hu(40)))
+    for client in fleet.clients.values():
+        assert client.max_inflight_seen == 2
+        assert client.slices == 20  # equal speed: the least-loaded pick alternates
+    assert all(t == pool.timeout_s for c in fleet.clients.values() for t in c.timeouts)
+
+
+def test_unavailable_endpoint_is_retried_elsewhere_without_double_counting():
+    fleet = FakeFleet(**{"bad:1": {"fail_with": "StatusCode.UNAVAILABLE"}, "good:1": {"delay": 0.002}})
+    pool = TritonPool(["bad:1", "good:1"], batch_size=4, max_inflight=2, client_factory=fleet)
+    out = _run(pool.infer(_hu(24, (3,))))
+    assert len(out) == 24 and [i for i, o in enumerate(out) if len(o.boxes)] == [3]
+    assert pool.slice_counts == {"bad:1": 0, "good:1": 24}
+    assert fleet.clients["bad:1"].calls >= 1 and pool.retries >= 1
+    assert all(o.endpoint == "good:1" for o in out)
+
+
+def test_deadline_exceeded_is_retried():
+    fleet = FakeFleet(**{"a:1": {"fail_first": 1}})
+    pool = TritonPool(["a:1"], batch_size=8, client_factory=fleet)
+    out = _run(pool.infer(_hu(8)))
+    assert len(out) == 8 and pool.retries == 1 and pool.slice_counts == {"a:1": 8}
+
+
+def test_every_endpoint_down_raises_unavailable():
+    fleet = FakeFleet(**{"a:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
+    pool = TritonPool(["a:1"], batch_size=8, max_attempts=2, timeout_s=2, client_factory=fleet)
+    with pytest.raises(InferenceUnavailable, match="tries"):
+        _run(pool.infer(_hu(8)))
+    assert pool.pending_slices == 0
+
+
+def test_no_endpoint_raises_unavailable_after_the_deadline():
+    pool = TritonPool([], batch_size=8, timeout_s=0.2, client_factory=FakeFleet())
+    with pytest.raises(InferenceUnavailable, match="none configured"):
+        _run(pool.infer(_hu(2)))
+
+
+def test_invalid_argument_is_not_retried():
+    fleet = FakeFleet(**{"a:1": {"fail_with": "StatusCode.INVALID_ARGUMENT"}})
+    pool = TritonPool(["a:1"], client_factory=fleet)
+    with pytest.raises(InferenceFailed, match="INVALID_ARGUMENT"):
+        _run(pool.infer(_hu(4)))
+    assert fleet.clients["a:1"].calls == 1
+
+
+def test_set_endpoints_adds_and_retires():
+    fleet = FakeFleet()
+    pool = TritonPool(["a:1"], batch_size=4, client_factory=fleet)
+
+    async def scenario():
+        await pool.infer(_hu(8))
+        pool.set_endpoints(["b:1"])
+        assert pool.endpoints == ["b:1"]
+        await pool.infer(_hu(8))
+        await asyncio.sleep(0)
+        pool.set_endpoints(["b:1", "c:1", "c:1", " "])
+        assert pool.endpoints == ["b:1", "c:1"]
+
+    _run(scenario())
+    assert pool.slice_counts == {"a:1": 8, "b:1": 8, "c:1": 0}
+
+
+def test_readiness_and_rates():
+    fleet = FakeFleet(**{"a:1": {"ready": False}})
+    pool = TritonPool(["a:1", "b:1"], default_rate=10.0, client_factory=fleet)
+    assert _run(pool.ready_endpoints()) == ["b:1"]
+    assert pool.capacity() == 20.0
+    assert pool.backlog_seconds(40) == 2.0 and pool.backlog_seconds(0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"batch_size": 0}, "batch_size"), ({"max_inflight": 0}, "max_inflight"), ({"timeout_s": 0}, "timeout_s"),
+     ({"max_attempts": 0}, "max_attempts")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TritonPool(["a:1"], **kwargs)
+
+
+def test_bad_batch_shape():
+    pool = TritonPool(["a:1"], client_factory=FakeFleet())
+    with pytest.raises(ValueError, match="batch"):
+        _run(pool.infer_batch(np.zeros((2, 256, 256), np.int16)))
+    with pytest.raises(ValueError, match="int16"):
+        _run(pool.infer_batch(np.zeros((2, 512, 512), np.float32)))
