@@ -1,0 +1,339 @@
+"""``ctscreen bench`` (also ``python -m benchmarks``): every benchmark behind one command.
+
+::
+
+    ctscreen bench perf     [--triton-url H:P] ...   perf_analyzer sweeps: valid_area, lesion, postprocess, ct_screen
+    ctscreen bench load     [--url GATEWAY] ...      whole studies against the gateway (Poisson/bursty/closed)
+    ctscreen bench ratios   [--triton-url H:P] ...   ORT vs ensemble vs gateway vs MONAI-style, 300-slice study
+    ctscreen bench all      ...                      perf + load + ratios on one embedded stack, then report
+    ctscreen bench report                            JSON + Markdown + plots from the latest results
+    ctscreen bench gpu      ...                      the paper profile on a GPU (UNet++ ResNet-50, TensorRT)
+    ctscreen bench scaling|phantom|models|decode ... the other engineers' benchmarks
+
+Without ``--url``/``--triton-url`` a benchmark starts the embedded Triton (cpu profile) and a gateway on
+loopback ports and stops them at the end. Load goes only to loopback unless ``--allow-remote`` is given
+with an explicit URL. Results land in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    TMP_DIR,
+    BenchError,
+    UnsafeTarget,
+    machine_info,
+    results_dir,
+    set_results_dir,
+    stamp,
+    write_json,
+)
+
+logger = logging.getLogger("benchmarks")
+
+DELEGATES = {
+    "scaling": ("benchmarks.scaling_sim", "cluster scaling simulation (helm engineer)"),
+    "phantom": ("benchmarks.bench_phantom", "phantom generation speed (phantom engineer)"),
+    "models": ("benchmarks.bench_models", "model accuracy/speed (training engineer)"),
+    "decode": ("benchmarks.bench_decode", "DICOM decoding speed (gateway-dicom engineer)"),
+    "gpu": ("benchmarks.gpu_paper_profile", "the paper profile on a GPU with TensorRT"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, never a traceback
+        self.exit(2, f"ctscreen bench: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return vals
+
+
+def _range(text: str) -> tuple[int, int, int]:
+    parts = text.split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected start:end[:step], got {text!r}") from None
+    if len(nums) == 1:
+        nums = [nums[0], nums[0], 1]
+    elif len(nums) == 2:
+        nums.append(1)
+    if len(nums) != 3 or nums[0] < 1 or nums[1] < nums[0] or nums[2] < 1:
+        raise argparse.ArgumentTypeError(f"expected start:end[:step] with 1 <= start <= end, got {text!r}")
+    return nums[0], nums[1], nums[2]
+
+
+def _add_target(p: argparse.ArgumentParser, gateway: bool) -> None:
+    g = p.add_argument_group("targets (default: start the embedded stack on loopback)")
+    g.add_argument("--triton-url", help="gRPC host:port of a running Triton (starts none)")
+    g.add_argument("--triton-http-url", help="its HTTP URL (default: same host, port 8000)")
+    g.add_argument("--triton-metrics-url", help="its metrics URL (default: same host, port 8002)")
+    if gateway:
+        g.add_argument("--url", help="base URL of a running gateway (starts none)")
+    g.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback URL given explicitly (a cluster you own)")
+    g.add_argument("--repo", type=Path, help="model repository for the embedded Triton (default: cpu profile)")
+
+
+def _add_load(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("case-level load")
+    g.add_argument("--mode", choices=("poisson", "bursty", "closed"), default="closed")
+    g.add_argument("--rates", type=_float_list, default=[0.02], help="studies/s for poisson/bursty, comma list = sweep")
+    g.add_argument("--concurrency", type=_int_list, default=[1, 2], help="closed loop: studies in flight, list = sweep")
+    g.add_argument("--burst", type=int, default=3, help="bursty: studies per burst")
+    g.add_argument("--duration", type=float, default=120.0, help="arrival window per run, seconds")
+    g.add_argument("--max-studies", type=int, default=6, help="studies per run at most")
+    g.add_argument("--study-timeout", type=float, default=600.0, help="a study unfinished after this is an error")
+    g.add_argument("--sizes", default="choice:40,80", help="slices per study: fixed:N, choice:A,B, uniform:LO,HI, "
+                   "lognormal:MEDIAN,SIGMA,LO,HI")
+    g.add_argument("--kinds", default="covid,normal", help="phantom kinds, alternating")
+    g.add_argument("--upload", choices=("files", "zip"), default="files")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--results", type=Path, help="results folder (default benchmarks/results)")
+    sub = parser.add_subparsers(dest="cmd", metavar="{perf,load,ratios,all,report,gpu,scaling,phantom,models,decode}",
+                                parser_class=_Parser)
+
+    p = sub.add_parser("perf", help="perf_analyzer sweeps over each model and the ensemble")
+    _add_target(p, gateway=False)
+    _add_perf(p)
+
+    p = sub.add_parser("load", help="case-level load against the gateway")
+    _add_target(p, gateway=True)
+    _add_load(p)
+
+    p = sub.add_parser("ratios", help="overhead ratios against in-process ONNX Runtime and a MONAI-style client")
+    _add_target(p, gateway=True)
+    _add_ratios(p)
+
+    p = sub.add_parser("all", help="perf + load + ratios on one stack, then the report")
+    _add_target(p, gateway=True)
+    _add_perf(p)
+    _add_load(p)
+    _add_ratios(p)
+
+    sub.add_parser("report", help="JSON + Markdown + plots from the latest results")
+    for name, (_, text) in DELEGATES.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def _add_perf(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("perf_analyzer")
+    g.add_argument("--models", default="valid_area,lesion,postprocess,ct_screen")
+    g.add_argument("--batches", type=_int_list, default=[1, 4], help="batch sizes per request")
+    g.add_argument("--pa-concurrency", type=_range, default=(1, 4, 1), help="start:end:step")
+    g.add_argument("--request-count", type=int, default=16, help="requests per measurement window")
+    g.add_argument("--stability", type=int, default=50,
+                   help="perf_analyzer --stability-percentage (a shared 2-core machine is noisy)")
+    g.add_argument("--pa-timeout", type=float, default=600.0, help="seconds per scenario at most")
+
+
+def _add_ratios(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ratios")
+    g.add_argument("--study-slices", type=int, default=60, help="slices per study for gateway and MONAI-style runs")
+    g.add_argument("--studies", type=int, default=4, help="studies per gateway / MONAI-style run")
+    g.add_argument("--big-study", type=int, default=300, help="slices of the single large study (0: skip)")
+    g.add_argument("--gateway-concurrency", type=int, default=2, help="studies in flight on the gateway")
+    g.add_argument("--ort-min-slices", type=int, default=64, help="slices per ORT/ensemble measurement")
+    g.add_argument("--rounds", type=int, default=2, help="alternating ORT/ensemble rounds (best of each kept)")
+    g.add_argument("--skip", default="", help="comma list of: gateway, monai, big")
+
+
+# --- stack -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stack(args: argparse.Namespace, need_gateway: bool) -> Iterator[tuple[Any, str | None]]:
+    from benchmarks import stack
+    from benchmarks.common import check_target
+
+    with contextlib.ExitStack() as es:
+        for u in (args.triton_url, args.triton_http_url, args.triton_metrics_url):
+            if u:
+                check_target(u, allow_remote=args.allow_remote)
+        if args.triton_url:
+            triton = stack.triton_from_urls(args.triton_url, args.triton_http_url, args.triton_metrics_url)
+        elif args.cmd == "load" and args.url:
+            # a gateway somebody else runs: its Triton is read only if its metrics URL is given
+            triton = stack.TritonTarget("", "", args.triton_metrics_url)
+        else:
+            print("starting the embedded Triton (cpu profile) ...", file=sys.stderr)
+            triton = es.enter_context(stack.embedded_triton(args.repo))
+        gw = getattr(args, "url", None)
+        if gw:
+            check_target(gw, allow_remote=args.allow_remote)
+        elif need_gateway:
+            print("starting the gateway ...", file=sys.stderr)
+            gw = es.enter_context(stack.gateway(triton))
+        yield triton, gw
+
+
+def _save(name: str, doc: dict[str, Any]) -> Path:
+    write_json(TMP_DIR / "history" / f"{name}-{stamp()}.json", doc)
+    return write_json(results_dir() / f"{name}-latest.json", doc)
+
+
+def cmd_perf(args: argparse.Namespace, triton: Any) -> dict[str, Any]:
+    from benchmarks import perf
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in perf.MODELS]
+    if bad:
+        raise ValueError(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(perf.MODELS)}")
+    doc = perf.sweep(triton.grpc_url, triton.http_url, models=models, batches=args.batches,
+                     concurrency=args.pa_concurrency, request_count=args.request_count, stability=args.stability,
+                     timeout=args.pa_timeout,
+                     allow_remote=args.allow_remote)
+    doc["machine"] = machine_info()
+    path = _save("perf", doc)
+    for s in doc["scenarios"]:
+        if "error" in s:
+            print(f"  {s['model']:<12} b{s.get('batch', '?')}: FAILED {s['error']}")
+            continue
+        for r in s["rows"]:
+            print(f"  {s['model']:<12} b{s['batch']} c{int(r['Concurrency'])}: {r['Inferences/Second']:.2f} infer/s, "
+                  f"p99 {r['p99 latency'] / 1000:.1f} ms")
+    print(f"perf: {path}")
+    return doc
+
+
+def cmd_load(args: argparse.Namespace, triton: Any, gateway_url: str) -> dict[str, Any]:
+    import numpy as np
+
+    from benchmarks.load import LoadConfig, run_load
+    from benchmarks.studies import SizeDist, build_pool
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    runs_cfg = []
+    sweep = args.concurrency if args.mode == "closed" else args.rates
+    for v in sweep:
+        runs_cfg.append(LoadConfig(
+            url=gateway_url, mode=args.mode, rate=v if args.mode != "closed" else 0.05,
+            concurrency=v if args.mode == "closed" else 1, burst=args.burst, duration=args.duration,
+            max_studies=args.max_studies, study_timeout=args.study_timeout, sizes=args.sizes, kinds=kinds,
+            upload=args.upload, seed=args.seed, allow_remote=args.allow_remote,
+            triton_metrics_url=triton.metrics_url if triton else None,
+        ))
+    for c in runs_cfg:
+        c.validate()
+    sizes = SizeDist.parse(args.sizes).draw(np.random.default_rng(args.seed), args.max_studies)
+    print(f"preparing phantom studies ({sorted(set(sizes))} slices) ...", file=sys.stderr)
+    pool = build_pool(sizes, kinds)
+    runs = []
+    for c in runs_cfg:
+        r = run_load(c, pool)
+        runs.append(r)
+        arr = f"c={c.concurrency}" if c.mode == "closed" else f"{c.mode} {c.rate}/s"
+        lat = r["latency_s"]
+        print(f"  {arr}: {r['completed']}/{r['sent']} done, {r['studies_per_hour']} studies/h, "
+              f"{r['slices_per_s']} slices/s, p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s, "
+              f"errors {r['errors'] or 0}")
+    doc = {"machine": machine_info(), "runs": runs}
+    print(f"load: {_save('load', doc)}")
+    return doc
+
+
+def cmd_ratios(args: argparse.Namespace, triton: Any, gateway_url: str | None) -> dict[str, Any]:
+    from benchmarks.ratios import run_ratios
+
+    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    doc = run_ratios(triton, gateway_url, study_slices=args.study_slices, studies=args.studies,
+                     big_study=args.big_study, gateway_concurrency=args.gateway_concurrency,
+                     ort_min_slices=args.ort_min_slices, rounds=args.rounds, allow_remote=args.allow_remote, skip=skip)
+    path = _save("ratios", doc)
+    print("goal against measured:")
+    for g in doc["goals"]:
+        met = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        print(f"  {g['name']:<52} goal {g['goal']:<8} measured {g['measured']} {g['unit']}  [{met}]")
+    for line in doc["where_the_time_goes"]:
+        print(f"  - {line}")
+    print(f"ratios: {path}")
+    return doc
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    module_name, _ = DELEGATES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"ctscreen bench {name}: {module_name.replace('.', '/')}.py is not there yet", file=sys.stderr)
+            return 2
+        raise
+    func = getattr(module, "main", None)
+    if func is None:
+        print(f"ctscreen bench {name}: {module_name} has no main(argv)", file=sys.stderr)
+        return 2
+    return int(func(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATES:
+        return _delegate(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.results:
+        set_results_dir(args.results)
+    if not args.cmd:
+        parser.print_help()
+        return 0
+    try:
+        if args.cmd == "report":
+            from benchmarks.report import build
+
+            rep = build()
+            print(json.dumps(rep["goals"], indent=1) if rep["goals"] else "no ratios yet")
+            print(f"report: {results_dir() / 'report.md'}")
+            return 0
+        need_gw = args.cmd in ("load", "ratios", "all") and "gateway" not in getattr(args, "skip", "")
+        with _stack(args, need_gateway=need_gw) as (triton, gw):
+            if args.cmd in ("perf", "all"):
+                cmd_perf(args, triton)
+            if args.cmd in ("load", "all"):
+                cmd_load(args, triton, gw)
+            if args.cmd in ("ratios", "all"):
+                cmd_ratios(args, triton, gw)
+        if args.cmd == "all":
+            from benchmarks.report import build
+
+            build()
+            print(f"report: {results_dir() / 'report.md'}")
+        return 0
+    except (BenchError, UnsafeTarget, ValueError) as exc:
+        print(f"ctscreen bench {args.cmd}: {exc}", file=sys.stderr)
+        return 1

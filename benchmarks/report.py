@@ -1,0 +1,270 @@
+"""The report: one JSON, one Markdown page and PNG plots from the latest results of each benchmark.
+
+Inputs are the ``*-latest.json`` files under ``benchmarks/results/`` (written by ``ctscreen bench
+perf|load|ratios`` and by the other engineers' benchmarks); every figure is printed beside its goal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT, machine_info, results_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+README = ROOT / "benchmarks" / "README.md"
+BEGIN, END = "<!-- BEGIN LATEST FIGURES (ctscreen bench report) -->", "<!-- END LATEST FIGURES -->"
+
+
+def latest(name: str, results: Path | None = None) -> dict[str, Any] | None:
+    """``results/<name>-latest.json`` parsed, or None."""
+    path = (results or results_dir()) / f"{name}-latest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON; skipped", path)
+        return None
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _met(m: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[m]
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency_vs_load(load: dict[str, Any], out: Path) -> Path | None:
+    runs = [r for r in load.get("runs", []) if r.get("completed")]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["studies_per_hour"] for r in runs]
+    for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        ax.plot(xs, [r["latency_s"][q] for r in runs], style, label=q)
+    ax.axhline(41.34, color="grey", lw=0.8, ls="-.", label="paper: 41.34 s/patient")
+    ax.set_xlabel("achieved load (studies/hour)")
+    ax.set_ylabel("case latency (s)")
+    ax.set_title("Case latency against load (gateway, cpu profile)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_throughput_vs_concurrency(perf: dict[str, Any] | None, load: dict[str, Any] | None, out: Path) -> Path | None:
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for sc in (perf or {}).get("scenarios", []):
+        rows = sc.get("rows") or []
+        if rows:
+            series[f"{sc['model']} (b{sc['batch']}, perf_analyzer)"] = (
+                [r.get("Concurrency") for r in rows], [r.get("Inferences/Second") for r in rows])
+    closed = [r for r in (load or {}).get("runs", []) if r["config"]["mode"] == "closed" and r.get("completed")]
+    if closed:
+        series["gateway, whole studies"] = ([r["config"]["concurrency"] for r in closed],
+                                            [r["slices_per_s"] for r in closed])
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, "o-", label=label)
+    ax.set_xlabel("concurrency (requests or studies in flight)")
+    ax.set_ylabel("slices/s")
+    ax.set_title("Throughput against concurrency")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def stage_breakdown(ratios: dict[str, Any] | None, load: dict[str, Any] | None) -> dict[str, float]:
+    """Milliseconds per slice by stage: Triton queue/compute per model, gateway stages per slice."""
+    stages: dict[str, float] = {}
+    src = (ratios or {}).get("gateway") or next(
+        (r for r in reversed((load or {}).get("runs", [])) if r.get("completed")), None)
+    if not src:
+        return stages
+    tri = src.get("triton") or {}
+    for model, m in tri.items():
+        if not m.get("inferences"):
+            continue
+        k = m["requests"] / m["inferences"] / 1000
+        if model == "ct_screen":
+            continue  # the ensemble's time is the sum of its steps'
+        stages[f"triton {model} queue"] = round((m["queue_us"] or 0) * k, 2)
+        stages[f"triton {model} compute"] = round(((m["compute_input_us"] or 0) + (m["compute_infer_us"] or 0)
+                                                  + (m["compute_output_us"] or 0)) * k, 2)
+    slices = sum(s["slices"] for s in src.get("studies", []) if s["state"] == "done") or 1
+    for key, h in (src.get("gateway_stages") or {}).items():
+        if "stage" in key or "seconds" in key:
+            stages[f"gateway {key}"] = round(h["sum"] * 1000 / slices, 2)
+    return stages
+
+
+def plot_stage_breakdown(stages: dict[str, float], out: Path) -> Path | None:
+    if not stages:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(stages) + 1.5))
+    names = list(stages)
+    ax.barh(names, [stages[n] for n in names], color="tab:blue")
+    ax.set_xlabel("ms per slice (summed over the run, divided by slices screened)")
+    ax.set_title("Where the time goes, per stage")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def _goals_md(goals: list[dict[str, Any]]) -> list[str]:
+    lines = ["| goal | target | measured | |", "|---|---|---|---|"]
+    for g in goals:
+        lines.append(f"| {g['name']} | {g['goal']} | {_fmt(g['measured'], 3)}{(' ' + g['unit']) if g['unit'] else ''}"
+                     f" | {_met(g['met'])} |")
+    return lines
+
+
+def build(results: Path | None = None, *, update_readme: bool | None = None) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` under ``results``; return the report.
+
+    ``benchmarks/README.md`` gets the figures too when ``results`` is the repository's own folder.
+    """
+    results = results or results_dir()
+    if update_readme is None:
+        update_readme = results.resolve() == (ROOT / "benchmarks" / "results").resolve()
+    perf, load, ratios = latest("perf", results), latest("load", results), latest("ratios", results)
+    others = {name: latest(name, results) for name in ("phantom", "models", "decode", "gpu")}
+    plots = results / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    stages = stage_breakdown(ratios, load)
+    figs = {
+        "latency_vs_load": plot_latency_vs_load(load, plots / "latency_vs_load.png") if load else None,
+        "throughput_vs_concurrency": plot_throughput_vs_concurrency(perf, load, plots / "throughput_vs_concurrency.png"),
+        "stage_breakdown": plot_stage_breakdown(stages, plots / "stage_breakdown.png"),
+    }
+    goals = list((ratios or {}).get("goals", []))
+    report = {
+        "generated": machine_info()["time_utc"],
+        "machine": (ratios or load or perf or {}).get("machine") or machine_info(),
+        "goals": goals,
+        "figures": (ratios or {}).get("figures"),
+        "where_the_time_goes": (ratios or {}).get("where_the_time_goes"),
+        "stage_ms_per_slice": stages,
+        "load_runs": [_load_row(r) for r in (load or {}).get("runs", [])],
+        "perf": [_perf_row(s) for s in (perf or {}).get("scenarios", [])],
+        "plots": {k: str(v.relative_to(results)) for k, v in figs.items() if v},
+        "other_benchmarks": {k: v for k, v in others.items() if v},
+    }
+    write_json(results / "report.json", report)
+    md = markdown(report)
+    (results / "report.md").write_text(md)
+    if update_readme:
+        _update_readme(md)
+    return report
+
+
+def _load_row(r: dict[str, Any]) -> dict[str, Any]:
+    c = r["config"]
+    return {"mode": c["mode"], "rate_per_s": c["rate"] if c["mode"] != "closed" else None,
+            "concurrency": c["concurrency"] if c["mode"] == "closed" else None, "sizes": c["sizes"],
+            "sent": r["sent"], "completed": r["completed"], "errors": r["errors"],
+            "studies_per_hour": r["studies_per_hour"], "slices_per_s": r["slices_per_s"], "latency_s": r["latency_s"]}
+
+
+def _perf_row(s: dict[str, Any]) -> dict[str, Any]:
+    if "error" in s:
+        return {"model": s["model"], "batch": s.get("batch"), "error": s["error"]}
+    best = max(s["rows"], key=lambda r: r.get("Inferences/Second") or 0) if s["rows"] else {}
+    return {"model": s["model"], "batch": s["batch"], "csv": s["csv"], "command": s["command"],
+            "best_concurrency": best.get("Concurrency"), "best_infer_per_s": best.get("Inferences/Second"),
+            "p99_latency_us_at_best": best.get("p99 latency")}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# ctscreen benchmark report", "",
+        f"Generated {report['generated']} on: {m.get('cpu')} , {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"no GPU, commit `{m.get('commit')}`, 1-min load average at start {_fmt(m.get('loadavg_1m'))}.", "",
+        "## Goals (goal against measured)", "",
+    ]
+    lines += _goals_md(report["goals"]) if report["goals"] else ["No ratio run yet: `ctscreen bench ratios`."]
+    if report.get("where_the_time_goes"):
+        lines += ["", "### Where the time goes", ""] + [f"- {s}" for s in report["where_the_time_goes"]]
+    if report["stage_ms_per_slice"]:
+        lines += ["", "| stage | ms per slice |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["stage_ms_per_slice"].items()]
+    if report["load_runs"]:
+        lines += ["", "## Case level (whole studies through the gateway)", "",
+                  "| arrivals | sizes | sent | done | errors | studies/h | slices/s | p50 s | p95 s | p99 s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["load_runs"]:
+            arr = f"closed c={r['concurrency']}" if r["mode"] == "closed" else f"{r['mode']} {r['rate_per_s']}/s"
+            lat = r["latency_s"]
+            lines.append(f"| {arr} | {r['sizes']} | {r['sent']} | {r['completed']} | {r['errors'] or 0} | "
+                         f"{r['studies_per_hour']} | {r['slices_per_s']} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | "
+                         f"{_fmt(lat['p99'])} |")
+        lines.append("")
+        lines.append("The paper reports 41.34 s per patient (GPU workstation).")
+    if report["perf"]:
+        lines += ["", "## Model level (perf_analyzer, gRPC)", "",
+                  "| model | batch | best concurrency | inferences/s | p99 latency (ms) | CSV |", "|---|---|---|---|---|---|"]
+        for p in report["perf"]:
+            if "error" in p:
+                lines.append(f"| {p['model']} | {p.get('batch')} | failed: {p['error'][:80]} | | | |")
+            else:
+                p99 = p["p99_latency_us_at_best"]
+                lines.append(f"| {p['model']} | {p['batch']} | {_fmt(p['best_concurrency'], 0)} | "
+                             f"{_fmt(p['best_infer_per_s'])} | {_fmt(p99 / 1000 if p99 else None, 1)} | `{p['csv']}` |")
+    if report["plots"]:
+        lines += ["", "## Plots", ""] + [f"![{k}](plots/{Path(v).name})" for k, v in report["plots"].items()]
+    for name, doc in report["other_benchmarks"].items():
+        summ = doc.get("summary") if isinstance(doc, dict) else None
+        lines += ["", f"## {name}", "", f"See `{name}-latest.json`." + (f" Summary: {json.dumps(summ)[:400]}" if summ else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _update_readme(md: str, readme: Path = README) -> None:
+    if not readme.is_file():
+        return
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    body = re.sub(r"^# ctscreen benchmark report\n", "", md)
+    body = body.replace("](plots/", "](results/plots/").replace("## ", "### ")
+    new = text.split(BEGIN)[0] + BEGIN + "\n" + body + END + text.split(END, 1)[1]
+    readme.write_text(new)

@@ -1,0 +1,112 @@
+"""Start (and always stop) what a benchmark loads: the embedded Triton and a gateway in front of it.
+
+Both listen on loopback ports chosen free at start. A benchmark given ``--url``/``--triton-url`` uses
+the servers named instead and starts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import ROOT, TMP_DIR, BenchError, free_port
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_APP = os.environ.get("CTSCREEN_BENCH_GATEWAY_APP", "gateway.main:app_from_env()")
+
+
+@dataclass
+class TritonTarget:
+    """Where a Triton answers: gRPC ``host:port``, HTTP ``http://host:port``, metrics URL."""
+
+    grpc_url: str
+    http_url: str
+    metrics_url: str | None
+
+
+def _http(url: str) -> str:
+    return url if "://" in url else f"http://{url}"
+
+
+@contextlib.contextmanager
+def embedded_triton(repo_dir: Path | None = None, timeout: float = 300.0) -> Iterator[TritonTarget]:
+    """A started :class:`ctscreen.embedded.EmbeddedTriton` (cpu profile unless ``repo_dir``), stopped on exit."""
+    try:
+        from ctscreen.embedded import EmbeddedTriton
+    except ImportError as exc:
+        raise BenchError(f"ctscreen.embedded is not importable ({exc}); pass --triton-url to use a running Triton") from exc
+    TMP_DIR.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedTriton(repo_dir, log_file=TMP_DIR / "triton.log")
+    try:
+        server.start(timeout=timeout)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            server.stop()
+        raise BenchError(f"the embedded Triton did not start: {exc} (log: {TMP_DIR / 'triton.log'})") from exc
+    try:
+        metrics = getattr(server, "metrics_url", None)
+        if metrics:
+            metrics = _http(metrics)
+            if not metrics.rstrip("/").endswith("/metrics"):
+                metrics = metrics.rstrip("/") + "/metrics"
+        yield TritonTarget(server.grpc_url, _http(server.http_url), metrics)
+    finally:
+        server.stop()
+
+
+def triton_from_urls(grpc_url: str, http_url: str | None, metrics_url: str | None) -> TritonTarget:
+    """A :class:`TritonTarget` for a server somebody else runs (HTTP and metrics guessed from defaults)."""
+    host = grpc_url.rsplit(":", 1)[0]
+    return TritonTarget(grpc_url, _http(http_url or f"{host}:8000"), metrics_url or f"http://{host}:8002/metrics")
+
+
+@contextlib.contextmanager
+def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Run the gateway (uvicorn, loopback, free port) in front of ``triton``; yield its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    full_env = dict(os.environ)
+    full_env.update({
+        "CTSCREEN_TRITON_URLS": triton.grpc_url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
+    })
+    full_env.update(env or {})
+    log = (TMP_DIR / "gateway.log").open("w")
+    cmd = [sys.executable, "-m", "uvicorn", GATEWAY_APP, "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", "--no-access-log"]
+    if GATEWAY_APP.endswith("()"):
+        cmd[3] = GATEWAY_APP[:-2]
+        cmd.append("--factory")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"the gateway exited with {proc.returncode} at start (log: {TMP_DIR / 'gateway.log'})")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"the gateway was not ready within {timeout:.0f} s (log: {TMP_DIR / 'gateway.log'})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
