@@ -1,0 +1,497 @@
+"""``ctscreen eval``: run a labelled set through the serving path and write a Table-3 report.
+
+::
+
+    ctscreen eval --data DIR [--url URL | --in-process] [--out docs/eval/] [--make-phantom N]
+
+Serving paths
+-------------
+* default: the **embedded stack**, started here (``gateway.cli.run_stack``: embedded Triton with the cpu
+  profile plus the gateway under uvicorn on a free port); every study is uploaded with
+  ``POST /v1/studies`` and followed on ``/v1/jobs/{id}``, exactly as ``ctscreen screen`` does.
+* ``--url URL``: the same HTTP client against a gateway that is already running (a cluster).
+* ``--in-process``: the **reference**, not the serving path: ingest (:func:`gateway.ingest.load_study`),
+  ONNX Runtime on ``model_repository/*/1/model.onnx`` and :func:`ctscreen.postprocess.postprocess_batch`
+  in this process, then :func:`aggregator.case.decide`. For developing the report and for NIfTI sets.
+
+Data
+----
+``DIR`` holds phantom studies as ``ctscreen phantom`` writes them (one folder per study with its DICOM
+files, ``manifest.json`` and NIfTI masks); ``--make-phantom N`` first writes the held-out phantom set
+(seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds cycling like training) into ``DIR``.
+
+Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
+(default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
+are left out of the per-image metrics.
+
+Output (``--out``): ``report.md``, ``report.json``, ``results.jsonl`` (every CaseResult with its truth)
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.report import DEFAULT_CUTOFFS, EvalCase, Goal, build_report, render_markdown
+from aggregator.schema import CaseResult
+from ctscreen.contracts import MIN_BOX_AREA
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("docs/eval")
+
+
+class EvalError(Exception):
+    """A one-line error for the user: the command exits with status 2."""
+
+
+# --- the labelled set -----------------------------------------------------------------------------
+@dataclass
+class LabelledCase:
+    """One study of the set on disk, with its truth."""
+
+    case_id: str
+    kind: str
+    label: bool
+    path: Path
+    slice_truth: Callable[[CaseResult], dict[str, bool]]
+    """Truth per image for the slices of a result (by SOP Instance UID)."""
+
+
+def _mask_file(folder: Path, manifest: dict[str, Any]) -> Path | None:
+    masks = manifest.get("masks") or {}
+    name = masks.get("lesion") if isinstance(masks, dict) else None
+    if name and (folder / name).is_file():
+        return folder / name
+    found = sorted(folder.glob("*lesion*.nii*"))
+    return found[0] if found else None
+
+
+def _mask_positions(mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion pixels per slice and the slice positions (mm along the volume's slice axis) of a mask."""
+    import nibabel as nib
+
+    img = nib.load(str(mask_path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim != 3:
+        raise EvalError(f"{mask_path}: lesion mask must be 3-D, got shape {data.shape}")
+    # Which voxel axis is the slice axis: the one whose world direction is most along z.
+    axis = int(np.argmax(np.abs(img.affine[2, :3])))
+    counts = (data != 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    idx = np.zeros((data.shape[axis], 3))
+    idx[:, axis] = np.arange(data.shape[axis])
+    world = idx @ img.affine[:3, :3].T + img.affine[:3, 3]
+    return counts.astype(int), world
+
+
+def _phantom_truth(folder: Path, manifest: dict[str, Any], min_px: int) -> Callable[[CaseResult], dict[str, bool]]:
+    """Per-image truth of a phantom study, matched to result slices by position along the normal."""
+    per_slice = manifest.get("slices")
+    if isinstance(per_slice, list) and per_slice and "sop_instance_uid" in per_slice[0]:
+        key = next((k for k in ("lesion_pixels", "lesion_px", "lesion_area") if k in per_slice[0]), None)
+        if key is not None:
+            table = {s["sop_instance_uid"]: int(s[key]) for s in per_slice}
+
+            def by_uid(result: CaseResult) -> dict[str, bool]:
+                out = {}
+                for f in result.slices:
+                    px = table.get(f.sop_instance_uid)
+                    if px is not None and (px == 0 or px > min_px):
+                        out[f.sop_instance_uid] = px > min_px
+                return out
+
+            return by_uid
+    mask = _mask_file(folder, manifest)
+    if mask is None:
+        logger.warning("%s: no lesion mask, no per-image truth", folder)
+        return lambda result: {}
+    counts, world = _mask_positions(mask)
+
+    def by_position(result: CaseResult) -> dict[str, bool]:
+        if len(result.slices) != len(counts):
+            logger.warning("%s: %d slices screened, mask has %d; matching by position", folder,
+                           len(result.slices), len(counts))
+        # Positions along the normal are world coordinates projected on it; the mask's slices lie along
+        # one axis. Match in order of position: both sorted ascending along the same direction.
+        pos = np.array([f.position_mm for f in result.slices])
+        zs = world[:, 2]
+        order_mask = np.argsort(zs)
+        out = {}
+        if len(pos) == len(counts):
+            for f, k in zip(result.slices, order_mask, strict=True):
+                px = int(counts[k])
+                if px == 0 or px > min_px:
+                    out[f.sop_instance_uid] = px > min_px
+            return out
+        for f in result.slices:
+            k = int(np.argmin(np.abs(zs - f.position_mm)))
+            px = int(counts[k])
+            if px == 0 or px > min_px:
+                out[f.sop_instance_uid] = px > min_px
+        return out
+
+    return by_position
+
+
+def discover(data: Path, min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
+    """Every labelled study under ``data`` (folders holding a ``manifest.json``), sorted by name."""
+    if not data.is_dir():
+        raise EvalError(f"--data {data}: not a directory")
+    cases = []
+    for manifest_path in sorted(data.rglob("manifest.json")):
+        folder = manifest_path.parent
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EvalError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        kind = str(manifest.get("kind", "unknown"))
+        label = manifest.get("label")
+        if label is None:
+            label = kind == "covid"
+        cases.append(LabelledCase(
+            case_id=str(folder.relative_to(data)) if folder != data else folder.name,
+            kind=kind, label=bool(int(label)), path=folder,
+            slice_truth=_phantom_truth(folder, manifest, min_px),
+        ))
+    if not cases:
+        raise EvalError(f"--data {data}: no study with a manifest.json (write one with --make-phantom N)")
+    return cases
+
+
+def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit") -> None:
+    """Write the held-out phantom set: ``n`` studies, seeds from ``PHANTOM_EVAL_SEED0``."""
+    import phantom
+    from training.datasets import PHANTOM_EVAL_SEED0, phantom_kind
+
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        kind = phantom_kind(i)
+        seed = PHANTOM_EVAL_SEED0 + i
+        out = data / f"{i:03d}-{kind}-{seed}"
+        if (out / "manifest.json").is_file():
+            continue
+        study = phantom.make_study(seed, kind=kind, n_slices=n_slices)
+        phantom.write_study(study, out, encoding=encoding)
+        logger.info("wrote %s", out)
+
+
+# --- serving paths ---------------------------------------------------------------------------------
+Runner = Callable[[LabelledCase], tuple[CaseResult | None, float, str | None]]
+
+
+def _http_runner(client: Any, timeout_s: float) -> Runner:
+    from gateway.cli import screen_path
+
+    def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
+        outcome = screen_path(client, case.path, quiet=True, max_wait_s=timeout_s)
+        if outcome.result is None:
+            err = outcome.error or {}
+            return None, outcome.seconds, f"{err.get('reason', 'error')}: {err.get('message', '')}".strip()
+        return CaseResult.model_validate(outcome.result), outcome.seconds, None
+
+    return run
+
+
+def _in_process_runner(repo: Path | None) -> Runner:
+    from aggregator.case import SliceInput, decide
+    from aggregator.schema import ModelInfo, RejectedFile, Timings
+    from benchmarks.inprocess import OrtPipeline
+    from ctscreen.contracts import SEGMENTATION_MODELS
+    from ctscreen.postprocess import unpack_boxes
+    from gateway.cli import collect_files
+    from gateway.errors import GatewayError
+    from gateway.ingest import load_study
+
+    pipe = OrtPipeline(repo=repo)
+    models = []
+    for name in SEGMENTATION_MODELS:
+        card = (repo or Path("model_repository")) / name / "1" / "model_card.json"
+        info = json.loads(card.read_text()) if card.is_file() else {}
+        models.append(ModelInfo(name=name, version=str(info.get("version", "unknown")),
+                                sha256=info.get("sha256"), platform="onnxruntime (in-process)"))
+
+    def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
+        t0 = time.monotonic()
+        files = collect_files(case.path)
+        try:
+            study = load_study([(str(f.relative_to(case.path)), f.read_bytes()) for f in files])
+        except GatewayError as exc:
+            return None, time.monotonic() - t0, f"{exc.reason}: {exc.message}"
+        t1 = time.monotonic()
+        boxes, valid = [], []
+        for i in range(0, len(study.hu), 8):
+            out, counts, va = pipe(np.ascontiguousarray(study.hu[i : i + 8, None]))
+            boxes += unpack_boxes(out, counts)
+            valid += list(va)
+        t2 = time.monotonic()
+        inputs = [
+            SliceInput(s.sop_instance_uid, s.position_mm, b, v, rows=s.rows, cols=s.cols,
+                       to_original=s.grid.to_original)
+            for s, b, v in zip(study.slices, boxes, valid, strict=True)
+        ]
+        decision = decide(inputs, spacing_mm=study.spacing_mm)
+        t3 = time.monotonic()
+        result = decision.to_result(
+            study_instance_uid=study.study_instance_uid,
+            series_instance_uid=study.series_instance_uid,
+            models=models,
+            timings=Timings(ingest_s=t1 - t0, inference_s=t2 - t1, aggregate_s=t3 - t2, total_s=t3 - t0),
+            rejected=[RejectedFile(filename=r.filename, reason=r.reason, message=r.message)
+                      for r in [*study.rejected, *study.excluded]],
+            warnings=list(study.warnings),
+            created_at=datetime.now(UTC),
+        )
+        return result, t3 - t0, None
+
+    return run
+
+
+@dataclass
+class _Path:
+    runner: Runner
+    name: str
+
+
+@contextmanager
+def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
+    """The runner of the chosen path, with its resources (server, client) open meanwhile."""
+    if args.in_process:
+        yield _Path(_in_process_runner(args.repo), "in-process reference (ORT + postprocess_batch, no server)")
+        return
+    import httpx
+
+    if args.url:
+        with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout) as client:
+            try:
+                ready = client.get("/readyz")
+            except httpx.HTTPError as exc:
+                raise EvalError(f"--url {args.url}: cannot connect ({exc})") from exc
+            if ready.status_code != 200:
+                raise EvalError(f"--url {args.url}: gateway not ready (GET /readyz -> {ready.status_code})")
+            yield _Path(_http_runner(client, args.timeout), f"gateway at {args.url}")
+        return
+    from gateway.cli import CliError, run_stack
+
+    with ExitStack() as resources:
+        try:
+            stack = resources.enter_context(run_stack(port=0, repo=args.repo))
+        except (CliError, RuntimeError, OSError) as exc:
+            raise EvalError(f"cannot start the embedded stack: {exc}") from exc
+        client = resources.enter_context(httpx.Client(base_url=stack.url, timeout=args.timeout))
+        yield _Path(_http_runner(client, args.timeout),
+                    "embedded stack (ctscreen serve: embedded Triton, cpu profile + gateway, HTTP API)")
+
+
+# --- writing the report ----------------------------------------------------------------------------
+def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """Draw the PNG plots of ``report`` into ``out``; ``(title, file name)`` of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    curves = report["curves"]
+
+    def pct(v):
+        return np.nan if v is None else 100.0 * v
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for level, style in (("per_patient", "-o"), ("per_image", "--s")):
+        pts = curves[level]
+        cut = [p["cutoff"] for p in pts]
+        name = level.replace("_", " ")
+        ax.plot(cut, [pct(p["sensitivity"]) for p in pts], style, label=f"{name} sensitivity")
+        ax.plot(cut, [pct(p["specificity"]) for p in pts], style, label=f"{name} specificity")
+    ax.set_xlabel("cutoff (region score)")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Sensitivity and specificity over the cutoff")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    plt.close(fig)
+    plots.append(("Sensitivity and specificity over the cutoff", "curves.png"))
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.8), dpi=100)
+    for level, style in (("per_patient", "-o"), ("per_image", "--s")):
+        pts = [p for p in curves[level] if p["sensitivity"] is not None and p["specificity"] is not None]
+        xs = [0.0] + sorted(1 - p["specificity"] for p in pts) + [1.0]
+        ys = [0.0] + sorted(p["sensitivity"] for p in pts) + [1.0]
+        ax.plot(xs, ys, style, label=level.replace("_", " "))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC through the cutoffs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png")
+    plt.close(fig)
+    plots.append(("ROC through the cutoffs", "roc.png"))
+
+    fp = report["fp_by_class"]
+    if fp:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        names = list(fp)
+        rates = [pct(fp[n]["rate"]) for n in names]
+        lo = [r - pct(fp[n]["low"]) for r, n in zip(rates, names, strict=True)]
+        hi = [pct(fp[n]["high"]) - r for r, n in zip(rates, names, strict=True)]
+        ax.bar(names, rates, yerr=[lo, hi], capsize=4, color="#c0504d")
+        for i, n in enumerate(names):
+            ax.text(i, 2, f"{fp[n]['fp']}/{fp[n]['n']}", ha="center", fontsize=8)
+        ax.set_ylabel("false-positive cases, % (95% CI)")
+        ax.set_ylim(0, 105)
+        ax.set_title("False positives per hard-negative class (per patient)")
+        fig.tight_layout()
+        fig.savefig(out / "fp_by_class.png")
+        plt.close(fig)
+        plots.append(("False positives per hard-negative class", "fp_by_class.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), dpi=100)
+    for ax, level in zip(axes, ("per_patient", "per_image"), strict=True):
+        c = report[level]
+        m = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=12,
+                    color="white" if v > m.max() / 2 else "black")
+        ax.set_xticks([0, 1], ["called +", "called -"])
+        ax.set_yticks([0, 1], ["truth +", "truth -"])
+        ax.set_title(level.replace("_", " "))
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png")
+    plt.close(fig)
+    plots.append(("Confusion matrices", "confusion.png"))
+    return plots
+
+
+def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] | None = None,
+                 cutoffs: Sequence[float] = DEFAULT_CUTOFFS, indeterminate_as: str = "positive",
+                 goal: Goal | None = None) -> dict[str, Any]:
+    """Build the report of ``cases`` and write ``report.md``, ``report.json``, ``results.jsonl`` and plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(cases, cutoffs=cutoffs, indeterminate_as=indeterminate_as, goal=goal, meta=meta)
+    plots = write_plots(report, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "report.md").write_text(render_markdown(report, plots=plots))
+    with (out / "results.jsonl").open("w") as fh:
+        for c in cases:
+            row = {"case_id": c.case_id, "kind": c.kind, "label": int(c.label), "error": c.error,
+                   "seconds": c.seconds, "slice_truth": dict(c.slice_truth),
+                   "result": None if c.result is None else c.result.model_dump(mode="json", exclude_none=True)}
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+    return report
+
+
+# --- the command ------------------------------------------------------------------------------------
+def _cutoffs(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"cutoffs must lie in [0, 1]: {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctscreen eval",
+        description="Run a labelled set through the serving path and write a Table-3 report "
+                    "(Markdown, JSON, PNG plots).",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of labelled studies (phantom manifest.json)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
+    where.add_argument("--in-process", action="store_true",
+                       help="reference path: ingest + ONNX Runtime + postprocess in this process, no server")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default docs/eval)")
+    p.add_argument("--repo", type=Path, default=None, help="model repository (default: the cpu profile build)")
+    p.add_argument("--make-phantom", type=_positive_int, metavar="N",
+                   help="first write N held-out phantom studies into --data (existing ones are kept)")
+    p.add_argument("--phantom-slices", type=_positive_int, default=None, help="slices per phantom study")
+    p.add_argument("--limit", type=_positive_int, help="evaluate the first N studies only")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
+    p.add_argument("--indeterminate-as", choices=("positive", "negative", "exclude"), default="positive",
+                   help="how an indeterminate verdict counts per patient (default positive: referred)")
+    p.add_argument("--min-lesion-px", type=int, default=MIN_BOX_AREA,
+                   help="per-image truth: a slice is positive above this many lesion pixels (default 25)")
+    p.add_argument("--cutoffs", type=_cutoffs, default=list(DEFAULT_CUTOFFS), help="cutoffs of the curves")
+    p.add_argument("--title", default="", help="a line under the report title")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-study lines")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    """``ctscreen eval``; returns the exit status (0 done, 1 goal not met, 2 bad arguments or data)."""
+    args = _parser().parse_args(argv)
+    if args.timeout <= 0:
+        print("ctscreen eval: --timeout must be > 0", file=sys.stderr)
+        return 2
+    if args.repo is not None and not args.repo.is_dir():
+        print(f"ctscreen eval: --repo {args.repo}: not a directory", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.make_phantom:
+            make_phantom_set(args.data, args.make_phantom, n_slices=args.phantom_slices)
+        cases = discover(args.data, args.min_lesion_px)
+        if args.limit:
+            cases = cases[: args.limit]
+        evaluated: list[EvalCase] = []
+        t0 = time.monotonic()
+        path_name = ""
+        with _serving_path(args) as path:
+            path_name = path.name
+            for i, case in enumerate(cases, 1):
+                result, seconds, error = path.runner(case)
+                truth = case.slice_truth(result) if result is not None else {}
+                evaluated.append(EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error))
+                if not args.quiet:
+                    verdict = result.verdict if result else f"FAILED ({error})"
+                    print(f"[{i}/{len(cases)}] {case.case_id}: {case.kind}, label {int(case.label)} -> "
+                          f"{verdict} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+        meta = {
+            "title": args.title,
+            "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
+            "data": str(args.data),
+            "serving_path": path_name,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": round(time.monotonic() - t0, 1),
+            "min_lesion_px": args.min_lesion_px,
+        }
+        report = write_report(evaluated, args.out, meta=meta, cutoffs=args.cutoffs,
+                              indeterminate_as=args.indeterminate_as)
+    except EvalError as exc:
+        print(f"ctscreen eval: {exc}", file=sys.stderr)
+        return 2
+    pp = report["per_patient"]["metrics"]
+    sens, spec = pp["sensitivity"]["value"], pp["specificity"]["value"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"per patient: sensitivity {fmt(sens)}, specificity {fmt(spec)} "
+          f"(goal {'met' if report['goal']['met'] else 'NOT met'}); report in {args.out / 'report.md'}")
+    return 0 if report["goal"]["met"] else 1

@@ -1,0 +1,314 @@
+"""The evaluation report: from labelled case results to a Table-3-like summary (pure, no I/O).
+
+:func:`build_report` turns :class:`EvalCase` records (truth plus the :class:`~aggregator.schema.CaseResult`
+the serving path returned) into a plain-data report; :func:`render_markdown` lays it out like the
+paper's Table 3. Writing files and drawing plots is the job of :mod:`aggregator.cli`.
+
+Definitions
+-----------
+* **Per patient**: truth is the case label (1 = COVID-19); the prediction is the verdict, an
+  indeterminate verdict counting as ``indeterminate_as`` (default positive: referred to a reader).
+* **Per image**: truth is given per slice (SOP Instance UID) by the caller; the prediction is "at least
+  one lesion box survived the rule's filters on this slice". Slices without truth are not counted.
+* **Curves over the cutoff**: every result is re-decided (:func:`aggregator.case.replay`) with the
+  rule's ``cutoff`` set to each value; the boxes Triton returned were already cut at the served cutoff,
+  so the curve is exact for cutoffs at or above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from aggregator.case import CaseRule, replay
+from aggregator.metrics import METRICS, Confusion, auc, false_positives_by_class, sweep, table3
+from aggregator.schema import SCHEMA_VERSION, CaseResult
+
+__all__ = ["DEFAULT_CUTOFFS", "EvalCase", "Goal", "build_report", "render_markdown"]
+
+DEFAULT_CUTOFFS: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+"""Cutoffs of the curves: the paper's 0.50 up to 0.95 (Triton already cut at 0.50)."""
+
+
+@dataclass(frozen=True)
+class Goal:
+    """Per-patient acceptance goal: point estimates at least these."""
+
+    sensitivity: float = 0.95
+    specificity: float = 0.90
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One labelled case and what the serving path returned for it.
+
+    Parameters
+    ----------
+    case_id : str
+        Name of the case in the data set.
+    kind : str
+        Class of the case (phantom kind: ``covid``, ``normal``, ``nodule``, ...).
+    label : bool
+        Truth per patient: True for COVID-19.
+    result : CaseResult or None
+        The result, or None when the serving path failed on the case (``error`` says why).
+    slice_truth : Mapping[str, bool]
+        Truth per image, by SOP Instance UID.
+    seconds : float or None
+        Wall-clock time from upload to result, as the client saw it.
+    error : str or None
+        Why there is no result.
+    """
+
+    case_id: str
+    kind: str
+    label: bool
+    result: CaseResult | None
+    slice_truth: Mapping[str, bool] = field(default_factory=dict)
+    seconds: float | None = None
+    error: str | None = None
+
+
+def _per_image(cases: Iterable[EvalCase], cutoff: float | None = None) -> Confusion:
+    truth, predicted = [], []
+    for case in cases:
+        if case.result is None:
+            continue
+        for f in case.result.slices:
+            if f.sop_instance_uid not in case.slice_truth:
+                continue
+            truth.append(bool(case.slice_truth[f.sop_instance_uid]))
+            # float32, as decide() compares: a score stored from float32 must pass the same cutoffs
+            predicted.append(any(cutoff is None or np.float32(b.score) >= np.float32(cutoff) for b in f.boxes))
+    return Confusion.from_labels(truth, predicted)
+
+
+def _verdicts(cases: Sequence[EvalCase], rule: CaseRule | None) -> list[str]:
+    out = []
+    for case in cases:
+        if case.result is None:
+            out.append("indeterminate")
+        elif rule is None:
+            out.append(case.result.verdict)
+        else:
+            out.append(replay(case.result, rule).verdict)
+    return out
+
+
+def _fp_images_by_kind(cases: Iterable[EvalCase]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for case in cases:
+        if case.result is None or case.label:
+            continue
+        row = out.setdefault(case.kind, {"slices": 0, "fp_slices": 0})
+        for f in case.result.slices:
+            if f.sop_instance_uid in case.slice_truth and not case.slice_truth[f.sop_instance_uid]:
+                row["slices"] += 1
+                row["fp_slices"] += bool(f.boxes)
+    return dict(sorted(out.items()))
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0
+
+
+def build_report(
+    cases: Sequence[EvalCase],
+    *,
+    cutoffs: Iterable[float] = DEFAULT_CUTOFFS,
+    indeterminate_as: Literal["positive", "negative", "exclude"] = "positive",
+    goal: Goal | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Summarise an evaluation as plain data (JSON-ready).
+
+    Parameters
+    ----------
+    cases : Sequence[EvalCase]
+        Every case of the set, failed ones included (they count as indeterminate).
+    cutoffs : Iterable[float]
+        Cutoffs of the curves.
+    indeterminate_as : {"positive", "negative", "exclude"}
+        How an indeterminate (or failed) case counts per patient.
+    goal : Goal or None
+        Per-patient goal to check; default :class:`Goal` (sensitivity 0.95, specificity 0.90).
+    meta : Mapping or None
+        Free-form context recorded as is (command, data set, serving path, date).
+
+    Returns
+    -------
+    dict
+        ``per_patient``, ``per_image`` (confusion and metrics), ``table3`` rows, ``curves``,
+        ``fp_by_class``, ``fp_images_by_kind``, ``goal``, ``rule``, ``models``, ``timing`` and
+        ``cases``.
+    """
+    if not cases:
+        raise ValueError('Argument "cases" must not be empty.')
+    goal = goal or Goal()
+    truth = [c.label for c in cases]
+    patient = Confusion.from_verdicts(truth, _verdicts(cases, None), indeterminate_as)
+    image = _per_image(cases)
+    results = [c.result for c in cases if c.result is not None]
+    rule = CaseRule.from_params(results[0].rule) if results else CaseRule()
+    rules = {r.rule.model_dump_json() for r in results}
+
+    def patient_at(cutoff: float) -> Confusion:
+        return Confusion.from_verdicts(truth, _verdicts(cases, replace(rule, cutoff=cutoff)), indeterminate_as)
+
+    cutoffs = [c for c in cutoffs if c >= rule.cutoff] or [rule.cutoff]
+    patient_curve = sweep(cutoffs, patient_at)
+    image_curve = sweep(cutoffs, lambda c: _per_image(cases, c))
+    sens, spec = patient.sensitivity().value, patient.specificity().value
+    seconds = [c.seconds for c in cases if c.seconds is not None]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "meta": dict(meta or {}),
+        "n_cases": len(cases),
+        "n_failed": sum(c.result is None for c in cases),
+        "n_slices": sum(len(r.slices) for r in results),
+        "kinds": {k: sum(c.kind == k for c in cases) for k in sorted({c.kind for c in cases})},
+        "indeterminate_as": indeterminate_as,
+        "per_patient": patient.as_dict(),
+        "per_image": image.as_dict(),
+        "table3": table3({"per image": image, "per patient": patient}),
+        "goal": {
+            "sensitivity": goal.sensitivity,
+            "specificity": goal.specificity,
+            "met": sens is not None and spec is not None and sens >= goal.sensitivity and spec >= goal.specificity,
+        },
+        "rule": rule.params().model_dump(),
+        "rules_differ": len(rules) > 1,
+        "models": [m.model_dump() for m in results[0].models] if results else [],
+        "curves": {
+            "per_patient": [_point(p) for p in patient_curve],
+            "per_image": [_point(p) for p in image_curve],
+            "auc_per_patient": auc(patient_curve),
+            "auc_per_image": auc(image_curve),
+        },
+        "fp_by_class": false_positives_by_class(
+            [(c.kind, c.label, v) for c, v in zip(cases, _verdicts(cases, None), strict=True)],
+            indeterminate="negative" if indeterminate_as == "negative" else "positive",
+        ),
+        "fp_images_by_kind": _fp_images_by_kind(cases),
+        "timing": {
+            "cases_timed": len(seconds),
+            "median_s": _median(seconds),
+            "total_s": sum(seconds) if seconds else None,
+        },
+        "cases": [_case_row(c) for c in cases],
+    }
+
+
+def _point(p) -> dict[str, Any]:
+    c = p.confusion
+    return {"cutoff": p.cutoff, "tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn,
+            "sensitivity": c.sensitivity().value, "specificity": c.specificity().value}
+
+
+def _case_row(c: EvalCase) -> dict[str, Any]:
+    r = c.result
+    ev = r.evidence if r is not None else None
+    return {
+        "case_id": c.case_id,
+        "kind": c.kind,
+        "label": int(c.label),
+        "verdict": r.verdict if r else "failed",
+        "reason": r.reason if r else "failed",
+        "correct": (r is not None and r.verdict in ("positive", "negative") and (r.verdict == "positive") == c.label),
+        "n_slices": len(r.slices) if r else 0,
+        "run": f"{ev.n_slices} in {ev.quadrant}" if ev else "",
+        "seconds": c.seconds,
+        "error": c.error,
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str]] = ()) -> str:
+    """The report as Markdown: Table 3 first, then curves, hard negatives and every case.
+
+    ``plots`` is a list of ``(title, relative path)`` of PNG files to link.
+    """
+    meta = report.get("meta", {})
+    lines = ["# ctscreen evaluation", ""]
+    if meta.get("title"):
+        lines += [str(meta["title"]), ""]
+    for key in ("command", "data", "serving_path", "date", "note"):
+        if meta.get(key):
+            lines.append(f"- **{key.replace('_', ' ')}**: `{meta[key]}`" if key == "command" else f"- **{key.replace('_', ' ')}**: {meta[key]}")
+    kinds = ", ".join(f"{k} {n}" for k, n in report["kinds"].items())
+    lines += [
+        f"- **cases**: {report['n_cases']} ({kinds}); slices: {report['n_slices']}; failed: {report['n_failed']}",
+        f"- **indeterminate counted as**: {report['indeterminate_as']} "
+        f"({report['per_patient']['indeterminate']} indeterminate cases)",
+        "",
+        "## Table 3",
+        "",
+        "Metrics in %, 95% Wilson interval in brackets.",
+        "",
+        "| level | TP | FN | TN | FP | accuracy | sensitivity | specificity | PPV | NPV |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["table3"]:
+        cells = [f"{row[m]} [{row[m + '_ci']}]" for m in METRICS]
+        lines.append(f"| {row['level']} | {row['TP']} | {row['FN']} | {row['TN']} | {row['FP']} | " + " | ".join(cells) + " |")
+    g = report["goal"]
+    pp = report["per_patient"]["metrics"]
+    lines += [
+        "",
+        f"**Per-patient goal** (sensitivity >= {g['sensitivity']:.2f}, specificity >= {g['specificity']:.2f}): "
+        f"{'met' if g['met'] else 'NOT met'} (sensitivity {_pct(pp['sensitivity']['value'])}%, "
+        f"specificity {_pct(pp['specificity']['value'])}%).",
+        "",
+        "## Case rule",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in report["rule"].items()]
+    if report.get("rules_differ"):
+        lines += ["", "**Warning**: not every result used the same rule; the table shows the first."]
+    if report["models"]:
+        lines += ["", "## Models", "", "| name | version | platform | sha256 |", "|---|---|---|---|"]
+        lines += [f"| {m['name']} | {m['version']} | {m.get('platform') or ''} | {(m.get('sha256') or '')[:12]} |"
+                  for m in report["models"]]
+    curves = report["curves"]
+    lines += ["", "## Curves over the cutoff", "",
+              f"AUC (trapezoids through the points): per patient {curves['auc_per_patient'] if curves['auc_per_patient'] is None else round(curves['auc_per_patient'], 3)}, "
+              f"per image {curves['auc_per_image'] if curves['auc_per_image'] is None else round(curves['auc_per_image'], 3)}.", "",
+              "| cutoff | patient sens | patient spec | image sens | image spec |", "|---:|---:|---:|---:|---:|"]
+    for p, i in zip(curves["per_patient"], curves["per_image"], strict=True):
+        lines.append(f"| {p['cutoff']:.2f} | {_pct(p['sensitivity'])} | {_pct(p['specificity'])} | "
+                     f"{_pct(i['sensitivity'])} | {_pct(i['specificity'])} |")
+    lines += ["", "## False positives per hard-negative class", "",
+              "| class | cases | FP cases | indeterminate | FP rate [95% CI] | slices | FP slices |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    img = report["fp_images_by_kind"]
+    for cls, row in report["fp_by_class"].items():
+        ci = "n/a" if row["low"] is None else f"{_pct(row['low'])}-{_pct(row['high'])}"
+        s = img.get(cls, {"slices": 0, "fp_slices": 0})
+        lines.append(f"| {cls} | {row['n']} | {row['fp']} | {row['indeterminate']} | {_pct(row['rate'])} [{ci}] | "
+                     f"{s['slices']} | {s['fp_slices']} |")
+    for title, path in plots:
+        lines += ["", f"![{title}]({path})"]
+    t = report["timing"]
+    if t["median_s"] is not None:
+        lines += ["", f"Time per case (upload to result, as the client saw it): median {t['median_s']:.2f} s, "
+                  f"total {t['total_s']:.1f} s over {t['cases_timed']} cases."]
+    lines += ["", "## Cases", "", "| case | kind | label | verdict | reason | slices | longest run | s |",
+              "|---|---|---:|---|---|---:|---|---:|"]
+    for c in report["cases"]:
+        mark = "" if c["correct"] else " **x**"
+        secs = "" if c["seconds"] is None else f"{c['seconds']:.2f}"
+        lines.append(f"| {c['case_id']} | {c['kind']} | {c['label']} | {c['verdict']}{mark} | {c['reason']} | "
+                     f"{c['n_slices']} | {c['run']} | {secs} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""The evaluation report: built and written from a tiny labelled set of real decide() results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aggregator.case import CaseRule, SliceInput, decide
+from aggregator.cli import eval_main, write_report
+from aggregator.report import EvalCase, Goal, build_report, render_markdown
+
+VA = np.array([100, 100, 400, 400], np.float32)
+TL = np.array([[150, 150, 170, 170, 0.9]], np.float32)
+WEAK = np.array([[330, 330, 350, 350, 0.6]], np.float32)
+NONE = np.zeros((0, 5), np.float32)
+
+
+def _case(case_id, kind, label, lesion_slices, box=TL, n=8):
+    slices = [SliceInput(f"{case_id}.{i}", 5.0 * i, box if i in lesion_slices else NONE, VA) for i in range(n)]
+    result = decide(slices).to_result(study_instance_uid=f"{case_id}", series_instance_uid=f"{case_id}.1")
+    truth = {f"{case_id}.{i}": (label and i in lesion_slices) for i in range(n)}
+    return EvalCase(case_id, kind, label, result, truth, seconds=1.5)
+
+
+@pytest.fixture
+def cases():
+    return [
+        _case("c1", "covid", True, {2, 3, 4}),  # TP
+        _case("c2", "covid", True, {1, 2, 3, 4}, box=WEAK),  # TP at 0.5, lost above 0.6
+        _case("c3", "covid", True, {5}),  # FN
+        _case("n1", "normal", False, set()),  # TN
+        _case("n2", "tb", False, {3, 4, 5}),  # FP
+        _case("n3", "nodule", False, {6}),  # TN, one FP image
+        EvalCase("f1", "normal", False, None, {}, 0.1, "no_usable_series: nothing to screen"),
+    ]
+
+
+def test_build_report_counts(cases):
+    report = build_report(cases, indeterminate_as="negative", cutoffs=[0.5, 0.7, 0.95])
+    pp = report["per_patient"]
+    assert (pp["tp"], pp["fn"], pp["tn"], pp["fp"], pp["indeterminate"]) == (2, 1, 3, 1, 1)
+    pi = report["per_image"]
+    # lesion slices: c1 3 + c2 4 + c3 1 = 8 truth-positive, all detected; FP images: n2 3 + n3 1
+    assert (pi["tp"], pi["fn"], pi["fp"]) == (8, 0, 4)
+    assert pi["tn"] == 6 * 8 - 8 - 4
+    assert report["n_failed"] == 1 and report["n_cases"] == 7
+    assert report["fp_by_class"]["tb"]["fp"] == 1 and report["fp_by_class"]["nodule"]["fp"] == 0
+    assert report["fp_images_by_kind"]["nodule"] == {"slices": 8, "fp_slices": 1}
+    assert report["goal"]["met"] is False
+    at = {p["cutoff"]: p for p in report["curves"]["per_patient"]}
+    assert at[0.5]["tp"] == 2 and at[0.7]["tp"] == 1 and at[0.95]["tp"] == 0 and at[0.95]["fp"] == 0
+    assert report["rule"] == CaseRule().params().model_dump()
+
+
+def test_failed_case_counts_as_indeterminate_positive_by_default(cases):
+    report = build_report(cases)
+    assert report["per_patient"]["fp"] == 2 and report["per_patient"]["indeterminate"] == 1
+
+
+def test_goal_is_checked():
+    good = [_case("c1", "covid", True, {2, 3, 4}), _case("n1", "normal", False, set())]
+    assert build_report(good)["goal"]["met"] is True
+    assert build_report(good, goal=Goal(sensitivity=1.0, specificity=1.0))["goal"]["met"] is True
+    with pytest.raises(ValueError, match='"cases"'):
+        build_report([])
+
+
+def test_markdown_is_laid_out_like_table3(cases):
+    md = render_markdown(build_report(cases, indeterminate_as="negative"), plots=[("curves", "curves.png")])
+    assert "| level | TP | FN | TN | FP | accuracy | sensitivity | specificity | PPV | NPV |" in md
+    assert "| per patient | 2 | 1 | 3 | 1 | 71.43 [" in md
+    assert "![curves](curves.png)" in md
+    assert "NOT met" in md
+    assert "| f1 | normal | 0 | failed **x** |" in md
+
+
+def test_write_report_files(cases, tmp_path):
+    report = write_report(cases, tmp_path / "eval", meta={"command": "ctscreen eval --data x"})
+    out = tmp_path / "eval"
+    assert json.loads((out / "report.json").read_text())["per_patient"] == report["per_patient"]
+    assert (out / "report.md").read_text().startswith("# ctscreen evaluation")
+    for name in ("curves.png", "roc.png", "fp_by_class.png", "confusion.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[-1]["result"] is None and rows[0]["result"]["verdict"] == "positive"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "/nonexistent/x", "--in-process"], "not a directory"),
+        (["--data", "{tmp}", "--in-process"], "no study with a manifest.json"),
+        (["--data", "{tmp}", "--timeout", "0"], "--timeout"),
+        (["--data", "{tmp}", "--repo", "/nonexistent/repo"], "--repo"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line_errors(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["--data", "x", "--url", "http://h", "--in-process"], ["--data", "x", "--cutoffs", "2"],
+                                  ["--data", "x", "--limit", "0"], []])
+def test_cli_argparse_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        eval_main(argv)
+    assert info.value.code == 2
+    assert "ctscreen eval: error:" in capsys.readouterr().err
+
+
+def test_per_image_and_per_patient_curves_agree_on_a_cutoff_equal_to_the_score():
+    """A float32 score of 0.9 passes the cutoff 0.9 in both curves (decide compares in float32)."""
+    report = build_report([_case("c1", "covid", True, {2, 3, 4}), _case("n1", "normal", False, set())],
+                          cutoffs=[0.9])
+    assert report["curves"]["per_patient"][0]["tp"] == 1
+    assert report["curves"]["per_image"][0]["tp"] == 3
