@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+from pathlib import Path
 
 from ctscreen.contracts import HU_SLICES, PROB, SLICE_SIZE
 
@@ -24,6 +26,15 @@ LIMITATIONS = (
     "section are phantom figures and say nothing about real scans. Retrain on labelled real data "
     "(`ctscreen train ... --data nifti:DIR`) and re-evaluate before any clinical use."
 )
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def io_spec() -> tuple[list[dict], list[dict]]:

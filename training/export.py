@@ -6,7 +6,6 @@ FP32 ``[B, 1, 512, 512]`` (see :mod:`ctscreen.contracts`); opset :data:`OPSET`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,19 +14,11 @@ import numpy as np
 import torch
 
 from ctscreen.contracts import HU_SLICES, PROB, SLICE_SIZE
+from training.card import sha256_of
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(model: torch.nn.Module, out: Path, *, opset: int = OPSET) -> Path:

@@ -1,0 +1,198 @@
+"""Nets, training loop, ONNX export and the shipped model files.
+
+The shipped-file tests need only onnx/onnxruntime (the serving path); the rest need torch and are
+marked ``torch``. Torch tests use a tiny UNet++ at 64 x 64 so they stay fast on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from ctscreen import contracts as c
+from training.card import sha256_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {m: ROOT / "model_repository" / m / "1" / "model.onnx" for m in c.SEGMENTATION_MODELS}
+
+
+# --- shipped files (no torch) ------------------------------------------------------------------
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("model", c.SEGMENTATION_MODELS)
+def test_shipped_onnx_matches_the_wire_contract(model):
+    proto = onnx.load(str(SHIPPED[model]))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == c.HU_SLICES and inp.type.tensor_type.elem_type == onnx.TensorProto.INT16
+    assert out.name == c.PROB and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    for vi in (inp, out):
+        dims = _dims(vi)
+        assert isinstance(dims[0], str) and dims[0], "batch dimension must be dynamic (a dim_param)"
+        assert dims[1:] == [1, c.SLICE_SIZE, c.SLICE_SIZE]
+    # The Triton repository builder applies the same check.
+    from ctscreen.repo import check_onnx
+
+    check_onnx(SHIPPED[model])
+
+
+@pytest.mark.parametrize("model", c.SEGMENTATION_MODELS)
+def test_shipped_onnx_runs_any_batch_and_returns_probabilities(model):
+    sess = ort.InferenceSession(str(SHIPPED[model]), providers=["CPUExecutionProvider"])
+    hu = np.full((3, 1, c.SLICE_SIZE, c.SLICE_SIZE), -1000, np.int16)
+    hu[1, 0, 150:350, 100:400] = -800
+    hu[2, 0] = 40
+    (prob,) = sess.run([c.PROB], {c.HU_SLICES: hu})
+    assert prob.shape == (3, 1, c.SLICE_SIZE, c.SLICE_SIZE) and prob.dtype == np.float32
+    assert np.all((prob >= 0) & (prob <= 1))
+    (one,) = sess.run([c.PROB], {c.HU_SLICES: hu[1:2]})
+    np.testing.assert_allclose(one[0], prob[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("model", c.SEGMENTATION_MODELS)
+def test_shipped_model_card_matches_the_file(model):
+    card = json.loads((SHIPPED[model].parent / "model_card.json").read_text())
+    assert card["name"] == model
+    assert card["sha256"] == sha256_of(SHIPPED[model])
+    assert card["size_bytes"] == SHIPPED[model].stat().st_size
+    assert card["inputs"][0]["name"] == c.HU_SLICES and card["outputs"][0]["name"] == c.PROB
+    for key in ("version", "profile", "architecture", "training", "metrics"):
+        assert key in card
+    md = (SHIPPED[model].parent / "model_card.md").read_text()
+    assert card["sha256"] in md
+
+
+def test_shipped_onnx_fit_the_size_budget():
+    assert sum(p.stat().st_size for p in SHIPPED.values()) <= 30 * 1024 * 1024
+
+
+# --- torch -------------------------------------------------------------------------------------
+
+
+def _tiny_spec():
+    from training.nets import NetSpec
+
+    return NetSpec("mobilenet_v2", 3, (16, 8, 8), 64)
+
+
+def _volumes(n: int = 2, z: int = 6):
+    """Synthetic volumes: a dark lung rectangle, a GGO square on some slices, an air 'bubble' finding."""
+    from training.datasets import Volume
+
+    rng = np.random.default_rng(7)
+    out = []
+    for v in range(n):
+        hu = np.full((z, 512, 512), -1000, np.int16)
+        hu[:, 60:460, 40:470] = 30  # body
+        lesion = np.zeros(hu.shape, bool)
+        boxes = np.full((z, 4), -1, np.int32)
+        finding = [""] * z
+        for i in range(z):
+            hu[i, 120:380, 80 + 8 * v : 430] = -850
+            boxes[i] = (80 + 8 * v, 120, 429, 379)
+            if i % 2 == 0:
+                y, x = rng.integers(150, 300, 2)
+                lesion[i, y : y + 48, x : x + 48] = True
+                hu[i][lesion[i]] = -450
+            elif i % 3 == 0:
+                hu[i, 400:440, 300:360] = -1000
+                finding[i] = "stomach_bubble"
+        out.append(Volume(f"syn{v}", hu, lesion, boxes, finding, kind="covid"))
+    return out
+
+
+@pytest.mark.torch
+def test_a_few_training_steps_lower_the_loss():
+    torch = pytest.importorskip("torch")
+    from training.datasets import SliceBank
+    from training.nets import HUSegmenter
+    from training.train import bce_dice_loss
+
+    torch.manual_seed(0)
+    bank = SliceBank("lesion", 64, _volumes(1))
+    hu = torch.from_numpy(bank.hu[:, None]).float()
+    tgt = torch.from_numpy(bank.target.astype(np.float32))
+    model = HUSegmenter(_tiny_spec())
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = bce_dice_loss(model.logits(hu), tgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.torch
+def test_train_writes_checkpoints_and_resumes(tmp_path):
+    pytest.importorskip("torch")
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(task="lesion", out=tmp_path, steps=4, batch=2, val_every=2, spec=_tiny_spec(),
+                      progress=False, threads=1)
+    vols = _volumes(2, z=4)
+    first = train(cfg, train_volumes=vols[:1], val_volumes=vols[1:])
+    assert first["steps"] == 4
+    assert {p.name for p in tmp_path.iterdir()} >= {"last.ckpt", "best.ckpt", "history.json"}
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in hist] == [2, 4] and "val_loss" in hist[0]
+    cfg.steps, cfg.resume = 6, True
+    second = train(cfg, train_volumes=vols[:1], val_volumes=vols[1:])
+    assert second["steps"] == 6
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in hist] == [2, 4, 6]
+
+
+@pytest.mark.torch
+def test_export_parity_dynamic_batch_and_card(tmp_path):
+    torch = pytest.importorskip("torch")
+    from training.export import export_checkpoint, export_onnx, parity
+    from training.nets import HUSegmenter
+
+    torch.manual_seed(0)
+    model = HUSegmenter(_tiny_spec()).eval()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    hu = np.random.default_rng(1).integers(-1100, 300, (3, 1, 512, 512)).astype(np.int16)
+    assert parity(model, path, hu) <= 1e-3
+    # a checkpoint round trip through export_checkpoint writes the card beside the file
+    from training.nets import NetSpec  # noqa: F401  (spec is stored as a dict)
+
+    ckpt = {"task": "lesion", "profile": "lite", "spec": model.spec.to_dict(), "model": model.state_dict(),
+            "step": 3, "training": {"source": "synthetic"}}
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    info = export_checkpoint(task="lesion", checkpoint=tmp_path / "x.ckpt", out=tmp_path / "out" / "model.onnx")
+    assert info["parity"] <= 1e-3
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["sha256"] == sha256_of(tmp_path / "out" / "model.onnx")
+    assert card["trained"] is True and card["training"]["source"] == "synthetic"
+    with pytest.raises(ValueError, match="not 'valid_area'"):
+        export_checkpoint(task="valid_area", checkpoint=tmp_path / "x.ckpt", out=tmp_path / "y.onnx")
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    from training.cli import export_main, train_main
+
+    for argv in (["bogus"], ["lesion", "--profile", "huge"], ["lesion", "--steps", "0"],
+                 ["lesion", "--data", "kaggle"]):
+        with pytest.raises(SystemExit) as exc:
+            train_main(argv)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        export_main(["lesion"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        export_main(["lesion", "--checkpoint", "/nonexistent.ckpt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such file" in err

@@ -1,0 +1,415 @@
+"""Training data: phantom studies (generated on the fly) and NIfTI sets, as banks of labelled slices.
+
+Every source yields :class:`Volume` objects (HU ``[Z, 512, 512]`` int16, masks, per-slice class); a
+:class:`SliceBank` keeps the slices of many volumes with the target of one task, pooled to the net's
+input size, and draws class-balanced batches.
+
+Targets
+-------
+``valid_area``  the filled rectangle of the lung-field box of each slice (the phantom's ``valid_boxes``,
+                or the bounding box of the lung mask of a NIfTI set); empty where no lung is.
+``lesion``      the COVID-19 lesion mask only. Non-COVID findings (the phantom's ``finding_mask``: nodules,
+                TB, bronchiectasis, bacterial pneumonia, emphysema, the stomach bubble) are target 0,
+                and slices showing them are over-sampled so the net learns to ignore them.
+
+NIfTI layout (COVID-19-CT-Seg, MosMedData and the like)
+-------------------------------------------------------
+``DIR`` holds a folder of volumes and a folder of lesion masks (and optionally lung masks); files are
+matched by case id (the file name without ``.nii[.gz]`` and without a ``_mask``/``_seg`` suffix)::
+
+    DIR/ct_scans/case1.nii.gz      (or images/, imagesTr/, volumes/, studies/, recursively)
+    DIR/Infection_Mask/case1.nii.gz (or infection/, lesion/, masks/, labelsTr/)
+    DIR/Lung_Mask/case1.nii.gz      (optional; or lung/, lungs/, lung_masks/)
+
+Volumes are reoriented to RAS, sliced axially into DICOM-like images (row 0 anterior, column 0 the
+patient's right) and resampled to 512 x 512 when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctscreen.contracts import SLICE_SIZE
+
+logger = logging.getLogger(__name__)
+
+# Per-slice sampling classes (column ``cls`` of a bank).
+CLS_EMPTY = 0  # no lung on the slice
+CLS_PLAIN = 1  # lung, no lesion, no finding
+CLS_LESION = 2  # COVID lesion present
+CLS_FINDING = 3  # a hard-negative finding (class name in ``finding``), no lesion
+
+PHANTOM_TRAIN_SEED0 = 1_000
+PHANTOM_VAL_SEED0 = 500_000
+PHANTOM_EVAL_SEED0 = 900_000
+"""Seed ranges: training studies start at 1000, validation at 500000, held-out evaluation at 900000."""
+
+PHANTOM_KIND_CYCLE = (
+    "covid", "normal", "covid", "nodule", "covid", "tb", "covid", "bronchiectasis",
+    "covid", "bacterial", "covid", "emphysema",
+)  # fmt: skip
+"""Kinds of successive phantom studies: half COVID, half every other class in turn."""
+
+
+class DataError(ValueError):
+    """A training data source is missing, empty or malformed."""
+
+
+@dataclass
+class Volume:
+    """One labelled study, slices in order: HU and masks at 512 x 512."""
+
+    case_id: str
+    hu: np.ndarray  # int16 [Z, 512, 512]
+    lesion: np.ndarray  # bool [Z, 512, 512]
+    valid_boxes: np.ndarray  # int [Z, 4] (x0, y0, x1, y1) inclusive, -1 where no lung
+    finding: list[str]  # per slice: "" or the hard-negative class shown on the slice
+    kind: str = "unknown"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        z = len(self.hu)
+        if self.hu.ndim != 3 or self.hu.shape[1:] != (SLICE_SIZE, SLICE_SIZE):
+            raise DataError(f"{self.case_id}: HU must be [Z, 512, 512], got {self.hu.shape}.")
+        if self.lesion.shape != self.hu.shape:
+            raise DataError(f"{self.case_id}: lesion mask {self.lesion.shape} != HU {self.hu.shape}.")
+        if self.valid_boxes.shape != (z, 4) or len(self.finding) != z:
+            raise DataError(f"{self.case_id}: per-slice labels do not match {z} slices.")
+
+
+def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Per-slice bounding boxes ``[Z, 4]`` (x0, y0, x1, y1 inclusive; -1 when empty) of ``[Z, H, W]``."""
+    out = np.full((len(mask), 4), -1, dtype=np.int32)
+    for i, m in enumerate(mask):
+        rows = np.flatnonzero(m.any(axis=1))
+        if len(rows) == 0:
+            continue
+        cols = np.flatnonzero(m.any(axis=0))
+        out[i] = (cols[0], rows[0], cols[-1], rows[-1])
+    return out
+
+
+def box_mask(box: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
+    """Filled rectangle ``[size, size]`` bool of one inclusive box (all False when the box is empty)."""
+    m = np.zeros((size, size), dtype=bool)
+    if np.all(np.asarray(box) >= 0):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        m[y0 : y1 + 1, x0 : x1 + 1] = True
+    return m
+
+
+# --- phantom -----------------------------------------------------------------------------------
+
+
+def phantom_kind(i: int) -> str:
+    """Kind of the ``i``-th phantom study of a set (see :data:`PHANTOM_KIND_CYCLE`)."""
+    return PHANTOM_KIND_CYCLE[i % len(PHANTOM_KIND_CYCLE)]
+
+
+GUT_FINDINGS = ("stomach_bubble", "bowel_gas")
+"""Findings present in every phantom study (below the diaphragm)."""
+
+
+def primary_finding(names: str) -> str:
+    """The class a slice is sampled as: its first lung finding, else its gut finding ("" if none)."""
+    parts = [p for p in names.split("+") if p]
+    lung = [p for p in parts if p not in GUT_FINDINGS]
+    return (lung or parts or [""])[0]
+
+
+def _finding_codes() -> dict[int, str]:
+    """Code -> class name of ``Study.finding_mask`` values (``phantom.findings.FINDING_CODES``)."""
+    try:
+        from phantom.findings import FINDING_CODES
+    except ImportError:  # pragma: no cover - older phantom
+        return {}
+    return {int(v): k for k, v in FINDING_CODES.items()}
+
+
+def _finding_names(study) -> list[str]:
+    """Per-slice hard-negative classes of a phantom study, joined by "+" ("" when none)."""
+    codes = _finding_codes()
+    names: list[str] = []
+    for sl in np.asarray(study.finding_mask):
+        vals = np.unique(sl[sl > 0])
+        names.append("+".join(sorted({codes.get(int(v), f"finding{int(v)}") for v in vals})))
+    return names
+
+
+def volume_from_study(study) -> Volume:
+    """A :class:`Volume` from a ``phantom.Study`` (resampled to 512 x 512 when its matrix differs)."""
+    hu = np.asarray(study.hu, dtype=np.int16)
+    lesion = np.asarray(study.lesion_mask, dtype=bool)
+    boxes = np.asarray(study.valid_boxes, dtype=np.int32).reshape(len(hu), 4)
+    finding = _finding_names(study)
+    if hu.shape[1:] != (SLICE_SIZE, SLICE_SIZE):
+        hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767).astype(np.int16)
+        lesion = _to_grid(lesion.astype(np.float32), 0) > 0.5
+        boxes = boxes_from_mask(_to_grid(np.asarray(study.lung_mask, np.float32), 0) > 0.5)
+    return Volume(
+        case_id=f"phantom-{study.seed}-{study.kind}",
+        hu=hu,
+        lesion=lesion,
+        valid_boxes=boxes,
+        finding=finding,
+        kind=study.kind,
+        meta={"seed": int(study.seed), "kind": study.kind},
+    )
+
+
+def phantom_volumes(
+    n: int, seed0: int, *, n_slices: int | None = None, kinds: tuple[str, ...] | None = None
+) -> Iterator[Volume]:
+    """Generate ``n`` phantom studies with seeds ``seed0 .. seed0 + n - 1``, kinds cycling."""
+    import phantom
+
+    for i in range(n):
+        kind = kinds[i % len(kinds)] if kinds else phantom_kind(i)
+        study = phantom.make_study(seed=seed0 + i, kind=kind, n_slices=n_slices, matrix=SLICE_SIZE)
+        yield volume_from_study(study)
+
+
+# --- NIfTI -------------------------------------------------------------------------------------
+
+_VOLUME_DIRS = ("ct_scans", "images", "imagestr", "volumes", "studies", "ct", "scans")
+_LESION_DIRS = ("infection_mask", "infection", "lesion", "lesions", "masks", "labelstr", "labels")
+_LUNG_DIRS = ("lung_mask", "lung", "lungs", "lung_masks")
+_NII = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _case_id(path: Path) -> str:
+    stem = _NII.sub("", path.name)
+    return re.sub(r"(_mask|_seg|_label|_0000)$", "", stem, flags=re.IGNORECASE)
+
+
+def _index(root: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in names):
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and _NII.search(f.name):
+                found.setdefault(_case_id(f), f)
+    return found
+
+
+def nifti_cases(root: Path) -> list[tuple[str, Path, Path, Path | None]]:
+    """``(case_id, volume, lesion_mask, lung_mask | None)`` for every case of a NIfTI set."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f'Argument "root" must be a folder, got {root}.')
+    vols = _index(root, _VOLUME_DIRS)
+    lesions = _index(root, _LESION_DIRS)
+    lungs = _index(root, _LUNG_DIRS)
+    if not vols:
+        raise DataError(f"{root}: no NIfTI volumes in any of {', '.join(_VOLUME_DIRS)}/.")
+    cases = [(cid, v, lesions[cid], lungs.get(cid)) for cid, v in vols.items() if cid in lesions]
+    if not cases:
+        raise DataError(f"{root}: no volume has a lesion mask (looked in {', '.join(_LESION_DIRS)}/).")
+    missing = sorted(set(vols) - set(lesions))
+    if missing:
+        logger.warning("%s: %d volume(s) without a lesion mask skipped: %s", root, len(missing), missing[:5])
+    return cases
+
+
+def _axial_slices(img) -> np.ndarray:
+    """``[Z, H, W]`` axial slices of a nibabel image, DICOM-like orientation, inferior first."""
+    import nibabel as nib
+
+    can = nib.as_closest_canonical(img)
+    data = np.asanyarray(can.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"expected a 3-D NIfTI image, got shape {data.shape}.")
+    # RAS: +x patient left->right, +y posterior->anterior. DICOM images: column 0 = patient right,
+    # row 0 = anterior. So reverse both in-plane axes and put z first.
+    return np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
+
+
+def _to_grid(vol: np.ndarray, order: int) -> np.ndarray:
+    if vol.shape[1:] == (SLICE_SIZE, SLICE_SIZE):
+        return vol
+    from scipy import ndimage
+
+    zoom = (1.0, SLICE_SIZE / vol.shape[1], SLICE_SIZE / vol.shape[2])
+    out = ndimage.zoom(vol.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest")
+    return out[:, :SLICE_SIZE, :SLICE_SIZE]
+
+
+def load_nifti_case(
+    case_id: str, volume: Path, lesion: Path, lung: Path | None = None
+) -> Volume:
+    """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, masks > 0)."""
+    import nibabel as nib
+
+    try:
+        hu = _axial_slices(nib.load(str(volume))).astype(np.float32)
+        les = _axial_slices(nib.load(str(lesion))) > 0
+        lng = _axial_slices(nib.load(str(lung))) > 0 if lung is not None else None
+    except (OSError, nib.filebasedimages.ImageFileError) as exc:
+        raise DataError(f"{case_id}: cannot read NIfTI: {exc}") from exc
+    if les.shape != hu.shape or (lng is not None and lng.shape != hu.shape):
+        raise DataError(f"{case_id}: mask shape differs from volume shape {hu.shape}.")
+    hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767).astype(np.int16)
+    les = _to_grid(les.astype(np.float32), 0) > 0.5
+    if lng is not None:
+        lng = _to_grid(lng.astype(np.float32), 0) > 0.5
+        boxes = boxes_from_mask(lng)
+    else:
+        boxes = np.full((len(hu), 4), -2, dtype=np.int32)  # unknown: no valid-area target
+    return Volume(
+        case_id=case_id,
+        hu=hu,
+        lesion=les,
+        valid_boxes=boxes,
+        finding=[""] * len(hu),
+        kind="covid" if les.any() else "unknown",
+        meta={"volume": str(volume), "lesion": str(lesion), "lung": str(lung) if lung else None},
+    )
+
+
+def nifti_volumes(root: Path) -> Iterator[Volume]:
+    """Every case of a NIfTI set (see the module docstring for the layout)."""
+    for case in nifti_cases(root):
+        yield load_nifti_case(*case)
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where training data come from: ``kind`` is ``phantom`` or ``nifti`` (``path`` for the latter)."""
+
+    kind: str
+    path: Path | None = None
+
+    def describe(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+def parse_source(text: str) -> Source:
+    """Parse ``--data``: ``phantom`` or ``nifti:DIR``."""
+    kind, _, rest = text.partition(":")
+    if kind == "phantom" and not rest:
+        return Source("phantom")
+    if kind == "nifti":
+        if not rest:
+            raise ValueError("--data nifti:DIR needs a folder")
+        path = Path(rest).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--data {text}: no such folder")
+        return Source("nifti", path)
+    raise ValueError(f"--data must be 'phantom' or 'nifti:DIR', got {text!r}")
+
+
+# --- banks -------------------------------------------------------------------------------------
+
+
+def pool_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Area fraction ``[.., size, size]`` float16 of a boolean ``[.., 512, 512]`` mask."""
+    k = mask.shape[-1] // size
+    m = mask.reshape(*mask.shape[:-2], size, k, size, k).astype(np.float32).mean(axis=(-3, -1))
+    return m.astype(np.float16)
+
+
+class SliceBank:
+    """Slices of many volumes with the target of one task at the net's size, and balanced sampling.
+
+    Parameters
+    ----------
+    task : str
+        ``valid_area`` or ``lesion``.
+    size : int
+        Target resolution (the net's input size).
+    volumes : Iterable[Volume]
+        Source volumes; slices without a usable target (a NIfTI set without lung masks for
+        ``valid_area``) are skipped.
+    max_slices_per_volume : int | None
+        Keep at most this many slices per volume (evenly spaced), to bound memory.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        size: int,
+        volumes: Iterable[Volume],
+        *,
+        max_slices_per_volume: int | None = None,
+    ) -> None:
+        if task not in ("valid_area", "lesion"):
+            raise ValueError(f'Argument "task" must be valid_area or lesion, got {task!r}.')
+        self.task, self.size = task, size
+        hus, tgts, cls, finding, cases = [], [], [], [], []
+        for vol in volumes:
+            idx = np.arange(len(vol.hu))
+            if max_slices_per_volume and len(idx) > max_slices_per_volume:
+                idx = np.unique(np.linspace(0, len(idx) - 1, max_slices_per_volume).round().astype(int))
+            if task == "valid_area":
+                idx = idx[vol.valid_boxes[idx, 0] > -2]
+            for i in idx:
+                has_lung = bool(vol.valid_boxes[i, 0] >= 0)
+                if task == "valid_area":
+                    tgt = pool_mask(box_mask(vol.valid_boxes[i]), size)
+                else:
+                    tgt = pool_mask(vol.lesion[i], size)
+                les = bool(vol.lesion[i].sum() >= 16)
+                f = vol.finding[i]
+                c = CLS_LESION if les else CLS_FINDING if f else CLS_PLAIN if has_lung else CLS_EMPTY
+                hus.append(vol.hu[i])
+                tgts.append(tgt)
+                cls.append(c)
+                finding.append(f)
+                cases.append(vol.case_id)
+        if not hus:
+            raise DataError(f"no usable slices for task {task!r}.")
+        self.hu = np.stack(hus)
+        self.target = np.stack(tgts)[:, None]
+        self.cls = np.asarray(cls, dtype=np.int8)
+        self.finding = np.asarray(finding)
+        self.case = np.asarray(cases)
+        self.weights = self._weights()
+
+    def __len__(self) -> int:
+        return len(self.hu)
+
+    def counts(self) -> dict[str, int]:
+        """Slices per sampling class (and per hard-negative finding)."""
+        names = {CLS_EMPTY: "no_lung", CLS_PLAIN: "plain", CLS_LESION: "lesion", CLS_FINDING: "finding"}
+        out = {names[c]: int((self.cls == c).sum()) for c in names}
+        primary = np.asarray([primary_finding(f) for f in self.finding])
+        for f in sorted(set(primary[self.cls == CLS_FINDING])):
+            out[f"finding:{f}"] = int(((self.cls == CLS_FINDING) & (primary == f)).sum())
+        return out
+
+    def _weights(self) -> np.ndarray:
+        """Sampling weights: uniform for valid_area; for lesion 40 % lesion slices, 35 % hard
+        negatives (equal share per finding class), 20 % plain lung, 5 % no lung."""
+        n = len(self.cls)
+        if self.task == "valid_area":
+            return np.full(n, 1.0 / n)
+        w = np.zeros(n)
+        shares = {CLS_LESION: 0.40, CLS_FINDING: 0.35, CLS_PLAIN: 0.20, CLS_EMPTY: 0.05}
+        present = {c: s for c, s in shares.items() if (self.cls == c).any()}
+        total = sum(present.values())
+        for c, s in present.items():
+            sel = self.cls == c
+            if c == CLS_FINDING:
+                primary = np.asarray([primary_finding(f) for f in self.finding])
+                names = sorted(set(primary[sel]))
+                for f in names:
+                    sub = sel & (primary == f)
+                    w[sub] = s / total / len(names) / sub.sum()
+            else:
+                w[sel] = s / total / sel.sum()
+        return w / w.sum()
+
+    def sample(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: HU ``[B, 1, 512, 512]`` int16 and target ``[B, 1, S, S]`` float32."""
+        idx = rng.choice(len(self.cls), size=batch, p=self.weights)
+        return self.hu[idx][:, None], self.target[idx].astype(np.float32)

@@ -1,0 +1,317 @@
+"""The training loop: Adam, BCE + Dice on low-resolution logits, augmentations, checkpoints, resume.
+
+A run folder holds ``last.ckpt`` (written at every validation, used by ``--resume``), ``best.ckpt``
+(lowest validation loss), and ``history.json`` (loss and validation figures per step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import datasets
+from training.datasets import Source, Volume
+from training.nets import HUSegmenter, NetSpec, spec_for
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+
+
+@dataclass
+class TrainConfig:
+    """One training run (see ``ctscreen train --help`` for the meaning of each field)."""
+
+    task: str
+    profile: str = "lite"
+    source: Source = field(default_factory=lambda: Source("phantom"))
+    out: Path = Path("runs/run")
+    studies: int = 48
+    slices: int = 64
+    val_studies: int = 6
+    seed: int = 0
+    steps: int = 2000
+    batch: int = 8
+    lr: float = 2e-3
+    val_every: int = 250
+    resume: bool = False
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    spec: NetSpec | None = None
+    augment: bool = True
+    max_slices_per_volume: int | None = None
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in {"spec", "source", "out"}}
+        d["source"] = self.source.describe()
+        d["out"] = str(self.out)
+        return d
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+
+def augment(
+    hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise.
+
+    ``hu`` is float HU ``[B, 1, 512, 512]``; ``target`` ``[B, 1, S, S]`` gets the same geometry.
+    """
+    b = hu.shape[0]
+    dev = hu.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=gen).to(dev)
+
+    flip = torch.rand(b, generator=gen).to(dev) < 0.5
+    hu = torch.where(flip[:, None, None, None], hu.flip(-1), hu)
+    target = torch.where(flip[:, None, None, None], target.flip(-1), target)
+    # affine: rotation, isotropic scale, shift (normalised coordinates), applied with p = 0.7
+    on = (torch.rand(b, generator=gen).to(dev) < 0.7).float()
+    ang = u(-max_rot_deg, max_rot_deg) * math.pi / 180 * on
+    scale = 1 + u(-0.1, 0.1) * on
+    tx, ty = u(-0.06, 0.06) * on, u(-0.06, 0.06) * on
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(hu.shape), align_corners=False)
+    hu = F.grid_sample(hu - AIR_HU, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    hu = hu + AIR_HU
+    tgrid = F.affine_grid(theta, list(target.shape), align_corners=False)
+    target = F.grid_sample(target, tgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # window jitter (calibration / kernel differences) and noise
+    hu = hu * (1 + u(-0.05, 0.05))[:, None, None, None] + u(-40, 40)[:, None, None, None]
+    sigma = u(0, 25)[:, None, None, None]
+    noise = torch.randn(hu.shape, generator=gen).to(dev)
+    return hu + noise * sigma, target.clamp(0, 1)
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy (on logits) plus soft Dice loss over the whole batch."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    dice = (2 * inter + smooth) / (p.sum() + target.sum() + smooth)
+    return bce + (1 - dice)
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.05, floor: float = 0.02) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 2 % of the peak rate."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    t = min(1.0, (step - w) / max(1, total - w))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --- loop --------------------------------------------------------------------------------------
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _volumes(cfg: TrainConfig, split: str) -> Iterable[Volume]:
+    if cfg.source.kind == "phantom":
+        if split == "train":
+            seed0, n = datasets.PHANTOM_TRAIN_SEED0 + cfg.seed * 10_000, cfg.studies
+        else:
+            seed0, n = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000, cfg.val_studies
+        return datasets.phantom_volumes(n, seed0, n_slices=cfg.slices)
+    cases = datasets.nifti_cases(cfg.source.path)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(cases))
+    n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
+    pick = order[:n_val] if split == "val" else order[n_val:] if n_val else order
+    return (datasets.load_nifti_case(*cases[i]) for i in pick)
+
+
+def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) -> dict:
+    """What the model was trained on (goes into the checkpoint and the model card)."""
+    m: dict = {"source": cfg.source.describe(), "task": cfg.task}
+    if cfg.source.kind == "phantom":
+        s0 = datasets.PHANTOM_TRAIN_SEED0 + cfg.seed * 10_000
+        v0 = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000
+        m["train_seeds"] = [s0, s0 + cfg.studies - 1]
+        m["val_seeds"] = [v0, v0 + cfg.val_studies - 1]
+        m["kind_cycle"] = list(datasets.PHANTOM_KIND_CYCLE)
+        m["slices_per_study"] = cfg.slices
+        try:
+            import phantom
+
+            m["phantom_version"] = getattr(phantom, "__version__", "unknown")
+        except ImportError:  # pragma: no cover
+            pass
+    m["train_cases"] = sorted(set(train_bank.case.tolist()))
+    m["train_slices"] = train_bank.counts()
+    m["val_slices"] = val_bank.counts() if val_bank is not None else {}
+    return m
+
+
+@torch.no_grad()
+def evaluate_bank(model: HUSegmenter, bank: datasets.SliceBank, device: torch.device, batch: int = 16) -> dict:
+    """Validation loss, Dice and (lesion) a slice-level detection proxy on a bank (no augmentation)."""
+    model.eval()
+    losses, inter, psum, tsum = [], 0.0, 0.0, 0.0
+    tp = fp = fn = tn = 0
+    for i in range(0, len(bank), batch):
+        hu = torch.from_numpy(bank.hu[i : i + batch][:, None]).to(device)
+        tgt = torch.from_numpy(bank.target[i : i + batch].astype(np.float32)).to(device)
+        z = model.logits(hu)
+        losses.append(float(bce_dice_loss(z, tgt)) * len(hu))
+        p = (torch.sigmoid(z) >= 0.5).float()
+        t = (tgt >= 0.5).float()
+        inter += float((p * t).sum())
+        psum += float(p.sum())
+        tsum += float(t.sum())
+        pos_pred = p.flatten(1).sum(1) >= 2
+        pos_true = t.flatten(1).sum(1) >= 2
+        tp += int((pos_pred & pos_true).sum())
+        fp += int((pos_pred & ~pos_true).sum())
+        fn += int((~pos_pred & pos_true).sum())
+        tn += int((~pos_pred & ~pos_true).sum())
+    model.train()
+    return {
+        "val_loss": sum(losses) / len(bank),
+        "val_dice": (2 * inter + 1) / (psum + tsum + 1),
+        "val_slice_sens": tp / max(1, tp + fn),
+        "val_slice_spec": tn / max(1, tn + fp),
+    }
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, str(tmp))
+    tmp.replace(path)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    train_volumes: Iterable[Volume] | None = None,
+    val_volumes: Iterable[Volume] | None = None,
+) -> dict:
+    """Train one network; returns a summary (final and best validation figures, paths).
+
+    ``train_volumes``/``val_volumes`` override ``cfg.source`` (tests use small synthetic volumes).
+    """
+    if cfg.task not in ("valid_area", "lesion"):
+        raise ValueError(f'Argument "cfg.task" must be valid_area or lesion, got {cfg.task!r}.')
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    spec = cfg.spec or spec_for(cfg.task, cfg.profile)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    tv = train_volumes if train_volumes is not None else _volumes(cfg, "train")
+    bank = datasets.SliceBank(cfg.task, spec.input_size, tv, max_slices_per_volume=cfg.max_slices_per_volume)
+    vv = val_volumes if val_volumes is not None else _volumes(cfg, "val")
+    val_bank = datasets.SliceBank(cfg.task, spec.input_size, vv) if vv is not None else None
+    logger.info("data: %d train slices %s, %d val slices, %.0f s", len(bank), bank.counts(),
+                len(val_bank) if val_bank else 0, time.perf_counter() - t0)
+
+    model = HUSegmenter(spec).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    step, best = 0, math.inf
+    manifest = data_manifest(cfg, bank, val_bank)
+
+    if cfg.resume:
+        ckpt = torch.load(str(out / "last.ckpt"), map_location=device, weights_only=False)
+        if ckpt["task"] != cfg.task or NetSpec.from_dict(ckpt["spec"]) != spec:
+            raise ValueError(f"{out / 'last.ckpt'} was written for another task or architecture.")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        rng.bit_generator.state = ckpt["rng"]
+        gen.set_state(ckpt["torch_gen"])
+        step, best, history = ckpt["step"], ckpt.get("best", math.inf), ckpt.get("history", [])
+        logger.info("resumed from step %d", step)
+
+    def payload(metrics: dict | None) -> dict:
+        return {
+            "task": cfg.task,
+            "profile": cfg.profile,
+            "spec": spec.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_gen": gen.get_state(),
+            "step": step,
+            "best": best,
+            "history": history,
+            "config": cfg.to_dict(),
+            "training": manifest,
+            "metrics": metrics,
+        }
+
+    model.train()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task}", unit="step")
+    running = None
+    last_val: dict = {}
+    while step < cfg.steps:
+        hu_np, tgt_np = bank.sample(rng, cfg.batch)
+        hu = torch.from_numpy(hu_np).to(device).float()
+        tgt = torch.from_numpy(tgt_np).to(device)
+        if cfg.augment:
+            hu, tgt = augment(hu, tgt, gen, max_rot_deg=4.0 if cfg.task == "valid_area" else 8.0)
+        loss = bce_dice_loss(model.logits(hu), tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            rec = {"step": step, "train_loss": running}
+            if val_bank is not None:
+                last_val = evaluate_bank(model, val_bank, device)
+                rec.update(last_val)
+            history.append(rec)
+            logger.info("step %d %s", step, {k: round(v, 4) for k, v in rec.items()})
+            score = rec.get("val_loss", running)
+            if score < best:
+                best = score
+                _save(out / "best.ckpt", payload(rec))
+            _save(out / "last.ckpt", payload(rec))
+            (out / "history.json").write_text(json.dumps(history, indent=2))
+    if bar is not None:
+        bar.close()
+    return {
+        "task": cfg.task,
+        "steps": step,
+        "final": history[-1] if history else {},
+        "best_val_loss": best,
+        "last": str(out / "last.ckpt"),
+        "best": str(out / "best.ckpt"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
