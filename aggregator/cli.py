@@ -17,7 +17,7 @@ Serving paths
 Data
 ----
 ``DIR`` holds phantom studies as ``ctscreen phantom`` writes them (one folder per study with its DICOM
-files, ``manifest.json`` and NIfTI masks); ``--make-phantom N`` first writes the held-out phantom set
+files and ``manifest.json``, format ``ctscreen-phantom/1``); ``--make-phantom N`` first writes the held-out phantom set
 (seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds cycling like training) into ``DIR``.
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
@@ -71,79 +71,34 @@ class LabelledCase:
     """Truth per image for the slices of a result (by SOP Instance UID)."""
 
 
-def _mask_file(folder: Path, manifest: dict[str, Any]) -> Path | None:
-    masks = manifest.get("masks") or {}
-    name = masks.get("lesion") if isinstance(masks, dict) else None
-    if name and (folder / name).is_file():
-        return folder / name
-    found = sorted(folder.glob("*lesion*.nii*"))
-    return found[0] if found else None
+def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA) -> Callable[[CaseResult], dict[str, bool]]:
+    """Per-image truth of a phantom study (``ctscreen-phantom/1`` manifest), by slice position.
 
-
-def _mask_positions(mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion pixels per slice and the slice positions (mm along the volume's slice axis) of a mask."""
-    import nibabel as nib
-
-    img = nib.load(str(mask_path))
-    data = np.asanyarray(img.dataobj)
-    if data.ndim != 3:
-        raise EvalError(f"{mask_path}: lesion mask must be 3-D, got shape {data.shape}")
-    # Which voxel axis is the slice axis: the one whose world direction is most along z.
-    axis = int(np.argmax(np.abs(img.affine[2, :3])))
-    counts = (data != 0).sum(axis=tuple(a for a in range(3) if a != axis))
-    idx = np.zeros((data.shape[axis], 3))
-    idx[:, axis] = np.arange(data.shape[axis])
-    world = idx @ img.affine[:3, :3].T + img.affine[:3, 3]
-    return counts.astype(int), world
-
-
-def _phantom_truth(folder: Path, manifest: dict[str, Any], min_px: int) -> Callable[[CaseResult], dict[str, bool]]:
-    """Per-image truth of a phantom study, matched to result slices by position along the normal."""
-    per_slice = manifest.get("slices")
-    if isinstance(per_slice, list) and per_slice and "sop_instance_uid" in per_slice[0]:
-        key = next((k for k in ("lesion_pixels", "lesion_px", "lesion_area") if k in per_slice[0]), None)
-        if key is not None:
-            table = {s["sop_instance_uid"]: int(s[key]) for s in per_slice}
-
-            def by_uid(result: CaseResult) -> dict[str, bool]:
-                out = {}
-                for f in result.slices:
-                    px = table.get(f.sop_instance_uid)
-                    if px is not None and (px == 0 or px > min_px):
-                        out[f.sop_instance_uid] = px > min_px
-                return out
-
-            return by_uid
-    mask = _mask_file(folder, manifest)
-    if mask is None:
-        logger.warning("%s: no lesion mask, no per-image truth", folder)
+    The manifest lists every slice's z position (axial slices, so z is the position along the normal)
+    and the lesion area of each lesion slice. A result slice is matched to the manifest slice nearest
+    its ``position_mm`` (within half the slice spacing); it is positive above ``min_px`` lesion pixels,
+    negative at 0, and left out in between or when it matches no slice.
+    """
+    zs = np.asarray(manifest.get("z_positions") or [], dtype=float)
+    if zs.size == 0:
         return lambda result: {}
-    counts, world = _mask_positions(mask)
+    area = np.zeros(len(zs), dtype=int)
+    lesion_slices = manifest.get("lesion_slices") or []
+    area[np.asarray(lesion_slices, dtype=int)] = np.asarray(manifest.get("lesion_area_px") or [], dtype=int)
+    spacing = float(manifest.get("slice_spacing") or (np.median(np.diff(np.sort(zs))) if zs.size > 1 else 1.0))
 
-    def by_position(result: CaseResult) -> dict[str, bool]:
-        if len(result.slices) != len(counts):
-            logger.warning("%s: %d slices screened, mask has %d; matching by position", folder,
-                           len(result.slices), len(counts))
-        # Positions along the normal are world coordinates projected on it; the mask's slices lie along
-        # one axis. Match in order of position: both sorted ascending along the same direction.
-        pos = np.array([f.position_mm for f in result.slices])
-        zs = world[:, 2]
-        order_mask = np.argsort(zs)
+    def truth(result: CaseResult) -> dict[str, bool]:
         out = {}
-        if len(pos) == len(counts):
-            for f, k in zip(result.slices, order_mask, strict=True):
-                px = int(counts[k])
-                if px == 0 or px > min_px:
-                    out[f.sop_instance_uid] = px > min_px
-            return out
         for f in result.slices:
             k = int(np.argmin(np.abs(zs - f.position_mm)))
-            px = int(counts[k])
+            if abs(zs[k] - f.position_mm) > spacing / 2:
+                continue
+            px = int(area[k])
             if px == 0 or px > min_px:
                 out[f.sop_instance_uid] = px > min_px
         return out
 
-    return by_position
+    return truth
 
 
 def discover(data: Path, min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
@@ -164,7 +119,7 @@ def discover(data: Path, min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
         cases.append(LabelledCase(
             case_id=str(folder.relative_to(data)) if folder != data else folder.name,
             kind=kind, label=bool(int(label)), path=folder,
-            slice_truth=_phantom_truth(folder, manifest, min_px),
+            slice_truth=slice_truth_from_manifest(manifest, min_px),
         ))
     if not cases:
         raise EvalError(f"--data {data}: no study with a manifest.json (write one with --make-phantom N)")
@@ -287,12 +242,12 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
 
     with ExitStack() as resources:
         try:
-            stack = resources.enter_context(run_stack(port=0, repo=args.repo))
+            stack = resources.enter_context(run_stack(port=0, repo=args.repo, triton_url=args.triton_url))
         except (CliError, RuntimeError, OSError) as exc:
             raise EvalError(f"cannot start the embedded stack: {exc}") from exc
         client = resources.enter_context(httpx.Client(base_url=stack.url, timeout=args.timeout))
-        yield _Path(_http_runner(client, args.timeout),
-                    "embedded stack (ctscreen serve: embedded Triton, cpu profile + gateway, HTTP API)")
+        triton = f"Triton at {args.triton_url}" if args.triton_url else "embedded Triton, cpu profile"
+        yield _Path(_http_runner(client, args.timeout), f"embedded stack (ctscreen serve: {triton} + gateway, HTTP API)")
 
 
 # --- writing the report ----------------------------------------------------------------------------
@@ -429,6 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
     where.add_argument("--in-process", action="store_true",
                        help="reference path: ingest + ONNX Runtime + postprocess in this process, no server")
+    p.add_argument("--triton-url", metavar="HOST:PORT",
+                   help="with the embedded stack: use this running Triton (gRPC) instead of starting one")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default docs/eval)")
     p.add_argument("--repo", type=Path, default=None, help="model repository (default: the cpu profile build)")
     p.add_argument("--make-phantom", type=_positive_int, metavar="N",
@@ -451,6 +408,10 @@ def eval_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.timeout <= 0:
         print("ctscreen eval: --timeout must be > 0", file=sys.stderr)
+        return 2
+    if args.triton_url and (args.url or args.in_process):
+        print("ctscreen eval: --triton-url goes with the embedded stack, not with --url or --in-process",
+              file=sys.stderr)
         return 2
     if args.repo is not None and not args.repo.is_dir():
         print(f"ctscreen eval: --repo {args.repo}: not a directory", file=sys.stderr)
