@@ -120,30 +120,34 @@ def _add_load(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
+    shared.add_argument("--results", type=Path, default=argparse.SUPPRESS,
+                        help="results folder (default benchmarks/results)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     parser.add_argument("--results", type=Path, help="results folder (default benchmarks/results)")
     sub = parser.add_subparsers(dest="cmd", metavar="{perf,load,ratios,all,report,gpu,scaling,phantom,models,decode}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("perf", help="perf_analyzer sweeps over each model and the ensemble")
+    p = sub.add_parser("perf", parents=[shared], help="perf_analyzer sweeps over each model and the ensemble")
     _add_target(p, gateway=False)
     _add_perf(p)
 
-    p = sub.add_parser("load", help="case-level load against the gateway")
+    p = sub.add_parser("load", parents=[shared], help="case-level load against the gateway")
     _add_target(p, gateway=True)
     _add_load(p)
 
-    p = sub.add_parser("ratios", help="overhead ratios against in-process ONNX Runtime and a MONAI-style client")
+    p = sub.add_parser("ratios", parents=[shared], help="overhead ratios against in-process ONNX Runtime and a MONAI-style client")
     _add_target(p, gateway=True)
     _add_ratios(p)
 
-    p = sub.add_parser("all", help="perf + load + ratios on one stack, then the report")
+    p = sub.add_parser("all", parents=[shared], help="perf + load + ratios on one stack, then the report")
     _add_target(p, gateway=True)
     _add_perf(p)
     _add_load(p)
     _add_ratios(p)
 
-    sub.add_parser("report", help="JSON + Markdown + plots from the latest results")
+    sub.add_parser("report", parents=[shared], help="JSON + Markdown + plots from the latest results")
     for name, (_, text) in DELEGATES.items():
         sub.add_parser(name, help=text, add_help=False)
     return parser

@@ -89,7 +89,7 @@ def sample_slices(n: int = 4, seed: int = 7) -> np.ndarray:
     from benchmarks.studies import _phantom
 
     try:
-        study = _phantom().make_study(seed, kind="covid", n_slices=max(8, 2 * n))
+        study = _phantom(writer=False).make_study(seed, kind="covid", n_slices=max(8, 2 * n))
         hu = np.asarray(study.hu, dtype=np.int16)
     except BenchError as exc:
         logger.warning("%s; using plain ellipse slices", exc)

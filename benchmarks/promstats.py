@@ -32,11 +32,16 @@ TRITON_COUNTERS = (
 
 
 def parse(text: str) -> Sample:
-    """Every sample of a Prometheus text exposition, keyed by (sample name, sorted labels)."""
+    """Every sample of a Prometheus text exposition, keyed by (sample name, sorted labels).
+
+    The parser names counter samples ``<family>_total`` whatever the exposition said (Triton's
+    ``nv_inference_count`` comes back as ``nv_inference_count_total``); the suffix is removed here.
+    """
     out: Sample = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+            name = s.name[: -len("_total")] if family.type == "counter" and s.name.endswith("_total") else s.name
+            out[(name, tuple(sorted(s.labels.items())))] = float(s.value)
     return out
 
 

@@ -114,26 +114,33 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and _is_dicom(p))
 
 
-def _phantom():
+def _phantom(writer: bool = True):
     try:
         import phantom
     except ImportError as exc:  # pragma: no cover - depends on what has landed
         raise BenchError(f"package 'phantom' cannot be imported ({exc}); it makes the benchmark studies") from exc
-    if not hasattr(phantom, "make_study") or not hasattr(phantom, "write_study"):
-        raise BenchError("package 'phantom' has no make_study/write_study yet (phantom/__init__.py)")
+    for name in ("make_study", "write_study") if writer else ("make_study",):
+        if not hasattr(phantom, name):
+            raise BenchError(f"package 'phantom' has no {name} yet (phantom/__init__.py)")
     return phantom
 
 
 def ensure_study(
-    kind: str, n_slices: int, seed: int, *, encoding: str = "explicit", cache: Path = STUDY_CACHE
+    kind: str,
+    n_slices: int,
+    seed: int,
+    *,
+    encoding: str = "explicit",
+    matrix: int | None = None,
+    cache: Path = STUDY_CACHE,
 ) -> PoolStudy:
-    """Make (once) and load one phantom study of ``n_slices`` slices."""
-    folder = cache / f"{kind}-{n_slices}-s{seed}-{encoding}"
+    """Make (once) and load one phantom study of ``n_slices`` slices (``matrix`` x ``matrix`` pixels)."""
+    folder = cache / (f"{kind}-{n_slices}-s{seed}-{encoding}" + (f"-m{matrix}" if matrix else ""))
     files = dicom_files(folder) if folder.exists() else []
     if not files:
         ph = _phantom()
         logger.info("making phantom study %s (%d slices) in %s", kind, n_slices, folder)
-        study = ph.make_study(seed, kind=kind, n_slices=n_slices)
+        study = ph.make_study(seed, kind=kind, n_slices=n_slices, matrix=matrix)
         folder.mkdir(parents=True, exist_ok=True)
         ph.write_study(study, folder, encoding=encoding)
         files = dicom_files(folder)

@@ -1,0 +1,208 @@
+"""Smoke tests of the benchmark harness: it runs on a tiny load, so it cannot rot.
+
+These never measure speed (the benchmarks print figures; tests do not time anything). The ``triton``
+tests drive the real embedded tritonserver, the real perf_analyzer binary and a real gateway process
+(uvicorn) with one tiny phantom study.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import promstats
+from benchmarks.cli import main as bench_main
+from benchmarks.common import UnsafeTarget, check_target, is_loopback
+from benchmarks.load import LoadConfig, arrival_times
+from benchmarks.studies import SizeDist
+from ctscreen.contracts import BOX_COUNT, LESION_BOXES, VALID_AREA_BOX
+
+# --- pure pieces --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("127.0.0.1:8001", True),
+        ("http://127.3.4.5:9/x", True),
+        ("http://localhost:8000", True),
+        ("[::1]:8001", True),
+        ("http://10.0.0.5:8000", False),
+        ("192.168.1.2:8001", False),
+        ("https://example.org", False),
+    ],
+)
+def test_only_loopback_is_a_target_unless_allowed(url: str, ok: bool) -> None:
+    assert is_loopback(url) is ok
+    if ok:
+        assert check_target(url) == url
+    else:
+        with pytest.raises(UnsafeTarget, match="not a loopback"):
+            check_target(url)
+        assert check_target(url, allow_remote=True) == url
+
+
+def test_cli_refuses_a_remote_gateway_without_sending(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = bench_main(["load", "--url", "http://10.20.30.40:8080", "--max-studies", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "refusing to send load to 'http://10.20.30.40:8080'" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["perf", "--pa-concurrency", "4:1"],
+        ["load", "--concurrency", "0"],
+        ["load", "--rates", "x"],
+        ["nonsense"],
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctscreen bench: error:") and "Traceback" not in err
+
+
+def test_cli_bad_size_spec_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main(["load", "--url", "http://127.0.0.1:1", "--sizes", "gauss:3"]) == 1
+    assert 'Argument "sizes" must be fixed:N' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("fixed:30", {30}), ("choice:20,40", {20, 40}), ("uniform:40,60", set(range(40, 61, 10)))],
+)
+def test_size_distributions(spec: str, expected: set[int]) -> None:
+    sizes = SizeDist.parse(spec).draw(np.random.default_rng(1), 50)
+    assert len(sizes) == 50 and set(sizes) <= expected
+    lo, hi = 100, 400
+    logn = SizeDist.parse(f"lognormal:200,0.5,{lo},{hi}").draw(np.random.default_rng(1), 200)
+    assert min(logn) >= lo and max(logn) <= hi and len(set(logn)) > 3
+
+
+@pytest.mark.parametrize("spec", ["fixed", "choice:", "uniform:1", "lognormal:1,2", "fixed:-3", "poisson:3"])
+def test_bad_size_specs(spec: str) -> None:
+    with pytest.raises(ValueError, match='Argument "sizes"'):
+        SizeDist.parse(spec)
+
+
+@pytest.mark.parametrize("mode", ["poisson", "bursty"])
+def test_open_loop_arrivals_are_bounded(mode: str) -> None:
+    cfg = LoadConfig(url="http://127.0.0.1:1", mode=mode, rate=2.0, burst=4, duration=10.0, max_studies=1000)
+    times = arrival_times(cfg, np.random.default_rng(0))
+    assert times == sorted(times) and times[0] == 0.0 and times[-1] <= 10.0
+    assert 5 <= len(times) <= 60  # about rate x duration = 20
+    if mode == "bursty":
+        assert len(set(times)) * 4 >= len(times) and len(set(times)) < len(times)
+    capped = arrival_times(LoadConfig(url="http://127.0.0.1:1", mode=mode, rate=50.0, burst=4, duration=100.0,
+                                      max_studies=7), np.random.default_rng(0))
+    assert len(capped) == 7
+
+
+TRITON_METRICS = """\
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="lesion",version="1"} 10
+nv_inference_count{model="lesion",version="1"} 40
+nv_inference_exec_count{model="lesion",version="1"} 5
+nv_inference_queue_duration_us{model="lesion",version="1"} 5000
+nv_inference_compute_infer_duration_us{model="lesion",version="1"} 200000
+nv_inference_request_failure{model="lesion",version="1"} 0
+"""
+
+
+def test_triton_metrics_summary_from_a_delta() -> None:
+    before = promstats.parse(TRITON_METRICS.replace(" 10\n", " 0\n").replace(" 40\n", " 0\n").replace(" 5\n", " 0\n")
+                             .replace(" 5000\n", " 0\n").replace(" 200000\n", " 0\n"))
+    after = promstats.parse(TRITON_METRICS)
+    s = promstats.triton_summary(promstats.delta(before, after))["lesion"]
+    assert s["requests"] == 10 and s["inferences"] == 40 and s["avg_batch"] == 8.0
+    assert s["queue_us"] == 500.0 and s["compute_infer_us"] == 20000.0
+    hist = promstats.histogram_summary(promstats.parse(
+        'x_stage_seconds_sum{stage="decode"} 3\nx_stage_seconds_count{stage="decode"} 2\n'))
+    assert hist == {"x_stage_seconds{stage=decode}": {"count": 2, "sum": 3.0, "mean": 1.5}}
+
+
+def test_gpu_script_dry_run_prints_the_plan() -> None:
+    out = subprocess.run([sys.executable, "benchmarks/gpu_paper_profile.py", "build", "--out", "/tmp/ctscreen-paper",
+                          "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--untrained --profile paper" in out.stdout and "repo build --profile gpu" in out.stdout
+    out = subprocess.run([sys.executable, "benchmarks/gpu_paper_profile.py", "measure", "--triton-url",
+                          "10.0.0.1:8001"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "refusing" in out.stderr
+
+
+# --- against the real embedded Triton -------------------------------------------------------------------
+
+
+@pytest.mark.triton
+def test_monai_style_client_and_ensemble_client_agree(triton) -> None:
+    """The MONAI-style client (JSON tensors over HTTP) gets the very boxes the gRPC client gets."""
+    from benchmarks.perf import sample_slices
+    from benchmarks.ratios import MonaiStyleRemoteModel, ensemble_throughput
+
+    slices = sample_slices(2)
+    run = ensemble_throughput(triton.grpc_url, slices, batch=2, concurrency=1, min_slices=2)
+    assert run["slices"] >= 2 and run["slices_per_s"] > 0
+
+    import tritonclient.grpc as grpcclient
+
+    cli = grpcclient.InferenceServerClient(triton.grpc_url)
+    inp = grpcclient.InferInput("HU_SLICES", [1, 1, 512, 512], "INT16")
+    inp.set_data_from_numpy(slices[:1])
+    ref = cli.infer("ct_screen", [inp])
+    model = MonaiStyleRemoteModel(triton.http_url)
+    try:
+        got = model(slices[:1])
+    finally:
+        model.close()
+    for name in (LESION_BOXES, BOX_COUNT, VALID_AREA_BOX):
+        np.testing.assert_array_equal(got[name], ref.as_numpy(name))
+    assert got[VALID_AREA_BOX].shape == (1, 4) and got[BOX_COUNT].shape == (1, 1)
+
+
+@pytest.mark.triton
+def test_perf_analyzer_scenario_on_the_ensemble(triton, tmp_path) -> None:
+    from benchmarks import perf
+
+    names = perf.model_inputs(triton.http_url, "ct_screen")
+    data = perf.input_data_file("ct_screen", names, tmp_path, n=1)
+    assert json.loads(data.read_text())["data"][0]["HU_SLICES"]["shape"] == [1, 512, 512]
+    res = perf.run_scenario("ct_screen", triton.grpc_url, input_data=data, input_names=names, batch=1,
+                            concurrency=(1, 1, 1), request_count=3, max_trials=3, stability=100, out_dir=tmp_path)
+    assert res["rows"] and res["rows"][0]["Concurrency"] == 1 and res["rows"][0]["Inferences/Second"] > 0
+    assert "--shape HU_SLICES:1,512,512" in res["command"]
+
+
+@pytest.mark.triton
+def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
+    """One tiny phantom study through a real gateway process; then the report is written from it."""
+    from benchmarks import report, stack
+    from benchmarks.load import run_load
+    from benchmarks.studies import ensure_study
+
+    study = ensure_study("covid", 8, seed=5, matrix=128, cache=tmp_path / "studies")
+    assert study.n_slices == 8
+    target = stack.TritonTarget(triton.grpc_url, f"http://{triton.http_url}", triton.metrics_url)
+    with stack.gateway(target) as url:
+        cfg = LoadConfig(url=url, mode="closed", concurrency=1, max_studies=1, duration=60, study_timeout=120,
+                         sizes="fixed:8", kinds=("covid",), poll_interval=0.1, triton_metrics_url=triton.metrics_url)
+        res = run_load(cfg, {("covid", 8): study})
+    assert res["sent"] == 1 and res["completed"] == 1, res["errors"]
+    assert res["studies"][0]["verdict"] in ("positive", "negative", "indeterminate")
+    assert res["slices_per_s"] > 0 and res["latency_s"]["p99"] > 0
+    assert res["triton"]["ct_screen"]["inferences"] == 8
+    assert any("stage" in k for k in res["gateway_stages"])
+
+    (tmp_path / "load-latest.json").write_text(json.dumps({"machine": {}, "runs": [res]}))
+    rep = report.build(tmp_path)
+    assert (tmp_path / "report.md").read_text().startswith("# ctscreen benchmark report")
+    assert (tmp_path / "plots" / "latency_vs_load.png").stat().st_size > 1000
+    assert rep["stage_ms_per_slice"]  # per-stage breakdown from Triton and gateway metrics
