@@ -1,0 +1,300 @@
+"""Choose the series to screen and put its slices in anatomical order.
+
+Selection (:func:`select_series`): every frame is first checked on its own against
+:class:`SeriesRules` (:func:`frame_exclusion` gives the reason a frame is left out: ``not_axial``,
+``not_original``, ``localizer``, ``thickness``, ``no_geometry``); frames are grouped by Series
+Instance UID; within a series, frames whose orientation differs from the series' own are left
+out (``orientation_mismatch``); the series with the most distinct slice positions wins (ties: the
+thinner slices, then the lower Series Number, then the UID, so the choice is deterministic).
+
+Ordering (:func:`sort_slices`): the slice normal is ``n = row_cosines x col_cosines`` from Image
+Orientation (Patient); each slice's position is ``ImagePositionPatient . n`` (mm). Slices are
+sorted by that position, ascending (for a standard axial series, feet to head); Instance Number
+and file order are ignored. Slices at the same position (within :attr:`SeriesRules.duplicate_tol_mm`)
+are duplicates: one is kept (the lowest ``(instance number, SOP UID, frame)``) and the others are
+reported. A step larger than :attr:`SeriesRules.gap_factor` times the median spacing is reported
+as a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.dicom import FrameHeader
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Gap",
+    "SeriesRules",
+    "SeriesSelection",
+    "SortedSeries",
+    "frame_exclusion",
+    "select_series",
+    "slice_normal",
+    "sort_slices",
+]
+
+
+@dataclass(frozen=True)
+class SeriesRules:
+    """Which frames may be screened; every rule can be switched off.
+
+    Attributes
+    ----------
+    modalities : frozenset[str]
+        Accepted (0008,0060) Modality values.
+    require_axial : bool
+        Keep only slices whose normal is within ``axial_tolerance_deg`` of the patient's
+        head-feet axis.
+    axial_tolerance_deg : float
+        Largest tilt accepted (gantry tilt is usually < 30 degrees).
+    require_original_primary : bool
+        Image Type must start with ``ORIGINAL\\PRIMARY`` (reformats and screenshots are left out).
+    exclude_localizer : bool
+        Leave out frames whose Image Type holds ``LOCALIZER`` (scouts, topograms).
+    min_slice_thickness_mm, max_slice_thickness_mm : float | None
+        Accepted Slice Thickness range; ``None`` disables a bound. Frames without thickness pass.
+    duplicate_tol_mm : float
+        Two slices closer than this along the normal are at the same position.
+    gap_factor : float
+        A step larger than this times the median spacing is a gap.
+    """
+
+    modalities: frozenset[str] = frozenset({"CT"})
+    require_axial: bool = True
+    axial_tolerance_deg: float = 30.0
+    require_original_primary: bool = True
+    exclude_localizer: bool = True
+    min_slice_thickness_mm: float | None = 0.0
+    max_slice_thickness_mm: float | None = 10.0
+    duplicate_tol_mm: float = 0.01
+    gap_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.axial_tolerance_deg <= 90:
+            raise ValueError(
+                f'Argument "axial_tolerance_deg" must be in [0, 90], got {self.axial_tolerance_deg}.'
+            )
+        lo, hi = self.min_slice_thickness_mm, self.max_slice_thickness_mm
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f'Argument "min_slice_thickness_mm" ({lo}) must not exceed "max_slice_thickness_mm" ({hi}).'
+            )
+        if self.duplicate_tol_mm < 0:
+            raise ValueError(f'Argument "duplicate_tol_mm" must be >= 0, got {self.duplicate_tol_mm}.')
+        if self.gap_factor <= 1:
+            raise ValueError(f'Argument "gap_factor" must be > 1, got {self.gap_factor}.')
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A missing stretch between two consecutive kept slices (indices into the sorted series)."""
+
+    after_index: int
+    step_mm: float
+    expected_mm: float
+
+
+@dataclass
+class SortedSeries:
+    """Slices in anatomical order with what was found on the way."""
+
+    slices: list[FrameHeader]
+    positions_mm: np.ndarray
+    """float64 [Z], ascending, along :attr:`normal`."""
+    normal: tuple[float, float, float]
+    spacing_mm: float | None
+    """Median step between kept slices (``None`` with fewer than 2 slices)."""
+    duplicates: list[FrameHeader] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+
+
+@dataclass
+class SeriesSelection:
+    """The chosen series and everything left out, with reasons."""
+
+    series_instance_uid: str
+    chosen: list[FrameHeader]
+    excluded: list[tuple[FrameHeader, str, str]]
+    """``(frame, reason, message)`` for frames of any series that broke a rule."""
+    other_series: dict[str, int]
+    """Series Instance UID -> number of usable frames, for series that lost."""
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal ``row_cosines x col_cosines`` of Image Orientation (Patient).
+
+    Raises
+    ------
+    ValueError
+        The orientation does not have 6 values or its two directions are (nearly) parallel.
+    """
+    if len(orientation) != 6:
+        raise ValueError(f'Argument "orientation" must have 6 values, got {len(orientation)}.')
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:], dtype=np.float64)
+    n = np.cross(row, col)
+    norm = float(np.linalg.norm(n))
+    if norm < 1e-3:
+        raise ValueError('Argument "orientation" has parallel row and column directions.')
+    return n / norm
+
+
+def frame_exclusion(h: FrameHeader, rules: SeriesRules) -> tuple[str, str] | None:
+    """Return ``(reason, message)`` when a frame breaks a rule on its own, else ``None``."""
+    if h.modality not in rules.modalities:
+        return "not_ct", f"Modality {h.modality!r} not in {sorted(rules.modalities)}."
+    if rules.exclude_localizer and "LOCALIZER" in h.image_type:
+        return "localizer", "Localizer (scout) image."
+    if rules.require_original_primary and tuple(h.image_type[:2]) != ("ORIGINAL", "PRIMARY"):
+        shown = "\\".join(h.image_type) or "absent"
+        return "not_original", f"Image Type {shown} is not ORIGINAL\\PRIMARY."
+    if h.orientation is None or h.position is None:
+        return "no_geometry", "Image Orientation/Position (Patient) missing: slices cannot be ordered."
+    try:
+        n = slice_normal(h.orientation)
+    except ValueError as exc:
+        return "no_geometry", str(exc)
+    if rules.require_axial:
+        tilt = math.degrees(math.acos(min(1.0, abs(float(n[2])))))
+        if tilt > rules.axial_tolerance_deg:
+            return "not_axial", f"Slice normal is {tilt:.0f} degrees from the head-feet axis (not axial)."
+    t = h.slice_thickness
+    if t is not None:
+        lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
+        if (lo is not None and t < lo) or (hi is not None and t > hi):
+            return "thickness", f"Slice Thickness {t:g} mm outside [{lo}, {hi}] mm."
+    return None
+
+
+def _orientation_key(h: FrameHeader) -> tuple[int, ...]:
+    assert h.orientation is not None
+    return tuple(round(v * 100) for v in h.orientation)  # 0.01 tolerance on direction cosines
+
+
+def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SeriesSelection | None:
+    """Pick the series to screen; ``None`` when no frame passes the rules.
+
+    Parameters
+    ----------
+    frames : Sequence[FrameHeader]
+        Every frame of every readable CT object in the upload.
+    rules : SeriesRules | None
+        Defaults to :class:`SeriesRules()`.
+    """
+    rules = rules or SeriesRules()
+    excluded: list[tuple[FrameHeader, str, str]] = []
+    by_series: dict[str, list[FrameHeader]] = defaultdict(list)
+    for h in frames:
+        why = frame_exclusion(h, rules)
+        if why is not None:
+            excluded.append((h, *why))
+        else:
+            by_series[h.series_instance_uid].append(h)
+    if not by_series:
+        return None
+
+    usable: dict[str, list[FrameHeader]] = {}
+    for uid, group in by_series.items():
+        main_key, _ = Counter(_orientation_key(h) for h in group).most_common(1)[0]
+        kept = []
+        for h in group:
+            if _orientation_key(h) == main_key:
+                kept.append(h)
+            else:
+                excluded.append(
+                    (h, "orientation_mismatch", "Orientation differs from the rest of its series.")
+                )
+        usable[uid] = kept
+
+    def score(item: tuple[str, list[FrameHeader]]) -> tuple[float, ...]:
+        uid, group = item
+        n = slice_normal(group[0].orientation)  # type: ignore[arg-type]
+        distinct = len(
+            {
+                round(float(np.dot(n, h.position)) / max(rules.duplicate_tol_mm, 1e-6))  # type: ignore[arg-type]
+                for h in group
+            }
+        )
+        thick = float(np.median([h.slice_thickness for h in group if h.slice_thickness] or [math.inf]))
+        number = group[0].series_number if group[0].series_number is not None else 1 << 30
+        return (-distinct, thick, number)
+
+    ranked = sorted(usable.items(), key=lambda it: (score(it), it[0]))
+    winner_uid, winner = ranked[0]
+    others = {uid: len(g) for uid, g in ranked[1:]}
+    if others:
+        logger.info("series %s chosen (%d frames) over %s", winner_uid, len(winner), others)
+    return SeriesSelection(
+        series_instance_uid=winner_uid, chosen=winner, excluded=excluded, other_series=others
+    )
+
+
+def sort_slices(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SortedSeries:
+    """Sort one series' frames along the slice normal, removing duplicates and finding gaps.
+
+    Parameters
+    ----------
+    frames : Sequence[FrameHeader]
+        Frames of one series, all with orientation and position (as :func:`select_series` keeps).
+    rules : SeriesRules | None
+        Supplies ``duplicate_tol_mm`` and ``gap_factor``.
+
+    Raises
+    ------
+    ValueError
+        ``frames`` is empty or a frame lacks geometry.
+    """
+    rules = rules or SeriesRules()
+    if not frames:
+        raise ValueError('Argument "frames" must not be empty.')
+    if any(h.orientation is None or h.position is None for h in frames):
+        raise ValueError('Argument "frames" must all have orientation and position.')
+    normal = slice_normal(frames[0].orientation)  # type: ignore[arg-type]
+    pos = np.array([float(np.dot(normal, h.position)) for h in frames])  # type: ignore[arg-type]
+    tie = [
+        (
+            h.instance_number if h.instance_number is not None else 1 << 30,
+            h.sop_instance_uid,
+            h.frame_index or 0,
+        )
+        for h in frames
+    ]
+    order = sorted(range(len(frames)), key=lambda i: (pos[i], tie[i]))
+
+    kept: list[int] = []
+    duplicates: list[FrameHeader] = []
+    for i in order:
+        if kept and abs(pos[i] - pos[kept[-1]]) <= rules.duplicate_tol_mm:
+            # same position: keep the lowest tie key (instance number, uid, frame)
+            if tie[i] < tie[kept[-1]]:
+                duplicates.append(frames[kept[-1]])
+                kept[-1] = i
+            else:
+                duplicates.append(frames[i])
+            continue
+        kept.append(i)
+
+    positions = pos[kept]
+    steps = np.diff(positions)
+    spacing = float(np.median(steps)) if steps.size else None
+    gaps: list[Gap] = []
+    if spacing is not None and spacing > 0:
+        for k, step in enumerate(steps):
+            if step > rules.gap_factor * spacing:
+                gaps.append(Gap(after_index=k, step_mm=float(step), expected_mm=spacing))
+    return SortedSeries(
+        slices=[frames[i] for i in kept],
+        positions_mm=positions,
+        normal=(float(normal[0]), float(normal[1]), float(normal[2])),
+        spacing_mm=spacing,
+        duplicates=duplicates,
+        gaps=gaps,
+    )

@@ -1,0 +1,288 @@
+"""Expand uploads into ``(filename, bytes)`` pairs, safely.
+
+An upload is either one file (a DICOM instance) or one zip archive holding many. Zip archives are
+checked before anything is expanded and again while expanding, because the sizes a zip declares
+can lie:
+
+* member names: absolute paths, drive letters, ``..`` components, NUL bytes and symbolic links are
+  refused as :class:`~gateway.errors.UnsafePath` (we never write members to disk, but a name is
+  echoed back to clients and logs, and an archive that tries this is hostile);
+* sizes: the upload, each member, the sum of members and the member count have limits
+  (:class:`~gateway.errors.TooLarge`);
+* zip bombs: a member whose expansion ratio is far above what DICOM reaches (lossless CT compresses
+  about 2-4x; a run of zeros 1000x), or an archive whose expanded total passes the limit, is
+  refused as :class:`~gateway.errors.ZipBomb`; expansion stops at the limit even when the
+  declared sizes lie;
+* archives inside archives are refused (:class:`~gateway.errors.BadArchive`).
+
+:func:`split_multipart_related` splits a ``multipart/related`` body (DICOMweb STOW-RS) into parts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import stat
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBomb
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "split_multipart_related"]
+
+MiB = 1024 * 1024
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
+_SKIPPED_NAMES = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|Thumbs\.db$|desktop\.ini$)")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CHUNK = 1 * MiB
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Limits applied to one upload.
+
+    Attributes
+    ----------
+    max_upload_bytes : int
+        Largest upload body (a single file, or the zip as sent).
+    max_file_bytes : int
+        Largest single file after expansion (a 512x512x2 CT slice is ~0.5 MiB; an enhanced
+        multi-frame CT of 1000 frames ~0.5 GiB).
+    max_total_bytes : int
+        Largest sum of expanded members of one zip.
+    max_files : int
+        Most members in one zip (directories not counted).
+    max_ratio : float
+        Largest expansion ratio (uncompressed / compressed) of a member above ``ratio_floor_bytes``.
+    ratio_floor_bytes : int
+        Members smaller than this are not ratio-checked (tiny files compress oddly).
+    """
+
+    max_upload_bytes: int = 2048 * MiB
+    max_file_bytes: int = 1024 * MiB
+    max_total_bytes: int = 4096 * MiB
+    max_files: int = 5000
+    max_ratio: float = 100.0
+    ratio_floor_bytes: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_file_bytes", "max_total_bytes", "max_files"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'Argument "{name}" must be positive, got {getattr(self, name)}.')
+        if self.max_ratio <= 1:
+            raise ValueError(f'Argument "max_ratio" must be > 1, got {self.max_ratio}.')
+
+
+def is_zip(data: bytes) -> bool:
+    """Return whether ``data`` starts like a zip archive."""
+    return data[:4] in _ZIP_MAGIC
+
+
+def iter_upload(
+    filename: str, data: bytes, limits: UploadLimits | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Yield the files in one upload: the file itself, or every member of a zip archive.
+
+    Parameters
+    ----------
+    filename : str
+        Name the client gave the upload (used in messages and as the prefix of member names).
+    data : bytes
+        The upload body.
+    limits : UploadLimits | None
+        Limits to enforce; defaults to :class:`UploadLimits()`.
+
+    Yields
+    ------
+    tuple[str, bytes]
+        ``(name, content)``; members are named ``"<filename>/<member name>"``.
+
+    Raises
+    ------
+    gateway.errors.TooLarge, gateway.errors.ZipBomb, gateway.errors.UnsafePath,
+    gateway.errors.BadArchive
+        The upload breaks a limit or is not a safe archive. Raised before any member is yielded
+        for everything the central directory declares, and during expansion when it lied.
+    """
+    limits = limits or UploadLimits()
+    if len(data) > limits.max_upload_bytes:
+        raise TooLarge(
+            f"Upload is {len(data)} bytes; the limit is {limits.max_upload_bytes}.", filename=filename
+        )
+    if not is_zip(data):
+        if len(data) > limits.max_file_bytes:
+            raise TooLarge(
+                f"File is {len(data)} bytes; the limit is {limits.max_file_bytes}.", filename=filename
+            )
+        yield filename, data
+        return
+    yield from _iter_zip(filename, data, limits)
+
+
+def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if "\x00" in name or name.startswith(("/", "\\")) or _DRIVE.match(name) or any(p == ".." for p in parts):
+        raise UnsafePath(f"Zip member name {name!r} is absolute or leaves the archive.", filename=archive)
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and stat.S_ISLNK(mode):  # 3: Unix
+        raise UnsafePath(f"Zip member {name!r} is a symbolic link.", filename=archive)
+
+
+def _iter_zip(filename: str, data: bytes, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+        raise BadArchive(f"Zip archive cannot be read: {exc}.", filename=filename) from exc
+
+    members = [i for i in infos if not i.is_dir() and not _SKIPPED_NAMES.search(i.filename)]
+    for info in infos:
+        _check_member_name(filename, info)
+    if len(members) > limits.max_files:
+        raise TooLarge(f"Zip holds {len(members)} files; the limit is {limits.max_files}.", filename=filename)
+    declared_total = 0
+    for info in members:
+        if info.flag_bits & 0x1:
+            raise BadArchive(f"Zip member {info.filename!r} is encrypted.", filename=filename)
+        if info.file_size > limits.max_file_bytes:
+            raise TooLarge(
+                f"Zip member {info.filename!r} expands to {info.file_size} bytes; "
+                f"the limit is {limits.max_file_bytes}.",
+                filename=filename,
+            )
+        _check_ratio(filename, info.filename, info.file_size, info.compress_size, limits)
+        declared_total += info.file_size
+    if declared_total > limits.max_total_bytes:
+        raise ZipBomb(
+            f"Zip expands to {declared_total} bytes; the limit is {limits.max_total_bytes}.",
+            filename=filename,
+        )
+
+    total = 0
+    for info in members:
+        content = _read_member(zf, filename, info, limits, budget=limits.max_total_bytes - total)
+        total += len(content)
+        if is_zip(content):
+            raise BadArchive(
+                f"Zip member {info.filename!r} is itself an archive; nested archives are refused.",
+                filename=filename,
+            )
+        yield f"{filename}/{info.filename}", content
+
+
+def _check_ratio(archive: str, name: str, size: int, compressed: int, limits: UploadLimits) -> None:
+    if size >= limits.ratio_floor_bytes and size > limits.max_ratio * max(compressed, 1):
+        raise ZipBomb(
+            f"Zip member {name!r} expands {size / max(compressed, 1):.0f}x "
+            f"({compressed} -> {size} bytes); the limit is {limits.max_ratio:.0f}x.",
+            filename=archive,
+        )
+
+
+def _read_member(
+    zf: zipfile.ZipFile, archive: str, info: zipfile.ZipInfo, limits: UploadLimits, budget: int
+) -> bytes:
+    """Read one member in chunks, never past the limits, whatever its header declares."""
+    cap = min(limits.max_file_bytes, budget)
+    buf = bytearray()
+    try:
+        with zf.open(info) as fh:
+            while True:
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > cap:
+                    raise ZipBomb(
+                        f"Zip member {info.filename!r} expands past {cap} bytes "
+                        f"(it declared {info.file_size}).",
+                        filename=archive,
+                    )
+                _check_ratio(archive, info.filename, len(buf), info.compress_size, limits)
+    except UploadError:
+        raise
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
+        # RuntimeError: encrypted member; NotImplementedError: unsupported compression method;
+        # BadZipFile: CRC mismatch or truncated data.
+        raise BadArchive(f"Zip member {info.filename!r} cannot be read: {exc}.", filename=archive) from exc
+    return bytes(buf)
+
+
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def split_multipart_related(
+    body: bytes, content_type: str, *, max_parts: int = 10000
+) -> list[tuple[dict[str, str], bytes]]:
+    """Split a ``multipart/related`` (or any ``multipart/*``) body into its parts.
+
+    Parameters
+    ----------
+    body : bytes
+        The request body.
+    content_type : str
+        The request's Content-Type header, which carries the boundary.
+    max_parts : int
+        Most parts accepted.
+
+    Returns
+    -------
+    list[tuple[dict[str, str], bytes]]
+        ``(headers, content)`` per part; header names are lower case.
+
+    Raises
+    ------
+    gateway.errors.UploadError
+        No boundary, no closing delimiter, or a malformed part.
+    gateway.errors.TooLarge
+        More than ``max_parts`` parts.
+    """
+    if not content_type.lower().lstrip().startswith("multipart/"):
+        raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
+    boundary = (match.group(1) or match.group(2)).encode("latin-1")
+    delimiter = b"--" + boundary
+    # The body starts with a delimiter (optionally after a preamble); each part is followed by
+    # CRLF + delimiter; the last delimiter has a trailing "--".
+    start = body.find(delimiter)
+    if start < 0:
+        raise UploadError("Multipart body does not contain its boundary.")
+    parts: list[tuple[dict[str, str], bytes]] = []
+    pos = start + len(delimiter)
+    sep = b"\r\n" + delimiter
+    while True:
+        if body[pos : pos + 2] == b"--":
+            return parts
+        if body[pos : pos + 2] == b"\r\n":
+            pos += 2
+        end = body.find(sep, pos)
+        if end < 0:
+            raise UploadError("Multipart body has no closing boundary (truncated upload?).")
+        raw = body[pos:end]
+        head_end = raw.find(b"\r\n\r\n")
+        if head_end < 0:
+            if raw.startswith(b"\r\n"):  # part with no headers
+                headers_raw, content = b"", raw[2:]
+            else:
+                raise UploadError(f"Multipart part {len(parts) + 1} has no header/body separator.")
+        else:
+            headers_raw, content = raw[:head_end], raw[head_end + 4 :]
+        headers: dict[str, str] = {}
+        for line in headers_raw.split(b"\r\n"):
+            if not line.strip():
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise UploadError(f"Multipart part {len(parts) + 1} has a malformed header line.")
+            headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+        parts.append((headers, content))
+        if len(parts) > max_parts:
+            raise TooLarge(f"Multipart body has more than {max_parts} parts.")
+        pos = end + len(sep)

@@ -1,0 +1,145 @@
+"""Build small, real DICOM CT objects with pydicom for the gateway ingest tests and benchmarks."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    JPEG2000,
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def chest_like(rows: int = 512, cols: int = 512, seed: int = 0) -> np.ndarray:
+    """A smooth HU image: air outside, a soft-tissue ellipse, two darker 'lungs', noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    cy, cx = rows / 2, cols / 2
+    hu = np.full((rows, cols), -1000.0, dtype=np.float32)
+    body = ((y - cy) / (0.4 * rows)) ** 2 + ((x - cx) / (0.45 * cols)) ** 2 < 1
+    hu[body] = 40
+    for side in (-1, 1):
+        lung = ((y - cy) / (0.28 * rows)) ** 2 + ((x - cx - side * 0.2 * cols) / (0.15 * cols)) ** 2 < 1
+        hu[lung] = -850
+    hu += rng.normal(0, 15, hu.shape).astype(np.float32)
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+
+def ct_dataset(
+    hu: np.ndarray,
+    *,
+    position: Sequence[float] = (0.0, 0.0, 0.0),
+    orientation: Sequence[float] = AXIAL,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    instance_number: int = 1,
+    series_number: int = 1,
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    thickness: float = 1.0,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    modality: str = "CT",
+    signed: bool = False,
+) -> Dataset:
+    """A CT Image Storage data set holding ``hu`` (stored = (hu - intercept) / slope)."""
+    stored = np.rint((hu.astype(np.float64) - intercept) / slope)
+    dtype = np.int16 if signed else np.uint16
+    info = np.iinfo(dtype)
+    if stored.min() < info.min or stored.max() > info.max:
+        raise ValueError("hu does not fit the stored type with this slope/intercept")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.ImageType = list(image_type)
+    ds.PatientID = "PHANTOM"
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+    ds.SliceThickness = f"{thickness:g}"
+    ds.PixelSpacing = ["0.7", "0.7"]
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.PixelData = stored.astype(dtype).tobytes()
+    return ds
+
+
+def to_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """Encode ``ds`` in ``transfer_syntax`` (compressing with pydicom's encoders) and serialise.
+
+    Lossy JPEG 2000 uses a 10:1 compression ratio.
+    """
+    if transfer_syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif transfer_syntax == JPEG2000:
+        ds.compress(transfer_syntax, j2k_cr=[10])
+    elif transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_series(
+    n: int,
+    *,
+    rows: int = 64,
+    cols: int = 64,
+    spacing: float = 1.0,
+    z0: float = 0.0,
+    orientation: Sequence[float] = AXIAL,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    seed: int = 0,
+    **kwargs: object,
+) -> list[tuple[str, bytes, np.ndarray, float]]:
+    """``n`` slices along the orientation's normal: ``(filename, bytes, hu, position_mm)`` each."""
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    row = np.asarray(orientation[:3])
+    col = np.asarray(orientation[3:])
+    normal = np.cross(row, col)
+    out = []
+    for i in range(n):
+        hu = chest_like(rows, cols, seed=seed + i)
+        hu[0, 0] = i  # slice signature: lets tests check the order
+        d = z0 + i * spacing
+        pos = normal * d
+        ds = ct_dataset(
+            hu,
+            position=pos,
+            orientation=orientation,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_number=i + 1,
+            **kwargs,
+        )  # type: ignore[arg-type]
+        out.append((f"s{i:04d}.dcm", to_bytes(ds, transfer_syntax), hu, d))
+    return out

@@ -1,0 +1,216 @@
+"""Every real-world file in ../shared/data/dicom-edge-cases decodes to the right HU or is refused
+with its specific reason; then the series rules classify what decoded.
+
+HU is checked three independent ways: against pydicom's own ``apply_modality_lut`` (the generic
+path), against the lossless reference of the same slice in another encoding (NEMA CT1 in seven
+encodings; 693 in J2K vs uncompressed; the Toshiba signed/unsigned J2K pair), and by hand
+arithmetic from the functional groups (enhanced CT).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from ctscreen.contracts import SLICE_SIZE
+from gateway.dicom import decode_file, decode_hu, read_headers
+from gateway.errors import GatewayError
+from gateway.ingest import load_study
+from gateway.series import SeriesRules, frame_exclusion
+from tests.gateway_dicom_factory import make_series
+
+EDGE = Path(__file__).parents[1].parent / "shared" / "data" / "dicom-edge-cases"
+pytestmark = [
+    pytest.mark.skipif(
+        not EDGE.is_dir(), reason=f"edge-case corpus not present at {EDGE} (shared data not mounted)"
+    ),
+    pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),  # pydicom/bad_sequence.dcm
+]
+
+NEMA_REF = "dwv/nema-ct1_jpll.dcm"  # JPEG lossless SV1: the lossless reference of NEMA CT1
+
+# file -> (expected, series-rule outcome)
+#   expected: ("refused", reason)
+#             ("pydicom",)              HU == apply_modality_lut(pixel_array) exactly
+#             ("same", other)           HU == HU of `other` exactly (other is checked itself)
+#             ("lossy", other, mean)    mean |HU - other| <= mean, correlation > 0.99
+#             ("near", other, max)      max |HU - other| <= max (JPEG-LS near-lossless)
+#             ("ect",)                  enhanced CT: per-frame arithmetic from functional groups
+#   series-rule outcome: None (eligible) or the frame_exclusion reason
+CASES: dict[str, tuple[tuple, str | None]] = {
+    "README.md": (("refused", "not_dicom"), None),
+    "pylibjpeg-data/README_upstream.md": (("refused", "not_dicom"), None),
+    "dwv/dicompyler-ct.0.dcm": (("pydicom",), None),
+    "dwv/gdcm-CT-MONO2-8-abdo.dcm": (("refused", "not_ct"), None),  # 8-bit SC claiming CT
+    "dwv/nema-ct1_j2ki.dcm": (("lossy", NEMA_REF, 35.0), "not_original"),
+    NEMA_REF: (("pydicom",), "not_original"),
+    "dwv/osirix-goudurix.dcm": (("pydicom",), None),
+    "dwv/osirix-toutatix-100.dcm": (("pydicom",), None),
+    "dwv/osirix-toutatix-101.dcm": (("pydicom",), None),
+    "fo-dicom/CT1_J2KI": (("lossy", NEMA_REF, 35.0), "not_original"),
+    "fo-dicom/D_CLUNIE_CT1_RLE_FRAGS.dcm": (("same", NEMA_REF), "not_original"),
+    "fo-dicom/GH064.dcm": (("refused", "not_ct"), None),  # MR
+    "fo-dicom/GH1728.dcm": (("pydicom",), "not_original"),  # 568x652 secondary capture with rescale
+    "fo-dicom/GH177_D_CLUNIE_CT1_IVRLE_BigEndian_undefined_length.dcm": (("same", NEMA_REF), "not_original"),
+    "fo-dicom/GH223.dcm": (("refused", "no_pixel_data"), None),
+    "fo-dicom/GH227.dcm": (("refused", "not_ct"), None),  # deflated OT secondary capture
+    "fo-dicom/GH342.dcm": (("pydicom",), "localizer"),
+    "fo-dicom/GH355.dcm": (("pydicom",), "not_original"),  # private SOP class, 3D rendering
+    "fo-dicom/IM-0001-0001-0001.dcm": (("pydicom",), None),
+    "fo-dicom/test_SR.dcm": (("refused", "not_ct"), None),
+    "pydicom/693_J2KI.dcm": (("same", "pydicom/693_UNCI.dcm"), "not_original"),
+    "pydicom/693_J2KR.dcm": (("same", "pydicom/693_UNCR.dcm"), None),
+    "pydicom/693_UNCI.dcm": (("pydicom",), "not_original"),
+    "pydicom/693_UNCR.dcm": (("pydicom",), None),
+    "pydicom/CT_small.dcm": (("pydicom",), None),  # 128x128
+    "pydicom/J2K_pixelrep_mismatch.dcm": (("pydicom",), None),
+    "pydicom/bad_sequence.dcm": (("pydicom",), None),
+    "pydicom/eCT_Supplemental.dcm": (("ect",), "not_original"),  # DERIVED perfusion map
+    "pydicom/explicit_VR-UN.dcm": (("pydicom",), None),
+    "pylibjpeg-data/CT1_JLSN.dcm": (("near", NEMA_REF, 4), "not_original"),
+    "pylibjpeg-data/ELSCINT1_JP2vsJ2K.dcm": (("pydicom",), None),
+    "pylibjpeg-data/JPEGLossless_1s_1f_i_16_16_bad.dcm": (("refused", "undecodable"), None),
+    "pylibjpeg-data/MAROTECH_CT_JP2Lossy.dcm": (("pydicom",), "localizer"),  # 716x512 scout
+    "pylibjpeg-data/TOSHIBA_J2K_OpenJPEGv2Regression.dcm": (("pydicom",), None),
+    "pylibjpeg-data/TOSHIBA_J2K_SIZ0_PixRep1.dcm": (("pydicom",), "not_original"),
+    # signed J2K codestream labelled Pixel Representation 0: same pixels as its SIZ0/PixRep1 twin
+    "pylibjpeg-data/TOSHIBA_J2K_SIZ1_PixRep0.dcm": (
+        ("same", "pylibjpeg-data/TOSHIBA_J2K_SIZ0_PixRep1.dcm"),
+        "not_original",
+    ),
+}
+
+
+def _files() -> list[str]:
+    if not EDGE.is_dir():
+        return sorted(CASES)
+    return sorted(str(p.relative_to(EDGE)) for p in EDGE.rglob("*") if p.is_file())
+
+
+def _native_hu(rel: str) -> np.ndarray:
+    data = (EDGE / rel).read_bytes()
+    ds, headers = read_headers(rel, data)
+    return decode_hu(ds, headers, rel)
+
+
+def _pydicom_hu(rel: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(EDGE / rel)
+        return apply_modality_lut(ds.pixel_array, ds)
+
+
+def test_table_covers_every_file() -> None:
+    assert sorted(CASES) == _files(), "a file was added to or removed from the corpus: extend CASES"
+
+
+@pytest.mark.parametrize("rel", sorted(CASES))
+def test_edge_case_outcome(rel: str) -> None:
+    expected, rule_reason = CASES[rel]
+    data = (EDGE / rel).read_bytes()
+    if expected[0] == "refused":
+        with pytest.raises(GatewayError) as info:
+            decode_file(rel, data)
+        assert info.value.reason == expected[1], info.value.message
+        assert info.value.filename == rel
+        return
+
+    slices = decode_file(rel, data)
+    for s in slices:
+        assert s.hu.shape == (SLICE_SIZE, SLICE_SIZE) and s.hu.dtype == np.int16
+    hu = _native_hu(rel).astype(np.int32)
+    kind = expected[0]
+    if kind == "pydicom":
+        ref = _pydicom_hu(rel)
+        np.testing.assert_array_equal(hu[0] if ref.ndim == 2 else hu, np.rint(ref).astype(np.int32))
+    elif kind == "same":
+        np.testing.assert_array_equal(hu, _native_hu(expected[1]).astype(np.int32))
+    elif kind == "lossy":
+        ref = _native_hu(expected[1]).astype(np.int32)
+        assert np.abs(hu - ref).mean() <= expected[2]
+        assert np.corrcoef(hu.ravel(), ref.ravel())[0, 1] > 0.99
+        assert not np.array_equal(hu, ref)  # it really is the lossy one
+    elif kind == "near":
+        ref = _native_hu(expected[1]).astype(np.int32)
+        assert 0 < np.abs(hu - ref).max() <= expected[2]
+    elif kind == "ect":
+        ds = pydicom.dcmread(EDGE / rel)
+        stored = ds.pixel_array.astype(np.int32)
+        pvt = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+        assert "RescaleIntercept" not in ds  # rescale lives only in the functional groups
+        np.testing.assert_array_equal(hu, stored * int(pvt.RescaleSlope) + int(pvt.RescaleIntercept))
+        assert [s.header.frame_index for s in slices] == [0, 1]
+        zs = [s.header.position[2] for s in slices]
+        assert zs == [-159.0, -149.0]  # per-frame Plane Position Sequence
+    else:  # pragma: no cover - table typo
+        raise AssertionError(kind)
+
+    got = {frame_exclusion(s.header, SeriesRules()) for s in slices}
+    assert {None if g is None else g[0] for g in got} == {rule_reason}
+
+
+def test_non_512_matrices_are_resampled_and_boxes_map_back() -> None:
+    small = decode_file("CT_small", (EDGE / "pydicom/CT_small.dcm").read_bytes())[0]
+    assert small.grid.scale == 128 / 512 and (small.grid.rows, small.grid.cols) == (128, 128)
+    native = _native_hu("pydicom/CT_small.dcm")[0]
+    # each original pixel becomes a 4x4 block whose centre pixels straddle its centre
+    assert abs(int(small.hu[4 * 60 + 1, 4 * 70 + 1]) - int(native[60, 70])) < 200
+    assert np.abs(small.hu.astype(np.float64).mean() - native.mean()) < 5
+
+    scout = decode_file("MAROTECH", (EDGE / "pylibjpeg-data/MAROTECH_CT_JP2Lossy.dcm").read_bytes())[0]
+    g = scout.grid
+    assert (g.rows, g.cols, g.pad_left, g.pad_top) == (716, 512, 102, 0)
+    whole = g.to_original(np.array([[0, 0, 511, 511, 0.9]]))
+    np.testing.assert_array_equal(whole, [[0, 0, 511, 715, 0.9]])
+
+    gh = decode_file("GH1728", (EDGE / "fo-dicom/GH1728.dcm").read_bytes())[0]
+    assert (gh.grid.rows, gh.grid.cols, gh.grid.pad_top, gh.grid.pad_left) == (568, 652, 42, 0)
+
+
+def test_refused_files_never_sink_the_study() -> None:
+    """The whole corpus uploaded with a 5-slice series: the series is screened, each file refused
+    on its header is reported with its reason, and no exception escapes. Pixels are decoded only
+    for the chosen series, so the corrupt JPEG (a lone series of its own) is not decoded here."""
+    series = make_series(5, rows=64, cols=64, thickness=1.0)
+    sources = [(name, data) for name, data, _, _ in series]
+    sources += [(rel, (EDGE / rel).read_bytes()) for rel in sorted(CASES)]
+    study = load_study(sources, workers=2)
+    assert study.n_slices == 5
+    assert [int(s.position_mm) for s in study.slices] == [0, 1, 2, 3, 4]
+    refused = {r.filename: r.reason for r in study.rejected}
+    want = {rel: exp[1] for rel, (exp, _) in CASES.items() if exp[0] == "refused" and exp[1] != "undecodable"}
+    assert refused == want
+    excluded = {r.filename.split("#")[0]: r.reason for r in study.excluded}
+    assert excluded["fo-dicom/GH342.dcm"] == "localizer"
+    assert excluded["pydicom/eCT_Supplemental.dcm"] == "not_original"
+    eligible_singles = [rel for rel, (exp, rule) in CASES.items() if rule is None and rel not in want]
+    # other series are counted in frames; files sharing a SOP Instance UID count once (a re-send)
+    uids = {read_headers(rel, (EDGE / rel).read_bytes())[1][0].sop_instance_uid for rel in eligible_singles}
+    assert sum(study.other_series.values()) == len(uids)
+
+
+def test_corrupt_slice_inside_a_series_is_rejected_and_the_rest_screened() -> None:
+    """The corrupt JPEG lossless slice, re-labelled into the middle of a real series (its
+    encapsulated pixel data untouched), is refused as undecodable; the other slices go on."""
+    series = make_series(5, rows=512, cols=512, spacing=2.0)
+    first = pydicom.dcmread(io.BytesIO(series[0][1]))
+    bad = pydicom.dcmread(EDGE / "pylibjpeg-data/JPEGLossless_1s_1f_i_16_16_bad.dcm")
+    bad.StudyInstanceUID = first.StudyInstanceUID
+    bad.SeriesInstanceUID = first.SeriesInstanceUID
+    bad.ImageOrientationPatient = first.ImageOrientationPatient
+    bad.ImagePositionPatient = [0, 0, 5.0]  # between slices 2 (4 mm) and 3 (6 mm)
+    bad.SliceThickness = first.SliceThickness
+    buf = io.BytesIO()
+    bad.save_as(buf)
+    sources = [(n, d) for n, d, _, _ in series] + [("bad.dcm", buf.getvalue())]
+    study = load_study(sources, workers=1)
+    assert study.n_slices == 5
+    assert [r.reason for r in study.rejected] == ["undecodable"]
+    assert study.rejected[0].filename == "bad.dcm"
+    np.testing.assert_array_equal(study.hu[3], series[3][2])
