@@ -453,3 +453,20 @@ def test_property_run_mm_of_k_spacings_equals_k_slices_on_a_regular_series(slice
     by_slices = decide(regular, CaseRule(run_slices=k))
     by_mm = decide(regular, CaseRule(run_slices=1, run_mm=2.5 * k))
     assert (by_slices.verdict, by_slices.reason) == (by_mm.verdict, by_mm.reason)
+
+
+@settings(max_examples=60, deadline=None)
+@given(studies(), rules)
+def test_property_a_stored_result_replays_to_the_same_decision(slices, rule):
+    """JSON round trip of the CaseResult, then replay() under its recorded rule: same verdict and evidence."""
+    from aggregator.case import replay
+    from aggregator.schema import CaseResult
+
+    decision = decide(slices, rule)
+    stored = CaseResult.model_validate_json(
+        decision.to_result(study_instance_uid="1.2", series_instance_uid="1.2.3").model_dump_json()
+    )
+    again = replay(stored)
+    assert again.rule == rule
+    assert (again.verdict, again.reason, again.evidence, again.slices) == (
+        decision.verdict, decision.reason, decision.evidence, decision.slices)
