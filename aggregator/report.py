@@ -27,10 +27,23 @@ from aggregator.case import CaseRule, replay
 from aggregator.metrics import METRICS, Confusion, auc, false_positives_by_class, sweep, table3
 from aggregator.schema import SCHEMA_VERSION, CaseResult
 
-__all__ = ["DEFAULT_CUTOFFS", "EvalCase", "Goal", "build_report", "render_markdown"]
+__all__ = ["DEFAULT_CUTOFFS", "DEFAULT_VARIANTS", "EvalCase", "Goal", "build_report", "render_markdown"]
 
 DEFAULT_CUTOFFS: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 """Cutoffs of the curves: the paper's 0.50 up to 0.95 (Triton already cut at 0.50)."""
+
+
+DEFAULT_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("as served", {}),
+    ("quadrants split at the image centre", {"quadrant_split": "image"}),
+    ("spanning box counts at its centre only", {"spanning": "centre"}),
+    ("run of 2 slices", {"run_slices": 2}),
+    ("run of 4 slices", {"run_slices": 4}),
+    ("run of 3 slices and >= 10 mm", {"run_mm": 10.0}),
+    ("gap tolerance 2.5", {"gap_tolerance": 2.5}),
+)
+"""Rule variants the report re-decides every result under (exact: they only change how the kept boxes
+are combined), to show what each documented choice of ``docs/case-rule.md`` does on the set."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ def build_report(
     indeterminate_as: Literal["positive", "negative", "exclude"] = "positive",
     goal: Goal | None = None,
     meta: Mapping[str, Any] | None = None,
+    variants: Sequence[tuple[str, Mapping[str, Any]]] = DEFAULT_VARIANTS,
 ) -> dict[str, Any]:
     """Summarise an evaluation as plain data (JSON-ready).
 
@@ -141,13 +155,15 @@ def build_report(
         Per-patient goal to check; default :class:`Goal` (sensitivity 0.95, specificity 0.90).
     meta : Mapping or None
         Free-form context recorded as is (command, data set, serving path, date).
+    variants : Sequence of (name, overrides)
+        Rule variants to re-decide every result under (``CaseRule`` field overrides).
 
     Returns
     -------
     dict
         ``per_patient``, ``per_image`` (confusion and metrics), ``table3`` rows, ``curves``,
-        ``fp_by_class``, ``fp_images_by_kind``, ``goal``, ``rule``, ``models``, ``timing`` and
-        ``cases``.
+        ``fp_by_class``, ``fp_images_by_kind``, ``variants``, ``goal``, ``rule``, ``models``,
+        ``timing`` and ``cases``.
     """
     if not cases:
         raise ValueError('Argument "cases" must not be empty.')
@@ -197,6 +213,7 @@ def build_report(
             indeterminate="negative" if indeterminate_as == "negative" else "positive",
         ),
         "fp_images_by_kind": _fp_images_by_kind(cases),
+        "variants": [_variant(name, overrides, cases, truth, rule, indeterminate_as) for name, overrides in variants],
         "timing": {
             "cases_timed": len(seconds),
             "median_s": _median(seconds),
@@ -204,6 +221,15 @@ def build_report(
         },
         "cases": [_case_row(c) for c in cases],
     }
+
+
+def _variant(name: str, overrides: Mapping[str, Any], cases: Sequence[EvalCase], truth: list[bool],
+             rule: CaseRule, indeterminate_as: str) -> dict[str, Any]:
+    variant = replace(rule, **overrides)
+    c = Confusion.from_verdicts(truth, _verdicts(cases, variant), indeterminate_as)
+    return {"name": name, "overrides": dict(overrides), "tp": c.tp, "fn": c.fn, "tn": c.tn, "fp": c.fp,
+            "indeterminate": c.indeterminate, "sensitivity": c.sensitivity().value,
+            "specificity": c.specificity().value}
 
 
 def _point(p) -> dict[str, Any]:
@@ -298,6 +324,14 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
         s = img.get(cls, {"slices": 0, "fp_slices": 0})
         lines.append(f"| {cls} | {row['n']} | {row['fp']} | {row['indeterminate']} | {_pct(row['rate'])} [{ci}] | "
                      f"{s['slices']} | {s['fp_slices']} |")
+    if report.get("variants"):
+        lines += ["", "## Rule variants (per patient)", "",
+                  "Every result re-decided under a variant of the served rule (see docs/case-rule.md).", "",
+                  "| variant | TP | FN | TN | FP | indeterminate | sensitivity | specificity |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in report["variants"]:
+            lines.append(f"| {v['name']} | {v['tp']} | {v['fn']} | {v['tn']} | {v['fp']} | {v['indeterminate']} | "
+                         f"{_pct(v['sensitivity'])} | {_pct(v['specificity'])} |")
     for title, path in plots:
         lines += ["", f"![{title}]({path})"]
     t = report["timing"]

@@ -118,3 +118,13 @@ def test_per_image_and_per_patient_curves_agree_on_a_cutoff_equal_to_the_score()
                           cutoffs=[0.9])
     assert report["curves"]["per_patient"][0]["tp"] == 1
     assert report["curves"]["per_image"][0]["tp"] == 3
+
+
+def test_rule_variants_are_re_decided(cases):
+    report = build_report(cases, indeterminate_as="negative")
+    by_name = {v["name"]: v for v in report["variants"]}
+    assert by_name["as served"]["tp"] == report["per_patient"]["tp"]
+    assert by_name["as served"]["fp"] == report["per_patient"]["fp"]
+    assert by_name["run of 4 slices"]["tp"] == 1  # only c2 has 4 lesion slices
+    assert by_name["run of 4 slices"]["fp"] == 0
+    assert "## Rule variants (per patient)" in render_markdown(report)
