@@ -38,7 +38,7 @@ class TritonPythonModel:
         dims = {i["name"]: tuple(int(d) for d in i["dims"]) for i in config["input"]}
         self.item_dims = dims[contracts.VALID_PROB]
         pb_utils.Logger.log_info(
-            f"{self.model_name}: cutoff={self.cutoff} min_area={self.min_area} "
+            f"{self.model_name}: cutoff={self.cutoff} min_area={self.min_area} numpy {np.__version__} "
             f"(ctscreen.postprocess from {os.path.dirname(sys.modules['ctscreen'].__file__)})"
         )
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: the session's real embedded tritonserver, and free loopback ports.
+
+``triton`` starts :class:`ctscreen.embedded.EmbeddedTriton` once per test session on the cpu profile
+rendered from ``model_repository/`` (the shipped ONNX files), on free ports, and stops it at the end.
+Tests that use it should carry ``@pytest.mark.triton``. Its log is written to the session's temporary
+folder and printed when start-up fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ctscreen.embedded import EmbeddedTriton, TritonStartError
+from ctscreen.embedded import free_port as _free_port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` a moment ago; never hard-code ports in tests."""
+    return _free_port(host)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    """A started real tritonserver serving the cpu profile (valid_area, lesion, postprocess, ct_screen)."""
+    log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    server = EmbeddedTriton(log_file=log_file)
+    try:
+        server.start(timeout=300)
+    except TritonStartError as exc:
+        tail = log_file.read_text(errors="replace")[-4000:] if log_file.exists() else ""
+        pytest.fail(f"embedded tritonserver did not start: {exc}\n--- log tail ---\n{tail}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,206 @@
+"""The ct_screen ensemble on the real embedded tritonserver (cpu profile), over real gRPC.
+
+Two servers: the session ``triton`` fixture serves the shipped ONNX models and is compared with the
+in-process reference pipeline (ONNX Runtime on the same files + ``ctscreen.postprocess``); a
+module-scoped one serves analytic stand-ins (tests/triton_analytic.py) whose boxes are known in
+advance, for the known-answer and numpy < 2 checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from ctscreen import contracts as c
+from ctscreen.embedded import EmbeddedTriton
+from ctscreen.postprocess import postprocess_batch, unpack_boxes
+from ctscreen.repo import build_repository, default_settings
+from tests.triton_analytic import KNOWN_BOXES, known_slice, write_analytic_models
+
+pytestmark = pytest.mark.triton
+
+OUTPUTS = (c.LESION_BOXES, c.BOX_COUNT, c.VALID_AREA_BOX)
+
+
+def infer(
+    url: str, hu: np.ndarray, model: str = c.ENSEMBLE_MODEL, dtype: str = "INT16"
+) -> dict[str, np.ndarray]:
+    with grpcclient.InferenceServerClient(url) as client:
+        inp = grpcclient.InferInput(c.HU_SLICES, list(hu.shape), dtype)
+        inp.set_data_from_numpy(hu)
+        result = client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
+        return {n: result.as_numpy(n) for n in OUTPUTS}
+
+
+def reference(repo: Path, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The in-process pipeline: ONNX Runtime on the served ONNX files (same thread settings) + postprocess."""
+    import onnxruntime as ort
+
+    threads = json.loads((repo / ".ctscreen-repo.json").read_text())["settings"]["intra_op_threads"]
+    maps = []
+    for name in c.SEGMENTATION_MODELS:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(
+            str(repo / name / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"]
+        )
+        maps.append(session.run([c.PROB], {c.HU_SLICES: hu})[0])
+    return postprocess_batch(*maps)
+
+
+@functools.lru_cache(maxsize=1)
+def phantom_slices() -> np.ndarray:
+    """Three 512 x 512 INT16 slices [3, 1, 512, 512]: two with the most COVID lesion and one without.
+
+    From ``phantom.make_study`` when it exists, else a synthetic chest with blobs drawn here.
+    """
+    try:
+        from phantom import make_study
+
+        study = make_study(seed=7, kind="covid", n_slices=10, matrix=c.SLICE_SIZE)
+        hu = np.asarray(study.hu)
+        lesion = np.asarray(study.lesion_mask).reshape(len(hu), -1).sum(axis=1)
+        picks = sorted(np.argsort(-lesion, kind="stable")[:2].tolist() + [int(np.argmin(lesion))])
+        return hu[picks][:, None].astype(np.int16)
+    except ImportError:
+        pass
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[: c.SLICE_SIZE, : c.SLICE_SIZE]
+    out = np.full((3, 1, c.SLICE_SIZE, c.SLICE_SIZE), -1000, np.int16)
+    for i in range(3):
+        out[i, 0][((xx - 256) / 220) ** 2 + ((yy - 256) / 170) ** 2 <= 1] = 40
+        for cx in (170, 342):
+            out[i, 0][((xx - cx) / 70) ** 2 + ((yy - 250) / 120) ** 2 <= 1] = -850
+        for _ in range(2 * i):
+            x, y, r = rng.integers(130, 380), rng.integers(160, 340), rng.integers(4, 18)
+            out[i, 0][(xx - x) ** 2 + (yy - y) ** 2 <= r * r] = rng.integers(-650, -100)
+        out[i, 0] += rng.normal(0, 15, (c.SLICE_SIZE, c.SLICE_SIZE)).astype(np.int16)
+    return out
+
+
+def assert_same_boxes(got: dict[str, np.ndarray], want: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    boxes, counts, valid = want
+    np.testing.assert_array_equal(got[c.BOX_COUNT], counts)
+    np.testing.assert_array_equal(got[c.VALID_AREA_BOX], valid)
+    for g, w in zip(
+        unpack_boxes(got[c.LESION_BOXES], got[c.BOX_COUNT]), unpack_boxes(boxes, counts), strict=True
+    ):
+        np.testing.assert_array_equal(g[:, :4], w[:, :4])
+        np.testing.assert_allclose(g[:, 4], w[:, 4], rtol=1e-5)
+
+
+# --- the session server: shipped models ---------------------------------------------------------
+
+
+def test_every_model_is_ready(triton: EmbeddedTriton) -> None:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        assert client.is_server_ready()
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+    expected = {c.VALID_AREA_MODEL, c.LESION_MODEL, c.POSTPROCESS_MODEL, c.ENSEMBLE_MODEL}
+    assert expected <= set(index)
+    assert {index[name] for name in expected} == {"READY"}
+
+
+@pytest.fixture(scope="module")
+def shipped_reference(triton: EmbeddedTriton) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return reference(triton.repo_dir, phantom_slices())
+
+
+def test_ensemble_equals_in_process_reference(triton: EmbeddedTriton, shipped_reference) -> None:
+    hu = phantom_slices()
+    got = infer(triton.grpc_url, hu)
+    assert got[c.LESION_BOXES].shape[0] == len(hu) and got[c.LESION_BOXES].shape[2] == 5
+    assert got[c.BOX_COUNT].shape == (len(hu), 1) and got[c.VALID_AREA_BOX].shape == (len(hu), 4)
+    assert_same_boxes(got, shipped_reference)
+
+
+def test_one_slice_per_request_equals_reference(triton: EmbeddedTriton, shipped_reference) -> None:
+    """Single-slice requests (what the dynamic batcher merges) give the same answer."""
+    hu, want = phantom_slices(), shipped_reference
+    for i in range(len(hu)):
+        got = infer(triton.grpc_url, hu[i : i + 1])
+        assert_same_boxes(got, tuple(w[i : i + 1] for w in want))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("hu", "dtype", "message"),
+    [
+        (np.zeros((1, 1, 512, 512), np.float32), "FP32", "input 'HU_SLICES' data-type is 'FP32'"),
+        (np.zeros((1, 1, 256, 256), np.int16), "INT16", "unexpected shape for input 'HU_SLICES'"),
+        (np.zeros((1, 512, 512), np.int16), "INT16", "unexpected shape for input 'HU_SLICES'"),
+        (np.zeros((9, 1, 512, 512), np.int16), "INT16", "batch-size must be <= 8"),
+    ],
+    ids=["fp32", "256x256", "no-channel", "batch-9"],
+)
+def test_bad_request_gets_clear_error_and_server_keeps_serving(
+    triton: EmbeddedTriton, hu: np.ndarray, dtype: str, message: str
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        infer(triton.grpc_url, hu, dtype=dtype)
+    assert message in str(info.value)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16))[c.BOX_COUNT].shape == (1, 1)
+
+
+def test_postprocess_runs_the_vendored_copy(triton: EmbeddedTriton) -> None:
+    """The rendered postprocess model imports ctscreen from its own folder, not from this checkout."""
+    vendored = triton.repo_dir / c.POSTPROCESS_MODEL / "1" / "ctscreen"
+    assert f"ctscreen.postprocess from {vendored}" in triton.log_file.read_text()
+
+
+def test_metrics_endpoint_counts_inferences(triton: EmbeddedTriton) -> None:
+    infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16))
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    assert f'nv_inference_request_success{{model="{c.ENSEMBLE_MODEL}",version="1"}}' in text
+
+
+# --- a second server: analytic models with known answers -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analytic(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("analytic")
+    onnx_dir = write_analytic_models(root / "onnx")
+    settings = default_settings("cpu")
+    repo = build_repository("cpu", root / "repo", onnx_dir=onnx_dir, settings=settings)
+    with EmbeddedTriton(repo, log_file=root / "tritonserver.log") as server:
+        yield server
+
+
+def test_known_lesions_give_known_boxes(analytic: EmbeddedTriton) -> None:
+    """Regression for numpy >= 2 in the stub (0-byte pb_utils.Tensor): outputs are non-empty and right."""
+    got = infer(analytic.grpc_url, known_slice()[None])
+    assert got[c.LESION_BOXES].nbytes > 0 and got[c.VALID_AREA_BOX].nbytes > 0
+    assert int(got[c.BOX_COUNT][0, 0]) == KNOWN_BOXES
+    (boxes,) = unpack_boxes(got[c.LESION_BOXES], got[c.BOX_COUNT])
+    centres = sorted(((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes)
+    np.testing.assert_allclose(centres, [(129.5, 169.5), (337.5, 307.5)], atol=1.0)
+    assert (boxes[:, 4] >= c.PROB_CUTOFF).all()
+    np.testing.assert_allclose(got[c.VALID_AREA_BOX][0], [80, 120, 439, 379], atol=1.5)
+
+
+def test_stub_runs_numpy_below_2(analytic: EmbeddedTriton) -> None:
+    log = analytic.log_file.read_text()
+    assert "numpy 1." in log, "the python-backend stub must import numpy < 2"
+
+
+@pytest.mark.parametrize("air", [-1000, -1024])
+def test_empty_slice_gives_no_boxes_and_empty_valid_area(analytic: EmbeddedTriton, air: int) -> None:
+    hu = np.stack([np.full((1, 512, 512), air, np.int16), known_slice()])
+    got = infer(analytic.grpc_url, hu)
+    assert got[c.BOX_COUNT][:, 0].tolist() == [0, KNOWN_BOXES]
+    assert got[c.VALID_AREA_BOX][0].tolist() == list(c.EMPTY_BOX)
+    assert (got[c.LESION_BOXES][0] == -1).all()
+
+
+def test_analytic_ensemble_equals_reference(analytic: EmbeddedTriton) -> None:
+    hu = np.concatenate([phantom_slices(), known_slice()[None]])
+    assert_same_boxes(infer(analytic.grpc_url, hu), reference(analytic.repo_dir, hu))
