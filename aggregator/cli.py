@@ -347,7 +347,7 @@ def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] |
         for c in cases:
             row = {"case_id": c.case_id, "kind": c.kind, "label": int(c.label), "error": c.error,
                    "seconds": c.seconds, "slice_truth": dict(c.slice_truth),
-                   "result": None if c.result is None else c.result.model_dump(mode="json", exclude_none=True)}
+                   "result": None if c.result is None else c.result.model_dump(mode="json")}
             fh.write(json.dumps(row, sort_keys=True) + "\n")
     return report
 
@@ -429,7 +429,12 @@ def eval_main(argv: list[str]) -> int:
         with _serving_path(args) as path:
             path_name = path.name
             for i, case in enumerate(cases, 1):
-                result, seconds, error = path.runner(case)
+                t_case = time.monotonic()
+                try:
+                    result, seconds, error = path.runner(case)
+                except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
+                    logger.debug("case %s failed", case.case_id, exc_info=True)
+                    result, seconds, error = None, time.monotonic() - t_case, f"{type(exc).__name__}: {exc}"
                 truth = case.slice_truth(result) if result is not None else {}
                 evaluated.append(EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error))
                 if not args.quiet:

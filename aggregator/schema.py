@@ -104,7 +104,7 @@ class SliceFinding(_Model):
     index: int = Field(ge=0, description="0-based index in position order (not file order)")
     sop_instance_uid: str
     position_mm: float = Field(description="position along the slice normal, mm")
-    valid_area: Box | None = Field(description="valid-area box on the 512 grid; None when empty")
+    valid_area: Box | None = Field(default=None, description="valid-area box on the 512 grid; None when empty")
     valid_area_original: Box | None = None
     boxes: list[LesionBox] = Field(default_factory=list)
     quadrants: list[Quadrant] = Field(default_factory=list, description="quadrants with a lesion")

@@ -128,3 +128,13 @@ def test_rule_variants_are_re_decided(cases):
     assert by_name["run of 4 slices"]["tp"] == 1  # only c2 has 4 lesion slices
     assert by_name["run of 4 slices"]["fp"] == 0
     assert "## Rule variants (per patient)" in render_markdown(report)
+
+
+def test_results_jsonl_rows_validate_as_case_results(cases, tmp_path):
+    from aggregator.schema import CaseResult
+
+    write_report(cases, tmp_path)
+    for line in (tmp_path / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["result"] is not None:
+            CaseResult.model_validate(row["result"])
