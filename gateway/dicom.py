@@ -78,6 +78,11 @@ Real CT, even low-dose, stays far below (the edge-case corpus: at most ~100 HU, 
 with dental metal artefacts); a wrongly decoded lossless JPEG (wrong predictor, lost sync)
 reaches > 1000 HU."""
 
+HIGH_HU = 4000
+HIGH_HU_FRACTION = 0.05
+"""More than this fraction of a frame above :data:`HIGH_HU` (bone is < 2000, the 12-bit CT scale ends
+at 3071; metal reaches higher but covers far less of a slice) means the decode went wrong."""
+
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SYNTAXES = frozenset(
     {
@@ -427,6 +432,10 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if modality and modality != "CT":
         raise NotCT(f"Modality is {modality!r}, not 'CT'.", filename=filename)
+    if not modality and not sop_class:
+        raise NotDicom(
+            "Neither SOP Class UID nor Modality: not a DICOM image, or a truncated file.", filename=filename
+        )
     if not modality and sop_class not in CT_SOP_CLASSES:
         raise NotCT(
             f"No Modality and SOP Class {sop_class or 'absent'} is not a CT image.", filename=filename
@@ -516,7 +525,9 @@ def _stored_values(ds: Dataset, filename: str) -> np.ndarray:
     """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation."""
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - codecs raise anything from ValueError to RuntimeError
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - codecs raise anything, even pyo3's PanicException
         ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
         name = getattr(ts, "name", str(ts))
         raise Undecodable(
@@ -561,11 +572,19 @@ def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndar
 
 
 def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
-    # Sample every 4th row: the statistic is robust and this keeps it ~0.3 ms per slice.
-    d = np.abs(np.diff(hu[::4].astype(np.int32), axis=1))
+    # Sample every 4th row: the statistics are robust and this keeps them ~0.3 ms per slice.
+    sample = hu[::4]
+    where = "" if frame is None else f" (frame {frame})"
+    high = float(np.count_nonzero(sample > HIGH_HU)) / max(sample.size, 1)
+    if high > HIGH_HU_FRACTION:
+        raise Undecodable(
+            f"Decoded pixels{where} are implausible for CT: {100 * high:.0f}% above {HIGH_HU} HU "
+            "(corrupt or mis-decoded compressed data, or wrong Pixel Representation).",
+            filename=filename,
+        )
+    d = np.abs(np.diff(sample.astype(np.int32), axis=1))
     med = float(np.median(d))
     if med > NOISE_LIMIT_HU:
-        where = "" if frame is None else f" (frame {frame})"
         raise Undecodable(
             f"Decoded pixels{where} are noise, not an image: median neighbour difference "
             f"{med:.0f} HU > {NOISE_LIMIT_HU:.0f} HU (corrupt or mis-decoded compressed data).",

@@ -25,6 +25,7 @@ import logging
 import re
 import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -206,9 +207,9 @@ def _read_member(
                 _check_ratio(archive, info.filename, len(buf), info.compress_size, limits)
     except UploadError:
         raise
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
         # RuntimeError: encrypted member; NotImplementedError: unsupported compression method;
-        # BadZipFile: CRC mismatch or truncated data.
+        # BadZipFile: CRC mismatch or truncated data; zlib.error: corrupt deflate stream.
         raise BadArchive(f"Zip member {info.filename!r} cannot be read: {exc}.", filename=archive) from exc
     return bytes(buf)
 

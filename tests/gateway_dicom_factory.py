@@ -11,6 +11,7 @@ from pydicom.uid import (
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
@@ -97,6 +98,8 @@ def to_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> byte
     """
     if transfer_syntax == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif transfer_syntax == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     elif transfer_syntax == JPEG2000:
         ds.compress(transfer_syntax, j2k_cr=[10])
     elif transfer_syntax != ExplicitVRLittleEndian:

@@ -1,0 +1,235 @@
+"""Decoding to HU: transfer syntaxes written by pydicom's own encoders, rescale arithmetic checked
+against pydicom's ``apply_modality_lut``, refusals, and the resampling / box-mapping convention."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from gateway.dicom import (
+    GridMapping,
+    decode_file,
+    decode_hu,
+    read_dataset,
+    read_headers,
+    rescale_to_hu,
+    to_grid,
+)
+from gateway.errors import NoPixelData, NotCT, NotDicom, Undecodable
+from tests.gateway_dicom_factory import chest_like, ct_dataset, to_bytes
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+        JPEGLSLossless,
+    ],
+    ids=lambda s: s.name,
+)
+def test_lossless_syntaxes_round_trip_exactly(syntax: str) -> None:
+    hu = chest_like(96, 96, seed=3)
+    data = to_bytes(ct_dataset(hu), syntax)
+    ds, headers = read_headers("x.dcm", data)
+    assert str(ds.file_meta.TransferSyntaxUID) == syntax
+    np.testing.assert_array_equal(decode_hu(ds, headers)[0], hu)
+
+
+def test_lossy_jpeg2000_is_close() -> None:
+    hu = chest_like(128, 128, seed=4)
+    got = decode_hu(*read_headers("x.dcm", to_bytes(ct_dataset(hu), JPEG2000)))[0].astype(np.int32)
+    err = np.abs(got - hu)
+    assert 0 < err.mean() < 20
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "signed"),
+    [
+        (1.0, -1024.0, False),
+        (1.0, 0.0, True),
+        (0.5, -1100.0, False),
+        (2.0, -2048.0, False),
+        (1.0, -1024.5, False),
+    ],
+)
+def test_rescale_matches_pydicom_modality_lut(slope: float, intercept: float, signed: bool) -> None:
+    hu = chest_like(64, 64, seed=5)
+    hu = (np.rint((hu.astype(np.float64) - intercept) / slope) * slope + intercept).astype(np.float64)
+    ds = ct_dataset(
+        np.rint(hu).astype(np.int16) if slope == 1 and float(intercept).is_integer() else hu,
+        slope=slope,
+        intercept=intercept,
+        signed=signed,
+    )
+    data = to_bytes(ds)
+    got = decode_hu(*read_headers("x.dcm", data))[0]
+    ref = apply_modality_lut(pydicom.dcmread(io.BytesIO(data)).pixel_array, ds)
+    np.testing.assert_array_equal(got, np.rint(ref).astype(np.int16))
+
+
+def test_rescale_to_hu_clips_to_int16() -> None:
+    stored = np.array([[0, 65535]], dtype=np.uint16)
+    np.testing.assert_array_equal(rescale_to_hu(stored, 1.0, -1024), [[-1024, 32767]])
+    np.testing.assert_array_equal(rescale_to_hu(stored, 2.0, -70000), [[-32768, 32767]])
+
+
+def test_bare_dataset_without_preamble_is_read() -> None:
+    ds = ct_dataset(chest_like(32, 32))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)  # no preamble, no file meta
+    raw = buf.getvalue()
+    assert raw[128:132] != b"DICM"
+    np.testing.assert_array_equal(decode_file("raw", raw)[0].hu.shape, (512, 512))
+
+
+@pytest.mark.parametrize(
+    ("data", "exc"),
+    [
+        (b"", NotDicom),
+        (b"hello world, this is not dicom at all" * 10, NotDicom),
+        (b"\x89PNG\r\n\x1a\n" + bytes(300), NotDicom),
+    ],
+)
+def test_not_dicom(data: bytes, exc: type) -> None:
+    with pytest.raises(exc) as info:
+        decode_file("junk.bin", data)
+    assert info.value.reason == "not_dicom" and info.value.filename == "junk.bin"
+
+
+def test_refusals_name_their_reason() -> None:
+    mr = ct_dataset(chest_like(32, 32), modality="MR")
+    with pytest.raises(NotCT, match="'MR'"):
+        decode_file("mr.dcm", to_bytes(mr))
+
+    nopix = ct_dataset(chest_like(32, 32))
+    del nopix.PixelData
+    with pytest.raises(NoPixelData):
+        decode_file("nopix.dcm", to_bytes(nopix))
+
+    sc8 = ct_dataset(chest_like(32, 32))
+    sc8.BitsAllocated = sc8.BitsStored = 8
+    sc8.HighBit = 7
+    sc8.PixelData = bytes(32 * 32)
+    with pytest.raises(NotCT, match="8-bit"):
+        decode_file("sc.dcm", to_bytes(sc8))
+
+    rgb = ct_dataset(chest_like(32, 32))
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation = 3, "RGB"
+    with pytest.raises(NotCT, match="Colour"):
+        read_headers("rgb.dcm", to_bytes(rgb))
+
+
+def test_truncated_file_is_refused_not_a_crash() -> None:
+    data = to_bytes(ct_dataset(chest_like(64, 64)))
+    with pytest.raises(Undecodable, match="cannot be decoded"):
+        decode_file("cut.dcm", data[:-1000])
+    j2k = to_bytes(ct_dataset(chest_like(128, 128)), JPEG2000Lossless)
+    with pytest.raises(NotDicom, match="truncated"):
+        decode_file("cut.j2k.dcm", j2k[:-2000])
+
+
+@pytest.mark.parametrize(
+    ("syntax", "match"),
+    [(RLELossless, "cannot be decoded"), (JPEGLSLossless, "implausible")],
+    ids=["rle", "jpegls"],
+)
+def test_garbled_compressed_data_is_undecodable(syntax: str, match: str) -> None:
+    """1000 random bytes over the compressed stream: the RLE codec panics (pyo3 PanicException,
+    a BaseException), JPEG-LS decodes to nonsense; both become a 422 undecodable."""
+    data = bytearray(to_bytes(ct_dataset(chest_like(128, 128)), syntax))
+    n = len(data)
+    data[n - 3000 : n - 2000] = np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes()
+    with pytest.raises(Undecodable, match=match):
+        decode_file("garbled.dcm", bytes(data))
+
+
+def test_noise_is_refused_as_undecodable() -> None:
+    rng = np.random.default_rng(0)
+    ds = ct_dataset(rng.integers(-1024, 3000, size=(64, 64)).astype(np.int16))
+    with pytest.raises(Undecodable, match="noise"):
+        decode_file("noise.dcm", to_bytes(ds))
+
+
+def test_missing_rescale_on_ct_image_storage_assumes_identity_with_warning() -> None:
+    ds = ct_dataset(chest_like(32, 32), intercept=0.0, signed=True)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    sl = decode_file("norescale.dcm", to_bytes(ds))[0]
+    assert any("Rescale" in w for w in sl.warnings)
+
+
+def test_read_dataset_type_guard() -> None:
+    with pytest.raises(TypeError, match='"data"'):
+        read_dataset("not bytes")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- resampling
+@pytest.mark.parametrize("n", [768, 128])
+def test_resample_pixel_centre_convention(n: int) -> None:
+    """A horizontal ramp hu[y, x] = x: 512-grid pixel j samples original coordinate (j+0.5)*s-0.5."""
+    ramp = np.tile(np.arange(n, dtype=np.int16), (n, 1))
+    out, grid = to_grid(ramp)
+    assert out.shape == (512, 512) and out.dtype == np.int16
+    s = n / 512
+    assert grid == GridMapping(n, n, scale=s)
+    j = np.arange(10, 500)
+    np.testing.assert_allclose(out[256, j], np.rint((j + 0.5) * s - 0.5), atol=1)
+    const, _ = to_grid(np.full((n, n), 40, np.int16))
+    assert (const == 40).all()
+
+
+@pytest.mark.parametrize(("n", "rect"), [(768, (150, 300, 299, 449)), (128, (70, 30, 99, 59))])
+def test_box_found_on_512_grid_maps_back_to_the_original(n: int, rect: tuple[int, int, int, int]) -> None:
+    x0, y0, x1, y1 = rect
+    img = np.full((n, n), -1000, np.int16)
+    img[y0 : y1 + 1, x0 : x1 + 1] = 500
+    out, grid = to_grid(img)
+    ys, xs = np.nonzero(out > -250)  # the half-way level: edges land where the linear ramp crosses it
+    box512 = np.array([[xs.min(), ys.min(), xs.max(), ys.max(), 0.8]], dtype=np.float32)
+    back = grid.to_original(box512)
+    np.testing.assert_allclose(back[0, :4], rect, atol=1)
+    assert back[0, 4] == pytest.approx(0.8)
+
+
+def test_box_mapping_arithmetic() -> None:
+    g128 = GridMapping(128, 128, scale=0.25)
+    # 512 pixels 4..11 are original pixel 1..2; 8..15 are 2..3
+    np.testing.assert_array_equal(g128.to_original(np.array([[4, 8, 11, 15]])), [[1, 2, 2, 3]])
+    g768 = GridMapping(768, 768, scale=1.5)
+    np.testing.assert_array_equal(g768.to_original(np.array([[2, 0, 5, 511]])), [[3, 0, 8, 767]])
+    # padding rows stay -1, identity leaves boxes alone
+    np.testing.assert_array_equal(g768.to_original(np.array([[-1, -1, -1, -1, -1]])), [[-1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(GridMapping(512, 512).to_original(np.array([[1, 2, 3, 4]])), [[1, 2, 3, 4]])
+    # round trip covers the original box
+    for g in (g128, g768, GridMapping(716, 512, scale=716 / 512, pad_left=102)):
+        orig = np.array([[10, 20, 40, 60]])
+        back = g.to_original(g.to_grid(orig))
+        assert (back[0, :2] <= orig[0, :2]).all() and (back[0, 2:] >= orig[0, 2:]).all()
+    with pytest.raises(ValueError, match='"boxes"'):
+        g128.to_original(np.zeros((3,)))
+
+
+def test_non_square_is_padded_with_air_and_centred() -> None:
+    img = np.full((300, 600), 100, np.int16)
+    out, grid = to_grid(img)
+    assert (grid.rows, grid.cols, grid.pad_top, grid.pad_left) == (300, 600, 150, 0)
+    assert out[10, 256] == -1024 and out[256, 256] == 100 and out[500, 256] == -1024
+    with pytest.raises(ValueError, match='"hu"'):
+        to_grid(np.zeros((3, 3, 3), np.int16))

@@ -1,0 +1,197 @@
+"""Upload expansion: zip limits, zip bombs, unsafe names, nested archives, multipart splitting."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+
+import pytest
+
+from gateway.errors import REASONS, BadArchive, GatewayError, TooLarge, UnsafePath, UploadError, ZipBomb
+from gateway.uploads import UploadLimits, is_zip, iter_upload, split_multipart_related
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _zip(members: dict[str, bytes], *, method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_single_file_passes_through() -> None:
+    assert list(iter_upload("a.dcm", b"DICMDATA")) == [("a.dcm", b"DICMDATA")]
+
+
+def test_zip_members_are_expanded_and_junk_skipped() -> None:
+    data = _zip({"study/a.dcm": b"A" * 100, "study/b.dcm": b"B", "__MACOSX/._a.dcm": b"x", ".DS_Store": b"y"})
+    assert is_zip(data)
+    assert list(iter_upload("up.zip", data)) == [
+        ("up.zip/study/a.dcm", b"A" * 100),
+        ("up.zip/study/b.dcm", b"B"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["../evil.dcm", "a/../../evil.dcm", "/etc/passwd", "C:/x.dcm", "..\\x.dcm", "a\\..\\..\\x"]
+)
+def test_path_traversal_and_absolute_names_are_refused(name: str) -> None:
+    data = _zip({"ok.dcm": b"1", name: b"2"})
+    with pytest.raises(UnsafePath) as info:
+        list(iter_upload("up.zip", data))
+    assert info.value.reason == "unsafe_path" and info.value.http_status == 400
+    assert info.value.filename == "up.zip"
+
+
+def test_symlink_member_is_refused() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("link.dcm")
+        info.create_system = 3
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        list(iter_upload("up.zip", buf.getvalue()))
+
+
+def test_zip_bomb_by_ratio_is_refused_before_expansion() -> None:
+    data = _zip({"zeros.dcm": bytes(8 * MiB)})  # deflates ~1000x
+    assert len(data) < 64 * KiB
+    with pytest.raises(ZipBomb) as info:
+        next(iter_upload("bomb.zip", data))
+    assert info.value.reason == "zip_bomb" and info.value.http_status == 413
+
+
+def test_zip_bomb_by_total_size_is_refused() -> None:
+    limits = UploadLimits(max_total_bytes=2 * MiB, max_ratio=10_000)
+    data = _zip({f"f{i}.dcm": bytes(MiB) for i in range(3)})
+    with pytest.raises(ZipBomb, match="expands to"):
+        list(iter_upload("big.zip", data, limits))
+
+
+def test_lying_declared_size_is_caught_while_expanding() -> None:
+    """A member whose header declares a small size but inflates to more is stopped at the limit."""
+    limits = UploadLimits(max_file_bytes=2 * MiB, ratio_floor_bytes=100 * MiB)
+    payload = bytes(3 * MiB)
+    data = bytearray(_zip({"x.dcm": payload}))
+    # patch the declared uncompressed size (local header offset 22, central directory +24) to 1 KiB
+    real = len(payload).to_bytes(4, "little")
+    fake = (1 * KiB).to_bytes(4, "little")
+    assert data.count(real) == 2
+    data = bytearray(bytes(data).replace(real, fake))
+    with pytest.raises((ZipBomb, BadArchive)) as info:
+        list(iter_upload("liar.zip", bytes(data), limits))
+    assert info.value.reason in {"zip_bomb", "bad_archive"}
+
+
+def test_too_many_files_and_too_large() -> None:
+    limits = UploadLimits(max_files=3, max_file_bytes=100, max_upload_bytes=10 * KiB)
+    with pytest.raises(TooLarge, match="4 files"):
+        list(iter_upload("many.zip", _zip({f"{i}.dcm": b"x" for i in range(4)}), limits))
+    with pytest.raises(TooLarge, match="expands to 101"):
+        list(iter_upload("one.zip", _zip({"a.dcm": b"x" * 101}, method=zipfile.ZIP_STORED), limits))
+    with pytest.raises(TooLarge):
+        list(iter_upload("plain.dcm", b"x" * 101, limits))
+    with pytest.raises(TooLarge, match="Upload is"):
+        list(iter_upload("huge.dcm", b"x" * (11 * KiB), limits))
+
+
+def test_nested_zip_is_refused() -> None:
+    inner = _zip({"a.dcm": b"1"})
+    with pytest.raises(BadArchive, match="nested"):
+        list(iter_upload("outer.zip", _zip({"inner.zip": inner})))
+
+
+def test_corrupt_zip() -> None:
+    data = _zip({"a.dcm": b"hello" * 1000})
+    with pytest.raises(BadArchive):
+        list(iter_upload("trunc.zip", data[: len(data) // 2]))
+    # flip a byte of the compressed stream: CRC or inflate error, never a crash
+    broken = bytearray(data)
+    broken[40] ^= 0xFF
+    with pytest.raises(BadArchive):
+        list(iter_upload("crc.zip", bytes(broken)))
+
+
+def test_limits_validate_their_arguments() -> None:
+    with pytest.raises(ValueError, match='"max_files"'):
+        UploadLimits(max_files=0)
+    with pytest.raises(ValueError, match='"max_ratio"'):
+        UploadLimits(max_ratio=1)
+
+
+def test_error_classes_have_distinct_reasons_and_statuses() -> None:
+    assert {
+        "not_dicom",
+        "not_ct",
+        "no_pixel_data",
+        "undecodable",
+        "zip_bomb",
+        "unsafe_path",
+        "too_large",
+        "no_usable_series",
+        "bad_archive",
+    } <= set(REASONS)
+    for reason, cls in REASONS.items():
+        assert cls.reason == reason
+        assert 400 <= cls.http_status < 600
+        if issubclass(cls, UploadError):
+            assert issubclass(cls, ValueError) and cls.http_status < 500
+    err = ZipBomb("too big", filename="x.zip")
+    assert isinstance(err, GatewayError | ValueError)
+    assert err.to_dict() == {"reason": "zip_bomb", "message": "too big", "filename": "x.zip"}
+
+
+# ---------------------------------------------------------------------------------- multipart
+def _multipart(parts: list[tuple[dict[str, str], bytes]], boundary: str = "b0undary") -> bytes:
+    out = b"preamble to ignore\r\n"
+    for headers, body in parts:
+        out += f"--{boundary}\r\n".encode()
+        out += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+        out += b"\r\n" + body + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_multipart_related_split() -> None:
+    body1 = b"\x00\x01--b0undar\r\nnot a boundary\r\n" * 3  # binary, near-boundary bytes inside
+    body2 = b"DICM" * 10
+    body = _multipart(
+        [
+            ({"Content-Type": "application/dicom"}, body1),
+            ({"Content-Type": "application/dicom", "Content-ID": "<2>"}, body2),
+        ]
+    )
+    ct = 'multipart/related; type="application/dicom"; boundary="b0undary"'
+    parts = split_multipart_related(body, ct)
+    assert [p[1] for p in parts] == [body1, body2]
+    assert parts[1][0] == {"content-type": "application/dicom", "content-id": "<2>"}
+    # unquoted boundary parameter, and no preamble
+    parts = split_multipart_related(
+        body[len(b"preamble to ignore\r\n") :], "multipart/related; boundary=b0undary"
+    )
+    assert len(parts) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "match"),
+    [
+        (b"--x\r\n\r\nabc", "multipart/related; boundary=x", "closing boundary"),
+        (b"abc", "multipart/related; boundary=x", "does not contain"),
+        (b"--x\r\nno-separator\r\n--x--", "multipart/related; boundary=x", "separator"),
+        (b"", "multipart/related", "no boundary"),
+        (b"", "application/dicom", "must be multipart"),
+    ],
+)
+def test_multipart_errors(body: bytes, ctype: str, match: str) -> None:
+    with pytest.raises(UploadError, match=match):
+        split_multipart_related(body, ctype)
+
+
+def test_multipart_part_limit() -> None:
+    body = _multipart([({}, b"a")] * 5)
+    with pytest.raises(TooLarge):
+        split_multipart_related(body, "multipart/related; boundary=b0undary", max_parts=4)
