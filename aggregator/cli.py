@@ -72,12 +72,13 @@ class LabelledCase:
 
 
 def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA) -> Callable[[CaseResult], dict[str, bool]]:
-    """Per-image truth of a phantom study (``ctscreen-phantom/1`` manifest), by slice position.
+    """Per-image truth of a phantom study (``ctscreen-phantom/1`` manifest).
 
-    The manifest lists every slice's z position (axial slices, so z is the position along the normal)
-    and the lesion area of each lesion slice. A result slice is matched to the manifest slice nearest
-    its ``position_mm`` (within half the slice spacing); it is positive above ``min_px`` lesion pixels,
-    negative at 0, and left out in between or when it matches no slice.
+    The manifest gives the lesion area of each lesion slice by slice index, and for each index its
+    SOP Instance UID (``files``) and z position (``z_positions``; the slices are axial, so z is the
+    position along the normal). A result slice is matched by SOP Instance UID, or else to the slice
+    nearest its ``position_mm`` within half the slice spacing. It is positive above ``min_px`` lesion
+    pixels, negative at 0, and left out in between or when it matches no slice.
     """
     zs = np.asarray(manifest.get("z_positions") or [], dtype=float)
     if zs.size == 0:
@@ -85,13 +86,21 @@ def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AR
     area = np.zeros(len(zs), dtype=int)
     lesion_slices = manifest.get("lesion_slices") or []
     area[np.asarray(lesion_slices, dtype=int)] = np.asarray(manifest.get("lesion_area_px") or [], dtype=int)
+    by_uid = {f["sop_instance_uid"]: int(f["index"]) for f in manifest.get("files") or []
+              if isinstance(f, dict) and "sop_instance_uid" in f and "index" in f}
     spacing = float(manifest.get("slice_spacing") or (np.median(np.diff(np.sort(zs))) if zs.size > 1 else 1.0))
+
+    def index_of(uid: str, position_mm: float) -> int | None:
+        if uid in by_uid:
+            return by_uid[uid]
+        k = int(np.argmin(np.abs(zs - position_mm)))
+        return k if abs(zs[k] - position_mm) <= spacing / 2 else None
 
     def truth(result: CaseResult) -> dict[str, bool]:
         out = {}
         for f in result.slices:
-            k = int(np.argmin(np.abs(zs - f.position_mm)))
-            if abs(zs[k] - f.position_mm) > spacing / 2:
+            k = index_of(f.sop_instance_uid, f.position_mm)
+            if k is None or not 0 <= k < len(area):
                 continue
             px = int(area[k])
             if px == 0 or px > min_px:

@@ -28,6 +28,10 @@ def test_slice_truth_from_manifest_matches_by_position():
     result = decide(slices).to_result(study_instance_uid="1", series_instance_uid="2")
     assert truth(result) == {"u10.0": False, "u0.0": True, "u5.0": True, "u-10.0": False}  # u-4.0: 10 px, left out
     assert slice_truth_from_manifest({}, 25)(result) == {}
+    # the SOP Instance UIDs of the written files win over positions
+    manifest["files"] = [{"index": 4, "sop_instance_uid": "u0.0"}, {"index": 2, "sop_instance_uid": "u10.0"}]
+    got = slice_truth_from_manifest(manifest, min_px=25)(result)
+    assert got["u0.0"] is False and got["u10.0"] is True
 
 
 def test_discover_reads_labels_and_kinds(tmp_path):
