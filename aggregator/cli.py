@@ -17,8 +17,11 @@ Serving paths
 Data
 ----
 ``DIR`` holds phantom studies as ``ctscreen phantom`` writes them (one folder per study with its DICOM
-files and ``manifest.json``, format ``ctscreen-phantom/1``); ``--make-phantom N`` first writes the held-out phantom set
-(seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds cycling like training) into ``DIR``.
+files and ``manifest.json``, format ``ctscreen-phantom/1``); ``--make-phantom N`` first writes the
+held-out phantom set (seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds cycling like
+training) into ``DIR``. Or ``DIR`` is a NIfTI set in the training layout (``ct_scans/`` and
+``Infection_Mask/`` or the like): its cases are first written as DICOM studies under ``--work``
+(:func:`write_nifti_set`), label 1 when the lesion mask is not empty.
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
 (default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
@@ -150,6 +153,52 @@ def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encodin
         study = phantom.make_study(seed, kind=kind, n_slices=n_slices)
         phantom.write_study(study, out, encoding=encoding)
         logger.info("wrote %s", out)
+
+
+def write_nifti_set(root: Path, out: Path) -> int:
+    """Write a NIfTI set (the training layout: volumes plus lesion masks) as DICOM studies under ``out``.
+
+    Each case becomes a folder in the phantom layout (``dicom/``, ``manifest.json``, ``masks/``) written
+    by :func:`phantom.write_study`, so that it can travel the serving path like any study: axial slices
+    on the 512 grid, positions along +z by the volume's slice spacing, label 1 when the lesion mask is
+    not empty. Folders already written are kept. Returns the number of cases.
+    """
+    import nibabel as nib
+
+    import phantom
+    from training.datasets import DataError, load_nifti_case, nifti_cases
+
+    try:
+        cases = nifti_cases(root)
+    except DataError as exc:
+        raise EvalError(str(exc)) from exc
+    for case_id, volume, lesion, lung in cases:
+        folder = out / case_id
+        if (folder / "manifest.json").is_file():
+            continue
+        try:
+            v = load_nifti_case(case_id, volume, lesion, lung)
+        except DataError as exc:
+            raise EvalError(str(exc)) from exc
+        img = nib.as_closest_canonical(nib.load(str(volume)))
+        sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
+        label = int(v.lesion.any())
+        study = phantom.Study(
+            hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
+            finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
+            kind="covid" if label else "normal", label=label,
+            pixel_spacing=(sy * img.shape[1] / v.hu.shape[1], sx * img.shape[0] / v.hu.shape[2]),
+            slice_thickness=sz, slice_spacing=sz,
+            positions=np.array([[0.0, 0.0, k * sz] for k in range(len(v.hu))]),
+            seed=0, rescale_intercept=-1024, pixel_representation=1,
+        )
+        phantom.write_study(study, folder, salt=case_id, montage=False)
+        logger.info("wrote %s", folder)
+    return len(cases)
+
+
+def _looks_like_nifti_set(data: Path) -> bool:
+    return data.is_dir() and not any(data.rglob("manifest.json")) and any(data.rglob("*.nii*"))
 
 
 # --- serving paths ---------------------------------------------------------------------------------
@@ -399,6 +448,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=None, help="model repository (default: the cpu profile build)")
     p.add_argument("--make-phantom", type=_positive_int, metavar="N",
                    help="first write N held-out phantom studies into --data (existing ones are kept)")
+    p.add_argument("--work", type=Path, default=Path("out/eval-work"),
+                   help="where a NIfTI set is written as DICOM studies (default out/eval-work)")
     p.add_argument("--phantom-slices", type=_positive_int, default=None, help="slices per phantom study")
     p.add_argument("--limit", type=_positive_int, help="evaluate the first N studies only")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
@@ -429,7 +480,13 @@ def eval_main(argv: list[str]) -> int:
     try:
         if args.make_phantom:
             make_phantom_set(args.data, args.make_phantom, n_slices=args.phantom_slices)
-        cases = discover(args.data, args.min_lesion_px)
+        data = args.data
+        if _looks_like_nifti_set(data):
+            data = args.work / data.resolve().name
+            n = write_nifti_set(args.data, data)
+            if not args.quiet:
+                print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
+        cases = discover(data, args.min_lesion_px)
         if args.limit:
             cases = cases[: args.limit]
         evaluated: list[EvalCase] = []

@@ -93,3 +93,34 @@ def test_eval_through_the_serving_path_agrees_with_the_reference(phantom_set, tr
         got = [[b["grid"] for b in s["boxes"]] for s in served["result"]["slices"]]
         want = [[b["grid"] for b in s["boxes"]] for s in local["result"]["slices"]]
         assert got == want
+
+
+def test_eval_of_a_nifti_set_writes_dicom_studies_first(tmp_path):
+    phantom = pytest.importorskip("phantom")
+    if not hasattr(phantom, "write_study"):
+        pytest.skip("phantom.write_study has not landed yet")
+    import nibabel as nib
+
+    root = tmp_path / "nifti"
+    (root / "ct_scans").mkdir(parents=True)
+    (root / "Infection_Mask").mkdir()
+    for cid, has_lesion in (("case1", True), ("case2", False)):
+        hu = np.full((64, 64, 6), -1000, np.int16)
+        hu[8:56, 8:56] = 40
+        hu[12:30, 12:52] = -850
+        hu[34:52, 12:52] = -850
+        mask = np.zeros(hu.shape, np.uint8)
+        if has_lesion:
+            mask[15:25, 15:25, 1:5] = 1
+            hu[mask > 0] = -300
+        affine = np.diag([0.7, 0.7, 5.0, 1.0])
+        nib.save(nib.Nifti1Image(hu, affine), root / "ct_scans" / f"{cid}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, affine), root / "Infection_Mask" / f"{cid}.nii.gz")
+    code, report, rows = _run(["--data", str(root), "--in-process", "--work", str(tmp_path / "work"),
+                               "--out", str(tmp_path / "r"), "-q"])
+    assert code in (0, 1)
+    assert [(r["case_id"], r["kind"], r["label"]) for r in rows] == [("case1", "covid", 1), ("case2", "normal", 0)]
+    assert all(len(r["result"]["slices"]) == 6 for r in rows)
+    # slices 1-4 of case1 hold a 10 x 10 lesion (6400 pixels on the 512 grid): per-image positives
+    assert sum(rows[0]["slice_truth"].values()) == 4 and not any(rows[1]["slice_truth"].values())
+    assert report["per_image"]["tp"] + report["per_image"]["fn"] == 4
