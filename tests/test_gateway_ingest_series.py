@@ -1,0 +1,216 @@
+"""Series selection and slice ordering on real DICOM series written with pydicom (and the phantom)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from gateway.dicom import to_grid
+from gateway.errors import NoUsableSeries, UploadError
+from gateway.ingest import StudyAccumulator, load_study
+from gateway.series import SeriesRules, slice_normal, sort_slices
+from tests.gateway_dicom_factory import CORONAL, chest_like, ct_dataset, make_series, to_bytes
+
+
+def _files(series: list[tuple[str, bytes, np.ndarray, float]], prefix: str = "") -> list[tuple[str, bytes]]:
+    return [(prefix + name, data) for name, data, _, _ in series]
+
+
+def test_shuffled_files_with_scrambled_instance_numbers_come_back_in_position_order() -> None:
+    series = make_series(9, rows=32, cols=32, spacing=2.5, z0=-100.0)
+    files = _files(series)
+    random.Random(1).shuffle(files)
+    study = load_study(files, workers=2)
+    assert [s.position_mm for s in study.slices] == [-100.0 + 2.5 * i for i in range(9)]
+    # the pixels travelled with their positions (each slice has its own noise)
+    for i, (_, _, hu, _) in enumerate(series):
+        np.testing.assert_array_equal(study.hu[i], to_grid(hu)[0])
+    assert study.spacing_mm == pytest.approx(2.5)
+    assert study.gaps == [] and study.excluded == [] and study.rejected == []
+
+
+def test_order_follows_the_normal_not_the_z_axis() -> None:
+    """IOP (-1,0,0, 0,1,0): normal = row x col = (0,0,-1); positions grow as z falls."""
+    iop = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    np.testing.assert_allclose(slice_normal(iop), [0, 0, -1])
+    series = make_series(5, rows=32, cols=32, spacing=3.0, orientation=iop)
+    study = load_study(_files(series)[::-1])
+    assert study.normal == (0.0, 0.0, -1.0)
+    assert [s.position_mm for s in study.slices] == [0.0, 3.0, 6.0, 9.0, 12.0]
+    assert [s.filename for s in study.slices] == [f"s{i:04d}.dcm" for i in range(5)]
+
+
+def test_duplicates_removed_and_gaps_reported() -> None:
+    series = make_series(10, rows=32, cols=32, spacing=1.0)
+    files = _files(series)
+    del files[5], files[5]  # slices at 5 and 6 mm missing: a 3 mm step after index 4
+    # a duplicate of slice 2: same position and series, another SOP instance
+    dup = pydicom.dcmread(io.BytesIO(series[2][1]))
+    dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dup.InstanceNumber = 99
+    files.append(("dup.dcm", to_bytes(dup)))
+    study = load_study(files)
+    assert study.n_slices == 8
+    assert [s.position_mm for s in study.slices] == [0, 1, 2, 3, 4, 7, 8, 9]
+    assert study.slices[2].filename == "s0002.dcm"  # lower instance number kept
+    assert [(r.filename, r.reason) for r in study.excluded] == [("dup.dcm", "duplicate_position")]
+    assert len(study.gaps) == 1
+    gap = study.gaps[0]
+    assert (gap.after_index, gap.step_mm, gap.expected_mm) == (4, 3.0, 1.0)
+    assert any("Gap of 3.00 mm" in w for w in study.warnings)
+    assert any("duplicate" in w for w in study.warnings)
+
+
+@pytest.fixture(scope="module")
+def mixed_study() -> tuple[list[tuple[str, bytes]], str]:
+    """Main axial series (12) + localizer + smaller axial series (6) + coronal reformat (20)
+    + DERIVED axial series (30) + thick axial series (40 x 15 mm): the main one must win."""
+    study = generate_uid()
+    main_uid = generate_uid()
+    files = _files(
+        make_series(12, rows=32, cols=32, study_uid=study, series_uid=main_uid, series_number=2), "main/"
+    )
+    scout = ct_dataset(
+        chest_like(40, 32),
+        study_uid=study,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        orientation=CORONAL,
+        series_number=1,
+    )
+    files.append(("scout.dcm", to_bytes(scout)))
+    files += _files(make_series(6, rows=32, cols=32, study_uid=study, series_number=3), "small/")
+    files += _files(
+        make_series(20, rows=32, cols=32, study_uid=study, orientation=CORONAL, series_number=4), "cor/"
+    )
+    files += _files(
+        make_series(
+            30,
+            rows=32,
+            cols=32,
+            study_uid=study,
+            series_number=5,
+            image_type=("DERIVED", "SECONDARY", "AXIAL"),
+        ),
+        "mpr/",
+    )
+    files += _files(
+        make_series(40, rows=32, cols=32, study_uid=study, series_number=6, thickness=15.0), "thick/"
+    )
+    random.Random(7).shuffle(files)
+    return files, main_uid
+
+
+def test_series_selection_rules(mixed_study: tuple[list[tuple[str, bytes]], str]) -> None:
+    files, main_uid = mixed_study
+    study = load_study(files)
+    assert study.series_instance_uid == main_uid and study.n_slices == 12
+    reasons: dict[str, set[str]] = {}
+    for r in study.excluded:
+        reasons.setdefault(r.filename.split("/")[0], set()).add(r.reason)
+    assert reasons == {
+        "scout.dcm": {"localizer"},
+        "cor": {"not_axial"},
+        "mpr": {"not_original"},
+        "thick": {"thickness"},
+    }
+    assert list(study.other_series.values()) == [6]
+
+
+def test_rules_are_configurable(mixed_study: tuple[list[tuple[str, bytes]], str]) -> None:
+    files, _ = mixed_study
+    loose = load_study(files, SeriesRules(require_original_primary=False))
+    assert loose.n_slices == 30 and loose.series_number == 5
+    thick_ok = load_study(files, SeriesRules(max_slice_thickness_mm=None))
+    assert thick_ok.n_slices == 40 and thick_ok.series_number == 6
+    anything = load_study(
+        files, SeriesRules(require_axial=False, require_original_primary=False, max_slice_thickness_mm=None)
+    )
+    assert anything.n_slices == 40
+    with pytest.raises(ValueError, match='"gap_factor"'):
+        SeriesRules(gap_factor=1.0)
+    with pytest.raises(ValueError, match='"min_slice_thickness_mm"'):
+        SeriesRules(min_slice_thickness_mm=5, max_slice_thickness_mm=1)
+
+
+def test_too_few_slices_is_reported_not_refused() -> None:
+    study = load_study(_files(make_series(2, rows=32, cols=32)))
+    assert study.n_slices == 2
+    assert any("Only 2 slice(s)" in w for w in study.warnings)
+
+
+def test_no_usable_series_lists_every_reason() -> None:
+    scout = ct_dataset(chest_like(32, 32), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    mr = ct_dataset(chest_like(32, 32), modality="MR")
+    with pytest.raises(NoUsableSeries) as info:
+        load_study([("scout.dcm", to_bytes(scout)), ("mr.dcm", to_bytes(mr)), ("junk.txt", b"hello")])
+    err = info.value
+    assert err.reason == "no_usable_series" and err.http_status == 422
+    assert sorted((f, r) for f, r, _ in err.rejected) == [
+        ("junk.txt", "not_dicom"),
+        ("mr.dcm", "not_ct"),
+        ("scout.dcm", "localizer"),
+    ]
+    assert err.to_dict()["rejected"][0].keys() == {"filename", "reason", "message"}
+    with pytest.raises(UploadError):
+        load_study([])
+
+
+def test_zip_upload_is_expanded_and_bad_zip_refused_whole() -> None:
+    series = make_series(4, rows=32, cols=32)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data, _, _ in series:
+            zf.writestr(f"DICOM/{name}", data)
+        zf.writestr("DICOM/README.txt", b"notes")
+    study = load_study([("study.zip", buf.getvalue())])
+    assert study.n_slices == 4
+    assert [(r.filename, r.reason) for r in study.rejected] == [("study.zip/DICOM/README.txt", "not_dicom")]
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../x.dcm", series[0][1])
+    with pytest.raises(UploadError) as info:
+        load_study([("evil.zip", evil.getvalue())])
+    assert info.value.reason == "unsafe_path"
+
+
+def test_accumulator_takes_files_one_by_one() -> None:
+    series = make_series(6, rows=32, cols=32, transfer_syntax=JPEG2000Lossless)
+    acc = StudyAccumulator()
+    assert acc.add("junk", b"\x00" * 300) is not None
+    for name, data, _, _ in series:
+        assert acc.add(name, data) is None
+    assert acc.add("again.dcm", series[0][1]) is None  # a re-send replaces, does not duplicate
+    assert len(acc) == 6 and acc.n_files == 8
+    assert len(acc.study_instance_uids) == 1
+    study = acc.finish(workers=1)
+    assert study.n_slices == 6 and [r.reason for r in study.rejected] == ["not_dicom"]
+    for i, (_, _, hu, _) in enumerate(series):
+        assert study.slices[i].position_mm == float(i)
+        assert study.slices[i].grid.scale == 32 / 512
+        np.testing.assert_array_equal(study.hu[i], to_grid(hu)[0])
+    with pytest.raises(ValueError, match='"max_files"'):
+        StudyAccumulator(max_files=0)
+    small = StudyAccumulator(max_files=1)
+    small.add(series[0][0], series[0][1])
+    assert small.add(series[1][0], series[1][1]).reason == "too_large"
+
+
+def test_sort_slices_guards() -> None:
+    with pytest.raises(ValueError, match='"frames"'):
+        sort_slices([])
+    with pytest.raises(ValueError, match='"orientation"'):
+        slice_normal((1, 0, 0, 1, 0, 0))
+
+
+def test_summary_is_json_friendly() -> None:
+    study = load_study(_files(make_series(3, rows=512, cols=512)))
+    text = json.dumps(study.summary())
+    assert '"n_slices": 3' in text
+    assert study.slices[0].grid.is_identity
