@@ -280,6 +280,17 @@ def explain(out: dict[str, Any]) -> list[str]:
     if ort:
         lines.append(f"In-process ORT: {1000 / ort['slices_per_s']:.1f} ms per slice "
                      f"(batch {ort['batch']}, {ort['workers']} worker(s) x {ort['threads_per_worker']} thread(s)).")
+    fig = out.get("figures") or {}
+    ms = {k: 1000 / v for k in ("ort_slices_per_s", "ensemble_slices_per_s", "gateway_slices_per_s")
+          if (v := fig.get(k))}
+    if "ort_slices_per_s" in ms and "ensemble_slices_per_s" in ms:
+        lines.append(f"Triton ensemble: {ms['ensemble_slices_per_s']:.1f} ms per slice, "
+                     f"{ms['ensemble_slices_per_s'] - ms['ort_slices_per_s']:+.1f} ms against in-process "
+                     "(serialisation, gRPC, shared memory to the python-backend stubs, dynamic-batching delay).")
+    if "ensemble_slices_per_s" in ms and "gateway_slices_per_s" in ms:
+        lines.append(f"Gateway end to end: {ms['gateway_slices_per_s']:.1f} ms per slice, "
+                     f"{ms['gateway_slices_per_s'] - ms['ensemble_slices_per_s']:+.1f} ms against the bare ensemble "
+                     "(upload, DICOM decoding and the case rule share the same 2 cores as Triton).")
     tri = out.get("ensemble", {}).get("triton") or {}
     for model, m in tri.items():
         if m.get("inferences"):

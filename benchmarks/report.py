@@ -124,7 +124,7 @@ def stage_breakdown(ratios: dict[str, Any] | None, load: dict[str, Any] | None) 
                                                   + (m["compute_output_us"] or 0)) * k, 2)
     slices = sum(s["slices"] for s in src.get("studies", []) if s["state"] == "done") or 1
     for key, h in (src.get("gateway_stages") or {}).items():
-        if "stage" in key or "seconds" in key:
+        if ("stage" in key or "seconds" in key) and "stage=total" not in key:
             stages[f"gateway {key}"] = round(h["sum"] * 1000 / slices, 2)
     return stages
 
