@@ -400,7 +400,8 @@ class EmbeddedTriton:
         for line in self._tail:
             m = _LOAD_FAILED.search(line.strip())
             if m:
-                reason = m.group(3).replace("\\n", " ").strip()
+                # the python backend appends the stub's stack ("At: file(line): function"): drop it
+                reason = re.split(r"(?:\\n|\s)+At:(?:\\n|\s)", m.group(3))[0].replace("\\n", " ").strip()
                 failed.append(
                     f"model '{m.group(1)}' failed to load from {self._repo_dir / m.group(1)}: {reason}"
                 )
