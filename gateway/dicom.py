@@ -521,8 +521,46 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
 # --------------------------------------------------------------------------------------------
 # pixels
 # --------------------------------------------------------------------------------------------
+_NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+
+
+def _native_fast_path(ds: Dataset) -> np.ndarray | None:
+    """Stored values of native little-endian 16-bit data straight from the buffer, or ``None``.
+
+    Same result as pydicom's ``pixel_array`` (high bits above Bits Stored masked off for unsigned
+    data, sign-extended for signed data), without its per-call set-up (~1 ms a slice).
+    """
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if ts not in _NATIVE_LE or ds.get("BitsAllocated") != 16 or (ds.get("SamplesPerPixel") or 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = _opt_int(ds.get("NumberOfFrames")) or 1
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2 or frames < 1:
+        return None
+    signed = ds.get("PixelRepresentation") == 1
+    bits = _opt_int(ds.get("BitsStored")) or 16
+    if not 1 <= bits <= 16:
+        return None
+    arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=frames * rows * cols)
+    arr = arr.reshape(frames, rows, cols)
+    if bits < 16:
+        if signed:
+            shift = 16 - bits
+            arr = np.right_shift(np.left_shift(arr, shift), shift)
+        else:
+            arr = arr & np.uint16((1 << bits) - 1)
+    return arr
+
+
 def _stored_values(ds: Dataset, filename: str) -> np.ndarray:
     """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation."""
+    try:
+        fast = _native_fast_path(ds)
+    except (AttributeError, TypeError, ValueError):
+        fast = None
+    if fast is not None:
+        return fast
     try:
         arr = ds.pixel_array
     except (KeyboardInterrupt, SystemExit, MemoryError):
@@ -572,8 +610,8 @@ def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndar
 
 
 def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
-    # Sample every 4th row: the statistics are robust and this keeps them ~0.3 ms per slice.
-    sample = hu[::4]
+    # Sample every 8th row: the statistics are robust and this keeps them well under 1 ms a slice.
+    sample = hu[::8]
     where = "" if frame is None else f" (frame {frame})"
     high = float(np.count_nonzero(sample > HIGH_HU)) / max(sample.size, 1)
     if high > HIGH_HU_FRACTION:
