@@ -138,7 +138,8 @@ def discover(data: Path, min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
     return cases
 
 
-def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit") -> None:
+def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit",
+                     montage: bool = True) -> None:
     """Write the held-out phantom set: ``n`` studies, seeds from ``PHANTOM_EVAL_SEED0``."""
     import phantom
     from training.datasets import PHANTOM_EVAL_SEED0, phantom_kind
@@ -151,7 +152,7 @@ def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encodin
         if (out / "manifest.json").is_file():
             continue
         study = phantom.make_study(seed, kind=kind, n_slices=n_slices)
-        phantom.write_study(study, out, encoding=encoding)
+        phantom.write_study(study, out, encoding=encoding, montage=montage)
         logger.info("wrote %s", out)
 
 

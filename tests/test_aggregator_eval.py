@@ -55,7 +55,7 @@ def phantom_set(tmp_path_factory) -> Path:
     from aggregator.cli import make_phantom_set
 
     data = tmp_path_factory.mktemp("eval-phantom")
-    make_phantom_set(data, 2, n_slices=N_SLICES)  # a covid and a normal study, held-out seeds
+    make_phantom_set(data, 2, n_slices=N_SLICES, montage=False)  # a covid and a normal study, held-out seeds
     return data
 
 
@@ -67,25 +67,32 @@ def _run(argv: list[str]) -> tuple[int, dict, list[dict]]:
     return code, report, rows
 
 
-def test_eval_in_process_writes_the_report(phantom_set, tmp_path):
-    code, report, rows = _run(["--data", str(phantom_set), "--in-process", "--out", str(tmp_path / "r"), "-q"])
+@pytest.fixture(scope="module")
+def reference(phantom_set, tmp_path_factory) -> tuple[int, dict, list[dict], Path]:
+    """The phantom set through the in-process reference (ingest + ORT + postprocess_batch)."""
+    out = tmp_path_factory.mktemp("eval-reference")
+    return (*_run(["--data", str(phantom_set), "--in-process", "--out", str(out), "-q"]), out)
+
+
+def test_eval_in_process_writes_the_report(reference):
+    code, report, rows, out = reference
     assert code in (0, 1)  # 1: goal not met (the shipped models may be untrained)
     assert report["n_cases"] == 2 and report["n_failed"] == 0
     assert report["kinds"] == {"covid": 1, "normal": 1}
     assert report["per_patient"]["n"] == 2
     assert report["per_image"]["n"] > 0  # per-image truth matched to screened slices
     assert all(len(r["result"]["slices"]) == N_SLICES for r in rows)
-    assert (tmp_path / "r" / "report.md").read_text().count("| per patient |") == 1
+    assert (out / "report.md").read_text().count("| per patient |") == 1
 
 
 @pytest.mark.triton
-def test_eval_through_the_serving_path_agrees_with_the_reference(phantom_set, triton, tmp_path):
+def test_eval_through_the_serving_path_agrees_with_the_reference(phantom_set, reference, triton, tmp_path):
     code, report, rows = _run(["--data", str(phantom_set), "--triton-url", triton.grpc_url,
                                "--out", str(tmp_path / "served"), "-q"])
     assert code in (0, 1)
     assert report["n_failed"] == 0
     assert report["meta"]["serving_path"].startswith("embedded stack")
-    _, _, ref = _run(["--data", str(phantom_set), "--in-process", "--out", str(tmp_path / "ref"), "-q"])
+    ref = reference[2]
     for served, local in zip(rows, ref, strict=True):
         assert served["result"]["verdict"] == local["result"]["verdict"]
         assert served["result"]["reason"] == local["result"]["reason"]
@@ -93,6 +100,8 @@ def test_eval_through_the_serving_path_agrees_with_the_reference(phantom_set, tr
         got = [[b["grid"] for b in s["boxes"]] for s in served["result"]["slices"]]
         want = [[b["grid"] for b in s["boxes"]] for s in local["result"]["slices"]]
         assert got == want
+        assert [s["valid_area"] for s in served["result"]["slices"]] == [
+            s["valid_area"] for s in local["result"]["slices"]]
 
 
 def test_eval_of_a_nifti_set_writes_dicom_studies_first(tmp_path):
