@@ -278,8 +278,10 @@ def explain(out: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     ort = out.get("ort", {}).get("best")
     if ort:
-        lines.append(f"In-process ORT: {1000 / ort['slices_per_s']:.1f} ms per slice "
-                     f"(batch {ort['batch']}, {ort['workers']} worker(s) x {ort['threads_per_worker']} thread(s)).")
+        how = ("valid-area and lesion sessions at once, 1 thread each, post-processing overlapped"
+               if ort["workers"] == "pipelined" else f"{ort['workers']} worker(s) x {ort['threads_per_worker']} thread(s)")
+        lines.append(f"In-process ORT (best of {len(out['ort']['runs'])} runs): {1000 / ort['slices_per_s']:.1f} ms per "
+                     f"slice (batch {ort['batch']}, {how}).")
     fig = out.get("figures") or {}
     ms = {k: 1000 / v for k in ("ort_slices_per_s", "ensemble_slices_per_s", "gateway_slices_per_s")
           if (v := fig.get(k))}

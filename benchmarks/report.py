@@ -68,6 +68,7 @@ def plot_latency_vs_load(load: dict[str, Any], out: Path) -> Path | None:
     ax.axhline(41.34, color="grey", lw=0.8, ls="-.", label="paper: 41.34 s/patient")
     ax.set_xlabel("achieved load (studies/hour)")
     ax.set_ylabel("case latency (s)")
+    ax.set_ylim(bottom=0)
     ax.set_title("Case latency against load (gateway, cpu profile)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -96,6 +97,8 @@ def plot_throughput_vs_concurrency(perf: dict[str, Any] | None, load: dict[str, 
         ax.plot(x, y, "o-", label=label)
     ax.set_xlabel("concurrency (requests or studies in flight)")
     ax.set_ylabel("slices/s")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title("Throughput against concurrency")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -125,7 +128,8 @@ def stage_breakdown(ratios: dict[str, Any] | None, load: dict[str, Any] | None) 
     slices = sum(s["slices"] for s in src.get("studies", []) if s["state"] == "done") or 1
     for key, h in (src.get("gateway_stages") or {}).items():
         if ("stage" in key or "seconds" in key) and "stage=total" not in key:
-            stages[f"gateway {key}"] = round(h["sum"] * 1000 / slices, 2)
+            m = re.search(r"stage=([^,}]+)", key)
+            stages[f"gateway {m.group(1) if m else key} (wall)"] = round(h["sum"] * 1000 / slices, 2)
     return stages
 
 
@@ -135,8 +139,9 @@ def plot_stage_breakdown(stages: dict[str, float], out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(stages) + 1.5))
     names = list(stages)
-    ax.barh(names, [stages[n] for n in names], color="tab:blue")
-    ax.set_xlabel("ms per slice (summed over the run, divided by slices screened)")
+    colors = ["tab:orange" if n.startswith("gateway") else "tab:blue" for n in names]
+    ax.barh(names, [stages[n] for n in names], color=colors)
+    ax.set_xlabel("ms per slice (run total / slices screened); blue: Triton, orange: gateway")
     ax.set_title("Where the time goes, per stage")
     ax.tick_params(axis="y", labelsize=7)
     ax.invert_yaxis()
