@@ -446,7 +446,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-url", metavar="HOST:PORT",
                    help="with the embedded stack: use this running Triton (gRPC) instead of starting one")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default docs/eval)")
-    p.add_argument("--repo", type=Path, default=None, help="model repository (default: the cpu profile build)")
+    p.add_argument("--repo", type=Path, default=None,
+                   help="embedded stack: a rendered Triton repository (default: the cpu profile rendered from "
+                        "model_repository/); --in-process: a folder of <model>/1/model.onnx (default model_repository/)")
     p.add_argument("--make-phantom", type=_positive_int, metavar="N",
                    help="first write N held-out phantom studies into --data (existing ones are kept)")
     p.add_argument("--work", type=Path, default=Path("out/eval-work"),
