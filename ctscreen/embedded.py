@@ -41,7 +41,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
 from pathlib import Path
 from typing import IO
 
@@ -135,7 +134,8 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-_LIVE: weakref.WeakSet[EmbeddedTriton] = weakref.WeakSet()
+_LIVE: set[EmbeddedTriton] = set()
+"""Servers started and not yet stopped (strong references: a dropped object still gets stopped)."""
 
 
 @atexit.register
