@@ -276,6 +276,19 @@ def test_triton_image_is_pinned_to_the_release_our_client_speaks(rendered):
     assert container(deployment, "build-engines", init=True)["image"] == f"nvcr.io/nvidia/tensorrt:{expected}"
 
 
+def test_engine_profile_matches_the_gpu_repository_profile():
+    """trtexec's batch range must be the one the gpu-profile config.pbtxt declares (ctscreen.repo)."""
+    repo = pytest.importorskip("ctscreen.repo")
+    from ctscreen.contracts import HU_SLICES, SEGMENTATION_MODELS
+
+    gpu = repo.default_settings("gpu")
+    engines = yaml.safe_load((CHART / "values.yaml").read_text())["triton"]["engines"]
+    assert engines["maxBatch"] == gpu.max_batch_size
+    assert engines["optBatch"] == gpu.opt_batch
+    assert engines["inputName"] == HU_SLICES
+    assert tuple(engines["models"]) == tuple(SEGMENTATION_MODELS)
+
+
 def test_triton_pod_gpu_probes_drain_and_shm(rendered):
     deployment = find(rendered["production"], "Deployment", "-triton")
     spec = deployment["spec"]["template"]["spec"]

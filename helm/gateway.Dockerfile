@@ -1,0 +1,22 @@
+# The ctscreen gateway image the chart runs (gateway.image). Build from the repository root:
+#   docker build -f helm/gateway.Dockerfile -t registry.example.org/ctscreen/gateway:0.1.0 .
+# The gateway needs no GPU and no torch; it talks gRPC to the Triton pods.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY ctscreen ./ctscreen
+COPY gateway ./gateway
+COPY aggregator ./aggregator
+COPY phantom ./phantom
+COPY training ./training
+COPY benchmarks ./benchmarks
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+COPY --from=build /install /usr/local
+# non-root, matching the chart's securityContext (runAsUser 10001, read-only root filesystem, /tmp emptyDir)
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin ctscreen
+USER 10001:10001
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+EXPOSE 8080
+CMD ["uvicorn", "--factory", "gateway.main:app_from_env", "--host", "0.0.0.0", "--port", "8080"]
