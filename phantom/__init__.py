@@ -8,7 +8,14 @@
 See ``docs/phantom/README.md`` for the anatomy, the findings and the output layout.
 """
 
+from .dicomio import ENCODINGS, read_manifest, read_masks, write_study
 from .findings import COVID_SUBTYPES, FINDING_CODES, HU_RANGES
 from .study import KINDS, Study, make_study
 
-__all__ = ["COVID_SUBTYPES", "FINDING_CODES", "HU_RANGES", "KINDS", "Study", "make_study"]
+__all__ = [
+    "ENCODINGS",
+    "read_manifest",
+    "read_masks",
+    "write_study",
+    "COVID_SUBTYPES",
+    "FINDING_CODES", "HU_RANGES", "KINDS", "Study", "make_study"]

@@ -184,7 +184,7 @@ def fissure_s(p: Patient, x, y, cy, ac, bc):
     """Scan fraction of the oblique fissure surface at (x, y)."""
     t = np.clip((cy + bc - y) / (2.0 * bc), 0.0, 1.0)  # 0 posterior, 1 anterior
     lateral = (np.abs(x) / ac) ** 2
-    return p.fissure_s + (p.dome_r_s - p.fissure_s + 0.02) * t - 0.05 * lateral
+    return p.fissure_s + (p.dome_r_s - p.fissure_s + 0.02) * t - 0.12 * np.sqrt(lateral)
 
 
 def heart_geometry(p: Patient, s):
@@ -198,10 +198,10 @@ def heart_geometry(p: Patient, s):
     scale = np.sqrt(1.0 - (1.0 - t) ** 2)
     scale = np.where(s > bottom, np.clip(1.0 - (s - bottom) / 0.03, 0.0, 1.0), scale)
     scale = np.where(s < top, 0.0, scale).astype(np.float32)
-    hx = 0.16 * ac + 12.0
-    hy = cy - 0.22 * bc
-    ha = 0.6 * ac * p.heart_scale * scale
-    hb = 0.5 * bc * p.heart_scale * scale
+    hx = 0.12 * ac + 10.0
+    hy = cy - 0.2 * bc
+    ha = 0.47 * ac * p.heart_scale * scale
+    hb = 0.4 * bc * p.heart_scale * scale
     return hx, hy, ha, hb
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anatomy import Patient, lower_lobe, lung_masks
+from .anatomy import Patient, lower_lobe, lung_masks, sample_lung_points
 from .trees import SphereCloud, sample_segments
 
 FINDING_CODES: dict[str, int] = {
@@ -36,7 +36,7 @@ HU_RANGES: dict[str, tuple[float, float]] = {
     "tb_cavity_wall": (-50.0, 80.0),
     "bacterial": (-60.0, 60.0),
     "emphysema": (-1024.0, -930.0),
-    "stomach_bubble": (-1024.0, -900.0),
+    "stomach_bubble": (-1024.0, -850.0),
 }
 """Intended HU range of each finding's core (the median of its mask lies inside)."""
 
@@ -315,8 +315,18 @@ def bacterial_findings(p: Patient, rng, step: float) -> list[Finding]:
     else:
         z0 = (p.apex_s + 0.05) * p.length
         z1 = (p.dome_r_s - 0.05) * p.length
+    # air bronchograms: a few branching air tubes running from the hilum into the lobe
+    pts = sample_lung_points(p, rng, 600, side)
+    lower = lower_lobe(p, pts[:, 0], pts[:, 1], pts[:, 2] / p.length)
+    inside = pts[lower] if lobe.endswith("lower") else pts[~lower]
+    inside = inside[(inside[:, 2] > z0) & (inside[:, 2] < z1)]
+    centre = inside.mean(axis=0)
+    k = min(int(rng.integers(5, 9)), len(inside))
+    ends = inside[rng.choice(len(inside), size=k, replace=False)]
+    starts = centre + (ends - centre) * 0.1
+    lumens = sample_segments(starts, ends, float(rng.uniform(1.8, 2.6)), 0.9, tag=5)
     return [Finding("bacterial", "lobar", False, side, float(rng.uniform(20.0, 45.0)), lobe=lobe,
-                    z_range=(z0, z1), texture=10.0)]
+                    z_range=(z0, z1), texture=10.0, lumens=lumens, lumen_hu=-950.0)]
 
 
 def emphysema_findings(p: Patient, rng, step: float) -> list[Finding]:

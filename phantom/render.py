@@ -54,8 +54,8 @@ def build_skeleton(p: Patient, rng: np.random.Generator) -> SphereCloud:
             phi1 = np.pi * (0.9 if i < 7 else 0.9 - 0.06 * (i - 6))
             phi = np.linspace(0.1 * np.pi, phi1, 120)
             t = (phi - phi[0]) / (phi1 - phi[0])
-            drop = 45.0 + 1.5 * i
-            za = z_head + drop * t**1.3
+            drop = 70.0 + 2.0 * i
+            za = z_head + drop * t**1.6
             s = za / p.length
             cy, ac, bc = p.cavity(np.clip(s, 0.0, 1.0))
             x = side * (ac + 4.0) * np.sin(phi)
@@ -107,7 +107,7 @@ class Renderer:
         cy, ac, bc = (float(v) for v in p.cavity(stomach_s))
         self.stomach = Blob(0.42 * ac, cy - 0.2 * bc, stomach_s * p.length, 0.3 * ac, 0.33 * bc, 0.1 * p.length,
                             float(rng.uniform(0.3, 0.7)))
-        self.stomach_level = float(rng.uniform(0.05, 0.35))
+        self.stomach_level = float(rng.uniform(0.25, 0.5))
 
     # ---- helpers ------------------------------------------------------------------------------
     def _ellipse(self, view, win0, x, y, a, b, angle, value, where=None, mark=None, mark_value=1):
@@ -216,13 +216,13 @@ class Renderer:
             res = self._blob_window(view.shape, win0, st, za, 0.0)
             if res is not None:
                 sl, w = res
-                inside = (w > 0) & sub_l[sl] & ~liver[sl]
+                inside = (w > 0) & sub_l[sl]
                 view[sl][inside] = HU["muscle"]
                 scale = np.sqrt(max(1.0 - ((za - st.z) / st.c) ** 2, 0.0))
                 res2 = self._blob_window(view.shape, win0, Blob(st.x, st.y, st.z, st.a - 4, st.b - 4, st.c - 4, st.angle), za, 0.0)
                 if res2 is not None:
                     sl2, w2 = res2
-                    lumen = (w2 > 0) & sub_l[sl2] & ~liver[sl2]
+                    lumen = (w2 > 0) & sub_l[sl2]
                     view[sl2][lumen] = HU["stomach"]
                     level = st.y - st.b * scale * (1.0 - 2.0 * self.stomach_level)
                     air = lumen & (y[sl2[0]] < level)
@@ -277,14 +277,16 @@ class Renderer:
         # findings that replace the parenchyma (vessels remain visible through GGO)
         for fd in self.pre:
             self._paint_finding(hu, lung_full, lesion, finding, fd, za, s)
+        # consolidation hides vessels and small airways; only its own bronchograms stay dark
+        solid = lung_full & (hu > -150.0)
 
         # vessels and airways
         xs_, ys_, rs_, _ = self._cut(self.trees.vessels, za)
         if xs_.size:
             slab = max(2.0 * self.half_slab, 1.0)
             vals = -860.0 + 900.0 * np.clip(1.6 * rs_ / slab + 0.25, 0.35, 1.0)
-            self._discs(hu, xs_, ys_, rs_, vals.astype(np.float32), where=lung_full)
-        airway_where = lung_full.copy()
+            self._discs(hu, xs_, ys_, rs_, vals.astype(np.float32), where=lung_full & ~solid)
+        airway_where = lung_full & ~solid
         med = cavity & ~lung & ~abdomen
         airway_where[r0:r1, c0:c1] |= med
         for cloud, val in ((self.trees.airway_wall, HU["airway_wall"]), (self.trees.airway_lumen, HU["air"])):
@@ -297,8 +299,7 @@ class Renderer:
             if fd.lumens is not None:
                 xs_, ys_, rs_, _ = self._cut(fd.lumens, za)
                 if xs_.size:
-                    where = lung_full & (hu > -250.0)
-                    self._discs(hu, xs_, ys_, rs_, fd.lumen_hu, where=where)
+                    self._discs(hu, xs_, ys_, rs_, fd.lumen_hu, where=solid)
         return hu, lung_full, lesion, finding
 
     def _blob_window(self, shape, win0, b: Blob, za: float, soft: float):

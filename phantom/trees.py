@@ -122,7 +122,7 @@ def build_trees(p: Patient, rng: np.random.Generator, *, detail: float = 1.0) ->
     s_hilum = p.arch_s + 0.14
     cy, ac, bc = p.cavity(s_hilum)
     cy, ac, bc = float(cy), float(ac), float(bc)
-    n_targets = int(1400 * detail)
+    n_targets = int(2400 * detail)
     vessels, walls, lumens = [], [], []
     carina = np.array([0.0, cy + 0.45 * bc, (p.arch_s + 0.06) * p.length])
     for sign, side in ((-1.0, "right"), (1.0, "left")):
@@ -132,7 +132,7 @@ def build_trees(p: Patient, rng: np.random.Generator, *, detail: float = 1.0) ->
             ("vein", hilum + np.array([sign * -6.0, 12.0, 18.0]), 6.5),
         ):
             targets = sample_lung_points(p, rng, n_targets, side)
-            a, b, r, d = grow_tree(root, targets, r0, rng, max_depth=9)
+            a, b, r, d = grow_tree(root, targets, r0, rng, max_depth=10)
             r_end = r * 0.79
             vessels.append(sample_segments(a, b, r, r_end, tag=1))
             if system == "artery":
