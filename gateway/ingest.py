@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -161,6 +162,7 @@ class StudyAccumulator:
         self._objects: dict[str, tuple[bytes, list[FrameHeader]]] = {}
         self.rejected: list[Rejection] = []
         self.n_files = 0
+        self._lock = threading.Lock()  # add() may be called from several request threads
 
     def __len__(self) -> int:
         """Number of accepted objects (distinct SOP Instance UIDs)."""
@@ -182,23 +184,29 @@ class StudyAccumulator:
         A second object with the same SOP Instance UID replaces the first (a re-send). Zip uploads
         must be expanded first (:meth:`add_upload`).
         """
-        self.n_files += 1
-        if len(self._objects) >= self.max_files:
-            rej = Rejection(filename, "too_large", f"More than {self.max_files} files in one study.")
-            self.rejected.append(rej)
-            return rej
+        with self._lock:
+            self.n_files += 1
+            full = len(self._objects) >= self.max_files
+        if full:
+            return self._reject(
+                Rejection(filename, "too_large", f"More than {self.max_files} files in one study.")
+            )
         try:
-            _, headers = read_headers(filename, data)
+            _, headers = read_headers(filename, data)  # parsing runs outside the lock
         except InvalidInput as exc:
-            rej = Rejection(filename, exc.reason, exc.message)
-            self.rejected.append(rej)
             logger.info("refused %s: %s (%s)", filename, exc.reason, exc.message)
-            return rej
+            return self._reject(Rejection(filename, exc.reason, exc.message))
         uid = headers[0].sop_instance_uid
-        if uid in self._objects:
-            logger.info("%s re-sends SOP Instance %s; keeping the later copy", filename, uid)
-        self._objects[uid] = (bytes(data), headers)
+        with self._lock:
+            if uid in self._objects:
+                logger.info("%s re-sends SOP Instance %s; keeping the later copy", filename, uid)
+            self._objects[uid] = (bytes(data), headers)
         return None
+
+    def _reject(self, rejection: Rejection) -> Rejection:
+        with self._lock:
+            self.rejected.append(rejection)
+        return rejection
 
     def add_upload(self, filename: str, data: bytes) -> list[Rejection]:
         """Expand an upload (a file or a zip, see :func:`gateway.uploads.iter_upload`) and add each file.
@@ -231,8 +239,10 @@ class StudyAccumulator:
         gateway.errors.NoUsableSeries
             No frame passes the rules, or none of the chosen series decodes.
         """
-        rejected = list(self.rejected)
-        frames = [h for _, hs in self._objects.values() for h in hs]
+        with self._lock:
+            rejected = list(self.rejected)
+            objects = dict(self._objects)
+        frames = [h for _, hs in objects.values() for h in hs]
         selection = select_series(frames, self.rules)
         excluded = (
             []
@@ -246,11 +256,11 @@ class StudyAccumulator:
                     rejected.append(Rejection(_frame_name(h), *why))
             raise NoUsableSeries(
                 f"No usable CT series among {self.n_files} files "
-                f"({len(self._objects)} CT objects, {len(frames)} frames).",
+                f"({len(objects)} CT objects, {len(frames)} frames).",
                 rejected=rejected,
             )
 
-        decoded, failures = self._decode(selection.chosen, workers or _default_workers(), executor)
+        decoded, failures = _decode(objects, selection.chosen, workers or _default_workers(), executor)
         rejected.extend(failures)
         good = [h for h in selection.chosen if h.key in decoded]
         if not good:
@@ -321,28 +331,32 @@ class StudyAccumulator:
             n_files=self.n_files,
         )
 
-    def _decode(
-        self, chosen: list[FrameHeader], workers: int, executor: Executor | None
-    ) -> tuple[dict[tuple[str, int], tuple[np.ndarray, GridMapping]], list[Rejection]]:
-        wanted: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        for h in chosen:
-            wanted[h.sop_instance_uid].add(h.key)
-        jobs = [(*self._objects[uid], frozenset(keys)) for uid, keys in wanted.items()]
-        if executor is not None:
-            results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))
-        elif workers > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-                results = list(pool.map(_decode_object, *zip(*jobs, strict=True)))
-        else:
-            results = [_decode_object(*job) for job in jobs]
-        decoded: dict[tuple[str, int], tuple[np.ndarray, GridMapping]] = {}
-        failures = []
-        for frames, rej in results:
-            if rej is not None:
-                failures.append(rej)
-            for key, arr, grid in frames:
-                decoded[key] = (arr, grid)
-        return decoded, failures
+
+def _decode(
+    objects: dict[str, tuple[bytes, list[FrameHeader]]],
+    chosen: list[FrameHeader],
+    workers: int,
+    executor: Executor | None,
+) -> tuple[dict[tuple[str, int], tuple[np.ndarray, GridMapping]], list[Rejection]]:
+    wanted: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for h in chosen:
+        wanted[h.sop_instance_uid].add(h.key)
+    jobs = [(*objects[uid], frozenset(keys)) for uid, keys in wanted.items()]
+    if executor is not None:
+        results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))
+    elif workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            results = list(pool.map(_decode_object, *zip(*jobs, strict=True)))
+    else:
+        results = [_decode_object(*job) for job in jobs]
+    decoded: dict[tuple[str, int], tuple[np.ndarray, GridMapping]] = {}
+    failures = []
+    for frames, rej in results:
+        if rej is not None:
+            failures.append(rej)
+        for key, arr, grid in frames:
+            decoded[key] = (arr, grid)
+    return decoded, failures
 
 
 def _decode_object(

@@ -14,7 +14,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from gateway.dicom import to_grid
 from gateway.errors import NoUsableSeries, UploadError
-from gateway.ingest import StudyAccumulator, load_study
+from gateway.ingest import StudyAccumulator, load_study, make_decode_pool
 from gateway.series import SeriesRules, slice_normal, sort_slices
 from tests.gateway_dicom_factory import CORONAL, chest_like, ct_dataset, make_series, to_bytes
 
@@ -214,3 +214,23 @@ def test_summary_is_json_friendly() -> None:
     text = json.dumps(study.summary())
     assert '"n_slices": 3' in text
     assert study.slices[0].grid.is_identity
+
+
+def test_process_pool_decodes_the_same() -> None:
+    """The decode pool (spawned processes, for GIL-bound codecs) gives the same study as threads."""
+    series = make_series(4, rows=64, cols=64, transfer_syntax=JPEG2000Lossless)
+    with make_decode_pool(1) as pool:
+        study = load_study(_files(series), executor=pool)
+    assert [s.position_mm for s in study.slices] == [0.0, 1.0, 2.0, 3.0]
+    for i, (_, _, hu, _) in enumerate(series):
+        np.testing.assert_array_equal(study.hu[i], to_grid(hu)[0])
+    with pytest.raises(ValueError, match='"workers"'):
+        make_decode_pool(0)
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import gateway.ingest
+
+    assert doctest.testmod(gateway.ingest).failed == 0
