@@ -10,9 +10,11 @@ import zipfile
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from gateway.dicom import to_grid
+from gateway.dicom import FrameHeader, to_grid
 from gateway.errors import NoUsableSeries, UploadError
 from gateway.ingest import StudyAccumulator, load_study, make_decode_pool
 from gateway.series import SeriesRules, slice_normal, sort_slices
@@ -234,3 +236,49 @@ def test_doctests() -> None:
     import gateway.ingest
 
     assert doctest.testmod(gateway.ingest).failed == 0
+
+
+def _header(i: int, z: float, instance: int) -> FrameHeader:
+    return FrameHeader(
+        filename=f"f{i}",
+        frame_index=None,
+        sop_instance_uid=f"1.2.{i}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1",
+        series_instance_uid="2",
+        series_number=1,
+        series_description="",
+        modality="CT",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        position=(5.0, -3.0, z),
+        slice_thickness=1.0,
+        pixel_spacing=(0.7, 0.7),
+        instance_number=instance,
+        rows=512,
+        cols=512,
+        slope=1.0,
+        intercept=-1024.0,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zs=st.lists(st.integers(-400, 400), min_size=1, max_size=40),
+    seed=st.integers(0, 2**16),
+)
+def test_sort_slices_properties(zs: list[int], seed: int) -> None:
+    """Whatever the file order and instance numbers: strictly increasing positions, one slice per
+    distinct position, every input either kept or reported as a duplicate, gaps only where the
+    step exceeds 1.5x the median."""
+    rng = random.Random(seed)
+    frames = [_header(i, z * 0.5, rng.randint(1, 1000)) for i, z in enumerate(zs)]
+    rng.shuffle(frames)
+    out = sort_slices(frames)
+    pos = out.positions_mm
+    assert (np.diff(pos) > 0).all()
+    assert sorted(pos.tolist()) == sorted({z * 0.5 for z in zs})
+    assert len(out.slices) + len(out.duplicates) == len(frames)
+    steps = np.diff(pos)
+    assert [g.after_index for g in out.gaps] == [k for k, s in enumerate(steps) if s > 1.5 * np.median(steps)]
