@@ -44,7 +44,7 @@ from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
 from ctscreen.contracts import SLICE_SIZE
-from gateway.errors import NoPixelData, NotCT, NotDicom, Undecodable
+from gateway.errors import NoPixelData, NotCT, NotDicom, TooLarge, Undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ NOISE_LIMIT_HU = 400.0
 Real CT, even low-dose, stays far below (the edge-case corpus: at most ~100 HU, a head scan
 with dental metal artefacts); a wrongly decoded lossless JPEG (wrong predictor, lost sync)
 reaches > 1000 HU."""
+
+MAX_MATRIX = 4096
+"""Largest Rows or Columns accepted (CT is 512-1024; some micro-CT 2048)."""
+MAX_PIXELS = 1 << 29
+"""Most pixels (all frames) in one object: 1 GiB as int16."""
 
 HIGH_HU = 4000
 HIGH_HU_FRACTION = 0.05
@@ -419,7 +424,7 @@ def read_headers(filename: str, data: bytes | Dataset) -> tuple[Dataset, list[Fr
     ds = data if isinstance(data, Dataset) else read_dataset(data, filename)
     try:
         return ds, _headers(filename, ds)
-    except (NotCT, NoPixelData, NotDicom):
+    except (NotCT, NoPixelData, NotDicom, TooLarge):
         raise
     except Exception as exc:  # noqa: BLE001 - malformed values surface lazily in pydicom
         raise NotDicom(
@@ -458,10 +463,19 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
             filename=filename,
         )
     rows, cols = _opt_int(ds.get("Rows")), _opt_int(ds.get("Columns"))
-    if not rows or not cols:
+    if not rows or not cols or rows < 0 or cols < 0:
         raise NotDicom("Rows or Columns missing.", filename=filename)
-
     n_frames = _opt_int(ds.get("NumberOfFrames")) or 1
+    if n_frames < 1:
+        raise NotDicom(f"Number of Frames is {n_frames}.", filename=filename)
+    if rows > MAX_MATRIX or cols > MAX_MATRIX or n_frames * rows * cols > MAX_PIXELS:
+        # checked before decoding: a forged header must not make a codec allocate gigabytes
+        raise TooLarge(
+            f"{n_frames} frame(s) of {rows}x{cols} pixels exceed the limits "
+            f"({MAX_MATRIX}x{MAX_MATRIX}, {MAX_PIXELS} pixels per object).",
+            filename=filename,
+        )
+
     multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""

@@ -4,6 +4,7 @@ against pydicom's ``apply_modality_lut``, refusals, and the resampling / box-map
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pydicom
@@ -29,7 +30,7 @@ from gateway.dicom import (
     rescale_to_hu,
     to_grid,
 )
-from gateway.errors import NoPixelData, NotCT, NotDicom, Undecodable
+from gateway.errors import REASONS, GatewayError, NoPixelData, NotCT, NotDicom, Undecodable
 from tests.gateway_dicom_factory import chest_like, ct_dataset, to_bytes
 
 
@@ -307,3 +308,42 @@ def test_enhanced_ct_per_frame_rescale_and_positions() -> None:
     assert [s.position_mm for s in study.slices] == [0.0, 5.0, 10.0]
     assert [s.frame_index for s in study.slices] == [1, 2, 0]
     np.testing.assert_array_equal(study.hu[0], to_grid(frames[1])[0])
+
+
+def test_forged_huge_matrix_is_refused_before_decoding() -> None:
+    ds = ct_dataset(chest_like(16, 16))
+    ds.Rows = ds.Columns = 60000
+    with pytest.raises(GatewayError) as info:
+        decode_file("huge.dcm", to_bytes(ds))
+    assert info.value.reason == "too_large"
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless], ids=lambda s: s.name
+)
+def test_mutated_files_raise_only_gateway_errors(syntax: str) -> None:
+    """150 random corruptions (byte flips, truncations, spliced garbage) of a valid file: each
+    either decodes to a 512 x 512 int16 slice or raises a GatewayError with a known reason."""
+    base = to_bytes(ct_dataset(chest_like(32, 32)), syntax)
+    rng = np.random.default_rng(zlib.crc32(syntax.encode()))
+    reasons = set()
+    for _ in range(150):
+        data = bytearray(base)
+        kind = rng.integers(3)
+        if kind == 0:
+            for pos in rng.integers(0, len(data), size=rng.integers(1, 8)):
+                data[pos] = int(rng.integers(256))
+        elif kind == 1:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            pos = int(rng.integers(0, len(data)))
+            data[pos : pos + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+        try:
+            out = decode_file("m.dcm", bytes(data))
+        except GatewayError as exc:
+            assert exc.reason in REASONS
+            reasons.add(exc.reason)
+            continue
+        assert all(s.hu.shape == (512, 512) and s.hu.dtype == np.int16 for s in out)
+    assert reasons  # some corruptions are caught
