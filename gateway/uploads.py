@@ -25,7 +25,6 @@ import logging
 import re
 import stat
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -138,7 +137,14 @@ def _iter_zip(filename: str, data: bytes, limits: UploadLimits) -> Iterator[tupl
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as exc:
         raise BadArchive(f"Zip archive cannot be read: {exc}.", filename=filename) from exc
 
     members = [i for i in infos if not i.is_dir() and not _SKIPPED_NAMES.search(i.filename)]
@@ -207,9 +213,9 @@ def _read_member(
                 _check_ratio(archive, info.filename, len(buf), info.compress_size, limits)
     except UploadError:
         raise
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
-        # RuntimeError: encrypted member; NotImplementedError: unsupported compression method;
-        # BadZipFile: CRC mismatch or truncated data; zlib.error: corrupt deflate stream.
+    except Exception as exc:  # noqa: BLE001 - a hostile archive makes zipfile raise anything
+        # BadZipFile: CRC mismatch or truncated data; zlib.error: corrupt deflate stream;
+        # RuntimeError: encrypted; NotImplementedError: unknown method; ValueError: bad offsets.
         raise BadArchive(f"Zip member {info.filename!r} cannot be read: {exc}.", filename=archive) from exc
     return bytes(buf)
 

@@ -195,3 +195,25 @@ def test_multipart_part_limit() -> None:
     body = _multipart([({}, b"a")] * 5)
     with pytest.raises(TooLarge):
         split_multipart_related(body, "multipart/related; boundary=b0undary", max_parts=4)
+
+
+def test_mutated_zips_raise_only_upload_errors() -> None:
+    """200 random corruptions of a zip: every one expands or raises an UploadError, nothing else."""
+    import numpy as np
+
+    base = _zip({f"d/{i}.dcm": bytes(range(256)) * 20 for i in range(4)})
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(200):
+        data = bytearray(base)
+        for pos in rng.integers(0, len(data), size=rng.integers(1, 6)):
+            data[pos] = int(rng.integers(256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(4, len(data)))]
+        try:
+            for _name, content in iter_upload("m.zip", bytes(data)):
+                assert isinstance(content, bytes)
+            seen.add("ok")
+        except UploadError as exc:
+            seen.add(exc.reason)
+    assert "bad_archive" in seen
