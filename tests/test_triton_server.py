@@ -27,6 +27,7 @@ from tests.triton_analytic import KNOWN_BOXES, known_slice, write_analytic_model
 pytestmark = pytest.mark.triton
 
 OUTPUTS = (c.LESION_BOXES, c.BOX_COUNT, c.VALID_AREA_BOX)
+MAX_BATCH = default_settings("cpu").max_batch_size
 
 
 def infer(
@@ -136,9 +137,9 @@ def test_one_slice_per_request_equals_reference(triton: EmbeddedTriton, shipped_
         (np.zeros((1, 1, 512, 512), np.float32), "FP32", "input 'HU_SLICES' data-type is 'FP32'"),
         (np.zeros((1, 1, 256, 256), np.int16), "INT16", "unexpected shape for input 'HU_SLICES'"),
         (np.zeros((1, 512, 512), np.int16), "INT16", "unexpected shape for input 'HU_SLICES'"),
-        (np.zeros((9, 1, 512, 512), np.int16), "INT16", "batch-size must be <= 8"),
+        (np.zeros((MAX_BATCH + 1, 1, 512, 512), np.int16), "INT16", f"batch-size must be <= {MAX_BATCH}"),
     ],
-    ids=["fp32", "256x256", "no-channel", "batch-9"],
+    ids=["fp32", "256x256", "no-channel", "batch-too-big"],
 )
 def test_bad_request_gets_clear_error_and_server_keeps_serving(
     triton: EmbeddedTriton, hu: np.ndarray, dtype: str, message: str
