@@ -36,7 +36,10 @@ __all__ = ["UploadLimits", "is_zip", "iter_upload", "split_multipart_related"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
-_SKIPPED_NAMES = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|Thumbs\.db$|desktop\.ini$)")
+_SKIPPED_NAMES = re.compile(
+    r"(^|/)(__MACOSX/|\.DS_Store$|Thumbs\.db$|desktop\.ini$|DICOMDIR$)", re.IGNORECASE
+)
+"""Zip members skipped silently: desktop junk and DICOMDIR (a CD index, not an image)."""
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 * MiB
 

@@ -28,7 +28,15 @@ def test_single_file_passes_through() -> None:
 
 
 def test_zip_members_are_expanded_and_junk_skipped() -> None:
-    data = _zip({"study/a.dcm": b"A" * 100, "study/b.dcm": b"B", "__MACOSX/._a.dcm": b"x", ".DS_Store": b"y"})
+    data = _zip(
+        {
+            "study/a.dcm": b"A" * 100,
+            "study/b.dcm": b"B",
+            "__MACOSX/._a.dcm": b"x",
+            ".DS_Store": b"y",
+            "DICOMDIR": b"z",
+        }
+    )
     assert is_zip(data)
     assert list(iter_upload("up.zip", data)) == [
         ("up.zip/study/a.dcm", b"A" * 100),
