@@ -253,6 +253,33 @@ def hu_cast_onnx(dst: Path) -> Path:
 # --- rendering ----------------------------------------------------------------------------------
 
 
+def model_provenance(onnx_path: Path) -> dict[str, str]:
+    """``{"version", "sha256"}`` of a shipped ONNX file: the version from its ``model_card.json``
+    (``"unknown"`` without one) and the sha256 of the file itself."""
+    h = hashlib.sha256()
+    with open(onnx_path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    version = "unknown"
+    card = onnx_path.parent / "model_card.json"
+    if card.is_file():
+        try:
+            version = str(json.loads(card.read_text()).get("version") or "unknown")
+        except (ValueError, AttributeError):
+            logger.warning("unreadable model card %s", card)
+    return {"version": version, "sha256": h.hexdigest()}
+
+
+def _provenance_parameters(values: Mapping[str, str]) -> str:
+    """Config ``parameters`` lines (a client reads them with ``get_model_config``)."""
+    lines = ["# provenance of the shipped ONNX (model card version, sha256 of the file)"]
+    for key, value in values.items():
+        lines.append(
+            f"parameters: {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _render(template: Path, **values: object) -> str:
     try:
         return string.Template(template.read_text()).substitute(values)
@@ -386,10 +413,12 @@ def _render_into(
         opt_batch=s.opt_batch,
         ort_trt_cache=s.ort_trt_cache,
     )
+    provenance = {name: model_provenance(path) for name, path in onnx_paths.items()}
     for name, onnx_path in onnx_paths.items():
         version = dst / name / "1"
         version.mkdir(parents=True)
-        (dst / name / "config.pbtxt").write_text(_render(seg_template, **seg_values, model_name=name))
+        config = _render(seg_template, **seg_values, model_name=name)
+        (dst / name / "config.pbtxt").write_text(config + _provenance_parameters(provenance[name]))
         if gpu_plan:
             tensorrt_ready_onnx(onnx_path, version / "model.onnx")
         else:
@@ -461,6 +490,7 @@ def _render_into(
             pre_steps=pre_steps,
             segmentation_input=seg_input,
         )
+        + _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
     )
     manifest = {
         "profile": profile,

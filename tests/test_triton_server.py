@@ -9,6 +9,7 @@ advance, for the known-answer and numpy < 2 checks.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import urllib.request
 from pathlib import Path
@@ -149,6 +150,20 @@ def test_bad_request_gets_clear_error_and_server_keeps_serving(
     assert message in str(info.value)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16))[c.BOX_COUNT].shape == (1, 1)
+
+
+def test_served_configs_carry_model_provenance(triton: EmbeddedTriton) -> None:
+    """The gateway fills CaseResult.models from the ensemble's ``models`` parameter."""
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        config = client.get_model_config(c.ENSEMBLE_MODEL, as_json=True)["config"]
+        models = json.loads(config["parameters"]["models"]["string_value"])
+        for name in c.SEGMENTATION_MODELS:
+            served = triton.repo_dir / name / "1" / "model.onnx"
+            assert models[name]["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
+            card = json.loads((served.parent / "model_card.json").read_text())
+            assert models[name]["version"] == card["version"]
+            own = client.get_model_config(name, as_json=True)["config"]["parameters"]
+            assert own["sha256"]["string_value"] == models[name]["sha256"]
 
 
 def test_postprocess_runs_the_vendored_copy(triton: EmbeddedTriton) -> None:
