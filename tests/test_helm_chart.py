@@ -271,7 +271,11 @@ def test_triton_image_is_pinned_to_the_release_our_client_speaks(rendered):
     expected = _ngc_release_for(importlib.metadata.version("tritonclient"))
     assert expected == "24.10-py3"
     deployment = find(rendered["default"], "Deployment", "-triton")
-    assert container(deployment, "triton")["image"] == f"nvcr.io/nvidia/tritonserver:{expected}"
+    assert container(deployment, "triton")["image"].endswith(f":{expected}")
+    # the Triton image is the NGC one plus numpy<2 and scipy, built on the same tag
+    dockerfile = (ROOT / "model_repository" / "triton.Dockerfile").read_text()
+    assert f"ARG TRITON_TAG={expected}" in dockerfile
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in dockerfile
     # trtexec from the same NGC month: same TensorRT (10.5) as the server that loads the plans
     assert container(deployment, "build-engines", init=True)["image"] == f"nvcr.io/nvidia/tensorrt:{expected}"
 
