@@ -1,0 +1,221 @@
+"""The case result as a DICOM Structured Report (TID 1500 Measurement Report), for PACS.
+
+:func:`to_sr` encodes a :class:`~aggregator.schema.CaseResult` as a Comprehensive 3D SR built with
+highdicom, in memory (no I/O: the caller stores or sends the returned data set):
+
+* one **case-level group** (TID 1501): finding type COVID-19 (SCT 840539006), qualitative evaluation
+  "COVID-19" = Present / Absent / Indeterminate for a positive / negative / indeterminate verdict,
+  the algorithm (``ctscreen`` and its version) with every case-rule parameter, the images of the
+  evidence run as source images;
+* one **planar ROI group** (TID 1410) per lesion box of the evidence run (``boxes="evidence"``, the
+  default) or of every slice (``boxes="all"``): finding type Lesion, finding site Lung, the box as a
+  closed POLYLINE on the stored image's pixel grid (``LesionBox.original``; the edges of the inclusive
+  pixels, so ``x0 .. x1 + 1``), and its score as a Probability measurement.
+
+The SR's patient and study come from the source images (``evidence``: their headers suffice); a box
+whose slice is not among them, or whose ``original`` box is unknown, is left out and logged. UIDs are
+derived from the result unless given, so encoding one result twice gives the same SR.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from aggregator.schema import CaseResult, LesionBox
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COVID19", "to_sr"]
+
+COVID19 = ("840539006", "SCT", "COVID-19")
+"""SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
+
+_PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                  "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _uid(*parts: object) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["ctscreen-sr", *[str(p) for p in parts]]))
+
+
+def _evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Header-only copies with the patient/study attributes highdicom reads present (empty if absent)."""
+    from pydicom.dataset import Dataset
+
+    out = []
+    for ds in datasets:
+        copy = Dataset()
+        for elem in ds:
+            if elem.tag.group != 0x7FE0:  # no pixel data
+                copy.add(elem)
+        for keyword in _PATIENT_STUDY:
+            if keyword not in copy:
+                setattr(copy, keyword, "")
+        out.append(copy)
+    return out
+
+
+def _polyline(box) -> np.ndarray:
+    x0, y0, x1, y1 = float(box.x0), float(box.y0), float(box.x1 + 1), float(box.y1 + 1)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def to_sr(
+    result: CaseResult,
+    evidence: Sequence[Dataset],
+    *,
+    boxes: Literal["evidence", "all"] = "evidence",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = 9901,
+    instance_number: int = 1,
+) -> Dataset:
+    """Encode ``result`` as a Comprehensive 3D SR (TID 1500).
+
+    Parameters
+    ----------
+    result : CaseResult
+        The case result.
+    evidence : Sequence[pydicom.dataset.Dataset]
+        The screened series' images (headers are enough), one per SOP Instance UID of the result.
+    boxes : {"evidence", "all"}
+        Encode the boxes of the evidence run only, or every box of every slice.
+    series_instance_uid, sop_instance_uid : str or None
+        UIDs of the SR; by default derived from the result (same result, same UIDs).
+    series_number, instance_number : int
+        Of the SR.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        A pydicom data set, ready for ``dcmwrite`` or C-STORE / STOW-RS.
+
+    Raises
+    ------
+    ValueError
+        When ``evidence`` is empty, belongs to another study, or ``boxes`` is unknown.
+    """
+    import highdicom as hd
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        CodedConcept,
+        Comprehensive3DSR,
+        DeviceObserverIdentifyingAttributes,
+        FindingSite,
+        ImageRegion,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        SourceImageForRegion,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+
+    if not evidence:
+        raise ValueError('Argument "evidence" must hold the source images of the result.')
+    if boxes not in ("evidence", "all"):
+        raise ValueError(f'Argument "boxes" must be "evidence" or "all", got {boxes!r}.')
+    images = _evidence(evidence)
+    studies = {str(ds.StudyInstanceUID) for ds in images}
+    if studies != {result.study_instance_uid}:
+        raise ValueError(
+            f'Argument "evidence" must belong to study {result.study_instance_uid}, got {sorted(studies)}.'
+        )
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
+    version = result.software_version or "unknown"
+    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
+           result.verdict)
+    algorithm = AlgorithmIdentification(
+        name="ctscreen", version=version,
+        parameters=[f"{k}={v}" for k, v in result.rule.model_dump().items()]
+        + [f"model {m.name}={m.version}" for m in result.models],
+    )
+    lung = [FindingSite(codes.SCT.Lung)]
+    covid = CodedConcept(*COVID19)
+    value = {"positive": codes.SCT.Present, "negative": codes.SCT.Absent,
+             "indeterminate": codes.SCT.Indeterminate}[result.verdict]
+
+    evidence_uids = [s.sop_instance_uid for s in result.evidence.slices] if result.evidence else []
+    sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in evidence_uids if u in by_uid]
+    groups: list = [
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=_uid(*key, "case"), identifier=f"case verdict: {result.reason}"),
+            finding_type=covid,
+            algorithm_id=algorithm,
+            finding_sites=lung,
+            qualitative_evaluations=[QualitativeEvaluation(name=covid, value=value)],
+            source_images=sources or None,
+        )
+    ]
+
+    if boxes == "evidence":
+        runs = result.evidence.slices if result.evidence is not None else []
+        chosen: list[tuple[int, str, LesionBox]] = [(s.index, s.sop_instance_uid, b) for s in runs for b in s.boxes]
+    else:
+        chosen = [(f.index, f.sop_instance_uid, b) for f in result.slices for b in f.boxes]
+    skipped = 0
+    for n, (index, uid, box) in enumerate(chosen):
+        ds = by_uid.get(uid)
+        if ds is None or box.original is None or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            skipped += 1
+            continue
+        region = ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_polyline(box.original),
+            source_image=SourceImageForRegion.from_source_image(ds),
+        )
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=_uid(*key, "box", n), identifier=f"lesion {n + 1}, slice {index}, {', '.join(box.quadrants)}"
+                ),
+                referenced_region=region,
+                finding_type=codes.SCT.Lesion,
+                algorithm_id=algorithm,
+                finding_sites=lung,
+                measurements=[Measurement(name=codes.DCM.Probability, value=float(box.score),
+                                          unit=CodedConcept("1", "UCUM", "no units"))],
+            )
+        )
+    if skipped:
+        logger.warning("SR of %s: %d box(es) left out (slice not in the evidence, multi-frame, or no original box)",
+                       result.study_instance_uid, skipped)
+
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=_uid("device", version), name="ctscreen", manufacturer_name="ctscreen", model_name=version,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=CodedConcept("24627-2", "LN", "CT Chest"),
+        imaging_measurements=groups,
+    )
+    return Comprehensive3DSR(
+        evidence=images,
+        content=report,
+        series_instance_uid=series_instance_uid or _uid(*key, "series"),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or _uid(*key, "sop"),
+        instance_number=instance_number,
+        manufacturer="ctscreen",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description="ctscreen COVID-19 screening",
+    )
