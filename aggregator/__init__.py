@@ -3,6 +3,9 @@
 * :mod:`aggregator.schema`: the :class:`~aggregator.schema.CaseResult` document (pydantic v2).
 * :mod:`aggregator.case`: :class:`~aggregator.case.CaseRule`, :func:`~aggregator.case.decide`.
 * :mod:`aggregator.metrics`: confusion matrices and Table-3 metrics with Wilson intervals.
+* :mod:`aggregator.report`: the evaluation report (Table 3, curves, hard negatives, rule variants).
+* :mod:`aggregator.sr`: the result as DICOM SR (TID 1500), in memory (needs highdicom).
+* :mod:`aggregator.cli`: ``ctscreen eval`` (the only module that does I/O).
 """
 
 from aggregator.case import CaseDecision, CaseRule, SliceInput, decide
