@@ -133,3 +133,14 @@ def test_eval_of_a_nifti_set_writes_dicom_studies_first(tmp_path):
     # slices 1-4 of case1 hold a 10 x 10 lesion (6400 pixels on the 512 grid): per-image positives
     assert sum(rows[0]["slice_truth"].values()) == 4 and not any(rows[1]["slice_truth"].values())
     assert report["per_image"]["tp"] + report["per_image"]["fn"] == 4
+
+
+def test_eval_url_that_does_not_answer_is_a_one_line_error(tmp_path, capsys):
+    from ctscreen.embedded import free_port
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({"kind": "covid", "z_positions": [0.0]}))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert eval_main(["--data", str(tmp_path), "--url", url, "--out", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot connect" in err and len(err.splitlines()) == 1
