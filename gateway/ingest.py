@@ -244,11 +244,6 @@ class StudyAccumulator:
             objects = dict(self._objects)
         frames = [h for _, hs in objects.values() for h in hs]
         selection = select_series(frames, self.rules)
-        excluded = (
-            []
-            if selection is None
-            else [Rejection(_frame_name(h), reason, msg) for h, reason, msg in selection.excluded]
-        )
         if selection is None:
             for h in frames:
                 why = frame_exclusion(h, self.rules)
@@ -259,16 +254,27 @@ class StudyAccumulator:
                 f"({len(objects)} CT objects, {len(frames)} frames).",
                 rejected=rejected,
             )
-
-        decoded, failures = _decode(objects, selection.chosen, workers or _default_workers(), executor)
-        rejected.extend(failures)
-        good = [h for h in selection.chosen if h.key in decoded]
-        if not good:
-            raise NoUsableSeries(
-                f"None of the {len(selection.chosen)} frames of series "
-                f"{selection.series_instance_uid} could be decoded.",
-                rejected=rejected,
+        excluded = [Rejection(_frame_name(h), reason, msg) for h, reason, msg in selection.excluded]
+        failed_series: list[str] = []
+        while True:
+            decoded, failures = _decode(objects, selection.chosen, workers or _default_workers(), executor)
+            rejected.extend(failures)
+            good = [h for h in selection.chosen if h.key in decoded]
+            if good:
+                break
+            # the best series cannot be decoded at all: fall back to the next one
+            failed_series.append(selection.series_instance_uid)
+            logger.warning(
+                "series %s: no frame decodes; trying the next series", selection.series_instance_uid
             )
+            remaining = [h for h in frames if h.series_instance_uid not in failed_series]
+            selection = select_series(remaining, self.rules)
+            if selection is None:
+                raise NoUsableSeries(
+                    f"No frame of series {', '.join(failed_series)} could be decoded and no other "
+                    "series is usable.",
+                    rejected=rejected,
+                )
         ordered = sort_slices(good, self.rules)
         for h in ordered.duplicates:
             excluded.append(
@@ -309,6 +315,10 @@ class StudyAccumulator:
             warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
         if selection.other_series:
             warnings.append(f"{len(selection.other_series)} other usable series not screened.")
+        for uid in failed_series:
+            warnings.append(
+                f"Series {uid} could not be decoded; screened series {selection.series_instance_uid}."
+            )
         if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
             warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
         thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from gateway.dicom import FrameHeader, to_grid
 from gateway.errors import NoUsableSeries, UploadError
@@ -282,3 +282,27 @@ def test_sort_slices_properties(zs: list[int], seed: int) -> None:
     assert len(out.slices) + len(out.duplicates) == len(frames)
     steps = np.diff(pos)
     assert [g.after_index for g in out.gaps] == [k for k, s in enumerate(steps) if s > 1.5 * np.median(steps)]
+
+
+def _garble(data: bytes) -> bytes:
+    """Overwrite 1000 bytes of the compressed stream: the RLE codec panics on it."""
+    out = bytearray(data)
+    n = len(out)
+    out[n - 3000 : n - 2000] = np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes()
+    return bytes(out)
+
+
+def test_undecodable_best_series_falls_back_to_the_next() -> None:
+    study_uid = generate_uid()
+    broken = make_series(
+        5, rows=128, cols=128, study_uid=study_uid, transfer_syntax=RLELossless, series_number=1
+    )
+    good = make_series(3, rows=32, cols=32, study_uid=study_uid, series_number=2)
+    files = [(f"broken/{n}", _garble(d)) for n, d, _, _ in broken] + _files(good, "good/")
+    study = load_study(files, workers=1)
+    assert study.n_slices == 3 and study.series_number == 2
+    assert sorted(r.reason for r in study.rejected) == ["undecodable"] * 5
+    assert any("could not be decoded" in w for w in study.warnings)
+    with pytest.raises(NoUsableSeries, match="could be decoded") as info:
+        load_study(files[:5])
+    assert len(info.value.rejected) == 5
