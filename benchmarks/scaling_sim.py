@@ -288,8 +288,9 @@ def simulate(
     times, sizes, _ = arrivals
     mu = 1.0 / cluster.slice_cost_s
     hpa = Hpa(policy, cluster)
-    # pods: list of [created, ready_at, released_at or None, draining]
+    # live pods: [created, ready_at, released_at or None]; removed pods only add their GPU-seconds
     pods: list[list[float | None]] = [[0.0, 0.0, None] for _ in range(cluster.min_replicas)]
+    released_gpu_s = 0.0
     queue: deque[_Study] = deque()
     latencies: list[float] = []
     completions: deque[tuple[float, float, float]] = deque()  # (t, requests, queue_us_sum)
@@ -380,7 +381,7 @@ def simulate(
                 if desired > spec:
                     for _ in range(desired - spec):
                         pods.append([now, now + cluster.startup_s, None])
-                        heapq.heappush(events, (now + cluster.startup_s, 2, len(pods) - 1))
+                        heapq.heappush(events, (now + cluster.startup_s, 2, 0))
                 else:
                     # remove the youngest pods first (not-ready ones first), as the ReplicaSet does
                     live = [p for p in pods if p[2] is None]
@@ -391,6 +392,8 @@ def simulate(
                         if was_ready and not policy.drain and queue:
                             # killed with work on it: the studies in service had slices queued there
                             interrupted += len(queue)
+                    released_gpu_s += sum(p[2] - p[0] for p in pods if p[2] is not None)
+                    pods[:] = [p for p in pods if p[2] is None]
                 spec = desired
             if now >= next_tl:
                 tl["t"].append(now)
@@ -404,7 +407,7 @@ def simulate(
             pods.append([now, now, None])
         advance(now + 60.0)
     end = max(now, horizon_end)
-    gpu_s = sum(((p[2] if p[2] is not None else end) - p[0]) for p in pods)
+    gpu_s = released_gpu_s + sum(((p[2] if p[2] is not None else end) - p[0]) for p in pods)
     spec_arr = np.array(tl["spec"], float)
     return Result(
         policy=policy.name,
@@ -535,6 +538,17 @@ def _markdown(doc: dict[str, Any]) -> str:
         "## Reading",
         "",
         *doc["reading"],
+        "",
+        "## Limits of the model",
+        "",
+        "- Fluid FIFO: the cluster drains studies in arrival order at ready replicas x slices/s; batching",
+        "  efficiency, gateway CPU, network and per-pod imbalance are not modelled (the sample chart's sticky",
+        "  gRPC connections would make it worse than modelled; ctscreen balances per batch).",
+        "- Per-request queue time of the sample signal = wait before the study's service + half its service",
+        "  time + the dynamic-batching delay: a client that sends a whole study at once queues it in Triton.",
+        "- Pods start in a fixed time (no node provisioning, image pull or plan build); GPU-hours count from",
+        "  pod creation to release (drain included).",
+        "- One seed per run; rerun with `--seed` for variance.",
         "",
         "## Plots",
         "",
