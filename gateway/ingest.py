@@ -25,7 +25,7 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from ctscreen.contracts import RUN_SLICES, SLICE_SIZE
 from gateway.dicom import FrameHeader, GridMapping, decode_hu, read_dataset, read_headers, to_grid
-from gateway.errors import InvalidInput, NoUsableSeries, UploadError
+from gateway.errors import InvalidInput, NoUsableSeries, Undecodable, UploadError
 from gateway.series import Gap, SeriesRules, frame_exclusion, select_series, sort_slices
 from gateway.uploads import UploadLimits, iter_upload
 
@@ -353,7 +353,12 @@ def _decode(
         wanted[h.sop_instance_uid].add(h.key)
     jobs = [(*objects[uid], frozenset(keys)) for uid, keys in wanted.items()]
     if executor is not None:
-        results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))
+        try:
+            results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))
+        except BrokenExecutor as exc:
+            # a codec crashed a worker process (that is why decoding runs there): the study is
+            # refused, the server lives; the owner of the pool must replace it.
+            raise Undecodable(f"A decoder process died while decoding this study: {exc}") from exc
     elif workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
             results = list(pool.map(_decode_object, *zip(*jobs, strict=True)))
@@ -392,7 +397,9 @@ def make_decode_pool(workers: int) -> ProcessPoolExecutor:
 
     JPEG 2000 and JPEG-LS decoders hold the GIL, so threads do not help them; processes do.
     The pool uses the ``spawn`` start method (safe beside the server's threads); create it once
-    (e.g. in the app's lifespan) and shut it down on exit.
+    (e.g. in the app's lifespan) and shut it down on exit. A codec that crashes kills only its
+    worker: the study fails with :class:`~gateway.errors.Undecodable` and the pool is broken
+    (``pool._broken``), so replace it.
     """
     if workers < 1:
         raise ValueError(f'Argument "workers" must be >= 1, got {workers}.')
