@@ -331,6 +331,12 @@ class EmbeddedTriton:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         cmd = self._command(binary, backends)
+        # If this process dies without stopping the server (SIGKILL, an unhandled SIGTERM), the kernel
+        # sends the server SIGTERM: no orphaned tritonserver on a shared machine. The signal follows
+        # the *thread* that forked, so only when started from the main thread.
+        setpriv = shutil.which("setpriv")
+        if setpriv and threading.current_thread() is threading.main_thread():
+            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
         logger.info("starting %s", " ".join(cmd))
         try:
             self._proc = subprocess.Popen(

@@ -150,3 +150,25 @@ def _ppid(stat: Path) -> int:
         return int(stat.read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_server_dies_with_its_parent(small_repo: Path) -> None:
+    """A killed parent (no chance to stop the server) leaves no orphaned tritonserver behind."""
+    code = (
+        "import sys, time; from ctscreen.embedded import EmbeddedTriton; "
+        f"t = EmbeddedTriton({str(small_repo)!r}).start(); print(t.pid, flush=True); time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(parent.stdout.readline())
+        assert Path(f"/proc/{server_pid}").exists()
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphaned = Path(f"/proc/{server_pid}").exists()
+    if orphaned:  # do not leave it running on a shared machine
+        os.kill(server_pid, signal.SIGKILL)
+    assert not orphaned, "tritonserver outlived its parent"
