@@ -309,6 +309,42 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
         yield _Path(_http_runner(client, args.timeout), f"embedded stack (ctscreen serve: {triton} + gateway, HTTP API)")
 
 
+def _run_one(case: LabelledCase, runner: Runner) -> EvalCase:
+    t0 = time.monotonic()
+    try:
+        result, seconds, error = runner(case)
+    except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
+        logger.debug("case %s failed", case.case_id, exc_info=True)
+        result, seconds, error = None, time.monotonic() - t0, f"{type(exc).__name__}: {exc}"
+    truth = case.slice_truth(result) if result is not None else {}
+    return EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error)
+
+
+def _run_cases(cases: Sequence[LabelledCase], runner: Runner, *, workers: int, quiet: bool) -> list[EvalCase]:
+    """Every case through ``runner``, ``workers`` at a time; results in the order of ``cases``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def report(i: int, done: EvalCase) -> None:
+        if not quiet:
+            verdict = done.result.verdict if done.result else f"FAILED ({done.error})"
+            print(f"[{i}/{len(cases)}] {done.case_id}: {done.kind}, label {int(done.label)} -> {verdict} "
+                  f"({done.seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    if workers <= 1:
+        out = []
+        for i, case in enumerate(cases, 1):
+            out.append(_run_one(case, runner))
+            report(i, out[-1])
+        return out
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctscreen-eval") as pool:
+        futures = [pool.submit(_run_one, case, runner) for case in cases]
+        out = []
+        for i, future in enumerate(futures, 1):
+            out.append(future.result())
+            report(i, out[-1])
+        return out
+
+
 # --- writing the report ----------------------------------------------------------------------------
 def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     """Draw the PNG plots of ``report`` into ``out``; ``(title, file name)`` of each."""
@@ -455,6 +491,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where a NIfTI set is written as DICOM studies (default out/eval-work)")
     p.add_argument("--phantom-slices", type=_positive_int, default=None, help="slices per phantom study")
     p.add_argument("--limit", type=_positive_int, help="evaluate the first N studies only")
+    p.add_argument("--concurrency", type=_positive_int, default=2,
+                   help="studies in flight at once on the serving path (default 2; --in-process runs one at a time)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
     p.add_argument("--indeterminate-as", choices=("positive", "negative", "exclude"), default="positive",
                    help="how an indeterminate verdict counts per patient (default positive: referred)")
@@ -492,24 +530,12 @@ def eval_main(argv: list[str]) -> int:
         cases = discover(data, args.min_lesion_px)
         if args.limit:
             cases = cases[: args.limit]
-        evaluated: list[EvalCase] = []
         t0 = time.monotonic()
         path_name = ""
         with _serving_path(args) as path:
             path_name = path.name
-            for i, case in enumerate(cases, 1):
-                t_case = time.monotonic()
-                try:
-                    result, seconds, error = path.runner(case)
-                except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
-                    logger.debug("case %s failed", case.case_id, exc_info=True)
-                    result, seconds, error = None, time.monotonic() - t_case, f"{type(exc).__name__}: {exc}"
-                truth = case.slice_truth(result) if result is not None else {}
-                evaluated.append(EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error))
-                if not args.quiet:
-                    verdict = result.verdict if result else f"FAILED ({error})"
-                    print(f"[{i}/{len(cases)}] {case.case_id}: {case.kind}, label {int(case.label)} -> "
-                          f"{verdict} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+            evaluated = _run_cases(cases, path.runner, workers=1 if args.in_process else args.concurrency,
+                                   quiet=args.quiet)
         meta = {
             "title": args.title,
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
@@ -518,6 +544,7 @@ def eval_main(argv: list[str]) -> int:
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.monotonic() - t0, 1),
             "min_lesion_px": args.min_lesion_px,
+            "concurrency": 1 if args.in_process else args.concurrency,
         }
         report = write_report(evaluated, args.out, meta=meta, cutoffs=args.cutoffs,
                               indeterminate_as=args.indeterminate_as)

@@ -144,3 +144,29 @@ def test_eval_url_that_does_not_answer_is_a_one_line_error(tmp_path, capsys):
     assert eval_main(["--data", str(tmp_path), "--url", url, "--out", str(tmp_path / "r"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot connect" in err and len(err.splitlines()) == 1
+
+
+def test_cases_run_concurrently_keep_their_order_and_a_crash_is_a_row():
+    """A stand-in runner (unit test of the fan-out only; the real paths are tested above)."""
+    import threading
+    import time
+
+    from aggregator.cli import LabelledCase, _run_cases
+
+    va = np.array([100, 100, 400, 400])
+    seen = set()
+
+    def runner(case):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.05 * (5 - int(case.case_id)))  # later cases finish first
+        if case.case_id == "2":
+            raise ConnectionError("gateway went away")
+        s = [SliceInput(f"{case.case_id}.{i}", float(i), np.zeros((0, 5)), va) for i in range(3)]
+        return decide(s).to_result(study_instance_uid=case.case_id, series_instance_uid="x"), 0.1, None
+
+    cases = [LabelledCase(str(i), "normal", False, Path("."), lambda r: {}) for i in range(5)]
+    rows = _run_cases(cases, runner, workers=3, quiet=True)
+    assert [r.case_id for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[2].result is None and rows[2].error == "ConnectionError: gateway went away"
+    assert all(r.result is not None for i, r in enumerate(rows) if i != 2)
+    assert len(seen) > 1
