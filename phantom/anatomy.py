@@ -139,6 +139,8 @@ def lung_masks(p: Patient, x, y, s):
     inside = (ex + ey) < 1.0
     # mediastinum: a band around the midline, widening at the arch and holding the heart lower down
     wm = p.mediastinum_w * (16.0 + 16.0 * _smooth(s, 0.05, 0.3)) * (ac / 115.0)
+    # below the hila the heart fills the middle; only a narrow band stays (oesophagus, aorta)
+    wm = wm * (1.0 - 0.45 * _smooth(s, p.arch_s + 0.12, p.arch_s + 0.22))
     xm = 4.0
     # widest at the great vessels / hila, narrow at the anterior junction and behind the heart
     t = (y - (cy - 0.1 * bc)) / (1.1 * bc)

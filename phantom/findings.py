@@ -193,7 +193,14 @@ def covid_findings(p: Patient, rng, step: float, stage: str | None = None) -> tu
             f.hu = float(rng.uniform(-640.0, -500.0))
             f.crazy = float(rng.uniform(150.0, 230.0))
         if subtype == "consolidation":
-            f.core = [Blob(bl.x, bl.y, bl.z, bl.a * 0.62, bl.b * 0.6, max(bl.c * 0.7, 1.7 * step), bl.angle) for bl in blobs[:2]]
+            # patchy consolidation: a few smaller, irregular clumps inside the ground glass
+            f.core = []
+            for bl in blobs[:3]:
+                for _ in range(int(rng.integers(1, 3))):
+                    f.core.append(Blob(bl.x + rng.uniform(-0.35, 0.35) * bl.a, bl.y + rng.uniform(-0.3, 0.3) * bl.b,
+                                       bl.z + rng.uniform(-0.3, 0.3) * bl.c, bl.a * rng.uniform(0.3, 0.5),
+                                       bl.b * rng.uniform(0.35, 0.55), max(bl.c * 0.6, 1.7 * step),
+                                       bl.angle + rng.uniform(-0.6, 0.6)))
             f.core_hu = float(rng.uniform(-20.0, 40.0))
             f.lumens = _bronchograms(rng, blobs[0], n=int(rng.integers(2, 5)))
             f.lumen_hu = -930.0
@@ -227,8 +234,8 @@ def nodule_findings(p: Patient, rng, step: float) -> list[Finding]:
     """Solitary nodule or spiculated tumour."""
     side = str(rng.choice(["right", "left"]))
     spiculated = bool(rng.random() < 0.5)
-    x, y, s = _lung_point(p, rng, side, p.apex_s + 0.12, 0.6, peripheral=None)
-    r = float(rng.uniform(9.0, 17.0) if spiculated else rng.uniform(4.0, 12.0))
+    x, y, s = _lung_point(p, rng, side, p.apex_s + 0.12, 0.6, peripheral=float(rng.uniform(18.0, 45.0)))
+    r = float(rng.uniform(10.0, 18.0) if spiculated else rng.uniform(6.0, 14.0))
     c = max(r, 1.7 * step)
     f = Finding("nodule", "spiculated" if spiculated else "solid", False, side, float(rng.uniform(15.0, 50.0)),
                 blobs=_blobs_around(rng, x, y, s * p.length, r, r * rng.uniform(0.8, 1.0), c, 0.0,
@@ -252,22 +259,22 @@ def tb_findings(p: Patient, rng, step: float) -> list[Finding]:
     sides = ["right", "left"] if rng.random() < 0.4 else [str(rng.choice(["right", "left"]))]
     for side in sides:
         p0, p1 = [], []
-        for _ in range(int(rng.integers(5, 10))):
+        for _ in range(int(rng.integers(8, 15))):
             x, y, s = _lung_point(p, rng, side, p.apex_s + 0.04, p.apex_s + 0.16, peripheral=float(rng.uniform(4, 15)))
             a = np.array([x, y, s * p.length])
             hil = np.array([np.sign(x) * 0.25 * p.body_a, p.body_cy, (p.arch_s + 0.1) * p.length])
             b = a + (hil - a) * rng.uniform(0.25, 0.5) + rng.normal(0, 4, 3)
             p0.append(a)
             p1.append(b)
-        streaks = sample_segments(np.array(p0), np.array(p1), float(rng.uniform(0.9, 1.6)), 0.7, tag=7)
+        streaks = sample_segments(np.array(p0), np.array(p1), float(rng.uniform(1.4, 2.2)), 0.9, tag=7)
         f = Finding("tb", "fibrous_streaks", False, side, 30.0, tubes=streaks, tube_hu=float(rng.uniform(0.0, 50.0)))
         # tree-in-bud / calcified nodules
-        for _ in range(int(rng.integers(3, 8))):
+        for _ in range(int(rng.integers(5, 11))):
             x, y, s = _lung_point(p, rng, side, p.apex_s + 0.05, p.apex_s + 0.2, peripheral=float(rng.uniform(5, 25)))
-            r = float(rng.uniform(2.0, 4.5))
+            r = float(rng.uniform(2.5, 5.5))
             f.blobs.append(Blob(x, y, s * p.length, r, r, max(r, 1.2 * step), 0.0))
         out.append(f)
-        if rng.random() < 0.6:
+        if rng.random() < 0.75:
             x, y, s = _lung_point(p, rng, side, p.apex_s + 0.08, p.apex_s + 0.18, peripheral=float(rng.uniform(18, 28)))
             r = float(rng.uniform(11.0, 20.0))
             wall = float(rng.uniform(3.0, 6.0))
@@ -324,7 +331,10 @@ def bacterial_findings(p: Patient, rng, step: float) -> list[Finding]:
     k = min(int(rng.integers(5, 9)), len(inside))
     ends = inside[rng.choice(len(inside), size=k, replace=False)]
     starts = centre + (ends - centre) * 0.1
-    lumens = sample_segments(starts, ends, float(rng.uniform(1.8, 2.6)), 0.9, tag=5)
+    mids = starts + (ends - starts) * 0.5
+    twigs = mids + rng.normal(0.0, 12.0, mids.shape)
+    lumens = sample_segments(np.concatenate([starts, mids]), np.concatenate([ends, twigs]),
+                             float(rng.uniform(2.4, 3.2)), 1.2, tag=5)
     return [Finding("bacterial", "lobar", False, side, float(rng.uniform(20.0, 45.0)), lobe=lobe,
                     z_range=(z0, z1), texture=10.0, lumens=lumens, lumen_hu=-950.0)]
 
@@ -334,7 +344,7 @@ def emphysema_findings(p: Patient, rng, step: float) -> list[Finding]:
     out = []
     for side in ("right", "left"):
         f = Finding("emphysema", "centrilobular", False, side, -990.0)
-        for _ in range(int(rng.integers(60, 140))):
+        for _ in range(int(rng.integers(120, 220))):
             x, y, s = _lung_point(p, rng, side, p.apex_s + 0.03, 0.6, peripheral=None)
             r = float(rng.uniform(2.5, 7.0))
             f.blobs.append(Blob(x, y, s * p.length, r, r * rng.uniform(0.7, 1.0), max(r, 0.9 * step), float(rng.uniform(0, 3))))
