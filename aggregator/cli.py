@@ -402,7 +402,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         hi = [pct(fp[n]["high"]) - r for r, n in zip(rates, names, strict=True)]
         ax.bar(names, rates, yerr=[lo, hi], capsize=4, color="#c0504d")
         for i, n in enumerate(names):
-            ax.text(i, 2, f"{fp[n]['fp']}/{fp[n]['n']}", ha="center", fontsize=8)
+            ax.text(i + 0.08, (0 if np.isnan(rates[i]) else rates[i]) + 2, f"{fp[n]['fp']}/{fp[n]['n']}",
+                    ha="left", fontsize=8)
         ax.set_ylabel("false-positive cases, % (95% CI)")
         ax.set_ylim(0, 105)
         ax.set_title("False positives per hard-negative class (per patient)")
