@@ -380,9 +380,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(4.8, 4.8), dpi=100)
     for level, style in (("per_patient", "-o"), ("per_image", "--s")):
         pts = [p for p in curves[level] if p["sensitivity"] is not None and p["specificity"] is not None]
-        xs = [0.0] + sorted(1 - p["specificity"] for p in pts) + [1.0]
-        ys = [0.0] + sorted(p["sensitivity"] for p in pts) + [1.0]
-        ax.plot(xs, ys, style, label=level.replace("_", " "))
+        xy = sorted([(0.0, 0.0), *((1 - p["specificity"], p["sensitivity"]) for p in pts), (1.0, 1.0)])
+        ax.plot([x for x, _ in xy], [y for _, y in xy], style, label=level.replace("_", " "))
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
