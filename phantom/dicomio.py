@@ -103,89 +103,88 @@ def _write_dicom(study: Study, folder: Path, encoding: str, shuffle: bool, salt:
     z, rows, cols = study.hu.shape
     intercept = int(study.rescale_intercept)
     signed = study.pixel_representation == 1
-    stored = study.hu.astype(np.int32) - intercept
+    lo, hi = int(study.hu.min()) - intercept, int(study.hu.max()) - intercept
     if signed:
-        stored_arr = stored.astype(np.int16)
-        bits_stored = 16
+        dtype, bits_stored = np.int16, 16
+        if lo < -32768 or hi > 32767:
+            raise ValueError("study HU do not fit signed 16-bit storage with this intercept")
     else:
-        if stored.min() < 0:
+        if lo < 0 or hi > 65535:
             raise ValueError("study HU below the rescale intercept cannot be stored unsigned")
-        stored_arr = stored.astype(np.uint16)
-        bits_stored = 12 if stored.max() <= 4095 else 16
-    if not np.array_equal(stored_arr.astype(np.int32), stored):
-        raise ValueError("study HU do not fit the pixel representation")
+        dtype, bits_stored = np.uint16, (12 if hi <= 4095 else 16)
     when = _EPOCH + _dt.timedelta(days=int(study.seed) % 1500, minutes=int(study.seed) % 600)
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     pid = f"PH{study.seed:08d}"
     names = _file_names(study, shuffle, salt)
     out = []
     tsyntax = _transfer_syntax(encoding)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+    ds.AccessionNumber = f"A{study.seed:08d}"
+    ds.Modality = "CT"
+    ds.Manufacturer = "ctscreen"
+    ds.InstitutionName = "ctscreen phantom"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT CHEST"
+    ds.SeriesDescription = f"Chest {study.slice_thickness:g}mm phantom"
+    ds.ManufacturerModelName = "digital phantom"
+    ds.SoftwareVersions = "ctscreen-phantom 1"
+    ds.PatientName = f"Phantom^{study.kind.capitalize()}{study.seed}"
+    ds.PatientID = pid
+    ds.PatientBirthDate = f"{int(date[:4]) - study.patient.get('age', 50)}0101"
+    ds.PatientSex = study.patient.get("sex", "O")
+    ds.PatientAge = f"{study.patient.get('age', 50):03d}Y"
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = f"{study.slice_thickness:g}"
+    ds.KVP = "120"
+    ds.ConvolutionKernel = "LUNG"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = uids["study_instance_uid"]
+    ds.SeriesInstanceUID = uids["series_instance_uid"]
+    ds.StudyID = f"{study.seed % 100000}"
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [_ds(v) for v in study.orientation]
+    ds.FrameOfReferenceUID = uids["frame_of_reference_uid"]
+    ds.PositionReferenceIndicator = ""
+    ds.SpacingBetweenSlices = f"{study.slice_spacing:g}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelSpacing = [_ds(v) for v in study.pixel_spacing]
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if study.padding_hu is not None:
+        ds.PixelPaddingValue = int(study.padding_hu - intercept)
+    ds.WindowCenter = ["-600", "40"]
+    ds.WindowWidth = ["1500", "400"]
+    ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+    ds.RescaleIntercept = str(intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
     for k in range(z):
+        # one dataset, refilled per slice: only these elements differ between the files
         instance = z - k  # acquisition runs head to feet: instance 1 is the top slice
         sop = _uid(study.seed, study.kind, salt, "sop", k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPInstanceUID = sop
-        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
-        ds.AccessionNumber = f"A{study.seed:08d}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "ctscreen"
-        ds.InstitutionName = "ctscreen phantom"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT CHEST"
-        ds.SeriesDescription = f"Chest {study.slice_thickness:g}mm phantom"
-        ds.ManufacturerModelName = "digital phantom"
-        ds.SoftwareVersions = "ctscreen-phantom 1"
-        ds.PatientName = f"Phantom^{study.kind.capitalize()}{study.seed}"
-        ds.PatientID = pid
-        ds.PatientBirthDate = f"{int(date[:4]) - study.patient.get('age', 50)}0101"
-        ds.PatientSex = study.patient.get("sex", "O")
-        ds.PatientAge = f"{study.patient.get('age', 50):03d}Y"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{study.slice_thickness:g}"
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "LUNG"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = uids["study_instance_uid"]
-        ds.SeriesInstanceUID = uids["series_instance_uid"]
-        ds.StudyID = f"{study.seed % 100000}"
-        ds.SeriesNumber = 2
-        ds.AcquisitionNumber = 1
         ds.InstanceNumber = instance
         ds.ImagePositionPatient = [_ds(v) for v in study.positions[k]]
-        ds.ImageOrientationPatient = [_ds(v) for v in study.orientation]
-        ds.FrameOfReferenceUID = uids["frame_of_reference_uid"]
-        ds.PositionReferenceIndicator = ""
         ds.SliceLocation = _ds(study.positions[k][2])
-        ds.SpacingBetweenSlices = f"{study.slice_spacing:g}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.PixelSpacing = [_ds(v) for v in study.pixel_spacing]
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = 1 if signed else 0
-        if study.padding_hu is not None:
-            ds.PixelPaddingValue = int(study.padding_hu - intercept)
-        ds.WindowCenter = ["-600", "40"]
-        ds.WindowWidth = ["1500", "400"]
-        ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
-        ds.RescaleIntercept = str(intercept)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.PixelData = stored_arr[k].tobytes()
+        pixels = (study.hu[k].astype(np.int32) - intercept).astype(dtype)
+        ds.PixelData = pixels.tobytes()
         if encoding != "explicit":
-            ds.compress(tsyntax, stored_arr[k], generate_instance_uid=False)
+            ds.compress(tsyntax, pixels, generate_instance_uid=False)
         name = names[k]
         ds.save_as(folder / name, enforce_file_format=True)
         out.append({"index": k, "file": f"dicom/{name}", "instance_number": instance, "sop_instance_uid": sop})
@@ -229,7 +228,8 @@ def _write_masks(study: Study, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     aff = _affine(study)
     for name, arr in (("lung", study.lung_mask), ("lesion", study.lesion_mask), ("finding", study.finding_mask)):
-        img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.uint8), aff)
+        # arr.T is the Fortran-ordered (col, row, slice) view NIfTI stores: no copy needed
+        img = nib.Nifti1Image(arr.view(np.uint8).T, aff)
         img.header.set_xyzt_units("mm")
         nib.save(img, folder / f"{name}.nii.gz")
 

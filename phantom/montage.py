@@ -56,5 +56,5 @@ def save_montage(study, path: str | Path, **kw) -> Path:
     from PIL import Image
 
     path = Path(path)
-    Image.fromarray(montage(study, **kw)).save(path, optimize=True)
+    Image.fromarray(montage(study, **kw)).save(path, compress_level=6)
     return path
