@@ -22,7 +22,9 @@ import contextlib
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,7 @@ def _add_load(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kinds", default="covid,normal", help="phantom kinds, alternating")
     g.add_argument("--upload", choices=("files", "zip"), default="files")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--append", action="store_true", help="add these runs to the latest load results")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +268,10 @@ def cmd_load(args: argparse.Namespace, triton: Any, gateway_url: str) -> dict[st
               f"{r['slices_per_s']} slices/s, p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s, "
               f"errors {r['errors'] or 0}")
     doc = {"machine": machine_info(), "runs": runs}
+    if args.append:
+        from benchmarks.report import latest
+
+        doc["runs"] = ((latest("load") or {}).get("runs") or []) + runs
     print(f"load: {_save('load', doc)}")
     return doc
 
@@ -303,8 +310,26 @@ def _delegate(name: str, argv: list[str]) -> int:
     return int(func(argv) or 0)
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (and SIGINT, even when a background shell ignored it) unwinds the stack, so that the
+    # embedded Triton and the gateway started here are always stopped
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATES:
         return _delegate(argv[0], argv[1:])
     parser = build_parser()
@@ -341,3 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, UnsafeTarget, ValueError) as exc:
         print(f"ctscreen bench {args.cmd}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"ctscreen bench {args.cmd}: interrupted; servers stopped", file=sys.stderr)
+        return 130

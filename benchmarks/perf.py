@@ -227,7 +227,7 @@ def run_scenario(
     if proc.returncode != 0 or not csv_path.exists():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         raise BenchError(f"perf_analyzer on {model!r} failed (exit {proc.returncode}): {' | '.join(tail)}")
-    rows = read_csv(csv_path)
+    rows = sorted(read_csv(csv_path), key=lambda r: r.get("Concurrency") or 0)
     for r in rows:
         if r.get("Inferences/Second") is not None:
             r["slices_per_s"] = r["Inferences/Second"]  # one inference = one slice (batch counted by PA)

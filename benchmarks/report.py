@@ -193,6 +193,7 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "perf": [_perf_row(s) for s in (perf or {}).get("scenarios", [])],
         "plots": {k: str(v.relative_to(results)) for k, v in figs.items() if v},
         "other_benchmarks": {k: v for k, v in others.items() if v},
+        "scaling": _scaling(results / "scaling"),
     }
     write_json(results / "report.json", report)
     md = markdown(report)
@@ -200,6 +201,17 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
     if update_readme:
         _update_readme(md)
     return report
+
+
+def _scaling(folder: Path) -> dict[str, Any] | None:
+    """What the scaling simulation (``ctscreen bench scaling``) left in ``results/scaling``."""
+    if not folder.is_dir():
+        return None
+    md = sorted(p.name for p in folder.glob("*.md"))
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    plots.sort(key=lambda n: (n != "summary.png", n))
+    return {"md": md[0] if md else None, "plots": plots,
+            "json": sorted(p.name for p in folder.glob("*.json"))}
 
 
 def _load_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +269,11 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{_fmt(p['best_infer_per_s'])} | {_fmt(p99 / 1000 if p99 else None, 1)} | `{p['csv']}` |")
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{k}](plots/{Path(v).name})" for k, v in report["plots"].items()]
+    if report.get("scaling"):
+        sc = report["scaling"]
+        lines += ["", "## Scaling beyond one machine (simulation)", "",
+                  f"See [`scaling/{sc['md']}`](scaling/{sc['md']})." if sc.get("md") else "See `scaling/`."]
+        lines += [f"![{Path(p).stem}](scaling/{p})" for p in sc.get("plots", [])[:1]]
     for name, doc in report["other_benchmarks"].items():
         summ = doc.get("summary") if isinstance(doc, dict) else None
         lines += ["", f"## {name}", "", f"See `{name}-latest.json`." + (f" Summary: {json.dumps(summ)[:400]}" if summ else "")]
