@@ -101,6 +101,9 @@ def _add_target(p: argparse.ArgumentParser, gateway: bool) -> None:
     g.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback URL given explicitly (a cluster you own)")
     g.add_argument("--repo", type=Path, help="model repository for the embedded Triton (default: cpu profile)")
+    if gateway:
+        g.add_argument("--gateway-env", action="append", default=[], metavar="CTSCREEN_X=V",
+                       help="setting of the gateway started here (repeatable), e.g. CTSCREEN_TRITON_BATCH_SIZE=8")
 
 
 def _add_load(p: argparse.ArgumentParser) -> None:
@@ -186,6 +189,12 @@ def _stack(args: argparse.Namespace, need_gateway: bool) -> Iterator[tuple[Any, 
     from benchmarks import stack
     from benchmarks.common import check_target
 
+    env = {}
+    for item in getattr(args, "gateway_env", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("CTSCREEN_"):
+            raise ValueError(f"--gateway-env wants CTSCREEN_NAME=VALUE, got {item!r}")
+        env[key] = value
     with contextlib.ExitStack() as es:
         for u in (args.triton_url, args.triton_http_url, args.triton_metrics_url):
             if u:
@@ -203,7 +212,7 @@ def _stack(args: argparse.Namespace, need_gateway: bool) -> Iterator[tuple[Any, 
             check_target(gw, allow_remote=args.allow_remote)
         elif need_gateway:
             print("starting the gateway ...", file=sys.stderr)
-            gw = es.enter_context(stack.gateway(triton))
+            gw = es.enter_context(stack.gateway(triton, env=env))
         yield triton, gw
 
 

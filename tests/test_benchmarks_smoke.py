@@ -70,9 +70,12 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.
     assert err.startswith("ctscreen bench: error:") and "Traceback" not in err
 
 
-def test_cli_bad_size_spec_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_values_are_one_line_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["load", "--url", "http://127.0.0.1:1", "--sizes", "gauss:3"]) == 1
     assert 'Argument "sizes" must be fixed:N' in capsys.readouterr().err
+    assert bench_main(["load", "--gateway-env", "FOO=1"]) == 1
+    err = capsys.readouterr().err
+    assert "--gateway-env wants CTSCREEN_NAME=VALUE" in err and "starting" not in err
 
 
 @pytest.mark.parametrize(
