@@ -62,9 +62,15 @@ def plot_latency_vs_load(load: dict[str, Any], out: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    runs = sorted(runs, key=lambda r: r["studies_per_hour"])
     xs = [r["studies_per_hour"] for r in runs]
     for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
         ax.plot(xs, [r["latency_s"][q] for r in runs], style, label=q)
+    for r in runs:
+        c = r["config"]
+        tag = f"c={c['concurrency']}" if c["mode"] == "closed" else f"{c['mode']} {c['rate']}/s"
+        ax.annotate(f"{tag}, {c['sizes']}", (r["studies_per_hour"], r["latency_s"]["p99"]), fontsize=6,
+                    textcoords="offset points", xytext=(3, 4))
     ax.axhline(41.34, color="grey", lw=0.8, ls="-.", label="paper: 41.34 s/patient")
     ax.set_xlabel("achieved load (studies/hour)")
     ax.set_ylabel("case latency (s)")
