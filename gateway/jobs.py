@@ -383,6 +383,7 @@ class JobStore:
                     valid_area=out.valid_area,
                     rows=_int_or_none(getattr(meta, "rows", None)),
                     cols=_int_or_none(getattr(meta, "cols", getattr(meta, "columns", None))),
+                    to_original=_grid_mapper(meta),
                 )
                 for meta, out in zip(study.slices, outputs, strict=True)
             ]
@@ -518,6 +519,11 @@ def _rejected(row: Any) -> RejectedFile:
     else:
         filename, reason, message = row.filename, row.reason, row.message
     return RejectedFile(filename=str(filename), reason=str(reason), message=str(message))
+
+
+def _grid_mapper(meta: Any) -> Callable[[Any], Any] | None:
+    grid = getattr(meta, "grid", None)
+    return getattr(grid, "to_original", None)
 
 
 def _int_or_none(value: Any) -> int | None:

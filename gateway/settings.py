@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Requests in flight per Triton endpoint."
     )
     triton_max_attempts: int = Field(
-        4, ge=1, le=20, description="Tries per batch, on other endpoints when possible."
+        6, ge=1, le=20, description="Tries per batch, on other endpoints when possible."
     )
     triton_ready_timeout_s: float = Field(2.0, gt=0, le=60, description="Deadline of readiness probes.")
     default_slices_per_second: float = Field(

@@ -8,7 +8,10 @@ slices of a study out to them:
   with the fewest requests in flight (ties: the one picked least recently);
 * every call carries a deadline (``timeout_s``);
 * a request that fails with ``UNAVAILABLE``, a deadline or another transport error is retried on
-  another endpoint (the failing one rests for a short back-off), up to ``max_attempts`` tries;
+  another endpoint, up to ``max_attempts`` tries; the failing endpoint rests for an exponential
+  back-off and then takes one request at a time until one succeeds (a half-open circuit breaker);
+* waiting for room on a busy, healthy endpoint has no deadline (its requests have theirs); waiting
+  while no endpoint is healthy gives up after ``timeout_s``;
 * a slice's result is recorded exactly once: only the attempt that succeeds is kept, and the
   per-endpoint counters (:attr:`TritonPool.slice_counts`) count slices that came back;
 * :meth:`TritonPool.set_endpoints` adds and removes endpoints at run time (runtime discovery); a removed
@@ -153,7 +156,7 @@ class TritonPool:
         batch_size: int = 4,
         max_inflight: int = 3,
         timeout_s: float = 30.0,
-        max_attempts: int = 4,
+        max_attempts: int = 6,
         ready_timeout_s: float = 2.0,
         default_rate: float = 15.0,
         client_factory: ClientFactory | None = None,
@@ -320,8 +323,15 @@ class TritonPool:
         return None
 
     # --- scheduling --------------------------------------------------------------------------
-    async def _acquire(self, tried: set[str], deadline: float) -> _Endpoint:
+    async def _acquire(self, tried: set[str]) -> _Endpoint:
+        """The least-loaded healthy endpoint with room, preferring ones not in ``tried``.
+
+        Waiting for room on a busy but healthy endpoint has no deadline (the requests it holds have
+        theirs, so room comes); waiting while no endpoint is healthy (all resting after failures,
+        removed, or none configured) gives up after ``timeout_s``.
+        """
         cond = self._condition()
+        deadline: float | None = None
         async with cond:
             while True:
                 now = time.monotonic()
@@ -329,19 +339,24 @@ class TritonPool:
                 healthy = [ep for ep in live if ep.down_until <= now]
                 fresh = [ep for ep in healthy if ep.url not in tried]
                 pool = fresh or healthy
-                free = [ep for ep in pool if ep.inflight < self.max_inflight]
+                # an endpoint that failed lately is on probation: one request at a time until one succeeds
+                free = [ep for ep in pool if ep.inflight < (1 if ep.consecutive_failures else self.max_inflight)]
                 if free:
-                    ep = min(free, key=lambda e: (e.inflight, e.last_pick))
+                    ep = min(free, key=lambda e: (e.consecutive_failures > 0, e.inflight, e.last_pick))
                     ep.last_pick = now
                     self._mark(ep, +1)
                     return ep
-                if now >= deadline:
+                if healthy:
+                    deadline = None
+                elif deadline is None:
+                    deadline = now + self.timeout_s
+                if deadline is not None and now >= deadline:
                     names = ", ".join(ep.url for ep in live) or "none configured"
                     raise InferenceUnavailable(
                         f"No Triton endpoint could take a request within {self.timeout_s:g} s "
                         f"(endpoints: {names})."
                     )
-                wake = deadline
+                wake = deadline if deadline is not None else now + 1.0
                 resting = [ep.down_until for ep in live if ep.down_until > now]
                 if resting:
                     wake = min(wake, min(resting))
@@ -418,7 +433,7 @@ class TritonPool:
         tried: set[str] = set()
         last: BaseException | None = None
         for attempt in range(1, self.max_attempts + 1):
-            ep = await self._acquire(tried, time.monotonic() + self.timeout_s)
+            ep = await self._acquire(tried)
             tried.add(ep.url)
             answered = 0
             try:

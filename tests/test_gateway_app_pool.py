@@ -130,3 +130,20 @@ def test_bad_batch_shape():
         _run(pool.infer_batch(np.zeros((2, 256, 256), np.int16)))
     with pytest.raises(ValueError, match="int16"):
         _run(pool.infer_batch(np.zeros((2, 512, 512), np.float32)))
+
+
+def test_waiting_for_a_busy_healthy_endpoint_has_no_deadline():
+    """Batches queued behind a busy endpoint wait longer than timeout_s without failing."""
+    fleet = FakeFleet(**{"a:1": {"delay": 0.05}})
+    pool = TritonPool(["a:1"], batch_size=1, max_inflight=1, timeout_s=0.3, client_factory=fleet)
+    out = _run(pool.infer(_hu(12)))  # 12 x 0.05 s = 0.6 s > timeout_s
+    assert len(out) == 12 and pool.retries == 0
+
+
+def test_failing_endpoint_is_on_probation():
+    """After a failure an endpoint takes one request at a time, so the healthy one does the work."""
+    fleet = FakeFleet(**{"bad:1": {"fail_with": "StatusCode.INTERNAL"}, "good:1": {"delay": 0.01}})
+    pool = TritonPool(["bad:1", "good:1"], batch_size=2, max_inflight=4, client_factory=fleet)
+    out = _run(pool.infer(_hu(40)))
+    assert len(out) == 40 and pool.slice_counts["good:1"] == 40
+    assert fleet.clients["bad:1"].max_inflight_seen <= 4
