@@ -15,6 +15,8 @@ studies at ``ready replicas x slices/s``. Three autoscaling policies are compare
     The same signal and behaviour with the target tuned per scenario: of ``TUNING_TARGETS_S``, the one
     with the fewest GPU-hours whose p95 case latency is no worse than the backlog policy's (iso-latency;
     every candidate is in the JSON). This separates the signal from the shipped target.
+``static``
+    No autoscaler: the fewest fixed replicas whose p95 is no worse than the backlog policy's.
 ``ctscreen-backlog``
     This chart: External ``ctscreen_backlog_seconds`` (backlog slices / measured capacity) with a
     Value target of 30 s, plus the queue/compute ratio (target 1.5); scale up 4 pods per 60 s, scale down
@@ -127,7 +129,9 @@ SAMPLE = Policy("sample-queue-time", "queue_time", 50.0, 4, 100, 15, 300, None, 
 OURS = Policy("ctscreen-backlog", "backlog", 30.0, 4, None, 60, 600, 1, None, 300, drain=True, ratio_target=1.5)
 TUNING_TARGETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Queue-time targets (seconds per request) tried for the tuned sample policy."""
-POLICY_NAMES = (SAMPLE.name, "sample-queue-time-tuned", OURS.name)
+POLICY_NAMES = (SAMPLE.name, "sample-queue-time-tuned", OURS.name, "static")
+STATIC = Policy("static", "static", 0.0, 0, None, 15, 0, None, 100, 15, drain=True)
+"""Fixed replicas, no autoscaler: the fewest that match the backlog policy's p95 (iso-latency baseline)."""
 
 
 def tuned(target_s: float) -> Policy:
@@ -198,6 +202,7 @@ class Result:
     busy_gpu_hours: float
     timeline: dict[str, list[float]] = field(repr=False)
     tuned_target_s: float | None = None
+    static_replicas: int | None = None
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies
@@ -217,6 +222,7 @@ class Result:
             "mean_replicas": round(self.mean_replicas, 2),
             "max_replicas": self.max_replicas_seen,
             **({"queue_time_target_s": self.tuned_target_s} if self.tuned_target_s is not None else {}),
+            **({"static_replicas": self.static_replicas} if self.static_replicas is not None else {}),
         }
 
 
@@ -360,7 +366,9 @@ def simulate(
             while len(backlog_hist) > 1 and backlog_hist[1][0] <= lag_t:
                 backlog_hist.popleft()
             seen_backlog, seen_ready = backlog_hist[0][1], backlog_hist[0][2]
-            if policy.signal == "queue_time":
+            if policy.signal == "static":
+                usage, ratio = 0.0, None
+            elif policy.signal == "queue_time":
                 while completions and completions[0][0] < lag_t - 30.0:
                     completions.popleft()
                 window = [c for c in completions if c[0] <= lag_t]
@@ -374,7 +382,10 @@ def simulate(
                 usage = seen_backlog / capacity  # seconds to drain at current capacity
                 inflight_cap = max(seen_ready, 1) * cluster.max_inflight * cluster.batch_size
                 ratio = min(1.0, seen_backlog / inflight_cap) if seen_ready else 0.0
-            proposal = hpa.proposal(ready, spec, usage, policy.target, ratio)
+            if policy.signal == "static":
+                proposal = spec
+            else:
+                proposal = hpa.proposal(ready, spec, usage, policy.target, ratio)
             desired = hpa.decide(now, spec, proposal)
             if desired != spec:
                 scale_events += 1
@@ -563,6 +574,7 @@ def _reading(summaries: list[dict[str, Any]]) -> list[str]:
     for cost in sorted({s["slice_cost_s"] for s in summaries}):
         sub = {s["policy"]: s for s in summaries if s["slice_cost_s"] == cost}
         a, t, o = sub["sample-queue-time"], sub["sample-queue-time-tuned"], sub["ctscreen-backlog"]
+        st = sub.get("static")
         out.append(
             f"- {cost * 1000:g} ms/slice: the shipped queue-time HPA (50 us) runs {a['mean_replicas']} replicas"
             f" on average ({a['gpu_hours']} GPU-h) for a p95 of {a['latency_p95_s']} s; the backlog policy needs"
@@ -570,6 +582,8 @@ def _reading(summaries: list[dict[str, Any]]) -> list[str]:
             f" (sample: {a['scale_events']}); the queue-time signal tuned to the same p95 or better (target"
             f" {t.get('queue_time_target_s')} s per request) needs {t['gpu_hours']} GPU-h for a p95 of"
             f" {t['latency_p95_s']} s with {t['scale_events']} scale events."
+            + (f" Static provisioning needs {st.get('static_replicas')} replicas ({st['gpu_hours']} GPU-h) for a p95"
+               f" of {st['latency_p95_s']} s." if st else "")
         )
     return out
 
@@ -598,10 +612,17 @@ def run(workload: Workload, cluster: Cluster, costs: Sequence[float], out: Path 
             best_t, best = min(candidates, key=lambda tr: np.percentile(tr[1].latencies, 95))
         best.policy = "sample-queue-time-tuned"
         logger.info("%g ms: tuned queue-time target %g s", cost * 1000, best_t)
-        for r in (sample, best, ours_result):
+        static = None
+        for n in range(cluster.min_replicas, cluster.max_replicas + 1):
+            static = simulate(STATIC, dataclasses.replace(cl, min_replicas=n, max_replicas=n), arrivals, horizon)
+            static.policy = "static"
+            static.static_replicas = n
+            if np.percentile(static.latencies, 95) <= ours_p95:
+                break
+        for r in (sample, best, ours_result, static):
             results.append(r)
             logger.info("%s @ %g ms: %s", r.policy, cost * 1000, r.summary())
-        results[-2].tuned_target_s = best_t
+        best.tuned_target_s = best_t
     summaries = [r.summary() for r in results]
     doc: dict[str, Any] = {
         "command": command or "ctscreen bench scaling",

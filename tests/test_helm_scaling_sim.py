@@ -60,8 +60,10 @@ def test_smoke_run_writes_parameters_and_results(tmp_path, capsys):
     assert doc["parameters"]["workload"]["hospitals"] == 20
     assert doc["parameters"]["cluster"]["slice_cost_s"] == 0.005  # base; the sweep is slice_costs_s
     assert doc["slice_costs_s"] == [0.02]
-    ours = doc["results"][-1]
+    by_name = {r["policy"]: r for r in doc["results"]}
+    ours, static = by_name["ctscreen-backlog"], by_name["static"]
     assert ours["interrupted_studies"] == 0 and ours["gpu_hours"] >= ours["busy_gpu_hours"]
+    assert static["latency_p95_s"] <= ours["latency_p95_s"] or static["static_replicas"] == 16
     assert "| 20 ms | ctscreen-backlog |" in (tmp_path / "scaling.md").read_text()
     assert "ctscreen-backlog" in capsys.readouterr().out
 
