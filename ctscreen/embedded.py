@@ -241,8 +241,11 @@ class EmbeddedTriton:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 180.0) -> EmbeddedTriton:
+    def start(self, timeout: float = 180.0, *, cancel: threading.Event | None = None) -> EmbeddedTriton:
         """Start tritonserver and wait until every model is READY.
+
+        ``cancel``, when set while waiting, stops the server and raises :class:`TritonStartError`
+        (``ctscreen triton`` sets it on Ctrl-C).
 
         Raises
         ------
@@ -267,7 +270,7 @@ class EmbeddedTriton:
             self._choose_ports()
             try:
                 self._launch(binary, libs, backends)
-                self._wait_ready(timeout)
+                self._wait_ready(timeout, cancel)
                 return self
             except _PortRace as exc:
                 self._cleanup()
@@ -367,10 +370,12 @@ class EmbeddedTriton:
                 self._echo.flush()
             server_logger.debug("%s", line.rstrip())
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise TritonStartError("interrupted while tritonserver was starting")
             assert self._proc is not None
             code = self._proc.poll()
             if code is not None:
@@ -496,12 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            triton.start(timeout=args.timeout)
+            triton.start(timeout=args.timeout, cancel=stopping)
         except TritonStartError as exc:
             sys.stderr.write(f"ctscreen triton: {exc}\n")
-            return 1
-        if stopping.is_set():
-            return 0
+            return 130 if stopping.is_set() else 1
         sys.stderr.write(
             f"ctscreen triton: ready, grpc {triton.grpc_url}, http {triton.http_url}, "
             f"metrics {triton.metrics_url}, repository {triton.repo_dir}\n"
