@@ -92,10 +92,21 @@ def server_binary() -> tuple[Path, Path]:
 
 
 def backend_dir() -> Path:
-    """A backend folder holding the wheel's python backend and the stub for this Python (cached)."""
+    """A backend folder holding the wheel's python backend and the stub for this Python (cached).
+
+    ``$CTSCREEN_TRITON_BACKENDS`` overrides it (e.g. ``/opt/tritonserver/backends`` with a
+    ``CTSCREEN_TRITONSERVER`` from a Triton install).
+    """
     from ctscreen.repo import cache_root
 
-    root = _pytriton_dir() / "tritonserver"
+    if os.environ.get("CTSCREEN_TRITON_BACKENDS"):
+        return Path(os.environ["CTSCREEN_TRITON_BACKENDS"])
+    try:
+        root = _pytriton_dir() / "tritonserver"
+    except ImportError:
+        raise TritonStartError(
+            "the python backend comes from nvidia-pytriton: install it or set CTSCREEN_TRITON_BACKENDS"
+        ) from None
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     backend = root / "backends" / "python"
