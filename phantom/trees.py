@@ -83,31 +83,45 @@ def grow_tree(
     decay: float = 0.79,
     min_targets: int = 3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Grow a space-filling tree. Returns segment starts, ends [N, 3], radii [N] and depths [N]."""
-    starts, ends, radii, depths = [], [], [], []
-    stack = [(np.asarray(root, np.float64), targets.astype(np.float64), r0, 0)]
-    while stack:
-        start, pts, r, depth = stack.pop()
-        centre = pts.sum(axis=0) / len(pts)
-        if depth >= max_depth or len(pts) < min_targets:
-            starts.append(start)
-            ends.append(centre)
-            radii.append(r)
-            depths.append(depth)
-            continue
+    """Grow a space-filling tree. Returns segment starts, ends [N, 3], radii [N] and depths [N].
+
+    Level by level and vectorised over the nodes of a level: every node heads for the centroid of
+    its target points, stops (a leaf) when it has fewer than ``min_targets`` or at ``max_depth``,
+    and otherwise splits its points across their principal axis into two children.
+    """
+    pts = np.asarray(targets, np.float64)
+    label = np.zeros(len(pts), np.int64)
+    starts = np.asarray(root, np.float64)[None, :]
+    out_a, out_b, out_r, out_d = [], [], [], []
+    r = float(r0)
+    for depth in range(max_depth + 1):
+        n_nodes = len(starts)
+        counts = np.bincount(label, minlength=n_nodes).astype(np.float64)
+        centre = np.stack([np.bincount(label, pts[:, i], n_nodes) for i in range(3)], axis=1) / counts[:, None]
+        leaf = (counts < min_targets) | (depth == max_depth)
         frac = 0.45 if depth else 0.3
-        end = start + (centre - start) * frac + rng.normal(0.0, 0.6, 3)
-        starts.append(start)
-        ends.append(end)
-        radii.append(r)
-        depths.append(depth)
-        d = pts - centre
-        axis = np.linalg.eigh(d.T @ d)[1][:, -1]
-        side = (pts - centre) @ axis > 0
-        for part in (pts[side], pts[~side]):
-            if len(part):
-                stack.append((end, part, r * decay, depth + 1))
-    return np.array(starts), np.array(ends), np.array(radii), np.array(depths)
+        jitter = rng.normal(0.0, 0.6, (n_nodes, 3))
+        ends = np.where(leaf[:, None], centre, starts + (centre - starts) * frac + jitter)
+        out_a.append(starts)
+        out_b.append(ends)
+        out_r.append(np.full(n_nodes, r))
+        out_d.append(np.full(n_nodes, depth))
+        if leaf.all():
+            break
+        d = pts - centre[label]
+        cov = np.empty((n_nodes, 3, 3))
+        for i in range(3):
+            for j in range(i, 3):
+                cov[:, i, j] = cov[:, j, i] = np.bincount(label, d[:, i] * d[:, j], n_nodes)
+        axis = np.linalg.eigh(cov)[1][:, :, -1]
+        side = np.einsum("ij,ij->i", d, axis[label]) > 0
+        keep = ~leaf[label]
+        child = 2 * label[keep] + side[keep]
+        pts = pts[keep]
+        uniq, label = np.unique(child, return_inverse=True)
+        starts = ends[uniq // 2]
+        r *= decay
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_r), np.concatenate(out_d)
 
 
 @dataclass
