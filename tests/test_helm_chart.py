@@ -9,6 +9,7 @@ written out below with ``additionalProperties: false`` (a misspelt field fails).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -342,6 +343,48 @@ def test_gateway_role_may_only_read_endpointslices(rendered):
     headless = find(rendered["default"], "Service", "-triton-headless")
     assert env["CTSCREEN_TRITON_SERVICE"] == headless["metadata"]["name"]
     assert env["CTSCREEN_TRITON_DISCOVERY"] == "endpointslice"
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value_set, monkeypatch):
+    """The chart's CTSCREEN_* variables parse in gateway.settings.Settings and gateway.discovery."""
+    from gateway.discovery import DnsDiscovery, start_from_env
+    from gateway.settings import Settings
+
+    gateway = find(rendered[value_set], "Deployment", "-gateway")
+    env = {e["name"]: e["value"] for e in container(gateway, "gateway")["env"] if "value" in e}
+    env["CTSCREEN_TRITON_NAMESPACE"] = NAMESPACE  # from the downward API in the pod
+    for name in [n for n in os.environ if n.startswith("CTSCREEN_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.triton_urls == []  # discovery fills the pool
+    assert settings.triton_batch_size == int(env["CTSCREEN_TRITON_BATCH_SIZE"])
+    assert settings.triton_max_inflight == int(env["CTSCREEN_TRITON_MAX_INFLIGHT"])
+    assert settings.max_upload_bytes == int(env["CTSCREEN_MAX_UPLOAD_BYTES"])
+
+    async def discover():
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the DNS fallback
+        seen = []
+
+        async def resolver(host, port):
+            seen.append((host, port))
+            return []
+
+        discovery = start_from_env(_Null(), env, resolver=resolver)
+        await asyncio.sleep(0.05)
+        await discovery.close()
+        return discovery, seen
+
+    discovery, seen = asyncio.run(discover())
+    assert isinstance(discovery, DnsDiscovery)
+    assert seen[0] == (f"{RELEASE}-triton-headless.{NAMESPACE}.svc", 8001)
+
+
+class _Null:
+    def set_endpoints(self, ready) -> None:
+        pass
 
 
 def test_triton_service_is_headless_with_a_named_grpc_port(rendered):
