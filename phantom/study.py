@@ -328,6 +328,8 @@ def _sample_geometry(p: Patient, rng: np.random.Generator, n_slices, matrix, ov)
         ps = round(fov / min(rows, cols), 6)
     ps = float(ov.get("pixel_spacing", ps))
     spacing = float(rng.choice(SLICE_SPACINGS, p=[0.25, 0.35, 0.2, 0.2]))
+    if rows * cols > 512 * 512 and spacing < 1.25:
+        spacing = 1.25  # keeps a large-matrix study (and its masks) under ~1 GB
     thick_double = rng.random() < 0.3
     if n_slices is not None:
         spacing = min(SLICE_SPACINGS, key=lambda v: abs(np.log(v * n_slices / p.length)))
