@@ -84,6 +84,17 @@ def build_skeleton(p: Patient, rng: np.random.Generator) -> SphereCloud:
     return SphereCloud.concat([cortex, marrow])
 
 
+def _paint(view, res, value, where=None) -> None:
+    """Set ``value`` inside a hard shape given as ``(window, weight)`` from :func:`ellipse_weight`."""
+    if res is None:
+        return
+    sl, w = res
+    m = w > 0.5
+    if where is not None:
+        m &= where[sl]
+    view[sl][m] = value
+
+
 class Renderer:
     """Renders slice ``s`` of one study into HU (float32) plus its truth masks."""
 
@@ -110,20 +121,11 @@ class Renderer:
         self.stomach_level = float(rng.uniform(0.25, 0.5))
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _ellipse(self, view, win0, x, y, a, b, angle, value, where=None, mark=None, mark_value=1):
+    def _ellipse(self, view, win0, x, y, a, b, angle, value, where=None):
         """Paint a hard ellipse given in mm into ``view`` (window origin ``win0`` in pixels)."""
         r0, c0 = win0
-        res = ellipse_weight(view.shape, float(self.f.col(x)) - c0, float(self.f.row(y)) - r0,
-                             a / self.f.ps, b / self.f.ps, angle, 1e-3)
-        if res is None:
-            return
-        sl, w = res
-        m = w > 0.5
-        if where is not None:
-            m &= where[sl]
-        view[sl][m] = value
-        if mark is not None:
-            mark[sl][m] = mark_value
+        _paint(view, ellipse_weight(view.shape, float(self.f.col(x)) - c0, float(self.f.row(y)) - r0,
+                                    a / self.f.ps, b / self.f.ps, angle, 1e-3), value, where)
 
     def _discs(self, canvas, x, y, r, value, **kw):
         splat_discs(canvas, self.f.col(x), self.f.row(y), np.asarray(r, np.float32) / self.f.ps, value, **kw)
@@ -312,14 +314,7 @@ class Renderer:
                               b.a * k / self.f.ps, b.b * k / self.f.ps, b.angle, soft)
 
     def _blob_cut(self, view, win0, b: Blob, za, value, where=None):
-        res = self._blob_window(view.shape, win0, b, za, 1e-3)
-        if res is None:
-            return
-        sl, w = res
-        m = w > 0.5
-        if where is not None:
-            m &= where[sl]
-        view[sl][m] = value
+        _paint(view, self._blob_window(view.shape, win0, b, za, 1e-3), value, where)
 
     def _spine(self, hu, za, vy, vr):
         """Vertebral body (or disc), neural arch, canal, spinous and transverse processes."""
