@@ -502,6 +502,13 @@ class JobStore:
                 n += 1
         return n
 
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the active jobs to finish (graceful shut-down)."""
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks and timeout_s > 0:
+            logger.info("draining %d active jobs (up to %g s)", len(tasks), timeout_s)
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def close(self) -> None:
         """Cancel running jobs (they end ``failed``, reason ``shutdown``) and stop the decoders."""
         for task in list(self._tasks):

@@ -89,12 +89,18 @@ def create_app(
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
         app.state.store, app.state.stow = store, stow
         stow.start()
+        from gateway.discovery import start_from_env
+
+        discovery = start_from_env(pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
         logger.info("gateway up: Triton endpoints %s, model %s", pool.endpoints, settings.triton_model)
         try:
             yield
         finally:
             await stow.close()
+            await store.drain(settings.shutdown_grace_s)
             await store.close()
+            if discovery is not None:
+                await discovery.close()
             await pool.close()
 
     app = FastAPI(

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         24 * 3600.0, gt=0, description="Finished jobs are kept this long after being read."
     )
     max_finished_jobs: int = Field(1000, ge=1, description="Finished jobs kept in memory.")
+    shutdown_grace_s: float = Field(
+        60.0, ge=0, le=3600, description="On shut-down, active studies get this long to finish."
+    )
     results_dir: Path | None = Field(
         None, description="If set, every result and job state is also written here as JSON."
     )
