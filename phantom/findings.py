@@ -198,8 +198,8 @@ def covid_findings(p: Patient, rng, step: float, stage: str | None = None) -> tu
             for bl in blobs[:3]:
                 for _ in range(int(rng.integers(1, 3))):
                     f.core.append(Blob(bl.x + rng.uniform(-0.35, 0.35) * bl.a, bl.y + rng.uniform(-0.3, 0.3) * bl.b,
-                                       bl.z + rng.uniform(-0.3, 0.3) * bl.c, bl.a * rng.uniform(0.3, 0.5),
-                                       bl.b * rng.uniform(0.35, 0.55), max(bl.c * 0.6, 1.7 * step),
+                                       bl.z + rng.uniform(-0.15, 0.15) * bl.c, bl.a * rng.uniform(0.3, 0.5),
+                                       bl.b * rng.uniform(0.35, 0.55), 0.7 * bl.c,
                                        bl.angle + rng.uniform(-0.6, 0.6)))
             f.core_hu = float(rng.uniform(-20.0, 40.0))
             f.lumens = _bronchograms(rng, blobs[0], n=int(rng.integers(2, 5)))

@@ -256,8 +256,10 @@ class Renderer:
         lr, ll = an.lung_masks(p, x, y, s)
         lung = lr | ll
         if lung.any():
+            # dependent (posterior) density gradient plus a faint low-frequency heterogeneity
             par = p.parenchyma + self.parenchyma_shift + 45.0 * np.clip((y - cy) / bc, -1.0, 1.0)
-            np.copyto(view, np.broadcast_to(par, view.shape), where=lung)
+            par = par + 10.0 * self.tex[r0:r1, c0:c1]
+            np.copyto(view, par, where=lung)
             if self.fissures:
                 fs = an.fissure_s(p, x, y, cy, ac, bc)
                 band = np.abs(fs - s) * p.length < 0.45
