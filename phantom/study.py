@@ -219,6 +219,12 @@ def make_study(seed: int, kind: str = "covid", n_slices: int | None = None, matr
     unknown = set(overrides) - _OVERRIDES
     if unknown:
         raise TypeError(f"make_study() got unknown override(s): {', '.join(sorted(unknown))}")
+    if overrides.get("stage") not in (None, "early", "progressive", "peak"):
+        raise ValueError(f'Override "stage" must be early, progressive or peak; got {overrides["stage"]!r}.')
+    if "shape" in overrides:
+        shp = overrides["shape"]
+        if len(shp) != 2 or not all(isinstance(v, int | np.integer) and 64 <= v <= 1024 for v in shp):
+            raise ValueError(f'Override "shape" must be (rows, cols) in 64..1024, got {shp!r}.')
     seq = np.random.SeedSequence(int(seed))
     rng_anat, rng_geo, rng_tree, rng_noise, rng_gut = (np.random.default_rng(c) for c in seq.spawn(5))
     rng_find = np.random.default_rng(np.random.SeedSequence([int(seed), KINDS.index(kind), 7]))

@@ -199,6 +199,8 @@ def test_hu_respects_the_rescale_convention():
         (dict(seed=1, n_slices=0), ValueError),
         (dict(seed=1, matrix=8), ValueError),
         (dict(seed=1, colour="red"), TypeError),
+        (dict(seed=1, stage="late"), ValueError),
+        (dict(seed=1, shape=(512,)), ValueError),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error):
@@ -212,3 +214,10 @@ def test_longest_quadrant_run():
     assert longest_quadrant_run({}) == 0
     assert longest_quadrant_run({"3": [0], "4": [0, 1], "5": [1], "7": [1]}) == 2
     assert longest_quadrant_run({"1": [2], "2": [2], "3": [2], "9": [3]}) == 3
+
+
+def test_package_doctest():
+    import doctest
+
+    result = doctest.testmod(phantom, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0
