@@ -96,7 +96,6 @@ class Settings(BaseSettings):
     stow_max_pending_bytes: int = Field(
         4 * 1024**3, ge=1024, description="Bytes held for STOW studies not yet screened."
     )
-    public_url: str | None = Field(None, description="Base URL used in DICOMweb RetrieveURL attributes.")
 
     @field_validator("triton_urls", mode="before")
     @classmethod
@@ -117,10 +116,3 @@ class Settings(BaseSettings):
         if len(set(urls)) != len(urls):
             raise ValueError(f"Triton endpoints must be distinct, got {urls}.")
         return urls
-
-    @field_validator("public_url")
-    @classmethod
-    def _check_public_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f'Public URL "{value}" must start with http:// or https://.')
-        return value.rstrip("/") if value else value

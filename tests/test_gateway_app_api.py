@@ -53,7 +53,7 @@ STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
 @pytest.mark.parametrize(
     ("field", "value"),
     [("triton_urls", "http://a:8001"), ("triton_urls", "a"), ("triton_urls", "a:99999"),
-     ("triton_urls", "a:1,a:1"), ("triton_timeout_s", 0), ("triton_timeout_s", -1), ("public_url", "ftp://x")],
+     ("triton_urls", "a:1,a:1"), ("triton_timeout_s", 0), ("triton_timeout_s", -1)],
 )
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValidationError):

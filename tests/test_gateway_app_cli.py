@@ -1,0 +1,51 @@
+"""``ctscreen serve/screen/demo`` argument handling and output, without a server (errors are one line)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctscreen.embedded import free_port
+from gateway.cli import Outcome, collect_files, demo_main, screen_main, serve_main, verdict_table
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "message"),
+    [
+        (screen_main, ["/no/such/study"], "no such file or folder"),
+        (screen_main, [".", "--url", "ftp://x"], "--url must start with http"),
+        (serve_main, ["--port", "70000"], "--port must be 0..65535"),
+        (serve_main, ["--triton-url", "grpc://a:1"], "without a scheme"),
+        (demo_main, ["--slices", "3"], "--slices must be 8..1000"),
+        (demo_main, ["--repo", "/no/such/repo"], "no such folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_screen_without_a_gateway_is_one_line(tmp_path, capsys):
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    rc = screen_main([str(tmp_path), "--url", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no ctscreen gateway answers" in err and len(err.strip().splitlines()) == 1
+
+
+def test_collect_files_skips_sidecars(tmp_path):
+    for name in ("s1.dcm", "s2", "manifest.json", "montage.png", "mask.nii.gz", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in collect_files(tmp_path)] == ["s1.dcm", "s2"]
+
+
+def test_verdict_table():
+    result = {"verdict": "positive", "reason": "run_found", "n_slices": 40,
+              "evidence": {"quadrant": "top_left", "n_slices": 3, "slices": [{"index": 7}, {"index": 8}, {"index": 9}]}}
+    table = verdict_table([Outcome("covid", result=result, seconds=2.0),
+                           Outcome("bad", error={"reason": "not_dicom", "message": "no"})], {"covid": "covid"})
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["study", "truth", "verdict"]
+    assert "POSITIVE" in lines[2] and "top_left x3 slices 7-9" in lines[2]
+    assert "ERROR" in lines[3] and "not_dicom" in lines[3]
