@@ -13,9 +13,11 @@ A job goes ``queued -> decoding -> waiting -> inferring -> aggregating -> done``
 * **verdict** comes from :func:`aggregator.case.decide`; the gateway holds no case logic.
 
 Nothing accepted is lost: a finished job stays in memory until it has been read and ``job_ttl_s`` has
-passed (unread jobs are kept until ``max_finished_jobs`` forces the oldest out), and with
-``results_dir`` set every state change and result is written to ``<results_dir>/jobs/<id>.json``, so a
-job (and the latest result per study) survives eviction and restarts.
+passed (unread jobs are kept until ``max_finished_jobs`` forces the oldest out). With ``results_dir``
+set, every state change and result is written to ``<results_dir>/jobs/<id>.json`` (a job and the latest
+result per study survive eviction and restarts), and an accepted study's files are spooled to
+``<results_dir>/spool/<id>/`` until it finishes, so a job cut short by a stop is screened again, under
+the same id, when the gateway starts again (:meth:`JobStore.recover`).
 """
 
 from __future__ import annotations
@@ -266,7 +268,9 @@ class JobStore:
         if not sources:
             raise InvalidInput("The upload holds no file.")
         self.check_capacity()
-        job = Job(uuid.uuid4().hex, origin, sources, len(sources))
+        return self._start(Job(uuid.uuid4().hex, origin, sources, len(sources)), study_instance_uid)
+
+    def _start(self, job: Job, study_instance_uid: str | None) -> Job:
         self._jobs[job.id] = job
         if study_instance_uid is not None:  # known up front (STOW): findable before decoding
             job.study_instance_uid = study_instance_uid
@@ -337,6 +341,8 @@ class JobStore:
         loop = asyncio.get_running_loop()
         timings: dict[str, float] = {}
         try:
+            if self.results_dir is not None and job.sources:
+                await loop.run_in_executor(self._executor, self._spool, job.id, job.sources)
             self._set(job, JobState.decoding)
             t = time.monotonic()
             sources, job.sources = job.sources or [], None
@@ -405,7 +411,13 @@ class JobStore:
             self.metrics.studies.labels(job.result.verdict).inc()
             self._finish(job, JobState.done)
         except asyncio.CancelledError:
-            self._fail(job, "shutdown", "The gateway stopped before the study was screened.")
+            if self._spooled(job.id):  # resumed by the next start (see recover)
+                job.state = JobState.queued
+                self._persist(job)
+                if not job.decoded.done():
+                    job.decoded.cancel()
+            else:
+                self._fail(job, "shutdown", "The gateway stopped before the study was screened.")
             raise
         except GatewayError as exc:
             self._fail(job, exc.reason, exc.message, exc.to_dict(), exc)
@@ -432,6 +444,7 @@ class JobStore:
 
     def _finish(self, job: Job, state: JobState) -> None:
         job.sources = None
+        self._unspool(job.id)
         job.finished_at = datetime.now(UTC)
         job.finished_mono = time.monotonic()
         self._set(job, state)
@@ -484,8 +497,36 @@ class JobStore:
             return None
         return JobView.model_validate_json(path.read_text())
 
+    def _spool_dir(self, job_id: str) -> Path:
+        assert self.results_dir is not None
+        return self.results_dir / "spool" / job_id
+
+    def _spool(self, job_id: str, sources: Sequence[tuple[str, bytes]]) -> None:
+        """Write an accepted study's files to ``results_dir/spool/<id>`` (``names.json`` last)."""
+        folder = self._spool_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (_, data) in enumerate(sources):
+            (folder / f"{i:06d}.bin").write_bytes(data)
+        _write(folder / "names.json", {"names": [name for name, _ in sources]})
+
+    def _spooled(self, job_id: str) -> bool:
+        return self.results_dir is not None and (self._spool_dir(job_id) / "names.json").is_file()
+
+    def _unspool(self, job_id: str) -> None:
+        if self.results_dir is None:
+            return
+        folder = self._spool_dir(job_id)
+        if folder.is_dir():
+            for f in folder.iterdir():
+                f.unlink(missing_ok=True)
+            folder.rmdir()
+
     def recover(self) -> int:
-        """Mark jobs a previous process left unfinished as failed (reason ``interrupted``)."""
+        """Resume the jobs a previous process left unfinished; returns how many.
+
+        A job whose files were spooled is screened again under its own id; one that was not (the
+        process stopped while receiving it) is marked failed with reason ``interrupted``.
+        """
         if self.results_dir is None:
             return 0
         n = 0
@@ -494,7 +535,16 @@ class JobStore:
                 view = JobView.model_validate_json(path.read_text())
             except ValueError:
                 continue
-            if view.state not in TERMINAL:
+            if view.state not in TERMINAL and self._spooled(view.job_id):
+                names = json.loads((self._spool_dir(view.job_id) / "names.json").read_text())["names"]
+                sources = [(name, (self._spool_dir(view.job_id) / f"{i:06d}.bin").read_bytes())
+                           for i, name in enumerate(names)]
+                job = Job(view.job_id, view.origin, sources, len(sources))
+                job.created_at = view.created_at
+                self._start(job, view.study_instance_uid)
+                logger.info("resuming job %s (%d files) left by a previous run", job.id, len(sources))
+                n += 1
+            elif view.state not in TERMINAL:
                 view.state = JobState.failed
                 view.error = JobError(reason="interrupted",
                                       message="The gateway stopped before this study was screened; upload it again.")

@@ -76,9 +76,9 @@ def create_app(
             results_dir=settings.results_dir,
             loader=loader,
         )
-        interrupted = store.recover()
-        if interrupted:
-            logger.warning("%d jobs of a previous run were interrupted; marked failed", interrupted)
+        resumed = store.recover()
+        if resumed:
+            logger.warning("%d jobs left unfinished by a previous run were resumed or marked failed", resumed)
         stow = StowBuffer(
             store,
             quiet_period_s=settings.stow_quiet_period_s,

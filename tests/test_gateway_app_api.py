@@ -279,3 +279,18 @@ def test_stow_partial_and_total_failure_and_media_types():
         assert bad_type.status_code == 415
         not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
         assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"
+
+
+def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
+    """An accepted study survives a restart: its files were spooled, and it is screened under its id."""
+    _, files = ct_series(6, lesion=[1, 2, 3])
+    slow = FakeFleet(**{"fake:1": {"delay": 5.0}})
+    with TestClient(_app(slow, results_dir=tmp_path, shutdown_grace_s=0)) as client:
+        r = client.post("/v1/studies", files=_files(files))
+        assert r.status_code == 202
+        job_id = r.json()["job_id"]
+    assert (tmp_path / "spool" / job_id / "names.json").is_file()
+    with TestClient(_app(results_dir=tmp_path)) as client:
+        view = _wait(client, job_id)
+        assert view["state"] == "done" and view["result"]["verdict"] == "positive"
+    assert not (tmp_path / "spool" / job_id).exists()
