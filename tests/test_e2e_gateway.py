@@ -216,7 +216,8 @@ def test_two_tritons_one_stopped_mid_study(triton, studies, screened, tmp_path):
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 view = client.get(f"/v1/jobs/{job_id}").json()
-                if not stopped.is_set() and view["slices_done"] >= 6:
+                answered_by_second = client.app.state.pool.slice_counts.get(second.grpc_url, 0)
+                if not stopped.is_set() and view["slices_done"] >= 6 and answered_by_second > 0:
                     done_before = view["slices_done"]
                     second.stop()
                     stopped.set()
