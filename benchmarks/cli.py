@@ -296,7 +296,8 @@ def cmd_ratios(args: argparse.Namespace, triton: Any, gateway_url: str | None) -
     print("goal against measured:")
     for g in doc["goals"]:
         met = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-        print(f"  {g['name']:<52} goal {g['goal']:<8} measured {g['measured']} {g['unit']}  [{met}]")
+        note = f" {g['note']}" if g.get("note") else ""
+        print(f"  {g['name']:<52} goal {g['goal']:<8} measured {g['measured']} {g['unit']}  [{met}]{note}")
     for line in doc["where_the_time_goes"]:
         print(f"  - {line}")
     print(f"ratios: {path}")

@@ -169,6 +169,8 @@ def stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def goal_line(name: str, goal: str, measured: float | None, ok: bool | None, unit: str = "") -> dict[str, Any]:
-    """One goal-against-measured row of a report."""
-    return {"name": name, "goal": goal, "measured": measured, "unit": unit, "met": ok}
+def goal_line(
+    name: str, goal: str, measured: float | None, ok: bool | None, unit: str = "", note: str | None = None
+) -> dict[str, Any]:
+    """One goal-against-measured row of a report (``note``: why it was not measured, if it was not)."""
+    return {"name": name, "goal": goal, "measured": measured, "unit": unit, "met": ok, "note": note}

@@ -91,6 +91,7 @@ class StudyOutcome:
     error: str | None = None
     http_status: int | None = None
     throttled: int = 0
+    message: str | None = None
     verdict: Any = None
     server_timings: dict[str, Any] | None = field(default=None)
 
@@ -187,6 +188,8 @@ async def submit_and_wait(
                 if state == "failed":
                     err = doc.get("error") or doc.get("reason") or "job_failed"
                     out.error = str(err.get("reason", err) if isinstance(err, dict) else err)[:80]
+                    if isinstance(err, dict) and err.get("message"):
+                        out.message = str(err["message"])[:300]
                 return
         out.state, out.error, out.finished_at = "failed", "timeout", time.monotonic()
     except (httpx.HTTPError, BenchError, ValueError) as exc:
@@ -309,6 +312,7 @@ def summarise(
                 "slices": o.n_slices,
                 "state": o.state,
                 "error": o.error,
+                "message": o.message,
                 "latency_s": round(o.latency, 3) if o.latency is not None else None,
                 "verdict": o.verdict,
                 "server_timings": o.server_timings,

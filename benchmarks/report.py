@@ -164,8 +164,9 @@ def plot_stage_breakdown(stages: dict[str, float], out: Path) -> Path | None:
 def _goals_md(goals: list[dict[str, Any]]) -> list[str]:
     lines = ["| goal | target | measured | |", "|---|---|---|---|"]
     for g in goals:
-        lines.append(f"| {g['name']} | {g['goal']} | {_fmt(g['measured'], 3)}{(' ' + g['unit']) if g['unit'] else ''}"
-                     f" | {_met(g['met'])} |")
+        measured = f"{_fmt(g['measured'], 3)} {g['unit']}".strip() if g["measured"] is not None else "n/a"
+        note = f": {g['note']}" if g.get("note") else ""
+        lines.append(f"| {g['name']} | {g['goal']} | {measured} | {_met(g['met'])}{note} |")
     return lines
 
 
