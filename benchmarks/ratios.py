@@ -223,7 +223,7 @@ def run_ratios(
         ort_runs += best_ort(slices, min_slices=ort_min_slices)["runs"]
         logger.info("round %d: Triton ensemble ...", r + 1)
         ens_runs += [ensemble_throughput(triton.grpc_url, slices, batch=b, concurrency=c, min_slices=ort_min_slices)
-                     for b, c in ((4, 2), (8, 2))]
+                     for b, c in ((4, 2), (4, 3), (8, 2))]
     out["ort"] = {"best": max(ort_runs, key=lambda r: r["slices_per_s"]), "runs": ort_runs}
     out["ensemble"] = {"best": max(ens_runs, key=lambda r: r["slices_per_s"]), "runs": ens_runs}
     if before is not None:
