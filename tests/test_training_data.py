@@ -77,7 +77,7 @@ def test_nifti_errors_name_the_problem(tmp_path):
         datasets.parse_source("nifti:")
     with pytest.raises(ValueError, match="no such folder"):
         datasets.parse_source(f"nifti:{tmp_path / 'missing'}")
-    with pytest.raises(ValueError, match="'phantom' or 'nifti:DIR'"):
+    with pytest.raises(ValueError, match="'phantom:DIR' or 'nifti:DIR'"):
         datasets.parse_source("kaggle")
 
 
@@ -116,3 +116,23 @@ def test_bank_targets_and_balanced_sampling():
 def test_phantom_kind_cycle_mixes_every_class():
     kinds = {datasets.phantom_kind(i) for i in range(12)}
     assert kinds == {"covid", "normal", "nodule", "tb", "bronchiectasis", "bacterial", "emphysema"}
+
+
+def test_phantom_studies_read_from_disk_equal_the_generated_ones(tmp_path):
+    """A study written with ``phantom.write_study`` (real DICOM + NIfTI masks) loads back exactly."""
+    import phantom
+    from phantom.dicomio import write_study
+
+    study = phantom.make_study(seed=3, kind="tb", n_slices=4, matrix=64)
+    write_study(study, tmp_path / "s3", shuffle=True, montage=False)
+    assert datasets.parse_source(f"phantom:{tmp_path}").kind == "phantom-dir"
+    (got,) = list(datasets.phantom_dir_volumes(tmp_path))
+    want = datasets.volume_from_study(study)
+    assert got.kind == "tb" and got.hu.shape == (4, 512, 512)
+    np.testing.assert_array_equal(got.hu, want.hu)
+    np.testing.assert_array_equal(got.lesion, want.lesion)
+    np.testing.assert_array_equal(got.valid_boxes, want.valid_boxes)
+    assert got.finding == want.finding
+    # at 64 px the valid boxes are those of the study, scaled by 8
+    assert np.all(np.abs(want.valid_boxes[want.valid_boxes[:, 0] >= 0] // 8
+                         - study.valid_boxes[study.valid_boxes[:, 0] >= 0]) <= 1)

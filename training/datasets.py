@@ -72,6 +72,7 @@ class Volume:
     finding: list[str]  # per slice: "" or the hard-negative class shown on the slice
     kind: str = "unknown"
     meta: dict = field(default_factory=dict)
+    finding_mask: np.ndarray | None = None  # bool [Z, 512, 512] where a hard-negative finding is
 
     def __post_init__(self) -> None:
         z = len(self.hu)
@@ -132,34 +133,12 @@ def _finding_codes() -> dict[int, str]:
     return {int(v): k for k, v in FINDING_CODES.items()}
 
 
-def _finding_names(study) -> list[str]:
-    """Per-slice hard-negative classes of a phantom study, joined by "+" ("" when none)."""
-    codes = _finding_codes()
-    names: list[str] = []
-    for sl in np.asarray(study.finding_mask):
-        vals = np.unique(sl[sl > 0])
-        names.append("+".join(sorted({codes.get(int(v), f"finding{int(v)}") for v in vals})))
-    return names
-
-
 def volume_from_study(study) -> Volume:
     """A :class:`Volume` from a ``phantom.Study`` (resampled to 512 x 512 when its matrix differs)."""
-    hu = np.asarray(study.hu, dtype=np.int16)
-    lesion = np.asarray(study.lesion_mask, dtype=bool)
-    boxes = np.asarray(study.valid_boxes, dtype=np.int32).reshape(len(hu), 4)
-    finding = _finding_names(study)
-    if hu.shape[1:] != (SLICE_SIZE, SLICE_SIZE):
-        hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767).astype(np.int16)
-        lesion = _to_grid(lesion.astype(np.float32), 0) > 0.5
-        boxes = boxes_from_mask(_to_grid(np.asarray(study.lung_mask, np.float32), 0) > 0.5)
-    return Volume(
-        case_id=f"phantom-{study.seed}-{study.kind}",
-        hu=hu,
-        lesion=lesion,
-        valid_boxes=boxes,
-        finding=finding,
-        kind=study.kind,
-        meta={"seed": int(study.seed), "kind": study.kind},
+    return _volume_from_arrays(
+        f"phantom-{study.seed}-{study.kind}", np.asarray(study.hu), np.asarray(study.lung_mask),
+        np.asarray(study.lesion_mask), np.asarray(study.finding_mask), study.kind,
+        {"seed": int(study.seed), "kind": study.kind},
     )
 
 
@@ -173,6 +152,72 @@ def phantom_volumes(
         kind = kinds[i % len(kinds)] if kinds else phantom_kind(i)
         study = phantom.make_study(seed=seed0 + i, kind=kind, n_slices=n_slices, matrix=SLICE_SIZE)
         yield volume_from_study(study)
+
+
+def _volume_from_arrays(case_id: str, hu, lung, lesion, finding_mask, kind: str, meta: dict) -> Volume:
+    """A :class:`Volume` from ``[Z, H, W]`` arrays on any square grid (resampled to 512)."""
+    codes = _finding_codes()
+    names = []
+    for sl in finding_mask:
+        vals = np.unique(sl[sl > 0])
+        names.append("+".join(sorted({codes.get(int(v), f"finding{int(v)}") for v in vals})))
+    if hu.shape[1:] != (SLICE_SIZE, SLICE_SIZE):
+        hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767)
+        lung = _to_grid(lung.astype(np.float32), 0) > 0.5
+        lesion = _to_grid(lesion.astype(np.float32), 0) > 0.5
+        finding_mask = _to_grid(finding_mask.astype(np.float32), 0) > 0.5
+    return Volume(
+        case_id=case_id,
+        hu=np.asarray(hu, dtype=np.int16),
+        lesion=np.asarray(lesion, dtype=bool),
+        valid_boxes=boxes_from_mask(np.asarray(lung, dtype=bool)),
+        finding=names,
+        kind=kind,
+        meta=meta,
+        finding_mask=np.asarray(finding_mask) > 0,
+    )
+
+
+def load_phantom_dir(study_dir: Path) -> Volume:
+    """A study written by ``phantom.write_study`` (``dicom/``, ``masks/*.nii.gz``, ``manifest.json``).
+
+    HU come from the DICOM files (sorted by position along the slice normal, inferior first, as
+    ``phantom.Study``), the truth from the NIfTI masks.
+    """
+    import pydicom
+
+    from phantom.dicomio import read_manifest, read_masks
+
+    study_dir = Path(study_dir)
+    try:
+        manifest = read_manifest(study_dir)
+        masks = read_masks(study_dir)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{study_dir}: not a phantom study folder: {exc}") from exc
+    slices = []
+    for f in sorted((study_dir / "dicom").iterdir()):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        slices.append((float(ds.ImagePositionPatient[2]), hu))
+    if len(slices) != len(masks["lung"]):
+        raise DataError(f"{study_dir}: {len(slices)} DICOM files but {len(masks['lung'])} mask slices.")
+    slices.sort(key=lambda t: t[0])
+    hu = np.stack([h for _, h in slices])
+    kind = str(manifest.get("kind", "unknown"))
+    seed = manifest.get("seed")
+    return _volume_from_arrays(
+        f"phantom-{seed}-{kind}", hu, masks["lung"], masks["lesion"], masks["finding"], kind,
+        {"seed": seed, "kind": kind, "path": str(study_dir)},
+    )
+
+
+def phantom_dir_volumes(root: Path) -> Iterator[Volume]:
+    """Every study folder (one holding ``manifest.json``) under ``root``, in name order."""
+    dirs = sorted(p.parent for p in Path(root).rglob("manifest.json"))
+    if not dirs:
+        raise DataError(f"{root}: no phantom study folders (with manifest.json) found.")
+    for d in dirs:
+        yield load_phantom_dir(d)
 
 
 # --- NIfTI -------------------------------------------------------------------------------------
@@ -284,20 +329,26 @@ def nifti_volumes(root: Path) -> Iterator[Volume]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where training data come from: ``kind`` is ``phantom`` or ``nifti`` (``path`` for the latter)."""
+    """Where training data come from: ``phantom`` (generated), ``phantom-dir`` or ``nifti`` (with ``path``)."""
 
     kind: str
     path: Path | None = None
 
     def describe(self) -> str:
-        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+        name = "phantom" if self.kind == "phantom-dir" else self.kind
+        return name if self.path is None else f"{name}:{self.path}"
 
 
 def parse_source(text: str) -> Source:
-    """Parse ``--data``: ``phantom`` or ``nifti:DIR``."""
+    """Parse ``--data``: ``phantom`` (generated), ``phantom:DIR`` (written studies) or ``nifti:DIR``."""
     kind, _, rest = text.partition(":")
     if kind == "phantom" and not rest:
         return Source("phantom")
+    if kind == "phantom":
+        path = Path(rest).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--data {text}: no such folder")
+        return Source("phantom-dir", path)
     if kind == "nifti":
         if not rest:
             raise ValueError("--data nifti:DIR needs a folder")
@@ -305,7 +356,7 @@ def parse_source(text: str) -> Source:
         if not path.is_dir():
             raise ValueError(f"--data {text}: no such folder")
         return Source("nifti", path)
-    raise ValueError(f"--data must be 'phantom' or 'nifti:DIR', got {text!r}")
+    raise ValueError(f"--data must be 'phantom', 'phantom:DIR' or 'nifti:DIR', got {text!r}")
 
 
 # --- banks -------------------------------------------------------------------------------------
@@ -345,7 +396,9 @@ class SliceBank:
         if task not in ("valid_area", "lesion"):
             raise ValueError(f'Argument "task" must be valid_area or lesion, got {task!r}.')
         self.task, self.size = task, size
-        hus, tgts, cls, finding, cases = [], [], [], [], []
+        hus, tgts, cls, finding, cases, focus = [], [], [], [], [], []
+        k = SLICE_SIZE // size
+        frng = np.random.default_rng(0)
         for vol in volumes:
             idx = np.arange(len(vol.hu))
             if max_slices_per_volume and len(idx) > max_slices_per_volume:
@@ -361,6 +414,18 @@ class SliceBank:
                 les = bool(vol.lesion[i].sum() >= 16)
                 f = vol.finding[i]
                 c = CLS_LESION if les else CLS_FINDING if f else CLS_PLAIN if has_lung else CLS_EMPTY
+                if c == CLS_LESION:
+                    pts = np.argwhere(vol.lesion[i])
+                elif c == CLS_FINDING and vol.finding_mask is not None:
+                    pts = np.argwhere(vol.finding_mask[i])
+                elif has_lung:
+                    x0, y0, x1, y1 = vol.valid_boxes[i]
+                    pts = np.stack([frng.integers(y0, y1 + 1, 16), frng.integers(x0, x1 + 1, 16)], 1)
+                else:
+                    pts = np.zeros((0, 2), int)
+                if len(pts) > 32:
+                    pts = pts[frng.choice(len(pts), 32, replace=False)]
+                focus.append((pts // k).astype(np.int16))
                 hus.append(vol.hu[i])
                 tgts.append(tgt)
                 cls.append(c)
@@ -373,6 +438,7 @@ class SliceBank:
         self.cls = np.asarray(cls, dtype=np.int8)
         self.finding = np.asarray(finding)
         self.case = np.asarray(cases)
+        self.focus = focus
         self.weights = self._weights()
 
     def __len__(self) -> int:
@@ -409,7 +475,30 @@ class SliceBank:
                 w[sel] = s / total / sel.sum()
         return w / w.sum()
 
-    def sample(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: HU ``[B, 1, 512, 512]`` int16 and target ``[B, 1, S, S]`` float32."""
+    def sample(
+        self, rng: np.random.Generator, batch: int, crop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: HU ``[B, 1, 512, 512]`` int16 and target ``[B, 1, S, S]`` float32.
+
+        With ``crop`` (a size at the net's resolution, < S), each item is a ``crop``-sized window
+        (``crop * 512 / S`` HU pixels) centred, with jitter, on a lesion pixel (lesion slices), a
+        finding pixel (hard negatives) or a point of the lung field, else anywhere: the net is fully
+        convolutional, so training on windows costs a fraction and teaches the same local decision.
+        """
         idx = rng.choice(len(self.cls), size=batch, p=self.weights)
-        return self.hu[idx][:, None], self.target[idx].astype(np.float32)
+        if crop is None or crop >= self.size:
+            return self.hu[idx][:, None], self.target[idx].astype(np.float32)
+        k = SLICE_SIZE // self.size
+        hu = np.empty((batch, 1, crop * k, crop * k), np.int16)
+        tgt = np.empty((batch, 1, crop, crop), np.float32)
+        for j, i in enumerate(idx):
+            pts = self.focus[i]
+            if len(pts):
+                cy, cx = pts[rng.integers(len(pts))] + rng.integers(-crop // 3, crop // 3 + 1, 2)
+            else:
+                cy, cx = rng.integers(0, self.size, 2)
+            y0 = int(np.clip(cy - crop // 2, 0, self.size - crop))
+            x0 = int(np.clip(cx - crop // 2, 0, self.size - crop))
+            hu[j, 0] = self.hu[i, y0 * k : (y0 + crop) * k, x0 * k : (x0 + crop) * k]
+            tgt[j] = self.target[i, :, y0 : y0 + crop, x0 : x0 + crop]
+        return hu, tgt

@@ -75,6 +75,7 @@ class Pipeline:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
         self.valid = ort.InferenceSession(str(valid_area), so, providers=["CPUExecutionProvider"])
         self.lesion = ort.InferenceSession(str(lesion), so, providers=["CPUExecutionProvider"])
 

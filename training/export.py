@@ -141,6 +141,24 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def card_metrics(task: str, report: dict) -> dict:
+    """The part of a quality report (``training.evaluate``) that concerns ``task``.
+
+    Any other dict is taken as is.
+    """
+    if "valid_area" not in report or "lesion_per_slice" not in report:
+        return report
+    common = {k: report.get(k) for k in ("command", "n_studies", "seeds", "kinds", "slices", "created")}
+    if task == "valid_area":
+        return {**common, "valid_area": report["valid_area"]}
+    return {
+        **common,
+        "lesion_per_slice": report["lesion_per_slice"],
+        "false_positive_rate_by_class": report["false_positive_rate_by_class"],
+        "note": "measured with the valid_area model of the same release (valid-area filter)",
+    }
+
+
 def export_checkpoint(
     *,
     task: str,
@@ -195,7 +213,7 @@ def export_checkpoint(
         trained=trained,
         opset=opset,
         training=training,
-        metrics=metrics if metrics is not None else ckpt.get("metrics"),
+        metrics=card_metrics(task, metrics) if metrics is not None else ckpt.get("metrics"),
     )
     card["export_parity_max_abs_diff"] = diff
     jpath, _ = write_model_card(out, card)

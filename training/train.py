@@ -49,7 +49,10 @@ class TrainConfig:
     progress: bool = True
     spec: NetSpec | None = None
     augment: bool = True
+    crop: int | None = None
+    """Train on windows of this size at the net's resolution (None: whole slices)."""
     max_slices_per_volume: int | None = None
+    val_slices_per_volume: int | None = 32
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in {"spec", "source", "out"}}
@@ -133,12 +136,19 @@ def _volumes(cfg: TrainConfig, split: str) -> Iterable[Volume]:
         else:
             seed0, n = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000, cfg.val_studies
         return datasets.phantom_volumes(n, seed0, n_slices=cfg.slices)
-    cases = datasets.nifti_cases(cfg.source.path)
+    if cfg.source.kind == "phantom-dir":
+        cases = sorted(p.parent for p in cfg.source.path.rglob("manifest.json"))
+        load = datasets.load_phantom_dir
+    else:
+        cases = datasets.nifti_cases(cfg.source.path)
+        load = lambda case: datasets.load_nifti_case(*case)  # noqa: E731
+    if not cases:
+        raise datasets.DataError(f"{cfg.source.path}: no studies found.")
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(cases))
     n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
     pick = order[:n_val] if split == "val" else order[n_val:] if n_val else order
-    return (datasets.load_nifti_case(*cases[i]) for i in pick)
+    return (load(cases[i]) for i in pick)
 
 
 def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) -> dict:
@@ -224,7 +234,11 @@ def train(
     tv = train_volumes if train_volumes is not None else _volumes(cfg, "train")
     bank = datasets.SliceBank(cfg.task, spec.input_size, tv, max_slices_per_volume=cfg.max_slices_per_volume)
     vv = val_volumes if val_volumes is not None else _volumes(cfg, "val")
-    val_bank = datasets.SliceBank(cfg.task, spec.input_size, vv) if vv is not None else None
+    val_bank = (
+        datasets.SliceBank(cfg.task, spec.input_size, vv, max_slices_per_volume=cfg.val_slices_per_volume)
+        if vv is not None
+        else None
+    )
     logger.info("data: %d train slices %s, %d val slices, %.0f s", len(bank), bank.counts(),
                 len(val_bank) if val_bank else 0, time.perf_counter() - t0)
 
@@ -276,18 +290,20 @@ def train(
     running = None
     last_val: dict = {}
     while step < cfg.steps:
-        hu_np, tgt_np = bank.sample(rng, cfg.batch)
+        hu_np, tgt_np = bank.sample(rng, cfg.batch, crop=cfg.crop)
         hu = torch.from_numpy(hu_np).to(device).float()
         tgt = torch.from_numpy(tgt_np).to(device)
         if cfg.augment:
-            hu, tgt = augment(hu, tgt, gen, max_rot_deg=4.0 if cfg.task == "valid_area" else 8.0)
+            # no rotation for the valid area: a rotated rectangle is not the box of the rotated lungs
+            hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0)
         loss = bce_dice_loss(model.logits(hu), tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+        lv = float(loss.detach())
+        running = lv if running is None else 0.95 * running + 0.05 * lv
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
