@@ -196,3 +196,23 @@ def test_cli_rejects_bad_arguments(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no such file" in err
+
+
+def test_card_only_puts_quality_metrics_into_the_card(tmp_path):
+    """``ctscreen export --card-only`` keeps the ONNX file and its sha256, and takes the task's part."""
+    import shutil
+
+    from training.cli import export_main
+
+    for name in ("model.onnx", "model_card.json"):
+        shutil.copy(SHIPPED[c.LESION_MODEL].parent / name, tmp_path / name)
+    report = {"valid_area": {"iou_median": 0.95}, "lesion_per_slice": {"sensitivity": {"value": 0.97}},
+              "false_positive_rate_by_class": {"stomach_bubble": {"value": 0.0}}, "n_studies": 42}
+    (tmp_path / "q.json").write_text(json.dumps(report))
+    assert export_main(["lesion", "--card-only", "--metrics", str(tmp_path / "q.json"),
+                        "--out", str(tmp_path / "model.onnx")]) == 0
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["sha256"] == sha256_of(SHIPPED[c.LESION_MODEL])
+    assert card["metrics"]["lesion_per_slice"]["sensitivity"]["value"] == 0.97
+    assert "valid_area" not in card["metrics"] and card["metrics"]["n_studies"] == 42
+    assert "0.97" in (tmp_path / "model_card.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from pathlib import Path
 
 from ctscreen.contracts import HU_SLICES, PROB, SLICE_SIZE
@@ -79,3 +80,82 @@ def make_card(
         "metrics": metrics or {},
         "limitations": LIMITATIONS,
     }
+
+
+def write_model_card(onnx_path: Path, card: dict) -> tuple[Path, Path]:
+    """Write ``model_card.json`` and ``model_card.md`` beside ``onnx_path``; sha256 filled in here."""
+    onnx_path = Path(onnx_path)
+    card = dict(card)
+    card["file"] = onnx_path.name
+    card["sha256"] = sha256_of(onnx_path)
+    card["size_bytes"] = onnx_path.stat().st_size
+    jpath = onnx_path.parent / "model_card.json"
+    jpath.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    mpath = onnx_path.parent / "model_card.md"
+    mpath.write_text(_card_markdown(card))
+    return jpath, mpath
+
+
+def _card_markdown(card: dict) -> str:
+    lines = [f"# Model card: {card.get('name')} (version {card.get('version')})", ""]
+    lines += [
+        f"- **File**: `{card['file']}` ({card['size_bytes'] / 1e6:.2f} MB)",
+        f"- **sha256**: `{card['sha256']}`",
+        f"- **Profile**: `{card.get('profile')}`",
+        f"- **Trained**: {card.get('trained', False)}",
+        f"- **Created**: {card.get('created')}",
+        "",
+        "## Intended use",
+        "",
+        card.get("intended_use", ""),
+        "",
+        "## Architecture",
+        "",
+        "```json",
+        json.dumps(card.get("architecture", {}), indent=2),
+        "```",
+        "",
+        "## Input / output",
+        "",
+        "| tensor | dtype | shape | meaning |",
+        "|---|---|---|---|",
+    ]
+    for t in card.get("inputs", []) + card.get("outputs", []):
+        lines.append(f"| `{t['name']}` | {t['dtype']} | {t['shape']} | {t.get('meaning', '')} |")
+    lines += ["", "## Training data", "", "```json", json.dumps(card.get("training", {}), indent=2), "```"]
+    lines += ["", "## Metrics", ""]
+    metrics = card.get("metrics") or {}
+    if not metrics:
+        lines.append("None recorded (untrained export).")
+    else:
+        lines += ["```json", json.dumps(metrics, indent=2), "```"]
+    lines += ["", "## Limitations", "", card.get("limitations", ""), ""]
+    return "\n".join(lines)
+
+
+def card_metrics(task: str, report: dict) -> dict:
+    """The part of a quality report (``training.evaluate``) that concerns ``task``.
+
+    Any other dict is taken as is.
+    """
+    if "valid_area" not in report or "lesion_per_slice" not in report:
+        return report
+    common = {k: report.get(k) for k in ("command", "n_studies", "seeds", "kinds", "slices", "created")}
+    if task == "valid_area":
+        return {**common, "valid_area": report["valid_area"]}
+    return {
+        **common,
+        "lesion_per_slice": report["lesion_per_slice"],
+        "false_positive_rate_by_class": report["false_positive_rate_by_class"],
+        "note": "measured with the valid_area model of the same release (valid-area filter)",
+    }
+
+
+def update_card_metrics(onnx_path: Path, metrics: dict) -> tuple[Path, Path]:
+    """Replace the metrics of the card beside ``onnx_path`` (the file itself is not touched)."""
+    jpath = Path(onnx_path).parent / "model_card.json"
+    if not jpath.is_file():
+        raise FileNotFoundError(f"no model card at {jpath}")
+    card = json.loads(jpath.read_text())
+    card["metrics"] = metrics
+    return write_model_card(Path(onnx_path), card)

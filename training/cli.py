@@ -146,6 +146,11 @@ def export_main(argv: list[str]) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a .ckpt written by `ctscreen train`")
     src.add_argument("--untrained", action="store_true", help="export fresh random weights")
+    src.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only put --metrics into the card beside --out (the ONNX file is left as it is)",
+    )
     p.add_argument("--profile", choices=("lite", "paper"), default="lite", help="with --untrained")
     p.add_argument(
         "--out",
@@ -164,11 +169,23 @@ def export_main(argv: list[str]) -> int:
         p.error(f"--metrics: no such file: {args.metrics}")
     if args.opset < 17:
         p.error(f"--opset must be 17 or later, got {args.opset}")
+    out = args.out or REPO_ROOT / "model_repository" / args.task / "1" / "model.onnx"
+    if args.card_only:
+        from training.card import card_metrics, update_card_metrics
+
+        if args.metrics is None:
+            p.error("--card-only needs --metrics")
+        try:
+            jpath, _ = update_card_metrics(out, card_metrics(args.task, json.loads(args.metrics.read_text())))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"{p.prog}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"updated {jpath}")
+        return 0
     _torch_or_exit(p.prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     from training.export import export_checkpoint
 
-    out = args.out or REPO_ROOT / "model_repository" / args.task / "1" / "model.onnx"
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     try:
         info = export_checkpoint(
