@@ -22,18 +22,13 @@ from dataclasses import dataclass, field
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from gateway.dicom import CT_SOP_CLASSES, read_dataset
 from gateway.errors import NotDicom
 from gateway.jobs import TERMINAL, Busy, Job, JobNotFound, JobStore
 
 logger = logging.getLogger(__name__)
 
-CT_STORAGE = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-    }
-)
+CT_STORAGE = CT_SOP_CLASSES  # the CT storage classes the decoder accepts
 _TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"]
 
 
@@ -60,8 +55,10 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
         except InvalidDicomError:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS, force=True)
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
-    except Exception as exc:  # pydicom raises many types on garbage
-        raise NotDicom(f"Not a DICOM data set: {type(exc).__name__}: {exc}", filename=filename) from None
+    except Exception:  # pydicom raises many types; the decoder's reader knows the hard cases
+        # (e.g. explicit VR big endian with undefined-length UN sequences, which pydicom 3.0 cannot read)
+        ds = read_dataset(data, filename)  # raises NotDicom with the reason
+        values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
     if not all(values):
         missing = [t for t, v in zip(_TAGS, values, strict=True) if not v]
         raise NotDicom(f"DICOM data set without {', '.join(missing)}.", filename=filename)
