@@ -136,6 +136,10 @@ def export_checkpoint(
             raise ValueError(f"ORT output differs from torch by {diff:.2e} (> 1e-3).")
     training = dict(ckpt.get("training") or {})
     training.setdefault("steps", ckpt.get("step", 0))
+    if ckpt.get("metrics"):
+        training["validation_at_checkpoint"] = ckpt["metrics"]
+    if ckpt.get("config"):
+        training["config"] = ckpt["config"]
     card = make_card(
         task=task,
         profile=profile,
