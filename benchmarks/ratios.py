@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from benchmarks import promstats
 from benchmarks.common import BenchError, check_target, goal_line, machine_info
@@ -107,9 +108,12 @@ def decode_series(files: Sequence[tuple[str, bytes]]) -> tuple[np.ndarray, list[
     items = []
     for name, data in files:
         ds = pydicom.dcmread(io.BytesIO(data))
-        hu = apply_modality_lut(ds.pixel_array, ds)
-        if hu.shape != (SLICE_SIZE, SLICE_SIZE):
-            raise BenchError(f"{name}: {hu.shape} slice; the MONAI-style client handles 512x512 only")
+        hu = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+        if hu.ndim != 2:
+            raise BenchError(f"{name}: {hu.shape} pixel data; the MONAI-style client handles single frames only")
+        if hu.shape != (SLICE_SIZE, SLICE_SIZE):  # a Resize transform in a MONAI app: bilinear to 512
+            hu = ndimage.zoom(hu, (SLICE_SIZE / hu.shape[0], SLICE_SIZE / hu.shape[1]), order=1, grid_mode=True,
+                              mode="nearest")
         iop = np.asarray(ds.ImageOrientationPatient, float)
         normal = np.cross(iop[:3], iop[3:])
         pos = float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float)))
@@ -308,7 +312,8 @@ def explain(out: dict[str, Any]) -> list[str]:
     for model, m in tri.items():
         if m.get("inferences"):
             per_slice = (m["compute_infer_us"] or 0) * m["requests"] / m["inferences"] / 1000
-            lines.append(f"Triton {model}: {m['requests']} requests, avg batch {m['avg_batch']}, queue "
+            name = f"{model} (the whole ensemble; its steps overlap)" if model == ENSEMBLE_MODEL else model
+            lines.append(f"Triton {name}: {m['requests']} requests, avg batch {m['avg_batch']}, queue "
                          f"{(m['queue_us'] or 0) / 1000:.1f} ms/request, compute {per_slice:.1f} ms/slice.")
     gw = out.get("gateway") or {}
     stages = gw.get("gateway_stages") or {}

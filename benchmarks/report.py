@@ -194,7 +194,7 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "machine": (ratios or load or perf or {}).get("machine") or machine_info(),
         "goals": goals,
         "figures": (ratios or {}).get("figures"),
-        "where_the_time_goes": (ratios or {}).get("where_the_time_goes"),
+        "where_the_time_goes": _explain(ratios),
         "stage_ms_per_slice": stages,
         "load_runs": [_load_row(r) for r in (load or {}).get("runs", [])],
         "perf": [_perf_row(s) for s in (perf or {}).get("scenarios", [])],
@@ -208,6 +208,14 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
     if update_readme:
         _update_readme(md)
     return report
+
+
+def _explain(ratios: dict[str, Any] | None) -> list[str] | None:
+    if not ratios:
+        return None
+    from benchmarks.ratios import explain
+
+    return explain(ratios)
 
 
 def _scaling(folder: Path) -> dict[str, Any] | None:
@@ -294,6 +302,7 @@ def _update_readme(md: str, readme: Path = README) -> None:
     if BEGIN not in text or END not in text:
         return
     body = re.sub(r"^# ctscreen benchmark report\n", "", md)
-    body = body.replace("](plots/", "](results/plots/").replace("## ", "### ")
+    body = body.replace("](plots/", "](results/plots/").replace("](scaling/", "](results/scaling/")
+    body = body.replace("`benchmarks/results/", "`results/").replace("## ", "### ")
     new = text.split(BEGIN)[0] + BEGIN + "\n" + body + END + text.split(END, 1)[1]
     readme.write_text(new)

@@ -204,6 +204,13 @@ def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
     assert res["triton"]["ct_screen"]["inferences"] == 8
     assert any("stage" in k for k in res["gateway_stages"])
 
+    # the MONAI-style path (pydicom, 128 -> 512 resize, one JSON request per slice) reaches the same verdict
+    from benchmarks.ratios import monai_style_run
+
+    mon = monai_style_run(f"http://{triton.http_url}", [study])
+    assert mon["studies"] == 1 and mon["slices"] == 8
+    assert mon["runs"][0]["verdict"] == res["studies"][0]["verdict"]
+
     (tmp_path / "load-latest.json").write_text(json.dumps({"machine": {}, "runs": [res]}))
     rep = report.build(tmp_path)
     assert (tmp_path / "report.md").read_text().startswith("# ctscreen benchmark report")
