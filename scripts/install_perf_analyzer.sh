@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install what perf_analyzer needs here, check that it starts, and run it.
 #
-#   scripts/install_perf_analyzer.sh                 install, then sweep the ct_screen ensemble on the
-#                                                    embedded Triton (ctscreen bench perf, ~1-2 min)
+#   scripts/install_perf_analyzer.sh                 install, then a short ct_screen sweep on the embedded
+#                                                    Triton (~1 min; results in benchmarks/results/tmp/perf-check)
 #   scripts/install_perf_analyzer.sh --all           install, then sweep every model and the ensemble
+#                                                    (ctscreen bench perf: benchmarks/results/perf*)
 #   scripts/install_perf_analyzer.sh -m ct_screen -u 127.0.0.1:8001 -i grpc --shape HU_SLICES:1,512,512 ...
 #                                                    install, then run perf_analyzer with these arguments
 #
@@ -35,7 +36,9 @@ pa="$venv/bin/perf_analyzer"
 echo "perf_analyzer ready: $pa (LD_LIBRARY_PATH=$libdir)"
 
 if [ "$#" -eq 0 ]; then
-  exec nice -n 10 "$venv/bin/python" -m benchmarks perf --models ct_screen --batches 1,4 --pa-concurrency 1:2
+  # a check run: its results go to the git-ignored tmp folder, not over the committed figures
+  exec nice -n 10 "$venv/bin/python" -m benchmarks perf --results benchmarks/results/tmp/perf-check \
+    --models ct_screen --batches 1 --pa-concurrency 1:2
 elif [ "$1" = "--all" ]; then
   exec nice -n 10 "$venv/bin/python" -m benchmarks perf
 else
