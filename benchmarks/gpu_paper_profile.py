@@ -1,7 +1,7 @@
 """The paper profile on a GPU: UNet++ ResNet-50 at 512, gpu profile (TensorRT), slices/s and s/500-slice study.
 
-Run where a GPU and a GPU Triton (e.g. the ``nvcr.io/nvidia/tritonserver:24.10-py3`` image = Triton 2.51)
-are; there is no GPU on the development machines, so this has never run here (``--dry-run`` prints the
+Run where a GPU and a GPU Triton (``model_repository/triton.Dockerfile``: NGC tritonserver 24.10 = Triton
+2.51, plus numpy<2 and scipy for ``postprocess``) are; there is no GPU on the development machines, so this has never run here (``--dry-run`` prints the
 plan, and is what the smoke test runs)::
 
     # 1. build: paper-profile ONNX (trained checkpoints, or --untrained for speed only), gpu repository, engines
@@ -35,7 +35,6 @@ from benchmarks.common import (  # noqa: E402
     results_dir,
     write_json,
 )
-from ctscreen.contracts import HU_FLOAT  # noqa: E402
 
 STUDY = 500
 SWEEP = ((8, 2), (16, 4), (32, 4), (32, 8))
@@ -61,20 +60,18 @@ def build(args: argparse.Namespace) -> int:
     for task, model, ckpt in (("valid-area", "valid_area", args.valid_ckpt), ("lesion", "lesion", args.lesion_ckpt)):
         src = ["--checkpoint", str(ckpt)] if ckpt else ["--untrained", "--profile", "paper"]
         _run([*ctscreen, "export", task, *src, "--out", str(onnx / model / "1" / "model.onnx")], args.dry_run)
-    repo = out / "repo"
-    _run([*ctscreen, "repo", "build", "--profile", "gpu", "--onnx-dir", str(onnx), "--out", str(repo),
+    src, repo = out / "src", out / "repo"
+    _run([*ctscreen, "repo", "build", "--profile", "gpu", "--onnx-dir", str(onnx), "--out", str(src),
           "--max-batch-size", "32", "--preferred-batch-sizes", "8,16,32"], args.dry_run)
     engines = ROOT / "scripts" / "build_trt_engines.sh"
-    if engines.is_file():
-        _run(["bash", str(engines), str(repo)], args.dry_run)
-    else:
-        for model in ("valid_area", "lesion"):
-            m = repo / model / "1"
-            _run(["trtexec", f"--onnx={m / 'model.onnx'}", f"--saveEngine={m / 'model.plan'}", "--fp16",
-                  f"--minShapes={HU_FLOAT}:1x1x512x512", f"--optShapes={HU_FLOAT}:16x1x512x512",
-                  f"--maxShapes={HU_FLOAT}:32x1x512x512"], args.dry_run)
-    print("\nthen serve it, e.g.:\n  docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
-          f"-v {repo}:/models nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
+    if not engines.is_file():
+        raise BenchError(f"{engines} is missing: it builds the TensorRT plans (trtexec, FP16)")
+    _run(["bash", str(engines), "--repo", str(src), "--out", str(repo), "--max-batch", "32", "--opt-batch", "16",
+          "--precision", "fp16"], args.dry_run)
+    print("\nthen serve it with the gpu-profile image (NGC tritonserver 24.10 + numpy<2 + scipy), e.g.:\n"
+          "  docker build -f model_repository/triton.Dockerfile -t ctscreen-triton:24.10 .\n"
+          "  docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
+          f"-v {repo}:/models ctscreen-triton:24.10 tritonserver --model-repository=/models")
     return 0
 
 
