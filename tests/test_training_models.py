@@ -112,13 +112,16 @@ def _volumes(n: int = 2, z: int = 6):
 
 
 @pytest.mark.torch
-def test_a_few_training_steps_lower_the_loss():
+def test_a_few_training_steps_lower_the_loss(request):
     torch = pytest.importorskip("torch")
     from training.datasets import SliceBank
     from training.nets import HUSegmenter
     from training.train import bce_dice_loss
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, more OpenMP threads than free cores is 10x slower
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     bank = SliceBank("lesion", 64, _volumes(1))
     hu = torch.from_numpy(bank.hu[:, None]).float()
     tgt = torch.from_numpy(bank.target.astype(np.float32))
