@@ -9,8 +9,9 @@
     ctscreen bench models ...                         # the same
 
 Budgets (issue #3): lite lesion <= 40 ms/slice, lite valid_area <= 15 ms/slice, ORT on 2 threads.
-Figures are the median of ``--reps`` timed runs after a warm-up, on phantom-like random HU; the
-machine's load average is recorded because these machines are shared. Writes
+Figures are the median of ``--reps`` timed runs after a warm-up, on random HU; the machine's load
+average is recorded because these machines are shared, and so is the CPU time per slice (all threads),
+which on an idle machine is about ``threads`` x the wall time and moves less with the load. Writes
 ``benchmarks/results/models-latest.json``. This is a benchmark, not a test: nothing fails on a slow run.
 """
 
@@ -44,27 +45,31 @@ CANDIDATES = {
 }
 
 
-def time_onnx(path: Path, *, threads: int, batch: int, reps: int) -> dict:
+def time_onnx(path: Path, *, threads: int, batch: int, reps: int, spinning: bool = False) -> dict:
     """Median and spread of ms per slice of one ONNX file at one batch size."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if not spinning:  # as the cpu-profile Triton config runs it (allow_spinning 0)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     hu = rng.integers(-1024, 400, size=(batch, 1, SLICE_SIZE, SLICE_SIZE)).astype(np.int16)
     sess.run([PROB], {HU_SLICES: hu})  # warm-up
-    per_slice = []
+    per_slice, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         sess.run([PROB], {HU_SLICES: hu})
         per_slice.append((time.perf_counter() - t0) * 1000 / batch)
+        cpu.append((time.process_time() - c0) * 1000 / batch)
     return {
         "batch": batch,
         "ms_per_slice_median": statistics.median(per_slice),
         "ms_per_slice_min": min(per_slice),
         "ms_per_slice_max": max(per_slice),
+        "cpu_ms_per_slice_median": statistics.median(cpu),
         "reps": reps,
         "size_mb": round(path.stat().st_size / 1e6, 2),
     }
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
     p.add_argument("--batches", default="1,4", help="batch sizes, comma separated (default 1,4)")
     p.add_argument("--reps", type=int, default=10, help="timed runs per figure (default 10)")
+    p.add_argument("--spinning", action="store_true", help="let ORT threads spin (default off, as in Triton)")
     p.add_argument("--paper", action="store_true", help="also time the paper profile (needs torch)")
     p.add_argument("--candidates", action="store_true", help="also time the lite candidates (needs torch)")
     args = p.parse_args(argv)
@@ -97,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(name: str, path: Path, budget: float | None, batches_here: list[int]) -> None:
         for b in batches_here:
-            r = {"model": name, **time_onnx(path, threads=args.threads, batch=b, reps=args.reps)}
+            r = {"model": name, **time_onnx(path, threads=args.threads, batch=b, reps=args.reps, spinning=args.spinning)}
             r["budget_ms"] = budget
             r["within_budget"] = None if budget is None else r["ms_per_slice_median"] <= budget
             rows.append(r)
             print(f"{name:<58} batch {b:>2}: {r['ms_per_slice_median']:8.1f} ms/slice "
-                  f"(min {r['ms_per_slice_min']:.1f}, max {r['ms_per_slice_max']:.1f}; {r['size_mb']} MB)"
+                  f"(min {r['ms_per_slice_min']:.1f}, max {r['ms_per_slice_max']:.1f}; "
+                  f"CPU {r['cpu_ms_per_slice_median']:.1f} ms; {r['size_mb']} MB)"
                   + ("" if budget is None else f"  budget {budget:g}: {'ok' if r['within_budget'] else 'OVER'}"),
                   flush=True)
 
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         path = _export((s.encoder, s.encoder_depth, s.decoder_channels, s.input_size), TMP_DIR / "paper.onnx")
         measure("paper (ResNet-50 UNet++ @512, either model)", path, None, [1])
         path.unlink()
-    doc = {"benchmark": "models", "threads": args.threads, "machine": machine_info(), "rows": rows}
+    doc = {"benchmark": "models", "threads": args.threads, "spinning": args.spinning, "machine": machine_info(), "rows": rows}
     out = write_json(results_dir() / "models-latest.json", doc)
     print(f"wrote {out}")
     return 0
