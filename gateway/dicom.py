@@ -483,8 +483,14 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     out = []
     for f in frames:
         warnings: list[str] = []
-        slope = _opt_float(_fg_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _opt_float(_fg_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept"))
+        raw_slope = _fg_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
+        raw_intercept = _fg_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
+        slope, intercept = _opt_float(raw_slope), _opt_float(raw_intercept)
+        for keyword, raw, value in (("Slope", raw_slope, slope), ("Intercept", raw_intercept, intercept)):
+            if value is None and raw is not None and str(raw).strip() != "":
+                # present but NaN, inf or not a number: assuming a default would screen garbage
+                raise NotCT(f"Rescale {keyword} is {str(raw).strip()!r}, not a finite number: "
+                            "stored values cannot be converted to HU.", filename=filename)
         if slope is None or intercept is None:
             if sop_class not in CT_SOP_CLASSES:
                 raise NotCT(
