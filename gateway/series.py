@@ -65,6 +65,8 @@ class SeriesRules:
         Two slices closer than this along the normal are at the same position.
     gap_factor : float
         A step larger than this times the median spacing is a gap.
+    min_matrix : int
+        Smallest Rows and Columns of a slice to screen (a smaller frame is an icon, not a CT slice).
     """
 
     modalities: frozenset[str] = frozenset({"CT"})
@@ -76,6 +78,7 @@ class SeriesRules:
     max_slice_thickness_mm: float | None = 10.0
     duplicate_tol_mm: float = 0.01
     gap_factor: float = 1.5
+    min_matrix: int = 16
 
     def __post_init__(self) -> None:
         if not 0 <= self.axial_tolerance_deg <= 90:
@@ -171,6 +174,9 @@ def frame_exclusion(h: FrameHeader, rules: SeriesRules) -> tuple[str, str] | Non
         lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
         if (lo is not None and t < lo) or (hi is not None and t > hi):
             return "thickness", f"Slice Thickness {t:g} mm outside [{lo}, {hi}] mm."
+    if min(h.rows, h.cols) < rules.min_matrix:
+        return "too_small", (f"{h.rows}x{h.cols} pixels is too small for a CT slice "
+                             f"(at least {rules.min_matrix}x{rules.min_matrix}).")
     return None
 
 
