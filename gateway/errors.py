@@ -18,6 +18,7 @@ catch bad input. The HTTP layer maps every :class:`GatewayError` to a response i
      |    +-- NoPixelData                       no_pixel_data     422
      |    +-- Undecodable                       undecodable       422
      |    +-- NoUsableSeries                    no_usable_series  422
+     |    +-- MixedStudies                      mixed_studies     422
      +-- Unavailable(GatewayError, RuntimeError) unavailable      503
 
 Per-file problems inside a study (a file that is not CT, a frame that cannot be decoded) are not
@@ -35,6 +36,7 @@ __all__ = [
     "BadArchive",
     "GatewayError",
     "InvalidInput",
+    "MixedStudies",
     "NoPixelData",
     "NoUsableSeries",
     "NotCT",
@@ -169,6 +171,13 @@ class NoUsableSeries(InvalidInput):
         body = super().to_dict()
         body["rejected"] = [{"filename": f, "reason": r, "message": m} for f, r, m in self.rejected]
         return body
+
+
+class MixedStudies(InvalidInput):
+    """One upload holds CT images of more than one study: only one could be screened."""
+
+    reason = "mixed_studies"
+    http_status = 422
 
 
 class Unavailable(GatewayError, RuntimeError):

@@ -11,8 +11,9 @@ from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
 from gateway.api.deps import SettingsDep, StoreDep, StowDep, read_body
-from gateway.errors import UploadError
+from gateway.errors import GatewayError, MixedStudies, UploadError
 from gateway.jobs import JobError, JobStore, JobView
+from gateway.stow import CT_STORAGE, read_header
 from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -54,7 +55,26 @@ def _expand(body: bytes, content_type: str, filename: str, limits: UploadLimits)
             raise TooLarge(f"The upload holds more than {limits.max_files} files.")
     if not files:
         raise UploadError("The upload holds no file.")
+    _check_one_study(files)
     return files
+
+
+def _check_one_study(files: list[tuple[str, bytes]]) -> None:
+    """Refuse an upload whose CT images belong to several studies: only one would be screened."""
+    counts: dict[str, int] = {}
+    for name, content in files:
+        try:
+            header = read_header(content, name)
+        except GatewayError:
+            continue  # ingest refuses it, with its reason
+        if header.sop_class_uid in CT_STORAGE:
+            counts[header.study_instance_uid] = counts.get(header.study_instance_uid, 0) + 1
+    if len(counts) > 1:
+        found = ", ".join(f"{uid} ({n} files)" for uid, n in counts.items())
+        raise MixedStudies(
+            f"The upload holds CT images of {len(counts)} studies: {found}. Upload one study at a time "
+            "(or send them by STOW-RS, which screens each study apart)."
+        )
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
@@ -80,9 +100,15 @@ async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -
         400: {"description": "bad upload, unsafe path in a zip"},
         413: {"description": "upload too large, zip bomb"},
         415: {"description": "not DICOM"},
-        422: {"description": "not CT, no pixel data, undecodable, no usable series"},
+        422: {"description": "not CT, no pixel data, undecodable, no usable series, mixed studies"},
         429: {"description": "too many studies in progress; see Retry-After"},
     },
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+    }}},
 )
 async def upload_study(request: Request, store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Accept a study; answers 202 with the job once its slices are decoded, screening continues."""
@@ -99,7 +125,8 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep)
 
 
 @router.post("/{study_instance_uid}/complete", status_code=202, response_model=JobView,
-             summary="Declare a STOW-RS study complete and screen it now")
+             summary="Declare a STOW-RS study complete and screen it now",
+             responses={404: {"description": "no instance of this study is waiting"}})
 async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse:
     """Screen the instances received for this study now (instead of after the quiet period)."""
     job = stow.complete(study_instance_uid)
@@ -108,7 +135,8 @@ async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse
                         headers={"Location": f"/v1/jobs/{view.job_id}"})
 
 
-@router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study")
+@router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",
+            responses={404: {"description": "no such study received"}})
 async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep) -> StudyView:
     """The study's latest job (with its result once done), or ``receiving`` while STOW instances wait."""
     held = stow.pending(study_instance_uid)
