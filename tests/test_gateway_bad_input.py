@@ -1,0 +1,170 @@
+"""Hand-made nasty inputs through ``POST /v1/studies`` and ``POST /dicomweb/studies``.
+
+Each must get a specific 4xx with a ``reason``, or be accepted and screened correctly (a study too
+short for the case rule comes back indeterminate, never negative). DICOM parsing, series selection and
+the case rule are the real ones; Triton is the fake client of ``tests/gateway_app_fakes.py`` (a mock:
+these tests are about input handling, the real inference path is ``tests/test_e2e_gateway.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet, ct_series
+from tests.test_gateway_app_api import _files, _wait
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = create_app(Settings(triton_urls="fake:1", stow_quiet_period_s=60), client_factory=FakeFleet())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _related(parts: list[bytes]) -> bytes:
+    out = b"".join(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+    return out + b"--b0undary--\r\n"
+
+
+def _edit(files, edit):
+    """The files with ``edit(ds)`` applied to each data set."""
+    out = []
+    for name, data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        edit(ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append((name, buf.getvalue()))
+    return out
+
+
+def _stow_and_screen(client, files) -> dict:
+    """STOW-RS the files as one study, declare it complete, return its study view once finished."""
+    r = client.post("/dicomweb/studies", content=_related([d for _, d in files]), headers={"content-type": STOW_TYPE})
+    assert r.status_code == 200, r.text
+    location = r.headers["content-location"]
+    assert client.post(location + "/complete").status_code == 202
+    deadline = time.monotonic() + 20
+    while (view := client.get(location).json())["state"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+    return view
+
+
+def _matrix(rows: int, cols: int):
+    def edit(ds):
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelData = np.zeros((rows, cols), np.int16).tobytes()
+
+    return edit
+
+
+def _set(keyword: str, value):
+    return lambda ds: setattr(ds, keyword, value)
+
+
+def _drop(keyword: str):
+    return lambda ds: delattr(ds, keyword)
+
+
+_, SERIES = ct_series(6, size=64)
+_EMPTY_ZIP = io.BytesIO()
+zipfile.ZipFile(_EMPTY_ZIP, "w").close()
+
+# (name, edit of a 6-slice series or a request, expected status, expected reason)
+REFUSED = [
+    ("nan_slope", _set("RescaleSlope", "NaN"), 422, "not_ct"),  # was: assumed 1, screened
+    ("inf_slope", _set("RescaleSlope", "inf"), 422, "not_ct"),  # was: assumed 1, screened
+    ("nan_intercept", _set("RescaleIntercept", "nan"), 422, "not_ct"),  # was: assumed 0 -> "positive"
+    ("one_pixel", _matrix(1, 1), 422, "no_usable_series"),  # was: upscaled to 512, screened "negative"
+    ("zero_rows", _matrix(0, 64), 415, "not_dicom"),
+    ("no_position", _drop("ImagePositionPatient"), 422, "no_usable_series"),
+    ("no_orientation", _drop("ImageOrientationPatient"), 422, "no_usable_series"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize(("name", "edit", "status", "reason"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_upload_refuses_bad_ct(client, name, edit, status, reason):
+    r = client.post("/v1/studies", files=_files(_edit(SERIES, edit)))
+    assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+    assert r.json()["message"]
+    if name == "one_pixel":
+        assert {x["reason"] for x in r.json()["rejected"]} == {"too_small"}, r.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "reason"),
+    [
+        (dict(content=b""), 415, "not_dicom"),
+        (dict(content=b'{"a": 1}', headers={"content-type": "application/json"}), 415, "not_dicom"),
+        (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "bad_upload"),
+        (dict(files=[("files", ("empty.zip", _EMPTY_ZIP.getvalue(), "application/zip"))]), 400, "bad_upload"),
+        (dict(files=_files([(n, d[: len(d) // 2]) for n, d in SERIES])), 422, "undecodable"),
+        (dict(files=_files([(n, d[:300]) for n, d in SERIES])), 415, "not_dicom"),
+    ],
+    ids=["empty_body", "json", "multipart_no_boundary", "empty_zip", "truncated_pixels", "truncated_header"],
+)
+def test_upload_refuses_bad_requests(client, kwargs, status, reason):
+    r = client.post("/v1/studies", **kwargs)
+    assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+
+
+def test_upload_of_two_studies_is_refused_not_half_screened(client):
+    """Before: 202, the first study screened and the second (positive) dropped with only a warning."""
+    _, other = ct_series(4, lesion=[0, 1, 2], size=64)
+    r = client.post("/v1/studies", files=_files(SERIES + other))
+    assert (r.status_code, r.json()["reason"]) == (422, "mixed_studies"), r.text
+    assert "2 studies" in r.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [ct_series(2, lesion=[0, 1], size=64)[1], ct_series(1, size=64)[1],
+     _edit(SERIES, _set("ImagePositionPatient", [-250.0, -250.0, 0.0]))],
+    ids=["two_slices_with_lesions", "one_slice", "all_at_one_position"],
+)
+def test_too_short_study_is_screened_indeterminate(client, files):
+    r = client.post("/v1/studies", files=_files(files))
+    assert r.status_code == 202, r.text
+    view = _wait(client, r.json()["job_id"])
+    assert view["state"] == "done" and view["result"]["verdict"] == "indeterminate", view
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "reason"),
+    [
+        (b"", STOW_TYPE, 400, "bad_upload"),
+        (b"abc", "", 415, "unsupported_media_type"),
+        (b"abc", 'multipart/related; type="application/dicom"', 400, "bad_upload"),
+        (b"--b0undary--\r\n", STOW_TYPE, 415, "unsupported_media_type"),
+    ],
+    ids=["empty", "no_content_type", "no_boundary", "zero_parts"],
+)
+def test_stow_refuses_bad_requests(client, body, content_type, status, reason):
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post("/dicomweb/studies", content=body, headers=headers)
+    assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_stow_nan_slope_study_fails_with_reason(client):
+    view = _stow_and_screen(client, _edit(ct_series(6, size=64)[1], _set("RescaleSlope", "NaN")))
+    assert view["state"] == "failed" and view["error"]["reason"] == "no_usable_series", view
+    assert {r["reason"] for r in view["error"]["detail"]["rejected"]} == {"not_ct"}, view
+
+
+def test_stow_two_slice_study_is_indeterminate(client):
+    view = _stow_and_screen(client, ct_series(2, lesion=[0, 1], size=64)[1])
+    assert view["state"] == "done" and view["result"]["verdict"] == "indeterminate", view
