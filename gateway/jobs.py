@@ -42,6 +42,7 @@ from aggregator.case import CaseRule, SliceInput, decide
 from aggregator.schema import CaseResult, ModelInfo, RejectedFile, Timings
 from gateway.errors import GatewayError, InvalidInput
 from gateway.metrics import Metrics
+from gateway.report import SrContext, sr_context
 from gateway.triton_pool import InferenceFailed, InferenceUnavailable, TritonPool
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Job:
         self.read = False
         self.error: JobError | None = None
         self.result: CaseResult | None = None
+        self.sr_context: SrContext | None = None  # headers for GET /v1/jobs/{id}/sr
         self.version = 0
         self._changed = asyncio.Event()
         self.decoded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -348,6 +350,7 @@ class JobStore:
             sources, job.sources = job.sources or [], None
             try:
                 study = await loop.run_in_executor(self._executor, self._loader, sources)
+                job.sr_context = await loop.run_in_executor(self._executor, sr_context, sources, study)
             finally:
                 del sources
             timings["ingest_s"] = time.monotonic() - t
@@ -458,7 +461,11 @@ class JobStore:
             version = await self.pool.model_version()
             if version is None:
                 return [ModelInfo(name=self.pool.model_name, version="unknown")]
-            self._models = [ModelInfo(name=self.pool.model_name, version=version, platform="ensemble")]
+            models = [ModelInfo(name=self.pool.model_name, version=version, platform="ensemble")]
+            for name, info in sorted((await self.pool.component_models()).items()):
+                models.append(ModelInfo(name=name, version=info.get("version", "unknown"),
+                                        sha256=info.get("sha256")))
+            self._models = models
         return self._models
 
     # --- memory bound and persistence --------------------------------------------------------

@@ -30,6 +30,7 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -321,6 +322,31 @@ class TritonPool:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("metadata of %s failed: %s", ep.url, exc)
         return None
+
+    async def component_models(self) -> dict[str, dict[str, str]]:
+        """Provenance of the ensemble's models, from its ``models`` config parameter.
+
+        ``ctscreen repo build`` writes ``{"lesion": {"version": ..., "sha256": ...}, ...}`` there
+        (the model cards' versions and the ONNX files' sha256). Empty when no endpoint answers or the
+        repository was not rendered by ctscreen.
+        """
+        for ep in [e for e in self._eps.values() if not e.removed]:
+            try:
+                cfg = await self._client(ep).get_model_config(
+                    self.model_name, as_json=True, client_timeout=self.ready_timeout_s
+                )
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("config of %s failed: %s", ep.url, exc)
+                continue
+            raw = (cfg.get("config", cfg).get("parameters", {}).get("models", {}) or {}).get("string_value")
+            try:
+                models = json.loads(raw) if raw else {}
+            except ValueError:
+                logger.warning("ensemble %s has an unreadable 'models' parameter", self.model_name)
+                return {}
+            return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in models.items()
+                    if isinstance(v, dict)}
+        return {}
 
     # --- scheduling --------------------------------------------------------------------------
     async def _acquire(self, tried: set[str]) -> _Endpoint:

@@ -95,6 +95,12 @@ def test_every_slice_screened_by_real_triton(gateway, screened):
     positions = [s.position_mm for s in result.slices]
     assert positions == sorted(positions)
     assert result.models and result.models[0].name == "ct_screen" and result.models[0].version != "unknown"
+    # the component models' provenance comes from the rendered ensemble config: the shipped cards' sha256
+    repo = Path(__file__).resolve().parents[1] / "model_repository"
+    served = {m.name: m for m in result.models[1:]}
+    for name in ("valid_area", "lesion"):
+        card = json.loads((repo / name / "1" / "model_card.json").read_text())
+        assert served[name].sha256 == card["sha256"] and served[name].version == card["version"]
     assert result.timings.inference_s is not None and result.timings.total_s >= result.timings.inference_s
     assert result.verdict in ("positive", "negative", "indeterminate")
     metrics = httpx.get(f"{gateway.url}/metrics").text
