@@ -348,13 +348,24 @@ def serve_main(argv: list[str]) -> int:
     """``ctscreen serve``: embedded Triton + gateway on localhost until Ctrl-C."""
     p = argparse.ArgumentParser(prog="ctscreen serve", description=__doc__.split("\n\n")[1].strip())
     _stack_args(p)
+    p.add_argument("--dicom-port", type=int, default=None,
+                   help="also listen for DICOM C-STORE / C-ECHO on this port (a Storage SCP; default: off)")
+    p.add_argument("--dicom-ae-title", default="CTSCREEN", help="AE title of the DICOM SCP (default CTSCREEN)")
     args = p.parse_args(argv)
     _check_stack_args(p, args)
+    if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
+        p.error(f"--dicom-port must be 1..65535, got {args.dicom_port}")
+    if not 0 < len(args.dicom_ae_title.strip()) <= 16:
+        p.error(f"--dicom-ae-title must be 1 to 16 characters, got {args.dicom_ae_title!r}")
+    overrides = {} if args.dicom_port is None else {
+        "dicom_port": args.dicom_port, "dicom_host": args.host, "dicom_ae_title": args.dicom_ae_title.strip()}
     _logging(args.log_level)
     try:
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
-                       log_level=args.log_level) as stack:
+                       log_level=args.log_level, settings_overrides=overrides) as stack:
             print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")
+            if args.dicom_port is not None:
+                print(f"DICOM C-STORE SCP: AE {overrides['dicom_ae_title']} on {args.host}:{args.dicom_port}")
             print("Ctrl-C to stop.", flush=True)
             stack.wait()
     except CliError as exc:

@@ -10,6 +10,7 @@ Run it with ``uvicorn --factory gateway.main:app_from_env`` (settings from ``CTS
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ctscreen import __version__
-from gateway.api import dicomweb, errors, jobs, ops, studies
+from gateway.api import dicomweb, errors, jobs, ops, sr, studies
 from gateway.jobs import JobStore, Loader
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -89,6 +90,10 @@ def create_app(
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
         app.state.store, app.state.stow = store, stow
         stow.start()
+        from gateway.dimse import start_from_settings
+
+        scp = start_from_settings(settings, stow, metrics)  # None unless CTSCREEN_DICOM_PORT is set
+        app.state.dicom_scp = scp
         from gateway.discovery import start_from_env
 
         discovery = start_from_env(pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
@@ -96,6 +101,8 @@ def create_app(
         try:
             yield
         finally:
+            if scp is not None:
+                await asyncio.to_thread(scp.stop)
             await stow.close()
             await store.drain(settings.shutdown_grace_s)
             await store.close()
@@ -112,6 +119,7 @@ def create_app(
     errors.install(app)
     app.include_router(studies.router)
     app.include_router(jobs.router)
+    app.include_router(sr.router)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
     return app

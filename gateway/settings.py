@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         4 * 1024**3, ge=1024, description="Bytes held for STOW studies not yet screened."
     )
 
+    # --- DICOM C-STORE (gateway.dimse) ------------------------------------------------------------
+    dicom_port: int | None = Field(
+        None, ge=1, le=65535, description="If set, a DICOM Storage SCP (C-STORE, C-ECHO) listens on this port."
+    )
+    dicom_ae_title: str = Field("CTSCREEN", min_length=1, max_length=16, description="AE title of the SCP.")
+    dicom_host: str = Field("0.0.0.0", min_length=1, description="Address the DICOM SCP listens on.")
+
     @field_validator("triton_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:

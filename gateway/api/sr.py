@@ -1,0 +1,46 @@
+"""``GET /v1/jobs/{id}/sr``: a finished job's CaseResult as a DICOM Structured Report (TID 1500), for PACS."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from gateway.api.deps import StoreDep
+from gateway.jobs import JobState
+from gateway.report import encode_sr
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+DICOM = "application/dicom"
+
+
+@router.get(
+    "/{job_id}/sr",
+    summary="The result as a DICOM SR (Comprehensive 3D SR, TID 1500)",
+    response_class=Response,
+    responses={200: {"content": {DICOM: {}}}, 404: {"description": "no such job"},
+               409: {"description": "the job is not done, or its SR cannot be made"}},
+)
+async def job_sr(job_id: str, store: StoreDep) -> Response:
+    """The verdict, the case-rule evidence and its lesion boxes as a DICOM Part 10 SR file."""
+    view = store.get(job_id)  # JobNotFound -> 404
+    if view.state != JobState.done or view.result is None:
+        raise HTTPException(409, detail={"reason": "not_done",
+                                         "message": f"Job {job_id} is {view.state.value}; its SR exists once done."})
+    try:
+        context = store.job(job_id).sr_context
+    except KeyError:
+        context = None
+    if context is None:
+        raise HTTPException(409, detail={"reason": "sr_unavailable",
+                                         "message": f"The image headers of job {job_id} are no longer held; "
+                                                    "send the study again for an SR."})
+    try:
+        data = await run_in_threadpool(encode_sr, view.result, context)
+    except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom cannot use
+        raise HTTPException(409, detail={"reason": "sr_unavailable",
+                                         "message": f"No SR for job {job_id}: {exc}"}) from exc
+    uid = view.result.study_instance_uid
+    return Response(data, media_type=DICOM,
+                    headers={"Content-Disposition": f'attachment; filename="ctscreen-sr-{uid}.dcm"'})

@@ -1,0 +1,179 @@
+"""DICOM C-STORE into the gateway: a Storage SCP (and Verification SCP) so ctscreen can sit on a PACS route.
+
+Scanners and PACS push studies with C-STORE. :class:`StorageScp` is a pynetdicom Application Entity
+that accepts CT Image Storage, Enhanced CT Image Storage and Legacy Converted Enhanced CT Image
+Storage in every transfer syntax the decoder reads, and C-ECHO. Any other SOP class is not
+negotiated, so the peer learns before sending that it is refused.
+
+Each received instance goes, as the bytes of a DICOM Part 10 file, to the same
+:class:`~gateway.stow.StowBuffer` as DICOMweb STOW-RS: a study is screened after
+``CTSCREEN_STOW_QUIET_PERIOD_S`` without a new instance, or on ``POST /v1/studies/{uid}/complete``.
+pynetdicom runs each association in its own thread; the buffer lives on the asyncio loop, so every
+instance is handed over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits
+for the buffer's decision. C-STORE statuses (PS3.4 B.2.3):
+
+========  =====================================================================
+0x0000    stored
+0xA700    out of resources: the STOW/C-STORE buffer is full (retry later)
+0xA900    the data set is not of the SOP class negotiated for it
+0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
+0x0110    processing failure: the gateway did not answer in time (stopping)
+========  =====================================================================
+
+Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from pydicom import uid as _uid
+
+from gateway.dicom import CT_SOP_CLASSES
+from gateway.errors import NotDicom
+from gateway.metrics import Metrics
+from gateway.stow import InstanceHeader, StowBuffer, read_header
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TRANSFER_SYNTAXES", "StorageScp", "start_from_settings"]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+TRANSFER_SYNTAXES = [
+    _uid.ExplicitVRLittleEndian,
+    _uid.ImplicitVRLittleEndian,
+    _uid.DeflatedExplicitVRLittleEndian,
+    _uid.ExplicitVRBigEndian,
+    _uid.JPEGLossless,
+    _uid.JPEGLosslessSV1,
+    _uid.JPEGBaseline8Bit,
+    _uid.JPEGExtended12Bit,
+    _uid.JPEGLSLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000Lossless,
+    _uid.JPEG2000,
+    _uid.RLELossless,
+]
+"""Transfer syntaxes accepted for the CT storage classes (those the decoder reads)."""
+
+
+class StorageScp:
+    """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.StowBuffer`.
+
+    Parameters
+    ----------
+    stow : StowBuffer
+        Where instances are held until their study is complete.
+    loop : asyncio.AbstractEventLoop
+        The loop that owns ``stow`` (instances are handed over to it).
+    port : int
+        TCP port to listen on.
+    host : str
+        Address to listen on.
+    ae_title : str
+        The SCP's AE title (1 to 16 characters).
+    metrics : Metrics | None
+        Counts refused instances by reason.
+    handover_timeout_s : float
+        Longest wait for the loop to take an instance (else 0x0110).
+    """
+
+    def __init__(self, stow: StowBuffer, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
+                 ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
+                 handover_timeout_s: float = 30.0) -> None:
+        if not 0 < port < 65536:
+            raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
+        if not 0 < len(ae_title.strip()) <= 16:
+            raise ValueError(f'Argument "ae_title" must be 1 to 16 characters, got {ae_title!r}.')
+        self.stow = stow
+        self.loop = loop
+        self.host, self.port, self.ae_title = host, port, ae_title.strip()
+        self.metrics = metrics
+        self.handover_timeout_s = handover_timeout_s
+        self._server: Any = None
+
+    def start(self) -> None:
+        """Listen (in pynetdicom's own threads); returns at once."""
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in sorted(CT_SOP_CLASSES):
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = 0  # no limit on what we accept
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        logger.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop listening and abort open associations (blocking; call it off the event loop)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            logger.info("DICOM SCP %s stopped", self.ae_title)
+
+    # --- pynetdicom threads -----------------------------------------------------------------
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _refuse(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.loop.call_soon_threadsafe(self.metrics.error, reason)
+
+    def _on_store(self, event: Any) -> int:
+        data = bytes(event.encoded_dataset(include_meta=True))
+        peer = event.assoc.requestor
+        name = f"dimse:{peer.ae_title}@{peer.address}#{event.request.AffectedSOPInstanceUID}"
+        try:
+            header = read_header(data, name)
+        except NotDicom as exc:
+            logger.info("C-STORE from %s refused (0xC000): %s", peer.ae_title, exc.message)
+            self._refuse(exc.reason)
+            return CANNOT_UNDERSTAND
+        if header.sop_class_uid != str(event.request.AffectedSOPClassUID) or header.sop_class_uid not in CT_SOP_CLASSES:
+            self._refuse("not_ct")
+            return DOES_NOT_MATCH
+        future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data), self.loop)
+        try:
+            return future.result(self.handover_timeout_s)
+        except (FutureTimeout, RuntimeError) as exc:  # loop stopping or stuck
+            future.cancel()
+            logger.warning("C-STORE of %s not taken by the gateway: %r", header.sop_instance_uid, exc)
+            return PROCESSING_FAILURE
+
+    # --- the event loop ---------------------------------------------------------------------
+    async def _hold(self, header: InstanceHeader, name: str, data: bytes) -> int:
+        if not self.stow.room_for(header.study_instance_uid, len(data)):
+            self._count("out_of_resources")
+            return OUT_OF_RESOURCES
+        self.stow.add(header, name, data)
+        return SUCCESS
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.error(reason)
+
+
+def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None = None) -> StorageScp | None:
+    """Start the SCP the settings ask for (``dicom_port``), on the running loop; None when not asked.
+
+    Raises
+    ------
+    OSError
+        When the port cannot be bound (the gateway then does not start).
+    """
+    if settings.dicom_port is None:
+        return None
+    scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
+                     ae_title=settings.dicom_ae_title, metrics=metrics)
+    scp.start()
+    return scp

@@ -1,0 +1,111 @@
+"""What a finished job needs to be sent back to PACS as a DICOM SR, and the SR itself.
+
+:func:`aggregator.sr.to_sr` needs the screened images' headers (patient, study, SOP class and
+instance of each slice). A job keeps only that, as a small :class:`SrContext` (about a hundred bytes per
+slice, no pixels), taken from its files while they are decoded (:func:`sr_context`), so the SR can be
+made from the job at any time afterwards (:func:`encode_sr`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aggregator.schema import CaseResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SrContext", "encode_sr", "sr_context"]
+
+STUDY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                  "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
+_INSTANCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "NumberOfFrames", "Rows", "Columns")
+
+
+@dataclass(frozen=True, slots=True)
+class SrContext:
+    """The headers an SR of a study needs.
+
+    Attributes
+    ----------
+    study : tuple[tuple[str, str], ...]
+        Patient and study attributes (keyword, value) of the screened series.
+    instances : tuple[tuple[str, str, str, int, int, int], ...]
+        ``(SOPClassUID, SOPInstanceUID, SeriesInstanceUID, NumberOfFrames, Rows, Columns)`` per screened
+        instance.
+    """
+
+    study: tuple[tuple[str, str], ...]
+    instances: tuple[tuple[str, str, str, int, int, int], ...]
+
+    def datasets(self) -> list[Any]:
+        """Header-only pydicom data sets, one per instance (the ``evidence`` of :func:`~aggregator.sr.to_sr`)."""
+        from pydicom.dataset import Dataset
+
+        out = []
+        for sop_class, sop_instance, series, frames, rows, cols in self.instances:
+            ds = Dataset()
+            for keyword, value in self.study:
+                setattr(ds, keyword, value)
+            ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = sop_class, sop_instance, series
+            ds.Rows, ds.Columns = rows, cols  # highdicom wants a pixel description of a source image
+            if frames > 1:
+                ds.NumberOfFrames = frames
+            out.append(ds)
+        return out
+
+
+def sr_context(sources: Sequence[tuple[str, bytes]], study: Any) -> SrContext | None:
+    """The :class:`SrContext` of the slices of ``study`` (a prepared study) found in ``sources``.
+
+    Never raises: returns None (and logs) when the headers cannot be read, e.g. for a loader that
+    does not name files.
+    """
+    try:
+        import pydicom
+
+        from gateway.uploads import iter_upload
+
+        wanted = {str(s.sop_instance_uid) for s in study.slices}
+        names = {str(s.filename) for s in study.slices}
+        study_attrs: tuple[tuple[str, str], ...] | None = None
+        found: dict[str, tuple[str, str, str, int, int, int]] = {}
+        for filename, data in sources:
+            for name, content in iter_upload(filename, data):
+                if name not in names:
+                    continue
+                ds = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True, force=True,
+                                     specific_tags=[*STUDY_KEYWORDS, *_INSTANCE_KEYWORDS])
+                uid = str(ds.get("SOPInstanceUID", ""))
+                if uid not in wanted:
+                    continue
+                found[uid] = (str(ds.SOPClassUID), uid, str(ds.get("SeriesInstanceUID", "")),
+                              int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
+                              int(ds.get("Columns", 0) or 0))
+                if study_attrs is None:
+                    study_attrs = tuple((k, str(ds.get(k, "") or "")) for k in STUDY_KEYWORDS)
+        if study_attrs is None:
+            return None
+        return SrContext(study_attrs, tuple(found.values()))
+    except Exception as exc:  # noqa: BLE001 - the SR is an extra; screening goes on without it
+        logger.warning("no SR context for study: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def encode_sr(result: CaseResult, context: SrContext) -> bytes:
+    """The DICOM Part 10 bytes of the Comprehensive 3D SR (TID 1500) of ``result``.
+
+    Raises
+    ------
+    ValueError
+        When ``context`` does not belong to the result's study (from :func:`aggregator.sr.to_sr`).
+    """
+    from aggregator.sr import to_sr
+
+    sr = to_sr(result, context.datasets())
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

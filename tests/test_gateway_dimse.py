@@ -1,0 +1,251 @@
+"""DICOM C-STORE into the gateway (``gateway.dimse``) with real peers, and the SR of a job.
+
+Nothing is faked: dcmtk's ``storescu`` / ``echoscu`` (or pynetdicom as the SCU) talk DIMSE over TCP to
+the gateway's Storage SCP; in the live tests the gateway runs under uvicorn on a free port with the
+real embedded Triton of the session fixture ``triton``, and the studies are phantom DICOM files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+import phantom
+from aggregator.schema import CaseResult
+from ctscreen.embedded import free_port
+from gateway.cli import run_stack, serve_main
+from gateway.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StorageScp
+from gateway.stow import StowBuffer
+from tests.gateway_dicom_factory import ct_dataset
+from tests.test_e2e_gateway import _trained
+
+pytestmark = pytest.mark.timeout(300)
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("echoscu") is None,
+                                 reason="dcmtk (storescu, echoscu) is not installed: scripts/setup.sh --test installs it")
+
+ROOT = Path(__file__).resolve().parents[1]
+MR = ROOT.parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" / "GH064.dcm"
+N_SLICES = 40
+AE = "CTSCREEN"
+
+
+@pytest.fixture(scope="module")
+def dimse_studies(tmp_path_factory) -> dict[str, Path]:
+    """A 512-matrix COVID phantom study as explicit-LE files, and its twin (other UIDs) as JPEG 2000."""
+    out = tmp_path_factory.mktemp("dimse-studies")
+    covid = phantom.make_study(seed=11, kind="covid", n_slices=N_SLICES, matrix=512)
+    return {
+        "plain": Path(phantom.write_study(covid, out / "plain", montage=False)) / "dicom",
+        "j2k": Path(phantom.write_study(covid, out / "j2k", encoding="jpeg2000", salt="j2k", montage=False)) / "dicom",
+    }
+
+
+@pytest.fixture(scope="module")
+def dimse_gateway(triton):
+    """A live gateway with its Storage SCP on a free port and a 1 s quiet period."""
+    port = free_port()
+    overrides = {"stow_quiet_period_s": 1.0, "dicom_port": port, "dicom_host": "127.0.0.1", "dicom_ae_title": AE}
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack:
+        yield stack, port
+
+
+def _storescu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["storescu", "-aec", AE, *args], capture_output=True, text=True, timeout=120)
+
+
+def _screened(url: str, uid: str, timeout: float = 120.0) -> dict:
+    """The study's job once done (the quiet period triggers it)."""
+    deadline = time.monotonic() + timeout
+    view: dict = {}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while time.monotonic() < deadline:
+            r = http.get(f"/v1/studies/{uid}")
+            if r.status_code == 200:
+                view = r.json()
+                if view.get("state") in ("done", "failed"):
+                    return view
+            time.sleep(0.2)
+    raise AssertionError(f"study {uid} not screened in {timeout} s: {view}")
+
+
+def _send_study(port: int, folder: Path, *propose: str) -> tuple[str, str]:
+    """``storescu`` sends every file of ``folder``; returns the study UID and storescu's verbose log."""
+    files = sorted(folder.rglob("*.dcm"))
+    assert len(files) == N_SLICES
+    done = _storescu("-v", *propose, "+sd", "+r", "127.0.0.1", str(port), str(folder))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), done.stdout + done.stderr
+
+
+def _per_slice(result: CaseResult) -> list[tuple]:
+    return [(s.position_mm, s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in result.slices]
+
+
+@pytest.fixture(scope="module")
+def received(dimse_gateway, dimse_studies) -> dict[str, dict]:
+    """Each study pushed by storescu (plain: default syntaxes; twin: JPEG 2000 lossless proposed)."""
+    stack, port = dimse_gateway
+    sent = {"plain": _send_study(port, dimse_studies["plain"]), "j2k": _send_study(port, dimse_studies["j2k"], "-xv")}
+    return {name: {**_screened(stack.url, uid), "storescu_log": log} for name, (uid, log) in sent.items()}
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_c_echo(dimse_gateway):
+    _, port = dimse_gateway
+    done = subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wrong = subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(free_port())], capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode != 0  # the check can fail: nobody listens there
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_storescu_study_is_screened_with_every_slice(received, dimse_studies):
+    view = received["plain"]
+    assert view["state"] == "done", view
+    result = CaseResult.model_validate(view["result"])
+    sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in dimse_studies["plain"].rglob("*.dcm")}
+    assert result.n_slices == N_SLICES and {s.sop_instance_uid for s in result.slices} == sent
+    assert [s.index for s in result.slices] == list(range(N_SLICES))
+    if _trained():
+        assert result.verdict == "positive" and result.reason == "run_found", (result.reason, result.message)
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_jpeg2000_twin_gives_the_same_boxes(received, dimse_studies):
+    ts = pydicom.dcmread(next(dimse_studies["j2k"].rglob("*.dcm")), stop_before_pixels=True).file_meta
+    assert ts.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    assert "JPEG 2000 (Lossless only) -> JPEG 2000 (Lossless only)" in received["j2k"]["storescu_log"]  # sent as is
+    plain = CaseResult.model_validate(received["plain"]["result"])
+    j2k = CaseResult.model_validate(received["j2k"]["result"])
+    assert j2k.study_instance_uid != plain.study_instance_uid
+    assert (j2k.verdict, j2k.reason, j2k.n_slices) == (plain.verdict, plain.reason, plain.n_slices)
+    assert _per_slice(j2k) == _per_slice(plain)
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_non_ct_instance_is_refused_by_negotiation(dimse_gateway):
+    if not MR.is_file():
+        pytest.skip(f"{MR} is absent (the shared DICOM edge cases)")
+    stack, port = dimse_gateway
+    done = _storescu("-xv", "127.0.0.1", str(port), str(MR))
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 or "no presentation context" in out.lower() or "no acceptable" in out.lower(), out
+    study = str(pydicom.dcmread(MR, stop_before_pixels=True).StudyInstanceUID)
+    assert httpx.get(f"{stack.url}/v1/studies/{study}", timeout=30).status_code == 404
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_sr_of_a_screened_job(received, dimse_gateway):
+    stack, _ = dimse_gateway
+    view = received["plain"]
+    r = httpx.get(f"{stack.url}/v1/jobs/{view['job_id']}/sr", timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom"
+    sr = pydicom.dcmread(io.BytesIO(r.content))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == view["study_instance_uid"]
+    import highdicom
+
+    report = highdicom.sr.Comprehensive3DSR.from_dataset(sr)
+    (evaluation,) = report.content.get_image_measurement_groups()[0].get_qualitative_evaluations()
+    expected = {"positive": "Present", "negative": "Absent", "indeterminate": "Indeterminate"}
+    assert evaluation.value.meaning == expected[view["result"]["verdict"]]
+    missing = httpx.get(f"{stack.url}/v1/jobs/nosuchjob/sr", timeout=30)
+    assert missing.status_code == 404 and missing.json()["reason"] == "not_found"
+
+
+def test_serve_refuses_a_bad_dicom_port(capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--dicom-port", "70000"])
+    assert exc.value.code == 2 and "--dicom-port must be 1..65535" in capsys.readouterr().err
+
+
+# --- the SCP alone: statuses a full buffer and an unreadable header get ---------------------------
+@pytest.fixture
+def lone_scp():
+    """A StorageScp on its own loop thread, over a StowBuffer holding at most 64 KiB (never screened)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
+    thread.start()
+    stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=64 * 1024)  # type: ignore[arg-type]
+    scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE)
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
+    """pynetdicom as the SCU: 0x0000 stored, 0xA700 out of resources, 0xC000 cannot understand."""
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    small = ct_dataset(np.full((16, 16), -1000, np.int16))
+    big = ct_dataset(np.full((256, 256), -1000, np.int16), study_uid=str(small.StudyInstanceUID))
+    no_study = ct_dataset(np.full((16, 16), -1000, np.int16))
+    del no_study.StudyInstanceUID
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    scu.add_requested_context(MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (small, big, no_study)]
+        mr_contexts = [c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage]
+    finally:
+        assoc.release()
+    assert statuses == [SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND]
+    assert mr_contexts == []  # not negotiated
+    held = asyncio.run_coroutine_threadsafe(_pending(lone_scp.stow, str(small.StudyInstanceUID)), lone_scp.loop)
+    assert held.result(10)[0] == 1
+
+
+async def _pending(stow: StowBuffer, uid: str):
+    return stow.pending(uid)
+
+
+def test_sr_is_409_until_the_job_is_done():
+    """``TestClient`` with the fake Triton of ``tests.gateway_app_fakes`` (a slow one, so the job is caught
+    running); the live test above reads the SR of a study screened by the real Triton."""
+    from fastapi.testclient import TestClient
+
+    from gateway.main import create_app
+    from gateway.settings import Settings
+    from tests.gateway_app_fakes import FakeFleet, ct_series
+
+    uid, files = ct_series(6, lesion=(1, 2, 3))
+    app = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet(**{"fake:1": {"delay": 0.5}}))
+    with TestClient(app) as client:
+        job = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files])
+        assert job.status_code == 202, job.text
+        job_id = job.json()["job_id"]
+        early = client.get(f"/v1/jobs/{job_id}/sr")
+        assert early.status_code == 409 and early.json()["reason"] == "not_done", early.text
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/jobs/{job_id}").json()["state"] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        done = client.get(f"/v1/jobs/{job_id}/sr")
+    assert done.status_code == 200, done.text
+    sr = pydicom.dcmread(io.BytesIO(done.content))
+    assert sr.StudyInstanceUID == uid and sr.Modality == "SR"
