@@ -25,6 +25,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import free_port
 from gateway.cli import run_stack, serve_main
 from gateway.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StorageScp
+from gateway.ingest import load_study
 from gateway.stow import StowBuffer
 from tests.gateway_dicom_factory import ct_dataset
 from tests.test_e2e_gateway import _trained
@@ -179,11 +180,11 @@ def test_serve_refuses_a_bad_dicom_port(capsys):
 # --- the SCP alone: statuses a full buffer and an unreadable header get ---------------------------
 @pytest.fixture
 def lone_scp():
-    """A StorageScp on its own loop thread, over a StowBuffer holding at most 64 KiB (never screened)."""
+    """A StorageScp on its own loop thread, over a StowBuffer holding at most 512 KiB (never screened)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
     thread.start()
-    stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=64 * 1024)  # type: ignore[arg-type]
+    stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=512 * 1024)  # type: ignore[arg-type]
     scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE)
     scp.start()
     try:
@@ -201,7 +202,7 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
     small = ct_dataset(np.full((16, 16), -1000, np.int16))
-    big = ct_dataset(np.full((256, 256), -1000, np.int16), study_uid=str(small.StudyInstanceUID))
+    big = ct_dataset(np.full((512, 512), -1000, np.int16), study_uid=str(small.StudyInstanceUID))
     no_study = ct_dataset(np.full((16, 16), -1000, np.int16))
     del no_study.StudyInstanceUID
     scu = ApplicationEntity(ae_title="TESTSCU")
@@ -222,6 +223,49 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
 
 async def _pending(stow: StowBuffer, uid: str):
     return stow.pending(uid)
+
+
+async def _held(stow: StowBuffer) -> list[tuple[str, bytes]]:
+    return [item for p in stow._studies.values() for item in p.instances.values()]
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """Three 128-matrix phantom slices (explicit VR LE) and the HU the decoder reads from them."""
+    folder = Path(phantom.write_study(phantom.make_study(seed=3, n_slices=3, matrix=128),
+                                      tmp_path_factory.mktemp("small"), montage=False)) / "dicom"
+    files = sorted(folder.glob("*.dcm"))
+    return folder, load_study([(f.name, f.read_bytes()) for f in files]).hu
+
+
+@needs_dcmtk
+@pytest.mark.parametrize(
+    ("encoder", "propose", "syntax"),
+    [
+        (None, "-xi", pydicom.uid.ImplicitVRLittleEndian),
+        (None, "-xd", pydicom.uid.DeflatedExplicitVRLittleEndian),
+        (["dcmconv", "+tb"], "-xb", pydicom.uid.ExplicitVRBigEndian),
+        (["dcmcjpeg"], "-xs", pydicom.uid.JPEGLosslessSV1),
+        (["dcmcjpls"], "-xt", pydicom.uid.JPEGLSLossless),
+        (["dcmcrle"], "-xr", pydicom.uid.RLELossless),
+    ],
+    ids=["implicit", "deflated", "big-endian", "jpeg-lossless", "jpeg-ls", "rle"],
+)
+def test_transfer_syntaxes_arrive_as_sent_and_decode_to_the_same_hu(lone_scp, small_study, tmp_path, encoder,
+                                                                      propose, syntax):
+    """storescu sends in each syntax (files encoded by dcmtk first where storescu cannot convert)."""
+    folder, hu = small_study
+    if encoder is not None:
+        for f in sorted(folder.glob("*.dcm")):
+            subprocess.run([*encoder, str(f), str(tmp_path / f.name)], check=True, capture_output=True, timeout=60)
+        folder = tmp_path
+    done = _storescu("-v", propose, "+sd", "127.0.0.1", str(lone_scp.port), str(folder))
+    assert done.returncode == 0, done.stdout + done.stderr
+    held = asyncio.run_coroutine_threadsafe(_held(lone_scp.stow), lone_scp.loop).result(10)
+    assert len(held) == 3
+    assert {pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True).file_meta.TransferSyntaxUID for _, d in held} == {
+        syntax}
+    assert np.array_equal(load_study(held).hu, hu)
 
 
 def test_sr_is_409_until_the_job_is_done():
