@@ -293,3 +293,36 @@ def test_sr_is_409_until_the_job_is_done():
     assert done.status_code == 200, done.text
     sr = pydicom.dcmread(io.BytesIO(done.content))
     assert sr.StudyInstanceUID == uid and sr.Modality == "SR"
+
+
+def _echo_until_up(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(port)], capture_output=True, timeout=30).returncode == 0:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.mark.triton
+@needs_dcmtk
+def test_serve_with_dicom_port_answers_c_echo(triton):
+    """``ctscreen serve --dicom-port N`` (a real process) answers echoscu, then stops on Ctrl-C."""
+    import os
+    import signal
+    import sys
+
+    dicom_port = free_port()
+    cmd = [sys.executable, "-m", "ctscreen.cli", "serve", "--port", str(free_port()), "--triton-url", triton.grpc_url,
+           "--dicom-port", str(dicom_port)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        up = _echo_until_up(dicom_port, proc)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert up, out
+    assert proc.returncode == 0 and f"DICOM C-STORE SCP: AE {AE} on 127.0.0.1:{dicom_port}" in out, out
