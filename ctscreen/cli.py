@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"ctscreen: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"ctscreen: unknown command {name!r}; commands: {', '.join(COMMANDS)} (see 'ctscreen --help')",
+              file=sys.stderr)
         return 2
     target = COMMANDS[name][0]
     module_name, _, func_name = target.partition(":")
