@@ -489,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for READY")
     parser.add_argument("--quiet", action="store_true", help="do not forward the server log to stderr")
     args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if args.log_file is not None:
+        try:  # fail here with one line, not with a traceback once the server is launching
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.log_file, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            parser.error(f"--log-file {args.log_file} cannot be written: {exc.strerror or exc}")
     try:
         triton = EmbeddedTriton(
             args.repo,
