@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -182,11 +183,19 @@ def export_main(argv: list[str]) -> int:
             return 2
         print(f"updated {jpath}")
         return 0
+    try:  # before the slow torch import: an --out that cannot be written fails at once, in one line
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(f"{out.parent} is not writable")
+        metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    except OSError as exc:
+        p.error(f"--out {out}: {exc.strerror or exc}")
+    except ValueError as exc:
+        p.error(f"--metrics {args.metrics}: not JSON ({exc})")
     _torch_or_exit(p.prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     from training.export import export_checkpoint
 
-    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     try:
         info = export_checkpoint(
             task=args.task,
@@ -198,7 +207,7 @@ def export_main(argv: list[str]) -> int:
             opset=args.opset,
             check_parity=not args.no_parity,
         )
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2))
