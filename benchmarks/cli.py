@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -347,7 +348,16 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.results:
+        try:  # one line now rather than a traceback when the first figure is written
+            args.results.mkdir(parents=True, exist_ok=True)
+            if not os.access(args.results, os.W_OK):
+                raise PermissionError(f"{args.results} is not writable")
+        except OSError as exc:
+            parser.error(f"--results {args.results}: {exc.strerror or exc}")
         set_results_dir(args.results)
+    url = getattr(args, "url", None)
+    if url and not url.lower().startswith(("http://", "https://")):
+        parser.error(f"--url must start with http:// or https://, got {url!r}")
     if not args.cmd:
         parser.print_help()
         return 0
