@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -516,6 +517,24 @@ def eval_main(argv: list[str]) -> int:
         return 2
     if args.repo is not None and not args.repo.is_dir():
         print(f"ctscreen eval: --repo {args.repo}: not a directory", file=sys.stderr)
+        return 2
+    if args.triton_url:
+        from gateway.settings import check_endpoint  # lazily: the aggregator imports no gateway code
+
+        try:
+            check_endpoint(args.triton_url)
+        except ValueError as exc:
+            print(f"ctscreen eval: --triton-url: {exc}", file=sys.stderr)
+            return 2
+    if args.url and not args.url.lower().startswith(("http://", "https://")):
+        print(f"ctscreen eval: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
+        return 2
+    try:  # before the run, not after it: a report folder that cannot be written would lose the run
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(f"{args.out} is not writable")
+    except OSError as exc:
+        print(f"ctscreen eval: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
