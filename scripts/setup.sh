@@ -39,12 +39,25 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/nul
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 
+# pip, silent on success; on failure its whole log (less the noise of unreachable index folders)
+pip_quiet() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip "$@" >"$log" 2>&1; then
+    grep -v "^WARNING: Location 'file:" "$log" >&2 || true
+    rm -f "$log"
+    echo "setup: 'pip $*' failed" >&2
+    return 1
+  fi
+  rm -f "$log"
+}
+
 key=$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)
 stamp=".venv/.ctscreen-setup-$key"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing ctscreen${extras:+[$extras]} into .venv (first run takes a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  pip_quiet install --upgrade pip
+  pip_quiet install -e ".${extras:+[$extras]}"
   # numpy 2 makes the Triton python-backend stub send 0-byte tensors: refuse to go on with it.
   .venv/bin/python -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' \
     || { echo "setup: numpy >= 2 got installed; ctscreen needs numpy < 2" >&2; exit 1; }
