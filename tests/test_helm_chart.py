@@ -223,6 +223,8 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"triton": {"resources": {"limits": {"cpu": "lots"}}}}, "/triton/resources/limits/cpu"),
         ({"triton": {"securityContext": {"runAsUser": 0}}}, "/triton/securityContext/runAsUser"),
         ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
+        ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
+        ({"gateway": {"dicom": {"port": 0}}}, "/gateway/dicom/port"),
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
     ],
 )
@@ -363,6 +365,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.triton_batch_size == int(env["CTSCREEN_TRITON_BATCH_SIZE"])
     assert settings.triton_max_inflight == int(env["CTSCREEN_TRITON_MAX_INFLIGHT"])
     assert settings.max_upload_bytes == int(env["CTSCREEN_MAX_UPLOAD_BYTES"])
+    assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
 
     async def discover():
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the DNS fallback
@@ -385,6 +388,21 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
 class _Null:
     def set_endpoints(self, ready) -> None:
         pass
+
+
+def test_dicom_intake_is_off_by_default_and_sticky_per_sender_when_on(rendered):
+    """C-STORE: the gateway's Storage SCP port, a Service with ClientIP affinity, allowed by the policy."""
+    assert not [o for o in rendered["default"] if o["metadata"]["name"].endswith("-gateway-dicom")]
+    objs = rendered["production"]
+    svc = find(objs, "Service", "-gateway-dicom")
+    assert svc["spec"]["sessionAffinity"] == "ClientIP" and svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "dicom", "port": 104, "targetPort": "dicom", "protocol": "TCP"}]
+    gw = container(find(objs, "Deployment", "-gateway"), "gateway")
+    assert {"name": "dicom", "containerPort": 11112, "protocol": "TCP"} in gw["ports"]
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert env["CTSCREEN_DICOM_PORT"] == "11112" and env["CTSCREEN_DICOM_AE_TITLE"] == "CTSCREEN"
+    policy = find(objs, "NetworkPolicy", "-gateway")
+    assert {"port": "dicom", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
 
 
 def test_triton_service_is_headless_with_a_named_grpc_port(rendered):
