@@ -38,7 +38,7 @@ SYNTAXES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ctscreen bench decode", description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.slices < 1:
         parser.error("--slices must be >= 1")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")  # was: UnboundLocalError traceback
+    if min(args.workers) < 1:
+        parser.error(f"--workers must be >= 1, got {min(args.workers)}")
     print(f"pool: {args.pool}")
     print(f"{'syntax':14s} {'workers':>7s} {'ms/slice':>9s} {'300-slice study s':>18s} {'cpu ms/sl':>10s}")
     for name in args.syntax:
