@@ -47,12 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="also time write_study (explicit VR)")
     a = ap.parse_args(argv)
+    for name, value, lo, hi in (("--slices", a.slices, 1, 2000), ("--matrix", a.matrix, 64, 1024),
+                                ("--repeat", a.repeat, 1, 100), ("--seed", a.seed, 0, 2**31)):
+        if not lo <= value <= hi:
+            ap.error(f"{name} must be in {lo}..{hi}, got {value}")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeat):
             r = subprocess.run([sys.executable, "-c", _CHILD, str(a.seed + i), str(a.slices), str(a.matrix),
                                 "1" if a.write else "0", os.path.join(tmp, f"s{i}")],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+                print(f"bench_phantom: run {i} failed (exit {r.returncode}): {last}", file=sys.stderr)
+                return 1
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"run {i}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in runs[-1].items()))
