@@ -330,9 +330,30 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    """True when ``host:port`` cannot be bound now (another server holds it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_free(p: argparse.ArgumentParser, flag: str, host: str, port: int) -> None:
+    """Refuse a taken port up front, in one line, before anything is started."""
+    if port and _port_in_use(host, port):
+        p.error(f"{flag} {port}: {host}:{port} is already in use (another server?); pick another port or 0")
+
+
 def _check_stack_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not 0 <= args.port < 65536:
         p.error(f"--port must be 0..65535, got {args.port}")
+    _check_free(p, "--port", args.host, args.port)
     if args.repo is not None and not args.repo.is_dir():
         p.error(f"--repo {args.repo}: no such folder")
     if args.triton_url is not None:
@@ -355,6 +376,8 @@ def serve_main(argv: list[str]) -> int:
     _check_stack_args(p, args)
     if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
         p.error(f"--dicom-port must be 1..65535, got {args.dicom_port}")
+    if args.dicom_port is not None:
+        _check_free(p, "--dicom-port", args.host, args.dicom_port)
     if not 0 < len(args.dicom_ae_title.strip()) <= 16:
         p.error(f"--dicom-ae-title must be 1 to 16 characters, got {args.dicom_ae_title!r}")
     overrides = {} if args.dicom_port is None else {
@@ -391,6 +414,14 @@ def screen_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not args.url.startswith(("http://", "https://")):
         p.error(f"--url must start with http:// or https://, got {args.url!r}")
+    import httpx
+
+    try:
+        httpx.URL(args.url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        p.error(f"--url {args.url!r} is not a valid URL: {exc}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     for path in args.paths:
         if not path.exists():
             p.error(f"{path}: no such file or folder")
@@ -434,6 +465,11 @@ def demo_main(argv: list[str]) -> int:
     _check_stack_args(p, args)
     if not 8 <= args.slices <= 1000:
         p.error(f"--slices must be 8..1000, got {args.slices}")
+    if args.out is not None:
+        try:  # before anything starts: a bad folder must not cost a Triton start
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--out {args.out}: cannot be created ({exc.strerror or exc})")
     _logging(args.log_level)
     tmp = None
     try:

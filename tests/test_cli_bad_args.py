@@ -68,14 +68,13 @@ CASES = [
     (["bench", "load", "--url", "ftp://x"], "must start with http:// or https://"),  # was: "not loopback"
     (["bench", "decode", "--repeat", "0"], "--repeat must be >= 1"),  # was: UnboundLocalError traceback
     (["bench", "phantom", "--slices", "-3"], "--slices must be in 1..2000"),  # was: CalledProcessError traceback
-    pytest.param(["serve", "--port", "{taken}", "--triton-url", "127.0.0.1:{free}"], "port taken",
-                 marks=pytest.mark.xfail(strict=True, reason="gateway/cli.py: uvicorn's own ERROR line comes "
-                                                             "first (two lines)")),
-    pytest.param(["serve", "--port", "{free}", "--dicom-port", "{taken}", "--triton-url", "127.0.0.1:{free}"],
-                 "--dicom-port", marks=pytest.mark.xfail(strict=True, reason="gateway/dimse.py: OSError traceback "
-                                                         "from the lifespan, then a line naming the HTTP port")),
-    pytest.param(["screen", "--url", "http://[::1", "{tmp}"], "--url",
-                 marks=pytest.mark.xfail(strict=True, reason="gateway/cli.py: httpx.InvalidURL traceback")),
+    (["serve", "--port", "{taken}", "--triton-url", "127.0.0.1:{free}"], "already in use"),
+    (["demo", "--port", "{taken}", "--exit"], "already in use"),
+    (["serve", "--port", "{free}", "--dicom-port", "{taken}", "--triton-url", "127.0.0.1:{free}"],
+     "--dicom-port"),
+    (["screen", "--url", "http://[::1", "{tmp}"], "is not a valid URL"),
+    (["screen", "--timeout", "-1", "{tmp}"], "--timeout must be > 0"),
+    (["demo", "--out", UNWRITABLE, "--exit", "--port", "{free}"], "cannot be created"),
 ]
 
 
