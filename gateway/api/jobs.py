@@ -14,7 +14,11 @@ from gateway.jobs import JobState, JobView
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.get("/{job_id}", response_model=JobView, summary="State, progress and result of a job")
+_NOT_FOUND = {404: {"description": "no such job (unknown id, or expired after it was read)"}}
+
+
+@router.get("/{job_id}", response_model=JobView, summary="State, progress and result of a job",
+            responses=_NOT_FOUND)
 async def get_job(job_id: str, store: StoreDep) -> JobView:
     """The job: state, slices done/total, and the CaseResult once done."""
     return store.get(job_id)
@@ -24,7 +28,7 @@ async def get_job(job_id: str, store: StoreDep) -> JobView:
     "/{job_id}/events",
     summary="Progress of a job as server-sent events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **_NOT_FOUND},
 )
 async def job_events(job_id: str, store: StoreDep) -> StreamingResponse:
     """``event: progress`` at each change, then ``event: done`` or ``event: failed`` with the job."""
