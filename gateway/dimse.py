@@ -33,7 +33,7 @@ from typing import Any
 from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
-from gateway.errors import NotDicom
+from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.stow import InstanceHeader, StowBuffer, read_header
 
@@ -155,7 +155,11 @@ class StorageScp:
         if not self.stow.room_for(header.study_instance_uid, len(data)):
             self._count("out_of_resources")
             return OUT_OF_RESOURCES
-        self.stow.add(header, name, data)
+        try:
+            self.stow.add(header, name, data)  # on disk before 0x0000 when CTSCREEN_RESULTS_DIR is set
+        except GatewayError as exc:
+            self._count(exc.reason)
+            return PROCESSING_FAILURE
         return SUCCESS
 
     def _count(self, reason: str) -> None:

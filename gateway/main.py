@@ -85,7 +85,9 @@ def create_app(
             quiet_period_s=settings.stow_quiet_period_s,
             max_pending_studies=settings.stow_max_pending_studies,
             max_pending_bytes=settings.stow_max_pending_bytes,
+            spool_dir=None if settings.results_dir is None else settings.results_dir / "stow",
         )
+        stow.reload()  # accepted instances a previous run had not screened: screened after the quiet period
         metrics.attach(pool, store.state)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
         app.state.store, app.state.stow = store, stow

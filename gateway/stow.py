@@ -9,6 +9,14 @@ Memory is bounded: at most ``max_pending_studies`` studies and ``max_pending_byt
 an instance past either limit is refused (STOW failure 0xA700, "out of resources"). Once a study is
 submitted its instances are kept (and counted) until its job finishes, so instances that arrive late
 make the study pending again with all its instances, and it is screened again.
+
+Durability: with ``spool_dir`` set (``<CTSCREEN_RESULTS_DIR>/stow``), every instance is written to
+``<spool_dir>/<study>/<sop>.dcm`` (temp file + rename) before it is acknowledged, and a study's files
+are removed once its job has finished (the job spool of :class:`~gateway.jobs.JobStore` owns them from
+submission on). :meth:`StowBuffer.reload` puts the studies a previous process left back in the buffer,
+so they are screened after the quiet period as usual; a half-received study is never screened at
+shut-down. A study whose submission fails unexpectedly stays pending and is retried with back-off.
+Without ``spool_dir``, instances waiting at shut-down are lost (logged at WARNING).
 """
 
 from __future__ import annotations
@@ -16,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.dicom import CT_SOP_CLASSES, read_dataset
-from gateway.errors import NotDicom
-from gateway.jobs import TERMINAL, Busy, Job, JobNotFound, JobStore
+from gateway.errors import NotDicom, Unavailable
+from gateway.jobs import TERMINAL, Busy, Job, JobNotFound, JobStore, _safe
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +84,8 @@ class _Pending:
     dirty: bool = True  # instances arrived since the last submission
     job: Job | None = None
     force: bool = False
+    failures: int = 0  # unexpected submission errors in a row
+    retry_at: float = 0.0  # monotonic time before which no submission is retried
 
 
 class StowBuffer:
@@ -89,11 +101,18 @@ class StowBuffer:
         Studies held at once.
     max_pending_bytes : int
         Bytes held at once.
+    spool_dir : Path | None
+        Where accepted instances are written before they are acknowledged (``<results_dir>/stow``);
+        None keeps them in memory only (lost at shut-down).
     """
 
+    max_retry_s = 60.0
+    """Longest wait between two tries of a study whose submission failed unexpectedly."""
+
     def __init__(self, store: JobStore, *, quiet_period_s: float = 10.0, max_pending_studies: int = 16,
-                 max_pending_bytes: int = 4 * 1024**3) -> None:
+                 max_pending_bytes: int = 4 * 1024**3, spool_dir: Path | None = None) -> None:
         self.store = store
+        self.spool_dir = spool_dir
         self.quiet_period_s = quiet_period_s
         self.max_pending_studies = max_pending_studies
         self.max_pending_bytes = max_pending_bytes
@@ -118,7 +137,29 @@ class StowBuffer:
         return self.nbytes + nbytes <= self.max_pending_bytes
 
     def add(self, header: InstanceHeader, filename: str, data: bytes) -> None:
-        """Hold one instance (the caller checked :meth:`room_for`); replaces one with the same UID."""
+        """Hold one instance (the caller checked :meth:`room_for`); replaces one with the same UID.
+
+        With ``spool_dir`` set the instance is on disk when this returns.
+
+        Raises
+        ------
+        gateway.errors.Unavailable
+            When the instance cannot be written to ``spool_dir`` (it is not held; answer failure).
+        """
+        if self.spool_dir is not None:
+            path = self._path(header.study_instance_uid, header.sop_instance_uid)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as exc:
+                logger.error("STOW instance %s not stored: cannot write %s: %s", header.sop_instance_uid, path, exc)
+                raise Unavailable(f"The instance could not be stored durably: {exc.strerror or exc}.",
+                                  filename=filename) from exc
+        self._hold(header, filename, data)
+
+    def _hold(self, header: InstanceHeader, filename: str, data: bytes) -> None:
         p = self._studies.get(header.study_instance_uid)
         if p is None:
             p = self._studies[header.study_instance_uid] = _Pending(header.study_instance_uid)
@@ -164,20 +205,79 @@ class StowBuffer:
         nxt = 1.0
         for uid, p in list(self._studies.items()):
             if p.dirty:
-                due = p.last_rx + self.quiet_period_s
-                if p.force or now >= due:
+                due = max(p.retry_at, p.last_rx + self.quiet_period_s)
+                if now >= p.retry_at and (p.force or now >= due):
                     try:
                         self._submit(p)
+                        p.failures = 0
                     except Busy:
                         nxt = min(nxt, 0.5)
-                    except Exception as exc:  # noqa: BLE001 - the loop must survive
-                        logger.warning("STOW study %s could not be submitted: %s", uid, exc)
-                        del self._studies[uid]
+                    except Exception:  # noqa: BLE001 - the loop must survive; the study stays pending
+                        p.failures += 1
+                        wait = min(self.max_retry_s, 0.5 * 2 ** (p.failures - 1))
+                        p.retry_at = now + wait
+                        logger.exception("STOW study %s could not be submitted (try %d); retrying in %g s",
+                                         uid, p.failures, wait)
+                        nxt = min(nxt, wait)
                 else:
                     nxt = min(nxt, due - now)
             elif p.job is not None and p.job.state in TERMINAL:
                 del self._studies[uid]
+                self._unspool(uid)
         return max(0.01, nxt)
+
+    # --- durability --------------------------------------------------------------------------
+    def _path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
+        assert self.spool_dir is not None
+        return self.spool_dir / _safe(study_instance_uid) / f"{_safe(sop_instance_uid)}.dcm"
+
+    def _unspool(self, study_instance_uid: str) -> None:
+        if self.spool_dir is None:
+            return
+        folder = self.spool_dir / _safe(study_instance_uid)
+        try:
+            if folder.is_dir():
+                for f in folder.iterdir():
+                    f.unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError as exc:  # a leftover is screened again at the next start, never lost
+            logger.warning("could not remove the STOW files of study %s: %s", study_instance_uid, exc)
+
+    def reload(self) -> int:
+        """Hold again the instances a previous process accepted and did not see screened.
+
+        Each study is screened after the quiet period, as if its last instance had just arrived (a
+        study whose job the store resumed, with the same instances, is attached to that job instead).
+        Unreadable files are left in place and logged. Returns the number of instances reloaded.
+        """
+        if self.spool_dir is None or not self.spool_dir.is_dir():
+            return 0
+        n = 0
+        for folder in sorted(d for d in self.spool_dir.iterdir() if d.is_dir()):
+            for path in sorted(folder.glob("*.dcm")):
+                try:
+                    data = path.read_bytes()
+                    header = read_header(data, path.name)
+                except (OSError, NotDicom) as exc:
+                    logger.warning("STOW file %s not reloaded: %s", path, exc)
+                    continue
+                self._hold(header, f"stow:{path.name}", data)
+                n += 1
+        for uid, p in self._studies.items():
+            job = self._resumed_job(uid)
+            if job is not None and job.files == len(p.instances):
+                p.job, p.dirty = job, False
+        if n:
+            logger.warning("reloaded %d accepted STOW instances of %d studies left by a previous run",
+                           n, len(self._studies))
+        return n
+
+    def _resumed_job(self, study_instance_uid: str) -> Job | None:
+        try:
+            job = self.store.job(self.store.latest_for_study(study_instance_uid).job_id)
+        except JobNotFound:
+            return None
+        return job if job.state not in TERMINAL and job.origin == "stow" else None
 
     async def _loop(self) -> None:
         while True:
@@ -194,11 +294,23 @@ class StowBuffer:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="stow-trigger")
 
     async def close(self) -> None:
-        """Stop the trigger; studies still held are logged (they were not screened)."""
+        """Stop the trigger; studies still held are not screened (they may be incomplete).
+
+        With ``spool_dir`` they stay on disk for :meth:`reload`; without it they are lost, and the
+        loss is logged at WARNING.
+        """
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        waiting = [p.uid for p in self._studies.values() if p.dirty]
-        if waiting:
-            logger.warning("stopping with %d STOW studies not yet screened: %s", len(waiting), waiting)
+        waiting = [p for p in self._studies.values() if p.dirty]
+        if not waiting:
+            return
+        instances = sum(len(p.instances) for p in waiting)
+        uids = [p.uid for p in waiting]
+        if self.spool_dir is not None:
+            logger.info("stopping with %d STOW studies (%d instances) not yet screened; kept in %s for the "
+                        "next start: %s", len(waiting), instances, self.spool_dir, uids)
+        else:
+            logger.warning("stopping: %d accepted STOW/C-STORE instances of %d studies are LOST (not yet "
+                           "screened; set CTSCREEN_RESULTS_DIR to keep them): %s", instances, len(waiting), uids)

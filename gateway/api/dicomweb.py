@@ -106,7 +106,8 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
             continue
         try:
             stow.add(header, name, content)
-        except GatewayError:  # pragma: no cover - add() raises nothing today
+        except GatewayError as exc:  # could not be written durably (CTSCREEN_RESULTS_DIR)
+            metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PROCESSING_FAILURE))
             continue
         referenced.append(_item(header.sop_class_uid, header.sop_instance_uid))
