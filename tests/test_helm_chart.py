@@ -365,6 +365,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.triton_batch_size == int(env["CTSCREEN_TRITON_BATCH_SIZE"])
     assert settings.triton_max_inflight == int(env["CTSCREEN_TRITON_MAX_INFLIGHT"])
     assert settings.max_upload_bytes == int(env["CTSCREEN_MAX_UPLOAD_BYTES"])
+    assert str(settings.results_dir) == env["CTSCREEN_RESULTS_DIR"] == "/var/lib/ctscreen"
     assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
 
     async def discover():
@@ -403,6 +404,17 @@ def test_dicom_intake_is_off_by_default_and_sticky_per_sender_when_on(rendered):
     assert env["CTSCREEN_DICOM_PORT"] == "11112" and env["CTSCREEN_DICOM_AE_TITLE"] == "CTSCREEN"
     policy = find(objs, "NetworkPolicy", "-gateway")
     assert {"port": "dicom", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+
+
+def test_gateway_keeps_accepted_work_on_a_volume():
+    """CTSCREEN_RESULTS_DIR is mounted: an emptyDir by default, a PersistentVolumeClaim when named."""
+    for values, kind in (({}, "emptyDir"), ({"gateway": {"resultsDir": {"claimName": "ctscreen-results"}}},
+                                             "persistentVolumeClaim")):
+        gateway = find(render(values), "Deployment", "-gateway")
+        mounts = {m["name"]: m["mountPath"] for m in container(gateway, "gateway")["volumeMounts"]}
+        assert mounts["results"] == "/var/lib/ctscreen"
+        volume = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "results")
+        assert kind in volume
 
 
 def test_triton_service_is_headless_with_a_named_grpc_port(rendered):
