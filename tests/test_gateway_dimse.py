@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
+import os
 import subprocess
 import threading
 import time
@@ -31,7 +31,24 @@ from tests.gateway_dicom_factory import ct_dataset
 from tests.test_e2e_gateway import _trained
 
 pytestmark = pytest.mark.timeout(300)
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("echoscu") is None,
+
+
+def _dcmtk(name: str) -> str | None:
+    """Path of dcmtk's ``name`` on PATH, skipping same-named Python scripts (pynetdicom installs its own
+    ``storescu``/``echoscu`` console scripts into the venv, which comes first on PATH under scripts/test.sh)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        try:
+            with candidate.open("rb") as fh:
+                if fh.read(4) == b"\x7fELF" and os.access(candidate, os.X_OK):
+                    return str(candidate)
+        except OSError:
+            continue
+    return None
+
+
+STORESCU, ECHOSCU = _dcmtk("storescu"), _dcmtk("echoscu")
+needs_dcmtk = pytest.mark.skipif(STORESCU is None or ECHOSCU is None,
                                  reason="dcmtk (storescu, echoscu) is not installed: scripts/setup.sh --test installs it")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +78,7 @@ def dimse_gateway(triton):
 
 
 def _storescu(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["storescu", "-aec", AE, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([STORESCU, "-aec", AE, *args], capture_output=True, text=True, timeout=120)
 
 
 def _screened(url: str, uid: str, timeout: float = 120.0) -> dict:
@@ -104,9 +121,9 @@ def received(dimse_gateway, dimse_studies) -> dict[str, dict]:
 @needs_dcmtk
 def test_c_echo(dimse_gateway):
     _, port = dimse_gateway
-    done = subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    wrong = subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(free_port())], capture_output=True, text=True,
+    wrong = subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(free_port())], capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode != 0  # the check can fail: nobody listens there
 
@@ -298,7 +315,7 @@ def test_sr_is_409_until_the_job_is_done():
 def _echo_until_up(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(port)], capture_output=True, timeout=30).returncode == 0:
+        if subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(port)], capture_output=True, timeout=30).returncode == 0:
             return True
         time.sleep(0.3)
     return False
