@@ -51,6 +51,7 @@ import numpy as np
 
 from aggregator.report import DEFAULT_CUTOFFS, EvalCase, Goal, build_report, render_markdown
 from aggregator.schema import CaseResult
+from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
 
 logger = logging.getLogger(__name__)
@@ -459,16 +460,6 @@ def _cutoffs(text: str) -> list[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctscreen eval",
@@ -486,13 +477,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=None,
                    help="embedded stack: a rendered Triton repository (default: the cpu profile rendered from "
                         "model_repository/); --in-process: a folder of <model>/1/model.onnx (default model_repository/)")
-    p.add_argument("--make-phantom", type=_positive_int, metavar="N",
+    p.add_argument("--make-phantom", type=positive(int), metavar="N",
                    help="first write N held-out phantom studies into --data (existing ones are kept)")
     p.add_argument("--work", type=Path, default=Path("out/eval-work"),
                    help="where a NIfTI set is written as DICOM studies (default out/eval-work)")
-    p.add_argument("--phantom-slices", type=_positive_int, default=None, help="slices per phantom study")
-    p.add_argument("--limit", type=_positive_int, help="evaluate the first N studies only")
-    p.add_argument("--concurrency", type=_positive_int, default=2,
+    p.add_argument("--phantom-slices", type=positive(int), default=None, help="slices per phantom study")
+    p.add_argument("--limit", type=positive(int), help="evaluate the first N studies only")
+    p.add_argument("--concurrency", type=positive(int), default=2,
                    help="studies in flight at once on the serving path (default 2; --in-process runs one at a time)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
     p.add_argument("--indeterminate-as", choices=("positive", "negative", "exclude"), default="positive",

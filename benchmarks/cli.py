@@ -40,6 +40,7 @@ from benchmarks.common import (
     stamp,
     write_json,
 )
+from ctscreen.cliargs import positive_list
 
 logger = logging.getLogger("benchmarks")
 
@@ -55,26 +56,6 @@ DELEGATES = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, never a traceback
         self.exit(2, f"ctscreen bench: error: {message}\n")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-    return vals
 
 
 def _range(text: str) -> tuple[int, int, int]:
@@ -110,8 +91,8 @@ def _add_target(p: argparse.ArgumentParser, gateway: bool) -> None:
 def _add_load(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("case-level load")
     g.add_argument("--mode", choices=("poisson", "bursty", "closed"), default="closed")
-    g.add_argument("--rates", type=_float_list, default=[0.02], help="studies/s for poisson/bursty, comma list = sweep")
-    g.add_argument("--concurrency", type=_int_list, default=[1, 2], help="closed loop: studies in flight, list = sweep")
+    g.add_argument("--rates", type=positive_list(float), default=[0.02], help="studies/s for poisson/bursty, comma list = sweep")
+    g.add_argument("--concurrency", type=positive_list(int), default=[1, 2], help="closed loop: studies in flight, list = sweep")
     g.add_argument("--burst", type=int, default=3, help="bursty: studies per burst")
     g.add_argument("--duration", type=float, default=120.0, help="arrival window per run, seconds")
     g.add_argument("--max-studies", type=int, default=6, help="studies per run at most")
@@ -163,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_perf(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perf_analyzer")
     g.add_argument("--models", default="valid_area,lesion,postprocess,ct_screen")
-    g.add_argument("--batches", type=_int_list, default=[1, 4], help="batch sizes per request")
+    g.add_argument("--batches", type=positive_list(int), default=[1, 4], help="batch sizes per request")
     g.add_argument("--pa-concurrency", type=_range, default=(1, 4, 1), help="start:end:step")
     g.add_argument("--request-count", type=int, default=16, help="requests per measurement window")
     g.add_argument("--stability", type=int, default=50,

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from ctscreen.cliargs import positive, positive_list
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -659,43 +661,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ctscreen bench scaling: error: {message}\n")
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a value > 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _costs(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return vals
-
-
 def main(argv: list[str] | None = None) -> int:
     """``ctscreen bench scaling``: simulate and write ``benchmarks/results/scaling/``."""
     parser = _Parser(prog="ctscreen bench scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--days", type=_positive(float), default=Workload.days)
-    parser.add_argument("--hospitals", type=_positive(int), default=Workload.hospitals)
-    parser.add_argument("--studies-per-hospital-day", type=_positive(float), default=Workload.studies_per_hospital_day)
+    parser.add_argument("--days", type=positive(float), default=Workload.days)
+    parser.add_argument("--hospitals", type=positive(int), default=Workload.hospitals)
+    parser.add_argument("--studies-per-hospital-day", type=positive(float), default=Workload.studies_per_hospital_day)
     parser.add_argument("--bursts-per-day", type=float, default=Workload.bursts_per_day)
-    parser.add_argument("--slice-cost", type=_costs, default=[0.005, 0.02],
+    parser.add_argument("--slice-cost", type=positive_list(float, "seconds"), default=[0.005, 0.02],
                         help="GPU seconds per slice per replica, comma separated (default 0.005,0.02)")
-    parser.add_argument("--startup-s", type=_positive(float), default=Cluster.startup_s)
-    parser.add_argument("--max-replicas", type=_positive(int), default=Cluster.max_replicas)
-    parser.add_argument("--min-replicas", type=_positive(int), default=Cluster.min_replicas)
+    parser.add_argument("--startup-s", type=positive(float), default=Cluster.startup_s)
+    parser.add_argument("--max-replicas", type=positive(int), default=Cluster.max_replicas)
+    parser.add_argument("--min-replicas", type=positive(int), default=Cluster.min_replicas)
     parser.add_argument("--batching-delay-us", type=float, default=Cluster.batching_delay_us)
-    parser.add_argument("--backlog-target-s", type=_positive(float), default=OURS.target,
+    parser.add_argument("--backlog-target-s", type=positive(float), default=OURS.target,
                         help="ctscreen policy: target seconds to drain the backlog (chart: backlogSecondsPerReplica)")
     parser.add_argument("--seed", type=int, default=Workload.seed)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

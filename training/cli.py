@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from ctscreen.cliargs import positive
 from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
 
 TASK_ALIASES = {"valid-area": VALID_AREA_MODEL, "valid_area": VALID_AREA_MODEL, "lesion": LESION_MODEL}
@@ -39,26 +40,6 @@ def _task(value: str) -> str:
     if value not in TASK_ALIASES:
         raise argparse.ArgumentTypeError(f"task must be valid-area or lesion, got {value!r}")
     return TASK_ALIASES[value]
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
 
 
 def _torch_or_exit(prog: str) -> None:
@@ -82,23 +63,23 @@ def train_main(argv: list[str]) -> int:
         "`ctscreen phantom`) or 'nifti:DIR' (volumes + lesion masks [+ lung masks]); default phantom",
     )
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<task>-<profile>)")
-    p.add_argument("--studies", type=_positive_int, default=48, help="phantom studies to train on")
-    p.add_argument("--slices", type=_positive_int, default=64, help="slices per phantom study")
+    p.add_argument("--studies", type=positive(int), default=48, help="phantom studies to train on")
+    p.add_argument("--slices", type=positive(int), default=64, help="slices per phantom study")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, sampling and phantom studies")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in all")
-    p.add_argument("--batch", type=_positive_int, default=8)
-    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--steps", type=positive(int), default=2000, help="optimiser steps in all")
+    p.add_argument("--batch", type=positive(int), default=8)
+    p.add_argument("--lr", type=positive(float), default=2e-3)
     p.add_argument(
         "--crop",
-        type=_positive_int,
+        type=positive(int),
         default=None,
         help="train on windows of this size at the net's input resolution (e.g. 128 for the lite "
         "lesion net at 256): ~4x cheaper per step; default whole slices",
     )
-    p.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations")
+    p.add_argument("--val-every", type=positive(int), default=250, help="steps between validations")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     _torch_or_exit(p.prog)
