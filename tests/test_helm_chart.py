@@ -14,8 +14,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -479,79 +477,3 @@ def test_dashboard_has_the_panels_ops_need(rendered):
     configmap = find(rendered["production"], "ConfigMap", "-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["ctscreen-overview.json"]) == board
-
-
-# --- the engine-build init script ---------------------------------------------------------------------
-
-FAKE_TRTEXEC = """#!/bin/sh
-echo "$@" >> "$TRTEXEC_LOG"
-for a in "$@"; do case "$a" in --saveEngine=*) printf 'plan for %s\\n' "$*" > "${a#--saveEngine=}";; esac; done
-"""
-
-
-def _run_build(tmp_path: Path, gpu: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
-    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho '{gpu}'\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    dst = tmp_path / "models"
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir()
-    env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin", "SRC": str(tmp_path / "src"), "DST": str(dst),
-        "CACHE": str(tmp_path / "cache"), "BUILD": "true", "MODELS": "valid_area lesion",
-        "INPUT_NAME": "HU_SLICES", "MIN_BATCH": "1", "OPT_BATCH": "8", "MAX_BATCH": "16",
-        "PRECISION": "fp16", "WORKSPACE_MIB": "1024", "BUILD_TIMEOUT": "60", "EXTRA_FLAGS": "",
-        "TRT_VERSION": "10.5.0", "TRTEXEC_LOG": str(tmp_path / "trtexec.log"), "HOSTNAME": "pod-a",
-        **(env_extra or {}),
-    }
-    return subprocess.run(["bash", str(CHART / "files" / "build-engines.sh")], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
-def _calls(tmp_path: Path) -> list[str]:
-    log = tmp_path / "trtexec.log"
-    return log.read_text().splitlines() if log.exists() else []
-
-
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="needs bash")
-def test_engine_build_is_cached_by_gpu_product_tensorrt_version_and_onnx(tmp_path):
-    """Runs the chart's init script with stand-ins for trtexec and nvidia-smi (no GPU here)."""
-    for model in ("valid_area", "lesion"):
-        d = tmp_path / "src" / model / "1"
-        d.mkdir(parents=True)
-        (d / "model.onnx").write_bytes(f"onnx {model}".encode())
-        (tmp_path / "src" / model / "config.pbtxt").write_text(f'name: "{model}"\nplatform: "tensorrt_plan"\n')
-
-    first = _run_build(tmp_path, "NVIDIA A100-SXM4-80GB")
-    assert first.returncode == 0, first.stderr
-    assert len(_calls(tmp_path)) == 2
-    assert "--minShapes=HU_SLICES:1x1x512x512" in _calls(tmp_path)[0]
-    assert "--maxShapes=HU_SLICES:16x1x512x512" in _calls(tmp_path)[0] and "--fp16" in _calls(tmp_path)[0]
-    plan = tmp_path / "models" / "lesion" / "1" / "model.plan"
-    assert plan.is_symlink() and "NVIDIA-A100-SXM4-80GB/trt-10.5.0/lesion-" in os.readlink(plan)
-    assert plan.read_text().startswith("plan for")
-    assert not (tmp_path / "models" / "lesion" / "1" / "model.onnx").exists()
-    assert (tmp_path / "models" / "lesion" / "config.pbtxt").exists()
-
-    again = _run_build(tmp_path, "NVIDIA A100-SXM4-80GB")
-    assert again.returncode == 0 and len(_calls(tmp_path)) == 2, "cached plans must not be rebuilt"
-    assert "cached plan" in again.stdout
-
-    other_gpu = _run_build(tmp_path, "NVIDIA L4")
-    assert other_gpu.returncode == 0 and len(_calls(tmp_path)) == 4
-    new_trt = _run_build(tmp_path, "NVIDIA L4", {"TRT_VERSION": "10.7.0"})
-    assert new_trt.returncode == 0 and len(_calls(tmp_path)) == 6
-
-    (tmp_path / "src" / "lesion" / "1" / "model.onnx").write_bytes(b"retrained lesion net")
-    new_onnx = _run_build(tmp_path, "NVIDIA L4", {"TRT_VERSION": "10.7.0"})
-    assert new_onnx.returncode == 0 and len(_calls(tmp_path)) == 7, "only the changed model is rebuilt"
-
-
-def test_engine_build_fails_loudly_without_an_onnx(tmp_path):
-    (tmp_path / "src" / "valid_area" / "1").mkdir(parents=True)
-    result = _run_build(tmp_path, "NVIDIA L4", {"MODELS": "valid_area"})
-    assert result.returncode != 0
-    assert "model.onnx not found" in result.stderr
