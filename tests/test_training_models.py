@@ -266,3 +266,47 @@ def test_paper_profile_trains_a_few_steps_on_the_real_recipe_and_exports(tmp_pat
     proto = onnx.load(str(tmp_path / "paper.onnx"), load_external_data=False)
     assert proto.graph.input[0].name == c.HU_SLICES and proto.graph.output[0].name == c.PROB
     assert info["size_bytes"] > 100e6  # ResNet-50 encoder: the paper's network, not the lite one
+
+
+@pytest.mark.torch
+def test_calibration_offset_moves_the_operating_point_to_the_fixed_cutoff(tmp_path):
+    """A calibration chosen on validation data (cut-off t) goes into the graph as logit(t): a pixel the
+    uncalibrated net scores t scores 0.50 in the exported file, so the case rule's 0.50 stays."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+    import math
+
+    from training.export import export_checkpoint
+    from training.nets import HUSegmenter
+
+    torch.manual_seed(0)
+    model = HUSegmenter(_tiny_spec()).eval()
+    ckpt = {"task": "lesion", "profile": "lite", "spec": model.spec.to_dict(), "model": model.state_dict(),
+            "step": 1, "training": {}}
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    hu = np.random.default_rng(2).integers(-1100, 300, (1, 1, 512, 512)).astype(np.int16)
+    with torch.no_grad():
+        raw = model(torch.from_numpy(hu)).numpy()
+    cal = {"cutoff": 0.7, "logit_offset": math.log(0.7 / 0.3)}
+    export_checkpoint(task="lesion", checkpoint=tmp_path / "x.ckpt", out=tmp_path / "c.onnx", calibration=cal)
+    (out,) = ort.InferenceSession(str(tmp_path / "c.onnx")).run([c.PROB], {c.HU_SLICES: hu})
+    # sigmoid(z - logit(t)) >= 0.5 exactly where sigmoid(z) >= t
+    np.testing.assert_allclose(out, 1 / (1 + (1 / raw - 1) * 7 / 3), atol=1e-4)
+    assert ((out >= 0.5) == (raw >= 0.7)).mean() > 0.999
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["architecture"]["logit_offset"] == pytest.approx(cal["logit_offset"])
+    assert card["training"]["calibration"]["cutoff"] == 0.7
+    assert dataclasses.replace(model.spec).logit_offset == 0.0  # training never sees it
+
+
+def test_calibration_picks_the_lowest_cutoff_that_meets_every_goal():
+    from training.calibrate import choose
+
+    def acc(hit, false, fp):
+        return {"pos": 10, "hit": hit, "boxes": 20, "false": false, "slices": 20, "fp": {"tb": (fp, 50)}}
+
+    cutoff, table = choose({0.5: acc(10, 12, 0), 0.6: acc(10, 5, 0), 0.7: acc(9, 2, 0), 0.8: acc(8, 1, 0)})
+    assert cutoff == 0.6 and [r["meets"] for r in table] == [False, True, True, False]
+    # none meets: the best trade-off, hard negatives weighing most
+    cutoff, _ = choose({0.5: acc(10, 2, 5), 0.6: acc(9, 2, 0)})
+    assert cutoff == 0.6

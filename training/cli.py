@@ -158,6 +158,12 @@ def export_main(argv: list[str]) -> int:
     )
     p.add_argument("--version", default=None, help="model card version (default from the checkpoint)")
     p.add_argument("--metrics", type=Path, default=None, help="JSON of metrics to put into the card")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="JSON written by `python -m training.calibrate` (its logit_offset goes into the graph)",
+    )
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-parity", action="store_true", help="skip the torch vs ORT check")
     args = p.parse_args(argv)
@@ -165,6 +171,13 @@ def export_main(argv: list[str]) -> int:
         p.error(f"--checkpoint: no such file: {args.checkpoint}")
     if args.metrics is not None and not args.metrics.is_file():
         p.error(f"--metrics: no such file: {args.metrics}")
+    calibration = None
+    if args.calibration is not None:
+        try:
+            calibration = json.loads(args.calibration.read_text())
+            float(calibration["logit_offset"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--calibration {args.calibration}: not a calibration file ({exc})")
     if args.opset < 17:
         p.error(f"--opset must be 17 or later, got {args.opset}")
     out = args.out or REPO_ROOT / "model_repository" / args.task / "1" / "model.onnx"
@@ -203,6 +216,7 @@ def export_main(argv: list[str]) -> int:
             metrics=metrics,
             opset=args.opset,
             check_parity=not args.no_parity,
+            calibration=calibration,
         )
     except (ValueError, KeyError, OSError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ FP32 ``[B, 1, 512, 512]`` (see :mod:`ctscreen.contracts`); opset :data:`OPSET`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -100,8 +101,12 @@ def export_checkpoint(
     metrics: dict | None = None,
     opset: int = OPSET,
     check_parity: bool = True,
+    calibration: dict | None = None,
 ) -> dict:
     """Export a checkpoint (or, with ``checkpoint=None``, untrained weights) with its model card.
+
+    ``calibration`` (written by ``training.calibrate``) puts its ``logit_offset`` into the graph and
+    itself into the card.
 
     Returns a summary dict: path, sha256, size, parity (max |torch - ORT|).
     """
@@ -121,6 +126,8 @@ def export_checkpoint(
             raise ValueError(f"checkpoint {checkpoint} is a {ckpt['task']!r} model, not {task!r}.")
         profile = ckpt["profile"]
         spec = NetSpec.from_dict(ckpt["spec"])
+        if calibration is not None:
+            spec = dataclasses.replace(spec, logit_offset=float(calibration["logit_offset"]))
         model = HUSegmenter(spec)
         model.load_state_dict(ckpt["model"])
         trained = True
@@ -140,6 +147,8 @@ def export_checkpoint(
         training["validation_at_checkpoint"] = ckpt["metrics"]
     if ckpt.get("config"):
         training["config"] = ckpt["config"]
+    if calibration is not None:
+        training["calibration"] = calibration
     card = make_card(
         task=task,
         profile=profile,

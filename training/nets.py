@@ -43,6 +43,10 @@ class NetSpec:
     """HU window (low, high) mapped to [0, 1]; the lung window W 1500 / L -600 by default."""
     arch: str = "UnetPlusPlus"
     extra: dict = field(default_factory=dict)
+    logit_offset: float = 0.0
+    """Subtracted from the logits before the sigmoid of the exported graph: a calibration chosen on
+    the validation split (``training.calibrate``) so that the paper's fixed 0.50 cut-off falls where
+    the validation data put it. Training never sees it."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,6 +114,7 @@ class HUSegmenter(nn.Module):
         lo, hi = spec.window
         self.register_buffer("w_lo", torch.tensor(float(lo)), persistent=False)
         self.register_buffer("w_scale", torch.tensor(1.0 / (float(hi) - float(lo))), persistent=False)
+        self.register_buffer("logit_offset", torch.tensor(float(spec.logit_offset)), persistent=False)
 
     def prepare(self, hu: torch.Tensor) -> torch.Tensor:
         """Window, scale and pool HU ``[B, 1, 512, 512]`` (any dtype) to the net's input."""
@@ -130,7 +135,7 @@ class HUSegmenter(nn.Module):
         z = self.logits(hu)
         if self.pool > 1:
             z = F.interpolate(z, scale_factor=float(self.pool), mode="bilinear", align_corners=False)
-        return torch.sigmoid(z)
+        return torch.sigmoid(z - self.logit_offset)
 
 
 def build(task: str, profile: str, spec: NetSpec | None = None) -> HUSegmenter:
