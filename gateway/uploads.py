@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import re
 import stat
 import zipfile
@@ -86,7 +87,7 @@ def is_zip(data: bytes) -> bool:
 
 
 def iter_upload(
-    filename: str, data: bytes, limits: UploadLimits | None = None
+    filename: str, data: bytes | mmap.mmap, limits: UploadLimits | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """Yield the files in one upload: the file itself, or every member of a zip archive.
 
@@ -121,7 +122,7 @@ def iter_upload(
             raise TooLarge(
                 f"File is {len(data)} bytes; the limit is {limits.max_file_bytes}.", filename=filename
             )
-        yield filename, data
+        yield filename, bytes(data)  # a memory-mapped body (gateway.admission) becomes the file's bytes
         return
     yield from _iter_zip(filename, data, limits)
 
@@ -138,7 +139,7 @@ def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
 
 def _iter_zip(filename: str, data: bytes, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(data if hasattr(data, "seek") else io.BytesIO(data))  # mmap: read in place
         infos = zf.infolist()
     except (
         zipfile.BadZipFile,
