@@ -72,3 +72,14 @@ def check_header_uids(header: object) -> None:
         value = getattr(header, attr, "") or ""
         if value and not value.endswith("#nouid"):  # '#nouid': the decoder's stand-in for a missing SOP UID
             check_uid(value, name)
+
+
+def _register() -> None:
+    """Make ``invalid_uid`` known to the one HTTP mapping (:data:`gateway.errors.REASONS`), so a study whose
+    every file is refused for it is answered 400 ``invalid_uid`` like a bad URL."""
+    from gateway.errors import REASONS
+
+    REASONS.setdefault(InvalidUid.reason, InvalidUid)
+
+
+_register()
