@@ -33,14 +33,28 @@ from gateway.jobs import Busy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Admission", "OverBudget"]
+__all__ = ["Admission", "OverBudget", "client_key", "drop_pages"]
 
 
 class _Body(mmap.mmap):
     """A read-only mapped body that :mod:`zipfile` can read in place (it asks ``seekable()``)."""
 
+    path: str = ""
+
     def seekable(self) -> bool:
         return True
+
+    def tobytes(self) -> bytes:
+        """The whole body as bytes, read through the file (no mapped page becomes resident)."""
+        with open(self.path, "rb") as fh:
+            return fh.read()
+
+
+def drop_pages(body: object) -> None:
+    """Once a body has been parsed into files, let the kernel drop its mapped pages from this process's
+    resident memory (the file stays until the route returns); a no-op for ``bytes``."""
+    if isinstance(body, mmap.mmap) and not body.closed and hasattr(mmap, "MADV_DONTNEED"):
+        body.madvise(mmap.MADV_DONTNEED)
 
 
 class OverBudget(Busy):
@@ -100,7 +114,7 @@ class Admission:
         if self._clients[client] >= self.per_client:
             raise OverBudget(f"This client already sends {self._clients[client]} bodies at once (the limit); "
                              "retry when one is done.", self.retry_after_s)
-        reserved = declared if declared is not None else self.chunk_reserve
+        reserved = declared if declared is not None else min(self.chunk_reserve, limit, self.budget_bytes)
         self._reserve(reserved, f"a body of {declared} bytes" if declared is not None else "a chunked body")
         self._clients[client] += 1
         fd, name = tempfile.mkstemp(prefix="ctscreen-body-", dir=self.tmp_dir)
@@ -113,13 +127,14 @@ class Admission:
                     if size > limit:
                         raise TooLarge(f"Request body is over the limit of {limit} bytes.")
                     if size > reserved:  # chunked, or longer than declared
-                        step = max(self.chunk_reserve, size - reserved)
+                        step = max(min(self.chunk_reserve, limit - reserved), size - reserved)
                         self._reserve(step, "the rest of this body")
                         reserved += step
                     fh.write(chunk)
             if size:
                 with open(name, "rb") as fh:
                     view = _Body(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    view.path = name
             yield view
         finally:
             if isinstance(view, mmap.mmap):

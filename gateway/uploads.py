@@ -122,7 +122,8 @@ def iter_upload(
             raise TooLarge(
                 f"File is {len(data)} bytes; the limit is {limits.max_file_bytes}.", filename=filename
             )
-        yield filename, bytes(data)  # a memory-mapped body (gateway.admission) becomes the file's bytes
+        # a memory-mapped body (gateway.admission) is read through its file: no page is held twice
+        yield filename, data.tobytes() if isinstance(data, mmap.mmap) and hasattr(data, "tobytes") else bytes(data)
         return
     yield from _iter_zip(filename, data, limits)
 
@@ -224,6 +225,12 @@ def _read_member(
     return bytes(buf)
 
 
+def _release(body: bytes | mmap.mmap, end: int) -> None:
+    """Drop the mapped pages of a memory-mapped body before ``end`` (already copied into parts)."""
+    if isinstance(body, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and end >= mmap.PAGESIZE:
+        body.madvise(mmap.MADV_DONTNEED, 0, end - end % mmap.PAGESIZE)
+
+
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
@@ -294,6 +301,7 @@ def split_multipart_related(
                 raise UploadError(f"Multipart part {len(parts) + 1} has a malformed header line.")
             headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
         parts.append((headers, content))
+        _release(body, end)
         if len(parts) > max_parts:
             raise TooLarge(f"Multipart body has more than {max_parts} parts.")
         pos = end + len(sep)

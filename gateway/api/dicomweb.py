@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from gateway.admission import client_key
+from gateway.admission import client_key, drop_pages
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.errors import GatewayError, NotDicom
@@ -81,6 +81,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
         return _media_error(f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
     async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
         parts = await run_in_threadpool(_parse, body, content_type)
+        drop_pages(body)
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: list[str] = []

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
-from gateway.admission import client_key
+from gateway.admission import client_key, drop_pages
 from gateway.api.deps import SettingsDep, StoreDep, StowDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
 from gateway.errors import GatewayError, MixedStudies, UploadError
@@ -121,6 +121,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     # streamed to disk under the in-flight budget (429 before reading when over it); held until decoded
     async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
         files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
+        drop_pages(body)
         view = await accept(store, files, "upload")
     request.state.study_instance_uid, request.state.job_id = view.study_instance_uid, view.job_id  # audit
     return JSONResponse(
