@@ -106,8 +106,9 @@ class PeerPolicy:
     def on_requested(self, event: Any, notify: Callable[[str, str, str], None] | None = None) -> None:
         """pynetdicom ``EVT_REQUESTED`` handler: reject an association the policy does not allow."""
         assoc = event.assoc
-        ae, address = str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)
-        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ: the requestor's titles are not set yet
+        ae, address = str(primitive.calling_ae_title).strip(), str(assoc.requestor.address)
+        called = str(primitive.called_ae_title).strip()
         if called != str(assoc.acceptor.ae_title).strip():
             diagnostic, why = CALLED_AE_NOT_RECOGNISED, "called_ae_not_recognised"
         elif not self.allows(ae, address):
@@ -115,9 +116,10 @@ class PeerPolicy:
         else:
             return
         logger.warning("DICOM association from %r at %s rejected: %s", ae[:16], address, why)
-        assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
-        if notify is not None:
+        if notify is not None:  # recorded before the peer hears of it
             notify(ae, address, why)
+        assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
+        assoc.kill()  # as pynetdicom's own rejections do: waits until the DUL has sent the A-ASSOCIATE-RJ
 
 
 def tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
