@@ -104,7 +104,8 @@ def test_every_slice_screened_by_real_triton(gateway, screened):
     assert result.timings.inference_s is not None and result.timings.total_s >= result.timings.inference_s
     assert result.verdict in ("positive", "negative", "indeterminate")
     metrics = httpx.get(f"{gateway.url}/metrics").text
-    assert "ctscreen_triton_slices_total" in metrics and "ctscreen_backlog_seconds" in metrics
+    assert "ctscreen_triton_slices_total" in metrics and "ctscreen_backlog_slices" in metrics
+    assert "ctscreen_backlog_seconds" not in metrics  # issue 18: the fleet signal is recorded in Prometheus
 
 
 def test_shuffled_jpeg2000_twin_gives_the_same_answer(screened):
