@@ -5,6 +5,7 @@ every object strictly for Kubernetes 1.29-1.33).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -316,6 +317,8 @@ def test_gateway_listens_on_every_address_so_it_is_held_to_the_auth_requirement(
     objs = render(values)
     env, _, _ = _gateway_env(objs)
     assert env["CTSCREEN_HOST"] == {"name": "CTSCREEN_HOST", "value": "0.0.0.0"}
+    command = container(find(objs, "Deployment", "-gateway"), "gateway")["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # the address uvicorn binds is the one checked
     settings = _settings_in_the_pod(objs, monkeypatch)
     assert settings.host == "0.0.0.0"
     if value_set == "default":
@@ -467,3 +470,10 @@ def test_schema_rejects_insecure_or_literal_security_values(values, message):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as info:
         chart.validate_schema(values)
     assert message in str(info.value)
+
+
+def test_gateway_image_holds_itself_to_the_auth_requirement_where_it_binds():
+    """`docker run` of the image without the chart: CMD binds 0.0.0.0 and CTSCREEN_HOST says so."""
+    text = (ROOT / "helm" / "gateway.Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert re.search(r"^ENV CTSCREEN_HOST=(\S+)$", text, re.M).group(1) == cmd[cmd.index("--host") + 1]
