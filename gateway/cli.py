@@ -500,14 +500,18 @@ def demo_main(argv: list[str]) -> int:
         if out is None:
             tmp = tempfile.TemporaryDirectory(prefix="ctscreen-demo-")
             out = Path(tmp.name)
+        # the audit trail goes beside the samples, not between the progress bars and the verdict table
+        audit = out / "audit.jsonl"
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
-                       log_level=args.log_level) as stack:
+                       log_level=args.log_level, settings_overrides={"audit_log_file": audit}) as stack:
             print(f"gateway up at {stack.url}; making sample studies in {out} ...", file=sys.stderr, flush=True)
             truth = make_samples(out, args.slices)
             outcomes = screen_paths(stack.url, [Path(p) for p in truth])
             print(verdict_table(outcomes, truth))
             print(f"\nctscreen is running at {stack.url}  (API docs {stack.url}/docs)")
             print(f"screen your own studies: ctscreen screen PATH --url {stack.url}", flush=True)
+            if args.out is not None:
+                print(f"audit log: {audit}", flush=True)
             if not args.exit:
                 print("Ctrl-C to stop.", flush=True)
                 stack.wait()
