@@ -128,7 +128,9 @@ def test_oversized_headers_are_refused_without_5xx(live, name, size):
     value = "Bearer " + "A" * size if name == "Authorization" else "a" * size
     try:
         r = httpx.post(f"{live}/v1/studies", content=b"x", headers={name: value}, timeout=30)
-    except httpx.RemoteProtocolError:  # the server closed the connection on the oversized head
+    except (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+        # the server answered 400 and closed the connection on the oversized head; a client still
+        # writing that head (a loaded machine) sees the close as a reset or broken pipe instead
         return
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
 
