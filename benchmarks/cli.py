@@ -8,7 +8,7 @@
     ctscreen bench all      ...                      perf + load + ratios on one embedded stack, then report
     ctscreen bench report                            JSON + Markdown + plots from the latest results
     ctscreen bench gpu      ...                      the paper profile on a GPU (UNet++ ResNet-50, TensorRT)
-    ctscreen bench scaling|phantom|models|decode ... the other engineers' benchmarks
+    ctscreen bench scaling|phantom|models|decode|admission ... the other engineers' benchmarks
 
 Without ``--url``/``--triton-url`` a benchmark starts the embedded Triton (cpu profile) and a gateway on
 loopback ports and stops them at the end. Load goes only to loopback unless ``--allow-remote`` is given
@@ -50,6 +50,7 @@ DELEGATES = {
     "models": ("benchmarks.bench_models", "model accuracy/speed (training engineer)"),
     "decode": ("benchmarks.bench_decode", "DICOM decoding speed (gateway-dicom engineer)"),
     "gpu": ("benchmarks.gpu_paper_profile", "the paper profile on a GPU with TensorRT"),
+    "admission": ("benchmarks.bench_admission", "concurrent large uploads against the in-flight budget, RSS"),
 }
 
 

@@ -95,7 +95,7 @@ def run_stack(
             triton = EmbeddedTriton(repo)
             triton.start(timeout=start_timeout)
             triton_url = triton.grpc_url
-        settings = Settings(triton_urls=[triton_url], **(settings_overrides or {}))
+        settings = Settings(triton_urls=[triton_url], **{"host": host, **(settings_overrides or {})})
         app = create_app(settings)
         if port == 0:
             port = free_port(host)
@@ -295,7 +295,9 @@ def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = No
 def _client(url: str, timeout: float) -> Any:
     import httpx
 
-    return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0))
+    token = os.environ.get("CTSCREEN_TOKEN")  # an OIDC access token or an API key (ctscreen keys add)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 
 
 def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeout: float = 600.0
@@ -365,6 +367,21 @@ def _check_stack_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             p.error(str(exc))
 
 
+def _check_exposure(p: argparse.ArgumentParser, host: str, overrides: dict[str, Any]) -> None:
+    """Off loopback, refuse to start without auth (CTSCREEN_AUTH_*) unless --insecure; one line."""
+    from pydantic import ValidationError
+
+    from gateway.auth import AuthConfigError, check_exposure
+    from gateway.settings import Settings
+
+    try:
+        check_exposure(Settings(**{"host": host, **overrides}), host)
+    except AuthConfigError as exc:
+        p.exit(2, f"ctscreen serve: {exc}\n")
+    except ValidationError as exc:
+        p.exit(2, f"ctscreen serve: bad CTSCREEN_* setting: {exc.errors()[0].get('msg', exc)}\n")
+
+
 def serve_main(argv: list[str]) -> int:
     """``ctscreen serve``: embedded Triton + gateway on localhost until Ctrl-C."""
     p = argparse.ArgumentParser(prog="ctscreen serve", description=__doc__.split("\n\n")[1].strip())
@@ -372,6 +389,8 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--dicom-port", type=int, default=None,
                    help="also listen for DICOM C-STORE / C-ECHO on this port (a Storage SCP; default: off)")
     p.add_argument("--dicom-ae-title", default="CTSCREEN", help="AE title of the DICOM SCP (default CTSCREEN)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without authentication on a non-loopback --host (default: refused)")
     args = p.parse_args(argv)
     _check_stack_args(p, args)
     if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
@@ -380,8 +399,11 @@ def serve_main(argv: list[str]) -> int:
         _check_free(p, "--dicom-port", args.host, args.dicom_port)
     if not 0 < len(args.dicom_ae_title.strip()) <= 16:
         p.error(f"--dicom-ae-title must be 1 to 16 characters, got {args.dicom_ae_title!r}")
-    overrides = {} if args.dicom_port is None else {
+    overrides: dict[str, Any] = {} if args.dicom_port is None else {
         "dicom_port": args.dicom_port, "dicom_host": args.host, "dicom_ae_title": args.dicom_ae_title.strip()}
+    if args.insecure:
+        overrides["auth_insecure"] = True
+    _check_exposure(p, args.host, overrides)  # one line, before Triton starts
     _logging(args.log_level)
     try:
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
@@ -403,7 +425,8 @@ def serve_main(argv: list[str]) -> int:
 def screen_main(argv: list[str]) -> int:
     """``ctscreen screen PATH... [--url URL] [--json]``."""
     p = argparse.ArgumentParser(prog="ctscreen screen",
-                                description="Upload studies to a ctscreen gateway and print their verdicts.")
+                                description="Upload studies to a ctscreen gateway and print their verdicts "
+                                            "(credential: $CTSCREEN_TOKEN, a bearer token or API key).")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                    help="a study: a folder of DICOM files, a zip archive, or one DICOM file")
     p.add_argument("--url", default=os.environ.get("CTSCREEN_URL", DEFAULT_URL),
@@ -477,14 +500,18 @@ def demo_main(argv: list[str]) -> int:
         if out is None:
             tmp = tempfile.TemporaryDirectory(prefix="ctscreen-demo-")
             out = Path(tmp.name)
+        # the audit trail goes beside the samples, not between the progress bars and the verdict table
+        audit = out / "audit.jsonl"
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
-                       log_level=args.log_level) as stack:
+                       log_level=args.log_level, settings_overrides={"audit_log_file": audit}) as stack:
             print(f"gateway up at {stack.url}; making sample studies in {out} ...", file=sys.stderr, flush=True)
             truth = make_samples(out, args.slices)
             outcomes = screen_paths(stack.url, [Path(p) for p in truth])
             print(verdict_table(outcomes, truth))
             print(f"\nctscreen is running at {stack.url}  (API docs {stack.url}/docs)")
             print(f"screen your own studies: ctscreen screen PATH --url {stack.url}", flush=True)
+            if args.out is not None:
+                print(f"audit log: {audit}", flush=True)
             if not args.exit:
                 print("Ctrl-C to stop.", flush=True)
                 stack.wait()

@@ -20,6 +20,11 @@ for the buffer's decision. C-STORE statuses (PS3.4 B.2.3):
 0x0110    processing failure: the gateway did not answer in time (stopping)
 ========  =====================================================================
 
+Security (:mod:`gateway.dicom_security`): an allow-list of calling AE titles and their hosts (others are
+rejected at association, diagnostic 0x03), an allow-list of SOP classes, optional TLS (mutual with a CA),
+and 0xA700 above a backlog or disk watermark. Each association and its stored instances per study go to
+the audit trail (:mod:`gateway.audit`).
+
 Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
 """
 
@@ -27,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
+from gateway.dicom_security import PeerPolicy, Watermark, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.stow import InstanceHeader, StowBuffer, read_header
@@ -84,11 +92,23 @@ class StorageScp:
         Counts refused instances by reason.
     handover_timeout_s : float
         Longest wait for the loop to take an instance (else 0x0110).
+    peers : PeerPolicy | None
+        Calling AE titles and hosts allowed (None: any).
+    sop_classes : list[str] | None
+        SOP classes negotiated (None: every CT storage class).
+    ssl_context : ssl.SSLContext | None
+        Serve DICOM over TLS.
+    watermark : Watermark | None
+        When set, C-STORE answers 0xA700 while it refuses.
+    audit : gateway.audit.AuditLog | None
+        Where associations and stored instances are recorded.
     """
 
     def __init__(self, stow: StowBuffer, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
-                 handover_timeout_s: float = 30.0) -> None:
+                 handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
+                 sop_classes: list[str] | None = None, ssl_context: Any = None, watermark: Watermark | None = None,
+                 audit: Any = None) -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
@@ -99,6 +119,10 @@ class StorageScp:
         self.metrics = metrics
         self.handover_timeout_s = handover_timeout_s
         self._server: Any = None
+        self.peers, self.sop_classes, self.ssl_context = peers, sop_classes or sorted(CT_SOP_CLASSES), ssl_context
+        self.watermark, self.audit = watermark, audit
+        self._stored: dict[int, Counter[tuple[str, int]]] = {}  # association -> (study, status) -> count
+        self._stored_lock = threading.Lock()
 
     def start(self) -> None:
         """Listen (in pynetdicom's own threads); returns at once."""
@@ -106,13 +130,17 @@ class StorageScp:
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
-        for sop_class in sorted(CT_SOP_CLASSES):
+        for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0  # no limit on what we accept
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        logger.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_end),
+                    (evt.EVT_ABORTED, self._on_end)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=self.ssl_context)
+        logger.info("DICOM SCP %s listening on %s:%d%s", self.ae_title, self.host, self.port,
+                    " (TLS)" if self.ssl_context is not None else "")
 
     def stop(self) -> None:
         """Stop listening and abort open associations (blocking; call it off the event loop)."""
@@ -122,6 +150,34 @@ class StorageScp:
             logger.info("DICOM SCP %s stopped", self.ae_title)
 
     # --- pynetdicom threads -----------------------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        if self.peers is not None:
+            self.peers.on_requested(event, self._audit_rejected)
+
+    def _audit_rejected(self, ae: str, address: str, why: str) -> None:
+        self._refuse(why)
+        if self.audit is not None:
+            self.audit.write(who=f"{ae[:16]}@{address}", auth="dicom_ae", action="DICOM A-ASSOCIATE", status=0,
+                             client=address, outcome="denied", reason=why)
+
+    def _on_end(self, event: Any) -> None:
+        """At release or abort: one audit record per study the association sent (counts by status)."""
+        with self._stored_lock:
+            stored = self._stored.pop(id(event.assoc), None)
+        if self.audit is None or not stored:
+            return
+        peer = event.assoc.requestor
+        for (study, status), n in sorted(stored.items()):
+            self.audit.write(who=f"{str(peer.ae_title).strip()[:16]}@{peer.address}", auth="dicom_ae",
+                             action=f"DICOM C-STORE x{n}", status=status, client=str(peer.address),
+                             study_instance_uid=study, outcome="ok" if status == SUCCESS else "refused",
+                             reason=None if status == SUCCESS else f"0x{status:04X}")
+
+    def _count_store(self, event: Any, study: str, status: int) -> int:
+        with self._stored_lock:
+            self._stored.setdefault(id(event.assoc), Counter())[(study, status)] += 1
+        return status
+
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
@@ -144,14 +200,18 @@ class StorageScp:
             return DOES_NOT_MATCH
         future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data), self.loop)
         try:
-            return future.result(self.handover_timeout_s)
+            return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
         except (FutureTimeout, RuntimeError) as exc:  # loop stopping or stuck
             future.cancel()
             logger.warning("C-STORE of %s not taken by the gateway: %r", header.sop_instance_uid, exc)
-            return PROCESSING_FAILURE
+            return self._count_store(event, header.study_instance_uid, PROCESSING_FAILURE)
 
     # --- the event loop ---------------------------------------------------------------------
     async def _hold(self, header: InstanceHeader, name: str, data: bytes) -> int:
+        refusal = self.watermark.refusal() if self.watermark is not None else None
+        if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
+            self._count(f"out_of_resources_{refusal}")
+            return OUT_OF_RESOURCES
         if not self.stow.room_for(header.study_instance_uid, len(data)):
             self._count("out_of_resources")
             return OUT_OF_RESOURCES
@@ -167,7 +227,8 @@ class StorageScp:
             self.metrics.error(reason)
 
 
-def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None = None) -> StorageScp | None:
+def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None = None, *,
+                        audit: Any = None) -> StorageScp | None:
     """Start the SCP the settings ask for (``dicom_port``), on the running loop; None when not asked.
 
     Raises
@@ -177,7 +238,18 @@ def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None
     """
     if settings.dicom_port is None:
         return None
+    peers = parse_peers(getattr(settings, "dicom_allowed_peers", []))
+    cert, key, ca = (getattr(settings, f"dicom_tls_{n}", None) for n in ("cert", "key", "ca"))
+    store = getattr(stow, "store", None)
+    watermark = Watermark(
+        backlog=(lambda: store.state()[2]) if store is not None else None,
+        max_backlog_slices=getattr(settings, "dicom_max_backlog_slices", None),
+        disk=getattr(settings, "results_dir", None), min_free_bytes=getattr(settings, "dicom_min_free_bytes", None))
     scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
-                     ae_title=settings.dicom_ae_title, metrics=metrics)
+                     ae_title=settings.dicom_ae_title, metrics=metrics,
+                     peers=PeerPolicy(peers) if peers else None,
+                     sop_classes=check_sop_classes(getattr(settings, "dicom_sop_classes", [])),
+                     ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
+                     watermark=watermark, audit=audit)
     scp.start()
     return scp

@@ -35,6 +35,7 @@ from ctscreen.contracts import RUN_SLICES, SLICE_SIZE
 from gateway.dicom import FrameHeader, GridMapping, decode_hu, read_dataset, read_headers, to_grid
 from gateway.errors import InvalidInput, NoUsableSeries, Undecodable, UploadError
 from gateway.series import Gap, SeriesRules, frame_exclusion, select_series, sort_slices
+from gateway.uids import check_header_uids
 from gateway.uploads import UploadLimits, iter_upload
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class StudyAccumulator:
             )
         try:
             _, headers = read_headers(filename, data)  # parsing runs outside the lock
+            check_header_uids(headers[0])  # before any UID names a file or a row (issue 14)
         except InvalidInput as exc:
             logger.info("refused %s: %s (%s)", filename, exc.reason, exc.message)
             return self._reject(Rejection(filename, exc.reason, exc.message))

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ctscreen import __version__
+from gateway import security
 from gateway.api import dicomweb, errors, jobs, ops, sr, studies
 from gateway.jobs import JobStore, Loader
 from gateway.metrics import Metrics
@@ -89,12 +90,13 @@ def create_app(
         )
         stow.reload()  # accepted instances a previous run had not screened: screened after the quiet period
         metrics.attach(pool, store.state)
+        metrics_server = security.start_metrics_port(settings, metrics.registry)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
         app.state.store, app.state.stow = store, stow
         stow.start()
         from gateway.dimse import start_from_settings
 
-        scp = start_from_settings(settings, stow, metrics)  # None unless CTSCREEN_DICOM_PORT is set
+        scp = start_from_settings(settings, stow, metrics, audit=app.state.audit)  # None unless CTSCREEN_DICOM_PORT
         app.state.dicom_scp = scp
         from gateway.discovery import start_from_env
 
@@ -111,6 +113,9 @@ def create_app(
             if discovery is not None:
                 await discovery.close()
             await pool.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
     app = FastAPI(
         title="ctscreen gateway",
@@ -118,6 +123,7 @@ def create_app(
         summary="Chest-CT studies in, COVID-19 pneumonia verdicts out (Chen et al., Sci Rep 2020).",
         lifespan=lifespan,
     )
+    security.install(app, settings)  # auth, admission budget, audit trail (issue 14)
     errors.install(app)
     app.include_router(studies.router)
     app.include_router(jobs.router)

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctscreen.contracts import ENSEMBLE_MODEL
@@ -38,6 +38,18 @@ def check_endpoint(url: str) -> str:
     if not 0 < port < 65536:
         raise ValueError(f'Triton endpoint "{url}" has port {port} outside 1..65535.')
     return url
+
+
+def _secure_url(url: str) -> bool:
+    """https, or http to a loopback host (a local test provider).
+
+    >>> _secure_url("https://id.example.org/realms/x"), _secure_url("http://127.0.0.1:8080"), _secure_url("http://idp")
+    (True, True, False)
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost"))
 
 
 class Settings(BaseSettings):
@@ -103,6 +115,73 @@ class Settings(BaseSettings):
     )
     dicom_ae_title: str = Field("CTSCREEN", min_length=1, max_length=16, description="AE title of the SCP.")
     dicom_host: str = Field("0.0.0.0", min_length=1, description="Address the DICOM SCP listens on.")
+
+    # --- security (issue 14): gateway.auth, gateway.admission, gateway.audit, gateway.dicom_security ---
+    host: str = Field(
+        "127.0.0.1", min_length=1,
+        description="Address the HTTP server listens on; off loopback the gateway refuses to start without auth.",
+    )
+    auth_oidc_issuer: str | None = Field(None, description="OIDC issuer URL; bearer tokens are checked against it.")
+    auth_oidc_audience: str | None = Field(None, description="Expected 'aud' of tokens (needed with an issuer).")
+    auth_oidc_jwks_url: str | None = Field(None, description="JWKS URL (default: from the issuer's discovery).")
+    auth_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="How long a fetched JWKS is used.")
+    auth_api_keys_file: Path | None = Field(None, description="API key file (ctscreen keys); enables API keys.")
+    auth_insecure: bool = Field(False, description="Serve without auth on a non-loopback address (--insecure).")
+    audit_log_file: Path | None = Field(
+        None, description="JSON-lines audit log (default <results_dir>/audit.jsonl, else standard output)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="If set, /metrics is served on this port only (not on the API port)."
+    )
+    upload_budget_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="Request bodies (uploads, STOW) in flight at once; beyond: 429."
+    )
+    max_uploads_per_client: int = Field(4, ge=1, le=1024, description="Bodies one client sends at once.")
+    upload_tmp_dir: Path | None = Field(None, description="Where request bodies are spooled (default: temp dir).")
+    dicom_allowed_peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed, as AE@host, AE@cidr or AE@* (comma-separated); empty: any.",
+    )
+    dicom_sop_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="SOP classes the SCP negotiates (a subset of CT storage; empty: all)."
+    )
+    dicom_tls_cert: Path | None = Field(None, description="PEM certificate of the DICOM SCP (enables TLS).")
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of that certificate.")
+    dicom_tls_ca: Path | None = Field(None, description="CA bundle; if set, peers must present a certificate (mTLS).")
+    dicom_max_backlog_slices: int | None = Field(
+        None, ge=1, description="C-STORE answers 0xA700 while more slices than this wait to be screened."
+    )
+    dicom_min_free_bytes: int | None = Field(
+        None, ge=0, description="C-STORE answers 0xA700 while the results volume has less free space than this."
+    )
+
+    @field_validator("dicom_allowed_peers", "dicom_sop_classes", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        from gateway.dicom_security import check_sop_classes, parse_peers
+
+        if self.auth_oidc_issuer and not self.auth_oidc_audience:
+            raise ValueError("CTSCREEN_AUTH_OIDC_AUDIENCE must be set with CTSCREEN_AUTH_OIDC_ISSUER.")
+        for name in ("auth_oidc_issuer", "auth_oidc_jwks_url"):
+            url = getattr(self, name)
+            if url and not _secure_url(url):
+                raise ValueError(f"{name} {url!r} must be an https:// URL (http:// only on loopback).")
+        if self.max_upload_bytes > self.upload_budget_bytes:
+            raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) must not exceed upload_budget_bytes "
+                             f"({self.upload_budget_bytes}): such an upload could never be admitted.")
+        if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
+            raise ValueError("dicom_tls_cert and dicom_tls_key go together.")
+        if self.dicom_tls_ca is not None and self.dicom_tls_cert is None:
+            raise ValueError("dicom_tls_ca (mutual TLS) needs dicom_tls_cert and dicom_tls_key.")
+        parse_peers(self.dicom_allowed_peers)
+        check_sop_classes(self.dicom_sop_classes)
+        return self
 
     @field_validator("triton_urls", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from gateway.dicom import CT_SOP_CLASSES, read_dataset
 from gateway.errors import NotDicom, Unavailable
 from gateway.jobs import TERMINAL, Busy, Job, JobNotFound, JobStore, _safe
+from gateway.uids import is_uid
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
     if not all(values):
         missing = [t for t, v in zip(_TAGS, values, strict=True) if not v]
         raise NotDicom(f"DICOM data set without {', '.join(missing)}.", filename=filename)
+    for tag, value in zip(_TAGS, values, strict=True):  # they name spool files: grammar first (issue 14)
+        if not is_uid(value):
+            raise NotDicom(f"{tag} {value[:70]!r} is not a DICOM UID.", filename=filename)
     return InstanceHeader(*values)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import re
 import stat
 import zipfile
@@ -86,7 +87,7 @@ def is_zip(data: bytes) -> bool:
 
 
 def iter_upload(
-    filename: str, data: bytes, limits: UploadLimits | None = None
+    filename: str, data: bytes | mmap.mmap, limits: UploadLimits | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """Yield the files in one upload: the file itself, or every member of a zip archive.
 
@@ -121,7 +122,8 @@ def iter_upload(
             raise TooLarge(
                 f"File is {len(data)} bytes; the limit is {limits.max_file_bytes}.", filename=filename
             )
-        yield filename, data
+        # a memory-mapped body (gateway.admission) is read through its file: no page is held twice
+        yield filename, data.tobytes() if isinstance(data, mmap.mmap) and hasattr(data, "tobytes") else bytes(data)
         return
     yield from _iter_zip(filename, data, limits)
 
@@ -138,7 +140,7 @@ def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
 
 def _iter_zip(filename: str, data: bytes, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(data if hasattr(data, "seek") else io.BytesIO(data))  # mmap: read in place
         infos = zf.infolist()
     except (
         zipfile.BadZipFile,
@@ -223,6 +225,12 @@ def _read_member(
     return bytes(buf)
 
 
+def _release(body: bytes | mmap.mmap, end: int) -> None:
+    """Drop the mapped pages of a memory-mapped body before ``end`` (already copied into parts)."""
+    if isinstance(body, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and end >= mmap.PAGESIZE:
+        body.madvise(mmap.MADV_DONTNEED, 0, end - end % mmap.PAGESIZE)
+
+
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
@@ -293,6 +301,7 @@ def split_multipart_related(
                 raise UploadError(f"Multipart part {len(parts) + 1} has a malformed header line.")
             headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
         parts.append((headers, content))
+        _release(body, end)
         if len(parts) > max_parts:
             raise TooLarge(f"Multipart body has more than {max_parts} parts.")
         pos = end + len(sep)

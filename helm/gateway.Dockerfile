@@ -18,5 +18,8 @@ COPY --from=build /install /usr/local
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin ctscreen
 USER 10001:10001
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# the address uvicorn binds below: the gateway then holds itself to the auth requirement (issue 14) and
+# refuses to start without CTSCREEN_AUTH_* (or CTSCREEN_AUTH_INSECURE=true)
+ENV CTSCREEN_HOST=0.0.0.0
 EXPOSE 8080
 CMD ["uvicorn", "--factory", "gateway.main:app_from_env", "--host", "0.0.0.0", "--port", "8080"]

@@ -104,7 +104,8 @@ def test_every_slice_screened_by_real_triton(gateway, screened):
     assert result.timings.inference_s is not None and result.timings.total_s >= result.timings.inference_s
     assert result.verdict in ("positive", "negative", "indeterminate")
     metrics = httpx.get(f"{gateway.url}/metrics").text
-    assert "ctscreen_triton_slices_total" in metrics and "ctscreen_backlog_seconds" in metrics
+    assert "ctscreen_triton_slices_total" in metrics and "ctscreen_backlog_slices" in metrics
+    assert "ctscreen_backlog_seconds" not in metrics  # issue 18: the fleet signal is recorded in Prometheus
 
 
 def test_shuffled_jpeg2000_twin_gives_the_same_answer(screened):
@@ -242,10 +243,16 @@ def test_two_tritons_one_stopped_mid_study(triton, studies, screened, tmp_path):
         second.stop()
 
 
-def test_demo_exits_after_printing_verdicts(triton, capsys):
-    rc = demo_main(["--exit", "--port", "0", "--slices", "32", "--triton-url", triton.grpc_url])
+def test_demo_exits_after_printing_verdicts(triton, capsys, tmp_path):
+    rc = demo_main(["--exit", "--port", "0", "--slices", "32", "--triton-url", triton.grpc_url,
+                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
+    # loopback: no credential needed (make demo stays one command); the audit trail is kept beside the
+    # samples instead of interleaving with the verdict table
+    assert '"action"' not in out and f"audit log: {tmp_path / 'audit.jsonl'}" in out
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert {(r["action"], r["status"], r["who"]) for r in audit} >= {("POST /v1/studies", 202, "anonymous")}
     rows = {line.split()[1]: line.split()[2] for line in out.splitlines() if "/covid-" in line or "/normal-" in line}
     assert set(rows) == {"covid", "normal"}, out
     if _trained():

@@ -185,6 +185,9 @@ def test_refused_files_never_sink_the_study() -> None:
     assert [int(s.position_mm) for s in study.slices] == [0, 1, 2, 3, 4]
     refused = {r.filename: r.reason for r in study.rejected}
     want = {rel: exp[1] for rel, (exp, _) in CASES.items() if exp[0] == "refused" and exp[1] != "undecodable"}
+    # decodable, but its Study/Series/SOP Instance UIDs are hex digests, not DICOM UIDs: a UID names files
+    # and rows, so ingest refuses it before use (issue 14, input hygiene)
+    want["pydicom/bad_sequence.dcm"] = "invalid_uid"
     assert refused == want
     excluded = {r.filename.split("#")[0]: r.reason for r in study.excluded}
     assert excluded["fo-dicom/GH342.dcm"] == "localizer"

@@ -5,12 +5,14 @@ every object strictly for Kubernetes 1.29-1.33).
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
 import yaml
 
-from tests.test_helm_chart import CHART, NAMESPACE, RELEASE, ROOT, container, find, helm, render
+from tests.test_helm_chart import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, container, find, helm, render
 
 FLEET = "ctscreen:backlog_seconds:fleet"
 
@@ -120,8 +122,11 @@ def test_helm_test_pod_screens_one_study_through_the_gateway_and_may_reach_it(pr
     pod = find(production, "Pod", "-smoke-test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["CTSCREEN_URL"] == f"http://{RELEASE}-gateway:80"
+    # the gateway wants a credential in production: an API key from a Secret, never a literal
+    token = next(e for e in c["env"] if e["name"] == "CTSCREEN_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "ctscreen-helm-test-key", "key": "token"}}
     script = c["args"][-1]
     assert "/readyz" in script and "ctscreen phantom --out /tmp/study" in script
     assert "ctscreen screen" in script and pod["spec"]["restartPolicy"] == "Never"
@@ -271,3 +276,204 @@ def test_replicas_are_left_to_the_autoscaler_without_a_reset(component):
     assert "replicas" not in find(render(_production()), "Deployment", f"-{component}")["spec"]
     template = (CHART / "templates" / f"{component}-deployment.yaml").read_text()
     assert re.search(r'include "ctscreen.replicas"', template)
+
+
+# --- security (issue 14 item 7): auth from Secrets, DICOM TLS, closed NetworkPolicy, Ingress TLS --------------
+
+
+def _gateway_env(objs: list[dict]) -> tuple[dict, dict, dict]:
+    """The gateway container's env entries, its mounts and the pod's volumes, each by name."""
+    deployment = find(objs, "Deployment", "-gateway")
+    c = container(deployment, "gateway")
+    return ({e["name"]: e for e in c["env"]}, {m["name"]: m for m in c.get("volumeMounts", [])},
+            {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]})
+
+
+def _settings_in_the_pod(objs: list[dict], monkeypatch):
+    """gateway.settings.Settings as the pod builds it: literal values, and secretKeyRef resolved from the
+    Secrets the chart renders (a Secret the chart does not own stands for its name)."""
+    from gateway.settings import Settings
+
+    secrets = {o["metadata"]["name"]: o.get("stringData", {}) for o in objs if o["kind"] == "Secret"}
+    env, _, _ = _gateway_env(objs)
+    for name in [n for n in __import__("os").environ if n.startswith("CTSCREEN_")]:
+        monkeypatch.delenv(name)
+    for name, entry in env.items():
+        if "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["secretKeyRef"]
+            monkeypatch.setenv(name, secrets.get(ref["name"], {}).get(ref["key"], f"https://{ref['name']}.example"))
+    return Settings()
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_gateway_listens_on_every_address_so_it_is_held_to_the_auth_requirement(value_set, monkeypatch):
+    """CTSCREEN_HOST=0.0.0.0: the gateway's own exposure check applies in the pod. Default values (no auth)
+    refuse to start, production starts, gateway.auth.insecure starts (and says so in the notes)."""
+    from gateway.auth import AuthConfigError, check_exposure
+
+    values = VALUE_SETS[value_set]()
+    objs = render(values)
+    env, _, _ = _gateway_env(objs)
+    assert env["CTSCREEN_HOST"] == {"name": "CTSCREEN_HOST", "value": "0.0.0.0"}
+    command = container(find(objs, "Deployment", "-gateway"), "gateway")["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # the address uvicorn binds is the one checked
+    settings = _settings_in_the_pod(objs, monkeypatch)
+    assert settings.host == "0.0.0.0"
+    if value_set == "default":
+        with pytest.raises(AuthConfigError, match="refusing to listen on 0.0.0.0 without authentication"):
+            check_exposure(settings, settings.host)
+        insecure = render({"gateway": {"auth": {"insecure": True}}})
+        assert _gateway_env(insecure)[0]["CTSCREEN_AUTH_INSECURE"]["value"] == "true"
+        check_exposure(_settings_in_the_pod(insecure, monkeypatch), "0.0.0.0")
+    else:
+        check_exposure(settings, settings.host)  # OIDC + API keys; DICOM with an AE allow-list
+        assert settings.auth_oidc_issuer == values["gateway"]["auth"]["oidcIssuer"]
+        assert settings.auth_oidc_audience == "ctscreen"
+        assert settings.dicom_allowed_peers == values["gateway"]["dicom"]["allowedPeers"]
+
+
+def test_auth_settings_reach_the_pod_from_secrets_never_as_literals(production):
+    values = _production()
+    env, mounts, volumes = _gateway_env(production)
+    # OIDC: secretKeyRef into the chart's own Secret, which holds the (public) issuer and audience
+    for name, key in (("CTSCREEN_AUTH_OIDC_ISSUER", "oidcIssuer"), ("CTSCREEN_AUTH_OIDC_AUDIENCE", "oidcAudience")):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"] == {"secretKeyRef": {"name": f"{RELEASE}-gateway-auth", "key": key}}
+    secret = find(production, "Secret", "-gateway-auth")
+    assert secret["stringData"] == {"oidcIssuer": values["gateway"]["auth"]["oidcIssuer"], "oidcAudience": "ctscreen"}
+    # API keys: the hashed key file from the named Secret, mounted read-only, the whole Secret (no subPath:
+    # an updated Secret, a revoked key, reaches the running pod)
+    path = env["CTSCREEN_AUTH_API_KEYS_FILE"]["value"]
+    mount = mounts["api-keys"]
+    assert path == f"{mount['mountPath']}/api-keys.json" and mount["readOnly"] is True and "subPath" not in mount
+    assert volumes["api-keys"]["secret"] == {"secretName": "ctscreen-api-keys", "defaultMode": 0o440,
+                                             "items": [{"key": "api-keys.json", "path": "api-keys.json"}]}
+    # nothing else about auth is literal
+    assert {n for n, e in env.items() if n.startswith("CTSCREEN_AUTH_") and "value" in e} == {"CTSCREEN_AUTH_API_KEYS_FILE"}
+    # an operator-managed Secret replaces the chart's
+    own = render(_production(gateway__auth={"existingSecret": "idp-settings", "insecure": False}))
+    assert not [o for o in own if o["kind"] == "Secret"]
+    env, mounts, _ = _gateway_env(own)
+    assert env["CTSCREEN_AUTH_OIDC_ISSUER"]["valueFrom"]["secretKeyRef"] == {"name": "idp-settings", "key": "oidcIssuer"}
+    assert "CTSCREEN_AUTH_API_KEYS_FILE" not in env and "api-keys" not in mounts
+
+
+def test_dicom_tls_certificates_are_mounted_from_a_cert_manager_secret(production, monkeypatch):
+    env, mounts, volumes = _gateway_env(production)
+    mount = mounts["dicom-tls"]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert volumes["dicom-tls"]["secret"]["secretName"] == "ctscreen-dicom-tls"
+    items = {i["key"]: i["path"] for i in volumes["dicom-tls"]["secret"]["items"]}
+    assert items == {"tls.crt": "tls.crt", "tls.key": "tls.key", "ca.crt": "ca.crt"}  # cert-manager's layout
+    settings = _settings_in_the_pod(production, monkeypatch)
+    assert (str(settings.dicom_tls_cert), str(settings.dicom_tls_key), str(settings.dicom_tls_ca)) == tuple(
+        f"{mount['mountPath']}/{f}" for f in ("tls.crt", "tls.key", "ca.crt"))
+    # not mutual: no CA, so peers need no certificate; no secret: plain DICOM
+    one_way = render(_production(gateway__dicom__tls={"secretName": "ctscreen-dicom-tls", "mutual": False}))
+    env, _, volumes = _gateway_env(one_way)
+    assert "CTSCREEN_DICOM_TLS_CERT" in env and "CTSCREEN_DICOM_TLS_CA" not in env
+    assert [i["key"] for i in volumes["dicom-tls"]["secret"]["items"]] == ["tls.crt", "tls.key"]
+    plain = render(_production(gateway__dicom__tls={"secretName": "", "mutual": True}))
+    env, mounts, volumes = _gateway_env(plain)
+    assert not [n for n in env if n.startswith("CTSCREEN_DICOM_TLS")] and "dicom-tls" not in mounts | volumes
+
+
+def test_dicom_needs_an_ae_allow_list_unless_insecure():
+    with pytest.raises(helm.HelmError) as info:
+        render(_production(gateway__dicom__allowedPeers=[]))
+    assert "gateway.dicom.enabled needs gateway.dicom.allowedPeers" in str(info.value)
+    render(_production(gateway__dicom__allowedPeers=[], gateway__auth={"insecure": True}))
+
+
+def test_production_without_ingress_tls_fails_to_render(tmp_path):
+    for tls in ("", None):
+        values = _production(gateway__ingress__tlsSecretName=tls)
+        if tls is None:
+            del values["gateway"]["ingress"]["tlsSecretName"]
+            values["gateway"]["ingress"]["tlsSecretName"] = None  # a --set ...=null
+        with pytest.raises(helm.HelmError) as info:
+            render(values)
+        assert "tlsSecretName" in str(info.value)
+    # without the schema (helm --skip-schema-validation) the Ingress template itself refuses
+    unchecked = tmp_path / "ctscreen"
+    shutil.copytree(CHART, unchecked)
+    (unchecked / "values.schema.json").unlink()
+    with helm.Chart.load(unchecked) as chart, pytest.raises(helm.HelmError) as info:
+        chart.render(_production(gateway__ingress__tlsSecretName=""), name=RELEASE, namespace=NAMESPACE,
+                     is_install=True)
+    assert "gateway-ingress.yaml" in str(info.value) and "an enabled ingress must terminate TLS" in str(info.value)
+    ingress = find(render(_production()), "Ingress")
+    assert ingress["spec"]["tls"] == [{"hosts": [_production()["gateway"]["ingress"]["host"]],
+                                      "secretName": "ctscreen-tls"}]
+
+
+def test_default_network_policy_admits_only_the_documented_sources(rendered_default):
+    """Closed by default: the gateway's HTTP port admits the Prometheus pods and the helm test pod, nothing
+    else; the DICOM port nobody until gateway.dicom.sources/allowFrom name the senders; Triton only the
+    gateway (gRPC, HTTP) and Prometheus (metrics). Every rule names its peers (a rule without `from`, or
+    with an empty selector, would admit every pod)."""
+    policies = {o["metadata"]["name"]: o["spec"] for o in rendered_default if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {f"{RELEASE}-gateway", f"{RELEASE}-triton"}
+    for spec in policies.values():
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            assert rule.get("from"), rule
+            for peer in rule["from"]:
+                assert peer.get("podSelector") or peer.get("ipBlock"), f"peer {peer} admits every pod"
+    prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    smoke = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "smoke-test",
+                                             "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/name": "ctscreen"}}}
+    gateway = [(r["ports"], r["from"]) for r in policies[f"{RELEASE}-gateway"]["ingress"]]
+    http = [{"port": "http", "protocol": "TCP"}]
+    assert gateway == [(http, [prometheus]), (http, [smoke])]
+    triton = [r["from"] for r in policies[f"{RELEASE}-triton"]["ingress"]]
+    assert triton[1] == [prometheus] and len(triton) == 2
+    assert triton[0][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    # DICOM on, no sources: still closed; each documented opening adds exactly its peers
+    dicom = {"enabled": True, "allowedPeers": ["PACS@10.0.0.5"]}
+    closed = find(render({"gateway": {"dicom": dicom}}), "NetworkPolicy", "-gateway")["spec"]["ingress"]
+    assert not [r for r in closed if {"port": "dicom", "protocol": "TCP"} in r["ports"]]
+    ingress_nginx = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    opened = find(render({"gateway": {"dicom": {**dicom, "sources": ["10.0.0.5/32"]}},
+                          "networkPolicy": {"gatewayIngressFrom": [ingress_nginx]}}), "NetworkPolicy", "-gateway")
+    rules = [(r["ports"], r["from"]) for r in opened["spec"]["ingress"]]
+    assert (http, [ingress_nginx]) in rules
+    assert ([{"port": "dicom", "protocol": "TCP"}], [{"ipBlock": {"cidr": "10.0.0.5/32"}}]) in rules
+    assert len(rules) == 4
+    # the Prometheus opening must name pods: cleared (null; a {} merges with the default), the render fails
+    with pytest.raises(helm.HelmError) as info:
+        render({"networkPolicy": {"metricsPodSelector": None}})
+    assert "networkPolicy.metricsPodSelector must select the Prometheus pods" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def rendered_default() -> list[dict]:
+    return render({})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gateway": {"auth": {"oidcIssuer": "http://idp.example.org", "insecure": False}}}, "/gateway/auth/oidcIssuer"),
+        ({"gateway": {"auth": {"oidcIssuer": "https://idp.example.org", "insecure": False}}}, "oidcAudience"),
+        ({"gateway": {"auth": {"apiKeysSecret": "Keys!", "insecure": False}}}, "/gateway/auth/apiKeysSecret"),
+        ({"gateway": {"auth": {"apiKey": "cts_0123456789ab_secret", "insecure": False}}},
+         "additional properties 'apiKey' not allowed"),  # no literal credentials in values
+        ({"gateway": {"dicom": {"allowedPeers": ["PACS"]}}}, "/gateway/dicom/allowedPeers/0"),
+        ({"gateway": {"dicom": {"tls": {"secretName": "Bad_Name", "mutual": True}}}}, "/gateway/dicom/tls/secretName"),
+        ({"networkPolicy": {"enabled": True, "gatewayIngressFrom": [{}]}}, "/networkPolicy/gatewayIngressFrom/0"),
+    ],
+)
+def test_schema_rejects_insecure_or_literal_security_values(values, message):
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as info:
+        chart.validate_schema(values)
+    assert message in str(info.value)
+
+
+def test_gateway_image_holds_itself_to_the_auth_requirement_where_it_binds():
+    """`docker run` of the image without the chart: CMD binds 0.0.0.0 and CTSCREEN_HOST says so."""
+    text = (ROOT / "helm" / "gateway.Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert re.search(r"^ENV CTSCREEN_HOST=(\S+)$", text, re.M).group(1) == cmd[cmd.index("--host") + 1]

@@ -14,16 +14,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from gateway.api.deps import MetricsDep, SettingsDep, StowDep, read_body
+from gateway.admission import client_key, drop_pages
+from gateway.api.deps import MetricsDep, SettingsDep, StowDep
+from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.errors import GatewayError, NotDicom
 from gateway.stow import CT_STORAGE, read_header
+from gateway.uids import check_uid
 from gateway.uploads import split_multipart_related
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
+                   responses=AUTH_RESPONSES)
 
 DICOM_JSON = "application/dicom+json"
 # Failure reasons (PS3.4 Annex B / PS3.18 Store Instances Response)
@@ -75,9 +79,9 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     if match is None or match.group(1).strip().lower() != "application/dicom":
         found = match.group(1) if match else "none"
         return _media_error(f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
-    body = await read_body(request, settings.max_upload_bytes)
-    parts = await run_in_threadpool(_parse, body, content_type)
-    del body
+    async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
+        parts = await run_in_threadpool(_parse, body, content_type)
+        drop_pages(body)
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: list[str] = []
@@ -128,8 +132,12 @@ _RESPONSES = {
     200: {"description": "every instance stored", "content": {DICOM_JSON: {}}},
     202: {"description": "some instances stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},
     409: {"description": "no instance stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},
+    400: {"description": "the Study Instance UID in the URL is not a DICOM UID"},
+    401: {"description": "no or bad credential"},
+    403: {"description": "the credential lacks studies:write"},
     413: {"description": "body too large"},
     415: {"description": "not multipart/related; type=application/dicom"},
+    429: {"description": "too many bytes or bodies in flight; see Retry-After"},
 }
 
 
@@ -144,4 +152,5 @@ async def stow_studies(request: Request, settings: SettingsDep, stow: StowDep, m
 async def stow_study(study_instance_uid: str, request: Request, settings: SettingsDep, stow: StowDep,
                      metrics: MetricsDep) -> JSONResponse:
     """Store instances of ``study_instance_uid``; instances of another study fail with 0xA900."""
+    check_uid(study_instance_uid)
     return await _store(request, settings, stow, metrics, study_instance_uid)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from gateway.api.deps import StoreDep
+from gateway.auth import AUTH_RESPONSES, results_read
 from gateway.jobs import JobState, JobView
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(results_read)],
+                   responses=AUTH_RESPONSES)
 
 
 _NOT_FOUND = {404: {"description": "no such job (unknown id, or expired after it was read)"}}

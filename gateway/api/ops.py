@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import MetricsDep, PoolDep
+from gateway.api.deps import MetricsDep, PoolDep, SettingsDep
 
 router = APIRouter(tags=["operations"])
 
@@ -34,7 +34,10 @@ async def readyz(request: Request, pool: PoolDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
-    """The gateway's metrics in the Prometheus text format."""
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={404: {"description": "served on CTSCREEN_METRICS_PORT instead"}})
+async def metrics(metrics: MetricsDep, settings: SettingsDep) -> Response:
+    """The gateway's metrics in the Prometheus text format (here unless ``CTSCREEN_METRICS_PORT`` is set)."""
+    if settings.metrics_port is not None:
+        raise HTTPException(404, detail={"reason": "not_found", "message": "Metrics are on their own port."})
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

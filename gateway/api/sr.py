@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from gateway.api.deps import StoreDep
+from gateway.auth import AUTH_RESPONSES, results_read
 from gateway.jobs import JobState
 from gateway.report import encode_sr
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(results_read)],
+                   responses=AUTH_RESPONSES)
 
 DICOM = "application/dicom"
 

@@ -10,13 +10,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
-from gateway.api.deps import SettingsDep, StoreDep, StowDep, read_body
+from gateway.admission import client_key, drop_pages
+from gateway.api.deps import SettingsDep, StoreDep, StowDep
+from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
 from gateway.errors import GatewayError, MixedStudies, UploadError
 from gateway.jobs import JobError, JobStore, JobView
 from gateway.stow import CT_STORAGE, read_header
+from gateway.uids import check_uid
 from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
 _FILENAME = re.compile(r'filename\*?\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
 
@@ -101,7 +104,7 @@ async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -
         413: {"description": "upload too large, zip bomb"},
         415: {"description": "not DICOM"},
         422: {"description": "not CT, no pixel data, undecodable, no usable series, mixed studies"},
-        429: {"description": "too many studies in progress; see Retry-After"},
+        429: {"description": "too many studies in progress, or too many bytes in flight; see Retry-After"},
     },
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -110,15 +113,17 @@ async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -
         "application/dicom": {"schema": {"type": "string", "format": "binary"}},
     }}},
 )
-async def upload_study(request: Request, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, _: WriteAccess) -> JSONResponse:
     """Accept a study; answers 202 with the job once its slices are decoded, screening continues."""
     store.check_capacity()  # before reading the body: a full gateway holds no more uploads
-    body = await read_body(request, settings.max_upload_bytes)
     content_type = request.headers.get("content-type", "application/octet-stream")
-    filename = request.headers.get("x-filename", "upload")
-    files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
-    del body
-    view = await accept(store, files, "upload")
+    filename = request.headers.get("x-filename", "upload")[:255]
+    # streamed to disk under the in-flight budget (429 before reading when over it); held until decoded
+    async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
+        files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
+        drop_pages(body)
+        view = await accept(store, files, "upload")
+    request.state.study_instance_uid, request.state.job_id = view.study_instance_uid, view.job_id  # audit
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}
     )
@@ -126,9 +131,12 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep)
 
 @router.post("/{study_instance_uid}/complete", status_code=202, response_model=JobView,
              summary="Declare a STOW-RS study complete and screen it now",
-             responses={404: {"description": "no instance of this study is waiting"}})
-async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse:
+             responses={400: {"description": "not a DICOM UID"},
+                        404: {"description": "no instance of this study is waiting"},
+                        429: {"description": "the job store is full; see Retry-After"}})
+async def complete_study(study_instance_uid: str, stow: StowDep, _: WriteAccess) -> JSONResponse:
     """Screen the instances received for this study now (instead of after the quiet period)."""
+    check_uid(study_instance_uid)
     job = stow.complete(study_instance_uid)
     view = job.view()
     return JSONResponse(view.model_dump(mode="json"), status_code=202,
@@ -136,9 +144,10 @@ async def complete_study(study_instance_uid: str, stow: StowDep) -> JSONResponse
 
 
 @router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",
-            responses={404: {"description": "no such study received"}})
-async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep) -> StudyView:
+            responses={400: {"description": "not a DICOM UID"}, 404: {"description": "no such study received"}})
+async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep, _: ReadAccess) -> StudyView:
     """The study's latest job (with its result once done), or ``receiving`` while STOW instances wait."""
+    check_uid(study_instance_uid)
     held = stow.pending(study_instance_uid)
     if held is not None and held[0]:
         n, receiving, job = held

@@ -185,3 +185,12 @@ scaleDown:
       value: {{ $a.scaleDown.podsPerPeriod }}
       periodSeconds: {{ $a.scaleDown.periodSeconds }}
 {{- end -}}
+
+{{/* The Secret the gateway reads its OIDC settings from: gateway.auth.existingSecret, else the chart's
+own (rendered when gateway.auth.oidcIssuer is set); empty when OIDC is off. */}}
+{{- define "ctscreen.gateway.authSecret" -}}
+{{- $a := .Values.gateway.auth -}}
+{{- if $a.existingSecret -}}{{ $a.existingSecret }}
+{{- else if $a.oidcIssuer -}}{{ include "ctscreen.gateway.fullname" . }}-auth
+{{- end -}}
+{{- end -}}

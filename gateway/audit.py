@@ -1,0 +1,139 @@
+"""The audit trail: one JSON line per API call and per DICOM association, without PHI.
+
+Each record says who (token subject, API key name, calling AE@host, or ``anonymous``), how they
+authenticated, which scope the action needed, what the action was (method and route template, or the
+DIMSE event), which study (by Study Instance UID only) and job, when (UTC), from where (peer address)
+and the outcome (HTTP status or DICOM status, and ``ok``/``denied``/``refused``/``error``).
+
+The trail is separate from the application log: the ``ctscreen.audit`` logger does not propagate, and
+writes to ``CTSCREEN_AUDIT_LOG_FILE`` (default ``<results_dir>/audit.jsonl``; standard output when neither
+is set). Records carry only the fields below (never a patient's name, ID, birth date or accession
+number; never a free-text message, which could quote a header), so no PHI can reach them.
+
+Record fields: ``ts``, ``who``, ``auth``, ``scope``, ``action``, ``study_instance_uid``, ``job_id``,
+``client``, ``status``, ``outcome``, ``reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.uids import is_job_id, is_uid
+
+__all__ = ["AuditLog", "AuditMiddleware"]
+
+_AUDITED_PREFIXES = ("/v1/", "/dicomweb/")
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status in (401, 403):
+        return "denied"
+    return "refused" if status < 500 else "error"
+
+
+class AuditLog:
+    """Writes audit records as JSON lines (thread-safe: it is a :mod:`logging` handler underneath).
+
+    Parameters
+    ----------
+    path : Path | None
+        The JSON-lines file (appended); standard output when None.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.logger = logging.getLogger(f"ctscreen.audit.{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+        else:
+            self.handler = logging.StreamHandler(sys.stdout)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.logger.addHandler(self.handler)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AuditLog:
+        """The audit log the settings ask for."""
+        path = settings.audit_log_file
+        if path is None and settings.results_dir is not None:
+            path = Path(settings.results_dir) / "audit.jsonl"
+        return cls(path)
+
+    def write(self, *, who: str, auth: str, action: str, status: int, client: str | None = None,
+              scope: str | None = None, study_instance_uid: str | None = None, job_id: str | None = None,
+              reason: str | None = None, outcome: str | None = None) -> None:
+        """Append one record; UIDs and job ids that are not well formed are left out, not quoted."""
+        record = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "who": who[:160], "auth": auth, "scope": scope, "action": action[:160],
+            "study_instance_uid": study_instance_uid if is_uid(study_instance_uid) else None,
+            "job_id": job_id if is_job_id(job_id) else None,
+            "client": client, "status": status, "outcome": outcome or _outcome(status),
+            "reason": reason,
+        }
+        self.logger.info(json.dumps(record, separators=(",", ":")))
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+class AuditMiddleware:
+    """ASGI middleware writing one audit record per ``/v1/...`` and ``/dicomweb/...`` request.
+
+    The principal and the scope come from :func:`gateway.auth.require` (``request.state``); the study and
+    job from the path parameters, or from ``request.state.study_instance_uid``/``job_id`` set by a route.
+    """
+
+    def __init__(self, app: Any, audit: AuditLog) -> None:
+        self.app, self.audit = app, audit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(_AUDITED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})
+        status = 0
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            self._record(scope, status)
+
+    def _record(self, scope: dict[str, Any], status: int) -> None:
+        state = scope.get("state") or {}
+        principal = state.get("principal")
+        params = scope.get("path_params") or {}
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "(no route)"
+        client = scope.get("client")
+        self.audit.write(
+            who=principal.subject if principal is not None else "unauthenticated",
+            auth=principal.kind if principal is not None else "none",
+            scope=state.get("scope"),
+            action=f"{scope['method']} {template}",
+            status=status or 500,
+            client=client[0] if client else None,
+            study_instance_uid=params.get("study_instance_uid") or state.get("study_instance_uid"),
+            job_id=params.get("job_id") or state.get("job_id"),
+            reason=state.get("audit_reason"),
+        )

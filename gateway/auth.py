@@ -1,0 +1,352 @@
+"""Who may call the gateway: OIDC bearer tokens and API keys, checked per route by scope.
+
+Two kinds of credential, both sent as ``Authorization: Bearer <credential>`` (an API key may also come
+as ``X-API-Key``):
+
+* **OAuth2 access tokens** (JWT) from an OpenID Connect provider. The issuer's JWKS is found through
+  ``<issuer>/.well-known/openid-configuration`` (or ``CTSCREEN_AUTH_OIDC_JWKS_URL``), fetched with
+  httpx and cached (``CTSCREEN_AUTH_JWKS_CACHE_S``); an unknown ``kid`` refetches it at most every
+  10 s, so key rotation works without letting junk tokens hammer the provider. PyJWT verifies the
+  signature and ``iss``, ``aud``, ``exp`` and ``nbf`` (30 s leeway); only RS256 and ES256 are accepted,
+  so ``alg: none`` and HS256 signed with the public key (algorithm confusion) are refused before any
+  key is looked at. Scopes come from the ``scope`` (space-separated) or ``scp`` claim.
+* **API keys** for machines (:mod:`gateway.keys`), stored hashed.
+
+Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
+``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
+credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``/healthz``,
+``/readyz`` (and ``/metrics`` unless it has its own port) stay open.
+
+Without any credential source configured, every request is the anonymous principal with every scope:
+allowed on loopback (``make demo``), refused at start-up on any other address unless ``--insecure``
+(:func:`check_exposure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import jwt
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.keys import SCOPES, KeyStore
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "OidcVerifier", "Principal",
+    "check_exposure", "require",
+]
+
+STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
+ALGORITHMS = ("RS256", "ES256")
+"""Signature algorithms accepted on tokens (asymmetric only: no ``none``, no HS*)."""
+LEEWAY_S = 30
+MIN_REFETCH_S = 10.0
+
+
+class AuthConfigError(ValueError):
+    """The security settings do not allow the gateway to start (one line for the operator)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``subject`` (token ``sub`` or key name), how, and with which scopes."""
+
+    subject: str
+    kind: str  # "oidc" | "api_key" | "anonymous"
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        """Whether the principal may act with ``scope`` (``admin`` implies every scope)."""
+        return scope in self.scopes or ADMIN in self.scopes
+
+
+ANONYMOUS = Principal("anonymous", "anonymous", frozenset(SCOPES))
+
+
+class TokenInvalid(Exception):
+    """The token cannot be accepted; the message is safe to show the client."""
+
+
+class ProviderUnavailable(Exception):
+    """The OIDC provider's keys cannot be fetched and none are cached."""
+
+
+class OidcVerifier:
+    """Verifies OIDC access tokens against the issuer's JWKS.
+
+    Parameters
+    ----------
+    issuer : str
+        Expected ``iss`` (also where discovery looks).
+    audience : str
+        Expected ``aud``.
+    jwks_url : str | None
+        The JWKS; discovered from the issuer when None.
+    cache_s : float
+        How long a fetched JWKS is used before it is fetched again.
+    timeout_s : float
+        Deadline of each fetch.
+    """
+
+    def __init__(self, issuer: str, audience: str, *, jwks_url: str | None = None, cache_s: float = 300.0,
+                 timeout_s: float = 5.0) -> None:
+        self.issuer, self.audience = issuer, audience
+        self.jwks_url = jwks_url
+        self.cache_s, self.timeout_s = cache_s, timeout_s
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -1e9
+        self._lock = asyncio.Lock()
+
+    async def _fetch(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
+            url = self.jwks_url
+            if url is None:
+                doc = (await client.get(self.issuer.rstrip("/") + "/.well-known/openid-configuration")).json()
+                if doc.get("issuer") != self.issuer:
+                    raise ProviderUnavailable(f"the discovery document names issuer {doc.get('issuer')!r}")
+                url = doc["jwks_uri"]
+            response = await client.get(url)
+            response.raise_for_status()
+            jwks = response.json()
+        keys: dict[str, jwt.PyJWK] = {}
+        for i, data in enumerate(jwks.get("keys", [])):
+            if data.get("use", "sig") != "sig" or data.get("kty") not in ("RSA", "EC"):
+                continue
+            try:
+                keys[str(data.get("kid", f"#{i}"))] = jwt.PyJWK(data)
+            except jwt.PyJWTError as exc:
+                logger.warning("JWKS key %s of %s ignored: %s", data.get("kid"), url, exc)
+        self._keys, self._fetched_at = keys, time.monotonic()
+        logger.info("JWKS of %s fetched: %d signing keys", self.issuer, len(keys))
+
+    async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        age = time.monotonic() - self._fetched_at
+        missing = kid is not None and kid not in self._keys
+        if age > self.cache_s or (missing and age > MIN_REFETCH_S):
+            seen = self._fetched_at
+            async with self._lock:
+                if self._fetched_at == seen:  # nobody fetched while this one waited for the lock
+                    try:
+                        await self._fetch()
+                    except (httpx.HTTPError, ValueError, KeyError, ProviderUnavailable) as exc:
+                        logger.warning("JWKS of %s not fetched: %s", self.issuer, exc)
+                        if not self._keys:
+                            raise ProviderUnavailable(str(exc)) from exc
+        if kid is None:
+            fitting = [k for k in self._keys.values() if k.algorithm_name == alg]
+            if len(fitting) != 1:
+                raise TokenInvalid("the token has no kid and the issuer has no single key for its algorithm")
+            return fitting[0]
+        key = self._keys.get(kid)
+        if key is None:
+            raise TokenInvalid("the token's signing key is not in the issuer's JWKS")
+        return key
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims once signature, algorithm, ``iss``, ``aud``, ``exp`` and ``nbf`` hold.
+
+        Raises
+        ------
+        TokenInvalid
+            With a reason safe to return to the client.
+        ProviderUnavailable
+            When the JWKS cannot be fetched and none is cached.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenInvalid("the credential is neither an API key nor a well-formed JWT") from exc
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise TokenInvalid(f"token algorithm {str(alg)[:10]!r} is not accepted (only {', '.join(ALGORITHMS)})")
+        key = await self._key(header.get("kid"), alg)
+        if key.algorithm_name != alg:
+            raise TokenInvalid(f"the signing key is for {key.algorithm_name}, the token says {alg}")
+        try:
+            return jwt.decode(token, key.key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
+                              leeway=LEEWAY_S, options={"require": ["exp", "iss", "aud"]})
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenInvalid("the token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise TokenInvalid("the token is not valid yet (nbf)") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise TokenInvalid("the token is not for this audience") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise TokenInvalid("the token is from another issuer") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenInvalid(f"the token lacks the {exc.claim!r} claim") from exc
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise TokenInvalid("the token's signature does not verify") from exc
+
+
+def _scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+    raw = claims.get("scope", claims.get("scp", ""))
+    items = raw.split() if isinstance(raw, str) else [str(s) for s in raw] if isinstance(raw, list) else []
+    return frozenset(s for s in items if s in SCOPES)
+
+
+class Authenticator:
+    """Turns a request's credential into a :class:`Principal` (held as ``app.state.auth``).
+
+    Parameters
+    ----------
+    oidc : OidcVerifier | None
+        Token verification, when an issuer is configured.
+    keys : KeyStore | None
+        API keys, when a key file is configured.
+    """
+
+    def __init__(self, oidc: OidcVerifier | None = None, keys: KeyStore | None = None) -> None:
+        self.oidc, self.keys = oidc, keys
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any credential source is configured (else everyone is anonymous)."""
+        return self.oidc is not None or self.keys is not None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Authenticator:
+        """The authenticator the ``auth_*`` settings describe."""
+        oidc = None
+        if settings.auth_oidc_issuer:
+            oidc = OidcVerifier(settings.auth_oidc_issuer, settings.auth_oidc_audience,
+                                jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
+        keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
+        return cls(oidc, keys)
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        """The principal of ``credential`` (a bearer token or an API key).
+
+        Raises
+        ------
+        fastapi.HTTPException
+            401 ``unauthorized`` (no or bad credential), 503 ``auth_unavailable`` (provider down).
+        """
+        if not self.enabled:
+            return ANONYMOUS
+        if not credential:
+            raise _unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
+                                error=None)
+        if credential.startswith("cts_"):
+            record = None
+            if self.keys is not None:
+                try:
+                    record = await asyncio.to_thread(self.keys.verify, credential)
+                except ValueError as exc:  # unreadable key file: the operator's problem, not the client's
+                    logger.error("%s", exc)
+                    raise HTTPException(503, detail={"reason": "auth_unavailable",
+                                                     "message": "API keys cannot be checked now."},
+                                        headers={"Retry-After": "5"}) from exc
+            if record is None:
+                raise _unauthorized("The API key is unknown or revoked.")
+            return Principal(f"key:{record.name}", "api_key", frozenset(record.scopes))
+        if self.oidc is None:
+            raise _unauthorized("Bearer tokens are not accepted here (no OIDC issuer configured); use an API key.")
+        try:
+            claims = await self.oidc.verify(credential)
+        except TokenInvalid as exc:
+            raise _unauthorized(f"The bearer token is refused: {exc}.") from None
+        except ProviderUnavailable as exc:
+            raise HTTPException(503, detail={"reason": "auth_unavailable",
+                                             "message": "The identity provider's keys cannot be fetched now."},
+                                headers={"Retry-After": "5"}) from exc
+        subject = str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "unknown")[:128]
+        return Principal(subject, "oidc", _scopes_of(claims))
+
+
+def _unauthorized(message: str, error: str | None = "invalid_token") -> HTTPException:
+    challenge = 'Bearer realm="ctscreen"' + (f', error="{error}"' if error else "")
+    return HTTPException(401, detail={"reason": "unauthorized", "message": message},
+                         headers={"WWW-Authenticate": challenge})
+
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="JWT",
+                     description="An OIDC access token (RS256/ES256) or an API key (`cts_...`).")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                        description="An API key made with `ctscreen keys add`.")
+
+
+def require(scope: str) -> Any:
+    """A route dependency: the caller's :class:`Principal`, which must hold ``scope`` (else 401/403).
+
+    The principal and the scope are left on ``request.state`` for the audit log.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f'Argument "scope" must be one of {SCOPES}, got {scope!r}.')
+
+    async def dependency(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        api_key: Annotated[str | None, Depends(_api_key)],
+    ) -> Principal:
+        request.state.scope = scope
+        auth: Authenticator = getattr(request.app.state, "auth", None) or Authenticator()
+        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key)
+        request.state.principal = principal
+        if not principal.has(scope):
+            raise HTTPException(403, detail={"reason": "insufficient_scope",
+                                             "message": f"This needs the scope {scope!r}; the credential has "
+                                                        f"{sorted(principal.scopes) or 'none'}."},
+                                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
+        return principal
+
+    dependency.__name__ = f"require_{scope.replace(':', '_')}"
+    return dependency
+
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no credential, or a bad one (expired, wrong issuer or audience, unknown key)"},
+    403: {"description": "the credential lacks the scope this route needs"},
+}
+"""The answers every protected route may give (for the OpenAPI document)."""
+
+studies_write = require(STUDIES_WRITE)
+results_read = require(RESULTS_READ)
+WriteAccess = Annotated[Principal, Depends(studies_write)]
+"""A route parameter: the caller, who holds ``studies:write``."""
+ReadAccess = Annotated[Principal, Depends(results_read)]
+"""A route parameter: the caller, who holds ``results:read``."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``.
+
+    >>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.1.2.3")]
+    [True, True, True, False, False]
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Any, host: str, *, insecure: bool = False) -> None:
+    """Refuse to serve on a non-loopback ``host`` without authentication, unless ``insecure``.
+
+    Raises
+    ------
+    AuthConfigError
+        With one line saying what to configure.
+    """
+    if insecure or getattr(settings, "auth_insecure", False):
+        return
+    if not is_loopback(host) and not (settings.auth_oidc_issuer or settings.auth_api_keys_file):
+        raise AuthConfigError(
+            f"refusing to listen on {host} without authentication: set CTSCREEN_AUTH_OIDC_ISSUER and "
+            "CTSCREEN_AUTH_OIDC_AUDIENCE, or CTSCREEN_AUTH_API_KEYS_FILE (ctscreen keys add), or pass --insecure")
+    dicom_host = getattr(settings, "dicom_host", "127.0.0.1")
+    if settings.dicom_port is not None and not is_loopback(dicom_host) and not settings.dicom_allowed_peers:
+        raise AuthConfigError(
+            f"refusing to accept DICOM on {dicom_host} from any AE title: set CTSCREEN_DICOM_ALLOWED_PEERS "
+            "(AE@host,...), or pass --insecure")

@@ -1,0 +1,222 @@
+"""API keys for machines: stored hashed, shown once, revocable; and ``ctscreen keys add|list|revoke``.
+
+A key reads ``cts_<id>_<secret>``: ``id`` (12 hex digits) names the record, ``secret`` is 32 random
+bytes (base64url). Only ``scrypt(secret, salt)`` is stored, in a JSON file (``CTSCREEN_AUTH_API_KEYS_FILE``,
+mode 0600, written by temp file + rename). The file is re-read when its modification time changes, so a
+key revoked with ``ctscreen keys revoke`` stops working at the next request of a running gateway.
+A verified key is remembered in memory (by a SHA-256 of the whole key) until the file changes, so scrypt
+runs once per key and file version, not once per request.
+
+When the database state store of issue 13 is merged, the records move into it (a ``api_keys`` table
+with the same fields); the file stays as the import/export format of the command.
+
+::
+
+    ctscreen keys add pacs-router --scopes studies:write results:read   # prints the key once
+    ctscreen keys list
+    ctscreen keys revoke <id>
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["SCOPES", "ApiKey", "KeyStore", "main"]
+
+SCOPES = ("studies:write", "results:read", "admin")
+"""Every scope a key or token may carry; ``admin`` implies the other two."""
+PREFIX = "cts_"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One stored key (never the key itself)."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    salt: str
+    hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+def _hash(secret: str, salt: bytes) -> str:
+    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT).hex()
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(id, secret)`` of a key of the ``cts_<id>_<secret>`` form, else None.
+
+    >>> parse_key("cts_0123456789ab_c2VjcmV0"), parse_key("eyJhbGciOi...")
+    (('0123456789ab', 'c2VjcmV0'), None)
+    """
+    if not key.startswith(PREFIX):
+        return None
+    key_id, sep, secret = key[len(PREFIX):].partition("_")
+    if not sep or len(key_id) != 12 or not all(c in "0123456789abcdef" for c in key_id) or not secret:
+        return None
+    return key_id, secret
+
+
+class KeyStore:
+    """The API keys in ``path`` (a JSON file; created on the first :meth:`add`).
+
+    Parameters
+    ----------
+    path : Path
+        The key file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._mtime: int | None = None
+        self._keys: dict[str, ApiKey] = {}
+        self._verified: dict[bytes, str] = {}  # sha256(key) -> id, for the current file version
+
+    # --- reading -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._mtime and (mtime is not None or not self._keys):
+            return
+        keys: dict[str, ApiKey] = {}
+        if mtime is not None:
+            try:
+                data = json.loads(self.path.read_text())
+                for row in data.get("keys", []):
+                    row["scopes"] = tuple(row["scopes"])
+                    keys[row["id"]] = ApiKey(**row)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"API key file {self.path} cannot be read: {exc}") from exc
+        self._keys, self._mtime, self._verified = keys, mtime, {}
+
+    def keys(self) -> list[ApiKey]:
+        """Every key record, revoked ones included."""
+        with self._lock:
+            self._load()
+            return list(self._keys.values())
+
+    def verify(self, key: str) -> ApiKey | None:
+        """The active record of ``key``, or None (unknown, malformed, wrong secret or revoked)."""
+        parsed = parse_key(key)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        digest = hashlib.sha256(key.encode()).digest()
+        with self._lock:
+            self._load()
+            record = self._keys.get(key_id)
+            if record is None or record.revoked_at is not None:
+                return None
+            if self._verified.get(digest) == key_id:
+                return record
+        expected = _hash(secret, bytes.fromhex(record.salt))  # scrypt outside the lock
+        if not hmac.compare_digest(expected, record.hash):
+            return None
+        with self._lock:
+            self._verified[digest] = key_id
+        return record
+
+    # --- writing (the command) ---------------------------------------------------------------
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        rows = [{**asdict(k), "scopes": list(k.scopes)} for k in self._keys.values()]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"version": 1, "keys": rows}, fh, indent=1)
+        os.replace(tmp, self.path)
+        self._mtime = None  # re-read at the next use
+
+    def add(self, name: str, scopes: list[str]) -> tuple[str, ApiKey]:
+        """Make a key; returns ``(the key, its record)``. The key itself is not stored anywhere."""
+        if not name.strip() or len(name) > 64:
+            raise ValueError(f'Argument "name" must be 1 to 64 characters, got {name!r}.')
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad or not scopes:
+            raise ValueError(f'Argument "scopes" must be some of {", ".join(SCOPES)}, got {scopes}.')
+        key_id, secret = secrets.token_hex(6), base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        salt = secrets.token_bytes(16)
+        record = ApiKey(key_id, name.strip(), tuple(dict.fromkeys(scopes)), salt.hex(), _hash(secret, salt),
+                        time.time())
+        with self._lock:
+            self._load()
+            self._keys[key_id] = record
+            self._save()
+        return f"{PREFIX}{key_id}_{secret}", record
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key by id (or by name when one active key has it); returns its record."""
+        with self._lock:
+            self._load()
+            record = self._keys.get(key_id)
+            if record is None:
+                named = [k for k in self._keys.values() if k.name == key_id and k.revoked_at is None]
+                if len(named) != 1:
+                    raise KeyError(f"No API key with id {key_id!r}" + (" (several have that name)" if named else ""))
+                record = named[0]
+            if record.revoked_at is None:
+                record = ApiKey(**{**asdict(record), "revoked_at": time.time()})
+                self._keys[record.id] = record
+                self._save()
+            return record
+
+
+# --- ctscreen keys -----------------------------------------------------------------------------
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def main(argv: list[str]) -> int:
+    """``ctscreen keys add NAME --scopes ...|list|revoke ID``."""
+    p = argparse.ArgumentParser(prog="ctscreen keys", description="API keys of the gateway (stored hashed).")
+    p.add_argument("--file", type=Path, default=os.environ.get("CTSCREEN_AUTH_API_KEYS_FILE"),
+                   help="the key file (default $CTSCREEN_AUTH_API_KEYS_FILE); the gateway reads the same file")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add = sub.add_parser("add", help="make a key and print it once")
+    add.add_argument("name", help="who uses the key (a machine: pacs-router, ris-bridge)")
+    add.add_argument("--scopes", nargs="+", required=True, choices=SCOPES, help="what the key may do")
+    sub.add_parser("list", help="list keys (never the keys themselves)")
+    rev = sub.add_parser("revoke", help="revoke a key by id (or by name)")
+    rev.add_argument("id")
+    args = p.parse_args(argv)
+    if args.file is None:
+        p.error("no key file: pass --file PATH or set CTSCREEN_AUTH_API_KEYS_FILE")
+    store = KeyStore(args.file)
+    try:
+        if args.cmd == "add":
+            key, record = store.add(args.name, args.scopes)
+            _out(key)
+            sys.stderr.write(f"key {record.id} ({record.name}: {' '.join(record.scopes)}) added to {args.file}; "
+                             "it is shown only this once\n")
+        elif args.cmd == "list":
+            _out(f"{'id':<12}  {'name':<24}  {'scopes':<40}  {'created (UTC)':<19}  state")
+            for k in store.keys():
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at))
+                state = "active" if k.revoked_at is None else "revoked " + time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.gmtime(k.revoked_at))
+                _out(f"{k.id:<12}  {k.name:<24}  {' '.join(k.scopes):<40}  {created:<19}  {state}")
+        else:
+            record = store.revoke(args.id)
+            sys.stderr.write(f"key {record.id} ({record.name}) revoked\n")
+    except (ValueError, KeyError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        sys.stderr.write(f"ctscreen keys: {msg}\n")
+        return 1
+    return 0

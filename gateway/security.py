@@ -1,0 +1,53 @@
+"""Wires issue 14's security pieces into the app: one :func:`install` call in :func:`gateway.main.create_app`.
+
+* ``app.state.auth``: :class:`gateway.auth.Authenticator` (routes depend on :func:`gateway.auth.require`);
+* ``app.state.admission``: :class:`gateway.admission.Admission` (bodies stream to disk under a budget);
+* ``app.state.audit``: :class:`gateway.audit.AuditLog`, written by :class:`gateway.audit.AuditMiddleware`;
+* :func:`start_metrics_port`: ``/metrics`` on its own port when ``CTSCREEN_METRICS_PORT`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+
+from gateway.admission import Admission
+from gateway.audit import AuditLog, AuditMiddleware
+from gateway.auth import Authenticator, check_exposure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["install", "start_metrics_port"]
+
+
+def install(app: FastAPI, settings: Any) -> None:
+    """Check the exposure (auth required off loopback) and attach auth, admission and audit to ``app``.
+
+    Raises
+    ------
+    gateway.auth.AuthConfigError
+        When ``settings.host`` is not loopback and no authentication is configured (nor ``auth_insecure``).
+    """
+    check_exposure(settings, settings.host)
+    app.state.auth = Authenticator.from_settings(settings)
+    app.state.admission = Admission(settings.upload_budget_bytes, settings.max_uploads_per_client,
+                                    settings.retry_after_s, settings.upload_tmp_dir)
+    app.state.audit = AuditLog.from_settings(settings)
+    app.add_middleware(AuditMiddleware, audit=app.state.audit)
+    if not app.state.auth.enabled:
+        logger.warning("authentication is off: every caller may upload and read results (%s)",
+                       "loopback only" if not settings.auth_insecure else "--insecure")
+
+
+def start_metrics_port(settings: Any, registry: Any) -> Any:
+    """Serve the metrics on ``settings.metrics_port`` (same address as the API); returns a server to
+    ``shutdown()``, or None when the metrics stay on the API port."""
+    if settings.metrics_port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    logger.info("metrics on %s:%d/metrics", settings.host, settings.metrics_port)
+    return server

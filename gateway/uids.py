@@ -1,0 +1,85 @@
+"""Identifiers that reach a file system or a database, validated first (issue 14, input hygiene).
+
+A DICOM UID (PS3.5 section 9.1) is at most 64 characters of digits and dots: components separated by
+single dots, each a run of digits without a leading zero (``0`` alone is allowed). Anything else
+(``..``, ``/``, ``%2e``, NUL, a 10 kB string) is refused here, before it can meet a path join, a spool
+folder or a SQL statement. Job ids are the 32 hex digits :func:`uuid.uuid4` gives.
+
+>>> check_uid("1.2.840.10008.5.1.4.1.1.2")
+'1.2.840.10008.5.1.4.1.1.2'
+>>> check_uid("..")
+Traceback (most recent call last):
+...
+gateway.uids.InvalidUid: StudyInstanceUID '..' is not a DICOM UID: digits and single dots only, no leading zeros, at most 64 characters.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gateway.errors import InvalidInput
+
+__all__ = ["InvalidUid", "check_uid", "is_job_id", "is_uid"]
+
+UID_MAX = 64
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class InvalidUid(InvalidInput):
+    """A UID (from a URL or a DICOM header) breaks the DICOM UID grammar."""
+
+    reason = "invalid_uid"
+    http_status = 400
+
+
+def is_uid(value: object) -> bool:
+    """Whether ``value`` is a string obeying the DICOM UID grammar (PS3.5 9.1).
+
+    >>> [is_uid(v) for v in ("1.2.3", "1.02.3", "1..2", "", "1.2.", "a.1")]
+    [True, False, False, False, False, False]
+    """
+    return isinstance(value, str) and 0 < len(value) <= UID_MAX and _UID.fullmatch(value) is not None
+
+
+def check_uid(value: object, name: str = "StudyInstanceUID") -> str:
+    """Return ``value`` when it is a DICOM UID, else raise :class:`InvalidUid` (400 ``invalid_uid``).
+
+    The message quotes at most 70 characters of the value (as ``repr``), so a hostile value cannot
+    flood a log line or carry control characters into it.
+    """
+    if is_uid(value):
+        return value  # type: ignore[return-value]
+    shown = repr(value if not isinstance(value, str) else value[:70])
+    raise InvalidUid(f"{name} {shown} is not a DICOM UID: digits and single dots only, no leading zeros, "
+                     f"at most {UID_MAX} characters.")
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` has the form of a job id (32 lowercase hex digits).
+
+    >>> is_job_id("0" * 32), is_job_id("../etc/passwd")
+    (True, False)
+    """
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
+def check_header_uids(header: object) -> None:
+    """Check the Study, Series and SOP Instance UIDs of a parsed header (empty ones are left to the
+    decoder's own rules); raises :class:`InvalidUid` naming the first bad one."""
+    for name, attr in (("StudyInstanceUID", "study_instance_uid"), ("SeriesInstanceUID", "series_instance_uid"),
+                       ("SOPInstanceUID", "sop_instance_uid")):
+        value = getattr(header, attr, "") or ""
+        if value and not value.endswith("#nouid"):  # '#nouid': the decoder's stand-in for a missing SOP UID
+            check_uid(value, name)
+
+
+def _register() -> None:
+    """Make ``invalid_uid`` known to the one HTTP mapping (:data:`gateway.errors.REASONS`), so a study whose
+    every file is refused for it is answered 400 ``invalid_uid`` like a bad URL."""
+    from gateway.errors import REASONS
+
+    REASONS.setdefault(InvalidUid.reason, InvalidUid)
+
+
+_register()

@@ -1,0 +1,129 @@
+"""Memory-safe admission (``gateway.admission``): concurrent bodies over the in-flight budget get 429 with
+Retry-After before a byte of them is read; admitted ones stream to disk; no 5xx.
+
+The gateway runs under a real uvicorn on a free port and the clients are raw sockets, so the test controls
+exactly when each body is sent: every request first sends only its head; those over the budget are
+answered at once (429), the admitted ones then send their bodies. This is issue 14's "forty concurrent
+200 MB uploads against a 1 GiB budget" at 1/50 of the bytes (forty 4 MiB bodies against 20 MiB in flight),
+with the same semantics; ``benchmarks/bench_admission.py`` runs the full size and records the RSS.
+Triton is the fake client of ``tests/gateway_app_fakes.py`` (the bodies are not DICOM anyway: admitted
+ones end 415, which is the point: a 4xx, never a 5xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from ctscreen.embedded import free_port
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet
+
+MiB = 1024 * 1024
+
+
+class Live:
+    """A gateway under uvicorn in a thread; ``app.state.admission`` is inspectable."""
+
+    def __init__(self, **settings) -> None:
+        self.app = create_app(Settings(triton_urls="fake:1", max_concurrent_studies=8, max_queued_studies=256,
+                                       **settings), client_factory=FakeFleet())
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Live:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive()
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+async def _response(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict[str, str]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    return int(lines[0].split()[1]), headers
+
+
+async def _burst(port: int, n: int, size: int, path: str = "/v1/studies", content_type: str = "application/octet-stream",
+                 chunked: bool = False) -> list[tuple[int, dict[str, str], bool]]:
+    """``n`` requests send their heads at once; returns ``(status, headers, answered_before_body)`` each."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+    length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    for _, writer in conns:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: {content_type}\r\n{length}\r\n\r\n".encode())
+        await writer.drain()
+    await asyncio.sleep(1.0)  # every head has been seen: over-budget answers are out now
+
+    async def finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, dict[str, str], bool]:
+        try:
+            return (*await _response(reader, 0.2), True)  # answered before the body
+        except TimeoutError:
+            pass
+        chunk = b"x" * (256 * 1024)  # not DICOM, and refused fast (4 MiB of zeros parse for seconds)
+        for _ in range(size // len(chunk)):
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return (*await _response(reader, 60), False)
+
+    try:
+        return list(await asyncio.gather(*(finish(r, w) for r, w in conns)))
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+def test_concurrent_uploads_over_the_budget_get_429_before_their_body(tmp_path):
+    spool = tmp_path / "bodies"
+    spool.mkdir()
+    with Live(upload_budget_bytes=20 * MiB, max_upload_bytes=8 * MiB, max_uploads_per_client=100,
+              upload_tmp_dir=spool) as live:
+        results = asyncio.run(_burst(live.port, 40, 4 * MiB))
+        admission = live.app.state.admission
+        assert admission.in_flight == 0 and admission.peak <= 20 * MiB
+    statuses = sorted(s for s, _, _ in results)
+    assert all(s < 500 for s in statuses), statuses
+    early = [(s, h) for s, h, before in results if before]
+    assert len(early) == 35 and all(s == 429 and h.get("retry-after") for s, h in early), early  # 5 x 4 MiB fit
+    assert sorted(s for s, _, before in results if not before) == [415] * 5  # admitted, read, not DICOM
+    assert list(spool.iterdir()) == []  # every spooled body removed
+
+
+def test_per_client_limit_and_declared_size(tmp_path):
+    with Live(upload_budget_bytes=64 * MiB, max_upload_bytes=8 * MiB, max_uploads_per_client=2) as live:
+        results = asyncio.run(_burst(live.port, 5, 1 * MiB))
+        too_big = asyncio.run(_burst(live.port, 1, 9 * MiB))
+    assert sorted((s, before) for s, _, before in results) == [(415, False)] * 2 + [(429, True)] * 3
+    assert too_big[0][0] == 413 and too_big[0][2]  # refused from its Content-Length, unread
+
+
+def test_chunked_and_stow_bodies_are_budgeted(tmp_path):
+    with Live(upload_budget_bytes=3 * MiB, max_upload_bytes=3 * MiB, max_uploads_per_client=100) as live:
+        chunked = asyncio.run(_burst(live.port, 4, 2 * MiB, chunked=True))
+        stow = asyncio.run(_burst(live.port, 4, 2 * MiB, path="/dicomweb/studies",
+                                  content_type='multipart/related; type="application/dicom"; boundary=b0undary'))
+        assert live.app.state.admission.in_flight == 0
+    for results in (chunked, stow):
+        statuses = [s for s, _, _ in results]
+        assert all(s < 500 for s in statuses) and 429 in statuses, statuses
+
+
+def test_budget_must_hold_the_largest_upload():
+    with pytest.raises(ValueError, match="upload_budget_bytes"):
+        Settings(upload_budget_bytes=1 * MiB, max_upload_bytes=2 * MiB)

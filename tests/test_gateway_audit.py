@@ -1,0 +1,112 @@
+"""The audit trail (``gateway.audit``) and the guarantee that no log or audit line holds PHI.
+
+Phantom studies (``phantom.write_study``: known patient names, IDs, birth dates and accession numbers) go
+through every way in (upload, STOW-RS, DIMSE C-STORE) and every way out (job, study, events, SR), with an
+API key, a refused credential and a bad UID on the way. Every application log record (DEBUG and up, every
+logger, exceptions included) and every audit line is then scanned for each patient's identifiers.
+
+Triton is the fake client of ``tests/gateway_app_fakes.py`` (Triton never sees headers; the PHI risk is in
+the gateway's own logs); DICOM parsing, the job store, STOW, the SCP and the SR encoder are the real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+import phantom
+from ctscreen.embedded import free_port
+from gateway import keys as keys_cli
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet
+from tests.test_gateway_app_api import STOW_TYPE, _related
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> list[Path]:
+    out = tmp_path_factory.mktemp("phi")
+    return [Path(phantom.write_study(phantom.make_study(seed=seed, kind=kind, n_slices=8, matrix=128),
+                                     out / f"{kind}-{seed}", montage=False)) / "dicom"
+            for seed, kind in ((41, "covid"), (42, "normal"), (43, "covid"))]
+
+
+def _phi(folder: Path) -> set[str]:
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+    name = str(ds.PatientName)
+    return {name, *name.split("^"), str(ds.PatientID), str(ds.PatientBirthDate), str(ds.AccessionNumber)} - {""}
+
+
+def _wait(client: TestClient, url: str, headers: dict[str, str]) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        view = client.get(url, headers=headers).json()
+        if view.get("state") in ("done", "failed") or time.monotonic() > deadline:
+            return view
+        time.sleep(0.05)
+
+
+def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    keyfile, audit_file = tmp_path / "keys.json", tmp_path / "audit.jsonl"
+    dicom_port = free_port()
+    settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, audit_log_file=audit_file,
+                        results_dir=tmp_path / "results", stow_quiet_period_s=0.3, dicom_port=dicom_port,
+                        dicom_host="127.0.0.1", dicom_allowed_peers="PHISCU@127.0.0.1")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        keys_cli.main(["--file", str(keyfile), "add", "robot2", "--scopes", "admin"])
+    auth = {"X-API-Key": out.getvalue().strip()}
+    upload, stow, dimse = studies
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as client:
+        files = sorted(upload.glob("*.dcm"))
+        r = client.post("/v1/studies", files=[("files", (f.name, f.read_bytes(), "application/dicom")) for f in files],
+                        headers=auth)
+        assert r.status_code == 202, r.text
+        job = _wait(client, r.headers["location"], auth)
+        assert job["state"] == "done", job
+        assert client.get(f"{r.headers['location']}/sr", headers=auth).status_code == 200
+        assert client.get(f"{r.headers['location']}/events", headers=auth).status_code == 200
+        r = client.post("/dicomweb/studies", content=_related([f.read_bytes() for f in sorted(stow.glob("*.dcm"))]),
+                        headers={"content-type": STOW_TYPE, **auth})
+        assert r.status_code == 200, r.text
+        uid = r.headers["content-location"].rsplit("/", 1)[1]
+        assert _wait(client, f"/v1/studies/{uid}", auth)["state"] == "done"
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage
+
+        scu = AE(ae_title="PHISCU")
+        scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", dicom_port, ae_title="CTSCREEN")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in sorted(dimse.glob("*.dcm"))]
+        assoc.release()
+        assert set(statuses) == {0}
+        dimse_uid = str(pydicom.dcmread(next(dimse.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        assert _wait(client, f"/v1/studies/{dimse_uid}", auth)["state"] == "done"
+        # refusals on the way: no credential, a bad UID, a non-CT part
+        assert client.get(f"/v1/studies/{dimse_uid}").status_code == 401
+        assert client.get("/v1/studies/..%2F..", headers=auth).status_code in (400, 404)
+    lines = [caplog.text, *(r.getMessage() for r in caplog.records)]
+    audit = audit_file.read_text().splitlines()
+    records = [json.loads(line) for line in audit]
+    actions = {r["action"] for r in records}
+    assert {"POST /v1/studies", "GET /v1/jobs/{job_id}/sr", "POST /dicomweb/studies"} <= actions, actions
+    assert any(r["action"].startswith("DICOM C-STORE") and r["study_instance_uid"] == dimse_uid for r in records)
+    assert any(r["who"] == "key:robot2" and r["outcome"] == "ok" for r in records)
+    assert any(r["outcome"] == "denied" and r["status"] == 401 for r in records)
+    assert all(set(r) == {"ts", "who", "auth", "scope", "action", "study_instance_uid", "job_id", "client", "status",
+                          "outcome", "reason"} for r in records)
+    for folder in studies:
+        for value in _phi(folder):
+            assert len(value) >= 5  # the scan means something
+            hits = [ln for ln in [*lines, *audit] if value in ln]
+            assert hits == [], (value, hits[:3])

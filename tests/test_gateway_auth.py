@@ -1,0 +1,281 @@
+"""HTTP authentication and scopes (``gateway.auth``, ``gateway.keys``) with real tokens and a real JWKS.
+
+Tokens are signed here with freshly generated RSA and EC keys; the public halves are served by a local
+OIDC provider (discovery document + JWKS over HTTP on a free port), which the gateway fetches with httpx
+like any issuer. Triton is the fake client of ``tests/gateway_app_fakes.py`` (the question is who may
+call, not inference). API keys are made with the ``ctscreen keys`` command itself.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi.testclient import TestClient
+
+from gateway import keys as keys_cli
+from gateway.auth import AuthConfigError
+from gateway.cli import serve_main
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet, ct_series
+
+AUD = "ctscreen-gateway"
+
+
+class Provider:
+    """A local OIDC provider: its issuer URL, its signing keys, and what its JWKS publishes."""
+
+    def __init__(self) -> None:
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # never published
+        self.published = {"rsa-1": (self.rsa, "RS256"), "ec-1": (self.ec, "ES256")}
+        self.fetches = 0
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path == "/.well-known/openid-configuration":
+                    body = {"issuer": provider.issuer, "jwks_uri": provider.issuer + "/jwks.json"}
+                elif self.path == "/jwks.json":
+                    provider.fetches += 1
+                    body = {"keys": [provider.jwk(kid) for kid in provider.published]}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def jwk(self, kid: str) -> dict:
+        key, alg = self.published[kid]
+        algo = jwt.algorithms.RSAAlgorithm if alg == "RS256" else jwt.algorithms.ECAlgorithm
+        return {**json.loads(algo.to_jwk(key.public_key())), "kid": kid, "alg": alg, "use": "sig"}
+
+    def token(self, scope: str = "studies:write results:read", *, kid: str = "rsa-1", key=None, alg: str | None = None,
+              **claims) -> str:
+        now = int(time.time())
+        body = {"iss": self.issuer, "aud": AUD, "sub": "alice", "iat": now, "nbf": now - 5, "exp": now + 300,
+                "scope": scope, **claims}
+        body = {k: v for k, v in body.items() if v is not None}
+        signing, default_alg = self.published.get(kid, (self.rogue, "RS256"))
+        return jwt.encode(body, key or signing, algorithm=alg or default_alg, headers={"kid": kid})
+
+
+@pytest.fixture(scope="module")
+def provider():
+    p = Provider()
+    yield p
+    p.server.shutdown()
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    return tmp_path / "api_keys.json"
+
+
+@pytest.fixture
+def client(provider, keyfile):
+    settings = Settings(triton_urls="fake:1", auth_oidc_issuer=provider.issuer, auth_oidc_audience=AUD,
+                        auth_api_keys_file=keyfile, stow_quiet_period_s=3600)
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _upload(client: TestClient, headers: dict[str, str]):
+    _, files = ct_series(4, size=64)
+    return client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files],
+                       headers=headers)
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("kid", ["rsa-1", "ec-1"])
+def test_valid_token_uploads_and_reads(client, provider, kid):
+    r = _upload(client, _bearer(provider.token(kid=kid)))
+    assert r.status_code == 202, r.text
+    job = client.get(r.headers["location"], headers=_bearer(provider.token("results:read", kid=kid)))
+    assert job.status_code == 200, job.text
+
+
+def _hs256_with_public_key(p: Provider) -> str:
+    """Algorithm confusion: HS256 keyed with the issuer's public RSA key (PEM), which anyone has."""
+    pem = p.rsa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    now = int(time.time())
+    claims = {"iss": p.issuer, "aud": AUD, "sub": "mallory", "exp": now + 300, "scope": "admin"}
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+BAD_TOKENS = {
+    "expired": lambda p: p.token(exp=int(time.time()) - 3600, nbf=None, iat=int(time.time()) - 7200),
+    "not-yet-valid": lambda p: p.token(nbf=int(time.time()) + 3600),
+    "wrong-audience": lambda p: p.token(aud="someone-else"),
+    "wrong-issuer": lambda p: p.token(iss="https://evil.example.org"),
+    "no-exp": lambda p: p.token(exp=None),
+    "alg-none": lambda p: jwt.encode({"iss": p.issuer, "aud": AUD, "sub": "x", "exp": int(time.time()) + 300,
+                                      "scope": "admin"}, None, algorithm="none", headers={"kid": "rsa-1"}),
+    "hs256-with-public-key": _hs256_with_public_key,
+    "key-not-in-jwks": lambda p: p.token(kid="ghost"),
+    "published-kid-other-key": lambda p: p.token(kid="rsa-1", key=p.rogue),
+    "ec-kid-rsa-alg": lambda p: p.token(kid="ec-1", key=p.rsa, alg="RS256"),
+    "garbage": lambda p: "not.a.jwt",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TOKENS))
+def test_bad_tokens_are_401(client, provider, name):
+    r = _upload(client, _bearer(BAD_TOKENS[name](provider)))
+    assert r.status_code == 401, (name, r.status_code, r.text)
+    assert r.json()["reason"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_no_credential_is_401_and_probes_stay_open(client):
+    r = _upload(client, {})
+    assert r.status_code == 401 and r.json()["reason"] == "unauthorized", r.text
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code in (200, 503)
+    assert client.get("/metrics").status_code == 200
+
+
+def test_missing_scope_is_403(client, provider):
+    reader = _bearer(provider.token("results:read"))
+    r = _upload(client, reader)
+    assert r.status_code == 403 and r.json()["reason"] == "insufficient_scope", r.text
+    writer = _bearer(provider.token("studies:write"))
+    job = _upload(client, writer)
+    assert job.status_code == 202, job.text
+    assert client.get(job.headers["location"], headers=writer).status_code == 403
+    assert client.get(job.headers["location"], headers=_bearer(provider.token("admin"))).status_code == 200
+
+
+def test_every_api_route_needs_its_scope(client, provider):
+    """Each /v1 and /dicomweb route: 401 without a credential, 403 with only the other scope."""
+    scopes = {"POST": "studies:write", "GET": "results:read"}
+    seen = 0
+    for path, operations in client.get("/openapi.json").json()["paths"].items():
+        if not path.startswith(("/v1/", "/dicomweb/")):
+            continue
+        url = path.replace("{study_instance_uid}", "1.2.3").replace("{job_id}", "0" * 32)
+        for method in (m.upper() for m in operations):
+            seen += 1
+            assert client.request(method, url).status_code == 401, (method, path)
+            other = "results:read" if scopes[method] == "studies:write" else "studies:write"
+            r = client.request(method, url, headers=_bearer(provider.token(other)))
+            assert r.status_code == 403, (method, path, r.status_code, r.text)
+    assert seen >= 8  # upload, complete, study, job, events, sr, two STOW
+
+
+def test_openapi_shows_the_security_schemes(client):
+    doc = client.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                                 "description": schemes["bearer"]["description"]}
+    assert schemes["apiKey"]["type"] == "apiKey" and schemes["apiKey"]["name"] == "X-API-Key"
+    assert {"bearer": []} in doc["paths"]["/v1/studies"]["post"]["security"]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+
+
+def test_api_keys_add_use_list_revoke(client, keyfile, capsys):
+    assert keys_cli.main(["--file", str(keyfile), "add", "pacs-router", "--scopes", "studies:write"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("cts_") and key not in keyfile.read_text()  # stored hashed only
+    assert _upload(client, {"X-API-Key": key}).status_code == 202
+    job = _upload(client, _bearer(key))
+    assert job.status_code == 202, job.text
+    assert client.get(job.headers["location"], headers={"X-API-Key": key}).status_code == 403  # no results:read
+    assert _upload(client, {"X-API-Key": key[:-2] + "xx"}).status_code == 401  # wrong secret
+    assert keys_cli.main(["--file", str(keyfile), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "pacs-router" in listing and "studies:write" in listing and "active" in listing and key not in listing
+    key_id = key.split("_")[1]
+    assert keys_cli.main(["--file", str(keyfile), "revoke", key_id]) == 0
+    r = _upload(client, {"X-API-Key": key})
+    assert r.status_code == 401 and "revoked" in r.json()["message"], r.text
+    assert keys_cli.main(["--file", str(keyfile), "list"]) == 0
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_keys_command_refuses_unknown_scope_and_missing_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CTSCREEN_AUTH_API_KEYS_FILE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        keys_cli.main(["add", "x", "--scopes", "studies:write"])
+    assert exc.value.code == 2 and "CTSCREEN_AUTH_API_KEYS_FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        keys_cli.main(["--file", str(tmp_path / "k.json"), "add", "x", "--scopes", "root"])
+    assert keys_cli.main(["--file", str(tmp_path / "k.json"), "revoke", "nosuchkey"]) == 1
+    assert "No API key" in capsys.readouterr().err
+
+
+# --- secure by default -----------------------------------------------------------------------------
+def test_non_loopback_bind_needs_auth(tmp_path):
+    with pytest.raises(AuthConfigError, match="without authentication"):
+        create_app(Settings(triton_urls="fake:1", host="0.0.0.0"), client_factory=FakeFleet())
+    create_app(Settings(triton_urls="fake:1", host="0.0.0.0", auth_insecure=True), client_factory=FakeFleet())
+    create_app(Settings(triton_urls="fake:1", host="0.0.0.0", auth_api_keys_file=tmp_path / "k.json"),
+               client_factory=FakeFleet())
+    with pytest.raises(AuthConfigError, match="DICOM"):
+        create_app(Settings(triton_urls="fake:1", host="127.0.0.1", dicom_port=11112, dicom_host="0.0.0.0"),
+                   client_factory=FakeFleet())
+    loopback = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet())  # make demo: no auth
+    with TestClient(loopback) as c:
+        assert _upload(c, {}).status_code == 202
+
+
+def test_serve_refuses_a_public_bind_without_auth_in_one_line(capsys, monkeypatch):
+    for name in ("CTSCREEN_AUTH_OIDC_ISSUER", "CTSCREEN_AUTH_API_KEYS_FILE", "CTSCREEN_AUTH_INSECURE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--host", "0.0.0.0", "--port", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--insecure" in err, err
+
+
+def test_oidc_settings_are_checked():
+    with pytest.raises(ValueError, match="AUDIENCE"):
+        Settings(auth_oidc_issuer="https://id.example.org")
+    with pytest.raises(ValueError, match="https"):
+        Settings(auth_oidc_issuer="http://id.example.org", auth_oidc_audience="x")
+
+
+def test_jwks_is_cached_and_refetched_for_a_new_key(client, provider, monkeypatch):
+    import gateway.auth
+
+    before = provider.fetches
+    for _ in range(3):
+        assert _upload(client, _bearer(provider.token())).status_code == 202
+    assert provider.fetches - before <= 1  # cached across requests
+    monkeypatch.setattr(gateway.auth, "MIN_REFETCH_S", 0.0)
+    provider.published["rsa-2"] = (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
+    try:
+        assert _upload(client, _bearer(provider.token(kid="rsa-2"))).status_code == 202  # rotation
+    finally:
+        del provider.published["rsa-2"]

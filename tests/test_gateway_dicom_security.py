@@ -1,0 +1,177 @@
+"""DICOM security (``gateway.dicom_security``) with real peers: dcmtk's ``echoscu``/``storescu`` and pynetdicom.
+
+The Storage SCP runs alone on its own loop thread over a :class:`~gateway.stow.StowBuffer` (no Triton: the
+question is who may associate and what is kept). Certificates for TLS are made here with ``cryptography``:
+a CA, a server certificate and a client certificate, written as PEM files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import subprocess
+import threading
+
+import numpy as np
+import pydicom
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from ctscreen.embedded import free_port
+from gateway.audit import AuditLog
+from gateway.dicom_security import Peer, PeerPolicy, Watermark, parse_peers, tls_context
+from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, StorageScp
+from gateway.stow import StowBuffer
+from tests.gateway_dicom_factory import ct_dataset
+from tests.test_gateway_dimse import ECHOSCU, STORESCU, needs_dcmtk
+
+AE = "CTSCREEN"
+
+
+@pytest.fixture
+def scp_factory(tmp_path):
+    """Start StorageScps with given security options; all stopped at the end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    started: list[StorageScp] = []
+    audit = AuditLog(tmp_path / "audit.jsonl")
+
+    def make(**options) -> StorageScp:
+        stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=64 * 1024**2)  # type: ignore[arg-type]
+        scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE, audit=audit, **options)
+        scp.start()
+        started.append(scp)
+        return scp
+
+    make.audit_path = tmp_path / "audit.jsonl"  # type: ignore[attr-defined]
+    yield make
+    for scp in started:
+        scp.stop()
+    audit.close()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def _echo(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ECHOSCU, "-v", "-aec", AE, *args, "127.0.0.1", str(port)], capture_output=True, text=True,
+                          timeout=60)
+
+
+@needs_dcmtk
+def test_calling_ae_allow_list_with_hosts(scp_factory):
+    policy = PeerPolicy(parse_peers(["GOODSCU@127.0.0.1", "FARSCU@10.0.0.0/8"]))
+    scp = scp_factory(peers=policy)
+    ok = _echo(scp.port, "-aet", "GOODSCU")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for calling in ("BADSCU", "FARSCU"):  # unknown title; known title from a host it may not call from
+        refused = _echo(scp.port, "-aet", calling)
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "Association Rejected" in out, out
+        assert "Rejected Permanent" in out and "Calling AE Title Not Recognized" in out, out
+    wrong_called = subprocess.run([ECHOSCU, "-v", "-aet", "GOODSCU", "-aec", "NOTME", "127.0.0.1", str(scp.port)],
+                                  capture_output=True, text=True, timeout=60)
+    assert "Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
+    records = [json.loads(line) for line in scp_factory.audit_path.read_text().splitlines()]
+    denied = [r for r in records if r["outcome"] == "denied"]
+    assert {r["who"].split("@")[0] for r in denied} == {"BADSCU", "FARSCU", "GOODSCU"}
+    assert {r["reason"] for r in denied} == {"calling_ae_not_recognised", "called_ae_not_recognised"}
+
+
+def test_peer_policy_table():
+    policy = PeerPolicy([Peer("A", ipaddress.ip_network("10.1.0.0/16")), Peer("B", None)])
+    assert policy.allows("A", "10.1.2.3") and policy.allows("A", "::ffff:10.1.2.3")
+    assert not policy.allows("A", "10.2.0.1") and not policy.allows("C", "10.1.2.3")
+    assert policy.allows("B", "192.0.2.7") and not policy.allows("B", "not-an-ip")
+    assert PeerPolicy([]).allows("ANY", "203.0.113.9")
+    with pytest.raises(ValueError, match="AE@host"):
+        parse_peers(["NOHOST"])
+
+
+def test_sop_class_allow_list_and_watermark(scp_factory):
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
+
+    narrow = scp_factory(sop_classes=[EnhancedCTImageStorage])
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    scu.add_requested_context(EnhancedCTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", narrow.port, ae_title=AE)
+    assert assoc.is_established
+    accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {EnhancedCTImageStorage}
+
+    backlog = [0]
+    full = scp_factory(watermark=Watermark(backlog=lambda: backlog[0], max_backlog_slices=10))
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    assoc = scu.associate("127.0.0.1", full.port, ae_title=AE)
+    try:
+        first = int(assoc.send_c_store(ds).Status)
+        backlog[0] = 11
+        second = int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status)
+    finally:
+        assoc.release()
+    assert (first, second) == (SUCCESS, OUT_OF_RESOURCES)
+
+
+# --- TLS --------------------------------------------------------------------------------------------
+def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                        critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """PEM files: ca.crt, server.{crt,key}, client.{crt,key} (client signed by the CA), rogue.{crt,key} (self-signed)."""
+    out = tmp_path_factory.mktemp("pki")
+    keys = {n: rsa.generate_private_key(public_exponent=65537, key_size=2048) for n in ("ca", "server", "client", "rogue")}
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ctscreen test CA")])
+    certs = {"ca": _cert("ctscreen test CA", keys["ca"], ca_name, keys["ca"], ca=True),
+             "server": _cert("ctscreen-scp", keys["server"], ca_name, keys["ca"]),
+             "client": _cert("GOODSCU", keys["client"], ca_name, keys["ca"])}
+    rogue_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue")])
+    certs["rogue"] = _cert("rogue", keys["rogue"], rogue_name, keys["rogue"])
+    for name, key in keys.items():
+        (out / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.TraditionalOpenSSL,
+                                                            serialization.NoEncryption()))
+    for name, cert in certs.items():
+        (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+@needs_dcmtk
+def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path):
+    scp = scp_factory(ssl_context=tls_context(pki / "server.crt", pki / "server.key", pki / "ca.crt"))
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+    ok = _echo(scp.port, "-aet", "GOODSCU", *tls)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    plain = _echo(scp.port, "-aet", "GOODSCU", "-to", "5", "-ta", "5")
+    assert plain.returncode != 0  # no TLS: no association
+    rogue = _echo(scp.port, "-aet", "GOODSCU", "+tls", str(pki / "rogue.key"), str(pki / "rogue.crt"),
+                  "+cf", str(pki / "ca.crt"))
+    assert rogue.returncode != 0, rogue.stdout + rogue.stderr  # a certificate the CA did not sign
+    anonymous = _echo(scp.port, "-aet", "GOODSCU", "+tla", "+cf", str(pki / "ca.crt"))
+    assert anonymous.returncode != 0  # mutual TLS: no client certificate, no association
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    stored = subprocess.run([STORESCU, "-v", "-aet", "GOODSCU", "-aec", AE, *tls, "127.0.0.1", str(scp.port),
+                             str(path)], capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0 and "Received Store Response (Success)" in stored.stdout + stored.stderr, (
+        stored.stdout + stored.stderr)
