@@ -1,9 +1,12 @@
-"""Shared fixtures: the session's real embedded tritonserver, and free loopback ports.
+"""Shared fixtures: the session's real embedded tritonserver, free loopback ports, a data folder per test.
 
 ``triton`` starts :class:`ctscreen.embedded.EmbeddedTriton` once per test session on the cpu profile
 rendered from ``model_repository/`` (the shipped ONNX files), on free ports, and stops it at the end.
 Tests that use it should carry ``@pytest.mark.triton``. Its log is written to the session's temporary
 folder and printed when start-up fails.
+
+Every test runs with ``CTSCREEN_DATA_DIR`` set to a folder of its own, so a gateway made by a test
+keeps its state store (SQLite) and blobs there, never in the user's data folder or another test's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from ctscreen.embedded import free_port as _free_port
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` a moment ago; never hard-code ports in tests."""
     return _free_port(host)
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path_factory.mktemp("ctscreen-data")))
 
 
 @pytest.fixture(scope="session")
