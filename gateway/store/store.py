@@ -121,11 +121,19 @@ class Store:
             path = self.url.split(":///", 1)[1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # writes begin IMMEDIATE (the database's write lock at once, so a read-then-write transaction
+            # never meets another writer half-way, even in another process); reads begin deferred
             self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 30})
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            reader = create_async_engine(self.url, connect_args={"timeout": 30})
+            for engine, begin in ((self.engine, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+                event.listen(engine.sync_engine, "begin", lambda conn, sql=begin: conn.exec_driver_sql(sql))
         else:
             self.engine = create_async_engine(self.url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+            reader = self.engine
+        self._engines = {self.engine, reader}
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = async_sessionmaker(reader, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         import os
         import socket
@@ -135,7 +143,8 @@ class Store:
 
     async def close(self) -> None:
         """Close the connections."""
-        await self.engine.dispose()
+        for engine in self._engines:
+            await engine.dispose()
 
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -148,7 +157,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """One read-only session."""
-        async with self._sessions() as session:
+        async with self._readers() as session:
             yield session
 
     # --- instances and studies -------------------------------------------------------------------
@@ -566,6 +575,7 @@ def _view(job: Job, result: Result | None = None) -> JobView:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # the driver's own BEGIN off: the "begin" event emits ours
     cursor = dbapi_connection.cursor()
     for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=30000"):
         cursor.execute(f"PRAGMA {pragma}")
