@@ -13,6 +13,8 @@ keeps its state store (SQLite) and blobs there, never in the user's data folder 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +27,12 @@ from tests.postgres import PostgresServer, pg_bin
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` a moment ago; never hard-code ports in tests."""
     return _free_port(host)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Module- and session-scoped gateways get a data folder of the run, never the user's."""
+    if "CTSCREEN_DATA_DIR" not in os.environ:
+        os.environ["CTSCREEN_DATA_DIR"] = tempfile.mkdtemp(prefix="ctscreen-test-data-")
 
 
 @pytest.fixture(autouse=True)
