@@ -12,8 +12,9 @@ replica).
 
 **Sweeper.** Every ``sweep_interval_s``: closes the STOW / C-STORE study versions quiet for
 ``stow_quiet_period_s`` (one job per version, decided atomically in the store), fails queued jobs past
-their deadline, refreshes the job gauges and, every minute, enforces retention (results and
-instances, with their blobs).
+their deadline, refreshes the job gauges (this replica's share: the jobs it holds and the queued jobs
+it accepted, so that the sum over replicas is the cluster's backlog) and, every minute, enforces
+retention (results and instances, with their blobs).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ class Sweeper:
         s = self.settings
         await self.store.complete_due(s.stow_quiet_period_s, s.job_deadline_s)
         await self.store.fail_overdue()
-        self.counts = await self.store.counts()
+        self.counts = await self.store.counts(mine=True)
         if time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + self.retention_every_s
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)

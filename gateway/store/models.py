@@ -6,8 +6,9 @@
                complete version at once. An instance arriving after completion opens version n + 1.
 ``instances``  the files of a version (idempotent by SOP Instance UID within a version), each pointing
                to its bytes in the blob store; a new version starts with a copy of the previous rows.
-``jobs``       one per complete version: the state machine, attempts, next attempt time, deadline and
-               the lease (owner and expiry) of the replica screening it.
+``jobs``       one per complete version: the state machine, attempts, next attempt time, deadline,
+               the replica that accepted it (its metrics count it while queued) and the lease (owner
+               and expiry) of the replica screening it.
 ``results``    the CaseResult of a done job and the headers its DICOM SR needs.
 ``events``     progress of a job (state and slices done), read by the SSE stream of any replica.
 =============  ==========================================================================================
@@ -79,6 +80,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)
+    accepted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # revision 0002
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

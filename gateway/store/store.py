@@ -263,6 +263,7 @@ class Store:
     async def _new_job(self, s: AsyncSession, study: Study, files: int, now: float, deadline_s: float) -> Job:
         job = Job(id=uuid.uuid4().hex, study_id=study.id, study_instance_uid=study.study_instance_uid,
                   origin=study.origin, state=JobState.queued.value, files=files, slices_done=0, attempts=0,
+                  accepted_by=self.owner,
                   next_attempt_at=now, deadline_at=now + deadline_s, created_at=now, updated_at=now)
         s.add(job)
         await s.flush()
@@ -523,15 +524,23 @@ class Store:
                                    .order_by(Event.id))
             return [(r[0], r[1]) for r in rows]
 
-    async def counts(self) -> tuple[int, int, int]:
-        """``(queued, running, backlog slices)`` across the cluster (for the metrics)."""
+    async def counts(self, mine: bool = False) -> tuple[int, int, int]:
+        """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica.
+
+        A replica's share is the jobs it holds under a lease and the queued jobs it accepted, so the
+        sum over replicas (what the autoscaler adds up) is the cluster's backlog.
+        """
+        where = [Job.state.not_in(_TERMINAL)]
+        if mine:
+            where.append(or_(Job.lease_owner == self.owner,
+                             and_(Job.state == JobState.queued.value, Job.accepted_by == self.owner)))
         async with self.read() as s:
             rows = (await s.execute(select(Job.state, func.count(), func.coalesce(
                 func.sum(func.coalesce(Job.slices_total, Job.files) - Job.slices_done), 0))
-                .where(Job.state.not_in(_TERMINAL)).group_by(Job.state))).all()
+                .where(*where).group_by(Job.state))).all()
         queued = sum(int(r[1]) for r in rows if r[0] == JobState.queued.value)
         running = sum(int(r[1]) for r in rows if r[0] != JobState.queued.value)
-        return queued, running, sum(int(r[2]) for r in rows)
+        return queued, running, max(0, sum(int(r[2]) for r in rows))
 
     # --- retention ---------------------------------------------------------------------------------
     async def expire(self, results_s: float, instances_s: float) -> list[str]:

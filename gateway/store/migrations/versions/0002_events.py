@@ -1,4 +1,4 @@
-"""events: job progress readable by every replica
+"""events: job progress readable by every replica; jobs.accepted_by: whose metrics count a queued job
 
 Revision ID: 0002
 Revises: 0001
@@ -27,7 +27,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float(), nullable=False),
     )
     op.create_index("ix_events_job_id", "events", ["job_id"])
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("accepted_by", sa.String(128), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("accepted_by")
     op.drop_table("events")
