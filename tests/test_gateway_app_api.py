@@ -97,6 +97,24 @@ def test_upload_positive_study_with_progress_events_and_metrics():
     assert fleet.clients["fake:1"].closed  # the lifespan closed the client
 
 
+def test_an_upload_is_decoded_once():
+    """The route decodes the upload (to answer 4xx) and hands it to its own worker: no second decode."""
+    from gateway.ingest import load_study
+
+    calls = []
+
+    def loader(sources):
+        calls.append(len(sources))
+        return load_study(sources)
+
+    _, files = ct_series(6, lesion=[1, 2, 3])
+    app = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet(), loader=loader)
+    with TestClient(app) as client:
+        r = client.post("/v1/studies", files=_files(files))
+        assert _wait(client, r.json()["job_id"])["result"]["verdict"] == "positive"
+    assert calls == [6]
+
+
 def test_zip_upload_negative_study():
     _, files = ct_series(8, lesion=[2, 3])  # two in a row: not enough
     buf = io.BytesIO()

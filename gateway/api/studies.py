@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -128,9 +129,10 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     except OSError as exc:
         raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
     del files
+    job_id = uuid.uuid4().hex
+    worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not decode it again
     view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
-                                     settings.job_deadline_s, slices_total=prepared.n_slices)
-    worker.remember(view.job_id, prepared)
+                                     settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}
     )

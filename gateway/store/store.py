@@ -237,7 +237,8 @@ class Store:
                 Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING))).first() is not None
 
     async def accept_upload(self, study_instance_uid: str, files: Sequence[tuple[str, str, int]],
-                            deadline_s: float, *, slices_total: int | None = None) -> JobView:
+                            deadline_s: float, *, slices_total: int | None = None,
+                            job_id: str | None = None) -> JobView:
         """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it."""
         for attempt in range(5):
             try:
@@ -251,7 +252,7 @@ class Store:
                     await s.flush()
                     s.add_all([Instance(study_id=study.id, filename=name, blob_key=key, nbytes=n, received_at=now)
                                for name, key, n in files])
-                    job = await self._new_job(s, study, len(files), now, deadline_s)
+                    job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
                     job.slices_total = slices_total
                 self.changed.notify()
                 return _view(job)
@@ -260,8 +261,9 @@ class Store:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _new_job(self, s: AsyncSession, study: Study, files: int, now: float, deadline_s: float) -> Job:
-        job = Job(id=uuid.uuid4().hex, study_id=study.id, study_instance_uid=study.study_instance_uid,
+    async def _new_job(self, s: AsyncSession, study: Study, files: int, now: float, deadline_s: float,
+                       job_id: str | None = None) -> Job:
+        job = Job(id=job_id or uuid.uuid4().hex, study_id=study.id, study_instance_uid=study.study_instance_uid,
                   origin=study.origin, state=JobState.queued.value, files=files, slices_done=0, attempts=0,
                   accepted_by=self.owner,
                   next_attempt_at=now, deadline_at=now + deadline_s, created_at=now, updated_at=now)
