@@ -52,21 +52,23 @@ class Stack:
     _triton: Any = None
 
     def wait(self) -> None:
-        """Block until Ctrl-C or SIGTERM, or until the server stops by itself."""
+        """Block until Ctrl-C or SIGTERM, or until the server stops by itself.
+
+        The signal handlers only set an event: an exception raised inside ``Thread.join`` would leave
+        the thread marked as stopped while it runs, and the gateway would never shut down cleanly.
+        """
         assert self._thread is not None
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def _term(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _term)
+        stop = threading.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in signals}
         try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            print("\nstopping ...", file=sys.stderr)
+            while self._thread.is_alive() and not stop.wait(0.5):
+                pass
+            if stop.is_set():
+                print("\nstopping ...", file=sys.stderr)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 @contextmanager

@@ -75,6 +75,7 @@ def create_app(
         if settings.db_migrate:
             await asyncio.to_thread(upgrade, database)
         store = Store(database)
+        store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)

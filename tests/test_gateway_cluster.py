@@ -240,6 +240,23 @@ def test_replica_killed_mid_study_another_finishes_it(gateways, study_files, clu
     assert "lease of" in other.log.read_text()  # taken over after the lease expired
 
 
+def test_sigterm_releases_the_job_to_another_replica_at_once(gateways, study_files, cluster_env):
+    """SIGTERM (a pod being stopped): the gateway stops taking work and gives its job back, not left to expire."""
+    a = gateways().wait_up()
+    job = a.upload(study_files)
+    deadline = time.monotonic() + 120
+    while (view := a.job(job["job_id"]))["slices_done"] == 0:
+        assert view["state"] != "done" and time.monotonic() < deadline, view
+        time.sleep(0.05)
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(60) == 0
+    assert _db_jobs(cluster_env, _uid(study_files)) == [("queued", None, 1)]  # released with no lease
+    assert "released 1 unfinished jobs" in a.log.read_text()
+    view = gateways().wait_up().finished(job["job_id"])
+    assert view["state"] == "done" and view["attempts"] == 2, view
+    _every_slice_once(view, study_files)
+
+
 @pytest.mark.parametrize("cluster_env", ["sqlite", "postgresql"], indirect=True)
 def test_only_gateway_killed_after_202_and_in_a_quiet_period(gateways, study_files, tmp_path, cluster_env):
     gw = gateways().wait_up()

@@ -256,3 +256,24 @@ def test_sqlite_is_in_wal_mode_with_full_sync(tmp_path):
             await store.close()
 
     _run(go())
+
+
+def test_other_replicas_are_woken_by_job_events_on_postgresql(pg_url):
+    """LISTEN/NOTIFY: a job queued by one replica wakes a waiter of another at once (not by polling)."""
+    upgrade(pg_url)
+
+    async def go():
+        a, b = Store(pg_url, owner="a"), Store(pg_url, owner="b")
+        try:
+            a.listen()
+            await a.changed.wait(10)  # the listener is up (it wakes the waiters once when it starts)
+            await b.add_instance("5.5.5", "5.5.5.1", "a.dcm", "k", 1)
+            waiter = asyncio.ensure_future(a.changed.wait(10))
+            await asyncio.sleep(0.1)
+            await b.complete_now("5.5.5", 60)
+            assert await waiter  # woken, not timed out
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())

@@ -12,6 +12,12 @@ method is one transaction; the decisions that must happen once in a cluster are 
 * **results** are written only by the holder of the job's lease (:meth:`Store.finish`), so a replica
   that lost its lease cannot write a second result.
 
+Every transaction that records a job event (new job, claim, progress, done, failed, queued again)
+wakes the waiters of this process at once (:attr:`Store.changed`); on PostgreSQL it also sends
+``NOTIFY ctscreen`` with its commit, and :meth:`Store.listen` turns that into the same wake-up on every
+other replica (workers claim at once, SSE streams move at once). Waiters also poll, so a lost
+notification only costs a poll interval.
+
 SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
 """
 
@@ -28,9 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, insert, or_, select, update
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 from aggregator.schema import CaseResult
 from gateway.jobs import RUNNING, TERMINAL, JobError, JobNotFound, JobState, JobView
@@ -39,6 +47,8 @@ from gateway.store.models import Event, Instance, Job, Result, Study
 logger = logging.getLogger(__name__)
 
 RECEIVING, COMPLETE = "receiving", "complete"
+CHANNEL = "ctscreen"
+"""The PostgreSQL notification channel of job events."""
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
 
@@ -132,7 +142,8 @@ class Store:
             self.engine = create_async_engine(self.url, pool_size=5, max_overflow=10, pool_pre_ping=True)
             reader = self.engine
         self._engines = {self.engine, reader}
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, sync_session_class=(
+            _NotifyingSession if self.dialect == "postgresql" else Session))
         self._readers = async_sessionmaker(reader, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         import os
@@ -140,11 +151,43 @@ class Store:
 
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.changed = _Changes()
+        self._listener: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Stop listening and close the connections."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
         for engine in self._engines:
             await engine.dispose()
+
+    def listen(self) -> None:
+        """On PostgreSQL, wake this process's waiters on every other replica's job events (LISTEN)."""
+        if self.dialect == "postgresql" and self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="ctscreen-listen")
+
+    async def _listen(self) -> None:
+        import asyncpg
+
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(dsn)
+                await connection.add_listener(CHANNEL, lambda *_: self.changed.notify())
+                self.changed.notify()  # anything missed while not listening
+                while not connection.is_closed():
+                    await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be away; polling covers the gap
+                logger.warning("LISTEN %s failed (%s); retrying in 5 s", CHANNEL, type(exc).__name__)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), 5)
+            await asyncio.sleep(5)
 
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -585,6 +628,22 @@ def _view(job: Job, result: Result | None = None) -> JobView:
     )
 
 
+class _NotifyingSession(Session):
+    """A PostgreSQL session that sends ``NOTIFY ctscreen`` with a commit that records a job event."""
+
+
+@event.listens_for(_NotifyingSession, "before_flush")
+def _mark_events(session: Session, _context: Any, _instances: Any) -> None:
+    if any(isinstance(o, Event) for o in session.new):
+        session.info["notify"] = True
+
+
+@event.listens_for(_NotifyingSession, "before_commit")
+def _notify_on_commit(session: Session) -> None:
+    if session.info.pop("notify", False) or any(isinstance(o, Event) for o in session.new):
+        session.execute(text(f"NOTIFY {CHANNEL}"))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver's own BEGIN off: the "begin" event emits ours
     cursor = dbapi_connection.cursor()
@@ -604,9 +663,12 @@ class _Changes:
             self._event.set()
             self._event = None
 
-    async def wait(self, timeout: float) -> None:
-        """Return at the next change made by this process, or after ``timeout`` s."""
+    async def wait(self, timeout: float) -> bool:
+        """Return at the next change (True), or after ``timeout`` s (False)."""
         if self._event is None:
             self._event = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
