@@ -1,8 +1,8 @@
 """The work loops every gateway replica runs: the worker (claims and screens jobs) and the sweeper.
 
 **Worker.** Up to ``max_concurrent_studies`` jobs at once, each claimed from the state store under a
-lease of ``lease_s`` seconds. While a job runs, a heartbeat renews the lease and records progress every
-``progress_interval_s``; a replica that loses its lease (it stalled and another took the job over)
+lease of ``lease_s`` seconds. While a job runs, a heartbeat records progress every
+``progress_interval_s`` (when there is some) and renews the lease at least every ``lease_s / 3``; a replica that loses its lease (it stalled and another took the job over)
 stops working on it, and only the lease holder can write the result. When no Triton endpoint is ready
 the worker claims nothing; when Triton goes away during a study, the job goes back to ``queued`` with
 back-off (``retry_backoff_s`` doubling up to ``retry_backoff_max_s``) until its deadline
@@ -110,10 +110,14 @@ class Worker:
         assert me is not None
 
         async def heartbeat() -> None:
+            renewed = time.monotonic()
             while True:
                 await asyncio.sleep(s.progress_interval_s)
+                if not progress["dirty"] and time.monotonic() - renewed < s.lease_s / 3:
+                    continue  # nothing to record, and the lease is young: no write
                 dirty, progress["dirty"] = progress["dirty"], False
                 kw = {"state": progress["state"], "slices_done": progress["done"]} if dirty else {}
+                renewed = time.monotonic()
                 if not await self.store.heartbeat(job.id, s.lease_s, **kw):
                     logger.warning("job %s: lease lost; another replica holds it now", job.id)
                     me.cancel(msg="lease lost")

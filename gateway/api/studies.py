@@ -131,8 +131,13 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     del files
     job_id = uuid.uuid4().hex
     worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not decode it again
-    view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
-                                     settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
+    try:
+        view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
+                                         settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
+    except Exception:
+        for _, key, _ in keyed:  # not accepted: its blobs must not linger unreferenced
+            await run_in_threadpool(blobs.delete, key)
+        raise
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}
     )
