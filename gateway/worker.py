@@ -13,7 +13,9 @@ replica).
 **Sweeper.** Every ``sweep_interval_s``: closes the STOW / C-STORE study versions quiet for
 ``stow_quiet_period_s`` (one job per version, decided atomically in the store), fails queued jobs past
 their deadline, refreshes the job gauges (this replica's share: the jobs it holds and the queued jobs
-it accepted, so that the sum over replicas is the cluster's backlog) and, every minute, enforces
+it accepted, re-queued or adopted from a replica that shut down, so that the sum over replicas is the
+cluster's backlog: ``ctscreen_backlog_slices`` summed over gateways, which the chart's fleet signal
+``ctscreen:backlog_seconds:fleet`` divides by Triton's rate) and, every minute, enforces
 retention (results and instances, with their blobs).
 """
 
@@ -227,6 +229,7 @@ class Sweeper:
         s = self.settings
         await self.store.complete_due(s.stow_quiet_period_s, s.job_deadline_s)
         await self.store.fail_overdue()
+        await self.store.adopt()  # queued jobs a replica left at shut-down: counted here from now on
         self.counts = await self.store.counts(mine=True)
         if time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + self.retention_every_s

@@ -277,3 +277,33 @@ def test_other_replicas_are_woken_by_job_events_on_postgresql(pg_url):
             await b.close()
 
     _run(go())
+
+
+def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_down(db_url):
+    """``counts(mine=True)`` partitions the open jobs over live replicas (what the fleet signal sums)."""
+    upgrade(db_url)
+
+    async def go():
+        a, b, c = Store(db_url, owner="a"), Store(db_url, owner="b"), Store(db_url, owner="c")
+        try:
+            await _queue(a, 3)
+            await _queue(b, 2)
+            assert (await a.claim(60)) is not None  # a holds one, two queued jobs it accepted wait
+            cluster = await a.counts()
+
+            def total(*shares):
+                return tuple(sum(x) for x in zip(*shares, strict=True))
+
+            assert total(await a.counts(mine=True), await b.counts(mine=True)) == cluster
+            await a.release_all()  # a scales down: its running and queued jobs must not drop out of the sum
+            assert await a.counts(mine=True) == (0, 0, 0)
+            adopted = await asyncio.gather(b.adopt(), c.adopt())
+            assert sum(adopted) == 3  # each orphaned job adopted once
+            after = await b.counts()
+            assert after == (cluster[0] + cluster[1], 0, cluster[2])  # the released job is queued again
+            assert total(await b.counts(mine=True), await c.counts(mine=True)) == after
+        finally:
+            for s in (a, b, c):
+                await s.close()
+
+    _run(go())

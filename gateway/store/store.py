@@ -473,6 +473,7 @@ class Store:
             row = (await s.execute(update(Job).where(
                 Job.id == job_id, Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now + delay_s,
+                accepted_by=self.owner,  # this (live) replica's gauges count it while it waits
                 updated_at=now, slices_done=0, error=None if error is None else error.model_dump(mode="json"),
             ).returning(Job.slices_total))).first()
             if row is None:
@@ -483,12 +484,29 @@ class Store:
         return JobState.queued.value
 
     async def release_all(self) -> int:
-        """Give back every job this replica holds, due at once (shut-down); returns how many."""
+        """Give back every job this replica holds, due at once (shut-down); returns how many.
+
+        The queued jobs this replica counted (and the released ones) are left to no one
+        (``accepted_by`` NULL) until another replica's sweeper adopts them (:meth:`adopt`), so a replica
+        that scales down does not take its share of the backlog out of the autoscaler's sum.
+        """
         now = time.time()
         async with self.tx() as s:
             done = await s.execute(update(Job).where(Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
-                updated_at=now, slices_done=0))
+                accepted_by=None, updated_at=now, slices_done=0))
+            await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
+                            .values(accepted_by=None))
+            return int(done.rowcount or 0)
+
+    async def adopt(self) -> int:
+        """Count the queued jobs no replica counts (released at another's shut-down) as this one's share.
+
+        One conditional UPDATE: of racing replicas each job goes to one. Returns how many were adopted.
+        """
+        async with self.tx() as s:
+            done = await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by.is_(None))
+                                   .values(accepted_by=self.owner))
             return int(done.rowcount or 0)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
@@ -511,6 +529,7 @@ class Store:
             if not (await s.execute(select(Instance.id).where(Instance.study_id == job.study_id).limit(1))).first():
                 raise ValueError(f"The instances of job {job_id} are no longer kept (retention); send the study again.")
             job.state, job.attempts, job.next_attempt_at, job.deadline_at = JobState.queued.value, 0, now, now + deadline_s
+            job.accepted_by = self.owner  # whoever accepted it first may be gone
             job.finished_at, job.error, job.slices_done, job.updated_at = None, None, 0, now
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
         self.changed.notify()
