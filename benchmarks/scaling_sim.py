@@ -18,9 +18,18 @@ studies at ``ready replicas x slices/s``. Three autoscaling policies are compare
 ``static``
     No autoscaler: the fewest fixed replicas whose p95 is no worse than the backlog policy's.
 ``ctscreen-backlog``
-    This chart: External ``ctscreen_backlog_seconds`` (backlog slices / measured capacity) with a
-    Value target of 30 s, plus the queue/compute ratio (target 1.5); scale up 4 pods per 60 s, scale down
-    1 pod per 300 s after a 600 s window; a removed pod drains (no study is cut).
+    This chart: External ``ctscreen_backlog_seconds``, read from the fleet-wide series the chart's
+    PrometheusRule records (backlog slices of all gateways / the fleet's slices per second: the larger of
+    what Triton served over the last minute and the nominal rate of the ready replicas) with a Value target
+    of 30 s, plus the queue/compute ratio (target 1.5); scale up 4 pods per 60 s, scale down 1 pod per
+    300 s after a 600 s window; a removed pod drains (no study is cut).
+
+Several gateways (``--gateways 1,3``): each study lands on one of G gateways at random (the Service
+spreads uploads); the Triton pods serve all of them. The fleet signal does not depend on G. The signal the
+chart had before, each gateway's backlog over the rate *it* measured summed over gateways
+(``per-gateway-sum``), is modelled for comparison: a busy gateway shares each pod's time with the other
+busy gateways, so it measures 1/k of the pod's rate and the sum reads k times the drain time (k busy
+gateways).
 
 The gateway bounds what each pod holds (in-flight requests x batch), so Triton's own queue saturates at
 about one compute time per request (ratio ~1) however long the backlog: the ratio signal (target 1.5)
@@ -107,6 +116,13 @@ class Cluster:
     max_inflight: int = 4
     batching_delay_us: float = 500.0
     tolerance: float = 0.1
+    gateways: int = 1
+    """Gateway replicas the studies are spread over (at random)."""
+    rate_window_s: float = 60.0
+    """Window of the fleet's measured rate (chart: autoscaling.fleetSignal.rateWindow)."""
+    nominal_rate_fraction: float = 0.75
+    """Nominal per-replica rate of the fleet signal as a fraction of the true one (chart production values:
+    150 slices/s assumed for a GPU doing 200)."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +141,14 @@ class Policy:
     scale_down_period_s: float
     drain: bool
     ratio_target: float | None = None
+    per_gateway_sum: bool = False
+    """The old signal: per-gateway backlog seconds (each over the rate that gateway measured), summed."""
 
 
 SAMPLE = Policy("sample-queue-time", "queue_time", 50.0, 4, 100, 15, 300, None, 100, 15, drain=False)
 OURS = Policy("ctscreen-backlog", "backlog", 30.0, 4, None, 60, 600, 1, None, 300, drain=True, ratio_target=1.5)
+PER_GATEWAY_SUM = dataclasses.replace(OURS, name="per-gateway-sum", per_gateway_sum=True)
+"""The chart's earlier signal (sum over gateways of per-gateway estimates), for the several-gateway study."""
 TUNING_TARGETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Queue-time targets (seconds per request) tried for the tuned sample policy."""
 POLICY_NAMES = (SAMPLE.name, "sample-queue-time-tuned", OURS.name, "static")
@@ -188,6 +208,7 @@ class _Study:
     arrival: float
     size: int
     remaining: float
+    gateway: int = 0
     start: float | None = None
 
 
@@ -302,7 +323,9 @@ def simulate(
     queue: deque[_Study] = deque()
     latencies: list[float] = []
     completions: deque[tuple[float, float, float]] = deque()  # (t, requests, queue_us_sum)
-    backlog_hist: deque[tuple[float, float, int]] = deque()  # (t, backlog slices, ready)
+    # (t, backlog slices, ready, slices served so far, busy gateways)
+    backlog_hist: deque[tuple[float, float, int, float, int]] = deque()
+    gateway_of = np.random.default_rng(len(times)).integers(0, cluster.gateways, len(times))
     events: list[tuple[float, int, int]] = []  # (time, kind, index): kind 0 arrival, 1 tick, 2 pod ready
     for i, t in enumerate(times):
         events.append((float(t), 0, i))
@@ -358,16 +381,20 @@ def simulate(
             break
         advance(t)
         if kind == 0:
-            queue.append(_Study(float(times[idx]), int(sizes[idx]), float(sizes[idx])))
+            queue.append(_Study(float(times[idx]), int(sizes[idx]), float(sizes[idx]), int(gateway_of[idx])))
         elif kind == 1:
             ready = ready_count(now)
             backlog = sum(s.remaining for s in queue)
-            backlog_hist.append((now, backlog, ready))
-            # metrics as the HPA sees them: one scrape + adapter late
+            busy_gateways = len({s.gateway for s in queue})
+            backlog_hist.append((now, backlog, ready, busy_s * mu, busy_gateways))
+            # metrics as the HPA sees them: one scrape + adapter late; the rate over the window before
             lag_t = now - cluster.metric_lag_s
-            while len(backlog_hist) > 1 and backlog_hist[1][0] <= lag_t:
+            while len(backlog_hist) > 2 and backlog_hist[1][0] <= lag_t - cluster.rate_window_s:
                 backlog_hist.popleft()
-            seen_backlog, seen_ready = backlog_hist[0][1], backlog_hist[0][2]
+            seen = [h for h in backlog_hist if h[0] <= lag_t] or [backlog_hist[0]]
+            _, seen_backlog, seen_ready, seen_served, seen_busy_gw = seen[-1]
+            span = seen[-1][0] - seen[0][0]
+            measured_rate = (seen_served - seen[0][3]) / span if span > 0 else 0.0
             if policy.signal == "static":
                 usage, ratio = 0.0, None
             elif policy.signal == "queue_time":
@@ -380,8 +407,11 @@ def simulate(
             else:
                 while completions:
                     completions.popleft()
-                capacity = max(seen_ready, 1) * mu
-                usage = seen_backlog / capacity  # seconds to drain at current capacity
+                if policy.per_gateway_sum:  # each busy gateway sees 1/k of each ready pod's rate
+                    usage = max(seen_busy_gw, 1) * seen_backlog / (max(seen_ready, 1) * mu)
+                else:  # the fleet signal: summed slices / max(measured rate, nominal x replicas loaded)
+                    nominal = max(seen_ready, 1) * mu * cluster.nominal_rate_fraction
+                    usage = seen_backlog / max(measured_rate, nominal)
                 inflight_cap = max(seen_ready, 1) * cluster.max_inflight * cluster.batch_size
                 ratio = min(1.0, seen_backlog / inflight_cap) if seen_ready else 0.0
             if policy.signal == "static":
@@ -481,14 +511,8 @@ def _plots(results: list[Result], out: Path, workload: Workload) -> list[str]:
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r.policy)
         ax.set_xscale("log")
         ax.axhline(0.95, color="k", lw=0.5, ls=":")
-        ax.set_xlabel("case latency (s), arrival to verdict")
-        ax.set_ylabel("fraction of studies")
-        ax.set_title(f"{cost * 1000:g} ms/slice/GPU")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=110)
-    plt.close(fig)
-    files.append("latency_cdf.png")
+        _cost_panel(ax, cost, "case latency (s), arrival to verdict", "fraction of studies")
+    files.append(_save(fig, out / "latency_cdf.png"))
     # summary bars
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     policies = list(POLICY_NAMES)
@@ -656,6 +680,99 @@ def run(workload: Workload, cluster: Cluster, costs: Sequence[float], out: Path 
     return doc
 
 
+def run_gateways(workload: Workload, cluster: Cluster, costs: Sequence[float], gateways: Sequence[int],
+                 out: Path | None, plots: bool = True, command: str = "") -> dict[str, Any]:
+    """The fleet signal and the per-gateway sum at each gateway count; JSON + Markdown (+ plot) to ``out``."""
+    arrivals = make_arrivals(workload)
+    horizon = workload.days * DAY
+    rows = []
+    for cost in costs:
+        for policy in (OURS, PER_GATEWAY_SUM):
+            base = None
+            for g in gateways:
+                r = simulate(policy, dataclasses.replace(cluster, slice_cost_s=cost, gateways=g), arrivals, horizon)
+                summary = {"gateways": g, **r.summary()}
+                base = base if base is not None else summary["gpu_hours"]
+                summary["gpu_hours_vs_first"] = round(summary["gpu_hours"] / base, 3) if base else None
+                rows.append(summary)
+                logger.info("%s @ %g ms, %d gateways: %s", policy.name, cost * 1000, g, summary)
+    doc: dict[str, Any] = {
+        "command": command or "ctscreen bench scaling --gateways " + ",".join(map(str, gateways)),
+        "model": "as scaling-latest.json; studies spread over the gateways at random",
+        "parameters": {"workload": dataclasses.asdict(workload), "cluster": dataclasses.asdict(cluster),
+                       "gateways": list(gateways), "slice_costs_s": list(costs)},
+        "results": rows,
+        "plots": [],
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if plots:
+            doc["plots"] = [_gateway_plot(rows, out)]
+        (out / "gateways-latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (out / "gateways.md").write_text(_gateway_markdown(doc))
+    return doc
+
+
+def _gateway_plot(rows: list[dict[str, Any]], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = sorted({r["slice_cost_s"] for r in rows})
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 3.8), squeeze=False)
+    for ax, cost in zip(axes[0], costs, strict=True):
+        for name in (OURS.name, PER_GATEWAY_SUM.name):
+            sub = [r for r in rows if r["slice_cost_s"] == cost and r["policy"] == name]
+            ax.plot([r["gateways"] for r in sub], [r["gpu_hours"] for r in sub], marker="o",
+                    label="fleet signal (this chart)" if name == OURS.name else "per-gateway estimates summed")
+        _cost_panel(ax, cost, "gateway replicas", "GPU-hours (week)")
+    return _save(fig, out / "gateways.png")
+
+
+def _cost_panel(ax: Any, cost: float, xlabel: str, ylabel: str) -> None:
+    """Labels, title and legend of one per-slice-cost panel."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{cost * 1000:g} ms/slice/GPU")
+    ax.legend(fontsize=7)
+
+
+def _save(fig: Any, path: Path) -> str:
+    """Write ``fig`` to ``path`` and close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _gateway_markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "# Scaling simulation with several gateways",
+        "",
+        f"Generated by `{doc['command']}`; the workload and cluster of `../scaling.md` (parameters in",
+        "`gateways-latest.json`), each study sent to one of G gateways at random.",
+        "",
+        "- **fleet signal** (this chart): the PrometheusRule's `ctscreen:backlog_seconds:fleet` = backlog slices",
+        "  summed over gateways / the fleet's rate (max of the measured rate and the nominal rate of the ready",
+        "  replicas): it does not depend on how many gateways share the work.",
+        "- **per-gateway-sum** (the chart before): each gateway's backlog over the rate it measured, summed; a",
+        "  busy gateway sees 1/k of each pod's time when k gateways are busy, so the sum reads up to k times",
+        "  the drain time.",
+        "",
+        "| slice cost | signal | gateways | GPU-h | vs 1st | p95 s | scale events | mean / max replicas |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        lines.append(f"| {r['slice_cost_s'] * 1000:g} ms | {r['policy']} | {r['gateways']} | {r['gpu_hours']} |"
+                     f" {r['gpu_hours_vs_first']} | {r['latency_p95_s']} | {r['scale_events']} |"
+                     f" {r['mean_replicas']} / {r['max_replicas']} |")
+    lines += ["", *[f"![{f}]({f})" for f in doc["plots"]], ""]
+    return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, never a traceback
         self.exit(2, f"ctscreen bench scaling: error: {message}\n")
@@ -676,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batching-delay-us", type=float, default=Cluster.batching_delay_us)
     parser.add_argument("--backlog-target-s", type=positive(float), default=OURS.target,
                         help="ctscreen policy: target seconds to drain the backlog (chart: backlogSecondsPerReplica)")
+    parser.add_argument("--gateways", type=positive_list(int, "gateway counts"), default=None,
+                        help="instead of the policy comparison: the fleet signal against the per-gateway sum at"
+                             " these gateway counts, comma separated (e.g. 1,3,5); writes <out>/gateways/")
     parser.add_argument("--seed", type=int, default=Workload.seed)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-plots", action="store_true")
@@ -690,6 +810,14 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(startup_s=args.startup_s, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       batching_delay_us=args.batching_delay_us)
     command = "ctscreen bench scaling " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.gateways:
+        doc = run_gateways(workload, cluster, args.slice_cost, args.gateways, args.out / "gateways",
+                           plots=not args.no_plots, command=command.strip())
+        for s in doc["results"]:
+            print(f"{s['slice_cost_s'] * 1000:>5g} ms  {s['policy']:<16} {s['gateways']:>2} gateways  "
+                  f"GPU-h {s['gpu_hours']:>7} ({s['gpu_hours_vs_first']:.3f} of the first)  p95 {s['latency_p95_s']} s")
+        print(f"wrote {args.out}/gateways/gateways-latest.json, gateways.md and {len(doc['plots'])} plot")
+        return 0
     doc = run(workload, cluster, args.slice_cost, args.out, plots=not args.no_plots, command=command.strip(),
               ours=dataclasses.replace(OURS, target=args.backlog_target_s))
     for s in doc["results"]:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the gateway (one registry per app, served at ``/metrics``).
 
-Names (stable; the Helm chart's autoscaling reads the two backlog gauges):
+Names (stable; the Helm chart's autoscaling reads ``ctscreen_backlog_slices``):
 
 =====================================  =========  ==========================================================
 ``ctscreen_studies_total{verdict}``    counter    studies finished: positive, negative, indeterminate, failed
@@ -10,14 +10,19 @@ Names (stable; the Helm chart's autoscaling reads the two backlog gauges):
 ``ctscreen_studies_inflight{state}``   gauge      studies queued / running now
 ``ctscreen_inflight_requests``         gauge      Triton requests on the wire now
 ``ctscreen_backlog_slices``            gauge      slices accepted and not yet answered (queued studies
-                                                  counted by their file count until decoded)
-``ctscreen_backlog_seconds``           gauge      backlog_slices / (sum of measured slices-per-second of the
-                                                  live Triton replicas): time to drain at current capacity
+                                                  counted by their file count until decoded): raw, this
+                                                  gateway's share, to be summed over gateways
 ``ctscreen_triton_endpoints``          gauge      live Triton endpoints in the pool
 ``ctscreen_triton_slices_per_second``  gauge      measured rate of each endpoint ``{endpoint}``
 ``ctscreen_triton_slices_total``       counter    slices answered by each endpoint ``{endpoint}``
 ``ctscreen_triton_retries_total``      counter    batches tried again after a transport failure
 =====================================  =========  ==========================================================
+
+No gateway exports backlog *seconds*: a gateway sees only its own share of the backlog and of each Triton
+pod's time, so per-gateway estimates summed over G gateways read up to G times the drain time. The chart's
+PrometheusRule records one fleet-wide series instead, ``ctscreen:backlog_seconds:fleet`` = sum of
+``ctscreen_backlog_slices`` / the slices per second the whole Triton fleet serves (Triton's own
+``nv_inference_count``), and the autoscaler reads that.
 """
 
 from __future__ import annotations
@@ -52,14 +57,9 @@ class _LiveCollector(Collector):
         yield studies
         yield GaugeMetricFamily("ctscreen_inflight_requests", "Triton requests on the wire now.",
                                 value=self._pool.inflight_requests)
-        yield GaugeMetricFamily("ctscreen_backlog_slices", "Slices accepted and not yet answered.",
+        yield GaugeMetricFamily("ctscreen_backlog_slices",
+                                "Slices accepted by this gateway and not yet answered (sum over gateways).",
                                 value=backlog)
-        seconds = self._pool.backlog_seconds(backlog)
-        yield GaugeMetricFamily(
-            "ctscreen_backlog_seconds",
-            "Backlog slices divided by the measured slices per second of all live Triton replicas.",
-            value=seconds if math.isfinite(seconds) else 1e9,
-        )
         rates = self._pool.rates()
         yield GaugeMetricFamily("ctscreen_triton_endpoints", "Live Triton endpoints.", value=len(rates))
         per_rate = GaugeMetricFamily("ctscreen_triton_slices_per_second",

@@ -266,14 +266,6 @@ class TritonPool:
         """Slices per second the live endpoints are expected to deliver together."""
         return sum(self.rates().values())
 
-    def backlog_seconds(self, backlog_slices: int | None = None) -> float:
-        """Time to work through ``backlog_slices`` (default: :attr:`pending_slices`) at :meth:`capacity`."""
-        n = self._pending_slices if backlog_slices is None else backlog_slices
-        cap = self.capacity()
-        if n <= 0:
-            return 0.0
-        return float("inf") if cap <= 0 else n / cap
-
     def _mark(self, ep: _Endpoint, delta: int, slices: int = 0) -> None:
         now = time.monotonic()
         if ep.inflight > 0:

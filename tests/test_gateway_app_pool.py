@@ -111,7 +111,6 @@ def test_readiness_and_rates():
     pool = TritonPool(["a:1", "b:1"], default_rate=10.0, client_factory=fleet)
     assert _run(pool.ready_endpoints()) == ["b:1"]
     assert pool.capacity() == 20.0
-    assert pool.backlog_seconds(40) == 2.0 and pool.backlog_seconds(0) == 0.0
 
 
 @pytest.mark.parametrize(

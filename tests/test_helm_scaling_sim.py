@@ -74,6 +74,7 @@ def test_smoke_run_writes_parameters_and_results(tmp_path, capsys):
         (["--days", "-1"], "expected a value > 0"),
         (["--slice-cost", "fast"], "expected comma-separated seconds"),
         (["--min-replicas", "5", "--max-replicas", "2"], "exceeds --max-replicas"),
+        (["--gateways", "0,3"], "expected gateway counts > 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -82,3 +83,39 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _gpu_hours(policy: sim.Policy, gateways: int) -> float:
+    workload = sim.Workload(days=1.0, bursts_per_day=12)
+    cluster = sim.Cluster(slice_cost_s=0.02, gateways=gateways)
+    return sim.simulate(policy, cluster, sim.make_arrivals(workload), workload.days * sim.DAY).gpu_hours
+
+
+def test_three_gateways_need_the_gpu_hours_of_one_with_the_fleet_signal():
+    """Same load through 3 gateways: the fleet signal keeps GPU-hours within 10 % of 1 gateway."""
+    one, three = _gpu_hours(sim.OURS, 1), _gpu_hours(sim.OURS, 3)
+    assert abs(three / one - 1) <= 0.10, (one, three)
+    # guard: the model does see the gateways; summed per-gateway estimates over-provision
+    old_one, old_three = _gpu_hours(sim.PER_GATEWAY_SUM, 1), _gpu_hours(sim.PER_GATEWAY_SUM, 3)
+    assert old_three / old_one - 1 > 0.10, (old_one, old_three)
+
+
+def test_the_fleet_signal_falls_back_to_the_nominal_rate_when_little_was_measured():
+    """A burst on an idle fleet: the nominal rate of the ready replicas stands in for the measured one."""
+    cluster = sim.Cluster(slice_cost_s=0.005, nominal_rate_fraction=0.5, max_replicas=16)
+    arrivals = (np.array([100.0]), np.array([12000]), np.array([True]))
+    result = sim.simulate(sim.OURS, cluster, arrivals, horizon_s=600.0)
+    # seen 5 s after the arrival: ~11000 slices / (1 replica x 200 slices/s x 0.5) = 110 s against 30 s:
+    # 4 replicas (the few slices measured in the last minute would have read 660 s: the 1+4 pod limit)
+    assert result.max_replicas_seen == 4 and np.isfinite(result.gpu_hours)
+
+
+def test_gateway_study_writes_both_signals_per_gateway_count(tmp_path, capsys):
+    code = sim.main(["--days", "0.05", "--hospitals", "20", "--slice-cost", "0.02", "--gateways", "1,3",
+                     "--out", str(tmp_path), "--no-plots"])
+    assert code == 0
+    doc = json.loads((tmp_path / "gateways" / "gateways-latest.json").read_text())
+    assert {(r["policy"], r["gateways"]) for r in doc["results"]} == {
+        (p, g) for p in (sim.OURS.name, sim.PER_GATEWAY_SUM.name) for g in (1, 3)}
+    assert "| 20 ms | ctscreen-backlog | 3 |" in (tmp_path / "gateways" / "gateways.md").read_text()
+    assert "gateways" in capsys.readouterr().out

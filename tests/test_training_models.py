@@ -238,3 +238,31 @@ def test_train_on_a_nifti_set(tmp_path):
 
     ckpt = torch.load(tmp_path / "run" / "best.ckpt", weights_only=False)
     assert ckpt["training"]["source"].startswith("nifti:") and len(ckpt["training"]["train_cases"]) == 1
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_paper_profile_trains_a_few_steps_on_the_real_recipe_and_exports(tmp_path):
+    """The paper profile (ResNet-50 UNet++ at 512) runs the same recipe as the lite nets (real-CT
+    loaders when the data is there, phantom otherwise, hard-negative mining, pseudo-label weights) and
+    exports an ONNX file that meets the wire contract. On this CPU: 3 small steps, no accuracy claim."""
+    pytest.importorskip("torch")
+    from training import realct
+    from training.datasets import phantom_volumes
+    from training.export import export_checkpoint
+    from training.train import TrainConfig, train
+
+    try:
+        real = [realct.medseg_volume("train", names={"0", "1"})]
+    except realct.DataError:
+        real = []  # the real-CT folder is absent here: phantom only (the loaders have their own tests)
+    vols = real + list(phantom_volumes(1, 123_456, n_slices=4, kinds=("covid",)))
+    cfg = TrainConfig(task="lesion", profile="paper", out=tmp_path / "run", steps=3, batch=1, crop=48,
+                      val_every=3, progress=False, threads=2, hard_negatives=1.0, augment=True)
+    result = train(cfg, train_volumes=vols, val_volumes=vols[-1:])
+    assert result["steps"] == 3 and np.isfinite(result["final"]["val_loss"])
+    info = export_checkpoint(task="lesion", checkpoint=Path(result["last"]), out=tmp_path / "paper.onnx",
+                             check_parity=False)
+    proto = onnx.load(str(tmp_path / "paper.onnx"), load_external_data=False)
+    assert proto.graph.input[0].name == c.HU_SLICES and proto.graph.output[0].name == c.PROB
+    assert info["size_bytes"] > 100e6  # ResNet-50 encoder: the paper's network, not the lite one

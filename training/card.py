@@ -27,6 +27,23 @@ LIMITATIONS = (
     "section are phantom figures and say nothing about real scans. Retrain on labelled real data "
     "(`ctscreen train ... --data nifti:DIR`) and re-evaluate before any clinical use."
 )
+LIMITATIONS_REAL = (
+    "Not a medical device; research use only. Trained on real chest CT of COVID-19 patients "
+    "(98 MedSeg slices with radiologist masks, of which the 48 of medseg-100/test were never trained "
+    "on, and 16 COVID-19-CT-Seg volumes with model-made pseudo-labels, weighted below the radiologist "
+    "masks, 6 volumes held out) plus synthetic phantom studies for the hard negatives. The real images "
+    "are 8-bit lung-window JPEG exports whose HU, orientation and scale were recovered by estimate "
+    "(training/realct.py), not original DICOM. The images' licence is not stated by their source "
+    "(MedSeg / medicalsegmentation.com and the COVID-19-CT-Seg collection, via the Inf-Net repository): "
+    "treat these weights as research-only until it is settled. No lesion-free real patient was "
+    "available for training: specificity on real non-COVID patients rests on lesion-free regions of "
+    "COVID-19 slices and on the phantom's hard negatives, and must be measured on local data before use."
+)
+
+
+def limitations_for(training: dict | None) -> str:
+    """The limitations text for a model trained on ``training`` (its data manifest)."""
+    return LIMITATIONS_REAL if training and "real_ct" in training else LIMITATIONS
 
 
 def sha256_of(path: Path) -> str:
@@ -78,7 +95,7 @@ def make_card(
         "intended_use": INTENDED_USE[task],
         "training": training or {},
         "metrics": metrics or {},
-        "limitations": LIMITATIONS,
+        "limitations": limitations_for(training),
     }
 
 

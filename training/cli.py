@@ -60,7 +60,9 @@ def train_main(argv: list[str]) -> int:
         "--data",
         default="phantom",
         help="'phantom' (studies generated on the fly), 'phantom:DIR' (study folders written by "
-        "`ctscreen phantom`) or 'nifti:DIR' (volumes + lesion masks [+ lung masks]); default phantom",
+        "`ctscreen phantom`), 'nifti:DIR' (volumes + lesion masks [+ lung masks]), 'real[:DIR]' (the "
+        "real-CT JPEG collection, default ../shared/data/real-ct) or several joined by '+', e.g. "
+        "real+phantom; default phantom",
     )
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<task>-<profile>)")
     p.add_argument("--studies", type=positive(int), default=48, help="phantom studies to train on")
@@ -75,6 +77,18 @@ def train_main(argv: list[str]) -> int:
         default=None,
         help="train on windows of this size at the net's input resolution (e.g. 128 for the lite "
         "lesion net at 256): ~4x cheaper per step; default whole slices",
+    )
+    p.add_argument(
+        "--hard-negatives",
+        type=float,
+        default=0.0,
+        help="weight of the hardest 1%% of background pixels (online hard-negative mining; e.g. 1.0)",
+    )
+    p.add_argument(
+        "--max-slices",
+        type=positive(int),
+        default=None,
+        help="at most this many slices per training volume (evenly spaced)",
     )
     p.add_argument("--val-every", type=positive(int), default=250, help="steps between validations")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
@@ -106,6 +120,8 @@ def train_main(argv: list[str]) -> int:
         batch=args.batch,
         lr=args.lr,
         crop=args.crop,
+        hard_negatives=args.hard_negatives,
+        max_slices_per_volume=args.max_slices,
         val_every=args.val_every,
         resume=args.resume,
         device=args.device,

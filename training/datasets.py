@@ -329,19 +329,33 @@ def nifti_volumes(root: Path) -> Iterator[Volume]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where training data come from: ``phantom`` (generated), ``phantom-dir`` or ``nifti`` (with ``path``)."""
+    """Where training data come from: ``phantom`` (generated), ``phantom-dir``, ``nifti`` or ``real``
+    (the real-CT JPEG collection, :mod:`training.realct`), or ``mix`` of several (``parts``)."""
 
     kind: str
     path: Path | None = None
+    parts: tuple[Source, ...] = ()
 
     def describe(self) -> str:
+        if self.kind == "mix":
+            return "+".join(p.describe() for p in self.parts)
         name = "phantom" if self.kind == "phantom-dir" else self.kind
         return name if self.path is None else f"{name}:{self.path}"
 
 
 def parse_source(text: str) -> Source:
-    """Parse ``--data``: ``phantom`` (generated), ``phantom:DIR`` (written studies) or ``nifti:DIR``."""
+    """Parse ``--data``: ``phantom`` (generated), ``phantom:DIR`` (written studies), ``nifti:DIR``,
+    ``real`` / ``real:DIR`` (real-CT collection), or several joined by ``+`` (``real+phantom``)."""
+    if "+" in text:
+        parts = tuple(parse_source(t) for t in text.split("+"))
+        if len({p.kind for p in parts}) != len(parts):
+            raise ValueError(f"--data {text}: each kind of source at most once")
+        return Source("mix", parts=parts)
     kind, _, rest = text.partition(":")
+    if kind == "real":
+        from training.realct import real_ct_root
+
+        return Source("real", real_ct_root(Path(rest).expanduser() if rest else None))
     if kind == "phantom" and not rest:
         return Source("phantom")
     if kind == "phantom":
@@ -356,7 +370,7 @@ def parse_source(text: str) -> Source:
         if not path.is_dir():
             raise ValueError(f"--data {text}: no such folder")
         return Source("nifti", path)
-    raise ValueError(f"--data must be 'phantom', 'phantom:DIR' or 'nifti:DIR', got {text!r}")
+    raise ValueError(f"--data must be 'phantom', 'phantom:DIR', 'nifti:DIR', 'real[:DIR]' or a '+' of them, got {text!r}")
 
 
 # --- banks -------------------------------------------------------------------------------------
@@ -396,7 +410,7 @@ class SliceBank:
         if task not in ("valid_area", "lesion"):
             raise ValueError(f'Argument "task" must be valid_area or lesion, got {task!r}.')
         self.task, self.size = task, size
-        hus, tgts, cls, finding, cases, focus = [], [], [], [], [], []
+        hus, tgts, cls, finding, cases, focus, lws = [], [], [], [], [], [], []
         k = SLICE_SIZE // size
         frng = np.random.default_rng(0)
         for vol in volumes:
@@ -414,7 +428,17 @@ class SliceBank:
                 les = bool(vol.lesion[i].sum() >= 16)
                 f = vol.finding[i]
                 c = CLS_LESION if les else CLS_FINDING if f else CLS_PLAIN if has_lung else CLS_EMPTY
-                if c == CLS_LESION:
+                lung = vol.meta.get("lung")
+                if c == CLS_LESION and lung is not None:
+                    # half on the lesion, half anywhere in the lung field: the lesion-free parts of a
+                    # real slice are the real negatives that the net must learn to leave alone
+                    les_pts, lung_pts = np.argwhere(vol.lesion[i]), np.argwhere(lung[i] & ~vol.lesion[i])
+                    n_each = 16
+                    pts = np.concatenate([
+                        les_pts[frng.choice(len(les_pts), min(n_each, len(les_pts)), replace=False)],
+                        lung_pts[frng.choice(len(lung_pts), min(n_each, len(lung_pts)), replace=False)],
+                    ])
+                elif c == CLS_LESION:
                     pts = np.argwhere(vol.lesion[i])
                 elif c == CLS_FINDING and vol.finding_mask is not None:
                     pts = np.argwhere(vol.finding_mask[i])
@@ -431,6 +455,7 @@ class SliceBank:
                 cls.append(c)
                 finding.append(f)
                 cases.append(vol.case_id)
+                lws.append(float(vol.meta.get("label_weight", 1.0)))
         if not hus:
             raise DataError(f"no usable slices for task {task!r}.")
         self.hu = np.stack(hus)
@@ -439,6 +464,8 @@ class SliceBank:
         self.finding = np.asarray(finding)
         self.case = np.asarray(cases)
         self.focus = focus
+        self.label_weight = np.asarray(lws, dtype=np.float32)
+        """Loss weight of each slice's target (radiologist or phantom 1.0, pseudo-labels lower)."""
         self.weights = self._weights()
 
     def __len__(self) -> int:
@@ -476,9 +503,10 @@ class SliceBank:
         return w / w.sum()
 
     def sample(
-        self, rng: np.random.Generator, batch: int, crop: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: HU ``[B, 1, 512, 512]`` int16 and target ``[B, 1, S, S]`` float32.
+        self, rng: np.random.Generator, batch: int, crop: int | None = None, *, with_weights: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """A batch: HU ``[B, 1, 512, 512]`` int16 and target ``[B, 1, S, S]`` float32 (and, with
+        ``with_weights``, the label weight ``[B]`` of each item).
 
         With ``crop`` (a size at the net's resolution, < S), each item is a ``crop``-sized window
         (``crop * 512 / S`` HU pixels) centred, with jitter, on a lesion pixel (lesion slices), a
@@ -486,8 +514,9 @@ class SliceBank:
         convolutional, so training on windows costs a fraction and teaches the same local decision.
         """
         idx = rng.choice(len(self.cls), size=batch, p=self.weights)
+        extra = (self.label_weight[idx],) if with_weights else ()
         if crop is None or crop >= self.size:
-            return self.hu[idx][:, None], self.target[idx].astype(np.float32)
+            return (self.hu[idx][:, None], self.target[idx].astype(np.float32), *extra)
         k = SLICE_SIZE // self.size
         hu = np.empty((batch, 1, crop * k, crop * k), np.int16)
         tgt = np.empty((batch, 1, crop, crop), np.float32)
@@ -501,4 +530,4 @@ class SliceBank:
             x0 = int(np.clip(cx - crop // 2, 0, self.size - crop))
             hu[j, 0] = self.hu[i, y0 * k : (y0 + crop) * k, x0 * k : (x0 + crop) * k]
             tgt[j] = self.target[i, :, y0 : y0 + crop, x0 : x0 + crop]
-        return hu, tgt
+        return (hu, tgt, *extra)

@@ -91,8 +91,12 @@ class Pipeline:
         return outs
 
 
-def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8) -> dict:
-    """Run the pipeline over volumes and gather the per-slice figures (see module doc)."""
+def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8, *, on_volume=None) -> dict:
+    """Run the pipeline over volumes and gather the per-slice figures (see module doc).
+
+    ``on_volume(volume, outputs)``, when given, sees each volume with its per-slice ``(boxes, valid)``
+    (for per-patient figures without running the models twice).
+    """
     ious: list[float] = []
     no_lung_fp = no_lung_n = 0
     truth_all: list[bool] = []
@@ -106,6 +110,8 @@ def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8) -> dict:
     t0 = time.perf_counter()
     for vol in volumes:
         res = pipe(vol.hu, batch=batch)
+        if on_volume is not None:
+            on_volume(vol, res)
         n_slices += len(res)
         k = per_kind.setdefault(vol.kind, {"studies": 0, "truth": [], "pred": []})
         k["studies"] += 1

@@ -6,6 +6,7 @@ A run folder holds ``last.ckpt`` (written at every validation, used by ``--resum
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ class TrainConfig:
     augment: bool = True
     crop: int | None = None
     """Train on windows of this size at the net's resolution (None: whole slices)."""
+    hard_negatives: float = 0.0
+    """Weight of the hardest 1 % of background pixels' loss (see :func:`bce_dice_loss`)."""
     max_slices_per_volume: int | None = None
     val_slices_per_volume: int | None = 32
 
@@ -83,7 +86,7 @@ def augment(
     # affine: rotation, isotropic scale, shift (normalised coordinates), applied with p = 0.7
     on = (torch.rand(b, generator=gen).to(dev) < 0.7).float()
     ang = u(-max_rot_deg, max_rot_deg) * math.pi / 180 * on
-    scale = 1 + u(-0.1, 0.1) * on
+    scale = 1 + u(-0.2, 0.2) * on
     tx, ty = u(-0.06, 0.06) * on, u(-0.06, 0.06) * on
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
@@ -96,15 +99,48 @@ def augment(
     hu = hu * (1 + u(-0.05, 0.05))[:, None, None, None] + u(-40, 40)[:, None, None, None]
     sigma = u(0, 25)[:, None, None, None]
     noise = torch.randn(hu.shape, generator=gen).to(dev)
-    return hu + noise * sigma, target.clamp(0, 1)
+    hu = hu + noise * sigma
+    # scanners and exports: a softer kernel (blur, p = 0.3) and an 8-bit lung-window export round
+    # trip (p = 0.4: clipped at a random window's ends, 256 grey levels), as the real JPEG slices are
+    soft = torch.rand(b, generator=gen).to(dev) < 0.3
+    kern = torch.tensor([1.0, 2.0, 1.0], device=dev)
+    kern = (kern[:, None] * kern[None, :] / 16.0)[None, None]
+    blurred = F.conv2d(F.pad(hu, (1, 1, 1, 1), mode="replicate"), kern)
+    hu = torch.where(soft[:, None, None, None], blurred, hu)
+    export = torch.rand(b, generator=gen).to(dev) < 0.4
+    lo = u(-1400, -1000)[:, None, None, None]
+    width = u(1000, 2000)[:, None, None, None]
+    q = torch.round(((hu - lo) / width * 255).clamp(0, 255)) / 255 * width + lo
+    hu = torch.where(export[:, None, None, None], q, hu)
+    return hu, target.clamp(0, 1)
 
 
 # --- loss --------------------------------------------------------------------------------------
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Binary cross-entropy (on logits) plus soft Dice loss over the whole batch."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def bce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    smooth: float = 1.0,
+    *,
+    weight: torch.Tensor | None = None,
+    hard_negatives: float = 0.0,
+) -> torch.Tensor:
+    """Binary cross-entropy (on logits) plus soft Dice loss over the whole batch.
+
+    ``weight`` ``[B]`` scales each item's cross-entropy (pseudo-labels count less than a radiologist's
+    masks). ``hard_negatives`` > 0 adds the mean cross-entropy of the hardest 1 % of background pixels
+    times that factor (online hard-negative mining): a false-positive blob on a lesion-free part of a
+    real lung costs far more than its share of the pixels.
+    """
+    bce_px = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if weight is not None:
+        bce_px = bce_px * weight.to(bce_px.dtype)[:, None, None, None]
+    bce = bce_px.mean()
+    if hard_negatives > 0:
+        neg = (bce_px * (target < 0.05)).flatten()
+        k = max(1, neg.numel() // 100)
+        bce = bce + hard_negatives * neg.topk(k).values.mean()
     p = torch.sigmoid(logits)
     inter = (p * target).sum()
     dice = (2 * inter + smooth) / (p.sum() + target.sum() + smooth)
@@ -129,21 +165,28 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _volumes(cfg: TrainConfig, split: str) -> Iterable[Volume]:
-    if cfg.source.kind == "phantom":
+def _volumes(cfg: TrainConfig, split: str, source: Source | None = None) -> Iterable[Volume]:
+    source = source or cfg.source
+    if source.kind == "mix":
+        return itertools.chain.from_iterable(_volumes(cfg, split, part) for part in source.parts)
+    if source.kind == "real":
+        from training import realct
+
+        return realct.real_volumes(split, source.path, max_slices=cfg.max_slices_per_volume)
+    if source.kind == "phantom":
         if split == "train":
             seed0, n = datasets.PHANTOM_TRAIN_SEED0 + cfg.seed * 10_000, cfg.studies
         else:
             seed0, n = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000, cfg.val_studies
         return datasets.phantom_volumes(n, seed0, n_slices=cfg.slices)
-    if cfg.source.kind == "phantom-dir":
-        cases = sorted(p.parent for p in cfg.source.path.rglob("manifest.json"))
+    if source.kind == "phantom-dir":
+        cases = sorted(p.parent for p in source.path.rglob("manifest.json"))
         load = datasets.load_phantom_dir
     else:
-        cases = datasets.nifti_cases(cfg.source.path)
+        cases = datasets.nifti_cases(source.path)
         load = lambda case: datasets.load_nifti_case(*case)  # noqa: E731
     if not cases:
-        raise datasets.DataError(f"{cfg.source.path}: no studies found.")
+        raise datasets.DataError(f"{source.path}: no studies found.")
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(cases))
     n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
@@ -154,7 +197,18 @@ def _volumes(cfg: TrainConfig, split: str) -> Iterable[Volume]:
 def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) -> dict:
     """What the model was trained on (goes into the checkpoint and the model card)."""
     m: dict = {"source": cfg.source.describe(), "task": cfg.task}
-    if cfg.source.kind == "phantom":
+    kinds = {p.kind for p in cfg.source.parts} if cfg.source.kind == "mix" else {cfg.source.kind}
+    if "real" in kinds:
+        from training import realct
+
+        m["real_ct"] = {
+            "medseg": "medseg-100/train: 40 train / 10 val (every fifth file); medseg-100/test never used",
+            "pseudo_val": list(realct.PSEUDO_SPLIT["val"]),
+            "pseudo_test": list(realct.PSEUDO_SPLIT["test"]),
+            "pseudo_label_weight": realct.PSEUDO_WEIGHT,
+            "licence": "images without a stated licence (MedSeg, COVID-19-CT-Seg via Inf-Net): research only",
+        }
+    if "phantom" in kinds:
         s0 = datasets.PHANTOM_TRAIN_SEED0 + cfg.seed * 10_000
         v0 = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000
         m["train_seeds"] = [s0, s0 + cfg.studies - 1]
@@ -290,13 +344,14 @@ def train(
     running = None
     last_val: dict = {}
     while step < cfg.steps:
-        hu_np, tgt_np = bank.sample(rng, cfg.batch, crop=cfg.crop)
+        hu_np, tgt_np, w_np = bank.sample(rng, cfg.batch, crop=cfg.crop, with_weights=True)
         hu = torch.from_numpy(hu_np).to(device).float()
         tgt = torch.from_numpy(tgt_np).to(device)
+        weight = torch.from_numpy(w_np).to(device)
         if cfg.augment:
             # no rotation for the valid area: a rotated rectangle is not the box of the rotated lungs
             hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0)
-        loss = bce_dice_loss(model.logits(hu), tgt)
+        loss = bce_dice_loss(model.logits(hu), tgt, weight=weight, hard_negatives=cfg.hard_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

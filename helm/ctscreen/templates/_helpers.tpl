@@ -52,8 +52,94 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* repository:tag[@digest]; pass (dict "image" .Values.x.image "tag" <default tag>). */}}
+{{- define "ctscreen.image" -}}
+{{- printf "%s:%s" .image.repository (default .tag .image.tag) -}}
+{{- with .image.digest }}@{{ . }}{{ end -}}
+{{- end -}}
+
 {{- define "ctscreen.gateway.image" -}}
-{{- printf "%s:%s" .Values.gateway.image.repository (default .Chart.AppVersion .Values.gateway.image.tag) -}}
+{{- include "ctscreen.image" (dict "image" .Values.gateway.image "tag" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "ctscreen.triton.serviceAccountName" -}}
+{{- if .Values.triton.serviceAccount.create -}}
+{{- default (include "ctscreen.triton.fullname" .) .Values.triton.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.triton.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Replicas of a Deployment another controller may own: the value when nothing else scales it; when an
+autoscaler does, the live count (lookup), so switching autoscaling on or off never resets the Deployment
+to 1 replica; nothing when it does not exist yet (or offline: helm template). Pass
+(dict "ctx" $ "name" <deployment> "replicas" <int> "autoscaled" <bool>). */}}
+{{- define "ctscreen.replicas" -}}
+{{- if not .autoscaled }}
+replicas: {{ .replicas }}
+{{- else }}
+{{- $live := lookup "apps/v1" "Deployment" .ctx.Release.Namespace .name }}
+{{- if and $live $live.spec $live.spec.replicas }}
+replicas: {{ $live.spec.replicas }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Rollout settings of a Deployment from values (rollout: maxSurge, maxUnavailable, progressDeadlineSeconds). */}}
+{{- define "ctscreen.rollout" -}}
+progressDeadlineSeconds: {{ .progressDeadlineSeconds }}
+strategy:
+  type: RollingUpdate
+  rollingUpdate:
+    maxSurge: {{ .maxSurge }}
+    maxUnavailable: {{ .maxUnavailable }}
+{{- end -}}
+
+{{/* topologySpreadConstraints with the component's selector filled in where a constraint has none.
+Pass (dict "ctx" $ "component" "triton" "constraints" <list>). */}}
+{{- define "ctscreen.topologySpread" -}}
+{{- $sel := include "ctscreen.selectorLabels" (dict "ctx" .ctx "component" .component) | fromYaml -}}
+{{- $out := list -}}
+{{- range .constraints -}}
+{{- $c := deepCopy . -}}
+{{- if not (hasKey $c "labelSelector") -}}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" $sel) -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- with $out }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The CA bundle (caBundle.configMapName): environment, mount and volume for any container. */}}
+{{- define "ctscreen.caBundle.env" -}}
+{{- if .Values.caBundle.configMapName }}
+- name: SSL_CERT_FILE
+  value: /etc/ctscreen/ca/ca.crt
+- name: REQUESTS_CA_BUNDLE
+  value: /etc/ctscreen/ca/ca.crt
+- name: AWS_CA_BUNDLE
+  value: /etc/ctscreen/ca/ca.crt
+{{- end }}
+{{- end -}}
+{{- define "ctscreen.caBundle.mount" -}}
+{{- if .Values.caBundle.configMapName }}
+- name: ca-bundle
+  mountPath: /etc/ctscreen/ca
+  readOnly: true
+{{- end }}
+{{- end -}}
+{{- define "ctscreen.caBundle.volume" -}}
+{{- with .Values.caBundle.configMapName }}
+- name: ca-bundle
+  configMap:
+    name: {{ . }}
+    items:
+      - key: {{ $.Values.caBundle.key }}
+        path: ca.crt
+{{- end }}
 {{- end -}}
 
 {{/* Grace period: preStop sleep + Triton's exit timeout + a margin for the process to exit. */}}

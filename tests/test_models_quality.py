@@ -1,0 +1,101 @@
+"""Quality floors of the shipped models: they fail when the weights regress.
+
+The figures go through the serving path's own code (ONNX Runtime on the shipped files, the shared
+post-processing, the aggregator's case rule) via :mod:`training.evaluate_real`. The real-CT floors read
+``../shared/data/real-ct`` and ``../shared/data/dicom-edge-cases`` and skip, saying where they looked,
+when those folders are absent. Goals (higher than the floors) are measured in ``docs/models/real.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctscreen import contracts as c
+from training import evaluate_real as ev
+from training import realct
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {m: ROOT / "model_repository" / m / "1" / "model.onnx" for m in c.SEGMENTATION_MODELS}
+
+
+@pytest.fixture(scope="module")
+def runner() -> ev.Runner:
+    return ev.Runner(SHIPPED[c.VALID_AREA_MODEL], SHIPPED[c.LESION_MODEL], threads=2)
+
+
+@pytest.fixture(scope="module")
+def real_root() -> Path:
+    try:
+        return realct.real_ct_root()
+    except realct.DataError as exc:
+        pytest.skip(f"real-CT data absent: {exc}")
+
+
+def test_medseg_test_floor(runner, real_root):
+    figs = ev.medseg_section(runner, real_root)
+    assert figs["slices"] == 48
+    assert figs["per_image_sensitivity"]["value"] >= ev.FLOORS["medseg_per_image_sensitivity"], figs
+    assert figs["box_precision"]["value"] >= ev.FLOORS["medseg_box_precision"], figs
+
+
+def test_real_lungs_without_covid_and_an_abdomen_get_no_lesion_box(runner):
+    if not ev.EDGE_CASES.is_dir():
+        pytest.skip(f"real DICOM edge cases absent: looked in {ev.EDGE_CASES}")
+    rows = ev.dicom_section(runner, ev.EDGE_CASES)["slices"]
+    boxed = [(r["file"], r["boxes"]) for r in rows if r["boxes"]]
+    assert not boxed, f"lesion boxes on real slices without COVID-19: {boxed}"
+    abdomen = [r for r in rows if r["group"] == "abdomen"]
+    assert abdomen and all(r["valid_area_share"] < 0.10 for r in abdomen), abdomen
+    chest = [r for r in rows if r["group"] == "normal_chest"]
+    assert all(r["valid_area_share"] > 0.10 for r in chest), chest
+
+
+def test_phantom_floor(runner):
+    """Held-out phantom studies (seeds no training used): COVID positive, every other class negative,
+    and no hard-negative class with more than 2 % false-positive slices."""
+    ph = ev.phantom_section(runner, 7, 40, 900_100)
+    met = ph["per_patient"]["metrics"]
+    assert met["sensitivity"]["value"] == 1.0, ph["per_patient"]
+    assert met["specificity"]["value"] == 1.0, ph["per_patient"]
+    worst = {k: e["value"] for k, e in ph["false_positive_rate_by_class"].items() if k not in ("plain", "no_lung")}
+    assert max(worst.values()) <= 0.02, worst
+    assert ph["per_image"]["metrics"]["sensitivity"]["value"] >= 0.85, ph["per_image"]
+
+
+def test_goals_name_every_unmet_goal():
+    report = {
+        "medseg": {"per_image_sensitivity": {"value": 0.95}, "box_precision": {"value": 0.5},
+                   "false_boxes_per_slice": 0.1},
+        "pseudo": {"a": {"verdict": "positive"}, "b": {"verdict": "negative"}},
+        "dicom": {"slices": [{"boxes": 0}, {"boxes": 1}]},
+    }
+    g = ev.goals(report)
+    assert g == {
+        "medseg_per_image_sensitivity": True,
+        "medseg_box_precision": False,
+        "medseg_false_boxes_per_slice": True,
+        "pseudo_volumes_positive": False,
+        "real_normal_and_abdomen_no_box": False,
+    }
+
+
+def test_slice_figures_count_boxes_against_the_truth():
+    from training.datasets import Volume
+
+    les = np.zeros((2, 512, 512), bool)
+    les[0, 100:120, 100:120] = True  # one lesion of 400 px
+    vol = Volume("v", np.zeros((2, 512, 512), np.int16), les, np.full((2, 4), -1, np.int32), ["", ""])
+    hit = np.array([[105, 105, 130, 130, 0.9]], np.float32)
+    miss = np.array([[300, 300, 330, 330, 0.8]], np.float32)
+    prob = np.zeros((2, 512, 512), np.float32)
+    prob[0, 100:120, 100:120] = 0.9
+    valid = [np.array([0, 0, 511, 511], np.float32)] * 2
+    figs = ev.slice_figures(vol, [np.concatenate([hit, miss]), miss], valid, prob)
+    assert figs["per_image_sensitivity"]["value"] == 1.0
+    assert figs["lesion_recall"]["value"] == 1.0
+    assert figs["box_precision"]["successes"] == 1 and figs["box_precision"]["total"] == 3
+    assert figs["false_boxes"] == 2 and figs["false_boxes_per_slice"] == 1.0
+    assert figs["dice"] == pytest.approx(1.0)

@@ -1,0 +1,467 @@
+"""Quality of the shipped models on real chest CT (and the phantom goals), in one command.
+
+Writes ``real.json`` and ``real.md`` (default ``docs/models/``) from the shipped ONNX files through the
+serving path's own code: ONNX Runtime on the two models, then ``ctscreen.postprocess.postprocess_batch``
+(cut-off 0.50, boxes > 25 px, valid-area filter, as Triton's ``postprocess`` model) and, per volume,
+the aggregator's case rule (``aggregator.case.decide``)::
+
+    python -m training.evaluate_real --out docs/models/
+
+Sections
+--------
+1. ``medseg-100/test`` (48 real slices, radiologist masks, never trained or validated on): per-image
+   sensitivity (a slice whose truth holds a lesion of > 25 px box gets a box overlapping the truth),
+   lesion-level recall (8-connected truth lesions of > 25 px box overlapped by a box), box precision
+   (share of boxes overlapping the truth), false boxes per slice (boxes overlapping no truth: they lie
+   in truth-free lung), Dice of the thresholded lesion map inside the valid area.
+2. Held-out pseudo-labelled volumes (``training.realct.PSEUDO_SPLIT['test']``, every one a COVID-19
+   patient): the case verdict, and the share of boxes outside the pseudo-labels (**against
+   pseudo-labels**, which are model-made: not truth).
+3. Real HU DICOM slices that no one here made (``../shared/data/dicom-edge-cases``): chest slices
+   without COVID-19 (no box wanted) and an abdomen slice (no box, empty or tiny valid area), and the
+   error of :func:`training.realct.estimate_window` on them when windowed here with known windows.
+4. Phantom held-out studies (seeds from 900000): false-positive slices per hard-negative class and
+   Table 3 per patient (case rule) and per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from aggregator.case import SliceInput, decide
+from aggregator.metrics import Confusion, Estimate
+from ctscreen.contracts import HU_SLICES, LESION_MODEL, MIN_BOX_AREA, PROB, VALID_AREA_MODEL
+from ctscreen.postprocess import postprocess_batch
+from training import realct
+from training.evaluate import Pipeline, evaluate_volumes, lesion_truth
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EDGE_CASES = REPO_ROOT.parent / "shared" / "data" / "dicom-edge-cases"
+
+REAL_NORMAL_CHEST = (
+    "dwv/nema-ct1_jpll.dcm",
+    "dwv/osirix-goudurix.dcm",
+    "dwv/osirix-toutatix-100.dcm",
+    "dwv/osirix-toutatix-101.dcm",
+    "pylibjpeg-data/TOSHIBA_J2K_OpenJPEGv2Regression.dcm",
+)
+"""Real HU chest slices with lungs that no reader would call COVID-19 pneumonia."""
+REAL_ABDOMEN = ("pydicom/explicit_VR-UN.dcm",)
+"""A real HU abdomen slice (bowel gas, no lung)."""
+KNOWN_WINDOWS = ((-1350, 150), (-1250, 250), (-1500, 500), (-1000, 200), (-1200, -200), (-1100, -500))
+
+GOALS = {
+    "medseg_per_image_sensitivity": 0.90,
+    "medseg_box_precision": 0.75,
+    "medseg_false_boxes_per_slice": 0.3,
+    "pseudo_volumes_positive": 1.0,
+    "phantom_patient_sensitivity": 1.0,
+    "phantom_patient_specificity": 0.95,
+    "phantom_max_hard_negative_fp": 0.02,
+    "real_normal_boxes": 0,
+}
+FLOORS = {"medseg_per_image_sensitivity": 0.85, "medseg_box_precision": 0.6}
+"""What ``tests/test_models_real.py`` enforces: the shipped weights must not fall below these."""
+
+
+class Runner(Pipeline):
+    """The serving reference, also returning the lesion probability maps (for Dice)."""
+
+    def run(self, hu: np.ndarray, batch: int = 8) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Boxes ``[N, 5]`` and valid box per slice, and the lesion map ``[Z, 512, 512]`` float16."""
+        boxes_out, valid_out, probs = [], [], []
+        for i in range(0, len(hu), batch):
+            x = np.ascontiguousarray(hu[i : i + batch, None])
+            v = self.valid.run([PROB], {HU_SLICES: x})[0]
+            les = self.lesion.run([PROB], {HU_SLICES: x})[0]
+            boxes, counts, valid = postprocess_batch(v, les)
+            boxes_out += [boxes[j, : counts[j, 0]] for j in range(len(x))]
+            valid_out += [valid[j] for j in range(len(x))]
+            probs.append(les[:, 0].astype(np.float16))
+        return boxes_out, valid_out, np.concatenate(probs)
+
+
+def _overlaps(box: np.ndarray, mask: np.ndarray) -> bool:
+    x0, y0, x1, y1 = (int(v) for v in box[:4])
+    return bool(mask[y0 : y1 + 1, x0 : x1 + 1].any())
+
+
+def truth_lesions(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected truth lesions whose box covers > 25 px, as boolean masks."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) > MIN_BOX_AREA:
+            out.append(lab == i)
+    return out
+
+
+def slice_figures(vol, boxes: list[np.ndarray], valid: list[np.ndarray], prob: np.ndarray) -> dict:
+    """Per-image, lesion-level and box figures of one volume against its lesion masks."""
+    img_hit = img_n = les_hit = les_n = box_hit = box_n = false_boxes = 0
+    inter = psum = tsum = 0
+    for i, (b, va) in enumerate(zip(boxes, valid, strict=True)):
+        truth = vol.lesion[i]
+        if lesion_truth(truth) == "positive":
+            img_n += 1
+            img_hit += int(any(_overlaps(x, truth) for x in b))
+        for lesion in truth_lesions(truth):
+            les_n += 1
+            les_hit += int(any(_overlaps(x, lesion) for x in b))
+        for x in b:
+            box_n += 1
+            hit = _overlaps(x, truth)
+            box_hit += int(hit)
+            false_boxes += int(not hit)
+        pred = prob[i] >= 0.5
+        if va[0] >= 0:
+            x0, y0, x1, y1 = (int(v) for v in va)
+            inside = np.zeros_like(pred)
+            inside[y0 : y1 + 1, x0 : x1 + 1] = True
+            pred &= inside
+        else:
+            pred[:] = False
+        inter += int((pred & truth).sum())
+        psum += int(pred.sum())
+        tsum += int(truth.sum())
+    return {
+        "slices": len(boxes),
+        "per_image_sensitivity": Estimate.of(img_hit, img_n).as_dict(),
+        "lesion_recall": Estimate.of(les_hit, les_n).as_dict(),
+        "box_precision": Estimate.of(box_hit, box_n).as_dict(),
+        "boxes": box_n,
+        "false_boxes": false_boxes,
+        "false_boxes_per_slice": false_boxes / max(1, len(boxes)),
+        "dice": 2 * inter / max(1, psum + tsum),
+    }
+
+
+def verdict(boxes: list[np.ndarray], valid: list[np.ndarray], positions: list[float], spacing: float):
+    """The case rule on one volume's serving outputs."""
+    inputs = [
+        SliceInput(f"2.25.{i + 1}", p, b, v)
+        for i, (b, v, p) in enumerate(zip(boxes, valid, positions, strict=True))
+    ]
+    return decide(inputs, spacing_mm=spacing)
+
+
+def medseg_section(run: Runner, root: Path | None) -> dict:
+    vol = realct.medseg_volume("test", root)
+    boxes, valid, prob = run.run(vol.hu)
+    return slice_figures(vol, boxes, valid, prob)
+
+
+def pseudo_section(run: Runner, root: Path | None) -> dict:
+    out = {}
+    for case in realct.pseudo_split("test", root):
+        vol = realct.pseudo_volume(case, root)
+        boxes, valid, prob = run.run(vol.hu)
+        # file NNN is the slice's index in its volume; neighbours in index are neighbours in space
+        d = verdict(boxes, valid, [float(i) for i in vol.meta["indices"]], 1.0)
+        figs = slice_figures(vol, boxes, valid, prob)
+        out[case] = {
+            "slices": len(boxes),
+            "verdict": d.verdict,
+            "reason": d.reason,
+            "run": None if d.evidence is None else d.evidence.model_dump(mode="json"),
+            "slices_with_boxes": sum(len(b) > 0 for b in boxes),
+            "boxes_outside_pseudo_labels": figs["false_boxes"],
+            "boxes": figs["boxes"],
+            "share_outside_pseudo_labels": figs["false_boxes"] / max(1, figs["boxes"]),
+        }
+    return out
+
+
+def _dicom_hu(path: Path) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    if hu.shape != (512, 512):
+        raise ValueError(f"{path}: expected 512 x 512, got {hu.shape}")
+    return hu
+
+
+def dicom_section(run: Runner, root: Path) -> dict:
+    """Real HU slices: boxes and valid area on lungs without COVID-19 and on an abdomen, and the
+    window estimate's error on the chest slices windowed here."""
+    rows, errors = [], []
+    for group, names in (("normal_chest", REAL_NORMAL_CHEST), ("abdomen", REAL_ABDOMEN)):
+        for name in names:
+            hu = _dicom_hu(root / name)
+            x = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)[None]
+            boxes, valid, _ = run.run(x)
+            va = valid[0]
+            area = 0 if va[0] < 0 else int((va[2] - va[0] + 1) * (va[3] - va[1] + 1))
+            rows.append({"file": name, "group": group, "boxes": len(boxes[0]),
+                         "valid_area_px": area, "valid_area_share": area / hu.size})
+            if group != "normal_chest":
+                continue
+            lung = realct.lung_field(hu)
+            b = realct.field_box(lung)
+            crop = hu[b[1] : b[3] + 1, b[0] : b[2] + 1]
+            for lo, hi in KNOWN_WINDOWS:
+                img = realct.apply_window(crop, realct.Window(lo, hi))
+                est = realct.estimate_window(img)
+                keep = (crop > lo) & (crop < hi)
+                err = float(np.abs(realct.to_hu(img, est)[keep] - crop[keep]).mean())
+                errors.append({"file": name, "window": [lo, hi], "estimate": [round(est.lo), round(est.hi)],
+                               "level_error": est.level - (lo + hi) / 2, "width_error": est.width - (hi - lo),
+                               "mean_abs_hu_error": err})
+    errs = np.asarray([e["mean_abs_hu_error"] for e in errors])
+    return {
+        "slices": rows,
+        "window_estimate": {
+            "cases": errors,
+            "median_mean_abs_hu_error": float(np.median(errs)),
+            "p90_mean_abs_hu_error": float(np.percentile(errs, 90)),
+            "median_abs_level_error": float(np.median([abs(e["level_error"]) for e in errors])),
+            "median_abs_width_error": float(np.median([abs(e["width_error"]) for e in errors])),
+        },
+    }
+
+
+def phantom_section(run: Runner, n: int, slices: int, seed: int) -> dict:
+    import phantom
+    from training.datasets import volume_from_study
+
+    kinds = tuple(phantom.KINDS)
+    verdicts: list[tuple[str, str]] = []
+
+    def volumes():
+        for i in range(n):
+            study = phantom.make_study(seed=seed + i, kind=kinds[i % len(kinds)], n_slices=slices)
+            vol = volume_from_study(study)
+            vol.meta["positions"] = [float(p[2]) for p in study.positions]
+            vol.meta["spacing"] = float(study.slice_spacing)
+            yield vol
+
+    def on_volume(vol, res) -> None:
+        d = verdict([b for b, _ in res], [v for _, v in res], vol.meta["positions"], vol.meta["spacing"])
+        verdicts.append((vol.kind, d.verdict))
+
+    report = evaluate_volumes(run, volumes(), on_volume=on_volume)
+    truth = [k == "covid" for k, _ in verdicts]
+    pred = [v == "positive" for _, v in verdicts]
+    conf = Confusion.from_labels(truth, pred)
+    les = report["lesion_per_slice"]["confusion"]
+    per_image = Confusion(tp=les["tp"], fp=les["fp"], tn=les["tn"], fn=les["fn"])
+    return {
+        "studies": n,
+        "slices_per_study": slices,
+        "seeds": [seed, seed + n - 1],
+        "per_patient": conf.as_dict(),
+        "indeterminate_studies": sum(v == "indeterminate" for _, v in verdicts),
+        "per_image": per_image.as_dict(),
+        "false_positive_rate_by_class": report["false_positive_rate_by_class"],
+        "valid_area_iou_median": report["valid_area"]["iou_median"],
+    }
+
+
+def _pct(e: dict) -> str:
+    v = e.get("value")
+    return "n/a" if v is None else f"{100 * v:.1f} % ({e['successes']}/{e['total']})"
+
+
+def goals(report: dict) -> dict[str, bool]:
+    """Which goals of issue #11 the report meets."""
+    m = report.get("medseg", {})
+    out = {}
+    if m:
+        out["medseg_per_image_sensitivity"] = (m["per_image_sensitivity"]["value"] or 0) >= GOALS[
+            "medseg_per_image_sensitivity"]
+        out["medseg_box_precision"] = (m["box_precision"]["value"] or 0) >= GOALS["medseg_box_precision"]
+        out["medseg_false_boxes_per_slice"] = m["false_boxes_per_slice"] <= GOALS["medseg_false_boxes_per_slice"]
+    if report.get("pseudo"):
+        out["pseudo_volumes_positive"] = all(v["verdict"] == "positive" for v in report["pseudo"].values())
+    if report.get("dicom"):
+        out["real_normal_and_abdomen_no_box"] = all(r["boxes"] == 0 for r in report["dicom"]["slices"])
+    ph = report.get("phantom")
+    if ph:
+        met = ph["per_patient"]["metrics"]
+        out["phantom_patient_sensitivity"] = (met["sensitivity"]["value"] or 0) >= GOALS[
+            "phantom_patient_sensitivity"]
+        out["phantom_patient_specificity"] = (met["specificity"]["value"] or 0) >= GOALS[
+            "phantom_patient_specificity"]
+        out["phantom_hard_negatives"] = all(
+            (e["value"] or 0) <= GOALS["phantom_max_hard_negative_fp"]
+            for c, e in ph["false_positive_rate_by_class"].items() if c not in ("plain", "no_lung"))
+    return out
+
+
+def markdown(r: dict) -> str:
+    """The Markdown rendering of a real-CT report."""
+    lines = [
+        "# Model quality on real chest CT",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Commit `{r['commit']}`; models: valid_area `{r['models']['valid_area']['sha256'][:16]}…`, "
+        f"lesion `{r['models']['lesion']['sha256'][:16]}…`; {r['host']}; load average {r['load']}; "
+        f"{r['created']}; {r['seconds']} s.",
+        "",
+        "Pipeline: ONNX Runtime on the shipped ONNX files + `ctscreen.postprocess.postprocess_batch` "
+        "(the code of Triton's `postprocess` model) + `aggregator.case.decide` per volume. Real slices are "
+        "8-bit lung-window JPEGs put back into HU on the 512 grid by `training/realct.py` (window from the "
+        "histogram, rotation by template, scale from the lung width). **Research only**: the images carry no "
+        "licence, and nothing here is a clinical validation. Not a medical device.",
+        "",
+        "## Goals (issue #11)",
+        "",
+        "| goal | met |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["goals"].items()]
+    m = r.get("medseg")
+    if m:
+        lines += [
+            "",
+            f"## medseg-100/test: {m['slices']} real slices, radiologist masks",
+            "",
+            "| figure | value | goal |",
+            "|---|---|---|",
+            f"| per-image sensitivity | {_pct(m['per_image_sensitivity'])} | >= 90 % (floor 85 %) |",
+            f"| lesion-level recall | {_pct(m['lesion_recall'])} | - |",
+            f"| box precision (boxes overlapping truth) | {_pct(m['box_precision'])} | >= 75 % (floor 60 %) |",
+            f"| false boxes per slice (in truth-free lung) | {m['false_boxes_per_slice']:.2f} "
+            f"({m['false_boxes']} of {m['boxes']} boxes) | <= 0.3 |",
+            f"| Dice (lesion map >= 0.5 inside the valid area) | {m['dice']:.3f} | - |",
+        ]
+    p = r.get("pseudo")
+    if p:
+        lines += [
+            "",
+            "## Held-out real COVID-19 volumes (pseudo-labels: model-made, **not truth**)",
+            "",
+            "| volume | slices | verdict | reason | slices with boxes | boxes outside pseudo-labels |",
+            "|---|---|---|---|---|---|",
+        ]
+        for case, v in p.items():
+            lines.append(f"| {case} | {v['slices']} | {v['verdict']} | {v['reason']} | {v['slices_with_boxes']} "
+                         f"| {v['boxes_outside_pseudo_labels']} of {v['boxes']} "
+                         f"({100 * v['share_outside_pseudo_labels']:.0f} %) |")
+    d = r.get("dicom")
+    if d:
+        lines += [
+            "",
+            "## Real HU DICOM slices without COVID-19 (../shared/data/dicom-edge-cases)",
+            "",
+            "| file | what | lesion boxes | valid area (share of the slice) |",
+            "|---|---|---|---|",
+        ]
+        for s in d["slices"]:
+            lines.append(f"| {s['file']} | {s['group']} | {s['boxes']} | {100 * s['valid_area_share']:.1f} % |")
+        w = d["window_estimate"]
+        lines += [
+            "",
+            f"Window estimate (`realct.estimate_window`) on these chest slices cropped to the lung field and "
+            f"windowed here with {len(KNOWN_WINDOWS)} known windows ({len(w['cases'])} cases): mean absolute HU "
+            f"error per image median {w['median_mean_abs_hu_error']:.0f} HU, 90th percentile "
+            f"{w['p90_mean_abs_hu_error']:.0f} HU; level error median {w['median_abs_level_error']:.0f} HU, "
+            f"width error median {w['median_abs_width_error']:.0f} HU.",
+        ]
+    ph = r.get("phantom")
+    if ph:
+        met = ph["per_patient"]["metrics"]
+        mi = ph["per_image"]["metrics"]
+        row = lambda ms: " / ".join(f"{100 * (ms[k]['value'] or 0):.2f}" for k in  # noqa: E731
+                                   ("accuracy", "sensitivity", "specificity", "ppv", "npv"))
+        lines += [
+            "",
+            f"## Phantom held-out studies ({ph['studies']} studies x {ph['slices_per_study']} slices, seeds "
+            f"{ph['seeds'][0]}..{ph['seeds'][1]})",
+            "",
+            "| Table 3 | acc / sens / spec / PPV / NPV (%) |",
+            "|---|---|",
+            f"| per patient | {row(met)} ({ph['indeterminate_studies']} indeterminate) |",
+            f"| per image | {row(mi)} |",
+            "| paper, per patient | 95.24 / 100 / 93.55 / 84.62 / 100 |",
+            "| paper, per image | 98.85 / 94.34 / 99.16 / 88.37 / 99.61 |",
+            "",
+            f"Valid-area IoU median {ph['valid_area_iou_median']:.3f}. False-positive slices per class "
+            "(lesion-negative slices showing it):",
+            "",
+            "| class | FP slices |",
+            "|---|---|",
+        ]
+        lines += [f"| {c} | {_pct(e)} |" for c, e in ph["false_positive_rate_by_class"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate_real", description=__doc__.splitlines()[0])
+    model_dir = REPO_ROOT / "model_repository"
+    p.add_argument("--valid-area", type=Path, default=model_dir / VALID_AREA_MODEL / "1" / "model.onnx")
+    p.add_argument("--lesion", type=Path, default=model_dir / LESION_MODEL / "1" / "model.onnx")
+    p.add_argument("--real-ct", type=Path, default=None, help="real-CT folder (default ../shared/data/real-ct)")
+    p.add_argument("--dicom", type=Path, default=EDGE_CASES, help="real DICOM edge cases folder")
+    p.add_argument("--phantom-studies", type=int, default=28, help="held-out phantom studies (0: skip)")
+    p.add_argument("--phantom-slices", type=int, default=48)
+    p.add_argument("--seed", type=int, default=900_000)
+    p.add_argument("--sections", default="medseg,pseudo,dicom,phantom")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "models")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for f in (args.valid_area, args.lesion):
+        if not f.is_file():
+            p.error(f"no such model file: {f}")
+    sections = set(args.sections.split(","))
+    unknown = sections - {"medseg", "pseudo", "dicom", "phantom"}
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}")
+    try:
+        root = realct.real_ct_root(args.real_ct) if sections & {"medseg", "pseudo"} else None
+    except realct.DataError as exc:
+        p.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from benchmarks.common import machine_info
+    from training.card import sha256_of
+
+    t0 = time.perf_counter()
+    run = Runner(args.valid_area, args.lesion, threads=args.threads)
+    report: dict = {}
+    if "medseg" in sections:
+        report["medseg"] = medseg_section(run, root)
+    if "pseudo" in sections:
+        report["pseudo"] = pseudo_section(run, root)
+    if "dicom" in sections:
+        if args.dicom.is_dir():
+            report["dicom"] = dicom_section(run, args.dicom)
+        else:
+            logger.warning("no DICOM edge cases at %s: section skipped", args.dicom)
+    if "phantom" in sections and args.phantom_studies > 0:
+        report["phantom"] = phantom_section(run, args.phantom_studies, args.phantom_slices, args.seed)
+    report["goals"] = goals(report)
+    st = machine_info()
+    report.update({
+        "command": "python -m training.evaluate_real " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": st.get("commit") or "unknown",
+        "load": round(st.get("loadavg_1m", 0.0), 2),
+        "host": f"{platform.platform()}, {st.get('cpu', '')}, {st.get('cores', '')} cores",
+        "machine": st,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "models": {
+            name: {"path": str(path), "sha256": sha256_of(path)}
+            for name, path in (("valid_area", args.valid_area), ("lesion", args.lesion))
+        },
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "real.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "real.md").write_text(markdown(report))
+    print(markdown(report))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
