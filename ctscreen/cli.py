@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "triton": ("ctscreen.embedded", "run the embedded tritonserver on the cpu repository"),
     "serve": ("gateway.cli:serve_main", "run the embedded Triton and the gateway on localhost"),
     "screen": ("gateway.cli:screen_main", "upload studies to a gateway and print verdicts"),
+    "send": ("gateway.cli:send_main", "send a job's result to a PACS / RIS destination again"),
     "demo": ("gateway.cli:demo_main", "make sample studies, screen them, keep the service running"),
     "eval": ("aggregator.cli:eval_main", "evaluate a labelled set through the serving path"),
     "bench": ("benchmarks.cli", "benchmarks: model level, case level, ratios, scaling"),
