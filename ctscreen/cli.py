@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.cli:serve_main", "run the embedded Triton and the gateway on localhost"),
     "db": ("gateway.cli:db_main", "upgrade the gateway's state store schema (ctscreen db upgrade)"),
     "screen": ("gateway.cli:screen_main", "upload studies to a gateway and print verdicts"),
+    "send": ("gateway.cli:send_main", "send a job's result to a PACS / RIS destination again"),
     "demo": ("gateway.cli:demo_main", "make sample studies, screen them, keep the service running"),
     "keys": ("gateway.keys", "API keys of the gateway: add (printed once), list, revoke"),
     "eval": ("aggregator.cli:eval_main", "evaluate a labelled set through the serving path"),

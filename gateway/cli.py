@@ -425,6 +425,8 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--dicom-ae-title", default="CTSCREEN", help="AE title of the DICOM SCP (default CTSCREEN)")
     p.add_argument("--insecure", action="store_true",
                    help="serve without authentication on a non-loopback --host (default: refused)")
+    p.add_argument("--destinations", type=Path, default=None, metavar="FILE",
+                   help="send results to the PACS / RIS destinations of this YAML or JSON file (see docs/gateway.md)")
     args = p.parse_args(argv)
     _check_stack_args(p, args)
     if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
@@ -435,6 +437,14 @@ def serve_main(argv: list[str]) -> int:
         p.error(f"--dicom-ae-title must be 1 to 16 characters, got {args.dicom_ae_title!r}")
     overrides: dict[str, Any] = {} if args.dicom_port is None else {
         "dicom_port": args.dicom_port, "dicom_host": args.host, "dicom_ae_title": args.dicom_ae_title.strip()}
+    if args.destinations is not None:
+        from gateway.delivery import DestinationsError, load_destinations
+
+        try:
+            names = [d.name for d in load_destinations(args.destinations)]
+        except DestinationsError as exc:
+            p.error(str(exc))
+        overrides["destinations_file"] = args.destinations
     if args.insecure:
         overrides["auth_insecure"] = True
     _check_exposure(p, args.host, overrides)  # one line, before Triton starts
@@ -446,6 +456,8 @@ def serve_main(argv: list[str]) -> int:
 
             print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")
             print(f"state store: {redact(stack.settings.database())}  blobs: {stack.settings.blobs()}")
+            if args.destinations is not None:
+                print(f"results sent to: {', '.join(names) or 'no destination'}")
             if args.dicom_port is not None:
                 print(f"DICOM C-STORE SCP: AE {overrides['dicom_ae_title']} on {args.host}:{args.dicom_port}")
             print("Ctrl-C to stop.", flush=True)
@@ -498,6 +510,40 @@ def db_main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - unreachable database, unknown revision: one line
         print(f"ctscreen db: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1
+    return 0
+
+
+def send_main(argv: list[str]) -> int:
+    """``ctscreen send JOB_ID --to NAME [--url URL] [--force]``: queue a result's delivery again."""
+    p = argparse.ArgumentParser(prog="ctscreen send",
+                                description="Send a job's result to a configured destination again (a re-send).")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--to", required=True, metavar="NAME", help="destination name from the destinations file")
+    p.add_argument("--force", action="store_true", help="send again even if it was delivered (same UIDs)")
+    p.add_argument("--url", default=os.environ.get("CTSCREEN_URL", DEFAULT_URL),
+                   help=f"gateway URL (default $CTSCREEN_URL or {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    args = p.parse_args(argv)
+    if not args.url.startswith(("http://", "https://")):
+        p.error(f"--url must start with http:// or https://, got {args.url!r}")
+    if args.timeout <= 0:
+        p.error(f"--timeout must be > 0, got {args.timeout}")
+    import httpx
+
+    try:
+        with _client(args.url, args.timeout) as http:
+            r = http.post(f"/v1/jobs/{args.job_id}/deliveries/{args.to}/resend",
+                          params={"force": "true"} if args.force else None)
+    except httpx.HTTPError as exc:
+        print(f"ctscreen send: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if r.status_code != 202:
+        err = _error_of(r)
+        print(f"ctscreen send: {err.get('message', err.get('reason'))}", file=sys.stderr)
+        return 1
+    body = r.json()
+    print(f"job {args.job_id} -> {args.to}: {body['state']} (objects are sent by the gateway; "
+          f"GET /v1/jobs/{args.job_id}/deliveries shows progress)")
     return 0
 
 

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from ctscreen import __version__
 from gateway import security
-from gateway.api import dicomweb, errors, jobs, ops, sr, studies
+from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.metrics import Metrics
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings
@@ -82,17 +82,21 @@ def create_app(
         pool = make_pool(settings, client_factory)
         screener = Screener(pool, metrics, decode_workers=settings.decode_workers, loader=loader)
         worker = Worker(store, blobs, screener, settings)
-        sweeper = Sweeper(store, blobs, settings)
+        from gateway.delivery.deliverer import Deliverer
+
+        deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
+        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire)
         intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
                         max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s)
         metrics.attach(pool, lambda: sweeper.counts)
         metrics_server = security.start_metrics_port(settings, metrics.registry)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
         app.state.store, app.state.blobs, app.state.stow = store, blobs, intake
-        app.state.screener, app.state.worker = screener, worker
+        app.state.screener, app.state.worker, app.state.deliverer = screener, worker, deliverer
         await sweeper.sweep()  # studies left quiet while no replica ran are screened now
         sweeper.start()
         worker.start()
+        deliverer.start()  # nothing without destinations
         from gateway.dimse import start_from_settings
 
         scp = start_from_settings(settings, intake, metrics, audit=app.state.audit,  # None unless CTSCREEN_DICOM_PORT
@@ -108,6 +112,7 @@ def create_app(
             if scp is not None:
                 await asyncio.to_thread(scp.stop)
             await worker.stop(settings.shutdown_grace_s)
+            await deliverer.stop()
             await sweeper.stop()
             screener.close()
             if discovery is not None:
@@ -129,6 +134,7 @@ def create_app(
     app.include_router(studies.router)
     app.include_router(jobs.router)
     app.include_router(sr.router)
+    app.include_router(deliveries.router)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
     return app

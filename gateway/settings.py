@@ -208,6 +208,37 @@ class Settings(BaseSettings):
         parse_peers(self.dicom_allowed_peers)
         check_sop_classes(self.dicom_sop_classes)
         return self
+    # --- deliveries to PACS / RIS (gateway.delivery) -------------------------------------------------
+    destinations_file: Path | None = Field(
+        None, description="YAML or JSON file of destinations (DICOM C-STORE, STOW-RS, FHIR) and their rules; "
+                          "validated at start (default: results are not sent anywhere).")
+    delivery_backoff_s: float = Field(5.0, gt=0, le=3600, description="First wait before a delivery is tried again.")
+    delivery_backoff_max_s: float = Field(300.0, gt=0, le=86400, description="Longest wait between two tries.")
+    delivery_max_attempts: int = Field(12, ge=1, le=1000, description="Tries before a delivery is failed.")
+    delivery_lease_s: float = Field(120.0, gt=0, le=3600, description="Lease of a delivery being sent.")
+    delivery_poll_s: float = Field(0.5, gt=0, le=60, description="How often the deliverer looks for work.")
+    delivery_concurrency: int = Field(2, ge=1, le=64, description="Deliveries sent at once per replica.")
+    delivery_backfill_s: float = Field(
+        3600.0, gt=0, description="Done jobs finished this recently get deliveries to a newly added destination.")
+
+    @field_validator("destinations_file")
+    @classmethod
+    def _check_destinations(cls, value: Path | None) -> Path | None:
+        if value is None or not str(value).strip():
+            return None
+        from gateway.delivery.config import load_destinations
+
+        load_destinations(value)  # DestinationsError (a ValueError) with a one-line reason
+        return value
+
+    def destinations(self) -> list:
+        """The validated destinations (empty without ``destinations_file``)."""
+        if self.destinations_file is None:
+            return []
+        from gateway.delivery.config import load_destinations
+
+        return load_destinations(self.destinations_file)
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:

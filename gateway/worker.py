@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -215,8 +216,10 @@ class Sweeper:
 
     retention_every_s = 60.0
 
-    def __init__(self, store: Store, blobs: BlobStore, settings: Any) -> None:
+    def __init__(self, store: Store, blobs: BlobStore, settings: Any,
+                 before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store, self.blobs, self.settings = store, blobs, settings
+        self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
         self.counts: tuple[int, int, int] = (0, 0, 0)
         self._task: asyncio.Task[None] | None = None
         self._retention_at = 0.0
@@ -233,6 +236,8 @@ class Sweeper:
         self.counts = await self.store.counts(mine=True)
         if time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + self.retention_every_s
+            if self.before_expire is not None:
+                await self.before_expire()
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
             for key in keys:
                 await asyncio.to_thread(self.blobs.delete, key)

@@ -49,7 +49,7 @@ def test_upgrade_from_empty(db_url):
     async def check():
         store = Store(db_url)
         try:
-            assert await current(store.engine) == head() == "0002"
+            assert await current(store.engine) == head()
             assert {"studies", "instances", "jobs", "results", "events"} <= await _tables(store)
         finally:
             await store.close()
@@ -72,7 +72,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
     async def after():
         store = Store(db_url)
         try:
-            assert await current(store.engine) == "0002" and "events" in await _tables(store)
+            assert await current(store.engine) == head() and "events" in await _tables(store)
             study = await store.study("1.2.3")
             assert (study.state, study.instances) == ("receiving", 1)
             [job_id] = await store.complete_due(0, 60)  # the new table is used at once
