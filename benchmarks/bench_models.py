@@ -8,7 +8,8 @@
     python -m benchmarks.bench_models --candidates    # + the lite candidates the choice was made from
     ctscreen bench models ...                         # the same
 
-Budgets (issue #3): lite lesion <= 40 ms/slice, lite valid_area <= 15 ms/slice, ORT on 2 threads.
+Budgets (issues #3, #11): lite lesion <= 60 ms/slice (40 ms until real CT allowed the net to grow),
+lite valid_area <= 15 ms/slice, ORT on 2 threads.
 Figures are the median of ``--reps`` timed runs after a warm-up, on random HU; the machine's load
 average is recorded because these machines are shared, and so is the CPU time per slice (all threads),
 which on an idle machine is about ``threads`` x the wall time and moves less with the load. Writes
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import ROOT, TMP_DIR, machine_info, results_dir, write_json  # noqa: E402
 from ctscreen.contracts import HU_SLICES, LESION_MODEL, PROB, SLICE_SIZE, VALID_AREA_MODEL  # noqa: E402
 
-BUDGET_MS = {VALID_AREA_MODEL: 15.0, LESION_MODEL: 40.0}
+BUDGET_MS = {VALID_AREA_MODEL: 15.0, LESION_MODEL: 60.0}
 
 # The lite candidates measured before choosing (encoder, depth, decoder widths, input size).
 CANDIDATES = {

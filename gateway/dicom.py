@@ -118,6 +118,10 @@ class GridMapping:
         Original pixels per 512-grid pixel (``max(rows, cols) / 512``).
     pad_top, pad_left : int
         Air rows/columns added above/left of the original to make it square.
+    flip_rows, flip_cols : bool
+        The original was mirrored top-bottom / left-right first, to put it in the radiological
+        convention the models learnt (anterior at the top, the patient's right on the image's left):
+        see :func:`standard_flips`.
     """
 
     rows: int
@@ -125,11 +129,25 @@ class GridMapping:
     scale: float = 1.0
     pad_top: int = 0
     pad_left: int = 0
+    flip_rows: bool = False
+    flip_cols: bool = False
 
     @property
     def is_identity(self) -> bool:
-        """True when the slice was 512 x 512 and nothing was resampled."""
-        return self.scale == 1.0 and self.pad_top == 0 and self.pad_left == 0
+        """True when the slice was 512 x 512 and nothing was resampled or mirrored."""
+        return (self.scale == 1.0 and self.pad_top == 0 and self.pad_left == 0
+                and not self.flip_rows and not self.flip_cols)
+
+    def _unflip(self, out: np.ndarray, keep: np.ndarray) -> None:
+        """Mirror inclusive boxes ``out[keep]`` (original grid) back where the flips took them."""
+        if self.flip_cols:
+            x0 = out[keep, 0].copy()
+            out[keep, 0] = self.cols - 1 - out[keep, 2]
+            out[keep, 2] = self.cols - 1 - x0
+        if self.flip_rows:
+            y0 = out[keep, 1].copy()
+            out[keep, 1] = self.rows - 1 - out[keep, 3]
+            out[keep, 3] = self.rows - 1 - y0
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """Map boxes ``(x0, y0, x1, y1, ...)`` of inclusive 512-grid pixels to the original grid.
@@ -165,6 +183,7 @@ class GridMapping:
             axis=1,
         )
         out[~pad, :4] = mapped[~pad]
+        self._unflip(out, ~pad)
         return out
 
     def to_grid(self, boxes: np.ndarray) -> np.ndarray:
@@ -174,6 +193,8 @@ class GridMapping:
         if out.shape[0] == 0 or self.is_identity:
             return out
         s = self.scale
+        b = b.astype(np.float64, copy=True)
+        self._unflip(b, np.ones(len(b), bool))  # mirroring is its own inverse
         out[:, 0] = np.floor((b[:, 0] + self.pad_left) / s + 1e-9)
         out[:, 1] = np.floor((b[:, 1] + self.pad_top) / s + 1e-9)
         out[:, 2] = np.ceil((b[:, 2] + 1 + self.pad_left) / s - 1e-9) - 1
@@ -189,6 +210,8 @@ class GridMapping:
             "scale": self.scale,
             "pad_top": self.pad_top,
             "pad_left": self.pad_left,
+            "flip_rows": self.flip_rows,
+            "flip_cols": self.flip_cols,
         }
 
 
@@ -684,8 +707,32 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
     return out
 
 
-def to_grid(hu: np.ndarray, size: int = SLICE_SIZE) -> tuple[np.ndarray, GridMapping]:
-    """Resample one HU slice to ``size x size`` (pad to square with air, then linear zoom).
+def standard_flips(orientation: Sequence[float] | None) -> tuple[bool, bool]:
+    """``(flip_rows, flip_cols)`` that put an axial image into the radiological convention.
+
+    The models learnt axial slices as scanners usually store them (Image Orientation (Patient)
+    ``1,0,0,0,1,0``: columns run to the patient's left, rows to posterior). A slice stored with a row
+    direction pointing to the patient's right, or a column direction pointing anterior (prone
+    protocols, some reformats), is mirrored back before inference and its boxes mirrored again on the
+    way out. Only the dominant axis counts; a non-axial or unknown orientation is left as it is.
+
+    >>> standard_flips((1, 0, 0, 0, -1, 0)), standard_flips((-1, 0, 0, 0, 1, 0)), standard_flips(None)
+    ((True, False), (False, True), (False, False))
+    """
+    if orientation is None or len(orientation) != 6:
+        return False, False
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    axial = np.argmax(np.abs(row)) == 0 and np.argmax(np.abs(col)) == 1
+    if not axial:
+        return False, False
+    return bool(col[1] < 0), bool(row[0] < 0)
+
+
+def to_grid(
+    hu: np.ndarray, size: int = SLICE_SIZE, orientation: Sequence[float] | None = None
+) -> tuple[np.ndarray, GridMapping]:
+    """Resample one HU slice to ``size x size`` (mirror into the radiological convention, pad to
+    square with air, then linear zoom).
 
     Parameters
     ----------
@@ -693,6 +740,8 @@ def to_grid(hu: np.ndarray, size: int = SLICE_SIZE) -> tuple[np.ndarray, GridMap
         2-D HU slice, any shape.
     size : int
         Output side (the model's 512).
+    orientation : sequence of 6 floats or None
+        Image Orientation (Patient), for :func:`standard_flips`.
 
     Returns
     -------
@@ -702,8 +751,14 @@ def to_grid(hu: np.ndarray, size: int = SLICE_SIZE) -> tuple[np.ndarray, GridMap
     if hu.ndim != 2 or min(hu.shape) < 1:
         raise ValueError(f'Argument "hu" must be a non-empty 2-D slice, got shape {hu.shape}.')
     rows, cols = hu.shape
+    flip_rows, flip_cols = standard_flips(orientation)
+    if flip_rows:
+        hu = hu[::-1]
+    if flip_cols:
+        hu = hu[:, ::-1]
+    flips = {"flip_rows": flip_rows, "flip_cols": flip_cols}
     if rows == size and cols == size:
-        return hu.astype(np.int16, copy=False), GridMapping(rows, cols)
+        return np.ascontiguousarray(hu, dtype=np.int16), GridMapping(rows, cols, **flips)
     n = max(rows, cols)
     pad_top, pad_left = (n - rows) // 2, (n - cols) // 2
     square = np.full((n, n), PAD_HU, dtype=np.float32)
@@ -712,7 +767,7 @@ def to_grid(hu: np.ndarray, size: int = SLICE_SIZE) -> tuple[np.ndarray, GridMap
     if out.shape != (size, size):  # zoom rounds the output shape; n * size / n is exact
         raise AssertionError(f"zoom produced {out.shape}")
     out = np.clip(np.rint(out), -32768, 32767).astype(np.int16)
-    return out, GridMapping(rows, cols, scale=n / size, pad_top=pad_top, pad_left=pad_left)
+    return out, GridMapping(rows, cols, scale=n / size, pad_top=pad_top, pad_left=pad_left, **flips)
 
 
 def decode_file(filename: str, data: bytes | Dataset) -> list[DecodedSlice]:
@@ -727,6 +782,6 @@ def decode_file(filename: str, data: bytes | Dataset) -> list[DecodedSlice]:
     native = decode_hu(ds, headers, filename)
     out = []
     for h, frame in zip(headers, native, strict=True):
-        grid_hu, grid = to_grid(frame)
+        grid_hu, grid = to_grid(frame, orientation=h.orientation)
         out.append(DecodedSlice(header=h, hu=grid_hu, grid=grid, warnings=list(h.warnings)))
     return out

@@ -387,7 +387,7 @@ def _decode_object(
     out = []
     for h, frame in zip(headers, native, strict=True):
         if h.key in keys:
-            arr, grid = to_grid(frame)
+            arr, grid = to_grid(frame, orientation=h.orientation)
             out.append((h.key, arr, grid))
     return out, None
 

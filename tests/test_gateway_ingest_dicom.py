@@ -347,3 +347,34 @@ def test_mutated_files_raise_only_gateway_errors(syntax: str) -> None:
             continue
         assert all(s.hu.shape == (512, 512) and s.hu.dtype == np.int16 for s in out)
     assert reasons  # some corruptions are caught
+
+
+@pytest.mark.parametrize(
+    ("orientation", "flips"),
+    [
+        ((1, 0, 0, 0, 1, 0), (False, False)),
+        ((1, 0, 0, 0, -1, 0), (True, False)),  # rows run anterior: stored upside down (prone protocols)
+        ((-1, 0, 0, 0, 1, 0), (False, True)),  # columns run to the patient's right: mirrored
+        ((-1, 0, 0, 0, -1, 0), (True, True)),
+        ((1, 0, 0, 0, 0, -1), (False, False)),  # coronal: not an axial slice, left alone
+    ],
+)
+@pytest.mark.parametrize("shape", [(512, 512), (300, 600), (768, 768)])
+def test_slices_are_mirrored_into_the_radiological_convention_and_boxes_back(orientation, flips, shape):
+    """The models see every axial slice anterior-up, patient's right on the left; a box found there
+    maps back to the stored pixels of the finding."""
+    rows, cols = shape
+    stored = np.full(shape, -1000, np.int16)
+    y0, x0 = rows // 5, cols // 6  # a finding near the stored image's top-left corner
+    stored[y0 : y0 + rows // 10, x0 : x0 + cols // 10] = 300
+    out, grid = to_grid(stored, orientation=orientation)
+    assert (grid.flip_rows, grid.flip_cols) == flips
+    ys, xs = np.nonzero(out > -350)
+    # on the model grid the finding sits where the convention puts it
+    assert (ys.mean() > 256) == flips[0] and (xs.mean() > 256) == flips[1]
+    box = np.array([[xs.min(), ys.min(), xs.max(), ys.max(), 0.9]], np.float32)
+    back = grid.to_original(box)[0]
+    np.testing.assert_allclose(back[:4], [x0, y0, x0 + cols // 10 - 1, y0 + rows // 10 - 1], atol=2)
+    # to_grid of the mapped-back box covers the model-grid box again
+    again = grid.to_grid(back[None, :4])[0]
+    assert again[0] <= box[0, 0] + 1 and again[2] >= box[0, 2] - 1 and again[1] <= box[0, 1] + 1

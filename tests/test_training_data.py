@@ -77,7 +77,14 @@ def test_nifti_errors_name_the_problem(tmp_path):
         datasets.parse_source("nifti:")
     with pytest.raises(ValueError, match="no such folder"):
         datasets.parse_source(f"nifti:{tmp_path / 'missing'}")
-    with pytest.raises(ValueError, match="'phantom:DIR' or 'nifti:DIR'"):
+    with pytest.raises(DataError, match="real-CT data not found"):
+        datasets.parse_source(f"real:{tmp_path}")
+    with pytest.raises(ValueError, match="each kind of source at most once"):
+        datasets.parse_source("phantom+phantom")
+    mix = datasets.parse_source(f"phantom+nifti:{tmp_path}")
+    assert mix.kind == "mix" and [p.kind for p in mix.parts] == ["phantom", "nifti"]
+    assert mix.describe() == f"phantom+nifti:{tmp_path}"
+    with pytest.raises(ValueError, match="'nifti:DIR', 'real\\[:DIR\\]' or a '\\+' of them"):
         datasets.parse_source("kaggle")
 
 

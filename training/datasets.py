@@ -481,11 +481,17 @@ class SliceBank:
         return out
 
     def _weights(self) -> np.ndarray:
-        """Sampling weights: uniform for valid_area; for lesion 40 % lesion slices, 35 % hard
-        negatives (equal share per finding class), 20 % plain lung, 5 % no lung."""
+        """Sampling weights: for valid_area 25 % slices without lung (below the diaphragm: bowel gas,
+        the stomach bubble, which must get an empty or tiny valid area), the rest uniform; for lesion
+        40 % lesion slices, 35 % hard negatives (equal share per finding class), 20 % plain lung, 5 %
+        no lung."""
         n = len(self.cls)
         if self.task == "valid_area":
-            return np.full(n, 1.0 / n)
+            empty = self.cls == CLS_EMPTY
+            if not empty.any() or empty.all():
+                return np.full(n, 1.0 / n)
+            w = np.where(empty, 0.25 / empty.sum(), 0.75 / (~empty).sum())
+            return w / w.sum()
         w = np.zeros(n)
         shares = {CLS_LESION: 0.40, CLS_FINDING: 0.35, CLS_PLAIN: 0.20, CLS_EMPTY: 0.05}
         present = {c: s for c, s in shares.items() if (self.cls == c).any()}

@@ -187,9 +187,16 @@ def _dicom_hu(path: Path) -> np.ndarray:
 
     ds = pydicom.dcmread(path)
     hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    if hu.shape != (512, 512):
-        raise ValueError(f"{path}: expected 512 x 512, got {hu.shape}")
     return hu
+
+
+def _served_slice(path: Path) -> np.ndarray:
+    """The 512-grid HU ``[1, 512, 512]`` the gateway would send to Triton for a one-slice file
+    (decoded, rescaled, mirrored into the radiological convention, resampled)."""
+    from gateway.dicom import decode_file
+
+    (decoded,) = decode_file(path.name, path.read_bytes())
+    return decoded.hu[None]
 
 
 def dicom_section(run: Runner, root: Path) -> dict:
@@ -199,7 +206,7 @@ def dicom_section(run: Runner, root: Path) -> dict:
     for group, names in (("normal_chest", REAL_NORMAL_CHEST), ("abdomen", REAL_ABDOMEN)):
         for name in names:
             hu = _dicom_hu(root / name)
-            x = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)[None]
+            x = _served_slice(root / name)
             boxes, valid, _ = run.run(x)
             va = valid[0]
             area = 0 if va[0] < 0 else int((va[2] - va[0] + 1) * (va[3] - va[1] + 1))

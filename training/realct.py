@@ -47,6 +47,7 @@ DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "real-ct"
 AIR_HU = -1000.0
 LUNG_HU = -860.0
 SOFT_HU = 40.0
+FAT_HU = -100.0
 PAD_TISSUE_HU = 30.0
 SPACING_MM = 0.7
 """Nominal pixel spacing of a placed slice (a 358 mm field of view on 512 pixels)."""
@@ -120,30 +121,41 @@ def estimate_window(img: np.ndarray) -> Window:
 
     >>> hu = np.concatenate([np.full(300, -1000.0), np.full(4000, -860.0), np.full(3000, 40.0)])
     >>> w = estimate_window(apply_window(hu, Window(-1350.0, 150.0)))
-    >>> round(w.lo), round(w.hi)
-    (-1350, 150)
+    >>> abs(w.lo - -1350) < 10 and abs(w.hi - 150) < 10  # within the 8-bit rounding (6 HU a grey level)
+    True
     """
     v = np.asarray(img).ravel()
     if v.size < 100:
         raise DataError(f"image too small to estimate its window ({v.size} pixels)")
-    hist = ndimage.gaussian_filter1d(np.bincount(v, minlength=256).astype(np.float64), 1.5)
+    counts = np.bincount(v, minlength=256).astype(np.float64)
+    inner = counts.copy()
+    inner[0] = inner[255] = 0  # what the window clipped to black or white is no mode
+    hist = ndimage.gaussian_filter1d(inner, 1.5)
     v_air = float(np.percentile(v, 0.3))
-    # split dark (lung) from bright (tissue) at the deepest valley between them (Otsu on the histogram)
+    # dark (lung) against bright (tissue): Otsu's split, then each side's mode
     from skimage.filters import threshold_otsu
 
-    t = int(threshold_otsu(hist=np.bincount(v, minlength=256)))
-    t = min(max(t, 8), 247)
-    inner = hist.copy()
-    inner[254:] = 0  # clipped white is not a mode
-    v_lung = float(np.argmax(inner[: t + 1]))
-    bright = inner[t:]
-    v_soft = float(t + np.argmax(bright))
-    soft_ok = v_soft < 245 and bright.max() > 0.2 * hist[254:].sum() / 2 and v_soft - v_lung > 25
+    # (the clipped pixels weigh in the split, as mass, though they are no mode)
+    t = min(max(int(threshold_otsu(hist=counts.astype(np.int64))), 8), 240)
+    v_lung = float(1 + np.argmax(hist[1 : t + 1]))
+    start = int(max(t, v_lung)) + 8  # past the lung peak's shoulder
+    v_soft, soft_hu, soft_ok = 0.0, SOFT_HU, False
+    if start < 250:
+        seg = hist[start:254]
+        peak = int(np.argmax(seg))
+        # a real mode rises above the valley before it and is not the edge of the range
+        soft_ok = (0 < peak < len(seg) - 2 and seg[peak] > 1.5 * seg[: peak + 1].min()
+                   and seg[peak] > 0.002 * v.size)
+        v_soft = float(start + peak)
+        mass = counts[max(1, int(v_soft) - 6) : int(v_soft) + 7].sum()
+        if soft_ok and counts[255] > 2 * mass:
+            soft_hu = FAT_HU  # soft tissue is clipped white: the bright mode left is fat
+    soft_ok = soft_ok and v_soft - v_lung > 25
     air_ok = v_air > 2 and v_lung - v_air > 6
     if soft_ok and air_ok:
-        return _line(v_air, AIR_HU, v_soft, SOFT_HU)
+        return _line(v_air, AIR_HU, v_soft, soft_hu)
     if soft_ok:
-        return _line(v_lung, LUNG_HU, v_soft, SOFT_HU)
+        return _line(v_lung, LUNG_HU, v_soft, soft_hu)
     if air_ok:
         w = _line(v_air, AIR_HU, v_lung, LUNG_HU)
         if MIN_WIDTH <= w.width <= MAX_WIDTH:
@@ -167,7 +179,7 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
     consolidation against the chest wall still counts as lung.
     """
     air = hu < -400
-    air = ndimage.binary_opening(air, iterations=1)
+    air = ndimage.binary_opening(np.pad(air, 1, mode="edge"), iterations=1)[1:-1, 1:-1]  # the edge repeated
     lab, n = ndimage.label(air)
     if n == 0:
         return np.zeros_like(air)
@@ -179,10 +191,24 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
         edge[np.unique(border)] = True
     keep = np.zeros(n + 1, bool)
     keep[1:] = (sizes >= min_frac * hu.size) & ~(edge[1:] & (np.asarray(med) < -960))
+    # lungs lie inside the body: air whose rim is mostly some other tissue (the foam core of the CT
+    # table, a cushion) is not lung. Only for air that the image's edge does not cut: on a crop the
+    # body wall is in pieces, and a lung there touches the edge.
+    tissue = ~air
+    tlab, tn = ndimage.label(tissue)
+    if tn:
+        body = tlab == 1 + int(np.argmax(ndimage.sum(tissue, tlab, np.arange(1, tn + 1))))
+        for i in np.flatnonzero(keep & ~edge):
+            comp = lab == i
+            rim = ndimage.binary_dilation(comp, iterations=2) & tissue
+            if rim.any() and (rim & body).sum() < 0.5 * rim.sum():
+                keep[i] = False
     lungs = keep[lab]
     if lesion is not None:
         lungs |= lesion.astype(bool)
-    lungs = ndimage.binary_closing(lungs, iterations=3)
+    # close with the image's edge repeated, so that a field cut by the crop keeps its rim
+    pad = 3
+    lungs = ndimage.binary_closing(np.pad(lungs, pad, mode="edge"), iterations=3)[pad:-pad, pad:-pad]
     return ndimage.binary_fill_holes(lungs)
 
 
@@ -460,6 +486,8 @@ def real_volumes(split: str, root: Path | None = None, *, max_slices: int | None
     MedSeg ``train`` is split 40 / 10 by file name order (every fifth image validates); its ``test``
     folder is never used for training or validation.
     """
+    if split not in ("train", "val"):
+        raise ValueError(f'Argument "split" must be train or val (test data never trains), got {split!r}.')
     names = sorted((real_ct_root(root) / "medseg-100" / "train" / "images").iterdir())
     stems = [p.stem for p in names]
     val = {s for i, s in enumerate(stems) if i % 5 == 4}

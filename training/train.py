@@ -351,7 +351,10 @@ def train(
         if cfg.augment:
             # no rotation for the valid area: a rotated rectangle is not the box of the rotated lungs
             hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0)
-        loss = bce_dice_loss(model.logits(hu), tgt, weight=weight, hard_negatives=cfg.hard_negatives)
+        # hard-negative mining ramps in over the first 30 % of the steps: on an untrained net every
+        # background pixel is "hard", and full weight from step 0 drives it to predict nothing
+        hard = cfg.hard_negatives * min(1.0, step / max(1.0, 0.3 * cfg.steps))
+        loss = bce_dice_loss(model.logits(hu), tgt, weight=weight, hard_negatives=hard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
