@@ -30,6 +30,7 @@ from gateway.store import FolderBlobs, Store, redact
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake
 from gateway.triton_pool import ClientFactory, TritonPool
+from gateway.web import install as install_web
 from gateway.worker import Sweeper, Worker
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def create_app(
     app.include_router(deliveries.router)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
+    install_web(app)  # the page at /, its files and read routes (issue 16)
     return app
 
 

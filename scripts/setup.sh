@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh          serving only (gateway, aggregator, embedded Triton; no torch)
 #   scripts/setup.sh --test   everything the tests need: train + test extras, dcmtk, libb64-0d, postgresql,
-#                             orthanc + orthanc-dicomweb (the PACS of the delivery tests)
+#                             orthanc + orthanc-dicomweb (the PACS of the delivery tests), chromium (the
+#                             browser Playwright drives in the web page tests; never `playwright install`)
 #                             (the tests start their own PostgreSQL server in a temporary folder)
 #
 # Idempotent and quick when nothing changed (a stamp keyed by pyproject.toml and the extras).
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-serve}"
 case "$mode" in
   serve|--serve) extras="" ; debs=() ;;
-  test|--test)   extras="train,test" ; debs=(dcmtk libb64-0d postgresql orthanc orthanc-dicomweb) ;;
+  test|--test)   extras="train,test" ; debs=(dcmtk libb64-0d postgresql orthanc orthanc-dicomweb chromium) ;;
   *) echo "setup.sh: unknown mode '$mode' (use --test or nothing)" >&2; exit 2 ;;
 esac
 
