@@ -283,7 +283,7 @@ def test_medseg_test_volume(medseg_test):
     assert v.lesion.shape == v.hu.shape and v.lesion.dtype == bool
     has_lesion = v.lesion.reshape(48, -1).sum(1) > 0
     assert has_lesion.sum() >= 46, has_lesion.sum()  # measured 48 of 48
-    lung = v.meta["lung"]
+    lung = v.meta["lung_field"]
     assert (v.valid_boxes[:, 0] >= 0).sum() >= 46  # measured 48
     # lesions are added to the lung field, so the masks line up (measured 0.57 % outside, all of it the
     # rim that lung_field's closing erodes at the crop edge: see test_lung_field_keeps_the_crop_edge)
@@ -376,7 +376,7 @@ def _synthetic(case: str, z: int, *, weight: float | None = None, marker: int = 
             lesion[i, y : y + 48, x : x + 48] = True
             hu[i][lesion[i]] = -450
     hu[:, 0, 0] = marker
-    meta = {} if weight is None else {"label_weight": weight, "lung": lung}
+    meta = {} if weight is None else {"label_weight": weight, "lung_field": lung}
     return Volume(case, hu, lesion, boxes, [""] * z, kind="covid", meta=meta)
 
 

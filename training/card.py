@@ -155,6 +155,25 @@ def card_metrics(task: str, report: dict) -> dict:
 
     Any other dict is taken as is.
     """
+    if "medseg" in report and "goals" in report:  # training.evaluate_real
+        keep = {k: report.get(k) for k in ("command", "commit", "created", "goals")}
+        ph = report.get("phantom") or {}
+        if task == "valid_area":
+            return {**keep, "phantom_valid_area_iou_median": ph.get("valid_area_iou_median"),
+                    "real_dicom_valid_area": [
+                        {k: r[k] for k in ("file", "group", "valid_area_share")}
+                        for r in (report.get("dicom") or {}).get("slices", [])]}
+        m = report["medseg"]
+        return {
+            **keep,
+            "medseg_test": {k: m[k] for k in ("per_image_sensitivity", "lesion_recall", "box_precision",
+                                             "false_boxes_per_slice", "dice")},
+            "held_out_real_volumes": {c: v["verdict"] for c, v in (report.get("pseudo") or {}).items()},
+            "real_dicom_boxes": {r["file"]: r["boxes"] for r in (report.get("dicom") or {}).get("slices", [])},
+            "phantom_per_patient": ph.get("per_patient", {}).get("metrics"),
+            "phantom_false_positive_rate_by_class": ph.get("false_positive_rate_by_class"),
+            "note": "measured with the valid_area model of the same release; see docs/models/real.md",
+        }
     if "valid_area" not in report or "lesion_per_slice" not in report:
         return report
     common = {k: report.get(k) for k in ("command", "n_studies", "seeds", "kinds", "slices", "created")}

@@ -428,7 +428,7 @@ class SliceBank:
                 les = bool(vol.lesion[i].sum() >= 16)
                 f = vol.finding[i]
                 c = CLS_LESION if les else CLS_FINDING if f else CLS_PLAIN if has_lung else CLS_EMPTY
-                lung = vol.meta.get("lung")
+                lung = vol.meta.get("lung_field")
                 if c == CLS_LESION and lung is not None:
                     # half on the lesion, half anywhere in the lung field: the lesion-free parts of a
                     # real slice are the real negatives that the net must learn to leave alone

@@ -434,7 +434,7 @@ def build_volume(case_id: str, slices: list[RealSlice], *, weight: float, per_sl
             "windows": [(round(w.lo, 1), round(w.hi, 1)) for w in windows],
             "orientations": orients,
             "scales": scales,
-            "lung": lung,
+            "lung_field": lung,
         },
     )
 
