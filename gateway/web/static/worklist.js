@@ -55,7 +55,7 @@ function rowHtml(row) {
     + `<td>${esc(row.labels?.series_description || "—")}</td>`
     + stateHtml(row)
     + `<td>${verdict}</td>`
-    + `<td class="reason" title="${esc(row.message)}"><div class="clamp"><code>${esc(row.reason)}</code> ${esc(row.message)}</div></td>`
+    + `<td class="reason" title="${esc(row.message)}"><code>${esc(row.reason)}</code> ${esc(row.message)}</td>`
     + `<td class="num">${esc(fmtSeconds(row.time_s))}</td></tr>`;
 }
 
