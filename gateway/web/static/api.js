@@ -22,12 +22,25 @@ async function body(response) {
   try { return await response.json(); } catch { return {}; }
 }
 
+// The request index.html's inline script started before the modules loaded (the first worklist page).
+let prefetched = window.ctscreenPrefetch || null;
+delete window.ctscreenPrefetch;
+
+/** The prefetched response for this GET path and credential; the first worklist page request uses or drops it. */
+function takePrefetch(path, options, token) {
+  const p = prefetched;
+  if (!p || !path.startsWith("/v1/worklist?")) return null;
+  prefetched = null;
+  const plain = !options.method && !options.signal && !options.headers;
+  return plain && p.url === path && p.token === token ? p.response : null;
+}
+
 /** fetch() with the credential; a 401/403 also tells the page to ask for one. */
 export async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
   const token = credential.get();
   if (token) headers.set("Authorization", `Bearer ${token}`);
-  const response = await fetch(path, { ...options, headers });
+  const response = await (takePrefetch(path, options, token) ?? fetch(path, { ...options, headers }));
   if (response.ok || response.status === 304) return response;
   const detail = await body(response);
   const error = new ApiError(response.status, detail.reason, detail.message);

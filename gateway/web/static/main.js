@@ -1,15 +1,25 @@
 // The page's router (#/, #/study/<job>, #/service) and the sign-in box.
 
 import { credential } from "./api.js";
-import { serviceView } from "./service.js";
-import { studyView } from "./study.js";
 import { worklistView } from "./worklist.js";
 
 const main = document.getElementById("main");
 let leave = () => {};
+let routed = 0;
+
+// The study viewer and the service view load on first use: the worklist, the first screen, waits for fewer modules.
+const lazy = (load) => (...args) => {
+  const at = routed;
+  let stop = null;
+  load().then((view) => { if (at === routed) stop = view(...args); });
+  return () => stop?.();
+};
+const studyView = lazy(async () => (await import("./study.js")).studyView);
+const serviceView = lazy(async () => (await import("./service.js")).serviceView);
 
 function route() {
   leave();
+  routed += 1;
   const hash = location.hash.replace(/^#/, "") || "/";
   const [path, query = ""] = hash.split("?");
   const params = new URLSearchParams(query);

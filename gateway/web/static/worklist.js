@@ -52,10 +52,10 @@ function rowHtml(row) {
     + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
     + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
     + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}</th>`
-    + `<td>${esc(row.labels?.series_description || "—")}</td>`
+    + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
     + stateHtml(row)
     + `<td>${verdict}</td>`
-    + `<td class="reason" title="${esc(row.message)}"><div class="clamp"><code>${esc(row.reason)}</code> ${esc(row.message)}</div></td>`
+    + `<td class="reason" title="${esc(row.message)}"><code>${esc(row.reason)}</code> ${esc(row.message)}</td>`
     + `<td class="num">${esc(fmtSeconds(row.time_s))}</td></tr>`;
 }
 
