@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,9 +78,13 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full_env = dict(os.environ)
+    TMP_DIR.mkdir(parents=True, exist_ok=True)
+    data = tempfile.mkdtemp(prefix="gateway-data-", dir=TMP_DIR)
     full_env.update({
         "CTSCREEN_TRITON_URLS": triton.grpc_url,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
+        # a fresh state store per run: no job of an earlier (interrupted) run is screened during this one
+        "CTSCREEN_DATA_DIR": data,
     })
     full_env.update(env or {})
     log = (TMP_DIR / "gateway.log").open("w")
@@ -109,4 +115,5 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        shutil.rmtree(data, ignore_errors=True)
         log.close()

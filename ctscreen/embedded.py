@@ -41,6 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -138,6 +139,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server binds: connections of a server that just stopped (TIME_WAIT) do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -349,7 +352,8 @@ class EmbeddedTriton:
         # sends the server SIGTERM: no orphaned tritonserver on a shared machine. The signal follows
         # the *thread* that forked, so only when started from the main thread.
         setpriv = shutil.which("setpriv")
-        if setpriv and threading.current_thread() is threading.main_thread():
+        thread = threading.current_thread()
+        if setpriv and (thread is threading.main_thread() or getattr(thread, "lives_with_process", False)):
             cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
         logger.info("starting %s", " ".join(cmd))
         try:
@@ -453,6 +457,18 @@ class EmbeddedTriton:
                 os.killpg(proc.pid, signal.SIGKILL)
         self._cleanup()
 
+    def restart(self, timeout: float = 180.0) -> EmbeddedTriton:
+        """Start a server that died again, on the same ports (clients keep their URLs).
+
+        Raises
+        ------
+        TritonStartError
+            As :meth:`start` (e.g. a port is still taken).
+        """
+        self.stop()  # reaps the dead server and any python-backend stub it left
+        self._requested = dict(self._ports)
+        return self.start(timeout)
+
     def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.join(timeout=5)
@@ -464,6 +480,55 @@ class EmbeddedTriton:
             self._log_fh.close()
             self._log_fh = None
         _LIVE.discard(self)
+
+
+class Supervisor(threading.Thread):
+    """Restarts an :class:`EmbeddedTriton` that died, with back-off; ``on_restart`` is called after each.
+
+    Checks every ``interval`` s; waits ``backoff`` s (doubling up to ``max_backoff``) before each try.
+    Every death and restart is logged; :meth:`close` stops watching (call it before stopping the server).
+    """
+
+    lives_with_process = True  # servers started from this thread get the parent-death signal
+
+    def __init__(self, triton: EmbeddedTriton, *, on_restart: Callable[[], None] | None = None,
+                 start_timeout: float = 300.0, interval: float = 1.0, backoff: float = 1.0,
+                 max_backoff: float = 30.0) -> None:
+        super().__init__(name="tritonserver-supervisor", daemon=True)
+        self.triton, self.on_restart = triton, on_restart
+        self.start_timeout, self.interval = start_timeout, interval
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.restarts = 0
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        wait, down = self.backoff, False
+        while not self._closed.wait(self.interval):
+            if not down:
+                proc = self.triton._proc
+                if proc is None or proc.poll() is None:
+                    continue
+                down = True
+                logger.error("tritonserver died (exit code %s): %s; restarting it in %g s", proc.returncode,
+                             self.triton._last_error() or "no log", wait)
+            if self._closed.wait(wait):
+                return
+            try:
+                self.triton.restart(self.start_timeout)
+            except TritonStartError as exc:
+                wait = min(self.max_backoff, wait * 2)
+                logger.error("tritonserver restart failed: %s; next try in %g s", exc, wait)
+                continue
+            down = False
+            self.restarts += 1
+            wait = self.backoff
+            logger.warning("tritonserver restarted (restart %d): grpc %s", self.restarts, self.triton.grpc_url)
+            if self.on_restart is not None:
+                self.on_restart()
+
+    def close(self) -> None:
+        """Stop watching (returns at once; the thread ends within ``interval``)."""
+        self._closed.set()
 
 
 class _PortRace(TritonStartError):

@@ -6,8 +6,8 @@ DIMSE event), which study (by Study Instance UID only) and job, when (UTC), from
 and the outcome (HTTP status or DICOM status, and ``ok``/``denied``/``refused``/``error``).
 
 The trail is separate from the application log: the ``ctscreen.audit`` logger does not propagate, and
-writes to ``CTSCREEN_AUDIT_LOG_FILE`` (default ``<results_dir>/audit.jsonl``; standard output when neither
-is set). Records carry only the fields below (never a patient's name, ID, birth date or accession
+writes to ``CTSCREEN_AUDIT_LOG_FILE``, or to standard output when it is not set (the state store
+keeps no results folder to put it in; on Kubernetes standard output is what the log collector reads). Records carry only the fields below (never a patient's name, ID, birth date or accession
 number; never a free-text message, which could quote a header), so no PHI can reach them.
 
 Record fields: ``ts``, ``who``, ``auth``, ``scope``, ``action``, ``study_instance_uid``, ``job_id``,
@@ -63,10 +63,7 @@ class AuditLog:
     @classmethod
     def from_settings(cls, settings: Any) -> AuditLog:
         """The audit log the settings ask for."""
-        path = settings.audit_log_file
-        if path is None and settings.results_dir is not None:
-            path = Path(settings.results_dir) / "audit.jsonl"
-        return cls(path)
+        return cls(settings.audit_log_file)
 
     def write(self, *, who: str, auth: str, action: str, status: int, client: str | None = None,
               scope: str | None = None, study_instance_uid: str | None = None, job_id: str | None = None,

@@ -1,9 +1,11 @@
 """``ctscreen serve``, ``ctscreen screen`` and ``ctscreen demo``.
 
 * ``serve``: the embedded Triton (cpu profile) and the gateway on localhost, one command; Ctrl-C stops
-  both.
+  both. A Triton that dies is restarted (back-off, logged, ``ctscreen_triton_restarts_total``) while
+  accepted jobs wait in the state store; SIGTERM stops taking work and releases running jobs first.
 * ``screen PATH... [--url URL] [--json]``: upload each study (a folder of DICOM files, a zip, or one
   file) to a running gateway with a progress bar, follow its progress, print a verdict table.
+* ``db upgrade``: upgrade the state store's schema (what ``serve`` does at start; the Helm hook Job).
 * ``demo``: ``serve`` plus sample studies made on the spot (phantom COVID and normal studies), screened
   and printed, then the service stays up with its URL printed until Ctrl-C (``--exit``: stop after
   printing).
@@ -44,26 +46,29 @@ class Stack:
 
     url: str
     triton_url: str
+    settings: Any = None
     _server: Any = None
     _thread: threading.Thread | None = None
     _triton: Any = None
 
     def wait(self) -> None:
-        """Block until Ctrl-C or SIGTERM, or until the server stops by itself."""
+        """Block until Ctrl-C or SIGTERM, or until the server stops by itself.
+
+        The signal handlers only set an event: an exception raised inside ``Thread.join`` would leave
+        the thread marked as stopped while it runs, and the gateway would never shut down cleanly.
+        """
         assert self._thread is not None
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def _term(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _term)
+        stop = threading.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in signals}
         try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            print("\nstopping ...", file=sys.stderr)
+            while self._thread.is_alive() and not stop.wait(0.5):
+                pass
+            if stop.is_set():
+                print("\nstopping ...", file=sys.stderr)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 @contextmanager
@@ -84,19 +89,23 @@ def run_stack(
     """
     import uvicorn
 
-    from ctscreen.embedded import EmbeddedTriton, free_port
+    from ctscreen.embedded import EmbeddedTriton, Supervisor, free_port
     from gateway.main import create_app
-    from gateway.settings import Settings
 
-    triton = None
+    settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
+    triton = supervisor = None
     try:
         if triton_url is None:
             print("starting the embedded Triton (cpu profile) ...", file=sys.stderr, flush=True)
             triton = EmbeddedTriton(repo)
             triton.start(timeout=start_timeout)
             triton_url = triton.grpc_url
-        settings = Settings(triton_urls=[triton_url], **{"host": host, **(settings_overrides or {})})
+        settings = settings.model_copy(update={"triton_urls": [triton_url]})
         app = create_app(settings)
+        if triton is not None:
+            supervisor = Supervisor(triton, start_timeout=start_timeout,
+                                    on_restart=lambda: app.state.metrics.triton_restarts.inc())
+            supervisor.start()
         if port == 0:
             port = free_port(host)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
@@ -112,16 +121,41 @@ def run_stack(
                 raise CliError("the gateway did not start within 60 s")
             time.sleep(0.05)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        stack = Stack(url=f"http://{shown}:{port}", triton_url=triton_url, _server=server, _thread=thread,
-                      _triton=triton)
+        stack = Stack(url=f"http://{shown}:{port}", triton_url=triton_url, settings=settings, _server=server,
+                      _thread=thread, _triton=triton)
         try:
             yield stack
         finally:
-            server.should_exit = True
-            thread.join(15)
+            server.should_exit = True  # the lifespan stops claiming and releases running jobs ...
+            thread.join(settings.shutdown_grace_s + 15)
     finally:
+        if supervisor is not None:
+            supervisor.close()
         if triton is not None:
-            triton.stop()
+            triton.stop()  # ... before Triton stops
+
+
+def _settings(overrides: dict[str, Any] | None) -> Any:
+    """Settings from the environment and ``overrides``, with the state store migrated; one-line errors."""
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings
+    from gateway.store import redact
+    from gateway.store.migrate import upgrade
+
+    try:
+        settings = Settings(**(overrides or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "CTSCREEN_" + "_".join(str(p) for p in first.get("loc", ())).upper()
+        raise CliError(f"{name}: {first.get('msg', 'invalid')}") from None
+    database = settings.database()
+    if settings.db_migrate:
+        try:
+            upgrade(database)
+        except Exception as exc:  # noqa: BLE001 - driver errors of every kind: one line
+            raise CliError(f"state store {redact(database)}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    return settings
 
 
 # --- the client: upload, follow, result --------------------------------------------------------
@@ -391,6 +425,8 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--dicom-ae-title", default="CTSCREEN", help="AE title of the DICOM SCP (default CTSCREEN)")
     p.add_argument("--insecure", action="store_true",
                    help="serve without authentication on a non-loopback --host (default: refused)")
+    p.add_argument("--destinations", type=Path, default=None, metavar="FILE",
+                   help="send results to the PACS / RIS destinations of this YAML or JSON file (see docs/gateway.md)")
     args = p.parse_args(argv)
     _check_stack_args(p, args)
     if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
@@ -401,6 +437,14 @@ def serve_main(argv: list[str]) -> int:
         p.error(f"--dicom-ae-title must be 1 to 16 characters, got {args.dicom_ae_title!r}")
     overrides: dict[str, Any] = {} if args.dicom_port is None else {
         "dicom_port": args.dicom_port, "dicom_host": args.host, "dicom_ae_title": args.dicom_ae_title.strip()}
+    if args.destinations is not None:
+        from gateway.delivery import DestinationsError, load_destinations
+
+        try:
+            names = [d.name for d in load_destinations(args.destinations)]
+        except DestinationsError as exc:
+            p.error(str(exc))
+        overrides["destinations_file"] = args.destinations
     if args.insecure:
         overrides["auth_insecure"] = True
     _check_exposure(p, args.host, overrides)  # one line, before Triton starts
@@ -408,7 +452,12 @@ def serve_main(argv: list[str]) -> int:
     try:
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
                        log_level=args.log_level, settings_overrides=overrides) as stack:
+            from gateway.store import redact
+
             print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")
+            print(f"state store: {redact(stack.settings.database())}  blobs: {stack.settings.blobs()}")
+            if args.destinations is not None:
+                print(f"results sent to: {', '.join(names) or 'no destination'}")
             if args.dicom_port is not None:
                 print(f"DICOM C-STORE SCP: AE {overrides['dicom_ae_title']} on {args.host}:{args.dicom_port}")
             print("Ctrl-C to stop.", flush=True)
@@ -419,6 +468,82 @@ def serve_main(argv: list[str]) -> int:
     except Exception as exc:  # TritonStartError and friends: one line, no traceback
         print(f"ctscreen serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def db_main(argv: list[str]) -> int:
+    """``ctscreen db upgrade [--revision REV]`` / ``ctscreen db current``."""
+    p = argparse.ArgumentParser(prog="ctscreen db", description="The gateway's state store (CTSCREEN_DATABASE_URL, "
+                                "or SQLite in CTSCREEN_DATA_DIR).")
+    sub = p.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("upgrade", help="upgrade the schema (to the newest revision by default)")
+    up.add_argument("--revision", default="head", help="target revision (default head)")
+    sub.add_parser("current", help="print the schema revision of the database")
+    args = p.parse_args(argv)
+    from gateway.store import redact
+
+    try:
+        settings = _settings({"db_migrate": False})
+        database = settings.database()
+        if args.action == "upgrade":
+            from gateway.store.migrate import upgrade
+
+            upgrade(database, args.revision)
+            print(f"state store {redact(database)}: upgraded to {args.revision}")
+        else:
+            import asyncio
+
+            from gateway.store import Store
+            from gateway.store.migrate import current, head
+
+            async def show() -> str | None:
+                store = Store(database)
+                try:
+                    return await current(store.engine)
+                finally:
+                    await store.close()
+
+            print(f"state store {redact(database)}: revision {asyncio.run(show()) or 'none'} (newest {head()})")
+    except CliError as exc:
+        print(f"ctscreen db: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - unreachable database, unknown revision: one line
+        print(f"ctscreen db: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def send_main(argv: list[str]) -> int:
+    """``ctscreen send JOB_ID --to NAME [--url URL] [--force]``: queue a result's delivery again."""
+    p = argparse.ArgumentParser(prog="ctscreen send",
+                                description="Send a job's result to a configured destination again (a re-send).")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--to", required=True, metavar="NAME", help="destination name from the destinations file")
+    p.add_argument("--force", action="store_true", help="send again even if it was delivered (same UIDs)")
+    p.add_argument("--url", default=os.environ.get("CTSCREEN_URL", DEFAULT_URL),
+                   help=f"gateway URL (default $CTSCREEN_URL or {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    args = p.parse_args(argv)
+    if not args.url.startswith(("http://", "https://")):
+        p.error(f"--url must start with http:// or https://, got {args.url!r}")
+    if args.timeout <= 0:
+        p.error(f"--timeout must be > 0, got {args.timeout}")
+    import httpx
+
+    try:
+        with _client(args.url, args.timeout) as http:
+            r = http.post(f"/v1/jobs/{args.job_id}/deliveries/{args.to}/resend",
+                          params={"force": "true"} if args.force else None)
+    except httpx.HTTPError as exc:
+        print(f"ctscreen send: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if r.status_code != 202:
+        err = _error_of(r)
+        print(f"ctscreen send: {err.get('message', err.get('reason'))}", file=sys.stderr)
+        return 1
+    body = r.json()
+    print(f"job {args.job_id} -> {args.to}: {body['state']} (objects are sent by the gateway; "
+          f"GET /v1/jobs/{args.job_id}/deliveries shows progress)")
     return 0
 
 

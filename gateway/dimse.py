@@ -6,18 +6,18 @@ Storage in every transfer syntax the decoder reads, and C-ECHO. Any other SOP cl
 negotiated, so the peer learns before sending that it is refused.
 
 Each received instance goes, as the bytes of a DICOM Part 10 file, to the same
-:class:`~gateway.stow.StowBuffer` as DICOMweb STOW-RS: a study is screened after
-``CTSCREEN_STOW_QUIET_PERIOD_S`` without a new instance, or on ``POST /v1/studies/{uid}/complete``.
-pynetdicom runs each association in its own thread; the buffer lives on the asyncio loop, so every
-instance is handed over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits
-for the buffer's decision. C-STORE statuses (PS3.4 B.2.3):
+:class:`~gateway.stow.Intake` as DICOMweb STOW-RS: written to the blob store and recorded in the
+state store before 0x0000 is answered; a study is screened after ``CTSCREEN_STOW_QUIET_PERIOD_S``
+without a new instance (on any replica), or on ``POST /v1/studies/{uid}/complete``. pynetdicom runs
+each association in its own thread; the intake lives on the asyncio loop, so every instance is handed
+over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits for it. C-STORE statuses (PS3.4 B.2.3):
 
 ========  =====================================================================
 0x0000    stored
-0xA700    out of resources: the STOW/C-STORE buffer is full (retry later)
+0xA700    out of resources: too many studies or bytes are being received (retry later)
 0xA900    the data set is not of the SOP class negotiated for it
 0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
-0x0110    processing failure: the gateway did not answer in time (stopping)
+0x0110    processing failure: not stored durably, or the gateway did not answer in time
 ========  =====================================================================
 
 Security (:mod:`gateway.dicom_security`): an allow-list of calling AE titles and their hosts (others are
@@ -34,6 +34,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -43,7 +44,7 @@ from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, Watermark, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
-from gateway.stow import InstanceHeader, StowBuffer, read_header
+from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,12 @@ TRANSFER_SYNTAXES = [
 
 
 class StorageScp:
-    """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.StowBuffer`.
+    """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.Intake`.
 
     Parameters
     ----------
-    stow : StowBuffer
-        Where instances are held until their study is complete.
+    stow : Intake
+        Where instances are stored until their study is complete.
     loop : asyncio.AbstractEventLoop
         The loop that owns ``stow`` (instances are handed over to it).
     port : int
@@ -104,7 +105,7 @@ class StorageScp:
         Where associations and stored instances are recorded.
     """
 
-    def __init__(self, stow: StowBuffer, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
+    def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
                  sop_classes: list[str] | None = None, ssl_context: Any = None, watermark: Watermark | None = None,
@@ -212,11 +213,11 @@ class StorageScp:
         if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
             self._count(f"out_of_resources_{refusal}")
             return OUT_OF_RESOURCES
-        if not self.stow.room_for(header.study_instance_uid, len(data)):
+        if not await self.stow.room_for(header.study_instance_uid, len(data)):
             self._count("out_of_resources")
             return OUT_OF_RESOURCES
         try:
-            self.stow.add(header, name, data)  # on disk before 0x0000 when CTSCREEN_RESULTS_DIR is set
+            await self.stow.add(header, name, data)  # fsynced and recorded before 0x0000
         except GatewayError as exc:
             self._count(exc.reason)
             return PROCESSING_FAILURE
@@ -227,9 +228,13 @@ class StorageScp:
             self.metrics.error(reason)
 
 
-def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None = None, *,
-                        audit: Any = None) -> StorageScp | None:
+def start_from_settings(settings: Any, stow: Intake, metrics: Metrics | None = None, *,
+                        audit: Any = None, backlog: Callable[[], int] | None = None) -> StorageScp | None:
     """Start the SCP the settings ask for (``dicom_port``), on the running loop; None when not asked.
+
+    ``backlog`` gives the slices waiting to be screened that this gateway counts (its share of the
+    cluster's, as in ``ctscreen_backlog_slices``), for ``dicom_max_backlog_slices``; the disk watermark
+    ``dicom_min_free_bytes`` watches the blob folder, where accepted instances are kept.
 
     Raises
     ------
@@ -240,11 +245,10 @@ def start_from_settings(settings: Any, stow: StowBuffer, metrics: Metrics | None
         return None
     peers = parse_peers(getattr(settings, "dicom_allowed_peers", []))
     cert, key, ca = (getattr(settings, f"dicom_tls_{n}", None) for n in ("cert", "key", "ca"))
-    store = getattr(stow, "store", None)
+    blobs = settings.blobs() if hasattr(settings, "blobs") else None
     watermark = Watermark(
-        backlog=(lambda: store.state()[2]) if store is not None else None,
-        max_backlog_slices=getattr(settings, "dicom_max_backlog_slices", None),
-        disk=getattr(settings, "results_dir", None), min_free_bytes=getattr(settings, "dicom_min_free_bytes", None))
+        backlog=backlog, max_backlog_slices=getattr(settings, "dicom_max_backlog_slices", None),
+        disk=blobs, min_free_bytes=getattr(settings, "dicom_min_free_bytes", None))
     scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
                      ae_title=settings.dicom_ae_title, metrics=metrics,
                      peers=PeerPolicy(peers) if peers else None,

@@ -1,8 +1,11 @@
 """The gateway application: ``create_app(settings) -> FastAPI``.
 
 The lifespan owns everything with a connection or a thread: the :class:`~gateway.triton_pool.TritonPool`
-(one gRPC client per Triton endpoint), the :class:`~gateway.jobs.JobStore` (decode threads, running
-jobs) and the STOW-RS trigger; all are made on start-up and closed on shut-down, never at import.
+(one gRPC client per Triton endpoint), the state store (:class:`~gateway.store.Store`, schema upgraded
+at start unless ``CTSCREEN_DB_MIGRATE=false``) and the blob store, the screening function (decode
+threads), the worker that claims jobs and the sweeper; all are made on start-up and closed on
+shut-down, never at import. The app holds no job in memory: any replica on the same database and
+blob folder answers for every job.
 
 Run it with ``uvicorn --factory gateway.main:app_from_env`` (settings from ``CTSCREEN_*``) or
 ``ctscreen serve`` (embedded Triton plus the gateway).
@@ -19,12 +22,16 @@ from fastapi import FastAPI
 
 from ctscreen import __version__
 from gateway import security
-from gateway.api import dicomweb, errors, jobs, ops, sr, studies
-from gateway.jobs import JobStore, Loader
+from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.metrics import Metrics
+from gateway.screening import Loader, Screener
 from gateway.settings import Settings
-from gateway.stow import StowBuffer
+from gateway.store import FolderBlobs, Store, redact
+from gateway.store.migrate import upgrade
+from gateway.stow import Intake
 from gateway.triton_pool import ClientFactory, TritonPool
+from gateway.web import install as install_web
+from gateway.worker import Sweeper, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -66,37 +73,35 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
+        database = settings.database()
+        if settings.db_migrate:
+            await asyncio.to_thread(upgrade, database)
+        store = Store(database)
+        store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
+        blobs = FolderBlobs(settings.blobs())
+        logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
-        store = JobStore(
-            pool, metrics,
-            max_concurrent_studies=settings.max_concurrent_studies,
-            max_queued_studies=settings.max_queued_studies,
-            retry_after_s=settings.retry_after_s,
-            decode_workers=settings.decode_workers,
-            max_finished_jobs=settings.max_finished_jobs,
-            job_ttl_s=settings.job_ttl_s,
-            results_dir=settings.results_dir,
-            loader=loader,
-        )
-        resumed = store.recover()
-        if resumed:
-            logger.warning("%d jobs left unfinished by a previous run were resumed or marked failed", resumed)
-        stow = StowBuffer(
-            store,
-            quiet_period_s=settings.stow_quiet_period_s,
-            max_pending_studies=settings.stow_max_pending_studies,
-            max_pending_bytes=settings.stow_max_pending_bytes,
-            spool_dir=None if settings.results_dir is None else settings.results_dir / "stow",
-        )
-        stow.reload()  # accepted instances a previous run had not screened: screened after the quiet period
-        metrics.attach(pool, store.state)
+        screener = Screener(pool, metrics, decode_workers=settings.decode_workers, loader=loader)
+        worker = Worker(store, blobs, screener, settings)
+        from gateway.delivery.deliverer import Deliverer
+
+        deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
+        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire)
+        intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
+                        max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s)
+        metrics.attach(pool, lambda: sweeper.counts)
         metrics_server = security.start_metrics_port(settings, metrics.registry)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
-        app.state.store, app.state.stow = store, stow
-        stow.start()
+        app.state.store, app.state.blobs, app.state.stow = store, blobs, intake
+        app.state.screener, app.state.worker, app.state.deliverer = screener, worker, deliverer
+        await sweeper.sweep()  # studies left quiet while no replica ran are screened now
+        sweeper.start()
+        worker.start()
+        deliverer.start()  # nothing without destinations
         from gateway.dimse import start_from_settings
 
-        scp = start_from_settings(settings, stow, metrics, audit=app.state.audit)  # None unless CTSCREEN_DICOM_PORT
+        scp = start_from_settings(settings, intake, metrics, audit=app.state.audit,  # None unless CTSCREEN_DICOM_PORT
+                                  backlog=lambda: sweeper.counts[2])
         app.state.dicom_scp = scp
         from gateway.discovery import start_from_env
 
@@ -107,15 +112,17 @@ def create_app(
         finally:
             if scp is not None:
                 await asyncio.to_thread(scp.stop)
-            await stow.close()
-            await store.drain(settings.shutdown_grace_s)
-            await store.close()
+            await worker.stop(settings.shutdown_grace_s)
+            await deliverer.stop()
+            await sweeper.stop()
+            screener.close()
             if discovery is not None:
                 await discovery.close()
             await pool.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
+            await store.close()
 
     app = FastAPI(
         title="ctscreen gateway",
@@ -128,8 +135,10 @@ def create_app(
     app.include_router(studies.router)
     app.include_router(jobs.router)
     app.include_router(sr.router)
+    app.include_router(deliveries.router)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
+    install_web(app)  # the page at /, its files and read routes (issue 16)
     return app
 
 

@@ -16,6 +16,7 @@ Names (stable; the Helm chart's autoscaling reads ``ctscreen_backlog_slices``):
 ``ctscreen_triton_slices_per_second``  gauge      measured rate of each endpoint ``{endpoint}``
 ``ctscreen_triton_slices_total``       counter    slices answered by each endpoint ``{endpoint}``
 ``ctscreen_triton_retries_total``      counter    batches tried again after a transport failure
+``ctscreen_triton_restarts_total``     counter    restarts of the embedded Triton after it died (``ctscreen serve``)
 =====================================  =========  ==========================================================
 
 No gateway exports backlog *seconds*: a gateway sees only its own share of the backlog and of each Triton
@@ -88,6 +89,9 @@ class Metrics:
                               ["reason"], registry=self.registry)
         self.stage = Histogram("ctscreen_stage_seconds", "Per-study latency of each stage.", ["stage"],
                                buckets=_BUCKETS, registry=self.registry)
+        self.triton_restarts = Counter("ctscreen_triton_restarts",
+                                       "Restarts of the embedded Triton after it died (ctscreen serve).",
+                                       registry=self.registry)
         for verdict in ("positive", "negative", "indeterminate", "failed"):
             self.studies.labels(verdict)
         for stage in STAGES:

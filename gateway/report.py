@@ -41,6 +41,16 @@ class SrContext:
     study: tuple[tuple[str, str], ...]
     instances: tuple[tuple[str, str, str, int, int, int], ...]
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form (kept in the state store beside the result)."""
+        return {"study": [list(p) for p in self.study], "instances": [list(i) for i in self.instances]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SrContext:
+        """The inverse of :meth:`to_json`."""
+        return cls(tuple((str(k), str(v)) for k, v in data["study"]),
+                   tuple((str(a), str(b), str(c), int(d), int(e), int(f)) for a, b, c, d, e, f in data["instances"]))
+
     def datasets(self) -> list[Any]:
         """Header-only pydicom data sets, one per instance (the ``evidence`` of :func:`~aggregator.sr.to_sr`)."""
         from pydicom.dataset import Dataset

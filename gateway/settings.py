@@ -50,6 +50,11 @@ def _secure_url(url: str) -> bool:
 
     parts = urlsplit(url)
     return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost"))
+def default_data_dir() -> Path:
+    """The user's data folder for ctscreen (``~/.local/share/ctscreen`` on Linux)."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("ctscreen", appauthor=False))
 
 
 class Settings(BaseSettings):
@@ -89,15 +94,36 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1024, description="Largest request body (413 beyond)."
     )
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding DICOM.")
-    job_ttl_s: float = Field(
-        24 * 3600.0, gt=0, description="Finished jobs are kept this long after being read."
-    )
-    max_finished_jobs: int = Field(1000, ge=1, description="Finished jobs kept in memory.")
     shutdown_grace_s: float = Field(
-        60.0, ge=0, le=3600, description="On shut-down, active studies get this long to finish."
+        10.0, ge=0, le=3600,
+        description="On shut-down, running studies get this long to finish; the others are released to any replica.",
     )
-    results_dir: Path | None = Field(
-        None, description="If set, every result and job state is also written here as JSON."
+
+    # --- state store and blob store (gateway.store) ------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where the SQLite state store and the blob folder live by default.",
+    )
+    database_url: str | None = Field(
+        None, description="postgresql://user:password@host/db for a cluster; default: SQLite in data_dir."
+    )
+    blob_dir: Path | None = Field(None, description="Folder of instance bytes (ReadWriteMany on Kubernetes); "
+                                                    "default data_dir/blobs.")
+    db_migrate: bool = Field(True, description="Upgrade the database schema at start.")
+    lease_s: float = Field(30.0, gt=0, le=3600, description="Lease of a claimed job, renewed while it runs.")
+    progress_interval_s: float = Field(0.5, gt=0, le=60, description="Lease renewal and progress write period.")
+    worker_poll_s: float = Field(0.5, gt=0, le=60, description="How often an idle worker looks for work.")
+    sweep_interval_s: float = Field(0.5, gt=0, le=60, description="How often the sweeper runs.")
+    job_deadline_s: float = Field(
+        24 * 3600.0, gt=0, description="An accepted study that no Triton could take this long fails (instances kept)."
+    )
+    retry_backoff_s: float = Field(2.0, gt=0, le=3600, description="First wait before a job is tried again.")
+    retry_backoff_max_s: float = Field(60.0, gt=0, le=86400, description="Longest wait between two tries.")
+    result_retention_s: float = Field(
+        30 * 86400.0, gt=0, description="Finished jobs and their results are deleted this long after they finished."
+    )
+    instance_retention_s: float = Field(
+        7 * 86400.0, gt=0, description="Instances of a finished job are deleted this long after it finished."
     )
 
     # --- DICOMweb STOW-RS -----------------------------------------------------------------------
@@ -128,7 +154,7 @@ class Settings(BaseSettings):
     auth_api_keys_file: Path | None = Field(None, description="API key file (ctscreen keys); enables API keys.")
     auth_insecure: bool = Field(False, description="Serve without auth on a non-loopback address (--insecure).")
     audit_log_file: Path | None = Field(
-        None, description="JSON-lines audit log (default <results_dir>/audit.jsonl, else standard output)."
+        None, description="JSON-lines audit log (default: standard output)."
     )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="If set, /metrics is served on this port only (not on the API port)."
@@ -149,10 +175,10 @@ class Settings(BaseSettings):
     dicom_tls_key: Path | None = Field(None, description="PEM private key of that certificate.")
     dicom_tls_ca: Path | None = Field(None, description="CA bundle; if set, peers must present a certificate (mTLS).")
     dicom_max_backlog_slices: int | None = Field(
-        None, ge=1, description="C-STORE answers 0xA700 while more slices than this wait to be screened."
+        None, ge=1, description="C-STORE answers 0xA700 while this gateway counts more slices than this waiting to be screened."
     )
     dicom_min_free_bytes: int | None = Field(
-        None, ge=0, description="C-STORE answers 0xA700 while the results volume has less free space than this."
+        None, ge=0, description="C-STORE answers 0xA700 while the blob folder's volume has less free space than this."
     )
 
     @field_validator("dicom_allowed_peers", "dicom_sop_classes", mode="before")
@@ -182,6 +208,54 @@ class Settings(BaseSettings):
         parse_peers(self.dicom_allowed_peers)
         check_sop_classes(self.dicom_sop_classes)
         return self
+    # --- deliveries to PACS / RIS (gateway.delivery) -------------------------------------------------
+    destinations_file: Path | None = Field(
+        None, description="YAML or JSON file of destinations (DICOM C-STORE, STOW-RS, FHIR) and their rules; "
+                          "validated at start (default: results are not sent anywhere).")
+    delivery_backoff_s: float = Field(5.0, gt=0, le=3600, description="First wait before a delivery is tried again.")
+    delivery_backoff_max_s: float = Field(300.0, gt=0, le=86400, description="Longest wait between two tries.")
+    delivery_max_attempts: int = Field(12, ge=1, le=1000, description="Tries before a delivery is failed.")
+    delivery_lease_s: float = Field(120.0, gt=0, le=3600, description="Lease of a delivery being sent.")
+    delivery_poll_s: float = Field(0.5, gt=0, le=60, description="How often the deliverer looks for work.")
+    delivery_concurrency: int = Field(2, ge=1, le=64, description="Deliveries sent at once per replica.")
+    delivery_backfill_s: float = Field(
+        3600.0, gt=0, description="Done jobs finished this recently get deliveries to a newly added destination.")
+
+    @field_validator("destinations_file")
+    @classmethod
+    def _check_destinations(cls, value: Path | None) -> Path | None:
+        if value is None or not str(value).strip():
+            return None
+        from gateway.delivery.config import load_destinations
+
+        load_destinations(value)  # DestinationsError (a ValueError) with a one-line reason
+        return value
+
+    def destinations(self) -> list:
+        """The validated destinations (empty without ``destinations_file``)."""
+        if self.destinations_file is None:
+            return []
+        from gateway.delivery.config import load_destinations
+
+        return load_destinations(self.destinations_file)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from gateway.store.store import async_url
+
+        async_url(value.strip())  # raises ValueError with the reason
+        return value.strip()
+
+    def database(self) -> str:
+        """The database URL in use (SQLite in ``data_dir`` unless ``database_url``)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'ctscreen.db'}"
+
+    def blobs(self) -> Path:
+        """The blob folder in use."""
+        return self.blob_dir or self.data_dir / "blobs"
 
     @field_validator("triton_urls", mode="before")
     @classmethod

@@ -1,24 +1,61 @@
-"""Shared fixtures: the session's real embedded tritonserver, and free loopback ports.
+"""Shared fixtures: the session's real embedded tritonserver, free loopback ports, a data folder per test.
 
 ``triton`` starts :class:`ctscreen.embedded.EmbeddedTriton` once per test session on the cpu profile
 rendered from ``model_repository/`` (the shipped ONNX files), on free ports, and stops it at the end.
 Tests that use it should carry ``@pytest.mark.triton``. Its log is written to the session's temporary
 folder and printed when start-up fails.
+
+``postgres`` is a real PostgreSQL server for the session, ``pg_url`` a fresh database in it.
+
+Every test runs with ``CTSCREEN_DATA_DIR`` set to a folder of its own, so a gateway made by a test
+keeps its state store (SQLite) and blobs there, never in the user's data folder or another test's.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from ctscreen.embedded import EmbeddedTriton, TritonStartError
 from ctscreen.embedded import free_port as _free_port
+from tests.postgres import PostgresServer, pg_bin
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` a moment ago; never hard-code ports in tests."""
     return _free_port(host)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Module- and session-scoped gateways get a data folder of the run, never the user's."""
+    if "CTSCREEN_DATA_DIR" not in os.environ:
+        os.environ["CTSCREEN_DATA_DIR"] = tempfile.mkdtemp(prefix="ctscreen-test-data-")
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path_factory.mktemp("ctscreen-data")))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 server for the session (``tests/postgres.py``); skipped when not installed."""
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed: scripts/setup.sh --test installs Debian's postgresql")
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a fresh, empty PostgreSQL database."""
+    return postgres.new_database()
 
 
 @pytest.fixture(scope="session")

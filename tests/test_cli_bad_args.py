@@ -7,6 +7,7 @@ fast. ``/proc/...`` stands for an output folder that cannot be created (even by 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -31,10 +32,10 @@ def taken_port():
     s.close()
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     code = "from ctscreen.cli import main; raise SystemExit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 # (argv, a fragment of the expected error line); {tmp}, {free}, {taken} are filled in per test
@@ -75,6 +76,7 @@ CASES = [
     (["screen", "--url", "http://[::1", "{tmp}"], "is not a valid URL"),
     (["screen", "--timeout", "-1", "{tmp}"], "--timeout must be > 0"),
     (["demo", "--out", UNWRITABLE, "--exit", "--port", "{free}"], "cannot be created"),
+    (["db", "bogus"], "invalid choice: 'bogus'"),
 ]
 
 
@@ -83,10 +85,30 @@ def _id(case) -> str:
     return "-".join(a.strip("-") for a in argv if "{" not in a and "/" not in a)[:40]
 
 
+# bad settings from the environment: (argv, CTSCREEN_DATABASE_URL, a fragment of the expected error line)
+ENV_CASES = [
+    (["db", "current"], "mysql://u@db/x", "scheme 'mysql' is not supported"),
+    (["db", "upgrade"], "postgresql://u:s3cret@127.0.0.1:{free}/x", "ConnectionRefusedError"),
+    (["serve", "--port", "{free}", "--triton-url", "127.0.0.1:{free}"], "postgresql://u:s3cret@127.0.0.1:{free}/x",
+     "state store postgresql://u:***@127.0.0.1:"),
+]
+
+
+@pytest.mark.parametrize(("argv", "url", "expected"), ENV_CASES, ids=["db-scheme", "db-unreachable", "serve-db"])
+def test_a_bad_or_unreachable_database_gives_one_line_without_its_password(argv, url, expected, tmp_path):
+    fill = {"tmp": str(tmp_path), "free": _free_port()}
+    p = _run([a.format(**fill) for a in argv], env={"CTSCREEN_DATABASE_URL": url.format(**fill)})
+    _one_clear_line(p, expected)
+    assert "s3cret" not in p.stderr + p.stdout
+
+
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[_id(c) for c in CASES])
 def test_bad_arguments_give_one_clear_line(argv, expected, tmp_path, taken_port):
     fill = {"tmp": str(tmp_path), "free": _free_port(), "taken": taken_port}
-    p = _run([a.format(**fill) for a in argv])
+    _one_clear_line(_run([a.format(**fill) for a in argv]), expected)
+
+
+def _one_clear_line(p: subprocess.CompletedProcess, expected: str) -> None:
     assert p.returncode != 0, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     # argparse prints its usage lines first (``usage:`` and indented continuations): not error lines

@@ -98,6 +98,24 @@ def test_upload_positive_study_with_progress_events_and_metrics():
     assert fleet.clients["fake:1"].closed  # the lifespan closed the client
 
 
+def test_an_upload_is_decoded_once():
+    """The route decodes the upload (to answer 4xx) and hands it to its own worker: no second decode."""
+    from gateway.ingest import load_study
+
+    calls = []
+
+    def loader(sources):
+        calls.append(len(sources))
+        return load_study(sources)
+
+    _, files = ct_series(6, lesion=[1, 2, 3])
+    app = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet(), loader=loader)
+    with TestClient(app) as client:
+        r = client.post("/v1/studies", files=_files(files))
+        assert _wait(client, r.json()["job_id"])["result"]["verdict"] == "positive"
+    assert calls == [6]
+
+
 def test_zip_upload_negative_study():
     _, files = ct_series(8, lesion=[2, 3])  # two in a row: not enough
     buf = io.BytesIO()
@@ -180,14 +198,34 @@ def test_full_gateway_answers_429_with_retry_after():
         assert client.post("/v1/studies", files=_files(files)).status_code == 202
 
 
-def test_triton_down_fails_the_job_with_a_reason():
+def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
     fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
-    with TestClient(_app(fleet, triton_max_attempts=1, triton_timeout_s=1)) as client:
+    with TestClient(_app(fleet, triton_max_attempts=1, triton_timeout_s=1, job_deadline_s=1.5,
+                         retry_backoff_s=0.2)) as client:
         assert client.get("/readyz").status_code == 200
         _, files = ct_series(4)
         r = client.post("/v1/studies", files=_files(files))
         view = _wait(client, r.json()["job_id"])
         assert view["state"] == "failed" and view["error"]["reason"] == "triton_unavailable"
+        assert view["attempts"] >= 2  # it waited and tried again before the deadline
+        assert "retry" in view["error"]["message"]
+        assert fleet.clients["fake:1"].calls >= 2
+        fleet.clients["fake:1"].fail_with = None  # Triton is back: a retry screens the kept instances
+        again = client.post(f"/v1/jobs/{view['job_id']}/retry")
+        assert again.status_code == 202 and again.json()["state"] == "queued"
+        assert _wait(client, view["job_id"])["state"] == "done"
+        assert client.post(f"/v1/jobs/{view['job_id']}/retry").status_code == 409  # done: nothing to retry
+        assert client.post("/v1/jobs/nope/retry").status_code == 404
+
+
+def test_triton_down_for_a_while_the_job_waits_and_ends_done():
+    fleet = FakeFleet(**{"fake:1": {"fail_first": 3}})
+    with TestClient(_app(fleet, triton_max_attempts=1, retry_backoff_s=0.2)) as client:
+        _, files = ct_series(4, lesion=[0, 1, 2])
+        r = client.post("/v1/studies", files=_files(files))
+        view = _wait(client, r.json()["job_id"])
+        assert view["state"] == "done" and view["attempts"] == 4, view
+        assert view["result"]["verdict"] == "positive"
 
 
 def test_unknown_job_and_study_are_404():
@@ -215,16 +253,20 @@ def test_openapi_lists_the_routes():
         assert path in paths
 
 
-def test_results_survive_eviction_with_results_dir(tmp_path):
-    with TestClient(_app(results_dir=tmp_path, max_finished_jobs=1)) as client:
+def test_results_and_sr_survive_a_restart(tmp_path):
+    with TestClient(_app(data_dir=tmp_path)) as client:
         ids = []
         for lesion in ([1, 2, 3], []):
-            _, files = ct_series(5, lesion=lesion)
+            uid, files = ct_series(5, lesion=lesion)
             r = client.post("/v1/studies", files=_files(files))
             ids.append(r.json()["job_id"])
             _wait(client, ids[-1])
-        first = client.get(f"/v1/jobs/{ids[0]}").json()  # evicted from memory, read from disk
+    with TestClient(_app(data_dir=tmp_path)) as client:  # a new process on the same data folder
+        first = client.get(f"/v1/jobs/{ids[0]}").json()
         assert first["state"] == "done" and first["result"]["verdict"] == "positive"
+        assert client.get(f"/v1/studies/{uid}").json()["job_id"] == ids[1]
+        sr = client.get(f"/v1/jobs/{ids[0]}/sr")
+        assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
 
 
 # --- DICOMweb STOW-RS -------------------------------------------------------------------------------
@@ -283,15 +325,20 @@ def test_stow_partial_and_total_failure_and_media_types():
 
 
 def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
-    """An accepted study survives a restart: its files were spooled, and it is screened under its id."""
+    """An accepted study survives a stop: its job is released, and screened under its id at the next start."""
     _, files = ct_series(6, lesion=[1, 2, 3])
     slow = FakeFleet(**{"fake:1": {"delay": 5.0}})
-    with TestClient(_app(slow, results_dir=tmp_path, shutdown_grace_s=0)) as client:
+    with TestClient(_app(slow, data_dir=tmp_path, shutdown_grace_s=0)) as client:
         r = client.post("/v1/studies", files=_files(files))
         assert r.status_code == 202
         job_id = r.json()["job_id"]
-    assert (tmp_path / "spool" / job_id / "names.json").is_file()
-    with TestClient(_app(results_dir=tmp_path)) as client:
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/jobs/{job_id}").json()["state"] != "inferring":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert len(list((tmp_path / "blobs").rglob("*"))) >= 6
+    with TestClient(_app(data_dir=tmp_path)) as client:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        assert view["attempts"] == 1 and view["state"] in ("queued", "decoding", "inferring", "aggregating", "done")
         view = _wait(client, job_id)
-        assert view["state"] == "done" and view["result"]["verdict"] == "positive"
-    assert not (tmp_path / "spool" / job_id).exists()
+        assert view["state"] == "done" and view["result"]["verdict"] == "positive" and view["attempts"] == 2

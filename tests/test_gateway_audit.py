@@ -59,7 +59,7 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
     keyfile, audit_file = tmp_path / "keys.json", tmp_path / "audit.jsonl"
     dicom_port = free_port()
     settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, audit_log_file=audit_file,
-                        results_dir=tmp_path / "results", stow_quiet_period_s=0.3, dicom_port=dicom_port,
+                        data_dir=tmp_path / "data", stow_quiet_period_s=0.3, dicom_port=dicom_port,
                         dicom_host="127.0.0.1", dicom_allowed_peers="PHISCU@127.0.0.1")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

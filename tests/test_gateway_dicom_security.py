@@ -1,6 +1,6 @@
 """DICOM security (``gateway.dicom_security``) with real peers: dcmtk's ``echoscu``/``storescu`` and pynetdicom.
 
-The Storage SCP runs alone on its own loop thread over a :class:`~gateway.stow.StowBuffer` (no Triton: the
+The Storage SCP runs alone on its own loop thread over a :class:`~gateway.stow.Intake` (SQLite and a blob folder) (no Triton: the
 question is who may associate and what is kept). Certificates for TLS are made here with ``cryptography``:
 a CA, a server certificate and a client certificate, written as PEM files.
 """
@@ -26,7 +26,9 @@ from ctscreen.embedded import free_port
 from gateway.audit import AuditLog
 from gateway.dicom_security import Peer, PeerPolicy, Watermark, parse_peers, tls_context
 from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, StorageScp
-from gateway.stow import StowBuffer
+from gateway.store import FolderBlobs, Store
+from gateway.store.migrate import upgrade
+from gateway.stow import Intake
 from tests.gateway_dicom_factory import ct_dataset
 from tests.test_gateway_dimse import ECHOSCU, STORESCU, needs_dcmtk
 
@@ -41,9 +43,12 @@ def scp_factory(tmp_path):
     thread.start()
     started: list[StorageScp] = []
     audit = AuditLog(tmp_path / "audit.jsonl")
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    upgrade(url)
+    store = Store(url)
 
     def make(**options) -> StorageScp:
-        stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=64 * 1024**2)  # type: ignore[arg-type]
+        stow = Intake(store, FolderBlobs(tmp_path / "blobs"), max_pending_studies=4, max_pending_bytes=64 * 1024**2)
         scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE, audit=audit, **options)
         scp.start()
         started.append(scp)
@@ -53,6 +58,7 @@ def scp_factory(tmp_path):
     yield make
     for scp in started:
         scp.stop()
+    asyncio.run_coroutine_threadsafe(store.close(), loop).result(10)
     audit.close()
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)

@@ -26,7 +26,9 @@ from ctscreen.embedded import free_port
 from gateway.cli import run_stack, serve_main
 from gateway.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StorageScp
 from gateway.ingest import load_study
-from gateway.stow import StowBuffer
+from gateway.store import FolderBlobs, Store
+from gateway.store.migrate import upgrade
+from gateway.stow import Intake
 from tests.gateway_dicom_factory import ct_dataset
 from tests.test_e2e_gateway import _trained
 
@@ -196,18 +198,24 @@ def test_serve_refuses_a_bad_dicom_port(capsys):
 
 # --- the SCP alone: statuses a full buffer and an unreadable header get ---------------------------
 @pytest.fixture
-def lone_scp():
-    """A StorageScp on its own loop thread, over a StowBuffer holding at most 512 KiB (never screened)."""
+def lone_scp(tmp_path_factory):
+    """A StorageScp on its own loop thread, over an Intake (SQLite and a blob folder) that holds at most
+    512 KiB of receiving studies (no sweeper: never screened)."""
+    data = tmp_path_factory.mktemp("lone-scp")
+    url = f"sqlite:///{data / 'state.db'}"
+    upgrade(url)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
     thread.start()
-    stow = StowBuffer(store=None, max_pending_studies=4, max_pending_bytes=512 * 1024)  # type: ignore[arg-type]
+    store = Store(url)
+    stow = Intake(store, FolderBlobs(data / "blobs"), max_pending_studies=4, max_pending_bytes=512 * 1024)
     scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE)
     scp.start()
     try:
         yield scp
     finally:
         scp.stop()
+        asyncio.run_coroutine_threadsafe(store.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
@@ -235,15 +243,22 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     assert statuses == [SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND]
     assert mr_contexts == []  # not negotiated
     held = asyncio.run_coroutine_threadsafe(_pending(lone_scp.stow, str(small.StudyInstanceUID)), lone_scp.loop)
-    assert held.result(10)[0] == 1
+    assert held.result(10) == ("receiving", 1)
 
 
-async def _pending(stow: StowBuffer, uid: str):
-    return stow.pending(uid)
+async def _pending(stow: Intake, uid: str):
+    study = await stow.store.study(uid)
+    return study.state, study.instances
 
 
-async def _held(stow: StowBuffer) -> list[tuple[str, bytes]]:
-    return [item for p in stow._studies.values() for item in p.instances.values()]
+async def _held(stow: Intake) -> list[tuple[str, bytes]]:
+    from sqlalchemy import select
+
+    from gateway.store.models import Instance
+
+    async with stow.store.read() as s:
+        rows = (await s.execute(select(Instance.filename, Instance.blob_key))).all()
+    return [(name, stow.blobs.get(key)) for name, key in rows]
 
 
 @pytest.fixture(scope="module")

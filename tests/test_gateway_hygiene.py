@@ -1,6 +1,6 @@
 """Input hygiene (``gateway.uids``): every UID is checked against the DICOM UID grammar before it can name a
 file, and a fuzz over the API with invalid UIDs, traversal attempts and oversized headers never gets a 5xx
-nor writes outside the results folder.
+nor writes outside the data folder (state store and blobs).
 
 Triton is the fake client of ``tests/gateway_app_fakes.py`` (these tests are about the HTTP edge). The
 oversized-header test runs the app under a real uvicorn (h11 enforces the header limits, not TestClient).
@@ -35,9 +35,9 @@ TRAVERSALS = ["..", ".", "%2e%2e", "%2E%2E%2F%2E%2E", "..%2F..%2Fetc", "1.2.3%2F
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    """A client on an app whose results folder sits inside an otherwise empty ``box``."""
+    """A client on an app whose data folder (state store, blobs) sits inside an otherwise empty ``box``."""
     box = tmp_path_factory.mktemp("box")
-    app = create_app(Settings(triton_urls="fake:1", results_dir=box / "results", stow_quiet_period_s=3600),
+    app = create_app(Settings(triton_urls="fake:1", data_dir=box / "results", stow_quiet_period_s=3600),
                      client_factory=FakeFleet())
     with TestClient(app, raise_server_exceptions=False) as client:
         yield box, client

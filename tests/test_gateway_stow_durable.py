@@ -1,18 +1,18 @@
-"""STOW-RS durability: an instance answered 200 is never lost (``gateway/stow.py``).
+"""STOW-RS durability and study versions: an instance answered 200 is never lost (``gateway/stow.py``).
 
-With ``CTSCREEN_RESULTS_DIR`` set, accepted instances are on disk before the answer, a study still
-waiting out its quiet period at shut-down is screened by the next app on the same folder (with every
-instance), a submission that fails unexpectedly is retried rather than dropped, and the files are
-removed once the study's job has finished. Without it, the loss at shut-down is logged at WARNING.
+Accepted instances are in the blob store and the state store before the answer; a study still in its
+quiet period when the gateway stops is screened by the next app on the same data folder (with every
+instance); an instance arriving after completion opens a new version of the study, screened again with
+every instance; a blob that cannot be written is answered as a failure and recorded nowhere.
 
-One-layer tests: Triton is the fake client of ``tests/gateway_app_fakes.py`` (a mock; these tests are
-about the gateway's buffering, the real inference path is ``tests/test_e2e_gateway.py``). DICOM parsing,
-the job store, its spool and the case rule are the real ones.
+One-layer tests: Triton is the fake client of ``tests/gateway_app_fakes.py`` (these tests are about
+the gateway's intake and store; the real inference path is ``tests/test_e2e_gateway.py`` and the
+process-kill tests are ``tests/test_gateway_cluster.py``). DICOM parsing, SQLite and the case rule are
+the real ones.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -26,30 +26,30 @@ from tests.test_gateway_app_api import _related, _wait
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
 
 
-def _app(quiet_s: float, results_dir: Path | None):
-    settings = Settings(triton_urls="fake:1", stow_quiet_period_s=quiet_s, results_dir=results_dir)
+def _app(quiet_s: float, data_dir: Path, **settings):
+    settings = Settings(triton_urls="fake:1", stow_quiet_period_s=quiet_s, data_dir=data_dir, **settings)
     return create_app(settings, client_factory=FakeFleet())
 
 
-def _stow(client: TestClient, files) -> None:
+def _stow(client: TestClient, files) -> dict:
     r = client.post("/dicomweb/studies", content=_related([d for _, d in files]), headers={"content-type": STOW_TYPE})
     assert r.status_code == 200, r.text
+    return r.json()
 
 
-def _screened(client: TestClient, uid: str, timeout: float = 15.0) -> dict:
+def _screened(client: TestClient, uid: str, timeout: float = 15.0, not_job: str | None = None) -> dict:
     """The finished job of study ``uid`` (waits for the quiet period and the screening)."""
     deadline = time.monotonic() + timeout
-    while (view := client.get(f"/v1/studies/{uid}").json()).get("state") not in ("done", "failed"):
+    while True:
+        view = client.get(f"/v1/studies/{uid}").json()
+        if view.get("state") in ("done", "failed") and view.get("job_id") != not_job:
+            return _wait(client, view["job_id"])
         assert time.monotonic() < deadline, view
         time.sleep(0.05)
-    return _wait(client, view["job_id"])
 
 
-def _gone(folder: Path, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while folder.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not folder.exists()
+def _blobs(folder: Path) -> int:
+    return sum(1 for p in (folder / "blobs").rglob("*") if p.is_file())
 
 
 def test_accepted_instances_survive_a_restart_and_are_screened(tmp_path):
@@ -58,47 +58,53 @@ def test_accepted_instances_survive_a_restart_and_are_screened(tmp_path):
         _stow(client, files[:5])
         _stow(client, files[5:])
         assert client.get(f"/v1/studies/{uid}").json()["state"] == "receiving"
-        assert len(list((tmp_path / "stow").glob("*/*.dcm"))) == 8  # on disk before the 200
-    # stopped inside the quiet period: not screened (it might have been incomplete), kept on disk
-    assert len(list((tmp_path / "stow").glob("*/*.dcm"))) == 8
+        assert _blobs(tmp_path) == 8  # on disk before the 200
+    # stopped inside the quiet period: not screened (it might have been incomplete), kept
     with TestClient(_app(0.2, tmp_path)) as client:
         job = _screened(client, uid)
         assert job["state"] == "done", job
         assert job["files"] == 8 and job["slices_total"] == 8
         assert job["origin"] == "stow"
         assert job["result"]["verdict"] == "positive"
-        assert _gone(next(iter((tmp_path / "stow").iterdir()), tmp_path / "stow" / "none"))
-    assert list((tmp_path / "stow").iterdir()) == []
 
 
-def test_failing_submission_is_retried_not_dropped(tmp_path, caplog):
+def test_late_instance_opens_a_new_version_screened_with_every_instance(tmp_path):
     uid, files = ct_series(6, lesion=(1, 2, 3), size=128)
-    with TestClient(_app(0.1, tmp_path)) as client:
-        store = client.app.state.store
-        real, calls = store.submit, []
-
-        def flaky(*args, **kwargs):
-            calls.append(1)
-            if len(calls) <= 2:
-                raise RuntimeError("disk hiccup")
-            return real(*args, **kwargs)
-
-        store.submit = flaky
-        with caplog.at_level(logging.ERROR, logger="gateway.stow"):
-            _stow(client, files)
-            job = _screened(client, uid)
-        assert len(calls) == 3
-        assert job["state"] == "done" and job["files"] == 6, job
-        assert sum("could not be submitted" in r.getMessage() for r in caplog.records) == 2
-        assert _gone(tmp_path / "stow" / uid)
+    with TestClient(_app(0.3, tmp_path)) as client:
+        _stow(client, files[:5])
+        first = _screened(client, uid)
+        assert first["state"] == "done" and first["files"] == 5
+        _stow(client, files[5:])  # after completion
+        second = _screened(client, uid, not_job=first["job_id"])
+        assert second["files"] == 6 and second["result"]["n_slices"] == 6
+        again = _stow(client, files[:1])  # the same SOP instance again: replaces, does not add
+        assert len(again["00081199"]["Value"]) == 1
+        third = _screened(client, uid, not_job=second["job_id"])
+        assert third["files"] == 6
+        assert client.get(f"/v1/jobs/{first['job_id']}").json()["state"] == "done"  # history kept
 
 
-def test_without_results_dir_the_loss_is_logged(caplog):
-    uid, files = ct_series(3, size=128)
-    with caplog.at_level(logging.WARNING, logger="gateway.stow"):
-        with TestClient(_app(60.0, None)) as client:
-            _stow(client, files)
-    lost = [r for r in caplog.records if r.levelno == logging.WARNING and "LOST" in r.getMessage()]
-    assert len(lost) == 1
-    assert "3 accepted" in lost[0].getMessage() and "1 studies" in lost[0].getMessage()
-    assert uid in lost[0].getMessage()
+def test_explicit_complete_is_once_per_version(tmp_path):
+    uid, files = ct_series(4, size=128)
+    with TestClient(_app(3600.0, tmp_path)) as client:
+        _stow(client, files)
+        a = client.post(f"/v1/studies/{uid}/complete").json()
+        b = client.post(f"/v1/studies/{uid}/complete").json()
+        assert a["job_id"] == b["job_id"]  # the second call answers the version's job
+        assert _wait(client, a["job_id"])["state"] == "done"
+
+
+def test_an_instance_that_cannot_be_written_is_refused_and_not_recorded(tmp_path):
+    uid, files = ct_series(2, size=128)
+    with TestClient(_app(3600.0, tmp_path)) as client:
+        blobs = client.app.state.blobs
+
+        def broken(items):
+            raise OSError(28, "No space left on device")
+
+        blobs.put_many = broken
+        r = client.post("/dicomweb/studies", content=_related([d for _, d in files]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 409, r.text
+        assert {i["00081197"]["Value"][0] for i in r.json()["00081198"]["Value"]} == {0x0110}
+        assert client.get(f"/v1/studies/{uid}").status_code == 404

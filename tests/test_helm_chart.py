@@ -380,7 +380,9 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.triton_batch_size == int(env["CTSCREEN_TRITON_BATCH_SIZE"])
     assert settings.triton_max_inflight == int(env["CTSCREEN_TRITON_MAX_INFLIGHT"])
     assert settings.max_upload_bytes == int(env["CTSCREEN_MAX_UPLOAD_BYTES"])
-    assert str(settings.results_dir) == env["CTSCREEN_RESULTS_DIR"] == "/var/lib/ctscreen"
+    assert str(settings.data_dir) == env["CTSCREEN_DATA_DIR"] == "/var/lib/ctscreen"
+    assert str(settings.blobs()) == env["CTSCREEN_BLOB_DIR"] == "/var/lib/ctscreen-blobs"
+    assert settings.job_deadline_s == 24 * 3600 and settings.instance_retention_s == 7 * 86400
     assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
 
     async def discover():
@@ -406,12 +408,13 @@ class _Null:
         pass
 
 
-def test_dicom_intake_is_off_by_default_and_sticky_per_sender_when_on(rendered):
-    """C-STORE: the gateway's Storage SCP port, a Service with ClientIP affinity, allowed by the policy."""
+def test_dicom_intake_is_off_by_default_and_needs_no_affinity_when_on(rendered):
+    """C-STORE: the gateway's Storage SCP port, a Service without session affinity (any replica stores any
+    instance of a study), allowed by the policy."""
     assert not [o for o in rendered["default"] if o["metadata"]["name"].endswith("-gateway-dicom")]
     objs = rendered["production"]
     svc = find(objs, "Service", "-gateway-dicom")
-    assert svc["spec"]["sessionAffinity"] == "ClientIP" and svc["spec"]["type"] == "LoadBalancer"
+    assert "sessionAffinity" not in svc["spec"] and svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["ports"] == [{"name": "dicom", "port": 104, "targetPort": "dicom", "protocol": "TCP"}]
     gw = container(find(objs, "Deployment", "-gateway"), "gateway")
     assert {"name": "dicom", "containerPort": 11112, "protocol": "TCP"} in gw["ports"]
@@ -421,11 +424,44 @@ def test_dicom_intake_is_off_by_default_and_sticky_per_sender_when_on(rendered):
     assert any({"port": "dicom", "protocol": "TCP"} in rule["ports"] for rule in policy["spec"]["ingress"])
 
 
-def test_gateway_keeps_accepted_work_on_a_volume():
-    """CTSCREEN_RESULTS_DIR is mounted: an emptyDir by default, a PersistentVolumeClaim when named.
+def test_state_is_shared_by_every_replica():
+    """One database URL from a Secret (the in-chart PostgreSQL's, or an external one), one ReadWriteMany blob
+    claim, and a hook Job that migrates the schema with the gateway's image before an upgrade."""
+    objs = render({})
+    gateway = container(find(objs, "Deployment", "-gateway"), "gateway")
+    url = next(e for e in gateway["env"] if e["name"] == "CTSCREEN_DATABASE_URL")["valueFrom"]["secretKeyRef"]
+    secret = find(objs, "Secret", "-postgresql")
+    assert url == {"name": secret["metadata"]["name"], "key": "url"}
+    assert secret["stringData"]["url"].startswith("postgresql://ctscreen:")
+    assert find(objs, "StatefulSet", "-postgresql")["spec"]["replicas"] == 1
+    policy = find(objs, "NetworkPolicy", "-postgresql")
+    assert {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in policy["spec"]["ingress"][0]["from"]} \
+        == {"gateway", "migrations"}
+    claim = find(objs, "PersistentVolumeClaim", "-blobs")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    assert mounts["blobs"] == "/var/lib/ctscreen-blobs"
+    job = find(objs, "Job", "-db-migrate")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    assert container(job, "migrate")["command"] == ["ctscreen", "db", "upgrade"]
+    assert container(job, "migrate")["image"] == gateway["image"]
+
+    external = render({"state": {"database": {"existingSecret": "ctscreen-db"}, "blobs": {"existingClaim": "nfs"}}})
+    assert not [o for o in external if "postgresql" in o["metadata"]["name"]]
+    assert not [o for o in external if o["kind"] == "PersistentVolumeClaim"]
+    gateway = find(external, "Deployment", "-gateway")
+    env = {e["name"]: e for e in container(gateway, "gateway")["env"]}
+    assert env["CTSCREEN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "ctscreen-db", "key": "url"}
+    blobs = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "blobs")
+    assert blobs["persistentVolumeClaim"]["claimName"] == "nfs"
+    assert find(external, "Job", "-db-migrate")["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+
+
+def test_gateway_keeps_its_data_folder_on_a_volume():
+    """CTSCREEN_DATA_DIR (scratch) is mounted: an emptyDir by default, a PersistentVolumeClaim when named.
 
     A ReadWriteOnce claim serves one fixed replica; a ReadWriteMany claim every replica, each in a
-    folder named after its pod (two gateways never resume each other's spool).
+    folder named after its pod (two gateways never share scratch).
     """
     one = {"autoscaling": {"enabled": False}, "replicas": 1}
     rwx = {"claimName": "ctscreen-results", "claimAccessMode": "ReadWriteMany"}

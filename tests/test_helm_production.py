@@ -111,7 +111,7 @@ def test_network_policy_admits_the_prometheus_pods_and_the_dicom_sources(product
     assert peers(triton, "metrics") == [prometheus]
     # the DICOM Service keeps the sender's address (Local) so affinity and the ipBlocks see the PACS
     svc = find(production, "Service", "-gateway-dicom")["spec"]
-    assert svc["externalTrafficPolicy"] == "Local" and svc["sessionAffinity"] == "ClientIP"
+    assert svc["externalTrafficPolicy"] == "Local" and "sessionAffinity" not in svc  # the state store groups a study
     assert svc["loadBalancerSourceRanges"] == sources
     clusterip = find(render(_production(gateway__dicom__service={"type": "ClusterIP", "port": 104})),
                      "Service", "-gateway-dicom")["spec"]
@@ -303,7 +303,9 @@ def _settings_in_the_pod(objs: list[dict], monkeypatch):
             monkeypatch.setenv(name, entry["value"])
         elif "secretKeyRef" in entry.get("valueFrom", {}):
             ref = entry["valueFrom"]["secretKeyRef"]
-            monkeypatch.setenv(name, secrets.get(ref["name"], {}).get(ref["key"], f"https://{ref['name']}.example"))
+            stand_in = (f"postgresql://ctscreen@{ref['name']}.example/ctscreen" if name == "CTSCREEN_DATABASE_URL"
+                        else f"https://{ref['name']}.example")
+            monkeypatch.setenv(name, secrets.get(ref["name"], {}).get(ref["key"], stand_in))
     return Settings()
 
 
@@ -415,7 +417,7 @@ def test_default_network_policy_admits_only_the_documented_sources(rendered_defa
     gateway (gRPC, HTTP) and Prometheus (metrics). Every rule names its peers (a rule without `from`, or
     with an empty selector, would admit every pod)."""
     policies = {o["metadata"]["name"]: o["spec"] for o in rendered_default if o["kind"] == "NetworkPolicy"}
-    assert set(policies) == {f"{RELEASE}-gateway", f"{RELEASE}-triton"}
+    assert set(policies) == {f"{RELEASE}-gateway", f"{RELEASE}-triton", f"{RELEASE}-postgresql"}
     for spec in policies.values():
         assert spec["policyTypes"] == ["Ingress"]
         for rule in spec["ingress"]:
@@ -431,6 +433,10 @@ def test_default_network_policy_admits_only_the_documented_sources(rendered_defa
     triton = [r["from"] for r in policies[f"{RELEASE}-triton"]["ingress"]]
     assert triton[1] == [prometheus] and len(triton) == 2
     assert triton[0][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    # the in-chart PostgreSQL (issue 13): the gateways and the migrations Job, nothing else
+    database = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                for r in policies[f"{RELEASE}-postgresql"]["ingress"] for p in r["from"]]
+    assert database == ["gateway", "migrations"]
     # DICOM on, no sources: still closed; each documented opening adds exactly its peers
     dicom = {"enabled": True, "allowedPeers": ["PACS@10.0.0.5"]}
     closed = find(render({"gateway": {"dicom": dicom}}), "NetworkPolicy", "-gateway")["spec"]["ingress"]

@@ -2,43 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from gateway.errors import TooLarge
-from gateway.jobs import JobStore
 from gateway.metrics import Metrics
+from gateway.screening import Screener
 from gateway.settings import Settings
-from gateway.stow import StowBuffer
+from gateway.store import BlobStore, Store
+from gateway.stow import Intake
 from gateway.triton_pool import TritonPool
+from gateway.worker import Worker
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _state(name: str) -> Callable[[Request], Any]:
+    """A dependency returning ``app.state.<name>`` (made by the lifespan)."""
+
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"_{name}"
+    return get
 
 
-def _store(request: Request) -> JobStore:
-    return request.app.state.store
-
-
-def _pool(request: Request) -> TritonPool:
-    return request.app.state.pool
-
-
-def _metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-def _stow(request: Request) -> StowBuffer:
-    return request.app.state.stow
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-StoreDep = Annotated[JobStore, Depends(_store)]
-PoolDep = Annotated[TritonPool, Depends(_pool)]
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
-StowDep = Annotated[StowBuffer, Depends(_stow)]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+StoreDep = Annotated[Store, Depends(_state("store"))]
+PoolDep = Annotated[TritonPool, Depends(_state("pool"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+StowDep = Annotated[Intake, Depends(_state("stow"))]
+BlobsDep = Annotated[BlobStore, Depends(_state("blobs"))]
+ScreenerDep = Annotated[Screener, Depends(_state("screener"))]
+WorkerDep = Annotated[Worker, Depends(_state("worker"))]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

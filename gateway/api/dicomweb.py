@@ -104,13 +104,13 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
             metrics.error("not_ct")
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
             continue
-        if not stow.room_for(header.study_instance_uid, len(content)):
+        if not await stow.room_for(header.study_instance_uid, len(content)):
             metrics.error("out_of_resources")
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
         try:
-            stow.add(header, name, content)
-        except GatewayError as exc:  # could not be written durably (CTSCREEN_RESULTS_DIR)
+            await stow.add(header, name, content)  # blob fsynced and row committed before the answer
+        except GatewayError as exc:  # could not be stored durably
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PROCESSING_FAILURE))
             continue

@@ -1,29 +1,76 @@
-"""``/v1/jobs``: a job's state and result, and its progress as server-sent events."""
+"""``/v1/jobs``: a job's state and result, its progress as server-sent events, and a retry."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway.api.deps import StoreDep
-from gateway.auth import AUTH_RESPONSES, results_read
-from gateway.jobs import JobState, JobView
+from gateway.api.deps import SettingsDep, StoreDep
+from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
+from gateway.jobs import TERMINAL, JobNotFound, JobState, JobView
+from gateway.store import Store
+from gateway.uids import is_job_id
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(results_read)],
-                   responses=AUTH_RESPONSES)
+# reads need results:read, POST .../retry needs studies:write (admin implies both); each route names its own
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 
 
-_NOT_FOUND = {404: {"description": "no such job (unknown id, or expired after it was read)"}}
+_NOT_FOUND = {404: {"description": "no such job (unknown id, or deleted by retention)"}}
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id`` if it has the form of one (32 hex digits), else 404 before the store is asked."""
+    if not is_job_id(job_id):
+        raise JobNotFound(f"No job {job_id[:64]!r}.")
+    return job_id
 
 
 @router.get("/{job_id}", response_model=JobView, summary="State, progress and result of a job",
             responses=_NOT_FOUND)
-async def get_job(job_id: str, store: StoreDep) -> JobView:
+async def get_job(job_id: str, store: StoreDep, _: ReadAccess) -> JobView:
     """The job: state, slices done/total, and the CaseResult once done."""
-    return store.get(job_id)
+    return await store.job(checked_job_id(job_id))
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobView, summary="Queue a failed job again",
+             responses={**_NOT_FOUND, 409: {"description": "the job is not failed, or its instances are gone"}})
+async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, _: WriteAccess) -> JSONResponse:
+    """Screen a failed job's instances again (with a fresh deadline)."""
+    try:
+        view = await store.retry(checked_job_id(job_id), settings.job_deadline_s)
+    except ValueError as exc:
+        raise HTTPException(409, detail={"reason": "not_retryable", "message": str(exc)}) from None
+    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float = 15.0
+                    ) -> AsyncIterator[JobView | None]:
+    """The job's view at each change until it finishes (``None``: nothing new, keep-alive).
+
+    Changes are the job's rows in the ``events`` table, so any replica streams any job; a change made
+    by this process wakes the stream at once, others are seen within ``poll_s``.
+    """
+    last_event, shown, quiet_since = 0, None, time.monotonic()
+    while True:
+        events = await store.events_after(job_id, last_event)
+        if events or shown is None:
+            if events:
+                last_event = events[-1][0]
+            view = await store.job(job_id)
+            key = (view.state, view.slices_done, view.slices_total, view.attempts)
+            if key != shown:
+                shown, quiet_since = key, time.monotonic()
+                yield view
+            if view.state in TERMINAL:
+                return
+        elif time.monotonic() - quiet_since >= keepalive_s:
+            quiet_since = time.monotonic()
+            yield None
+        await store.changed.wait(poll_s)
 
 
 @router.get(
@@ -32,12 +79,12 @@ async def get_job(job_id: str, store: StoreDep) -> JobView:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **_NOT_FOUND},
 )
-async def job_events(job_id: str, store: StoreDep) -> StreamingResponse:
+async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: ReadAccess) -> StreamingResponse:
     """``event: progress`` at each change, then ``event: done`` or ``event: failed`` with the job."""
-    store.get(job_id)  # 404 before the stream starts
+    await store.job(checked_job_id(job_id))  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[bytes]:
-        async for view in store.events(job_id):
+        async for view in job_views(store, job_id, settings.worker_poll_s):
             if view is None:
                 yield b": keep-alive\n\n"
                 continue

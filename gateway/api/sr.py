@@ -7,9 +7,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from gateway.api.deps import StoreDep
+from gateway.api.jobs import checked_job_id
 from gateway.auth import AUTH_RESPONSES, results_read
 from gateway.jobs import JobState
-from gateway.report import encode_sr
+from gateway.report import SrContext, encode_sr
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(results_read)],
                    responses=AUTH_RESPONSES)
@@ -26,18 +27,16 @@ DICOM = "application/dicom"
 )
 async def job_sr(job_id: str, store: StoreDep) -> Response:
     """The verdict, the case-rule evidence and its lesion boxes as a DICOM Part 10 SR file."""
-    view = store.get(job_id)  # JobNotFound -> 404
+    view = await store.job(checked_job_id(job_id))  # JobNotFound -> 404 (malformed ids before the store)
     if view.state != JobState.done or view.result is None:
         raise HTTPException(409, detail={"reason": "not_done",
                                          "message": f"Job {job_id} is {view.state.value}; its SR exists once done."})
-    try:
-        context = store.job(job_id).sr_context
-    except KeyError:
-        context = None
-    if context is None:
+    stored = await store.sr_context(job_id)
+    if stored is None:
         raise HTTPException(409, detail={"reason": "sr_unavailable",
-                                         "message": f"The image headers of job {job_id} are no longer held; "
-                                                    "send the study again for an SR."})
+                                         "message": f"The image headers of job {job_id} could not be read; "
+                                                    "no SR can be made for it."})
+    context = SrContext.from_json(stored)
     try:
         data = await run_in_threadpool(encode_sr, view.result, context)
     except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom cannot use

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -11,10 +12,12 @@ from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
-from gateway.api.deps import SettingsDep, StoreDep, StowDep
+from gateway.api.deps import BlobsDep, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.errors import GatewayError, MixedStudies, UploadError
-from gateway.jobs import JobError, JobStore, JobView
+from gateway.errors import GatewayError, MixedStudies, Unavailable, UploadError
+from gateway.jobs import Busy, JobError, JobNotFound, JobView
+from gateway.settings import Settings
+from gateway.store import Store, new_key
 from gateway.stow import CT_STORAGE, read_header
 from gateway.uids import check_uid
 from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
@@ -86,12 +89,12 @@ def limits_of(settings: SettingsDep) -> UploadLimits:
                         max_total_bytes=max(settings.max_upload_bytes, 4096 * 1024**2))
 
 
-async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -> JobView:
-    """Submit a study and wait until it is decoded; its decoding errors raise here (4xx)."""
-    job = store.submit(files, origin=origin)
-    del files
-    await job.decoded  # raises the study's ingest error, if any
-    return job.view()
+async def check_capacity(store: Store, settings: Settings) -> None:
+    """Refuse an upload (429) while ``max_concurrent_studies + max_queued_studies`` jobs are active."""
+    queued, running, _ = await store.counts()
+    limit = settings.max_concurrent_studies + settings.max_queued_studies
+    if queued + running >= limit:
+        raise Busy(f"{limit} studies are being screened or waiting; retry later.", settings.retry_after_s)
 
 
 @router.post(
@@ -113,16 +116,34 @@ async def accept(store: JobStore, files: list[tuple[str, bytes]], origin: str) -
         "application/dicom": {"schema": {"type": "string", "format": "binary"}},
     }}},
 )
-async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, _: WriteAccess) -> JSONResponse:
-    """Accept a study; answers 202 with the job once its slices are decoded, screening continues."""
-    store.check_capacity()  # before reading the body: a full gateway holds no more uploads
+async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, blobs: BlobsDep,
+                       screener: ScreenerDep, worker: WorkerDep, _: WriteAccess) -> JSONResponse:
+    """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
+    await check_capacity(store, settings)  # before reading the body: a full gateway holds no more uploads
     content_type = request.headers.get("content-type", "application/octet-stream")
     filename = request.headers.get("x-filename", "upload")[:255]
-    # streamed to disk under the in-flight budget (429 before reading when over it); held until decoded
+    # streamed to disk under the in-flight budget (429 before reading when over it); held until the
+    # instances are in the blob store (fsynced) and the job is committed
     async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
         files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
         drop_pages(body)
-        view = await accept(store, files, "upload")
+        prepared = await screener.prepare(files)  # a study that cannot be screened is refused here, with its 4xx
+        keyed = [(name, new_key(), data) for name, data in files]
+        try:
+            await run_in_threadpool(blobs.put_many, [(key, data) for _, key, data in keyed])
+        except OSError as exc:
+            raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
+        del files
+        job_id = uuid.uuid4().hex
+        worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not decode it again
+        try:
+            view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
+                                             settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
+        except Exception:
+            for _, key, _ in keyed:  # not accepted: its blobs must not linger unreferenced
+                await run_in_threadpool(blobs.delete, key)
+            raise
+        del keyed
     request.state.study_instance_uid, request.state.job_id = view.study_instance_uid, view.job_id  # audit
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}
@@ -137,23 +158,23 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
 async def complete_study(study_instance_uid: str, stow: StowDep, _: WriteAccess) -> JSONResponse:
     """Screen the instances received for this study now (instead of after the quiet period)."""
     check_uid(study_instance_uid)
-    job = stow.complete(study_instance_uid)
-    view = job.view()
+    view = await stow.complete(study_instance_uid)
     return JSONResponse(view.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{view.job_id}"})
 
 
 @router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",
             responses={400: {"description": "not a DICOM UID"}, 404: {"description": "no such study received"}})
-async def get_study(study_instance_uid: str, store: StoreDep, stow: StowDep, _: ReadAccess) -> StudyView:
-    """The study's latest job (with its result once done), or ``receiving`` while STOW instances wait."""
+async def get_study(study_instance_uid: str, store: StoreDep, _: ReadAccess) -> StudyView:
+    """The study's latest job (with its result once done), or ``receiving`` while STOW instances arrive."""
     check_uid(study_instance_uid)
-    held = stow.pending(study_instance_uid)
-    if held is not None and held[0]:
-        n, receiving, job = held
-        if receiving:
-            return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=n,
-                             job_id=job.id if job else None)
-    view = store.latest_for_study(study_instance_uid)
-    return StudyView(study_instance_uid=study_instance_uid, state=view.state.value, job_id=view.job_id,
-                     error=view.error, result=view.result)
+    study = await store.study(study_instance_uid)
+    if study is None or (study.state != "receiving" and study.job is None):
+        raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
+    job = study.job
+    if study.state == "receiving":
+        return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=study.instances,
+                         job_id=job.job_id if job else None)
+    assert job is not None
+    return StudyView(study_instance_uid=study_instance_uid, state=job.state.value, job_id=job.job_id,
+                     error=job.error, result=job.result)

@@ -194,3 +194,17 @@ own (rendered when gateway.auth.oidcIssuer is set); empty when OIDC is off. */}}
 {{- else if $a.oidcIssuer -}}{{ include "ctscreen.gateway.fullname" . }}-auth
 {{- end -}}
 {{- end -}}
+
+{{/* CTSCREEN_DATABASE_URL from the external Secret, or from the in-chart PostgreSQL's. */}}
+{{- define "ctscreen.state.databaseEnv" -}}
+- name: CTSCREEN_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.state.database.existingSecret }}
+      name: {{ .Values.state.database.existingSecret }}
+      key: {{ .Values.state.database.secretKey }}
+      {{- else }}
+      name: {{ include "ctscreen.fullname" . }}-postgresql
+      key: url
+      {{- end }}
+{{- end -}}

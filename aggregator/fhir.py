@@ -1,0 +1,189 @@
+"""The case result as FHIR R4: a ``DiagnosticReport`` with its ``Observation`` s, for the RIS.
+
+:func:`to_fhir` returns a transaction ``Bundle`` (JSON, a ``dict``) a FHIR R4 server takes at its base
+URL, or a webhook takes as it is:
+
+* one ``DiagnosticReport`` (status ``preliminary``: a machine reading no radiologist has verified yet;
+  code LOINC 24627-2 "CT Chest"; category RAD), whose ``imagingStudy`` refers to the ``ImagingStudy``
+  by its Study Instance UID (``identifier`` ``urn:dicom:uid`` / ``urn:oid:<uid>``, a logical reference
+  the server needs not resolve), whose ``subject`` is the patient by identifier (Patient ID, with
+  Issuer of Patient ID as the system when known), and whose ``conclusionCode`` is COVID-19
+  present / absent / indeterminate;
+* ``Observation`` s it lists in ``result``: the **verdict** (SNOMED CT 840539006 COVID-19 with the
+  qualifier value), the **reason** (code and sentence), the **quadrant** and the **run** (slices and
+  millimetres) of the evidence when there is one, and one **model version** per model.
+
+Every resource carries an ``identifier`` in :data:`IDENTIFIER_SYSTEM` derived from the job, and each
+entry is a conditional create (``ifNoneExist``), so sending the same result twice creates nothing new.
+The bundle is validated with the ``fhir.resources`` models (R4B, the same as R4 for these resources)
+before it is returned; a result the models refuse raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aggregator.schema import CaseResult
+
+__all__ = ["IDENTIFIER_SYSTEM", "report_identifier", "to_fhir", "validate_bundle"]
+
+IDENTIFIER_SYSTEM: Final = "urn:ctscreen:result"
+"""System of the identifiers of every resource ctscreen makes (value: job id, then ``/`` and a part)."""
+
+SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
+_VERDICT = {"positive": ("52101004", "Present"), "negative": ("2667000", "Absent"),
+            "indeterminate": ("82334004", "Indeterminate")}
+_CTSCREEN = "urn:ctscreen:code"
+
+
+def report_identifier(result: CaseResult) -> str:
+    """The identifier value of a result's DiagnosticReport: one per job (one per study version)."""
+    return f"{result.job_id or result.study_instance_uid}"
+
+
+def _uuid(*parts: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts))}"
+
+
+def _concept(system: str, code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Encode ``result`` as a FHIR R4 transaction Bundle (see the module docstring).
+
+    Parameters
+    ----------
+    result : CaseResult
+        The case result.
+    patient : Mapping[str, str] or None
+        DICOM attributes of the source: ``PatientID``, ``IssuerOfPatientID``, ``AccessionNumber``
+        (absent ones are left out).
+
+    Returns
+    -------
+    dict
+        The Bundle as JSON-able data, validated.
+
+    Raises
+    ------
+    ValueError
+        When the FHIR models refuse the bundle.
+    """
+    patient = dict(patient or {})
+    ident = report_identifier(result)
+    base = (IDENTIFIER_SYSTEM, ident)
+    status = "preliminary"
+    study = {"type": "ImagingStudy",
+             "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{result.study_instance_uid}"},
+             "display": f"Study {result.study_instance_uid}"}
+    subject = None
+    if patient.get("PatientID"):
+        pid: dict[str, Any] = {"value": patient["PatientID"]}
+        if patient.get("IssuerOfPatientID"):
+            pid["system"] = f"urn:ctscreen:issuer:{patient['IssuerOfPatientID']}"
+        subject = {"type": "Patient", "identifier": pid}
+    issued = (result.created_at.isoformat() if result.created_at is not None else None)
+    covid = _concept(SNOMED, "840539006", "COVID-19")
+    code, meaning = _VERDICT[result.verdict]
+
+    def observation(part: str, code_: dict[str, Any], **value: Any) -> dict[str, Any]:
+        obs: dict[str, Any] = {
+            "resourceType": "Observation",
+            "identifier": [{"system": IDENTIFIER_SYSTEM, "value": f"{ident}/{part}"}],
+            "status": status,
+            "category": [_concept("http://terminology.hl7.org/CodeSystem/observation-category", "imaging",
+                                  "Imaging")],
+            "code": code_,
+            "derivedFrom": [study],
+            "device": {"display": f"ctscreen {result.software_version or ''}".strip()},
+            **value,
+        }
+        if subject is not None:
+            obs["subject"] = subject
+        if issued:
+            obs["issued"] = issued
+        return obs
+
+    observations: list[tuple[str, dict[str, Any]]] = [
+        ("verdict", observation("verdict", covid, valueCodeableConcept=_concept(SNOMED, code, meaning),
+                                interpretation=[{"text": result.verdict}])),
+        ("reason", observation("reason", {"coding": [{"system": _CTSCREEN, "code": "reason"}], "text": "Reason"},
+                               valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:reason",
+                                                                 "code": result.reason}],
+                                                     "text": result.message})),
+    ]
+    if result.evidence is not None:
+        ev = result.evidence
+        observations.append(("quadrant", observation(
+            "quadrant", {"coding": [{"system": _CTSCREEN, "code": "quadrant"}], "text": "Quadrant of the run"},
+            valueString=ev.quadrant)))
+        observations.append(("run", observation(
+            "run", {"coding": [{"system": _CTSCREEN, "code": "run"}], "text": "Run of consecutive slices"},
+            valueQuantity={"value": ev.n_slices, "unit": "slices", "system": UCUM, "code": "{slices}"},
+            component=[
+                {"code": {"text": "extent"},
+                 "valueQuantity": {"value": round(ev.extent_mm, 3), "unit": "mm", "system": UCUM, "code": "mm"}},
+                {"code": {"text": "qualifies"}, "valueBoolean": ev.qualifies},
+                {"code": {"text": "first slice"},
+                 "valueString": ev.slices[0].sop_instance_uid if ev.slices else ""},
+            ])))
+    for m in result.models:
+        observations.append((f"model-{m.name}", observation(
+            f"model-{m.name}", {"coding": [{"system": _CTSCREEN, "code": "model-version"}],
+                                "text": f"Model version: {m.name}"},
+            valueString=m.version if not m.sha256 else f"{m.version} (sha256 {m.sha256[:16]})")))
+
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": ident}],
+        "status": status,
+        "category": [_concept("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
+        "code": _concept(LOINC, "24627-2", "CT Chest"),
+        "imagingStudy": [study],
+        "result": [{"reference": _uuid(*base, part), "type": "Observation"} for part, _ in observations],
+        "conclusion": f"COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
+        "conclusionCode": [_concept(SNOMED, code, f"COVID-19 {meaning.lower()}")],
+    }
+    if subject is not None:
+        report["subject"] = subject
+    if issued:
+        report["issued"] = issued
+    if patient.get("AccessionNumber"):
+        report["basedOn"] = [{"type": "ServiceRequest", "identifier": {
+            "type": _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
+            "value": patient["AccessionNumber"]}}]
+
+    def entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
+        value = resource["identifier"][0]["value"]
+        return {"fullUrl": full_url, "resource": resource,
+                "request": {"method": "POST", "url": resource["resourceType"],
+                            "ifNoneExist": f"identifier={IDENTIFIER_SYSTEM}|{value}"}}
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "identifier": {"system": IDENTIFIER_SYSTEM, "value": f"{ident}/bundle"},
+        "entry": [entry(_uuid(*base, "report"), report)]
+        + [entry(_uuid(*base, part), obs) for part, obs in observations],
+    }
+    validate_bundle(bundle)
+    return bundle
+
+
+def validate_bundle(bundle: Mapping[str, Any]) -> None:
+    """Check ``bundle`` against the FHIR models (``fhir.resources``, R4B).
+
+    Raises
+    ------
+    ValueError
+        With the first errors the models report.
+    """
+    from fhir.resources.R4B.bundle import Bundle
+
+    try:
+        Bundle.parse_obj(dict(bundle))
+    except Exception as exc:  # pydantic.v1 ValidationError (a ValueError) or a type error of the models
+        raise ValueError(f"FHIR bundle refused by the R4 models: {str(exc)[:500]}") from None

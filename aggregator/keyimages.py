@@ -1,0 +1,190 @@
+"""Key images of a case result: DICOM Secondary Capture images a radiologist can open in any PACS viewer.
+
+:func:`key_images` renders each slice of the result's evidence run (the run of consecutive slices that
+made the case positive, or the longest one found) in a lung window (:data:`LUNG_WINDOW`, HU), with the
+run's lesion boxes drawn in :data:`BOX_RGB`, and encodes it as a highdicom
+:class:`~highdicom.sc.SCImage` (RGB, 8 bits). Each key image:
+
+* carries the Patient and General Study modules of its source slice (highdicom's
+  ``copy_patient_and_study_information``), so a PACS files it under the same patient and study;
+* belongs to a new series per result (UIDs derived from the result, so encoding one result twice gives
+  the same objects and a re-send never makes a duplicate);
+* refers to its source slice (Source Image Sequence) and keeps its pixel spacing.
+
+A negative result has no key images (its SR says so). Pure function: the caller reads the source
+instances (with pixel data) and sends the returned data sets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+
+from aggregator.schema import Box, CaseResult
+from aggregator.sr import _uid
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BOX_RGB", "KEY_SERIES_NUMBER", "LUNG_WINDOW", "key_images", "lung_window", "draw_box"]
+
+LUNG_WINDOW: Final = (-600.0, 1500.0)
+"""Window centre and width in HU (the usual lung window)."""
+
+BOX_RGB: Final = (255, 40, 40)
+"""Colour of the lesion boxes drawn on the key images."""
+
+BOX_LINE: Final = 2
+"""Line width of a drawn box, pixels (inside the box's edges)."""
+
+KEY_SERIES_NUMBER: Final = 9902
+"""Series Number of the key images (the SR is 9901)."""
+
+
+def lung_window(hu: np.ndarray, centre: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
+    """Map HU to 0..255 through a linear window.
+
+    >>> lung_window(np.array([-2000, -600, 1000])).tolist()
+    [0, 128, 255]
+    """
+    lo = centre - width / 2.0
+    scaled = (np.asarray(hu, np.float64) - lo) / width * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def draw_box(rgb: np.ndarray, box: Box, colour: tuple[int, int, int] = BOX_RGB, line: int = BOX_LINE) -> None:
+    """Draw the outline of ``box`` (inclusive pixel indices) into ``rgb`` (rows x columns x 3) in place.
+
+    >>> img = np.zeros((6, 6, 3), np.uint8)
+    >>> draw_box(img, Box(x0=1, y0=1, x1=4, y1=4), line=1)
+    >>> (img[..., 0] > 0).astype(int).tolist()[1]
+    [0, 1, 1, 1, 1, 0]
+    >>> int(img[2, 2, 0])
+    0
+    """
+    rows, cols = rgb.shape[:2]
+    x0, x1 = max(0, box.x0), min(cols - 1, box.x1)
+    y0, y1 = max(0, box.y0), min(rows - 1, box.y1)
+    if x0 > x1 or y0 > y1:
+        return
+    w = max(1, int(line))
+    colour_arr = np.asarray(colour, np.uint8)
+    rgb[y0:min(y0 + w, y1 + 1), x0:x1 + 1] = colour_arr
+    rgb[max(y1 - w + 1, y0):y1 + 1, x0:x1 + 1] = colour_arr
+    rgb[y0:y1 + 1, x0:min(x0 + w, x1 + 1)] = colour_arr
+    rgb[y0:y1 + 1, max(x1 - w + 1, x0):x1 + 1] = colour_arr
+
+
+def _orientation(ds: Dataset) -> tuple[str, str]:
+    """Patient Orientation (row, column directions) from Image Orientation (Patient); axial LPS default.
+
+    >>> from pydicom.dataset import Dataset
+    >>> ds = Dataset(); ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    >>> _orientation(ds)
+    ('L', 'P')
+    """
+    iop = ds.get("ImageOrientationPatient")
+    if not iop or len(iop) != 6:
+        return ("L", "P")
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+    out = []
+    for vec in (iop[:3], iop[3:]):
+        axis = int(np.argmax(np.abs(np.asarray(vec, np.float64))))
+        out.append(letters[axis][1 if float(vec[axis]) > 0 else 0])
+    return out[0], out[1]
+
+
+def _hu(ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    return np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64)
+
+
+def key_images(
+    result: CaseResult,
+    sources: Sequence[Dataset],
+    *,
+    series_instance_uid: str | None = None,
+    series_number: int = KEY_SERIES_NUMBER,
+) -> list[Dataset]:
+    """Encode the slices of ``result``'s evidence run as Secondary Capture images with the boxes drawn.
+
+    Parameters
+    ----------
+    result : CaseResult
+        The case result.
+    sources : Sequence[pydicom.dataset.Dataset]
+        The screened instances with pixel data (at least those of the evidence run).
+    series_instance_uid : str or None
+        Of the key-image series; by default derived from the result (one new series per result).
+    series_number : int
+        Of the key-image series.
+
+    Returns
+    -------
+    list[highdicom.sc.SCImage]
+        One per evidence slice in position order; empty for a negative result or one without evidence.
+
+    Raises
+    ------
+    ValueError
+        When an evidence slice is missing from ``sources`` or belongs to another study.
+    """
+    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices:
+        return []
+    from highdicom import CoordinateSystemNames
+    from highdicom.sc import SCImage
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
+           result.verdict)
+    series = series_instance_uid or _uid(*key, "key-images-series")
+    out = []
+    for n, evidence in enumerate(result.evidence.slices, start=1):
+        ds = by_uid.get(evidence.sop_instance_uid)
+        if ds is None:
+            raise ValueError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
+        if str(ds.StudyInstanceUID) != result.study_instance_uid:
+            raise ValueError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise ValueError(f"Slice {evidence.sop_instance_uid} is multi-frame; key images need single frames.")
+        grey = lung_window(_hu(ds))
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        for box in evidence.boxes:
+            if box.original is not None:
+                draw_box(rgb, box.original)
+        spacing = ds.get("PixelSpacing")
+        sc = SCImage(
+            pixel_array=rgb,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system=CoordinateSystemNames.PATIENT,
+            study_instance_uid=result.study_instance_uid,
+            series_instance_uid=series,
+            series_number=series_number,
+            sop_instance_uid=_uid(*key, "key-image", evidence.sop_instance_uid),
+            instance_number=n,
+            manufacturer="ctscreen",
+            pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+            patient_orientation=_orientation(ds),
+            series_description="ctscreen key images (lung window, lesion boxes)",
+        )
+        sc.copy_patient_and_study_information(ds)
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.ConversionType = "WSD"
+        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {result.evidence.quadrant} run, "
+                                    f"lung window C {LUNG_WINDOW[0]:g} W {LUNG_WINDOW[1]:g}, lesion boxes drawn")
+        sc.BurnedInAnnotation = "YES"
+        source = Dataset()
+        source.ReferencedSOPClassUID = ds.SOPClassUID
+        source.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        sc.SourceImageSequence = DicomSequence([source])
+        out.append(sc)
+    return out

@@ -1,0 +1,76 @@
+"""``/v1/jobs/{id}/deliveries``: where a result was sent (PACS, RIS), and a re-send."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from gateway.api.deps import StoreDep
+from gateway.api.jobs import checked_job_id
+from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
+
+# reading deliveries needs results:read, a re-send studies:write (admin implies both), as for the jobs
+router = APIRouter(prefix="/v1/jobs", tags=["deliveries"], responses=AUTH_RESPONSES)
+
+
+class DeliveryView(BaseModel):
+    """One result to one destination."""
+
+    destination: str
+    kind: str = Field(description="dicom, stowrs or fhir")
+    state: str = Field(description="pending, sending, done, skipped or failed")
+    attempts: int
+    objects: list[dict[str, str]] = Field(description="what is sent: kind and SOP Instance UID / FHIR identifier")
+    sent: list[str] = Field(description="UIDs / identifiers the destination acknowledged")
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    history: list[dict[str, Any]] = Field(description="the task's events (state, attempt, detail)")
+
+
+def _ts(v: float | None) -> datetime | None:
+    return None if v is None else datetime.fromtimestamp(v, UTC)
+
+
+def _view(task: Any) -> DeliveryView:
+    objects = [{"kind": o["kind"], "uid": o["uid"]} for o in (task.payload or {}).get("objects", [])]
+    return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
+                        objects=objects, sent=list(task.sent), error=task.error,
+                        next_attempt_at=_ts(task.next_attempt_at) if task.state == "pending" else None,
+                        delivered_at=_ts(task.delivered_at), history=list(task.history))
+
+
+_NOT_FOUND = {404: {"description": "no such job, or no delivery of it to that destination"}}
+
+
+@router.get("/{job_id}/deliveries", response_model=list[DeliveryView], summary="Deliveries of a job's result",
+            responses=_NOT_FOUND)
+async def list_deliveries(job_id: str, request: Request, store: StoreDep, _: ReadAccess) -> list[DeliveryView]:
+    """Each destination the result goes to, with its state, attempts and events."""
+    await store.job(checked_job_id(job_id))  # 404
+    return [_view(t) for t in await request.app.state.deliverer.tasks.of_job(job_id)]
+
+
+@router.post("/{job_id}/deliveries/{destination}/resend", status_code=202, response_model=DeliveryView,
+             summary="Send a job's result to a destination again",
+             responses={**_NOT_FOUND, 409: {"description": "being sent, or delivered already (use force=true)"}})
+async def resend(job_id: str, destination: str, request: Request, store: StoreDep, _: WriteAccess,
+                 force: bool = Query(False, description="send again even if delivered (same UIDs)")) -> JSONResponse:
+    """Queue the delivery again now: a failed or skipped one, or a done one with ``force=true``."""
+    await store.job(checked_job_id(job_id))  # 404
+    deliverer = request.app.state.deliverer
+    if destination not in deliverer.destinations:
+        raise HTTPException(404, detail={"reason": "not_found",
+                                         "message": f"No destination {destination!r} is configured; known: "
+                                                    f"{sorted(deliverer.destinations)}."})
+    try:
+        task = await deliverer.tasks.resend(job_id, destination, deliverer.destinations[destination].kind,
+                                           force=force)
+    except ValueError as exc:
+        raise HTTPException(409, detail={"reason": "not_resendable", "message": str(exc)}) from None
+    return JSONResponse(_view(task).model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/jobs/{job_id}/deliveries"})

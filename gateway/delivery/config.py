@@ -1,0 +1,209 @@
+"""Where results go: the destinations file (YAML or JSON), validated once at start.
+
+::
+
+    destinations:
+      - name: pacs                      # [A-Za-z0-9_-], unique; used in URLs, metrics and `ctscreen send --to`
+        kind: dicom                     # C-STORE of the SR and the key images
+        ae_title: ORTHANC
+        host: pacs.example.org
+        port: 4242
+        calling_ae_title: CTSCREEN      # optional (default: the gateway's AE title)
+        tls: {ca_file: /etc/ctscreen/ca.pem, cert_file: ..., key_file: ...}   # optional
+        rule: {verdicts: [positive, indeterminate]}
+      - name: pacs-web
+        kind: stowrs                    # DICOMweb STOW-RS of the same objects
+        url: https://pacs.example.org/dicom-web
+        headers: {Authorization: "Bearer ${PACS_TOKEN}"}                       # ${VAR}: from the environment
+      - name: ris
+        kind: fhir                      # FHIR R4 transaction Bundle (DiagnosticReport + Observations)
+        url: https://ris.example.org/fhir                                      # a FHIR base, or a webhook
+        rule: {verdicts: all, calling_ae_titles: [CT_ROOM_1]}
+
+A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdicts; ``calling_ae_titles``
+(optional) keeps only studies received by C-STORE from those AE titles. ``objects`` of a DICOM
+destination is ``[sr, key_images]`` by default.
+
+Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
+``${VAR}`` in a value is replaced by the environment variable ``VAR`` (so a Kubernetes Secret can
+provide it). :func:`load_destinations` raises :class:`DestinationsError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+
+__all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestination", "Rule", "StowDestination",
+           "load_destinations", "parse_destinations"]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class DestinationsError(ValueError):
+    """The destinations file is unreadable or invalid (one line, no secret in it)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Model):
+    """Which results a destination receives."""
+
+    verdicts: Literal["all"] | list[Literal["positive", "negative", "indeterminate"]] = "all"
+    calling_ae_titles: list[str] | None = Field(
+        None, description="only studies received by C-STORE from these AE titles (None: any source)")
+
+    def admits(self, verdict: str, calling_ae_titles: set[str]) -> str | None:
+        """None when the result goes; otherwise why not (a short sentence)."""
+        if self.verdicts != "all" and verdict not in self.verdicts:
+            return f"rule: {verdict} results are not sent here"
+        if self.calling_ae_titles is not None and not calling_ae_titles & set(self.calling_ae_titles):
+            return "rule: the study did not come from one of the listed calling AE titles"
+        return None
+
+
+class Tls(_Model):
+    """TLS of a DICOM association."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_hostname: str | None = None
+
+
+class _Base(_Model):
+    name: str = Field(pattern=_NAME)
+    rule: Rule = Field(default_factory=Rule)
+    timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+class DicomDestination(_Base):
+    """A DICOM C-STORE peer (a PACS)."""
+
+    kind: Literal["dicom"]
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
+    tls: Tls | None = None
+    objects: list[Literal["sr", "key_images"]] = Field(default_factory=lambda: ["sr", "key_images"], min_length=1)
+
+    @property
+    def where(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class _Http(_Base):
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _expand(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, raw in value.items():
+            text = str(raw)
+            missing = [v for v in _ENV.findall(text) if v not in os.environ]
+            if missing:
+                raise ValueError(f"header {key!r} refers to unset environment variable {missing[0]}")
+            out[key] = _ENV.sub(lambda m: os.environ[m.group(1)], text)
+        return out
+
+    @property
+    def where(self) -> str:
+        return self.url.split("?", 1)[0]
+
+    def header_values(self) -> dict[str, str]:
+        """The headers in clear (for the request only)."""
+        return {k: v.get_secret_value() for k, v in self.headers.items()}
+
+
+class StowDestination(_Http):
+    """A DICOMweb STOW-RS endpoint: ``url`` is the DICOMweb base (``.../studies`` is appended)."""
+
+    kind: Literal["stowrs"]
+    objects: list[Literal["sr", "key_images"]] = Field(default_factory=lambda: ["sr", "key_images"], min_length=1)
+
+
+class FhirDestination(_Http):
+    """A FHIR R4 server (transaction at its base URL) or a webhook taking the same Bundle."""
+
+    kind: Literal["fhir"]
+
+
+Destination = Annotated[DicomDestination | StowDestination | FhirDestination, Field(discriminator="kind")]
+
+
+class _File(_Model):
+    destinations: list[Destination] = Field(default_factory=list)
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("dicom", "stowrs", "fhir"))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {first.get('msg', 'invalid')}{more}"
+
+
+def parse_destinations(data: object, source: str = "destinations") -> list[Destination]:
+    """Validate already-parsed data (a mapping with ``destinations``, or a list of destinations).
+
+    Raises
+    ------
+    DestinationsError
+        With a one-line reason (never a header value).
+    """
+    if isinstance(data, list):
+        data = {"destinations": data}
+    if data is None:
+        data = {}
+    try:
+        parsed = TypeAdapter(_File).validate_python(data)
+    except ValidationError as exc:
+        raise DestinationsError(f"{source}: {_one_line(exc)}") from None
+    names = [d.name for d in parsed.destinations]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DestinationsError(f"{source}: destination names must be unique, {dup[0]!r} appears twice")
+    for d in parsed.destinations:
+        if isinstance(d, DicomDestination) and d.tls is not None:
+            for f in (d.tls.ca_file, d.tls.cert_file, d.tls.key_file):
+                if f is not None and not Path(f).is_file():
+                    raise DestinationsError(f"{source}: destination {d.name!r}: TLS file {f} does not exist")
+    return list(parsed.destinations)
+
+
+def load_destinations(path: Path | str) -> list[Destination]:
+    """Read and validate a destinations file (``.json``, or YAML otherwise).
+
+    Raises
+    ------
+    DestinationsError
+        When the file cannot be read or parsed, or a destination is invalid (one line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DestinationsError(f"destinations file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - json / yaml errors: one line, no content
+        raise DestinationsError(f"destinations file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
+                                f" ({type(exc).__name__})") from None
+    return parse_destinations(data, f"destinations file {path}")

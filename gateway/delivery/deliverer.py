@@ -1,0 +1,254 @@
+"""The delivery loop every gateway replica runs when destinations are configured.
+
+Every ``delivery_poll_s``: (1) each done job finished in the last ``delivery_backfill_s`` that lacks a
+delivery to a configured destination gets one (``pending``; the pair is unique, so replicas never make
+two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``delivery_concurrency`` at
+once. A claimed task:
+
+* checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason;
+* builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store;
+* sends what the destination has not acknowledged yet (:mod:`gateway.delivery.senders`);
+* ends ``done``; or, on failure, goes back to ``pending`` after ``delivery_backoff_s`` doubling up to
+  ``delivery_backoff_max_s``, and ``failed`` (payload kept) after ``delivery_max_attempts`` tries or a
+  permanent refusal. ``POST /v1/jobs/{id}/deliveries/{dest}/resend`` queues it again.
+
+Metrics (``/metrics``): ``ctscreen_deliveries_total{destination,outcome}`` (done, failed, skipped),
+``ctscreen_delivery_failures_total{destination}`` (failed attempts; the Helm alert
+``CtscreenDeliveriesFailing`` reads it), ``ctscreen_delivery_objects_total{destination}`` (objects
+acknowledged) and the gauge ``ctscreen_deliveries_pending{destination}``. Log lines name the job, the
+destination and the reason, never a patient attribute nor a header value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.delivery import payloads
+from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
+from gateway.delivery.senders import SendError, send_dicom, send_fhir, send_stow
+from gateway.store import BlobStore, Store, new_key
+from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
+
+logger = logging.getLogger(__name__)
+
+Destination = DicomDestination | StowDestination | FhirDestination
+
+
+class _Pending(Collector):
+    def __init__(self, deliverer: Deliverer) -> None:
+        self._d = deliverer
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("ctscreen_deliveries_pending", "Deliveries pending or being sent.",
+                                  labels=["destination"])
+        for name in self._d.destinations:
+            gauge.add_metric([name], sum(n for (d, _), n in self._d.pending.items() if d == name))
+        yield gauge
+
+
+class Deliverer:
+    """Sends results to the configured destinations (see the module docstring).
+
+    Parameters
+    ----------
+    store, blobs
+        The state store and the blob store.
+    destinations : Sequence[Destination]
+        Validated destinations (:func:`gateway.delivery.config.load_destinations`).
+    settings
+        :class:`~gateway.settings.Settings` (delivery back-off, attempts, lease, poll, AE title).
+    registry
+        The Prometheus registry of the app's metrics (None: no metrics).
+    """
+
+    def __init__(self, store: Store, blobs: BlobStore, destinations: Sequence[Destination], settings: Any,
+                 registry: Any = None) -> None:
+        self.store, self.blobs, self.settings = store, blobs, settings
+        self.tasks = Deliveries(store)
+        self.destinations: dict[str, Destination] = {d.name: d for d in destinations}
+        self.pending: dict[tuple[str, str], int] = {}
+        self._slots = asyncio.Semaphore(settings.delivery_concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+        self.outcomes = Counter("ctscreen_deliveries", "Deliveries ended, by destination and outcome.",
+                                ["destination", "outcome"], registry=registry)
+        self.failures = Counter("ctscreen_delivery_failures", "Failed delivery attempts, by destination.",
+                                ["destination"], registry=registry)
+        self.objects = Counter("ctscreen_delivery_objects", "Objects acknowledged by a destination.",
+                               ["destination"], registry=registry)
+        for name in self.destinations:
+            self.failures.labels(name)
+            self.objects.labels(name)
+            for outcome in (DONE, FAILED, SKIPPED):
+                self.outcomes.labels(name, outcome)
+        if registry is not None:
+            registry.register(_Pending(self))
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start delivering (nothing to do without destinations)."""
+        if not self.destinations:
+            return
+        self._http = httpx.AsyncClient()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-deliverer")
+        logger.info("delivering results to %s", ", ".join(f"{n} ({d.kind})" for n, d in self.destinations.items()))
+
+    async def poll(self) -> None:
+        """One pass: queue missing deliveries and start the due ones (up to the concurrency)."""
+        s = self.settings
+        await self.tasks.enqueue_missing({n: d.kind for n, d in self.destinations.items()}, s.delivery_backfill_s)
+        self.pending = await self.tasks.counts()
+        while not self._slots.locked():
+            task = await self.tasks.claim(s.delivery_lease_s, list(self.destinations))
+            if task is None:
+                return
+            await self._slots.acquire()
+            run = asyncio.get_running_loop().create_task(self._run(task), name=f"delivery-{task.id}")
+            self._running.add(run)
+            run.add_done_callback(self._done)
+
+    def _done(self, run: asyncio.Task[None]) -> None:
+        self._running.discard(run)
+        self._slots.release()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:  # noqa: BLE001 - a database hiccup must not stop deliveries
+                logger.exception("delivery pass failed; trying again")
+            await self.store.changed.wait(self.settings.delivery_poll_s)
+
+    async def stop(self) -> None:
+        """Stop the loop; tasks being sent are cancelled (their leases expire; any replica resumes them)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for run in list(self._running):
+            run.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+
+    # --- one task ---------------------------------------------------------------------------------
+    async def _run(self, task: Task) -> None:
+        dest = self.destinations[task.destination]
+        where = f"job {task.job_id} -> {dest.name}"
+        try:
+            payload = task.payload
+            if payload is None:
+                payload = await self._build(task, dest)
+                if payload is None:
+                    return  # skipped by the rule
+            todo = [o for o in payload["objects"] if o["uid"] not in task.sent]
+            if todo:
+                sent = await self._send(task.id, dest, todo)
+                await self.tasks.mark_sent(task.id, sent)
+                self.objects.labels(dest.name).inc(len(sent))
+            await self.tasks.finish(task.id, DONE, f"{len(payload['objects'])} object(s) acknowledged")
+            self.outcomes.labels(dest.name, DONE).inc()
+            logger.info("%s: delivered (%d object(s), attempt %d)", where, len(todo), task.attempts)
+        except asyncio.CancelledError:
+            raise
+        except payloads.PayloadUnavailable as exc:
+            await self._give_up(task, dest, str(exc))
+        except SendError as exc:
+            if exc.sent:
+                await self.tasks.mark_sent(task.id, exc.sent)
+                self.objects.labels(dest.name).inc(len(exc.sent))
+            self.failures.labels(dest.name).inc()
+            s = self.settings
+            if exc.permanent or task.attempts >= s.delivery_max_attempts:
+                await self._give_up(task, dest, str(exc))
+                return
+            delay = min(s.delivery_backoff_max_s, s.delivery_backoff_s * 2 ** max(0, task.attempts - 1))
+            await self.tasks.retry_later(task.id, delay, str(exc))
+            logger.warning("%s: attempt %d failed (%s); next try in %g s", where, task.attempts, exc, delay)
+        except Exception as exc:  # noqa: BLE001 - last resort: a delivery never dies silently
+            logger.exception("%s: unexpected error", where)
+            self.failures.labels(dest.name).inc()
+            await self.tasks.retry_later(task.id, self.settings.delivery_backoff_max_s,
+                                         f"internal error: {type(exc).__name__}")
+
+    async def _give_up(self, task: Task, dest: Destination, reason: str) -> None:
+        await self.tasks.finish(task.id, FAILED, reason)
+        self.outcomes.labels(dest.name, FAILED).inc()
+        logger.error("job %s -> %s: delivery failed after %d attempt(s): %s; payload kept, "
+                     "POST /v1/jobs/%s/deliveries/%s/resend sends it again",
+                     task.job_id, dest.name, task.attempts, reason, task.job_id, dest.name)
+
+    async def _build(self, task: Task, dest: Destination) -> dict[str, Any] | None:
+        view = await self.store.job(task.job_id)
+        result = view.result
+        if result is None:
+            raise payloads.PayloadUnavailable("the job has no result")
+        files, context = await self.tasks.job_sources(task.job_id)
+        callers = payloads.calling_ae_titles([f for f, _ in files])
+        why = dest.rule.admits(result.verdict, callers)
+        if why is not None:
+            await self.tasks.finish(task.id, SKIPPED, why)
+            self.outcomes.labels(dest.name, SKIPPED).inc()
+            logger.info("job %s -> %s: skipped (%s)", task.job_id, dest.name, why)
+            return None
+
+        def put(data: bytes) -> str:
+            key = new_key()
+            self.blobs.put(key, data)
+            return key
+
+        def build() -> list[dict[str, str]]:
+            if isinstance(dest, FhirDestination):
+                return payloads.build_fhir(result, context, put)
+            try:
+                sources = [(name, self.blobs.get(key)) for name, key in files]
+            except FileNotFoundError:
+                raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
+            return payloads.build_dicom(result, sources, dest.objects, put)
+
+        objects = await asyncio.to_thread(build)
+        payload = {"verdict": result.verdict, "objects": objects}
+        await self.tasks.save_payload(task.id, payload)
+        return payload
+
+    async def _send(self, task_id: int, dest: Destination, todo: list[dict[str, str]]) -> list[str]:
+        def load() -> list[tuple[str, str, bytes]]:
+            try:
+                return [(o["uid"], o.get("sop_class_uid", ""), self.blobs.get(o["blob_key"])) for o in todo]
+            except FileNotFoundError:
+                raise payloads.PayloadUnavailable("the built payload is missing from the blob store") from None
+
+        items = await asyncio.to_thread(load)
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(task_id))
+        try:
+            if isinstance(dest, DicomDestination):
+                return await asyncio.to_thread(send_dicom, dest, items, self.settings.dicom_ae_title)
+            assert self._http is not None
+            if isinstance(dest, StowDestination):
+                return await send_stow(dest, items, self._http)
+            return await send_fhir(dest, items, self._http)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    async def _heartbeat(self, task_id: int) -> None:
+        """Renew the lease during a long send (losing it only lets another replica resend: same UIDs)."""
+        while True:
+            await asyncio.sleep(self.settings.delivery_lease_s / 3)
+            with contextlib.suppress(Exception):
+                await self.tasks.renew(task_id, self.settings.delivery_lease_s)
+
+    async def expire(self) -> None:
+        """Drop the deliveries (and payload blobs) of results retention removes (called by the sweeper)."""
+        for key in await self.tasks.expire(self.settings.result_retention_s):
+            await asyncio.to_thread(self.blobs.delete, key)

@@ -1,0 +1,112 @@
+"""What a delivery sends, built once from the job's stored instances and kept in the blob store.
+
+For a DICOM or STOW-RS destination: the TID 1500 SR (:func:`aggregator.sr.to_sr`) over the full headers of
+the screened series, and the key images (:func:`aggregator.keyimages.key_images`) rendered from the stored
+pixel data. For a FHIR destination: the transaction Bundle (:func:`aggregator.fhir.to_fhir`), whose
+patient identifiers come from the headers kept with the result. Blocking, CPU-bound: run it in a thread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aggregator.schema import CaseResult
+
+logger = logging.getLogger(__name__)
+
+SR, KEY_IMAGE, FHIR = "sr", "key_image", "fhir"
+
+
+class PayloadUnavailable(RuntimeError):
+    """The objects cannot be built (instances gone, headers unusable): the delivery fails, with this reason."""
+
+
+def calling_ae_titles(filenames: Sequence[str]) -> set[str]:
+    """AE titles of the C-STORE peers that sent the instances (the intake names them ``dimse:AE@host#uid``).
+
+    >>> sorted(calling_ae_titles(["dimse:CT_ROOM_1@10.0.0.5#1.2.3", "upload/a.dcm", "dimse:CT2@h#4"]))
+    ['CT2', 'CT_ROOM_1']
+    """
+    out = set()
+    for name in filenames:
+        if name.startswith("dimse:") and "@" in name:
+            out.add(name[len("dimse:"):].split("@", 1)[0])
+    return out
+
+
+def _bytes(ds: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[Any]:
+    """The screened series' instances, parsed (pixel data kept for the key images)."""
+    import pydicom
+
+    from gateway.uploads import iter_upload
+
+    wanted = {s.sop_instance_uid for s in result.slices}
+    out = []
+    for filename, data in sources:
+        for _name, content in iter_upload(filename, data):
+            try:
+                ds = pydicom.dcmread(io.BytesIO(content), force=True)
+            except Exception:  # noqa: BLE001 - not every member of an upload is DICOM
+                continue
+            if str(ds.get("SOPInstanceUID", "")) in wanted:
+                out.append(ds)
+    return out
+
+
+def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
+                put: Callable[[bytes], str]) -> list[dict[str, str]]:
+    """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key.
+
+    Raises
+    ------
+    PayloadUnavailable
+        When none of the screened instances is kept any more, or highdicom refuses their headers.
+    """
+    from aggregator.keyimages import key_images
+    from aggregator.sr import to_sr
+
+    datasets = _series(result, sources)
+    if not datasets:
+        raise PayloadUnavailable("the screened instances are no longer kept (retention); no SR can be made")
+    made = []
+    try:
+        if "sr" in objects:
+            made.append((SR, to_sr(result, datasets)))
+        if "key_images" in objects:
+            made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise PayloadUnavailable(f"the source headers cannot be used: {exc}") from None
+    out = []
+    for kind, ds in made:
+        out.append({"kind": kind, "uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
+                    "blob_key": put(_bytes(ds))})
+    return out
+
+
+def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str]
+               ) -> list[dict[str, str]]:
+    """Build the FHIR Bundle of ``result``; patient identifiers from the stored SR headers.
+
+    Raises
+    ------
+    PayloadUnavailable
+        When the FHIR models refuse the bundle.
+    """
+    from aggregator.fhir import report_identifier, to_fhir
+
+    patient = {k: v for k, v in (sr_context or {}).get("study", []) if v}
+    try:
+        bundle = to_fhir(result, patient)
+    except ValueError as exc:
+        raise PayloadUnavailable(str(exc)) from None
+    return [{"kind": FHIR, "uid": report_identifier(result), "blob_key": put(json.dumps(bundle).encode())}]

@@ -1,0 +1,129 @@
+"""Sending built objects to one destination: DICOM C-STORE (pynetdicom), STOW-RS and FHIR (httpx).
+
+Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
+it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
+other than 408/429, a refused association). Blocking (pynetdicom) or async (httpx); messages never hold
+a header value or patient data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import uuid
+from collections.abc import Sequence
+
+import httpx
+
+from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[str, str, bytes]
+"""(SOP Instance UID or identifier, SOP Class UID or "", bytes)."""
+
+
+class SendError(RuntimeError):
+    """A send that did not (fully) succeed; ``sent`` holds what did."""
+
+    def __init__(self, message: str, *, permanent: bool = False, sent: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.sent = list(sent)
+
+
+def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str) -> list[str]:
+    """C-STORE every item over one association (blocking)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    for sop_class in sorted({c for _, c, _ in items}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    tls = None
+    if dest.tls is not None:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_file)
+        if dest.tls.cert_file is not None:
+            context.load_cert_chain(dest.tls.cert_file, dest.tls.key_file)
+        tls = (context, dest.tls.server_hostname or dest.host)
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+    except OSError as exc:
+        raise SendError(f"cannot reach {dest.where}: {exc.strerror or exc}") from None
+    if assoc.is_rejected:
+        raise SendError(f"association rejected by {dest.where}", permanent=True)
+    if not assoc.is_established:
+        raise SendError(f"no association with {dest.where} (refused, aborted or timed out)")
+    sent: list[str] = []
+    try:
+        for uid, _cls, data in items:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
+            if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success and warnings (coercion, elements discarded)
+                sent.append(uid)
+            elif 0xA700 <= code <= 0xA7FF:
+                raise SendError(f"{dest.where} is out of resources (0x{code:04X})", sent=sent)
+            else:
+                raise SendError(f"{dest.where} refused an object (C-STORE status 0x{code:04X})", sent=sent,
+                                permanent=0xA900 <= code <= 0xCFFF)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return sent
+
+
+def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) -> SendError:
+    permanent = 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429)
+    return SendError(f"{where} answered HTTP {response.status_code}", permanent=permanent, sent=sent)
+
+
+async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient) -> list[str]:
+    """STOW-RS every item in one multipart/related request to ``{url}/studies``."""
+    boundary = uuid.uuid4().hex
+    parts = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+             for _, _, data in items]
+    body = b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {**dest.header_values(), "Accept": "application/dicom+json",
+               "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    url = dest.url.rstrip("/") + "/studies"
+    try:
+        response = await client.post(url, content=body, headers=headers, timeout=dest.timeout_s)
+    except httpx.HTTPError as exc:
+        raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}") from None
+    uids = [uid for uid, _, _ in items]
+    if response.status_code not in (200, 202):
+        raise _http_error(dest.where, response)
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {}
+    failed = {str(i.get("00081155", {}).get("Value", [""])[0])
+              for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)}
+    done = [u for u in uids if u not in failed]
+    if failed or response.status_code == 202:
+        raise SendError(f"{dest.where} refused {len(failed) or 'some'} of {len(uids)} object(s)", sent=done)
+    return done
+
+
+async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.AsyncClient) -> list[str]:
+    """POST each FHIR Bundle to the destination URL (a FHIR base: a transaction; or a webhook)."""
+    sent = []
+    for ident, _, data in items:
+        headers = {**dest.header_values(), "Content-Type": "application/fhir+json",
+                   "Accept": "application/fhir+json"}
+        try:
+            response = await client.post(dest.url, content=data, headers=headers, timeout=dest.timeout_s)
+        except httpx.HTTPError as exc:
+            raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}", sent=sent) from None
+        if not 200 <= response.status_code < 300:
+            raise _http_error(dest.where, response, sent)
+        sent.append(ident)
+    return sent
+

@@ -1,0 +1,10 @@
+"""The state store (SQLite by default, PostgreSQL for clusters) and the blob store of instance bytes.
+
+See :mod:`gateway.store.store` (tables, claims, leases), :mod:`gateway.store.blobs` (bytes, fsynced
+before an acknowledgement) and :mod:`gateway.store.migrate` (Alembic migrations shipped here).
+"""
+
+from gateway.store.blobs import BlobStore, FolderBlobs, new_key
+from gateway.store.store import Claimed, Store, StudyState, async_url, redact
+
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StudyState", "async_url", "new_key", "redact"]

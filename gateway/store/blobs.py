@@ -1,0 +1,101 @@
+"""Where instance bytes live: a small interface, and a folder implementation.
+
+:class:`FolderBlobs` writes each blob to a temporary file, fsyncs it, renames it into place and fsyncs
+the folder, so a blob is durable when :meth:`~FolderBlobs.put` returns (the gateway acknowledges an
+instance only after that). On Kubernetes the folder is a ReadWriteMany volume shared by every gateway
+replica. An S3-compatible store would implement the same three methods.
+
+Keys are relative paths made by :func:`new_key` (``ab/abcdef...``); a key never comes from a client.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+
+class BlobStore(Protocol):
+    """Durable bytes under a key (blocking calls: run them off the event loop)."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``; durable when this returns."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store several blobs; all durable when this returns."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes under ``key``; :class:`FileNotFoundError` when there are none."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error when it is absent)."""
+
+
+def new_key() -> str:
+    """A fresh key, spread over 256 sub-folders."""
+    name = uuid.uuid4().hex
+    return f"{name[:2]}/{name}"
+
+
+class FolderBlobs:
+    """Blobs as files under ``root`` (created when missing).
+
+    Parameters
+    ----------
+    root : Path
+        The folder; every gateway replica of a cluster must see the same one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f'Argument "key" must stay inside the blob folder, got {key!r}.')
+        return path
+
+    def put(self, key: str, data: bytes) -> None:
+        self.put_many([(key, data)])
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        folders: set[Path] = set()
+        for key, data in items:
+            folders.add(self._write(key, data))
+        for folder in folders:  # the renames are durable once their folders are synced
+            _fsync_dir(folder)
+
+    def _write(self, key: str, data: bytes) -> Path:
+        path = self._path(key)
+        folder = path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return folder
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

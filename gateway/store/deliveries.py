@@ -1,0 +1,298 @@
+"""Deliveries in the state store: one durable task per (job, destination) (revision 0003).
+
+A delivery goes::
+
+    pending -> sending -> done
+       ^          |   \\-> skipped  (the destination's rule does not take this result)
+       +----------+-----> failed   (attempts exhausted, or a permanent refusal; payload kept)
+       (back-off)          |
+                           +--> pending again on POST /v1/jobs/{id}/deliveries/{dest}/resend
+
+``sending`` is held under a lease like a job: a replica that dies mid-send leaves a lease that expires,
+and any replica takes the task over. ``payload`` lists the objects built once for the destination
+(blob keys of the SR, key images or FHIR bundle, with their SOP Instance UIDs / identifiers); ``sent``
+lists those the destination acknowledged, so a retry sends only the rest and nothing is sent twice for
+the same result version (the UIDs are derived from the job). ``history`` is the task's event list.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.jobs import JobNotFound, JobState
+from gateway.store.models import Base, Instance, Job, Result
+from gateway.store.store import Store
+
+PENDING, SENDING, DONE, FAILED, SKIPPED = "pending", "sending", "done", "failed", "skipped"
+FINAL = (DONE, FAILED, SKIPPED)
+_HISTORY_MAX = 50
+
+
+class Delivery(Base):
+    """One result to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination"), Index("ix_deliveries_claim", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    sent: Mapped[list[str]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A delivery as the deliverer and the API see it."""
+
+    id: int
+    job_id: str
+    destination: str
+    kind: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    payload: dict[str, Any] | None
+    sent: tuple[str, ...]
+    error: str | None
+    history: tuple[dict[str, Any], ...]
+    created_at: float
+    updated_at: float
+    delivered_at: float | None
+
+
+def _task(row: Delivery) -> Task:
+    return Task(row.id, row.job_id, row.destination, row.kind, row.state, row.attempts, row.next_attempt_at,
+                row.payload, tuple(row.sent or ()), row.error, tuple(row.history or ()), row.created_at,
+                row.updated_at, row.delivered_at)
+
+
+def _event(row: Delivery, now: float, state: str, detail: str | None = None) -> None:
+    entry: dict[str, Any] = {"at": round(now, 3), "state": state, "attempt": row.attempts}
+    if detail:
+        entry["detail"] = detail[:300]
+    row.history = [*(row.history or []), entry][-_HISTORY_MAX:]
+
+
+class Deliveries:
+    """Delivery tasks on a :class:`~gateway.store.Store` (same engine, same transactions)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def enqueue_missing(self, destinations: dict[str, str], backfill_s: float) -> int:
+        """Create the pending deliveries of done jobs finished in the last ``backfill_s`` s that lack one.
+
+        ``destinations`` maps name -> kind. Safe from every replica at once: the pair (job, destination)
+        is unique, and a lost race is ignored. Returns how many were created.
+        """
+        if not destinations:
+            return 0
+        now = time.time()
+        created = 0
+        async with self.store.read() as s:
+            rows = (await s.execute(select(Job.id).where(
+                Job.state == JobState.done.value, Job.finished_at >= now - backfill_s))).scalars().all()
+            if not rows:
+                return 0
+            have = set(tuple(r) for r in (await s.execute(select(Delivery.job_id, Delivery.destination)
+                                        .where(Delivery.job_id.in_(rows)))).all())
+        for job_id in rows:
+            for name, kind in destinations.items():
+                if (job_id, name) in have:
+                    continue
+                try:
+                    async with self.store.tx() as s:
+                        row = Delivery(job_id=job_id, destination=name, kind=kind, state=PENDING, attempts=0,
+                                       next_attempt_at=now, sent=[], history=[], created_at=now, updated_at=now)
+                        _event(row, now, PENDING, "queued")
+                        s.add(row)
+                    created += 1
+                except IntegrityError:  # another replica made it first
+                    continue
+        return created
+
+    async def claim(self, lease_s: float, names: list[str]) -> Task | None:
+        """Take the next due delivery to one of ``names`` (or one whose lease expired), under a lease."""
+        if not names:
+            return None
+        now = time.time()
+        async with self.store.tx() as s:
+            row = (await s.execute(select(Delivery).where(Delivery.destination.in_(names), or_(
+                and_(Delivery.state == PENDING, Delivery.next_attempt_at <= now),
+                and_(Delivery.state == SENDING, Delivery.lease_expires_at < now),
+            )).order_by(Delivery.next_attempt_at).limit(1).with_for_update(skip_locked=True))).scalar_one_or_none()
+            if row is None:
+                return None
+            row.state, row.lease_owner, row.lease_expires_at = SENDING, self.store.owner, now + lease_s
+            row.attempts += 1
+            row.updated_at = now
+            _event(row, now, SENDING)
+            return _task(row)
+
+    async def _update(self, task_id: int, change: Any, *, leased: bool = True) -> Task | None:
+        now = time.time()
+        async with self.store.tx() as s:
+            row = (await s.execute(select(Delivery).where(Delivery.id == task_id).with_for_update())
+                   ).scalar_one_or_none()
+            if row is None or (leased and (row.state != SENDING or row.lease_owner != self.store.owner)):
+                return None
+            change(row, now)
+            row.updated_at = now
+            return _task(row)
+
+    async def save_payload(self, task_id: int, payload: dict[str, Any]) -> bool:
+        """Record the objects built for the task (under its lease)."""
+        def change(row: Delivery, now: float) -> None:
+            row.payload = payload
+            _event(row, now, SENDING, f"built {len(payload.get('objects', []))} object(s)")
+        return await self._update(task_id, change) is not None
+
+    async def mark_sent(self, task_id: int, uids: list[str]) -> bool:
+        """Record objects the destination acknowledged (under the lease)."""
+        def change(row: Delivery, now: float) -> None:
+            row.sent = sorted({*(row.sent or []), *uids})
+        return await self._update(task_id, change) is not None
+
+    async def finish(self, task_id: int, state: str, detail: str | None = None) -> bool:
+        """End the task: ``done``, ``skipped`` (with the reason) or ``failed`` (with the error)."""
+        def change(row: Delivery, now: float) -> None:
+            row.state, row.lease_owner, row.lease_expires_at = state, None, None
+            row.error = detail[:1024] if state == FAILED and detail else None
+            if state == DONE:
+                row.delivered_at = now
+            _event(row, now, state, detail)
+        return await self._update(task_id, change) is not None
+
+    async def retry_later(self, task_id: int, delay_s: float, error: str) -> bool:
+        """Back to ``pending`` in ``delay_s`` seconds, keeping the error of this attempt."""
+        def change(row: Delivery, now: float) -> None:
+            row.state, row.lease_owner, row.lease_expires_at = PENDING, None, None
+            row.next_attempt_at, row.error = now + delay_s, error[:1024]
+            _event(row, now, PENDING, f"retry in {delay_s:g} s: {error}")
+        return await self._update(task_id, change) is not None
+
+    async def renew(self, task_id: int, lease_s: float) -> bool:
+        """Renew the lease of a task being sent."""
+        def change(row: Delivery, now: float) -> None:
+            row.lease_expires_at = now + lease_s
+        return await self._update(task_id, change) is not None
+
+    async def resend(self, job_id: str, destination: str, kind: str, *, force: bool = False) -> Task:
+        """Queue a delivery again now (``failed`` or ``skipped``; ``done`` only with ``force``).
+
+        A done job without a delivery to ``destination`` (finished before the destination was added)
+        gets one.
+
+        ``force`` also forgets what was sent, so every object goes again (same UIDs: the destination
+        replaces, it does not duplicate).
+
+        Raises
+        ------
+        JobNotFound
+            Unknown job.
+        ValueError
+            The job is not done, or the delivery is pending or being sent, or done without ``force``.
+        """
+        now = time.time()
+        async with self.store.tx() as s:
+            row = (await s.execute(select(Delivery).where(Delivery.job_id == job_id,
+                                                          Delivery.destination == destination)
+                                   .with_for_update())).scalar_one_or_none()
+            if row is None:
+                state = (await s.execute(select(Job.state).where(Job.id == job_id))).scalar()
+                if state is None:
+                    raise JobNotFound(f"No job {job_id!r}.")
+                if state != JobState.done.value:
+                    raise ValueError(f"Job {job_id} is {state}; only a done job's result can be sent.")
+                row = Delivery(job_id=job_id, destination=destination, kind=kind, state=FAILED, attempts=0,
+                               next_attempt_at=now, sent=[], history=[], created_at=now, updated_at=now)
+                s.add(row)
+            if row.state in (PENDING, SENDING):
+                raise ValueError(f"The delivery of job {job_id} to {destination} is {row.state} already.")
+            if row.state == DONE and not force:
+                raise ValueError(f"Job {job_id} was delivered to {destination} already; force=true sends it again.")
+            if force:
+                row.sent = []
+            if row.state == SKIPPED:
+                row.payload = None  # the rule is checked again when it is built
+            row.state, row.attempts, row.next_attempt_at, row.error = PENDING, 0, now, None
+            row.updated_at = now
+            _event(row, now, PENDING, "re-send requested" + (" (forced)" if force else ""))
+            task = _task(row)
+        self.store.changed.notify()
+        return task
+
+    async def of_job(self, job_id: str) -> list[Task]:
+        """The deliveries of a job."""
+        async with self.store.read() as s:
+            rows = (await s.execute(select(Delivery).where(Delivery.job_id == job_id)
+                                    .order_by(Delivery.destination))).scalars().all()
+            return [_task(r) for r in rows]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """``{(destination, state): n}`` of the tasks not final (for the gauge)."""
+        async with self.store.read() as s:
+            rows = (await s.execute(select(Delivery.destination, Delivery.state, func.count())
+                                    .where(Delivery.state.not_in(FINAL))
+                                    .group_by(Delivery.destination, Delivery.state))).all()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    async def job_sources(self, job_id: str) -> tuple[list[tuple[str, str]], dict[str, Any] | None]:
+        """``(filename, blob_key)`` of the job's instances and its SR headers (empty once expired).
+
+        Raises
+        ------
+        JobNotFound
+            Unknown job.
+        """
+        async with self.store.read() as s:
+            study_id = (await s.execute(select(Job.study_id).where(Job.id == job_id))).scalar()
+            if study_id is None:
+                raise JobNotFound(f"No job {job_id!r}.")
+            files = (await s.execute(select(Instance.filename, Instance.blob_key)
+                                     .where(Instance.study_id == study_id).order_by(Instance.id))).all()
+            context = (await s.execute(select(Result.sr_context).where(Result.job_id == job_id))).scalar()
+        return [(f, k) for f, k in files], context
+
+    async def expire(self, results_s: float) -> list[str]:
+        """Delete the deliveries of jobs retention is about to remove; returns their payload blob keys.
+
+        Runs before :meth:`Store.expire` (which would cascade the rows away and leave their blobs).
+        """
+        now = time.time()
+        async with self.store.tx() as s:
+            old = select(Job.id).where(Job.finished_at < now - results_s)
+            payloads = (await s.execute(delete(Delivery).where(Delivery.job_id.in_(old))
+                                        .returning(Delivery.payload))).scalars().all()
+        return [o["blob_key"] for p in payloads if p for o in p.get("objects", []) if o.get("blob_key")]

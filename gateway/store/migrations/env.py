@@ -1,0 +1,48 @@
+"""Alembic environment of the state store: the URL comes from ``config.attributes["url"]``.
+
+Runs on the async engine the gateway uses (aiosqlite or asyncpg). On PostgreSQL the migration holds
+a transaction-level advisory lock, so replicas (or the Helm hook and a replica) that upgrade at the
+same moment run one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.store.models import Base
+
+MIGRATION_LOCK = 0x63747363  # "ctsc": the advisory lock key of migrations
+
+target_metadata = Base.metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata,
+                      render_as_batch=connection.dialect.name == "sqlite")
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        context.run_migrations()
+
+
+async def _online(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+    finally:
+        await engine.dispose()
+
+
+url = context.config.attributes["url"]
+if context.is_offline_mode():
+    context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    asyncio.run(_online(url))

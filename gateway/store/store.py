@@ -1,0 +1,696 @@
+"""The state store: every fact about studies, instances, jobs and results, on SQLite or PostgreSQL.
+
+One :class:`Store` per process, on SQLAlchemy's async engine (``aiosqlite`` / ``asyncpg``). Each
+method is one transaction; the decisions that must happen once in a cluster are atomic there:
+
+* **claim** (:meth:`Store.claim`): ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas
+  never wait for each other nor take the same job; on SQLite (one process) write transactions are
+  serialised by a process lock, which makes the same select-then-update atomic;
+* **study completion** (:meth:`Store.complete_due`): the ``receiving -> complete`` transition of a study
+  version and the creation of its job are one transaction over rows locked the same way, and
+  ``jobs.study_id`` is unique: a version is screened once however many sweepers run;
+* **results** are written only by the holder of the job's lease (:meth:`Store.finish`), so a replica
+  that lost its lease cannot write a second result.
+
+Every transaction that records a job event (new job, claim, progress, done, failed, queued again)
+wakes the waiters of this process at once (:attr:`Store.changed`); on PostgreSQL it also sends
+``NOTIFY ctscreen`` with its commit, and :meth:`Store.listen` turns that into the same wake-up on every
+other replica (workers claim at once, SSE streams move at once). Waiters also poll, so a lost
+notification only costs a poll interval.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+
+from aggregator.schema import CaseResult
+from gateway.jobs import RUNNING, TERMINAL, JobError, JobNotFound, JobState, JobView
+from gateway.store.models import Event, Instance, Job, Result, Study
+
+logger = logging.getLogger(__name__)
+# aiosqlite logs every operation with its parameters at DEBUG, and rows hold what an SR needs (patient
+# name, ID, birth date): never let a DEBUG root logger print them (the PHI scan of issue 14)
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+RECEIVING, COMPLETE = "receiving", "complete"
+CHANNEL = "ctscreen"
+"""The PostgreSQL notification channel of job events."""
+_RUNNING = [s.value for s in RUNNING]
+_TERMINAL = [s.value for s in TERMINAL]
+
+
+def async_url(url: str) -> str:
+    """``url`` with the async driver the store uses (``postgresql://`` -> ``postgresql+asyncpg://``).
+
+    >>> async_url("postgresql://u@db/ctscreen")
+    'postgresql+asyncpg://u@db/ctscreen'
+    >>> async_url("sqlite:////var/lib/ctscreen/ctscreen.db")
+    'sqlite+aiosqlite:////var/lib/ctscreen/ctscreen.db'
+
+    Raises
+    ------
+    ValueError
+        When the URL is neither PostgreSQL nor SQLite.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"Database URL {redact(url)!r} must look like postgresql://user@host/db or sqlite:///path.")
+    base = scheme.split("+", 1)[0].lower()
+    if base in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if base == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    raise ValueError(f"Database URL scheme {scheme!r} is not supported; use postgresql:// or sqlite:///.")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for logs and start-up lines)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job this replica now holds under a lease."""
+
+    id: str
+    study_id: int
+    study_instance_uid: str
+    origin: str
+    attempts: int
+    created_at: float
+    deadline_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StudyState:
+    """The latest version of a study."""
+
+    study_instance_uid: str
+    state: str  # receiving, or complete
+    instances: int
+    job: JobView | None
+
+
+class Store:
+    """The state store of one process.
+
+    Parameters
+    ----------
+    url : str
+        ``postgresql://...`` or ``sqlite:///path`` (async drivers are chosen here).
+    owner : str | None
+        This replica's lease owner name (default: host, pid and a random suffix).
+    """
+
+    def __init__(self, url: str, owner: str | None = None) -> None:
+        self.url = async_url(url)
+        self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        if self.dialect == "sqlite":
+            path = self.url.split(":///", 1)[1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # writes begin IMMEDIATE (the database's write lock at once, so a read-then-write transaction
+            # never meets another writer half-way, even in another process); reads begin deferred
+            self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 30})
+            reader = create_async_engine(self.url, connect_args={"timeout": 30})
+            for engine, begin in ((self.engine, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+                event.listen(engine.sync_engine, "begin", lambda conn, sql=begin: conn.exec_driver_sql(sql))
+        else:
+            self.engine = create_async_engine(self.url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+            reader = self.engine
+        self._engines = {self.engine, reader}
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, sync_session_class=(
+            _NotifyingSession if self.dialect == "postgresql" else Session))
+        self._readers = async_sessionmaker(reader, expire_on_commit=False)
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        import os
+        import socket
+
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.changed = _Changes()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Stop listening and close the connections."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        for engine in self._engines:
+            await engine.dispose()
+
+    def listen(self) -> None:
+        """On PostgreSQL, wake this process's waiters on every other replica's job events (LISTEN)."""
+        if self.dialect == "postgresql" and self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="ctscreen-listen")
+
+    async def _listen(self) -> None:
+        import asyncpg
+
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(dsn)
+                await connection.add_listener(CHANNEL, lambda *_: self.changed.notify())
+                self.changed.notify()  # anything missed while not listening
+                while not connection.is_closed():
+                    await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be away; polling covers the gap
+                logger.warning("LISTEN %s failed (%s); retrying in 5 s", CHANNEL, type(exc).__name__)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), 5)
+            await asyncio.sleep(5)
+
+    # --- sessions -------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[AsyncSession]:
+        """One write transaction (committed on exit)."""
+        lock = self._write_lock or contextlib.nullcontext()
+        async with lock, self._sessions() as session, session.begin():
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """One read-only session."""
+        async with self._readers() as session:
+            yield session
+
+    # --- instances and studies -------------------------------------------------------------------
+    async def add_instance(self, study_instance_uid: str, sop_instance_uid: str, filename: str, blob_key: str,
+                           nbytes: int) -> str | None:
+        """Record a STOW-RS / C-STORE instance in the study's receiving version (opened if needed).
+
+        An instance already in that version (same SOP Instance UID) is replaced. Returns the blob key
+        the replaced instance no longer needs (the caller deletes it), or None.
+        """
+        for attempt in range(5):
+            try:
+                return await self._add_instance(study_instance_uid, sop_instance_uid, filename, blob_key, nbytes)
+            except IntegrityError:  # another replica opened the same version at the same moment
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        return None
+
+    async def _add_instance(self, uid: str, sop: str, filename: str, key: str, nbytes: int) -> str | None:
+        now = time.time()
+        async with self.tx() as s:
+            study = (await s.execute(
+                select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
+            )).scalar_one_or_none()
+            if study is None:
+                study = await self._open_version(s, uid, now)
+            old = (await s.execute(
+                select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == sop)
+            )).scalar_one_or_none()
+            replaced = None
+            if old is None:
+                s.add(Instance(study_id=study.id, sop_instance_uid=sop, filename=filename, blob_key=key,
+                               nbytes=nbytes, received_at=now))
+            else:
+                replaced, old.blob_key, old.filename, old.nbytes, old.received_at = old.blob_key, key, filename, nbytes, now
+            study.last_rx_at = now
+        if replaced is not None and await self._unreferenced(replaced):
+            return replaced
+        return None
+
+    async def _open_version(self, s: AsyncSession, uid: str, now: float) -> Study:
+        latest = (await s.execute(select(func.max(Study.version)).where(Study.study_instance_uid == uid))).scalar()
+        study = Study(study_instance_uid=uid, version=(latest or 0) + 1, origin="stow", state=RECEIVING,
+                      created_at=now, last_rx_at=now)
+        s.add(study)
+        await s.flush()
+        previous = (await s.execute(
+            select(Study.id).where(Study.study_instance_uid == uid, Study.origin == "stow", Study.id != study.id)
+            .order_by(Study.version.desc()).limit(1)
+        )).scalar()
+        if previous is not None:  # a late instance: the new version holds every instance of the study
+            await s.execute(insert(Instance).from_select(
+                ["study_id", "sop_instance_uid", "filename", "blob_key", "nbytes", "received_at"],
+                select(study.id, Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
+                       Instance.received_at).where(Instance.study_id == previous)))
+            logger.info("study %s: instance after completion, opening version %d", uid, study.version)
+        return study
+
+    async def _unreferenced(self, key: str) -> bool:
+        async with self.read() as s:
+            return not (await s.execute(select(Instance.id).where(Instance.blob_key == key).limit(1))).first()
+
+    async def pending(self) -> tuple[int, int]:
+        """``(studies receiving, bytes of their instances)`` across the cluster."""
+        async with self.read() as s:
+            n = (await s.execute(select(func.count()).where(Study.state == RECEIVING))).scalar() or 0
+            nbytes = (await s.execute(
+                select(func.coalesce(func.sum(Instance.nbytes), 0)).join(Study, Study.id == Instance.study_id)
+                .where(Study.state == RECEIVING))).scalar() or 0
+        return int(n), int(nbytes)
+
+    async def is_receiving(self, study_instance_uid: str) -> bool:
+        """Whether the study has a version receiving instances now."""
+        async with self.read() as s:
+            return (await s.execute(select(Study.id).where(
+                Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING))).first() is not None
+
+    async def accept_upload(self, study_instance_uid: str, files: Sequence[tuple[str, str, int]],
+                            deadline_s: float, *, slices_total: int | None = None,
+                            job_id: str | None = None) -> JobView:
+        """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it."""
+        for attempt in range(5):
+            try:
+                now = time.time()
+                async with self.tx() as s:
+                    latest = (await s.execute(select(func.max(Study.version)).where(
+                        Study.study_instance_uid == study_instance_uid))).scalar()
+                    study = Study(study_instance_uid=study_instance_uid, version=(latest or 0) + 1, origin="upload",
+                                  state=COMPLETE, created_at=now, last_rx_at=now, completed_at=now)
+                    s.add(study)
+                    await s.flush()
+                    s.add_all([Instance(study_id=study.id, filename=name, blob_key=key, nbytes=n, received_at=now)
+                               for name, key, n in files])
+                    job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
+                    job.slices_total = slices_total
+                self.changed.notify()
+                return _view(job)
+            except IntegrityError:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _new_job(self, s: AsyncSession, study: Study, files: int, now: float, deadline_s: float,
+                       job_id: str | None = None) -> Job:
+        job = Job(id=job_id or uuid.uuid4().hex, study_id=study.id, study_instance_uid=study.study_instance_uid,
+                  origin=study.origin, state=JobState.queued.value, files=files, slices_done=0, attempts=0,
+                  accepted_by=self.owner,
+                  next_attempt_at=now, deadline_at=now + deadline_s, created_at=now, updated_at=now)
+        s.add(job)
+        await s.flush()
+        s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=None, created_at=now))
+        return job
+
+    async def _complete(self, s: AsyncSession, studies: Sequence[Study], now: float, deadline_s: float) -> list[Job]:
+        jobs = []
+        for study in studies:
+            files = (await s.execute(select(func.count()).where(Instance.study_id == study.id))).scalar() or 0
+            study.state, study.completed_at = COMPLETE, now
+            await s.flush()
+            jobs.append(await self._new_job(s, study, int(files), now, deadline_s))
+        return jobs
+
+    async def complete_due(self, quiet_period_s: float, deadline_s: float) -> list[str]:
+        """Close every receiving version quiet for ``quiet_period_s`` and queue its job (once in a cluster)."""
+        now = time.time()
+        async with self.tx() as s:
+            due = (await s.execute(
+                select(Study).where(Study.state == RECEIVING, Study.last_rx_at <= now - quiet_period_s)
+                .order_by(Study.last_rx_at).limit(100).with_for_update(skip_locked=True)
+            )).scalars().all()
+            jobs = await self._complete(s, due, now, deadline_s)
+        for job in jobs:
+            logger.info("study %s complete: %d instances, job %s", job.study_instance_uid, job.files, job.id)
+        if jobs:
+            self.changed.notify()
+        return [j.id for j in jobs]
+
+    async def complete_now(self, study_instance_uid: str, deadline_s: float) -> JobView:
+        """Close the study's receiving version now; without one, its latest job.
+
+        Raises
+        ------
+        JobNotFound
+            When no instance of the study was received.
+        """
+        now = time.time()
+        async with self.tx() as s:
+            study = (await s.execute(select(Study).where(
+                Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING).with_for_update()
+            )).scalar_one_or_none()
+            jobs = await self._complete(s, [study], now, deadline_s) if study is not None else []
+        if jobs:
+            self.changed.notify()
+            return _view(jobs[0])
+        latest = await self.study(study_instance_uid)
+        if latest is None or latest.job is None:
+            raise JobNotFound(f"No instance of study {study_instance_uid!r} is waiting to be screened.")
+        return latest.job
+
+    async def instance_files(self, study_id: int) -> list[tuple[str, str]]:
+        """``(filename, blob_key)`` of every file of a study version."""
+        async with self.read() as s:
+            rows = await s.execute(select(Instance.filename, Instance.blob_key).where(Instance.study_id == study_id)
+                                   .order_by(Instance.id))
+            return [(r[0], r[1]) for r in rows]
+
+    # --- jobs: claim, lease, finish ---------------------------------------------------------------
+    async def claim(self, lease_s: float) -> Claimed | None:
+        """Take the next job that is due (queued) or abandoned (lease expired), under a lease."""
+        now = time.time()
+        async with self.tx() as s:
+            job = (await s.execute(
+                select(Job).where(or_(
+                    and_(Job.state == JobState.queued.value, Job.next_attempt_at <= now),
+                    and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
+                )).order_by(Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
+            )).scalar_one_or_none()
+            if job is None:
+                return None
+            if job.state != JobState.queued.value:
+                logger.warning("job %s: lease of %s expired; taken over by %s", job.id, job.lease_owner, self.owner)
+            job.state, job.lease_owner, job.lease_expires_at = JobState.decoding.value, self.owner, now + lease_s
+            job.attempts += 1
+            job.slices_done, job.updated_at, job.error = 0, now, None
+            s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
+        self.changed.notify()
+        return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
+                       job.deadline_at)
+
+    async def heartbeat(self, job_id: str, lease_s: float, *, state: JobState | None = None,
+                        slices_done: int | None = None, slices_total: int | None = None,
+                        series_instance_uid: str | None = None) -> bool:
+        """Renew the lease (and record progress); False when this replica no longer holds the job."""
+        now = time.time()
+        values: dict[str, Any] = {"lease_expires_at": now + lease_s, "updated_at": now}
+        if state is not None:
+            values["state"] = state.value
+        if slices_done is not None:
+            values["slices_done"] = slices_done
+        if slices_total is not None:
+            values["slices_total"] = slices_total
+        if series_instance_uid is not None:
+            values["series_instance_uid"] = series_instance_uid
+        async with self.tx() as s:
+            done = await s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == self.owner,
+                                                     Job.state.in_(_RUNNING)).values(**values)
+                                   .returning(Job.state, Job.slices_done, Job.slices_total))
+            row = done.first()
+            if row is None:
+                return False
+            if len(values) > 2:
+                s.add(Event(job_id=job_id, state=row[0], slices_done=row[1], slices_total=row[2], created_at=now))
+        if len(values) > 2:
+            self.changed.notify()
+        return True
+
+    async def finish(self, job_id: str, result: CaseResult, sr_context: dict[str, Any] | None) -> bool:
+        """Write the result and mark the job done; False (nothing written) when the lease was lost."""
+        now = time.time()
+        async with self.tx() as s:
+            row = (await s.execute(update(Job).where(
+                Job.id == job_id, Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
+                state=JobState.done.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
+                slices_done=result.n_slices, series_instance_uid=result.series_instance_uid, error=None,
+            ).returning(Job.slices_total))).first()
+            if row is None:
+                return False
+            s.add(Result(job_id=job_id, study_instance_uid=result.study_instance_uid,
+                         result=result.model_dump(mode="json"), sr_context=sr_context, created_at=now))
+            s.add(Event(job_id=job_id, state=JobState.done.value, slices_done=result.n_slices, slices_total=row[0],
+                        created_at=now))
+        self.changed.notify()
+        return True
+
+    async def fail(self, job_id: str, error: JobError, *, leased: bool = True) -> bool:
+        """Mark the job failed (its instances are kept; ``retry`` queues it again)."""
+        now = time.time()
+        cond = [Job.id == job_id, Job.state.not_in(_TERMINAL)]
+        if leased:
+            cond.append(Job.lease_owner == self.owner)
+        async with self.tx() as s:
+            row = (await s.execute(update(Job).where(*cond).values(
+                state=JobState.failed.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
+                error=error.model_dump(mode="json")).returning(Job.slices_done, Job.slices_total))).first()
+            if row is None:
+                return False
+            s.add(Event(job_id=job_id, state=JobState.failed.value, slices_done=row[0], slices_total=row[1],
+                        created_at=now))
+        self.changed.notify()
+        return True
+
+    async def release(self, job_id: str, delay_s: float, error: JobError | None = None) -> str:
+        """Give a held job back: queued again in ``delay_s`` s, or failed when that passes its deadline.
+
+        Returns the job's new state (``queued``/``failed``), or ``lost`` when the lease was not ours.
+        """
+        now = time.time()
+        async with self.read() as s:
+            deadline = (await s.execute(select(Job.deadline_at).where(Job.id == job_id))).scalar()
+        if deadline is not None and now + delay_s > deadline and error is not None:
+            message = (f"{error.message} No Triton could take the study before its deadline; its instances are "
+                       "kept: POST /v1/jobs/{id}/retry queues it again.").replace("{id}", job_id)
+            ok = await self.fail(job_id, JobError(reason=error.reason, message=message, detail=error.detail))
+            return JobState.failed.value if ok else "lost"
+        async with self.tx() as s:
+            row = (await s.execute(update(Job).where(
+                Job.id == job_id, Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
+                state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now + delay_s,
+                accepted_by=self.owner,  # this (live) replica's gauges count it while it waits
+                updated_at=now, slices_done=0, error=None if error is None else error.model_dump(mode="json"),
+            ).returning(Job.slices_total))).first()
+            if row is None:
+                return "lost"
+            s.add(Event(job_id=job_id, state=JobState.queued.value, slices_done=0, slices_total=row[0],
+                        created_at=now))
+        self.changed.notify()
+        return JobState.queued.value
+
+    async def release_all(self) -> int:
+        """Give back every job this replica holds, due at once (shut-down); returns how many.
+
+        The queued jobs this replica counted (and the released ones) are left to no one
+        (``accepted_by`` NULL) until another replica's sweeper adopts them (:meth:`adopt`), so a replica
+        that scales down does not take its share of the backlog out of the autoscaler's sum.
+        """
+        now = time.time()
+        async with self.tx() as s:
+            done = await s.execute(update(Job).where(Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
+                state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
+                accepted_by=None, updated_at=now, slices_done=0))
+            await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
+                            .values(accepted_by=None))
+            return int(done.rowcount or 0)
+
+    async def adopt(self) -> int:
+        """Count the queued jobs no replica counts (released at another's shut-down) as this one's share.
+
+        One conditional UPDATE: of racing replicas each job goes to one. Returns how many were adopted.
+        """
+        async with self.tx() as s:
+            done = await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by.is_(None))
+                                   .values(accepted_by=self.owner))
+            return int(done.rowcount or 0)
+
+    async def retry(self, job_id: str, deadline_s: float) -> JobView:
+        """Queue a failed job again, with a fresh deadline.
+
+        Raises
+        ------
+        JobNotFound
+            Unknown job.
+        ValueError
+            The job is not failed.
+        """
+        now = time.time()
+        async with self.tx() as s:
+            job = (await s.execute(select(Job).where(Job.id == job_id).with_for_update())).scalar_one_or_none()
+            if job is None:
+                raise JobNotFound(f"No job {job_id!r}.")
+            if job.state != JobState.failed.value:
+                raise ValueError(f"Job {job_id} is {job.state}; only a failed job can be retried.")
+            if not (await s.execute(select(Instance.id).where(Instance.study_id == job.study_id).limit(1))).first():
+                raise ValueError(f"The instances of job {job_id} are no longer kept (retention); send the study again.")
+            job.state, job.attempts, job.next_attempt_at, job.deadline_at = JobState.queued.value, 0, now, now + deadline_s
+            job.accepted_by = self.owner  # whoever accepted it first may be gone
+            job.finished_at, job.error, job.slices_done, job.updated_at = None, None, 0, now
+            s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
+        self.changed.notify()
+        return _view(job)
+
+    async def fail_overdue(self) -> int:
+        """Fail the queued jobs whose deadline passed (no Triton took them in time)."""
+        now = time.time()
+        async with self.read() as s:
+            ids = (await s.execute(select(Job.id, Job.error).where(
+                Job.state == JobState.queued.value, Job.deadline_at < now))).all()
+        n = 0
+        for job_id, error in ids:
+            last = JobError.model_validate(error) if error else JobError(reason="triton_unavailable",
+                                                                         message="No Triton was ready.")
+            message = (f"{last.message} No Triton could take the study before its deadline; its instances are "
+                       f"kept: POST /v1/jobs/{job_id}/retry queues it again.")
+            n += await self.fail(job_id, JobError(reason=last.reason, message=message), leased=False)
+        return n
+
+    # --- reading ---------------------------------------------------------------------------------
+    async def job(self, job_id: str) -> JobView:
+        """The job with its result once done.
+
+        Raises
+        ------
+        JobNotFound
+            Unknown (or expired) job.
+        """
+        async with self.read() as s:
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(f"No job {job_id!r}.")
+            result = await s.get(Result, job_id) if job.state == JobState.done.value else None
+        return _view(job, result)
+
+    async def sr_context(self, job_id: str) -> dict[str, Any] | None:
+        """The SR headers kept with a done job's result."""
+        async with self.read() as s:
+            return (await s.execute(select(Result.sr_context).where(Result.job_id == job_id))).scalar()
+
+    async def study(self, study_instance_uid: str) -> StudyState | None:
+        """The latest version of a study (and the job of the latest complete one)."""
+        async with self.read() as s:
+            latest = (await s.execute(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                                      .order_by(Study.version.desc()).limit(1))).scalar_one_or_none()
+            if latest is None:
+                return None
+            job = (await s.execute(select(Job).where(Job.study_instance_uid == study_instance_uid)
+                                   .order_by(Job.created_at.desc()).limit(1))).scalar_one_or_none()
+            n = (await s.execute(select(func.count()).where(Instance.study_id == latest.id))).scalar() or 0
+        view = None if job is None else await self.job(job.id)
+        return StudyState(study_instance_uid, latest.state, int(n), view)
+
+    async def events_after(self, job_id: str, after: int) -> list[tuple[int, str]]:
+        """``(event id, state)`` of the job's events after ``after``."""
+        async with self.read() as s:
+            rows = await s.execute(select(Event.id, Event.state).where(Event.job_id == job_id, Event.id > after)
+                                   .order_by(Event.id))
+            return [(r[0], r[1]) for r in rows]
+
+    async def counts(self, mine: bool = False) -> tuple[int, int, int]:
+        """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica.
+
+        A replica's share is the jobs it holds under a lease and the queued jobs it accepted, so the
+        sum over replicas (what the autoscaler adds up) is the cluster's backlog.
+        """
+        where = [Job.state.not_in(_TERMINAL)]
+        if mine:
+            where.append(or_(Job.lease_owner == self.owner,
+                             and_(Job.state == JobState.queued.value, Job.accepted_by == self.owner)))
+        async with self.read() as s:
+            rows = (await s.execute(select(Job.state, func.count(), func.coalesce(
+                func.sum(func.coalesce(Job.slices_total, Job.files) - Job.slices_done), 0))
+                .where(*where).group_by(Job.state))).all()
+        queued = sum(int(r[1]) for r in rows if r[0] == JobState.queued.value)
+        running = sum(int(r[1]) for r in rows if r[0] != JobState.queued.value)
+        return queued, running, max(0, sum(int(r[2]) for r in rows))
+
+    # --- retention ---------------------------------------------------------------------------------
+    async def expire(self, results_s: float, instances_s: float) -> list[str]:
+        """Delete what retention allows; returns the blob keys nothing refers to any more.
+
+        Instances of a finished job go ``instances_s`` after it finished; the job, its result and its
+        events (and its study version) go ``results_s`` after it finished.
+        """
+        now = time.time()
+        async with self.tx() as s:
+            old_instances = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - instances_s)
+            keys = set((await s.execute(delete(Instance).where(Instance.study_id.in_(old_instances))
+                                        .returning(Instance.blob_key))).scalars())
+            old_studies = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - results_s)
+            gone = list((await s.execute(select(Study.id).where(Study.id.in_(old_studies)))).scalars())
+            if gone:
+                keys |= set((await s.execute(delete(Instance).where(Instance.study_id.in_(gone))
+                                             .returning(Instance.blob_key))).scalars())
+                await s.execute(delete(Event).where(Event.job_id.in_(select(Job.id).where(Job.study_id.in_(gone)))))
+                await s.execute(delete(Result).where(Result.job_id.in_(select(Job.id).where(Job.study_id.in_(gone)))))
+                await s.execute(delete(Job).where(Job.study_id.in_(gone)))
+                await s.execute(delete(Study).where(Study.id.in_(gone)))
+            if not keys:
+                return []
+            still = set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(keys)))).scalars())
+        if gone:
+            logger.info("retention: removed %d finished studies", len(gone))
+        return sorted(keys - still)
+
+
+def _view(job: Job, result: Result | None = None) -> JobView:
+    return JobView(
+        job_id=job.id, state=JobState(job.state), origin=job.origin, study_instance_uid=job.study_instance_uid,
+        series_instance_uid=job.series_instance_uid, files=job.files, slices_total=job.slices_total,
+        slices_done=job.slices_done, attempts=job.attempts,
+        next_attempt_at=_ts(job.next_attempt_at) if job.state == JobState.queued.value and job.attempts else None,
+        created_at=_ts(job.created_at), finished_at=_ts(job.finished_at),
+        error=JobError.model_validate(job.error) if job.error else None,
+        result=CaseResult.model_validate(result.result) if result is not None else None,
+    )
+
+
+class _NotifyingSession(Session):
+    """A PostgreSQL session that sends ``NOTIFY ctscreen`` with a commit that records a job event."""
+
+
+@event.listens_for(_NotifyingSession, "before_flush")
+def _mark_events(session: Session, _context: Any, _instances: Any) -> None:
+    if any(isinstance(o, Event) for o in session.new):
+        session.info["notify"] = True
+
+
+@event.listens_for(_NotifyingSession, "before_commit")
+def _notify_on_commit(session: Session) -> None:
+    if session.info.pop("notify", False) or any(isinstance(o, Event) for o in session.new):
+        session.execute(text(f"NOTIFY {CHANNEL}"))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # the driver's own BEGIN off: the "begin" event emits ours
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=30000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+class _Changes:
+    """In-process wake-up of whoever waits for a change in the store (workers, SSE streams)."""
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self, timeout: float) -> bool:
+        """Return at the next change (True), or after ``timeout`` s (False)."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,168 @@
+"""Slices of a screened series as windowed PNG images, so the web page needs no DICOM decoder.
+
+A done job's :class:`~aggregator.schema.CaseResult` lists its slices in position order, each by SOP
+Instance UID. :class:`SeriesMap` finds the stored instance of each (headers only, read once per job and
+kept in a small cache), :func:`render_png` decodes it to HU with the gateway's own decoder
+(:func:`gateway.dicom.decode_hu`), applies a window and encodes an 8-bit grayscale PNG on the image's
+own ``Rows x Columns`` grid: the grid of the result's ``original`` boxes, so the page draws them as they
+are. Nothing here writes anything; the instances stay in the blob store.
+
+Windows (centre, width in HU):
+
+==============  ======  =====
+``lung``        -600    1500
+``mediastinum``   40     400
+==============  ======  =====
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+import numpy as np
+
+__all__ = ["WINDOWS", "InstancesGone", "LruCache", "SeriesMap", "SliceSource", "png_etag", "render_png", "window_u8"]
+
+WINDOWS: Final[dict[str, tuple[float, float]]] = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
+"""Window presets: name -> (centre, width) in HU."""
+
+
+class InstancesGone(LookupError):
+    """The instances of a job are no longer stored (retention), or one of the slices is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSource:
+    """Where one slice's pixels are: a stored instance, and the frame in it (multi-frame objects)."""
+
+    filename: str
+    blob_key: str
+    frame: int
+
+
+def window_u8(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """``hu`` through a window: ``centre - width/2`` -> 0, ``centre + width/2`` -> 255 (uint8).
+
+    >>> window_u8(np.array([[-2000, -600, 1000]]), -600.0, 1500.0).tolist()
+    [[0, 128, 255]]
+    """
+    if width <= 0:
+        raise ValueError(f'Argument "width" must be > 0, got {width}.')
+    lo = centre - width / 2.0
+    scaled = (hu.astype(np.float32) - lo) * (255.0 / width)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def png_etag(job_id: str, index: int, window: str, blob_key: str) -> str:
+    """A strong ETag of one rendered slice (a done job's slices never change)."""
+    digest = hashlib.sha256(f"{job_id}:{index}:{window}:{blob_key}:1".encode()).hexdigest()[:24]
+    return f'"{digest}"'
+
+
+def render_png(data: bytes, filename: str, frame: int, window: str) -> bytes:
+    """One frame of a stored instance as a windowed 8-bit grayscale PNG.
+
+    Raises
+    ------
+    ValueError
+        Unknown window.
+    gateway.errors.GatewayError
+        The instance cannot be decoded (it was decodable when screened, so this means it changed).
+    """
+    if window not in WINDOWS:
+        raise ValueError(f'Argument "window" must be one of {", ".join(WINDOWS)}, got {window!r}.')
+    from PIL import Image
+
+    from gateway.dicom import decode_hu, read_headers
+
+    ds, headers = read_headers(filename, data)
+    hu = decode_hu(ds, headers, filename)
+    image = Image.fromarray(window_u8(hu[min(frame, hu.shape[0] - 1)], *WINDOWS[window]), mode="L")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class SeriesMap:
+    """SOP Instance UID (and frame) -> stored instance, for the slices of one job's result.
+
+    Made by :meth:`build` from the job's stored instances: uploads do not record their UIDs, so the
+    headers of each instance are read once (in a thread) and the map is cached by the caller.
+    """
+
+    def __init__(self, sources: dict[str, list[tuple[float | None, SliceSource]]]) -> None:
+        self._sources = sources
+
+    @classmethod
+    def build(cls, instances: Sequence[tuple[str, str, str | None]], read: Callable[[str], bytes]) -> SeriesMap:
+        """Read the headers of ``instances`` (``(filename, blob key, UID)``; blocking) and index their frames."""
+        from gateway.dicom import read_headers
+
+        sources: dict[str, list[tuple[float | None, SliceSource]]] = {}
+        for filename, key, _uid in instances:
+            try:
+                data = read(key)
+            except FileNotFoundError:
+                continue
+            try:
+                _ds, headers = read_headers(filename, data)
+            except Exception:  # noqa: BLE001 - an instance the screening refused has no slice to show
+                continue
+            for i, h in enumerate(headers):
+                sources.setdefault(h.sop_instance_uid, []).append(
+                    (_along_normal(h.position, h.orientation), SliceSource(filename, key, i)))
+        return cls(sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def find(self, sop_instance_uid: str, position_mm: float) -> SliceSource:
+        """The source of a slice; for a multi-frame object, the frame nearest ``position_mm``.
+
+        Raises
+        ------
+        InstancesGone
+            No stored instance holds that slice.
+        """
+        frames = self._sources.get(sop_instance_uid)
+        if not frames:
+            raise InstancesGone(f"Instance {sop_instance_uid} is no longer stored.")
+        if len(frames) == 1:
+            return frames[0][1]
+        return min(frames, key=lambda f: abs((f[0] if f[0] is not None else 0.0) - position_mm))[1]
+
+
+def _along_normal(position: Sequence[float] | None, orientation: Sequence[float] | None) -> float | None:
+    if position is None or orientation is None:
+        return None
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    return float(np.dot(normal, np.asarray(position, float)))
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LruCache(Generic[K, V]):
+    """A small least-recently-used cache (memory is only ever a cache; the store holds the truth)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)

@@ -1,0 +1,267 @@
+"""Routes of the web page: the shell at ``/`` and the JSON, image and event routes it reads.
+
+==============================================  ==========================================================
+``GET /``                                       the page (worklist, study viewer, service view); no data
+``GET /web/static/...``                         its HTML, CSS and JS modules (no build step)
+``GET /v1/worklist``                            study versions, newest first; filters and paging in SQL
+``GET /v1/worklist/events``                     progress of every job as server-sent events
+``GET /v1/jobs/{id}/slices/{index}.png``        one slice of a done job, windowed (``?window=lung``)
+``GET /v1/service``                             Triton endpoints, backlog, throughput, latency, failures
+==============================================  ==========================================================
+
+Every route but the shell depends on :data:`gateway.web.access.ReadAccess`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from aggregator.schema import CaseResult
+from gateway.api.deps import PoolDep, SettingsDep, StoreDep
+from gateway.api.jobs import checked_job_id
+from gateway.jobs import JobState
+from gateway.store import Store
+from gateway.store.worklist import Worklist, WorklistRow
+from gateway.web.access import ReadAccess
+from gateway.web.labels import read_labels
+from gateway.web.render import WINDOWS, InstancesGone, LruCache, SeriesMap, png_etag, render_png
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+router = APIRouter(tags=["web"])
+
+PNG_CACHE_CONTROL = "private, max-age=86400"
+"""A done job's slices never change; ``private``: responses to authorised requests stay in the browser."""
+
+
+class WebState:
+    """The web routes' read models and caches (made on first use; memory is only a cache)."""
+
+    def __init__(self, store: Store, blobs: Any) -> None:
+        self.worklist = Worklist(store)
+        self.blobs = blobs
+        self.results: LruCache[str, CaseResult] = LruCache(16)
+        self.series: LruCache[str, SeriesMap] = LruCache(8)
+        self.pngs: LruCache[tuple[str, int, str], bytes] = LruCache(512)
+        self._series_locks: dict[str, asyncio.Lock] = {}
+
+    async def series_of(self, job_id: str) -> SeriesMap:
+        """The job's :class:`SeriesMap`, built once (per replica) from its stored instances."""
+        cached = self.series.get(job_id)
+        if cached is not None:
+            return cached
+        lock = self._series_locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            cached = self.series.get(job_id)
+            if cached is None:
+                study_id = await self.worklist.study_of_job(job_id)
+                instances = [] if study_id is None else await self.worklist.instances(study_id)
+                cached = await asyncio.to_thread(SeriesMap.build, instances, self.blobs.get)
+                if len(cached):
+                    self.series.put(job_id, cached)
+        self._series_locks.pop(job_id, None)
+        return cached
+
+
+def _web(request: Request) -> WebState:
+    state = request.app.state
+    web = getattr(state, "web", None)
+    if web is None:
+        web = state.web = WebState(state.store, state.blobs)
+    return web
+
+
+WebDep = Annotated[WebState, Depends(_web)]
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The page's shell (it holds no data; everything else is fetched with the caller's credential)."""
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _epoch(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+
+
+def _row(r: WorklistRow) -> dict[str, Any]:
+    error = r.error or {}
+    return {
+        "study_id": r.study_id, "study_instance_uid": r.study_instance_uid, "version": r.version, "origin": r.origin,
+        "received_at": _iso(r.received_at), "state": r.state, "job_id": r.job_id,
+        "slices_done": r.slices_done, "slices_total": r.slices_total, "instances": r.instances,
+        "verdict": r.verdict, "reason": r.reason or (error.get("reason") if r.state == "failed" else None),
+        "message": r.message or (error.get("message") if r.state == "failed" else None),
+        "finished_at": _iso(r.finished_at),
+        "time_s": None if r.finished_at is None or r.started_at is None else round(r.finished_at - r.started_at, 2),
+        "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
+    }
+
+
+async def _fill_labels(web: WebState, rows: list[WorklistRow]) -> dict[int, dict[str, str | None]]:
+    """Labels of the rows that have none yet, read from each version's first instance and recorded."""
+    found: dict[int, dict[str, str | None]] = {}
+    for r in rows:
+        if r.labels is not None:
+            continue
+        first = await web.worklist.first_instance(r.study_id)
+        if first is None:
+            continue
+        try:
+            data = await asyncio.to_thread(web.blobs.get, first[1])
+        except (FileNotFoundError, ValueError):
+            continue
+        labels = await asyncio.to_thread(read_labels, data)
+        await web.worklist.put_labels(r.study_id, labels)
+        found[r.study_id] = labels
+    return found
+
+
+@router.get("/v1/worklist", summary="Studies for the worklist, newest first (filters and paging)",
+            responses={422: {"description": "a filter or the page is out of range"}})
+async def worklist(
+    _who: ReadAccess, web: WebDep,
+    limit: int = Query(50, ge=1, le=1000, description="rows per page"),
+    offset: int = Query(0, ge=0, le=100_000_000, description="rows skipped"),
+    state: Literal["receiving", "queued", "screening", "done", "failed"] | None = Query(None),
+    verdict: Literal["positive", "negative", "indeterminate"] | None = Query(None),
+    received_from: Annotated[date | None, Query(description="received on or after this day (UTC), YYYY-MM-DD")] = None,
+    received_to: Annotated[date | None, Query(description="received on or before this day (UTC), YYYY-MM-DD")] = None,
+) -> JSONResponse:
+    """One row per study version: patient-free labels, state and progress, verdict with its reason, time taken."""
+    page = await web.worklist.page(
+        limit=limit, offset=offset, state=state, verdict=verdict,
+        received_from=None if received_from is None else _epoch(received_from),
+        received_to=None if received_to is None else _epoch(received_to + timedelta(days=1)))
+    labels = await _fill_labels(web, page.rows)
+    rows = [_row(r) for r in page.rows]
+    for row in rows:
+        if row["study_id"] in labels:
+            row["labels"] = labels[row["study_id"]]
+    return JSONResponse({"total": page.total, "limit": limit, "offset": offset, "rows": rows},
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/worklist/events", summary="Progress of every job as server-sent events",
+            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
+    """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job."""
+    store = web.worklist.store
+    last = await web.worklist.last_event()
+
+    async def stream() -> AsyncIterator[bytes]:
+        nonlocal last
+        yield b"retry: 2000\n\n"
+        quiet_since = time.monotonic()
+        while not await request.is_disconnected():
+            events = await web.worklist.events_after(last)
+            for e in events:
+                last = e.pop("id")
+                yield f"event: progress\ndata: {json.dumps(e)}\n\n".encode()
+            if events:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 15.0:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            await store.changed.wait(settings.worker_poll_s)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _done_result(web: WebState, store: Store, job_id: str) -> CaseResult:
+    checked_job_id(job_id)  # 404 for a malformed id, before a cache, the store or a blob is asked (issue 14)
+    cached = web.results.get(job_id)
+    if cached is not None:
+        return cached
+    view = await store.job(job_id)  # JobNotFound -> 404
+    if view.state != JobState.done or view.result is None:
+        raise HTTPException(409, detail={"reason": "not_done",
+                                         "message": f"Job {job_id} is {view.state.value}; its slices are shown once "
+                                                    "it is done."})
+    web.results.put(job_id, view.result)
+    return view.result
+
+
+@router.get("/v1/jobs/{job_id}/slices/{index}.png", summary="One slice of a done job as a windowed PNG",
+            response_class=Response, tags=["jobs"],
+            responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (ETag)"},
+                       404: {"description": "no such job, or no such slice"},
+                       409: {"description": "the job is not done"},
+                       410: {"description": "the job's instances are no longer kept (retention)"}})
+async def slice_png(
+    job_id: str, index: int, request: Request, _who: ReadAccess, web: WebDep, store: StoreDep,
+    window: Literal["lung", "mediastinum"] = Query("lung", description="window preset"),
+) -> Response:
+    """Slice ``index`` (position order, as in the result) of the screened series, on its stored grid."""
+    result = await _done_result(web, store, job_id)
+    if not 0 <= index < len(result.slices):
+        raise HTTPException(404, detail={"reason": "no_such_slice",
+                                         "message": f"Job {job_id} has slices 0..{len(result.slices) - 1}; "
+                                                    f"there is no slice {index}."})
+    finding = result.slices[index]
+    try:
+        source = (await web.series_of(job_id)).find(finding.sop_instance_uid, finding.position_mm)
+    except InstancesGone:
+        raise HTTPException(410, detail={"reason": "instances_expired",
+                                         "message": f"The images of job {job_id} are no longer kept (retention); "
+                                                    "its result is."}) from None
+    etag = png_etag(job_id, index, window, source.blob_key)
+    headers = {"ETag": etag, "Cache-Control": PNG_CACHE_CONTROL}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    key = (job_id, index, window)
+    png = web.pngs.get(key)
+    if png is None:
+        try:
+            data = await asyncio.to_thread(web.blobs.get, source.blob_key)
+        except FileNotFoundError:
+            raise HTTPException(410, detail={"reason": "instances_expired",
+                                             "message": f"The images of job {job_id} are no longer kept."}) from None
+        png = await asyncio.to_thread(render_png, data, source.filename, source.frame, window)
+        web.pngs.put(key, png)
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@router.get("/v1/service", summary="Service figures for the ops view")
+async def service(_who: ReadAccess, web: WebDep, pool: PoolDep, request: Request) -> JSONResponse:
+    """Triton endpoints and readiness, backlog (slices, seconds), studies per hour, p50/p95, recent failures."""
+    state = request.app.state
+    now = time.monotonic()
+    cached = getattr(state, "ready_cache", None)
+    if cached is None or now - cached[0] > 1.0:
+        cached = state.ready_cache = (now, await pool.ready_endpoints())
+    ready = set(cached[1])
+    queued, running, backlog = await web.worklist.store.counts()
+    rates = pool.rates()
+    rate = sum(rates.values()) or None
+    figures = await web.worklist.service()
+    for failure in figures["failures"]:
+        failure["finished_at"] = _iso(failure["finished_at"])
+    body = {
+        "endpoints": [{"url": url, "ready": url in ready, "slices_per_second": round(rates.get(url, 0.0), 2)}
+                      for url in pool.endpoints],
+        "model": pool.model_name,
+        "queued": queued, "running": running,
+        "backlog_slices": backlog,
+        "backlog_seconds": None if rate is None else round(backlog / rate, 1),
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in figures.items()},
+        "windows": {name: {"centre": c, "width": w} for name, (c, w) in WINDOWS.items()},
+        "at": _iso(time.time()),
+    }
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,124 @@
+// Talking to the gateway: every request carries the signed-in credential as a bearer header.
+// Images and event streams are fetched too (never <img src> or EventSource), so a credential
+// never goes into a URL, a browser history or a server log.
+
+const KEY = "ctscreen.credential";
+
+export const credential = {
+  get: () => sessionStorage.getItem(KEY),
+  set: (value) => sessionStorage.setItem(KEY, value),
+  clear: () => sessionStorage.removeItem(KEY),
+};
+
+export class ApiError extends Error {
+  constructor(status, reason, message) {
+    super(message || `HTTP ${status}`);
+    this.status = status;
+    this.reason = reason || "http_error";
+  }
+}
+
+async function body(response) {
+  try { return await response.json(); } catch { return {}; }
+}
+
+// The request index.html's inline script started before the modules loaded (the first worklist page).
+let prefetched = window.ctscreenPrefetch || null;
+delete window.ctscreenPrefetch;
+
+/** The prefetched response for this GET path and credential; the first worklist page request uses or drops it. */
+function takePrefetch(path, options, token) {
+  const p = prefetched;
+  if (!p || !path.startsWith("/v1/worklist?")) return null;
+  prefetched = null;
+  const plain = !options.method && !options.signal && !options.headers;
+  return plain && p.url === path && p.token === token ? p.response : null;
+}
+
+/** fetch() with the credential; a 401/403 also tells the page to ask for one. */
+export async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  const token = credential.get();
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await (takePrefetch(path, options, token) ?? fetch(path, { ...options, headers }));
+  if (response.ok || response.status === 304) return response;
+  const detail = await body(response);
+  const error = new ApiError(response.status, detail.reason, detail.message);
+  if (response.status === 401 || response.status === 403) {
+    window.dispatchEvent(new CustomEvent("ctscreen:auth", { detail: error }));
+  }
+  throw error;
+}
+
+export const getJson = async (path, options) => (await api(path, options)).json();
+
+/**
+ * Server-sent events over fetch (so the request carries the Authorization header).
+ * Calls onEvent(type, data) per event; reconnects after a drop; returns a function that stops it.
+ */
+export function subscribe(path, onEvent, { onState } = {}) {
+  const controller = new AbortController();
+  let retryMs = 2000;
+  (async () => {
+    while (!controller.signal.aborted) {
+      try {
+        const response = await api(path, { signal: controller.signal, headers: { Accept: "text/event-stream" } });
+        onState?.("live");
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value;
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            let type = "message";
+            const data = [];
+            for (const line of block.split("\n")) {
+              if (line.startsWith("event:")) type = line.slice(6).trim();
+              else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+              else if (line.startsWith("retry:")) retryMs = Number(line.slice(6)) || retryMs;
+            }
+            if (data.length) onEvent(type, JSON.parse(data.join("\n")));
+          }
+        }
+        if (type_is_final(path)) return;
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        if (error instanceof ApiError && (error.status === 401 || error.status === 403 || error.status === 404)) {
+          onState?.("stopped");
+          return;
+        }
+      }
+      onState?.("reconnecting");
+      await new Promise((resolve) => setTimeout(resolve, retryMs));
+    }
+  })();
+  return () => controller.abort();
+}
+
+// a job's own stream ends when the job does: no reconnect then
+const type_is_final = (path) => /\/v1\/jobs\/[^/]+\/events$/.test(path);
+
+/** Save what a route answers as a file (the credential rides along, unlike a plain link). */
+export async function download(path, filename) {
+  const blob = await (await api(path)).blob();
+  const url = URL.createObjectURL(blob);
+  const a = Object.assign(document.createElement("a"), { href: url, download: filename });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+/** Save a JSON value as a file. */
+export function saveJson(value, filename) {
+  const url = URL.createObjectURL(new Blob([JSON.stringify(value, null, 2)], { type: "application/json" }));
+  const a = Object.assign(document.createElement("a"), { href: url, download: filename });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}

@@ -1,0 +1,85 @@
+// The page's router (#/, #/study/<job>, #/service) and the sign-in box.
+
+import { credential } from "./api.js";
+import { worklistView } from "./worklist.js";
+
+const main = document.getElementById("main");
+let leave = () => {};
+let routed = 0;
+
+// The study viewer and the service view load on first use: the worklist, the first screen, waits for fewer modules.
+const lazy = (load) => (...args) => {
+  const at = routed;
+  let stop = null;
+  load().then((view) => { if (at === routed) stop = view(...args); });
+  return () => stop?.();
+};
+const studyView = lazy(async () => (await import("./study.js")).studyView);
+const serviceView = lazy(async () => (await import("./service.js")).serviceView);
+
+function route() {
+  leave();
+  routed += 1;
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const [path, query = ""] = hash.split("?");
+  const params = new URLSearchParams(query);
+  const study = path.match(/^\/study\/([0-9a-f]{8,64})$/i);
+  let nav = "worklist";
+  if (study) {
+    leave = studyView(main, study[1]);
+    document.title = "Study · ctscreen";
+  } else if (path === "/service") {
+    nav = "service";
+    leave = serviceView(main);
+    document.title = "Service · ctscreen";
+  } else {
+    leave = worklistView(main, params);
+    document.title = "Worklist · ctscreen";
+  }
+  for (const a of document.querySelectorAll("[data-nav]")) {
+    if (a.dataset.nav === nav) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+}
+
+// --- sign-in: the credential lives in sessionStorage (this tab only) and rides on every request
+const toggle = document.getElementById("signin-toggle");
+const form = document.getElementById("signin-form");
+const input = document.getElementById("credential");
+const message = document.getElementById("signin-message");
+const who = document.getElementById("who");
+
+function showSignedIn() {
+  who.textContent = credential.get() ? "signed in" : "";
+  toggle.textContent = credential.get() ? "Credential" : "Sign in";
+}
+function openForm(text = "") {
+  form.hidden = false;
+  toggle.setAttribute("aria-expanded", "true");
+  message.textContent = text;
+  input.focus();
+}
+toggle.addEventListener("click", () => (form.hidden ? openForm() : (form.hidden = true,
+  toggle.setAttribute("aria-expanded", "false"))));
+form.addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (input.value.trim()) credential.set(input.value.trim());
+  input.value = "";
+  form.hidden = true;
+  toggle.setAttribute("aria-expanded", "false");
+  showSignedIn();
+  route();
+});
+document.getElementById("signout").addEventListener("click", () => {
+  credential.clear();
+  form.hidden = true;
+  showSignedIn();
+  route();
+});
+window.addEventListener("ctscreen:auth", (e) => {
+  openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}` : "Sign in with an API key or an access token.");
+});
+
+window.addEventListener("hashchange", route);
+showSignedIn();
+route();

@@ -1,0 +1,223 @@
+// The study view: slice viewer with findings drawn over server-rendered slices, findings strip,
+// result summary and downloads. Boxes are the result's `original` boxes (the stored image's grid).
+
+import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
+import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
+
+const WINDOWS = { lung: "Lung", mediastinum: "Mediastinum" };
+const GRID = 512;
+
+function boxOf(box, scale) {
+  if (box.original) return box.original;
+  return { x0: Math.round(box.grid.x0 * scale), y0: Math.round(box.grid.y0 * scale),
+           x1: Math.round(box.grid.x1 * scale), y1: Math.round(box.grid.y1 * scale) };
+}
+
+function quadrantRect(quadrant, cx, cy, cols, rows) {
+  const left = quadrant.endsWith("left");
+  const top = quadrant.startsWith("top");
+  return { x: left ? 0 : cx, y: top ? 0 : cy, width: left ? cx : cols - cx, height: top ? cy : rows - cy };
+}
+
+export function studyView(main, jobId) {
+  let stopped = false;
+  let cleanup = () => {};
+  main.replaceChildren(h("h1", {}, "Study"), h("p", {}, "Loading…"));
+
+  (async () => {
+    let job;
+    try {
+      job = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`);
+    } catch (error) {
+      main.replaceChildren(h("h1", {}, "Study"), h("p", { role: "alert" },
+        error instanceof ApiError && error.status === 404 ? "No such study (or its result has expired)." : error.message));
+      return;
+    }
+    if (stopped) return;
+    if (job.state !== "done") {
+      cleanup = pending(main, job);
+      return;
+    }
+    cleanup = viewer(main, job);
+  })();
+  return () => { stopped = true; cleanup(); };
+}
+
+function pending(main, job) {
+  const status = h("p", { class: `state state-${job.state}`, "aria-live": "polite" });
+  const bar = h("progress", { max: 1, value: 0, "aria-label": "slices screened" });
+  const show = (v) => {
+    status.textContent = v.state === "failed" ? `failed: ${v.error?.message || v.error?.reason || ""}`
+      : `${v.state}${v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : ""}`;
+    bar.max = v.slices_total || 1;
+    bar.value = v.slices_done || 0;
+  };
+  show(job);
+  main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
+    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), status, bar);
+  if (job.state === "failed") return () => {};
+  return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
+    show(v);
+    if (type === "done") location.reload();
+  });
+}
+
+function viewer(main, job) {
+  const result = job.result;
+  const slices = result.slices;
+  const evidence = result.evidence;
+  const runIndex = new Set((evidence?.slices || []).map((e) => e.index));
+  const findings = slices.filter((sl) => sl.boxes.length);
+  const urls = new Map();
+  let index = evidence?.slices?.[0]?.index ?? findings[0]?.index ?? Math.floor(slices.length / 2);
+  let windowName = "lung";
+  let dims = null; // [cols, rows] of the stored image
+  let token = 0;
+
+  const img = h("img", { alt: "", class: "slice", draggable: "false" });
+  const overlay = s("svg", { class: "overlay", "aria-hidden": "true", preserveAspectRatio: "none" });
+  const stage = h("div", {
+    class: "stage", tabindex: 0, role: "group", id: "viewer",
+    "aria-roledescription": "slice viewer",
+    "aria-label": "Slice viewer. Arrow keys, Page Up/Down, Home/End or the mouse wheel change the slice; L and M change the window.",
+  }, img, overlay);
+  const readout = h("p", { class: "readout", id: "readout", "aria-live": "polite" });
+  const slider = h("input", { type: "range", min: 0, max: slices.length - 1, value: index, id: "slice-slider",
+                              "aria-label": "Slice" });
+  const windowButtons = Object.entries(WINDOWS).map(([name, text]) =>
+    h("button", { type: "button", class: "preset", "aria-pressed": String(name === windowName), dataset: { window: name },
+                  onclick: () => setWindow(name) }, text));
+  const strip = h("ol", { class: "strip", "aria-label": "Slices with findings" },
+    findings.map((sl) => h("li", {}, h("button", {
+      type: "button", class: runIndex.has(sl.index) ? "in-run" : "", dataset: { index: sl.index },
+      "aria-label": `Slice ${sl.index + 1}: ${sl.boxes.length} lesion${sl.boxes.length > 1 ? "s" : ""}${runIndex.has(sl.index) ? ", in the run" : ""}`,
+      onclick: () => { go(sl.index); stage.focus(); },
+    }, String(sl.index + 1)))));
+
+  const models = h("table", { class: "models" }, h("caption", {}, "Models"),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Name"), h("th", { scope: "col" }, "Version"))),
+    h("tbody", {}, result.models.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.version)))));
+  const run = evidence
+    ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} slices `
+      + `(${evidence.extent_mm.toFixed(1)} mm) in the ${evidence.quadrant.replace("_", " ")} quadrant, slices `
+      + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
+    : h("p", {}, "No lesion on any slice.");
+  const side = h("aside", { class: "summary", "aria-label": "Result" },
+    h("p", {}, h("span", { class: `verdict verdict-${result.verdict}`, id: "verdict" }, result.verdict)),
+    h("p", { class: "reason" }, result.message), run,
+    h("dl", {},
+      h("dt", {}, "Slices"), h("dd", {}, String(result.n_slices)),
+      h("dt", {}, "Spacing"), h("dd", {}, result.nominal_spacing_mm ? `${result.nominal_spacing_mm.toFixed(2)} mm` : "—"),
+      h("dt", {}, "Time taken"), h("dd", {}, fmtSeconds(result.timings.total_s)),
+      h("dt", {}, "Finished"), h("dd", {}, fmtDate(job.finished_at))),
+    models,
+    h("div", { class: "downloads" }, h("h2", {}, "Download"),
+      h("button", { type: "button", onclick: () => saveJson(result, `ctscreen-result-${job.job_id}.json`) }, "CaseResult (JSON)"),
+      h("button", { type: "button", onclick: () => download(`/v1/jobs/${job.job_id}/sr`, `ctscreen-sr-${job.job_id}.dcm`)
+        .catch((e) => announce(`No SR: ${e.message}`)) }, "DICOM SR"),
+      h("button", { type: "button", onclick: () => saveJson({ job_id: job.job_id, models: result.models,
+        software_version: result.software_version, rule: result.rule }, `ctscreen-models-${job.job_id}.json`) }, "Model versions (JSON)")));
+
+  main.replaceChildren(
+    h("p", {}, h("a", { href: "#/" }, "← Worklist")),
+    h("h1", {}, "Study ", h("span", { class: "uid", title: result.study_instance_uid }, result.study_instance_uid)),
+    h("div", { class: "study" },
+      h("section", { class: "viewer", "aria-label": "Images" },
+        h("div", { class: "tools" },
+          h("div", { role: "group", "aria-label": "Window" }, windowButtons), slider, readout),
+        stage,
+        h("h2", { id: "strip-title" }, `Slices with findings (${findings.length})`), strip,
+        h("p", { class: "legend" }, h("span", { class: "key lesion" }), "lesion ",
+          h("span", { class: "key in-run" }), "lesion in the run ",
+          h("span", { class: "key quadrant" }), "run quadrant ",
+          h("span", { class: "key valid-area" }), "valid area")),
+      side));
+
+  function draw() {
+    const sl = slices[index];
+    overlay.replaceChildren();
+    if (!dims) return;
+    const [cols, rows] = dims;
+    const scale = Math.max(cols, rows) / GRID;
+    overlay.setAttribute("viewBox", `0 0 ${cols} ${rows}`);
+    const va = sl.valid_area_original || (sl.valid_area && boxOf({ grid: sl.valid_area }, scale));
+    if (runIndex.has(index) && evidence) {
+      const split = result.rule.quadrant_split === "valid_area" && va
+        ? [(va.x0 + va.x1 + 1) / 2, (va.y0 + va.y1 + 1) / 2] : [cols / 2, rows / 2];
+      overlay.append(s("rect", { class: "quadrant", "data-quadrant": evidence.quadrant,
+        ...quadrantRect(evidence.quadrant, split[0], split[1], cols, rows) }));
+    }
+    if (va) {
+      overlay.append(s("rect", { class: "valid-area", x: va.x0, y: va.y0, width: va.x1 - va.x0 + 1, height: va.y1 - va.y0 + 1 }));
+    }
+    for (const box of sl.boxes) {
+      const b = boxOf(box, scale);
+      const inRun = runIndex.has(index) && box.quadrants.includes(evidence.quadrant);
+      overlay.append(s("rect", {
+        class: inRun ? "lesion in-run" : "lesion", x: b.x0, y: b.y0, width: b.x1 - b.x0 + 1, height: b.y1 - b.y0 + 1,
+        "data-x0": b.x0, "data-y0": b.y0, "data-x1": b.x1, "data-y1": b.y1, "data-score": box.score.toFixed(3),
+      }, s("title", {}, `lesion, score ${box.score.toFixed(2)}, ${box.quadrants.join(", ")}`)));
+    }
+  }
+
+  async function imageUrl(i, w) {
+    const key = `${i}:${w}`;
+    if (!urls.has(key)) {
+      urls.set(key, api(`/v1/jobs/${job.job_id}/slices/${i}.png?window=${w}`)
+        .then((r) => r.blob()).then((b) => URL.createObjectURL(b)));
+    }
+    return urls.get(key);
+  }
+
+  async function show() {
+    const mine = ++token;
+    const sl = slices[index];
+    const lesions = sl.boxes.length;
+    readout.textContent = `Slice ${index + 1} / ${slices.length} · ${sl.position_mm.toFixed(1)} mm · `
+      + `${WINDOWS[windowName]} window · ${lesions ? `${lesions} lesion${lesions > 1 ? "s" : ""}` : "no lesion"}`
+      + (runIndex.has(index) ? " · in the run" : "");
+    slider.value = index;
+    stage.dataset.index = index;
+    stage.dataset.ready = "false";
+    img.alt = `Axial slice ${index + 1} of ${slices.length}, ${WINDOWS[windowName]} window`;
+    for (const b of strip.querySelectorAll("button")) b.setAttribute("aria-current", String(Number(b.dataset.index) === index));
+    try {
+      const url = await imageUrl(index, windowName);
+      if (mine !== token) return;
+      img.src = url;
+      await img.decode();
+      if (mine !== token) return;
+      dims = [img.naturalWidth, img.naturalHeight];
+      draw();
+      stage.dataset.ready = "true";
+      for (const n of [index + 1, index - 1]) if (n >= 0 && n < slices.length) imageUrl(n, windowName);
+    } catch (error) {
+      if (mine === token) readout.textContent = `Slice ${index + 1}: ${error.message}`;
+    }
+  }
+
+  function go(i) {
+    const next = Math.max(0, Math.min(slices.length - 1, i));
+    if (next === index && stage.dataset.ready === "true") return;
+    index = next;
+    show();
+  }
+  function setWindow(name) {
+    windowName = name;
+    for (const b of windowButtons) b.setAttribute("aria-pressed", String(b.dataset.window === name));
+    show();
+  }
+
+  stage.addEventListener("wheel", (e) => { e.preventDefault(); go(index + (e.deltaY > 0 ? 1 : -1)); }, { passive: false });
+  stage.addEventListener("keydown", (e) => {
+    const step = { ArrowDown: 1, ArrowRight: 1, j: 1, ArrowUp: -1, ArrowLeft: -1, k: -1, PageDown: 10, PageUp: -10 }[e.key];
+    if (step) { e.preventDefault(); go(index + step); }
+    else if (e.key === "Home") { e.preventDefault(); go(0); }
+    else if (e.key === "End") { e.preventDefault(); go(slices.length - 1); }
+    else if (e.key === "l" || e.key === "L") setWindow("lung");
+    else if (e.key === "m" || e.key === "M") setWindow("mediastinum");
+  });
+  slider.addEventListener("input", () => go(Number(slider.value)));
+  show();
+  return () => { token++; for (const p of urls.values()) p.then((u) => URL.revokeObjectURL(u)).catch(() => {}); };
+}

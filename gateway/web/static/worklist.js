@@ -1,0 +1,148 @@
+// The worklist: studies newest first, filters and paging done by the server, live progress over SSE.
+
+import { ApiError, getJson, subscribe } from "./api.js";
+import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
+
+const STATES = ["receiving", "queued", "screening", "done", "failed"];
+const VERDICTS = ["positive", "negative", "indeterminate"];
+const PAGE = 50;
+
+function select(name, label, options, value) {
+  return h("label", { class: "field" }, label,
+    h("select", { name, id: `f-${name}` },
+      h("option", { value: "" }, "any"),
+      options.map((o) => h("option", { value: o, selected: o === value }, o))));
+}
+
+function progress(row) {
+  if (row.state !== "screening") return null;
+  const total = row.slices_total || 0;
+  return h("progress", { max: total || 1, value: row.slices_done, "aria-label": `slices screened of ${total}` });
+}
+
+// Rows are written as one HTML string (escaped) and parsed once: a page of 1,000 studies stays fast.
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+function stateHtml(row) {
+  const text = row.state === "screening" && row.slices_total
+    ? `screening ${row.slices_done}/${row.slices_total}` : row.state;
+  const bar = row.state === "screening"
+    ? `<progress max="${row.slices_total || 1}" value="${row.slices_done}" aria-label="slices screened of ${row.slices_total || 0}"></progress>` : "";
+  return `<td class="state state-${esc(row.state)}" data-role="state"><span class="state-text">${esc(text)}</span>${bar}</td>`;
+}
+
+function stateCell(row) {
+  const t = document.createElement("template");
+  t.innerHTML = `<table><tr>${stateHtml(row)}</tr></table>`;
+  return t.content.querySelector("td");
+}
+
+function label(row) {
+  const l = row.labels || {};
+  return l.accession_number ? `Acc. ${l.accession_number}` : row.study_instance_uid;
+}
+
+function rowHtml(row) {
+  const name = esc(label(row));
+  const uid = esc(row.study_instance_uid);
+  const link = row.job_id ? `<a href="#/study/${esc(row.job_id)}" title="${uid}">${name}</a>` : `<span title="${uid}">${name}</span>`;
+  const verdict = row.verdict ? `<span class="verdict verdict-${esc(row.verdict)}">${esc(row.verdict)}</span>`
+    : (row.state === "failed" ? "—" : "");
+  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}">`
+    + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
+    + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
+    + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}</th>`
+    + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
+    + stateHtml(row)
+    + `<td>${verdict}</td>`
+    + `<td class="reason" title="${esc(row.message)}"><code>${esc(row.reason)}</code> ${esc(row.message)}</td>`
+    + `<td class="num">${esc(fmtSeconds(row.time_s))}</td></tr>`;
+}
+
+export function worklistView(main, params) {
+  const filters = {
+    state: STATES.includes(params.get("state")) ? params.get("state") : "",
+    verdict: VERDICTS.includes(params.get("verdict")) ? params.get("verdict") : "",
+    received_from: params.get("received_from") || "",
+    received_to: params.get("received_to") || "",
+  };
+  const offset = Math.max(0, Number(params.get("offset")) || 0);
+  const limit = Math.min(1000, Math.max(1, Number(params.get("limit")) || PAGE));
+
+  const form = h("form", { class: "filters", "aria-label": "Filter the worklist" },
+    select("state", "State", STATES, filters.state),
+    select("verdict", "Verdict", VERDICTS, filters.verdict),
+    h("label", { class: "field" }, "Received from",
+      h("input", { type: "date", name: "received_from", value: filters.received_from })),
+    h("label", { class: "field" }, "to",
+      h("input", { type: "date", name: "received_to", value: filters.received_to })),
+    h("button", { type: "submit" }, "Apply"),
+    h("button", { type: "reset" }, "Clear"));
+  const go = (next) => {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(next)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
+    location.hash = `#/?${q}`;
+  };
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    go({ ...Object.fromEntries(new FormData(form)), limit: limit === PAGE ? "" : limit });
+  });
+  form.addEventListener("reset", (e) => { e.preventDefault(); go({}); });
+
+  const tbody = h("tbody");
+  const table = h("table", { class: "worklist", "aria-describedby": "worklist-caption" },
+    h("caption", { id: "worklist-caption" }, "Studies, newest first"),
+    h("colgroup", {}, ["c-when", "c-date", "c-uid", "c-series", "c-state", "c-verdict", "c-reason", "c-time"]
+      .map((c) => h("col", { class: c }))),
+    h("thead", {}, h("tr", {},
+      ["Received (UTC)", "Study date", "Accession / Study UID", "Series", "State", "Verdict", "Reason", "Time"]
+        .map((t) => h("th", { scope: "col" }, t)))),
+    tbody);
+  const summary = h("p", { class: "pager-summary", "aria-live": "polite" });
+  const prev = h("button", { type: "button", disabled: offset === 0 }, "← Newer");
+  const next = h("button", { type: "button", disabled: true }, "Older →");
+  prev.addEventListener("click", () => go({ ...filters, offset: Math.max(0, offset - limit) }));
+  next.addEventListener("click", () => go({ ...filters, offset: offset + limit }));
+  const live = h("span", { class: "live", id: "live-state" }, "connecting…");
+
+  main.replaceChildren(
+    h("div", { class: "view-head" }, h("h1", {}, "Worklist"), live),
+    form, summary, h("div", { class: "table-wrap" }, table), h("nav", { class: "pager", "aria-label": "Pages" }, prev, next));
+
+  let reloadTimer = null;
+  async function load() {
+    const q = new URLSearchParams({ limit, offset });
+    for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    try {
+      performance.mark("worklist-fetch");
+      const page = await getJson(`/v1/worklist?${q}`);
+      performance.mark("worklist-data");
+      tbody.innerHTML = page.rows.length ? page.rows.map(rowHtml).join("")
+        : '<tr><td colspan="8" class="empty">No study matches.</td></tr>';
+      performance.mark("worklist-dom");
+      requestAnimationFrame(() => setTimeout(() => performance.mark("worklist-painted")));  // after the next paint
+      const last = Math.min(page.total, offset + page.rows.length);
+      summary.textContent = page.total ? `Studies ${offset + 1}–${last} of ${page.total}` : "No studies";
+      next.disabled = last >= page.total;
+      main.dataset.loaded = String(Date.now());
+    } catch (error) {
+      summary.textContent = error instanceof ApiError ? `Cannot load the worklist: ${error.message}` : String(error);
+    }
+  }
+  const reloadSoon = () => { clearTimeout(reloadTimer); reloadTimer = setTimeout(load, 300); };
+
+  const stop = subscribe("/v1/worklist/events", (type, e) => {
+    if (type !== "progress") return;
+    const tr = tbody.querySelector(`tr[data-job-id="${CSS.escape(e.job_id)}"]`);
+    if (!tr) { if (!offset) reloadSoon(); return; }   // a new study on the first page
+    const was = tr.dataset.state;
+    tr.dataset.state = e.state;
+    const row = { state: e.state, slices_done: e.slices_done, slices_total: e.slices_total };
+    tr.querySelector('[data-role="state"]').replaceWith(stateCell(row));
+    if (e.state === "done" || e.state === "failed") { announce(`A study finished: ${e.state}`); reloadSoon(); }
+    else if (was !== e.state) announce(`A study is ${e.state}`);
+  }, { onState: (s) => { live.textContent = s === "live" ? "live" : s; live.dataset.state = s; } });
+
+  load();
+  return () => { stop(); clearTimeout(reloadTimer); };
+}

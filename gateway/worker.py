@@ -1,0 +1,256 @@
+"""The work loops every gateway replica runs: the worker (claims and screens jobs) and the sweeper.
+
+**Worker.** Up to ``max_concurrent_studies`` jobs at once, each claimed from the state store under a
+lease of ``lease_s`` seconds. While a job runs, a heartbeat records progress every
+``progress_interval_s`` (when there is some) and renews the lease at least every ``lease_s / 3``; a replica that loses its lease (it stalled and another took the job over)
+stops working on it, and only the lease holder can write the result. When no Triton endpoint is ready
+the worker claims nothing; when Triton goes away during a study, the job goes back to ``queued`` with
+back-off (``retry_backoff_s`` doubling up to ``retry_backoff_max_s``) until its deadline
+(``job_deadline_s`` after acceptance), then ``failed`` with its instances kept. On shut-down the worker
+stops claiming, gives running jobs ``shutdown_grace_s`` and releases the rest (due at once, for any
+replica).
+
+**Sweeper.** Every ``sweep_interval_s``: closes the STOW / C-STORE study versions quiet for
+``stow_quiet_period_s`` (one job per version, decided atomically in the store), fails queued jobs past
+their deadline, refreshes the job gauges (this replica's share: the jobs it holds and the queued jobs
+it accepted, re-queued or adopted from a replica that shut down, so that the sum over replicas is the
+cluster's backlog: ``ctscreen_backlog_slices`` summed over gateways, which the chart's fleet signal
+``ctscreen:backlog_seconds:fleet`` divides by Triton's rate) and, every minute, enforces
+retention (results and instances, with their blobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.errors import GatewayError
+from gateway.jobs import JobError, JobState
+from gateway.screening import Prepared, Screener
+from gateway.store import BlobStore, Claimed, Store
+from gateway.triton_pool import InferenceFailed, InferenceUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseLost(RuntimeError):
+    """Another replica holds the job now; this one stops working on it."""
+
+
+class Worker:
+    """Claims jobs from the store and screens them (see the module docstring).
+
+    Parameters
+    ----------
+    store, blobs, screener
+        The state store, the blob store and the screening function.
+    settings
+        :class:`~gateway.settings.Settings` (concurrency, lease, back-off, deadline).
+    """
+
+    def __init__(self, store: Store, blobs: BlobStore, screener: Screener, settings: Any) -> None:
+        self.store, self.blobs, self.screener, self.settings = store, blobs, screener, settings
+        self._slots = asyncio.Semaphore(settings.max_concurrent_studies)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready_at = 0.0
+
+    def remember(self, job_id: str, prepared: Prepared) -> None:
+        """Keep an upload decoded by this replica, so that its worker need not decode it again.
+
+        A cache, never the only copy: at most ``max_concurrent_studies`` entries, the oldest dropped.
+        """
+        self._prepared[job_id] = prepared
+        while len(self._prepared) > self.settings.max_concurrent_studies:
+            self._prepared.popitem(last=False)
+
+    def start(self) -> None:
+        """Start claiming."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-worker")
+
+    async def _triton_ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._ready_at:
+            return True
+        ready = await self.screener.pool.is_ready()
+        if ready:
+            self._ready_at = now + 1.0
+        return ready
+
+    async def _loop(self) -> None:
+        poll = self.settings.worker_poll_s
+        while not self._stopping:
+            await self._slots.acquire()
+            job = None
+            try:
+                if await self._triton_ready():
+                    job = await self.store.claim(self.settings.lease_s)
+            except Exception:  # noqa: BLE001 - a database hiccup must not stop the worker
+                logger.exception("claiming a job failed; trying again in %g s", poll)
+            if job is None:
+                self._slots.release()
+                await self.store.changed.wait(poll)
+                continue
+            task = asyncio.get_running_loop().create_task(self._work(job), name=f"job-{job.id}")
+            self._running[job.id] = task
+            task.add_done_callback(lambda _t, jid=job.id: self._done(jid))
+
+    def _done(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._slots.release()
+
+    async def _work(self, job: Claimed) -> None:
+        s = self.settings
+        progress = {"done": 0, "state": JobState.decoding, "total": None, "series": None, "dirty": False}
+        me = asyncio.current_task()
+        assert me is not None
+
+        async def heartbeat() -> None:
+            renewed = time.monotonic()
+            while True:
+                await asyncio.sleep(s.progress_interval_s)
+                if not progress["dirty"] and time.monotonic() - renewed < s.lease_s / 3:
+                    continue  # nothing to record, and the lease is young: no write
+                dirty, progress["dirty"] = progress["dirty"], False
+                kw = {"state": progress["state"], "slices_done": progress["done"]} if dirty else {}
+                renewed = time.monotonic()
+                if not await self.store.heartbeat(job.id, s.lease_s, **kw):
+                    logger.warning("job %s: lease lost; another replica holds it now", job.id)
+                    me.cancel(msg="lease lost")
+                    return
+
+        async def set_state(state: JobState, **kw: Any) -> None:
+            progress["state"] = state
+            if not await self.store.heartbeat(job.id, s.lease_s, state=state, slices_done=progress["done"], **kw):
+                raise LeaseLost(job.id)
+
+        def on_batch(n: int) -> None:
+            progress["done"] += n
+            progress["dirty"] = True
+
+        beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
+        try:
+            prepared = self._prepared.pop(job.id, None)
+            if prepared is None:
+                prepared = await self._prepare(job)
+            await set_state(JobState.inferring, slices_total=prepared.n_slices,
+                            series_instance_uid=prepared.series_instance_uid)
+            result = await self.screener.screen(
+                prepared, job_id=job.id, started=job.created_at, on_batch=on_batch,
+                on_aggregate=lambda: set_state(JobState.aggregating))
+            context = prepared.sr_context.to_json() if prepared.sr_context is not None else None
+            del prepared
+            if not await self.store.finish(job.id, result, context):
+                raise LeaseLost(job.id)
+            logger.info("job %s done: %s (%d slices)", job.id, result.verdict, result.n_slices)
+        except asyncio.CancelledError:
+            raise  # shut-down (released by stop) or lease lost (another replica has it)
+        except LeaseLost:
+            logger.warning("job %s: lease lost before the result was written; left to its new holder", job.id)
+        except InferenceUnavailable as exc:
+            delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
+            state = await self.store.release(job.id, delay, JobError(reason=exc.reason, message=str(exc)))
+            logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
+                           f"next try in {delay:g} s" if state == "queued" else state)
+            self._ready_at = 0.0
+        except GatewayError as exc:
+            await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
+        except InferenceFailed as exc:
+            await self._fail(job, JobError(reason=exc.reason, message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
+            logger.exception("job %s failed", job.id)
+            await self._fail(job, JobError(reason="internal",
+                                           message=f"Internal error while screening: {type(exc).__name__}: {exc}"))
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def _prepare(self, job: Claimed) -> Prepared:
+        files = await self.store.instance_files(job.study_id)
+        if not files:
+            from gateway.errors import Unavailable
+
+            raise Unavailable("The study's instances are no longer kept (retention); send it again.")
+        try:
+            sources = await asyncio.to_thread(lambda: [(name, self.blobs.get(key)) for name, key in files])
+        except FileNotFoundError as exc:
+            from gateway.errors import Unavailable
+
+            raise Unavailable(f"An instance of the study is missing from the blob store: {exc.filename}") from None
+        return await self.screener.prepare(sources)
+
+    async def _fail(self, job: Claimed, error: JobError) -> None:
+        self.screener.metrics.error(error.reason)
+        self.screener.metrics.studies.labels("failed").inc()
+        if await self.store.fail(job.id, error):
+            logger.info("job %s failed: %s", job.id, error.reason)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming, give running jobs ``grace_s`` seconds, release the others to any replica."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = list(self._running.values())
+        if tasks and grace_s > 0:
+            logger.info("draining %d running jobs (up to %g s)", len(tasks), grace_s)
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in self._running.values():
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            released = await self.store.release_all()
+            if released:
+                logger.warning("released %d unfinished jobs for other replicas (or the next start)", released)
+
+
+class Sweeper:
+    """Study completion, deadlines, gauges and retention (see the module docstring)."""
+
+    retention_every_s = 60.0
+
+    def __init__(self, store: Store, blobs: BlobStore, settings: Any,
+                 before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.store, self.blobs, self.settings = store, blobs, settings
+        self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
+        self.counts: tuple[int, int, int] = (0, 0, 0)
+        self._task: asyncio.Task[None] | None = None
+        self._retention_at = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-sweeper")
+
+    async def sweep(self) -> None:
+        """One pass."""
+        s = self.settings
+        await self.store.complete_due(s.stow_quiet_period_s, s.job_deadline_s)
+        await self.store.fail_overdue()
+        await self.store.adopt()  # queued jobs a replica left at shut-down: counted here from now on
+        self.counts = await self.store.counts(mine=True)
+        if time.monotonic() >= self._retention_at:
+            self._retention_at = time.monotonic() + self.retention_every_s
+            if self.before_expire is not None:
+                await self.before_expire()
+            keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
+            for key in keys:
+                await asyncio.to_thread(self.blobs.delete, key)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
+                logger.exception("sweep failed; trying again")
+            await asyncio.sleep(self.settings.sweep_interval_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,256 @@
+"""Deliveries as durable tasks, against a real Orthanc (``tests/orthanc.py``), without Triton.
+
+A done job is made in a real state store (SQLite) and blob folder from phantom DICOM files and a case
+result with boxes on three slices; the :class:`~gateway.delivery.deliverer.Deliverer` then sends its SR and
+key images by C-STORE to Orthanc. Orthanc stopped during delivery: the task retries with back-off and
+delivers once it is back, exactly once. Attempts exhausted: ``failed`` with the payload kept, re-sent on
+request. The destinations file: one-line errors, secrets never shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+from prometheus_client import CollectorRegistry
+
+import phantom
+from aggregator.case import SliceInput, decide
+from gateway.delivery import DestinationsError, load_destinations, parse_destinations
+from gateway.delivery.deliverer import Deliverer
+from gateway.report import sr_context
+from gateway.settings import Settings
+from gateway.store import FolderBlobs, Store, new_key
+from gateway.store.deliveries import Deliveries
+from gateway.store.migrate import upgrade
+from tests.orthanc import OrthancServer, dicomweb_plugin, orthanc_bin
+
+pytestmark = [pytest.mark.timeout(120)]
+needs_orthanc = pytest.mark.skipif(orthanc_bin() is None or dicomweb_plugin() is None,
+                                   reason="Orthanc + DICOMweb plugin not installed: scripts/setup.sh --test")
+N_SLICES = 8
+LESION = np.array([[200, 180, 240, 220, 0.9]], np.float32)
+VA = np.array([60, 60, 450, 450], np.float32)
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    if orthanc_bin() is None or dicomweb_plugin() is None:
+        pytest.skip("Orthanc + DICOMweb plugin not installed: scripts/setup.sh --test installs them")
+    server = OrthancServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _write(out: Path, salt: str) -> list[Path]:
+    """A small phantom study; each ``salt`` gives other UIDs (a study Orthanc has not seen)."""
+    study = phantom.make_study(seed=5, kind="covid", n_slices=N_SLICES, matrix=256)
+    return sorted((Path(phantom.write_study(study, out / salt, montage=False, salt=salt)) / "dicom").rglob("*.dcm"))
+
+
+@pytest.fixture
+def study_files(tmp_path, request) -> list[Path]:
+    return _write(tmp_path / "study", request.node.name[-40:].replace("[", "_").replace("]", "_"))
+
+
+def _settings(tmp_path: Path, **kw) -> Settings:
+    base = {"data_dir": tmp_path, "delivery_backoff_s": 0.2, "delivery_backoff_max_s": 0.4,
+            "delivery_max_attempts": 50, "delivery_poll_s": 0.1}
+    return Settings(**{**base, **kw})
+
+
+async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/"):
+    """A done job in a fresh store: the files as its instances, a positive result on slices 2..4."""
+    await asyncio.to_thread(upgrade, settings.database())
+    store, blobs = Store(settings.database()), FolderBlobs(settings.blobs())
+    sources, stored = [], []
+    for f in files:
+        data = f.read_bytes()
+        key = new_key()
+        blobs.put(key, data)
+        sources.append((f"{filename_prefix}{f.name}", data))
+        stored.append((f"{filename_prefix}{f.name}", key, len(data)))
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    study_uid = str(headers[0].StudyInstanceUID)
+    view = await store.accept_upload(study_uid, stored, 3600.0)
+    claimed = await store.claim(30.0)
+    assert claimed is not None and claimed.id == view.job_id
+    inputs = [SliceInput(str(d.SOPInstanceUID), float(d.ImagePositionPatient[2]),
+                         LESION if k in (2, 3, 4) else np.zeros((0, 5)), VA, rows=int(d.Rows), cols=int(d.Columns))
+              for k, d in enumerate(headers)]
+    result = decide(inputs).to_result(study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID),
+                                      job_id=view.job_id)
+    assert result.verdict == "positive"
+    study = SimpleNamespace(slices=[SimpleNamespace(sop_instance_uid=str(d.SOPInstanceUID),
+                                                    filename=f"{filename_prefix}{Path(d.filename).name}")
+                                    for d in headers])
+    context = sr_context(sources, study)
+    assert await store.finish(view.job_id, result, context.to_json() if context else None)
+    return store, blobs, result
+
+
+def _pacs(orthanc: OrthancServer, **kw) -> dict:
+    return {"name": "pacs", "kind": "dicom", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+            "port": orthanc.dicom_port, **kw}
+
+
+async def _until(deliverer: Deliverer, job_id: str, states: set[str], timeout: float = 60.0, *,
+                 at_least_attempts: int = 0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await deliverer.poll()
+        await asyncio.sleep(0.1)
+        tasks = await deliverer.tasks.of_job(job_id)
+        if tasks and all(t.state in states and t.attempts >= at_least_attempts for t in tasks):
+            return tasks
+    raise AssertionError(f"deliveries of {job_id} not in {states}: {await deliverer.tasks.of_job(job_id)}")
+
+
+def _orthanc_series(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]]:
+    """Modality -> SOP Instance UIDs Orthanc holds for the study."""
+    out: dict[str, list[str]] = {}
+    for inst in orthanc.instances_of_study(study_uid):
+        series = orthanc.get(f"/series/{inst['ParentSeries']}")
+        out.setdefault(series["MainDicomTags"]["Modality"], []).append(inst["MainDicomTags"]["SOPInstanceUID"])
+    return out
+
+
+@needs_orthanc
+def test_orthanc_down_during_delivery_then_back_delivers_exactly_once(orthanc, study_files, tmp_path):
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files)
+        registry = CollectorRegistry()
+        deliverer = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, registry)
+        try:
+            orthanc.stop()
+            tasks = await _until(deliverer, result.job_id, {"pending"}, at_least_attempts=2)
+            assert "cannot reach" in (tasks[0].error or "") or "no association" in (tasks[0].error or "")
+            assert tasks[0].payload and tasks[0].sent == ()
+            failures = registry.get_sample_value("ctscreen_delivery_failures_total", {"destination": "pacs"})
+            assert failures >= 2
+            orthanc.start()
+            (task,) = await _until(deliverer, result.job_id, {"done"})
+            objects = task.payload["objects"]
+            assert [o["kind"] for o in objects] == ["sr"] + ["key_image"] * len(result.evidence.slices)
+            assert sorted(task.sent) == sorted(o["uid"] for o in objects)
+            held = _orthanc_series(orthanc, result.study_instance_uid)
+            assert held.get("SR") == [objects[0]["uid"]]
+            assert sorted(held.get("OT", [])) == sorted(o["uid"] for o in objects[1:])
+            sent_total = registry.get_sample_value("ctscreen_delivery_objects_total", {"destination": "pacs"})
+            assert sent_total == len(objects)  # each object acknowledged once: nothing sent twice
+            for _ in range(3):  # a done task is never sent again by the loop
+                await deliverer.poll()
+            assert registry.get_sample_value("ctscreen_delivery_objects_total", {"destination": "pacs"}) == len(objects)
+            assert registry.get_sample_value("ctscreen_deliveries_total",
+                                             {"destination": "pacs", "outcome": "done"}) == 1
+            with pytest.raises(ValueError, match="delivered to pacs already"):
+                await deliverer.tasks.resend(result.job_id, "pacs", "dicom")
+        finally:
+            if orthanc._proc is None:
+                orthanc.start()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@needs_orthanc
+def test_exhausted_attempts_fail_keep_the_payload_and_resend_delivers(orthanc, study_files, tmp_path):
+    async def scenario():
+        settings = _settings(tmp_path, delivery_max_attempts=2)
+        store, blobs, result = await _done_job(settings, study_files, filename_prefix="dimse:CT_ROOM_1@127.0.0.1#")
+        wrong = _pacs(orthanc, port=orthanc.dicom_port, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
+        ris_rule = {"name": "only-ct2", "kind": "dicom", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                    "port": orthanc.dicom_port, "rule": {"calling_ae_titles": ["CT_ROOM_2"]}}
+        deliverer = Deliverer(store, blobs, parse_destinations([wrong, ris_rule]), settings, CollectorRegistry())
+        try:
+            tasks = {t.destination: t for t in await _until(deliverer, result.job_id, {"failed", "skipped"})}
+            assert tasks["only-ct2"].state == "skipped"  # the study came from CT_ROOM_1
+            failed = tasks["pacs"]
+            assert failed.state == "failed" and "rejected" in failed.error
+            assert all(blobs.get(o["blob_key"]) for o in failed.payload["objects"])  # payload kept
+            assert _orthanc_series(orthanc, result.study_instance_uid) == {}
+            fixed = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, CollectorRegistry())
+            again = await fixed.tasks.resend(result.job_id, "pacs", "dicom")
+            assert again.state == "pending" and again.attempts == 0
+            (done,) = [t for t in await _until(fixed, result.job_id, {"done", "skipped"}) if t.destination == "pacs"]
+            assert done.payload == failed.payload  # the same objects, built once
+            assert set(_orthanc_series(orthanc, result.study_instance_uid)) == {"SR", "OT"}
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PACS_TOKEN", "s3cr3t-token")
+    good = tmp_path / "d.yaml"
+    good.write_text("destinations:\n"
+                    "  - {name: web, kind: stowrs, url: 'http://pacs/dicom-web',"
+                    " headers: {Authorization: 'Bearer ${PACS_TOKEN}'}}\n"
+                    "  - {name: ris, kind: fhir, url: 'https://ris/fhir', rule: {verdicts: [positive]}}\n")
+    web, ris = load_destinations(good)
+    assert web.header_values() == {"Authorization": "Bearer s3cr3t-token"}
+    assert "s3cr3t" not in repr(web) and "s3cr3t" not in str(web.model_dump())
+    assert ris.rule.admits("negative", set()) and ris.rule.admits("positive", set()) is None
+    cases = {
+        "dup.json": (json.dumps([{"name": "a", "kind": "fhir", "url": "http://x"}] * 2), "unique"),
+        "port.yaml": ("destinations: [{name: p, kind: dicom, ae_title: A, host: h, port: 70000}]", "port"),
+        "kind.yaml": ("destinations: [{name: p, kind: ftp}]", "destinations.0"),
+        "env.yaml": ("destinations: [{name: w, kind: fhir, url: 'http://x', headers: {X: '${NOPE_UNSET}'}}]",
+                     "NOPE_UNSET"),
+        "bad.yaml": ("destinations: [unclosed", "not valid YAML"),
+    }
+    for name, (text, expected) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DestinationsError, match=expected) as exc:
+            load_destinations(path)
+        assert "\n" not in str(exc.value)
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text("destinations: [{name: w, kind: fhir, url: 'ftp://x', headers: {A: 'Bearer s3cr3t-token'}}]")
+    with pytest.raises(DestinationsError) as exc:
+        load_destinations(leaky)
+    assert "s3cr3t" not in str(exc.value)
+    from gateway.cli import serve_main
+
+    with pytest.raises(SystemExit) as stop:
+        serve_main(["--destinations", str(tmp_path / "port.yaml")])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and last.startswith("ctscreen serve: error: destinations file") and "port" in last
+    with pytest.raises(ValueError, match="destinations"):
+        Settings(destinations_file=tmp_path / "missing.yaml")
+
+
+def test_sr_of_a_stored_job_parses_and_refers_to_its_instances(study_files, tmp_path):
+    """The payload builder reads the stored instances (blob folder) and makes a highdicom-readable SR."""
+    import highdicom
+
+    from gateway.delivery.payloads import build_dicom
+
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files)
+        files, _ = await Deliveries(store).job_sources(result.job_id)
+        await store.close()
+        return blobs, result, [(n, blobs.get(k)) for n, k in files]
+
+    blobs, result, sources = asyncio.run(scenario())
+    made = build_dicom(result, sources, ["sr", "key_images"], lambda data: (k := new_key(), blobs.put(k, data))[0])
+    sr = highdicom.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(blobs.get(made[0]["blob_key"]))))
+    src = pydicom.dcmread(study_files[0], stop_before_pixels=True)
+    assert (sr.PatientID, sr.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
+    refs = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for g in sr.content.get_planar_roi_measurement_groups()}
+    assert refs == {s.sop_instance_uid for s in result.evidence.slices}

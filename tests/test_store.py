@@ -1,0 +1,309 @@
+"""The state store (``gateway/store``) on real SQLite and a real PostgreSQL 15 server.
+
+Migrations upgrade an empty database and one at the previous revision; claims, study completion and
+results are decided once however many replicas (``Store`` objects with their own connections and
+owner names) race for them; an expired lease is taken over and the old holder can no longer write;
+deadlines and retention do what the settings say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sqlalchemy import inspect, select, text, update
+
+from aggregator.case import CaseRule, decide
+from aggregator.schema import CaseResult, Timings
+from gateway.jobs import JobError
+from gateway.store import Store
+from gateway.store.migrate import current, head, upgrade
+from gateway.store.models import Job, Result, Study
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _result(job_id: str, uid: str = "1.2.3") -> CaseResult:
+    return decide([], CaseRule()).to_result(study_instance_uid=uid, series_instance_uid="1.2.3.4", models=[],
+                                            timings=Timings(), job_id=job_id)
+
+
+async def _tables(store: Store) -> set[str]:
+    async with store.engine.connect() as c:
+        return set(await c.run_sync(lambda sync: inspect(sync).get_table_names()))
+
+
+def test_upgrade_from_empty(db_url):
+    upgrade(db_url)
+
+    async def check():
+        store = Store(db_url)
+        try:
+            assert await current(store.engine) == head()
+            assert {"studies", "instances", "jobs", "results", "events"} <= await _tables(store)
+        finally:
+            await store.close()
+
+    _run(check())
+    upgrade(db_url)  # again: nothing to do
+
+
+def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
+    upgrade(db_url, "0001")
+
+    async def before():
+        store = Store(db_url)
+        try:
+            assert await current(store.engine) == "0001" and "events" not in await _tables(store)
+            await store.add_instance("1.2.3", "1.2.3.1", "a.dcm", "k1", 10)
+        finally:
+            await store.close()
+
+    async def after():
+        store = Store(db_url)
+        try:
+            assert await current(store.engine) == head() and "events" in await _tables(store)
+            study = await store.study("1.2.3")
+            assert (study.state, study.instances) == ("receiving", 1)
+            [job_id] = await store.complete_due(0, 60)  # the new table is used at once
+            assert await store.events_after(job_id, 0)
+        finally:
+            await store.close()
+
+    _run(before())
+    upgrade(db_url)
+    _run(after())
+
+
+async def _queue(store: Store, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        await store.add_instance(f"1.2.{i}", f"1.2.{i}.1", "a.dcm", f"k{i}", 1)
+        ids += await store.complete_now(f"1.2.{i}", 60),
+    return [v.job_id for v in ids]
+
+
+def test_concurrent_claims_take_each_job_once(db_url):
+    upgrade(db_url)
+
+    async def go():
+        stores = [Store(db_url, owner=f"replica-{i}") for i in range(4)]
+        try:
+            ids = await _queue(stores[0], 12)
+
+            async def drain(store: Store) -> list[str]:
+                got = []
+                while (job := await store.claim(60)) is not None:
+                    got.append(job.id)
+                    await asyncio.sleep(0)
+                return got
+
+            taken = await asyncio.gather(*(drain(s) for s in stores))
+            flat = [j for t in taken for j in t]
+            assert sorted(flat) == sorted(ids)  # each job once, none left
+            if stores[0].dialect == "postgresql":
+                assert sum(1 for t in taken if t) >= 2  # SKIP LOCKED: replicas did not queue behind each other
+        finally:
+            for s in stores:
+                await s.close()
+
+    _run(go())
+
+
+def test_study_completion_is_decided_once_by_racing_sweepers(db_url):
+    upgrade(db_url)
+
+    async def go():
+        stores = [Store(db_url, owner=f"replica-{i}") for i in range(4)]
+        try:
+            for i in range(20):
+                await stores[i % 4].add_instance("9.9.9", f"9.9.9.{i}", f"{i}.dcm", f"k{i}", 1)
+            made = await asyncio.gather(*(s.complete_due(0, 60) for s in stores for _ in range(3)))
+            jobs = [j for m in made for j in m]
+            assert len(jobs) == 1
+            view = await stores[0].job(jobs[0])
+            assert view.files == 20
+        finally:
+            for s in stores:
+                await s.close()
+
+    _run(go())
+
+
+def test_instances_racing_into_a_new_study_land_in_one_version(db_url):
+    upgrade(db_url)
+
+    async def go():
+        stores = [Store(db_url, owner=f"replica-{i}") for i in range(3)]
+        try:
+            await asyncio.gather(*(stores[i % 3].add_instance("7.7.7", f"7.7.7.{i}", f"{i}.dcm", f"k{i}", 1)
+                                   for i in range(15)))
+            async with stores[0].read() as s:
+                versions = (await s.execute(select(Study.version, Study.state)
+                                            .where(Study.study_instance_uid == "7.7.7"))).all()
+            assert versions == [(1, "receiving")]
+            assert (await stores[0].study("7.7.7")).instances == 15
+        finally:
+            for s in stores:
+                await s.close()
+
+    _run(go())
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_write(db_url):
+    upgrade(db_url)
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            [job_id] = await _queue(a, 1)
+            claimed = await a.claim(lease_s=0.3)
+            assert claimed is not None and await b.claim(60) is None  # held
+            await asyncio.sleep(0.4)
+            taken = await b.claim(60)
+            assert taken is not None and taken.id == job_id and taken.attempts == 2
+            assert not await a.heartbeat(job_id, 60)
+            assert not await a.finish(job_id, _result(job_id), None)
+            assert await b.finish(job_id, _result(job_id), None)
+            async with a.read() as s:
+                assert len((await s.execute(select(Result).where(Result.job_id == job_id))).all()) == 1
+            assert (await a.job(job_id)).state == "done"
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
+def test_back_off_then_deadline_then_retry(db_url):
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [job_id] = await _queue(store, 1)
+            await store.claim(60)
+            error = JobError(reason="triton_unavailable", message="Triton is down.")
+            assert await store.release(job_id, 30, error) == "queued"
+            assert await store.claim(60) is None  # not due for 30 s
+            view = await store.job(job_id)
+            assert view.state == "queued" and view.next_attempt_at is not None and view.error.reason == error.reason
+            async with store.tx() as s:  # the deadline passes
+                await s.execute(update(Job).where(Job.id == job_id).values(deadline_at=time.time() - 1))
+            assert await store.fail_overdue() == 1
+            view = await store.job(job_id)
+            assert view.state == "failed" and "retry" in view.error.message
+            assert (await store.retry(job_id, 60)).state == "queued"
+            assert (await store.claim(60)).id == job_id
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_retention_removes_old_results_and_instances(db_url):
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [old, new] = await _queue(store, 2)
+            for job_id in (old, new):
+                await store.claim(60)
+                assert await store.finish(job_id, _result(job_id), None)
+            async with store.tx() as s:
+                await s.execute(update(Job).where(Job.id == old).values(finished_at=time.time() - 100))
+            keys = await store.expire(results_s=1000, instances_s=50)
+            assert keys == ["k0"]  # the old job's instance; its result stays
+            assert (await store.job(old)).result is not None
+            assert await store.instance_files(await _study_id(store, old)) == []
+            keys = await store.expire(results_s=50, instances_s=50)
+            with pytest.raises(KeyError):
+                await store.job(old)
+            assert (await store.job(new)).state == "done"
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+async def _study_id(store: Store, job_id: str) -> int:
+    async with store.read() as s:
+        return (await s.execute(select(Job.study_id).where(Job.id == job_id))).scalar_one()
+
+
+def test_sqlite_is_in_wal_mode_with_full_sync(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    upgrade(url)
+
+    async def go():
+        store = Store(url)
+        try:
+            async with store.read() as s:
+                assert (await s.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+                assert (await s.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_other_replicas_are_woken_by_job_events_on_postgresql(pg_url):
+    """LISTEN/NOTIFY: a job queued by one replica wakes a waiter of another at once (not by polling)."""
+    upgrade(pg_url)
+
+    async def go():
+        a, b = Store(pg_url, owner="a"), Store(pg_url, owner="b")
+        try:
+            a.listen()
+            await a.changed.wait(10)  # the listener is up (it wakes the waiters once when it starts)
+            await b.add_instance("5.5.5", "5.5.5.1", "a.dcm", "k", 1)
+            waiter = asyncio.ensure_future(a.changed.wait(10))
+            await asyncio.sleep(0.1)
+            await b.complete_now("5.5.5", 60)
+            assert await waiter  # woken, not timed out
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
+def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_down(db_url):
+    """``counts(mine=True)`` partitions the open jobs over live replicas (what the fleet signal sums)."""
+    upgrade(db_url)
+
+    async def go():
+        a, b, c = Store(db_url, owner="a"), Store(db_url, owner="b"), Store(db_url, owner="c")
+        try:
+            await _queue(a, 3)
+            await _queue(b, 2)
+            assert (await a.claim(60)) is not None  # a holds one, two queued jobs it accepted wait
+            cluster = await a.counts()
+
+            def total(*shares):
+                return tuple(sum(x) for x in zip(*shares, strict=True))
+
+            assert total(await a.counts(mine=True), await b.counts(mine=True)) == cluster
+            await a.release_all()  # a scales down: its running and queued jobs must not drop out of the sum
+            assert await a.counts(mine=True) == (0, 0, 0)
+            adopted = await asyncio.gather(b.adopt(), c.adopt())
+            assert sum(adopted) == 3  # each orphaned job adopted once
+            after = await b.counts()
+            assert after == (cluster[0] + cluster[1], 0, cluster[2])  # the released job is queued again
+            assert total(await b.counts(mine=True), await c.counts(mine=True)) == after
+        finally:
+            for s in (a, b, c):
+                await s.close()
+
+    _run(go())

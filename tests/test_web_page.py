@@ -1,0 +1,287 @@
+"""The web page in a real browser: Debian's Chromium (headless) driven by Playwright, against a live
+gateway (uvicorn) on the session's real embedded Triton, with phantom studies screened for real.
+
+One gateway per module; small studies (24 slices, 256 matrix). The screenshots under ``docs/ui/`` are
+written here (``CTSCREEN_UI_SCREENSHOTS=0`` turns that off).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+
+import phantom
+from aggregator.schema import CaseResult
+from gateway.cli import collect_files, run_stack, screen_paths
+
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CTSCREEN_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = ROOT / "docs" / "ui"
+N_SLICES = 24
+# the scanner's 512 matrix: 256-matrix phantoms of healthy patients come out positive with the shipped
+# weights (resampling artefacts read as lesions), which would make the "normal" study useless here
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+    pytest.skip("Debian's chromium is not installed: scripts/setup.sh --test installs it", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def stack(triton, tmp_path_factory):
+    """A live gateway; progress written every 0.2 s and small batches, so screening shows steps."""
+    overrides = {"data_dir": tmp_path_factory.mktemp("web-data"), "stow_quiet_period_s": 3600.0, "progress_interval_s": 0.2, "triton_batch_size": 2,
+                 "max_concurrent_studies": 1}
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("web-studies")
+    made = {"covid": phantom.make_study(seed=11, kind="covid", n_slices=N_SLICES),
+            "normal": phantom.make_study(seed=11, kind="normal", n_slices=N_SLICES),
+            "third": phantom.make_study(seed=12, kind="covid", n_slices=2 * N_SLICES)}
+    return {name: Path(phantom.write_study(study, out / name)) for name, study in made.items()}
+
+
+@pytest.fixture(scope="module")
+def screened(stack, studies) -> dict[str, tuple[str, CaseResult]]:
+    """The COVID and the normal study screened through the gateway: ``name -> (job id, result)``."""
+    outcomes = screen_paths(stack.url, [studies["covid"], studies["normal"]], quiet=True)
+    out = {}
+    for name, o in zip(("covid", "normal"), outcomes, strict=True):
+        assert o.error is None, o.error
+        out[name] = (o.job_id, CaseResult.model_validate(o.result))
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield pg
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _shot(page: Any, name: str) -> None:
+    if os.environ.get("CTSCREEN_UI_SCREENSHOTS", "1") != "0":
+        from PIL import Image
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / name))
+        with Image.open(SCREENSHOTS / name) as shot:  # a small palette PNG for the README
+            small = shot.convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+        small.save(SCREENSHOTS / name, optimize=True)
+
+
+def _box(b: Any) -> tuple[int, int, int, int]:
+    o = b.original if b.original is not None else b.grid
+    return (o.x0, o.y0, o.x1, o.y1)
+
+
+# --- the page in the browser ------------------------------------------------------------------------
+def test_worklist_shows_both_studies_with_their_verdicts(stack, screened, page):
+    page.goto(stack.url + "/")
+    for name, verdict in (("covid", "positive"), ("normal", "negative")):
+        job_id, result = screened[name]
+        assert result.verdict == verdict
+        row = page.locator(f'tr[data-job-id="{job_id}"]')
+        row.wait_for()
+        assert row.get_attribute("data-state") == "done"
+        assert row.get_attribute("data-verdict") == verdict
+        assert row.locator(".verdict").inner_text() == verdict
+        assert "Acc. A00000011" in row.inner_text() and "phantom" in row.inner_text()  # labels, patient-free
+    assert "Phantom^" not in page.content()  # the patient's name is never on the page
+    loaded = page.get_attribute("main", "data-loaded")
+    page.select_option("#f-verdict", "positive")
+    page.click("form.filters button[type=submit]")
+    # the filtered page is in (the new view's table is empty until then: no negative row proves nothing)
+    page.wait_for_function(f"(document.querySelector('main').dataset.loaded || '{loaded}') !== '{loaded}'")
+    assert page.locator('tr[data-verdict="negative"]').count() == 0
+    assert page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').count() == 1
+    page.goto(stack.url + "/")
+    page.locator(f'tr[data-job-id="{screened["normal"][0]}"]').wait_for()
+    _shot(page, "worklist.png")
+
+
+def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened, studies, page):
+    job_id, result = screened["covid"]
+    assert result.evidence is not None and result.evidence.qualifies
+    run = result.evidence.slices
+    target = run[len(run) // 2].index  # a slice in the middle of the qualifying run
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    stage = page.locator("#viewer")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    page.click(f'.strip button[data-index="{target}"]')
+    page.wait_for_selector(f'#viewer[data-index="{target}"][data-ready=true]')
+    drawn = page.eval_on_selector_all(
+        "#viewer rect.lesion", "rs => rs.map(r => [r.dataset.x0, r.dataset.y0, r.dataset.x1, r.dataset.y1, "
+        "r.classList.contains('in-run')].map(v => typeof v === 'boolean' ? v : Number(v)))")
+    finding = result.slices[target]
+    expected = [[*_box(b), result.evidence.quadrant in b.quadrants] for b in finding.boxes]
+    assert finding.boxes and sorted(map(list, drawn)) == sorted(expected)
+    assert any(e[4] for e in expected)  # the run's boxes are highlighted
+    assert page.locator("#viewer rect.quadrant").get_attribute("data-quadrant") == result.evidence.quadrant
+    va = finding.valid_area_original
+    rect = page.locator("#viewer rect.valid-area")
+    assert [float(rect.get_attribute(k)) for k in ("x", "y", "width", "height")] == [
+        va.x0, va.y0, va.x1 - va.x0 + 1, va.y1 - va.y0 + 1]
+    size = page.eval_on_selector("#viewer img", "i => [i.naturalWidth, i.naturalHeight]")
+    ds = pydicom.dcmread(collect_files(studies["covid"])[0], stop_before_pixels=True)
+    assert size == [ds.Columns, ds.Rows]  # the stored grid: the original boxes need no scaling
+    assert f"{finding.position_mm:.1f} mm" in page.inner_text("#readout")
+    page.evaluate("window.scrollTo(0, 0)")
+    _shot(page, "study.png")
+    # keys and wheel step through the slices; the window presets switch
+    stage.focus()
+    page.keyboard.press("ArrowDown")
+    page.wait_for_selector(f'#viewer[data-index="{target + 1}"][data-ready=true]')
+    page.keyboard.press("Home")
+    page.wait_for_selector('#viewer[data-index="0"][data-ready=true]')
+    stage.hover()
+    page.mouse.wheel(0, 120)
+    page.wait_for_selector('#viewer[data-index="1"][data-ready=true]')
+    page.keyboard.press("m")
+    page.wait_for_selector('button[data-window="mediastinum"][aria-pressed="true"]')
+    assert "Mediastinum window" in page.inner_text("#readout")
+    assert page.locator("#viewer rect.lesion").count() == len(result.slices[1].boxes)
+
+
+def test_progress_streams_while_a_third_study_is_screening(stack, screened, studies, page):
+    page.goto(stack.url + "/")
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    page.wait_for_selector('#live-state[data-state="live"]')
+    page.evaluate("""() => {
+        window.__seen = [];
+        new MutationObserver(() => {
+            for (const td of document.querySelectorAll('tr[data-state] td.state')) {
+                const t = td.innerText.trim();
+                if (window.__seen[window.__seen.length - 1] !== t) window.__seen.push(t);
+            }
+        }).observe(document.querySelector('table.worklist tbody'), {subtree: true, childList: true,
+                                                                     characterData: true});
+    }""")
+    job: dict[str, Any] = {}
+
+    def upload() -> None:
+        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(studies["third"])]
+        job.update(httpx.post(stack.url + "/v1/studies", files=files, timeout=120).json())
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    page.wait_for_selector('tr[data-state="screening"]', timeout=120_000)
+    _shot(page, "worklist-screening.png")
+    sender.join()
+    row = page.locator(f'tr[data-job-id="{job["job_id"]}"]')
+    row.wait_for()
+    page.wait_for_function(f"""() => document.querySelector('tr[data-job-id="{job["job_id"]}"]')
+        ?.dataset.verdict""", timeout=120_000)  # done over SSE, then the row reloads with its verdict
+    seen = page.evaluate("window.__seen")
+    steps = [tuple(map(int, m.groups())) for t in seen if (m := re.match(r"screening (\d+)/(\d+)", t))]
+    assert len({d for d, _ in steps}) >= 2, f"too few progress updates over SSE: {seen}"
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps) and all(n == 2 * N_SLICES for _, n in steps)
+    assert row.get_attribute("data-verdict") in ("positive", "negative", "indeterminate")
+
+
+def test_service_view_shows_triton_and_throughput(stack, screened, page):
+    page.goto(f"{stack.url}/#/service")
+    page.wait_for_selector("table.endpoints tr[data-ready=true]")
+    assert stack.triton_url in page.inner_text("table.endpoints")
+    page.wait_for_function("document.querySelector('#p50').innerText !== '—'")
+    assert float(page.inner_text("#per-hour")) >= 2
+    first = page.get_attribute("main", "data-loaded")
+    page.wait_for_function(f"document.querySelector('main').dataset.loaded !== '{first}'", timeout=10_000)
+    _shot(page, "service.png")
+
+
+def test_sign_in_box_puts_the_credential_on_every_request(stack, screened, page):
+    seen: list[str | None] = []
+    page.on("request", lambda r: seen.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+    page.goto(stack.url + "/")
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    assert seen and all(h is None for h in seen)  # loopback without auth: no sign-in needed
+    page.click("#signin-toggle")
+    page.fill("#credential", "cts_example-key")
+    page.click("#signin-form button[type=submit]")
+    seen.clear()
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    page.goto(f'{stack.url}/#/study/{screened["covid"][0]}')
+    page.wait_for_selector("#viewer[data-ready=true]")
+    assert seen and all(h == "Bearer cts_example-key" for h in seen)  # JSON, events stream and images
+    assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") == "cts_example-key"
+
+
+# --- the routes behind it ---------------------------------------------------------------------------
+def test_worklist_route_filters_and_pages_in_the_server(stack, screened):
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        everything = c.get("/v1/worklist").json()
+        assert everything["total"] >= 2
+        received = [r["received_at"] for r in everything["rows"]]
+        assert received == sorted(received, reverse=True)
+        positive = c.get("/v1/worklist", params={"verdict": "positive"}).json()
+        assert screened["covid"][0] in {r["job_id"] for r in positive["rows"]}
+        assert screened["normal"][0] not in {r["job_id"] for r in positive["rows"]}
+        one = c.get("/v1/worklist", params={"limit": 1, "offset": 1, "state": "done"}).json()
+        assert len(one["rows"]) == 1 and one["total"] >= 2
+        assert c.get("/v1/worklist", params={"received_from": "2999-01-01"}).json()["total"] == 0
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        assert c.get("/v1/worklist", params={"received_to": today}).json()["total"] == everything["total"]
+        row = next(r for r in everything["rows"] if r["job_id"] == screened["covid"][0])
+        assert row["labels"]["accession_number"] == "A00000011" and row["time_s"] > 0 and row["reason"] == "run_found"
+        for bad in ({"verdict": "maybe"}, {"state": "lost"}, {"limit": 0}, {"received_from": "yesterday"}):
+            r = c.get("/v1/worklist", params=bad)
+            assert r.status_code == 422 and r.json()["reason"] == "bad_request", bad
+
+
+def test_slice_png_is_cached_and_refuses_clearly(stack, screened):
+    job_id, result = screened["covid"]
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        r = c.get(f"/v1/jobs/{job_id}/slices/3.png", params={"window": "mediastinum"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+        assert "max-age" in r.headers["cache-control"]
+        again = c.get(f"/v1/jobs/{job_id}/slices/3.png", params={"window": "mediastinum"},
+                      headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and not again.content
+        lung = c.get(f"/v1/jobs/{job_id}/slices/3.png")
+        assert lung.headers["etag"] != r.headers["etag"] and lung.content != r.content
+        cases = {f"/v1/jobs/{job_id}/slices/{result.n_slices}.png": (404, "no_such_slice"),
+                 "/v1/jobs/0123456789abcdef/slices/0.png": (404, "not_found"),
+                 f"/v1/jobs/{job_id}/slices/0.png?window=bone": (422, "bad_request"),
+                 f"/v1/jobs/{job_id}/slices/x.png": (422, "bad_request")}
+        for path, (status, reason) in cases.items():
+            got = c.get(path)
+            assert (got.status_code, got.json()["reason"]) == (status, reason), path
+
+
+def test_service_route_reports_endpoints_and_latency(stack, screened):
+    d = httpx.get(stack.url + "/v1/service", timeout=30).json()
+    assert d["endpoints"] == [{"url": stack.triton_url, "ready": True, "slices_per_second": d["endpoints"][0][
+        "slices_per_second"]}]
+    assert d["p50_s"] > 0 and d["p95_s"] >= d["p50_s"] and d["studies_per_hour"] >= 2
+    assert d["backlog_slices"] >= 0 and isinstance(d["failures"], list)

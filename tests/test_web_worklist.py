@@ -1,0 +1,125 @@
+"""The worklist's queries on a real SQLite state store (revision 0004): filters, paging, order, indexes,
+labels; and the pure pieces of the slice renderer. No Triton, no browser (``tests/test_web_page.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+import phantom
+from benchmarks.web_worklist import seed
+from gateway.store import Store
+from gateway.store.migrate import upgrade
+from gateway.store.worklist import Worklist, row_state
+from gateway.web.labels import read_labels
+from gateway.web.render import WINDOWS, SeriesMap, render_png, window_u8
+
+N = 30  # seed(): every 3rd positive, every 7th failed
+
+
+@pytest.fixture
+def database(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'ctscreen.db'}"
+    upgrade(url)
+    seed(url, N, now=time.time())
+    return url
+
+
+def _run(url: str, fn):
+    async def go():
+        store = Store(url)
+        try:
+            return await fn(Worklist(store))
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_pages_filter_and_order_in_sql(database):
+    async def check(w: Worklist):
+        everything = await w.page(limit=1000)
+        assert everything.total == N and len(everything.rows) == N
+        received = [r.received_at for r in everything.rows]
+        assert received == sorted(received, reverse=True)
+        failed = [i for i in range(N) if i % 7 == 6]
+        positive = [i for i in range(N) if i % 3 == 0 and i not in failed]
+        assert (await w.page(verdict="positive")).total == len(positive)
+        assert (await w.page(state="failed")).total == len(failed)
+        assert (await w.page(state="screening")).total == 0
+        second = await w.page(limit=10, offset=10)
+        assert [r.study_id for r in second.rows] == [r.study_id for r in everything.rows[10:20]]
+        newest = everything.rows[0].received_at
+        assert (await w.page(received_from=newest)).total == 1
+        assert (await w.page(received_to=newest)).total == N - 1
+        row = everything.rows[0]
+        assert row.labels == {"study_date": "20200212", "accession_number": f"A{N - 1:08d}",
+                              "series_description": "Chest 1.25mm"}
+        for bad in ({"state": "lost"}, {"verdict": "maybe"}, {"limit": 0}, {"offset": -1}):
+            with pytest.raises(ValueError, match="Argument"):
+                await w.page(**bad)
+        figures = await w.service()
+        assert figures["sampled"] == N - len(failed) and figures["p95_s"] >= figures["p50_s"] > 0
+        assert len(figures["failures"]) == min(10, len(failed))
+        assert figures["failures"][0]["reason"] == "undecodable"
+
+    _run(database, check)
+
+
+def test_newest_first_and_the_verdict_filter_use_their_indexes(database):
+    engine = create_engine(database)
+    with engine.connect() as c:
+        plan = " ".join(str(r[-1]) for r in c.execute(text(
+            "EXPLAIN QUERY PLAN SELECT job_id FROM results WHERE json_extract(results.result, '$.verdict') = 'positive'")))
+        assert "ix_results_verdict" in plan, plan
+        plan = " ".join(str(r[-1]) for r in c.execute(text(
+            "EXPLAIN QUERY PLAN SELECT id FROM studies ORDER BY created_at DESC LIMIT 50")))
+        assert "ix_studies_created_at" in plan, plan
+    engine.dispose()
+
+
+def test_labels_are_recorded_once_and_never_hold_the_patient(database, tmp_path):
+    study = phantom.make_study(seed=3, kind="normal", n_slices=4, matrix=64)
+    folder = phantom.write_study(study, tmp_path / "s")
+    data = sorted(folder.rglob("*.dcm"))[0].read_bytes()
+    labels = read_labels(data)
+    assert labels["accession_number"] == "A00000003" and labels["study_date"] and labels["series_description"]
+    assert not any("Phantom" in (v or "") for v in labels.values())
+
+    async def put(w: Worklist):
+        await w.put_labels(1, labels)
+        await w.put_labels(1, {"accession_number": "other"})  # a second writer changes nothing
+        return (await w.page(limit=1000)).rows
+
+    rows = _run(database, put)
+    assert next(r for r in rows if r.study_id == 1).labels["accession_number"] == f"A{0:08d}"  # the seed's
+
+
+def test_windows_and_png_on_the_stored_grid(tmp_path):
+    assert window_u8(np.array([[-1350, 150]]), *WINDOWS["lung"]).tolist() == [[0, 255]]
+    assert window_u8(np.array([[40]]), *WINDOWS["mediastinum"]).tolist() == [[128]]
+    study = phantom.make_study(seed=3, kind="covid", n_slices=4, matrix=96)
+    files = sorted(phantom.write_study(study, tmp_path / "s").rglob("*.dcm"))
+    blobs = {f"k{i}": p.read_bytes() for i, p in enumerate(files)}
+    series = SeriesMap.build([(p.name, f"k{i}", None) for i, p in enumerate(files)], blobs.__getitem__)
+    assert len(series) == len(files)
+    ds = pydicom.dcmread(io.BytesIO(blobs["k0"]), stop_before_pixels=True)
+    source = series.find(str(ds.SOPInstanceUID), 0.0)
+    png = render_png(blobs[source.blob_key], source.filename, source.frame, "lung")
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == "L" and image.size == (ds.Columns, ds.Rows)
+    with pytest.raises(ValueError, match="window"):
+        render_png(blobs["k0"], "x", 0, "bone")
+
+
+def test_row_state_maps_job_states():
+    assert [row_state("complete", s) for s in ("queued", "decoding", "inferring", "aggregating", "done", "failed")] == [
+        "queued", "screening", "screening", "screening", "done", "failed"]
+    assert row_state("receiving", None) == "receiving"
