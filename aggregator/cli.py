@@ -303,7 +303,10 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
 
     with ExitStack() as resources:
         try:
-            stack = resources.enter_context(run_stack(port=0, repo=args.repo, triton_url=args.triton_url))
+            # the audit trail goes beside the report, not between the progress lines
+            audit = {"audit_log_file": args.out / "audit.jsonl"}
+            stack = resources.enter_context(run_stack(port=0, repo=args.repo, triton_url=args.triton_url,
+                                                      settings_overrides=audit))
         except (CliError, RuntimeError, OSError) as exc:
             raise EvalError(f"cannot start the embedded stack: {exc}") from exc
         client = resources.enter_context(httpx.Client(base_url=stack.url, timeout=args.timeout))

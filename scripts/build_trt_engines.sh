@@ -17,7 +17,7 @@
 #   --precision P       fp16 | fp32 [PRECISION] default fp16
 #   --workspace-mib N   trtexec workspace pool [WORKSPACE_MIB] default 4096
 #   --dry-run           run nothing on a GPU: print the trtexec command lines (a stand-in trtexec
-#                       writes empty placeholder plans under <cache>/dry-run/)
+#                       writes placeholder plans into the cache under the dry-run key)
 #
 # What it runs, per model (the cache key and the skip-when-cached logic are in the chart's script):
 #   trtexec --onnx=<repo>/<model>/1/model.onnx --saveEngine=<cache entry>/model.plan \
@@ -77,6 +77,7 @@ export OPT_BATCH="${OPT_BATCH:-$(setting opt_batch)}"; OPT_BATCH="${OPT_BATCH:-1
 export MAX_BATCH="${MAX_BATCH:-$(setting max_batch_size)}"; MAX_BATCH="${MAX_BATCH:-32}"
 export PRECISION="${PRECISION:-fp16}"
 export WORKSPACE_MIB="${WORKSPACE_MIB:-4096}"
+export BUILD_TIMEOUT="${BUILD_TIMEOUT:-3600}"  # seconds a build may take (and the age of a stale temp)
 export BUILD="${BUILD:-true}"
 for model in $MODELS; do
   cfg="$SRC/$model/config.pbtxt"
@@ -91,11 +92,11 @@ if [ "$dry_run" = 1 ]; then
 #!/usr/bin/env bash
 [ $# -eq 0 ] && { echo "&&&& RUNNING TensorRT.trtexec [TensorRT vDRYRUN] # trtexec"; exit 0; }
 echo "[dry-run] trtexec $*"
-for a in "$@"; do case "$a" in --saveEngine=*) : > "${a#--saveEngine=}" ;; esac; done
+for a in "$@"; do case "$a" in --saveEngine=*) echo "dry-run placeholder plan" > "${a#--saveEngine=}" ;; esac; done
 SHIM
   chmod +x "$shim/trtexec"
   export PATH="$shim:$PATH" GPU_PRODUCT=dry-run TRT_VERSION=dry-run  # never a real cache key
-  echo "build_trt_engines: dry run: nothing is built; --out links empty placeholder plans"
+  echo "build_trt_engines: dry run: nothing is built; --out gets placeholder plans"
 fi
 
 mkdir -p "$DST" "$CACHE"

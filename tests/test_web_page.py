@@ -2,7 +2,7 @@
 gateway (uvicorn) on the session's real embedded Triton, with phantom studies screened for real.
 
 One gateway per module; small studies (24 slices, 256 matrix). The screenshots under ``docs/ui/`` are
-written here (``CTSCREEN_UI_SCREENSHOTS=0`` turns that off).
+rewritten here only with ``CTSCREEN_UI_SCREENSHOTS=1`` (a test run leaves the tree as it was).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def page(browser):
 
 
 def _shot(page: Any, name: str) -> None:
-    if os.environ.get("CTSCREEN_UI_SCREENSHOTS", "1") != "0":
+    if os.environ.get("CTSCREEN_UI_SCREENSHOTS", "0") == "1":
         from PIL import Image
 
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
