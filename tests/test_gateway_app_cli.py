@@ -14,9 +14,10 @@ from gateway.cli import Outcome, collect_files, demo_main, screen_main, serve_ma
         (screen_main, ["/no/such/study"], "no such file or folder"),
         (screen_main, [".", "--url", "ftp://x"], "--url must start with http"),
         (serve_main, ["--port", "70000"], "--port must be 0..65535"),
-        (serve_main, ["--triton-url", "grpc://a:1"], "without a scheme"),
-        (demo_main, ["--slices", "3"], "--slices must be 8..1000"),
-        (demo_main, ["--repo", "/no/such/repo"], "no such folder"),
+        # --port 0: the default 8000 may be taken on the machine (a running demo); that check comes first
+        (serve_main, ["--port", "0", "--triton-url", "grpc://a:1"], "without a scheme"),
+        (demo_main, ["--port", "0", "--slices", "3"], "--slices must be 8..1000"),
+        (demo_main, ["--port", "0", "--repo", "/no/such/repo"], "no such folder"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(main, argv, message, capsys):
