@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         database = f"sqlite:///{Path(tmp) / 'ctscreen.db'}"
         upgrade(database)
         seed(database, args.studies)
-        overrides = {"data_dir": Path(tmp), "database_url": database, "db_migrate": False}
+        overrides = {"data_dir": Path(tmp), "database_url": database, "db_migrate": False,
+                     "audit_log_file": Path(tmp) / "audit.jsonl"}  # not between the figures
         with run_stack(port=0, triton_url=f"127.0.0.1:{free_port()}", settings_overrides=overrides) as stack, \
                 sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=["--no-sandbox"])
