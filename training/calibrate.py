@@ -30,15 +30,14 @@ from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
 from ctscreen.postprocess import lesion_boxes
 from training import realct
 from training.datasets import PHANTOM_VAL_SEED0, phantom_volumes
-from training.evaluate import lesion_truth
-from training.evaluate_real import Runner, _overlaps
+from training.evaluate import Pipeline, lesion_truth, overlaps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUTOFFS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 HARD = ("bacterial", "bowel_gas", "bronchiectasis", "emphysema", "nodule", "stomach_bubble", "tb")
 
 
-def _scores(run: Runner, volumes, cutoffs) -> dict:
+def _scores(run: Pipeline, volumes, cutoffs) -> dict:
     """Per cut-off: truth-positive slices hit, false boxes, boxes, and hard-negative slices boxed."""
     acc = {t: {"pos": 0, "hit": 0, "boxes": 0, "false": 0, "slices": 0, "fp": {}} for t in cutoffs}
     for vol in volumes:
@@ -54,10 +53,10 @@ def _scores(run: Runner, volumes, cutoffs) -> dict:
                 if real:
                     a["slices"] += 1
                     a["boxes"] += len(b)
-                    a["false"] += sum(not _overlaps(x, truth) for x in b)
+                    a["false"] += sum(not overlaps(x, truth) for x in b)
                     if radiologist and lesion_truth(truth) == "positive":
                         a["pos"] += 1
-                        a["hit"] += int(any(_overlaps(x, truth) for x in b))
+                        a["hit"] += int(any(overlaps(x, truth) for x in b))
                 elif not truth.any():
                     for c in {f for f in vol.finding[i].split("+") if f in HARD}:
                         n, k = a["fp"].get(c, (0, 0))
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except realct.DataError as exc:
         p.error(str(exc))
     vols = real + list(phantom_volumes(args.phantom_studies, PHANTOM_VAL_SEED0, n_slices=48))
-    run = Runner(args.valid_area, args.lesion, threads=args.threads)
+    run = Pipeline(args.valid_area, args.lesion, threads=args.threads)
     cutoff, table = choose(_scores(run, vols, CUTOFFS))
     doc = {
         "cutoff": cutoff,

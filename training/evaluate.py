@@ -79,16 +79,35 @@ class Pipeline:
         self.valid = ort.InferenceSession(str(valid_area), so, providers=["CPUExecutionProvider"])
         self.lesion = ort.InferenceSession(str(lesion), so, providers=["CPUExecutionProvider"])
 
-    def __call__(self, hu: np.ndarray, batch: int = 8):
-        """Boxes per slice, counts, valid boxes for HU ``[Z, 512, 512]`` int16."""
-        outs = []
+    def run(
+        self, hu: np.ndarray, batch: int = 8, *, maps: bool = True
+    ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
+        """Lesion boxes ``[N, 5]`` and the valid box of each slice of HU ``[Z, 512, 512]`` int16, and
+        (``maps``) the lesion probability maps ``[Z, 512, 512]`` float16 (for Dice)."""
+        boxes_out: list[np.ndarray] = []
+        valid_out: list[np.ndarray] = []
+        probs = []
         for i in range(0, len(hu), batch):
             x = np.ascontiguousarray(hu[i : i + batch, None])
             v = self.valid.run([PROB], {HU_SLICES: x})[0]
             les = self.lesion.run([PROB], {HU_SLICES: x})[0]
             boxes, counts, valid = postprocess_batch(v, les)
-            outs += [(boxes[j, : counts[j, 0]], valid[j]) for j in range(len(x))]
-        return outs
+            boxes_out += [boxes[j, : counts[j, 0]] for j in range(len(x))]
+            valid_out += [valid[j] for j in range(len(x))]
+            if maps:
+                probs.append(les[:, 0].astype(np.float16))
+        return boxes_out, valid_out, np.concatenate(probs) if maps else None
+
+    def __call__(self, hu: np.ndarray, batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(boxes, valid box)`` per slice of HU ``[Z, 512, 512]`` int16."""
+        boxes, valid, _ = self.run(hu, batch, maps=False)
+        return list(zip(boxes, valid, strict=True))
+
+
+def overlaps(box: np.ndarray, mask: np.ndarray) -> bool:
+    """True when the inclusive pixel box ``(x0, y0, x1, y1, ...)`` holds a pixel of ``mask``."""
+    x0, y0, x1, y1 = (int(v) for v in box[:4])
+    return bool(mask[y0 : y1 + 1, x0 : x1 + 1].any())
 
 
 def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8, *, on_volume=None) -> dict:
@@ -126,9 +145,8 @@ def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8, *, on_volume=None)
             state = lesion_truth(vol.lesion[i])
             detected = len(boxes) > 0
             for b in boxes:
-                x0, y0, x1, y1 = (int(v) for v in b[:4])
                 box_total += 1
-                box_hits += int(vol.lesion[i, y0 : y1 + 1, x0 : x1 + 1].any())
+                box_hits += int(overlaps(b, vol.lesion[i]))
             if state == "indeterminate":
                 indeterminate += 1
                 continue

@@ -39,10 +39,9 @@ from scipy import ndimage
 
 from aggregator.case import SliceInput, decide
 from aggregator.metrics import Confusion, Estimate
-from ctscreen.contracts import HU_SLICES, LESION_MODEL, MIN_BOX_AREA, PROB, VALID_AREA_MODEL
-from ctscreen.postprocess import postprocess_batch
+from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, VALID_AREA_MODEL
 from training import realct
-from training.evaluate import Pipeline, evaluate_volumes, lesion_truth
+from training.evaluate import Pipeline, evaluate_volumes, lesion_truth, overlaps
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,28 +73,6 @@ FLOORS = {"medseg_per_image_sensitivity": 0.85, "medseg_box_precision": 0.6}
 """What ``tests/test_models_real.py`` enforces: the shipped weights must not fall below these."""
 
 
-class Runner(Pipeline):
-    """The serving reference, also returning the lesion probability maps (for Dice)."""
-
-    def run(self, hu: np.ndarray, batch: int = 8) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-        """Boxes ``[N, 5]`` and valid box per slice, and the lesion map ``[Z, 512, 512]`` float16."""
-        boxes_out, valid_out, probs = [], [], []
-        for i in range(0, len(hu), batch):
-            x = np.ascontiguousarray(hu[i : i + batch, None])
-            v = self.valid.run([PROB], {HU_SLICES: x})[0]
-            les = self.lesion.run([PROB], {HU_SLICES: x})[0]
-            boxes, counts, valid = postprocess_batch(v, les)
-            boxes_out += [boxes[j, : counts[j, 0]] for j in range(len(x))]
-            valid_out += [valid[j] for j in range(len(x))]
-            probs.append(les[:, 0].astype(np.float16))
-        return boxes_out, valid_out, np.concatenate(probs)
-
-
-def _overlaps(box: np.ndarray, mask: np.ndarray) -> bool:
-    x0, y0, x1, y1 = (int(v) for v in box[:4])
-    return bool(mask[y0 : y1 + 1, x0 : x1 + 1].any())
-
-
 def truth_lesions(mask: np.ndarray) -> list[np.ndarray]:
     """8-connected truth lesions whose box covers > 25 px, as boolean masks."""
     lab, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
@@ -114,13 +91,13 @@ def slice_figures(vol, boxes: list[np.ndarray], valid: list[np.ndarray], prob: n
         truth = vol.lesion[i]
         if lesion_truth(truth) == "positive":
             img_n += 1
-            img_hit += int(any(_overlaps(x, truth) for x in b))
+            img_hit += int(any(overlaps(x, truth) for x in b))
         for lesion in truth_lesions(truth):
             les_n += 1
-            les_hit += int(any(_overlaps(x, lesion) for x in b))
+            les_hit += int(any(overlaps(x, lesion) for x in b))
         for x in b:
             box_n += 1
-            hit = _overlaps(x, truth)
+            hit = overlaps(x, truth)
             box_hit += int(hit)
             false_boxes += int(not hit)
         pred = prob[i] >= 0.5
@@ -155,13 +132,13 @@ def verdict(boxes: list[np.ndarray], valid: list[np.ndarray], positions: list[fl
     return decide(inputs, spacing_mm=spacing)
 
 
-def medseg_section(run: Runner, root: Path | None) -> dict:
+def medseg_section(run: Pipeline, root: Path | None) -> dict:
     vol = realct.medseg_volume("test", root)
     boxes, valid, prob = run.run(vol.hu)
     return slice_figures(vol, boxes, valid, prob)
 
 
-def pseudo_section(run: Runner, root: Path | None) -> dict:
+def pseudo_section(run: Pipeline, root: Path | None) -> dict:
     out = {}
     for case in realct.pseudo_split("test", root):
         vol = realct.pseudo_volume(case, root)
@@ -199,7 +176,7 @@ def _served_slice(path: Path) -> np.ndarray:
     return decoded.hu[None]
 
 
-def dicom_section(run: Runner, root: Path) -> dict:
+def dicom_section(run: Pipeline, root: Path) -> dict:
     """Real HU slices: boxes and valid area on lungs without COVID-19 and on an abdomen, and the
     window estimate's error on the chest slices windowed here."""
     rows, errors = [], []
@@ -238,7 +215,7 @@ def dicom_section(run: Runner, root: Path) -> dict:
     }
 
 
-def phantom_section(run: Runner, n: int, slices: int, seed: int) -> dict:
+def phantom_section(run: Pipeline, n: int, slices: int, seed: int) -> dict:
     import phantom
     from training.datasets import volume_from_study
 
@@ -435,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.card import sha256_of
 
     t0 = time.perf_counter()
-    run = Runner(args.valid_area, args.lesion, threads=args.threads)
+    run = Pipeline(args.valid_area, args.lesion, threads=args.threads)
     report: dict = {}
     if "medseg" in sections:
         report["medseg"] = medseg_section(run, root)
