@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -51,24 +52,35 @@ class Stack:
     _thread: threading.Thread | None = None
     _triton: Any = None
 
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _signals_held: bool = False
+
     def wait(self) -> None:
         """Block until Ctrl-C or SIGTERM, or until the server stops by itself.
 
         The signal handlers only set an event: an exception raised inside ``Thread.join`` would leave
         the thread marked as stopped while it runs, and the gateway would never shut down cleanly.
+        ``run_stack(handle_signals=True)`` installs them before the gateway answers its first request,
+        so a signal sent as soon as ``/readyz`` says ready still stops it cleanly.
         """
         assert self._thread is not None
-        stop = threading.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in signals}
-        try:
-            while self._thread.is_alive() and not stop.wait(0.5):
+        with contextlib.nullcontext() if self._signals_held else _stop_on_signals(self._stop):
+            while self._thread.is_alive() and not self._stop.wait(0.5):
                 pass
-            if stop.is_set():
+            if self._stop.is_set():
                 print("\nstopping ...", file=sys.stderr)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` (main thread only) while the block runs."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextmanager
@@ -81,11 +93,14 @@ def run_stack(
     log_level: str = "warning",
     start_timeout: float = 300.0,
     settings_overrides: dict[str, Any] | None = None,
+    handle_signals: bool = False,
 ) -> Iterator[Stack]:
     """Start the embedded Triton (unless ``triton_url``) and the gateway; stop both on exit.
 
     ``port=0`` picks a free port. The gateway runs in a background thread; the caller's thread is
-    free (see :meth:`Stack.wait`).
+    free (see :meth:`Stack.wait`). ``handle_signals`` (main thread only): from the moment the gateway
+    starts, SIGTERM and SIGINT ask :meth:`Stack.wait` to stop instead of raising KeyboardInterrupt;
+    one that arrives before the gateway is up aborts the start (KeyboardInterrupt).
     """
     import uvicorn
 
@@ -111,23 +126,31 @@ def run_stack(
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="ctscreen-gateway", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if not thread.is_alive():
-                raise CliError(f"the gateway could not start on {host}:{port} (port taken?)")
-            if time.monotonic() > deadline:
-                raise CliError("the gateway did not start within 60 s")
-            time.sleep(0.05)
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        stack = Stack(url=f"http://{shown}:{port}", triton_url=triton_url, settings=settings, _server=server,
-                      _thread=thread, _triton=triton)
-        try:
-            yield stack
-        finally:
-            server.should_exit = True  # the lifespan stops claiming and releases running jobs ...
-            thread.join(settings.shutdown_grace_s + 15)
+        stop = threading.Event()
+        with contextlib.ExitStack() as held:
+            if handle_signals:
+                held.enter_context(_stop_on_signals(stop))
+            thread = threading.Thread(target=server.run, name="ctscreen-gateway", daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not server.started:
+                if stop.is_set():
+                    server.should_exit = True
+                    thread.join(15)
+                    raise KeyboardInterrupt
+                if not thread.is_alive():
+                    raise CliError(f"the gateway could not start on {host}:{port} (port taken?)")
+                if time.monotonic() > deadline:
+                    raise CliError("the gateway did not start within 60 s")
+                time.sleep(0.05)
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            stack = Stack(url=f"http://{shown}:{port}", triton_url=triton_url, settings=settings, _server=server,
+                          _thread=thread, _triton=triton, _stop=stop, _signals_held=handle_signals)
+            try:
+                yield stack
+            finally:
+                server.should_exit = True  # the lifespan stops claiming and releases running jobs ...
+                thread.join(settings.shutdown_grace_s + 15)
     finally:
         if supervisor is not None:
             supervisor.close()
@@ -451,7 +474,7 @@ def serve_main(argv: list[str]) -> int:
     _logging(args.log_level)
     try:
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
-                       log_level=args.log_level, settings_overrides=overrides) as stack:
+                       log_level=args.log_level, settings_overrides=overrides, handle_signals=True) as stack:
             from gateway.store import redact
 
             print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")

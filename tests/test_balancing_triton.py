@@ -2,7 +2,11 @@
 
 Three real embedded tritonservers (cpu profile, real gRPC) stand in for three Triton pods behind the
 chart's headless Service. One pool, kept for the whole module like the gateway keeps it, screens several
-studies: each server's share of slices must be within +-10 % of even. Then, mid-study:
+studies: each server's share of slices must be within +-25 % of even. The pool is work-conserving (each
+batch goes to the endpoint with the fewest requests in flight), so a server the OS gives less CPU answers
+fewer slices: three servers sharing two busy CI cores differed by up to 13 % (64/64/52 in one CI run),
+which a +-10 % bound turned into a flaky failure. A pool that skipped a server, or sent everything to
+one while it had room, still fails. Then, mid-study:
 
 * drain: a decoded EndpointSlice event marks one pod not-ready (what Kubernetes does when the pod starts
   terminating), discovery removes it from the pool, and only then is the server stopped: it gets no new
@@ -122,7 +126,7 @@ def test_each_server_gets_an_even_share_of_slices(servers, harness, reference):
     shares = {url: n / total for url, n in counts.items()}
     print(f"slices per server over {STUDIES} studies: {counts}")
     for url, n in counts.items():
-        assert abs(n - even) <= 0.10 * even, f"{url} answered {n} slices, even is {even:.0f}: {shares}"
+        assert abs(n - even) <= 0.25 * even, f"{url} answered {n} slices, even is {even:.0f}: {shares}"
     for out in reference:
         assert {o.endpoint for o in out} == {s.grpc_url for s in servers}
 

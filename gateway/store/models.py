@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID = String(64)
@@ -35,7 +35,12 @@ class Study(Base):
     """One version of a study."""
 
     __tablename__ = "studies"
-    __table_args__ = (UniqueConstraint("study_instance_uid", "version"),)
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "version"),
+        # at most one receiving version per study (migration 0005): two replicas cannot both open one
+        Index("ux_studies_receiving", "study_instance_uid", unique=True,
+              postgresql_where=text("state = 'receiving'"), sqlite_where=text("state = 'receiving'")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)

@@ -129,7 +129,11 @@ export function worklistView(main, params) {
       summary.textContent = error instanceof ApiError ? `Cannot load the worklist: ${error.message}` : String(error);
     }
   }
-  const reloadSoon = () => { clearTimeout(reloadTimer); reloadTimer = setTimeout(load, 300); };
+  // throttled, not debounced: progress of a new study arrives every few hundred ms, and a debounce
+  // restarted by each event would keep its row off the page until the study is done
+  const reloadSoon = () => {
+    if (reloadTimer === null) reloadTimer = setTimeout(() => { reloadTimer = null; load(); }, 300);
+  };
 
   const stop = subscribe("/v1/worklist/events", (type, e) => {
     if (type !== "progress") return;
