@@ -32,6 +32,13 @@ Decisions (defaults first)
 7. **Never silently negative**: a series with no lung field on any slice (``no_valid_area``), or with
    no gap-free stretch long enough to hold a run (``too_few_slices``), is ``indeterminate``.
 
+Gaps and the run length are decided here only, under the job's rule: ingest orders the slices but
+looks for neither. Each gap is one :class:`~aggregator.schema.Gap` and one warning in the result, and a
+series shorter than ``run_slices`` gets one warning.
+
+:func:`case_result` is the one way from a prepared series and the ensemble's per-slice outputs to a
+:class:`~aggregator.schema.CaseResult`; the gateway's worker and the in-process evaluation both call it.
+
 The verdict is positive when any run qualifies; the evidence is the longest run found (qualifying
 first, then most slices, widest extent, lowest position, quadrant order), reported even when the
 case is negative so that a reader sees how close it came.
@@ -55,7 +62,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -81,7 +88,8 @@ from ctscreen.postprocess import inside_valid_area, is_empty_box
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CaseDecision", "CaseRule", "SliceInput", "decide", "quadrants_of", "replay", "slice_inputs", "to_original_grid",
+    "CaseDecision", "CaseRule", "PreparedSeries", "SliceInput", "SlicePrediction", "case_result", "decide",
+    "quadrants_of", "replay", "slice_inputs", "to_original_grid",
 ]
 
 _MM_EPS = 1e-6
@@ -549,6 +557,10 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
         f"and {g.before_sop_instance_uid}"
         for g in gaps
     ]
+    if len(ordered) < rule.run_slices:
+        warnings.append(
+            f"Only {len(ordered)} slice(s); the case rule looks for {rule.run_slices} consecutive slices."
+        )
     need = _requirement(rule)
 
     def make(verdict: Verdict, reason: str, message: str) -> CaseDecision:
@@ -614,3 +626,124 @@ def replay(result: CaseResult, rule: CaseRule | None = None) -> CaseDecision:
     """
     rule = rule or CaseRule.from_params(result.rule)
     return decide(slice_inputs(result), rule, spacing_mm=result.nominal_spacing_mm)
+
+
+class SlicePrediction(Protocol):
+    """The ensemble's answer for one slice (:class:`ctscreen.postprocess.SliceBoxes`, or the gateway's
+    ``SliceOutput``)."""
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """``[N, 5]`` lesion boxes on the 512 grid."""
+
+    @property
+    def valid_area(self) -> np.ndarray:
+        """``[4]`` valid-area box on the 512 grid."""
+
+
+class _Grid(Protocol):
+    def to_original(self, boxes: np.ndarray) -> np.ndarray: ...
+
+
+class _PreparedSlice(Protocol):
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def position_mm(self) -> float: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def grid(self) -> _Grid: ...
+
+
+class _Refused(Protocol):
+    @property
+    def filename(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+class PreparedSeries(Protocol):
+    """A series ready for inference, as ingest prepares it (``gateway.ingest.PreparedStudy``)."""
+
+    @property
+    def study_instance_uid(self) -> str: ...
+    @property
+    def series_instance_uid(self) -> str: ...
+    @property
+    def slices(self) -> Sequence[_PreparedSlice]:
+        """In slice order, one per output."""
+    @property
+    def spacing_mm(self) -> float | None: ...
+    @property
+    def rejected(self) -> Sequence[_Refused]: ...
+    @property
+    def excluded(self) -> Sequence[_Refused]: ...
+    @property
+    def warnings(self) -> Sequence[str]: ...
+
+
+def case_result(
+    study: PreparedSeries,
+    outputs: Sequence[SlicePrediction],
+    rule: CaseRule | None = None,
+    *,
+    models: Iterable[ModelInfo] = (),
+    timings: Timings | None = None,
+    job_id: str | None = None,
+    created_at: datetime | None = None,
+) -> CaseResult:
+    """The :class:`~aggregator.schema.CaseResult` of a prepared series and the ensemble's outputs.
+
+    Parameters
+    ----------
+    study : PreparedSeries
+        The series as ingest prepared it: slices in order (SOP Instance UID, position along the
+        normal, stored size, mapping back to the stored grid), nominal spacing, the files refused or
+        left out, and ingest's warnings.
+    outputs : Sequence[SlicePrediction]
+        One per slice of ``study``, in the same order (``boxes`` and ``valid_area`` on the 512 grid).
+    rule : CaseRule or None
+        The job's rule; None for the paper's defaults.
+    models, timings, job_id, created_at
+        Recorded in the result as given.
+
+    Returns
+    -------
+    CaseResult
+        The verdict (:func:`decide`) with the refused files (rejected, then excluded) and the warnings
+        of the decision, then of ingest.
+
+    Raises
+    ------
+    ValueError
+        ``outputs`` does not have one entry per slice, or the slices are inconsistent (see :func:`decide`).
+    """
+    inputs = [
+        SliceInput(
+            sop_instance_uid=str(meta.sop_instance_uid),
+            position_mm=float(meta.position_mm),
+            boxes=out.boxes,
+            valid_area=out.valid_area,
+            rows=int(meta.rows),
+            cols=int(meta.cols),
+            to_original=meta.grid.to_original,
+        )
+        for meta, out in zip(study.slices, outputs, strict=True)
+    ]
+    decision = decide(inputs, rule, spacing_mm=float(study.spacing_mm) if study.spacing_mm else None)
+    return decision.to_result(
+        study_instance_uid=str(study.study_instance_uid),
+        series_instance_uid=str(study.series_instance_uid),
+        models=models,
+        timings=timings,
+        rejected=[RejectedFile(filename=str(r.filename), reason=str(r.reason), message=str(r.message))
+                  for r in (*study.rejected, *study.excluded)],
+        warnings=[str(w) for w in study.warnings],
+        job_id=job_id,
+        created_at=created_at,
+    )

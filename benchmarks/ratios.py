@@ -156,11 +156,10 @@ def monai_style_study(model: MonaiStyleRemoteModel, study: PoolStudy) -> dict[st
     verdict = None
     try:
         from aggregator.case import CaseRule, SliceInput, decide
+        from ctscreen.postprocess import unpack_outputs
 
-        inputs = [
-            SliceInput(uid, pos, r[LESION_BOXES][0][: int(r[BOX_COUNT].reshape(-1)[0])], r[VALID_AREA_BOX].reshape(-1)[:4])
-            for (uid, pos), r in zip(meta, per_slice, strict=True)
-        ]
+        outs = [unpack_outputs(r[LESION_BOXES], r[BOX_COUNT], r[VALID_AREA_BOX])[0] for r in per_slice]
+        inputs = [SliceInput(uid, pos, o.boxes, o.valid_area) for (uid, pos), o in zip(meta, outs, strict=True)]
         verdict = decide(inputs, CaseRule()).verdict
     except ImportError:
         pass

@@ -20,6 +20,8 @@ Rules (the paper's, with the open choices decided here)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -129,3 +131,28 @@ def postprocess_batch(
 def unpack_boxes(boxes: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """Split the padded ``[B, K, 5]`` ensemble output into one ``[n_i, 5]`` array per slice."""
     return [boxes[i, : int(counts[i].reshape(-1)[0])] for i in range(len(boxes))]
+
+
+class SliceBoxes(NamedTuple):
+    """What the ensemble found on one slice (512 grid), unpacked from its output tensors."""
+
+    boxes: np.ndarray
+    """float32 ``[n, 5]`` lesion boxes ``(x0, y0, x1, y1, score)``, no padding rows."""
+    valid_area: np.ndarray
+    """float32 ``[4]`` valid-area box, ``EMPTY_BOX`` when empty."""
+
+
+def unpack_outputs(lesion_boxes: np.ndarray, box_count: np.ndarray, valid_area: np.ndarray) -> list[SliceBoxes]:
+    """The ensemble's three output tensors for a batch of ``B`` slices, one :class:`SliceBoxes` per slice.
+
+    The one place the outputs (``LESION_BOXES [B, K, 5]``, ``BOX_COUNT [B, 1]``, ``VALID_AREA_BOX [B, 4]``,
+    from Triton or from :func:`postprocess_batch`) are decoded; the arrays returned are copies.
+
+    >>> out = unpack_outputs(*postprocess_batch(np.ones((2, 1, 8, 8), np.float32), np.zeros((2, 1, 8, 8), np.float32)))
+    >>> [(s.boxes.shape, s.valid_area.tolist()) for s in out]
+    [((0, 5), [0.0, 0.0, 7.0, 7.0]), ((0, 5), [0.0, 0.0, 7.0, 7.0])]
+    """
+    n = len(box_count)
+    boxes = unpack_boxes(np.asarray(lesion_boxes).reshape(n, -1, 5), np.asarray(box_count).reshape(n, -1))
+    valid = np.asarray(valid_area).reshape(n, 4)
+    return [SliceBoxes(np.array(b, dtype=np.float32), np.array(v, dtype=np.float32)) for b, v in zip(boxes, valid, strict=True)]

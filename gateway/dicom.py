@@ -88,6 +88,9 @@ HIGH_HU_FRACTION = 0.05
 """More than this fraction of a frame above :data:`HIGH_HU` (bone is < 2000, the 12-bit CT scale ends
 at 3071; metal reaches higher but covers far less of a slice) means the decode went wrong."""
 
+DEFER_BYTES = 64 * 1024
+"""Values longer than this are read from the source bytes on first use (:func:`read_dataset`)."""
+
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SYNTAXES = frozenset(
     {
@@ -272,6 +275,10 @@ class DecodedSlice:
 def read_dataset(data: bytes, filename: str = "<upload>") -> Dataset:
     """Parse DICOM bytes (Part 10 file, or a bare data set) into a pydicom Dataset.
 
+    Values longer than :data:`DEFER_BYTES` (native Pixel Data) are not copied: pydicom reads them from
+    ``data`` when they are first used (decoding), so a data set kept until its pixels are decoded holds
+    no second copy of them.
+
     Raises
     ------
     gateway.errors.NotDicom
@@ -284,7 +291,7 @@ def read_dataset(data: bytes, filename: str = "<upload>") -> Dataset:
         raise NotDicom(f"{len(data)} bytes is too short to be DICOM.", filename=filename)
     has_magic = len(data) >= 132 and data[128:132] == b"DICM"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic, defer_size=DEFER_BYTES)
     except InvalidDicomError as exc:
         raise NotDicom(f"Not a DICOM file: {exc}", filename=filename) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input

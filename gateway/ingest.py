@@ -1,16 +1,20 @@
 """Turn uploaded files into one :class:`PreparedStudy`: HU slices in anatomical order.
 
-Pipeline: expand uploads (:func:`gateway.uploads.iter_upload`) ▸ parse headers and refuse what is
-not a CT image (:func:`gateway.dicom.read_headers`) ▸ choose the series
-(:func:`gateway.series.select_series`) ▸ decode only that series' pixels to HU on the 512 grid,
-in parallel threads (the codecs release the GIL) ▸ sort along the slice normal, drop duplicate
-positions, find gaps (:func:`gateway.series.sort_slices`).
+Pipeline: expand uploads (:func:`gateway.uploads.iter_upload`) ▸ parse each file once
+(:func:`gateway.dicom.read_dataset`) into its frame headers, refusing what is not a CT image
+(:func:`gateway.dicom.read_headers`) ▸ refuse CT images of more than one study
+(:class:`~gateway.errors.MixedStudies`) ▸ choose the series (:func:`gateway.series.select_series`)
+▸ decode only that series' pixels to HU on the 512 grid, from the data sets parsed on arrival (their
+Pixel Data is read from the file's bytes only now), in parallel threads (the codecs release the GIL)
+▸ sort along the slice normal, drop duplicate positions (:func:`gateway.series.sort_slices`) ▸ keep
+the headers an SR needs (:func:`gateway.report.sr_context`). Nothing later parses the files again.
 
 Partial failure is data: a file that cannot be used becomes a :class:`Rejection` with a reason
 code from :mod:`gateway.errors`, and the rest of the study goes on. Only when nothing usable is
 left does :func:`load_study` raise :class:`~gateway.errors.NoUsableSeries` (carrying every
-rejection). Deciding whether there are enough slices for the case rule is the aggregator's job;
-this module only counts them and warns.
+rejection). Deciding whether there are enough slices for the case rule, and where the series has
+gaps, is the aggregator's job (:func:`aggregator.case.decide`, under the job's rule); this module
+only orders the slices.
 
 :class:`StudyAccumulator` does the same one file at a time, for DICOMweb STOW-RS requests that
 arrive in pieces: headers are checked on arrival (bad files are refused at once), pixels are
@@ -23,19 +27,29 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from ctscreen.contracts import RUN_SLICES, SLICE_SIZE
-from gateway.dicom import FrameHeader, GridMapping, decode_hu, read_dataset, read_headers, to_grid
-from gateway.errors import InvalidInput, NoUsableSeries, Undecodable, UploadError
-from gateway.series import Gap, SeriesRules, frame_exclusion, select_series, sort_slices
-from gateway.uids import check_header_uids
+from ctscreen.contracts import SLICE_SIZE
+from gateway.dicom import (
+    CT_SOP_CLASSES,
+    FrameHeader,
+    GridMapping,
+    decode_hu,
+    read_dataset,
+    read_headers,
+    to_grid,
+)
+from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodable, UploadError
+from gateway.report import SrContext, sr_context
+from gateway.series import SeriesRules, frame_exclusion, select_series, sort_slices
+from gateway.uids import check_header_uids, is_uid
 from gateway.uploads import UploadLimits, iter_upload
 
 logger = logging.getLogger(__name__)
@@ -95,10 +109,11 @@ class PreparedStudy:
     """Files refused outright (not DICOM, not CT, no pixels, undecodable)."""
     excluded: list[Rejection] = field(default_factory=list)
     """Frames left out by the series rules or as duplicate positions."""
-    gaps: list[Gap] = field(default_factory=list)
     other_series: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     n_files: int = 0
+    sr_context: SrContext | None = None
+    """Patient, study and instance headers of the screened slices, for the SR and FHIR report."""
 
     @property
     def n_slices(self) -> int:
@@ -118,10 +133,6 @@ class PreparedStudy:
             "slice_thickness_mm": self.slice_thickness_mm,
             "rejected": [r._asdict() for r in self.rejected],
             "excluded": [r._asdict() for r in self.excluded],
-            "gaps": [
-                {"after_index": g.after_index, "step_mm": g.step_mm, "expected_mm": g.expected_mm}
-                for g in self.gaps
-            ],
             "other_series": dict(self.other_series),
             "warnings": list(self.warnings),
         }
@@ -142,6 +153,9 @@ class StudyAccumulator:
         Limits applied when a zip is added.
     max_files : int
         Most objects accepted (later ones are refused as ``too_large``).
+    one_study : bool
+        Refuse CT images of more than one study in :meth:`finish` (default); ``False`` screens the
+        best series whatever its study (a corpus of test files).
 
     Examples
     --------
@@ -153,14 +167,17 @@ class StudyAccumulator:
     """
 
     def __init__(
-        self, rules: SeriesRules | None = None, *, limits: UploadLimits | None = None, max_files: int = 5000
+        self, rules: SeriesRules | None = None, *, limits: UploadLimits | None = None, max_files: int = 5000,
+        one_study: bool = True,
     ) -> None:
         if max_files < 1:
             raise ValueError(f'Argument "max_files" must be >= 1, got {max_files}.')
         self.rules = rules or SeriesRules()
         self.limits = limits or UploadLimits()
         self.max_files = max_files
-        self._objects: dict[str, tuple[bytes, list[FrameHeader]]] = {}
+        self.one_study = one_study
+        self._objects: dict[str, tuple[Dataset, list[FrameHeader]]] = {}
+        self._studies: Counter[str] = Counter()  # CT images per Study Instance UID, refused ones too
         self.rejected: list[Rejection] = []
         self.n_files = 0
         self._lock = threading.Lock()  # add() may be called from several request threads
@@ -180,7 +197,8 @@ class StudyAccumulator:
         return list(self._objects)
 
     def add(self, filename: str, data: bytes) -> Rejection | None:
-        """Check one file's header and keep it; return its :class:`Rejection` if refused.
+        """Parse one file (the only time it is parsed), check its header and keep it; return its
+        :class:`Rejection` if refused.
 
         A second object with the same SOP Instance UID replaces the first (a re-send). Zip uploads
         must be expanded first (:meth:`add_upload`).
@@ -193,7 +211,12 @@ class StudyAccumulator:
                 Rejection(filename, "too_large", f"More than {self.max_files} files in one study.")
             )
         try:
-            _, headers = read_headers(filename, data)  # parsing runs outside the lock
+            ds = read_dataset(data, filename)  # parsing runs outside the lock
+            study = _ct_study_of(ds)
+            if study is not None:
+                with self._lock:
+                    self._studies[study] += 1
+            _, headers = read_headers(filename, ds)
             check_header_uids(headers[0])  # before any UID names a file or a row (issue 14)
         except InvalidInput as exc:
             logger.info("refused %s: %s (%s)", filename, exc.reason, exc.message)
@@ -202,7 +225,7 @@ class StudyAccumulator:
         with self._lock:
             if uid in self._objects:
                 logger.info("%s re-sends SOP Instance %s; keeping the later copy", filename, uid)
-            self._objects[uid] = (bytes(data), headers)
+            self._objects[uid] = (ds, headers)
         return None
 
     def _reject(self, rejection: Rejection) -> Rejection:
@@ -238,12 +261,22 @@ class StudyAccumulator:
 
         Raises
         ------
+        gateway.errors.MixedStudies
+            The files hold CT images of more than one study (only one would be screened), unless
+            ``one_study`` is False.
         gateway.errors.NoUsableSeries
             No frame passes the rules, or none of the chosen series decodes.
         """
         with self._lock:
             rejected = list(self.rejected)
             objects = dict(self._objects)
+            studies = dict(self._studies)
+        if self.one_study and len(studies) > 1:
+            found = ", ".join(f"{uid} ({n} files)" for uid, n in studies.items())
+            raise MixedStudies(
+                f"The upload holds CT images of {len(studies)} studies: {found}. Upload one study at a time "
+                "(or send them by STOW-RS, which screens each study apart)."
+            )
         frames = [h for _, hs in objects.values() for h in hs]
         selection = select_series(frames, self.rules)
         if selection is None:
@@ -305,14 +338,6 @@ class StudyAccumulator:
             )
             warnings.extend(f"{_frame_name(h)}: {w}" for w in h.warnings)
         first = ordered.slices[0]
-        if len(infos) < RUN_SLICES:
-            warnings.append(
-                f"Only {len(infos)} slice(s); the case rule looks for {RUN_SLICES} consecutive slices."
-            )
-        for g in ordered.gaps:
-            warnings.append(
-                f"Gap of {g.step_mm:.2f} mm after slice {g.after_index} (spacing {g.expected_mm:.2f} mm)."
-            )
         if ordered.duplicates:
             warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
         if selection.other_series:
@@ -324,6 +349,8 @@ class StudyAccumulator:
         if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
             warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
         thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
+        screened = {info.sop_instance_uid for info in infos}
+        context = sr_context(ds for uid, (ds, _) in objects.items() if uid in screened)
         return PreparedStudy(
             hu=hu,
             slices=infos,
@@ -337,15 +364,30 @@ class StudyAccumulator:
             pixel_spacing_mm=first.pixel_spacing,
             rejected=rejected,
             excluded=excluded,
-            gaps=ordered.gaps,
             other_series=selection.other_series,
             warnings=warnings,
             n_files=self.n_files,
+            sr_context=context,
         )
 
 
+def _ct_study_of(ds: Dataset) -> str | None:
+    """The Study Instance UID of a CT image (by SOP class) whose three UIDs are well formed, else None.
+
+    Counted for every such file, even one refused later (no pixels, not decodable), so that an upload
+    mixing studies is refused whichever of its files would have been screened.
+    """
+    try:
+        values = [str(ds.get(k, "") or "").strip() for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+    except Exception:  # noqa: BLE001 - malformed values surface lazily in pydicom
+        return None
+    if values[0] not in CT_SOP_CLASSES or not all(is_uid(v) for v in values):
+        return None
+    return values[2]
+
+
 def _decode(
-    objects: dict[str, tuple[bytes, list[FrameHeader]]],
+    objects: dict[str, tuple[Dataset, list[FrameHeader]]],
     chosen: list[FrameHeader],
     workers: int,
     executor: Executor | None,
@@ -377,12 +419,12 @@ def _decode(
 
 
 def _decode_object(
-    data: bytes, headers: list[FrameHeader], keys: frozenset[tuple[str, int]]
+    ds: Dataset, headers: list[FrameHeader], keys: frozenset[tuple[str, int]]
 ) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], Rejection | None]:
-    """Decode the wanted frames of one object to 512-grid HU (top level: runs in worker processes)."""
+    """Decode the wanted frames of one parsed object to 512-grid HU (top level: runs in worker
+    processes, where the data set arrives pickled with its source bytes: it is not parsed again)."""
     filename = headers[0].filename
     try:
-        ds = read_dataset(data, filename)
         native = decode_hu(ds, headers, filename)
     except InvalidInput as exc:
         return [], Rejection(filename, exc.reason, exc.message)
@@ -419,6 +461,7 @@ def load_study(
     limits: UploadLimits | None = None,
     workers: int | None = None,
     executor: Executor | None = None,
+    one_study: bool = True,
 ) -> PreparedStudy:
     """Prepare one study from uploaded files.
 
@@ -434,6 +477,8 @@ def load_study(
         Decoding threads.
     executor : concurrent.futures.Executor | None
         Decoding pool (see :func:`make_decode_pool`); overrides ``workers``.
+    one_study : bool
+        Refuse CT images of more than one study (see :class:`StudyAccumulator`).
 
     Returns
     -------
@@ -443,10 +488,12 @@ def load_study(
     ------
     gateway.errors.UploadError
         A zip archive is unsafe or too large (nothing is screened).
+    gateway.errors.MixedStudies
+        CT images of more than one study (with ``one_study``).
     gateway.errors.NoUsableSeries
         Nothing usable; ``exc.rejected`` lists every file and its reason.
     """
-    acc = StudyAccumulator(rules, limits=limits)
+    acc = StudyAccumulator(rules, limits=limits, one_study=one_study)
     n = 0
     for filename, data in sources:
         n += 1

@@ -2,15 +2,15 @@
 
 :func:`aggregator.sr.to_sr` needs the screened images' headers (patient, study, SOP class and
 instance of each slice). A job keeps only that, as a small :class:`SrContext` (about a hundred bytes per
-slice, no pixels), taken from its files while they are decoded (:func:`sr_context`), so the SR can be
-made from the job at any time afterwards (:func:`encode_sr`).
+slice, no pixels), taken by ingest from the data sets it parsed (:func:`sr_context`; the files are not
+read again for it), so the SR can be made from the job at any time afterwards (:func:`encode_sr`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,6 @@ __all__ = ["SrContext", "encode_sr", "sr_context"]
 
 STUDY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                   "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
-_INSTANCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "NumberOfFrames", "Rows", "Columns")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,35 +67,25 @@ class SrContext:
         return out
 
 
-def sr_context(sources: Sequence[tuple[str, bytes]], study: Any) -> SrContext | None:
-    """The :class:`SrContext` of the slices of ``study`` (a prepared study) found in ``sources``.
+def sr_context(datasets: Iterable[Any]) -> SrContext | None:
+    """The :class:`SrContext` of the screened instances, from their parsed data sets (in arrival order).
 
-    Never raises: returns None (and logs) when the headers cannot be read, e.g. for a loader that
-    does not name files.
+    The patient and study attributes come from the first instance; an instance without a SOP Instance
+    UID is left out. Never raises: returns None (and logs) when the headers cannot be used, or None
+    when ``datasets`` is empty.
     """
     try:
-        import pydicom
-
-        from gateway.uploads import iter_upload
-
-        wanted = {str(s.sop_instance_uid) for s in study.slices}
-        names = {str(s.filename) for s in study.slices}
         study_attrs: tuple[tuple[str, str], ...] | None = None
         found: dict[str, tuple[str, str, str, int, int, int]] = {}
-        for filename, data in sources:
-            for name, content in iter_upload(filename, data):
-                if name not in names:
-                    continue
-                ds = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True, force=True,
-                                     specific_tags=[*STUDY_KEYWORDS, *_INSTANCE_KEYWORDS])
-                uid = str(ds.get("SOPInstanceUID", ""))
-                if uid not in wanted:
-                    continue
-                found[uid] = (str(ds.SOPClassUID), uid, str(ds.get("SeriesInstanceUID", "")),
-                              int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
-                              int(ds.get("Columns", 0) or 0))
-                if study_attrs is None:
-                    study_attrs = tuple((k, str(ds.get(k, "") or "")) for k in STUDY_KEYWORDS)
+        for ds in datasets:
+            uid = str(ds.get("SOPInstanceUID", ""))
+            if not uid:
+                continue
+            found[uid] = (str(ds.SOPClassUID), uid, str(ds.get("SeriesInstanceUID", "")),
+                          int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
+                          int(ds.get("Columns", 0) or 0))
+            if study_attrs is None:
+                study_attrs = tuple((k, str(ds.get(k, "") or "")) for k in STUDY_KEYWORDS)
         if study_attrs is None:
             return None
         return SrContext(study_attrs, tuple(found.values()))

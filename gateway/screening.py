@@ -1,9 +1,9 @@
 """One screening function: a study's files in, a :class:`~aggregator.schema.CaseResult` out.
 
-:meth:`Screener.prepare` reads the files once (decode to HU, choose the series, sort along the slice
-normal; CPU work in a thread pool) and keeps the headers an SR needs; :meth:`Screener.screen` fans the
-slices out to Triton through the :class:`~gateway.triton_pool.TritonPool` and lets
-:func:`aggregator.case.decide` give the verdict. Nothing here knows about jobs, leases or the store:
+:meth:`Screener.prepare` has ingest read the files once (parse each file, choose the series, decode
+to HU, sort along the slice normal, keep the headers an SR needs; CPU work in a thread pool);
+:meth:`Screener.screen` fans the slices out to Triton through the :class:`~gateway.triton_pool.TritonPool`
+and lets :func:`aggregator.case.case_result` turn the prepared study and Triton's outputs into the result. Nothing here knows about jobs, leases or the store:
 :mod:`gateway.worker` calls it for a claimed job, and the upload route calls :meth:`Screener.prepare`
 to refuse a study that cannot be screened with its specific 4xx before accepting it.
 """
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aggregator.case import CaseRule, SliceInput, decide
-from aggregator.schema import CaseResult, ModelInfo, RejectedFile, Timings
+from aggregator.case import CaseRule, case_result
+from aggregator.schema import CaseResult, ModelInfo, Timings
 from gateway.metrics import Metrics
-from gateway.report import SrContext, sr_context
+from gateway.report import SrContext
 from gateway.triton_pool import TritonPool
 
 Loader = Callable[[Sequence[tuple[str, bytes]]], Any]
@@ -42,8 +42,8 @@ class Prepared:
     """A decoded study, ready for Triton."""
 
     study: Any
+    """A :class:`gateway.ingest.PreparedStudy` (or what the app's loader returns in its place)."""
     sr_context: SrContext | None
-    rejected: list[RejectedFile]
     ingest_s: float
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -101,14 +101,11 @@ class Screener:
         loop = asyncio.get_running_loop()
         t = time.monotonic()
         study = await loop.run_in_executor(self.executor, self._loader, sources)
-        context = await loop.run_in_executor(self.executor, sr_context, sources, study)
         ingest_s = time.monotonic() - t
         self.metrics.stage.labels("decode").observe(ingest_s)
-        rejected = [_rejected(r) for r in getattr(study, "rejected", ()) or ()]
-        rejected += [_rejected(r) for r in getattr(study, "excluded", ()) or ()]
-        for r in rejected:
-            self.metrics.error(r.reason)
-        return Prepared(study, context, rejected, ingest_s)
+        for r in (*study.rejected, *study.excluded):
+            self.metrics.error(str(r.reason))
+        return Prepared(study, getattr(study, "sr_context", None), ingest_s)
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
                      on_batch: Callable[[int], None] | None = None,
@@ -138,33 +135,12 @@ class Screener:
             await on_aggregate()
         t = time.monotonic()
         models = await self._model_info()
-        inputs = [
-            SliceInput(
-                sop_instance_uid=str(meta.sop_instance_uid),
-                position_mm=float(meta.position_mm),
-                boxes=out.boxes,
-                valid_area=out.valid_area,
-                rows=_int_or_none(getattr(meta, "rows", None)),
-                cols=_int_or_none(getattr(meta, "cols", getattr(meta, "columns", None))),
-                to_original=_grid_mapper(meta),
-            )
-            for meta, out in zip(study.slices, outputs, strict=True)
-        ]
-        decision = decide(inputs, self.rule, spacing_mm=_spacing(study))
+        result = case_result(study, outputs, self.rule, models=models, job_id=job_id, created_at=datetime.now(UTC))
         timings["aggregate_s"] = time.monotonic() - t
         timings["total_s"] = max(time.time() - started, timings["inference_s"] + timings["aggregate_s"])
         self.metrics.stage.labels("aggregate").observe(timings["aggregate_s"])
         self.metrics.stage.labels("total").observe(timings["total_s"])
-        result = decision.to_result(
-            study_instance_uid=prepared.study_instance_uid,
-            series_instance_uid=prepared.series_instance_uid,
-            models=models,
-            timings=Timings(**timings),
-            rejected=prepared.rejected,
-            warnings=[str(w) for w in getattr(study, "warnings", ()) or ()],
-            job_id=job_id,
-            created_at=datetime.now(UTC),
-        )
+        result = result.model_copy(update={"timings": Timings(**timings)})
         self.metrics.studies.labels(result.verdict).inc()
         return result
 
@@ -179,30 +155,3 @@ class Screener:
                                         sha256=info.get("sha256")))
             self._models = models
         return self._models
-
-
-def _rejected(row: Any) -> RejectedFile:
-    if isinstance(row, RejectedFile):
-        return row
-    if isinstance(row, tuple | list):
-        filename, reason, message = row[:3]
-    else:
-        filename, reason, message = row.filename, row.reason, row.message
-    return RejectedFile(filename=str(filename), reason=str(reason), message=str(message))
-
-
-def _grid_mapper(meta: Any) -> Callable[[Any], Any] | None:
-    grid = getattr(meta, "grid", None)
-    return getattr(grid, "to_original", None)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _spacing(study: Any) -> float | None:
-    for name in ("spacing_mm", "slice_spacing_mm", "nominal_spacing_mm"):
-        value = getattr(study, name, None)
-        if value:
-            return float(value)
-    return None

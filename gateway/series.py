@@ -12,8 +12,8 @@ Orientation (Patient); each slice's position is ``ImagePositionPatient . n`` (mm
 sorted by that position, ascending (for a standard axial series, feet to head); Instance Number
 and file order are ignored. Slices at the same position (within :attr:`SeriesRules.duplicate_tol_mm`)
 are duplicates: one is kept (the lowest ``(instance number, SOP UID, frame)``) and the others are
-reported. A step larger than :attr:`SeriesRules.gap_factor` times the median spacing is reported
-as a gap.
+reported. Gaps (a step much larger than the spacing) are not looked for here: the aggregator decides
+them, once, under the job's case rule (:func:`aggregator.case.decide`, ``CaseRule.gap_tolerance``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from gateway.dicom import FrameHeader
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Gap",
     "SeriesRules",
     "SeriesSelection",
     "SortedSeries",
@@ -63,8 +62,6 @@ class SeriesRules:
         Accepted Slice Thickness range; ``None`` disables a bound. Frames without thickness pass.
     duplicate_tol_mm : float
         Two slices closer than this along the normal are at the same position.
-    gap_factor : float
-        A step larger than this times the median spacing is a gap.
     min_matrix : int
         Smallest Rows and Columns of a slice to screen (a smaller frame is an icon, not a CT slice).
     """
@@ -77,7 +74,6 @@ class SeriesRules:
     min_slice_thickness_mm: float | None = 0.0
     max_slice_thickness_mm: float | None = 10.0
     duplicate_tol_mm: float = 0.01
-    gap_factor: float = 1.5
     min_matrix: int = 16
 
     def __post_init__(self) -> None:
@@ -92,17 +88,6 @@ class SeriesRules:
             )
         if self.duplicate_tol_mm < 0:
             raise ValueError(f'Argument "duplicate_tol_mm" must be >= 0, got {self.duplicate_tol_mm}.')
-        if self.gap_factor <= 1:
-            raise ValueError(f'Argument "gap_factor" must be > 1, got {self.gap_factor}.')
-
-
-@dataclass(frozen=True)
-class Gap:
-    """A missing stretch between two consecutive kept slices (indices into the sorted series)."""
-
-    after_index: int
-    step_mm: float
-    expected_mm: float
 
 
 @dataclass
@@ -116,7 +101,6 @@ class SortedSeries:
     spacing_mm: float | None
     """Median step between kept slices (``None`` with fewer than 2 slices)."""
     duplicates: list[FrameHeader] = field(default_factory=list)
-    gaps: list[Gap] = field(default_factory=list)
 
 
 @dataclass
@@ -244,14 +228,14 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
 
 
 def sort_slices(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SortedSeries:
-    """Sort one series' frames along the slice normal, removing duplicates and finding gaps.
+    """Sort one series' frames along the slice normal, removing duplicates.
 
     Parameters
     ----------
     frames : Sequence[FrameHeader]
         Frames of one series, all with orientation and position (as :func:`select_series` keeps).
     rules : SeriesRules | None
-        Supplies ``duplicate_tol_mm`` and ``gap_factor``.
+        Supplies ``duplicate_tol_mm``.
 
     Raises
     ------
@@ -291,16 +275,10 @@ def sort_slices(frames: Sequence[FrameHeader], rules: SeriesRules | None = None)
     positions = pos[kept]
     steps = np.diff(positions)
     spacing = float(np.median(steps)) if steps.size else None
-    gaps: list[Gap] = []
-    if spacing is not None and spacing > 0:
-        for k, step in enumerate(steps):
-            if step > rules.gap_factor * spacing:
-                gaps.append(Gap(after_index=k, step_mm=float(step), expected_mm=spacing))
     return SortedSeries(
         slices=[frames[i] for i in kept],
         positions_mm=positions,
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         spacing_mm=spacing,
         duplicates=duplicates,
-        gaps=gaps,
     )

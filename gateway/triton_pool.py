@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, HU_SLICES, LESION_BOXES, SLICE_SIZE, VALID_AREA_BOX
+from ctscreen.postprocess import unpack_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class InferenceFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class SliceOutput:
-    """What Triton found on one slice (512-pixel grid).
+    """What Triton found on one slice (512-pixel grid), as :func:`ctscreen.postprocess.unpack_outputs` unpacks it.
 
     Attributes
     ----------
@@ -412,20 +413,9 @@ class TritonPool:
         boxes = result.as_numpy(LESION_BOXES)
         counts = result.as_numpy(BOX_COUNT)
         valid = result.as_numpy(VALID_AREA_BOX)
-        n = len(batch)
         if boxes is None or counts is None or valid is None:
             raise InferenceFailed(f"Triton endpoint {ep.url} left out an output of {self.model_name}.")
-        boxes = boxes.reshape(n, -1, 5)
-        counts = counts.reshape(n, -1)
-        valid = valid.reshape(n, 4)
-        return [
-            SliceOutput(
-                boxes=np.array(boxes[i, : int(counts[i, 0])], dtype=np.float32),
-                valid_area=np.array(valid[i], dtype=np.float32),
-                endpoint=ep.url,
-            )
-            for i in range(n)
-        ]
+        return [SliceOutput(s.boxes, s.valid_area, ep.url) for s in unpack_outputs(boxes, counts, valid)]
 
     async def infer_batch(self, batch: np.ndarray) -> list[SliceOutput]:
         """Screen one batch of slices ``[B, 512, 512]`` (or ``[B, 1, 512, 512]``) int16 HU.

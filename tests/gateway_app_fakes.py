@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -79,6 +81,17 @@ def _dataset(hu: np.ndarray, i: int, spacing: float, study: str, series: str, fr
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+def wait_job(client: Any, job_id: str, timeout: float = 20.0) -> dict:
+    """The job's view once it is ``done`` or ``failed`` (``client``: a ``TestClient`` of the app)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in ("done", "failed"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {view}")
 
 
 class FakeResult:

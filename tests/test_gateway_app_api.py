@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series
+from tests.gateway_app_fakes import wait_job as _wait
 
 
 def _app(fleet: FakeFleet | None = None, **settings):
@@ -27,16 +28,6 @@ def _app(fleet: FakeFleet | None = None, **settings):
 
 def _files(files):
     return [("files", (name, data, "application/dicom")) for name, data in files]
-
-
-def _wait(client: TestClient, job_id: str, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
-        if view["state"] in ("done", "failed"):
-            return view
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {view}")
 
 
 def _related(parts: list[bytes], boundary: str = "b0undary", part_type: str = "application/dicom") -> bytes:

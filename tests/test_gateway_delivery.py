@@ -14,7 +14,6 @@ import io
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -72,12 +71,11 @@ async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: s
     """A done job in a fresh store: the files as its instances, a positive result on slices 2..4."""
     await asyncio.to_thread(upgrade, settings.database())
     store, blobs = Store(settings.database()), FolderBlobs(settings.blobs())
-    sources, stored = [], []
+    stored = []
     for f in files:
         data = f.read_bytes()
         key = new_key()
         blobs.put(key, data)
-        sources.append((f"{filename_prefix}{f.name}", data))
         stored.append((f"{filename_prefix}{f.name}", key, len(data)))
     headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
                      key=lambda d: float(d.ImagePositionPatient[2]))
@@ -91,10 +89,7 @@ async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: s
     result = decide(inputs).to_result(study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID),
                                       job_id=view.job_id)
     assert result.verdict == "positive"
-    study = SimpleNamespace(slices=[SimpleNamespace(sop_instance_uid=str(d.SOPInstanceUID),
-                                                    filename=f"{filename_prefix}{Path(d.filename).name}")
-                                    for d in headers])
-    context = sr_context(sources, study)
+    context = sr_context(headers)
     assert await store.finish(view.job_id, result, context.to_json() if context else None)
     return store, blobs, result
 

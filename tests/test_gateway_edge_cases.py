@@ -180,7 +180,7 @@ def test_refused_files_never_sink_the_study() -> None:
     series = make_series(5, rows=64, cols=64, thickness=1.0)
     sources = [(name, data) for name, data, _, _ in series]
     sources += [(rel, (EDGE / rel).read_bytes()) for rel in sorted(CASES)]
-    study = load_study(sources, workers=2)
+    study = load_study(sources, workers=2, one_study=False)  # the corpus holds 18 studies
     assert study.n_slices == 5
     assert [int(s.position_mm) for s in study.slices] == [0, 1, 2, 3, 4]
     refused = {r.filename: r.reason for r in study.rejected}

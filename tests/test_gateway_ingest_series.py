@@ -14,6 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from aggregator.case import CaseRule, case_result
+from ctscreen.contracts import EMPTY_BOX
+from ctscreen.postprocess import SliceBoxes
 from gateway.dicom import FrameHeader, to_grid
 from gateway.errors import NoUsableSeries, UploadError
 from gateway.ingest import StudyAccumulator, load_study, make_decode_pool
@@ -35,7 +38,7 @@ def test_shuffled_files_with_scrambled_instance_numbers_come_back_in_position_or
     for i, (_, _, hu, _) in enumerate(series):
         np.testing.assert_array_equal(study.hu[i], to_grid(hu)[0])
     assert study.spacing_mm == pytest.approx(2.5)
-    assert study.gaps == [] and study.excluded == [] and study.rejected == []
+    assert study.excluded == [] and study.rejected == []
 
 
 def test_order_follows_the_normal_not_the_z_axis() -> None:
@@ -49,7 +52,11 @@ def test_order_follows_the_normal_not_the_z_axis() -> None:
     assert [s.filename for s in study.slices] == [f"s{i:04d}.dcm" for i in range(5)]
 
 
-def test_duplicates_removed_and_gaps_reported() -> None:
+def _no_findings(study) -> list[SliceBoxes]:
+    return [SliceBoxes(np.zeros((0, 5), np.float32), np.array(EMPTY_BOX, np.float32))] * study.n_slices
+
+
+def test_duplicates_removed_and_the_gap_decided_once_by_the_aggregator() -> None:
     series = make_series(10, rows=32, cols=32, spacing=1.0)
     files = _files(series)
     del files[5], files[5]  # slices at 5 and 6 mm missing: a 3 mm step after index 4
@@ -63,11 +70,12 @@ def test_duplicates_removed_and_gaps_reported() -> None:
     assert [s.position_mm for s in study.slices] == [0, 1, 2, 3, 4, 7, 8, 9]
     assert study.slices[2].filename == "s0002.dcm"  # lower instance number kept
     assert [(r.filename, r.reason) for r in study.excluded] == [("dup.dcm", "duplicate_position")]
-    assert len(study.gaps) == 1
-    gap = study.gaps[0]
-    assert (gap.after_index, gap.step_mm, gap.expected_mm) == (4, 3.0, 1.0)
-    assert any("Gap of 3.00 mm" in w for w in study.warnings)
     assert any("duplicate" in w for w in study.warnings)
+    assert not any("gap" in w.lower() for w in study.warnings)  # ingest orders; the aggregator decides gaps
+    result = case_result(study, _no_findings(study))
+    assert [(g.after_sop_instance_uid, g.before_sop_instance_uid, g.distance_mm, g.expected_mm) for g in result.gaps] == [
+        (study.slices[4].sop_instance_uid, study.slices[5].sop_instance_uid, 3.0, 1.0)]
+    assert len([w for w in result.warnings if "gap" in w.lower()]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +143,22 @@ def test_rules_are_configurable(mixed_study: tuple[list[tuple[str, bytes]], str]
         files, SeriesRules(require_axial=False, require_original_primary=False, max_slice_thickness_mm=None)
     )
     assert anything.n_slices == 40
-    with pytest.raises(ValueError, match='"gap_factor"'):
-        SeriesRules(gap_factor=1.0)
     with pytest.raises(ValueError, match='"min_slice_thickness_mm"'):
         SeriesRules(min_slice_thickness_mm=5, max_slice_thickness_mm=1)
 
 
-def test_too_few_slices_is_reported_not_refused() -> None:
+def test_too_few_slices_is_reported_under_the_jobs_rule_not_refused() -> None:
     study = load_study(_files(make_series(2, rows=32, cols=32)))
     assert study.n_slices == 2
-    assert any("Only 2 slice(s)" in w for w in study.warnings)
+    warned = case_result(study, _no_findings(study)).warnings
+    assert [w for w in warned if w.startswith("Only")] == ["Only 2 slice(s); the case rule looks for 3 consecutive slices."]
+    assert not any(w.startswith("Only") for w in case_result(study, _no_findings(study), CaseRule(run_slices=2)).warnings)
 
 
 def test_no_usable_series_lists_every_reason() -> None:
-    scout = ct_dataset(chest_like(32, 32), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    mr = ct_dataset(chest_like(32, 32), modality="MR")
+    study_uid = generate_uid()  # one study: several would be refused as mixed_studies first
+    scout = ct_dataset(chest_like(32, 32), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=study_uid)
+    mr = ct_dataset(chest_like(32, 32), modality="MR", study_uid=study_uid)
     with pytest.raises(NoUsableSeries) as info:
         load_study([("scout.dcm", to_bytes(scout)), ("mr.dcm", to_bytes(mr)), ("junk.txt", b"hello")])
     err = info.value
@@ -270,8 +279,7 @@ def _header(i: int, z: float, instance: int) -> FrameHeader:
 )
 def test_sort_slices_properties(zs: list[int], seed: int) -> None:
     """Whatever the file order and instance numbers: strictly increasing positions, one slice per
-    distinct position, every input either kept or reported as a duplicate, gaps only where the
-    step exceeds 1.5x the median."""
+    distinct position, every input either kept or reported as a duplicate."""
     rng = random.Random(seed)
     frames = [_header(i, z * 0.5, rng.randint(1, 1000)) for i, z in enumerate(zs)]
     rng.shuffle(frames)
@@ -280,8 +288,6 @@ def test_sort_slices_properties(zs: list[int], seed: int) -> None:
     assert (np.diff(pos) > 0).all()
     assert sorted(pos.tolist()) == sorted({z * 0.5 for z in zs})
     assert len(out.slices) + len(out.duplicates) == len(frames)
-    steps = np.diff(pos)
-    assert [g.after_index for g in out.gaps] == [k for k, s in enumerate(steps) if s > 1.5 * np.median(steps)]
 
 
 def _garble(data: bytes) -> bytes:

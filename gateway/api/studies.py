@@ -14,11 +14,10 @@ from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.errors import GatewayError, MixedStudies, Unavailable, UploadError
+from gateway.errors import Unavailable, UploadError
 from gateway.jobs import Busy, JobError, JobNotFound, JobView
 from gateway.settings import Settings
 from gateway.store import Store, new_key
-from gateway.stow import CT_STORAGE, read_header
 from gateway.uids import check_uid
 from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
 
@@ -61,26 +60,7 @@ def _expand(body: bytes, content_type: str, filename: str, limits: UploadLimits)
             raise TooLarge(f"The upload holds more than {limits.max_files} files.")
     if not files:
         raise UploadError("The upload holds no file.")
-    _check_one_study(files)
-    return files
-
-
-def _check_one_study(files: list[tuple[str, bytes]]) -> None:
-    """Refuse an upload whose CT images belong to several studies: only one would be screened."""
-    counts: dict[str, int] = {}
-    for name, content in files:
-        try:
-            header = read_header(content, name)
-        except GatewayError:
-            continue  # ingest refuses it, with its reason
-        if header.sop_class_uid in CT_STORAGE:
-            counts[header.study_instance_uid] = counts.get(header.study_instance_uid, 0) + 1
-    if len(counts) > 1:
-        found = ", ".join(f"{uid} ({n} files)" for uid, n in counts.items())
-        raise MixedStudies(
-            f"The upload holds CT images of {len(counts)} studies: {found}. Upload one study at a time "
-            "(or send them by STOW-RS, which screens each study apart)."
-        )
+    return files  # parsed once, by ingest (which also refuses CT images of several studies)
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
