@@ -209,7 +209,7 @@ Runner = Callable[[LabelledCase], tuple[CaseResult | None, float, str | None]]
 
 
 def _http_runner(client: Any, timeout_s: float) -> Runner:
-    from gateway.cli import screen_path
+    from gateway.client import screen_path
 
     def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
         outcome = screen_path(client, case.path, quiet=True, max_wait_s=timeout_s)
@@ -227,7 +227,7 @@ def _in_process_runner(repo: Path | None) -> Runner:
     from benchmarks.inprocess import OrtPipeline
     from ctscreen.contracts import SEGMENTATION_MODELS
     from ctscreen.postprocess import unpack_boxes
-    from gateway.cli import collect_files
+    from gateway.client import collect_files
     from gateway.errors import GatewayError
     from gateway.ingest import load_study
 
@@ -299,7 +299,8 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
                 raise EvalError(f"--url {args.url}: gateway not ready (GET /readyz -> {ready.status_code})")
             yield _Path(_http_runner(client, args.timeout), f"gateway at {args.url}")
         return
-    from gateway.cli import CliError, run_stack
+    from gateway.cli import run_stack
+    from gateway.client import CliError
 
     with ExitStack() as resources:
         try:

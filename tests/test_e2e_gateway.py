@@ -31,7 +31,8 @@ import pytest
 import phantom
 from aggregator.schema import CaseResult
 from ctscreen.embedded import EmbeddedTriton, free_port
-from gateway.cli import Outcome, demo_main, run_stack, screen_paths
+from gateway.cli import demo_main, run_stack
+from gateway.client import Outcome, screen_paths
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
