@@ -138,18 +138,7 @@ class Screener:
             await on_aggregate()
         t = time.monotonic()
         models = await self._model_info()
-        inputs = [
-            SliceInput(
-                sop_instance_uid=str(meta.sop_instance_uid),
-                position_mm=float(meta.position_mm),
-                boxes=out.boxes,
-                valid_area=out.valid_area,
-                rows=_int_or_none(getattr(meta, "rows", None)),
-                cols=_int_or_none(getattr(meta, "cols", getattr(meta, "columns", None))),
-                to_original=_grid_mapper(meta),
-            )
-            for meta, out in zip(study.slices, outputs, strict=True)
-        ]
+        inputs = slice_inputs(study.slices, [out.boxes for out in outputs], [out.valid_area for out in outputs])
         decision = decide(inputs, self.rule, spacing_mm=_spacing(study))
         timings["aggregate_s"] = time.monotonic() - t
         timings["total_s"] = max(time.time() - started, timings["inference_s"] + timings["aggregate_s"])
@@ -179,6 +168,28 @@ class Screener:
                                         sha256=info.get("sha256")))
             self._models = models
         return self._models
+
+
+def slice_inputs(slices: Sequence[Any], boxes: Sequence[Any], valid_areas: Sequence[Any]) -> list[SliceInput]:
+    """The aggregator's input of each slice: its header (SOP Instance UID, position along the normal,
+    matrix, mapping from the 512 grid) and the lesion boxes and valid-area box the models gave it.
+
+    ``slices`` are the headers of a decoded study (``study.slices`` of :func:`gateway.ingest.load_study`);
+    ``boxes`` and ``valid_areas`` follow them one to one. The serving path and the in-process reference
+    of ``ctscreen eval`` both build the case rule's input here.
+    """
+    return [
+        SliceInput(
+            sop_instance_uid=str(meta.sop_instance_uid),
+            position_mm=float(meta.position_mm),
+            boxes=b,
+            valid_area=v,
+            rows=_int_or_none(getattr(meta, "rows", None)),
+            cols=_int_or_none(getattr(meta, "cols", getattr(meta, "columns", None))),
+            to_original=_grid_mapper(meta),
+        )
+        for meta, b, v in zip(slices, boxes, valid_areas, strict=True)
+    ]
 
 
 def _rejected(row: Any) -> RejectedFile:
