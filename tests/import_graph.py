@@ -40,3 +40,12 @@ def imports_of(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str]]:
         elif (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "__import__")
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             yield node.lineno, node.args[0].value
+
+
+def private_names_imported(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str]]:
+    """``(line, "module.name")`` of every ``from module import _name`` in the file (dunders aside)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    yield node.lineno, f"{node.module}.{alias.name}"

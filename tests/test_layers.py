@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.import_graph import ROOT, imports_of, module_name, package_files
+from tests.import_graph import ROOT, imports_of, module_name, package_files, private_names_imported
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # contracts, post-processing, the in-process reference pipeline, machine facts, embedded Triton,
@@ -53,6 +53,15 @@ def test_no_import_runs_up_the_layers():
     files = [f for package in LEVEL for f in package_files(package)]
     assert len(files) > 100
     assert upward_imports(files) == []
+
+
+def test_no_private_name_crosses_a_module():
+    """A name shared between modules is public; ``_name`` stays in its module (tests included)."""
+    ours = (*LEVEL, "tests")
+    crossing = [f"{path.relative_to(ROOT)}:{line} {name}"
+                for package in ours for path in package_files(package)
+                for line, name in private_names_imported(path) if name.split(".")[0] in ours]
+    assert crossing == []
 
 
 def test_the_check_sees_imports_inside_functions_and_between_peers(tmp_path):
