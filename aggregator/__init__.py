@@ -5,7 +5,8 @@
 * :mod:`aggregator.metrics`: confusion matrices and Table-3 metrics with Wilson intervals.
 * :mod:`aggregator.report`: the evaluation report (Table 3, curves, hard negatives, rule variants).
 * :mod:`aggregator.sr`: the result as DICOM SR (TID 1500), in memory (needs highdicom).
-* :mod:`aggregator.cli`: ``ctscreen eval`` (the only module that does I/O).
+
+It imports nothing above :mod:`ctscreen`; ``ctscreen eval``, which writes the report, is :mod:`evaluation`.
 """
 
 from aggregator.case import CaseDecision, CaseRule, SliceInput, decide

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from aggregator.schema import Box, CaseResult
-from aggregator.sr import _uid
+from aggregator.sr import stable_uid
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -145,7 +145,7 @@ def key_images(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
            result.verdict)
-    series = series_instance_uid or _uid(*key, "key-images-series")
+    series = series_instance_uid or stable_uid(*key, "key-images-series")
     out = []
     for n, evidence in enumerate(result.evidence.slices, start=1):
         ds = by_uid.get(evidence.sop_instance_uid)
@@ -169,7 +169,7 @@ def key_images(
             study_instance_uid=result.study_instance_uid,
             series_instance_uid=series,
             series_number=series_number,
-            sop_instance_uid=_uid(*key, "key-image", evidence.sop_instance_uid),
+            sop_instance_uid=stable_uid(*key, "key-image", evidence.sop_instance_uid),
             instance_number=n,
             manufacturer="ctscreen",
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,

@@ -2,7 +2,7 @@
 
 :func:`build_report` turns :class:`EvalCase` records (truth plus the :class:`~aggregator.schema.CaseResult`
 the serving path returned) into a plain-data report; :func:`render_markdown` lays it out like the
-paper's Table 3. Writing files and drawing plots is the job of :mod:`aggregator.cli`.
+paper's Table 3. Writing files and drawing plots is the job of :mod:`evaluation.output`.
 
 Definitions
 -----------

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "to_sr"]
+__all__ = ["COVID19", "stable_uid", "to_sr"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
 """SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
@@ -41,7 +41,8 @@ _PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", 
                   "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
-def _uid(*parts: object) -> str:
+def stable_uid(*parts: object) -> str:
+    """A DICOM UID derived from ``parts``: the same parts give the same UID (a result sent again keeps its UIDs)."""
     from pydicom.uid import generate_uid
 
     return str(generate_uid(entropy_srcs=["ctscreen-sr", *[str(p) for p in parts]]))
@@ -153,7 +154,7 @@ def to_sr(
     sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in evidence_uids if u in by_uid]
     groups: list = [
         MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=_uid(*key, "case"), identifier=f"case verdict: {result.reason}"),
+            tracking_identifier=TrackingIdentifier(uid=stable_uid(*key, "case"), identifier=f"case verdict: {result.reason}"),
             finding_type=covid,
             algorithm_id=algorithm,
             finding_sites=lung,
@@ -181,7 +182,7 @@ def to_sr(
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=_uid(*key, "box", n), identifier=f"lesion {n + 1}, slice {index}, {', '.join(box.quadrants)}"
+                    uid=stable_uid(*key, "box", n), identifier=f"lesion {n + 1}, slice {index}, {', '.join(box.quadrants)}"
                 ),
                 referenced_region=region,
                 finding_type=codes.SCT.Lesion,
@@ -198,7 +199,7 @@ def to_sr(
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=_uid("device", version), name="ctscreen", manufacturer_name="ctscreen", model_name=version,
+            uid=stable_uid("device", version), name="ctscreen", manufacturer_name="ctscreen", model_name=version,
         ),
     )
     report = MeasurementReport(
@@ -209,9 +210,9 @@ def to_sr(
     return Comprehensive3DSR(
         evidence=images,
         content=report,
-        series_instance_uid=series_instance_uid or _uid(*key, "series"),
+        series_instance_uid=series_instance_uid or stable_uid(*key, "series"),
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid or _uid(*key, "sop"),
+        sop_instance_uid=sop_instance_uid or stable_uid(*key, "sop"),
         instance_number=instance_number,
         manufacturer="ctscreen",
         is_complete=True,

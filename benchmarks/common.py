@@ -13,10 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
-import platform
 import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+# machine_info is re-exported: every benchmark stamps its results with it; it lives below training
+from ctscreen.machine import machine_info as machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -96,43 +96,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def machine_info() -> dict[str, Any]:
-    """Facts about the machine a figure came from (CPU model, cores, memory, load, commit)."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": mem_gib,
-        "gpu": None,
-        "loadavg_1m": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": commit,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float | None]:

@@ -1,14 +1,14 @@
-"""The in-process reference: ONNX Runtime on the shipped ONNX files plus ``postprocess_batch``.
+"""The in-process reference under the benchmarks' thread budget: the denominator of the overhead ratios.
 
-This is the denominator of the overhead ratios: the same models and the same post-processing as the
-``ct_screen`` ensemble, with no server, no network and no serialisation, under the same thread budget
-(``threads`` ORT intra-op threads in total, by default every core this process may use).
+The pipeline is :class:`ctscreen.reference.ReferencePipeline` (ONNX Runtime on the shipped ONNX files
+plus ``postprocess_batch``: the same models and the same post-processing as the ``ct_screen``
+ensemble, with no server, no network and no serialisation); here it runs under the same thread budget
+as Triton (``threads`` ORT intra-op threads in total, by default every core this process may use).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,69 +17,38 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ROOT, BenchError
+from benchmarks.common import BenchError
 from ctscreen.contracts import HU_SLICES, LESION_MODEL, PROB, VALID_AREA_MODEL
+from ctscreen.machine import cores
 from ctscreen.postprocess import postprocess_batch
+from ctscreen.reference import DEFAULT_BATCH, ReferencePipeline, onnx_path
 
 logger = logging.getLogger(__name__)
 
 
-def onnx_path(model: str, repo: Path | None = None) -> Path:
-    """``model_repository/<model>/1/model.onnx``; :class:`BenchError` when it is not there."""
-    path = (repo or ROOT / "model_repository") / model / "1" / "model.onnx"
-    if not path.is_file():
-        raise BenchError(f"ONNX model not found: {path}")
-    return path
-
-
-def cores() -> int:
-    """Cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class OrtPipeline:
-    """ORT(valid_area) + ORT(lesion) + ``postprocess_batch`` in this process.
+class OrtPipeline(ReferencePipeline):
+    """:class:`~ctscreen.reference.ReferencePipeline` configured for a benchmark.
 
     Parameters
     ----------
     threads : int | None
         ORT intra-op threads per session (default: every usable core).
     repo : Path | None
-        Folder holding ``<model>/1/model.onnx`` (default: the repository's ``model_repository``).
+        Folder holding ``<model>/1/model.onnx`` (default: the repository's ``model_repository``);
+        :class:`~benchmarks.common.BenchError` when a file is missing.
     spinning : bool
         ORT thread-pool spinning; off by default, as in the cpu profile's Triton models.
+    batch : int
+        Slices per ORT call of :meth:`~ctscreen.reference.ReferencePipeline.run` (default 8).
     """
 
-    def __init__(self, threads: int | None = None, repo: Path | None = None, spinning: bool = False) -> None:
-        import onnxruntime as ort
-
-        threads = cores() if threads is None else threads
-        if threads < 1:
-            raise ValueError(f'Argument "threads" must be >= 1, got {threads}.')
-        self.threads = threads
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
-            opts.add_session_config_entry(key, "1" if spinning else "0")
-        self.sessions = {
-            m: ort.InferenceSession(str(onnx_path(m, repo)), opts, providers=["CPUExecutionProvider"])
-            for m in (VALID_AREA_MODEL, LESION_MODEL)
-        }
-
-    def maps(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Valid-area and lesion probability maps ``[B, 1, 512, 512]`` of INT16 slices ``[B, 1, 512, 512]``."""
-        if hu.dtype != np.int16 or hu.ndim != 4:
-            raise ValueError(f'Argument "hu" must be INT16 [B, 1, H, W], got {hu.dtype} {hu.shape}.')
-        valid = self.sessions[VALID_AREA_MODEL].run([PROB], {HU_SLICES: hu})[0]
-        lesion = self.sessions[LESION_MODEL].run([PROB], {HU_SLICES: hu})[0]
-        return valid, lesion
-
-    def __call__(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ensemble's outputs (boxes, counts, valid-area boxes) for ``hu``."""
-        return postprocess_batch(*self.maps(hu))
+    def __init__(self, threads: int | None = None, repo: Path | None = None, spinning: bool = False,
+                 batch: int = DEFAULT_BATCH) -> None:
+        try:
+            paths = onnx_path(VALID_AREA_MODEL, repo), onnx_path(LESION_MODEL, repo)
+        except FileNotFoundError as exc:
+            raise BenchError(str(exc)) from None
+        super().__init__(*paths, threads=threads, batch=batch, spinning=spinning)
 
 
 def ort_throughput(

@@ -86,10 +86,10 @@ def check_perf_analyzer() -> str:
 
 def sample_slices(n: int = 4, seed: int = 7) -> np.ndarray:
     """``n`` INT16 HU slices ``[n, 1, 512, 512]`` through the lungs of a phantom COVID study."""
-    from benchmarks.studies import _phantom
+    from benchmarks.studies import load_phantom
 
     try:
-        study = _phantom(writer=False).make_study(seed, kind="covid", n_slices=max(8, 2 * n))
+        study = load_phantom(writer=False).make_study(seed, kind="covid", n_slices=max(8, 2 * n))
         hu = np.asarray(study.hu, dtype=np.int16)
     except BenchError as exc:
         logger.warning("%s; using plain ellipse slices", exc)

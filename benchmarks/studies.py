@@ -114,7 +114,8 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and _is_dicom(p))
 
 
-def _phantom(writer: bool = True):
+def load_phantom(writer: bool = True):
+    """The ``phantom`` package, or :class:`BenchError` when it (or its writer, with ``writer``) is missing."""
     try:
         import phantom
     except ImportError as exc:  # pragma: no cover - depends on what has landed
@@ -138,7 +139,7 @@ def ensure_study(
     folder = cache / (f"{kind}-{n_slices}-s{seed}-{encoding}" + (f"-m{matrix}" if matrix else ""))
     files = dicom_files(folder) if folder.exists() else []
     if not files:
-        ph = _phantom()
+        ph = load_phantom()
         logger.info("making phantom study %s (%d slices) in %s", kind, n_slices, folder)
         study = ph.make_study(seed, kind=kind, n_slices=n_slices, matrix=matrix)
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("gateway.cli:send_main", "send a job's result to a PACS / RIS destination again"),
     "demo": ("gateway.cli:demo_main", "make sample studies, screen them, keep the service running"),
     "keys": ("gateway.keys", "API keys of the gateway: add (printed once), list, revoke"),
-    "eval": ("aggregator.cli:eval_main", "evaluate a labelled set through the serving path"),
+    "eval": ("evaluation.cli:eval_main", "evaluate a labelled set through the serving path"),
     "bench": ("benchmarks.cli", "benchmarks: model level, case level, ratios, scaling"),
 }
 

@@ -30,7 +30,7 @@ from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PADDING_ROW, PROB_CUTOFF
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def _regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+def regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes ``[N, 4]`` (float32) and mean scores ``[N]`` of the regions of one 2-D map that count."""
     if prob.ndim != 2:
         raise ValueError(f'Argument "prob" must be 2-D, got shape {prob.shape}.')
@@ -56,7 +56,7 @@ def valid_area_box(
     >>> valid_area_box(p).tolist()
     [30.0, 10.0, 39.0, 19.0]
     """
-    boxes, _ = _regions(prob, cutoff, min_area)
+    boxes, _ = regions(prob, cutoff, min_area)
     if len(boxes) == 0:
         return np.array(EMPTY_BOX, dtype=np.float32)
     return np.array(
@@ -92,7 +92,7 @@ def lesion_boxes(
     >>> lesion_boxes(p, np.array(EMPTY_BOX, np.float32)).shape
     (0, 5)
     """
-    boxes, scores = _regions(prob, cutoff, min_area)
+    boxes, scores = regions(prob, cutoff, min_area)
     out = np.concatenate([boxes, scores[:, None]], axis=1).astype(np.float32)
     return out[inside_valid_area(out, valid)]
 

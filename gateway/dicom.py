@@ -574,7 +574,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
 _NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
 
 
-def _native_fast_path(ds: Dataset) -> np.ndarray | None:
+def native_fast_path(ds: Dataset) -> np.ndarray | None:
     """Stored values of native little-endian 16-bit data straight from the buffer, or ``None``.
 
     Same result as pydicom's ``pixel_array`` (high bits above Bits Stored masked off for unsigned
@@ -606,7 +606,7 @@ def _native_fast_path(ds: Dataset) -> np.ndarray | None:
 def _stored_values(ds: Dataset, filename: str) -> np.ndarray:
     """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation."""
     try:
-        fast = _native_fast_path(ds)
+        fast = native_fast_path(ds)
     except (AttributeError, TypeError, ValueError):
         fast = None
     if fast is not None:

@@ -34,7 +34,7 @@ def montage(study, *, n: int = 12, cols: int = 4, outline: bool = True, size: in
         if outline:
             for mask, colour in ((study.lesion_mask[k], (255, 40, 40)),
                                  (study.finding_mask[k] > 0, (255, 220, 0))):
-                edge = mask & ~_erode(mask)
+                edge = mask & ~erode(mask)
                 rgb[edge] = colour
         im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
         r, c = divmod(i, cols)
@@ -42,7 +42,8 @@ def montage(study, *, n: int = 12, cols: int = 4, outline: bool = True, size: in
     return canvas
 
 
-def _erode(m: np.ndarray) -> np.ndarray:
+def erode(m: np.ndarray) -> np.ndarray:
+    """``m`` eroded by one pixel (4-neighbourhood): ``m & ~erode(m)`` is its outline."""
     e = m.copy()
     e[1:] &= m[:-1]
     e[:-1] &= m[1:]

@@ -230,7 +230,7 @@ def make_study(seed: int, kind: str = "covid", n_slices: int | None = None, matr
     rng_find = np.random.default_rng(np.random.SeedSequence([int(seed), KINDS.index(kind), 7]))
 
     p = sample_patient(rng_anat)
-    geo = _sample_geometry(p, rng_geo, n_slices, matrix, overrides)
+    geo = sample_geometry(p, rng_geo, n_slices, matrix, overrides)
     n = geo["n"]
     rows, cols = geo["shape"]
     ps = geo["ps"]
@@ -316,7 +316,9 @@ def make_study(seed: int, kind: str = "covid", n_slices: int | None = None, matr
     )
 
 
-def _sample_geometry(p: Patient, rng: np.random.Generator, n_slices, matrix, ov) -> dict:
+def sample_geometry(p: Patient, rng: np.random.Generator, n_slices, matrix, ov) -> dict:
+    """The acquisition geometry of a study (matrix, field of view, slice count, spacing and thickness) drawn
+    from ``rng`` for patient ``p``; ``n_slices``, ``matrix`` and the overrides ``ov`` win where given."""
     u = rng.random()
     if u < 0.82:
         shape = (512, 512)

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 export MPLBACKEND=Agg
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-.venv/bin/python -m ruff check ctscreen phantom training aggregator gateway benchmarks tests
+.venv/bin/python -m ruff check ctscreen phantom training aggregator gateway benchmarks evaluation tests
 exec .venv/bin/python -m pytest "$@"

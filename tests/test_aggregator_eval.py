@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from aggregator.case import SliceInput, decide
-from aggregator.cli import discover, eval_main, slice_truth_from_manifest
+from evaluation.cli import eval_main
+from evaluation.dataset import discover, slice_truth_from_manifest
 
 N_SLICES = 8
 
@@ -52,7 +53,7 @@ def phantom_set(tmp_path_factory) -> Path:
     phantom = pytest.importorskip("phantom")
     if not hasattr(phantom, "write_study"):
         pytest.skip("phantom.write_study has not landed yet")
-    from aggregator.cli import make_phantom_set
+    from evaluation.dataset import make_phantom_set
 
     data = tmp_path_factory.mktemp("eval-phantom")
     make_phantom_set(data, 2, n_slices=N_SLICES, montage=False)  # a covid and a normal study, held-out seeds
@@ -151,7 +152,8 @@ def test_cases_run_concurrently_keep_their_order_and_a_crash_is_a_row():
     import threading
     import time
 
-    from aggregator.cli import LabelledCase, _run_cases
+    from evaluation.dataset import LabelledCase
+    from evaluation.runners import run_cases
 
     va = np.array([100, 100, 400, 400])
     seen = set()
@@ -165,7 +167,7 @@ def test_cases_run_concurrently_keep_their_order_and_a_crash_is_a_row():
         return decide(s).to_result(study_instance_uid=case.case_id, series_instance_uid="x"), 0.1, None
 
     cases = [LabelledCase(str(i), "normal", False, Path("."), lambda r: {}) for i in range(5)]
-    rows = _run_cases(cases, runner, workers=3, quiet=True)
+    rows = run_cases(cases, runner, workers=3, quiet=True)
     assert [r.case_id for r in rows] == ["0", "1", "2", "3", "4"]
     assert rows[2].result is None and rows[2].error == "ConnectionError: gateway went away"
     assert all(r.result is not None for i, r in enumerate(rows) if i != 2)

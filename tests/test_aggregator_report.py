@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from aggregator.case import CaseRule, SliceInput, decide
-from aggregator.cli import eval_main, write_report
 from aggregator.report import EvalCase, Goal, build_report, render_markdown
+from evaluation.cli import eval_main
+from evaluation.output import write_report
 
 VA = np.array([100, 100, 400, 400], np.float32)
 TL = np.array([[150, 150, 170, 170, 0.9]], np.float32)

@@ -24,7 +24,8 @@ import pytest
 
 import phantom
 from ctscreen.embedded import free_port
-from gateway.cli import run_stack, screen_path, send_main
+from gateway.cli import run_stack, send_main
+from gateway.client import screen_path
 from tests.orthanc import OrthancServer, dicomweb_plugin, orthanc_bin
 from tests.test_e2e_gateway import needs_trained
 from tests.test_gateway_dimse import STORESCU, needs_dcmtk

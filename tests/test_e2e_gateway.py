@@ -31,7 +31,8 @@ import pytest
 import phantom
 from aggregator.schema import CaseResult
 from ctscreen.embedded import EmbeddedTriton, free_port
-from gateway.cli import Outcome, demo_main, run_stack, screen_paths
+from gateway.cli import demo_main, run_stack
+from gateway.client import Outcome, screen_paths
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_SLICES = 40
 
 
-def _trained() -> bool:
+def models_trained() -> bool:
     cards = [ROOT / "model_repository" / m / "1" / "model_card.json" for m in ("valid_area", "lesion")]
     try:
         return all(json.loads(c.read_text()).get("trained", False) for c in cards)
@@ -47,7 +48,7 @@ def _trained() -> bool:
         return False
 
 
-needs_trained = pytest.mark.skipif(not _trained(), reason="shipped ONNX weights are untrained placeholders")
+needs_trained = pytest.mark.skipif(not models_trained(), reason="shipped ONNX weights are untrained placeholders")
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_demo_exits_after_printing_verdicts(triton, capsys, tmp_path):
     assert {(r["action"], r["status"], r["who"]) for r in audit} >= {("POST /v1/studies", 202, "anonymous")}
     rows = {line.split()[1]: line.split()[2] for line in out.splitlines() if "/covid-" in line or "/normal-" in line}
     assert set(rows) == {"covid", "normal"}, out
-    if _trained():
+    if models_trained():
         assert rows == {"covid": "POSITIVE", "normal": "negative"}, out
     assert "ctscreen is running at http://127.0.0.1:" in out
 

@@ -17,8 +17,7 @@ from pydantic import ValidationError
 
 from gateway.main import create_app
 from gateway.settings import Settings
-from tests.gateway_app_fakes import FakeFleet, ct_series
-from tests.gateway_app_fakes import wait_job as _wait
+from tests.gateway_app_fakes import FakeFleet, ct_series, wait_job
 
 
 def _app(fleet: FakeFleet | None = None, **settings):
@@ -26,11 +25,11 @@ def _app(fleet: FakeFleet | None = None, **settings):
     return create_app(Settings(**settings), client_factory=fleet or FakeFleet())
 
 
-def _files(files):
+def upload_files(files):
     return [("files", (name, data, "application/dicom")) for name, data in files]
 
 
-def _related(parts: list[bytes], boundary: str = "b0undary", part_type: str = "application/dicom") -> bytes:
+def related_body(parts: list[bytes], boundary: str = "b0undary", part_type: str = "application/dicom") -> bytes:
     out = b""
     for p in parts:
         out += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + p + b"\r\n"
@@ -63,14 +62,14 @@ def test_upload_positive_study_with_progress_events_and_metrics():
     fleet = FakeFleet()
     uid, files = ct_series(10, lesion=[4, 5, 6])
     with TestClient(_app(fleet)) as client:
-        r = client.post("/v1/studies", files=_files(files))
+        r = client.post("/v1/studies", files=upload_files(files))
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["slices_total"] == 10 and r.headers["location"] == f"/v1/jobs/{job['job_id']}"
         with client.stream("GET", f"/v1/jobs/{job['job_id']}/events") as stream:
             text = stream.read().decode()
         assert text.rstrip().split("\n\n")[-1].startswith("event: done")
-        view = _wait(client, job["job_id"])
+        view = wait_job(client, job["job_id"])
         result = view["result"]
         assert result["verdict"] == "positive" and result["reason"] == "run_found"
         assert result["evidence"]["quadrant"] == "top_left"
@@ -102,8 +101,8 @@ def test_an_upload_is_decoded_once():
     _, files = ct_series(6, lesion=[1, 2, 3])
     app = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet(), loader=loader)
     with TestClient(app) as client:
-        r = client.post("/v1/studies", files=_files(files))
-        assert _wait(client, r.json()["job_id"])["result"]["verdict"] == "positive"
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert wait_job(client, r.json()["job_id"])["result"]["verdict"] == "positive"
     assert calls == [6]
 
 
@@ -116,15 +115,15 @@ def test_zip_upload_negative_study():
     with TestClient(_app()) as client:
         r = client.post("/v1/studies", content=buf.getvalue(), headers={"Content-Type": "application/zip"})
         assert r.status_code == 202, r.text
-        assert _wait(client, r.json()["job_id"])["result"]["verdict"] == "negative"
+        assert wait_job(client, r.json()["job_id"])["result"]["verdict"] == "negative"
 
 
 def test_too_few_slices_is_indeterminate_not_negative():
     _, files = ct_series(2, lesion=[0, 1])
     with TestClient(_app()) as client:
-        r = client.post("/v1/studies", files=_files(files))
+        r = client.post("/v1/studies", files=upload_files(files))
         assert r.status_code == 202, r.text
-        result = _wait(client, r.json()["job_id"])["result"]
+        result = wait_job(client, r.json()["job_id"])["result"]
         assert result["verdict"] == "indeterminate" and result["reason"] == "too_few_slices"
         assert result["n_slices"] == 2
 
@@ -132,9 +131,9 @@ def test_too_few_slices_is_indeterminate_not_negative():
 def test_refused_file_does_not_sink_the_study():
     _, files = ct_series(6, lesion=[1, 2, 3])
     with TestClient(_app()) as client:
-        r = client.post("/v1/studies", files=_files([*files, ("notes.txt", b"hello, not dicom")]))
+        r = client.post("/v1/studies", files=upload_files([*files, ("notes.txt", b"hello, not dicom")]))
         assert r.status_code == 202, r.text
-        result = _wait(client, r.json()["job_id"])["result"]
+        result = wait_job(client, r.json()["job_id"])["result"]
         assert result["verdict"] == "positive"
         assert [(x["filename"], x["reason"]) for x in result["rejected"]] == [("notes.txt", "not_dicom")]
 
@@ -180,13 +179,13 @@ def test_full_gateway_answers_429_with_retry_after():
     fleet = FakeFleet(**{"fake:1": {"delay": 0.3}})
     with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, retry_after_s=7)) as client:
         _, files = ct_series(8)
-        first = client.post("/v1/studies", files=_files(files))
+        first = client.post("/v1/studies", files=upload_files(files))
         assert first.status_code == 202
-        second = client.post("/v1/studies", files=_files(files))
+        second = client.post("/v1/studies", files=upload_files(files))
         assert second.status_code == 429 and second.headers["retry-after"] == "7"
         assert second.json()["reason"] == "busy"
-        assert _wait(client, first.json()["job_id"])["state"] == "done"
-        assert client.post("/v1/studies", files=_files(files)).status_code == 202
+        assert wait_job(client, first.json()["job_id"])["state"] == "done"
+        assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
 
 
 def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
@@ -195,8 +194,8 @@ def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
                          retry_backoff_s=0.2)) as client:
         assert client.get("/readyz").status_code == 200
         _, files = ct_series(4)
-        r = client.post("/v1/studies", files=_files(files))
-        view = _wait(client, r.json()["job_id"])
+        r = client.post("/v1/studies", files=upload_files(files))
+        view = wait_job(client, r.json()["job_id"])
         assert view["state"] == "failed" and view["error"]["reason"] == "triton_unavailable"
         assert view["attempts"] >= 2  # it waited and tried again before the deadline
         assert "retry" in view["error"]["message"]
@@ -204,7 +203,7 @@ def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
         fleet.clients["fake:1"].fail_with = None  # Triton is back: a retry screens the kept instances
         again = client.post(f"/v1/jobs/{view['job_id']}/retry")
         assert again.status_code == 202 and again.json()["state"] == "queued"
-        assert _wait(client, view["job_id"])["state"] == "done"
+        assert wait_job(client, view["job_id"])["state"] == "done"
         assert client.post(f"/v1/jobs/{view['job_id']}/retry").status_code == 409  # done: nothing to retry
         assert client.post("/v1/jobs/nope/retry").status_code == 404
 
@@ -213,8 +212,8 @@ def test_triton_down_for_a_while_the_job_waits_and_ends_done():
     fleet = FakeFleet(**{"fake:1": {"fail_first": 3}})
     with TestClient(_app(fleet, triton_max_attempts=1, retry_backoff_s=0.2)) as client:
         _, files = ct_series(4, lesion=[0, 1, 2])
-        r = client.post("/v1/studies", files=_files(files))
-        view = _wait(client, r.json()["job_id"])
+        r = client.post("/v1/studies", files=upload_files(files))
+        view = wait_job(client, r.json()["job_id"])
         assert view["state"] == "done" and view["attempts"] == 4, view
         assert view["result"]["verdict"] == "positive"
 
@@ -249,9 +248,9 @@ def test_results_and_sr_survive_a_restart(tmp_path):
         ids = []
         for lesion in ([1, 2, 3], []):
             uid, files = ct_series(5, lesion=lesion)
-            r = client.post("/v1/studies", files=_files(files))
+            r = client.post("/v1/studies", files=upload_files(files))
             ids.append(r.json()["job_id"])
-            _wait(client, ids[-1])
+            wait_job(client, ids[-1])
     with TestClient(_app(data_dir=tmp_path)) as client:  # a new process on the same data folder
         first = client.get(f"/v1/jobs/{ids[0]}").json()
         assert first["state"] == "done" and first["result"]["verdict"] == "positive"
@@ -264,7 +263,7 @@ def test_results_and_sr_survive_a_restart(tmp_path):
 def test_stow_then_explicit_complete():
     uid, files = ct_series(6, lesion=[2, 3, 4])
     with TestClient(_app(stow_quiet_period_s=3600)) as client:
-        r = client.post("/dicomweb/studies", content=_related([d for _, d in files]),
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
                         headers={"Content-Type": STOW_TYPE})
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/dicom+json"
@@ -275,7 +274,7 @@ def test_stow_then_explicit_complete():
             "error": None, "result": None}
         job = client.post(f"/v1/studies/{uid}/complete")
         assert job.status_code == 202
-        assert _wait(client, job.json()["job_id"])["result"]["verdict"] == "positive"
+        assert wait_job(client, job.json()["job_id"])["result"]["verdict"] == "positive"
         assert client.get(f"/v1/studies/{uid}").json()["result"]["verdict"] == "positive"
         assert client.post("/v1/studies/1.2.3.4/complete").status_code == 404
 
@@ -285,7 +284,7 @@ def test_stow_quiet_period_triggers_screening():
     with TestClient(_app(stow_quiet_period_s=0.2)) as client:
         half = len(files) // 2
         for chunk in (files[:half], files[half:]):
-            r = client.post(f"/dicomweb/studies/{uid}", content=_related([d for _, d in chunk]),
+            r = client.post(f"/dicomweb/studies/{uid}", content=related_body([d for _, d in chunk]),
                             headers={"Content-Type": STOW_TYPE})
             assert r.status_code == 200
         deadline = time.monotonic() + 20
@@ -300,15 +299,15 @@ def test_stow_quiet_period_triggers_screening():
 def test_stow_partial_and_total_failure_and_media_types():
     uid, files = ct_series(2)
     with TestClient(_app(stow_quiet_period_s=3600)) as client:
-        mixed = client.post("/dicomweb/studies", content=_related([files[0][1], b"garbage" * 50]),
+        mixed = client.post("/dicomweb/studies", content=related_body([files[0][1], b"garbage" * 50]),
                             headers={"Content-Type": STOW_TYPE})
         assert mixed.status_code == 202
         assert mixed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
-        wrong_study = client.post("/dicomweb/studies/1.2.3", content=_related([files[1][1]]),
+        wrong_study = client.post("/dicomweb/studies/1.2.3", content=related_body([files[1][1]]),
                                   headers={"Content-Type": STOW_TYPE})
         assert wrong_study.status_code == 409
         assert wrong_study.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
-        bad_type = client.post("/dicomweb/studies", content=_related([files[1][1]], part_type="application/dicom+json"),
+        bad_type = client.post("/dicomweb/studies", content=related_body([files[1][1]], part_type="application/dicom+json"),
                                headers={"Content-Type": 'multipart/related; type="application/dicom+json"; boundary=b0undary'})
         assert bad_type.status_code == 415
         not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
@@ -320,7 +319,7 @@ def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
     _, files = ct_series(6, lesion=[1, 2, 3])
     slow = FakeFleet(**{"fake:1": {"delay": 5.0}})
     with TestClient(_app(slow, data_dir=tmp_path, shutdown_grace_s=0)) as client:
-        r = client.post("/v1/studies", files=_files(files))
+        r = client.post("/v1/studies", files=upload_files(files))
         assert r.status_code == 202
         job_id = r.json()["job_id"]
         deadline = time.monotonic() + 10
@@ -331,5 +330,5 @@ def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
     with TestClient(_app(data_dir=tmp_path)) as client:
         view = client.get(f"/v1/jobs/{job_id}").json()
         assert view["attempts"] == 1 and view["state"] in ("queued", "decoding", "inferring", "aggregating", "done")
-        view = _wait(client, job_id)
+        view = wait_job(client, job_id)
         assert view["state"] == "done" and view["result"]["verdict"] == "positive" and view["attempts"] == 2

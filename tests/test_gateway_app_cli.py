@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ctscreen.embedded import free_port
-from gateway.cli import Outcome, collect_files, demo_main, screen_main, serve_main, verdict_table
+from gateway.cli import demo_main, screen_main, serve_main
+from gateway.client import Outcome, collect_files, verdict_table
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from gateway import keys as keys_cli
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet
-from tests.test_gateway_app_api import STOW_TYPE, _related
+from tests.test_gateway_app_api import STOW_TYPE, related_body
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
         assert job["state"] == "done", job
         assert client.get(f"{r.headers['location']}/sr", headers=auth).status_code == 200
         assert client.get(f"{r.headers['location']}/events", headers=auth).status_code == 200
-        r = client.post("/dicomweb/studies", content=_related([f.read_bytes() for f in sorted(stow.glob("*.dcm"))]),
+        r = client.post("/dicomweb/studies", content=related_body([f.read_bytes() for f in sorted(stow.glob("*.dcm"))]),
                         headers={"content-type": STOW_TYPE, **auth})
         assert r.status_code == 200, r.text
         uid = r.headers["content-location"].rsplit("/", 1)[1]

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series
-from tests.test_gateway_app_api import _files, _wait
+from tests.test_gateway_app_api import upload_files, wait_job
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
 
@@ -97,7 +97,7 @@ REFUSED = [
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 @pytest.mark.parametrize(("name", "edit", "status", "reason"), REFUSED, ids=[c[0] for c in REFUSED])
 def test_upload_refuses_bad_ct(client, name, edit, status, reason):
-    r = client.post("/v1/studies", files=_files(_edit(SERIES, edit)))
+    r = client.post("/v1/studies", files=upload_files(_edit(SERIES, edit)))
     assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
     assert r.json()["message"]
     if name == "one_pixel":
@@ -111,8 +111,8 @@ def test_upload_refuses_bad_ct(client, name, edit, status, reason):
         (dict(content=b'{"a": 1}', headers={"content-type": "application/json"}), 415, "not_dicom"),
         (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "bad_upload"),
         (dict(files=[("files", ("empty.zip", _EMPTY_ZIP.getvalue(), "application/zip"))]), 400, "bad_upload"),
-        (dict(files=_files([(n, d[: len(d) // 2]) for n, d in SERIES])), 422, "undecodable"),
-        (dict(files=_files([(n, d[:300]) for n, d in SERIES])), 415, "not_dicom"),
+        (dict(files=upload_files([(n, d[: len(d) // 2]) for n, d in SERIES])), 422, "undecodable"),
+        (dict(files=upload_files([(n, d[:300]) for n, d in SERIES])), 415, "not_dicom"),
     ],
     ids=["empty_body", "json", "multipart_no_boundary", "empty_zip", "truncated_pixels", "truncated_header"],
 )
@@ -124,7 +124,7 @@ def test_upload_refuses_bad_requests(client, kwargs, status, reason):
 def test_upload_of_two_studies_is_refused_not_half_screened(client):
     """Before: 202, the first study screened and the second (positive) dropped with only a warning."""
     _, other = ct_series(4, lesion=[0, 1, 2], size=64)
-    r = client.post("/v1/studies", files=_files(SERIES + other))
+    r = client.post("/v1/studies", files=upload_files(SERIES + other))
     assert (r.status_code, r.json()["reason"]) == (422, "mixed_studies"), r.text
     assert "2 studies" in r.json()["message"]
 
@@ -136,9 +136,9 @@ def test_upload_of_two_studies_is_refused_not_half_screened(client):
     ids=["two_slices_with_lesions", "one_slice", "all_at_one_position"],
 )
 def test_too_short_study_is_screened_indeterminate(client, files):
-    r = client.post("/v1/studies", files=_files(files))
+    r = client.post("/v1/studies", files=upload_files(files))
     assert r.status_code == 202, r.text
-    view = _wait(client, r.json()["job_id"])
+    view = wait_job(client, r.json()["job_id"])
     assert view["state"] == "done" and view["result"]["verdict"] == "indeterminate", view
 
 

@@ -30,7 +30,7 @@ from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake
 from tests.gateway_dicom_factory import ct_dataset
-from tests.test_e2e_gateway import _trained
+from tests.test_e2e_gateway import models_trained
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,7 +140,7 @@ def test_storescu_study_is_screened_with_every_slice(received, dimse_studies):
             for p in dimse_studies["plain"].rglob("*.dcm")}
     assert result.n_slices == N_SLICES and {s.sop_instance_uid for s in result.slices} == sent
     assert [s.index for s in result.slices] == list(range(N_SLICES))
-    if _trained():
+    if models_trained():
         assert result.verdict == "positive" and result.reason == "run_found", (result.reason, result.message)
 
 

@@ -25,7 +25,7 @@ from gateway.main import create_app
 from gateway.settings import Settings
 from gateway.uids import check_uid, is_uid
 from tests.gateway_app_fakes import FakeFleet, ct_series
-from tests.test_gateway_app_api import STOW_TYPE, _related
+from tests.test_gateway_app_api import STOW_TYPE, related_body
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
@@ -52,7 +52,7 @@ def _outside(box: Path) -> list[Path]:
                                                   ("POST", "/dicomweb/studies/{}")])
 def test_bad_uids_in_urls_are_400_and_touch_nothing(box, uid, method, template):
     folder, client = box
-    r = client.request(method, template.format(uid), content=_related([b"x"]), headers={"content-type": STOW_TYPE})
+    r = client.request(method, template.format(uid), content=related_body([b"x"]), headers={"content-type": STOW_TYPE})
     # 404/405: the path no longer routes; 409: '.' was normalised away and STOW refused the bogus body
     assert r.status_code in (400, 404, 405, 409), (uid, r.status_code, r.text)
     if r.status_code == 400:
@@ -64,7 +64,7 @@ def test_bad_uids_in_urls_are_400_and_touch_nothing(box, uid, method, template):
 def test_stow_instance_with_a_bad_study_uid_is_refused_not_spooled(box, bad):
     folder, client = box
     _, files = ct_series(1, size=32, study_uid=bad)
-    r = client.post("/dicomweb/studies", content=_related([files[0][1]]), headers={"content-type": STOW_TYPE})
+    r = client.post("/dicomweb/studies", content=related_body([files[0][1]]), headers={"content-type": STOW_TYPE})
     assert r.status_code == 409, r.text
     assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
     assert _outside(folder) == [] and not list((folder / "results").rglob("escape*"))

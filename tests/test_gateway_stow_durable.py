@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series
-from tests.test_gateway_app_api import _related, _wait
+from tests.test_gateway_app_api import related_body, wait_job
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
 
@@ -32,7 +32,7 @@ def _app(quiet_s: float, data_dir: Path, **settings):
 
 
 def _stow(client: TestClient, files) -> dict:
-    r = client.post("/dicomweb/studies", content=_related([d for _, d in files]), headers={"content-type": STOW_TYPE})
+    r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]), headers={"content-type": STOW_TYPE})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -43,7 +43,7 @@ def _screened(client: TestClient, uid: str, timeout: float = 15.0, not_job: str 
     while True:
         view = client.get(f"/v1/studies/{uid}").json()
         if view.get("state") in ("done", "failed") and view.get("job_id") != not_job:
-            return _wait(client, view["job_id"])
+            return wait_job(client, view["job_id"])
         assert time.monotonic() < deadline, view
         time.sleep(0.05)
 
@@ -91,7 +91,7 @@ def test_explicit_complete_is_once_per_version(tmp_path):
         a = client.post(f"/v1/studies/{uid}/complete").json()
         b = client.post(f"/v1/studies/{uid}/complete").json()
         assert a["job_id"] == b["job_id"]  # the second call answers the version's job
-        assert _wait(client, a["job_id"])["state"] == "done"
+        assert wait_job(client, a["job_id"])["state"] == "done"
 
 
 def test_an_instance_that_cannot_be_written_is_refused_and_not_recorded(tmp_path):
@@ -103,7 +103,7 @@ def test_an_instance_that_cannot_be_written_is_refused_and_not_recorded(tmp_path
             raise OSError(28, "No space left on device")
 
         blobs.put_many = broken
-        r = client.post("/dicomweb/studies", content=_related([d for _, d in files]),
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
                         headers={"content-type": STOW_TYPE})
         assert r.status_code == 409, r.text
         assert {i["00081197"]["Value"][0] for i in r.json()["00081198"]["Value"]} == {0x0110}

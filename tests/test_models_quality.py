@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 
 from ctscreen import contracts as c
+from ctscreen.reference import ReferencePipeline
 from training import evaluate_real as ev
 from training import realct
-from training.evaluate import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {m: ROOT / "model_repository" / m / "1" / "model.onnx" for m in c.SEGMENTATION_MODELS}
 
 
 @pytest.fixture(scope="module")
-def runner() -> Pipeline:
-    return Pipeline(SHIPPED[c.VALID_AREA_MODEL], SHIPPED[c.LESION_MODEL], threads=2)
+def runner() -> ReferencePipeline:
+    return ReferencePipeline(SHIPPED[c.VALID_AREA_MODEL], SHIPPED[c.LESION_MODEL], threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import phantom
-from phantom.study import RESCALE_CONVENTIONS, SLICE_SPACINGS, _sample_geometry, longest_quadrant_run
+from phantom.study import RESCALE_CONVENTIONS, SLICE_SPACINGS, longest_quadrant_run, sample_geometry
 
 SMALL = dict(n_slices=24, matrix=128)
 LUNG_FINDINGS = {phantom.FINDING_CODES[k] for k in ("nodule", "tb", "bronchiectasis", "bacterial", "emphysema")}
@@ -169,7 +169,7 @@ def test_geometry_variation_across_seeds():
     seen = {"shapes": set(), "spacing": set(), "rescale": set()}
     for seed in range(300):
         rng_a, rng_g = (np.random.default_rng(c) for c in np.random.SeedSequence(seed).spawn(2))
-        g = _sample_geometry(sample_patient(rng_a), rng_g, None, None, {})
+        g = sample_geometry(sample_patient(rng_a), rng_g, None, None, {})
         assert 0.55 <= g["ps"] <= 0.9
         assert 60 <= g["n"] <= 600
         assert g["thickness"] >= g["spacing"]

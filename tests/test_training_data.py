@@ -10,7 +10,7 @@ from training import datasets
 from training.datasets import DataError, SliceBank, Volume
 
 
-def _write_nifti_set(root, n_cases: int = 2, shape=(64, 64, 4)):
+def make_nifti_set(root, n_cases: int = 2, shape=(64, 64, 4)):
     """COVID-19-CT-Seg layout: ct_scans/, Infection_Mask/, Lung_Mask/ with an identity (RAS+) affine.
 
     Each volume has a bright marker block at high x (patient right) and high y (anterior), and a
@@ -35,7 +35,7 @@ def _write_nifti_set(root, n_cases: int = 2, shape=(64, 64, 4)):
 
 
 def test_nifti_loader_layout_orientation_and_targets(tmp_path):
-    _write_nifti_set(tmp_path)
+    make_nifti_set(tmp_path)
     cases = datasets.nifti_cases(tmp_path)
     assert [c[0] for c in cases] == ["case0", "case1"]
     assert all(c[3] is not None for c in cases), "lung masks matched despite the _mask suffix"
@@ -57,7 +57,7 @@ def test_nifti_loader_layout_orientation_and_targets(tmp_path):
 
 
 def test_nifti_without_lung_masks_cannot_train_valid_area(tmp_path):
-    _write_nifti_set(tmp_path, n_cases=1)
+    make_nifti_set(tmp_path, n_cases=1)
     for f in (tmp_path / "Lung_Mask").iterdir():
         f.unlink()
     vol = next(datasets.nifti_volumes(tmp_path))

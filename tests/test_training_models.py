@@ -225,11 +225,11 @@ def test_card_only_puts_quality_metrics_into_the_card(tmp_path):
 def test_train_on_a_nifti_set(tmp_path):
     """The one-command retraining path for a centre's own data: a NIfTI set (written with nibabel)."""
     pytest.importorskip("torch")
-    from tests.test_training_data import _write_nifti_set
+    from tests.test_training_data import make_nifti_set
     from training.datasets import parse_source
     from training.train import TrainConfig, train
 
-    _write_nifti_set(tmp_path / "set", n_cases=2)
+    make_nifti_set(tmp_path / "set", n_cases=2)
     cfg = TrainConfig(task="valid_area", source=parse_source(f"nifti:{tmp_path / 'set'}"), out=tmp_path / "run",
                       steps=2, batch=2, val_every=2, spec=_tiny_spec(), progress=False, threads=1)
     result = train(cfg)

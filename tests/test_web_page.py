@@ -21,7 +21,8 @@ import pytest
 
 import phantom
 from aggregator.schema import CaseResult
-from gateway.cli import collect_files, run_stack, screen_paths
+from gateway.cli import run_stack
+from gateway.client import collect_files, screen_paths
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 

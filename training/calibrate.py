@@ -28,20 +28,21 @@ import numpy as np
 
 from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
 from ctscreen.postprocess import lesion_boxes
+from ctscreen.reference import ReferencePipeline
 from training import realct
 from training.datasets import PHANTOM_VAL_SEED0, phantom_volumes
-from training.evaluate import Pipeline, lesion_truth, overlaps
+from training.evaluate import lesion_truth, overlaps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUTOFFS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 HARD = ("bacterial", "bowel_gas", "bronchiectasis", "emphysema", "nodule", "stomach_bubble", "tb")
 
 
-def _scores(run: Pipeline, volumes, cutoffs) -> dict:
+def _scores(run: ReferencePipeline, volumes, cutoffs) -> dict:
     """Per cut-off: truth-positive slices hit, false boxes, boxes, and hard-negative slices boxed."""
     acc = {t: {"pos": 0, "hit": 0, "boxes": 0, "false": 0, "slices": 0, "fp": {}} for t in cutoffs}
     for vol in volumes:
-        _, valid, prob = run.run(vol.hu)
+        _, valid, prob = run.run(vol.hu, maps=True)
         real = vol.meta.get("source") == "real-ct"
         radiologist = real and vol.meta.get("label_weight", 1.0) == 1.0
         for i, va in enumerate(valid):
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except realct.DataError as exc:
         p.error(str(exc))
     vols = real + list(phantom_volumes(args.phantom_studies, PHANTOM_VAL_SEED0, n_slices=48))
-    run = Pipeline(args.valid_area, args.lesion, threads=args.threads)
+    run = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
     cutoff, table = choose(_scores(run, vols, CUTOFFS))
     doc = {
         "cutoff": cutoff,

@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.metrics import Confusion, Estimate
-from ctscreen.contracts import HU_SLICES, LESION_MODEL, MIN_BOX_AREA, PROB, PROB_CUTOFF, VALID_AREA_MODEL
-from ctscreen.postprocess import _regions, postprocess_batch
+from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, PROB_CUTOFF, VALID_AREA_MODEL
+from ctscreen.postprocess import regions
+from ctscreen.reference import ReferencePipeline
 from training.datasets import PHANTOM_EVAL_SEED0, Volume
 
 logger = logging.getLogger(__name__)
@@ -62,46 +63,8 @@ def lesion_truth(mask: np.ndarray) -> str:
     """``positive``, ``negative`` or ``indeterminate`` for one slice's lesion mask (see module doc)."""
     if not mask.any():
         return "negative"
-    boxes, _ = _regions(mask.astype(np.float32), PROB_CUTOFF, MIN_BOX_AREA)
+    boxes, _ = regions(mask.astype(np.float32), PROB_CUTOFF, MIN_BOX_AREA)
     return "positive" if len(boxes) else "indeterminate"
-
-
-class Pipeline:
-    """ORT valid-area + lesion sessions and the shared post-processing (the serving reference)."""
-
-    def __init__(self, valid_area: Path, lesion: Path, threads: int = 2) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
-        self.valid = ort.InferenceSession(str(valid_area), so, providers=["CPUExecutionProvider"])
-        self.lesion = ort.InferenceSession(str(lesion), so, providers=["CPUExecutionProvider"])
-
-    def run(
-        self, hu: np.ndarray, batch: int = 8, *, maps: bool = True
-    ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
-        """Lesion boxes ``[N, 5]`` and the valid box of each slice of HU ``[Z, 512, 512]`` int16, and
-        (``maps``) the lesion probability maps ``[Z, 512, 512]`` float16 (for Dice)."""
-        boxes_out: list[np.ndarray] = []
-        valid_out: list[np.ndarray] = []
-        probs = []
-        for i in range(0, len(hu), batch):
-            x = np.ascontiguousarray(hu[i : i + batch, None])
-            v = self.valid.run([PROB], {HU_SLICES: x})[0]
-            les = self.lesion.run([PROB], {HU_SLICES: x})[0]
-            boxes, counts, valid = postprocess_batch(v, les)
-            boxes_out += [boxes[j, : counts[j, 0]] for j in range(len(x))]
-            valid_out += [valid[j] for j in range(len(x))]
-            if maps:
-                probs.append(les[:, 0].astype(np.float16))
-        return boxes_out, valid_out, np.concatenate(probs) if maps else None
-
-    def __call__(self, hu: np.ndarray, batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(boxes, valid box)`` per slice of HU ``[Z, 512, 512]`` int16."""
-        boxes, valid, _ = self.run(hu, batch, maps=False)
-        return list(zip(boxes, valid, strict=True))
 
 
 def overlaps(box: np.ndarray, mask: np.ndarray) -> bool:
@@ -110,7 +73,7 @@ def overlaps(box: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask[y0 : y1 + 1, x0 : x1 + 1].any())
 
 
-def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8, *, on_volume=None) -> dict:
+def evaluate_volumes(pipe: ReferencePipeline, volumes, batch: int = 8, *, on_volume=None) -> dict:
     """Run the pipeline over volumes and gather the per-slice figures (see module doc).
 
     ``on_volume(volume, outputs)``, when given, sees each volume with its per-slice ``(boxes, valid)``
@@ -128,7 +91,7 @@ def evaluate_volumes(pipe: Pipeline, volumes, batch: int = 8, *, on_volume=None)
     n_slices = 0
     t0 = time.perf_counter()
     for vol in volumes:
-        res = pipe(vol.hu, batch=batch)
+        res = pipe.per_slice(vol.hu, batch)
         if on_volume is not None:
             on_volume(vol, res)
         n_slices += len(res)
@@ -301,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("study %d/%d %s", i + 1, args.studies, vol.case_id)
             yield vol
 
-    pipe = Pipeline(args.valid_area, args.lesion, threads=args.threads)
+    pipe = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
     report = evaluate_volumes(pipe, volumes())
     targets = {"valid_iou_median": 0.90, "sensitivity": 0.90, "specificity": 0.98}
     les = report["lesion_per_slice"]

@@ -40,8 +40,10 @@ from scipy import ndimage
 from aggregator.case import SliceInput, decide
 from aggregator.metrics import Confusion, Estimate
 from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, VALID_AREA_MODEL
+from ctscreen.machine import machine_info
+from ctscreen.reference import ReferencePipeline
 from training import realct
-from training.evaluate import Pipeline, evaluate_volumes, lesion_truth, overlaps
+from training.evaluate import evaluate_volumes, lesion_truth, overlaps
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,17 +134,17 @@ def verdict(boxes: list[np.ndarray], valid: list[np.ndarray], positions: list[fl
     return decide(inputs, spacing_mm=spacing)
 
 
-def medseg_section(run: Pipeline, root: Path | None) -> dict:
+def medseg_section(run: ReferencePipeline, root: Path | None) -> dict:
     vol = realct.medseg_volume("test", root)
-    boxes, valid, prob = run.run(vol.hu)
+    boxes, valid, prob = run.run(vol.hu, maps=True)
     return slice_figures(vol, boxes, valid, prob)
 
 
-def pseudo_section(run: Pipeline, root: Path | None) -> dict:
+def pseudo_section(run: ReferencePipeline, root: Path | None) -> dict:
     out = {}
     for case in realct.pseudo_split("test", root):
         vol = realct.pseudo_volume(case, root)
-        boxes, valid, prob = run.run(vol.hu)
+        boxes, valid, prob = run.run(vol.hu, maps=True)
         # file NNN is the slice's index in its volume; neighbours in index are neighbours in space
         d = verdict(boxes, valid, [float(i) for i in vol.meta["indices"]], 1.0)
         figs = slice_figures(vol, boxes, valid, prob)
@@ -176,7 +178,7 @@ def _served_slice(path: Path) -> np.ndarray:
     return decoded.hu[None]
 
 
-def dicom_section(run: Pipeline, root: Path) -> dict:
+def dicom_section(run: ReferencePipeline, root: Path) -> dict:
     """Real HU slices: boxes and valid area on lungs without COVID-19 and on an abdomen, and the
     window estimate's error on the chest slices windowed here."""
     rows, errors = [], []
@@ -215,7 +217,7 @@ def dicom_section(run: Pipeline, root: Path) -> dict:
     }
 
 
-def phantom_section(run: Pipeline, n: int, slices: int, seed: int) -> dict:
+def phantom_section(run: ReferencePipeline, n: int, slices: int, seed: int) -> dict:
     import phantom
     from training.datasets import volume_from_study
 
@@ -408,11 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     except realct.DataError as exc:
         p.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from benchmarks.common import machine_info
     from training.card import sha256_of
 
     t0 = time.perf_counter()
-    run = Pipeline(args.valid_area, args.lesion, threads=args.threads)
+    run = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
     report: dict = {}
     if "medseg" in sections:
         report["medseg"] = medseg_section(run, root)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 import phantom
-from phantom.montage import _erode, window
+from phantom.montage import erode, window
 
 
 def preview(study: phantom.Study, size: int = 256) -> np.ndarray:
@@ -43,7 +43,7 @@ def preview(study: phantom.Study, size: int = 256) -> np.ndarray:
         top.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)))
         rgb = rgb.copy()
         for mask, colour in ((study.lesion_mask[k], (255, 40, 40)), (study.finding_mask[k] > 0, (255, 220, 0))):
-            rgb[mask & ~_erode(mask)] = colour
+            rgb[mask & ~erode(mask)] = colour
         bottom.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)))
     return np.concatenate([np.concatenate(top, axis=1), np.concatenate(bottom, axis=1)], axis=0)
 

@@ -1,0 +1,218 @@
+"""``ctscreen eval``: run a labelled set through the serving path and write a Table-3 report.
+
+::
+
+    ctscreen eval --data DIR [--url URL | --in-process] [--out docs/eval/] [--make-phantom N]
+
+Serving paths
+-------------
+* default: the **embedded stack**, started here (``gateway.cli.run_stack``: embedded Triton with the cpu
+  profile plus the gateway under uvicorn on a free port); every study is uploaded with
+  ``POST /v1/studies`` and followed on ``/v1/jobs/{id}``, exactly as ``ctscreen screen`` does.
+* ``--url URL``: the same HTTP client against a gateway that is already running (a cluster).
+* ``--in-process``: the **reference**, not the serving path: ingest (:func:`gateway.ingest.load_study`),
+  ONNX Runtime on ``model_repository/*/1/model.onnx`` and :func:`ctscreen.postprocess.postprocess_batch`
+  in this process (:class:`ctscreen.reference.ReferencePipeline`), then :func:`aggregator.case.decide`.
+  For developing the report and for NIfTI sets.
+
+Data
+----
+``DIR`` holds phantom studies as ``ctscreen phantom`` writes them (one folder per study with its DICOM
+files and ``manifest.json``, format ``ctscreen-phantom/1``); ``--make-phantom N`` first writes the
+held-out phantom set (seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds cycling like
+training) into ``DIR``. Or ``DIR`` is a NIfTI set in the training layout (``ct_scans/`` and
+``Infection_Mask/`` or the like): its cases are first written as DICOM studies under ``--work``
+(:func:`evaluation.dataset.write_nifti_set`), label 1 when the lesion mask is not empty.
+
+Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
+(default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
+are left out of the per-image metrics.
+
+Output (``--out``): ``report.md``, ``report.json``, ``results.jsonl`` (every CaseResult with its truth)
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aggregator.report import DEFAULT_CUTOFFS
+from ctscreen.cliargs import positive
+from ctscreen.contracts import MIN_BOX_AREA
+from evaluation import EvalError
+from evaluation.dataset import discover, looks_like_nifti_set, make_phantom_set, write_nifti_set
+from evaluation.output import write_report
+from evaluation.runners import Runner, http_runner, in_process_runner, run_cases
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("docs/eval")
+
+
+@dataclass
+class _Path:
+    runner: Runner
+    name: str
+
+
+@contextmanager
+def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
+    """The runner of the chosen path, with its resources (server, client) open meanwhile."""
+    if args.in_process:
+        yield _Path(in_process_runner(args.repo), "in-process reference (ORT + postprocess_batch, no server)")
+        return
+    import httpx
+
+    if args.url:
+        with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout) as client:
+            try:
+                ready = client.get("/readyz")
+            except httpx.HTTPError as exc:
+                raise EvalError(f"--url {args.url}: cannot connect ({exc})") from exc
+            if ready.status_code != 200:
+                raise EvalError(f"--url {args.url}: gateway not ready (GET /readyz -> {ready.status_code})")
+            yield _Path(http_runner(client, args.timeout), f"gateway at {args.url}")
+        return
+    from gateway.cli import run_stack
+    from gateway.client import CliError
+
+    with ExitStack() as resources:
+        try:
+            # the audit trail goes beside the report, not between the progress lines
+            audit = {"audit_log_file": args.out / "audit.jsonl"}
+            stack = resources.enter_context(run_stack(port=0, repo=args.repo, triton_url=args.triton_url,
+                                                      settings_overrides=audit))
+        except (CliError, RuntimeError, OSError) as exc:
+            raise EvalError(f"cannot start the embedded stack: {exc}") from exc
+        client = resources.enter_context(httpx.Client(base_url=stack.url, timeout=args.timeout))
+        triton = f"Triton at {args.triton_url}" if args.triton_url else "embedded Triton, cpu profile"
+        yield _Path(http_runner(client, args.timeout), f"embedded stack (ctscreen serve: {triton} + gateway, HTTP API)")
+
+
+def _cutoffs(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"cutoffs must lie in [0, 1]: {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctscreen eval",
+        description="Run a labelled set through the serving path and write a Table-3 report "
+                    "(Markdown, JSON, PNG plots).",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of labelled studies (phantom manifest.json)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
+    where.add_argument("--in-process", action="store_true",
+                       help="reference path: ingest + ONNX Runtime + postprocess in this process, no server")
+    p.add_argument("--triton-url", metavar="HOST:PORT",
+                   help="with the embedded stack: use this running Triton (gRPC) instead of starting one")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default docs/eval)")
+    p.add_argument("--repo", type=Path, default=None,
+                   help="embedded stack: a rendered Triton repository (default: the cpu profile rendered from "
+                        "model_repository/); --in-process: a folder of <model>/1/model.onnx (default model_repository/)")
+    p.add_argument("--make-phantom", type=positive(int), metavar="N",
+                   help="first write N held-out phantom studies into --data (existing ones are kept)")
+    p.add_argument("--work", type=Path, default=Path("out/eval-work"),
+                   help="where a NIfTI set is written as DICOM studies (default out/eval-work)")
+    p.add_argument("--phantom-slices", type=positive(int), default=None, help="slices per phantom study")
+    p.add_argument("--limit", type=positive(int), help="evaluate the first N studies only")
+    p.add_argument("--concurrency", type=positive(int), default=2,
+                   help="studies in flight at once on the serving path (default 2; --in-process runs one at a time)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
+    p.add_argument("--indeterminate-as", choices=("positive", "negative", "exclude"), default="positive",
+                   help="how an indeterminate verdict counts per patient (default positive: referred)")
+    p.add_argument("--min-lesion-px", type=int, default=MIN_BOX_AREA,
+                   help="per-image truth: a slice is positive above this many lesion pixels (default 25)")
+    p.add_argument("--cutoffs", type=_cutoffs, default=list(DEFAULT_CUTOFFS), help="cutoffs of the curves")
+    p.add_argument("--title", default="", help="a line under the report title")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-study lines")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    """``ctscreen eval``; returns the exit status (0 done, 1 goal not met, 2 bad arguments or data)."""
+    args = _parser().parse_args(argv)
+    if args.timeout <= 0:
+        print("ctscreen eval: --timeout must be > 0", file=sys.stderr)
+        return 2
+    if args.triton_url and (args.url or args.in_process):
+        print("ctscreen eval: --triton-url goes with the embedded stack, not with --url or --in-process",
+              file=sys.stderr)
+        return 2
+    if args.repo is not None and not args.repo.is_dir():
+        print(f"ctscreen eval: --repo {args.repo}: not a directory", file=sys.stderr)
+        return 2
+    if args.triton_url:
+        from gateway.settings import check_endpoint
+
+        try:
+            check_endpoint(args.triton_url)
+        except ValueError as exc:
+            print(f"ctscreen eval: --triton-url: {exc}", file=sys.stderr)
+            return 2
+    if args.url and not args.url.lower().startswith(("http://", "https://")):
+        print(f"ctscreen eval: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
+        return 2
+    try:  # before the run, not after it: a report folder that cannot be written would lose the run
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(f"{args.out} is not writable")
+    except OSError as exc:
+        print(f"ctscreen eval: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.make_phantom:
+            make_phantom_set(args.data, args.make_phantom, n_slices=args.phantom_slices)
+        data = args.data
+        if looks_like_nifti_set(data):
+            data = args.work / data.resolve().name
+            n = write_nifti_set(args.data, data)
+            if not args.quiet:
+                print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
+        cases = discover(data, args.min_lesion_px)
+        if args.limit:
+            cases = cases[: args.limit]
+        t0 = time.monotonic()
+        path_name = ""
+        with _serving_path(args) as path:
+            path_name = path.name
+            evaluated = run_cases(cases, path.runner, workers=1 if args.in_process else args.concurrency,
+                                  quiet=args.quiet)
+        meta = {
+            "title": args.title,
+            "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
+            "data": str(args.data),
+            "serving_path": path_name,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": round(time.monotonic() - t0, 1),
+            "min_lesion_px": args.min_lesion_px,
+            "concurrency": 1 if args.in_process else args.concurrency,
+        }
+        report = write_report(evaluated, args.out, meta=meta, cutoffs=args.cutoffs,
+                              indeterminate_as=args.indeterminate_as)
+    except EvalError as exc:
+        print(f"ctscreen eval: {exc}", file=sys.stderr)
+        return 2
+    pp = report["per_patient"]["metrics"]
+    sens, spec = pp["sensitivity"]["value"], pp["specificity"]["value"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"per patient: sensitivity {fmt(sens)}, specificity {fmt(spec)} "
+          f"(goal {'met' if report['goal']['met'] else 'NOT met'}); report in {args.out / 'report.md'}")
+    return 0 if report["goal"]["met"] else 1

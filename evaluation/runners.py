@@ -1,0 +1,124 @@
+"""The serving paths of ``ctscreen eval`` and the fan-out of a labelled set through one of them.
+
+A :data:`Runner` screens one :class:`~evaluation.dataset.LabelledCase` and returns
+``(CaseResult | None, seconds, error | None)``:
+
+* :func:`http_runner`: the gateway's HTTP API (:func:`gateway.client.screen_path`), against the embedded
+  stack or a running gateway;
+* :func:`in_process_runner`: the reference, not the serving path: ingest
+  (:func:`gateway.ingest.load_study`), :class:`ctscreen.reference.ReferencePipeline` (ONNX Runtime and
+  the post-processing in this process), then :func:`aggregator.case.decide`.
+
+:func:`run_cases` runs a set through a runner, several cases at a time; a case that fails is a row of
+the report with its error, not the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aggregator.report import EvalCase
+from aggregator.schema import CaseResult
+from evaluation.dataset import LabelledCase
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[LabelledCase], tuple[CaseResult | None, float, str | None]]
+"""Screens one case: ``(result or None, seconds, error or None)``."""
+
+
+def http_runner(client: Any, timeout_s: float) -> Runner:
+    """The gateway's HTTP API through ``client`` (an ``httpx.Client`` on its base URL), as ``ctscreen screen``."""
+    from gateway.client import screen_path
+
+    def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
+        outcome = screen_path(client, case.path, quiet=True, max_wait_s=timeout_s)
+        if outcome.result is None:
+            err = outcome.error or {}
+            return None, outcome.seconds, f"{err.get('reason', 'error')}: {err.get('message', '')}".strip()
+        return CaseResult.model_validate(outcome.result), outcome.seconds, None
+
+    return run
+
+
+def in_process_runner(repo: Path | None) -> Runner:
+    """The in-process reference on ``repo``'s ``<model>/1/model.onnx`` (default ``model_repository/``)."""
+    from aggregator.case import case_result
+    from aggregator.schema import ModelInfo, Timings
+    from ctscreen.contracts import SEGMENTATION_MODELS
+    from ctscreen.postprocess import SliceBoxes
+    from ctscreen.reference import ReferencePipeline
+    from gateway.client import collect_files
+    from gateway.errors import GatewayError
+    from gateway.ingest import load_study
+
+    pipe = ReferencePipeline.from_repo(repo)
+    models = []
+    for name in SEGMENTATION_MODELS:
+        card = pipe.paths[name].parent / "model_card.json"
+        info = json.loads(card.read_text()) if card.is_file() else {}
+        models.append(ModelInfo(name=name, version=str(info.get("version", "unknown")),
+                                sha256=info.get("sha256"), platform="onnxruntime (in-process)"))
+
+    def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
+        t0 = time.monotonic()
+        files = collect_files(case.path)
+        try:
+            study = load_study([(str(f.relative_to(case.path)), f.read_bytes()) for f in files])
+        except GatewayError as exc:
+            return None, time.monotonic() - t0, f"{exc.reason}: {exc.message}"
+        t1 = time.monotonic()
+        boxes, valid, _ = pipe.run(study.hu)
+        t2 = time.monotonic()
+        outputs = [SliceBoxes(b, v) for b, v in zip(boxes, valid, strict=True)]
+        t3 = time.monotonic()
+        result = case_result(study, outputs, models=models, created_at=datetime.now(UTC))
+        t4 = time.monotonic()
+        result = result.model_copy(update={"timings": Timings(ingest_s=t1 - t0, inference_s=t2 - t1,
+                                                              aggregate_s=t4 - t3, total_s=t4 - t0)})
+        return result, t4 - t0, None
+
+    return run
+
+
+def _run_one(case: LabelledCase, runner: Runner) -> EvalCase:
+    t0 = time.monotonic()
+    try:
+        result, seconds, error = runner(case)
+    except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
+        logger.debug("case %s failed", case.case_id, exc_info=True)
+        result, seconds, error = None, time.monotonic() - t0, f"{type(exc).__name__}: {exc}"
+    truth = case.slice_truth(result) if result is not None else {}
+    return EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error)
+
+
+def run_cases(cases: Sequence[LabelledCase], runner: Runner, *, workers: int, quiet: bool) -> list[EvalCase]:
+    """Every case through ``runner``, ``workers`` at a time; results in the order of ``cases``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def report(i: int, done: EvalCase) -> None:
+        if not quiet:
+            verdict = done.result.verdict if done.result else f"FAILED ({done.error})"
+            print(f"[{i}/{len(cases)}] {done.case_id}: {done.kind}, label {int(done.label)} -> {verdict} "
+                  f"({done.seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    if workers <= 1:
+        out = []
+        for i, case in enumerate(cases, 1):
+            out.append(_run_one(case, runner))
+            report(i, out[-1])
+        return out
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctscreen-eval") as pool:
+        futures = [pool.submit(_run_one, case, runner) for case in cases]
+        out = []
+        for i, future in enumerate(futures, 1):
+            out.append(future.result())
+            report(i, out[-1])
+        return out

@@ -1,0 +1,223 @@
+"""The gateway's HTTP client: upload a study, follow its job, print verdicts.
+
+What ``ctscreen screen``, ``ctscreen demo`` and ``ctscreen eval`` share: :func:`collect_files` picks the
+files of a study (a folder, a zip or one file), :func:`screen_path` uploads them to ``POST /v1/studies``
+as one streamed multipart body (retrying on 429), follows the job's server-sent events (polling if the
+stream breaks) and returns an :class:`Outcome`; :func:`screen_paths` does that for several studies
+against one gateway and :func:`verdict_table` prints their verdicts. The credential is
+``$CTSCREEN_TOKEN`` (an OIDC access token or an API key).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_NOT_DICOM_SUFFIXES = (".json", ".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".txt", ".md", ".csv", ".html")
+
+
+class CliError(Exception):
+    """A one-line error for the user; the command exits non-zero."""
+
+
+# --- upload, follow, result --------------------------------------------------------
+@dataclass
+class Outcome:
+    """What screening one path gave."""
+
+    path: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    job_id: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def collect_files(path: Path) -> list[Path]:
+    """The files to upload for ``path``: the file itself, or every likely-DICOM file under a folder."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_NOT_DICOM_SUFFIXES)
+        )
+        if not files:
+            raise CliError(f"{path}: no file to upload")
+        return files
+    raise CliError(f"{path}: no such file or folder")
+
+
+def _multipart(files: list[Path], root: Path, bar: Any) -> tuple[str, int, Iterator[bytes]]:
+    boundary = uuid.uuid4().hex
+    heads = []
+    for f in files:
+        name = f.relative_to(root).as_posix() if f != root else f.name
+        name = name.replace('"', "_")
+        heads.append(
+            (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+             "Content-Type: application/octet-stream\r\n\r\n").encode()
+        )
+    tail = f"--{boundary}--\r\n".encode()
+    sizes = [f.stat().st_size for f in files]
+    total = sum(len(h) + s + 2 for h, s in zip(heads, sizes, strict=True)) + len(tail)
+
+    def body() -> Iterator[bytes]:
+        for head, f in zip(heads, files, strict=True):
+            data = f.read_bytes()
+            yield head
+            yield data
+            yield b"\r\n"
+            bar.update(len(data))
+        yield tail
+
+    return f"multipart/form-data; boundary={boundary}", total, body()
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "reason" in body:
+            return body
+    except ValueError:
+        pass
+    return {"reason": f"http_{response.status_code}", "message": response.text[:200]}
+
+
+def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: float = 3600.0) -> Outcome:
+    """Upload one study, follow its progress and return its outcome (never raises for the study)."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    out = Outcome(str(path))
+    files = collect_files(path)
+    root = path if path.is_dir() else path.parent
+    nbytes = sum(f.stat().st_size for f in files)
+    label = path.name or str(path)
+    response = None
+    for _attempt in range(100):
+        with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"{label}: upload", disable=quiet,
+                  leave=False, file=sys.stderr) as bar:
+            content_type, length, body = _multipart(files, root, bar)
+            response = client.post("/v1/studies", content=body,
+                                   headers={"Content-Type": content_type, "Content-Length": str(length)})
+        if response.status_code != 429:
+            break
+        wait = float(response.headers.get("Retry-After", "5"))
+        if not quiet:
+            print(f"{label}: gateway busy, retrying in {wait:g} s", file=sys.stderr)  # noqa: T201 - beside the bars
+        time.sleep(wait)
+    assert response is not None
+    if response.status_code != 202:
+        out.error = error_of(response)
+        out.seconds = time.monotonic() - t0
+        return out
+    job = response.json()
+    out.job_id = job["job_id"]
+    total = job.get("slices_total") or None
+    with tqdm(total=total, unit="slice", desc=f"{label}: screen", disable=quiet, leave=False,
+              file=sys.stderr) as bar:
+        final = _follow(client, out.job_id, bar, max_wait_s)
+    out.seconds = time.monotonic() - t0
+    if final.get("state") == "done":
+        out.result = final.get("result")
+    else:
+        out.error = final.get("error") or {"reason": "unknown", "message": f"job ended {final.get('state')}"}
+    return out
+
+
+def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, Any]:
+    """Follow the job's server-sent events; fall back to polling if the stream breaks."""
+    deadline = time.monotonic() + max_wait_s
+    try:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+            event = None
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    view = json.loads(line[5:])
+                    if view.get("slices_total") and bar.total != view["slices_total"]:
+                        bar.total = view["slices_total"]
+                        bar.refresh()
+                    bar.update(max(0, view.get("slices_done", 0) - bar.n))
+                    if event in ("done", "failed"):
+                        return client.get(f"/v1/jobs/{job_id}").json()
+                if time.monotonic() > deadline:
+                    break
+    except Exception as exc:  # noqa: BLE001 - a broken stream falls back to polling
+        logger.debug("event stream of %s broke: %s", job_id, exc)
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view.get("state") in ("done", "failed"):
+            return view
+        time.sleep(0.5)
+    return {"state": "failed", "error": {"reason": "timeout", "message": f"no result within {max_wait_s:g} s"}}
+
+
+def _evidence_text(result: dict[str, Any]) -> str:
+    ev = result.get("evidence")
+    if not ev:
+        return "-"
+    idx = [s["index"] for s in ev.get("slices", [])]
+    span = f"slices {idx[0]}-{idx[-1]}" if idx else ""
+    return f"{ev['quadrant']} x{ev['n_slices']} {span}".strip()
+
+
+def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = None) -> str:
+    """A plain-text table, one row per study."""
+    head = ["study", "verdict", "reason", "slices", "evidence (quadrant, run)", "seconds"]
+    if truth:
+        head.insert(1, "truth")
+    rows = [head]
+    for o in outcomes:
+        if o.result is not None:
+            r = o.result
+            row = [o.path, r["verdict"].upper() if r["verdict"] == "positive" else r["verdict"], r["reason"],
+                   str(r.get("n_slices", "")), _evidence_text(r), f"{o.seconds:.1f}"]
+        else:
+            err = o.error or {}
+            row = [o.path, "ERROR", err.get("reason", "?"), "-", str(err.get("message", ""))[:60],
+                   f"{o.seconds:.1f}"]
+        if truth:
+            row.insert(1, truth.get(o.path, "?"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def http_client(url: str, timeout: float) -> Any:
+    import httpx
+
+    token = os.environ.get("CTSCREEN_TOKEN")  # an OIDC access token or an API key (ctscreen keys add)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
+
+
+def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeout: float = 600.0
+                 ) -> list[Outcome]:
+    """Screen each path against the gateway at ``url``."""
+    import httpx
+
+    outcomes = []
+    with http_client(url, timeout) as client:
+        try:
+            client.get("/healthz").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise CliError(f"no ctscreen gateway answers at {url} ({type(exc).__name__}); "
+                           "start one with 'ctscreen serve'") from None
+        for path in paths:
+            outcomes.append(screen_path(client, path, quiet=quiet))
+    return outcomes
