@@ -316,12 +316,11 @@ def read_dataset(data: bytes, filename: str = "<upload>") -> Dataset:
 
 
 def _transfer_syntax_of(data: bytes) -> str | None:
-    from pydicom.filereader import _read_file_meta_info, read_preamble
+    """The Transfer Syntax UID of a Part 10 file's meta group, read without touching its data set."""
+    from pydicom.filereader import read_partial
 
     try:
-        fp = io.BytesIO(data)
-        read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
+        meta = read_partial(io.BytesIO(data), stop_when=lambda *_: True).file_meta
         return str(meta.get("TransferSyntaxUID", "")) or None
     except Exception:  # noqa: BLE001
         return None
@@ -339,6 +338,15 @@ def _read_big_endian_with_un_sequences(data: bytes, filename: str, cause: Except
     even in a big endian file; pydicom 3.0 reads it as big endian and fails. We walk the top-level
     elements ourselves, drop such elements (they are never pixel data nor geometry), and parse the
     rest with pydicom.
+
+    Why a walker and not pydicom alone: pydicom (3.0.2) has no public switch for this case.
+    ``data_element_generator`` turns an undefined-length UN into SQ (``infer_sq_for_un_vr``) and
+    reads it in the file's byte order (``OSError``); turning it and ``replace_un_with_known_vr`` off
+    makes it look for a big endian Sequence Delimiter that the little endian value does not hold,
+    so the rest of the file, pixel data included, is swallowed with only a warning. Both settings
+    are process-wide (``pydicom.config``), so flipping them per file would not be thread-safe
+    either. The walker uses public pydicom API only: :func:`pydicom.filereader.read_sequence` finds
+    where a sequence ends, :func:`pydicom.filereader.read_partial` reads the meta group.
     """
     from pydicom.filereader import read_sequence
 

@@ -29,6 +29,9 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
+
 from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBomb
 
 logger = logging.getLogger(__name__)
@@ -239,10 +242,17 @@ def split_multipart_related(
 ) -> list[tuple[dict[str, str], bytes]]:
     """Split a ``multipart/related`` (or any ``multipart/*``) body into its parts.
 
+    The framing (RFC 2046 5.1) is parsed by python-multipart's streaming :class:`MultipartParser`,
+    which is generic over ``multipart/*`` (it does not require form-data's Content-Disposition). The
+    body is fed to it 1 MiB at a time and the pages of a memory-mapped body are dropped behind the
+    parser, so the resident memory is the parts themselves, not the body as well. The stdlib
+    :mod:`email` parser is not used: it needs the whole body as one ``str`` (twice its size for binary
+    data) and reports a truncated body as a defect instead of failing.
+
     Parameters
     ----------
     body : bytes
-        The request body.
+        The request body (``bytes``, or the admission's read-only ``mmap``).
     content_type : str
         The request's Content-Type header, which carries the boundary.
     max_parts : int
@@ -266,42 +276,50 @@ def split_multipart_related(
     if match is None:
         raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
     boundary = (match.group(1) or match.group(2)).encode("latin-1")
-    delimiter = b"--" + boundary
-    # The body starts with a delimiter (optionally after a preamble); each part is followed by
-    # CRLF + delimiter; the last delimiter has a trailing "--".
-    start = body.find(delimiter)
+    # python-multipart does not skip a preamble (RFC 2046 allows one); start at the first delimiter.
+    start = body.find(b"--" + boundary)
     if start < 0:
         raise UploadError("Multipart body does not contain its boundary.")
     parts: list[tuple[dict[str, str], bytes]] = []
-    pos = start + len(delimiter)
-    sep = b"\r\n" + delimiter
-    while True:
-        if body[pos : pos + 2] == b"--":
-            return parts
-        if body[pos : pos + 2] == b"\r\n":
-            pos += 2
-        end = body.find(sep, pos)
-        if end < 0:
-            raise UploadError("Multipart body has no closing boundary (truncated upload?).")
-        raw = body[pos:end]
-        head_end = raw.find(b"\r\n\r\n")
-        if head_end < 0:
-            if raw.startswith(b"\r\n"):  # part with no headers
-                headers_raw, content = b"", raw[2:]
-            else:
-                raise UploadError(f"Multipart part {len(parts) + 1} has no header/body separator.")
-        else:
-            headers_raw, content = raw[:head_end], raw[head_end + 4 :]
-        headers: dict[str, str] = {}
-        for line in headers_raw.split(b"\r\n"):
-            if not line.strip():
-                continue
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise UploadError(f"Multipart part {len(parts) + 1} has a malformed header line.")
-            headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
-        parts.append((headers, content))
-        _release(body, end)
-        if len(parts) > max_parts:
+    headers: dict[str, str] = {}
+    field, value, content = bytearray(), bytearray(), bytearray()
+    ended = False
+
+    def part_begin() -> None:
+        nonlocal headers, content
+        if len(parts) >= max_parts:
             raise TooLarge(f"Multipart body has more than {max_parts} parts.")
-        pos = end + len(sep)
+        headers, content = {}, bytearray()
+
+    def header_end() -> None:
+        headers[field.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+        field.clear()
+        value.clear()
+
+    def end() -> None:
+        nonlocal ended
+        ended = True
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": part_begin,
+        "on_header_field": lambda data, lo, hi: field.extend(data[lo:hi]),
+        "on_header_value": lambda data, lo, hi: value.extend(data[lo:hi]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, lo, hi: content.extend(memoryview(data)[lo:hi]),
+        "on_part_end": lambda: parts.append((headers, bytes(content))),
+        "on_end": end,
+    })
+    try:
+        for pos in range(start, len(body), _CHUNK):
+            parser.write(body[pos : pos + _CHUNK])
+            _release(body, pos)
+            if ended:
+                break
+    except MultipartParseError as exc:
+        raise UploadError(
+            f"Multipart part {len(parts) + 1} is malformed (a bad header line, or no header/body "
+            f"separator): {exc}."
+        ) from exc
+    if not ended:
+        raise UploadError("Multipart body has no closing boundary (truncated upload?).")
+    return parts

@@ -116,8 +116,9 @@ class FakeError(Exception):
 class FakeTriton:
     """A fake ``InferenceServerClient`` for one endpoint (see the module docstring).
 
-    ``fail_with`` makes every call raise that status; ``fail_first`` only the first n calls;
-    ``delay`` seconds per call; ``ready`` answers the readiness probes.
+    ``fail_with`` makes every call raise that status; ``fail_first`` only the first n calls (with
+    ``fail_with``, or ``UNAVAILABLE``); ``delay`` seconds per call; ``ready`` answers the readiness probes.
+    ``events`` records ``("start" | "end", call number, requests in flight)`` in order.
     """
 
     def __init__(self, url: str, *, delay: float = 0.0, fail_with: str | None = None, fail_first: int = 0,
@@ -133,16 +134,20 @@ class FakeTriton:
         self.slices = 0
         self.closed = False
         self.timeouts: list[float | None] = []
+        self.events: list[tuple[str, int, int]] = []
 
     async def infer(self, model_name, inputs, outputs=None, client_timeout=None, **kw):
         self.calls += 1
+        call = self.calls
         self.timeouts.append(client_timeout)
         self.inflight += 1
         self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
+        self.events.append(("start", call, self.inflight))
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
-            if self.fail_with is not None or self.calls <= self.fail_first:
+            failing = call <= self.fail_first if self.fail_first else self.fail_with is not None
+            if failing:
                 raise FakeError(self.fail_with or "StatusCode.UNAVAILABLE")
             inp = inputs[0]
             assert inp.name() == HU_SLICES and inp.datatype() == "INT16"
@@ -160,6 +165,7 @@ class FakeTriton:
             return FakeResult({LESION_BOXES: boxes, BOX_COUNT: counts, VALID_AREA_BOX: valid})
         finally:
             self.inflight -= 1
+            self.events.append(("end", call, self.inflight))
 
     async def is_server_ready(self, client_timeout=None, **kw):
         return self.ready

@@ -220,4 +220,5 @@ def test_a_server_stopped_mid_study_costs_no_slice(servers, harness, studies, re
     gained = {u: pool.slice_counts[u] - before.get(u, 0) for u in pool.slice_counts}
     assert sum(gained.values()) == STUDY_SLICES, f"slices answered once each: {gained}"
     assert gained[survivor.grpc_url] > gained[victim.grpc_url]
+    assert pool.retries > retries_before, f"no batch was retried: the victim got no request once stopped {gained}"
     print(f"failover: retries {pool.retries - retries_before}, slices per server {gained}")

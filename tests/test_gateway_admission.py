@@ -58,7 +58,7 @@ async def _response(reader: asyncio.StreamReader, timeout: float) -> tuple[int, 
     return int(lines[0].split()[1]), headers
 
 
-async def _burst(port: int, n: int, size: int, path: str = "/v1/studies", content_type: str = "application/octet-stream",
+async def burst(port: int, n: int, size: int, path: str = "/v1/studies", content_type: str = "application/octet-stream",
                  chunked: bool = False) -> list[tuple[int, dict[str, str], bool]]:
     """``n`` requests send their heads at once; returns ``(status, headers, answered_before_body)`` each."""
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
@@ -94,7 +94,7 @@ def test_concurrent_uploads_over_the_budget_get_429_before_their_body(tmp_path):
     spool.mkdir()
     with Live(upload_budget_bytes=20 * MiB, max_upload_bytes=8 * MiB, max_uploads_per_client=100,
               upload_tmp_dir=spool) as live:
-        results = asyncio.run(_burst(live.port, 40, 4 * MiB))
+        results = asyncio.run(burst(live.port, 40, 4 * MiB))
         admission = live.app.state.admission
         assert admission.in_flight == 0 and admission.peak <= 20 * MiB
     statuses = sorted(s for s, _, _ in results)
@@ -107,16 +107,16 @@ def test_concurrent_uploads_over_the_budget_get_429_before_their_body(tmp_path):
 
 def test_per_client_limit_and_declared_size(tmp_path):
     with Live(upload_budget_bytes=64 * MiB, max_upload_bytes=8 * MiB, max_uploads_per_client=2) as live:
-        results = asyncio.run(_burst(live.port, 5, 1 * MiB))
-        too_big = asyncio.run(_burst(live.port, 1, 9 * MiB))
+        results = asyncio.run(burst(live.port, 5, 1 * MiB))
+        too_big = asyncio.run(burst(live.port, 1, 9 * MiB))
     assert sorted((s, before) for s, _, before in results) == [(415, False)] * 2 + [(429, True)] * 3
     assert too_big[0][0] == 413 and too_big[0][2]  # refused from its Content-Length, unread
 
 
 def test_chunked_and_stow_bodies_are_budgeted(tmp_path):
     with Live(upload_budget_bytes=3 * MiB, max_upload_bytes=3 * MiB, max_uploads_per_client=100) as live:
-        chunked = asyncio.run(_burst(live.port, 4, 2 * MiB, chunked=True))
-        stow = asyncio.run(_burst(live.port, 4, 2 * MiB, path="/dicomweb/studies",
+        chunked = asyncio.run(burst(live.port, 4, 2 * MiB, chunked=True))
+        stow = asyncio.run(burst(live.port, 4, 2 * MiB, path="/dicomweb/studies",
                                   content_type='multipart/related; type="application/dicom"; boundary=b0undary'))
         assert live.app.state.admission.in_flight == 0
     for results in (chunked, stow):

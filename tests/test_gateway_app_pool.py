@@ -61,10 +61,11 @@ def test_unavailable_endpoint_is_retried_elsewhere_without_double_counting():
 
 
 def test_deadline_exceeded_is_retried():
-    fleet = FakeFleet(**{"a:1": {"fail_first": 1}})
+    fleet = FakeFleet(**{"a:1": {"fail_first": 1, "fail_with": "StatusCode.DEADLINE_EXCEEDED"}})
     pool = TritonPool(["a:1"], batch_size=8, client_factory=fleet)
     out = _run(pool.infer(_hu(8)))
     assert len(out) == 8 and pool.retries == 1 and pool.slice_counts == {"a:1": 8}
+    assert fleet.clients["a:1"].calls == 2
 
 
 def test_every_endpoint_down_raises_unavailable():
@@ -140,9 +141,14 @@ def test_waiting_for_a_busy_healthy_endpoint_has_no_deadline():
 
 
 def test_failing_endpoint_is_on_probation():
-    """After a failure an endpoint takes one request at a time, so the healthy one does the work."""
-    fleet = FakeFleet(**{"bad:1": {"fail_with": "StatusCode.INTERNAL"}, "good:1": {"delay": 0.01}})
-    pool = TritonPool(["bad:1", "good:1"], batch_size=2, max_inflight=4, client_factory=fleet)
-    out = _run(pool.infer(_hu(40)))
-    assert len(out) == 40 and pool.slice_counts["good:1"] == 40
-    assert fleet.clients["bad:1"].max_inflight_seen <= 4
+    """After failures an endpoint rests, then takes one request at a time until one succeeds."""
+    fleet = FakeFleet(**{"a:1": {"fail_first": 2, "delay": 0.02}})
+    pool = TritonPool(["a:1"], batch_size=1, max_inflight=2, client_factory=fleet)
+    out = _run(pool.infer(_hu(6)))
+    assert len(out) == 6 and pool.retries == 2 and pool.slice_counts == {"a:1": 6}
+    events = fleet.clients["a:1"].events
+    starts = {call: (i, n) for i, (kind, call, n) in enumerate(events) if kind == "start"}
+    ends = {call: i for i, (kind, call, _) in enumerate(events) if kind == "end"}
+    assert starts[1][1] == 1 and starts[2][1] == 2  # healthy: max_inflight at once (both fail)
+    assert starts[3][1] == 1 and starts[4][0] > ends[3]  # on probation: the third runs alone
+    assert max(n for _, n in starts.values()) == 2 and any(n == 2 for call, (_, n) in starts.items() if call > 3)

@@ -123,11 +123,11 @@ def received(dimse_gateway, dimse_studies) -> dict[str, dict]:
 @needs_dcmtk
 def test_c_echo(dimse_gateway):
     _, port = dimse_gateway
-    done = subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    wrong = subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(free_port())], capture_output=True, text=True,
-                           timeout=60)
-    assert wrong.returncode != 0  # the check can fail: nobody listens there
+    done = subprocess.run([ECHOSCU, "-v", "-aec", AE, "127.0.0.1", str(port)], capture_output=True, text=True,
+                          timeout=60)
+    out = done.stdout + done.stderr
+    # echoscu exits 0 whatever status the C-ECHO response carries: the status is in its log
+    assert done.returncode == 0 and "Received Echo Response (Success)" in out, out
 
 
 @pytest.mark.triton
@@ -165,7 +165,9 @@ def test_non_ct_instance_is_refused_by_negotiation(dimse_gateway):
     stack, port = dimse_gateway
     done = _storescu("-xv", "127.0.0.1", str(port), str(MR))
     out = done.stdout + done.stderr
-    assert done.returncode != 0 or "no presentation context" in out.lower() or "no acceptable" in out.lower(), out
+    # associated (so the gateway was there), but MR Image Storage was not among the accepted contexts;
+    # a non-zero exit alone would also come from a refused connection or a C-STORE refused after transfer
+    assert done.returncode != 0 and "No presentation context for: (MR)" in out, out
     study = str(pydicom.dcmread(MR, stop_before_pixels=True).StudyInstanceUID)
     assert httpx.get(f"{stack.url}/v1/studies/{study}", timeout=30).status_code == 404
 

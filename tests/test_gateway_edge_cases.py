@@ -4,18 +4,24 @@ with its specific reason; then the series rules classify what decoded.
 HU is checked three independent ways: against pydicom's own ``apply_modality_lut`` (the generic
 path), against the lossless reference of the same slice in another encoding (NEMA CT1 in seven
 encodings; 693 in J2K vs uncompressed; the Toshiba signed/unsigned J2K pair), and by hand
-arithmetic from the functional groups (enhanced CT).
+arithmetic from the functional groups (enhanced CT). A compressed file's pixels are also decoded by
+another codec, dcmtk's (``dcmdjpeg``, ``dcmdjpls``, ``dcmdrle``), because the ``pydicom`` check above
+uses the gateway's own decoder (pydicom's plugins) as its oracle.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom import uid
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import apply_modality_lut
 
 from ctscreen.contracts import SLICE_SIZE
@@ -153,6 +159,53 @@ def test_edge_case_outcome(rel: str) -> None:
 
     got = {frame_exclusion(s.header, SeriesRules()) for s in slices}
     assert {None if g is None else g[0] for g in got} == {rule_reason}
+
+
+# compressed transfer syntax -> (dcmtk decoder, largest |HU difference| allowed between two decoders)
+DCMTK_DECODERS = {
+    uid.JPEGBaseline8Bit: ("dcmdjpeg", 1),  # lossy DCT: IDCTs may round one step apart
+    uid.JPEGExtended12Bit: ("dcmdjpeg", 1),
+    uid.JPEGLossless: ("dcmdjpeg", 0),
+    uid.JPEGLosslessSV1: ("dcmdjpeg", 0),
+    uid.JPEGLSLossless: ("dcmdjpls", 0),
+    uid.JPEGLSNearLossless: ("dcmdjpls", 0),  # lossy, but JPEG-LS decoding is exact by the standard
+    uid.RLELossless: ("dcmdrle", 0),
+}
+
+
+def _syntax(rel: str) -> str:
+    return str(read_file_meta_info(EDGE / rel).TransferSyntaxUID)
+
+
+def _compressed_decodable() -> list[str]:
+    if not EDGE.is_dir():
+        return []
+    return [rel for rel, (expected, _) in sorted(CASES.items())
+            if expected[0] != "refused" and uid.UID(_syntax(rel)).is_compressed]
+
+
+@pytest.mark.parametrize("rel", _compressed_decodable())
+def test_compressed_pixels_match_an_independent_decoder(rel: str, tmp_path: Path) -> None:
+    """The gateway's HU of a compressed file == dcmtk's decode of it (to explicit VR little endian,
+    read back by pydicom without any codec) through the modality LUT."""
+    syntax = _syntax(rel)
+    if syntax not in DCMTK_DECODERS:
+        pytest.skip(f"{rel}: dcmtk has no decoder for {uid.UID(syntax).name} (the free toolkit reads no JPEG 2000); "
+                    "its HU is checked against pydicom and, where the table names one, another encoding")
+    tool, tolerance = DCMTK_DECODERS[syntax]
+    if shutil.which(tool) is None:
+        pytest.skip(f"dcmtk's {tool} is not installed: scripts/setup.sh --test installs dcmtk")
+    plain = tmp_path / "plain.dcm"
+    subprocess.run([tool, str(EDGE / rel), str(plain)], check=True, capture_output=True, timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(plain)
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        ref = np.rint(apply_modality_lut(ds.pixel_array, ds)).astype(np.int32)
+    hu = _native_hu(rel).astype(np.int32)
+    hu = hu[0] if ref.ndim == 2 else hu
+    assert hu.shape == ref.shape
+    assert np.abs(hu - ref).max() <= tolerance * float(ds.get("RescaleSlope", 1))
 
 
 def test_non_512_matrices_are_resampled_and_boxes_map_back() -> None:

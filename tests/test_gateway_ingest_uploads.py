@@ -184,6 +184,25 @@ def test_multipart_related_split() -> None:
     assert len(parts) == 2
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 11, 64])
+def test_multipart_split_across_feed_chunks(monkeypatch: pytest.MonkeyPatch, tmp_path, chunk: int) -> None:
+    """The body is fed to the parser in chunks: a delimiter or header cut anywhere still splits the same,
+    from bytes and from the admission's read-only mmap."""
+    import mmap
+
+    import gateway.uploads as uploads
+
+    parts = [({"Content-Type": "application/dicom"}, b"\r\n--b0undar" + bytes(range(40))), ({}, b""),
+             ({"Content-ID": "<3>"}, b"x" * 33)]
+    body = _multipart(parts) + b"epilogue"
+    monkeypatch.setattr(uploads, "_CHUNK", chunk)
+    expected = [({k.lower(): v for k, v in h.items()}, c) for h, c in parts]
+    assert split_multipart_related(body, "multipart/related; boundary=b0undary") == expected
+    (tmp_path / "body").write_bytes(body)
+    with open(tmp_path / "body", "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert split_multipart_related(view, "multipart/related; boundary=b0undary") == expected  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("body", "ctype", "match"),
     [

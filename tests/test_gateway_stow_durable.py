@@ -13,7 +13,9 @@ the real ones.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -52,13 +54,34 @@ def _blobs(folder: Path) -> int:
     return sum(1 for p in (folder / "blobs").rglob("*") if p.is_file())
 
 
+class _AtAnswer:
+    """ASGI wrapper that looks at the data folder the moment a STOW answer starts, before its client gets
+    it: ``seen`` holds ``(status, blob files, instance rows committed)`` per answer."""
+
+    def __init__(self, app, data_dir: Path) -> None:
+        self.app, self.data_dir, self.seen = app, data_dir, []
+
+    def _rows(self) -> int:
+        with closing(sqlite3.connect(f"file:{self.data_dir / 'ctscreen.db'}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM instances").fetchone()[0]
+
+    async def __call__(self, scope, receive, send):
+        async def answer(message):
+            if message["type"] == "http.response.start" and scope["path"] == "/dicomweb/studies":
+                self.seen.append((message["status"], _blobs(self.data_dir), self._rows()))
+            await send(message)
+
+        await self.app(scope, receive, answer)
+
+
 def test_accepted_instances_survive_a_restart_and_are_screened(tmp_path):
     uid, files = ct_series(8, lesion=(2, 3, 4))
-    with TestClient(_app(60.0, tmp_path)) as client:
+    app = _AtAnswer(_app(60.0, tmp_path), tmp_path)
+    with TestClient(app) as client:
         _stow(client, files[:5])
         _stow(client, files[5:])
         assert client.get(f"/v1/studies/{uid}").json()["state"] == "receiving"
-        assert _blobs(tmp_path) == 8  # on disk before the 200
+    assert app.seen == [(200, 5, 5), (200, 8, 8)]  # blobs on disk and rows committed before each 200
     # stopped inside the quiet period: not screened (it might have been incomplete), kept
     with TestClient(_app(0.2, tmp_path)) as client:
         job = _screened(client, uid)

@@ -59,6 +59,33 @@ def test_shipped_onnx_runs_any_batch_and_returns_probabilities(model):
     np.testing.assert_allclose(one[0], prob[1], atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def phantom_slice() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(hu, lung, lesion)`` of the phantom slice with the largest lesion (seed 11 is in no training set)."""
+    import phantom
+
+    study = phantom.make_study(seed=11, kind="covid", n_slices=12, matrix=c.SLICE_SIZE)
+    k = int(np.argmax(study.lesion_mask.reshape(len(study.hu), -1).sum(1)))
+    return study.hu[k].astype(np.int16), study.lung_mask[k], study.lesion_mask[k]
+
+
+@pytest.mark.parametrize("model", c.SEGMENTATION_MODELS)
+def test_shipped_onnx_finds_what_it_was_trained_for(model, phantom_slice):
+    """The shipped weights are trained: random ones pass the test above, not this one."""
+    hu, lung, lesion = phantom_slice
+    sess = ort.InferenceSession(str(SHIPPED[model]), providers=["CPUExecutionProvider"])
+    (prob,) = sess.run([c.PROB], {c.HU_SLICES: hu[None, None]})
+    prob = prob[0, 0]
+    if model == c.VALID_AREA_MODEL:  # target: the filled bounding rectangle of the lungs
+        rows, cols = np.nonzero(lung)
+        rect = np.zeros_like(lung)
+        rect[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        found = prob > 0.5
+        assert (found & rect).sum() / (found | rect).sum() > 0.85  # 0.94 with version 2.0.0
+    else:  # lesion: high on the phantom's GGO, low on the lesion-free lung
+        assert prob[lesion].mean() > 0.4 and prob[lung & ~lesion].mean() < 0.05  # 0.69 and 0.009 (2.0.0)
+
+
 @pytest.mark.parametrize("model", c.SEGMENTATION_MODELS)
 def test_shipped_model_card_matches_the_file(model):
     card = json.loads((SHIPPED[model].parent / "model_card.json").read_text())
