@@ -99,7 +99,8 @@ def free_port() -> int:
 
 
 def machine_info() -> dict[str, Any]:
-    """Facts about the machine a figure came from (CPU model, cores, memory, load, commit)."""
+    """The stamp of a figure: CPU model, cores, memory, load, commit (``dirty`` when the tree had
+    uncommitted changes), date and the shipped models' sha256 (:mod:`benchmarks.stamps`)."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -121,6 +122,14 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    try:
+        dirty = bool(subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    from benchmarks.stamps import shipped_models
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -131,7 +140,9 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "commit": commit,
+        "dirty": dirty,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "models": shipped_models(),
     }
 
 
