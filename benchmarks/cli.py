@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, gateway=True)
     _add_load(p)
 
-    p = sub.add_parser("ratios", parents=[shared], help="overhead ratios against in-process ONNX Runtime and a MONAI-style client")
+    p = sub.add_parser("ratios", parents=[shared], help="overhead ratios against the in-process ORT sweep and the MONAI Deploy SDK client")
     _add_target(p, gateway=True)
     _add_ratios(p)
 
@@ -159,8 +159,8 @@ def _add_perf(p: argparse.ArgumentParser) -> None:
 
 def _add_ratios(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ratios")
-    g.add_argument("--study-slices", type=int, default=60, help="slices per study for gateway and MONAI-style runs")
-    g.add_argument("--studies", type=int, default=4, help="studies per gateway / MONAI-style run")
+    g.add_argument("--study-slices", type=int, default=60, help="slices per study for the gateway and peer-client runs")
+    g.add_argument("--studies", type=int, default=4, help="studies per gateway / peer-client run")
     g.add_argument("--big-study", type=int, default=300, help="slices of the single large study (0: skip)")
     g.add_argument("--gateway-concurrency", type=int, default=2, help="studies in flight on the gateway")
     g.add_argument("--ort-min-slices", type=int, default=64, help="slices per ORT/ensemble measurement")
