@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.bench_phantom [--slices 300] [--matrix 512] [--repeat 3] [--write]
 
-Each repeat runs in a fresh process so that ``ru_maxrss`` is that run's own peak resident set
+Results: ``benchmarks/results/phantom-latest.json`` (stamped). Each repeat runs in a fresh process so that ``ru_maxrss`` is that run's own peak resident set
 (interpreter and libraries included); ``make_cpu_s`` is the process CPU time, which is what the
 wall time would be on an idle core. Goal (issue #2):
 <= 15 s and < 2 GB on a 2-core machine. Report the load average with the figure: on a shared
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"make_study {a.slices}x{a.matrix}x{a.matrix}: best {best:.2f} s, median {med:.2f} s wall, "
           f"best {cpu:.2f} s CPU, "
           f"peak RSS {peak:.0f} MB (cpus={os.cpu_count()}, load1={load:.1f})")
+    from benchmarks.common import machine_info, results_dir, write_json
+
+    doc = {"benchmark": "phantom", "slices": a.slices, "matrix": a.matrix, "machine": machine_info(), "runs": runs,
+           "summary": {"make_best_s": round(best, 2), "make_median_s": round(med, 2), "make_cpu_best_s": round(cpu, 2),
+                       "peak_rss_mb": round(peak)}}
+    print(f"wrote {write_json(results_dir() / 'phantom-latest.json', doc)}")
     return 0
 
 

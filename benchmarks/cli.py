@@ -4,10 +4,12 @@
 
     ctscreen bench perf     [--triton-url H:P] ...   perf_analyzer sweeps: valid_area, lesion, postprocess, ct_screen
     ctscreen bench load     [--url GATEWAY] ...      whole studies against the gateway (Poisson/bursty/closed)
-    ctscreen bench ratios   [--triton-url H:P] ...   ORT vs ensemble vs gateway vs MONAI-style, 300-slice study
+    ctscreen bench ratios   [--triton-url H:P] ...   ORT sweep vs ensemble vs gateway vs MONAI Deploy SDK, 300 slices
     ctscreen bench all      ...                      perf + load + ratios on one embedded stack, then report
     ctscreen bench report                            JSON + Markdown + plots from the latest results
     ctscreen bench gpu      ...                      the paper profile on a GPU (UNet++ ResNet-50, TensorRT)
+    ctscreen bench figures  [--only|--skip S]       every published figure, stamped (``make bench``)
+    ctscreen bench sweep    ...                      the in-process ONNX Runtime sweep alone
     ctscreen bench scaling|phantom|models|decode|admission ... the other engineers' benchmarks
 
 Without ``--url``/``--triton-url`` a benchmark starts the embedded Triton (cpu profile) and a gateway on
@@ -51,6 +53,8 @@ DELEGATES = {
     "decode": ("benchmarks.bench_decode", "DICOM decoding speed (gateway-dicom engineer)"),
     "gpu": ("benchmarks.gpu_paper_profile", "the paper profile on a GPU with TensorRT"),
     "admission": ("benchmarks.bench_admission", "concurrent large uploads against the in-flight budget, RSS"),
+    "figures": ("benchmarks.figures", "every published figure, stamped (make bench)"),
+    "sweep": ("benchmarks.sweep_inprocess", "in-process ONNX Runtime over batch, threads and scheduling"),
 }
 
 
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, gateway=True)
     _add_load(p)
 
-    p = sub.add_parser("ratios", parents=[shared], help="overhead ratios against in-process ONNX Runtime and a MONAI-style client")
+    p = sub.add_parser("ratios", parents=[shared], help="overhead ratios against the in-process ORT sweep and the MONAI Deploy SDK client")
     _add_target(p, gateway=True)
     _add_ratios(p)
 
@@ -155,13 +159,18 @@ def _add_perf(p: argparse.ArgumentParser) -> None:
 
 def _add_ratios(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ratios")
-    g.add_argument("--study-slices", type=int, default=60, help="slices per study for gateway and MONAI-style runs")
-    g.add_argument("--studies", type=int, default=4, help="studies per gateway / MONAI-style run")
+    g.add_argument("--study-slices", type=int, default=60, help="slices per study for the gateway and peer-client runs")
+    g.add_argument("--studies", type=int, default=4, help="studies per gateway / peer-client run")
     g.add_argument("--big-study", type=int, default=300, help="slices of the single large study (0: skip)")
     g.add_argument("--gateway-concurrency", type=int, default=2, help="studies in flight on the gateway")
     g.add_argument("--ort-min-slices", type=int, default=64, help="slices per ORT/ensemble measurement")
     g.add_argument("--rounds", type=int, default=2, help="alternating ORT/ensemble rounds (best of each kept)")
-    g.add_argument("--skip", default="", help="comma list of: gateway, monai, big")
+    g.add_argument("--ort-batches", type=positive_list(int), default=[1, 2, 4, 8, 16],
+                   help="batch sizes of the in-process ORT sweep")
+    g.add_argument("--ort-threads", type=positive_list(int), default=[1, 2],
+                   help="intra-op threads per session of the in-process ORT sweep")
+    g.add_argument("--skip", default="", help="comma list of: gateway, monai (plain HTTP-JSON client), "
+                   "monai-sdk (MONAI Deploy App SDK client), big")
 
 
 # --- stack -----------------------------------------------------------------------------------------
@@ -274,7 +283,8 @@ def cmd_ratios(args: argparse.Namespace, triton: Any, gateway_url: str | None) -
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     doc = run_ratios(triton, gateway_url, study_slices=args.study_slices, studies=args.studies,
                      big_study=args.big_study, gateway_concurrency=args.gateway_concurrency,
-                     ort_min_slices=args.ort_min_slices, rounds=args.rounds, allow_remote=args.allow_remote, skip=skip)
+                     ort_min_slices=args.ort_min_slices, rounds=args.rounds, allow_remote=args.allow_remote, skip=skip,
+                     ort_batches=args.ort_batches, ort_threads=args.ort_threads)
     path = _save("ratios", doc)
     print("goal against measured:")
     for g in doc["goals"]:

@@ -196,6 +196,7 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "figures": (ratios or {}).get("figures"),
         "where_the_time_goes": _explain(ratios),
         "stage_ms_per_slice": stages,
+        "ort_sweep": ((ratios or {}).get("ort") or {}).get("sweep"),
         "load_runs": [_load_row(r) for r in (load or {}).get("runs", [])],
         "perf": [_perf_row(s) for s in (perf or {}).get("scenarios", [])],
         "plots": {k: str(v.relative_to(results)) for k, v in figs.items() if v},
@@ -246,12 +247,21 @@ def _perf_row(s: dict[str, Any]) -> dict[str, Any]:
             "p99_latency_us_at_best": best.get("p99 latency")}
 
 
+def _models(machine: dict[str, Any]) -> str:
+    """``valid_area 2.0.0 `46133983ec4e`, lesion ...`` from a stamp (benchmarks.stamps), or why there is none."""
+    models = machine.get("models") or {}
+    if not models:
+        return "**not stamped** (measured before stamps named the models)"
+    return ", ".join(f"{name} {m.get('version')} `{str(m.get('sha256'))[:12]}`" for name, m in models.items())
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         "# ctscreen benchmark report", "",
         f"Generated {report['generated']} on: {m.get('cpu')} , {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
-        f"no GPU, commit `{m.get('commit')}`, 1-min load average at start {_fmt(m.get('loadavg_1m'))}.", "",
+        f"no GPU, commit `{m.get('commit')}`{' (uncommitted changes)' if m.get('dirty') else ''}, "
+        f"1-min load average at start {_fmt(m.get('loadavg_1m'))}, models: {_models(m)}.", "",
         "## Goals (goal against measured)", "",
     ]
     lines += _goals_md(report["goals"]) if report["goals"] else ["No ratio run yet: `ctscreen bench ratios`."]
@@ -260,6 +270,12 @@ def markdown(report: dict[str, Any]) -> str:
     if report["stage_ms_per_slice"]:
         lines += ["", "| stage | ms per slice |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in report["stage_ms_per_slice"].items()]
+    if report.get("ort_sweep"):
+        lines += ["", "### In-process ONNX Runtime sweep (the denominator is its best setting)", "",
+                  "| batch | intra-op threads per session | schedule | slices/s |", "|---|---|---|---|"]
+        for r in sorted(report["ort_sweep"], key=lambda r: -(r.get("slices_per_s") or 0)):
+            lines.append(f"| {r['batch']} | {r['threads']} | {r['schedule']} | "
+                         f"{_fmt(r.get('slices_per_s')) if 'slices_per_s' in r else r.get('error', 'n/a')} |")
     if report["load_runs"]:
         lines += ["", "## Case level (whole studies through the gateway)", "",
                   "| arrivals | sizes | sent | done | errors | studies/h | slices/s | p50 s | p95 s | p99 s |",

@@ -1,4 +1,4 @@
-"""Facts about the machine a figure comes from: usable cores, CPU, memory, load, commit.
+"""Facts about the machine a figure comes from: usable cores, CPU, memory, load, commit, models.
 
 Stdlib only, so that every package (the benchmarks, the quality reports of training, the evaluation)
 stamps its figures the same way and the in-process reference sizes its thread budget from the same
@@ -23,8 +23,26 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def shipped_models(repo: Path | None = None) -> dict[str, dict[str, str]]:
+    """``{model: {"version", "sha256"}}`` of the ONNX files in ``repo`` (default ``model_repository``),
+    hashed by :func:`ctscreen.repo.model_provenance` (as the served Triton configs are).
+
+    A model whose file is missing is left out (a checkout without the ONNX files stamps nothing)."""
+    from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
+    from ctscreen.repo import model_provenance
+
+    root = Path(repo) if repo is not None else ROOT / "model_repository"
+    out = {}
+    for name in (VALID_AREA_MODEL, LESION_MODEL):
+        path = root / name / "1" / "model.onnx"
+        if path.is_file():
+            out[name] = model_provenance(path)
+    return out
+
+
 def machine_info() -> dict[str, Any]:
-    """Facts about the machine a figure came from (CPU model, cores, memory, load, commit)."""
+    """The stamp of a figure: CPU model, cores, memory, load, commit (``dirty`` when the tree had
+    uncommitted changes), date and the shipped models' sha256 (checked by ``benchmarks.stamps``)."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,6 +64,12 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    try:
+        dirty: bool | None = bool(subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -56,5 +80,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "commit": commit,
+        "dirty": dirty,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "models": shipped_models(),
     }

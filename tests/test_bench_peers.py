@@ -1,0 +1,146 @@
+"""Issue 17: the in-process sweep, the MONAI Deploy App SDK peer and the GPU script, on tiny sizes.
+
+Nothing here times anything: the benchmarks print figures; these check that each path runs and that
+every schedule of the in-process baseline screens exactly what the plain pipeline screens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import gpu_paper_profile as gpu
+from benchmarks import monai_sdk, sweep_inprocess
+from benchmarks.common import ROOT
+from benchmarks.dicom_volume import decode_series
+from benchmarks.studies import ensure_study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory):
+    return ensure_study("covid", 8, seed=5, matrix=128, cache=tmp_path_factory.mktemp("studies"))
+
+
+# --- the in-process sweep ------------------------------------------------------------------------
+
+
+def test_the_grid_covers_batch_threads_and_schedules() -> None:
+    grid = sweep_inprocess.settings(n_cores=2)
+    assert {s.batch for s in grid} == {1, 2, 4, 8, 16} and {s.threads for s in grid} == {1, 2}
+    assert {s.schedule for s in grid} == set(sweep_inprocess.SCHEDULES)
+    assert not any(s.schedule == "workers" and s.threads == 2 for s in grid)  # one pipeline: sequential again
+    assert len(grid) == 5 * (4 + 3)
+    with pytest.raises(ValueError, match='"schedule"'):
+        sweep_inprocess.Setting(4, 1, "fastest")
+
+
+def test_every_schedule_screens_what_the_plain_pipeline_screens(study) -> None:
+    hu, meta = decode_series(study.files)
+    x = np.ascontiguousarray(hu[:3, None])
+    ref = sweep_inprocess.Runner(sweep_inprocess.Setting(1, 1, "sequential"))(x)
+    assert len(ref) == 3
+    for schedule in sweep_inprocess.SCHEDULES:
+        got = sweep_inprocess.Runner(sweep_inprocess.Setting(2, 1, schedule))(x)  # 2 + a partial batch of 1
+        assert len(got) == 3, schedule
+        for (b0, v0), (b1, v1) in zip(ref, got, strict=True):
+            np.testing.assert_allclose(v1, v0, atol=1.0, err_msg=schedule)
+            assert b1.shape == b0.shape, schedule
+
+
+def test_sweep_keeps_going_past_a_failing_setting_and_a_study_gets_a_verdict(study, monkeypatch) -> None:
+    hu, meta = decode_series(study.files)
+    grid = [sweep_inprocess.Setting(2, 1, "sequential"), sweep_inprocess.Setting(4, 1, "concurrent")]
+    real = sweep_inprocess.measure
+
+    def measure(s, x):
+        if s.schedule == "concurrent":
+            raise RuntimeError("refused")
+        return real(s, x)
+
+    monkeypatch.setattr(sweep_inprocess, "measure", measure)
+    res = sweep_inprocess.sweep(sweep_inprocess.tile(hu[:2, None], 4), grid)
+    assert res["best"]["schedule"] == "sequential" and res["best"]["slices"] == 4
+    assert res["runs"][1]["error"] == "RuntimeError: refused"
+    assert sweep_inprocess.best_settings(res) == [grid[0]]
+    one = sweep_inprocess.study_in_process(grid[0], hu, meta)
+    assert one["slices"] == 8 and one["verdict"] in ("positive", "negative", "indeterminate")
+    assert one["wall_s"] >= one["models_and_postprocess_s"]
+
+
+# --- the MONAI Deploy App SDK peer ---------------------------------------------------------------------
+
+
+def test_the_sdk_peer_says_why_it_cannot_run(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CTSCREEN_MONAI_VENV", str(tmp_path / "none"))
+    assert "run scripts/setup_monai_peer.sh once" in monai_sdk.unavailable()
+    with pytest.raises(monai_sdk.BenchError, match="no MONAI Deploy SDK environment"):
+        monai_sdk.run("http://127.0.0.1:1", [])
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(monai_sdk.unavailable() is not None, reason=str(monai_sdk.unavailable()))
+def test_the_sdk_client_reaches_the_in_process_verdict(triton, study) -> None:
+    """The SDK's own TritonRemoteModel (valid_area, lesion) against the same Triton reaches the verdict
+    the same models reach in process."""
+    sdk = monai_sdk.run(f"http://{triton.http_url}", [study])
+    assert sdk["studies"] == 1 and sdk["slices"] == 8 and sdk["versions"]["monai-deploy-app-sdk"] != "missing"
+    hu, meta = decode_series(study.files)
+    ref = sweep_inprocess.study_in_process(sweep_inprocess.Setting(8, 1, "sequential"), hu, meta)
+    assert sdk["runs"][0]["verdict"] == ref["verdict"] == "positive"
+
+
+# --- the GPU script ------------------------------------------------------------------------------------
+
+
+def _script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "benchmarks/gpu_paper_profile.py", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_gpu_run_dry_run_plans_every_path_within_8_minutes() -> None:
+    out = _script("run", "--dry-run", "--out", "/tmp/ctscreen-paper")
+    assert out.returncode == 0, out.stderr
+    assert "budget 480 s" in out.stdout
+    if not gpu.gpu_present():
+        for path in gpu.PATHS:
+            assert f"# {path}" in out.stdout
+    assert "--untrained --profile paper" in out.stdout and "build_trt_engines.sh" in out.stdout
+    assert "repo build --profile gpu-ort" in out.stdout and "CUDA in process" in out.stdout
+
+
+@pytest.mark.skipif(gpu.gpu_present(), reason="a GPU is here")
+def test_gpu_run_without_a_gpu_exits_2_with_one_line() -> None:
+    out = _script("run", "--out", "/tmp/ctscreen-paper")
+    assert out.returncode == 2 and "no GPU path on this node" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpu_cpu_smoke_writes_stamped_figures(tmp_path: Path) -> None:
+    res = tmp_path / "gpu.json"
+    out = _script("run", "--cpu-smoke", "--slices", "4", "--results", str(res), timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(res.read_text())
+    assert doc["smoke"] is True and doc["path"] == "ort-cpu-smoke" and doc["study"]["slices"] >= 4
+    assert doc["summary"]["seconds_per_500_slice_study"] > 0 and doc["summary"]["ms_per_slice"] > 0
+    assert doc["machine"]["models"] and doc["budget_s"] == 480
+
+
+def test_the_budget_skips_what_would_not_fit() -> None:
+    now = [0.0]
+    budget = gpu.Budget(100, reserve=10, clock=lambda: now[0])
+
+    def measure(item: int) -> dict:
+        now[0] += item
+        return {"item": item}
+
+    out = gpu.within(budget, [30, 40, 20, 5], measure, first_estimate=30)
+    # 30 (60 s left), 40 (20 s left), then the next would need the 40 s the longest took: skipped, the last too
+    assert [r["item"] for r in out.runs] == [30, 40]
+    assert len(out.stopped) == 2 and "skipped, 20 s left, ~40 s needed" in out.stopped[0]
+    assert budget.left() == 20 and budget.timeout() == 20
+    now[0] = 200
+    assert budget.timeout() == 1.0 and not budget.fits(0)

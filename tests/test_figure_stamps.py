@@ -1,0 +1,135 @@
+"""Every published figure is stamped, and stamped with the models that ship (issue 17, item 4).
+
+Fast and offline: it reads the result files of ``python -m benchmarks figures`` (``make bench``) and the
+evaluation reports README cites, and hashes ``model_repository/*/1/model.onnx`` the way the stamps do
+(:func:`ctscreen.repo.model_provenance`). A figure measured on other models, or before stamps named the
+models, fails here until ``make bench`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import figures, readme_figures, stamps
+from benchmarks.common import ROOT, machine_info
+
+SHIPPED = stamps.shipped_models()
+
+
+def test_the_shipped_models_are_there_to_compare_with() -> None:
+    assert set(SHIPPED) == set(stamps.STAMPED_MODELS)
+    for name, m in SHIPPED.items():
+        card = json.loads((ROOT / "model_repository" / name / "1" / "model_card.json").read_text())
+        assert m["sha256"] == card["sha256"] and m["version"] == card["version"]
+
+
+@pytest.mark.parametrize("step", figures.PLAN, ids=lambda s: s.name)
+def test_published_figures_are_stamped_with_the_shipped_models(step: figures.Step) -> None:
+    issues = [msg for out in step.outputs for msg in stamps.problems(ROOT / out, models=step.models, shipped=SHIPPED)]
+    assert not issues, ("regenerate with `make bench` (python -m benchmarks figures --only "
+                        f"{step.name}) on a quiet machine:\n" + "\n".join(issues))
+
+
+def test_every_result_file_is_regenerated_by_the_plan() -> None:
+    """A result file no step writes would never be regenerated, nor checked above."""
+    planned = {out for s in figures.PLAN for out in s.outputs} | {"benchmarks/results/load-latest.json"}
+    found = {str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").rglob("*-latest.json")
+             if "tmp" not in p.relative_to(ROOT / "benchmarks" / "results").parts}
+    found.discard("benchmarks/results/gpu-latest.json")  # written on a GPU node only (gpu_paper_profile.py)
+    assert found <= planned, f"not in benchmarks.figures.PLAN: {sorted(found - planned)}"
+
+
+def _short(sha: str) -> str:
+    return f"`{sha[:12]}`"
+
+
+def test_the_readmes_name_the_shipped_models() -> None:
+    """README.md's performance table and benchmarks/README.md's latest figures carry the models' stamp."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(readme_figures.BEGIN)[1].split(readme_figures.END)[0]
+    bench = (ROOT / "benchmarks" / "README.md").read_text()
+    latest = bench.split("<!-- BEGIN LATEST FIGURES")[1].split("<!-- END LATEST FIGURES")[0]
+    for name, where in (("README.md performance table", block), ("benchmarks/README.md latest figures", latest)):
+        for model, m in SHIPPED.items():
+            assert f"{model} {m['version']} {_short(m['sha256'])}" in where, (
+                f"{name} does not name {model} {m['version']} {m['sha256'][:12]}: regenerate with `make bench`")
+        assert "stale" not in where, f"{name} has stale rows: regenerate with `make bench`"
+
+
+# --- the check itself -------------------------------------------------------------------------------
+
+
+def _write(path: Path, doc: object) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_stamp_is_checked_field_by_field(tmp_path: Path) -> None:
+    stamp = machine_info()
+    assert {"commit", "time_utc", "loadavg_1m", "cpu", "cores", "models", "dirty"} <= set(stamp)
+    assert stamp["models"] == SHIPPED
+    good = _write(tmp_path / "good.json", {"machine": stamp, "x": 1})
+    assert stamps.problems(good, shipped=SHIPPED) == []
+
+    edited = json.loads(good.read_text())
+    edited["machine"]["models"]["lesion"]["sha256"] = "0" * 64  # a figure of other weights
+    msgs = stamps.problems(_write(tmp_path / "edited.json", edited), shipped=SHIPPED)
+    assert len(msgs) == 1 and f"lesion sha256 {'0' * 64} is" in msgs[0] and "not the shipped" in msgs[0]
+    # a figure that does not depend on the models keeps its stamp but is not held to them
+    assert stamps.problems(tmp_path / "edited.json", models=False, shipped=SHIPPED) == []
+
+    old = json.loads(good.read_text())
+    del old["machine"]["models"], old["machine"]["time_utc"]
+    msgs = stamps.problems(_write(tmp_path / "old.json", old), shipped=SHIPPED)
+    assert any("lacks time_utc" in m for m in msgs) and any("no model sha256" in m for m in msgs)
+    assert stamps.problems(_write(tmp_path / "bare.json", {"x": 1}), shipped=SHIPPED)[0].endswith("no stamp "
+                                                                                                   "(no \"machine\" object, no \"models\")")
+    assert "missing" in stamps.problems(tmp_path / "absent.json", shipped=SHIPPED)[0]
+
+
+def test_nested_stamps_and_the_evaluation_reports_shape(tmp_path: Path) -> None:
+    stamp = machine_info()
+    other = json.loads(json.dumps(stamp))
+    other["models"]["valid_area"]["sha256"] = "f" * 64
+    report = _write(tmp_path / "report.json", {"machine": stamp, "other_benchmarks": {"models": {"machine": other}}})
+    msgs = stamps.problems(report, shipped=SHIPPED)
+    assert len(msgs) == 1 and "$.other_benchmarks.models.machine" in msgs[0] and "valid_area" in msgs[0]
+    # ctscreen eval: the served models as a list; training reports: {model: {"path", "sha256"}}
+    listed = [{"name": n, "sha256": m["sha256"], "version": m["version"]} for n, m in SHIPPED.items()]
+    listed.append({"name": "ct_screen", "sha256": None, "version": "1"})
+    assert stamps.problems(_write(tmp_path / "eval.json", {"models": listed}), shipped=SHIPPED) == []
+    listed[0]["sha256"] = "1" * 64
+    assert len(stamps.problems(_write(tmp_path / "eval2.json", {"models": listed}), shipped=SHIPPED)) == 1
+    paths = {n: {"path": f"x/{n}.onnx", "sha256": m["sha256"]} for n, m in SHIPPED.items()}
+    assert stamps.problems(_write(tmp_path / "q.json", {"models": paths, "machine": "a host"}), shipped=SHIPPED,
+                           fields=()) == []
+
+
+def test_the_plan_prints_and_selects(capsys: pytest.CaptureFixture[str]) -> None:
+    assert figures.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"total ~\d+(\.\d+)? min", listed) and "stack" in listed and "accuracy" in listed
+    assert figures.main(["--dry-run", "--skip", "accuracy"]) == 0
+    out = capsys.readouterr().out
+    assert "+ -m benchmarks all --concurrency 1,2" in out and "training.evaluate" not in out
+    assert [s.name for s in figures.select(figures.PLAN, ["accuracy"])] == ["eval", "quality", "real"]
+    with pytest.raises(ValueError, match="unknown step"):
+        figures.select(figures.PLAN, ["nope"])
+
+
+def test_a_step_that_prints_json_is_stamped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(figures, "ROOT", tmp_path)
+    step = figures.Step("echo", ("-c", "print('noise'); print('{\"median_s\": 0.5}')"), ("web.json",), False, 0.1,
+                        capture="web.json")
+    monkeypatch.setattr(figures, "PY", sys.executable)
+    r = figures.run_step(step, logs=tmp_path / "logs")
+    assert r["rc"] == 0
+    doc = json.loads((tmp_path / "web.json").read_text())
+    assert doc["median_s"] == 0.5 and doc["machine"]["models"] == SHIPPED
+    assert stamps.problems(tmp_path / "web.json", shipped=SHIPPED) == []
