@@ -2,7 +2,8 @@
 # Set up ctscreen on a fresh machine: Debian packages, the .venv and the project (editable).
 #
 #   scripts/setup.sh          serving only (gateway, aggregator, embedded Triton; no torch)
-#   scripts/setup.sh --test   everything the tests need: train + test extras, dcmtk, libb64-0d, postgresql,
+#   scripts/setup.sh --test   everything the tests need: train + test extras, dcmtk, libgdcm-tools (gdcmconv,
+#                             the JPEG 2000 oracle of the edge-case tests), libb64-0d, postgresql,
 #                             orthanc + orthanc-dicomweb (the PACS of the delivery tests), chromium (the
 #                             browser Playwright drives in the web page tests; never `playwright install`)
 #                             (the tests start their own PostgreSQL server in a temporary folder)
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-serve}"
 case "$mode" in
   serve|--serve) extras="" ; debs=() ;;
-  test|--test)   extras="train,test" ; debs=(dcmtk libb64-0d postgresql orthanc orthanc-dicomweb chromium) ;;
+  test|--test)   extras="train,test" ; debs=(dcmtk libgdcm-tools libb64-0d postgresql orthanc orthanc-dicomweb chromium) ;;
   *) echo "setup.sh: unknown mode '$mode' (use --test or nothing)" >&2; exit 2 ;;
 esac
 
