@@ -94,7 +94,7 @@ def keyfile(tmp_path):
 @pytest.fixture
 def client(provider, keyfile):
     settings = Settings(triton_urls="fake:1", auth_oidc_issuer=provider.issuer, auth_oidc_audience=AUD,
-                        auth_api_keys_file=keyfile, stow_quiet_period_s=3600)
+                        auth_api_keys_file=keyfile, stow_quiet_period_s=3600, shutdown_grace_s=1)
     with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
         yield c
 
