@@ -33,9 +33,10 @@ from typing import Annotated, Any
 
 import httpx
 import jwt
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
 
 logger = logging.getLogger(__name__)
@@ -228,14 +229,16 @@ class Authenticator:
 
         Raises
         ------
-        fastapi.HTTPException
-            401 ``unauthorized`` (no or bad credential), 503 ``auth_unavailable`` (provider down).
+        gateway.errors.Unauthorized
+            No or bad credential (401).
+        gateway.errors.AuthUnavailable
+            The provider's keys or the API key file cannot be read now (503).
         """
         if not self.enabled:
             return ANONYMOUS
         if not credential:
-            raise _unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
-                                error=None)
+            raise Unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
+                               error=None)
         if credential.startswith("cts_"):
             record = None
             if self.keys is not None:
@@ -243,30 +246,20 @@ class Authenticator:
                     record = await asyncio.to_thread(self.keys.verify, credential)
                 except ValueError as exc:  # unreadable key file: the operator's problem, not the client's
                     logger.error("%s", exc)
-                    raise HTTPException(503, detail={"reason": "auth_unavailable",
-                                                     "message": "API keys cannot be checked now."},
-                                        headers={"Retry-After": "5"}) from exc
+                    raise AuthUnavailable("API keys cannot be checked now.") from exc
             if record is None:
-                raise _unauthorized("The API key is unknown or revoked.")
+                raise Unauthorized("The API key is unknown or revoked.")
             return Principal(f"key:{record.name}", "api_key", frozenset(record.scopes))
         if self.oidc is None:
-            raise _unauthorized("Bearer tokens are not accepted here (no OIDC issuer configured); use an API key.")
+            raise Unauthorized("Bearer tokens are not accepted here (no OIDC issuer configured); use an API key.")
         try:
             claims = await self.oidc.verify(credential)
         except TokenInvalid as exc:
-            raise _unauthorized(f"The bearer token is refused: {exc}.") from None
+            raise Unauthorized(f"The bearer token is refused: {exc}.") from None
         except ProviderUnavailable as exc:
-            raise HTTPException(503, detail={"reason": "auth_unavailable",
-                                             "message": "The identity provider's keys cannot be fetched now."},
-                                headers={"Retry-After": "5"}) from exc
+            raise AuthUnavailable("The identity provider's keys cannot be fetched now.") from exc
         subject = str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "unknown")[:128]
         return Principal(subject, "oidc", _scopes_of(claims))
-
-
-def _unauthorized(message: str, error: str | None = "invalid_token") -> HTTPException:
-    challenge = 'Bearer realm="ctscreen"' + (f', error="{error}"' if error else "")
-    return HTTPException(401, detail={"reason": "unauthorized", "message": message},
-                         headers={"WWW-Authenticate": challenge})
 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="JWT",
@@ -293,10 +286,8 @@ def require(scope: str) -> Any:
         principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key)
         request.state.principal = principal
         if not principal.has(scope):
-            raise HTTPException(403, detail={"reason": "insufficient_scope",
-                                             "message": f"This needs the scope {scope!r}; the credential has "
-                                                        f"{sorted(principal.scopes) or 'none'}."},
-                                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
+            raise InsufficientScope(f"This needs the scope {scope!r}; the credential has "
+                                    f"{sorted(principal.scopes) or 'none'}.", scope=scope)
         return principal
 
     dependency.__name__ = f"require_{scope.replace(':', '_')}"

@@ -20,11 +20,12 @@ slices of a study out to them:
 No grpc or tritonclient type leaves this module: failures become :class:`InferenceUnavailable`
 (no endpoint could serve the batch: HTTP 503) or :class:`InferenceFailed` (Triton refused the request).
 
-Errors::
+Errors (in the gateway's one tree, :mod:`gateway.errors`)::
 
-    RuntimeError
-    ├── InferenceUnavailable   reason "triton_unavailable"
-    └── InferenceFailed        reason "inference_failed"
+    GatewayError
+    ├── Unavailable
+    │   └── InferenceUnavailable   reason "triton_unavailable"   503, Retry-After
+    └── InferenceFailed            reason "inference_failed"     502
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, HU_SLICES, LESION_BOXES, SLICE_SIZE, VALID_AREA_BOX
+from gateway.errors import GatewayError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +62,18 @@ RETRYABLE = frozenset(
 _UNHEALTHY = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND"})
 
 
-class InferenceUnavailable(RuntimeError):
+class InferenceUnavailable(Unavailable):
     """No Triton endpoint could serve a request in time (every try failed or none is configured)."""
 
     reason = "triton_unavailable"
+    retry_after_s = 5
 
 
-class InferenceFailed(RuntimeError):
+class InferenceFailed(GatewayError, RuntimeError):
     """Triton answered a request with an error that another endpoint would answer the same way."""
 
     reason = "inference_failed"
+    http_status = 502
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.screening import Prepared, Screener
 from gateway.store import BlobStore, Claimed, Store
-from gateway.triton_pool import InferenceFailed, InferenceUnavailable
+from gateway.triton_pool import InferenceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +160,8 @@ class Worker:
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = 0.0
-        except GatewayError as exc:
+        except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
-        except InferenceFailed as exc:
-            await self._fail(job, JobError(reason=exc.reason, message=str(exc)))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
             logger.exception("job %s failed", job.id)
             await self._fail(job, JobError(reason="internal",

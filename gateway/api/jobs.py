@@ -6,12 +6,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.api.deps import SettingsDep, StoreDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.jobs import TERMINAL, JobNotFound, JobState, JobView
+from gateway.errors import JobNotFound, NotRetryable
+from gateway.jobs import TERMINAL, JobState, JobView
 from gateway.store import Store
 from gateway.uids import is_job_id
 
@@ -43,7 +44,7 @@ async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, _: Writ
     try:
         view = await store.retry(checked_job_id(job_id), settings.job_deadline_s)
     except ValueError as exc:
-        raise HTTPException(409, detail={"reason": "not_retryable", "message": str(exc)}) from None
+        raise NotRetryable(str(exc)) from None
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 

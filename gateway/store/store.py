@@ -41,7 +41,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from aggregator.schema import CaseResult
-from gateway.jobs import RUNNING, TERMINAL, JobError, JobNotFound, JobState, JobView
+from gateway.errors import JobNotFound
+from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
 from gateway.store.models import Event, Instance, Job, Result, Study
 
 logger = logging.getLogger(__name__)
