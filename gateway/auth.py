@@ -38,6 +38,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
+from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +216,12 @@ class Authenticator:
         return self.oidc is not None or self.keys is not None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Authenticator:
+    def from_settings(cls, settings: Settings) -> Authenticator:
         """The authenticator the ``auth_*`` settings describe."""
         oidc = None
         if settings.auth_oidc_issuer:
+            if not settings.auth_oidc_audience:  # Settings refuses this; never verify tokens without an audience
+                raise AuthConfigError("CTSCREEN_AUTH_OIDC_AUDIENCE must be set with CTSCREEN_AUTH_OIDC_ISSUER.")
             oidc = OidcVerifier(settings.auth_oidc_issuer, settings.auth_oidc_audience,
                                 jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
         keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
@@ -322,7 +325,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Any, host: str, *, insecure: bool = False) -> None:
+def check_exposure(settings: Settings, host: str, *, insecure: bool = False) -> None:
     """Refuse to serve on a non-loopback ``host`` without authentication, unless ``insecure``.
 
     Raises
@@ -330,13 +333,13 @@ def check_exposure(settings: Any, host: str, *, insecure: bool = False) -> None:
     AuthConfigError
         With one line saying what to configure.
     """
-    if insecure or getattr(settings, "auth_insecure", False):
+    if insecure or settings.auth_insecure:
         return
     if not is_loopback(host) and not (settings.auth_oidc_issuer or settings.auth_api_keys_file):
         raise AuthConfigError(
             f"refusing to listen on {host} without authentication: set CTSCREEN_AUTH_OIDC_ISSUER and "
             "CTSCREEN_AUTH_OIDC_AUDIENCE, or CTSCREEN_AUTH_API_KEYS_FILE (ctscreen keys add), or pass --insecure")
-    dicom_host = getattr(settings, "dicom_host", "127.0.0.1")
+    dicom_host = settings.dicom_host
     if settings.dicom_port is not None and not is_loopback(dicom_host) and not settings.dicom_allowed_peers:
         raise AuthConfigError(
             f"refusing to accept DICOM on {dicom_host} from any AE title: set CTSCREEN_DICOM_ALLOWED_PEERS "

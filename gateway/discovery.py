@@ -11,7 +11,7 @@ pod and balances every batch itself. Two ways to learn the pods:
 * :class:`DnsDiscovery` (fallback outside a cluster, or without API access): resolve the headless
   Service name every few seconds; its A records are the ready pods (slower: DNS TTL and the interval).
 
-:func:`start_from_settings` picks one from the ``triton_*`` discovery settings of
+:func:`start_discovery` picks one from the ``triton_*`` discovery settings of
 :class:`gateway.settings.Settings` (``CTSCREEN_TRITON_*``, set by the Helm chart and validated at start);
 call it inside the gateway's lifespan and ``await discovery.close()`` on the way out.
 
@@ -426,7 +426,7 @@ def in_cluster(env: Mapping[str, str] | None = None) -> bool:
     ).exists()
 
 
-def start_from_settings(
+def start_discovery(
     settings: Settings,
     pool: SupportsSetEndpoints,
     *,

@@ -104,9 +104,9 @@ def create_app(
         scp = start_from_settings(settings, intake, metrics, audit=app.state.audit,  # None unless CTSCREEN_DICOM_PORT
                                   backlog=lambda: sweeper.counts[2])
         app.state.dicom_scp = scp
-        from gateway.discovery import start_from_settings
+        from gateway.discovery import start_discovery
 
-        discovery = start_from_settings(settings, pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
+        discovery = start_discovery(settings, pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
         logger.info("gateway up: Triton endpoints %s, model %s", pool.endpoints, settings.triton_model)
         try:
             yield

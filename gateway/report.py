@@ -12,9 +12,12 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator.schema import CaseResult
+
+if TYPE_CHECKING:
+    from gateway.ingest import PreparedStudy
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class SrContext:
         return out
 
 
-def sr_context(sources: Sequence[tuple[str, bytes]], study: Any) -> SrContext | None:
+def sr_context(sources: Sequence[tuple[str, bytes]], study: PreparedStudy) -> SrContext | None:
     """The :class:`SrContext` of the slices of ``study`` (a prepared study) found in ``sources``.
 
     Never raises: returns None (and logs) when the headers cannot be read, e.g. for a loader that

@@ -20,18 +20,17 @@ from typing import Any
 
 from aggregator.case import CaseRule, SliceInput, decide
 from aggregator.schema import CaseResult, ModelInfo, RejectedFile, Timings
+from gateway.ingest import PreparedStudy, Rejection, load_study
 from gateway.metrics import Metrics
 from gateway.report import SrContext, sr_context
 from gateway.triton_pool import TritonPool
 
-Loader = Callable[[Sequence[tuple[str, bytes]]], Any]
+Loader = Callable[[Sequence[tuple[str, bytes]]], PreparedStudy]
 """``sources -> PreparedStudy`` (default :func:`gateway.ingest.load_study`)."""
 
 
 def _ingest_loader(workers: int) -> Loader:
-    from gateway.ingest import load_study
-
-    def load(sources: Sequence[tuple[str, bytes]]) -> Any:
+    def load(sources: Sequence[tuple[str, bytes]]) -> PreparedStudy:
         return load_study(sources, workers=workers)
 
     return load
@@ -41,7 +40,7 @@ def _ingest_loader(workers: int) -> Loader:
 class Prepared:
     """A decoded study, ready for Triton."""
 
-    study: Any
+    study: PreparedStudy
     sr_context: SrContext | None
     rejected: list[RejectedFile]
     ingest_s: float
@@ -49,15 +48,15 @@ class Prepared:
 
     @property
     def study_instance_uid(self) -> str:
-        return str(self.study.study_instance_uid)
+        return self.study.study_instance_uid
 
     @property
     def series_instance_uid(self) -> str:
-        return str(self.study.series_instance_uid)
+        return self.study.series_instance_uid
 
     @property
     def n_slices(self) -> int:
-        return len(self.study.slices)
+        return self.study.n_slices
 
 
 class Screener:
@@ -104,8 +103,7 @@ class Screener:
         context = await loop.run_in_executor(self.executor, sr_context, sources, study)
         ingest_s = time.monotonic() - t
         self.metrics.stage.labels("decode").observe(ingest_s)
-        rejected = [_rejected(r) for r in getattr(study, "rejected", ()) or ()]
-        rejected += [_rejected(r) for r in getattr(study, "excluded", ()) or ()]
+        rejected = [_rejected(r) for r in (*study.rejected, *study.excluded)]
         for r in rejected:
             self.metrics.error(r.reason)
         return Prepared(study, context, rejected, ingest_s)
@@ -140,17 +138,17 @@ class Screener:
         models = await self._model_info()
         inputs = [
             SliceInput(
-                sop_instance_uid=str(meta.sop_instance_uid),
-                position_mm=float(meta.position_mm),
+                sop_instance_uid=meta.sop_instance_uid,
+                position_mm=meta.position_mm,
                 boxes=out.boxes,
                 valid_area=out.valid_area,
-                rows=_int_or_none(getattr(meta, "rows", None)),
-                cols=_int_or_none(getattr(meta, "cols", getattr(meta, "columns", None))),
-                to_original=_grid_mapper(meta),
+                rows=meta.rows,
+                cols=meta.cols,
+                to_original=meta.grid.to_original,
             )
             for meta, out in zip(study.slices, outputs, strict=True)
         ]
-        decision = decide(inputs, self.rule, spacing_mm=_spacing(study))
+        decision = decide(inputs, self.rule, spacing_mm=study.spacing_mm or None)
         timings["aggregate_s"] = time.monotonic() - t
         timings["total_s"] = max(time.time() - started, timings["inference_s"] + timings["aggregate_s"])
         self.metrics.stage.labels("aggregate").observe(timings["aggregate_s"])
@@ -161,7 +159,7 @@ class Screener:
             models=models,
             timings=Timings(**timings),
             rejected=prepared.rejected,
-            warnings=[str(w) for w in getattr(study, "warnings", ()) or ()],
+            warnings=list(study.warnings),
             job_id=job_id,
             created_at=datetime.now(UTC),
         )
@@ -181,28 +179,5 @@ class Screener:
         return self._models
 
 
-def _rejected(row: Any) -> RejectedFile:
-    if isinstance(row, RejectedFile):
-        return row
-    if isinstance(row, tuple | list):
-        filename, reason, message = row[:3]
-    else:
-        filename, reason, message = row.filename, row.reason, row.message
-    return RejectedFile(filename=str(filename), reason=str(reason), message=str(message))
-
-
-def _grid_mapper(meta: Any) -> Callable[[Any], Any] | None:
-    grid = getattr(meta, "grid", None)
-    return getattr(grid, "to_original", None)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _spacing(study: Any) -> float | None:
-    for name in ("spacing_mm", "slice_spacing_mm", "nominal_spacing_mm"):
-        value = getattr(study, name, None)
-        if value:
-            return float(value)
-    return None
+def _rejected(row: Rejection) -> RejectedFile:
+    return RejectedFile(filename=row.filename, reason=row.reason, message=row.message)

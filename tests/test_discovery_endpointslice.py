@@ -32,7 +32,7 @@ from gateway.discovery import (
     EndpointSliceState,
     ready_addresses,
     resolve_all,
-    start_from_settings,
+    start_discovery,
 )
 from gateway.settings import Settings
 from gateway.triton_pool import TritonPool
@@ -361,7 +361,7 @@ def test_updates_reach_a_real_pool_on_its_event_loop():
             pool = TritonPool([])
             seen = []
             settings = Settings(triton_discovery="endpointslice", triton_service=SVC, triton_namespace=NS)
-            discovery = start_from_settings(settings, pool, api=api_for(server))
+            discovery = start_discovery(settings, pool, api=api_for(server))
             assert isinstance(discovery, EndpointSliceDiscovery)
             try:
                 for want in ([f"{A}:8001", f"{B}:8001"], [f"{B}:8001"]):
@@ -425,7 +425,7 @@ def test_from_env_outside_a_cluster_falls_back_to_dns(monkeypatch):
         pool = TritonPool([])
         settings = Settings(triton_discovery="endpointslice", triton_service=SVC, triton_namespace=NS,
                             triton_grpc_port=9001)
-        discovery = start_from_settings(settings, pool, resolver=resolver)
+        discovery = start_discovery(settings, pool, resolver=resolver)
         assert isinstance(discovery, DnsDiscovery)
         for _ in range(100):
             if pool.endpoints:
@@ -477,8 +477,8 @@ def test_discovery_settings_are_read_from_the_environment(monkeypatch):
 def test_endpointslices_in_a_cluster_need_a_namespace():
     settings = Settings(triton_discovery="endpointslice", triton_service=SVC)
     with pytest.raises(DiscoveryConfigError, match="CTSCREEN_TRITON_NAMESPACE"):
-        start_from_settings(settings, RecordingPool(), api=object())
+        start_discovery(settings, RecordingPool(), api=object())
 
 
 def test_static_mode_starts_nothing():
-    assert start_from_settings(Settings(), RecordingPool()) is None
+    assert start_discovery(Settings(), RecordingPool()) is None
