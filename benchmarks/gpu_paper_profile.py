@@ -58,8 +58,8 @@ def build(args: argparse.Namespace) -> int:
     onnx = out / "onnx"
     ctscreen = [sys.executable, "-m", "ctscreen.cli"]
     for task, model, ckpt in (("valid-area", "valid_area", args.valid_ckpt), ("lesion", "lesion", args.lesion_ckpt)):
-        src = ["--checkpoint", str(ckpt)] if ckpt else ["--untrained", "--profile", "paper"]
-        _run([*ctscreen, "export", task, *src, "--out", str(onnx / model / "1" / "model.onnx")], args.dry_run)
+        weights = ["--checkpoint", str(ckpt)] if ckpt else ["--untrained", "--profile", "paper"]
+        _run([*ctscreen, "export", task, *weights, "--out", str(onnx / model / "1" / "model.onnx")], args.dry_run)
     src, repo = out / "src", out / "repo"
     _run([*ctscreen, "repo", "build", "--profile", "gpu", "--onnx-dir", str(onnx), "--out", str(src),
           "--max-batch-size", "32", "--preferred-batch-sizes", "8,16,32"], args.dry_run)

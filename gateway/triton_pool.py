@@ -123,7 +123,7 @@ def _grpc_client(url: str) -> Any:
     return grpcclient.InferenceServerClient(url=url)
 
 
-def _status(exc: BaseException) -> str:
+def _status(exc: BaseException | None) -> str:
     status = getattr(exc, "status", None)
     value = status() if callable(status) else status
     return str(value) if value else "StatusCode.UNKNOWN"

@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 
@@ -78,6 +79,14 @@ class Pipeline:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
         self.valid = ort.InferenceSession(str(valid_area), so, providers=["CPUExecutionProvider"])
         self.lesion = ort.InferenceSession(str(lesion), so, providers=["CPUExecutionProvider"])
+
+    @overload
+    def run(self, hu: np.ndarray, batch: int = 8, *,
+            maps: Literal[True] = True) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]: ...
+
+    @overload
+    def run(self, hu: np.ndarray, batch: int = 8, *,
+            maps: Literal[False]) -> tuple[list[np.ndarray], list[np.ndarray], None]: ...
 
     def run(
         self, hu: np.ndarray, batch: int = 8, *, maps: bool = True

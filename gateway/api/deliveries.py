@@ -45,7 +45,7 @@ def _view(task: Any) -> DeliveryView:
                         delivered_at=_ts(task.delivered_at), history=list(task.history))
 
 
-_NOT_FOUND = {404: {"description": "no such job, or no delivery of it to that destination"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job, or no delivery of it to that destination"}}
 
 
 @router.get("/{job_id}/deliveries", response_model=list[DeliveryView], summary="Deliveries of a job's result",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,7 +21,7 @@ from gateway.uids import is_job_id
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 
 
-_NOT_FOUND = {404: {"description": "no such job (unknown id, or deleted by retention)"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job (unknown id, or deleted by retention)"}}
 
 
 def checked_job_id(job_id: str) -> str:
