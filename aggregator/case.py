@@ -311,7 +311,7 @@ def to_original_grid(box: Sequence[float], rows: int, cols: int, grid: int = SLI
     return Box(x0=x0, y0=y0, x1=x1, y1=y1)
 
 
-def _box(values: Sequence[float]) -> Box:
+def _box(values: Sequence[float] | np.ndarray) -> Box:
     return Box(x0=round(values[0]), y0=round(values[1]), x1=round(values[2]), y1=round(values[3]))
 
 
@@ -575,8 +575,8 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
     if gaps:
         whole = _runs(findings, [(0, len(findings))], positions, spacing, rule)
         broken = [r for r in whole if _long_enough(r.n, r.n * (spacing or 0.0), rule)]
-        if broken:
-            r = _best(broken)
+        r = _best(broken)  # None when no run is broken
+        if r is not None:
             return make(
                 "indeterminate",
                 "run_broken_by_gap",

@@ -146,7 +146,7 @@ def key_images(
     key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
            result.verdict)
     series = series_instance_uid or stable_uid(*key, "key-images-series")
-    out = []
+    out: list[Dataset] = []
     for n, evidence in enumerate(result.evidence.slices, start=1):
         ds = by_uid.get(evidence.sop_instance_uid)
         if ds is None:

@@ -37,6 +37,7 @@ __all__ = [
     "Confusion",
     "CurvePoint",
     "Estimate",
+    "IndeterminateAs",
     "auc",
     "false_positives_by_class",
     "sweep",
@@ -46,6 +47,9 @@ __all__ = [
 
 METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
 """Metric names in the order of the paper's Table 3."""
+
+IndeterminateAs = Literal["positive", "negative", "exclude"]
+"""How an indeterminate verdict counts: as positive (referred to a reader), as negative, or not at all."""
 
 
 def wilson(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -167,7 +171,7 @@ class Confusion:
         cls,
         truth: Iterable[bool],
         verdicts: Iterable[str],
-        indeterminate: Literal["positive", "negative", "exclude"] = "positive",
+        indeterminate: IndeterminateAs = "positive",
     ) -> Confusion:
         """Count case verdicts (``positive``/``negative``/``indeterminate``) against truth.
 
@@ -275,8 +279,8 @@ def auc(points: Sequence[CurvePoint]) -> float | None:
     >>> round(auc(pts), 3)
     0.85
     """
-    xy = [(p.fpr, p.tpr) for p in points]
-    if any(x is None or y is None for x, y in xy):
+    xy = [(p.fpr, p.tpr) for p in points if p.fpr is not None and p.tpr is not None]
+    if len(xy) < len(points):
         return None
     xy = sorted([(0.0, 0.0), *xy, (1.0, 1.0)])
     return float(sum((x1 - x0) * (y0 + y1) / 2.0 for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False)))

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from aggregator.case import CaseRule, replay
-from aggregator.metrics import METRICS, Confusion, auc, false_positives_by_class, sweep, table3
+from aggregator.metrics import (
+    METRICS,
+    Confusion,
+    IndeterminateAs,
+    auc,
+    false_positives_by_class,
+    sweep,
+    table3,
+)
 from aggregator.schema import SCHEMA_VERSION, CaseResult
 
 __all__ = ["DEFAULT_CUTOFFS", "DEFAULT_VARIANTS", "EvalCase", "Goal", "build_report", "render_markdown"]
@@ -136,7 +144,7 @@ def build_report(
     cases: Sequence[EvalCase],
     *,
     cutoffs: Iterable[float] = DEFAULT_CUTOFFS,
-    indeterminate_as: Literal["positive", "negative", "exclude"] = "positive",
+    indeterminate_as: IndeterminateAs = "positive",
     goal: Goal | None = None,
     meta: Mapping[str, Any] | None = None,
     variants: Sequence[tuple[str, Mapping[str, Any]]] = DEFAULT_VARIANTS,
@@ -224,7 +232,7 @@ def build_report(
 
 
 def _variant(name: str, overrides: Mapping[str, Any], cases: Sequence[EvalCase], truth: list[bool],
-             rule: CaseRule, indeterminate_as: str) -> dict[str, Any]:
+             rule: CaseRule, indeterminate_as: IndeterminateAs) -> dict[str, Any]:
     variant = replace(rule, **overrides)
     c = Confusion.from_verdicts(truth, _verdicts(cases, variant), indeterminate_as)
     return {"name": name, "overrides": dict(overrides), "tp": c.tp, "fn": c.fn, "tn": c.tn, "fp": c.fp,

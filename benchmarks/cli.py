@@ -30,7 +30,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from benchmarks.common import (
     TMP_DIR,
@@ -59,7 +59,7 @@ DELEGATES = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, never a traceback
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, never a traceback
         self.exit(2, f"ctscreen bench: error: {message}\n")
 
 
@@ -113,7 +113,7 @@ def _add_load(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
     shared.add_argument("--results", type=Path, default=argparse.SUPPRESS,
                         help="results folder (default benchmarks/results)")
@@ -365,7 +365,7 @@ def _main(argv: list[str]) -> int:
         with _stack(args, need_gateway=need_gw) as (triton, gw):
             if args.cmd in ("perf", "all"):
                 cmd_perf(args, triton)
-            if args.cmd in ("load", "all"):
+            if args.cmd in ("load", "all") and gw is not None:  # all --skip gateway: no load run
                 cmd_load(args, triton, gw)
             if args.cmd in ("ratios", "all"):
                 cmd_ratios(args, triton, gw)

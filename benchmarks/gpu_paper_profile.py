@@ -83,8 +83,8 @@ def build(args: argparse.Namespace) -> int:
     onnx = out / "onnx"
     ctscreen = [sys.executable, "-m", "ctscreen.cli"]
     for task, model, ckpt in (("valid-area", "valid_area", args.valid_ckpt), ("lesion", "lesion", args.lesion_ckpt)):
-        src = ["--checkpoint", str(ckpt)] if ckpt else ["--untrained", "--profile", "paper"]
-        _run([*ctscreen, "export", task, *src, "--out", str(onnx / model / "1" / "model.onnx")], args.dry_run)
+        weights = ["--checkpoint", str(ckpt)] if ckpt else ["--untrained", "--profile", "paper"]
+        _run([*ctscreen, "export", task, *weights, "--out", str(onnx / model / "1" / "model.onnx")], args.dry_run)
     src, repo = out / "src", out / "repo"
     _run([*ctscreen, "repo", "build", "--profile", "gpu", "--onnx-dir", str(onnx), "--out", str(src),
           "--max-batch-size", "32", "--preferred-batch-sizes", "8,16,32"], args.dry_run)
@@ -334,10 +334,7 @@ def _measure_ort(args: argparse.Namespace, onnx: Path, budget: Budget, providers
 def run(args: argparse.Namespace) -> int:
     budget = Budget(args.budget_s)
     env = detect()
-    if args.cpu_smoke:
-        path = "ort-cpu-smoke"
-    else:
-        path = args.path or choose_path(env)
+    path: str | None = "ort-cpu-smoke" if args.cpu_smoke else args.path or choose_path(env)
     print(f"node: gpu {env['gpu']}, tritonserver {env['tritonserver']}, backends {env['backends'] or 'none'}, "
           f"trtexec {env['trtexec']}, onnxruntime {env['ort_providers'] or 'missing'}")
     print(f"path: {path or 'none'}; budget {args.budget_s:.0f} s ({RESERVE_S:.0f} s kept for the results)")
@@ -361,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"+ ONNX Runtime {'CPU' if p == 'ort-cpu-smoke' else 'CUDA'} in process: one {args.slices}-slice "
                       "study at batch 16, then other batches while time lasts")
         return 0
+    assert path is not None  # refused above unless --dry-run
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         if path.startswith("triton"):

@@ -122,7 +122,8 @@ def ort_pipelined(
             pending = ex.submit(postprocess_batch, v, les)
             done += len(b)
             j += 1
-        pending.result()
+        if pending is not None:
+            pending.result()
         wall = time.monotonic() - t0
     return {"batch": batch, "workers": "pipelined", "threads_per_worker": 1, "slices": done,
             "wall_s": round(wall, 3), "slices_per_s": round(done / wall, 3)}

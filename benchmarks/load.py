@@ -260,7 +260,9 @@ async def run_load_async(cfg: LoadConfig, pool: dict[tuple[str, int], PoolStudy]
                 tasks.append(asyncio.create_task(one(i, plan[i])))
             await asyncio.gather(*tasks)
     t1 = time.monotonic()
-    tri = promstats.triton_summary(promstats.delta(tri_before, promstats.scrape(cfg.triton_metrics_url, allow_remote=cfg.allow_remote))) if tri_before is not None else None
+    tri = (promstats.triton_summary(promstats.delta(
+        tri_before, promstats.scrape(cfg.triton_metrics_url, allow_remote=cfg.allow_remote)))
+        if tri_before is not None and cfg.triton_metrics_url else None)
     gw_after = _try_scrape(cfg.url.rstrip("/") + "/metrics", cfg.allow_remote)
     gw = promstats.histogram_summary(promstats.delta(gw_before, gw_after)) if gw_before and gw_after else None
     return summarise(cfg, outcomes, t0, t1, tri, gw)
@@ -302,7 +304,8 @@ def summarise(
         "slices_per_s": round(slices / wall, 3),
         "latency_s": {k: (round(v, 3) if v is not None else None) for k, v in percentiles(lat).items()}
         | {"mean": round(float(np.mean(lat)), 3) if lat else None, "max": round(max(lat), 3) if lat else None},
-        "latency_per_slice_ms": round(1000 * float(np.mean([o.latency / o.n_slices for o in done])), 2)
+        "latency_per_slice_ms": round(1000 * float(np.mean([o.latency / o.n_slices for o in done
+                                                            if o.latency is not None])), 2)
         if done
         else None,
         "studies": [

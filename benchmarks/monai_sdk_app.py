@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: the checkout's ctscreen, aggregator, benchmarks
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,7 +58,7 @@ def client_workspace(netloc: str, folder: Path) -> Path:
     return folder
 
 
-def connect(netloc: str, workspace: Path) -> dict[str, object]:
+def connect(netloc: str, workspace: Path) -> dict[str, Any]:
     """The SDK's ``TritonRemoteModel`` of each model, loaded and connected by the SDK's ``AppContext``."""
     from monai.deploy.core import AppContext
 
@@ -67,7 +68,7 @@ def connect(netloc: str, workspace: Path) -> dict[str, object]:
     return {name: ctx.models.get(name).predictor for name in MODELS}
 
 
-def screen(models: dict[str, object], files: list[tuple[str, bytes]]) -> dict[str, object]:
+def screen(models: dict[str, Any], files: list[tuple[str, bytes]]) -> dict[str, object]:
     """One study: decode, two SDK calls per slice, post-processing, case rule; times of each part."""
     import numpy as np
     import torch

@@ -132,7 +132,7 @@ def input_data_file(model: str, input_names: Sequence[str], out_dir: Path, n: in
         maps = _model_maps(slices)
         if maps is None:
             rng = np.random.default_rng(0)
-            maps = tuple(rng.random(slices.shape, dtype=np.float32) for _ in range(2))
+            maps = (rng.random(slices.shape, dtype=np.float32), rng.random(slices.shape, dtype=np.float32))
         if len(input_names) != 2:
             raise BenchError(f"model {model!r} has inputs {list(input_names)}, expected two probability maps")
         # the first input is the valid-area map, the second the lesion map (ensemble order)

@@ -59,7 +59,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -192,9 +192,9 @@ def make_arrivals(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             start = d * DAY + rng.uniform(7, 19) * 3600  # in working hours
             k = int(rng.integers(w.burst_studies_min, w.burst_studies_max + 1))
             burst_times += list(start + rng.uniform(0, w.burst_window_s, k))
-    burst_times = np.array([b for b in burst_times if b < horizon])
-    all_times = np.concatenate([times, burst_times])
-    flags = np.concatenate([np.zeros(len(times), bool), np.ones(len(burst_times), bool)])
+    bursts = np.array([b for b in burst_times if b < horizon])
+    all_times = np.concatenate([times, bursts])
+    flags = np.concatenate([np.zeros(len(times), bool), np.ones(len(bursts), bool)])
     order = np.argsort(all_times, kind="stable")
     sizes = rng.integers(w.slices_min, w.slices_max + 1, len(all_times))
     return all_times[order], sizes, flags[order]
@@ -210,6 +210,19 @@ class _Study:
     remaining: float
     gateway: int = 0
     start: float | None = None
+
+
+@dataclass
+class _Pod:
+    """A Triton replica: created, ready (after start-up), released (drained or killed; None while it lives)."""
+
+    created: float
+    ready_at: float
+    released_at: float | None = None
+
+    def gpu_s(self, end: float) -> float:
+        """GPU-seconds held, up to its release or else ``end``."""
+        return (self.released_at if self.released_at is not None else end) - self.created
 
 
 @dataclass
@@ -317,8 +330,8 @@ def simulate(
     times, sizes, _ = arrivals
     mu = 1.0 / cluster.slice_cost_s
     hpa = Hpa(policy, cluster)
-    # live pods: [created, ready_at, released_at or None]; removed pods only add their GPU-seconds
-    pods: list[list[float | None]] = [[0.0, 0.0, None] for _ in range(cluster.min_replicas)]
+    # live pods; removed pods only add their GPU-seconds
+    pods = [_Pod(0.0, 0.0) for _ in range(cluster.min_replicas)]
     released_gpu_s = 0.0
     queue: deque[_Study] = deque()
     latencies: list[float] = []
@@ -343,14 +356,14 @@ def simulate(
     next_tl = 0.0
 
     def ready_count(t: float) -> int:
-        return sum(1 for p in pods if p[2] is None and p[1] is not None and p[1] <= t)
+        return sum(1 for p in pods if p.released_at is None and p.ready_at <= t)
 
     def advance(t_end: float) -> None:
         nonlocal now, busy_s
         while now < t_end:
             ready = ready_count(now)
             # next change of capacity inside the interval: a pod becoming ready
-            upcoming = [p[1] for p in pods if p[2] is None and p[1] is not None and now < p[1] < t_end]
+            upcoming = [p.ready_at for p in pods if p.released_at is None and now < p.ready_at < t_end]
             seg_end = min([t_end, *upcoming])
             cap = ready * mu
             t = now
@@ -423,20 +436,20 @@ def simulate(
                 scale_events += 1
                 if desired > spec:
                     for _ in range(desired - spec):
-                        pods.append([now, now + cluster.startup_s, None])
+                        pods.append(_Pod(now, now + cluster.startup_s))
                         heapq.heappush(events, (now + cluster.startup_s, 2, 0))
                 else:
                     # remove the youngest pods first (not-ready ones first), as the ReplicaSet does
-                    live = [p for p in pods if p[2] is None]
-                    live.sort(key=lambda p: (p[1] <= now, -p[0]))
+                    live = [p for p in pods if p.released_at is None]
+                    live.sort(key=lambda p: (p.ready_at <= now, -p.created))
                     for p in live[: spec - desired]:
-                        was_ready = p[1] <= now
-                        p[2] = now + (cluster.drain_s if (policy.drain and was_ready) else 0.0)
+                        was_ready = p.ready_at <= now
+                        p.released_at = now + (cluster.drain_s if (policy.drain and was_ready) else 0.0)
                         if was_ready and not policy.drain and queue:
                             # killed with work on it: the studies in service had slices queued there
                             interrupted += len(queue)
-                    released_gpu_s += sum(p[2] - p[0] for p in pods if p[2] is not None)
-                    pods[:] = [p for p in pods if p[2] is None]
+                    released_gpu_s += sum(p.gpu_s(now) for p in pods if p.released_at is not None)
+                    pods[:] = [p for p in pods if p.released_at is None]
                 spec = desired
             if now >= next_tl:
                 tl["t"].append(now)
@@ -447,10 +460,10 @@ def simulate(
         # kind 2 (pod ready) needs no action: advance() already counts it from its ready time
     while queue:  # studies still queued at the horizon finish on the replicas left
         if ready_count(now) == 0:
-            pods.append([now, now, None])
+            pods.append(_Pod(now, now))
         advance(now + 60.0)
     end = max(now, horizon_end)
-    gpu_s = released_gpu_s + sum(((p[2] if p[2] is not None else end) - p[0]) for p in pods)
+    gpu_s = released_gpu_s + sum(p.gpu_s(end) for p in pods)
     spec_arr = np.array(tl["spec"], float)
     return Result(
         policy=policy.name,
@@ -518,11 +531,11 @@ def _plots(results: list[Result], out: Path, workload: Workload) -> list[str]:
     policies = list(POLICY_NAMES)
     width = 0.8 / len(costs)
     for j, cost in enumerate(costs):
-        sub = {r.policy: r for r in results if r.slice_cost_s == cost}
+        of = {r.policy: r for r in results if r.slice_cost_s == cost}
         xs = np.arange(len(policies)) + j * width
-        axes[0].bar(xs, [np.percentile(sub[p].latencies, 95) for p in policies], width, label=f"{cost * 1000:g} ms")
-        axes[1].bar(xs, [sub[p].gpu_hours for p in policies], width, label=f"{cost * 1000:g} ms")
-        axes[2].bar(xs, [sub[p].scale_events for p in policies], width, label=f"{cost * 1000:g} ms")
+        axes[0].bar(xs, [np.percentile(of[p].latencies, 95) for p in policies], width, label=f"{cost * 1000:g} ms")
+        axes[1].bar(xs, [of[p].gpu_hours for p in policies], width, label=f"{cost * 1000:g} ms")
+        axes[2].bar(xs, [of[p].scale_events for p in policies], width, label=f"{cost * 1000:g} ms")
     for ax, title in zip(axes, ("p95 case latency (s)", "GPU-hours", "scale events"), strict=True):
         ax.set_xticks(np.arange(len(policies)) + width * (len(costs) - 1) / 2)
         ax.set_xticklabels(policies, rotation=12, fontsize=8)
@@ -638,8 +651,7 @@ def run(workload: Workload, cluster: Cluster, costs: Sequence[float], out: Path 
             best_t, best = min(candidates, key=lambda tr: np.percentile(tr[1].latencies, 95))
         best.policy = "sample-queue-time-tuned"
         logger.info("%g ms: tuned queue-time target %g s", cost * 1000, best_t)
-        static = None
-        for n in range(cluster.min_replicas, cluster.max_replicas + 1):
+        for n in range(cluster.min_replicas, cluster.max_replicas + 1):  # min <= max: runs at least once
             static = simulate(STATIC, dataclasses.replace(cl, min_replicas=n, max_replicas=n), arrivals, horizon)
             static.policy = "static"
             static.static_replicas = n
@@ -774,7 +786,7 @@ def _gateway_markdown(doc: dict[str, Any]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, never a traceback
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, never a traceback
         self.exit(2, f"ctscreen bench scaling: error: {message}\n")
 
 

@@ -27,11 +27,12 @@ rule) with the winner: the in-process time a gateway study is compared with.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -110,14 +111,15 @@ class Runner:
         else:
             n = max(1, cores() // s.threads) if s.schedule == "workers" else 1
             self.pipes = [OrtPipeline(threads=s.threads) for _ in range(n)]
-        self._run: Callable[[list[np.ndarray]], list[Outputs]] = (
-            self._concurrent if s.schedule == "concurrent" else self._queue)
 
     def __call__(self, hu: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per slice of ``hu``: its lesion boxes ``[count, 5]`` and its valid-area box ``[4]``."""
         b = self.setting.batch
         out = []
-        for boxes, counts, valid in self._run([hu[i : i + b] for i in range(0, len(hu), b)]):
+        # no bound method is kept on self: a runner in a reference cycle would hold its ORT sessions (and
+        # their arenas, 0.3-1.5 GB each) until a full garbage collection, and the sweep builds 35 of them
+        run = self._concurrent if self.setting.schedule == "concurrent" else self._queue
+        for boxes, counts, valid in run([hu[i : i + b] for i in range(0, len(hu), b)]):
             out += [(boxes[k][: int(counts.reshape(-1)[k])], valid[k].reshape(-1)[:4]) for k in range(len(boxes))]
         return out
 
@@ -168,10 +170,14 @@ def tile(slices: np.ndarray, n: int) -> np.ndarray:
 def measure(setting: Setting, hu: np.ndarray) -> dict[str, Any]:
     """Slices/s of one setting over ``hu`` (screened once, after one warm-up batch)."""
     runner = Runner(setting)
-    runner.warm_up(hu)
-    t0 = time.perf_counter()
-    runner(hu)
-    wall = time.perf_counter() - t0
+    try:
+        runner.warm_up(hu)
+        t0 = time.perf_counter()
+        runner(hu)
+        wall = time.perf_counter() - t0
+    finally:
+        runner.pipes.clear()  # the sessions go now, not at the next full collection
+        gc.collect()
     return {**asdict(setting), "slices": len(hu), "wall_s": round(wall, 3), "slices_per_s": round(len(hu) / wall, 3)}
 
 

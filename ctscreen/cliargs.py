@@ -15,7 +15,7 @@ from typing import TypeVar
 N = TypeVar("N", int, float)
 
 
-def _noun(kind: type) -> str:
+def _noun(kind: Callable[[str], object]) -> str:
     return "an integer" if kind is int else "a number"
 
 

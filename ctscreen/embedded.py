@@ -428,9 +428,8 @@ class EmbeddedTriton:
             if m:
                 # the python backend appends the stub's stack ("At: file(line): function"): drop it
                 reason = re.split(r"(?:\\n|\s)+At:(?:\\n|\s)", m.group(3))[0].replace("\\n", " ").strip()
-                failed.append(
-                    f"model '{m.group(1)}' failed to load from {self._repo_dir / m.group(1)}: {reason}"
-                )
+                where = self._repo_dir / m.group(1) if self._repo_dir is not None else m.group(1)
+                failed.append(f"model '{m.group(1)}' failed to load from {where}: {reason}")
         if failed:
             return TritonStartError("; ".join(dict.fromkeys(failed)))
         return TritonStartError(

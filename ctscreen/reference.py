@@ -24,7 +24,7 @@ Usage::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -114,6 +114,14 @@ class ReferencePipeline:
         """The ensemble's outputs (boxes ``[B, K, 5]``, counts ``[B, 1]``, valid-area boxes ``[B, 4]``) for
         one batch ``hu`` INT16 ``[B, 1, 512, 512]``."""
         return postprocess_batch(*self.maps(hu))
+
+    @overload
+    def run(self, hu: np.ndarray, batch: int | None = None, *,
+            maps: Literal[True]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]: ...
+
+    @overload
+    def run(self, hu: np.ndarray, batch: int | None = None, *,
+            maps: Literal[False] = False) -> tuple[list[np.ndarray], list[np.ndarray], None]: ...
 
     def run(
         self, hu: np.ndarray, batch: int | None = None, *, maps: bool = False

@@ -41,6 +41,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ctscreen import contracts as c
 
@@ -233,7 +234,7 @@ def hu_cast_onnx(dst: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    shape = ["B", 1, c.SLICE_SIZE, c.SLICE_SIZE]
+    shape: list[str | int] = ["B", 1, c.SLICE_SIZE, c.SLICE_SIZE]
     graph = helper.make_graph(
         [helper.make_node("Cast", [c.HU_SLICES], [c.HU_FLOAT], to=TensorProto.FLOAT)],
         c.HU_CAST_MODEL,
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         base = default_settings(args.profile)
-        changes: dict[str, object] = {}
+        changes: dict[str, Any] = {}  # dataclass field -> value from the command line
         for field, value in (
             ("max_batch_size", args.max_batch_size),
             ("max_queue_delay_us", args.max_queue_delay_us),
@@ -590,11 +591,11 @@ def main(argv: list[str] | None = None) -> int:
             changes["preferred_batch_sizes"] = tuple(
                 b
                 for b in base.preferred_batch_sizes
-                if b <= int(changes["max_batch_size"])  # type: ignore[arg-type]
-            ) or (int(changes["max_batch_size"]),)  # type: ignore[arg-type]
+                if b <= int(changes["max_batch_size"])
+            ) or (int(changes["max_batch_size"]),)
         for field in ("warmup_batch", "opt_batch"):
             if "max_batch_size" in changes and field not in changes:
-                changes[field] = min(getattr(base, field), int(changes["max_batch_size"]))  # type: ignore[arg-type]
+                changes[field] = min(getattr(base, field), int(changes["max_batch_size"]))
         settings = dataclasses.replace(base, **changes)
         out = build_repository(
             args.profile, args.out, source=args.source, onnx_dir=args.onnx_dir, settings=settings

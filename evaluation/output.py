@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.metrics import IndeterminateAs
 from aggregator.report import DEFAULT_CUTOFFS, EvalCase, Goal, build_report, render_markdown
 
 
@@ -100,7 +101,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
 
 
 def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] | None = None,
-                 cutoffs: Sequence[float] = DEFAULT_CUTOFFS, indeterminate_as: str = "positive",
+                 cutoffs: Sequence[float] = DEFAULT_CUTOFFS, indeterminate_as: IndeterminateAs = "positive",
                  goal: Goal | None = None) -> dict[str, Any]:
     """Build the report of ``cases`` and write ``report.md``, ``report.json``, ``results.jsonl`` and plots."""
     out.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,7 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.errors import TooLarge
-from gateway.jobs import Busy
+from gateway.errors import Busy, TooLarge
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.settings import Settings
 from gateway.uids import is_job_id, is_uid
 
 __all__ = ["AuditLog", "AuditMiddleware"]
@@ -61,7 +62,7 @@ class AuditLog:
         self.logger.addHandler(self.handler)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> AuditLog:
+    def from_settings(cls, settings: Settings) -> AuditLog:
         """The audit log the settings ask for."""
         return cls(settings.audit_log_file)
 

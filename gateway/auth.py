@@ -33,10 +33,12 @@ from typing import Annotated, Any
 
 import httpx
 import jwt
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
+from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +216,12 @@ class Authenticator:
         return self.oidc is not None or self.keys is not None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Authenticator:
+    def from_settings(cls, settings: Settings) -> Authenticator:
         """The authenticator the ``auth_*`` settings describe."""
         oidc = None
         if settings.auth_oidc_issuer:
+            if not settings.auth_oidc_audience:  # Settings refuses this; never verify tokens without an audience
+                raise AuthConfigError("CTSCREEN_AUTH_OIDC_AUDIENCE must be set with CTSCREEN_AUTH_OIDC_ISSUER.")
             oidc = OidcVerifier(settings.auth_oidc_issuer, settings.auth_oidc_audience,
                                 jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
         keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
@@ -228,14 +232,16 @@ class Authenticator:
 
         Raises
         ------
-        fastapi.HTTPException
-            401 ``unauthorized`` (no or bad credential), 503 ``auth_unavailable`` (provider down).
+        gateway.errors.Unauthorized
+            No or bad credential (401).
+        gateway.errors.AuthUnavailable
+            The provider's keys or the API key file cannot be read now (503).
         """
         if not self.enabled:
             return ANONYMOUS
         if not credential:
-            raise _unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
-                                error=None)
+            raise Unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
+                               error=None)
         if credential.startswith("cts_"):
             record = None
             if self.keys is not None:
@@ -243,30 +249,20 @@ class Authenticator:
                     record = await asyncio.to_thread(self.keys.verify, credential)
                 except ValueError as exc:  # unreadable key file: the operator's problem, not the client's
                     logger.error("%s", exc)
-                    raise HTTPException(503, detail={"reason": "auth_unavailable",
-                                                     "message": "API keys cannot be checked now."},
-                                        headers={"Retry-After": "5"}) from exc
+                    raise AuthUnavailable("API keys cannot be checked now.") from exc
             if record is None:
-                raise _unauthorized("The API key is unknown or revoked.")
+                raise Unauthorized("The API key is unknown or revoked.")
             return Principal(f"key:{record.name}", "api_key", frozenset(record.scopes))
         if self.oidc is None:
-            raise _unauthorized("Bearer tokens are not accepted here (no OIDC issuer configured); use an API key.")
+            raise Unauthorized("Bearer tokens are not accepted here (no OIDC issuer configured); use an API key.")
         try:
             claims = await self.oidc.verify(credential)
         except TokenInvalid as exc:
-            raise _unauthorized(f"The bearer token is refused: {exc}.") from None
+            raise Unauthorized(f"The bearer token is refused: {exc}.") from None
         except ProviderUnavailable as exc:
-            raise HTTPException(503, detail={"reason": "auth_unavailable",
-                                             "message": "The identity provider's keys cannot be fetched now."},
-                                headers={"Retry-After": "5"}) from exc
+            raise AuthUnavailable("The identity provider's keys cannot be fetched now.") from exc
         subject = str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "unknown")[:128]
         return Principal(subject, "oidc", _scopes_of(claims))
-
-
-def _unauthorized(message: str, error: str | None = "invalid_token") -> HTTPException:
-    challenge = 'Bearer realm="ctscreen"' + (f', error="{error}"' if error else "")
-    return HTTPException(401, detail={"reason": "unauthorized", "message": message},
-                         headers={"WWW-Authenticate": challenge})
 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="JWT",
@@ -293,10 +289,8 @@ def require(scope: str) -> Any:
         principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key)
         request.state.principal = principal
         if not principal.has(scope):
-            raise HTTPException(403, detail={"reason": "insufficient_scope",
-                                             "message": f"This needs the scope {scope!r}; the credential has "
-                                                        f"{sorted(principal.scopes) or 'none'}."},
-                                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
+            raise InsufficientScope(f"This needs the scope {scope!r}; the credential has "
+                                    f"{sorted(principal.scopes) or 'none'}.", scope=scope)
         return principal
 
     dependency.__name__ = f"require_{scope.replace(':', '_')}"
@@ -331,7 +325,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Any, host: str, *, insecure: bool = False) -> None:
+def check_exposure(settings: Settings, host: str, *, insecure: bool = False) -> None:
     """Refuse to serve on a non-loopback ``host`` without authentication, unless ``insecure``.
 
     Raises
@@ -339,13 +333,13 @@ def check_exposure(settings: Any, host: str, *, insecure: bool = False) -> None:
     AuthConfigError
         With one line saying what to configure.
     """
-    if insecure or getattr(settings, "auth_insecure", False):
+    if insecure or settings.auth_insecure:
         return
     if not is_loopback(host) and not (settings.auth_oidc_issuer or settings.auth_api_keys_file):
         raise AuthConfigError(
             f"refusing to listen on {host} without authentication: set CTSCREEN_AUTH_OIDC_ISSUER and "
             "CTSCREEN_AUTH_OIDC_AUDIENCE, or CTSCREEN_AUTH_API_KEYS_FILE (ctscreen keys add), or pass --insecure")
-    dicom_host = getattr(settings, "dicom_host", "127.0.0.1")
+    dicom_host = settings.dicom_host
     if settings.dicom_port is not None and not is_loopback(dicom_host) and not settings.dicom_allowed_peers:
         raise AuthConfigError(
             f"refusing to accept DICOM on {dicom_host} from any AE title: set CTSCREEN_DICOM_ALLOWED_PEERS "

@@ -161,16 +161,14 @@ def _settings(overrides: dict[str, Any] | None) -> Any:
     """Settings from the environment and ``overrides``, with the state store migrated; one-line errors."""
     from pydantic import ValidationError
 
-    from gateway.settings import Settings
+    from gateway.settings import Settings, setting_error
     from gateway.store import redact
     from gateway.store.migrate import upgrade
 
     try:
         settings = Settings(**(overrides or {}))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "CTSCREEN_" + "_".join(str(p) for p in first.get("loc", ())).upper()
-        raise CliError(f"{name}: {first.get('msg', 'invalid')}") from None
+        raise CliError(setting_error(exc)) from None
     database = settings.database()
     if settings.db_migrate:
         try:
@@ -235,14 +233,14 @@ def _check_exposure(p: argparse.ArgumentParser, host: str, overrides: dict[str, 
     from pydantic import ValidationError
 
     from gateway.auth import AuthConfigError, check_exposure
-    from gateway.settings import Settings
+    from gateway.settings import Settings, setting_error
 
     try:
         check_exposure(Settings(**{"host": host, **overrides}), host)
     except AuthConfigError as exc:
         p.exit(2, f"ctscreen serve: {exc}\n")
     except ValidationError as exc:
-        p.exit(2, f"ctscreen serve: bad CTSCREEN_* setting: {exc.errors()[0].get('msg', exc)}\n")
+        p.exit(2, f"ctscreen serve: {setting_error(exc)}\n")
 
 
 def serve_main(argv: list[str]) -> int:

@@ -291,7 +291,7 @@ def read_dataset(data: bytes, filename: str = "<upload>") -> Dataset:
         raise NotDicom(f"{len(data)} bytes is too short to be DICOM.", filename=filename)
     has_magic = len(data) >= 132 and data[128:132] == b"DICM"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic, defer_size=DEFER_BYTES)
+        ds: Dataset = pydicom.dcmread(io.BytesIO(data), force=not has_magic, defer_size=DEFER_BYTES)
     except InvalidDicomError as exc:
         raise NotDicom(f"Not a DICOM file: {exc}", filename=filename) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input

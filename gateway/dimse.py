@@ -44,6 +44,7 @@ from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, Watermark, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
+from gateway.settings import Settings
 from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
@@ -128,14 +129,17 @@ class StorageScp:
     def start(self) -> None:
         """Listen (in pynetdicom's own threads); returns at once."""
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.events import EventHandlerType
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import, from its UID table
+            Verification,
+        )
 
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0  # no limit on what we accept
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_end),
                     (evt.EVT_ABORTED, self._on_end)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
@@ -228,7 +232,7 @@ class StorageScp:
             self.metrics.error(reason)
 
 
-def start_from_settings(settings: Any, stow: Intake, metrics: Metrics | None = None, *,
+def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | None = None, *,
                         audit: Any = None, backlog: Callable[[], int] | None = None) -> StorageScp | None:
     """Start the SCP the settings ask for (``dicom_port``), on the running loop; None when not asked.
 
@@ -243,16 +247,15 @@ def start_from_settings(settings: Any, stow: Intake, metrics: Metrics | None = N
     """
     if settings.dicom_port is None:
         return None
-    peers = parse_peers(getattr(settings, "dicom_allowed_peers", []))
-    cert, key, ca = (getattr(settings, f"dicom_tls_{n}", None) for n in ("cert", "key", "ca"))
-    blobs = settings.blobs() if hasattr(settings, "blobs") else None
+    peers = parse_peers(settings.dicom_allowed_peers)
+    cert, key, ca = settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca
     watermark = Watermark(
-        backlog=backlog, max_backlog_slices=getattr(settings, "dicom_max_backlog_slices", None),
-        disk=blobs, min_free_bytes=getattr(settings, "dicom_min_free_bytes", None))
+        backlog=backlog, max_backlog_slices=settings.dicom_max_backlog_slices,
+        disk=settings.blobs(), min_free_bytes=settings.dicom_min_free_bytes)
     scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
                      ae_title=settings.dicom_ae_title, metrics=metrics,
                      peers=PeerPolicy(peers) if peers else None,
-                     sop_classes=check_sop_classes(getattr(settings, "dicom_sop_classes", [])),
+                     sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
                      watermark=watermark, audit=audit)
     scp.start()

@@ -11,8 +11,9 @@ pod and balances every batch itself. Two ways to learn the pods:
 * :class:`DnsDiscovery` (fallback outside a cluster, or without API access): resolve the headless
   Service name every few seconds; its A records are the ready pods (slower: DNS TTL and the interval).
 
-:func:`start_from_env` picks one from ``CTSCREEN_TRITON_*`` variables (set by the Helm chart); call it
-inside the gateway's lifespan and ``await discovery.close()`` on the way out.
+:func:`start_discovery` picks one from the ``triton_*`` discovery settings of
+:class:`gateway.settings.Settings` (``CTSCREEN_TRITON_*``, set by the Helm chart and validated at start);
+call it inside the gateway's lifespan and ``await discovery.close()`` on the way out.
 
 The watch runs in a daemon thread (the ``kubernetes`` client is blocking); updates are handed to the
 event loop with ``call_soon_threadsafe`` because the pool is not thread-safe.
@@ -20,7 +21,7 @@ event loop with ``call_soon_threadsafe`` because the pool is not thread-safe.
 Errors::
 
     ValueError
-    └── DiscoveryConfigError   a bad CTSCREEN_TRITON_* value
+    └── DiscoveryConfigError   a bad argument, or the pod's namespace is unknown
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-MODES = ("static", "endpointslice", "dns")
 
 
 class DiscoveryConfigError(ValueError):
-    """A ``CTSCREEN_TRITON_*`` discovery setting is missing or malformed."""
+    """A discovery cannot be made from its arguments (the settings themselves are checked by ``Settings``)."""
 
 
 class SupportsSetEndpoints(Protocol):
@@ -424,20 +426,20 @@ def in_cluster(env: Mapping[str, str] | None = None) -> bool:
     ).exists()
 
 
-def start_from_env(
+def start_discovery(
+    settings: Settings,
     pool: SupportsSetEndpoints,
-    env: Mapping[str, str] | None = None,
     *,
     api: Any = None,
     resolver: Callable[[str, int], Any] | None = None,
 ) -> EndpointSliceDiscovery | DnsDiscovery | None:
-    """Start the discovery ``CTSCREEN_TRITON_*`` asks for; call inside the running event loop.
+    """Start the discovery ``settings.triton_discovery`` asks for; call inside the running event loop.
 
-    Variables: ``CTSCREEN_TRITON_DISCOVERY`` (``static`` (default: keep CTSCREEN_TRITON_URLS),
-    ``endpointslice``, ``dns``), ``CTSCREEN_TRITON_SERVICE`` (headless Service),
-    ``CTSCREEN_TRITON_NAMESPACE`` (default: the pod's namespace), ``CTSCREEN_TRITON_PORT_NAME``
-    (``grpc``), ``CTSCREEN_TRITON_GRPC_PORT`` (8001), ``CTSCREEN_TRITON_DNS_INTERVAL_S`` (5).
-    ``endpointslice`` outside a cluster (or without an injected api) falls back to ``dns``.
+    ``static`` (default) keeps ``triton_urls``; ``endpointslice`` watches the EndpointSlices of
+    ``triton_service`` in ``triton_namespace`` (default: the pod's namespace), dialling the port named
+    ``triton_port_name`` (else ``triton_grpc_port``); ``dns`` resolves the Service name every
+    ``triton_dns_interval_s``. ``endpointslice`` outside a cluster (or without an injected api) falls
+    back to ``dns``. The values were validated when ``settings`` was made.
 
     Returns
     -------
@@ -447,38 +449,27 @@ def start_from_env(
     Raises
     ------
     DiscoveryConfigError
-        On an unknown mode, a missing service, or a non-numeric port or interval.
+        When EndpointSlices are watched in a cluster and the namespace is neither set nor known.
     """
-    env = os.environ if env is None else env
-    mode = env.get("CTSCREEN_TRITON_DISCOVERY", "static").strip().lower() or "static"
-    if mode not in MODES:
-        raise DiscoveryConfigError(f"CTSCREEN_TRITON_DISCOVERY must be one of {', '.join(MODES)}, got {mode!r}.")
+    mode = settings.triton_discovery
     if mode == "static":
         return None
-    service = env.get("CTSCREEN_TRITON_SERVICE", "").strip()
-    if not service:
-        raise DiscoveryConfigError(f"CTSCREEN_TRITON_DISCOVERY={mode} needs CTSCREEN_TRITON_SERVICE "
-                                   "(the headless Triton Service).")
-    try:
-        port = int(env.get("CTSCREEN_TRITON_GRPC_PORT", "8001"))
-        interval = float(env.get("CTSCREEN_TRITON_DNS_INTERVAL_S", "5"))
-    except ValueError as exc:
-        raise DiscoveryConfigError(f"CTSCREEN_TRITON_GRPC_PORT / CTSCREEN_TRITON_DNS_INTERVAL_S: {exc}") from None
-    namespace = env.get("CTSCREEN_TRITON_NAMESPACE", "").strip()
+    service, port = settings.triton_service, settings.triton_grpc_port
+    namespace = settings.triton_namespace
     if not namespace and NAMESPACE_FILE.exists():
         namespace = NAMESPACE_FILE.read_text().strip()
-    if mode == "endpointslice" and (api is not None or in_cluster(env)):
+    if mode == "endpointslice" and (api is not None or in_cluster()):
         if not namespace:
             raise DiscoveryConfigError("CTSCREEN_TRITON_NAMESPACE is empty and the pod namespace is unknown.")
         discovery = EndpointSliceDiscovery(
-            pool, service, namespace, port_name=env.get("CTSCREEN_TRITON_PORT_NAME", "grpc"),
-            default_port=port, api=api,
+            pool, service, namespace, port_name=settings.triton_port_name, default_port=port, api=api,
         )
         logger.info("discovering Triton pods from EndpointSlices %s in %s", discovery.label_selector, namespace)
         return discovery.start()
     if mode == "endpointslice":
         logger.warning("not in a Kubernetes pod: discovering Triton pods through DNS instead of EndpointSlices")
     host = service if "." in service or not namespace else f"{service}.{namespace}.svc"
+    interval = settings.triton_dns_interval_s
     dns = DnsDiscovery(pool, host, port, interval_s=interval, resolver=resolver)
     logger.info("discovering Triton pods by resolving %s every %g s", host, interval)
     return dns.start()

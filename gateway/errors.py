@@ -1,25 +1,45 @@
-"""Errors raised by the gateway, each with a machine-readable ``reason`` and an HTTP status.
+"""Every error the gateway reports to a client: one tree, each class with an HTTP status and a reason.
 
 The hierarchy is small and subclasses builtins, so callers that only know ``ValueError`` still
-catch bad input. The HTTP layer maps every :class:`GatewayError` to a response in one place using
-:attr:`GatewayError.http_status` and :meth:`GatewayError.to_dict`; nothing here imports FastAPI.
+catch bad input. The HTTP layer maps every :class:`GatewayError` to a response in one place
+(:mod:`gateway.api.errors`) using :attr:`GatewayError.http_status`, :meth:`GatewayError.to_dict` and
+:meth:`GatewayError.headers`; nothing here imports FastAPI. Clients switch on ``reason``, never on
+the message.
 
 ::
 
-    GatewayError(Exception)                    internal          500
-     +-- InvalidInput(GatewayError, ValueError) bad_request       400
-     |    +-- UploadError                       bad_upload        400
-     |    |    +-- UnsafePath                   unsafe_path       400
-     |    |    +-- BadArchive                   bad_archive       400   (corrupt or nested zip)
-     |    |    +-- TooLarge                     too_large         413
-     |    |    +-- ZipBomb                      zip_bomb          413
-     |    +-- NotDicom                          not_dicom         415
-     |    +-- NotCT                             not_ct            422
-     |    +-- NoPixelData                       no_pixel_data     422
-     |    +-- Undecodable                       undecodable       422
-     |    +-- NoUsableSeries                    no_usable_series  422
-     |    +-- MixedStudies                      mixed_studies     422
-     +-- Unavailable(GatewayError, RuntimeError) unavailable      503
+    GatewayError(Exception)                        internal            500
+     +-- InvalidInput(GatewayError, ValueError)    bad_request         400
+     |    +-- UploadError                          bad_upload          400
+     |    |    +-- UnsafePath                      unsafe_path         400
+     |    |    +-- BadArchive                      bad_archive         400   (corrupt or nested zip)
+     |    |    +-- TooLarge                        too_large           413
+     |    |    +-- ZipBomb                         zip_bomb            413
+     |    +-- NotDicom                             not_dicom           415
+     |    +-- NotCT                                not_ct              422
+     |    +-- NoPixelData                          no_pixel_data       422
+     |    +-- Undecodable                          undecodable         422
+     |    +-- NoUsableSeries                       no_usable_series    422
+     |    +-- MixedStudies                         mixed_studies       422
+     |    +-- gateway.uids.InvalidUid              invalid_uid         400
+     +-- Unauthorized(GatewayError)                unauthorized        401   (WWW-Authenticate)
+     +-- InsufficientScope(GatewayError)           insufficient_scope  403   (WWW-Authenticate)
+     +-- NotFound(GatewayError, KeyError)          not_found           404
+     |    +-- JobNotFound                          not_found           404   (no such job or study)
+     |    +-- NoSuchSlice                          no_such_slice       404
+     +-- Conflict(GatewayError)                    conflict            409
+     |    +-- NotDone                              not_done            409
+     |    +-- NotRetryable                         not_retryable       409
+     |    +-- NotResendable                        not_resendable      409
+     |    +-- SrUnavailable                        sr_unavailable      409
+     +-- InstancesExpired(GatewayError)            instances_expired   410
+     +-- Busy(GatewayError, RuntimeError)          busy                429   (Retry-After)
+     |    +-- gateway.admission.OverBudget         over_budget         429   (Retry-After)
+     +-- gateway.triton_pool.InferenceFailed       inference_failed    502
+     +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
+          +-- AuthUnavailable                      auth_unavailable    503   (Retry-After)
+          +-- gateway.triton_pool.InferenceUnavailable
+                                                   triton_unavailable  503   (Retry-After)
 
 Per-file problems inside a study (a file that is not CT, a frame that cannot be decoded) are not
 raised to the client: ingest records them as :class:`gateway.ingest.Rejection` rows with the same
@@ -33,15 +53,28 @@ from typing import Any, ClassVar
 
 __all__ = [
     "REASONS",
+    "AuthUnavailable",
     "BadArchive",
+    "Busy",
+    "Conflict",
     "GatewayError",
+    "InstancesExpired",
+    "InsufficientScope",
     "InvalidInput",
+    "JobNotFound",
     "MixedStudies",
     "NoPixelData",
+    "NoSuchSlice",
     "NoUsableSeries",
     "NotCT",
     "NotDicom",
+    "NotDone",
+    "NotFound",
+    "NotResendable",
+    "NotRetryable",
+    "SrUnavailable",
     "TooLarge",
+    "Unauthorized",
     "Unavailable",
     "Undecodable",
     "UnsafePath",
@@ -65,11 +98,16 @@ class GatewayError(Exception):
     """Stable, machine-readable code; clients switch on this, never on the message."""
     http_status: ClassVar[int] = 500
     """HTTP status the API answers with when this error fails a whole request."""
+    retry_after_s: int | None = None
+    """Seconds the client should wait before trying again (``Retry-After``), when trying again may help."""
 
     def __init__(self, message: str, *, filename: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.filename = filename
+
+    def __str__(self) -> str:  # KeyError subclasses would quote it
+        return self.message
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON body of an error response: ``reason``, ``message`` and ``filename``."""
@@ -77,6 +115,10 @@ class GatewayError(Exception):
         if self.filename is not None:
             body["filename"] = self.filename
         return body
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers of the error response (``Retry-After`` when :attr:`retry_after_s` is set)."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class InvalidInput(GatewayError, ValueError):
@@ -180,11 +222,137 @@ class MixedStudies(InvalidInput):
     http_status = 422
 
 
+class Unauthorized(GatewayError):
+    """No credential, or one that is refused (unknown key, bad or expired token).
+
+    Parameters
+    ----------
+    message : str
+        Why the credential is refused (safe to show the client).
+    error : str | None
+        The RFC 6750 ``error`` of the ``WWW-Authenticate`` challenge; None when no credential was sent.
+    """
+
+    reason = "unauthorized"
+    http_status = 401
+
+    def __init__(self, message: str, *, error: str | None = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="ctscreen"' + (f', error="{self.error}"' if self.error else "")
+        return {"WWW-Authenticate": challenge}
+
+
+class InsufficientScope(GatewayError):
+    """A valid credential without the scope the route needs.
+
+    Parameters
+    ----------
+    message : str
+        Which scope is needed and which the credential has.
+    scope : str
+        The scope the route needs (named in the ``WWW-Authenticate`` challenge).
+    """
+
+    reason = "insufficient_scope"
+    http_status = 403
+
+    def __init__(self, message: str, *, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{self.scope}"'}
+
+
+class NotFound(GatewayError, KeyError):
+    """Nothing under that name (a job, a study, a destination, a route)."""
+
+    reason = "not_found"
+    http_status = 404
+
+
+class JobNotFound(NotFound):
+    """No job (or no result for a study) under that identifier."""
+
+
+class NoSuchSlice(NotFound):
+    """The job has no slice under that index."""
+
+    reason = "no_such_slice"
+
+
+class Conflict(GatewayError):
+    """The request does not fit the current state of what it names."""
+
+    reason = "conflict"
+    http_status = 409
+
+
+class NotDone(Conflict):
+    """The job is not done yet: what was asked exists only once it is."""
+
+    reason = "not_done"
+
+
+class NotRetryable(Conflict):
+    """Only a failed job whose instances are still kept can be queued again."""
+
+    reason = "not_retryable"
+
+
+class NotResendable(Conflict):
+    """The delivery is being sent, or was delivered already (without ``force``)."""
+
+    reason = "not_resendable"
+
+
+class SrUnavailable(Conflict):
+    """No DICOM SR can be made for the job (its image headers are missing or unusable)."""
+
+    reason = "sr_unavailable"
+
+
+class InstancesExpired(GatewayError):
+    """The job's images are no longer kept (retention); its result is."""
+
+    reason = "instances_expired"
+    http_status = 410
+
+
+class Busy(GatewayError, RuntimeError):
+    """Too many studies are active; the client should retry after ``retry_after_s`` seconds.
+
+    Parameters
+    ----------
+    message : str
+        What is full.
+    retry_after_s : int
+        The ``Retry-After`` of the answer.
+    """
+
+    reason = "busy"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(GatewayError, RuntimeError):
-    """A dependency (Triton) cannot serve now; the client may retry later."""
+    """A dependency (Triton, the state or blob store) cannot serve now; the client may retry later."""
 
     reason = "unavailable"
     http_status = 503
+
+
+class AuthUnavailable(Unavailable):
+    """Credentials cannot be checked now (identity provider unreachable, API key file unreadable)."""
+
+    reason = "auth_unavailable"
+    retry_after_s = 5
 
 
 def _all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
@@ -194,5 +362,6 @@ def _all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
     return out
 
 
-REASONS: dict[str, type[GatewayError]] = {c.reason: c for c in _all_subclasses(GatewayError)}
-"""Every reason code this module defines, mapped to its class (for docs and the HTTP mapping)."""
+REASONS: dict[str, type[GatewayError]] = {c.reason: c for c in reversed(_all_subclasses(GatewayError))}
+"""Every reason code this module defines, mapped to its class (for docs and the HTTP mapping); a code
+two classes share (``not_found``) maps to the more general one."""

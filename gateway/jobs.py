@@ -1,4 +1,4 @@
-"""Jobs as the API shows them: states, views and the two job errors.
+"""Jobs as the API shows them: states and views (the job errors live in :mod:`gateway.errors`).
 
 A job screens one complete study version. Its state lives in the state store (:mod:`gateway.store`),
 never only in memory; any replica answers for it. A job goes::
@@ -22,29 +22,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
-
-
-class Busy(RuntimeError):
-    """Too many studies are active; the client should retry after ``retry_after_s`` seconds."""
-
-    reason = "busy"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class JobNotFound(KeyError):
-    """No job (or no result for a study) under that identifier."""
-
-    reason = "not_found"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+from gateway.errors import Busy as Busy  # re-exported: the API's job errors
+from gateway.errors import JobNotFound as JobNotFound
 
 
 class JobState(StrEnum):

@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from ctscreen import __version__
 from gateway import security
 from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.metrics import Metrics
 from gateway.screening import Loader, Screener
-from gateway.settings import Settings
+from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake
@@ -103,9 +104,9 @@ def create_app(
         scp = start_from_settings(settings, intake, metrics, audit=app.state.audit,  # None unless CTSCREEN_DICOM_PORT
                                   backlog=lambda: sweeper.counts[2])
         app.state.dicom_scp = scp
-        from gateway.discovery import start_from_env
+        from gateway.discovery import start_discovery
 
-        discovery = start_from_env(pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
+        discovery = start_discovery(settings, pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
         logger.info("gateway up: Triton endpoints %s, model %s", pool.endpoints, settings.triton_model)
         try:
             yield
@@ -143,5 +144,12 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """The app configured from ``CTSCREEN_*`` variables (for ``uvicorn --factory``)."""
-    return create_app(Settings())
+    """The app configured from ``CTSCREEN_*`` variables (for ``uvicorn --factory``, as the Helm chart runs it).
+
+    A bad setting stops the process at start with one line naming its variable, not a traceback.
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
+    return create_app(settings)

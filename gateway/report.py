@@ -12,9 +12,12 @@ import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator.schema import CaseResult
+
+if TYPE_CHECKING:
+    pass
 
 logger = logging.getLogger(__name__)
 

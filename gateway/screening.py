@@ -20,18 +20,17 @@ from typing import Any
 
 from aggregator.case import CaseRule, case_result
 from aggregator.schema import CaseResult, ModelInfo, Timings
+from gateway.ingest import PreparedStudy, load_study
 from gateway.metrics import Metrics
 from gateway.report import SrContext
 from gateway.triton_pool import TritonPool
 
-Loader = Callable[[Sequence[tuple[str, bytes]]], Any]
+Loader = Callable[[Sequence[tuple[str, bytes]]], PreparedStudy]
 """``sources -> PreparedStudy`` (default :func:`gateway.ingest.load_study`)."""
 
 
 def _ingest_loader(workers: int) -> Loader:
-    from gateway.ingest import load_study
-
-    def load(sources: Sequence[tuple[str, bytes]]) -> Any:
+    def load(sources: Sequence[tuple[str, bytes]]) -> PreparedStudy:
         return load_study(sources, workers=workers)
 
     return load
@@ -41,23 +40,22 @@ def _ingest_loader(workers: int) -> Loader:
 class Prepared:
     """A decoded study, ready for Triton."""
 
-    study: Any
-    """A :class:`gateway.ingest.PreparedStudy` (or what the app's loader returns in its place)."""
+    study: PreparedStudy
     sr_context: SrContext | None
     ingest_s: float
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def study_instance_uid(self) -> str:
-        return str(self.study.study_instance_uid)
+        return self.study.study_instance_uid
 
     @property
     def series_instance_uid(self) -> str:
-        return str(self.study.series_instance_uid)
+        return self.study.series_instance_uid
 
     @property
     def n_slices(self) -> int:
-        return len(self.study.slices)
+        return self.study.n_slices
 
 
 class Screener:
@@ -105,7 +103,7 @@ class Screener:
         self.metrics.stage.labels("decode").observe(ingest_s)
         for r in (*study.rejected, *study.excluded):
             self.metrics.error(str(r.reason))
-        return Prepared(study, getattr(study, "sr_context", None), ingest_s)
+        return Prepared(study, study.sr_context, ingest_s)
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
                      on_batch: Callable[[int], None] | None = None,

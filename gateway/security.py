@@ -16,13 +16,14 @@ from fastapi import FastAPI
 from gateway.admission import Admission
 from gateway.audit import AuditLog, AuditMiddleware
 from gateway.auth import Authenticator, check_exposure
+from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["install", "start_metrics_port"]
 
 
-def install(app: FastAPI, settings: Any) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Check the exposure (auth required off loopback) and attach auth, admission and audit to ``app``.
 
     Raises
@@ -41,7 +42,7 @@ def install(app: FastAPI, settings: Any) -> None:
                        "loopback only" if not settings.auth_insecure else "--insecure")
 
 
-def start_metrics_port(settings: Any, registry: Any) -> Any:
+def start_metrics_port(settings: Settings, registry: Any) -> Any:
     """Serve the metrics on ``settings.metrics_port`` (same address as the API); returns a server to
     ``shutdown()``, or None when the metrics stay on the API port."""
     if settings.metrics_port is None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctscreen.contracts import ENSEMBLE_MODEL
@@ -50,6 +50,22 @@ def _secure_url(url: str) -> bool:
 
     parts = urlsplit(url)
     return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost"))
+def setting_error(exc: ValidationError) -> str:
+    """The first problem of ``exc`` in one line for the operator, naming its ``CTSCREEN_*`` variable.
+
+    >>> try:
+    ...     Settings(triton_grpc_port=0)
+    ... except ValidationError as exc:
+    ...     print(setting_error(exc))
+    CTSCREEN_TRITON_GRPC_PORT: Input should be greater than or equal to 1
+    """
+    first = exc.errors()[0]
+    loc, message = first.get("loc", ()), first.get("msg", "invalid")
+    if not loc:  # a rule across settings: its message names the variables
+        return message
+    return f"CTSCREEN_{str(loc[0]).upper()}: {message}"
+
+
 def default_data_dir() -> Path:
     """The user's data folder for ctscreen (``~/.local/share/ctscreen`` on Linux)."""
     from platformdirs import user_data_dir
@@ -83,6 +99,21 @@ class Settings(BaseSettings):
     default_slices_per_second: float = Field(
         15.0, gt=0, description="Per-replica rate assumed for backlog seconds until one is measured."
     )
+
+    # --- Triton discovery (gateway.discovery; the Helm chart sets these) -------------------------------
+    triton_discovery: Literal["static", "endpointslice", "dns"] = Field(
+        "static", description="static: keep triton_urls; endpointslice: watch the headless Service's "
+                              "EndpointSlices (DNS outside a cluster); dns: resolve the Service name.",
+    )
+    triton_service: str = Field(
+        "", validate_default=True, description="Headless Triton Service (needed unless discovery is static)."
+    )
+    triton_namespace: str = Field("", description="Namespace of that Service (default: the pod's own).")
+    triton_port_name: str = Field("grpc", min_length=1, description="Service port the EndpointSlices name.")
+    triton_grpc_port: int = Field(
+        8001, ge=1, le=65535, description="Triton gRPC port (when a slice does not name it; always for DNS)."
+    )
+    triton_dns_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between DNS resolutions.")
 
     # --- jobs and limits ---------------------------------------------------------------------
     max_concurrent_studies: int = Field(2, ge=1, le=256, description="Studies screened at once.")
@@ -181,6 +212,24 @@ class Settings(BaseSettings):
         None, ge=0, description="C-STORE answers 0xA700 while the blob folder's volume has less free space than this."
     )
 
+    @field_validator("triton_discovery", "triton_service", "triton_namespace", mode="before")
+    @classmethod
+    def _strip(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if info.field_name == "triton_discovery":
+                value = value.lower() or "static"
+        return value
+
+    @field_validator("triton_service")
+    @classmethod
+    def _check_service(cls, value: str, info: ValidationInfo) -> str:
+        mode = info.data.get("triton_discovery", "static")
+        if mode != "static" and not value:
+            raise ValueError(f"CTSCREEN_TRITON_DISCOVERY={mode} needs CTSCREEN_TRITON_SERVICE (the headless Triton "
+                             "Service).")
+        return value
+
     @field_validator("dicom_allowed_peers", "dicom_sop_classes", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
@@ -197,14 +246,15 @@ class Settings(BaseSettings):
         for name in ("auth_oidc_issuer", "auth_oidc_jwks_url"):
             url = getattr(self, name)
             if url and not _secure_url(url):
-                raise ValueError(f"{name} {url!r} must be an https:// URL (http:// only on loopback).")
+                raise ValueError(f"CTSCREEN_{name.upper()} {url!r} must be an https:// URL (http:// only on loopback).")
         if self.max_upload_bytes > self.upload_budget_bytes:
-            raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) must not exceed upload_budget_bytes "
-                             f"({self.upload_budget_bytes}): such an upload could never be admitted.")
+            raise ValueError(f"CTSCREEN_MAX_UPLOAD_BYTES ({self.max_upload_bytes}) must not exceed "
+                             f"CTSCREEN_UPLOAD_BUDGET_BYTES ({self.upload_budget_bytes}): such an upload could never "
+                             "be admitted.")
         if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
-            raise ValueError("dicom_tls_cert and dicom_tls_key go together.")
+            raise ValueError("CTSCREEN_DICOM_TLS_CERT and CTSCREEN_DICOM_TLS_KEY go together.")
         if self.dicom_tls_ca is not None and self.dicom_tls_cert is None:
-            raise ValueError("dicom_tls_ca (mutual TLS) needs dicom_tls_cert and dicom_tls_key.")
+            raise ValueError("CTSCREEN_DICOM_TLS_CA (mutual TLS) needs CTSCREEN_DICOM_TLS_CERT and CTSCREEN_DICOM_TLS_KEY.")
         parse_peers(self.dicom_allowed_peers)
         check_sop_classes(self.dicom_sop_classes)
         return self

@@ -53,7 +53,7 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
     """
     try:
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS)
+            ds: pydicom.Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS)
         except InvalidDicomError:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS, force=True)
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]

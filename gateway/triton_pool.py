@@ -20,11 +20,12 @@ slices of a study out to them:
 No grpc or tritonclient type leaves this module: failures become :class:`InferenceUnavailable`
 (no endpoint could serve the batch: HTTP 503) or :class:`InferenceFailed` (Triton refused the request).
 
-Errors::
+Errors (in the gateway's one tree, :mod:`gateway.errors`)::
 
-    RuntimeError
-    ├── InferenceUnavailable   reason "triton_unavailable"
-    └── InferenceFailed        reason "inference_failed"
+    GatewayError
+    ├── Unavailable
+    │   └── InferenceUnavailable   reason "triton_unavailable"   503, Retry-After
+    └── InferenceFailed            reason "inference_failed"     502
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 
 from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, HU_SLICES, LESION_BOXES, SLICE_SIZE, VALID_AREA_BOX
 from ctscreen.postprocess import unpack_outputs
+from gateway.errors import GatewayError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +63,18 @@ RETRYABLE = frozenset(
 _UNHEALTHY = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND"})
 
 
-class InferenceUnavailable(RuntimeError):
+class InferenceUnavailable(Unavailable):
     """No Triton endpoint could serve a request in time (every try failed or none is configured)."""
 
     reason = "triton_unavailable"
+    retry_after_s = 5
 
 
-class InferenceFailed(RuntimeError):
+class InferenceFailed(GatewayError, RuntimeError):
     """Triton answered a request with an error that another endpoint would answer the same way."""
 
     reason = "inference_failed"
+    http_status = 502
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +124,7 @@ def _grpc_client(url: str) -> Any:
     return grpcclient.InferenceServerClient(url=url)
 
 
-def _status(exc: BaseException) -> str:
+def _status(exc: BaseException | None) -> str:
     status = getattr(exc, "status", None)
     value = status() if callable(status) else status
     return str(value) if value else "StatusCode.UNKNOWN"

@@ -28,6 +28,7 @@ import stat
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO, cast
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -84,7 +85,7 @@ class UploadLimits:
             raise ValueError(f'Argument "max_ratio" must be > 1, got {self.max_ratio}.')
 
 
-def is_zip(data: bytes) -> bool:
+def is_zip(data: bytes | mmap.mmap) -> bool:
     """Return whether ``data`` starts like a zip archive."""
     return data[:4] in _ZIP_MAGIC
 
@@ -141,9 +142,10 @@ def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
         raise UnsafePath(f"Zip member {name!r} is a symbolic link.", filename=archive)
 
 
-def _iter_zip(filename: str, data: bytes, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
+def _iter_zip(filename: str, data: bytes | mmap.mmap, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
     try:
-        zf = zipfile.ZipFile(data if hasattr(data, "seek") else io.BytesIO(data))  # mmap: read in place
+        # a mmap is read in place: it reads, seeks and tells like a binary file (typeshed wants IO[bytes])
+        zf = zipfile.ZipFile(cast(IO[bytes], data) if isinstance(data, mmap.mmap) else io.BytesIO(data))
         infos = zf.infolist()
     except (
         zipfile.BadZipFile,

@@ -23,23 +23,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.screening import Prepared, Screener
+from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, Store
-from gateway.triton_pool import InferenceFailed, InferenceUnavailable
+from gateway.triton_pool import InferenceUnavailable
 
 logger = logging.getLogger(__name__)
 
 
 class LeaseLost(RuntimeError):
     """Another replica holds the job now; this one stops working on it."""
+
+
+@dataclass
+class _Progress:
+    """A running job's progress, written with the lease renewals."""
+
+    done: int = 0
+    state: JobState = JobState.decoding
+    dirty: bool = False
 
 
 class Worker:
@@ -53,7 +65,7 @@ class Worker:
         :class:`~gateway.settings.Settings` (concurrency, lease, back-off, deadline).
     """
 
-    def __init__(self, store: Store, blobs: BlobStore, screener: Screener, settings: Any) -> None:
+    def __init__(self, store: Store, blobs: BlobStore, screener: Screener, settings: Settings) -> None:
         self.store, self.blobs, self.screener, self.settings = store, blobs, screener, settings
         self._slots = asyncio.Semaphore(settings.max_concurrent_studies)
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -100,15 +112,15 @@ class Worker:
                 continue
             task = asyncio.get_running_loop().create_task(self._work(job), name=f"job-{job.id}")
             self._running[job.id] = task
-            task.add_done_callback(lambda _t, jid=job.id: self._done(jid))
+            task.add_done_callback(functools.partial(self._done, job.id))
 
-    def _done(self, job_id: str) -> None:
+    def _done(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._slots.release()
 
     async def _work(self, job: Claimed) -> None:
         s = self.settings
-        progress = {"done": 0, "state": JobState.decoding, "total": None, "series": None, "dirty": False}
+        progress = _Progress()
         me = asyncio.current_task()
         assert me is not None
 
@@ -116,24 +128,28 @@ class Worker:
             renewed = time.monotonic()
             while True:
                 await asyncio.sleep(s.progress_interval_s)
-                if not progress["dirty"] and time.monotonic() - renewed < s.lease_s / 3:
+                if not progress.dirty and time.monotonic() - renewed < s.lease_s / 3:
                     continue  # nothing to record, and the lease is young: no write
-                dirty, progress["dirty"] = progress["dirty"], False
-                kw = {"state": progress["state"], "slices_done": progress["done"]} if dirty else {}
+                dirty, progress.dirty = progress.dirty, False
                 renewed = time.monotonic()
-                if not await self.store.heartbeat(job.id, s.lease_s, **kw):
+                if dirty:
+                    held = await self.store.heartbeat(job.id, s.lease_s, state=progress.state,
+                                                      slices_done=progress.done)
+                else:
+                    held = await self.store.heartbeat(job.id, s.lease_s)
+                if not held:
                     logger.warning("job %s: lease lost; another replica holds it now", job.id)
                     me.cancel(msg="lease lost")
                     return
 
         async def set_state(state: JobState, **kw: Any) -> None:
-            progress["state"] = state
-            if not await self.store.heartbeat(job.id, s.lease_s, state=state, slices_done=progress["done"], **kw):
+            progress.state = state
+            if not await self.store.heartbeat(job.id, s.lease_s, state=state, slices_done=progress.done, **kw):
                 raise LeaseLost(job.id)
 
         def on_batch(n: int) -> None:
-            progress["done"] += n
-            progress["dirty"] = True
+            progress.done += n
+            progress.dirty = True
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
         try:
@@ -160,10 +176,8 @@ class Worker:
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = 0.0
-        except GatewayError as exc:
+        except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
-        except InferenceFailed as exc:
-            await self._fail(job, JobError(reason=exc.reason, message=str(exc)))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
             logger.exception("job %s failed", job.id)
             await self._fail(job, JobError(reason="internal",
@@ -216,7 +230,7 @@ class Sweeper:
 
     retention_every_s = 60.0
 
-    def __init__(self, store: Store, blobs: BlobStore, settings: Any,
+    def __init__(self, store: Store, blobs: BlobStore, settings: Settings,
                  before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store, self.blobs, self.settings = store, blobs, settings
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away

@@ -98,12 +98,13 @@ def write_study(study: Study, out_dir: str | Path, *, encoding: str = "explicit"
 
 def _write_dicom(study: Study, folder: Path, encoding: str, shuffle: bool, salt: str, uids: dict) -> list[dict]:
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
     z, rows, cols = study.hu.shape
     intercept = int(study.rescale_intercept)
     signed = study.pixel_representation == 1
     lo, hi = int(study.hu.min()) - intercept, int(study.hu.max()) - intercept
+    dtype: type[np.integer]
     if signed:
         dtype, bits_stored = np.int16, 16
         if lo < -32768 or hi > 32767:
@@ -174,7 +175,7 @@ def _write_dicom(study: Study, folder: Path, encoding: str, shuffle: bool, salt:
     for k in range(z):
         # one dataset, refilled per slice: only these elements differ between the files
         instance = z - k  # acquisition runs head to feet: instance 1 is the top slice
-        sop = _uid(study.seed, study.kind, salt, "sop", k)
+        sop = UID(_uid(study.seed, study.kind, salt, "sop", k))
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPInstanceUID = sop
@@ -249,7 +250,10 @@ def read_masks(path: str | Path) -> dict[str, np.ndarray]:
     p = Path(path)
     out = {}
     for name, dtype in (("lung", bool), ("lesion", bool), ("finding", np.uint8)):
-        arr = np.asarray(nib.load(p / "masks" / f"{name}.nii.gz").dataobj)
+        img = nib.load(p / "masks" / f"{name}.nii.gz")
+        if not isinstance(img, nib.Nifti1Image):
+            raise ValueError(f"{p / 'masks'}: {name}.nii.gz is not a NIfTI-1 image")
+        arr = np.asarray(img.dataobj)
         out[name] = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(dtype)
     return out
 

@@ -302,12 +302,12 @@ def bronchiectasis_findings(p: Patient, rng, step: float) -> list[Finding]:
             p0.append(a)
             p1.append(a + d * length)
             rad.append(rng.uniform(2.5, 5.0))
-        rad = np.array(rad)
+        radii = np.array(rad)
         wall_t = rng.uniform(1.3, 2.2)
         f = Finding("bronchiectasis", "cylindrical", False, side, 35.0,
-                    tubes=sample_segments(np.array(p0), np.array(p1), rad + wall_t, rad * 1.1 + wall_t, tag=8),
+                    tubes=sample_segments(np.array(p0), np.array(p1), radii + wall_t, radii * 1.1 + wall_t, tag=8),
                     tube_hu=float(rng.uniform(20.0, 50.0)),
-                    lumens=sample_segments(np.array(p0), np.array(p1), rad, rad * 1.1, tag=9), lumen_hu=-1000.0)
+                    lumens=sample_segments(np.array(p0), np.array(p1), radii, radii * 1.1, tag=9), lumen_hu=-1000.0)
         out.append(f)
     return out
 

@@ -36,7 +36,7 @@ def montage(study, *, n: int = 12, cols: int = 4, outline: bool = True, size: in
                                  (study.finding_mask[k] > 0, (255, 220, 0))):
                 edge = mask & ~erode(mask)
                 rgb[edge] = colour
-        im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+        im = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
         r, c = divmod(i, cols)
         canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = np.asarray(im)
     return canvas

@@ -327,7 +327,7 @@ class Renderer:
         tx = np.linspace(14.0, 34.0, 10)
         xs = [[0.0], [0.0], [0.0], [0.0], [0.0], np.zeros_like(sp), -tx, tx]
         ys = [[vy], [vy], [ccy], [ccy], [ccy], sp, ccy - 2.0 + tx * 0.25, ccy - 2.0 + tx * 0.25]
-        rs = [[vr], [vr - 2.2 if not disc else 0.0], [14.0], [12.0], [8.5], np.full(10, 5.0), np.full(10, 5.0), np.full(10, 5.0)]
+        rs: list[list[float] | np.ndarray] = [[vr], [vr - 2.2 if not disc else 0.0], [14.0], [12.0], [8.5], np.full(10, 5.0), np.full(10, 5.0), np.full(10, 5.0)]
         vs = [HU["disc"] if disc else HU["cortical"], HU["marrow"], HU["cortical"], HU["marrow"], HU["csf"],
               HU["cortical"], HU["cortical"], HU["cortical"]]
         vals = np.concatenate([np.full(len(r), v, np.float32) for r, v in zip(rs, vs, strict=True)])
@@ -380,6 +380,7 @@ class Renderer:
     # ---- findings -----------------------------------------------------------------------------
     def _paint_finding(self, hu, lung, lesion, finding, fd: Finding, za, s):
         if fd.name == "bacterial":
+            assert fd.z_range is not None and fd.lobe is not None  # a bacterial finding has both
             if not (fd.z_range[0] <= za <= fd.z_range[1]):
                 return
             x = self.xs[None, :]

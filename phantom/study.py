@@ -79,7 +79,8 @@ class Study:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)
+        z, rows, cols = self.hu.shape
+        return int(z), int(rows), int(cols)
 
     @property
     def orientation(self) -> tuple[float, ...]:
@@ -328,8 +329,7 @@ def sample_geometry(p: Patient, rng: np.random.Generator, n_slices, matrix, ov) 
         shape = (512, int(rng.integers(400, 481)))
     if matrix is not None:
         shape = (int(matrix), int(matrix))
-    shape = tuple(int(v) for v in ov.get("shape", shape))
-    rows, cols = shape
+    rows, cols = (int(v) for v in ov.get("shape", shape))
     fov = (2.0 * p.body_a * 0.98 + 40.0) * rng.uniform(1.0, 1.12)
     ps = round(float(np.clip(fov / max(rows, cols), 0.55, 0.9)), 6)
     if min(rows, cols) < 400:  # small matrices used in tests: keep the whole chest in view

@@ -54,7 +54,8 @@ class SphereCloud:
         return self.x[lo:hi][keep], self.y[lo:hi][keep], np.sqrt(rr[keep]), self.tag[lo:hi][keep]
 
 
-def sample_segments(p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray, tag: int | np.ndarray = 0) -> SphereCloud:
+def sample_segments(p0: np.ndarray, p1: np.ndarray, r0: float | np.ndarray, r1: float | np.ndarray,
+                    tag: int | np.ndarray = 0) -> SphereCloud:
     """Spheres along straight segments ``p0 -> p1`` (arrays [N, 3]) with radius tapering r0 -> r1."""
     p0 = np.asarray(p0, np.float32).reshape(-1, 3)
     p1 = np.asarray(p1, np.float32).reshape(-1, 3)

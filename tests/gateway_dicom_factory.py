@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -62,7 +64,7 @@ def ct_dataset(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid) if sop_uid else generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID = CTImageStorage
@@ -121,7 +123,7 @@ def make_series(
     series_uid: str | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
     seed: int = 0,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> list[tuple[str, bytes, np.ndarray, float]]:
     """``n`` slices along the orientation's normal: ``(filename, bytes, hu, position_mm)`` each."""
     study_uid = study_uid or generate_uid()
@@ -143,6 +145,6 @@ def make_series(
             series_uid=series_uid,
             instance_number=i + 1,
             **kwargs,
-        )  # type: ignore[arg-type]
+        )
         out.append((f"s{i:04d}.dcm", to_bytes(ds, transfer_syntax), hu, d))
     return out

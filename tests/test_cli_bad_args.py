@@ -102,6 +102,31 @@ def test_a_bad_or_unreachable_database_gives_one_line_without_its_password(argv,
     assert "s3cret" not in p.stderr + p.stdout
 
 
+# a bad Triton discovery setting stops serve at start, before Triton: (environment, the expected error line)
+DISCOVERY_CASES = [
+    ({"CTSCREEN_TRITON_DISCOVERY": "consul"},
+     "CTSCREEN_TRITON_DISCOVERY: Input should be 'static', 'endpointslice' or 'dns'"),
+    ({"CTSCREEN_TRITON_DISCOVERY": "dns"}, "CTSCREEN_TRITON_SERVICE: Value error, CTSCREEN_TRITON_DISCOVERY=dns needs"),
+    ({"CTSCREEN_TRITON_GRPC_PORT": "grpc"}, "CTSCREEN_TRITON_GRPC_PORT: Input should be a valid integer"),
+    ({"CTSCREEN_TRITON_DNS_INTERVAL_S": "-1"}, "CTSCREEN_TRITON_DNS_INTERVAL_S: Input should be greater than 0"),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), DISCOVERY_CASES, ids=[next(iter(c[0])) for c in DISCOVERY_CASES])
+def test_a_bad_discovery_setting_stops_serve_in_one_line(env, expected):
+    free = _free_port()
+    _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"], env=env), expected)
+
+
+@pytest.mark.parametrize(("env", "expected"), DISCOVERY_CASES[:2], ids=[next(iter(c[0])) for c in DISCOVERY_CASES[:2]])
+def test_a_bad_discovery_setting_stops_the_charts_gateway_in_one_line(env, expected):
+    """The chart runs ``uvicorn --factory gateway.main:app_from_env``: same one line, no traceback."""
+    argv = ["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(_free_port())]
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env={**os.environ, **env})
+    _one_clear_line(p, expected)
+
+
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[_id(c) for c in CASES])
 def test_bad_arguments_give_one_clear_line(argv, expected, tmp_path, taken_port):
     fill = {"tmp": str(tmp_path), "free": _free_port(), "taken": taken_port}

@@ -22,16 +22,19 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from kubernetes import client, watch
+from pydantic import ValidationError
 
 from gateway.discovery import (
+    NAMESPACE_FILE,
     DiscoveryConfigError,
     DnsDiscovery,
     EndpointSliceDiscovery,
     EndpointSliceState,
     ready_addresses,
     resolve_all,
-    start_from_env,
+    start_discovery,
 )
+from gateway.settings import Settings
 from gateway.triton_pool import TritonPool
 
 NS, SVC = "screening", "ctscreen-triton-headless"
@@ -357,9 +360,8 @@ def test_updates_reach_a_real_pool_on_its_event_loop():
         async def scenario() -> list[list[str]]:
             pool = TritonPool([])
             seen = []
-            discovery = start_from_env(
-                pool, {"CTSCREEN_TRITON_DISCOVERY": "endpointslice", "CTSCREEN_TRITON_SERVICE": SVC,
-                       "CTSCREEN_TRITON_NAMESPACE": NS}, api=api_for(server))
+            settings = Settings(triton_discovery="endpointslice", triton_service=SVC, triton_namespace=NS)
+            discovery = start_discovery(settings, pool, api=api_for(server))
             assert isinstance(discovery, EndpointSliceDiscovery)
             try:
                 for want in ([f"{A}:8001", f"{B}:8001"], [f"{B}:8001"]):
@@ -421,9 +423,9 @@ def test_from_env_outside_a_cluster_falls_back_to_dns(monkeypatch):
 
     async def scenario():
         pool = TritonPool([])
-        discovery = start_from_env(pool, {"CTSCREEN_TRITON_DISCOVERY": "endpointslice",
-                                          "CTSCREEN_TRITON_SERVICE": SVC, "CTSCREEN_TRITON_NAMESPACE": NS,
-                                          "CTSCREEN_TRITON_GRPC_PORT": "9001"}, resolver=resolver)
+        settings = Settings(triton_discovery="endpointslice", triton_service=SVC, triton_namespace=NS,
+                            triton_grpc_port=9001)
+        discovery = start_discovery(settings, pool, resolver=resolver)
         assert isinstance(discovery, DnsDiscovery)
         for _ in range(100):
             if pool.endpoints:
@@ -437,18 +439,46 @@ def test_from_env_outside_a_cluster_falls_back_to_dns(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("env", "message"),
+    ("env", "variable", "message"),
     [
-        ({"CTSCREEN_TRITON_DISCOVERY": "consul"}, "must be one of static, endpointslice, dns"),
-        ({"CTSCREEN_TRITON_DISCOVERY": "dns"}, "needs CTSCREEN_TRITON_SERVICE"),
+        ({"CTSCREEN_TRITON_DISCOVERY": "consul"}, "CTSCREEN_TRITON_DISCOVERY", "'static', 'endpointslice' or 'dns'"),
+        ({"CTSCREEN_TRITON_DISCOVERY": "dns"}, "CTSCREEN_TRITON_SERVICE", "needs CTSCREEN_TRITON_SERVICE"),
         ({"CTSCREEN_TRITON_DISCOVERY": "dns", "CTSCREEN_TRITON_SERVICE": SVC,
-          "CTSCREEN_TRITON_GRPC_PORT": "grpc"}, "CTSCREEN_TRITON_GRPC_PORT"),
+          "CTSCREEN_TRITON_GRPC_PORT": "grpc"}, "CTSCREEN_TRITON_GRPC_PORT", "valid integer"),
+        ({"CTSCREEN_TRITON_GRPC_PORT": "70000"}, "CTSCREEN_TRITON_GRPC_PORT", "less than or equal to 65535"),
+        ({"CTSCREEN_TRITON_DNS_INTERVAL_S": "0"}, "CTSCREEN_TRITON_DNS_INTERVAL_S", "greater than 0"),
+        ({"CTSCREEN_TRITON_PORT_NAME": ""}, "CTSCREEN_TRITON_PORT_NAME", "at least 1 character"),
     ],
 )
-def test_from_env_rejects_bad_settings(env, message):
-    with pytest.raises(DiscoveryConfigError, match=message):
-        start_from_env(RecordingPool(), env)
+def test_settings_reject_bad_discovery_values(env, variable, message, monkeypatch):
+    """Every discovery variable is read and checked by Settings, at start, naming the variable."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    first = info.value.errors()[0]
+    assert "CTSCREEN_" + "_".join(str(p) for p in first["loc"]).upper() == variable
+    assert message in first["msg"]
+
+
+def test_discovery_settings_are_read_from_the_environment(monkeypatch):
+    for name, value in {"CTSCREEN_TRITON_DISCOVERY": " DNS ", "CTSCREEN_TRITON_SERVICE": f" {SVC} ",
+                        "CTSCREEN_TRITON_NAMESPACE": NS, "CTSCREEN_TRITON_PORT_NAME": "grpc-alt",
+                        "CTSCREEN_TRITON_GRPC_PORT": "9001", "CTSCREEN_TRITON_DNS_INTERVAL_S": "2.5"}.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert (s.triton_discovery, s.triton_service, s.triton_namespace, s.triton_port_name, s.triton_grpc_port,
+            s.triton_dns_interval_s) == ("dns", SVC, NS, "grpc-alt", 9001, 2.5)
+    monkeypatch.setenv("CTSCREEN_TRITON_DISCOVERY", "")  # the chart may render an empty value: static
+    assert Settings().triton_discovery == "static"
+
+
+@pytest.mark.skipif(NAMESPACE_FILE.exists(), reason="runs in a pod: its namespace is known")
+def test_endpointslices_in_a_cluster_need_a_namespace():
+    settings = Settings(triton_discovery="endpointslice", triton_service=SVC)
+    with pytest.raises(DiscoveryConfigError, match="CTSCREEN_TRITON_NAMESPACE"):
+        start_discovery(settings, RecordingPool(), api=object())
 
 
 def test_static_mode_starts_nothing():
-    assert start_from_env(RecordingPool(), {}) is None
+    assert start_discovery(Settings(), RecordingPool()) is None

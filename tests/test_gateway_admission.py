@@ -125,5 +125,5 @@ def test_chunked_and_stow_bodies_are_budgeted(tmp_path):
 
 
 def test_budget_must_hold_the_largest_upload():
-    with pytest.raises(ValueError, match="upload_budget_bytes"):
+    with pytest.raises(ValueError, match="CTSCREEN_UPLOAD_BUDGET_BYTES"):
         Settings(upload_budget_bytes=1 * MiB, max_upload_bytes=2 * MiB)

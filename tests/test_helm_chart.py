@@ -364,8 +364,8 @@ def test_gateway_role_may_only_read_endpointslices(rendered):
 
 @pytest.mark.parametrize("value_set", ["default", "production"])
 def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value_set, monkeypatch):
-    """The chart's CTSCREEN_* variables parse in gateway.settings.Settings and gateway.discovery."""
-    from gateway.discovery import DnsDiscovery, start_from_env
+    """The chart's CTSCREEN_* variables parse in gateway.settings.Settings, discovery included."""
+    from gateway.discovery import DnsDiscovery, start_discovery
     from gateway.settings import Settings
 
     gateway = find(rendered[value_set], "Deployment", "-gateway")
@@ -393,7 +393,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
             seen.append((host, port))
             return []
 
-        discovery = start_from_env(_Null(), env, resolver=resolver)
+        discovery = start_discovery(settings, _Null(), resolver=resolver)
         await asyncio.sleep(0.05)
         await discovery.close()
         return discovery, seen

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,8 @@ HARD = ("bacterial", "bowel_gas", "bronchiectasis", "emphysema", "nodule", "stom
 
 def _scores(run: ReferencePipeline, volumes, cutoffs) -> dict:
     """Per cut-off: truth-positive slices hit, false boxes, boxes, and hard-negative slices boxed."""
-    acc = {t: {"pos": 0, "hit": 0, "boxes": 0, "false": 0, "slices": 0, "fp": {}} for t in cutoffs}
+    acc: dict[float, dict[str, Any]] = {
+        t: {"pos": 0, "hit": 0, "boxes": 0, "false": 0, "slices": 0, "fp": {}} for t in cutoffs}
     for vol in volumes:
         _, valid, prob = run.run(vol.hu, maps=True)
         real = vol.meta.get("source") == "real-ct"

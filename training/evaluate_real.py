@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -181,7 +182,8 @@ def _served_slice(path: Path) -> np.ndarray:
 def dicom_section(run: ReferencePipeline, root: Path) -> dict:
     """Real HU slices: boxes and valid area on lungs without COVID-19 and on an abdomen, and the
     window estimate's error on the chest slices windowed here."""
-    rows, errors = [], []
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     for group, names in (("normal_chest", REAL_NORMAL_CHEST), ("abdomen", REAL_ABDOMEN)):
         for name in names:
             hu = _dicom_hu(root / name)

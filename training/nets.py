@@ -88,6 +88,10 @@ class HUSegmenter(nn.Module):
         Architecture, input size and HU window.
     """
 
+    w_lo: torch.Tensor  # buffers (register_buffer in __init__)
+    w_scale: torch.Tensor
+    logit_offset: torch.Tensor
+
     def __init__(self, spec: NetSpec) -> None:
         super().__init__()
         if SLICE_SIZE % spec.input_size:

@@ -179,19 +179,23 @@ def _volumes(cfg: TrainConfig, split: str, source: Source | None = None) -> Iter
         else:
             seed0, n = datasets.PHANTOM_VAL_SEED0 + cfg.seed * 10_000, cfg.val_studies
         return datasets.phantom_volumes(n, seed0, n_slices=cfg.slices)
+    path = source.path
+    if path is None:
+        raise datasets.DataError(f"source {source.kind!r} names no folder.")
     if source.kind == "phantom-dir":
-        cases = sorted(p.parent for p in source.path.rglob("manifest.json"))
-        load = datasets.load_phantom_dir
-    else:
-        cases = datasets.nifti_cases(source.path)
-        load = lambda case: datasets.load_nifti_case(*case)  # noqa: E731
-    if not cases:
-        raise datasets.DataError(f"{source.path}: no studies found.")
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(cases))
-    n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
-    pick = order[:n_val] if split == "val" else order[n_val:] if n_val else order
-    return (load(cases[i]) for i in pick)
+        dirs = sorted(p.parent for p in path.rglob("manifest.json"))
+        return (datasets.load_phantom_dir(dirs[i]) for i in _split_order(len(dirs), path, cfg.seed, split))
+    cases = datasets.nifti_cases(path)
+    return (datasets.load_nifti_case(*cases[i]) for i in _split_order(len(cases), path, cfg.seed, split))
+
+
+def _split_order(n: int, path: Path, seed: int, split: str) -> np.ndarray:
+    """Indices of the ``split`` studies of the ``n`` under ``path``: a tenth (at least one) for validation."""
+    if not n:
+        raise datasets.DataError(f"{path}: no studies found.")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, n // 10) if n > 1 else 0
+    return order[:n_val] if split == "val" else order[n_val:] if n_val else order
 
 
 def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) -> dict:

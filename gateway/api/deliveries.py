@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from gateway.api.deps import StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
+from gateway.errors import NotFound, NotResendable
 
 # reading deliveries needs results:read, a re-send studies:write (admin implies both), as for the jobs
 router = APIRouter(prefix="/v1/jobs", tags=["deliveries"], responses=AUTH_RESPONSES)
@@ -44,7 +45,7 @@ def _view(task: Any) -> DeliveryView:
                         delivered_at=_ts(task.delivered_at), history=list(task.history))
 
 
-_NOT_FOUND = {404: {"description": "no such job, or no delivery of it to that destination"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job, or no delivery of it to that destination"}}
 
 
 @router.get("/{job_id}/deliveries", response_model=list[DeliveryView], summary="Deliveries of a job's result",
@@ -64,13 +65,11 @@ async def resend(job_id: str, destination: str, request: Request, store: StoreDe
     await store.job(checked_job_id(job_id))  # 404
     deliverer = request.app.state.deliverer
     if destination not in deliverer.destinations:
-        raise HTTPException(404, detail={"reason": "not_found",
-                                         "message": f"No destination {destination!r} is configured; known: "
-                                                    f"{sorted(deliverer.destinations)}."})
+        raise NotFound(f"No destination {destination!r} is configured; known: {sorted(deliverer.destinations)}.")
     try:
         task = await deliverer.tasks.resend(job_id, destination, deliverer.destinations[destination].kind,
                                            force=force)
     except ValueError as exc:
-        raise HTTPException(409, detail={"reason": "not_resendable", "message": str(exc)}) from None
+        raise NotResendable(str(exc)) from None
     return JSONResponse(_view(task).model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{job_id}/deliveries"})

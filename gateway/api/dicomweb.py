@@ -128,7 +128,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     return _dicom_json(status, body_json, studies)
 
 
-_RESPONSES = {
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "every instance stored", "content": {DICOM_JSON: {}}},
     202: {"description": "some instances stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},
     409: {"description": "no instance stored, see FailedSOPSequence", "content": {DICOM_JSON: {}}},

@@ -1,8 +1,10 @@
 """Every error the gateway raises, mapped to an HTTP answer in this one place.
 
 The body is always JSON ``{"reason": <code>, "message": <sentence>, ...}``; clients switch on
-``reason``. Client mistakes get their specific 4xx; an unavailable Triton gets 503 with
-``Retry-After``; an unexpected exception is logged and answered 503 ``internal_error`` as a last resort.
+``reason``. One handler answers every :class:`gateway.errors.GatewayError` with its status, body and
+headers (``Retry-After``, ``WWW-Authenticate``); the others only translate what the framework raises
+itself (a request that does not match the API, an unknown route). An unexpected exception is logged
+and answered 503 ``internal_error`` as a last resort.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import REASONS, GatewayError, NoUsableSeries
-from gateway.jobs import Busy, JobNotFound
-from gateway.triton_pool import InferenceFailed, InferenceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -52,26 +52,7 @@ def install(app: FastAPI) -> None:
                 body = {**body, "reason": only.reason, "message": f"{exc.message} {exc.rejected[0][2]}"}
                 status = only.http_status
         count(request, body["reason"])
-        return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(Busy)
-    async def _busy(request: Request, exc: Busy) -> JSONResponse:
-        count(request, exc.reason)
-        return error_response(429, exc.reason, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
-
-    @app.exception_handler(JobNotFound)
-    async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
-        return error_response(404, exc.reason, exc.message)
-
-    @app.exception_handler(InferenceUnavailable)
-    async def _unavailable(request: Request, exc: InferenceUnavailable) -> JSONResponse:
-        count(request, exc.reason)
-        return error_response(503, exc.reason, str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(InferenceFailed)
-    async def _failed(request: Request, exc: InferenceFailed) -> JSONResponse:
-        count(request, exc.reason)
-        return error_response(502, exc.reason, str(exc))
+        return JSONResponse(body, status_code=status, headers=exc.headers() or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

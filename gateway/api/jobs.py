@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.api.deps import SettingsDep, StoreDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.jobs import TERMINAL, JobNotFound, JobState, JobView
+from gateway.errors import JobNotFound, NotRetryable
+from gateway.jobs import TERMINAL, JobState, JobView
 from gateway.store import Store
 from gateway.uids import is_job_id
 
@@ -19,7 +21,7 @@ from gateway.uids import is_job_id
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 
 
-_NOT_FOUND = {404: {"description": "no such job (unknown id, or deleted by retention)"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job (unknown id, or deleted by retention)"}}
 
 
 def checked_job_id(job_id: str) -> str:
@@ -43,7 +45,7 @@ async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, _: Writ
     try:
         view = await store.retry(checked_job_id(job_id), settings.job_deadline_s)
     except ValueError as exc:
-        raise HTTPException(409, detail={"reason": "not_retryable", "message": str(exc)}) from None
+        raise NotRetryable(str(exc)) from None
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import MetricsDep, PoolDep, SettingsDep
+from gateway.errors import NotFound
 
 router = APIRouter(tags=["operations"])
 
@@ -39,5 +40,5 @@ async def readyz(request: Request, pool: PoolDep) -> JSONResponse:
 async def metrics(metrics: MetricsDep, settings: SettingsDep) -> Response:
     """The gateway's metrics in the Prometheus text format (here unless ``CTSCREEN_METRICS_PORT`` is set)."""
     if settings.metrics_port is not None:
-        raise HTTPException(404, detail={"reason": "not_found", "message": "Metrics are on their own port."})
+        raise NotFound("Metrics are on their own port.")
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

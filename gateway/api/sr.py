@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from gateway.api.deps import StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.auth import AUTH_RESPONSES, results_read
+from gateway.errors import NotDone, SrUnavailable
 from gateway.jobs import JobState
 from gateway.report import SrContext, encode_sr
 
@@ -29,19 +30,15 @@ async def job_sr(job_id: str, store: StoreDep) -> Response:
     """The verdict, the case-rule evidence and its lesion boxes as a DICOM Part 10 SR file."""
     view = await store.job(checked_job_id(job_id))  # JobNotFound -> 404 (malformed ids before the store)
     if view.state != JobState.done or view.result is None:
-        raise HTTPException(409, detail={"reason": "not_done",
-                                         "message": f"Job {job_id} is {view.state.value}; its SR exists once done."})
+        raise NotDone(f"Job {job_id} is {view.state.value}; its SR exists once done.")
     stored = await store.sr_context(job_id)
     if stored is None:
-        raise HTTPException(409, detail={"reason": "sr_unavailable",
-                                         "message": f"The image headers of job {job_id} could not be read; "
-                                                    "no SR can be made for it."})
+        raise SrUnavailable(f"The image headers of job {job_id} could not be read; no SR can be made for it.")
     context = SrContext.from_json(stored)
     try:
         data = await run_in_threadpool(encode_sr, view.result, context)
     except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom cannot use
-        raise HTTPException(409, detail={"reason": "sr_unavailable",
-                                         "message": f"No SR for job {job_id}: {exc}"}) from exc
+        raise SrUnavailable(f"No SR for job {job_id}: {exc}") from exc
     uid = view.result.study_instance_uid
     return Response(data, media_type=DICOM,
                     headers={"Content-Disposition": f'attachment; filename="ctscreen-sr-{uid}.dcm"'})

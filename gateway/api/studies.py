@@ -120,7 +120,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
                                              settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
         except Exception:
-            for _, key, _ in keyed:  # not accepted: its blobs must not linger unreferenced
+            for _name, key, _data in keyed:  # not accepted: its blobs must not linger unreferenced
                 await run_in_threadpool(blobs.delete, key)
             raise
         del keyed

@@ -45,6 +45,13 @@ __all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestinat
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+ObjectKind = Literal["sr", "key_images"]
+"""What a DICOM destination can be sent: the SR, the key images."""
+
+
+def _every_object() -> list[ObjectKind]:
+    return ["sr", "key_images"]
+
 
 class DestinationsError(ValueError):
     """The destinations file is unreadable or invalid (one line, no secret in it)."""
@@ -94,7 +101,7 @@ class DicomDestination(_Base):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
     tls: Tls | None = None
-    objects: list[Literal["sr", "key_images"]] = Field(default_factory=lambda: ["sr", "key_images"], min_length=1)
+    objects: list[ObjectKind] = Field(default_factory=_every_object, min_length=1)
 
     @property
     def where(self) -> str:
@@ -132,7 +139,7 @@ class StowDestination(_Http):
     """A DICOMweb STOW-RS endpoint: ``url`` is the DICOMweb base (``.../studies`` is appended)."""
 
     kind: Literal["stowrs"]
-    objects: list[Literal["sr", "key_images"]] = Field(default_factory=lambda: ["sr", "key_images"], min_length=1)
+    objects: list[ObjectKind] = Field(default_factory=_every_object, min_length=1)
 
 
 class FhirDestination(_Http):

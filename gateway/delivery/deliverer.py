@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from gateway.delivery import payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.delivery.senders import SendError, send_dicom, send_fhir, send_stow
+from gateway.settings import Settings
 from gateway.store import BlobStore, Store, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
 
@@ -70,7 +71,7 @@ class Deliverer:
         The Prometheus registry of the app's metrics (None: no metrics).
     """
 
-    def __init__(self, store: Store, blobs: BlobStore, destinations: Sequence[Destination], settings: Any,
+    def __init__(self, store: Store, blobs: BlobStore, destinations: Sequence[Destination], settings: Settings,
                  registry: Any = None) -> None:
         self.store, self.blobs, self.settings = store, blobs, settings
         self.tasks = Deliveries(store)

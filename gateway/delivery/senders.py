@@ -114,7 +114,7 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
 
 async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.AsyncClient) -> list[str]:
     """POST each FHIR Bundle to the destination URL (a FHIR base: a transaction; or a webhook)."""
-    sent = []
+    sent: list[str] = []
     for ident, _, data in items:
         headers = {**dest.header_values(), "Content-Type": "application/fhir+json",
                    "Accept": "application/fhir+json"}

@@ -38,7 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.jobs import JobNotFound, JobState
+from gateway.errors import JobNotFound
+from gateway.jobs import JobState
 from gateway.store.models import Base, Instance, Job, Result
 from gateway.store.store import Store
 

@@ -34,14 +34,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    and_,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import Result as SqlResult
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
 from aggregator.schema import CaseResult
-from gateway.jobs import RUNNING, TERMINAL, JobError, JobNotFound, JobState, JobView
+from gateway.errors import JobNotFound
+from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
 from gateway.store.models import Event, Instance, Job, Result, Study
 
 logger = logging.getLogger(__name__)
@@ -258,7 +273,7 @@ class Store:
         if previous is not None:  # a late instance: the new version holds every instance of the study
             await s.execute(insert(Instance).from_select(
                 ["study_id", "sop_instance_uid", "filename", "blob_key", "nbytes", "received_at"],
-                select(study.id, Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
+                select(literal(study.id), Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
                        Instance.received_at).where(Instance.study_id == previous)))
             logger.info("study %s: instance after completion, opening version %d", uid, study.version)
         return study
@@ -497,7 +512,7 @@ class Store:
                 accepted_by=None, updated_at=now, slices_done=0))
             await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
                             .values(accepted_by=None))
-            return int(done.rowcount or 0)
+            return _rowcount(done)
 
     async def adopt(self) -> int:
         """Count the queued jobs no replica counts (released at another's shut-down) as this one's share.
@@ -507,7 +522,7 @@ class Store:
         async with self.tx() as s:
             done = await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by.is_(None))
                                    .values(accepted_by=self.owner))
-            return int(done.rowcount or 0)
+            return _rowcount(done)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
         """Queue a failed job again, with a fresh deadline.
@@ -597,7 +612,7 @@ class Store:
         A replica's share is the jobs it holds under a lease and the queued jobs it accepted, so the
         sum over replicas (what the autoscaler adds up) is the cluster's backlog.
         """
-        where = [Job.state.not_in(_TERMINAL)]
+        where: list[ColumnElement[bool]] = [Job.state.not_in(_TERMINAL)]
         if mine:
             where.append(or_(Job.lease_owner == self.owner,
                              and_(Job.state == JobState.queued.value, Job.accepted_by == self.owner)))
@@ -652,6 +667,11 @@ def _view(job: Job, result: Result | None = None) -> JobView:
 
 class _NotifyingSession(Session):
     """A PostgreSQL session that sends ``NOTIFY ctscreen`` with a commit that records a job event."""
+
+
+def _rowcount(result: SqlResult[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (an ORM session's execute returns a CursorResult for them)."""
+    return int(result.rowcount or 0) if isinstance(result, CursorResult) else 0
 
 
 @event.listens_for(_NotifyingSession, "before_flush")

@@ -221,10 +221,10 @@ class Worklist:
         async with self.store.read() as s:
             done_recent = int((await s.execute(select(func.count(Job.id)).where(
                 Job.state == JobState.done.value, Job.finished_at >= now - window_s))).scalar() or 0)
-            times = [float(r[0]) for r in await s.execute(
+            times = [float(t) for (t,) in await s.execute(
                 select(Job.finished_at - Job.created_at).where(Job.state == JobState.done.value,
                                                                Job.finished_at.is_not(None))
-                .order_by(Job.finished_at.desc()).limit(sample))]
+                .order_by(Job.finished_at.desc()).limit(sample)) if t is not None]
             failed = (await s.execute(select(Job.id, Job.finished_at, Job.error).where(
                 Job.state == JobState.failed.value, Job.finished_at.is_not(None))
                 .order_by(Job.finished_at.desc()).limit(failures))).all()

@@ -23,12 +23,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
+from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
 from gateway.jobs import JobState
 from gateway.store import Store
 from gateway.store.worklist import Worklist, WorklistRow
@@ -191,9 +192,7 @@ async def _done_result(web: WebState, store: Store, job_id: str) -> CaseResult:
         return cached
     view = await store.job(job_id)  # JobNotFound -> 404
     if view.state != JobState.done or view.result is None:
-        raise HTTPException(409, detail={"reason": "not_done",
-                                         "message": f"Job {job_id} is {view.state.value}; its slices are shown once "
-                                                    "it is done."})
+        raise NotDone(f"Job {job_id} is {view.state.value}; its slices are shown once it is done.")
     web.results.put(job_id, view.result)
     return view.result
 
@@ -211,16 +210,12 @@ async def slice_png(
     """Slice ``index`` (position order, as in the result) of the screened series, on its stored grid."""
     result = await _done_result(web, store, job_id)
     if not 0 <= index < len(result.slices):
-        raise HTTPException(404, detail={"reason": "no_such_slice",
-                                         "message": f"Job {job_id} has slices 0..{len(result.slices) - 1}; "
-                                                    f"there is no slice {index}."})
+        raise NoSuchSlice(f"Job {job_id} has slices 0..{len(result.slices) - 1}; there is no slice {index}.")
     finding = result.slices[index]
     try:
         source = (await web.series_of(job_id)).find(finding.sop_instance_uid, finding.position_mm)
     except InstancesGone:
-        raise HTTPException(410, detail={"reason": "instances_expired",
-                                         "message": f"The images of job {job_id} are no longer kept (retention); "
-                                                    "its result is."}) from None
+        raise InstancesExpired(f"The images of job {job_id} are no longer kept (retention); its result is.") from None
     etag = png_etag(job_id, index, window, source.blob_key)
     headers = {"ETag": etag, "Cache-Control": PNG_CACHE_CONTROL}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
@@ -231,8 +226,7 @@ async def slice_png(
         try:
             data = await asyncio.to_thread(web.blobs.get, source.blob_key)
         except FileNotFoundError:
-            raise HTTPException(410, detail={"reason": "instances_expired",
-                                             "message": f"The images of job {job_id} are no longer kept."}) from None
+            raise InstancesExpired(f"The images of job {job_id} are no longer kept.") from None
         png = await asyncio.to_thread(render_png, data, source.filename, source.frame, window)
         web.pngs.put(key, png)
     return Response(png, media_type="image/png", headers=headers)

@@ -1,0 +1,109 @@
+"""The gateway's one error tree (gateway.errors) and its one HTTP mapping (gateway.api.errors)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.admission import OverBudget
+from gateway.errors import (
+    REASONS,
+    AuthUnavailable,
+    Busy,
+    GatewayError,
+    InstancesExpired,
+    InsufficientScope,
+    JobNotFound,
+    NoSuchSlice,
+    NotDone,
+    NotFound,
+    NotResendable,
+    NotRetryable,
+    SrUnavailable,
+    Unauthorized,
+    Unavailable,
+)
+from gateway.main import create_app
+from gateway.settings import Settings
+from gateway.triton_pool import InferenceFailed, InferenceUnavailable
+from tests.gateway_app_fakes import FakeFleet
+
+# (error, status, reason, headers the answer must carry)
+ANSWERS = [
+    (Busy("Full.", 7), 429, "busy", {"retry-after": "7"}),
+    (OverBudget("Too many bytes in flight.", 3), 429, "over_budget", {"retry-after": "3"}),
+    (JobNotFound("No job 'x'."), 404, "not_found", {}),
+    (NotFound("No destination 'pacs'."), 404, "not_found", {}),
+    (NoSuchSlice("No slice 9."), 404, "no_such_slice", {}),
+    (InferenceUnavailable("No Triton endpoint answered."), 503, "triton_unavailable", {"retry-after": "5"}),
+    (InferenceFailed("Triton refused the batch."), 502, "inference_failed", {}),
+    (Unavailable("The blob store is full."), 503, "unavailable", {}),
+    (AuthUnavailable("Keys cannot be checked now."), 503, "auth_unavailable", {"retry-after": "5"}),
+    (Unauthorized("No credential.", error=None), 401, "unauthorized", {"www-authenticate": 'Bearer realm="ctscreen"'}),
+    (Unauthorized("Expired."), 401, "unauthorized",
+     {"www-authenticate": 'Bearer realm="ctscreen", error="invalid_token"'}),
+    (InsufficientScope("Needs admin.", scope="admin"), 403, "insufficient_scope",
+     {"www-authenticate": 'Bearer error="insufficient_scope", scope="admin"'}),
+    (NotDone("Job x is queued."), 409, "not_done", {}),
+    (NotRetryable("Job x is done."), 409, "not_retryable", {}),
+    (NotResendable("Being sent."), 409, "not_resendable", {}),
+    (SrUnavailable("No headers."), 409, "sr_unavailable", {}),
+    (InstancesExpired("Images gone."), 410, "instances_expired", {}),
+]
+
+
+@pytest.mark.parametrize(("error", "status", "reason", "headers"), ANSWERS, ids=[a[2] for a in ANSWERS])
+def test_every_client_error_is_in_the_tree_with_its_status_and_reason(error, status, reason, headers):
+    assert isinstance(error, GatewayError)
+    assert (error.http_status, error.reason) == (status, reason)
+    assert {k.lower(): v for k, v in error.headers().items()} == headers
+    assert error.to_dict() == {"reason": reason, "message": str(error)}
+
+
+def test_the_tree_keeps_the_builtin_bases_callers_catch():
+    assert issubclass(JobNotFound, KeyError) and str(JobNotFound("No job 'x'.")) == "No job 'x'."
+    assert issubclass(Busy, RuntimeError) and issubclass(InferenceFailed, RuntimeError)
+    assert issubclass(InferenceUnavailable, Unavailable)
+    assert REASONS["not_found"] is NotFound  # the shared code maps to the general class
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = create_app(Settings(triton_urls="fake:1"), client_factory=FakeFleet())
+    by_index = {str(i): a[0] for i, a in enumerate(ANSWERS)}
+
+    @app.get("/test-raise/{index}")
+    async def _raise(index: str) -> None:
+        raise by_index[index]
+
+    return app
+
+
+def test_one_handler_answers_the_whole_tree(app):
+    handled = [k for k in app.exception_handlers if isinstance(k, type) and issubclass(k, GatewayError)]
+    assert handled == [GatewayError]
+
+
+@pytest.mark.parametrize(("index", "answer"), list(enumerate(ANSWERS)), ids=[a[2] for a in ANSWERS])
+def test_the_handler_answers_status_body_and_headers(app, index, answer):
+    error, status, reason, headers = answer
+    with TestClient(app) as client:
+        r = client.get(f"/test-raise/{index}")
+        assert r.status_code == status
+        assert r.json() == {"reason": reason, "message": error.message}
+        for name, value in headers.items():
+            assert r.headers[name] == value
+        assert f'ctscreen_errors_total{{reason="{reason}"}}' in client.get("/metrics").text
+
+
+def test_real_routes_answer_from_the_tree(app):
+    with TestClient(app) as client:
+        missing = "0" * 32
+        for path, status, reason in [(f"/v1/jobs/{missing}", 404, "not_found"),
+                                     (f"/v1/jobs/{missing}/sr", 404, "not_found"),
+                                     (f"/v1/jobs/{missing}/deliveries", 404, "not_found"),
+                                     ("/no/such/route", 404, "not_found")]:
+            r = client.get(path)
+            assert (r.status_code, r.json()["reason"]) == (status, reason), path
+        r = client.post(f"/v1/jobs/{missing}/retry")
+        assert (r.status_code, r.json()["reason"]) == (404, "not_found")
