@@ -314,3 +314,55 @@ def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_
                 await s.close()
 
     _run(go())
+
+
+def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_database_unlocked(tmp_path):
+    """A task cancelled inside a write transaction (a job at shut-down, a lease lost) must not keep the lock.
+
+    SQLAlchemy invalidates the connection and closes it; SQLite cannot close a connection whose SELECT
+    still has rows to give (the cancelled task's traceback keeps the cursor), so without a rollback
+    first the closed connection lived on holding the write lock, and the next writer (the shut-down's
+    ``release_all``) waited out ``busy_timeout`` (30 s) and failed. A 0.2 s busy timeout stands for it.
+    """
+    import sqlite3
+    import threading
+
+    from sqlalchemy import event
+
+    path = tmp_path / "state.db"
+    upgrade(f"sqlite:///{path}")
+    in_statement = threading.Event()
+
+    def pause(seconds: float) -> int:  # runs in the connection's thread, inside the SELECT
+        in_statement.set()
+        time.sleep(seconds)
+        return 1
+
+    async def check() -> None:
+        store = Store(f"sqlite:///{path}")
+        event.listen(store.engine.sync_engine, "connect",
+                     lambda dbapi, _rec: dbapi.run_async(lambda c: c.create_function("pause", 1, pause)))
+
+        async def write() -> None:
+            async with store.tx() as s:
+                await s.execute(update(Job).values(attempts=1))  # the write lock is taken
+                await s.execute(text("SELECT pause(0.3) FROM (SELECT 1 UNION ALL SELECT 2)"))
+
+        task = asyncio.get_running_loop().create_task(write())
+        while not in_statement.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # mid-statement: SQLAlchemy invalidates (closes) the connection
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the statement and the close have run in the connection's thread
+        other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # raised "database is locked" before the fix
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        async with store.tx() as s:  # and the store itself writes again
+            await s.execute(update(Job).values(attempts=2))
+        assert task.cancelled()
+        await store.close()
+
+    _run(check())

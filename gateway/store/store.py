@@ -155,6 +155,7 @@ class Store:
             reader = create_async_engine(self.url, connect_args={"timeout": 30})
             for engine, begin in ((self.engine, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+                event.listen(engine.sync_engine, "invalidate", _sqlite_rollback_before_close)
                 event.listen(engine.sync_engine, "begin", lambda conn, sql=begin: conn.exec_driver_sql(sql))
         else:
             self.engine = create_async_engine(self.url, pool_size=5, max_overflow=10, pool_pre_ping=True)
@@ -692,6 +693,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=30000"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def _sqlite_rollback_before_close(dbapi_connection: Any, _record: Any, _exc: BaseException | None) -> None:
+    """End the transaction of a connection SQLAlchemy is about to close after an error or a cancellation.
+
+    A task cancelled inside a transaction (a job at shut-down, a lost lease, the worker's claim loop)
+    gets its connection invalidated and closed. If a SELECT on it still had rows to give, SQLite cannot
+    close it (``sqlite3_close_v2`` leaves a zombie until the cancelled task's cursor is freed) and the
+    zombie keeps the transaction, write lock included: every other writer then waited ``busy_timeout``
+    (30 s) and failed, shut-down's ``release_all`` among them. A ROLLBACK first releases the lock, pending
+    statements or not; it runs in the connection's thread before the close queued after it.
+    """
+    if dbapi_connection is None:
+        return
+    try:
+        dbapi_connection.rollback()
+    except asyncio.CancelledError:
+        # cancelled again while waiting: the ROLLBACK is queued in the connection's thread all the same;
+        # keep the cancellation for the close that follows (which then terminates) and for the caller
+        task = asyncio.current_task()
+        if task is not None:
+            task.cancel()
+    except Exception:  # noqa: BLE001 - broken connection, or no greenlet (garbage collection): nothing held
+        logger.debug("rollback before closing an invalidated SQLite connection failed", exc_info=True)
 
 
 class _Changes:
