@@ -22,7 +22,6 @@ retention (results and instances, with their blobs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -219,8 +218,12 @@ class Worker:
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
+        try:
             released = await self.store.release_all()
+        except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on (leases expire anyway)
+            logger.warning("could not release unfinished jobs (their leases expire in %g s): %s: %s",
+                           self.settings.lease_s, type(exc).__name__, exc)
+        else:
             if released:
                 logger.warning("released %d unfinished jobs for other replicas (or the next start)", released)
 
