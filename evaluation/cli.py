@@ -69,7 +69,13 @@ class _Path:
 def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
     """The runner of the chosen path, with its resources (server, client) open meanwhile."""
     if args.in_process:
-        yield _Path(in_process_runner(args.repo), "in-process reference (ORT + postprocess_batch, no server)")
+        try:
+            runner = in_process_runner(args.repo)
+        except FileNotFoundError as exc:
+            raise EvalError(f"--repo: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for an unreadable model
+            raise EvalError(f"--repo: ONNX Runtime cannot load the models: {str(exc).splitlines()[0]}") from exc
+        yield _Path(runner, "in-process reference (ORT + postprocess_batch, no server)")
         return
     import httpx
 

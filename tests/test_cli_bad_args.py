@@ -32,13 +32,27 @@ def taken_port():
     s.close()
 
 
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory) -> dict[str, str]:
+    """A one-study labelled phantom set (``{phantom}``) and a repository of unreadable ONNX files
+    (``{junk_repo}``) for the ``eval --in-process`` cases."""
+    root = tmp_path_factory.mktemp("eval-inputs")
+    made = _run(["phantom", "--out", str(root / "set"), "--studies", "1", "--slices", "8"])
+    assert made.returncode == 0, made.stderr
+    for model in ("valid_area", "lesion"):
+        (root / "junk" / model / "1").mkdir(parents=True)
+        (root / "junk" / model / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    return {"phantom": str(root / "set"), "junk_repo": str(root / "junk")}
+
+
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     code = "from ctscreen.cli import main; raise SystemExit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
-# (argv, a fragment of the expected error line); {tmp}, {free}, {taken} are filled in per test
+# (argv, a fragment of the expected error line); {tmp}, {free}, {taken} are filled in per test, {phantom} and
+# {junk_repo} by the eval_inputs fixture
 CASES = [
     (["bogus"], "unknown command 'bogus'"),
     (["phantom", "--out", "{tmp}/p", "--studies", "-1"], "--studies must be a positive integer"),
@@ -65,6 +79,10 @@ CASES = [
     (["eval", "--data", "{tmp}", "--triton-url", "notaurl"], "host:port"),  # was: a pydantic traceback
     (["eval", "--data", "{tmp}", "--url", "http://127.0.0.1:{free}", "--out", UNWRITABLE], "--out"),
     (["eval", "--data", "{tmp}", "--limit", "-1"], "--limit"),
+    (["eval", "--data", "{phantom}", "--in-process", "--repo", "{tmp}", "--out", "{tmp}/o"],
+     "ONNX model not found"),  # was: a FileNotFoundError traceback
+    (["eval", "--data", "{phantom}", "--in-process", "--repo", "{junk_repo}", "--out", "{tmp}/o"],
+     "ONNX Runtime cannot load the models"),  # was: an InvalidProtobuf traceback
     (["bench", "--results", UNWRITABLE, "report"], "--results"),  # was: a traceback
     (["bench", "load", "--url", "ftp://x"], "must start with http:// or https://"),  # was: "not loopback"
     (["bench", "decode", "--repeat", "0"], "--repeat must be >= 1"),  # was: UnboundLocalError traceback
@@ -128,8 +146,10 @@ def test_a_bad_discovery_setting_stops_the_charts_gateway_in_one_line(env, expec
 
 
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[_id(c) for c in CASES])
-def test_bad_arguments_give_one_clear_line(argv, expected, tmp_path, taken_port):
+def test_bad_arguments_give_one_clear_line(argv, expected, tmp_path, taken_port, request):
     fill = {"tmp": str(tmp_path), "free": _free_port(), "taken": taken_port}
+    if any("{phantom}" in a or "{junk_repo}" in a for a in argv):
+        fill.update(request.getfixturevalue("eval_inputs"))
     _one_clear_line(_run([a.format(**fill) for a in argv]), expected)
 
 
