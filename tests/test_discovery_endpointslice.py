@@ -305,10 +305,18 @@ class FakeApiServer:
         self._send(event_line(kind, obj))
 
     def expire(self) -> None:
-        """What the API server sends when the watched resourceVersion is too old."""
-        self._send(json.dumps({"type": "ERROR", "object": {
+        """What the API server does when the watched resourceVersion is too old: an ERROR event (410),
+        then the watch ends. The ended watches leave ``watchers`` at once, so ``wait_watchers`` waits for
+        the client's new watch (a stale queue still listed made it return early, and an event pushed then
+        was lost on a busy machine)."""
+        line = json.dumps({"type": "ERROR", "object": {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "too old resource version: 1 (100)", "reason": "Expired", "code": 410}}) + "\n")
+            "message": "too old resource version: 1 (100)", "reason": "Expired", "code": 410}}) + "\n"
+        with self.lock:
+            ended, self.watchers = self.watchers, []
+        for q in ended:
+            q.put(line)
+            q.put(None)
 
     def end_watches(self) -> None:
         self._send(None)
