@@ -75,7 +75,7 @@ def screen(models: dict[str, Any], files: list[tuple[str, bytes]]) -> dict[str, 
 
     from aggregator.case import CaseRule, SliceInput, decide
     from benchmarks.dicom_volume import decode_series
-    from ctscreen.postprocess import postprocess_batch
+    from ctscreen.postprocess import postprocess_batch, unpack_outputs
 
     t0 = time.perf_counter()
     hu, meta = decode_series(files)
@@ -88,8 +88,8 @@ def screen(models: dict[str, Any], files: list[tuple[str, bytes]]) -> dict[str, 
         valid = models["valid_area"](x)
         lesion = models["lesion"](x)
         t2 = time.perf_counter()
-        boxes, counts, vbox = postprocess_batch(valid.cpu().numpy(), lesion.cpu().numpy())
-        inputs.append(SliceInput(uid, pos, boxes[0][: int(counts.reshape(-1)[0])], vbox.reshape(-1)[:4]))
+        (out,) = unpack_outputs(*postprocess_batch(valid.cpu().numpy(), lesion.cpu().numpy()))
+        inputs.append(SliceInput(uid, pos, out.boxes, out.valid_area))
         t_infer += t2 - t1
         t_post += time.perf_counter() - t2
     t3 = time.perf_counter()

@@ -21,7 +21,6 @@ from ctscreen.contracts import LESION_MODEL, VALID_AREA_MODEL
 from ctscreen.machine import shipped_models as shipped_models  # re-exported: the stamp's model half
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = ROOT / "model_repository"
 STAMPED_MODELS = (VALID_AREA_MODEL, LESION_MODEL)
 # what a benchmark stamp must hold besides the models (names as in machine_info)
 STAMP_FIELDS = ("commit", "time_utc", "loadavg_1m", "cpu", "cores")

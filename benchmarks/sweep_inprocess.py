@@ -42,7 +42,7 @@ import numpy as np
 from benchmarks.common import BenchError, machine_info, results_dir, write_json
 from benchmarks.inprocess import OrtPipeline, cores
 from ctscreen.contracts import HU_SLICES, LESION_MODEL, PROB, VALID_AREA_MODEL
-from ctscreen.postprocess import postprocess_batch
+from ctscreen.postprocess import postprocess_batch, unpack_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ class Runner:
         # no bound method is kept on self: a runner in a reference cycle would hold its ORT sessions (and
         # their arenas, 0.3-1.5 GB each) until a full garbage collection, and the sweep builds 35 of them
         run = self._concurrent if self.setting.schedule == "concurrent" else self._queue
-        for boxes, counts, valid in run([hu[i : i + b] for i in range(0, len(hu), b)]):
-            out += [(boxes[k][: int(counts.reshape(-1)[k])], valid[k].reshape(-1)[:4]) for k in range(len(boxes))]
+        for outputs in run([hu[i : i + b] for i in range(0, len(hu), b)]):
+            out += [(s.boxes, s.valid_area) for s in unpack_outputs(*outputs)]
         return out
 
     def warm_up(self, hu: np.ndarray) -> None:

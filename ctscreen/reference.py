@@ -30,7 +30,7 @@ import numpy as np
 
 from ctscreen.contracts import HU_SLICES, LESION_MODEL, PROB, VALID_AREA_MODEL
 from ctscreen.machine import cores
-from ctscreen.postprocess import postprocess_batch
+from ctscreen.postprocess import postprocess_batch, unpack_outputs
 from ctscreen.repo import SOURCE_DIR
 
 DEFAULT_BATCH = 8
@@ -145,9 +145,9 @@ class ReferencePipeline:
         for i in range(0, len(hu), step):
             x = np.ascontiguousarray(hu[i : i + step, None])
             v, les = self.maps(x)
-            boxes, counts, valid = postprocess_batch(v, les)
-            boxes_out += [boxes[j, : counts[j, 0]] for j in range(len(x))]
-            valid_out += [valid[j] for j in range(len(x))]
+            for out in unpack_outputs(*postprocess_batch(v, les)):
+                boxes_out.append(out.boxes)
+                valid_out.append(out.valid_area)
             if maps:
                 probs.append(les[:, 0].astype(np.float16))
         return boxes_out, valid_out, np.concatenate(probs) if maps else None

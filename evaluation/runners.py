@@ -15,7 +15,6 @@ the report with its error, not the end of the run.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -55,17 +54,14 @@ def in_process_runner(repo: Path | None) -> Runner:
     from ctscreen.contracts import SEGMENTATION_MODELS
     from ctscreen.postprocess import SliceBoxes
     from ctscreen.reference import ReferencePipeline
+    from ctscreen.repo import model_provenance
     from gateway.client import collect_files
     from gateway.errors import GatewayError
     from gateway.ingest import load_study
 
     pipe = ReferencePipeline.from_repo(repo)
-    models = []
-    for name in SEGMENTATION_MODELS:
-        card = pipe.paths[name].parent / "model_card.json"
-        info = json.loads(card.read_text()) if card.is_file() else {}
-        models.append(ModelInfo(name=name, version=str(info.get("version", "unknown")),
-                                sha256=info.get("sha256"), platform="onnxruntime (in-process)"))
+    models = [ModelInfo(name=name, **model_provenance(pipe.paths[name]), platform="onnxruntime (in-process)")
+              for name in SEGMENTATION_MODELS]
 
     def run(case: LabelledCase) -> tuple[CaseResult | None, float, str | None]:
         t0 = time.monotonic()
