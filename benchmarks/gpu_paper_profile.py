@@ -312,8 +312,8 @@ def ort_study(sessions: dict[str, Any], hu: Any, batch: int) -> dict[str, Any]:
         pending = []
         for i in range(0, len(hu), batch):
             b = hu[i : i + batch]
-            maps = [sessions[m].run([PROB], {HU_SLICES: b})[0] for m in ("valid_area", "lesion")]
-            pending.append(post.submit(postprocess_batch, *maps))
+            valid, lesion = (sessions[m].run([PROB], {HU_SLICES: b})[0] for m in ("valid_area", "lesion"))
+            pending.append(post.submit(postprocess_batch, valid, lesion, b))
         for f in pending:
             f.result()
     wall = time.monotonic() - t0

@@ -119,7 +119,7 @@ def ort_pipelined(
             if pending is not None:
                 pending.result()
             v, les = fv.result()[0], fl.result()[0]
-            pending = ex.submit(postprocess_batch, v, les)
+            pending = ex.submit(postprocess_batch, v, les, b)
             done += len(b)
             j += 1
         if pending is not None:

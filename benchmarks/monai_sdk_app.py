@@ -88,7 +88,7 @@ def screen(models: dict[str, Any], files: list[tuple[str, bytes]]) -> dict[str, 
         valid = models["valid_area"](x)
         lesion = models["lesion"](x)
         t2 = time.perf_counter()
-        (out,) = unpack_outputs(*postprocess_batch(valid.cpu().numpy(), lesion.cpu().numpy()))
+        (out,) = unpack_outputs(*postprocess_batch(valid.cpu().numpy(), lesion.cpu().numpy(), x.numpy()))
         inputs.append(SliceInput(uid, pos, out.boxes, out.valid_area))
         t_infer += t2 - t1
         t_post += time.perf_counter() - t2

@@ -156,7 +156,7 @@ class Runner:
                 maps = [ex.submit(sess[m].run, [PROB], {HU_SLICES: b}) for m in (VALID_AREA_MODEL, LESION_MODEL)]
                 if pending is not None:
                     out.append(pending.result())
-                pending = ex.submit(postprocess_batch, maps[0].result()[0], maps[1].result()[0])
+                pending = ex.submit(postprocess_batch, maps[0].result()[0], maps[1].result()[0], b)
             if pending is not None:
                 out.append(pending.result())
         return out

@@ -13,7 +13,10 @@ Rules (the paper's, with the open choices decided here)
   ``> min_area`` (default 25).
 * A region's score is the mean probability over its pixels (so always ``>= cutoff``).
 * The valid area is the smallest rectangle holding every valid-area region whose box counts; it is
-  empty (``EMPTY_BOX``) when no region counts.
+  empty (``EMPTY_BOX``) when no region counts. ctscreen's addition: only valid-area pixels on the
+  slice's classical lung field count (:func:`ctscreen.lungs.coarse_lung_field` of the HU the models
+  saw, lesion pixels counted as lung). The paper's valid-area net alone drew its rectangle over bowel
+  gas, a kidney and the air on the CT table of a real abdomen slice.
 * A lesion box is dropped when its centre lies outside the valid-area box (inclusive), and every lesion
   box is dropped when the valid area is empty.
 """
@@ -26,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PADDING_ROW, PROB_CUTOFF
+from ctscreen.lungs import coarse_lung_field
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -48,14 +52,27 @@ def regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray,
 
 
 def valid_area_box(
-    prob: np.ndarray, cutoff: float = PROB_CUTOFF, min_area: int = MIN_BOX_AREA
+    prob: np.ndarray,
+    cutoff: float = PROB_CUTOFF,
+    min_area: int = MIN_BOX_AREA,
+    lungs: np.ndarray | None = None,
 ) -> np.ndarray:
     """The valid-area box ``[4]`` of one 2-D valid-area probability map (``EMPTY_BOX`` if none).
 
-    >>> p = np.zeros((64, 64), np.float32); p[10:20, 30:40] = 0.9
+    ``lungs`` (bool, same shape): the slice's lung field; only valid-area pixels on it count. None: no
+    such check (the paper's rule alone; for maps without a slice, e.g. in unit tests).
+
+    >>> p = np.zeros((64, 64), np.float32); p[10:20, 30:40] = 0.9; p[40:50, 5:15] = 0.9
     >>> valid_area_box(p).tolist()
-    [30.0, 10.0, 39.0, 19.0]
+    [5.0, 10.0, 39.0, 49.0]
+    >>> lungs = np.zeros((64, 64), bool); lungs[12:20, 28:40] = True
+    >>> valid_area_box(p, lungs=lungs).tolist()
+    [30.0, 12.0, 39.0, 19.0]
     """
+    if lungs is not None:
+        if lungs.shape != prob.shape:
+            raise ValueError(f'Argument "lungs" must have shape {prob.shape}, got {lungs.shape}.')
+        prob = np.where(lungs, prob, 0.0)
     boxes, _ = regions(prob, cutoff, min_area)
     if len(boxes) == 0:
         return np.array(EMPTY_BOX, dtype=np.float32)
@@ -100,10 +117,12 @@ def lesion_boxes(
 def postprocess_batch(
     valid_prob: np.ndarray,
     lesion_prob: np.ndarray,
+    hu: np.ndarray,
     cutoff: float = PROB_CUTOFF,
     min_area: int = MIN_BOX_AREA,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Post-process a batch of maps ``[B, 1, H, W]`` into the ensemble's three outputs.
+    """Post-process a batch of maps ``[B, 1, H, W]`` of the slices ``hu`` (INT16 ``[B, 1, H, W]``, the
+    HU the models saw) into the ensemble's three outputs.
 
     Returns
     -------
@@ -116,7 +135,12 @@ def postprocess_batch(
             "Arguments \"valid_prob\" and \"lesion_prob\" must both be [B, 1, H, W], got "
             f"{valid_prob.shape} and {lesion_prob.shape}."
         )
-    per_slice_valid = [valid_area_box(v[0], cutoff, min_area) for v in valid_prob]
+    if hu.shape != valid_prob.shape:
+        raise ValueError(f'Argument "hu" must have the maps\' shape {valid_prob.shape}, got {hu.shape}.')
+    per_slice_valid = [
+        valid_area_box(v[0], cutoff, min_area, coarse_lung_field(h[0], p[0] >= cutoff))
+        for v, p, h in zip(valid_prob, lesion_prob, hu, strict=True)
+    ]
     per_slice_boxes = [
         lesion_boxes(p[0], v, cutoff, min_area) for p, v in zip(lesion_prob, per_slice_valid, strict=True)
     ]
@@ -148,7 +172,8 @@ def unpack_outputs(lesion_boxes: np.ndarray, box_count: np.ndarray, valid_area: 
     The one place the outputs (``LESION_BOXES [B, K, 5]``, ``BOX_COUNT [B, 1]``, ``VALID_AREA_BOX [B, 4]``,
     from Triton or from :func:`postprocess_batch`) are decoded; the arrays returned are copies.
 
-    >>> out = unpack_outputs(*postprocess_batch(np.ones((2, 1, 8, 8), np.float32), np.zeros((2, 1, 8, 8), np.float32)))
+    >>> hu = np.full((2, 1, 8, 8), -850, np.int16)   # all lung
+    >>> out = unpack_outputs(*postprocess_batch(np.ones((2, 1, 8, 8), np.float32), np.zeros((2, 1, 8, 8), np.float32), hu))
     >>> [(s.boxes.shape, s.valid_area.tolist()) for s in out]
     [((0, 5), [0.0, 0.0, 7.0, 7.0]), ((0, 5), [0.0, 0.0, 7.0, 7.0])]
     """

@@ -113,7 +113,7 @@ class ReferencePipeline:
     def __call__(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ensemble's outputs (boxes ``[B, K, 5]``, counts ``[B, 1]``, valid-area boxes ``[B, 4]``) for
         one batch ``hu`` INT16 ``[B, 1, 512, 512]``."""
-        return postprocess_batch(*self.maps(hu))
+        return postprocess_batch(*self.maps(hu), hu)
 
     @overload
     def run(self, hu: np.ndarray, batch: int | None = None, *,
@@ -145,7 +145,7 @@ class ReferencePipeline:
         for i in range(0, len(hu), step):
             x = np.ascontiguousarray(hu[i : i + step, None])
             v, les = self.maps(x)
-            for out in unpack_outputs(*postprocess_batch(v, les)):
+            for out in unpack_outputs(*postprocess_batch(v, les, x)):
                 boxes_out.append(out.boxes)
                 valid_out.append(out.valid_area)
             if maps:

@@ -56,7 +56,7 @@ MARKER = ".ctscreen-repo.json"
 
 ONNX_OPSET = 17
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_VENDORED = ("__init__.py", "contracts.py", "postprocess.py")
+_VENDORED = ("__init__.py", "contracts.py", "lungs.py", "postprocess.py")
 """Files of the ``ctscreen`` package copied verbatim into ``postprocess/1/ctscreen/``."""
 
 

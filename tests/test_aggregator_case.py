@@ -226,7 +226,10 @@ def test_refilter_is_idempotent_with_triton_postprocessing():
     lesion[:, :, 150:170, 150:175] = 0.8
     lesion[:, :, 300:302, 300:302] = 0.9  # 4 pixels: Triton drops it
     lesion[:, :, 10:40, 10:40] = 0.9  # outside the valid area: Triton drops it
-    out, counts, va = postprocess_batch(valid, lesion)
+    hu = np.full((4, 1, 512, 512), -1000, np.int16)  # air around a body (40 HU) with lung (-850 HU)
+    hu[:, :, 60:460, 40:480] = 40
+    hu[:, :, 80:420, 60:460] = -850
+    out, counts, va = postprocess_batch(valid, lesion, hu)
     s = [SliceInput(f"u{i}", float(i), b, v) for i, (b, v) in enumerate(zip(unpack_boxes(out, counts), va, strict=True))]
     d = decide(s)
     assert d.verdict == "positive"

@@ -119,7 +119,11 @@ def test_postprocess_and_ensemble_match_contract(rendered) -> None:
         c.VALID_AREA_BOX: (mc.TYPE_FP32, [4]),
     }
     assert pp.backend == "python"
-    assert io(pp, "input") == {c.VALID_PROB: (mc.TYPE_FP32, SLICE), c.LESION_PROB: (mc.TYPE_FP32, SLICE)}
+    assert io(pp, "input") == {
+        c.VALID_PROB: (mc.TYPE_FP32, SLICE),
+        c.LESION_PROB: (mc.TYPE_FP32, SLICE),
+        c.HU_SLICES: (mc.TYPE_INT16, SLICE),  # the raw HU, also on the gpu profiles (lung-field check)
+    }
     assert io(pp, "output") == outputs
     assert pp.parameters["prob_cutoff"].string_value == str(c.PROB_CUTOFF)
     assert pp.parameters["min_box_area"].string_value == str(c.MIN_BOX_AREA)

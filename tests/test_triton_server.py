@@ -55,7 +55,7 @@ def reference(repo: Path, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
             str(repo / name / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"]
         )
         maps.append(session.run([c.PROB], {c.HU_SLICES: hu})[0])
-    return postprocess_batch(*maps)
+    return postprocess_batch(*maps, hu)
 
 
 @functools.lru_cache(maxsize=1)
@@ -220,3 +220,20 @@ def test_empty_slice_gives_no_boxes_and_empty_valid_area(analytic: EmbeddedTrito
 def test_analytic_ensemble_equals_reference(analytic: EmbeddedTriton) -> None:
     hu = np.concatenate([phantom_slices(), known_slice()[None]])
     assert_same_boxes(infer(analytic.grpc_url, hu), reference(analytic.repo_dir, hu))
+
+
+def test_valid_area_counts_only_on_the_lung_field(analytic: EmbeddedTriton) -> None:
+    """The ensemble hands the HU to ``postprocess``, which keeps valid-area pixels only on the slice's
+    classical lung field: lung-like HU outside the body (a -850 HU cushion on the table) and an air
+    pocket in the abdomen too small to be lung are marked by the valid-area model (its band takes any
+    -980..-400 HU) but give no valid area, and a lesion there no box; the slice with lungs keeps its
+    valid area. (Seen failing with the lung field check removed from ``valid_area_box``.)"""
+    abdomen = np.full((1, 512, 512), -1000, np.int16)
+    abdomen[0, 90:410, 50:470] = 200  # the body, no lungs
+    abdomen[0, 200:215, 240:270] = -850  # a gas pocket of 450 px: below the lung field's 0.4 % floor
+    abdomen[0, 420:470, 60:460] = -850  # a cushion under the patient, outside the body
+    abdomen[0, 440:460, 200:230] = -300  # a "lesion" on the cushion
+    got = infer(analytic.grpc_url, np.stack([abdomen, known_slice()]))
+    assert got[c.VALID_AREA_BOX][0].tolist() == list(c.EMPTY_BOX)
+    assert got[c.BOX_COUNT][:, 0].tolist() == [0, KNOWN_BOXES]
+    np.testing.assert_allclose(got[c.VALID_AREA_BOX][1], [80, 120, 439, 379], atol=1.5)

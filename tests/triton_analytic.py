@@ -66,8 +66,9 @@ the one outside the lungs do not count."""
 
 
 def known_slice() -> np.ndarray:
-    """One INT16 slice [1, 512, 512]: air, two lung fields, four -300 HU blobs."""
+    """One INT16 slice [1, 512, 512]: air, a body (200 HU) holding two lung fields, four -300 HU blobs."""
     hu = np.full((1, SLICE_SIZE, SLICE_SIZE), -1000, np.int16)
+    hu[0, 90:410, 50:470] = 200  # the body (outside both bands): lungs lie inside it (lung-field check)
     hu[0, 120:380, 80:240] = -850  # right lung
     hu[0, 120:380, 280:440] = -850  # left lung
     hu[0, 160:180, 120:140] = -300  # 20 x 20 blob in the right lung

@@ -71,9 +71,10 @@ GOALS = {
     "phantom_patient_specificity": 0.95,
     "phantom_max_hard_negative_fp": 0.02,
     "real_normal_boxes": 0,
+    "abdomen_max_valid_area_share": 0.02,
 }
 FLOORS = {"medseg_per_image_sensitivity": 0.85, "medseg_box_precision": 0.6}
-"""What ``tests/test_models_real.py`` enforces: the shipped weights must not fall below these."""
+"""What ``tests/test_models_quality.py`` enforces: the shipped weights must not fall below these."""
 
 
 def truth_lesions(mask: np.ndarray) -> list[np.ndarray]:
@@ -274,6 +275,10 @@ def goals(report: dict) -> dict[str, bool]:
         out["pseudo_volumes_positive"] = all(v["verdict"] == "positive" for v in report["pseudo"].values())
     if report.get("dicom"):
         out["real_normal_and_abdomen_no_box"] = all(r["boxes"] == 0 for r in report["dicom"]["slices"])
+        abdomen = [r for r in report["dicom"]["slices"] if r.get("group") == "abdomen"]
+        if abdomen:  # issue #11 item 2: below the lungs the valid area is empty or tiny
+            out["abdomen_valid_area_empty_or_tiny"] = all(
+                r["valid_area_share"] <= GOALS["abdomen_max_valid_area_share"] for r in abdomen)
     ph = report.get("phantom")
     if ph:
         met = ph["per_patient"]["metrics"]

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctscreen.contracts import SLICE_SIZE
+from ctscreen.lungs import lung_field
 from training.datasets import DataError, Volume, boxes_from_mask
 
 logger = logging.getLogger(__name__)
@@ -168,48 +169,6 @@ def estimate_window(img: np.ndarray) -> Window:
 
 
 # --- 3. lung fields -----------------------------------------------------------------------------
-
-
-def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: float = 0.004) -> np.ndarray:
-    """Both lung fields (bool, same shape) of one axial HU slice by thresholds and components.
-
-    Air below -400 HU; components touching the image edge whose median is below -960 HU are the air
-    outside the body; components smaller than ``min_frac`` of the image (trachea, specks, a bubble)
-    are dropped; holes (vessels, nodules) are filled and ``lesion`` pixels are added, so that dense
-    consolidation against the chest wall still counts as lung.
-    """
-    air = hu < -400
-    air = ndimage.binary_opening(np.pad(air, 1, mode="edge"), iterations=1)[1:-1, 1:-1]  # the edge repeated
-    lab, n = ndimage.label(air)
-    if n == 0:
-        return np.zeros_like(air)
-    idx = np.arange(1, n + 1)
-    sizes = ndimage.sum(air, lab, idx)
-    med = ndimage.median(hu, lab, idx)
-    edge = np.zeros(n + 1, bool)
-    for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
-        edge[np.unique(border)] = True
-    keep = np.zeros(n + 1, bool)
-    keep[1:] = (sizes >= min_frac * hu.size) & ~(edge[1:] & (np.asarray(med) < -960))
-    # lungs lie inside the body: air whose rim is mostly some other tissue (the foam core of the CT
-    # table, a cushion) is not lung. Only for air that the image's edge does not cut: on a crop the
-    # body wall is in pieces, and a lung there touches the edge.
-    tissue = ~air
-    tlab, tn = ndimage.label(tissue)
-    if tn:
-        body = tlab == 1 + int(np.argmax(ndimage.sum(tissue, tlab, np.arange(1, tn + 1))))
-        for i in np.flatnonzero(keep & ~edge):
-            comp = lab == i
-            rim = ndimage.binary_dilation(comp, iterations=2) & tissue
-            if rim.any() and (rim & body).sum() < 0.5 * rim.sum():
-                keep[i] = False
-    lungs = keep[lab]
-    if lesion is not None:
-        lungs |= lesion.astype(bool)
-    # close with the image's edge repeated, so that a field cut by the crop keeps its rim
-    pad = 3
-    lungs = ndimage.binary_closing(np.pad(lungs, pad, mode="edge"), iterations=3)[pad:-pad, pad:-pad]
-    return ndimage.binary_fill_holes(lungs)
 
 
 def field_box(mask: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Triton python-backend model ``postprocess``: probability maps -> lesion boxes and valid-area box.
+"""Triton python-backend model ``postprocess``: probability maps (and the HU slices the models saw, for
+the lung-field check of the valid area) -> lesion boxes and valid-area box.
 
 The code that decides is :func:`ctscreen.postprocess.postprocess_batch`, the very function the
 in-process reference pipeline calls. ``ctscreen repo build`` puts a verbatim copy of
-``ctscreen/{__init__,contracts,postprocess}.py`` in ``1/ctscreen/`` beside this file, and this file puts
+``ctscreen/{__init__,contracts,lungs,postprocess}.py`` in ``1/ctscreen/`` beside this file, and this file puts
 its own folder first on ``sys.path``, so the model needs only numpy and scipy (an NGC tritonserver image)
 and always runs the copy rendered with it, never another installed ``ctscreen``.
 
@@ -42,22 +43,29 @@ class TritonPythonModel:
             f"(ctscreen.postprocess from {os.path.dirname(sys.modules['ctscreen'].__file__)})"
         )
 
-    def _inputs(self, request) -> tuple[np.ndarray, np.ndarray] | str:
+    def _inputs(self, request) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
         arrays = []
-        for name in (contracts.VALID_PROB, contracts.LESION_PROB):
+        for name, dtype in (
+            (contracts.VALID_PROB, np.float32),
+            (contracts.LESION_PROB, np.float32),
+            (contracts.HU_SLICES, np.int16),
+        ):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 return f"{self.model_name}: missing input {name!r}"
             array = tensor.as_numpy()
-            if array.dtype != np.float32 or tuple(array.shape[1:]) != self.item_dims:
+            if array.dtype != dtype or tuple(array.shape[1:]) != self.item_dims:
                 return (
-                    f"{self.model_name}: input {name!r} must be float32 [B, "
+                    f"{self.model_name}: input {name!r} must be {np.dtype(dtype).name} [B, "
                     f"{', '.join(map(str, self.item_dims))}], got {array.dtype.name} {list(array.shape)}"
                 )
             arrays.append(array)
-        if arrays[0].shape != arrays[1].shape:
-            return f"{self.model_name}: inputs differ in shape: {list(arrays[0].shape)} vs {list(arrays[1].shape)}"
-        return arrays[0], arrays[1]
+        if not arrays[0].shape == arrays[1].shape == arrays[2].shape:
+            return (
+                f"{self.model_name}: inputs differ in shape: "
+                + " vs ".join(str(list(a.shape)) for a in arrays)
+            )
+        return arrays[0], arrays[1], arrays[2]
 
     def execute(self, requests: list) -> list:
         responses = []
