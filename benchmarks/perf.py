@@ -31,9 +31,11 @@ from ctscreen.contracts import (
     ENSEMBLE_MODEL,
     HU_SLICES,
     LESION_MODEL,
+    LESION_PROB,
     POSTPROCESS_MODEL,
     SLICE_SIZE,
     VALID_AREA_MODEL,
+    VALID_PROB,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,14 +135,14 @@ def input_data_file(model: str, input_names: Sequence[str], out_dir: Path, n: in
         if maps is None:
             rng = np.random.default_rng(0)
             maps = (rng.random(slices.shape, dtype=np.float32), rng.random(slices.shape, dtype=np.float32))
-        if len(input_names) != 2:
-            raise BenchError(f"model {model!r} has inputs {list(input_names)}, expected two probability maps")
-        # the first input is the valid-area map, the second the lesion map (ensemble order)
-        names = sorted(input_names, key=lambda s: (0 if "VALID" in s.upper() else 1, s))
+        expected = {VALID_PROB, LESION_PROB, HU_SLICES}
+        if set(input_names) != expected:
+            raise BenchError(f"model {model!r} has inputs {list(input_names)}, expected {sorted(expected)}")
+        arrays = {VALID_PROB: maps[0], LESION_PROB: maps[1], HU_SLICES: slices}
         for i in range(n):
             streams.append({
-                name: {"b64": base64.b64encode(m[i].astype(np.float32).tobytes()).decode(), "shape": list(SLICE_SHAPE)}
-                for name, m in zip(names, maps, strict=True)
+                name: {"b64": base64.b64encode(a[i].tobytes()).decode(), "shape": list(SLICE_SHAPE)}
+                for name, a in arrays.items()
             })
     else:
         for i in range(n):

@@ -185,6 +185,20 @@ def test_perf_analyzer_scenario_on_the_ensemble(triton, tmp_path) -> None:
 
 
 @pytest.mark.triton
+def test_perf_analyzer_scenario_on_the_postprocess_model(triton, tmp_path) -> None:
+    """The post-processing model's perf_analyzer data carries all three of its inputs (the two maps and
+    the HU of its lung-field check): perf_analyzer refuses a request that lacks one."""
+    from benchmarks import perf
+
+    names = perf.model_inputs(triton.http_url, "postprocess")
+    data = perf.input_data_file("postprocess", names, tmp_path, n=1)
+    assert set(json.loads(data.read_text())["data"][0]) == {"VALID_PROB", "LESION_PROB", "HU_SLICES"}
+    res = perf.run_scenario("postprocess", triton.grpc_url, input_data=data, input_names=names, batch=1,
+                            concurrency=(1, 1, 1), request_count=3, max_trials=3, stability=100, out_dir=tmp_path)
+    assert res["rows"] and res["rows"][0]["Inferences/Second"] > 0, res
+
+
+@pytest.mark.triton
 def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
     """One tiny phantom study through a real gateway process; then the report is written from it."""
     from benchmarks import report, stack
