@@ -26,8 +26,8 @@ MIN_FIELD_FRACTION = 0.004
 def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: float = MIN_FIELD_FRACTION) -> np.ndarray:
     """Both lung fields (bool, same shape) of one axial HU slice by thresholds and components.
 
-    Air below -400 HU; components touching the image edge whose median is below -960 HU are the air
-    outside the body; components smaller than ``min_frac`` of the image (trachea, specks, a bubble)
+    Air below -400 HU; components touching the image edge whose median is below -960 HU (more than
+    half their pixels below it) are the air outside the body; components smaller than ``min_frac`` of the image (trachea, specks, a bubble)
     are dropped; air whose rim is mostly tissue other than the body (the CT table's foam core, a
     cushion) is dropped; holes (vessels, nodules) are filled and ``lesion`` pixels are added, so that
     dense consolidation against the chest wall still counts as lung.
@@ -45,21 +45,22 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
     if n == 0:
         lungs = np.zeros_like(air)
         return lungs | lesion.astype(bool) if lesion is not None else lungs
-    idx = np.arange(1, n + 1)
-    sizes = ndimage.sum(air, lab, idx)
-    med = ndimage.median(hu, lab, idx)
+    flat = lab.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
+    # "median below -960 HU", counted: more than half of the component's pixels are below it
+    outside_like = np.bincount(flat, weights=(hu < OUTSIDE_AIR_HU).ravel(), minlength=n + 1)[1:] > 0.5 * sizes
     edge = np.zeros(n + 1, bool)
     for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
         edge[np.unique(border)] = True
     keep = np.zeros(n + 1, bool)
-    keep[1:] = (sizes >= min_frac * hu.size) & ~(edge[1:] & (np.asarray(med) < OUTSIDE_AIR_HU))
+    keep[1:] = (sizes >= min_frac * hu.size) & ~(edge[1:] & outside_like)
     # lungs lie inside the body: air whose rim is mostly some other tissue (the foam core of the CT
     # table, a cushion) is not lung. Only for air that the image's edge does not cut: on a crop the
     # body wall is in pieces, and a lung there touches the edge.
     tissue = ~air
     tlab, tn = ndimage.label(tissue)
     if tn:
-        body = tlab == 1 + int(np.argmax(ndimage.sum(tissue, tlab, np.arange(1, tn + 1))))
+        body = tlab == 1 + int(np.argmax(np.bincount(tlab.ravel(), minlength=tn + 1)[1:]))
         objects = ndimage.find_objects(lab)
         for i in np.flatnonzero(keep & ~edge):
             s = objects[i - 1]
@@ -95,12 +96,16 @@ def coarse_lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, step:
     if hu.ndim != 2:
         raise ValueError(f'Argument "hu" must be 2-D, got shape {hu.shape}.')
     small = lung_field(np.asarray(hu[::step, ::step], dtype=np.float32))
-    field = np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]
-    if lesion is None or not field.any() or not lesion.any():
-        return field
-    lab, n = ndimage.label(lesion, structure=np.ones((3, 3), bool))
-    near = ndimage.binary_dilation(field, iterations=step)
-    touching = np.zeros(n + 1, bool)
-    touching[np.unique(lab[near & (lab > 0)])] = True
-    touching[0] = False
-    return field | touching[lab]
+    if lesion is not None and small.any() and lesion.any():
+        # lesion regions (at the same coarse scale: any lesion pixel in a step x step cell) that touch
+        # the aerated field join it
+        h, w = (-(-n // step) * step for n in lesion.shape)
+        padded = np.zeros((h, w), bool)
+        padded[: lesion.shape[0], : lesion.shape[1]] = lesion
+        cells = padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))[: small.shape[0], : small.shape[1]]
+        lab, n = ndimage.label(cells, structure=np.ones((3, 3), bool))
+        touching = np.zeros(n + 1, bool)
+        touching[np.unique(lab[ndimage.binary_dilation(small) & (lab > 0)])] = True
+        touching[0] = False
+        small = small | touching[lab]
+    return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]

@@ -34,20 +34,30 @@ from ctscreen.lungs import coarse_lung_field
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes ``[N, 4]`` (float32) and mean scores ``[N]`` of the regions of one 2-D map that count."""
+def _regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Labels, boxes ``[N, 4]`` of every region, the mask of those that count, and N."""
     if prob.ndim != 2:
         raise ValueError(f'Argument "prob" must be 2-D, got shape {prob.shape}.')
     labels, n = ndimage.label(prob >= cutoff, structure=_EIGHT)
     if n == 0:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-    slices = ndimage.find_objects(labels)
-    scores = np.asarray(ndimage.mean(prob, labels, index=np.arange(1, n + 1)), dtype=np.float32)
+        return labels, np.zeros((0, 4), np.float32), np.zeros((0,), bool), 0
     boxes = np.array(
-        [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in slices], dtype=np.float32
+        [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in ndimage.find_objects(labels)],
+        dtype=np.float32,
     )
     area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-    keep = area > min_area
+    return labels, boxes, area > min_area, int(n)
+
+
+def regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes ``[N, 4]`` (float32) and mean scores ``[N]`` of the regions of one 2-D map that count."""
+    labels, boxes, keep, n = _regions(prob, cutoff, min_area)
+    if n == 0:
+        return boxes, np.zeros((0,), np.float32)
+    flat = labels.ravel()
+    sums = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n + 1)[1:]
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    scores = (sums / counts).astype(np.float32)
     return boxes[keep], scores[keep]
 
 
@@ -73,7 +83,8 @@ def valid_area_box(
         if lungs.shape != prob.shape:
             raise ValueError(f'Argument "lungs" must have shape {prob.shape}, got {lungs.shape}.')
         prob = np.where(lungs, prob, 0.0)
-    boxes, _ = regions(prob, cutoff, min_area)
+    _, boxes, keep, _ = _regions(prob, cutoff, min_area)
+    boxes = boxes[keep]
     if len(boxes) == 0:
         return np.array(EMPTY_BOX, dtype=np.float32)
     return np.array(
