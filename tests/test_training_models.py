@@ -337,3 +337,36 @@ def test_calibration_picks_the_lowest_cutoff_that_meets_every_goal():
     # none meets: the best trade-off, hard negatives weighing most
     cutoff, _ = choose({0.5: acc(10, 2, 5), 0.6: acc(9, 2, 0)})
     assert cutoff == 0.6
+
+
+def test_jpeg_round_trip_degrades_with_quality() -> None:
+    """The JPEG export of the augmentation: near the 8-bit window's step at quality 95, clearly worse
+    at 40, and the same answer twice."""
+    from training.train import jpeg_round_trip
+
+    rng = np.random.default_rng(3)
+    hu = np.full((128, 128), -850.0, np.float32)  # lung with vessels and noise
+    hu[rng.random((128, 128)) < 0.05] = 40.0
+    hu += rng.normal(0, 30, hu.shape).astype(np.float32)
+    step = 1600 / 255
+    err = {q: float(np.abs(jpeg_round_trip(hu, -1400.0, 1600.0, q) - np.clip(hu, -1400, 200)).mean())
+           for q in (95, 40)}
+    assert err[95] < 4 * step < err[40], err
+    np.testing.assert_array_equal(jpeg_round_trip(hu, -1400.0, 1600.0, 60), jpeg_round_trip(hu, -1400.0, 1600.0, 60))
+
+
+def test_augment_sends_some_exports_through_jpeg(monkeypatch) -> None:
+    """Same generator seed, JPEG replaced by the identity: some items change, not all (only part of
+    the batch is exported, half of that as JPEG). Seen failing with the JPEG branch removed."""
+    import torch
+
+    from training import train
+
+    hu = torch.full((16, 1, 64, 64), -850.0)
+    hu[:, :, 20:40, 20:40] = 40.0
+    target = torch.zeros((16, 1, 64, 64))
+    with_jpeg, _ = train.augment(hu.clone(), target.clone(), torch.Generator().manual_seed(5))
+    monkeypatch.setattr(train, "jpeg_round_trip", lambda x, lo, width, quality: x)
+    without, _ = train.augment(hu.clone(), target.clone(), torch.Generator().manual_seed(5))
+    changed = [i for i in range(16) if not torch.equal(with_jpeg[i], without[i])]
+    assert 0 < len(changed) < 16, changed

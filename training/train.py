@@ -70,7 +70,8 @@ class TrainConfig:
 def augment(
     hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise.
+    """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise, a
+    softer kernel, and an 8-bit export round trip (half of them through JPEG at a random quality).
 
     ``hu`` is float HU ``[B, 1, 512, 512]``; ``target`` ``[B, 1, S, S]`` gets the same geometry.
     """
@@ -112,7 +113,35 @@ def augment(
     width = u(1000, 2000)[:, None, None, None]
     q = torch.round(((hu - lo) / width * 255).clamp(0, 255)) / 255 * width + lo
     hu = torch.where(export[:, None, None, None], q, hu)
+    # half of those exports were saved as JPEG, at a quality between 40 and 95 (the real slices are
+    # JPEGs of unknown quality: blocking and ringing at 8 x 8 blocks, smeared fine texture)
+    jpeg = (torch.rand(b, generator=gen) < 0.5) & export.cpu()
+    quality = torch.randint(40, 96, (b,), generator=gen)
+    for i in torch.nonzero(jpeg).flatten().tolist():
+        lo_i, width_i = float(lo[i]), float(width[i])
+        item = hu[i, 0].detach().cpu().numpy()
+        hu[i, 0] = torch.from_numpy(jpeg_round_trip(item, lo_i, width_i, int(quality[i]))).to(dev)
     return hu, target.clamp(0, 1)
+
+
+def jpeg_round_trip(hu: np.ndarray, lo: float, width: float, quality: int) -> np.ndarray:
+    """A 2-D HU slice exported as an 8-bit JPEG through the window ``[lo, lo + width]`` at ``quality``
+    and read back into HU (float32), as the real training slices were made.
+
+    >>> hu = np.linspace(-1000, 200, 64 * 64, dtype=np.float32).reshape(64, 64)
+    >>> back = jpeg_round_trip(hu, -1200.0, 1600.0, 95)
+    >>> back.dtype, back.shape, bool(np.abs(back - hu).mean() < 1600 / 255)
+    (dtype('float32'), (64, 64), True)
+    """
+    import io
+
+    from PIL import Image
+
+    grey = np.clip(np.round((hu - lo) / width * 255), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="JPEG", quality=int(quality))
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"), dtype=np.float32)
+    return (back / 255 * width + lo).astype(np.float32)
 
 
 # --- loss --------------------------------------------------------------------------------------
