@@ -92,11 +92,14 @@ def main() -> None:
                     f"{r[0]:.2f} slices/s p50 {r[1]:.0f} ms p95 {r[2]:.0f} ms",
                     flush=True,
                 )
-    print(f"\nmedian of {args.repeats}, concurrency {args.concurrency}, {args.batch} slice(s) per request")
-    print("threads  delay_us  instances  postprocess  slices/s  p50_ms  p95_ms")
+    # on a shared machine other tenants only ever slow a run down: the best of the repeats is the
+    # figure least disturbed by them, the median shows how much they moved it
+    print(f"\nmedian and best of {args.repeats}, concurrency {args.concurrency}, {args.batch} slice(s) per request")
+    print("threads  delay_us  instances  postprocess  slices/s  best/s  p50_ms  p95_ms")
     for (threads, delay, inst, pp), runs in sorted(results.items()):
         med = [statistics.median(x) for x in zip(*runs, strict=True)]
-        print(f"{threads:>7}  {delay:>8}  {inst:>9}  {pp:>11}  {med[0]:>8.2f}  {med[1]:>6.0f}  {med[2]:>6.0f}")
+        best = max(r[0] for r in runs)
+        print(f"{threads:>7}  {delay:>8}  {inst:>9}  {pp:>11}  {med[0]:>8.2f}  {best:>6.2f}  {med[1]:>6.0f}  {med[2]:>6.0f}")
 
 
 if __name__ == "__main__":

@@ -153,9 +153,14 @@ def test_postprocess_vendors_a_verbatim_copy(rendered) -> None:
 
 
 def test_cpu_thread_counts_do_not_oversubscribe() -> None:
+    """Each model's instances together fit the cores (one model can fill them while the other waits),
+    and on more than one core the lesion net gets more than one instance."""
     cores = len(os.sched_getaffinity(0))
     settings = default_settings("cpu")
-    assert len(c.SEGMENTATION_MODELS) * settings.intra_op_threads * settings.instance_count <= max(cores, 2)
+    assert settings.intra_op_threads * settings.instance_count <= max(cores, 1)
+    assert settings.postprocess_instances == settings.instance_count
+    if cores >= 2:
+        assert settings.instance_count >= 2
 
 
 def test_tensorrt_ready_onnx_computes_the_same_maps(tmp_path) -> None:
