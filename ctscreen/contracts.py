@@ -47,6 +47,13 @@ PROB_CUTOFF: Final = 0.50
 MIN_BOX_AREA: Final = 25
 """A box counts when it covers strictly more than this many pixels (512-pixel grid)."""
 
+MIN_LUNG_SHARE: Final = 0.05
+"""ctscreen's addition to the paper: a valid-area region counts only when at least this share of its
+pixels lies on the slice's classical lung field (:func:`ctscreen.lungs.coarse_lung_field`). A chest's
+lung-field region overlaps it by 0.55-0.65 (the region also spans the mediastinum), a region at the
+apex or the bases by 0.1-0.3 (the coarse field sees part of a small lung); bowel gas, a kidney and the
+air on the CT table of a real abdomen slice by 0."""
+
 RUN_SLICES: Final = 3
 """A study is positive when this many consecutive slices have a lesion in the same quadrant."""
 

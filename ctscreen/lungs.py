@@ -2,7 +2,7 @@
 
 Pure numpy and scipy, like :mod:`ctscreen.postprocess`, which uses it (and carries a verbatim copy of
 it into the ``postprocess`` python-backend model) to check the valid-area model against the slice's
-own Hounsfield units: valid-area pixels count only on aerated lung inside the body,
+own Hounsfield units: a valid-area region counts only when it lies on aerated lung inside the body,
 so the model can no longer draw the valid area over bowel gas, a kidney or the air on the CT table.
 The training loaders (:mod:`training.realct`) use the same function to label real slices that come
 without lung masks.

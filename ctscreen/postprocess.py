@@ -13,9 +13,10 @@ Rules (the paper's, with the open choices decided here)
   ``> min_area`` (default 25).
 * A region's score is the mean probability over its pixels (so always ``>= cutoff``).
 * The valid area is the smallest rectangle holding every valid-area region whose box counts; it is
-  empty (``EMPTY_BOX``) when no region counts. ctscreen's addition: only valid-area pixels on the
-  slice's classical lung field count (:func:`ctscreen.lungs.coarse_lung_field` of the HU the models
-  saw, lesion pixels counted as lung). The paper's valid-area net alone drew its rectangle over bowel
+  empty (``EMPTY_BOX``) when no region counts. ctscreen's addition: a valid-area region counts only
+  when at least :data:`~ctscreen.contracts.MIN_LUNG_SHARE` of its pixels lie on the slice's classical
+  lung field (:func:`ctscreen.lungs.coarse_lung_field` of the HU the models saw, lesions that touch
+  it counted as lung). The paper's valid-area net alone drew its rectangle over bowel
   gas, a kidney and the air on the CT table of a real abdomen slice.
 * A lesion box is dropped when its centre lies outside the valid-area box (inclusive), and every lesion
   box is dropped when the valid area is empty.
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PADDING_ROW, PROB_CUTOFF
+from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, MIN_LUNG_SHARE, PADDING_ROW, PROB_CUTOFF
 from ctscreen.lungs import coarse_lung_field
 
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -69,21 +70,25 @@ def valid_area_box(
 ) -> np.ndarray:
     """The valid-area box ``[4]`` of one 2-D valid-area probability map (``EMPTY_BOX`` if none).
 
-    ``lungs`` (bool, same shape): the slice's lung field; only valid-area pixels on it count. None: no
-    such check (the paper's rule alone; for maps without a slice, e.g. in unit tests).
+    ``lungs`` (bool, same shape): the slice's lung field; a region counts only when at least
+    :data:`~ctscreen.contracts.MIN_LUNG_SHARE` of its pixels lie on it (and then with its whole box).
+    None: no such check (the paper's rule alone; for maps without a slice, e.g. in unit tests).
 
     >>> p = np.zeros((64, 64), np.float32); p[10:20, 30:40] = 0.9; p[40:50, 5:15] = 0.9
     >>> valid_area_box(p).tolist()
     [5.0, 10.0, 39.0, 49.0]
-    >>> lungs = np.zeros((64, 64), bool); lungs[12:20, 28:40] = True
+    >>> lungs = np.zeros((64, 64), bool); lungs[12:14, 30:40] = True     # 20 of the region's 100 px
     >>> valid_area_box(p, lungs=lungs).tolist()
-    [30.0, 12.0, 39.0, 19.0]
+    [30.0, 10.0, 39.0, 19.0]
     """
-    if lungs is not None:
+    labels, boxes, keep, n = _regions(prob, cutoff, min_area)
+    if lungs is not None and n:
         if lungs.shape != prob.shape:
             raise ValueError(f'Argument "lungs" must have shape {prob.shape}, got {lungs.shape}.')
-        prob = np.where(lungs, prob, 0.0)
-    _, boxes, keep, _ = _regions(prob, cutoff, min_area)
+        flat = labels.ravel()
+        pixels = np.bincount(flat, minlength=n + 1)[1:]
+        on_lung = np.bincount(flat, weights=lungs.ravel().astype(np.float64), minlength=n + 1)[1:]
+        keep &= on_lung >= MIN_LUNG_SHARE * pixels
     boxes = boxes[keep]
     if len(boxes) == 0:
         return np.array(EMPTY_BOX, dtype=np.float32)
