@@ -34,7 +34,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -484,16 +484,24 @@ class TritonPool:
         self,
         hu: np.ndarray,
         on_batch: Callable[[int], Awaitable[None] | None] | None = None,
+        ready: AsyncIterator[int] | None = None,
     ) -> list[SliceOutput]:
         """Screen every slice of ``hu`` ``[Z, 512, 512]`` int16; results in slice order.
 
         Batches are sent concurrently (bounded by the endpoints' in-flight limits). ``on_batch(n)``
         is called after each batch of ``n`` slices comes back (progress).
 
+        ``ready`` streams a study through: ``hu`` is being filled while this runs, and ``ready``
+        yields how many leading slices are filled so far (ascending, ending at ``Z``); each batch is
+        sent as soon as its slices are filled. An exception from ``ready`` cancels the batches sent
+        and is raised here; so does a batch that fails while ``ready`` still fills.
+
         Raises
         ------
         InferenceUnavailable, InferenceFailed
             When a batch cannot be answered; the other batches are cancelled.
+        ValueError
+            When ``ready`` ends before every slice is filled.
         """
         if hu.ndim != 3:
             raise ValueError(f'Argument "hu" must be [Z, H, W], got shape {hu.shape}.')
@@ -517,13 +525,33 @@ class TritonPool:
                 if maybe is not None:
                     await maybe
 
-        tasks = [asyncio.ensure_future(run(s)) for s in range(0, z, self.batch_size)]
+        tasks: list[asyncio.Future[None]] = []
+
+        def send(filled: int) -> None:
+            for s in range(len(tasks) * self.batch_size, z, self.batch_size):
+                if min(z, s + self.batch_size) > filled:
+                    break
+                tasks.append(asyncio.ensure_future(run(s)))
+
         try:
+            if ready is None:
+                send(z)
+            else:
+                async for filled in ready:
+                    send(filled)
+                    failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+                    if failed is not None:
+                        await failed  # raises the batch's error; the finally cancels the others
+                if len(tasks) * self.batch_size < z:
+                    raise ValueError(f'Argument "ready" ended before all {z} slices were filled.')
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
             self._pending_slices -= remaining
+            close = getattr(ready, "aclose", None)
+            if close is not None:
+                await close()  # a stream left early (a batch failed) stops filling
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # pragma: no cover - gather would have raised
             raise InferenceFailed(f"Slices {missing[:5]} came back without a result.")

@@ -1,0 +1,130 @@
+"""A study streamed through (issue 17, item 3): inference starts on the first decoded batch.
+
+Real embedded Triton over real gRPC, real DICOM files written by the phantom. The streamed result must
+be the whole-study path's result (``load_study`` then every slice to Triton), and the first request
+must leave before the last object is decoded; both are observed through the order of events, never
+through timing thresholds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import phantom
+from aggregator.schema import CaseResult
+from gateway.errors import GatewayError
+from gateway.ingest import StudyPlan, load_study
+from gateway.metrics import Metrics
+from gateway.screening import Screener
+from gateway.triton_pool import TritonPool
+
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
+
+N_SLICES = 24
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory) -> list[tuple[str, bytes]]:
+    """A COVID phantom study as shuffled files (file order says nothing about slice order)."""
+    study = phantom.make_study(seed=5, kind="covid", n_slices=N_SLICES)
+    out = phantom.write_study(study, tmp_path_factory.mktemp("stream") / "covid", shuffle=True, montage=False)
+    return [(p.name, p.read_bytes()) for p in sorted(Path(out, "dicom").iterdir())]
+
+
+class _Recording:
+    """The real ``tritonclient.grpc.aio`` client, recording each ``infer`` call as it is issued."""
+
+    def __init__(self, url: str, events: list[tuple[str, Any]]) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._events = events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def infer(self, *args: Any, **kwargs: Any) -> Any:
+        self._events.append(("infer", None))
+        return await self._client.infer(*args, **kwargs)
+
+
+def _screen(triton, files, *, whole: bool, events: list | None = None) -> tuple[CaseResult, Any]:
+    async def go() -> tuple[CaseResult, Any]:
+        factory = (lambda url: _Recording(url, events)) if events is not None else None
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2, client_factory=factory)
+        loader = (lambda sources: load_study(sources, workers=2)) if whole else None
+        screener = Screener(pool, Metrics(), decode_workers=2, loader=loader)
+        try:
+            prepared = await screener.prepare(files)
+            streamed = prepared.study is None
+            result = await screener.screen(prepared, job_id="j1", started=0.0)
+            return result, (streamed, prepared.sr_context)
+        finally:
+            screener.close()
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def _comparable(result: CaseResult) -> dict[str, Any]:
+    return result.model_dump(mode="json", exclude={"timings", "created_at"})
+
+
+def test_streamed_result_is_the_whole_study_result(triton, study_files):
+    whole, (whole_streamed, whole_context) = _screen(triton, study_files, whole=True)
+    streamed, (was_streamed, context) = _screen(triton, study_files, whole=False)
+    assert not whole_streamed and was_streamed  # the two paths were really taken
+    assert streamed.n_slices == N_SLICES
+    assert _comparable(streamed) == _comparable(whole)
+    assert context == whole_context
+
+
+def test_first_request_leaves_before_the_last_object_is_decoded(triton, study_files, monkeypatch):
+    events: list[tuple[str, Any]] = []
+    decode = StudyPlan.decode_object
+
+    def recorded(self: StudyPlan, uid: str) -> Any:
+        out = decode(self, uid)
+        events.append(("decoded", uid))
+        return out
+
+    monkeypatch.setattr(StudyPlan, "decode_object", recorded)
+    result, (was_streamed, _) = _screen(triton, study_files, whole=False, events=events)
+    assert was_streamed and result.n_slices == N_SLICES
+    kinds = [k for k, _ in events]
+    assert kinds.count("decoded") == N_SLICES and kinds.count("infer") == N_SLICES // BATCH
+    last_decoded = len(kinds) - 1 - kinds[::-1].index("decoded")
+    assert kinds.index("infer") < last_decoded, kinds
+
+
+def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton, study_files):
+    """The stream starts (the first batch decodes), a later file's pixels are truncated: the study goes
+    the whole-study path and its result, the bad file among the rejected, is that path's result."""
+    whole0, _ = _screen(triton, study_files, whole=True)
+    late = whole0.slices[-2].sop_instance_uid  # a slice of the last batch
+    names = {name for name, data in study_files if late.encode() in data}
+    assert len(names) == 1
+    files = [(n, d[: len(d) // 2] if n in names else d) for n, d in study_files]
+    whole, _ = _screen(triton, files, whole=True)
+    streamed, (was_streamed, _) = _screen(triton, files, whole=False)
+    assert was_streamed  # the first batch decoded: prepare handed over a plan, the stream broke later
+    assert [r.reason for r in streamed.rejected] == ["undecodable"]
+    assert streamed.n_slices == N_SLICES - 1
+    assert _comparable(streamed) == _comparable(whole)
+
+
+def test_a_study_whose_first_batch_does_not_decode_is_refused_before_acceptance(triton, study_files):
+    """``prepare`` (which the upload route awaits before accepting) raises what the whole-study path raises."""
+    files = [(n, d[: len(d) // 2]) for n, d in study_files]
+    with pytest.raises(GatewayError) as whole:
+        _screen(triton, files, whole=True)
+    with pytest.raises(GatewayError) as err:
+        _screen(triton, files, whole=False)
+    assert err.value.http_status == 422
+    assert err.value.to_dict() == whole.value.to_dict()
+    assert {r["reason"] for r in err.value.to_dict()["rejected"]} == {"undecodable"}
