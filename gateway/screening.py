@@ -29,12 +29,12 @@ import numpy as np
 
 from aggregator.case import CaseRule, case_result
 from aggregator.schema import CaseResult, ModelInfo, Timings
-from ctscreen.contracts import SLICE_SIZE
+from ctscreen.contracts import POSTPROCESS_MODEL, SLICE_SIZE
 from gateway.dicom import GridMapping
 from gateway.ingest import PreparedStudy, StudyPlan, load_study, plan_study
 from gateway.metrics import Metrics
 from gateway.report import SrContext
-from gateway.triton_pool import SliceOutput, TritonPool
+from gateway.triton_pool import InferStats, SliceOutput, TritonPool
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ class Screener:
                 raise _Undecoded(uid)
             prepared.decoded[uid] = (frames, spent)
 
-    async def _screen_stream(self, prepared: Prepared,
-                             progress: Callable[[int], None]) -> tuple[PreparedStudy, list[SliceOutput]]:
+    async def _screen_stream(self, prepared: Prepared, progress: Callable[[int], None],
+                             calls: InferStats) -> tuple[PreparedStudy, list[SliceOutput]]:
         """Decode the rest of a planned study batch by batch while Triton screens the batches decoded."""
         plan = prepared._plan
         hu = np.empty((plan.n_slices, SLICE_SIZE, SLICE_SIZE), dtype=np.int16)
@@ -200,12 +200,12 @@ class Screener:
                 yield filled
 
         try:
-            outputs = await self.pool.infer(hu, on_batch=progress, ready=fill())
+            outputs = await self.pool.infer(hu, on_batch=progress, ready=fill(), stats=calls)
         except _Undecoded:
             logger.info("a frame of the series did not decode; screening the study whole")
             prepared.decoded.clear()
             study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
-            return study, await self.pool.infer(study.hu, on_batch=progress)
+            return study, await self.pool.infer(study.hu, on_batch=progress, stats=calls)
         return plan.assemble(hu, grids, dict(work)), outputs
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
@@ -220,7 +220,9 @@ class Screener:
         gateway.triton_pool.InferenceFailed
             Triton refused the request.
         """
-        timings = {"ingest_s": prepared.ingest_s}
+        timings: dict[str, Any] = {"ingest_s": prepared.ingest_s}
+        before = await self.pool.inference_statistics()
+        calls = InferStats()
         t = time.monotonic()
 
         def progress(n: int) -> None:
@@ -229,22 +231,27 @@ class Screener:
                 on_batch(n)
 
         if prepared.study is None:
-            study, outputs = await self._screen_stream(prepared, progress)
+            study, outputs = await self._screen_stream(prepared, progress, calls)
             prepared.study, prepared.plan = study, None
         else:
             study = prepared.study
-            outputs = await self.pool.infer(study.hu, on_batch=progress)
+            outputs = await self.pool.infer(study.hu, on_batch=progress, stats=calls)
         timings["inference_s"] = time.monotonic() - t
+        after = await self.pool.inference_statistics()
         self.metrics.stage.labels("infer").observe(timings["inference_s"])
         if on_aggregate is not None:
             await on_aggregate()
         t = time.monotonic()
         models = await self._model_info()
+        t_rule = time.perf_counter()
         result = case_result(study, outputs, self.rule, models=models, job_id=job_id, created_at=datetime.now(UTC))
+        rule_s = time.perf_counter() - t_rule
         timings["aggregate_s"] = time.monotonic() - t
         timings["total_s"] = max(time.time() - started, timings["inference_s"] + timings["aggregate_s"])
         self.metrics.stage.labels("aggregate").observe(timings["aggregate_s"])
         self.metrics.stage.labels("total").observe(timings["total_s"])
+        timings["stages_ms_per_slice"] = stage_ms_per_slice(
+            study.n_slices, study.work_s, calls, before, after, self.pool.model_name, rule_s)
         result = result.model_copy(update={"timings": Timings(**timings)})
         self.metrics.studies.labels(result.verdict).inc()
         return result
@@ -260,3 +267,50 @@ class Screener:
                                         sha256=info.get("sha256")))
             self._models = models
         return self._models
+
+
+def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStats,
+                       before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+                       ensemble: str, aggregate_s: float) -> dict[str, float]:
+    """Milliseconds per slice of each stage of one study (see :attr:`aggregator.schema.Timings.stages_ms_per_slice`).
+
+    ``work_s`` is the study's decode and resample seconds (:attr:`gateway.ingest.PreparedStudy.work_s`),
+    ``calls`` its requests (:class:`~gateway.triton_pool.InferStats`), ``before`` and ``after`` Triton's
+    statistics read around them (:meth:`~gateway.triton_pool.TritonPool.inference_statistics`),
+    ``ensemble`` the model called, ``aggregate_s`` the case rule's seconds.
+
+    Examples
+    --------
+    >>> calls = InferStats(requests=2, slices=8, roundtrip_s=0.8, unpack_s=0.008)
+    >>> row = {"inferences": 8, "queue_ns": 0, "compute_ns": 0, "success_ns": 0, "exec_slices": 0, "exec_compute_ns": 0}
+    >>> after = {"ct_screen": {**row, "success_ns": 600_000_000},
+    ...          "lesion": {**row, "queue_ns": 80_000_000, "exec_slices": 8, "exec_compute_ns": 400_000_000},
+    ...          "postprocess": {**row, "compute_ns": 40_000_000}}
+    >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, after, "ct_screen", 0.016)
+    {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 50.0, 'postprocess': 6.0, 'aggregate': 2.0}
+    """
+    if n_slices <= 0:
+        return {}
+    per_slice = 1000.0 / n_slices
+    delta = {m: {k: v - before.get(m, {}).get(k, 0) for k, v in row.items()} for m, row in after.items()}
+
+    def ms(model: str, key: str, count: str = "inferences") -> float:
+        d = delta.get(model)
+        return d[key] / 1e6 / d[count] if d and d[count] > 0 else 0.0
+
+    roundtrip = calls.roundtrip_s * 1000.0 / calls.slices if calls.slices else 0.0
+    stages = {"decode": work_s.get("decode", 0.0) * per_slice, "resample": work_s.get("resample", 0.0) * per_slice,
+              "grpc": roundtrip}
+    post = calls.unpack_s * 1000.0 / calls.slices if calls.slices else 0.0
+    server = ms(ensemble, "success_ns")
+    if server > 0:
+        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0]
+        queue = sum(ms(m, "queue_ns") for m in parts)
+        compute = {m: ms(m, "exec_compute_ns", "exec_slices") or ms(m, "compute_ns") for m in parts}
+        post_model = compute.pop(POSTPROCESS_MODEL, 0.0)
+        segment = sum(compute.values())
+        stages.update(grpc=roundtrip - server, queue=queue, compute=segment, postprocess=post + post_model)
+    else:
+        stages["postprocess"] = post
+    stages["aggregate"] = aggregate_s * per_slice
+    return {k: round(max(0.0, v), 3) for k, v in stages.items()}

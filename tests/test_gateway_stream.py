@@ -9,6 +9,7 @@ through timing thresholds.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
 N_SLICES = 24
 BATCH = 4
+INFLIGHT = 2
+DECODE_WORKERS = 2
+STAGES = {"decode", "resample", "grpc", "queue", "compute", "postprocess", "aggregate"}
+ENSEMBLE_STEPS = 3  # valid_area and lesion side by side, then postprocess: each within the ensemble's time
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +61,14 @@ class _Recording:
 def _screen(triton, files, *, whole: bool, events: list | None = None) -> tuple[CaseResult, Any]:
     async def go() -> tuple[CaseResult, Any]:
         factory = (lambda url: _Recording(url, events)) if events is not None else None
-        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2, client_factory=factory)
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=INFLIGHT, client_factory=factory)
         loader = (lambda sources: load_study(sources, workers=2)) if whole else None
-        screener = Screener(pool, Metrics(), decode_workers=2, loader=loader)
+        screener = Screener(pool, Metrics(), decode_workers=DECODE_WORKERS, loader=loader)
+        started = time.time()
         try:
             prepared = await screener.prepare(files)
             streamed = prepared.study is None
-            result = await screener.screen(prepared, job_id="j1", started=0.0)
+            result = await screener.screen(prepared, job_id="j1", started=started)
             return result, (streamed, prepared.sr_context)
         finally:
             screener.close()
@@ -128,3 +134,25 @@ def test_a_study_whose_first_batch_does_not_decode_is_refused_before_acceptance(
     assert err.value.http_status == 422
     assert err.value.to_dict() == whole.value.to_dict()
     assert {r["reason"] for r in err.value.to_dict()["rejected"]} == {"undecodable"}
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "whole"])
+def test_each_stage_of_a_slice_is_timed_and_they_add_up(triton, study_files, whole):
+    """Every stage is there (Triton's statistics are readable) and >= 0, the models took time, and the
+    stages fit the wall clock: a stage's milliseconds are summed over its parallel workers, so each
+    fits its phase's wall clock times its workers (decode threads; requests in flight times the
+    ensemble's steps, each of which lies within the request), and all of them the study's wall clock
+    times every worker there is."""
+    result, _ = _screen(triton, study_files, whole=whole)
+    t = result.timings
+    stages = t.stages_ms_per_slice
+    assert stages is not None and set(stages) == STAGES, stages
+    assert all(v >= 0 for v in stages.values())
+    assert stages["decode"] > 0 and stages["resample"] > 0 and stages["compute"] > 0
+    n = result.n_slices
+    assert t.ingest_s is not None and t.inference_s is not None and t.aggregate_s is not None and t.total_s
+    assert (stages["decode"] + stages["resample"]) * n <= 1000 * (t.ingest_s + t.inference_s) * DECODE_WORKERS
+    triton_side = sum(stages[k] for k in ("grpc", "queue", "compute", "postprocess"))
+    assert triton_side * n <= 1000 * t.inference_s * INFLIGHT * ENSEMBLE_STEPS
+    assert stages["aggregate"] * n <= 1000 * t.aggregate_s
+    assert sum(stages.values()) * n <= 1000 * t.total_s * (DECODE_WORKERS + INFLIGHT * ENSEMBLE_STEPS + 1)
