@@ -9,21 +9,27 @@ through timing thresholds.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 import phantom
 from aggregator.schema import CaseResult
+from ctscreen.contracts import SLICE_SIZE
 from gateway.errors import GatewayError
-from gateway.ingest import StudyPlan, load_study
+from gateway.ingest import StudyPlan, load_study, plan_study
 from gateway.metrics import Metrics
 from gateway.screening import Screener
 from gateway.triton_pool import TritonPool
+from tests.gateway_dicom_factory import chest_like, enhanced_ct, make_series, to_bytes
 
-pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
 
 N_SLICES = 24
 BATCH = 4
@@ -81,6 +87,7 @@ def _comparable(result: CaseResult) -> dict[str, Any]:
     return result.model_dump(mode="json", exclude={"timings", "created_at"})
 
 
+@pytest.mark.triton
 def test_streamed_result_is_the_whole_study_result(triton, study_files):
     whole, (whole_streamed, whole_context) = _screen(triton, study_files, whole=True)
     streamed, (was_streamed, context) = _screen(triton, study_files, whole=False)
@@ -90,6 +97,7 @@ def test_streamed_result_is_the_whole_study_result(triton, study_files):
     assert context == whole_context
 
 
+@pytest.mark.triton
 def test_first_request_leaves_before_the_last_object_is_decoded(triton, study_files, monkeypatch):
     events: list[tuple[str, Any]] = []
     decode = StudyPlan.decode_object
@@ -108,6 +116,7 @@ def test_first_request_leaves_before_the_last_object_is_decoded(triton, study_fi
     assert kinds.index("infer") < last_decoded, kinds
 
 
+@pytest.mark.triton
 def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton, study_files):
     """The stream starts (the first batch decodes), a later file's pixels are truncated: the study goes
     the whole-study path and its result, the bad file among the rejected, is that path's result."""
@@ -124,6 +133,7 @@ def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton,
     assert _comparable(streamed) == _comparable(whole)
 
 
+@pytest.mark.triton
 def test_a_study_whose_first_batch_does_not_decode_is_refused_before_acceptance(triton, study_files):
     """``prepare`` (which the upload route awaits before accepting) raises what the whole-study path raises."""
     files = [(n, d[: len(d) // 2]) for n, d in study_files]
@@ -136,6 +146,7 @@ def test_a_study_whose_first_batch_does_not_decode_is_refused_before_acceptance(
     assert {r["reason"] for r in err.value.to_dict()["rejected"]} == {"undecodable"}
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("whole", [False, True], ids=["streamed", "whole"])
 def test_each_stage_of_a_slice_is_timed_and_they_add_up(triton, study_files, whole):
     """Every stage is there (Triton's statistics are readable) and >= 0, the models took time, and the
@@ -156,3 +167,49 @@ def test_each_stage_of_a_slice_is_timed_and_they_add_up(triton, study_files, who
     assert triton_side * n <= 1000 * t.inference_s * INFLIGHT * ENSEMBLE_STEPS
     assert stages["aggregate"] * n <= 1000 * t.aggregate_s
     assert sum(stages.values()) * n <= 1000 * t.total_s * (DECODE_WORKERS + INFLIGHT * ENSEMBLE_STEPS + 1)
+
+
+def _decoded_batch_by_batch(plan: StudyPlan, size: int):
+    """What :meth:`Screener.screen` does with a plan, without Triton: decode step by step, then assemble."""
+    hu = np.empty((plan.n_slices, SLICE_SIZE, SLICE_SIZE), np.int16)
+    row = {h.key: i for i, h in enumerate(plan.ordered.slices)}
+    grids = {}
+    for _, uids in plan.batches(size):
+        for uid in uids:
+            frames, rejection, _ = plan.decode_object(uid)
+            assert rejection is None
+            for key, arr, grid in frames:
+                grids[key] = grid
+                if key in row:
+                    hu[row[key]] = arr
+    return plan.assemble(hu, grids)
+
+
+def _same_study(a, b) -> None:
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert a.slices == b.slices and a.summary() == b.summary() and a.sr_context == b.sr_context
+
+
+def test_a_multi_frame_object_is_decoded_once_in_the_first_step_that_needs_it():
+    frames = [chest_like(48, 48, seed=s) for s in range(5)]
+    data = enhanced_ct(frames, [(1.0, -1024.0)] * 5, [4.0, 0.0, 8.0, 2.0, 6.0])
+    plan = plan_study([("ect.dcm", data)])
+    steps = plan.batches(2)
+    assert [filled for filled, _ in steps] == [2, 4, 5]
+    assert len(steps[0][1]) == 1 and steps[1][1] == [] and steps[2][1] == []
+    _same_study(_decoded_batch_by_batch(plan, 2), load_study([("ect.dcm", data)]))
+
+
+def test_duplicate_positions_are_decoded_last_and_left_out_as_the_whole_path_does():
+    series = make_series(6, rows=32, cols=32, spacing=1.0)
+    files = [(n, d) for n, d, _, _ in series]
+    dup = pydicom.dcmread(io.BytesIO(series[1][1]))
+    dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dup.InstanceNumber = 99
+    files.insert(0, ("dup.dcm", to_bytes(dup)))
+    plan = plan_study(files)
+    steps = plan.batches(4)
+    assert [filled for filled, _ in steps] == [4, 6, 6] and steps[-1][1] == [dup.SOPInstanceUID]
+    study = _decoded_batch_by_batch(plan, 4)
+    assert [(r.filename, r.reason) for r in study.excluded] == [("dup.dcm", "duplicate_position")]
+    _same_study(study, load_study(files))
