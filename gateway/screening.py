@@ -199,13 +199,27 @@ class Screener:
                             hu[row[key]] = arr
                 yield filled
 
+        answered = 0
+
+        def streamed(n: int) -> None:
+            nonlocal answered
+            answered += n
+            progress(n)
+
+        def again(n: int) -> None:  # slices answered by the dropped stream are not counted twice
+            nonlocal answered
+            skip = min(n, answered)
+            answered -= skip
+            if n > skip:
+                progress(n - skip)
+
         try:
-            outputs = await self.pool.infer(hu, on_batch=progress, ready=fill(), stats=calls)
+            outputs = await self.pool.infer(hu, on_batch=streamed, ready=fill(), stats=calls)
         except _Undecoded:
             logger.info("a frame of the series did not decode; screening the study whole")
             prepared.decoded.clear()
             study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
-            return study, await self.pool.infer(study.hu, on_batch=progress, stats=calls)
+            return study, await self.pool.infer(study.hu, on_batch=again, stats=calls)
         return plan.assemble(hu, grids, dict(work)), outputs
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,

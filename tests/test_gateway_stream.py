@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ class _Recording:
         return await self._client.infer(*args, **kwargs)
 
 
-def _screen(triton, files, *, whole: bool, events: list | None = None) -> tuple[CaseResult, Any]:
+def _screen(triton, files, *, whole: bool, events: list | None = None,
+            on_batch: Any = None) -> tuple[CaseResult, Any]:
     async def go() -> tuple[CaseResult, Any]:
         factory = (lambda url: _Recording(url, events)) if events is not None else None
         pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=INFLIGHT, client_factory=factory)
@@ -74,7 +76,8 @@ def _screen(triton, files, *, whole: bool, events: list | None = None) -> tuple[
         try:
             prepared = await screener.prepare(files)
             streamed = prepared.study is None
-            result = await screener.screen(prepared, job_id="j1", started=started)
+            result = await screener.screen(prepared, job_id="j1", started=started,
+                                           on_batch=on_batch)
             return result, (streamed, prepared.sr_context)
         finally:
             screener.close()
@@ -117,17 +120,34 @@ def test_first_request_leaves_before_the_last_object_is_decoded(triton, study_fi
 
 
 @pytest.mark.triton
-def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton, study_files):
+def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton, study_files, monkeypatch):
     """The stream starts (the first batch decodes), a later file's pixels are truncated: the study goes
-    the whole-study path and its result, the bad file among the rejected, is that path's result."""
+    the whole-study path and its result, the bad file among the rejected, is that path's result. The bad
+    file is decoded only once a batch has come back, so the dropped stream has answered slices: the
+    job's progress still counts each slice once."""
     whole0, _ = _screen(triton, study_files, whole=True)
     late = whole0.slices[-2].sop_instance_uid  # a slice of the last batch
     names = {name for name, data in study_files if late.encode() in data}
     assert len(names) == 1
     files = [(n, d[: len(d) // 2] if n in names else d) for n, d in study_files]
     whole, _ = _screen(triton, files, whole=True)
-    streamed, (was_streamed, _) = _screen(triton, files, whole=False)
+    progress: list[int] = []
+    answered = threading.Event()
+    decode = StudyPlan.decode_object
+
+    def after_an_answer(self: StudyPlan, uid: str) -> Any:
+        if uid == late:
+            assert answered.wait(120), "no batch came back"
+        return decode(self, uid)
+
+    def on_batch(n: int) -> None:
+        progress.append(n)
+        answered.set()
+
+    monkeypatch.setattr(StudyPlan, "decode_object", after_an_answer)
+    streamed, (was_streamed, _) = _screen(triton, files, whole=False, on_batch=on_batch)
     assert was_streamed  # the first batch decoded: prepare handed over a plan, the stream broke later
+    assert sum(progress) == streamed.n_slices  # the job's progress counts each slice once
     assert [r.reason for r in streamed.rejected] == ["undecodable"]
     assert streamed.n_slices == N_SLICES - 1
     assert _comparable(streamed) == _comparable(whole)
