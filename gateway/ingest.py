@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -210,9 +211,10 @@ class StudyAccumulator:
         """SOP Instance UIDs of the accepted objects, in arrival order."""
         return list(self._objects)
 
-    def add(self, filename: str, data: bytes) -> Rejection | None:
+    def add(self, filename: str, data: bytes | Path) -> Rejection | None:
         """Parse one file (the only time it is parsed), check its header and keep it; return its
-        :class:`Rejection` if refused.
+        :class:`Rejection` if refused. ``data`` is the file's bytes or the file (which must then stay
+        until the study's pixels are decoded: only its headers are read now).
 
         A second object with the same SOP Instance UID replaces the first (a re-send). Zip uploads
         must be expanded first (:meth:`add_upload`).
@@ -247,7 +249,7 @@ class StudyAccumulator:
             self.rejected.append(rejection)
         return rejection
 
-    def add_upload(self, filename: str, data: bytes) -> list[Rejection]:
+    def add_upload(self, filename: str, data: bytes | Path) -> list[Rejection]:
         """Expand an upload (a file or a zip, see :func:`gateway.uploads.iter_upload`) and add each file.
 
         Raises
@@ -590,7 +592,7 @@ def _frame_name(h: FrameHeader) -> str:
 
 
 def load_study(
-    sources: Iterable[tuple[str, bytes]],
+    sources: Iterable[tuple[str, bytes | Path]],
     rules: SeriesRules | None = None,
     *,
     limits: UploadLimits | None = None,
@@ -602,8 +604,9 @@ def load_study(
 
     Parameters
     ----------
-    sources : Iterable[tuple[str, bytes]]
-        ``(filename, content)`` per upload; zip archives are expanded with ``limits``.
+    sources : Iterable[tuple[str, bytes | pathlib.Path]]
+        ``(filename, content)`` per upload, or ``(filename, file)`` (kept until the pixels are decoded);
+        zip archives are expanded with ``limits``.
     rules : SeriesRules | None
         Series rules (default :class:`~gateway.series.SeriesRules()`).
     limits : UploadLimits | None
@@ -632,7 +635,7 @@ def load_study(
 
 
 def plan_study(
-    sources: Iterable[tuple[str, bytes]],
+    sources: Iterable[tuple[str, bytes | Path]],
     rules: SeriesRules | None = None,
     *,
     limits: UploadLimits | None = None,
@@ -645,7 +648,7 @@ def plan_study(
 
 
 def _accumulate(
-    sources: Iterable[tuple[str, bytes]], rules: SeriesRules | None, limits: UploadLimits | None, one_study: bool
+    sources: Iterable[tuple[str, bytes | Path]], rules: SeriesRules | None, limits: UploadLimits | None, one_study: bool
 ) -> StudyAccumulator:
     acc = StudyAccumulator(rules, limits=limits, one_study=one_study)
     n = 0

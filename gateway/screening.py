@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,12 @@ from gateway.triton_pool import InferStats, SliceOutput, TritonPool
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[Sequence[tuple[str, bytes]]], PreparedStudy]
+Loader = Callable[[Sequence[tuple[str, bytes | Path]]], PreparedStudy]
 """``sources -> PreparedStudy`` (default :func:`gateway.ingest.load_study`)."""
 
 
 def _ingest_loader(workers: int) -> Loader:
-    def load(sources: Sequence[tuple[str, bytes]]) -> PreparedStudy:
+    def load(sources: Sequence[tuple[str, bytes | Path]]) -> PreparedStudy:
         return load_study(sources, workers=workers)
 
     return load
@@ -64,6 +65,20 @@ class Prepared:
     decoded: dict[str, tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], dict[str, float]]] = field(
         default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    _release: list[Callable[[], object]] = field(default_factory=list)
+
+    def on_release(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` once this study is done with (screened, or dropped): e.g. remove the files it reads."""
+        self._release.append(fn)
+
+    def release(self) -> None:
+        """Run the :meth:`on_release` callbacks (once; a failing one is logged, the others still run)."""
+        while self._release:
+            fn = self._release.pop()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a clean-up never fails the job
+                logger.exception("releasing a prepared study failed")
 
     @property
     def study_instance_uid(self) -> str:
@@ -120,7 +135,7 @@ class Screener:
         """Stop the decode threads."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, sources: Sequence[tuple[str, bytes]]) -> Prepared:
+    async def prepare(self, sources: Sequence[tuple[str, bytes | Path]]) -> Prepared:
         """Read a study's files and decide its series and slice order from the headers; decode its
         first batch of slices (the rest is decoded while it is screened, :meth:`screen`).
 

@@ -80,7 +80,13 @@ class Worker:
         """
         self._prepared[job_id] = prepared
         while len(self._prepared) > self.settings.max_concurrent_studies:
-            self._prepared.popitem(last=False)
+            self._prepared.popitem(last=False)[1].release()
+
+    def forget(self, job_id: str) -> None:
+        """Drop (and release) what :meth:`remember` kept for ``job_id``, if anything."""
+        prepared = self._prepared.pop(job_id, None)
+        if prepared is not None:
+            prepared.release()
 
     def start(self) -> None:
         """Start claiming."""
@@ -151,8 +157,9 @@ class Worker:
             progress.dirty = True
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
+        remembered = self._prepared.pop(job.id, None)
         try:
-            prepared = self._prepared.pop(job.id, None)
+            prepared = remembered
             if prepared is None:
                 prepared = await self._prepare(job)
             await set_state(JobState.inferring, slices_total=prepared.n_slices,
@@ -184,6 +191,8 @@ class Worker:
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            if remembered is not None:  # its spooled files: the blob store holds the instances
+                await asyncio.to_thread(remembered.release)
 
     async def _prepare(self, job: Claimed) -> Prepared:
         files = await self.store.instance_files(job.study_id)
@@ -218,6 +227,8 @@ class Worker:
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in list(self._prepared):
+            self.forget(job_id)
         try:
             released = await self.store.release_all()
         except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on (leases expire anyway)
