@@ -26,8 +26,10 @@ import logging
 import mmap
 import os
 import re
+import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +43,8 @@ from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBom
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "split_multipart_related", "spool_multipart"]
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "split_multipart_related", "spool_multipart",
+           "sweep_spools"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
@@ -314,6 +317,30 @@ def spool_multipart(
     parts: list[tuple[dict[str, str], Path]] = []
     _split(body, content_type, max_parts, lambda: _FilePart(folder), parts)
     return parts
+
+
+def new_spool(root: Path) -> Path:
+    """A new folder under ``root`` for one upload's spooled files (its owner removes it when done)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+
+def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:
+    """Remove the spool folders under ``root`` last changed more than ``max_age_s`` ago (left by a process
+    that died before removing them); return how many. ``root`` may be shared by several replicas: give an
+    age no live upload's folder reaches (the gateway uses twice the job deadline)."""
+    if not root.is_dir():
+        return 0
+    cutoff = (time.time() if now is None else now) - max_age_s
+    removed = 0
+    for folder in root.glob("upload-*"):
+        try:
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        except OSError:  # another replica removed it first
+            continue
+    return removed
 
 
 class _BytesPart:

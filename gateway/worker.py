@@ -36,6 +36,7 @@ from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, Store
 from gateway.triton_pool import InferenceUnavailable
+from gateway.uploads import sweep_spools
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,9 @@ class Sweeper:
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
             for key in keys:
                 await asyncio.to_thread(self.blobs.delete, key)
+            # uploads spooled by a process that died before removing them (a live one's are younger)
+            if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
+                logger.warning("removed upload spool folders left by a stopped process")
 
     async def _loop(self) -> None:
         while True:

@@ -262,3 +262,22 @@ def test_mutated_zips_raise_only_upload_errors() -> None:
         except UploadError as exc:
             seen.add(exc.reason)
     assert "bad_archive" in seen
+
+
+def test_spool_folders_left_by_a_dead_process_are_swept_and_live_ones_kept(tmp_path) -> None:
+    import os
+    import time
+
+    from gateway.uploads import new_spool, sweep_spools
+
+    root = tmp_path / "spool"
+    old, live = new_spool(root), new_spool(root)
+    (old / "part-1").write_bytes(b"x")
+    (live / "part-1").write_bytes(b"y")
+    day_ago = time.time() - 86400
+    os.utime(old, (day_ago, day_ago))
+    (root / "not-a-spool").mkdir()
+    os.utime(root / "not-a-spool", (day_ago, day_ago))
+    assert sweep_spools(root, 3600) == 1
+    assert not old.exists() and (live / "part-1").read_bytes() == b"y" and (root / "not-a-spool").is_dir()
+    assert sweep_spools(tmp_path / "absent", 3600) == 0

@@ -25,7 +25,7 @@ from gateway.jobs import Busy, JobError, JobNotFound, JobView
 from gateway.settings import Settings
 from gateway.store import Store, new_key
 from gateway.uids import check_uid
-from gateway.uploads import UploadLimits, iter_upload, spool_multipart
+from gateway.uploads import UploadLimits, iter_upload, new_spool, spool_multipart
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -85,9 +85,7 @@ def _spool_bytes(data: Any, spool: Path) -> Path:
 
 def _spool_dir(settings: Settings) -> Path:
     """A new folder for one upload's files, under ``data_dir/spool`` (the blob store links them from there)."""
-    root = settings.data_dir / "spool"
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+    return new_spool(settings.spool_dir())
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
