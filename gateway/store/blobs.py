@@ -106,6 +106,10 @@ class FolderBlobs:
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    def path(self, key: str) -> Path:
+        """The file that holds ``key`` (it may not exist): readers that take a file need not load the bytes."""
+        return self._path(key)
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
