@@ -158,8 +158,13 @@ class Timings(_Model):
     """Wall-clock durations in seconds; None for a stage that did not run or was not measured."""
 
     queued_s: float | None = Field(default=None, ge=0.0)
-    ingest_s: float | None = Field(default=None, ge=0.0)
-    inference_s: float | None = Field(default=None, ge=0.0)
+    ingest_s: float | None = Field(
+        default=None, ge=0.0,
+        description="Reading the files and deciding the series; for a study streamed through, the first batch "
+        "decoded too (the rest is decoded during inference_s).")
+    inference_s: float | None = Field(
+        default=None, ge=0.0,
+        description="From the first request to the last answer (decoding the rest of a streamed study overlaps it).")
     aggregate_s: float | None = Field(default=None, ge=0.0)
     total_s: float | None = Field(default=None, ge=0.0)
     stages_ms_per_slice: dict[str, float] | None = Field(
