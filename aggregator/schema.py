@@ -39,7 +39,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION: Final = "1.0.0"
+SCHEMA_VERSION: Final = "1.1.0"
 """Version of the :class:`CaseResult` document."""
 
 Verdict = Literal["positive", "negative", "indeterminate"]
@@ -158,10 +158,34 @@ class Timings(_Model):
     """Wall-clock durations in seconds; None for a stage that did not run or was not measured."""
 
     queued_s: float | None = Field(default=None, ge=0.0)
-    ingest_s: float | None = Field(default=None, ge=0.0)
-    inference_s: float | None = Field(default=None, ge=0.0)
+    ingest_s: float | None = Field(
+        default=None, ge=0.0,
+        description="Reading the files and deciding the series; for a study streamed through, the first batch "
+        "decoded too (the rest is decoded during inference_s).")
+    inference_s: float | None = Field(
+        default=None, ge=0.0,
+        description="From the first request to the last answer (decoding the rest of a streamed study overlaps it).")
     aggregate_s: float | None = Field(default=None, ge=0.0)
     total_s: float | None = Field(default=None, ge=0.0)
+    stages_ms_per_slice: dict[str, float] | None = Field(
+        default=None,
+        description="Milliseconds per screened slice spent in each stage, summed over the stage's parallel "
+        "workers (stages overlap: a study is decoded while it is screened, and several requests are in "
+        "flight): decode (pixel data to HU), resample (to the 512 grid), grpc (request round trip less "
+        "Triton's own time), queue and compute (Triton's statistics, summed over the ensemble's models; "
+        "the two segmentation models run side by side, so together they can pass the ensemble's own "
+        "time), postprocess (Triton's post-processing model and unpacking its answer), aggregate (the "
+        "case rule and the result). Triton's stages are left out (grpc is then the whole round trip) "
+        "when its statistics could not be read; they are averages over the study's window and include "
+        "other studies screened at the same time. (Added in 1.1.0.)",
+    )
+
+    @model_validator(mode="after")
+    def _stages_non_negative(self) -> Timings:
+        bad = {k: v for k, v in (self.stages_ms_per_slice or {}).items() if not v >= 0}
+        if bad:
+            raise ValueError(f"stages_ms_per_slice must be >= 0, got {bad}")
+        return self
 
 
 class RejectedFile(_Model):

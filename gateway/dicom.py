@@ -35,6 +35,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -272,31 +273,40 @@ class DecodedSlice:
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
-def read_dataset(data: bytes, filename: str = "<upload>") -> Dataset:
-    """Parse DICOM bytes (Part 10 file, or a bare data set) into a pydicom Dataset.
+def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
+    """Parse DICOM bytes (Part 10 file, or a bare data set), or a file holding them, into a pydicom Dataset.
 
     Values longer than :data:`DEFER_BYTES` (native Pixel Data) are not copied: pydicom reads them from
     ``data`` when they are first used (decoding), so a data set kept until its pixels are decoded holds
-    no second copy of them.
+    no second copy of them; from a file, it holds none at all until then (the file must stay until the
+    pixels are decoded).
 
     Raises
     ------
     gateway.errors.NotDicom
         The bytes are not DICOM.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f'Argument "data" must be bytes, got {type(data).__name__}.')
-    data = bytes(data)
-    if len(data) < 8:
-        raise NotDicom(f"{len(data)} bytes is too short to be DICOM.", filename=filename)
-    has_magic = len(data) >= 132 and data[128:132] == b"DICM"
+    if isinstance(data, Path):
+        size = data.stat().st_size
+        with open(data, "rb") as fh:
+            head = fh.read(132)
+        source: Any = str(data)
+    elif isinstance(data, bytes | bytearray | memoryview):
+        data = bytes(data)
+        size, head, source = len(data), data[:132], io.BytesIO(data)
+    else:
+        raise TypeError(f'Argument "data" must be bytes or a path, got {type(data).__name__}.')
+    if size < 8:
+        raise NotDicom(f"{size} bytes is too short to be DICOM.", filename=filename)
+    has_magic = len(head) >= 132 and head[128:132] == b"DICM"
     try:
-        ds: Dataset = pydicom.dcmread(io.BytesIO(data), force=not has_magic, defer_size=DEFER_BYTES)
+        ds: Dataset = pydicom.dcmread(source, force=not has_magic, defer_size=DEFER_BYTES)
     except InvalidDicomError as exc:
         raise NotDicom(f"Not a DICOM file: {exc}", filename=filename) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input
-        if has_magic and _transfer_syntax_of(data) == _EXPLICIT_BIG_ENDIAN:
-            ds = _read_big_endian_with_un_sequences(data, filename, exc)
+        raw = data.read_bytes() if isinstance(data, Path) else data
+        if has_magic and _transfer_syntax_of(raw) == _EXPLICIT_BIG_ENDIAN:
+            ds = _read_big_endian_with_un_sequences(raw, filename, exc)
         else:
             raise NotDicom(
                 f"DICOM header cannot be parsed: {type(exc).__name__}: {exc}", filename=filename

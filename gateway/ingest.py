@@ -27,10 +27,12 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -48,13 +50,23 @@ from gateway.dicom import (
 )
 from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodable, UploadError
 from gateway.report import SrContext, sr_context
-from gateway.series import SeriesRules, frame_exclusion, select_series, sort_slices
+from gateway.series import (
+    SeriesRules,
+    SeriesSelection,
+    SortedSeries,
+    frame_exclusion,
+    select_series,
+    sort_slices,
+)
 from gateway.uids import check_header_uids, is_uid
 from gateway.uploads import UploadLimits, iter_upload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "load_study", "make_decode_pool"]
+__all__ = [
+    "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "load_study", "make_decode_pool",
+    "plan_study",
+]
 
 
 class Rejection(NamedTuple):
@@ -114,6 +126,9 @@ class PreparedStudy:
     n_files: int = 0
     sr_context: SrContext | None = None
     """Patient, study and instance headers of the screened slices, for the SR and FHIR report."""
+    work_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of work per stage, summed over the decoding workers: ``decode`` (pixel data to HU) and
+    ``resample`` (to the 512 grid)."""
 
     @property
     def n_slices(self) -> int:
@@ -196,9 +211,10 @@ class StudyAccumulator:
         """SOP Instance UIDs of the accepted objects, in arrival order."""
         return list(self._objects)
 
-    def add(self, filename: str, data: bytes) -> Rejection | None:
+    def add(self, filename: str, data: bytes | Path) -> Rejection | None:
         """Parse one file (the only time it is parsed), check its header and keep it; return its
-        :class:`Rejection` if refused.
+        :class:`Rejection` if refused. ``data`` is the file's bytes or the file (which must then stay
+        until the study's pixels are decoded: only its headers are read now).
 
         A second object with the same SOP Instance UID replaces the first (a re-send). Zip uploads
         must be expanded first (:meth:`add_upload`).
@@ -233,7 +249,7 @@ class StudyAccumulator:
             self.rejected.append(rejection)
         return rejection
 
-    def add_upload(self, filename: str, data: bytes) -> list[Rejection]:
+    def add_upload(self, filename: str, data: bytes | Path) -> list[Rejection]:
         """Expand an upload (a file or a zip, see :func:`gateway.uploads.iter_upload`) and add each file.
 
         Raises
@@ -267,6 +283,42 @@ class StudyAccumulator:
         gateway.errors.NoUsableSeries
             No frame passes the rules, or none of the chosen series decodes.
         """
+        rejected, objects, frames, selection = self._select()
+        excluded = [Rejection(_frame_name(h), reason, msg) for h, reason, msg in selection.excluded]
+        failed_series: list[str] = []
+        work: Counter[str] = Counter()
+        while True:
+            decoded, failures = _decode(objects, selection.chosen, workers or _default_workers(), executor, work)
+            rejected.extend(failures)
+            good = [h for h in selection.chosen if h.key in decoded]
+            if good:
+                break
+            # the best series cannot be decoded at all: fall back to the next one
+            failed_series.append(selection.series_instance_uid)
+            logger.warning(
+                "series %s: no frame decodes; trying the next series", selection.series_instance_uid
+            )
+            remaining = [h for h in frames if h.series_instance_uid not in failed_series]
+            following = select_series(remaining, self.rules)
+            if following is None:
+                raise NoUsableSeries(
+                    f"No frame of series {', '.join(failed_series)} could be decoded and no other "
+                    "series is usable.",
+                    rejected=rejected,
+                )
+            selection = following
+        ordered = sort_slices(good, self.rules)
+        hu = np.empty((len(ordered.slices), SLICE_SIZE, SLICE_SIZE), dtype=np.int16)
+        for i, h in enumerate(ordered.slices):
+            hu[i] = decoded[h.key][0]
+        grids = {key: grid for key, (_, grid) in decoded.items()}
+        return _assemble(objects, selection, ordered, hu, grids, rejected, excluded, failed_series,
+                         self.n_files, dict(work))
+
+    def _select(
+        self,
+    ) -> tuple[list[Rejection], dict[str, tuple[Dataset, list[FrameHeader]]], list[FrameHeader], SeriesSelection]:
+        """The header-level decisions: refuse mixed studies, choose the series (no pixel is decoded)."""
         with self._lock:
             rejected = list(self.rejected)
             objects = dict(self._objects)
@@ -289,86 +341,165 @@ class StudyAccumulator:
                 f"({len(objects)} CT objects, {len(frames)} frames).",
                 rejected=rejected,
             )
-        excluded = [Rejection(_frame_name(h), reason, msg) for h, reason, msg in selection.excluded]
-        failed_series: list[str] = []
-        while True:
-            decoded, failures = _decode(objects, selection.chosen, workers or _default_workers(), executor)
-            rejected.extend(failures)
-            good = [h for h in selection.chosen if h.key in decoded]
-            if good:
-                break
-            # the best series cannot be decoded at all: fall back to the next one
-            failed_series.append(selection.series_instance_uid)
-            logger.warning(
-                "series %s: no frame decodes; trying the next series", selection.series_instance_uid
-            )
-            remaining = [h for h in frames if h.series_instance_uid not in failed_series]
-            selection = select_series(remaining, self.rules)
-            if selection is None:
-                raise NoUsableSeries(
-                    f"No frame of series {', '.join(failed_series)} could be decoded and no other "
-                    "series is usable.",
-                    rejected=rejected,
-                )
-        ordered = sort_slices(good, self.rules)
-        for h in ordered.duplicates:
-            excluded.append(
-                Rejection(
-                    _frame_name(h), "duplicate_position", "Another slice has the same position; kept one."
-                )
-            )
+        return rejected, objects, frames, selection
 
-        hu = np.empty((len(ordered.slices), SLICE_SIZE, SLICE_SIZE), dtype=np.int16)
-        infos = []
-        warnings: list[str] = []
-        for i, (h, p) in enumerate(zip(ordered.slices, ordered.positions_mm, strict=True)):
-            arr, grid = decoded[h.key]
-            hu[i] = arr
-            infos.append(
-                SliceInfo(
-                    h.sop_instance_uid,
-                    h.frame_index,
-                    float(p),
-                    h.instance_number,
-                    h.filename,
-                    h.rows,
-                    h.cols,
-                    grid,
-                )
+    def plan(self) -> StudyPlan:
+        """Decide the study from its headers alone: the series and the slice order, nothing decoded.
+
+        :class:`StudyPlan` then decodes the objects in slice order, a batch at a time, so that
+        inference can start on the first batch (:meth:`gateway.screening.Screener.screen`). As long
+        as every frame of the chosen series decodes, the study it assembles is the one
+        :meth:`finish` returns; when one does not, :meth:`finish` (which falls back to the next
+        series and re-sorts what decoded) is the answer.
+
+        Raises
+        ------
+        gateway.errors.MixedStudies, gateway.errors.NoUsableSeries
+            As :meth:`finish`, for what the headers show.
+        """
+        rejected, objects, _, selection = self._select()
+        excluded = [Rejection(_frame_name(h), reason, msg) for h, reason, msg in selection.excluded]
+        return StudyPlan(self, objects, selection, sort_slices(selection.chosen, self.rules), rejected, excluded)
+
+
+@dataclass
+class StudyPlan:
+    """One study decided from its headers (:meth:`StudyAccumulator.plan`), decoded a batch at a time.
+
+    Decoding happens one object at a time (:meth:`decode_object`, thread-safe), in the order
+    :meth:`batches` gives; :meth:`assemble` builds the :class:`PreparedStudy` once every object
+    decoded; :meth:`finish` is the whole-study path (:meth:`StudyAccumulator.finish`) for a study
+    with a frame that does not decode.
+    """
+
+    accumulator: StudyAccumulator
+    objects: dict[str, tuple[Dataset, list[FrameHeader]]]
+    selection: SeriesSelection
+    ordered: SortedSeries
+    """The chosen frames in slice order (duplicate positions removed), assuming every one decodes."""
+    rejected: list[Rejection]
+    excluded: list[Rejection]
+
+    @property
+    def n_slices(self) -> int:
+        """Slices to screen when every chosen frame decodes."""
+        return len(self.ordered.slices)
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.ordered.slices[0].study_instance_uid
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.ordered.slices[0].series_instance_uid
+
+    def batches(self, size: int) -> list[tuple[int, list[str]]]:
+        """``(slices ready, objects to decode)`` per step: decoding the objects of a step (after those
+        of the steps before) fills slices ``[0, slices ready)``. Objects are SOP Instance UIDs, each
+        listed once (a multi-frame object in the first step that needs it); the objects holding only
+        duplicate positions come in a last step (they must decode too: a failure changes the result)."""
+        if size < 1:
+            raise ValueError(f'Argument "size" must be >= 1, got {size}.')
+        seen: set[str] = set()
+        steps: list[tuple[int, list[str]]] = []
+        frames = self.ordered.slices
+        for start in range(0, len(frames), size):
+            chunk = frames[start : start + size]
+            uids = [h.sop_instance_uid for h in chunk if h.sop_instance_uid not in seen]
+            uids = list(dict.fromkeys(uids))
+            seen.update(uids)
+            steps.append((start + len(chunk), uids))
+        rest = list(dict.fromkeys(h.sop_instance_uid for h in self.selection.chosen if h.sop_instance_uid not in seen))
+        if rest:
+            steps.append((len(frames), rest))
+        return steps
+
+    def decode_object(self, uid: str) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]],
+                                                Rejection | None, dict[str, float]]:
+        """Decode the chosen frames of one object to the 512 grid (see :func:`_decode_object`)."""
+        ds, headers = self.objects[uid]
+        keys = frozenset(h.key for h in self.selection.chosen if h.sop_instance_uid == uid)
+        return _decode_object(ds, headers, keys)
+
+    def assemble(self, hu: np.ndarray, grids: dict[tuple[str, int], GridMapping],
+                 work: dict[str, float] | None = None) -> PreparedStudy:
+        """The prepared study once every object decoded: ``hu`` filled in :attr:`ordered` order."""
+        return _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
+                         list(self.excluded), [], self.accumulator.n_files, dict(work or {}))
+
+    def finish(self, *, workers: int | None = None, executor: Executor | None = None) -> PreparedStudy:
+        """The whole-study path (:meth:`StudyAccumulator.finish`): for a study with a frame that does not decode."""
+        return self.accumulator.finish(workers=workers, executor=executor)
+
+
+def _assemble(
+    objects: dict[str, tuple[Dataset, list[FrameHeader]]],
+    selection: SeriesSelection,
+    ordered: SortedSeries,
+    hu: np.ndarray,
+    grids: dict[tuple[str, int], GridMapping],
+    rejected: list[Rejection],
+    excluded: list[Rejection],
+    failed_series: list[str],
+    n_files: int,
+    work: dict[str, float],
+) -> PreparedStudy:
+    """The :class:`PreparedStudy` of ``ordered`` slices whose HU are ``hu`` (one row per slice)."""
+    for h in ordered.duplicates:
+        excluded.append(
+            Rejection(
+                _frame_name(h), "duplicate_position", "Another slice has the same position; kept one."
             )
-            warnings.extend(f"{_frame_name(h)}: {w}" for w in h.warnings)
-        first = ordered.slices[0]
-        if ordered.duplicates:
-            warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
-        if selection.other_series:
-            warnings.append(f"{len(selection.other_series)} other usable series not screened.")
-        for uid in failed_series:
-            warnings.append(
-                f"Series {uid} could not be decoded; screened series {selection.series_instance_uid}."
-            )
-        if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
-            warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
-        thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
-        screened = {info.sop_instance_uid for info in infos}
-        context = sr_context(ds for uid, (ds, _) in objects.items() if uid in screened)
-        return PreparedStudy(
-            hu=hu,
-            slices=infos,
-            study_instance_uid=first.study_instance_uid,
-            series_instance_uid=first.series_instance_uid,
-            series_number=first.series_number,
-            series_description=first.series_description,
-            normal=ordered.normal,
-            spacing_mm=ordered.spacing_mm,
-            slice_thickness_mm=float(np.median(thicknesses)) if thicknesses else None,
-            pixel_spacing_mm=first.pixel_spacing,
-            rejected=rejected,
-            excluded=excluded,
-            other_series=selection.other_series,
-            warnings=warnings,
-            n_files=self.n_files,
-            sr_context=context,
         )
+    infos = []
+    warnings: list[str] = []
+    for h, p in zip(ordered.slices, ordered.positions_mm, strict=True):
+        infos.append(
+            SliceInfo(
+                h.sop_instance_uid,
+                h.frame_index,
+                float(p),
+                h.instance_number,
+                h.filename,
+                h.rows,
+                h.cols,
+                grids[h.key],
+            )
+        )
+        warnings.extend(f"{_frame_name(h)}: {w}" for w in h.warnings)
+    first = ordered.slices[0]
+    if ordered.duplicates:
+        warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
+    if selection.other_series:
+        warnings.append(f"{len(selection.other_series)} other usable series not screened.")
+    for uid in failed_series:
+        warnings.append(
+            f"Series {uid} could not be decoded; screened series {selection.series_instance_uid}."
+        )
+    if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
+        warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
+    thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
+    screened = {info.sop_instance_uid for info in infos}
+    context = sr_context(ds for uid, (ds, _) in objects.items() if uid in screened)
+    return PreparedStudy(
+        hu=hu,
+        slices=infos,
+        study_instance_uid=first.study_instance_uid,
+        series_instance_uid=first.series_instance_uid,
+        series_number=first.series_number,
+        series_description=first.series_description,
+        normal=ordered.normal,
+        spacing_mm=ordered.spacing_mm,
+        slice_thickness_mm=float(np.median(thicknesses)) if thicknesses else None,
+        pixel_spacing_mm=first.pixel_spacing,
+        rejected=rejected,
+        excluded=excluded,
+        other_series=selection.other_series,
+        warnings=warnings,
+        n_files=n_files,
+        sr_context=context,
+        work_s=work,
+    )
 
 
 def _ct_study_of(ds: Dataset) -> str | None:
@@ -391,6 +522,7 @@ def _decode(
     chosen: list[FrameHeader],
     workers: int,
     executor: Executor | None,
+    work: Counter[str],
 ) -> tuple[dict[tuple[str, int], tuple[np.ndarray, GridMapping]], list[Rejection]]:
     wanted: dict[str, set[tuple[str, int]]] = defaultdict(set)
     for h in chosen:
@@ -410,7 +542,8 @@ def _decode(
         results = [_decode_object(*job) for job in jobs]
     decoded: dict[tuple[str, int], tuple[np.ndarray, GridMapping]] = {}
     failures = []
-    for frames, rej in results:
+    for frames, rej, spent in results:
+        work.update(spent)
         if rej is not None:
             failures.append(rej)
         for key, arr, grid in frames:
@@ -420,20 +553,24 @@ def _decode(
 
 def _decode_object(
     ds: Dataset, headers: list[FrameHeader], keys: frozenset[tuple[str, int]]
-) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], Rejection | None]:
+) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], Rejection | None, dict[str, float]]:
     """Decode the wanted frames of one parsed object to 512-grid HU (top level: runs in worker
-    processes, where the data set arrives pickled with its source bytes: it is not parsed again)."""
+    processes, where the data set arrives pickled with its source bytes: it is not parsed again).
+
+    The third item is the seconds spent (this thread's wall clock): ``decode`` and ``resample``."""
     filename = headers[0].filename
+    t0 = time.perf_counter()
     try:
         native = decode_hu(ds, headers, filename)
     except InvalidInput as exc:
-        return [], Rejection(filename, exc.reason, exc.message)
+        return [], Rejection(filename, exc.reason, exc.message), {"decode": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     out = []
     for h, frame in zip(headers, native, strict=True):
         if h.key in keys:
             arr, grid = to_grid(frame, orientation=h.orientation)
             out.append((h.key, arr, grid))
-    return out, None
+    return out, None, {"decode": t1 - t0, "resample": time.perf_counter() - t1}
 
 
 def make_decode_pool(workers: int) -> ProcessPoolExecutor:
@@ -455,7 +592,7 @@ def _frame_name(h: FrameHeader) -> str:
 
 
 def load_study(
-    sources: Iterable[tuple[str, bytes]],
+    sources: Iterable[tuple[str, bytes | Path]],
     rules: SeriesRules | None = None,
     *,
     limits: UploadLimits | None = None,
@@ -467,8 +604,9 @@ def load_study(
 
     Parameters
     ----------
-    sources : Iterable[tuple[str, bytes]]
-        ``(filename, content)`` per upload; zip archives are expanded with ``limits``.
+    sources : Iterable[tuple[str, bytes | pathlib.Path]]
+        ``(filename, content)`` per upload, or ``(filename, file)`` (kept until the pixels are decoded);
+        zip archives are expanded with ``limits``.
     rules : SeriesRules | None
         Series rules (default :class:`~gateway.series.SeriesRules()`).
     limits : UploadLimits | None
@@ -493,6 +631,25 @@ def load_study(
     gateway.errors.NoUsableSeries
         Nothing usable; ``exc.rejected`` lists every file and its reason.
     """
+    return _accumulate(sources, rules, limits, one_study).finish(workers=workers, executor=executor)
+
+
+def plan_study(
+    sources: Iterable[tuple[str, bytes | Path]],
+    rules: SeriesRules | None = None,
+    *,
+    limits: UploadLimits | None = None,
+    one_study: bool = True,
+) -> StudyPlan:
+    """Parse one study's files and decide it from their headers (:meth:`StudyAccumulator.plan`);
+    the pixels are decoded later, in slice order (:class:`StudyPlan`). Arguments and errors as
+    :func:`load_study`, less the pixel-level ones."""
+    return _accumulate(sources, rules, limits, one_study).plan()
+
+
+def _accumulate(
+    sources: Iterable[tuple[str, bytes | Path]], rules: SeriesRules | None, limits: UploadLimits | None, one_study: bool
+) -> StudyAccumulator:
     acc = StudyAccumulator(rules, limits=limits, one_study=one_study)
     n = 0
     for filename, data in sources:
@@ -500,4 +657,4 @@ def load_study(
         acc.add_upload(filename, data)
     if n == 0:
         raise UploadError('Argument "sources" must hold at least one file.')
-    return acc.finish(workers=workers, executor=executor)
+    return acc

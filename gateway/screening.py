@@ -1,9 +1,14 @@
 """One screening function: a study's files in, a :class:`~aggregator.schema.CaseResult` out.
 
-:meth:`Screener.prepare` has ingest read the files once (parse each file, choose the series, decode
-to HU, sort along the slice normal, keep the headers an SR needs; CPU work in a thread pool);
-:meth:`Screener.screen` fans the slices out to Triton through the :class:`~gateway.triton_pool.TritonPool`
-and lets :func:`aggregator.case.case_result` turn the prepared study and Triton's outputs into the result. Nothing here knows about jobs, leases or the store:
+:meth:`Screener.prepare` has ingest read the files once (parse each file, choose the series, sort
+along the slice normal: :func:`gateway.ingest.plan_study`) and decode the first batch of slices (CPU
+work in a thread pool); :meth:`Screener.screen` streams the study through: it decodes the next batches
+in slice order while the batches already decoded are screened by Triton through the
+:class:`~gateway.triton_pool.TritonPool`, and lets :func:`aggregator.case.case_result` turn the
+prepared study and Triton's outputs into the result. The result is the one the whole-study path
+(:func:`gateway.ingest.load_study`, then every slice to Triton) gives: when a frame of the chosen
+series does not decode, the stream is dropped and the study goes that path (which falls back to the
+next series and leaves out what does not decode). Nothing here knows about jobs, leases or the store:
 :mod:`gateway.worker` calls it for a claimed job, and the upload route calls :meth:`Screener.prepare`
 to refuse a study that cannot be screened with its specific 4xx before accepting it.
 """
@@ -11,51 +16,91 @@ to refuse a study that cannot be screened with its specific 4xx before accepting
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from aggregator.case import CaseRule, case_result
 from aggregator.schema import CaseResult, ModelInfo, Timings
-from gateway.ingest import PreparedStudy, load_study
+from ctscreen.contracts import POSTPROCESS_MODEL, SLICE_SIZE
+from gateway.dicom import GridMapping
+from gateway.ingest import PreparedStudy, StudyPlan, load_study, plan_study
 from gateway.metrics import Metrics
 from gateway.report import SrContext
-from gateway.triton_pool import TritonPool
+from gateway.triton_pool import InferStats, SliceOutput, TritonPool
 
-Loader = Callable[[Sequence[tuple[str, bytes]]], PreparedStudy]
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Sequence[tuple[str, bytes | Path]]], PreparedStudy]
 """``sources -> PreparedStudy`` (default :func:`gateway.ingest.load_study`)."""
 
 
 def _ingest_loader(workers: int) -> Loader:
-    def load(sources: Sequence[tuple[str, bytes]]) -> PreparedStudy:
+    def load(sources: Sequence[tuple[str, bytes | Path]]) -> PreparedStudy:
         return load_study(sources, workers=workers)
 
     return load
 
 
+class _Undecoded(Exception):
+    """A frame of the streamed series did not decode: the study goes the whole-study path."""
+
+
 @dataclass
 class Prepared:
-    """A decoded study, ready for Triton."""
+    """A study ready for Triton: decoded (``study``), or planned from its headers and decoded while
+    it is screened (``plan``, with the objects decoded so far in ``decoded``)."""
 
-    study: PreparedStudy
-    sr_context: SrContext | None
+    study: PreparedStudy | None
     ingest_s: float
+    plan: StudyPlan | None = None
+    decoded: dict[str, tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], dict[str, float]]] = field(
+        default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    _release: list[Callable[[], object]] = field(default_factory=list)
+
+    def on_release(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` once this study is done with (screened, or dropped): e.g. remove the files it reads."""
+        self._release.append(fn)
+
+    def release(self) -> None:
+        """Run the :meth:`on_release` callbacks (once; a failing one is logged, the others still run)."""
+        while self._release:
+            fn = self._release.pop()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a clean-up never fails the job
+                logger.exception("releasing a prepared study failed")
 
     @property
     def study_instance_uid(self) -> str:
-        return self.study.study_instance_uid
+        return self.study.study_instance_uid if self.study is not None else self._plan.study_instance_uid
 
     @property
     def series_instance_uid(self) -> str:
-        return self.study.series_instance_uid
+        return self.study.series_instance_uid if self.study is not None else self._plan.series_instance_uid
 
     @property
     def n_slices(self) -> int:
-        return self.study.n_slices
+        return self.study.n_slices if self.study is not None else self._plan.n_slices
+
+    @property
+    def sr_context(self) -> SrContext | None:
+        """The SR headers of the screened slices (known once the study is decoded: after :meth:`Screener.screen`)."""
+        return self.study.sr_context if self.study is not None else None
+
+    @property
+    def _plan(self) -> StudyPlan:
+        assert self.plan is not None, "a Prepared holds a study or a plan"
+        return self.plan
 
 
 class Screener:
@@ -81,6 +126,8 @@ class Screener:
         self.metrics = metrics
         self.rule = rule or CaseRule()
         self._loader = loader or _ingest_loader(decode_workers)
+        self._stream = loader is None  # a custom loader decodes whole studies: nothing to stream
+        self.decode_workers = decode_workers
         self.executor = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
         self._models: list[ModelInfo] | None = None
 
@@ -88,8 +135,13 @@ class Screener:
         """Stop the decode threads."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, sources: Sequence[tuple[str, bytes]]) -> Prepared:
-        """Decode a study's files.
+    async def prepare(self, sources: Sequence[tuple[str, bytes | Path]]) -> Prepared:
+        """Read a study's files and decide its series and slice order from the headers; decode its
+        first batch of slices (the rest is decoded while it is screened, :meth:`screen`).
+
+        A study whose first batch does not all decode is decoded whole here (today's path, which
+        tries the next series), so that a study nothing of which decodes is refused before it is
+        accepted, as always.
 
         Raises
         ------
@@ -98,12 +150,92 @@ class Screener:
         """
         loop = asyncio.get_running_loop()
         t = time.monotonic()
-        study = await loop.run_in_executor(self.executor, self._loader, sources)
-        ingest_s = time.monotonic() - t
+        if not self._stream:
+            study = await loop.run_in_executor(self.executor, self._loader, sources)
+            return self._prepared(study, time.monotonic() - t)
+        plan = await loop.run_in_executor(self.executor, plan_study, sources)
+        prepared = Prepared(None, 0.0, plan=plan)
+        try:
+            await self._decode_step(prepared, plan.batches(self.pool.batch_size)[0][1])
+        except _Undecoded:
+            study = await loop.run_in_executor(self.executor, self._whole, plan)
+            return self._prepared(study, time.monotonic() - t)
+        prepared.ingest_s = time.monotonic() - t
+        self.metrics.stage.labels("decode").observe(prepared.ingest_s)
+        for r in (*plan.rejected, *plan.excluded):
+            self.metrics.error(str(r.reason))
+        return prepared
+
+    def _prepared(self, study: PreparedStudy, ingest_s: float) -> Prepared:
         self.metrics.stage.labels("decode").observe(ingest_s)
         for r in (*study.rejected, *study.excluded):
             self.metrics.error(str(r.reason))
-        return Prepared(study, study.sr_context, ingest_s)
+        return Prepared(study, ingest_s)
+
+    def _whole(self, plan: StudyPlan) -> PreparedStudy:
+        return plan.finish(workers=self.decode_workers)
+
+    async def _decode_step(self, prepared: Prepared, uids: list[str]) -> None:
+        """Decode these objects of a planned study in the decode threads (in parallel), into ``prepared.decoded``.
+
+        Raises
+        ------
+        _Undecoded
+            One of them did not decode (the study must go the whole-study path).
+        """
+        plan = prepared._plan
+        loop = asyncio.get_running_loop()
+        todo = [uid for uid in uids if uid not in prepared.decoded]
+        results = await asyncio.gather(*(loop.run_in_executor(self.executor, plan.decode_object, uid)
+                                         for uid in todo))
+        for uid, (frames, rejection, spent) in zip(todo, results, strict=True):
+            if rejection is not None:
+                raise _Undecoded(uid)
+            prepared.decoded[uid] = (frames, spent)
+
+    async def _screen_stream(self, prepared: Prepared, progress: Callable[[int], None],
+                             calls: InferStats) -> tuple[PreparedStudy, list[SliceOutput]]:
+        """Decode the rest of a planned study batch by batch while Triton screens the batches decoded."""
+        plan = prepared._plan
+        hu = np.empty((plan.n_slices, SLICE_SIZE, SLICE_SIZE), dtype=np.int16)
+        row = {h.key: i for i, h in enumerate(plan.ordered.slices)}
+        grids: dict[tuple[str, int], GridMapping] = {}
+        work: Counter[str] = Counter()
+
+        async def fill() -> AsyncIterator[int]:
+            for filled, uids in plan.batches(self.pool.batch_size):
+                await self._decode_step(prepared, uids)
+                for uid in uids:
+                    frames, spent = prepared.decoded.pop(uid)
+                    work.update(spent)
+                    for key, arr, grid in frames:
+                        grids[key] = grid
+                        if key in row:
+                            hu[row[key]] = arr
+                yield filled
+
+        answered = 0
+
+        def streamed(n: int) -> None:
+            nonlocal answered
+            answered += n
+            progress(n)
+
+        def again(n: int) -> None:  # slices answered by the dropped stream are not counted twice
+            nonlocal answered
+            skip = min(n, answered)
+            answered -= skip
+            if n > skip:
+                progress(n - skip)
+
+        try:
+            outputs = await self.pool.infer(hu, on_batch=streamed, ready=fill(), stats=calls)
+        except _Undecoded:
+            logger.info("a frame of the series did not decode; screening the study whole")
+            prepared.decoded.clear()
+            study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
+            return study, await self.pool.infer(study.hu, on_batch=again, stats=calls)
+        return plan.assemble(hu, grids, dict(work)), outputs
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
                      on_batch: Callable[[int], None] | None = None,
@@ -117,8 +249,9 @@ class Screener:
         gateway.triton_pool.InferenceFailed
             Triton refused the request.
         """
-        study = prepared.study
-        timings = {"ingest_s": prepared.ingest_s}
+        timings: dict[str, Any] = {"ingest_s": prepared.ingest_s}
+        before = await self.pool.inference_statistics()
+        calls = InferStats()
         t = time.monotonic()
 
         def progress(n: int) -> None:
@@ -126,18 +259,28 @@ class Screener:
             if on_batch is not None:
                 on_batch(n)
 
-        outputs = await self.pool.infer(study.hu, on_batch=progress)
+        if prepared.study is None:
+            study, outputs = await self._screen_stream(prepared, progress, calls)
+            prepared.study, prepared.plan = study, None
+        else:
+            study = prepared.study
+            outputs = await self.pool.infer(study.hu, on_batch=progress, stats=calls)
         timings["inference_s"] = time.monotonic() - t
+        after = await self.pool.inference_statistics()
         self.metrics.stage.labels("infer").observe(timings["inference_s"])
         if on_aggregate is not None:
             await on_aggregate()
         t = time.monotonic()
         models = await self._model_info()
+        t_rule = time.perf_counter()
         result = case_result(study, outputs, self.rule, models=models, job_id=job_id, created_at=datetime.now(UTC))
+        rule_s = time.perf_counter() - t_rule
         timings["aggregate_s"] = time.monotonic() - t
         timings["total_s"] = max(time.time() - started, timings["inference_s"] + timings["aggregate_s"])
         self.metrics.stage.labels("aggregate").observe(timings["aggregate_s"])
         self.metrics.stage.labels("total").observe(timings["total_s"])
+        timings["stages_ms_per_slice"] = stage_ms_per_slice(
+            study.n_slices, study.work_s, calls, before, after, self.pool.model_name, rule_s)
         result = result.model_copy(update={"timings": Timings(**timings)})
         self.metrics.studies.labels(result.verdict).inc()
         return result
@@ -153,3 +296,50 @@ class Screener:
                                         sha256=info.get("sha256")))
             self._models = models
         return self._models
+
+
+def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStats,
+                       before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+                       ensemble: str, aggregate_s: float) -> dict[str, float]:
+    """Milliseconds per slice of each stage of one study (see :attr:`aggregator.schema.Timings.stages_ms_per_slice`).
+
+    ``work_s`` is the study's decode and resample seconds (:attr:`gateway.ingest.PreparedStudy.work_s`),
+    ``calls`` its requests (:class:`~gateway.triton_pool.InferStats`), ``before`` and ``after`` Triton's
+    statistics read around them (:meth:`~gateway.triton_pool.TritonPool.inference_statistics`),
+    ``ensemble`` the model called, ``aggregate_s`` the case rule's seconds.
+
+    Examples
+    --------
+    >>> calls = InferStats(requests=2, slices=8, roundtrip_s=0.8, unpack_s=0.008)
+    >>> row = {"inferences": 8, "queue_ns": 0, "compute_ns": 0, "success_ns": 0, "exec_slices": 0, "exec_compute_ns": 0}
+    >>> after = {"ct_screen": {**row, "success_ns": 600_000_000},
+    ...          "lesion": {**row, "queue_ns": 80_000_000, "exec_slices": 8, "exec_compute_ns": 400_000_000},
+    ...          "postprocess": {**row, "compute_ns": 40_000_000}}
+    >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, after, "ct_screen", 0.016)
+    {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 50.0, 'postprocess': 6.0, 'aggregate': 2.0}
+    """
+    if n_slices <= 0:
+        return {}
+    per_slice = 1000.0 / n_slices
+    delta = {m: {k: v - before.get(m, {}).get(k, 0) for k, v in row.items()} for m, row in after.items()}
+
+    def ms(model: str, key: str, count: str = "inferences") -> float:
+        d = delta.get(model)
+        return d[key] / 1e6 / d[count] if d and d[count] > 0 else 0.0
+
+    roundtrip = calls.roundtrip_s * 1000.0 / calls.slices if calls.slices else 0.0
+    stages = {"decode": work_s.get("decode", 0.0) * per_slice, "resample": work_s.get("resample", 0.0) * per_slice,
+              "grpc": roundtrip}
+    post = calls.unpack_s * 1000.0 / calls.slices if calls.slices else 0.0
+    server = ms(ensemble, "success_ns")
+    if server > 0:
+        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0]
+        queue = sum(ms(m, "queue_ns") for m in parts)
+        compute = {m: ms(m, "exec_compute_ns", "exec_slices") or ms(m, "compute_ns") for m in parts}
+        post_model = compute.pop(POSTPROCESS_MODEL, 0.0)
+        segment = sum(compute.values())
+        stages.update(grpc=roundtrip - server, queue=queue, compute=segment, postprocess=post + post_model)
+    else:
+        stages["postprocess"] = post
+    stages["aggregate"] = aggregate_s * per_slice
+    return {k: round(max(0.0, v), 3) for k, v in stages.items()}

@@ -305,6 +305,10 @@ class Settings(BaseSettings):
         """The database URL in use (SQLite in ``data_dir`` unless ``database_url``)."""
         return self.database_url or f"sqlite:///{self.data_dir / 'ctscreen.db'}"
 
+    def spool_dir(self) -> Path:
+        """Where uploads are spooled while they are read and screened (``data_dir/spool``)."""
+        return self.data_dir / "spool"
+
     def blobs(self) -> Path:
         """The blob folder in use."""
         return self.blob_dir or self.data_dir / "blobs"

@@ -34,7 +34,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,27 @@ class SliceOutput:
     boxes: np.ndarray
     valid_area: np.ndarray
     endpoint: str
+
+
+@dataclass(slots=True)
+class InferStats:
+    """What the requests of one :meth:`TritonPool.infer` cost on the gateway's side (answered tries only).
+
+    Attributes
+    ----------
+    requests, slices : int
+        Requests answered and the slices in them.
+    roundtrip_s : float
+        Seconds from sending each request to its answer, summed over the requests (they overlap when
+        several are in flight): gRPC, Triton's queue and compute.
+    unpack_s : float
+        Seconds spent turning the answers into :class:`SliceOutput` (the gateway's post-processing).
+    """
+
+    requests: int = 0
+    slices: int = 0
+    roundtrip_s: float = 0.0
+    unpack_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -320,6 +341,42 @@ class TritonPool:
                 logger.debug("metadata of %s failed: %s", ep.url, exc)
         return None
 
+    async def inference_statistics(self) -> dict[str, dict[str, int]]:
+        """Triton's own cumulative statistics per model, summed over the live endpoints that answer.
+
+        ``{model: {"inferences", "queue_ns", "compute_ns", "success_ns", "exec_slices", "exec_compute_ns"}}``:
+        slices inferred (batch items), and nanoseconds summed over requests waiting in the queue,
+        computing (input, infer and output) and from arrival to answer; ``exec_*`` sum the executions
+        instead (a dynamic batch of several requests counted once, with the slices it held). The
+        counters are per model, not per request: the difference of two readings covers every request
+        in between, whoever sent it. Empty when no endpoint answers.
+        """
+        total: dict[str, dict[str, int]] = {}
+        for ep in [e for e in self._eps.values() if not e.removed]:
+            try:
+                stats = await self._client(ep).get_inference_statistics(
+                    as_json=True, client_timeout=self.ready_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - statistics are a nicety, never a failure
+                logger.debug("statistics of %s failed: %s", ep.url, exc)
+                continue
+            for model in stats.get("model_stats", []) if isinstance(stats, dict) else []:
+                st = model.get("inference_stats", {})
+
+                def ns(*keys: str, st: dict[str, Any] = st) -> int:
+                    return sum(int(st.get(k, {}).get("ns", 0) or 0) for k in keys)
+
+                row = total.setdefault(str(model.get("name", "")), dict.fromkeys(
+                    ("inferences", "queue_ns", "compute_ns", "success_ns", "exec_slices", "exec_compute_ns"), 0))
+                row["inferences"] += int(model.get("inference_count", 0) or 0)
+                row["queue_ns"] += ns("queue")
+                row["compute_ns"] += ns("compute_input", "compute_infer", "compute_output")
+                row["success_ns"] += ns("success")
+                for b in model.get("batch_stats", []) or []:
+                    row["exec_slices"] += int(b.get("batch_size", 0) or 0) * int(
+                        b.get("compute_infer", {}).get("count", 0) or 0)
+                    row["exec_compute_ns"] += ns("compute_input", "compute_infer", "compute_output", st=b)
+        return total
+
     async def component_models(self) -> dict[str, dict[str, str]]:
         """Provenance of the ensemble's models, from its ``models`` config parameter.
 
@@ -405,26 +462,35 @@ class TritonPool:
             logger.debug("closing a Triton client failed: %s", exc)
 
     # --- inference ---------------------------------------------------------------------------
-    async def _call(self, ep: _Endpoint, batch: np.ndarray) -> list[SliceOutput]:
+    async def _call(self, ep: _Endpoint, batch: np.ndarray, stats: InferStats | None = None) -> list[SliceOutput]:
         import tritonclient.grpc as grpcclient
 
         inp = grpcclient.InferInput(HU_SLICES, list(batch.shape), "INT16")
         inp.set_data_from_numpy(batch)
         outputs = [grpcclient.InferRequestedOutput(n) for n in (LESION_BOXES, BOX_COUNT, VALID_AREA_BOX)]
+        t0 = time.perf_counter()
         result = await self._client(ep).infer(
             self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s
         )
+        t1 = time.perf_counter()
         boxes = result.as_numpy(LESION_BOXES)
         counts = result.as_numpy(BOX_COUNT)
         valid = result.as_numpy(VALID_AREA_BOX)
         if boxes is None or counts is None or valid is None:
             raise InferenceFailed(f"Triton endpoint {ep.url} left out an output of {self.model_name}.")
-        return [SliceOutput(s.boxes, s.valid_area, ep.url) for s in unpack_outputs(boxes, counts, valid)]
+        out = [SliceOutput(s.boxes, s.valid_area, ep.url) for s in unpack_outputs(boxes, counts, valid)]
+        if stats is not None:
+            stats.requests += 1
+            stats.slices += len(out)
+            stats.roundtrip_s += t1 - t0
+            stats.unpack_s += time.perf_counter() - t1
+        return out
 
-    async def infer_batch(self, batch: np.ndarray) -> list[SliceOutput]:
+    async def infer_batch(self, batch: np.ndarray, stats: InferStats | None = None) -> list[SliceOutput]:
         """Screen one batch of slices ``[B, 512, 512]`` (or ``[B, 1, 512, 512]``) int16 HU.
 
-        Tries up to ``max_attempts`` endpoints; the answer of exactly one try is returned.
+        Tries up to ``max_attempts`` endpoints; the answer of exactly one try is returned (and counted
+        in ``stats``).
 
         Raises
         ------
@@ -449,7 +515,7 @@ class TritonPool:
             tried.add(ep.url)
             answered = 0
             try:
-                out = await self._call(ep, batch)
+                out = await self._call(ep, batch, stats)
                 answered = len(out)
                 ep.slices_done += answered
                 ep.requests_done += 1
@@ -484,16 +550,26 @@ class TritonPool:
         self,
         hu: np.ndarray,
         on_batch: Callable[[int], Awaitable[None] | None] | None = None,
+        ready: AsyncIterator[int] | None = None,
+        stats: InferStats | None = None,
     ) -> list[SliceOutput]:
         """Screen every slice of ``hu`` ``[Z, 512, 512]`` int16; results in slice order.
 
         Batches are sent concurrently (bounded by the endpoints' in-flight limits). ``on_batch(n)``
         is called after each batch of ``n`` slices comes back (progress).
 
+        ``ready`` streams a study through: ``hu`` is being filled while this runs, and ``ready``
+        yields how many leading slices are filled so far (ascending, ending at ``Z``); each batch is
+        sent as soon as its slices are filled. An exception from ``ready`` cancels the batches sent
+        and is raised here; so does a batch that fails while ``ready`` still fills. ``stats`` adds
+        up what the answered requests cost (:class:`InferStats`).
+
         Raises
         ------
         InferenceUnavailable, InferenceFailed
             When a batch cannot be answered; the other batches are cancelled.
+        ValueError
+            When ``ready`` ends before every slice is filled.
         """
         if hu.ndim != 3:
             raise ValueError(f'Argument "hu" must be [Z, H, W], got shape {hu.shape}.')
@@ -505,7 +581,7 @@ class TritonPool:
         async def run(start: int) -> None:
             nonlocal remaining
             stop = min(z, start + self.batch_size)
-            out = await self.infer_batch(hu[start:stop])
+            out = await self.infer_batch(hu[start:stop], stats)
             for i, item in enumerate(out):
                 if results[start + i] is not None:  # pragma: no cover - guarded by construction
                     raise AssertionError(f"slice {start + i} answered twice")
@@ -517,13 +593,33 @@ class TritonPool:
                 if maybe is not None:
                     await maybe
 
-        tasks = [asyncio.ensure_future(run(s)) for s in range(0, z, self.batch_size)]
+        tasks: list[asyncio.Future[None]] = []
+
+        def send(filled: int) -> None:
+            for s in range(len(tasks) * self.batch_size, z, self.batch_size):
+                if min(z, s + self.batch_size) > filled:
+                    break
+                tasks.append(asyncio.ensure_future(run(s)))
+
         try:
+            if ready is None:
+                send(z)
+            else:
+                async for filled in ready:
+                    send(filled)
+                    failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+                    if failed is not None:
+                        await failed  # raises the batch's error; the finally cancels the others
+                if len(tasks) * self.batch_size < z:
+                    raise ValueError(f'Argument "ready" ended before all {z} slices were filled.')
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
             self._pending_slices -= remaining
+            close = getattr(ready, "aclose", None)
+            if close is not None:
+                await close()  # a stream left early (a batch failed) stops filling
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # pragma: no cover - gather would have raised
             raise InferenceFailed(f"Slices {missing[:5]} came back without a result.")

@@ -15,7 +15,8 @@ can lie:
   declared sizes lie;
 * archives inside archives are refused (:class:`~gateway.errors.BadArchive`).
 
-:func:`split_multipart_related` splits a ``multipart/related`` body (DICOMweb STOW-RS) into parts.
+:func:`split_multipart_related` splits a ``multipart/related`` body (DICOMweb STOW-RS) into parts;
+:func:`spool_multipart` does the same into files, so that an upload's parts are never held in memory.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from __future__ import annotations
 import io
 import logging
 import mmap
+import os
 import re
+import shutil
 import stat
+import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, cast
+from pathlib import Path
+from typing import IO, Any, cast, overload
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -37,7 +43,8 @@ from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBom
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "split_multipart_related"]
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "split_multipart_related", "spool_multipart",
+           "sweep_spools"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
@@ -85,29 +92,45 @@ class UploadLimits:
             raise ValueError(f'Argument "max_ratio" must be > 1, got {self.max_ratio}.')
 
 
-def is_zip(data: bytes | mmap.mmap) -> bool:
-    """Return whether ``data`` starts like a zip archive."""
+def is_zip(data: bytes | mmap.mmap | Path) -> bool:
+    """Return whether ``data`` (bytes, or a file) starts like a zip archive."""
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:
+            return fh.read(4) in _ZIP_MAGIC
     return data[:4] in _ZIP_MAGIC
 
 
+@overload
 def iter_upload(
     filename: str, data: bytes | mmap.mmap, limits: UploadLimits | None = None
-) -> Iterator[tuple[str, bytes]]:
+) -> Iterator[tuple[str, bytes]]: ...
+
+
+@overload
+def iter_upload(
+    filename: str, data: Path, limits: UploadLimits | None = None
+) -> Iterator[tuple[str, bytes | Path]]: ...
+
+
+def iter_upload(
+    filename: str, data: bytes | mmap.mmap | Path, limits: UploadLimits | None = None
+) -> Iterator[tuple[str, bytes]] | Iterator[tuple[str, bytes | Path]]:
     """Yield the files in one upload: the file itself, or every member of a zip archive.
 
     Parameters
     ----------
     filename : str
         Name the client gave the upload (used in messages and as the prefix of member names).
-    data : bytes
-        The upload body.
+    data : bytes | mmap.mmap | pathlib.Path
+        The upload body, or the file it was spooled to.
     limits : UploadLimits | None
         Limits to enforce; defaults to :class:`UploadLimits()`.
 
     Yields
     ------
-    tuple[str, bytes]
-        ``(name, content)``; members are named ``"<filename>/<member name>"``.
+    tuple[str, bytes | pathlib.Path]
+        ``(name, content)``; members are named ``"<filename>/<member name>"``. A spooled file that is
+        not a zip is yielded as its path (not read); zip members are yielded as bytes, one at a time.
 
     Raises
     ------
@@ -117,17 +140,25 @@ def iter_upload(
         for everything the central directory declares, and during expansion when it lied.
     """
     limits = limits or UploadLimits()
-    if len(data) > limits.max_upload_bytes:
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
+    if size > limits.max_upload_bytes:
         raise TooLarge(
-            f"Upload is {len(data)} bytes; the limit is {limits.max_upload_bytes}.", filename=filename
+            f"Upload is {size} bytes; the limit is {limits.max_upload_bytes}.", filename=filename
         )
     if not is_zip(data):
-        if len(data) > limits.max_file_bytes:
+        if size > limits.max_file_bytes:
             raise TooLarge(
-                f"File is {len(data)} bytes; the limit is {limits.max_file_bytes}.", filename=filename
+                f"File is {size} bytes; the limit is {limits.max_file_bytes}.", filename=filename
             )
+        if isinstance(data, Path):
+            yield filename, data
+            return
         # a memory-mapped body (gateway.admission) is read through its file: no page is held twice
         yield filename, data.tobytes() if isinstance(data, mmap.mmap) and hasattr(data, "tobytes") else bytes(data)
+        return
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:  # read in place, a member at a time
+            yield from _iter_zip(filename, fh, limits)
         return
     yield from _iter_zip(filename, data, limits)
 
@@ -142,10 +173,10 @@ def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
         raise UnsafePath(f"Zip member {name!r} is a symbolic link.", filename=archive)
 
 
-def _iter_zip(filename: str, data: bytes | mmap.mmap, limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
+def _iter_zip(filename: str, data: bytes | mmap.mmap | IO[bytes], limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
     try:
-        # a mmap is read in place: it reads, seeks and tells like a binary file (typeshed wants IO[bytes])
-        zf = zipfile.ZipFile(cast(IO[bytes], data) if isinstance(data, mmap.mmap) else io.BytesIO(data))
+        # a mmap or an open file is read in place: it reads, seeks and tells like a binary file
+        zf = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else cast(IO[bytes], data))
         infos = zf.infolist()
     except (
         zipfile.BadZipFile,
@@ -272,6 +303,73 @@ def split_multipart_related(
     gateway.errors.TooLarge
         More than ``max_parts`` parts.
     """
+    parts: list[tuple[dict[str, str], bytes]] = []
+    _split(body, content_type, max_parts, _BytesPart, parts)
+    return parts
+
+
+def spool_multipart(
+    body: bytes | mmap.mmap, content_type: str, folder: Path, *, max_parts: int = 10000
+) -> list[tuple[dict[str, str], Path]]:
+    """:func:`split_multipart_related` into files: each part's content is written to a new file in
+    ``folder`` as it is parsed (never held in memory whole); returns ``(headers, path)`` per part.
+    The caller owns the files (and removes them). Raises as :func:`split_multipart_related`."""
+    parts: list[tuple[dict[str, str], Path]] = []
+    _split(body, content_type, max_parts, lambda: _FilePart(folder), parts)
+    return parts
+
+
+def new_spool(root: Path) -> Path:
+    """A new folder under ``root`` for one upload's spooled files (its owner removes it when done)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+
+def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:
+    """Remove the spool folders under ``root`` last changed more than ``max_age_s`` ago (left by a process
+    that died before removing them); return how many. ``root`` may be shared by several replicas: give an
+    age no live upload's folder reaches (the gateway uses twice the job deadline)."""
+    if not root.is_dir():
+        return 0
+    cutoff = (time.time() if now is None else now) - max_age_s
+    removed = 0
+    for folder in root.glob("upload-*"):
+        try:
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        except OSError:  # another replica removed it first
+            continue
+    return removed
+
+
+class _BytesPart:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        self.buf.extend(data)
+
+    def finish(self) -> bytes:
+        return bytes(self.buf)
+
+
+class _FilePart:
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="part-", dir=folder)
+        self.fh = os.fdopen(fd, "wb")
+        self.path = Path(name)
+
+    def write(self, data: memoryview) -> None:
+        self.fh.write(data)
+
+    def finish(self) -> Path:
+        self.fh.close()
+        return self.path
+
+
+def _split(body: bytes | mmap.mmap, content_type: str, max_parts: int, new_part: Callable[[], Any],
+           parts: list[Any]) -> None:
     if not content_type.lower().lstrip().startswith("multipart/"):
         raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
     match = _BOUNDARY.search(content_type)
@@ -282,16 +380,16 @@ def split_multipart_related(
     start = body.find(b"--" + boundary)
     if start < 0:
         raise UploadError("Multipart body does not contain its boundary.")
-    parts: list[tuple[dict[str, str], bytes]] = []
     headers: dict[str, str] = {}
-    field, value, content = bytearray(), bytearray(), bytearray()
+    field, value = bytearray(), bytearray()
+    content: Any = None
     ended = False
 
     def part_begin() -> None:
         nonlocal headers, content
         if len(parts) >= max_parts:
             raise TooLarge(f"Multipart body has more than {max_parts} parts.")
-        headers, content = {}, bytearray()
+        headers, content = {}, new_part()
 
     def header_end() -> None:
         headers[field.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
@@ -307,8 +405,8 @@ def split_multipart_related(
         "on_header_field": lambda data, lo, hi: field.extend(data[lo:hi]),
         "on_header_value": lambda data, lo, hi: value.extend(data[lo:hi]),
         "on_header_end": header_end,
-        "on_part_data": lambda data, lo, hi: content.extend(memoryview(data)[lo:hi]),
-        "on_part_end": lambda: parts.append((headers, bytes(content))),
+        "on_part_data": lambda data, lo, hi: content.write(memoryview(data)[lo:hi]),
+        "on_part_end": lambda: parts.append((headers, content.finish())),
         "on_end": end,
     })
     try:
@@ -324,4 +422,3 @@ def split_multipart_related(
         ) from exc
     if not ended:
         raise UploadError("Multipart body has no closing boundary (truncated upload?).")
-    return parts

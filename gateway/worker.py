@@ -28,14 +28,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import BlobStore, Claimed, Store
+from gateway.store import BlobStore, Claimed, FolderBlobs, Store
 from gateway.triton_pool import InferenceUnavailable
+from gateway.uploads import sweep_spools
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,13 @@ class Worker:
         """
         self._prepared[job_id] = prepared
         while len(self._prepared) > self.settings.max_concurrent_studies:
-            self._prepared.popitem(last=False)
+            self._prepared.popitem(last=False)[1].release()
+
+    def forget(self, job_id: str) -> None:
+        """Drop (and release) what :meth:`remember` kept for ``job_id``, if anything."""
+        prepared = self._prepared.pop(job_id, None)
+        if prepared is not None:
+            prepared.release()
 
     def start(self) -> None:
         """Start claiming."""
@@ -151,8 +159,9 @@ class Worker:
             progress.dirty = True
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
+        remembered = self._prepared.pop(job.id, None)
         try:
-            prepared = self._prepared.pop(job.id, None)
+            prepared = remembered
             if prepared is None:
                 prepared = await self._prepare(job)
             await set_state(JobState.inferring, slices_total=prepared.n_slices,
@@ -184,6 +193,8 @@ class Worker:
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            if remembered is not None:  # its spooled files: the blob store holds the instances
+                await asyncio.to_thread(remembered.release)
 
     async def _prepare(self, job: Claimed) -> Prepared:
         files = await self.store.instance_files(job.study_id)
@@ -192,12 +203,23 @@ class Worker:
 
             raise Unavailable("The study's instances are no longer kept (retention); send it again.")
         try:
-            sources = await asyncio.to_thread(lambda: [(name, self.blobs.get(key)) for name, key in files])
+            sources = await asyncio.to_thread(self._sources, files)
         except FileNotFoundError as exc:
             from gateway.errors import Unavailable
 
             raise Unavailable(f"An instance of the study is missing from the blob store: {exc.filename}") from None
         return await self.screener.prepare(sources)
+
+    def _sources(self, files: list[tuple[str, str]]) -> list[tuple[str, bytes | Path]]:
+        """The study's instances: their files when the blob store keeps files (ingest then reads the headers
+        and, when it decodes them, the pixels: nothing is loaded whole), else their bytes."""
+        if isinstance(self.blobs, FolderBlobs):
+            paths = [(name, self.blobs.path(key)) for name, key in files]
+            for _, path in paths:
+                if not path.is_file():
+                    raise FileNotFoundError(2, "No such blob", path.name)
+            return list(paths)
+        return [(name, self.blobs.get(key)) for name, key in files]
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
         self.screener.metrics.error(error.reason)
@@ -218,6 +240,8 @@ class Worker:
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in list(self._prepared):
+            self.forget(job_id)
         try:
             released = await self.store.release_all()
         except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on (leases expire anyway)
@@ -258,6 +282,9 @@ class Sweeper:
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
             for key in keys:
                 await asyncio.to_thread(self.blobs.delete, key)
+            # uploads spooled by a process that died before removing them (a live one's are younger)
+            if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
+                logger.warning("removed upload spool folders left by a stopped process")
 
     async def _loop(self) -> None:
         while True:

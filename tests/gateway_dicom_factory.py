@@ -148,3 +148,45 @@ def make_series(
         )
         out.append((f"s{i:04d}.dcm", to_bytes(ds, transfer_syntax), hu, d))
     return out
+
+
+def enhanced_ct(frames_hu: list[np.ndarray], rescale: list[tuple[float, float]], z: list[float]) -> bytes:
+    """An Enhanced CT object: geometry in the Shared group, position and rescale per frame."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage
+
+    ds = ct_dataset(frames_hu[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    for kw in (
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SliceThickness",
+        "PixelSpacing",
+    ):
+        delattr(ds, kw)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(frames_hu)
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].SliceThickness = 1.0
+    shared.PixelMeasuresSequence[0].PixelSpacing = [0.7, 0.7]
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per, stored = [], []
+    for hu, (slope, intercept), zz in zip(frames_hu, rescale, z, strict=True):
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = [0, 0, zz]
+        item.PixelValueTransformationSequence = Sequence([Dataset()])
+        item.PixelValueTransformationSequence[0].RescaleSlope = slope
+        item.PixelValueTransformationSequence[0].RescaleIntercept = intercept
+        item.PixelValueTransformationSequence[0].RescaleType = "HU"
+        per.append(item)
+        stored.append(np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.uint16))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = np.stack(stored).tobytes()
+    return to_bytes(ds)

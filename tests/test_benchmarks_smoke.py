@@ -230,3 +230,9 @@ def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
     assert (tmp_path / "report.md").read_text().startswith("# ctscreen benchmark report")
     assert (tmp_path / "plots" / "latency_vs_load.png").stat().st_size > 1000
     assert rep["stage_ms_per_slice"]  # per-stage breakdown from Triton and gateway metrics
+    # and every stage of a slice as the job timed it (issue 17, item 3), in the JSON and the page
+    job = rep["job_stage_ms_per_slice"]
+    assert set(report.JOB_STAGES) <= set(job) and all(v >= 0 for v in job.values()), job
+    assert job["compute"] > 0 and job["decode"] > 0
+    assert sum(job[k] for k in report.JOB_STAGES) > 0
+    assert "Where every millisecond of a slice goes" in (tmp_path / "report.md").read_text()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import tracemalloc
+import uuid
 
 import pytest
 import uvicorn
@@ -23,6 +25,7 @@ from ctscreen.embedded import free_port
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet
+from tests.gateway_dicom_factory import make_series
 
 MiB = 1024 * 1024
 
@@ -30,9 +33,9 @@ MiB = 1024 * 1024
 class Live:
     """A gateway under uvicorn in a thread; ``app.state.admission`` is inspectable."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, fleet: FakeFleet | None = None, **settings) -> None:
         self.app = create_app(Settings(triton_urls="fake:1", max_concurrent_studies=8, max_queued_studies=256,
-                                       **settings), client_factory=FakeFleet())
+                                       **settings), client_factory=fleet or FakeFleet())
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                                     lifespan="on"))
@@ -127,3 +130,50 @@ def test_chunked_and_stow_bodies_are_budgeted(tmp_path):
 def test_budget_must_hold_the_largest_upload():
     with pytest.raises(ValueError, match="CTSCREEN_UPLOAD_BUDGET_BYTES"):
         Settings(upload_budget_bytes=1 * MiB, max_upload_bytes=2 * MiB)
+
+
+def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path):
+    """A 64 MiB multipart upload of 128 uncompressed slices (sent from a file, 256 KiB at a time): the
+    gateway's allocations (tracemalloc, every thread of this process) stay far below its size while it
+    is received, expanded, read and accepted, and after (its worker keeps the study's headers and the
+    first batch, the pixels stay in the spooled files). Triton is not ready, so nothing is screened."""
+    series = make_series(128, rows=512, cols=512)
+    boundary = uuid.uuid4().hex
+    body = tmp_path / "body"
+    with open(body, "wb") as fh:
+        for name, data, _, _ in series:
+            fh.write(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                     "Content-Type: application/dicom\r\n\r\n".encode())
+            fh.write(data + b"\r\n")
+        fh.write(f"--{boundary}--\r\n".encode())
+    del series, data
+    size = body.stat().st_size
+    assert size > 64 * MiB
+
+    async def send(port: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: gw\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                     f"\r\nContent-Length: {size}\r\n\r\n".encode())
+        with open(body, "rb") as fh:
+            while chunk := fh.read(256 * 1024):
+                writer.write(chunk)
+                await writer.drain()
+        status, _ = await _response(reader, 120)
+        writer.close()
+        return status
+
+    with Live(FakeFleet(**{"fake:1": {"ready": False}}), max_upload_bytes=256 * MiB,
+              upload_budget_bytes=512 * MiB) as live:
+        spool = live.app.state.settings.data_dir / "spool"
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            status = asyncio.run(send(live.port))
+            held, peak = (m - base for m in tracemalloc.get_traced_memory())
+        finally:
+            tracemalloc.stop()
+        assert status == 202
+        assert peak < size / 2, f"{peak / MiB:.1f} MiB allocated at the peak for a {size / MiB:.1f} MiB upload"
+        assert held < size / 4, f"{held / MiB:.1f} MiB still held for a {size / MiB:.1f} MiB upload"
+        assert sum(1 for _ in spool.rglob("file-*")) + sum(1 for _ in spool.rglob("part-*")) == 128
+    assert not any(spool.iterdir())  # released at shut-down

@@ -332,3 +332,24 @@ def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
         assert view["attempts"] == 1 and view["state"] in ("queued", "decoding", "inferring", "aggregating", "done")
         view = wait_job(client, job_id)
         assert view["state"] == "done" and view["result"]["verdict"] == "positive" and view["attempts"] == 2
+
+
+def test_a_job_read_back_from_the_blob_store_is_screened_and_a_missing_blob_fails_it(tmp_path):
+    """Studies accepted while no Triton is ready are screened by the next start from the blob store's files
+    (their headers read, their pixels when decoded); a study one of whose blobs has gone fails with its
+    reason, not an internal error."""
+    _, good = ct_series(6, lesion=[1, 2, 3])
+    _, other = ct_series(6, lesion=[1, 2, 3])
+    with TestClient(_app(FakeFleet(**{"fake:1": {"ready": False}}), data_dir=tmp_path)) as client:
+        ok = client.post("/v1/studies", files=upload_files(good)).json()["job_id"]
+        broken = client.post("/v1/studies", files=upload_files(other)).json()["job_id"]
+    blobs = sorted((p for p in (tmp_path / "blobs").rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    assert len(blobs) == 12
+    blobs[-1].unlink()  # one of the second study's instances (written after all of the first's)
+    with TestClient(_app(data_dir=tmp_path)) as client:
+        done = wait_job(client, ok)
+        assert done["state"] == "done" and done["result"]["verdict"] == "positive"
+        assert done["attempts"] == 1
+        failed = wait_job(client, broken)
+        assert failed["state"] == "failed" and failed["error"]["reason"] == "unavailable", failed
+        assert "missing from the blob store" in failed["error"]["message"]

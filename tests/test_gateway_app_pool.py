@@ -152,3 +152,39 @@ def test_failing_endpoint_is_on_probation():
     assert starts[1][1] == 1 and starts[2][1] == 2  # healthy: max_inflight at once (both fail)
     assert starts[3][1] == 1 and starts[4][0] > ends[3]  # on probation: the third runs alone
     assert max(n for _, n in starts.values()) == 2 and any(n == 2 for call, (_, n) in starts.items() if call > 3)
+
+
+def test_a_streamed_study_sends_each_batch_once_its_slices_are_filled():
+    """``ready`` (a study streamed through): the rows of a batch are marked only just before the
+    count that covers them is yielded, so a batch sent early would come back without its boxes."""
+    fleet = FakeFleet(**{"a:1": {"delay": 0.001}})
+    pool = TritonPool(["a:1"], batch_size=4, max_inflight=4, client_factory=fleet)
+    hu = _hu(10)
+    sent_before: list[int] = []
+
+    async def ready():
+        done = 0
+        for filled in (3, 4, 9, 10):
+            for i in range(done, filled):
+                hu[i][MARK] = 50
+            done = filled
+            sent_before.append(fleet.clients["a:1"].calls if "a:1" in fleet.clients else 0)
+            yield filled
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the batches sent run
+
+    out = _run(pool.infer(hu, ready=ready()))
+    assert all(len(o.boxes) for o in out), [len(o.boxes) for o in out]
+    assert sent_before == [0, 0, 1, 2]  # each request left as soon as its batch was filled, not at the end
+    assert pool.pending_slices == 0 and pool.inflight_requests == 0
+
+
+def test_a_stream_that_ends_before_the_last_slice_is_an_error():
+    pool = TritonPool(["a:1"], batch_size=4, client_factory=FakeFleet())
+
+    async def ready():
+        yield 4
+
+    with pytest.raises(ValueError, match="ended before all 10"):
+        _run(pool.infer(_hu(10), ready=ready()))
+    assert pool.pending_slices == 0

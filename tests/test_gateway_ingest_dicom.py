@@ -31,7 +31,7 @@ from gateway.dicom import (
     to_grid,
 )
 from gateway.errors import REASONS, GatewayError, NoPixelData, NotCT, NotDicom, Undecodable
-from tests.gateway_dicom_factory import chest_like, ct_dataset, to_bytes
+from tests.gateway_dicom_factory import chest_like, ct_dataset, enhanced_ct, to_bytes
 
 
 @pytest.mark.parametrize(
@@ -253,54 +253,12 @@ def test_native_fast_path_matches_pydicom(signed: bool, bits: int) -> None:
     np.testing.assert_array_equal(fast[0].astype(np.int32), ref)
 
 
-def _enhanced_ct(frames_hu: list[np.ndarray], rescale: list[tuple[float, float]], z: list[float]) -> bytes:
-    """An Enhanced CT object: geometry in the Shared group, position and rescale per frame."""
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import EnhancedCTImageStorage
-
-    ds = ct_dataset(frames_hu[0])
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    for kw in (
-        "RescaleSlope",
-        "RescaleIntercept",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "SliceThickness",
-        "PixelSpacing",
-    ):
-        delattr(ds, kw)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.NumberOfFrames = len(frames_hu)
-    shared = Dataset()
-    shared.PlaneOrientationSequence = Sequence([Dataset()])
-    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PixelMeasuresSequence = Sequence([Dataset()])
-    shared.PixelMeasuresSequence[0].SliceThickness = 1.0
-    shared.PixelMeasuresSequence[0].PixelSpacing = [0.7, 0.7]
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per, stored = [], []
-    for hu, (slope, intercept), zz in zip(frames_hu, rescale, z, strict=True):
-        item = Dataset()
-        item.PlanePositionSequence = Sequence([Dataset()])
-        item.PlanePositionSequence[0].ImagePositionPatient = [0, 0, zz]
-        item.PixelValueTransformationSequence = Sequence([Dataset()])
-        item.PixelValueTransformationSequence[0].RescaleSlope = slope
-        item.PixelValueTransformationSequence[0].RescaleIntercept = intercept
-        item.PixelValueTransformationSequence[0].RescaleType = "HU"
-        per.append(item)
-        stored.append(np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.uint16))
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
-    ds.PixelData = np.stack(stored).tobytes()
-    return to_bytes(ds)
-
-
 def test_enhanced_ct_per_frame_rescale_and_positions() -> None:
     from gateway.ingest import load_study
 
     frames = [chest_like(48, 48, seed=s) for s in range(3)]
     frames[1] = (frames[1] // 2) * 2  # representable with slope 2
-    data = _enhanced_ct(frames, [(1.0, -1024.0), (2.0, -2048.0), (1.0, -1100.0)], [10.0, 0.0, 5.0])
+    data = enhanced_ct(frames, [(1.0, -1024.0), (2.0, -2048.0), (1.0, -1100.0)], [10.0, 0.0, 5.0])
     ds, headers = read_headers("ect.dcm", data)
     assert [(h.slope, h.intercept) for h in headers] == [(1.0, -1024.0), (2.0, -2048.0), (1.0, -1100.0)]
     np.testing.assert_array_equal(decode_hu(ds, headers), np.stack(frames))

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from gateway.errors import REASONS, BadArchive, GatewayError, TooLarge, UnsafePath, UploadError, ZipBomb
-from gateway.uploads import UploadLimits, is_zip, iter_upload, split_multipart_related
+from gateway.uploads import UploadLimits, is_zip, iter_upload, split_multipart_related, spool_multipart
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -201,6 +201,24 @@ def test_multipart_split_across_feed_chunks(monkeypatch: pytest.MonkeyPatch, tmp
     (tmp_path / "body").write_bytes(body)
     with open(tmp_path / "body", "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
         assert split_multipart_related(view, "multipart/related; boundary=b0undary") == expected  # type: ignore[arg-type]
+        # the same parts written to files as they are parsed (the upload route: nothing held in memory)
+        (tmp_path / "spool").mkdir()
+        spooled = spool_multipart(view, "multipart/related; boundary=b0undary", tmp_path / "spool")
+    assert [(h, p.read_bytes()) for h, p in spooled] == expected
+    assert {p.parent for _, p in spooled} == {tmp_path / "spool"}
+
+
+def test_a_spooled_file_is_stored_as_a_blob_and_stays_the_callers(tmp_path) -> None:
+    from gateway.store import FolderBlobs
+
+    src = tmp_path / "part"
+    src.write_bytes(b"DICM" * 1000)
+    blobs = FolderBlobs(tmp_path / "blobs")
+    blobs.put_many([("ab/abcd", src), ("cd/cdef", b"bytes too")])
+    assert blobs.get("ab/abcd") == b"DICM" * 1000 and blobs.get("cd/cdef") == b"bytes too"
+    src.unlink()  # the spool goes; the blob stays
+    assert blobs.get("ab/abcd") == b"DICM" * 1000
+    assert list(iter_upload("a.dcm", blobs.root / "ab" / "abcd")) == [("a.dcm", blobs.root / "ab" / "abcd")]
 
 
 @pytest.mark.parametrize(
@@ -244,3 +262,22 @@ def test_mutated_zips_raise_only_upload_errors() -> None:
         except UploadError as exc:
             seen.add(exc.reason)
     assert "bad_archive" in seen
+
+
+def test_spool_folders_left_by_a_dead_process_are_swept_and_live_ones_kept(tmp_path) -> None:
+    import os
+    import time
+
+    from gateway.uploads import new_spool, sweep_spools
+
+    root = tmp_path / "spool"
+    old, live = new_spool(root), new_spool(root)
+    (old / "part-1").write_bytes(b"x")
+    (live / "part-1").write_bytes(b"y")
+    day_ago = time.time() - 86400
+    os.utime(old, (day_ago, day_ago))
+    (root / "not-a-spool").mkdir()
+    os.utime(root / "not-a-spool", (day_ago, day_ago))
+    assert sweep_spools(root, 3600) == 1
+    assert not old.exists() and (live / "part-1").read_bytes() == b"y" and (root / "not-a-spool").is_dir()
+    assert sweep_spools(tmp_path / "absent", 3600) == 0

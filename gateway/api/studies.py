@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +25,7 @@ from gateway.jobs import Busy, JobError, JobNotFound, JobView
 from gateway.settings import Settings
 from gateway.store import Store, new_key
 from gateway.uids import check_uid
-from gateway.uploads import UploadLimits, iter_upload, split_multipart_related
+from gateway.uploads import UploadLimits, iter_upload, new_spool, spool_multipart
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -37,23 +43,27 @@ class StudyView(BaseModel):
     result: CaseResult | None = None
 
 
-def _expand(body: bytes, content_type: str, filename: str, limits: UploadLimits) -> list[tuple[str, bytes]]:
-    """The files of one upload body: multipart form parts or one raw file/zip, each expanded."""
+def _expand(body: Any, content_type: str, filename: str, limits: UploadLimits, spool: Path) -> list[tuple[str, Path]]:
+    """The files of one upload body (multipart form parts or one raw file/zip, each expanded), written to
+    files in ``spool`` as they are read: no file of the upload is held in memory whole (a zip member
+    while it is read)."""
     if content_type.lower().startswith("multipart/"):
-        parts = split_multipart_related(body, content_type, max_parts=limits.max_files)
+        parts = spool_multipart(body, content_type, spool, max_parts=limits.max_files)
         uploads = []
         for i, (headers, content) in enumerate(parts):
             match = _FILENAME.search(headers.get("content-disposition", ""))
             if match is None and "filename" not in headers.get("content-disposition", ""):
-                if not content:
+                if not content.stat().st_size:
                     continue
             name = (match.group(1) or match.group(2)) if match else f"part-{i + 1}"
             uploads.append((name or f"part-{i + 1}", content))
     else:
-        uploads = [(filename, body)]
-    files: list[tuple[str, bytes]] = []
+        uploads = [(filename, _spool_bytes(body, spool))]
+    files: list[tuple[str, Path]] = []
     for name, content in uploads:
-        files.extend(iter_upload(name, content, limits))
+        for member, data in iter_upload(name, content, limits):
+            files.append((member, data if isinstance(data, Path) else _spool_bytes(data, spool)))
+            del data
         if len(files) > limits.max_files:
             from gateway.errors import TooLarge
 
@@ -61,6 +71,21 @@ def _expand(body: bytes, content_type: str, filename: str, limits: UploadLimits)
     if not files:
         raise UploadError("The upload holds no file.")
     return files  # parsed once, by ingest (which also refuses CT images of several studies)
+
+
+def _spool_bytes(data: Any, spool: Path) -> Path:
+    """``data`` (bytes, or the admission's mapped body) written to a new file in ``spool``, 1 MiB at a time."""
+    fd, name = tempfile.mkstemp(prefix="file-", dir=spool)
+    with os.fdopen(fd, "wb") as fh:
+        for pos in range(0, len(data), 1 << 20):
+            fh.write(data[pos : pos + (1 << 20)])
+    drop_pages(data)
+    return Path(name)
+
+
+def _spool_dir(settings: Settings) -> Path:
+    """A new folder for one upload's files, under ``data_dir/spool`` (the blob store links them from there)."""
+    return new_spool(settings.spool_dir())
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
@@ -104,26 +129,44 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     filename = request.headers.get("x-filename", "upload")[:255]
     # streamed to disk under the in-flight budget (429 before reading when over it); held until the
     # instances are in the blob store (fsynced) and the job is committed
+    # the files are spooled to disk (under data_dir/spool) as the body is parsed; the study keeps only their
+    # headers in memory (pixels are read from the files when decoded), until its worker has screened it
     async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
-        files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings))
-        drop_pages(body)
-        prepared = await screener.prepare(files)  # a study that cannot be screened is refused here, with its 4xx
-        keyed = [(name, new_key(), data) for name, data in files]
         try:
-            await run_in_threadpool(blobs.put_many, [(key, data) for _, key, data in keyed])
+            spool = await run_in_threadpool(_spool_dir, settings)
         except OSError as exc:
-            raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
-        del files
-        job_id = uuid.uuid4().hex
-        worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not decode it again
+            raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
+        kept = False
         try:
-            view = await store.accept_upload(prepared.study_instance_uid, [(n, k, len(d)) for n, k, d in keyed],
-                                             settings.job_deadline_s, slices_total=prepared.n_slices, job_id=job_id)
-        except Exception:
-            for _name, key, _data in keyed:  # not accepted: its blobs must not linger unreferenced
-                await run_in_threadpool(blobs.delete, key)
-            raise
-        del keyed
+            try:
+                files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings), spool)
+            except OSError as exc:
+                raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
+            drop_pages(body)
+            prepared = await screener.prepare(files)  # a study that cannot be screened is refused here, with its 4xx
+            prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
+            keyed = [(name, new_key(), path) for name, path in files]
+            try:
+                await run_in_threadpool(blobs.put_many, [(key, path) for _, key, path in keyed])
+                sizes = [(n, k, p.stat().st_size) for n, k, p in keyed]
+            except OSError as exc:
+                raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
+            del files
+            job_id = uuid.uuid4().hex
+            worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not read it again
+            kept = True
+            try:
+                view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
+                                                 slices_total=prepared.n_slices, job_id=job_id)
+            except Exception:
+                for _name, key, _path in keyed:  # not accepted: its blobs must not linger unreferenced
+                    await run_in_threadpool(blobs.delete, key)
+                worker.forget(job_id)
+                raise
+            del keyed
+        finally:
+            if not kept:
+                await run_in_threadpool(shutil.rmtree, spool, True)
     request.state.study_instance_uid, request.state.job_id = view.study_instance_uid, view.job_id  # audit
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}

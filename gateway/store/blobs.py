@@ -11,6 +11,7 @@ Keys are relative paths made by :func:`new_key` (``ab/abcdef...``); a key never 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key``; durable when this returns."""
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Store several blobs; all durable when this returns."""
+    def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
+        """Store several blobs, each given as bytes or as a file whose content is stored (the file stays the
+        caller's); all durable when this returns."""
 
     def get(self, key: str) -> bytes:
         """The bytes under ``key``; :class:`FileNotFoundError` when there are none."""
@@ -61,20 +63,35 @@ class FolderBlobs:
     def put(self, key: str, data: bytes) -> None:
         self.put_many([(key, data)])
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
         folders: set[Path] = set()
         for key, data in items:
             folders.add(self._write(key, data))
         for folder in folders:  # the renames are durable once their folders are synced
             _fsync_dir(folder)
 
-    def _write(self, key: str, data: bytes) -> Path:
+    def _write(self, key: str, data: bytes | Path) -> Path:
         path = self._path(key)
         folder = path.parent
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             _fsync_dir(folder.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if isinstance(data, Path):
+            # a spooled upload: a second name for the same file when it is on this file system (the
+            # caller never writes it again), else a streamed copy; never read into memory
+            try:
+                os.link(data, tmp)
+            except OSError:
+                shutil.copyfile(data, tmp)
+            os.chmod(tmp, 0o640)  # as a blob written from bytes
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            return folder
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             view = memoryview(data)
@@ -88,6 +105,10 @@ class FolderBlobs:
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def path(self, key: str) -> Path:
+        """The file that holds ``key`` (it may not exist): readers that take a file need not load the bytes."""
+        return self._path(key)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
