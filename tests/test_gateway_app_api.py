@@ -329,7 +329,8 @@ def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
     assert len(list((tmp_path / "blobs").rglob("*"))) >= 6
     with TestClient(_app(data_dir=tmp_path)) as client:
         view = client.get(f"/v1/jobs/{job_id}").json()
-        assert view["attempts"] == 1 and view["state"] in ("queued", "decoding", "inferring", "aggregating", "done")
+        # the new worker may claim the released job before this first request is served: 1 or 2
+        assert view["attempts"] in (1, 2) and view["state"] in ("queued", "decoding", "inferring", "aggregating", "done")
         view = wait_job(client, job_id)
         assert view["state"] == "done" and view["result"]["verdict"] == "positive" and view["attempts"] == 2
 
