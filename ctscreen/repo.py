@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ctscreen import contracts as c
+from ctscreen import machine
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +132,6 @@ class ProfileSettings:
                 )
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def default_settings(profile: str) -> ProfileSettings:
     """The settings of ``profile`` (see docs/triton.md for the measurements behind them).
 
@@ -149,7 +143,7 @@ def default_settings(profile: str) -> ProfileSettings:
     """
     _check_profile(profile)
     if profile == "cpu":
-        cores = _usable_cores()
+        cores = machine.cores()
         instances = max(1, min(4, cores))
         return ProfileSettings(
             max_batch_size=8,

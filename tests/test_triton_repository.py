@@ -147,7 +147,7 @@ def test_postprocess_and_ensemble_match_contract(rendered) -> None:
 
 def test_postprocess_vendors_a_verbatim_copy(rendered) -> None:
     _, repo = rendered
-    for name in ("__init__.py", "contracts.py", "postprocess.py"):
+    for name in ("__init__.py", "contracts.py", "lungs.py", "postprocess.py"):
         vendored = repo / c.POSTPROCESS_MODEL / "1" / "ctscreen" / name
         assert vendored.read_bytes() == (ROOT / "ctscreen" / name).read_bytes()
 
