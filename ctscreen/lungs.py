@@ -22,8 +22,17 @@ OUTSIDE_AIR_HU = -960.0
 MIN_FIELD_FRACTION = 0.004
 """Air components smaller than this share of the slice (trachea, specks, a bubble) are not lung."""
 
+MIN_AIR_SHARE = 0.25
+"""A component grown by ``seed`` pixels (suspected lesions) must still be this share aerated."""
 
-def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: float = MIN_FIELD_FRACTION) -> np.ndarray:
+
+def lung_field(
+    hu: np.ndarray,
+    lesion: np.ndarray | None = None,
+    *,
+    min_frac: float = MIN_FIELD_FRACTION,
+    seed: np.ndarray | None = None,
+) -> np.ndarray:
     """Both lung fields (bool, same shape) of one axial HU slice by thresholds and components.
 
     Air below -400 HU; components touching the image edge whose median is below -960 HU (more than
@@ -32,6 +41,13 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
     cushion) is dropped; holes (vessels, nodules) are filled and ``lesion`` pixels are added, so that
     dense consolidation against the chest wall still counts as lung.
 
+    ``seed`` (bool, same shape; the serving path passes the lesion net's pixels) counts as air while
+    the components are found: a diseased lung base, whose aerated parts are specks between
+    consolidation, then forms one field instead of specks below ``min_frac``. A component grown so
+    counts when its aerated pixels alone reach ``min_frac`` (as without a seed) or when, at that
+    size, at least :data:`MIN_AIR_SHARE` of it is aerated: a lesion-like blob with no air around it
+    (on a cushion, in the abdomen) still makes no field.
+
     >>> hu = np.full((64, 64), -1000.0, np.float32); hu[8:56, 4:60] = 40.0     # body in air
     >>> hu[16:48, 10:28] = -850.0; hu[16:48, 36:54] = -850.0                   # two lungs
     >>> field = lung_field(hu); int(field.sum()), bool(field[30, 20]), bool(field[30, 31])
@@ -39,21 +55,26 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
     >>> int(lung_field(np.full((64, 64), 40.0, np.float32)).sum())             # no air, no lung
     0
     """
-    air = hu < AIR_BELOW_HU
-    air = ndimage.binary_opening(np.pad(air, 1, mode="edge"), iterations=1)[1:-1, 1:-1]  # the edge repeated
+    aerated = hu < AIR_BELOW_HU
+    aerated = ndimage.binary_opening(np.pad(aerated, 1, mode="edge"), iterations=1)[1:-1, 1:-1]  # the edge repeated
+    air = aerated | seed.astype(bool) if seed is not None else aerated
     lab, n = ndimage.label(air)
     if n == 0:
         lungs = np.zeros_like(air)
         return lungs | lesion.astype(bool) if lesion is not None else lungs
     flat = lab.ravel()
     sizes = np.bincount(flat, minlength=n + 1)[1:]
+    big = sizes >= min_frac * hu.size
+    if seed is not None:
+        aired = np.bincount(flat, weights=aerated.ravel(), minlength=n + 1)[1:]
+        big = (aired >= min_frac * hu.size) | (big & (aired >= MIN_AIR_SHARE * sizes))
     # "median below -960 HU", counted: more than half of the component's pixels are below it
     outside_like = np.bincount(flat, weights=(hu < OUTSIDE_AIR_HU).ravel(), minlength=n + 1)[1:] > 0.5 * sizes
     edge = np.zeros(n + 1, bool)
     for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
         edge[np.unique(border)] = True
     keep = np.zeros(n + 1, bool)
-    keep[1:] = (sizes >= min_frac * hu.size) & ~(edge[1:] & outside_like)
+    keep[1:] = big & ~(edge[1:] & outside_like)
     # lungs lie inside the body: air whose rim is mostly some other tissue (the foam core of the CT
     # table, a cushion) is not lung. Only for air that the image's edge does not cut: on a crop the
     # body wall is in pieces, and a lung there touches the edge.
@@ -79,33 +100,32 @@ def lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, min_frac: fl
 
 
 def coarse_lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, step: int = 4) -> np.ndarray:
-    """:func:`lung_field` on every ``step``-th pixel, blown back up to ``hu``'s shape, plus each
-    connected ``lesion`` region that touches that field.
+    """:func:`lung_field` on every ``step``-th pixel, blown back up to ``hu``'s shape, with ``lesion``
+    (at the same coarse scale: any lesion pixel in a ``step x step`` cell) as its ``seed``.
 
     Lungs are tens of millimetres across, so a 128 x 128 look at a 512 slice finds the same fields in
-    a twentieth of the time (the serving path runs it on every slice). Dense consolidation against the
-    chest wall is not air, so lesion regions count as lung, but only those that touch aerated lung:
-    a lesion-like blob on the CT table's cushion or in the abdomen must not make its own lung field.
+    a twentieth of the time (the serving path runs it on every slice). Dense consolidation is not air,
+    so lesion regions count as lung, but only with air around them: a diseased base whose aerated
+    parts are specks between lesions makes one field, a lesion-like blob on the CT table's cushion
+    or in the abdomen makes none.
 
     >>> hu = np.full((64, 64), -1000.0, np.float32); hu[8:56, 4:60] = 40.0; hu[16:48, 10:28] = -850.0
     >>> lesion = np.zeros((64, 64), bool); lesion[20:30, 28:32] = True; lesion[2:6, 2:6] = True
     >>> field = coarse_lung_field(hu, lesion, step=2)
     >>> bool(field[25, 30]), bool(field[3, 3])       # touches the lung / lies in the air outside
     (True, False)
+    >>> blob = np.zeros((64, 64), bool); blob[40:52, 36:56] = True          # no air around it
+    >>> bool(coarse_lung_field(hu, blob, step=2)[45, 45])
+    False
     """
     if hu.ndim != 2:
         raise ValueError(f'Argument "hu" must be 2-D, got shape {hu.shape}.')
-    small = lung_field(np.asarray(hu[::step, ::step], dtype=np.float32))
-    if lesion is not None and small.any() and lesion.any():
-        # lesion regions (at the same coarse scale: any lesion pixel in a step x step cell) that touch
-        # the aerated field join it
+    seed = None
+    if lesion is not None and lesion.any():
         h, w = (-(-n // step) * step for n in lesion.shape)
         padded = np.zeros((h, w), bool)
         padded[: lesion.shape[0], : lesion.shape[1]] = lesion
-        cells = padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))[: small.shape[0], : small.shape[1]]
-        lab, n = ndimage.label(cells, structure=np.ones((3, 3), bool))
-        touching = np.zeros(n + 1, bool)
-        touching[np.unique(lab[ndimage.binary_dilation(small) & (lab > 0)])] = True
-        touching[0] = False
-        small = small | touching[lab]
+        seed = padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))
+        seed = seed[: -(-hu.shape[0] // step), : -(-hu.shape[1] // step)]
+    small = lung_field(np.asarray(hu[::step, ::step], dtype=np.float32), seed=seed)
     return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]

@@ -15,8 +15,8 @@ Rules (the paper's, with the open choices decided here)
 * The valid area is the smallest rectangle holding every valid-area region whose box counts; it is
   empty (``EMPTY_BOX``) when no region counts. ctscreen's addition: a valid-area region counts only
   when at least :data:`~ctscreen.contracts.MIN_LUNG_SHARE` of its pixels lie on the slice's classical
-  lung field (:func:`ctscreen.lungs.coarse_lung_field` of the HU the models saw, lesions that touch
-  it counted as lung). The paper's valid-area net alone drew its rectangle over bowel
+  lung field (:func:`ctscreen.lungs.coarse_lung_field` of the HU the models saw, with the lesion
+  pixels as seeds, so that a lung filled by pneumonia is still lung). The paper's valid-area net alone drew its rectangle over bowel
   gas, a kidney and the air on the CT table of a real abdomen slice.
 * A lesion box is dropped when its centre lies outside the valid-area box (inclusive), and every lesion
   box is dropped when the valid area is empty.

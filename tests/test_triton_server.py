@@ -237,3 +237,28 @@ def test_valid_area_counts_only_on_the_lung_field(analytic: EmbeddedTriton) -> N
     assert got[c.VALID_AREA_BOX][0].tolist() == list(c.EMPTY_BOX)
     assert got[c.BOX_COUNT][:, 0].tolist() == [0, KNOWN_BOXES]
     np.testing.assert_allclose(got[c.VALID_AREA_BOX][1], [80, 120, 439, 379], atol=1.5)
+
+
+def diseased_base() -> np.ndarray:
+    """A lung base that COVID-19 pneumonia has filled (INT16 [1, 512, 512]): consolidation (-300 HU)
+    with aerated lobules (-850 HU, 16 x 16 px) left between it, each far below the lung field's
+    0.4 % floor, together 44 % of the lung."""
+    hu = np.full((1, 512, 512), -1000, np.int16)
+    hu[0, 90:410, 50:470] = 200  # the body
+    hu[0, 150:366, 100:412] = -300  # consolidated lung
+    for y in range(154, 350, 24):
+        for x in range(104, 396, 24):
+            hu[0, y : y + 16, x : x + 16] = -850
+    return hu
+
+
+def test_a_lung_filled_by_lesions_keeps_its_valid_area(analytic: EmbeddedTriton) -> None:
+    """The lung field takes the lesion net's pixels as seeds: a base whose aerated parts are specks
+    between consolidation (a real validation slice lost its valid area so) is one field, so its
+    valid area and its lesion box stay. (Seen failing with the seed removed: the valid area came
+    back empty and the box with it.)"""
+    got = infer(analytic.grpc_url, diseased_base()[None])
+    assert tuple(got[c.VALID_AREA_BOX][0].tolist()) != c.EMPTY_BOX
+    x0, y0, x1, y1 = got[c.VALID_AREA_BOX][0]
+    assert x0 <= 110 and y0 <= 160 and x1 >= 390 and y1 >= 345
+    assert got[c.BOX_COUNT][0, 0] >= 1
