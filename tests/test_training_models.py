@@ -214,7 +214,8 @@ def test_cli_rejects_bad_arguments(capsys):
     from training.cli import export_main, train_main
 
     for argv in (["bogus"], ["lesion", "--profile", "huge"], ["lesion", "--steps", "0"],
-                 ["lesion", "--data", "kaggle"]):
+                 ["lesion", "--data", "kaggle"], ["lesion", "--arch", "mobilenet_v2:4:48,32"],
+                 ["lesion", "--arch", "mobilenet_v2:x:1"], ["lesion", "--arch", "mobilenet_v2:1:8@300"]):
         with pytest.raises(SystemExit) as exc:
             train_main(argv)
         assert exc.value.code == 2
@@ -226,6 +227,22 @@ def test_cli_rejects_bad_arguments(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no such file" in err
+    assert "needs 4 positive decoder widths" in err and "must look like ENCODER:DEPTH" in err
+    assert "must divide 512" in err
+
+
+@pytest.mark.torch
+def test_arch_option_trains_the_candidate_it_names(tmp_path, monkeypatch):
+    """``ctscreen train --arch`` reaches the trainer as that network (capacity candidates)."""
+    pytest.importorskip("torch")
+    import training.train
+    from training.cli import train_main
+    from training.nets import NetSpec
+
+    seen = {}
+    monkeypatch.setattr(training.train, "train", lambda cfg: seen.setdefault("spec", cfg.spec) and {})
+    assert train_main(["lesion", "--arch", "mobilenet_v2:3:32,16,16", "--out", str(tmp_path)]) == 0
+    assert seen["spec"] == NetSpec("mobilenet_v2", 3, (32, 16, 16), 256)
 
 
 def test_card_only_puts_quality_metrics_into_the_card(tmp_path):

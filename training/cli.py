@@ -90,6 +90,12 @@ def train_main(argv: list[str]) -> int:
         default=None,
         help="at most this many slices per training volume (evenly spaced)",
     )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="another network than the profile's, ENCODER:DEPTH:W1,W2,...[@SIZE] "
+        "(e.g. mobilenet_v2:5:64,48,32,16,8): capacity candidates",
+    )
     p.add_argument("--val-every", type=positive(int), default=250, help="steps between validations")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
@@ -99,10 +105,12 @@ def train_main(argv: list[str]) -> int:
     _torch_or_exit(p.prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     from training import datasets
+    from training.nets import parse_arch
     from training.train import TrainConfig, train
 
     try:
         source = datasets.parse_source(args.data)
+        spec = parse_arch(args.arch, args.task, args.profile) if args.arch else None
     except ValueError as exc:
         p.error(str(exc))
     out = args.out or REPO_ROOT / "runs" / f"{args.task}-{args.profile}"
@@ -127,6 +135,7 @@ def train_main(argv: list[str]) -> int:
         device=args.device,
         threads=args.threads,
         progress=not args.quiet,
+        spec=spec,
     )
     try:
         result = train(cfg)
@@ -223,4 +232,3 @@ def export_main(argv: list[str]) -> int:
         return 2
     print(json.dumps(info, indent=2))
     return 0
-

@@ -18,7 +18,7 @@ same size; export wraps the whole thing (:meth:`HUSegmenter.forward`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import segmentation_models_pytorch as smp
 import torch
@@ -77,6 +77,39 @@ def spec_for(task: str, profile: str) -> NetSpec:
     if profile not in PROFILES:
         raise ValueError(f'Argument "profile" must be one of {PROFILES}, got {profile!r}.')
     return SPECS[(task, profile)]
+
+
+def parse_arch(text: str, task: str, profile: str) -> NetSpec:
+    """A :class:`NetSpec` from ``ENCODER:DEPTH:W1,W2,...[@SIZE]`` (``ctscreen train --arch``), the
+    profile's input size and HU window unless ``@SIZE`` is given.
+
+    >>> parse_arch("mobilenet_v2:5:64,48,32,16,8", "lesion", "lite").decoder_channels
+    (64, 48, 32, 16, 8)
+    >>> parse_arch("timm-mobilenetv3_small_100:4:32,24,16,16@128", "lesion", "lite").input_size
+    128
+    """
+    base = spec_for(task, profile)
+    body, _, size = text.partition("@")
+    parts = body.split(":")
+    try:
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError
+        depth = int(parts[1])
+        widths = tuple(int(w) for w in parts[2].split(","))
+        input_size = int(size) if size else base.input_size
+    except ValueError:
+        raise ValueError(
+            f'Argument "arch" must look like ENCODER:DEPTH:W1,W2,...[@SIZE], got {text!r}.'
+        ) from None
+    if len(widths) != depth or depth < 1 or min(widths) < 1:
+        raise ValueError(
+            f'Argument "arch" needs {depth} positive decoder widths (one per stage), got {text!r}.'
+        )
+    if input_size < 1 or SLICE_SIZE % input_size:
+        raise ValueError(f'Argument "arch" input size must divide {SLICE_SIZE}, got {input_size}.')
+    return replace(
+        base, encoder=parts[0], encoder_depth=depth, decoder_channels=widths, input_size=input_size
+    )
 
 
 class HUSegmenter(nn.Module):
