@@ -39,7 +39,7 @@ CUTOFFS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 HARD = ("bacterial", "bowel_gas", "bronchiectasis", "emphysema", "nodule", "stomach_bubble", "tb")
 
 
-def _scores(run: ReferencePipeline, volumes, cutoffs) -> dict:
+def scores(run: ReferencePipeline, volumes, cutoffs) -> dict:
     """Per cut-off: truth-positive slices hit, false boxes, boxes, and hard-negative slices boxed."""
     acc: dict[float, dict[str, Any]] = {
         t: {"pos": 0, "hit": 0, "boxes": 0, "false": 0, "slices": 0, "fp": {}} for t in cutoffs}
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     vols = real + list(phantom_volumes(args.phantom_studies, PHANTOM_VAL_SEED0, n_slices=48))
     run = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
-    cutoff, table = choose(_scores(run, vols, CUTOFFS))
+    cutoff, table = choose(scores(run, vols, CUTOFFS))
     doc = {
         "cutoff": cutoff,
         "logit_offset": math.log(cutoff / (1 - cutoff)),

@@ -391,6 +391,39 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def sections_report(run: ReferencePipeline, sections: set[str], root: Path | None, dicom: Path = EDGE_CASES,
+                    phantom_studies: int = 28, phantom_slices: int = 48, seed: int = 900_000) -> dict:
+    """The report's sections named in ``sections`` (medseg, pseudo, dicom, phantom) and its goals."""
+    report: dict = {}
+    if "medseg" in sections:
+        report["medseg"] = medseg_section(run, root)
+    if "pseudo" in sections:
+        report["pseudo"] = pseudo_section(run, root)
+    if "dicom" in sections:
+        if dicom.is_dir():
+            report["dicom"] = dicom_section(run, dicom)
+        else:
+            logger.warning("no DICOM edge cases at %s: section skipped", dicom)
+    if "phantom" in sections and phantom_studies > 0:
+        report["phantom"] = phantom_section(run, phantom_studies, phantom_slices, seed)
+    report["goals"] = goals(report)
+    return report
+
+
+def run_stamp(prog: str, argv: list[str] | None, t0: float) -> dict:
+    """Command, commit, load, host, machine, date and seconds of a report written by ``prog``."""
+    st = machine_info()
+    return {
+        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": st.get("commit") or "unknown",
+        "load": round(st.get("loadavg_1m", 0.0), 2),
+        "host": f"{platform.platform()}, {st.get('cpu', '')}, {st.get('cores', '')} cores",
+        "machine": st,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate_real", description=__doc__.splitlines()[0])
     model_dir = REPO_ROOT / "model_repository"
@@ -421,28 +454,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     run = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
-    report: dict = {}
-    if "medseg" in sections:
-        report["medseg"] = medseg_section(run, root)
-    if "pseudo" in sections:
-        report["pseudo"] = pseudo_section(run, root)
-    if "dicom" in sections:
-        if args.dicom.is_dir():
-            report["dicom"] = dicom_section(run, args.dicom)
-        else:
-            logger.warning("no DICOM edge cases at %s: section skipped", args.dicom)
-    if "phantom" in sections and args.phantom_studies > 0:
-        report["phantom"] = phantom_section(run, args.phantom_studies, args.phantom_slices, args.seed)
-    report["goals"] = goals(report)
-    st = machine_info()
+    report = sections_report(run, sections, root, args.dicom, args.phantom_studies, args.phantom_slices, args.seed)
     report.update({
-        "command": "python -m training.evaluate_real " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": st.get("commit") or "unknown",
-        "load": round(st.get("loadavg_1m", 0.0), 2),
-        "host": f"{platform.platform()}, {st.get('cpu', '')}, {st.get('cores', '')} cores",
-        "machine": st,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 1),
+        **run_stamp("training.evaluate_real", argv, t0),
         "models": {
             name: {"path": str(path), "sha256": sha256_of(path)}
             for name, path in (("valid_area", args.valid_area), ("lesion", args.lesion))
