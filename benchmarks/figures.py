@@ -72,6 +72,8 @@ PLAN: tuple[Step, ...] = (
     # study, then the report (benchmarks/README.md's latest figures)
     Step("stack", ("-m", "benchmarks", "all", *STACK_ARGS),
          (f"{RESULTS}/perf-latest.json", f"{RESULTS}/ratios-latest.json"), True, 25),
+    # the CPU of one 300-slice study by process, served against in process (the best setting of "stack")
+    Step("cpu", ("-m", "benchmarks.cpu_split", "--slices", "300"), (f"{RESULTS}/cpu-latest.json",), True, 3),
     Step("poisson", ("-m", "benchmarks", "load", "--append", "--mode", "poisson", "--rates", "0.02", "--duration",
                      "240", "--max-studies", "5", "--sizes", "lognormal:60,0.4,20,120"),
          (f"{RESULTS}/load-latest.json",), True, 6),

@@ -236,6 +236,7 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "plots": {k: str(v.relative_to(results)) for k, v in figs.items() if v},
         "other_benchmarks": {k: v for k, v in others.items() if v},
         "scaling": _scaling(results / "scaling"),
+        "cpu_split": latest("cpu", results),
     }
     write_json(results / "report.json", report)
     md = markdown(report)
@@ -313,6 +314,13 @@ def markdown(report: dict[str, Any]) -> str:
                   "and compute are Triton's statistics of the ensemble's models.", "",
                   "| stage | ms per slice |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in report["job_stage_ms_per_slice"].items()]
+    if report.get("cpu_split"):
+        from benchmarks.cpu_split import markdown as cpu_markdown
+
+        lines += ["", "### Where the CPU of one study goes (process CPU, `python -m benchmarks.cpu_split`)", "",
+                  "On a CPU-bound machine a study cannot be served in less wall time than its CPU over the "
+                  "cores allows: the goal `gateway / in process <= 1.15` needs the served CPU within about "
+                  "1.15 x the in-process CPU.", "", cpu_markdown(report["cpu_split"]).rstrip()]
     if report.get("ort_sweep"):
         lines += ["", "### In-process ONNX Runtime sweep (the denominator is its best setting)", "",
                   "| batch | intra-op threads per session | schedule | slices/s |", "|---|---|---|---|"]

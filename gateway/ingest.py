@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -39,6 +38,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctscreen.contracts import SLICE_SIZE
+from ctscreen.machine import cores
 from gateway.dicom import (
     CT_SOP_CLASSES,
     FrameHeader,
@@ -154,7 +154,8 @@ class PreparedStudy:
 
 
 def _default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    """Decode workers: the cores this process may use (its affinity, as everywhere else), at most 4."""
+    return max(1, min(4, cores()))
 
 
 class StudyAccumulator:

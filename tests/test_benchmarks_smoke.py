@@ -236,3 +236,26 @@ def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
     assert job["compute"] > 0 and job["decode"] > 0
     assert sum(job[k] for k in report.JOB_STAGES) > 0
     assert "Where every millisecond of a slice goes" in (tmp_path / "report.md").read_text()
+
+
+def test_cpu_split_counts_each_process_under_its_label() -> None:
+    """``benchmarks.cpu_split.snapshot`` reads /proc: a child whose command line names uvicorn counts as
+    the gateway (its own CPU, while it runs), this process as the client."""
+    import time
+
+    from benchmarks.cpu_split import snapshot, split
+
+    before = snapshot()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn, "uvicorn"])
+    try:
+        deadline = time.monotonic() + 20
+        while (snapshot().get("gateway") or 0) < 0.35 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = snapshot()
+    finally:
+        child.kill()
+        child.wait()
+    got = split(before, after, 1)
+    assert 350 <= got["gateway"] < 2000, got
+    assert got["total"] >= got["gateway"]

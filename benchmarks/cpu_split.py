@@ -1,0 +1,194 @@
+"""Where the CPU of one study goes: process CPU seconds per slice, by process, served against in process.
+
+The ratio goals of issue #17 are wall-clock ratios on one 2-core machine where the client, the gateway,
+Triton's core and its python-backend stubs share the cores that the in-process pipeline has to itself.
+On a CPU-bound machine a study cannot be served faster than its total CPU allows, so this splits one
+study's CPU by process (read from ``/proc``: user + system time of each process and of its reaped
+children) and compares the total with the CPU the same study costs in process:
+
+* ``client``       this process while it uploads the study and polls the job (``benchmarks.load``);
+* ``gateway``      the uvicorn process (HTTP, multipart, spool, DICOM parse and decode, gRPC, store);
+* ``triton core``  ``tritonserver`` (gRPC, the ensemble scheduler, copies to and from the stubs);
+* ``stub <model>`` each python-backend stub (ONNX Runtime and the post-processing, plus its IPC).
+
+::
+
+    python -m benchmarks.cpu_split --slices 300        # -> results/cpu-latest.json (+ a table)
+
+The in-process side is the best setting of the last ratios run (``results/ratios-latest.json``) unless
+``--batch/--threads/--schedule`` name one. Linux only (``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks import sweep_inprocess
+from benchmarks.common import RESULTS_DIR, BenchError, write_json
+from benchmarks.load import LoadConfig, run_load
+from benchmarks.ratios import decode_series
+from benchmarks.stack import embedded_triton, gateway
+from benchmarks.studies import build_pool
+from ctscreen.machine import machine_info
+
+logger = logging.getLogger(__name__)
+CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc(pid: int) -> tuple[int, float, str] | None:
+    """``(ppid, cpu seconds incl. reaped children, cmdline)`` of ``pid``, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    ppid = int(fields[1])
+    utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
+    return ppid, (utime + stime + cutime + cstime) / CLK, cmd
+
+
+def label(cmd: str, is_self: bool) -> str:
+    """What a process is, from its command line.
+
+    >>> label("/x/triton_python_backend_stub /repo/lesion/1/model.py triton_python_backend_shm 1 2", False)
+    'stub lesion'
+    >>> label("/x/tritonserver --model-repository /r", False), label("python -m uvicorn gateway.main:app", False)
+    ('triton core', 'gateway')
+    """
+    if is_self:
+        return "client"
+    if "triton_python_backend_stub" in cmd:
+        model_py = next((w for w in cmd.split() if w.endswith("model.py")), "")
+        parts = Path(model_py).parts
+        return f"stub {parts[-3]}" if len(parts) >= 3 else "stub ?"
+    if "tritonserver" in cmd:
+        return "triton core"
+    if "uvicorn" in cmd or "gateway" in cmd:
+        return "gateway"
+    return "other"
+
+
+def snapshot(root: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of ``root`` (default this process) and every descendant, by :func:`label`;
+    a descendant is labelled by its nearest labelled ancestor (the gateway's decode workers count as
+    the gateway)."""
+    root = os.getpid() if root is None else root
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (info := _proc(int(entry))) is not None:
+            procs[int(entry)] = info
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _, _) in procs.items():
+        children[ppid].append(pid)
+    out: dict[str, float] = defaultdict(float)
+    todo = [(root, "client")] if root in procs else []
+    while todo:
+        pid, name = todo.pop()
+        out[name] += procs[pid][1]
+        for child in children[pid]:
+            own = label(procs[child][2], False)
+            todo.append((child, name if own == "other" else own))
+    return dict(out)
+
+
+def split(before: dict[str, float], after: dict[str, float], slices: int) -> dict[str, float]:
+    """CPU milliseconds per slice by process between two snapshots (and ``total``).
+
+    >>> split({"client": 1.0}, {"client": 1.3, "gateway": 0.6}, 300)
+    {'client': 1.0, 'gateway': 2.0, 'total': 3.0}
+    """
+    keys = sorted(set(before) | set(after))
+    out = {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / slices, 2) for k in keys}
+    out["total"] = round(sum(out.values()), 2)
+    return out
+
+
+def _best_setting(args: argparse.Namespace) -> sweep_inprocess.Setting:
+    if args.batch and args.threads and args.schedule:
+        return sweep_inprocess.Setting(args.batch, args.threads, args.schedule)
+    path = RESULTS_DIR / "ratios-latest.json"
+    try:
+        best = json.loads(path.read_text())["ort"]["best"]
+        return sweep_inprocess.Setting(best["batch"], best["threads"], best["schedule"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise BenchError(f"no in-process setting: pass --batch, --threads and --schedule ({path}: {exc})") from exc
+
+
+def run(slices: int, setting: sweep_inprocess.Setting) -> dict[str, Any]:
+    pool = build_pool([slices], ("covid",))
+    warm = build_pool([24], ("covid",))
+    with embedded_triton() as triton, gateway(triton) as url:
+        def one(p: dict, n: int) -> dict[str, Any]:
+            cfg = LoadConfig(url=url, mode="closed", concurrency=1, duration=600, max_studies=1,
+                             sizes=f"fixed:{n}", kinds=("covid",), study_timeout=600)
+            return run_load(cfg, p)
+
+        one(warm, 24)
+        before, t0 = snapshot(), time.perf_counter()
+        served = one(pool, slices)
+        after, wall = snapshot(), time.perf_counter() - t0
+    if not served.get("completed"):
+        raise BenchError(f"the {slices}-slice study did not complete through the gateway: {served.get('errors')}")
+    vol, meta = decode_series(next(iter(pool.values())).files)
+    c0 = time.process_time()
+    local = sweep_inprocess.study_in_process(setting, vol, meta)
+    local_cpu = time.process_time() - c0  # warm-up included: an upper bound of the in-process CPU
+    served_split = split(before, after, slices)
+    return {
+        "slices": slices,
+        "served": {"latency_s": served["latency_s"]["max"], "wall_s": round(wall, 3),
+                   "cpu_ms_per_slice": served_split},
+        "in_process": {**local, "cpu_ms_per_slice": round(1000 * local_cpu / slices, 2)},
+        "cpu_ratio": round(served_split["total"] / (1000 * local_cpu / slices), 3),
+        "wall_ratio": round(served["latency_s"]["max"] / local["wall_s"], 3),
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s, local = doc["served"], doc["in_process"]
+    lines = [f"One {doc['slices']}-slice study: {s['latency_s']:.1f} s through the gateway, {local['wall_s']:.1f} s in "
+             f"process (wall ratio {doc['wall_ratio']}); CPU {s['cpu_ms_per_slice']['total']:.1f} ms per slice served "
+             f"against {local['cpu_ms_per_slice']:.1f} in process (CPU ratio {doc['cpu_ratio']}).", "",
+             "| process | CPU ms per slice |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in s["cpu_ms_per_slice"].items() if k != "total"]
+    lines += [f"| **total served** | {s['cpu_ms_per_slice']['total']:.1f} |",
+              f"| in process ({local['batch']} / {local['threads']} / {local['schedule']}) | {local['cpu_ms_per_slice']:.1f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_split", description=__doc__.splitlines()[0])
+    p.add_argument("--slices", type=int, default=300)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--schedule", choices=sweep_inprocess.SCHEDULES, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "cpu-latest.json")
+    args = p.parse_args(argv)
+    if args.slices < 8:
+        p.error(f"--slices must be at least 8, got {args.slices}")
+    if not Path("/proc/self/stat").exists():
+        p.error("needs Linux /proc")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.cpu_split " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = machine_info()  # stamped at the start: the load average before the run
+    try:
+        doc = {"command": command.strip(), "machine": machine, **run(args.slices, _best_setting(args))}
+    except BenchError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    write_json(args.out, doc)
+    print(markdown(doc))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
