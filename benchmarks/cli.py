@@ -106,6 +106,8 @@ def _add_load(p: argparse.ArgumentParser) -> None:
                    "lognormal:MEDIAN,SIGMA,LO,HI")
     g.add_argument("--kinds", default="covid,normal", help="phantom kinds, alternating")
     g.add_argument("--upload", choices=("files", "zip"), default="files")
+    g.add_argument("--follow", choices=("events", "poll"), default="events",
+                   help="learn that a job finished from its server-sent events or by polling it")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--append", action="store_true", help="add these runs to the latest load results")
 
@@ -251,7 +253,7 @@ def cmd_load(args: argparse.Namespace, triton: Any, gateway_url: str) -> dict[st
             url=gateway_url, mode=args.mode, rate=v if args.mode != "closed" else 0.05,
             concurrency=v if args.mode == "closed" else 1, burst=args.burst, duration=args.duration,
             max_studies=args.max_studies, study_timeout=args.study_timeout, sizes=args.sizes, kinds=kinds,
-            upload=args.upload, seed=args.seed, allow_remote=args.allow_remote,
+            upload=args.upload, follow=args.follow, seed=args.seed, allow_remote=args.allow_remote,
             triton_metrics_url=triton.metrics_url if triton else None,
         ))
     for c in runs_cfg:

@@ -7,13 +7,17 @@ drawn from a :class:`~benchmarks.studies.SizeDist`. Every run is bounded: arriva
 ``duration`` seconds or ``max_studies`` studies, and a study still unfinished ``study_timeout`` seconds
 after it was sent counts as an error (``timeout``).
 
-A study's latency runs from the first byte of its upload to the poll that sees its job finished
-(the poll interval bounds the error; the gateway's own timings are kept beside it when it reports them).
+A study's latency runs from the first byte of its upload to the moment the client learns that its job
+finished: by default from the job's server-sent events (``GET /v1/jobs/{id}/events``, as an integration
+follows a job; the gateway wakes the stream when the job changes), else (``follow="poll"``, or a gateway
+without the stream) from the poll that sees it, whose interval bounds the error. The gateway's own
+timings are kept beside it when it reports them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -50,6 +54,8 @@ class LoadConfig:
     sizes: str = "fixed:60"
     kinds: tuple[str, ...] = ("covid", "normal")
     upload: str = "files"
+    follow: str = "events"
+    """How the client learns that a job finished: ``events`` (server-sent events) or ``poll``."""
     seed: int = 0
     allow_remote: bool = False
     triton_metrics_url: str | None = None
@@ -74,6 +80,8 @@ class LoadConfig:
             raise ValueError(f'Argument "study_timeout" must be in (0, 86400] s, got {self.study_timeout}.')
         if self.upload not in ("files", "zip"):
             raise ValueError(f'Argument "upload" must be files or zip, got {self.upload!r}.')
+        if self.follow not in ("events", "poll"):
+            raise ValueError(f'Argument "follow" must be events or poll, got {self.follow!r}.')
         SizeDist.parse(self.sizes)
 
 
@@ -171,30 +179,54 @@ async def submit_and_wait(
             return
         job = job_id_of(resp.json())
         out.accepted_at = time.monotonic()
-        while time.monotonic() < deadline:
+        doc = await _follow_events(client, job, deadline) if cfg.follow == "events" else None
+        while doc is None and time.monotonic() < deadline:
             await asyncio.sleep(cfg.poll_interval)
             r = await client.get(f"/v1/jobs/{job}")
             if r.status_code != 200:
                 out.state, out.error = "failed", f"poll_http_{r.status_code}"
                 out.finished_at = time.monotonic()
                 return
-            doc = r.json()
-            state = job_state_of(doc)
-            if state in ("done", "failed"):
-                out.finished_at = time.monotonic()
-                out.state = state
-                out.verdict = _verdict_of(doc)
-                out.server_timings = _timings_of(doc)
-                if state == "failed":
-                    err = doc.get("error") or doc.get("reason") or "job_failed"
-                    out.error = str(err.get("reason", err) if isinstance(err, dict) else err)[:80]
-                    if isinstance(err, dict) and err.get("message"):
-                        out.message = str(err["message"])[:300]
-                return
-        out.state, out.error, out.finished_at = "failed", "timeout", time.monotonic()
+            if job_state_of(r.json()) in ("done", "failed"):
+                doc = r.json()
+        if doc is None:
+            out.state, out.error, out.finished_at = "failed", "timeout", time.monotonic()
+            return
+        out.finished_at = time.monotonic()
+        out.state = job_state_of(doc)
+        out.verdict = _verdict_of(doc)
+        out.server_timings = _timings_of(doc)
+        if out.state == "failed":
+            err = doc.get("error") or doc.get("reason") or "job_failed"
+            out.error = str(err.get("reason", err) if isinstance(err, dict) else err)[:80]
+            if isinstance(err, dict) and err.get("message"):
+                out.message = str(err["message"])[:300]
     except (httpx.HTTPError, BenchError, ValueError) as exc:
         out.state, out.error, out.finished_at = "failed", f"{type(exc).__name__}", time.monotonic()
         logger.debug("study %d failed: %s", out.index, exc)
+
+
+async def _follow_events(client: httpx.AsyncClient, job: str, deadline: float) -> dict[str, Any] | None:
+    """The finished job from its server-sent events; None when the gateway has no such stream, it ended
+    early or the deadline passed (the caller polls then, or reports the timeout)."""
+
+    async def read() -> dict[str, Any] | None:
+        async with client.stream("GET", f"/v1/jobs/{job}/events") as r:
+            if r.status_code != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+                return None
+            event = ""
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("done", "failed"):
+                    doc = json.loads(line[5:])
+                    return doc if isinstance(doc, dict) and job_state_of(doc) in ("done", "failed") else None
+        return None
+
+    try:
+        return await asyncio.wait_for(read(), max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        return None
 
 
 def arrival_times(cfg: LoadConfig, rng: np.random.Generator) -> list[float]:

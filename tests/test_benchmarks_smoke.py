@@ -199,10 +199,20 @@ def test_perf_analyzer_scenario_on_the_postprocess_model(triton, tmp_path) -> No
 
 
 @pytest.mark.triton
-def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
-    """One tiny phantom study through a real gateway process; then the report is written from it."""
-    from benchmarks import report, stack
+def test_case_load_through_a_real_gateway_and_report(triton, tmp_path, monkeypatch) -> None:
+    """One tiny phantom study through a real gateway process, followed by its server-sent events (a
+    poll every 60 s would show in the spy as an empty follow); then the report is written."""
+    from benchmarks import load, report, stack
     from benchmarks.load import run_load
+
+    followed = []
+    real_follow = load._follow_events
+
+    async def spy(*args, **kw):
+        followed.append(await real_follow(*args, **kw))
+        return followed[-1]
+
+    monkeypatch.setattr(load, "_follow_events", spy)
     from benchmarks.studies import ensure_study
 
     study = ensure_study("covid", 8, seed=5, matrix=128, cache=tmp_path / "studies")
@@ -210,9 +220,10 @@ def test_case_load_through_a_real_gateway_and_report(triton, tmp_path) -> None:
     target = stack.TritonTarget(triton.grpc_url, f"http://{triton.http_url}", triton.metrics_url)
     with stack.gateway(target) as url:
         cfg = LoadConfig(url=url, mode="closed", concurrency=1, max_studies=1, duration=60, study_timeout=120,
-                         sizes="fixed:8", kinds=("covid",), poll_interval=0.1, triton_metrics_url=triton.metrics_url)
+                         sizes="fixed:8", kinds=("covid",), poll_interval=60, triton_metrics_url=triton.metrics_url)
         res = run_load(cfg, {("covid", 8): study})
     assert res["sent"] == 1 and res["completed"] == 1, res["errors"]
+    assert len(followed) == 1 and followed[0]["state"] == "done"  # the events told, no poll did
     assert res["studies"][0]["verdict"] in ("positive", "negative", "indeterminate")
     assert res["slices_per_s"] > 0 and res["latency_s"]["p99"] > 0
     assert res["triton"]["ct_screen"]["inferences"] == 8
