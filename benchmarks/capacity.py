@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_models import time_onnx
-from ctscreen.contracts import PROB_CUTOFF, VALID_AREA_MODEL
+from ctscreen.contracts import LESION_MODEL, PROB_CUTOFF, VALID_AREA_MODEL
+from ctscreen.machine import shipped_models
 from ctscreen.reference import ReferencePipeline
 from training import calibrate, evaluate_real, realct
 from training.datasets import PHANTOM_VAL_SEED0, phantom_volumes
 
+logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LESION_BUDGET_MS = 60.0
 """Issue #11's budget for the lite lesion net (ONNX Runtime, 2 threads, per slice)."""
@@ -83,11 +85,7 @@ def held_out_row(report: dict) -> dict[str, Any]:
         met = ph["per_patient"]["metrics"]
         row["phantom_patient_sensitivity"] = met["sensitivity"]["value"]
         row["phantom_patient_specificity"] = met["specificity"]["value"]
-        row["phantom_worst_hard_negative"] = max(
-            (e["value"] or 0.0)
-            for c, e in ph["false_positive_rate_by_class"].items()
-            if c not in ("plain", "no_lung")
-        )
+        row["phantom_worst_hard_negative"] = evaluate_real.worst_hard_negative(ph)
     row["goals_met"] = sum(report["goals"].values())
     row["goals"] = len(report["goals"])
     return row
@@ -114,7 +112,13 @@ def retime(out: Path, speeds: dict[str, dict[str, float]], argv: list[str] | Non
         if c["name"] in speeds:
             c["speed"] = speeds[c["name"]]
     doc["speed_stamp"] = evaluate_real.run_stamp("benchmarks.capacity", argv, time.perf_counter())
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return write(out, doc)
+
+
+def write(out: Path, doc: dict) -> int:
+    """``out/capacity.json`` and ``out/capacity.md`` (printed too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (out / "capacity.md").write_text(markdown(doc))
     print(markdown(doc))  # noqa: T201
     return 0
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_only:
         return retime(args.out, speeds, argv)
 
-    shipped = sha256_of(REPO_ROOT / "model_repository" / "lesion" / "1" / "model.onnx")
+    shipped = shipped_models().get(LESION_MODEL, {}).get("sha256")
     sections = set(args.sections.split(","))
     t0 = time.perf_counter()
     val_volumes = list(realct.real_volumes("val")) + list(
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "size_mb": onnx.stat().st_size / 1e6,
                 "speed": speed,
-                "calibrated_cutoff": calibrated_cutoff(card), "validation": validation_row(run, val_volumes),
+                "calibrated_cutoff": calibrated_cutoff(card),
+                "validation": validation_row(run, val_volumes),
                 "held_out": held_out_row(report),
                 "report": report,
             }
@@ -246,14 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_ms": LESION_BUDGET_MS,
         "candidates": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "capacity.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    (args.out / "capacity.md").write_text(markdown(doc))
-    print(markdown(doc))  # noqa: T201
-    return 0
-
-
-logger = logging.getLogger("benchmarks.capacity")
+    return write(args.out, doc)
 
 if __name__ == "__main__":
     raise SystemExit(main())

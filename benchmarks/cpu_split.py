@@ -56,16 +56,14 @@ def _proc(pid: int) -> tuple[int, float, str] | None:
     return ppid, (utime + stime + cutime + cstime) / CLK, cmd
 
 
-def label(cmd: str, is_self: bool) -> str:
+def label(cmd: str) -> str:
     """What a process is, from its command line.
 
-    >>> label("/x/triton_python_backend_stub /repo/lesion/1/model.py triton_python_backend_shm 1 2", False)
+    >>> label("/x/triton_python_backend_stub /repo/lesion/1/model.py triton_python_backend_shm 1 2")
     'stub lesion'
-    >>> label("/x/tritonserver --model-repository /r", False), label("python -m uvicorn gateway.main:app", False)
+    >>> label("/x/tritonserver --model-repository /r"), label("python -m uvicorn gateway.main:app")
     ('triton core', 'gateway')
     """
-    if is_self:
-        return "client"
     if "triton_python_backend_stub" in cmd:
         model_py = next((w for w in cmd.split() if w.endswith("model.py")), "")
         parts = Path(model_py).parts
@@ -95,7 +93,7 @@ def snapshot(root: int | None = None) -> dict[str, float]:
         pid, name = todo.pop()
         out[name] += procs[pid][1]
         for child in children[pid]:
-            own = label(procs[child][2], False)
+            own = label(procs[child][2])
             todo.append((child, name if own == "other" else own))
     return dict(out)
 

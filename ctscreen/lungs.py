@@ -125,7 +125,6 @@ def coarse_lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, step:
         h, w = (-(-n // step) * step for n in lesion.shape)
         padded = np.zeros((h, w), bool)
         padded[: lesion.shape[0], : lesion.shape[1]] = lesion
-        seed = padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))
-        seed = seed[: -(-hu.shape[0] // step), : -(-hu.shape[1] // step)]
+        seed = padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))  # hu[::step]'s shape
     small = lung_field(np.asarray(hu[::step, ::step], dtype=np.float32), seed=seed)
     return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: hu.shape[0], : hu.shape[1]]

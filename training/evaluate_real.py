@@ -262,6 +262,12 @@ def _pct(e: dict) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} % ({e['successes']}/{e['total']})"
 
 
+def worst_hard_negative(phantom: dict) -> float:
+    """The highest false-positive slice rate of a phantom section's hard-negative classes (0 if none)."""
+    return max((e["value"] or 0.0 for c, e in phantom["false_positive_rate_by_class"].items()
+                if c not in ("plain", "no_lung")), default=0.0)
+
+
 def goals(report: dict) -> dict[str, bool]:
     """Which goals of issue #11 the report meets."""
     m = report.get("medseg", {})
@@ -286,9 +292,7 @@ def goals(report: dict) -> dict[str, bool]:
             "phantom_patient_sensitivity"]
         out["phantom_patient_specificity"] = (met["specificity"]["value"] or 0) >= GOALS[
             "phantom_patient_specificity"]
-        out["phantom_hard_negatives"] = all(
-            (e["value"] or 0) <= GOALS["phantom_max_hard_negative_fp"]
-            for c, e in ph["false_positive_rate_by_class"].items() if c not in ("plain", "no_lung"))
+        out["phantom_hard_negatives"] = worst_hard_negative(ph) <= GOALS["phantom_max_hard_negative_fp"]
     return out
 
 
