@@ -55,9 +55,10 @@ def regions(prob: np.ndarray, cutoff: float, min_area: int) -> tuple[np.ndarray,
     labels, boxes, keep, n = _regions(prob, cutoff, min_area)
     if n == 0:
         return boxes, np.zeros((0,), np.float32)
-    flat = labels.ravel()
-    sums = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n + 1)[1:]
-    counts = np.bincount(flat, minlength=n + 1)[1:]
+    fg = labels > 0  # sums over the foreground alone: the same pixels in the same order, a fraction of the work
+    on = labels[fg]
+    sums = np.bincount(on, weights=prob[fg].astype(np.float64), minlength=n + 1)[1:]
+    counts = np.bincount(on, minlength=n + 1)[1:]
     scores = (sums / counts).astype(np.float32)
     return boxes[keep], scores[keep]
 
@@ -85,9 +86,8 @@ def valid_area_box(
     if lungs is not None and n:
         if lungs.shape != prob.shape:
             raise ValueError(f'Argument "lungs" must have shape {prob.shape}, got {lungs.shape}.')
-        flat = labels.ravel()
-        pixels = np.bincount(flat, minlength=n + 1)[1:]
-        on_lung = np.bincount(flat, weights=lungs.ravel().astype(np.float64), minlength=n + 1)[1:]
+        pixels = np.bincount(labels[labels > 0], minlength=n + 1)[1:]
+        on_lung = np.bincount(labels[lungs & (labels > 0)], minlength=n + 1)[1:]
         keep &= on_lung >= MIN_LUNG_SHARE * pixels
     boxes = boxes[keep]
     if len(boxes) == 0:
