@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spinning", action="store_true", help="let ORT threads spin (default off, as in Triton)")
     p.add_argument("--paper", action="store_true", help="also time the paper profile (needs torch)")
     p.add_argument("--candidates", action="store_true", help="also time the lite candidates (needs torch)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON to write (default benchmarks/results/models-latest.json, the report's figure)")
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         measure("paper (ResNet-50 UNet++ @512, either model)", path, None, [1])
         path.unlink()
     doc = {"benchmark": "models", "threads": args.threads, "spinning": args.spinning, "machine": machine_info(), "rows": rows}
-    out = write_json(results_dir() / "models-latest.json", doc)
+    out = write_json(args.out or results_dir() / "models-latest.json", doc)
     print(f"wrote {out}")
     return 0
 

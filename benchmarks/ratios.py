@@ -218,7 +218,7 @@ def run_ratios(
     for r in range(rounds):
         logger.info("round %d: Triton ensemble ...", r + 1)
         ens_runs += [ensemble_throughput(triton.grpc_url, slices, batch=b, concurrency=c, min_slices=ort_min_slices)
-                     for b, c in ((4, 2), (4, 3), (8, 2))]
+                     for b, c in ((2, 4), (2, 3), (4, 2))]
         logger.info("round %d: in-process ORT, best settings ...", r + 1)
         ort_runs += [sweep_inprocess.measure(s, hu) for s in top]
     out["ort"] = {"best": max(ort_runs, key=lambda r: r["slices_per_s"]), "runs": ort_runs, "sweep": swept["runs"]}

@@ -139,7 +139,9 @@ def default_settings(profile: str) -> ProfileSettings:
     cores go to threads: ``cores // (2 * instances)`` each), and as many post-processing instances.
     The lesion net does three quarters of the work: with one instance it could only ever use one
     core while the other waited for it; two instances let it take both (measured +14-20 % slices/s
-    on 2 cores, docs/triton.md).
+    on 2 cores, docs/triton.md). Batches of 2: on a CPU, ONNX Runtime spends more per slice on bigger
+    batches (their activations leave the cache: the lesion net ~40 ms of CPU a slice at batch 1-2,
+    ~60 at 8), so the batcher only pairs single-slice requests, and the gateway sends 2 slices a request.
     """
     _check_profile(profile)
     if profile == "cpu":
@@ -147,12 +149,12 @@ def default_settings(profile: str) -> ProfileSettings:
         instances = max(1, min(4, cores))
         return ProfileSettings(
             max_batch_size=8,
-            preferred_batch_sizes=(4, 8),
+            preferred_batch_sizes=(2,),
             max_queue_delay_us=2000,
             instance_count=instances,
             intra_op_threads=max(1, cores // (2 * instances)),
             postprocess_instances=instances,
-            warmup_batch=4,
+            warmup_batch=2,
         )
     return ProfileSettings(
         max_batch_size=32,

@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     )
     triton_model: str = Field(ENSEMBLE_MODEL, min_length=1, description="Ensemble model to call.")
     triton_timeout_s: float = Field(30.0, gt=0, le=600, description="Deadline of each gRPC call.")
-    # cpu profile defaults (2 instances of each model on 2 cores): 4 requests of 4 slices in flight
-    # kept both cores busiest (docs/triton.md); the Helm chart sets its own for the gpu profiles
-    triton_batch_size: int = Field(4, ge=1, le=64, description="Slices per inference request.")
+    # cpu profile defaults (2 instances of each model on 2 cores): 4 requests of 2 slices in flight;
+    # ONNX Runtime on a CPU costs more per slice in bigger batches (docs/triton.md); the Helm chart
+    # sets its own for the gpu profiles
+    triton_batch_size: int = Field(2, ge=1, le=64, description="Slices per inference request.")
     triton_max_inflight: int = Field(
         4, ge=1, le=64, description="Requests in flight per Triton endpoint."
     )
