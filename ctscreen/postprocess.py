@@ -86,8 +86,9 @@ def valid_area_box(
     if lungs is not None and n:
         if lungs.shape != prob.shape:
             raise ValueError(f'Argument "lungs" must have shape {prob.shape}, got {lungs.shape}.')
-        pixels = np.bincount(labels[labels > 0], minlength=n + 1)[1:]
-        on_lung = np.bincount(labels[lungs & (labels > 0)], minlength=n + 1)[1:]
+        fg = labels > 0  # counts over the foreground alone (the valid-area map's regions)
+        pixels = np.bincount(labels[fg], minlength=n + 1)[1:]
+        on_lung = np.bincount(labels[fg & lungs.astype(bool, copy=False)], minlength=n + 1)[1:]
         keep &= on_lung >= MIN_LUNG_SHARE * pixels
     boxes = boxes[keep]
     if len(boxes) == 0:

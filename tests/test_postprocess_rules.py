@@ -75,6 +75,7 @@ def test_valid_area_keeps_the_regions_that_lie_on_the_lung_field(seed):
     got = valid_area_box(prob, 0.6, 25, lungs)
     np.testing.assert_array_equal(got, _slow_valid_area(prob, lungs, 0.6, 25))
     assert not np.array_equal(got, valid_area_box(prob, 0.6, 25))  # the lung field mattered
+    np.testing.assert_array_equal(valid_area_box(prob, 0.6, 25, lungs.astype(np.uint8)), got)  # a 0/1 mask too
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (128, 64), (9, 8), (510, 509), (13, 4)])
