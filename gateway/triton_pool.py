@@ -446,12 +446,16 @@ class TritonPool:
                     pass
 
     async def _release(self, ep: _Endpoint, slices: int) -> None:
+        # The slot comes back before the first await: a batch cancelled while it waits for the lock (its
+        # study failed elsewhere) would otherwise keep it forever, and an endpoint on probation (one
+        # request at a time) with a kept slot never takes a request again. Only the wake-up needs the
+        # lock, and waiters look again within a second without it.
+        self._mark(ep, -1, slices)
+        if ep.removed and ep.inflight == 0 and ep.client is not None:
+            client, ep.client = ep.client, None
+            asyncio.get_running_loop().create_task(self._close_client(client))
         cond = self._condition()
         async with cond:
-            self._mark(ep, -1, slices)
-            if ep.removed and ep.inflight == 0 and ep.client is not None:
-                client, ep.client = ep.client, None
-                asyncio.get_running_loop().create_task(self._close_client(client))
             cond.notify_all()
 
     @staticmethod

@@ -76,6 +76,32 @@ def test_every_endpoint_down_raises_unavailable():
     assert pool.pending_slices == 0
 
 
+def test_a_batch_cancelled_while_it_gives_its_slot_back_still_gives_it_back():
+    """A try fails, and its batch is cancelled (its study failed elsewhere) while it waits for the pool's
+    lock to give the slot back: the slot must come back all the same. Kept, it filled an endpoint on
+    probation (one request at a time until one succeeds) for good, and a job hung in "inferring" after a
+    real Triton restart (tests/test_gateway_cluster.py, once in CI). The pool's lock is held by the test
+    (a private attribute) to make the interleaving certain."""
+    fleet = FakeFleet(**{"a:1": {"fail_with": "StatusCode.UNAVAILABLE", "delay": 0.05}})
+    pool = TritonPool(["a:1"], batch_size=1, max_inflight=2, max_attempts=1, client_factory=fleet)
+
+    async def scenario() -> int:
+        task = asyncio.ensure_future(pool.infer_batch(_hu(1)))
+        while "a:1" not in fleet.clients or not fleet.clients["a:1"].calls:  # the try is under way
+            await asyncio.sleep(0.001)
+        cond = pool._condition()
+        await cond.acquire()  # another coroutine holds the lock when the try fails
+        await asyncio.sleep(0.2)  # the try has failed; the batch waits for the lock to give its slot back
+        assert not task.done()
+        task.cancel()
+        cond.release()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pool.inflight_requests
+
+    assert _run(scenario()) == 0
+
+
 def test_no_endpoint_raises_unavailable_after_the_deadline():
     pool = TritonPool([], batch_size=8, timeout_s=0.2, client_factory=FakeFleet())
     with pytest.raises(InferenceUnavailable, match="none configured"):
