@@ -91,8 +91,11 @@ def test_a_batch_cancelled_while_it_gives_its_slot_back_still_gives_it_back():
             await asyncio.sleep(0.001)
         cond = pool._condition()
         await cond.acquire()  # another coroutine holds the lock when the try fails
-        await asyncio.sleep(0.2)  # the try has failed; the batch waits for the lock to give its slot back
-        assert not task.done()
+        for _ in range(2000):  # until the try has failed: the batch then waits for the lock to give its slot back
+            if pool.retries:
+                break
+            await asyncio.sleep(0.001)
+        assert pool.retries == 1 and not task.done()
         task.cancel()
         cond.release()
         with pytest.raises(asyncio.CancelledError):
