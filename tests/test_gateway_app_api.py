@@ -314,6 +314,34 @@ def test_stow_partial_and_total_failure_and_media_types():
         assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"
 
 
+def test_a_refused_or_unstorable_upload_leaves_no_blob(tmp_path, monkeypatch):
+    """A study the route refuses (422), or one that cannot be stored whole (503: the third file fails to
+    write), leaves nothing in the blob store; the same upload is taken once the disk is back."""
+    import itertools
+
+    from gateway.store import FolderBlobs
+
+    _, files = ct_series(4)
+    with TestClient(_app(data_dir=tmp_path)) as client:
+        r = client.post("/v1/studies", files=upload_files([(n, d[:-2000]) for n, d in files]))
+        assert r.status_code == 422, r.text
+        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+
+        real_stage, calls = FolderBlobs._stage, itertools.count()
+
+        def stage(self, key, data):  # the third file cannot be written (a full disk)
+            if next(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real_stage(self, key, data)
+
+        monkeypatch.setattr(FolderBlobs, "_stage", stage)
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 503 and "stored durably" in r.json()["message"], r.text
+        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+        monkeypatch.undo()
+        assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
+
+
 def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
     """An accepted study survives a stop: its job is released, and screened under its id at the next start."""
     _, files = ct_series(6, lesion=[1, 2, 3])

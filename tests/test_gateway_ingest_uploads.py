@@ -221,6 +221,25 @@ def test_a_spooled_file_is_stored_as_a_blob_and_stays_the_callers(tmp_path) -> N
     assert list(iter_upload("a.dcm", blobs.root / "ab" / "abcd")) == [("a.dcm", blobs.root / "ab" / "abcd")]
 
 
+def test_blobs_are_all_stored_or_none_is(tmp_path) -> None:
+    """``put_many`` flushes in threads: every blob lands (content intact, no temporary file left), and when
+    one cannot be written none is put in place and no temporary file stays."""
+    from gateway.store import FolderBlobs, new_key
+
+    blobs = FolderBlobs(tmp_path / "blobs")
+    items = [(new_key(), bytes([i]) * (1000 + i)) for i in range(40)]
+    blobs.put_many(items)
+    assert all(blobs.get(k) == data for k, data in items)
+    files = [p for p in blobs.root.rglob("*") if p.is_file()]
+    assert len(files) == 40 and not [p for p in files if p.name.endswith(".tmp")]
+
+    fresh = FolderBlobs(tmp_path / "fresh")
+    bad = [(new_key(), b"ok") for _ in range(20)] + [(new_key(), tmp_path / "gone.dcm")]  # no such file
+    with pytest.raises(FileNotFoundError):
+        fresh.put_many(bad)
+    assert [p for p in fresh.root.rglob("*") if p.is_file()] == []
+
+
 @pytest.mark.parametrize(
     ("body", "ctype", "match"),
     [

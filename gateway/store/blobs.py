@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+_T = TypeVar("_T")
+_IO_THREADS = 4
 
 
 class BlobStore(Protocol):
@@ -26,7 +31,7 @@ class BlobStore(Protocol):
 
     def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
         """Store several blobs, each given as bytes or as a file whose content is stored (the file stays the
-        caller's); all durable when this returns."""
+        caller's); all durable when this returns, none stored when it raises."""
 
     def get(self, key: str) -> bytes:
         """The bytes under ``key``; :class:`FileNotFoundError` when there are none."""
@@ -64,44 +69,65 @@ class FolderBlobs:
         self.put_many([(key, data)])
 
     def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
-        folders: set[Path] = set()
-        for key, data in items:
-            folders.add(self._write(key, data))
-        for folder in folders:  # the renames are durable once their folders are synced
-            _fsync_dir(folder)
+        # all or none: each blob is staged (a temporary file, fsynced) before any is renamed into place, and
+        # a failure removes the staged files. The flushes run in 4 threads, as do the folders' (a 300-file
+        # upload touches ~200 of the 256 folders): the disk takes concurrent flushes together (300 files of
+        # 0.5 MiB: 0.33 -> 0.22 s wall for the same CPU, measured here; 8 threads: no faster, more CPU)
+        if len(items) == 1:
+            staged = [self._stage(*items[0])]
+        else:
+            futures = _each(self._stage, items, "blob")
+            failed = next((f.exception() for f in futures if f.exception() is not None), None)
+            if failed is not None:  # nothing is renamed into place: remove the others' temporary files
+                for f in futures:
+                    if f.exception() is None:
+                        f.result()[0].unlink(missing_ok=True)
+                raise failed
+            staged = [f.result() for f in futures]
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        folders = {path.parent for _, path in staged}
+        if len(folders) == 1:
+            _fsync_dir(folders.pop())
+        else:  # the renames are durable once their folders are synced
+            for done in _each(_fsync_dir, [(f,) for f in folders], "folder"):
+                done.result()
 
-    def _write(self, key: str, data: bytes | Path) -> Path:
+    def _stage(self, key: str, data: bytes | Path) -> tuple[Path, Path]:
+        """``key``'s content in a fsynced temporary file beside its place: ``(temporary, final)``."""
         path = self._path(key)
         folder = path.parent
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             _fsync_dir(folder.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if isinstance(data, Path):
-            # a spooled upload: a second name for the same file when it is on this file system (the
-            # caller never writes it again), else a streamed copy; never read into memory
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            if isinstance(data, Path):
+                # a spooled upload: a second name for the same file when it is on this file system (the
+                # caller never writes it again), else a streamed copy; never read into memory
+                try:
+                    os.link(data, tmp)
+                except OSError:
+                    shutil.copyfile(data, tmp)
+                os.chmod(tmp, 0o640)  # as a blob written from bytes
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return tmp, path
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                os.link(data, tmp)
-            except OSError:
-                shutil.copyfile(data, tmp)
-            os.chmod(tmp, 0o640)  # as a blob written from bytes
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            return folder
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        return folder
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, path
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -112,6 +138,12 @@ class FolderBlobs:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def _each(fn: Callable[..., _T], args: Sequence[tuple[Any, ...]], what: str) -> list[Future[_T]]:
+    """``fn(*a)`` for each ``a`` in up to ``_IO_THREADS`` threads (blocking I/O); returns once every call ended."""
+    with ThreadPoolExecutor(min(_IO_THREADS, len(args)), thread_name_prefix=f"ctscreen-{what}") as pool:
+        return [pool.submit(fn, *a) for a in args]
 
 
 def _fsync_dir(folder: Path) -> None:
