@@ -50,6 +50,31 @@ def test_inflight_bound_and_least_loaded_spread():
     assert all(t == pool.timeout_s for c in fleet.clients.values() for t in c.timeouts)
 
 
+def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():
+    """Every batch sent waits for a slot, and each answer wakes every waiter: a 100-slice study sent whole
+    had 50 batches waiting (O(batches^2) wake-ups of the gateway's CPU). Sent through a window of twice
+    the endpoints' room, no more than that wait, and every slice is still answered once, in order."""
+    fleet = FakeFleet(**{"a:1": {"delay": 0.005}})
+    pool = TritonPool(["a:1"], batch_size=2, max_inflight=2, client_factory=fleet)
+    waiting = most = 0
+    acquire = pool._acquire
+
+    async def counted(tried):
+        nonlocal waiting, most
+        waiting += 1
+        most = max(most, waiting)
+        try:
+            return await acquire(tried)
+        finally:
+            waiting -= 1
+
+    pool._acquire = counted  # type: ignore[method-assign]
+    out = _run(pool.infer(_hu(100, (7, 93))))
+    assert [i for i, o in enumerate(out) if len(o.boxes)] == [7, 93] and len(out) == 100
+    assert pool.pending_slices == 0 and fleet.clients["a:1"].max_inflight_seen == 2
+    assert most <= pool._window() == 4, most
+
+
 def test_unavailable_endpoint_is_retried_elsewhere_without_double_counting():
     fleet = FakeFleet(**{"bad:1": {"fail_with": "StatusCode.UNAVAILABLE"}, "good:1": {"delay": 0.002}})
     pool = TritonPool(["bad:1", "good:1"], batch_size=4, max_inflight=2, client_factory=fleet)
