@@ -23,6 +23,7 @@ decoded when :meth:`StudyAccumulator.finish` is called.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import threading
@@ -419,8 +420,15 @@ class StudyPlan:
                                                 Rejection | None, dict[str, float]]:
         """Decode the chosen frames of one object to the 512 grid (see :func:`_decode_object`)."""
         ds, headers = self.objects[uid]
-        keys = frozenset(h.key for h in self.selection.chosen if h.sop_instance_uid == uid)
-        return _decode_object(ds, headers, keys)
+        return _decode_object(ds, headers, self._chosen_keys.get(uid, frozenset()))
+
+    @functools.cached_property
+    def _chosen_keys(self) -> dict[str, frozenset[tuple[str, int]]]:
+        """The chosen frames of each object (built once: a scan of every frame per object was O(n^2))."""
+        keys: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        for h in self.selection.chosen:
+            keys[h.sop_instance_uid].add(h.key)
+        return {uid: frozenset(k) for uid, k in keys.items()}
 
     def assemble(self, hu: np.ndarray, grids: dict[tuple[str, int], GridMapping],
                  work: dict[str, float] | None = None) -> PreparedStudy:
