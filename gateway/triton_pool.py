@@ -609,19 +609,30 @@ class TritonPool:
         # Batches are sent through a window a little wider than the endpoints' room: every batch sent waits
         # in _acquire, and each answer wakes every waiter, so sending a whole study at once cost O(batches^2)
         # wake-ups (10,000 for a 300-slice study in 2-slice batches; ~0.3 s of the gateway's CPU).
-        tasks: list[asyncio.Future[None]] = []
+        running: set[asyncio.Future[None]] = set()
+        failed: list[BaseException] = []  # read as each batch ends: no error is left unretrieved
+        sent = 0  # batches sent, in slice order
         filled_to = 0  # slices [0, filled_to) are filled
         stopping = False
 
-        def launch(_done: object = None) -> None:
-            room = self._window() - sum(not t.done() for t in tasks)
-            while not stopping and room > 0:
-                s = len(tasks) * self.batch_size
-                if s >= z or min(z, s + self.batch_size) > filled_to:
+        def finished(task: asyncio.Future[None]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(task.exception())  # type: ignore[arg-type]
+                return  # the study fails: nothing more is sent
+            launch()
+
+        def launch() -> None:
+            nonlocal sent
+            room = self._window() - len(running)
+            while not stopping and not failed and room > 0:
+                start = sent * self.batch_size
+                if start >= z or min(z, start + self.batch_size) > filled_to:
                     break
-                task = asyncio.ensure_future(run(s))
-                task.add_done_callback(launch)
-                tasks.append(task)
+                task = asyncio.ensure_future(run(start))
+                task.add_done_callback(finished)
+                running.add(task)
+                sent += 1
                 room -= 1
 
         def send(filled: int) -> None:
@@ -630,9 +641,8 @@ class TritonPool:
             launch()
 
         def raise_failed() -> None:
-            failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
-            if failed is not None:
-                raise failed.exception()  # type: ignore[misc]  # the finally cancels the others
+            if failed:
+                raise failed[0]  # the finally cancels the others
 
         try:
             if ready is None:
@@ -646,22 +656,21 @@ class TritonPool:
             while True:
                 raise_failed()
                 launch()
-                live = [t for t in tasks if not t.done()]
-                if not live:
+                if not running:
                     break
-                await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
-            if len(tasks) * self.batch_size < z:  # pragma: no cover - launch sends every filled batch
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if sent * self.batch_size < z:  # pragma: no cover - launch sends every filled batch
                 raise AssertionError("batches left unsent")
         finally:
             stopping = True
-            for t in tasks:
+            for t in list(running):
                 t.cancel()
             self._pending_slices -= remaining
             close = getattr(ready, "aclose", None)
             if close is not None:
                 await close()  # a stream left early (a batch failed) stops filling
         missing = [i for i, r in enumerate(results) if r is None]
-        if missing:  # pragma: no cover - gather would have raised
+        if missing:  # pragma: no cover - a batch that failed would have raised
             raise InferenceFailed(f"Slices {missing[:5]} came back without a result.")
         return results  # type: ignore[return-value]
 

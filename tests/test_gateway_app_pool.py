@@ -69,10 +69,33 @@ def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():
             waiting -= 1
 
     pool._acquire = counted  # type: ignore[method-assign]
-    out = _run(pool.infer(_hu(100, (7, 93))))
+    out = _run(asyncio.wait_for(pool.infer(_hu(100, (7, 93))), 30))
     assert [i for i, o in enumerate(out) if len(o.boxes)] == [7, 93] and len(out) == 100
     assert pool.pending_slices == 0 and fleet.clients["a:1"].max_inflight_seen == 2
     assert most <= pool._window() == 4, most
+
+
+def test_batches_failing_together_raise_one_error_and_leave_none_unread():
+    """Two batches refused in the same turn: the study raises one InferenceFailed, no more than its window
+    was ever sent, and no batch's error is left unretrieved (asyncio would log it as "never retrieved",
+    with a traceback, when the task goes)."""
+    import gc
+
+    fleet = FakeFleet(**{"a:1": {"delay": 0.01, "fail_with": "StatusCode.INVALID_ARG"}})
+    pool = TritonPool(["a:1"], batch_size=2, max_inflight=2, client_factory=fleet)
+    unread: list[str] = []
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: unread.append(ctx["message"]))
+        with pytest.raises(InferenceFailed):
+            await pool.infer(_hu(20))
+        await asyncio.sleep(0.05)  # the cancelled batches end
+        gc.collect()
+
+    _run(go())
+    assert unread == [], unread
+    assert fleet.clients["a:1"].calls <= pool._window() == 4
+    assert pool.pending_slices == 0 and pool.inflight_requests == 0
 
 
 def test_unavailable_endpoint_is_retried_elsewhere_without_double_counting():

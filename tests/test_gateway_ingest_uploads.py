@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import zipfile
 
@@ -238,6 +239,27 @@ def test_blobs_are_all_stored_or_none_is(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         fresh.put_many(bad)
     assert [p for p in fresh.root.rglob("*") if p.is_file()] == []
+    fresh.put_many([])  # nothing to store: no error
+
+
+def test_blobs_renamed_before_a_failing_rename_are_taken_back(tmp_path, monkeypatch) -> None:
+    import itertools
+
+    from gateway.store import FolderBlobs, new_key
+    from gateway.store import blobs as blobs_module
+
+    blobs = FolderBlobs(tmp_path / "blobs")
+    replace, calls = os.replace, itertools.count()
+
+    def failing(src, dst):  # the third rename fails (the disk went read-only)
+        if next(calls) == 2:
+            raise OSError(30, "Read-only file system")
+        replace(src, dst)
+
+    monkeypatch.setattr(blobs_module.os, "replace", failing)
+    with pytest.raises(OSError, match="Read-only"):
+        blobs.put_many([(new_key(), b"x" * 100) for _ in range(6)])
+    assert [p for p in blobs.root.rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,8 @@ class FolderBlobs:
         # a failure removes the staged files. The flushes run in 4 threads, as do the folders' (a 300-file
         # upload touches ~200 of the 256 folders): the disk takes concurrent flushes together (300 files of
         # 0.5 MiB: 0.33 -> 0.22 s wall for the same CPU, measured here; 8 threads: no faster, more CPU)
+        if not items:
+            return
         if len(items) == 1:
             staged = [self._stage(*items[0])]
         else:
@@ -84,14 +86,23 @@ class FolderBlobs:
                         f.result()[0].unlink(missing_ok=True)
                 raise failed
             staged = [f.result() for f in futures]
-        for tmp, path in staged:
-            os.replace(tmp, path)
-        folders = {path.parent for _, path in staged}
-        if len(folders) == 1:
-            _fsync_dir(folders.pop())
-        else:  # the renames are durable once their folders are synced
-            for done in _each(_fsync_dir, [(f,) for f in folders], "folder"):
-                done.result()
+        placed: list[Path] = []
+        try:
+            for tmp, path in staged:
+                os.replace(tmp, path)
+                placed.append(path)
+            folders = {path.parent for _, path in staged}
+            if len(folders) == 1:
+                _fsync_dir(folders.pop())
+            else:  # the renames are durable once their folders are synced
+                for done in _each(_fsync_dir, [(f,) for f in folders], "folder"):
+                    done.result()
+        except BaseException:  # a rename or a folder's flush failed: take back what was put in place
+            for path in placed:
+                path.unlink(missing_ok=True)
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
 
     def _stage(self, key: str, data: bytes | Path) -> tuple[Path, Path]:
         """``key``'s content in a fsynced temporary file beside its place: ``(temporary, final)``."""
