@@ -424,11 +424,8 @@ class StudyPlan:
 
     @functools.cached_property
     def _chosen_keys(self) -> dict[str, frozenset[tuple[str, int]]]:
-        """The chosen frames of each object (built once: a scan of every frame per object was O(n^2))."""
-        keys: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        for h in self.selection.chosen:
-            keys[h.sop_instance_uid].add(h.key)
-        return {uid: frozenset(k) for uid, k in keys.items()}
+        # built once: a scan of every chosen frame for each object was O(n^2)
+        return _keys_by_object(self.selection.chosen)
 
     def assemble(self, hu: np.ndarray, grids: dict[tuple[str, int], GridMapping],
                  work: dict[str, float] | None = None) -> PreparedStudy:
@@ -526,6 +523,14 @@ def _ct_study_of(ds: Dataset) -> str | None:
     return values[2]
 
 
+def _keys_by_object(frames: Iterable[FrameHeader]) -> dict[str, frozenset[tuple[str, int]]]:
+    """The keys of ``frames`` grouped by their object (SOP Instance UID), in first-seen order."""
+    keys: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for h in frames:
+        keys[h.sop_instance_uid].add(h.key)
+    return {uid: frozenset(k) for uid, k in keys.items()}
+
+
 def _decode(
     objects: dict[str, tuple[Dataset, list[FrameHeader]]],
     chosen: list[FrameHeader],
@@ -533,10 +538,7 @@ def _decode(
     executor: Executor | None,
     work: Counter[str],
 ) -> tuple[dict[tuple[str, int], tuple[np.ndarray, GridMapping]], list[Rejection]]:
-    wanted: dict[str, set[tuple[str, int]]] = defaultdict(set)
-    for h in chosen:
-        wanted[h.sop_instance_uid].add(h.key)
-    jobs = [(*objects[uid], frozenset(keys)) for uid, keys in wanted.items()]
+    jobs = [(*objects[uid], keys) for uid, keys in _keys_by_object(chosen).items()]
     if executor is not None:
         try:
             results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))

@@ -659,8 +659,6 @@ class TritonPool:
                 if not running:
                     break
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            if sent * self.batch_size < z:  # pragma: no cover - launch sends every filled batch
-                raise AssertionError("batches left unsent")
         finally:
             stopping = True
             for t in list(running):
@@ -670,7 +668,7 @@ class TritonPool:
             if close is not None:
                 await close()  # a stream left early (a batch failed) stops filling
         missing = [i for i, r in enumerate(results) if r is None]
-        if missing:  # pragma: no cover - a batch that failed would have raised
+        if missing:  # pragma: no cover - launch sends every filled batch; a failed one raised
             raise InferenceFailed(f"Slices {missing[:5]} came back without a result.")
         return results  # type: ignore[return-value]
 

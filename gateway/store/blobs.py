@@ -75,19 +75,17 @@ class FolderBlobs:
         # 0.5 MiB: 0.33 -> 0.22 s wall for the same CPU, measured here; 8 threads: no faster, more CPU)
         if not items:
             return
-        if len(items) == 1:
-            staged = [self._stage(*items[0])]
-        else:
-            futures = _each(self._stage, items, "blob")
-            failed = next((f.exception() for f in futures if f.exception() is not None), None)
-            if failed is not None:  # nothing is renamed into place: remove the others' temporary files
-                for f in futures:
-                    if f.exception() is None:
-                        f.result()[0].unlink(missing_ok=True)
-                raise failed
-            staged = [f.result() for f in futures]
+        staged: list[tuple[Path, Path]] = []
         placed: list[Path] = []
         try:
+            if len(items) == 1:
+                staged.append(self._stage(*items[0]))
+            else:
+                futures = _each(self._stage, items, "blob")
+                staged = [f.result() for f in futures if f.exception() is None]
+                failed = next((f.exception() for f in futures if f.exception() is not None), None)
+                if failed is not None:  # nothing is renamed into place
+                    raise failed
             for tmp, path in staged:
                 os.replace(tmp, path)
                 placed.append(path)
@@ -97,7 +95,7 @@ class FolderBlobs:
             else:  # the renames are durable once their folders are synced
                 for done in _each(_fsync_dir, [(f,) for f in folders], "folder"):
                     done.result()
-        except BaseException:  # a rename or a folder's flush failed: take back what was put in place
+        except BaseException:  # take back what was put in place and the staged files
             for path in placed:
                 path.unlink(missing_ok=True)
             for tmp, _ in staged:
