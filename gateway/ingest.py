@@ -29,7 +29,7 @@ import multiprocessing
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +65,8 @@ from gateway.uploads import UploadLimits, iter_upload
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "load_study", "make_decode_pool",
-    "plan_study",
+    "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "decode_frames", "load_study",
+    "make_decode_pool", "plan_study",
 ]
 
 
@@ -185,7 +185,7 @@ class StudyAccumulator:
 
     def __init__(
         self, rules: SeriesRules | None = None, *, limits: UploadLimits | None = None, max_files: int = 5000,
-        one_study: bool = True,
+        one_study: bool = True, on_object: Callable[[str, Dataset, list[FrameHeader]], object] | None = None,
     ) -> None:
         if max_files < 1:
             raise ValueError(f'Argument "max_files" must be >= 1, got {max_files}.')
@@ -193,6 +193,9 @@ class StudyAccumulator:
         self.limits = limits or UploadLimits()
         self.max_files = max_files
         self.one_study = one_study
+        self.on_object = on_object
+        """Called with ``(SOP Instance UID, data set, frame headers)`` of each object kept, as it is kept
+        (in the parsing thread; :class:`gateway.speculation.Speculation` screens ahead with it)."""
         self._objects: dict[str, tuple[Dataset, list[FrameHeader]]] = {}
         self._studies: Counter[str] = Counter()  # CT images per Study Instance UID, refused ones too
         self.rejected: list[Rejection] = []
@@ -244,6 +247,8 @@ class StudyAccumulator:
             if uid in self._objects:
                 logger.info("%s re-sends SOP Instance %s; keeping the later copy", filename, uid)
             self._objects[uid] = (ds, headers)
+        if self.on_object is not None:
+            self.on_object(uid, ds, headers)
         return None
 
     def _reject(self, rejection: Rejection) -> Rejection:
@@ -418,9 +423,9 @@ class StudyPlan:
 
     def decode_object(self, uid: str) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]],
                                                 Rejection | None, dict[str, float]]:
-        """Decode the chosen frames of one object to the 512 grid (see :func:`_decode_object`)."""
+        """Decode the chosen frames of one object to the 512 grid (see :func:`decode_frames`)."""
         ds, headers = self.objects[uid]
-        return _decode_object(ds, headers, self._chosen_keys.get(uid, frozenset()))
+        return decode_frames(ds, headers, self._chosen_keys.get(uid, frozenset()))
 
     @functools.cached_property
     def _chosen_keys(self) -> dict[str, frozenset[tuple[str, int]]]:
@@ -541,16 +546,16 @@ def _decode(
     jobs = [(*objects[uid], keys) for uid, keys in _keys_by_object(chosen).items()]
     if executor is not None:
         try:
-            results = list(executor.map(_decode_object, *zip(*jobs, strict=True), chunksize=4))
+            results = list(executor.map(decode_frames, *zip(*jobs, strict=True), chunksize=4))
         except BrokenExecutor as exc:
             # a codec crashed a worker process (that is why decoding runs there): the study is
             # refused, the server lives; the owner of the pool must replace it.
             raise Undecodable(f"A decoder process died while decoding this study: {exc}") from exc
     elif workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-            results = list(pool.map(_decode_object, *zip(*jobs, strict=True)))
+            results = list(pool.map(decode_frames, *zip(*jobs, strict=True)))
     else:
-        results = [_decode_object(*job) for job in jobs]
+        results = [decode_frames(*job) for job in jobs]
     decoded: dict[tuple[str, int], tuple[np.ndarray, GridMapping]] = {}
     failures = []
     for frames, rej, spent in results:
@@ -562,7 +567,7 @@ def _decode(
     return decoded, failures
 
 
-def _decode_object(
+def decode_frames(
     ds: Dataset, headers: list[FrameHeader], keys: frozenset[tuple[str, int]]
 ) -> tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], Rejection | None, dict[str, float]]:
     """Decode the wanted frames of one parsed object to 512-grid HU (top level: runs in worker
@@ -651,17 +656,20 @@ def plan_study(
     *,
     limits: UploadLimits | None = None,
     one_study: bool = True,
+    on_object: Callable[[str, Dataset, list[FrameHeader]], object] | None = None,
 ) -> StudyPlan:
     """Parse one study's files and decide it from their headers (:meth:`StudyAccumulator.plan`);
     the pixels are decoded later, in slice order (:class:`StudyPlan`). Arguments and errors as
-    :func:`load_study`, less the pixel-level ones."""
-    return _accumulate(sources, rules, limits, one_study).plan()
+    :func:`load_study`, less the pixel-level ones; ``on_object`` sees each object kept as it is parsed
+    (:attr:`StudyAccumulator.on_object`)."""
+    return _accumulate(sources, rules, limits, one_study, on_object).plan()
 
 
 def _accumulate(
-    sources: Iterable[tuple[str, bytes | Path]], rules: SeriesRules | None, limits: UploadLimits | None, one_study: bool
+    sources: Iterable[tuple[str, bytes | Path]], rules: SeriesRules | None, limits: UploadLimits | None, one_study: bool,
+    on_object: Callable[[str, Dataset, list[FrameHeader]], object] | None = None,
 ) -> StudyAccumulator:
-    acc = StudyAccumulator(rules, limits=limits, one_study=one_study)
+    acc = StudyAccumulator(rules, limits=limits, one_study=one_study, on_object=on_object)
     n = 0
     for filename, data in sources:
         n += 1

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1024, description="Largest request body (413 beyond)."
     )
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding DICOM.")
+    screen_ahead: bool = Field(
+        True, description="Screen an upload's slices as they are parsed, before its job is accepted, while a "
+        "slot is free (gateway.speculation); off: screening starts when the job is claimed.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, le=3600,
         description="On shut-down, running studies get this long to finish; the others are released to any replica.",

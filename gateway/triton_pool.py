@@ -118,6 +118,13 @@ class InferStats:
     roundtrip_s: float = 0.0
     unpack_s: float = 0.0
 
+    def add(self, other: InferStats) -> None:
+        """Count ``other``'s requests here too."""
+        self.requests += other.requests
+        self.slices += other.slices
+        self.roundtrip_s += other.roundtrip_s
+        self.unpack_s += other.unpack_s
+
 
 @dataclass(slots=True)
 class _Endpoint:
@@ -256,7 +263,7 @@ class TritonPool:
         except RuntimeError:  # no running loop: nobody can be waiting
             pass
 
-    def _window(self) -> int:
+    def window(self) -> int:
         """How many batches one :meth:`infer` keeps sent at once: twice the healthy endpoints' room (at
         least 2), so that an answer's slot is taken at once without every batch of a study waiting for it."""
         now = time.monotonic()
@@ -624,7 +631,7 @@ class TritonPool:
 
         def launch() -> None:
             nonlocal sent
-            room = self._window() - len(running)
+            room = self.window() - len(running)
             while not stopping and not failed and room > 0:
                 start = sent * self.batch_size
                 if start >= z or min(z, start + self.batch_size) > filled_to:

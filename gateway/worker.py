@@ -90,6 +90,11 @@ class Worker:
         if prepared is not None:
             prepared.release()
 
+    async def has_room(self) -> bool:
+        """Whether a job could start now (a slot is free and Triton is ready): the upload route screens
+        ahead only then."""
+        return not self._stopping and not self._slots.locked() and await self._triton_ready()
+
     def start(self) -> None:
         """Start claiming."""
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-worker")

@@ -225,7 +225,8 @@ def test_two_tritons_one_stopped_mid_study(triton, studies, screened, tmp_path):
     second.start(timeout=300)
     try:
         settings = Settings(triton_urls=[triton.grpc_url, second.grpc_url], triton_batch_size=2,
-                            triton_max_inflight=2, triton_timeout_s=30)
+                            triton_max_inflight=2, triton_timeout_s=30,
+                            screen_ahead=False)  # the stop must hit the job while it screens
         files = [("files", (p.name, p.read_bytes())) for p in sorted(studies["covid"].rglob("*.dcm"))]
         with TestClient(create_app(settings)) as client:
             r = client.post("/v1/studies", files=files)

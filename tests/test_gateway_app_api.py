@@ -210,7 +210,8 @@ def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
 
 def test_triton_down_for_a_while_the_job_waits_and_ends_done():
     fleet = FakeFleet(**{"fake:1": {"fail_first": 3}})
-    with TestClient(_app(fleet, triton_max_attempts=1, retry_backoff_s=0.2)) as client:
+    # not screened ahead: each failure must reach the job (test_gateway_speculation covers failures ahead)
+    with TestClient(_app(fleet, triton_max_attempts=1, retry_backoff_s=0.2, screen_ahead=False)) as client:
         _, files = ct_series(4, lesion=[0, 1, 2])
         r = client.post("/v1/studies", files=upload_files(files))
         view = wait_job(client, r.json()["job_id"])

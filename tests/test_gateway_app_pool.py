@@ -72,7 +72,7 @@ def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():
     out = _run(asyncio.wait_for(pool.infer(_hu(100, (7, 93))), 30))
     assert [i for i, o in enumerate(out) if len(o.boxes)] == [7, 93] and len(out) == 100
     assert pool.pending_slices == 0 and fleet.clients["a:1"].max_inflight_seen == 2
-    assert most <= pool._window() == 4, most
+    assert most <= pool.window() == 4, most
 
 
 def test_batches_failing_together_raise_one_error_and_leave_none_unread():
@@ -94,7 +94,7 @@ def test_batches_failing_together_raise_one_error_and_leave_none_unread():
 
     _run(go())
     assert unread == [], unread
-    assert fleet.clients["a:1"].calls <= pool._window() == 4
+    assert fleet.clients["a:1"].calls <= pool.window() == 4
     assert pool.pending_slices == 0 and pool.inflight_requests == 0
 
 

@@ -147,7 +147,10 @@ def cluster_env(tmp_path, request):
     backend = getattr(request, "param", "postgresql")
     env = {"CTSCREEN_DATA_DIR": str(tmp_path / "data"), "CTSCREEN_BLOB_DIR": str(tmp_path / "blobs"),
            "CTSCREEN_LEASE_S": "3", "CTSCREEN_STOW_QUIET_PERIOD_S": "2", "CTSCREEN_TRITON_BATCH_SIZE": "2",
-           "CTSCREEN_TRITON_MAX_INFLIGHT": "1", "CTSCREEN_SHUTDOWN_GRACE_S": "0"}
+           "CTSCREEN_TRITON_MAX_INFLIGHT": "1", "CTSCREEN_SHUTDOWN_GRACE_S": "0",
+           # the faults here must hit a job while it screens: screened ahead, most of a study is answered
+           # before its job exists (tests/test_gateway_speculation.py covers failures ahead)
+           "CTSCREEN_SCREEN_AHEAD": "false"}
     if backend == "postgresql":
         env["CTSCREEN_DATABASE_URL"] = request.getfixturevalue("pg_url")
     return env

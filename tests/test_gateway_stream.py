@@ -12,7 +12,6 @@ import asyncio
 import io
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-import phantom
 from aggregator.schema import CaseResult
 from ctscreen.contracts import SLICE_SIZE
 from gateway.errors import GatewayError
@@ -29,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.screening import Screener
 from gateway.triton_pool import TritonPool
 from tests.gateway_dicom_factory import chest_like, enhanced_ct, make_series, to_bytes
+from tests.screen_helpers import comparable, phantom_files
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -42,10 +41,7 @@ ENSEMBLE_STEPS = 3  # valid_area and lesion side by side, then postprocess: each
 
 @pytest.fixture(scope="module")
 def study_files(tmp_path_factory) -> list[tuple[str, bytes]]:
-    """A COVID phantom study as shuffled files (file order says nothing about slice order)."""
-    study = phantom.make_study(seed=5, kind="covid", n_slices=N_SLICES)
-    out = phantom.write_study(study, tmp_path_factory.mktemp("stream") / "covid", shuffle=True, montage=False)
-    return [(p.name, p.read_bytes()) for p in sorted(Path(out, "dicom").iterdir())]
+    return phantom_files(tmp_path_factory.mktemp("stream"), N_SLICES)
 
 
 class _Recording:
@@ -86,17 +82,13 @@ def _screen(triton, files, *, whole: bool, events: list | None = None,
     return asyncio.run(go())
 
 
-def _comparable(result: CaseResult) -> dict[str, Any]:
-    return result.model_dump(mode="json", exclude={"timings", "created_at"})
-
-
 @pytest.mark.triton
 def test_streamed_result_is_the_whole_study_result(triton, study_files):
     whole, (whole_streamed, whole_context) = _screen(triton, study_files, whole=True)
     streamed, (was_streamed, context) = _screen(triton, study_files, whole=False)
     assert not whole_streamed and was_streamed  # the two paths were really taken
     assert streamed.n_slices == N_SLICES
-    assert _comparable(streamed) == _comparable(whole)
+    assert comparable(streamed) == comparable(whole)
     assert context == whole_context
 
 
@@ -150,7 +142,7 @@ def test_a_later_slice_that_does_not_decode_gives_the_whole_study_result(triton,
     assert sum(progress) == streamed.n_slices  # the job's progress counts each slice once
     assert [r.reason for r in streamed.rejected] == ["undecodable"]
     assert streamed.n_slices == N_SLICES - 1
-    assert _comparable(streamed) == _comparable(whole)
+    assert comparable(streamed) == comparable(whole)
 
 
 @pytest.mark.triton

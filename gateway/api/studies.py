@@ -137,13 +137,16 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
         except OSError as exc:
             raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
         kept = False
+        prepared = None
         try:
             try:
                 files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings), spool)
             except OSError as exc:
                 raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
             drop_pages(body)
-            prepared = await screener.prepare(files)  # a study that cannot be screened is refused here, with its 4xx
+            # a study that cannot be screened is refused here, with its 4xx; while the worker has room, its
+            # slices are screened as they are parsed (gateway.speculation), before the job is accepted
+            prepared = await screener.prepare(files, speculate=settings.screen_ahead and await worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
             keyed = [(name, new_key(), path) for name, path in files]
             try:
@@ -165,8 +168,9 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 raise
             del keyed
         finally:
-            if not kept:
-                await run_in_threadpool(shutil.rmtree, spool, True)
+            if not kept:  # the prepared study's release cancels what it screens ahead and removes the spool
+                await run_in_threadpool(prepared.release if prepared is not None
+                                        else functools.partial(shutil.rmtree, spool, True))
     request.state.study_instance_uid, request.state.job_id = view.study_instance_uid, view.job_id  # audit
     return JSONResponse(
         view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{view.job_id}"}

@@ -11,6 +11,7 @@ Keys are relative paths made by :func:`new_key` (``ab/abcdef...``); a key never 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -40,6 +41,9 @@ class BlobStore(Protocol):
         """Remove ``key`` (no error when it is absent)."""
 
 
+_NEW_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
+
+
 def new_key() -> str:
     """A fresh key, spread over 256 sub-folders."""
     name = uuid.uuid4().hex
@@ -58,10 +62,13 @@ class FolderBlobs:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = self.root.resolve()
 
     def _path(self, key: str) -> Path:
+        if _NEW_KEY.fullmatch(key):  # the keys new_key makes cannot leave the folder: no resolve() (two stat per part)
+            return self._root / key
         path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
+        if self._root not in path.parents:
             raise ValueError(f'Argument "key" must stay inside the blob folder, got {key!r}.')
         return path
 

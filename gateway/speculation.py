@@ -1,0 +1,187 @@
+"""Screen an upload's slices while it is still being read, before the study is decided or accepted.
+
+An upload is accepted only once every file is parsed, the series is chosen from all the headers
+(:func:`gateway.ingest.plan_study`), the instances are durable and the job is committed: a 300-slice
+upload spends about a second on that on one core, and Triton waited for all of it (on 2 cores the other
+core idled; issue 17). Inference of one slice does not depend on the others, so a :class:`Speculation`
+decodes each CT object as soon as its header is parsed (:meth:`offer`, from the parsing thread) and
+sends its frames to Triton in batches, keeping the answers by frame. When the plan is known the
+screening takes the answers of the chosen frames and asks Triton only for the rest
+(:meth:`gateway.screening.Screener.screen`).
+
+What it risks, and the bounds on it:
+
+* only one series is guessed: the first CT series whose frames pass the header rules. An object of a
+  second such series stops the speculation (nothing more is sent; the answers so far are kept and
+  used if that series is chosen). An upload of several series wastes at most part of one series;
+* its answers are never the only copy of anything: a batch that fails is simply not answered here and
+  the screening asks again, under its own retries, deadline and back-off (a speculation never raises);
+* the upload route speculates only while the worker has a free slot, so it never runs ahead of
+  studies already accepted; a study refused (its 4xx) or not accepted (no durable store) cancels it;
+* the same window as :meth:`gateway.triton_pool.TritonPool.infer` bounds the batches it has sent.
+
+Thread-safety: :meth:`offer` and :meth:`cancel` may be called from any thread; everything else runs on
+the event loop that created the speculation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from gateway.dicom import FrameHeader, GridMapping
+from gateway.ingest import Rejection, decode_frames
+from gateway.series import SeriesRules, frame_exclusion
+from gateway.triton_pool import InferStats, SliceOutput, TritonPool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Decoded", "Speculation"]
+
+Decoded = tuple[list[tuple[tuple[str, int], np.ndarray, GridMapping]], Rejection | None, dict[str, float]]
+"""One object decoded: ``(frames as (key, 512-grid HU, grid), rejection or None, seconds spent)``."""
+
+
+class Speculation:
+    """Decodes and screens one upload's CT objects as they are parsed (see the module docstring).
+
+    Parameters
+    ----------
+    pool : TritonPool
+        Where the batches go (:meth:`~gateway.triton_pool.TritonPool.infer_batch`).
+    executor : concurrent.futures.Executor
+        Where objects are decoded.
+    rules : SeriesRules | None
+        The header rules a frame must pass to be guessed at (the ingest's defaults).
+    """
+
+    def __init__(self, pool: TritonPool, executor: Executor, rules: SeriesRules | None = None) -> None:
+        self.pool, self.executor, self.rules = pool, executor, rules or SeriesRules()
+        self._loop = asyncio.get_running_loop()
+        self.taken: set[str] = set()
+        """SOP Instance UIDs of the objects taken on (decoded, or being decoded, here)."""
+        self.decodes: dict[str, asyncio.Future[Decoded]] = {}
+        """Their decodes, by SOP Instance UID, until the screening takes them (it pops them: the frames are
+        then held once, by the study)."""
+        self.answers: dict[tuple[str, int], SliceOutput] = {}
+        """Frames Triton answered, by frame key."""
+        self.stats = InferStats()
+        self._series: str | None = None
+        self._stopped = False  # no new object is taken on, no new batch sent
+        self._closed = False  # the upload is parsed: a short last batch may go
+        self._queue: list[tuple[tuple[str, int], np.ndarray]] = []  # decoded frames not yet sent
+        self._decoding = 0  # objects taken on whose frames are not queued yet
+        self._sending: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Semaphore(max(1, pool.window()))
+
+    # --- fed by the parsing thread --------------------------------------------------------------
+    def offer(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
+        """An object was parsed (any thread): decode and screen it if it belongs to the guessed series."""
+        try:
+            self._loop.call_soon_threadsafe(self._take, uid, ds, headers)
+        except RuntimeError:  # the loop is closing: nothing to speculate for
+            pass
+
+    def _take(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
+        if self._stopped:
+            return
+        keys = frozenset(h.key for h in headers if frame_exclusion(h, self.rules) is None)
+        if not keys:
+            return  # localizers, other modalities, ...: the plan leaves them out too
+        series = headers[0].series_instance_uid
+        if self._series is None:
+            self._series = series
+        elif series != self._series:
+            logger.debug("a second CT series in the upload: no more speculation")
+            self.stop()
+            return
+        future = self._loop.run_in_executor(self.executor, decode_frames, ds, headers, keys)
+        self.decodes[uid] = future
+        self.taken.add(uid)
+        self._decoding += 1
+        future.add_done_callback(self._decoded)
+
+    def _decoded(self, future: asyncio.Future[Decoded]) -> None:
+        self._decoding -= 1
+        if not future.cancelled() and future.exception() is None and not self._stopped:
+            frames, rejection, _ = future.result()
+            if rejection is None:
+                self._queue.extend((key, arr) for key, arr, _ in frames)
+        self._send()  # also when it was the last decode: the short last batch goes
+
+    # --- batches to Triton ------------------------------------------------------------------------
+    def _send(self) -> None:
+        size = self.pool.batch_size
+        last = self._closed and not self._decoding  # nothing more is coming: a short batch goes
+        while not self._stopped and (len(self._queue) >= size or (last and self._queue)):
+            batch, self._queue = self._queue[:size], self._queue[size:]
+            task = self._loop.create_task(self._infer(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _infer(self, batch: list[tuple[tuple[str, int], np.ndarray]]) -> None:
+        async with self._room:
+            if self._stopped:
+                return
+            try:
+                out = await self.pool.infer_batch(np.stack([arr for _, arr in batch]), self.stats)
+            except Exception as exc:  # noqa: BLE001 - the screening asks again for what is not answered here
+                logger.debug("a speculative batch of %d was not answered: %s", len(batch), exc)
+                return
+        for (key, _), answer in zip(batch, out, strict=True):
+            self.answers[key] = answer
+
+    # --- the screening's side -----------------------------------------------------------------
+    def close(self) -> None:
+        """The upload is parsed: nothing more will be offered; a short last batch is sent."""
+        self._closed = True
+        self._send()
+
+    def stop(self) -> None:
+        """Take on nothing more and send no more batches (those sent are answered; decodes go on)."""
+        self._stopped = True
+        self._queue.clear()
+
+    def pending(self) -> int:
+        """Decodes and batches not ended yet (0 once settled or cancelled)."""
+        return sum(not t.done() for t in self._sending) + sum(not f.done() for f in self.decodes.values())
+
+    def covers(self, uids: list[str]) -> bool:
+        """Whether every one of these objects was taken on (is decoded or being decoded here)."""
+        return self.taken.issuperset(uids)
+
+    async def settle(self) -> dict[tuple[str, int], SliceOutput]:
+        """Wait for the batches sent (and those still to send from what was decoded); the answers by frame key."""
+        self.close()
+        while True:
+            pending = [f for f in self.decodes.values() if not f.done()]
+            if pending:
+                await asyncio.wait(pending)
+                continue
+            if self._decoding:  # decoded, their frames not queued yet (the callbacks run next)
+                await asyncio.sleep(0)
+                continue
+            self._send()
+            if not self._sending:
+                break
+            await asyncio.wait(list(self._sending))
+        return dict(self.answers)
+
+    def cancel(self) -> None:
+        """Stop and cancel what is pending (any thread): the upload was refused, not accepted, or is done."""
+        try:
+            self._loop.call_soon_threadsafe(self._cancel_now)
+        except RuntimeError:  # the loop is closed: its tasks are gone with it
+            pass
+
+    def _cancel_now(self) -> None:
+        self.stop()
+        for task in list(self._sending):
+            task.cancel()
+        for future in self.decodes.values():
+            future.cancel()  # a decode already running finishes in its thread; its result is dropped
+

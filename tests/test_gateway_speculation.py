@@ -1,0 +1,208 @@
+"""Screening ahead (issue 17): an upload's slices go to Triton as they are parsed, before the plan.
+
+Real embedded Triton over real gRPC, real DICOM files written by the phantom. The result must be the
+whole-study path's (``load_study`` then every slice to Triton); inference must start before the last
+file is parsed, each slice must be asked once, and whatever the speculation could not answer must be
+asked again by the screening. Orders of events are observed, never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from aggregator.schema import CaseResult
+from gateway import screening
+from gateway.errors import GatewayError
+from gateway.ingest import StudyAccumulator, load_study
+from gateway.metrics import Metrics
+from gateway.screening import Screener
+from gateway.speculation import Speculation
+from gateway.triton_pool import TritonPool
+from tests.gateway_dicom_factory import to_bytes
+from tests.screen_helpers import comparable, phantom_files
+
+pytestmark = [pytest.mark.timeout(600)]
+
+N_SLICES = 24
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory) -> list[tuple[str, bytes]]:
+    return phantom_files(tmp_path_factory.mktemp("ahead"), N_SLICES)
+
+
+class _Client:
+    """The real ``tritonclient.grpc.aio`` client; records each ``infer`` and can refuse them while ``refuse`` is set."""
+
+    def __init__(self, url: str, events: list[str], refuse: threading.Event) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._events, self._refuse = events, refuse
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def infer(self, *args: Any, **kwargs: Any) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        if self._refuse.is_set():
+            self._events.append("refused")
+            raise InferenceServerException("refused by the test", status="StatusCode.INVALID_ARGUMENT")
+        self._events.append("infer")
+        return await self._client.infer(*args, **kwargs)
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.refuse = threading.Event()
+        self.progress: list[int] = []
+        self.speculations: list[Speculation] = []
+
+
+def _screen(triton, files, *, ahead: bool, run: _Run | None = None, whole: bool = False,
+            after_prepare: Any = None) -> CaseResult:
+    run = run or _Run()
+
+    async def go() -> CaseResult:
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2,
+                          client_factory=lambda url: _Client(url, run.events, run.refuse))
+        loader = (lambda sources: load_study(sources, workers=2)) if whole else None
+        screener = Screener(pool, Metrics(), decode_workers=2, loader=loader)
+        try:
+            prepared = await screener.prepare(files, speculate=ahead)
+            if prepared.speculation is not None:
+                run.speculations.append(prepared.speculation)
+            if after_prepare is not None:
+                await after_prepare(prepared)
+            try:
+                return await screener.screen(prepared, job_id="j1", started=time.time(), on_batch=run.progress.append)
+            finally:
+                prepared.release()
+        finally:
+            screener.close()
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.triton
+def test_screened_ahead_the_result_is_the_whole_study_result_and_each_slice_is_asked_once(triton, study_files):
+    whole = _screen(triton, study_files, ahead=False, whole=True)
+    run = _Run()
+    ahead = _screen(triton, study_files, ahead=True, run=run)
+    assert comparable(ahead) == comparable(whole)
+    assert len(run.speculations) == 1 and len(run.speculations[0].answers) == N_SLICES
+    assert run.events.count("infer") == N_SLICES // BATCH  # the screening asked for nothing again
+    assert sum(run.progress) == N_SLICES
+
+
+@pytest.mark.triton
+def test_requests_leave_before_the_last_file_is_parsed(triton, study_files, monkeypatch):
+    """The parse of the last file waits until Triton was asked something: without screening ahead nothing
+    is asked before the plan, and the wait runs out."""
+    run = _Run()
+    add = StudyAccumulator.add
+    parsed = []
+
+    def add_last_after_an_infer(self: StudyAccumulator, filename: str, data: Any) -> Any:
+        if len(parsed) == len(study_files) - 1:
+            deadline = time.monotonic() + 60
+            while "infer" not in run.events and time.monotonic() < deadline:
+                time.sleep(0.01)
+            parsed.append(("infer" in run.events, filename))
+        else:
+            parsed.append((None, filename))
+        return add(self, filename, data)
+
+    monkeypatch.setattr(StudyAccumulator, "add", add_last_after_an_infer)
+    result = _screen(triton, study_files, ahead=True, run=run)
+    assert result.n_slices == N_SLICES
+    assert parsed[-1][0] is True, "nothing was sent to Triton before the last file was parsed"
+
+
+@pytest.mark.triton
+def test_slices_the_speculation_could_not_get_answered_are_asked_again(triton, study_files):
+    """Triton refuses every speculative request; the screening asks for every slice itself, under its own
+    rules, and counts each once."""
+    whole = _screen(triton, study_files, ahead=False, whole=True)
+    run = _Run()
+    run.refuse.set()
+
+    async def accept_again(prepared) -> None:
+        await prepared.speculation.settle()
+        run.refuse.clear()
+
+    result = _screen(triton, study_files, ahead=True, run=run, after_prepare=accept_again)
+    assert "refused" in run.events and not run.speculations[0].answers
+    assert run.events.count("infer") == N_SLICES // BATCH
+    assert sum(run.progress) == N_SLICES
+    assert comparable(result) == comparable(whole)
+
+
+def _second_series(files: list[tuple[str, bytes]], n: int) -> list[tuple[str, bytes]]:
+    """``n`` files of the same study as a second series (new Series and SOP Instance UIDs)."""
+    series = generate_uid()
+    out = []
+    for name, data in files[:n]:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append((f"second-{name}", to_bytes(ds)))
+    return out
+
+
+@pytest.mark.triton
+def test_a_second_series_stops_the_speculation_and_the_result_is_unchanged(triton, study_files):
+    files = study_files[:6] + _second_series(study_files, 8) + study_files[6:]
+    whole = _screen(triton, files, ahead=False, whole=True)
+    run = _Run()
+    result = _screen(triton, files, ahead=True, run=run)
+    assert comparable(result) == comparable(whole)
+    spec = run.speculations[0]
+    assert len(spec.taken) == 6  # nothing after the first object of the second series
+    assert sum(run.progress) == result.n_slices
+
+
+@pytest.mark.triton
+def test_a_refused_upload_cancels_what_it_screens_ahead(triton, study_files, monkeypatch):
+    """Two studies in one upload are refused (422) after every file is parsed: nothing it started is left running."""
+    other = []
+    for name, data in study_files[:4]:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        other.append((f"other-{name}", to_bytes(ds)))
+    made: list[Speculation] = []
+
+    class Recorded(Speculation):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(screening, "Speculation", Recorded)
+
+    async def go() -> tuple[int, int]:
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2)
+        screener = Screener(pool, Metrics(), decode_workers=2)
+        try:
+            with pytest.raises(GatewayError) as err:
+                await screener.prepare(study_files + other, speculate=True)
+            await asyncio.sleep(0.5)  # the cancellation is delivered through the loop
+            return err.value.http_status, made[0].pending()
+        finally:
+            screener.close()
+            await pool.close()
+
+    status, left = asyncio.run(go())
+    assert status == 422 and left == 0
