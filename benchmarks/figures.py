@@ -74,6 +74,9 @@ PLAN: tuple[Step, ...] = (
          (f"{RESULTS}/perf-latest.json", f"{RESULTS}/ratios-latest.json"), True, 25),
     # the CPU of one 300-slice study by process, served against in process (the best setting of "stack")
     Step("cpu", ("-m", "benchmarks.cpu_split", "--slices", "300"), (f"{RESULTS}/cpu-latest.json",), True, 3),
+    # screening ahead off (A) against on (B): paired rounds of one 300-slice study on one Triton
+    Step("ab-ahead", ("-m", "benchmarks.ab_gateway", "--a", "CTSCREEN_SCREEN_AHEAD=false", "--rounds", "4"),
+         (f"{RESULTS}/ab-latest.json",), True, 3),
     Step("poisson", ("-m", "benchmarks", "load", "--append", "--mode", "poisson", "--rates", "0.02", "--duration",
                      "240", "--max-studies", "5", "--sizes", "lognormal:60,0.4,20,120"),
          (f"{RESULTS}/load-latest.json",), True, 6),

@@ -270,3 +270,19 @@ def test_cpu_split_counts_each_process_under_its_label() -> None:
     got = split(before, after, 1)
     assert 350 <= got["gateway"] < 2000, got
     assert got["total"] >= got["gateway"]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value, got 'FOO=1'"),
+    (["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
+    (["--slices", "4"], "--slices must be at least 8"),
+])
+def test_ab_gateway_bad_arguments_exit_2_before_anything_starts(argv: list[str], fragment: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.ab_gateway import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

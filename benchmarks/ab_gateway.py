@@ -1,0 +1,125 @@
+"""Paired A/B of two gateway configurations on one Triton: the same study through each, alternating.
+
+Two gateways run side by side on one embedded Triton, A with ``--a`` and B with ``--b`` environment
+settings (``CTSCREEN_*=value``); each round screens the same study once through each, in alternating
+order (A B, B A, ...), so that drift in the machine's load hits both alike. For each study it records
+the latency (first byte of the upload to the client learning the verdict), the CPU of every process
+(``/proc``, as :mod:`benchmarks.cpu_split`) and the **idle gap**: latency minus the CPU bound (total
+CPU seconds over the cores), the time the cores were not all busy with this study::
+
+    python -m benchmarks.ab_gateway --a CTSCREEN_SCREEN_AHEAD=false        # -> results/ab-latest.json
+
+Linux only (``/proc``). Prints a table and the median of each side and of the paired differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import BenchError, results_dir, write_json
+from benchmarks.cpu_split import snapshot, split
+from benchmarks.inprocess import cores
+from benchmarks.load import LoadConfig, run_load
+from benchmarks.stack import embedded_triton, gateway
+from benchmarks.studies import build_pool
+from ctscreen.machine import machine_info
+
+logger = logging.getLogger(__name__)
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("CTSCREEN_"):
+            raise argparse.ArgumentTypeError(f"expected CTSCREEN_NAME=value, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def _study(url: str, pool: dict, slices: int) -> dict[str, Any]:
+    cfg = LoadConfig(url=url, mode="closed", concurrency=1, duration=600, max_studies=1,
+                     sizes=f"fixed:{slices}", kinds=("covid",), study_timeout=600)
+    before = snapshot()
+    run = run_load(cfg, pool)
+    cpu = split(before, snapshot(), slices)
+    if not run.get("completed"):
+        raise BenchError(f"a {slices}-slice study did not complete: {run.get('errors')}")
+    latency = run["latency_s"]["max"]
+    bound = cpu["total"] * slices / 1000 / cores()
+    return {"latency_s": latency, "cpu_ms_per_slice": cpu, "cpu_bound_s": round(bound, 3),
+            "idle_gap_s": round(latency - bound, 3), "verdict": run["studies"][0].get("verdict")}
+
+
+def run(slices: int, rounds: int, env_a: dict[str, str], env_b: dict[str, str]) -> dict[str, Any]:
+    pool, warm = build_pool([slices], ("covid",)), build_pool([24], ("covid",))
+    sides: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+    with embedded_triton(None) as triton, gateway(triton, env=env_a) as url_a, gateway(triton, env=env_b) as url_b:
+        urls = {"A": url_a, "B": url_b}
+        for name in urls:
+            _study(urls[name], warm, 24)
+        for r in range(rounds):
+            for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                res = _study(urls[name], pool, slices)
+                logger.info("round %d %s: %.2f s (idle gap %.2f s)", r + 1, name, res["latency_s"], res["idle_gap_s"])
+                sides[name].append(res)
+
+    def med(name: str, key: str) -> float:
+        return round(statistics.median(s[key] for s in sides[name]), 3)
+
+    diffs = [a["latency_s"] - b["latency_s"] for a, b in zip(sides["A"], sides["B"], strict=True)]
+    return {"slices": slices, "rounds": rounds, "env_a": env_a, "env_b": env_b, "runs": sides,
+            "median": {name: {"latency_s": med(name, "latency_s"), "idle_gap_s": med(name, "idle_gap_s"),
+                              "cpu_bound_s": med(name, "cpu_bound_s")} for name in sides},
+            "median_a_minus_b_s": round(statistics.median(diffs), 3)}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {doc['env_a'] or 'defaults'}; "
+             f"B: {doc['env_b'] or 'defaults'}.", "", "| round | A latency s (idle gap) | B latency s (idle gap) |",
+             "|---|---|---|"]
+    for i, (a, b) in enumerate(zip(doc["runs"]["A"], doc["runs"]["B"], strict=True)):
+        lines.append(f"| {i + 1} | {a['latency_s']:.2f} ({a['idle_gap_s']:.2f}) | {b['latency_s']:.2f} ({b['idle_gap_s']:.2f}) |")
+    m = doc["median"]
+    lines.append(f"| median | {m['A']['latency_s']:.2f} ({m['A']['idle_gap_s']:.2f}) | "
+                 f"{m['B']['latency_s']:.2f} ({m['B']['idle_gap_s']:.2f}) |")
+    lines.append(f"\nMedian of the paired differences (A - B): {doc['median_a_minus_b_s']:+.2f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab_gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--a", nargs="*", default=[], type=str, help="CTSCREEN_NAME=value settings of gateway A")
+    p.add_argument("--b", nargs="*", default=[], type=str, help="CTSCREEN_NAME=value settings of gateway B")
+    p.add_argument("--slices", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None, help="default results/ab-latest.json")
+    args = p.parse_args(argv)
+    try:
+        env_a, env_b = _env(args.a), _env(args.b)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    if args.slices < 8 or args.rounds < 1:
+        p.error("--slices must be at least 8 and --rounds at least 1")
+    if not Path("/proc/self/stat").exists():
+        p.error("needs Linux /proc")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.ab_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = machine_info()
+    try:
+        doc = {"command": command.strip(), "machine": machine, **run(args.slices, args.rounds, env_a, env_b)}
+    except BenchError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    write_json(args.out or results_dir() / "ab-latest.json", doc)
+    print(markdown(doc))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
