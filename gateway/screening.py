@@ -134,6 +134,8 @@ class Screener:
         self.decode_workers = decode_workers
         self.executor = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
         self._models: list[ModelInfo] | None = None
+        self.ahead: set[Speculation] = set()
+        """Speculations of prepared studies not yet released (the upload route counts them against free slots)."""
 
     def close(self) -> None:
         """Stop the decode threads."""
@@ -173,18 +175,27 @@ class Screener:
         prepared = Prepared(None, 0.0, plan=plan, speculation=speculation)
         if speculation is not None:
             speculation.close()
-            prepared.on_release(speculation.cancel)
+            self.ahead.add(speculation)
+            prepared.on_release(functools.partial(self._drop_ahead, speculation))
         try:
             await self._decode_step(prepared, plan.batches(self.pool.batch_size)[0][1])
         except _Undecoded:
             prepared.release()
             study = await loop.run_in_executor(self.executor, self._whole, plan)
             return self._prepared(study, time.monotonic() - t)
+        except BaseException:  # cancelled (the client left), or a decode raised: nothing it started goes on
+            prepared.release()
+            raise
         prepared.ingest_s = time.monotonic() - t
         self.metrics.stage.labels("decode").observe(prepared.ingest_s)
         for r in (*plan.rejected, *plan.excluded):
             self.metrics.error(str(r.reason))
         return prepared
+
+    def _drop_ahead(self, speculation: Speculation) -> None:
+        """Cancel a speculation and forget it (any thread: release may run in one)."""
+        speculation.cancel()
+        self.ahead.discard(speculation)
 
     def _prepared(self, study: PreparedStudy, ingest_s: float) -> Prepared:
         self.metrics.stage.labels("decode").observe(ingest_s)
@@ -266,6 +277,8 @@ class Screener:
                 outputs = await self.pool.infer(hu, on_batch=streamed, ready=fill(), stats=calls)
         except _Undecoded:
             logger.info("a frame of the series did not decode; screening the study whole")
+            if prepared.speculation is not None:
+                prepared.speculation.cancel()  # its answers are not used on that path
             prepared.decoded.clear()
             study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
             return study, await self.pool.infer(study.hu, on_batch=again, stats=calls)
@@ -301,6 +314,8 @@ class Screener:
         gateway.triton_pool.InferenceFailed
             Triton refused the request.
         """
+        if prepared.speculation is not None:
+            self.ahead.discard(prepared.speculation)  # a job now: it counts as running, no longer as ahead
         timings: dict[str, Any] = {"ingest_s": prepared.ingest_s}
         before = await self.pool.inference_statistics()
         calls = InferStats()

@@ -14,8 +14,11 @@ What it risks, and the bounds on it:
 * only one series is guessed: the first CT series whose frames pass the header rules. An object of a
   second such series stops the speculation (nothing more is sent; the answers so far are kept and
   used if that series is chosen). An upload of several series wastes at most part of one series;
-* its answers are never the only copy of anything: a batch that fails is simply not answered here and
-  the screening asks again, under its own retries, deadline and back-off (a speculation never raises);
+* its answers are never the only copy of anything: a batch is tried once, and one that fails stops the
+  speculation (Triton is failing: the job, not a guess, should meet it); the screening asks again for
+  what is not answered here, under its own retries, deadline and back-off (a speculation never raises);
+* an object sent twice (a re-send: ingest keeps the later copy) makes the speculation unusable: its
+  answers may be the earlier copy's;
 * the upload route speculates only while the worker has a free slot, so it never runs ahead of
   studies already accepted; a study refused (its 4xx) or not accepted (no durable store) cancels it;
 * the same window as :meth:`gateway.triton_pool.TritonPool.infer` bounds the batches it has sent.
@@ -71,6 +74,7 @@ class Speculation:
         """Frames Triton answered, by frame key."""
         self.stats = InferStats()
         self._series: str | None = None
+        self._unusable = False  # an object was offered twice: its answers may be the earlier copy's
         self._stopped = False  # no new object is taken on, no new batch sent
         self._closed = False  # the upload is parsed: a short last batch may go
         self._queue: list[tuple[tuple[str, int], np.ndarray]] = []  # decoded frames not yet sent
@@ -87,6 +91,13 @@ class Speculation:
             pass
 
     def _take(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
+        if uid in self.taken:  # a re-send: the plan keeps the later copy, whose pixels may differ
+            old = self.decodes.pop(uid, None)
+            if old is not None:
+                old.cancel()
+            self._unusable = True
+            self.stop()
+            return
         if self._stopped:
             return
         keys = frozenset(h.key for h in headers if frame_exclusion(h, self.rules) is None)
@@ -128,9 +139,10 @@ class Speculation:
             if self._stopped:
                 return
             try:
-                out = await self.pool.infer_batch(np.stack([arr for _, arr in batch]), self.stats)
+                out = await self.pool.infer_batch(np.stack([arr for _, arr in batch]), self.stats, attempts=1)
             except Exception as exc:  # noqa: BLE001 - the screening asks again for what is not answered here
-                logger.debug("a speculative batch of %d was not answered: %s", len(batch), exc)
+                logger.debug("a speculative batch of %d was not answered: %s; no more speculation", len(batch), exc)
+                self.stop()
                 return
         for (key, _), answer in zip(batch, out, strict=True):
             self.answers[key] = answer
@@ -146,13 +158,18 @@ class Speculation:
         self._stopped = True
         self._queue.clear()
 
+    @property
+    def usable(self) -> bool:
+        """False once an object was offered twice (its answers may be the earlier copy's)."""
+        return not self._unusable
+
     def pending(self) -> int:
         """Decodes and batches not ended yet (0 once settled or cancelled)."""
         return sum(not t.done() for t in self._sending) + sum(not f.done() for f in self.decodes.values())
 
     def covers(self, uids: list[str]) -> bool:
         """Whether every one of these objects was taken on (is decoded or being decoded here)."""
-        return self.taken.issuperset(uids)
+        return not self._unusable and self.taken.issuperset(uids)
 
     async def settle(self) -> dict[tuple[str, int], SliceOutput]:
         """Wait for the batches sent (and those still to send from what was decoded); the answers by frame key."""
@@ -184,4 +201,6 @@ class Speculation:
             task.cancel()
         for future in self.decodes.values():
             future.cancel()  # a decode already running finishes in its thread; its result is dropped
+        self.decodes.clear()  # nothing decoded is held past this
+        self.answers.clear()
 

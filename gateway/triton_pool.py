@@ -506,10 +506,11 @@ class TritonPool:
             stats.unpack_s += time.perf_counter() - t1
         return out
 
-    async def infer_batch(self, batch: np.ndarray, stats: InferStats | None = None) -> list[SliceOutput]:
+    async def infer_batch(self, batch: np.ndarray, stats: InferStats | None = None,
+                          attempts: int | None = None) -> list[SliceOutput]:
         """Screen one batch of slices ``[B, 512, 512]`` (or ``[B, 1, 512, 512]``) int16 HU.
 
-        Tries up to ``max_attempts`` endpoints; the answer of exactly one try is returned (and counted
+        Tries up to ``attempts`` (default ``max_attempts``) endpoints; the answer of exactly one try is returned (and counted
         in ``stats``).
 
         Raises
@@ -530,7 +531,8 @@ class TritonPool:
         batch = np.ascontiguousarray(batch)
         tried: set[str] = set()
         last: BaseException | None = None
-        for attempt in range(1, self.max_attempts + 1):
+        tries = self.max_attempts if attempts is None else max(1, attempts)
+        for attempt in range(1, tries + 1):
             ep = await self._acquire(tried)
             tried.add(ep.url)
             answered = 0
@@ -558,12 +560,12 @@ class TritonPool:
                 self.retries += 1
                 logger.warning(
                     "Triton endpoint %s failed a batch of %d (try %d/%d): %s",
-                    ep.url, len(batch), attempt, self.max_attempts, status,
+                    ep.url, len(batch), attempt, tries, status,
                 )
             finally:
                 await self._release(ep, answered)
         raise InferenceUnavailable(
-            f"Every try of a batch of {len(batch)} slices failed ({self.max_attempts} tries): {_status(last)}."
+            f"Every try of a batch of {len(batch)} slices failed ({tries} tries): {_status(last)}."
         )
 
     async def infer(

@@ -42,6 +42,11 @@ from gateway.uploads import sweep_spools
 logger = logging.getLogger(__name__)
 
 
+_READY_FOR_AHEAD_S = 5.0
+"""An upload is screened ahead only if a probe found Triton ready this recently (the idle worker probes
+about every second)."""
+
+
 class LeaseLost(RuntimeError):
     """Another replica holds the job now; this one stops working on it."""
 
@@ -74,6 +79,7 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_at = 0.0
+        self._seen_ready = 0.0  # when a probe last found Triton ready (0: not since one failed)
 
     def remember(self, job_id: str, prepared: Prepared) -> None:
         """Keep an upload decoded by this replica, so that its worker need not decode it again.
@@ -90,10 +96,12 @@ class Worker:
         if prepared is not None:
             prepared.release()
 
-    async def has_room(self) -> bool:
-        """Whether a job could start now (a slot is free and Triton is ready): the upload route screens
-        ahead only then."""
-        return not self._stopping and not self._slots.locked() and await self._triton_ready()
+    def has_room(self) -> bool:
+        """Whether an upload may be screened ahead now: Triton was ready at the last look (no probe here:
+        an upload never waits on Triton) and a slot is free that no running job and no other upload being
+        screened ahead takes."""
+        free = self.settings.max_concurrent_studies - len(self._running) - len(self.screener.ahead)
+        return not self._stopping and free > 0 and time.monotonic() - self._seen_ready < _READY_FOR_AHEAD_S
 
     def start(self) -> None:
         """Start claiming."""
@@ -106,6 +114,7 @@ class Worker:
         ready = await self.screener.pool.is_ready()
         if ready:
             self._ready_at = now + 1.0
+        self._seen_ready = now if ready else 0.0
         return ready
 
     async def _loop(self) -> None:
@@ -188,7 +197,7 @@ class Worker:
             state = await self.store.release(job.id, delay, JobError(reason=exc.reason, message=str(exc)))
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
-            self._ready_at = 0.0
+            self._ready_at = self._seen_ready = 0.0
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently

@@ -146,7 +146,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             drop_pages(body)
             # a study that cannot be screened is refused here, with its 4xx; while the worker has room, its
             # slices are screened as they are parsed (gateway.speculation), before the job is accepted
-            prepared = await screener.prepare(files, speculate=settings.screen_ahead and await worker.has_room())
+            prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
             keyed = [(name, new_key(), path) for name, path in files]
             try:
