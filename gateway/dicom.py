@@ -734,6 +734,11 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
     stored = _stored_values(ds, filename)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
+    if len(headers) == 1:  # the usual single-frame object: its one rescaled copy is the result
+        h = headers[0]
+        one = rescale_to_hu(stored[0], h.slope, h.intercept)
+        _check_plausible(one, filename, h.frame_index)
+        return one[np.newaxis]
     out = np.empty(stored.shape, dtype=np.int16)
     for i, h in enumerate(headers):
         out[i] = rescale_to_hu(stored[i], h.slope, h.intercept)

@@ -108,7 +108,8 @@ class PreparedStudy:
     """One series ready for inference."""
 
     hu: np.ndarray
-    """int16 [Z, 512, 512] in slice order."""
+    """int16 [Z, 512, 512] in slice order; [0, 512, 512] when the study was screened ahead (the upload's
+    speculation sent its slices to Triton as they were decoded, and nothing reads them after screening)."""
     slices: list[SliceInfo]
     study_instance_uid: str
     series_instance_uid: str

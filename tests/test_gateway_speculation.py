@@ -68,6 +68,7 @@ class _Run:
         self.refuse = threading.Event()
         self.progress: list[int] = []
         self.speculations: list[Speculation] = []
+        self.studies: list[Any] = []  # the PreparedStudy each screening ended with
 
 
 def _screen(triton, files, *, ahead: bool, run: _Run | None = None, whole: bool = False,
@@ -88,6 +89,7 @@ def _screen(triton, files, *, ahead: bool, run: _Run | None = None, whole: bool 
             try:
                 return await screener.screen(prepared, job_id="j1", started=time.time(), on_batch=run.progress.append)
             finally:
+                run.studies.append(prepared.study)
                 prepared.release()
         finally:
             screener.close()
@@ -105,6 +107,7 @@ def test_screened_ahead_the_result_is_the_whole_study_result_and_each_slice_is_a
     assert len(run.speculations) == 1 and run.speculations[0].stats.slices == N_SLICES  # all answered ahead
     assert run.events.count("infer") == N_SLICES // BATCH  # the screening asked for nothing again
     assert sum(run.progress) == N_SLICES
+    assert run.studies[0].hu.shape[0] == 0  # no study-sized array gathered: nothing would read it
 
 
 @pytest.mark.triton
