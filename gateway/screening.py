@@ -135,7 +135,8 @@ class Screener:
         self.executor = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
         self._models: list[ModelInfo] | None = None
         self.ahead: set[Speculation] = set()
-        """Speculations of prepared studies not yet released (the upload route counts them against free slots)."""
+        """Speculations of uploads from the start of their parse until released or screened (the upload route
+        counts those still at work against free slots)."""
 
     def close(self) -> None:
         """Stop the decode threads."""
@@ -165,17 +166,18 @@ class Screener:
             study = await loop.run_in_executor(self.executor, self._loader, sources)
             return self._prepared(study, time.monotonic() - t)
         speculation = Speculation(self.pool, self.executor) if speculate else None
+        if speculation is not None:
+            self.ahead.add(speculation)  # at once: the upload route's room check (has_room) counts it from here
         try:
             plan = await loop.run_in_executor(self.executor, functools.partial(
                 plan_study, sources, on_object=speculation.offer if speculation is not None else None))
         except BaseException:
             if speculation is not None:
-                speculation.cancel()
+                self._drop_ahead(speculation)
             raise
         prepared = Prepared(None, 0.0, plan=plan, speculation=speculation)
         if speculation is not None:
             speculation.close()
-            self.ahead.add(speculation)
             prepared.on_release(functools.partial(self._drop_ahead, speculation))
         try:
             await self._decode_step(prepared, plan.batches(self.pool.batch_size)[0][1])

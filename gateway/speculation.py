@@ -167,6 +167,11 @@ class Speculation:
         """Decodes and batches not ended yet (0 once settled or cancelled)."""
         return sum(not t.done() for t in self._sending) + sum(not f.done() for f in self.decodes.values())
 
+    def busy(self) -> bool:
+        """Whether it may still ask something of the cores or of Triton: the upload is still being parsed
+        (and it has not stopped), or a decode or a batch has not ended."""
+        return (not self._closed and not self._stopped) or self.pending() > 0
+
     def covers(self, uids: list[str]) -> bool:
         """Whether every one of these objects was taken on (is decoded or being decoded here)."""
         return not self._unusable and self.taken.issuperset(uids)

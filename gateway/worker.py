@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 _READY_FOR_AHEAD_S = 5.0
-"""An upload is screened ahead only if a probe found Triton ready this recently (the idle worker probes
-about every second)."""
+"""An upload is screened ahead only if a probe found Triton ready this recently (or within two of the
+worker's polls, if longer: the idle worker probes about every second, or every poll)."""
 
 
 class LeaseLost(RuntimeError):
@@ -98,10 +98,14 @@ class Worker:
 
     def has_room(self) -> bool:
         """Whether an upload may be screened ahead now: Triton was ready at the last look (no probe here:
-        an upload never waits on Triton) and a slot is free that no running job and no other upload being
-        screened ahead takes."""
-        free = self.settings.max_concurrent_studies - len(self._running) - len(self.screener.ahead)
-        return not self._stopping and free > 0 and time.monotonic() - self._seen_ready < _READY_FOR_AHEAD_S
+        an upload never waits on Triton) and a slot is free that no running job and no other upload still
+        being screened ahead takes (one whose guess has settled holds memory, bounded by :meth:`remember`,
+        but asks nothing more of Triton or the cores: an accepted upload that another replica claims
+        must not hold a slot here)."""
+        working = sum(1 for s in list(self.screener.ahead) if s.busy())  # list(): a release may run in a thread
+        free = self.settings.max_concurrent_studies - len(self._running) - working
+        recent = max(_READY_FOR_AHEAD_S, 2 * self.settings.worker_poll_s)  # an idle worker probes every poll
+        return not self._stopping and free > 0 and time.monotonic() - self._seen_ready < recent
 
     def start(self) -> None:
         """Start claiming."""

@@ -343,6 +343,26 @@ def test_a_refused_or_unstorable_upload_leaves_no_blob(tmp_path, monkeypatch):
         assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
 
 
+def test_an_upload_the_store_does_not_accept_leaves_no_blob_and_nothing_kept(tmp_path, monkeypatch):
+    """The job row cannot be written (the store refuses it here, as a full job store would): the upload's
+    answer is that refusal, its blobs are deleted and the worker keeps no prepared study for a job that
+    does not exist (screened ahead, it would also have held a slot and its decoded slices)."""
+    from gateway.jobs import Busy
+    from gateway.store import Store
+
+    async def refuse(self, *args, **kwargs):
+        raise Busy("The job store is full (refused by the test).", 1.0)
+
+    monkeypatch.setattr(Store, "accept_upload", refuse)
+    _, files = ct_series(4)
+    app = _app(data_dir=tmp_path)
+    with TestClient(app) as client:
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 429, r.text
+        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+        assert not app.state.worker._prepared and not app.state.screener.ahead
+
+
 def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):
     """An accepted study survives a stop: its job is released, and screened under its id at the next start."""
     _, files = ct_series(6, lesion=[1, 2, 3])

@@ -230,3 +230,48 @@ def test_an_instance_sent_twice_makes_the_guess_unusable_and_the_later_copy_coun
     assert not run.speculations[0].usable
     assert comparable(result) == comparable(whole)
     assert comparable(whole) != comparable(whole0)  # the later copy changed the result: the test can fail
+
+
+@pytest.mark.triton
+def test_an_upload_takes_the_free_slot_from_its_first_parsed_file_until_its_guess_settles(triton, study_files,
+                                                                                         monkeypatch):
+    """``Worker.has_room`` with one slot: while an upload is parsed (and screened ahead) a second upload
+    must not be screened ahead too; once its guess has settled, the upload (accepted, say, and claimed by
+    another replica) no longer holds the slot, though its prepared study is still kept."""
+    from gateway.settings import Settings
+    from gateway.worker import Worker
+
+    during: list[bool] = []
+    plan = screening.plan_study
+
+    async def go() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2)
+        screener = Screener(pool, Metrics(), decode_workers=2)
+        # has_room reads neither the job store nor the blobs: none is made for it
+        worker = Worker(None, None, screener, Settings(max_concurrent_studies=1))  # type: ignore[arg-type]
+
+        async def room() -> bool:
+            return worker.has_room()
+
+        def planning(*args: Any, **kwargs: Any) -> Any:  # in the decode thread, as the upload starts parsing
+            during.append(asyncio.run_coroutine_threadsafe(room(), loop).result(timeout=30))
+            return plan(*args, **kwargs)
+
+        monkeypatch.setattr(screening, "plan_study", planning)
+        try:
+            assert await pool.is_ready()
+            await worker._triton_ready()  # as the idle worker's loop does
+            before = worker.has_room()
+            prepared = await screener.prepare(study_files, speculate=True)
+            assert prepared.speculation is not None
+            await prepared.speculation.settle()
+            after = worker.has_room()
+            prepared.release()
+            return before, after
+        finally:
+            screener.close()
+            await pool.close()
+
+    before, after = asyncio.run(go())
+    assert before and during == [False] and after

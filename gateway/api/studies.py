@@ -161,10 +161,11 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
                                                  slices_total=prepared.n_slices, job_id=job_id)
-            except Exception:
-                for _name, key, _path in keyed:  # not accepted: its blobs must not linger unreferenced
-                    await run_in_threadpool(blobs.delete, key)
-                worker.forget(job_id)
+            except BaseException as exc:
+                worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
+                if isinstance(exc, Exception):  # refused, not accepted: its blobs must not linger unreferenced
+                    for _name, key, _path in keyed:  # (cancelled, the commit may have landed: they stay)
+                        await run_in_threadpool(blobs.delete, key)
                 raise
             del keyed
         finally:
