@@ -665,24 +665,28 @@ def _j2k_params(ds: Dataset) -> dict[str, Any]:
         return {}
 
 
-def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Return ``slope * stored + intercept`` rounded to int16 (clipped to the int16 range).
+def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Return ``slope * stored + intercept`` rounded to int16 (clipped to the int16 range), written into
+    ``out`` (an int16 array of the same shape) when given, so that a frame is copied once.
 
     Integer arithmetic when ``slope == 1`` and the intercept is integral (the usual CT case).
     """
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.int16)
     if slope == 1.0 and float(intercept).is_integer():
         b = int(intercept)
         if stored.dtype in (np.int16, np.uint16) and stored.size:
             lo, hi = int(stored.min()), int(stored.max())
             if hi <= 32767 and -32768 <= lo + b and hi + b <= 32767:
                 # the usual CT case in one pass: the stored values and the result both fit int16
-                out = stored.astype(np.int16)
+                np.copyto(out, stored, casting="unsafe")
                 out += np.int16(b)
                 return out
         hu = stored.astype(np.int32) + b
     else:
         hu = np.rint(stored.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    return np.clip(hu, -32768, 32767).astype(np.int16)
+    np.copyto(out, np.clip(hu, -32768, 32767), casting="unsafe")
+    return out
 
 
 def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
@@ -734,14 +738,9 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
     stored = _stored_values(ds, filename)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
-    if len(headers) == 1:  # the usual single-frame object: its one rescaled copy is the result
-        h = headers[0]
-        one = rescale_to_hu(stored[0], h.slope, h.intercept)
-        _check_plausible(one, filename, h.frame_index)
-        return one[np.newaxis]
     out = np.empty(stored.shape, dtype=np.int16)
     for i, h in enumerate(headers):
-        out[i] = rescale_to_hu(stored[i], h.slope, h.intercept)
+        rescale_to_hu(stored[i], h.slope, h.intercept, out=out[i])  # each frame written once, in place
         _check_plausible(out[i], filename, h.frame_index)
     return out
 

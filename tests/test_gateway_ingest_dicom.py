@@ -90,6 +90,11 @@ def test_rescale_to_hu_clips_to_int16() -> None:
     stored = np.array([[0, 65535]], dtype=np.uint16)
     np.testing.assert_array_equal(rescale_to_hu(stored, 1.0, -1024), [[-1024, 32767]])
     np.testing.assert_array_equal(rescale_to_hu(stored, 2.0, -70000), [[-32768, 32767]])
+    for slope, intercept, want in ((1.0, -1024, [-1024, -1023, 976]), (1.0, -1024.0, [-1024, -1023, 976]),
+                                   (0.5, 3, [3, 4, 1003])):  # the int16 pass, and the float one, into out
+        out = np.full((3,), 7, dtype=np.int16)
+        assert rescale_to_hu(np.array([0, 1, 2000], dtype=np.uint16), slope, intercept, out=out) is out
+        np.testing.assert_array_equal(out, want)
 
 
 def test_bare_dataset_without_preamble_is_read() -> None:
