@@ -18,9 +18,11 @@ children) and compares the total with the CPU the same study costs in process:
 The in-process side is the best setting of the last ratios run (``results/ratios-latest.json``) unless
 ``--batch/--threads/--schedule`` name one. ``--request-batch N`` serves with N slices a request (the
 gateway's ``CTSCREEN_TRITON_BATCH_SIZE`` and the models' preferred batch; default the shipped cpu
-profile's) to compare batch sizes::
+profile's) to compare batch sizes, and ``--run-batch N`` runs N slices per ONNX Runtime call inside
+the models (0: the whole dynamic batch)::
 
     python -m benchmarks.cpu_split --request-batch 4 --out /tmp/cpu-b4.json
+    python -m benchmarks.cpu_split --run-batch 0 --out /tmp/cpu-whole.json
 
 Linux only (``/proc``).
 """
@@ -127,25 +129,32 @@ def _best_setting(args: argparse.Namespace) -> sweep_inprocess.Setting:
         raise BenchError(f"no in-process setting: pass --batch, --threads and --schedule ({path}: {exc})") from exc
 
 
-def _served_with(request_batch: int | None) -> tuple[Path | None, dict[str, str]]:
-    """The cpu repository and gateway environment serving ``request_batch`` slices a request
-    (None: the shipped defaults)."""
-    if request_batch is None:
+def _served_with(request_batch: int | None, run_batch: int | None = None) -> tuple[Path | None, dict[str, str]]:
+    """The cpu repository and gateway environment serving ``request_batch`` slices a request and
+    ``run_batch`` slices per ONNX Runtime call (None: the shipped defaults)."""
+    if request_batch is None and run_batch is None:
         return None, {}
     import dataclasses
     import tempfile
 
     from ctscreen.repo import build_repository, default_settings
 
-    s = dataclasses.replace(default_settings("cpu"), preferred_batch_sizes=(request_batch,), warmup_batch=request_batch)
+    s = default_settings("cpu")
+    env = {}
+    if request_batch is not None:
+        s = dataclasses.replace(s, preferred_batch_sizes=(request_batch,), warmup_batch=request_batch)
+        env["CTSCREEN_TRITON_BATCH_SIZE"] = str(request_batch)
+    if run_batch is not None:
+        s = dataclasses.replace(s, run_batch=run_batch)
     repo = build_repository("cpu", Path(tempfile.mkdtemp(prefix="cpu-split-")) / "repo", settings=s)
-    return repo, {"CTSCREEN_TRITON_BATCH_SIZE": str(request_batch)}
+    return repo, env
 
 
-def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None = None) -> dict[str, Any]:
+def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None = None,
+        run_batch: int | None = None) -> dict[str, Any]:
     pool = build_pool([slices], ("covid",))
     warm = build_pool([24], ("covid",))
-    repo, env = _served_with(request_batch)
+    repo, env = _served_with(request_batch, run_batch)
     with embedded_triton(repo) as triton, gateway(triton, env=env) as url:
         def one(p: dict, n: int) -> dict[str, Any]:
             cfg = LoadConfig(url=url, mode="closed", concurrency=1, duration=600, max_studies=1,
@@ -166,6 +175,7 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
     return {
         "slices": slices,
         "request_batch": request_batch,
+        "run_batch": run_batch,
         "served": {"latency_s": served["latency_s"]["max"], "wall_s": round(wall, 3),
                    "cpu_ms_per_slice": served_split},
         "in_process": {**local, "cpu_ms_per_slice": round(1000 * local_cpu / slices, 2)},
@@ -194,19 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=sweep_inprocess.SCHEDULES, default=None)
     p.add_argument("--request-batch", type=int, default=None,
                    help="slices per request to Triton (default: the shipped cpu profile's)")
+    p.add_argument("--run-batch", type=int, default=None,
+                   help="slices per ONNX Runtime call inside the models, 0: the whole batch (default: the shipped cpu profile's)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "cpu-latest.json")
     args = p.parse_args(argv)
     if args.slices < 8:
         p.error(f"--slices must be at least 8, got {args.slices}")
     if args.request_batch is not None and not 1 <= args.request_batch <= 8:
         p.error(f"--request-batch must be in [1, 8] (the cpu profile's max_batch_size), got {args.request_batch}")
+    if args.run_batch is not None and args.run_batch < 0:
+        p.error(f"--run-batch must be >= 0, got {args.run_batch}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.cpu_split " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_info()  # stamped at the start: the load average before the run
     try:
-        doc = {"command": command.strip(), "machine": machine, **run(args.slices, _best_setting(args), args.request_batch)}
+        doc = {"command": command.strip(), "machine": machine, **run(args.slices, _best_setting(args), args.request_batch,
+                                                                    args.run_batch)}
     except BenchError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 1

@@ -82,6 +82,9 @@ class ProfileSettings:
     intra_op_threads : int
         cpu profile: ONNX Runtime intra-op threads of each segmentation model. Both run at once, so
         ``2 * intra_op_threads`` should not exceed the cores given to Triton.
+    run_batch : int
+        cpu profile: the most slices per ONNX Runtime call inside a segmentation model; a dynamic batch
+        is run in calls of this many (0: the whole batch in one call).
     postprocess_instances : int
         Instances of the python post-processing model (CPU).
     warmup_batch : int
@@ -97,6 +100,7 @@ class ProfileSettings:
     max_queue_delay_us: int
     instance_count: int = 1
     intra_op_threads: int = 1
+    run_batch: int = 0
     postprocess_instances: int = 1
     warmup_batch: int = 1
     opt_batch: int = 1
@@ -112,7 +116,7 @@ class ProfileSettings:
                 f'Argument "preferred_batch_sizes" must be non-empty values in [1, {self.max_batch_size}], '
                 f"got {list(self.preferred_batch_sizes)}."
             )
-        for name in ("max_queue_delay_us",):
+        for name in ("max_queue_delay_us", "run_batch"):
             if getattr(self, name) < 0:
                 raise RepositoryError(f'Argument "{name}" must be >= 0, got {getattr(self, name)}.')
         for name in (
@@ -139,9 +143,11 @@ def default_settings(profile: str) -> ProfileSettings:
     cores go to threads: ``cores // (2 * instances)`` each), and as many post-processing instances.
     The lesion net does three quarters of the work: with one instance it could only ever use one
     core while the other waited for it; two instances let it take both (measured +14-20 % slices/s
-    on 2 cores, docs/triton.md). Batches of 2: on a CPU, ONNX Runtime spends more per slice on bigger
-    batches (their activations leave the cache: the lesion net ~40 ms of CPU a slice at batch 1-2,
-    ~60 at 8), so the batcher only pairs single-slice requests, and the gateway sends 2 slices a request.
+    on 2 cores, docs/triton.md). On a CPU, ONNX Runtime spends more per slice on bigger calls (their
+    activations leave the cache: the lesion net ~41 ms of CPU a slice at batch 1, ~46 at 2, ~60 at 8),
+    so each model runs one slice per ONNX Runtime call (``run_batch`` 1); requests still travel in
+    batches of 2 (the gateway sends 2 slices a request, the batcher pairs single-slice requests),
+    which halves the round trips through the ensemble and the stubs.
     """
     _check_profile(profile)
     if profile == "cpu":
@@ -153,6 +159,7 @@ def default_settings(profile: str) -> ProfileSettings:
             max_queue_delay_us=2000,
             instance_count=instances,
             intra_op_threads=max(1, cores // (2 * instances)),
+            run_batch=1,
             postprocess_instances=instances,
             warmup_batch=2,
         )
@@ -411,6 +418,7 @@ def _render_into(
         max_queue_delay_us=s.max_queue_delay_us,
         instance_count=s.instance_count,
         intra_op_threads=s.intra_op_threads,
+        run_batch=s.run_batch,
         warmup_batch=s.warmup_batch,
         opt_batch=s.opt_batch,
         ort_trt_cache=s.ort_trt_cache,
@@ -559,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--max-queue-delay-us", type=int)
     build.add_argument("--instances", type=int, help="instances of each segmentation model")
     build.add_argument("--threads", type=int, help="cpu: ONNX Runtime intra-op threads per model")
+    build.add_argument("--run-batch", type=int,
+                       help="cpu: most slices per ONNX Runtime call inside a model (0: the whole batch)")
     build.add_argument("--postprocess-instances", type=int)
     build.add_argument("--warmup-batch", type=int)
     build.add_argument("--opt-batch", type=int, help="gpu: TensorRT optimisation batch size")
@@ -572,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             ("max_queue_delay_us", args.max_queue_delay_us),
             ("instance_count", args.instances),
             ("intra_op_threads", args.threads),
+            ("run_batch", args.run_batch),
             ("postprocess_instances", args.postprocess_instances),
             ("warmup_batch", args.warmup_batch),
             ("opt_batch", args.opt_batch),

@@ -97,6 +97,7 @@ def test_segmentation_models_match_contract_and_onnx(rendered) -> None:
             assert config.parameters["intra_op_thread_count"].string_value == str(
                 settings["intra_op_threads"]
             )
+            assert config.parameters["run_batch_size"].string_value == str(settings["run_batch"]) == "1"
         elif profile == "gpu":
             assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
         else:
@@ -210,6 +211,7 @@ def test_missing_onnx_names_the_path(tmp_path) -> None:
         ({"max_batch_size": 0}, '"max_batch_size" must be >= 1'),
         ({"preferred_batch_sizes": (4, 16)}, '"preferred_batch_sizes" must be'),
         ({"intra_op_threads": 0}, '"intra_op_threads" must be >= 1'),
+        ({"run_batch": -1}, '"run_batch" must be >= 0'),
         ({"warmup_batch": 9}, '"warmup_batch" must be <= max_batch_size'),
     ],
 )

@@ -172,6 +172,15 @@ def test_postprocess_runs_the_vendored_copy(triton: EmbeddedTriton) -> None:
     assert f"ctscreen.postprocess from {vendored}" in triton.log_file.read_text()
 
 
+def test_segmentation_stubs_run_the_configured_slices_per_call(triton: EmbeddedTriton) -> None:
+    """Each cpu-profile stub read ``run_batch_size`` from its config (one slice per ONNX Runtime call by
+    default; the splitting itself is tested in tests/test_triton_runner.py)."""
+    want = default_settings("cpu").run_batch
+    lines = triton.log_file.read_text().splitlines()
+    for name in c.SEGMENTATION_MODELS:
+        assert any(f"{name}: " in line and f"run_batch_size={want}" in line for line in lines), name
+
+
 def test_metrics_endpoint_counts_inferences(triton: EmbeddedTriton) -> None:
     infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16))
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
