@@ -143,9 +143,10 @@ def default_settings(profile: str) -> ProfileSettings:
     cores go to threads: ``cores // (2 * instances)`` each), and as many post-processing instances.
     The lesion net does three quarters of the work: with one instance it could only ever use one
     core while the other waited for it; two instances let it take both (measured +14-20 % slices/s
-    on 2 cores, docs/triton.md). On a CPU, ONNX Runtime spends more per slice on bigger calls (their
-    activations leave the cache: the lesion net ~41 ms of CPU a slice at batch 1, ~46 at 2, ~60 at 8),
-    so each model runs one slice per ONNX Runtime call (``run_batch`` 1); requests still travel in
+    on 2 cores, docs/triton.md). With both cores busy, ONNX Runtime spends more CPU a slice on a
+    call of 2 slices than on 2 calls of one (their activations leave the cache the other instance
+    shares: the lesion net 41.0 against 45.6 ms a slice, docs/triton.md), so each model runs one slice
+    per ONNX Runtime call (``run_batch`` 1); requests still travel in
     batches of 2 (the gateway sends 2 slices a request, the batcher pairs single-slice requests),
     which halves the round trips through the ensemble and the stubs.
     """

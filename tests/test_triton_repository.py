@@ -229,9 +229,11 @@ def run_cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
 
 def test_cli_renders_and_replaces_only_its_own_folder(tmp_path) -> None:
     out = tmp_path / "repo"
-    done = run_cli("repo", "build", "--profile", "cpu", "--out", str(out), "--threads", "1")
+    done = run_cli("repo", "build", "--profile", "cpu", "--out", str(out), "--threads", "1", "--run-batch", "0")
     assert done.returncode == 0, done.stderr
     assert (out / MARKER).is_file() and (out / c.ENSEMBLE_MODEL / "config.pbtxt").is_file()
+    lesion = load_config(out / c.LESION_MODEL / "config.pbtxt")
+    assert lesion.parameters["run_batch_size"].string_value == "0"
     again = run_cli("repo", "build", "--profile", "gpu", "--out", str(out))
     assert again.returncode == 0 and (out / "hu_cast").is_dir()
     foreign = tmp_path / "mine"

@@ -60,12 +60,15 @@ def runner_module(monkeypatch):
     return module
 
 
-def _model(module, run_batch: str):
+def _model(module, run_batch: str, fail_on_call: int | None = None, **params: str):
+    """The runner on the shipped valid_area model; its ONNX Runtime calls are recorded (slices per call),
+    and call number ``fail_on_call`` (from 1) raises as ONNX Runtime does on a failed run."""
+    parameters = {k: {"string_value": v} for k, v in {"run_batch_size": run_batch, **params}.items()}
     config = {
         "name": c.VALID_AREA_MODEL,
         "input": [{"name": c.HU_SLICES, "data_type": "TYPE_INT16", "dims": list(SLICE)}],
         "output": [{"name": c.PROB, "data_type": "TYPE_FP32", "dims": list(SLICE)}],
-        "parameters": {"run_batch_size": {"string_value": run_batch}},
+        "parameters": parameters,
     }
     model = module.TritonPythonModel()
     model.initialize({
@@ -78,10 +81,16 @@ def _model(module, run_batch: str):
 
     def recording_run(outputs, feeds):
         calls.append(len(feeds[c.HU_SLICES]))
+        if len(calls) == fail_on_call:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory")
         return run(outputs, feeds)
 
     model.session = types.SimpleNamespace(run=recording_run)
     return model, calls
+
+
+def _requests(*arrays: np.ndarray) -> list[dict]:
+    return [{c.HU_SLICES: _Tensor(c.HU_SLICES, a)} for a in arrays]
 
 
 @pytest.mark.parametrize(("run_batch", "want_calls"), [("1", [1, 1, 1]), ("2", [2, 1]), ("0", [3]), ("", [3])])
@@ -90,7 +99,7 @@ def test_a_dynamic_batch_runs_in_calls_of_run_batch_size_with_the_same_answers(
 ) -> None:
     hu = np.random.default_rng(3).integers(-1024, 400, (3, *SLICE)).astype(np.int16)
     bad = np.zeros((1, 1, 8, 8), np.int16)
-    requests = [{c.HU_SLICES: _Tensor(c.HU_SLICES, a)} for a in (hu[:1], bad, hu[1:])]
+    requests = _requests(hu[:1], bad, hu[1:])
     model, calls = _model(runner_module, run_batch)
     whole, _ = _model(runner_module, "0")
     want = whole.session.run([c.PROB], {c.HU_SLICES: hu})[0]
@@ -103,6 +112,33 @@ def test_a_dynamic_batch_runs_in_calls_of_run_batch_size_with_the_same_answers(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_negative_run_batch_size_fails_the_load(runner_module) -> None:
-    with pytest.raises(RuntimeError, match="run_batch_size must be >= 0, got -1"):
-        _model(runner_module, "-1")
+def test_a_failing_call_answers_every_request_of_the_batch_with_its_error(runner_module) -> None:
+    hu = np.full((3, *SLICE), -1000, np.int16)
+    model, calls = _model(runner_module, "1", fail_on_call=2)
+    responses = model.execute(_requests(hu[:1], hu[1:]))
+    assert calls == [1, 1]  # no call after the failure
+    assert [r.output_tensors for r in responses] == [[], []]
+    assert all("valid_area: [ONNXRuntimeError]" in r.error for r in responses)
+
+
+def test_a_request_of_no_slice_is_answered_with_no_slice(runner_module) -> None:
+    model, calls = _model(runner_module, "1")
+    (response,) = model.execute(_requests(np.zeros((0, *SLICE), np.int16)))
+    assert response.error is None and response.output_tensors[0].array.shape == (0, *SLICE)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"run_batch": "-1"}, "valid_area: parameter run_batch_size must be an integer >= 0, got '-1'"),
+        ({"run_batch": "2.0"}, "valid_area: parameter run_batch_size must be an integer >= 0, got '2.0'"),
+        ({"run_batch": "1", "intra_op_thread_count": "x"},
+         "valid_area: parameter intra_op_thread_count must be an integer >= 1, got 'x'"),
+    ],
+    ids=["negative", "not-an-integer", "threads"],
+)
+def test_a_bad_parameter_fails_the_load_naming_it(runner_module, params, message) -> None:
+    run_batch = params.pop("run_batch")
+    with pytest.raises(RuntimeError) as info:
+        _model(runner_module, run_batch, **params)
+    assert str(info.value) == message

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -173,12 +174,13 @@ def test_postprocess_runs_the_vendored_copy(triton: EmbeddedTriton) -> None:
 
 
 def test_segmentation_stubs_run_the_configured_slices_per_call(triton: EmbeddedTriton) -> None:
-    """Each cpu-profile stub read ``run_batch_size`` from its config (one slice per ONNX Runtime call by
-    default; the splitting itself is tested in tests/test_triton_runner.py)."""
-    want = default_settings("cpu").run_batch
+    """Each cpu-profile stub read ``run_batch_size`` from its rendered config (one slice per ONNX Runtime
+    call by default; the splitting itself is tested in tests/test_triton_runner.py)."""
+    want = json.loads((triton.repo_dir / ".ctscreen-repo.json").read_text())["settings"]["run_batch"]
+    said = re.compile(rf"run_batch_size={want}\b")
     lines = triton.log_file.read_text().splitlines()
     for name in c.SEGMENTATION_MODELS:
-        assert any(f"{name}: " in line and f"run_batch_size={want}" in line for line in lines), name
+        assert any(f"{name}: " in line and said.search(line) for line in lines), name
 
 
 def test_metrics_endpoint_counts_inferences(triton: EmbeddedTriton) -> None:

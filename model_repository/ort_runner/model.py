@@ -32,6 +32,20 @@ def _param(config: dict, key: str, default: str) -> str:
     return value if value != "" else default
 
 
+def _int_param(config: dict, key: str, default: int, minimum: int) -> int:
+    """An integer parameter, or a load failure naming the model, the parameter and the value."""
+    text = _param(config, key, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise pb_utils.TritonModelException(
+            f"{config['name']}: parameter {key} must be an integer >= {minimum}, got {text!r}"
+        )
+    return value
+
+
 class TritonPythonModel:
     """ONNX Runtime on the CPU behind Triton's dynamic batcher."""
 
@@ -51,20 +65,16 @@ class TritonPythonModel:
         if not os.path.isfile(onnx_path):
             raise pb_utils.TritonModelException(f"{self.model_name}: ONNX file not found: {onnx_path}")
 
+        self.run_batch = _int_param(config, "run_batch_size", 0, minimum=0)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(_param(config, "intra_op_thread_count", "1"))
-        so.inter_op_num_threads = int(_param(config, "inter_op_thread_count", "1"))
+        so.intra_op_num_threads = _int_param(config, "intra_op_thread_count", 1, minimum=1)
+        so.inter_op_num_threads = _int_param(config, "inter_op_thread_count", 1, minimum=1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         spin = _param(config, "allow_spinning", "0")
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-        self.run_batch = int(_param(config, "run_batch_size", "0"))
-        if self.run_batch < 0:
-            raise pb_utils.TritonModelException(
-                f"{self.model_name}: parameter run_batch_size must be >= 0, got {self.run_batch}"
-            )
 
         (sess_in,) = self.session.get_inputs()
         sess_outs = [o.name for o in self.session.get_outputs()]
@@ -77,7 +87,7 @@ class TritonPythonModel:
         self.logger.log_info(
             f"{self.model_name}: {onnx_path} on ONNX Runtime {ort.__version__}, "
             f"intra_op={so.intra_op_num_threads} inter_op={so.inter_op_num_threads} spinning={spin} "
-            f"run_batch_size={self.run_batch or 'whole batch'}"
+            f"run_batch_size={self.run_batch}{' (the whole batch)' if not self.run_batch else ''}"
         )
 
     def _check(self, array: np.ndarray) -> str | None:
@@ -96,12 +106,14 @@ class TritonPythonModel:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """The output of ``batch``, in ONNX Runtime calls of at most ``run_batch`` slices."""
-        step = self.run_batch or len(batch)
+        step = self.run_batch
+        if not step or len(batch) <= step:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
         parts = [
             self.session.run([self.output_name], {self.input_name: batch[i : i + step]})[0]
             for i in range(0, len(batch), step)
         ]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return np.concatenate(parts, axis=0)
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
