@@ -167,6 +167,8 @@ def _add_ratios(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gateway-concurrency", type=int, default=2, help="studies in flight on the gateway")
     g.add_argument("--ort-min-slices", type=int, default=64, help="slices per ORT/ensemble measurement")
     g.add_argument("--rounds", type=int, default=2, help="alternating ORT/ensemble rounds (best of each kept)")
+    g.add_argument("--gateway-rounds", type=int, default=3,
+                   help="gateway loads, each followed by a run of ORT's best setting (best of each kept)")
     g.add_argument("--ort-batches", type=positive_list(int), default=[1, 2, 4, 8, 16],
                    help="batch sizes of the in-process ORT sweep")
     g.add_argument("--ort-threads", type=positive_list(int), default=[1, 2],
@@ -285,7 +287,8 @@ def cmd_ratios(args: argparse.Namespace, triton: Any, gateway_url: str | None) -
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     doc = run_ratios(triton, gateway_url, study_slices=args.study_slices, studies=args.studies,
                      big_study=args.big_study, gateway_concurrency=args.gateway_concurrency,
-                     ort_min_slices=args.ort_min_slices, rounds=args.rounds, allow_remote=args.allow_remote, skip=skip,
+                     ort_min_slices=args.ort_min_slices, rounds=args.rounds,
+                     gateway_rounds=args.gateway_rounds, allow_remote=args.allow_remote, skip=skip,
                      ort_batches=args.ort_batches, ort_threads=args.ort_threads)
     path = _save("ratios", doc)
     print("goal against measured:")

@@ -188,6 +188,7 @@ def run_ratios(
     gateway_concurrency: int = 2,
     ort_min_slices: int = 64,
     rounds: int = 2,
+    gateway_rounds: int = 3,
     big_rounds: int = 3,
     allow_remote: bool = False,
     skip: Sequence[str] = (),
@@ -238,13 +239,27 @@ def run_ratios(
     if gateway_url and "gateway" not in skip:
         pool = build_pool([study_slices] * studies)
         plan = list(pool.values())
-        logger.info("gateway end to end ...")
         cfg = LoadConfig(url=gateway_url, mode="closed", concurrency=gateway_concurrency, duration=600,
                          max_studies=studies, sizes=f"fixed:{study_slices}", study_timeout=600,
                          triton_metrics_url=triton.metrics_url, allow_remote=allow_remote)
-        out["gateway"] = run_load(cfg, pool)
-        gw_sps = out["gateway"]["slices_per_s"] if out["gateway"]["completed"] else None
-        ct_sph = out["gateway"]["studies_per_hour"] if out["gateway"]["completed"] else None
+        # as the ensemble against in process: gateway rounds alternate with runs of ORT's best setting, and
+        # each side keeps its best (one load of 4 studies moved this ratio by 0.2 between runs minutes apart
+        # on these shared cores; other tenants only ever slow a run down)
+        gw_runs: list[dict[str, Any]] = []
+        for r in range(max(1, gateway_rounds)):
+            logger.info("round %d: gateway end to end ...", r + 1)
+            gw_runs.append(run_load(cfg, pool))
+            logger.info("round %d: in-process ORT, best setting ...", r + 1)
+            ort_runs.append(sweep_inprocess.measure(best_setting, hu))
+        done = [g for g in gw_runs if g["completed"] == g["sent"] and g.get("slices_per_s")]
+        out["gateway"] = max(done, key=lambda g: g["slices_per_s"]) if done else gw_runs[0]
+        out["gateway_rounds"] = [{"slices_per_s": g.get("slices_per_s"), "studies_per_hour": g.get("studies_per_hour"),
+                                  "completed": g["completed"], "sent": g["sent"]} for g in gw_runs]
+        out["ort"]["best"] = best = max(ort_runs, key=lambda r: r["slices_per_s"])
+        ort_sps = best["slices_per_s"]
+        gw_sps = out["gateway"]["slices_per_s"] if done else None
+        # the peers below get one run each: they are compared with the gateway's median round
+        ct_sph = _median_run(done, lambda g: g["studies_per_hour"])["studies_per_hour"] if done else None
         peer_studies = [plan[i % len(plan)] for i in range(studies)]
         if "monai-sdk" not in skip:
             logger.info("MONAI Deploy App SDK client ...")
