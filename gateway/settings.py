@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     instance_retention_s: float = Field(
         7 * 86400.0, gt=0, description="Instances of a finished job are deleted this long after it finished."
     )
+    orphan_sweep_interval_s: float = Field(
+        6 * 3600.0, ge=0, description="How often the blob folder is checked for blobs nothing names (0: never)."
+    )
+    orphan_grace_s: float = Field(
+        3600.0, ge=300, description="A blob nothing names is removed once it is this old (a write and the row "
+                                    "that names it take seconds apart)."
+    )
 
     # --- DICOMweb STOW-RS -----------------------------------------------------------------------
     stow_quiet_period_s: float = Field(

@@ -16,7 +16,8 @@ their deadline, refreshes the job gauges (this replica's share: the jobs it hold
 it accepted, re-queued or adopted from a replica that shut down, so that the sum over replicas is the
 cluster's backlog: ``ctscreen_backlog_slices`` summed over gateways, which the chart's fleet signal
 ``ctscreen:backlog_seconds:fleet`` divides by Triton's rate) and, every minute, enforces
-retention (results and instances, with their blobs).
+retention (results and instances, with their blobs). Every ``orphan_sweep_interval_s`` it removes the
+blobs older than ``orphan_grace_s`` that nothing names (:meth:`Sweeper.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -274,14 +275,18 @@ class Sweeper:
     """Study completion, deadlines, gauges and retention (see the module docstring)."""
 
     retention_every_s = 60.0
+    orphans_first_after_s = 600.0  # the first orphan sweep, after start (then every orphan_sweep_interval_s)
 
     def __init__(self, store: Store, blobs: BlobStore, settings: Settings,
-                 before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_expire: Callable[[], Awaitable[None]] | None = None,
+                 blobs_named: Callable[[], Awaitable[set[str]]] | None = None) -> None:
         self.store, self.blobs, self.settings = store, blobs, settings
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
+        self.blobs_named = blobs_named  # blob keys named outside the instances table (delivery payloads)
         self.counts: tuple[int, int, int] = (0, 0, 0)
         self._task: asyncio.Task[None] | None = None
         self._retention_at = 0.0
+        self._orphans_at = time.monotonic() + self.orphans_first_after_s
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-sweeper")
@@ -303,6 +308,27 @@ class Sweeper:
             # uploads spooled by a process that died before removing them (a live one's are younger)
             if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
                 logger.warning("removed upload spool folders left by a stopped process")
+        if s.orphan_sweep_interval_s and time.monotonic() >= self._orphans_at:
+            self._orphans_at = time.monotonic() + s.orphan_sweep_interval_s
+            await self.sweep_orphans()
+
+    async def sweep_orphans(self) -> int:
+        """Remove the blobs older than ``orphan_grace_s`` that no instance row and no delivery payload names;
+        returns how many. They are left by a crash or a cancellation between a write and the commit that
+        names it, by a refused upload whose clean-up failed, by a payload built twice (a lost lease) or
+        rebuilt (a resend): nothing can name them later, since only new keys are ever written and named."""
+        keys = await asyncio.to_thread(self.blobs.written_before, time.time() - self.settings.orphan_grace_s)
+        if not keys:
+            return 0
+        named = await self.blobs_named() if self.blobs_named is not None else set()
+        named |= await self.store.named_blobs(keys)
+        orphans = [k for k in keys if k not in named]
+        for key in orphans:
+            await asyncio.to_thread(self.blobs.delete, key)
+        if orphans:
+            logger.warning("removed %d blobs that nothing names (older than %g s)", len(orphans),
+                           self.settings.orphan_grace_s)
+        return len(orphans)
 
     async def _loop(self) -> None:
         while True:

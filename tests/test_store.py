@@ -366,3 +366,54 @@ def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_database_unlock
         await store.close()
 
     _run(check())
+
+
+def test_the_orphan_sweep_removes_only_old_blobs_that_nothing_names(db_url, tmp_path):
+    """Real blob folder, real database, real delivery payload: an old blob no instance row and no payload
+    names goes, with a staged file whose writer died; named blobs, young blobs and files of another
+    shape stay."""
+    import os
+    import uuid
+
+    from gateway.settings import Settings
+    from gateway.store import FolderBlobs
+    from gateway.store.blobs import new_key
+    from gateway.store.deliveries import Deliveries
+    from gateway.worker import Sweeper
+
+    upgrade(db_url)
+    blobs = FolderBlobs(tmp_path / "blobs")
+    keys = {name: new_key() for name in ("instance", "payload", "orphan", "young")}
+    for key in keys.values():
+        blobs.put(key, b"DICM")
+    staged = blobs.path(keys["orphan"]).with_name(f".{uuid.uuid4().hex}.123.456.tmp")
+    staged.write_bytes(b"half")
+    foreign = blobs.path(keys["orphan"]).with_name("notes.txt")
+    foreign.write_text("not a blob")
+    hour_ago = time.time() - 2 * 3600
+    for path in [*(blobs.path(keys[n]) for n in ("instance", "payload", "orphan")), staged, foreign]:
+        os.utime(path, (hour_ago, hour_ago))
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [job_id] = await _queue(store, 1)
+            await store.add_instance("1.2.9", "1.2.9.1", "a.dcm", keys["instance"], 4)
+            await store.claim(60)
+            assert await store.finish(job_id, _result(job_id), None)
+            deliveries = Deliveries(store)
+            assert await deliveries.enqueue_missing({"pacs": "dicom"}, 3600) == 1
+            task = await deliveries.claim(60, ["pacs"])
+            assert await deliveries.save_payload(task.id, {"verdict": "positive", "objects": [
+                {"uid": "1.2.9.9", "blob_key": keys["payload"]}]})
+            sweeper = Sweeper(store, blobs, Settings(orphan_grace_s=3600), blobs_named=deliveries.payload_blobs)
+            assert await sweeper.sweep_orphans() == 1
+            assert await sweeper.sweep_orphans() == 0
+        finally:
+            await store.close()
+
+    _run(go())
+    assert not blobs.path(keys["orphan"]).exists() and not staged.exists()
+    for name in ("instance", "payload", "young"):
+        assert blobs.get(keys[name]) == b"DICM", name
+    assert foreign.read_text() == "not a blob"

@@ -40,8 +40,13 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is absent)."""
 
+    def written_before(self, when: float) -> list[str]:
+        """Keys of the blobs last written before ``when`` (epoch seconds): what the orphan sweep checks.
+        Leftovers of writes that never finished (a process died mid-write) older than ``when`` go."""
+
 
 _NEW_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
+_STAGED = re.compile(r"\.[0-9a-f]{32}\.\d+\.\d+\.tmp")  # FolderBlobs._stage's temporary files
 
 
 def new_key() -> str:
@@ -154,6 +159,26 @@ class FolderBlobs:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def written_before(self, when: float) -> list[str]:
+        # only the layout new_key makes: a file of another shape is not ours to judge
+        keys = []
+        for folder in self._root.iterdir():
+            if not (len(folder.name) == 2 and folder.is_dir()):
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        old = entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < when
+                    except FileNotFoundError:  # deleted meanwhile
+                        continue
+                    if not old:
+                        continue
+                    if _NEW_KEY.fullmatch(key := f"{folder.name}/{entry.name}"):
+                        keys.append(key)
+                    elif _STAGED.fullmatch(entry.name):  # a staged file whose writer died
+                        Path(entry.path).unlink(missing_ok=True)
+        return sorted(keys)
 
 
 def _each(fn: Callable[..., _T], args: Sequence[tuple[Any, ...]], what: str) -> list[Future[_T]]:

@@ -18,6 +18,7 @@ the same result version (the UIDs are derived from the job). ``history`` is the 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,6 +287,12 @@ class Deliveries:
             context = (await s.execute(select(Result.sr_context).where(Result.job_id == job_id))).scalar()
         return [(f, k) for f, k in files], context
 
+    async def payload_blobs(self) -> set[str]:
+        """Every blob key a delivery's payload names (the orphan sweep keeps them)."""
+        async with self.store.read() as s:
+            payloads = (await s.execute(select(Delivery.payload).where(Delivery.payload.is_not(None)))).scalars().all()
+        return _payload_keys(payloads)
+
     async def expire(self, results_s: float) -> list[str]:
         """Delete the deliveries of jobs retention is about to remove; returns their payload blob keys.
 
@@ -296,4 +303,8 @@ class Deliveries:
             old = select(Job.id).where(Job.finished_at < now - results_s)
             payloads = (await s.execute(delete(Delivery).where(Delivery.job_id.in_(old))
                                         .returning(Delivery.payload))).scalars().all()
-        return [o["blob_key"] for p in payloads if p for o in p.get("objects", []) if o.get("blob_key")]
+        return sorted(_payload_keys(payloads))
+
+
+def _payload_keys(payloads: Sequence[dict[str, Any] | None]) -> set[str]:
+    return {o["blob_key"] for p in payloads if p for o in p.get("objects", []) if o.get("blob_key")}

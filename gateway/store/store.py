@@ -626,6 +626,15 @@ class Store:
         return queued, running, max(0, sum(int(r[2]) for r in rows))
 
     # --- retention ---------------------------------------------------------------------------------
+    async def named_blobs(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` that an instance row names (the orphan sweep keeps them)."""
+        named: set[str] = set()
+        async with self.read() as s:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                named |= set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(chunk)))).scalars())
+        return named
+
     async def expire(self, results_s: float, instances_s: float) -> list[str]:
         """Delete what retention allows; returns the blob keys nothing refers to any more.
 
