@@ -87,12 +87,13 @@ def create_app(
         from gateway.delivery.deliverer import Deliverer
 
         deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
-        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire, blobs_named=deliverer.payload_blobs)
+        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire)
         intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
                         max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s)
         metrics.attach(pool, lambda: sweeper.counts)
         metrics_server = security.start_metrics_port(settings, metrics.registry)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
+        app.state.sweeper = sweeper
         app.state.store, app.state.blobs, app.state.stow = store, blobs, intake
         app.state.screener, app.state.worker, app.state.deliverer = screener, worker, deliverer
         await sweeper.sweep()  # studies left quiet while no replica ran are screened now

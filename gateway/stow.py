@@ -119,8 +119,7 @@ class Intake:
         try:
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
                                                      filename, key, len(data))
-        except Exception as exc:
-            await asyncio.to_thread(self.blobs.delete, key)
+        except Exception as exc:  # its blob stays: the commit may have landed (the orphan sweep checks)
             logger.error("instance %s not stored: the state store failed: %s", header.sop_instance_uid,
                          type(exc).__name__)
             raise Unavailable("The instance could not be recorded; retry later.", filename=filename) from exc

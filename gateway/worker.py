@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ from gateway.jobs import JobError, JobState
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, FolderBlobs, Store
+from gateway.store.deliveries import Deliveries
 from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import sweep_spools
 
@@ -271,6 +273,11 @@ class Worker:
                 logger.warning("released %d unfinished jobs for other replicas (or the next start)", released)
 
 
+ORPHAN_BRAKE = 0.1
+"""The orphan sweep removes nothing when more than this share of the old blobs would go (see
+:meth:`Sweeper.sweep_orphans`)."""
+
+
 class Sweeper:
     """Study completion, deadlines, gauges and retention (see the module docstring)."""
 
@@ -278,15 +285,15 @@ class Sweeper:
     orphans_first_after_s = 600.0  # the first orphan sweep, after start (then every orphan_sweep_interval_s)
 
     def __init__(self, store: Store, blobs: BlobStore, settings: Settings,
-                 before_expire: Callable[[], Awaitable[None]] | None = None,
-                 blobs_named: Callable[[], Awaitable[set[str]]] | None = None) -> None:
+                 before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store, self.blobs, self.settings = store, blobs, settings
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
-        self.blobs_named = blobs_named  # blob keys named outside the instances table (delivery payloads)
         self.counts: tuple[int, int, int] = (0, 0, 0)
         self._task: asyncio.Task[None] | None = None
         self._retention_at = 0.0
-        self._orphans_at = time.monotonic() + self.orphans_first_after_s
+        # replicas started together do not all walk the shared folder at once
+        self._orphans_at = time.monotonic() + self.orphans_first_after_s * random.uniform(0.5, 1.5)
+        self._orphans: asyncio.Task[int] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ctscreen-sweeper")
@@ -308,21 +315,40 @@ class Sweeper:
             # uploads spooled by a process that died before removing them (a live one's are younger)
             if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
                 logger.warning("removed upload spool folders left by a stopped process")
-        if s.orphan_sweep_interval_s and time.monotonic() >= self._orphans_at:
-            self._orphans_at = time.monotonic() + s.orphan_sweep_interval_s
-            await self.sweep_orphans()
+        if s.orphan_sweep_interval_s and time.monotonic() >= self._orphans_at and self._orphans is None:
+            # its own task: walking a large shared folder must not hold up study completion and deadlines
+            self._orphans = asyncio.get_running_loop().create_task(self.sweep_orphans(), name="ctscreen-orphans")
+            self._orphans.add_done_callback(self._orphans_done)
 
-    async def sweep_orphans(self) -> int:
+    def _orphans_done(self, task: asyncio.Task[int]) -> None:
+        self._orphans = None
+        failed = not task.cancelled() and task.exception() is not None
+        if failed:
+            logger.error("orphan sweep failed (trying again in %g s): %s", self.retention_every_s, task.exception())
+        self._orphans_at = time.monotonic() + (self.retention_every_s if failed else self.settings.orphan_sweep_interval_s)
+
+    async def sweep_orphans(self, later_s: float = 0.0) -> int:
         """Remove the blobs older than ``orphan_grace_s`` that no instance row and no delivery payload names;
-        returns how many. They are left by a crash or a cancellation between a write and the commit that
-        names it, by a refused upload whose clean-up failed, by a payload built twice (a lost lease) or
-        rebuilt (a resend): nothing can name them later, since only new keys are ever written and named."""
-        keys = await asyncio.to_thread(self.blobs.written_before, time.time() - self.settings.orphan_grace_s)
+        returns how many (``later_s``: judged as if that many seconds had passed, for tests).
+
+        They are left by a crash or a cancellation between a write and the commit that names it, by a store
+        failure after the write (the commit may have landed: the writer does not delete, this checks), by a
+        payload built twice (a lost lease) or rebuilt (a resend). Nothing can name them later: only new keys
+        are ever written and named, within seconds of the write. A blob folder belongs to one state store:
+        when more than ``ORPHAN_BRAKE`` of the old blobs (and over 10) would go, which is what a wrong or
+        recreated database, or a folder shared by two stores, looks like, nothing is removed and the error
+        says so.
+        """
+        keys = await asyncio.to_thread(self.blobs.older_than, self.settings.orphan_grace_s, later_s)
         if not keys:
             return 0
-        named = await self.blobs_named() if self.blobs_named is not None else set()
-        named |= await self.store.named_blobs(keys)
+        named = await Deliveries(self.store).payload_blobs() | await self.store.named_blobs(keys)
         orphans = [k for k in keys if k not in named]
+        if len(orphans) > max(10, ORPHAN_BRAKE * len(keys)):
+            logger.error("orphan sweep: %d of the %d blobs older than %g s are named by no instance or delivery "
+                         "of this state store; removing none. Is CTSCREEN_DATABASE_URL the store this blob folder "
+                         "belongs to?", len(orphans), len(keys), self.settings.orphan_grace_s)
+            return 0
         for key in orphans:
             await asyncio.to_thread(self.blobs.delete, key)
         if orphans:
@@ -339,6 +365,7 @@ class Sweeper:
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._orphans):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

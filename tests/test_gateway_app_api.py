@@ -343,10 +343,14 @@ def test_a_refused_or_unstorable_upload_leaves_no_blob(tmp_path, monkeypatch):
         assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
 
 
-def test_an_upload_the_store_does_not_accept_leaves_no_blob_and_nothing_kept(tmp_path, monkeypatch):
+def test_an_upload_the_store_does_not_accept_keeps_nothing_and_its_blobs_go_with_the_orphan_sweep(
+    tmp_path, monkeypatch
+):
     """The job row cannot be written (the store refuses it here, as a full job store would): the upload's
-    answer is that refusal, its blobs are deleted and the worker keeps no prepared study for a job that
-    does not exist (screened ahead, it would also have held a slot and its decoded slices)."""
+    answer is that refusal and the worker keeps no prepared study for a job that does not exist (screened
+    ahead, it would also have held a slot and its decoded slices). Its blobs stay, since a failed commit
+    may have landed; the orphan sweep, which reads that nothing names them, removes them once they are
+    past the grace."""
     from gateway.jobs import Busy
     from gateway.store import Store
 
@@ -359,8 +363,13 @@ def test_an_upload_the_store_does_not_accept_leaves_no_blob_and_nothing_kept(tmp
     with TestClient(app) as client:
         r = client.post("/v1/studies", files=upload_files(files))
         assert r.status_code == 429, r.text
-        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
         assert not app.state.worker._prepared and not app.state.screener.ahead
+        left = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+        assert len(left) == 4
+        assert client.portal.call(app.state.sweeper.sweep_orphans) == 0  # too young to judge
+        monkeypatch.undo()
+        assert client.portal.call(app.state.sweeper.sweep_orphans, 2 * 3600) == 4  # two hours on
+        assert not any(p.exists() for p in left)
 
 
 def test_job_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path):

@@ -369,9 +369,10 @@ def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_database_unlock
 
 
 def test_the_orphan_sweep_removes_only_old_blobs_that_nothing_names(db_url, tmp_path):
-    """Real blob folder, real database, real delivery payload: an old blob no instance row and no payload
-    names goes, with a staged file whose writer died; named blobs, young blobs and files of another
-    shape stay."""
+    """Real blob folder, real database, real delivery payload: once past the grace, a blob no instance row
+    and no payload names goes, with a staged file whose writer died; named blobs and files of another
+    shape stay. Nothing is judged before the grace, not even a spooled upload linked in as a blob whose
+    spool file is old (its mtime is the spool file's; the link sets its ctime)."""
     import os
     import uuid
 
@@ -383,16 +384,19 @@ def test_the_orphan_sweep_removes_only_old_blobs_that_nothing_names(db_url, tmp_
 
     upgrade(db_url)
     blobs = FolderBlobs(tmp_path / "blobs")
-    keys = {name: new_key() for name in ("instance", "payload", "orphan", "young")}
+    keys = {name: new_key() for name in ("instance", "payload", "orphan")}
     for key in keys.values():
         blobs.put(key, b"DICM")
     staged = blobs.path(keys["orphan"]).with_name(f".{uuid.uuid4().hex}.123.456.tmp")
     staged.write_bytes(b"half")
     foreign = blobs.path(keys["orphan"]).with_name("notes.txt")
     foreign.write_text("not a blob")
-    hour_ago = time.time() - 2 * 3600
-    for path in [*(blobs.path(keys[n]) for n in ("instance", "payload", "orphan")), staged, foreign]:
-        os.utime(path, (hour_ago, hour_ago))
+    spooled = tmp_path / "spooled.dcm"  # an upload spooled long ago, stored now (os.link): an orphan too
+    spooled.write_bytes(b"DICM")
+    old = time.time() - 2 * 3600
+    os.utime(spooled, (old, old))
+    linked = new_key()
+    blobs.put_many([(linked, spooled)])
 
     async def go():
         store = Store(db_url)
@@ -406,14 +410,42 @@ def test_the_orphan_sweep_removes_only_old_blobs_that_nothing_names(db_url, tmp_
             task = await deliveries.claim(60, ["pacs"])
             assert await deliveries.save_payload(task.id, {"verdict": "positive", "objects": [
                 {"uid": "1.2.9.9", "blob_key": keys["payload"]}]})
-            sweeper = Sweeper(store, blobs, Settings(orphan_grace_s=3600), blobs_named=deliveries.payload_blobs)
-            assert await sweeper.sweep_orphans() == 1
-            assert await sweeper.sweep_orphans() == 0
+            sweeper = Sweeper(store, blobs, Settings(orphan_grace_s=3600))
+            assert await sweeper.sweep_orphans() == 0  # everything is younger than the grace
+            assert blobs.get(linked) == b"DICM" and staged.exists()
+            assert await sweeper.sweep_orphans(later_s=2 * 3600) == 2  # the orphan and the linked upload
+            assert await sweeper.sweep_orphans(later_s=2 * 3600) == 0
         finally:
             await store.close()
 
     _run(go())
-    assert not blobs.path(keys["orphan"]).exists() and not staged.exists()
-    for name in ("instance", "payload", "young"):
+    assert not blobs.path(keys["orphan"]).exists() and not blobs.path(linked).exists() and not staged.exists()
+    for name in ("instance", "payload"):
         assert blobs.get(keys[name]) == b"DICM", name
     assert foreign.read_text() == "not a blob"
+
+
+def test_the_orphan_sweep_removes_nothing_when_most_old_blobs_are_unnamed(tmp_path):
+    """A blob folder meeting another (or a recreated) database: nearly every old blob is unnamed there;
+    the sweep removes none and says why."""
+    from gateway.settings import Settings
+    from gateway.store import FolderBlobs
+    from gateway.store.blobs import new_key
+    from gateway.worker import Sweeper
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    upgrade(url)
+    blobs = FolderBlobs(tmp_path / "blobs")
+    keys = [new_key() for _ in range(12)]
+    for key in keys:
+        blobs.put(key, b"DICM")
+
+    async def go():
+        store = Store(url)
+        try:
+            return await Sweeper(store, blobs, Settings(orphan_grace_s=3600)).sweep_orphans(later_s=2 * 3600)
+        finally:
+            await store.close()
+
+    assert _run(go()) == 0
+    assert all(blobs.get(k) == b"DICM" for k in keys)

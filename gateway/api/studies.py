@@ -161,11 +161,10 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
                                                  slices_total=prepared.n_slices, job_id=job_id)
-            except BaseException as exc:
+            except BaseException:
                 worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
-                if isinstance(exc, Exception):  # refused, not accepted: its blobs must not linger unreferenced
-                    for _name, key, _path in keyed:  # (cancelled, the commit may have landed: they stay)
-                        await run_in_threadpool(blobs.delete, key)
+                # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known
+                # outcome); the sweeper removes them once it reads that nothing names them (sweep_orphans)
                 raise
             del keyed
         finally:

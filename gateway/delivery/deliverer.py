@@ -249,10 +249,6 @@ class Deliverer:
             with contextlib.suppress(Exception):
                 await self.tasks.renew(task_id, self.settings.delivery_lease_s)
 
-    async def payload_blobs(self) -> set[str]:
-        """The blob keys the saved payloads name (the sweeper keeps them)."""
-        return await self.tasks.payload_blobs()
-
     async def expire(self) -> None:
         """Drop the deliveries (and payload blobs) of results retention removes (called by the sweeper)."""
         for key in await self.tasks.expire(self.settings.result_retention_s):

@@ -40,9 +40,11 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is absent)."""
 
-    def written_before(self, when: float) -> list[str]:
-        """Keys of the blobs last written before ``when`` (epoch seconds): what the orphan sweep checks.
-        Leftovers of writes that never finished (a process died mid-write) older than ``when`` go."""
+    def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
+        """Keys of the blobs last written more than ``age_s`` seconds before now (by the store's own clock:
+        on a shared volume, the file server's), or ``later_s`` seconds from now (a test's way to let time
+        pass): what the orphan sweep checks. Leftovers of writes that never finished (a process died
+        mid-write) that old go."""
 
 
 _NEW_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
@@ -127,7 +129,7 @@ class FolderBlobs:
                 # a spooled upload: a second name for the same file when it is on this file system (the
                 # caller never writes it again), else a streamed copy; never read into memory
                 try:
-                    os.link(data, tmp)
+                    os.link(data, tmp)  # the spool file's mtime, a fresh ctime (see older_than)
                 except OSError:
                     shutil.copyfile(data, tmp)
                 os.chmod(tmp, 0o640)  # as a blob written from bytes
@@ -160,7 +162,13 @@ class FolderBlobs:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def written_before(self, when: float) -> list[str]:
+    def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
+        # "now" is the file system's: a replica whose clock runs ahead of the file server's must not see a
+        # blob written a moment ago as old
+        probe = self._root / ".ctscreen-clock"
+        probe.touch()
+        os.utime(probe)
+        when = probe.stat().st_mtime + later_s - age_s
         # only the layout new_key makes: a file of another shape is not ours to judge
         keys = []
         for folder in self._root.iterdir():
@@ -169,7 +177,10 @@ class FolderBlobs:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     try:
-                        old = entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < when
+                        # a blob linked from a spooled upload keeps the spool file's mtime, but the link and
+                        # the rename into place set its ctime, which nothing can set back
+                        st = entry.stat(follow_symlinks=False) if entry.is_file(follow_symlinks=False) else None
+                        old = st is not None and max(st.st_mtime, st.st_ctime) < when
                     except FileNotFoundError:  # deleted meanwhile
                         continue
                     if not old:
