@@ -449,3 +449,61 @@ def test_the_orphan_sweep_removes_nothing_when_most_old_blobs_are_unnamed(tmp_pa
 
     assert _run(go()) == 0
     assert all(blobs.get(k) == b"DICM" for k in keys)
+
+
+async def _expiring_stow_version(store: Store, uid: str) -> int:
+    """A STOW study whose only version (one instance, blob ``k-old``) finished long ago; its id."""
+    await store.add_instance(uid, f"{uid}.1", "a.dcm", "k-old", 1)
+    view = await store.complete_now(uid, 60)
+    await store.claim(60)
+    assert await store.finish(view.job_id, _result(view.job_id, uid), None)
+    async with store.tx() as s:
+        await s.execute(update(Job).where(Job.id == view.job_id).values(finished_at=time.time() - 100))
+    return await _study_id(store, view.job_id)
+
+
+def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url):
+    """PostgreSQL, read committed: a late STOW instance opens a new version that copies the previous
+    version's instance rows, while retention deletes those rows and keeps the blobs something still names.
+    Each waits for the other on the previous version's row: the copy never lands after the reference
+    check (its rows would name deleted blobs), and nothing expired is copied."""
+    from gateway.store.models import Instance
+
+    upgrade(pg_url)
+
+    async def go():
+        store, other = Store(pg_url), Store(pg_url, owner="replica-2")
+        try:
+            # retention holds the previous version (as Store.expire does): the late instance waits for it
+            v1 = await _expiring_stow_version(store, "1.2.7")
+            async with other.tx() as s:
+                await s.execute(select(Study.id).where(Study.id == v1).with_for_update())
+                late = asyncio.get_running_loop().create_task(store.add_instance("1.2.7", "1.2.7.2", "b.dcm", "k-new", 1))
+                await asyncio.sleep(1.0)
+                assert not late.done(), "the new version copied the previous one's rows under retention's feet"
+                await s.execute(Instance.__table__.delete().where(Instance.study_id == v1))
+            await late
+            async with store.read() as s:
+                keys = set((await s.execute(select(Instance.blob_key).where(Instance.study_id != v1))).scalars())
+            assert keys == {"k-new"}  # the expired instance was not copied
+
+            # a new version copying the previous one holds it: retention waits, then sees the copy
+            v1 = await _expiring_stow_version(store, "1.2.8")
+            async with other.tx() as s:
+                await s.execute(select(Study.id).where(Study.id == v1).with_for_update())
+                v2 = Study(study_instance_uid="1.2.8", version=2, origin="stow", state="receiving",
+                           created_at=time.time(), last_rx_at=time.time())
+                s.add(v2)
+                await s.flush()
+                s.add(Instance(study_id=v2.id, sop_instance_uid="1.2.8.1", filename="a.dcm", blob_key="k-old",
+                               nbytes=1, received_at=time.time()))
+                await s.flush()
+                expire = asyncio.get_running_loop().create_task(store.expire(results_s=1000, instances_s=50))
+                await asyncio.sleep(1.0)
+                assert not expire.done(), "retention checked references before the copy committed"
+            assert "k-old" not in await expire  # still named by the new version: its blob stays
+        finally:
+            await store.close()
+            await other.close()
+
+    _run(go())

@@ -267,9 +267,11 @@ class Store:
                       created_at=now, last_rx_at=now)
         s.add(study)
         await s.flush()
+        # locked: retention expiring that version's instances meanwhile (Store.expire locks it too) either
+        # ends first, and nothing expired is copied, or waits, and sees the copies as references
         previous = (await s.execute(
             select(Study.id).where(Study.study_instance_uid == uid, Study.origin == "stow", Study.id != study.id)
-            .order_by(Study.version.desc()).limit(1)
+            .order_by(Study.version.desc()).limit(1).with_for_update()
         )).scalar()
         if previous is not None:  # a late instance: the new version holds every instance of the study
             await s.execute(insert(Instance).from_select(
@@ -644,6 +646,10 @@ class Store:
         now = time.time()
         async with self.tx() as s:
             old_instances = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - instances_s)
+            # a late STOW instance opening a new version copies the previous version's instance rows under
+            # the same lock (_open_version): without it, PostgreSQL could commit such a copy after the
+            # reference check below, and the copied rows would name deleted blobs
+            await s.execute(select(Study.id).where(Study.id.in_(old_instances)).order_by(Study.id).with_for_update())
             keys = set((await s.execute(delete(Instance).where(Instance.study_id.in_(old_instances))
                                         .returning(Instance.blob_key))).scalars())
             old_studies = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - results_s)
