@@ -150,18 +150,6 @@ def _served_with(request_batch: int | None, run_batch: int | None = None) -> tup
     return repo, env
 
 
-def _shipped(what: str) -> int:
-    """The shipped cpu profile's slices a request (``request_batch``: the gateway's default, which the
-    models' batcher prefers) or slices per ONNX Runtime call (``run_batch``)."""
-    if what == "run_batch":
-        from ctscreen.repo import default_settings
-
-        return default_settings("cpu").run_batch
-    from gateway.settings import Settings
-
-    return int(Settings.model_fields["triton_batch_size"].default)
-
-
 def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None = None,
         run_batch: int | None = None) -> dict[str, Any]:
     pool = build_pool([slices], ("covid",))
@@ -184,11 +172,15 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
     local = sweep_inprocess.study_in_process(setting, vol, meta)
     local_cpu = time.process_time() - c0  # warm-up included: an upper bound of the in-process CPU
     served_split = split(before, after, slices)
+    from ctscreen.repo import default_settings
+    from gateway.settings import Settings
+
     return {
         "slices": slices,
-        # what was served (the shipped defaults when not given), so a result file says what ran
-        "request_batch": request_batch if request_batch is not None else _shipped("request_batch"),
-        "run_batch": run_batch if run_batch is not None else _shipped("run_batch"),
+        # what was served (the shipped defaults when not given: the gateway's slices a request, which the
+        # models' batcher prefers, and the cpu profile's slices per ONNX Runtime call), so a result says what ran
+        "request_batch": request_batch if request_batch is not None else Settings.model_fields["triton_batch_size"].default,
+        "run_batch": run_batch if run_batch is not None else default_settings("cpu").run_batch,
         "served": {"latency_s": served["latency_s"]["max"], "wall_s": round(wall, 3),
                    "cpu_ms_per_slice": served_split},
         "in_process": {**local, "cpu_ms_per_slice": round(1000 * local_cpu / slices, 2)},

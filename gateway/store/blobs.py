@@ -166,8 +166,7 @@ class FolderBlobs:
         # "now" is the file system's: a replica whose clock runs ahead of the file server's must not see a
         # blob written a moment ago as old
         probe = self._root / ".ctscreen-clock"
-        probe.touch()
-        os.utime(probe)
+        probe.touch()  # sets its mtime to now when it exists
         when = probe.stat().st_mtime + later_s - age_s
         # only the layout new_key makes: a file of another shape is not ours to judge
         keys = []

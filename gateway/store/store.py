@@ -282,8 +282,7 @@ class Store:
         return study
 
     async def _unreferenced(self, key: str) -> bool:
-        async with self.read() as s:
-            return not (await s.execute(select(Instance.id).where(Instance.blob_key == key).limit(1))).first()
+        return not await self.named_blobs([key])
 
     async def pending(self) -> tuple[int, int]:
         """``(studies receiving, bytes of their instances)`` across the cluster."""
@@ -630,12 +629,8 @@ class Store:
     # --- retention ---------------------------------------------------------------------------------
     async def named_blobs(self, keys: Sequence[str]) -> set[str]:
         """Those of ``keys`` that an instance row names (the orphan sweep keeps them)."""
-        named: set[str] = set()
         async with self.read() as s:
-            for i in range(0, len(keys), 500):
-                chunk = list(keys[i : i + 500])
-                named |= set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(chunk)))).scalars())
-        return named
+            return await _named(s, keys)
 
     async def expire(self, results_s: float, instances_s: float) -> list[str]:
         """Delete what retention allows; returns the blob keys nothing refers to any more.
@@ -663,10 +658,19 @@ class Store:
                 await s.execute(delete(Study).where(Study.id.in_(gone)))
             if not keys:
                 return []
-            still = set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(keys)))).scalars())
+            still = await _named(s, sorted(keys))
         if gone:
             logger.info("retention: removed %d finished studies", len(gone))
         return sorted(keys - still)
+
+
+async def _named(s: AsyncSession, keys: Sequence[str]) -> set[str]:
+    """Those of ``keys`` that an instance row names, asked 500 at a time (SQLite's bound parameters)."""
+    named: set[str] = set()
+    for i in range(0, len(keys), 500):
+        chunk = list(keys[i : i + 500])
+        named |= set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(chunk)))).scalars())
+    return named
 
 
 def _view(job: Job, result: Result | None = None) -> JobView:

@@ -36,10 +36,10 @@ def _int_param(config: dict, key: str, default: int, minimum: int) -> int:
     """An integer parameter, or a load failure naming the model, the parameter and the value."""
     text = _param(config, key, str(default))
     try:
-        value = int(text)
+        value: int | None = int(text)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
+        value = None
+    if value is None or value < minimum:
         raise pb_utils.TritonModelException(
             f"{config['name']}: parameter {key} must be an integer >= {minimum}, got {text!r}"
         )
