@@ -187,6 +187,37 @@ def test_exhausted_attempts_fail_keep_the_payload_and_resend_delivers(orthanc, s
     asyncio.run(scenario())
 
 
+@needs_orthanc
+def test_a_payload_whose_blobs_went_missing_is_built_again_with_the_same_uids(orthanc, study_files, tmp_path):
+    """A failed delivery keeps its payload, but its blobs can go (a volume restored from an older backup, a
+    hand clean-up): the re-send builds the payload again from the stored instances and delivers the same
+    objects (their UIDs derive from the job), instead of failing for good."""
+    async def scenario():
+        settings = _settings(tmp_path, delivery_max_attempts=1)
+        store, blobs, result = await _done_job(settings, study_files)
+        wrong = _pacs(orthanc, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
+        deliverer = Deliverer(store, blobs, parse_destinations([wrong]), settings, CollectorRegistry())
+        try:
+            (failed,) = await _until(deliverer, result.job_id, {"failed"})
+            gone = [o["blob_key"] for o in failed.payload["objects"]]
+            for key in gone:
+                blobs.delete(key)
+            fixed = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, CollectorRegistry())
+            await fixed.tasks.resend(result.job_id, "pacs", "dicom")
+            (done,) = await _until(fixed, result.job_id, {"done", "failed"})
+            assert done.state == "done", done.error
+            uids = [o["uid"] for o in failed.payload["objects"]]
+            assert [o["uid"] for o in done.payload["objects"]] == uids
+            assert not set(gone) & {o["blob_key"] for o in done.payload["objects"]}  # built again
+            held = _orthanc_series(orthanc, result.study_instance_uid)
+            assert sorted(held["SR"] + held["OT"]) == sorted(uids)
+            assert sum("built" in (e.get("detail") or "") for e in done.history) == 2  # once, then again
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PACS_TOKEN", "s3cr3t-token")
     good = tmp_path / "d.yaml"

@@ -237,6 +237,8 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
         ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
         ({"gateway": {"dicom": {"port": 0}}}, "/gateway/dicom/port"),
+        # the gateway refuses a grace under 5 minutes (a write and the row that names it take seconds apart)
+        ({"state": {"retention": {"orphanGraceMinutes": 4}}}, "/state/retention/orphanGraceMinutes"),
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
     ],
 )
@@ -383,6 +385,9 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert str(settings.data_dir) == env["CTSCREEN_DATA_DIR"] == "/var/lib/ctscreen"
     assert str(settings.blobs()) == env["CTSCREEN_BLOB_DIR"] == "/var/lib/ctscreen-blobs"
     assert settings.job_deadline_s == 24 * 3600 and settings.instance_retention_s == 7 * 86400
+    # the chart sets them (its defaults equal the gateway's, so read the rendered names too)
+    assert env["CTSCREEN_ORPHAN_SWEEP_INTERVAL_S"] == str(6 * 3600) and env["CTSCREEN_ORPHAN_GRACE_S"] == "3600"
+    assert settings.orphan_sweep_interval_s == 6 * 3600 and settings.orphan_grace_s == 3600
     assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
 
     async def discover():

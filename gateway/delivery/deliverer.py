@@ -6,7 +6,8 @@ two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``de
 once. A claimed task:
 
 * checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason;
-* builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store;
+* builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store, and again if a blob
+  of it has gone missing (the objects' UIDs derive from the job, so a rebuild sends the same objects);
 * sends what the destination has not acknowledged yet (:mod:`gateway.delivery.senders`);
 * ends ``done``; or, on failure, goes back to ``pending`` after ``delivery_backoff_s`` doubling up to
   ``delivery_backoff_max_s``, and ``failed`` (payload kept) after ``delivery_max_attempts`` tries or a
@@ -34,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from gateway.delivery import payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
-from gateway.delivery.senders import SendError, send_dicom, send_fhir, send_stow
+from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
 from gateway.settings import Settings
 from gateway.store import BlobStore, Store, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
@@ -146,14 +147,25 @@ class Deliverer:
         dest = self.destinations[task.destination]
         where = f"job {task.job_id} -> {dest.name}"
         try:
-            payload = task.payload
-            if payload is None:
-                payload = await self._build(task, dest)
+            payload, items = task.payload, None
+            for again in (False, True):
                 if payload is None:
-                    return  # skipped by the rule
-            todo = [o for o in payload["objects"] if o["uid"] not in task.sent]
+                    payload = await self._build(task, dest)
+                    if payload is None:
+                        return  # skipped by the rule
+                todo = [o for o in payload["objects"] if o["uid"] not in task.sent]
+                items = await self._load(todo)
+                if items is not None:
+                    break
+                if again:
+                    raise payloads.PayloadUnavailable("the payload built again is missing from the blob store")
+                # a built object's blob is gone (a volume restored from an older backup, a hand clean-up):
+                # build the payload again; its UIDs derive from the job, so what was acknowledged stays so
+                logger.warning("%s: the built payload is missing from the blob store; building it again", where)
+                payload = None
+            assert payload is not None and items is not None
             if todo:
-                sent = await self._send(task.id, dest, todo)
+                sent = await self._send(task.id, dest, items)
                 await self.tasks.mark_sent(task.id, sent)
                 self.objects.labels(dest.name).inc(len(sent))
             await self.tasks.finish(task.id, DONE, f"{len(payload['objects'])} object(s) acknowledged")
@@ -221,14 +233,17 @@ class Deliverer:
         await self.tasks.save_payload(task.id, payload)
         return payload
 
-    async def _send(self, task_id: int, dest: Destination, todo: list[dict[str, str]]) -> list[str]:
-        def load() -> list[tuple[str, str, bytes]]:
+    async def _load(self, todo: list[dict[str, str]]) -> list[Item] | None:
+        """``(uid, sop_class_uid, bytes)`` of the objects to send; None when a blob is missing."""
+        def load() -> list[Item] | None:
             try:
                 return [(o["uid"], o.get("sop_class_uid", ""), self.blobs.get(o["blob_key"])) for o in todo]
             except FileNotFoundError:
-                raise payloads.PayloadUnavailable("the built payload is missing from the blob store") from None
+                return None
 
-        items = await asyncio.to_thread(load)
+        return await asyncio.to_thread(load)
+
+    async def _send(self, task_id: int, dest: Destination, items: list[Item]) -> list[str]:
         beat = asyncio.get_running_loop().create_task(self._heartbeat(task_id))
         try:
             if isinstance(dest, DicomDestination):

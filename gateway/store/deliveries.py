@@ -288,10 +288,14 @@ class Deliveries:
         return [(f, k) for f, k in files], context
 
     async def payload_blobs(self) -> set[str]:
-        """Every blob key a delivery's payload names (the orphan sweep keeps them)."""
+        """Every blob key a delivery's payload names (the orphan sweep keeps them), read 500 rows at a time."""
+        keys: set[str] = set()
         async with self.store.read() as s:
-            payloads = (await s.execute(select(Delivery.payload).where(Delivery.payload.is_not(None)))).scalars().all()
-        return _payload_keys(payloads)
+            rows = await s.stream_scalars(select(Delivery.payload).where(Delivery.payload.is_not(None))
+                                          .execution_options(yield_per=500))
+            async for chunk in rows.partitions():
+                keys |= _payload_keys(chunk)
+        return keys
 
     async def expire(self, results_s: float) -> list[str]:
         """Delete the deliveries of jobs retention is about to remove; returns their payload blob keys.
