@@ -34,6 +34,9 @@ class TritonTarget:
     grpc_url: str
     http_url: str
     metrics_url: str | None
+    model: str | None = None
+    """The model the gateway calls (None: the gateway's default); the embedded Triton's
+    :attr:`~ctscreen.embedded.EmbeddedTriton.screen_model`, as ``ctscreen serve`` calls."""
 
 
 def _http(url: str) -> str:
@@ -61,7 +64,7 @@ def embedded_triton(repo_dir: Path | None = None, timeout: float = 300.0) -> Ite
             metrics = _http(metrics)
             if not metrics.rstrip("/").endswith("/metrics"):
                 metrics = metrics.rstrip("/") + "/metrics"
-        yield TritonTarget(server.grpc_url, _http(server.http_url), metrics)
+        yield TritonTarget(server.grpc_url, _http(server.http_url), metrics, server.screen_model)
     finally:
         server.stop()
 
@@ -82,6 +85,7 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     data = tempfile.mkdtemp(prefix="gateway-data-", dir=TMP_DIR)
     full_env.update({
         "CTSCREEN_TRITON_URLS": triton.grpc_url,
+        **({"CTSCREEN_TRITON_MODEL": triton.model} if triton.model else {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
         # a fresh state store per run: no job of an earlier (interrupted) run is screened during this one
         "CTSCREEN_DATA_DIR": data,

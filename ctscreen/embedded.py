@@ -217,6 +217,17 @@ class EmbeddedTriton:
         return self._repo_dir
 
     @property
+    def screen_model(self) -> str | None:
+        """The model a client should call: the fused model where the served repository holds it (the cpu
+        profile; the same outputs, one stub a slice instead of three), else the ensemble; None before
+        :meth:`start` has rendered the repository."""
+        from ctscreen.contracts import ENSEMBLE_MODEL, FUSED_MODEL
+
+        if self._repo_dir is None:
+            return None
+        return FUSED_MODEL if (self._repo_dir / FUSED_MODEL / "config.pbtxt").is_file() else ENSEMBLE_MODEL
+
+    @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` takes)."""
         return f"{self._client_host}:{self._ports['grpc']}"

@@ -31,7 +31,6 @@ import numpy as np
 from ctscreen.contracts import HU_SLICES, LESION_MODEL, PROB, VALID_AREA_MODEL
 from ctscreen.machine import cores
 from ctscreen.postprocess import postprocess_batch, unpack_outputs
-from ctscreen.repo import SOURCE_DIR
 
 DEFAULT_BATCH = 8
 """Slices per ORT call in :meth:`ReferencePipeline.run`."""
@@ -45,7 +44,11 @@ def onnx_path(model: str, repo: Path | None = None) -> Path:
     FileNotFoundError
         When the file is not there.
     """
-    path = (repo or SOURCE_DIR) / model / "1" / "model.onnx"
+    if repo is None:
+        from ctscreen.repo import SOURCE_DIR  # here, not at the top: the served cpu model vendors this module
+
+        repo = SOURCE_DIR
+    path = repo / model / "1" / "model.onnx"
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
     return path

@@ -19,7 +19,9 @@ profile    valid_area and lesion
 ========== ===================================================================================
 
 Every profile has ``postprocess`` (python backend) and the ``ct_screen`` ensemble with the names,
-dtypes and shapes of :mod:`ctscreen.contracts`.
+dtypes and shapes of :mod:`ctscreen.contracts`. The cpu profile also has ``ct_screen_fused``
+(``fused/model.py``): the ensemble's inputs and outputs, its three steps run in one python stub per
+instance, which on a CPU saves two stub round trips a request (docs/triton.md).
 
 Errors
 ------
@@ -59,6 +61,8 @@ ONNX_OPSET = 17
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _VENDORED = ("__init__.py", "contracts.py", "lungs.py", "postprocess.py")
 """Files of the ``ctscreen`` package copied verbatim into ``postprocess/1/ctscreen/``."""
+_VENDORED_FUSED = (*_VENDORED, "machine.py", "reference.py")
+"""... and into ``ct_screen_fused/1/ctscreen/`` (cpu profile), which runs the in-process reference."""
 
 
 class RepositoryError(ValueError):
@@ -321,9 +325,10 @@ def source_digest(
     files = sorted((source / "templates").glob("*.pbtxt")) + [
         source / "ort_runner" / "model.py",
         source / "postprocess" / "1" / "model.py",
+        source / "fused" / "model.py",
         Path(__file__),
     ]
-    files += [_PACKAGE_DIR / name for name in _VENDORED]
+    files += [_PACKAGE_DIR / name for name in _VENDORED_FUSED]
     files += list(_onnx_sources(source, onnx_dir).values())
     for path in files:
         h.update(path.name.encode())
@@ -464,6 +469,34 @@ def _render_into(
             min_box_area=c.MIN_BOX_AREA,
         )
     )
+
+    if profile == "cpu":
+        fused = dst / c.FUSED_MODEL / "1"
+        (fused / "ctscreen").mkdir(parents=True)
+        shutil.copyfile(source / "fused" / "model.py", fused / "model.py")
+        for name in _VENDORED_FUSED:
+            shutil.copyfile(_PACKAGE_DIR / name, fused / "ctscreen" / name)
+        for name in c.SEGMENTATION_MODELS:  # the very files the ensemble's steps load
+            try:
+                os.link(dst / name / "1" / "model.onnx", fused / f"{name}.onnx")
+            except OSError:  # a file system without hard links
+                shutil.copyfile(dst / name / "1" / "model.onnx", fused / f"{name}.onnx")
+        (fused.parent / "config.pbtxt").write_text(
+            _render(
+                templates / "fused.cpu.pbtxt",
+                **common,
+                **names,
+                model_name=c.FUSED_MODEL,
+                ensemble_model=c.ENSEMBLE_MODEL,
+                instance_count=s.instance_count,
+                intra_op_threads=s.intra_op_threads,
+                run_batch=s.run_batch,
+                warmup_batch=s.warmup_batch,
+                prob_cutoff=c.PROB_CUTOFF,
+                min_box_area=c.MIN_BOX_AREA,
+            )
+            + _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
+        )
 
     pre_steps, seg_input = "", c.HU_SLICES
     if gpu_plan:

@@ -114,6 +114,10 @@ def run_stack(
             triton = EmbeddedTriton(repo)
             triton.start(timeout=start_timeout)
             triton_url = triton.grpc_url
+            if "triton_model" not in settings.model_fields_set and triton.screen_model:
+                # on a CPU the fused model screens the same slices to the same boxes, one stub a slice
+                # instead of three (docs/triton.md); CTSCREEN_TRITON_MODEL=ct_screen picks the ensemble
+                settings = settings.model_copy(update={"triton_model": triton.screen_model})
         settings = settings.model_copy(update={"triton_urls": [triton_url]})
         app = create_app(settings)
         if triton is not None:

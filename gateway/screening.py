@@ -368,7 +368,8 @@ class Screener:
             version = await self.pool.model_version()
             if version is None:
                 return [ModelInfo(name=self.pool.model_name, version="unknown")]
-            models = [ModelInfo(name=self.pool.model_name, version=version, platform="ensemble")]
+            models = [ModelInfo(name=self.pool.model_name, version=version,
+                                platform=await self.pool.model_platform())]
             for name, info in sorted((await self.pool.component_models()).items()):
                 models.append(ModelInfo(name=name, version=info.get("version", "unknown"),
                                         sha256=info.get("sha256")))
@@ -395,6 +396,10 @@ def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStat
     ...          "postprocess": {**row, "compute_ns": 40_000_000}}
     >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, after, "ct_screen", 0.016)
     {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 50.0, 'postprocess': 6.0, 'aggregate': 2.0}
+    >>> fused = {"ct_screen_fused": {**row, "success_ns": 600_000_000, "queue_ns": 80_000_000,
+    ...                              "exec_slices": 8, "exec_compute_ns": 440_000_000}}
+    >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, fused, "ct_screen_fused", 0.016)
+    {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 55.0, 'postprocess': 1.0, 'aggregate': 2.0}
     """
     if n_slices <= 0:
         return {}
@@ -411,7 +416,9 @@ def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStat
     post = calls.unpack_s * 1000.0 / calls.slices if calls.slices else 0.0
     server = ms(ensemble, "success_ns")
     if server > 0:
-        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0]
+        # an ensemble's steps; a model that is no ensemble (the cpu profile's fused one) is its own step,
+        # its post-processing inside its compute
+        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0] or [ensemble]
         queue = sum(ms(m, "queue_ns") for m in parts)
         compute = {m: ms(m, "exec_compute_ns", "exec_slices") or ms(m, "compute_ns") for m in parts}
         post_model = compute.pop(POSTPROCESS_MODEL, 0.0)

@@ -393,13 +393,8 @@ class TritonPool:
                     row["exec_compute_ns"] += ns("compute_input", "compute_infer", "compute_output", st=b)
         return total
 
-    async def component_models(self) -> dict[str, dict[str, str]]:
-        """Provenance of the ensemble's models, from its ``models`` config parameter.
-
-        ``ctscreen repo build`` writes ``{"lesion": {"version": ..., "sha256": ...}, ...}`` there
-        (the model cards' versions and the ONNX files' sha256). Empty when no endpoint answers or the
-        repository was not rendered by ctscreen.
-        """
+    async def _model_config(self) -> dict[str, Any] | None:
+        """The called model's configuration from the first endpoint that answers (None if none does)."""
         for ep in [e for e in self._eps.values() if not e.removed]:
             try:
                 cfg = await self._client(ep).get_model_config(
@@ -408,15 +403,34 @@ class TritonPool:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("config of %s failed: %s", ep.url, exc)
                 continue
-            raw = (cfg.get("config", cfg).get("parameters", {}).get("models", {}) or {}).get("string_value")
-            try:
-                models = json.loads(raw) if raw else {}
-            except ValueError:
-                logger.warning("ensemble %s has an unreadable 'models' parameter", self.model_name)
-                return {}
-            return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in models.items()
-                    if isinstance(v, dict)}
-        return {}
+            return dict(cfg.get("config", cfg))
+        return None
+
+    async def model_platform(self) -> str | None:
+        """How Triton serves the called model: ``ensemble``, or its backend (``python`` for the cpu
+        profile's fused model); None when no endpoint answers."""
+        cfg = await self._model_config()
+        return None if cfg is None else str(cfg.get("platform") or cfg.get("backend") or "") or None
+
+    async def component_models(self) -> dict[str, dict[str, str]]:
+        """Provenance of the called model's ONNX graphs, from its ``models`` config parameter.
+
+        ``ctscreen repo build`` writes ``{"lesion": {"version": ..., "sha256": ...}, ...}`` there
+        (the model cards' versions and the ONNX files' sha256), in the ensemble's config and in the cpu
+        profile's fused model's. Empty when no endpoint answers or the repository was not rendered by
+        ctscreen.
+        """
+        cfg = await self._model_config()
+        if cfg is None:
+            return {}
+        raw = (cfg.get("parameters", {}).get("models", {}) or {}).get("string_value")
+        try:
+            models = json.loads(raw) if raw else {}
+        except ValueError:
+            logger.warning("model %s has an unreadable 'models' parameter", self.model_name)
+            return {}
+        return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in models.items()
+                if isinstance(v, dict)}
 
     # --- scheduling --------------------------------------------------------------------------
     async def _acquire(self, tried: set[str]) -> _Endpoint:

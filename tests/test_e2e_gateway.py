@@ -275,6 +275,24 @@ def test_demo_exits_after_printing_verdicts(triton, capsys, tmp_path):
     assert "ctscreen is running at http://127.0.0.1:" in out
 
 
+def test_the_embedded_stack_calls_the_fused_model_unless_told_otherwise(triton, studies, screened, monkeypatch):
+    """``ctscreen serve`` / ``make demo`` start their own cpu Triton and call its fused model (the
+    ensemble's three steps in one stub a slice): the same verdict and boxes as through the ensemble,
+    with the called model named in the result. ``CTSCREEN_TRITON_MODEL`` still picks the ensemble."""
+    from ctscreen.contracts import ENSEMBLE_MODEL, FUSED_MODEL
+
+    with run_stack(port=0, repo=triton.repo_dir) as stack:
+        assert stack.settings.triton_model == FUSED_MODEL
+        (outcome,) = screen_paths(stack.url, [studies["covid"]], quiet=True)
+    fused, ens = _result(outcome), _result(screened["covid"])
+    assert (fused.models[0].name, fused.models[0].platform) == (FUSED_MODEL, "python")
+    assert ens.models[0].name == ENSEMBLE_MODEL
+    assert (fused.verdict, fused.reason, _boxes(fused)) == (ens.verdict, ens.reason, _boxes(ens))
+    monkeypatch.setenv("CTSCREEN_TRITON_MODEL", ENSEMBLE_MODEL)
+    with run_stack(port=0, repo=triton.repo_dir) as stack:
+        assert stack.settings.triton_model == ENSEMBLE_MODEL
+
+
 def test_serve_starts_and_stops_cleanly(triton):
     """SIGINT sent the moment /readyz first answers stops the gateway cleanly (exit 0, not 130).
 

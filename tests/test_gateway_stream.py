@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from aggregator.schema import CaseResult
-from ctscreen.contracts import SLICE_SIZE
+from ctscreen.contracts import ENSEMBLE_MODEL, FUSED_MODEL, SEGMENTATION_MODELS, SLICE_SIZE
 from gateway.errors import GatewayError
 from gateway.ingest import StudyPlan, load_study, plan_study
 from gateway.metrics import Metrics
@@ -62,10 +62,11 @@ class _Recording:
 
 
 def _screen(triton, files, *, whole: bool, events: list | None = None,
-            on_batch: Any = None) -> tuple[CaseResult, Any]:
+            on_batch: Any = None, model: str = ENSEMBLE_MODEL) -> tuple[CaseResult, Any]:
     async def go() -> tuple[CaseResult, Any]:
         factory = (lambda url: _Recording(url, events)) if events is not None else None
-        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=INFLIGHT, client_factory=factory)
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=INFLIGHT, client_factory=factory,
+                          model_name=model)
         loader = (lambda sources: load_study(sources, workers=2)) if whole else None
         screener = Screener(pool, Metrics(), decode_workers=DECODE_WORKERS, loader=loader)
         started = time.time()
@@ -179,6 +180,26 @@ def test_each_stage_of_a_slice_is_timed_and_they_add_up(triton, study_files, who
     assert triton_side * n <= 1000 * t.inference_s * INFLIGHT * ENSEMBLE_STEPS
     assert stages["aggregate"] * n <= 1000 * t.aggregate_s
     assert sum(stages.values()) * n <= 1000 * t.total_s * (DECODE_WORKERS + INFLIGHT * ENSEMBLE_STEPS + 1)
+
+
+@pytest.mark.triton
+def test_the_fused_model_screens_a_study_as_the_ensemble_does_and_its_time_is_told(triton, study_files):
+    """The cpu profile's fused model (what ``ctscreen serve`` calls on a CPU) gives the ensemble's result;
+    its own queue and compute are the study's (no ensemble steps to read them from), and the result
+    names the model called, how Triton serves it, and the ONNX files behind it."""
+    ens, _ = _screen(triton, study_files, whole=False)
+    fused, _ = _screen(triton, study_files, whole=False, model=FUSED_MODEL)
+    def same(r: CaseResult) -> dict[str, Any]:
+        return {k: v for k, v in comparable(r).items() if k != "models"}  # the called model differs, below
+
+    assert same(fused) == same(ens) and fused.verdict == "positive"
+    stages = fused.timings.stages_ms_per_slice
+    assert stages is not None and set(stages) == STAGES and stages["compute"] > 0, stages
+    called, *parts = fused.models
+    assert (called.name, called.platform) == (FUSED_MODEL, "python")
+    assert {m.name for m in parts} == set(SEGMENTATION_MODELS) and all(m.sha256 for m in parts)
+    assert (ens.models[0].name, ens.models[0].platform) == (ENSEMBLE_MODEL, "ensemble")
+    assert [(m.name, m.sha256) for m in parts] == [(m.name, m.sha256) for m in ens.models[1:]]
 
 
 def _decoded_batch_by_batch(plan: StudyPlan, size: int):

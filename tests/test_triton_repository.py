@@ -62,7 +62,8 @@ def test_every_config_parses_and_names_its_folder(rendered) -> None:
     profile, repo = rendered
     cfgs = configs(repo)
     expected = {c.VALID_AREA_MODEL, c.LESION_MODEL, c.POSTPROCESS_MODEL, c.ENSEMBLE_MODEL}
-    assert set(cfgs) == expected | ({c.HU_CAST_MODEL} if profile == "gpu" else set())
+    extra = {"gpu": {c.HU_CAST_MODEL}, "cpu": {c.FUSED_MODEL}}.get(profile, set())
+    assert set(cfgs) == expected | extra
     for name, config in cfgs.items():
         assert config.name == name
         assert (repo / name / "1").is_dir()
@@ -144,6 +145,30 @@ def test_postprocess_and_ensemble_match_contract(rendered) -> None:
     order = [s.model_name for s in ens.ensemble_scheduling.step]
     assert order[-1] == c.POSTPROCESS_MODEL
     assert (order[0] == c.HU_CAST_MODEL) == (profile == "gpu")
+
+
+def test_cpu_fused_model_has_the_ensemble_contract_and_its_settings(rendered) -> None:
+    """The cpu profile's fused model answers exactly what the ensemble answers (a client picks either by
+    name), with the segmentation models' instances, threads and slices per call and the post-processing
+    thresholds, and vendors a verbatim copy of the in-process reference it runs."""
+    profile, repo = rendered
+    cfgs = configs(repo)
+    if profile != "cpu":
+        assert c.FUSED_MODEL not in cfgs
+        return
+    fused, ens, lesion = cfgs[c.FUSED_MODEL], cfgs[c.ENSEMBLE_MODEL], cfgs[c.LESION_MODEL]
+    assert fused.backend == "python"
+    assert io(fused, "input") == io(ens, "input") and io(fused, "output") == io(ens, "output")
+    assert fused.max_batch_size == ens.max_batch_size
+    assert fused.instance_group[0].count == lesion.instance_group[0].count
+    for key in ("intra_op_thread_count", "run_batch_size", "allow_spinning"):
+        assert fused.parameters[key].string_value == lesion.parameters[key].string_value, key
+    assert fused.parameters["prob_cutoff"].string_value == str(c.PROB_CUTOFF)
+    assert fused.parameters["min_box_area"].string_value == str(c.MIN_BOX_AREA)
+    assert fused.parameters["models"].string_value == ens.parameters["models"].string_value
+    for name in ("__init__.py", "contracts.py", "lungs.py", "postprocess.py", "machine.py", "reference.py"):
+        vendored = repo / c.FUSED_MODEL / "1" / "ctscreen" / name
+        assert vendored.read_bytes() == (ROOT / "ctscreen" / name).read_bytes()
 
 
 def test_postprocess_vendors_a_verbatim_copy(rendered) -> None:

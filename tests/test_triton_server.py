@@ -107,7 +107,7 @@ def test_every_model_is_ready(triton: EmbeddedTriton) -> None:
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         assert client.is_server_ready()
         index = {m.name: m.state for m in client.get_model_repository_index().models}
-    expected = {c.VALID_AREA_MODEL, c.LESION_MODEL, c.POSTPROCESS_MODEL, c.ENSEMBLE_MODEL}
+    expected = {c.VALID_AREA_MODEL, c.LESION_MODEL, c.POSTPROCESS_MODEL, c.ENSEMBLE_MODEL, c.FUSED_MODEL}
     assert expected <= set(index)
     assert {index[name] for name in expected} == {"READY"}
 
@@ -117,19 +117,25 @@ def shipped_reference(triton: EmbeddedTriton) -> tuple[np.ndarray, np.ndarray, n
     return reference(triton.repo_dir, phantom_slices())
 
 
-def test_ensemble_equals_in_process_reference(triton: EmbeddedTriton, shipped_reference) -> None:
+# the cpu profile serves the same screen twice: the ensemble, and the fused model (its three steps in one stub)
+SCREEN_MODELS = pytest.mark.parametrize("model", [c.ENSEMBLE_MODEL, c.FUSED_MODEL])
+
+
+@SCREEN_MODELS
+def test_ensemble_equals_in_process_reference(triton: EmbeddedTriton, shipped_reference, model: str) -> None:
     hu = phantom_slices()
-    got = infer(triton.grpc_url, hu)
+    got = infer(triton.grpc_url, hu, model)
     assert got[c.LESION_BOXES].shape[0] == len(hu) and got[c.LESION_BOXES].shape[2] == 5
     assert got[c.BOX_COUNT].shape == (len(hu), 1) and got[c.VALID_AREA_BOX].shape == (len(hu), 4)
     assert_same_boxes(got, shipped_reference)
 
 
-def test_one_slice_per_request_equals_reference(triton: EmbeddedTriton, shipped_reference) -> None:
+@SCREEN_MODELS
+def test_one_slice_per_request_equals_reference(triton: EmbeddedTriton, shipped_reference, model: str) -> None:
     """Single-slice requests (what the dynamic batcher merges) give the same answer."""
     hu, want = phantom_slices(), shipped_reference
     for i in range(len(hu)):
-        got = infer(triton.grpc_url, hu[i : i + 1])
+        got = infer(triton.grpc_url, hu[i : i + 1], model)
         assert_same_boxes(got, tuple(w[i : i + 1] for w in want))  # type: ignore[arg-type]
 
 
@@ -143,20 +149,22 @@ def test_one_slice_per_request_equals_reference(triton: EmbeddedTriton, shipped_
     ],
     ids=["fp32", "256x256", "no-channel", "batch-too-big"],
 )
+@SCREEN_MODELS
 def test_bad_request_gets_clear_error_and_server_keeps_serving(
-    triton: EmbeddedTriton, hu: np.ndarray, dtype: str, message: str
+    triton: EmbeddedTriton, hu: np.ndarray, dtype: str, message: str, model: str
 ) -> None:
     with pytest.raises(InferenceServerException) as info:
-        infer(triton.grpc_url, hu, dtype=dtype)
+        infer(triton.grpc_url, hu, model, dtype=dtype)
     assert message in str(info.value)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16))[c.BOX_COUNT].shape == (1, 1)
+    assert infer(triton.grpc_url, np.full((1, 1, 512, 512), -1000, np.int16), model)[c.BOX_COUNT].shape == (1, 1)
 
 
-def test_served_configs_carry_model_provenance(triton: EmbeddedTriton) -> None:
-    """The gateway fills CaseResult.models from the ensemble's ``models`` parameter."""
+@SCREEN_MODELS
+def test_served_configs_carry_model_provenance(triton: EmbeddedTriton, model: str) -> None:
+    """The gateway fills CaseResult.models from the called model's ``models`` parameter."""
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        config = client.get_model_config(c.ENSEMBLE_MODEL, as_json=True)["config"]
+        config = client.get_model_config(model, as_json=True)["config"]
         models = json.loads(config["parameters"]["models"]["string_value"])
         for name in c.SEGMENTATION_MODELS:
             served = triton.repo_dir / name / "1" / "model.onnx"
@@ -165,6 +173,18 @@ def test_served_configs_carry_model_provenance(triton: EmbeddedTriton) -> None:
             assert models[name]["version"] == card["version"]
             own = client.get_model_config(name, as_json=True)["config"]["parameters"]
             assert own["sha256"]["string_value"] == models[name]["sha256"]
+
+
+def test_fused_model_runs_its_vendored_copy_on_the_served_onnx_files(triton: EmbeddedTriton) -> None:
+    """The fused model loads the very ONNX files of the ensemble's steps (hard links in its version folder)
+    and the ``ctscreen`` rendered with it, never another installed one."""
+    version = triton.repo_dir / c.FUSED_MODEL / "1"
+    for name in c.SEGMENTATION_MODELS:
+        assert (version / f"{name}.onnx").read_bytes() == (triton.repo_dir / name / "1" / "model.onnx").read_bytes()
+    assert (version / "ctscreen" / "reference.py").is_file()
+    log = triton.log_file.read_text()
+    assert f"{c.FUSED_MODEL}: {version / 'valid_area.onnx'} + {version / 'lesion.onnx'}" in log
+    assert triton.screen_model == c.FUSED_MODEL
 
 
 def test_postprocess_runs_the_vendored_copy(triton: EmbeddedTriton) -> None:
