@@ -470,6 +470,8 @@ def _render_into(
         )
     )
 
+    # the models a screening model is made of, read by the gateway for CaseResult.models
+    screen_provenance = _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
     if profile == "cpu":
         fused = dst / c.FUSED_MODEL / "1"
         (fused / "ctscreen").mkdir(parents=True)
@@ -495,7 +497,7 @@ def _render_into(
                 prob_cutoff=c.PROB_CUTOFF,
                 min_box_area=c.MIN_BOX_AREA,
             )
-            + _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
+            + screen_provenance
         )
 
     pre_steps, seg_input = "", c.HU_SLICES
@@ -534,7 +536,7 @@ def _render_into(
             pre_steps=pre_steps,
             segmentation_input=seg_input,
         )
-        + _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
+        + screen_provenance
     )
     manifest = {
         "profile": profile,
