@@ -174,7 +174,9 @@ class Timings(_Model):
         "flight): decode (pixel data to HU), resample (to the 512 grid), grpc (request round trip less "
         "Triton's own time), queue and compute (Triton's statistics, summed over the ensemble's models; "
         "the two segmentation models run side by side, so together they can pass the ensemble's own "
-        "time), postprocess (Triton's post-processing model and unpacking its answer), aggregate (the "
+        "time; for a model that is no ensemble, such as the cpu profile's ct_screen_fused, its own "
+        "queue and compute, post-processing included), postprocess (Triton's post-processing model and "
+        "unpacking its answer), aggregate (the "
         "case rule and the result). Triton's stages are left out (grpc is then the whole round trip) "
         "when its statistics could not be read; they are averages over the study's window and include "
         "other studies screened at the same time. (Added in 1.1.0.)",

@@ -85,7 +85,9 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     data = tempfile.mkdtemp(prefix="gateway-data-", dir=TMP_DIR)
     full_env.update({
         "CTSCREEN_TRITON_URLS": triton.grpc_url,
-        **({"CTSCREEN_TRITON_MODEL": triton.model} if triton.model else {}),
+        # what `ctscreen serve` calls, unless the environment names a model (as serve respects it)
+        **({"CTSCREEN_TRITON_MODEL": triton.model} if triton.model and "CTSCREEN_TRITON_MODEL" not in os.environ
+           else {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
         # a fresh state store per run: no job of an earlier (interrupted) run is screened during this one
         "CTSCREEN_DATA_DIR": data,

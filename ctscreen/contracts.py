@@ -38,7 +38,7 @@ LESION_MODEL: Final = "lesion"
 POSTPROCESS_MODEL: Final = "postprocess"
 ENSEMBLE_MODEL: Final = "ct_screen"
 FUSED_MODEL: Final = "ct_screen_fused"
-"""cpu profile: the ensemble's inputs and outputs, its three steps run in one python stub per core."""
+"""cpu profile: the ensemble's inputs and outputs, its three steps run in one python stub per instance."""
 HU_CAST_MODEL: Final = "hu_cast"  # gpu profile only: INT16 -> FP32 in front of the TensorRT plans
 SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
 

@@ -89,6 +89,9 @@ class ProfileSettings:
     run_batch : int
         cpu profile: the most slices per ONNX Runtime call inside a segmentation model; a dynamic batch
         is run in calls of this many (0: the whole batch in one call).
+    fused_threads : int
+        cpu profile: ONNX Runtime intra-op threads of each ``ct_screen_fused`` instance. It runs the two
+        nets one after the other, so ``instance_count * fused_threads`` may take every core.
     postprocess_instances : int
         Instances of the python post-processing model (CPU).
     warmup_batch : int
@@ -105,6 +108,7 @@ class ProfileSettings:
     instance_count: int = 1
     intra_op_threads: int = 1
     run_batch: int = 0
+    fused_threads: int = 1
     postprocess_instances: int = 1
     warmup_batch: int = 1
     opt_batch: int = 1
@@ -126,6 +130,7 @@ class ProfileSettings:
         for name in (
             "instance_count",
             "intra_op_threads",
+            "fused_threads",
             "postprocess_instances",
             "warmup_batch",
             "opt_batch",
@@ -144,7 +149,8 @@ def default_settings(profile: str) -> ProfileSettings:
     """The settings of ``profile`` (see docs/triton.md for the measurements behind them).
 
     cpu: one single-threaded ONNX Runtime instance of each model per usable core, up to 4 (more
-    cores go to threads: ``cores // (2 * instances)`` each), and as many post-processing instances.
+    cores go to threads: ``cores // (2 * instances)`` each), and as many post-processing instances;
+    as many fused instances, each with ``cores // instances`` threads (it runs the nets in turn).
     The lesion net does three quarters of the work: with one instance it could only ever use one
     core while the other waited for it; two instances let it take both (measured +14-20 % slices/s
     on 2 cores, docs/triton.md). With both cores busy, ONNX Runtime spends more CPU a slice on a
@@ -165,6 +171,7 @@ def default_settings(profile: str) -> ProfileSettings:
             instance_count=instances,
             intra_op_threads=max(1, cores // (2 * instances)),
             run_batch=1,
+            fused_threads=max(1, cores // instances),
             postprocess_instances=instances,
             warmup_batch=2,
         )
@@ -491,7 +498,7 @@ def _render_into(
                 model_name=c.FUSED_MODEL,
                 ensemble_model=c.ENSEMBLE_MODEL,
                 instance_count=s.instance_count,
-                intra_op_threads=s.intra_op_threads,
+                intra_op_threads=s.fused_threads,
                 run_batch=s.run_batch,
                 warmup_batch=s.warmup_batch,
                 prob_cutoff=c.PROB_CUTOFF,
@@ -605,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--threads", type=int, help="cpu: ONNX Runtime intra-op threads per model")
     build.add_argument("--run-batch", type=int,
                        help="cpu: most slices per ONNX Runtime call inside a model (0: the whole batch)")
+    build.add_argument("--fused-threads", type=int, help="cpu: ONNX Runtime intra-op threads per ct_screen_fused instance")
     build.add_argument("--postprocess-instances", type=int)
     build.add_argument("--warmup-batch", type=int)
     build.add_argument("--opt-batch", type=int, help="gpu: TensorRT optimisation batch size")
@@ -619,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             ("instance_count", args.instances),
             ("intra_op_threads", args.threads),
             ("run_batch", args.run_batch),
+            ("fused_threads", args.fused_threads),
             ("postprocess_instances", args.postprocess_instances),
             ("warmup_batch", args.warmup_batch),
             ("opt_batch", args.opt_batch),

@@ -7,7 +7,9 @@
 Serving paths
 -------------
 * default: the **embedded stack**, started here (``gateway.cli.run_stack``: embedded Triton with the cpu
-  profile plus the gateway under uvicorn on a free port); every study is uploaded with
+  profile plus the gateway under uvicorn on a free port, calling the profile's ``ct_screen_fused``, as
+  ``ctscreen serve`` does; ``CTSCREEN_TRITON_MODEL=ct_screen`` screens through the ensemble, which gives
+  the same boxes, tested); every study is uploaded with
   ``POST /v1/studies`` and followed on ``/v1/jobs/{id}``, exactly as ``ctscreen screen`` does.
 * ``--url URL``: the same HTTP client against a gateway that is already running (a cluster).
 * ``--in-process``: the **reference**, not the serving path: ingest (:func:`gateway.ingest.load_study`),

@@ -358,7 +358,8 @@ class Screener:
         self.metrics.stage.labels("aggregate").observe(timings["aggregate_s"])
         self.metrics.stage.labels("total").observe(timings["total_s"])
         timings["stages_ms_per_slice"] = stage_ms_per_slice(
-            study.n_slices, study.work_s, calls, before, after, self.pool.model_name, rule_s)
+            study.n_slices, study.work_s, calls, before, after, self.pool.model_name, rule_s,
+            steps=models[0].platform == "ensemble")
         result = result.model_copy(update={"timings": Timings(**timings)})
         self.metrics.studies.labels(result.verdict).inc()
         return result
@@ -379,13 +380,15 @@ class Screener:
 
 def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStats,
                        before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
-                       ensemble: str, aggregate_s: float) -> dict[str, float]:
+                       ensemble: str, aggregate_s: float, *, steps: bool = True) -> dict[str, float]:
     """Milliseconds per slice of each stage of one study (see :attr:`aggregator.schema.Timings.stages_ms_per_slice`).
 
     ``work_s`` is the study's decode and resample seconds (:attr:`gateway.ingest.PreparedStudy.work_s`),
     ``calls`` its requests (:class:`~gateway.triton_pool.InferStats`), ``before`` and ``after`` Triton's
     statistics read around them (:meth:`~gateway.triton_pool.TritonPool.inference_statistics`),
-    ``ensemble`` the model called, ``aggregate_s`` the case rule's seconds.
+    ``ensemble`` the model called, ``aggregate_s`` the case rule's seconds. ``steps``: the model is an
+    ensemble, whose steps' statistics tell its queue and compute; else (the cpu profile's fused model)
+    its own do, its post-processing inside its compute, whatever else the server ran meanwhile.
 
     Examples
     --------
@@ -398,7 +401,9 @@ def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStat
     {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 50.0, 'postprocess': 6.0, 'aggregate': 2.0}
     >>> fused = {"ct_screen_fused": {**row, "success_ns": 600_000_000, "queue_ns": 80_000_000,
     ...                              "exec_slices": 8, "exec_compute_ns": 440_000_000}}
-    >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, fused, "ct_screen_fused", 0.016)
+    >>> other = {"lesion": {**row, "queue_ns": 999_000_000, "exec_slices": 8, "exec_compute_ns": 999_000_000}}
+    >>> stage_ms_per_slice(8, {"decode": 0.08, "resample": 0.04}, calls, {}, {**fused, **other}, "ct_screen_fused",
+    ...                    0.016, steps=False)
     {'decode': 10.0, 'resample': 5.0, 'grpc': 25.0, 'queue': 10.0, 'compute': 55.0, 'postprocess': 1.0, 'aggregate': 2.0}
     """
     if n_slices <= 0:
@@ -416,9 +421,7 @@ def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStat
     post = calls.unpack_s * 1000.0 / calls.slices if calls.slices else 0.0
     server = ms(ensemble, "success_ns")
     if server > 0:
-        # an ensemble's steps; a model that is no ensemble (the cpu profile's fused one) is its own step,
-        # its post-processing inside its compute
-        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0] or [ensemble]
+        parts = [m for m, d in delta.items() if m != ensemble and d["inferences"] > 0] if steps else [ensemble]
         queue = sum(ms(m, "queue_ns") for m in parts)
         compute = {m: ms(m, "exec_compute_ns", "exec_slices") or ms(m, "compute_ns") for m in parts}
         post_model = compute.pop(POSTPROCESS_MODEL, 0.0)

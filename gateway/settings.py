@@ -86,7 +86,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["127.0.0.1:8001"],
         description="Triton gRPC endpoints (host:port); may be empty when discovery fills it.",
     )
-    triton_model: str = Field(ENSEMBLE_MODEL, min_length=1, description="Ensemble model to call.")
+    triton_model: str = Field(ENSEMBLE_MODEL, min_length=1, description="Triton model to call: the ct_screen ensemble, or the cpu "
+                              "profile's ct_screen_fused (same inputs and outputs; ctscreen serve's choice "
+                              "on its embedded Triton).")
     triton_timeout_s: float = Field(30.0, gt=0, le=600, description="Deadline of each gRPC call.")
     # cpu profile defaults (2 instances of each model on 2 cores): 4 requests of 2 slices in flight;
     # ONNX Runtime on a CPU costs more per slice in bigger batches (docs/triton.md); the Helm chart

@@ -8,6 +8,7 @@ scripts/build_trt_engines.sh issues the right trtexec command, run with a stand-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -161,11 +162,18 @@ def test_cpu_fused_model_has_the_ensemble_contract_and_its_settings(rendered) ->
     assert io(fused, "input") == io(ens, "input") and io(fused, "output") == io(ens, "output")
     assert fused.max_batch_size == ens.max_batch_size
     assert fused.instance_group[0].count == lesion.instance_group[0].count
-    for key in ("intra_op_thread_count", "run_batch_size", "allow_spinning"):
+    for key in ("run_batch_size", "allow_spinning"):
         assert fused.parameters[key].string_value == lesion.parameters[key].string_value, key
+    # the nets run in turn in a fused instance: its threads may fill the cores the two share side by side
+    threads = int(fused.parameters["intra_op_thread_count"].string_value)
+    settings = json.loads((repo / MARKER).read_text())["settings"]
+    assert threads == settings["fused_threads"] >= settings["intra_op_threads"]
     assert fused.parameters["prob_cutoff"].string_value == str(c.PROB_CUTOFF)
     assert fused.parameters["min_box_area"].string_value == str(c.MIN_BOX_AREA)
-    assert fused.parameters["models"].string_value == ens.parameters["models"].string_value
+    models = json.loads(fused.parameters["models"].string_value)
+    for name in c.SEGMENTATION_MODELS:  # the files it loads are the ones its provenance names
+        onnx = repo / c.FUSED_MODEL / "1" / f"{name}.onnx"
+        assert models[name]["sha256"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
     for name in ("__init__.py", "contracts.py", "lungs.py", "postprocess.py", "machine.py", "reference.py"):
         vendored = repo / c.FUSED_MODEL / "1" / "ctscreen" / name
         assert vendored.read_bytes() == (ROOT / "ctscreen" / name).read_bytes()
@@ -187,6 +195,17 @@ def test_cpu_thread_counts_do_not_oversubscribe() -> None:
     assert settings.postprocess_instances == settings.instance_count
     if cores >= 2:
         assert settings.instance_count >= 2
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16])
+def test_fused_instances_take_every_core_and_no_more(cores, monkeypatch) -> None:
+    """The fused model runs the two nets in turn: its instances times its threads fill the cores (up to
+    rounding), where the segmentation models' threads are halved because they run side by side."""
+    import ctscreen.repo as repo_module
+
+    monkeypatch.setattr(repo_module.machine, "cores", lambda: cores)
+    s = default_settings("cpu")
+    assert s.instance_count * s.fused_threads <= cores < s.instance_count * (s.fused_threads + 1)
 
 
 def test_tensorrt_ready_onnx_computes_the_same_maps(tmp_path) -> None:

@@ -181,9 +181,9 @@ def test_fused_model_runs_its_vendored_copy_on_the_served_onnx_files(triton: Emb
     version = triton.repo_dir / c.FUSED_MODEL / "1"
     for name in c.SEGMENTATION_MODELS:
         assert (version / f"{name}.onnx").read_bytes() == (triton.repo_dir / name / "1" / "model.onnx").read_bytes()
-    assert (version / "ctscreen" / "reference.py").is_file()
     log = triton.log_file.read_text()
     assert f"{c.FUSED_MODEL}: {version / 'valid_area.onnx'} + {version / 'lesion.onnx'}" in log
+    assert f"(ctscreen.reference from {version / 'ctscreen'})" in log
     assert triton.screen_model == c.FUSED_MODEL
 
 

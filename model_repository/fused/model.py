@@ -2,7 +2,7 @@
 
 The ``ct_screen`` ensemble runs three python stubs per slice on a CPU (valid_area, lesion, postprocess):
 two probability maps (2 MB a slice) cross shared memory twice, and six stub processes share two cores'
-caches. This model runs the same work where it is cheapest on a CPU, in one process per core:
+caches. This model runs the same work where it is cheapest on a CPU, in one process per instance:
 :class:`ctscreen.reference.ReferencePipeline` (ONNX Runtime on the two shipped graphs, then
 :func:`ctscreen.postprocess.postprocess_batch`), the very code of the in-process reference the
 benchmarks compare with. Its inputs and outputs are those of the ensemble, so a client picks either by
@@ -68,7 +68,8 @@ class TritonPythonModel:
         self.pipe = ReferencePipeline(*paths, threads=threads, spinning=spin)
         pb_utils.Logger.log_info(
             f"{self.model_name}: {paths[0]} + {paths[1]}, intra_op={threads} spinning={int(spin)} "
-            f"run_batch_size={self.run_batch} cutoff={self.cutoff} min_area={self.min_area}"
+            f"run_batch_size={self.run_batch} cutoff={self.cutoff} min_area={self.min_area} "
+            f"(ctscreen.reference from {os.path.dirname(sys.modules['ctscreen.reference'].__file__)})"
         )
 
     def _input(self, request) -> np.ndarray | str:
@@ -93,8 +94,8 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            hu = self._input(request)
             try:
+                hu = self._input(request)
                 if isinstance(hu, str):
                     raise ValueError(hu)
                 outputs = zip(OUTPUTS, self._screen(hu), strict=True)
