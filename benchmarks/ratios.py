@@ -220,7 +220,7 @@ def run_ratios(
     ort_runs: list[dict[str, Any]] = []
     ens_runs: list[dict[str, Any]] = []
     # the model the gateway calls on a CPU (one stub a slice); not a goal of its own, measured beside
-    fused = getattr(triton, "model", None) == FUSED_MODEL
+    fused = triton.model == FUSED_MODEL
     fused_runs: list[dict[str, Any]] = []
     before = promstats.scrape(triton.metrics_url, allow_remote=allow_remote) if triton.metrics_url else None
     for r in range(rounds):

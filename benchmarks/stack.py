@@ -85,13 +85,12 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     data = tempfile.mkdtemp(prefix="gateway-data-", dir=TMP_DIR)
     full_env.update({
         "CTSCREEN_TRITON_URLS": triton.grpc_url,
-        # what `ctscreen serve` calls, unless the environment names a model (as serve respects it)
-        **({"CTSCREEN_TRITON_MODEL": triton.model} if triton.model and "CTSCREEN_TRITON_MODEL" not in os.environ
-           else {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
         # a fresh state store per run: no job of an earlier (interrupted) run is screened during this one
         "CTSCREEN_DATA_DIR": data,
     })
+    if triton.model:  # what `ctscreen serve` calls, unless the environment names a model (serve respects it)
+        full_env.setdefault("CTSCREEN_TRITON_MODEL", triton.model)
     full_env.update(env or {})
     log = (TMP_DIR / "gateway.log").open("w")
     cmd = [sys.executable, "-m", "uvicorn", GATEWAY_APP, "--host", "127.0.0.1", "--port", str(port),

@@ -41,7 +41,7 @@ import shutil
 import string
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +412,15 @@ def build_repository(
     return out
 
 
+def _vendor(model_py: Path, version: Path, names: Sequence[str]) -> None:
+    """A python-backend model's ``model.py`` into ``version``, with a verbatim copy of ``names`` of the
+    ``ctscreen`` package in ``version/ctscreen/`` (the stub puts its folder first on ``sys.path``)."""
+    (version / "ctscreen").mkdir(parents=True)
+    shutil.copyfile(model_py, version / "model.py")
+    for name in names:
+        shutil.copyfile(_PACKAGE_DIR / name, version / "ctscreen" / name)
+
+
 def _render_into(
     dst: Path, profile: str, s: ProfileSettings, source: Path, onnx_paths: Mapping[str, Path]
 ) -> None:
@@ -453,10 +462,7 @@ def _render_into(
                 shutil.copyfile(onnx_path.parent / card, version / card)
 
     pp = dst / c.POSTPROCESS_MODEL
-    (pp / "1" / "ctscreen").mkdir(parents=True)
-    shutil.copyfile(source / "postprocess" / "1" / "model.py", pp / "1" / "model.py")
-    for name in _VENDORED:
-        shutil.copyfile(_PACKAGE_DIR / name, pp / "1" / "ctscreen" / name)
+    _vendor(source / "postprocess" / "1" / "model.py", pp / "1", _VENDORED)
     names = {
         "valid_prob": c.VALID_PROB,
         "lesion_prob": c.LESION_PROB,
@@ -481,10 +487,7 @@ def _render_into(
     screen_provenance = _provenance_parameters({"models": json.dumps(provenance, sort_keys=True)})
     if profile == "cpu":
         fused = dst / c.FUSED_MODEL / "1"
-        (fused / "ctscreen").mkdir(parents=True)
-        shutil.copyfile(source / "fused" / "model.py", fused / "model.py")
-        for name in _VENDORED_FUSED:
-            shutil.copyfile(_PACKAGE_DIR / name, fused / "ctscreen" / name)
+        _vendor(source / "fused" / "model.py", fused, _VENDORED_FUSED)
         for name in c.SEGMENTATION_MODELS:  # the very files the ensemble's steps load
             try:
                 os.link(dst / name / "1" / "model.onnx", fused / f"{name}.onnx")

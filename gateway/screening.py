@@ -369,9 +369,9 @@ class Screener:
             version = await self.pool.model_version()
             if version is None:
                 return [ModelInfo(name=self.pool.model_name, version="unknown")]
-            models = [ModelInfo(name=self.pool.model_name, version=version,
-                                platform=await self.pool.model_platform())]
-            for name, info in sorted((await self.pool.component_models()).items()):
+            platform, parts = await self.pool.model_description()
+            models = [ModelInfo(name=self.pool.model_name, version=version, platform=platform)]
+            for name, info in sorted(parts.items()):
                 models.append(ModelInfo(name=name, version=info.get("version", "unknown"),
                                         sha256=info.get("sha256")))
             self._models = models

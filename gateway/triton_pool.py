@@ -393,8 +393,16 @@ class TritonPool:
                     row["exec_compute_ns"] += ns("compute_input", "compute_infer", "compute_output", st=b)
         return total
 
-    async def _model_config(self) -> dict[str, Any] | None:
-        """The called model's configuration from the first endpoint that answers (None if none does)."""
+    async def model_description(self) -> tuple[str | None, dict[str, dict[str, str]]]:
+        """How Triton serves the called model, and the provenance of its ONNX graphs, from one read of its
+        configuration: ``(platform, models)``.
+
+        ``platform`` is ``ensemble``, or the model's backend (``python`` for the cpu profile's fused
+        model). ``models`` comes from the ``models`` config parameter, where ``ctscreen repo build``
+        writes ``{"lesion": {"version": ..., "sha256": ...}, ...}`` (the model cards' versions and the
+        ONNX files' sha256) in the ensemble's config and in the fused model's. ``(None, {})`` when no
+        endpoint answers; ``models`` is empty when the repository was not rendered by ctscreen.
+        """
         for ep in [e for e in self._eps.values() if not e.removed]:
             try:
                 cfg = await self._client(ep).get_model_config(
@@ -403,34 +411,17 @@ class TritonPool:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("config of %s failed: %s", ep.url, exc)
                 continue
-            return dict(cfg.get("config", cfg))
-        return None
-
-    async def model_platform(self) -> str | None:
-        """How Triton serves the called model: ``ensemble``, or its backend (``python`` for the cpu
-        profile's fused model); None when no endpoint answers."""
-        cfg = await self._model_config()
-        return None if cfg is None else str(cfg.get("platform") or cfg.get("backend") or "") or None
-
-    async def component_models(self) -> dict[str, dict[str, str]]:
-        """Provenance of the called model's ONNX graphs, from its ``models`` config parameter.
-
-        ``ctscreen repo build`` writes ``{"lesion": {"version": ..., "sha256": ...}, ...}`` there
-        (the model cards' versions and the ONNX files' sha256), in the ensemble's config and in the cpu
-        profile's fused model's. Empty when no endpoint answers or the repository was not rendered by
-        ctscreen.
-        """
-        cfg = await self._model_config()
-        if cfg is None:
-            return {}
-        raw = (cfg.get("parameters", {}).get("models", {}) or {}).get("string_value")
-        try:
-            models = json.loads(raw) if raw else {}
-        except ValueError:
-            logger.warning("model %s has an unreadable 'models' parameter", self.model_name)
-            return {}
-        return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in models.items()
-                if isinstance(v, dict)}
+            cfg = cfg.get("config", cfg)
+            platform = str(cfg.get("platform") or cfg.get("backend") or "") or None
+            raw = (cfg.get("parameters", {}).get("models", {}) or {}).get("string_value")
+            try:
+                models = json.loads(raw) if raw else {}
+            except ValueError:
+                logger.warning("model %s has an unreadable 'models' parameter", self.model_name)
+                return platform, {}
+            return platform, {str(k): {str(a): str(b) for a, b in v.items()} for k, v in models.items()
+                              if isinstance(v, dict)}
+        return None, {}
 
     # --- scheduling --------------------------------------------------------------------------
     async def _acquire(self, tried: set[str]) -> _Endpoint:

@@ -72,36 +72,33 @@ class TritonPythonModel:
             f"(ctscreen.reference from {os.path.dirname(sys.modules['ctscreen.reference'].__file__)})"
         )
 
-    def _input(self, request) -> np.ndarray | str:
+    def _input(self, request) -> np.ndarray:
+        """The request's HU slices; ValueError naming what is wrong with them."""
         tensor = pb_utils.get_input_tensor_by_name(request, contracts.HU_SLICES)
         if tensor is None:
-            return f"{self.model_name}: missing input {contracts.HU_SLICES!r}"
+            raise ValueError(f"missing input {contracts.HU_SLICES!r}")
         hu = tensor.as_numpy()
         if hu.dtype != np.int16 or hu.ndim != len(self.item_dims) + 1 or tuple(hu.shape[1:]) != self.item_dims:
-            return (
-                f"{self.model_name}: input {contracts.HU_SLICES!r} must be int16 [B, "
-                f"{', '.join(map(str, self.item_dims))}], got {hu.dtype.name} {list(hu.shape)}"
+            raise ValueError(
+                f"input {contracts.HU_SLICES!r} must be int16 [B, {', '.join(map(str, self.item_dims))}], "
+                f"got {hu.dtype.name} {list(hu.shape)}"
             )
         return hu
 
     def _screen(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         step = self.run_batch or len(hu)
         parts = [self.pipe.maps(hu[i : i + step]) for i in range(0, len(hu), step)]
-        valid = parts[0][0] if len(parts) == 1 else np.concatenate([v for v, _ in parts])
-        lesion = parts[0][1] if len(parts) == 1 else np.concatenate([les for _, les in parts])
+        valid, lesion = parts[0] if len(parts) == 1 else map(np.concatenate, zip(*parts, strict=True))
         return postprocess_batch(valid, lesion, hu, cutoff=self.cutoff, min_area=self.min_area)
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             try:
-                hu = self._input(request)
-                if isinstance(hu, str):
-                    raise ValueError(hu)
-                outputs = zip(OUTPUTS, self._screen(hu), strict=True)
+                outputs = zip(OUTPUTS, self._screen(self._input(request)), strict=True)
             except Exception as exc:  # noqa: BLE001 - one error response per request, never a crash
-                message = str(exc) if str(exc).startswith(self.model_name) else f"{self.model_name}: {exc}"
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                error = pb_utils.TritonError(f"{self.model_name}: {exc}")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs]))
         return responses
