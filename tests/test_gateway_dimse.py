@@ -338,20 +338,34 @@ def _echo_until_up(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> 
     return False
 
 
+def _http_until_up(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    return False
+
+
 @pytest.mark.triton
 @needs_dcmtk
 def test_serve_with_dicom_port_answers_c_echo(triton):
-    """``ctscreen serve --dicom-port N`` (a real process) answers echoscu, then stops on Ctrl-C."""
+    """``ctscreen serve --dicom-port N`` (a real process) answers echoscu, then stops on Ctrl-C.
+
+    The C-STORE SCP starts with the app, before the HTTP server is up; a Ctrl-C in that window aborts the
+    start (exit 130, as documented in ``run_stack``), so the signal waits for both listeners."""
     import os
     import signal
     import sys
 
-    dicom_port = free_port()
-    cmd = [sys.executable, "-m", "ctscreen.cli", "serve", "--port", str(free_port()), "--triton-url", triton.grpc_url,
+    dicom_port, http_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "ctscreen.cli", "serve", "--port", str(http_port), "--triton-url", triton.grpc_url,
            "--dicom-port", str(dicom_port)]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
-        up = _echo_until_up(dicom_port, proc)
+        up = _echo_until_up(dicom_port, proc) and _http_until_up(http_port, proc)
         proc.send_signal(signal.SIGINT)
         try:
             out = proc.communicate(timeout=30)[0]
