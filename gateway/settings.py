@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="Lease renewal and progress write period.")
     worker_poll_s: float = Field(0.5, gt=0, le=60, description="How often an idle worker looks for work.")
     sweep_interval_s: float = Field(0.5, gt=0, le=60, description="How often the sweeper runs.")
+    gc_tuning: bool = Field(
+        True, description="Freeze the start-up heap (gc.freeze) and run Python's youngest-generation collection "
+                          "every 50,000 allocations, not 700: a study's DICOM headers are millions of short-lived "
+                          "objects, and the default collector took about 5 % of the gateway's CPU. "
+                          "False: Python's defaults.")
     job_deadline_s: float = Field(
         24 * 3600.0, gt=0, description="An accepted study that no Triton could take this long fails (instances kept)."
     )
