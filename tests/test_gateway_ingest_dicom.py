@@ -19,6 +19,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from scipy import ndimage
 
 from gateway.dicom import (
     GridMapping,
@@ -232,6 +233,29 @@ def test_box_mapping_arithmetic() -> None:
         assert (back[0, :2] <= orig[0, :2]).all() and (back[0, 2:] >= orig[0, 2:]).all()
     with pytest.raises(ValueError, match='"boxes"'):
         g128.to_original(np.zeros((3,)))
+
+
+@pytest.mark.parametrize("shape", [(512, 476), (400, 512), (512, 1), (1, 512)])
+def test_a_field_with_one_side_of_512_is_padded_not_zoomed(shape: tuple[int, int],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut for a cropped field gives exactly what the linear zoom by 1 gave, and its mapping,
+    without calling the zoom."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(-1024, 3072, size=shape, dtype=np.int16)
+    rows, cols = shape
+    square = np.full((512, 512), -1024, np.float32)
+    top, left = (512 - rows) // 2, (512 - cols) // 2
+    square[top : top + rows, left : left + cols] = img
+    zoomed = ndimage.zoom(square, 1.0, order=1, mode="nearest", grid_mode=True, prefilter=False)
+
+    def no_zoom(*_: object, **__: object) -> None:
+        raise AssertionError("zoomed by 1")
+
+    monkeypatch.setattr("gateway.dicom.ndimage.zoom", no_zoom)
+    out, grid = to_grid(img)
+    np.testing.assert_array_equal(out, np.rint(zoomed).astype(np.int16))
+    assert out.dtype == np.int16 and out.flags.c_contiguous
+    assert grid == GridMapping(rows, cols, scale=1.0, pad_top=top, pad_left=left)
 
 
 def test_non_square_is_padded_with_air_and_centred() -> None:
