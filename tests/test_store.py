@@ -16,10 +16,10 @@ from sqlalchemy import inspect, select, text, update
 
 from aggregator.case import CaseRule, decide
 from aggregator.schema import CaseResult, Timings
-from gateway.jobs import JobError
+from gateway.jobs import JobError, JobState
 from gateway.store import Store
 from gateway.store.migrate import current, head, upgrade
-from gateway.store.models import Job, Result, Study
+from gateway.store.models import Instance, Job, Result, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -91,6 +91,34 @@ async def _queue(store: Store, n: int) -> list[str]:
         await store.add_instance(f"1.2.{i}", f"1.2.{i}.1", "a.dcm", f"k{i}", 1)
         ids += await store.complete_now(f"1.2.{i}", 60),
     return [v.job_id for v in ids]
+
+
+def test_an_upload_records_every_file_in_order_with_its_blob(db_url):
+    """``accept_upload`` writes its files in one multi-row INSERT: each lands once, in the order given,
+    under the new version, and a second upload of the study is the next version with its own files."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            files = [(f"IM{i:04d}.dcm", f"key{i:04d}", 1000 + i) for i in range(300)]
+            view = await store.accept_upload("1.2.3", files, 3600.0, slices_total=300)
+            assert view.state == JobState.queued and view.files == 300
+            claimed = await store.claim(60)
+            assert claimed is not None and claimed.id == view.job_id
+            assert await store.instance_files(claimed.study_id) == [(n, k) for n, k, _ in files]
+            async with store.read() as s:
+                sizes = (await s.execute(select(Instance.nbytes).where(Instance.study_id == claimed.study_id)
+                                         .order_by(Instance.id))).scalars().all()
+            assert sizes == [n for _, _, n in files]
+            again = await store.accept_upload("1.2.3", files[:2], 3600.0)
+            second = await store.claim(60)
+            assert second is not None and second.id == again.job_id and second.study_id != claimed.study_id
+            assert await store.instance_files(second.study_id) == [(n, k) for n, k, _ in files[:2]]
+        finally:
+            await store.close()
+
+    _run(go())
 
 
 def test_concurrent_claims_take_each_job_once(db_url):

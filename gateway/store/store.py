@@ -313,8 +313,11 @@ class Store:
                                   state=COMPLETE, created_at=now, last_rx_at=now, completed_at=now)
                     s.add(study)
                     await s.flush()
-                    s.add_all([Instance(study_id=study.id, filename=name, blob_key=key, nbytes=n, received_at=now)
-                               for name, key, n in files])
+                    # one multi-row INSERT, not the unit of work's object per file (200 ms of CPU for 300)
+                    if files:
+                        await s.execute(insert(Instance), [
+                            {"study_id": study.id, "filename": name, "blob_key": key, "nbytes": n,
+                             "received_at": now} for name, key, n in files])
                     job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
                     job.slices_total = slices_total
                 self.changed.notify()
