@@ -36,8 +36,8 @@ def _env(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.startswith("CTSCREEN_"):
-            raise argparse.ArgumentTypeError(f"expected CTSCREEN_NAME=value, got {pair!r}")
+        if not sep or not name.startswith(("CTSCREEN_", "UVICORN_")):
+            raise argparse.ArgumentTypeError(f"expected CTSCREEN_NAME=value or UVICORN_NAME=value, got {pair!r}")
         out[name] = value
     return out
 
@@ -94,8 +94,9 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab_gateway", description=__doc__.splitlines()[0])
-    p.add_argument("--a", nargs="*", default=[], type=str, help="CTSCREEN_NAME=value settings of gateway A")
-    p.add_argument("--b", nargs="*", default=[], type=str, help="CTSCREEN_NAME=value settings of gateway B")
+    p.add_argument("--a", nargs="*", default=[], type=str,
+                   help="CTSCREEN_NAME=value settings of gateway A (or UVICORN_NAME=value: uvicorn's own options)")
+    p.add_argument("--b", nargs="*", default=[], type=str, help="the same for gateway B")
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=None, help="default results/ab-latest.json")
