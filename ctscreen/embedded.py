@@ -42,6 +42,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO
 
@@ -151,6 +152,71 @@ def _port_free(host: str, port: int) -> bool:
 _LIVE: set[EmbeddedTriton] = set()
 """Servers started and not yet stopped (strong references: a dropped object still gets stopped)."""
 
+SHM_DIR = Path("/dev/shm")
+"""Where the python backend's stubs keep their shared-memory regions (``shm_open``)."""
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (its inode), so that a region is judged only by processes that see
+    the same PIDs (containers sharing ``/dev/shm`` need not share PIDs)."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
+def new_shm_prefix(pid: int | None = None) -> str:
+    r"""The python-backend shared-memory prefix of one server started by process ``pid`` (default: this one):
+    ``ctscreen_<pid namespace>_<pid>_<8 hex>_``.
+
+    >>> import re; bool(re.fullmatch(r"ctscreen_\d+_42_[0-9a-f]{8}_", new_shm_prefix(42)))
+    True
+    """
+    return f"ctscreen_{_pid_namespace()}_{os.getpid() if pid is None else pid}_{uuid.uuid4().hex[:8]}_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_shm(prefix: str, shm_dir: Path = SHM_DIR) -> int:
+    """Remove the shared-memory regions named ``prefix*`` (a server's, once it and its stubs are gone);
+    returns how many. Each start takes 16 MiB or more a stub, and a server that is killed (or crashes)
+    leaves them behind in RAM-backed ``/dev/shm``."""
+    removed = 0
+    for path in shm_dir.glob(f"{glob_escape(prefix)}*") if shm_dir.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def sweep_stale_shm(shm_dir: Path = SHM_DIR) -> int:
+    """Remove the regions of servers whose starting process is gone (killed, crashed, powered off
+    mid-run: nothing removed them); returns how many. Only names made by :func:`new_shm_prefix` in this PID
+    namespace are judged: a live process's regions, and anyone else's, are left alone."""
+    if not shm_dir.is_dir():
+        return 0
+    ours = re.compile(rf"ctscreen_{re.escape(_pid_namespace())}_(\d+)_[0-9a-f]{{8}}_")
+    removed = 0
+    for path in shm_dir.iterdir():
+        match = ours.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed += 1
+    if removed:
+        logger.warning("removed %d shared-memory regions of python-backend stubs left by stopped processes "
+                       "(in %s)", removed, shm_dir)
+    return removed
+
 
 @atexit.register
 def _stop_all() -> None:  # a test run that crashes must not leave servers behind
@@ -209,6 +275,7 @@ class EmbeddedTriton:
         self._reader: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
         self._log_fh: IO[str] | None = None
+        self._shm_prefix: str | None = None  # the python backend's regions of the running server
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -256,6 +323,12 @@ class EmbeddedTriton:
         return "".join(self._tail)
 
     @property
+    def shm_prefix(self) -> str | None:
+        """The name prefix of the running server's python-backend shared-memory regions (in ``/dev/shm``);
+        they are removed when it stops."""
+        return self._shm_prefix
+
+    @property
     def _client_host(self) -> str:
         return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
@@ -290,6 +363,7 @@ class EmbeddedTriton:
         if not self._repo_dir.is_dir():
             raise TritonStartError(f"model repository not found: {self._repo_dir}")
         backends = backend_dir()
+        sweep_stale_shm()
         attempts = 3 if 0 in self._requested.values() else 1
         for attempt in range(1, attempts + 1):
             self._choose_ports()
@@ -323,7 +397,7 @@ class EmbeddedTriton:
             self._ports[key] = port
 
     def _command(self, binary: Path, backends: Path) -> list[str]:
-        shm_prefix = f"ctscreen_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._shm_prefix = prefix = new_shm_prefix()
         return [
             str(binary),
             f"--model-repository={self._repo_dir}",
@@ -340,7 +414,7 @@ class EmbeddedTriton:
             "--disable-auto-complete-config",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={prefix}",
             # one slice's probability map is 1 MiB: start the stub's region big enough for a batch
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
@@ -489,6 +563,9 @@ class EmbeddedTriton:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+        if self._shm_prefix is not None:  # the server and its stubs are gone: so are their regions
+            remove_shm(self._shm_prefix)
+            self._shm_prefix = None
         _LIVE.discard(self)
 
 

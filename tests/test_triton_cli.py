@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ctscreen.embedded import SHM_DIR, EmbeddedTriton, new_shm_prefix, remove_shm, sweep_stale_shm
 from ctscreen.repo import build_repository
 from tests.conftest import free_port
 from tests.triton_analytic import write_analytic_models
@@ -172,3 +173,48 @@ def test_server_dies_with_its_parent(small_repo: Path) -> None:
     if orphaned:  # do not leave it running on a shared machine
         os.kill(server_pid, signal.SIGKILL)
     assert not orphaned, "tritonserver outlived its parent"
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)
+
+
+def test_stale_shared_memory_is_swept_and_only_that(tmp_path: Path) -> None:
+    """Regions named for a process that is gone are removed; a live process's, another PID namespace's
+    and anything not named by ctscreen stay (real files, as shm_open makes them in /dev/shm)."""
+    dead = new_shm_prefix(_dead_pid())
+    live = new_shm_prefix()
+    other_ns = f"ctscreen_1_{_dead_pid()}_0123abcd_"
+    names = [dead + "a-region", dead + "b-region", live + "a-region", other_ns + "a-region", "someone-else",
+             f"ctscreen_{_dead_pid()}_0123abcd_legacy"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0" * 64)
+    assert sweep_stale_shm(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert remove_shm(live, tmp_path) == 1 and not (tmp_path / names[2]).exists()
+
+
+def test_a_killed_server_leaves_no_shared_memory(small_repo: Path) -> None:
+    """Its python-backend stubs' regions (RAM-backed /dev/shm, 16 MiB or more each) go with it, and a
+    start sweeps the regions of processes that died without stopping their server."""
+    if not SHM_DIR.is_dir():
+        pytest.skip(f"{SHM_DIR} does not exist here")
+    stale = SHM_DIR / (new_shm_prefix(_dead_pid()) + "left-by-a-crash")
+    stale.write_bytes(b"\0" * 64)
+    triton = EmbeddedTriton(small_repo).start()
+    try:
+        assert not stale.exists(), "start did not sweep the stale region"
+        prefix = triton.shm_prefix
+        assert prefix is not None and list(SHM_DIR.glob(prefix + "*")), "no region of this server in /dev/shm"
+        assert triton.pid is not None
+        os.killpg(triton.pid, signal.SIGKILL)  # no chance to clean up: the stubs' regions stay behind
+        deadline = time.monotonic() + 30
+        while triton.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        triton.stop()
+        stale.unlink(missing_ok=True)
+    assert not list(SHM_DIR.glob(prefix + "*"))
