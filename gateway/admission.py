@@ -5,9 +5,10 @@ a global budget (``CTSCREEN_UPLOAD_BUDGET_BYTES``) and counts the client's bodie
 (``CTSCREEN_MAX_UPLOADS_PER_CLIENT``; a client is its authenticated subject, else its address). Over
 either limit the request gets 429 with ``Retry-After`` and its body is never read. A body without a
 declared length (chunked) grows its reservation as it arrives and gets the same 429 when it would pass
-the budget. Admitted bodies stream to a temporary file in chunks (``CTSCREEN_UPLOAD_TMP_DIR``) and are
-handed to the route memory-mapped, so the bytes held in the process are bounded by the budget, not by
-the number of clients. The reservation is kept until the route returns (for an upload: until the study
+the budget. Admitted bodies either stream to a temporary file in chunks (``CTSCREEN_UPLOAD_TMP_DIR``) and
+are handed to the route memory-mapped (:meth:`Admission.body`), or reach the route chunk by chunk as
+they arrive (:meth:`Admission.stream`: a multipart upload is split into its files as it is read), so the
+bytes held in the process are bounded by the budget, not by the number of clients. The reservation is kept until the route returns (for an upload: until the study
 is decoded), then the file is removed.
 
 A body larger than the whole budget could never be admitted, so :class:`gateway.settings.Settings`
@@ -96,13 +97,16 @@ class Admission:
         self.peak = max(self.peak, self.in_flight)
 
     @asynccontextmanager
-    async def body(self, request: Request, limit: int, client: str) -> AsyncIterator[Any]:
-        """The admitted body of ``request``: a read-only ``mmap`` of its spooled file (``b""`` if empty).
+    async def stream(self, request: Request, limit: int, client: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The admitted body of ``request`` as it arrives: an async iterator of its chunks, under the budget.
+
+        The checks and the reservation are :meth:`body`'s; the reservation is kept until the context ends.
 
         Raises
         ------
         OverBudget
-            Before reading, when the budget or the client's limit is reached (429).
+            Before reading (429), or while reading a body that grows past its reservation when the budget
+            has no room for the rest.
         gateway.errors.TooLarge
             When the body is (or declares itself) over ``limit`` bytes (413).
         """
@@ -116,36 +120,61 @@ class Admission:
         reserved = declared if declared is not None else min(self.chunk_reserve, limit, self.budget_bytes)
         self._reserve(reserved, f"a body of {declared} bytes" if declared is not None else "a chunked body")
         self._clients[client] += 1
-        fd, name = tempfile.mkstemp(prefix="ctscreen-body-", dir=self.tmp_dir)
-        view: Any = b""
-        try:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal reserved
             size = 0
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"Request body is over the limit of {limit} bytes.")
-                    if size > reserved:  # chunked, or longer than declared
-                        step = max(min(self.chunk_reserve, limit - reserved), size - reserved)
-                        self._reserve(step, "the rest of this body")
-                        reserved += step
-                    fh.write(chunk)
-            if size:
-                with open(name, "rb") as fh:
-                    view = _Body(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                    view.path = name
-            yield view
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"Request body is over the limit of {limit} bytes.")
+                if size > reserved:  # chunked, or longer than declared
+                    step = max(min(self.chunk_reserve, limit - reserved), size - reserved)
+                    self._reserve(step, "the rest of this body")
+                    reserved += step
+                if chunk:
+                    yield chunk
+
+        try:
+            yield chunks()
         finally:
-            if isinstance(view, mmap.mmap):
-                try:
-                    view.close()
-                except BufferError:  # a slice still exported: the mapping goes with the last reference
-                    logger.debug("body mapping still referenced; left to the garbage collector")
-            os.unlink(name)
             self.in_flight -= reserved
             self._clients[client] -= 1
             if self._clients[client] <= 0:
                 del self._clients[client]
+
+    @asynccontextmanager
+    async def body(self, request: Request, limit: int, client: str) -> AsyncIterator[Any]:
+        """The admitted body of ``request``: a read-only ``mmap`` of its spooled file (``b""`` if empty).
+
+        Raises
+        ------
+        OverBudget
+            Before reading, when the budget or the client's limit is reached (429).
+        gateway.errors.TooLarge
+            When the body is (or declares itself) over ``limit`` bytes (413).
+        """
+        async with self.stream(request, limit, client) as chunks:
+            fd, name = tempfile.mkstemp(prefix="ctscreen-body-", dir=self.tmp_dir)
+            view: Any = b""
+            try:
+                size = 0
+                with os.fdopen(fd, "wb") as fh:
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        fh.write(chunk)
+                if size:
+                    with open(name, "rb") as fh:
+                        view = _Body(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                        view.path = name
+                yield view
+            finally:
+                if isinstance(view, mmap.mmap):
+                    try:
+                        view.close()
+                    except BufferError:  # a slice still exported: the mapping goes with the last reference
+                        logger.debug("body mapping still referenced; left to the garbage collector")
+                os.unlink(name)
 
 
 def client_key(request: Request) -> str:

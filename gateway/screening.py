@@ -16,11 +16,13 @@ to refuse a study that cannot be screened with its specific 4xx before accepting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +52,35 @@ def _ingest_loader(workers: int) -> Loader:
         return load_study(sources, workers=workers)
 
     return load
+
+
+def in_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
+    """``fn()`` run in a new thread; its result (or exception) in the returned future of the running loop.
+
+    For work that mostly waits (a parse that waits on an upload's next file) and must not hold a pooled
+    thread meanwhile. A cancelled future does not stop ``fn``: make it return (the upload route ends its
+    sources)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled while fn ran
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shut-down): nobody awaits it
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class _Undecoded(Exception):
@@ -142,7 +173,8 @@ class Screener:
         """Stop the decode threads."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, sources: Sequence[tuple[str, bytes | Path]], *, speculate: bool = False) -> Prepared:
+    async def prepare(self, sources: Iterable[tuple[str, bytes | Path]], *, speculate: bool = False,
+                      streamed: bool = False) -> Prepared:
         """Read a study's files and decide its series and slice order from the headers; decode its
         first batch of slices (the rest is decoded while it is screened, :meth:`screen`).
 
@@ -155,6 +187,10 @@ class Screener:
         the worker has room). The result is the same; Triton starts a second or so sooner on a
         300-slice upload. Releasing the prepared study cancels what is still pending.
 
+        ``streamed``: ``sources`` yields the files as an upload arrives (it blocks until the next one is
+        read): they are parsed in a thread of their own, not a decode thread, which a slow client would
+        hold for the whole upload; ``ingest_s`` then counts from the start of the upload.
+
         Raises
         ------
         gateway.errors.GatewayError
@@ -162,14 +198,18 @@ class Screener:
         """
         loop = asyncio.get_running_loop()
         t = time.monotonic()
+
+        async def parse(fn: Callable[[], Any]) -> Any:
+            return await (in_own_thread(fn, "ctscreen-parse") if streamed else loop.run_in_executor(self.executor, fn))
+
         if not self._stream:
-            study = await loop.run_in_executor(self.executor, self._loader, sources)
+            study = await parse(lambda: self._loader(list(sources)))
             return self._prepared(study, time.monotonic() - t)
         speculation = Speculation(self.pool, self.executor) if speculate else None
         if speculation is not None:
             self.ahead.add(speculation)  # at once: the upload route's room check (has_room) counts it from here
         try:
-            plan = await loop.run_in_executor(self.executor, functools.partial(
+            plan = await parse(functools.partial(
                 plan_study, sources, on_object=speculation.offer if speculation is not None else None))
         except BaseException:
             if speculation is not None:

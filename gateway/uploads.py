@@ -315,7 +315,7 @@ def spool_multipart(
     ``folder`` as it is parsed (never held in memory whole); returns ``(headers, path)`` per part.
     The caller owns the files (and removes them). Raises as :func:`split_multipart_related`."""
     parts: list[tuple[dict[str, str], Path]] = []
-    _split(body, content_type, max_parts, lambda: _FilePart(folder), parts)
+    _split(body, content_type, max_parts, lambda: FilePart(folder), parts)
     return parts
 
 
@@ -354,7 +354,9 @@ class _BytesPart:
         return bytes(self.buf)
 
 
-class _FilePart:
+class FilePart:
+    """One part's content, written to a new file in ``folder`` as it is parsed (``finish()``: its path)."""
+
     def __init__(self, folder: Path) -> None:
         fd, name = tempfile.mkstemp(prefix="part-", dir=folder)
         self.fh = os.fdopen(fd, "wb")
@@ -368,57 +370,100 @@ class _FilePart:
         return self.path
 
 
+class MultipartSplitter:
+    """A ``multipart/*`` body split into its parts as it arrives: :meth:`feed` takes the next bytes and
+    returns the parts that ended in them, :meth:`close` checks the body ended (RFC 2046 5.1).
+
+    The framing is parsed by python-multipart's streaming :class:`MultipartParser`; a preamble before the
+    first delimiter is skipped (python-multipart does not skip one) and an epilogue after the closing
+    delimiter is ignored. Each part's content goes to ``new_part()`` (``write(memoryview)``, then
+    ``finish()``, whose value is handed out with the part's lower-case headers).
+
+    Raises
+    ------
+    gateway.errors.UploadError
+        No boundary parameter (at construction), no delimiter, a malformed part, no closing delimiter.
+    gateway.errors.TooLarge
+        More than ``max_parts`` parts.
+    """
+
+    def __init__(self, content_type: str, new_part: Callable[[], Any], *, max_parts: int = 10000) -> None:
+        if not content_type.lower().lstrip().startswith("multipart/"):
+            raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
+        match = _BOUNDARY.search(content_type)
+        if match is None:
+            raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
+        boundary = (match.group(1) or match.group(2)).encode("latin-1")
+        self._delimiter = b"--" + boundary
+        self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
+        self.new_part, self.max_parts = new_part, max_parts
+        self.parts = 0
+        """Parts begun so far."""
+        self.ended = False
+        """The closing delimiter was read."""
+        self._headers: dict[str, str] = {}
+        self._field, self._value = bytearray(), bytearray()
+        self._content: Any = None
+        self._done: list[tuple[dict[str, str], Any]] = []
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, lo, hi: self._field.extend(data[lo:hi]),
+            "on_header_value": lambda data, lo, hi: self._value.extend(data[lo:hi]),
+            "on_header_end": self._header_end,
+            "on_part_data": lambda data, lo, hi: self._content.write(memoryview(data)[lo:hi]),
+            "on_part_end": lambda: self._done.append((self._headers, self._content.finish())),
+            "on_end": self._end,
+        })
+
+    def _part_begin(self) -> None:
+        if self.parts >= self.max_parts:
+            raise TooLarge(f"Multipart body has more than {self.max_parts} parts.")
+        self.parts += 1
+        self._headers, self._content = {}, self.new_part()
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def feed(self, data: bytes) -> list[tuple[dict[str, str], Any]]:
+        """Parse the next bytes of the body; returns the parts that ended in them, in order."""
+        if self.ended or not len(data):
+            return []
+        if self._preamble is not None:
+            self._preamble += data
+            start = self._preamble.find(self._delimiter)
+            if start < 0:  # keep only what may be the beginning of the delimiter
+                del self._preamble[: max(0, len(self._preamble) - len(self._delimiter) + 1)]
+                return []
+            data, self._preamble = bytes(self._preamble[start:]), None
+        try:
+            self._parser.write(data)
+        except MultipartParseError as exc:
+            raise UploadError(
+                f"Multipart part {self.parts} is malformed (a bad header line, or no header/body "
+                f"separator): {exc}."
+            ) from exc
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        """The body is over: raises :class:`~gateway.errors.UploadError` unless it held its closing delimiter."""
+        if self._preamble is not None:
+            raise UploadError("Multipart body does not contain its boundary.")
+        if not self.ended:
+            raise UploadError("Multipart body has no closing boundary (truncated upload?).")
+
+
 def _split(body: bytes | mmap.mmap, content_type: str, max_parts: int, new_part: Callable[[], Any],
            parts: list[Any]) -> None:
-    if not content_type.lower().lstrip().startswith("multipart/"):
-        raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
-    match = _BOUNDARY.search(content_type)
-    if match is None:
-        raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
-    boundary = (match.group(1) or match.group(2)).encode("latin-1")
-    # python-multipart does not skip a preamble (RFC 2046 allows one); start at the first delimiter.
-    start = body.find(b"--" + boundary)
-    if start < 0:
-        raise UploadError("Multipart body does not contain its boundary.")
-    headers: dict[str, str] = {}
-    field, value = bytearray(), bytearray()
-    content: Any = None
-    ended = False
-
-    def part_begin() -> None:
-        nonlocal headers, content
-        if len(parts) >= max_parts:
-            raise TooLarge(f"Multipart body has more than {max_parts} parts.")
-        headers, content = {}, new_part()
-
-    def header_end() -> None:
-        headers[field.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
-        field.clear()
-        value.clear()
-
-    def end() -> None:
-        nonlocal ended
-        ended = True
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": part_begin,
-        "on_header_field": lambda data, lo, hi: field.extend(data[lo:hi]),
-        "on_header_value": lambda data, lo, hi: value.extend(data[lo:hi]),
-        "on_header_end": header_end,
-        "on_part_data": lambda data, lo, hi: content.write(memoryview(data)[lo:hi]),
-        "on_part_end": lambda: parts.append((headers, content.finish())),
-        "on_end": end,
-    })
-    try:
-        for pos in range(start, len(body), _CHUNK):
-            parser.write(body[pos : pos + _CHUNK])
-            _release(body, pos)
-            if ended:
-                break
-    except MultipartParseError as exc:
-        raise UploadError(
-            f"Multipart part {len(parts) + 1} is malformed (a bad header line, or no header/body "
-            f"separator): {exc}."
-        ) from exc
-    if not ended:
-        raise UploadError("Multipart body has no closing boundary (truncated upload?).")
+    splitter = MultipartSplitter(content_type, new_part, max_parts=max_parts)
+    for pos in range(0, len(body), _CHUNK):
+        parts += splitter.feed(body[pos : pos + _CHUNK])
+        _release(body, pos)
+        if splitter.ended:
+            break
+    splitter.close()

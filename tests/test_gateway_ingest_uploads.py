@@ -283,6 +283,49 @@ def test_multipart_part_limit() -> None:
         split_multipart_related(body, "multipart/related; boundary=b0undary", max_parts=4)
 
 
+def test_the_splitter_hands_out_each_part_as_soon_as_it_ends() -> None:
+    """``MultipartSplitter.feed`` returns a part once the delimiter after it has arrived (the upload route
+    parses it while the rest of the body is still on the wire); the epilogue is ignored."""
+    from gateway.uploads import MultipartSplitter
+
+    body = _multipart([({"Content-ID": f"<{i}>"}, bytes([i]) * 1000) for i in range(3)]) + b"epilogue"
+    splitter = MultipartSplitter("multipart/related; boundary=b0undary", _Bytes)
+    delimiters = [i for i in range(len(body)) if body.startswith(b"\r\n--b0undary", i)][1:]  # (0: after the preamble)
+    assert len(delimiters) == 3  # after parts 0, 1 and 2 (the last is the closing one)
+    got: list[list[bytes]] = []
+    pos = 0
+    for end in [*(d + len(b"\r\n--b0undary") + 2 for d in delimiters), len(body)]:
+        got.append([content for _, content in splitter.feed(body[pos:end])])
+        pos = end
+    assert got == [[bytes([0]) * 1000], [bytes([1]) * 1000], [bytes([2]) * 1000], []]
+    assert splitter.ended and splitter.parts == 3
+    splitter.close()
+
+
+@pytest.mark.parametrize(("body", "match"), [(b"", "does not contain"), (b"prea", "does not contain"),
+                                             (b"--b0undary\r\n\r\nabc", "closing boundary")])
+def test_the_splitter_refuses_a_body_that_ends_early(body: bytes, match: str) -> None:
+    from gateway.uploads import MultipartSplitter
+
+    splitter = MultipartSplitter("multipart/related; boundary=b0undary", _Bytes)
+    assert splitter.feed(body) == []
+    with pytest.raises(UploadError, match=match):
+        splitter.close()
+
+
+class _Bytes:
+    """A part's content kept in memory (what ``split_multipart_related`` does)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        self.buf += data
+
+    def finish(self) -> bytes:
+        return bytes(self.buf)
+
+
 def test_mutated_zips_raise_only_upload_errors() -> None:
     """200 random corruptions of a zip: every one expands or raises an UploadError, nothing else."""
     import numpy as np

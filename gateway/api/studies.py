@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import queue
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,13 @@ from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.errors import Unavailable, UploadError
+from gateway.errors import TooLarge, Unavailable, UploadError
 from gateway.jobs import Busy, JobError, JobNotFound, JobView
+from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_key
 from gateway.uids import check_uid
-from gateway.uploads import UploadLimits, iter_upload, new_spool, spool_multipart
+from gateway.uploads import FilePart, MultipartSplitter, UploadLimits, iter_upload, new_spool
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -43,34 +47,92 @@ class StudyView(BaseModel):
     result: CaseResult | None = None
 
 
-def _expand(body: Any, content_type: str, filename: str, limits: UploadLimits, spool: Path) -> list[tuple[str, Path]]:
-    """The files of one upload body (multipart form parts or one raw file/zip, each expanded), written to
-    files in ``spool`` as they are read: no file of the upload is held in memory whole (a zip member
-    while it is read)."""
-    if content_type.lower().startswith("multipart/"):
-        parts = spool_multipart(body, content_type, spool, max_parts=limits.max_files)
-        uploads = []
-        for i, (headers, content) in enumerate(parts):
-            match = _FILENAME.search(headers.get("content-disposition", ""))
-            if match is None and "filename" not in headers.get("content-disposition", ""):
-                if not content.stat().st_size:
-                    continue
-            name = (match.group(1) or match.group(2)) if match else f"part-{i + 1}"
-            uploads.append((name or f"part-{i + 1}", content))
-    else:
-        uploads = [(filename, _spool_bytes(body, spool))]
-    files: list[tuple[str, Path]] = []
-    for name, content in uploads:
-        for member, data in iter_upload(name, content, limits):
-            files.append((member, data if isinstance(data, Path) else _spool_bytes(data, spool)))
-            del data
-        if len(files) > limits.max_files:
-            from gateway.errors import TooLarge
+def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, Path] | None:
+    """The file of the ``i``-th multipart part (from 1): its name from Content-Disposition, else ``part-<i>``;
+    None for an empty part without a filename (a form field)."""
+    disposition = headers.get("content-disposition", "")
+    match = _FILENAME.search(disposition)
+    if match is None and "filename" not in disposition and not content.stat().st_size:
+        return None
+    name = (match.group(1) or match.group(2)) if match else f"part-{i}"
+    return name or f"part-{i}", content
 
+
+def _files_of(name: str, content: Path, limits: UploadLimits, spool: Path,
+              files: list[tuple[str, Path]]) -> Iterator[tuple[str, Path]]:
+    """The files of one uploaded file (a zip's members, each written to ``spool``), appended to ``files``
+    as they are yielded; :class:`~gateway.errors.TooLarge` past ``limits.max_files`` in all."""
+    for member, data in iter_upload(name, content, limits):
+        files.append((member, data if isinstance(data, Path) else _spool_bytes(data, spool)))
+        del data
+        if len(files) > limits.max_files:
             raise TooLarge(f"The upload holds more than {limits.max_files} files.")
-    if not files:
-        raise UploadError("The upload holds no file.")
+        yield files[-1]
+
+
+def _expand(body: Any, filename: str, limits: UploadLimits, spool: Path) -> list[tuple[str, Path]]:
+    """The files of a body that is not multipart (one file, or a zip), written to files in ``spool``: no file
+    of the upload is held in memory whole (a zip member while it is read)."""
+    files: list[tuple[str, Path]] = []
+    for _ in _files_of(filename, _spool_bytes(body, spool), limits, spool, files):
+        pass
     return files  # parsed once, by ingest (which also refuses CT images of several studies)
+
+
+_END = object()
+
+
+class _Abandoned(Exception):
+    """The upload stopped being read (a malformed body, a limit, the client left): the parse stops."""
+
+
+async def _prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, spool: Path,
+                            screener: Screener, speculate: bool) -> tuple[list[tuple[str, Path]], Prepared]:
+    """Split a multipart upload into files as it arrives and parse (and, with ``speculate``, screen) each one
+    as soon as its part ends; returns the files and the prepared study once the body is over.
+
+    The parts are written to ``spool`` once, as they are read (no copy of the whole body first), and handed
+    to :meth:`~gateway.screening.Screener.prepare` through a queue, so the first slices reach Triton while
+    the rest of the study is still on the wire. A study refused on what arrived so far (e.g. a zip bomb in
+    a part) stops the reading; a body refused half-way (malformed, over a limit, the client gone) stops
+    the parse, and what it decoded or sent is dropped.
+    """
+    splitter = MultipartSplitter(content_type, functools.partial(FilePart, spool), max_parts=limits.max_files)
+    handoff: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    files: list[tuple[str, Path]] = []
+
+    def sources() -> Iterator[tuple[str, Path]]:  # iterated by the parse, in its own thread
+        i = 0
+        while (item := handoff.get()) is not _END:
+            if isinstance(item, _Abandoned):
+                raise item
+            i += 1
+            upload = _part_upload(i, *item)
+            if upload is not None:
+                yield from _files_of(*upload, limits, spool, files)
+        if not files:
+            raise UploadError("The upload holds no file.")
+
+    task = asyncio.ensure_future(screener.prepare(sources(), speculate=speculate, streamed=True))
+    try:
+        async for chunk in chunks:
+            for part in splitter.feed(chunk):
+                handoff.put(part)
+            if task.done():  # refused on what arrived (or failed): read no more, its error is the answer
+                break
+        else:
+            splitter.close()
+    except BaseException:
+        handoff.put(_Abandoned())
+        try:
+            prepared = await asyncio.shield(task)
+        except BaseException:  # noqa: BLE001 - _Abandoned, or an error of its own: the body's error is the answer
+            pass
+        else:  # it had ended already (a body cut after its closing delimiter): nothing it holds goes on
+            await run_in_threadpool(prepared.release)
+        raise
+    handoff.put(_END)
+    return files, await task
 
 
 def _spool_bytes(data: Any, spool: Path) -> Path:
@@ -131,7 +193,10 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     # instances are in the blob store (fsynced) and the job is committed
     # the files are spooled to disk (under data_dir/spool) as the body is parsed; the study keeps only their
     # headers in memory (pixels are read from the files when decoded), until its worker has screened it
-    async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
+    admission = request.app.state.admission
+    multipart = content_type.lower().lstrip().startswith("multipart/")
+    receive = admission.stream if multipart else admission.body  # a multipart body is split as it arrives
+    async with receive(request, settings.max_upload_bytes, client_key(request)) as body:
         try:
             spool = await run_in_threadpool(_spool_dir, settings)
         except OSError as exc:
@@ -139,14 +204,20 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
         kept = False
         prepared = None
         try:
-            try:
-                files = await run_in_threadpool(_expand, body, content_type, filename, limits_of(settings), spool)
-            except OSError as exc:
-                raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
-            drop_pages(body)
             # a study that cannot be screened is refused here, with its 4xx; while the worker has room, its
             # slices are screened as they are parsed (gateway.speculation), before the job is accepted
-            prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
+            speculate = settings.screen_ahead and worker.has_room()
+            try:
+                if multipart:  # split and parsed as it arrives
+                    files, prepared = await _prepare_streamed(body, content_type, limits_of(settings), spool,
+                                                              screener, speculate)
+                else:
+                    files = await run_in_threadpool(_expand, body, filename, limits_of(settings), spool)
+                    drop_pages(body)
+            except OSError as exc:
+                raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
+            if prepared is None:
+                prepared = await screener.prepare(files, speculate=speculate)
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
             keyed = [(name, new_key(), path) for name, path in files]
             try:
