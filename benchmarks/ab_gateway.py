@@ -9,6 +9,12 @@ CPU seconds over the cores), the time the cores were not all busy with this stud
 
     python -m benchmarks.ab_gateway --a CTSCREEN_SCREEN_AHEAD=false        # -> results/ab-latest.json
 
+``--a-tree``/``--b-tree`` run a side's gateway from another checkout, so two commits compare the same way
+(uvicorn's own options go as ``UVICORN_*=value``)::
+
+    git worktree add /tmp/base HEAD~1
+    python -m benchmarks.ab_gateway --a-tree /tmp/base                      # A: HEAD~1, B: this tree
+
 Linux only (``/proc``). Prints a table and the median of each side and of the paired differences.
 """
 
@@ -56,10 +62,12 @@ def _study(url: str, pool: dict, slices: int) -> dict[str, Any]:
             "idle_gap_s": round(latency - bound, 3), "verdict": run["studies"][0].get("verdict")}
 
 
-def run(slices: int, rounds: int, env_a: dict[str, str], env_b: dict[str, str]) -> dict[str, Any]:
+def run(slices: int, rounds: int, env_a: dict[str, str], env_b: dict[str, str],
+        tree_a: Path | None = None, tree_b: Path | None = None) -> dict[str, Any]:
     pool, warm = build_pool([slices], ("covid",)), build_pool([24], ("covid",))
     sides: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
-    with embedded_triton(None) as triton, gateway(triton, env=env_a) as url_a, gateway(triton, env=env_b) as url_b:
+    with embedded_triton(None) as triton, gateway(triton, env=env_a, tree=tree_a) as url_a, \
+            gateway(triton, env=env_b, tree=tree_b) as url_b:
         urls = {"A": url_a, "B": url_b}
         for name in urls:
             _study(urls[name], warm, 24)
@@ -73,15 +81,19 @@ def run(slices: int, rounds: int, env_a: dict[str, str], env_b: dict[str, str]) 
         return round(statistics.median(s[key] for s in sides[name]), 3)
 
     diffs = [a["latency_s"] - b["latency_s"] for a, b in zip(sides["A"], sides["B"], strict=True)]
-    return {"slices": slices, "rounds": rounds, "env_a": env_a, "env_b": env_b, "runs": sides,
+    return {"slices": slices, "rounds": rounds, "env_a": env_a, "env_b": env_b,
+            "tree_a": str(tree_a) if tree_a else None, "tree_b": str(tree_b) if tree_b else None, "runs": sides,
             "median": {name: {"latency_s": med(name, "latency_s"), "idle_gap_s": med(name, "idle_gap_s"),
                               "cpu_bound_s": med(name, "cpu_bound_s")} for name in sides},
             "median_a_minus_b_s": round(statistics.median(diffs), 3)}
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {doc['env_a'] or 'defaults'}; "
-             f"B: {doc['env_b'] or 'defaults'}.", "", "| round | A latency s (idle gap) | B latency s (idle gap) |",
+    def side(name: str) -> str:
+        tree = doc.get(f"tree_{name}")
+        return f"{doc[f'env_{name}'] or 'defaults'}" + (f" (code of {tree})" if tree else "")
+
+    lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {side('a')}; B: {side('b')}.", "", "| round | A latency s (idle gap) | B latency s (idle gap) |",
              "|---|---|---|"]
     for i, (a, b) in enumerate(zip(doc["runs"]["A"], doc["runs"]["B"], strict=True)):
         lines.append(f"| {i + 1} | {a['latency_s']:.2f} ({a['idle_gap_s']:.2f}) | {b['latency_s']:.2f} ({b['idle_gap_s']:.2f}) |")
@@ -97,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a", nargs="*", default=[], type=str,
                    help="CTSCREEN_NAME=value settings of gateway A (or UVICORN_NAME=value: uvicorn's own options)")
     p.add_argument("--b", nargs="*", default=[], type=str, help="the same for gateway B")
+    p.add_argument("--a-tree", type=Path, default=None,
+                   help="run gateway A from this checkout (e.g. `git worktree add /tmp/base HEAD~1`)")
+    p.add_argument("--b-tree", type=Path, default=None, help="the same for gateway B")
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=None, help="default results/ab-latest.json")
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.ab_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_info()
     try:
-        doc = {"command": command.strip(), "machine": machine, **run(args.slices, args.rounds, env_a, env_b)}
+        doc = {"command": command.strip(), "machine": machine, **run(args.slices, args.rounds, env_a, env_b, args.a_tree,
+                                                                     args.b_tree)}
     except BenchError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 1

@@ -76,8 +76,12 @@ def triton_from_urls(grpc_url: str, http_url: str | None, metrics_url: str | Non
 
 
 @contextlib.contextmanager
-def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """Run the gateway (uvicorn, loopback, free port) in front of ``triton``; yield its base URL."""
+def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout: float = 120.0,
+            tree: Path | None = None) -> Iterator[str]:
+    """Run the gateway (uvicorn, loopback, free port) in front of ``triton``; yield its base URL.
+
+    ``tree``: run the gateway's code of another checkout of this repository (e.g. a ``git worktree`` of
+    an earlier commit; its folder comes first on the import path), with this environment's packages."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full_env = dict(os.environ)
@@ -98,7 +102,11 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     if GATEWAY_APP.endswith("()"):
         cmd[3] = GATEWAY_APP[:-2]
         cmd.append("--factory")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    if tree is not None:
+        if not (tree / "gateway" / "main.py").is_file():
+            raise BenchError(f"{tree} is not a checkout of this repository (no gateway/main.py)")
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), full_env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(cmd, cwd=tree or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
