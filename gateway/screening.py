@@ -72,8 +72,12 @@ def in_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
             future.set_result(value)
 
     def run() -> None:
+        error: BaseException | None
         try:
             value, error = fn(), None
+        except StopIteration as exc:  # a future cannot carry it
+            value, error = None, RuntimeError(f"{fn!r} raised StopIteration")
+            error.__cause__ = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             value, error = None, exc
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shut-down): nobody awaits it

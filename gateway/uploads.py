@@ -401,9 +401,10 @@ class MultipartSplitter:
         """Parts begun so far."""
         self.ended = False
         """The closing delimiter was read."""
+        self._ended_parts = 0
         self._headers: dict[str, str] = {}
         self._field, self._value = bytearray(), bytearray()
-        self._content: Any = None
+        self._content: Any = None  # the part being written, until it ends
         self._done: list[tuple[dict[str, str], Any]] = []
         self._parser = MultipartParser(boundary, {
             "on_part_begin": self._part_begin,
@@ -411,7 +412,7 @@ class MultipartSplitter:
             "on_header_value": lambda data, lo, hi: self._value.extend(data[lo:hi]),
             "on_header_end": self._header_end,
             "on_part_data": lambda data, lo, hi: self._content.write(memoryview(data)[lo:hi]),
-            "on_part_end": lambda: self._done.append((self._headers, self._content.finish())),
+            "on_part_end": self._part_end,
             "on_end": self._end,
         })
 
@@ -420,6 +421,18 @@ class MultipartSplitter:
             raise TooLarge(f"Multipart body has more than {self.max_parts} parts.")
         self.parts += 1
         self._headers, self._content = {}, self.new_part()
+
+    def _part_end(self) -> None:
+        self._done.append((self._headers, self._content.finish()))
+        self._content = None
+        self._ended_parts += 1
+
+    def abort(self) -> None:
+        """The body will not be read to its end: the part being written is closed (its file stays, for the
+        caller's spool clean-up)."""
+        if self._content is not None:
+            self._content.finish()
+            self._content = None
 
     def _header_end(self) -> None:
         self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
@@ -444,7 +457,7 @@ class MultipartSplitter:
             self._parser.write(data)
         except MultipartParseError as exc:
             raise UploadError(
-                f"Multipart part {self.parts} is malformed (a bad header line, or no header/body "
+                f"Multipart part {self._ended_parts + 1} is malformed (a bad header line, or no header/body "
                 f"separator): {exc}."
             ) from exc
         done, self._done = self._done, []
@@ -461,9 +474,13 @@ class MultipartSplitter:
 def _split(body: bytes | mmap.mmap, content_type: str, max_parts: int, new_part: Callable[[], Any],
            parts: list[Any]) -> None:
     splitter = MultipartSplitter(content_type, new_part, max_parts=max_parts)
-    for pos in range(0, len(body), _CHUNK):
-        parts += splitter.feed(body[pos : pos + _CHUNK])
-        _release(body, pos)
-        if splitter.ended:
-            break
-    splitter.close()
+    try:
+        for pos in range(0, len(body), _CHUNK):
+            parts += splitter.feed(body[pos : pos + _CHUNK])
+            _release(body, pos)
+            if splitter.ended:
+                break
+        splitter.close()
+    except BaseException:
+        splitter.abort()
+        raise

@@ -313,6 +313,29 @@ def test_the_splitter_refuses_a_body_that_ends_early(body: bytes, match: str) ->
         splitter.close()
 
 
+def test_an_abandoned_body_closes_the_part_being_written(tmp_path) -> None:
+    from gateway.uploads import FilePart, MultipartSplitter
+
+    opened: list[FilePart] = []
+
+    def new_part() -> FilePart:
+        opened.append(FilePart(tmp_path))
+        return opened[-1]
+
+    splitter = MultipartSplitter("multipart/related; boundary=b0undary", new_part)
+    done = splitter.feed(b"--b0undary\r\n\r\nfirst\r\n--b0undary\r\n\r\nhalf of the sec")
+    assert [p.read_bytes() for _, p in done] == [b"first"] and not opened[1].fh.closed
+    splitter.abort()
+    assert opened[1].fh.closed and opened[1].path.read_bytes().startswith(b"half")
+
+
+@pytest.mark.parametrize(("body", "part"), [(b"--b0undary\r\nno-separator\r\n--b0undary--", 1),
+                                            (b"--b0undary\r\n\r\nok\r\n--b0undary\r\nbad\r\n--b0undary--", 2)])
+def test_a_malformed_part_is_named_by_its_number(body: bytes, part: int) -> None:
+    with pytest.raises(UploadError, match=f"part {part} is malformed"):
+        split_multipart_related(body, "multipart/related; boundary=b0undary")
+
+
 class _Bytes:
     """A part's content kept in memory (what ``split_multipart_related`` does)."""
 

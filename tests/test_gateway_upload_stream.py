@@ -166,3 +166,40 @@ def test_a_client_that_leaves_half_way_leaves_nothing(live, study_files) -> None
         httpx.post(f"{url}/v1/studies", content=body(), headers={"Content-Type": CONTENT_TYPE}, timeout=300)
     _leaves_nothing(app)
     assert _studies(url) == jobs_before
+
+
+def test_a_study_prepared_as_its_request_is_cancelled_is_released(tmp_path) -> None:
+    """The request is cancelled (a shut-down, a client gone) in the loop tick in which its study came out of
+    the parse: what the study holds (its guess, its decoded slices) is released, not dropped. The screener
+    is a stand-in: the order of two events in one loop tick cannot be arranged through a real one."""
+    import asyncio
+
+    from gateway.api.studies import prepare_streamed
+    from gateway.uploads import UploadLimits
+
+    released: list[bool] = []
+
+    class Study:
+        def release(self) -> None:
+            released.append(True)
+
+    class Screener:
+        request: asyncio.Task[Any]
+
+        async def prepare(self, sources, *, speculate: bool, streamed: bool) -> Study:
+            await asyncio.to_thread(lambda: list(sources))
+            asyncio.get_running_loop().call_soon(self.request.cancel)  # lands before the route resumes
+            return Study()
+
+    async def chunks():
+        yield f'--{BOUNDARY}\r\nContent-Disposition: attachment; filename="a"\r\n\r\nxx\r\n--{BOUNDARY}--\r\n'.encode()
+
+    async def go() -> None:
+        screener = Screener()
+        screener.request = asyncio.ensure_future(
+            prepare_streamed(chunks(), CONTENT_TYPE, UploadLimits(), tmp_path, screener, False))  # type: ignore[arg-type]
+        with pytest.raises(asyncio.CancelledError):
+            await screener.request
+
+    asyncio.run(go())
+    assert released == [True]

@@ -86,7 +86,7 @@ class _Abandoned(Exception):
     """The upload stopped being read (a malformed body, a limit, the client left): the parse stops."""
 
 
-async def _prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, spool: Path,
+async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, spool: Path,
                             screener: Screener, speculate: bool) -> tuple[list[tuple[str, Path]], Prepared]:
     """Split a multipart upload into files as it arrives and parse (and, with ``speculate``, screen) each one
     as soon as its part ends; returns the files and the prepared study once the body is over.
@@ -109,30 +109,42 @@ async def _prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, lim
             i += 1
             upload = _part_upload(i, *item)
             if upload is not None:
-                yield from _files_of(*upload, limits, spool, files)
+                try:
+                    yield from _files_of(*upload, limits, spool, files)
+                except OSError as exc:
+                    raise _spooling_failed(exc) from exc
         if not files:
             raise UploadError("The upload holds no file.")
 
     task = asyncio.ensure_future(screener.prepare(sources(), speculate=speculate, streamed=True))
     try:
         async for chunk in chunks:
-            for part in splitter.feed(chunk):
+            try:
+                parts = splitter.feed(chunk)
+            except OSError as exc:
+                raise _spooling_failed(exc) from exc
+            for part in parts:
                 handoff.put(part)
             if task.done():  # refused on what arrived (or failed): read no more, its error is the answer
                 break
         else:
             splitter.close()
+        handoff.put(_END)
+        return files, await task
     except BaseException:
-        handoff.put(_Abandoned())
+        splitter.abort()
+        handoff.put(_Abandoned())  # (nobody reads it when the parse has ended)
         try:
             prepared = await asyncio.shield(task)
-        except BaseException:  # noqa: BLE001 - _Abandoned, or an error of its own: the body's error is the answer
+        except BaseException:  # noqa: BLE001 - _Abandoned, or its own error: the first error is the answer
             pass
-        else:  # it had ended already (a body cut after its closing delimiter): nothing it holds goes on
+        else:  # it ended (e.g. the request was cancelled as it did): nothing it holds goes on
             await run_in_threadpool(prepared.release)
         raise
-    handoff.put(_END)
-    return files, await task
+
+
+def _spooling_failed(exc: OSError) -> Unavailable:
+    return Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.")
 
 
 def _spool_bytes(data: Any, spool: Path) -> Path:
@@ -206,18 +218,16 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
         try:
             # a study that cannot be screened is refused here, with its 4xx; while the worker has room, its
             # slices are screened as they are parsed (gateway.speculation), before the job is accepted
-            speculate = settings.screen_ahead and worker.has_room()
-            try:
-                if multipart:  # split and parsed as it arrives
-                    files, prepared = await _prepare_streamed(body, content_type, limits_of(settings), spool,
-                                                              screener, speculate)
-                else:
+            if multipart:  # split and parsed as it arrives
+                files, prepared = await prepare_streamed(body, content_type, limits_of(settings), spool, screener,
+                                                          settings.screen_ahead and worker.has_room())
+            else:
+                try:
                     files = await run_in_threadpool(_expand, body, filename, limits_of(settings), spool)
-                    drop_pages(body)
-            except OSError as exc:
-                raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
-            if prepared is None:
-                prepared = await screener.prepare(files, speculate=speculate)
+                except OSError as exc:
+                    raise _spooling_failed(exc) from exc
+                drop_pages(body)
+                prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
             keyed = [(name, new_key(), path) for name, path in files]
             try:
