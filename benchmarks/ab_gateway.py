@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if args.slices < 8 or args.rounds < 1:
         p.error("--slices must be at least 8 and --rounds at least 1")
+    for flag, tree in (("--a-tree", args.a_tree), ("--b-tree", args.b_tree)):
+        if tree is not None and not (tree / "gateway" / "main.py").is_file():
+            p.error(f"{flag} {tree} is not a checkout of this repository (no gateway/main.py)")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

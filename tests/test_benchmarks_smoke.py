@@ -273,8 +273,9 @@ def test_cpu_split_counts_each_process_under_its_label() -> None:
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
-    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value, got 'FOO=1'"),
+    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value or UVICORN_NAME=value, got 'FOO=1'"),
     (["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
+    (["--a-tree", "/nonexistent"], "--a-tree /nonexistent is not a checkout of this repository"),
     (["--slices", "4"], "--slices must be at least 8"),
 ])
 def test_ab_gateway_bad_arguments_exit_2_before_anything_starts(argv: list[str], fragment: str,
