@@ -31,7 +31,7 @@ from benchmarks.common import BenchError, results_dir, write_json
 from benchmarks.cpu_split import snapshot, split
 from benchmarks.inprocess import cores
 from benchmarks.load import LoadConfig, run_load
-from benchmarks.stack import embedded_triton, gateway
+from benchmarks.stack import check_tree, embedded_triton, gateway
 from benchmarks.studies import build_pool
 from ctscreen.machine import machine_info
 
@@ -93,8 +93,8 @@ def markdown(doc: dict[str, Any]) -> str:
         tree = doc.get(f"tree_{name}")
         return f"{doc[f'env_{name}'] or 'defaults'}" + (f" (code of {tree})" if tree else "")
 
-    lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {side('a')}; B: {side('b')}.", "", "| round | A latency s (idle gap) | B latency s (idle gap) |",
-             "|---|---|---|"]
+    lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {side('a')}; B: {side('b')}.", "",
+             "| round | A latency s (idle gap) | B latency s (idle gap) |", "|---|---|---|"]
     for i, (a, b) in enumerate(zip(doc["runs"]["A"], doc["runs"]["B"], strict=True)):
         lines.append(f"| {i + 1} | {a['latency_s']:.2f} ({a['idle_gap_s']:.2f}) | {b['latency_s']:.2f} ({b['idle_gap_s']:.2f}) |")
     m = doc["median"]
@@ -123,16 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.slices < 8 or args.rounds < 1:
         p.error("--slices must be at least 8 and --rounds at least 1")
     for flag, tree in (("--a-tree", args.a_tree), ("--b-tree", args.b_tree)):
-        if tree is not None and not (tree / "gateway" / "main.py").is_file():
-            p.error(f"{flag} {tree} is not a checkout of this repository (no gateway/main.py)")
+        try:
+            if tree is not None:
+                check_tree(tree)
+        except BenchError as exc:
+            p.error(f"{flag} {exc}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.ab_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_info()
     try:
-        doc = {"command": command.strip(), "machine": machine, **run(args.slices, args.rounds, env_a, env_b, args.a_tree,
-                                                                     args.b_tree)}
+        runs = run(args.slices, args.rounds, env_a, env_b, args.a_tree, args.b_tree)
+        doc = {"command": command.strip(), "machine": machine, **runs}
     except BenchError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 1

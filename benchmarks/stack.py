@@ -75,6 +75,12 @@ def triton_from_urls(grpc_url: str, http_url: str | None, metrics_url: str | Non
     return TritonTarget(grpc_url, _http(http_url or f"{host}:8000"), metrics_url or f"http://{host}:8002/metrics")
 
 
+def check_tree(tree: Path) -> None:
+    """:class:`~benchmarks.common.BenchError` unless ``tree`` is a checkout of this repository."""
+    if not (tree / "gateway" / "main.py").is_file():
+        raise BenchError(f"{tree} is not a checkout of this repository (no gateway/main.py)")
+
+
 @contextlib.contextmanager
 def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout: float = 120.0,
             tree: Path | None = None) -> Iterator[str]:
@@ -103,8 +109,7 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
         cmd[3] = GATEWAY_APP[:-2]
         cmd.append("--factory")
     if tree is not None:
-        if not (tree / "gateway" / "main.py").is_file():
-            raise BenchError(f"{tree} is not a checkout of this repository (no gateway/main.py)")
+        check_tree(tree)
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), full_env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(cmd, cwd=tree or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -41,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO
@@ -189,8 +189,13 @@ def remove_shm(prefix: str, shm_dir: Path = SHM_DIR) -> int:
     """Remove the shared-memory regions named ``prefix*`` (a server's, once it and its stubs are gone);
     returns how many. Each start takes 16 MiB or more a stub, and a server that is killed (or crashes)
     leaves them behind in RAM-backed ``/dev/shm``."""
+    return _unlink(shm_dir.glob(f"{glob_escape(prefix)}*") if shm_dir.is_dir() else ())
+
+
+def _unlink(paths: Iterable[Path]) -> int:
+    """Remove ``paths``; how many went (one already gone, or not ours to remove, is skipped)."""
     removed = 0
-    for path in shm_dir.glob(f"{glob_escape(prefix)}*") if shm_dir.is_dir() else ():
+    for path in paths:
         with contextlib.suppress(FileNotFoundError, PermissionError):
             path.unlink()
             removed += 1
@@ -204,14 +209,8 @@ def sweep_stale_shm(shm_dir: Path = SHM_DIR) -> int:
     if not shm_dir.is_dir():
         return 0
     ours = re.compile(rf"ctscreen_{re.escape(_pid_namespace())}_(\d+)_[0-9a-f]{{8}}_")
-    removed = 0
-    for path in shm_dir.iterdir():
-        match = ours.match(path.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(FileNotFoundError, PermissionError):
-            path.unlink()
-            removed += 1
+    removed = _unlink(path for path in shm_dir.iterdir()
+                      if (match := ours.match(path.name)) is not None and not _alive(int(match.group(1))))
     if removed:
         logger.warning("removed %d shared-memory regions of python-backend stubs left by stopped processes "
                        "(in %s)", removed, shm_dir)

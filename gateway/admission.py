@@ -8,8 +8,8 @@ declared length (chunked) grows its reservation as it arrives and gets the same 
 the budget. Admitted bodies either stream to a temporary file in chunks (``CTSCREEN_UPLOAD_TMP_DIR``) and
 are handed to the route memory-mapped (:meth:`Admission.body`), or reach the route chunk by chunk as
 they arrive (:meth:`Admission.stream`: a multipart upload is split into its files as it is read), so the
-bytes held in the process are bounded by the budget, not by the number of clients. The reservation is kept until the route returns (for an upload: until the study
-is decoded), then the file is removed.
+bytes held in the process are bounded by the budget, not by the number of clients. The reservation is
+kept until the route returns (for an upload: until the study is decoded), then the file is removed.
 
 A body larger than the whole budget could never be admitted, so :class:`gateway.settings.Settings`
 refuses ``max_upload_bytes > upload_budget_bytes`` at start-up.
@@ -158,11 +158,10 @@ class Admission:
             fd, name = tempfile.mkstemp(prefix="ctscreen-body-", dir=self.tmp_dir)
             view: Any = b""
             try:
-                size = 0
                 with os.fdopen(fd, "wb") as fh:
                     async for chunk in chunks:
-                        size += len(chunk)
                         fh.write(chunk)
+                    size = fh.tell()
                 if size:
                     with open(name, "rb") as fh:
                         view = _Body(fh.fileno(), 0, access=mmap.ACCESS_READ)

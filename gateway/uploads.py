@@ -16,7 +16,8 @@ can lie:
 * archives inside archives are refused (:class:`~gateway.errors.BadArchive`).
 
 :func:`split_multipart_related` splits a ``multipart/related`` body (DICOMweb STOW-RS) into parts;
-:func:`spool_multipart` does the same into files, so that an upload's parts are never held in memory.
+:class:`MultipartSplitter` does it as the body arrives, into files (:class:`FilePart`), so that an upload's
+parts are never held in memory.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBom
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "split_multipart_related", "spool_multipart",
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "split_multipart_related",
            "sweep_spools"]
 
 MiB = 1024 * 1024
@@ -303,19 +304,18 @@ def split_multipart_related(
     gateway.errors.TooLarge
         More than ``max_parts`` parts.
     """
+    splitter = MultipartSplitter(content_type, _BytesPart, max_parts=max_parts)
     parts: list[tuple[dict[str, str], bytes]] = []
-    _split(body, content_type, max_parts, _BytesPart, parts)
-    return parts
-
-
-def spool_multipart(
-    body: bytes | mmap.mmap, content_type: str, folder: Path, *, max_parts: int = 10000
-) -> list[tuple[dict[str, str], Path]]:
-    """:func:`split_multipart_related` into files: each part's content is written to a new file in
-    ``folder`` as it is parsed (never held in memory whole); returns ``(headers, path)`` per part.
-    The caller owns the files (and removes them). Raises as :func:`split_multipart_related`."""
-    parts: list[tuple[dict[str, str], Path]] = []
-    _split(body, content_type, max_parts, lambda: FilePart(folder), parts)
+    try:
+        for pos in range(0, len(body), _CHUNK):
+            parts += splitter.feed(body[pos : pos + _CHUNK])
+            _release(body, pos)
+            if splitter.ended:
+                break
+        splitter.close()
+    except BaseException:
+        splitter.abort()
+        raise
     return parts
 
 
@@ -401,7 +401,6 @@ class MultipartSplitter:
         """Parts begun so far."""
         self.ended = False
         """The closing delimiter was read."""
-        self._ended_parts = 0
         self._headers: dict[str, str] = {}
         self._field, self._value = bytearray(), bytearray()
         self._content: Any = None  # the part being written, until it ends
@@ -425,7 +424,6 @@ class MultipartSplitter:
     def _part_end(self) -> None:
         self._done.append((self._headers, self._content.finish()))
         self._content = None
-        self._ended_parts += 1
 
     def abort(self) -> None:
         """The body will not be read to its end: the part being written is closed (its file stays, for the
@@ -456,8 +454,9 @@ class MultipartSplitter:
         try:
             self._parser.write(data)
         except MultipartParseError as exc:
+            number = self.parts + (self._content is None)  # the part being read, or the next one between parts
             raise UploadError(
-                f"Multipart part {self._ended_parts + 1} is malformed (a bad header line, or no header/body "
+                f"Multipart part {number} is malformed (a bad header line, or no header/body "
                 f"separator): {exc}."
             ) from exc
         done, self._done = self._done, []
@@ -469,18 +468,3 @@ class MultipartSplitter:
             raise UploadError("Multipart body does not contain its boundary.")
         if not self.ended:
             raise UploadError("Multipart body has no closing boundary (truncated upload?).")
-
-
-def _split(body: bytes | mmap.mmap, content_type: str, max_parts: int, new_part: Callable[[], Any],
-           parts: list[Any]) -> None:
-    splitter = MultipartSplitter(content_type, new_part, max_parts=max_parts)
-    try:
-        for pos in range(0, len(body), _CHUNK):
-            parts += splitter.feed(body[pos : pos + _CHUNK])
-            _release(body, pos)
-            if splitter.ended:
-                break
-        splitter.close()
-    except BaseException:
-        splitter.abort()
-        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -10,7 +11,14 @@ import zipfile
 import pytest
 
 from gateway.errors import REASONS, BadArchive, GatewayError, TooLarge, UnsafePath, UploadError, ZipBomb
-from gateway.uploads import UploadLimits, is_zip, iter_upload, split_multipart_related, spool_multipart
+from gateway.uploads import (
+    FilePart,
+    MultipartSplitter,
+    UploadLimits,
+    is_zip,
+    iter_upload,
+    split_multipart_related,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -202,9 +210,11 @@ def test_multipart_split_across_feed_chunks(monkeypatch: pytest.MonkeyPatch, tmp
     (tmp_path / "body").write_bytes(body)
     with open(tmp_path / "body", "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
         assert split_multipart_related(view, "multipart/related; boundary=b0undary") == expected  # type: ignore[arg-type]
-        # the same parts written to files as they are parsed (the upload route: nothing held in memory)
-        (tmp_path / "spool").mkdir()
-        spooled = spool_multipart(view, "multipart/related; boundary=b0undary", tmp_path / "spool")
+    # the same parts written to files as they arrive (the upload route: nothing held in memory)
+    (tmp_path / "spool").mkdir()
+    splitter = MultipartSplitter("multipart/related; boundary=b0undary", functools.partial(FilePart, tmp_path / "spool"))
+    spooled = [part for pos in range(0, len(body), chunk) for part in splitter.feed(body[pos : pos + chunk])]
+    splitter.close()
     assert [(h, p.read_bytes()) for h, p in spooled] == expected
     assert {p.parent for _, p in spooled} == {tmp_path / "spool"}
 
@@ -286,8 +296,6 @@ def test_multipart_part_limit() -> None:
 def test_the_splitter_hands_out_each_part_as_soon_as_it_ends() -> None:
     """``MultipartSplitter.feed`` returns a part once the delimiter after it has arrived (the upload route
     parses it while the rest of the body is still on the wire); the epilogue is ignored."""
-    from gateway.uploads import MultipartSplitter
-
     body = _multipart([({"Content-ID": f"<{i}>"}, bytes([i]) * 1000) for i in range(3)]) + b"epilogue"
     splitter = MultipartSplitter("multipart/related; boundary=b0undary", _Bytes)
     delimiters = [i for i in range(len(body)) if body.startswith(b"\r\n--b0undary", i)][1:]  # (0: after the preamble)
@@ -305,8 +313,6 @@ def test_the_splitter_hands_out_each_part_as_soon_as_it_ends() -> None:
 @pytest.mark.parametrize(("body", "match"), [(b"", "does not contain"), (b"prea", "does not contain"),
                                              (b"--b0undary\r\n\r\nabc", "closing boundary")])
 def test_the_splitter_refuses_a_body_that_ends_early(body: bytes, match: str) -> None:
-    from gateway.uploads import MultipartSplitter
-
     splitter = MultipartSplitter("multipart/related; boundary=b0undary", _Bytes)
     assert splitter.feed(body) == []
     with pytest.raises(UploadError, match=match):
@@ -314,8 +320,6 @@ def test_the_splitter_refuses_a_body_that_ends_early(body: bytes, match: str) ->
 
 
 def test_an_abandoned_body_closes_the_part_being_written(tmp_path) -> None:
-    from gateway.uploads import FilePart, MultipartSplitter
-
     opened: list[FilePart] = []
 
     def new_part() -> FilePart:

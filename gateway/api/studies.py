@@ -73,10 +73,7 @@ def _files_of(name: str, content: Path, limits: UploadLimits, spool: Path,
 def _expand(body: Any, filename: str, limits: UploadLimits, spool: Path) -> list[tuple[str, Path]]:
     """The files of a body that is not multipart (one file, or a zip), written to files in ``spool``: no file
     of the upload is held in memory whole (a zip member while it is read)."""
-    files: list[tuple[str, Path]] = []
-    for _ in _files_of(filename, _spool_bytes(body, spool), limits, spool, files):
-        pass
-    return files  # parsed once, by ingest (which also refuses CT images of several studies)
+    return list(_files_of(filename, _spool_bytes(body, spool), limits, spool, []))  # parsed once, by ingest (which also refuses CT images of several studies)
 
 
 _END = object()
