@@ -30,10 +30,12 @@ Linux only (``/proc``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -129,13 +131,12 @@ def _best_setting(args: argparse.Namespace) -> sweep_inprocess.Setting:
         raise BenchError(f"no in-process setting: pass --batch, --threads and --schedule ({path}: {exc})") from exc
 
 
-def _served_with(request_batch: int | None, run_batch: int | None = None) -> tuple[Path | None, dict[str, str]]:
-    """The cpu repository and gateway environment serving ``request_batch`` slices a request and
-    ``run_batch`` slices per ONNX Runtime call (None: the shipped defaults)."""
+def _served_with(request_batch: int | None, run_batch: int | None, folder: Path) -> tuple[Path | None, dict[str, str]]:
+    """The cpu repository (built in ``folder``) and gateway environment serving ``request_batch`` slices a
+    request and ``run_batch`` slices per ONNX Runtime call (None: the shipped defaults)."""
     if request_batch is None and run_batch is None:
         return None, {}
     import dataclasses
-    import tempfile
 
     from ctscreen.repo import build_repository, default_settings
 
@@ -146,7 +147,7 @@ def _served_with(request_batch: int | None, run_batch: int | None = None) -> tup
         env["CTSCREEN_TRITON_BATCH_SIZE"] = str(request_batch)
     if run_batch is not None:
         s = dataclasses.replace(s, run_batch=run_batch)
-    repo = build_repository("cpu", Path(tempfile.mkdtemp(prefix="cpu-split-")) / "repo", settings=s)
+    repo = build_repository("cpu", folder / "repo", settings=s)
     return repo, env
 
 
@@ -154,8 +155,12 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
         run_batch: int | None = None) -> dict[str, Any]:
     pool = build_pool([slices], ("covid",))
     warm = build_pool([24], ("covid",))
-    repo, env = _served_with(request_batch, run_batch)
-    with embedded_triton(repo) as triton, gateway(triton, env=env) as url:
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpu-split-")))
+        repo, env = _served_with(request_batch, run_batch, folder)
+        triton = stack.enter_context(embedded_triton(repo))
+        url = stack.enter_context(gateway(triton, env=env))
+
         def one(p: dict, n: int) -> dict[str, Any]:
             cfg = LoadConfig(url=url, mode="closed", concurrency=1, duration=600, max_studies=1,
                              sizes=f"fixed:{n}", kinds=("covid",), study_timeout=600)

@@ -14,6 +14,7 @@ keeps its state store (SQLite) and blobs there, never in the user's data folder 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -29,10 +30,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     return _free_port(host)
 
 
+_RUN_DATA_DIR: list[str] = []  # the run's data folder when this process made it (removed at the end)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Module- and session-scoped gateways get a data folder of the run, never the user's."""
     if "CTSCREEN_DATA_DIR" not in os.environ:
         os.environ["CTSCREEN_DATA_DIR"] = tempfile.mkdtemp(prefix="ctscreen-test-data-")
+        _RUN_DATA_DIR.append(os.environ["CTSCREEN_DATA_DIR"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's data folder (module-scoped gateways keep studies there: 150 MB a run)."""
+    while _RUN_DATA_DIR:
+        shutil.rmtree(_RUN_DATA_DIR.pop(), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
