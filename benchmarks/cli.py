@@ -42,7 +42,7 @@ from benchmarks.common import (
     stamp,
     write_json,
 )
-from ctscreen.cliargs import positive_list
+from ctscreen.cliargs import positive, positive_list
 
 logger = logging.getLogger("benchmarks")
 
@@ -166,9 +166,9 @@ def _add_ratios(p: argparse.ArgumentParser) -> None:
     g.add_argument("--big-study", type=int, default=300, help="slices of the single large study (0: skip)")
     g.add_argument("--gateway-concurrency", type=int, default=2, help="studies in flight on the gateway")
     g.add_argument("--ort-min-slices", type=int, default=64, help="slices per ORT/ensemble measurement")
-    g.add_argument("--rounds", type=int, default=2, help="alternating ORT/ensemble rounds (best of each kept)")
-    g.add_argument("--gateway-rounds", type=int, default=3,
-                   help="gateway loads, each followed by a run of ORT's best setting (best of each kept)")
+    g.add_argument("--rounds", type=positive(int), default=2, help="alternating ORT/ensemble rounds (best of each kept)")
+    g.add_argument("--gateway-rounds", type=positive(int), default=4,
+                   help="gateway loads, each followed by a run of ORT's best setting (the best of each side compared)")
     g.add_argument("--ort-batches", type=positive_list(int), default=[1, 2, 4, 8, 16],
                    help="batch sizes of the in-process ORT sweep")
     g.add_argument("--ort-threads", type=positive_list(int), default=[1, 2],

@@ -58,6 +58,8 @@ def test_cli_refuses_a_remote_gateway_without_sending(capsys: pytest.CaptureFixt
     [
         ["perf", "--pa-concurrency", "4:1"],
         ["load", "--concurrency", "0"],
+        ["ratios", "--gateway-rounds", "0"],
+        ["ratios", "--rounds", "-1"],
         ["load", "--rates", "x"],
         ["nonsense"],
     ],
@@ -130,6 +132,20 @@ def test_triton_metrics_summary_from_a_delta() -> None:
     hist = promstats.histogram_summary(promstats.parse(
         'x_stage_seconds_sum{stage="decode"} 3\nx_stage_seconds_count{stage="decode"} 2\n'))
     assert hist == {"x_stage_seconds{stage=decode}": {"count": 2, "sum": 3.0, "mean": 1.5}}
+
+
+def test_a_ratio_compares_the_best_of_as_many_runs_of_each_side() -> None:
+    """The best of more noisy runs is higher by the noise alone: the ensemble's and the gateway's ratios
+    each take the in-process runs that alternated with them, as many as their own (issue 17)."""
+    import doctest
+
+    from benchmarks import ratios
+
+    assert doctest.testmod(ratios, optionflags=doctest.ELLIPSIS).failed == 0
+    ensemble, in_process, later_in_process = [30.0, 31.0, 29.0], [32.0, 30.0, 31.0], [36.0]
+    assert ratios.best_over_best(ensemble, in_process) == pytest.approx(31 / 32, abs=1e-3)
+    with pytest.raises(ValueError, match="as many runs"):
+        ratios.best_over_best(ensemble, in_process + later_in_process)
 
 
 def test_gpu_script_dry_run_prints_the_plan() -> None:
