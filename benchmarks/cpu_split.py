@@ -15,6 +15,9 @@ children) and compares the total with the CPU the same study costs in process:
 
     python -m benchmarks.cpu_split --slices 300        # -> results/cpu-latest.json (+ a table)
 
+The study is served and then screened in process ``--rounds`` times (3) in turn; the round of the median
+CPU ratio is the result and every round's ratios are listed.
+
 The in-process side is the best setting of the last ratios run (``results/ratios-latest.json``) unless
 ``--batch/--threads/--schedule`` name one. ``--request-batch N`` serves with N slices a request (the
 gateway's ``CTSCREEN_TRITON_BATCH_SIZE`` and the models' preferred batch; default the shipped cpu
@@ -47,6 +50,7 @@ from benchmarks.load import LoadConfig, run_load
 from benchmarks.ratios import decode_series
 from benchmarks.stack import embedded_triton, gateway
 from benchmarks.studies import build_pool
+from ctscreen.cliargs import positive
 from ctscreen.machine import machine_info
 
 logger = logging.getLogger(__name__)
@@ -152,9 +156,13 @@ def _served_with(request_batch: int | None, run_batch: int | None, folder: Path)
 
 
 def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None = None,
-        run_batch: int | None = None) -> dict[str, Any]:
+        run_batch: int | None = None, rounds: int = 3) -> dict[str, Any]:
+    """``rounds`` alternating pairs (the study served, then in process); the round of the median CPU ratio
+    is the result, every round's ratios are listed (one pair moved the CPU ratio by 0.07 between runs)."""
     pool = build_pool([slices], ("covid",))
     warm = build_pool([24], ("covid",))
+    vol, meta = decode_series(next(iter(pool.values())).files)
+    pairs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpu-split-")))
         repo, env = _served_with(request_batch, run_batch, folder)
@@ -167,38 +175,51 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
             return run_load(cfg, p)
 
         one(warm, 24)
-        before, t0 = snapshot(), time.perf_counter()
-        served = one(pool, slices)
-        after, wall = snapshot(), time.perf_counter() - t0
-    if not served.get("completed"):
-        raise BenchError(f"the {slices}-slice study did not complete through the gateway: {served.get('errors')}")
-    vol, meta = decode_series(next(iter(pool.values())).files)
-    c0 = time.process_time()
-    local = sweep_inprocess.study_in_process(setting, vol, meta)
-    local_cpu = time.process_time() - c0  # warm-up included: an upper bound of the in-process CPU
-    served_split = split(before, after, slices)
+        for r in range(rounds):
+            logger.info("round %d: the study served, then in process ...", r + 1)
+            before, t0 = snapshot(), time.perf_counter()
+            served = one(pool, slices)
+            after, wall = snapshot(), time.perf_counter() - t0
+            if not served.get("completed"):
+                raise BenchError(f"the {slices}-slice study did not complete through the gateway: {served.get('errors')}")
+            c0 = time.process_time()  # the served side's processes are idle meanwhile
+            local = sweep_inprocess.study_in_process(setting, vol, meta)
+            local_cpu = 1000 * (time.process_time() - c0) / slices  # warm-up included: an upper bound
+            served_split = split(before, after, slices)
+            pairs.append({
+                "served": {"latency_s": served["latency_s"]["max"], "wall_s": round(wall, 3),
+                           "cpu_ms_per_slice": served_split},
+                "in_process": {**local, "cpu_ms_per_slice": round(local_cpu, 2)},
+                "cpu_ratio": round(served_split["total"] / local_cpu, 3),
+                "wall_ratio": round(served["latency_s"]["max"] / local["wall_s"], 3),
+            })
     from ctscreen.repo import default_settings
     from gateway.settings import Settings
 
+    median = sorted(pairs, key=lambda p: p["cpu_ratio"])[(len(pairs) - 1) // 2]
     return {
         "slices": slices,
         # what was served (the shipped defaults when not given: the gateway's slices a request, which the
         # models' batcher prefers, and the cpu profile's slices per ONNX Runtime call), so a result says what ran
         "request_batch": request_batch if request_batch is not None else Settings.model_fields["triton_batch_size"].default,
         "run_batch": run_batch if run_batch is not None else default_settings("cpu").run_batch,
-        "served": {"latency_s": served["latency_s"]["max"], "wall_s": round(wall, 3),
-                   "cpu_ms_per_slice": served_split},
-        "in_process": {**local, "cpu_ms_per_slice": round(1000 * local_cpu / slices, 2)},
-        "cpu_ratio": round(served_split["total"] / (1000 * local_cpu / slices), 3),
-        "wall_ratio": round(served["latency_s"]["max"] / local["wall_s"], 3),
+        **median,
+        "rounds": [{"cpu_ratio": p["cpu_ratio"], "wall_ratio": p["wall_ratio"],
+                    "served_cpu_ms_per_slice": p["served"]["cpu_ms_per_slice"]["total"],
+                    "in_process_cpu_ms_per_slice": p["in_process"]["cpu_ms_per_slice"]} for p in pairs],
     }
 
 
 def markdown(doc: dict[str, Any]) -> str:
     s, local = doc["served"], doc["in_process"]
-    lines = [f"One {doc['slices']}-slice study: {s['latency_s']:.1f} s through the gateway, {local['wall_s']:.1f} s in "
-             f"process (wall ratio {doc['wall_ratio']}); CPU {s['cpu_ms_per_slice']['total']:.1f} ms per slice served "
-             f"against {local['cpu_ms_per_slice']:.1f} in process (CPU ratio {doc['cpu_ratio']}).", "",
+    rounds = doc.get("rounds") or []
+    which = (f"the round of the median CPU ratio of {len(rounds)} alternating rounds (CPU ratios "
+             f"{', '.join(str(r['cpu_ratio']) for r in rounds)}; wall ratios "
+             f"{', '.join(str(r['wall_ratio']) for r in rounds)})" if len(rounds) > 1 else "one round")
+    lines = [f"One {doc['slices']}-slice study, {which}: {s['latency_s']:.1f} s through the gateway, "
+             f"{local['wall_s']:.1f} s in process (wall ratio {doc['wall_ratio']}); CPU "
+             f"{s['cpu_ms_per_slice']['total']:.1f} ms per slice served against {local['cpu_ms_per_slice']:.1f} in "
+             f"process (CPU ratio {doc['cpu_ratio']}).", "",
              "| process | CPU ms per slice |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s["cpu_ms_per_slice"].items() if k != "total"]
     lines += [f"| **total served** | {s['cpu_ms_per_slice']['total']:.1f} |",
@@ -216,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="slices per request to Triton (default: the shipped cpu profile's)")
     p.add_argument("--run-batch", type=int, default=None,
                    help="slices per ONNX Runtime call inside the models, 0: the whole batch (default: the shipped cpu profile's)")
+    p.add_argument("--rounds", type=positive(int), default=3,
+                   help="alternating pairs (served, in process); the median CPU ratio's round is the result")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "cpu-latest.json")
     args = p.parse_args(argv)
     if args.slices < 8:
@@ -231,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()  # stamped at the start: the load average before the run
     try:
         doc = {"command": command.strip(), "machine": machine, **run(args.slices, _best_setting(args), args.request_batch,
-                                                                    args.run_batch)}
+                                                                    args.run_batch, args.rounds)}
     except BenchError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 1

@@ -288,6 +288,24 @@ def test_cpu_split_counts_each_process_under_its_label() -> None:
     assert got["total"] >= got["gateway"]
 
 
+def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.cpu_split import main, markdown
+
+    def pair(ratio: float) -> dict:
+        return {"cpu_ratio": ratio, "wall_ratio": ratio + 0.02, "served_cpu_ms_per_slice": 70.0 * ratio,
+                "in_process_cpu_ms_per_slice": 70.0}
+
+    doc = {"slices": 300, "cpu_ratio": 1.16, "wall_ratio": 1.18, "rounds": [pair(1.2), pair(1.16), pair(1.1)],
+           "served": {"latency_s": 11.0, "cpu_ms_per_slice": {"gateway": 9.0, "total": 81.2}},
+           "in_process": {"wall_s": 9.3, "cpu_ms_per_slice": 70.0, "batch": 1, "threads": 1, "schedule": "workers"}}
+    text = markdown(doc)
+    assert "median CPU ratio of 3 alternating rounds (CPU ratios 1.2, 1.16, 1.1;" in text
+    assert "(CPU ratio 1.16)" in text and "| gateway | 9.0 |" in text
+    with pytest.raises(SystemExit) as exc:
+        main(["--rounds", "0"])
+    assert exc.value.code == 2 and "--rounds" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["--a", "FOO=1"], "expected CTSCREEN_NAME=value or UVICORN_NAME=value, got 'FOO=1'"),
     (["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
