@@ -210,6 +210,19 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
     }
 
 
+def _stamp(m: dict[str, Any]) -> str:
+    """`` Measured <date>, commit <c>, load <l>.`` from a result's machine stamp ('' without one).
+
+    >>> _stamp({"time_utc": "2026-12-03T21:02:48Z", "commit": "bddadc8", "loadavg_1m": 1.405})
+    ' Measured 2026-12-03T21:02:48Z, commit `bddadc8`, 1-min load average 1.41 at the start.'
+    """
+    if not m.get("commit"):
+        return ""
+    load = f", 1-min load average {m['loadavg_1m']:.2f} at the start" if m.get("loadavg_1m") is not None else ""
+    dirty = " (uncommitted changes)" if m.get("dirty") else ""
+    return f" Measured {m.get('time_utc', '?')}, commit `{m['commit']}`{dirty}{load}."
+
+
 def markdown(doc: dict[str, Any]) -> str:
     s, local = doc["served"], doc["in_process"]
     rounds = doc.get("rounds") or []
@@ -219,7 +232,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"One {doc['slices']}-slice study, {which}: {s['latency_s']:.1f} s through the gateway, "
              f"{local['wall_s']:.1f} s in process (wall ratio {doc['wall_ratio']}); CPU "
              f"{s['cpu_ms_per_slice']['total']:.1f} ms per slice served against {local['cpu_ms_per_slice']:.1f} in "
-             f"process (CPU ratio {doc['cpu_ratio']}).", "",
+             f"process (CPU ratio {doc['cpu_ratio']}).{_stamp(doc.get('machine') or {})}", "",
              "| process | CPU ms per slice |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s["cpu_ms_per_slice"].items() if k != "total"]
     lines += [f"| **total served** | {s['cpu_ms_per_slice']['total']:.1f} |",

@@ -301,6 +301,14 @@ def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.C
     text = markdown(doc)
     assert "median CPU ratio of 3 alternating rounds (CPU ratios 1.2, 1.16, 1.1;" in text
     assert "(CPU ratio 1.16)" in text and "| gateway | 9.0 |" in text
+    assert "Measured" not in text  # no stamp in the result, none invented
+    stamped = markdown({**doc, "machine": {"commit": "abc1234", "time_utc": "2026-12-03T21:02:48Z", "loadavg_1m": 1.4}})
+    assert "commit `abc1234`, 1-min load average 1.40 at the start." in stamped
+    import doctest
+
+    from benchmarks import cpu_split
+
+    assert doctest.testmod(cpu_split).failed == 0
     with pytest.raises(SystemExit) as exc:
         main(["--rounds", "0"])
     assert exc.value.code == 2 and "--rounds" in capsys.readouterr().err
