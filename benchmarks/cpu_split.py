@@ -47,7 +47,7 @@ from typing import Any
 from benchmarks import sweep_inprocess
 from benchmarks.common import RESULTS_DIR, BenchError, write_json
 from benchmarks.load import LoadConfig, run_load
-from benchmarks.ratios import decode_series
+from benchmarks.ratios import decode_series, median_run
 from benchmarks.stack import embedded_triton, gateway
 from benchmarks.studies import build_pool
 from ctscreen.cliargs import positive
@@ -196,7 +196,7 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
     from ctscreen.repo import default_settings
     from gateway.settings import Settings
 
-    median = sorted(pairs, key=lambda p: p["cpu_ratio"])[(len(pairs) - 1) // 2]
+    median = median_run(pairs, lambda p: p["cpu_ratio"])
     return {
         "slices": slices,
         # what was served (the shipped defaults when not given: the gateway's slices a request, which the

@@ -285,7 +285,7 @@ def run_ratios(
         # on these shared cores; other tenants only ever slow a run down)
         gw_runs: list[dict[str, Any]] = []
         gw_ort_runs: list[dict[str, Any]] = []
-        for r in range(max(1, gateway_rounds)):
+        for r in range(gateway_rounds):
             logger.info("round %d: gateway end to end ...", r + 1)
             gw_runs.append(run_load(cfg, pool))
             logger.info("round %d: in-process ORT, best setting ...", r + 1)
@@ -304,7 +304,7 @@ def run_ratios(
         gw_ort_sps = max((o["slices_per_s"] for _, o in pairs), default=None)
         gw_sps = out["gateway"]["slices_per_s"] if done else None
         # the peers below get one run each: they are compared with the gateway's median round
-        ct_sph = _median_run(done, lambda g: g["studies_per_hour"])["studies_per_hour"] if done else None
+        ct_sph = median_run(done, lambda g: g["studies_per_hour"])["studies_per_hour"] if done else None
         peer_studies = [plan[i % len(plan)] for i in range(studies)]
         if "monai-sdk" not in skip:
             logger.info("MONAI Deploy App SDK client ...")
@@ -332,8 +332,8 @@ def run_ratios(
             out["study_300_rounds"] = [
                 {"served_s": s["latency_s"]["max"] if s.get("completed") else None, "in_process_s": local["wall_s"]}
                 for s, local in big_runs]
-            out["study_300"] = _median_run(served_ok, lambda s: s["latency_s"]["max"]) if served_ok else big_runs[0][0]
-            out["study_300_in_process"] = _median_run([local for _, local in big_runs], lambda r: r["wall_s"])
+            out["study_300"] = median_run(served_ok, lambda s: s["latency_s"]["max"]) if served_ok else big_runs[0][0]
+            out["study_300_in_process"] = median_run([local for _, local in big_runs], lambda r: r["wall_s"])
             big_s = out["study_300"]["latency_s"]["max"] if served_ok else None
             big_ort_s = out["study_300_in_process"]["wall_s"]
 
@@ -365,10 +365,10 @@ def run_ratios(
     return out
 
 
-def _median_run(runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+def median_run(runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
     """The run whose ``value`` is the median (the lower middle one of an even count).
 
-    >>> _median_run([{"s": 3.0}, {"s": 1.0}, {"s": 2.0}], lambda r: r["s"])
+    >>> median_run([{"s": 3.0}, {"s": 1.0}, {"s": 2.0}], lambda r: r["s"])
     {'s': 2.0}
     """
     ordered = sorted(runs, key=value)
