@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast, overload
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
 
 from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBomb
@@ -405,15 +405,22 @@ class MultipartSplitter:
         self._field, self._value = bytearray(), bytearray()
         self._content: Any = None  # the part being written, until it ends
         self._done: list[tuple[dict[str, str], Any]] = []
-        self._parser = MultipartParser(boundary, {
+        callbacks: Any = {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, lo, hi: self._field.extend(data[lo:hi]),
             "on_header_value": lambda data, lo, hi: self._value.extend(data[lo:hi]),
             "on_header_end": self._header_end,
-            "on_part_data": lambda data, lo, hi: self._content.write(memoryview(data)[lo:hi]),
+            "on_part_data": self._part_data,
             "on_part_end": self._part_end,
             "on_end": self._end,
-        })
+        }
+        try:
+            self._parser = MultipartParser(boundary, callbacks)
+        except FormParserError as exc:  # e.g. a boundary over python-multipart's 256 characters (RFC 2046: 70)
+            raise UploadError(f"Multipart boundary of {len(boundary)} characters refused: {exc}.") from exc
+
+    def _part_data(self, data: bytes, lo: int, hi: int) -> None:
+        self._content.write(memoryview(data)[lo:hi])
 
     def _part_begin(self) -> None:
         if self.parts >= self.max_parts:
@@ -453,7 +460,7 @@ class MultipartSplitter:
             data, self._preamble = bytes(self._preamble[start:]), None
         try:
             self._parser.write(data)
-        except MultipartParseError as exc:
+        except FormParserError as exc:  # MultipartParseError, or another of the parser's refusals
             number = self.parts + (self._content is None)  # the part being read, or the next one between parts
             raise UploadError(
                 f"Multipart part {number} is malformed (a bad header line, or no header/body "

@@ -10,6 +10,8 @@ and answered 503 ``internal_error`` as a last resort.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,14 +34,64 @@ def error_response(status: int, reason: str, message: str, *, headers: dict[str,
     return JSONResponse({"reason": reason, "message": message, **extra}, status_code=status, headers=headers)
 
 
-def install(app: FastAPI) -> None:
-    """Register the exception handlers on ``app``."""
-    metrics = lambda request: getattr(request.app.state, "metrics", None)  # noqa: E731
+def _answered(request: Request, reason: str) -> None:
+    """Count ``reason`` and hand it to the audit record of the request (``gateway.audit``)."""
+    _note(request.scope, reason)
 
-    def count(request: Request, reason: str) -> None:
-        m = metrics(request)
-        if m is not None:
-            m.error(reason)
+
+def _note(scope: MutableMapping[str, Any], reason: str) -> None:
+    scope.setdefault("state", {})["audit_reason"] = reason
+    metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.error(reason)
+
+
+def _internal_error(exc: BaseException) -> JSONResponse:
+    return error_response(
+        503, "internal_error",
+        f"The gateway failed unexpectedly ({type(exc).__name__}); the error is logged. Retry later.",
+        headers={"Retry-After": "5"},
+    )
+
+
+class LastResort:
+    """ASGI middleware: an exception that no handler answered is logged once and answered 503
+    ``internal_error``, inside the audit middleware (whose record then says 503 and why).
+
+    Starlette's own last resort (an ``Exception`` handler) answers from the outermost middleware and then
+    raises the exception again, so the server logged a second traceback and the audit record, which the
+    exception passed on its way out, said 500. A response already begun (an event stream) cannot be
+    answered again: its exception goes on.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            _note(scope, "internal_error")
+            await _internal_error(exc)(scope, receive, send)
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers and the last-resort middleware on ``app`` (before the audit
+    middleware is added, so that the audit record sees the answer)."""
+    app.add_middleware(LastResort)
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
@@ -51,12 +103,12 @@ def install(app: FastAPI) -> None:
                 only = REASONS[next(iter(reasons))]
                 body = {**body, "reason": only.reason, "message": f"{exc.message} {exc.rejected[0][2]}"}
                 status = only.http_status
-        count(request, body["reason"])
+        _answered(request, body["reason"])
         return JSONResponse(body, status_code=status, headers=exc.headers() or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        count(request, "bad_request")
+        _answered(request, "bad_request")
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return error_response(422, "bad_request", "The request does not match the API.", errors=errors)
 
@@ -64,15 +116,12 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         reason = detail.get("reason") or _HTTP_REASONS.get(exc.status_code, "http_error")
+        request.scope.setdefault("state", {})["audit_reason"] = reason  # not counted as an error (e.g. 404)
         body = {"reason": reason, **{k: v for k, v in detail.items() if k != "reason"}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _last_resort(request: Request, exc: Exception) -> JSONResponse:
+    async def _outside(request: Request, exc: Exception) -> JSONResponse:  # raised outside LastResort
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        count(request, "internal_error")
-        return error_response(
-            503, "internal_error",
-            f"The gateway failed unexpectedly ({type(exc).__name__}); the error is logged. Retry later.",
-            headers={"Retry-After": "5"},
-        )
+        _answered(request, "internal_error")
+        return _internal_error(exc)

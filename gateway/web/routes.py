@@ -148,7 +148,7 @@ async def worklist(
     page = await web.worklist.page(
         limit=limit, offset=offset, state=state, verdict=verdict,
         received_from=None if received_from is None else _epoch(received_from),
-        received_to=None if received_to is None else _epoch(received_to + timedelta(days=1)))
+        received_to=None if received_to is None or received_to == date.max else _epoch(received_to + timedelta(days=1)))
     labels = await _fill_labels(web, page.rows)
     rows = [_row(r) for r in page.rows]
     for row in rows:

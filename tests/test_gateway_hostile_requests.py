@@ -1,0 +1,83 @@
+"""Requests a reviewer sent to a running gateway that got a 503 and a traceback instead of a specific
+answer, and what the audit trail recorded about refusals.
+
+``TestClient(app)`` with the real routes, store, uploads and audit trail; Triton is the fake client of
+``tests/gateway_app_fakes.py`` (none of these requests reaches it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet
+
+LONG_BOUNDARY = "B" * 300  # python-multipart refuses boundaries over 256 characters (RFC 2046: 70)
+
+
+def _client(tmp_path, **kw) -> TestClient:
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data", audit_log_file=tmp_path / "audit.jsonl", **kw)
+    return TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False)
+
+
+def _audit(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/v1/studies", f"multipart/form-data; boundary={LONG_BOUNDARY}"),
+    ("/dicomweb/studies", f'multipart/related; type="application/dicom"; boundary={LONG_BOUNDARY}'),
+])
+def test_an_overlong_multipart_boundary_is_a_bad_upload(tmp_path, path, content_type, caplog):
+    body = f"--{LONG_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\nx\r\n--{LONG_BOUNDARY}--\r\n".encode()
+    with _client(tmp_path) as client:
+        r = client.post(path, content=body, headers={"Content-Type": content_type})
+    assert r.status_code == 400, r.text
+    assert r.json()["reason"] == "bad_upload" and "300 characters" in r.json()["message"]
+    assert not [rec for rec in caplog.records if rec.exc_info], "no traceback for a bad request"
+
+
+@pytest.mark.parametrize("query", ["received_to=9999-12-31", "received_from=0001-01-01",
+                                   "received_from=0001-01-01&received_to=9999-12-31"])
+def test_the_worklist_takes_the_first_and_last_days_of_the_calendar(tmp_path, query):
+    with _client(tmp_path) as client:
+        r = client.get(f"/v1/worklist?{query}")
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == []
+
+
+def test_a_refusal_is_audited_with_its_reason(tmp_path):
+    with _client(tmp_path) as client:
+        assert client.post("/v1/studies", content=b"not dicom at all" * 4,
+                           headers={"Content-Type": "application/dicom"}).json()["reason"] == "not_dicom"
+        assert client.get("/v1/jobs/" + "0" * 32).status_code == 404
+        assert client.get("/v1/worklist?limit=0").status_code == 422
+    by_action = {r["action"]: r for r in _audit(tmp_path)}
+    assert by_action["POST /v1/studies"]["reason"] == "not_dicom"
+    assert by_action["GET /v1/jobs/{job_id}"]["reason"] == "not_found"
+    assert by_action["GET /v1/worklist"]["reason"] == "bad_request"
+
+
+def test_an_unexpected_error_is_answered_503_logged_once_and_audited_as_answered(tmp_path, monkeypatch, caplog):
+    from gateway.store.worklist import Worklist
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Worklist, "page", broken)
+    caplog.set_level(logging.ERROR)
+    with _client(tmp_path) as client:
+        r = client.get("/v1/worklist")
+        metrics = client.get("/metrics").text
+    assert r.status_code == 503 and r.json()["reason"] == "internal_error", r.text
+    assert r.headers["retry-after"] == "5" and "RuntimeError" in r.json()["message"]
+    assert 'ctscreen_errors_total{reason="internal_error"} 1.0' in metrics
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]
+    (record,) = [r for r in _audit(tmp_path) if r["action"] == "GET /v1/worklist"]
+    assert (record["status"], record["reason"]) == (503, "internal_error")
