@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from aggregator.schema import CaseResult
 
-__all__ = ["IDENTIFIER_SYSTEM", "report_identifier", "to_fhir", "validate_bundle"]
+__all__ = ["IDENTIFIER_SYSTEM", "refusal", "report_identifier", "to_fhir", "validate_bundle"]
 
 IDENTIFIER_SYSTEM: Final = "urn:ctscreen:result"
 """System of the identifiers of every resource ctscreen makes (value: job id, then ``/`` and a part)."""
@@ -186,4 +186,26 @@ def validate_bundle(bundle: Mapping[str, Any]) -> None:
     try:
         Bundle.parse_obj(dict(bundle))
     except Exception as exc:  # pydantic.v1 ValidationError (a ValueError) or a type error of the models
-        raise ValueError(f"FHIR bundle refused by the R4 models: {str(exc)[:500]}") from None
+        raise ValueError(f"FHIR bundle refused by the R4 models: {refusal(exc)}") from None
+
+
+def refusal(exc: BaseException) -> str:
+    """Where and why a model refused, without the refused values (they may be patient data).
+
+    >>> from pydantic import BaseModel, ValidationError
+    >>> class M(BaseModel):
+    ...     n: int
+    >>> try:
+    ...     M(n="Jane Doe")
+    ... except ValidationError as exc:
+    ...     print(refusal(exc))
+    n: Input should be a valid integer, unable to parse string as an integer
+    """
+    errors = getattr(exc, "errors", None)
+    try:
+        items = errors() if callable(errors) else None
+    except Exception:  # noqa: BLE001 - not a validation error after all
+        items = None
+    if not items:
+        return type(exc).__name__
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in items[:5])

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from aggregator.schema import Box, CaseResult
-from aggregator.sr import stable_uid
+from aggregator.sr import SourceError, stable_uid, usable_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -132,8 +132,8 @@ def key_images(
 
     Raises
     ------
-    ValueError
-        When an evidence slice is missing from ``sources`` or belongs to another study.
+    aggregator.sr.SourceError
+        When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame.
     """
     if result.verdict == "negative" or result.evidence is None or not result.evidence.slices:
         return []
@@ -150,11 +150,11 @@ def key_images(
     for n, evidence in enumerate(result.evidence.slices, start=1):
         ds = by_uid.get(evidence.sop_instance_uid)
         if ds is None:
-            raise ValueError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
+            raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
         if str(ds.StudyInstanceUID) != result.study_instance_uid:
-            raise ValueError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
+            raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise ValueError(f"Slice {evidence.sop_instance_uid} is multi-frame; key images need single frames.")
+            raise SourceError(f"Slice {evidence.sop_instance_uid} is multi-frame; key images need single frames.")
         grey = lung_window(_hu(ds))
         rgb = np.repeat(grey[..., None], 3, axis=2)
         for box in evidence.boxes:
@@ -176,7 +176,7 @@ def key_images(
             patient_orientation=_orientation(ds),
             series_description="ctscreen key images (lung window, lesion boxes)",
         )
-        sc.copy_patient_and_study_information(ds)
+        sc.copy_patient_and_study_information(usable_headers([ds])[0])  # an unreadable date left empty
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"
         sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {result.evidence.quadrant} run, "

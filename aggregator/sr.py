@@ -32,13 +32,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "stable_uid", "to_sr"]
+__all__ = ["COVID19", "SourceError", "stable_uid", "to_sr", "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
 """SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
 
 _PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                   "StudyDate", "StudyTime", "ReferringPhysicianName")
+_TEMPORAL = ("DA", "DT", "TM")
+
+
+class SourceError(ValueError):
+    """The source images cannot make the object asked for (missing, of another study, multi-frame).
+
+    Its message names UIDs only, never a header value, so it may be shown and logged; any other error
+    while an object is built (highdicom refusing a header) may quote a value and must not be."""
 
 
 def stable_uid(*parts: object) -> str:
@@ -48,21 +56,47 @@ def stable_uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=["ctscreen-sr", *[str(p) for p in parts]]))
 
 
-def _evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """Header-only copies with the patient/study attributes highdicom reads present (empty if absent)."""
+def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Header-only copies with the patient/study attributes highdicom reads present (empty if absent).
+
+    A top-level date or time that pydicom cannot read (a scanner's ``03/02/1901`` birth date) is left
+    empty: highdicom converts them and would refuse the whole object for it. Which attribute was
+    emptied is logged, never its value.
+    """
     from pydicom.dataset import Dataset
 
+    emptied: set[str] = set()
     out = []
     for ds in datasets:
         copy = Dataset()
         for elem in ds:
-            if elem.tag.group != 0x7FE0:  # no pixel data
+            if elem.tag.group == 0x7FE0:  # no pixel data
+                continue
+            if elem.VR in _TEMPORAL and not _readable(elem.VR, elem.value):
+                emptied.add(elem.keyword or str(elem.tag))
+                copy.add_new(elem.tag, elem.VR, "")
+            else:
                 copy.add(elem)
         for keyword in _PATIENT_STUDY:
             if keyword not in copy:
                 setattr(copy, keyword, "")
         out.append(copy)
+    if emptied:
+        logger.warning("source headers: %s not a valid DICOM date or time; left empty", ", ".join(sorted(emptied)))
     return out
+
+
+def _readable(vr: str, value: object) -> bool:
+    from pydicom.valuerep import DA, DT, TM
+
+    values = value if isinstance(value, list | tuple) else [value]
+    try:
+        for v in values:
+            if v not in (None, ""):
+                {"DA": DA, "DT": DT, "TM": TM}[vr](v)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def _polyline(box) -> np.ndarray:
@@ -102,8 +136,10 @@ def to_sr(
 
     Raises
     ------
+    SourceError
+        When ``evidence`` is empty or belongs to another study.
     ValueError
-        When ``evidence`` is empty, belongs to another study, or ``boxes`` is unknown.
+        When ``boxes`` is unknown; highdicom's own errors on headers it refuses.
     """
     import highdicom as hd
     from highdicom.sr import (
@@ -127,13 +163,13 @@ def to_sr(
     from pydicom.sr.codedict import codes
 
     if not evidence:
-        raise ValueError('Argument "evidence" must hold the source images of the result.')
+        raise SourceError('Argument "evidence" must hold the source images of the result.')
     if boxes not in ("evidence", "all"):
         raise ValueError(f'Argument "boxes" must be "evidence" or "all", got {boxes!r}.')
-    images = _evidence(evidence)
+    images = usable_headers(evidence)
     studies = {str(ds.StudyInstanceUID) for ds in images}
     if studies != {result.study_instance_uid}:
-        raise ValueError(
+        raise SourceError(
             f'Argument "evidence" must belong to study {result.study_instance_uid}, got {sorted(studies)}.'
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}

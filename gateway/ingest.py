@@ -50,6 +50,7 @@ from gateway.dicom import (
     to_grid,
 )
 from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodable, UploadError
+from gateway.phi import protect_logs
 from gateway.report import SrContext, sr_context
 from gateway.series import (
     SeriesRules,
@@ -601,7 +602,8 @@ def make_decode_pool(workers: int) -> ProcessPoolExecutor:
     """
     if workers < 1:
         raise ValueError(f'Argument "workers" must be >= 1, got {workers}.')
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=protect_logs)
 
 
 def _frame_name(h: FrameHeader) -> str:

@@ -25,7 +25,9 @@ from pydantic import ValidationError
 from ctscreen import __version__
 from gateway import security
 from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
+from gateway.auth import AuthConfigError
 from gateway.metrics import Metrics
+from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
@@ -106,6 +108,7 @@ def create_app(
         Turns uploaded files into a prepared study (default :func:`gateway.ingest.load_study`).
     """
     settings = settings or Settings()
+    protect_logs()  # no header value (a malformed birth date ...) in pydicom's log records
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,8 +172,8 @@ def create_app(
         summary="Chest-CT studies in, COVID-19 pneumonia verdicts out (Chen et al., Sci Rep 2020).",
         lifespan=lifespan,
     )
+    errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)
-    errors.install(app)
     app.include_router(studies.router)
     app.include_router(jobs.router)
     app.include_router(sr.router)
@@ -190,4 +193,7 @@ def app_from_env() -> FastAPI:
         settings = Settings()
     except ValidationError as exc:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
-    return create_app(settings)
+    try:
+        return create_app(settings)
+    except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file
+        raise SystemExit(f"ctscreen gateway: {exc}") from None

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -30,13 +31,26 @@ from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet
 from tests.test_gateway_app_api import STOW_TYPE, related_body
 
+MALFORMED = {"PatientBirthDate": "03/02/1901", "StudyDate": "2020133", "StudyTime": "25:61:99",
+             "PatientName": "GOUDURIX"}
+"""Dates as some scanners write them (pydicom quotes such values in its warnings, highdicom refuses them),
+and a one-component name (highdicom quotes it in a warning)."""
+
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("phi")
-    return [Path(phantom.write_study(phantom.make_study(seed=seed, kind=kind, n_slices=8, matrix=128),
-                                     out / f"{kind}-{seed}", montage=False)) / "dicom"
-            for seed, kind in ((41, "covid"), (42, "normal"), (43, "covid"))]
+    folders = [Path(phantom.write_study(phantom.make_study(seed=seed, kind=kind, n_slices=8, matrix=128),
+                                        out / f"{kind}-{seed}", montage=False)) / "dicom"
+               for seed, kind in ((41, "covid"), (42, "normal"), (43, "covid"), (44, "covid"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in folders[3].glob("*.dcm"):
+            ds = pydicom.dcmread(f)
+            for keyword, value in MALFORMED.items():
+                ds.add_new(pydicom.datadict.tag_for_keyword(keyword), pydicom.datadict.dictionary_VR(keyword), value)
+            ds.save_as(f)
+    return folders
 
 
 def _phi(folder: Path) -> set[str]:
@@ -54,7 +68,8 @@ def _wait(client: TestClient, url: str, headers: dict[str, str]) -> dict:
         time.sleep(0.05)
 
 
-def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
+def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
+    caplog.clear()
     caplog.set_level(logging.DEBUG)
     keyfile, audit_file = tmp_path / "keys.json", tmp_path / "audit.jsonl"
     dicom_port = free_port()
@@ -65,7 +80,7 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
     with contextlib.redirect_stdout(out):
         keys_cli.main(["--file", str(keyfile), "add", "robot2", "--scopes", "admin"])
     auth = {"X-API-Key": out.getvalue().strip()}
-    upload, stow, dimse = studies
+    upload, stow, dimse, malformed = studies
     with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as client:
         files = sorted(upload.glob("*.dcm"))
         r = client.post("/v1/studies", files=[("files", (f.name, f.read_bytes(), "application/dicom")) for f in files],
@@ -92,10 +107,20 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog):
         assert set(statuses) == {0}
         dimse_uid = str(pydicom.dcmread(next(dimse.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
         assert _wait(client, f"/v1/studies/{dimse_uid}", auth)["state"] == "done"
+        # dates a scanner wrote malformed: the SR is made with them left empty, and no line quotes them
+        files = sorted(malformed.glob("*.dcm"))
+        r = client.post("/v1/studies", files=[("files", (f.name, f.read_bytes(), "application/dicom")) for f in files],
+                        headers=auth)
+        assert r.status_code == 202, r.text
+        assert _wait(client, r.headers["location"], auth)["state"] == "done"
+        sr = client.get(f"{r.headers['location']}/sr", headers=auth)
+        assert sr.status_code == 200, sr.text
+        sr = pydicom.dcmread(io.BytesIO(sr.content))
+        assert (sr.PatientBirthDate, sr.StudyDate, sr.StudyTime) == ("", "", "") and sr.PatientID
         # refusals on the way: no credential, a bad UID, a non-CT part
         assert client.get(f"/v1/studies/{dimse_uid}").status_code == 401
         assert client.get("/v1/studies/..%2F..", headers=auth).status_code in (400, 404)
-    lines = [caplog.text, *(r.getMessage() for r in caplog.records)]
+    lines = [caplog.text, *(r.getMessage() for r in caplog.records), *(str(w.message) for w in recwarn)]
     audit = audit_file.read_text().splitlines()
     records = [json.loads(line) for line in audit]
     actions = {r["action"] for r in records}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -259,10 +260,8 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         Settings(destinations_file=tmp_path / "missing.yaml")
 
 
-def test_sr_of_a_stored_job_parses_and_refers_to_its_instances(study_files, tmp_path):
-    """The payload builder reads the stored instances (blob folder) and makes a highdicom-readable SR."""
-    import highdicom
-
+def _built(study_files: list[Path], tmp_path: Path):
+    """The SR and key images the payload builder makes from a done job of ``study_files``."""
     from gateway.delivery.payloads import build_dicom
 
     async def scenario():
@@ -274,9 +273,155 @@ def test_sr_of_a_stored_job_parses_and_refers_to_its_instances(study_files, tmp_
 
     blobs, result, sources = asyncio.run(scenario())
     made = build_dicom(result, sources, ["sr", "key_images"], lambda data: (k := new_key(), blobs.put(k, data))[0])
+    return blobs, result, made
+
+
+def test_sr_of_a_stored_job_parses_and_refers_to_its_instances(study_files, tmp_path):
+    """The payload builder reads the stored instances (blob folder) and makes a highdicom-readable SR."""
+    import highdicom
+
+    blobs, result, made = _built(study_files, tmp_path)
     sr = highdicom.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(blobs.get(made[0]["blob_key"]))))
     src = pydicom.dcmread(study_files[0], stop_before_pixels=True)
     assert (sr.PatientID, sr.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
     refs = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             for g in sr.content.get_planar_roi_measurement_groups()}
     assert refs == {s.sop_instance_uid for s in result.evidence.slices}
+
+
+def test_dates_a_scanner_wrote_malformed_are_left_empty_and_never_logged(study_files, tmp_path, caplog):
+    """A birth date like 03/02/1901 (as some scanners write it) made every SR and key image fail, with
+    highdicom's error quoting the value in the delivery's error. The objects are now made with the bad
+    dates left empty (the patient's identity kept), and no log record or warning quotes them."""
+    import warnings
+
+    import highdicom
+
+    from gateway.phi import protect_logs
+
+    bad = {"PatientBirthDate": "03/02/1901", "StudyDate": "2020133", "StudyTime": "25:61:99"}
+    with warnings.catch_warnings():  # the test's own writing of the files is not what is checked
+        warnings.simplefilter("ignore")
+        for f in study_files:
+            ds = pydicom.dcmread(f)
+            for keyword, value in bad.items():
+                ds.add_new(pydicom.datadict.tag_for_keyword(keyword), pydicom.datadict.dictionary_VR(keyword), value)
+            ds.save_as(f)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        protect_logs()  # what create_app does for the gateway's process
+        blobs, result, made = _built(study_files, tmp_path)
+    assert [m["kind"] for m in made][:1] == ["sr"] and len(made) == 1 + len(result.evidence.slices)
+    src = pydicom.dcmread(study_files[0], stop_before_pixels=True)
+    for m in made:
+        out = pydicom.dcmread(io.BytesIO(blobs.get(m["blob_key"])))
+        assert (out.PatientID, out.PatientName) == (src.PatientID, src.PatientName)
+        assert (out.PatientBirthDate, out.StudyDate, out.StudyTime) == ("", "", "")
+    highdicom.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(blobs.get(made[0]["blob_key"]))))
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert any("PatientBirthDate" in line for line in said)  # which attribute was left empty is logged
+    for value in bad.values():
+        assert not [line for line in said if value in line], value
+
+
+class _Hang:
+    """A PACS that hangs: it accepts TCP connections (the kernel's backlog) and never answers."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@needs_orthanc
+def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, tmp_path):
+    """With one slot per replica for all destinations, a hanging PACS held it for its whole timeout while
+    the healthy one waited. Each destination now has its own slots: the healthy delivery ends while the
+    hanging one is still being sent."""
+    hang = _Hang()
+
+    async def scenario():
+        settings = _settings(tmp_path, delivery_concurrency=1)
+        store, blobs, result = await _done_job(settings, study_files)
+        hanging = {"name": "hang", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": hang.port,
+                   "timeout_s": 8}
+        deliverer = Deliverer(store, blobs, parse_destinations([hanging, _pacs(orthanc)]), settings,
+                              CollectorRegistry())
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await deliverer.poll()
+                await asyncio.sleep(0.1)
+                tasks = {t.destination: t for t in await deliverer.tasks.of_job(result.job_id)}
+                if tasks.get("pacs") is not None and tasks["pacs"].state == "done":
+                    break
+            assert tasks["pacs"].state == "done", tasks
+            assert tasks["hang"].state == "sending", tasks["hang"]  # still waiting for its association
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        hang.close()
+
+
+def test_a_destination_without_the_sr_class_fails_at_once_naming_it(study_files, tmp_path, caplog):
+    """pynetdicom raised ValueError for an object whose class the peer did not accept; the catch-all
+    retried it past every limit, a traceback each time. It is a permanent refusal that says what to change."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    scp = AE(ae_title="SC_ONLY")
+    scp.add_supported_context(SecondaryCaptureImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    port = server.server_address[1]
+
+    async def scenario():
+        settings = _settings(tmp_path, delivery_max_attempts=5)
+        store, blobs, result = await _done_job(settings, study_files)
+        dest = {"name": "sc-only", "kind": "dicom", "ae_title": "SC_ONLY", "host": "127.0.0.1", "port": port}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            return await _until(deliverer, result.job_id, {"failed"})
+        finally:
+            await store.close()
+
+    try:
+        (task,) = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert task.attempts == 1 and task.sent == ()
+    assert "Comprehensive 3D SR Storage" in task.error and "objects" in task.error
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_an_unexpected_error_is_retried_only_up_to_the_attempts(study_files, tmp_path, monkeypatch):
+    from gateway.delivery import payloads
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(payloads, "build_dicom", broken)
+
+    async def scenario():
+        settings = _settings(tmp_path, delivery_max_attempts=2)
+        store, blobs, result = await _done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "ANY", "host": "127.0.0.1", "port": 9}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            return await _until(deliverer, result.job_id, {"failed"}, timeout=20)
+        finally:
+            await store.close()
+
+    (task,) = asyncio.run(scenario())
+    assert task.attempts == 2 and task.error == "internal error: RuntimeError"

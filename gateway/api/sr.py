@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from aggregator.sr import SourceError
 from gateway.api.deps import StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.auth import AUTH_RESPONSES, results_read
@@ -37,8 +38,11 @@ async def job_sr(job_id: str, store: StoreDep) -> Response:
     context = SrContext.from_json(stored)
     try:
         data = await run_in_threadpool(encode_sr, view.result, context)
-    except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom cannot use
+    except SourceError as exc:  # its message names UIDs only
         raise SrUnavailable(f"No SR for job {job_id}: {exc}") from exc
+    except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom refuses: its message may quote one
+        raise SrUnavailable(f"No SR for job {job_id}: highdicom refused the source headers "
+                            f"({type(exc).__name__}).") from None
     uid = view.result.study_instance_uid
     return Response(data, media_type=DICOM,
                     headers={"Content-Disposition": f'attachment; filename="ctscreen-sr-{uid}.dcm"'})

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aggregator.schema import CaseResult
+from aggregator.sr import SourceError
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
             made.append((SR, to_sr(result, datasets)))
         if "key_images" in objects:
             made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise PayloadUnavailable(f"the source headers cannot be used: {exc}") from None
+    except SourceError as exc:  # its message names UIDs only
+        raise PayloadUnavailable(f"the source images cannot be used: {exc}") from None
+    except (ValueError, AttributeError, TypeError) as exc:  # highdicom's message may quote a header value
+        raise PayloadUnavailable(f"highdicom refused the source headers ({type(exc).__name__})") from None
     out = []
     for kind, ds in made:
         out.append({"kind": kind, "uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),

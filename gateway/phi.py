@@ -1,0 +1,50 @@
+"""No patient data in the gateway's logs, from the libraries it calls either.
+
+pydicom reports a header value it cannot accept with the value itself, through its ``pydicom`` logger and
+again as a ``UserWarning`` (``Invalid value for VR DA: '03/02/1901'.``). A malformed birth date or name
+from a scanner would then reach the log each time such a value is set on a data set (the SR's patient
+and study attributes, for every instance of the study). highdicom warns with the name itself when a Patient's Name has a single component, as
+anonymised and some real studies do. :func:`protect_logs` keeps pydicom's message and withholds the value
+(every quoted string in a ``pydicom`` record becomes ``<withheld>``), and shows neither pydicom's
+duplicate warnings nor highdicom's warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+__all__ = ["ValueRedactor", "protect_logs"]
+
+_QUOTED = re.compile(r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\"""")
+
+
+class ValueRedactor(logging.Filter):
+    """A filter that replaces every quoted string of a record's message by ``<withheld>``.
+
+    >>> r = logging.LogRecord("pydicom", logging.WARNING, "", 0, "Invalid value for VR %s: %r.", ("DA", "1/2/01"), None)
+    >>> ValueRedactor().filter(r), r.getMessage()
+    (True, 'Invalid value for VR DA: <withheld>.')
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _QUOTED.sub("<withheld>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def protect_logs() -> None:
+    """Withhold header values from pydicom's log records and drop its duplicate warnings (idempotent;
+    process-wide: call it in every process that parses DICOM, decode workers included)."""
+    logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, ValueRedactor) for f in logger.filters):
+        logger.addFilter(ValueRedactor())
+    # the same text as the (redacted) log record, with the value: not shown
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+    # highdicom warns with the name itself when a Patient's Name has one component ("GOUDURIX")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
+    warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name", category=UserWarning)
