@@ -288,7 +288,7 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(12, ge=1, le=1000, description="Tries before a delivery is failed.")
     delivery_lease_s: float = Field(120.0, gt=0, le=3600, description="Lease of a delivery being sent.")
     delivery_poll_s: float = Field(0.5, gt=0, le=60, description="How often the deliverer looks for work.")
-    delivery_concurrency: int = Field(2, ge=1, le=64, description="Deliveries sent at once per replica.")
+    delivery_concurrency: int = Field(2, ge=1, le=64, description="Deliveries sent at once to each destination, per replica.")
     delivery_backfill_s: float = Field(
         3600.0, gt=0, description="Done jobs finished this recently get deliveries to a newly added destination.")
 

@@ -3,7 +3,8 @@
 Every ``delivery_poll_s``: (1) each done job finished in the last ``delivery_backfill_s`` that lacks a
 delivery to a configured destination gets one (``pending``; the pair is unique, so replicas never make
 two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``delivery_concurrency`` at
-once. A claimed task:
+once to each destination (slots per destination: a destination that hangs never delays another's
+deliveries). A claimed task:
 
 * checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason;
 * builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store, and again if a blob
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -78,7 +80,9 @@ class Deliverer:
         self.tasks = Deliveries(store)
         self.destinations: dict[str, Destination] = {d.name: d for d in destinations}
         self.pending: dict[tuple[str, str], int] = {}
-        self._slots = asyncio.Semaphore(settings.delivery_concurrency)
+        # slots per destination: one that hangs (accepts TCP, never answers) holds only its own, so it never
+        # delays another destination's deliveries
+        self._slots = {name: asyncio.Semaphore(settings.delivery_concurrency) for name in self.destinations}
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -110,18 +114,19 @@ class Deliverer:
         s = self.settings
         await self.tasks.enqueue_missing({n: d.kind for n, d in self.destinations.items()}, s.delivery_backfill_s)
         self.pending = await self.tasks.counts()
-        while not self._slots.locked():
-            task = await self.tasks.claim(s.delivery_lease_s, list(self.destinations))
+        while free := [name for name, slots in self._slots.items() if not slots.locked()]:
+            task = await self.tasks.claim(s.delivery_lease_s, free)
             if task is None:
                 return
-            await self._slots.acquire()
+            slots = self._slots[task.destination]
+            await slots.acquire()
             run = asyncio.get_running_loop().create_task(self._run(task), name=f"delivery-{task.id}")
             self._running.add(run)
-            run.add_done_callback(self._done)
+            run.add_done_callback(functools.partial(self._done, slots))
 
-    def _done(self, run: asyncio.Task[None]) -> None:
+    def _done(self, slots: asyncio.Semaphore, run: asyncio.Task[None]) -> None:
         self._running.discard(run)
-        self._slots.release()
+        slots.release()
 
     async def _loop(self) -> None:
         while True:
@@ -190,8 +195,11 @@ class Deliverer:
         except Exception as exc:  # noqa: BLE001 - last resort: a delivery never dies silently
             logger.exception("%s: unexpected error", where)
             self.failures.labels(dest.name).inc()
-            await self.tasks.retry_later(task.id, self.settings.delivery_backoff_max_s,
-                                         f"internal error: {type(exc).__name__}")
+            reason = f"internal error: {type(exc).__name__}"
+            if task.attempts >= self.settings.delivery_max_attempts:  # bounded like any other failure
+                await self._give_up(task, dest, reason)
+                return
+            await self.tasks.retry_later(task.id, self.settings.delivery_backoff_max_s, reason)
 
     async def _give_up(self, task: Task, dest: Destination, reason: str) -> None:
         await self.tasks.finish(task.id, FAILED, reason)

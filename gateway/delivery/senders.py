@@ -35,7 +35,7 @@ class SendError(RuntimeError):
 def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str) -> list[str]:
     """C-STORE every item over one association (blocking)."""
     import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
     ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
@@ -60,6 +60,12 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
         raise SendError(f"no association with {dest.where} (refused, aborted or timed out)")
     sent: list[str] = []
     try:
+        accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+        refused = sorted({c for _, c, _ in items} - accepted)
+        if refused:  # pynetdicom would raise ValueError at the first such object; trying again cannot help
+            names = ", ".join(getattr(UID(c), "name", c) for c in refused)
+            raise SendError(f"{dest.where} accepts no presentation context for {names}; set the destination's "
+                            "objects to those it takes (e.g. [key_images])", permanent=True)
         for uid, _cls, data in items:
             ds = pydicom.dcmread(io.BytesIO(data))
             status = assoc.send_c_store(ds)
