@@ -96,11 +96,16 @@ def error_of(response: Any) -> dict[str, Any]:
 
 def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: float = 3600.0) -> Outcome:
     """Upload one study, follow its progress and return its outcome (never raises for the study)."""
+    import httpx
     from tqdm import tqdm
 
     t0 = time.monotonic()
     out = Outcome(str(path))
-    files = collect_files(path)
+    try:
+        files = collect_files(path)
+    except CliError as exc:  # this study only: the others of the run are still screened
+        out.error = {"reason": "no_files", "message": str(exc)}
+        return out
     root = path if path.is_dir() else path.parent
     nbytes = sum(f.stat().st_size for f in files)
     label = path.name or str(path)
@@ -109,8 +114,13 @@ def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: flo
         with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"{label}: upload", disable=quiet,
                   leave=False, file=sys.stderr) as bar:
             content_type, length, body = _multipart(files, root, bar)
-            response = client.post("/v1/studies", content=body,
-                                   headers={"Content-Type": content_type, "Content-Length": str(length)})
+            try:
+                response = client.post("/v1/studies", content=body,
+                                       headers={"Content-Type": content_type, "Content-Length": str(length)})
+            except httpx.TransportError as exc:  # the gateway went away during the upload: nothing accepted
+                out.error = {"reason": "unreachable", "message": f"upload not accepted: {type(exc).__name__}"}
+                out.seconds = time.monotonic() - t0
+                return out
         if response.status_code != 429:
             break
         wait = float(response.headers.get("Retry-After", "5"))
@@ -136,13 +146,45 @@ def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: flo
     return out
 
 
+UNREACHABLE_S = 120.0
+"""How long ``ctscreen screen`` keeps asking for a job while the gateway does not answer (a restart)."""
+
+
+def _failed(reason: str, message: str) -> dict[str, Any]:
+    return {"state": "failed", "error": {"reason": reason, "message": message}}
+
+
+def _job_view(client: Any, job_id: str) -> dict[str, Any] | None:
+    """The job's view; a ``failed`` view when it cannot be read (no right to, gone), None when the gateway
+    did not answer or answered 5xx / 429 (ask again)."""
+    import httpx
+
+    try:
+        resp = client.get(f"/v1/jobs/{job_id}")
+    except httpx.TransportError as exc:
+        logger.debug("reading job %s: %s", job_id, exc)
+        return None
+    if resp.status_code == 200:
+        return dict(resp.json())
+    if resp.status_code >= 500 or resp.status_code == 429:
+        return None
+    err = error_of(resp)
+    if resp.status_code in (401, 403):
+        return _failed(err["reason"], f"job {job_id} was accepted but its result cannot be read with this "
+                                      f"credential (it needs the results:read scope): {err.get('message', '')}")
+    return _failed(err["reason"], f"job {job_id}: {err.get('message', '')}")
+
+
 def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, Any]:
-    """Follow the job's server-sent events; fall back to polling if the stream breaks."""
+    """Follow the job's server-sent events; fall back to polling if the stream breaks (or is refused).
+
+    A job that cannot be read (no right to, gone) ends at once; a gateway that does not answer (a
+    restart) is asked again for up to :data:`UNREACHABLE_S`."""
     deadline = time.monotonic() + max_wait_s
     try:
         with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
             event = None
-            for line in resp.iter_lines():
+            for line in resp.iter_lines() if resp.status_code == 200 else ():
                 if line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
@@ -152,17 +194,25 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
                         bar.refresh()
                     bar.update(max(0, view.get("slices_done", 0) - bar.n))
                     if event in ("done", "failed"):
-                        return client.get(f"/v1/jobs/{job_id}").json()
+                        break
                 if time.monotonic() > deadline:
                     break
     except Exception as exc:  # noqa: BLE001 - a broken stream falls back to polling
         logger.debug("event stream of %s broke: %s", job_id, exc)
+    silent_since = None
     while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
-        if view.get("state") in ("done", "failed"):
-            return view
+        view = _job_view(client, job_id)
+        if view is None:
+            silent_since = silent_since or time.monotonic()
+            if time.monotonic() - silent_since > UNREACHABLE_S:
+                return _failed("unreachable", f"the gateway has not answered for {UNREACHABLE_S:g} s; job {job_id} "
+                                              "was accepted: ask GET /v1/jobs/{id} later")
+        else:
+            silent_since = None
+            if view.get("state") in ("done", "failed"):
+                return view
         time.sleep(0.5)
-    return {"state": "failed", "error": {"reason": "timeout", "message": f"no result within {max_wait_s:g} s"}}
+    return _failed("timeout", f"no result within {max_wait_s:g} s (job {job_id})")
 
 
 def _evidence_text(result: dict[str, Any]) -> str:

@@ -1,0 +1,111 @@
+"""``ctscreen screen``'s client (``gateway.client``) when the job cannot be read, or the gateway goes away.
+
+The gateway is the real app in ``TestClient`` (an ``httpx.Client``), with API keys on; Triton is the fake
+client of ``tests/gateway_app_fakes.py``. The restart case wraps that client in one whose first calls
+fail as a gateway being restarted does (connection refused): no real process is restarted here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway import client as screen_client
+from gateway import keys as keys_cli
+from gateway.main import create_app
+from gateway.settings import Settings
+from tests.gateway_app_fakes import FakeFleet, ct_series
+
+
+def _key(keyfile: Path, name: str, scopes: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        keys_cli.main(["--file", str(keyfile), "add", name, "--scopes", *scopes])
+    return out.getvalue().strip()
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name, data in ct_series(6, lesion=(1, 2, 3), size=64)[1]:
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    keyfile = tmp_path / "keys.json"
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data", auth_api_keys_file=keyfile)
+    keys = {"write": _key(keyfile, "uploader", ["studies:write"]), "admin": _key(keyfile, "robot", ["admin"])}
+    with TestClient(create_app(settings, client_factory=FakeFleet())) as client:
+        yield client, keys
+
+
+def test_a_key_that_may_upload_but_not_read_ends_at_once_naming_the_job(gateway, study):
+    """It polled a 403 twice a second for an hour."""
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["write"]
+    out = screen_client.screen_path(client, study, quiet=True, max_wait_s=60)
+    assert out.job_id and out.result is None
+    assert out.error["reason"] == "insufficient_scope", out.error
+    assert out.job_id in out.error["message"] and "results:read" in out.error["message"]
+
+
+class _Restarting:
+    """The app's client, refusing connections for its first ``down`` calls (a gateway being restarted)."""
+
+    def __init__(self, inner: TestClient, down: int) -> None:
+        self.inner, self.down = inner, down
+
+    def _maybe_down(self) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise httpx.ConnectError("connection refused")
+
+    def get(self, url: str, **kw):
+        self._maybe_down()
+        return self.inner.get(url, **kw)
+
+    def stream(self, method: str, url: str, **kw):
+        self._maybe_down()
+        return self.inner.stream(method, url, **kw)
+
+    def post(self, url: str, **kw):
+        return self.inner.post(url, **kw)
+
+
+def test_a_gateway_restarting_while_a_job_runs_is_asked_again(gateway, study, monkeypatch):
+    """It ended in a ConnectError traceback, without the job id."""
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["admin"]
+    monkeypatch.setattr(screen_client.time, "sleep", lambda s: None)
+    out = screen_client.screen_path(_Restarting(client, down=4), study, quiet=True, max_wait_s=60)
+    assert out.error is None and out.result is not None and out.result["job_id"] == out.job_id
+
+
+def test_a_gateway_that_stays_away_ends_the_wait_with_the_job_id(gateway, study, monkeypatch):
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["admin"]
+    clock = [0.0]
+    monkeypatch.setattr(screen_client.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(screen_client.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    out = screen_client.screen_path(_Restarting(client, down=10**6), study, quiet=True, max_wait_s=3600)
+    assert out.error["reason"] == "unreachable" and out.job_id in out.error["message"]
+
+
+def test_an_empty_folder_among_several_studies_is_one_error_row(gateway, study, tmp_path, monkeypatch):
+    """An empty folder aborted the whole run, after the studies before it had been screened."""
+    client, keys = gateway
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(screen_client, "http_client", lambda url, timeout: client)
+    client.headers["X-API-Key"] = keys["admin"]
+    outcomes = screen_client.screen_paths("http://testserver", [study, empty], quiet=True)
+    assert outcomes[0].error is None and outcomes[0].result is not None
+    assert outcomes[1].error == {"reason": "no_files", "message": f"{empty}: no file to upload"}
