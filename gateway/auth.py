@@ -326,13 +326,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings, host: str, *, insecure: bool = False) -> None:
-    """Refuse to serve on a non-loopback ``host`` without authentication, unless ``insecure``.
+    """Refuse to serve on a non-loopback ``host`` without authentication, unless ``insecure``, or with an
+    API key file that cannot be read.
 
     Raises
     ------
     AuthConfigError
         With one line saying what to configure.
     """
+    if settings.auth_api_keys_file:  # a file that cannot be read would answer every keyed call 503
+        try:
+            KeyStore(settings.auth_api_keys_file).keys()
+        except ValueError as exc:
+            raise AuthConfigError(f"CTSCREEN_AUTH_API_KEYS_FILE: {exc}") from None
     if insecure or settings.auth_insecure:
         return
     if not is_loopback(host) and not (settings.auth_oidc_issuer or settings.auth_api_keys_file):

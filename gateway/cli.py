@@ -197,24 +197,33 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    """True when ``host:port`` cannot be bound now (another server holds it)."""
+def _bind_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now, or None when it can."""
+    import errno
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"--host {host} cannot be resolved ({exc.strerror})"
+    family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is already in use (another server?); pick another port or 0"
+            return f"{host}:{port} cannot be bound ({exc.strerror or exc}; is {host} an address of this machine?)"
+    return None
 
 
 def _check_free(p: argparse.ArgumentParser, flag: str, host: str, port: int) -> None:
-    """Refuse a taken port up front, in one line, before anything is started."""
-    if port and _port_in_use(host, port):
-        p.error(f"{flag} {port}: {host}:{port} is already in use (another server?); pick another port or 0")
+    """Refuse a taken port (or a host that is not this machine's) up front, in one line, before anything
+    is started."""
+    why = _bind_error(host, port) if port else None
+    if why is not None:
+        p.error(why if why.startswith("--host") else f"{flag} {port}: {why}")
 
 
 def _check_stack_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -243,6 +252,18 @@ def _check_exposure(p: argparse.ArgumentParser, host: str, overrides: dict[str, 
         check_exposure(Settings(**{"host": host, **overrides}), host)
     except AuthConfigError as exc:
         p.exit(2, f"ctscreen serve: {exc}\n")
+    except ValidationError as exc:
+        p.exit(2, f"ctscreen serve: {setting_error(exc)}\n")
+
+
+def _metrics_port(p: argparse.ArgumentParser) -> int | None:
+    """``CTSCREEN_METRICS_PORT`` (the settings' own check, in one line), or None."""
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings, setting_error
+
+    try:
+        return Settings().metrics_port
     except ValidationError as exc:
         p.exit(2, f"ctscreen serve: {setting_error(exc)}\n")
 
@@ -279,6 +300,9 @@ def serve_main(argv: list[str]) -> int:
     if args.insecure:
         overrides["auth_insecure"] = True
     _check_exposure(p, args.host, overrides)  # one line, before Triton starts
+    metrics_port = _metrics_port(p)
+    if metrics_port:
+        _check_free(p, "CTSCREEN_METRICS_PORT", args.host, metrics_port)
     _logging(args.log_level)
     try:
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,

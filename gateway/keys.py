@@ -99,10 +99,12 @@ class KeyStore:
         if mtime is not None:
             try:
                 data = json.loads(self.path.read_text())
+                if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
+                    raise ValueError('it must hold a JSON object {"keys": [...]}, as "ctscreen keys add" writes')
                 for row in data.get("keys", []):
                     row["scopes"] = tuple(row["scopes"])
                     keys[row["id"]] = ApiKey(**row)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"API key file {self.path} cannot be read: {exc}") from exc
         self._keys, self._mtime, self._verified = keys, mtime, {}
 

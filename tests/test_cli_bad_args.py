@@ -95,6 +95,11 @@ CASES = [
     (["screen", "--timeout", "-1", "{tmp}"], "--timeout must be > 0"),
     (["demo", "--out", UNWRITABLE, "--exit", "--port", "{free}"], "cannot be created"),
     (["db", "bogus"], "invalid choice: 'bogus'"),
+    (["serve", "--host", "nosuch.invalid", "--insecure", "--port", "{free}"], "--host nosuch.invalid cannot be resolved"),
+    (["serve", "--host", "192.0.2.1", "--insecure", "--port", "{free}"], "is 192.0.2.1 an address of this machine"),
+    (["train", "lesion", "--device", "bogus"], "--device 'bogus'"),  # was: a RuntimeError traceback
+    (["export", "lesion", "--checkpoint", "{tmp}/notes.txt", "--out", "{tmp}/m.onnx"],
+     "is not a ctscreen checkpoint"),  # was: an UnpicklingError traceback
 ]
 
 
@@ -148,6 +153,7 @@ def test_a_bad_discovery_setting_stops_the_charts_gateway_in_one_line(env, expec
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[_id(c) for c in CASES])
 def test_bad_arguments_give_one_clear_line(argv, expected, tmp_path, taken_port, request):
     fill = {"tmp": str(tmp_path), "free": _free_port(), "taken": taken_port}
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     if any("{phantom}" in a or "{junk_repo}" in a for a in argv):
         fill.update(request.getfixturevalue("eval_inputs"))
     _one_clear_line(_run([a.format(**fill) for a in argv]), expected)
@@ -161,3 +167,24 @@ def _one_clear_line(p: subprocess.CompletedProcess, expected: str) -> None:
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith(("ctscreen", "bench_phantom")), p.stderr
     assert expected in lines[0], p.stderr
+
+
+def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_one_line(tmp_path):
+    """The gateway started with it, and answered every keyed call 503 (AttributeError); ``keys list`` crashed."""
+    bad = tmp_path / "keys.json"
+    bad.write_text("[1, 2]")
+    env = {"CTSCREEN_AUTH_API_KEYS_FILE": str(bad)}
+    free = _free_port()
+    _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"], env=env),
+                    "CTSCREEN_AUTH_API_KEYS_FILE: API key file")
+    p = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(free)],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, **env})
+    _one_clear_line(p, "must hold a JSON object")
+    _one_clear_line(_run(["keys", "--file", str(bad), "list"]), "cannot be read")
+
+
+def test_a_taken_metrics_port_stops_serve_in_one_line_naming_its_variable(taken_port):
+    """It started Triton, then failed with the lifespan's OSError traceback, blaming --port."""
+    free = _free_port()
+    _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"],
+                         env={"CTSCREEN_METRICS_PORT": str(taken_port)}), "CTSCREEN_METRICS_PORT")

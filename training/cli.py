@@ -104,9 +104,19 @@ def train_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _torch_or_exit(p.prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    import torch
+
     from training import datasets
     from training.nets import parse_arch
     from training.train import TrainConfig, train
+
+    if args.device is not None:  # before any data is read: a bad device is one line, not a traceback
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            p.error(f"--device {args.device!r}: {exc}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device is available here")
 
     try:
         source = datasets.parse_source(args.data)

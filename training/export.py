@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,12 @@ def parity(model: torch.nn.Module, onnx_path: Path, hu: np.ndarray) -> float:
 
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by :mod:`training.train` (on the CPU)."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ImportError) as exc:
+        raise ValueError(f"{path} is not a ctscreen checkpoint ({type(exc).__name__}).") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a ctscreen checkpoint (it holds a {type(ckpt).__name__}).")
     for key in ("task", "profile", "spec", "model"):
         if key not in ckpt:
             raise ValueError(f"{path} is not a ctscreen checkpoint (no {key!r}).")
