@@ -22,4 +22,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # refuses to start without CTSCREEN_AUTH_* (or CTSCREEN_AUTH_INSECURE=true)
 ENV CTSCREEN_HOST=0.0.0.0
 EXPOSE 8080
+# /metrics, when CTSCREEN_METRICS_PORT is set (the chart sets 9102)
+EXPOSE 9102
 CMD ["uvicorn", "--factory", "gateway.main:app_from_env", "--host", "0.0.0.0", "--port", "8080"]

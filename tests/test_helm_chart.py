@@ -389,6 +389,13 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert env["CTSCREEN_ORPHAN_SWEEP_INTERVAL_S"] == str(6 * 3600) and env["CTSCREEN_ORPHAN_GRACE_S"] == "3600"
     assert settings.orphan_sweep_interval_s == 6 * 3600 and settings.orphan_grace_s == 3600
     assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
+    # /metrics on a port of its own, the one the Service, the ServiceMonitor and the NetworkPolicy name
+    ports = {p["name"]: p["containerPort"] for p in container(gateway, "gateway")["ports"]}
+    assert settings.metrics_port == ports["metrics"] != ports["http"]
+    service = find(rendered[value_set], "Service", "-gateway")
+    assert {"name": "metrics", "port": ports["metrics"], "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    for monitor in [o for o in rendered[value_set] if o["kind"] == "ServiceMonitor"]:
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
     async def discover():
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the DNS fallback

@@ -103,7 +103,8 @@ def test_network_policy_admits_the_prometheus_pods_and_the_dicom_sources(product
     def peers(rules, port):
         return [p for r in rules if {"port": port, "protocol": "TCP"} in r["ports"] for p in r.get("from", [{}])]
 
-    assert prometheus in peers(gateway, "http"), "Prometheus must scrape the gateway's /metrics"
+    assert prometheus in peers(gateway, "metrics"), "Prometheus must scrape the gateway's /metrics"
+    assert prometheus not in peers(gateway, "http"), "/metrics has a port of its own"
     sources = values["gateway"]["dicom"]["sources"]
     assert sources and peers(gateway, "dicom") == [{"ipBlock": {"cidr": c}} for c in sources]
     assert not any("ipBlock" in p for p in peers(gateway, "http"))
@@ -428,8 +429,8 @@ def test_default_network_policy_admits_only_the_documented_sources(rendered_defa
     smoke = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "smoke-test",
                                              "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/name": "ctscreen"}}}
     gateway = [(r["ports"], r["from"]) for r in policies[f"{RELEASE}-gateway"]["ingress"]]
-    http = [{"port": "http", "protocol": "TCP"}]
-    assert gateway == [(http, [prometheus]), (http, [smoke])]
+    http, metrics = [{"port": "http", "protocol": "TCP"}], [{"port": "metrics", "protocol": "TCP"}]
+    assert gateway == [(metrics, [prometheus]), (http, [smoke])]
     triton = [r["from"] for r in policies[f"{RELEASE}-triton"]["ingress"]]
     assert triton[1] == [prometheus] and len(triton) == 2
     assert triton[0][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
