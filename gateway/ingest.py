@@ -678,5 +678,5 @@ def _accumulate(
         n += 1
         acc.add_upload(filename, data)
     if n == 0:
-        raise UploadError('Argument "sources" must hold at least one file.')
+        raise UploadError("The upload holds no file (an empty zip, or one of folders only).")
     return acc

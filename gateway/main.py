@@ -171,6 +171,9 @@ def create_app(
         version=__version__,
         summary="Chest-CT studies in, COVID-19 pneumonia verdicts out (Chen et al., Sci Rep 2020).",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if settings.api_docs else None,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
     )
     errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)

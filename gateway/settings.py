@@ -211,6 +211,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="If set, /metrics is served on this port only (not on the API port)."
     )
+    api_docs: bool = Field(
+        True, description="Serve the API's schema and its pages (/openapi.json, /docs, /redoc), open like the probes "
+                          "(they hold no data); false: not served at all.")
     upload_budget_bytes: int = Field(
         4 * 1024**3, ge=1024, description="Request bodies (uploads, STOW) in flight at once; beyond: 429."
     )

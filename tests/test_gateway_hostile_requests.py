@@ -81,3 +81,14 @@ def test_an_unexpected_error_is_answered_503_logged_once_and_audited_as_answered
     assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]
     (record,) = [r for r in _audit(tmp_path) if r["action"] == "GET /v1/worklist"]
     assert (record["status"], record["reason"]) == (503, "internal_error")
+
+
+@pytest.mark.parametrize("api_docs", [True, False])
+def test_the_api_schema_is_open_like_the_probes_or_not_served(tmp_path, api_docs):
+    keyfile = tmp_path / "keys.json"
+    keyfile.write_text('{"keys": []}')
+    with _client(tmp_path, auth_api_keys_file=keyfile, api_docs=api_docs) as client:
+        assert client.get("/v1/worklist").status_code == 401  # auth is on
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert client.get(path).status_code == (200 if api_docs else 404), path
+        assert client.get("/healthz").status_code == 200

@@ -29,13 +29,16 @@ class PayloadUnavailable(RuntimeError):
 def calling_ae_titles(filenames: Sequence[str]) -> set[str]:
     """AE titles of the C-STORE peers that sent the instances (the intake names them ``dimse:AE@host#uid``).
 
-    >>> sorted(calling_ae_titles(["dimse:CT_ROOM_1@10.0.0.5#1.2.3", "upload/a.dcm", "dimse:CT2@h#4"]))
-    ['CT2', 'CT_ROOM_1']
+    An AE title may hold ``@`` and ``#`` (PS3.5 6.2, AE): the host (an IP address) and the UID hold neither,
+    so the title is what precedes the last ``@`` before the last ``#``.
+
+    >>> sorted(calling_ae_titles(["dimse:CT_ROOM_1@10.0.0.5#1.2.3", "upload/a.dcm", "dimse:CT2@h#4", "dimse:CT@#1@::1#5"]))
+    ['CT2', 'CT@#1', 'CT_ROOM_1']
     """
     out = set()
     for name in filenames:
         if name.startswith("dimse:") and "@" in name:
-            out.add(name[len("dimse:"):].split("@", 1)[0])
+            out.add(name[len("dimse:"):].rsplit("#", 1)[0].rsplit("@", 1)[0])
     return out
 
 
