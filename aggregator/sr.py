@@ -20,7 +20,7 @@ derived from the result unless given, so encoding one result twice gives the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -61,7 +61,8 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
 
     A top-level date or time that pydicom cannot read (a scanner's ``03/02/1901`` birth date) is left
     empty: highdicom converts them and would refuse the whole object for it. Which attribute was
-    emptied is logged, never its value.
+    emptied is logged, never its value. So is a Specific Character Set highdicom refuses: empty, or a
+    lone ISO 2022 term (:func:`_plain_character_set`).
     """
     from pydicom.dataset import Dataset
 
@@ -80,16 +81,38 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
         for keyword in _PATIENT_STUDY:
             if keyword not in copy:
                 setattr(copy, keyword, "")
+        _plain_character_set(copy)
         out.append(copy)
     if emptied:
         logger.warning("source headers: %s not a valid DICOM date or time; left empty", ", ".join(sorted(emptied)))
     return out
 
 
+_SINGLE_BYTE = {"100", "101", "109", "110", "126", "127", "138", "144", "148", "166", "203", "13"}
+
+
+def _plain_character_set(ds: Dataset) -> None:
+    """Specific Character Set as highdicom accepts it, for what scanners write: an empty value is the default
+    repertoire (the element goes); one ``ISO 2022 IR n`` term alone (code extensions without a second
+    term) is ``ISO_IR n`` (the same single-byte set; ``IR 6`` is the default repertoire)."""
+    if "SpecificCharacterSet" not in ds:
+        return
+    value = ds.SpecificCharacterSet
+    terms = [str(t).strip() for t in ([value] if isinstance(value, str) else value)]
+    if not any(terms):
+        del ds.SpecificCharacterSet
+    elif len(terms) == 1 and terms[0].startswith("ISO 2022 IR "):
+        number = terms[0].removeprefix("ISO 2022 IR ").strip()
+        if number == "6":
+            del ds.SpecificCharacterSet
+        elif number in _SINGLE_BYTE:
+            ds.SpecificCharacterSet = f"ISO_IR {number}"
+
+
 def _readable(vr: str, value: object) -> bool:
     from pydicom.valuerep import DA, DT, TM
 
-    values = value if isinstance(value, list | tuple) else [value]
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
     try:
         for v in values:
             if v not in (None, ""):

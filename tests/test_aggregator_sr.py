@@ -86,3 +86,17 @@ def test_bad_evidence_is_refused():
         to_sr(result, other_headers)
     with pytest.raises(ValueError, match='"boxes"'):
         to_sr(result, headers, boxes="some")
+
+
+@pytest.mark.parametrize(("charset", "expected"), [("", None), ("ISO 2022 IR 100", "ISO_IR 100"),
+                                                    ("ISO 2022 IR 6", None), ("ISO_IR 100", "ISO_IR 100")])
+def test_character_sets_scanners_write_do_not_block_the_sr(charset, expected):
+    """An empty Specific Character Set, or a lone ISO 2022 term, made highdicom refuse the SR (real files
+    in dicom-edge-cases do both): the SR is made with the equivalent plain term, the name kept."""
+    result, headers = _series()
+    for ds in headers:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = "Müller^Hans"
+    sr = to_sr(result, headers)
+    assert sr.get("SpecificCharacterSet") == expected
+    assert str(_read_back(sr).PatientName) == "Müller^Hans"
