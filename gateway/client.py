@@ -55,6 +55,8 @@ def collect_files(path: Path) -> list[Path]:
         if not files:
             raise CliError(f"{path}: no file to upload")
         return files
+    if path.exists():
+        raise CliError(f"{path}: not a file or a folder (a device or a socket?)")
     raise CliError(f"{path}: no such file or folder")
 
 

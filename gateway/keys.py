@@ -208,6 +208,8 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"key {record.id} ({record.name}: {' '.join(record.scopes)}) added to {args.file}; "
                              "it is shown only this once\n")
         elif args.cmd == "list":
+            if not args.file.exists():  # a mistyped --file listed an empty table, exit 0
+                raise ValueError(f"no API key file at {args.file} ('ctscreen keys add' creates it)")
             _out(f"{'id':<12}  {'name':<24}  {'scopes':<40}  {'created (UTC)':<19}  state")
             for k in store.keys():
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctscreen.contracts import ENSEMBLE_MODEL
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
     Lists (``CTSCREEN_TRITON_URLS``) take a comma-separated string or a JSON list.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CTSCREEN_", extra="ignore")
+    # inf and nan are no number of seconds or bytes
+    model_config = SettingsConfigDict(env_prefix="CTSCREEN_", extra="ignore", allow_inf_nan=False)
 
     # --- Triton -----------------------------------------------------------------------------
     triton_urls: Annotated[list[str], NoDecode] = Field(
@@ -252,6 +254,15 @@ class Settings(BaseSettings):
         if mode != "static" and not value:
             raise ValueError(f"CTSCREEN_TRITON_DISCOVERY={mode} needs CTSCREEN_TRITON_SERVICE (the headless Triton "
                              "Service).")
+        return value
+
+    @field_validator("data_dir", "blob_dir", "auth_api_keys_file", "audit_log_file", "upload_tmp_dir",
+                     "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "destinations_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        # CTSCREEN_DATA_DIR= put the state store in the working folder; CTSCREEN_AUTH_API_KEYS_FILE= named "."
+        if isinstance(value, str) and not value.strip():
+            raise PydanticUseDefault()
         return value
 
     @field_validator("dicom_allowed_peers", "dicom_sop_classes", mode="before")

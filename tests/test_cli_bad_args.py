@@ -98,6 +98,7 @@ CASES = [
     (["serve", "--host", "nosuch.invalid", "--insecure", "--port", "{free}"], "--host nosuch.invalid cannot be resolved"),
     (["serve", "--host", "192.0.2.1", "--insecure", "--port", "{free}"], "is 192.0.2.1 an address of this machine"),
     (["train", "lesion", "--device", "bogus"], "--device 'bogus'"),  # was: a RuntimeError traceback
+    (["keys", "--file", "{tmp}/missing.json", "list"], "no API key file at"),  # was: an empty table, exit 0
     (["export", "lesion", "--checkpoint", "{tmp}/notes.txt", "--out", "{tmp}/m.onnx"],
      "is not a ctscreen checkpoint"),  # was: an UnpicklingError traceback
 ]
@@ -132,6 +133,7 @@ DISCOVERY_CASES = [
     ({"CTSCREEN_TRITON_DISCOVERY": "dns"}, "CTSCREEN_TRITON_SERVICE: Value error, CTSCREEN_TRITON_DISCOVERY=dns needs"),
     ({"CTSCREEN_TRITON_GRPC_PORT": "grpc"}, "CTSCREEN_TRITON_GRPC_PORT: Input should be a valid integer"),
     ({"CTSCREEN_TRITON_DNS_INTERVAL_S": "-1"}, "CTSCREEN_TRITON_DNS_INTERVAL_S: Input should be greater than 0"),
+    ({"CTSCREEN_JOB_DEADLINE_S": "inf"}, "CTSCREEN_JOB_DEADLINE_S: Input should be a finite number"),  # was: accepted
 ]
 
 

@@ -109,3 +109,8 @@ def test_an_empty_folder_among_several_studies_is_one_error_row(gateway, study, 
     outcomes = screen_client.screen_paths("http://testserver", [study, empty], quiet=True)
     assert outcomes[0].error is None and outcomes[0].result is not None
     assert outcomes[1].error == {"reason": "no_files", "message": f"{empty}: no file to upload"}
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_named_as_such():
+    with pytest.raises(screen_client.CliError, match="not a file or a folder"):
+        screen_client.collect_files(Path("/dev/null"))

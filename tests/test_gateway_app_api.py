@@ -50,6 +50,15 @@ def test_settings_reject_bad_values(field, value):
         Settings(**{field: value})
 
 
+def test_an_empty_variable_is_an_unset_one(monkeypatch):
+    """CTSCREEN_DATA_DIR= put the state store in the working folder; CTSCREEN_AUTH_API_KEYS_FILE= named "."."""
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", "")
+    monkeypatch.setenv("CTSCREEN_AUTH_API_KEYS_FILE", "")
+    s = Settings()
+    assert s.data_dir == Settings.model_fields["data_dir"].get_default(call_default_factory=True)
+    assert s.auth_api_keys_file is None
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CTSCREEN_TRITON_URLS", "t0:8001,t1:8001")
     monkeypatch.setenv("CTSCREEN_TRITON_TIMEOUT_S", "7.5")
