@@ -62,7 +62,9 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
     A top-level date or time that pydicom cannot read (a scanner's ``03/02/1901`` birth date) is left
     empty: highdicom converts them and would refuse the whole object for it. Which attribute was
     emptied is logged, never its value. So is a Specific Character Set highdicom refuses: empty, or a
-    lone ISO 2022 term (:func:`_plain_character_set`).
+    lone ISO 2022 term (:func:`_plain_character_set`). The copies hold the caller's own element objects
+    where nothing changed (no value is set on them; a changed one is a new element), so ``datasets`` is
+    left as it was.
     """
     from pydicom.dataset import Dataset
 
@@ -106,7 +108,7 @@ def _plain_character_set(ds: Dataset) -> None:
         if number == "6":
             del ds.SpecificCharacterSet
         elif number in _SINGLE_BYTE:
-            ds.SpecificCharacterSet = f"ISO_IR {number}"
+            ds.add_new(0x00080005, "CS", f"ISO_IR {number}")  # a new element: the caller's stays as it is
 
 
 def _readable(vr: str, value: object) -> bool:

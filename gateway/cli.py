@@ -206,16 +206,22 @@ def _bind_error(host: str, port: int) -> str | None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return f"--host {host} cannot be resolved ({exc.strerror})"
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound = None
+    for family, _, _, _, address in infos:  # the server binds every address the name resolves to
         try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return f"{host}:{port} is already in use (another server?); pick another port or 0"
-            return f"{host}:{port} cannot be bound ({exc.strerror or exc}; is {host} an address of this machine?)"
-    return None
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # a family this kernel lacks (IPv6 off): the server skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"{host}:{port} is already in use (another server?); pick another port or 0"
+                return f"{host}:{port} cannot be bound ({exc.strerror or exc}; is {host} an address of this machine?)"
+            bound = address
+    return None if bound is not None else f"{host}:{port} cannot be bound (no address family of it is available)"
 
 
 def _check_free(p: argparse.ArgumentParser, flag: str, host: str, port: int) -> None:

@@ -171,9 +171,12 @@ def _job_view(client: Any, job_id: str) -> dict[str, Any] | None:
     if resp.status_code >= 500 or resp.status_code == 429:
         return None
     err = error_of(resp)
-    if resp.status_code in (401, 403):
+    if resp.status_code == 403:
         return _failed(err["reason"], f"job {job_id} was accepted but its result cannot be read with this "
                                       f"credential (it needs the results:read scope): {err.get('message', '')}")
+    if resp.status_code == 401:
+        return _failed(err["reason"], f"job {job_id} was accepted but the credential is refused now (an "
+                                      f"expired token?): {err.get('message', '')}")
     return _failed(err["reason"], f"job {job_id}: {err.get('message', '')}")
 
 
@@ -182,9 +185,12 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
 
     A job that cannot be read (no right to, gone) ends at once; a gateway that does not answer (a
     restart) is asked again for up to :data:`UNREACHABLE_S`."""
+    import httpx
+
     deadline = time.monotonic() + max_wait_s
     try:
-        with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+        # the gateway sends a keep-alive every 15 s: a minute of silence is a connection gone half-open
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(60.0, connect=10.0)) as resp:
             event = None
             for line in resp.iter_lines() if resp.status_code == 200 else ():
                 if line.startswith("event:"):
@@ -208,7 +214,7 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
             silent_since = silent_since or time.monotonic()
             if time.monotonic() - silent_since > UNREACHABLE_S:
                 return _failed("unreachable", f"the gateway has not answered for {UNREACHABLE_S:g} s; job {job_id} "
-                                              "was accepted: ask GET /v1/jobs/{id} later")
+                                              f"was accepted: ask GET /v1/jobs/{job_id} later")
         else:
             silent_since = None
             if view.get("state") in ("done", "failed"):

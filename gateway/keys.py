@@ -93,6 +93,8 @@ class KeyStore:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
+        except OSError as exc:  # a folder the process may not search, a file where a folder should be
+            raise ValueError(f"API key file {self.path} cannot be read: {exc.strerror or exc}") from exc
         if mtime == self._mtime and (mtime is not None or not self._keys):
             return
         keys: dict[str, ApiKey] = {}

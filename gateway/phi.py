@@ -26,10 +26,18 @@ class ValueRedactor(logging.Filter):
     >>> r = logging.LogRecord("pydicom", logging.WARNING, "", 0, "Invalid value for VR %s: %r.", ("DA", "1/2/01"), None)
     >>> ValueRedactor().filter(r), r.getMessage()
     (True, 'Invalid value for VR DA: <withheld>.')
+
+    A malformed call is left to the handler to report, as it is without the filter:
+
+    >>> ValueRedactor().filter(logging.LogRecord("pydicom", logging.WARNING, "", 0, "%s %s", ("x",), None))
+    True
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: the handler reports it, as without this filter
+            return True
         redacted = _QUOTED.sub("<withheld>", message)
         if redacted != message:
             record.msg, record.args = redacted, ()

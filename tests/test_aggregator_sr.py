@@ -100,3 +100,4 @@ def test_character_sets_scanners_write_do_not_block_the_sr(charset, expected):
     sr = to_sr(result, headers)
     assert sr.get("SpecificCharacterSet") == expected
     assert str(_read_back(sr).PatientName) == "Müller^Hans"
+    assert all(ds.SpecificCharacterSet == charset for ds in headers)  # the caller's data sets are left as they were

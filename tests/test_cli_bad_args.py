@@ -183,6 +183,9 @@ def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_o
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, **env})
     _one_clear_line(p, "must hold a JSON object")
     _one_clear_line(_run(["keys", "--file", str(bad), "list"]), "cannot be read")
+    inside_a_file = str(bad / "keys.json")  # stat() raises NotADirectoryError, not FileNotFoundError
+    _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"],
+                         env={"CTSCREEN_AUTH_API_KEYS_FILE": inside_a_file}), "Not a directory")
 
 
 def test_a_taken_metrics_port_stops_serve_in_one_line_naming_its_variable(taken_port):

@@ -80,6 +80,21 @@ class _Restarting:
         return self.inner.post(url, **kw)
 
 
+class _Revoked(_Restarting):
+    """The app's client whose key is refused once the upload is accepted (revoked, or a token expired)."""
+
+    def _maybe_down(self) -> None:
+        self.inner.headers["X-API-Key"] = "cts_000000000000_revoked"
+
+
+def test_a_credential_refused_after_the_upload_ends_at_once_naming_the_job(gateway, study):
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["admin"]
+    out = screen_client.screen_path(_Revoked(client, down=0), study, quiet=True, max_wait_s=60)
+    assert out.error["reason"] == "unauthorized", out.error
+    assert out.job_id in out.error["message"] and "refused" in out.error["message"]
+
+
 def test_a_gateway_restarting_while_a_job_runs_is_asked_again(gateway, study, monkeypatch):
     """It ended in a ConnectError traceback, without the job id."""
     client, keys = gateway

@@ -341,6 +341,14 @@ class _Hang:
         self.sock.close()
 
 
+def _run_then_close(scenario, hangs: list[_Hang]) -> None:
+    try:
+        asyncio.run(scenario())
+    finally:
+        for h in hangs:
+            h.close()
+
+
 @needs_orthanc
 def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, tmp_path):
     """With one slot per replica for all destinations, a hanging PACS held it for its whole timeout while
@@ -369,10 +377,7 @@ def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, t
             await deliverer.stop()
             await store.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        hang.close()
+    _run_then_close(scenario, [hang])
 
 
 def test_a_destination_without_the_sr_class_fails_at_once_naming_it(study_files, tmp_path, caplog):
@@ -425,3 +430,35 @@ def test_an_unexpected_error_is_retried_only_up_to_the_attempts(study_files, tmp
 
     (task,) = asyncio.run(scenario())
     assert task.attempts == 2 and task.error == "internal error: RuntimeError"
+
+
+def test_peers_that_hang_do_not_take_the_threads_the_gateway_reads_with(study_files, tmp_path):
+    """C-STORE sends ran on the event loop's default thread pool (6 threads on 2 cores), which blob reads
+    and API-key checks share: a few hanging PACS filled it. They have threads of their own now. The
+    default pool is made 2 threads here, as many as the hanging sends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hangs = [_Hang(), _Hang()]
+
+    async def scenario():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+        settings = _settings(tmp_path, delivery_concurrency=1)
+        store, blobs, result = await _done_job(settings, study_files)
+        dests = [{"name": f"hang{i}", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": h.port,
+                  "timeout_s": 10} for i, h in enumerate(hangs)]
+        deliverer = Deliverer(store, blobs, parse_destinations(dests), settings, CollectorRegistry())
+        try:
+            for _ in range(100):
+                await deliverer.poll()
+                await asyncio.sleep(0.1)
+                tasks = await deliverer.tasks.of_job(result.job_id)
+                if len(tasks) == 2 and all(t.state == "sending" and t.payload for t in tasks):
+                    break
+            await asyncio.sleep(1.0)  # both sends are waiting for their association now
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "read"), 4.0) == "read"
+            assert {t.state for t in await deliverer.tasks.of_job(result.job_id)} == {"sending"}
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    _run_then_close(scenario, hangs)

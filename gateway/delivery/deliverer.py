@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -83,6 +84,10 @@ class Deliverer:
         # slots per destination: one that hangs (accepts TCP, never answers) holds only its own, so it never
         # delays another destination's deliveries
         self._slots = {name: asyncio.Semaphore(settings.delivery_concurrency) for name in self.destinations}
+        # C-STORE sends block a thread each (pynetdicom): their own threads, one a slot, so hanging peers never
+        # fill the event loop's default pool (6 threads on 2 cores), which blob reads and API-key checks use
+        self._senders = ThreadPoolExecutor(max(1, len(self.destinations)) * settings.delivery_concurrency,
+                                           thread_name_prefix="ctscreen-delivery")
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -146,6 +151,7 @@ class Deliverer:
         await asyncio.gather(*self._running, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+        self._senders.shutdown(wait=False, cancel_futures=True)  # a hung send ends at its peer's timeout
 
     # --- one task ---------------------------------------------------------------------------------
     async def _run(self, task: Task) -> None:
@@ -255,7 +261,8 @@ class Deliverer:
         beat = asyncio.get_running_loop().create_task(self._heartbeat(task_id))
         try:
             if isinstance(dest, DicomDestination):
-                return await asyncio.to_thread(send_dicom, dest, items, self.settings.dicom_ae_title)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._senders, send_dicom, dest, items, self.settings.dicom_ae_title)
             assert self._http is not None
             if isinstance(dest, StowDestination):
                 return await send_stow(dest, items, self._http)
