@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                 context = browser.new_context(viewport={"width": 1280, "height": 800})
                 page = context.new_page()
                 page.goto(f"{stack.url}/#/?limit={args.studies}")
-                page.wait_for_function(f"document.querySelectorAll('table.worklist tbody tr').length === {args.studies}",
+                page.wait_for_function(f"() => document.querySelectorAll('table.worklist tbody tr').length === {args.studies}",
                                        timeout=30_000)
-                page.wait_for_function("performance.getEntriesByName('worklist-painted').length > 0")
+                page.wait_for_function("() => performance.getEntriesByName('worklist-painted').length > 0")
                 marks = page.evaluate("Object.fromEntries(performance.getEntriesByType('mark')"
                                       ".map(m => [m.name, m.startTime / 1000]))")
                 figures.append(marks["worklist-painted"])

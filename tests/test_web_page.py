@@ -87,6 +87,9 @@ def page(browser):
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # a script or style the page's Content-Security-Policy refuses shows only here (the policy allows no eval:
+    # wait_for_function takes arrow functions, which Playwright calls, not strings it would evaluate)
+    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     try:
         yield pg
     finally:
@@ -127,7 +130,7 @@ def test_worklist_shows_both_studies_with_their_verdicts(stack, screened, page):
     page.select_option("#f-verdict", "positive")
     page.click("form.filters button[type=submit]")
     # the filtered page is in (the new view's table is empty until then: no negative row proves nothing)
-    page.wait_for_function(f"(document.querySelector('main').dataset.loaded || '{loaded}') !== '{loaded}'")
+    page.wait_for_function(f"() => (document.querySelector('main').dataset.loaded || '{loaded}') !== '{loaded}'")
     assert page.locator('tr[data-verdict="negative"]').count() == 0
     assert page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').count() == 1
     page.goto(stack.url + "/")
@@ -178,6 +181,56 @@ def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened
     assert page.locator("#viewer rect.lesion").count() == len(result.slices[1].boxes)
 
 
+def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
+    """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
+    failed (410 once retention removed the instances, 503, the network)."""
+    job_id, result = screened["covid"]
+    with_boxes = next(i for i, s in enumerate(result.slices) if s.boxes)
+    page.route(f"**/v1/jobs/{job_id}/slices/{with_boxes + 1}.png*", lambda route: route.fulfill(
+        status=410, content_type="application/json", body='{"reason": "instances_gone", "message": "gone"}'))
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    page.click(f'.strip button[data-index="{with_boxes}"]')
+    page.wait_for_selector(f'#viewer[data-index="{with_boxes}"][data-ready=true]')
+    assert page.locator("#viewer rect.lesion").count() == len(result.slices[with_boxes].boxes)
+    page.locator("#viewer").focus()
+    page.keyboard.press("ArrowDown")
+    page.wait_for_selector(f'#viewer[data-index="{with_boxes + 1}"][data-failed=true]')
+    assert page.get_attribute("#viewer img", "src") is None
+    assert page.locator("#viewer rect").count() == 0
+    assert "no image" in page.inner_text("#readout")
+
+
+def test_the_service_view_refused_asks_once_and_leaves_the_focus_alone(stack, page):
+    """Refused (no results:read), it asked every 2 s, each refusal pulling the focus into the sign-in form."""
+    asked = []
+
+    def refuse(route):
+        asked.append(route.request.url)
+        route.fulfill(status=403, content_type="application/json",
+                      body='{"reason": "insufficient_scope", "message": "This needs the scope results:read."}')
+
+    page.route("**/v1/service", refuse)
+    page.goto(f"{stack.url}/#/service")
+    page.wait_for_function("() => document.body.innerText.includes('Cannot load the service figures')")
+    page.locator('a[data-nav="worklist"]').focus()
+    page.wait_for_timeout(4500)  # two of the old 2 s retries
+    assert len(asked) == 1, asked
+    assert page.evaluate("document.activeElement.dataset.nav") == "worklist"
+
+
+def test_the_page_and_the_api_send_their_security_headers(stack):
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        page, script, api = c.get("/"), c.get("/web/static/main.js"), c.get("/v1/worklist")
+    for r in (page, script, api):
+        assert (r.headers["x-content-type-options"], r.headers["x-frame-options"], r.headers["referrer-policy"]) == (
+            "nosniff", "DENY", "no-referrer")
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "'sha256-" in csp and "unsafe-inline" not in csp
+    assert script.headers["content-security-policy"] == csp
+    assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+
+
 def test_progress_streams_while_a_third_study_is_screening(stack, screened, studies, page):
     page.goto(stack.url + "/")
     page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
@@ -218,10 +271,10 @@ def test_service_view_shows_triton_and_throughput(stack, screened, page):
     page.goto(f"{stack.url}/#/service")
     page.wait_for_selector("table.endpoints tr[data-ready=true]")
     assert stack.triton_url in page.inner_text("table.endpoints")
-    page.wait_for_function("document.querySelector('#p50').innerText !== '—'")
+    page.wait_for_function("() => document.querySelector('#p50').innerText !== '—'")
     assert float(page.inner_text("#per-hour")) >= 2
     first = page.get_attribute("main", "data-loaded")
-    page.wait_for_function(f"document.querySelector('main').dataset.loaded !== '{first}'", timeout=10_000)
+    page.wait_for_function(f"() => document.querySelector('main').dataset.loaded !== '{first}'", timeout=10_000)
     _shot(page, "service.png")
 
 
@@ -269,7 +322,8 @@ def test_slice_png_is_cached_and_refuses_clearly(stack, screened):
     with httpx.Client(base_url=stack.url, timeout=30) as c:
         r = c.get(f"/v1/jobs/{job_id}/slices/3.png", params={"window": "mediastinum"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
-        assert "max-age" in r.headers["cache-control"]
+        # asked again each time (a 304 once the credential is checked): a signed-out tab read cached images
+        assert r.headers["cache-control"] == "private, no-cache"
         again = c.get(f"/v1/jobs/{job_id}/slices/3.png", params={"window": "mediastinum"},
                       headers={"If-None-Match": r.headers["etag"]})
         assert again.status_code == 304 and not again.content

@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(tags=["web"])
 
-PNG_CACHE_CONTROL = "private, max-age=86400"
-"""A done job's slices never change; ``private``: responses to authorised requests stay in the browser."""
+PNG_CACHE_CONTROL = "private, no-cache"
+"""Kept by the browser but asked for again each time (a 304 by ETag once the credential is checked): with
+a max-age, a signed-out tab, or another tab of the same browser, read the cached images without one."""
 
 
 class WebState:

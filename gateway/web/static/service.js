@@ -51,6 +51,9 @@ export function serviceView(main) {
       main.dataset.loaded = String(Date.now());
     } catch (error) {
       stamp.textContent = `Cannot load the service figures: ${error.message}`;
+      // refused (no credential, or no results:read): asking again every 2 s only pulled the focus back
+      // into the sign-in form each time; signing in reloads the view
+      if (error.status === 401 || error.status === 403) return;
     }
     if (!stopped) timer = setTimeout(refresh, REFRESH_MS);
   }

@@ -164,7 +164,8 @@ function viewer(main, job) {
     const key = `${i}:${w}`;
     if (!urls.has(key)) {
       urls.set(key, api(`/v1/jobs/${job.job_id}/slices/${i}.png?window=${w}`)
-        .then((r) => r.blob()).then((b) => URL.createObjectURL(b)));
+        .then((r) => r.blob()).then((b) => URL.createObjectURL(b))
+        .catch((e) => { urls.delete(key); throw e; }));  // a failed image is asked for again next time
     }
     return urls.get(key);
   }
@@ -179,6 +180,7 @@ function viewer(main, job) {
     slider.value = index;
     stage.dataset.index = index;
     stage.dataset.ready = "false";
+    delete stage.dataset.failed;
     img.alt = `Axial slice ${index + 1} of ${slices.length}, ${WINDOWS[windowName]} window`;
     for (const b of strip.querySelectorAll("button")) b.setAttribute("aria-current", String(Number(b.dataset.index) === index));
     try {
@@ -190,9 +192,16 @@ function viewer(main, job) {
       dims = [img.naturalWidth, img.naturalHeight];
       draw();
       stage.dataset.ready = "true";
-      for (const n of [index + 1, index - 1]) if (n >= 0 && n < slices.length) imageUrl(n, windowName);
+      // neighbours ahead of time; one that fails says so when it is shown
+      for (const n of [index + 1, index - 1]) if (n >= 0 && n < slices.length) imageUrl(n, windowName).catch(() => {});
     } catch (error) {
-      if (mine === token) readout.textContent = `Slice ${index + 1}: ${error.message}`;
+      if (mine !== token) return;
+      // never leave the previous slice (or window) on screen under this slice's readout
+      img.removeAttribute("src");
+      dims = null;
+      overlay.replaceChildren();
+      stage.dataset.failed = "true";
+      readout.textContent = `Slice ${index + 1}: no image (${error.message})`;
     }
   }
 
