@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "OidcVerifier", "Principal",
-    "check_exposure", "require",
+    "StreamGuard", "check_exposure", "require", "still_holds",
 ]
 
 STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
@@ -295,6 +295,45 @@ def require(scope: str) -> Any:
 
     dependency.__name__ = f"require_{scope.replace(':', '_')}"
     return dependency
+
+
+STREAM_RECHECK_S = 30.0
+"""How often an open event stream checks that its credential still holds (a revoked key, an expired token)."""
+
+
+async def still_holds(request: Request, scope: str) -> bool:
+    """Whether the credential an open stream was opened with still holds ``scope`` now.
+
+    A key revoked, or a token expired, since the stream opened: False (the stream ends; the page's
+    reconnect then gets its 401). A provider that cannot be asked now: True (an outage ends no stream).
+    """
+    auth: Authenticator | None = getattr(request.app.state, "auth", None)
+    if auth is None or not auth.enabled:
+        return True
+    kind, _, token = request.headers.get("authorization", "").partition(" ")
+    credential = token.strip() if kind.lower() == "bearer" else request.headers.get("x-api-key")
+    try:
+        principal = await auth.authenticate(credential)
+    except AuthUnavailable:
+        return True
+    except Unauthorized:
+        return False
+    return principal.has(scope)
+
+
+class StreamGuard:
+    """Asks :func:`still_holds` at most every :data:`STREAM_RECHECK_S` seconds (call :meth:`holds` in a
+    stream's loop)."""
+
+    def __init__(self, request: Request, scope: str) -> None:
+        self.request, self.scope = request, scope
+        self._next = time.monotonic() + STREAM_RECHECK_S
+
+    async def holds(self) -> bool:
+        if time.monotonic() < self._next:
+            return True
+        self._next = time.monotonic() + STREAM_RECHECK_S
+        return await still_holds(self.request, self.scope)
 
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -279,3 +279,38 @@ def test_jwks_is_cached_and_refetched_for_a_new_key(client, provider, monkeypatc
         assert _upload(client, _bearer(provider.token(kid="rsa-2"))).status_code == 202  # rotation
     finally:
         del provider.published["rsa-2"]
+
+
+@pytest.mark.parametrize("stream", ["worklist", "job"])
+def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, tmp_path, monkeypatch, stream):
+    """Access was checked only when a stream opened: a revoked key went on receiving events."""
+    from gateway import auth as auth_module
+    from gateway.keys import KeyStore
+
+    monkeypatch.setattr(auth_module, "STREAM_RECHECK_S", 0.2)
+    keys = KeyStore(keyfile)
+    key, record = keys.add("reader", ["admin"])
+    settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, data_dir=tmp_path / "data",
+                        shutdown_grace_s=1)
+    fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})  # the job stays queued: its stream open
+    with TestClient(create_app(settings, client_factory=fleet), raise_server_exceptions=False) as c:
+        headers = {"X-API-Key": key}
+        path = "/v1/worklist/events"
+        if stream == "job":
+            r = _upload(c, headers)
+            assert r.status_code == 202, r.text
+            path = f"/v1/jobs/{r.json()['job_id']}/events"
+        ended = threading.Event()
+
+        def read() -> None:
+            with c.stream("GET", path, headers=headers) as r:
+                assert r.status_code == 200
+                for _ in r.iter_lines():
+                    pass
+            ended.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert not ended.wait(1.0), "the stream ended while its key held"
+        keys.revoke(record.id)
+        assert ended.wait(15), "the stream outlived its key"
+        assert c.get(path, headers=headers).status_code == 401  # what the page's reconnect gets

@@ -7,11 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.api.deps import SettingsDep, StoreDep
-from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
+from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess
 from gateway.errors import JobNotFound, NotRetryable
 from gateway.jobs import TERMINAL, JobState, JobView
 from gateway.store import Store
@@ -81,12 +81,16 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **_NOT_FOUND},
 )
-async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: ReadAccess) -> StreamingResponse:
+async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: ReadAccess,
+                     request: Request) -> StreamingResponse:
     """``event: progress`` at each change, then ``event: done`` or ``event: failed`` with the job."""
     await store.job(checked_job_id(job_id))  # 404 before the stream starts
+    guard = StreamGuard(request, RESULTS_READ)
 
     async def stream() -> AsyncIterator[bytes]:
         async for view in job_views(store, job_id, settings.worker_poll_s):
+            if not await guard.holds():  # a revoked key, an expired token: the stream ends
+                return
             if view is None:
                 yield b": keep-alive\n\n"
                 continue

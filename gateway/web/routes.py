@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
+from gateway.auth import RESULTS_READ, StreamGuard
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
 from gateway.jobs import JobState
 from gateway.store import Store
@@ -166,11 +167,13 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
     store = web.worklist.store
     last = await web.worklist.last_event()
 
+    guard = StreamGuard(request, RESULTS_READ)
+
     async def stream() -> AsyncIterator[bytes]:
         nonlocal last
         yield b"retry: 2000\n\n"
         quiet_since = time.monotonic()
-        while not await request.is_disconnected():
+        while not await request.is_disconnected() and await guard.holds():  # a revoked key ends the stream
             events = await web.worklist.events_after(last)
             for e in events:
                 last = e.pop("id")
