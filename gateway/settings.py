@@ -282,6 +282,10 @@ class Settings(BaseSettings):
             url = getattr(self, name)
             if url and not _secure_url(url):
                 raise ValueError(f"CTSCREEN_{name.upper()} {url!r} must be an https:// URL (http:// only on loopback).")
+        if self.progress_interval_s * 3 > self.lease_s:  # renewals must come well inside each lease
+            raise ValueError(f"CTSCREEN_PROGRESS_INTERVAL_S ({self.progress_interval_s:g}) must be at most a third of "
+                             f"CTSCREEN_LEASE_S ({self.lease_s:g}): the lease is renewed that often, and would lapse "
+                             "between renewals, handing running jobs to other replicas.")
         if self.max_upload_bytes > self.upload_budget_bytes:
             raise ValueError(f"CTSCREEN_MAX_UPLOAD_BYTES ({self.max_upload_bytes}) must not exceed "
                              f"CTSCREEN_UPLOAD_BUDGET_BYTES ({self.upload_budget_bytes}): such an upload could never "

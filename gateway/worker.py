@@ -37,7 +37,7 @@ from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import BlobStore, Claimed, FolderBlobs, Store
+from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError
 from gateway.store.deliveries import Deliveries
 from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import sweep_spools
@@ -131,7 +131,7 @@ class Worker:
             job = None
             try:
                 if await self._triton_ready():
-                    job = await self.store.claim(self.settings.lease_s)
+                    job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
             except Exception:  # noqa: BLE001 - a database hiccup must not stop the worker
                 logger.exception("claiming a job failed; trying again in %g s", poll)
             if job is None:
@@ -153,18 +153,28 @@ class Worker:
         assert me is not None
 
         async def heartbeat() -> None:
-            renewed = time.monotonic()
+            renewed = time.monotonic()  # the last renewal that reached the store
             while True:
                 await asyncio.sleep(s.progress_interval_s)
                 if not progress.dirty and time.monotonic() - renewed < s.lease_s / 3:
                     continue  # nothing to record, and the lease is young: no write
                 dirty, progress.dirty = progress.dirty, False
+                try:
+                    if dirty:
+                        held = await self.store.heartbeat(job.id, s.lease_s, state=progress.state,
+                                                          slices_done=progress.done)
+                    else:
+                        held = await self.store.heartbeat(job.id, s.lease_s)
+                except Exception as exc:  # noqa: BLE001 - a database blip: try again while the lease lasts
+                    progress.dirty = progress.dirty or dirty
+                    if time.monotonic() - renewed >= s.lease_s:  # lapsed: any replica (this one too) may resume it
+                        logger.warning("job %s: lease not renewed for %g s (%s); left to be resumed",
+                                       job.id, s.lease_s, type(exc).__name__)
+                        me.cancel(msg="lease lapsed")
+                        return
+                    logger.warning("job %s: renewing the lease failed (%s); trying again", job.id, type(exc).__name__)
+                    continue
                 renewed = time.monotonic()
-                if dirty:
-                    held = await self.store.heartbeat(job.id, s.lease_s, state=progress.state,
-                                                      slices_done=progress.done)
-                else:
-                    held = await self.store.heartbeat(job.id, s.lease_s)
                 if not held:
                     logger.warning("job %s: lease lost; another replica holds it now", job.id)
                     me.cancel(msg="lease lost")
@@ -205,6 +215,15 @@ class Worker:
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = self._seen_ready = 0.0
+        except StoreError as exc:  # the state store blinked (a fail-over, a lock): the study is not at fault
+            delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
+            logger.warning("job %s: state store error (%s); released, next try in %g s", job.id,
+                           type(exc).__name__, delay)
+            try:
+                await self.store.release(job.id, delay, JobError(reason="store_unavailable",
+                                                                 message=f"State store error: {type(exc).__name__}."))
+            except Exception:  # noqa: BLE001 - still down: the lease lapses and the job is resumed then
+                logger.warning("job %s: could not release it; it is resumed when its lease lapses", job.id)
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently

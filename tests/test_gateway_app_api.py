@@ -50,6 +50,42 @@ def test_settings_reject_bad_values(field, value):
         Settings(**{field: value})
 
 
+def test_the_lease_must_outlast_three_renewal_periods():
+    with pytest.raises(ValidationError, match="at most a third of CTSCREEN_LEASE_S"):
+        Settings(lease_s=10, progress_interval_s=20)
+    assert Settings(lease_s=1.5, progress_interval_s=0.5).lease_s == 1.5
+
+
+def test_a_lease_renewal_that_fails_once_is_tried_again_and_the_job_is_not_resumed_twice(monkeypatch):
+    """One failed renewal ended the renewals for good: the lease lapsed mid-study and this replica's own
+    loop claimed the job a second time (attempts 2, two tasks). Now the next tick renews it."""
+    from sqlalchemy.exc import OperationalError
+
+    from gateway.jobs import JobState
+    from gateway.store import Store
+
+    real = Store.heartbeat
+    failed, seen = [], []
+
+    async def flaky(self, job_id, lease_s, **kw):
+        seen.append(sorted(kw))
+        if kw.get("state") in (None, JobState.inferring) and "slices_total" not in kw and not failed:
+            failed.append(job_id)  # the renewal loop's first write
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return await real(self, job_id, lease_s, **kw)
+
+    monkeypatch.setattr(Store, "heartbeat", flaky)
+    fleet = FakeFleet(**{"fake:1": {"delay": 0.5}})  # the study takes several leases' time
+    with TestClient(_app(fleet, lease_s=1.2, progress_interval_s=0.1, triton_batch_size=2, triton_max_inflight=1,
+                         screen_ahead=False)) as client:  # every slice screened by the worker, under its lease
+        _, files = ct_series(12, lesion=(3, 4, 5), size=64)
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"], timeout=60)
+    assert failed, f"the renewal loop never wrote progress: {seen}"
+    assert (job["state"], job["attempts"]) == ("done", 1), job
+
+
 def test_an_empty_variable_is_an_unset_one(monkeypatch):
     """CTSCREEN_DATA_DIR= put the state store in the working folder; CTSCREEN_AUTH_API_KEYS_FILE= named "."."""
     monkeypatch.setenv("CTSCREEN_DATA_DIR", "")

@@ -220,6 +220,29 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_write(db_url):
     _run(go())
 
 
+def test_a_replica_never_claims_back_a_job_it_runs_and_the_overdue_sweep_fails_only_queued_jobs(db_url):
+    """A late renewal let the holder's own loop claim its job a second time (two tasks, one lease owner);
+    the overdue sweep read its list, then failed jobs another replica had claimed in between."""
+    upgrade(db_url)
+
+    async def go():
+        a = Store(db_url, owner="a")
+        try:
+            [job_id] = await _queue(a, 1)
+            assert (await a.claim(lease_s=0.2)).id == job_id
+            await asyncio.sleep(0.3)  # its lease lapsed while this process still runs it
+            assert await a.claim(60, exclude=[job_id]) is None
+            again = await a.claim(60)  # a process that no longer runs it resumes it
+            assert again is not None and again.id == job_id and again.attempts == 2
+            error = JobError(reason="triton_unavailable", message="Triton is down.")
+            assert not await a.fail(job_id, error, leased=False)  # running, not queued: the sweep leaves it
+            assert (await a.job(job_id)).state != "failed"
+        finally:
+            await a.close()
+
+    _run(go())
+
+
 def test_back_off_then_deadline_then_retry(db_url):
     upgrade(db_url)
 

@@ -5,6 +5,6 @@ before an acknowledgement) and :mod:`gateway.store.migrate` (Alembic migrations 
 """
 
 from gateway.store.blobs import BlobStore, FolderBlobs, new_key
-from gateway.store.store import Claimed, Store, StudyState, async_url, redact
+from gateway.store.store import Claimed, Store, StoreError, StudyState, async_url, redact
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StudyState", "async_url", "new_key", "redact"]
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "async_url", "new_key", "redact"]

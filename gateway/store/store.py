@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import Result as SqlResult
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -93,6 +93,10 @@ def async_url(url: str) -> str:
     if base == "sqlite":
         return f"sqlite+aiosqlite://{rest}"
     raise ValueError(f"Database URL scheme {scheme!r} is not supported; use postgresql:// or sqlite:///.")
+
+
+StoreError = DBAPIError
+"""What the state store raises when the database fails a statement (a fail-over, a lock, a full disk)."""
 
 
 def redact(url: str) -> str:
@@ -392,15 +396,16 @@ class Store:
             return [(r[0], r[1]) for r in rows]
 
     # --- jobs: claim, lease, finish ---------------------------------------------------------------
-    async def claim(self, lease_s: float) -> Claimed | None:
-        """Take the next job that is due (queued) or abandoned (lease expired), under a lease."""
+    async def claim(self, lease_s: float, exclude: Collection[str] = ()) -> Claimed | None:
+        """Take the next job that is due (queued) or abandoned (lease expired), under a lease; never one of
+        ``exclude`` (the jobs this process is running: a late renewal must not hand it a second task)."""
         now = time.time()
         async with self.tx() as s:
             job = (await s.execute(
                 select(Job).where(or_(
                     and_(Job.state == JobState.queued.value, Job.next_attempt_at <= now),
                     and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
-                )).order_by(Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
+                ), *([Job.id.not_in(list(exclude))] if exclude else [])).order_by(Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
             )).scalar_one_or_none()
             if job is None:
                 return None
@@ -460,11 +465,14 @@ class Store:
         return True
 
     async def fail(self, job_id: str, error: JobError, *, leased: bool = True) -> bool:
-        """Mark the job failed (its instances are kept; ``retry`` queues it again)."""
+        """Mark the job failed (its instances are kept; ``retry`` queues it again): one this replica holds,
+        or (``leased=False``) one still queued, never one another replica has just claimed."""
         now = time.time()
         cond = [Job.id == job_id, Job.state.not_in(_TERMINAL)]
         if leased:
             cond.append(Job.lease_owner == self.owner)
+        else:
+            cond.append(Job.state == JobState.queued.value)
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(*cond).values(
                 state=JobState.failed.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
