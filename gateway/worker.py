@@ -78,7 +78,7 @@ class Worker:
         self.store, self.blobs, self.screener, self.settings = store, blobs, screener, settings
         self._slots = asyncio.Semaphore(settings.max_concurrent_studies)
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._prepared: OrderedDict[str, tuple[Prepared, float]] = OrderedDict()  # with when (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_at = 0.0
@@ -89,15 +89,28 @@ class Worker:
 
         A cache, never the only copy: at most ``max_concurrent_studies`` entries, the oldest dropped.
         """
-        self._prepared[job_id] = prepared
+        self._prepared[job_id] = (prepared, time.monotonic())
         while len(self._prepared) > self.settings.max_concurrent_studies:
-            self._prepared.popitem(last=False)[1].release()
+            self._prepared.popitem(last=False)[1][0].release()
 
     def forget(self, job_id: str) -> None:
         """Drop (and release) what :meth:`remember` kept for ``job_id``, if anything."""
-        prepared = self._prepared.pop(job_id, None)
-        if prepared is not None:
+        kept = self._prepared.pop(job_id, None)
+        if kept is not None:
+            kept[0].release()
+
+    def _recall(self, job_id: str) -> Prepared | None:
+        """What :meth:`remember` kept for ``job_id``, if its spooled files are surely still there: the spool
+        sweep removes folders older than twice the job deadline, so an entry older than one deadline (a job
+        that waited out an outage, failed and was retried) is dropped, and the job reads the blob store."""
+        kept = self._prepared.pop(job_id, None)
+        if kept is None:
+            return None
+        prepared, when = kept
+        if time.monotonic() - when > self.settings.job_deadline_s:
             prepared.release()
+            return None
+        return prepared
 
     def has_room(self) -> bool:
         """Whether an upload may be screened ahead now: Triton was ready at the last look (no probe here:
@@ -190,7 +203,7 @@ class Worker:
             progress.dirty = True
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
-        remembered = self._prepared.pop(job.id, None)
+        remembered = self._recall(job.id)
         try:
             prepared = remembered
             if prepared is None:
@@ -331,9 +344,9 @@ class Sweeper:
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
             for key in keys:
                 await asyncio.to_thread(self.blobs.delete, key)
-            # uploads spooled by a process that died before removing them (a live one's are younger)
+            # uploads spooled by a process that died before removing them, or kept past a long outage
             if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
-                logger.warning("removed upload spool folders left by a stopped process")
+                logger.warning("removed upload spool folders older than twice the job deadline")
         if s.orphan_sweep_interval_s and time.monotonic() >= self._orphans_at and self._orphans is None:
             # its own task: walking a large shared folder must not hold up study completion and deadlines
             self._orphans = asyncio.get_running_loop().create_task(self.sweep_orphans(), name="ctscreen-orphans")

@@ -86,6 +86,29 @@ def test_a_lease_renewal_that_fails_once_is_tried_again_and_the_job_is_not_resum
     assert (job["state"], job["attempts"]) == ("done", 1), job
 
 
+def test_a_job_retried_after_its_spool_was_swept_reads_the_blob_store(tmp_path):
+    """The worker kept the decoded upload (its pixels still in the spooled files) and preferred it at the
+    retry; after an outage longer than the spool sweep's age the files were gone and the job failed as
+    'internal' (Deferred read ... missing). An entry older than the job deadline is no longer used."""
+    import shutil
+
+    fleet = FakeFleet(**{"fake:1": {"ready": False}})  # Triton away: the job waits, queued
+    with TestClient(_app(fleet, data_dir=tmp_path, job_deadline_s=1.0, retry_backoff_s=0.2, retry_backoff_max_s=0.2,
+                         screen_ahead=False)) as client:
+        _, files = ct_series(6, lesion=(2, 3, 4))  # 512 x 512: pixel data large enough to be read when decoded
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert wait_job(client, job_id)["error"]["reason"] == "triton_unavailable"  # failed at its deadline
+        for folder in (tmp_path / "spool").glob("upload-*"):  # what the sweep does to folders past its age
+            shutil.rmtree(folder)
+        time.sleep(1.1)  # the kept entry is older than the deadline now
+        fleet.clients["fake:1"].ready = True  # Triton is back
+        assert client.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+        job = wait_job(client, job_id)
+    assert job["state"] == "done", job
+
+
 def test_an_empty_variable_is_an_unset_one(monkeypatch):
     """CTSCREEN_DATA_DIR= put the state store in the working folder; CTSCREEN_AUTH_API_KEYS_FILE= named "."."""
     monkeypatch.setenv("CTSCREEN_DATA_DIR", "")

@@ -269,6 +269,31 @@ def test_back_off_then_deadline_then_retry(db_url):
     _run(go())
 
 
+def test_a_job_whose_replica_died_fails_at_its_deadline_even_while_no_triton_takes_it_over(db_url):
+    """Only claim() picked up lapsed leases, and a worker claims only while Triton is ready: a job held by
+    a replica that died stayed 'inferring' past its deadline for as long as Triton was away."""
+    upgrade(db_url)
+
+    async def go():
+        dead, live = Store(db_url, owner="dead"), Store(db_url, owner="live")
+        try:
+            [held, running] = await _queue(dead, 2)
+            assert (await dead.claim(0.1)).id == held  # its replica dies: the lease lapses
+            assert (await live.claim(60)).id == running  # being screened by a live replica
+            await asyncio.sleep(0.2)
+            async with live.tx() as s:  # both deadlines pass
+                await s.execute(update(Job).values(deadline_at=time.time() - 1))
+            assert await live.fail_overdue() == 1
+            view = await live.job(held)
+            assert view.state == "failed" and "retry" in view.error.message
+            assert (await live.job(running)).state == "decoding"  # a live lease is never failed under its holder
+        finally:
+            await dead.close()
+            await live.close()
+
+    _run(go())
+
+
 def test_retention_removes_old_results_and_instances(db_url):
     upgrade(db_url)
 

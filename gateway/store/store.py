@@ -471,8 +471,8 @@ class Store:
         cond = [Job.id == job_id, Job.state.not_in(_TERMINAL)]
         if leased:
             cond.append(Job.lease_owner == self.owner)
-        else:
-            cond.append(Job.state == JobState.queued.value)
+        else:  # queued, or abandoned by a replica that died (its lease lapsed): never one being screened
+            cond.append(or_(Job.state == JobState.queued.value, Job.lease_expires_at < now))
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(*cond).values(
                 state=JobState.failed.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
@@ -564,11 +564,13 @@ class Store:
         return _view(job)
 
     async def fail_overdue(self) -> int:
-        """Fail the queued jobs whose deadline passed (no Triton took them in time)."""
+        """Fail the jobs whose deadline passed while queued (no Triton took them in time), or while held by
+        a replica that died (its lease lapsed, and no Triton was ready for another to take it over)."""
         now = time.time()
         async with self.read() as s:
-            ids = (await s.execute(select(Job.id, Job.error).where(
-                Job.state == JobState.queued.value, Job.deadline_at < now))).all()
+            ids = (await s.execute(select(Job.id, Job.error).where(or_(
+                Job.state == JobState.queued.value, and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
+            ), Job.deadline_at < now))).all()
         n = 0
         for job_id, error in ids:
             last = JobError.model_validate(error) if error else JobError(reason="triton_unavailable",
