@@ -211,7 +211,8 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
     while time.monotonic() < deadline:
         view = _job_view(client, job_id)
         if view is None:
-            silent_since = silent_since or time.monotonic()
+            if silent_since is None:
+                silent_since = time.monotonic()
             if time.monotonic() - silent_since > UNREACHABLE_S:
                 return _failed("unreachable", f"the gateway has not answered for {UNREACHABLE_S:g} s; job {job_id} "
                                               f"was accepted: ask GET /v1/jobs/{job_id} later")

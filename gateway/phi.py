@@ -3,10 +3,10 @@
 pydicom reports a header value it cannot accept with the value itself, through its ``pydicom`` logger and
 again as a ``UserWarning`` (``Invalid value for VR DA: '03/02/1901'.``). A malformed birth date or name
 from a scanner would then reach the log each time such a value is set on a data set (the SR's patient
-and study attributes, for every instance of the study). highdicom warns with the name itself when a Patient's Name has a single component, as
-anonymised and some real studies do. :func:`protect_logs` keeps pydicom's message and withholds the value
-(every quoted string in a ``pydicom`` record becomes ``<withheld>``), and shows neither pydicom's
-duplicate warnings nor highdicom's warnings.
+and study attributes, for every instance of the study). highdicom warns with the name itself when a
+Patient's Name has a single component, as anonymised and some real studies do. :func:`protect_logs`
+keeps pydicom's message and withholds the value (every quoted string in a ``pydicom`` record becomes
+``<withheld>``), and shows neither pydicom's duplicate warnings nor highdicom's warnings.
 """
 
 from __future__ import annotations
