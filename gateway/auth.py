@@ -310,8 +310,8 @@ async def still_holds(request: Request, scope: str) -> bool:
     auth: Authenticator | None = getattr(request.app.state, "auth", None)
     if auth is None or not auth.enabled:
         return True
-    kind, _, token = request.headers.get("authorization", "").partition(" ")
-    credential = token.strip() if kind.lower() == "bearer" else request.headers.get("x-api-key")
+    bearer = await _bearer(request)  # read as require() reads it: a bearer token first, else the key header
+    credential = bearer.credentials if bearer is not None else await _api_key(request)
     try:
         principal = await auth.authenticate(credential)
     except AuthUnavailable:

@@ -223,13 +223,13 @@ class Worker:
         except LeaseLost:
             logger.warning("job %s: lease lost before the result was written; left to its new holder", job.id)
         except InferenceUnavailable as exc:
-            delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
+            delay = self._backoff(job)
             state = await self.store.release(job.id, delay, JobError(reason=exc.reason, message=str(exc)))
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = self._seen_ready = 0.0
         except StoreError as exc:  # the state store blinked (a fail-over, a lock): the study is not at fault
-            delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
+            delay = self._backoff(job)
             logger.warning("job %s: state store error (%s); released, next try in %g s", job.id,
                            type(exc).__name__, delay)
             try:
@@ -248,6 +248,12 @@ class Worker:
             await asyncio.gather(beat, return_exceptions=True)
             if remembered is not None:  # its spooled files: the blob store holds the instances
                 await asyncio.to_thread(remembered.release)
+
+    def _backoff(self, job: Claimed) -> float:
+        """Seconds before a released job is tried again: doubling from ``retry_backoff_s`` with its attempts,
+        up to ``retry_backoff_max_s``."""
+        s = self.settings
+        return min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
 
     async def _prepare(self, job: Claimed) -> Prepared:
         files = await self.store.instance_files(job.study_id)

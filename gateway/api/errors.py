@@ -34,15 +34,12 @@ def error_response(status: int, reason: str, message: str, *, headers: dict[str,
     return JSONResponse({"reason": reason, "message": message, **extra}, status_code=status, headers=headers)
 
 
-def _answered(request: Request, reason: str) -> None:
-    """Count ``reason`` and hand it to the audit record of the request (``gateway.audit``)."""
-    _note(request.scope, reason)
-
-
-def _note(scope: MutableMapping[str, Any], reason: str) -> None:
+def _note(scope: MutableMapping[str, Any], reason: str, *, count: bool = True) -> None:
+    """Hand ``reason`` to the audit record of the request (``gateway.audit``) and, with ``count``, count
+    it as an error."""
     scope.setdefault("state", {})["audit_reason"] = reason
     metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
-    if metrics is not None:
+    if count and metrics is not None:
         metrics.error(reason)
 
 
@@ -103,12 +100,12 @@ def install(app: FastAPI) -> None:
                 only = REASONS[next(iter(reasons))]
                 body = {**body, "reason": only.reason, "message": f"{exc.message} {exc.rejected[0][2]}"}
                 status = only.http_status
-        _answered(request, body["reason"])
+        _note(request.scope, body["reason"])
         return JSONResponse(body, status_code=status, headers=exc.headers() or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _answered(request, "bad_request")
+        _note(request.scope, "bad_request")
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return error_response(422, "bad_request", "The request does not match the API.", errors=errors)
 
@@ -116,12 +113,12 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         reason = detail.get("reason") or _HTTP_REASONS.get(exc.status_code, "http_error")
-        request.scope.setdefault("state", {})["audit_reason"] = reason  # not counted as an error (e.g. 404)
+        _note(request.scope, reason, count=False)  # not counted as an error (e.g. 404)
         body = {"reason": reason, **{k: v for k, v in detail.items() if k != "reason"}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _outside(request: Request, exc: Exception) -> JSONResponse:  # raised outside LastResort
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        _answered(request, "internal_error")
+        _note(request.scope, "internal_error")
         return _internal_error(exc)
