@@ -165,6 +165,8 @@ class Store:
             self.engine = create_async_engine(self.url, pool_size=5, max_overflow=10, pool_pre_ping=True)
             reader = self.engine
         self._engines = {self.engine, reader}
+        for engine in self._engines:
+            _quiet_cancelled_resets(engine)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, sync_session_class=(
             _NotifyingSession if self.dialect == "postgresql" else Session))
         self._readers = async_sessionmaker(reader, expire_on_commit=False)
@@ -749,6 +751,30 @@ def _sqlite_rollback_before_close(dbapi_connection: Any, _record: Any, _exc: Bas
             task.cancel()
     except Exception:  # noqa: BLE001 - broken connection, or no greenlet (garbage collection): nothing held
         logger.debug("rollback before closing an invalidated SQLite connection failed", exc_info=True)
+
+
+class _CancelledReset(logging.Filter):
+    """Turn SQLAlchemy's ERROR for a cancellation during a connection's reset into one DEBUG line of ours.
+
+    The worker, the deliverer and shut-down cancel tasks on purpose; one cancelled just after its commit
+    is cancelled in the pool's ROLLBACK on check-in, and SQLAlchemy logs that as "Exception during reset
+    or similar" with a traceback, then closes the connection (on SQLite after
+    :func:`_sqlite_rollback_before_close`) and goes on. Other errors during a reset stay as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError) and record.msg == "Exception during reset or similar":
+            logger.debug("a task was cancelled while its connection was reset; that connection is closed")
+            return False
+        return True
+
+
+def _quiet_cancelled_resets(engine: AsyncEngine) -> None:
+    pool_logger = engine.pool.logger  # the pool class's logger (an adapter with echo_pool, unused here)
+    target = pool_logger if isinstance(pool_logger, logging.Logger) else pool_logger.logger
+    if not any(isinstance(f, _CancelledReset) for f in target.filters):
+        target.addFilter(_CancelledReset())
 
 
 class _Changes:
