@@ -585,6 +585,38 @@ def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url
     _run(go())
 
 
+def test_a_retry_and_retention_of_its_instances_take_turns(pg_url):
+    """PostgreSQL, read committed: retention deleting a failed job's instances (under the study version's
+    row lock, as Store.expire holds it) while an operator retries that job. The retry waits for retention
+    and is refused ("no longer kept"); before, it saw the uncommitted rows still there and queued a job
+    whose instances were gone a moment later, to fail again."""
+    from gateway.store.models import Instance
+
+    upgrade(pg_url)
+
+    async def go():
+        store, other = Store(pg_url), Store(pg_url, owner="replica-2")
+        try:
+            study = await _expiring_stow_version(store, "1.2.9")
+            async with store.tx() as s:
+                job_id = (await s.execute(select(Job.id).where(Job.study_id == study))).scalar_one()
+                await s.execute(update(Job).where(Job.id == job_id).values(state="failed"))
+            async with other.tx() as s:
+                await s.execute(select(Study.id).where(Study.id == study).with_for_update())
+                await s.execute(Instance.__table__.delete().where(Instance.study_id == study))
+                retry = asyncio.get_running_loop().create_task(store.retry(job_id, 60))
+                await asyncio.sleep(1.0)
+                assert not retry.done(), "the retry read the instances under retention's feet"
+            with pytest.raises(ValueError, match="no longer kept"):
+                await retry
+            assert (await store.job(job_id)).state == "failed"
+        finally:
+            await store.close()
+            await other.close()
+
+    _run(go())
+
+
 def test_a_task_cancelled_while_its_connection_is_reset_logs_no_error_and_the_pool_goes_on(tmp_path, caplog):
     """Shut-down and a lost lease cancel tasks that may be handing their connection back to the pool.
 

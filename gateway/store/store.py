@@ -551,8 +551,14 @@ class Store:
         """
         now = time.time()
         async with self.tx() as s:
+            study_id = (await s.execute(select(Job.study_id).where(Job.id == job_id))).scalar_one_or_none()
+            if study_id is None:
+                raise JobNotFound(f"No job {job_id!r}.")
+            # retention deletes instances under their study version's row lock (expire): take it first, in
+            # expire's order (study, then job), so that the check below sees its deletion committed or not begun
+            await s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
             job = (await s.execute(select(Job).where(Job.id == job_id).with_for_update())).scalar_one_or_none()
-            if job is None:
+            if job is None:  # retention removed it meanwhile
                 raise JobNotFound(f"No job {job_id!r}.")
             if job.state != JobState.failed.value:
                 raise ValueError(f"Job {job_id} is {job.state}; only a failed job can be retried.")
