@@ -9,6 +9,7 @@ deadlines and retention do what the settings say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -538,6 +539,14 @@ async def _expiring_stow_version(store: Store, uid: str) -> int:
     return await _study_id(store, view.job_id)
 
 
+@contextlib.asynccontextmanager
+async def _holding_version(store: Store, study_id: int):
+    """A transaction of ``store`` that holds a study version's row, as Store.expire does."""
+    async with store.tx() as s:
+        await s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+        yield s
+
+
 def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url):
     """PostgreSQL, read committed: a late STOW instance opens a new version that copies the previous
     version's instance rows, while retention deletes those rows and keeps the blobs something still names.
@@ -552,8 +561,7 @@ def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url
         try:
             # retention holds the previous version (as Store.expire does): the late instance waits for it
             v1 = await _expiring_stow_version(store, "1.2.7")
-            async with other.tx() as s:
-                await s.execute(select(Study.id).where(Study.id == v1).with_for_update())
+            async with _holding_version(other, v1) as s:
                 late = asyncio.get_running_loop().create_task(store.add_instance("1.2.7", "1.2.7.2", "b.dcm", "k-new", 1))
                 await asyncio.sleep(1.0)
                 assert not late.done(), "the new version copied the previous one's rows under retention's feet"
@@ -565,8 +573,7 @@ def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url
 
             # a new version copying the previous one holds it: retention waits, then sees the copy
             v1 = await _expiring_stow_version(store, "1.2.8")
-            async with other.tx() as s:
-                await s.execute(select(Study.id).where(Study.id == v1).with_for_update())
+            async with _holding_version(other, v1) as s:
                 v2 = Study(study_instance_uid="1.2.8", version=2, origin="stow", state="receiving",
                            created_at=time.time(), last_rx_at=time.time())
                 s.add(v2)
@@ -601,8 +608,7 @@ def test_a_retry_and_retention_of_its_instances_take_turns(pg_url):
             async with store.tx() as s:
                 job_id = (await s.execute(select(Job.id).where(Job.study_id == study))).scalar_one()
                 await s.execute(update(Job).where(Job.id == job_id).values(state="failed"))
-            async with other.tx() as s:
-                await s.execute(select(Study.id).where(Study.id == study).with_for_update())
+            async with _holding_version(other, study) as s:
                 await s.execute(Instance.__table__.delete().where(Instance.study_id == study))
                 retry = asyncio.get_running_loop().create_task(store.retry(job_id, 60))
                 await asyncio.sleep(1.0)
