@@ -109,15 +109,19 @@ class AuditMiddleware:
                 status = message["status"]
             await send(message)
 
+        broke = False
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
+            broke = status != 0  # the answer had begun (an event stream): its status says nothing of this
             status = status or 500
             raise
         finally:
-            self._record(scope, status)
+            self._record(scope, status, broke=broke)
 
-    def _record(self, scope: dict[str, Any], status: int) -> None:
+    def _record(self, scope: dict[str, Any], status: int, *, broke: bool = False) -> None:
+        """One record; ``broke``: the answer failed after its status was sent, so the record says ``error``
+        with reason ``broken_mid_answer`` beside the status the client got."""
         state = scope.get("state") or {}
         principal = state.get("principal")
         params = scope.get("path_params") or {}
@@ -133,5 +137,6 @@ class AuditMiddleware:
             client=client[0] if client else None,
             study_instance_uid=params.get("study_instance_uid") or state.get("study_instance_uid"),
             job_id=params.get("job_id") or state.get("job_id"),
-            reason=state.get("audit_reason"),
+            reason="broken_mid_answer" if broke else state.get("audit_reason"),
+            outcome="error" if broke else None,
         )

@@ -323,7 +323,7 @@ async def still_holds(request: Request, scope: str) -> bool:
 
 class StreamGuard:
     """Asks :func:`still_holds` at most every :data:`STREAM_RECHECK_S` seconds (call :meth:`holds` in a
-    stream's loop)."""
+    stream's loop); a stream it ends is audited with reason ``credential_ended``."""
 
     def __init__(self, request: Request, scope: str) -> None:
         self.request, self.scope = request, scope
@@ -333,7 +333,10 @@ class StreamGuard:
         if time.monotonic() < self._next:
             return True
         self._next = time.monotonic() + STREAM_RECHECK_S
-        return await still_holds(self.request, self.scope)
+        if await still_holds(self.request, self.scope):
+            return True
+        self.request.scope.setdefault("state", {})["audit_reason"] = "credential_ended"  # for the audit record
+        return False
 
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {

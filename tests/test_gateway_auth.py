@@ -291,7 +291,7 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, t
     keys = KeyStore(keyfile)
     key, record = keys.add("reader", ["admin"])
     settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, data_dir=tmp_path / "data",
-                        shutdown_grace_s=1)
+                        shutdown_grace_s=1, audit_log_file=tmp_path / "audit.jsonl")
     fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})  # the job stays queued: its stream open
     with TestClient(create_app(settings, client_factory=fleet), raise_server_exceptions=False) as c:
         headers = {"X-API-Key": key}
@@ -314,3 +314,7 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, t
         keys.revoke(record.id)
         assert ended.wait(15), "the stream outlived its key"
         assert c.get(path, headers=headers).status_code == 401  # what the page's reconnect gets
+    action = "GET /v1/worklist/events" if stream == "worklist" else "GET /v1/jobs/{job_id}/events"
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["reason"]) for r in records if r["action"] == action] == [(200, "credential_ended"),
+                                                                                       (401, "unauthorized")]

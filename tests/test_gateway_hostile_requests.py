@@ -7,6 +7,7 @@ answer, and what the audit trail recorded about refusals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -92,3 +93,21 @@ def test_the_api_schema_is_open_like_the_probes_or_not_served(tmp_path, api_docs
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert client.get(path).status_code == (200 if api_docs else 404), path
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_stream_that_breaks_after_its_answer_began_is_audited_as_an_error(tmp_path, monkeypatch):
+    """The worklist's event stream has sent 200 and its first lines when the store fails: the audit record
+    keeps the status the client got and says ``error``, ``broken_mid_answer`` (it said 200 ``ok``)."""
+    from gateway.store.worklist import Worklist
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Worklist, "events_after", broken)
+    with _client(tmp_path) as client, client.stream("GET", "/v1/worklist/events") as r:
+        assert r.status_code == 200
+        with contextlib.suppress(Exception):  # the transport's error for an answer cut short
+            for _ in r.iter_bytes():
+                pass
+    (record,) = [r for r in _audit(tmp_path) if r["action"] == "GET /v1/worklist/events"]
+    assert (record["status"], record["outcome"], record["reason"]) == (200, "error", "broken_mid_answer")
