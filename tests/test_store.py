@@ -244,6 +244,31 @@ def test_a_replica_never_claims_back_a_job_it_runs_and_the_overdue_sweep_fails_o
     _run(go())
 
 
+def test_a_replica_whose_clock_runs_ahead_does_not_take_over_live_jobs(pg_url, caplog):
+    """Leases are times one replica writes and another compares. A replica whose clock ran 90 s ahead saw
+    every 60 s lease as lapsed and took over live jobs; one 90 s behind would hold a dead replica's jobs
+    90 s longer. The store goes by the database server's clock, and says that this one is off."""
+    upgrade(pg_url)
+
+    async def go():
+        store = Store(pg_url)
+        ahead = Store(pg_url, owner="replica-ahead", clock=lambda: time.time() + 90)
+        try:
+            [job_id] = await _queue(store, 1)
+            assert (await store.claim(60)).id == job_id
+            assert await ahead.claim(60) is None, "a live lease was taken over"
+            async with store.tx() as s:  # the lease really lapses
+                await s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=time.time() - 1))
+            assert (await ahead.claim(60)).id == job_id
+            assert abs(await ahead.now() - time.time()) < 2
+        finally:
+            await store.close()
+            await ahead.close()
+
+    _run(go())
+    assert any("+90" in r.getMessage() and "database server" in r.getMessage() for r in caplog.records)
+
+
 def test_back_off_then_deadline_then_retry(db_url):
     upgrade(db_url)
 

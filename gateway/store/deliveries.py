@@ -17,7 +17,6 @@ the same result version (the UIDs are derived from the job). ``history`` is the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +119,7 @@ class Deliveries:
         """
         if not destinations:
             return 0
-        now = time.time()
+        now = await self.store.now()
         created = 0
         async with self.store.read() as s:
             rows = (await s.execute(select(Job.id).where(
@@ -148,7 +147,7 @@ class Deliveries:
         """Take the next due delivery to one of ``names`` (or one whose lease expired), under a lease."""
         if not names:
             return None
-        now = time.time()
+        now = await self.store.now()
         async with self.store.tx() as s:
             row = (await s.execute(select(Delivery).where(Delivery.destination.in_(names), or_(
                 and_(Delivery.state == PENDING, Delivery.next_attempt_at <= now),
@@ -163,7 +162,7 @@ class Deliveries:
             return _task(row)
 
     async def _update(self, task_id: int, change: Any, *, leased: bool = True) -> Task | None:
-        now = time.time()
+        now = await self.store.now()
         async with self.store.tx() as s:
             row = (await s.execute(select(Delivery).where(Delivery.id == task_id).with_for_update())
                    ).scalar_one_or_none()
@@ -226,7 +225,7 @@ class Deliveries:
         ValueError
             The job is not done, or the delivery is pending or being sent, or done without ``force``.
         """
-        now = time.time()
+        now = await self.store.now()
         async with self.store.tx() as s:
             row = (await s.execute(select(Delivery).where(Delivery.job_id == job_id,
                                                           Delivery.destination == destination)
@@ -302,7 +301,7 @@ class Deliveries:
 
         Runs before :meth:`Store.expire` (which would cascade the rows away and leave their blobs).
         """
-        now = time.time()
+        now = await self.store.now()
         async with self.store.tx() as s:
             old = select(Job.id).where(Job.finished_at < now - results_s)
             payloads = (await s.execute(delete(Delivery).where(Delivery.job_id.in_(old))

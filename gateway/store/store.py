@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +66,10 @@ logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
+CLOCK_REFRESH_S = 60.0
+"""How often a replica measures its clock against the database server's (PostgreSQL)."""
+CLOCK_WARN_S = 2.0
+"""A clock further off the server's than this is logged (the store is right either way)."""
 """The PostgreSQL notification channel of job events."""
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
@@ -144,10 +148,16 @@ class Store:
         ``postgresql://...`` or ``sqlite:///path`` (async drivers are chosen here).
     owner : str | None
         This replica's lease owner name (default: host, pid and a random suffix).
+    clock : Callable[[], float]
+        This machine's wall clock; every time the store writes or compares is :meth:`now`, this clock
+        corrected to the database server's.
     """
 
-    def __init__(self, url: str, owner: str | None = None) -> None:
+    def __init__(self, url: str, owner: str | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.url = async_url(url)
+        self._clock = clock  # this machine's wall clock (a test gives a replica a skewed one)
+        self._offset: float | None = None  # the database server's clock minus ours (PostgreSQL)
+        self._offset_at = 0.0  # when it was measured (monotonic)
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         if self.dialect == "sqlite":
             path = self.url.split(":///", 1)[1]
@@ -214,6 +224,39 @@ class Store:
                         await asyncio.wait_for(connection.close(), 5)
             await asyncio.sleep(5)
 
+    # --- time -----------------------------------------------------------------------------------
+    async def now(self) -> float:
+        """The time every replica agrees on (epoch seconds): on PostgreSQL the database server's clock,
+        read as this machine's clock plus an offset measured at most every :data:`CLOCK_REFRESH_S`.
+
+        Leases, deadlines, back-offs and the quiet period are times one replica writes and another
+        compares; with each replica's own clock, a replica running ahead by more than a lease took over
+        live jobs, and one running behind held a dead replica's jobs for longer. SQLite is one machine's
+        file: its clock is everyone's.
+        """
+        local = self._clock()
+        if self.dialect != "postgresql":
+            return local
+        if self._offset is None or time.monotonic() - self._offset_at >= CLOCK_REFRESH_S:
+            try:
+                await self._measure_offset()
+            except DBAPIError:
+                if self._offset is None:
+                    raise
+                logger.warning("reading the database server's clock failed; keeping the last offset")
+        return local + (self._offset or 0.0)
+
+    async def _measure_offset(self) -> None:
+        async with self.read() as s:
+            before = self._clock()
+            server = float((await s.execute(text("SELECT extract(epoch FROM clock_timestamp())"))).scalar_one())
+            after = self._clock()
+        offset = server - (before + after) / 2
+        if abs(offset) > CLOCK_WARN_S and (self._offset is None or abs(offset - self._offset) > CLOCK_WARN_S / 2):
+            logger.warning("this machine's clock is %+.1f s off the database server's; the store goes by the "
+                           "server's (check NTP on this node)", -offset)
+        self._offset, self._offset_at = offset, time.monotonic()
+
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[AsyncSession]:
@@ -246,7 +289,7 @@ class Store:
         return None
 
     async def _add_instance(self, uid: str, sop: str, filename: str, key: str, nbytes: int) -> str | None:
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             study = (await s.execute(
                 select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
@@ -311,7 +354,7 @@ class Store:
         """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it."""
         for attempt in range(5):
             try:
-                now = time.time()
+                now = await self.now()
                 async with self.tx() as s:
                     latest = (await s.execute(select(func.max(Study.version)).where(
                         Study.study_instance_uid == study_instance_uid))).scalar()
@@ -355,7 +398,7 @@ class Store:
 
     async def complete_due(self, quiet_period_s: float, deadline_s: float) -> list[str]:
         """Close every receiving version quiet for ``quiet_period_s`` and queue its job (once in a cluster)."""
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             due = (await s.execute(
                 select(Study).where(Study.state == RECEIVING, Study.last_rx_at <= now - quiet_period_s)
@@ -376,7 +419,7 @@ class Store:
         JobNotFound
             When no instance of the study was received.
         """
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             study = (await s.execute(select(Study).where(
                 Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING).with_for_update()
@@ -401,7 +444,7 @@ class Store:
     async def claim(self, lease_s: float, exclude: Collection[str] = ()) -> Claimed | None:
         """Take the next job that is due (queued) or abandoned (lease expired), under a lease; never one of
         ``exclude`` (the jobs this process is running: a late renewal must not hand it a second task)."""
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             job = (await s.execute(
                 select(Job).where(or_(
@@ -425,7 +468,7 @@ class Store:
                         slices_done: int | None = None, slices_total: int | None = None,
                         series_instance_uid: str | None = None) -> bool:
         """Renew the lease (and record progress); False when this replica no longer holds the job."""
-        now = time.time()
+        now = await self.now()
         values: dict[str, Any] = {"lease_expires_at": now + lease_s, "updated_at": now}
         if state is not None:
             values["state"] = state.value
@@ -450,7 +493,7 @@ class Store:
 
     async def finish(self, job_id: str, result: CaseResult, sr_context: dict[str, Any] | None) -> bool:
         """Write the result and mark the job done; False (nothing written) when the lease was lost."""
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(
                 Job.id == job_id, Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
@@ -469,7 +512,7 @@ class Store:
     async def fail(self, job_id: str, error: JobError, *, leased: bool = True) -> bool:
         """Mark the job failed (its instances are kept; ``retry`` queues it again): one this replica holds,
         or (``leased=False``) one still queued, never one another replica has just claimed."""
-        now = time.time()
+        now = await self.now()
         cond = [Job.id == job_id, Job.state.not_in(_TERMINAL)]
         if leased:
             cond.append(Job.lease_owner == self.owner)
@@ -491,7 +534,7 @@ class Store:
 
         Returns the job's new state (``queued``/``failed``), or ``lost`` when the lease was not ours.
         """
-        now = time.time()
+        now = await self.now()
         async with self.read() as s:
             deadline = (await s.execute(select(Job.deadline_at).where(Job.id == job_id))).scalar()
         if deadline is not None and now + delay_s > deadline and error is not None:
@@ -520,7 +563,7 @@ class Store:
         (``accepted_by`` NULL) until another replica's sweeper adopts them (:meth:`adopt`), so a replica
         that scales down does not take its share of the backlog out of the autoscaler's sum.
         """
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             done = await s.execute(update(Job).where(Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
@@ -549,7 +592,7 @@ class Store:
         ValueError
             The job is not failed.
         """
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             study_id = (await s.execute(select(Job.study_id).where(Job.id == job_id))).scalar_one_or_none()
             if study_id is None:
@@ -574,7 +617,7 @@ class Store:
     async def fail_overdue(self) -> int:
         """Fail the jobs whose deadline passed while queued (no Triton took them in time), or while held by
         a replica that died (its lease lapsed, and no Triton was ready for another to take it over)."""
-        now = time.time()
+        now = await self.now()
         async with self.read() as s:
             ids = (await s.execute(select(Job.id, Job.error).where(or_(
                 Job.state == JobState.queued.value, and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
@@ -659,7 +702,7 @@ class Store:
         Instances of a finished job go ``instances_s`` after it finished; the job, its result and its
         events (and its study version) go ``results_s`` after it finished.
         """
-        now = time.time()
+        now = await self.now()
         async with self.tx() as s:
             old_instances = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - instances_s)
             # a late STOW instance opening a new version copies the previous version's instance rows under

@@ -12,7 +12,6 @@ study was received.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +190,7 @@ class Worklist:
 
     async def put_labels(self, study_id: int, labels: dict[str, str | None]) -> None:
         """Record the labels of a study version (a second writer's row is kept: the labels are the same)."""
-        values = {"study_id": study_id, "read_at": time.time(), **{k: labels.get(k) for k in
+        values = {"study_id": study_id, "read_at": await self.store.now(), **{k: labels.get(k) for k in
                                                                    ("study_date", "accession_number",
                                                                     "series_description")}}
         insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
@@ -217,7 +216,7 @@ class Worklist:
         Returns ``studies_per_hour`` (done in the window, scaled to an hour), ``p50_s``/``p95_s`` of the
         study time (accepted to done) over the last ``sample`` done jobs, and ``failures`` (newest first).
         """
-        now = time.time()
+        now = await self.store.now()
         async with self.store.read() as s:
             done_recent = int((await s.execute(select(func.count(Job.id)).where(
                 Job.state == JobState.done.value, Job.finished_at >= now - window_s))).scalar() or 0)
