@@ -318,3 +318,21 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, t
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(r["status"], r["reason"]) for r in records if r["action"] == action] == [(200, "credential_ended"),
                                                                                        (401, "unauthorized")]
+
+
+def test_the_service_view_shows_triton_addresses_to_admins_only(client, keyfile):
+    """The Triton endpoints' addresses are inside the cluster: a results:read caller (a reading room's
+    page) sees them named and counted, not where they are."""
+    from gateway.keys import KeyStore
+
+    keys = KeyStore(keyfile)
+    reader, _ = keys.add("reading-room", ["results:read"])
+    admin, _ = keys.add("ops", ["admin"])
+    seen = {}
+    for who, key in (("reader", reader), ("admin", admin)):
+        r = client.get("/v1/service", headers={"X-API-Key": key})
+        assert r.status_code == 200, r.text
+        seen[who] = r.json()["endpoints"]
+    assert [(e["name"], e["url"]) for e in seen["reader"]] == [("Triton 1", None)]
+    assert [(e["name"], e["url"]) for e in seen["admin"]] == [("Triton 1", "fake:1")]
+    assert "fake:1" not in json.dumps(seen["reader"])

@@ -340,7 +340,7 @@ def test_slice_png_is_cached_and_refuses_clearly(stack, screened):
 
 def test_service_route_reports_endpoints_and_latency(stack, screened):
     d = httpx.get(stack.url + "/v1/service", timeout=30).json()
-    assert d["endpoints"] == [{"url": stack.triton_url, "ready": True, "slices_per_second": d["endpoints"][0][
-        "slices_per_second"]}]
+    assert d["endpoints"] == [{"name": "Triton 1", "url": stack.triton_url, "ready": True,
+                               "slices_per_second": d["endpoints"][0]["slices_per_second"]}]
     assert d["p50_s"] > 0 and d["p95_s"] >= d["p50_s"] and d["studies_per_hour"] >= 2
     assert d["backlog_slices"] >= 0 and isinstance(d["failures"], list)

@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
-from gateway.auth import RESULTS_READ, StreamGuard
+from gateway.auth import ADMIN, RESULTS_READ, StreamGuard
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
 from gateway.jobs import JobState
 from gateway.store import Store
@@ -238,7 +238,12 @@ async def slice_png(
 
 @router.get("/v1/service", summary="Service figures for the ops view")
 async def service(_who: ReadAccess, web: WebDep, pool: PoolDep, request: Request) -> JSONResponse:
-    """Triton endpoints and readiness, backlog (slices, seconds), studies per hour, p50/p95, recent failures."""
+    """Triton endpoints and readiness, backlog (slices, seconds), studies per hour, p50/p95, recent failures.
+
+    Each endpoint has a ``name`` (``Triton 1``, ...); its ``url``, an address inside the cluster, only for
+    an ``admin`` caller (null for the others).
+    """
+    addresses = _who is None or _who.has(ADMIN)  # None: a gateway without authentication
     state = request.app.state
     now = time.monotonic()
     cached = getattr(state, "ready_cache", None)
@@ -252,8 +257,8 @@ async def service(_who: ReadAccess, web: WebDep, pool: PoolDep, request: Request
     for failure in figures["failures"]:
         failure["finished_at"] = _iso(failure["finished_at"])
     body = {
-        "endpoints": [{"url": url, "ready": url in ready, "slices_per_second": round(rates.get(url, 0.0), 2)}
-                      for url in pool.endpoints],
+        "endpoints": [{"name": f"Triton {i}", "url": url if addresses else None, "ready": url in ready,
+                       "slices_per_second": round(rates.get(url, 0.0), 2)} for i, url in enumerate(pool.endpoints, 1)],
         "model": pool.model_name,
         "queued": queued, "running": running,
         "backlog_slices": backlog,

@@ -28,7 +28,7 @@ export function serviceView(main) {
           h("table", { class: "endpoints" },
             h("thead", {}, h("tr", {}, ["Endpoint", "Ready", "Measured rate"].map((t) => h("th", { scope: "col" }, t)))),
             h("tbody", {}, d.endpoints.map((e) => h("tr", { dataset: { ready: e.ready } },
-              h("td", {}, e.url), h("td", { class: e.ready ? "ok" : "bad" }, e.ready ? "ready" : "not ready"),
+              h("td", {}, e.url ?? e.name), h("td", { class: e.ready ? "ok" : "bad" }, e.ready ? "ready" : "not ready"),
               h("td", { class: "num" }, `${e.slices_per_second} slices/s`)))))),
         h("section", { "aria-labelledby": "h-load" },
           h("h2", { id: "h-load" }, "Load"),
