@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from gateway.settings import Settings
 from gateway.uids import is_job_id, is_uid
 
@@ -112,8 +114,10 @@ class AuditMiddleware:
         broke = False
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            broke = status != 0  # the answer had begun (an event stream): its status says nothing of this
+        except Exception as exc:
+            # the answer had begun (an event stream): its status says nothing of this (a client that left is
+            # no error of ours)
+            broke = status != 0 and not isinstance(exc, ClientDisconnect)
             status = status or 500
             raise
         finally:

@@ -210,8 +210,9 @@ class Worker:
                 prepared = await self._prepare(job)
             await set_state(JobState.inferring, slices_total=prepared.n_slices,
                             series_instance_uid=prepared.series_instance_uid)
+            accepted = time.time() - (await self.store.now() - job.created_at)  # created_at is the store's clock
             result = await self.screener.screen(
-                prepared, job_id=job.id, started=job.created_at, on_batch=on_batch,
+                prepared, job_id=job.id, started=accepted, on_batch=on_batch,
                 on_aggregate=lambda: set_state(JobState.aggregating))
             context = prepared.sr_context.to_json() if prepared.sr_context is not None else None
             del prepared

@@ -247,12 +247,14 @@ def test_a_replica_never_claims_back_a_job_it_runs_and_the_overdue_sweep_fails_o
 def test_a_replica_whose_clock_runs_ahead_does_not_take_over_live_jobs(pg_url, caplog):
     """Leases are times one replica writes and another compares. A replica whose clock ran 90 s ahead saw
     every 60 s lease as lapsed and took over live jobs; one 90 s behind would hold a dead replica's jobs
-    90 s longer. The store goes by the database server's clock, and says that this one is off."""
+    90 s longer. The store goes by the database server's clock, and says that this one is off; a step of
+    this machine's clock between two readings of the server's does not move it."""
     upgrade(pg_url)
 
     async def go():
         store = Store(pg_url)
-        ahead = Store(pg_url, owner="replica-ahead", clock=lambda: time.time() + 90)
+        skew = [90.0]
+        ahead = Store(pg_url, owner="replica-ahead", clock=lambda: time.time() + skew[0])
         try:
             [job_id] = await _queue(store, 1)
             assert (await store.claim(60)).id == job_id
@@ -260,6 +262,8 @@ def test_a_replica_whose_clock_runs_ahead_does_not_take_over_live_jobs(pg_url, c
             async with store.tx() as s:  # the lease really lapses
                 await s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=time.time() - 1))
             assert (await ahead.claim(60)).id == job_id
+            assert abs(await ahead.now() - time.time()) < 2
+            skew[0] = -90.0  # NTP steps this machine's clock back: the store's time does not follow
             assert abs(await ahead.now() - time.time()) < 2
         finally:
             await store.close()

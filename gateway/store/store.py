@@ -66,11 +66,13 @@ logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
-CLOCK_REFRESH_S = 60.0
-"""How often a replica measures its clock against the database server's (PostgreSQL)."""
-CLOCK_WARN_S = 2.0
-"""A clock further off the server's than this is logged (the store is right either way)."""
 """The PostgreSQL notification channel of job events."""
+CLOCK_REFRESH_S = 60.0
+"""How often a replica reads the database server's clock (PostgreSQL)."""
+CLOCK_MAX_ROUND_TRIP_S = 0.5
+"""A reading of the server's clock that took longer than this is not trusted (its error is up to half)."""
+CLOCK_WARN_S = 2.0
+"""A machine clock further off the server's than this is logged (the store is right either way)."""
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
 
@@ -149,15 +151,16 @@ class Store:
     owner : str | None
         This replica's lease owner name (default: host, pid and a random suffix).
     clock : Callable[[], float]
-        This machine's wall clock; every time the store writes or compares is :meth:`now`, this clock
-        corrected to the database server's.
+        This machine's wall clock: every time the store writes or compares is :meth:`now`, which on
+        PostgreSQL is the database server's clock instead.
     """
 
     def __init__(self, url: str, owner: str | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.url = async_url(url)
         self._clock = clock  # this machine's wall clock (a test gives a replica a skewed one)
-        self._offset: float | None = None  # the database server's clock minus ours (PostgreSQL)
-        self._offset_at = 0.0  # when it was measured (monotonic)
+        self._server: tuple[float, float] | None = None  # PostgreSQL: (server clock, our monotonic clock then)
+        self._reading_clock = asyncio.Lock()
+        self._clock_off = 0.0  # this machine's clock minus the server's, as last logged about
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         if self.dialect == "sqlite":
             path = self.url.split(":///", 1)[1]
@@ -227,35 +230,57 @@ class Store:
     # --- time -----------------------------------------------------------------------------------
     async def now(self) -> float:
         """The time every replica agrees on (epoch seconds): on PostgreSQL the database server's clock,
-        read as this machine's clock plus an offset measured at most every :data:`CLOCK_REFRESH_S`.
+        read at most every :data:`CLOCK_REFRESH_S` and carried forward on this process's monotonic clock.
 
         Leases, deadlines, back-offs and the quiet period are times one replica writes and another
         compares; with each replica's own clock, a replica running ahead by more than a lease took over
-        live jobs, and one running behind held a dead replica's jobs for longer. SQLite is one machine's
-        file: its clock is everyone's.
+        live jobs, and one running behind held a dead replica's jobs for longer. The monotonic clock also
+        rides over a step of this machine's clock (NTP). SQLite is one machine's file: its clock is
+        everyone's.
         """
-        local = self._clock()
         if self.dialect != "postgresql":
-            return local
-        if self._offset is None or time.monotonic() - self._offset_at >= CLOCK_REFRESH_S:
-            try:
-                await self._measure_offset()
-            except DBAPIError:
-                if self._offset is None:
-                    raise
-                logger.warning("reading the database server's clock failed; keeping the last offset")
-        return local + (self._offset or 0.0)
+            return self._clock()
+        if self._server is None or time.monotonic() - self._server[1] >= CLOCK_REFRESH_S:
+            if self._server is None:
+                async with self._reading_clock:
+                    if self._server is None:  # the first caller reads it; the others wait for that reading
+                        await self._read_server_clock(first=True)
+            elif not self._reading_clock.locked():  # stale: one caller reads it again, the others go on
+                async with self._reading_clock:
+                    await self._read_server_clock(first=False)
+        assert self._server is not None
+        server, at = self._server
+        return server + (time.monotonic() - at)
 
-    async def _measure_offset(self) -> None:
-        async with self.read() as s:
-            before = self._clock()
-            server = float((await s.execute(text("SELECT extract(epoch FROM clock_timestamp())"))).scalar_one())
-            after = self._clock()
-        offset = server - (before + after) / 2
-        if abs(offset) > CLOCK_WARN_S and (self._offset is None or abs(offset - self._offset) > CLOCK_WARN_S / 2):
+    async def _read_server_clock(self, *, first: bool) -> None:
+        """Read the server's clock; a reading that failed or took too long keeps the previous one (the first
+        reading is taken as it comes, or raises)."""
+        try:
+            async with self.read() as s:
+                await s.connection()  # check-out, pre-ping and connect are not part of the reading
+                for _ in range(3):
+                    sent = time.monotonic()
+                    server = float((await s.execute(text("SELECT extract(epoch FROM clock_timestamp())")))
+                                   .scalar_one())
+                    back = time.monotonic()
+                    if back - sent <= CLOCK_MAX_ROUND_TRIP_S:
+                        break
+        except Exception as exc:
+            if first:
+                raise
+            logger.warning("reading the database server's clock failed (%s); going on from the last reading",
+                           type(exc).__name__)
+            return
+        if back - sent > CLOCK_MAX_ROUND_TRIP_S and not first:
+            logger.info("the database server's clock answered in %.1f s; going on from the last reading", back - sent)
+            return
+        at = (sent + back) / 2
+        off = self._clock() - (time.monotonic() - at) - server  # this machine's clock minus the server's
+        if abs(off) > CLOCK_WARN_S and abs(off - self._clock_off) > CLOCK_WARN_S / 2:
             logger.warning("this machine's clock is %+.1f s off the database server's; the store goes by the "
-                           "server's (check NTP on this node)", -offset)
-        self._offset, self._offset_at = offset, time.monotonic()
+                           "server's (check NTP on this node)", off)
+        self._clock_off = off
+        self._server = (server, at)
 
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -708,7 +733,10 @@ class Store:
             # a late STOW instance opening a new version copies the previous version's instance rows under
             # the same lock (_open_version): without it, PostgreSQL could commit such a copy after the
             # reference check below, and the copied rows would name deleted blobs
-            await s.execute(select(Study.id).where(Study.id.in_(old_instances)).order_by(Study.id).with_for_update())
+            # (every version this call changes, so that it locks study rows before job rows, as retry does)
+            touched = select(Job.study_id).where(Job.state.in_(_TERMINAL),
+                                                 Job.finished_at < now - min(instances_s, results_s))
+            await s.execute(select(Study.id).where(Study.id.in_(touched)).order_by(Study.id).with_for_update())
             keys = set((await s.execute(delete(Instance).where(Instance.study_id.in_(old_instances))
                                         .returning(Instance.blob_key))).scalars())
             old_studies = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - results_s)
