@@ -118,7 +118,7 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
             if proc.poll() is not None:
                 raise BenchError(f"the gateway exited with {proc.returncode} at start (log: {TMP_DIR / 'gateway.log'})")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/readyz/triton", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -84,11 +84,11 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
     if args.url:
         with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout) as client:
             try:
-                ready = client.get("/readyz")
+                ready = client.get("/readyz/triton")
             except httpx.HTTPError as exc:
                 raise EvalError(f"--url {args.url}: cannot connect ({exc})") from exc
             if ready.status_code != 200:
-                raise EvalError(f"--url {args.url}: gateway not ready (GET /readyz -> {ready.status_code})")
+                raise EvalError(f"--url {args.url}: gateway cannot screen now (GET /readyz/triton -> {ready.status_code})")
             yield _Path(http_runner(client, args.timeout), f"gateway at {args.url}")
         return
     from gateway.cli import run_stack

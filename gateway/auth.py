@@ -15,7 +15,7 @@ as ``X-API-Key``):
 Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
 ``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
 credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``/healthz``,
-``/readyz`` (and ``/metrics`` unless it has its own port) stay open.
+``/readyz``, ``/readyz/triton`` (and ``/metrics`` unless it has its own port) stay open.
 
 Without any credential source configured, every request is the anonymous principal with every scope:
 allowed on loopback (``make demo``), refused at start-up on any other address unless ``--insecure``

@@ -296,19 +296,52 @@ def test_unknown_job_and_study_are_404():
 
 
 def test_readyz_and_healthz():
+    """/readyz: the gateway takes studies, with Triton away too (they wait in the store); /readyz/triton: it
+    can screen now. Neither names an address (both are open, like the probes)."""
     with TestClient(_app(FakeFleet(**{"fake:1": {"ready": False}}))) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
-        assert r.status_code == 503 and r.json()["ready"] is False
+        assert r.status_code == 200 and r.json() == {
+            "ready": True, "store": True, "blobs": True, "triton": {"ready_endpoints": 0, "endpoints": 1}}
+        r = client.get("/readyz/triton")
+        assert r.status_code == 503 and r.json() == {"ready": False, "ready_endpoints": 0, "endpoints": 1}
     with TestClient(_app()) as client:
-        assert client.get("/readyz").json() == {"ready": True, "endpoints": ["fake:1"], "ready_endpoints": ["fake:1"]}
+        assert client.get("/readyz").json()["triton"] == {"ready_endpoints": 1, "endpoints": 1}
+        assert client.get("/readyz/triton").json() == {"ready": True, "ready_endpoints": 1, "endpoints": 1}
+
+
+def test_readyz_says_not_ready_while_the_store_or_the_blob_folder_fails(tmp_path):
+    data = tmp_path / "data"
+    with TestClient(_app(data_dir=data)) as client:
+        assert client.get("/readyz").status_code == 200
+        store = client.app.state.store
+
+        async def down() -> None:
+            raise ConnectionRefusedError("the database is away")
+
+        store.ping, real = down, store.ping
+        time.sleep(1.1)  # past the probe's one-second cache
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["store"] is False
+        store.ping = real
+        time.sleep(1.1)
+        assert client.get("/readyz").status_code == 200
+        root = client.app.state.blobs.root  # the blob volume is gone (an unmounted share)
+        root.rename(tmp_path / "elsewhere")
+        try:
+            r = client.get("/readyz")
+            assert r.status_code == 503 and r.json()["blobs"] is False and r.json()["store"] is True
+        finally:
+            (tmp_path / "elsewhere").rename(root)
+        assert client.get("/readyz").status_code == 200
 
 
 def test_openapi_lists_the_routes():
     with TestClient(_app()) as client:
         paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/studies", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/studies/{study_instance_uid}",
-                 "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/healthz", "/readyz", "/metrics"):
+                 "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/healthz", "/readyz", "/readyz/triton",
+                 "/metrics"):
         assert path in paths
 
 

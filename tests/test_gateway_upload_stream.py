@@ -53,7 +53,7 @@ def live(triton: EmbeddedTriton, tmp_path_factory) -> Iterator[tuple[str, Any]]:
     while True:  # ready: the worker has seen Triton ready, so an upload is screened ahead
         assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not become ready"
         try:
-            if server.started and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+            if server.started and httpx.get(f"{url}/readyz/triton", timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -129,7 +129,7 @@ def test_helm_test_pod_screens_one_study_through_the_gateway_and_may_reach_it(pr
     token = next(e for e in c["env"] if e["name"] == "CTSCREEN_TOKEN")
     assert token["valueFrom"] == {"secretKeyRef": {"name": "ctscreen-helm-test-key", "key": "token"}}
     script = c["args"][-1]
-    assert "/readyz" in script and "ctscreen phantom --out /tmp/study" in script
+    assert "/readyz/triton" in script and "ctscreen phantom --out /tmp/study" in script
     assert "ctscreen screen" in script and pod["spec"]["restartPolicy"] == "Never"
     gateway = find(production, "NetworkPolicy", "-gateway")["spec"]["ingress"]
     labels = pod["metadata"]["labels"]

@@ -1,15 +1,22 @@
-"""Operations: ``/healthz`` (the process runs), ``/readyz`` (Triton is ready), ``/metrics``."""
+"""Operations: ``/healthz`` (the process runs), ``/readyz`` (it takes studies), ``/readyz/triton`` (it can
+screen now), ``/metrics``."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import MetricsDep, PoolDep, SettingsDep
+from gateway.api.deps import BlobsDep, MetricsDep, PoolDep, SettingsDep, StoreDep
 from gateway.errors import NotFound
+from gateway.store import Store
+from gateway.triton_pool import TritonPool
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 
@@ -20,19 +27,58 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: at least one Triton endpoint has the model ready",
-            responses={503: {"description": "no Triton endpoint is ready"}})
-async def readyz(request: Request, pool: PoolDep) -> JSONResponse:
-    """200 when Triton is ready (probed at most once a second), else 503."""
+async def triton_ready(request: Request, pool: TritonPool) -> list[str]:
+    """The Triton endpoints with the model ready (asked at most once a second)."""
     state = request.app.state
     now = time.monotonic()
     cached = getattr(state, "ready_cache", None)
     if cached is None or now - cached[0] > 1.0:
-        ready = await pool.ready_endpoints()
-        cached = state.ready_cache = (now, ready)
-    ready = cached[1]
-    body = {"ready": bool(ready), "endpoints": pool.endpoints, "ready_endpoints": ready}
+        cached = state.ready_cache = (now, await pool.ready_endpoints())
+    return list(cached[1])
+
+
+async def _store_answers(request: Request, store: Store) -> bool:
+    """Whether the state store answers a query within 3 s (asked at most once a second)."""
+    state = request.app.state
+    now = time.monotonic()
+    cached = getattr(state, "store_cache", None)
+    if cached is None or now - cached[0] > 1.0:
+        try:
+            await asyncio.wait_for(store.ping(), 3.0)
+            answers = True
+        except Exception as exc:  # noqa: BLE001 - any failure means: not ready
+            logger.warning("readiness: the state store does not answer (%s)", type(exc).__name__)
+            answers = False
+        cached = state.store_cache = (now, answers)
+    return bool(cached[1])
+
+
+@router.get("/readyz", summary="Readiness: the gateway takes studies (state store and blob folder usable)",
+            responses={503: {"description": "the state store does not answer, or blobs cannot be written"}})
+async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsDep) -> JSONResponse:
+    """200 while studies can be accepted: the state store answers and the blob folder can be written.
+
+    Triton is not part of it: while no Triton endpoint is ready (an engine build, a drained GPU node) the
+    gateway goes on taking studies, which wait in the store and are screened once one is back. Its state
+    is in the body (counts only; the addresses are for ``admin`` callers of ``/v1/service``) and at
+    ``/readyz/triton``.
+    """
+    ready_triton = await triton_ready(request, pool)
+    store_ok = await _store_answers(request, store)
+    blobs_ok = await asyncio.to_thread(blobs.writable)
+    ready = store_ok and blobs_ok
+    body = {"ready": ready, "store": store_ok, "blobs": blobs_ok,
+            "triton": {"ready_endpoints": len(ready_triton), "endpoints": len(pool.endpoints)}}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/readyz/triton", summary="Readiness to screen now: at least one Triton endpoint has the model ready",
+            responses={503: {"description": "no Triton endpoint is ready"}})
+async def readyz_triton(request: Request, pool: PoolDep) -> JSONResponse:
+    """200 when a Triton endpoint has the model ready, else 503 (what a smoke test or a benchmark waits for)."""
+    ready_triton = await triton_ready(request, pool)
+    body = {"ready": bool(ready_triton), "ready_endpoints": len(ready_triton), "endpoints": len(pool.endpoints)}
+    return JSONResponse(body, status_code=200 if ready_triton else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

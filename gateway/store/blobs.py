@@ -40,6 +40,9 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is absent)."""
 
+    def writable(self) -> bool:
+        """Whether new blobs can be stored now (the readiness probe asks)."""
+
     def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
         """Keys of the blobs last written more than ``age_s`` seconds before now (by the store's own clock:
         on a shared volume, the file server's), or ``later_s`` seconds from now (a test's way to let time
@@ -158,6 +161,9 @@ class FolderBlobs:
     def path(self, key: str) -> Path:
         """The file that holds ``key`` (it may not exist): readers that take a file need not load the bytes."""
         return self._path(key)
+
+    def writable(self) -> bool:
+        return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -282,6 +282,11 @@ class Store:
         self._clock_off = off
         self._server = (server, at)
 
+    async def ping(self) -> None:
+        """One trivial query (the readiness probe): raises when the database does not answer."""
+        async with self.read() as s:
+            await s.execute(text("SELECT 1"))
+
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[AsyncSession]:

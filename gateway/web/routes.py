@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
+from gateway.api.ops import triton_ready
 from gateway.auth import ADMIN, RESULTS_READ, StreamGuard
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
 from gateway.jobs import JobState
@@ -244,12 +245,7 @@ async def service(_who: ReadAccess, web: WebDep, pool: PoolDep, request: Request
     an ``admin`` caller (null for the others).
     """
     addresses = _who is None or _who.has(ADMIN)  # None: a gateway without authentication
-    state = request.app.state
-    now = time.monotonic()
-    cached = getattr(state, "ready_cache", None)
-    if cached is None or now - cached[0] > 1.0:
-        cached = state.ready_cache = (now, await pool.ready_endpoints())
-    ready = set(cached[1])
+    ready = set(await triton_ready(request, pool))
     queued, running, backlog = await web.worklist.store.counts()
     rates = pool.rates()
     rate = sum(rates.values()) or None
