@@ -484,3 +484,89 @@ def test_gateway_image_holds_itself_to_the_auth_requirement_where_it_binds():
     text = (ROOT / "helm" / "gateway.Dockerfile").read_text()
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert re.search(r"^ENV CTSCREEN_HOST=(\S+)$", text, re.M).group(1) == cmd[cmd.index("--host") + 1]
+
+
+def test_runtime_class_and_a_writable_cuda_cache_reach_the_triton_pod():
+    """k3s, RKE2 and the GPU Operator without a default nvidia runtime need runtimeClassName; the read-only
+    root filesystem leaves CUDA's JIT cache ($HOME/.nv) nowhere to go unless HOME points at /tmp."""
+    deployment = find(render(_production(triton__runtimeClassName="nvidia")), "Deployment", "-triton")
+    assert deployment["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    for c in (container(deployment, "triton"), container(deployment, "build-engines", init=True)):
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["HOME"] == "/tmp" and env["CUDA_CACHE_PATH"].startswith("/tmp/"), c["name"]
+        assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}
+    default = find(render(_production()), "Deployment", "-triton")
+    assert "runtimeClassName" not in default["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(("autoscaling", "replicas", "budget"), [(True, None, True), (False, 3, True), (False, 2, False)])
+def test_the_gateway_budget_never_blocks_every_drain(autoscaling, replicas, budget):
+    """A budget of minAvailable 2 (the production values) over two replicas, or 1 over one (the chart forces
+    one replica for a ReadWriteOnce results claim), allows no eviction: a node drain waits forever."""
+    patch = {"gateway__autoscaling__enabled": autoscaling}
+    if replicas is not None:
+        patch["gateway__replicas"] = replicas
+    objs = render(_production(**patch))
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-gateway")]
+    assert bool(pdbs) is budget
+
+
+def test_without_an_engine_build_the_repository_is_copied_in_the_triton_image_without_a_gpu_or_the_cache():
+    """engines.build false (an ONNX Runtime repository, or plans built elsewhere) still pulled the ~10 GB
+    TensorRT image, held the GPU for a copy, and mounted the engine cache (a missing claim: Pending)."""
+    values = _production(triton__engines={**_production()["triton"]["engines"], "build": False,
+                                          "cache": {**_production()["triton"]["engines"]["cache"], "type": "pvc",
+                                                    "claimName": "absent"}})
+    deployment = find(render(values), "Deployment", "-triton")
+    init = container(deployment, "build-engines", init=True)
+    assert init["image"] == container(deployment, "triton")["image"]
+    assert not any(k.startswith("nvidia.com/") for k in init["resources"].get("limits", {}))
+    assert "trt-cache" not in {m["name"] for m in init["volumeMounts"]}
+    assert "trt-cache" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    built = find(render(_production()), "Deployment", "-triton")
+    assert "tensorrt" in container(built, "build-engines", init=True)["image"]
+
+
+def _notes(values: dict) -> str:
+    from tests.test_helm_chart import helm as helm_sdk
+
+    with helm_sdk.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+
+
+@pytest.mark.parametrize(("blobs", "warned"), [({}, True), ({"storageClassName": "efs-sc"}, False),
+                                               ({"existingClaim": "site-blobs"}, False)])
+def test_install_notes_warn_when_the_shared_blob_claim_falls_to_the_default_storage_class(blobs, warned):
+    """EKS, GKE and AKS default classes are ReadWriteOnce: the ReadWriteMany claim stays Pending, silently."""
+    values = _production()
+    values["state"]["blobs"] = {**values["state"].get("blobs", {}), "storageClassName": "", "existingClaim": "",
+                                **blobs}
+    assert ("ReadWriteMany" in _notes(values)) is warned
+
+
+def test_a_gitops_install_names_its_own_postgresql_password():
+    """The generated password is read back with lookup, which a render without cluster access (Argo CD,
+    helm template) cannot do: each sync made a new password the database never took, and the gateways could
+    not log in. With passwordSecret the chart renders no password at all: the database, the gateways and the
+    migration Job read the site's Secret, and the URL takes it by Kubernetes' $(VAR) expansion."""
+    from gateway.settings import Settings
+
+    values = _production()
+    values["state"]["database"] = {**values["state"]["database"], "existingSecret": "",
+                                   "postgresql": {**values["state"]["database"].get("postgresql", {}),
+                                                  "passwordSecret": "site-pg"}}
+    objs = render(values)
+    assert render(values) == objs  # the same render twice: nothing generated
+    assert not [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-postgresql")]
+    (pg,) = [o for o in objs if o["kind"] == "StatefulSet"]
+    (db,) = pg["spec"]["template"]["spec"]["containers"]
+    assert {"name": "POSTGRES_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "site-pg", "key": "password"}}} in db["env"]
+    job = next(o for o in objs if o["kind"] == "Job")
+    for c in (container(find(objs, "Deployment", "-gateway"), "gateway"), job["spec"]["template"]["spec"]["containers"][0]):
+        names = [e["name"] for e in c["env"]]
+        assert names.index("PGPASSWORD") < names.index("CTSCREEN_DATABASE_URL")  # $(VAR) needs it defined first
+        url = next(e["value"] for e in c["env"] if e["name"] == "CTSCREEN_DATABASE_URL")
+        assert url == f"postgresql://ctscreen:$(PGPASSWORD)@{RELEASE}-postgresql:5432/ctscreen"
+        expanded = url.replace("$(PGPASSWORD)", "s3cretLettersAnd0")
+        assert Settings(database_url=expanded, triton_urls="fake:1").database_url == expanded

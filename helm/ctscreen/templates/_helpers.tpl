@@ -197,14 +197,36 @@ own (rendered when gateway.auth.oidcIssuer is set); empty when OIDC is off. */}}
 
 {{/* CTSCREEN_DATABASE_URL from the external Secret, or from the in-chart PostgreSQL's. */}}
 {{- define "ctscreen.state.databaseEnv" -}}
+{{- $db := .Values.state.database -}}
+{{- if and (not $db.existingSecret) $db.postgresql.passwordSecret }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $db.postgresql.passwordSecret }}
+      key: password
+- name: CTSCREEN_DATABASE_URL
+  value: {{ printf "postgresql://ctscreen:$(PGPASSWORD)@%s-postgresql:5432/ctscreen" (include "ctscreen.fullname" .) | quote }}
+{{- else }}
 - name: CTSCREEN_DATABASE_URL
   valueFrom:
     secretKeyRef:
-      {{- if .Values.state.database.existingSecret }}
-      name: {{ .Values.state.database.existingSecret }}
-      key: {{ .Values.state.database.secretKey }}
+      {{- if $db.existingSecret }}
+      name: {{ $db.existingSecret }}
+      key: {{ $db.secretKey }}
       {{- else }}
       name: {{ include "ctscreen.fullname" . }}-postgresql
       key: url
       {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+HOME and the CUDA JIT cache on the writable /tmp volume: the root filesystem is read-only, and CUDA
+writes its compute cache under $HOME/.nv by default.
+*/}}
+{{- define "ctscreen.triton.cudaHome" -}}
+- name: HOME
+  value: /tmp
+- name: CUDA_CACHE_PATH
+  value: /tmp/.nv/ComputeCache
 {{- end -}}
