@@ -259,6 +259,7 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
         ({"autoscaling": {"mode": "hpa"}, "monitoring": {"serviceMonitor": {"enabled": True}}},
          "enable monitoring.prometheusRule"),
         ({"triton": {"priorityClass": {"create": True}}}, "needs triton.priorityClassName"),
+        ({"triton": {"rollout": {"progressDeadlineSeconds": 3600}}}, "2 models x engines.buildTimeoutSeconds 1800"),
     ],
 )
 def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):

@@ -561,6 +561,8 @@ def test_a_gitops_install_names_its_own_postgresql_password():
     assert not [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-postgresql")]
     (pg,) = [o for o in objs if o["kind"] == "StatefulSet"]
     (db,) = pg["spec"]["template"]["spec"]["containers"]
+    # a long crash recovery (WAL replay) is not killed by the liveness probe
+    assert db["startupProbe"]["periodSeconds"] * db["startupProbe"]["failureThreshold"] >= 1800
     assert {"name": "POSTGRES_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "site-pg", "key": "password"}}} in db["env"]
     job = next(o for o in objs if o["kind"] == "Job")
     for c in (container(find(objs, "Deployment", "-gateway"), "gateway"), job["spec"]["template"]["spec"]["containers"][0]):
@@ -570,3 +572,25 @@ def test_a_gitops_install_names_its_own_postgresql_password():
         assert url == f"postgresql://ctscreen:$(PGPASSWORD)@{RELEASE}-postgresql:5432/ctscreen"
         expanded = url.replace("$(PGPASSWORD)", "s3cretLettersAnd0")
         assert Settings(database_url=expanded, triton_urls="fake:1").database_url == expanded
+
+
+def test_result_destinations_come_from_a_secret_file(tmp_path):
+    """The PACS, STOW-RS and FHIR destinations had no chart value (only extraEnv and extraVolumes)."""
+    from gateway.settings import Settings
+
+    values = _production(gateway__destinations={"secretName": "site-destinations", "key": "destinations.yaml"})
+    deployment = find(render(values), "Deployment", "-gateway")
+    c = container(deployment, "gateway")
+    path = next(e["value"] for e in c["env"] if e["name"] == "CTSCREEN_DESTINATIONS_FILE")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "destinations")
+    assert path == "/etc/ctscreen/destinations/destinations.yaml" and path.startswith(mount["mountPath"] + "/")
+    assert mount["readOnly"] is True
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "destinations")
+    assert volume["secret"]["secretName"] == "site-destinations"
+    assert volume["secret"]["items"] == [{"key": "destinations.yaml", "path": "destinations.yaml"}]
+    # the file as the pod sees it, with the example of docs/gateway.md
+    local = tmp_path / "destinations.yaml"
+    local.write_text("destinations:\n  - {name: pacs, kind: dicom, ae_title: PACS, host: pacs.local, port: 4242}\n")
+    assert [d.name for d in Settings(destinations_file=local, triton_urls="fake:1").destinations()] == ["pacs"]
+    default = container(find(render(_production()), "Deployment", "-gateway"), "gateway")
+    assert "CTSCREEN_DESTINATIONS_FILE" not in {e["name"] for e in default["env"]}
