@@ -6,9 +6,13 @@ URL, or a webhook takes as it is:
 * one ``DiagnosticReport`` (status ``preliminary``: a machine reading no radiologist has verified yet;
   code LOINC 24627-2 "CT Chest"; category RAD), whose ``imagingStudy`` refers to the ``ImagingStudy``
   by its Study Instance UID (``identifier`` ``urn:dicom:uid`` / ``urn:oid:<uid>``, a logical reference
-  the server needs not resolve), whose ``subject`` is the patient by identifier (Patient ID, with
-  Issuer of Patient ID as the system when known), and whose ``conclusionCode`` is COVID-19
-  present / absent / indeterminate;
+  the server needs not resolve), whose ``subject`` is the patient and whose ``basedOn`` is the order
+  (accession number): with the site's identifier systems (:class:`IdentifierSystems`, per destination)
+  as conditional references (``Patient?identifier=<system>|<id>``) that the server resolves to its own
+  Patient and ServiceRequest inside the transaction; without them by identifier only (Issuer of Patient
+  ID as the assigner), which a server stores unresolved. The ``conclusion`` begins with the notice that
+  this is a machine reading for screening, not a diagnosis; ``conclusionCode`` is COVID-19 (SNOMED CT
+  840539006) for a positive result, absent otherwise;
 * ``Observation`` s it lists in ``result``: the **verdict** (SNOMED CT 840539006 COVID-19 with the
   qualifier value), the **reason** (code and sentence), the **quadrant** and the **run** (slices and
   millimetres) of the evidence when there is one, and one **model version** per model.
@@ -23,11 +27,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import quote
 
 from aggregator.schema import CaseResult
 
-__all__ = ["IDENTIFIER_SYSTEM", "refusal", "report_identifier", "to_fhir", "validate_bundle"]
+__all__ = ["IDENTIFIER_SYSTEM", "NOTICE", "IdentifierSystems", "refusal", "report_identifier", "to_fhir",
+           "validate_bundle"]
 
 IDENTIFIER_SYSTEM: Final = "urn:ctscreen:result"
 """System of the identifiers of every resource ctscreen makes (value: job id, then ``/`` and a part)."""
@@ -36,6 +43,30 @@ SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unit
 _VERDICT = {"positive": ("52101004", "Present"), "negative": ("2667000", "Absent"),
             "indeterminate": ("82334004", "Indeterminate")}
 _CTSCREEN = "urn:ctscreen:code"
+NOTICE: Final = "Machine reading for screening, not a diagnosis; to be verified by a radiologist."
+"""Opens every conclusion (the SR and the key images say it too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierSystems:
+    """The site's identifier systems (URIs), by which a FHIR server finds its own Patient and order.
+
+    Attributes
+    ----------
+    patient_id : str | None
+        The system of every Patient ID.
+    issuers : Mapping[str, str]
+        Issuer of Patient ID -> system; the study's issuer, when listed, wins over ``patient_id``.
+    accession : str | None
+        The system of accession numbers (the ServiceRequest's identifier).
+    """
+
+    patient_id: str | None = None
+    issuers: Mapping[str, str] = field(default_factory=dict)
+    accession: str | None = None
+
+    def of_patient(self, issuer: str | None) -> str | None:
+        return self.issuers.get(issuer or "", self.patient_id) if issuer else self.patient_id
 
 
 def report_identifier(result: CaseResult) -> str:
@@ -51,7 +82,8 @@ def _concept(system: str, code: str, display: str) -> dict[str, Any]:
     return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
 
 
-def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dict[str, Any]:
+def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
+            systems: IdentifierSystems | None = None) -> dict[str, Any]:
     """Encode ``result`` as a FHIR R4 transaction Bundle (see the module docstring).
 
     Parameters
@@ -61,6 +93,8 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dic
     patient : Mapping[str, str] or None
         DICOM attributes of the source: ``PatientID``, ``IssuerOfPatientID``, ``AccessionNumber``
         (absent ones are left out).
+    systems : IdentifierSystems or None
+        The receiving site's identifier systems; without them, references by identifier only.
 
     Returns
     -------
@@ -73,6 +107,7 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dic
         When the FHIR models refuse the bundle.
     """
     patient = dict(patient or {})
+    systems = systems or IdentifierSystems()
     ident = report_identifier(result)
     base = (IDENTIFIER_SYSTEM, ident)
     status = "preliminary"
@@ -81,10 +116,8 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dic
              "display": f"Study {result.study_instance_uid}"}
     subject = None
     if patient.get("PatientID"):
-        pid: dict[str, Any] = {"value": patient["PatientID"]}
-        if patient.get("IssuerOfPatientID"):
-            pid["system"] = f"urn:ctscreen:issuer:{patient['IssuerOfPatientID']}"
-        subject = {"type": "Patient", "identifier": pid}
+        subject = _by_identifier("Patient", patient["PatientID"], systems.of_patient(patient.get("IssuerOfPatientID")),
+                                 assigner=patient.get("IssuerOfPatientID"))
     issued = (result.created_at.isoformat() if result.created_at is not None else None)
     covid = _concept(SNOMED, "840539006", "COVID-19")
     code, meaning = _VERDICT[result.verdict]
@@ -144,17 +177,18 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dic
         "code": _concept(LOINC, "24627-2", "CT Chest"),
         "imagingStudy": [study],
         "result": [{"reference": _uuid(*base, part), "type": "Observation"} for part, _ in observations],
-        "conclusion": f"COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
-        "conclusionCode": [_concept(SNOMED, code, f"COVID-19 {meaning.lower()}")],
+        "conclusion": f"{NOTICE} COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
     }
+    if result.verdict == "positive":  # the code alone must say it: "Present" did not
+        report["conclusionCode"] = [covid]
     if subject is not None:
         report["subject"] = subject
     if issued:
         report["issued"] = issued
     if patient.get("AccessionNumber"):
-        report["basedOn"] = [{"type": "ServiceRequest", "identifier": {
-            "type": _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
-            "value": patient["AccessionNumber"]}}]
+        order = _by_identifier("ServiceRequest", patient["AccessionNumber"], systems.accession)
+        order["identifier"]["type"] = _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID")
+        report["basedOn"] = [order]
 
     def entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
         value = resource["identifier"][0]["value"]
@@ -171,6 +205,20 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None) -> dic
     }
     validate_bundle(bundle)
     return bundle
+
+
+def _by_identifier(kind: str, value: str, system: str | None, *, assigner: str | None = None) -> dict[str, Any]:
+    """A reference to the server's ``kind`` with this identifier: conditional (resolved by the server in the
+    transaction) when the system is known, else a logical one it stores as it is."""
+    identifier: dict[str, Any] = {"value": value}
+    if system:
+        identifier["system"] = system
+    elif assigner:
+        identifier["assigner"] = {"display": assigner}
+    ref: dict[str, Any] = {"type": kind, "identifier": identifier}
+    if system:
+        ref["reference"] = f"{kind}?identifier={quote(system, safe=':/.-_~')}|{quote(value, safe='.-_~')}"
+    return ref
 
 
 def validate_bundle(bundle: Mapping[str, Any]) -> None:

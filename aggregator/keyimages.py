@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from aggregator.schema import Box, CaseResult
-from aggregator.sr import SourceError, stable_uid, usable_headers
+from aggregator.sr import SourceError, equipment_and_time, stable_uid, usable_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BOX_RGB", "KEY_SERIES_NUMBER", "LUNG_WINDOW", "key_images", "lung_window", "draw_box"]
+__all__ = ["BOX_RGB", "KEY_SERIES_DESCRIPTION", "KEY_SERIES_NUMBER", "LUNG_WINDOW", "key_images", "lung_window", "draw_box"]
 
 LUNG_WINDOW: Final = (-600.0, 1500.0)
 """Window centre and width in HU (the usual lung window)."""
@@ -43,6 +43,7 @@ BOX_LINE: Final = 2
 """Line width of a drawn box, pixels (inside the box's edges)."""
 
 KEY_SERIES_NUMBER: Final = 9902
+KEY_SERIES_DESCRIPTION: Final = "ctscreen AI key images, not a diagnosis (lung window, boxes)"
 """Series Number of the key images (the SR is 9901)."""
 
 
@@ -174,9 +175,13 @@ def key_images(
             manufacturer="ctscreen",
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
             patient_orientation=_orientation(ds),
-            series_description="ctscreen key images (lung window, lesion boxes)",
+            series_description=KEY_SERIES_DESCRIPTION,
+            **equipment_and_time(result),
         )
-        sc.copy_patient_and_study_information(usable_headers([ds])[0])  # an unreadable date left empty
+        headers = usable_headers([ds])[0]  # an unreadable date left empty, the character set made plain
+        sc.copy_patient_and_study_information(headers)
+        if "SpecificCharacterSet" in headers:  # not copied by highdicom: a name would be written in another one
+            sc.SpecificCharacterSet = headers.SpecificCharacterSet
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"
         sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {result.evidence.quadrant} run, "

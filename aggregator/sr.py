@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SourceError", "stable_uid", "to_sr", "usable_headers"]
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "equipment_and_time", "stable_uid", "to_sr", "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
 """SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
@@ -48,6 +48,20 @@ class SourceError(ValueError):
     Its message names UIDs only, never a header value, so it may be shown and logged; any other error
     while an object is built (highdicom refusing a header) may quote a value and must not be."""
 
+
+SR_SERIES_DESCRIPTION: Final = "ctscreen COVID-19 screening - AI result, not a diagnosis"
+"""What a PACS shows for the SR series: a machine reading, to be verified (IHE AIR: say what made it)."""
+
+
+def equipment_and_time(result: CaseResult) -> dict[str, Any]:
+    """Equipment (model name and software version) and content date and time of an object made from
+    ``result``: the result's time, so an object built again (a payload rebuilt, the API's SR) carries the
+    same content under the same SOP Instance UID."""
+    out: dict[str, Any] = {"manufacturer_model_name": "ctscreen",
+                           "software_versions": result.software_version or "unknown"}
+    if result.created_at is not None:
+        out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
+    return out
 
 def stable_uid(*parts: object) -> str:
     """A DICOM UID derived from ``parts``: the same parts give the same UID (a result sent again keeps its UIDs)."""
@@ -260,7 +274,7 @@ def to_sr(
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=stable_uid("device", version), name="ctscreen", manufacturer_name="ctscreen", model_name=version,
+            uid=stable_uid("device", version), name="ctscreen", manufacturer_name="ctscreen", model_name="ctscreen",
         ),
     )
     report = MeasurementReport(
@@ -279,5 +293,6 @@ def to_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description="ctscreen COVID-19 screening",
+        series_description=SR_SERIES_DESCRIPTION,
+        **equipment_and_time(result),
     )

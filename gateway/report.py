@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SrContext", "encode_sr", "sr_context"]
 
-STUDY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                  "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
+STUDY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                  "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
 
 
 @dataclass(frozen=True, slots=True)

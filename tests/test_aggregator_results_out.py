@@ -138,3 +138,64 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
     broken = {**bundle, "entry": [{**bundle["entry"][0], "resource": {"resourceType": "DiagnosticReport"}}]}
     with pytest.raises(ValueError, match="refused by the R4 models"):
         validate_bundle(broken)
+
+
+@pytest.mark.parametrize(("charset", "name"), [("ISO_IR 100", "Müller^Jörg"), ("ISO_IR 192", "Παπαδόπουλος^Νίκος")])
+def test_key_images_keep_the_patients_name_in_its_character_set(charset, name):
+    """highdicom copies the name but not the character set: a Latin-1 name went out as Latin-1 bytes with
+    no (0008,0005), which a PACS reads as another patient's."""
+    result, sources = _series()
+    for ds in sources:
+        ds.SpecificCharacterSet, ds.PatientName = charset, name
+    sources = [dcmread(io.BytesIO(_bytes(ds))) for ds in sources]
+    for sc in key_images(result, sources):
+        back = dcmread(io.BytesIO(_bytes(sc)))
+        assert back.SpecificCharacterSet == charset and str(back.PatientName) == name
+    sr = dcmread(io.BytesIO(_bytes(to_sr(result, sources))))
+    assert str(sr.PatientName) == name
+
+
+def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems():
+    """A RIS files a report under its own Patient and ServiceRequest: with the site's identifier systems the
+    subject and the order are conditional references the server resolves in the transaction. Before, the
+    subject carried a made-up system (urn:ctscreen:issuer:...) no RIS knows, and the order none."""
+    from aggregator.fhir import NOTICE, IdentifierSystems
+
+    result, _ = _series()
+    patient = {"PatientID": "P 1|2", "IssuerOfPatientID": "HOSP", "AccessionNumber": "ACC-9"}
+    systems = IdentifierSystems(patient_id="urn:oid:1.2.3", issuers={"HOSP": "https://hosp.example/mrn"},
+                                accession="urn:oid:1.2.4")
+    report = to_fhir(result, patient, systems)["entry"][0]["resource"]
+    assert report["subject"]["reference"] == "Patient?identifier=https://hosp.example/mrn|P%201%7C2"
+    assert report["subject"]["identifier"] == {"system": "https://hosp.example/mrn", "value": "P 1|2"}
+    assert report["basedOn"][0]["reference"] == "ServiceRequest?identifier=urn:oid:1.2.4|ACC-9"
+    other = to_fhir(result, {**patient, "IssuerOfPatientID": "ELSEWHERE"}, systems)["entry"][0]["resource"]
+    assert other["subject"]["reference"].startswith("Patient?identifier=urn:oid:1.2.3|")  # the default system
+    bare = to_fhir(result, patient)["entry"][0]["resource"]  # no systems: identifiers, stored unresolved
+    assert "reference" not in bare["subject"] and bare["subject"]["identifier"] == {
+        "value": "P 1|2", "assigner": {"display": "HOSP"}}
+    # the conclusion says what this is; its code says COVID-19 for a positive result, nothing otherwise
+    assert report["conclusion"].startswith(NOTICE) and result.verdict == "positive"
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "840539006"
+    negative, _ = _series(lesion_slices=())
+    assert "conclusionCode" not in to_fhir(negative, patient, systems)["entry"][0]["resource"]
+
+
+def test_what_a_reader_sees_says_it_is_a_machine_reading_and_a_rebuild_is_the_same_object():
+    """IHE AIR: the PACS shows who made a result; a reader must see it is not a diagnosis. And one SOP
+    Instance UID, one content: the content date and time were the build's, so a payload rebuilt later (or
+    the API's SR) went out under the same UID with other bytes."""
+    import time as _time
+    from datetime import UTC, datetime
+
+    result, sources = _series()
+    result = result.model_copy(update={"created_at": datetime(2026, 1, 2, 10, 15, 30, tzinfo=UTC)})  # as screened
+    first_sr, first_key = to_sr(result, sources), key_images(result, sources)[0]
+    _time.sleep(1.1)
+    again_sr, again_key = to_sr(result, sources), key_images(result, sources)[0]
+    for first, again in ((first_sr, again_sr), (first_key, again_key)):
+        assert first.SOPInstanceUID == again.SOPInstanceUID
+        assert (first.ContentDate, first.ContentTime) == (again.ContentDate, again.ContentTime)
+        assert "not a diagnosis" in first.SeriesDescription and len(first.SeriesDescription) <= 64
+        assert first.ManufacturerModelName == "ctscreen" and first.SoftwareVersions == result.software_version
+    assert str(first_sr.ContentDate) == result.created_at.strftime("%Y%m%d")

@@ -113,7 +113,8 @@ def gateway(triton, peers, tmp_path_factory):
          "rule": {"verdicts": ["positive", "indeterminate"]}},
         {"name": "web", "kind": "stowrs", "url": web.dicomweb, "headers": {"Authorization": "Bearer t0ken-e2e"},
          "rule": {"verdicts": ["positive", "indeterminate"], "calling_ae_titles": ["CT_ROOM_1"]}},
-        {"name": "ris", "kind": "fhir", "url": ris.url},
+        {"name": "ris", "kind": "fhir", "url": ris.url, "patient_id_system": "urn:oid:1.2.840.99999.1",
+         "accession_system": "urn:oid:1.2.840.99999.2"},
     ]}
     path = tmp_path_factory.mktemp("destinations") / "destinations.json"
     path.write_text(json.dumps(destinations))
@@ -198,7 +199,7 @@ def test_positive_result_lands_in_the_pacs_by_c_store_under_the_same_patient_and
     assert verdict.value.meaning == "Present"
 
 
-def test_positive_result_lands_by_stow_rs_and_the_ris_gets_a_valid_report(positive, peers):
+def test_positive_result_lands_by_stow_rs_and_the_ris_gets_a_valid_report(positive, peers, studies):
     job, deliveries = positive
     _, web, ris = peers
     assert deliveries["web"]["state"] == "done", deliveries["web"]
@@ -209,6 +210,14 @@ def test_positive_result_lands_by_stow_rs_and_the_ris_gets_a_valid_report(positi
                and r["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{job['study_instance_uid']}"]
     assert len(reports) == 1 and reports[0]["identifier"][0]["value"] == job["job_id"]
     assert "Present" in json.dumps(ris.created)
+    # the site's own Patient and order, by conditional references the server resolves in the transaction
+    source = pydicom.dcmread(next(studies["covid"].rglob("*.dcm")), stop_before_pixels=True)
+    report = reports[0]
+    assert report["subject"]["reference"] == f"Patient?identifier=urn:oid:1.2.840.99999.1|{source.PatientID}"
+    assert report["basedOn"][0]["reference"] == \
+        f"ServiceRequest?identifier=urn:oid:1.2.840.99999.2|{source.AccessionNumber}"
+    assert report["conclusion"].startswith("Machine reading for screening, not a diagnosis")
+    assert [c["code"] for c in report["conclusionCode"][0]["coding"]] == ["840539006"]
 
 
 def test_negative_result_follows_the_rules(gateway, peers, studies):

@@ -225,8 +225,12 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
     good.write_text("destinations:\n"
                     "  - {name: web, kind: stowrs, url: 'http://pacs/dicom-web',"
                     " headers: {Authorization: 'Bearer ${PACS_TOKEN}'}}\n"
-                    "  - {name: ris, kind: fhir, url: 'https://ris/fhir', rule: {verdicts: [positive]}}\n")
+                    "  - {name: ris, kind: fhir, url: 'https://ris/fhir', rule: {verdicts: [positive]},"
+                    " patient_id_system: 'urn:oid:1.2.3', issuer_systems: {HOSP: 'https://hosp/mrn'},"
+                    " accession_system: 'urn:oid:1.2.4'}\n")
     web, ris = load_destinations(good)
+    assert ris.systems().of_patient("HOSP") == "https://hosp/mrn" and ris.systems().of_patient(None) == "urn:oid:1.2.3"
+    assert ris.systems().accession == "urn:oid:1.2.4"
     assert web.header_values() == {"Authorization": "Bearer s3cr3t-token"}
     assert "s3cr3t" not in repr(web) and "s3cr3t" not in str(web.model_dump())
     assert ris.rule.admits("negative", set()) and ris.rule.admits("positive", set()) is None
@@ -237,6 +241,8 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         "env.yaml": ("destinations: [{name: w, kind: fhir, url: 'http://x', headers: {X: '${NOPE_UNSET}'}}]",
                      "NOPE_UNSET"),
         "bad.yaml": ("destinations: [unclosed", "not valid YAML"),
+        "system.yaml": ("destinations: [{name: r, kind: fhir, url: 'http://x', patient_id_system: 'no scheme'}]",
+                        "patient_id_system"),
     }
     for name, (text, expected) in cases.items():
         path = tmp_path / name
@@ -462,3 +468,71 @@ def test_peers_that_hang_do_not_take_the_threads_the_gateway_reads_with(study_fi
             await store.close()
 
     _run_then_close(scenario, hangs)
+
+
+def test_a_peer_that_holds_the_objects_already_counts_as_delivered(study_files, tmp_path):
+    """A PACS that refuses overwrites answers a resend, or a retry after a lost answer, with 0x0111 (duplicate
+    SOP instance). Our UIDs are stable per result: it holds this very object. That was retried, then failed."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+    scp = AE(ae_title="NO_OVERWRITE")
+    for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+        scp.add_supported_context(sop_class)
+    stored: list[str] = []
+
+    def on_store(event):
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0111
+
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    port = server.server_address[1]
+
+    async def scenario():
+        settings = _settings(tmp_path, delivery_max_attempts=3)
+        store, blobs, result = await _done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "NO_OVERWRITE", "host": "127.0.0.1", "port": port}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            return await _until(deliverer, result.job_id, {"done", "failed"})
+        finally:
+            await store.close()
+
+    try:
+        (task,) = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert task.state == "done" and task.attempts == 1, task.error
+    assert sorted(task.sent) == sorted(stored) and stored
+
+
+@pytest.mark.parametrize(("status", "reasons", "done"), [
+    (409, [0x0111, 0x0111], True),   # every object held already
+    (202, [0x0111], True),           # one held already, the other stored
+    (409, [0x0111, 0xA900], False),  # one refused for good
+])
+def test_stow_failures_for_objects_held_already_count_as_delivered(status, reasons, done):
+    """A DICOMweb server's answer, scripted (httpx.MockTransport): no server here refuses duplicates."""
+    import httpx
+
+    from gateway.delivery.config import StowDestination
+    from gateway.delivery.senders import SendError, send_stow
+
+    uids = ["1.2.3.1", "1.2.3.2"]
+    answer = {"00081198": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [reason]}}
+        for uid, reason in zip(uids[:len(reasons)], reasons, strict=True)]}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=answer))
+    dest = StowDestination(name="web", kind="stowrs", url="http://pacs/dicom-web")
+    items = [(uid, "1.2.840.10008.5.1.4.1.1.88.34", b"x") for uid in uids]
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_stow(dest, items, client)
+
+    if done:
+        assert asyncio.run(send()) == uids
+    else:
+        with pytest.raises(SendError) as exc:
+            asyncio.run(send())
+        assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]

@@ -39,6 +39,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
+from aggregator.fhir import IdentifierSystems
+
 __all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestination", "Rule", "StowDestination",
            "load_destinations", "parse_destinations"]
 
@@ -143,9 +145,20 @@ class StowDestination(_Http):
 
 
 class FhirDestination(_Http):
-    """A FHIR R4 server (transaction at its base URL) or a webhook taking the same Bundle."""
+    """A FHIR R4 server (transaction at its base URL) or a webhook taking the same Bundle.
+
+    ``patient_id_system``, ``issuer_systems`` (Issuer of Patient ID -> system) and ``accession_system`` are
+    the site's identifier systems: with them the report's subject and order are conditional references the
+    server resolves to its own Patient and ServiceRequest; without them, identifiers it stores unresolved.
+    """
 
     kind: Literal["fhir"]
+    patient_id_system: str | None = Field(None, pattern=r"^\S+:\S+$")
+    issuer_systems: dict[str, Annotated[str, Field(pattern=r"^\S+:\S+$")]] = Field(default_factory=dict)
+    accession_system: str | None = Field(None, pattern=r"^\S+:\S+$")
+
+    def systems(self) -> IdentifierSystems:
+        return IdentifierSystems(self.patient_id_system, dict(self.issuer_systems), self.accession_system)
 
 
 Destination = Annotated[DicomDestination | StowDestination | FhirDestination, Field(discriminator="kind")]

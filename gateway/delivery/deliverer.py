@@ -235,7 +235,7 @@ class Deliverer:
 
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
-                return payloads.build_fhir(result, context, put)
+                return payloads.build_fhir(result, context, put, dest.systems())
             try:
                 sources = [(name, self.blobs.get(key)) for name, key in files]
             except FileNotFoundError:

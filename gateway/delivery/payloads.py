@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from aggregator.fhir import IdentifierSystems
 from aggregator.schema import CaseResult
 from aggregator.sr import SourceError
 
@@ -99,9 +100,10 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
     return out
 
 
-def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str]
-               ) -> list[dict[str, str]]:
-    """Build the FHIR Bundle of ``result``; patient identifiers from the stored SR headers.
+def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str],
+               systems: IdentifierSystems | None = None) -> list[dict[str, str]]:
+    """Build the FHIR Bundle of ``result``; patient identifiers from the stored SR headers, resolved in the
+    receiving site's identifier ``systems``.
 
     Raises
     ------
@@ -112,7 +114,7 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
 
     patient = {k: v for k, v in (sr_context or {}).get("study", []) if v}
     try:
-        bundle = to_fhir(result, patient)
+        bundle = to_fhir(result, patient, systems)
     except ValueError as exc:
         raise PayloadUnavailable(str(exc)) from None
     return [{"kind": FHIR, "uid": report_identifier(result), "blob_key": put(json.dumps(bundle).encode())}]

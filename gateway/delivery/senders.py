@@ -32,6 +32,9 @@ class SendError(RuntimeError):
         self.sent = list(sent)
 
 
+DUPLICATE = 0x0111
+"""Status of a C-STORE, or failure reason of a STOW-RS object, that the peer holds that SOP instance already."""
+
 def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str) -> list[str]:
     """C-STORE every item over one association (blocking)."""
     import pydicom
@@ -72,7 +75,9 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
-            if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success and warnings (coercion, elements discarded)
+            if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE):
+                # success, warnings (coercion, elements discarded), or held already: our UIDs are stable per
+                # result, so a PACS that refuses overwrites has this very object (a resend, a lost answer)
                 sent.append(uid)
             elif 0xA700 <= code <= 0xA7FF:
                 raise SendError(f"{dest.where} is out of resources (0x{code:04X})", sent=sent)
@@ -104,16 +109,19 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     except httpx.HTTPError as exc:
         raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}") from None
     uids = [uid for uid, _, _ in items]
-    if response.status_code not in (200, 202):
+    if response.status_code not in (200, 202, 409):  # 409: every object failed (the answer says why)
         raise _http_error(dest.where, response)
     try:
         answer = response.json()
     except ValueError:
         answer = {}
-    failed = {str(i.get("00081155", {}).get("Value", [""])[0])
-              for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)}
+    failures = [i for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)]
+    failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures
+              if i.get("00081197", {}).get("Value", [None])[0] != DUPLICATE}  # held already: delivered
     done = [u for u in uids if u not in failed]
-    if failed or response.status_code == 202:
+    if response.status_code == 409 and (failed or not failures):  # refused for good, unless all were held already
+        raise _http_error(dest.where, response, sent=done)
+    if failed or (response.status_code == 202 and not failures):
         raise SendError(f"{dest.where} refused {len(failed) or 'some'} of {len(uids)} object(s)", sent=done)
     return done
 
