@@ -386,6 +386,29 @@ def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, t
     _run_then_close(scenario, [hang])
 
 
+def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handlers=(), **settings_kw):
+    """Screen a study, deliver it to the pynetdicom SCP ``scp`` (served on a free port) and return the
+    delivery task once it is done or failed."""
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=list(evt_handlers))
+    port = server.server_address[1]
+
+    async def scenario():
+        settings = _settings(tmp_path, **settings_kw)
+        store, blobs, result = await _done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": port}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            return await _until(deliverer, result.job_id, {"done", "failed"})
+        finally:
+            await store.close()
+
+    try:
+        (task,) = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    return task
+
+
 def test_a_destination_without_the_sr_class_fails_at_once_naming_it(study_files, tmp_path, caplog):
     """pynetdicom raised ValueError for an object whose class the peer did not accept; the catch-all
     retried it past every limit, a traceback each time. It is a permanent refusal that says what to change."""
@@ -394,24 +417,8 @@ def test_a_destination_without_the_sr_class_fails_at_once_naming_it(study_files,
 
     scp = AE(ae_title="SC_ONLY")
     scp.add_supported_context(SecondaryCaptureImageStorage)
-    server = scp.start_server(("127.0.0.1", 0), block=False)
-    port = server.server_address[1]
-
-    async def scenario():
-        settings = _settings(tmp_path, delivery_max_attempts=5)
-        store, blobs, result = await _done_job(settings, study_files)
-        dest = {"name": "sc-only", "kind": "dicom", "ae_title": "SC_ONLY", "host": "127.0.0.1", "port": port}
-        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
-        try:
-            return await _until(deliverer, result.job_id, {"failed"})
-        finally:
-            await store.close()
-
-    try:
-        (task,) = asyncio.run(scenario())
-    finally:
-        server.shutdown()
-    assert task.attempts == 1 and task.sent == ()
+    task = _deliver_to_scp(scp, study_files, tmp_path, delivery_max_attempts=5)
+    assert task.state == "failed" and task.attempts == 1 and task.sent == ()
     assert "Comprehensive 3D SR Storage" in task.error and "objects" in task.error
     assert not [r for r in caplog.records if r.exc_info]
 
@@ -485,23 +492,8 @@ def test_a_peer_that_holds_the_objects_already_counts_as_delivered(study_files, 
         stored.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0111
 
-    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    port = server.server_address[1]
-
-    async def scenario():
-        settings = _settings(tmp_path, delivery_max_attempts=3)
-        store, blobs, result = await _done_job(settings, study_files)
-        dest = {"name": "pacs", "kind": "dicom", "ae_title": "NO_OVERWRITE", "host": "127.0.0.1", "port": port}
-        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
-        try:
-            return await _until(deliverer, result.job_id, {"done", "failed"})
-        finally:
-            await store.close()
-
-    try:
-        (task,) = asyncio.run(scenario())
-    finally:
-        server.shutdown()
+    task = _deliver_to_scp(scp, study_files, tmp_path, delivery_max_attempts=3,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert task.state == "done" and task.attempts == 1, task.error
     assert sorted(task.sent) == sorted(stored) and stored
 
