@@ -483,6 +483,10 @@ def _assemble(
     first = ordered.slices[0]
     if ordered.duplicates:
         warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
+    if selection.derived is not None:
+        shown = "\\".join(selection.derived) or "absent"
+        warnings.append(f"No ORIGINAL\\PRIMARY series: screened a derived axial series (Image Type {shown}); "
+                        "check it is a plain reconstruction of the acquisition.")
     if selection.other_series:
         warnings.append(f"{len(selection.other_series)} other usable series not screened.")
     for uid in failed_series:

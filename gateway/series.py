@@ -22,7 +22,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -113,6 +113,9 @@ class SeriesSelection:
     """``(frame, reason, message)`` for frames of any series that broke a rule."""
     other_series: dict[str, int]
     """Series Instance UID -> number of usable frames, for series that lost."""
+    derived: tuple[str, ...] | None = None
+    """The Image Type screened when no ORIGINAL\\PRIMARY frame was usable and a plain derived axial stack
+    was taken instead (:func:`select_series`); ``None`` otherwise."""
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -164,6 +167,23 @@ def frame_exclusion(h: FrameHeader, rules: SeriesRules) -> tuple[str, str] | Non
     return None
 
 
+CT_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
+"""CT Image, Enhanced CT Image and Legacy Converted Enhanced CT Image Storage."""
+_PROCESSED = ("MPR", "MIP", "MINIP", "MNIP", "REFORMAT", "PROJECTION", "VOLUME", "3D", "CURVED", "CPR", "VRT",
+              "SSD", "PERFUSION", "SUBTRACT", "MAP", "LOCALIZER", "SECONDARY CAPTURE")
+
+
+def _plain_axial_stack(h: FrameHeader) -> bool:
+    """Whether a frame that is not ORIGINAL\\PRIMARY may still be a plain axial reconstruction: a CT image
+    class, and an Image Type that is absent or says AXIAL and names no reformat, projection or map."""
+    if h.sop_class_uid not in CT_IMAGE_CLASSES:
+        return False
+    if not h.image_type:
+        return True
+    values = [v.strip().upper() for v in h.image_type]
+    return len(values) >= 3 and values[2] == "AXIAL" and not any(m in v for v in values for m in _PROCESSED)
+
+
 def _orientation_key(h: FrameHeader) -> tuple[int, ...]:
     assert h.orientation is not None
     return tuple(round(v * 100) for v in h.orientation)  # 0.01 tolerance on direction cosines
@@ -188,6 +208,19 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
             excluded.append((h, *why))
         else:
             by_series[h.series_instance_uid].append(h)
+    fallback = False
+    if not by_series and rules.require_original_primary:
+        # no ORIGINAL\PRIMARY frame: a plain axial CT stack labelled DERIVED (a lossy conversion, a PACS
+        # export) or with its Image Type stripped (an anonymiser) is screened, with a warning; reformats,
+        # projections, maps and secondary captures stay out
+        relaxed = replace(rules, require_original_primary=False)
+        still_out: list[tuple[FrameHeader, str, str]] = []
+        for h, reason, message in excluded:
+            if reason == "not_original" and _plain_axial_stack(h) and frame_exclusion(h, relaxed) is None:
+                by_series[h.series_instance_uid].append(h)
+            else:
+                still_out.append((h, reason, message))
+        excluded, fallback = still_out, True
     if not by_series:
         return None
 
@@ -223,7 +256,8 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
     if others:
         logger.info("series %s chosen (%d frames) over %s", winner_uid, len(winner), others)
     return SeriesSelection(
-        series_instance_uid=winner_uid, chosen=winner, excluded=excluded, other_series=others
+        series_instance_uid=winner_uid, chosen=winner, excluded=excluded, other_series=others,
+        derived=winner[0].image_type if fallback else None,
     )
 
 

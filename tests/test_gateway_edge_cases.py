@@ -320,3 +320,15 @@ def test_corrupt_slice_inside_a_series_is_rejected_and_the_rest_screened() -> No
     assert [r.reason for r in study.rejected] == ["undecodable"]
     assert study.rejected[0].filename == "bad.dcm"
     np.testing.assert_array_equal(study.hu[3], series[3][2])
+
+
+def test_a_real_derived_axial_slice_alone_is_screened_and_a_perfusion_map_alone_is_not() -> None:
+    """pydicom's 693_UNCI is the same axial slice as 693_UNCR, labelled DERIVED\\PRIMARY\\AXIAL (a lossy
+    conversion): sent alone it was refused not_original. eCT_Supplemental is a perfusion map: refused still."""
+    rel = "pydicom/693_UNCI.dcm"
+    study = load_study([(rel, (EDGE / rel).read_bytes())])
+    assert study.n_slices == 1 and any("derived axial series" in w for w in study.warnings)
+    rel = "pydicom/eCT_Supplemental.dcm"
+    with pytest.raises(GatewayError) as info:
+        load_study([(rel, (EDGE / rel).read_bytes())])
+    assert {r[1] for r in info.value.rejected} == {"not_original"}

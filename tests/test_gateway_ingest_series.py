@@ -312,3 +312,36 @@ def test_undecodable_best_series_falls_back_to_the_next() -> None:
     with pytest.raises(NoUsableSeries, match="could be decoded") as info:
         load_study(files[:5])
     assert len(info.value.rejected) == 5
+
+
+@pytest.mark.parametrize(("image_type", "screened"), [
+    (("DERIVED", "PRIMARY", "AXIAL"), True),             # a lossy conversion, a PACS export
+    (("DERIVED", "SECONDARY", "AXIAL", "CT_SOM5 SPI"), True),
+    ((), True),                                          # Image Type stripped by an anonymiser
+    (("DERIVED", "SECONDARY", "MPR"), False),
+    (("DERIVED", "PRIMARY", "AXIAL", "MIP"), False),
+    (("DERIVED", "PRIMARY", "PERFUSION", "RCBF"), False),
+])
+def test_a_study_without_an_original_series_screens_a_plain_derived_axial_stack(image_type, screened) -> None:
+    """Only the thick axial series routed on, or an anonymised export: every frame was refused not_original,
+    and the study with it. A plain axial stack is now screened with a warning; reformats and maps are not."""
+    files = _files(make_series(6, rows=32, cols=32, image_type=image_type))
+    if not screened:
+        with pytest.raises(NoUsableSeries) as info:
+            load_study(files)
+        assert {r for _, r, _ in info.value.rejected} == {"not_original"}
+        return
+    study = load_study(files)
+    assert study.n_slices == 6
+    assert [w for w in study.warnings if w.startswith("No ORIGINAL\\PRIMARY series")], study.warnings
+
+
+def test_an_original_series_still_wins_over_a_derived_one() -> None:
+    study_uid = generate_uid()
+    original = _files(make_series(6, rows=32, cols=32, study_uid=study_uid, series_number=2), "orig/")
+    derived = _files(make_series(20, rows=32, cols=32, study_uid=study_uid, series_number=3,
+                                 image_type=("DERIVED", "PRIMARY", "AXIAL")), "derived/")
+    study = load_study(original + derived)
+    assert study.n_slices == 6 and study.series_number == 2
+    assert not [w for w in study.warnings if "derived axial" in w]
+    assert {r.reason for r in study.excluded} == {"not_original"}
