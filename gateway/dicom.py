@@ -226,6 +226,14 @@ def _as_boxes(boxes: np.ndarray, name: str) -> np.ndarray:
     return b
 
 
+MISSING_RESCALE = ("Rescale Slope/Intercept missing (the CT Image IOD requires them): slope 1 assumed, and "
+                   "intercept -1024 where air is stored near 0, else 0.")
+AIR_STORED_NEAR_0 = -200.0
+"""A frame without Rescale Intercept whose 1st percentile of stored values (padding below -1500 left out)
+lies above this holds no air at -1000: its air is stored near 0 (unsigned storage, and some signed), and
+its intercept is -1024."""
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     """What series selection and sorting need to know about one frame (one slice)."""
@@ -252,6 +260,8 @@ class FrameHeader:
     intercept: float
     transfer_syntax_uid: str
     warnings: tuple[str, ...] = ()
+    intercept_missing: bool = False
+    """No Rescale Intercept: :func:`decode_hu` takes -1024 when the stored air is near 0, else 0."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -546,9 +556,12 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                     "not Hounsfield units.",
                     filename=filename,
                 )
-            warnings.append("Rescale Slope/Intercept missing; assuming 1 and 0.")
+            warnings.append(MISSING_RESCALE)
+            intercept_missing = intercept is None
             slope = 1.0 if slope is None else slope
             intercept = 0.0 if intercept is None else intercept
+        else:
+            intercept_missing = False
         if slope == 0:
             raise NotCT("Rescale Slope is 0.", filename=filename)
         frame_type = _fg_value(ds, f, "CTImageFrameTypeSequence", "FrameType")
@@ -580,6 +593,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 slope=slope,
                 intercept=intercept,
                 transfer_syntax_uid=ts,
+                intercept_missing=intercept_missing,
                 warnings=tuple(warnings),
             )
         )
@@ -713,6 +727,14 @@ def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
         )
 
 
+def _air_stored_near_0(stored: np.ndarray, slope: float) -> bool:
+    """Whether a frame's lowest values (its air), padding below -1500 left out, lie above
+    :data:`AIR_STORED_NEAR_0`."""
+    values = stored.astype(np.float32) * np.float32(slope)
+    values = values[values > -1500]  # padding outside the field of view (-2000, -3024, ...)
+    return bool(values.size) and float(np.percentile(values, 1)) > AIR_STORED_NEAR_0
+
+
 def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upload>") -> np.ndarray:
     """Decode the frames of ``ds`` to HU on their original grid.
 
@@ -740,7 +762,10 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
     out = np.empty(stored.shape, dtype=np.int16)
     for i, h in enumerate(headers):
-        rescale_to_hu(stored[i], h.slope, h.intercept, out=out[i])  # each frame written once, in place
+        intercept = h.intercept
+        if h.intercept_missing and _air_stored_near_0(stored[i], h.slope):
+            intercept = -1024.0  # air stored near 0: without it the lungs read as water (+1024 HU)
+        rescale_to_hu(stored[i], h.slope, intercept, out=out[i])  # each frame written once, in place
         _check_plausible(out[i], filename, h.frame_index)
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -177,11 +178,27 @@ def test_noise_is_refused_as_undecodable() -> None:
         decode_file("noise.dcm", to_bytes(ds))
 
 
-def test_missing_rescale_on_ct_image_storage_assumes_identity_with_warning() -> None:
-    ds = ct_dataset(chest_like(32, 32), intercept=0.0, signed=True)
+@pytest.mark.parametrize(("intercept", "signed"), [(0.0, True), (-1024.0, False)])
+def test_missing_rescale_on_ct_image_storage_is_read_from_where_air_is_stored(intercept, signed) -> None:
+    """Air stored at -1000: intercept 0. Air stored near 0 (unsigned storage, and some signed): intercept
+    -1024; without the tag every value read 1024 HU high (lungs as water), with only a warning."""
+    hu = chest_like(32, 32)
+    ds = ct_dataset(hu, intercept=intercept, signed=signed)
     del ds.RescaleSlope, ds.RescaleIntercept
     sl = decode_file("norescale.dcm", to_bytes(ds))[0]
-    assert any("Rescale" in w for w in sl.warnings)
+    assert any("Rescale Slope/Intercept missing" in w for w in sl.warnings)
+    np.testing.assert_array_equal(sl.hu, to_grid(hu)[0])
+
+
+def test_a_real_unsigned_slice_without_rescale_reads_the_same_hu() -> None:
+    path = Path(__file__).parents[1].parent / "shared" / "data" / "dicom-edge-cases" / "pydicom" / "693_UNCR.dcm"
+    if not path.is_file():
+        pytest.skip(f"edge-case corpus not present at {path.parent} (shared data not mounted)")
+    reference = decode_file("693_UNCR.dcm", path.read_bytes())[0].hu
+    ds = pydicom.dcmread(path)
+    assert float(ds.RescaleIntercept) == -1024  # air stored near 0 (in signed storage, here)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    np.testing.assert_array_equal(decode_file("stripped.dcm", to_bytes(ds))[0].hu, reference)
 
 
 def test_read_dataset_type_guard() -> None:
