@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -184,9 +184,26 @@ def _plain_axial_stack(h: FrameHeader) -> bool:
     return len(values) >= 3 and values[2] == "AXIAL" and not any(m in v for v in values for m in _PROCESSED)
 
 
-def _orientation_key(h: FrameHeader) -> tuple[int, ...]:
-    assert h.orientation is not None
-    return tuple(round(v * 100) for v in h.orientation)  # 0.01 tolerance on direction cosines
+ORIENTATION_TOLERANCE_DEG = 1.0
+"""Frames of one series whose row and column directions agree within this share its main orientation."""
+
+
+def _main_orientation(group: Sequence[FrameHeader]) -> np.ndarray:
+    """Whether each frame lies within :data:`ORIENTATION_TOLERANCE_DEG` of the orientation most frames share.
+
+    By angle, not by rounded cosines: rounding split a series whose cosines straddled a rounding step
+    (0.00499 and 0.00501) into two orientations, and dropped half its slices."""
+    cosines = np.array([h.orientation for h in group], dtype=np.float64).reshape(len(group), 2, 3)
+    cosines /= np.maximum(np.linalg.norm(cosines, axis=2, keepdims=True), 1e-12)
+    limit = math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
+    _, first = np.unique(np.round(cosines.reshape(len(group), 6), 3), axis=0, return_index=True)
+    best: np.ndarray | None = None
+    for i in first[:64]:  # one candidate per distinct orientation (a series has one, or a few)
+        near = np.all(np.einsum("nij,ij->ni", cosines, cosines[i]) >= limit, axis=1)
+        if best is None or near.sum() > best.sum():
+            best = near
+    assert best is not None
+    return best
 
 
 def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SeriesSelection | None:
@@ -226,10 +243,10 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
 
     usable: dict[str, list[FrameHeader]] = {}
     for uid, group in by_series.items():
-        main_key, _ = Counter(_orientation_key(h) for h in group).most_common(1)[0]
+        main = _main_orientation(group)
         kept = []
-        for h in group:
-            if _orientation_key(h) == main_key:
+        for h, in_main in zip(group, main, strict=True):
+            if in_main:
                 kept.append(h)
             else:
                 excluded.append(

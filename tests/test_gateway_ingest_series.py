@@ -345,3 +345,25 @@ def test_an_original_series_still_wins_over_a_derived_one() -> None:
     assert study.n_slices == 6 and study.series_number == 2
     assert not [w for w in study.warnings if "derived axial" in w]
     assert {r.reason for r in study.excluded} == {"not_original"}
+
+
+def _tilted(deg: float) -> tuple[float, ...]:
+    import math
+
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return (1.0, 0.0, 0.0, 0.0, c, s)
+
+
+@pytest.mark.parametrize(("second", "kept"), [(0.2872, 8), (0.8, 8), (10.0, 4)])
+def test_one_series_keeps_frames_whose_orientations_differ_by_rounding_only(second, kept) -> None:
+    """Cosines 0.00499 and 0.00501 (0.286 and 0.287 degrees of tilt) were rounded to different orientations
+    and half the series was dropped as orientation_mismatch; within a degree is one orientation now, and
+    10 degrees another still."""
+    study, series = generate_uid(), generate_uid()
+    files = _files(make_series(4, rows=32, cols=32, study_uid=study, series_uid=series,
+                               orientation=_tilted(0.2859)), "a/")
+    files += _files(make_series(4, rows=32, cols=32, study_uid=study, series_uid=series, z0=10.0, seed=4,
+                                orientation=_tilted(second)), "b/")
+    study_ = load_study(files)
+    assert study_.n_slices == kept
+    assert {r.reason for r in study_.excluded} == (set() if kept == 8 else {"orientation_mismatch"})
