@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from aggregator.case import CaseRule
 from ctscreen import __version__
 from gateway import security
 from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
@@ -121,7 +122,8 @@ def create_app(
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
-        screener = Screener(pool, metrics, decode_workers=settings.decode_workers, loader=loader)
+        rule = CaseRule(run_slices=settings.case_run_slices, run_mm=settings.case_run_mm)
+        screener = Screener(pool, metrics, decode_workers=settings.decode_workers, rule=rule, loader=loader)
         worker = Worker(store, blobs, screener, settings)
         from gateway.delivery.deliverer import Deliverer
 

@@ -164,6 +164,11 @@ class Settings(BaseSettings):
     job_deadline_s: float = Field(
         24 * 3600.0, gt=0, description="An accepted study that no Triton could take this long fails (instances kept)."
     )
+    case_run_slices: int = Field(3, ge=1, le=50, description="Consecutive slices with lesions in one quadrant "
+                                                               "that make a study positive (paper: 3).")
+    case_run_mm: float | None = Field(
+        None, gt=0, le=200, description="If set, the run must also cover this many millimetres "
+                                        "(docs/case-rule.md, 6): three 0.625 mm slices cover 1.9 mm, three 5 mm ones 15 mm.")
     retry_backoff_s: float = Field(2.0, gt=0, le=3600, description="First wait before a job is tried again.")
     retry_backoff_max_s: float = Field(60.0, gt=0, le=86400, description="Longest wait between two tries.")
     result_retention_s: float = Field(

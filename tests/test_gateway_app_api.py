@@ -513,3 +513,17 @@ def test_a_job_read_back_from_the_blob_store_is_screened_and_a_missing_blob_fail
         failed = wait_job(client, broken)
         assert failed["state"] == "failed" and failed["error"]["reason"] == "unavailable", failed
         assert "missing from the blob store" in failed["error"]["message"]
+
+
+@pytest.mark.parametrize(("run_mm", "verdict"), [(None, "positive"), (10.0, "negative"), (3.0, "positive")])
+def test_the_case_rule_takes_a_run_in_millimetres_from_the_settings(run_mm, verdict):
+    """Three lesion slices 1 mm apart cover 3 mm: positive under the paper's rule (3 slices), and under
+    CTSCREEN_CASE_RUN_MM=3; not under CTSCREEN_CASE_RUN_MM=10 (a site that screens thin reconstructions).
+    The rule screened was fixed in code before; the result names the one it used."""
+    with TestClient(_app(case_run_mm=run_mm)) as client:
+        _, files = ct_series(14, lesion=(3, 4, 5), spacing=1.0)
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"])
+    assert job["state"] == "done" and job["result"]["verdict"] == verdict, job["result"]["reason"]
+    assert job["result"]["rule"]["run_mm"] == run_mm and job["result"]["rule"]["run_slices"] == 3

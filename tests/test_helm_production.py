@@ -594,3 +594,17 @@ def test_result_destinations_come_from_a_secret_file(tmp_path):
     assert [d.name for d in Settings(destinations_file=local, triton_urls="fake:1").destinations()] == ["pacs"]
     default = container(find(render(_production()), "Deployment", "-gateway"), "gateway")
     assert "CTSCREEN_DESTINATIONS_FILE" not in {e["name"] for e in default["env"]}
+
+
+def test_the_case_rule_reaches_the_gateway_settings(monkeypatch):
+    from gateway.settings import Settings
+
+    for rule, expected in (({"runSlices": 3, "runMm": None}, (3, None)), ({"runSlices": 2, "runMm": 10}, (2, 10.0))):
+        c = container(find(render(_production(gateway__caseRule=rule)), "Deployment", "-gateway"), "gateway")
+        env = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("CTSCREEN_CASE_")}
+        for name in ("CTSCREEN_CASE_RUN_SLICES", "CTSCREEN_CASE_RUN_MM"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings(triton_urls="fake:1")
+        assert (settings.case_run_slices, settings.case_run_mm) == expected
