@@ -46,6 +46,7 @@ from scipy import ndimage
 
 from ctscreen.contracts import SLICE_SIZE
 from gateway.errors import NoPixelData, NotCT, NotDicom, TooLarge, Undecodable
+from gateway.phi import file_ref
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +409,7 @@ def _read_big_endian_with_un_sequences(data: bytes, filename: str, cause: Except
         raise NotDicom(
             f"DICOM header cannot be parsed: {type(cause).__name__}: {cause}", filename=filename
         ) from exc
-    logger.info("%s: dropped undefined-length UN elements %s from a big endian file", filename, dropped)
+    logger.info("%s: dropped undefined-length UN elements %s from a big endian file", file_ref(filename), dropped)
     return ds
 
 

@@ -50,7 +50,7 @@ from gateway.dicom import (
     to_grid,
 )
 from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodable, UploadError
-from gateway.phi import protect_logs
+from gateway.phi import file_ref, protect_logs
 from gateway.report import SrContext, sr_context
 from gateway.series import (
     SeriesRules,
@@ -242,12 +242,12 @@ class StudyAccumulator:
             _, headers = read_headers(filename, ds)
             check_header_uids(headers[0])  # before any UID names a file or a row (issue 14)
         except InvalidInput as exc:
-            logger.info("refused %s: %s (%s)", filename, exc.reason, exc.message)
+            logger.info("refused %s: %s (%s)", file_ref(filename), exc.reason, exc.message)
             return self._reject(Rejection(filename, exc.reason, exc.message))
         uid = headers[0].sop_instance_uid
         with self._lock:
             if uid in self._objects:
-                logger.info("%s re-sends SOP Instance %s; keeping the later copy", filename, uid)
+                logger.info("%s re-sends SOP Instance %s; keeping the later copy", file_ref(filename), uid)
             self._objects[uid] = (ds, headers)
         if self.on_object is not None:
             self.on_object(uid, ds, headers)

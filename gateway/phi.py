@@ -11,11 +11,12 @@ keeps pydicom's message and withholds the value (every quoted string in a ``pydi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
 
-__all__ = ["ValueRedactor", "protect_logs"]
+__all__ = ["ValueRedactor", "file_ref", "protect_logs"]
 
 _QUOTED = re.compile(r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\"""")
 
@@ -56,3 +57,13 @@ def protect_logs() -> None:
     # highdicom warns with the name itself when a Patient's Name has one component ("GOUDURIX")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name", category=UserWarning)
+
+
+def file_ref(name: str) -> str:
+    """How a log line names an uploaded file: a digest of its name, never the name, since export folders
+    and files are often named after the patient (the uploader gets the names back in its own answer).
+
+    >>> file_ref("DOE_JANE_123/IM0001.dcm")
+    'file#889c8e93a4'
+    """
+    return "file#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]

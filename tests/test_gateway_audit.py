@@ -83,8 +83,12 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
     upload, stow, dimse, malformed = studies
     with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as client:
         files = sorted(upload.glob("*.dcm"))
-        r = client.post("/v1/studies", files=[("files", (f.name, f.read_bytes(), "application/dicom")) for f in files],
-                        headers=auth)
+        # an export folder named after the patient, as PACS exports often are; a file in it refused, one re-sent
+        head = pydicom.dcmread(files[0], stop_before_pixels=True)
+        folder = f"{str(head.PatientName).replace('^', '_')}_{head.PatientID}"
+        parts = [(f"{folder}/{f.name}", f.read_bytes()) for f in files]
+        parts += [(f"{folder}/notes.txt", b"not dicom at all"), (f"{folder}/again.dcm", files[0].read_bytes())]
+        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in parts], headers=auth)
         assert r.status_code == 202, r.text
         job = _wait(client, r.headers["location"], auth)
         assert job["state"] == "done", job
