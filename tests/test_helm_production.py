@@ -244,7 +244,11 @@ def test_image_digests_are_allowed_and_pinned():
     digest = "sha256:" + "ab" * 32
     values = _production(triton__image={**_production()["triton"]["image"], "digest": digest})
     values["gateway"]["image"]["digest"] = digest
+    values["state"]["database"] = {**values["state"]["database"], "existingSecret": ""}
+    values["state"]["database"].setdefault("postgresql", {}).setdefault("image", {})["digest"] = digest
     objs = render(values)
+    (pg,) = [o for o in objs if o["kind"] == "StatefulSet"]
+    assert pg["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":15@{digest}")
     assert container(find(objs, "Deployment", "-triton"), "triton")["image"].endswith(f":24.10-py3@{digest}")
     assert container(find(objs, "Deployment", "-gateway"), "gateway")["image"].endswith(f":0.1.0@{digest}")
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as info:
