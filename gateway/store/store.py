@@ -159,6 +159,7 @@ class Store:
         self.url = async_url(url)
         self._clock = clock  # this machine's wall clock (a test gives a replica a skewed one)
         self._server: tuple[float, float] | None = None  # PostgreSQL: (server clock, our monotonic clock then)
+        self._read_after = 0.0  # monotonic: when the server's clock is read next
         self._reading_clock = asyncio.Lock()
         self._clock_off = 0.0  # this machine's clock minus the server's, as last logged about
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
@@ -240,7 +241,7 @@ class Store:
         """
         if self.dialect != "postgresql":
             return self._clock()
-        if self._server is None or time.monotonic() - self._server[1] >= CLOCK_REFRESH_S:
+        if self._server is None or time.monotonic() >= self._read_after:
             if self._server is None:
                 async with self._reading_clock:
                     if self._server is None:  # the first caller reads it; the others wait for that reading
@@ -253,8 +254,10 @@ class Store:
         return server + (time.monotonic() - at)
 
     async def _read_server_clock(self, *, first: bool) -> None:
-        """Read the server's clock; a reading that failed or took too long keeps the previous one (the first
-        reading is taken as it comes, or raises)."""
+        """Read the server's clock; a reading that failed or took too long keeps the previous one, carried on
+        the monotonic clock, until the next try a refresh period later (the first reading is taken as it
+        comes, or raises)."""
+        self._read_after = time.monotonic() + CLOCK_REFRESH_S
         try:
             async with self.read() as s:
                 await s.connection()  # check-out, pre-ping and connect are not part of the reading
