@@ -66,7 +66,7 @@ class IdentifierSystems:
     accession: str | None = None
 
     def of_patient(self, issuer: str | None) -> str | None:
-        return self.issuers.get(issuer or "", self.patient_id) if issuer else self.patient_id
+        return self.issuers.get(issuer, self.patient_id) if issuer else self.patient_id
 
 
 def report_identifier(result: CaseResult) -> str:

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,14 @@ from starlette.requests import ClientDisconnect
 from gateway.settings import Settings
 from gateway.uids import is_job_id, is_uid
 
-__all__ = ["AuditLog", "AuditMiddleware"]
+__all__ = ["AuditLog", "AuditMiddleware", "note_reason"]
 
 _AUDITED_PREFIXES = ("/v1/", "/dicomweb/")
+
+
+def note_reason(scope: MutableMapping[str, Any], reason: str) -> None:
+    """Give the audit record of the request in ``scope`` its reason (a refusal's, a stream's end)."""
+    scope.setdefault("state", {})["audit_reason"] = reason
 
 
 def _outcome(status: int) -> str:

@@ -36,6 +36,7 @@ import jwt
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.audit import note_reason
 from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
 from gateway.settings import Settings
@@ -335,7 +336,7 @@ class StreamGuard:
         self._next = time.monotonic() + STREAM_RECHECK_S
         if await still_holds(self.request, self.scope):
             return True
-        self.request.scope.setdefault("state", {})["audit_reason"] = "credential_ended"  # for the audit record
+        note_reason(self.request.scope, "credential_ended")
         return False
 
 

@@ -550,6 +550,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 # present but NaN, inf or not a number: assuming a default would screen garbage
                 raise NotCT(f"Rescale {keyword} is {str(raw).strip()!r}, not a finite number: "
                             "stored values cannot be converted to HU.", filename=filename)
+        intercept_missing = intercept is None
         if slope is None or intercept is None:
             if sop_class not in CT_SOP_CLASSES:
                 raise NotCT(
@@ -558,11 +559,8 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                     filename=filename,
                 )
             warnings.append(MISSING_RESCALE)
-            intercept_missing = intercept is None
             slope = 1.0 if slope is None else slope
             intercept = 0.0 if intercept is None else intercept
-        else:
-            intercept_missing = False
         if slope == 0:
             raise NotCT("Rescale Slope is 0.", filename=filename)
         frame_type = _fg_value(ds, f, "CTImageFrameTypeSequence", "FrameType")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gateway.dicom import FrameHeader
+from gateway.dicom import CT_SOP_CLASSES, FrameHeader
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,6 @@ def frame_exclusion(h: FrameHeader, rules: SeriesRules) -> tuple[str, str] | Non
     return None
 
 
-CT_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
-"""CT Image, Enhanced CT Image and Legacy Converted Enhanced CT Image Storage."""
 _PROCESSED = ("MPR", "MIP", "MINIP", "MNIP", "REFORMAT", "PROJECTION", "VOLUME", "3D", "CURVED", "CPR", "VRT",
               "SSD", "PERFUSION", "SUBTRACT", "MAP", "LOCALIZER", "SECONDARY CAPTURE")
 
@@ -176,7 +174,7 @@ _PROCESSED = ("MPR", "MIP", "MINIP", "MNIP", "REFORMAT", "PROJECTION", "VOLUME",
 def _plain_axial_stack(h: FrameHeader) -> bool:
     """Whether a frame that is not ORIGINAL\\PRIMARY may still be a plain axial reconstruction: a CT image
     class, and an Image Type that is absent or says AXIAL and names no reformat, projection or map."""
-    if h.sop_class_uid not in CT_IMAGE_CLASSES:
+    if h.sop_class_uid not in CT_SOP_CLASSES:
         return False
     if not h.image_type:
         return True

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.audit import note_reason
 from gateway.errors import REASONS, GatewayError, NoUsableSeries
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def error_response(status: int, reason: str, message: str, *, headers: dict[str,
 def _note(scope: MutableMapping[str, Any], reason: str, *, count: bool = True) -> None:
     """Hand ``reason`` to the audit record of the request (``gateway.audit``) and, with ``count``, count
     it as an error."""
-    scope.setdefault("state", {})["audit_reason"] = reason
+    note_reason(scope, reason)
     metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
     if count and metrics is not None:
         metrics.error(reason)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +19,7 @@ from gateway.store import Store
 from gateway.triton_pool import TritonPool
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 router = APIRouter(tags=["operations"])
 
@@ -27,30 +30,34 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def triton_ready(request: Request, pool: TritonPool) -> list[str]:
-    """The Triton endpoints with the model ready (asked at most once a second)."""
+async def _once_a_second(request: Request, name: str, ask: Callable[[], Awaitable[T]]) -> T:
+    """``ask()``, or its answer of less than a second ago kept in ``app.state.<name>`` (probes come often)."""
     state = request.app.state
     now = time.monotonic()
-    cached = getattr(state, "ready_cache", None)
+    cached = getattr(state, name, None)
     if cached is None or now - cached[0] > 1.0:
-        cached = state.ready_cache = (now, await pool.ready_endpoints())
-    return list(cached[1])
+        cached = (now, await ask())
+        setattr(state, name, cached)
+    return cast(T, cached[1])
+
+
+async def triton_ready(request: Request, pool: TritonPool) -> list[str]:
+    """The Triton endpoints with the model ready (asked at most once a second)."""
+    return list(await _once_a_second(request, "ready_cache", pool.ready_endpoints))
 
 
 async def _store_answers(request: Request, store: Store) -> bool:
     """Whether the state store answers a query within 3 s (asked at most once a second)."""
-    state = request.app.state
-    now = time.monotonic()
-    cached = getattr(state, "store_cache", None)
-    if cached is None or now - cached[0] > 1.0:
+
+    async def ask() -> bool:
         try:
             await asyncio.wait_for(store.ping(), 3.0)
-            answers = True
         except Exception as exc:  # noqa: BLE001 - any failure means: not ready
             logger.warning("readiness: the state store does not answer (%s)", type(exc).__name__)
-            answers = False
-        cached = state.store_cache = (now, answers)
-    return bool(cached[1])
+            return False
+        return True
+
+    return await _once_a_second(request, "store_cache", ask)
 
 
 @router.get("/readyz", summary="Readiness: the gateway takes studies (state store and blob folder usable)",
