@@ -13,6 +13,9 @@ One command, under 8 minutes on one GPU, everything included (export, engines, s
    (ONNX Runtime with the TensorRT execution provider inside Triton);
 3. ``ort-cuda``: no GPU tritonserver at all (a bare GPU node with pip): ONNX Runtime's CUDA execution
    provider in process, the same models and ``postprocess_batch``; labelled so, never as a Triton figure.
+4. ``torch-cuda``: neither, but PyTorch sees a GPU (a training node): the same networks
+   (``training.nets``) in PyTorch on the GPU, FP16 autocast like the TensorRT plans, then
+   ``postprocess_batch`` on the CPU; labelled so, never as a Triton figure.
 
 It measures one 500-slice study first (the headline: seconds per study, ms per slice), then a sweep of
 batch x concurrency while the budget lasts; every phase gets only the time left (``--budget-s``, 480 s
@@ -61,7 +64,8 @@ STUDY = 500
 SWEEP = ((8, 2), (16, 4), (32, 4), (32, 8))
 BUDGET_S = 480.0  # the whole run, on one GPU: under 8 minutes
 RESERVE_S = 20.0  # kept back for stopping the server and writing the results
-PATHS = ("triton-tensorrt", "triton-ort", "ort-cuda")
+PATHS = ("triton-tensorrt", "triton-ort", "ort-cuda", "torch-cuda")
+TORCH_SWEEP = (("fp16", 8), ("fp16", 32), ("fp16", 64), ("fp32", 16))  # after the headline: fp16, batch 16
 TRITON_HOME = Path(os.environ.get("CTSCREEN_TRITON_HOME", "/opt/tritonserver"))
 
 
@@ -200,7 +204,21 @@ def detect() -> dict[str, Any]:
         "backends": sorted(p.name for p in backends.iterdir()) if backends.is_dir() else [],
         "trtexec": trtexec,
         "ort_providers": providers,
+        "torch_cuda": _torch_cuda(),
     }
+
+
+def _torch_cuda() -> str | None:
+    """``torch X, GPU name`` when PyTorch and segmentation-models-pytorch are here and see a GPU, else None."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("torch", "segmentation_models_pytorch")):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}"
 
 
 def choose_path(env: dict[str, Any]) -> str | None:
@@ -213,6 +231,8 @@ def choose_path(env: dict[str, Any]) -> str | None:
         return "triton-ort"
     if "CUDAExecutionProvider" in env["ort_providers"]:
         return "ort-cuda"
+    if env.get("torch_cuda"):
+        return "torch-cuda"
     return None
 
 
@@ -331,6 +351,123 @@ def _measure_ort(args: argparse.Namespace, onnx: Path, budget: Budget, providers
             "providers": sessions["lesion"].get_providers()}
 
 
+def torch_models(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], bool]:
+    """The two paper-profile networks in PyTorch on ``device`` (channels-last), from the checkpoints
+    when given, else untrained; and whether they are trained (both)."""
+    import torch
+
+    from training.nets import HUSegmenter, NetSpec, build
+
+    nets: dict[str, Any] = {}
+    for model, ckpt_path in (("valid_area", args.valid_ckpt), ("lesion", args.lesion_ckpt)):
+        if ckpt_path:
+            from training.export import load_checkpoint
+
+            ckpt = load_checkpoint(ckpt_path)
+            net = HUSegmenter(NetSpec.from_dict(ckpt["spec"]))
+            net.load_state_dict(ckpt["model"])
+        else:
+            torch.manual_seed(0)
+            net = build(model, "paper")
+        nets[model] = net.eval().to(device).to(memory_format=torch.channels_last)
+    return nets, bool(args.valid_ckpt and args.lesion_ckpt)
+
+
+def torch_study(nets: dict[str, Any], hu: Any, batch: int, *, precision: str = "fp16",
+                post_maps: tuple[Any, Any] | None = None, workers: int = 4) -> dict[str, Any]:
+    """One study (``hu`` ``[N, 1, 512, 512]`` INT16) in process with PyTorch: each batch goes to the
+    device, through both networks, back as FP32 maps (the ensemble's contract), and on to
+    ``postprocess_batch`` in ``workers`` CPU threads while the next batch runs.
+
+    ``post_maps`` (valid, lesion ``[M, 1, 512, 512]``, slice ``i`` post-processes map ``i % M``): maps to
+    post-process in place of the networks' own, for untrained networks, whose noise maps would make
+    post-processing cost what no real map costs. Times per stage are summed over the study: ``h2d``,
+    ``models`` (synchronised wall time), ``d2h`` and ``post`` (CPU seconds of the workers, overlapped with
+    the rest); ``boxes`` counts the lesion boxes found."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from ctscreen.postprocess import postprocess_batch
+
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f'Argument "precision" must be fp16 or fp32, got {precision!r}.')
+    device = next(nets["lesion"].parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    stages = {"h2d_s": 0.0, "models_s": 0.0, "d2h_s": 0.0, "post_s": 0.0}
+    lock = threading.Lock()
+
+    def post(i: int, v: Any, les: Any, b: Any) -> Any:
+        t = time.thread_time()
+        if post_maps is not None:
+            idx = np.arange(i, i + len(b)) % len(post_maps[0])
+            v, les = post_maps[0][idx], post_maps[1][idx]
+        out = postprocess_batch(v, les, b)
+        with lock:
+            stages["post_s"] += time.thread_time() - t
+        return out
+
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=cuda and precision == "fp16")
+    t0 = time.monotonic()
+    with torch.inference_mode(), autocast, ThreadPoolExecutor(workers) as pool:
+        pending = []
+        for i in range(0, len(hu), batch):
+            b = np.ascontiguousarray(hu[i : i + batch])
+            t = time.monotonic()
+            x = torch.from_numpy(b).to(device).contiguous(memory_format=torch.channels_last)
+            if cuda:
+                torch.cuda.synchronize()
+            t1 = time.monotonic()
+            maps = [nets[m](x).float() for m in ("valid_area", "lesion")]
+            if cuda:
+                torch.cuda.synchronize()
+            t2 = time.monotonic()
+            v, les = (m.cpu().numpy() for m in maps)
+            t3 = time.monotonic()
+            stages["h2d_s"] += t1 - t
+            stages["models_s"] += t2 - t1
+            stages["d2h_s"] += t3 - t2
+            pending.append(pool.submit(post, i, v, les, b))
+        boxes = sum(int(f.result()[1].sum()) for f in pending)
+    wall = time.monotonic() - t0
+    n = len(hu)
+    return {"batch": batch, "precision": precision, "slices": n, "wall_s": round(wall, 3),
+            "slices_per_s": round(n / wall, 3), "boxes": boxes,
+            "ms_per_slice_by_stage": {k[:-2]: round(1000 * v / n, 3) for k, v in stages.items()}}
+
+
+def _measure_torch(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.inprocess import OrtPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    nets, trained = torch_models(args, device)
+    hu = _slices(args.slices)
+    post_maps = None
+    if not trained:  # untrained networks give noise maps: post-process the shipped models' maps instead
+        try:
+            post_maps = OrtPipeline(threads=2).maps(hu[:32])
+        except BenchError as exc:
+            print(f"gpu_paper_profile: {exc}; post-processing the untrained networks' own maps", file=sys.stderr)
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    for precision, batch in (("fp16", 16), *TORCH_SWEEP):  # warm-up: cuDNN picks its kernels per shape
+        torch_study(nets, hu[: min(batch, len(hu))], batch, precision=precision, post_maps=post_maps, workers=workers)
+    study = torch_study(nets, hu, 16, precision="fp16", post_maps=post_maps, workers=workers)
+    sweep = within(budget, TORCH_SWEEP, lambda pb: torch_study(nets, hu, pb[1], precision=pb[0], post_maps=post_maps,
+                                                              workers=workers),
+                   first_estimate=study["wall_s"], label=lambda pb: f"{pb[0]} batch {pb[1]}")
+    return {"study": study, "runs": sweep.runs, "stopped": sweep.stopped, "device": device,
+            "torch": torch.__version__, "trained_weights": trained, "post_workers": workers,
+            "post_maps": "the networks' own" if post_maps is None else
+            "the shipped lite models' maps of the same slices (the paper networks are untrained)"}
+
+
 def run(args: argparse.Namespace) -> int:
     budget = Budget(args.budget_s)
     env = detect()
@@ -348,12 +485,15 @@ def run(args: argparse.Namespace) -> int:
         paths = [path] if path else list(PATHS)
         for p in paths:
             print(f"\n# {p}")
-            if p != "ort-cpu-smoke":
+            if p not in ("ort-cpu-smoke", "torch-cuda"):
                 _export(args, onnx, budget)
             if p.startswith("triton"):
                 repo = _repository(args, p, onnx, budget)
                 print(f"+ tritonserver --model-repository={repo} (loopback, free ports), then ct_screen over gRPC: "
                       f"one {args.slices}-slice study at batch 16 x 4 in flight, then {list(SWEEP)} while time lasts")
+            elif p == "torch-cuda":
+                print(f"+ PyTorch CUDA in process (training.nets, paper profile, FP16 autocast): one {args.slices}-slice "
+                      f"study at batch 16, then {list(TORCH_SWEEP)} while time lasts")
             else:
                 print(f"+ ONNX Runtime {'CPU' if p == 'ort-cpu-smoke' else 'CUDA'} in process: one {args.slices}-slice "
                       "study at batch 16, then other batches while time lasts")
@@ -374,6 +514,8 @@ def run(args: argparse.Namespace) -> int:
                 repo = _repository(args, path, onnx, budget)
             with _triton(repo, budget) as triton:
                 res = _measure_triton(args, triton, budget)
+        elif path == "torch-cuda":
+            res = _measure_torch(args, budget)
         else:
             if path == "ort-cuda":
                 _export(args, onnx, budget)

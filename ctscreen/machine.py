@@ -64,6 +64,7 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get("CTSCREEN_COMMIT", "")  # a copy without .git (an image, a GPU node)
     try:
         dirty: bool | None = bool(subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,

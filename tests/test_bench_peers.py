@@ -111,6 +111,46 @@ def test_gpu_run_dry_run_plans_every_path_within_8_minutes() -> None:
             assert f"# {path}" in out.stdout
     assert "--untrained --profile paper" in out.stdout and "build_trt_engines.sh" in out.stdout
     assert "repo build --profile gpu-ort" in out.stdout and "CUDA in process" in out.stdout
+    assert "PyTorch CUDA in process" in out.stdout
+
+
+def test_the_strongest_path_the_node_has_is_chosen() -> None:
+    node = {"gpu": True, "tritonserver": None, "backends": [], "trtexec": None, "ort_providers": ["CPUExecutionProvider"],
+            "torch_cuda": None}
+    assert gpu.choose_path(node) is None
+    assert gpu.choose_path({**node, "torch_cuda": "torch 2.11.0, NVIDIA H200"}) == "torch-cuda"
+    assert gpu.choose_path({**node, "torch_cuda": "x", "ort_providers": ["CUDAExecutionProvider"]}) == "ort-cuda"
+    assert gpu.choose_path({**node, "torch_cuda": "x", "tritonserver": "/opt/tritonserver/bin/tritonserver",
+                            "backends": ["onnxruntime", "tensorrt"], "trtexec": "/usr/bin/trtexec"}) == "triton-tensorrt"
+    assert gpu.choose_path({**node, "gpu": False, "torch_cuda": "x"}) is None
+
+
+def test_the_torch_path_screens_a_study_on_the_cpu_with_either_maps() -> None:
+    """The torch-cuda path's study loop, on the CPU with the lite networks (the paper's would take minutes
+    here): every slice is post-processed, from the networks' own maps or from the maps given, slice i
+    from map i % M."""
+    pytest.importorskip("segmentation_models_pytorch", reason="needs the train extra (torch)")
+    from benchmarks.perf import sample_slices
+    from ctscreen.postprocess import postprocess_batch
+    from training.nets import build
+
+    nets = {m: build(m, "lite").eval() for m in ("valid_area", "lesion")}
+    hu = sample_slices(3)
+    own = gpu.torch_study(nets, hu, 2, precision="fp32", workers=2)  # 2 + a partial batch of 1
+    assert own["slices"] == 3 and own["batch"] == 2 and own["slices_per_s"] > 0
+    assert set(own["ms_per_slice_by_stage"]) == {"h2d", "models", "d2h", "post"}
+    assert own["ms_per_slice_by_stage"]["post"] > 0 and own["ms_per_slice_by_stage"]["models"] > 0
+
+    valid = np.zeros((2, 1, 512, 512), np.float32)
+    valid[:, :, 100:420, 60:460] = 0.9
+    lesion = np.zeros_like(valid)
+    lesion[0, 0, 200:240, 120:170] = 0.9  # map 0 has a lesion, map 1 none
+    given = gpu.torch_study(nets, hu, 1, precision="fp16", post_maps=(valid, lesion), workers=1)  # autocast: CUDA only
+    idx = np.arange(3) % 2
+    _, counts, _ = postprocess_batch(valid[idx], lesion[idx], hu)
+    assert given["boxes"] == int(counts.sum()) == 2  # slices 0 and 2 from map 0, slice 1 from map 1
+    with pytest.raises(ValueError, match='"precision"'):
+        gpu.torch_study(nets, hu, 2, precision="int8")
 
 
 @pytest.mark.skipif(gpu.gpu_present(), reason="a GPU is here")
