@@ -65,7 +65,7 @@ SWEEP = ((8, 2), (16, 4), (32, 4), (32, 8))
 BUDGET_S = 480.0  # the whole run, on one GPU: under 8 minutes
 RESERVE_S = 20.0  # kept back for stopping the server and writing the results
 PATHS = ("triton-tensorrt", "triton-ort", "ort-cuda", "torch-cuda")
-TORCH_SWEEP = (("fp16", 8), ("fp16", 32), ("fp16", 64), ("fp32", 16))  # after the headline: fp16, batch 16
+TORCH_SWEEP = (("fp16", 8), ("fp16", 4), ("fp16", 32), ("fp16", 64), ("fp32", 8), ("fp32", 16))  # after fp16 x 16
 TRITON_HOME = Path(os.environ.get("CTSCREEN_TRITON_HOME", "/opt/tritonserver"))
 
 

@@ -58,19 +58,7 @@ def machine_info() -> dict[str, Any]:
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    commit = commit or os.environ.get("CTSCREEN_COMMIT", "")  # a copy without .git (an image, a GPU node)
-    try:
-        dirty: bool | None = bool(subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-            timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        dirty = None
+    commit, dirty = _commit()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -85,3 +73,23 @@ def machine_info() -> dict[str, Any]:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "models": shipped_models(),
     }
+
+
+def _commit() -> tuple[str, bool | None]:
+    """The checkout's short commit and whether it had uncommitted changes.
+
+    ``CTSCREEN_COMMIT`` wins where it is set: a copy of the tree (an image, a GPU node) may carry no
+    ``.git``, or a stale one; whoever copied it names the commit, and ``dirty`` is then unknown (None)."""
+    named = os.environ.get("CTSCREEN_COMMIT", "").strip()
+    if named:
+        return named, None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty: bool | None = bool(subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return "", None
+    return commit, dirty

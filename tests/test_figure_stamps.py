@@ -68,6 +68,25 @@ def _write(path: Path, doc: object) -> Path:
     return path
 
 
+def test_a_copy_of_the_tree_is_stamped_with_the_commit_its_copier_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU node or an image gets a copy of the tree whose .git may be missing or stale: the commit
+    named in CTSCREEN_COMMIT wins, and whether the copy had changes is then unknown."""
+    own = machine_info()
+    assert own["commit"] and own["dirty"] is not None  # this checkout: git answers
+    monkeypatch.setenv("CTSCREEN_COMMIT", "e08c0e1")
+    named = machine_info()
+    assert named["commit"] == "e08c0e1" and named["dirty"] is None
+
+
+def test_the_gpu_figure_when_there_is_one_is_stamped_with_the_shipped_models() -> None:
+    """gpu-latest.json comes from a GPU node (gpu_paper_profile.py), not from the plan; its stamp is checked
+    all the same: the post-processing it measures ran on the shipped models' maps."""
+    path = ROOT / "benchmarks" / "results" / "gpu-latest.json"
+    if not path.is_file():
+        pytest.skip("no GPU figure yet: benchmarks/gpu_paper_profile.py run on a GPU node writes it")
+    assert stamps.problems(path, shipped=SHIPPED) == []
+
+
 def test_a_stamp_is_checked_field_by_field(tmp_path: Path) -> None:
     stamp = machine_info()
     assert {"commit", "time_utc", "loadavg_1m", "cpu", "cores", "models", "dirty"} <= set(stamp)
