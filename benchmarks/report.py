@@ -20,6 +20,9 @@ README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- BEGIN LATEST FIGURES (ctscreen bench report) -->", "<!-- END LATEST FIGURES -->"
 
 
+STUDY_SLICES = 500  # the GPU figure's study (benchmarks.gpu_paper_profile.STUDY)
+
+
 def latest(name: str, results: Path | None = None) -> dict[str, Any] | None:
     """``results/<name>-latest.json`` parsed, or None."""
     path = (results or results_dir()) / f"{name}-latest.json"
@@ -357,9 +360,54 @@ def markdown(report: dict[str, Any]) -> str:
                   f"See [`scaling/{sc['md']}`](scaling/{sc['md']})." if sc.get("md") else "See `scaling/`."]
         lines += [f"![{Path(p).stem}](scaling/{p})" for p in sc.get("plots", [])[:1]]
     for name, doc in report["other_benchmarks"].items():
+        if name == "gpu" and isinstance(doc, dict) and doc.get("study"):
+            lines += ["", *gpu_markdown(doc)]
+            continue
         summ = doc.get("summary") if isinstance(doc, dict) else None
         lines += ["", f"## {name}", "", f"See `{name}-latest.json`." + (f" Summary: {json.dumps(summ)[:400]}" if summ else "")]
     return "\n".join(lines) + "\n"
+
+
+GPU_PATHS = {
+    "triton-tensorrt": "Triton, TensorRT FP16 plans, the ensemble over gRPC",
+    "triton-ort": "Triton, ONNX Runtime with the TensorRT provider, the ensemble over gRPC",
+    "ort-cuda": "ONNX Runtime's CUDA provider in process (not Triton)",
+    "torch-cuda": "PyTorch in process (not Triton: the node had no GPU tritonserver)",
+    "ort-cpu-smoke": "ONNX Runtime on the CPU (a smoke run, not a GPU figure)",
+}
+
+
+def gpu_markdown(doc: dict[str, Any]) -> list[str]:
+    """The GPU section of the report from ``gpu-latest.json`` (``benchmarks/gpu_paper_profile.py run``)."""
+    m, summ = doc.get("machine") or {}, doc.get("summary") or {}
+    path = doc.get("path", "?")
+    lines = [
+        "## The paper profile on a GPU (`python benchmarks/gpu_paper_profile.py run`)", "",
+        f"{m.get('gpu') or 'no GPU'}, {m.get('cores')} cores; path `{path}`: {GPU_PATHS.get(path, path)}; "
+        f"{doc.get('profile')}; commit `{m.get('commit')}`, {m.get('time_utc')}, 1-min load average "
+        f"{_fmt(m.get('loadavg_1m'))}, stamped models {_models(m)}.", "",
+        f"One {summ.get('study_slices')}-slice study: **{_fmt(summ.get(f'seconds_per_{STUDY_SLICES}_slice_study'))} s** "
+        f"({_fmt(summ.get('ms_per_slice'))} ms per slice; the paper: 41.34 s per patient). "
+        f"Best setting: {_fmt(summ.get('best_slices_per_s'))} slices/s.",
+    ]
+    if doc.get("post_maps"):
+        lines[-1] += f" Post-processing ({doc.get('post_workers')} CPU threads) ran on {doc['post_maps']}."
+    runs = [doc["study"], *doc.get("runs", [])]
+    stages = [r.get("ms_per_slice_by_stage") for r in runs]
+    keys = list(next((s for s in stages if s), {}))
+    lines += ["", "| precision | batch | concurrency | slices/s | s per 500 slices |"
+              + "".join(f" {k} ms/slice |" for k in keys), "|---|---|---|---|---|" + "---|" * len(keys)]
+    for r, st in zip(runs, stages, strict=True):
+        cells = "".join(f" {_fmt((st or {}).get(k))} |" for k in keys)
+        lines.append(f"| {r.get('precision', 'fp16')} | {r.get('batch')} | {r.get('concurrency', 1)} | "
+                     f"{_fmt(r.get('slices_per_s'))} | {_fmt(STUDY_SLICES / r['slices_per_s'] if r.get('slices_per_s') else None)} |"
+                     + cells)
+    if keys:
+        lines += ["", "Stages are summed over the study: models is the synchronised wall time of both networks; "
+                  "post is CPU time of the post-processing threads, overlapped with the rest."]
+    if doc.get("stopped"):
+        lines += ["", "Skipped for time: " + "; ".join(doc["stopped"])]
+    return lines
 
 
 def _update_readme(md: str, readme: Path = README) -> None:

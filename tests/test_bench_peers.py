@@ -149,6 +149,15 @@ def test_the_torch_path_screens_a_study_on_the_cpu_with_either_maps() -> None:
     idx = np.arange(3) % 2
     _, counts, _ = postprocess_batch(valid[idx], lesion[idx], hu)
     assert given["boxes"] == int(counts.sum()) == 2  # slices 0 and 2 from map 0, slice 1 from map 1
+
+    from benchmarks import report  # the report's GPU table gets a column per stage
+
+    doc = {"path": "torch-cuda", "study": own, "runs": [given], "machine": {"gpu": "NVIDIA H200"},
+           "summary": {"study_slices": 3, "seconds_per_500_slice_study": 1.0, "ms_per_slice": 2.0}}
+    table = report.gpu_markdown(doc)
+    assert "| precision | batch | concurrency | slices/s | s per 500 slices | h2d ms/slice | models ms/slice |" in table[6]
+    assert table[8].startswith("| fp32 | 2 | 1 |") and table[9].startswith("| fp16 | 1 | 1 |")
+    assert "PyTorch in process (not Triton" in table[2]
     with pytest.raises(ValueError, match='"precision"'):
         gpu.torch_study(nets, hu, 2, precision="int8")
 
@@ -167,6 +176,16 @@ def test_gpu_cpu_smoke_writes_stamped_figures(tmp_path: Path) -> None:
     assert doc["smoke"] is True and doc["path"] == "ort-cpu-smoke" and doc["study"]["slices"] >= 4
     assert doc["summary"]["seconds_per_500_slice_study"] > 0 and doc["summary"]["ms_per_slice"] > 0
     assert doc["machine"]["models"] and doc["budget_s"] == 480
+
+    # the report picks it up as its GPU section, labelled with the path it took
+    from benchmarks import report
+
+    (tmp_path / "gpu-latest.json").write_text(res.read_text())
+    report.build(tmp_path, update_readme=False)
+    page = (tmp_path / "report.md").read_text()
+    assert "## The paper profile on a GPU" in page and "`ort-cpu-smoke`: ONNX Runtime on the CPU (a smoke run" in page
+    rows = [line for line in page.split("## The paper profile on a GPU")[1].splitlines() if line.startswith("| fp16 |")]
+    assert len(rows) == 1 + len(doc["runs"])
 
 
 def test_the_budget_skips_what_would_not_fit() -> None:
