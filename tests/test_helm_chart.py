@@ -394,9 +394,17 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     ports = {p["name"]: p["containerPort"] for p in container(gateway, "gateway")["ports"]}
     assert settings.metrics_port == ports["metrics"] != ports["http"]
     service = find(rendered[value_set], "Service", "-gateway")
-    assert {"name": "metrics", "port": ports["metrics"], "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+    metrics = find(rendered[value_set], "Service", "-gateway-metrics")
+    assert metrics["spec"]["ports"] == [{"name": "metrics", "port": ports["metrics"], "targetPort": "metrics",
+                                         "protocol": "TCP"}]
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["spec"]["selector"] == service["spec"]["selector"]
     for monitor in [o for o in rendered[value_set] if o["kind"] == "ServiceMonitor"]:
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        picked = [o["metadata"]["name"] for o in rendered[value_set]
+                  if o["kind"] == "Service" and wanted <= o["metadata"]["labels"].items()]
+        assert picked == [metrics["metadata"]["name"]]  # the metrics Service alone
 
     async def discover():
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the DNS fallback

@@ -119,6 +119,19 @@ def test_network_policy_admits_the_prometheus_pods_and_the_dicom_sources(product
     assert "externalTrafficPolicy" not in clusterip  # only valid for LoadBalancer and NodePort
 
 
+def test_an_api_load_balancer_does_not_publish_the_metrics_port() -> None:
+    """gateway.service.type LoadBalancer puts the API on the load balancer and nothing else: /metrics
+    stays on its own ClusterIP Service, which the ServiceMonitor scrapes."""
+    objs = render(_production(gateway__service__type="LoadBalancer"))
+    api = find(objs, "Service", "-gateway")["spec"]
+    assert api["type"] == "LoadBalancer" and [p["name"] for p in api["ports"]] == ["http"]
+    metrics = find(objs, "Service", "-gateway-metrics")["spec"]
+    assert metrics["type"] == "ClusterIP" and [p["name"] for p in metrics["ports"]] == ["metrics"]
+    published = [p["name"] for o in objs if o["kind"] == "Service" and o["spec"].get("type") in ("LoadBalancer", "NodePort")
+                 for p in o["spec"]["ports"]]
+    assert "metrics" not in published and "http" in published
+
+
 def test_helm_test_pod_screens_one_study_through_the_gateway_and_may_reach_it(production):
     pod = find(production, "Pod", "-smoke-test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
