@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -328,10 +327,13 @@ def new_spool(root: Path) -> Path:
 def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:
     """Remove the spool folders under ``root`` last changed more than ``max_age_s`` ago (left by a process
     that died before removing them); return how many. ``root`` may be shared by several replicas: give an
-    age no live upload's folder reaches (the gateway uses twice the job deadline)."""
+    age no live upload's folder reaches (the gateway uses twice the job deadline). Ages are by the clock
+    that stamps the folder's files (:func:`gateway.store.blobs.filesystem_now`), not this process's."""
     if not root.is_dir():
         return 0
-    cutoff = (time.time() if now is None else now) - max_age_s
+    from gateway.store.blobs import filesystem_now
+
+    cutoff = (filesystem_now(root) if now is None else now) - max_age_s
     removed = 0
     for folder in root.glob("upload-*"):
         try:

@@ -392,3 +392,18 @@ def test_spool_folders_left_by_a_dead_process_are_swept_and_live_ones_kept(tmp_p
     assert sweep_spools(root, 3600) == 1
     assert not old.exists() and (live / "part-1").read_bytes() == b"y" and (root / "not-a-spool").is_dir()
     assert sweep_spools(tmp_path / "absent", 3600) == 0
+
+
+
+def test_spool_ages_go_by_the_folders_clock_not_a_replicas(tmp_path, monkeypatch) -> None:
+    """A replica whose clock runs two days ahead of the (shared) spool folder's file server must not take a
+    live upload's folder for one a dead process left."""
+    import time
+
+    from gateway.uploads import new_spool, sweep_spools
+
+    root = tmp_path / "spool"
+    live = new_spool(root)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * 86400)
+    assert sweep_spools(root, 3600) == 0 and live.is_dir()

@@ -24,6 +24,17 @@ _T = TypeVar("_T")
 _IO_THREADS = 4
 
 
+
+def filesystem_now(folder: Path) -> float:
+    """The time by the clock that stamps files in ``folder``: the mtime of a probe file touched there.
+
+    Ages of files are mtimes compared with "now"; on a folder shared by several replicas (an NFS or CSI
+    volume) the file server's clock sets the mtimes, so a replica whose own clock runs ahead of it must
+    not see a file written a moment ago as old."""
+    probe = folder / ".ctscreen-clock"
+    probe.touch()  # sets its mtime to now when it exists
+    return probe.stat().st_mtime
+
 class BlobStore(Protocol):
     """Durable bytes under a key (blocking calls: run them off the event loop)."""
 
@@ -169,11 +180,7 @@ class FolderBlobs:
         self._path(key).unlink(missing_ok=True)
 
     def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
-        # "now" is the file system's: a replica whose clock runs ahead of the file server's must not see a
-        # blob written a moment ago as old
-        probe = self._root / ".ctscreen-clock"
-        probe.touch()  # sets its mtime to now when it exists
-        when = probe.stat().st_mtime + later_s - age_s
+        when = filesystem_now(self._root) + later_s - age_s
         # only the layout new_key makes: a file of another shape is not ours to judge
         keys = []
         for folder in self._root.iterdir():
