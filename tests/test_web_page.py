@@ -267,6 +267,41 @@ def test_progress_streams_while_a_third_study_is_screening(stack, screened, stud
     assert row.get_attribute("data-verdict") in ("positive", "negative", "indeterminate")
 
 
+def test_a_study_finished_while_the_events_were_down_shows_once_they_return(stack, screened, page, tmp_path):
+    """The worklist's event stream tells what happens from the moment it connects: a study that finished
+    while it was down (a proxy cut, a gateway restart) must reach the table when it connects again."""
+    blocked = {"on": True}
+    page.route("**/v1/worklist/events", lambda route: route.abort() if blocked["on"] else route.continue_())
+    page.goto(stack.url + "/")
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    path = Path(phantom.write_study(phantom.make_study(seed=13, kind="normal", n_slices=N_SLICES), tmp_path / "late"))
+    (outcome,) = screen_paths(stack.url, [path], quiet=True)
+    assert outcome.error is None and outcome.job_id
+    row = f'tr[data-job-id="{outcome.job_id}"]'
+    time.sleep(1.0)
+    assert page.locator(row).count() == 0  # no event reached the page: it cannot know yet
+    blocked["on"] = False  # the stream reconnects (every 2 s) and the table loads again
+    page.wait_for_function(f"""() => document.querySelector('{row}')?.dataset.verdict""", timeout=20_000)
+    assert page.get_attribute("#live-state", "data-state") == "live"
+
+
+def test_skip_link_moves_the_focus_and_keeps_the_view(stack, screened, page):
+    """"Skip to content" on a study: the focus goes to the content, the study stays on screen (the link's
+    #main once sent the router to the worklist); the page says it is a screening aid, not a diagnosis."""
+    job_id = screened["normal"][0]
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.activeElement.id === 'main'")
+    time.sleep(0.3)
+    assert page.url.endswith(f"#/study/{job_id}") and page.locator("#viewer").count() == 1
+    assert "not a diagnosis" in page.inner_text("#notice")
+    if screened["normal"][1].verdict == "negative":
+        assert "The model flagged no lesion on any slice." in page.inner_text("aside.summary")
+
+
 def test_service_view_shows_triton_and_throughput(stack, screened, page):
     page.goto(f"{stack.url}/#/service")
     page.wait_for_selector("table.endpoints tr[data-ready=true]")

@@ -58,6 +58,8 @@ export const getJson = async (path, options) => (await api(path, options)).json(
  */
 export function subscribe(path, onEvent, { onState } = {}) {
   const controller = new AbortController();
+  const job = type_is_final(path);
+  let finished = false;  // a job's stream: its done or failed event came
   let retryMs = 2000;
   (async () => {
     while (!controller.signal.aborted) {
@@ -81,10 +83,16 @@ export function subscribe(path, onEvent, { onState } = {}) {
               else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
               else if (line.startsWith("retry:")) retryMs = Number(line.slice(6)) || retryMs;
             }
-            if (data.length) onEvent(type, JSON.parse(data.join("\n")));
+            if (data.length) {
+              const event = JSON.parse(data.join("\n"));
+              if (job && (event.state === "done" || event.state === "failed")) finished = true;
+              onEvent(type, event);
+            }
           }
         }
-        if (type_is_final(path)) return;
+        // a job's stream ends when the job does; one that ends before (a restart, an expired
+        // credential) is opened again, like the worklist's
+        if (finished) return;
       } catch (error) {
         if (controller.signal.aborted) return;
         if (error instanceof ApiError && (error.status === 401 || error.status === 403 || error.status === 404)) {
@@ -99,7 +107,7 @@ export function subscribe(path, onEvent, { onState } = {}) {
   return () => controller.abort();
 }
 
-// a job's own stream ends when the job does: no reconnect then
+// a job's own stream (it ends when the job does)
 const type_is_final = (path) => /\/v1\/jobs\/[^/]+\/events$/.test(path);
 
 /** Save what a route answers as a file (the credential rides along, unlike a plain link). */

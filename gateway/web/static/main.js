@@ -18,9 +18,10 @@ const studyView = lazy(async () => (await import("./study.js")).studyView);
 const serviceView = lazy(async () => (await import("./service.js")).serviceView);
 
 function route() {
+  const hash = location.hash.replace(/^#/, "") || "/";
+  if (routed && !hash.startsWith("/")) return;  // an in-page anchor, not a view: stay where we are
   leave();
   routed += 1;
-  const hash = location.hash.replace(/^#/, "") || "/";
   const [path, query = ""] = hash.split("?");
   const params = new URLSearchParams(query);
   const study = path.match(/^\/study\/([0-9a-f]{8,64})$/i);
@@ -80,6 +81,8 @@ window.addEventListener("ctscreen:auth", (e) => {
   openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}` : "Sign in with an API key or an access token.");
 });
 
+// "Skip to content" moves the focus; it must not touch the hash, which names the view
+document.querySelector("a.skip").addEventListener("click", (e) => { e.preventDefault(); main.focus(); });
 window.addEventListener("hashchange", route);
 showSignedIn();
 route();

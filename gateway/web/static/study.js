@@ -101,7 +101,8 @@ function viewer(main, job) {
     ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} slices `
       + `(${evidence.extent_mm.toFixed(1)} mm) in the ${evidence.quadrant.replace("_", " ")} quadrant, slices `
       + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
-    : h("p", {}, "No lesion on any slice.");
+    : h("p", {}, result.verdict === "negative" ? "The model flagged no lesion on any slice."
+      : "No lesion run to show.");  // indeterminate (no lung field, too few slices): nothing was ruled out
   const side = h("aside", { class: "summary", "aria-label": "Result" },
     h("p", {}, h("span", { class: `verdict verdict-${result.verdict}`, id: "verdict" }, result.verdict)),
     h("p", { class: "reason" }, result.message), run,

@@ -110,12 +110,15 @@ export function worklistView(main, params) {
     form, summary, h("div", { class: "table-wrap" }, table), h("nav", { class: "pager", "aria-label": "Pages" }, prev, next));
 
   let reloadTimer = null;
+  let loads = 0;
   async function load() {
     const q = new URLSearchParams({ limit, offset });
     for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    const mine = ++loads;
     try {
       performance.mark("worklist-fetch");
       const page = await getJson(`/v1/worklist?${q}`);
+      if (mine !== loads) return;  // a later load was asked for: an older answer must not overwrite it
       performance.mark("worklist-data");
       tbody.innerHTML = page.rows.length ? page.rows.map(rowHtml).join("")
         : '<tr><td colspan="8" class="empty">No study matches.</td></tr>';
@@ -126,6 +129,7 @@ export function worklistView(main, params) {
       next.disabled = last >= page.total;
       main.dataset.loaded = String(Date.now());
     } catch (error) {
+      if (mine !== loads) return;
       summary.textContent = error instanceof ApiError ? `Cannot load the worklist: ${error.message}` : String(error);
     }
   }
@@ -145,7 +149,13 @@ export function worklistView(main, params) {
     tr.querySelector('[data-role="state"]').replaceWith(stateCell(row));
     if (e.state === "done" || e.state === "failed") { announce(`A study finished: ${e.state}`); reloadSoon(); }
     else if (was !== e.state) announce(`A study is ${e.state}`);
-  }, { onState: (s) => { live.textContent = s === "live" ? "live" : s; live.dataset.state = s; } });
+  }, { onState: (s) => {
+    live.textContent = s === "live" ? "live" : s;
+    live.dataset.state = s;
+    // the stream tells what happens from now on: what happened before it (re)connected, the table
+    // learns by loading again (a study that finished while the connection was down, or before it opened)
+    if (s === "live") reloadSoon();
+  } });
 
   load();
   return () => { stop(); clearTimeout(reloadTimer); };
