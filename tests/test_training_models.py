@@ -263,6 +263,10 @@ def test_card_only_puts_quality_metrics_into_the_card(tmp_path):
     assert card["metrics"]["lesion_per_slice"]["sensitivity"]["value"] == 0.97
     assert "valid_area" not in card["metrics"] and card["metrics"]["n_studies"] == 42
     assert "0.97" in (tmp_path / "model_card.md").read_text()
+    # and the limitations are today's text for the card's training data, not the text of its export
+    from training.card import limitations_for
+
+    assert card["limitations"] == limitations_for(card.get("training")) and "split by file" in card["limitations"]
 
 
 @pytest.mark.torch

@@ -31,7 +31,12 @@ LIMITATIONS_REAL = (
     "Not a medical device; research use only. Trained on real chest CT of COVID-19 patients "
     "(98 MedSeg slices with radiologist masks, of which the 48 of medseg-100/test were never trained "
     "on, and 16 COVID-19-CT-Seg volumes with model-made pseudo-labels, weighted below the radiologist "
-    "masks, 6 volumes held out) plus synthetic phantom studies for the hard negatives. The real images "
+    "masks, 2 volumes for validation and 4 held out) plus synthetic phantom studies for the hard "
+    "negatives. MedSeg names no patients and is split by file, so neighbouring slices of one patient lie "
+    "on both sides of the split (docs/models/real.md measures it): its held-out figures are optimistic. "
+    "All real figures rest on 48 slices and 4 volumes, every one of them with COVID-19; lesion-level "
+    "recall there is about 40 % (most affected slices are found, not every lesion); goals not met are "
+    "listed under metrics.goals. The real images "
     "are 8-bit lung-window JPEG exports whose HU, orientation and scale were recovered by estimate "
     "(training/realct.py), not original DICOM. The images' licence is not stated by their source "
     "(MedSeg / medicalsegmentation.com and the COVID-19-CT-Seg collection, via the Inf-Net repository): "
@@ -188,10 +193,12 @@ def card_metrics(task: str, report: dict) -> dict:
 
 
 def update_card_metrics(onnx_path: Path, metrics: dict) -> tuple[Path, Path]:
-    """Replace the metrics of the card beside ``onnx_path`` (the file itself is not touched)."""
+    """Replace the metrics of the card beside ``onnx_path``, and its limitations by the current text for
+    its training data (what is known of the data grows with the reports); the file itself is not touched."""
     jpath = Path(onnx_path).parent / "model_card.json"
     if not jpath.is_file():
         raise FileNotFoundError(f"no model card at {jpath}")
     card = json.loads(jpath.read_text())
     card["metrics"] = metrics
+    card["limitations"] = limitations_for(card.get("training"))
     return write_model_card(Path(onnx_path), card)
