@@ -68,6 +68,20 @@ def _write(path: Path, doc: object) -> Path:
     return path
 
 
+def test_the_model_cards_carry_the_published_real_ct_report() -> None:
+    """The shipped cards quote docs/models/real.json (the report the README cites), measured on the shipped
+    ONNX files; a report regenerated without the cards (or the other way round) fails here: regenerate
+    with `ctscreen export TASK --card-only --metrics docs/models/real.json`."""
+    from training.card import card_metrics, limitations_for
+
+    real = json.loads((ROOT / "docs" / "models" / "real.json").read_text())
+    for model in SHIPPED:
+        card = json.loads((ROOT / "model_repository" / model / "1" / "model_card.json").read_text())
+        assert real["models"][model]["sha256"] == card["sha256"], f"docs/models/real.json measured other {model} weights"
+        assert card["metrics"] == card_metrics(model, real), f"the {model} card quotes another report"
+        assert card["limitations"] == limitations_for(card.get("training")), f"the {model} card's limitations are stale"
+
+
 def test_a_copy_of_the_tree_is_stamped_with_the_commit_its_copier_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU node or an image gets a copy of the tree whose .git may be missing or stale: the commit
     named in CTSCREEN_COMMIT wins, and whether the copy had changes is then unknown."""
