@@ -126,6 +126,15 @@ class InferStats:
         self.unpack_s += other.unpack_s
 
 
+def _without(exc: BaseException, url: str) -> str:
+    """``exc``'s text with the endpoint's address taken out (tritonclient names it in some errors)."""
+    text = str(exc)
+    host = url.rsplit(":", 1)[0] if ":" in url else url
+    for part in {url, host} - {""}:
+        text = text.replace(part, "<endpoint>")
+    return text
+
+
 @dataclass(slots=True)
 class _Endpoint:
     url: str
@@ -452,10 +461,13 @@ class TritonPool:
                 elif deadline is None:
                     deadline = now + self.timeout_s
                 if deadline is not None and now >= deadline:
-                    names = ", ".join(ep.url for ep in live) or "none configured"
+                    # the message reaches every results:read caller (the job's error): no address in it;
+                    # the log, for the operators, names them
+                    logger.warning("no Triton endpoint took a request within %g s (endpoints: %s)", self.timeout_s,
+                                   ", ".join(ep.url for ep in live) or "none configured")
                     raise InferenceUnavailable(
                         f"No Triton endpoint could take a request within {self.timeout_s:g} s "
-                        f"(endpoints: {names})."
+                        f"({len(live) or 'none'} configured)."
                     )
                 wake = deadline if deadline is not None else now + 1.0
                 resting = [ep.down_until for ep in live if ep.down_until > now]
@@ -556,8 +568,9 @@ class TritonPool:
                 ep.failures += 1
                 last = exc
                 if status not in RETRYABLE:
+                    logger.warning("Triton endpoint %s refused a request: %s", ep.url, status)
                     raise InferenceFailed(
-                        f"Triton endpoint {ep.url} refused the request: {status}: {exc}"
+                        f"A Triton endpoint refused the request: {status}: {_without(exc, ep.url)}"
                     ) from None
                 if status in _UNHEALTHY:
                     ep.consecutive_failures += 1

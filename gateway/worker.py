@@ -242,8 +242,9 @@ class Worker:
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
             logger.exception("job %s failed", job.id)
-            await self._fail(job, JobError(reason="internal",
-                                           message=f"Internal error while screening: {type(exc).__name__}: {exc}"))
+            await self._fail(job, JobError(reason="internal",  # the text of exc may name paths or addresses: the log has it
+                                           message=f"Internal error while screening ({type(exc).__name__}); "
+                                                   "the gateway's log has the details."))
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)

@@ -148,7 +148,8 @@ class FakeTriton:
                 await asyncio.sleep(self.delay)
             failing = call <= self.fail_first if self.fail_first else self.fail_with is not None
             if failing:
-                raise FakeError(self.fail_with or "StatusCode.UNAVAILABLE")
+                status = self.fail_with or "StatusCode.UNAVAILABLE"  # tritonclient's texts name the address
+                raise FakeError(status, f"[{status}] failed to connect to all addresses; last error: ipv4:{self.url}")
             inp = inputs[0]
             assert inp.name() == HU_SLICES and inp.datatype() == "INT16"
             shape = inp.shape()

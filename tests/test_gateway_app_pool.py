@@ -167,6 +167,23 @@ def test_invalid_argument_is_not_retried():
     assert fleet.clients["a:1"].calls == 1
 
 
+def test_failure_messages_name_no_address(caplog):
+    """A job's error reaches every results:read caller (the worklist, the service view): the endpoints'
+    addresses stay in the log, for the operators."""
+    url = "10.20.30.40:8001"
+    pool = TritonPool([url], client_factory=FakeFleet(**{url: {"fail_with": "StatusCode.INVALID_ARGUMENT"}}))
+    with caplog.at_level("WARNING", logger="gateway.triton_pool"), pytest.raises(InferenceFailed) as refused:
+        _run(pool.infer(_hu(4)))
+    assert "INVALID_ARGUMENT" in str(refused.value) and "10.20.30.40" not in str(refused.value)
+    # UNAVAILABLE: the endpoint rests 0.25 s, longer than the pool waits for a healthy one
+    resting = TritonPool([url], max_attempts=3, timeout_s=0.1,
+                         client_factory=FakeFleet(**{url: {"fail_with": "StatusCode.UNAVAILABLE"}}))
+    with caplog.at_level("WARNING", logger="gateway.triton_pool"), pytest.raises(InferenceUnavailable) as none:
+        _run(resting.infer(_hu(2)))
+    assert "could take a request" in str(none.value) and "10.20.30.40" not in str(none.value)
+    assert url in caplog.text  # the operators' log names it
+
+
 def test_set_endpoints_adds_and_retires():
     fleet = FakeFleet()
     pool = TritonPool(["a:1"], batch_size=4, client_factory=fleet)
