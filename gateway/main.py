@@ -174,8 +174,8 @@ def create_app(
         summary="Chest-CT studies in, COVID-19 pneumonia verdicts out (Chen et al., Sci Rep 2020).",
         lifespan=lifespan,
         openapi_url="/openapi.json" if settings.api_docs else None,
-        docs_url="/docs" if settings.api_docs else None,
-        redoc_url="/redoc" if settings.api_docs else None,
+        docs_url="/docs" if settings.api_docs and settings.api_docs_pages else None,
+        redoc_url="/redoc" if settings.api_docs and settings.api_docs_pages else None,
     )
     errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)

@@ -219,8 +219,12 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, description="If set, /metrics is served on this port only (not on the API port)."
     )
     api_docs: bool = Field(
-        True, description="Serve the API's schema and its pages (/openapi.json, /docs, /redoc), open like the probes "
-                          "(they hold no data); false: not served at all.")
+        True, description="Serve the API's schema (/openapi.json), open like the probes (it holds no data); "
+                          "false: not served.")
+    api_docs_pages: bool = Field(
+        False, description="Serve /docs and /redoc too (with api_docs). Off by default: their pages load Swagger UI "
+                           "and ReDoc from a CDN into this origin, where the web page keeps its sign-in "
+                           "(sessionStorage), and a closed hospital network has no CDN anyway.")
     upload_budget_bytes: int = Field(
         4 * 1024**3, ge=1024, description="Request bodies (uploads, STOW) in flight at once; beyond: 429."
     )

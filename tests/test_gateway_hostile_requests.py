@@ -84,14 +84,19 @@ def test_an_unexpected_error_is_answered_503_logged_once_and_audited_as_answered
     assert (record["status"], record["reason"]) == (503, "internal_error")
 
 
-@pytest.mark.parametrize("api_docs", [True, False])
-def test_the_api_schema_is_open_like_the_probes_or_not_served(tmp_path, api_docs):
+@pytest.mark.parametrize(("api_docs", "pages"), [(True, False), (True, True), (False, True), (None, None)])
+def test_the_api_schema_is_open_like_the_probes_or_not_served(tmp_path, api_docs, pages):
+    """/openapi.json by default; /docs and /redoc (scripts from a CDN, in the origin that holds the web page's
+    sign-in) only when asked for."""
     keyfile = tmp_path / "keys.json"
     keyfile.write_text('{"keys": []}')
-    with _client(tmp_path, auth_api_keys_file=keyfile, api_docs=api_docs) as client:
+    asked = {k: v for k, v in (("api_docs", api_docs), ("api_docs_pages", pages)) if v is not None}
+    schema = api_docs is not False
+    with _client(tmp_path, auth_api_keys_file=keyfile, **asked) as client:
         assert client.get("/v1/worklist").status_code == 401  # auth is on
-        for path in ("/openapi.json", "/docs", "/redoc"):
-            assert client.get(path).status_code == (200 if api_docs else 404), path
+        assert client.get("/openapi.json").status_code == (200 if schema else 404)
+        for path in ("/docs", "/redoc"):
+            assert client.get(path).status_code == (200 if schema and pages else 404), path
         assert client.get("/healthz").status_code == 200
 
 
