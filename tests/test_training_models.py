@@ -243,6 +243,9 @@ def test_arch_option_trains_the_candidate_it_names(tmp_path, monkeypatch):
     monkeypatch.setattr(training.train, "train", lambda cfg: seen.setdefault("spec", cfg.spec) and {})
     assert train_main(["lesion", "--arch", "mobilenet_v2:3:32,16,16", "--out", str(tmp_path)]) == 0
     assert seen["spec"] == NetSpec("mobilenet_v2", 3, (32, 16, 16), 256)
+    monkeypatch.setattr(training.train, "train", lambda cfg: seen.setdefault("jpeg", cfg.jpeg) and {})
+    assert train_main(["lesion", "--no-jpeg", "--out", str(tmp_path)]) == 0
+    assert seen["jpeg"] is False
 
 
 def test_card_only_puts_quality_metrics_into_the_card(tmp_path):
@@ -286,6 +289,9 @@ def test_train_on_a_nifti_set(tmp_path):
 
     ckpt = torch.load(tmp_path / "run" / "best.ckpt", weights_only=False)
     assert ckpt["training"]["source"].startswith("nifti:") and len(ckpt["training"]["train_cases"]) == 1
+    from ctscreen.machine import machine_info
+
+    assert ckpt["training"]["code"]["commit"] == machine_info()["commit"]  # the card names the training code
 
 
 @pytest.mark.torch
@@ -391,3 +397,21 @@ def test_augment_sends_some_exports_through_jpeg(monkeypatch) -> None:
     without, _ = train.augment(hu.clone(), target.clone(), torch.Generator().manual_seed(5))
     changed = [i for i in range(16) if not torch.equal(with_jpeg[i], without[i])]
     assert 0 < len(changed) < 16, changed
+
+
+def test_augment_without_jpeg_draws_nothing_for_it(monkeypatch) -> None:
+    """``jpeg=False`` (``ctscreen train --no-jpeg``): no JPEG, and the generator ends where the augmentation
+    of version 2.0.0 left it (it drew nothing for JPEG), so a 2.0.0 recipe replays its random stream."""
+    import torch
+
+    from training import train
+
+    def refuse(*_args):
+        raise AssertionError("JPEG round trip with jpeg=False")
+
+    hu, target = torch.full((8, 1, 64, 64), -850.0), torch.zeros((8, 1, 64, 64))
+    plain, with_jpeg = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    train.augment(hu.clone(), target.clone(), with_jpeg)
+    monkeypatch.setattr(train, "jpeg_round_trip", refuse)
+    train.augment(hu.clone(), target.clone(), plain, jpeg=False)
+    assert torch.rand(1, generator=plain) != torch.rand(1, generator=with_jpeg)  # it drew less

@@ -85,6 +85,11 @@ def train_main(argv: list[str]) -> int:
         help="weight of the hardest 1%% of background pixels (online hard-negative mining; e.g. 1.0)",
     )
     p.add_argument(
+        "--no-jpeg",
+        action="store_true",
+        help="no JPEG round trip in the augmentation (version 2.0.0 was trained before it existed)",
+    )
+    p.add_argument(
         "--max-slices",
         type=positive(int),
         default=None,
@@ -139,6 +144,7 @@ def train_main(argv: list[str]) -> int:
         lr=args.lr,
         crop=args.crop,
         hard_negatives=args.hard_negatives,
+        jpeg=not args.no_jpeg,
         max_slices_per_volume=args.max_slices,
         val_every=args.val_every,
         resume=args.resume,

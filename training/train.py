@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctscreen.machine import machine_info
 from training import datasets
 from training.datasets import Source, Volume
 from training.nets import HUSegmenter, NetSpec, spec_for
@@ -50,6 +51,9 @@ class TrainConfig:
     progress: bool = True
     spec: NetSpec | None = None
     augment: bool = True
+    jpeg: bool = True
+    """Put half of the 8-bit exports through JPEG (added after version 2.0.0; False draws no random number
+    for it, so a 2.0.0 recipe replays its random stream)."""
     crop: int | None = None
     """Train on windows of this size at the net's resolution (None: whole slices)."""
     hard_negatives: float = 0.0
@@ -68,10 +72,11 @@ class TrainConfig:
 
 
 def augment(
-    hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0
+    hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0, jpeg: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise, a
-    softer kernel, and an 8-bit export round trip (half of them through JPEG at a random quality).
+    softer kernel, and an 8-bit export round trip (with ``jpeg``, half of them through JPEG at a random
+    quality).
 
     ``hu`` is float HU ``[B, 1, 512, 512]``; ``target`` ``[B, 1, S, S]`` gets the same geometry.
     """
@@ -113,6 +118,8 @@ def augment(
     width = u(1000, 2000)[:, None, None, None]
     q = torch.round(((hu - lo) / width * 255).clamp(0, 255)) / 255 * width + lo
     hu = torch.where(export[:, None, None, None], q, hu)
+    if not jpeg:
+        return hu, target.clamp(0, 1)
     # half of those exports were saved as JPEG, at a quality between 40 and 95 (the real slices are
     # JPEGs of unknown quality: blocking and ringing at 8 x 8 blocks, smeared fine texture)
     jpeg = (torch.rand(b, generator=gen) < 0.5) & export.cpu()
@@ -254,6 +261,8 @@ def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) ->
             m["phantom_version"] = getattr(phantom, "__version__", "unknown")
         except ImportError:  # pragma: no cover
             pass
+    stamp = machine_info()  # the training code's commit: a card names the code its weights came from
+    m["code"] = {"commit": stamp["commit"], "dirty": stamp["dirty"]}
     m["train_cases"] = sorted(set(train_bank.case.tolist()))
     m["train_slices"] = train_bank.counts()
     m["val_slices"] = val_bank.counts() if val_bank is not None else {}
@@ -313,6 +322,10 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
+    if device.type == "cuda":  # the same run gives the same weights (CPU kernels already do)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     spec = cfg.spec or spec_for(cfg.task, cfg.profile)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +396,7 @@ def train(
         weight = torch.from_numpy(w_np).to(device)
         if cfg.augment:
             # no rotation for the valid area: a rotated rectangle is not the box of the rotated lungs
-            hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0)
+            hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0, jpeg=cfg.jpeg)
         # hard-negative mining ramps in over the first 30 % of the steps: on an untrained net every
         # background pixel is "hard", and full weight from step 0 drives it to predict nothing
         hard = cfg.hard_negatives * min(1.0, step / max(1.0, 0.3 * cfg.steps))
