@@ -122,9 +122,9 @@ def augment(
         return hu, target.clamp(0, 1)
     # half of those exports were saved as JPEG, at a quality between 40 and 95 (the real slices are
     # JPEGs of unknown quality: blocking and ringing at 8 x 8 blocks, smeared fine texture)
-    jpeg = (torch.rand(b, generator=gen) < 0.5) & export.cpu()
+    as_jpeg = (torch.rand(b, generator=gen) < 0.5) & export.cpu()
     quality = torch.randint(40, 96, (b,), generator=gen)
-    for i in torch.nonzero(jpeg).flatten().tolist():
+    for i in torch.nonzero(as_jpeg).flatten().tolist():
         lo_i, width_i = float(lo[i]), float(width[i])
         item = hu[i, 0].detach().cpu().numpy()
         hu[i, 0] = torch.from_numpy(jpeg_round_trip(item, lo_i, width_i, int(quality[i]))).to(dev)
