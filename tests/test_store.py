@@ -221,6 +221,45 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_write(db_url):
     _run(go())
 
 
+def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url, monkeypatch):
+    """A study whose screening kills its process (out of memory, a crash) was taken over at once by the next
+    replica, every lease, until its deadline a day later: every gateway in turn. Now the first take-over is
+    at once (a lost node), the next waits (newer jobs go first), the third fails it; a retry starts afresh."""
+    from gateway.store import store as store_module
+
+    monkeypatch.setattr(store_module, "TAKEOVER_BACKOFF_S", 0.3)
+    upgrade(db_url)
+
+    async def takeovers(store: Store, job_id: str) -> int:
+        async with store.read() as s:
+            return (await s.execute(select(Job.takeovers).where(Job.id == job_id))).scalar_one()
+
+    async def go():
+        a = Store(db_url, owner="a")
+        try:
+            [poison] = await _queue(a, 1)
+            assert (await a.claim(lease_s=0.1)).id == poison
+            await asyncio.sleep(0.15)  # its holder died with it
+            again = await a.claim(lease_s=0.1)
+            assert again.id == poison and again.attempts == 2 and await takeovers(a, poison) == 1  # at once
+            await asyncio.sleep(0.15)  # and died again
+            [newer] = await _queue(a, 1)
+            assert (await a.claim(lease_s=60)).id == newer  # the lost one waits its back-off
+            assert (await a.job(poison)).state == "queued" and await takeovers(a, poison) == 2
+            await asyncio.sleep(0.35)
+            assert (await a.claim(lease_s=0.1)).id == poison
+            await asyncio.sleep(0.15)  # a third time
+            assert await a.claim(lease_s=60) is None
+            view = await a.job(poison)
+            assert view.state == "failed" and view.error.reason == "worker_lost" and "3 times" in view.error.message
+            await a.retry(poison, 60)
+            assert await takeovers(a, poison) == 0 and (await a.claim(60)).id == poison
+        finally:
+            await a.close()
+
+    _run(go())
+
+
 def test_a_replica_never_claims_back_a_job_it_runs_and_the_overdue_sweep_fails_only_queued_jobs(db_url):
     """A late renewal let the holder's own loop claim its job a second time (two tasks, one lease owner);
     the overdue sweep read its list, then failed jobs another replica had claimed in between."""

@@ -83,6 +83,7 @@ class Job(Base):
     slices_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     slices_done: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    takeovers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # revision 0006
     next_attempt_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)
     accepted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # revision 0002

@@ -68,6 +68,10 @@ RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
 """The PostgreSQL notification channel of job events."""
 CLOCK_REFRESH_S = 60.0
+MAX_TAKEOVERS = 3
+"""Times in a row a job's holder may be lost with it (its lease lapsed) before the job is failed."""
+TAKEOVER_BACKOFF_S = 30.0
+"""Wait before the second take-over in a row, doubling after (the first is at once: a node was lost)."""
 """How often a replica reads the database server's clock (PostgreSQL)."""
 CLOCK_MAX_ROUND_TRIP_S = 0.5
 """A reading of the server's clock that took longer than this is not trusted (its error is up to half)."""
@@ -478,17 +482,18 @@ class Store:
         """Take the next job that is due (queued) or abandoned (lease expired), under a lease; never one of
         ``exclude`` (the jobs this process is running: a late renewal must not hand it a second task)."""
         now = await self.now()
+        pick = select(Job).where(or_(
+            and_(Job.state == JobState.queued.value, Job.next_attempt_at <= now),
+            and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
+        ), *([Job.id.not_in(list(exclude))] if exclude else [])).order_by(Job.next_attempt_at).limit(1).with_for_update(
+            skip_locked=True)
         async with self.tx() as s:
-            job = (await s.execute(
-                select(Job).where(or_(
-                    and_(Job.state == JobState.queued.value, Job.next_attempt_at <= now),
-                    and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
-                ), *([Job.id.not_in(list(exclude))] if exclude else [])).order_by(Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
-            )).scalar_one_or_none()
+            job = (await s.execute(pick)).scalar_one_or_none()
+            while job is not None and job.state != JobState.queued.value:
+                self._lost(s, job, now)  # queued again (later) or set aside: never run here at once twice
+                job = (await s.execute(pick)).scalar_one_or_none()
             if job is None:
                 return None
-            if job.state != JobState.queued.value:
-                logger.warning("job %s: lease of %s expired; taken over by %s", job.id, job.lease_owner, self.owner)
             job.state, job.lease_owner, job.lease_expires_at = JobState.decoding.value, self.owner, now + lease_s
             job.attempts += 1
             job.slices_done, job.updated_at, job.error = 0, now, None
@@ -496,6 +501,29 @@ class Store:
         self.changed.notify()
         return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
                        job.deadline_at)
+
+    def _lost(self, s: AsyncSession, job: Job, now: float) -> None:
+        """``job``'s holder was lost with it (its lease lapsed: the process crashed or was killed, the node
+        went, or it lost the store). The first time it is due again at once; again in a row, after a
+        back-off; the :data:`MAX_TAKEOVERS`-th time it is failed, so that a study whose screening kills its
+        process cannot take the replicas down one after another until its deadline. A try that ends
+        (finished, released, failed) resets the count."""
+        job.takeovers = (job.takeovers or 0) + 1
+        owner, job.lease_owner, job.lease_expires_at, job.updated_at = job.lease_owner, None, None, now
+        if job.takeovers >= MAX_TAKEOVERS:
+            job.state, job.finished_at = JobState.failed.value, now
+            job.error = JobError(reason="worker_lost", message=(
+                f"The gateway screening this study was lost {job.takeovers} times in a row (a crash, a kill for "
+                "memory, a lost node): the study is set aside so that it cannot take more gateways down. Its "
+                f"instances are kept: POST /v1/jobs/{job.id}/retry queues it again.")).model_dump(mode="json")
+            logger.error("job %s: its holder (%s) was lost with it %d times in a row; failed, not taken over again",
+                         job.id, owner, job.takeovers)
+        else:
+            delay = TAKEOVER_BACKOFF_S * 2 ** (job.takeovers - 2) if job.takeovers > 1 else 0.0
+            job.state, job.next_attempt_at, job.slices_done = JobState.queued.value, now + delay, 0
+            logger.warning("job %s: lease of %s expired (%d time(s) in a row); due again in %g s", job.id, owner,
+                           job.takeovers, delay)
+        s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
 
     async def heartbeat(self, job_id: str, lease_s: float, *, state: JobState | None = None,
                         slices_done: int | None = None, slices_total: int | None = None,
@@ -579,6 +607,7 @@ class Store:
             row = (await s.execute(update(Job).where(
                 Job.id == job_id, Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now + delay_s,
+                takeovers=0,  # this try ended: its holder was not lost with it
                 accepted_by=self.owner,  # this (live) replica's gauges count it while it waits
                 updated_at=now, slices_done=0, error=None if error is None else error.model_dump(mode="json"),
             ).returning(Job.slices_total))).first()
@@ -600,7 +629,7 @@ class Store:
         async with self.tx() as s:
             done = await s.execute(update(Job).where(Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
-                accepted_by=None, updated_at=now, slices_done=0))
+                accepted_by=None, updated_at=now, slices_done=0, takeovers=0))
             await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
                             .values(accepted_by=None))
             return _rowcount(done)
@@ -641,6 +670,7 @@ class Store:
             if not (await s.execute(select(Instance.id).where(Instance.study_id == job.study_id).limit(1))).first():
                 raise ValueError(f"The instances of job {job_id} are no longer kept (retention); send the study again.")
             job.state, job.attempts, job.next_attempt_at, job.deadline_at = JobState.queued.value, 0, now, now + deadline_s
+            job.takeovers = 0
             job.accepted_by = self.owner  # whoever accepted it first may be gone
             job.finished_at, job.error, job.slices_done, job.updated_at = None, None, 0, now
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
