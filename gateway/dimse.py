@@ -75,6 +75,42 @@ TRANSFER_SYNTAXES = [
 """Transfer syntaxes accepted for the CT storage classes (those the decoder reads)."""
 
 
+MAX_PDU_BYTES = 262_144
+"""The largest PDU this SCP takes (advertised at association). 0 would mean no limit: a sender then puts a
+whole instance into one PDU, and the idle timer, which restarts only when a PDU is complete, aborts an
+instance that takes longer than the network timeout to arrive, every time it is sent again."""
+TLS_HANDSHAKE_TIMEOUT_S = 30.0
+
+
+def _handshake_in_its_thread() -> type:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class HandshakeInItsThread(ThreadedAssociationServer):
+        """pynetdicom's threaded server, but the TLS handshake runs in the association's own thread under
+        :data:`TLS_HANDSHAKE_TIMEOUT_S`. pynetdicom shakes hands in its one accepting thread with no
+        deadline, so a single TCP connection that sent nothing kept every other sender out."""
+
+        def get_request(self) -> Any:
+            assert self.socket is not None  # bound: serve_forever runs
+            return self.socket.accept()  # the plain socket; process_request_thread wraps it
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            if self.ssl_context:
+                before = request.gettimeout()
+                try:
+                    request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                    request.settimeout(before)
+                except OSError as exc:  # ssl.SSLError, a timeout, a reset: no association
+                    logger.warning("DICOM TLS handshake with %s failed: %s", client_address[0] if isinstance(
+                        client_address, tuple) else client_address, type(exc).__name__)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+
+    return HandshakeInItsThread
+
+
 class StorageScp:
     """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.Intake`.
 
@@ -133,17 +169,23 @@ class StorageScp:
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import, from its UID table
             Verification,
         )
+        from pynetdicom.utils import make_target
 
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = 0  # no limit on what we accept
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_end),
                     (evt.EVT_ABORTED, self._on_end)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
-                                       ssl_context=self.ssl_context)
+        # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
+        # own thread under a deadline (see _handshake_in_its_thread)
+        server = ae.make_server((self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context,
+                                server_class=_handshake_in_its_thread())
+        ae._servers.append(server)  # as start_server does: the server's shutdown() takes itself out of the list
+        threading.Thread(target=make_target(server.serve_forever), name=f"dicom-scp-{self.port}", daemon=True).start()
+        self._server = server
         logger.info("DICOM SCP %s listening on %s:%d%s", self.ae_title, self.host, self.port,
                     " (TLS)" if self.ssl_context is not None else "")
 

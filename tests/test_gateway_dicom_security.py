@@ -13,6 +13,7 @@ import ipaddress
 import json
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pydicom
@@ -181,3 +182,35 @@ def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path):
                              str(path)], capture_output=True, text=True, timeout=60)
     assert stored.returncode == 0 and "Received Store Response (Success)" in stored.stdout + stored.stderr, (
         stored.stdout + stored.stderr)
+
+
+@needs_dcmtk
+def test_a_silent_connection_does_not_keep_tls_senders_out(scp_factory, pki):
+    """pynetdicom shook TLS hands in its one accepting thread with no deadline: a TCP connection that sent
+    nothing kept every sender out until it closed. The handshake now runs in each association's thread."""
+    import socket
+
+    scp = scp_factory(ssl_context=tls_context(pki / "server.crt", pki / "server.key", pki / "ca.crt"))
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+    with socket.create_connection(("127.0.0.1", scp.port)):  # connected, silent
+        time.sleep(0.3)
+        ok = _echo(scp.port, "-aet", "GOODSCU", "-to", "10", "-ta", "10", *tls)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_the_scp_advertises_a_bounded_pdu(scp_factory):
+    """A maximum PDU of 0 (no limit) let a sender put a whole instance into one PDU, which the idle timer
+    (restarted per complete PDU) aborts when it takes longer than the network timeout to arrive."""
+    from pynetdicom import AE as Requestor
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from gateway.dimse import MAX_PDU_BYTES
+
+    scp = scp_factory()
+    requestor = Requestor(ae_title="ANYSCU")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", scp.port, ae_title=AE)
+    try:
+        assert assoc.is_established and assoc.acceptor.maximum_length == MAX_PDU_BYTES > 0
+    finally:
+        assoc.release()
