@@ -214,3 +214,6 @@ def test_the_scp_advertises_a_bounded_pdu(scp_factory):
         assert assoc.is_established and assoc.acceptor.maximum_length == MAX_PDU_BYTES > 0
     finally:
         assoc.release()
+
+    elsewhere = requestor.associate("127.0.0.1", scp.port, ae_title="WHATEVER")  # no allow-list: still our title
+    assert elsewhere.is_rejected and not elsewhere.is_established
