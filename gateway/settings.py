@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     orphan_sweep_interval_s: float = Field(
         6 * 3600.0, ge=0, description="How often the blob folder is checked for blobs nothing names (0: never)."
     )
+    orphan_keep_s: float = Field(
+        7 * 86400.0, ge=0, description="Blobs the orphan sweep sets aside (orphans/ in the blob folder) are deleted "
+                                       "this long after: a database restored to an earlier point names fewer blobs "
+                                       "than the folder holds, and what it lost can be moved back until then.")
     orphan_grace_s: float = Field(
         3600.0, ge=300, description="A blob nothing names is removed once it is this old (a write and the row "
                                     "that names it take seconds apart)."

@@ -368,8 +368,12 @@ class Sweeper:
         self._orphans_at = time.monotonic() + (self.retention_every_s if failed else self.settings.orphan_sweep_interval_s)
 
     async def sweep_orphans(self, later_s: float = 0.0) -> int:
-        """Remove the blobs older than ``orphan_grace_s`` that no instance row and no delivery payload names;
-        returns how many (``later_s``: judged as if that many seconds had passed, for tests).
+        """Set aside the blobs older than ``orphan_grace_s`` that no instance row and no delivery payload names
+        (in the blob folder's ``orphans/``, deleted ``orphan_keep_s`` later), and delete what was set aside
+        that long ago; returns how many were set aside (``later_s``: judged as if that many seconds had
+        passed, for tests). Set aside, not deleted: a database restored to an earlier point than the blob
+        folder names fewer blobs than it holds, and the instances received since are the only copy (the
+        sender was told they were stored).
 
         They are left by a crash or a cancellation between a write and the commit that names it, by a store
         failure after the write (the commit may have landed: the writer does not delete, this checks), by a
@@ -379,6 +383,9 @@ class Sweeper:
         recreated database, or a folder shared by two stores, looks like, nothing is removed and the error
         says so.
         """
+        purged = await asyncio.to_thread(self.blobs.purge_set_aside, self.settings.orphan_keep_s, later_s)
+        if purged:
+            logger.info("deleted %d blobs set aside more than %g s ago", purged, self.settings.orphan_keep_s)
         keys = await asyncio.to_thread(self.blobs.older_than, self.settings.orphan_grace_s, later_s)
         if not keys:
             return 0
@@ -390,10 +397,11 @@ class Sweeper:
                          "belongs to?", len(orphans), len(keys), self.settings.orphan_grace_s)
             return 0
         for key in orphans:
-            await asyncio.to_thread(self.blobs.delete, key)
+            await asyncio.to_thread(self.blobs.set_aside, key)
         if orphans:
-            logger.warning("removed %d blobs that nothing names (older than %g s)", len(orphans),
-                           self.settings.orphan_grace_s)
+            logger.warning("set aside %d blobs that nothing names (older than %g s) in the blob folder's orphans/, "
+                           "deleted after %g s", len(orphans), self.settings.orphan_grace_s,
+                           self.settings.orphan_keep_s)
         return len(orphans)
 
     async def _loop(self) -> None:

@@ -579,6 +579,11 @@ def test_the_orphan_sweep_removes_only_old_blobs_that_nothing_names(db_url, tmp_
     for name in ("instance", "payload"):
         assert blobs.get(keys[name]) == b"DICM", name
     assert foreign.read_text() == "not a blob"
+    # set aside, not deleted: a database restored to an earlier point may have lost the rows that named them
+    aside = tmp_path / "blobs" / "orphans"
+    assert (aside / keys["orphan"]).read_bytes() == b"DICM" and (aside / linked).read_bytes() == b"DICM"
+    assert blobs.purge_set_aside(7 * 86400) == 0 and blobs.purge_set_aside(7 * 86400, later_s=8 * 86400) == 2
+    assert not any(aside.glob("*/*"))
 
 
 def test_the_orphan_sweep_removes_nothing_when_most_old_blobs_are_unnamed(tmp_path):

@@ -51,6 +51,14 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is absent)."""
 
+    def set_aside(self, key: str) -> None:
+        """Move ``key`` out of the live blobs, where it stays, restorable by hand, until
+        :meth:`purge_set_aside` ages it out (no error when it is absent)."""
+
+    def purge_set_aside(self, age_s: float, later_s: float = 0.0) -> int:
+        """Delete what was set aside more than ``age_s`` seconds ago (``later_s``: as for :meth:`older_than`);
+        returns how many."""
+
     def writable(self) -> bool:
         """Whether new blobs can be stored now (the readiness probe asks)."""
 
@@ -63,6 +71,10 @@ class BlobStore(Protocol):
 
 _NEW_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
 _STAGED = re.compile(r"\.[0-9a-f]{32}\.\d+\.\d+\.tmp")  # FolderBlobs._stage's temporary files
+
+
+SET_ASIDE = "orphans"
+"""The folder (in the blob folder) where the orphan sweep moves the blobs nothing names."""
 
 
 def new_key() -> str:
@@ -178,6 +190,32 @@ class FolderBlobs:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def set_aside(self, key: str) -> None:
+        # orphans/<key>: the same file system, so a rename; an operator restores with a rename back
+        src = self._path(key)
+        dst = self._root / SET_ASIDE / src.relative_to(self._root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            return
+        os.utime(dst)  # its time in orphans/ counts from now
+
+    def purge_set_aside(self, age_s: float, later_s: float = 0.0) -> int:
+        folder = self._root / SET_ASIDE
+        if not folder.is_dir():
+            return 0
+        when = filesystem_now(self._root) + later_s - age_s
+        gone = 0
+        for path in folder.glob("*/*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < when:
+                    path.unlink()
+                    gone += 1
+            except FileNotFoundError:  # another replica purged it
+                continue
+        return gone
 
     def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
         when = filesystem_now(self._root) + later_s - age_s
