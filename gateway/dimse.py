@@ -45,6 +45,7 @@ from gateway.dicom_security import PeerPolicy, Watermark, check_sop_classes, par
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from gateway.store import StoreError
 from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,14 @@ class StorageScp:
         if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
             self._count(f"out_of_resources_{refusal}")
             return OUT_OF_RESOURCES
-        if not await self.stow.room_for(header.study_instance_uid, len(data)):
+        try:
+            room = await self.stow.room_for(header.study_instance_uid, len(data))
+        except StoreError as exc:  # the state store is away (a fail-over): nothing was kept, the sender retries
+            logger.warning("C-STORE of %s: the state store cannot answer (%s); 0xA700", header.sop_instance_uid,
+                           type(exc).__name__)
+            self._count("store_unavailable")
+            return OUT_OF_RESOURCES
+        if not room:
             self._count("out_of_resources")
             return OUT_OF_RESOURCES
         try:

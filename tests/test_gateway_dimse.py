@@ -248,6 +248,28 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     assert held.result(10) == ("receiving", 1)
 
 
+def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkeypatch):
+    """The store away (a fail-over) while an instance arrives: nothing was kept, and the sender is told to
+    try again later (0xA700), counted; pynetdicom answered its own 0xC211 to the escaping exception."""
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.store.store import StoreUnreachable
+
+    async def away(*_args):
+        raise StoreUnreachable("The state store cannot be reached (ConnectionRefusedError).")
+
+    monkeypatch.setattr(lone_scp.stow, "room_for", away)
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
+    try:
+        status = int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status)
+    finally:
+        assoc.release()
+    assert status == OUT_OF_RESOURCES
+
+
 async def _pending(stow: Intake, uid: str):
     study = await stow.store.study(uid)
     return study.state, study.instances

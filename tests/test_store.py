@@ -221,6 +221,27 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_write(db_url):
     _run(go())
 
 
+def test_a_database_that_cannot_be_reached_is_a_store_error():
+    """asyncpg raises a refused connection as OSError, not as a DBAPIError: the worker's ``except StoreError``
+    (release the study, try again) missed it, and a fail-over failed the study as an internal error."""
+    from gateway.store import StoreError
+    from gateway.store.store import StoreUnreachable
+    from tests.conftest import free_port
+
+    async def go():
+        store = Store(f"postgresql://nobody@127.0.0.1:{free_port()}/none", owner="a")
+        try:
+            with pytest.raises(StoreError) as caught:
+                await store.claim(30)
+            assert isinstance(caught.value, StoreUnreachable) and "cannot be reached" in str(caught.value)
+            with pytest.raises(StoreError):
+                await store.ping()
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url, monkeypatch):
     """A study whose screening kills its process (out of memory, a crash) was taken over at once by the next
     replica, every lease, until its deadline a day later: every gateway in turn. Now the first take-over is

@@ -105,8 +105,14 @@ def async_url(url: str) -> str:
     raise ValueError(f"Database URL scheme {scheme!r} is not supported; use postgresql:// or sqlite:///.")
 
 
-StoreError = DBAPIError
-"""What the state store raises when the database fails a statement (a fail-over, a lock, a full disk)."""
+class StoreUnreachable(ConnectionError):
+    """The database could not be reached: its connection was refused, reset or timed out (a fail-over, a
+    restart). The driver raises these as OSError, not as a DBAPIError."""
+
+
+StoreError = (DBAPIError, StoreUnreachable)
+"""What the state store raises when the database fails a statement (a fail-over, a lock, a full disk) or
+cannot be reached (``except StoreError``)."""
 
 
 def redact(url: str) -> str:
@@ -299,14 +305,20 @@ class Store:
     async def tx(self) -> AsyncIterator[AsyncSession]:
         """One write transaction (committed on exit)."""
         lock = self._write_lock or contextlib.nullcontext()
-        async with lock, self._sessions() as session, session.begin():
-            yield session
+        try:
+            async with lock, self._sessions() as session, session.begin():
+                yield session
+        except (OSError, TimeoutError) as exc:  # the body is the store's own code: these come from the driver
+            raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """One read-only session."""
-        async with self._readers() as session:
-            yield session
+        try:
+            async with self._readers() as session:
+                yield session
+        except (OSError, TimeoutError) as exc:
+            raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
 
     # --- instances and studies -------------------------------------------------------------------
     async def add_instance(self, study_instance_uid: str, sop_instance_uid: str, filename: str, blob_key: str,
