@@ -86,6 +86,43 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
     _run(after())
 
 
+def test_upgrade_merges_the_receiving_versions_the_race_left_before_0005(db_url):
+    """Two replicas racing into a new study could open two receiving versions (what 0005's index closes);
+    the index cannot be made over them, and the upgrade failed (the Helm hook, then every gateway). Now
+    0005 first merges them into the newest: every instance kept once, in one receiving version."""
+    upgrade(db_url, "0004")
+
+    async def race_left_two():
+        store = Store(db_url)
+        try:
+            async with store.tx() as s:
+                for sid, version in ((1, 1), (2, 2)):
+                    await s.execute(text("INSERT INTO studies (id, study_instance_uid, version, origin, state, "
+                                         "created_at, last_rx_at) VALUES (:i, '1.2.3', :v, 'stow', 'receiving', 0, 0)"),
+                                    {"i": sid, "v": version})
+                for sid, sop, key in ((1, "1.2.3.1", "k1"), (1, "1.2.3.2", "k2"), (2, "1.2.3.2", "k2b"), (2, "1.2.3.3", "k3")):
+                    await s.execute(text("INSERT INTO instances (study_id, sop_instance_uid, filename, blob_key, nbytes, "
+                                         "received_at) VALUES (:s, :u, 'a.dcm', :k, 1, 0)"), {"s": sid, "u": sop, "k": key})
+        finally:
+            await store.close()
+
+    async def merged():
+        store = Store(db_url)
+        try:
+            study = await store.study("1.2.3")
+            assert (study.state, study.instances) == ("receiving", 3)
+            async with store.read() as s:
+                rows = (await s.execute(text("SELECT sop_instance_uid, blob_key FROM instances ORDER BY 1"))).all()
+                assert [tuple(r) for r in rows] == [("1.2.3.1", "k1"), ("1.2.3.2", "k2b"), ("1.2.3.3", "k3")]
+                assert (await s.execute(text("SELECT COUNT(*) FROM studies"))).scalar() == 1
+        finally:
+            await store.close()
+
+    _run(race_left_two())
+    upgrade(db_url)
+    _run(merged())
+
+
 async def _queue(store: Store, n: int) -> list[str]:
     ids = []
     for i in range(n):
