@@ -279,6 +279,37 @@ def test_a_database_that_cannot_be_reached_is_a_store_error():
     _run(go())
 
 
+def test_a_study_sent_again_is_screened_once_unless_its_job_failed(db_url):
+    """A PACS replaying a route sends instances the study was screened with: acknowledged, not recorded
+    (the caller deletes the new blob), no second job and so no second SR. A new instance, or the same one
+    changed in size, opens the next version; after a failed job a study sent again is screened again."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            assert await store.add_instance("1.2.5", "1.2.5.1", "a.dcm", "k1", 10) is None
+            first = await store.complete_now("1.2.5", 60)
+            assert await store.add_instance("1.2.5", "1.2.5.1", "a.dcm", "k1-again", 10) == "k1-again"
+            study = await store.study("1.2.5")
+            assert study.state == "complete" and study.job.job_id == first.job_id
+            assert await store.add_instance("1.2.5", "1.2.5.1", "a.dcm", "k1-edited", 11) is None  # not the same
+            assert (await store.study("1.2.5")).state == "receiving"
+            second = await store.complete_now("1.2.5", 60)
+            assert second.job_id != first.job_id
+            claimed = await store.claim(60)
+            assert claimed is not None and claimed.id in (first.job_id, second.job_id)
+            while claimed is not None:
+                await store.fail(claimed.id, JobError(reason="bad_study", message="No CT series."))
+                claimed = await store.claim(60)
+            assert await store.add_instance("1.2.5", "1.2.5.1", "a.dcm", "k1-retry", 11) is None  # failed: again
+            assert (await store.study("1.2.5")).state == "receiving"
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url, monkeypatch):
     """A study whose screening kills its process (out of memory, a crash) was taken over at once by the next
     replica, every lease, until its deadline a day later: every gateway in turn. Now the first take-over is
@@ -301,7 +332,8 @@ def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url,
             again = await a.claim(lease_s=0.1)
             assert again.id == poison and again.attempts == 2 and await takeovers(a, poison) == 1  # at once
             await asyncio.sleep(0.15)  # and died again
-            [newer] = await _queue(a, 1)
+            await a.add_instance("1.9.9", "1.9.9.1", "a.dcm", "k99", 1)
+            newer = (await a.complete_now("1.9.9", 60)).job_id
             assert (await a.claim(lease_s=60)).id == newer  # the lost one waits its back-off
             assert (await a.job(poison)).state == "queued" and await takeovers(a, poison) == 2
             await asyncio.sleep(0.35)

@@ -325,8 +325,10 @@ class Store:
                            nbytes: int) -> str | None:
         """Record a STOW-RS / C-STORE instance in the study's receiving version (opened if needed).
 
-        An instance already in that version (same SOP Instance UID) is replaced. Returns the blob key
-        the replaced instance no longer needs (the caller deletes it), or None.
+        An instance already in that version (same SOP Instance UID) is replaced. One already in the
+        study's latest screened (or screening) version, the same size, is not recorded again. Returns the
+        blob key nothing needs now (the replaced instance's, or ``blob_key`` itself when the instance was
+        not recorded): the caller deletes it. Else None.
         """
         for attempt in range(5):
             try:
@@ -344,6 +346,8 @@ class Store:
                 select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
             )).scalar_one_or_none()
             if study is None:
+                if await self._screened_already(s, uid, sop, nbytes):
+                    return key  # nothing recorded: the caller deletes the blob just written
                 study = await self._open_version(s, uid, now)
             old = (await s.execute(
                 select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == sop)
@@ -358,6 +362,23 @@ class Store:
         if replaced is not None and await self._unreferenced(replaced):
             return replaced
         return None
+
+    async def _screened_already(self, s: AsyncSession, uid: str, sop: str, nbytes: int) -> bool:
+        """Whether this instance (same SOP Instance UID, same size) is in the study's latest version, which
+        is screened or being screened: a PACS that sends a study again (a route replayed, a retry after a
+        lost acknowledgement) must not have it screened twice, nor get a second SR. After a failed job a
+        study sent again is screened again."""
+        latest = (await s.execute(
+            select(Study.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
+            .where(Study.study_instance_uid == uid).order_by(Study.version.desc()).limit(1)
+        )).first()
+        if latest is None or latest[1] is None or latest[1] == JobState.failed.value:
+            return False
+        same = (await s.execute(select(Instance.id).where(
+            Instance.study_id == latest[0], Instance.sop_instance_uid == sop, Instance.nbytes == nbytes).limit(1))).first()
+        if same is not None:
+            logger.info("study %s: an instance it was screened with received again; kept once", uid)
+        return same is not None
 
     async def _open_version(self, s: AsyncSession, uid: str, now: float) -> Study:
         latest = (await s.execute(select(func.max(Study.version)).where(Study.study_instance_uid == uid))).scalar()
