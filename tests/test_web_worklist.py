@@ -73,6 +73,22 @@ def test_pages_filter_and_order_in_sql(database):
     _run(database, check)
 
 
+def test_an_older_version_of_a_study_names_the_version_that_supersedes_it(database):
+    """A late instance opens version 2: version 1's row (perhaps negative) must not read as the study's
+    verdict; its row names the newer version (the page says "superseded by v2")."""
+    from gateway.web.routes import row_json
+
+    async def check(w: Worklist):
+        uid = (await w.page(limit=1)).rows[0].study_instance_uid
+        await w.store.add_instance(uid, uid + ".99", "late.dcm", "late-key", 10)  # after completion: version 2
+        rows = [r for r in (await w.page(limit=1000)).rows if r.study_instance_uid == uid]
+        by_version = {r.version: r for r in rows}
+        assert set(by_version) == {1, 2} and {r.latest_version for r in rows} == {2}
+        assert row_json(by_version[1])["superseded_by"] == 2 and row_json(by_version[2])["superseded_by"] is None
+
+    _run(database, check)
+
+
 def test_newest_first_and_the_verdict_filter_use_their_indexes(database):
     engine = create_engine(database)
     with engine.connect() as c:

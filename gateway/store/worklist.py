@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Float, ForeignKey, String, and_, func, literal_column, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, aliased, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.jobs import RUNNING, JobState
@@ -77,6 +77,8 @@ class WorklistRow:
     message: str | None
     error: dict[str, Any] | None
     labels: dict[str, str | None] | None
+    latest_version: int = 0
+    """The study's newest version: above ``version``, this row's verdict is superseded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +150,15 @@ class Worklist:
         joined = (select(Study).outerjoin(Job, Job.study_id == Study.id)
                   .outerjoin(Result, Result.job_id == Job.id).where(and_(True, *where)))
         count = joined.with_only_columns(func.count(Study.id))
+        newer = aliased(Study)
+        latest = (select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid)
+                  .scalar_subquery())
         query = (joined.outerjoin(StudyLabels, StudyLabels.study_id == Study.id).with_only_columns(
             Study.id, Study.study_instance_uid, Study.version, Study.origin, Study.created_at, Study.state,
             Job.id, Job.state, Job.slices_done, Job.slices_total, Job.files, Job.finished_at, Job.created_at,
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
-            StudyLabels.read_at,
+            StudyLabels.read_at, latest,
         ).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)
@@ -166,7 +171,7 @@ class Worklist:
                 study_id=r[0], study_instance_uid=r[1], version=r[2], origin=r[3], received_at=r[4],
                 state=row_state(r[5], r[7]), job_id=r[6], slices_done=int(r[8] or 0), slices_total=r[9],
                 instances=r[10], finished_at=r[11], started_at=r[12], error=r[13], verdict=r[14], reason=r[15],
-                message=r[16], labels=labels))
+                message=r[16], labels=labels, latest_version=int(r[21] or r[2])))
         return WorklistPage(out, total)
 
     async def first_instance(self, study_id: int) -> tuple[str, str] | None:

@@ -103,7 +103,8 @@ def _epoch(day: date) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
-def _row(r: WorklistRow) -> dict[str, Any]:
+def row_json(r: WorklistRow) -> dict[str, Any]:
+    """One worklist row as the API answers it (``superseded_by``: the newer version of the study, if any)."""
     error = r.error or {}
     return {
         "study_id": r.study_id, "study_instance_uid": r.study_instance_uid, "version": r.version, "origin": r.origin,
@@ -114,6 +115,7 @@ def _row(r: WorklistRow) -> dict[str, Any]:
         "finished_at": _iso(r.finished_at),
         "time_s": None if r.finished_at is None or r.started_at is None else round(r.finished_at - r.started_at, 2),
         "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
+        "superseded_by": r.latest_version if r.latest_version > r.version else None,
     }
 
 
@@ -153,7 +155,7 @@ async def worklist(
         received_from=None if received_from is None else _epoch(received_from),
         received_to=None if received_to is None or received_to == date.max else _epoch(received_to + timedelta(days=1)))
     labels = await _fill_labels(web, page.rows)
-    rows = [_row(r) for r in page.rows]
+    rows = [row_json(r) for r in page.rows]
     for row in rows:
         if row["study_id"] in labels:
             row["labels"] = labels[row["study_id"]]

@@ -48,10 +48,12 @@ function rowHtml(row) {
   const link = row.job_id ? `<a href="#/study/${esc(row.job_id)}" title="${uid}">${name}</a>` : `<span title="${uid}">${name}</span>`;
   const verdict = row.verdict ? `<span class="verdict verdict-${esc(row.verdict)}">${esc(row.verdict)}</span>`
     : (row.state === "failed" ? "—" : "");
-  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}">`
+  // an older version's verdict is not the study's: say so in words, not only by muting the row
+  const superseded = row.superseded_by ? `<small class="superseded"> superseded by v${esc(row.superseded_by)}</small>` : "";
+  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
     + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
     + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
-    + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}</th>`
+    + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}${superseded}</th>`
     + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
     + stateHtml(row)
     + `<td>${verdict}</td>`
