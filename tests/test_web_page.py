@@ -285,6 +285,26 @@ def test_a_study_finished_while_the_events_were_down_shows_once_they_return(stac
     assert page.get_attribute("#live-state", "data-state") == "live"
 
 
+def test_a_live_reload_keeps_the_keyboard_focus_on_its_row(stack, screened, page, tmp_path):
+    """The table is rebuilt when studies arrive or finish: a keyboard user on a study's link stays there
+    (it went to the page's start). Durations round once: 119.6 s is 2 min 0 s, not 1 min 60 s."""
+    page.goto(stack.url + "/")
+    link = f'tr[data-job-id="{screened["covid"][0]}"] a'
+    page.locator(link).wait_for()
+    page.wait_for_selector('#live-state[data-state="live"]')
+    page.focus(link)
+    before = page.get_attribute("main", "data-loaded")
+    path = Path(phantom.write_study(phantom.make_study(seed=14, kind="normal", n_slices=N_SLICES), tmp_path / "new"))
+    (outcome,) = screen_paths(stack.url, [path], quiet=True)
+    assert outcome.error is None
+    page.wait_for_function(f"""() => document.querySelector('tr[data-job-id="{outcome.job_id}"]')?.dataset.verdict
+        && document.querySelector('main').dataset.loaded !== '{before}'""", timeout=20_000)
+    assert page.evaluate(f"""() => document.activeElement === document.querySelector('{link}')""")
+    shown = page.evaluate("""async () => { const d = await import('/web/static/dom.js');
+        return [119.6, 59.96, 61, 3.25].map(d.fmtSeconds); }""")
+    assert shown == ["2 min 0 s", "1 min 0 s", "1 min 1 s", "3.3 s"]
+
+
 def test_skip_link_moves_the_focus_and_keeps_the_view(stack, screened, page):
     """"Skip to content" on a study: the focus goes to the content, the study stays on screen (the link's
     #main once sent the router to the worklist); the page says it is a screening aid, not a diagnosis."""

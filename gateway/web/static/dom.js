@@ -34,8 +34,12 @@ export function announce(text) {
   if (region) region.textContent = text;
 }
 
-export const fmtSeconds = (s) => (s === null || s === undefined ? "—" : s < 60 ? `${s.toFixed(1)} s`
-  : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`);
+export const fmtSeconds = (s) => {
+  if (s === null || s === undefined) return "—";
+  if (s < 59.95) return `${s.toFixed(1)} s`;
+  const whole = Math.round(s);  // round once, then split: 119.6 s is "2 min 0 s", not "1 min 60 s"
+  return `${Math.floor(whole / 60)} min ${whole % 60} s`;
+};
 
 export const fmtDate = (iso) => (iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("Z", " UTC") : "—");
 

@@ -12,7 +12,7 @@ function figure(label, value, id) {
 
 export function serviceView(main) {
   const body = h("div", { class: "service", "aria-live": "off" });
-  const stamp = h("p", { class: "hint", "aria-live": "polite" });
+  const stamp = h("p", { class: "hint" });  // not live: "Updated ..." every 2 s would talk over everything
   main.replaceChildren(h("div", { class: "view-head" }, h("h1", {}, "Service"), stamp), body);
   let timer = null;
   let stopped = false;

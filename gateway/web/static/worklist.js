@@ -74,9 +74,9 @@ export function worklistView(main, params) {
   const form = h("form", { class: "filters", "aria-label": "Filter the worklist" },
     select("state", "State", STATES, filters.state),
     select("verdict", "Verdict", VERDICTS, filters.verdict),
-    h("label", { class: "field" }, "Received from",
+    h("label", { class: "field" }, "Received from (UTC day)",
       h("input", { type: "date", name: "received_from", value: filters.received_from })),
-    h("label", { class: "field" }, "to",
+    h("label", { class: "field" }, "to (UTC day)",
       h("input", { type: "date", name: "received_to", value: filters.received_to })),
     h("button", { type: "submit" }, "Apply"),
     h("button", { type: "reset" }, "Clear"));
@@ -122,12 +122,17 @@ export function worklistView(main, params) {
       const page = await getJson(`/v1/worklist?${q}`);
       if (mine !== loads) return;  // a later load was asked for: an older answer must not overwrite it
       performance.mark("worklist-data");
+      // a live reload must not throw a keyboard user's focus to the page's start: keep it on its row's link
+      const held = tbody.contains(document.activeElement) ? document.activeElement.closest("tr")?.dataset.jobId : null;
       tbody.innerHTML = page.rows.length ? page.rows.map(rowHtml).join("")
         : '<tr><td colspan="8" class="empty">No study matches.</td></tr>';
+      if (held) tbody.querySelector(`tr[data-job-id="${CSS.escape(held)}"] a`)?.focus();
       performance.mark("worklist-dom");
       requestAnimationFrame(() => setTimeout(() => performance.mark("worklist-painted")));  // after the next paint
       const last = Math.min(page.total, offset + page.rows.length);
-      summary.textContent = page.total ? `Studies ${offset + 1}–${last} of ${page.total}` : "No studies";
+      summary.textContent = !page.total ? "No studies"
+        : offset >= page.total ? `No studies on this page (${page.total} in all)`
+        : `Studies ${offset + 1}–${last} of ${page.total}`;
       next.disabled = last >= page.total;
       main.dataset.loaded = String(Date.now());
     } catch (error) {
