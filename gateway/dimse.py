@@ -258,10 +258,12 @@ class StorageScp:
     # --- the event loop ---------------------------------------------------------------------
     async def _hold(self, header: InstanceHeader, name: str, data: bytes) -> int:
         refusal = self.watermark.refusal() if self.watermark is not None else None
-        if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
-            self._count(f"out_of_resources_{refusal}")
-            return OUT_OF_RESOURCES
         try:
+            if refusal == "backlog" and await self.stow.store.is_receiving(header.study_instance_uid):
+                refusal = None  # a study being received is let finish: cut off, it would be screened in part
+            if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
+                self._count(f"out_of_resources_{refusal}")
+                return OUT_OF_RESOURCES
             room = await self.stow.room_for(header.study_instance_uid, len(data))
         except StoreError as exc:  # the state store is away (a fail-over): nothing was kept, the sender retries
             logger.warning("C-STORE of %s: the state store cannot answer (%s); 0xA700", header.sop_instance_uid,

@@ -128,7 +128,7 @@ def create_app(
         from gateway.delivery.deliverer import Deliverer
 
         deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
-        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire)
+        sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire, metrics=metrics)
         intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
                         max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s)
         metrics.attach(pool, lambda: sweeper.counts)

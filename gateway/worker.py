@@ -35,6 +35,7 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
+from gateway.metrics import Metrics
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError
@@ -325,8 +326,8 @@ class Sweeper:
     orphans_first_after_s = 600.0  # the first orphan sweep, after start (then every orphan_sweep_interval_s)
 
     def __init__(self, store: Store, blobs: BlobStore, settings: Settings,
-                 before_expire: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.store, self.blobs, self.settings = store, blobs, settings
+                 before_expire: Callable[[], Awaitable[None]] | None = None, metrics: Metrics | None = None) -> None:
+        self.store, self.blobs, self.settings, self.metrics = store, blobs, settings, metrics
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
         self.counts: tuple[int, int, int] = (0, 0, 0)
         self._task: asyncio.Task[None] | None = None
@@ -342,7 +343,13 @@ class Sweeper:
         """One pass."""
         s = self.settings
         await self.store.complete_due(s.stow_quiet_period_s, s.job_deadline_s)
-        await self.store.fail_overdue()
+        overdue = await self.store.fail_overdue()
+        if overdue:  # after a long Triton outage: studies that need someone's retry, not silence
+            logger.warning("%d studies failed at their deadline (no Triton took them in time); their instances are "
+                           "kept: POST /v1/jobs/{id}/retry queues one again", overdue)
+            if self.metrics is not None:
+                self.metrics.studies.labels("failed").inc(overdue)
+                self.metrics.error("deadline", overdue)
         await self.store.adopt()  # queued jobs a replica left at shut-down: counted here from now on
         self.counts = await self.store.counts(mine=True)
         if time.monotonic() >= self._retention_at:

@@ -122,10 +122,12 @@ def test_sop_class_allow_list_and_watermark(scp_factory):
     try:
         first = int(assoc.send_c_store(ds).Status)
         backlog[0] = 11
-        second = int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status)
+        second = int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status)  # a new study
+        rest = ct_dataset(np.full((16, 16), -1000, np.int16), study_uid=str(ds.StudyInstanceUID))
+        third = int(assoc.send_c_store(rest).Status)  # the study being received is let finish
     finally:
         assoc.release()
-    assert (first, second) == (SUCCESS, OUT_OF_RESOURCES)
+    assert (first, second, third) == (SUCCESS, OUT_OF_RESOURCES, SUCCESS)
 
 
 # --- TLS --------------------------------------------------------------------------------------------

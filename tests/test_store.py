@@ -464,6 +464,36 @@ def test_a_job_whose_replica_died_fails_at_its_deadline_even_while_no_triton_tak
     _run(go())
 
 
+def test_studies_failed_at_their_deadline_are_logged_and_counted(tmp_path, caplog):
+    """After a long Triton outage the sweep fails the studies past their deadline: they need someone's retry,
+    so they show in the log and in ctscreen_studies_total{verdict="failed"} / errors{reason="deadline"}."""
+    from gateway.metrics import Metrics
+    from gateway.settings import Settings
+    from gateway.store import FolderBlobs
+    from gateway.worker import Sweeper
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    upgrade(url)
+    metrics = Metrics()
+
+    async def go():
+        store = Store(url)
+        try:
+            await _queue(store, 2)
+            async with store.tx() as s:
+                await s.execute(update(Job).values(deadline_at=time.time() - 1))
+            sweeper = Sweeper(store, FolderBlobs(tmp_path / "blobs"), Settings(data_dir=tmp_path), metrics=metrics)
+            with caplog.at_level("WARNING", logger="gateway.worker"):
+                await sweeper.sweep()
+        finally:
+            await store.close()
+
+    _run(go())
+    assert "2 studies failed at their deadline" in caplog.text
+    assert metrics.registry.get_sample_value("ctscreen_studies_total", {"verdict": "failed"}) == 2
+    assert metrics.registry.get_sample_value("ctscreen_errors_total", {"reason": "deadline"}) == 2
+
+
 def test_retention_removes_old_results_and_instances(db_url):
     upgrade(db_url)
 
