@@ -26,7 +26,7 @@ before it is returned; a result the models refuse raises :class:`ValueError`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
@@ -83,7 +83,7 @@ def _concept(system: str, code: str, display: str) -> dict[str, Any]:
 
 
 def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
-            systems: IdentifierSystems | None = None) -> dict[str, Any]:
+            systems: IdentifierSystems | None = None, supersedes: Sequence[CaseResult] = ()) -> dict[str, Any]:
     """Encode ``result`` as a FHIR R4 transaction Bundle (see the module docstring).
 
     Parameters
@@ -95,6 +95,12 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
         (absent ones are left out).
     systems : IdentifierSystems or None
         The receiving site's identifier systems; without them, references by identifier only.
+    supersedes : Sequence[CaseResult]
+        Earlier readings of the same study (earlier versions) this one replaces. Each one's report and
+        observations are in the bundle too, as conditional updates (``PUT Type?identifier=...``) to
+        status ``cancelled``, the report's conclusion naming this reading: one live report per study.
+        A conditional update creates what is missing, so a late delivery of an earlier reading (a
+        conditional create) finds it cancelled and adds nothing.
 
     Returns
     -------
@@ -196,15 +202,34 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
                 "request": {"method": "POST", "url": resource["resourceType"],
                             "ifNoneExist": f"identifier={IDENTIFIER_SYSTEM}|{value}"}}
 
+    if supersedes:
+        report["conclusion"] += (" It replaces the earlier reading" + ("s " if len(supersedes) > 1 else " ")
+                                 + ", ".join(report_identifier(r) for r in supersedes) + " of this study.")
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
         "identifier": {"system": IDENTIFIER_SYSTEM, "value": f"{ident}/bundle"},
         "entry": [entry(_uuid(*base, "report"), report)]
-        + [entry(_uuid(*base, part), obs) for part, obs in observations],
+        + [entry(_uuid(*base, part), obs) for part, obs in observations]
+        + [e for earlier in supersedes for e in _cancelled(to_fhir(earlier, patient, systems), ident)],
     }
     validate_bundle(bundle)
     return bundle
+
+
+def _cancelled(earlier: Mapping[str, Any], by: str) -> list[dict[str, Any]]:
+    """The entries of an earlier reading's bundle as conditional updates to ``cancelled``."""
+    out = []
+    for e in earlier["entry"]:
+        resource = {**e["resource"], "status": "cancelled"}
+        if resource["resourceType"] == "DiagnosticReport":
+            resource["conclusion"] = f"Superseded by the reading {by} of a newer version of this study. " + (
+                resource.get("conclusion") or "")
+            resource.pop("conclusionCode", None)
+        value = resource["identifier"][0]["value"]
+        out.append({"fullUrl": e["fullUrl"], "resource": resource,
+                    "request": {"method": "PUT", "url": f"{resource['resourceType']}?identifier={IDENTIFIER_SYSTEM}|{value}"}})
+    return out
 
 
 def _by_identifier(kind: str, value: str, system: str | None, *, assigner: str | None = None) -> dict[str, Any]:

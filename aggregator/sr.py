@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "equipment_and_time", "stable_uid", "to_sr", "usable_headers"]
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "equipment_and_time", "sr_uids", "stable_uid", "to_sr",
+           "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
 """SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
@@ -63,11 +64,35 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
         out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
     return out
 
+def sr_uids(result: CaseResult) -> tuple[str, str]:
+    """The Series and SOP Instance UIDs of ``result``'s SR (derived from it: the same result, the same UIDs),
+    also what a later reading of the study names as its predecessor."""
+    key = _key(result)
+    return stable_uid(*key, "series"), stable_uid(*key, "sop")
+
+
+def _key(result: CaseResult) -> tuple[object, ...]:
+    return (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
+            result.verdict)
+
+
 def stable_uid(*parts: object) -> str:
     """A DICOM UID derived from ``parts``: the same parts give the same UID (a result sent again keeps its UIDs)."""
     from pydicom.uid import generate_uid
 
     return str(generate_uid(entropy_srcs=["ctscreen-sr", *[str(p) for p in parts]]))
+
+
+def _predecessor(result: CaseResult) -> Dataset:
+    """What highdicom reads of an earlier SR to name it as a predecessor: its four UIDs."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import Comprehensive3DSRStorage
+
+    ds = Dataset()
+    ds.StudyInstanceUID = result.study_instance_uid
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = sr_uids(result)
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    return ds
 
 
 def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -152,6 +177,7 @@ def to_sr(
     sop_instance_uid: str | None = None,
     series_number: int = 9901,
     instance_number: int = 1,
+    predecessors: Sequence[CaseResult] = (),
 ) -> Dataset:
     """Encode ``result`` as a Comprehensive 3D SR (TID 1500).
 
@@ -167,6 +193,9 @@ def to_sr(
         UIDs of the SR; by default derived from the result (same result, same UIDs).
     series_number, instance_number : int
         Of the SR.
+    predecessors : Sequence[CaseResult]
+        Earlier readings of the same study (earlier versions) this one replaces: their SRs are named in
+        the Predecessor Documents Sequence, by the UIDs :func:`sr_uids` gives them.
 
     Returns
     -------
@@ -213,8 +242,7 @@ def to_sr(
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     version = result.software_version or "unknown"
-    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
-           result.verdict)
+    key = _key(result)
     algorithm = AlgorithmIdentification(
         name="ctscreen", version=version,
         parameters=[f"{k}={v}" for k, v in result.rule.model_dump().items()]
@@ -282,12 +310,14 @@ def to_sr(
         procedure_reported=CodedConcept("24627-2", "LN", "CT Chest"),
         imaging_measurements=groups,
     )
+    series_uid, sop_uid = sr_uids(result)
     return Comprehensive3DSR(
         evidence=images,
         content=report,
-        series_instance_uid=series_instance_uid or stable_uid(*key, "series"),
+        series_instance_uid=series_instance_uid or series_uid,
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid or stable_uid(*key, "sop"),
+        sop_instance_uid=sop_instance_uid or sop_uid,
+        previous_versions=[_predecessor(p) for p in predecessors] or None,
         instance_number=instance_number,
         manufacturer="ctscreen",
         is_complete=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +97,9 @@ def sr_context(datasets: Iterable[Any]) -> SrContext | None:
         return None
 
 
-def encode_sr(result: CaseResult, context: SrContext) -> bytes:
-    """The DICOM Part 10 bytes of the Comprehensive 3D SR (TID 1500) of ``result``.
+def encode_sr(result: CaseResult, context: SrContext, earlier: Sequence[CaseResult] = ()) -> bytes:
+    """The DICOM Part 10 bytes of the Comprehensive 3D SR (TID 1500) of ``result`` (``earlier``: the study's
+    earlier readings, its predecessors; the same as the delivered SR's, so one SOP Instance UID, one content).
 
     Raises
     ------
@@ -107,7 +108,7 @@ def encode_sr(result: CaseResult, context: SrContext) -> bytes:
     """
     from aggregator.sr import to_sr
 
-    sr = to_sr(result, context.datasets())
+    sr = to_sr(result, context.datasets(), predecessors=earlier)
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

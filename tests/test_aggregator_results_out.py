@@ -140,6 +140,37 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
         validate_bundle(broken)
 
 
+def test_a_newer_reading_names_the_older_sr_and_cancels_the_older_report():
+    """Version 2 of a study (late instances) is screened again: its SR names version 1's SR as a predecessor
+    document, and its FHIR bundle sets version 1's report and observations to cancelled (conditional
+    updates, which also create them cancelled should version 1 never have been delivered): one live
+    reading per study at the PACS and the RIS."""
+    from aggregator.sr import sr_uids
+
+    newer, sources = _series()
+    older = newer.model_copy(update={"job_id": "job-0", "verdict": "negative"})
+    sr = to_sr(newer, sources, predecessors=[older])
+    (item,) = sr.PredecessorDocumentsSequence
+    assert item.StudyInstanceUID == older.study_instance_uid
+    (series,) = item.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID) == sr_uids(older) != sr_uids(newer)
+    assert "PredecessorDocumentsSequence" not in to_sr(newer, sources)  # a first reading names none
+
+    bundle = to_fhir(newer, {"PatientID": "P-123"}, supersedes=[older])
+    fresh = [e for e in bundle["entry"] if e["request"]["method"] == "POST"]
+    cancelled = [e for e in bundle["entry"] if e["request"]["method"] == "PUT"]
+    assert fresh and len(cancelled) == len(to_fhir(older, {"PatientID": "P-123"})["entry"])
+    assert {e["resource"]["status"] for e in fresh} == {"preliminary"}
+    assert {e["resource"]["status"] for e in cancelled} == {"cancelled"}
+    assert all(e["request"]["url"] == f"{e['resource']['resourceType']}?identifier={IDENTIFIER_SYSTEM}|"
+               f"{e['resource']['identifier'][0]['value']}" for e in cancelled)
+    old_report = next(e["resource"] for e in cancelled if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert old_report["identifier"][0]["value"] == "job-0" and "Superseded by the reading job-1" in old_report["conclusion"]
+    assert "replaces the earlier reading job-0" in fresh[0]["resource"]["conclusion"]
+    assert len({e["fullUrl"] for e in bundle["entry"]}) == len(bundle["entry"])  # one transaction, no clash
+
+
 @pytest.mark.parametrize(("charset", "name"), [("ISO_IR 100", "Müller^Jörg"), ("ISO_IR 192", "Παπαδόπουλος^Νίκος")])
 def test_key_images_keep_the_patients_name_in_its_character_set(charset, name):
     """highdicom copies the name but not the character set: a Latin-1 name went out as Latin-1 bytes with

@@ -13,13 +13,17 @@ the real ones.
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
 
+import pydicom
 from fastapi.testclient import TestClient
 
+from aggregator.schema import CaseResult
+from aggregator.sr import sr_uids
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series
@@ -100,6 +104,12 @@ def test_late_instance_opens_a_new_version_screened_with_every_instance(tmp_path
         _stow(client, files[5:])  # after completion
         second = _screened(client, uid, not_job=first["job_id"])
         assert second["files"] == 6 and second["result"]["n_slices"] == 6
+        # the SR of version 2 names version 1's as its predecessor (the API's SR is the delivered one)
+        sr = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{second['job_id']}/sr").content))
+        named = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert named.ReferencedSOPInstanceUID == sr_uids(CaseResult.model_validate(first["result"]))[1]
+        first_sr = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{first['job_id']}/sr").content))
+        assert "PredecessorDocumentsSequence" not in first_sr and first_sr.SOPInstanceUID == named.ReferencedSOPInstanceUID
         again = _stow(client, files[:1])  # an instance it was screened with, again (a PACS replaying its route)
         assert len(again["00081199"]["Value"]) == 1  # acknowledged
         time.sleep(1.0)  # over three quiet periods: no version opens, no second screening, no second SR

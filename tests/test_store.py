@@ -310,6 +310,33 @@ def test_a_study_sent_again_is_screened_once_unless_its_job_failed(db_url):
     _run(go())
 
 
+def test_earlier_results_are_the_studys_readings_before_this_one(db_url):
+    """What a reading supersedes: the results of the same study written before it, newest first; another
+    study's are not among them."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            jobs = []
+            for key in ("a", "b"):  # version 1, then a new instance: version 2
+                await store.add_instance("1.2.7", f"1.2.7.{key}", "a.dcm", key, 1)
+                jobs.append((await store.complete_now("1.2.7", 60)).job_id)
+                claimed = await store.claim(60)
+                assert claimed.id == jobs[-1] and await store.finish(claimed.id, _result(claimed.id, "1.2.7"), None)
+                await asyncio.sleep(0.01)
+            [other] = await _queue(store, 1)
+            await store.claim(60)
+            assert await store.finish(other, _result(other), None)
+            assert [r.job_id for r in await store.earlier_results(jobs[1])] == [jobs[0]]
+            assert await store.earlier_results(jobs[0]) == [] and await store.earlier_results(other) == []
+            assert await store.earlier_results("f" * 32) == []
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url, monkeypatch):
     """A study whose screening kills its process (out of memory, a crash) was taken over at once by the next
     replica, every lease, until its deadline a day later: every gateway in turn. Now the first take-over is

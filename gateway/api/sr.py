@@ -37,7 +37,7 @@ async def job_sr(job_id: str, store: StoreDep) -> Response:
         raise SrUnavailable(f"The image headers of job {job_id} could not be read; no SR can be made for it.")
     context = SrContext.from_json(stored)
     try:
-        data = await run_in_threadpool(encode_sr, view.result, context)
+        data = await run_in_threadpool(encode_sr, view.result, context, await store.earlier_results(job_id))
     except SourceError as exc:  # its message names UIDs only
         raise SrUnavailable(f"No SR for job {job_id}: {exc}") from exc
     except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom refuses: its message may quote one

@@ -233,14 +233,16 @@ class Deliverer:
             self.blobs.put(key, data)
             return key
 
+        earlier = await self.store.earlier_results(task.job_id)  # the readings this one replaces
+
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
-                return payloads.build_fhir(result, context, put, dest.systems())
+                return payloads.build_fhir(result, context, put, dest.systems(), earlier)
             try:
                 sources = [(name, self.blobs.get(key)) for name, key in files]
             except FileNotFoundError:
                 raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
-            return payloads.build_dicom(result, sources, dest.objects, put)
+            return payloads.build_dicom(result, sources, dest.objects, put, earlier)
 
         objects = await asyncio.to_thread(build)
         payload = {"verdict": result.verdict, "objects": objects}

@@ -69,8 +69,9 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
 
 
 def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
-                put: Callable[[bytes], str]) -> list[dict[str, str]]:
-    """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key.
+                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
+    """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key. The SR names
+    the SRs of the ``earlier`` readings of the study as its predecessors.
 
     Raises
     ------
@@ -86,7 +87,7 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
     made = []
     try:
         if "sr" in objects:
-            made.append((SR, to_sr(result, datasets)))
+            made.append((SR, to_sr(result, datasets, predecessors=earlier)))
         if "key_images" in objects:
             made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
     except SourceError as exc:  # its message names UIDs only
@@ -101,9 +102,9 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
 
 
 def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str],
-               systems: IdentifierSystems | None = None) -> list[dict[str, str]]:
+               systems: IdentifierSystems | None = None, earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
     """Build the FHIR Bundle of ``result``; patient identifiers from the stored SR headers, resolved in the
-    receiving site's identifier ``systems``.
+    receiving site's identifier ``systems``; the reports of the ``earlier`` readings of the study cancelled.
 
     Raises
     ------
@@ -114,7 +115,7 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
 
     patient = {k: v for k, v in (sr_context or {}).get("study", []) if v}
     try:
-        bundle = to_fhir(result, patient, systems)
+        bundle = to_fhir(result, patient, systems, supersedes=earlier)
     except ValueError as exc:
         raise PayloadUnavailable(str(exc)) from None
     return [{"kind": FHIR, "uid": report_identifier(result), "blob_key": put(json.dumps(bundle).encode())}]

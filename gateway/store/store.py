@@ -743,6 +743,20 @@ class Store:
             result = await s.get(Result, job_id) if job.state == JobState.done.value else None
         return _view(job, result)
 
+    async def earlier_results(self, job_id: str, limit: int = 10) -> list[CaseResult]:
+        """The results of the same study written before this job's (earlier versions, still kept), newest
+        first: the readings this one supersedes (the SR's Predecessor Documents, the FHIR reports it
+        cancels)."""
+        async with self.read() as s:
+            mine = (await s.execute(select(Result.study_instance_uid, Result.created_at)
+                                    .where(Result.job_id == job_id))).first()
+            if mine is None:
+                return []
+            rows = (await s.execute(select(Result.result).where(
+                Result.study_instance_uid == mine[0], Result.created_at < mine[1], Result.job_id != job_id)
+                .order_by(Result.created_at.desc()).limit(limit))).scalars().all()
+        return [CaseResult.model_validate(r) for r in rows]
+
     async def sr_context(self, job_id: str) -> dict[str, Any] | None:
         """The SR headers kept with a done job's result."""
         async with self.read() as s:
