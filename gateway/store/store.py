@@ -68,13 +68,13 @@ RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
 """The PostgreSQL notification channel of job events."""
 CLOCK_REFRESH_S = 60.0
+"""How often a replica reads the database server's clock (PostgreSQL)."""
+CLOCK_MAX_ROUND_TRIP_S = 0.5
+"""A reading of the server's clock that took longer than this is not trusted (its error is up to half)."""
 MAX_TAKEOVERS = 3
 """Times in a row a job's holder may be lost with it (its lease lapsed) before the job is failed."""
 TAKEOVER_BACKOFF_S = 30.0
 """Wait before the second take-over in a row, doubling after (the first is at once: a node was lost)."""
-"""How often a replica reads the database server's clock (PostgreSQL)."""
-CLOCK_MAX_ROUND_TRIP_S = 0.5
-"""A reading of the server's clock that took longer than this is not trusted (its error is up to half)."""
 CLOCK_WARN_S = 2.0
 """A machine clock further off the server's than this is logged (the store is right either way)."""
 _RUNNING = [s.value for s in RUNNING]
@@ -539,8 +539,8 @@ class Store:
         """``job``'s holder was lost with it (its lease lapsed: the process crashed or was killed, the node
         went, or it lost the store). The first time it is due again at once; again in a row, after a
         back-off; the :data:`MAX_TAKEOVERS`-th time it is failed, so that a study whose screening kills its
-        process cannot take the replicas down one after another until its deadline. A try that ends
-        (finished, released, failed) resets the count."""
+        process cannot take the replicas down one after another until its deadline. A release (the
+        try ended without a crash) and a retry reset the count."""
         job.takeovers = (job.takeovers or 0) + 1
         owner, job.lease_owner, job.lease_expires_at, job.updated_at = job.lease_owner, None, None, now
         if job.takeovers >= MAX_TAKEOVERS:
