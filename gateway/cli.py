@@ -315,7 +315,8 @@ def serve_main(argv: list[str]) -> int:
                        log_level=args.log_level, settings_overrides=overrides, handle_signals=True) as stack:
             from gateway.store import redact
 
-            print(f"ctscreen gateway: {stack.url}  (API docs {stack.url}/docs, Triton gRPC {stack.triton_url})")
+            print(f"ctscreen gateway: {stack.url}  (web page {stack.url}/, API schema {stack.url}/openapi.json, "
+                  f"Triton gRPC {stack.triton_url})")
             print(f"state store: {redact(stack.settings.database())}  blobs: {stack.settings.blobs()}")
             if args.destinations is not None:
                 print(f"results sent to: {', '.join(names) or 'no destination'}")
@@ -494,7 +495,7 @@ def demo_main(argv: list[str]) -> int:
             truth = make_samples(out, args.slices)
             outcomes = screen_paths(stack.url, [Path(p) for p in truth])
             print(verdict_table(outcomes, truth))
-            print(f"\nctscreen is running at {stack.url}  (API docs {stack.url}/docs)")
+            print(f"\nctscreen is running at {stack.url}  (web page {stack.url}/, API schema {stack.url}/openapi.json)")
             print(f"screen your own studies: ctscreen screen PATH --url {stack.url}", flush=True)
             if args.out is not None:
                 print(f"audit log: {audit}", flush=True)
