@@ -64,6 +64,7 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
         out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
     return out
 
+
 def sr_uids(result: CaseResult) -> tuple[str, str]:
     """The Series and SOP Instance UIDs of ``result``'s SR (derived from it: the same result, the same UIDs),
     also what a later reading of the study names as its predecessor."""

@@ -198,13 +198,14 @@ def detect() -> dict[str, Any]:
         providers = list(ort.get_available_providers())
     except ImportError:
         providers = []
+    gpu = gpu_present()
     return {
-        "gpu": gpu_present(),
+        "gpu": gpu,
         "tritonserver": server if Path(server).is_file() else None,
         "backends": sorted(p.name for p in backends.iterdir()) if backends.is_dir() else [],
         "trtexec": trtexec,
         "ort_providers": providers,
-        "torch_cuda": _torch_cuda(),
+        "torch_cuda": _torch_cuda() if gpu else None,  # importing torch takes seconds: only where it could see one
     }
 
 

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, machine_info, results_dir, write_json
+from benchmarks.gpu_paper_profile import STUDY as STUDY_SLICES
 
 logger = logging.getLogger(__name__)
 
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- BEGIN LATEST FIGURES (ctscreen bench report) -->", "<!-- END LATEST FIGURES -->"
-
-
-STUDY_SLICES = 500  # the GPU figure's study (benchmarks.gpu_paper_profile.STUDY)
 
 
 def latest(name: str, results: Path | None = None) -> dict[str, Any] | None:

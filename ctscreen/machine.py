@@ -58,7 +58,7 @@ def machine_info() -> dict[str, Any]:
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    commit, dirty = _commit()
+    commit, dirty = code_commit()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -75,7 +75,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _commit() -> tuple[str, bool | None]:
+def code_commit() -> tuple[str, bool | None]:
     """The checkout's short commit and whether it had uncommitted changes.
 
     ``CTSCREEN_COMMIT`` wins where it is set: a copy of the tree (an image, a GPU node) may carry no

@@ -101,6 +101,11 @@ class Metrics:
         """Register the live gauges of ``pool`` and of the job store (``(queued, running, backlog)``)."""
         self.registry.register(_LiveCollector(pool, jobs_state))
 
+    def failed(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` studies that ended without a verdict, for ``reason``."""
+        self.error(reason, n)
+        self.studies.labels("failed").inc(n)
+
     def error(self, reason: str, n: int = 1) -> None:
         """Count ``n`` errors of ``reason``."""
         self.errors.labels(reason).inc(n)

@@ -284,8 +284,7 @@ class Worker:
         return [(name, self.blobs.get(key)) for name, key in files]
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
-        self.screener.metrics.error(error.reason)
-        self.screener.metrics.studies.labels("failed").inc()
+        self.screener.metrics.failed(error.reason)
         if await self.store.fail(job.id, error):
             logger.info("job %s failed: %s", job.id, error.reason)
 
@@ -348,8 +347,7 @@ class Sweeper:
             logger.warning("%d studies failed at their deadline (no Triton took them in time); their instances are "
                            "kept: POST /v1/jobs/{id}/retry queues one again", overdue)
             if self.metrics is not None:
-                self.metrics.studies.labels("failed").inc(overdue)
-                self.metrics.error("deadline", overdue)
+                self.metrics.failed("deadline", overdue)
         await self.store.adopt()  # queued jobs a replica left at shut-down: counted here from now on
         self.counts = await self.store.counts(mine=True)
         if time.monotonic() >= self._retention_at:

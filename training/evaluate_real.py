@@ -172,9 +172,8 @@ def split_overlap(root: Path | None, threshold: float = NEAR_DUPLICATE) -> dict:
     base = realct.real_ct_root(root) / "medseg-100"
     train_all = _thumbnails(base / "train" / "images")
     test = _thumbnails(base / "test" / "images")
-    stems = sorted(train_all)
-    val = {s for i, s in enumerate(stems) if i % 5 == 4}  # realct.real_volumes' rule
-    train = {s: t for s, t in train_all.items() if s not in val}
+    trained, val = realct.medseg_train_split(root)
+    train = {s: t for s, t in train_all.items() if s in trained}
     names = list(train)
     bank = np.stack([train[s][0] for s in names])  # one orientation of each training slice
 
@@ -312,7 +311,7 @@ def _pct(e: dict) -> str:
     v = e.get("value")
     if v is None:
         return "n/a"
-    ci = f"; 95 % CI {100 * e['low']:.1f}-{100 * e['high']:.1f}" if e.get("low") is not None else ""
+    ci = f"; {_ci(e)}" if e.get("low") is not None else ""
     return f"{100 * v:.1f} % ({e['successes']}/{e['total']}{ci})"
 
 

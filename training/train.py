@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctscreen.machine import machine_info
+from ctscreen.machine import code_commit
 from training import datasets
 from training.datasets import Source, Volume
 from training.nets import HUSegmenter, NetSpec, spec_for
@@ -261,8 +261,8 @@ def data_manifest(cfg: TrainConfig, train_bank: datasets.SliceBank, val_bank) ->
             m["phantom_version"] = getattr(phantom, "__version__", "unknown")
         except ImportError:  # pragma: no cover
             pass
-    stamp = machine_info()  # the training code's commit: a card names the code its weights came from
-    m["code"] = {"commit": stamp["commit"], "dirty": stamp["dirty"]}
+    commit, dirty = code_commit()  # a card names the code its weights came from
+    m["code"] = {"commit": commit, "dirty": dirty}
     m["train_cases"] = sorted(set(train_bank.case.tolist()))
     m["train_slices"] = train_bank.counts()
     m["val_slices"] = val_bank.counts() if val_bank is not None else {}

@@ -24,7 +24,6 @@ _T = TypeVar("_T")
 _IO_THREADS = 4
 
 
-
 def filesystem_now(folder: Path) -> float:
     """The time by the clock that stamps files in ``folder``: the mtime of a probe file touched there.
 
@@ -34,6 +33,7 @@ def filesystem_now(folder: Path) -> float:
     probe = folder / ".ctscreen-clock"
     probe.touch()  # sets its mtime to now when it exists
     return probe.stat().st_mtime
+
 
 class BlobStore(Protocol):
     """Durable bytes under a key (blocking calls: run them off the event loop)."""
