@@ -126,13 +126,14 @@ def test_worklist_shows_both_studies_with_their_verdicts(stack, screened, page):
         assert row.locator(".verdict").inner_text() == verdict
         assert "Acc. A00000011" in row.inner_text() and "phantom" in row.inner_text()  # labels, patient-free
     assert "Phantom^" not in page.content()  # the patient's name is never on the page
-    loaded = page.get_attribute("main", "data-loaded")
+    unfiltered = page.query_selector("table.worklist")
     page.select_option("#f-verdict", "positive")
     page.click("form.filters button[type=submit]")
-    # the filtered page is in (the new view's table is empty until then: no negative row proves nothing)
-    page.wait_for_function(f"() => (document.querySelector('main').dataset.loaded || '{loaded}') !== '{loaded}'")
+    # the filtered view's table starts empty, so its COVID row says its answer is in (the old view's
+    # "loaded" stamp could still change after it was read here: a live reload on the wire)
+    page.wait_for_function("t => !t.isConnected", arg=unfiltered)
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
     assert page.locator('tr[data-verdict="negative"]').count() == 0
-    assert page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').count() == 1
     page.goto(stack.url + "/")
     page.locator(f'tr[data-job-id="{screened["normal"][0]}"]').wait_for()
     _shot(page, "worklist.png")
@@ -283,6 +284,39 @@ def test_a_study_finished_while_the_events_were_down_shows_once_they_return(stac
     blocked["on"] = False  # the stream reconnects (every 2 s) and the table loads again
     page.wait_for_function(f"""() => document.querySelector('{row}')?.dataset.verdict""", timeout=20_000)
     assert page.get_attribute("#live-state", "data-state") == "live"
+
+
+def test_a_view_left_behind_never_writes_to_the_page(stack, screened, page):
+    """An answer to the worklist view just left (the filter changed while its load was on the wire) must
+    not mark the new view loaded: CI once saw the filtered view "loaded" with its table still empty."""
+    held: list[Any] = []
+    release = {"all": False}
+
+    def hold(route: Any) -> None:
+        route.continue_() if release["all"] else held.append(route)
+
+    def worklist(url: str) -> bool:
+        return "/v1/worklist?" in url
+
+    page.route(worklist, hold)  # every worklist answer waits for the test
+    page.goto(stack.url + "/")
+    page.wait_for_function("() => document.querySelector('table.worklist') !== null")
+    page.evaluate("() => { location.hash = '#/?verdict=positive'; }")
+    page.wait_for_function("() => document.querySelector('#f-verdict').value === 'positive'")
+    old = [r for r in held if "verdict=positive" not in r.request.url]
+    assert old, "the first view asked for no worklist"
+    for route in old:
+        with page.expect_response(route.request.url):
+            route.continue_()
+    page.wait_for_timeout(300)  # the old view's handler runs after its answer arrives
+    assert page.get_attribute("main", "data-loaded") is None, "the view left behind marked the page loaded"
+    release["all"] = True
+    for route in held:
+        if route not in old:
+            route.continue_()
+    page.wait_for_function("() => document.querySelector('main').dataset.loaded")
+    assert page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').count() == 1
+    assert page.locator('tr[data-verdict="negative"]').count() == 0
 
 
 def test_a_live_reload_keeps_the_keyboard_focus_on_its_row(stack, screened, page, tmp_path):

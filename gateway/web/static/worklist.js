@@ -113,6 +113,7 @@ export function worklistView(main, params) {
 
   let reloadTimer = null;
   let loads = 0;
+  let left = false;  // the view was left: an answer still on the wire must not write to the page
   async function load() {
     const q = new URLSearchParams({ limit, offset });
     for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
@@ -120,7 +121,7 @@ export function worklistView(main, params) {
     try {
       performance.mark("worklist-fetch");
       const page = await getJson(`/v1/worklist?${q}`);
-      if (mine !== loads) return;  // a later load was asked for: an older answer must not overwrite it
+      if (left || mine !== loads) return;  // a later load was asked for: an older answer must not overwrite it
       performance.mark("worklist-data");
       // a live reload must not throw a keyboard user's focus to the page's start: keep it on its row's link
       const held = tbody.contains(document.activeElement) ? document.activeElement.closest("tr")?.dataset.jobId : null;
@@ -136,7 +137,7 @@ export function worklistView(main, params) {
       next.disabled = last >= page.total;
       main.dataset.loaded = String(Date.now());
     } catch (error) {
-      if (mine !== loads) return;
+      if (left || mine !== loads) return;
       summary.textContent = error instanceof ApiError ? `Cannot load the worklist: ${error.message}` : String(error);
     }
   }
@@ -165,5 +166,5 @@ export function worklistView(main, params) {
   } });
 
   load();
-  return () => { stop(); clearTimeout(reloadTimer); };
+  return () => { left = true; stop(); clearTimeout(reloadTimer); };
 }
