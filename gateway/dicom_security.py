@@ -9,16 +9,16 @@
   reads; the others are not negotiated.
 * **TLS** (``CTSCREEN_DICOM_TLS_CERT`` / ``_KEY``; ``_CA`` makes it mutual: peers must present a certificate
   signed by that CA), TLS 1.2 or later (PS3.15 Annex B.9 "BCP 195" profile).
-* **Watermarks**: C-STORE answers 0xA700 (out of resources) while the backlog of slices waiting to be
-  screened is above ``CTSCREEN_DICOM_MAX_BACKLOG_SLICES`` or the results volume has less free space than
-  ``CTSCREEN_DICOM_MIN_FREE_BYTES``, so a sender keeps what the gateway could not keep and retries later.
+* **Watermarks** (:class:`gateway.stow.Watermark`, for C-STORE and STOW-RS alike): 0xA700 (out of resources)
+  while the backlog of slices waiting to be screened is above ``CTSCREEN_DICOM_MAX_BACKLOG_SLICES`` or the
+  blob volume has less free space than ``CTSCREEN_DICOM_MIN_FREE_BYTES``, so a sender keeps what the
+  gateway could not keep and retries later.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import shutil
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from gateway.dicom import CT_SOP_CLASSES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Peer", "PeerPolicy", "Watermark", "check_sop_classes", "parse_peers", "tls_context"]
+__all__ = ["Peer", "PeerPolicy", "check_sop_classes", "parse_peers", "tls_context"]
 
 REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
@@ -131,39 +131,3 @@ def tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext
         context.load_verify_locations(cafile=str(ca))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-class Watermark:
-    """Whether the gateway can keep one more instance now (checked on the event loop).
-
-    Parameters
-    ----------
-    backlog : Callable[[], int] | None
-        Slices waiting to be screened now.
-    max_backlog_slices : int | None
-        Above this backlog: refuse.
-    disk : Path | None
-        A folder on the volume that keeps accepted instances.
-    min_free_bytes : int | None
-        Below this free space on ``disk``: refuse.
-    """
-
-    def __init__(self, backlog: Callable[[], int] | None = None, max_backlog_slices: int | None = None,
-                 disk: Path | None = None, min_free_bytes: int | None = None) -> None:
-        self.backlog, self.max_backlog_slices = backlog, max_backlog_slices
-        self.disk, self.min_free_bytes = disk, min_free_bytes
-
-    def refusal(self) -> str | None:
-        """None when an instance may be accepted, else the reason (``backlog`` or ``disk_full``)."""
-        if self.max_backlog_slices is not None and self.backlog is not None and self.backlog() > self.max_backlog_slices:
-            return "backlog"
-        if self.min_free_bytes is not None and self.disk is not None:
-            folder = self.disk
-            while not folder.exists() and folder != folder.parent:
-                folder = folder.parent
-            try:
-                if shutil.disk_usage(folder).free < self.min_free_bytes:
-                    return "disk_full"
-            except OSError:
-                return "disk_full"
-        return None

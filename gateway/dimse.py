@@ -22,7 +22,8 @@ over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits 
 
 Security (:mod:`gateway.dicom_security`): an allow-list of calling AE titles and their hosts (others are
 rejected at association, diagnostic 0x03), an allow-list of SOP classes, optional TLS (mutual with a CA),
-and 0xA700 above a backlog or disk watermark. Each association and its stored instances per study go to
+and 0xA700 whenever :meth:`gateway.stow.Intake.refusal` says no (a watermark, the limits, the state
+store away). Each association and its stored instances per study go to
 the audit trail (:mod:`gateway.audit`).
 
 Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
@@ -34,18 +35,16 @@ import asyncio
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
-from gateway.dicom_security import PeerPolicy, Watermark, check_sop_classes, parse_peers, tls_context
+from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.store import StoreError
 from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
@@ -137,8 +136,6 @@ class StorageScp:
         SOP classes negotiated (None: every CT storage class).
     ssl_context : ssl.SSLContext | None
         Serve DICOM over TLS.
-    watermark : Watermark | None
-        When set, C-STORE answers 0xA700 while it refuses.
     audit : gateway.audit.AuditLog | None
         Where associations and stored instances are recorded.
     """
@@ -146,8 +143,7 @@ class StorageScp:
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
-                 sop_classes: list[str] | None = None, ssl_context: Any = None, watermark: Watermark | None = None,
-                 audit: Any = None) -> None:
+                 sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None) -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
@@ -159,7 +155,7 @@ class StorageScp:
         self.handover_timeout_s = handover_timeout_s
         self._server: Any = None
         self.peers, self.sop_classes, self.ssl_context = peers, sop_classes or sorted(CT_SOP_CLASSES), ssl_context
-        self.watermark, self.audit = watermark, audit
+        self.audit = audit
         self._stored: dict[int, Counter[tuple[str, int]]] = {}  # association -> (study, status) -> count
         self._stored_lock = threading.Lock()
 
@@ -257,21 +253,9 @@ class StorageScp:
 
     # --- the event loop ---------------------------------------------------------------------
     async def _hold(self, header: InstanceHeader, name: str, data: bytes) -> int:
-        refusal = self.watermark.refusal() if self.watermark is not None else None
-        try:
-            if refusal == "backlog" and await self.stow.store.is_receiving(header.study_instance_uid):
-                refusal = None  # a study being received is let finish: cut off, it would be screened in part
-            if refusal is not None:  # above the backlog or disk watermark: the sender keeps it and retries
-                self._count(f"out_of_resources_{refusal}")
-                return OUT_OF_RESOURCES
-            room = await self.stow.room_for(header.study_instance_uid, len(data))
-        except StoreError as exc:  # the state store is away (a fail-over): nothing was kept, the sender retries
-            logger.warning("C-STORE of %s: the state store cannot answer (%s); 0xA700", header.sop_instance_uid,
-                           type(exc).__name__)
-            self._count("store_unavailable")
-            return OUT_OF_RESOURCES
-        if not room:
-            self._count("out_of_resources")
+        refusal = await self.stow.refusal(header.study_instance_uid, len(data))
+        if refusal is not None:  # the sender keeps it and retries
+            self._count(refusal)
             return OUT_OF_RESOURCES
         try:
             await self.stow.add(header, name, data)  # fsynced and recorded before 0x0000
@@ -286,12 +270,8 @@ class StorageScp:
 
 
 def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | None = None, *,
-                        audit: Any = None, backlog: Callable[[], int] | None = None) -> StorageScp | None:
+                        audit: Any = None) -> StorageScp | None:
     """Start the SCP the settings ask for (``dicom_port``), on the running loop; None when not asked.
-
-    ``backlog`` gives the slices waiting to be screened that this gateway counts (its share of the
-    cluster's, as in ``ctscreen_backlog_slices``), for ``dicom_max_backlog_slices``; the disk watermark
-    ``dicom_min_free_bytes`` watches the blob folder, where accepted instances are kept.
 
     Raises
     ------
@@ -302,14 +282,11 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
         return None
     peers = parse_peers(settings.dicom_allowed_peers)
     cert, key, ca = settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca
-    watermark = Watermark(
-        backlog=backlog, max_backlog_slices=settings.dicom_max_backlog_slices,
-        disk=settings.blobs(), min_free_bytes=settings.dicom_min_free_bytes)
     scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
                      ae_title=settings.dicom_ae_title, metrics=metrics,
                      peers=PeerPolicy(peers) if peers else None,
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
-                     watermark=watermark, audit=audit)
+                     audit=audit)
     scp.start()
     return scp

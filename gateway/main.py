@@ -33,7 +33,7 @@ from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
 from gateway.store.migrate import upgrade
-from gateway.stow import Intake
+from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
 from gateway.web import install as install_web
 from gateway.worker import Sweeper, Worker
@@ -129,8 +129,13 @@ def create_app(
 
         deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
         sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire, metrics=metrics)
+        # the backlog this gateway counts (its share of the cluster's, as in ctscreen_backlog_slices) and
+        # the blob volume's free space, for C-STORE and STOW-RS alike
+        watermark = Watermark(backlog=lambda: sweeper.counts[2], max_backlog_slices=settings.dicom_max_backlog_slices,
+                              disk=settings.blobs(), min_free_bytes=settings.dicom_min_free_bytes)
         intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
-                        max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s)
+                        max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s,
+                        watermark=watermark)
         metrics.attach(pool, lambda: sweeper.counts)
         metrics_server = security.start_metrics_port(settings, metrics.registry)
         app.state.settings, app.state.metrics, app.state.pool = settings, metrics, pool
@@ -143,8 +148,7 @@ def create_app(
         deliverer.start()  # nothing without destinations
         from gateway.dimse import start_from_settings
 
-        scp = start_from_settings(settings, intake, metrics, audit=app.state.audit,  # None unless CTSCREEN_DICOM_PORT
-                                  backlog=lambda: sweeper.counts[2])
+        scp = start_from_settings(settings, intake, metrics, audit=app.state.audit)  # None unless CTSCREEN_DICOM_PORT
         app.state.dicom_scp = scp
         from gateway.discovery import start_discovery
 

@@ -245,10 +245,12 @@ class Settings(BaseSettings):
     dicom_tls_key: Path | None = Field(None, description="PEM private key of that certificate.")
     dicom_tls_ca: Path | None = Field(None, description="CA bundle; if set, peers must present a certificate (mTLS).")
     dicom_max_backlog_slices: int | None = Field(
-        None, ge=1, description="C-STORE answers 0xA700 while this gateway counts more slices than this waiting to be screened."
+        None, ge=1, description="C-STORE and STOW-RS refuse instances (0xA700) while this gateway counts more slices "
+                                "than this waiting to be screened (a study being received is let finish)."
     )
     dicom_min_free_bytes: int | None = Field(
-        None, ge=0, description="C-STORE answers 0xA700 while the blob folder's volume has less free space than this."
+        None, ge=0, description="C-STORE and STOW-RS refuse instances (0xA700) while the blob folder's volume has "
+                                "less free space than this."
     )
 
     @field_validator("triton_discovery", "triton_service", "triton_namespace", mode="before")

@@ -8,8 +8,10 @@ and queues its job, exactly once. An instance arriving after that opens the next
 every instance of the study, and is screened again: never a silent drop.
 
 Disk is bounded: at most ``max_pending_studies`` receiving studies and ``max_pending_bytes`` bytes in
-them, across the cluster; an instance past either limit is refused (STOW failure / C-STORE 0xA700,
-"out of resources").
+them, across the cluster; above the watermarks (the backlog of slices waiting to be screened, the blob
+volume's free space) and while the state store cannot answer, an instance is refused too. Either way
+the refusal is 0xA700, "out of resources" (a STOW-RS failure item, a C-STORE status): the sender keeps
+the instance and sends it again later. :meth:`Intake.refusal` decides it, once for both protocols.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -25,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from gateway.dicom import CT_SOP_CLASSES, read_dataset
 from gateway.errors import NotDicom, Unavailable
 from gateway.jobs import JobView
-from gateway.store import BlobStore, Store, new_key
+from gateway.store import BlobStore, Store, StoreError, new_key
 from gateway.uids import is_uid
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,42 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
     return InstanceHeader(*values)
 
 
+class Watermark:
+    """Whether the gateway can keep one more instance now (checked on the event loop).
+
+    Parameters
+    ----------
+    backlog : Callable[[], int] | None
+        Slices waiting to be screened now.
+    max_backlog_slices : int | None
+        Above this backlog: refuse.
+    disk : Path | None
+        A folder on the volume that keeps accepted instances.
+    min_free_bytes : int | None
+        Below this free space on ``disk``: refuse.
+    """
+
+    def __init__(self, backlog: Callable[[], int] | None = None, max_backlog_slices: int | None = None,
+                 disk: Path | None = None, min_free_bytes: int | None = None) -> None:
+        self.backlog, self.max_backlog_slices = backlog, max_backlog_slices
+        self.disk, self.min_free_bytes = disk, min_free_bytes
+
+    def refusal(self) -> str | None:
+        """None when an instance may be accepted, else the reason (``backlog`` or ``disk_full``)."""
+        if self.max_backlog_slices is not None and self.backlog is not None and self.backlog() > self.max_backlog_slices:
+            return "backlog"
+        if self.min_free_bytes is not None and self.disk is not None:
+            folder = self.disk
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            try:
+                if shutil.disk_usage(folder).free < self.min_free_bytes:
+                    return "disk_full"
+            except OSError:
+                return "disk_full"
+        return None
+
+
 class Intake:
     """Puts received instances into the blob store and the state store.
 
@@ -85,14 +126,38 @@ class Intake:
         Bytes of receiving studies allowed at once (cluster-wide).
     deadline_s : float
         Deadline of the jobs ``complete`` queues.
+    watermark : Watermark | None
+        When set, instances are refused while it refuses.
     """
 
     def __init__(self, store: Store, blobs: BlobStore, *, max_pending_studies: int = 16,
-                 max_pending_bytes: int = 4 * 1024**3, deadline_s: float = 86400.0) -> None:
+                 max_pending_bytes: int = 4 * 1024**3, deadline_s: float = 86400.0,
+                 watermark: Watermark | None = None) -> None:
         self.store, self.blobs = store, blobs
         self.max_pending_studies = max_pending_studies
         self.max_pending_bytes = max_pending_bytes
         self.deadline_s = deadline_s
+        self.watermark = watermark
+
+    async def refusal(self, study_instance_uid: str, nbytes: int) -> str | None:
+        """Why an instance of ``nbytes`` for this study cannot be kept now, or None when it can.
+
+        Each reason is a "try again later" (0xA700), and its name is the error counted:
+        ``out_of_resources_backlog`` / ``out_of_resources_disk_full`` above a watermark (a study already
+        being received is let finish past the backlog one: cut off, it would be screened in part),
+        ``store_unavailable`` while the state store cannot answer (a fail-over), ``out_of_resources``
+        when the receiving studies fill their limits.
+        """
+        try:
+            mark = self.watermark.refusal() if self.watermark is not None else None
+            if mark == "backlog" and await self.store.is_receiving(study_instance_uid):
+                mark = None
+            if mark is not None:
+                return f"out_of_resources_{mark}"
+            return None if await self.room_for(study_instance_uid, nbytes) else "out_of_resources"
+        except StoreError as exc:  # nothing was kept: the sender retries
+            logger.warning("an instance not taken: the state store cannot answer (%s)", type(exc).__name__)
+            return "store_unavailable"
 
     async def room_for(self, study_instance_uid: str, nbytes: int) -> bool:
         """Whether an instance of ``nbytes`` for this study fits the limits now."""

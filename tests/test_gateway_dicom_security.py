@@ -25,11 +25,11 @@ from cryptography.x509.oid import NameOID
 
 from ctscreen.embedded import free_port
 from gateway.audit import AuditLog
-from gateway.dicom_security import Peer, PeerPolicy, Watermark, parse_peers, tls_context
+from gateway.dicom_security import Peer, PeerPolicy, parse_peers, tls_context
 from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, StorageScp
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
-from gateway.stow import Intake
+from gateway.stow import Intake, Watermark
 from tests.gateway_dicom_factory import ct_dataset
 from tests.test_gateway_dimse import ECHOSCU, STORESCU, needs_dcmtk
 
@@ -48,8 +48,9 @@ def scp_factory(tmp_path):
     upgrade(url)
     store = Store(url)
 
-    def make(**options) -> StorageScp:
-        stow = Intake(store, FolderBlobs(tmp_path / "blobs"), max_pending_studies=4, max_pending_bytes=64 * 1024**2)
+    def make(watermark: Watermark | None = None, **options) -> StorageScp:
+        stow = Intake(store, FolderBlobs(tmp_path / "blobs"), max_pending_studies=4, max_pending_bytes=64 * 1024**2,
+                      watermark=watermark)
         scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE, audit=audit, **options)
         scp.start()
         started.append(scp)

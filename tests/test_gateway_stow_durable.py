@@ -141,3 +141,59 @@ def test_an_instance_that_cannot_be_written_is_refused_and_not_recorded(tmp_path
         assert r.status_code == 409, r.text
         assert {i["00081197"]["Value"][0] for i in r.json()["00081198"]["Value"]} == {0x0110}
         assert client.get(f"/v1/studies/{uid}").status_code == 404
+
+
+# --- the Store Instances Response when the gateway cannot keep more (PS3.18 10.5.3, Annex I) -----------
+def _failure_reasons(answer: dict) -> set[int]:
+    return {i["00081197"]["Value"][0] for i in answer["00081198"]["Value"]}
+
+
+def test_a_full_volume_refuses_every_instance_as_busy_and_keeps_none(tmp_path):
+    """Below the disk watermark (the same setting C-STORE obeys) STOW-RS keeps nothing: each instance fails
+    0xA700 and the answer is 503 with Retry-After, so the sender keeps them and sends them later."""
+    uid, files = ct_series(2, size=128)
+    with TestClient(_app(3600.0, tmp_path, dicom_min_free_bytes=2**62, retry_after_s=7)) as client:
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "7" and r.headers["content-type"] == "application/dicom+json"
+        assert _failure_reasons(r.json()) == {0xA700} and "00081199" not in r.json()
+        assert client.get(f"/v1/studies/{uid}").status_code == 404
+        assert 'reason="out_of_resources_disk_full"' in client.get("/metrics").text
+    assert _blobs(tmp_path) == 0
+
+
+def test_a_state_store_that_cannot_answer_is_busy_not_an_internal_error(tmp_path, caplog):
+    """The state store away (a fail-over) while instances arrive: 503 and 0xA700 per instance, counted;
+    it was an unexpected error (a traceback, 503 internal_error, no Store Instances Response)."""
+    from gateway.store.store import StoreUnreachable
+
+    uid, files = ct_series(2, size=128)
+    with TestClient(_app(3600.0, tmp_path)) as client:
+        async def away(*_args):
+            raise StoreUnreachable("The state store cannot be reached (ConnectionRefusedError).")
+
+        client.app.state.stow.room_for = away
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 503, r.text
+        assert _failure_reasons(r.json()) == {0xA700}
+        assert 'reason="store_unavailable"' in client.get("/metrics").text
+    assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
+
+
+def test_stored_instances_carry_an_empty_retrieve_url(tmp_path):
+    """Retrieve URL (0008,1190) is Type 2 at the top and in each stored item: present, empty (no WADO-RS);
+    a failed item has none. A study of some stored and some refused is 202."""
+    uid, files = ct_series(2, size=128)
+    _, others = ct_series(1, size=128)  # another study: 0xA900 on this study's URL
+    with TestClient(_app(3600.0, tmp_path)) as client:
+        r = client.post(f"/dicomweb/studies/{uid}", content=related_body([d for _, d in files + others]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 202, r.text
+        answer = r.json()
+        assert answer["00081190"] == {"vr": "UR"}
+        assert [i["00081190"] for i in answer["00081199"]["Value"]] == [{"vr": "UR"}] * 2
+        assert [sorted(i) for i in answer["00081198"]["Value"]] == [["00081150", "00081155", "00081197"]]
+        assert _failure_reasons(answer) == {0xA900}
+        assert "RetrieveURL" in pydicom.Dataset.from_json(answer)  # valid DICOM JSON, the element empty

@@ -1,10 +1,13 @@
 """DICOMweb STOW-RS: ``POST /dicomweb/studies[/{StudyInstanceUID}]`` (PS3.18 section 10.5).
 
 The request is ``multipart/related; type="application/dicom"``, one DICOM instance per part. The answer
-is a Store Instances Response in ``application/dicom+json``: ``ReferencedSOPSequence`` for the stored
-instances, ``FailedSOPSequence`` (with ``FailureReason``) for the others, and the status PS3.18 asks
-for: 200 every instance stored, 202 some stored, 409 none stored, 415 a media type other than
-``application/dicom``. Stored instances are screened when their study is complete: after
+is a Store Instances Response in ``application/dicom+json`` (PS3.18 Annex I): ``ReferencedSOPSequence``
+for the stored instances, ``FailedSOPSequence`` (with ``FailureReason``) for the others, and the status
+PS3.18 asks for: 200 every instance stored, 202 some stored, 409 none stored, 503 none stored because the
+gateway cannot keep more now (every failure 0xA700: a watermark, the receiving limits, the state store
+away; with ``Retry-After``), 415 a media type other than ``application/dicom``. Retrieve URL (Type 2) is
+present and empty, at the top and in each stored item: the gateway keeps instances only until they are
+screened and offers no WADO-RS retrieval. Stored instances are screened when their study is complete: after
 ``CTSCREEN_STOW_QUIET_PERIOD_S`` without a new instance, or on ``POST /v1/studies/{uid}/complete``.
 Each stored study's progress and result are at ``GET /v1/studies/{uid}`` (``Content-Location``).
 """
@@ -36,6 +39,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+NO_RETRIEVE_URL = {"vr": "UR"}  # Type 2, empty: no WADO-RS here
 
 _TYPE = re.compile(r'type\s*=\s*"?([^";]+)"?', re.IGNORECASE)
 
@@ -47,16 +51,30 @@ def _ui(value: str) -> dict[str, Any]:
 def _item(sop_class: str, sop_instance: str, failure: int | None = None) -> dict[str, Any]:
     item: dict[str, Any] = {"00081150": _ui(sop_class or "1.2.840.10008.5.1.4.1.1.7"),
                             "00081155": _ui(sop_instance or "0")}
-    if failure is not None:
+    if failure is None:
+        item["00081190"] = NO_RETRIEVE_URL
+    else:
         item["00081197"] = {"vr": "US", "Value": [failure]}
     return item
 
 
-def _dicom_json(status: int, body: dict[str, Any], studies: list[str]) -> JSONResponse:
+def _dicom_json(status: int, body: dict[str, Any], studies: list[str], retry_after_s: int) -> JSONResponse:
     headers = {}
     if len(studies) == 1:
         headers["Content-Location"] = f"/v1/studies/{studies[0]}"
+    if status == 503:
+        headers["Retry-After"] = str(retry_after_s)
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def store_status(referenced: list[dict[str, Any]], failed: list[dict[str, Any]]) -> int:
+    """The HTTP status of a Store Instances Response (PS3.18 10.5.3) from its two sequences."""
+    if not failed:
+        return 200
+    if referenced:
+        return 202
+    busy = all(item["00081197"]["Value"][0] == OUT_OF_RESOURCES for item in failed)
+    return 503 if busy else 409
 
 
 def _media_error(message: str) -> JSONResponse:
@@ -104,8 +122,9 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
             metrics.error("not_ct")
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
             continue
-        if not await stow.room_for(header.study_instance_uid, len(content)):
-            metrics.error("out_of_resources")
+        refusal = await stow.refusal(header.study_instance_uid, len(content))
+        if refusal is not None:  # the sender keeps it and retries
+            metrics.error(refusal)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
         try:
@@ -117,15 +136,14 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
         referenced.append(_item(header.sop_class_uid, header.sop_instance_uid))
         if header.study_instance_uid not in studies:
             studies.append(header.study_instance_uid)
-    body_json: dict[str, Any] = {}
+    body_json: dict[str, Any] = {"00081190": NO_RETRIEVE_URL}
     if referenced:
         body_json["00081199"] = {"vr": "SQ", "Value": referenced}
     if failed:
         body_json["00081198"] = {"vr": "SQ", "Value": failed}
     if not parts:
         return _media_error("The multipart/related body holds no part.")
-    status = 200 if not failed else (202 if referenced else 409)
-    return _dicom_json(status, body_json, studies)
+    return _dicom_json(store_status(referenced, failed), body_json, studies, settings.retry_after_s)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -138,6 +156,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "body too large"},
     415: {"description": "not multipart/related; type=application/dicom"},
     429: {"description": "too many bytes or bodies in flight; see Retry-After"},
+    503: {"description": "no instance stored: the gateway cannot keep more now (each failure 0xA700); see Retry-After",
+          "content": {DICOM_JSON: {}}},
 }
 
 
