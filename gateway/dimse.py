@@ -36,6 +36,7 @@ import logging
 import threading
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom import uid as _uid
@@ -80,6 +81,27 @@ MAX_PDU_BYTES = 262_144
 whole instance into one PDU, and the idle timer, which restarts only when a PDU is complete, aborts an
 instance that takes longer than the network timeout to arrive, every time it is sent again."""
 TLS_HANDSHAKE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScpLimits:
+    """How many associations the SCP serves at once and how long it waits on a peer (pynetdicom's AE).
+
+    One association past ``max_associations`` is rejected as transient (A-ASSOCIATE-RJ result 2, source 3,
+    reason 2: local limit exceeded), so the sender tries again later. ``acse_timeout_s``: the wait for
+    an association's request, acceptance or release; ``dimse_timeout_s``: for the next DIMSE message;
+    ``network_timeout_s``: an association idle this long is aborted (a sender gone silent frees its place).
+    """
+
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ScpLimits:
+        return cls(settings.dicom_max_associations, settings.dicom_acse_timeout_s, settings.dicom_dimse_timeout_s,
+                   settings.dicom_network_timeout_s)
 
 
 def _handshake_in_its_thread() -> type:
@@ -136,6 +158,8 @@ class StorageScp:
         SOP classes negotiated (None: every CT storage class).
     ssl_context : ssl.SSLContext | None
         Serve DICOM over TLS.
+    limits : ScpLimits
+        Associations at once and the timeouts.
     audit : gateway.audit.AuditLog | None
         Where associations and stored instances are recorded.
     """
@@ -143,7 +167,8 @@ class StorageScp:
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
-                 sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None) -> None:
+                 sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None,
+                 limits: ScpLimits = ScpLimits()) -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
@@ -155,7 +180,7 @@ class StorageScp:
         self.handover_timeout_s = handover_timeout_s
         self._server: Any = None
         self.peers, self.sop_classes, self.ssl_context = peers, sop_classes or sorted(CT_SOP_CLASSES), ssl_context
-        self.audit = audit
+        self.audit, self.limits = audit, limits
         self._stored: dict[int, Counter[tuple[str, int]]] = {}  # association -> (study, status) -> count
         self._stored_lock = threading.Lock()
 
@@ -173,6 +198,9 @@ class StorageScp:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.maximum_associations = self.limits.max_associations
+        ae.acse_timeout, ae.dimse_timeout = self.limits.acse_timeout_s, self.limits.dimse_timeout_s
+        ae.network_timeout = self.limits.network_timeout_s
         ae.require_called_aet = True  # a sender addresses this AE title (with or without a peer allow-list)
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_end),
@@ -287,6 +315,6 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
                      peers=PeerPolicy(peers) if peers else None,
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
-                     audit=audit)
+                     audit=audit, limits=ScpLimits.from_settings(settings))
     scp.start()
     return scp

@@ -204,6 +204,19 @@ class Settings(BaseSettings):
     )
     dicom_ae_title: str = Field("CTSCREEN", min_length=1, max_length=16, description="AE title of the SCP.")
     dicom_host: str = Field("0.0.0.0", min_length=1, description="Address the DICOM SCP listens on.")
+    dicom_max_associations: int = Field(
+        10, ge=1, le=1000, description="DICOM associations served at once; one more is rejected as transient "
+                                       "(A-ASSOCIATE-RJ 2/3/2, local limit exceeded) and the sender retries."
+    )
+    dicom_acse_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for a DICOM association's request, acceptance or release."
+    )
+    dicom_dimse_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for an association's next DIMSE message."
+    )
+    dicom_network_timeout_s: float = Field(
+        60.0, gt=0, le=86400, description="A DICOM association idle this long is aborted."
+    )
 
     # --- security (issue 14): gateway.auth, gateway.admission, gateway.audit, gateway.dicom_security ---
     host: str = Field(

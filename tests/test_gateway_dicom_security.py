@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from ctscreen.embedded import free_port
 from gateway.audit import AuditLog
 from gateway.dicom_security import Peer, PeerPolicy, parse_peers, tls_context
-from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, StorageScp
+from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, ScpLimits, StorageScp
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake, Watermark
@@ -129,6 +129,33 @@ def test_sop_class_allow_list_and_watermark(scp_factory):
     finally:
         assoc.release()
     assert (first, second, third) == (SUCCESS, OUT_OF_RESOURCES, SUCCESS)
+
+
+@needs_dcmtk
+def test_association_limit_and_idle_timeout(scp_factory):
+    """One association past the limit is rejected as transient (dcmtk's echoscu sees "local limit
+    exceeded"), so a PACS retries; an association left idle past the network timeout is aborted by the
+    SCP, and its place is free again."""
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import Verification
+
+    scp = scp_factory(limits=ScpLimits(max_associations=1, network_timeout_s=1.0))
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(Verification)
+    held = scu.associate("127.0.0.1", scp.port, ae_title=AE)
+    assert held.is_established
+    second = _echo(scp.port)
+    out = second.stdout + second.stderr
+    assert second.returncode != 0 and "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+    deadline = time.monotonic() + 10
+    while held.is_established and time.monotonic() < deadline:  # idle: sends nothing
+        time.sleep(0.1)
+    assert held.is_aborted, "the idle association was not aborted"
+    again = _echo(scp.port)
+    while again.returncode != 0 and time.monotonic() < deadline:  # the SCP's thread of it ends a moment later
+        time.sleep(0.2)
+        again = _echo(scp.port)
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 # --- TLS --------------------------------------------------------------------------------------------

@@ -391,6 +391,14 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.orphan_sweep_interval_s == 6 * 3600 and settings.orphan_grace_s == 3600
     assert env["CTSCREEN_ORPHAN_KEEP_S"] == str(7 * 86400) and settings.orphan_keep_s == 7 * 86400
     assert settings.dicom_port == (int(env["CTSCREEN_DICOM_PORT"]) if "CTSCREEN_DICOM_PORT" in env else None)
+    # the intake's watermarks (C-STORE and STOW-RS) and the SCP's limits
+    production = value_set == "production"
+    assert settings.dicom_min_free_bytes == (20 if production else 2) * 1024**3
+    assert settings.dicom_max_backlog_slices == (40000 if production else None)
+    assert settings.dicom_max_associations == (24 if production else 10)
+    if production:
+        assert (settings.dicom_acse_timeout_s, settings.dicom_dimse_timeout_s, settings.dicom_network_timeout_s) \
+            == (30, 30, 60) and "CTSCREEN_DICOM_NETWORK_TIMEOUT_S" in env
     # /metrics on a port of its own, the one the Service, the ServiceMonitor and the NetworkPolicy name
     ports = {p["name"]: p["containerPort"] for p in container(gateway, "gateway")["ports"]}
     assert settings.metrics_port == ports["metrics"] != ports["http"]
