@@ -1,6 +1,6 @@
 """Results back to PACS and RIS, end to end with real peers: dcmtk ``storescu`` -> ctscreen (real embedded
 Triton) -> Orthanc by C-STORE, a second Orthanc by STOW-RS (its DICOMweb plugin), and a small FHIR R4
-receiver in this test that validates every Bundle with ``fhir.resources``.
+receiver (``tests/fhir_receiver.py``) that validates every Bundle with ``fhir.resources``.
 
 The positive phantom study goes to the PACS Orthanc first (it holds the images) and then to ctscreen
 from the calling AE ``CT_ROOM_1``; its SR and key images must land in both Orthancs under the same
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -26,6 +24,7 @@ import phantom
 from ctscreen.embedded import free_port
 from gateway.cli import run_stack, send_main
 from gateway.client import screen_path
+from tests.fhir_receiver import FhirReceiver
 from tests.orthanc import OrthancServer, dicomweb_plugin, orthanc_bin
 from tests.test_e2e_gateway import needs_trained
 from tests.test_gateway_dimse import STORESCU, needs_dcmtk
@@ -35,54 +34,6 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.triton, needs_dcmtk, needs_t
                                  reason="Orthanc + DICOMweb plugin not installed: scripts/setup.sh --test")]
 N_SLICES = 40
 AE = "CTSCREEN"
-
-
-class FhirReceiver:
-    """A FHIR R4 endpoint: validates each transaction Bundle, honours ``ifNoneExist`` (one resource per identifier)."""
-
-    def __init__(self) -> None:
-        self.bundles: list[dict] = []
-        self.errors: list[str] = []
-        self.created: dict[str, dict] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet
-                return
-
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                from fhir.resources.R4B.bundle import Bundle
-
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                try:
-                    assert self.headers.get("Content-Type", "").startswith("application/fhir+json")
-                    data = json.loads(body)
-                    Bundle.parse_obj(data)
-                    assert data["type"] == "transaction"
-                except Exception as exc:  # noqa: BLE001 - answered 400 and recorded
-                    receiver.errors.append(f"{type(exc).__name__}: {exc}")
-                    self.send_response(400)
-                    self.end_headers()
-                    return
-                receiver.bundles.append(data)
-                for entry in data["entry"]:
-                    key = entry["request"]["ifNoneExist"]
-                    receiver.created.setdefault(key, entry["resource"])
-                answer = json.dumps({"resourceType": "Bundle", "type": "transaction-response",
-                                     "entry": [{"response": {"status": "201 Created"}} for _ in data["entry"]]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.end_headers()
-                self.wfile.write(answer.encode())
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +157,10 @@ def test_positive_result_lands_by_stow_rs_and_the_ris_gets_a_valid_report(positi
     held = _held(web, job["study_instance_uid"])
     assert sorted(held) == sorted(o["uid"] for o in deliveries["web"]["objects"])
     assert deliveries["ris"]["state"] == "done" and not ris.errors, ris.errors
-    reports = [r for r in ris.created.values() if r["resourceType"] == "DiagnosticReport"
+    reports = [r for r in ris.resources.values() if r["resourceType"] == "DiagnosticReport"
                and r["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{job['study_instance_uid']}"]
     assert len(reports) == 1 and reports[0]["identifier"][0]["value"] == job["job_id"]
-    assert "Present" in json.dumps(ris.created)
+    assert "Present" in json.dumps(ris.resources)
     # the site's own Patient and order, by conditional references the server resolves in the transaction
     source = pydicom.dcmread(next(studies["covid"].rglob("*.dcm")), stop_before_pixels=True)
     report = reports[0]
@@ -233,7 +184,7 @@ def test_negative_result_follows_the_rules(gateway, peers, studies):
     uid = out.result["study_instance_uid"]
     assert _held(pacs, uid) == {} and _held(web, uid) == {}
     assert any(r["resourceType"] == "DiagnosticReport" and r["identifier"][0]["value"] == out.job_id
-               for r in ris.created.values())
+               for r in ris.resources.values())
 
 
 def test_resend_by_cli_is_idempotent_and_metrics_count_per_destination(gateway, positive, peers, capsys):
@@ -249,10 +200,10 @@ def test_resend_by_cli_is_idempotent_and_metrics_count_per_destination(gateway, 
     d = _deliveries(stack.url, job["job_id"])["pacs"]
     assert d["state"] == "done" and "forced" in json.dumps(d["history"])
     assert len(_held(pacs, job["study_instance_uid"])) == before  # same UIDs: replaced, not duplicated
-    n_reports = sum(r["resourceType"] == "DiagnosticReport" for r in ris.created.values())
+    n_reports = sum(r["resourceType"] == "DiagnosticReport" for r in ris.resources.values())
     assert send_main([job["job_id"], "--to", "ris", "--url", stack.url, "--force"]) == 0
     _deliveries(stack.url, job["job_id"])
-    assert sum(r["resourceType"] == "DiagnosticReport" for r in ris.created.values()) == n_reports
+    assert sum(r["resourceType"] == "DiagnosticReport" for r in ris.resources.values()) == n_reports
     metrics = httpx.get(f"{stack.url}/metrics", timeout=30).text
     assert 'ctscreen_delivery_failures_total{destination="pacs"} 0.0' in metrics
     assert 'ctscreen_deliveries_total{destination="pacs",outcome="done"}' in metrics

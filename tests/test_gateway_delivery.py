@@ -30,6 +30,7 @@ from gateway.settings import Settings
 from gateway.store import FolderBlobs, Store, new_key
 from gateway.store.deliveries import Deliveries
 from gateway.store.migrate import upgrade
+from tests.fhir_receiver import FhirReceiver
 from tests.orthanc import OrthancServer, dicomweb_plugin, orthanc_bin
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -68,10 +69,13 @@ def _settings(tmp_path: Path, **kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/"):
-    """A done job in a fresh store: the files as its instances, a positive result on slices 2..4."""
-    await asyncio.to_thread(upgrade, settings.database())
-    store, blobs = Store(settings.database()), FolderBlobs(settings.blobs())
+async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/",
+                    stores: tuple[Store, FolderBlobs] | None = None):
+    """A done job in a fresh store (or in ``stores``, a study's next version): the files as its instances, a
+    positive result on slices 2..4."""
+    if stores is None:
+        await asyncio.to_thread(upgrade, settings.database())
+    store, blobs = stores or (Store(settings.database()), FolderBlobs(settings.blobs()))
     stored = []
     for f in files:
         data = f.read_bytes()
@@ -155,6 +159,55 @@ def test_orthanc_down_during_delivery_then_back_delivers_exactly_once(orthanc, s
         finally:
             if orthanc._proc is None:
                 orthanc.start()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@needs_orthanc
+def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(orthanc, study_files, tmp_path):
+    """Version 2 of a study (an instance arrived after it was screened) is delivered after version 1: its SR
+    names version 1's SR in the Predecessor Documents Sequence, and its FHIR bundle cancels version 1's
+    report and observations by conditional update. Version 1 delivered again late (a re-send) stays
+    cancelled: its bundle only creates what is missing."""
+    from aggregator.fhir import report_identifier
+
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, first = await _done_job(settings, study_files)
+        ris = FhirReceiver()
+        destinations = parse_destinations([_pacs(orthanc), {"name": "ris", "kind": "fhir", "url": ris.url}])
+        deliverer = Deliverer(store, blobs, destinations, settings, CollectorRegistry())
+
+        def statuses() -> dict[str, str]:
+            return {r["identifier"][0]["value"]: r["status"] for r in ris.of_type("DiagnosticReport")}
+
+        def sr_uid(tasks) -> str:
+            (pacs,) = [t for t in tasks if t.destination == "pacs"]
+            return next(o["uid"] for o in pacs.payload["objects"] if o["kind"] == "sr")
+
+        try:
+            first_sr = sr_uid(await _until(deliverer, first.job_id, {"done"}))
+            assert statuses() == {report_identifier(first): "preliminary"}
+            _, _, second = await _done_job(settings, study_files, stores=(store, blobs))
+            second_sr = sr_uid(await _until(deliverer, second.job_id, {"done"}))
+            assert statuses() == {report_identifier(first): "cancelled", report_identifier(second): "preliminary"}
+            assert not ris.errors, ris.errors
+            cancelled = [r for r in ris.resources.values() if r["status"] == "cancelled"]
+            assert {r["resourceType"] for r in cancelled} == {"DiagnosticReport", "Observation"}
+            held = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in orthanc.instances_of_study(first.study_instance_uid)}
+            assert {first_sr, second_sr} <= held.keys()
+            sr = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{held[second_sr]}/file")))
+            (series,) = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+            assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [first_sr]
+            assert "PredecessorDocumentsSequence" not in pydicom.dcmread(
+                io.BytesIO(orthanc.get(f"/instances/{held[first_sr]}/file")))
+            await deliverer.tasks.resend(first.job_id, "ris", "fhir", force=True)
+            await _until(deliverer, first.job_id, {"done"})
+            assert statuses() == {report_identifier(first): "cancelled", report_identifier(second): "preliminary"}
+        finally:
+            await deliverer.stop()
+            ris.close()
             await store.close()
 
     asyncio.run(scenario())

@@ -151,6 +151,7 @@ class Deliverer:
         await asyncio.gather(*self._running, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+            self._http = None
         self._senders.shutdown(wait=False, cancel_futures=True)  # a hung send ends at its peer's timeout
 
     # --- one task ---------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ class Deliverer:
             if isinstance(dest, DicomDestination):
                 return await asyncio.get_running_loop().run_in_executor(
                     self._senders, send_dicom, dest, items, self.settings.dicom_ae_title)
-            assert self._http is not None
+            if self._http is None:  # start() makes it; passes driven by poll() alone make it here
+                self._http = httpx.AsyncClient()
             if isinstance(dest, StowDestination):
                 return await send_stow(dest, items, self._http)
             return await send_fhir(dest, items, self._http)

@@ -1,0 +1,84 @@
+"""A small FHIR R4 server for the delivery tests (no FHIR server runs here): it validates each transaction
+Bundle with ``fhir.resources`` and keeps one resource per identifier, as a FHIR server's conditional
+interactions do: ``POST`` with ``ifNoneExist`` creates only what is missing, a conditional ``PUT
+Type?identifier=...`` creates or replaces (FHIR R4 3.1.0.4.3 and 3.1.0.5.4).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ctscreen.embedded import free_port
+
+
+class FhirReceiver:
+    """A FHIR R4 endpoint at ``url``; ``resources`` maps ``Type?identifier=system|value`` to the resource held."""
+
+    def __init__(self) -> None:
+        self.bundles: list[dict] = []
+        self.errors: list[str] = []
+        self.resources: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                return
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                from fhir.resources.R4B.bundle import Bundle
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    assert self.headers.get("Content-Type", "").startswith("application/fhir+json")
+                    data = json.loads(body)
+                    Bundle.parse_obj(data)
+                    assert data["type"] == "transaction"
+                    statuses = receiver.apply(data)
+                except Exception as exc:  # noqa: BLE001 - answered 400 and recorded
+                    receiver.errors.append(f"{type(exc).__name__}: {exc}")
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                answer = json.dumps({"resourceType": "Bundle", "type": "transaction-response",
+                                     "entry": [{"response": {"status": s}} for s in statuses]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.end_headers()
+                self.wfile.write(answer.encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def apply(self, bundle: dict) -> list[str]:
+        """Carry out a transaction's entries (all or nothing: the keys are checked first)."""
+        keys = []
+        for entry in bundle["entry"]:
+            request, kind = entry["request"], entry["resource"]["resourceType"]
+            if request["method"] == "POST":
+                keys.append((f"{kind}?{request['ifNoneExist']}", False))
+            elif request["method"] == "PUT" and request["url"].startswith(f"{kind}?identifier="):
+                keys.append((request["url"], True))
+            else:
+                raise ValueError(f"unexpected request {request}")
+        statuses = []
+        with self.lock:
+            self.bundles.append(bundle)
+            for (key, replace), entry in zip(keys, bundle["entry"], strict=True):
+                held = key in self.resources
+                if replace or not held:
+                    self.resources[key] = entry["resource"]
+                statuses.append("200 OK" if held else "201 Created")
+        return statuses
+
+    def of_type(self, kind: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.resources.values() if r["resourceType"] == kind]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
