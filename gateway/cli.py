@@ -350,8 +350,12 @@ def db_main(argv: list[str]) -> int:
         if args.action == "upgrade":
             from gateway.store.migrate import upgrade
 
-            upgrade(database, args.revision)
-            print(f"state store {redact(database)}: upgraded to {args.revision}")
+            later = upgrade(database, args.revision)
+            if later is not None:  # a later release migrated it (then a rollback): nothing to do here
+                print(f"state store {redact(database)}: at revision {later}, later than this release ships; "
+                      "left as it is (migrations only add)")
+            else:
+                print(f"state store {redact(database)}: upgraded to {args.revision}")
         else:
             import asyncio
 

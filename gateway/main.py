@@ -32,7 +32,7 @@ from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
-from gateway.store.migrate import upgrade
+from gateway.store.migrate import SchemaError, check_schema, upgrade
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
 from gateway.web import install as install_web
@@ -118,6 +118,12 @@ def create_app(
         if settings.db_migrate:
             await asyncio.to_thread(upgrade, database)
         store = Store(database)
+        try:
+            await check_schema(store.engine, database)
+        except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
+            logger.error("%s", exc)
+            await store.close()
+            raise
         store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)

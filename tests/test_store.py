@@ -19,7 +19,7 @@ from aggregator.case import CaseRule, decide
 from aggregator.schema import CaseResult, Timings
 from gateway.jobs import JobError, JobState
 from gateway.store import Store
-from gateway.store.migrate import current, head, upgrade
+from gateway.store.migrate import SchemaError, check_schema, current, head, upgrade
 from gateway.store.models import Instance, Job, Result, Study
 
 
@@ -57,6 +57,63 @@ def test_upgrade_from_empty(db_url):
 
     _run(check())
     upgrade(db_url)  # again: nothing to do
+
+
+def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_url, tmp_path, capsys, caplog):
+    """Behind this release's newest revision, or never migrated: refused at start with what to run (it
+    failed later, on a missing column). At a revision a later release shipped (its upgrade, then a
+    ``helm rollback``): migrations only add, so this release runs on it; the upgrade at start and
+    ``ctscreen db upgrade`` leave it as it is (Alembic failed on the revision it could not find, and
+    the rolled-back gateways crash-looped)."""
+    from fastapi.testclient import TestClient
+
+    from gateway.cli import db_main
+    from gateway.main import create_app
+    from gateway.settings import Settings
+    from tests.gateway_app_fakes import FakeFleet
+
+    async def checked() -> str | None:
+        store = Store(db_url)
+        try:
+            await check_schema(store.engine, db_url)
+        except SchemaError as exc:
+            return str(exc)
+        finally:
+            await store.close()
+        return None
+
+    assert "has no schema: run `ctscreen db upgrade`" in (_run(checked()) or "")
+    upgrade(db_url, "0005")
+    assert f"is at revision 0005; this release needs {head()}: run `ctscreen db upgrade`" in (_run(checked()) or "")
+
+    def app(**kw):
+        return create_app(Settings(triton_urls="fake:1", data_dir=tmp_path, database_url=db_url, **kw),
+                          client_factory=FakeFleet())
+
+    with pytest.raises(SchemaError), TestClient(app(db_migrate=False)):
+        pass
+    assert "this release needs" in caplog.text
+    upgrade(db_url)
+    assert _run(checked()) is None
+
+    async def later_release() -> None:
+        store = Store(db_url)
+        try:
+            async with store.tx() as s:
+                await s.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        finally:
+            await store.close()
+
+    _run(later_release())
+    assert _run(checked()) is None
+    assert upgrade(db_url) == "9999"
+    with TestClient(app()) as client:  # the upgrade at start leaves it; the gateway serves
+        assert client.get("/healthz").status_code == 200
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTSCREEN_DATABASE_URL", db_url)
+        assert db_main(["upgrade"]) == 0
+    assert "at revision 9999, later than this release ships; left as it is" in capsys.readouterr().out
 
 
 def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):

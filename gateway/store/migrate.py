@@ -2,18 +2,34 @@
 
 ``ctscreen serve`` and the gateway upgrade the schema at start (``CTSCREEN_DB_MIGRATE``, on by
 default); ``ctscreen db upgrade`` does it alone (the Helm chart's pre-install / pre-upgrade Job).
+
+Migrations only add (expand-only), so a release runs on the schema of a later one. A database at a
+revision this release does not ship (a later release migrated it; then ``helm rollback``) is left as it
+is, with a warning: an upgrade would fail on a revision Alembic cannot find. A database behind this
+release's newest revision, or never migrated, is refused at start (:func:`check_schema`) with what to run,
+instead of failing later on a missing column.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.store.store import async_url
+from gateway.store.store import async_url, redact
+
+logger = logging.getLogger(__name__)
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is behind this release, or absent: the message says what to run."""
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -25,21 +41,73 @@ def _config(url: str) -> Config:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` (blocking: it runs its own event loop)."""
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Upgrade the database at ``url`` to ``revision`` (blocking: it runs its own event loop, so call it
+    where no loop runs, e.g. in a thread).
+
+    Returns
+    -------
+    str | None
+        The database's revision when it is one this release does not ship (left as it is, warned);
+        None when the upgrade ran.
+    """
     if url.startswith("sqlite"):
         path = async_url(url).split(":///", 1)[1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+    at = asyncio.run(_revision(url))
+    if at is not None and not shipped(at):
+        logger.warning("state store %s is at revision %s, which this release (newest %s) does not ship: a later "
+                       "release migrated it. Migrations only add, so this release runs on it unchanged.",
+                       redact(url), at, head())
+        return at
     command.upgrade(_config(url), revision)
+    return None
 
 
 def head() -> str:
     """The newest revision shipped."""
-    return ScriptDirectory.from_config(_config("sqlite://")).get_current_head() or ""
+    return _scripts().get_current_head() or ""
+
+
+def shipped(revision: str) -> bool:
+    """Whether this release ships ``revision``."""
+    try:
+        return _scripts().get_revision(revision) is not None
+    except CommandError:  # no such revision (the script directory raises it for the revision map's errors)
+        return False
+
+
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config("sqlite://"))
 
 
 async def current(engine: object) -> str | None:
     """The revision of the database behind an async ``engine`` (None: never migrated)."""
     async with engine.connect() as connection:  # type: ignore[attr-defined]
         return await connection.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+
+
+async def _revision(url: str) -> str | None:
+    engine = create_async_engine(async_url(url))
+    try:
+        return await current(engine)
+    finally:
+        await engine.dispose()
+
+
+async def check_schema(engine: AsyncEngine, url: str) -> None:
+    """Refuse a schema this release cannot run on.
+
+    Raises
+    ------
+    SchemaError
+        When the database was never migrated, or is at an earlier revision than this release's newest.
+    """
+    at, newest = await current(engine), head()
+    where = f"state store {redact(url)}"
+    if at is None:
+        raise SchemaError(f"{where} has no schema: run `ctscreen db upgrade` (or start with CTSCREEN_DB_MIGRATE=true).")
+    if at != newest and shipped(at):
+        raise SchemaError(f"{where} is at revision {at}; this release needs {newest}: run `ctscreen db upgrade` "
+                          "(or start with CTSCREEN_DB_MIGRATE=true).")
