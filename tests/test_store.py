@@ -116,6 +116,32 @@ def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_ur
     assert "at revision 9999, later than this release ships; left as it is" in capsys.readouterr().out
 
 
+def test_a_migration_waits_for_a_table_lock_only_so_long(pg_url):
+    """An ALTER TABLE queued behind a long transaction holds every later query of the service behind it,
+    for as long as it waits: a migration statement now gives up after its lock timeout, the whole
+    migration rolls back (the revision unchanged), and it runs once the transaction is gone."""
+    upgrade(pg_url, "0005")
+
+    async def scenario():
+        store = Store(pg_url)
+        try:
+            async with store.engine.connect() as reader:
+                await reader.execute(text("SELECT count(*) FROM jobs"))  # a transaction holding jobs open
+                started = time.monotonic()
+                with pytest.raises(Exception, match="lock timeout"):
+                    await asyncio.to_thread(upgrade, pg_url, lock_timeout_s=0.5)
+                waited = time.monotonic() - started
+                await reader.rollback()
+            assert await current(store.engine) == "0005"
+            await asyncio.to_thread(upgrade, pg_url, lock_timeout_s=0.5)
+            assert await current(store.engine) == head()
+            return waited
+        finally:
+            await store.close()
+
+    assert _run(scenario()) < 30
+
+
 def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
     upgrade(db_url, "0001")
 

@@ -34,16 +34,19 @@ class SchemaError(RuntimeError):
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def _config(url: str) -> Config:
+def _config(url: str, lock_timeout_s: float | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["url"] = async_url(url)
+    if lock_timeout_s is not None:
+        config.attributes["lock_timeout_s"] = lock_timeout_s
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> str | None:
+def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = None) -> str | None:
     """Upgrade the database at ``url`` to ``revision`` (blocking: it runs its own event loop, so call it
-    where no loop runs, e.g. in a thread).
+    where no loop runs, e.g. in a thread). On PostgreSQL each statement waits at most ``lock_timeout_s``
+    (default 10 s) for a table lock, then the whole migration fails and changes nothing.
 
     Returns
     -------
@@ -61,7 +64,7 @@ def upgrade(url: str, revision: str = "head") -> str | None:
                        "release migrated it. Migrations only add, so this release runs on it unchanged.",
                        redact(url), at, head())
         return at
-    command.upgrade(_config(url), revision)
+    command.upgrade(_config(url, lock_timeout_s), revision)
     return None
 
 

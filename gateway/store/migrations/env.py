@@ -2,7 +2,11 @@
 
 Runs on the async engine the gateway uses (aiosqlite or asyncpg). On PostgreSQL the migration holds
 a transaction-level advisory lock, so replicas (or the Helm hook and a replica) that upgrade at the
-same moment run one after the other.
+same moment run one after the other. Once it holds that lock, each statement waits at most
+``config.attributes["lock_timeout_s"]`` for a table lock: an ALTER TABLE queued behind a long
+transaction would otherwise hold every query of the service behind it, for as long as it waits. The
+migration fails instead (its transaction rolls back whole) and is run again (the Helm hook's retries,
+the next gateway start).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from gateway.store.models import Base
 
 MIGRATION_LOCK = 0x63747363  # "ctsc": the advisory lock key of migrations
+LOCK_TIMEOUT_S = 10.0  # the longest a migration statement waits for a table lock
 
 target_metadata = Base.metadata
 
@@ -27,6 +32,8 @@ def _run(connection: Connection) -> None:
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+            timeout_ms = int(1000 * context.config.attributes.get("lock_timeout_s", LOCK_TIMEOUT_S))
+            connection.execute(text(f"SET LOCAL lock_timeout = {timeout_ms}"))
         context.run_migrations()
 
 
