@@ -235,6 +235,20 @@ lies above this holds no air at -1000: its air is stored near 0 (unsigned storag
 its intercept is -1024."""
 
 
+ALWAYS_LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})  # JPEG baseline, extended
+MAYBE_LOSSY = frozenset({"1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91"})  # JPEG-LS near-lossless, JPEG 2000
+
+
+def lossy_compressed(ds: Any, transfer_syntax_uid: str) -> bool:
+    """Whether an object's pixels went through lossy compression: Lossy Image Compression (0028,2110) is
+    "01" (also when a lossy copy was stored again losslessly), or its transfer syntax is lossy (JPEG
+    baseline or extended always; JPEG-LS near-lossless and JPEG 2000 unless the object says "00")."""
+    flag = str(ds.get("LossyImageCompression", "") or "").strip()
+    if flag == "01" or transfer_syntax_uid in ALWAYS_LOSSY:
+        return True
+    return transfer_syntax_uid in MAYBE_LOSSY and flag != "00"
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     """What series selection and sorting need to know about one frame (one slice)."""
@@ -263,6 +277,8 @@ class FrameHeader:
     warnings: tuple[str, ...] = ()
     intercept_missing: bool = False
     """No Rescale Intercept: :func:`decode_hu` takes -1024 when the stored air is near 0, else 0."""
+    lossy: bool = False
+    """The pixels went through lossy compression (:func:`lossy_compressed`)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -539,6 +555,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     base_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType") or ()))
+    lossy = lossy_compressed(ds, ts)
     out = []
     for f in frames:
         warnings: list[str] = []
@@ -593,6 +610,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 intercept=intercept,
                 transfer_syntax_uid=ts,
                 intercept_missing=intercept_missing,
+                lossy=lossy,
                 warnings=tuple(warnings),
             )
         )

@@ -41,7 +41,9 @@ from pydicom.dataset import Dataset
 from ctscreen.contracts import SLICE_SIZE
 from ctscreen.machine import cores
 from gateway.dicom import (
+    ALWAYS_LOSSY,
     CT_SOP_CLASSES,
+    MAYBE_LOSSY,
     FrameHeader,
     GridMapping,
     decode_hu,
@@ -493,6 +495,11 @@ def _assemble(
         warnings.append(
             f"Series {uid} could not be decoded; screened series {selection.series_instance_uid}."
         )
+    lossy = [h for h in ordered.slices if h.lossy]
+    if lossy:
+        syntaxes = ", ".join(sorted({_lossy_label(h.transfer_syntax_uid) for h in lossy}))
+        warnings.append(f"{len(lossy)} of {len(ordered.slices)} slice(s) lossy compressed ({syntaxes}): the models "
+                        "learnt from lossless CT, so faint opacities may be missed; screen the lossless original.")
     if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
@@ -608,6 +615,16 @@ def make_decode_pool(workers: int) -> ProcessPoolExecutor:
         raise ValueError(f'Argument "workers" must be >= 1, got {workers}.')
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=protect_logs)
+
+
+def _lossy_label(transfer_syntax_uid: str) -> str:
+    """How a lossy slice was compressed: its transfer syntax's name, or its Lossy Image Compression flag
+    (a lossy copy stored again in a lossless syntax)."""
+    from pydicom.uid import UID
+
+    if transfer_syntax_uid in ALWAYS_LOSSY | MAYBE_LOSSY:
+        return UID(transfer_syntax_uid).name
+    return "Lossy Image Compression 01"
 
 
 def _frame_name(h: FrameHeader) -> str:

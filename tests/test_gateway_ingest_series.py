@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSNearLossless, RLELossless, generate_uid
 
 from aggregator.case import CaseRule, case_result
 from ctscreen.contracts import EMPTY_BOX
@@ -50,6 +50,25 @@ def test_order_follows_the_normal_not_the_z_axis() -> None:
     assert study.normal == (0.0, 0.0, -1.0)
     assert [s.position_mm for s in study.slices] == [0.0, 3.0, 6.0, 9.0, 12.0]
     assert [s.filename for s in study.slices] == [f"s{i:04d}.dcm" for i in range(5)]
+
+
+def test_lossy_compressed_slices_are_flagged_once_for_the_study() -> None:
+    """The models learnt from lossless CT: a study with lossy slices (a JPEG 2000 or JPEG-LS near-lossless
+    syntax, or a lossy copy stored again losslessly, Lossy Image Compression 01) says so in one warning;
+    a lossless syntax says nothing."""
+    series = make_series(4, rows=32, cols=32, transfer_syntax=JPEG2000)
+    (warned,) = [w for w in load_study(_files(series)).warnings if "lossy" in w]
+    assert warned.startswith("4 of 4 slice(s) lossy compressed (JPEG 2000 Image Compression)")
+    lossless = make_series(4, rows=32, cols=32, transfer_syntax=JPEG2000Lossless)
+    assert not [w for w in load_study(_files(lossless)).warnings if "lossy" in w]
+    mixed = make_series(3, rows=32, cols=32)
+    again = pydicom.dcmread(io.BytesIO(mixed[0][1]))
+    again.LossyImageCompression = "01"
+    near = pydicom.dcmread(io.BytesIO(mixed[1][1]))
+    files = [("a.dcm", to_bytes(again)), ("b.dcm", to_bytes(near, JPEGLSNearLossless)), ("c.dcm", mixed[2][1])]
+    (warned,) = [w for w in load_study(files).warnings if "lossy" in w]
+    assert warned.startswith("2 of 3 slice(s) lossy compressed (JPEG-LS Lossy (Near-Lossless) Image Compression, "
+                             "Lossy Image Compression 01)"), warned
 
 
 def _no_findings(study) -> list[SliceBoxes]:
