@@ -182,6 +182,23 @@ def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened
     assert page.locator("#viewer rect.lesion").count() == len(result.slices[1].boxes)
 
 
+def test_the_study_view_lists_the_results_warnings(stack, screened, page, tmp_path):
+    """What the reader must know about the input (here: a 256 matrix resampled to 512) is on the study
+    view, each warning once, as the result holds them; a study without warnings has no such section."""
+    study = phantom.make_study(seed=15, kind="covid", n_slices=N_SLICES, matrix=256)
+    (outcome,) = screen_paths(stack.url, [Path(phantom.write_study(study, tmp_path / "small"))], quiet=True)
+    assert outcome.error is None, outcome.error
+    warnings = CaseResult.model_validate(outcome.result).warnings
+    assert any("resampled to 512x512" in w for w in warnings), warnings
+    page.goto(f"{stack.url}/#/study/{outcome.job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    assert page.locator("section.warnings li").all_inner_texts() == warnings
+    covid_id, covid = screened["covid"]
+    page.goto(f"{stack.url}/#/study/{covid_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    assert page.locator("section.warnings li").all_inner_texts() == covid.warnings
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""

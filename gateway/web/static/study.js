@@ -111,6 +111,10 @@ function viewer(main, job) {
       h("dt", {}, "Spacing"), h("dd", {}, result.nominal_spacing_mm ? `${result.nominal_spacing_mm.toFixed(2)} mm` : "—"),
       h("dt", {}, "Time taken"), h("dd", {}, fmtSeconds(result.timings.total_s)),
       h("dt", {}, "Finished"), h("dd", {}, fmtDate(job.finished_at))),
+    // what the reader must know about the input: lossy slices, gaps, a derived series, resampling ...
+    result.warnings.length ? h("section", { class: "warnings", "aria-label": "Warnings" },
+      h("h2", {}, `Warnings (${result.warnings.length})`),
+      h("ul", {}, result.warnings.map((w) => h("li", {}, w)))) : null,
     models,
     h("div", { class: "downloads" }, h("h2", {}, "Download"),
       h("button", { type: "button", onclick: () => saveJson(result, `ctscreen-result-${job.job_id}.json`) }, "CaseResult (JSON)"),
