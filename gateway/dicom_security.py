@@ -8,7 +8,10 @@
 * **SOP-class allow-list** (``CTSCREEN_DICOM_SOP_CLASSES``): a subset of the CT storage classes the decoder
   reads; the others are not negotiated.
 * **TLS** (``CTSCREEN_DICOM_TLS_CERT`` / ``_KEY``; ``_CA`` makes it mutual: peers must present a certificate
-  signed by that CA), TLS 1.2 or later (PS3.15 Annex B.9 "BCP 195" profile).
+  signed by that CA), TLS 1.2 or later (PS3.15 Annex B.9 "BCP 195" profile). With
+  ``CTSCREEN_DICOM_TLS_BIND_AE_TITLE`` the calling AE title must be the certificate's subject CN or a DNS
+  name of its subjectAltName (else rejected, diagnostic 0x03): a certificate issued to one scanner cannot
+  call as another sender (the allow-list's host check alone lets any certified host use any listed title).
 * **Watermarks** (:class:`gateway.stow.Watermark`, for C-STORE and STOW-RS alike): 0xA700 (out of resources)
   while the backlog of slices waiting to be screened is above ``CTSCREEN_DICOM_MAX_BACKLOG_SLICES`` or the
   blob volume has less free space than ``CTSCREEN_DICOM_MIN_FREE_BYTES``, so a sender keeps what the
@@ -86,10 +89,13 @@ class PeerPolicy:
     ----------
     peers : Sequence[Peer]
         The allow-list; empty allows every calling AE from every host.
+    bind_certificates : bool
+        The calling AE title must be a name of the peer's TLS certificate (:func:`certificate_names`).
     """
 
-    def __init__(self, peers: Sequence[Peer]) -> None:
+    def __init__(self, peers: Sequence[Peer], bind_certificates: bool = False) -> None:
         self.peers = list(peers)
+        self.bind_certificates = bind_certificates
 
     def allows(self, ae_title: str, address: str) -> bool:
         """Whether ``ae_title`` may call from ``address``."""
@@ -113,6 +119,8 @@ class PeerPolicy:
             diagnostic, why = CALLED_AE_NOT_RECOGNISED, "called_ae_not_recognised"
         elif not self.allows(ae, address):
             diagnostic, why = CALLING_AE_NOT_RECOGNISED, "calling_ae_not_recognised"
+        elif self.bind_certificates and ae not in certificate_names(_peer_certificate(assoc)):
+            diagnostic, why = CALLING_AE_NOT_RECOGNISED, "calling_ae_not_its_certificate"
         else:
             return
         logger.warning("DICOM association from %r at %s rejected: %s", ae[:16], address, why)
@@ -120,6 +128,25 @@ class PeerPolicy:
             notify(ae, address, why)
         assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
         assoc.kill()  # as pynetdicom's own rejections do: waits until the DUL has sent the A-ASSOCIATE-RJ
+
+
+def certificate_names(cert: dict[str, Any] | None) -> set[str]:
+    """The names a peer certificate (``ssl.SSLSocket.getpeercert()``) is issued to: its subject CNs and the
+    DNS names of its subjectAltName; none without a certificate.
+
+    >>> sorted(certificate_names({"subject": ((("commonName", "CT_ROOM_1"),),),
+    ...                           "subjectAltName": (("DNS", "ct1.example.org"), ("IP Address", "10.0.0.5"))}))
+    ['CT_ROOM_1', 'ct1.example.org']
+    """
+    if not cert:
+        return set()
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    return names | {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+
+
+def _peer_certificate(assoc: Any) -> dict[str, Any] | None:
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    return sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
 
 
 def tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:

@@ -309,10 +309,11 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
     if settings.dicom_port is None:
         return None
     peers = parse_peers(settings.dicom_allowed_peers)
+    bind = settings.dicom_tls_bind_ae_title
     cert, key, ca = settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca
     scp = StorageScp(stow, asyncio.get_running_loop(), port=settings.dicom_port, host=settings.dicom_host,
                      ae_title=settings.dicom_ae_title, metrics=metrics,
-                     peers=PeerPolicy(peers) if peers else None,
+                     peers=PeerPolicy(peers, bind) if peers or bind else None,
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
                      audit=audit, limits=ScpLimits.from_settings(settings))

@@ -257,6 +257,10 @@ class Settings(BaseSettings):
     dicom_tls_cert: Path | None = Field(None, description="PEM certificate of the DICOM SCP (enables TLS).")
     dicom_tls_key: Path | None = Field(None, description="PEM private key of that certificate.")
     dicom_tls_ca: Path | None = Field(None, description="CA bundle; if set, peers must present a certificate (mTLS).")
+    dicom_tls_bind_ae_title: bool = Field(
+        False, description="With mutual TLS, a calling AE title must be its certificate's subject CN or a DNS name "
+                           "of its subjectAltName: a certificate then speaks for one sender only."
+    )
     dicom_max_backlog_slices: int | None = Field(
         None, ge=1, description="C-STORE and STOW-RS refuse instances (0xA700) while this gateway counts more slices "
                                 "than this waiting to be screened (a study being received is let finish)."
@@ -322,6 +326,9 @@ class Settings(BaseSettings):
             raise ValueError("CTSCREEN_DICOM_TLS_CERT and CTSCREEN_DICOM_TLS_KEY go together.")
         if self.dicom_tls_ca is not None and self.dicom_tls_cert is None:
             raise ValueError("CTSCREEN_DICOM_TLS_CA (mutual TLS) needs CTSCREEN_DICOM_TLS_CERT and CTSCREEN_DICOM_TLS_KEY.")
+        if self.dicom_tls_bind_ae_title and self.dicom_tls_ca is None:
+            raise ValueError("CTSCREEN_DICOM_TLS_BIND_AE_TITLE needs mutual TLS (CTSCREEN_DICOM_TLS_CA): without "
+                             "a client certificate there is nothing to bind the AE title to.")
         parse_peers(self.dicom_allowed_peers)
         check_sop_classes(self.dicom_sop_classes)
         return self

@@ -215,6 +215,32 @@ def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path):
 
 
 @needs_dcmtk
+def test_a_certificate_speaks_for_its_own_ae_title_only(scp_factory, pki):
+    """Bound (CTSCREEN_DICOM_TLS_BIND_AE_TITLE), the client certificate issued to GOODSCU calls as GOODSCU,
+    not as another title the allow-list knows: the host check alone let any certified host use any listed
+    title. The binding needs mutual TLS."""
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings
+
+    peers = parse_peers(["GOODSCU@127.0.0.1", "OTHERSCU@127.0.0.1"])
+    context = tls_context(pki / "server.crt", pki / "server.key", pki / "ca.crt")
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+    bound = scp_factory(peers=PeerPolicy(peers, bind_certificates=True), ssl_context=context)
+    ok = _echo(bound.port, "-aet", "GOODSCU", *tls)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    other = _echo(bound.port, "-aet", "OTHERSCU", *tls)
+    out = other.stdout + other.stderr
+    assert other.returncode != 0 and "Calling AE Title Not Recognized" in out, out
+    records = [json.loads(line) for line in scp_factory.audit_path.read_text().splitlines()]
+    assert [r["reason"] for r in records if r["outcome"] == "denied"] == ["calling_ae_not_its_certificate"]
+    loose = scp_factory(peers=PeerPolicy(peers), ssl_context=context)
+    assert _echo(loose.port, "-aet", "OTHERSCU", *tls).returncode == 0  # what the binding stops
+    with pytest.raises(ValidationError, match="needs mutual TLS"):
+        Settings(dicom_tls_bind_ae_title=True, dicom_tls_cert=pki / "server.crt", dicom_tls_key=pki / "server.key")
+
+
+@needs_dcmtk
 def test_a_silent_connection_does_not_keep_tls_senders_out(scp_factory, pki):
     """pynetdicom shook TLS hands in its one accepting thread with no deadline: a TCP connection that sent
     nothing kept every sender out until it closed. The handshake now runs in each association's thread."""
