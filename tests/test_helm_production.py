@@ -90,6 +90,31 @@ def test_alerts_cover_backlog_triton_engine_build_and_deliveries(production):
     assert find(production, "PrometheusRule")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
+
+def test_alerts_watch_the_intake_and_the_volumes_and_name_their_runbook(production):
+    """Senders told to retry (0xA700 / 503) and the volumes filling (the blob claim; the in-chart
+    PostgreSQL's claim, not an external database's) alert before the intake refuses everything; each
+    alert names its section of the chart README's runbook when a base URL is set."""
+    rules = _rules(production)
+    refusing = rules["CtscreenIntakeRefusing"]["expr"]
+    assert "ctscreen_errors_total" in refusing and 'reason=~"out_of_resources.*|store_unavailable"' in refusing
+    blobs = rules["CtscreenBlobVolumeFilling"]["expr"]
+    assert f'persistentvolumeclaim="{RELEASE}-blobs"' in blobs and "< 0.15" in blobs
+    assert "CtscreenDatabaseVolumeFilling" not in rules  # production: an external database (existingSecret)
+    base = _production()["monitoring"]["prometheusRule"]["runbookBaseUrl"]
+    alerts = {n: r for n, r in rules.items() if n != FLEET}
+    assert {r["annotations"]["runbook_url"] for r in alerts.values()} == {f"{base}#{n.lower()}" for n in alerts}
+    runbook = (ROOT / "helm" / "ctscreen" / "README.md").read_text().split("## Runbook", 1)[1]
+    assert all(f"### {n}" in runbook for n in alerts), "every alert has its runbook section"
+    in_chart = _rules(render({"monitoring": {"prometheusRule": {"enabled": True}}}))
+    claim = f'persistentvolumeclaim="data-{RELEASE}-postgresql-0"'
+    assert claim in in_chart["CtscreenDatabaseVolumeFilling"]["expr"]
+    assert all("runbook_url" not in r["annotations"] for n, r in in_chart.items() if n != FLEET)
+    pg = find(render({}), "StatefulSet", "-postgresql")
+    assert f"{pg['spec']['volumeClaimTemplates'][0]['metadata']['name']}-{pg['metadata']['name']}-0" \
+        == claim.split('"')[1]  # the claim the StatefulSet makes for its pod 0
+
+
 # --- network openings ------------------------------------------------------------------------------------
 
 
