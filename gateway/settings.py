@@ -333,6 +333,11 @@ class Settings(BaseSettings):
         check_sop_classes(self.dicom_sop_classes)
         return self
     # --- deliveries to PACS / RIS (gateway.delivery) -------------------------------------------------
+    uid_root: str | None = Field(
+        None, description="The organisation's DICOM UID root (e.g. 1.2.840.99999.7.): the SRs and key images "
+                          "are made under it; empty: pydicom's root 1.2.826.0.1.3680043.8.498. Changing it "
+                          "changes the UIDs of results made again."
+    )
     destinations_file: Path | None = Field(
         None, description="YAML or JSON file of destinations (DICOM C-STORE, STOW-RS, FHIR) and their rules; "
                           "validated at start (default: results are not sent anywhere).")
@@ -362,6 +367,17 @@ class Settings(BaseSettings):
         from gateway.delivery.config import load_destinations
 
         return load_destinations(self.destinations_file)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_uid_root(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        root = value.strip().rstrip(".") + "."
+        if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", root) or len(root) > 40:
+            raise ValueError(f"{value.strip()!r} is not a DICOM UID root: digits in dot-separated parts without "
+                             "leading zeros, at most 40 characters (the rest of the 64 carry each UID's own part).")
+        return root
 
     @field_validator("database_url")
     @classmethod

@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["aggregator.case", "aggregator.metrics", "aggregator.schema", "aggregator.keyimages", "aggregator.fhir"])
+@pytest.mark.parametrize("name", ["aggregator.case", "aggregator.metrics", "aggregator.schema", "aggregator.keyimages",
+                                  "aggregator.fhir", "aggregator.sr"])
 def test_doctests(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

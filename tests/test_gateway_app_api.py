@@ -11,6 +11,7 @@ import io
 import time
 import zipfile
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -346,6 +347,7 @@ def test_openapi_lists_the_routes():
 
 
 def test_results_and_sr_survive_a_restart(tmp_path):
+    """Results and SRs outlive the process; the SR is made under the site's UID root when one is set."""
     with TestClient(_app(data_dir=tmp_path)) as client:
         ids = []
         for lesion in ([1, 2, 3], []):
@@ -359,6 +361,12 @@ def test_results_and_sr_survive_a_restart(tmp_path):
         assert client.get(f"/v1/studies/{uid}").json()["job_id"] == ids[1]
         sr = client.get(f"/v1/jobs/{ids[0]}/sr")
         assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+        plain = pydicom.dcmread(io.BytesIO(sr.content))
+        assert plain.SOPInstanceUID.startswith("1.2.826.0.1.3680043.8.498.")
+    with TestClient(_app(data_dir=tmp_path, uid_root="1.2.840.99999.7")) as client:
+        ours = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{ids[0]}/sr").content))
+        assert ours.SOPInstanceUID.startswith("1.2.840.99999.7.") and ours.SeriesInstanceUID.startswith("1.2.840.99999.7.")
+        assert ours.StudyInstanceUID == plain.StudyInstanceUID  # the study's own UID is the scanner's
 
 
 # --- DICOMweb STOW-RS -------------------------------------------------------------------------------

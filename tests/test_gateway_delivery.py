@@ -169,11 +169,11 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
     """Version 2 of a study (an instance arrived after it was screened) is delivered after version 1: its SR
     names version 1's SR in the Predecessor Documents Sequence, and its FHIR bundle cancels version 1's
     report and observations by conditional update. Version 1 delivered again late (a re-send) stays
-    cancelled: its bundle only creates what is missing."""
+    cancelled: its bundle only creates what is missing. Every object is made under the site's UID root."""
     from aggregator.fhir import report_identifier
 
     async def scenario():
-        settings = _settings(tmp_path)
+        settings = _settings(tmp_path, uid_root="1.2.840.99999.7")  # the site's UID root: every object under it
         store, blobs, first = await _done_job(settings, study_files)
         ris = FhirReceiver()
         destinations = parse_destinations([_pacs(orthanc), {"name": "ris", "kind": "fhir", "url": ris.url}])
@@ -187,7 +187,10 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             return next(o["uid"] for o in pacs.payload["objects"] if o["kind"] == "sr")
 
         try:
-            first_sr = sr_uid(await _until(deliverer, first.job_id, {"done"}))
+            first_tasks = await _until(deliverer, first.job_id, {"done"})
+            first_sr = sr_uid(first_tasks)
+            (pacs,) = [t for t in first_tasks if t.destination == "pacs"]
+            assert all(o["uid"].startswith("1.2.840.99999.7.") for o in pacs.payload["objects"])
             assert statuses() == {report_identifier(first): "preliminary"}
             _, _, second = await _done_job(settings, study_files, stores=(store, blobs))
             second_sr = sr_uid(await _until(deliverer, second.job_id, {"done"}))

@@ -400,6 +400,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
         assert (settings.dicom_acse_timeout_s, settings.dicom_dimse_timeout_s, settings.dicom_network_timeout_s) \
             == (30, 30, 60) and "CTSCREEN_DICOM_NETWORK_TIMEOUT_S" in env
     assert settings.dicom_tls_bind_ae_title is production
+    assert settings.uid_root == ("1.2.840.99999.7." if production else None)
     # /metrics on a port of its own, the one the Service, the ServiceMonitor and the NetworkPolicy name
     ports = {p["name"]: p["containerPort"] for p in container(gateway, "gateway")["ports"]}
     assert settings.metrics_port == ports["metrics"] != ports["http"]

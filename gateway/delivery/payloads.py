@@ -69,9 +69,11 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
 
 
 def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
-                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
+                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = (),
+                uid_root: str | None = None) -> list[dict[str, str]]:
     """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key. The SR names
-    the SRs of the ``earlier`` readings of the study as its predecessors.
+    the SRs of the ``earlier`` readings of the study as its predecessors; every UID is made under
+    ``uid_root`` (the organisation's; None: pydicom's).
 
     Raises
     ------
@@ -87,9 +89,9 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
     made = []
     try:
         if "sr" in objects:
-            made.append((SR, to_sr(result, datasets, predecessors=earlier)))
+            made.append((SR, to_sr(result, datasets, predecessors=earlier, uid_root=uid_root)))
         if "key_images" in objects:
-            made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
+            made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets, uid_root=uid_root)]
     except SourceError as exc:  # its message names UIDs only
         raise PayloadUnavailable(f"the source images cannot be used: {exc}") from None
     except (ValueError, AttributeError, TypeError) as exc:  # highdicom's message may quote a header value
