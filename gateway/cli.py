@@ -105,8 +105,13 @@ def run_stack(
 
     from ctscreen.embedded import EmbeddedTriton, Supervisor, free_port
     from gateway.main import create_app
+    from gateway.store.migrate import SchemaError, prepare_schema
 
     settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
+    try:  # so is a schema this release cannot run on
+        prepare_schema(settings.database(), settings.db_migrate)
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
     triton = supervisor = None
     try:
         if triton_url is None:
@@ -119,7 +124,7 @@ def run_stack(
                 # instead of three (docs/triton.md); CTSCREEN_TRITON_MODEL=ct_screen picks the ensemble
                 settings = settings.model_copy(update={"triton_model": triton.screen_model})
         settings = settings.model_copy(update={"triton_urls": [triton_url]})
-        app = create_app(settings)
+        app = create_app(settings, schema_ready=True)
         if triton is not None:
             supervisor = Supervisor(triton, start_timeout=start_timeout,
                                     on_restart=lambda: app.state.metrics.triton_restarts.inc())

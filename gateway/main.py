@@ -32,7 +32,7 @@ from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
-from gateway.store.migrate import SchemaError, check_schema, upgrade
+from gateway.store.migrate import SchemaError, check_schema, prepare_schema, upgrade
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
 from gateway.web import install as install_web
@@ -96,6 +96,7 @@ def create_app(
     *,
     client_factory: ClientFactory | None = None,
     loader: Loader | None = None,
+    schema_ready: bool = False,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -107,6 +108,9 @@ def create_app(
         Makes the Triton client of an endpoint (unit tests pass a fake; default: real gRPC).
     loader : Callable | None
         Turns uploaded files into a prepared study (default :func:`gateway.ingest.load_study`).
+    schema_ready : bool
+        The caller has upgraded and checked the schema (:func:`gateway.store.migrate.prepare_schema`);
+        otherwise the start does (``CTSCREEN_DB_MIGRATE``) and a schema it cannot run on fails it.
     """
     settings = settings or Settings()
     protect_logs()  # no header value (a malformed birth date ...) in pydicom's log records
@@ -115,15 +119,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         database = settings.database()
-        if settings.db_migrate:
+        if settings.db_migrate and not schema_ready:
             await asyncio.to_thread(upgrade, database)
         store = Store(database)
-        try:
-            await check_schema(store.engine, database)
-        except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
-            logger.error("%s", exc)
-            await store.close()
-            raise
+        if not schema_ready:
+            try:
+                await check_schema(store.engine, database)
+            except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
+                logger.error("%s", exc)
+                await store.close()
+                raise
         store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
@@ -209,6 +214,11 @@ def app_from_env() -> FastAPI:
     except ValidationError as exc:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
     try:
-        return create_app(settings)
+        app = create_app(settings, schema_ready=True)
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file
         raise SystemExit(f"ctscreen gateway: {exc}") from None
+    try:  # before uvicorn runs the lifespan: its failure would be logged as a traceback
+        prepare_schema(settings.database(), settings.db_migrate)
+    except SchemaError as exc:
+        raise SystemExit(f"ctscreen gateway: {exc}") from None
+    return app

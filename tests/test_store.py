@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 
 import pytest
@@ -105,7 +106,9 @@ def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_ur
             await store.close()
 
     _run(later_release())
-    assert _run(checked()) is None
+    caplog.clear()
+    assert _run(checked()) is None  # run on, and said (CTSCREEN_DB_MIGRATE=false upgrades nothing to warn)
+    assert "is at revision 9999, which this release" in caplog.text
     assert upgrade(db_url) == "9999"
     with TestClient(app()) as client:  # the upgrade at start leaves it; the gateway serves
         assert client.get("/healthz").status_code == 200
@@ -114,6 +117,47 @@ def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_ur
         mp.setenv("CTSCREEN_DATABASE_URL", db_url)
         assert db_main(["upgrade"]) == 0
     assert "at revision 9999, later than this release ships; left as it is" in capsys.readouterr().out
+
+
+def test_a_pool_with_every_connection_taken_is_unreachable_not_an_internal_error(pg_url):
+    """Every pooled connection held (15 against more associations and uploads than that) past the pool's
+    timeout: SQLAlchemy's own TimeoutError was neither a DBAPIError nor an OSError, so the intake's
+    ``except StoreError`` missed it (a 500, an exception in the C-STORE handler)."""
+    from gateway.store.store import StoreUnreachable
+
+    upgrade(pg_url)
+
+    async def scenario() -> None:
+        store = Store(pg_url)
+        held = []
+        try:
+            for _ in range(15):  # pool_size 5 + max_overflow 10
+                held.append(await store.engine.connect())
+            store.engine.sync_engine.pool._timeout = 0.2  # SQLAlchemy's 30 s, shortened for the test
+            with pytest.raises(StoreUnreachable, match="cannot be reached"):
+                await store.pending()
+        finally:
+            for connection in held:
+                await connection.close()
+            await store.close()
+
+    _run(scenario())
+
+
+def test_the_served_gateway_refuses_an_unmigrated_schema_with_one_line(tmp_path):
+    """What the chart runs (``uvicorn --factory gateway.main:app_from_env``) on a database never migrated,
+    with CTSCREEN_DB_MIGRATE=false: it stops at once with one line saying what to run; the check ran in
+    the lifespan, whose failure uvicorn logs as a traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CTSCREEN_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}", "CTSCREEN_DB_MIGRATE": "false",
+           "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_DATA_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--host",
+                          "127.0.0.1", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "ctscreen gateway: state store" in run.stderr and "has no schema: run `ctscreen db upgrade`" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout, run.stderr
 
 
 def test_a_migration_waits_for_a_table_lock_only_so_long(pg_url):
@@ -139,7 +183,7 @@ def test_a_migration_waits_for_a_table_lock_only_so_long(pg_url):
         finally:
             await store.close()
 
-    assert _run(scenario()) < 30
+    assert _run(scenario()) < 5  # the 0.5 s asked for, not the 10 s default
 
 
 def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):

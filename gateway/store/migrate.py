@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from alembic import command
@@ -106,6 +107,7 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
     ------
     SchemaError
         When the database was never migrated, or is at an earlier revision than this release's newest.
+        A revision this release does not ship is run on, with a warning.
     """
     at, newest = await current(engine), head()
     where = f"state store {redact(url)}"
@@ -114,3 +116,32 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
     if at != newest and shipped(at):
         raise SchemaError(f"{where} is at revision {at}; this release needs {newest}: run `ctscreen db upgrade` "
                           "(or start with CTSCREEN_DB_MIGRATE=true).")
+    if not shipped(at):  # a later release's (migrations only add), or not ctscreen's database at all
+        logger.warning("%s is at revision %s, which this release (newest %s) does not ship: a later release's "
+                       "schema, run on as it is (migrations only add); if no later release ran, check the URL",
+                       where, at, newest)
+
+
+def prepare_schema(url: str, migrate: bool) -> None:
+    """Upgrade the schema (when ``migrate``) and check it, before a server starts; callable from a running
+    event loop (it works in a thread of its own), as uvicorn's app factory is.
+
+    Raises
+    ------
+    SchemaError
+        As :func:`check_schema`.
+    """
+    async def check() -> None:
+        engine = create_async_engine(async_url(url))
+        try:
+            await check_schema(engine, url)
+        finally:
+            await engine.dispose()
+
+    def run() -> None:
+        if migrate:
+            upgrade(url)
+        asyncio.run(check())
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool:
+        pool.submit(run).result()

@@ -51,6 +51,7 @@ from sqlalchemy import (
 from sqlalchemy import Result as SqlResult
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -107,7 +108,8 @@ def async_url(url: str) -> str:
 
 class StoreUnreachable(ConnectionError):
     """The database could not be reached: its connection was refused, reset or timed out (a fail-over, a
-    restart). The driver raises these as OSError, not as a DBAPIError."""
+    restart; the driver raises these as OSError, not as a DBAPIError), or no pooled connection came free
+    in time (SQLAlchemy's pool timeout)."""
 
 
 StoreError = (DBAPIError, StoreUnreachable)
@@ -308,7 +310,8 @@ class Store:
         try:
             async with lock, self._sessions() as session, session.begin():
                 yield session
-        except (OSError, TimeoutError) as exc:  # the body is the store's own code: these come from the driver
+        except (OSError, TimeoutError, PoolTimeout) as exc:  # the body is the store's own code: these come
+            # from the driver, or from the pool when every connection stays taken past its timeout
             raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
 
     @contextlib.asynccontextmanager
@@ -317,7 +320,7 @@ class Store:
         try:
             async with self._readers() as session:
                 yield session
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, PoolTimeout) as exc:
             raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
 
     # --- instances and studies -------------------------------------------------------------------
