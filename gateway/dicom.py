@@ -236,13 +236,28 @@ its intercept is -1024."""
 
 
 ALWAYS_LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})  # JPEG baseline, extended
-MAYBE_LOSSY = frozenset({"1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91"})  # JPEG-LS near-lossless, JPEG 2000
+MAYBE_LOSSY = frozenset({
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+    "1.2.840.10008.1.2.4.93",   # JPEG 2000 Part 2 multi-component
+    "1.2.840.10008.1.2.4.112",  # JPEG XL
+    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000 (the lossless-only HTJ2K syntaxes are .201, .202)
+})
 
 
 def lossy_compressed(ds: Any, transfer_syntax_uid: str) -> bool:
     """Whether an object's pixels went through lossy compression: Lossy Image Compression (0028,2110) is
     "01" (also when a lossy copy was stored again losslessly), or its transfer syntax is lossy (JPEG
-    baseline or extended always; JPEG-LS near-lossless and JPEG 2000 unless the object says "00")."""
+    baseline or extended always; JPEG-LS near-lossless, JPEG 2000, HTJ2K and JPEG XL unless the object
+    says "00").
+
+    >>> from pydicom import Dataset
+    >>> [lossy_compressed(Dataset(), ts) for ts in ("1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.201")]
+    [True, False]
+    >>> stored = Dataset(); stored.LossyImageCompression = "00"
+    >>> lossy_compressed(stored, "1.2.840.10008.1.2.4.203"), lossy_compressed(stored, "1.2.840.10008.1.2.4.50")
+    (False, True)
+    """
     flag = str(ds.get("LossyImageCompression", "") or "").strip()
     if flag == "01" or transfer_syntax_uid in ALWAYS_LOSSY:
         return True

@@ -481,7 +481,10 @@ def _assemble(
                 grids[h.key],
             )
         )
-        warnings.extend(f"{_frame_name(h)}: {w}" for w in h.warnings)
+    # each slice-level warning once, counted: per file it repeated for every slice, and it named the
+    # uploader's file names (which may carry a patient's name) on every screen that shows the result
+    for warning, n in Counter(w for h in ordered.slices for w in h.warnings).items():
+        warnings.append(f"{n} of {len(ordered.slices)} slice(s): {warning}")
     first = ordered.slices[0]
     if ordered.duplicates:
         warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")

@@ -71,6 +71,22 @@ def test_lossy_compressed_slices_are_flagged_once_for_the_study() -> None:
                              "Lossy Image Compression 01)"), warned
 
 
+def test_a_slice_warning_is_said_once_for_the_study_without_file_names() -> None:
+    """A warning of every slice (Rescale missing) is one counted line; it was one line per slice, each
+    headed by the uploader's file name, which may carry a patient's name, onto every screen showing it."""
+    series = make_series(3, rows=32, cols=32)
+    files = []
+    for i, (_, data, _, _) in enumerate(series):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if i:  # two of three without rescale
+            del ds.RescaleSlope, ds.RescaleIntercept
+        files.append((f"DOE^JANE_{i}.dcm", to_bytes(ds)))
+    warnings = load_study(files).warnings
+    (warned,) = [w for w in warnings if "Rescale" in w]
+    assert warned.startswith("2 of 3 slice(s): Rescale Slope/Intercept missing"), warned
+    assert not [w for w in warnings if "DOE" in w]
+
+
 def _no_findings(study) -> list[SliceBoxes]:
     return [SliceBoxes(np.zeros((0, 5), np.float32), np.array(EMPTY_BOX, np.float32))] * study.n_slices
 

@@ -323,9 +323,12 @@ def test_a_view_left_behind_never_writes_to_the_page(stack, screened, page):
     old = [r for r in held if "verdict=positive" not in r.request.url]
     assert old, "the first view asked for no worklist"
     for route in old:
-        with page.expect_response(route.request.url):
+        with page.expect_response(route.request.url) as answer:
             route.continue_()
-    page.wait_for_timeout(300)  # the old view's handler runs after its answer arrives
+        answer.value.finished()  # its body is in: the old view's handler is due
+    for _ in range(3):  # let it run: its JSON parse, then the tasks and frames after it
+        page.evaluate("() => new Promise(r => setTimeout(() => requestAnimationFrame(() => r()), 0))")
+    page.wait_for_timeout(100)
     assert page.get_attribute("main", "data-loaded") is None, "the view left behind marked the page loaded"
     release["all"] = True
     for route in held:
@@ -334,6 +337,25 @@ def test_a_view_left_behind_never_writes_to_the_page(stack, screened, page):
     page.wait_for_function("() => document.querySelector('main').dataset.loaded")
     assert page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').count() == 1
     assert page.locator('tr[data-verdict="negative"]').count() == 0
+
+
+def test_a_study_view_left_behind_never_writes_its_error_to_the_page(stack, screened, page):
+    """The study view's "no such study" (a late 404, a network error) arriving after the user went back to
+    the worklist must not replace the worklist."""
+    held: list[Any] = []
+    page.route(lambda url: "/v1/jobs/deadbeef00" in url, lambda route: held.append(route))
+    page.goto(f"{stack.url}/#/study/deadbeef00")
+    page.wait_for_function("() => document.querySelector('main h1')?.textContent === 'Study'")
+    assert len(held) == 1
+    page.evaluate("() => { location.hash = '#/'; }")
+    page.wait_for_function("() => document.querySelector('main').dataset.loaded")
+    with page.expect_response(lambda r: "/v1/jobs/deadbeef00" in r.url) as answer:
+        held[0].fulfill(status=404, content_type="application/json", body='{"reason": "not_found", "message": "gone"}')
+    answer.value.finished()
+    for _ in range(3):
+        page.evaluate("() => new Promise(r => setTimeout(() => requestAnimationFrame(() => r()), 0))")
+    page.wait_for_timeout(100)
+    assert page.locator("table.worklist").count() == 1 and page.locator("main [role=alert]").count() == 0
 
 
 def test_a_live_reload_keeps_the_keyboard_focus_on_its_row(stack, screened, page, tmp_path):

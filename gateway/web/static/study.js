@@ -29,6 +29,7 @@ export function studyView(main, jobId) {
     try {
       job = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`);
     } catch (error) {
+      if (stopped) return;  // the user has moved on: this view no longer owns the page
       main.replaceChildren(h("h1", {}, "Study"), h("p", { role: "alert" },
         error instanceof ApiError && error.status === 404 ? "No such study (or its result has expired)." : error.message));
       return;
