@@ -12,7 +12,7 @@
   ``CTSCREEN_DICOM_TLS_BIND_AE_TITLE`` the calling AE title must be the certificate's subject CN or a DNS
   name of its subjectAltName (else rejected, diagnostic 0x03): a certificate issued to one scanner cannot
   call as another sender (the allow-list's host check alone lets any certified host use any listed title).
-* **Watermarks** (:class:`gateway.stow.Watermark`, for C-STORE and STOW-RS alike): 0xA700 (out of resources)
+* **Watermarks** (:class:`gateway.stow.Watermark`, for C-STORE, STOW-RS and uploads alike): 0xA700 (out of resources)
   while the backlog of slices waiting to be screened is above ``CTSCREEN_DICOM_MAX_BACKLOG_SLICES`` or the
   blob volume has less free space than ``CTSCREEN_DICOM_MIN_FREE_BYTES``, so a sender keeps what the
   gateway could not keep and retries later.

@@ -203,8 +203,8 @@ class StorageScp:
         ae.network_timeout = self.limits.network_timeout_s
         ae.require_called_aet = True  # a sender addresses this AE title (with or without a peer allow-list)
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_end),
-                    (evt.EVT_ABORTED, self._on_end)]
+                    (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
         # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
         # own thread under a deadline (see _handshake_in_its_thread)
         server = ae.make_server((self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context,
@@ -226,6 +226,19 @@ class StorageScp:
     def _on_requested(self, event: Any) -> None:
         if self.peers is not None:
             self.peers.on_requested(event, self._audit_rejected)
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom rejected an association itself (the policy's rejections never reach here): over the
+        association limit (transient: the sender retries), or, without an allow-list, a wrong called AE title."""
+        assoc = event.assoc
+        acceptors = sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
+        why = "association_limit" if acceptors > assoc.ae.maximum_associations else "called_ae_not_recognised"
+        primitive = assoc.requestor.primitive
+        ae = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        if why == "association_limit":
+            logger.warning("DICOM association from %r at %s rejected: %d associations open (the limit)",
+                           ae[:16], assoc.requestor.address, assoc.ae.maximum_associations)
+        self._audit_rejected(ae, str(assoc.requestor.address), why)
 
     def _audit_rejected(self, ae: str, address: str, why: str) -> None:
         self._refuse(why)

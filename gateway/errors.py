@@ -33,11 +33,13 @@ the message.
      |    +-- NotResendable                        not_resendable      409
      |    +-- SrUnavailable                        sr_unavailable      409
      +-- InstancesExpired(GatewayError)            instances_expired   410
-     +-- Busy(GatewayError, RuntimeError)          busy                429   (Retry-After)
+     +-- RetryLater(GatewayError)                  (a base: Retry-After; Busy and OutOfResources)
+     +-- Busy(RetryLater, RuntimeError)            busy                429   (Retry-After)
      |    +-- gateway.admission.OverBudget         over_budget         429   (Retry-After)
      +-- gateway.triton_pool.InferenceFailed       inference_failed    502
      +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
           +-- AuthUnavailable                      auth_unavailable    503   (Retry-After)
+          +-- OutOfResources(RetryLater, …)        out_of_resources    503   (Retry-After)
           +-- gateway.triton_pool.InferenceUnavailable
                                                    triton_unavailable  503   (Retry-After)
 
@@ -71,6 +73,8 @@ __all__ = [
     "NotDone",
     "NotFound",
     "NotResendable",
+    "OutOfResources",
+    "RetryLater",
     "NotRetryable",
     "SrUnavailable",
     "TooLarge",
@@ -322,8 +326,8 @@ class InstancesExpired(GatewayError):
     http_status = 410
 
 
-class Busy(GatewayError, RuntimeError):
-    """Too many studies are active; the client should retry after ``retry_after_s`` seconds.
+class RetryLater(GatewayError):
+    """A refusal the client should retry after ``retry_after_s`` seconds (a base: its subclasses name why).
 
     Parameters
     ----------
@@ -333,12 +337,16 @@ class Busy(GatewayError, RuntimeError):
         The ``Retry-After`` of the answer.
     """
 
-    reason = "busy"
-    http_status = 429
-
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Busy(RetryLater, RuntimeError):
+    """Too many studies are active; the client should retry after ``retry_after_s`` seconds."""
+
+    reason = "busy"
+    http_status = 429
 
 
 class Unavailable(GatewayError, RuntimeError):
@@ -346,6 +354,13 @@ class Unavailable(GatewayError, RuntimeError):
 
     reason = "unavailable"
     http_status = 503
+
+
+class OutOfResources(RetryLater, Unavailable):
+    """The gateway keeps no more now (the blob volume's free space or the backlog is past its watermark);
+    the client should retry after ``retry_after_s`` seconds."""
+
+    reason = "out_of_resources"
 
 
 class AuthUnavailable(Unavailable):

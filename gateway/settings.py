@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     max_queued_studies: int = Field(
         4, ge=0, le=1024, description="Accepted studies waiting for a slot; beyond this: 429."
     )
-    retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429 answer.")
+    retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429 answer and of a 503 the intake gives when it can keep no more.")
     max_upload_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Largest request body (413 beyond)."
     )
@@ -262,11 +262,11 @@ class Settings(BaseSettings):
                            "of its subjectAltName: a certificate then speaks for one sender only."
     )
     dicom_max_backlog_slices: int | None = Field(
-        None, ge=1, description="C-STORE and STOW-RS refuse instances (0xA700) while this gateway counts more slices "
+        None, ge=1, description="C-STORE and STOW-RS refuse instances (0xA700), uploads 503, while this gateway counts more slices "
                                 "than this waiting to be screened (a study being received is let finish)."
     )
     dicom_min_free_bytes: int | None = Field(
-        None, ge=0, description="C-STORE and STOW-RS refuse instances (0xA700) while the blob folder's volume has "
+        None, ge=0, description="C-STORE and STOW-RS refuse instances (0xA700), uploads 503, while the blob folder's volume has "
                                 "less free space than this."
     )
 
@@ -373,11 +373,12 @@ class Settings(BaseSettings):
     def _check_uid_root(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        root = value.strip().rstrip(".") + "."
-        if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", root) or len(root) > 40:
+        root = value.strip().rstrip(".")
+        if not re.fullmatch(r"[012](\.(0|[1-9][0-9]*))*", root) or len(root) > 40:  # as the chart's schema
             raise ValueError(f"{value.strip()!r} is not a DICOM UID root: digits in dot-separated parts without "
-                             "leading zeros, at most 40 characters (the rest of the 64 carry each UID's own part).")
-        return root
+                             "leading zeros, the first 0, 1 or 2, at most 40 characters (the rest of the 64 carry "
+                             "each UID's own part).")
+        return root + "."
 
     @field_validator("database_url")
     @classmethod

@@ -17,10 +17,12 @@ the instance and sends it again later. :meth:`Intake.refusal` decides it, once f
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +78,10 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
 
 
 class Watermark:
-    """Whether the gateway can keep one more instance now (checked on the event loop).
+    """Whether the gateway can keep more now: the blob volume's free space and the backlog of slices.
+
+    The disk is measured in a worker thread (a slow network volume never stalls the event loop), at
+    most once per ``disk_every_s``: a burst of instances shares one measurement.
 
     Parameters
     ----------
@@ -88,27 +93,46 @@ class Watermark:
         A folder on the volume that keeps accepted instances.
     min_free_bytes : int | None
         Below this free space on ``disk``: refuse.
+    disk_every_s : float
+        How long one measurement of the free space stands.
     """
 
     def __init__(self, backlog: Callable[[], int] | None = None, max_backlog_slices: int | None = None,
-                 disk: Path | None = None, min_free_bytes: int | None = None) -> None:
+                 disk: Path | None = None, min_free_bytes: int | None = None, disk_every_s: float = 1.0) -> None:
         self.backlog, self.max_backlog_slices = backlog, max_backlog_slices
         self.disk, self.min_free_bytes = disk, min_free_bytes
+        self.disk_every_s = disk_every_s
+        self._disk_full: tuple[float, bool] | None = None  # (measured at, full)
 
-    def refusal(self) -> str | None:
-        """None when an instance may be accepted, else the reason (``backlog`` or ``disk_full``)."""
+    async def refusal(self, may_finish: Callable[[], Awaitable[bool]] | None = None) -> str | None:
+        """None when more may be kept, else the reason: ``disk_full`` (always), ``backlog`` (unless
+        ``may_finish()`` says the sender is finishing a study already being received: cut off, it would be
+        screened in part)."""
+        if await self.disk_full():
+            return "disk_full"
         if self.max_backlog_slices is not None and self.backlog is not None and self.backlog() > self.max_backlog_slices:
-            return "backlog"
-        if self.min_free_bytes is not None and self.disk is not None:
-            folder = self.disk
-            while not folder.exists() and folder != folder.parent:
-                folder = folder.parent
-            try:
-                if shutil.disk_usage(folder).free < self.min_free_bytes:
-                    return "disk_full"
-            except OSError:
-                return "disk_full"
+            if may_finish is None or not await may_finish():
+                return "backlog"
         return None
+
+    async def disk_full(self) -> bool:
+        """Whether the blob volume has less free space than ``min_free_bytes`` (or cannot be measured)."""
+        if self.min_free_bytes is None or self.disk is None:
+            return False
+        now = time.monotonic()
+        if self._disk_full is None or now - self._disk_full[0] >= self.disk_every_s:
+            self._disk_full = (now, await asyncio.to_thread(self._measure, self.disk, self.min_free_bytes))
+        return self._disk_full[1]
+
+    @staticmethod
+    def _measure(disk: Path, min_free_bytes: int) -> bool:
+        folder = disk
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free < min_free_bytes
+        except OSError:
+            return True
 
 
 class Intake:
@@ -149,15 +173,20 @@ class Intake:
         when the receiving studies fill their limits.
         """
         try:
-            mark = self.watermark.refusal() if self.watermark is not None else None
-            if mark == "backlog" and await self.store.is_receiving(study_instance_uid):
-                mark = None
+            mark = None if self.watermark is None else await self.watermark.refusal(
+                functools.partial(self.store.is_receiving, study_instance_uid))
             if mark is not None:
                 return f"out_of_resources_{mark}"
             return None if await self.room_for(study_instance_uid, nbytes) else "out_of_resources"
         except StoreError as exc:  # nothing was kept: the sender retries
             logger.warning("an instance not taken: the state store cannot answer (%s)", type(exc).__name__)
             return "store_unavailable"
+
+    async def upload_refusal(self) -> str | None:
+        """Why a whole study uploaded at once cannot be kept now (a watermark; named as in
+        :meth:`refusal`), or None when it can."""
+        mark = None if self.watermark is None else await self.watermark.refusal()
+        return None if mark is None else f"out_of_resources_{mark}"
 
     async def room_for(self, study_instance_uid: str, nbytes: int) -> bool:
         """Whether an instance of ``nbytes`` for this study fits the limits now."""

@@ -27,6 +27,7 @@ from ctscreen.embedded import free_port
 from gateway.audit import AuditLog
 from gateway.dicom_security import Peer, PeerPolicy, parse_peers, tls_context
 from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, ScpLimits, StorageScp
+from gateway.metrics import Metrics
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake, Watermark
@@ -131,6 +132,10 @@ def test_sop_class_allow_list_and_watermark(scp_factory):
     assert (first, second, third) == (SUCCESS, OUT_OF_RESOURCES, SUCCESS)
 
 
+def _counted(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("ctscreen_errors_total", {"reason": reason}) or 0.0
+
+
 @needs_dcmtk
 def test_association_limit_and_idle_timeout(scp_factory):
     """One association past the limit is rejected as transient (dcmtk's echoscu sees "local limit
@@ -139,7 +144,8 @@ def test_association_limit_and_idle_timeout(scp_factory):
     from pynetdicom import AE as ApplicationEntity
     from pynetdicom.sop_class import Verification
 
-    scp = scp_factory(limits=ScpLimits(max_associations=1, network_timeout_s=1.0))
+    metrics = Metrics()
+    scp = scp_factory(limits=ScpLimits(max_associations=1, network_timeout_s=1.0), metrics=metrics)
     scu = ApplicationEntity(ae_title="TESTSCU")
     scu.add_requested_context(Verification)
     held = scu.associate("127.0.0.1", scp.port, ae_title=AE)
@@ -147,6 +153,11 @@ def test_association_limit_and_idle_timeout(scp_factory):
     second = _echo(scp.port)
     out = second.stdout + second.stderr
     assert second.returncode != 0 and "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+    deadline = time.monotonic() + 5  # counted (the intake-refusing alert sees a saturated SCP) and audited
+    while not _counted(metrics, "association_limit") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _counted(metrics, "association_limit") == 1
+    assert '"reason":"association_limit"' in scp_factory.audit_path.read_text().replace(" ", "")
     deadline = time.monotonic() + 10
     while held.is_established and time.monotonic() < deadline:  # idle: sends nothing
         time.sleep(0.1)

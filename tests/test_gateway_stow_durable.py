@@ -163,6 +163,37 @@ def test_a_full_volume_refuses_every_instance_as_busy_and_keeps_none(tmp_path):
     assert _blobs(tmp_path) == 0
 
 
+def test_a_study_being_received_may_finish_past_the_backlog_watermark_never_past_the_disk_one(tmp_path):
+    """Above the backlog watermark a new study is refused and the one being received is let finish; below
+    the disk watermark even that one is refused (the disk check was skipped for it, so a nearly full
+    volume kept filling); an upload obeys both too (503 out_of_resources, Retry-After)."""
+    from gateway.stow import Watermark
+
+    uid, files = ct_series(3, size=128)
+    other_uid, others = ct_series(1, size=128)
+    with TestClient(_app(3600.0, tmp_path, retry_after_s=7)) as client:
+        intake = client.app.state.stow
+        _stow(client, files[:1])
+        intake.watermark = Watermark(backlog=lambda: 100, max_backlog_slices=10)
+        _stow(client, files[1:2])  # the study being received
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in others]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 503 and _failure_reasons(r.json()) == {0xA700}  # a new study
+        up = client.post("/v1/studies", files=[("files", ("a.dcm", others[0][1], "application/dicom"))])
+        assert up.status_code == 503 and up.json()["reason"] == "out_of_resources", up.text
+        assert up.headers["retry-after"] == "7" and "waiting to be screened" in up.json()["message"]
+        intake.watermark = Watermark(disk=tmp_path, min_free_bytes=2**62)
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files[2:]]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 503 and _failure_reasons(r.json()) == {0xA700}, r.text  # even the study being received
+        up = client.post("/v1/studies", files=[("files", ("a.dcm", others[0][1], "application/dicom"))])
+        assert up.status_code == 503 and "nearly full" in up.json()["message"]
+        metrics = client.get("/metrics").text
+        assert 'reason="out_of_resources_backlog"' in metrics and 'reason="out_of_resources_disk_full"' in metrics
+        assert client.get(f"/v1/studies/{uid}").json()["instances_received"] == 2
+        assert client.get(f"/v1/studies/{other_uid}").status_code == 404
+
+
 def test_a_state_store_that_cannot_answer_is_busy_not_an_internal_error(tmp_path, caplog):
     """The state store away (a fail-over) while instances arrive: 503 and 0xA700 per instance, counted;
     it was an unexpected error (a traceback, 503 internal_error, no Store Instances Response)."""

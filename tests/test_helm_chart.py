@@ -240,6 +240,9 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         # the gateway refuses a grace under 5 minutes (a write and the row that names it take seconds apart)
         ({"state": {"retention": {"orphanGraceMinutes": 4}}}, "/state/retention/orphanGraceMinutes"),
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
+        ({"gateway": {"uidRoot": "3.1.2"}}, "/gateway/uidRoot"),  # the first arc is 0, 1 or 2
+        ({"gateway": {"uidRoot": "1.02"}}, "/gateway/uidRoot"),
+        ({"gateway": {"uidRoot": "1." + "2" * 39}}, "/gateway/uidRoot"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(values, message):
@@ -260,12 +263,33 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
          "enable monitoring.prometheusRule"),
         ({"triton": {"priorityClass": {"create": True}}}, "needs triton.priorityClassName"),
         ({"triton": {"rollout": {"progressDeadlineSeconds": 3600}}}, "2 models x engines.buildTimeoutSeconds 1800"),
+        # a security control the gateway would refuse without mutual TLS was dropped from the pod silently
+        ({"gateway": {"dicom": {"tls": {"bindAeTitle": True}}}}, "bindAeTitle ties a calling AE title"),
+        ({"gateway": {"dicom": {"tls": {"secretName": "s", "mutual": False, "bindAeTitle": True}}}},
+         "needs mutual TLS"),
+        ({"state": {"migrateOnStart": False}}, "nothing would migrate a new install"),
     ],
 )
 def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):
     with pytest.raises(helm.HelmError) as info:
         render(patch)
     assert message in str(info.value)
+
+
+def test_a_uid_root_the_schema_accepts_the_gateway_accepts():
+    """One rule in both places: a 40-character root passed ``helm install`` and the pod then crash-looped
+    (the gateway counted the dot it appends)."""
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings
+
+    with helm.Chart.load(CHART) as chart:
+        for root in ("1." + "2" * 38, "1." + "2" * 37 + ".", "2.25"):
+            chart.validate_schema({"gateway": {"uidRoot": root}})
+            assert Settings(uid_root=root).uid_root == root.rstrip(".") + "."
+    for bad in ("3.1", "1.02", "1." + "2" * 39):
+        with pytest.raises(ValidationError, match="not a DICOM UID root"):
+            Settings(uid_root=bad)
 
 
 def test_production_values_pass_the_schema():
@@ -395,7 +419,12 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     production = value_set == "production"
     assert settings.dicom_min_free_bytes == (20 if production else 2) * 1024**3
     assert settings.dicom_max_backlog_slices == (40000 if production else None)
-    assert settings.dicom_max_associations == (24 if production else 10)
+    if production:  # the default values leave DICOM off, and the SCP's settings unset
+        assert settings.dicom_max_associations == 24 == int(env["CTSCREEN_DICOM_MAX_ASSOCIATIONS"])
+    else:
+        assert "CTSCREEN_DICOM_MAX_ASSOCIATIONS" not in env and "CTSCREEN_DICOM_PORT" not in env
+    assert env["CTSCREEN_STOW_MAX_PENDING_STUDIES"] == "16" and settings.stow_max_pending_studies == 16
+    assert settings.stow_max_pending_bytes == 4 * 1024**3 == int(env["CTSCREEN_STOW_MAX_PENDING_BYTES"])
     if production:
         assert (settings.dicom_acse_timeout_s, settings.dicom_dimse_timeout_s, settings.dicom_network_timeout_s) \
             == (30, 30, 60) and "CTSCREEN_DICOM_NETWORK_TIMEOUT_S" in env

@@ -97,7 +97,7 @@ def test_alerts_watch_the_intake_and_the_volumes_and_name_their_runbook(producti
     alert names its section of the chart README's runbook when a base URL is set."""
     rules = _rules(production)
     refusing = rules["CtscreenIntakeRefusing"]["expr"]
-    assert "ctscreen_errors_total" in refusing and 'reason=~"out_of_resources.*|store_unavailable"' in refusing
+    assert "ctscreen_errors_total" in refusing and 'reason=~"out_of_resources.*|store_unavailable|association_limit"' in refusing
     blobs = rules["CtscreenBlobVolumeFilling"]["expr"]
     assert f'persistentvolumeclaim="{RELEASE}-blobs"' in blobs and "< 0.15" in blobs
     assert "CtscreenDatabaseVolumeFilling" not in rules  # production: an external database (existingSecret)

@@ -23,7 +23,7 @@ from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
-from gateway.errors import TooLarge, Unavailable, UploadError
+from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
 from gateway.jobs import Busy, JobError, JobNotFound, JobView
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
@@ -159,6 +159,12 @@ def _spool_dir(settings: Settings) -> Path:
     return new_spool(settings.spool_dir())
 
 
+_WATERMARKS = {
+    "out_of_resources_disk_full": "The gateway's blob volume is nearly full; retry later.",
+    "out_of_resources_backlog": "Too many slices are waiting to be screened; retry later.",
+}
+
+
 def limits_of(settings: SettingsDep) -> UploadLimits:
     """Upload limits from the settings."""
     return UploadLimits(max_upload_bytes=settings.max_upload_bytes,
@@ -184,6 +190,7 @@ async def check_capacity(store: Store, settings: Settings) -> None:
         415: {"description": "not DICOM"},
         422: {"description": "not CT, no pixel data, undecodable, no usable series, mixed studies"},
         429: {"description": "too many studies in progress, or too many bytes in flight; see Retry-After"},
+        503: {"description": "the blob volume or the backlog is past its watermark; see Retry-After"},
     },
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -193,9 +200,12 @@ async def check_capacity(store: Store, settings: Settings) -> None:
     }}},
 )
 async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, blobs: BlobsDep,
-                       screener: ScreenerDep, worker: WorkerDep, _: WriteAccess) -> JSONResponse:
+                       screener: ScreenerDep, worker: WorkerDep, stow: StowDep, _: WriteAccess) -> JSONResponse:
     """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
     await check_capacity(store, settings)  # before reading the body: a full gateway holds no more uploads
+    refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
+    if refusal is not None:
+        raise OutOfResources(_WATERMARKS[refusal], settings.retry_after_s)
     content_type = request.headers.get("content-type", "application/octet-stream")
     filename = request.headers.get("x-filename", "upload")[:255]
     # streamed to disk under the in-flight budget (429 before reading when over it); held until the
