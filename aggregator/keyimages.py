@@ -112,7 +112,6 @@ def key_images(
     *,
     series_instance_uid: str | None = None,
     series_number: int = KEY_SERIES_NUMBER,
-    uid_root: str | None = None,
 ) -> list[Dataset]:
     """Encode the slices of ``result``'s evidence run as Secondary Capture images with the boxes drawn.
 
@@ -126,8 +125,8 @@ def key_images(
         Of the key-image series; by default derived from the result (one new series per result).
     series_number : int
         Of the key-image series.
-    uid_root : str or None
-        The organisation's UID root the images' UIDs are made under (:func:`aggregator.sr.stable_uid`).
+
+    The images' UIDs are made under ``result.uid_root`` (:func:`aggregator.sr.stable_uid`).
 
     Returns
     -------
@@ -149,7 +148,7 @@ def key_images(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
            result.verdict)
-    series = series_instance_uid or stable_uid(*key, "key-images-series", root=uid_root)
+    series = series_instance_uid or stable_uid(*key, "key-images-series", root=result.uid_root)
     out: list[Dataset] = []
     for n, evidence in enumerate(result.evidence.slices, start=1):
         ds = by_uid.get(evidence.sop_instance_uid)
@@ -173,7 +172,7 @@ def key_images(
             study_instance_uid=result.study_instance_uid,
             series_instance_uid=series,
             series_number=series_number,
-            sop_instance_uid=stable_uid(*key, "key-image", evidence.sop_instance_uid, root=uid_root),
+            sop_instance_uid=stable_uid(*key, "key-image", evidence.sop_instance_uid, root=result.uid_root),
             instance_number=n,
             manufacturer="ctscreen",
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,

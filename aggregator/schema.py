@@ -8,7 +8,7 @@ Layout
 ::
 
     CaseResult
-    ├── schema_version, job_id, created_at, software_version
+    ├── schema_version, job_id, created_at, software_version, uid_root
     ├── study_instance_uid, series_instance_uid
     ├── verdict (positive | negative | indeterminate), reason (code), message (text)
     ├── evidence: Evidence | None       the run of slices, its quadrant and its boxes
@@ -214,6 +214,10 @@ class CaseResult(_Model):
     job_id: str | None = None
     created_at: datetime | None = None
     software_version: str | None = None
+    uid_root: str | None = Field(
+        None, description="the DICOM UID root its SR and key images are made under, fixed when the result is made "
+                          "(the site's; null: pydicom's), so a result sent again, or named by a later reading, keeps "
+                          "its UIDs when the site's root changes")
     study_instance_uid: str
     series_instance_uid: str
     verdict: Verdict

@@ -65,11 +65,11 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
     return out
 
 
-def sr_uids(result: CaseResult, root: str | None = None) -> tuple[str, str]:
-    """The Series and SOP Instance UIDs of ``result``'s SR (derived from it: the same result, the same UIDs),
-    also what a later reading of the study names as its predecessor."""
+def sr_uids(result: CaseResult) -> tuple[str, str]:
+    """The Series and SOP Instance UIDs of ``result``'s SR (derived from it, under its own UID root: the same
+    result, the same UIDs), also what a later reading of the study names as its predecessor."""
     key = _key(result)
-    return stable_uid(*key, "series", root=root), stable_uid(*key, "sop", root=root)
+    return stable_uid(*key, "series", root=result.uid_root), stable_uid(*key, "sop", root=result.uid_root)
 
 
 def _key(result: CaseResult) -> tuple[object, ...]:
@@ -93,14 +93,14 @@ def stable_uid(*parts: object, root: str | None = None) -> str:
     return str(generate_uid(prefix=root or PYDICOM_ROOT_UID, entropy_srcs=["ctscreen-sr", *[str(p) for p in parts]]))
 
 
-def _predecessor(result: CaseResult, root: str | None) -> Dataset:
+def _predecessor(result: CaseResult) -> Dataset:
     """What highdicom reads of an earlier SR to name it as a predecessor: its four UIDs."""
     from pydicom.dataset import Dataset
     from pydicom.uid import Comprehensive3DSRStorage
 
     ds = Dataset()
     ds.StudyInstanceUID = result.study_instance_uid
-    ds.SeriesInstanceUID, ds.SOPInstanceUID = sr_uids(result, root)
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = sr_uids(result)
     ds.SOPClassUID = Comprehensive3DSRStorage
     return ds
 
@@ -188,7 +188,6 @@ def to_sr(
     series_number: int = 9901,
     instance_number: int = 1,
     predecessors: Sequence[CaseResult] = (),
-    uid_root: str | None = None,
 ) -> Dataset:
     """Encode ``result`` as a Comprehensive 3D SR (TID 1500).
 
@@ -206,9 +205,9 @@ def to_sr(
         Of the SR.
     predecessors : Sequence[CaseResult]
         Earlier readings of the same study (earlier versions) this one replaces: their SRs are named in
-        the Predecessor Documents Sequence, by the UIDs :func:`sr_uids` gives them.
-    uid_root : str or None
-        The organisation's UID root every UID made here is under (:func:`stable_uid`).
+        the Predecessor Documents Sequence, by the UIDs :func:`sr_uids` gives them (each under its own root).
+
+    Every UID made here is under ``result.uid_root`` (:func:`stable_uid`).
 
     Returns
     -------
@@ -270,7 +269,7 @@ def to_sr(
     sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in evidence_uids if u in by_uid]
     groups: list = [
         MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=stable_uid(*key, "case", root=uid_root), identifier=f"case verdict: {result.reason}"),
+            tracking_identifier=TrackingIdentifier(uid=stable_uid(*key, "case", root=result.uid_root), identifier=f"case verdict: {result.reason}"),
             finding_type=covid,
             algorithm_id=algorithm,
             finding_sites=lung,
@@ -298,7 +297,7 @@ def to_sr(
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=stable_uid(*key, "box", n, root=uid_root), identifier=f"lesion {n + 1}, slice {index}, {', '.join(box.quadrants)}"
+                    uid=stable_uid(*key, "box", n, root=result.uid_root), identifier=f"lesion {n + 1}, slice {index}, {', '.join(box.quadrants)}"
                 ),
                 referenced_region=region,
                 finding_type=codes.SCT.Lesion,
@@ -315,7 +314,7 @@ def to_sr(
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=stable_uid("device", version, root=uid_root), name="ctscreen", manufacturer_name="ctscreen", model_name="ctscreen",
+            uid=stable_uid("device", version, root=result.uid_root), name="ctscreen", manufacturer_name="ctscreen", model_name="ctscreen",
         ),
     )
     report = MeasurementReport(
@@ -323,14 +322,14 @@ def to_sr(
         procedure_reported=CodedConcept("24627-2", "LN", "CT Chest"),
         imaging_measurements=groups,
     )
-    series_uid, sop_uid = sr_uids(result, uid_root)
+    series_uid, sop_uid = sr_uids(result)
     return Comprehensive3DSR(
         evidence=images,
         content=report,
         series_instance_uid=series_instance_uid or series_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or sop_uid,
-        previous_versions=[_predecessor(p, uid_root) for p in predecessors] or None,
+        previous_versions=[_predecessor(p) for p in predecessors] or None,
         instance_number=instance_number,
         manufacturer="ctscreen",
         is_complete=True,

@@ -97,11 +97,9 @@ def sr_context(datasets: Iterable[Any]) -> SrContext | None:
         return None
 
 
-def encode_sr(result: CaseResult, context: SrContext, earlier: Sequence[CaseResult] = (),
-              uid_root: str | None = None) -> bytes:
+def encode_sr(result: CaseResult, context: SrContext, earlier: Sequence[CaseResult] = ()) -> bytes:
     """The DICOM Part 10 bytes of the Comprehensive 3D SR (TID 1500) of ``result`` (``earlier``: the study's
-    earlier readings, its predecessors; ``uid_root``: the organisation's UID root; the same as the delivered
-    SR's, so one SOP Instance UID, one content).
+    earlier readings, its predecessors; the same as the delivered SR's, so one SOP Instance UID, one content).
 
     Raises
     ------
@@ -110,7 +108,7 @@ def encode_sr(result: CaseResult, context: SrContext, earlier: Sequence[CaseResu
     """
     from aggregator.sr import to_sr
 
-    sr = to_sr(result, context.datasets(), predecessors=earlier, uid_root=uid_root)
+    sr = to_sr(result, context.datasets(), predecessors=earlier)
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

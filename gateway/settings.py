@@ -335,8 +335,8 @@ class Settings(BaseSettings):
     # --- deliveries to PACS / RIS (gateway.delivery) -------------------------------------------------
     uid_root: str | None = Field(
         None, description="The organisation's DICOM UID root (e.g. 1.2.840.99999.7.): the SRs and key images "
-                          "are made under it; empty: pydicom's root 1.2.826.0.1.3680043.8.498. Changing it "
-                          "changes the UIDs of results made again."
+                          "are made under it; empty: pydicom's root 1.2.826.0.1.3680043.8.498. Each result keeps the "
+                          "root it was made under (its uid_root): a change applies to results made after it."
     )
     destinations_file: Path | None = Field(
         None, description="YAML or JSON file of destinations (DICOM C-STORE, STOW-RS, FHIR) and their rules; "

@@ -217,6 +217,7 @@ class Worker:
                 on_aggregate=lambda: set_state(JobState.aggregating))
             context = prepared.sr_context.to_json() if prepared.sr_context is not None else None
             del prepared
+            result = result.model_copy(update={"uid_root": self.settings.uid_root})  # its SR's UIDs, for good
             if not await self.store.finish(job.id, result, context):
                 raise LeaseLost(job.id)
             logger.info("job %s done: %s (%d slices)", job.id, result.verdict, result.n_slices)

@@ -347,11 +347,15 @@ def test_openapi_lists_the_routes():
 
 
 def test_results_and_sr_survive_a_restart(tmp_path):
-    """Results and SRs outlive the process; the SR is made under the site's UID root when one is set."""
+    """Results and SRs outlive the process. The SR is made under the site's UID root when one is set, and a
+    result keeps the root it was made under: once the root changed, an earlier SR sent again came under new
+    UIDs (a second copy in the PACS), and a later reading named its predecessor by UIDs never sent."""
     with TestClient(_app(data_dir=tmp_path)) as client:
         ids = []
         for lesion in ([1, 2, 3], []):
             uid, files = ct_series(5, lesion=lesion)
+            if not ids:
+                first_files = files
             r = client.post("/v1/studies", files=upload_files(files))
             ids.append(r.json()["job_id"])
             wait_job(client, ids[-1])
@@ -364,9 +368,16 @@ def test_results_and_sr_survive_a_restart(tmp_path):
         plain = pydicom.dcmread(io.BytesIO(sr.content))
         assert plain.SOPInstanceUID.startswith("1.2.826.0.1.3680043.8.498.")
     with TestClient(_app(data_dir=tmp_path, uid_root="1.2.840.99999.7")) as client:
-        ours = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{ids[0]}/sr").content))
+        again = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{ids[0]}/sr").content))
+        assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (plain.SOPInstanceUID, plain.SeriesInstanceUID)
+        r = client.post("/v1/studies", files=upload_files(first_files))  # the first study, read again
+        assert wait_job(client, r.json()["job_id"])["result"]["uid_root"] == "1.2.840.99999.7."
+        ours = pydicom.dcmread(io.BytesIO(client.get(f"/v1/jobs/{r.json()['job_id']}/sr").content))
         assert ours.SOPInstanceUID.startswith("1.2.840.99999.7.") and ours.SeriesInstanceUID.startswith("1.2.840.99999.7.")
         assert ours.StudyInstanceUID == plain.StudyInstanceUID  # the study's own UID is the scanner's
+        named = ours.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert (named.SeriesInstanceUID, named.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) \
+            == (plain.SeriesInstanceUID, plain.SOPInstanceUID)  # the SR the PACS holds, by its own UIDs
 
 
 # --- DICOMweb STOW-RS -------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: s
                          LESION if k in (2, 3, 4) else np.zeros((0, 5)), VA, rows=int(d.Rows), cols=int(d.Columns))
               for k, d in enumerate(headers)]
     result = decide(inputs).to_result(study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID),
-                                      job_id=view.job_id)
-    assert result.verdict == "positive"
+                                      job_id=view.job_id).model_copy(update={"uid_root": settings.uid_root})
+    assert result.verdict == "positive"  # made as the worker makes it: under the site's UID root
     context = sr_context(headers)
     assert await store.finish(view.job_id, result, context.to_json() if context else None)
     return store, blobs, result

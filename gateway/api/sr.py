@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from aggregator.sr import SourceError
-from gateway.api.deps import SettingsDep, StoreDep
+from gateway.api.deps import StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.auth import AUTH_RESPONSES, results_read
 from gateway.errors import NotDone, SrUnavailable
@@ -27,7 +27,7 @@ DICOM = "application/dicom"
     responses={200: {"content": {DICOM: {}}}, 404: {"description": "no such job"},
                409: {"description": "the job is not done, or its SR cannot be made"}},
 )
-async def job_sr(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+async def job_sr(job_id: str, store: StoreDep) -> Response:
     """The verdict, the case-rule evidence and its lesion boxes as a DICOM Part 10 SR file."""
     view = await store.job(checked_job_id(job_id))  # JobNotFound -> 404 (malformed ids before the store)
     if view.state != JobState.done or view.result is None:
@@ -37,8 +37,7 @@ async def job_sr(job_id: str, store: StoreDep, settings: SettingsDep) -> Respons
         raise SrUnavailable(f"The image headers of job {job_id} could not be read; no SR can be made for it.")
     context = SrContext.from_json(stored)
     try:
-        data = await run_in_threadpool(encode_sr, view.result, context, await store.earlier_results(job_id),
-                                       settings.uid_root)
+        data = await run_in_threadpool(encode_sr, view.result, context, await store.earlier_results(job_id))
     except SourceError as exc:  # its message names UIDs only
         raise SrUnavailable(f"No SR for job {job_id}: {exc}") from exc
     except (ValueError, AttributeError, TypeError) as exc:  # headers highdicom refuses: its message may quote one

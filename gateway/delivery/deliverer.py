@@ -243,7 +243,7 @@ class Deliverer:
                 sources = [(name, self.blobs.get(key)) for name, key in files]
             except FileNotFoundError:
                 raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
-            return payloads.build_dicom(result, sources, dest.objects, put, earlier, self.settings.uid_root)
+            return payloads.build_dicom(result, sources, dest.objects, put, earlier)
 
         objects = await asyncio.to_thread(build)
         payload = {"verdict": result.verdict, "objects": objects}

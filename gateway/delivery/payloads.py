@@ -69,11 +69,10 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
 
 
 def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
-                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = (),
-                uid_root: str | None = None) -> list[dict[str, str]]:
+                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
     """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key. The SR names
-    the SRs of the ``earlier`` readings of the study as its predecessors; every UID is made under
-    ``uid_root`` (the organisation's; None: pydicom's).
+    the SRs of the ``earlier`` readings of the study as its predecessors; every UID is made under the
+    result's own UID root (``result.uid_root``, fixed when it was made).
 
     Raises
     ------
@@ -89,9 +88,9 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
     made = []
     try:
         if "sr" in objects:
-            made.append((SR, to_sr(result, datasets, predecessors=earlier, uid_root=uid_root)))
+            made.append((SR, to_sr(result, datasets, predecessors=earlier)))
         if "key_images" in objects:
-            made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets, uid_root=uid_root)]
+            made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
     except SourceError as exc:  # its message names UIDs only
         raise PayloadUnavailable(f"the source images cannot be used: {exc}") from None
     except (ValueError, AttributeError, TypeError) as exc:  # highdicom's message may quote a header value
