@@ -50,8 +50,9 @@ class InstanceHeader:
     study_instance_uid: str
 
 
-def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
-    """Read the SOP Class, SOP Instance and Study Instance UIDs of one DICOM instance.
+def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeader:
+    """Read the SOP Class, SOP Instance and Study Instance UIDs of one DICOM instance (its bytes, or a file:
+    only its header is read).
 
     Raises
     ------
@@ -59,14 +60,17 @@ def read_header(data: bytes, filename: str = "instance") -> InstanceHeader:
         When ``data`` is not a DICOM data set holding the three UIDs.
     """
     try:
+        source = data if isinstance(data, Path) else io.BytesIO(data)
         try:
-            ds: pydicom.Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS)
+            ds: pydicom.Dataset = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_TAGS)
         except InvalidDicomError:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS, force=True)
+            if not isinstance(source, Path):
+                source.seek(0)
+            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_TAGS, force=True)
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
     except Exception:  # pydicom raises many types; the decoder's reader knows the hard cases
         # (e.g. explicit VR big endian with undefined-length UN sequences, which pydicom 3.0 cannot read)
-        ds = read_dataset(data, filename)  # raises NotDicom with the reason
+        ds = read_dataset(data.read_bytes() if isinstance(data, Path) else data, filename)  # NotDicom, with why
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
     if not all(values):
         missing = [t for t, v in zip(_TAGS, values, strict=True) if not v]
@@ -195,8 +199,9 @@ class Intake:
             return False
         return held + nbytes <= self.max_pending_bytes
 
-    async def add(self, header: InstanceHeader, filename: str, data: bytes) -> None:
-        """Store one instance durably (blob fsynced, row committed); replaces one with the same UID.
+    async def add(self, header: InstanceHeader, filename: str, data: bytes | Path) -> None:
+        """Store one instance (its bytes, or a file that stays the caller's) durably (blob fsynced, row
+        committed); replaces one with the same UID.
 
         Raises
         ------
@@ -205,14 +210,14 @@ class Intake:
         """
         key = new_key()
         try:
-            await asyncio.to_thread(self.blobs.put, key, data)
+            await asyncio.to_thread(self.blobs.put_many, [(key, data)])
         except OSError as exc:
             logger.error("instance %s not stored: cannot write its blob: %s", header.sop_instance_uid, exc)
             raise Unavailable(f"The instance could not be stored durably: {exc.strerror or exc}.",
                               filename=filename) from exc
         try:
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
-                                                     filename, key, len(data))
+                                                     filename, key, _size(data))
         except Exception as exc:  # its blob stays: the commit may have landed (the orphan sweep checks)
             logger.error("instance %s not stored: the state store failed: %s", header.sop_instance_uid,
                          type(exc).__name__)
@@ -229,3 +234,7 @@ class Intake:
             When no instance of the study was received.
         """
         return await self.store.complete_now(study_instance_uid, self.deadline_s)
+
+
+def _size(data: bytes | Path) -> int:
+    return data.stat().st_size if isinstance(data, Path) else len(data)

@@ -15,13 +15,14 @@ can lie:
   declared sizes lie;
 * archives inside archives are refused (:class:`~gateway.errors.BadArchive`).
 
-:func:`split_multipart_related` splits a ``multipart/related`` body (DICOMweb STOW-RS) into parts;
-:class:`MultipartSplitter` does it as the body arrives, into files (:class:`FilePart`), so that an upload's
-parts are never held in memory.
+:class:`MultipartSplitter` splits a ``multipart/*`` body into parts as it arrives, into files
+(:class:`FilePart`), so that an upload's parts are never held in memory; :func:`spool_multipart` does it
+for a whole ``multipart/related`` body (DICOMweb STOW-RS).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import mmap
@@ -31,7 +32,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast, overload
@@ -43,8 +44,7 @@ from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBom
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "split_multipart_related",
-           "sweep_spools"]
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "spool_multipart", "sweep_spools"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
@@ -261,40 +261,34 @@ def _read_member(
     return bytes(buf)
 
 
-def _release(body: bytes | mmap.mmap, end: int) -> None:
-    """Drop the mapped pages of a memory-mapped body before ``end`` (already copied into parts)."""
-    if isinstance(body, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and end >= mmap.PAGESIZE:
-        body.madvise(mmap.MADV_DONTNEED, 0, end - end % mmap.PAGESIZE)
-
-
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
-def split_multipart_related(
-    body: bytes, content_type: str, *, max_parts: int = 10000
-) -> list[tuple[dict[str, str], bytes]]:
-    """Split a ``multipart/related`` (or any ``multipart/*``) body into its parts.
+async def spool_multipart(chunks: AsyncIterator[bytes], content_type: str, spool: Path, *,
+                          max_parts: int = 10000) -> list[tuple[dict[str, str], Path]]:
+    """Split a ``multipart/related`` (or any ``multipart/*``) body into its parts as it arrives, each written
+    to a new file in ``spool`` (:class:`FilePart`): no part, and not the body, is ever held in memory.
 
-    The framing (RFC 2046 5.1) is parsed by python-multipart's streaming :class:`MultipartParser`,
-    which is generic over ``multipart/*`` (it does not require form-data's Content-Disposition). The
-    body is fed to it 1 MiB at a time and the pages of a memory-mapped body are dropped behind the
-    parser, so the resident memory is the parts themselves, not the body as well. The stdlib
-    :mod:`email` parser is not used: it needs the whole body as one ``str`` (twice its size for binary
-    data) and reports a truncated body as a defect instead of failing.
+    The framing (RFC 2046 5.1) is parsed by python-multipart's streaming :class:`MultipartParser`
+    (:class:`MultipartSplitter`), which is generic over ``multipart/*`` (it does not require form-data's
+    Content-Disposition). The stdlib :mod:`email` parser is not used: it needs the whole body as one
+    ``str`` (twice its size for binary data) and reports a truncated body as a defect instead of failing.
 
     Parameters
     ----------
-    body : bytes
-        The request body (``bytes``, or the admission's read-only ``mmap``).
+    chunks : AsyncIterator[bytes]
+        The request body as it arrives.
     content_type : str
         The request's Content-Type header, which carries the boundary.
+    spool : Path
+        Where the parts' files go (the caller removes it; a part being written when the body fails stays).
     max_parts : int
         Most parts accepted.
 
     Returns
     -------
-    list[tuple[dict[str, str], bytes]]
-        ``(headers, content)`` per part; header names are lower case.
+    list[tuple[dict[str, str], Path]]
+        ``(headers, file)`` per part; header names are lower case.
 
     Raises
     ------
@@ -302,13 +296,14 @@ def split_multipart_related(
         No boundary, no closing delimiter, or a malformed part.
     gateway.errors.TooLarge
         More than ``max_parts`` parts.
+    OSError
+        A part could not be written to ``spool``.
     """
-    splitter = MultipartSplitter(content_type, _BytesPart, max_parts=max_parts)
-    parts: list[tuple[dict[str, str], bytes]] = []
+    splitter = MultipartSplitter(content_type, functools.partial(FilePart, spool), max_parts=max_parts)
+    parts: list[tuple[dict[str, str], Path]] = []
     try:
-        for pos in range(0, len(body), _CHUNK):
-            parts += splitter.feed(body[pos : pos + _CHUNK])
-            _release(body, pos)
+        async for chunk in chunks:
+            parts += splitter.feed(chunk)
             if splitter.ended:
                 break
         splitter.close()
@@ -343,17 +338,6 @@ def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:
         except OSError:  # another replica removed it first
             continue
     return removed
-
-
-class _BytesPart:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: memoryview) -> None:
-        self.buf.extend(data)
-
-    def finish(self) -> bytes:
-        return bytes(self.buf)
 
 
 class FilePart:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import os
 import stat
+import tempfile
 import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +21,7 @@ from gateway.uploads import (
     UploadLimits,
     is_zip,
     iter_upload,
-    split_multipart_related,
+    spool_multipart,
 )
 
 KiB = 1024
@@ -183,33 +187,25 @@ def test_multipart_related_split() -> None:
         ]
     )
     ct = 'multipart/related; type="application/dicom"; boundary="b0undary"'
-    parts = split_multipart_related(body, ct)
+    parts = _split(body, ct)
     assert [p[1] for p in parts] == [body1, body2]
     assert parts[1][0] == {"content-type": "application/dicom", "content-id": "<2>"}
     # unquoted boundary parameter, and no preamble
-    parts = split_multipart_related(
+    parts = _split(
         body[len(b"preamble to ignore\r\n") :], "multipart/related; boundary=b0undary"
     )
     assert len(parts) == 2
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 11, 64])
-def test_multipart_split_across_feed_chunks(monkeypatch: pytest.MonkeyPatch, tmp_path, chunk: int) -> None:
-    """The body is fed to the parser in chunks: a delimiter or header cut anywhere still splits the same,
-    from bytes and from the admission's read-only mmap."""
-    import mmap
-
-    import gateway.uploads as uploads
+def test_multipart_split_across_feed_chunks(tmp_path, chunk: int) -> None:
+    """The body arrives in chunks: a delimiter or header cut anywhere still splits the same."""
 
     parts = [({"Content-Type": "application/dicom"}, b"\r\n--b0undar" + bytes(range(40))), ({}, b""),
              ({"Content-ID": "<3>"}, b"x" * 33)]
     body = _multipart(parts) + b"epilogue"
-    monkeypatch.setattr(uploads, "_CHUNK", chunk)
     expected = [({k.lower(): v for k, v in h.items()}, c) for h, c in parts]
-    assert split_multipart_related(body, "multipart/related; boundary=b0undary") == expected
-    (tmp_path / "body").write_bytes(body)
-    with open(tmp_path / "body", "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        assert split_multipart_related(view, "multipart/related; boundary=b0undary") == expected  # type: ignore[arg-type]
+    assert _split(body, "multipart/related; boundary=b0undary", chunk=chunk) == expected
     # the same parts written to files as they arrive (the upload route: nothing held in memory)
     (tmp_path / "spool").mkdir()
     splitter = MultipartSplitter("multipart/related; boundary=b0undary", functools.partial(FilePart, tmp_path / "spool"))
@@ -284,13 +280,13 @@ def test_blobs_renamed_before_a_failing_rename_are_taken_back(tmp_path, monkeypa
 )
 def test_multipart_errors(body: bytes, ctype: str, match: str) -> None:
     with pytest.raises(UploadError, match=match):
-        split_multipart_related(body, ctype)
+        _split(body, ctype)
 
 
 def test_multipart_part_limit() -> None:
     body = _multipart([({}, b"a")] * 5)
     with pytest.raises(TooLarge):
-        split_multipart_related(body, "multipart/related; boundary=b0undary", max_parts=4)
+        _split(body, "multipart/related; boundary=b0undary", max_parts=4)
 
 
 def test_the_splitter_hands_out_each_part_as_soon_as_it_ends() -> None:
@@ -337,11 +333,24 @@ def test_an_abandoned_body_closes_the_part_being_written(tmp_path) -> None:
                                             (b"--b0undary\r\n\r\nok\r\n--b0undary\r\nbad\r\n--b0undary--", 2)])
 def test_a_malformed_part_is_named_by_its_number(body: bytes, part: int) -> None:
     with pytest.raises(UploadError, match=f"part {part} is malformed"):
-        split_multipart_related(body, "multipart/related; boundary=b0undary")
+        _split(body, "multipart/related; boundary=b0undary")
+
+
+def _split(body: bytes, content_type: str, *, max_parts: int = 10000, chunk: int = 1 << 20,
+           ) -> list[tuple[dict[str, str], bytes]]:
+    """:func:`spool_multipart` of ``body`` arriving ``chunk`` bytes at a time; its parts' files read back."""
+    async def chunks() -> AsyncIterator[bytes]:
+        for pos in range(0, len(body), chunk):
+            yield body[pos : pos + chunk]
+
+    with tempfile.TemporaryDirectory() as spool:
+        parts = asyncio.run(spool_multipart(chunks(), content_type, Path(spool), max_parts=max_parts))
+        assert all(p.parent == Path(spool) for _, p in parts)
+        return [(h, p.read_bytes()) for h, p in parts]
 
 
 class _Bytes:
-    """A part's content kept in memory (what ``split_multipart_related`` does)."""
+    """A part's content kept in memory."""
 
     def __init__(self) -> None:
         self.buf = bytearray()

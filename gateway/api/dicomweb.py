@@ -15,19 +15,22 @@ Each stored study's progress and result are at ``GET /v1/studies/{uid}`` (``Cont
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from gateway.admission import client_key, drop_pages
+from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
-from gateway.errors import GatewayError, NotDicom
-from gateway.stow import CT_STORAGE, read_header
+from gateway.errors import GatewayError, NotDicom, Unavailable
+from gateway.metrics import Metrics
+from gateway.stow import CT_STORAGE, Intake, read_header
 from gateway.uids import check_uid
-from gateway.uploads import split_multipart_related
+from gateway.uploads import new_spool, spool_multipart
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
                    responses=AUTH_RESPONSES)
@@ -82,13 +85,9 @@ def _media_error(message: str) -> JSONResponse:
     return JSONResponse(body, status_code=415)
 
 
-def _parse(body: bytes, content_type: str) -> list[tuple[str, bytes, dict[str, str]]]:
-    parts = split_multipart_related(body, content_type)
-    return [(f"part-{i + 1}", content, headers) for i, (headers, content) in enumerate(parts)]
-
-
 async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep,
                  study_instance_uid: str | None) -> JSONResponse:
+    """Spool the body's parts to files as it arrives (no instance is held in memory whole), then store them."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "multipart/related":
@@ -97,13 +96,29 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     if match is None or match.group(1).strip().lower() != "application/dicom":
         found = match.group(1) if match else "none"
         return _media_error(f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
-    async with request.app.state.admission.body(request, settings.max_upload_bytes, client_key(request)) as body:
-        parts = await run_in_threadpool(_parse, body, content_type)
-        drop_pages(body)
+    try:
+        spool = await run_in_threadpool(new_spool, settings.spool_dir())
+    except OSError as exc:
+        raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
+    try:
+        async with request.app.state.admission.stream(request, settings.max_upload_bytes, client_key(request)) as body:
+            try:
+                parts = await spool_multipart(body, content_type, spool)
+            except OSError as exc:
+                raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
+        return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s)
+    finally:
+        await run_in_threadpool(shutil.rmtree, spool, True)
+
+
+async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics: Metrics,
+                study_instance_uid: str | None, retry_after_s: int) -> JSONResponse:
+    """Store each spooled part; the Store Instances Response."""
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: list[str] = []
-    for name, content, headers in parts:
+    for i, (headers, content) in enumerate(parts):
+        name = f"part-{i + 1}"
         part_type = headers.get("content-type", "application/dicom").split(";", 1)[0].strip().lower()
         if part_type != "application/dicom":
             metrics.error("unsupported_media_type")
@@ -122,7 +137,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
             metrics.error("not_ct")
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
             continue
-        refusal = await stow.refusal(header.study_instance_uid, len(content))
+        refusal = await stow.refusal(header.study_instance_uid, content.stat().st_size)
         if refusal is not None:  # the sender keeps it and retries
             metrics.error(refusal)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
@@ -143,7 +158,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
         body_json["00081198"] = {"vr": "SQ", "Value": failed}
     if not parts:
         return _media_error("The multipart/related body holds no part.")
-    return _dicom_json(store_status(referenced, failed), body_json, studies, settings.retry_after_s)
+    return _dicom_json(store_status(referenced, failed), body_json, studies, retry_after_s)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
