@@ -37,6 +37,7 @@ import threading
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom import uid as _uid
@@ -186,13 +187,17 @@ class StorageScp:
 
     def start(self) -> None:
         """Listen (in pynetdicom's own threads); returns at once."""
-        from pynetdicom import AE, evt
+        from pynetdicom import AE, _config, evt
         from pynetdicom.events import EventHandlerType
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import, from its UID table
             Verification,
         )
         from pynetdicom.utils import make_target
 
+        # each received instance is written to a temporary file as its fragments arrive (then stored from
+        # there), not gathered in memory: an enhanced CT is a whole series in one instance (process-wide;
+        # the gateway's process is the only SCP in it)
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -272,7 +277,7 @@ class StorageScp:
             self.loop.call_soon_threadsafe(self.metrics.error, reason)
 
     def _on_store(self, event: Any) -> int:
-        data = bytes(event.encoded_dataset(include_meta=True))
+        data = event.dataset_path  # the instance in a file pynetdicom removes once this returns
         peer = event.assoc.requestor
         name = f"dimse:{peer.ae_title}@{peer.address}#{event.request.AffectedSOPInstanceUID}"
         try:
@@ -284,7 +289,7 @@ class StorageScp:
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID) or header.sop_class_uid not in CT_SOP_CLASSES:
             self._refuse("not_ct")
             return DOES_NOT_MATCH
-        future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)
         try:
             return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
         except (FutureTimeout, RuntimeError) as exc:  # loop stopping or stuck
@@ -293,8 +298,8 @@ class StorageScp:
             return self._count_store(event, header.study_instance_uid, PROCESSING_FAILURE)
 
     # --- the event loop ---------------------------------------------------------------------
-    async def _hold(self, header: InstanceHeader, name: str, data: bytes) -> int:
-        refusal = await self.stow.refusal(header.study_instance_uid, len(data))
+    async def _hold(self, header: InstanceHeader, name: str, data: Path, nbytes: int) -> int:
+        refusal = await self.stow.refusal(header.study_instance_uid, nbytes)
         if refusal is not None:  # the sender keeps it and retries
             self._count(refusal)
             return OUT_OF_RESOURCES

@@ -132,6 +132,37 @@ def test_sop_class_allow_list_and_watermark(scp_factory):
     assert (first, second, third) == (SUCCESS, OUT_OF_RESOURCES, SUCCESS)
 
 
+@needs_dcmtk
+def test_a_large_instance_is_received_into_a_file_not_memory(scp_factory, tmp_path):
+    """An Enhanced CT is a whole series in one instance (here 48 MiB): the SCP writes it to a file as its
+    fragments arrive and stores it from there. It was gathered in memory, then copied: tracemalloc (every
+    thread of this process: pynetdicom's and the event loop's) saw over twice its size at the peak."""
+    import tracemalloc
+
+    from tests.gateway_dicom_factory import chest_like, enhanced_ct
+
+    frames = [chest_like(512, 512, seed=i % 4) for i in range(96)]
+    path = tmp_path / "enhanced.dcm"
+    path.write_bytes(enhanced_ct(frames, [(1.0, -1024.0)] * 96, [float(i) for i in range(96)]))
+    del frames
+    size = path.stat().st_size
+    assert size > 48 * 1024**2
+    scp = scp_factory()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        sent = subprocess.run([STORESCU, "-aec", AE, "127.0.0.1", str(scp.port), str(path)], capture_output=True,
+                              text=True, timeout=120)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert sent.returncode == 0, sent.stderr
+    assert peak < size / 2, f"{peak / 1024**2:.1f} MiB allocated at the peak for a {size / 1024**2:.1f} MiB instance"
+    (blob,) = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]  # stored whole (its file meta rewritten)
+    stored, original = pydicom.dcmread(blob), pydicom.dcmread(path)
+    assert stored.SOPInstanceUID == original.SOPInstanceUID and stored.PixelData == original.PixelData
+
+
 def _counted(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("ctscreen_errors_total", {"reason": reason}) or 0.0
 
