@@ -345,7 +345,9 @@ def test_a_study_view_left_behind_never_writes_its_error_to_the_page(stack, scre
     held: list[Any] = []
     page.route(lambda url: "/v1/jobs/deadbeef00" in url, lambda route: held.append(route))
     page.goto(f"{stack.url}/#/study/deadbeef00")
-    page.wait_for_function("() => document.querySelector('main h1')?.textContent === 'Study'")
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:  # the study view's module loads, then it asks
+        page.wait_for_timeout(50)  # (route handlers run while Playwright is called)
     assert len(held) == 1
     page.evaluate("() => { location.hash = '#/'; }")
     page.wait_for_function("() => document.querySelector('main').dataset.loaded")
