@@ -32,10 +32,12 @@ Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen se
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import tempfile
 import threading
+import time
 from collections import Counter
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,13 +165,19 @@ class StorageScp:
         Associations at once and the timeouts.
     audit : gateway.audit.AuditLog | None
         Where associations and stored instances are recorded.
+    received_dir : Path | None
+        Where each instance is written as it arrives, then stored from (None: the temporary folder). A
+        file an aborted association left is removed once untouched for ``stale_after_s``.
+    stale_after_s : float
+        See ``received_dir``; longer than any pause of a live transfer (the network timeout aborts one).
     """
 
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
                  sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None,
-                 limits: ScpLimits = ScpLimits()) -> None:
+                 limits: ScpLimits = ScpLimits(), received_dir: Path | None = None,
+                 stale_after_s: float = 600.0) -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
@@ -184,20 +192,28 @@ class StorageScp:
         self.audit, self.limits = audit, limits
         self._stored: dict[int, Counter[tuple[str, int]]] = {}  # association -> (study, status) -> count
         self._stored_lock = threading.Lock()
+        self.received_dir = Path(received_dir or tempfile.gettempdir())
+        self.stale_after_s = max(stale_after_s, 2 * limits.network_timeout_s)
+        self._swept_at = 0.0
 
     def start(self) -> None:
         """Listen (in pynetdicom's own threads); returns at once."""
-        from pynetdicom import AE, _config, evt
+        from pynetdicom import AE, _config, dimse_messages, evt
         from pynetdicom.events import EventHandlerType
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import, from its UID table
             Verification,
         )
         from pynetdicom.utils import make_target
 
-        # each received instance is written to a temporary file as its fragments arrive (then stored from
-        # there), not gathered in memory: an enhanced CT is a whole series in one instance (process-wide;
-        # the gateway's process is the only SCP in it)
+        # each received instance is written to a file in received_dir as its fragments arrive (then stored
+        # from there), not gathered in memory: an enhanced CT is a whole series in one instance. Both are
+        # process-wide (the gateway's process is the only SCP in it); pynetdicom takes no folder for these
+        # files, so its NamedTemporaryFile is given ours (where a file an abort leaves is swept)
+        self.received_dir.mkdir(parents=True, exist_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+            tempfile.NamedTemporaryFile, dir=self.received_dir, prefix="ctscreen-rx-")
+        self.sweep_received()
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -246,13 +262,33 @@ class StorageScp:
         self._audit_rejected(ae, str(assoc.requestor.address), why)
 
     def _audit_rejected(self, ae: str, address: str, why: str) -> None:
-        self._refuse(why)
         if self.audit is not None:
             self.audit.write(who=f"{ae[:16]}@{address}", auth="dicom_ae", action="DICOM A-ASSOCIATE", status=0,
                              client=address, outcome="denied", reason=why)
+        self._refuse(why)
+
+    def sweep_received(self, now: float | None = None) -> int:
+        """Remove the files of instances whose association ended mid-transfer (pynetdicom removes a file once
+        the instance has been handled, never one it did not finish): those untouched for ``stale_after_s``.
+        Runs at start and at an association's end, at most once a minute; returns how many it removed."""
+        now = time.time() if now is None else now
+        self._swept_at = time.monotonic()
+        removed = 0
+        for path in self.received_dir.glob("ctscreen-rx-*"):
+            try:
+                if now - path.stat().st_mtime > self.stale_after_s:
+                    path.unlink()
+                    removed += 1
+            except OSError:  # removed meanwhile
+                continue
+        if removed:
+            logger.warning("removed %d partly received DICOM instance file(s) left by aborted associations", removed)
+        return removed
 
     def _on_end(self, event: Any) -> None:
         """At release or abort: one audit record per study the association sent (counts by status)."""
+        if time.monotonic() - self._swept_at > 60:
+            self.sweep_received()
         with self._stored_lock:
             stored = self._stored.pop(id(event.assoc), None)
         if self.audit is None or not stored:
@@ -292,9 +328,10 @@ class StorageScp:
         future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)
         try:
             return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
-        except (FutureTimeout, RuntimeError) as exc:  # loop stopping or stuck
+        except Exception as exc:  # noqa: BLE001 - the loop stopping (cancelled) or stuck, or a fault: answered,
+            # never raised (pynetdicom would answer 0xC211 and leave the instance's file behind)
             future.cancel()
-            logger.warning("C-STORE of %s not taken by the gateway: %r", header.sop_instance_uid, exc)
+            logger.warning("C-STORE of %s not taken by the gateway: %s", header.sop_instance_uid, type(exc).__name__)
             return self._count_store(event, header.study_instance_uid, PROCESSING_FAILURE)
 
     # --- the event loop ---------------------------------------------------------------------
@@ -334,6 +371,7 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
                      peers=PeerPolicy(peers, bind) if peers or bind else None,
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
-                     audit=audit, limits=ScpLimits.from_settings(settings))
+                     audit=audit, limits=ScpLimits.from_settings(settings),
+                     received_dir=settings.data_dir / "dicom-received")
     scp.start()
     return scp

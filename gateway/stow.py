@@ -85,7 +85,8 @@ class Watermark:
     """Whether the gateway can keep more now: the blob volume's free space and the backlog of slices.
 
     The disk is measured in a worker thread (a slow network volume never stalls the event loop), at
-    most once per ``disk_every_s``: a burst of instances shares one measurement.
+    most once per ``disk_every_s`` and one measurement at a time: a burst of instances shares one. A
+    volume that does not answer within ``disk_timeout_s`` counts as full (senders retry later).
 
     Parameters
     ----------
@@ -99,14 +100,18 @@ class Watermark:
         Below this free space on ``disk``: refuse.
     disk_every_s : float
         How long one measurement of the free space stands.
+    disk_timeout_s : float
+        Longest wait for a measurement.
     """
 
     def __init__(self, backlog: Callable[[], int] | None = None, max_backlog_slices: int | None = None,
-                 disk: Path | None = None, min_free_bytes: int | None = None, disk_every_s: float = 1.0) -> None:
+                 disk: Path | None = None, min_free_bytes: int | None = None, disk_every_s: float = 1.0,
+                 disk_timeout_s: float = 5.0) -> None:
         self.backlog, self.max_backlog_slices = backlog, max_backlog_slices
         self.disk, self.min_free_bytes = disk, min_free_bytes
-        self.disk_every_s = disk_every_s
+        self.disk_every_s, self.disk_timeout_s = disk_every_s, disk_timeout_s
         self._disk_full: tuple[float, bool] | None = None  # (measured at, full)
+        self._measuring: asyncio.Future[bool] | None = None
 
     async def refusal(self, may_finish: Callable[[], Awaitable[bool]] | None = None) -> str | None:
         """None when more may be kept, else the reason: ``disk_full`` (always), ``backlog`` (unless
@@ -123,10 +128,21 @@ class Watermark:
         """Whether the blob volume has less free space than ``min_free_bytes`` (or cannot be measured)."""
         if self.min_free_bytes is None or self.disk is None:
             return False
-        now = time.monotonic()
-        if self._disk_full is None or now - self._disk_full[0] >= self.disk_every_s:
-            self._disk_full = (now, await asyncio.to_thread(self._measure, self.disk, self.min_free_bytes))
-        return self._disk_full[1]
+        if self._disk_full is not None and time.monotonic() - self._disk_full[0] < self.disk_every_s:
+            return self._disk_full[1]
+        if self._measuring is None:
+            self._measuring = asyncio.ensure_future(asyncio.to_thread(self._measure, self.disk, self.min_free_bytes))
+            self._measuring.add_done_callback(self._measured)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._measuring), self.disk_timeout_s)
+        except TimeoutError:
+            logger.warning("the blob volume's free space could not be measured in %.0f s: counted as full",
+                           self.disk_timeout_s)
+            return True
+
+    def _measured(self, future: asyncio.Future[bool]) -> None:
+        full = future.result() if not future.cancelled() and future.exception() is None else True
+        self._disk_full, self._measuring = (time.monotonic(), full), None
 
     @staticmethod
     def _measure(disk: Path, min_free_bytes: int) -> bool:

@@ -22,6 +22,7 @@ for a whole ``multipart/related`` body (DICOMweb STOW-RS).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import logging
@@ -265,7 +266,7 @@ _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
 async def spool_multipart(chunks: AsyncIterator[bytes], content_type: str, spool: Path, *,
-                          max_parts: int = 10000) -> list[tuple[dict[str, str], Path]]:
+                          max_parts: int = 10000, feed_bytes: int = _CHUNK) -> list[tuple[dict[str, str], Path]]:
     """Split a ``multipart/related`` (or any ``multipart/*``) body into its parts as it arrives, each written
     to a new file in ``spool`` (:class:`FilePart`): no part, and not the body, is ever held in memory.
 
@@ -284,6 +285,8 @@ async def spool_multipart(chunks: AsyncIterator[bytes], content_type: str, spool
         Where the parts' files go (the caller removes it; a part being written when the body fails stays).
     max_parts : int
         Most parts accepted.
+    feed_bytes : int
+        The body is parsed (and its parts written) in a worker thread, once this much has arrived.
 
     Returns
     -------
@@ -301,11 +304,17 @@ async def spool_multipart(chunks: AsyncIterator[bytes], content_type: str, spool
     """
     splitter = MultipartSplitter(content_type, functools.partial(FilePart, spool), max_parts=max_parts)
     parts: list[tuple[dict[str, str], Path]] = []
-    try:
+    pending = bytearray()  # the parts' files are written in a worker thread, about 1 MiB at a time (a slow
+    try:               # volume never stalls the event loop, and few hops for the small chunks a server reads)
         async for chunk in chunks:
-            parts += splitter.feed(chunk)
-            if splitter.ended:
-                break
+            pending += chunk
+            if len(pending) >= feed_bytes:
+                parts += await asyncio.to_thread(splitter.feed, bytes(pending))
+                pending.clear()
+                if splitter.ended:
+                    break
+        if pending and not splitter.ended:
+            parts += await asyncio.to_thread(splitter.feed, bytes(pending))
         splitter.close()
     except BaseException:
         splitter.abort()

@@ -139,15 +139,10 @@ def test_a_large_instance_is_received_into_a_file_not_memory(scp_factory, tmp_pa
     thread of this process: pynetdicom's and the event loop's) saw over twice its size at the peak."""
     import tracemalloc
 
-    from tests.gateway_dicom_factory import chest_like, enhanced_ct
-
-    frames = [chest_like(512, 512, seed=i % 4) for i in range(96)]
-    path = tmp_path / "enhanced.dcm"
-    path.write_bytes(enhanced_ct(frames, [(1.0, -1024.0)] * 96, [float(i) for i in range(96)]))
-    del frames
+    path = _enhanced_file(tmp_path)
     size = path.stat().st_size
     assert size > 48 * 1024**2
-    scp = scp_factory()
+    scp = scp_factory(received_dir=tmp_path / "rx")
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -158,13 +153,72 @@ def test_a_large_instance_is_received_into_a_file_not_memory(scp_factory, tmp_pa
         tracemalloc.stop()
     assert sent.returncode == 0, sent.stderr
     assert peak < size / 2, f"{peak / 1024**2:.1f} MiB allocated at the peak for a {size / 1024**2:.1f} MiB instance"
+    assert not list((tmp_path / "rx").iterdir())  # received into a file there, removed once stored
     (blob,) = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]  # stored whole (its file meta rewritten)
     stored, original = pydicom.dcmread(blob), pydicom.dcmread(path)
     assert stored.SOPInstanceUID == original.SOPInstanceUID and stored.PixelData == original.PixelData
 
 
+def _enhanced_file(tmp_path, frames: int = 96):
+    from tests.gateway_dicom_factory import chest_like, enhanced_ct
+
+    slices = [chest_like(512, 512, seed=i) for i in range(4)]
+    path = tmp_path / "enhanced.dcm"
+    path.write_bytes(enhanced_ct([slices[i % 4] for i in range(frames)], [(1.0, -1024.0)] * frames,
+                                 [float(i) for i in range(frames)]))
+    return path
+
+
+@needs_dcmtk
+def test_an_instance_cut_off_mid_transfer_leaves_no_file_for_good(scp_factory, tmp_path):
+    """pynetdicom writes an arriving instance to a file and removes it once handled, never one whose
+    association ended mid-transfer: those went to /tmp for good (an 8 GiB emptyDir in the chart). They now
+    go to the SCP's own folder, whose sweep removes a file untouched past the stale age, never a live one."""
+    rx = tmp_path / "rx"
+    scp = scp_factory(received_dir=rx, limits=ScpLimits(network_timeout_s=1.0), stale_after_s=0.1)
+    path = _enhanced_file(tmp_path, 192)
+    sender = subprocess.Popen([STORESCU, "-aec", AE, "127.0.0.1", str(scp.port), str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not list(rx.glob("ctscreen-rx-*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sender.kill()  # mid-transfer: the SCP never sees the end of the instance
+    sender.wait()
+    time.sleep(0.5)
+    assert len(list(rx.glob("ctscreen-rx-*"))) == 1, "no partial file: the transfer ended before the kill?"
+    assert scp.sweep_received() == 0  # fresh: it may be a live transfer
+    assert scp.sweep_received(now=time.time() + 3) == 1 and not list(rx.glob("ctscreen-rx-*"))  # 2 s: twice the network timeout
+    assert not list((tmp_path / "blobs").rglob("*.dcm"))
+
+
 def _counted(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("ctscreen_errors_total", {"reason": reason}) or 0.0
+
+
+def test_the_disk_is_measured_once_at_a_time_and_a_hung_volume_counts_as_full(tmp_path):
+    """A hung network volume: each instance started its own measurement (a thread parked per instance,
+    the blob writes' threads with them); now one measurement at a time, and one that does not answer in
+    time is "full", so senders retry instead of waiting."""
+    calls: list[int] = []
+    release = threading.Event()
+
+    class Hung(Watermark):
+        @staticmethod
+        def _measure(disk, min_free_bytes):  # statvfs on a server that does not answer
+            calls.append(1)
+            release.wait(10)
+            return False
+
+    mark = Hung(disk=tmp_path, min_free_bytes=1, disk_timeout_s=0.2)
+
+    async def scenario() -> None:
+        assert await asyncio.gather(*(mark.refusal() for _ in range(20))) == ["disk_full"] * 20
+        assert len(calls) == 1
+        release.set()
+        await asyncio.sleep(0.2)
+        assert await mark.refusal() is None and len(calls) == 1  # measured: room, and it stands a while
+
+    asyncio.run(scenario())
 
 
 @needs_dcmtk

@@ -338,13 +338,14 @@ def test_a_malformed_part_is_named_by_its_number(body: bytes, part: int) -> None
 
 def _split(body: bytes, content_type: str, *, max_parts: int = 10000, chunk: int = 1 << 20,
            ) -> list[tuple[dict[str, str], bytes]]:
-    """:func:`spool_multipart` of ``body`` arriving ``chunk`` bytes at a time; its parts' files read back."""
+    """:func:`spool_multipart` of ``body`` arriving, and parsed, ``chunk`` bytes at a time; its parts' files
+    read back."""
     async def chunks() -> AsyncIterator[bytes]:
         for pos in range(0, len(body), chunk):
             yield body[pos : pos + chunk]
 
     with tempfile.TemporaryDirectory() as spool:
-        parts = asyncio.run(spool_multipart(chunks(), content_type, Path(spool), max_parts=max_parts))
+        parts = asyncio.run(spool_multipart(chunks(), content_type, Path(spool), max_parts=max_parts, feed_bytes=chunk))
         assert all(p.parent == Path(spool) for _, p in parts)
         return [(h, p.read_bytes()) for h, p in parts]
 

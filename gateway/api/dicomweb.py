@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -100,15 +101,16 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
     except OSError as exc:
         raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
-    try:
+    try:  # the admission's reservation is held until the instances are in the stores
         async with request.app.state.admission.stream(request, settings.max_upload_bytes, client_key(request)) as body:
             try:
                 parts = await spool_multipart(body, content_type, spool)
             except OSError as exc:
                 raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
-        return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s)
+            return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s)
     finally:
-        await run_in_threadpool(shutil.rmtree, spool, True)
+        with anyio.CancelScope(shield=True):  # removed even when the request is cancelled (a shut-down)
+            await run_in_threadpool(shutil.rmtree, spool, True)
 
 
 async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics: Metrics,
@@ -125,7 +127,7 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             failed.append(_item("", "", CANNOT_UNDERSTAND))
             continue
         try:
-            header = read_header(content, name)
+            header = await run_in_threadpool(read_header, content, name)  # a file: off the event loop
         except NotDicom as exc:
             metrics.error(exc.reason)
             failed.append(_item("", "", CANNOT_UNDERSTAND))
