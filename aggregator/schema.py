@@ -216,8 +216,9 @@ class CaseResult(_Model):
     software_version: str | None = None
     uid_root: str | None = Field(
         None, description="the DICOM UID root its SR and key images are made under, fixed when the result is made "
-                          "(the site's; null: pydicom's), so a result sent again, or named by a later reading, keeps "
-                          "its UIDs when the site's root changes")
+                          "(the site's, else pydicom's), so a result sent again, or named by a later reading, keeps "
+                          "its UIDs when the site's root changes; null: pydicom's (a result made before it was "
+                          "recorded, when no site root could be set)")
     study_instance_uid: str
     series_instance_uid: str
     verdict: Verdict

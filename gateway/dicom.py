@@ -235,7 +235,11 @@ lies above this holds no air at -1000: its air is stored near 0 (unsigned storag
 its intercept is -1024."""
 
 
-ALWAYS_LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})  # JPEG baseline, extended
+ALWAYS_LOSSY = frozenset({
+    "1.2.840.10008.1.2.4.50",   # JPEG baseline
+    "1.2.840.10008.1.2.4.51",   # JPEG extended
+    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression: a JPEG baseline file, repacked losslessly
+})
 MAYBE_LOSSY = frozenset({
     "1.2.840.10008.1.2.4.81",   # JPEG-LS near-lossless
     "1.2.840.10008.1.2.4.91",   # JPEG 2000
@@ -248,7 +252,7 @@ MAYBE_LOSSY = frozenset({
 def lossy_compressed(ds: Any, transfer_syntax_uid: str) -> bool:
     """Whether an object's pixels went through lossy compression: Lossy Image Compression (0028,2110) is
     "01" (also when a lossy copy was stored again losslessly), or its transfer syntax is lossy (JPEG
-    baseline or extended always; JPEG-LS near-lossless, JPEG 2000, HTJ2K and JPEG XL unless the object
+    baseline or extended, and JPEG XL's recompression of one, always; JPEG-LS near-lossless, JPEG 2000, HTJ2K and JPEG XL unless the object
     says "00").
 
     >>> from pydicom import Dataset
@@ -257,6 +261,8 @@ def lossy_compressed(ds: Any, transfer_syntax_uid: str) -> bool:
     >>> stored = Dataset(); stored.LossyImageCompression = "00"
     >>> lossy_compressed(stored, "1.2.840.10008.1.2.4.203"), lossy_compressed(stored, "1.2.840.10008.1.2.4.50")
     (False, True)
+    >>> lossy_compressed(Dataset(), "1.2.840.10008.1.2.4.111")  # JPEG XL repacking a JPEG baseline file
+    True
     """
     flag = str(ds.get("LossyImageCompression", "") or "").strip()
     if flag == "01" or transfer_syntax_uid in ALWAYS_LOSSY:

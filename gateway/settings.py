@@ -374,10 +374,11 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         root = value.strip().rstrip(".")
-        if not re.fullmatch(r"[012](\.(0|[1-9][0-9]*))*", root) or len(root) > 40:  # as the chart's schema
+        arcs = r"([01]\.([0-9]|[1-3][0-9])|2\.(0|[1-9][0-9]*))(\.(0|[1-9][0-9]*))*"  # ISO/IEC 9834-1 (X.660)
+        if not re.fullmatch(arcs, root) or len(root) > 40:  # as the chart's schema
             raise ValueError(f"{value.strip()!r} is not a DICOM UID root: digits in dot-separated parts without "
-                             "leading zeros, the first 0, 1 or 2, at most 40 characters (the rest of the 64 carry "
-                             "each UID's own part).")
+                             "leading zeros, at least two, the first 0, 1 or 2 (under 0 and 1 the second at most "
+                             "39), at most 40 characters (the rest of the 64 carry each UID's own part).")
         return root + "."
 
     @field_validator("database_url")

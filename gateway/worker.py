@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import PYDICOM_ROOT_UID
+
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.metrics import Metrics
@@ -217,7 +219,9 @@ class Worker:
                 on_aggregate=lambda: set_state(JobState.aggregating))
             context = prepared.sr_context.to_json() if prepared.sr_context is not None else None
             del prepared
-            result = result.model_copy(update={"uid_root": self.settings.uid_root})  # its SR's UIDs, for good
+            # the root its SR's UIDs are made under, for good (pydicom's named too: null means a result made
+            # before ctscreen recorded it, when no site root could be set)
+            result = result.model_copy(update={"uid_root": self.settings.uid_root or PYDICOM_ROOT_UID})
             if not await self.store.finish(job.id, result, context):
                 raise LeaseLost(job.id)
             logger.info("job %s done: %s (%d slices)", job.id, result.verdict, result.n_slices)

@@ -155,6 +155,9 @@ def test_a_newer_reading_names_the_older_sr_and_cancels_the_older_report():
     (series,) = item.ReferencedSeriesSequence
     (ref,) = series.ReferencedSOPSequence
     assert (series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID) == sr_uids(older) != sr_uids(newer)
+    # a result stored before the root was recorded (none) was made under pydicom's: the same UIDs
+    assert older.uid_root is None and sr_uids(older) == sr_uids(older.model_copy(
+        update={"uid_root": "1.2.826.0.1.3680043.8.498."}))
     assert "PredecessorDocumentsSequence" not in to_sr(newer, sources)  # a first reading names none
 
     bundle = to_fhir(newer, {"PatientID": "P-123"}, supersedes=[older])

@@ -362,6 +362,7 @@ def test_results_and_sr_survive_a_restart(tmp_path):
     with TestClient(_app(data_dir=tmp_path)) as client:  # a new process on the same data folder
         first = client.get(f"/v1/jobs/{ids[0]}").json()
         assert first["state"] == "done" and first["result"]["verdict"] == "positive"
+        assert first["result"]["uid_root"] == "1.2.826.0.1.3680043.8.498."  # pydicom's, recorded as any other
         assert client.get(f"/v1/studies/{uid}").json()["job_id"] == ids[1]
         sr = client.get(f"/v1/jobs/{ids[0]}/sr")
         assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"

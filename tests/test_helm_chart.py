@@ -242,7 +242,9 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
         ({"gateway": {"uidRoot": "3.1.2"}}, "/gateway/uidRoot"),  # the first arc is 0, 1 or 2
         ({"gateway": {"uidRoot": "1.02"}}, "/gateway/uidRoot"),
-        ({"gateway": {"uidRoot": "1." + "2" * 39}}, "/gateway/uidRoot"),
+        ({"gateway": {"uidRoot": "2"}}, "/gateway/uidRoot"),  # one arc
+        ({"gateway": {"uidRoot": "1.40.5"}}, "/gateway/uidRoot"),  # under 0 and 1 the second arc is 0-39
+        ({"gateway": {"uidRoot": "2." + "5" * 39}}, "/gateway/uidRoot"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(values, message):
@@ -264,10 +266,12 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
         ({"triton": {"priorityClass": {"create": True}}}, "needs triton.priorityClassName"),
         ({"triton": {"rollout": {"progressDeadlineSeconds": 3600}}}, "2 models x engines.buildTimeoutSeconds 1800"),
         # a security control the gateway would refuse without mutual TLS was dropped from the pod silently
-        ({"gateway": {"dicom": {"tls": {"bindAeTitle": True}}}}, "bindAeTitle ties a calling AE title"),
-        ({"gateway": {"dicom": {"tls": {"secretName": "s", "mutual": False, "bindAeTitle": True}}}},
+        ({"gateway": {"dicom": {"enabled": True, "allowedPeers": ["CT@*"], "tls": {"bindAeTitle": True}}}},
+         "bindAeTitle ties a calling AE title"),
+        ({"gateway": {"dicom": {"enabled": True, "allowedPeers": ["CT@*"],
+                                "tls": {"secretName": "s", "mutual": False, "bindAeTitle": True}}}},
          "needs mutual TLS"),
-        ({"state": {"migrateOnStart": False}}, "nothing would migrate a new install"),
+        ({"state": {"migrateOnStart": False}}, "nothing would migrate the new install"),
     ],
 )
 def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):
@@ -284,12 +288,21 @@ def test_a_uid_root_the_schema_accepts_the_gateway_accepts():
     from gateway.settings import Settings
 
     with helm.Chart.load(CHART) as chart:
-        for root in ("1." + "2" * 38, "1." + "2" * 37 + ".", "2.25"):
+        for root in ("2." + "5" * 38, "2." + "5" * 37 + ".", "2.25", "1.2.840.99999.7."):
             chart.validate_schema({"gateway": {"uidRoot": root}})
             assert Settings(uid_root=root).uid_root == root.rstrip(".") + "."
-    for bad in ("3.1", "1.02", "1." + "2" * 39):
+    for bad in ("3.1", "1.02", "2." + "5" * 39, "2", "1.40.5"):
         with pytest.raises(ValidationError, match="not a DICOM UID root"):
             Settings(uid_root=bad)
+
+
+def test_the_install_only_rules_let_upgrades_and_unused_options_through():
+    """An existing in-chart-PostgreSQL release may upgrade with migrateOnStart false (the pre-upgrade Job
+    migrates); bindAeTitle is checked only where DICOM is on."""
+    with helm.Chart.load(CHART) as chart:
+        chart.render({"state": {"migrateOnStart": False}}, name=RELEASE, namespace=NAMESPACE, is_install=False,
+                     is_upgrade=True, revision=2)
+    render({"gateway": {"dicom": {"tls": {"bindAeTitle": True}}}})
 
 
 def test_production_values_pass_the_schema():
