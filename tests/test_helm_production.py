@@ -86,7 +86,7 @@ def test_alerts_cover_backlog_triton_engine_build_and_deliveries(production):
     assert f'deployment="{RELEASE}-triton"' in rules["CtscreenNoReadyTriton"]["expr"]
     assert 'container="build-engines"' in rules["CtscreenEngineBuildFailed"]["expr"]
     assert "ctscreen_delivery_failures_total" in rules["CtscreenDeliveriesFailing"]["expr"]
-    assert all(r["labels"]["severity"] in {"warning", "critical"} for n, r in rules.items() if n != FLEET)
+    assert all(r["labels"]["severity"] in {"warning", "critical"} for r in rules.values() if "alert" in r)
     assert find(production, "PrometheusRule")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
@@ -102,17 +102,43 @@ def test_alerts_watch_the_intake_and_the_volumes_and_name_their_runbook(producti
     assert f'persistentvolumeclaim="{RELEASE}-blobs"' in blobs and "< 0.15" in blobs
     assert "CtscreenDatabaseVolumeFilling" not in rules  # production: an external database (existingSecret)
     base = _production()["monitoring"]["prometheusRule"]["runbookBaseUrl"]
-    alerts = {n: r for n, r in rules.items() if n != FLEET}
+    alerts = {n: r for n, r in rules.items() if "alert" in r}
     assert {r["annotations"]["runbook_url"] for r in alerts.values()} == {f"{base}#{n.lower()}" for n in alerts}
     runbook = (ROOT / "helm" / "ctscreen" / "README.md").read_text().split("## Runbook", 1)[1]
     assert all(f"### {n}" in runbook for n in alerts), "every alert has its runbook section"
     in_chart = _rules(render({"monitoring": {"prometheusRule": {"enabled": True}}}))
     claim = f'persistentvolumeclaim="data-{RELEASE}-postgresql-0"'
     assert claim in in_chart["CtscreenDatabaseVolumeFilling"]["expr"]
-    assert all("runbook_url" not in r["annotations"] for n, r in in_chart.items() if n != FLEET)
+    assert all("runbook_url" not in r["annotations"] for r in in_chart.values() if "alert" in r)
     pg = find(render({}), "StatefulSet", "-postgresql")
     assert f"{pg['spec']['volumeClaimTemplates'][0]['metadata']['name']}-{pg['metadata']['name']}-0" \
         == claim.split('"')[1]  # the claim the StatefulSet makes for its pod 0
+
+
+def test_slo_burn_rate_alerts_read_indicators_the_gateway_exports(production):
+    """Two SLOs (studies with a verdict; studies screened within slo.latencySeconds of acceptance), each
+    recorded over the four windows of the multiwindow burn-rate alert and alerted on when a 30-day budget
+    burns 14.4x (1 h, confirmed over 5 min) or 6x (6 h, confirmed over 30 min). The latency indicator
+    reads the histogram bucket the gateway exports, by its exact le label."""
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import Metrics
+
+    rules = _rules(production)
+    for sli in ("studies_without_verdict", "studies_slow"):
+        for window in ("5m", "30m", "1h", "6h"):
+            recorded = rules[f"ctscreen:{sli}:ratio_rate{window}"]
+            assert f"[{window}]" in recorded["expr"] and recorded["labels"]["app_kubernetes_io_instance"] == RELEASE
+    (le,) = re.findall(r'le="([^"]+)"', rules["ctscreen:studies_slow:ratio_rate1h"]["expr"])
+    metrics = Metrics()
+    metrics.stage.labels("total").observe(1.0)
+    assert f'ctscreen_stage_seconds_bucket{{le="{le}",stage="total"}} 1.0' in generate_latest(metrics.registry).decode()
+    assert float(le) == yaml.safe_load((CHART / "values.yaml").read_text())["monitoring"]["prometheusRule"]["slo"]["latencySeconds"]
+    verdicts = rules["CtscreenVerdictBudgetBurn"]["expr"]
+    assert "ratio_rate1h" in verdicts and "> 0.144" in verdicts and "> 0.06" in verdicts  # 1 - 0.99
+    assert "ctscreen:studies_slow:ratio_rate5m" in rules["CtscreenLatencyBudgetBurn"]["expr"]
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match="latencySeconds"):
+        chart.validate_schema({"monitoring": {"prometheusRule": {"slo": {"latencySeconds": 90}}}})
 
 
 # --- network openings ------------------------------------------------------------------------------------
