@@ -49,6 +49,7 @@ from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, t
 from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from gateway.store.blobs import sweep_stale
 from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
@@ -271,16 +272,8 @@ class StorageScp:
         """Remove the files of instances whose association ended mid-transfer (pynetdicom removes a file once
         the instance has been handled, never one it did not finish): those untouched for ``stale_after_s``.
         Runs at start and at an association's end, at most once a minute; returns how many it removed."""
-        now = time.time() if now is None else now
         self._swept_at = time.monotonic()
-        removed = 0
-        for path in self.received_dir.glob("ctscreen-rx-*"):
-            try:
-                if now - path.stat().st_mtime > self.stale_after_s:
-                    path.unlink()
-                    removed += 1
-            except OSError:  # removed meanwhile
-                continue
+        removed = sweep_stale(self.received_dir, "ctscreen-rx-*", self.stale_after_s, now)
         if removed:
             logger.warning("removed %d partly received DICOM instance file(s) left by aborted associations", removed)
         return removed

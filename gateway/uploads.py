@@ -29,7 +29,6 @@ import logging
 import mmap
 import os
 import re
-import shutil
 import stat
 import tempfile
 import zipfile
@@ -332,21 +331,10 @@ def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:
     """Remove the spool folders under ``root`` last changed more than ``max_age_s`` ago (left by a process
     that died before removing them); return how many. ``root`` may be shared by several replicas: give an
     age no live upload's folder reaches (the gateway uses twice the job deadline). Ages are by the clock
-    that stamps the folder's files (:func:`gateway.store.blobs.filesystem_now`), not this process's."""
-    if not root.is_dir():
-        return 0
-    from gateway.store.blobs import filesystem_now
+    that stamps the folder's files (:func:`gateway.store.blobs.sweep_stale`), not this process's."""
+    from gateway.store.blobs import sweep_stale
 
-    cutoff = (filesystem_now(root) if now is None else now) - max_age_s
-    removed = 0
-    for folder in root.glob("upload-*"):
-        try:
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
-        except OSError:  # another replica removed it first
-            continue
-    return removed
+    return sweep_stale(root, "upload-*", max_age_s, now)
 
 
 class FilePart:

@@ -35,6 +35,27 @@ def filesystem_now(folder: Path) -> float:
     return probe.stat().st_mtime
 
 
+def sweep_stale(root: Path, pattern: str, max_age_s: float, now: float | None = None) -> int:
+    """Remove the entries of ``root`` matching ``pattern`` (files, or folders with what they hold) last changed
+    more than ``max_age_s`` ago; return how many. Ages are by the clock that stamps the folder's files
+    (:func:`filesystem_now`; ``now`` overrides it), not this process's: ``root`` may be shared."""
+    if not root.is_dir():
+        return 0
+    cutoff = (filesystem_now(root) if now is None else now) - max_age_s
+    removed = 0
+    for path in root.glob(pattern):
+        try:
+            if path.stat().st_mtime < cutoff:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink()
+                removed += 1
+        except OSError:  # removed meanwhile (another replica, or its owner)
+            continue
+    return removed
+
+
 class BlobStore(Protocol):
     """Durable bytes under a key (blocking calls: run them off the event loop)."""
 
