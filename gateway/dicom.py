@@ -252,8 +252,8 @@ MAYBE_LOSSY = frozenset({
 def lossy_compressed(ds: Any, transfer_syntax_uid: str) -> bool:
     """Whether an object's pixels went through lossy compression: Lossy Image Compression (0028,2110) is
     "01" (also when a lossy copy was stored again losslessly), or its transfer syntax is lossy (JPEG
-    baseline or extended, and JPEG XL's recompression of one, always; JPEG-LS near-lossless, JPEG 2000, HTJ2K and JPEG XL unless the object
-    says "00").
+    baseline or extended, and JPEG XL's recompression of one, always; JPEG-LS near-lossless, JPEG 2000,
+    HTJ2K and JPEG XL unless the object says "00").
 
     >>> from pydicom import Dataset
     >>> [lossy_compressed(Dataset(), ts) for ts in ("1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.201")]

@@ -32,7 +32,7 @@ from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import FolderBlobs, Store, redact
-from gateway.store.migrate import SchemaError, check_schema, prepare_schema, upgrade
+from gateway.store.migrate import SchemaError, prepare_schema
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
 from gateway.web import install as install_web
@@ -119,16 +119,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         database = settings.database()
-        if settings.db_migrate and not schema_ready:
-            await asyncio.to_thread(upgrade, database)
-        store = Store(database)
-        if not schema_ready:
+        if not schema_ready:  # what app_from_env and the CLI do before the server starts
             try:
-                await check_schema(store.engine, database)
+                await asyncio.to_thread(prepare_schema, database, settings.db_migrate)
             except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
                 logger.error("%s", exc)
-                await store.close()
                 raise
+        store = Store(database)
         store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)

@@ -13,9 +13,12 @@ instead of failing later on a missing column.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -27,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from gateway.store.store import async_url, redact
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SchemaError(RuntimeError):
@@ -82,6 +86,7 @@ def shipped(revision: str) -> bool:
         return False
 
 
+@functools.cache  # the scripts ship with the package: read them once
 def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(_config("sqlite://"))
 
@@ -92,12 +97,17 @@ async def current(engine: object) -> str | None:
         return await connection.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
 
 
-async def _revision(url: str) -> str | None:
+async def _on_engine(url: str, use: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """``use`` an engine of its own on ``url`` (disposed after)."""
     engine = create_async_engine(async_url(url))
     try:
-        return await current(engine)
+        return await use(engine)
     finally:
         await engine.dispose()
+
+
+async def _revision(url: str) -> str | None:
+    return await _on_engine(url, current)
 
 
 async def check_schema(engine: AsyncEngine, url: str) -> None:
@@ -113,10 +123,11 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
     where = f"state store {redact(url)}"
     if at is None:
         raise SchemaError(f"{where} has no schema: run `ctscreen db upgrade` (or start with CTSCREEN_DB_MIGRATE=true).")
-    if at != newest and shipped(at):
+    known = shipped(at)
+    if at != newest and known:
         raise SchemaError(f"{where} is at revision {at}; this release needs {newest}: run `ctscreen db upgrade` "
                           "(or start with CTSCREEN_DB_MIGRATE=true).")
-    if not shipped(at):  # a later release's (migrations only add), or not ctscreen's database at all
+    if not known:  # a later release's (migrations only add), or not ctscreen's database at all
         logger.warning("%s is at revision %s, which this release (newest %s) does not ship: a later release's "
                        "schema, run on as it is (migrations only add); if no later release ran, check the URL",
                        where, at, newest)
@@ -131,17 +142,10 @@ def prepare_schema(url: str, migrate: bool) -> None:
     SchemaError
         As :func:`check_schema`.
     """
-    async def check() -> None:
-        engine = create_async_engine(async_url(url))
-        try:
-            await check_schema(engine, url)
-        finally:
-            await engine.dispose()
-
     def run() -> None:
         if migrate:
             upgrade(url)
-        asyncio.run(check())
+        asyncio.run(_on_engine(url, lambda engine: check_schema(engine, url)))
 
     with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool:
         pool.submit(run).result()
