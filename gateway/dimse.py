@@ -334,7 +334,7 @@ class StorageScp:
             self._count(refusal)
             return OUT_OF_RESOURCES
         try:
-            await self.stow.add(header, name, data)  # fsynced and recorded before 0x0000
+            await self.stow.add(header, name, data, nbytes)  # fsynced and recorded before 0x0000
         except GatewayError as exc:
             self._count(exc.reason)
             return PROCESSING_FAILURE

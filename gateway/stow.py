@@ -215,9 +215,9 @@ class Intake:
             return False
         return held + nbytes <= self.max_pending_bytes
 
-    async def add(self, header: InstanceHeader, filename: str, data: bytes | Path) -> None:
-        """Store one instance (its bytes, or a file that stays the caller's) durably (blob fsynced, row
-        committed); replaces one with the same UID.
+    async def add(self, header: InstanceHeader, filename: str, data: bytes | Path, nbytes: int) -> None:
+        """Store one instance of ``nbytes`` (its bytes, or a file that stays the caller's) durably (blob
+        fsynced, row committed); replaces one with the same UID.
 
         Raises
         ------
@@ -233,7 +233,7 @@ class Intake:
                               filename=filename) from exc
         try:
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
-                                                     filename, key, _size(data))
+                                                     filename, key, nbytes)
         except Exception as exc:  # its blob stays: the commit may have landed (the orphan sweep checks)
             logger.error("instance %s not stored: the state store failed: %s", header.sop_instance_uid,
                          type(exc).__name__)
@@ -250,7 +250,3 @@ class Intake:
             When no instance of the study was received.
         """
         return await self.store.complete_now(study_instance_uid, self.deadline_s)
-
-
-def _size(data: bytes | Path) -> int:
-    return data.stat().st_size if isinstance(data, Path) else len(data)

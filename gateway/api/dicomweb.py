@@ -139,13 +139,14 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             metrics.error("not_ct")
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
             continue
-        refusal = await stow.refusal(header.study_instance_uid, content.stat().st_size)
+        nbytes = content.stat().st_size
+        refusal = await stow.refusal(header.study_instance_uid, nbytes)
         if refusal is not None:  # the sender keeps it and retries
             metrics.error(refusal)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
         try:
-            await stow.add(header, name, content)  # blob fsynced and row committed before the answer
+            await stow.add(header, name, content, nbytes)  # blob fsynced and row committed before the answer
         except GatewayError as exc:  # could not be stored durably
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PROCESSING_FAILURE))
