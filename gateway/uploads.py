@@ -40,11 +40,11 @@ from typing import IO, Any, cast, overload
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
 
-from gateway.errors import BadArchive, TooLarge, UnsafePath, UploadError, ZipBomb
+from gateway.errors import BadArchive, TooLarge, Unavailable, UnsafePath, UploadError, ZipBomb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "spool_multipart", "sweep_spools"]
+__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "spool_multipart", "spooling_failed", "sweep_spools"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
@@ -325,6 +325,11 @@ def new_spool(root: Path) -> Path:
     """A new folder under ``root`` for one upload's spooled files (its owner removes it when done)."""
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+
+def spooling_failed(exc: OSError, what: str = "The upload") -> Unavailable:
+    """The 503 of a body (``what``) whose files could not be written to the spool (a full or failing volume)."""
+    return Unavailable(f"{what} could not be spooled to disk: {exc.strerror or exc}.")
 
 
 def sweep_spools(root: Path, max_age_s: float, now: float | None = None) -> int:

@@ -27,11 +27,11 @@ from fastapi.responses import JSONResponse
 from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
-from gateway.errors import GatewayError, NotDicom, Unavailable
+from gateway.errors import GatewayError, NotDicom
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, Intake, read_header
 from gateway.uids import check_uid
-from gateway.uploads import new_spool, spool_multipart
+from gateway.uploads import new_spool, spool_multipart, spooling_failed
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
                    responses=AUTH_RESPONSES)
@@ -100,13 +100,13 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     try:
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
     except OSError as exc:
-        raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
+        raise spooling_failed(exc, "The instances") from exc
     try:  # the admission's reservation is held until the instances are in the stores
         async with request.app.state.admission.stream(request, settings.max_upload_bytes, client_key(request)) as body:
             try:
                 parts = await spool_multipart(body, content_type, spool)
             except OSError as exc:
-                raise Unavailable(f"The instances could not be spooled to disk: {exc.strerror or exc}.") from exc
+                raise spooling_failed(exc, "The instances") from exc
             return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s)
     finally:
         with anyio.CancelScope(shield=True):  # removed even when the request is cancelled (a shut-down)

@@ -29,7 +29,7 @@ from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_key
 from gateway.uids import check_uid
-from gateway.uploads import FilePart, MultipartSplitter, UploadLimits, iter_upload, new_spool
+from gateway.uploads import FilePart, MultipartSplitter, UploadLimits, iter_upload, new_spool, spooling_failed
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -109,7 +109,7 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
                 try:
                     yield from _files_of(*upload, limits, spool, files)
                 except OSError as exc:
-                    raise _spooling_failed(exc) from exc
+                    raise spooling_failed(exc) from exc
         if not files:
             raise UploadError("The upload holds no file.")
 
@@ -119,7 +119,7 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
             try:
                 parts = splitter.feed(chunk)
             except OSError as exc:
-                raise _spooling_failed(exc) from exc
+                raise spooling_failed(exc) from exc
             for part in parts:
                 handoff.put(part)
             if task.done():  # refused on what arrived (or failed): read no more, its error is the answer
@@ -138,10 +138,6 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
         else:  # it ended (e.g. the request was cancelled as it did): nothing it holds goes on
             await run_in_threadpool(prepared.release)
         raise
-
-
-def _spooling_failed(exc: OSError) -> Unavailable:
-    return Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.")
 
 
 def _spool_bytes(data: Any, spool: Path) -> Path:
@@ -219,7 +215,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
         try:
             spool = await run_in_threadpool(_spool_dir, settings)
         except OSError as exc:
-            raise Unavailable(f"The upload could not be spooled to disk: {exc.strerror or exc}.") from exc
+            raise spooling_failed(exc) from exc
         kept = False
         prepared = None
         try:
@@ -232,7 +228,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 try:
                     files = await run_in_threadpool(_expand, body, filename, limits_of(settings), spool)
                 except OSError as exc:
-                    raise _spooling_failed(exc) from exc
+                    raise spooling_failed(exc) from exc
                 drop_pages(body)
                 prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
