@@ -31,6 +31,10 @@ Decisions (defaults first)
    slices cover 15 mm). Both must hold when both are given; set ``run_slices=1`` to rule in mm only.
 7. **Never silently negative**: a series with no lung field on any slice (``no_valid_area``), or with
    no gap-free stretch long enough to hold a run (``too_few_slices``), is ``indeterminate``.
+8. **A chest at all** ``min_lung_field_cm2=50``: a series whose largest classical lung field (measured
+   by ingest on the HU, :func:`ctscreen.lungs.field_area_cm2`) is smaller than a chest's is
+   ``indeterminate`` (``not_chest``) whatever its boxes: the sinuses of a head CT or the airway of a
+   neck CT are air inside the body too, and the models, which learnt only chests, box them.
 
 Gaps and the run length are decided here only, under the job's rule: ingest orders the slices but
 looks for neither. Each gap is one :class:`~aggregator.schema.Gap` and one warning in the result, and a
@@ -83,6 +87,7 @@ from aggregator.schema import (
     Verdict,
 )
 from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
+from ctscreen.lungs import CHEST_LUNG_FIELD_CM2
 from ctscreen.postprocess import inside_valid_area, is_empty_box
 
 logger = logging.getLogger(__name__)
@@ -126,6 +131,11 @@ class CaseRule:
     drop_outside_valid : bool
         Drop boxes whose centre lies outside a non-empty valid area (paper: yes). A slice with an
         empty valid area has no findings either way.
+    min_lung_field_cm2 : float or None
+        A series whose largest lung field (``lung_field_cm2`` of :func:`decide`, measured by ingest)
+        is smaller than this is no chest CT: ``indeterminate`` (``not_chest``), whatever its boxes.
+        Default :data:`ctscreen.lungs.CHEST_LUNG_FIELD_CM2` (50); None: no such check (the paper has
+        none). A series whose lung field was not measured (no pixel spacing) is not checked.
     """
 
     cutoff: float = PROB_CUTOFF
@@ -136,6 +146,7 @@ class CaseRule:
     spanning: Literal["every", "centre"] = "every"
     gap_tolerance: float = 1.5
     drop_outside_valid: bool = True
+    min_lung_field_cm2: float | None = CHEST_LUNG_FIELD_CM2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cutoff <= 1.0:
@@ -154,6 +165,12 @@ class CaseRule:
             raise ValueError(f'Argument "spanning" must be "every" or "centre", got {self.spanning!r}.')
         if not (math.isfinite(self.gap_tolerance) and self.gap_tolerance > 1.0):
             raise ValueError(f'Argument "gap_tolerance" must be a finite number > 1, got {self.gap_tolerance}.')
+        if self.min_lung_field_cm2 is not None and not (
+            math.isfinite(self.min_lung_field_cm2) and self.min_lung_field_cm2 > 0
+        ):
+            raise ValueError(
+                f'Argument "min_lung_field_cm2" must be None or a finite number > 0, got {self.min_lung_field_cm2}.'
+            )
 
     def params(self) -> RuleParams:
         """The parameters as the schema model recorded in every :class:`~aggregator.schema.CaseResult`."""
@@ -237,6 +254,8 @@ class CaseDecision:
     nominal_spacing_mm: float | None
     rule: CaseRule
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    lung_field_cm2: float | None = None
+    """The series' largest lung field as measured by ingest (None: not measured)."""
 
     @property
     def positive(self) -> bool:
@@ -280,6 +299,7 @@ class CaseDecision:
             evidence=self.evidence,
             n_slices=len(self.slices),
             nominal_spacing_mm=self.nominal_spacing_mm,
+            lung_field_cm2=self.lung_field_cm2,
             slices=list(self.slices),
             rule=self.rule.params(),
             models=list(models),
@@ -488,7 +508,13 @@ def _requirement(rule: CaseRule) -> str:
     return text + (f" covering {rule.run_mm:g} mm" if rule.run_mm is not None else "")
 
 
-def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacing_mm: float | None = None) -> CaseDecision:
+def decide(
+    slices: Sequence[SliceInput],
+    rule: CaseRule | None = None,
+    *,
+    spacing_mm: float | None = None,
+    lung_field_cm2: float | None = None,
+) -> CaseDecision:
     """Apply the case rule to one series.
 
     Parameters
@@ -500,6 +526,10 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
     spacing_mm : float or None
         Nominal distance between neighbouring slices (for example from SpacingBetweenSlices); None
         to use the median distance between neighbours.
+    lung_field_cm2 : float or None
+        The largest classical lung field on the series in cm² (ingest measures it on the HU,
+        :func:`ctscreen.lungs.field_area_cm2`); below ``rule.min_lung_field_cm2`` the series is no
+        chest CT. None: not measured, not checked.
 
     Returns
     -------
@@ -510,11 +540,14 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
     Raises
     ------
     ValueError
-        When two slices share a SOP Instance UID or a position, or ``spacing_mm`` is not > 0.
+        When two slices share a SOP Instance UID or a position, ``spacing_mm`` is not > 0 or
+        ``lung_field_cm2`` is not >= 0.
     """
     rule = rule or CaseRule()
     if spacing_mm is not None and not (math.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f'Argument "spacing_mm" must be None or a finite number > 0, got {spacing_mm}.')
+    if lung_field_cm2 is not None and not (math.isfinite(lung_field_cm2) and lung_field_cm2 >= 0):
+        raise ValueError(f'Argument "lung_field_cm2" must be None or a finite number >= 0, got {lung_field_cm2}.')
     ordered = sorted(slices, key=lambda s: s.position_mm)
     uids = [s.sop_instance_uid for s in ordered]
     if len(set(uids)) != len(uids):
@@ -565,9 +598,21 @@ def decide(slices: Sequence[SliceInput], rule: CaseRule | None = None, *, spacin
 
     def make(verdict: Verdict, reason: str, message: str) -> CaseDecision:
         return CaseDecision(
-            verdict, reason, message, evidence, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings)
+            verdict, reason, message, evidence, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings),
+            lung_field_cm2,
         )
 
+    # before the run: boxes on a head's sinuses make runs as well as lesions do (the check reads the HU,
+    # not the boxes, so adding a lesion still never turns a verdict away from positive)
+    if (lung_field_cm2 is not None and rule.min_lung_field_cm2 is not None
+            and lung_field_cm2 < rule.min_lung_field_cm2):
+        return make(
+            "indeterminate",
+            "not_chest",
+            f"The largest lung field of the series is {lung_field_cm2:.0f} cm², under the "
+            f"{rule.min_lung_field_cm2:g} cm² of a chest: not a chest CT (a head, neck or limb), or the lungs lie "
+            "outside the field of view.",
+        )
     if best is not None and best.qualifies:
         return make("positive", "run_found", _describe(best, findings) + f" (rule: {need}).")
     if findings and all(f.valid_area is None for f in findings):
@@ -625,7 +670,8 @@ def replay(result: CaseResult, rule: CaseRule | None = None) -> CaseDecision:
     ('positive', 'negative')
     """
     rule = rule or CaseRule.from_params(result.rule)
-    return decide(slice_inputs(result), rule, spacing_mm=result.nominal_spacing_mm)
+    return decide(slice_inputs(result), rule, spacing_mm=result.nominal_spacing_mm,
+                  lung_field_cm2=result.lung_field_cm2)
 
 
 class SlicePrediction(Protocol):
@@ -680,6 +726,9 @@ class PreparedSeries(Protocol):
     @property
     def spacing_mm(self) -> float | None: ...
     @property
+    def lung_field_cm2(self) -> float | None:
+        """The largest lung field of the series in cm² (None: not measured)."""
+    @property
     def rejected(self) -> Sequence[_Refused]: ...
     @property
     def excluded(self) -> Sequence[_Refused]: ...
@@ -703,8 +752,8 @@ def case_result(
     ----------
     study : PreparedSeries
         The series as ingest prepared it: slices in order (SOP Instance UID, position along the
-        normal, stored size, mapping back to the stored grid), nominal spacing, the files refused or
-        left out, and ingest's warnings.
+        normal, stored size, mapping back to the stored grid), nominal spacing, its largest lung
+        field, the files refused or left out, and ingest's warnings.
     outputs : Sequence[SlicePrediction]
         One per slice of ``study``, in the same order (``boxes`` and ``valid_area`` on the 512 grid).
     rule : CaseRule or None
@@ -735,7 +784,8 @@ def case_result(
         )
         for meta, out in zip(study.slices, outputs, strict=True)
     ]
-    decision = decide(inputs, rule, spacing_mm=float(study.spacing_mm) if study.spacing_mm else None)
+    decision = decide(inputs, rule, spacing_mm=float(study.spacing_mm) if study.spacing_mm else None,
+                      lung_field_cm2=study.lung_field_cm2)
     return decision.to_result(
         study_instance_uid=str(study.study_instance_uid),
         series_instance_uid=str(study.series_instance_uid),

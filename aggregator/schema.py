@@ -14,7 +14,7 @@ Layout
     ├── evidence: Evidence | None       the run of slices, its quadrant and its boxes
     ├── slices: [SliceFinding]          every slice in position order, boxes in both grids
     ├── rule: RuleParams                every case-rule parameter used
-    ├── nominal_spacing_mm, n_slices
+    ├── nominal_spacing_mm, n_slices, lung_field_cm2 (added in 1.2.0, with reason not_chest)
     ├── models: [ModelInfo], timings: Timings
     └── rejected: [RejectedFile], gaps: [Gap], warnings: [str]
 
@@ -39,7 +39,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION: Final = "1.1.0"
+SCHEMA_VERSION: Final = "1.2.0"
 """Version of the :class:`CaseResult` document."""
 
 Verdict = Literal["positive", "negative", "indeterminate"]
@@ -56,6 +56,7 @@ REASONS: Final[dict[str, str]] = {
     "too_few_slices": "indeterminate: no gap-free stretch of the series is long enough to hold a run",
     "no_valid_area": "indeterminate: the valid-area model found no lung field on any slice",
     "run_broken_by_gap": "indeterminate: a run would qualify but a gap in the series breaks it",
+    "not_chest": "indeterminate: the series' largest lung field is smaller than a chest's (a head, neck or limb CT)",
 }
 """Reason codes the aggregator emits, with their meaning. Callers (the gateway) may add their own
 codes for studies that never reach the case rule (for example ``no_usable_series``)."""
@@ -143,6 +144,10 @@ class RuleParams(_Model):
     spanning: Literal["every", "centre"]
     gap_tolerance: float = Field(gt=1.0)
     drop_outside_valid: bool
+    min_lung_field_cm2: float | None = Field(
+        default=None, gt=0.0,
+        description="a series whose largest lung field (cm²) is smaller is no chest CT (not_chest); null: not "
+                    "checked (results made before the check record none). (Added in 1.2.0.)")
 
 
 class ModelInfo(_Model):
@@ -229,6 +234,10 @@ class CaseResult(_Model):
     )
     n_slices: int = Field(ge=0)
     nominal_spacing_mm: float | None = Field(default=None, ge=0.0)
+    lung_field_cm2: float | None = Field(
+        default=None, ge=0.0,
+        description="the largest classical lung field of the series in cm², measured by ingest on the HU of up to "
+                    "12 slices spread over it (rule.min_lung_field_cm2); null: not measured (no pixel spacing). (Added in 1.2.0.)")
     slices: list[SliceFinding] = Field(default_factory=list)
     rule: RuleParams
     models: list[ModelInfo] = Field(default_factory=list)

@@ -29,7 +29,7 @@ import multiprocessing
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctscreen.contracts import SLICE_SIZE
+from ctscreen.lungs import field_area_cm2
 from ctscreen.machine import cores
 from gateway.dicom import (
     ALWAYS_LOSSY,
@@ -68,8 +69,8 @@ from gateway.uploads import UploadLimits, iter_upload
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "decode_frames", "load_study",
-    "make_decode_pool", "plan_study",
+    "LUNG_PROBES", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "decode_frames",
+    "load_study", "lung_field_extent", "make_decode_pool", "plan_study",
 ]
 
 
@@ -122,6 +123,10 @@ class PreparedStudy:
     spacing_mm: float | None
     slice_thickness_mm: float | None
     pixel_spacing_mm: tuple[float, float] | None
+    lung_field_cm2: float | None = None
+    """The largest lung field of up to :data:`LUNG_PROBES` slices spread over the series, in cm²
+    (:func:`lung_field_extent`); None when a probed slice has no pixel spacing. The case rule calls a
+    series whose largest field is smaller than a chest's no chest CT."""
     rejected: list[Rejection] = field(default_factory=list)
     """Files refused outright (not DICOM, not CT, no pixels, undecodable)."""
     excluded: list[Rejection] = field(default_factory=list)
@@ -437,10 +442,14 @@ class StudyPlan:
         return _keys_by_object(self.selection.chosen)
 
     def assemble(self, hu: np.ndarray, grids: dict[tuple[str, int], GridMapping],
-                 work: dict[str, float] | None = None) -> PreparedStudy:
-        """The prepared study once every object decoded: ``hu`` filled in :attr:`ordered` order."""
+                 work: dict[str, float] | None = None, *,
+                 pixels: Mapping[tuple[str, int], np.ndarray] | None = None) -> PreparedStudy:
+        """The prepared study once every object decoded: ``hu`` filled in :attr:`ordered` order, or empty
+        with ``pixels`` holding each slice by key (a study screened ahead: :attr:`PreparedStudy.hu` stays empty)."""
+        frames = self.ordered.slices
+        slice_at = (lambda i: hu[i]) if pixels is None else (lambda i: pixels[frames[i].key])
         return _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
-                         list(self.excluded), [], self.accumulator.n_files, dict(work or {}))
+                         list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at)
 
     def finish(self, *, workers: int | None = None, executor: Executor | None = None) -> PreparedStudy:
         """The whole-study path (:meth:`StudyAccumulator.finish`): for a study with a frame that does not decode."""
@@ -458,8 +467,10 @@ def _assemble(
     failed_series: list[str],
     n_files: int,
     work: dict[str, float],
+    slice_at: Callable[[int], np.ndarray] | None = None,
 ) -> PreparedStudy:
-    """The :class:`PreparedStudy` of ``ordered`` slices whose HU are ``hu`` (one row per slice)."""
+    """The :class:`PreparedStudy` of ``ordered`` slices whose HU are ``hu`` (one row per slice), or
+    ``slice_at(i)`` where ``hu`` is empty."""
     for h in ordered.duplicates:
         excluded.append(
             Rejection(
@@ -519,6 +530,7 @@ def _assemble(
         spacing_mm=ordered.spacing_mm,
         slice_thickness_mm=float(np.median(thicknesses)) if thicknesses else None,
         pixel_spacing_mm=first.pixel_spacing,
+        lung_field_cm2=lung_field_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids),
         rejected=rejected,
         excluded=excluded,
         other_series=selection.other_series,
@@ -527,6 +539,33 @@ def _assemble(
         sr_context=context,
         work_s=work,
     )
+
+
+LUNG_PROBES = 12
+"""Slices spread evenly over a series whose lung field :func:`lung_field_extent` measures (about 0.7 ms each).
+
+A chest's lung field is over half its widest for the middle half of the series, so ten inner probes find a
+chest's many times over; the measure only has to tell a chest from a head (over 160 cm² against under 20)."""
+
+
+def lung_field_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
+                      grids: Mapping[tuple[str, int], GridMapping], probes: int = LUNG_PROBES) -> float | None:
+    """The largest lung field (cm², :func:`ctscreen.lungs.field_area_cm2`) of up to ``probes`` slices spread
+    evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on the 512 grid, whose
+    pixel is the stored one times ``grids[key].scale``). None when a probed slice has no pixel spacing.
+
+    The probes may miss the very widest slice: the measure is "the widest probe", recorded as such and replayed.
+    """
+    if not frames:
+        return None
+    best = 0.0
+    for i in np.unique(np.linspace(0, len(frames) - 1, min(len(frames), probes)).round().astype(int)):
+        h = frames[i]
+        if h.pixel_spacing is None:
+            return None
+        scale = grids[h.key].scale
+        best = max(best, field_area_cm2(slice_at(int(i)), (h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale)))
+    return best
 
 
 def _ct_study_of(ds: Dataset) -> str | None:

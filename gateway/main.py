@@ -130,7 +130,8 @@ def create_app(
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
-        rule = CaseRule(run_slices=settings.case_run_slices, run_mm=settings.case_run_mm)
+        rule = CaseRule(run_slices=settings.case_run_slices, run_mm=settings.case_run_mm,
+                        min_lung_field_cm2=settings.case_min_lung_field_cm2 or None)
         screener = Screener(pool, metrics, decode_workers=settings.decode_workers, rule=rule, loader=loader)
         worker = Worker(store, blobs, screener, settings)
         from gateway.delivery.deliverer import Deliverer

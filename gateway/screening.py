@@ -336,7 +336,9 @@ class Screener:
             prepared.decoded.clear()
             study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
             return study, await self.pool.infer(study.hu, on_batch=again, stats=calls)
-        return plan.assemble(hu, grids, dict(work)), outputs
+        # in a decode thread: it measures the lung field of up to 12 slices (~8 ms), too long for the event loop
+        assemble = functools.partial(plan.assemble, hu, grids, dict(work), pixels=pixels if ahead is not None else None)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, assemble), outputs
 
     async def _screen_ahead(self, ahead: Speculation, pixels: dict[tuple[str, int], np.ndarray],
                             keys: list[tuple[str, int]], filled: AsyncIterator[int],

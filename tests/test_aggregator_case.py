@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.case import CaseRule, SliceInput, decide, quadrants_of, to_original_grid
+from aggregator.case import CaseRule, SliceInput, decide, quadrants_of, replay, to_original_grid
+from aggregator.schema import CaseResult
 from ctscreen.contracts import EMPTY_BOX, PADDING_ROW
 from ctscreen.postprocess import postprocess_batch, unpack_boxes
 
@@ -299,13 +300,58 @@ def test_run_mm_variants(spacing, run_lesions, n, rule, verdict):
 # ---- results and errors -------------------------------------------------------------------------
 def test_every_parameter_is_recorded_and_reproducible():
     rule = CaseRule(cutoff=0.6, min_area=30, run_slices=4, run_mm=12.5, quadrant_split="image",
-                    spanning="centre", gap_tolerance=2.0, drop_outside_valid=False)
+                    spanning="centre", gap_tolerance=2.0, drop_outside_valid=False, min_lung_field_cm2=80.0)
     result = decide(series({}, 6), rule).to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
     assert result.rule.model_dump() == {
         "cutoff": 0.6, "min_area": 30, "run_slices": 4, "run_mm": 12.5, "quadrant_split": "image",
-        "spanning": "centre", "gap_tolerance": 2.0, "drop_outside_valid": False,
+        "spanning": "centre", "gap_tolerance": 2.0, "drop_outside_valid": False, "min_lung_field_cm2": 80.0,
     }
     assert CaseRule.from_params(result.rule) == rule
+
+
+# ---- a chest at all (docs/case-rule.md, 8) ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("lung_field_cm2", "rule", "verdict", "reason"),
+    [
+        (12.0, CaseRule(), "indeterminate", "not_chest"),  # a head's sinuses: its run of boxes is no lesion
+        (49.9, CaseRule(), "indeterminate", "not_chest"),
+        (50.0, CaseRule(), "positive", "run_found"),  # at the limit: a chest
+        (250.0, CaseRule(), "positive", "run_found"),
+        (None, CaseRule(), "positive", "run_found"),  # not measured (no pixel spacing): not checked
+        (12.0, CaseRule(min_lung_field_cm2=None), "positive", "run_found"),  # the check off (the paper's rule)
+        (12.0, CaseRule(min_lung_field_cm2=5.0), "positive", "run_found"),
+    ],
+)
+def test_a_series_smaller_than_a_chest_is_indeterminate_whatever_its_boxes(lung_field_cm2, rule, verdict, reason):
+    d = decide(series({2: TL, 3: TL, 4: TL}, 8), rule, lung_field_cm2=lung_field_cm2)
+    assert (d.verdict, d.reason) == (verdict, reason)
+    result = d.to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
+    assert result.lung_field_cm2 == lung_field_cm2 and replay(result).reason == reason  # recorded, reproducible
+    if reason == "not_chest":
+        assert f"{lung_field_cm2:.0f} cm²" in d.message and "not a chest CT" in d.message
+        assert d.evidence is not None and d.evidence.qualifies  # the boxes stay for a reader to see
+
+
+def test_a_result_made_before_the_chest_check_replays_unchecked():
+    """Results of schema 1.1 record neither the measure nor the limit: replayed, they decide as they did."""
+    result = decide(series({2: TL, 3: TL, 4: TL}, 8)).to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
+    old = result.model_dump(mode="json")
+    old["rule"].pop("min_lung_field_cm2")
+    old.pop("lung_field_cm2")
+    again = CaseResult.model_validate(old)
+    assert again.rule.min_lung_field_cm2 is None and replay(again).verdict == "positive"
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_the_chest_limit_must_be_positive(bad):
+    with pytest.raises(ValueError, match="min_lung_field_cm2"):
+        CaseRule(min_lung_field_cm2=bad)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_measured_lung_field_must_be_a_size(bad):
+    with pytest.raises(ValueError, match="lung_field_cm2"):
+        decide(series({}, 4), lung_field_cm2=bad)
 
 
 def test_boxes_are_mapped_back_to_the_original_grid():

@@ -118,6 +118,9 @@ def test_every_slice_screened_by_real_triton(gateway, screened):
 def test_shuffled_jpeg2000_twin_gives_the_same_answer(screened):
     plain, j2k = _result(screened["covid"]), _result(screened["covid_j2k"])
     assert (j2k.verdict, j2k.reason, j2k.n_slices) == (plain.verdict, plain.reason, plain.n_slices)
+    # a chest's lung field, measured alike on both paths (phantom chests: 164-279 cm2)
+    assert plain.lung_field_cm2 is not None and plain.lung_field_cm2 > 150
+    assert j2k.lung_field_cm2 == pytest.approx(plain.lung_field_cm2, rel=0.05)
     assert [s.position_mm for s in j2k.slices] == [s.position_mm for s in plain.slices]
     assert [(s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in j2k.slices] == [
         (s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in plain.slices]
@@ -149,6 +152,37 @@ def test_normal_study_is_negative(gateway, tmp_path):
     path = Path(phantom.write_study(normal, tmp_path / "normal"))
     result = _result(screen_paths(gateway.url, [path], quiet=True)[0])
     assert result.verdict == "negative", (result.reason, result.message)
+
+
+HEAD_SLICE = ROOT.parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" / "IM-0001-0001-0001.dcm"
+
+
+@needs_trained
+@pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
+def test_a_head_ct_is_no_chest_and_never_positive(gateway, tmp_path):
+    """A real head CT slice (sinuses, from a cervical-spine study) as a series of 6: the models, which
+    learnt only chests, box the sinus air on every slice, a run in one quadrant. The lung-field check
+    makes the study indeterminate (not_chest) instead of positive."""
+    from pydicom.uid import generate_uid
+
+    from aggregator.case import CaseRule
+
+    study, series = generate_uid(), generate_uid()
+    folder = tmp_path / "head"
+    folder.mkdir()
+    for i in range(6):
+        ds = pydicom.dcmread(HEAD_SLICE)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 2.0 * i]
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"head{i}.dcm")
+    result = _result(screen_paths(gateway.url, [folder], quiet=True)[0])
+    assert (result.verdict, result.reason) == ("indeterminate", "not_chest"), result.message
+    assert result.lung_field_cm2 is not None and result.lung_field_cm2 < 50 and result.rule.min_lung_field_cm2 == 50
+    assert replay(result).reason == "not_chest"
+    # what the check stands between: without it, the sinus boxes make this head CT positive
+    assert replay(result, CaseRule(min_lung_field_cm2=None)).verdict == "positive"
 
 
 def test_stow_rs_upload_by_dicomweb_client_is_screened(gateway, studies, screened):

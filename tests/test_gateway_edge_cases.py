@@ -332,3 +332,29 @@ def test_a_real_derived_axial_slice_alone_is_screened_and_a_perfusion_map_alone_
     with pytest.raises(GatewayError) as info:
         load_study([(rel, (EDGE / rel).read_bytes())])
     assert {r[1] for r in info.value.rejected} == {"not_original"}
+
+
+@pytest.mark.parametrize(
+    ("rel", "chest"),
+    [
+        ("dwv/osirix-goudurix.dcm", True),
+        ("dwv/osirix-toutatix-100.dcm", True),
+        ("pylibjpeg-data/TOSHIBA_J2K_OpenJPEGv2Regression.dcm", True),  # lung bases under the domes
+        ("pylibjpeg-data/CT1_JLSN.dcm", True),
+        ("fo-dicom/IM-0001-0001-0001.dcm", False),  # a head: sinuses and nasal airway
+        ("pylibjpeg-data/ELSCINT1_JP2vsJ2K.dcm", False),  # a face: the oral airway, metal streaks
+        ("pydicom/explicit_VR-UN.dcm", False),  # an abdomen
+        ("dwv/dicompyler-ct.0.dcm", False),  # a neck and shoulders (the table's foam is not lung)
+    ],
+)
+def test_real_chests_measure_a_chests_lung_field_and_heads_do_not(rel: str, chest: bool) -> None:
+    """The lung-field measure behind the case rule's not_chest (docs/case-rule.md, 8), on real slices: a real adult
+    chest slice holds 230-250 cm² of lung field, these heads, necks and abdomens under 20 cm²."""
+    from ctscreen.lungs import CHEST_LUNG_FIELD_CM2
+
+    study = load_study([(Path(rel).name, (EDGE / rel).read_bytes())])
+    assert study.lung_field_cm2 is not None
+    if chest:
+        assert study.lung_field_cm2 > 4 * CHEST_LUNG_FIELD_CM2
+    else:
+        assert study.lung_field_cm2 < 0.5 * CHEST_LUNG_FIELD_CM2

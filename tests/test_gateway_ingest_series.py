@@ -402,3 +402,34 @@ def test_one_series_keeps_frames_whose_orientations_differ_by_rounding_only(seco
     study_ = load_study(files)
     assert study_.n_slices == kept
     assert {r.reason for r in study_.excluded} == (set() if kept == 8 else {"orientation_mismatch"})
+
+
+def test_the_lung_field_is_probed_on_slices_spread_over_the_series() -> None:
+    """12 probes spread evenly (first and last included) find a chest's wide middle in a long series; a probed slice
+    without pixel spacing leaves the series unmeasured (the case rule then does not check it)."""
+    from dataclasses import replace
+
+    from gateway.dicom import GridMapping
+    from gateway.ingest import LUNG_PROBES, lung_field_extent
+
+    air = np.full((512, 512), -1000, np.int16)
+    chest = air.copy()
+    chest[64:448, 32:480] = 40
+    chest[128:384, 80:216] = -850
+    chest[128:384, 296:432] = -850
+    frames = [replace(_header(i, float(i), i + 1), pixel_spacing=(0.5, 0.5)) for i in range(300)]
+    grids = {h.key: GridMapping(512, 512) for h in frames}
+    seen: list[int] = []
+
+    def slice_at(i: int) -> np.ndarray:
+        seen.append(i)
+        return chest if i == 150 else air
+
+    area = lung_field_extent(slice_at, frames, grids)
+    assert len(seen) == LUNG_PROBES and seen[0] == 0 and seen[-1] == 299
+    assert area == 0.0  # slice 150 lies between two probes (136 and 163): a real chest is wide for centimetres
+    wide = lung_field_extent(lambda i: chest if 130 <= i <= 170 else air, frames, grids)
+    assert wide is not None and 160 < wide < 180  # 2 x 256 x 136 px of 0.5 mm, at the 64 x 64 look
+    frames[0] = replace(frames[0], pixel_spacing=None)
+    assert lung_field_extent(lambda i: chest, frames, grids) is None
+    assert lung_field_extent(lambda i: chest, [], grids) is None
