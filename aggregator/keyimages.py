@@ -1,4 +1,5 @@
-"""Key images of a case result: DICOM Secondary Capture images a radiologist can open in any PACS viewer.
+"""Key images of a case result: DICOM Secondary Capture images a radiologist can open in any PACS viewer,
+and a Key Object Selection document that flags the evidence in the study itself.
 
 :func:`key_images` renders each slice of the result's evidence run (the run of consecutive slices that
 made the case positive, or the longest one found) in a lung window (:data:`LUNG_WINDOW`, HU), with the
@@ -13,6 +14,12 @@ run's lesion boxes drawn in :data:`BOX_RGB`, and encodes it as a highdicom
 
 A negative result has no key images (its SR says so). Pure function: the caller reads the source
 instances (with pixel data) and sends the returned data sets.
+
+:func:`key_object_selection` makes the Key Object Selection document (KOS, PS3.3 A.35.4; SOP class
+1.2.840.10008.5.1.4.1.1.88.59) a PACS viewer shows as the study's key images: titled "Of Interest"
+(DCM 113000), it references the evidence run's own CT slices and the key images made for them, with the
+notice that this is a machine reading as its description. Same patient and study, series 9903, one per
+result, its UIDs derived from the result like the key images'.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from aggregator.schema import Box, CaseResult
-from aggregator.sr import SourceError, equipment_and_time, stable_uid, usable_headers
+from aggregator.sr import SourceError, device_observer, equipment_and_time, stable_uid, usable_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BOX_RGB", "KEY_SERIES_DESCRIPTION", "KEY_SERIES_NUMBER", "LUNG_WINDOW", "key_images", "lung_window", "draw_box"]
+__all__ = ["BOX_RGB", "KEY_SERIES_DESCRIPTION", "KEY_SERIES_NUMBER", "KOS_SERIES_DESCRIPTION", "KOS_SERIES_NUMBER",
+           "LUNG_WINDOW", "OF_INTEREST", "draw_box", "key_images", "key_object_selection", "lung_window"]
 
 LUNG_WINDOW: Final = (-600.0, 1500.0)
 """Window centre and width in HU (the usual lung window)."""
@@ -45,6 +53,13 @@ BOX_LINE: Final = 2
 KEY_SERIES_NUMBER: Final = 9902
 KEY_SERIES_DESCRIPTION: Final = "ctscreen AI key images, not a diagnosis (lung window, boxes)"
 """Series Number of the key images (the SR is 9901)."""
+
+KOS_SERIES_NUMBER: Final = 9903
+KOS_SERIES_DESCRIPTION: Final = "ctscreen AI key object selection, not a diagnosis"
+"""Series Number and Description of the Key Object Selection document."""
+
+OF_INTEREST: Final = ("113000", "DCM", "Of Interest")
+"""The KOS document title (CID 7010 Key Object Selection Document Title)."""
 
 
 def lung_window(hu: np.ndarray, centre: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
@@ -195,3 +210,69 @@ def key_images(
         sc.SourceImageSequence = DicomSequence([source])
         out.append(sc)
     return out
+
+
+def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_images: Sequence[Dataset] = ()) -> Dataset | None:
+    """The Key Object Selection document that flags ``result``'s evidence in its study (see the module docstring).
+
+    Parameters
+    ----------
+    result : CaseResult
+        The case result.
+    sources : Sequence[pydicom.dataset.Dataset]
+        The screened instances (headers are enough), at least those of the evidence run.
+    key_images : Sequence[pydicom.dataset.Dataset]
+        The key images made for the run (:func:`key_images`), referenced after the slices; none to flag
+        the slices only.
+
+    Returns
+    -------
+    highdicom.ko.KeyObjectSelectionDocument or None
+        None for a negative result or one without evidence (nothing to flag), as for the key images.
+
+    Raises
+    ------
+    aggregator.sr.SourceError
+        When an evidence slice is missing from ``sources`` or belongs to another study.
+    """
+    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices:
+        return None
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+    from highdicom.sr import CodedConcept
+
+    from aggregator.fhir import NOTICE
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    slices = []
+    for evidence in result.evidence.slices:
+        ds = by_uid.get(evidence.sop_instance_uid)
+        if ds is None:
+            raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
+        if str(ds.StudyInstanceUID) != result.study_instance_uid:
+            raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
+        slices.append(ds)
+    referenced = [*usable_headers(slices), *key_images]
+    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
+           result.verdict)
+    version = result.software_version or "unknown"
+    ev = result.evidence
+    description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
+                   f"{ev.n_slices} consecutive slice(s) with lesions in the {ev.quadrant.replace('_', ' ')} quadrant.")
+    content = KeyObjectSelection(
+        document_title=CodedConcept(*OF_INTEREST),
+        referenced_objects=referenced,
+        observer_device_context=device_observer(result),
+        description=description,
+    )
+    kos = KeyObjectSelectionDocument(
+        evidence=referenced,
+        content=content,
+        series_instance_uid=stable_uid(*key, "kos-series", root=result.uid_root),
+        series_number=KOS_SERIES_NUMBER,
+        sop_instance_uid=stable_uid(*key, "kos", root=result.uid_root),
+        instance_number=1,
+        manufacturer="ctscreen",
+        series_description=KOS_SERIES_DESCRIPTION,
+        **equipment_and_time(result),
+    )
+    return kos

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "equipment_and_time", "sr_uids", "stable_uid", "to_sr",
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "sr_uids", "stable_uid", "to_sr",
            "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
@@ -63,6 +63,20 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
     if result.created_at is not None:
         out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
     return out
+
+
+def device_observer(result: CaseResult) -> Any:
+    """The observer context (highdicom ``ObserverContext``) of ctscreen, the device that made an object of
+    ``result``: the SR's and the KOS's, one UID per software version under the result's UID root."""
+    from highdicom.sr import CodedConcept, DeviceObserverIdentifyingAttributes, ObserverContext
+
+    version = result.software_version or "unknown"
+    return ObserverContext(
+        observer_type=CodedConcept("121007", "DCM", "Device"),
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=stable_uid("device", version, root=result.uid_root), name="ctscreen", manufacturer_name="ctscreen",
+            model_name="ctscreen"),
+    )
 
 
 def sr_uids(result: CaseResult) -> tuple[str, str]:
@@ -226,14 +240,12 @@ def to_sr(
         AlgorithmIdentification,
         CodedConcept,
         Comprehensive3DSR,
-        DeviceObserverIdentifyingAttributes,
         FindingSite,
         ImageRegion,
         Measurement,
         MeasurementReport,
         MeasurementsAndQualitativeEvaluations,
         ObservationContext,
-        ObserverContext,
         PlanarROIMeasurementsAndQualitativeEvaluations,
         QualitativeEvaluation,
         SourceImageForMeasurementGroup,
@@ -311,14 +323,8 @@ def to_sr(
         logger.warning("SR of %s: %d box(es) left out (slice not in the evidence, multi-frame, or no original box)",
                        result.study_instance_uid, skipped)
 
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=stable_uid("device", version, root=result.uid_root), name="ctscreen", manufacturer_name="ctscreen", model_name="ctscreen",
-        ),
-    )
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
+        observation_context=ObservationContext(observer_device_context=device_observer(result)),
         procedure_reported=CodedConcept("24627-2", "LN", "CT Chest"),
         imaging_measurements=groups,
     )

@@ -124,6 +124,11 @@ class OrthancServer:
         r.raise_for_status()
         return r.json()
 
+    def store(self, *paths: Path) -> None:
+        """Store DICOM files as a modality would (REST upload: the same store as a C-STORE)."""
+        for path in paths:
+            httpx.post(f"{self.url}/instances", content=path.read_bytes(), timeout=30).raise_for_status()
+
     def instances_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
         """Every instance Orthanc holds of the study, with its tags, series and patient."""
         return self.post("/tools/find", {"Level": "Instance", "Expand": True,

@@ -18,7 +18,14 @@ from pydicom.uid import generate_uid
 
 from aggregator.case import SliceInput, decide
 from aggregator.fhir import IDENTIFIER_SYSTEM, to_fhir, validate_bundle
-from aggregator.keyimages import BOX_RGB, key_images, lung_window
+from aggregator.keyimages import (
+    BOX_RGB,
+    KOS_SERIES_NUMBER,
+    OF_INTEREST,
+    key_images,
+    key_object_selection,
+    lung_window,
+)
 from aggregator.sr import to_sr
 from tests.gateway_dicom_factory import ct_dataset
 from tests.test_aggregator_sr import LESION, VA
@@ -111,9 +118,50 @@ def test_key_images_are_secondary_captures_with_boxes_in_a_lung_window(tmp_path)
 def test_negative_result_has_no_key_images_and_missing_sources_are_refused():
     result, sources = _series(lesion_slices=(1, 2))
     assert result.verdict == "negative" and key_images(result, sources) == []
+    assert key_object_selection(result, sources) is None  # nothing to flag
     positive, sources = _series()
     with pytest.raises(ValueError, match="lacks evidence slice"):
         key_images(positive, sources[:1])
+    with pytest.raises(ValueError, match="lacks evidence slice"):
+        key_object_selection(positive, sources[:1])
+
+
+def test_the_key_object_selection_flags_the_run_and_its_key_images_in_the_study(tmp_path):
+    """The KOS a viewer shows as the study's key images: "Of Interest", the evidence run's own CT slices and
+    the key images, in the source's patient and study, a new series; rebuilt, the same object."""
+    from datetime import UTC, datetime
+
+    result, sources = _series()
+    result = result.model_copy(update={"created_at": datetime(2026, 12, 5, 1, 2, 3, tzinfo=UTC)})  # as the worker
+    images = key_images(result, sources)
+    kos = key_object_selection(result, sources, images)
+    assert kos is not None
+    data = _bytes(kos)
+    back = highdicom.ko.KeyObjectSelectionDocument.from_dataset(dcmread(io.BytesIO(data)))
+    assert (back.SOPClassUID, back.Modality, back.SeriesNumber) == ("1.2.840.10008.5.1.4.1.1.88.59", "KO",
+                                                                     KOS_SERIES_NUMBER)
+    assert (back.PatientID, back.StudyInstanceUID, back.AccessionNumber) == ("P-123", result.study_instance_uid,
+                                                                            "ACC-9")
+    assert back.SeriesInstanceUID not in {str(s.SeriesInstanceUID) for s in sources} | {
+        str(i.SeriesInstanceUID) for i in images}
+    title = back.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == OF_INTEREST
+    slices = [s.sop_instance_uid for s in result.evidence.slices]
+    referenced = [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for item in back.ContentSequence if item.ValueType in ("IMAGE", "COMPOSITE")]
+    assert referenced == slices + [str(i.SOPInstanceUID) for i in images]  # the run's slices, then the key images
+    evidence = {str(inst.ReferencedSOPInstanceUID)
+                for study in back.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for inst in series.ReferencedSOPSequence}
+    assert evidence == set(referenced)
+    texts = [str(item.TextValue) for item in back.ContentSequence if item.ValueType == "TEXT"]
+    assert any("not a diagnosis" in t and "positive" in t for t in texts)
+    _dcmtk_clean("dcmdump", data, tmp_path, "+E")
+    again = key_object_selection(result, sources, key_images(result, sources))
+    assert again is not None and (again.SOPInstanceUID, again.ContentDate, again.ContentTime) == (
+        kos.SOPInstanceUID, kos.ContentDate, kos.ContentTime)  # same result, same object
+    alone = key_object_selection(result, sources)  # no key images asked for: the slices only
+    assert alone is not None and len([i for i in alone.ContentSequence if i.ValueType == "IMAGE"]) == 3
 
 
 def test_fhir_report_validates_and_refers_to_the_imaging_study():

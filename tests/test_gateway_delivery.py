@@ -165,6 +165,37 @@ def test_orthanc_down_during_delivery_then_back_delivers_exactly_once(orthanc, s
 
 
 @needs_orthanc
+def test_a_pacs_that_asks_for_the_kos_gets_it_flagging_the_run_it_holds(orthanc, study_files, tmp_path):
+    """objects [sr, key_images, kos]: Orthanc (a real PACS) stores the KO beside the SR and the key images, and
+    every instance the KO flags is one it holds: the study's own slices of the run and the key images."""
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files)
+        pacs = _pacs(orthanc, objects=["sr", "key_images", "kos"])
+        deliverer = Deliverer(store, blobs, parse_destinations([pacs]), settings, CollectorRegistry())
+        try:
+            orthanc.store(*study_files)  # the PACS holds the study the modality sent it
+            (task,) = await _until(deliverer, result.job_id, {"done"})
+            kinds = [o["kind"] for o in task.payload["objects"]]
+            assert kinds == ["sr"] + ["key_image"] * len(result.evidence.slices) + ["kos"]
+            held = _orthanc_series(orthanc, result.study_instance_uid)
+            kos_uid = task.payload["objects"][-1]["uid"]
+            assert held.get("KO") == [kos_uid]
+            ids = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in orthanc.instances_of_study(result.study_instance_uid)}
+            kos = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{ids[kos_uid]}/file")))
+            flagged = [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                       for item in kos.ContentSequence if item.ValueType in ("IMAGE", "COMPOSITE")]
+            key_images = sorted(o["uid"] for o in task.payload["objects"] if o["kind"] == "key_image")
+            assert flagged[:3] == [s.sop_instance_uid for s in result.evidence.slices]
+            assert sorted(flagged[3:]) == key_images == sorted(held["OT"])
+            assert set(flagged) <= set(ids)  # nothing flagged that the PACS does not hold
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@needs_orthanc
 def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(orthanc, study_files, tmp_path):
     """Version 2 of a study (an instance arrived after it was screened) is delivered after version 1: its SR
     names version 1's SR in the Predecessor Documents Sequence, and its FHIR bundle cancels version 1's

@@ -22,7 +22,7 @@
 
 A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdicts; ``calling_ae_titles``
 (optional) keeps only studies received by C-STORE from those AE titles. ``objects`` of a DICOM
-destination is ``[sr, key_images]`` by default.
+destination is ``[sr, key_images]`` by default; add ``kos`` for the Key Object Selection document.
 
 Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
 ``${VAR}`` in a value is replaced by the environment variable ``VAR`` (so a Kubernetes Secret can
@@ -47,11 +47,12 @@ __all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestinat
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-ObjectKind = Literal["sr", "key_images"]
-"""What a DICOM destination can be sent: the SR, the key images."""
+ObjectKind = Literal["sr", "key_images", "kos"]
+"""What a DICOM destination can be sent: the SR, the key images, the Key Object Selection document (KOS) that
+flags the evidence slices and the key images in the study (not by default: a PACS must accept its SOP class)."""
 
 
-def _every_object() -> list[ObjectKind]:
+def _default_objects() -> list[ObjectKind]:
     return ["sr", "key_images"]
 
 
@@ -103,7 +104,7 @@ class DicomDestination(_Base):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
     tls: Tls | None = None
-    objects: list[ObjectKind] = Field(default_factory=_every_object, min_length=1)
+    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
 
     @property
     def where(self) -> str:
@@ -141,7 +142,7 @@ class StowDestination(_Http):
     """A DICOMweb STOW-RS endpoint: ``url`` is the DICOMweb base (``.../studies`` is appended)."""
 
     kind: Literal["stowrs"]
-    objects: list[ObjectKind] = Field(default_factory=_every_object, min_length=1)
+    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
 
 
 class FhirDestination(_Http):

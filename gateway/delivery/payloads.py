@@ -1,8 +1,9 @@
 """What a delivery sends, built once from the job's stored instances and kept in the blob store.
 
 For a DICOM or STOW-RS destination: the TID 1500 SR (:func:`aggregator.sr.to_sr`) over the full headers of
-the screened series, and the key images (:func:`aggregator.keyimages.key_images`) rendered from the stored
-pixel data. For a FHIR destination: the transaction Bundle (:func:`aggregator.fhir.to_fhir`), whose
+the screened series, the key images (:func:`aggregator.keyimages.key_images`) rendered from the stored
+pixel data, and, where the destination asks for it, the Key Object Selection document that flags the evidence
+slices and the key images (:func:`aggregator.keyimages.key_object_selection`). For a FHIR destination: the transaction Bundle (:func:`aggregator.fhir.to_fhir`), whose
 patient identifiers come from the headers kept with the result. Blocking, CPU-bound: run it in a thread.
 """
 
@@ -20,7 +21,7 @@ from aggregator.sr import SourceError
 
 logger = logging.getLogger(__name__)
 
-SR, KEY_IMAGE, FHIR = "sr", "key_image", "fhir"
+SR, KEY_IMAGE, KOS, FHIR = "sr", "key_image", "kos", "fhir"
 
 
 class PayloadUnavailable(RuntimeError):
@@ -70,7 +71,8 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
 
 def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
                 put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
-    """Build the SR and (if asked) the key images; ``put`` stores bytes and returns a blob key. The SR names
+    """Build the SR, the key images and the KOS, those of them in ``objects``; ``put`` stores bytes and returns a
+    blob key. The KOS references the key images when they are made too. The SR names
     the SRs of the ``earlier`` readings of the study as its predecessors; every UID is made under the
     result's own UID root (``result.uid_root``, fixed when it was made).
 
@@ -79,7 +81,7 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
     PayloadUnavailable
         When none of the screened instances is kept any more, or highdicom refuses their headers.
     """
-    from aggregator.keyimages import key_images
+    from aggregator.keyimages import key_images, key_object_selection
     from aggregator.sr import to_sr
 
     datasets = _series(result, sources)
@@ -91,6 +93,9 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], object
             made.append((SR, to_sr(result, datasets, predecessors=earlier)))
         if "key_images" in objects:
             made += [(KEY_IMAGE, ds) for ds in key_images(result, datasets)]
+        if "kos" in objects:
+            kos = key_object_selection(result, datasets, [ds for kind, ds in made if kind == KEY_IMAGE])
+            made += [(KOS, kos)] if kos is not None else []
     except SourceError as exc:  # its message names UIDs only
         raise PayloadUnavailable(f"the source images cannot be used: {exc}") from None
     except (ValueError, AttributeError, TypeError) as exc:  # highdicom's message may quote a header value
