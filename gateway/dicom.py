@@ -300,6 +300,9 @@ class FrameHeader:
     """No Rescale Intercept: :func:`decode_hu` takes -1024 when the stored air is near 0, else 0."""
     lossy: bool = False
     """The pixels went through lossy compression (:func:`lossy_compressed`)."""
+    convolution_kernel: str = ""
+    """Convolution Kernel (0018,1210; values joined by a backslash), from the CT Reconstruction functional group of an
+    enhanced CT frame; empty when absent."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -483,6 +486,19 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals
 
 
+def _text(value: Any) -> str:
+    r"""A string or multi-valued string element as one string (values joined by a backslash); "" when absent.
+
+    >>> _text(["FC52", "AIDR 3D"]), _text("B70f"), _text(None)
+    ('FC52\\AIDR 3D', 'B70f', '')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
 def _opt_float(value: Any) -> float | None:
     try:
         v = float(value) if value is not None and value != "" else None
@@ -633,6 +649,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 intercept_missing=intercept_missing,
                 lossy=lossy,
                 warnings=tuple(warnings),
+                convolution_kernel=_text(_fg_value(ds, f, "CTReconstructionSequence", "ConvolutionKernel")),
             )
         )
     return out

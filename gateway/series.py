@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ __all__ = [
     "SeriesSelection",
     "SortedSeries",
     "frame_exclusion",
+    "lung_reconstruction",
     "select_series",
     "slice_normal",
     "sort_slices",
@@ -204,8 +206,34 @@ def _main_orientation(group: Sequence[FrameHeader]) -> np.ndarray:
     return best
 
 
+_LUNG_WORDS = re.compile(r"lung|pulm|hrct", re.IGNORECASE)
+_SIEMENS_LUNG_KERNEL = re.compile(r"^Bl\d\d")  # Siemens' lung family (Bl57, Bl64): "l" for lung
+
+
+def lung_reconstruction(h: FrameHeader) -> bool:
+    """Whether a frame's series is a lung reconstruction by its own account: its Series Description or
+    Convolution Kernel says lung (``Lung 1.0``, GE's ``LUNG``, ``HRCT``, ``Pulmo``), or the kernel is Siemens'
+    lung family (``Bl57``, ``Bl64``). Vendors name sharp kernels by number (B70f, FC86, YC): those are not guessed.
+
+    >>> from dataclasses import replace
+    >>> h = FrameHeader("f", None, "1.2", "", "1", "2", 3, "Thorax 1.0 B30f", "CT", (), None, None, 1.0, None, None,
+    ...                 512, 512, 1.0, -1024.0, "")
+    >>> lung_reconstruction(h), lung_reconstruction(replace(h, series_description="Lung 1.0"))
+    (False, True)
+    >>> lung_reconstruction(replace(h, convolution_kernel="LUNG")), lung_reconstruction(replace(h, convolution_kernel="Bl64"))
+    (True, True)
+    """
+    return bool(_LUNG_WORDS.search(h.series_description) or _LUNG_WORDS.search(h.convolution_kernel)
+                or _SIEMENS_LUNG_KERNEL.match(h.convolution_kernel))
+
+
 def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SeriesSelection | None:
     """Pick the series to screen; ``None`` when no frame passes the rules.
+
+    The series with the most distinct positions wins; ties go to thinner slices, then to a lung
+    reconstruction (:func:`lung_reconstruction`: the paper's HRCT is a thin lung reconstruction; a study
+    reconstructed twice at the same positions, a lung and a soft-tissue kernel, is screened on the lung one),
+    then to the lower series number, then the UID.
 
     Parameters
     ----------
@@ -263,7 +291,7 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
         )
         thick = float(np.median([h.slice_thickness for h in group if h.slice_thickness] or [math.inf]))
         number = group[0].series_number if group[0].series_number is not None else 1 << 30
-        return (-distinct, thick, number)
+        return (-distinct, thick, -lung_reconstruction(group[0]), number)
 
     ranked = sorted(usable.items(), key=lambda it: (score(it), it[0]))
     winner_uid, winner = ranked[0]

@@ -433,3 +433,42 @@ def test_the_lung_field_is_probed_on_slices_spread_over_the_series() -> None:
     frames[0] = replace(frames[0], pixel_spacing=None)
     assert lung_field_extent(lambda i: chest, frames, grids) is None
     assert lung_field_extent(lambda i: chest, [], grids) is None
+
+
+def _series_named(study_uid: str, series_number: int, description: str, kernel: str, n: int = 5,
+                  enhanced_kernel: bool = False) -> list[tuple[str, bytes]]:
+    series_uid = generate_uid()
+    out = []
+    for i in range(n):
+        ds = ct_dataset(chest_like(32, 32, seed=i), position=(0.0, 0.0, 1.0 * i), study_uid=study_uid,
+                        series_uid=series_uid, instance_number=i + 1, series_number=series_number)
+        ds.SeriesDescription = description
+        if kernel:
+            ds.ConvolutionKernel = kernel
+        out.append((f"s{series_number}/{i}.dcm", to_bytes(ds)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("soft", "lung", "screened"),
+    [
+        (("Thorax 1.0 B30f", "B30f"), ("Thorax 1.0 Bl64", "Bl64"), 3),  # Siemens: the lung family by its kernel
+        (("Chest", "STANDARD"), ("Chest", "LUNG"), 3),  # GE: the kernel says it
+        (("Mediastinum 1 mm", "FC13"), ("Lung 1 mm", "FC52"), 3),  # Canon: the description says it
+        (("Body 1.0", "B30f"), ("Body 1.0", "B70f"), 2),  # a sharp kernel by number only: not guessed, lower number
+    ],
+)
+def test_a_study_reconstructed_twice_is_screened_on_its_lung_reconstruction(soft, lung, screened) -> None:
+    """Same positions, same thickness (the soft-tissue series numbered first, as scanners do): the tie goes to
+    the series that calls itself a lung reconstruction, the paper's HRCT."""
+    study_uid = generate_uid()
+    study = load_study(_series_named(study_uid, 2, *soft) + _series_named(study_uid, 3, *lung))
+    assert study.series_number == screened and study.n_slices == 5
+    assert study.other_series and "1 other usable series not screened." in study.warnings
+
+
+def test_more_slices_still_win_over_a_lung_reconstruction() -> None:
+    study_uid = generate_uid()
+    study = load_study(_series_named(study_uid, 2, "Body 1.0", "B30f", n=8)
+                       + _series_named(study_uid, 3, "Lung 1.0", "Bl64", n=5))
+    assert study.series_number == 2 and study.n_slices == 8
