@@ -31,10 +31,11 @@ Decisions (defaults first)
    slices cover 15 mm). Both must hold when both are given; set ``run_slices=1`` to rule in mm only.
 7. **Never silently negative**: a series with no lung field on any slice (``no_valid_area``), or with
    no gap-free stretch long enough to hold a run (``too_few_slices``), is ``indeterminate``.
-8. **A chest at all** ``min_lung_field_cm2=50``: a series whose largest classical lung field (measured
-   by ingest on the HU, :func:`ctscreen.lungs.field_area_cm2`) is smaller than a chest's is
-   ``indeterminate`` (``not_chest``) whatever its boxes: the sinuses of a head CT or the airway of a
-   neck CT are air inside the body too, and the models, which learnt only chests, box them.
+8. **A chest at all** ``min_lung_field_cm2=50, min_body_cm2=300``: a series whose widest classical lung
+   field and widest body section (measured by ingest on the HU, :func:`ctscreen.lungs.section_areas_cm2`)
+   are both smaller than a chest's is ``indeterminate`` (``not_chest``) whatever its boxes: the sinuses of
+   a head CT are air inside the body too, and the models, which learnt only chests, box them. Both must
+   fail: lungs filled by disease hold little air, but a diseased adult chest is still a chest's size.
 
 Gaps and the run length are decided here only, under the job's rule: ingest orders the slices but
 looks for neither. Each gap is one :class:`~aggregator.schema.Gap` and one warning in the result, and a
@@ -43,7 +44,7 @@ series shorter than ``run_slices`` gets one warning.
 :func:`case_result` is the one way from a prepared series and the ensemble's per-slice outputs to a
 :class:`~aggregator.schema.CaseResult`; the gateway's worker and the in-process evaluation both call it.
 
-The verdict is positive when any run qualifies; the evidence is the longest run found (qualifying
+The verdict is positive when any run qualifies (and the series is a chest); the evidence is the longest run found (qualifying
 first, then most slices, widest extent, lowest position, quadrant order), reported even when the
 case is negative so that a reader sees how close it came.
 
@@ -71,6 +72,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from aggregator.schema import (
+    NOT_CHEST,
     QUADRANTS,
     Box,
     CaseResult,
@@ -87,7 +89,7 @@ from aggregator.schema import (
     Verdict,
 )
 from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
-from ctscreen.lungs import CHEST_LUNG_FIELD_CM2
+from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2
 from ctscreen.postprocess import inside_valid_area, is_empty_box
 
 logger = logging.getLogger(__name__)
@@ -132,10 +134,14 @@ class CaseRule:
         Drop boxes whose centre lies outside a non-empty valid area (paper: yes). A slice with an
         empty valid area has no findings either way.
     min_lung_field_cm2 : float or None
-        A series whose largest lung field (``lung_field_cm2`` of :func:`decide`, measured by ingest)
-        is smaller than this is no chest CT: ``indeterminate`` (``not_chest``), whatever its boxes.
-        Default :data:`ctscreen.lungs.CHEST_LUNG_FIELD_CM2` (50); None: no such check (the paper has
-        none). A series whose lung field was not measured (no pixel spacing) is not checked.
+        A series whose widest lung field (``lung_field_cm2`` of :func:`decide`, measured by ingest)
+        is smaller than this, and whose widest body section is smaller than ``min_body_cm2``, is no chest
+        CT: ``indeterminate`` (``not_chest``), whatever its boxes. Default
+        :data:`ctscreen.lungs.CHEST_LUNG_FIELD_CM2` (50); None: no such check (the paper has none). A
+        series that was not measured (no usable pixel spacing) is not checked.
+    min_body_cm2 : float or None
+        The body section (``body_cm2`` of :func:`decide`) below which a series with small lungs is no
+        chest: default :data:`ctscreen.lungs.CHEST_BODY_CM2` (300). None: the lung field alone decides.
     """
 
     cutoff: float = PROB_CUTOFF
@@ -147,6 +153,7 @@ class CaseRule:
     gap_tolerance: float = 1.5
     drop_outside_valid: bool = True
     min_lung_field_cm2: float | None = CHEST_LUNG_FIELD_CM2
+    min_body_cm2: float | None = CHEST_BODY_CM2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cutoff <= 1.0:
@@ -165,12 +172,10 @@ class CaseRule:
             raise ValueError(f'Argument "spanning" must be "every" or "centre", got {self.spanning!r}.')
         if not (math.isfinite(self.gap_tolerance) and self.gap_tolerance > 1.0):
             raise ValueError(f'Argument "gap_tolerance" must be a finite number > 1, got {self.gap_tolerance}.')
-        if self.min_lung_field_cm2 is not None and not (
-            math.isfinite(self.min_lung_field_cm2) and self.min_lung_field_cm2 > 0
-        ):
-            raise ValueError(
-                f'Argument "min_lung_field_cm2" must be None or a finite number > 0, got {self.min_lung_field_cm2}.'
-            )
+        for name in ("min_lung_field_cm2", "min_body_cm2"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f'Argument "{name}" must be None or a finite number > 0, got {value}.')
 
     def params(self) -> RuleParams:
         """The parameters as the schema model recorded in every :class:`~aggregator.schema.CaseResult`."""
@@ -255,7 +260,9 @@ class CaseDecision:
     rule: CaseRule
     warnings: tuple[str, ...] = field(default_factory=tuple)
     lung_field_cm2: float | None = None
-    """The series' largest lung field as measured by ingest (None: not measured)."""
+    """The series' widest lung field as measured by ingest (None: not measured)."""
+    body_cm2: float | None = None
+    """The series' widest body section as measured by ingest (None: not measured)."""
 
     @property
     def positive(self) -> bool:
@@ -300,6 +307,7 @@ class CaseDecision:
             n_slices=len(self.slices),
             nominal_spacing_mm=self.nominal_spacing_mm,
             lung_field_cm2=self.lung_field_cm2,
+            body_cm2=self.body_cm2,
             slices=list(self.slices),
             rule=self.rule.params(),
             models=list(models),
@@ -514,6 +522,7 @@ def decide(
     *,
     spacing_mm: float | None = None,
     lung_field_cm2: float | None = None,
+    body_cm2: float | None = None,
 ) -> CaseDecision:
     """Apply the case rule to one series.
 
@@ -526,10 +535,11 @@ def decide(
     spacing_mm : float or None
         Nominal distance between neighbouring slices (for example from SpacingBetweenSlices); None
         to use the median distance between neighbours.
-    lung_field_cm2 : float or None
-        The largest classical lung field on the series in cm² (ingest measures it on the HU,
-        :func:`ctscreen.lungs.field_area_cm2`); below ``rule.min_lung_field_cm2`` the series is no
-        chest CT. None: not measured, not checked.
+    lung_field_cm2, body_cm2 : float or None
+        The widest classical lung field and the widest body section of the series in cm² (ingest measures
+        them on the HU, :func:`ctscreen.lungs.section_areas_cm2`); both below the rule's limits
+        (``min_lung_field_cm2``, ``min_body_cm2``), the series is no chest CT. None: not measured, not
+        checked.
 
     Returns
     -------
@@ -541,13 +551,14 @@ def decide(
     ------
     ValueError
         When two slices share a SOP Instance UID or a position, ``spacing_mm`` is not > 0 or
-        ``lung_field_cm2`` is not >= 0.
+        ``lung_field_cm2`` or ``body_cm2`` is not a finite number >= 0.
     """
     rule = rule or CaseRule()
     if spacing_mm is not None and not (math.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f'Argument "spacing_mm" must be None or a finite number > 0, got {spacing_mm}.')
-    if lung_field_cm2 is not None and not (math.isfinite(lung_field_cm2) and lung_field_cm2 >= 0):
-        raise ValueError(f'Argument "lung_field_cm2" must be None or a finite number >= 0, got {lung_field_cm2}.')
+    for name, value in (("lung_field_cm2", lung_field_cm2), ("body_cm2", body_cm2)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f'Argument "{name}" must be None or a finite number >= 0, got {value}.')
     ordered = sorted(slices, key=lambda s: s.position_mm)
     uids = [s.sop_instance_uid for s in ordered]
     if len(set(uids)) != len(uids):
@@ -599,19 +610,23 @@ def decide(
     def make(verdict: Verdict, reason: str, message: str) -> CaseDecision:
         return CaseDecision(
             verdict, reason, message, evidence, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings),
-            lung_field_cm2,
+            lung_field_cm2, body_cm2,
         )
 
-    # before the run: boxes on a head's sinuses make runs as well as lesions do (the check reads the HU,
-    # not the boxes, so adding a lesion still never turns a verdict away from positive)
-    if (lung_field_cm2 is not None and rule.min_lung_field_cm2 is not None
-            and lung_field_cm2 < rule.min_lung_field_cm2):
+    # before the run: boxes on a head's sinuses make runs as well as lesions do. The check reads the
+    # measures, never the boxes: for given measures, adding a box never turns a verdict away from positive
+    small_lungs = (lung_field_cm2 is not None and rule.min_lung_field_cm2 is not None
+                   and lung_field_cm2 < rule.min_lung_field_cm2)
+    small_body = rule.min_body_cm2 is None or (body_cm2 is not None and body_cm2 < rule.min_body_cm2)
+    if small_lungs and small_body:
+        body = f" and its widest body section {body_cm2:.0f} cm²" if body_cm2 is not None else ""
+        limits = f"{rule.min_lung_field_cm2:g} cm²" + (f" and {rule.min_body_cm2:g} cm²" if rule.min_body_cm2 else "")
         return make(
             "indeterminate",
-            "not_chest",
-            f"The largest lung field of the series is {lung_field_cm2:.0f} cm², under the "
-            f"{rule.min_lung_field_cm2:g} cm² of a chest: not a chest CT (a head, neck or limb), or the lungs lie "
-            "outside the field of view.",
+            NOT_CHEST,
+            f"The widest lung field of the series is {lung_field_cm2:.0f} cm²{body}, under the {limits} of a "
+            "chest: not a chest CT (a head, neck or limb), or the lungs lie outside the field of view; its boxes "
+            "are no lung lesions.",
         )
     if best is not None and best.qualifies:
         return make("positive", "run_found", _describe(best, findings) + f" (rule: {need}).")
@@ -671,7 +686,7 @@ def replay(result: CaseResult, rule: CaseRule | None = None) -> CaseDecision:
     """
     rule = rule or CaseRule.from_params(result.rule)
     return decide(slice_inputs(result), rule, spacing_mm=result.nominal_spacing_mm,
-                  lung_field_cm2=result.lung_field_cm2)
+                  lung_field_cm2=result.lung_field_cm2, body_cm2=result.body_cm2)
 
 
 class SlicePrediction(Protocol):
@@ -727,7 +742,10 @@ class PreparedSeries(Protocol):
     def spacing_mm(self) -> float | None: ...
     @property
     def lung_field_cm2(self) -> float | None:
-        """The largest lung field of the series in cm² (None: not measured)."""
+        """The widest lung field of the series in cm² (None: not measured)."""
+    @property
+    def body_cm2(self) -> float | None:
+        """The widest body section of the series in cm² (None: not measured)."""
     @property
     def rejected(self) -> Sequence[_Refused]: ...
     @property
@@ -752,8 +770,8 @@ def case_result(
     ----------
     study : PreparedSeries
         The series as ingest prepared it: slices in order (SOP Instance UID, position along the
-        normal, stored size, mapping back to the stored grid), nominal spacing, its largest lung
-        field, the files refused or left out, and ingest's warnings.
+        normal, stored size, mapping back to the stored grid), nominal spacing, its widest lung
+        field and body section, the files refused or left out, and ingest's warnings.
     outputs : Sequence[SlicePrediction]
         One per slice of ``study``, in the same order (``boxes`` and ``valid_area`` on the 512 grid).
     rule : CaseRule or None
@@ -785,7 +803,7 @@ def case_result(
         for meta, out in zip(study.slices, outputs, strict=True)
     ]
     decision = decide(inputs, rule, spacing_mm=float(study.spacing_mm) if study.spacing_mm else None,
-                      lung_field_cm2=study.lung_field_cm2)
+                      lung_field_cm2=study.lung_field_cm2, body_cm2=study.body_cm2)
     return decision.to_result(
         study_instance_uid=str(study.study_instance_uid),
         series_instance_uid=str(study.series_instance_uid),

@@ -154,7 +154,7 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
                                                                  "code": result.reason}],
                                                      "text": result.message})),
     ]
-    if result.evidence is not None:
+    if result.evidence is not None and result.shows_lesions:  # a series that is no chest has no lesion run
         ev = result.evidence
         observations.append(("quadrant", observation(
             "quadrant", {"coding": [{"system": _CTSCREEN, "code": "quadrant"}], "text": "Quadrant of the run"},

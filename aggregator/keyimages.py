@@ -146,14 +146,15 @@ def key_images(
     Returns
     -------
     list[highdicom.sc.SCImage]
-        One per evidence slice in position order; empty for a negative result or one without evidence.
+        One per evidence slice in position order; empty for a negative result, one without evidence, or a
+        series that is no chest (its boxes are no lesions: :attr:`CaseResult.shows_lesions`).
 
     Raises
     ------
     aggregator.sr.SourceError
         When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame.
     """
-    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices:
+    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices or not result.shows_lesions:
         return []
     from highdicom import CoordinateSystemNames
     from highdicom.sc import SCImage
@@ -228,14 +229,15 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     Returns
     -------
     highdicom.ko.KeyObjectSelectionDocument or None
-        None for a negative result or one without evidence (nothing to flag), as for the key images.
+        None for a negative result, one without evidence or a series that is no chest (nothing to flag), as for
+        the key images.
 
     Raises
     ------
     aggregator.sr.SourceError
         When an evidence slice is missing from ``sources`` or belongs to another study.
     """
-    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices:
+    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices or not result.shows_lesions:
         return None
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from highdicom.sr import CodedConcept

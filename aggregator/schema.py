@@ -14,7 +14,7 @@ Layout
     ├── evidence: Evidence | None       the run of slices, its quadrant and its boxes
     ├── slices: [SliceFinding]          every slice in position order, boxes in both grids
     ├── rule: RuleParams                every case-rule parameter used
-    ├── nominal_spacing_mm, n_slices, lung_field_cm2 (added in 1.2.0, with reason not_chest)
+    ├── nominal_spacing_mm, n_slices, lung_field_cm2, body_cm2 (added in 1.2.0, with reason not_chest)
     ├── models: [ModelInfo], timings: Timings
     └── rejected: [RejectedFile], gaps: [Gap], warnings: [str]
 
@@ -35,9 +35,9 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 SCHEMA_VERSION: Final = "1.2.0"
 """Version of the :class:`CaseResult` document."""
@@ -56,16 +56,33 @@ REASONS: Final[dict[str, str]] = {
     "too_few_slices": "indeterminate: no gap-free stretch of the series is long enough to hold a run",
     "no_valid_area": "indeterminate: the valid-area model found no lung field on any slice",
     "run_broken_by_gap": "indeterminate: a run would qualify but a gap in the series breaks it",
-    "not_chest": "indeterminate: the series' largest lung field is smaller than a chest's (a head, neck or limb CT)",
+    "not_chest": "indeterminate: the series' widest lung field and body section are smaller than a chest's (a head, "
+                 "neck or limb CT); its boxes are no lung lesions",
 }
 """Reason codes the aggregator emits, with their meaning. Callers (the gateway) may add their own
 codes for studies that never reach the case rule (for example ``no_usable_series``)."""
 
+NOT_CHEST: Final = "not_chest"
+"""The reason of a series that is no chest CT (:attr:`CaseResult.shows_lesions` is False)."""
+
 _CODE = r"^[a-z][a-z0-9_]*$"
+
+
+STORED: Final = {"stored": True}
+"""Validation context of a result read back from storage (``CaseResult.model_validate(data, context=STORED)``):
+fields this release does not know, which a later release wrote, are dropped at every level instead of refused,
+so a rolled-back gateway still reads the results the later one made. Anything else stays strict."""
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_later_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context and info.context.get("stored") and isinstance(data, dict):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
 
 
 class Box(_Model):
@@ -125,7 +142,8 @@ class Evidence(_Model):
     """The longest run of consecutive slices with a lesion in one quadrant."""
 
     quadrant: Quadrant
-    qualifies: bool = Field(description="True when the run satisfies the rule (the case is positive)")
+    qualifies: bool = Field(description="True when the run satisfies the rule's run length (the case is then positive, "
+                                        "unless the series is no chest CT: reason not_chest)")
     n_slices: int = Field(ge=1)
     extent_mm: float = Field(
         ge=0.0, description="slab covered: last minus first position plus the nominal spacing"
@@ -146,8 +164,13 @@ class RuleParams(_Model):
     drop_outside_valid: bool
     min_lung_field_cm2: float | None = Field(
         default=None, gt=0.0,
-        description="a series whose largest lung field (cm²) is smaller is no chest CT (not_chest); null: not "
-                    "checked (results made before the check record none). (Added in 1.2.0.)")
+        description="a series whose widest lung field (cm²) is smaller, and whose widest body section is smaller "
+                    "than min_body_cm2, is no chest CT (not_chest); null: not checked (results made before the "
+                    "check record none). (Added in 1.2.0.)")
+    min_body_cm2: float | None = Field(
+        default=None, gt=0.0,
+        description="the body section (cm²) below which a series with small lungs is no chest CT; null: the lung "
+                    "field alone decides. (Added in 1.2.0.)")
 
 
 class ModelInfo(_Model):
@@ -236,8 +259,12 @@ class CaseResult(_Model):
     nominal_spacing_mm: float | None = Field(default=None, ge=0.0)
     lung_field_cm2: float | None = Field(
         default=None, ge=0.0,
-        description="the largest classical lung field of the series in cm², measured by ingest on the HU of up to "
-                    "12 slices spread over it (rule.min_lung_field_cm2); null: not measured (no pixel spacing). (Added in 1.2.0.)")
+        description="the widest classical lung field of the series in cm², measured by ingest on the HU of up to "
+                    "12 slices spread over it (rule.min_lung_field_cm2); null: not measured (no usable pixel "
+                    "spacing). (Added in 1.2.0.)")
+    body_cm2: float | None = Field(
+        default=None, ge=0.0,
+        description="the widest body section of the same slices in cm² (rule.min_body_cm2). (Added in 1.2.0.)")
     slices: list[SliceFinding] = Field(default_factory=list)
     rule: RuleParams
     models: list[ModelInfo] = Field(default_factory=list)
@@ -245,6 +272,12 @@ class CaseResult(_Model):
     rejected: list[RejectedFile] = Field(default_factory=list)
     gaps: list[Gap] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def shows_lesions(self) -> bool:
+        """False for a series that is no chest CT (reason ``not_chest``): its boxes are no lung lesions, so no object
+        made from the result (the SR's regions, key images, KOS, the FHIR run) shows them as lesions."""
+        return self.reason != NOT_CHEST
 
 
 def json_schema() -> dict:

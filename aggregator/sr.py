@@ -277,7 +277,9 @@ def to_sr(
     value = {"positive": codes.SCT.Present, "negative": codes.SCT.Absent,
              "indeterminate": codes.SCT.Indeterminate}[result.verdict]
 
-    evidence_uids = [s.sop_instance_uid for s in result.evidence.slices] if result.evidence else []
+    # a series that is no chest: its run is no lesions, so the SR holds the verdict only
+    shown = result.evidence if result.evidence is not None and result.shows_lesions else None
+    evidence_uids = [s.sop_instance_uid for s in shown.slices] if shown else []
     sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in evidence_uids if u in by_uid]
     groups: list = [
         MeasurementsAndQualitativeEvaluations(
@@ -290,9 +292,11 @@ def to_sr(
         )
     ]
 
-    if boxes == "evidence":
-        runs = result.evidence.slices if result.evidence is not None else []
-        chosen: list[tuple[int, str, LesionBox]] = [(s.index, s.sop_instance_uid, b) for s in runs for b in s.boxes]
+    if not result.shows_lesions:
+        chosen: list[tuple[int, str, LesionBox]] = []
+    elif boxes == "evidence":
+        runs = shown.slices if shown is not None else []
+        chosen = [(s.index, s.sop_instance_uid, b) for s in runs for b in s.boxes]
     else:
         chosen = [(f.index, f.sop_instance_uid, b) for f in result.slices for b in f.boxes]
     skipped = 0

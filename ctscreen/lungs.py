@@ -68,13 +68,9 @@ def lung_field(
     if seed is not None:
         aired = np.bincount(flat, weights=aerated.ravel(), minlength=n + 1)[1:]
         big = (aired >= min_frac * hu.size) | (big & (aired >= MIN_AIR_SHARE * sizes))
-    # "median below -960 HU", counted: more than half of the component's pixels are below it
-    outside_like = np.bincount(flat, weights=(hu < OUTSIDE_AIR_HU).ravel(), minlength=n + 1)[1:] > 0.5 * sizes
-    edge = np.zeros(n + 1, bool)
-    for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
-        edge[np.unique(border)] = True
+    edge, outside = _outside(lab, n, sizes, hu)
     keep = np.zeros(n + 1, bool)
-    keep[1:] = big & ~(edge[1:] & outside_like)
+    keep[1:] = big & ~outside[1:]
     # lungs lie inside the body: air whose rim is mostly some other tissue (the foam core of the CT
     # table, a cushion) is not lung. Only for air that the image's edge does not cut: on a crop the
     # body wall is in pieces, and a lung there touches the edge.
@@ -97,6 +93,20 @@ def lung_field(
     pad = 3
     lungs = ndimage.binary_closing(np.pad(lungs, pad, mode="edge"), iterations=3)[pad:-pad, pad:-pad]
     return ndimage.binary_fill_holes(lungs)
+
+
+def _outside(lab: np.ndarray, n: int, sizes: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per label of the air components ``lab`` (0 included, never set): whether it touches the image's edge, and
+    whether it is the air around the patient (touches the edge, its median below :data:`OUTSIDE_AIR_HU`)."""
+    # "median below -960 HU", counted: more than half of the component's pixels are below it
+    outside_like = np.bincount(lab.ravel(), weights=(hu < OUTSIDE_AIR_HU).ravel(), minlength=n + 1)[1:] > 0.5 * sizes
+    edge = np.zeros(n + 1, bool)
+    for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        edge[np.unique(border)] = True
+    edge[0] = False
+    outside = np.zeros(n + 1, bool)
+    outside[1:] = edge[1:] & outside_like
+    return edge, outside
 
 
 def coarse_lung_field(hu: np.ndarray, lesion: np.ndarray | None = None, *, step: int = 4) -> np.ndarray:
@@ -144,35 +154,50 @@ def any_per_cell(mask: np.ndarray, step: int) -> np.ndarray:
     return padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))
 
 
-CHEST_LUNG_FIELD_CM2 = 50.0
-"""The largest lung field of a chest CT is at least this many cm² (both lungs, at their widest).
 
-Measured (``docs/case-rule.md``, *A chest at all*): 228-254 cm² on single real adult chest slices, 223-467 cm²
-for the widest slice of each of 16 real COVID-19 volumes (the worst 102-188 cm² of lesions among them), 164-279
-cm² for phantom studies; 4-31 cm² on real head, face and spine slices (sinuses, the airway, a table's foam). A
-small child's lungs (under about two years) may lie below it too."""
+CHEST_LUNG_FIELD_CM2 = 50.0
+"""A chest CT's widest lung field is at least this many cm² (both lungs); :data:`CHEST_BODY_CM2` must fail too.
+
+Measured by :func:`section_areas_cm2` (``docs/case-rule.md``, 8): 232-251 cm² on real adult chest slices of four
+scanners, 164-279 cm² for the phantom's chests; 0-19 cm² on real head, face, neck and abdomen slices. Air only:
+lungs filled by ground glass above -400 HU or by consolidation measure less (a synthetic chest with diffuse
+ground glass at -420 HU: 20-63 cm²; at -350 HU: 0), which is why the body section must be small too."""
+
+CHEST_BODY_CM2 = 300.0
+"""A chest CT's widest body section is at least this many cm², whatever fills its lungs.
+
+Measured by :func:`section_areas_cm2`: 383-825 cm² on real adult chest slices (383 on a 20 cm field of view that
+cuts the chest wall), 554-759 cm² for the phantom's chests; 163-243 cm² on real head and face slices. A child's
+chest may be smaller: it still counts as a chest while its lungs hold air (:data:`CHEST_LUNG_FIELD_CM2`)."""
 
 PROBE_STEP = 8
-"""The look of :func:`field_area_cm2`: a 64 x 64 look at a 512 slice (about 0.7 ms; the serving check's 128 x
-128 look, :func:`coarse_lung_field`, costs 1.7 ms), ample for an area of tens of cm²."""
+"""The look of :func:`section_areas_cm2`: a 64 x 64 look at a 512 slice (under 1 ms; the serving check's 128 x 128
+look, :func:`coarse_lung_field`, costs 1.7 ms), ample for areas of tens of cm²."""
 
 
-def field_area_cm2(hu: np.ndarray, mm_per_pixel: tuple[float, float], *, step: int = PROBE_STEP) -> float:
-    """The area of both lung fields (:func:`lung_field`, without a seed) of one axial HU slice, in cm².
+def section_areas_cm2(hu: np.ndarray, mm_per_pixel: tuple[float, float], *,
+                      step: int = PROBE_STEP) -> tuple[float, float]:
+    """The areas, in cm², of both lung fields (:func:`lung_field`, without a seed) and of the body section (all
+    but the air around the patient, :func:`_outside`: lungs, the table and a field of view that cuts the body
+    included) of one axial HU slice.
 
-    ``mm_per_pixel`` is the (row, column) size of one pixel of ``hu``. The field is found on every ``step``-th
+    ``mm_per_pixel`` is the (row, column) size of one pixel of ``hu``. Both are found on every ``step``-th
     pixel: each pixel of that look stands for ``step x step`` pixels of ``hu``.
 
     >>> hu = np.full((512, 512), -1000.0, np.float32); hu[64:448, 32:480] = 40.0      # body in air
     >>> hu[128:384, 80:216] = -850.0; hu[128:384, 296:432] = -850.0                   # two lungs
-    >>> round(field_area_cm2(hu, (0.7, 0.7)))                                        # 2 x 256 x 136 px
-    339
-    >>> field_area_cm2(np.full((512, 512), 40.0, np.float32), (0.7, 0.7))            # no air, no lung
+    >>> [round(a) for a in section_areas_cm2(hu, (0.7, 0.7))]                        # 2 x 256 x 136 px; 384 x 448
+    [339, 843]
+    >>> section_areas_cm2(np.full((512, 512), 40.0, np.float32), (0.7, 0.7))[0]      # no air, no lung
     0.0
     """
     if hu.ndim != 2:
         raise ValueError(f'Argument "hu" must be 2-D, got shape {hu.shape}.')
     if step < 1:
         raise ValueError(f'Argument "step" must be >= 1, got {step}.')
-    field = lung_field(np.asarray(hu[::step, ::step], dtype=np.float32))
-    return float(field.sum()) * step * step * mm_per_pixel[0] * mm_per_pixel[1] / 100.0
+    small = np.asarray(hu[::step, ::step], dtype=np.float32)
+    field = lung_field(small)
+    lab, n = ndimage.label(small < AIR_BELOW_HU)
+    _, outside = _outside(lab, n, np.bincount(lab.ravel(), minlength=n + 1)[1:], small)
+    pixel_cm2 = step * step * mm_per_pixel[0] * mm_per_pixel[1] / 100.0
+    return float(field.sum()) * pixel_cm2, float((~outside[lab]).sum()) * pixel_cm2

@@ -39,7 +39,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctscreen.contracts import SLICE_SIZE
-from ctscreen.lungs import field_area_cm2
+from ctscreen.lungs import section_areas_cm2
 from ctscreen.machine import cores
 from gateway.dicom import (
     ALWAYS_LOSSY,
@@ -69,8 +69,8 @@ from gateway.uploads import UploadLimits, iter_upload
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LUNG_PROBES", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan", "decode_frames",
-    "load_study", "lung_field_extent", "make_decode_pool", "plan_study",
+    "LUNG_PROBES", "MAX_PIXEL_MM", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
+    "decode_frames", "load_study", "make_decode_pool", "plan_study", "section_extent",
 ]
 
 
@@ -124,9 +124,11 @@ class PreparedStudy:
     slice_thickness_mm: float | None
     pixel_spacing_mm: tuple[float, float] | None
     lung_field_cm2: float | None = None
-    """The largest lung field of up to :data:`LUNG_PROBES` slices spread over the series, in cm²
-    (:func:`lung_field_extent`); None when a probed slice has no pixel spacing. The case rule calls a
-    series whose largest field is smaller than a chest's no chest CT."""
+    """The widest lung field of up to :data:`LUNG_PROBES` slices spread over the series, in cm²
+    (:func:`section_extent`); None when a probed slice has no usable pixel spacing. The case rule calls a series
+    whose widest lung field and widest body section are both smaller than a chest's no chest CT."""
+    body_cm2: float | None = None
+    """The widest body section of the same probes, in cm² (:func:`section_extent`)."""
     rejected: list[Rejection] = field(default_factory=list)
     """Files refused outright (not DICOM, not CT, no pixels, undecodable)."""
     excluded: list[Rejection] = field(default_factory=list)
@@ -517,6 +519,7 @@ def _assemble(
     if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
+    lung_field_cm2, body_cm2 = section_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids)
     screened = {info.sop_instance_uid for info in infos}
     context = sr_context(ds for uid, (ds, _) in objects.items() if uid in screened)
     return PreparedStudy(
@@ -530,7 +533,8 @@ def _assemble(
         spacing_mm=ordered.spacing_mm,
         slice_thickness_mm=float(np.median(thicknesses)) if thicknesses else None,
         pixel_spacing_mm=first.pixel_spacing,
-        lung_field_cm2=lung_field_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids),
+        lung_field_cm2=lung_field_cm2,
+        body_cm2=body_cm2,
         rejected=rejected,
         excluded=excluded,
         other_series=selection.other_series,
@@ -542,30 +546,37 @@ def _assemble(
 
 
 LUNG_PROBES = 12
-"""Slices spread evenly over a series whose lung field :func:`lung_field_extent` measures (about 0.7 ms each).
+"""Slices spread evenly over a series whose sections :func:`section_extent` measures (under 1 ms each).
 
-A chest's lung field is over half its widest for the middle half of the series, so ten inner probes find a
-chest's many times over; the measure only has to tell a chest from a head (over 160 cm² against under 20)."""
+Ten inner probes land several times in the lungs of a chest series, of a chest-abdomen-pelvis series a few times;
+the measure only has to tell a chest from a head (over 160 cm² of lung field against under 20, over 380 cm² of
+body against under 250)."""
+
+MAX_PIXEL_MM = 5.0
+"""A pixel spacing above this (a 2.5 m field of view on 512 pixels), or not above 0, is no CT's: not measured."""
 
 
-def lung_field_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
-                      grids: Mapping[tuple[str, int], GridMapping], probes: int = LUNG_PROBES) -> float | None:
-    """The largest lung field (cm², :func:`ctscreen.lungs.field_area_cm2`) of up to ``probes`` slices spread
-    evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on the 512 grid, whose
-    pixel is the stored one times ``grids[key].scale``). None when a probed slice has no pixel spacing.
+def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
+                   grids: Mapping[tuple[str, int], GridMapping],
+                   probes: int = LUNG_PROBES) -> tuple[float | None, float | None]:
+    """The widest lung field and the widest body section (cm², :func:`ctscreen.lungs.section_areas_cm2`) of up to
+    ``probes`` slices spread evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on
+    the 512 grid, whose pixel is the stored one times ``grids[key].scale``). ``(None, None)`` when a probed slice
+    has no pixel spacing, or one that is no CT's (:data:`MAX_PIXEL_MM`).
 
-    The probes may miss the very widest slice: the measure is "the widest probe", recorded as such and replayed.
+    The probes may miss the very widest slice: the measures are "the widest probe", recorded as such and replayed.
     """
     if not frames:
-        return None
-    best = 0.0
+        return None, None
+    lungs = body = 0.0
     for i in np.unique(np.linspace(0, len(frames) - 1, min(len(frames), probes)).round().astype(int)):
         h = frames[i]
-        if h.pixel_spacing is None:
-            return None
+        if h.pixel_spacing is None or not all(0.0 < v <= MAX_PIXEL_MM for v in h.pixel_spacing):
+            return None, None
         scale = grids[h.key].scale
-        best = max(best, field_area_cm2(slice_at(int(i)), (h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale)))
-    return best
+        a, b = section_areas_cm2(slice_at(int(i)), (h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale))
+        lungs, body = max(lungs, a), max(body, b)
+    return lungs, body
 
 
 def _ct_study_of(ds: Dataset) -> str | None:

@@ -91,6 +91,13 @@ def make_pool(settings: Settings, client_factory: ClientFactory | None = None) -
     )
 
 
+def case_rule(settings: Settings) -> CaseRule:
+    """The case rule of the settings (``CTSCREEN_CASE_*``); a limit of 0 is no limit (None)."""
+    return CaseRule(run_slices=settings.case_run_slices, run_mm=settings.case_run_mm,
+                    min_lung_field_cm2=settings.case_min_lung_field_cm2 or None,
+                    min_body_cm2=settings.case_min_body_cm2 or None)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -130,8 +137,7 @@ def create_app(
         blobs = FolderBlobs(settings.blobs())
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
-        rule = CaseRule(run_slices=settings.case_run_slices, run_mm=settings.case_run_mm,
-                        min_lung_field_cm2=settings.case_min_lung_field_cm2 or None)
+        rule = case_rule(settings)
         screener = Screener(pool, metrics, decode_workers=settings.decode_workers, rule=rule, loader=loader)
         worker = Worker(store, blobs, screener, settings)
         from gateway.delivery.deliverer import Deliverer

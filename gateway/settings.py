@@ -18,7 +18,7 @@ from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctscreen.contracts import ENSEMBLE_MODEL
-from ctscreen.lungs import CHEST_LUNG_FIELD_CM2
+from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2
 
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?):(\d{1,5})$")
 
@@ -172,9 +172,14 @@ class Settings(BaseSettings):
                                         "(docs/case-rule.md, 6): three 0.625 mm slices cover 1.9 mm, three 5 mm ones 15 mm.")
     case_min_lung_field_cm2: float = Field(
         CHEST_LUNG_FIELD_CM2, ge=0, le=1000,
-        description="A study whose largest lung field (cm², measured on the HU of up to 12 slices) is smaller is "
-                    "no chest CT (a head, neck or limb): indeterminate, reason not_chest, whatever its boxes "
-                    "(docs/case-rule.md, 8). 0: no such check.")
+        description="A study whose widest lung field (cm², measured on the HU of up to 12 slices) is smaller, and "
+                    "whose widest body section is smaller than case_min_body_cm2, is no chest CT (a head, neck or "
+                    "limb): indeterminate, reason not_chest, whatever its boxes (docs/case-rule.md, 8). 0: no such "
+                    "check.")
+    case_min_body_cm2: float = Field(
+        CHEST_BODY_CM2, ge=0, le=5000,
+        description="The body section (cm²) below which a study with small lungs is no chest CT (a diseased adult "
+                    "chest holds little air but is a chest's size). 0: the lung field alone decides.")
     retry_backoff_s: float = Field(2.0, gt=0, le=3600, description="First wait before a job is tried again.")
     retry_backoff_max_s: float = Field(60.0, gt=0, le=86400, description="Longest wait between two tries.")
     result_retention_s: float = Field(

@@ -300,58 +300,69 @@ def test_run_mm_variants(spacing, run_lesions, n, rule, verdict):
 # ---- results and errors -------------------------------------------------------------------------
 def test_every_parameter_is_recorded_and_reproducible():
     rule = CaseRule(cutoff=0.6, min_area=30, run_slices=4, run_mm=12.5, quadrant_split="image",
-                    spanning="centre", gap_tolerance=2.0, drop_outside_valid=False, min_lung_field_cm2=80.0)
+                    spanning="centre", gap_tolerance=2.0, drop_outside_valid=False, min_lung_field_cm2=80.0,
+                    min_body_cm2=250.0)
     result = decide(series({}, 6), rule).to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
     assert result.rule.model_dump() == {
         "cutoff": 0.6, "min_area": 30, "run_slices": 4, "run_mm": 12.5, "quadrant_split": "image",
         "spanning": "centre", "gap_tolerance": 2.0, "drop_outside_valid": False, "min_lung_field_cm2": 80.0,
+        "min_body_cm2": 250.0,
     }
     assert CaseRule.from_params(result.rule) == rule
 
 
 # ---- a chest at all (docs/case-rule.md, 8) ------------------------------------------------------
 @pytest.mark.parametrize(
-    ("lung_field_cm2", "rule", "verdict", "reason"),
+    ("lung_field_cm2", "body_cm2", "rule", "verdict", "reason"),
     [
-        (12.0, CaseRule(), "indeterminate", "not_chest"),  # a head's sinuses: its run of boxes is no lesion
-        (49.9, CaseRule(), "indeterminate", "not_chest"),
-        (50.0, CaseRule(), "positive", "run_found"),  # at the limit: a chest
-        (250.0, CaseRule(), "positive", "run_found"),
-        (None, CaseRule(), "positive", "run_found"),  # not measured (no pixel spacing): not checked
-        (12.0, CaseRule(min_lung_field_cm2=None), "positive", "run_found"),  # the check off (the paper's rule)
-        (12.0, CaseRule(min_lung_field_cm2=5.0), "positive", "run_found"),
+        (12.0, 200.0, CaseRule(), "indeterminate", "not_chest"),  # a head's sinuses: its run of boxes is no lesion
+        (49.9, 299.9, CaseRule(), "indeterminate", "not_chest"),
+        (50.0, 200.0, CaseRule(), "positive", "run_found"),  # lungs at the limit: a chest (a child's)
+        (12.0, 300.0, CaseRule(), "positive", "run_found"),  # a chest's size: lungs filled by disease
+        (250.0, 700.0, CaseRule(), "positive", "run_found"),
+        (None, None, CaseRule(), "positive", "run_found"),  # not measured (no pixel spacing): not checked
+        (12.0, None, CaseRule(), "positive", "run_found"),  # the body unknown: not a head for sure
+        (12.0, None, CaseRule(min_body_cm2=None), "indeterminate", "not_chest"),  # the lung field alone decides
+        (12.0, 200.0, CaseRule(min_lung_field_cm2=None), "positive", "run_found"),  # the check off (the paper's rule)
+        (12.0, 200.0, CaseRule(min_lung_field_cm2=5.0), "positive", "run_found"),
     ],
 )
-def test_a_series_smaller_than_a_chest_is_indeterminate_whatever_its_boxes(lung_field_cm2, rule, verdict, reason):
-    d = decide(series({2: TL, 3: TL, 4: TL}, 8), rule, lung_field_cm2=lung_field_cm2)
+def test_a_series_smaller_than_a_chest_is_indeterminate_whatever_its_boxes(lung_field_cm2, body_cm2, rule, verdict,
+                                                                           reason):
+    d = decide(series({2: TL, 3: TL, 4: TL}, 8), rule, lung_field_cm2=lung_field_cm2, body_cm2=body_cm2)
     assert (d.verdict, d.reason) == (verdict, reason)
     result = d.to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
-    assert result.lung_field_cm2 == lung_field_cm2 and replay(result).reason == reason  # recorded, reproducible
+    assert (result.lung_field_cm2, result.body_cm2) == (lung_field_cm2, body_cm2)  # recorded
+    assert replay(result).reason == reason and result.shows_lesions == (reason != "not_chest")  # reproducible
     if reason == "not_chest":
         assert f"{lung_field_cm2:.0f} cm²" in d.message and "not a chest CT" in d.message
-        assert d.evidence is not None and d.evidence.qualifies  # the boxes stay for a reader to see
+        assert d.evidence is not None and d.evidence.qualifies  # the boxes stay in the result for a reader
 
 
 def test_a_result_made_before_the_chest_check_replays_unchecked():
     """Results of schema 1.1 record neither the measure nor the limit: replayed, they decide as they did."""
     result = decide(series({2: TL, 3: TL, 4: TL}, 8)).to_result(study_instance_uid="1.2", series_instance_uid="1.2.3")
     old = result.model_dump(mode="json")
-    old["rule"].pop("min_lung_field_cm2")
-    old.pop("lung_field_cm2")
+    for name in ("min_lung_field_cm2", "min_body_cm2"):
+        old["rule"].pop(name)
+    for name in ("lung_field_cm2", "body_cm2"):
+        old.pop(name)
     again = CaseResult.model_validate(old)
     assert again.rule.min_lung_field_cm2 is None and replay(again).verdict == "positive"
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
-def test_the_chest_limit_must_be_positive(bad):
-    with pytest.raises(ValueError, match="min_lung_field_cm2"):
-        CaseRule(min_lung_field_cm2=bad)
+@pytest.mark.parametrize("name", ["min_lung_field_cm2", "min_body_cm2"])
+def test_the_chest_limits_must_be_positive(name, bad):
+    with pytest.raises(ValueError, match=name):
+        CaseRule(**{name: bad})
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan")])
-def test_a_measured_lung_field_must_be_a_size(bad):
-    with pytest.raises(ValueError, match="lung_field_cm2"):
-        decide(series({}, 4), lung_field_cm2=bad)
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["lung_field_cm2", "body_cm2"])
+def test_a_measured_section_must_be_a_size(name, bad):
+    with pytest.raises(ValueError, match=name):
+        decide(series({}, 4), **{name: bad})
 
 
 def test_boxes_are_mapped_back_to_the_original_grid():

@@ -126,6 +126,24 @@ def test_negative_result_has_no_key_images_and_missing_sources_are_refused():
         key_object_selection(positive, sources[:1])
 
 
+def test_a_series_that_is_no_chest_shows_its_boxes_as_lesions_nowhere():
+    """not_chest (a head's sinuses make a run): the SR holds the verdict only, no key images, no KOS, no run in
+    the FHIR report; the same series as a chest shows them all."""
+    result, sources = _series()
+    head = result.model_copy(update={"verdict": "indeterminate", "reason": "not_chest"})
+    assert result.shows_lesions and not head.shows_lesions and head.evidence is not None
+    assert key_images(head, sources) == [] and key_object_selection(head, sources) is None
+    assert len(key_images(result, sources)) == 3 and key_object_selection(result, sources) is not None
+    regions = highdicom.sr.Comprehensive3DSR.from_dataset(to_sr(head, sources)).content
+    assert regions.get_planar_roi_measurement_groups() == []
+    assert highdicom.sr.Comprehensive3DSR.from_dataset(to_sr(result, sources)).content.get_planar_roi_measurement_groups()
+    parts = {e["resource"]["identifier"][0]["value"].rsplit("/", 1)[-1]
+             for e in to_fhir(head)["entry"] if e["resource"]["resourceType"] == "Observation"}
+    assert "run" not in parts and "quadrant" not in parts and "verdict" in parts
+    assert {"run", "quadrant"} <= {e["resource"]["identifier"][0]["value"].rsplit("/", 1)[-1]
+                                   for e in to_fhir(result)["entry"]}
+
+
 def test_the_key_object_selection_flags_the_run_and_its_key_images_in_the_study(tmp_path):
     """The KOS a viewer shows as the study's key images: "Of Interest", the evidence run's own CT slices and
     the key images, in the source's patient and study, a new series; rebuilt, the same object."""

@@ -120,7 +120,8 @@ def test_shuffled_jpeg2000_twin_gives_the_same_answer(screened):
     assert (j2k.verdict, j2k.reason, j2k.n_slices) == (plain.verdict, plain.reason, plain.n_slices)
     # a chest's lung field, measured alike on both paths (phantom chests: 164-279 cm2)
     assert plain.lung_field_cm2 is not None and plain.lung_field_cm2 > 150
-    assert j2k.lung_field_cm2 == pytest.approx(plain.lung_field_cm2, rel=0.05)
+    assert plain.body_cm2 is not None and plain.body_cm2 > 500
+    assert (j2k.lung_field_cm2, j2k.body_cm2) == pytest.approx((plain.lung_field_cm2, plain.body_cm2), rel=0.05)
     assert [s.position_mm for s in j2k.slices] == [s.position_mm for s in plain.slices]
     assert [(s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in j2k.slices] == [
         (s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in plain.slices]
@@ -161,8 +162,8 @@ HEAD_SLICE = ROOT.parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" /
 @pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
 def test_a_head_ct_is_no_chest_and_never_positive(gateway, tmp_path):
     """A real head CT slice (sinuses, from a cervical-spine study) as a series of 6: the models, which
-    learnt only chests, box the sinus air on every slice, a run in one quadrant. The lung-field check
-    makes the study indeterminate (not_chest) instead of positive."""
+    learnt only chests, box the sinus air on every slice, a run in one quadrant. Its lung field and body
+    section, both a head's, make the study indeterminate (not_chest) instead of positive."""
     from pydicom.uid import generate_uid
 
     from aggregator.case import CaseRule
@@ -180,7 +181,8 @@ def test_a_head_ct_is_no_chest_and_never_positive(gateway, tmp_path):
     result = _result(screen_paths(gateway.url, [folder], quiet=True)[0])
     assert (result.verdict, result.reason) == ("indeterminate", "not_chest"), result.message
     assert result.lung_field_cm2 is not None and result.lung_field_cm2 < 50 and result.rule.min_lung_field_cm2 == 50
-    assert replay(result).reason == "not_chest"
+    assert result.body_cm2 is not None and result.body_cm2 < 300 and result.rule.min_body_cm2 == 300
+    assert replay(result).reason == "not_chest" and not result.shows_lesions
     # what the check stands between: without it, the sinus boxes make this head CT positive
     assert replay(result, CaseRule(min_lung_field_cm2=None)).verdict == "positive"
 

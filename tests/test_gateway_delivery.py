@@ -70,9 +70,9 @@ def _settings(tmp_path: Path, **kw) -> Settings:
 
 
 async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/",
-                    stores: tuple[Store, FolderBlobs] | None = None):
+                    stores: tuple[Store, FolderBlobs] | None = None, not_chest: bool = False):
     """A done job in a fresh store (or in ``stores``, a study's next version): the files as its instances, a
-    positive result on slices 2..4."""
+    positive result on slices 2..4 (``not_chest``: the same run, on a series measured as no chest)."""
     if stores is None:
         await asyncio.to_thread(upgrade, settings.database())
     store, blobs = stores or (Store(settings.database()), FolderBlobs(settings.blobs()))
@@ -91,9 +91,12 @@ async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: s
     inputs = [SliceInput(str(d.SOPInstanceUID), float(d.ImagePositionPatient[2]),
                          LESION if k in (2, 3, 4) else np.zeros((0, 5)), VA, rows=int(d.Rows), cols=int(d.Columns))
               for k, d in enumerate(headers)]
-    result = decide(inputs).to_result(study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID),
-                                      job_id=view.job_id).model_copy(update={"uid_root": settings.uid_root})
-    assert result.verdict == "positive"  # made as the worker makes it: under the site's UID root
+    measured = {"lung_field_cm2": 12.0, "body_cm2": 200.0} if not_chest else {}
+    result = decide(inputs, **measured).to_result(
+        study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID), job_id=view.job_id
+    ).model_copy(update={"uid_root": settings.uid_root})
+    assert result.verdict == ("indeterminate" if not_chest else "positive")  # made as the worker makes it: under
+    # the site's UID root
     context = sr_context(headers)
     assert await store.finish(view.job_id, result, context.to_json() if context else None)
     return store, blobs, result
@@ -189,6 +192,30 @@ def test_a_pacs_that_asks_for_the_kos_gets_it_flagging_the_run_it_holds(orthanc,
             assert flagged[:3] == [s.sop_instance_uid for s in result.evidence.slices]
             assert sorted(flagged[3:]) == key_images == sorted(held["OT"])
             assert set(flagged) <= set(ids)  # nothing flagged that the PACS does not hold
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@needs_orthanc
+def test_a_series_that_is_no_chest_stays_off_a_worklist_that_says_so_and_reaches_others_without_lesions(
+        orthanc, study_files, tmp_path):
+    """except_reasons: [not_chest] skips the head CT a router sent on; a destination without it gets the SR of the
+    verdict, and no key images (its boxes are no lesions), even when it asks for them and for the KOS."""
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files, not_chest=True)
+        worklist = _pacs(orthanc, rule={"verdicts": ["positive", "indeterminate"], "except_reasons": ["not_chest"]})
+        archive = {**_pacs(orthanc, objects=["sr", "key_images", "kos"]), "name": "archive"}
+        deliverer = Deliverer(store, blobs, parse_destinations([worklist, archive]), settings, CollectorRegistry())
+        try:
+            tasks = {t.destination: t for t in await _until(deliverer, result.job_id, {"done", "skipped"})}
+            assert tasks["pacs"].state == "skipped"
+            assert any("not_chest results are not sent here" in (e.get("detail") or "") for e in tasks["pacs"].history)
+            assert tasks["archive"].state == "done"
+            assert [o["kind"] for o in tasks["archive"].payload["objects"]] == ["sr"]
+            assert set(_orthanc_series(orthanc, result.study_instance_uid)) == {"SR"}
         finally:
             await store.close()
 

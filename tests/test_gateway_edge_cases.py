@@ -347,14 +347,18 @@ def test_a_real_derived_axial_slice_alone_is_screened_and_a_perfusion_map_alone_
         ("dwv/dicompyler-ct.0.dcm", False),  # a neck and shoulders (the table's foam is not lung)
     ],
 )
-def test_real_chests_measure_a_chests_lung_field_and_heads_do_not(rel: str, chest: bool) -> None:
-    """The lung-field measure behind the case rule's not_chest (docs/case-rule.md, 8), on real slices: a real adult
-    chest slice holds 230-250 cm² of lung field, these heads, necks and abdomens under 20 cm²."""
-    from ctscreen.lungs import CHEST_LUNG_FIELD_CM2
+def test_real_chests_measure_a_chests_sections_and_heads_do_not(rel: str, chest: bool) -> None:
+    """The measures behind the case rule's not_chest (docs/case-rule.md, 8), on real slices: a real adult chest
+    slice holds 230-250 cm² of lung field and 380-830 cm² of body section (the 20 cm field of view of goudurix
+    cuts its chest wall), these heads, necks and abdomens under 20 cm² of lung field, the heads and the face
+    under 250 cm² of body."""
+    from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2
 
     study = load_study([(Path(rel).name, (EDGE / rel).read_bytes())])
-    assert study.lung_field_cm2 is not None
+    assert study.lung_field_cm2 is not None and study.body_cm2 is not None
     if chest:
-        assert study.lung_field_cm2 > 4 * CHEST_LUNG_FIELD_CM2
+        assert study.lung_field_cm2 > 4 * CHEST_LUNG_FIELD_CM2 and study.body_cm2 > 1.25 * CHEST_BODY_CM2
     else:
         assert study.lung_field_cm2 < 0.5 * CHEST_LUNG_FIELD_CM2
+    if rel.startswith(("fo-dicom/IM-0001", "pylibjpeg-data/ELSCINT1")):  # a head, a face
+        assert study.body_cm2 < 0.85 * CHEST_BODY_CM2

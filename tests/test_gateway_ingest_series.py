@@ -404,13 +404,13 @@ def test_one_series_keeps_frames_whose_orientations_differ_by_rounding_only(seco
     assert {r.reason for r in study_.excluded} == (set() if kept == 8 else {"orientation_mismatch"})
 
 
-def test_the_lung_field_is_probed_on_slices_spread_over_the_series() -> None:
+def test_the_sections_are_probed_on_slices_spread_over_the_series() -> None:
     """12 probes spread evenly (first and last included) find a chest's wide middle in a long series; a probed slice
-    without pixel spacing leaves the series unmeasured (the case rule then does not check it)."""
+    without a usable pixel spacing leaves the series unmeasured (the case rule then does not check it)."""
     from dataclasses import replace
 
     from gateway.dicom import GridMapping
-    from gateway.ingest import LUNG_PROBES, lung_field_extent
+    from gateway.ingest import LUNG_PROBES, section_extent
 
     air = np.full((512, 512), -1000, np.int16)
     chest = air.copy()
@@ -425,14 +425,44 @@ def test_the_lung_field_is_probed_on_slices_spread_over_the_series() -> None:
         seen.append(i)
         return chest if i == 150 else air
 
-    area = lung_field_extent(slice_at, frames, grids)
+    assert section_extent(slice_at, frames, grids) == (0.0, 0.0)  # slice 150 lies between probes 136 and 163
     assert len(seen) == LUNG_PROBES and seen[0] == 0 and seen[-1] == 299
-    assert area == 0.0  # slice 150 lies between two probes (136 and 163): a real chest is wide for centimetres
-    wide = lung_field_extent(lambda i: chest if 130 <= i <= 170 else air, frames, grids)
-    assert wide is not None and 160 < wide < 180  # 2 x 256 x 136 px of 0.5 mm, at the 64 x 64 look
-    frames[0] = replace(frames[0], pixel_spacing=None)
-    assert lung_field_extent(lambda i: chest, frames, grids) is None
-    assert lung_field_extent(lambda i: chest, [], grids) is None
+    lungs, body = section_extent(lambda i: chest if 130 <= i <= 170 else air, frames, grids)
+    assert lungs is not None and 160 < lungs < 180  # 2 x 256 x 136 px of 0.5 mm, at the 64 x 64 look
+    assert body is not None and 420 < body < 440  # 384 x 448 px
+    for bad in (None, (0.0, 0.5), (-0.5, 0.5), (1e200, 1e200), (6.0, 6.0)):  # absent, or no CT's
+        broken = [replace(frames[0], pixel_spacing=bad), *frames[1:]]
+        assert section_extent(lambda i: chest, broken, grids) == (None, None), bad
+    assert section_extent(lambda i: chest, [], grids) == (None, None)
+
+
+def test_a_diseased_chest_is_still_a_chest() -> None:
+    """Lungs filled by disease hold little air (ground glass above -400 HU, dependent consolidation), so their lung
+    field is under a head's limit; the body section keeps them a chest, and the run of lesions stays positive."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(6):
+        hu = np.full((512, 512), -1000, np.int16)
+        yy, xx = np.mgrid[:512, :512]
+        hu[((yy - 256) / 170.0) ** 2 + ((xx - 256) / 230.0) ** 2 <= 1] = 40  # an adult chest, 0.7 mm pixels
+        for cx in (160, 352):  # two lungs of dense ground glass and consolidation, -350 HU on average, noisy
+            lung = ((yy - 250) / 120.0) ** 2 + ((xx - cx) / 75.0) ** 2 <= 1
+            hu[lung] = np.clip(rng.normal(-350, 100, lung.sum()), -1000, 100).astype(np.int16)
+        ds = ct_dataset(hu, position=(0.0, 0.0, 2.0 * k), study_uid=study_uid, series_uid=series_uid,
+                        instance_number=k + 1)
+        files.append((f"{k}.dcm", to_bytes(ds)))
+    study = load_study(files)
+    assert study.lung_field_cm2 is not None and study.lung_field_cm2 < 50  # as small as a head's
+    assert study.body_cm2 is not None and study.body_cm2 > 500  # but a chest's size (602 cm²)
+    lesion = np.array([[150, 200, 200, 260, 0.9]], np.float32)
+    outputs = [SliceBoxes(lesion if k in (2, 3, 4) else np.zeros((0, 5), np.float32),
+                          np.array([60, 100, 450, 400], np.float32)) for k in range(6)]
+    result = case_result(study, outputs)
+    assert (result.verdict, result.reason) == ("positive", "run_found")
+    assert (result.lung_field_cm2, result.body_cm2) == (study.lung_field_cm2, study.body_cm2)
+    lungs_only = case_result(study, outputs, CaseRule(min_body_cm2=None))  # what the lung field alone would say
+    assert lungs_only.reason == "not_chest"
 
 
 def _series_named(study_uid: str, series_number: int, description: str, kernel: str, n: int = 5,
@@ -472,3 +502,28 @@ def test_more_slices_still_win_over_a_lung_reconstruction() -> None:
     study = load_study(_series_named(study_uid, 2, "Body 1.0", "B30f", n=8)
                        + _series_named(study_uid, 3, "Lung 1.0", "Bl64", n=5))
     assert study.series_number == 2 and study.n_slices == 8
+
+
+def test_every_path_measures_the_same_sections() -> None:
+    """The whole-study path (hu), the streamed one (hu filled batch by batch) and the screened-ahead one (each
+    slice by key, hu empty) measure the same lung field and body section."""
+    from gateway.ingest import plan_study
+
+    files = _files(make_series(9, rows=128, cols=128, seed=3), "s/")
+    whole = load_study(files)
+    plan = plan_study(files)
+    row = {h.key: i for i, h in enumerate(plan.ordered.slices)}
+    hu = np.empty((plan.n_slices, 512, 512), np.int16)
+    pixels, grids = {}, {}
+    for _, uids in plan.batches(4):
+        for uid in uids:
+            frames, rejection, _ = plan.decode_object(uid)
+            assert rejection is None
+            for key, arr, grid in frames:
+                hu[row[key]], pixels[key], grids[key] = arr, arr, grid
+    streamed = plan.assemble(hu, grids)
+    ahead = plan.assemble(np.empty((0, 512, 512), np.int16), grids, pixels=pixels)
+    assert whole.lung_field_cm2 is not None and whole.body_cm2 is not None and whole.body_cm2 > 0
+    for study in (streamed, ahead):
+        assert (study.lung_field_cm2, study.body_cm2) == (whole.lung_field_cm2, whole.body_cm2)
+    assert ahead.hu.shape[0] == 0

@@ -665,14 +665,23 @@ def test_result_destinations_come_from_a_secret_file(tmp_path):
 
 
 def test_the_case_rule_reaches_the_gateway_settings(monkeypatch):
+    from aggregator.case import CaseRule
+    from gateway.main import case_rule
     from gateway.settings import Settings
 
-    for rule, expected in (({"runSlices": 3, "runMm": None}, (3, None)), ({"runSlices": 2, "runMm": 10}, (2, 10.0))):
+    for rule, expected in (
+        ({"runSlices": 3, "runMm": None}, CaseRule()),
+        ({"runSlices": 2, "runMm": 10, "minLungFieldCm2": 40, "minBodyCm2": 250},
+         CaseRule(run_slices=2, run_mm=10.0, min_lung_field_cm2=40.0, min_body_cm2=250.0)),
+        ({"minLungFieldCm2": 0}, CaseRule(min_lung_field_cm2=None)),  # 0: the check off (the paper's rule)
+        ({"minBodyCm2": 0}, CaseRule(min_body_cm2=None)),  # 0: the lung field alone decides
+    ):
         c = container(find(render(_production(gateway__caseRule=rule)), "Deployment", "-gateway"), "gateway")
         env = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("CTSCREEN_CASE_")}
-        for name in ("CTSCREEN_CASE_RUN_SLICES", "CTSCREEN_CASE_RUN_MM"):
+        assert {"CTSCREEN_CASE_MIN_LUNG_FIELD_CM2", "CTSCREEN_CASE_MIN_BODY_CM2"} <= set(env)
+        for name in ("CTSCREEN_CASE_RUN_SLICES", "CTSCREEN_CASE_RUN_MM", "CTSCREEN_CASE_MIN_LUNG_FIELD_CM2",
+                     "CTSCREEN_CASE_MIN_BODY_CM2"):
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        settings = Settings(triton_urls="fake:1")
-        assert (settings.case_run_slices, settings.case_run_mm) == expected
+        assert case_rule(Settings(triton_urls="fake:1")) == expected

@@ -1029,3 +1029,32 @@ def test_a_task_cancelled_while_its_connection_is_reset_logs_no_error_and_the_po
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not errors, [(r.name, r.getMessage()) for r in errors]
     assert any("cancelled" in r.getMessage() for r in caplog.records if r.name.startswith("gateway.store"))
+
+
+def test_a_result_a_later_release_wrote_is_read_with_its_new_fields_dropped(db_url):
+    """A rolled-back gateway reads results a later release stored: fields it does not know (at the top and
+    nested) are dropped on reading, not refused (a 500 on every such job before). Validation elsewhere stays
+    strict: the API and the JSON schema still refuse unknown fields."""
+    from pydantic import ValidationError
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [job] = await _queue(store, 1)
+            await store.claim(60)
+            assert await store.finish(job, _result(job), None)
+            async with store.engine.begin() as c:
+                row = (await c.execute(select(Result.result).where(Result.job_id == job))).scalar_one()
+                later = {**row, "a_later_field": 1, "rule": {**row["rule"], "a_later_limit": 2.0},
+                         "timings": {**row["timings"], "a_later_stage_s": 0.1}}
+                await c.execute(update(Result).where(Result.job_id == job).values(result=later))
+            view = await store.job(job)
+            assert view.result is not None and view.result.job_id == job and view.result.verdict == "indeterminate"
+            with pytest.raises(ValidationError, match="a_later_field"):
+                CaseResult.model_validate(later)  # anywhere else: strict
+        finally:
+            await store.close()
+
+    _run(go())

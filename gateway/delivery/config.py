@@ -10,7 +10,7 @@
         port: 4242
         calling_ae_title: CTSCREEN      # optional (default: the gateway's AE title)
         tls: {ca_file: /etc/ctscreen/ca.pem, cert_file: ..., key_file: ...}   # optional
-        rule: {verdicts: [positive, indeterminate]}
+        rule: {verdicts: [positive, indeterminate], except_reasons: [not_chest]}
       - name: pacs-web
         kind: stowrs                    # DICOMweb STOW-RS of the same objects
         url: https://pacs.example.org/dicom-web
@@ -20,8 +20,10 @@
         url: https://ris.example.org/fhir                                      # a FHIR base, or a webhook
         rule: {verdicts: all, calling_ae_titles: [CT_ROOM_1]}
 
-A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdicts; ``calling_ae_titles``
-(optional) keeps only studies received by C-STORE from those AE titles. ``objects`` of a DICOM
+A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdicts; ``except_reasons``
+leaves out results with those reason codes (``[not_chest]``: the head and neck CTs a router sent on stay off a
+reader's worklist of indeterminate studies); ``calling_ae_titles`` (optional) keeps only studies received by
+C-STORE from those AE titles. ``objects`` of a DICOM
 destination is ``[sr, key_images]`` by default; add ``kos`` for the Key Object Selection document.
 
 Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
@@ -68,13 +70,17 @@ class Rule(_Model):
     """Which results a destination receives."""
 
     verdicts: Literal["all"] | list[Literal["positive", "negative", "indeterminate"]] = "all"
+    except_reasons: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list, description="results with these reason codes are not sent here (e.g. not_chest)")
     calling_ae_titles: list[str] | None = Field(
         None, description="only studies received by C-STORE from these AE titles (None: any source)")
 
-    def admits(self, verdict: str, calling_ae_titles: set[str]) -> str | None:
+    def admits(self, verdict: str, calling_ae_titles: set[str], reason: str = "") -> str | None:
         """None when the result goes; otherwise why not (a short sentence)."""
         if self.verdicts != "all" and verdict not in self.verdicts:
             return f"rule: {verdict} results are not sent here"
+        if reason in self.except_reasons:
+            return f"rule: {reason} results are not sent here"
         if self.calling_ae_titles is not None and not calling_ae_titles & set(self.calling_ae_titles):
             return "rule: the study did not come from one of the listed calling AE titles"
         return None

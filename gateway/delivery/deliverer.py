@@ -222,7 +222,7 @@ class Deliverer:
             raise payloads.PayloadUnavailable("the job has no result")
         files, context = await self.tasks.job_sources(task.job_id)
         callers = payloads.calling_ae_titles([f for f, _ in files])
-        why = dest.rule.admits(result.verdict, callers)
+        why = dest.rule.admits(result.verdict, callers, result.reason)
         if why is not None:
             await self.tasks.finish(task.id, SKIPPED, why)
             self.outcomes.labels(dest.name, SKIPPED).inc()
