@@ -96,7 +96,9 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
 
     with ExitStack() as resources:
         try:
-            # the audit trail goes beside the report, not between the progress lines
+            # the audit trail goes beside the report, not between the progress lines; this run's only (the
+            # gateway appends to the file, and a report describes one run)
+            (args.out / "audit.jsonl").unlink(missing_ok=True)
             audit = {"audit_log_file": args.out / "audit.jsonl"}
             stack = resources.enter_context(run_stack(port=0, repo=args.repo, triton_url=args.triton_url,
                                                       settings_overrides=audit))

@@ -88,8 +88,12 @@ def test_eval_in_process_writes_the_report(reference):
 
 @pytest.mark.triton
 def test_eval_through_the_serving_path_agrees_with_the_reference(phantom_set, reference, triton, tmp_path):
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "audit.jsonl").write_text('{"a": "line of an earlier run"}\n')
     code, report, rows = _run(["--data", str(phantom_set), "--triton-url", triton.grpc_url,
                                "--out", str(tmp_path / "served"), "-q"])
+    audit = (tmp_path / "served" / "audit.jsonl").read_text().splitlines()
+    assert audit and "earlier run" not in audit[0]  # the audit trail of this run only, beside its report
     assert code == (0 if report["goal"]["met"] else 1)
     assert report["n_failed"] == 0
     assert report["meta"]["serving_path"].startswith("embedded stack")
