@@ -625,7 +625,7 @@ def decide(
             "indeterminate",
             NOT_CHEST,
             f"The widest lung field of the series is {lung_field_cm2:.0f} cm²{body}, under the {limits} of a "
-            "chest: not a chest CT (a head, neck or limb), or the lungs lie outside the field of view; its boxes "
+            "chest: not a chest CT (a head or a limb), or the lungs lie outside the field of view; its boxes "
             "are no lung lesions.",
         )
     if best is not None and best.qualifies:

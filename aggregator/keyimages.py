@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from aggregator.schema import Box, CaseResult
-from aggregator.sr import SourceError, device_observer, equipment_and_time, stable_uid, usable_headers
+from aggregator.sr import (
+    SourceError,
+    device_observer,
+    equipment_and_time,
+    made_at,
+    stable_uid,
+    usable_headers,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -209,7 +216,7 @@ def key_images(
         source.ReferencedSOPClassUID = ds.SOPClassUID
         source.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         sc.SourceImageSequence = DicomSequence([source])
-        out.append(sc)
+        out.append(made_at(sc, result))
     return out
 
 
@@ -235,7 +242,7 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     Raises
     ------
     aggregator.sr.SourceError
-        When an evidence slice is missing from ``sources`` or belongs to another study.
+        When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame.
     """
     if result.verdict == "negative" or result.evidence is None or not result.evidence.slices or not result.shows_lesions:
         return None
@@ -252,8 +259,11 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
             raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
         if str(ds.StudyInstanceUID) != result.study_instance_uid:
             raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # one frame of it would need a Referenced Frame Number
+            raise SourceError(f"Slice {evidence.sop_instance_uid} is multi-frame; the KOS references single frames.")
         slices.append(ds)
-    referenced = [*usable_headers(slices), *key_images]
+    headers = usable_headers(slices)
+    referenced = [*headers, *key_images]
     key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
            result.verdict)
     version = result.software_version or "unknown"
@@ -266,15 +276,21 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
         observer_device_context=device_observer(result),
         description=description,
     )
+    # its content decides its UID: two destinations asking for different objects (with the key images or not)
+    # never get two documents under one SOP Instance UID
+    kind = "kos+key-images" if key_images else "kos"
     kos = KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
         series_instance_uid=stable_uid(*key, "kos-series", root=result.uid_root),
         series_number=KOS_SERIES_NUMBER,
-        sop_instance_uid=stable_uid(*key, "kos", root=result.uid_root),
+        sop_instance_uid=stable_uid(*key, kind, root=result.uid_root),
         instance_number=1,
         manufacturer="ctscreen",
         series_description=KOS_SERIES_DESCRIPTION,
         **equipment_and_time(result),
     )
-    return kos
+    kos.copy_patient_and_study_information(headers[0])  # the whole modules (issuer, study description), as the key images
+    if "SpecificCharacterSet" in headers[0]:
+        kos.SpecificCharacterSet = headers[0].SpecificCharacterSet
+    return made_at(kos, result)

@@ -37,7 +37,7 @@ import sys
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 SCHEMA_VERSION: Final = "1.2.0"
 """Version of the :class:`CaseResult` document."""
@@ -56,8 +56,8 @@ REASONS: Final[dict[str, str]] = {
     "too_few_slices": "indeterminate: no gap-free stretch of the series is long enough to hold a run",
     "no_valid_area": "indeterminate: the valid-area model found no lung field on any slice",
     "run_broken_by_gap": "indeterminate: a run would qualify but a gap in the series breaks it",
-    "not_chest": "indeterminate: the series' widest lung field and body section are smaller than a chest's (a head, "
-                 "neck or limb CT); its boxes are no lung lesions",
+    "not_chest": "indeterminate: the series' widest lung field and body section are smaller than a chest's (a head "
+                 "or limb CT); its boxes are no lung lesions",
 }
 """Reason codes the aggregator emits, with their meaning. Callers (the gateway) may add their own
 codes for studies that never reach the case rule (for example ``no_usable_series``)."""
@@ -278,6 +278,25 @@ class CaseResult(_Model):
         """False for a series that is no chest CT (reason ``not_chest``): its boxes are no lung lesions, so no object
         made from the result (the SR's regions, key images, KOS, the FHIR run) shows them as lesions."""
         return self.reason != NOT_CHEST
+
+
+def stored_result(data: Any) -> CaseResult:
+    """A result read back from storage: strict first (the fast path, every result this release wrote); only when a
+    later release's fields are what it refuses, again with those dropped (:data:`STORED`).
+
+    >>> r = CaseResult(study_instance_uid="1", series_instance_uid="2", verdict="negative", reason="no_findings",
+    ...                message="m", n_slices=0, rule=RuleParams(cutoff=0.5, min_area=25, run_slices=3,
+    ...                quadrant_split="valid_area", spanning="every", gap_tolerance=1.5, drop_outside_valid=True))
+    >>> later = {**r.model_dump(mode="json"), "a_later_field": 1}
+    >>> stored_result(later) == r
+    True
+    """
+    try:
+        return CaseResult.model_validate(data)
+    except ValidationError as exc:
+        if not any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            raise
+    return CaseResult.model_validate(data, context=STORED)
 
 
 def json_schema() -> dict:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "sr_uids", "stable_uid", "to_sr",
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "made_at", "sr_uids", "stable_uid", "to_sr",
            "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
@@ -63,6 +63,19 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
     if result.created_at is not None:
         out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
     return out
+
+
+def made_at(ds: Dataset, result: CaseResult) -> Dataset:
+    """Set the Instance Creation Date and Time (and the Contribution DateTime of its contributing equipment) of an
+    object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
+    Instance UID, it is the same object, byte for byte."""
+    if result.created_at is not None:
+        ds.InstanceCreationDate = result.created_at.strftime("%Y%m%d")
+        ds.InstanceCreationTime = result.created_at.strftime("%H%M%S.%f")
+        for item in ds.get("ContributingEquipmentSequence", []):
+            if "ContributionDateTime" in item:
+                item.ContributionDateTime = result.created_at.strftime("%Y%m%d%H%M%S.%f")
+    return ds
 
 
 def device_observer(result: CaseResult) -> Any:
@@ -333,7 +346,7 @@ def to_sr(
         imaging_measurements=groups,
     )
     series_uid, sop_uid = sr_uids(result)
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=images,
         content=report,
         series_instance_uid=series_instance_uid or series_uid,
@@ -348,3 +361,5 @@ def to_sr(
         series_description=SR_SERIES_DESCRIPTION,
         **equipment_and_time(result),
     )
+    return made_at(sr, result)
+

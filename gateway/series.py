@@ -36,6 +36,7 @@ __all__ = [
     "SeriesSelection",
     "SortedSeries",
     "frame_exclusion",
+    "lung_rank",
     "lung_reconstruction",
     "select_series",
     "slice_normal",
@@ -206,34 +207,56 @@ def _main_orientation(group: Sequence[FrameHeader]) -> np.ndarray:
     return best
 
 
-_LUNG_WORDS = re.compile(r"lung|pulm|hrct", re.IGNORECASE)
-_SIEMENS_LUNG_KERNEL = re.compile(r"^Bl\d\d")  # Siemens' lung family (Bl57, Bl64): "l" for lung
+_LUNG_WORDS = re.compile(r"lung|hrct", re.IGNORECASE)
+_LUNG_KERNEL = re.compile(r"^Bl\d\d")  # Siemens' lung family (Bl57, Bl64): "l" for lung
+_SOFT_KERNEL = re.compile(r"^(B[rv]\d\d|B[1-4]\d|I[1-4]\d|STANDARD|SOFT|FC[01]\d)", re.IGNORECASE)
+"""Soft-tissue kernels by name: Siemens B10-B49, Br/Bv families and their iterative I10-I49; GE STANDARD and SOFT;
+Canon FC01-FC19."""
 
 
-def lung_reconstruction(h: FrameHeader) -> bool:
-    """Whether a frame's series is a lung reconstruction by its own account: its Series Description or
-    Convolution Kernel says lung (``Lung 1.0``, GE's ``LUNG``, ``HRCT``, ``Pulmo``), or the kernel is Siemens'
-    lung family (``Bl57``, ``Bl64``). Vendors name sharp kernels by number (B70f, FC86, YC): those are not guessed.
+def lung_rank(h: FrameHeader) -> int:
+    """How surely a frame's series is a lung reconstruction, by its own account: 2 when its Convolution Kernel says
+    so (GE's ``LUNG``, a kernel naming the lung or HRCT, Siemens' lung family ``Bl57``, ``Bl64``); 1 when only its
+    Series Description does (``Lung 1.0``, ``HRCT``) and its kernel is no known soft-tissue one (``Br40``,
+    ``B30f``, ``STANDARD``, ``FC13``: a kernel outranks a protocol's name, such as LungCARE's soft series); else
+    0. Sharp kernels named by number only (B70f, FC86, YC) are not guessed, and a pulmonary angiogram (CTPA) is
+    no lung reconstruction by its name.
 
     >>> from dataclasses import replace
     >>> h = FrameHeader("f", None, "1.2", "", "1", "2", 3, "Thorax 1.0 B30f", "CT", (), None, None, 1.0, None, None,
     ...                 512, 512, 1.0, -1024.0, "")
-    >>> lung_reconstruction(h), lung_reconstruction(replace(h, series_description="Lung 1.0"))
-    (False, True)
-    >>> lung_reconstruction(replace(h, convolution_kernel="LUNG")), lung_reconstruction(replace(h, convolution_kernel="Bl64"))
-    (True, True)
+    >>> lung_rank(h), lung_rank(replace(h, series_description="Lung 1.0")), lung_rank(replace(h, convolution_kernel="LUNG"))
+    (0, 1, 2)
+    >>> lung_rank(replace(h, series_description="LungCARE 1.0 Br40", convolution_kernel="Br40"))
+    0
     """
-    return bool(_LUNG_WORDS.search(h.series_description) or _LUNG_WORDS.search(h.convolution_kernel)
-                or _SIEMENS_LUNG_KERNEL.match(h.convolution_kernel))
+    kernel = h.convolution_kernel
+    if _LUNG_WORDS.search(kernel) or _LUNG_KERNEL.match(kernel):
+        return 2
+    if _LUNG_WORDS.search(h.series_description) and not _SOFT_KERNEL.match(kernel):
+        return 1
+    return 0
+
+
+def lung_reconstruction(h: FrameHeader) -> bool:
+    """Whether a frame's series calls itself a lung reconstruction (:func:`lung_rank` above 0).
+
+    >>> from dataclasses import replace
+    >>> h = FrameHeader("f", None, "1.2", "", "1", "2", 3, "Pulmonary angio 1.0", "CT", (), None, None, 1.0, None,
+    ...                 None, 512, 512, 1.0, -1024.0, "", convolution_kernel="Br36")
+    >>> lung_reconstruction(h), lung_reconstruction(replace(h, convolution_kernel="Bl64"))
+    (False, True)
+    """
+    return lung_rank(h) > 0
 
 
 def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SeriesSelection | None:
     """Pick the series to screen; ``None`` when no frame passes the rules.
 
-    The series with the most distinct positions wins; ties go to thinner slices, then to a lung
-    reconstruction (:func:`lung_reconstruction`: the paper's HRCT is a thin lung reconstruction; a study
-    reconstructed twice at the same positions, a lung and a soft-tissue kernel, is screened on the lung one),
-    then to the lower series number, then the UID.
+    The series with the most distinct positions wins; ties go to thinner slices, then to the surer lung
+    reconstruction (:func:`lung_rank`: the paper's HRCT is a thin lung reconstruction; a study reconstructed
+    twice at the same positions, a lung and a soft-tissue kernel, is screened on the lung one), then to the
+    lower series number, then the UID.
 
     Parameters
     ----------
@@ -291,7 +314,7 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
         )
         thick = float(np.median([h.slice_thickness for h in group if h.slice_thickness] or [math.inf]))
         number = group[0].series_number if group[0].series_number is not None else 1 << 30
-        return (-distinct, thick, -lung_reconstruction(group[0]), number)
+        return (-distinct, thick, -lung_rank(group[0]), number)
 
     ranked = sorted(usable.items(), key=lambda it: (score(it), it[0]))
     winner_uid, winner = ranked[0]

@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     case_min_lung_field_cm2: float = Field(
         CHEST_LUNG_FIELD_CM2, ge=0, le=1000,
         description="A study whose widest lung field (cm², measured on the HU of up to 12 slices) is smaller, and "
-                    "whose widest body section is smaller than case_min_body_cm2, is no chest CT (a head, neck or "
+                    "whose widest body section is smaller than case_min_body_cm2, is no chest CT (a head or a "
                     "limb): indeterminate, reason not_chest, whatever its boxes (docs/case-rule.md, 8). 0: no such "
                     "check.")
     case_min_body_cm2: float = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,3 +191,25 @@ def enhanced_ct(frames_hu: list[np.ndarray], rescale: list[tuple[float, float]],
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
     ds.PixelData = np.stack(stored).tobytes()
     return to_bytes(ds)
+
+
+HEAD_SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" / \
+    "IM-0001-0001-0001.dcm"
+"""A real head CT slice (sinuses, from a cervical-spine study): the models box its sinus air."""
+
+
+def head_series(folder: Path, n: int = 6) -> Path:
+    """``n`` copies of :data:`HEAD_SLICE` 2 mm apart as one new series of a new study, written to ``folder``: a
+    head CT a router sent on (the caller skips when the file is absent)."""
+    import pydicom
+
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ds = pydicom.dcmread(HEAD_SLICE)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 2.0 * i]
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"head{i}.dcm")
+    return folder

@@ -176,10 +176,17 @@ def test_the_key_object_selection_flags_the_run_and_its_key_images_in_the_study(
     assert any("not a diagnosis" in t and "positive" in t for t in texts)
     _dcmtk_clean("dcmdump", data, tmp_path, "+E")
     again = key_object_selection(result, sources, key_images(result, sources))
-    assert again is not None and (again.SOPInstanceUID, again.ContentDate, again.ContentTime) == (
-        kos.SOPInstanceUID, kos.ContentDate, kos.ContentTime)  # same result, same object
+    assert again is not None and _bytes(again) == data  # same result, same object, byte for byte
     alone = key_object_selection(result, sources)  # no key images asked for: the slices only
     assert alone is not None and len([i for i in alone.ContentSequence if i.ValueType == "IMAGE"]) == 3
+    # another content, another object: two destinations asking for different objects never get two KOS
+    # under one SOP Instance UID (a PACS and a VNA behind one router would hold both)
+    assert alone.SOPInstanceUID != kos.SOPInstanceUID
+    assert (back.IssuerOfPatientID, back.StudyDescription) == ("HOSP", "CT chest")  # the whole patient and study
+    multi = dcmread(io.BytesIO(_bytes(sources[2])))
+    multi.NumberOfFrames = 2
+    with pytest.raises(ValueError, match="multi-frame"):
+        key_object_selection(result, [*sources[:2], multi, *sources[3:]])
 
 
 def test_fhir_report_validates_and_refers_to_the_imaging_study():
@@ -296,6 +303,8 @@ def test_what_a_reader_sees_says_it_is_a_machine_reading_and_a_rebuild_is_the_sa
     for first, again in ((first_sr, again_sr), (first_key, again_key)):
         assert first.SOPInstanceUID == again.SOPInstanceUID
         assert (first.ContentDate, first.ContentTime) == (again.ContentDate, again.ContentTime)
+        assert (first.InstanceCreationDate, first.InstanceCreationTime) == (again.InstanceCreationDate,
+                                                                            again.InstanceCreationTime)
         assert "not a diagnosis" in first.SeriesDescription and len(first.SeriesDescription) <= 64
         assert first.ManufacturerModelName == "ctscreen" and first.SoftwareVersions == result.software_version
     assert str(first_sr.ContentDate) == result.created_at.strftime("%Y%m%d")

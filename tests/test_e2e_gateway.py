@@ -35,6 +35,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import EmbeddedTriton, free_port
 from gateway.cli import demo_main, run_stack
 from gateway.client import Outcome, screen_paths
+from tests.gateway_dicom_factory import HEAD_SLICE, head_series
 from tests.test_gateway_admission import burst
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
@@ -155,29 +156,15 @@ def test_normal_study_is_negative(gateway, tmp_path):
     assert result.verdict == "negative", (result.reason, result.message)
 
 
-HEAD_SLICE = ROOT.parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" / "IM-0001-0001-0001.dcm"
-
-
 @needs_trained
 @pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
 def test_a_head_ct_is_no_chest_and_never_positive(gateway, tmp_path):
     """A real head CT slice (sinuses, from a cervical-spine study) as a series of 6: the models, which
     learnt only chests, box the sinus air on every slice, a run in one quadrant. Its lung field and body
     section, both a head's, make the study indeterminate (not_chest) instead of positive."""
-    from pydicom.uid import generate_uid
-
     from aggregator.case import CaseRule
 
-    study, series = generate_uid(), generate_uid()
-    folder = tmp_path / "head"
-    folder.mkdir()
-    for i in range(6):
-        ds = pydicom.dcmread(HEAD_SLICE)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 2.0 * i]
-        ds.InstanceNumber = i + 1
-        ds.save_as(folder / f"head{i}.dcm")
+    folder = head_series(tmp_path / "head")
     result = _result(screen_paths(gateway.url, [folder], quiet=True)[0])
     assert (result.verdict, result.reason) == ("indeterminate", "not_chest"), result.message
     assert result.lung_field_cm2 is not None and result.lung_field_cm2 < 50 and result.rule.min_lung_field_cm2 == 50

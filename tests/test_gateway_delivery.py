@@ -348,6 +348,8 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
     assert web.header_values() == {"Authorization": "Bearer s3cr3t-token"}
     assert "s3cr3t" not in repr(web) and "s3cr3t" not in str(web.model_dump())
     assert ris.rule.admits("negative", set()) and ris.rule.admits("positive", set()) is None
+    with pytest.raises(DestinationsError, match="unknown reason code.*notchest"):  # a typo would skip nothing
+        parse_destinations([{"name": "p", "kind": "fhir", "url": "http://x", "rule": {"except_reasons": ["notchest"]}}])
     cases = {
         "dup.json": (json.dumps([{"name": "a", "kind": "fhir", "url": "http://x"}] * 2), "unique"),
         "port.yaml": ("destinations: [{name: p, kind: dicom, ae_title: A, host: h, port: 70000}]", "port"),

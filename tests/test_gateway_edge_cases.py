@@ -349,7 +349,7 @@ def test_a_real_derived_axial_slice_alone_is_screened_and_a_perfusion_map_alone_
 )
 def test_real_chests_measure_a_chests_sections_and_heads_do_not(rel: str, chest: bool) -> None:
     """The measures behind the case rule's not_chest (docs/case-rule.md, 8), on real slices: a real adult chest
-    slice holds 230-250 cm² of lung field and 380-830 cm² of body section (the 20 cm field of view of goudurix
+    slice holds 230-250 cm² of lung field and 380-820 cm² of body section (the 20 cm field of view of goudurix
     cuts its chest wall), these heads, necks and abdomens under 20 cm² of lung field, the heads and the face
     under 250 cm² of body."""
     from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2

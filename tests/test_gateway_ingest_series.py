@@ -465,8 +465,8 @@ def test_a_diseased_chest_is_still_a_chest() -> None:
     assert lungs_only.reason == "not_chest"
 
 
-def _series_named(study_uid: str, series_number: int, description: str, kernel: str, n: int = 5,
-                  enhanced_kernel: bool = False) -> list[tuple[str, bytes]]:
+def _series_named(study_uid: str, series_number: int, description: str, kernel: str,
+                  n: int = 5) -> list[tuple[str, bytes]]:
     series_uid = generate_uid()
     out = []
     for i in range(n):
@@ -486,6 +486,10 @@ def _series_named(study_uid: str, series_number: int, description: str, kernel: 
         (("Chest", "STANDARD"), ("Chest", "LUNG"), 3),  # GE: the kernel says it
         (("Mediastinum 1 mm", "FC13"), ("Lung 1 mm", "FC52"), 3),  # Canon: the description says it
         (("Body 1.0", "B30f"), ("Body 1.0", "B70f"), 2),  # a sharp kernel by number only: not guessed, lower number
+        (("LungCARE 1.0 Br40", "Br40"), ("LungCARE 1.0 Bl57", "Bl57"), 3),  # both say lung: the kernel decides
+        (("Lung 1.0", "Bl57"), ("Pulmonary angio 1.0 Br36", "Br36"), 2),  # a CTPA's soft series is no lung one
+        (("Thorax 1.0 FC86", "FC86"), ("Pulmonary angio 1.0 Br36", "Br36"), 2),  # ... nor wins over a lung one unnamed
+        (("Lung 1.0", "STANDARD"), ("Chest 1.0", "LUNG"), 3),  # GE's soft kernel under a lung name: the kernel wins
     ],
 )
 def test_a_study_reconstructed_twice_is_screened_on_its_lung_reconstruction(soft, lung, screened) -> None:
@@ -527,3 +531,41 @@ def test_every_path_measures_the_same_sections() -> None:
     for study in (streamed, ahead):
         assert (study.lung_field_cm2, study.body_cm2) == (whole.lung_field_cm2, whole.body_cm2)
     assert ahead.hu.shape[0] == 0
+
+
+def test_the_convolution_kernel_of_an_enhanced_ct_comes_from_its_functional_groups() -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    from gateway.dicom import read_headers
+    from gateway.series import lung_reconstruction
+    from tests.gateway_dicom_factory import enhanced_ct
+
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct([chest_like(32, 32, seed=k) for k in range(2)], [(1.0, -1024.0)] * 2,
+                                                [0.0, 1.0])))
+    recon = Dataset()
+    recon.ConvolutionKernel = ["Bl64", "3"]
+    ds.SharedFunctionalGroupsSequence[0].CTReconstructionSequence = DicomSequence([recon])
+    _, frames = read_headers("e.dcm", ds)
+    assert [h.convolution_kernel for h in frames] == ["Bl64\\3"] * 2 and all(map(lung_reconstruction, frames))
+
+
+def test_the_body_section_leaves_out_the_table_and_a_cut_field_of_view_keeps_the_chest() -> None:
+    """The body section is the largest region that is not the air around the patient: a head on a 50 cm field of
+    view keeps a head's size beside the table (a shell with a foam core, apart from the head), and a chest whose
+    field of view cuts its wall keeps all of that field."""
+    from ctscreen.lungs import CHEST_BODY_CM2, section_areas_cm2
+
+    mm = (500 / 512, 500 / 512)  # a 50 cm field of view
+    yy, xx = np.mgrid[:512, :512]
+    head = np.full((512, 512), -1000.0, np.float32)
+    head[((yy - 200) / (95 / mm[0])) ** 2 + ((xx - 256) / (75 / mm[0])) ** 2 <= 1] = 40.0  # 19 x 15 cm
+    head[340:380, 40:472] = 100.0  # the table's shell, 4 cm below the head's back
+    head[348:372, 48:464] = -900.0  # ... its foam core
+    lungs, body = section_areas_cm2(head, mm)
+    assert lungs < 1 and 200 < body < CHEST_BODY_CM2  # the head alone (224 cm²), not the table's 210 more
+    chest = np.full((512, 512), 40.0, np.float32)  # a 20 cm field of view inside a chest: no air around it
+    chest[100:420, 20:230] = -850.0
+    chest[100:420, 282:492] = -850.0
+    lungs, body = section_areas_cm2(chest, (200 / 512, 200 / 512))
+    assert lungs > 100 and body > 380  # the whole field

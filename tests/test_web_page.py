@@ -23,6 +23,7 @@ import phantom
 from aggregator.schema import CaseResult
 from gateway.cli import run_stack
 from gateway.client import collect_files, screen_paths
+from tests.gateway_dicom_factory import HEAD_SLICE, head_series
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -197,6 +198,30 @@ def test_the_study_view_lists_the_results_warnings(stack, screened, page, tmp_pa
     page.goto(f"{stack.url}/#/study/{covid_id}")
     page.wait_for_selector("#viewer[data-ready=true]")
     assert page.locator("section.warnings li").all_inner_texts() == covid.warnings
+
+
+@pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
+def test_a_head_ct_shows_its_boxes_as_no_lesions(stack, screened, page, tmp_path):
+    """not_chest (a real head CT's sinuses, boxed by the models): the study view says it is no chest CT and draws
+    its boxes as ignored ones, no run, no quadrant, nothing called a lesion."""
+    (outcome,) = screen_paths(stack.url, [head_series(tmp_path / "head")], quiet=True)
+    assert outcome.error is None, outcome.error
+    result = CaseResult.model_validate(outcome.result)
+    assert result.reason == "not_chest" and result.evidence is not None  # boxes on every slice, a run
+    boxed = next(f.index for f in result.slices if f.boxes)
+    page.goto(f"{stack.url}/#/study/{outcome.job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    summary = page.inner_text("aside.summary")
+    assert "Not a chest CT: the boxes the models drew are no lung lesions" in summary
+    assert "Qualifying run" not in summary and "Longest run" not in summary
+    page.click(f'.strip button[data-index="{boxed}"]')
+    page.wait_for_selector(f'#viewer[data-index="{boxed}"][data-ready=true]')
+    assert page.locator("#viewer rect.ignored").count() == len(result.slices[boxed].boxes) > 0
+    assert page.locator("#viewer rect.lesion").count() == 0 and page.locator("#viewer rect.quadrant").count() == 0
+    labels = page.locator(".strip button").evaluate_all("bs => bs.map(b => b.getAttribute('aria-label'))")
+    assert labels and all("lesion" not in label and "run" not in label for label in labels)
+    legend = page.inner_text("p.legend")
+    assert "box (no lesion)" in legend and "in the run" not in legend and "run quadrant" not in legend
 
 
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):

@@ -42,6 +42,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
 from aggregator.fhir import IdentifierSystems
+from aggregator.schema import REASONS
 
 __all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestination", "Rule", "StowDestination",
            "load_destinations", "parse_destinations"]
@@ -70,10 +71,19 @@ class Rule(_Model):
     """Which results a destination receives."""
 
     verdicts: Literal["all"] | list[Literal["positive", "negative", "indeterminate"]] = "all"
-    except_reasons: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+    except_reasons: list[str] = Field(
         default_factory=list, description="results with these reason codes are not sent here (e.g. not_chest)")
     calling_ae_titles: list[str] | None = Field(
         None, description="only studies received by C-STORE from these AE titles (None: any source)")
+
+    @field_validator("except_reasons")
+    @classmethod
+    def _known_reasons(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(REASONS))
+        if unknown:  # a typo would let every such result through, silently
+            raise ValueError(f"unknown reason code(s) {', '.join(unknown)}; a result's reason is one of "
+                             f"{', '.join(sorted(REASONS))}")
+        return value
 
     def admits(self, verdict: str, calling_ae_titles: set[str], reason: str = "") -> str | None:
         """None when the result goes; otherwise why not (a short sentence)."""

@@ -55,7 +55,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
-from aggregator.schema import STORED, CaseResult
+from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
 from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
 from gateway.store.models import Event, Instance, Job, Result, Study
@@ -758,7 +758,7 @@ class Store:
             rows = (await s.execute(select(Result.result).where(
                 Result.study_instance_uid == mine[0], Result.created_at < mine[1], Result.job_id != job_id)
                 .order_by(Result.created_at.desc()).limit(limit))).scalars().all()
-        return [CaseResult.model_validate(r, context=STORED) for r in rows]
+        return [stored_result(r) for r in rows]
 
     async def sr_context(self, job_id: str) -> dict[str, Any] | None:
         """The SR headers kept with a done job's result."""
@@ -861,7 +861,7 @@ def _view(job: Job, result: Result | None = None) -> JobView:
         next_attempt_at=_ts(job.next_attempt_at) if job.state == JobState.queued.value and job.attempts else None,
         created_at=_ts(job.created_at), finished_at=_ts(job.finished_at),
         error=JobError.model_validate(job.error) if job.error else None,
-        result=CaseResult.model_validate(result.result, context=STORED) if result is not None else None,
+        result=stored_result(result.result) if result is not None else None,
     )
 
 

@@ -66,7 +66,10 @@ function pending(main, job) {
 function viewer(main, job) {
   const result = job.result;
   const slices = result.slices;
-  const evidence = result.evidence;
+  // a series that is no chest CT (a head's sinuses): its boxes are no lung lesions and its run counts for nothing
+  const noChest = result.reason === "not_chest";
+  const evidence = noChest ? null : result.evidence;
+  const word = noChest ? "box" : "lesion";
   const runIndex = new Set((evidence?.slices || []).map((e) => e.index));
   const findings = slices.filter((sl) => sl.boxes.length);
   const urls = new Map();
@@ -91,14 +94,16 @@ function viewer(main, job) {
   const strip = h("ol", { class: "strip", "aria-label": "Slices with findings" },
     findings.map((sl) => h("li", {}, h("button", {
       type: "button", class: runIndex.has(sl.index) ? "in-run" : "", dataset: { index: sl.index },
-      "aria-label": `Slice ${sl.index + 1}: ${sl.boxes.length} lesion${sl.boxes.length > 1 ? "s" : ""}${runIndex.has(sl.index) ? ", in the run" : ""}`,
+      "aria-label": `Slice ${sl.index + 1}: ${sl.boxes.length} ${word}${sl.boxes.length > 1 ? (noChest ? "es" : "s") : ""}${runIndex.has(sl.index) ? ", in the run" : ""}`,
       onclick: () => { go(sl.index); stage.focus(); },
     }, String(sl.index + 1)))));
 
   const models = h("table", { class: "models" }, h("caption", {}, "Models"),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Name"), h("th", { scope: "col" }, "Version"))),
     h("tbody", {}, result.models.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.version)))));
-  const run = evidence
+  const run = noChest
+    ? h("p", {}, "Not a chest CT: the boxes the models drew are no lung lesions, and no run counts.")
+    : evidence
     ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} slices `
       + `(${evidence.extent_mm.toFixed(1)} mm) in the ${evidence.quadrant.replace("_", " ")} quadrant, slices `
       + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
@@ -133,10 +138,13 @@ function viewer(main, job) {
           h("div", { role: "group", "aria-label": "Window" }, windowButtons), slider, readout),
         stage,
         h("h2", { id: "strip-title" }, `Slices with findings (${findings.length})`), strip,
-        h("p", { class: "legend" }, h("span", { class: "key lesion" }), "lesion ",
-          h("span", { class: "key in-run" }), "lesion in the run ",
-          h("span", { class: "key quadrant" }), "run quadrant ",
-          h("span", { class: "key valid-area" }), "valid area")),
+        noChest
+          ? h("p", { class: "legend" }, h("span", { class: "key ignored" }), "box (no lesion) ",
+            h("span", { class: "key valid-area" }), "valid area")
+          : h("p", { class: "legend" }, h("span", { class: "key lesion" }), "lesion ",
+            h("span", { class: "key in-run" }), "lesion in the run ",
+            h("span", { class: "key quadrant" }), "run quadrant ",
+            h("span", { class: "key valid-area" }), "valid area")),
       side));
 
   function draw() {
@@ -160,9 +168,11 @@ function viewer(main, job) {
       const b = boxOf(box, scale);
       const inRun = runIndex.has(index) && box.quadrants.includes(evidence.quadrant);
       overlay.append(s("rect", {
-        class: inRun ? "lesion in-run" : "lesion", x: b.x0, y: b.y0, width: b.x1 - b.x0 + 1, height: b.y1 - b.y0 + 1,
+        class: noChest ? "ignored" : inRun ? "lesion in-run" : "lesion",
+        x: b.x0, y: b.y0, width: b.x1 - b.x0 + 1, height: b.y1 - b.y0 + 1,
         "data-x0": b.x0, "data-y0": b.y0, "data-x1": b.x1, "data-y1": b.y1, "data-score": box.score.toFixed(3),
-      }, s("title", {}, `lesion, score ${box.score.toFixed(2)}, ${box.quadrants.join(", ")}`)));
+      }, s("title", {}, noChest ? `box, score ${box.score.toFixed(2)}, no lung lesion (not a chest CT)`
+        : `lesion, score ${box.score.toFixed(2)}, ${box.quadrants.join(", ")}`)));
     }
   }
 
