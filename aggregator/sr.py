@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
@@ -60,22 +61,32 @@ def equipment_and_time(result: CaseResult) -> dict[str, Any]:
     same content under the same SOP Instance UID."""
     out: dict[str, Any] = {"manufacturer_model_name": "ctscreen",
                            "software_versions": result.software_version or "unknown"}
-    if result.created_at is not None:
-        out["content_date"], out["content_time"] = result.created_at.date(), result.created_at.time()
+    when = _utc(result)
+    if when is not None:
+        out["content_date"], out["content_time"] = when.date(), when.time()
     return out
 
 
 def made_at(ds: Dataset, result: CaseResult) -> Dataset:
     """Set the Instance Creation Date and Time (and the Contribution DateTime of its contributing equipment) of an
     object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
-    Instance UID, it is the same object, byte for byte."""
-    if result.created_at is not None:
-        ds.InstanceCreationDate = result.created_at.strftime("%Y%m%d")
-        ds.InstanceCreationTime = result.created_at.strftime("%H%M%S.%f")
+    Instance UID, it is the same object, byte for byte. The result's time is UTC, and so are the object's dates
+    and times (its content time too, :func:`equipment_and_time`): Timezone Offset From UTC says so."""
+    when = _utc(result)
+    if when is not None:
+        ds.TimezoneOffsetFromUTC = "+0000"
+        ds.InstanceCreationDate = when.strftime("%Y%m%d")
+        ds.InstanceCreationTime = when.strftime("%H%M%S.%f")
         for item in ds.get("ContributingEquipmentSequence", []):
             if "ContributionDateTime" in item:
-                item.ContributionDateTime = result.created_at.strftime("%Y%m%d%H%M%S.%f")
+                item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
     return ds
+
+
+def _utc(result: CaseResult) -> datetime | None:
+    """The result's time in UTC (a naive one is taken as UTC, as the worker writes it)."""
+    t = result.created_at
+    return None if t is None else t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
 
 
 def device_observer(result: CaseResult) -> Any:

@@ -305,6 +305,17 @@ def test_what_a_reader_sees_says_it_is_a_machine_reading_and_a_rebuild_is_the_sa
         assert (first.ContentDate, first.ContentTime) == (again.ContentDate, again.ContentTime)
         assert (first.InstanceCreationDate, first.InstanceCreationTime) == (again.InstanceCreationDate,
                                                                             again.InstanceCreationTime)
+        assert first.TimezoneOffsetFromUTC == "+0000"  # the result's time is UTC, and so are the object's
         assert "not a diagnosis" in first.SeriesDescription and len(first.SeriesDescription) <= 64
         assert first.ManufacturerModelName == "ctscreen" and first.SoftwareVersions == result.software_version
     assert str(first_sr.ContentDate) == result.created_at.strftime("%Y%m%d")
+
+
+def test_an_objects_times_are_the_results_in_utc_and_say_so():
+    from datetime import datetime, timedelta, timezone
+
+    result, sources = _series()
+    paris = result.model_copy(update={"created_at": datetime(2026, 12, 5, 2, 2, 3, tzinfo=timezone(timedelta(hours=1)))})
+    for ds in (to_sr(paris, sources), key_images(paris, sources)[0], key_object_selection(paris, sources)):
+        assert (str(ds.ContentDate), str(ds.ContentTime)[:6], ds.TimezoneOffsetFromUTC) == ("20261205", "010203", "+0000")
+        assert (str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)[:6]) == ("20261205", "010203")
