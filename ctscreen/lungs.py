@@ -10,6 +10,8 @@ without lung masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -204,3 +206,40 @@ def section_areas_cm2(hu: np.ndarray, mm_per_pixel: tuple[float, float], *,
     body = int(np.bincount(regions.ravel(), minlength=m + 1)[1:].max()) if m else 0
     pixel_cm2 = step * step * mm_per_pixel[0] * mm_per_pixel[1] / 100.0
     return float(field.sum()) * pixel_cm2, body * pixel_cm2
+
+
+SECTION_PROBES = 12
+"""Slices spread evenly over a series whose sections :func:`widest_sections` measures (under 1 ms each).
+
+Ten inner probes land several times in the lungs of a chest series, of a chest-abdomen-pelvis series a few times;
+the measures only have to tell a chest from a head (over 160 cm² of lung field against under 20, over 380 cm² of
+body against under 250)."""
+
+
+def widest_sections(
+    slice_at: Callable[[int], np.ndarray],
+    mm_at: Callable[[int], tuple[float, float] | None],
+    n: int,
+    probes: int = SECTION_PROBES,
+) -> tuple[float | None, float | None]:
+    """The widest lung field and the widest body section (cm², :func:`section_areas_cm2`) of up to ``probes`` of
+    the ``n`` slices of a series, spread evenly over it (first and last included): slice ``i`` is ``slice_at(i)``,
+    its pixel ``mm_at(i)`` (None: unknown). ``(None, None)`` when a probed slice's pixel size is unknown or when
+    ``n`` is 0. The probes may miss the very widest slice: the measures are "the widest probe".
+
+    >>> hu = np.full((512, 512), -1000.0, np.float32); hu[64:448, 32:480] = 40.0
+    >>> [round(a) for a in widest_sections(lambda i: hu, lambda i: (0.7, 0.7), 40)]      # a body, no lungs
+    [0, 843]
+    >>> widest_sections(lambda i: hu, lambda i: None if i == 39 else (0.7, 0.7), 40)     # the last probe unknown
+    (None, None)
+    """
+    lungs = body = 0.0
+    if n < 1:
+        return None, None
+    for i in np.unique(np.linspace(0, n - 1, min(n, probes)).round().astype(int)):
+        mm = mm_at(int(i))
+        if mm is None:
+            return None, None
+        a, b = section_areas_cm2(slice_at(int(i)), mm)
+        lungs, body = max(lungs, a), max(body, b)
+    return lungs, body

@@ -39,7 +39,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctscreen.contracts import SLICE_SIZE
-from ctscreen.lungs import section_areas_cm2
+from ctscreen.lungs import SECTION_PROBES, widest_sections
 from ctscreen.machine import cores
 from gateway.dicom import (
     ALWAYS_LOSSY,
@@ -545,12 +545,9 @@ def _assemble(
     )
 
 
-LUNG_PROBES = 12
-"""Slices spread evenly over a series whose sections :func:`section_extent` measures (under 1 ms each).
-
-Ten inner probes land several times in the lungs of a chest series, of a chest-abdomen-pelvis series a few times;
-the measure only has to tell a chest from a head (over 160 cm² of lung field against under 20, over 380 cm² of
-body against under 250)."""
+LUNG_PROBES = SECTION_PROBES
+"""Slices spread evenly over a series whose sections :func:`section_extent` measures
+(:data:`ctscreen.lungs.SECTION_PROBES`)."""
 
 MAX_PIXEL_MM = 5.0
 """A pixel spacing above this (a 2.5 m field of view on 512 pixels), or not above 0, is no CT's: not measured."""
@@ -559,24 +556,19 @@ MAX_PIXEL_MM = 5.0
 def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
                    grids: Mapping[tuple[str, int], GridMapping],
                    probes: int = LUNG_PROBES) -> tuple[float | None, float | None]:
-    """The widest lung field and the widest body section (cm², :func:`ctscreen.lungs.section_areas_cm2`) of up to
+    """The widest lung field and the widest body section (cm², :func:`ctscreen.lungs.widest_sections`) of up to
     ``probes`` slices spread evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on
     the 512 grid, whose pixel is the stored one times ``grids[key].scale``). ``(None, None)`` when a probed slice
-    has no pixel spacing, or one that is no CT's (:data:`MAX_PIXEL_MM`).
+    has no pixel spacing, or one that is no CT's (:data:`MAX_PIXEL_MM`)."""
 
-    The probes may miss the very widest slice: the measures are "the widest probe", recorded as such and replayed.
-    """
-    if not frames:
-        return None, None
-    lungs = body = 0.0
-    for i in np.unique(np.linspace(0, len(frames) - 1, min(len(frames), probes)).round().astype(int)):
+    def mm_at(i: int) -> tuple[float, float] | None:
         h = frames[i]
         if h.pixel_spacing is None or not all(0.0 < v <= MAX_PIXEL_MM for v in h.pixel_spacing):
-            return None, None
+            return None
         scale = grids[h.key].scale
-        a, b = section_areas_cm2(slice_at(int(i)), (h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale))
-        lungs, body = max(lungs, a), max(body, b)
-    return lungs, body
+        return h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale
+
+    return widest_sections(slice_at, mm_at, len(frames), probes)
 
 
 def _ct_study_of(ds: Dataset) -> str | None:

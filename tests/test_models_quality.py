@@ -42,6 +42,16 @@ def test_medseg_test_floor(runner, real_root):
     assert figs["box_precision"]["value"] >= ev.FLOORS["medseg_box_precision"], figs
 
 
+def test_a_held_out_real_covid_volume_is_a_chest_and_positive(runner, real_root):
+    """The not_chest check on real COVID-19 CT: the held-out volume with the most lesion (placed at 0.7 mm a
+    pixel by training.realct) measures a chest's lung field and body, and stays positive."""
+    vol = realct.pseudo_volume("radiopaedia_org_covid-19-pneumonia-40_86625_0-dcm", real_root)
+    boxes, valid, _ = runner.run(vol.hu)
+    d = ev.verdict(boxes, valid, [float(i) for i in vol.meta["indices"]], 1.0, vol.hu)
+    assert d.lung_field_cm2 is not None and d.lung_field_cm2 > 150 and d.body_cm2 is not None and d.body_cm2 > 400
+    assert (d.verdict, d.reason) == ("positive", "run_found")
+
+
 def test_real_lungs_without_covid_and_an_abdomen_get_no_lesion_box(runner):
     if not ev.EDGE_CASES.is_dir():
         pytest.skip(f"real DICOM edge cases absent: looked in {ev.EDGE_CASES}")

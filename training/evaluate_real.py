@@ -41,6 +41,7 @@ from scipy import ndimage
 from aggregator.case import SliceInput, decide
 from aggregator.metrics import Confusion, Estimate
 from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, VALID_AREA_MODEL
+from ctscreen.lungs import widest_sections
 from ctscreen.machine import machine_info
 from ctscreen.reference import ReferencePipeline
 from training import realct
@@ -127,13 +128,18 @@ def slice_figures(vol, boxes: list[np.ndarray], valid: list[np.ndarray], prob: n
     }
 
 
-def verdict(boxes: list[np.ndarray], valid: list[np.ndarray], positions: list[float], spacing: float):
-    """The case rule on one volume's serving outputs."""
+def verdict(boxes: list[np.ndarray], valid: list[np.ndarray], positions: list[float], spacing: float,
+            hu: np.ndarray | None = None):
+    """The case rule on one volume's serving outputs; with ``hu`` (placed on the 512 grid at
+    :data:`training.realct.SPACING_MM`), its sections are measured as ingest measures a series' (the not_chest
+    check, docs/case-rule.md 8)."""
     inputs = [
         SliceInput(f"2.25.{i + 1}", p, b, v)
         for i, (b, v, p) in enumerate(zip(boxes, valid, positions, strict=True))
     ]
-    return decide(inputs, spacing_mm=spacing)
+    lungs, body = (None, None) if hu is None else widest_sections(
+        lambda i: hu[i], lambda i: (realct.SPACING_MM, realct.SPACING_MM), len(hu))
+    return decide(inputs, spacing_mm=spacing, lung_field_cm2=lungs, body_cm2=body)
 
 
 def medseg_section(run: ReferencePipeline, root: Path | None) -> dict:
@@ -198,12 +204,14 @@ def pseudo_section(run: ReferencePipeline, root: Path | None) -> dict:
         vol = realct.pseudo_volume(case, root)
         boxes, valid, prob = run.run(vol.hu, maps=True)
         # file NNN is the slice's index in its volume; neighbours in index are neighbours in space
-        d = verdict(boxes, valid, [float(i) for i in vol.meta["indices"]], 1.0)
+        d = verdict(boxes, valid, [float(i) for i in vol.meta["indices"]], 1.0, vol.hu)
         figs = slice_figures(vol, boxes, valid, prob)
         out[case] = {
             "slices": len(boxes),
             "verdict": d.verdict,
             "reason": d.reason,
+            "lung_field_cm2": d.lung_field_cm2,
+            "body_cm2": d.body_cm2,
             "run": None if d.evidence is None else d.evidence.model_dump(mode="json"),
             "slices_with_boxes": sum(len(b) > 0 for b in boxes),
             "boxes_outside_pseudo_labels": figs["false_boxes"],
@@ -415,12 +423,18 @@ def markdown(r: dict) -> str:
             "",
             "## Held-out real COVID-19 volumes (pseudo-labels: model-made, **not truth**)",
             "",
-            "| volume | slices | verdict | reason | slices with boxes | boxes outside pseudo-labels |",
-            "|---|---|---|---|---|---|",
+            "Verdicts under the served rule, the not_chest check included: widest lung field and body section of",
+            "12 probes, the placed slices at 0.7 mm a pixel (`training.realct`; the lung fields are scaled to a",
+            "270 mm width, so these areas are the placement's, not the patients').",
+            "",
+            "| volume | slices | verdict | reason | lung field / body, cm² | slices with boxes | boxes outside pseudo-labels |",
+            "|---|---|---|---|---|---|---|",
         ]
         for case, v in p.items():
-            lines.append(f"| {case} | {v['slices']} | {v['verdict']} | {v['reason']} | {v['slices_with_boxes']} "
-                         f"| {v['boxes_outside_pseudo_labels']} of {v['boxes']} "
+            sections = ("-" if v.get("lung_field_cm2") is None
+                        else f"{v['lung_field_cm2']:.0f} / {v['body_cm2']:.0f}")
+            lines.append(f"| {case} | {v['slices']} | {v['verdict']} | {v['reason']} | {sections} "
+                         f"| {v['slices_with_boxes']} | {v['boxes_outside_pseudo_labels']} of {v['boxes']} "
                          f"({100 * v['share_outside_pseudo_labels']:.0f} %) |")
     d = r.get("dicom")
     if d:
