@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from aggregator.schema import Box, CaseResult
+from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice
 from aggregator.sr import (
     SourceError,
     device_observer,
     equipment_and_time,
     made_at,
+    result_key,
     stable_uid,
     usable_headers,
 )
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["BOX_RGB", "KEY_SERIES_DESCRIPTION", "KEY_SERIES_NUMBER", "KOS_SERIES_DESCRIPTION", "KOS_SERIES_NUMBER",
-           "LUNG_WINDOW", "OF_INTEREST", "draw_box", "key_images", "key_object_selection", "lung_window"]
+           "LUNG_WINDOW", "OF_INTEREST", "draw_box", "key_images", "key_object_selection", "lung_window",
+           "run_sources"]
 
 LUNG_WINDOW: Final = (-600.0, 1500.0)
 """Window centre and width in HU (the usual lung window)."""
@@ -128,6 +130,35 @@ def _hu(ds: Dataset) -> np.ndarray:
     return np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64)
 
 
+def run_sources(result: CaseResult,
+                sources: Sequence[Dataset]) -> tuple[Evidence, list[tuple[EvidenceSlice, Dataset]]] | None:
+    """The evidence run and its slices paired with their instances in ``sources``, what the key images and the KOS
+    show; None when there is nothing to show (a negative result, one without evidence, a series that is no chest).
+
+    Raises
+    ------
+    aggregator.sr.SourceError
+        When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame (a frame
+        of it would need a Referenced Frame Number).
+    """
+    ev = result.evidence
+    if result.verdict == "negative" or ev is None or not ev.slices or not result.shows_lesions:
+        return None
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    run = []
+    for evidence in ev.slices:
+        ds = by_uid.get(evidence.sop_instance_uid)
+        if ds is None:
+            raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
+        if str(ds.StudyInstanceUID) != result.study_instance_uid:
+            raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise SourceError(f"Slice {evidence.sop_instance_uid} is multi-frame; key images and the KOS need "
+                              "single frames.")
+        run.append((evidence, ds))
+    return ev, run
+
+
 def key_images(
     result: CaseResult,
     sources: Sequence[Dataset],
@@ -161,26 +192,19 @@ def key_images(
     aggregator.sr.SourceError
         When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame.
     """
-    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices or not result.shows_lesions:
+    found = run_sources(result, sources)
+    if found is None:
         return []
+    ev, run = found
     from highdicom import CoordinateSystemNames
     from highdicom.sc import SCImage
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
-           result.verdict)
+    key = result_key(result)
     series = series_instance_uid or stable_uid(*key, "key-images-series", root=result.uid_root)
     out: list[Dataset] = []
-    for n, evidence in enumerate(result.evidence.slices, start=1):
-        ds = by_uid.get(evidence.sop_instance_uid)
-        if ds is None:
-            raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
-        if str(ds.StudyInstanceUID) != result.study_instance_uid:
-            raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise SourceError(f"Slice {evidence.sop_instance_uid} is multi-frame; key images need single frames.")
+    for n, (evidence, ds) in enumerate(run, start=1):
         grey = lung_window(_hu(ds))
         rgb = np.repeat(grey[..., None], 3, axis=2)
         for box in evidence.boxes:
@@ -209,7 +233,7 @@ def key_images(
             sc.SpecificCharacterSet = headers.SpecificCharacterSet
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"
-        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {result.evidence.quadrant} run, "
+        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {ev.quadrant} run, "
                                     f"lung window C {LUNG_WINDOW[0]:g} W {LUNG_WINDOW[1]:g}, lesion boxes drawn")
         sc.BurnedInAnnotation = "YES"
         source = Dataset()
@@ -244,30 +268,19 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     aggregator.sr.SourceError
         When an evidence slice is missing from ``sources``, belongs to another study or is multi-frame.
     """
-    if result.verdict == "negative" or result.evidence is None or not result.evidence.slices or not result.shows_lesions:
+    found = run_sources(result, sources)
+    if found is None:
         return None
+    ev, run = found
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from highdicom.sr import CodedConcept
 
     from aggregator.fhir import NOTICE
 
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    slices = []
-    for evidence in result.evidence.slices:
-        ds = by_uid.get(evidence.sop_instance_uid)
-        if ds is None:
-            raise SourceError(f'Argument "sources" lacks evidence slice {evidence.sop_instance_uid}.')
-        if str(ds.StudyInstanceUID) != result.study_instance_uid:
-            raise SourceError(f'Argument "sources" holds slice {evidence.sop_instance_uid} of another study.')
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # one frame of it would need a Referenced Frame Number
-            raise SourceError(f"Slice {evidence.sop_instance_uid} is multi-frame; the KOS references single frames.")
-        slices.append(ds)
-    headers = usable_headers(slices)
+    headers = usable_headers([ds for _, ds in run])
     referenced = [*headers, *key_images]
-    key = (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
-           result.verdict)
+    key = result_key(result)
     version = result.software_version or "unknown"
-    ev = result.evidence
     description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
                    f"{ev.n_slices} consecutive slice(s) with lesions in the {ev.quadrant.replace('_', ' ')} quadrant.")
     content = KeyObjectSelection(

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "made_at", "sr_uids", "stable_uid", "to_sr",
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "made_at", "result_key", "sr_uids", "stable_uid", "to_sr",
            "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
@@ -106,11 +106,12 @@ def device_observer(result: CaseResult) -> Any:
 def sr_uids(result: CaseResult) -> tuple[str, str]:
     """The Series and SOP Instance UIDs of ``result``'s SR (derived from it, under its own UID root: the same
     result, the same UIDs), also what a later reading of the study names as its predecessor."""
-    key = _key(result)
+    key = result_key(result)
     return stable_uid(*key, "series", root=result.uid_root), stable_uid(*key, "sop", root=result.uid_root)
 
 
-def _key(result: CaseResult) -> tuple[object, ...]:
+def result_key(result: CaseResult) -> tuple[object, ...]:
+    """What every UID made from ``result`` derives from (:func:`stable_uid`): the study, series, job, time and verdict."""
     return (result.study_instance_uid, result.series_instance_uid, result.job_id or "", result.created_at or "",
             result.verdict)
 
@@ -290,7 +291,7 @@ def to_sr(
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     version = result.software_version or "unknown"
-    key = _key(result)
+    key = result_key(result)
     algorithm = AlgorithmIdentification(
         name="ctscreen", version=version,
         parameters=[f"{k}={v}" for k, v in result.rule.model_dump().items()]

@@ -494,7 +494,7 @@ def _text(value: Any) -> str:
     """
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, Sequence | pydicom.multival.MultiValue) and not isinstance(value, str):  # as _floats
         return "\\".join(str(v).strip() for v in value)
     return str(value).strip()
 

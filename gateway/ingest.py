@@ -69,7 +69,7 @@ from gateway.uploads import UploadLimits, iter_upload
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LUNG_PROBES", "MAX_PIXEL_MM", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
+    "MAX_PIXEL_MM", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
     "decode_frames", "load_study", "make_decode_pool", "plan_study", "section_extent",
 ]
 
@@ -124,7 +124,7 @@ class PreparedStudy:
     slice_thickness_mm: float | None
     pixel_spacing_mm: tuple[float, float] | None
     lung_field_cm2: float | None = None
-    """The widest lung field of up to :data:`LUNG_PROBES` slices spread over the series, in cm²
+    """The widest lung field of up to :data:`ctscreen.lungs.SECTION_PROBES` slices spread over the series, in cm²
     (:func:`section_extent`); None when a probed slice has no usable pixel spacing. The case rule calls a series
     whose widest lung field and widest body section are both smaller than a chest's no chest CT."""
     body_cm2: float | None = None
@@ -449,7 +449,7 @@ class StudyPlan:
         """The prepared study once every object decoded: ``hu`` filled in :attr:`ordered` order, or empty
         with ``pixels`` holding each slice by key (a study screened ahead: :attr:`PreparedStudy.hu` stays empty)."""
         frames = self.ordered.slices
-        slice_at = (lambda i: hu[i]) if pixels is None else (lambda i: pixels[frames[i].key])
+        slice_at = None if pixels is None else (lambda i: pixels[frames[i].key])
         return _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
                          list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at)
 
@@ -545,17 +545,13 @@ def _assemble(
     )
 
 
-LUNG_PROBES = SECTION_PROBES
-"""Slices spread evenly over a series whose sections :func:`section_extent` measures
-(:data:`ctscreen.lungs.SECTION_PROBES`)."""
-
 MAX_PIXEL_MM = 5.0
 """A pixel spacing above this (a 2.5 m field of view on 512 pixels), or not above 0, is no CT's: not measured."""
 
 
 def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
                    grids: Mapping[tuple[str, int], GridMapping],
-                   probes: int = LUNG_PROBES) -> tuple[float | None, float | None]:
+                   probes: int = SECTION_PROBES) -> tuple[float | None, float | None]:
     """The widest lung field and the widest body section (cm², :func:`ctscreen.lungs.widest_sections`) of up to
     ``probes`` slices spread evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on
     the 512 grid, whose pixel is the stored one times ``grids[key].scale``). ``(None, None)`` when a probed slice

@@ -409,8 +409,9 @@ def test_the_sections_are_probed_on_slices_spread_over_the_series() -> None:
     without a usable pixel spacing leaves the series unmeasured (the case rule then does not check it)."""
     from dataclasses import replace
 
+    from ctscreen.lungs import SECTION_PROBES
     from gateway.dicom import GridMapping
-    from gateway.ingest import LUNG_PROBES, section_extent
+    from gateway.ingest import section_extent
 
     air = np.full((512, 512), -1000, np.int16)
     chest = air.copy()
@@ -426,7 +427,7 @@ def test_the_sections_are_probed_on_slices_spread_over_the_series() -> None:
         return chest if i == 150 else air
 
     assert section_extent(slice_at, frames, grids) == (0.0, 0.0)  # slice 150 lies between probes 136 and 163
-    assert len(seen) == LUNG_PROBES and seen[0] == 0 and seen[-1] == 299
+    assert len(seen) == SECTION_PROBES and seen[0] == 0 and seen[-1] == 299
     lungs, body = section_extent(lambda i: chest if 130 <= i <= 170 else air, frames, grids)
     assert lungs is not None and 160 < lungs < 180  # 2 x 256 x 136 px of 0.5 mm, at the 64 x 64 look
     assert body is not None and 420 < body < 440  # 384 x 448 px
