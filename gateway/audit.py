@@ -31,7 +31,8 @@ from gateway.uids import is_job_id, is_uid
 
 __all__ = ["AuditLog", "AuditMiddleware", "note_reason"]
 
-_AUDITED_PREFIXES = ("/v1/", "/dicomweb/")
+API_PREFIXES = ("/v1/", "/dicomweb/")
+"""Where the API lives: every request under these is audited, and its answers are never cached."""
 
 
 def note_reason(scope: MutableMapping[str, Any], reason: str) -> None:
@@ -105,7 +106,7 @@ class AuditMiddleware:
         self.app, self.audit = app, audit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(_AUDITED_PREFIXES):
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIXES):
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})

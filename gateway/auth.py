@@ -15,7 +15,8 @@ as ``X-API-Key``):
 Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
 ``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
 credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``/healthz``,
-``/readyz``, ``/readyz/triton`` (and ``/metrics`` unless it has its own port) stay open.
+``/readyz`` and ``/readyz/triton`` stay open; ``/metrics`` needs ``results:read`` on the API port and is
+open on a port of its own (``CTSCREEN_METRICS_PORT``).
 
 Without any credential source configured, every request is the anonymous principal with every scope:
 allowed on loopback (``make demo``), refused at start-up on any other address unless ``--insecure``
@@ -39,7 +40,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from gateway.audit import note_reason
 from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
-from gateway.settings import Settings
+from gateway.settings import Settings, secure_url
 
 logger = logging.getLogger(__name__)
 
@@ -106,44 +107,64 @@ class OidcVerifier:
         self.jwks_url = jwks_url
         self.cache_s, self.timeout_s = cache_s, timeout_s
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at = -1e9
+        self._fetched_at = -1e9  # the last fetch that worked
+        self._tried_at = -1e9  # the last fetch, whether or not it worked
         self._lock = asyncio.Lock()
+
+    async def _get_json(self, client: httpx.AsyncClient, url: str, what: str) -> dict[str, Any]:
+        """The JSON object at ``url``; ProviderUnavailable for an http URL off loopback, an HTTP error or a
+        body that is not a JSON object."""
+        if not secure_url(url):
+            raise ProviderUnavailable(f"the {what} URL {url!r} is not https:// (http:// only on loopback)")
+        response = await client.get(url)
+        response.raise_for_status()
+        body = response.json()
+        if not isinstance(body, dict):
+            raise ProviderUnavailable(f"the {what} is not a JSON object")
+        return body
 
     async def _fetch(self) -> None:
         async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
             url = self.jwks_url
             if url is None:
-                doc = (await client.get(self.issuer.rstrip("/") + "/.well-known/openid-configuration")).json()
+                doc = await self._get_json(client, self.issuer.rstrip("/") + "/.well-known/openid-configuration",
+                                           "discovery document")
                 if doc.get("issuer") != self.issuer:
-                    raise ProviderUnavailable(f"the discovery document names issuer {doc.get('issuer')!r}")
-                url = doc["jwks_uri"]
-            response = await client.get(url)
-            response.raise_for_status()
-            jwks = response.json()
+                    raise ProviderUnavailable(f"the discovery document names issuer {str(doc.get('issuer'))[:200]!r}")
+                url = doc.get("jwks_uri")
+                if not isinstance(url, str):
+                    raise ProviderUnavailable("the discovery document has no jwks_uri")
+            listed = (await self._get_json(client, url, "JWKS")).get("keys")
+        if not isinstance(listed, list):
+            raise ProviderUnavailable("the JWKS has no list of keys")
         keys: dict[str, jwt.PyJWK] = {}
-        for i, data in enumerate(jwks.get("keys", [])):
-            if data.get("use", "sig") != "sig" or data.get("kty") not in ("RSA", "EC"):
+        for i, data in enumerate(listed):
+            if not isinstance(data, dict) or data.get("use", "sig") != "sig" or data.get("kty") not in ("RSA", "EC"):
                 continue
             try:
                 keys[str(data.get("kid", f"#{i}"))] = jwt.PyJWK(data)
             except jwt.PyJWTError as exc:
-                logger.warning("JWKS key %s of %s ignored: %s", data.get("kid"), url, exc)
+                logger.warning("JWKS key %s of %s ignored: %s", str(data.get("kid"))[:64], url, exc)
         self._keys, self._fetched_at = keys, time.monotonic()
         logger.info("JWKS of %s fetched: %d signing keys", self.issuer, len(keys))
 
     async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
-        age = time.monotonic() - self._fetched_at
+        now = time.monotonic()
         missing = kid is not None and kid not in self._keys
-        if age > self.cache_s or (missing and age > MIN_REFETCH_S):
-            seen = self._fetched_at
+        # after a fetch that failed, the next waits MIN_REFETCH_S: a provider that hangs is asked once per
+        # interval, not once per request in turn (each would wait its whole timeout behind the lock)
+        due = now - self._fetched_at > self.cache_s or (missing and now - self._fetched_at > MIN_REFETCH_S)
+        if due and now - self._tried_at > MIN_REFETCH_S:
+            seen = self._tried_at
             async with self._lock:
-                if self._fetched_at == seen:  # nobody fetched while this one waited for the lock
+                if self._tried_at == seen:  # nobody fetched while this one waited for the lock
+                    self._tried_at = time.monotonic()
                     try:
                         await self._fetch()
-                    except (httpx.HTTPError, ValueError, KeyError, ProviderUnavailable) as exc:
+                    except (httpx.HTTPError, ValueError, ProviderUnavailable) as exc:
                         logger.warning("JWKS of %s not fetched: %s", self.issuer, exc)
-                        if not self._keys:
-                            raise ProviderUnavailable(str(exc)) from exc
+        if not self._keys:
+            raise ProviderUnavailable("no signing keys could be fetched from the issuer")
         if kid is None:
             fitting = [k for k in self._keys.values() if k.algorithm_name == alg]
             if len(fitting) != 1:
@@ -179,16 +200,25 @@ class OidcVerifier:
                               leeway=LEEWAY_S, options={"require": ["exp", "iss", "aud"]})
         except jwt.ExpiredSignatureError as exc:
             raise TokenInvalid("the token has expired") from exc
-        except jwt.ImmatureSignatureError as exc:
-            raise TokenInvalid("the token is not valid yet (nbf)") from exc
+        except jwt.ImmatureSignatureError as exc:  # nbf or iat in the future
+            raise TokenInvalid(f"the token is not valid yet ({_claim_of(exc)})") from exc
         except jwt.InvalidAudienceError as exc:
             raise TokenInvalid("the token is not for this audience") from exc
         except jwt.InvalidIssuerError as exc:
             raise TokenInvalid("the token is from another issuer") from exc
         except jwt.MissingRequiredClaimError as exc:
             raise TokenInvalid(f"the token lacks the {exc.claim!r} claim") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise TokenInvalid("the token's signature does not verify") from exc
+        except jwt.InvalidTokenError as exc:  # a claim of the wrong type (sub not a string, exp not a number)
+            raise TokenInvalid(f"the token's claims are malformed: {str(exc)[:120]}") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise TokenInvalid("the token's signature does not verify") from exc
+
+
+def _claim_of(exc: Exception) -> str:
+    """``iat`` or ``nbf``: which claim PyJWT found in the future."""
+    return "iat" if "iat" in str(exc) else "nbf"
 
 
 def _scopes_of(claims: dict[str, Any]) -> frozenset[str]:

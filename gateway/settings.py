@@ -42,10 +42,10 @@ def check_endpoint(url: str) -> str:
     return url
 
 
-def _secure_url(url: str) -> bool:
+def secure_url(url: str) -> bool:
     """https, or http to a loopback host (a local test provider).
 
-    >>> _secure_url("https://id.example.org/realms/x"), _secure_url("http://127.0.0.1:8080"), _secure_url("http://idp")
+    >>> secure_url("https://id.example.org/realms/x"), secure_url("http://127.0.0.1:8080"), secure_url("http://idp")
     (True, True, False)
     """
     from urllib.parse import urlsplit
@@ -323,7 +323,7 @@ class Settings(BaseSettings):
             raise ValueError("CTSCREEN_AUTH_OIDC_AUDIENCE must be set with CTSCREEN_AUTH_OIDC_ISSUER.")
         for name in ("auth_oidc_issuer", "auth_oidc_jwks_url"):
             url = getattr(self, name)
-            if url and not _secure_url(url):
+            if url and not secure_url(url):
                 raise ValueError(f"CTSCREEN_{name.upper()} {url!r} must be an https:// URL (http:// only on loopback).")
         if self.progress_interval_s * 3 > self.lease_s:  # renewals must come well inside each lease
             raise ValueError(f"CTSCREEN_PROGRESS_INTERVAL_S ({self.progress_interval_s:g}) must be at most a third of "

@@ -32,7 +32,7 @@ AUD = "ctscreen-gateway"
 class Provider:
     """A local OIDC provider: its issuer URL, its signing keys, and what its JWKS publishes."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # never published
@@ -42,12 +42,8 @@ class Provider:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path == "/.well-known/openid-configuration":
-                    body = {"issuer": provider.issuer, "jwks_uri": provider.issuer + "/jwks.json"}
-                elif self.path == "/jwks.json":
-                    provider.fetches += 1
-                    body = {"keys": [provider.jwk(kid) for kid in provider.published]}
-                else:
+                body = provider.answer(self.path)
+                if body is None:
                     self.send_error(404)
                     return
                 data = json.dumps(body).encode()
@@ -60,9 +56,19 @@ class Provider:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.issuer = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path: str) -> object | None:
+        """The JSON body served at ``path`` (None: 404)."""
+        if path == "/.well-known/openid-configuration":
+            return {"issuer": self.issuer, "jwks_uri": self.issuer + "/jwks.json"}
+        if path == "/jwks.json":
+            self.fetches += 1
+            return {"keys": [self.jwk(kid) for kid in self.published]}
+        return None
 
     def jwk(self, kid: str) -> dict:
         key, alg = self.published[kid]
@@ -163,7 +169,38 @@ def test_no_credential_is_401_and_probes_stay_open(client):
     assert r.status_code == 401 and r.json()["reason"] == "unauthorized", r.text
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code in (200, 503)
-    assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_on_the_api_port_need_a_credential(client, provider):
+    """They name the Triton endpoints' addresses, which /v1/service shows to admins only."""
+    r = client.get("/metrics")
+    assert r.status_code == 401, r.text
+    r = client.get("/metrics", headers=_bearer(provider.token("results:read")))
+    assert r.status_code == 200 and "ctscreen_triton_endpoints" in r.text
+
+
+def test_api_answers_are_never_cached(client, provider):
+    """Results are patient data: no browser or proxy may keep them; the probes are not touched."""
+    token = _bearer(provider.token())
+    job = _upload(client, token)
+    assert job.status_code == 202, job.text
+    assert job.headers["cache-control"] == "no-store"
+    r = client.get(job.headers["location"], headers=token)
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert _upload(client, {}).headers["cache-control"] == "no-store"  # errors too
+    assert client.get("/v1/service", headers=token).headers["cache-control"] == "no-store"  # its own, once
+    assert "cache-control" not in client.get("/healthz").headers
+
+
+@pytest.mark.parametrize(("claims", "says"), [
+    ({"sub": {"name": "alice"}}, "claims are malformed"),
+    ({"iat": int(time.time()) + 3600}, "not valid yet (iat)"),
+    ({"nbf": int(time.time()) + 3600}, "not valid yet (nbf)"),
+])
+def test_a_well_signed_token_with_bad_claims_says_which(client, provider, claims, says):
+    r = _upload(client, _bearer(provider.token(**claims)))
+    assert r.status_code == 401 and says in r.json()["message"], r.text
+    assert "signature" not in r.json()["message"]
 
 
 def test_missing_scope_is_403(client, provider):
@@ -336,3 +373,126 @@ def test_the_service_view_shows_triton_addresses_to_admins_only(client, keyfile)
     assert [(e["name"], e["url"]) for e in seen["reader"]] == [("Triton 1", None)]
     assert [(e["name"], e["url"]) for e in seen["admin"]] == [("Triton 1", "fake:1")]
     assert "fake:1" not in json.dumps(seen["reader"])
+
+
+# --- a provider that misbehaves -----------------------------------------------------------------------
+
+
+class Misbehaving(Provider):
+    """The local provider, serving on every interface, whose answers a test can spoil: ``mode`` is None
+    (well behaved), ``hang`` (the JWKS request is held until the test ends), ``discovery_list`` (the
+    discovery document is a JSON list), ``keys_str`` (the JWKS's keys are a string) or ``http_jwks_uri``
+    (discovery names the JWKS at http:// on this machine's non-loopback ``address``)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.mode: str | None = None
+        self.release = threading.Event()
+        super().__init__(host="0.0.0.0")
+
+    def answer(self, path: str) -> object | None:
+        if path == "/.well-known/openid-configuration" and self.mode == "discovery_list":
+            return [1, 2]
+        if path == "/.well-known/openid-configuration" and self.mode == "http_jwks_uri":
+            return {"issuer": self.issuer, "jwks_uri": f"http://{self.address}:{self.port}/jwks.json"}
+        if path == "/jwks.json" and self.mode == "hang":
+            self.fetches += 1
+            self.release.wait(30)
+            return None
+        if path == "/jwks.json" and self.mode == "keys_str":
+            self.fetches += 1
+            return {"keys": "x"}
+        return super().answer(path)
+
+
+def _own_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def misbehaving():
+    p = Misbehaving(_own_address() or "127.0.0.1")
+    yield p
+    p.release.set()
+    p.server.shutdown()
+    p.server.server_close()
+
+
+def _verifier(provider: Provider, **kw):
+    from gateway.auth import OidcVerifier
+
+    return OidcVerifier(provider.issuer, AUD, **kw)
+
+
+def test_a_hanging_provider_is_asked_once_not_once_per_request(misbehaving, monkeypatch):
+    """Keys cached, cache expired, the provider accepts and never answers: before, every request in turn
+    retried the fetch behind the lock and waited its whole timeout (N requests: N timeouts)."""
+    import asyncio
+
+    import gateway.auth
+
+    monkeypatch.setattr(gateway.auth, "MIN_REFETCH_S", 0.1)
+    verifier = _verifier(misbehaving, cache_s=0.2, timeout_s=0.5)
+    token = misbehaving.token()
+
+    async def run() -> list:
+        assert (await verifier.verify(token))["sub"] == "alice"  # keys fetched and cached
+        misbehaving.mode = "hang"
+        await asyncio.sleep(0.3)  # the cache has expired
+        return await asyncio.gather(*(verifier.verify(token) for _ in range(5)))
+
+    claims = asyncio.run(run())
+    assert [c["sub"] for c in claims] == ["alice"] * 5  # served from the cached keys
+    assert misbehaving.fetches == 2  # the first fetch, then one attempt for all five
+
+
+@pytest.mark.parametrize("mode", ["discovery_list", "keys_str"])
+def test_a_provider_answering_nonsense_is_unavailable_not_a_crash(misbehaving, provider, mode):
+    import asyncio
+
+    from gateway.auth import ProviderUnavailable
+
+    misbehaving.mode = mode
+    with pytest.raises(ProviderUnavailable):
+        asyncio.run(_verifier(misbehaving).verify(misbehaving.token()))
+    settings = Settings(triton_urls="fake:1", auth_oidc_issuer=misbehaving.issuer, auth_oidc_audience=AUD,
+                        shutdown_grace_s=1)
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
+        r = _upload(c, _bearer(misbehaving.token()))
+    assert r.status_code == 503 and r.json()["reason"] == "auth_unavailable", r.text
+
+
+def test_a_discovered_jwks_uri_must_be_https(misbehaving):
+    """Discovery over https naming its JWKS at http:// would let anyone on the path publish keys (and so
+    sign tokens): the JWKS is refused, as CTSCREEN_AUTH_OIDC_JWKS_URL would be."""
+    import asyncio
+
+    from gateway.auth import ProviderUnavailable
+
+    if _own_address() is None:
+        pytest.skip("this machine has no non-loopback address to serve an http:// JWKS on")
+    misbehaving.mode = "http_jwks_uri"
+    with pytest.raises(ProviderUnavailable):
+        asyncio.run(_verifier(misbehaving).verify(misbehaving.token()))
+    assert misbehaving.fetches == 0
+
+
+def test_a_database_password_never_reaches_a_log_line():
+    from gateway.store.store import redact
+
+    for url in ("postgresql://ctscreen:s3cret@db:5432/ctscreen",
+                "postgresql://ctscreen@db:5432/ctscreen?password=s3cret&sslmode=require",
+                "postgresql+asyncpg://ctscreen@db/ctscreen?sslpassword=s3cret",
+                "not a url with s3cret"):
+        assert "s3cret" not in redact(url), url
+    assert redact("postgresql://ctscreen@db/ctscreen?sslmode=require") == "postgresql://ctscreen@db/ctscreen?sslmode=require"
+    assert redact("sqlite:////var/lib/ctscreen/state.db") == "sqlite:////var/lib/ctscreen/state.db"

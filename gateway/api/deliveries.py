@@ -65,7 +65,8 @@ async def resend(job_id: str, destination: str, request: Request, store: StoreDe
     await store.job(checked_job_id(job_id))  # 404
     deliverer = request.app.state.deliverer
     if destination not in deliverer.destinations:
-        raise NotFound(f"No destination {destination!r} is configured; known: {sorted(deliverer.destinations)}.")
+        raise NotFound(f"No destination {destination[:64]!r} is configured (GET /v1/jobs/{job_id}/deliveries "
+                       "lists this job's).")
     try:
         task = await deliverer.tasks.resend(job_id, destination, deliverer.destinations[destination].kind,
                                            force=force)

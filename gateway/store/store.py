@@ -117,13 +117,32 @@ StoreError = (DBAPIError, StoreUnreachable)
 cannot be reached (``except StoreError``)."""
 
 
+SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword", "secret", "token", "key")
+"""Query parameters of a database URL whose values :func:`redact` hides (libpq takes ``?password=``)."""
+
+
 def redact(url: str) -> str:
-    """``url`` without its password (for logs and start-up lines)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    """``url`` without its secrets (for logs and start-up lines): the password of the user part and of the
+    query (``?password=``, ``?sslpassword=``).
+
+    >>> redact("postgresql://ctscreen:s3cret@db:5432/ctscreen?password=x&sslmode=require")
+    'postgresql://ctscreen:***@db:5432/ctscreen?password=***&sslmode=require'
+    >>> redact("sqlite:////var/lib/ctscreen/state.db")
+    'sqlite:////var/lib/ctscreen/state.db'
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: show its scheme only
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://***" if sep else "***"
+    from urllib.parse import urlencode
+
+    hidden = {k: ("***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v) for k, v in parsed.query.items()}
+    base = parsed.set(query={}).render_as_string(hide_password=True)
+    return f"{base}?{urlencode(hidden, doseq=True, safe='*')}" if hidden else base
 
 
 def _ts(value: float | None) -> datetime | None:
