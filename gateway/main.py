@@ -175,9 +175,11 @@ def create_app(
         finally:
             if scp is not None:
                 await asyncio.to_thread(scp.stop)
+            # the sweeper first: once the worker has released this replica's jobs to the others, a sweep
+            # here would adopt them back for a replica about to go (and no live one would count them)
+            await sweeper.stop()
             await worker.stop(settings.shutdown_grace_s)
             await deliverer.stop()
-            await sweeper.stop()
             screener.close()
             if discovery is not None:
                 await discovery.close()

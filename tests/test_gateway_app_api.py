@@ -547,3 +547,34 @@ def test_the_case_rule_takes_a_run_in_millimetres_from_the_settings(run_mm, verd
         job = wait_job(client, r.json()["job_id"])
     assert job["state"] == "done" and job["result"]["verdict"] == verdict, job["result"]["reason"]
     assert job["result"]["rule"]["run_mm"] == run_mm and job["result"]["rule"]["run_slices"] == 3
+
+
+def test_a_replica_shutting_down_leaves_its_released_jobs_to_the_others(tmp_path, monkeypatch):
+    """Its sweeper ran on while the deliverer stopped (a send in flight) and adopted back the queued jobs the
+    worker had just released, for a replica about to go: no live replica counted them any more."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from gateway.delivery.deliverer import Deliverer
+    from gateway.store import Store
+    from gateway.store.models import Job
+
+    async def slow_stop(self) -> None:  # a delivery still being sent when the replica stops
+        await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(Deliverer, "stop", slow_stop)
+    settings = dict(data_dir=tmp_path, sweep_interval_s=0.05, shutdown_grace_s=0)
+    with TestClient(_app(FakeFleet(**{"fake:1": {"ready": False}}), **settings)) as client:  # no Triton: it waits
+        _, files = ct_series(4, size=64)
+        assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
+
+    async def holders() -> list:
+        store = Store(Settings(**settings).database())
+        try:
+            async with store.read() as s:
+                return list((await s.execute(select(Job.state, Job.accepted_by))).all())
+        finally:
+            await store.close()
+
+    assert asyncio.run(holders()) == [("queued", None)]  # for the next replica to adopt

@@ -593,6 +593,29 @@ def test_back_off_then_deadline_then_retry(db_url):
     _run(go())
 
 
+def test_a_job_retried_after_another_sweep_failed_it_is_not_failed_again(db_url):
+    """Two replicas' sweeps read the same overdue job; one fails it, a user retries it (fresh deadline),
+    then the other's fail lands: it must not fail the retried job."""
+    upgrade(db_url)
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            [job_id] = await _queue(a, 1)
+            async with a.tx() as s:
+                await s.execute(update(Job).where(Job.id == job_id).values(deadline_at=time.time() - 1))
+            assert await b.fail_overdue() == 1  # b's sweep; a's sweep has read the job as overdue too
+            assert (await a.retry(job_id, 600)).state == "queued"
+            late = JobError(reason="triton_unavailable", message="No Triton was ready.")
+            assert await a.fail(job_id, late, leased=False) is False  # a's sweep, from what it read before
+            assert (await a.job(job_id)).state == "queued"
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
 def test_a_job_whose_replica_died_fails_at_its_deadline_even_while_no_triton_takes_it_over(db_url):
     """Only claim() picked up lapsed leases, and a worker claims only while Triton is ready: a job held by
     a replica that died stayed 'inferring' past its deadline for as long as Triton was away."""

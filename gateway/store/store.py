@@ -627,13 +627,16 @@ class Store:
 
     async def fail(self, job_id: str, error: JobError, *, leased: bool = True) -> bool:
         """Mark the job failed (its instances are kept; ``retry`` queues it again): one this replica holds,
-        or (``leased=False``) one still queued, never one another replica has just claimed."""
+        or (``leased=False``) one still queued (or whose holder died) past its deadline, never one another
+        replica has just claimed."""
         now = await self.now()
         cond = [Job.id == job_id, Job.state.not_in(_TERMINAL)]
         if leased:
             cond.append(Job.lease_owner == self.owner)
-        else:  # queued, or abandoned by a replica that died (its lease lapsed): never one being screened
-            cond.append(or_(Job.state == JobState.queued.value, Job.lease_expires_at < now))
+        else:  # queued, or abandoned by a replica that died (its lease lapsed): never one being screened, and
+            # only past its deadline (another replica's sweep may have failed it and a user retried it since
+            # this one read it as overdue: the retry's fresh deadline keeps it)
+            cond += [or_(Job.state == JobState.queued.value, Job.lease_expires_at < now), Job.deadline_at < now]
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(*cond).values(
                 state=JobState.failed.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
