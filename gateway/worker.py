@@ -23,6 +23,7 @@ blobs older than ``orphan_grace_s`` that nothing names (:meth:`Sweeper.sweep_orp
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import random
@@ -87,22 +88,24 @@ class Worker:
         self._ready_at = 0.0
         self._seen_ready = 0.0  # when a probe last found Triton ready (0: not since one failed)
 
-    def remember(self, job_id: str, prepared: Prepared) -> None:
+    async def remember(self, job_id: str, prepared: Prepared) -> None:
         """Keep an upload decoded by this replica, so that its worker need not decode it again.
 
         A cache, never the only copy: at most ``max_concurrent_studies`` entries, the oldest dropped.
+        Releasing one removes its spooled files: in a thread, never on the event loop (a large upload's
+        spool, on a network volume, would stall every request and lease renewal meanwhile).
         """
         self._prepared[job_id] = (prepared, time.monotonic())
         while len(self._prepared) > self.settings.max_concurrent_studies:
-            self._prepared.popitem(last=False)[1][0].release()
+            await asyncio.to_thread(self._prepared.popitem(last=False)[1][0].release)
 
-    def forget(self, job_id: str) -> None:
-        """Drop (and release) what :meth:`remember` kept for ``job_id``, if anything."""
+    async def forget(self, job_id: str) -> None:
+        """Drop (and release, in a thread) what :meth:`remember` kept for ``job_id``, if anything."""
         kept = self._prepared.pop(job_id, None)
         if kept is not None:
-            kept[0].release()
+            await asyncio.to_thread(kept[0].release)
 
-    def _recall(self, job_id: str) -> Prepared | None:
+    async def _recall(self, job_id: str) -> Prepared | None:
         """What :meth:`remember` kept for ``job_id``, if its spooled files are surely still there: the spool
         sweep removes folders older than twice the job deadline, so an entry older than one deadline (a job
         that waited out an outage, failed and was retried) is dropped, and the job reads the blob store."""
@@ -111,7 +114,7 @@ class Worker:
             return None
         prepared, when = kept
         if time.monotonic() - when > self.settings.job_deadline_s:
-            prepared.release()
+            await asyncio.to_thread(prepared.release)
             return None
         return prepared
 
@@ -206,7 +209,7 @@ class Worker:
             progress.dirty = True
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
-        remembered = self._recall(job.id)
+        remembered = await self._recall(job.id)
         try:
             prepared = remembered
             if prepared is None:
@@ -244,6 +247,13 @@ class Worker:
                                                                  message=f"State store error: {type(exc).__name__}."))
             except Exception:  # noqa: BLE001 - still down: the lease lapses and the job is resumed then
                 logger.warning("job %s: could not release it; it is resumed when its lease lapses", job.id)
+        except OSError as exc:  # the blob volume failed a read (EIO, a stale NFS handle): the study is not at fault
+            delay = self._backoff(job)
+            code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            state = await self.store.release(job.id, delay, JobError(
+                reason="unavailable", message=f"The blob store could not be read ({code}); the study is tried again."))
+            logger.warning("job %s: blob store read error (%s); %s", job.id, type(exc).__name__,
+                           f"next try in {delay:g} s" if state == "queued" else state)
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
@@ -307,7 +317,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for job_id in list(self._prepared):
-            self.forget(job_id)
+            await self.forget(job_id)
         try:
             released = await self.store.release_all()
         except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on (leases expire anyway)

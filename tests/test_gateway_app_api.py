@@ -578,3 +578,61 @@ def test_a_replica_shutting_down_leaves_its_released_jobs_to_the_others(tmp_path
             await store.close()
 
     assert asyncio.run(holders()) == [("queued", None)]  # for the next replica to adopt
+
+
+def test_a_blob_store_read_error_releases_the_job_for_a_retry_instead_of_failing_it(tmp_path, monkeypatch):
+    """EIO or a stale NFS handle on the shared blob volume is no fault of the study: the job was failed
+    for good as 'internal'. It is released with back-off, and screened once the volume reads again."""
+    import asyncio
+    import errno
+
+    from gateway.worker import Worker
+
+    real = Worker._prepare
+    failures = []
+
+    async def flaky(self, job):
+        if not failures:
+            failures.append(job.id)
+            raise OSError(errno.EIO, "Input/output error")
+        return await real(self, job)
+
+    async def keep_nothing(self, job_id, prepared):  # as on a replica that did not take the upload
+        await asyncio.to_thread(prepared.release)
+
+    monkeypatch.setattr(Worker, "_prepare", flaky)
+    monkeypatch.setattr(Worker, "remember", keep_nothing)
+    with TestClient(_app(data_dir=tmp_path, screen_ahead=False, retry_backoff_s=0.2, retry_backoff_max_s=0.2)) as client:
+        _, files = ct_series(6, lesion=(2, 3, 4), size=64)
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"], timeout=60)
+    assert failures, "the worker never read the blob store"
+    assert (job["state"], job["attempts"]) == ("done", 2), job
+
+
+def test_a_worker_releases_its_kept_uploads_off_the_event_loop():
+    """Releasing a kept upload removes its spool folder (rmtree): on the event loop it stalled every
+    request and lease renewal meanwhile."""
+    import asyncio
+
+    from gateway.worker import Worker
+
+    on_loop: list[bool] = []
+
+    class Kept:
+        def release(self) -> None:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:  # no loop runs in this thread
+                on_loop.append(False)
+
+    async def go() -> None:
+        worker = Worker(None, None, None, Settings(max_concurrent_studies=1))  # type: ignore[arg-type]
+        await worker.remember("a", Kept())  # type: ignore[arg-type]
+        await worker.remember("b", Kept())  # type: ignore[arg-type]  # evicts a
+        await worker.forget("b")
+
+    asyncio.run(go())
+    assert on_loop == [False, False]

@@ -186,6 +186,37 @@ def test_a_migration_waits_for_a_table_lock_only_so_long(pg_url):
     assert _run(scenario()) < 5  # the 0.5 s asked for, not the 10 s default
 
 
+def test_a_migration_that_fails_half_way_changes_nothing_and_runs_once_the_cause_is_gone(db_url):
+    """On SQLite each DDL statement committed on its own: 0004 failing at its last statement left its
+    table behind, and every later try failed on that table (the gateway could never start again)."""
+    upgrade(db_url, "0003")
+
+    async def index(sql: str) -> None:
+        store = Store(db_url)
+        try:
+            async with store.tx() as s:
+                await s.execute(text(sql))
+        finally:
+            await store.close()
+
+    _run(index("CREATE INDEX ix_results_verdict ON results (job_id)"))  # in the way of 0004's last statement
+    with pytest.raises(Exception, match="ix_results_verdict"):
+        upgrade(db_url)
+
+    async def state() -> tuple[str | None, set[str]]:
+        store = Store(db_url)
+        try:
+            return await current(store.engine), await _tables(store)
+        finally:
+            await store.close()
+
+    at, tables = _run(state())
+    assert at == "0003" and "study_labels" not in tables  # rolled back whole
+    _run(index("DROP INDEX ix_results_verdict"))
+    upgrade(db_url)
+    assert _run(state())[0] == head()
+
+
 def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
     upgrade(db_url, "0001")
 
@@ -250,6 +281,14 @@ def test_upgrade_merges_the_receiving_versions_the_race_left_before_0005(db_url)
     _run(merged())
 
 
+async def _done_job(store: Store) -> str:
+    """A job queued, claimed and finished (its result written)."""
+    [job_id] = await _queue(store, 1)
+    await store.claim(60)
+    assert await store.finish(job_id, _result(job_id), None)
+    return job_id
+
+
 async def _queue(store: Store, n: int) -> list[str]:
     ids = []
     for i in range(n):
@@ -284,6 +323,61 @@ def test_an_upload_records_every_file_in_order_with_its_blob(db_url):
             await store.close()
 
     _run(go())
+
+
+def test_a_file_name_too_long_for_its_column_is_kept_cut_not_refused(db_url):
+    """An upload's name is its Content-Disposition name and its zip path: with no limit, PostgreSQL refused
+    the row (varchar(512)) and the upload got a 503 for good. The name is kept cut, its tail whole."""
+    import doctest
+
+    import gateway.store.store
+
+    assert doctest.testmod(gateway.store.store).failed == 0
+    upgrade(db_url)
+    long_name = "upload-" + "x" * 2000 + "/series/slice0001.dcm"
+
+    async def go():
+        store = Store(db_url)
+        try:
+            view = await store.accept_upload("1.2.3", [(long_name, "k1", 10)], 60)
+            assert await store.add_instance("1.2.4", "1.2.4.1", long_name, "k2", 10) is None
+            names = [n for n, _ in await store.instance_files(await _study_id(store, view.job_id))]
+            async with store.read() as s:
+                stowed = (await s.execute(select(Instance.filename).where(Instance.blob_key == "k2"))).scalar_one()
+            return names + [stowed]
+        finally:
+            await store.close()
+
+    for name in _run(go()):
+        assert len(name) <= 512 and name.endswith("/series/slice0001.dcm") and name.startswith("upload-x")
+
+
+def test_a_delivery_whose_sender_is_lost_on_every_try_is_failed_not_tried_forever(db_url):
+    """A crash while building or sending (an out-of-memory kill) ends the sender's replica: its lease lapses,
+    another replica claims the task and crashes in turn. Each claim counted a try, and the limit was only
+    checked after a try that returned: the task went round the replicas for good."""
+    from gateway.store.deliveries import Deliveries
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            job_id = await _done_job(store)
+            deliveries = Deliveries(store)
+            assert await deliveries.enqueue_missing({"pacs": "dicom"}, 3600) == 1
+            for attempt in range(1, 4):  # three senders lost in turn (each lease lapses at once)
+                task = await deliveries.claim(0, ["pacs"], max_attempts=3)
+                assert task is not None and task.attempts == attempt
+                await asyncio.sleep(0.01)
+            assert await deliveries.claim(0, ["pacs"], max_attempts=3) is None
+            [task] = await deliveries.of_job(job_id)
+            return task
+        finally:
+            await store.close()
+
+    task = _run(go())
+    assert (task.state, task.attempts) == ("failed", 3) and "lost during each of its 3 tries" in task.error
 
 
 def test_concurrent_claims_take_each_job_once(db_url):
@@ -1065,9 +1159,7 @@ def test_a_result_a_later_release_wrote_is_read_with_its_new_fields_dropped(db_u
     async def go():
         store = Store(db_url)
         try:
-            [job] = await _queue(store, 1)
-            await store.claim(60)
-            assert await store.finish(job, _result(job), None)
+            job = await _done_job(store)
             async with store.engine.begin() as c:
                 row = (await c.execute(select(Result.result).where(Result.job_id == job))).scalar_one()
                 later = {**row, "a_later_field": 1, "rule": {**row["rule"], "a_later_limit": 2.0},

@@ -240,13 +240,13 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
             del files
             job_id = uuid.uuid4().hex
-            worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not read it again
+            await worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not read it again
             kept = True
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
                                                  slices_total=prepared.n_slices, job_id=job_id)
             except BaseException:
-                worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
+                await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
                 # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known
                 # outcome); the sweeper removes them once it reads that nothing names them (sweep_orphans)
                 raise

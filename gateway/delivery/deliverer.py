@@ -120,7 +120,7 @@ class Deliverer:
         await self.tasks.enqueue_missing({n: d.kind for n, d in self.destinations.items()}, s.delivery_backfill_s)
         self.pending = await self.tasks.counts()
         while free := [name for name, slots in self._slots.items() if not slots.locked()]:
-            task = await self.tasks.claim(s.delivery_lease_s, free)
+            task = await self.tasks.claim(s.delivery_lease_s, free, s.delivery_max_attempts)
             if task is None:
                 return
             slots = self._slots[task.destination]

@@ -17,6 +17,7 @@ the same result version (the UIDs are derived from the job). ``history`` is the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ from gateway.errors import JobNotFound
 from gateway.jobs import JobState
 from gateway.store.models import Base, Instance, Job, Result
 from gateway.store.store import Store
+
+logger = logging.getLogger(__name__)
 
 PENDING, SENDING, DONE, FAILED, SKIPPED = "pending", "sending", "done", "failed", "skipped"
 FINAL = (DONE, FAILED, SKIPPED)
@@ -143,23 +146,37 @@ class Deliveries:
                     continue
         return created
 
-    async def claim(self, lease_s: float, names: list[str]) -> Task | None:
-        """Take the next due delivery to one of ``names`` (or one whose lease expired), under a lease."""
+    async def claim(self, lease_s: float, names: list[str], max_attempts: int | None = None) -> Task | None:
+        """Take the next due delivery to one of ``names`` (or one whose lease expired), under a lease.
+
+        A task whose lease expired after ``max_attempts`` tries is failed instead (its sender was lost on
+        every try: a crash while building or sending it would otherwise take each replica down in turn)."""
         if not names:
             return None
         now = await self.store.now()
-        async with self.store.tx() as s:
-            row = (await s.execute(select(Delivery).where(Delivery.destination.in_(names), or_(
-                and_(Delivery.state == PENDING, Delivery.next_attempt_at <= now),
-                and_(Delivery.state == SENDING, Delivery.lease_expires_at < now),
-            )).order_by(Delivery.next_attempt_at).limit(1).with_for_update(skip_locked=True))).scalar_one_or_none()
-            if row is None:
-                return None
-            row.state, row.lease_owner, row.lease_expires_at = SENDING, self.store.owner, now + lease_s
-            row.attempts += 1
-            row.updated_at = now
-            _event(row, now, SENDING)
-            return _task(row)
+        for _ in range(16):  # past the tasks failed here
+            async with self.store.tx() as s:
+                row = (await s.execute(select(Delivery).where(Delivery.destination.in_(names), or_(
+                    and_(Delivery.state == PENDING, Delivery.next_attempt_at <= now),
+                    and_(Delivery.state == SENDING, Delivery.lease_expires_at < now),
+                )).order_by(Delivery.next_attempt_at).limit(1).with_for_update(skip_locked=True))).scalar_one_or_none()
+                if row is None:
+                    return None
+                row.updated_at = now
+                if max_attempts is not None and row.state == SENDING and row.attempts >= max_attempts:
+                    detail = (f"its sender was lost during each of its {row.attempts} tries (a crash while building or "
+                              "sending it?); POST /v1/jobs/{id}/deliveries/{destination}/resend tries again")
+                    row.state, row.lease_owner, row.lease_expires_at = FAILED, None, None
+                    row.error = detail
+                    _event(row, now, FAILED, detail)
+                    logger.warning("delivery %d of job %s to %s failed: its sender was lost during each of %d tries",
+                                   row.id, row.job_id, row.destination, row.attempts)
+                    continue
+                row.state, row.lease_owner, row.lease_expires_at = SENDING, self.store.owner, now + lease_s
+                row.attempts += 1
+                _event(row, now, SENDING)
+                return _task(row)
+        return None
 
     async def _update(self, task_id: int, change: Any, *, leased: bool = True) -> Task | None:
         now = await self.store.now()

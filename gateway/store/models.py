@@ -27,6 +27,9 @@ UID = String(64)
 """A DICOM UID (at most 64 characters)."""
 
 
+FILENAME_LENGTH = 512
+"""The longest file name an instance row keeps (:func:`gateway.store.store.fit_filename` cuts longer ones)."""
+
 class Base(DeclarativeBase):
     """Base of the store's tables."""
 
@@ -61,7 +64,7 @@ class Instance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
-    filename: Mapped[str] = mapped_column(String(512))
+    filename: Mapped[str] = mapped_column(String(FILENAME_LENGTH))
     blob_key: Mapped[str] = mapped_column(String(128), index=True)
     nbytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[float] = mapped_column(Float)

@@ -58,7 +58,7 @@ from sqlalchemy.orm import Session
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
 from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
-from gateway.store.models import Event, Instance, Job, Result, Study
+from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Result, Study
 
 logger = logging.getLogger(__name__)
 # aiosqlite logs every operation with its parameters at DEBUG, and rows hold what an SR needs (patient
@@ -143,6 +143,19 @@ def redact(url: str) -> str:
     hidden = {k: ("***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v) for k, v in parsed.query.items()}
     base = parsed.set(query={}).render_as_string(hide_password=True)
     return f"{base}?{urlencode(hidden, doseq=True, safe='*')}" if hidden else base
+
+
+def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
+    """``name`` cut to ``limit`` characters: its head and its tail (a zip member's own name), with ``...``
+    between, so an upload's long ``Content-Disposition`` or zip path is kept, not refused by the database.
+
+    >>> fit_filename("a" * 10 + "/slice1.dcm", 16)
+    'a...a/slice1.dcm'
+    """
+    if len(name) <= limit:
+        return name
+    tail = limit * 3 // 4
+    return f"{name[: limit - tail - 3]}...{name[-tail:]}"
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -376,10 +389,11 @@ class Store:
             )).scalar_one_or_none()
             replaced = None
             if old is None:
-                s.add(Instance(study_id=study.id, sop_instance_uid=sop, filename=filename, blob_key=key,
+                s.add(Instance(study_id=study.id, sop_instance_uid=sop, filename=fit_filename(filename), blob_key=key,
                                nbytes=nbytes, received_at=now))
             else:
-                replaced, old.blob_key, old.filename, old.nbytes, old.received_at = old.blob_key, key, filename, nbytes, now
+                replaced, old.blob_key, old.nbytes, old.received_at = old.blob_key, key, nbytes, now
+                old.filename = fit_filename(filename)
             study.last_rx_at = now
         if replaced is not None and await self._unreferenced(replaced):
             return replaced
@@ -457,7 +471,7 @@ class Store:
                     # one multi-row INSERT, not the unit of work's object per file (200 ms of CPU for 300)
                     if files:
                         await s.execute(insert(Instance), [
-                            {"study_id": study.id, "filename": name, "blob_key": key, "nbytes": n,
+                            {"study_id": study.id, "filename": fit_filename(name), "blob_key": key, "nbytes": n,
                              "received_at": now} for name, key, n in files])
                     job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
                     job.slices_total = slices_total

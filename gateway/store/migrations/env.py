@@ -7,6 +7,10 @@ same moment run one after the other. Once it holds that lock, each statement wai
 transaction would otherwise hold every query of the service behind it, for as long as it waits. The
 migration fails instead (its transaction rolls back whole) and is run again (the Helm hook's retries,
 the next gateway start).
+
+On SQLite the whole upgrade is one transaction too (``BEGIN IMMEDIATE``, the driver's own transaction
+handling off, as the state store does): pysqlite commits DDL statement by statement, so a migration
+that failed half-way left tables it had made behind, and every later try failed on them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -27,8 +31,9 @@ target_metadata = Base.metadata
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    sqlite = connection.dialect.name == "sqlite"
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite,
+                      transactional_ddl=True)  # one transaction for the whole upgrade, SQLite too
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
@@ -37,8 +42,15 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _no_driver_transactions(dbapi_connection: object, _record: object) -> None:
+    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]  # the "begin" event emits BEGIN
+
+
 async def _online(url: str) -> None:
     engine = create_async_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _no_driver_transactions)
+        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
