@@ -173,10 +173,61 @@ def _check_member_name(archive: str, info: zipfile.ZipInfo) -> None:
         raise UnsafePath(f"Zip member {name!r} is a symbolic link.", filename=archive)
 
 
+MAX_ENTRIES_PER_FILE = 3
+"""Entries a zip may list per member counted by ``max_files`` (plus 1000): its folders and the
+``__MACOSX/`` twins of its files, which are not counted, may not make the listing itself the load."""
+
+
+def declared_entries(fh: IO[bytes]) -> int | None:
+    """How many entries the zip's end-of-central-directory record (zip64's when there is one) says its
+    central directory lists, read before :class:`zipfile.ZipFile` parses every one; None when there is
+    no such record (``ZipFile`` then says what is wrong)."""
+    import struct
+
+    size = fh.seek(0, io.SEEK_END)
+    tail_len = min(size, 22 + 65535)  # the record, then a comment of up to 64 KiB
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    entries = struct.unpack_from("<H", tail, at + 10)[0]
+    if entries == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # zip64: its locator, then its record
+        record_at = struct.unpack_from("<Q", tail, at - 20 + 8)[0]
+        fh.seek(record_at)
+        record = fh.read(56)
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            entries = struct.unpack_from("<Q", record, 32)[0]
+    return int(entries)
+
+
+def _check_no_overlap(archive: str, infos: list[zipfile.ZipInfo], directory_at: int) -> None:
+    """Refuse a member whose declared compressed size runs into the next member's local header (or the
+    central directory): a zip bomb's way to pass the expansion ratio, which divides by that size
+    (Python 3.12's zipfile refuses such overlaps; 3.11's does not)."""
+    ordered = sorted(infos, key=lambda i: i.header_offset)
+    for info, after in zip(ordered, [*(i.header_offset for i in ordered[1:]), directory_at], strict=True):
+        room = after - info.header_offset - 30  # its local header is 30 bytes and its name
+        if info.compress_size > room:
+            raise ZipBomb(f"Zip member {info.filename!r} declares {info.compress_size} compressed bytes, past the "
+                          f"start of the next entry ({max(room, 0)} bytes on): overlapping entries are refused.",
+                          filename=archive)
+
+
 def _iter_zip(filename: str, data: bytes | mmap.mmap | IO[bytes], limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
+    # a mmap or an open file is read in place: it reads, seeks and tells like a binary file
+    fh = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else cast(IO[bytes], data)
     try:
-        # a mmap or an open file is read in place: it reads, seeks and tells like a binary file
-        zf = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else cast(IO[bytes], data))
+        entries = declared_entries(fh)
+        fh.seek(0)
+    except (OSError, ValueError) as exc:
+        raise BadArchive(f"Zip archive cannot be read: {exc}.", filename=filename) from exc
+    most = MAX_ENTRIES_PER_FILE * limits.max_files + 1000
+    if entries is not None and entries > most:
+        raise TooLarge(f"Zip lists {entries} entries (folders and skipped names included); the limit is {most}.",
+                       filename=filename)
+    try:
+        zf = zipfile.ZipFile(fh)
         infos = zf.infolist()
     except (
         zipfile.BadZipFile,
@@ -191,6 +242,7 @@ def _iter_zip(filename: str, data: bytes | mmap.mmap | IO[bytes], limits: Upload
     members = [i for i in infos if not i.is_dir() and not _SKIPPED_NAMES.search(i.filename)]
     for info in infos:
         _check_member_name(filename, info)
+    _check_no_overlap(filename, infos, zf.start_dir)
     if len(members) > limits.max_files:
         raise TooLarge(f"Zip holds {len(members)} files; the limit is {limits.max_files}.", filename=filename)
     declared_total = 0

@@ -109,6 +109,34 @@ def test_lying_declared_size_is_caught_while_expanding() -> None:
     assert info.value.reason in {"zip_bomb", "bad_archive"}
 
 
+def test_a_member_claiming_compressed_bytes_of_the_next_one_is_refused() -> None:
+    """The ratio divides by the central directory's compressed size, which the sender writes: a member of
+    8 MiB of zeros (a few KiB deflated) claiming the 1 MiB of random bytes stored after it passed as 8x."""
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.dcm", bytes(8 * MiB))
+        zf.writestr("pad.bin", os.urandom(MiB), compress_type=zipfile.ZIP_STORED)
+    raw = bytearray(buf.getvalue())
+    with pytest.raises(ZipBomb, match="expands"):  # told the truth: the ratio catches it
+        list(iter_upload("honest.zip", bytes(raw)))
+    entry = raw.find(b"PK\x01\x02")  # a.dcm's central directory entry; its compressed size at +20
+    struct.pack_into("<I", raw, entry + 20, MiB)
+    with pytest.raises(ZipBomb, match="overlapping"):
+        list(iter_upload("liar.zip", bytes(raw)))
+
+
+def test_a_zip_listing_millions_of_skipped_entries_is_refused_before_it_is_parsed() -> None:
+    """``max_files`` counted only the members kept: a central directory of folders and ``__MACOSX/`` names,
+    every one parsed into memory by zipfile first, went through whatever its length."""
+    limits = UploadLimits(max_files=10)
+    with pytest.raises(TooLarge, match="lists 1031 entries"):
+        list(iter_upload("listing.zip", _zip({f"__MACOSX/{i}": b"" for i in range(1031)}), limits))
+    kept = _zip({**{f"__MACOSX/{i}": b"" for i in range(1029)}, "a.dcm": b"x"})  # at the limit: fine
+    assert [n for n, _ in iter_upload("mac.zip", kept, limits)] == ["mac.zip/a.dcm"]
+
+
 def test_too_many_files_and_too_large() -> None:
     limits = UploadLimits(max_files=3, max_file_bytes=100, max_upload_bytes=10 * KiB)
     with pytest.raises(TooLarge, match="4 files"):
