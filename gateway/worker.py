@@ -155,7 +155,7 @@ class Worker:
                 logger.exception("claiming a job failed; trying again in %g s", poll)
             if job is None:
                 self._slots.release()
-                await self.store.changed.wait(poll)
+                await self.store.work.wait(poll)
                 continue
             task = asyncio.get_running_loop().create_task(self._work(job), name=f"job-{job.id}")
             self._running[job.id] = task

@@ -833,6 +833,38 @@ def test_other_replicas_are_woken_by_job_events_on_postgresql(pg_url):
     _run(go())
 
 
+def test_progress_wakes_event_streams_and_not_the_workers_of_every_replica(db_url):
+    """Each running job's progress (every 0.5 s) woke every replica's claim and delivery passes (a write
+    transaction and a scan of the hour's finished jobs each) on PostgreSQL: only streams need it. Work
+    (a job queued, done) still wakes the workers at once, here and on the other replicas."""
+    upgrade(db_url)
+    pg = db_url.startswith("postgresql")
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            a.listen()
+            if pg:
+                await a.work.wait(10)  # the listener is up (it wakes the waiters once when it starts)
+            writer, seen = (b, a) if pg else (a, a)  # on PostgreSQL through NOTIFY, from another replica
+            [job_id] = await _queue(writer, 1)
+            assert await writer.claim(60) is not None
+            streams, workers = (asyncio.ensure_future(seen.changed.wait(2)), asyncio.ensure_future(seen.work.wait(2)))
+            await asyncio.sleep(0.1)
+            assert await writer.heartbeat(job_id, 60, slices_done=5)  # progress
+            assert await streams  # an event stream moves at once
+            assert not await workers  # no worker was woken: it waited its whole poll
+            workers = asyncio.ensure_future(seen.work.wait(10))
+            await asyncio.sleep(0.1)
+            assert await writer.finish(job_id, _result(job_id), None)  # work: a delivery to build
+            assert await workers
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
 def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_down(db_url):
     """``counts(mine=True)`` partitions the open jobs over live replicas (what the fleet signal sums)."""
     upgrade(db_url)

@@ -139,7 +139,7 @@ class Deliverer:
                 await self.poll()
             except Exception:  # noqa: BLE001 - a database hiccup must not stop deliveries
                 logger.exception("delivery pass failed; trying again")
-            await self.store.changed.wait(self.settings.delivery_poll_s)
+            await self.store.work.wait(self.settings.delivery_poll_s)
 
     async def stop(self) -> None:
         """Stop the loop; tasks being sent are cancelled (their leases expire; any replica resumes them)."""

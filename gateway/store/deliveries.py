@@ -268,7 +268,7 @@ class Deliveries:
             row.updated_at = now
             _event(row, now, PENDING, "re-send requested" + (" (forced)" if force else ""))
             task = _task(row)
-        self.store.changed.notify()
+        self.store.wake()
         return task
 
     async def of_job(self, job_id: str) -> list[Task]:

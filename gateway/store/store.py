@@ -13,10 +13,11 @@ method is one transaction; the decisions that must happen once in a cluster are 
   that lost its lease cannot write a second result.
 
 Every transaction that records a job event (new job, claim, progress, done, failed, queued again)
-wakes the waiters of this process at once (:attr:`Store.changed`); on PostgreSQL it also sends
-``NOTIFY ctscreen`` with its commit, and :meth:`Store.listen` turns that into the same wake-up on every
-other replica (workers claim at once, SSE streams move at once). Waiters also poll, so a lost
-notification only costs a poll interval.
+wakes the waiters of this process at once (:attr:`Store.changed`: event streams); one that may give a
+worker or a deliverer work (not a running job's progress) wakes those too (:attr:`Store.work`). On
+PostgreSQL it also sends ``NOTIFY ctscreen`` (payload ``progress`` or ``work``) with its commit, and
+:meth:`Store.listen` turns that into the same wake-up on every other replica (workers claim at once, SSE
+streams move at once). Waiters also poll, so a lost notification only costs a poll interval.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
 """
@@ -67,6 +68,8 @@ logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
+PROGRESS, WORK = "progress", "work"
+"""The payloads of a NOTIFY: only running jobs' progress, or a change that may be work (:attr:`Store.work`)."""
 """The PostgreSQL notification channel of job events."""
 CLOCK_REFRESH_S = 60.0
 """How often a replica reads the database server's clock (PostgreSQL)."""
@@ -234,7 +237,24 @@ class Store:
 
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.changed = _Changes()
+        """Every job event, progress too (what event streams wait for)."""
+        self.work = _Changes()
+        """Events that may give a worker or a deliverer something to do: a job queued (new, released, retried),
+        done or failed; not the progress of running jobs, which on PostgreSQL would otherwise wake every
+        replica's claim and delivery passes a few times a second per running job."""
         self._listener: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Wake this process's waiters after a change that may be work (:attr:`changed` and :attr:`work`)."""
+        self.changed.notify()
+        self.work.notify()
+
+    def _heard(self, payload: str) -> None:
+        """Another replica's NOTIFY: progress wakes the event streams only."""
+        if payload == PROGRESS:
+            self.changed.notify()
+        else:
+            self.wake()
 
     async def close(self) -> None:
         """Stop listening and close the connections."""
@@ -258,8 +278,8 @@ class Store:
             connection = None
             try:
                 connection = await asyncpg.connect(dsn)
-                await connection.add_listener(CHANNEL, lambda *_: self.changed.notify())
-                self.changed.notify()  # anything missed while not listening
+                await connection.add_listener(CHANNEL, lambda _c, _pid, _ch, payload: self._heard(payload))
+                self.wake()  # anything missed while not listening
                 while not connection.is_closed():
                     await asyncio.sleep(5)
             except asyncio.CancelledError:
@@ -475,7 +495,7 @@ class Store:
                              "received_at": now} for name, key, n in files])
                     job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
                     job.slices_total = slices_total
-                self.changed.notify()
+                self.wake()
                 return _view(job)
             except IntegrityError:
                 if attempt == 4:
@@ -514,7 +534,7 @@ class Store:
         for job in jobs:
             logger.info("study %s complete: %d instances, job %s", job.study_instance_uid, job.files, job.id)
         if jobs:
-            self.changed.notify()
+            self.wake()
         return [j.id for j in jobs]
 
     async def complete_now(self, study_instance_uid: str, deadline_s: float) -> JobView:
@@ -532,7 +552,7 @@ class Store:
             )).scalar_one_or_none()
             jobs = await self._complete(s, [study], now, deadline_s) if study is not None else []
         if jobs:
-            self.changed.notify()
+            self.wake()
             return _view(jobs[0])
         latest = await self.study(study_instance_uid)
         if latest is None or latest.job is None:
@@ -567,7 +587,7 @@ class Store:
             job.attempts += 1
             job.slices_done, job.updated_at, job.error = 0, now, None
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
-        self.changed.notify()
+        self.wake()
         return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
                        job.deadline_at)
 
@@ -636,7 +656,7 @@ class Store:
                          result=result.model_dump(mode="json"), sr_context=sr_context, created_at=now))
             s.add(Event(job_id=job_id, state=JobState.done.value, slices_done=result.n_slices, slices_total=row[0],
                         created_at=now))
-        self.changed.notify()
+        self.wake()
         return True
 
     async def fail(self, job_id: str, error: JobError, *, leased: bool = True) -> bool:
@@ -659,7 +679,7 @@ class Store:
                 return False
             s.add(Event(job_id=job_id, state=JobState.failed.value, slices_done=row[0], slices_total=row[1],
                         created_at=now))
-        self.changed.notify()
+        self.wake()
         return True
 
     async def release(self, job_id: str, delay_s: float, error: JobError | None = None) -> str:
@@ -687,7 +707,7 @@ class Store:
                 return "lost"
             s.add(Event(job_id=job_id, state=JobState.queued.value, slices_done=0, slices_total=row[0],
                         created_at=now))
-        self.changed.notify()
+        self.wake()
         return JobState.queued.value
 
     async def release_all(self) -> int:
@@ -746,7 +766,7 @@ class Store:
             job.accepted_by = self.owner  # whoever accepted it first may be gone
             job.finished_at, job.error, job.slices_done, job.updated_at = None, None, 0, now
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
-        self.changed.notify()
+        self.wake()
         return _view(job)
 
     async def fail_overdue(self) -> int:
@@ -910,16 +930,23 @@ def _rowcount(result: SqlResult[Any]) -> int:
     return int(result.rowcount or 0) if isinstance(result, CursorResult) else 0
 
 
-@event.listens_for(_NotifyingSession, "before_flush")
-def _mark_events(session: Session, _context: Any, _instances: Any) -> None:
-    if any(isinstance(o, Event) for o in session.new):
-        session.info["notify"] = True
+def _mark_events(session: Session, *_flush: Any) -> None:
+    """Note what the session's new job events are: only progress, or work (kept over the session's flushes)."""
+    states = {o.state for o in session.new if isinstance(o, Event)}
+    if states:
+        kind = PROGRESS if states <= set(_RUNNING) and session.info.get("notify") != WORK else WORK
+        session.info["notify"] = kind
+
+
+event.listen(_NotifyingSession, "before_flush", _mark_events)
 
 
 @event.listens_for(_NotifyingSession, "before_commit")
 def _notify_on_commit(session: Session) -> None:
-    if session.info.pop("notify", False) or any(isinstance(o, Event) for o in session.new):
-        session.execute(text(f"NOTIFY {CHANNEL}"))
+    _mark_events(session)
+    kind = session.info.pop("notify", None)
+    if kind is not None:
+        session.execute(text("SELECT pg_notify(:channel, :kind)"), {"channel": CHANNEL, "kind": kind})
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
