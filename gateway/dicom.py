@@ -33,10 +33,11 @@ import io
 import logging
 import math
 import struct
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -45,20 +46,26 @@ from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
 from ctscreen.contracts import SLICE_SIZE
-from gateway.errors import NoPixelData, NotCT, NotDicom, TooLarge, Undecodable
+from gateway.errors import NoPixelData, NotCT, NotDicom, TooLarge, Undecodable, ZipBomb
 from gateway.phi import file_ref
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CT_SOP_CLASSES",
+    "DEFLATED",
     "PAD_HU",
+    "CodestreamHeader",
     "DecodedSlice",
     "FrameHeader",
     "GridMapping",
+    "codestream_header",
     "decode_file",
     "decode_hu",
+    "inflate_deflated",
+    "part10_transfer_syntax",
     "read_dataset",
+    "read_failed",
     "read_headers",
     "rescale_to_hu",
     "to_grid",
@@ -69,6 +76,8 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_CONVERTED_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
 CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT})
 """SOP classes that are CT images whatever (0008,0060) Modality says (it is sometimes absent)."""
+DEFLATED = "1.2.840.10008.1.2.1.99"
+"""Deflated Explicit VR Little Endian: the data set after the meta group is raw-deflated (:func:`inflate_deflated`)."""
 
 PAD_HU = -1024
 """Fill value (air) used when a non-square slice is padded to a square before resampling."""
@@ -93,6 +102,15 @@ at 3071; metal reaches higher but covers far less of a slice) means the decode w
 DEFER_BYTES = 64 * 1024
 """Values longer than this are read from the source bytes on first use (:func:`read_dataset`)."""
 
+MAX_INFLATED_BYTES = 2 * MAX_PIXELS + 64 * 1024 * 1024
+"""Most bytes a Deflated Explicit VR Little Endian data set may inflate to: the largest Pixel Data
+accepted (:data:`MAX_PIXELS` as 16-bit) and 64 MiB for the rest (:func:`inflate_deflated`)."""
+MAX_DEFLATE_RATIO = 100
+"""Most a deflated data set larger than :data:`DEFLATE_RATIO_FLOOR` may expand (inflated / compressed
+bytes), as for zip members: deflate shrinks real CT 2-5x, a run of zeros 1000x."""
+DEFLATE_RATIO_FLOOR = 64 * 1024 * 1024
+"""Inflated sizes up to this are not ratio-checked (an all-air slice deflates far beyond 100x)."""
+
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SYNTAXES = frozenset(
     {
@@ -104,6 +122,9 @@ _J2K_SYNTAXES = frozenset(
     }
 )
 _EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+_INFLATE_IN = 1024 * 1024  # compressed bytes fed to zlib at a time
+_INFLATE_OUT = 16 * 1024 * 1024  # most inflated bytes zlib returns at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +345,14 @@ class DecodedSlice:
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
+def read_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the operating system failing a read (EIO, a stale NFS handle, a file gone), not a
+    broken file: an :class:`OSError` with an errno. Such errors pass through the decoders' catch-alls, so
+    that a job is tried again instead of screened without the file (a codec's own ``OSError``, e.g. Pillow's
+    "broken data stream", has no errno and stays a refusal of the file)."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
 def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     """Parse DICOM bytes (Part 10 file, or a bare data set), or a file holding them, into a pydicom Dataset.
 
@@ -332,10 +361,15 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     no second copy of them; from a file, it holds none at all until then (the file must stay until the
     pixels are decoded).
 
+    A Deflated Explicit VR Little Endian file is inflated first, with bounds (:func:`inflate_deflated`);
+    the inflated copy is what the data set then reads its deferred values from.
+
     Raises
     ------
     gateway.errors.NotDicom
         The bytes are not DICOM.
+    gateway.errors.ZipBomb, gateway.errors.TooLarge
+        A deflated data set inflates past the bounds of :func:`inflate_deflated`.
     """
     if isinstance(data, Path):
         size = data.stat().st_size
@@ -350,18 +384,27 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     if size < 8:
         raise NotDicom(f"{size} bytes is too short to be DICOM.", filename=filename)
     has_magic = len(head) >= 132 and head[128:132] == b"DICM"
+    deflated = has_magic and part10_transfer_syntax(data) == DEFLATED
+    if deflated:
+        # pydicom would inflate the whole data set, without bound: a 1 MB file can hold gigabytes of zeros
+        data = inflate_deflated(data.read_bytes() if isinstance(data, Path) else data, filename)
+        source = io.BytesIO(data)
     try:
         ds: Dataset = pydicom.dcmread(source, force=not has_magic, defer_size=DEFER_BYTES)
     except InvalidDicomError as exc:
         raise NotDicom(f"Not a DICOM file: {exc}", filename=filename) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input
+        if read_failed(exc):
+            raise
         raw = data.read_bytes() if isinstance(data, Path) else data
-        if has_magic and _transfer_syntax_of(raw) == _EXPLICIT_BIG_ENDIAN:
+        if has_magic and part10_transfer_syntax(raw) == _EXPLICIT_BIG_ENDIAN:
             ds = _read_big_endian_with_un_sequences(raw, filename, exc)
         else:
             raise NotDicom(
                 f"DICOM header cannot be parsed: {type(exc).__name__}: {exc}", filename=filename
             ) from exc
+    if deflated:  # parsed from its inflated copy (explicit VR little endian): name the syntax it came in
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(DEFLATED)
     if not has_magic:
         # force=True parses anything; accept it only if it looks like a data set.
         try:
@@ -376,15 +419,120 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     return ds
 
 
-def _transfer_syntax_of(data: bytes) -> str | None:
-    """The Transfer Syntax UID of a Part 10 file's meta group, read without touching its data set."""
-    from pydicom.filereader import read_partial
+def part10_transfer_syntax(data: bytes | Path) -> str | None:
+    """The Transfer Syntax UID in the meta group of a Part 10 file (its bytes, or the file), or ``None``
+    (no "DICM" prefix, no UID). Reads the meta group's element headers and the UID alone: never the data set,
+    which pydicom's readers inflate whole when it is deflated.
 
+    >>> part10_transfer_syntax(b"not DICOM") is None
+    True
+    """
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:
+            return _meta_group(fh)[1]
+    return _meta_group(io.BytesIO(data))[1]
+
+
+def _meta_group(fh: BinaryIO) -> tuple[int, str | None]:
+    """Walk the meta group of a Part 10 file from its start: the offset of the data set after it and the
+    Transfer Syntax UID (``(0, None)`` without the "DICM" prefix). The meta group is explicit VR little
+    endian; an implicit VR one (some old writers) is walked too."""
+    head = fh.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return 0, None
+    pos, ts = 132, None
+    while True:
+        fh.seek(pos)
+        elem = fh.read(8)
+        if len(elem) < 8 or struct.unpack_from("<H", elem)[0] != 0x0002:
+            break
+        vr = elem[4:6]
+        if vr in _LONG_VRS:
+            more = fh.read(4)
+            if len(more) < 4:
+                break
+            length, value_at = struct.unpack("<L", more)[0], pos + 12
+        elif vr.isalpha() and vr.isupper():
+            length, value_at = struct.unpack_from("<H", elem, 6)[0], pos + 8
+        else:  # implicit VR: a 4-byte length
+            length, value_at = struct.unpack_from("<L", elem, 4)[0], pos + 8
+        if length == 0xFFFFFFFF:  # no undefined lengths in a meta group: leave the rest to pydicom
+            break
+        if struct.unpack_from("<H", elem, 2)[0] == 0x0010 and length <= 256:
+            ts = fh.read(length).rstrip(b"\0 ").decode("ascii", "replace") or None
+        pos = value_at + length
+    return pos, ts
+
+
+def inflate_deflated(data: bytes, filename: str = "<upload>") -> bytes:
+    """A Deflated Explicit VR Little Endian Part 10 file as an Explicit VR Little Endian one, for pydicom to
+    parse: the same preamble and meta group (but for its Transfer Syntax UID), then the data set inflated.
+
+    pydicom inflates a deflated data set whole (``zlib.decompress`` of everything after the meta group,
+    raw deflate), without bound. Here inflation stops at :data:`MAX_INFLATED_BYTES`, and at
+    :data:`MAX_DEFLATE_RATIO` times the compressed size once past :data:`DEFLATE_RATIO_FLOOR`: both
+    :func:`read_dataset` (uploads) and :func:`gateway.stow.read_header` (STOW-RS, C-STORE) read
+    deflated files through this.
+
+    Raises
+    ------
+    gateway.errors.ZipBomb
+        The data set expands more than :data:`MAX_DEFLATE_RATIO` times.
+    gateway.errors.TooLarge
+        It inflates past :data:`MAX_INFLATED_BYTES`.
+    gateway.errors.NotDicom
+        The meta group or the deflate stream is broken or truncated.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta_end, ts = _meta_group(io.BytesIO(data))
+    if ts != DEFLATED:
+        raise NotDicom(f"Transfer syntax {ts!r} is not Deflated Explicit VR Little Endian.", filename=filename)
+    compressed = len(data) - meta_end
+    limit = min(MAX_INFLATED_BYTES, max(DEFLATE_RATIO_FLOOR, MAX_DEFLATE_RATIO * compressed))
     try:
-        meta = read_partial(io.BytesIO(data), stop_when=lambda *_: True).file_meta
-        return str(meta.get("TransferSyntaxUID", "")) or None
-    except Exception:  # noqa: BLE001
-        return None
+        meta = pydicom.dcmread(io.BytesIO(data[:meta_end])).file_meta
+        meta.TransferSyntaxUID = pydicom.uid.UID(_EXPLICIT_LITTLE_ENDIAN)
+        head = DicomBytesIO()
+        head.write(data[:128] + b"DICM")
+        write_file_meta_info(head, meta, enforce_standard=False)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken input
+        raise NotDicom(f"DICOM meta group cannot be parsed: {type(exc).__name__}: {exc}", filename=filename) from exc
+    parts, total = [head.getvalue()], 0
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 and pydicom
+    view = memoryview(data)
+    try:
+        for start in range(meta_end, len(data), _INFLATE_IN):
+            chunk: bytes | memoryview = view[start : start + _INFLATE_IN]
+            while True:
+                room = min(_INFLATE_OUT, limit - total + 1)  # one byte past the limit shows it is passed
+                piece = inflater.decompress(chunk, room)
+                total += len(piece)
+                if total > limit:
+                    if limit == MAX_INFLATED_BYTES:
+                        raise TooLarge(
+                            f"Deflated data set inflates past {limit} bytes ({compressed} bytes compressed): "
+                            "over the largest object accepted.",
+                            filename=filename,
+                        )
+                    raise ZipBomb(
+                        f"Deflated data set expands more than {limit / max(compressed, 1):.0f}x ({compressed} "
+                        f"-> more than {limit} bytes); the limit is {MAX_DEFLATE_RATIO}x above "
+                        f"{DEFLATE_RATIO_FLOOR} bytes.",
+                        filename=filename,
+                    )
+                parts.append(piece)
+                chunk = inflater.unconsumed_tail
+                if inflater.eof or (not chunk and len(piece) < room):  # else zlib may hold more output
+                    break
+            if inflater.eof:
+                break
+    except zlib.error as exc:
+        raise NotDicom(f"Deflated data set cannot be inflated: {exc}", filename=filename) from exc
+    if not inflater.eof:
+        raise NotDicom("Deflated data set is truncated (the deflate stream does not end).", filename=filename)
+    return b"".join(parts)
 
 
 _LONG_VRS = frozenset(
@@ -412,16 +560,7 @@ def _read_big_endian_with_un_sequences(data: bytes, filename: str, cause: Except
     from pydicom.filereader import read_sequence
 
     try:
-        pos = 132
-        while pos + 8 <= len(data):  # file meta group: always explicit VR little endian
-            group = struct.unpack_from("<H", data, pos)[0]
-            if group != 0x0002:
-                break
-            vr = data[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
-                pos += 12 + struct.unpack_from("<L", data, pos + 8)[0]
-            else:
-                pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+        pos = _meta_group(io.BytesIO(data))[0]  # file meta group: explicit VR little endian
         out = bytearray(data[:pos])
         dropped = []
         while pos + 8 <= len(data):
@@ -539,6 +678,8 @@ def read_headers(filename: str, data: bytes | Dataset) -> tuple[Dataset, list[Fr
     except (NotCT, NoPixelData, NotDicom, TooLarge):
         raise
     except Exception as exc:  # noqa: BLE001 - malformed values surface lazily in pydicom
+        if read_failed(exc):  # a deferred value read from a file that failed: no fault of the file
+            raise
         raise NotDicom(
             f"DICOM header has malformed values: {type(exc).__name__}: {exc}", filename=filename
         ) from exc
@@ -659,14 +800,25 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
 # pixels
 # --------------------------------------------------------------------------------------------
 _NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+_NATIVE = _NATIVE_LE | {_EXPLICIT_BIG_ENDIAN}
+_RLE = "1.2.840.10008.1.2.5"
+_JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # baseline
+        "1.2.840.10008.1.2.4.51",  # extended
+        "1.2.840.10008.1.2.4.57",  # lossless
+        "1.2.840.10008.1.2.4.70",  # lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    }
+)
+_JLS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_CHECKED_SYNTAXES = _JPEG_SYNTAXES | _J2K_SYNTAXES | {_RLE}
+"""Encapsulated syntaxes whose frame headers :func:`_check_codestreams` reads; any other is not decoded."""
 
 
-def native_fast_path(ds: Dataset) -> np.ndarray | None:
-    """Stored values of native little-endian 16-bit data straight from the buffer, or ``None``.
-
-    Same result as pydicom's ``pixel_array`` (high bits above Bits Stored masked off for unsigned
-    data, sign-extended for signed data), without its per-call set-up (~1 ms a slice).
-    """
+def _native_raw(ds: Dataset) -> np.ndarray | None:
+    """[F, R, C] view of native little-endian 16-bit data as stored (bits above Bits Stored kept), or None."""
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if ts not in _NATIVE_LE or ds.get("BitsAllocated") != 16 or (ds.get("SamplesPerPixel") or 1) != 1:
         return None
@@ -675,40 +827,233 @@ def native_fast_path(ds: Dataset) -> np.ndarray | None:
     data = ds.PixelData
     if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2 or frames < 1:
         return None
-    signed = ds.get("PixelRepresentation") == 1
     bits = _opt_int(ds.get("BitsStored")) or 16
     if not 1 <= bits <= 16:
         return None
+    signed = ds.get("PixelRepresentation") == 1
     arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=frames * rows * cols)
-    arr = arr.reshape(frames, rows, cols)
-    if bits < 16:
-        if signed:
-            shift = 16 - bits
-            arr = np.right_shift(np.left_shift(arr, shift), shift)
-        else:
-            arr = arr & np.uint16((1 << bits) - 1)
-    return arr
+    return arr.reshape(frames, rows, cols)
 
 
-def _stored_values(ds: Dataset, filename: str) -> np.ndarray:
-    """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation."""
+def _unused_bits_cleared(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """``arr`` with the bits above ``bits_stored`` masked off (unsigned) or the sign extended (signed), as
+    pydicom's ``correct_unused_bits``; ``arr`` itself when there are none."""
+    shift = 8 * arr.dtype.itemsize - bits_stored
+    if shift <= 0 or bits_stored < 1:
+        return arr
+    return np.right_shift(np.left_shift(arr, shift), shift)
+
+
+def native_fast_path(ds: Dataset) -> np.ndarray | None:
+    """Stored values of native little-endian 16-bit data straight from the buffer, or ``None``.
+
+    Same result as pydicom's ``pixel_array`` (high bits above Bits Stored masked off for unsigned
+    data, sign-extended for signed data), without its per-call set-up (~1 ms a slice).
+    """
+    raw = _native_raw(ds)
+    return None if raw is None else _unused_bits_cleared(raw, _opt_int(ds.get("BitsStored")) or 16)
+
+
+@dataclass(frozen=True)
+class CodestreamHeader:
+    """The image a compressed frame's own header declares: what a codec allocates, whatever Rows and
+    Columns say."""
+
+    kind: str
+    """``"JPEG"`` (an SOF marker), ``"JPEG-LS"`` (SOF55) or ``"JPEG 2000"`` (SIZ, bare or inside a JP2 file)."""
+    rows: int
+    cols: int
+    components: int
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
+                          0xDE,  # DHP: the image size of a hierarchical JPEG
+                          0xF7})  # SOF55: JPEG-LS
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def codestream_header(frame: bytes) -> CodestreamHeader | None:
+    """The image size a JPEG, JPEG-LS or JPEG 2000 frame declares, read from its markers alone (nothing is
+    decoded); ``None`` when ``frame`` does not start like one of them or ends before its frame header.
+
+    JPEG and JPEG-LS: the first SOF (or DHP) marker's Y, X and Nf; JPEG 2000: the SIZ marker's
+    ``Ysiz - YOsiz``, ``Xsiz - XOsiz`` and Csiz, of the bare codestream or of a JP2 file's ``jp2c`` box.
+
+    >>> codestream_header(bytes(16)) is None
+    True
+    >>> codestream_header(bytes.fromhex("ffd8 ffc3 000b 10 0200 0100 01 011100".replace(" ", "")))
+    CodestreamHeader(kind='JPEG', rows=512, cols=256, components=1)
+    """
+    if frame[:2] == b"\xff\xd8":
+        return _jpeg_header(frame)
+    if frame[:4] == b"\xff\x4f\xff\x51":
+        return _j2k_header(frame, 0)
+    if frame[:12] == _JP2_SIGNATURE:
+        pos = 0
+        while pos + 8 <= len(frame):
+            length, box = struct.unpack_from(">I4s", frame, pos)
+            head = 8
+            if length == 1 and pos + 16 <= len(frame):
+                length, head = struct.unpack_from(">Q", frame, pos + 8)[0], 16
+            elif length == 0:
+                length = len(frame) - pos
+            if box == b"jp2c":
+                return _j2k_header(frame, pos + head)
+            if length < head:
+                return None
+            pos += length
+    return None
+
+
+def _jpeg_header(b: bytes) -> CodestreamHeader | None:
+    pos, n = 2, len(b)
+    while True:
+        pos = b.find(b"\xff", pos)  # decoders skip stray bytes between segments, as here
+        if pos < 0 or pos + 1 >= n:
+            return None
+        marker = b[pos + 1]
+        if marker in (0xFF, 0x00):  # fill byte, or a stuffed zero
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        if marker in _SOF_MARKERS:
+            if pos + 10 > n:
+                return None
+            rows, cols = struct.unpack_from(">HH", b, pos + 5)
+            kind = "JPEG-LS" if marker == 0xF7 else "JPEG"
+            return CodestreamHeader(kind, rows, cols, b[pos + 9])
+        if pos + 4 > n:
+            return None
+        pos += 2 + struct.unpack_from(">H", b, pos + 2)[0]
+
+
+def _j2k_header(b: bytes, at: int) -> CodestreamHeader | None:
+    # SOC, SIZ, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz
+    if b[at : at + 4] != b"\xff\x4f\xff\x51" or len(b) < at + 42:
+        return None
+    x, y, x0, y0 = struct.unpack_from(">IIII", b, at + 8)
+    components = struct.unpack_from(">H", b, at + 40)[0]
+    return CodestreamHeader("JPEG 2000", y - y0, x - x0, components)
+
+
+def _frames_of(ds: Dataset, n_frames: int) -> Iterator[tuple[bytes, ...]]:
+    """The fragments of each frame of encapsulated Pixel Data, split as pydicom's decoders split them."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    return generate_fragmented_frames(ds.PixelData, number_of_frames=n_frames, extended_offsets=extended)
+
+
+def _check_codestreams(ds: Dataset, ts: str, filename: str) -> None:
+    """Refuse encapsulated Pixel Data whose frames declare another image than Rows x Columns, one sample,
+    before any codec sees it.
+
+    The codecs allocate what a frame's own header declares (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ), not what
+    Rows and Columns say, and those are all that the matrix limits check: a 100 KB file with a rewritten
+    SIZ marker made openjpeg allocate 6 GB. RLE: pylibjpeg-rle writes into a Rows x Columns buffer, but
+    when it fails pydicom falls back to its own decoder, which expands each segment whole (up to 64x its
+    size) before comparing; so the segment count and sizes are checked against Rows x Columns, and
+    :func:`_stored_values` keeps to pylibjpeg-rle when it is installed.
+
+    Raises
+    ------
+    gateway.errors.Undecodable
+    """
+    if ts in _NATIVE or not ts:
+        return
+    name = pydicom.uid.UID(ts).name
+    if ts not in _CHECKED_SYNTAXES:
+        raise Undecodable(f"Pixel data in {name} is not decoded here (no codec whose frame size is checked "
+                          "before decoding).", filename=filename)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n_frames = _opt_int(ds.get("NumberOfFrames")) or 1
+    frames = None
+    for i in range(n_frames):  # one frame's fragments at a time: a copy of the whole Pixel Data is not needed
+        try:
+            frames = _frames_of(ds, n_frames) if frames is None else frames
+            fragments = next(frames, None)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken items
+            raise Undecodable(f"Encapsulated Pixel Data ({name}) cannot be split into frames: "
+                              f"{type(exc).__name__}: {exc}", filename=filename) from exc
+        if fragments is None:  # fewer frames than Number of Frames: the decoder says so
+            return
+        where = f"Frame {i + 1} of {n_frames}" if n_frames > 1 else "The frame"
+        if ts == _RLE:
+            bytes_per_sample = max(1, (_opt_int(ds.get("BitsAllocated")) or 16) // 8)
+            _check_rle(b"".join(fragments), rows, cols, bytes_per_sample, where, filename)
+            continue
+        head = codestream_header(fragments[0]) if fragments else None
+        if head is None and len(fragments) > 1:  # a frame header split across fragments
+            head = codestream_header(b"".join(fragments))
+        if head is None:
+            raise Undecodable(f"{where} ({name}) starts with no JPEG, JPEG-LS or JPEG 2000 frame header: "
+                              "refused before decoding.", filename=filename)
+        if (head.rows, head.cols, head.components) != (rows, cols, 1):
+            raise Undecodable(
+                f"{where}'s {head.kind} codestream declares {head.rows}x{head.cols} pixels and "
+                f"{head.components} component(s), but Rows x Columns say {rows}x{cols} and 1 sample: refused "
+                "before decoding (a codec allocates what the codestream declares: a forged or corrupt file).",
+                filename=filename,
+            )
+
+
+def _check_rle(frame: bytes, rows: int, cols: int, bytes_per_sample: int, where: str, filename: str) -> None:
+    if len(frame) < 64:
+        raise Undecodable(f"{where} (RLE) is {len(frame)} bytes: shorter than the RLE header.", filename=filename)
+    n_segments = struct.unpack_from("<I", frame)[0]
+    if n_segments != bytes_per_sample:
+        raise Undecodable(f"{where}'s RLE header declares {n_segments} segment(s); {bytes_per_sample} expected "
+                          f"({8 * bytes_per_sample} bits, 1 sample): refused before decoding.", filename=filename)
+    offsets = [*struct.unpack_from(f"<{n_segments}I", frame, 4), len(frame)]
+    # the least compact encoding there is, one-byte literal runs, doubles a segment (plus a pad byte)
+    most = 2 * rows * cols + 2
+    for k in range(n_segments):
+        size = offsets[k + 1] - offsets[k]
+        if offsets[k] < 64 or size < 0 or size > most:
+            raise Undecodable(
+                f"{where}'s RLE segment {k + 1} spans bytes {offsets[k]}..{offsets[k + 1]} of {len(frame)}: "
+                f"no RLE encoding of {rows}x{cols} pixels takes more than {most} bytes a segment. Refused "
+                "before decoding (a decoder may expand a segment 64x before checking its size).",
+                filename=filename,
+            )
+
+
+def _stored_values(ds: Dataset, filename: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation, and the
+    same values before the bits above Bits Stored were cleared (for Pixel Padding Value; the same array
+    when there are none, or when the codec (JPEG 2000, JPEG-LS) already fitted its output to them)."""
     try:
-        fast = native_fast_path(ds)
+        raw = _native_raw(ds)
     except (AttributeError, TypeError, ValueError):
-        fast = None
-    if fast is not None:
-        return fast
+        raw = None
+    if raw is not None:
+        return _unused_bits_cleared(raw, _opt_int(ds.get("BitsStored")) or 16), raw
+    from pydicom.pixels import pixel_array
+    from pydicom.pixels.decoders import RLELosslessDecoder
+
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    _check_codestreams(ds, ts, filename)
+    # pylibjpeg-rle is bounded by Rows x Columns; pydicom's own RLE decoder (its fallback) is not
+    plugin = "pylibjpeg" if ts == _RLE and "pylibjpeg" in RLELosslessDecoder.available_plugins else ""
     try:
-        arr = ds.pixel_array
+        arr = pixel_array(ds, decoding_plugin=plugin, correct_unused_bits=False)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as exc:  # noqa: BLE001 - codecs raise anything, even pyo3's PanicException
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        name = getattr(ts, "name", str(ts))
+        if read_failed(exc):  # the pixels read from a file that failed (EIO): no fault of the file
+            raise
+        ts_uid = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        name = getattr(ts_uid, "name", str(ts_uid))
         raise Undecodable(
             f"Pixel data ({name}) cannot be decoded: {type(exc).__name__}: {exc}", filename=filename
         ) from exc
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if ts in _J2K_SYNTAXES and arr.dtype == np.uint16:
         # pydicom can only repair a sign mismatch when Bits Stored < precision; a 16-bit signed
         # codestream labelled Pixel Representation 0 (Toshiba) comes back as uint16 65535 = -1.
@@ -719,7 +1064,10 @@ def _stored_values(ds: Dataset, filename: str) -> np.ndarray:
         arr = arr[np.newaxis]
     if arr.ndim != 3:
         raise Undecodable(f"Decoded pixel array has unexpected shape {arr.shape}.", filename=filename)
-    return arr
+    if ts in _J2K_SYNTAXES or ts in _JLS_SYNTAXES or arr.dtype.kind not in "iu":
+        return arr, arr  # pydicom corrects these by the codestream's precision, not by Bits Stored
+    # what pydicom's ``correct_unused_bits`` (asked not to) would have done
+    return _unused_bits_cleared(arr, _opt_int(ds.get("BitsStored")) or 8 * arr.dtype.itemsize), arr
 
 
 def _j2k_params(ds: Dataset) -> dict[str, Any]:
@@ -732,6 +1080,62 @@ def _j2k_params(ds: Dataset) -> dict[str, Any]:
         return dict(get_j2k_parameters(first))
     except Exception:  # noqa: BLE001
         return {}
+
+
+def _padding_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
+    """Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), as stored values of
+    ``dtype`` (the decoded array's: signed when Pixel Representation is 1), lowest first; None without a
+    usable Pixel Padding Value.
+
+    Each is US or SS as Pixel Representation says; a writer that chose the other VR (GE's unsigned 63536 for
+    -2000, or the reverse) wrote the same 16 bits, so the bits are read in ``dtype``'s own signedness.
+    """
+    bits = 8 * dtype.itemsize
+
+    def stored(keyword: str) -> int | None:
+        value = ds.get(keyword)
+        if isinstance(value, Sequence | pydicom.multival.MultiValue) and not isinstance(value, str | bytes):
+            value = value[0] if len(value) else None
+        if isinstance(value, bytes):  # VR left unresolved (UN, OB)
+            value = int.from_bytes(value[: dtype.itemsize], "little") if len(value) >= dtype.itemsize else None
+        try:
+            pattern = int(value) & ((1 << bits) - 1)
+        except (TypeError, ValueError):
+            return None
+        return pattern - (1 << bits) if dtype.kind == "i" and pattern >> (bits - 1) else pattern
+
+    value = stored("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = stored("PixelPaddingRangeLimit")
+    return (value, value) if limit is None else (min(value, limit), max(value, limit))
+
+
+LOSSY_PADDING_TOLERANCE = 200
+"""Stored values by which a lossy frame's padding may miss Pixel Padding Value (JPEG 2000 lossy returns -2000
+as -1990 to -2010 far from edges, a JPEG-LS near-lossless frame within its NEAR); used only when the widened
+range stays clear of tissue (all of it below -1100 HU or above :data:`HIGH_HU`)."""
+
+
+def _lossy_padding(padding: tuple[int, int], slope: float, intercept: float) -> tuple[int, int]:
+    """``padding`` widened by :data:`LOSSY_PADDING_TOLERANCE` for a lossy frame, when no tissue can lie in the
+    widened range; else ``padding``."""
+    lo, hi = padding[0] - LOSSY_PADDING_TOLERANCE, padding[1] + LOSSY_PADDING_TOLERANCE
+    hu_lo, hu_hi = sorted((slope * lo + intercept, slope * hi + intercept))
+    return (lo, hi) if hu_hi < -1100 or hu_lo > HIGH_HU else padding
+
+
+def _padding_mask(raw: np.ndarray, padding: tuple[int, int] | None) -> np.ndarray | None:
+    """Where a frame's raw stored values are padding (outside the scanner's field of view), or None if
+    nowhere."""
+    if padding is None:
+        return None
+    info = np.iinfo(raw.dtype)
+    lo, hi = max(padding[0], int(info.min)), min(padding[1], int(info.max))
+    if lo > hi:
+        return None
+    mask = raw == lo if lo == hi else (raw >= lo) & (raw <= hi)
+    return mask if mask.any() else None
 
 
 def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -758,11 +1162,16 @@ def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.nd
     return out
 
 
-def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
+def _check_plausible(hu: np.ndarray, filename: str, frame: int | None, padding: np.ndarray | None = None) -> None:
     # Sample every 8th row: the statistics are robust and this keeps them well under 1 ms a slice.
     sample = hu[::8]
     where = "" if frame is None else f" (frame {frame})"
-    high = float(np.count_nonzero(sample > HIGH_HU)) / max(sample.size, 1)
+    keep = None if padding is None else ~padding[::8]  # padding pixels are not the image
+    n = sample.size if keep is None else int(np.count_nonzero(keep))
+    if n == 0:  # nothing but padding: nothing to judge
+        return
+    above = sample > HIGH_HU
+    high = float(np.count_nonzero(above if keep is None else above & keep)) / n
     if high > HIGH_HU_FRACTION:
         raise Undecodable(
             f"Decoded pixels{where} are implausible for CT: {100 * high:.0f}% above {HIGH_HU} HU "
@@ -770,6 +1179,8 @@ def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
             filename=filename,
         )
     d = np.abs(np.diff(sample.astype(np.int32), axis=1))
+    if keep is not None:
+        d = d[keep[:, 1:] & keep[:, :-1]]  # pairs of image pixels only
     if d.size == 0:  # a single-column frame: nothing to compare
         return
     # "the median is above the limit", counted (a partition per slice cost more than the decode)
@@ -782,16 +1193,26 @@ def _check_plausible(hu: np.ndarray, filename: str, frame: int | None) -> None:
         )
 
 
-def _air_stored_near_0(stored: np.ndarray, slope: float) -> bool:
-    """Whether a frame's lowest values (its air), padding below -1500 left out, lie above
-    :data:`AIR_STORED_NEAR_0`."""
+def _air_stored_near_0(stored: np.ndarray, slope: float, padding: np.ndarray | None = None) -> bool:
+    """Whether a frame's lowest values (its air), padding (Pixel Padding Value, and any value below -1500)
+    left out, lie above :data:`AIR_STORED_NEAR_0`."""
     values = stored.astype(np.float32) * np.float32(slope)
-    values = values[values > -1500]  # padding outside the field of view (-2000, -3024, ...)
+    keep = values > -1500  # padding outside the field of view (-2000, -3024, ...)
+    if padding is not None:
+        keep &= ~padding
+    values = values[keep]
     return bool(values.size) and float(np.percentile(values, 1)) > AIR_STORED_NEAR_0
 
 
 def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upload>") -> np.ndarray:
     """Decode the frames of ``ds`` to HU on their original grid.
+
+    Compressed frames are refused before decoding when their own headers declare another matrix than
+    Rows x Columns (:func:`_check_codestreams`). Pixels whose stored value is Pixel Padding Value
+    (0028,0120), or within Pixel Padding Range Limit (0028,0121) of it, compared as stored (before the bits
+    above Bits Stored are cleared, and before rescaling), lie outside the scanner's field of view: they
+    become air (:data:`PAD_HU`) and are left out of the plausibility checks. In a lossy frame the padding may
+    miss the value a little (:data:`LOSSY_PADDING_TOLERANCE`).
 
     Parameters
     ----------
@@ -810,18 +1231,24 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
     Raises
     ------
     gateway.errors.Undecodable
-        The codec failed, the frame count disagrees, or a frame decodes to noise.
+        The codec failed, a frame's codestream declares another matrix, the frame count disagrees, or a frame
+        decodes to noise.
     """
-    stored = _stored_values(ds, filename)
+    stored, raw = _stored_values(ds, filename)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
+    padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None
     out = np.empty(stored.shape, dtype=np.int16)
     for i, h in enumerate(headers):
+        pad = _padding_mask(raw[i], _lossy_padding(padding, h.slope, h.intercept)
+                            if padding is not None and h.lossy else padding)
         intercept = h.intercept
-        if h.intercept_missing and _air_stored_near_0(stored[i], h.slope):
+        if h.intercept_missing and _air_stored_near_0(stored[i], h.slope, pad):
             intercept = -1024.0  # air stored near 0: without it the lungs read as water (+1024 HU)
         rescale_to_hu(stored[i], h.slope, intercept, out=out[i])  # each frame written once, in place
-        _check_plausible(out[i], filename, h.frame_index)
+        if pad is not None:
+            out[i][pad] = PAD_HU
+        _check_plausible(out[i], filename, h.frame_index, pad)
     return out
 
 

@@ -46,7 +46,7 @@ from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
-from gateway.errors import GatewayError, NotDicom
+from gateway.errors import GatewayError, InvalidInput
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store.blobs import sweep_stale
@@ -311,7 +311,7 @@ class StorageScp:
         name = f"dimse:{peer.ae_title}@{peer.address}#{event.request.AffectedSOPInstanceUID}"
         try:
             header = read_header(data, name)
-        except NotDicom as exc:
+        except InvalidInput as exc:  # not DICOM, or a deflated data set that inflates past the bounds
             logger.info("C-STORE from %s refused (0xC000): %s", peer.ae_title, exc.message)
             self._refuse(exc.reason)
             return CANNOT_UNDERSTAND

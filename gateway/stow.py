@@ -29,7 +29,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.dicom import CT_SOP_CLASSES, read_dataset
+from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset
 from gateway.errors import NotDicom, Unavailable
 from gateway.jobs import JobView
 from gateway.store import BlobStore, Store, StoreError, new_key
@@ -54,11 +54,20 @@ def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeade
     """Read the SOP Class, SOP Instance and Study Instance UIDs of one DICOM instance (its bytes, or a file:
     only its header is read).
 
+    A deflated data set (Deflated Explicit VR Little Endian) is inflated whole first, with the bounds of
+    :func:`gateway.dicom.inflate_deflated` (pydicom's readers inflate it without any, even for three UIDs).
+
     Raises
     ------
     gateway.errors.NotDicom
         When ``data`` is not a DICOM data set holding the three UIDs.
+    gateway.errors.ZipBomb, gateway.errors.TooLarge
+        When it is a deflated one that inflates past those bounds (the callers answer "cannot understand"
+        to any :class:`~gateway.errors.InvalidInput`, and count it by its reason).
     """
+    if part10_transfer_syntax(data) == DEFLATED:
+        inflated = read_dataset(data, filename)  # NotDicom, ZipBomb, TooLarge
+        return _check_uids([str(inflated.get(t, "") or "").strip() for t in _TAGS], filename)
     try:
         source = data if isinstance(data, Path) else io.BytesIO(data)
         try:
@@ -72,6 +81,10 @@ def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeade
         # (e.g. explicit VR big endian with undefined-length UN sequences, which pydicom 3.0 cannot read)
         ds = read_dataset(data.read_bytes() if isinstance(data, Path) else data, filename)  # NotDicom, with why
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
+    return _check_uids(values, filename)
+
+
+def _check_uids(values: list[str], filename: str) -> InstanceHeader:
     if not all(values):
         missing = [t for t, v in zip(_TAGS, values, strict=True) if not v]
         raise NotDicom(f"DICOM data set without {', '.join(missing)}.", filename=filename)

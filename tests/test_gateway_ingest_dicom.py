@@ -382,3 +382,36 @@ def test_slices_are_mirrored_into_the_radiological_convention_and_boxes_back(ori
     # to_grid of the mapped-back box covers the model-grid box again
     again = grid.to_grid(back[None, :4])[0]
     assert again[0] <= box[0, 0] + 1 and again[2] >= box[0, 2] - 1 and again[1] <= box[0, 1] + 1
+
+
+def test_a_read_error_of_the_volume_is_no_refusal_of_the_file(tmp_path, monkeypatch):
+    """EIO (or a stale NFS handle) while reading a blob became 'not DICOM' or 'undecodable': the study was
+    screened without the file, or failed for good. It passes through, for the worker to try again; a
+    codec's own OSError without an errno (Pillow's "broken data stream") stays a refusal of the file."""
+    import errno
+
+    import pydicom as pd
+
+    from gateway.dicom import read_dataset
+    from gateway.errors import NotDicom
+    from tests.gateway_app_fakes import ct_series
+
+    _, [(name, data)] = ct_series(1, size=64)
+    path = tmp_path / name
+    path.write_bytes(data)
+    real = pd.dcmread
+
+    def failing(cause):
+        def read(*args, **kwargs):
+            raise cause
+        return read
+
+    monkeypatch.setattr(pd, "dcmread", failing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as info:
+        read_dataset(path, name)
+    assert info.value.errno == errno.EIO and not isinstance(info.value, NotDicom)
+    monkeypatch.setattr(pd, "dcmread", failing(OSError("broken data stream when reading image file")))
+    with pytest.raises(NotDicom):
+        read_dataset(path, name)
+    monkeypatch.setattr(pd, "dcmread", real)
+    assert read_dataset(path, name).Rows == 64

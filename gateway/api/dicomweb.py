@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
-from gateway.errors import GatewayError, NotDicom
+from gateway.errors import GatewayError, InvalidInput
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, Intake, read_header
 from gateway.uids import check_uid
@@ -128,7 +128,7 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             continue
         try:
             header = await run_in_threadpool(read_header, content, name)  # a file: off the event loop
-        except NotDicom as exc:
+        except InvalidInput as exc:  # not DICOM, or a deflated data set that inflates past the bounds
             metrics.error(exc.reason)
             failed.append(_item("", "", CANNOT_UNDERSTAND))
             continue
