@@ -56,6 +56,7 @@ from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodab
 from gateway.phi import file_ref, protect_logs
 from gateway.report import SrContext, sr_context
 from gateway.series import (
+    MIN_SCREENABLE_POSITIONS,
     SeriesRules,
     SeriesSelection,
     SortedSeries,
@@ -503,7 +504,8 @@ def _assemble(
         warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
     if selection.derived is not None:
         shown = "\\".join(selection.derived) or "absent"
-        warnings.append(f"No ORIGINAL\\PRIMARY series: screened a derived axial series (Image Type {shown}); "
+        warnings.append(f"No ORIGINAL\\PRIMARY series of {MIN_SCREENABLE_POSITIONS} or more positions: screened a derived "
+                        f"axial series (Image Type {shown}); "
                         "check it is a plain reconstruction of the acquisition.")
     if selection.other_series:
         warnings.append(f"{len(selection.other_series)} other usable series not screened.")

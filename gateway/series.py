@@ -274,19 +274,22 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
             excluded.append((h, *why))
         else:
             by_series[h.series_instance_uid].append(h)
-    fallback = False
-    if not by_series and rules.require_original_primary:
-        # no ORIGINAL\PRIMARY frame: a plain axial CT stack labelled DERIVED (a lossy conversion, a PACS
-        # export) or with its Image Type stripped (an anonymiser) is screened, with a warning; reformats,
-        # projections, maps and secondary captures stay out
+    derived_uids: set[str] = set()
+    most = max((_distinct_positions(g, rules) for g in by_series.values()), default=0)
+    if most < MIN_SCREENABLE_POSITIONS and rules.require_original_primary:
+        # no ORIGINAL\PRIMARY series that can be screened (none, or only a bolus tracker's or a scout's few
+        # positions): a plain axial CT stack labelled DERIVED (a lossy conversion, a PACS export) or with its
+        # Image Type stripped (an anonymiser) is screened, with a warning; reformats, projections, maps and
+        # secondary captures stay out
         relaxed = replace(rules, require_original_primary=False)
         still_out: list[tuple[FrameHeader, str, str]] = []
         for h, reason, message in excluded:
             if reason == "not_original" and _plain_axial_stack(h) and frame_exclusion(h, relaxed) is None:
                 by_series[h.series_instance_uid].append(h)
+                derived_uids.add(h.series_instance_uid)
             else:
                 still_out.append((h, reason, message))
-        excluded, fallback = still_out, True
+        excluded = still_out
     if not by_series:
         return None
 
@@ -305,13 +308,7 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
 
     def score(item: tuple[str, list[FrameHeader]]) -> tuple[float, ...]:
         uid, group = item
-        n = slice_normal(group[0].orientation)  # type: ignore[arg-type]
-        distinct = len(
-            {
-                round(float(np.dot(n, h.position)) / max(rules.duplicate_tol_mm, 1e-6))  # type: ignore[arg-type]
-                for h in group
-            }
-        )
+        distinct = _distinct_positions(group, rules)
         thick = float(np.median([h.slice_thickness for h in group if h.slice_thickness] or [math.inf]))
         number = group[0].series_number if group[0].series_number is not None else 1 << 30
         return (-distinct, thick, -lung_rank(group[0]), number)
@@ -323,8 +320,21 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
         logger.info("series %s chosen (%d frames) over %s", winner_uid, len(winner), others)
     return SeriesSelection(
         series_instance_uid=winner_uid, chosen=winner, excluded=excluded, other_series=others,
-        derived=winner[0].image_type if fallback else None,
+        derived=winner[0].image_type if winner_uid in derived_uids else None,
     )
+
+
+MIN_SCREENABLE_POSITIONS = 3
+"""Fewest distinct positions a series must have to be screened before a derived axial stack: the case
+rule's run of three consecutive slices. Fewer is a bolus tracker's or a scout's series, not a chest."""
+
+
+def _distinct_positions(group: Sequence[FrameHeader], rules: SeriesRules) -> int:
+    """Distinct slice positions of a series' frames (along the first frame's normal, to the duplicate
+    tolerance)."""
+    n = slice_normal(group[0].orientation)  # type: ignore[arg-type]
+    return len({round(float(np.dot(n, h.position)) / max(rules.duplicate_tol_mm, 1e-6))  # type: ignore[arg-type]
+                for h in group})
 
 
 def sort_slices(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SortedSeries:

@@ -382,6 +382,27 @@ def test_an_original_series_still_wins_over_a_derived_one() -> None:
     assert {r.reason for r in study.excluded} == {"not_original"}
 
 
+@pytest.mark.parametrize("positions", [1, 2])
+def test_a_bolus_tracker_does_not_win_over_the_chest_because_it_is_original(positions) -> None:
+    """An ORIGINAL\\PRIMARY bolus-tracking series (8 images at one or two positions) and the chest stack
+    labelled DERIVED (a PACS export): the tracker won by its Image Type and the study was screened as one
+    slice. A series too short for the case rule's run of three no longer keeps the derived stack out."""
+    study_uid = generate_uid()
+    tracker = _files(make_series(8, rows=32, cols=32, study_uid=study_uid, series_number=2, spacing=0.0), "tracker/")
+    if positions == 2:
+        tracker = tracker[:4] + _files(make_series(4, rows=32, cols=32, study_uid=study_uid, z0=5.0, spacing=0.0,
+                                                   series_number=2, series_uid=_series_of(tracker)), "tracker2/")
+    chest = _files(make_series(20, rows=32, cols=32, study_uid=study_uid, series_number=3,
+                               image_type=("DERIVED", "PRIMARY", "AXIAL")), "chest/")
+    study = load_study(tracker + chest)
+    assert study.n_slices == 20 and study.series_number == 3
+    assert [w for w in study.warnings if w.startswith("No ORIGINAL\\PRIMARY series of 3 or more")], study.warnings
+
+
+def _series_of(files: list[tuple[str, bytes]]) -> str:
+    return str(pydicom.dcmread(io.BytesIO(files[0][1]), stop_before_pixels=True).SeriesInstanceUID)
+
+
 def _tilted(deg: float) -> tuple[float, ...]:
     import math
 
