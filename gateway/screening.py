@@ -168,7 +168,7 @@ class Screener:
         self._stream = loader is None  # a custom loader decodes whole studies: nothing to stream
         self.decode_workers = decode_workers
         self.executor = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
-        self._models: list[ModelInfo] | None = None
+        self._models: tuple[float, list[ModelInfo]] | None = None  # (when read, monotonic; what)
         self.ahead: set[Speculation] = set()
         """Speculations of uploads from the start of their parse until released or screened (the upload route
         counts those still at work against free slots)."""
@@ -395,7 +395,7 @@ class Screener:
         if on_aggregate is not None:
             await on_aggregate()
         t = time.monotonic()
-        models = await self._model_info()
+        models = await self.model_info()
         t_rule = time.perf_counter()
         result = case_result(study, outputs, self.rule, models=models, job_id=job_id, created_at=datetime.now(UTC))
         rule_s = time.perf_counter() - t_rule
@@ -410,18 +410,27 @@ class Screener:
         self.metrics.studies.labels(result.verdict).inc()
         return result
 
-    async def _model_info(self) -> list[ModelInfo]:
-        if self._models is None:
-            version = await self.pool.model_version()
-            if version is None:
-                return [ModelInfo(name=self.pool.model_name, version="unknown")]
-            platform, parts = await self.pool.model_description()
-            models = [ModelInfo(name=self.pool.model_name, version=version, platform=platform)]
-            for name, info in sorted(parts.items()):
-                models.append(ModelInfo(name=name, version=info.get("version", "unknown"),
-                                        sha256=info.get("sha256")))
-            self._models = models
-        return self._models
+    model_info_ttl_s = 60.0
+    """How long :meth:`model_info` keeps what Triton said: a model rolled out on the Triton fleet is named in
+    results from at most this long after (it was kept for the process's life: every result of a gateway
+    that outlived a rollout named the models it first saw)."""
+
+    async def model_info(self) -> list[ModelInfo]:
+        """The models that screen, as Triton describes them (the called model, then its ONNX graphs' versions
+        and sha256), read at most every :attr:`model_info_ttl_s`; ``unknown`` (and read again at the next
+        study) while no endpoint answers."""
+        now = time.monotonic()
+        if self._models is not None and now - self._models[0] < self.model_info_ttl_s:
+            return self._models[1]
+        version = await self.pool.model_version()
+        if version is None:
+            return [ModelInfo(name=self.pool.model_name, version="unknown")]
+        platform, parts = await self.pool.model_description()
+        models = [ModelInfo(name=self.pool.model_name, version=version, platform=platform)]
+        for name, info in sorted(parts.items()):
+            models.append(ModelInfo(name=name, version=info.get("version", "unknown"), sha256=info.get("sha256")))
+        self._models = (now, models)
+        return models
 
 
 def stage_ms_per_slice(n_slices: int, work_s: dict[str, float], calls: InferStats,

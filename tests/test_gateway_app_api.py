@@ -636,3 +636,36 @@ def test_a_worker_releases_its_kept_uploads_off_the_event_loop():
 
     asyncio.run(go())
     assert on_loop == [False, False]
+
+
+def test_results_name_the_models_triton_serves_now_not_the_first_it_saw(monkeypatch):
+    """A gateway that outlived a model rollout on the Triton fleet named the models it first saw in every
+    result for the rest of its life (wrong provenance); what Triton says is read again after a minute."""
+    import asyncio
+
+    from gateway.metrics import Metrics
+    from gateway.screening import Screener
+    from gateway.triton_pool import TritonPool
+
+    served = ["1"]
+
+    async def version(self):
+        return served[0]
+
+    monkeypatch.setattr(TritonPool, "model_version", version)
+
+    async def go() -> list[str]:
+        pool = TritonPool(["fake:1"], client_factory=FakeFleet())
+        screener = Screener(pool, Metrics())
+        try:
+            seen = [(await screener.model_info())[0].version]
+            served[0] = "2"  # rolled out
+            seen.append((await screener.model_info())[0].version)  # within the minute: as read
+            screener.model_info_ttl_s = 0.0  # a minute later
+            seen.append((await screener.model_info())[0].version)
+            return seen
+        finally:
+            screener.close()
+            await pool.close()
+
+    assert asyncio.run(go()) == ["1", "1", "2"]
