@@ -463,9 +463,9 @@ class _Hang:
         self.sock.close()
 
 
-def _run_then_close(scenario, hangs: list[_Hang]) -> None:
+def _run_then_close(scenario, hangs: list[_Hang]):
     try:
-        asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         for h in hangs:
             h.close()
@@ -500,6 +500,42 @@ def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, t
             await store.close()
 
     _run_then_close(scenario, [hang])
+
+
+def test_a_replica_stopping_mid_send_gives_the_delivery_back_at_once_without_counting_the_try(study_files, tmp_path):
+    """A rolling restart cancelled the sends in flight and left their leases to lapse (120 s), each cut
+    send counted as a try. Stopping now gives them back: pending, due now, the try not counted."""
+    hang = _Hang()
+
+    async def scenario():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files)
+        hanging = {"name": "hang", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": hang.port,
+                   "timeout_s": 30}
+        deliverer = Deliverer(store, blobs, parse_destinations([hanging]), settings, CollectorRegistry())
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await deliverer.poll()
+                await asyncio.sleep(0.1)
+                (task,) = await deliverer.tasks.of_job(result.job_id)
+                if task.state == "sending":
+                    break
+            assert (task.state, task.attempts) == ("sending", 1), task
+            await deliverer.stop()  # the replica shuts down mid-send
+            (task,) = await deliverer.tasks.of_job(result.job_id)
+            other = Deliveries(Store(settings.database(), owner="another-replica"))
+            try:
+                taken = await other.claim(60, ["hang"])  # at once, not after the lease
+            finally:
+                await other.store.close()
+            return task, taken
+        finally:
+            await store.close()
+
+    task, taken = _run_then_close(scenario, [hang])
+    assert (task.state, task.attempts) == ("pending", 0), task
+    assert taken is not None and taken.attempts == 1
 
 
 def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handlers=(), **settings_kw):

@@ -142,13 +142,23 @@ class Deliverer:
             await self.store.work.wait(self.settings.delivery_poll_s)
 
     async def stop(self) -> None:
-        """Stop the loop; tasks being sent are cancelled (their leases expire; any replica resumes them)."""
+        """Stop the loop; tasks being sent are cancelled and given back to any replica at once, their try not
+        counted (if the store cannot be reached, their leases lapse and any replica resumes them then)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         for run in list(self._running):
             run.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        if self.destinations:
+            try:
+                released = await self.tasks.release_held()
+            except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on (the leases lapse)
+                logger.warning("could not give back the deliveries being sent (%s); their leases lapse in %g s",
+                               type(exc).__name__, self.settings.delivery_lease_s)
+            else:
+                if released:
+                    logger.info("gave back %d deliveries being sent, for any replica", released)
         if self._http is not None:
             await self._http.aclose()
             self._http = None

@@ -220,6 +220,23 @@ class Deliveries:
             _event(row, now, PENDING, f"retry in {delay_s:g} s: {error}")
         return await self._update(task_id, change) is not None
 
+    async def release_held(self) -> int:
+        """Give back every task this replica is sending (it shuts down): ``pending`` and due at once for any
+        replica, the try not counted (a shut-down is no failure of the destination). Without it each
+        rolling restart cost every delivery in flight a try and a wait for its lease to lapse."""
+        now = await self.store.now()
+        async with self.store.tx() as s:
+            rows = (await s.execute(select(Delivery).where(
+                Delivery.state == SENDING, Delivery.lease_owner == self.store.owner).with_for_update())).scalars().all()
+            for row in rows:
+                row.state, row.lease_owner, row.lease_expires_at, row.next_attempt_at = PENDING, None, None, now
+                row.attempts = max(0, row.attempts - 1)
+                row.updated_at = now
+                _event(row, now, PENDING, "released: its sender shut down")
+        if rows:
+            self.store.wake()
+        return len(rows)
+
     async def renew(self, task_id: int, lease_s: float) -> bool:
         """Renew the lease of a task being sent."""
         def change(row: Delivery, now: float) -> None:
