@@ -1205,3 +1205,36 @@ def test_a_result_a_later_release_wrote_is_read_with_its_new_fields_dropped(db_u
             await store.close()
 
     _run(go())
+
+
+def test_the_worklist_stream_gives_an_event_committed_behind_a_later_one(pg_url):
+    """PostgreSQL hands event ids out at insert: a job's event whose transaction commits after a later
+    event's was skipped by the live worklist (it read ``id > last``), and the page missed that change.
+    (SQLite commits one writer at a time: its ids become visible in order.)"""
+    from gateway.store.models import Event
+    from gateway.store.worklist import EventCursor, Worklist
+
+    upgrade(pg_url)
+
+    async def go():
+        store = Store(pg_url)
+        try:
+            [a, b] = await _queue(store, 2)
+            cursor = await EventCursor.at_newest(Worklist(store))
+            assert await cursor.next() == []
+            slow = store.tx()
+            s = await slow.__aenter__()  # a's transaction takes its event's id first ...
+            s.add(Event(job_id=a, state="queued", slices_done=0, slices_total=None, created_at=time.time()))
+            await s.flush()
+            async with store.tx() as t:  # ... b's commits first
+                t.add(Event(job_id=b, state="queued", slices_done=0, slices_total=None, created_at=time.time()))
+            seen = [[e["job_id"] for e in await cursor.next()]]
+            await slow.__aexit__(None, None, None)  # a's commits now
+            seen.append([e["job_id"] for e in await cursor.next()])
+            assert await cursor.next() == []  # each once
+            return seen, [[b], [a]]
+        finally:
+            await store.close()
+
+    seen, expected = _run(go())
+    assert seen == expected

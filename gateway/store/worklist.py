@@ -215,6 +215,11 @@ class Worklist:
             return [{"id": r[0], "job_id": r[1], "state": row_state("complete", r[2]), "slices_done": r[3],
                      "slices_total": r[4]} for r in rows]
 
+    async def event_ids(self, low: int, high: int) -> set[int]:
+        """Ids of the job events in ``(low, high]`` committed now."""
+        async with self.store.read() as s:
+            return set((await s.execute(select(Event.id).where(Event.id > low, Event.id <= high))).scalars())
+
     async def service(self, window_s: float = 3600.0, sample: int = 500, failures: int = 10) -> dict[str, Any]:
         """Throughput and latency over the last ``window_s`` seconds, and the latest failures.
 
@@ -252,3 +257,41 @@ def _quantile(values: list[float], q: float) -> float | None:
     rank = max(1, -(-len(ordered) * q // 1))  # ceil(n q), at least 1
     return ordered[int(rank) - 1]
 
+
+
+REORDER_WINDOW = 256
+"""How far behind the newest event id an event may still become visible on PostgreSQL: ids are handed out
+at insert, and concurrent transactions commit in another order (a job's finish after a later job's
+progress). :class:`EventCursor` reads this far back."""
+
+
+class EventCursor:
+    """The worklist's job events, each once, as their commits make them visible (the worklist's live stream).
+
+    Reading ``id > last`` alone skipped an event whose transaction took its id before another's and
+    committed after it (PostgreSQL): the page missed that job's change until reloaded. On PostgreSQL the
+    cursor reads :data:`REORDER_WINDOW` ids back and skips those it has given; SQLite commits one writer at
+    a time, in id order. Open it with :meth:`at_newest`.
+    """
+
+    def __init__(self, worklist: Worklist, last: int, given: set[int]) -> None:
+        self.worklist, self.last, self._given = worklist, last, given
+        self._back = REORDER_WINDOW if worklist.store.dialect == "postgresql" else 0
+
+    @classmethod
+    async def at_newest(cls, worklist: Worklist) -> EventCursor:
+        """A cursor past every event visible now (those in the window are taken as given)."""
+        last = await worklist.last_event()
+        back = REORDER_WINDOW if worklist.store.dialect == "postgresql" else 0
+        return cls(worklist, last, await worklist.event_ids(last - back, last) if back else set())
+
+    async def next(self, limit: int = 500) -> list[dict[str, Any]]:
+        """The events made visible since the last call, oldest id first (at most ``limit`` new ones)."""
+        low = self.last - self._back
+        rows = await self.worklist.events_after(low, limit + len(self._given))
+        fresh = [e for e in rows if e["id"] not in self._given][:limit]
+        for e in fresh:
+            self._given.add(e["id"])
+            self.last = max(self.last, e["id"])
+        self._given = {i for i in self._given if i > self.last - self._back}
+        return fresh

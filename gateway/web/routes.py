@@ -34,7 +34,7 @@ from gateway.auth import ADMIN, RESULTS_READ, StreamGuard
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
 from gateway.jobs import JobState
 from gateway.store import Store
-from gateway.store.worklist import Worklist, WorklistRow
+from gateway.store.worklist import EventCursor, Worklist, WorklistRow
 from gateway.web.access import ReadAccess
 from gateway.web.labels import read_labels
 from gateway.web.render import WINDOWS, InstancesGone, LruCache, SeriesMap, png_etag, render_png
@@ -168,18 +168,17 @@ async def worklist(
 async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
     """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job."""
     store = web.worklist.store
-    last = await web.worklist.last_event()
+    cursor = await EventCursor.at_newest(web.worklist)
 
     guard = StreamGuard(request, RESULTS_READ)
 
     async def stream() -> AsyncIterator[bytes]:
-        nonlocal last
         yield b"retry: 2000\n\n"
         quiet_since = time.monotonic()
         while not await request.is_disconnected() and await guard.holds():  # a revoked key ends the stream
-            events = await web.worklist.events_after(last)
+            events = await cursor.next()
             for e in events:
-                last = e.pop("id")
+                e.pop("id")
                 yield f"event: progress\ndata: {json.dumps(e)}\n\n".encode()
             if events:
                 quiet_since = time.monotonic()
