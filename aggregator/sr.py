@@ -160,9 +160,10 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
     out = []
     for ds in datasets:
         copy = Dataset()
-        for elem in ds:
-            if elem.tag.group == 0x7FE0:  # no pixel data
+        for tag in ds.keys():  # by tag: iterating the data set would read a deferred Pixel Data from its file
+            if tag.group == 0x7FE0:  # no pixel data
                 continue
+            elem = ds[tag]
             if elem.VR in _TEMPORAL and not _readable(elem.VR, elem.value):
                 emptied.add(elem.keyword or str(elem.tag))
                 copy.add_new(elem.tag, elem.VR, "")

@@ -31,7 +31,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom.uid import PYDICOM_ROOT_UID
@@ -41,7 +40,7 @@ from gateway.jobs import JobError, JobState
 from gateway.metrics import Metrics
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError
+from gateway.store import BlobStore, Claimed, Store, StoreError, instance_sources
 from gateway.store.deliveries import Deliveries
 from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import sweep_spools
@@ -280,23 +279,12 @@ class Worker:
 
             raise Unavailable("The study's instances are no longer kept (retention); send it again.")
         try:
-            sources = await asyncio.to_thread(self._sources, files)
+            sources = await asyncio.to_thread(instance_sources, self.blobs, files)
         except FileNotFoundError as exc:
             from gateway.errors import Unavailable
 
             raise Unavailable(f"An instance of the study is missing from the blob store: {exc.filename}") from None
         return await self.screener.prepare(sources)
-
-    def _sources(self, files: list[tuple[str, str]]) -> list[tuple[str, bytes | Path]]:
-        """The study's instances: their files when the blob store keeps files (ingest then reads the headers
-        and, when it decodes them, the pixels: nothing is loaded whole), else their bytes."""
-        if isinstance(self.blobs, FolderBlobs):
-            paths = [(name, self.blobs.path(key)) for name, key in files]
-            for _, path in paths:
-                if not path.is_file():
-                    raise FileNotFoundError(2, "No such blob", path.name)
-            return list(paths)
-        return [(name, self.blobs.get(key)) for name, key in files]
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
         self.screener.metrics.failed(error.reason)

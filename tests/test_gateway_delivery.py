@@ -538,6 +538,47 @@ def test_a_replica_stopping_mid_send_gives_the_delivery_back_at_once_without_cou
     assert taken is not None and taken.attempts == 1
 
 
+def test_building_a_studys_objects_reads_only_the_key_images_pixels(tmp_path, monkeypatch):
+    """The payload was built from every instance's bytes, then every instance parsed with its pixels (and
+    the SR's header copies read them too): a 600-slice study held twice its size while its SR was built.
+    From the blob files the pixels are read only for the key images, and the objects are the same."""
+    import pydicom.filereader
+
+    from gateway.delivery import payloads
+    from gateway.store import instance_sources
+    from tests.gateway_app_fakes import ct_series
+
+    study_files = []
+    for name, data in ct_series(40, size=256)[1]:  # 128 KiB of pixels a slice: read when used
+        study_files.append(tmp_path / "study" / name)
+        study_files[-1].parent.mkdir(exist_ok=True)
+        study_files[-1].write_bytes(data)
+
+    async def stored():
+        settings = _settings(tmp_path)
+        store, blobs, result = await _done_job(settings, study_files)
+        files, _ = await Deliveries(store).job_sources(result.job_id)
+        await store.close()
+        return blobs, result, files
+
+    blobs, result, files = asyncio.run(stored())
+    read = pydicom.filereader.read_deferred_data_element  # imported by Dataset.__getitem__ when it reads one
+    pixels_read: list[int] = []
+
+    def counting(*args, **kwargs):  # pydicom's own deferred read, counted when it reads Pixel Data
+        elem = read(*args, **kwargs)
+        pixels_read.extend([1] if elem.tag == 0x7FE00010 else [])
+        return elem
+
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element", counting)
+    kinds = ["sr", "key_images", "kos"]
+    from_files = payloads.build_dicom(result, instance_sources(blobs, files), kinds, lambda data: new_key())
+    from_bytes = payloads.build_dicom(result, [(n, blobs.get(k)) for n, k in files], kinds, lambda data: new_key())
+    assert [(o["kind"], o["uid"]) for o in from_files] == [(o["kind"], o["uid"]) for o in from_bytes]
+    n_key_images = sum(o["kind"] == "key_image" for o in from_files)
+    assert 0 < len(pixels_read) <= n_key_images, (len(pixels_read), n_key_images)  # of 40 slices
+
+
 def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handlers=(), **settings_kw):
     """Screen a study, deliver it to the pynetdicom SCP ``scp`` (served on a free port) and return the
     delivery task once it is done or failed."""

@@ -40,7 +40,7 @@ from gateway.delivery import payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
 from gateway.settings import Settings
-from gateway.store import BlobStore, Store, new_key
+from gateway.store import BlobStore, Store, instance_sources, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,8 @@ class Deliverer:
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
                 return payloads.build_fhir(result, context, put, dest.systems(), earlier)
-            try:
-                sources = [(name, self.blobs.get(key)) for name, key in files]
+            try:  # files, read as needed (their pixels only for the key images)
+                sources = instance_sources(self.blobs, files)
             except FileNotFoundError:
                 raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
             return payloads.build_dicom(result, sources, dest.objects, put, earlier)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aggregator.fhir import IdentifierSystems
@@ -50,8 +51,14 @@ def _bytes(ds: Any) -> bytes:
     return buf.getvalue()
 
 
-def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[Any]:
-    """The screened series' instances, parsed (pixel data kept for the key images)."""
+DEFER_BYTES = 64 * 1024
+"""Values longer than this (Pixel Data) are read from a stored instance's file only when used: the key
+images' few slices, not the whole study (a 600-slice study held 300 MB twice over while its SR was built)."""
+
+
+def _series(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]]) -> list[Any]:
+    """The screened series' instances, parsed; from a file, their pixel data is read when used (the key
+    images'), so a study's building holds its headers, not its pixels."""
     import pydicom
 
     from gateway.uploads import iter_upload
@@ -61,7 +68,8 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
     for filename, data in sources:
         for _name, content in iter_upload(filename, data):
             try:
-                ds = pydicom.dcmread(io.BytesIO(content), force=True)
+                source = content if isinstance(content, Path) else io.BytesIO(content)
+                ds = pydicom.dcmread(source, force=True, defer_size=DEFER_BYTES if isinstance(content, Path) else None)
             except Exception:  # noqa: BLE001 - not every member of an upload is DICOM
                 continue
             if str(ds.get("SOPInstanceUID", "")) in wanted:
@@ -69,7 +77,7 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes]]) -> list[An
     return out
 
 
-def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes]], objects: Sequence[str],
+def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]], objects: Sequence[str],
                 put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
     """Build the SR, the key images and the KOS, those of them in ``objects``; ``put`` stores bytes and returns a
     blob key. The KOS references the key images when they are made too. The SR names

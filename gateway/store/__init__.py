@@ -4,7 +4,8 @@ See :mod:`gateway.store.store` (tables, claims, leases), :mod:`gateway.store.blo
 before an acknowledgement) and :mod:`gateway.store.migrate` (Alembic migrations shipped here).
 """
 
-from gateway.store.blobs import BlobStore, FolderBlobs, new_key
+from gateway.store.blobs import BlobStore, FolderBlobs, instance_sources, new_key
 from gateway.store.store import Claimed, Store, StoreError, StudyState, async_url, redact
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "async_url", "new_key", "redact"]
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "async_url", "instance_sources",
+           "new_key", "redact"]

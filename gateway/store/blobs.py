@@ -263,6 +263,25 @@ class FolderBlobs:
         return sorted(keys)
 
 
+def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]]) -> list[tuple[str, bytes | Path]]:
+    """``(filename, content)`` of a study's instances (``(filename, blob key)`` each): their files when the
+    blob store keeps files (a reader then reads what it needs: headers, the pixels of a few slices), else
+    their bytes.
+
+    Raises
+    ------
+    FileNotFoundError
+        An instance's blob is missing (its name is the missing file's).
+    """
+    if isinstance(blobs, FolderBlobs):
+        paths = [(name, blobs.path(key)) for name, key in files]
+        for _, path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(2, "No such blob", path.name)
+        return list(paths)
+    return [(name, blobs.get(key)) for name, key in files]
+
+
 def _each(fn: Callable[..., _T], args: Sequence[tuple[Any, ...]], what: str) -> list[Future[_T]]:
     """``fn(*a)`` for each ``a`` in up to ``_IO_THREADS`` threads (blocking I/O); returns once every call ended."""
     with ThreadPoolExecutor(min(_IO_THREADS, len(args)), thread_name_prefix=f"ctscreen-{what}") as pool:
