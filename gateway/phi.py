@@ -16,7 +16,7 @@ import logging
 import re
 import warnings
 
-__all__ = ["ValueRedactor", "file_ref", "protect_logs"]
+__all__ = ["ValueRedactor", "WithheldError", "file_ref", "protect_logs", "withheld"]
 
 _QUOTED = re.compile(r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\"""")
 
@@ -67,3 +67,30 @@ def file_ref(name: str) -> str:
     'file#889c8e93a4'
     """
     return "file#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+class WithheldError(Exception):
+    """Stands in a log record for an exception whose message is withheld (:func:`withheld`)."""
+
+
+def withheld(exc: BaseException) -> WithheldError:
+    """``exc`` for a log record's ``exc_info`` with its message (and its causes') withheld: the traceback's
+    frames and the exception's type are kept. An unexpected error's message may quote what it choked on: a
+    header value (a patient's name, a birth date), a file name named after the patient, or the parameters of
+    an SQL statement; the last-resort handlers log this instead of ``logger.exception``.
+
+    >>> try:
+    ...     raise ValueError("Invalid value for PatientName: 'DOE^JANE'")
+    ... except ValueError as e:
+    ...     w, tb = withheld(e), e.__traceback__
+    >>> str(w), w.__traceback__ is tb
+    ('ValueError (its message is withheld: it may quote patient data)', True)
+    """
+    out = WithheldError(f"{type(exc).__qualname__} (its message is withheld: it may quote patient data)")
+    out.__traceback__ = exc.__traceback__
+    if exc.__cause__ is not None:
+        out.__cause__ = withheld(exc.__cause__)
+    elif exc.__context__ is not None and not exc.__suppress_context__:
+        out.__context__ = withheld(exc.__context__)
+    out.__suppress_context__ = exc.__suppress_context__
+    return out

@@ -37,6 +37,7 @@ from ctscreen.contracts import POSTPROCESS_MODEL, SLICE_SIZE
 from gateway.dicom import GridMapping
 from gateway.ingest import PreparedStudy, StudyPlan, load_study, plan_study
 from gateway.metrics import Metrics
+from gateway.phi import withheld
 from gateway.report import SrContext
 from gateway.speculation import Speculation
 from gateway.triton_pool import InferStats, SliceOutput, TritonPool
@@ -116,8 +117,8 @@ class Prepared:
             fn = self._release.pop()
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - a clean-up never fails the job
-                logger.exception("releasing a prepared study failed")
+            except Exception as exc:  # noqa: BLE001 - a clean-up never fails the job
+                logger.error("releasing a prepared study failed", exc_info=withheld(exc))
 
     @property
     def study_instance_uid(self) -> str:

@@ -38,6 +38,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.metrics import Metrics
+from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, Store, StoreError, instance_sources
@@ -150,8 +151,8 @@ class Worker:
             try:
                 if await self._triton_ready():
                     job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop the worker
-                logger.exception("claiming a job failed; trying again in %g s", poll)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the worker
+                logger.error("claiming a job failed; trying again in %g s", poll, exc_info=withheld(exc))
             if job is None:
                 self._slots.release()
                 await self.store.work.wait(poll)
@@ -256,7 +257,7 @@ class Worker:
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
-            logger.exception("job %s failed", job.id)
+            logger.error("job %s failed", job.id, exc_info=withheld(exc))
             await self._fail(job, JobError(reason="internal",  # the text of exc may name paths or addresses: the log has it
                                            message=f"Internal error while screening ({type(exc).__name__}); "
                                                    "the gateway's log has the details."))
@@ -416,8 +417,8 @@ class Sweeper:
         while True:
             try:
                 await self.sweep()
-            except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
-                logger.exception("sweep failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - the sweeper must survive a database hiccup
+                logger.error("sweep failed; trying again", exc_info=withheld(exc))
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def stop(self) -> None:

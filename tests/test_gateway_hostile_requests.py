@@ -67,8 +67,9 @@ def test_a_refusal_is_audited_with_its_reason(tmp_path):
 def test_an_unexpected_error_is_answered_503_logged_once_and_audited_as_answered(tmp_path, monkeypatch, caplog):
     from gateway.store.worklist import Worklist
 
-    async def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+    async def broken(*args, **kwargs):  # a bug whose message quotes what it choked on
+        name = "^".join(("DOE", "JANE"))  # not in the traceback's source line
+        raise RuntimeError(f"a bug on PatientName {name!r}")
 
     monkeypatch.setattr(Worklist, "page", broken)
     caplog.set_level(logging.ERROR)
@@ -80,6 +81,8 @@ def test_an_unexpected_error_is_answered_503_logged_once_and_audited_as_answered
     assert 'ctscreen_errors_total{reason="internal_error"} 1.0' in metrics
     tracebacks = [rec for rec in caplog.records if rec.exc_info]
     assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]
+    assert "Traceback" in caplog.text and "RuntimeError" in caplog.text and "in broken" in caplog.text
+    assert "DOE^JANE" not in caplog.text and "DOE^JANE" not in r.text  # its message is withheld
     (record,) = [r for r in _audit(tmp_path) if r["action"] == "GET /v1/worklist"]
     assert (record["status"], record["reason"]) == (503, "internal_error")
 
@@ -116,3 +119,23 @@ def test_a_stream_that_breaks_after_its_answer_began_is_audited_as_an_error(tmp_
                 pass
     (record,) = [r for r in _audit(tmp_path) if r["action"] == "GET /v1/worklist/events"]
     assert (record["status"], record["outcome"], record["reason"]) == (200, "error", "broken_mid_answer")
+
+
+def test_a_job_failing_on_a_bug_is_logged_with_its_traceback_and_not_its_message(tmp_path, monkeypatch, caplog):
+    """The worker's last resort logged the exception with its message, which may quote a header value."""
+    from gateway.screening import Screener
+    from tests.gateway_app_fakes import ct_series, wait_job
+
+    async def broken(*args, **kwargs):
+        name = "^".join(("DOE", "JANE"))  # not in the traceback's source line
+        raise ValueError(f"Invalid value for VR PN: {name!r}")
+
+    monkeypatch.setattr(Screener, "screen", broken)
+    caplog.set_level(logging.ERROR)
+    with _client(tmp_path, screen_ahead=False) as client:
+        _, files = ct_series(4, size=64)
+        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files])
+        job = wait_job(client, r.json()["job_id"])
+    assert job["state"] == "failed" and job["error"]["reason"] == "internal", job
+    assert "Traceback" in caplog.text and "ValueError" in caplog.text and "in broken" in caplog.text
+    assert "DOE^JANE" not in caplog.text and "DOE^JANE" not in json.dumps(job)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.audit import note_reason
 from gateway.errors import REASONS, GatewayError, NoUsableSeries
+from gateway.phi import withheld
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class LastResort:
         except Exception as exc:
             if started:
                 raise
-            logger.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            logger.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=withheld(exc))
             _note(scope, "internal_error")
             await _internal_error(exc)(scope, receive, send)
 
@@ -120,6 +121,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _outside(request: Request, exc: Exception) -> JSONResponse:  # raised outside LastResort
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=withheld(exc))
         _note(request.scope, "internal_error")
         return _internal_error(exc)

@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from gateway.delivery import payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
+from gateway.phi import withheld
 from gateway.settings import Settings
 from gateway.store import BlobStore, Store, instance_sources, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
@@ -137,8 +138,8 @@ class Deliverer:
         while True:
             try:
                 await self.poll()
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop deliveries
-                logger.exception("delivery pass failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop deliveries
+                logger.error("delivery pass failed; trying again", exc_info=withheld(exc))
             await self.store.work.wait(self.settings.delivery_poll_s)
 
     async def stop(self) -> None:
@@ -210,7 +211,7 @@ class Deliverer:
             await self.tasks.retry_later(task.id, delay, str(exc))
             logger.warning("%s: attempt %d failed (%s); next try in %g s", where, task.attempts, exc, delay)
         except Exception as exc:  # noqa: BLE001 - last resort: a delivery never dies silently
-            logger.exception("%s: unexpected error", where)
+            logger.error("%s: unexpected error", where, exc_info=withheld(exc))
             self.failures.labels(dest.name).inc()
             reason = f"internal error: {type(exc).__name__}"
             if task.attempts >= self.settings.delivery_max_attempts:  # bounded like any other failure
