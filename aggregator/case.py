@@ -209,6 +209,9 @@ class SliceInput:
         ``SliceInfo.grid.to_original``, which knows how a non-square image was padded). Without it,
         a square ``rows == cols`` image is mapped by :func:`to_original_grid` and a non-square one
         is not mapped (``original`` is None).
+    frame_index : int or None
+        The 0-based frame of a multi-frame object (an Enhanced CT's frames share its SOP Instance UID);
+        None for a single-frame slice.
     """
 
     sop_instance_uid: str
@@ -218,6 +221,7 @@ class SliceInput:
     rows: int | None = None
     cols: int | None = None
     to_original: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    frame_index: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sop_instance_uid, str) or not self.sop_instance_uid:
@@ -561,9 +565,11 @@ def decide(
             raise ValueError(f'Argument "{name}" must be None or a finite number >= 0, got {value}.')
     ordered = sorted(slices, key=lambda s: s.position_mm)
     uids = [s.sop_instance_uid for s in ordered]
-    if len(set(uids)) != len(uids):
-        dup = sorted({u for u in uids if uids.count(u) > 1})[0]
-        raise ValueError(f'Argument "slices" holds SOP Instance UID {dup!r} more than once.')
+    frames = [(s.sop_instance_uid, s.frame_index) for s in ordered]  # an Enhanced CT's frames share its UID
+    if len(set(frames)) != len(frames):
+        dup = sorted({f for f in frames if frames.count(f) > 1}, key=str)[0]
+        shown = repr(dup[0]) + ("" if dup[1] is None else f" frame {dup[1]}")
+        raise ValueError(f'Argument "slices" holds SOP Instance UID {shown} more than once.')
     positions = [s.position_mm for s in ordered]
     diffs = np.diff(positions) if len(positions) > 1 else np.zeros(0)
     if np.any(diffs <= _MM_EPS):
@@ -717,6 +723,8 @@ class _PreparedSlice(Protocol):
     def cols(self) -> int: ...
     @property
     def grid(self) -> _Grid: ...
+    @property
+    def frame_index(self) -> int | None: ...
 
 
 class _Refused(Protocol):
@@ -799,6 +807,7 @@ def case_result(
             rows=int(meta.rows),
             cols=int(meta.cols),
             to_original=meta.grid.to_original,
+            frame_index=meta.frame_index,
         )
         for meta, out in zip(study.slices, outputs, strict=True)
     ]

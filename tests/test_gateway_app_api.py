@@ -669,3 +669,28 @@ def test_results_name_the_models_triton_serves_now_not_the_first_it_saw(monkeypa
             await pool.close()
 
     assert asyncio.run(go()) == ["1", "1", "2"]
+
+
+def test_an_enhanced_ct_is_screened_frame_by_frame(tmp_path):
+    """Every frame of an Enhanced CT carries its object's SOP Instance UID: the case rule refused the
+    series as 'a SOP Instance UID more than once' and every such job failed as internal."""
+    import numpy as np
+
+    from tests.gateway_dicom_factory import enhanced_ct
+
+    frames = []
+    for i in range(5):
+        hu = np.full((512, 512), -1000.0)
+        hu[64:448, 64:448] = -800.0  # "lung"
+        if i in (1, 2, 3):
+            hu[100:140, 100:140] = 40.0  # what the fake Triton boxes (top left)
+        frames.append(hu)
+    data = enhanced_ct(frames, [(1.0, -1024.0)] * 5, [0.0, 5.0, 10.0, 15.0, 20.0])
+    with TestClient(_app(data_dir=tmp_path)) as client:
+        r = client.post("/v1/studies", files=upload_files([("enhanced.dcm", data)]))
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"])
+    assert job["state"] == "done", job
+    result = job["result"]
+    assert (result["verdict"], result["n_slices"]) == ("positive", 5), result
+    assert len({s["sop_instance_uid"] for s in result["slices"]}) == 1  # five frames of one object
