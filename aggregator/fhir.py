@@ -11,10 +11,11 @@ URL, or a webhook takes as it is:
   as conditional references (``Patient?identifier=<system>|<id>``) that the server resolves to its own
   Patient and ServiceRequest inside the transaction; without them by identifier only (Issuer of Patient
   ID as the assigner), which a server stores unresolved. The ``conclusion`` begins with the notice that
-  this is a machine reading for screening, not a diagnosis; ``conclusionCode`` is COVID-19 (SNOMED CT
-  840539006) for a positive result, absent otherwise;
-* ``Observation`` s it lists in ``result``: the **verdict** (SNOMED CT 840539006 COVID-19 with the
-  qualifier value), the **reason** (code and sentence), the **quadrant** and the **run** (slices and
+  this is a machine reading for screening, not a diagnosis; ``conclusionCode`` is *suspected* COVID-19
+  (SNOMED CT 840544004, a situation, not the disorder 840539006, which coded consumers such as problem
+  lists and notifiable-disease rules would read as a diagnosis) for a positive result, absent otherwise;
+* ``Observation`` s it lists in ``result``: the **verdict** (SNOMED CT 840544004 suspected COVID-19 with the
+  qualifier value Present or Absent), the **reason** (code and sentence), the **quadrant** and the **run** (slices and
   millimetres) of the evidence when there is one, and one **model version** per model.
 
 Every resource carries an ``identifier`` in :data:`IDENTIFIER_SYSTEM` derived from the job, and each
@@ -125,7 +126,7 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
         subject = _by_identifier("Patient", patient["PatientID"], systems.of_patient(patient.get("IssuerOfPatientID")),
                                  assigner=patient.get("IssuerOfPatientID"))
     issued = (result.created_at.isoformat() if result.created_at is not None else None)
-    covid = _concept(SNOMED, "840539006", "COVID-19")
+    covid = _concept(SNOMED, "840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
     code, meaning = _VERDICT[result.verdict]
 
     def observation(part: str, code_: dict[str, Any], **value: Any) -> dict[str, Any]:

@@ -283,7 +283,7 @@ def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems
         "value": "P 1|2", "assigner": {"display": "HOSP"}}
     # the conclusion says what this is; its code says COVID-19 for a positive result, nothing otherwise
     assert report["conclusion"].startswith(NOTICE) and result.verdict == "positive"
-    assert report["conclusionCode"][0]["coding"][0]["code"] == "840539006"
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "840544004"
     negative, _ = _series(lesion_slices=())
     assert "conclusionCode" not in to_fhir(negative, patient, systems)["entry"][0]["resource"]
 

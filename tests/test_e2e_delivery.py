@@ -168,7 +168,7 @@ def test_positive_result_lands_by_stow_rs_and_the_ris_gets_a_valid_report(positi
     assert report["basedOn"][0]["reference"] == \
         f"ServiceRequest?identifier=urn:oid:1.2.840.99999.2|{source.AccessionNumber}"
     assert report["conclusion"].startswith("Machine reading for screening, not a diagnosis")
-    assert [c["code"] for c in report["conclusionCode"][0]["coding"]] == ["840539006"]
+    assert [c["code"] for c in report["conclusionCode"][0]["coding"]] == ["840544004"]
 
 
 def test_negative_result_follows_the_rules(gateway, peers, studies):
