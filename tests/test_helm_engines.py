@@ -39,6 +39,19 @@ case "$*" in
 esac
 """
 
+# flock as NFSv4 (EFS, Filestore, most RWX classes) applies it: a POSIX lock, so a shared (read) lock on a
+# descriptor opened write-only fails with EBADF; a local file system (this machine's) never checks. Then the
+# real flock.
+NFS_FLOCK = """#!/bin/bash
+shared=0; fd=""
+for a in "$@"; do case "$a" in -s|--shared) shared=1 ;; [0-9]|[0-9][0-9]) fd="$a" ;; esac; done
+if [ "$shared" = 1 ] && [ -n "$fd" ]; then
+  flags=$(awk '/^flags:/ {print $2}' "/proc/$$/fdinfo/$fd")
+  if [ $(( 8#$flags & 3 )) = 1 ]; then echo "flock: $fd: Bad file descriptor (a read lock on a write-only fd, NFS)" >&2; exit 1; fi
+fi
+exec REAL_FLOCK "$@"
+"""
+
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
@@ -51,6 +64,7 @@ def src(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
     (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "flock").write_text(NFS_FLOCK.replace("REAL_FLOCK", str(shutil.which("flock"))))
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return tmp_path / "src"

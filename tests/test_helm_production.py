@@ -41,6 +41,19 @@ def _rules(objs: list[dict]) -> dict[str, dict]:
 # --- one fleet-wide scaling signal --------------------------------------------------------------------
 
 
+def test_every_rule_on_gateway_series_selects_the_service_the_servicemonitor_scrapes(production):
+    """The Prometheus operator labels each scraped series with the name of the Service it came through. The
+    rules selected service="<release>-gateway" while /metrics is served only through <release>-gateway-metrics:
+    the fleet signal was always empty (Triton never scaled up) and the gateway alerts could never fire."""
+    monitor = find(production, "ServiceMonitor", "-gateway")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    scraped = [o["metadata"]["name"] for o in production if o["kind"] == "Service"
+               and wanted.items() <= (o["metadata"].get("labels") or {}).items()]
+    assert len(scraped) == 1, scraped
+    selected = {m for r in _rules(production).values() for m in re.findall(r'service="([^"]+)"', r["expr"])}
+    assert selected == set(scraped), (selected, scraped)
+
+
 def test_the_fleet_signal_sums_raw_backlog_slices_over_triton_fleet_rate_with_a_floor(production):
     from ctscreen.contracts import ENSEMBLE_MODEL
 
@@ -48,7 +61,7 @@ def test_the_fleet_signal_sums_raw_backlog_slices_over_triton_fleet_rate_with_a_
     expr = " ".join(record["expr"].split())
     numerator, denominator = expr.split(" / ", 1)
     # numerator: the raw per-gateway gauges of this release's gateways, summed
-    assert numerator == f'sum(ctscreen_backlog_slices{{namespace="{NAMESPACE}",service="{RELEASE}-gateway"}})'
+    assert numerator == f'sum(ctscreen_backlog_slices{{namespace="{NAMESPACE}",service="{RELEASE}-gateway-metrics"}})'
     # denominator: Triton's own count of ensemble inferences (one per slice), over the whole fleet, with a
     # floor of the nominal rate of the replicas that have the model loaded (at least one): never 0
     triton = (f'nv_inference_count{{namespace="{NAMESPACE}",app_kubernetes_io_instance="{RELEASE}",'
@@ -685,3 +698,20 @@ def test_the_case_rule_reaches_the_gateway_settings(monkeypatch):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert case_rule(Settings(triton_urls="fake:1")) == expected
+
+
+def test_gateway_replicas_prefer_different_nodes_by_default_and_keep_a_given_affinity():
+    """With no affinity and no spread by default, every gateway replica could land on one node, whose loss
+    took the API and the DICOM intake with it (the PDB does not prevent that)."""
+    term = {"topologyKey": "kubernetes.io/hostname"}
+    for values, kept in (({}, None), ({"gateway": {"affinity": {"podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 5, "podAffinityTerm": {
+                "topologyKey": "topology.kubernetes.io/zone", "labelSelector": {"matchLabels": {"x": "y"}}}}]}}}}, 5)):
+        spec = find(render(values), "Deployment", "-gateway")["spec"]["template"]["spec"]
+        preferred = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        ours = [p for p in preferred if p["podAffinityTerm"]["topologyKey"] == term["topologyKey"]]
+        assert len(ours) == 1 and ours[0]["podAffinityTerm"]["labelSelector"]["matchLabels"][
+            "app.kubernetes.io/component"] == "gateway", preferred
+        assert kept is None or [p["weight"] for p in preferred if p not in ours] == [kept]
+    spec = find(render({"gateway": {"spreadAcrossNodes": False}}), "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert "affinity" not in spec

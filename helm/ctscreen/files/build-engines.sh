@@ -81,7 +81,9 @@ for model in $MODELS; do
   current_keys="$current_keys$entry "
   log "$model: key $gpu_key/$trt_key/$model/$key"
   mkdir -p "$parent"
-  exec 9>>"$CACHE/.locks/$model-$key.lock"
+  # read-write: on NFSv4/EFS flock is a POSIX lock, and a shared (read) lock on a write-only descriptor fails
+  # with EBADF (every pod that found a finished plan died here; local file systems do not check)
+  exec 9<>"$CACHE/.locks/$model-$key.lock"
   if [ -f "$entry/COMPLETE" ]; then
     # shared: a cleanup (exclusive) cannot remove the entry while it is copied
     flock -s -w "$lock_wait" 9 || die "$model: timed out waiting for the lock of $key"
@@ -139,7 +141,7 @@ if [ "$max_age" != "0" ]; then
         old="$(dirname "$used")"
         case "$current_keys" in *" $old "*) continue ;; esac
         old_model="$(basename "$(dirname "$old")")"
-        exec 8>>"$CACHE/.locks/$old_model-$(basename "$old").lock"
+        exec 8<>"$CACHE/.locks/$old_model-$(basename "$old").lock"
         if flock -n 8; then
           log "removing $old (unused for more than $max_age days)"
           mv -T "$old" "$old.tmp.expired.$$" && rm -rf "$old.tmp.expired.$$"
