@@ -483,6 +483,13 @@ def _runs(
     return runs
 
 
+def _missed_inside(findings: Sequence[SliceFinding], covered: Sequence[SliceFinding], run: _Run) -> int:
+    """Slices without a valid area between the first and the last slice of ``run`` (a run over ``covered``,
+    the slices that have one)."""
+    first, last = covered[run.start].index, covered[run.stop - 1].index
+    return sum(1 for f in findings[first : last + 1] if f.valid_area is None)
+
+
 def _best(runs: Sequence[_Run]) -> _Run | None:
     if not runs:
         return None
@@ -613,11 +620,15 @@ def decide(
         )
     need = _requirement(rule)
 
-    def make(verdict: Verdict, reason: str, message: str) -> CaseDecision:
+    def make(verdict: Verdict, reason: str, message: str, shown: Evidence | None = evidence) -> CaseDecision:
         return CaseDecision(
-            verdict, reason, message, evidence, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings),
+            verdict, reason, message, shown, tuple(findings), tuple(gaps), spacing, rule, tuple(warnings),
             lung_field_cm2, body_cm2,
         )
+
+    def unproven(run: _Run, among: Sequence[SliceFinding]) -> Evidence:
+        """The run a reason names as what would have satisfied the rule (never qualifying: not found)."""
+        return _evidence(run, among).model_copy(update={"qualifies": False})
 
     # before the run: boxes on a head's sinuses make runs as well as lesions do. The check reads the
     # measures, never the boxes: for given measures, adding a box never turns a verdict away from positive
@@ -642,12 +653,30 @@ def decide(
         whole = _runs(findings, [(0, len(findings))], positions, spacing, rule)
         broken = [r for r in whole if _long_enough(r.n, r.n * (spacing or 0.0), rule)]
         r = _best(broken)  # None when no run is broken
-        if r is not None:
+        if r is not None:  # its evidence is the broken run the message names, not a shorter one of a segment
             return make(
                 "indeterminate",
                 "run_broken_by_gap",
                 f"{r.n} slices with lesions in the {r.quadrant.replace('_', ' ')} quadrant would satisfy "
                 f"the rule ({need}) but a gap in the series breaks the run.",
+                unproven(r, findings),
+            )
+    # a slice inside the lungs on which the valid-area model found nothing has no findings, and broke a run
+    # silently (negative): were the run long enough without it, the series is not called negative
+    covered = [f for f in findings if f.valid_area is not None]
+    if 0 < len(covered) < len(findings):
+        at = [positions[f.index] for f in covered]
+        bridged = _runs(covered, [(0, len(covered))], at, spacing, rule)
+        r = _best([b for b in bridged if b.qualifies and _missed_inside(findings, covered, b)])
+        if r is not None:
+            missed = _missed_inside(findings, covered, r)
+            return make(
+                "indeterminate",
+                "run_broken_by_gap",
+                f"{r.n} slices with lesions in the {r.quadrant.replace('_', ' ')} quadrant would satisfy the rule "
+                f"({need}) but {missed} slice(s) among them have no valid area (the valid-area model found no "
+                "lung field there), which breaks the run.",
+                unproven(r, covered),
             )
     if not any(_long_enough(b - a, _extent(positions, a, b, spacing), rule) for a, b in segments):
         longest = max((b - a for a, b in segments), default=0)

@@ -168,13 +168,34 @@ def test_empty_valid_area_everywhere_is_indeterminate_with_no_findings():
         assert d.evidence is None
 
 
-def test_empty_valid_area_on_one_slice_breaks_the_run_there():
+def test_empty_valid_area_on_one_slice_breaks_the_run_there_and_is_never_silently_negative():
+    """Slice 5's valid area missed: 3 4 | 6 7. It was a silent negative; a run of four that only a slice
+    without a valid area breaks is indeterminate now, its evidence the run the message names."""
     s = series({3: TL, 4: TL, 5: TL, 6: TL, 7: TL}, 10)
     s[5] = SliceInput(s[5].sop_instance_uid, s[5].position_mm, boxes(*TL), np.array(EMPTY_BOX))
     d = decide(s)
     assert d.slices[5].boxes == [] and d.slices[5].quadrants == []
-    assert d.verdict == "negative"  # 3 4 | 6 7
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "no valid area" in d.message
+    assert [e.index for e in d.evidence.slices] == [3, 4, 6, 7] and not d.evidence.qualifies
     assert decide(s, CaseRule(run_slices=2)).verdict == "positive"
+    assert decide(s, CaseRule(run_slices=5)).verdict == "negative"  # 4 would not do either way
+    apex = series({3: TL, 4: TL}, 10)  # no valid area on the first slices, above the lungs: nothing broken
+    for i in (0, 1):
+        apex[i] = SliceInput(apex[i].sop_instance_uid, apex[i].position_mm, boxes(), np.array(EMPTY_BOX))
+    assert decide(apex).verdict == "negative"
+
+
+def test_a_run_broken_by_a_gap_shows_the_broken_run_as_its_evidence():
+    """The evidence was the best run inside the gap-free segments (two bottom-right slices), not the three
+    top-left ones the message named: the key images sent the reader to the wrong slices."""
+    positions = [0, 5, 10, 15, 20, 25, 30, 40, 45, 50]
+    tl, br = boxes("top_left"), boxes("bottom_right")
+    s = [SliceInput(f"1.3.{i}", float(p), br if p in (5, 10) else tl if p in (25, 30, 40) else boxes(), VA)
+         for i, p in enumerate(positions)]
+    d = decide(s)
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "top left" in d.message
+    assert d.evidence.quadrant == "top_left" and [e.position_mm for e in d.evidence.slices] == [25.0, 30.0, 40.0]
+    assert not d.evidence.qualifies
 
 
 # ---- filters ------------------------------------------------------------------------------------
