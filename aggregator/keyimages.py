@@ -225,7 +225,7 @@ def key_images(
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
             patient_orientation=_orientation(ds),
             series_description=KEY_SERIES_DESCRIPTION,
-            **equipment_and_time(result),
+            **equipment_and_time(result, [ds]),
         )
         headers = usable_headers([ds])[0]  # an unreadable date left empty, the character set made plain
         sc.copy_patient_and_study_information(headers)
@@ -240,7 +240,7 @@ def key_images(
         source.ReferencedSOPClassUID = ds.SOPClassUID
         source.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         sc.SourceImageSequence = DicomSequence([source])
-        out.append(made_at(sc, result))
+        out.append(made_at(sc, result, [ds]))
     return out
 
 
@@ -301,9 +301,9 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
         instance_number=1,
         manufacturer="ctscreen",
         series_description=KOS_SERIES_DESCRIPTION,
-        **equipment_and_time(result),
+        **equipment_and_time(result, headers),
     )
     kos.copy_patient_and_study_information(headers[0])  # the whole modules (issuer, study description), as the key images
     if "SpecificCharacterSet" in headers[0]:
         kos.SpecificCharacterSet = headers[0].SpecificCharacterSet
-    return made_at(kos, result)
+    return made_at(kos, result, headers)

@@ -20,8 +20,9 @@ derived from the result unless given, so encoding one result twice gives the sam
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "made_at", "result_key", "sr_uids", "stable_uid", "to_sr",
+__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "local_time", "made_at", "result_key", "sr_uids", "stable_uid", "to_sr",
            "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
@@ -55,26 +56,30 @@ SR_SERIES_DESCRIPTION: Final = "ctscreen COVID-19 screening - AI result, not a d
 """What a PACS shows for the SR series: a machine reading, to be verified (IHE AIR: say what made it)."""
 
 
-def equipment_and_time(result: CaseResult) -> dict[str, Any]:
+def equipment_and_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> dict[str, Any]:
     """Equipment (model name and software version) and content date and time of an object made from
     ``result``: the result's time, so an object built again (a payload rebuilt, the API's SR) carries the
-    same content under the same SOP Instance UID."""
+    same content under the same SOP Instance UID; in the time zone of the study (:func:`local_time`)."""
     out: dict[str, Any] = {"manufacturer_model_name": "ctscreen",
                            "software_versions": result.software_version or "unknown"}
-    when = _utc(result)
+    when, _ = local_time(result, sources)
     if when is not None:
         out["content_date"], out["content_time"] = when.date(), when.time()
     return out
 
 
-def made_at(ds: Dataset, result: CaseResult) -> Dataset:
+def made_at(ds: Dataset, result: CaseResult, sources: Sequence[Dataset] = ()) -> Dataset:
     """Set the Instance Creation Date and Time (and the Contribution DateTime of its contributing equipment) of an
     object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
-    Instance UID, it is the same object, byte for byte. The result's time is UTC, and so are the object's dates
-    and times (its content time too, :func:`equipment_and_time`): Timezone Offset From UTC says so."""
-    when = _utc(result)
+    Instance UID, it is the same object, byte for byte. Its dates and times are in the zone of the study they
+    join (:func:`local_time`); Timezone Offset From UTC is written when the sources say theirs, and applies
+    to the study's dates and times the object copies as well."""
+    when, offset = local_time(result, sources)
     if when is not None:
-        ds.TimezoneOffsetFromUTC = "+0000"
+        if offset is not None:
+            ds.TimezoneOffsetFromUTC = offset
+        elif "TimezoneOffsetFromUTC" in ds:
+            del ds.TimezoneOffsetFromUTC
         ds.InstanceCreationDate = when.strftime("%Y%m%d")
         ds.InstanceCreationTime = when.strftime("%H%M%S.%f")
         for item in ds.get("ContributingEquipmentSequence", []):
@@ -83,10 +88,36 @@ def made_at(ds: Dataset, result: CaseResult) -> Dataset:
     return ds
 
 
-def _utc(result: CaseResult) -> datetime | None:
-    """The result's time in UTC (a naive one is taken as UTC, as the worker writes it)."""
+_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
+
+
+def local_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> tuple[datetime | None, str | None]:
+    """The result's time as the object made from it states it, and the offset to state with it.
+
+    An object joins a study whose dates and times (Study Time, copied into the object) are the scanner's
+    local time. Timezone Offset From UTC applies to every date and time of an object, so it is the study's:
+    when the sources carry one (``+0100``), the result's time is given in it and the offset written; else the
+    study's zone is unknown, the time is this machine's local time (set ``TZ`` to the site's zone) and no
+    offset is written. (Writing ``+0000`` beside a study's local Study Time put a study an hour off, and the
+    result before its scan.) A naive ``created_at`` is taken as UTC, as the worker writes it.
+
+    >>> from datetime import UTC
+    >>> from pydicom.dataset import Dataset
+    >>> r = CaseResult.model_construct(created_at=datetime(2026, 12, 5, 8, 30, tzinfo=UTC))
+    >>> src = Dataset(); src.TimezoneOffsetFromUTC = "+0100"
+    >>> local_time(r, [src])
+    (datetime.datetime(2026, 12, 5, 9, 30), '+0100')
+    """
     t = result.created_at
-    return None if t is None else t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
+    if t is None:
+        return None, None
+    aware = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    for ds in sources:
+        m = _OFFSET.match(str(ds.get("TimezoneOffsetFromUTC", "") or "").strip())
+        if m and int(m.group(2)) <= 14 and int(m.group(3)) < 60:
+            minutes = (1 if m.group(1) == "+" else -1) * (60 * int(m.group(2)) + int(m.group(3)))
+            return aware.astimezone(timezone(timedelta(minutes=minutes))).replace(tzinfo=None), m.group(0)
+    return aware.astimezone().replace(tzinfo=None), None
 
 
 def device_observer(result: CaseResult) -> Any:
@@ -372,7 +403,7 @@ def to_sr(
         is_final=False,
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
-        **equipment_and_time(result),
+        **equipment_and_time(result, images),
     )
-    return made_at(sr, result)
+    return made_at(sr, result, images)
 

@@ -305,17 +305,35 @@ def test_what_a_reader_sees_says_it_is_a_machine_reading_and_a_rebuild_is_the_sa
         assert (first.ContentDate, first.ContentTime) == (again.ContentDate, again.ContentTime)
         assert (first.InstanceCreationDate, first.InstanceCreationTime) == (again.InstanceCreationDate,
                                                                             again.InstanceCreationTime)
-        assert first.TimezoneOffsetFromUTC == "+0000"  # the result's time is UTC, and so are the object's
+        assert "TimezoneOffsetFromUTC" not in first  # the study's zone is not known (see below)
         assert "not a diagnosis" in first.SeriesDescription and len(first.SeriesDescription) <= 64
         assert first.ManufacturerModelName == "ctscreen" and first.SoftwareVersions == result.software_version
     assert str(first_sr.ContentDate) == result.created_at.strftime("%Y%m%d")
 
 
-def test_an_objects_times_are_the_results_in_utc_and_say_so():
+def test_an_objects_times_are_in_the_studys_zone_with_its_offset(monkeypatch):
+    """Timezone Offset From UTC applies to every date and time of an object, the Study Date and Time it copies
+    from the scanner (local) included: writing "+0000" beside them put the study an hour off, and the result
+    before its scan. The object states the result's time in the study's own offset when the sources carry
+    one; else in this machine's local time (TZ), with no offset."""
+    import time as _time
     from datetime import datetime, timedelta, timezone
 
     result, sources = _series()
-    paris = result.model_copy(update={"created_at": datetime(2026, 12, 5, 2, 2, 3, tzinfo=timezone(timedelta(hours=1)))})
-    for ds in (to_sr(paris, sources), key_images(paris, sources)[0], key_object_selection(paris, sources)):
-        assert (str(ds.ContentDate), str(ds.ContentTime)[:6], ds.TimezoneOffsetFromUTC) == ("20261205", "010203", "+0000")
-        assert (str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)[:6]) == ("20261205", "010203")
+    made = result.model_copy(update={"created_at": datetime(2026, 12, 5, 2, 2, 3, tzinfo=timezone(timedelta(hours=1)))})
+    for src in sources:
+        src.TimezoneOffsetFromUTC = "-0500"  # the scanner's zone
+    for ds in (to_sr(made, sources), key_images(made, sources)[0], key_object_selection(made, sources)):
+        assert (str(ds.ContentDate), str(ds.ContentTime)[:6], ds.TimezoneOffsetFromUTC) == ("20261204", "200203", "-0500")
+        assert (str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)[:6]) == ("20261204", "200203")
+    for src in sources:
+        del src.TimezoneOffsetFromUTC
+    monkeypatch.setenv("TZ", "SITE-2")  # POSIX: UTC+2, no time-zone database needed
+    _time.tzset()
+    try:
+        for ds in (to_sr(made, sources), key_images(made, sources)[0], key_object_selection(made, sources)):
+            assert (str(ds.ContentDate), str(ds.ContentTime)[:6]) == ("20261205", "030203")
+            assert "TimezoneOffsetFromUTC" not in ds
+    finally:
+        monkeypatch.delenv("TZ")
+        _time.tzset()
