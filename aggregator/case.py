@@ -12,8 +12,9 @@ Decisions (defaults first)
    the slice's valid-area box. A slice whose valid area is empty has no findings at all, whatever
    ``drop_outside_valid`` says: no lung field, no lung lesion.
 2. **Quadrant split** ``quadrant_split="valid_area"``: each slice is split at the centre of its own
-   valid-area box, because the patient is rarely centred in the field of view; ``"image"`` splits at
-   the image centre (pixel 255.5 on the 512 grid).
+   valid-area box, because the patient is rarely centred in the field of view (a slice whose valid area
+   holds one lung only, at the series' median centre on that axis: :data:`NARROW_VALID_AREA`); ``"image"``
+   splits at the image centre (pixel 255.5 on the 512 grid).
 3. **Spanning boxes** ``spanning="every"``: a box counts in every quadrant it covers, so a lesion that
    drifts across the split line from one slice to the next keeps its run, and the verdict is
    monotone (a bigger box never removes a quadrant). ``"centre"`` counts a box only in the quadrant
@@ -87,6 +88,7 @@ from aggregator.schema import (
     SliceFinding,
     Timings,
     Verdict,
+    quadrant_words,
 )
 from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
 from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2
@@ -378,11 +380,42 @@ def quadrants_of(box: Sequence[float], split: tuple[float, float], spanning: str
     return [q for q in QUADRANTS if covered[q]]
 
 
-def _split_point(valid: np.ndarray, rule: CaseRule) -> tuple[float, float]:
+NARROW_VALID_AREA = 0.7
+"""A valid area narrower (or shorter) than this share of the series' median is one lung's (a base below
+the other lung, an apex): its centre is not the chest's midline, so the series' median centre splits it."""
+
+
+@dataclass(frozen=True)
+class _SeriesFrame:
+    """The series' median valid-area centre and size (None when no slice has a valid area)."""
+
+    centre: tuple[float, float] | None
+    size: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, slices: Sequence[SliceInput]) -> _SeriesFrame:
+        boxes = np.array([s.valid_area for s in slices if not is_empty_box(s.valid_area)], np.float64).reshape(-1, 4)
+        if not len(boxes):
+            return cls(None, None)
+        centre = np.median((boxes[:, :2] + boxes[:, 2:]) / 2.0, axis=0)
+        size = np.median(boxes[:, 2:] - boxes[:, :2] + 1.0, axis=0)
+        return cls((float(centre[0]), float(centre[1])), (float(size[0]), float(size[1])))
+
+
+def _split_point(valid: np.ndarray, rule: CaseRule, frame: _SeriesFrame | None = None) -> tuple[float, float]:
+    """Where a slice's quadrants meet: its valid-area centre; on a slice whose valid area holds one lung only
+    (narrower, or shorter, than :data:`NARROW_VALID_AREA` of the series' median), the series' median centre
+    on that axis, so that one lesion does not change quadrant from a slice that shows both lungs to the next."""
     if rule.quadrant_split == "image" or is_empty_box(valid):
         centre = (SLICE_SIZE - 1) / 2.0
         return centre, centre
-    return (float(valid[0] + valid[2]) / 2.0, float(valid[1] + valid[3]) / 2.0)
+    own = [float(valid[0] + valid[2]) / 2.0, float(valid[1] + valid[3]) / 2.0]
+    if frame is not None and frame.centre is not None and frame.size is not None:
+        size = (float(valid[2] - valid[0] + 1), float(valid[3] - valid[1] + 1))
+        for axis in (0, 1):
+            if size[axis] < NARROW_VALID_AREA * frame.size[axis]:
+                own[axis] = frame.centre[axis]
+    return own[0], own[1]
 
 
 def _filter(s: SliceInput, rule: CaseRule) -> tuple[np.ndarray, int]:
@@ -412,9 +445,9 @@ def _originals(s: SliceInput, boxes: np.ndarray) -> list[Box | None]:
     return [None] * len(boxes)
 
 
-def _finding(index: int, s: SliceInput, rule: CaseRule) -> SliceFinding:
+def _finding(index: int, s: SliceInput, rule: CaseRule, frame: _SeriesFrame | None = None) -> SliceFinding:
     kept, dropped = _filter(s, rule)
-    split = _split_point(s.valid_area, rule)
+    split = _split_point(s.valid_area, rule, frame)
     lesions = [
         LesionBox(
             grid=_box(row),
@@ -517,7 +550,7 @@ def _evidence(run: _Run, findings: Sequence[SliceFinding]) -> Evidence:
 def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
     first, last = findings[run.start], findings[run.stop - 1]
     return (
-        f"{run.n} consecutive slices ({run.extent_mm:.1f} mm) with lesions in the {run.quadrant.replace('_', ' ')} "
+        f"{run.n} consecutive slices ({run.extent_mm:.1f} mm) with lesions in the {quadrant_words(run.quadrant)} "
         f"quadrant, slices {first.index}-{last.index} ({first.position_mm:.1f} to {last.position_mm:.1f} mm)"
     )
 
@@ -605,7 +638,8 @@ def decide(
     if ordered:
         segments.append((seg_start, len(ordered)))
 
-    findings = [_finding(i, s, rule) for i, s in enumerate(ordered)]
+    frame = _SeriesFrame.of(ordered)
+    findings = [_finding(i, s, rule, frame) for i, s in enumerate(ordered)]
     runs = _runs(findings, segments, positions, spacing, rule)
     best = _best(runs)
     evidence = _evidence(best, findings) if best else None
@@ -657,7 +691,7 @@ def decide(
             return make(
                 "indeterminate",
                 "run_broken_by_gap",
-                f"{r.n} slices with lesions in the {r.quadrant.replace('_', ' ')} quadrant would satisfy "
+                f"{r.n} slices with lesions in the {quadrant_words(r.quadrant)} quadrant would satisfy "
                 f"the rule ({need}) but a gap in the series breaks the run.",
                 unproven(r, findings),
             )
@@ -673,7 +707,7 @@ def decide(
             return make(
                 "indeterminate",
                 "run_broken_by_gap",
-                f"{r.n} slices with lesions in the {r.quadrant.replace('_', ' ')} quadrant would satisfy the rule "
+                f"{r.n} slices with lesions in the {quadrant_words(r.quadrant)} quadrant would satisfy the rule "
                 f"({need}) but {missed} slice(s) among them have no valid area (the valid-area model found no "
                 "lung field there), which breaks the run.",
                 unproven(r, covered),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
 
-from aggregator.schema import CaseResult
+from aggregator.schema import CaseResult, quadrant_words
 
 __all__ = ["IDENTIFIER_SYSTEM", "NOTICE", "IdentifierSystems", "refusal", "report_identifier", "to_fhir",
            "validate_bundle"]
@@ -159,7 +159,8 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
         ev = result.evidence
         observations.append(("quadrant", observation(
             "quadrant", {"coding": [{"system": _CTSCREEN, "code": "quadrant"}], "text": "Quadrant of the run"},
-            valueString=ev.quadrant)))
+            valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:quadrant", "code": ev.quadrant}],
+                                  "text": quadrant_words(ev.quadrant)})))
         observations.append(("run", observation(
             "run", {"coding": [{"system": _CTSCREEN, "code": "run"}], "text": "Run of consecutive slices"},
             valueQuantity={"value": ev.n_slices, "unit": "slices", "system": UCUM, "code": "{slices}"},

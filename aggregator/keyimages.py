@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice
+from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice, quadrant_words
 from aggregator.sr import (
     SourceError,
     device_observer,
@@ -233,7 +233,7 @@ def key_images(
             sc.SpecificCharacterSet = headers.SpecificCharacterSet
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"
-        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {ev.quadrant} run, "
+        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {quadrant_words(ev.quadrant)} run, "
                                     f"lung window C {LUNG_WINDOW[0]:g} W {LUNG_WINDOW[1]:g}, lesion boxes drawn")
         sc.BurnedInAnnotation = "YES"
         source = Dataset()
@@ -282,7 +282,7 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     key = result_key(result)
     version = result.software_version or "unknown"
     description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
-                   f"{ev.n_slices} consecutive slice(s) with lesions in the {ev.quadrant.replace('_', ' ')} quadrant.")
+                   f"{ev.n_slices} consecutive slice(s) with lesions in the {quadrant_words(ev.quadrant)} quadrant.")
     content = KeyObjectSelection(
         document_title=CodedConcept(*OF_INTEREST),
         referenced_objects=referenced,

@@ -44,10 +44,26 @@ SCHEMA_VERSION: Final = "1.2.0"
 
 Verdict = Literal["positive", "negative", "indeterminate"]
 Quadrant = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
-"""Quadrants in image coordinates (row 0 at the top). On a standard axial slice (LPS, patient supine,
-the usual orientation) the image's left is the patient's right and its top is anterior."""
+"""Quadrants on the 512 grid the models saw (row 0 at the top). Ingest mirrors every axial slice into the
+radiological convention first (:func:`gateway.dicom.standard_flips`: columns to the patient's left, rows
+to posterior), so on the grid the image's left is the patient's right and its top is anterior, whatever
+the stored image's orientation; :func:`quadrant_words` says so to a reader."""
 
 QUADRANTS: Final[tuple[Quadrant, ...]] = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+_ANATOMY: Final[dict[str, str]] = {"top_left": "right anterior", "top_right": "left anterior",
+                                   "bottom_left": "right posterior", "bottom_right": "left posterior"}
+
+
+def quadrant_words(quadrant: str) -> str:
+    """A quadrant as a reader's text: the patient's side first, then where it lies on the models' grid. The
+    grid's names alone misled on a stored image mirrored from the grid (a prone protocol, a reformat),
+    where the key image showed the box on the other side than the text said.
+
+    >>> quadrant_words("top_left")
+    'right anterior (image top left)'
+    """
+    return f"{_ANATOMY.get(quadrant, quadrant)} (image {quadrant.replace('_', ' ')})"
 
 REASONS: Final[dict[str, str]] = {
     "run_found": "positive: lesions in the same quadrant on enough consecutive slices",

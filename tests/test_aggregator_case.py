@@ -551,3 +551,17 @@ def test_property_a_stored_result_replays_to_the_same_decision(slices, rule):
     assert again.rule == rule
     assert (again.verdict, again.reason, again.evidence, again.slices) == (
         decision.verdict, decision.reason, decision.evidence, decision.slices)
+
+
+def test_a_slice_whose_valid_area_holds_one_lung_is_split_at_the_series_midline():
+    """At a base below the other lung the valid area holds one lung: its centre moved the split to that lung's
+    middle, the same lesion changed quadrant from slice to slice and its run broke (negative). Such a slice is
+    split at the series' median centre now; a series whose valid areas are all alike is split as before."""
+    both, right_only = np.array([60, 120, 450, 400], np.float32), np.array([60, 120, 230, 400], np.float32)
+    lesion = np.array([[160, 300, 200, 340, 0.9]], np.float32)
+    s = [SliceInput(f"1.2.9.{i}", 5.0 * i, lesion, va) for i, va in enumerate([both, both, right_only, both, both])]
+    d = decide(s)
+    assert [f.quadrants for f in d.slices] == [["bottom_left"]] * 5
+    assert d.verdict == "positive"
+    narrow = [SliceInput(f"1.2.8.{i}", 5.0 * i, lesion, right_only) for i in range(5)]  # all one width
+    assert [f.quadrants for f in decide(narrow).slices] == [["bottom_right"]] * 5  # split at 145 as before

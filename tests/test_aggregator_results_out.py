@@ -203,7 +203,9 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
     observations = {e.resource.identifier[0].value.split("/", 1)[1]: e.resource for e in parsed.entry[1:]}
     assert {"verdict", "reason", "quadrant", "run"} <= set(observations)
     assert observations["verdict"].valueCodeableConcept.coding[0].display == "Present"
-    assert observations["quadrant"].valueString == result.evidence.quadrant
+    quadrant = observations["quadrant"].valueCodeableConcept
+    assert quadrant.coding[0].code == result.evidence.quadrant  # the grid's name, for machines
+    assert quadrant.text.startswith(("right ", "left ")) and "image" in quadrant.text  # the patient's side, for a reader
     assert observations["run"].valueQuantity.value == result.evidence.n_slices
     assert [e.fullUrl for e in parsed.entry[1:]] == [r.reference for r in report.result]
     assert all(e.request.ifNoneExist.startswith(f"identifier={IDENTIFIER_SYSTEM}|") for e in parsed.entry)

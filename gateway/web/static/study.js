@@ -13,6 +13,14 @@ function boxOf(box, scale) {
            x1: Math.round(box.grid.x1 * scale), y1: Math.round(box.grid.y1 * scale) };
 }
 
+// as aggregator.schema.quadrant_words: the grid is in the radiological convention (image left = patient right)
+const ANATOMY = { top_left: "right anterior", top_right: "left anterior", bottom_left: "right posterior",
+  bottom_right: "left posterior" };
+
+function quadrantWords(quadrant) {
+  return `${ANATOMY[quadrant] || quadrant} (image ${quadrant.replace("_", " ")})`;
+}
+
 function quadrantRect(quadrant, cx, cy, cols, rows) {
   const left = quadrant.endsWith("left");
   const top = quadrant.startsWith("top");
@@ -105,7 +113,7 @@ function viewer(main, job) {
     ? h("p", {}, "Not a chest CT: the boxes the models drew are no lung lesions, and no run counts.")
     : evidence
     ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} slices `
-      + `(${evidence.extent_mm.toFixed(1)} mm) in the ${evidence.quadrant.replace("_", " ")} quadrant, slices `
+      + `(${evidence.extent_mm.toFixed(1)} mm) in the ${quadrantWords(evidence.quadrant)} quadrant, slices `
       + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
     : h("p", {}, result.verdict === "negative" ? "The model flagged no lesion on any slice."
       : "No lesion run to show.");  // indeterminate (no lung field, too few slices): nothing was ruled out
@@ -172,7 +180,7 @@ function viewer(main, job) {
         x: b.x0, y: b.y0, width: b.x1 - b.x0 + 1, height: b.y1 - b.y0 + 1,
         "data-x0": b.x0, "data-y0": b.y0, "data-x1": b.x1, "data-y1": b.y1, "data-score": box.score.toFixed(3),
       }, s("title", {}, noChest ? `box, score ${box.score.toFixed(2)}, no lung lesion (not a chest CT)`
-        : `lesion, score ${box.score.toFixed(2)}, ${box.quadrants.join(", ")}`)));
+        : `lesion, score ${box.score.toFixed(2)}, ${box.quadrants.map(quadrantWords).join(", ")}`)));
     }
   }
 
