@@ -206,7 +206,7 @@ def _check_no_overlap(archive: str, infos: list[zipfile.ZipInfo], directory_at: 
     central directory): a zip bomb's way to pass the expansion ratio, which divides by that size
     (Python 3.12's zipfile refuses such overlaps; 3.11's does not)."""
     ordered = sorted(infos, key=lambda i: i.header_offset)
-    for info, after in zip(ordered, [*(i.header_offset for i in ordered[1:]), directory_at], strict=True):
+    for info, after in zip(ordered, [*(i.header_offset for i in ordered[1:]), directory_at][: len(ordered)], strict=True):
         room = after - info.header_offset - 30  # its local header is 30 bytes and its name
         if info.compress_size > room:
             raise ZipBomb(f"Zip member {info.filename!r} declares {info.compress_size} compressed bytes, past the "
