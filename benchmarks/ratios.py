@@ -63,18 +63,17 @@ async def ensemble_throughput_async(
 ) -> dict[str, Any]:
     """Slices/s of ``model`` (the ``ct_screen`` ensemble) over gRPC: ``concurrency`` requests of ``batch``
     slices in flight."""
-    import tritonclient.grpc.aio as grpcaio
-    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.grpc import InferRequestedOutput
+
+    from gateway.triton_client import ArrayInput, TritonClient
 
     batches = [slices[i : i + batch] for i in range(0, len(slices) - batch + 1, batch)] or [slices[:batch]]
     outputs = [InferRequestedOutput(n) for n in (LESION_BOXES, BOX_COUNT, VALID_AREA_BOX)]
-    client = grpcaio.InferenceServerClient(grpc_url)
+    client = TritonClient(grpc_url)  # the gateway's client
     try:
 
         async def infer(hu: np.ndarray) -> None:
-            inp = InferInput(HU_SLICES, list(hu.shape), "INT16")
-            inp.set_data_from_numpy(hu)
-            await client.infer(model, [inp], outputs=outputs, client_timeout=120)
+            await client.infer(model, [ArrayInput(HU_SLICES, hu)], outputs=outputs, client_timeout=120)
 
         await infer(batches[0])  # warm connection
         done = 0

@@ -41,12 +41,12 @@ def study_files(tmp_path_factory) -> list[tuple[str, bytes]]:
 
 
 class _Client:
-    """The real ``tritonclient.grpc.aio`` client; records each ``infer`` and can refuse them while ``refuse`` is set."""
+    """The gateway's real Triton client; records each ``infer`` and can refuse them while ``refuse`` is set."""
 
     def __init__(self, url: str, events: list[str], refuse: threading.Event) -> None:
-        import tritonclient.grpc.aio as grpcclient
+        from gateway.triton_client import TritonClient
 
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = TritonClient(url=url)
         self._events, self._refuse = events, refuse
 
     def __getattr__(self, name: str) -> Any:

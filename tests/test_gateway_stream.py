@@ -45,12 +45,12 @@ def study_files(tmp_path_factory) -> list[tuple[str, bytes]]:
 
 
 class _Recording:
-    """The real ``tritonclient.grpc.aio`` client, recording each ``infer`` call as it is issued."""
+    """The gateway's real Triton client, recording each ``infer`` call as it is issued."""
 
     def __init__(self, url: str, events: list[tuple[str, Any]]) -> None:
-        import tritonclient.grpc.aio as grpcclient
+        from gateway.triton_client import TritonClient
 
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = TritonClient(url=url)
         self._events = events
 
     def __getattr__(self, name: str) -> Any:
