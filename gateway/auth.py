@@ -20,7 +20,9 @@ open on a port of its own (``CTSCREEN_METRICS_PORT``).
 
 Without any credential source configured, every request is the anonymous principal with every scope:
 allowed on loopback (``make demo``), refused at start-up on any other address unless ``--insecure``
-(:func:`check_exposure`).
+(:func:`check_exposure`, which sees ``CTSCREEN_HOST``); and since ``uvicorn --host`` is not a setting the
+app sees, each call that reaches a non-loopback address of the server is refused too (403
+``auth_not_configured``), whatever address the server was told to bind.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,7 +41,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.audit import note_reason
-from gateway.errors import AuthUnavailable, InsufficientScope, Unauthorized
+from gateway.errors import AuthNotConfigured, AuthUnavailable, InsufficientScope, Unauthorized
 from gateway.keys import SCOPES, KeyStore
 from gateway.settings import Settings, secure_url
 
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "OidcVerifier", "Principal",
-    "StreamGuard", "check_exposure", "require", "still_holds",
+    "StreamGuard", "check_exposure", "local_address", "reached_off_loopback", "require", "still_holds",
 ]
 
 STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
@@ -176,7 +179,8 @@ class OidcVerifier:
         return key
 
     async def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims once signature, algorithm, ``iss``, ``aud``, ``exp`` and ``nbf`` hold.
+        """The token's claims once signature, algorithm, ``iss``, ``aud``, ``exp`` and ``nbf`` hold and it is
+        an access token (not an ID, logout or refresh token: :func:`_not_an_access_token`).
 
         Raises
         ------
@@ -196,8 +200,9 @@ class OidcVerifier:
         if key.algorithm_name != alg:
             raise TokenInvalid(f"the signing key is for {key.algorithm_name}, the token says {alg}")
         try:
-            return jwt.decode(token, key.key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
-                              leeway=LEEWAY_S, options={"require": ["exp", "iss", "aud"]})
+            claims: dict[str, Any] = jwt.decode(token, key.key, algorithms=[alg], audience=self.audience,
+                                                issuer=self.issuer, leeway=LEEWAY_S,
+                                                options={"require": ["exp", "iss", "aud"]})
         except jwt.ExpiredSignatureError as exc:
             raise TokenInvalid("the token has expired") from exc
         except jwt.ImmatureSignatureError as exc:  # nbf or iat in the future
@@ -214,6 +219,37 @@ class OidcVerifier:
             raise TokenInvalid(f"the token's claims are malformed: {str(exc)[:120]}") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise TokenInvalid("the token's signature does not verify") from exc
+        not_access = _not_an_access_token(header, claims)
+        if not_access:
+            raise TokenInvalid(not_access)
+        return claims
+
+
+ACCESS_TYPES = frozenset({"jwt", "at+jwt"})
+"""``typ`` header values of an access token (RFC 9068 ``at+jwt``; ``JWT`` from providers that predate it)."""
+ID_TOKEN_CLAIMS = ("at_hash", "c_hash", "s_hash")
+"""Claims only an OpenID Connect ID token carries (OIDC Core 3.1.3.6, 3.3.2.11, FAPI)."""
+
+
+def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str | None:
+    """Why a well-signed JWT of the issuer is not an access token (None: it may be one).
+
+    An identity provider signs ID tokens, logout tokens and refresh tokens with the same keys as access
+    tokens, and an ID token's audience is the client it was issued to: where that client id is also the API's
+    audience (a single-page viewer registered as both), a browser's ID token would pass every other check.
+    It names a person, not a grant; it is refused by its header type (RFC 8725 3.11), by the ``typ`` claim
+    Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` on access tokens) or by a claim only ID
+    tokens carry."""
+    typ = header.get("typ")
+    if typ is not None and str(typ).lower().removeprefix("application/") not in ACCESS_TYPES:
+        return f"the token's type {str(typ)[:40]!r} is not an access token's (JWT or at+jwt)"
+    kind = claims.get("typ")
+    if kind is not None and str(kind).lower() != "bearer":
+        return f"the token is a {str(kind)[:20]!r} token, not an access token"
+    held = [name for name in ID_TOKEN_CLAIMS if name in claims]
+    if held:
+        return f"the token is an ID token (it carries {held[0]}), not an access token"
+    return None
 
 
 def _claim_of(exc: Exception) -> str:
@@ -238,8 +274,10 @@ class Authenticator:
         API keys, when a key file is configured.
     """
 
-    def __init__(self, oidc: OidcVerifier | None = None, keys: KeyStore | None = None) -> None:
+    def __init__(self, oidc: OidcVerifier | None = None, keys: KeyStore | None = None, *,
+                 anonymous_anywhere: bool = False) -> None:
         self.oidc, self.keys = oidc, keys
+        self.anonymous_anywhere = anonymous_anywhere  # no credential source and --insecure: off loopback too
 
     @property
     def enabled(self) -> bool:
@@ -256,20 +294,30 @@ class Authenticator:
             oidc = OidcVerifier(settings.auth_oidc_issuer, settings.auth_oidc_audience,
                                 jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
         keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
-        return cls(oidc, keys)
+        return cls(oidc, keys, anonymous_anywhere=settings.auth_insecure)
 
-    async def authenticate(self, credential: str | None) -> Principal:
-        """The principal of ``credential`` (a bearer token or an API key).
+    async def authenticate(self, credential: str | None, local_address: str | None = None) -> Principal:
+        """The principal of ``credential`` (a bearer token or an API key), for a call that arrived on
+        ``local_address`` (this server's address the connection reached: ASGI ``scope["server"]``).
 
         Raises
         ------
         gateway.errors.Unauthorized
             No or bad credential (401).
+        gateway.errors.AuthNotConfigured
+            No credential source is configured and the call reached a non-loopback IP address of this
+            server (403): the startup check (:func:`check_exposure`) sees ``CTSCREEN_HOST``, not the
+            address a process manager told uvicorn to bind.
         gateway.errors.AuthUnavailable
             The provider's keys or the API key file cannot be read now (503).
         """
         if not self.enabled:
-            return ANONYMOUS
+            if self.anonymous_anywhere or not reached_off_loopback(local_address):
+                return ANONYMOUS
+            raise AuthNotConfigured(
+                "This gateway has no authentication configured and answers anonymous calls on loopback only: "
+                "set CTSCREEN_AUTH_OIDC_ISSUER and CTSCREEN_AUTH_OIDC_AUDIENCE, or CTSCREEN_AUTH_API_KEYS_FILE, "
+                "or start it with --insecure (CTSCREEN_AUTH_INSECURE=true).")
         if not credential:
             raise Unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
                                error=None)
@@ -317,7 +365,8 @@ def require(scope: str) -> Any:
     ) -> Principal:
         request.state.scope = scope
         auth: Authenticator = getattr(request.app.state, "auth", None) or Authenticator()
-        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key)
+        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key,
+                                            local_address(request.scope))
         request.state.principal = principal
         if not principal.has(scope):
             raise InsufficientScope(f"This needs the scope {scope!r}; the credential has "
@@ -344,7 +393,7 @@ async def still_holds(request: Request, scope: str) -> bool:
     bearer = await _bearer(request)  # read as require() reads it: a bearer token first, else the key header
     credential = bearer.credentials if bearer is not None else await _api_key(request)
     try:
-        principal = await auth.authenticate(credential)
+        principal = await auth.authenticate(credential, local_address(request.scope))
     except AuthUnavailable:
         return True
     except Unauthorized:
@@ -396,6 +445,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def local_address(scope: MutableMapping[str, Any]) -> str | None:
+    """The address of this server a connection reached (ASGI ``scope["server"]``'s host; None: unknown)."""
+    server = scope.get("server")
+    return str(server[0]) if server else None
+
+
+def reached_off_loopback(address: str | None) -> bool:
+    """Whether ``address`` is an IP address and not a loopback one (a Unix socket's path, a test client's
+    ``testserver`` or no address are not: they reach no network interface).
+
+    >>> [reached_off_loopback(a) for a in ("10.1.2.3", "::ffff:10.1.2.3", "127.0.0.1", "::1", "/run/gw.sock", None)]
+    [True, True, False, False, False, False]
+    """
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return not (mapped or ip).is_loopback
 
 
 def check_exposure(settings: Settings, host: str, *, insecure: bool = False) -> None:

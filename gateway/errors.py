@@ -24,6 +24,7 @@ the message.
      |    +-- gateway.uids.InvalidUid              invalid_uid         400
      +-- Unauthorized(GatewayError)                unauthorized        401   (WWW-Authenticate)
      +-- InsufficientScope(GatewayError)           insufficient_scope  403   (WWW-Authenticate)
+     +-- AuthNotConfigured(GatewayError)           auth_not_configured 403   (no auth, called off loopback)
      +-- NotFound(GatewayError, KeyError)          not_found           404
      |    +-- JobNotFound                          not_found           404   (no such job or study)
      |    +-- NoSuchSlice                          no_such_slice       404
@@ -269,6 +270,15 @@ class InsufficientScope(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{self.scope}"'}
+
+
+class AuthNotConfigured(GatewayError):
+    """A call that reached a gateway without authentication on a non-loopback address: such a gateway
+    answers anonymous calls on loopback only (unless started ``--insecure``), whatever address it was
+    told to bind (``uvicorn --host`` is not a setting the app sees)."""
+
+    reason = "auth_not_configured"
+    http_status = 403
 
 
 class NotFound(GatewayError, KeyError):

@@ -76,13 +76,14 @@ class Provider:
         return {**json.loads(algo.to_jwk(key.public_key())), "kid": kid, "alg": alg, "use": "sig"}
 
     def token(self, scope: str = "studies:write results:read", *, kid: str = "rsa-1", key=None, alg: str | None = None,
-              **claims) -> str:
+              header_typ: str | None = None, **claims) -> str:
         now = int(time.time())
         body = {"iss": self.issuer, "aud": AUD, "sub": "alice", "iat": now, "nbf": now - 5, "exp": now + 300,
                 "scope": scope, **claims}
         body = {k: v for k, v in body.items() if v is not None}
         signing, default_alg = self.published.get(kid, (self.rogue, "RS256"))
-        return jwt.encode(body, key or signing, algorithm=alg or default_alg, headers={"kid": kid})
+        headers = {"kid": kid} if header_typ is None else {"kid": kid, "typ": header_typ}
+        return jwt.encode(body, key or signing, algorithm=alg or default_alg, headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,12 @@ BAD_TOKENS = {
     "published-kid-other-key": lambda p: p.token(kid="rsa-1", key=p.rogue),
     "ec-kid-rsa-alg": lambda p: p.token(kid="ec-1", key=p.rsa, alg="RS256"),
     "garbage": lambda p: "not.a.jwt",
+    # well signed by the issuer, for this audience, with scopes: but not access tokens
+    "id-token-at-hash": lambda p: p.token(at_hash="x1", nonce="n", azp=AUD),
+    "id-token-c-hash": lambda p: p.token(c_hash="x2"),
+    "keycloak-id-token": lambda p: p.token(typ="ID", azp=AUD),
+    "keycloak-refresh-token": lambda p: p.token(typ="Refresh"),
+    "oidc-logout-token": lambda p: p.token(header_typ="logout+jwt"),
 }
 
 
@@ -162,6 +169,24 @@ def test_bad_tokens_are_401(client, provider, name):
     r = _upload(client, _bearer(BAD_TOKENS[name](provider)))
     assert r.status_code == 401, (name, r.status_code, r.text)
     assert r.json()["reason"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(("header_typ", "typ"), [(None, None), ("JWT", "Bearer"), ("at+jwt", None),
+                                                 ("application/at+JWT", "bearer")])
+def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ):
+    """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer."""
+    r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ)))
+    assert r.status_code == 202, r.text
+
+
+@pytest.mark.parametrize(("token", "says"), [
+    (lambda p: p.token(at_hash="x1"), "an ID token (it carries at_hash)"),
+    (lambda p: p.token(typ="ID"), "'ID' token, not an access token"),
+    (lambda p: p.token(header_typ="logout+jwt"), "type 'logout+jwt' is not an access token's"),
+])
+def test_a_token_that_is_no_access_token_says_so(client, provider, token, says):
+    r = _upload(client, _bearer(token(provider)))
+    assert r.status_code == 401 and says in r.json()["message"], r.text
 
 
 def test_no_credential_is_401_and_probes_stay_open(client):
@@ -496,3 +521,44 @@ def test_a_database_password_never_reaches_a_log_line():
         assert "s3cret" not in redact(url), url
     assert redact("postgresql://ctscreen@db/ctscreen?sslmode=require") == "postgresql://ctscreen@db/ctscreen?sslmode=require"
     assert redact("sqlite:////var/lib/ctscreen/state.db") == "sqlite:////var/lib/ctscreen/state.db"
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_only(tmp_path, insecure):
+    """``uvicorn --factory gateway.main:app_from_env --host 0.0.0.0``: the app never sees that address
+    (CTSCREEN_HOST stays loopback, so the start-up check passes); each call that arrives on a non-loopback
+    address is refused instead, unless --insecure. Real uvicorn, real sockets."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to call the gateway on")
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, auth_insecure=insecure, shutdown_grace_s=1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, client_factory=FakeFleet()), host="0.0.0.0",
+                                           port=port, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
+            time.sleep(0.1)
+        outside = httpx.get(f"http://{address}:{port}/v1/jobs/nosuchjob", timeout=10)
+        inside = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/nosuchjob", timeout=10)
+        probe = httpx.get(f"http://{address}:{port}/healthz", timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert inside.status_code == 404, inside.text
+    assert probe.status_code == 200
+    if insecure:
+        assert outside.status_code == 404, outside.text
+    else:
+        assert outside.status_code == 403 and outside.json()["reason"] == "auth_not_configured", outside.text
+        assert "CTSCREEN_AUTH_API_KEYS_FILE" in outside.json()["message"]

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from gateway.admission import OverBudget
 from gateway.errors import (
     REASONS,
+    AuthNotConfigured,
     AuthUnavailable,
     Busy,
     GatewayError,
@@ -44,6 +45,7 @@ ANSWERS = [
      {"www-authenticate": 'Bearer realm="ctscreen", error="invalid_token"'}),
     (InsufficientScope("Needs admin.", scope="admin"), 403, "insufficient_scope",
      {"www-authenticate": 'Bearer error="insufficient_scope", scope="admin"'}),
+    (AuthNotConfigured("No auth; loopback only."), 403, "auth_not_configured", {}),
     (NotDone("Job x is queued."), 409, "not_done", {}),
     (NotRetryable("Job x is done."), 409, "not_retryable", {}),
     (NotResendable("Being sent."), 409, "not_resendable", {}),
