@@ -380,6 +380,42 @@ def test_a_delivery_whose_sender_is_lost_on_every_try_is_failed_not_tried_foreve
     assert (task.state, task.attempts) == ("failed", 3) and "lost during each of its 3 tries" in task.error
 
 
+def test_the_delivery_backfill_sends_no_list_of_jobs_back_to_the_database(db_url):
+    """Every done job of the backfill window was sent back as one IN (...) parameter each: past 32,767 jobs
+    (PostgreSQL's and SQLite's limit on a statement's parameters) the backfill failed on every start. Now
+    an anti-join per destination: a statement's parameters do not grow with the jobs."""
+    from sqlalchemy import event
+
+    from gateway.store.deliveries import Deliveries
+
+    upgrade(db_url)
+
+    async def go() -> tuple[int, int, int]:
+        store = Store(db_url)
+        try:
+            for job_id in await _queue(store, 30):
+                assert (await store.claim(60)).id == job_id
+                assert await store.finish(job_id, _result(job_id), None)
+            deliveries = Deliveries(store)
+            widest = 0
+
+            def count(conn, cursor, statement, parameters, context, executemany):
+                nonlocal widest
+                widest = max(widest, len(parameters or ()))
+
+            event.listen(store.engine.sync_engine, "before_cursor_execute", count)
+            created = await deliveries.enqueue_missing({"pacs": "dicom", "ris": "fhir"}, 3600)
+            again = await deliveries.enqueue_missing({"pacs": "dicom", "ris": "fhir"}, 3600)
+            event.remove(store.engine.sync_engine, "before_cursor_execute", count)
+            return created, again, widest
+        finally:
+            await store.close()
+
+    created, again, widest = _run(go())
+    assert (created, again) == (60, 0)
+    assert widest < 30, widest  # an insert's columns at most, never one per job
+
+
 def test_concurrent_claims_take_each_job_once(db_url):
     upgrade(db_url)
 
