@@ -317,6 +317,8 @@ class Worker:
                 logger.warning("released %d unfinished jobs for other replicas (or the next start)", released)
 
 
+ORPHANS_HELD = 100_000
+"""The most orphans one sweep sets aside (and holds the keys of); more wait for the next sweep."""
 ORPHAN_BRAKE = 0.1
 """The orphan sweep removes nothing when more than this share of the old blobs would go (see
 :meth:`Sweeper.sweep_orphans`)."""
@@ -395,15 +397,21 @@ class Sweeper:
         purged = await asyncio.to_thread(self.blobs.purge_set_aside, self.settings.orphan_keep_s, later_s)
         if purged:
             logger.info("deleted %d blobs set aside more than %g s ago", purged, self.settings.orphan_keep_s)
-        keys = await asyncio.to_thread(self.blobs.older_than, self.settings.orphan_grace_s, later_s)
-        if not keys:
-            return 0
-        named = await Deliveries(self.store).payload_blobs() | await self.store.named_blobs(keys)
-        orphans = [k for k in keys if k not in named]
-        if len(orphans) > max(10, ORPHAN_BRAKE * len(keys)):
+        payloads = await Deliveries(self.store).payload_blobs()
+        old = found = 0
+        orphans: list[str] = []  # at most ORPHANS_HELD: the rest wait for the next sweep
+        for shard in await asyncio.to_thread(self.blobs.shards):  # one shard's keys in memory at a time
+            keys = await asyncio.to_thread(self.blobs.older_than, self.settings.orphan_grace_s, later_s, shard)
+            if not keys:
+                continue
+            named = await self.store.named_blobs(keys)
+            unnamed = [k for k in keys if k not in named and k not in payloads]
+            old, found = old + len(keys), found + len(unnamed)
+            orphans += unnamed[: max(0, ORPHANS_HELD - len(orphans))]
+        if found > max(10, ORPHAN_BRAKE * old):
             logger.error("orphan sweep: %d of the %d blobs older than %g s are named by no instance or delivery "
                          "of this state store; removing none. Is CTSCREEN_DATABASE_URL the store this blob folder "
-                         "belongs to?", len(orphans), len(keys), self.settings.orphan_grace_s)
+                         "belongs to?", found, old, self.settings.orphan_grace_s)
             return 0
         for key in orphans:
             await asyncio.to_thread(self.blobs.set_aside, key)

@@ -1071,6 +1071,50 @@ def test_the_orphan_sweep_removes_nothing_when_most_old_blobs_are_unnamed(tmp_pa
     assert all(blobs.get(k) == b"DICM" for k in keys)
 
 
+def test_the_orphan_sweep_holds_one_shard_of_keys_and_a_bounded_share_of_orphans(tmp_path, monkeypatch):
+    """A blob folder of millions (a week of instances kept): the sweep listed every old key at once and held
+    them with their names from the database. Now one shard (sub-folder) at a time, and at most
+    ORPHANS_HELD orphans a sweep (the rest the next)."""
+    import uuid
+
+    from gateway import worker
+    from gateway.settings import Settings
+    from gateway.store import FolderBlobs
+    from gateway.worker import Sweeper
+
+    url = f"sqlite:///{tmp_path / 'db.db'}"
+    upgrade(url)
+    blobs = FolderBlobs(tmp_path / "blobs")
+    named = [f"{shard}/{uuid.uuid4().hex}" for shard in ("0a", "1b", "2c", "3d") for _ in range(30)]
+    orphans = [f"{shard}/{uuid.uuid4().hex}" for shard in ("0a", "1b", "2c") for _ in range(3)]
+    for key in named + orphans:
+        blobs.put(key, b"DICM")
+    listed: list[int] = []
+    whole = blobs.older_than
+
+    def listing(age_s, later_s=0.0, shard=None):
+        listed.append(len(keys := whole(age_s, later_s, shard)))
+        return keys
+
+    monkeypatch.setattr(blobs, "older_than", listing)
+    monkeypatch.setattr(worker, "ORPHANS_HELD", 4)
+
+    async def go() -> list[int]:
+        store = Store(url)
+        try:
+            for i, key in enumerate(named):
+                await store.add_instance(f"1.2.{i}", f"1.2.{i}.1", "a.dcm", key, 4)
+            sweeper = Sweeper(store, blobs, Settings(orphan_grace_s=3600))
+            return [await sweeper.sweep_orphans(later_s=2 * 3600) for _ in range(4)]
+        finally:
+            await store.close()
+
+    assert _run(go()) == [4, 4, 1, 0]
+    assert max(listed) <= 33  # a shard's keys, never the 129 old blobs at once
+    assert all(blobs.get(k) == b"DICM" for k in named)
+    assert not any(blobs.path(k).exists() for k in orphans)
+
+
 async def _expiring_stow_version(store: Store, uid: str) -> int:
     """A STOW study whose only version (one instance, blob ``k-old``) finished long ago; its id."""
     await store.add_instance(uid, f"{uid}.1", "a.dcm", "k-old", 1)

@@ -83,11 +83,15 @@ class BlobStore(Protocol):
     def writable(self) -> bool:
         """Whether new blobs can be stored now (the readiness probe asks)."""
 
-    def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
-        """Keys of the blobs last written more than ``age_s`` seconds before now (by the store's own clock:
-        on a shared volume, the file server's), or ``later_s`` seconds from now (a test's way to let time
-        pass): what the orphan sweep checks. Leftovers of writes that never finished (a process died
-        mid-write) that old go."""
+    def shards(self) -> list[str]:
+        """The parts the keys are spread over (:meth:`older_than` lists one at a time, so that the orphan
+        sweep holds one part's keys, not a million)."""
+
+    def older_than(self, age_s: float, later_s: float = 0.0, shard: str | None = None) -> list[str]:
+        """Keys of the blobs (of ``shard``, else of all) last written more than ``age_s`` seconds before now
+        (by the store's own clock: on a shared volume, the file server's), or ``later_s`` seconds from now (a
+        test's way to let time pass): what the orphan sweep checks. Leftovers of writes that never finished
+        (a process died mid-write) that old go."""
 
 
 _NEW_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
@@ -238,14 +242,21 @@ class FolderBlobs:
                 continue
         return gone
 
-    def older_than(self, age_s: float, later_s: float = 0.0) -> list[str]:
+    def shards(self) -> list[str]:
+        """The two-hex-digit folders :func:`new_key` spreads keys over (those that exist)."""
+        return sorted(f.name for f in self._root.iterdir() if len(f.name) == 2 and f.is_dir())
+
+    def older_than(self, age_s: float, later_s: float = 0.0, shard: str | None = None) -> list[str]:
         when = filesystem_now(self._root) + later_s - age_s
         # only the layout new_key makes: a file of another shape is not ours to judge
         keys = []
-        for folder in self._root.iterdir():
-            if not (len(folder.name) == 2 and folder.is_dir()):
+        for name in self.shards() if shard is None else [shard]:
+            folder = self._root / name
+            try:
+                entries = os.scandir(folder)
+            except FileNotFoundError:  # removed meanwhile (or never made)
                 continue
-            with os.scandir(folder) as entries:
+            with entries:
                 for entry in entries:
                     try:
                         # a blob linked from a spooled upload keeps the spool file's mtime, but the link and
@@ -256,7 +267,7 @@ class FolderBlobs:
                         continue
                     if not old:
                         continue
-                    if _NEW_KEY.fullmatch(key := f"{folder.name}/{entry.name}"):
+                    if _NEW_KEY.fullmatch(key := f"{name}/{entry.name}"):
                         keys.append(key)
                     elif _STAGED.fullmatch(entry.name):  # a staged file whose writer died
                         Path(entry.path).unlink(missing_ok=True)
