@@ -599,7 +599,7 @@ def _fg_value(ds: Dataset, frame: int | None, seq: str, keyword: str) -> Any:
             items = ds.get(groups)
             if not items:
                 continue
-            item = items[frame] if groups.startswith("PerFrame") and len(items) > frame else items[0]
+            item = items[frame] if groups.startswith("PerFrame") else items[0]  # one per frame (_headers checks)
             inner = item.get(seq)
             if inner and keyword in inner[0]:
                 return inner[0][keyword].value
@@ -730,6 +730,11 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         )
 
     multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != n_frames:
+        # each frame's position, orientation and rescale are its item's: a frame without one has none
+        raise NotDicom(f"Per-Frame Functional Groups Sequence has {len(per_frame)} item(s) for {n_frames} frame(s) "
+                       "(PS3.3 C.7.6.16: one per frame).", filename=filename)
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     base_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType") or ()))

@@ -460,6 +460,18 @@ def test_padding_in_every_frame_of_an_enhanced_ct() -> None:
         assert np.abs(frame[~outside].astype(np.int32) - hu[~outside]).max() <= 1  # slope 2 rounds
 
 
+@pytest.mark.parametrize("items", [1, 3])
+def test_an_enhanced_ct_with_a_per_frame_item_short_or_over_is_refused(items: int) -> None:
+    """Frames past the sequence's end took the first frame's position and rescale: three frames at one
+    place, screened as a stack."""
+    hu, _ = _phantom()
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct([hu, hu], [(1.0, -1024.0)] * 2, [0.0, 1.0])))
+    per = ds.PerFrameFunctionalGroupsSequence
+    ds.PerFrameFunctionalGroupsSequence = pydicom.sequence.Sequence(list(per)[:items] + list(per)[:max(0, items - 2)])
+    with pytest.raises(NotDicom, match=f"has {items} item.* for 2 frame"):
+        gdicom.read_headers("short.dcm", _save(ds))
+
+
 def test_padding_in_compressed_pixels_is_matched_before_the_unused_bits_are_cleared() -> None:
     """RLE (decoded by pydicom's plugins): Bits Stored 12, padding 63536 kept in the 16 bits."""
     hu, outside = _phantom()
