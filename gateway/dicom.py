@@ -625,6 +625,18 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals
 
 
+def _codes(value: Any) -> tuple[str, ...]:
+    """A code string element's values, upper case: one value is one code, not its letters.
+
+    >>> _codes(["original", "PRIMARY ", "AXIAL"]), _codes("DERIVED"), _codes(None)
+    (('ORIGINAL', 'PRIMARY', 'AXIAL'), ('DERIVED',), ())
+    """
+    if value is None or value == "":
+        return ()
+    values = [value] if isinstance(value, str | bytes) else value
+    return tuple(str(v).strip().upper() for v in values)
+
+
 def _text(value: Any) -> str:
     r"""A string or multi-valued string element as one string (values joined by a backslash); "" when absent.
 
@@ -737,7 +749,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                        "(PS3.3 C.7.6.16: one per frame).", filename=filename)
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    base_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType") or ()))
+    base_type = _codes(ds.get("ImageType"))
     lossy = lossy_compressed(ds, ts)
     out = []
     for f in frames:
@@ -764,7 +776,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         if slope == 0:
             raise NotCT("Rescale Slope is 0.", filename=filename)
         frame_type = _fg_value(ds, f, "CTImageFrameTypeSequence", "FrameType")
-        image_type = tuple(str(v).strip().upper() for v in frame_type) if frame_type else base_type
+        image_type = _codes(frame_type) if frame_type else base_type
         ps = _floats(_fg_value(ds, f, "PixelMeasuresSequence", "PixelSpacing"), 2)
         out.append(
             FrameHeader(

@@ -371,6 +371,24 @@ def test_a_study_without_an_original_series_screens_a_plain_derived_axial_stack(
     assert [w for w in study.warnings if w.startswith("No ORIGINAL\\PRIMARY series")], study.warnings
 
 
+@pytest.mark.parametrize(("value", "reason", "shown"), [("LOCALIZER", "localizer", None),
+                                                     ("SECONDARY", "not_original", "SECONDARY")])
+def test_a_single_valued_image_type_is_one_code_not_its_letters(value, reason, shown) -> None:
+    """Image Type of one value (VM 1, against the standard's 2-n, as some exporters write it) came back from
+    pydicom as a string and was read letter by letter: a one-valued LOCALIZER was no localizer, and the
+    refusal named the type 'S\\E\\C...'."""
+    files = []
+    for name, data in _files(make_series(4, rows=32, cols=32)):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.ImageType = value
+        files.append((name, to_bytes(ds)))
+    with pytest.raises(NoUsableSeries) as info:
+        load_study(files)
+    assert {r for _, r, _ in info.value.rejected} == {reason}, info.value.rejected
+    if shown:
+        assert all(m.startswith(f"Image Type {shown} is not") for _, _, m in info.value.rejected), info.value.rejected
+
+
 def test_an_original_series_still_wins_over_a_derived_one() -> None:
     study_uid = generate_uid()
     original = _files(make_series(6, rows=32, cols=32, study_uid=study_uid, series_number=2), "orig/")
