@@ -531,6 +531,26 @@ def test_state_is_shared_by_every_replica():
     assert find(external, "Job", "-db-migrate")["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
 
 
+def test_the_migration_job_reaches_the_database_as_the_gateway_does():
+    """A database behind a private CA, or reached with options the gateway gets in extraEnv (a client
+    certificate's path, PGSSLMODE): the pre-upgrade migration got neither and failed every upgrade."""
+    extra_env = [{"name": "PGSSLROOTCERT", "value": "/etc/pg/root.crt"}]
+    mounts = [{"name": "pg-client", "mountPath": "/etc/pg", "readOnly": True}]
+    volumes = [{"name": "pg-client", "secret": {"secretName": "pg-client"}}]
+    objs = render({"caBundle": {"configMapName": "site-ca"},
+                   "gateway": {"extraEnv": extra_env, "extraVolumeMounts": mounts, "extraVolumes": volumes}})
+    gateway = find(objs, "Deployment", "-gateway")
+    job = find(objs, "Job", "-db-migrate")
+    for kind, pod in (("gateway", gateway), ("migrate", job)):
+        c = container(pod, kind)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["SSL_CERT_FILE"] == "/etc/ctscreen/ca/ca.crt" and env["PGSSLROOTCERT"] == "/etc/pg/root.crt", kind
+        assert {m["name"] for m in c["volumeMounts"]} >= {"ca-bundle", "pg-client"}, kind
+        assert {v["name"] for v in pod["spec"]["template"]["spec"]["volumes"]} >= {"ca-bundle", "pg-client"}, kind
+    plain = container(find(render({}), "Job", "-db-migrate"), "migrate")
+    assert "volumeMounts" not in plain and not [e for e in plain["env"] if e["name"] == "SSL_CERT_FILE"]
+
+
 def test_gateway_keeps_its_data_folder_on_a_volume():
     """CTSCREEN_DATA_DIR (scratch) is mounted: an emptyDir by default, a PersistentVolumeClaim when named.
 
