@@ -265,6 +265,10 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
          "enable monitoring.prometheusRule"),
         ({"triton": {"priorityClass": {"create": True}}}, "needs triton.priorityClassName"),
         ({"triton": {"rollout": {"progressDeadlineSeconds": 3600}}}, "2 models x engines.buildTimeoutSeconds 1800"),
+        # a new GPU node pulls a 10-15 GB image first: the deadline counts the pull too
+        ({"triton": {"rollout": {"imagePullSeconds": 1200}}}, "the image pull 1200 s"),
+        ({"triton": {"engines": {"build": False}, "rollout": {"progressDeadlineSeconds": 600, "imagePullSeconds": 900}}},
+         "the image pull 900 s (triton.rollout.imagePullSeconds) + 0 models"),
         # a security control the gateway would refuse without mutual TLS was dropped from the pod silently
         ({"gateway": {"dicom": {"enabled": True, "allowedPeers": ["CT@*"], "tls": {"bindAeTitle": True}}}},
          "bindAeTitle ties a calling AE title"),
