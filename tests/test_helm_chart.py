@@ -355,6 +355,17 @@ def test_engine_profile_matches_the_gpu_repository_profile():
     assert tuple(engines["models"]) == tuple(SEGMENTATION_MODELS)
 
 
+def test_gpu_products_match_their_time_sliced_labels_too():
+    """GPU feature discovery appends -SHARED to the product label of a time-sliced GPU (renameByDefault):
+    the same GPU and the same plans, but the pods could not be scheduled there."""
+    objs = render({"triton": {"gpuProducts": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-L4-SHARED"]}})
+    spec = find(objs, "Deployment", "-triton")["spec"]["template"]["spec"]
+    [term] = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    [expr] = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.product"]
+    assert expr["operator"] == "In"
+    assert expr["values"] == ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-SXM4-80GB-SHARED", "NVIDIA-L4-SHARED"]
+
+
 def test_triton_pod_gpu_probes_drain_and_shm(rendered):
     deployment = find(rendered["production"], "Deployment", "-triton")
     spec = deployment["spec"]["template"]["spec"]
