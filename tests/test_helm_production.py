@@ -183,6 +183,22 @@ def test_network_policy_admits_the_prometheus_pods_and_the_dicom_sources(product
     assert "externalTrafficPolicy" not in clusterip  # only valid for LoadBalancer and NodePort
 
 
+def test_a_load_balancer_that_health_checks_the_pods_is_admitted_to_the_dicom_port_only() -> None:
+    """An AWS NLB with IP targets health-checks the pods' DICOM port from its subnets: the NetworkPolicy
+    dropped those checks, every target read unhealthy and no study arrived. Its subnets are admitted by
+    the NetworkPolicy, to the DICOM port only, and do not widen loadBalancerSourceRanges."""
+    values = _production()
+    sources = values["gateway"]["dicom"]["sources"]
+    checks = ["10.0.64.0/24", "10.0.65.0/24"]
+    objs = render(_production(gateway__dicom__healthCheckSources=checks))
+    rules = find(objs, "NetworkPolicy", "-gateway")["spec"]["ingress"]
+    dicom = [p["ipBlock"]["cidr"] for r in rules if {"port": "dicom", "protocol": "TCP"} in r["ports"] for p in r["from"]]
+    assert dicom == sources + checks
+    others = [p for r in rules if {"port": "dicom", "protocol": "TCP"} not in r["ports"] for p in r.get("from", [])]
+    assert not [p for p in others if p.get("ipBlock", {}).get("cidr") in checks]
+    assert find(objs, "Service", "-gateway-dicom")["spec"]["loadBalancerSourceRanges"] == sources
+
+
 def test_an_api_load_balancer_does_not_publish_the_metrics_port() -> None:
     """gateway.service.type LoadBalancer puts the API on the load balancer and nothing else: /metrics
     stays on its own ClusterIP Service, which the ServiceMonitor scrapes."""
