@@ -41,7 +41,7 @@ IDENTIFIER_SYSTEM: Final = "urn:ctscreen:result"
 """System of the identifiers of every resource ctscreen makes (value: job id, then ``/`` and a part)."""
 
 SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
-_VERDICT = {"positive": ("52101004", "Present"), "negative": ("2667000", "Absent"),
+_VERDICT = {"positive": ("52101004", "Present"), "negative": ("272519000", "Absent"),  # the SR's (PS3.16)
             "indeterminate": ("82334004", "Indeterminate")}
 _CTSCREEN = "urn:ctscreen:code"
 NOTICE: Final = "Machine reading for screening, not a diagnosis; to be verified by a radiologist."

@@ -215,6 +215,25 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
         validate_bundle(broken)
 
 
+@pytest.mark.parametrize("lesion_slices", [(1, 2, 3), (1, 2)])
+def test_the_sr_and_the_fhir_report_code_the_verdict_alike(lesion_slices):
+    """The RIS and the PACS must read one verdict: FHIR's Absent was SNOMED CT 2667000, the SR's 272519000
+    (the code PS3.16 gives Absent, as pydicom's code dictionary has it): two codes for one answer."""
+    result, sources = _series(lesion_slices=lesion_slices)
+
+    def coded(items):  # every coded value of the SR's content tree, as (code, meaning)
+        for item in items:
+            for code in item.get("ConceptCodeSequence", []):
+                yield code.CodeValue, code.CodeMeaning
+            yield from coded(item.get("ContentSequence", []))
+
+    sr_values = set(coded(dcmread(io.BytesIO(_bytes(to_sr(result, sources)))).ContentSequence))
+    verdict = next(e["resource"] for e in to_fhir(result)["entry"]
+                   if e["resource"]["identifier"][0]["value"].endswith("/verdict"))
+    [coding] = verdict["valueCodeableConcept"]["coding"]
+    assert (coding["code"], coding["display"]) in sr_values, (result.verdict, coding, sr_values)
+
+
 def test_a_newer_reading_names_the_older_sr_and_cancels_the_older_report():
     """Version 2 of a study (late instances) is screened again: its SR names version 1's SR as a predecessor
     document, and its FHIR bundle sets version 1's report and observations to cancelled (conditional
