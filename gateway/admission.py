@@ -17,6 +17,7 @@ refuses ``max_upload_bytes > upload_budget_bytes`` at start-up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.errors import Busy, TooLarge
+from gateway.uploads import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +161,8 @@ class Admission:
             view: Any = b""
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    async for chunk in chunks:
-                        fh.write(chunk)
+                    async for piece in gathered(chunks):  # off the event loop (a stalled volume)
+                        await asyncio.to_thread(fh.write, piece)
                     size = fh.tell()
                 if size:
                     with open(name, "rb") as fh:

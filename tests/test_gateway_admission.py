@@ -185,3 +185,111 @@ def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path, route):
         if route == "stow":
             assert sum(1 for p in (live.app.state.settings.blobs()).rglob("*") if p.is_file()) >= 128
     assert not any(spool.iterdir())  # released at shut-down
+
+
+def test_a_body_is_written_off_the_event_loop(tmp_path, monkeypatch):
+    """A stalled volume (an NFS server that hangs for a while) stalled every request and the health probes:
+    the body's chunks were written on the event loop. The stall is simulated (a file whose writes sleep:
+    no NFS server can run here); the loop's longest pause while the body is written is measured."""
+    import os
+
+    from gateway import admission as adm
+
+    real_fdopen = os.fdopen
+
+    class Stalling:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            time.sleep(0.2)
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.fh.__exit__(*exc)
+
+    monkeypatch.setattr(adm.os, "fdopen", lambda fd, mode: Stalling(real_fdopen(fd, mode)))
+    body = os.urandom(3 * MiB)
+
+    class Request:  # what Admission reads of a Starlette request
+        headers = {"content-length": str(len(body))}
+
+        async def stream(self):
+            for i in range(0, len(body), 64 * 1024):
+                await asyncio.sleep(0)
+                yield body[i:i + 64 * 1024]
+
+    async def go() -> tuple[bytes, float]:
+        admission = adm.Admission(16 * MiB, tmp_dir=tmp_path)
+        longest, done = 0.0, False
+
+        async def ticker():
+            nonlocal longest
+            last = time.monotonic()
+            while not done:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+
+        tick = asyncio.create_task(ticker())
+        async with admission.body(Request(), 8 * MiB, "addr:test") as view:
+            kept = bytes(view)
+        done = True
+        await tick
+        return kept, longest
+
+    kept, longest = asyncio.run(go())
+    assert kept == body
+    assert longest < 0.15, f"the event loop stood still {longest:.2f} s while the body was written"
+
+
+def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, monkeypatch):
+    """The multipart upload route split each 64 KiB read and wrote its parts on the event loop: with a
+    stalled volume (simulated: each write of a part sleeps 50 ms; no NFS server can run here) the health
+    probe of every pod waited behind it. Real uvicorn, a raw socket sending the body, /healthz asked
+    meanwhile."""
+    import httpx
+
+    from gateway import uploads
+
+    real_write = uploads.FilePart.write
+
+    def stalling(self, data):
+        time.sleep(0.05)
+        return real_write(self, data)
+
+    monkeypatch.setattr(uploads.FilePart, "write", stalling)
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+                    for name, data, _, _ in make_series(8, rows=256, cols=256)) + f"--{boundary}--\r\n".encode()
+
+    async def upload(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: gw\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for i in range(0, len(body), 64 * 1024):
+            writer.write(body[i:i + 64 * 1024])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        await _response(reader, 120)
+        writer.close()
+
+    with Live(FakeFleet(**{"fake:1": {"ready": False}})) as live:
+        sender = threading.Thread(target=lambda: asyncio.run(upload(live.port)))
+        sender.start()
+        waits = []
+        while sender.is_alive():
+            t0 = time.monotonic()
+            assert httpx.get(f"http://127.0.0.1:{live.port}/healthz", timeout=30).status_code == 200
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        sender.join()
+    assert sorted(waits)[len(waits) // 2] < 0.15, f"/healthz waited {sorted(waits)} s behind the upload's writes"
+    assert len(waits) >= 5, waits  # asked while the writes went on (they take over a second)

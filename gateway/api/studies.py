@@ -29,7 +29,15 @@ from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_key
 from gateway.uids import check_uid
-from gateway.uploads import FilePart, MultipartSplitter, UploadLimits, iter_upload, new_spool, spooling_failed
+from gateway.uploads import (
+    FilePart,
+    MultipartSplitter,
+    UploadLimits,
+    gathered,
+    iter_upload,
+    new_spool,
+    spooling_failed,
+)
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -115,9 +123,9 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
 
     task = asyncio.ensure_future(screener.prepare(sources(), speculate=speculate, streamed=True))
     try:
-        async for chunk in chunks:
+        async for piece in gathered(chunks):  # parsed and written in a thread, a megabyte at a time
             try:
-                parts = splitter.feed(chunk)
+                parts = await asyncio.to_thread(splitter.feed, piece)
             except OSError as exc:
                 raise spooling_failed(exc) from exc
             for part in parts:
