@@ -529,7 +529,8 @@ def _best(runs: Sequence[_Run]) -> _Run | None:
     return min(runs, key=lambda r: (not r.qualifies, -r.n, -r.extent_mm, r.start, QUADRANTS.index(r.quadrant)))
 
 
-def _evidence(run: _Run, findings: Sequence[SliceFinding]) -> Evidence:
+def _evidence(run: _Run, findings: Sequence[SliceFinding], ordered: Sequence[SliceInput], rule: CaseRule,
+              frame: _SeriesFrame) -> Evidence:
     return Evidence(
         quadrant=run.quadrant,
         qualifies=run.qualifies,
@@ -541,10 +542,28 @@ def _evidence(run: _Run, findings: Sequence[SliceFinding]) -> Evidence:
                 sop_instance_uid=f.sop_instance_uid,
                 position_mm=f.position_mm,
                 boxes=[b for b in f.boxes if run.quadrant in b.quadrants],
+                quadrant_original=_quadrant_original(ordered[f.index], run.quadrant, rule, frame),
             )
             for f in findings[run.start : run.stop]
         ],
     )
+
+
+def _quadrant_original(s: SliceInput, quadrant: Quadrant, rule: CaseRule, frame: _SeriesFrame) -> Box | None:
+    """``quadrant`` of one slice on its stored image: the grid's quadrant as the rule split this slice
+    (:func:`_split_point`: a one-lung slice at the series' centre), mapped onto Rows x Columns (a slice stored
+    mirrored shows it mirrored); None when no mapping is known."""
+    if is_empty_box(s.valid_area) and rule.quadrant_split == "valid_area":
+        return None  # the rule put no lesion of this slice anywhere
+    sx, sy = _split_point(s.valid_area, rule, frame)
+    last = SLICE_SIZE - 1.0
+    x0, x1 = (0.0, sx) if quadrant.endswith("left") else (sx, last)
+    y0, y1 = (0.0, sy) if quadrant.startswith("top") else (sy, last)
+    [box] = _originals(s, np.array([[x0, y0, x1, y1]], np.float64))
+    if box is None or not s.rows or not s.cols:
+        return box
+    x1c, y1c = min(box.x1, s.cols - 1), min(box.y1, s.rows - 1)
+    return Box(x0=min(box.x0, x1c), y0=min(box.y0, y1c), x1=x1c, y1=y1c)
 
 
 def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
@@ -642,7 +661,7 @@ def decide(
     findings = [_finding(i, s, rule, frame) for i, s in enumerate(ordered)]
     runs = _runs(findings, segments, positions, spacing, rule)
     best = _best(runs)
-    evidence = _evidence(best, findings) if best else None
+    evidence = _evidence(best, findings, ordered, rule, frame) if best else None
     warnings = [
         f"gap of {g.distance_mm:.2f} mm (expected {g.expected_mm:.2f} mm) between {g.after_sop_instance_uid} "
         f"and {g.before_sop_instance_uid}"
@@ -662,7 +681,7 @@ def decide(
 
     def unproven(run: _Run, among: Sequence[SliceFinding]) -> Evidence:
         """The run a reason names as what would have satisfied the rule (never qualifying: not found)."""
-        return _evidence(run, among).model_copy(update={"qualifies": False})
+        return _evidence(run, among, ordered, rule, frame).model_copy(update={"qualifies": False})
 
     # before the run: boxes on a head's sinuses make runs as well as lesions do. The check reads the
     # measures, never the boxes: for given measures, adding a box never turns a verdict away from positive

@@ -152,6 +152,10 @@ class EvidenceSlice(_Model):
     sop_instance_uid: str
     position_mm: float
     boxes: list[LesionBox]
+    quadrant_original: Box | None = Field(
+        default=None, description="the run's quadrant on this slice's stored image (Rows x Columns), as the rule "
+        "split the slice (a one-lung slice at the series' centre; a slice stored mirrored shows it mirrored); "
+        "None when the stored grid is unknown")
 
 
 class Evidence(_Model):

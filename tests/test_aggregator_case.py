@@ -565,3 +565,30 @@ def test_a_slice_whose_valid_area_holds_one_lung_is_split_at_the_series_midline(
     assert d.verdict == "positive"
     narrow = [SliceInput(f"1.2.8.{i}", 5.0 * i, lesion, right_only) for i in range(5)]  # all one width
     assert [f.quadrants for f in decide(narrow).slices] == [["bottom_right"]] * 5  # split at 145 as before
+
+
+def test_the_runs_quadrant_is_given_on_each_stored_image_as_the_rule_split_it():
+    """The viewer shaded the run's quadrant from each slice's own valid-area centre on the stored image as
+    stored: on a one-lung slice (split at the series' centre by the rule) and on a slice stored mirrored
+    (its grid's left is the image's right) it shaded another region than the rule counted in."""
+    both, right_only = np.array([60, 120, 450, 400], np.float32), np.array([60, 120, 230, 400], np.float32)
+    lesion = np.array([[160, 300, 200, 340, 0.9]], np.float32)
+    vas = [both, both, right_only, both, both]
+    d = decide([SliceInput(f"1.2.9.{i}", 5.0 * i, lesion, va, rows=512, cols=512) for i, va in enumerate(vas)])
+    assert d.evidence.quadrant == "bottom_left"
+    regions = [e.quadrant_original.model_dump() for e in d.evidence.slices]
+    whole = {"x0": 0, "y0": 260, "x1": 255, "y1": 511}  # split at (255, 260): the series' centre
+    assert regions == [whole] * 5  # the one-lung slice too (its own centre is x = 145)
+
+    def mirrored(b):  # stored with the columns the other way round (the grid is radiological)
+        out = np.array(b, np.float64)
+        out[:, [0, 2]] = 511.0 - out[:, [2, 0]]
+        return out
+
+    m = decide([SliceInput(f"1.2.7.{i}", 5.0 * i, lesion, both, rows=512, cols=512, to_original=mirrored)
+                for i in range(3)])
+    assert m.evidence.quadrant == "bottom_left"
+    assert m.evidence.slices[0].quadrant_original.model_dump() == {"x0": 256, "y0": 260, "x1": 511, "y1": 511}
+    assert m.slices[0].boxes[0].original.x0 >= 256  # where the lesion is drawn: inside that region
+    unknown = decide([SliceInput(f"1.2.6.{i}", 5.0 * i, lesion, both, rows=512, cols=400) for i in range(3)])
+    assert unknown.evidence.slices[0].quadrant_original is None  # no mapping known: the viewer's own guess

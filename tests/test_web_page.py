@@ -157,7 +157,11 @@ def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened
     expected = [[*_box(b), result.evidence.quadrant in b.quadrants] for b in finding.boxes]
     assert finding.boxes and sorted(map(list, drawn)) == sorted(expected)
     assert any(e[4] for e in expected)  # the run's boxes are highlighted
-    assert page.locator("#viewer rect.quadrant").get_attribute("data-quadrant") == result.evidence.quadrant
+    quadrant = page.locator("#viewer rect.quadrant")
+    assert quadrant.get_attribute("data-quadrant") == result.evidence.quadrant
+    q = run[len(run) // 2].quadrant_original  # where the rule counted the run on this stored image
+    assert [float(quadrant.get_attribute(k)) for k in ("x", "y", "width", "height")] == [
+        q.x0, q.y0, q.x1 - q.x0 + 1, q.y1 - q.y0 + 1]
     va = finding.valid_area_original
     rect = page.locator("#viewer rect.valid-area")
     assert [float(rect.get_attribute(k)) for k in ("x", "y", "width", "height")] == [

@@ -79,6 +79,8 @@ function viewer(main, job) {
   const evidence = noChest ? null : result.evidence;
   const word = noChest ? "box" : "lesion";
   const runIndex = new Set((evidence?.slices || []).map((e) => e.index));
+  // the run's quadrant on each stored image, as the rule split the slice (older results lack it)
+  const runQuadrant = new Map((evidence?.slices || []).map((e) => [e.index, e.quadrant_original]));
   const findings = slices.filter((sl) => sl.boxes.length);
   const urls = new Map();
   let index = evidence?.slices?.[0]?.index ?? findings[0]?.index ?? Math.floor(slices.length / 2);
@@ -164,10 +166,12 @@ function viewer(main, job) {
     overlay.setAttribute("viewBox", `0 0 ${cols} ${rows}`);
     const va = sl.valid_area_original || (sl.valid_area && boxOf({ grid: sl.valid_area }, scale));
     if (runIndex.has(index) && evidence) {
+      const q = runQuadrant.get(index);
       const split = result.rule.quadrant_split === "valid_area" && va
         ? [(va.x0 + va.x1 + 1) / 2, (va.y0 + va.y1 + 1) / 2] : [cols / 2, rows / 2];
       overlay.append(s("rect", { class: "quadrant", "data-quadrant": evidence.quadrant,
-        ...quadrantRect(evidence.quadrant, split[0], split[1], cols, rows) }));
+        ...(q ? { x: q.x0, y: q.y0, width: q.x1 - q.x0 + 1, height: q.y1 - q.y0 + 1 }
+          : quadrantRect(evidence.quadrant, split[0], split[1], cols, rows)) }));
     }
     if (va) {
       overlay.append(s("rect", { class: "valid-area", x: va.x0, y: va.y0, width: va.x1 - va.x0 + 1, height: va.y1 - va.y0 + 1 }));
