@@ -204,6 +204,7 @@ def test_cleanup_removes_interrupted_builds_and_unused_keys_but_keeps_the_curren
     assert live.exists()
     assert (tmp_path / "cache" / _keys(current.stdout)["lesion"] / "COMPLETE").exists()
     assert f"removing {old_entry}" in current.stdout
+    assert (tmp_path / "cache" / ".locks" / f"lesion-{old_entry.name}.lock").read_text() == ""  # no longer published
 
 
 @pytest.mark.parametrize(
@@ -226,3 +227,53 @@ def test_a_failed_build_leaves_no_entry_behind(tmp_path, src):
     assert result.returncode != 0 and "trtexec failed" in result.stderr
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and p.parent.name == "lesion"]
     assert os.listdir(tmp_path / "models" / "lesion" / "1") == ["model.onnx"]
+
+
+def test_a_pod_whose_view_lags_behind_a_publish_waits_for_it_and_does_not_build_again(tmp_path, src):
+    """NFS: the builder published and let go of the lock, but the next pod's cached view of the folder does
+    not show the entry yet; it built the key again, then failed to publish onto it and restarted. The lock
+    file, which a lock reads fresh, now says "published": that pod waits for the entry to show. The lag is
+    simulated (the entry moved away until the pod waits): no NFS server can run here."""
+    first = _run(tmp_path, MODELS="lesion")
+    assert first.returncode == 0, first.stderr
+    entry = tmp_path / "cache" / _keys(first.stdout)["lesion"]
+    lock = tmp_path / "cache" / ".locks" / f"lesion-{entry.name}.lock"
+    assert lock.read_text() == "published\n"
+    hidden = entry.with_name("hidden")
+    entry.rename(hidden)
+    out = tmp_path / "pod-b.out"
+    env = _env(tmp_path, dst="models-b", MODELS="lesion", HOSTNAME="pod-b")
+    with out.open("w") as fh:
+        proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    _wait_for(lambda: "waiting for it to show here" in out.read_text(), "pod b to wait for the entry")
+    hidden.rename(entry)  # the view catches up
+    assert proc.wait(timeout=60) == 0, out.read_text()
+    assert len(_calls(tmp_path)) == 1, "the key was built once"
+    assert (tmp_path / "models-b" / "lesion" / "1" / "model.plan").read_text() == (entry / "model.plan").read_text()
+
+    entry.rename(hidden)  # and a view that never catches up fails with one clear line, building nothing
+    late = _run(tmp_path, MODELS="lesion", PUBLISH_VISIBLE_S="2")
+    assert late.returncode != 0 and "is published (its lock file says so)" in late.stderr, late.stderr
+    assert len(_calls(tmp_path)) == 1
+
+
+def test_a_pod_that_built_what_another_published_meanwhile_keeps_the_published_entry(tmp_path, src):
+    """Its view did not show the other pod's entry, so it built too: publishing onto the entry failed and the
+    pod died (and restarted). Now it drops its own build and loads the published plan."""
+    gate = tmp_path / "gate"
+    out = tmp_path / "pod-b.out"
+    env = _env(tmp_path, dst="models-b", MODELS="lesion", HOSTNAME="pod-b", TRTEXEC_GATE=str(gate))
+    with out.open("w") as fh:
+        proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    _wait_for(lambda: Path(f"{gate}.started").exists(), "pod b's build to start")
+    [building] = (tmp_path / "cache").glob("*/*/lesion/*.tmp.pod-b.*")
+    entry = building.parent / building.name.split(".tmp.")[0]
+    entry.mkdir()  # what pod a published meanwhile
+    (entry / "model.plan").write_text("plan of pod a\n")
+    (entry / "KEY").write_text("key\n")
+    (entry / "COMPLETE").write_text("now\n")
+    gate.touch()
+    assert proc.wait(timeout=60) == 0, out.read_text()
+    assert "was published by another pod meanwhile; using it" in out.read_text()
+    assert (tmp_path / "models-b" / "lesion" / "1" / "model.plan").read_text() == "plan of pod a\n"
+    assert not list(entry.parent.glob("*.tmp.*")), "its own build is not left behind"

@@ -12,7 +12,9 @@
 # Many pods of a scale-up start at once on one ReadWriteMany cache, so:
 # - one lock per key ($CACHE/.locks/<model>-<key>.lock, flock): the first pod builds while the others
 #   wait on the lock, then load what it published;
-# - a build writes <key>.tmp.<pod>.<pid>/ and publishes it with one rename to <key>/ (atomic);
+# - a build writes <key>.tmp.<pod>.<pid>/ and publishes it with one rename to <key>/ (atomic), then writes
+#   "published" into the key's lock file: a pod whose NFS view of the folder lags (lookup and attribute
+#   caches) waits for the entry to show instead of building it again (PUBLISH_VISIBLE_S, default 120);
 # - the plan is copied into the pod's own repository ($DST): removing an old key never takes a plan
 #   from under a running Triton;
 # - cleanup: *.tmp.* older than the build timeout (interrupted builds) and keys unused for
@@ -64,6 +66,7 @@ log "gpu=$gpu_product mig=${mig_profile:-none} resource=${GPU_RESOURCE:-nvidia.c
 
 build_timeout="$BUILD_TIMEOUT"
 lock_wait=$((build_timeout + 300))
+visible_wait="${PUBLISH_VISIBLE_S:-120}"  # how long a published entry may take to show on a lagging NFS view
 mkdir -p "$CACHE/.locks"
 current_keys=" "
 
@@ -93,6 +96,23 @@ for model in $MODELS; do
       log "$model: another pod is building $key; waiting for its lock"
       flock -w "$lock_wait" 9 || die "$model: timed out after ${lock_wait}s waiting for the build of $key"
     fi
+    # A builder writes "published" into the lock file once its entry is in place. On NFS this pod's view
+    # of the folder may lag (attribute and lookup caches: the entry not there yet), while the locked file
+    # itself is read fresh: wait for the entry to show instead of building it again (and failing to
+    # publish onto it).
+    marker=""
+    read -r marker <&9 || true
+    if [ "$marker" = "published" ] && [ ! -f "$entry/COMPLETE" ]; then
+      log "$model: $key was published by another pod; waiting for it to show here"
+      waited=0
+      while [ ! -f "$entry/COMPLETE" ] && [ "$waited" -lt "$visible_wait" ]; do
+        ls "$parent" >/dev/null 2>&1 || true  # reading the folder revalidates its cached view
+        sleep 1
+        waited=$((waited + 1))
+      done
+      [ -f "$entry/COMPLETE" ] \
+        || die "$model: $key is published (its lock file says so) but $entry has not shown here in ${waited}s"
+    fi
     if [ -f "$entry/COMPLETE" ]; then
       log "$model: cached plan $entry/model.plan (published while this pod waited)"
     else
@@ -118,8 +138,16 @@ for model in $MODELS; do
       printf '%s\n' "$key_text" > "$tmp/KEY"
       date -u +%Y-%m-%dT%H:%M:%SZ > "$tmp/COMPLETE"
       # one rename publishes the whole entry; the key path did not exist (checked under the lock)
-      mv -T "$tmp" "$entry"
-      log "$model: built and published $entry"
+      if mv -T "$tmp" "$entry" 2>/dev/null; then
+        printf 'published\n' >&9
+        log "$model: built and published $entry"
+      elif [ -f "$entry/COMPLETE" ]; then  # published meanwhile, where this pod's view did not show it
+        rm -rf "$tmp"
+        log "$model: $entry was published by another pod meanwhile; using it"
+      else
+        rm -rf "$tmp"
+        die "$model: could not publish $entry"
+      fi
     fi
   fi
   touch "$entry/LAST_USED" 2>/dev/null || true
@@ -145,6 +173,7 @@ if [ "$max_age" != "0" ]; then
         if flock -n 8; then
           log "removing $old (unused for more than $max_age days)"
           mv -T "$old" "$old.tmp.expired.$$" && rm -rf "$old.tmp.expired.$$"
+          truncate -s 0 "$CACHE/.locks/$old_model-$(basename "$old").lock"  # no longer published
         fi
         exec 8>&-
       done
