@@ -171,6 +171,10 @@ class Worker:
         me = asyncio.current_task()
         assert me is not None
 
+        # one write at a time, each with the state as it is when the write starts: a heartbeat issued
+        # before a state change must not land after it (the job read "inferring" while aggregating)
+        writing = asyncio.Lock()
+
         async def heartbeat() -> None:
             renewed = time.monotonic()  # the last renewal that reached the store
             while True:
@@ -179,11 +183,12 @@ class Worker:
                     continue  # nothing to record, and the lease is young: no write
                 dirty, progress.dirty = progress.dirty, False
                 try:
-                    if dirty:
-                        held = await self.store.heartbeat(job.id, s.lease_s, state=progress.state,
-                                                          slices_done=progress.done)
-                    else:
-                        held = await self.store.heartbeat(job.id, s.lease_s)
+                    async with writing:
+                        if dirty:
+                            held = await self.store.heartbeat(job.id, s.lease_s, state=progress.state,
+                                                              slices_done=progress.done)
+                        else:
+                            held = await self.store.heartbeat(job.id, s.lease_s)
                 except Exception as exc:  # noqa: BLE001 - a database blip: try again while the lease lasts
                     progress.dirty = progress.dirty or dirty
                     if time.monotonic() - renewed >= s.lease_s:  # lapsed: any replica (this one too) may resume it
@@ -200,9 +205,10 @@ class Worker:
                     return
 
         async def set_state(state: JobState, **kw: Any) -> None:
-            progress.state = state
-            if not await self.store.heartbeat(job.id, s.lease_s, state=state, slices_done=progress.done, **kw):
-                raise LeaseLost(job.id)
+            async with writing:
+                progress.state = state
+                if not await self.store.heartbeat(job.id, s.lease_s, state=state, slices_done=progress.done, **kw):
+                    raise LeaseLost(job.id)
 
         def on_batch(n: int) -> None:
             progress.done += n

@@ -694,3 +694,48 @@ def test_an_enhanced_ct_is_screened_frame_by_frame(tmp_path):
     result = job["result"]
     assert (result["verdict"], result["n_slices"]) == ("positive", 5), result
     assert len({s["sop_instance_uid"] for s in result["slices"]}) == 1  # five frames of one object
+
+
+def test_a_heartbeat_issued_before_a_state_change_never_lands_after_it(tmp_path, monkeypatch):
+    """The lease heartbeat writes the job's state with its progress; one that started during inference and
+    was slow to commit landed after the switch to aggregating, and the job read "inferring" again while it
+    aggregated. Each write now waits for the one before. The slow commit is simulated: the heartbeat's
+    first progress write waits (up to 2 s) until the switch to aggregating is being written; the store is
+    the real SQLite one."""
+    import asyncio
+
+    from gateway.store import Store
+
+    committed: list[str] = []
+    real = Store.heartbeat
+    switching: list[asyncio.Event] = []
+    slowed: list[bool] = []
+
+    async def slow_beat(self, job_id, lease_s, *, state=None, **kw):
+        if not switching:
+            switching.append(asyncio.Event())
+        task = asyncio.current_task()
+        if state == "aggregating":
+            switching[0].set()
+        elif state is not None and not slowed and task is not None and task.get_name().startswith("lease-"):
+            slowed.append(True)  # the heartbeat's first progress write, slow to commit
+            try:
+                await asyncio.wait_for(switching[0].wait(), 2.0)
+            except TimeoutError:
+                pass
+        held = await real(self, job_id, lease_s, state=state, **kw)
+        if state is not None:
+            committed.append(str(state))
+        return held
+
+    monkeypatch.setattr(Store, "heartbeat", slow_beat)
+    fleet = FakeFleet(**{"fake:1": {"delay": 0.08}})
+    settings = dict(data_dir=tmp_path, progress_interval_s=0.05, triton_batch_size=2, triton_max_inflight=1,
+                    screen_ahead=False)  # inference in the job, not during the upload
+    with TestClient(_app(fleet, **settings)) as client:
+        _, files = ct_series(12, size=64)
+        r = client.post("/v1/studies", files=upload_files(files))
+        assert r.status_code == 202, r.text
+        assert wait_job(client, r.json()["job_id"])["state"] == "done"
+    assert slowed and "aggregating" in committed, committed  # a heartbeat was in flight at the switch
+    assert "inferring" not in committed[committed.index("aggregating"):], committed
