@@ -251,10 +251,11 @@ def test_a_pod_whose_view_lags_behind_a_publish_waits_for_it_and_does_not_build_
     assert len(_calls(tmp_path)) == 1, "the key was built once"
     assert (tmp_path / "models-b" / "lesion" / "1" / "model.plan").read_text() == (entry / "model.plan").read_text()
 
-    entry.rename(hidden)  # and a view that never catches up fails with one clear line, building nothing
-    late = _run(tmp_path, MODELS="lesion", PUBLISH_VISIBLE_S="2")
-    assert late.returncode != 0 and "is published (its lock file says so)" in late.stderr, late.stderr
-    assert len(_calls(tmp_path)) == 1
+    shutil.rmtree(entry)  # an entry that never shows (removed by hand to force a rebuild): built again
+    again = _run(tmp_path, MODELS="lesion", PUBLISH_VISIBLE_S="2")
+    assert again.returncode == 0 and "has not shown here in 2s; building it again" in again.stdout, again.stderr
+    assert len(_calls(tmp_path)) == 2 and (entry / "COMPLETE").exists()
+    assert lock.read_text() == "published\n"
 
 
 def test_a_pod_that_built_what_another_published_meanwhile_keeps_the_published_entry(tmp_path, src):

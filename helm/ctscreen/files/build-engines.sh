@@ -14,7 +14,8 @@
 #   wait on the lock, then load what it published;
 # - a build writes <key>.tmp.<pod>.<pid>/ and publishes it with one rename to <key>/ (atomic), then writes
 #   "published" into the key's lock file: a pod whose NFS view of the folder lags (lookup and attribute
-#   caches) waits for the entry to show instead of building it again (PUBLISH_VISIBLE_S, default 120);
+#   caches) waits for the entry to show instead of building it again (PUBLISH_VISIBLE_S, default 120; an
+#   entry that never shows, removed by hand, is built again);
 # - the plan is copied into the pod's own repository ($DST): removing an old key never takes a plan
 #   from under a running Triton;
 # - cleanup: *.tmp.* older than the build timeout (interrupted builds) and keys unused for
@@ -110,8 +111,10 @@ for model in $MODELS; do
         sleep 1
         waited=$((waited + 1))
       done
-      [ -f "$entry/COMPLETE" ] \
-        || die "$model: $key is published (its lock file says so) but $entry has not shown here in ${waited}s"
+      if [ ! -f "$entry/COMPLETE" ]; then  # gone (removed by hand, a cleanup cut short): build it again
+        log "$model: $key is marked published but $entry has not shown here in ${waited}s; building it again"
+        truncate -s 0 "$CACHE/.locks/$model-$key.lock"
+      fi
     fi
     if [ -f "$entry/COMPLETE" ]; then
       log "$model: cached plan $entry/model.plan (published while this pod waited)"
@@ -139,7 +142,9 @@ for model in $MODELS; do
       date -u +%Y-%m-%dT%H:%M:%SZ > "$tmp/COMPLETE"
       # one rename publishes the whole entry; the key path did not exist (checked under the lock)
       if mv -T "$tmp" "$entry" 2>/dev/null; then
-        printf 'published\n' >&9
+        # from a child process, at the file's start: this process's descriptor 9 (holding the lock) stays
+        # open and its offset does not matter
+        (printf 'published\n' > "$CACHE/.locks/$model-$key.lock")
         log "$model: built and published $entry"
       elif [ -f "$entry/COMPLETE" ]; then  # published meanwhile, where this pod's view did not show it
         rm -rf "$tmp"
@@ -172,8 +177,10 @@ if [ "$max_age" != "0" ]; then
         exec 8<>"$CACHE/.locks/$old_model-$(basename "$old").lock"
         if flock -n 8; then
           log "removing $old (unused for more than $max_age days)"
-          mv -T "$old" "$old.tmp.expired.$$" && rm -rf "$old.tmp.expired.$$"
-          truncate -s 0 "$CACHE/.locks/$old_model-$(basename "$old").lock"  # no longer published
+          if mv -T "$old" "$old.tmp.expired.$$"; then
+            truncate -s 0 "$CACHE/.locks/$old_model-$(basename "$old").lock"  # no longer published
+            rm -rf "$old.tmp.expired.$$" || log "could not remove all of $old.tmp.expired.$$ (removed later)"
+          fi
         fi
         exec 8>&-
       done
