@@ -22,7 +22,9 @@ Without any credential source configured, every request is the anonymous princip
 allowed on loopback (``make demo``), refused at start-up on any other address unless ``--insecure``
 (:func:`check_exposure`, which sees ``CTSCREEN_HOST``); and since ``uvicorn --host`` is not a setting the
 app sees, each call that reaches a non-loopback address of the server is refused too (403
-``auth_not_configured``), whatever address the server was told to bind.
+``auth_not_configured``), whatever address the server was told to bind. A call through a Unix socket (a
+proxy in front of it) reaches no address this check can judge: such a gateway needs its authentication
+configured.
 """
 
 from __future__ import annotations
@@ -238,13 +240,13 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     tokens, and an ID token's audience is the client it was issued to: where that client id is also the API's
     audience (a single-page viewer registered as both), a browser's ID token would pass every other check.
     It names a person, not a grant; it is refused by its header type (RFC 8725 3.11), by the ``typ`` claim
-    Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` on access tokens) or by a claim only ID
+    Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` or ``DPoP`` on access tokens) or by a claim only ID
     tokens carry."""
     typ = header.get("typ")
     if typ is not None and str(typ).lower().removeprefix("application/") not in ACCESS_TYPES:
         return f"the token's type {str(typ)[:40]!r} is not an access token's (JWT or at+jwt)"
     kind = claims.get("typ")
-    if kind is not None and str(kind).lower() != "bearer":
+    if kind is not None and str(kind).lower() not in ("bearer", "dpop"):  # Keycloak: DPoP-bound access tokens
         return f"the token is a {str(kind)[:20]!r} token, not an access token"
     held = [name for name in ID_TOKEN_CLAIMS if name in claims]
     if held:

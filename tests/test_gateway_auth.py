@@ -172,7 +172,7 @@ def test_bad_tokens_are_401(client, provider, name):
 
 
 @pytest.mark.parametrize(("header_typ", "typ"), [(None, None), ("JWT", "Bearer"), ("at+jwt", None),
-                                                 ("application/at+JWT", "bearer")])
+                                                 ("application/at+JWT", "bearer"), ("JWT", "DPoP")])
 def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ):
     """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer."""
     r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ)))
