@@ -17,7 +17,6 @@ refuses ``max_upload_bytes > upload_budget_bytes`` at start-up.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import mmap
 import os
@@ -31,7 +30,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.errors import Busy, TooLarge
-from gateway.uploads import gathered
+from gateway.uploads import gathered, in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ class Admission:
             try:
                 with os.fdopen(fd, "wb") as fh:
                     async for piece in gathered(chunks):  # off the event loop (a stalled volume)
-                        await asyncio.to_thread(fh.write, piece)
+                        await in_thread(fh.write, piece)  # ended before the file is closed
                     size = fh.tell()
                 if size:
                     with open(name, "rb") as fh:

@@ -35,16 +35,19 @@ import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast, overload
+from typing import IO, Any, TypeVar, cast, overload
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
 
 from gateway.errors import BadArchive, TooLarge, Unavailable, UnsafePath, UploadError, ZipBomb
 
+_T = TypeVar("_T")
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "is_zip", "iter_upload", "new_spool", "spool_multipart", "spooling_failed", "sweep_spools"]
+__all__ = ["UploadLimits", "gathered", "in_thread", "is_zip", "iter_upload", "new_spool", "spool_multipart",
+           "spooling_failed", "sweep_spools"]
 
 MiB = 1024 * 1024
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
@@ -316,6 +319,19 @@ def _read_member(
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
+async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a worker thread, awaited to its end even when the awaiting task is cancelled meanwhile
+    (the cancellation is raised once the thread is done): a cancelled await does not stop the thread, and
+    what a caller does on cancellation (close the files the thread writes, abort a parse) must not run
+    beside it."""
+    done = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait({done})
+        raise
+
+
 async def gathered(chunks: AsyncIterator[bytes], size: int = _CHUNK) -> AsyncIterator[bytes]:
     """``chunks`` joined into pieces of at least ``size`` bytes (the last one may be shorter).
 
@@ -373,7 +389,7 @@ async def spool_multipart(chunks: AsyncIterator[bytes], content_type: str, spool
     parts: list[tuple[dict[str, str], Path]] = []
     try:
         async for piece in gathered(chunks, feed_bytes):  # the parts' files are written in a worker thread
-            parts += await asyncio.to_thread(splitter.feed, piece)
+            parts += await in_thread(splitter.feed, piece)
             if splitter.ended:
                 break
         splitter.close()

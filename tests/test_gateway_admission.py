@@ -293,3 +293,70 @@ def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, mo
         sender.join()
     assert sorted(waits)[len(waits) // 2] < 0.15, f"/healthz waited {sorted(waits)} s behind the upload's writes"
     assert len(waits) >= 5, waits  # asked while the writes went on (they take over a second)
+
+
+def test_a_body_cancelled_mid_write_is_closed_after_the_write_ends(tmp_path, monkeypatch):
+    """A cancelled await does not stop the thread writing: the file was closed under the write (the thread
+    died on "write to closed file"), and with a stalled volume the close itself waited on the write on the
+    event loop. The write now ends before the file is closed. The stall is simulated (writes sleep)."""
+    import os
+
+    from gateway import admission as adm
+
+    real_fdopen = os.fdopen
+    failures: list[BaseException] = []
+    writing = asyncio.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    class Slow:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            loops[0].call_soon_threadsafe(writing.set)
+            time.sleep(0.3)
+            try:
+                return self.fh.write(data)
+            except BaseException as exc:  # what the thread met
+                failures.append(exc)
+                raise
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.fh.__exit__(*exc)
+
+    monkeypatch.setattr(adm.os, "fdopen", lambda fd, mode: Slow(real_fdopen(fd, mode)))
+    body = os.urandom(3 * MiB)
+
+    class Request:
+        headers = {"content-length": str(len(body))}
+
+        async def stream(self):
+            for i in range(0, len(body), 64 * 1024):
+                await asyncio.sleep(0)
+                yield body[i:i + 64 * 1024]
+
+    async def go() -> None:
+        loops.append(asyncio.get_running_loop())
+        admission = adm.Admission(16 * MiB, tmp_dir=tmp_path)
+
+        async def receive():
+            async with admission.body(Request(), 8 * MiB, "addr:test"):
+                pass
+
+        task = asyncio.create_task(receive())
+        await writing.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # a write left running would fail by now
+        assert admission.in_flight == 0
+
+    asyncio.run(go())
+    assert failures == []
+    assert list(tmp_path.iterdir()) == []  # the spooled body is gone

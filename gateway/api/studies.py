@@ -34,6 +34,7 @@ from gateway.uploads import (
     MultipartSplitter,
     UploadLimits,
     gathered,
+    in_thread,
     iter_upload,
     new_spool,
     spooling_failed,
@@ -125,7 +126,7 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
     try:
         async for piece in gathered(chunks):  # parsed and written in a thread, a megabyte at a time
             try:
-                parts = await asyncio.to_thread(splitter.feed, piece)
+                parts = await in_thread(splitter.feed, piece)  # ended before an abort below
             except OSError as exc:
                 raise spooling_failed(exc) from exc
             for part in parts:
