@@ -187,6 +187,47 @@ def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path, route):
     assert not any(spool.iterdir())  # released at shut-down
 
 
+class StallingFile:
+    """A file whose writes sleep first (a stalled volume: no NFS server can run here); ``on_write`` is called
+    as each write starts, and what a write meets is kept in ``failures``."""
+
+    def __init__(self, fh, stall_s: float, on_write=None, failures: list | None = None) -> None:
+        self.fh, self.stall_s, self.on_write, self.failures = fh, stall_s, on_write, failures
+
+    def write(self, data):
+        if self.on_write is not None:
+            self.on_write()
+        time.sleep(self.stall_s)
+        try:
+            return self.fh.write(data)
+        except BaseException as exc:
+            if self.failures is not None:
+                self.failures.append(exc)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+
+class BodyRequest:
+    """What Admission reads of a Starlette request: the headers and the body in 64 KiB chunks."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.headers = {"content-length": str(len(body))}
+
+    async def stream(self):
+        for i in range(0, len(self.body), 64 * 1024):
+            await asyncio.sleep(0)
+            yield self.body[i:i + 64 * 1024]
+
+
 def test_a_body_is_written_off_the_event_loop(tmp_path, monkeypatch):
     """A stalled volume (an NFS server that hangs for a while) stalled every request and the health probes:
     the body's chunks were written on the event loop. The stall is simulated (a file whose writes sleep:
@@ -197,33 +238,8 @@ def test_a_body_is_written_off_the_event_loop(tmp_path, monkeypatch):
 
     real_fdopen = os.fdopen
 
-    class Stalling:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, data):
-            time.sleep(0.2)
-            return self.fh.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-    monkeypatch.setattr(adm.os, "fdopen", lambda fd, mode: Stalling(real_fdopen(fd, mode)))
+    monkeypatch.setattr(adm.os, "fdopen", lambda fd, mode: StallingFile(real_fdopen(fd, mode), 0.2))
     body = os.urandom(3 * MiB)
-
-    class Request:  # what Admission reads of a Starlette request
-        headers = {"content-length": str(len(body))}
-
-        async def stream(self):
-            for i in range(0, len(body), 64 * 1024):
-                await asyncio.sleep(0)
-                yield body[i:i + 64 * 1024]
 
     async def go() -> tuple[bytes, float]:
         admission = adm.Admission(16 * MiB, tmp_dir=tmp_path)
@@ -238,7 +254,7 @@ def test_a_body_is_written_off_the_event_loop(tmp_path, monkeypatch):
                 longest, last = max(longest, now - last), now
 
         tick = asyncio.create_task(ticker())
-        async with admission.body(Request(), 8 * MiB, "addr:test") as view:
+        async with admission.body(BodyRequest(body), 8 * MiB, "addr:test") as view:
             kept = bytes(view)
         done = True
         await tick
@@ -308,45 +324,18 @@ def test_a_body_cancelled_mid_write_is_closed_after_the_write_ends(tmp_path, mon
     writing = asyncio.Event()
     loops: list[asyncio.AbstractEventLoop] = []
 
-    class Slow:
-        def __init__(self, fh):
-            self.fh = fh
+    def slow(fd, mode):
+        return StallingFile(real_fdopen(fd, mode), 0.3, lambda: loops[0].call_soon_threadsafe(writing.set), failures)
 
-        def write(self, data):
-            loops[0].call_soon_threadsafe(writing.set)
-            time.sleep(0.3)
-            try:
-                return self.fh.write(data)
-            except BaseException as exc:  # what the thread met
-                failures.append(exc)
-                raise
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-    monkeypatch.setattr(adm.os, "fdopen", lambda fd, mode: Slow(real_fdopen(fd, mode)))
+    monkeypatch.setattr(adm.os, "fdopen", slow)
     body = os.urandom(3 * MiB)
-
-    class Request:
-        headers = {"content-length": str(len(body))}
-
-        async def stream(self):
-            for i in range(0, len(body), 64 * 1024):
-                await asyncio.sleep(0)
-                yield body[i:i + 64 * 1024]
 
     async def go() -> None:
         loops.append(asyncio.get_running_loop())
         admission = adm.Admission(16 * MiB, tmp_dir=tmp_path)
 
         async def receive():
-            async with admission.body(Request(), 8 * MiB, "addr:test"):
+            async with admission.body(BodyRequest(body), 8 * MiB, "addr:test"):
                 pass
 
         task = asyncio.create_task(receive())
