@@ -27,7 +27,8 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult, service_pb2
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc._utils import raise_error_grpc
+from tritonclient.utils import np_to_triton_dtype
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 RAW_INPUT_CONTENTS = 7
@@ -102,5 +103,5 @@ class TritonClient(grpcaio.InferenceServerClient):
         try:
             response = await self._model_infer(request, metadata=self._get_metadata(headers), timeout=client_timeout)
         except grpc.RpcError as exc:
-            raise InferenceServerException(msg=exc.details(), status=str(exc.code()), debug_details=exc.debug_error_string()) from None
+            raise_error_grpc(exc)  # tritonclient's own mapping (InferenceServerException with the status)
         return InferResult(response)
