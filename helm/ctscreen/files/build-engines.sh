@@ -87,7 +87,8 @@ for model in $MODELS; do
   mkdir -p "$parent"
   # read-write: on NFSv4/EFS flock is a POSIX lock, and a shared (read) lock on a write-only descriptor fails
   # with EBADF (every pod that found a finished plan died here; local file systems do not check)
-  exec 9<>"$CACHE/.locks/$model-$key.lock"
+  lockfile="$CACHE/.locks/$model-$key.lock"
+  exec 9<>"$lockfile"
   if [ -f "$entry/COMPLETE" ]; then
     # shared: a cleanup (exclusive) cannot remove the entry while it is copied
     flock -s -w "$lock_wait" 9 || die "$model: timed out waiting for the lock of $key"
@@ -113,7 +114,7 @@ for model in $MODELS; do
       done
       if [ ! -f "$entry/COMPLETE" ]; then  # gone (removed by hand, a cleanup cut short): build it again
         log "$model: $key is marked published but $entry has not shown here in ${waited}s; building it again"
-        truncate -s 0 "$CACHE/.locks/$model-$key.lock"
+        truncate -s 0 "$lockfile"
       fi
     fi
     if [ -f "$entry/COMPLETE" ]; then
@@ -144,7 +145,7 @@ for model in $MODELS; do
       if mv -T "$tmp" "$entry" 2>/dev/null; then
         # from a child process, at the file's start: this process's descriptor 9 (holding the lock) stays
         # open and its offset does not matter
-        (printf 'published\n' > "$CACHE/.locks/$model-$key.lock")
+        (printf 'published\n' > "$lockfile")
         log "$model: built and published $entry"
       elif [ -f "$entry/COMPLETE" ]; then  # published meanwhile, where this pod's view did not show it
         rm -rf "$tmp"
@@ -174,11 +175,12 @@ if [ "$max_age" != "0" ]; then
         old="$(dirname "$used")"
         case "$current_keys" in *" $old "*) continue ;; esac
         old_model="$(basename "$(dirname "$old")")"
-        exec 8<>"$CACHE/.locks/$old_model-$(basename "$old").lock"
+        old_lock="$CACHE/.locks/$old_model-$(basename "$old").lock"
+        exec 8<>"$old_lock"
         if flock -n 8; then
           log "removing $old (unused for more than $max_age days)"
           if mv -T "$old" "$old.tmp.expired.$$"; then
-            truncate -s 0 "$CACHE/.locks/$old_model-$(basename "$old").lock"  # no longer published
+            truncate -s 0 "$old_lock"  # no longer published
             rm -rf "$old.tmp.expired.$$" || log "could not remove all of $old.tmp.expired.$$ (removed later)"
           fi
         fi
