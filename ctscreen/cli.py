@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "repo": ("ctscreen.repo", "render the Triton model repository (cpu or gpu profile)"),
     "triton": ("ctscreen.embedded", "run the embedded tritonserver on the cpu repository"),
     "serve": ("gateway.cli:serve_main", "run the embedded Triton and the gateway on localhost"),
-    "db": ("gateway.cli:db_main", "upgrade the gateway's state store schema (ctscreen db upgrade)"),
+    "db": ("gateway.cli:db_main", "the gateway's state store schema: ctscreen db upgrade|downgrade REVISION|current"),
     "screen": ("gateway.cli:screen_main", "upload studies to a gateway and print verdicts"),
     "send": ("gateway.cli:send_main", "send a job's result to a PACS / RIS destination again"),
     "demo": ("gateway.cli:demo_main", "make sample studies, screen them, keep the service running"),

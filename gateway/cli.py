@@ -5,7 +5,8 @@
   accepted jobs wait in the state store; SIGTERM stops taking work and releases running jobs first.
 * ``screen PATH... [--url URL] [--json]``: upload each study (a folder of DICOM files, a zip, or one
   file) to a running gateway with a progress bar, follow its progress, print a verdict table.
-* ``db upgrade``: upgrade the state store's schema (what ``serve`` does at start; the Helm hook Job).
+* ``db upgrade``: upgrade the state store's schema (what ``serve`` does at start; the Helm hook Job);
+  ``db downgrade REVISION``: back to a revision named explicitly, printing what it undoes first.
 * ``demo``: ``serve`` plus sample studies made on the spot (phantom COVID and normal studies), screened
   and printed, then the service stays up with its URL printed until Ctrl-C (``--exit``: stop after
   printing).
@@ -339,20 +340,36 @@ def serve_main(argv: list[str]) -> int:
 
 
 def db_main(argv: list[str]) -> int:
-    """``ctscreen db upgrade [--revision REV]`` / ``ctscreen db current``."""
+    """``ctscreen db upgrade [--revision REV]`` / ``ctscreen db downgrade REVISION [--dry-run]`` /
+    ``ctscreen db current``."""
     p = argparse.ArgumentParser(prog="ctscreen db", description="The gateway's state store (CTSCREEN_DATABASE_URL, "
                                 "or SQLite in CTSCREEN_DATA_DIR).")
     sub = p.add_subparsers(dest="action", required=True)
     up = sub.add_parser("upgrade", help="upgrade the schema (to the newest revision by default)")
     up.add_argument("--revision", default="head", help="target revision (default head)")
+    down = sub.add_parser("downgrade", help="undo migrations back to REVISION (no default), dropping what they made")
+    down.add_argument("revision", metavar="REVISION",
+                      help="a revision this release ships (`ctscreen db current` names the newest), or base: no schema")
+    down.add_argument("--dry-run", action="store_true", help="print what it would undo and change nothing")
     sub.add_parser("current", help="print the schema revision of the database")
     args = p.parse_args(argv)
     from gateway.store import redact
+    from gateway.store.migrate import RevisionError
 
     try:
         settings = _settings({"db_migrate": False})
         database = settings.database()
-        if args.action == "upgrade":
+        if args.action == "downgrade":
+            from gateway.store.migrate import downgrade, plan_downgrade
+
+            plan = plan_downgrade(database, args.revision)
+            print("\n".join(plan.lines()), flush=True)
+            if plan.steps and args.dry_run:
+                print("dry run: nothing changed")
+            elif plan.steps:
+                downgrade(plan)
+                print(f"state store {redact(database)}: downgraded to {plan.target}")
+        elif args.action == "upgrade":
             from gateway.store.migrate import upgrade
 
             later = upgrade(database, args.revision)
@@ -362,20 +379,11 @@ def db_main(argv: list[str]) -> int:
             else:
                 print(f"state store {redact(database)}: upgraded to {args.revision}")
         else:
-            import asyncio
+            from gateway.store.migrate import database_revision, head
 
-            from gateway.store import Store
-            from gateway.store.migrate import current, head
-
-            async def show() -> str | None:
-                store = Store(database)
-                try:
-                    return await current(store.engine)
-                finally:
-                    await store.close()
-
-            print(f"state store {redact(database)}: revision {asyncio.run(show()) or 'none'} (newest {head()})")
-    except CliError as exc:
+            at = database_revision(database) or "none"
+            print(f"state store {redact(database)}: revision {at} (newest {head()})")
+    except (CliError, RevisionError) as exc:
         print(f"ctscreen db: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - unreachable database, unknown revision: one line

@@ -19,6 +19,7 @@ from aggregator.schema import (
     RejectedFile,
     Timings,
     json_schema_text,
+    stored_result,
 )
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "schema" / "case-result.schema.json"
@@ -78,3 +79,58 @@ def test_result_rejects_unknown_verdict_and_bad_reason_code():
         CaseResult.model_validate({**data, "verdict": "maybe"})
     with pytest.raises(ValidationError):
         CaseResult.model_validate({**data, "reason": "Not A Code"})
+
+
+def _later(data: dict) -> dict:
+    """``data`` as a later release might write it: a field this release does not know at the top and inside every
+    kind of nested object (a single one, one in a list, one in a list in a list, one in an optional box)."""
+    evidence, first, second = data["evidence"], data["slices"][0], data["slices"][1]
+    box = {**first["boxes"][0], "a_later_box_field": "x", "grid": {**first["boxes"][0]["grid"], "a_later_corner": 1}}
+    return {
+        **data, "a_later_field": {"any": ["json"]},
+        "rule": {**data["rule"], "a_later_limit": 2.0},
+        "timings": {**data["timings"], "a_later_stage_s": 0.1},
+        "models": [{**data["models"][0], "a_later_digest": "cd"}],
+        "rejected": [{**data["rejected"][0], "a_later_hint": None}],
+        "evidence": {**evidence, "a_later_score": 0.5,
+                     "slices": [{**evidence["slices"][0], "a_later_note": ""}, *evidence["slices"][1:]]},
+        "slices": [{**first, "boxes": [box], "a_later_hu": [-700]},
+                   {**second, "valid_area": {**second["valid_area"], "a_later_side": "left"}}, *data["slices"][2:]],
+    }
+
+
+def test_a_stored_result_a_later_release_wrote_is_read_with_its_unknown_fields_dropped_at_every_level():
+    """A pod of this release reads a result a pod of a later one stored (a rolling upgrade, a rollback): the later
+    fields are dropped wherever they sit and the rest is read as written. The published schema and ``CaseResult``
+    itself stay strict: a producer must not invent fields."""
+    jsonschema = pytest.importorskip("jsonschema")
+    result = _result()
+    later = _later(json.loads(result.model_dump_json()))
+    assert stored_result(later) == result
+    assert stored_result(json.loads(result.model_dump_json())) == result  # this release's own, unchanged
+    with pytest.raises(ValidationError, match="a_later_field") as strict:
+        CaseResult.model_validate(later)
+    assert {e["type"] for e in strict.value.errors()} == {"extra_forbidden"}
+    assert len(strict.value.errors()) == json.dumps(later).count('"a_later_')  # every level was reached
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(later, json.loads(json_schema_text()))
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda d: {**d, "verdict": "maybe"}, "verdict"),
+    (lambda d: {k: v for k, v in d.items() if k != "rule"}, "rule"),
+    (lambda d: {**d, "n_slices": "many"}, "n_slices"),
+    (lambda d: {**d, "slices": [{**d["slices"][0], "boxes": [{**d["slices"][0]["boxes"][0], "score": 7}]}]},
+     "slices.0.boxes.0.score"),
+    (lambda d: {**d, "evidence": {**d["evidence"], "slices": "none"}}, "evidence.slices"),
+], ids=["verdict", "missing-rule", "n_slices", "nested-score", "nested-type"])
+def test_a_malformed_stored_result_is_refused_with_the_field_named_even_beside_later_fields(change, field):
+    """Tolerance is for fields this release does not know, nothing else: a wrong value, a wrong type or a missing
+    field, at the top or nested, is still refused, and the error names it (not the later fields beside it)."""
+    data = change(_later(json.loads(_result().model_dump_json())))
+    with pytest.raises(ValidationError) as refused:
+        stored_result(data)
+    assert [".".join(map(str, e["loc"])) for e in refused.value.errors()] == [field]
+    for bad in (None, "a result", [1, 2]):
+        with pytest.raises(ValidationError, match="CaseResult"):
+            stored_result(bad)

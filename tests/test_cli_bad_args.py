@@ -95,6 +95,8 @@ CASES = [
     (["screen", "--timeout", "-1", "{tmp}"], "--timeout must be > 0"),
     (["demo", "--out", UNWRITABLE, "--exit", "--port", "{free}"], "cannot be created"),
     (["db", "bogus"], "invalid choice: 'bogus'"),
+    (["db", "downgrade"], "the following arguments are required: REVISION"),  # no default: base drops everything
+    (["db", "downgrade", "head"], "unknown revision 'head': name one this release ships"),
     (["serve", "--host", "nosuch.invalid", "--insecure", "--port", "{free}"], "--host nosuch.invalid cannot be resolved"),
     (["serve", "--host", "192.0.2.1", "--insecure", "--port", "{free}"], "is 192.0.2.1 an address of this machine"),
     (["train", "lesion", "--device", "bogus"], "--device 'bogus'"),  # was: a RuntimeError traceback

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
+import warnings
 
 import pytest
 from sqlalchemy import inspect, select, text, update
@@ -20,7 +21,7 @@ from aggregator.case import CaseRule, decide
 from aggregator.schema import CaseResult, Timings
 from gateway.jobs import JobError, JobState
 from gateway.store import Store
-from gateway.store.migrate import SchemaError, check_schema, current, head, upgrade
+from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
 from gateway.store.models import Instance, Job, Result, Study
 
 
@@ -60,6 +61,20 @@ def test_upgrade_from_empty(db_url):
     upgrade(db_url)  # again: nothing to do
 
 
+def _at_a_later_release(url: str) -> None:
+    """Set the database's revision to one this release does not ship (a later release migrated it)."""
+
+    async def go() -> None:
+        store = Store(url)
+        try:
+            async with store.tx() as s:
+                await s.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_url, tmp_path, capsys, caplog):
     """Behind this release's newest revision, or never migrated: refused at start with what to run (it
     failed later, on a missing column). At a revision a later release shipped (its upgrade, then a
@@ -97,15 +112,7 @@ def test_a_schema_behind_this_release_is_refused_and_a_later_one_is_run_on(db_ur
     upgrade(db_url)
     assert _run(checked()) is None
 
-    async def later_release() -> None:
-        store = Store(db_url)
-        try:
-            async with store.tx() as s:
-                await s.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-        finally:
-            await store.close()
-
-    _run(later_release())
+    _at_a_later_release(db_url)
     caplog.clear()
     assert _run(checked()) is None  # run on, and said (CTSCREEN_DB_MIGRATE=false upgrades nothing to warn)
     assert "is at revision 9999, which this release" in caplog.text
@@ -279,6 +286,154 @@ def test_upgrade_merges_the_receiving_versions_the_race_left_before_0005(db_url)
     _run(race_left_two())
     upgrade(db_url)
     _run(merged())
+
+
+_INDEXES = {"sqlite": "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t AND sql IS NOT NULL",
+            "postgresql": "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"}
+
+
+def _schema(sync) -> dict[str, tuple]:
+    """Every table but Alembic's: columns (name, type, nullable), primary key, unique constraints, foreign keys (with
+    their ON DELETE), and each index's definition from the catalogue (expression and partial ones too)."""
+    i = inspect(sync)
+    with warnings.catch_warnings():  # SQLite's reflection skips the expression index (the catalogue has it)
+        warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index")
+        return {t: (sorted((c["name"], str(c["type"]), c["nullable"]) for c in i.get_columns(t)),
+                    i.get_pk_constraint(t)["constrained_columns"],
+                    sorted(tuple(u["column_names"]) for u in i.get_unique_constraints(t)),
+                    sorted((tuple(f["constrained_columns"]), f["referred_table"], f["options"].get("ondelete"))
+                           for f in i.get_foreign_keys(t)),
+                    sorted(tuple(r) for r in sync.execute(text(_INDEXES[sync.dialect.name]), {"t": t})))
+                for t in i.get_table_names() if t != "alembic_version"}
+
+
+async def _snapshot(store: Store, schema: dict[str, tuple] | None = None) -> tuple[dict[str, tuple], dict]:
+    """The database's schema and, for each table of ``schema`` (default: its own), the rows of that schema's
+    columns in primary-key order."""
+    async with store.engine.connect() as c:
+        own = await c.run_sync(_schema)
+        rows = {}
+        for table, (columns, pk, *_) in (own if schema is None else schema).items():
+            names = ", ".join(name for name, _, _ in columns)
+            rows[table] = [tuple(r) for r in await c.execute(text(f"SELECT {names} FROM {table} ORDER BY "
+                                                                    f"{', '.join(pk)}"))]
+        return own, rows
+
+
+async def _a_row_in_every_table(store: Store, n: int) -> str:
+    """A done job (study, instance, job, events, result with its SR headers), its delivery task and study labels,
+    and a study still receiving: rows in every table of the newest schema. Returns the job's id."""
+    from gateway.store.deliveries import Deliveries
+    from gateway.store.worklist import Worklist
+
+    uid = f"1.9.{n}"
+    await store.add_instance(uid, f"{uid}.1", "a.dcm", f"k{n}", 1)
+    job_id = (await store.complete_now(uid, 60)).job_id
+    claimed = await store.claim(60)
+    assert claimed is not None and claimed.id == job_id
+    assert await store.finish(job_id, _result(job_id, uid), {"study": [["PatientID", "p"]], "instances": []})
+    await Deliveries(store).enqueue_missing({"pacs": "dicom"}, 3600)
+    assert [t.job_id for t in await Deliveries(store).of_job(job_id)] == [job_id]
+    await Worklist(store).put_labels(claimed.study_id, {"study_date": "20261201", "accession_number": f"A{n}"})
+    await store.add_instance(f"1.8.{n}", f"1.8.{n}.1", "b.dcm", f"r{n}", 2)
+    return job_id
+
+
+def test_downgrade_to_each_earlier_revision_keeps_what_the_older_schema_holds_and_upgrades_again(db_url):
+    """``ctscreen db downgrade REV`` (the ops team's way back after a rollback): from the newest revision to each
+    earlier one and to base, with rows in every table. Each downgrade gives exactly the schema an upgrade to that
+    revision made (columns, keys, indexes, ON DELETE, SQLite's batch copies too), keeps every row and column that
+    schema holds, and an upgrade to the newest then serves them again."""
+    from gateway.store.migrate import BASE, downgrade, plan_downgrade, revisions
+
+    async def snapshot(schema: dict[str, tuple] | None = None) -> tuple[dict[str, tuple], dict]:
+        store = Store(db_url)
+        try:
+            return await _snapshot(store, schema)
+        finally:
+            await store.close()
+
+    made = {}  # the schema each revision's upgrade makes, on an empty database
+    for revision in revisions():
+        upgrade(db_url, revision)
+        made[revision] = _run(snapshot())[0]
+    made[BASE] = {}
+    jobs: list[str] = []
+
+    async def write_and_serve() -> None:
+        store = Store(db_url)
+        try:
+            assert await current(store.engine) == head()
+            jobs.append(await _a_row_in_every_table(store, len(jobs)))
+            for job_id in jobs:
+                view = await store.job(job_id)
+                assert view.result is not None and view.result.job_id == job_id
+        finally:
+            await store.close()
+
+    for target in [*reversed(revisions()[:-1]), BASE]:
+        _run(write_and_serve())
+        _, before = _run(snapshot(made[target]))
+        plan = plan_downgrade(db_url, target)
+        assert (plan.at, plan.target) == (head(), target)
+        assert [r for r, _ in plan.steps] == list(reversed([BASE, *revisions()]))[:len(plan.steps)]
+        downgrade(plan)
+        schema, after = _run(snapshot(made[target]))
+        assert schema == made[target], target
+        assert after == before, target
+        assert all(after.values()) if target != BASE else not after  # every table had rows, and kept them
+        upgrade(db_url)
+        if target == BASE:
+            jobs.clear()
+    _run(write_and_serve())
+
+
+def test_a_downgrade_names_its_target_and_a_bad_one_is_refused_in_one_line(db_url, capsys):
+    """``ctscreen db downgrade`` has no default target (base would drop everything); it prints what it undoes
+    before it does it (``--dry-run``: only that); a target it does not ship, one ahead, a database without a
+    schema or at a later release's revision give one line naming the cause, exit 1, and change nothing."""
+    from gateway.cli import db_main
+
+    def db(*argv: str) -> tuple[int, str, str]:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CTSCREEN_DATABASE_URL", db_url)
+            rc = db_main(list(argv))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    def refused(argv: tuple[str, ...], expected: str, at: str | None) -> None:
+        rc, out, err = db(*argv)
+        assert (rc, out, err.count("\n")) == (1, "", 1), (rc, out, err)
+        assert err.startswith("ctscreen db: ") and expected in err and "Traceback" not in err, err
+        assert database_revision(db_url) == at
+
+    refused(("downgrade", "0005"), "has no schema: nothing to downgrade", None)
+    upgrade(db_url)
+    with pytest.raises(SystemExit) as exit_:
+        db("downgrade")
+    assert exit_.value.code == 2 and "the following arguments are required: REVISION" in capsys.readouterr().err
+    for bad in ("head", "-1", "000", "9999", "0005:0004"):
+        refused(("downgrade", bad), f"unknown revision '{bad}': name one this release ships (0001, ", head())
+    rc, out, _ = db("downgrade", "0004", "--dry-run")
+    assert rc == 0 and database_revision(db_url) == head()
+    assert out.splitlines()[1:] == [f"  {r}  {doc}" for r, doc in plan_steps(db_url, "0004")] + [
+        "dry run: nothing changed"]
+    rc, out, _ = db("downgrade", "0004")
+    assert rc == 0 and database_revision(db_url) == "0004" and "downgrading to 0004 undoes" in out
+    assert out.splitlines()[-1].endswith(": downgraded to 0004")
+    refused(("downgrade", "0005"), "is at revision 0004, before 0005: a downgrade only goes back", "0004")
+    rc, out, _ = db("downgrade", "0004")
+    assert rc == 0 and "at revision 0004, the target: nothing to downgrade" in out
+    upgrade(db_url)
+
+    _at_a_later_release(db_url)
+    refused(("downgrade", "0004"), "is at revision 9999, which this release (newest ", "9999")
+
+
+def plan_steps(url: str, target: str) -> list[tuple[str, str]]:
+    from gateway.store.migrate import plan_downgrade
+
+    return list(plan_downgrade(url, target).steps)
 
 
 async def _done_job(store: Store) -> str:
@@ -1281,6 +1436,49 @@ def test_a_result_a_later_release_wrote_is_read_with_its_new_fields_dropped(db_u
             assert view.result is not None and view.result.job_id == job and view.result.verdict == "indeterminate"
             with pytest.raises(ValidationError, match="a_later_field"):
                 CaseResult.model_validate(later)  # anywhere else: strict
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_job_rows_a_later_release_wrote_are_read_and_worked_on(db_url):
+    """A rolling upgrade: pods of this release share the database with a later release's. That release's columns
+    (its expand-only migration: nullable or with a default), the fields it adds to a job's error and to the SR
+    headers are ignored on reading, and this release still writes jobs into its tables. A malformed error
+    (no reason) is still refused, naming the field."""
+    from pydantic import ValidationError
+
+    from gateway.report import SrContext
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            async with store.engine.begin() as c:  # the later release's migration
+                for table in ("jobs", "results", "studies"):
+                    await c.execute(text(f"ALTER TABLE {table} ADD COLUMN a_later_column INTEGER NOT NULL DEFAULT 7"))
+            done = await _done_job(store)
+            await store.add_instance("1.7.1", "1.7.1.1", "a.dcm", "k7", 1)  # written by this release
+            queued = (await store.complete_now("1.7.1", 60)).job_id
+            later_error = {"reason": "triton_unavailable", "message": "No Triton was ready.", "a_later_field": 1,
+                           "detail": {"a_later_detail": [1]}}
+            async with store.engine.begin() as c:
+                await c.execute(update(Job).where(Job.id == queued).values(error=later_error, deadline_at=0))
+                await c.execute(update(Result).where(Result.job_id == done).values(
+                    sr_context={"study": [["PatientID", "p"]], "instances": [], "a_later_header": "x"}))
+            error = (await store.job(queued)).error
+            assert error is not None and (error.reason, error.detail) == ("triton_unavailable", {"a_later_detail": [1]})
+            assert SrContext.from_json(await store.sr_context(done) or {}).study == (("PatientID", "p"),)
+            assert (await store.job(done)).result is not None
+            assert await store.fail_overdue() == 1  # reads the later error to word its own
+            failed = (await store.job(queued)).error
+            assert failed is not None and failed.reason == "triton_unavailable" and "deadline" in failed.message
+            async with store.engine.begin() as c:
+                await c.execute(update(Job).where(Job.id == queued).values(error={"message": "no reason"}))
+            with pytest.raises(ValidationError, match="reason\n  Field required"):
+                await store.job(queued)
         finally:
             await store.close()
 

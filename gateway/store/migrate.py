@@ -8,6 +8,11 @@ revision this release does not ship (a later release migrated it; then ``helm ro
 is, with a warning: an upgrade would fail on a revision Alembic cannot find. A database behind this
 release's newest revision, or never migrated, is refused at start (:func:`check_schema`) with what to run,
 instead of failing later on a missing column.
+
+``ctscreen db downgrade REVISION`` (:func:`plan_downgrade`, then :func:`downgrade`) goes back with each
+migration's own ``downgrade()``, to a revision named explicitly (``base``: no schema at all). Each step
+drops what its migration made, with that data; rows the older schema holds stay. Only a release that
+ships the database's revision can downgrade it: after a ``helm rollback``, run the later release's image.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +41,15 @@ T = TypeVar("T")
 
 class SchemaError(RuntimeError):
     """The database's schema is behind this release, or absent: the message says what to run."""
+
+
+class RevisionError(ValueError):
+    """A downgrade this release cannot make (a target it does not ship or that lies ahead, a database at a revision
+    it does not ship, or without a schema): the message says why and what to run instead."""
+
+
+BASE = "base"
+"""The downgrade target before the first revision: no schema at all (every table dropped, with its data)."""
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -63,7 +78,7 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = 
         path = async_url(url).split(":///", 1)[1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    at = asyncio.run(_revision(url))
+    at = database_revision(url)
     if at is not None and not shipped(at):
         logger.warning("state store %s is at revision %s, which this release (newest %s) does not ship: a later "
                        "release migrated it. Migrations only add, so this release runs on it unchanged.",
@@ -76,6 +91,73 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = 
 def head() -> str:
     """The newest revision shipped."""
     return _scripts().get_current_head() or ""
+
+
+def revisions() -> list[str]:
+    """The revisions shipped, oldest first (the history is one line)."""
+    return [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+
+
+@dataclass(frozen=True)
+class DowngradePlan:
+    """What a downgrade does: the database at ``url`` goes from ``at`` back to ``target``, undoing ``steps``,
+    newest first, each ``(revision, what its migration made)``. No steps: it is at ``target`` already."""
+
+    url: str
+    at: str
+    target: str
+    steps: tuple[tuple[str, str], ...]
+
+    def lines(self) -> list[str]:
+        """The plan as lines for an operator: where it stands, where it goes, and each migration undone."""
+        where = f"state store {redact(self.url)}: at revision {self.at}"
+        if not self.steps:
+            return [f"{where}, the target: nothing to downgrade"]
+        to = "base (no schema: every table is dropped)" if self.target == BASE else self.target
+        return [f"{where}; downgrading to {to} undoes, newest first, each dropping what it made with its data:",
+                *(f"  {revision}  {doc}" for revision, doc in self.steps)]
+
+
+def plan_downgrade(url: str, revision: str) -> DowngradePlan:
+    """What a downgrade of the database at ``url`` to ``revision`` would undo (blocking, like :func:`upgrade`);
+    changes nothing.
+
+    Raises
+    ------
+    RevisionError
+        ``revision`` is neither a revision this release ships (its full id) nor ``base``; the database has no
+        schema, is at a revision this release does not ship (a later release's: downgrade with that release),
+        or is before ``revision`` (that is an upgrade).
+    """
+    known = revisions()
+    order = [BASE, *known]
+    if revision not in order:
+        raise RevisionError(f"unknown revision {revision!r}: name one this release ships ({', '.join(known)}) "
+                            f"or {BASE}")
+    where = f"state store {redact(url)}"
+    at = database_revision(url)
+    if at is None:
+        raise RevisionError(f"{where} has no schema: nothing to downgrade")
+    if at not in known:
+        raise RevisionError(f"{where} is at revision {at}, which this release (newest {head()}) does not ship: "
+                            "downgrade it with the release that migrated it")
+    if order.index(revision) > order.index(at):
+        raise RevisionError(f"{where} is at revision {at}, before {revision}: a downgrade only goes back "
+                            f"(`ctscreen db upgrade --revision {revision}` goes forward)")
+    undone = known[order.index(revision):order.index(at)]
+    return DowngradePlan(url, at, revision, tuple((r, _doc(r)) for r in reversed(undone)))
+
+
+def downgrade(plan: DowngradePlan, *, lock_timeout_s: float | None = None) -> None:
+    """Carry out ``plan`` (:func:`plan_downgrade`) with Alembic's downgrade: one transaction, the same advisory
+    lock and lock timeout as :func:`upgrade`, so one that fails half-way changes nothing. Blocking."""
+    if plan.steps:
+        command.downgrade(_config(plan.url, lock_timeout_s), plan.target)
+
+
+def _doc(revision: str) -> str:
+    script = _scripts().get_revision(revision)
+    return script.doc.splitlines()[0] if script is not None and script.doc else ""
 
 
 def shipped(revision: str) -> bool:
@@ -106,8 +188,9 @@ async def _on_engine(url: str, use: Callable[[AsyncEngine], Awaitable[T]]) -> T:
         await engine.dispose()
 
 
-async def _revision(url: str) -> str | None:
-    return await _on_engine(url, current)
+def database_revision(url: str) -> str | None:
+    """The revision of the database at ``url`` (None: never migrated); blocking, like :func:`upgrade`."""
+    return asyncio.run(_on_engine(url, current))
 
 
 async def check_schema(engine: AsyncEngine, url: str) -> None:
