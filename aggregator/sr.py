@@ -10,7 +10,13 @@ highdicom, in memory (no I/O: the caller stores or sends the returned data set):
 * one **planar ROI group** (TID 1410) per lesion box of the evidence run (``boxes="evidence"``, the
   default) or of every slice (``boxes="all"``): finding type Lesion, finding site Lung, the box as a
   closed POLYLINE on the stored image's pixel grid (``LesionBox.original``; the edges of the inclusive
-  pixels, so ``x0 .. x1 + 1``), and its score as a Probability measurement.
+  pixels, so ``x0 .. x1 + 1``), and its score as a Probability measurement;
+* the **Image Library** (TID 1600) of the images the report references (the evidence run's and those
+  its regions lie on; not the whole series), grouped by modality and frame of reference, each entry with
+  the descriptors (TID 1602/1604) its header states: modality, frame of reference, rows and columns,
+  pixel spacing, slice thickness, spacing between slices, image position and orientation. A descriptor
+  the header lacks (or states unreadably) is left out and named in the log, never made up. A report that
+  references no image (a series that is no chest) has no library, as highdicom makes it.
 
 The SR's patient and study come from the source images (``evidence``: their headers suffice); a box
 whose slice is not among them, or whose ``original`` box is unknown, is left out and logged. UIDs are
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -249,6 +256,118 @@ def _polyline(box) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
 
 
+_DESCRIPTORS: Final = (
+    # (TID 1602/1604 concept, keyword, value index, unit), in the order of TID 1602 and 1604
+    ("PixelDataRows", "Rows", 0, "pixels"),
+    ("PixelDataColumns", "Columns", 0, "pixels"),
+    ("HorizontalPixelSpacing", "PixelSpacing", 1, "mm"),  # Pixel Spacing is (row spacing, column spacing)
+    ("VerticalPixelSpacing", "PixelSpacing", 0, "mm"),
+    ("SpacingBetweenSlices", "SpacingBetweenSlices", 0, "mm"),
+    ("SliceThickness", "SliceThickness", 0, "mm"),
+    *((f"ImagePositionPatient{a}", "ImagePositionPatient", i, "mm") for i, a in enumerate("XYZ")),
+    *((f"ImageOrientationPatient{d}{a}", "ImageOrientationPatient", 3 * j + i, "{-1:1}")
+      for j, d in enumerate(("Row", "Column")) for i, a in enumerate("XYZ")),
+)
+"""The numeric Image Library Entry Descriptors, each from one value of a header attribute of the image."""
+
+_VM: Final = {"Rows": 1, "Columns": 1, "PixelSpacing": 2, "SpacingBetweenSlices": 1, "SliceThickness": 1,
+              "ImagePositionPatient": 3, "ImageOrientationPatient": 6}
+_OPTIONAL: Final = {"SpacingBetweenSlices"}
+"""Attributes a CT image need not have (Type 3): their absence is no gap in what was carried."""
+
+
+def _numbers(ds: Dataset, keyword: str) -> list[float] | None:
+    """The values of ``keyword`` in ``ds`` as finite numbers, or None when absent, empty, unreadable or of
+    another multiplicity than the attribute's."""
+    import math
+
+    value = ds.get(keyword)
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
+    try:
+        out = [float(v) for v in values]  # None or "" (an empty Type 2 value): TypeError, ValueError
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if len(out) == _VM[keyword] and all(math.isfinite(v) for v in out) else None
+
+
+def _modality_and_frame(ds: Dataset, missing: Counter[str]) -> tuple[Any, str]:
+    """The image's modality as a CID 29 code (None when its header states none of them) and its Frame of
+    Reference UID ("" when absent or no UID); what is not stated counts in ``missing``."""
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import UID
+
+    modality = {c.value: c for c in codes.cid29.concepts.values()}.get(str(ds.get("Modality", "") or "").strip())
+    frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+    if not UID(frame_of_reference).is_valid:
+        frame_of_reference = ""
+    missing.update(k for k, v in (("Modality", modality), ("FrameOfReferenceUID", frame_of_reference)) if not v)
+    return modality, frame_of_reference
+
+
+def _shared_descriptors(modality: Any, frame_of_reference: str) -> list[Any]:
+    """The Modality and Frame of Reference UID descriptors (TID 1602), those known: an entry's, and its group's."""
+    from highdicom.sr import CodeContentItem, RelationshipTypeValues, UIDRefContentItem
+    from pydicom.sr.codedict import codes
+
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    out: list[Any] = []
+    if modality is not None:
+        out.append(CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acq))
+    if frame_of_reference:
+        out.append(UIDRefContentItem(name=codes.DCM.FrameOfReferenceUID, value=frame_of_reference,
+                                     relationship_type=acq))
+    return out
+
+
+def _numeric_descriptors(ds: Dataset, missing: Counter[str]) -> list[Any]:
+    """The numeric descriptors (TID 1602 rows and columns, TID 1604 geometry) the image's header states;
+    what it does not state counts in ``missing``."""
+    from highdicom.sr import CodedConcept, NumContentItem, RelationshipTypeValues
+    from pydicom.sr.codedict import codes
+
+    units = {"mm": codes.UCUM.Millimeter, "pixels": CodedConcept("{pixels}", "UCUM", "Pixels"),
+             "{-1:1}": CodedConcept("{-1:1}", "UCUM", "{-1:1}")}
+    read = {keyword: _numbers(ds, keyword) for keyword in _VM}
+    missing.update(k for k, values in read.items() if values is None and k not in _OPTIONAL)
+    return [NumContentItem(name=getattr(codes.DCM, concept), value=values[index], unit=units[unit],
+                           relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT)
+            for concept, keyword, index, unit in _DESCRIPTORS if (values := read[keyword]) is not None]
+
+
+def _image_library(images: Sequence[Dataset], study_instance_uid: str) -> Any:
+    """The Image Library (TID 1600) of ``images``: one Image Library Group per modality and frame of reference,
+    which it states as the group's descriptors, and in it one entry (TID 1601) per image with all its own."""
+    from highdicom.sr import (
+        CodedConcept,
+        ContainerContentItem,
+        ContentSequence,
+        ImageContentItem,
+        RelationshipTypeValues,
+    )
+    from pydicom.sr.codedict import codes
+
+    contains = RelationshipTypeValues.CONTAINS
+    groups: dict[tuple[Any, str], list[Any]] = {}
+    missing: Counter[str] = Counter()
+    for ds in images:
+        key = _modality_and_frame(ds, missing)
+        entry = ImageContentItem(name=CodedConcept("260753009", "SCT", "Source"),  # as highdicom's ImageLibrary
+                                 referenced_sop_class_uid=str(ds.SOPClassUID),
+                                 referenced_sop_instance_uid=str(ds.SOPInstanceUID), relationship_type=contains)
+        entry.ContentSequence = ContentSequence([*_shared_descriptors(*key), *_numeric_descriptors(ds, missing)])
+        groups.setdefault(key, []).append(entry)
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = ContentSequence()
+    for key, entries in groups.items():
+        group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
+        group.ContentSequence = ContentSequence([*_shared_descriptors(*key), *entries])
+        library.ContentSequence.append(group)
+    if missing:
+        logger.info("SR image library of %s: not in the source headers, left out: %s", study_instance_uid,
+                    ", ".join(f"{k} ({n} of {len(images)} images)" for k, n in sorted(missing.items())))
+    return library
+
+
 def to_sr(
     result: CaseResult,
     evidence: Sequence[Dataset],
@@ -337,7 +456,8 @@ def to_sr(
     # a series that is no chest: its run is no lesions, so the SR holds the verdict only
     shown = result.evidence if result.evidence is not None and result.shows_lesions else None
     evidence_uids = [s.sop_instance_uid for s in shown.slices] if shown else []
-    sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in evidence_uids if u in by_uid]
+    referenced = [u for u in evidence_uids if u in by_uid]  # and the images of the regions, below
+    sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in referenced]
     groups: list = [
         MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=stable_uid(*key, "case", root=result.uid_root), identifier=f"case verdict: {result.reason}"),
@@ -367,6 +487,7 @@ def to_sr(
             graphic_data=_polyline(box.original),
             source_image=SourceImageForRegion.from_source_image(ds),
         )
+        referenced.append(uid)
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
@@ -389,6 +510,11 @@ def to_sr(
         procedure_reported=CodedConcept("24627-2", "LN", "CT Chest"),
         imaging_measurements=groups,
     )
+    if referenced:  # TID 1500 row 5, before the Imaging Measurements (row 6): each referenced image once
+        content = report[0].ContentSequence
+        measurements = next(i for i, item in enumerate(content) if item.name == codes.DCM.ImagingMeasurements)
+        content.insert(measurements, _image_library([by_uid[u] for u in dict.fromkeys(referenced)],
+                                                    result.study_instance_uid))
     series_uid, sop_uid = sr_uids(result)
     sr = Comprehensive3DSR(
         evidence=images,

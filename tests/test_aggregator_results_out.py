@@ -85,6 +85,7 @@ def test_sr_files_under_the_source_patient_and_study_and_validates(tmp_path):
     assert refs == {s.sop_instance_uid for s in result.evidence.slices}  # the exact source instances
     dump = _dcmtk_clean("dsrdump", data, tmp_path)
     assert "Imaging Measurement Report" in dump and "SCOORD" in dump
+    assert dump.count("Image Library Group") == 1 and "Image Position (Patient) Z" in dump  # TID 1600
     _dcmtk_clean("dcmdump", data, tmp_path, "+E")
 
 

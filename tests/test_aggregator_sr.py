@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -101,3 +102,97 @@ def test_character_sets_scanners_write_do_not_block_the_sr(charset, expected):
     assert sr.get("SpecificCharacterSet") == expected
     assert str(_read_back(sr).PatientName) == "Müller^Hans"
     assert all(ds.SpecificCharacterSet == charset for ds in headers)  # the caller's data sets are left as they were
+
+
+# --- Image Library (TID 1600) ----------------------------------------------------------------------------
+IMAGE_LIBRARY, IMAGE_LIBRARY_GROUP = "111028", "126200"
+TILTED = ["1", "0", "0", "0", "0.996195", "-0.087156"]  # a 5 degree gantry tilt
+
+
+def _descriptors(items) -> dict[str, object]:
+    """Descriptor meaning -> value (a code's value, a UID, a number) of Image Library content items."""
+    out: dict[str, object] = {}
+    for item in items:
+        assert item.RelationshipType == "HAS ACQ CONTEXT"
+        value = {"CODE": lambda i: i.ConceptCodeSequence[0].CodeValue, "UIDREF": lambda i: i.UID,
+                 "NUM": lambda i: float(i.MeasuredValueSequence[0].NumericValue)}[item.ValueType](item)
+        out[item.ConceptNameCodeSequence[0].CodeMeaning] = value
+    return out
+
+
+def _library(sr) -> tuple[list[dict[str, object]], dict[str, dict[str, object]]]:
+    """The Image Library of ``sr``: each group's own descriptors, and each entry's by SOP Instance UID (in order)."""
+    items = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == IMAGE_LIBRARY]
+    if not items:
+        return [], {}
+    (library,) = items
+    groups, entries = [], {}
+    for group in library.ContentSequence:
+        assert group.ConceptNameCodeSequence[0].CodeValue == IMAGE_LIBRARY_GROUP
+        images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+        groups.append(_descriptors(i for i in group.ContentSequence if i.ValueType != "IMAGE"))
+        for image in images:
+            uid = image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            assert uid not in entries  # one entry per image
+            entries[uid] = _descriptors(image.ContentSequence)
+    return groups, entries
+
+
+def _stated(ds) -> dict[str, object]:
+    """The descriptors an entry should carry: the source header's own values."""
+    row, column = (float(v) for v in ds.PixelSpacing)
+    position, orientation = ds.ImagePositionPatient, ds.ImageOrientationPatient
+    return {"Modality": ds.Modality, "Frame of Reference UID": ds.FrameOfReferenceUID,
+            "Pixel Data Rows": float(ds.Rows), "Pixel Data Columns": float(ds.Columns),
+            "Horizontal Pixel Spacing": column, "Vertical Pixel Spacing": row,
+            "Spacing between slices": float(ds.SpacingBetweenSlices), "Slice Thickness": float(ds.SliceThickness),
+            **{f"Image Position (Patient) {a}": float(position[i]) for i, a in enumerate("XYZ")},
+            **{f"Image Orientation (Patient) {d} {a}": float(orientation[3 * j + i])
+               for j, d in enumerate(("Row", "Column")) for i, a in enumerate("XYZ")}}
+
+
+@pytest.mark.parametrize(("boxes", "listed"), [("evidence", [1, 2, 3]), ("all", [1, 2, 3, 6])])
+def test_image_library_lists_each_referenced_image_once_with_its_own_header_values(boxes, listed):
+    """TID 1500 / IHE AIR: a viewer places the regions from the library without fetching the images. It lists
+    the images the report references (the run's, and those of the regions: slice 6 holds a box outside the
+    run), not the whole series, each once, with the values its own header states (anisotropic pixels, a
+    tilted gantry and per-slice positions, so a swapped or shared value shows)."""
+    result, headers = _series(8, lesion_slices=(1, 2, 3, 6))
+    frame_of_reference = generate_uid()
+    for k, ds in enumerate(headers):
+        ds.FrameOfReferenceUID, ds.PixelSpacing, ds.SpacingBetweenSlices = frame_of_reference, ["0.6", "0.8"], "2.5"
+        ds.SliceThickness, ds.ImageOrientationPatient = "1.25", TILTED
+        ds.ImagePositionPatient = [f"{-180.5 + k}", f"{-170.25 - k}", f"{2.5 * k}"]
+    assert result.verdict == "positive" and [s.index for s in result.evidence.slices] == [1, 2, 3]
+    sr = _read_back(to_sr(result, headers, boxes=boxes))
+    groups, entries = _library(sr)
+    assert list(entries) == [str(headers[k].SOPInstanceUID) for k in listed]
+    assert groups == [{"Modality": "CT", "Frame of Reference UID": frame_of_reference}]
+    for k in listed:
+        assert entries[str(headers[k].SOPInstanceUID)] == _stated(headers[k]), k
+    rois = {r.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for r in sr.content.get_planar_roi_measurement_groups()}
+    assert rois <= set(entries)  # every region's image is in the library
+
+
+def test_image_library_carries_only_what_the_headers_state(caplog):
+    """The API's SR is made from the few attributes the state store keeps per instance (SOP class and
+    instance, Rows, Columns, the study's Modality: gateway.report.SrContext), no geometry: the entries carry
+    modality, rows and columns, nothing made up, and the log names what was left out; an empty Type 2 Slice
+    Thickness is no value either. A series that is no chest references no image: no library."""
+    result, headers = _series()
+    for ds in headers:
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            delattr(ds, keyword)
+        ds.SliceThickness = ""
+    caplog.set_level(logging.INFO, logger="aggregator.sr")
+    sr = _read_back(to_sr(result, headers))
+    groups, entries = _library(sr)
+    assert groups == [{"Modality": "CT"}]
+    assert list(entries) == [s.sop_instance_uid for s in result.evidence.slices]
+    assert all(e == {"Modality": "CT", "Pixel Data Rows": 512.0, "Pixel Data Columns": 512.0} for e in entries.values())
+    (line,) = [r.getMessage() for r in caplog.records if "image library" in r.getMessage()]
+    assert all(f"{k} (3 of 3 images)" in line for k in ("FrameOfReferenceUID", "ImagePositionPatient",
+                                                         "ImageOrientationPatient", "PixelSpacing", "SliceThickness"))
+    head = result.model_copy(update={"verdict": "indeterminate", "reason": "not_chest"})
+    assert IMAGE_LIBRARY not in {i.ConceptNameCodeSequence[0].CodeValue for i in to_sr(head, headers).ContentSequence}
