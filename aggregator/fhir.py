@@ -1,10 +1,11 @@
-"""The case result as FHIR R4: a ``DiagnosticReport`` with its ``Observation`` s, for the RIS.
+"""The case result as FHIR R4: a ``DiagnosticReport``, its ``Observation`` s and the ``Device`` that made
+them, for the RIS.
 
 :func:`to_fhir` returns a transaction ``Bundle`` (JSON, a ``dict``) a FHIR R4 server takes at its base
 URL, or a webhook takes as it is:
 
 * one ``DiagnosticReport`` (status ``preliminary``: a machine reading no radiologist has verified yet;
-  code LOINC 24627-2 "CT Chest"; category RAD), whose ``imagingStudy`` refers to the ``ImagingStudy``
+  category RAD), whose ``imagingStudy`` refers to the ``ImagingStudy``
   by its Study Instance UID (``identifier`` ``urn:dicom:uid`` / ``urn:oid:<uid>``, a logical reference
   the server needs not resolve), whose ``subject`` is the patient and whose ``basedOn`` is the order
   (accession number): with the site's identifier systems (:class:`IdentifierSystems`, per destination)
@@ -16,34 +17,81 @@ URL, or a webhook takes as it is:
   lists and notifiable-disease rules would read as a diagnosis) for a positive result, absent otherwise;
 * ``Observation`` s it lists in ``result``: the **verdict** (SNOMED CT 840544004 suspected COVID-19 with the
   qualifier value Present or Absent), the **reason** (code and sentence), the **quadrant** and the **run** (slices and
-  millimetres) of the evidence when there is one, and one **model version** per model.
+  millimetres) of the evidence when there is one; each one's ``device`` is the Device below;
+* one ``Device``: the algorithm that made the reading (:func:`device_identifier`; manufacturer ctscreen,
+  the software version, each model's version, runtime and sha256), one per algorithm configuration at
+  the server however many readings refer to it. R4's ``DiagnosticReport.performer`` takes a
+  Practitioner, PractitionerRole, Organization or CareTeam only, so the report reaches its device through
+  its results: ``Observation.device``, "the device used to generate the observation data", which is also
+  where the HL7 DICOM SR to FHIR guide puts the SR's algorithm (TID 4019).
 
-Every resource carries an ``identifier`` in :data:`IDENTIFIER_SYSTEM` derived from the job, and each
-entry is a conditional create (``ifNoneExist``), so sending the same result twice creates nothing new.
+**Which code.** The report's code is DICOM 126000 "Imaging Measurement Report", the title of the TID 1500 SR
+the PACS gets for the same reading, and what the HL7 DICOM SR to FHIR guide maps such an SR's
+``DiagnosticReport.code`` to. It was LOINC 24627-2 "CT Chest", a LOINC imaging document code, a set whose
+documents "contain a consulting specialist's interpretation of image data": the radiologist's report of
+the same exam, so a RIS or EHR listing reports by code showed the machine reading as the radiologist's.
+(The SR keeps 24627-2 as its Procedure Reported, which the exam is.) The report and its observations
+also carry the security label AIAST "Artificial Intelligence asserted" (``v3-ObservationValue``), the
+marker HL7's AI Transparency on FHIR guide (ballot) uses for content an AI asserted.
+
+**A reading replaced by a later one** (late instances opened a new version of the study, screened again;
+``supersedes``). FHIR R4 has no report status for it: ``cancelled`` is "the report is unavailable because
+the measurement was not started or not completed", ``entered-in-error`` a report that should never have
+existed, ``amended`` / ``corrected`` / ``appended`` come after ``final``; ctscreen set the earlier one to
+``cancelled`` before, which said it never completed. Nor is the new reading a new version of the same
+report: a conditional update by identifier updates on one match and creates on none, so the last bundle
+to arrive wins, and a delayed retry of the earlier reading would overwrite the later one; a transaction
+cannot make that depend on which is newer without the server's version ids (``If-Match``). So each
+reading stays its own report with its own status and content, and the later one names the earlier with
+R4's core extension ``diagnosticReport-replaces`` ("The report replaces the target resource ... where the
+subsequent observation of case and report may be on more or different material ... not same concept as
+DiagnosticReport.status"; R6 makes it ``DiagnosticReport.relatesTo``), each of its observations the
+earlier reading's observation of the same part with ``observation-replaces`` ("This observation replaces
+a previous observation (i.e. a revised value)"), by identifier. The study's current reading is its report
+that no other report names so (also the one issued last); :func:`current_reports` says which. A bundle
+carries the study's earlier readings too, each naming the one before it, so the chain has no gap at a
+destination that never got one of them (a rule left it out, a delivery failed). Nothing is ever updated:
+every entry is a conditional create, so a bundle sent again, or an earlier reading sent late, adds only
+what is missing and changes nothing held: it never makes an earlier reading current again.
+
+Every resource carries an ``identifier`` (:data:`IDENTIFIER_SYSTEM`, derived from the job; the Device's in
+:data:`DEVICE_SYSTEM`), and each entry is a conditional create (``ifNoneExist``), so sending the same
+result twice creates nothing new.
 The bundle is validated with the ``fhir.resources`` models (R4B, the same as R4 for these resources)
 before it is returned; a result the models refuse raises :class:`ValueError`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
 
 from aggregator.schema import CaseResult, quadrant_words
 
-__all__ = ["IDENTIFIER_SYSTEM", "NOTICE", "IdentifierSystems", "refusal", "report_identifier", "to_fhir",
-           "validate_bundle"]
+__all__ = ["DEVICE_SYSTEM", "IDENTIFIER_SYSTEM", "NOTICE", "REPLACES", "IdentifierSystems", "current_reports",
+           "device_identifier", "refusal", "report_identifier", "to_fhir", "validate_bundle"]
 
 IDENTIFIER_SYSTEM: Final = "urn:ctscreen:result"
-"""System of the identifiers of every resource ctscreen makes (value: job id, then ``/`` and a part)."""
+"""System of the identifiers of every report and observation ctscreen makes (value: job id, then ``/`` and a
+part)."""
+DEVICE_SYSTEM: Final = "urn:ctscreen:device"
+"""System of the identifiers of ctscreen's Devices (value: :func:`device_identifier`)."""
+REPLACES: Final = {"DiagnosticReport": "http://hl7.org/fhir/StructureDefinition/diagnosticReport-replaces",
+                   "Observation": "http://hl7.org/fhir/StructureDefinition/observation-replaces"}
+"""The R4 core extensions by which a later reading names the one it replaces, per resource type."""
 
 SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _VERDICT = {"positive": ("52101004", "Present"), "negative": ("272519000", "Absent"),  # the SR's (PS3.16)
             "indeterminate": ("82334004", "Indeterminate")}
 _CTSCREEN = "urn:ctscreen:code"
+_AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
+                "display": "Artificial Intelligence asserted"}
 NOTICE: Final = "Machine reading for screening, not a diagnosis; to be verified by a radiologist."
 """Opens every conclusion (the SR and the key images say it too)."""
 
@@ -75,6 +123,14 @@ def report_identifier(result: CaseResult) -> str:
     return f"{result.job_id or result.study_instance_uid}"
 
 
+def device_identifier(result: CaseResult) -> str:
+    """The identifier value of the Device that made ``result``: the software version and a digest of every
+    model's name, version, sha256 and runtime, so new weights under the same software are another Device."""
+    models = sorted((m.name, m.version, m.sha256 or "", m.platform or "") for m in result.models)
+    digest = hashlib.sha256(json.dumps(models).encode()).hexdigest()[:16]
+    return f"ctscreen/{result.software_version or 'unknown'}/{digest}"
+
+
 def _uuid(*parts: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts))}"
 
@@ -97,11 +153,10 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
     systems : IdentifierSystems or None
         The receiving site's identifier systems; without them, references by identifier only.
     supersedes : Sequence[CaseResult]
-        Earlier readings of the same study (earlier versions) this one replaces. Each one's report and
-        observations are in the bundle too, as conditional updates (``PUT Type?identifier=...``) to
-        status ``cancelled``, the report's conclusion naming this reading: one live report per study.
-        A conditional update creates what is missing, so a late delivery of an earlier reading (a
-        conditional create) finds it cancelled and adds nothing.
+        Earlier readings of the same study (earlier versions), newest first, as the state store gives them.
+        This report names the newest with ``diagnosticReport-replaces`` (its observations the same parts
+        of it with ``observation-replaces``), and each of them is in the bundle as well, as conditional
+        creates naming the one after it in turn, so a destination holds the whole chain.
 
     Returns
     -------
@@ -115,123 +170,185 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
     """
     patient = dict(patient or {})
     systems = systems or IdentifierSystems()
-    ident = report_identifier(result)
-    base = (IDENTIFIER_SYSTEM, ident)
-    status = "preliminary"
-    study = {"type": "ImagingStudy",
-             "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{result.study_instance_uid}"},
-             "display": f"Study {result.study_instance_uid}"}
-    subject = None
-    if patient.get("PatientID"):
-        subject = _by_identifier("Patient", patient["PatientID"], systems.of_patient(patient.get("IssuerOfPatientID")),
-                                 assigner=patient.get("IssuerOfPatientID"))
-    issued = (result.created_at.isoformat() if result.created_at is not None else None)
-    covid = _concept(SNOMED, "840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
-    code, meaning = _VERDICT[result.verdict]
-
-    def observation(part: str, code_: dict[str, Any], **value: Any) -> dict[str, Any]:
-        obs: dict[str, Any] = {
-            "resourceType": "Observation",
-            "identifier": [{"system": IDENTIFIER_SYSTEM, "value": f"{ident}/{part}"}],
-            "status": status,
-            "category": [_concept("http://terminology.hl7.org/CodeSystem/observation-category", "imaging",
-                                  "Imaging")],
-            "code": code_,
-            "derivedFrom": [study],
-            "device": {"display": f"ctscreen {result.software_version or ''}".strip()},
-            **value,
-        }
-        if subject is not None:
-            obs["subject"] = subject
-        if issued:
-            obs["issued"] = issued
-        return obs
-
-    observations: list[tuple[str, dict[str, Any]]] = [
-        ("verdict", observation("verdict", covid, valueCodeableConcept=_concept(SNOMED, code, meaning),
-                                interpretation=[{"text": result.verdict}])),
-        ("reason", observation("reason", {"coding": [{"system": _CTSCREEN, "code": "reason"}], "text": "Reason"},
-                               valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:reason",
-                                                                 "code": result.reason}],
-                                                     "text": result.message})),
-    ]
-    if result.evidence is not None and result.shows_lesions:  # a series that is no chest has no lesion run
-        ev = result.evidence
-        observations.append(("quadrant", observation(
-            "quadrant", {"coding": [{"system": _CTSCREEN, "code": "quadrant"}], "text": "Quadrant of the run"},
-            valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:quadrant", "code": ev.quadrant}],
-                                  "text": quadrant_words(ev.quadrant)})))
-        observations.append(("run", observation(
-            "run", {"coding": [{"system": _CTSCREEN, "code": "run"}], "text": "Run of consecutive slices"},
-            valueQuantity={"value": ev.n_slices, "unit": "slices", "system": UCUM, "code": "{slices}"},
-            component=[
-                {"code": {"text": "extent"},
-                 "valueQuantity": {"value": round(ev.extent_mm, 3), "unit": "mm", "system": UCUM, "code": "mm"}},
-                {"code": {"text": "qualifies"}, "valueBoolean": ev.qualifies},
-                {"code": {"text": "first slice"},
-                 "valueString": ev.slices[0].sop_instance_uid if ev.slices else ""},
-            ])))
-    for m in result.models:
-        observations.append((f"model-{m.name}", observation(
-            f"model-{m.name}", {"coding": [{"system": _CTSCREEN, "code": "model-version"}],
-                                "text": f"Model version: {m.name}"},
-            valueString=m.version if not m.sha256 else f"{m.version} (sha256 {m.sha256[:16]})")))
-
-    report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport",
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": ident}],
-        "status": status,
-        "category": [_concept("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
-        "code": _concept(LOINC, "24627-2", "CT Chest"),
-        "imagingStudy": [study],
-        "result": [{"reference": _uuid(*base, part), "type": "Observation"} for part, _ in observations],
-        "conclusion": f"{NOTICE} COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
-    }
-    if result.verdict == "positive":  # the code alone must say it: "Present" did not
-        report["conclusionCode"] = [covid]
-    if subject is not None:
-        report["subject"] = subject
-    if issued:
-        report["issued"] = issued
-    if patient.get("AccessionNumber"):
-        order = _by_identifier("ServiceRequest", patient["AccessionNumber"], systems.accession)
-        order["identifier"]["type"] = _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID")
-        report["basedOn"] = [order]
-
-    def entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
-        value = resource["identifier"][0]["value"]
-        return {"fullUrl": full_url, "resource": resource,
-                "request": {"method": "POST", "url": resource["resourceType"],
-                            "ifNoneExist": f"identifier={IDENTIFIER_SYSTEM}|{value}"}}
-
-    if supersedes:
-        report["conclusion"] += (" It replaces the earlier reading" + ("s " if len(supersedes) > 1 else " ")
-                                 + ", ".join(report_identifier(r) for r in supersedes) + " of this study.")
+    readings = [_Reading.of(r, patient, systems) for r in (result, *supersedes)]
+    for later, earlier in zip(readings, readings[1:], strict=False):
+        later.replaces(earlier)
+    entries: dict[str, dict[str, Any]] = {}
+    for reading in readings:  # this reading first (its report is the first entry), then the earlier ones
+        for full_url, resource in reading.resources():
+            entries.setdefault(full_url, _create(full_url, resource))  # a Device the readings share, once
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
-        "identifier": {"system": IDENTIFIER_SYSTEM, "value": f"{ident}/bundle"},
-        "entry": [entry(_uuid(*base, "report"), report)]
-        + [entry(_uuid(*base, part), obs) for part, obs in observations]
-        + [e for earlier in supersedes for e in _cancelled(to_fhir(earlier, patient, systems), ident)],
+        "identifier": {"system": IDENTIFIER_SYSTEM, "value": f"{report_identifier(result)}/bundle"},
+        "entry": list(entries.values()),
     }
     validate_bundle(bundle)
     return bundle
 
 
-def _cancelled(earlier: Mapping[str, Any], by: str) -> list[dict[str, Any]]:
-    """The entries of an earlier reading's bundle as conditional updates to ``cancelled``."""
-    out = []
-    for e in earlier["entry"]:
-        resource = {**e["resource"], "status": "cancelled"}
-        if resource["resourceType"] == "DiagnosticReport":
-            resource["conclusion"] = f"Superseded by the reading {by} of a newer version of this study. " + (
-                resource.get("conclusion") or "")
-            resource.pop("conclusionCode", None)
-        value = resource["identifier"][0]["value"]
-        out.append({"fullUrl": e["fullUrl"], "resource": resource,
-                    "request": {"method": "PUT", "url": f"{resource['resourceType']}?identifier={IDENTIFIER_SYSTEM}|{value}"}})
-    return out
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """One result's report, observations (by part) and device, before they become entries."""
+
+    ident: str
+    report: dict[str, Any]
+    observations: dict[str, dict[str, Any]]
+    device: dict[str, Any]
+
+    @classmethod
+    def of(cls, result: CaseResult, patient: Mapping[str, str], systems: IdentifierSystems) -> _Reading:
+        ident = report_identifier(result)
+        study = {"type": "ImagingStudy",
+                 "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{result.study_instance_uid}"},
+                 "display": f"Study {result.study_instance_uid}"}
+        subject = None
+        if patient.get("PatientID"):
+            subject = _by_identifier("Patient", patient["PatientID"],
+                                     systems.of_patient(patient.get("IssuerOfPatientID")),
+                                     assigner=patient.get("IssuerOfPatientID"))
+        issued = result.created_at.isoformat() if result.created_at is not None else None
+        device = _device(result)
+        device_ref = {"reference": _uuid(DEVICE_SYSTEM, device_identifier(result)), "type": "Device",
+                      "identifier": dict(device["identifier"][0]), "display": device["deviceName"][0]["name"]}
+        covid = _concept(SNOMED, "840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
+        code, meaning = _VERDICT[result.verdict]
+        common: dict[str, Any] = {"meta": {"security": [_AI_ASSERTED]}, "status": "preliminary",
+                                  **({"subject": subject} if subject is not None else {}),
+                                  **({"issued": issued} if issued else {})}
+
+        def observation(part: str, code_: dict[str, Any], **value: Any) -> dict[str, Any]:
+            return {
+                "resourceType": "Observation",
+                "identifier": [{"system": IDENTIFIER_SYSTEM, "value": f"{ident}/{part}"}],
+                **common,
+                "category": [_concept("http://terminology.hl7.org/CodeSystem/observation-category", "imaging",
+                                      "Imaging")],
+                "code": code_,
+                "derivedFrom": [study],
+                "device": device_ref,
+                **value,
+            }
+
+        observations = {
+            "verdict": observation("verdict", covid, valueCodeableConcept=_concept(SNOMED, code, meaning),
+                                   interpretation=[{"text": result.verdict}]),
+            "reason": observation("reason", {"coding": [{"system": _CTSCREEN, "code": "reason"}], "text": "Reason"},
+                                  valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:reason",
+                                                                    "code": result.reason}],
+                                                        "text": result.message}),
+        }
+        if result.evidence is not None and result.shows_lesions:  # a series that is no chest has no lesion run
+            ev = result.evidence
+            observations["quadrant"] = observation(
+                "quadrant", {"coding": [{"system": _CTSCREEN, "code": "quadrant"}], "text": "Quadrant of the run"},
+                valueCodeableConcept={"coding": [{"system": f"{_CTSCREEN}:quadrant", "code": ev.quadrant}],
+                                      "text": quadrant_words(ev.quadrant)})
+            observations["run"] = observation(
+                "run", {"coding": [{"system": _CTSCREEN, "code": "run"}], "text": "Run of consecutive slices"},
+                valueQuantity={"value": ev.n_slices, "unit": "slices", "system": UCUM, "code": "{slices}"},
+                component=[
+                    {"code": {"text": "extent"},
+                     "valueQuantity": {"value": round(ev.extent_mm, 3), "unit": "mm", "system": UCUM, "code": "mm"}},
+                    {"code": {"text": "qualifies"}, "valueBoolean": ev.qualifies},
+                    {"code": {"text": "first slice"},
+                     "valueString": ev.slices[0].sop_instance_uid if ev.slices else ""},
+                ])
+
+        report: dict[str, Any] = {
+            "resourceType": "DiagnosticReport",
+            "identifier": [{"system": IDENTIFIER_SYSTEM, "value": ident}],
+            **common,
+            "category": [_concept("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
+            # not LOINC 24627-2 "CT Chest", the radiologist's report of the exam (module docstring)
+            "code": {"coding": [{"system": DCM, "code": "126000", "display": "Imaging Measurement Report"}],
+                     "text": "COVID-19 screening of chest CT, machine reading"},
+            "imagingStudy": [study],
+            "result": [{"reference": _uuid(IDENTIFIER_SYSTEM, ident, part), "type": "Observation"}
+                       for part in observations],
+            "conclusion": f"{NOTICE} COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
+        }
+        if result.verdict == "positive":  # the code alone must say it: "Present" did not
+            report["conclusionCode"] = [covid]
+        if patient.get("AccessionNumber"):
+            order = _by_identifier("ServiceRequest", patient["AccessionNumber"], systems.accession)
+            order["identifier"]["type"] = _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                                   "Accession ID")
+            report["basedOn"] = [order]
+        return cls(ident, report, observations, device)
+
+    def replaces(self, earlier: _Reading) -> None:
+        """Name ``earlier``'s report and its observations of the same parts as the ones this one replaces."""
+        _replacing(self.report, earlier.report)
+        for part, obs in self.observations.items():
+            if part in earlier.observations:
+                _replacing(obs, earlier.observations[part])
+        self.report["conclusion"] += f" It replaces the earlier reading {earlier.ident} of this study."
+
+    def resources(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        """(fullUrl, resource): the report, its observations in ``result`` order, the device."""
+        yield _uuid(IDENTIFIER_SYSTEM, self.ident, "report"), self.report
+        for part, obs in self.observations.items():
+            yield _uuid(IDENTIFIER_SYSTEM, self.ident, part), obs
+        yield _uuid(DEVICE_SYSTEM, self.device["identifier"][0]["value"]), self.device
+
+
+def _replacing(later: dict[str, Any], earlier: Mapping[str, Any]) -> None:
+    """Add to ``later`` the core extension that names ``earlier`` (by identifier: it may be held already,
+    under the server's own id) as the resource it replaces."""
+    kind = earlier["resourceType"]
+    later.setdefault("extension", []).append({"url": REPLACES[kind], "valueReference": {
+        "type": kind, "identifier": dict(earlier["identifier"][0])}})
+
+
+def _device(result: CaseResult) -> dict[str, Any]:
+    """The Device resource of the algorithm that made ``result`` (see :func:`device_identifier`)."""
+    versions: list[dict[str, Any]] = [{"type": {"text": "software"}, "value": result.software_version or "unknown"}]
+    for m in sorted(result.models, key=lambda m: m.name):
+        version: dict[str, Any] = {"type": {"text": f"model {m.name}" + (f" ({m.platform})" if m.platform else "")},
+                                   "value": m.version}
+        if m.sha256:
+            version["component"] = {"type": {"text": "sha256"}, "value": m.sha256}
+        versions.append(version)
+    return {
+        "resourceType": "Device",
+        "identifier": [{"system": DEVICE_SYSTEM, "value": device_identifier(result)}],
+        "status": "active",
+        "manufacturer": "ctscreen",
+        "deviceName": [{"name": f"ctscreen {result.software_version or ''}".strip(), "type": "model-name"}],
+        "type": {"text": "Software: deep-learning screening of chest CT for COVID-19 pneumonia"},
+        "version": versions,
+        "note": [{"text": "Research use only, not a medical device: its readings are to be verified by a "
+                          "radiologist."}],
+    }
+
+
+def _create(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
+    """A transaction entry that creates ``resource`` unless the server holds one with its identifier."""
+    identifier = resource["identifier"][0]
+    return {"fullUrl": full_url, "resource": resource,
+            "request": {"method": "POST", "url": resource["resourceType"],
+                        "ifNoneExist": f"identifier={identifier['system']}|{identifier['value']}"}}
+
+
+def current_reports(reports: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The reports of ``reports`` (a study's, as a server holds them) that no other one replaces: the
+    study's current reading, what a consumer shows.
+
+    >>> older = {"identifier": [{"system": IDENTIFIER_SYSTEM, "value": "job-0"}]}
+    >>> newer = {"identifier": [{"system": IDENTIFIER_SYSTEM, "value": "job-1"}],
+    ...          "extension": [{"url": REPLACES["DiagnosticReport"], "valueReference": {
+    ...              "type": "DiagnosticReport", "identifier": {"system": IDENTIFIER_SYSTEM, "value": "job-0"}}}]}
+    >>> [r["identifier"][0]["value"] for r in current_reports([older, newer])]
+    ['job-1']
+    """
+    reports = list(reports)
+    replaced = {(ref["identifier"].get("system"), ref["identifier"].get("value"))
+                for r in reports for ext in r.get("extension", [])
+                if ext.get("url") == REPLACES["DiagnosticReport"]
+                for ref in [ext.get("valueReference", {})] if "identifier" in ref}
+    return [r for r in reports
+            if not any((i.get("system"), i.get("value")) in replaced for i in r.get("identifier", []))]
 
 
 def _by_identifier(kind: str, value: str, system: str | None, *, assigner: str | None = None) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """A small FHIR R4 server for the delivery tests (no FHIR server runs here): it validates each transaction
 Bundle with ``fhir.resources`` and keeps one resource per identifier, as a FHIR server's conditional
 interactions do: ``POST`` with ``ifNoneExist`` creates only what is missing, a conditional ``PUT
-Type?identifier=...`` creates or replaces (FHIR R4 3.1.0.4.3 and 3.1.0.5.4).
+Type?identifier=...`` creates or replaces (FHIR R4 3.1.0.4.3 and 3.1.0.5.4). As a server's transaction does, it
+refuses a bundle whose ``urn:uuid:`` references name no entry of it (R4 3.1.0.11.2).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,7 +57,11 @@ class FhirReceiver:
         self.thread.start()
 
     def apply(self, bundle: dict) -> list[str]:
-        """Carry out a transaction's entries (all or nothing: the keys are checked first)."""
+        """Carry out a transaction's entries (all or nothing: the keys and references are checked first)."""
+        full_urls = {entry["fullUrl"] for entry in bundle["entry"]}
+        dangling = set(re.findall(r'"reference": "(urn:uuid:[^"]+)"', json.dumps(bundle))) - full_urls
+        if dangling:
+            raise ValueError(f"references to no entry of the bundle: {sorted(dangling)}")
         keys = []
         for entry in bundle["entry"]:
             request, kind = entry["request"], entry["resource"]["resourceType"]
@@ -74,6 +80,12 @@ class FhirReceiver:
                     self.resources[key] = entry["resource"]
                 statuses.append("200 OK" if held else "201 Created")
         return statuses
+
+    def current_reports(self) -> list[str]:
+        """The identifiers of the DiagnosticReports no other one replaces: what a RIS shows as current."""
+        from aggregator.fhir import current_reports
+
+        return sorted(r["identifier"][0]["value"] for r in current_reports(self.of_type("DiagnosticReport")))
 
     def of_type(self, kind: str) -> list[dict]:
         with self.lock:

@@ -17,7 +17,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from aggregator.case import SliceInput, decide
-from aggregator.fhir import IDENTIFIER_SYSTEM, to_fhir, validate_bundle
+from aggregator.fhir import (
+    DEVICE_SYSTEM,
+    IDENTIFIER_SYSTEM,
+    REPLACES,
+    current_reports,
+    to_fhir,
+    validate_bundle,
+)
 from aggregator.keyimages import (
     BOX_RGB,
     KOS_SERIES_NUMBER,
@@ -201,19 +208,70 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
     assert report.identifier[0].system == IDENTIFIER_SYSTEM and report.identifier[0].value == "job-1"
     assert report.imagingStudy[0].identifier.value == f"urn:oid:{result.study_instance_uid}"
     assert report.subject.identifier.value == "P-123"
-    observations = {e.resource.identifier[0].value.split("/", 1)[1]: e.resource for e in parsed.entry[1:]}
-    assert {"verdict", "reason", "quadrant", "run"} <= set(observations)
+    observations = {e.resource.identifier[0].value.split("/", 1)[1]: e.resource for e in parsed.entry[1:]
+                    if e.resource.resource_type == "Observation"}
+    assert {"verdict", "reason", "quadrant", "run"} == set(observations)
     assert observations["verdict"].valueCodeableConcept.coding[0].display == "Present"
     quadrant = observations["quadrant"].valueCodeableConcept
     assert quadrant.coding[0].code == result.evidence.quadrant  # the grid's name, for machines
     assert quadrant.text.startswith(("right ", "left ")) and "image" in quadrant.text  # the patient's side, for a reader
     assert observations["run"].valueQuantity.value == result.evidence.n_slices
-    assert [e.fullUrl for e in parsed.entry[1:]] == [r.reference for r in report.result]
-    assert all(e.request.ifNoneExist.startswith(f"identifier={IDENTIFIER_SYSTEM}|") for e in parsed.entry)
+    assert [e.fullUrl for e in parsed.entry[1:1 + len(observations)]] == [r.reference for r in report.result]
+    assert all(e.request.method == "POST" and e.request.ifNoneExist == f"identifier={e.resource.identifier[0].system}|"
+               f"{e.resource.identifier[0].value}" for e in parsed.entry)
+    assert {e.resource.identifier[0].system for e in parsed.entry} == {IDENTIFIER_SYSTEM, DEVICE_SYSTEM}
     assert to_fhir(result) == to_fhir(result)  # one result, one bundle
     broken = {**bundle, "entry": [{**bundle["entry"][0], "resource": {"resourceType": "DiagnosticReport"}}]}
     with pytest.raises(ValueError, match="refused by the R4 models"):
         validate_bundle(broken)
+
+
+def test_the_fhir_report_is_coded_as_a_machine_reading_not_as_the_radiologists_ct_chest_report():
+    """LOINC 24627-2 "CT Chest" is the code of the radiologist's report of the exam: a RIS listing reports by
+    code showed the machine reading as that report. The code is the SR's title, DICOM 126000 Imaging
+    Measurement Report, and every resource that asserts something carries the AI-asserted security label."""
+    result, _ = _series()
+    bundle = to_fhir(result)
+    report = bundle["entry"][0]["resource"]
+    assert report["code"]["coding"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "126000",
+                                         "display": "Imaging Measurement Report"}]
+    assert "24627-2" not in str(report) and "machine reading" in report["code"]["text"]
+    assert report["category"][0]["coding"][0]["code"] == "RAD"
+    asserted = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] != "Device"]
+    assert len(asserted) == 5 and all(r["meta"]["security"] == [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
+        "display": "Artificial Intelligence asserted"}] for r in asserted)
+
+
+def test_the_fhir_device_names_the_algorithm_and_every_observation_refers_to_it():
+    """The algorithm is a Device (manufacturer ctscreen, the software and every model's version and sha256),
+    created once per configuration (conditional create by its identifier), the device of every observation;
+    new weights under the same software are another Device."""
+    from aggregator.fhir import device_identifier
+    from aggregator.schema import ModelInfo
+
+    result, _ = _series()
+    models = [ModelInfo(name="lesion", version="2.0.0", sha256="ab" * 32, platform="onnxruntime"),
+              ModelInfo(name="ct_screen", version="1", platform="ensemble")]
+    result = result.model_copy(update={"software_version": "9.9.9", "models": models})
+    bundle = to_fhir(result)
+    (device_entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Device"]
+    device = device_entry["resource"]
+    assert device_entry["request"] == {"method": "POST", "url": "Device",
+                                       "ifNoneExist": f"identifier={DEVICE_SYSTEM}|{device_identifier(result)}"}
+    assert device["manufacturer"] == "ctscreen" and device["deviceName"][0]["name"] == "ctscreen 9.9.9"
+    assert [(v["type"]["text"], v["value"], v.get("component", {}).get("value")) for v in device["version"]] == [
+        ("software", "9.9.9", None), ("model ct_screen (ensemble)", "1", None),
+        ("model lesion (onnxruntime)", "2.0.0", "ab" * 32)]
+    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert observations and all(o["device"]["reference"] == device_entry["fullUrl"]
+                                and o["device"]["identifier"] == device["identifier"][0] for o in observations)
+    assert "device" not in bundle["entry"][0]["resource"]  # R4: a report's performer is never a Device
+    assert not any("model-" in o["identifier"][0]["value"] for o in observations)  # the versions are the Device's
+    again = to_fhir(result.model_copy(update={"job_id": "job-2"}))  # another reading, the same algorithm
+    assert [e for e in again["entry"] if e["resource"]["resourceType"] == "Device"] == [device_entry]
+    retrained = result.model_copy(update={"models": [models[0].model_copy(update={"sha256": "cd" * 32}), models[1]]})
+    assert device_identifier(retrained) != device_identifier(result)
 
 
 @pytest.mark.parametrize("lesion_slices", [(1, 2, 3), (1, 2)])
@@ -235,15 +293,16 @@ def test_the_sr_and_the_fhir_report_code_the_verdict_alike(lesion_slices):
     assert (coding["code"], coding["display"]) in sr_values, (result.verdict, coding, sr_values)
 
 
-def test_a_newer_reading_names_the_older_sr_and_cancels_the_older_report():
+def test_a_newer_reading_names_the_older_sr_and_the_older_report_it_replaces():
     """Version 2 of a study (late instances) is screened again: its SR names version 1's SR as a predecessor
-    document, and its FHIR bundle sets version 1's report and observations to cancelled (conditional
-    updates, which also create them cancelled should version 1 never have been delivered): one live
-    reading per study at the PACS and the RIS."""
+    document, and its FHIR report names version 1's with the core extension diagnosticReport-replaces (its
+    observations the same parts of version 1 with observation-replaces). Version 1 keeps its own status:
+    it was set to cancelled before, which FHIR defines as a report never started or completed. Version 1 is
+    in the bundle too, as conditional creates, so a RIS that never got it still holds the whole chain."""
     from aggregator.sr import sr_uids
 
     newer, sources = _series()
-    older = newer.model_copy(update={"job_id": "job-0", "verdict": "negative"})
+    older = newer.model_copy(update={"job_id": "job-0", "verdict": "negative", "evidence": None})
     sr = to_sr(newer, sources, predecessors=[older])
     (item,) = sr.PredecessorDocumentsSequence
     assert item.StudyInstanceUID == older.study_instance_uid
@@ -256,17 +315,67 @@ def test_a_newer_reading_names_the_older_sr_and_cancels_the_older_report():
     assert "PredecessorDocumentsSequence" not in to_sr(newer, sources)  # a first reading names none
 
     bundle = to_fhir(newer, {"PatientID": "P-123"}, supersedes=[older])
-    fresh = [e for e in bundle["entry"] if e["request"]["method"] == "POST"]
-    cancelled = [e for e in bundle["entry"] if e["request"]["method"] == "PUT"]
-    assert fresh and len(cancelled) == len(to_fhir(older, {"PatientID": "P-123"})["entry"])
-    assert {e["resource"]["status"] for e in fresh} == {"preliminary"}
-    assert {e["resource"]["status"] for e in cancelled} == {"cancelled"}
-    assert all(e["request"]["url"] == f"{e['resource']['resourceType']}?identifier={IDENTIFIER_SYSTEM}|"
-               f"{e['resource']['identifier'][0]['value']}" for e in cancelled)
-    old_report = next(e["resource"] for e in cancelled if e["resource"]["resourceType"] == "DiagnosticReport")
-    assert old_report["identifier"][0]["value"] == "job-0" and "Superseded by the reading job-1" in old_report["conclusion"]
-    assert "replaces the earlier reading job-0" in fresh[0]["resource"]["conclusion"]
+    alone = to_fhir(older, {"PatientID": "P-123"})
+    assert {e["request"]["method"] for e in bundle["entry"]} == {"POST"}  # nothing held is ever changed
+    assert {e["resource"].get("status") for e in bundle["entry"]} == {"preliminary", "active"}  # active: the Device
+    by_id = {e["resource"]["identifier"][0]["value"]: e["resource"] for e in bundle["entry"]}
+    entries = {e["fullUrl"]: e for e in bundle["entry"]}
+    assert all(entries[e["fullUrl"]] == e for e in alone["entry"])  # version 1 as its own bundle has it
+    report, old_report = by_id["job-1"], by_id["job-0"]
+    assert report is bundle["entry"][0]["resource"]
+    assert report["extension"] == [{"url": REPLACES["DiagnosticReport"], "valueReference": {
+        "type": "DiagnosticReport", "identifier": {"system": IDENTIFIER_SYSTEM, "value": "job-0"}}}]
+    assert "extension" not in old_report and "replaces the earlier reading job-0" in report["conclusion"]
+    for part in ("verdict", "reason"):  # version 1 is negative: no quadrant or run to replace
+        assert by_id[f"job-1/{part}"]["extension"][0]["valueReference"]["identifier"]["value"] == f"job-0/{part}"
+    assert "extension" not in by_id["job-1/run"] and "job-0/run" not in by_id
+    assert [r["identifier"][0]["value"] for r in current_reports(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")] == ["job-1"]
     assert len({e["fullUrl"] for e in bundle["entry"]}) == len(bundle["entry"])  # one transaction, no clash
+    assert sum(e["resource"]["resourceType"] == "Device" for e in bundle["entry"]) == 1  # same models: once
+
+
+def _post(url: str, bundle: dict) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(bundle).encode(), {"Content-Type": "application/fhir+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("order", [(1, 2, 3), (3, 2, 1), (2, 3, 1), (1, 3), (3, 1, 2, 1)],
+                         ids=lambda o: "-".join(map(str, o)))
+def test_a_study_screened_three_times_has_one_current_reading_at_the_ris_in_any_delivery_order(order):
+    """Real transactions at the test FHIR server, in any order (a retry of an earlier reading late, one that
+    never went, one sent twice): the current report is the newest reading's; nothing held changes once
+    created, nothing is cancelled, and the Device that made the three readings is one resource."""
+    from tests.fhir_receiver import FhirReceiver
+
+    v3, _ = _series()
+    readings = [v3.model_copy(update={"job_id": f"job-{k}"}) for k in (1, 2, 3)]
+    bundles = {k: to_fhir(readings[k - 1], {"PatientID": "P-123"}, supersedes=readings[:k - 1][::-1])
+               for k in (1, 2, 3)}
+    ris = FhirReceiver()
+    try:
+        held: dict[str, dict] = {}
+        for k in order:
+            assert _post(ris.url, bundles[k]) == 200, ris.errors
+            for key, resource in ris.resources.items():  # what a server holds is never changed
+                assert held.setdefault(key, resource) is resource
+        assert not ris.errors, ris.errors
+        assert ris.current_reports() == ["job-3"]
+        assert {r["status"] for r in ris.of_type("DiagnosticReport")} == {"preliminary"}
+        assert sorted(r["identifier"][0]["value"] for r in ris.of_type("DiagnosticReport")) == ["job-1", "job-2", "job-3"]
+        assert len(ris.of_type("Device")) == 1
+        dangling = {**bundles[2], "entry": bundles[2]["entry"][:1]}  # its results' entries left out
+        assert _post(ris.url, dangling) == 400 and "references to no entry" in ris.errors[-1]
+    finally:
+        ris.close()
 
 
 @pytest.mark.parametrize(("charset", "name"), [("ISO_IR 100", "Müller^Jörg"), ("ISO_IR 192", "Παπαδόπουλος^Νίκος")])

@@ -225,9 +225,10 @@ def test_a_series_that_is_no_chest_stays_off_a_worklist_that_says_so_and_reaches
 @needs_orthanc
 def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(orthanc, study_files, tmp_path):
     """Version 2 of a study (an instance arrived after it was screened) is delivered after version 1: its SR
-    names version 1's SR in the Predecessor Documents Sequence, and its FHIR bundle cancels version 1's
-    report and observations by conditional update. Version 1 delivered again late (a re-send) stays
-    cancelled: its bundle only creates what is missing. Every object is made under the site's UID root."""
+    names version 1's SR in the Predecessor Documents Sequence, and its FHIR report names version 1's as the
+    one it replaces (diagnosticReport-replaces), which keeps its own status: the RIS's current report is
+    version 2's. Version 1 delivered again late (a re-send) stays replaced and unchanged: its bundle only
+    creates what is missing. Every object is made under the site's UID root."""
     from aggregator.fhir import report_identifier
 
     async def scenario():
@@ -250,12 +251,16 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             (pacs,) = [t for t in first_tasks if t.destination == "pacs"]
             assert all(o["uid"].startswith("1.2.840.99999.7.") for o in pacs.payload["objects"])
             assert statuses() == {report_identifier(first): "preliminary"}
+            assert ris.current_reports() == [report_identifier(first)]
+            held_first = dict(ris.resources)
             _, _, second = await _done_job(settings, study_files, stores=(store, blobs))
             second_sr = sr_uid(await _until(deliverer, second.job_id, {"done"}))
-            assert statuses() == {report_identifier(first): "cancelled", report_identifier(second): "preliminary"}
+            assert statuses() == {report_identifier(first): "preliminary", report_identifier(second): "preliminary"}
+            assert ris.current_reports() == [report_identifier(second)]
             assert not ris.errors, ris.errors
-            cancelled = [r for r in ris.resources.values() if r["status"] == "cancelled"]
-            assert {r["resourceType"] for r in cancelled} == {"DiagnosticReport", "Observation"}
+            assert all(ris.resources[k] is v for k, v in held_first.items())  # version 1 as it was
+            assert {r["status"] for r in ris.resources.values()} <= {"preliminary", "active"}  # nothing cancelled
+            assert len(ris.of_type("Device")) == 1  # the same algorithm made both
             held = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in orthanc.instances_of_study(first.study_instance_uid)}
             assert {first_sr, second_sr} <= held.keys()
             sr = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{held[second_sr]}/file")))
@@ -265,7 +270,8 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
                 io.BytesIO(orthanc.get(f"/instances/{held[first_sr]}/file")))
             await deliverer.tasks.resend(first.job_id, "ris", "fhir", force=True)
             await _until(deliverer, first.job_id, {"done"})
-            assert statuses() == {report_identifier(first): "cancelled", report_identifier(second): "preliminary"}
+            assert ris.current_reports() == [report_identifier(second)] and not ris.errors
+            assert all(ris.resources[k] is v for k, v in held_first.items())
         finally:
             await deliverer.stop()
             ris.close()

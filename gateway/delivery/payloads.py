@@ -118,7 +118,7 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]],
 def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str],
                systems: IdentifierSystems | None = None, earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
     """Build the FHIR Bundle of ``result``; patient identifiers from the stored SR headers, resolved in the
-    receiving site's identifier ``systems``; the reports of the ``earlier`` readings of the study cancelled.
+    receiving site's identifier ``systems``; the ``earlier`` readings of the study named as the ones it replaces.
 
     Raises
     ------

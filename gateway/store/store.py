@@ -805,7 +805,7 @@ class Store:
     async def earlier_results(self, job_id: str, limit: int = 10) -> list[CaseResult]:
         """The results of the same study written before this job's (earlier versions, still kept), newest
         first: the readings this one supersedes (the SR's Predecessor Documents, the FHIR reports it
-        cancels)."""
+        replaces)."""
         async with self.read() as s:
             mine = (await s.execute(select(Result.study_instance_uid, Result.created_at)
                                     .where(Result.job_id == job_id))).first()
