@@ -41,8 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer", "equipment_and_time", "local_time", "made_at", "result_key", "sr_uids", "stable_uid", "to_sr",
-           "usable_headers"]
+__all__ = ["COVID19", "IMAGE_LIBRARY_KEYWORDS", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer",
+           "equipment_and_time", "library_uids", "local_time", "made_at", "result_key", "sr_uids", "stable_uid",
+           "timezone_offset", "to_sr", "usable_headers"]
 
 COVID19 = ("840539006", "SCT", "COVID-19")
 """SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
@@ -119,12 +120,28 @@ def local_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> tuple[dat
     if t is None:
         return None, None
     aware = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    offset = timezone_offset(sources)
+    if offset is not None:
+        minutes = (1 if offset[0] == "+" else -1) * (60 * int(offset[1:3]) + int(offset[3:]))
+        return aware.astimezone(timezone(timedelta(minutes=minutes))).replace(tzinfo=None), offset
+    return aware.astimezone().replace(tzinfo=None), None
+
+
+def timezone_offset(sources: Sequence[Dataset]) -> str | None:
+    """The first Timezone Offset From UTC among ``sources`` that is one (``+hhmm`` / ``-hhmm``, at most 14
+    hours), as :func:`local_time` takes it; None when none states one.
+
+    >>> from pydicom.dataset import Dataset
+    >>> a, b, c = Dataset(), Dataset(), Dataset()
+    >>> a.TimezoneOffsetFromUTC, b.TimezoneOffsetFromUTC = "+2500", " -0330 "
+    >>> timezone_offset([c, a, b]), timezone_offset([c])
+    ('-0330', None)
+    """
     for ds in sources:
         m = _OFFSET.match(str(ds.get("TimezoneOffsetFromUTC", "") or "").strip())
         if m and int(m.group(2)) <= 14 and int(m.group(3)) < 60:
-            minutes = (1 if m.group(1) == "+" else -1) * (60 * int(m.group(2)) + int(m.group(3)))
-            return aware.astimezone(timezone(timedelta(minutes=minutes))).replace(tzinfo=None), m.group(0)
-    return aware.astimezone().replace(tzinfo=None), None
+            return m.group(0)
+    return None
 
 
 def device_observer(result: CaseResult) -> Any:
@@ -275,6 +292,39 @@ _VM: Final = {"Rows": 1, "Columns": 1, "PixelSpacing": 2, "SpacingBetweenSlices"
 _OPTIONAL: Final = {"SpacingBetweenSlices"}
 """Attributes a CT image need not have (Type 3): their absence is no gap in what was carried."""
 
+IMAGE_LIBRARY_KEYWORDS: Final = ("Modality", "FrameOfReferenceUID", *_VM)
+"""What :func:`to_sr` reads of an image it references, beyond its UIDs and Number of Frames: the Image Library's
+descriptors. (Of the first image in slice order, the evidence's first, it reads the whole header: highdicom
+copies its patient, study and equipment.)"""
+
+
+def _shown(result: CaseResult) -> Any:
+    """The evidence run the SR shows; None for a series that is no chest (its run is no lesions)."""
+    return result.evidence if result.evidence is not None and result.shows_lesions else None
+
+
+def library_uids(result: CaseResult, boxes: Literal["evidence", "all"] = "evidence") -> set[str]:
+    """SOP Instance UIDs of the images the SR of ``result`` may reference, so describe in its Image Library
+    (:func:`to_sr` with the same ``boxes``): the evidence run's, and for ``"all"`` those of every slice with a box."""
+    shown = _shown(result)
+    uids = {s.sop_instance_uid for s in shown.slices} if shown is not None else set()
+    if boxes == "all" and result.shows_lesions:
+        uids |= {f.sop_instance_uid for f in result.slices if f.boxes}
+    return uids
+
+
+def _in_slice_order(result: CaseResult, evidence: Sequence[Dataset]) -> list[Dataset]:
+    """``evidence`` once per SOP Instance UID (the later copy of one sent twice, as ingest keeps it), in the order
+    of the result's slices (along the normal; any other after, as given): the evidence the SR lists and the header
+    it copies the patient and study from (the first slice's) do not depend on the order the instances arrived
+    or were stored in, so the SR made from the stored instances and the one made from the headers the gateway
+    kept (``gateway.report.SrContext``) are one object."""
+    rank: dict[str, int] = {}
+    for s in result.slices:
+        rank.setdefault(s.sop_instance_uid, len(rank))
+    latest = {str(ds.get("SOPInstanceUID", "")): ds for ds in evidence}
+    return sorted(latest.values(), key=lambda ds: rank.get(str(ds.get("SOPInstanceUID", "")), len(rank)))
+
 
 def _numbers(ds: Dataset, keyword: str) -> list[float] | None:
     """The values of ``keyword`` in ``ds`` as finite numbers, or None when absent, empty, unreadable or of
@@ -386,7 +436,8 @@ def to_sr(
     result : CaseResult
         The case result.
     evidence : Sequence[pydicom.dataset.Dataset]
-        The screened series' images (headers are enough), one per SOP Instance UID of the result.
+        The screened series' images (headers are enough), one per SOP Instance UID of the result, in any
+        order: the SR lists them in slice order and copies the patient and study from the first slice's.
     boxes : {"evidence", "all"}
         Encode the boxes of the evidence run only, or every box of every slice.
     series_instance_uid, sop_instance_uid : str or None
@@ -434,7 +485,7 @@ def to_sr(
         raise SourceError('Argument "evidence" must hold the source images of the result.')
     if boxes not in ("evidence", "all"):
         raise ValueError(f'Argument "boxes" must be "evidence" or "all", got {boxes!r}.')
-    images = usable_headers(evidence)
+    images = usable_headers(_in_slice_order(result, evidence))
     studies = {str(ds.StudyInstanceUID) for ds in images}
     if studies != {result.study_instance_uid}:
         raise SourceError(
@@ -454,7 +505,7 @@ def to_sr(
              "indeterminate": codes.SCT.Indeterminate}[result.verdict]
 
     # a series that is no chest: its run is no lesions, so the SR holds the verdict only
-    shown = result.evidence if result.evidence is not None and result.shows_lesions else None
+    shown = _shown(result)
     evidence_uids = [s.sop_instance_uid for s in shown.slices] if shown else []
     referenced = [u for u in evidence_uids if u in by_uid]  # and the images of the regions, below
     sources = [SourceImageForMeasurementGroup.from_source_image(by_uid[u]) for u in referenced]

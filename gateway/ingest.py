@@ -522,8 +522,7 @@ def _assemble(
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
     lung_field_cm2, body_cm2 = section_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids)
-    screened = {info.sop_instance_uid for info in infos}
-    context = sr_context(ds for uid, (ds, _) in objects.items() if uid in screened)
+    context = sr_context(objects[uid][0] for uid in dict.fromkeys(info.sop_instance_uid for info in infos))  # slice order
     return PreparedStudy(
         hu=hu,
         slices=infos,

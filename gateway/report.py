@@ -1,23 +1,29 @@
 """What a finished job needs to be sent back to PACS as a DICOM SR, and the SR itself.
 
-:func:`aggregator.sr.to_sr` needs the screened images' headers (patient, study, SOP class and
-instance of each slice). A job keeps only that, as a small :class:`SrContext` (about a hundred bytes per
-slice, no pixels), taken by ingest from the data sets it parsed (:func:`sr_context`; the files are not
-read again for it), so the SR can be made from the job at any time afterwards (:func:`encode_sr`).
+:func:`aggregator.sr.to_sr` needs the screened images' headers. A job keeps what it reads of them, as a small
+:class:`SrContext` taken by ingest from the data sets it parsed (:func:`sr_context`; the files are not read
+again for it), so the SR can be made from the job at any time afterwards (:func:`encode_sr`), after the
+instances' retention too, and is the SR the deliverer makes from the stored instances, byte for byte: one
+SOP Instance UID, one object. It keeps the SOP class, instance and series, frames, rows and columns of every
+instance (about a hundred bytes each; the SR lists them all as evidence), the first slice's header (without
+pixel data, private or other binary elements; highdicom copies its patient, study and equipment), the first
+Timezone Offset From UTC the instances state, and the Image Library's descriptors of the images the SR
+references (:meth:`SrContext.for_result`: the evidence run's, not the whole series').
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
 
 from aggregator.schema import CaseResult
-
-if TYPE_CHECKING:
-    pass
+from aggregator.sr import IMAGE_LIBRARY_KEYWORDS, library_uids, timezone_offset
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +31,11 @@ __all__ = ["SrContext", "encode_sr", "sr_context"]
 
 STUDY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                   "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
+_PER_INSTANCE = ("Rows", "Columns")  # in each instance's row already
+_DESCRIBED = tuple((k, tag_for_keyword(k)) for k in IMAGE_LIBRARY_KEYWORDS if k not in _PER_INSTANCE)
+_BINARY = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+_ICON_IMAGE = 0x00880200
+_FUNCTIONAL_GROUPS = 0x5200  # an enhanced CT's per-frame and shared groups: the SR reads none of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,31 +45,74 @@ class SrContext:
     Attributes
     ----------
     study : tuple[tuple[str, str], ...]
-        Patient and study attributes (keyword, value) of the screened series.
+        Patient and study attributes (keyword, value) of the screened series (the FHIR report's patient; the
+        SR's when no ``header`` was kept).
     instances : tuple[tuple[str, str, str, int, int, int], ...]
         ``(SOPClassUID, SOPInstanceUID, SeriesInstanceUID, NumberOfFrames, Rows, Columns)`` per screened
         instance.
+    header : bytes
+        The first slice's header, its public elements but the binary ones (pixel data) and the functional
+        groups, encoded as a data set (Explicit VR Little Endian): what highdicom copies is there as the source
+        wrote it. Empty when kept by an earlier release, or when it could not be encoded.
+    images : tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+        ``(SOPInstanceUID, ((keyword, value), ...))``: the :data:`~aggregator.sr.IMAGE_LIBRARY_KEYWORDS` an
+        instance's header states, each value as its DICOM string (``"0.7\\0.7"``).
+    timezone_offset : str or None
+        The first Timezone Offset From UTC the instances state (:func:`aggregator.sr.timezone_offset`).
     """
 
     study: tuple[tuple[str, str], ...]
     instances: tuple[tuple[str, str, str, int, int, int], ...]
+    header: bytes = b""
+    images: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    timezone_offset: str | None = None
+
+    def for_result(self, result: CaseResult) -> SrContext:
+        """This context with the descriptors of only the images the SR of ``result`` references (kept with it)."""
+        wanted = library_uids(result)
+        return replace(self, images=tuple(i for i in self.images if i[0] in wanted))
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able form (kept in the state store beside the result)."""
-        return {"study": [list(p) for p in self.study], "instances": [list(i) for i in self.instances]}
+        """A JSON-able form (kept in the state store beside the result). ``study`` and ``instances`` keep the
+        previous release's shape, which reads them and ignores the other keys."""
+        return {"study": [list(p) for p in self.study], "instances": [list(i) for i in self.instances],
+                "header": base64.b64encode(self.header).decode("ascii"),
+                "images": {uid: [list(p) for p in pairs] for uid, pairs in self.images},
+                "timezone_offset": self.timezone_offset}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SrContext:
-        """The inverse of :meth:`to_json`."""
-        return cls(tuple((str(k), str(v)) for k, v in data["study"]),
-                   tuple((str(a), str(b), str(c), int(d), int(e), int(f)) for a, b, c, d, e, f in data["instances"]))
+        """The inverse of :meth:`to_json`; also of what the previous release wrote (``study`` and ``instances``
+        only), and of what a later one may write: values added to a row or a pair, and keys, are not read."""
+        return cls(tuple((str(p[0]), str(p[1])) for p in data["study"]),
+                   tuple((str(i[0]), str(i[1]), str(i[2]), int(i[3]), int(i[4]), int(i[5])) for i in data["instances"]),
+                   base64.b64decode(data.get("header") or ""),
+                   tuple((str(uid), tuple((str(p[0]), str(p[1])) for p in pairs))
+                         for uid, pairs in (data.get("images") or {}).items()),
+                   data.get("timezone_offset") or None)
+
+    def header_dataset(self) -> Any:
+        """The kept header as a pydicom data set, or None."""
+        if not self.header:
+            return None
+        from pydicom.filereader import read_dataset
+
+        return read_dataset(io.BytesIO(self.header), is_implicit_VR=False, is_little_endian=True)
 
     def datasets(self) -> list[Any]:
-        """Header-only pydicom data sets, one per instance (the ``evidence`` of :func:`~aggregator.sr.to_sr`)."""
+        """Header-only pydicom data sets, one per instance (the ``evidence`` of :func:`~aggregator.sr.to_sr`):
+        the kept header for its instance, for the others their UIDs and size, the study's attributes, the time
+        zone and their kept descriptors."""
         from pydicom.dataset import Dataset
 
+        header = self.header_dataset()
+        first = str(header.get("SOPInstanceUID", "")) if header is not None else None
+        described = dict(self.images)
         out = []
         for sop_class, sop_instance, series, frames, rows, cols in self.instances:
+            if sop_instance == first:
+                out.append(header)
+                continue
             ds = Dataset()
             for keyword, value in self.study:
                 setattr(ds, keyword, value)
@@ -66,32 +120,92 @@ class SrContext:
             ds.Rows, ds.Columns = rows, cols  # highdicom wants a pixel description of a source image
             if frames > 1:
                 ds.NumberOfFrames = frames
+            for keyword, value in described.get(sop_instance, ()):
+                setattr(ds, keyword, value)
+            if self.timezone_offset is not None:  # the first header's own offset comes first, if it is one
+                ds.TimezoneOffsetFromUTC = self.timezone_offset
             out.append(ds)
         return out
 
 
-def sr_context(datasets: Iterable[Any]) -> SrContext | None:
-    """The :class:`SrContext` of the screened instances, from their parsed data sets (in arrival order).
+def _dicom_string(value: Any) -> str:
+    """A header value as its DICOM string: values joined by backslashes, as written (a DS keeps its digits)."""
+    if value is None:
+        return ""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return str(value)
+    return "\\".join(str(v) for v in value)
 
-    The patient and study attributes come from the first instance; an instance without a SOP Instance
-    UID is left out. Never raises: returns None (and logs) when the headers cannot be used, or None
-    when ``datasets`` is empty.
+
+def _described(ds: Any) -> tuple[tuple[str, str], ...]:
+    """The :data:`~aggregator.sr.IMAGE_LIBRARY_KEYWORDS` ``ds`` states (but rows and columns), as DICOM strings:
+    a value not parsed yet as its bytes say (a quarter of the time, for every slice of a study)."""
+    out = []
+    for keyword, tag in _DESCRIBED:
+        elem = ds.get_item(tag)
+        if elem is not None:
+            value = elem.value
+            out.append((keyword, value.decode("ascii", "replace").strip(" \0") if isinstance(value, bytes)
+                        else _dicom_string(value)))
+    return tuple(out)
+
+
+def _header(ds: Any) -> bytes:
+    """``ds``'s public elements but the binary ones (pixel data, overlays, an icon) and an enhanced CT's
+    functional groups (a value per frame), as an Explicit VR Little Endian data set; empty (and logged) when
+    they cannot be encoded."""
+    from pydicom.datadict import DicomDictionary, dictionary_VR
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    try:
+        kept = Dataset()
+        for tag in ds.keys():  # by tag, VR from the raw element: a deferred value is not read to be dropped
+            if tag.is_private or tag == _ICON_IMAGE or tag.group == _FUNCTIONAL_GROUPS:
+                continue
+            vr = ds.get_item(tag).VR or (dictionary_VR(tag) if tag in DicomDictionary else "UN")
+            if vr not in _BINARY:
+                kept.add(ds[tag])
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, kept)
+        return buf.getvalue()
+    except Exception as exc:  # noqa: BLE001 - the SR is then made from the study's attributes, as before
+        logger.warning("SR context: the first header cannot be kept (%s); the SR copies the study's attributes only",
+                       type(exc).__name__)
+        return b""
+
+
+def sr_context(datasets: Iterable[Any]) -> SrContext | None:
+    """The :class:`SrContext` of the screened instances, from their parsed data sets, in slice order (the first
+    slice's header is kept whole, as the SR copies it; the descriptors of every instance, until
+    :meth:`SrContext.for_result` keeps those of the images the SR references).
+
+    An instance without a SOP Instance UID is left out. Never raises: returns None (and logs) when the
+    headers cannot be used, or None when ``datasets`` is empty.
     """
     try:
         study_attrs: tuple[tuple[str, str], ...] | None = None
+        header = b""
         found: dict[str, tuple[str, str, str, int, int, int]] = {}
+        described: dict[str, tuple[tuple[str, str], ...]] = {}
+        kept = []
         for ds in datasets:
             uid = str(ds.get("SOPInstanceUID", ""))
             if not uid:
                 continue
+            kept.append(ds)
             found[uid] = (str(ds.SOPClassUID), uid, str(ds.get("SeriesInstanceUID", "")),
                           int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
                           int(ds.get("Columns", 0) or 0))
+            described[uid] = _described(ds)
             if study_attrs is None:
                 study_attrs = tuple((k, str(ds.get(k, "") or "")) for k in STUDY_KEYWORDS)
+                header = _header(ds)
         if study_attrs is None:
             return None
-        return SrContext(study_attrs, tuple(found.values()))
+        return SrContext(study_attrs, tuple(found.values()), header, tuple(described.items()), timezone_offset(kept))
     except Exception as exc:  # noqa: BLE001 - the SR is an extra; screening goes on without it
         logger.warning("no SR context for study: %s: %s", type(exc).__name__, exc)
         return None

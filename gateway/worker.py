@@ -226,7 +226,8 @@ class Worker:
             result = await self.screener.screen(
                 prepared, job_id=job.id, started=accepted, on_batch=on_batch,
                 on_aggregate=lambda: set_state(JobState.aggregating))
-            context = prepared.sr_context.to_json() if prepared.sr_context is not None else None
+            # the headers its SR reads: the geometry of the images it references, not the whole series'
+            context = prepared.sr_context.for_result(result).to_json() if prepared.sr_context is not None else None
             del prepared
             # the root its SR's UIDs are made under, for good (pydicom's named too: null means a result made
             # before ctscreen recorded it, when no site root could be set)

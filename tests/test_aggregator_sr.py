@@ -176,10 +176,10 @@ def test_image_library_lists_each_referenced_image_once_with_its_own_header_valu
 
 
 def test_image_library_carries_only_what_the_headers_state(caplog):
-    """The API's SR is made from the few attributes the state store keeps per instance (SOP class and
-    instance, Rows, Columns, the study's Modality: gateway.report.SrContext), no geometry: the entries carry
-    modality, rows and columns, nothing made up, and the log names what was left out; an empty Type 2 Slice
-    Thickness is no value either. A series that is no chest references no image: no library."""
+    """Headers without geometry (as the API makes an SR from a result an earlier release stored: SOP class and
+    instance, Rows, Columns, the study's Modality, gateway.report.SrContext): the entries carry modality, rows
+    and columns, nothing made up, and the log names what was left out; an empty Type 2 Slice Thickness is no
+    value either. A series that is no chest references no image: no library."""
     result, headers = _series()
     for ds in headers:
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
