@@ -20,6 +20,10 @@ instances (with pixel data) and sends the returned data sets.
 (DCM 113000), it references the evidence run's own CT slices and the key images made for them, with the
 notice that this is a machine reading as its description. Same patient and study, series 9903, one per
 result, its UIDs derived from the result like the key images'.
+
+:func:`rejection_note` makes the IHE IOCM Rejection Note (a KOS titled "Rejected for Quality Reasons", DCM
+113001, series 9904) that retracts ctscreen's objects of earlier readings of the study, which a later reading
+supersedes; it never references a screened instance.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["BOX_RGB", "KEY_SERIES_DESCRIPTION", "KEY_SERIES_NUMBER", "KOS_SERIES_DESCRIPTION", "KOS_SERIES_NUMBER",
-           "LUNG_WINDOW", "OF_INTEREST", "draw_box", "key_images", "key_object_selection", "lung_window",
-           "run_sources"]
+           "LUNG_WINDOW", "OF_INTEREST", "REJECTED_FOR_QUALITY", "REJECTION_SERIES_DESCRIPTION",
+           "REJECTION_SERIES_NUMBER", "draw_box", "key_images", "key_object_selection", "lung_window",
+           "rejection_note", "run_sources"]
 
 LUNG_WINDOW: Final = (-600.0, 1500.0)
 """Window centre and width in HU (the usual lung window)."""
@@ -69,6 +74,16 @@ KOS_SERIES_DESCRIPTION: Final = "ctscreen AI key object selection, not a diagnos
 
 OF_INTEREST: Final = ("113000", "DCM", "Of Interest")
 """The KOS document title (CID 7010 Key Object Selection Document Title)."""
+
+REJECTION_SERIES_NUMBER: Final = 9904
+REJECTION_SERIES_DESCRIPTION: Final = "ctscreen AI rejection note: earlier readings superseded"
+"""Series Number and Description of the Rejection Note (IHE IOCM)."""
+
+REJECTED_FOR_QUALITY: Final = ("113001", "DCM", "Rejected for Quality Reasons")
+"""The Rejection Note's document title (CID 7010; one of the four IHE IOCM titles). Of those, the one whose
+instances an archive hides from regular use and keeps (113037 "Rejected for Patient Safety Reasons" is for a
+wrong patient, 113038 "Incorrect Modality Worklist Entry" for a wrong order, 113039 "Data Retention Policy
+Expired" has them deleted); DICOM has no title for a result superseded by a later one."""
 
 
 def lung_window(hu: np.ndarray, centre: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
@@ -272,9 +287,6 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     if found is None:
         return None
     ev, run = found
-    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
-    from highdicom.sr import CodedConcept
-
     from aggregator.fhir import NOTICE
 
     headers = usable_headers([ds for _, ds in run])
@@ -283,27 +295,100 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     version = result.software_version or "unknown"
     description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
                    f"{ev.n_slices} consecutive slice(s) with lesions in the {quadrant_words(ev.quadrant)} quadrant.")
+    # its content decides its UID: two destinations asking for different objects (with the key images or not)
+    # never get two documents under one SOP Instance UID
+    kind = "kos+key-images" if key_images else "kos"
+    return _document(result, headers[0], OF_INTEREST, referenced, description,
+                     series_instance_uid=stable_uid(*key, "kos-series", root=result.uid_root),
+                     series_number=KOS_SERIES_NUMBER, series_description=KOS_SERIES_DESCRIPTION,
+                     sop_instance_uid=stable_uid(*key, kind, root=result.uid_root), sources=headers)
+
+
+def rejection_note(result: CaseResult, sources: Sequence[Dataset], rejected: Sequence[Dataset]) -> Dataset | None:
+    """The IHE IOCM Rejection Note that retracts ``rejected``, ctscreen's objects of earlier readings of the study.
+
+    A Key Object Selection document (PS3.3 A.35.4) titled :data:`REJECTED_FOR_QUALITY` that references each
+    rejected instance in its content and in the Current Requested Procedure Evidence Sequence (by study,
+    series, SOP class and instance), so an archive that implements IOCM hides them from regular use; without
+    a Document Title Modifier (CID 7011 lists acquisition failures, none of which a superseded reading is).
+    Same patient and study as the other objects (copied from ``sources``), series
+    :data:`REJECTION_SERIES_NUMBER`; its UIDs derive from ``result`` and its content decides its SOP Instance
+    UID (the same instances rejected again, the same note; another set, another note).
+
+    Parameters
+    ----------
+    result : CaseResult
+        The reading that replaces the earlier ones.
+    sources : Sequence[pydicom.dataset.Dataset]
+        The screened instances of ``result`` (headers are enough); never rejected.
+    rejected : Sequence[pydicom.dataset.Dataset]
+        Headers of the instances to retract (``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPClassUID``,
+        ``SOPInstanceUID``; ``Rows`` and ``Columns`` for an image): ctscreen's own objects (Manufacturer
+        ctscreen) of the same study.
+
+    Returns
+    -------
+    highdicom.ko.KeyObjectSelectionDocument or None
+        None when ``rejected`` is empty.
+
+    Raises
+    ------
+    aggregator.sr.SourceError
+        When ``sources`` holds no instance of ``result``'s study.
+    ValueError
+        When a rejected instance is of another study, not made by ctscreen, or one of the screened series.
+    """
+    if not rejected:
+        return None
+    own = [ds for ds in sources if str(ds.StudyInstanceUID) == result.study_instance_uid]
+    if not own:
+        raise SourceError(f'Argument "sources" holds no instance of study {result.study_instance_uid}.')
+    screened = {str(ds.SeriesInstanceUID) for ds in sources} | {str(ds.SOPInstanceUID) for ds in sources}
+    for ds in rejected:
+        uid = str(ds.SOPInstanceUID)
+        if str(ds.StudyInstanceUID) != result.study_instance_uid:
+            raise ValueError(f'Argument "rejected" holds instance {uid} of another study.')
+        if str(ds.get("Manufacturer", "")) != "ctscreen":
+            raise ValueError(f'Argument "rejected" holds instance {uid}, which ctscreen did not make.')
+        if {uid, str(ds.SeriesInstanceUID)} & screened:
+            raise ValueError(f'Argument "rejected" holds instance {uid} of the screened series.')
+    headers = usable_headers(own[:1])
+    referenced = sorted(rejected, key=lambda ds: (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))
+    key = result_key(result)
+    description = (f"Superseded: {len(referenced)} object(s) of earlier ctscreen readings of this study, replaced "
+                   f"by a later reading (job {result.job_id or 'unknown'}); machine readings, not a diagnosis.")
+    return _document(result, headers[0], REJECTED_FOR_QUALITY, referenced, description,
+                     series_instance_uid=stable_uid(*key, "rejection-series", root=result.uid_root),
+                     series_number=REJECTION_SERIES_NUMBER, series_description=REJECTION_SERIES_DESCRIPTION,
+                     sop_instance_uid=stable_uid(*key, "rejection", *(str(ds.SOPInstanceUID) for ds in referenced),
+                                                 root=result.uid_root), sources=headers)
+
+
+def _document(result: CaseResult, study: Dataset, title: tuple[str, str, str], referenced: Sequence[Dataset],
+              description: str, *, series_instance_uid: str, series_number: int, series_description: str,
+              sop_instance_uid: str, sources: Sequence[Dataset]) -> Dataset:
+    """A Key Object Selection document of ``referenced`` under ``title``, in ``study``'s patient and study."""
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+    from highdicom.sr import CodedConcept
+
     content = KeyObjectSelection(
-        document_title=CodedConcept(*OF_INTEREST),
+        document_title=CodedConcept(*title),
         referenced_objects=referenced,
         observer_device_context=device_observer(result),
         description=description,
     )
-    # its content decides its UID: two destinations asking for different objects (with the key images or not)
-    # never get two documents under one SOP Instance UID
-    kind = "kos+key-images" if key_images else "kos"
     kos = KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
-        series_instance_uid=stable_uid(*key, "kos-series", root=result.uid_root),
-        series_number=KOS_SERIES_NUMBER,
-        sop_instance_uid=stable_uid(*key, kind, root=result.uid_root),
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer="ctscreen",
-        series_description=KOS_SERIES_DESCRIPTION,
-        **equipment_and_time(result, headers),
+        series_description=series_description,
+        **equipment_and_time(result, sources),
     )
-    kos.copy_patient_and_study_information(headers[0])  # the whole modules (issuer, study description), as the key images
-    if "SpecificCharacterSet" in headers[0]:
-        kos.SpecificCharacterSet = headers[0].SpecificCharacterSet
-    return made_at(kos, result, headers)
+    kos.copy_patient_and_study_information(study)  # the whole modules (issuer, study description), as the key images
+    if "SpecificCharacterSet" in study:
+        kos.SpecificCharacterSet = study.SpecificCharacterSet
+    return made_at(kos, result, sources)

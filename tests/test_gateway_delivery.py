@@ -52,7 +52,7 @@ def orthanc():
         server.close()
 
 
-def _write(out: Path, salt: str) -> list[Path]:
+def write_study(out: Path, salt: str) -> list[Path]:
     """A small phantom study; each ``salt`` gives other UIDs (a study Orthanc has not seen)."""
     study = phantom.make_study(seed=5, kind="covid", n_slices=N_SLICES, matrix=256)
     return sorted((Path(phantom.write_study(study, out / salt, montage=False, salt=salt)) / "dicom").rglob("*.dcm"))
@@ -60,16 +60,16 @@ def _write(out: Path, salt: str) -> list[Path]:
 
 @pytest.fixture
 def study_files(tmp_path, request) -> list[Path]:
-    return _write(tmp_path / "study", request.node.name[-40:].replace("[", "_").replace("]", "_"))
+    return write_study(tmp_path / "study", request.node.name[-40:].replace("[", "_").replace("]", "_"))
 
 
-def _settings(tmp_path: Path, **kw) -> Settings:
+def delivery_settings(tmp_path: Path, **kw) -> Settings:
     base = {"data_dir": tmp_path, "delivery_backoff_s": 0.2, "delivery_backoff_max_s": 0.4,
             "delivery_max_attempts": 50, "delivery_poll_s": 0.1}
     return Settings(**{**base, **kw})
 
 
-async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/",
+async def done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/",
                     stores: tuple[Store, FolderBlobs] | None = None, not_chest: bool = False):
     """A done job in a fresh store (or in ``stores``, a study's next version): the files as its instances, a
     positive result on slices 2..4 (``not_chest``: the same run, on a series measured as no chest)."""
@@ -102,12 +102,12 @@ async def _done_job(settings: Settings, files: list[Path], *, filename_prefix: s
     return store, blobs, result
 
 
-def _pacs(orthanc: OrthancServer, **kw) -> dict:
+def pacs_destination(orthanc: OrthancServer, **kw) -> dict:
     return {"name": "pacs", "kind": "dicom", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
             "port": orthanc.dicom_port, **kw}
 
 
-async def _until(deliverer: Deliverer, job_id: str, states: set[str], timeout: float = 60.0, *,
+async def until_states(deliverer: Deliverer, job_id: str, states: set[str], timeout: float = 60.0, *,
                  at_least_attempts: int = 0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,19 +131,19 @@ def _orthanc_series(orthanc: OrthancServer, study_uid: str) -> dict[str, list[st
 @needs_orthanc
 def test_orthanc_down_during_delivery_then_back_delivers_exactly_once(orthanc, study_files, tmp_path):
     async def scenario():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
         registry = CollectorRegistry()
-        deliverer = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, registry)
+        deliverer = Deliverer(store, blobs, parse_destinations([pacs_destination(orthanc)]), settings, registry)
         try:
             orthanc.stop()
-            tasks = await _until(deliverer, result.job_id, {"pending"}, at_least_attempts=2)
+            tasks = await until_states(deliverer, result.job_id, {"pending"}, at_least_attempts=2)
             assert "cannot reach" in (tasks[0].error or "") or "no association" in (tasks[0].error or "")
             assert tasks[0].payload and tasks[0].sent == ()
             failures = registry.get_sample_value("ctscreen_delivery_failures_total", {"destination": "pacs"})
             assert failures >= 2
             orthanc.start()
-            (task,) = await _until(deliverer, result.job_id, {"done"})
+            (task,) = await until_states(deliverer, result.job_id, {"done"})
             objects = task.payload["objects"]
             assert [o["kind"] for o in objects] == ["sr"] + ["key_image"] * len(result.evidence.slices)
             assert sorted(task.sent) == sorted(o["uid"] for o in objects)
@@ -172,13 +172,13 @@ def test_a_pacs_that_asks_for_the_kos_gets_it_flagging_the_run_it_holds(orthanc,
     """objects [sr, key_images, kos]: Orthanc (a real PACS) stores the KO beside the SR and the key images, and
     every instance the KO flags is one it holds: the study's own slices of the run and the key images."""
     async def scenario():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files)
-        pacs = _pacs(orthanc, objects=["sr", "key_images", "kos"])
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
+        pacs = pacs_destination(orthanc, objects=["sr", "key_images", "kos"])
         deliverer = Deliverer(store, blobs, parse_destinations([pacs]), settings, CollectorRegistry())
         try:
             orthanc.store(*study_files)  # the PACS holds the study the modality sent it
-            (task,) = await _until(deliverer, result.job_id, {"done"})
+            (task,) = await until_states(deliverer, result.job_id, {"done"})
             kinds = [o["kind"] for o in task.payload["objects"]]
             assert kinds == ["sr"] + ["key_image"] * len(result.evidence.slices) + ["kos"]
             held = _orthanc_series(orthanc, result.study_instance_uid)
@@ -204,13 +204,13 @@ def test_a_series_that_is_no_chest_stays_off_a_worklist_that_says_so_and_reaches
     """except_reasons: [not_chest] skips the head CT a router sent on; a destination without it gets the SR of the
     verdict, and no key images (its boxes are no lesions), even when it asks for them and for the KOS."""
     async def scenario():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files, not_chest=True)
-        worklist = _pacs(orthanc, rule={"verdicts": ["positive", "indeterminate"], "except_reasons": ["not_chest"]})
-        archive = {**_pacs(orthanc, objects=["sr", "key_images", "kos"]), "name": "archive"}
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files, not_chest=True)
+        worklist = pacs_destination(orthanc, rule={"verdicts": ["positive", "indeterminate"], "except_reasons": ["not_chest"]})
+        archive = {**pacs_destination(orthanc, objects=["sr", "key_images", "kos"]), "name": "archive"}
         deliverer = Deliverer(store, blobs, parse_destinations([worklist, archive]), settings, CollectorRegistry())
         try:
-            tasks = {t.destination: t for t in await _until(deliverer, result.job_id, {"done", "skipped"})}
+            tasks = {t.destination: t for t in await until_states(deliverer, result.job_id, {"done", "skipped"})}
             assert tasks["pacs"].state == "skipped"
             assert any("not_chest results are not sent here" in (e.get("detail") or "") for e in tasks["pacs"].history)
             assert tasks["archive"].state == "done"
@@ -232,10 +232,10 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
     from aggregator.fhir import report_identifier
 
     async def scenario():
-        settings = _settings(tmp_path, uid_root="1.2.840.99999.7")  # the site's UID root: every object under it
-        store, blobs, first = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path, uid_root="1.2.840.99999.7")  # the site's UID root: every object under it
+        store, blobs, first = await done_job(settings, study_files)
         ris = FhirReceiver()
-        destinations = parse_destinations([_pacs(orthanc), {"name": "ris", "kind": "fhir", "url": ris.url}])
+        destinations = parse_destinations([pacs_destination(orthanc), {"name": "ris", "kind": "fhir", "url": ris.url}])
         deliverer = Deliverer(store, blobs, destinations, settings, CollectorRegistry())
 
         def statuses() -> dict[str, str]:
@@ -246,15 +246,15 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             return next(o["uid"] for o in pacs.payload["objects"] if o["kind"] == "sr")
 
         try:
-            first_tasks = await _until(deliverer, first.job_id, {"done"})
+            first_tasks = await until_states(deliverer, first.job_id, {"done"})
             first_sr = sr_uid(first_tasks)
             (pacs,) = [t for t in first_tasks if t.destination == "pacs"]
             assert all(o["uid"].startswith("1.2.840.99999.7.") for o in pacs.payload["objects"])
             assert statuses() == {report_identifier(first): "preliminary"}
             assert ris.current_reports() == [report_identifier(first)]
             held_first = dict(ris.resources)
-            _, _, second = await _done_job(settings, study_files, stores=(store, blobs))
-            second_sr = sr_uid(await _until(deliverer, second.job_id, {"done"}))
+            _, _, second = await done_job(settings, study_files, stores=(store, blobs))
+            second_sr = sr_uid(await until_states(deliverer, second.job_id, {"done"}))
             assert statuses() == {report_identifier(first): "preliminary", report_identifier(second): "preliminary"}
             assert ris.current_reports() == [report_identifier(second)]
             assert not ris.errors, ris.errors
@@ -269,7 +269,7 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             assert "PredecessorDocumentsSequence" not in pydicom.dcmread(
                 io.BytesIO(orthanc.get(f"/instances/{held[first_sr]}/file")))
             await deliverer.tasks.resend(first.job_id, "ris", "fhir", force=True)
-            await _until(deliverer, first.job_id, {"done"})
+            await until_states(deliverer, first.job_id, {"done"})
             assert ris.current_reports() == [report_identifier(second)] and not ris.errors
             assert all(ris.resources[k] is v for k, v in held_first.items())
         finally:
@@ -283,23 +283,23 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
 @needs_orthanc
 def test_exhausted_attempts_fail_keep_the_payload_and_resend_delivers(orthanc, study_files, tmp_path):
     async def scenario():
-        settings = _settings(tmp_path, delivery_max_attempts=2)
-        store, blobs, result = await _done_job(settings, study_files, filename_prefix="dimse:CT_ROOM_1@127.0.0.1#")
-        wrong = _pacs(orthanc, port=orthanc.dicom_port, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
+        settings = delivery_settings(tmp_path, delivery_max_attempts=2)
+        store, blobs, result = await done_job(settings, study_files, filename_prefix="dimse:CT_ROOM_1@127.0.0.1#")
+        wrong = pacs_destination(orthanc, port=orthanc.dicom_port, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
         ris_rule = {"name": "only-ct2", "kind": "dicom", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
                     "port": orthanc.dicom_port, "rule": {"calling_ae_titles": ["CT_ROOM_2"]}}
         deliverer = Deliverer(store, blobs, parse_destinations([wrong, ris_rule]), settings, CollectorRegistry())
         try:
-            tasks = {t.destination: t for t in await _until(deliverer, result.job_id, {"failed", "skipped"})}
+            tasks = {t.destination: t for t in await until_states(deliverer, result.job_id, {"failed", "skipped"})}
             assert tasks["only-ct2"].state == "skipped"  # the study came from CT_ROOM_1
             failed = tasks["pacs"]
             assert failed.state == "failed" and "rejected" in failed.error
             assert all(blobs.get(o["blob_key"]) for o in failed.payload["objects"])  # payload kept
             assert _orthanc_series(orthanc, result.study_instance_uid) == {}
-            fixed = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, CollectorRegistry())
+            fixed = Deliverer(store, blobs, parse_destinations([pacs_destination(orthanc)]), settings, CollectorRegistry())
             again = await fixed.tasks.resend(result.job_id, "pacs", "dicom")
             assert again.state == "pending" and again.attempts == 0
-            (done,) = [t for t in await _until(fixed, result.job_id, {"done", "skipped"}) if t.destination == "pacs"]
+            (done,) = [t for t in await until_states(fixed, result.job_id, {"done", "skipped"}) if t.destination == "pacs"]
             assert done.payload == failed.payload  # the same objects, built once
             assert set(_orthanc_series(orthanc, result.study_instance_uid)) == {"SR", "OT"}
         finally:
@@ -314,18 +314,18 @@ def test_a_payload_whose_blobs_went_missing_is_built_again_with_the_same_uids(or
     hand clean-up): the re-send builds the payload again from the stored instances and delivers the same
     objects (their UIDs derive from the job), instead of failing for good."""
     async def scenario():
-        settings = _settings(tmp_path, delivery_max_attempts=1)
-        store, blobs, result = await _done_job(settings, study_files)
-        wrong = _pacs(orthanc, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
+        settings = delivery_settings(tmp_path, delivery_max_attempts=1)
+        store, blobs, result = await done_job(settings, study_files)
+        wrong = pacs_destination(orthanc, ae_title="NOT_ORTHANC")  # Orthanc rejects the called AE
         deliverer = Deliverer(store, blobs, parse_destinations([wrong]), settings, CollectorRegistry())
         try:
-            (failed,) = await _until(deliverer, result.job_id, {"failed"})
+            (failed,) = await until_states(deliverer, result.job_id, {"failed"})
             gone = [o["blob_key"] for o in failed.payload["objects"]]
             for key in gone:
                 blobs.delete(key)
-            fixed = Deliverer(store, blobs, parse_destinations([_pacs(orthanc)]), settings, CollectorRegistry())
+            fixed = Deliverer(store, blobs, parse_destinations([pacs_destination(orthanc)]), settings, CollectorRegistry())
             await fixed.tasks.resend(result.job_id, "pacs", "dicom")
-            (done,) = await _until(fixed, result.job_id, {"done", "failed"})
+            (done,) = await until_states(fixed, result.job_id, {"done", "failed"})
             assert done.state == "done", done.error
             uids = [o["uid"] for o in failed.payload["objects"]]
             assert [o["uid"] for o in done.payload["objects"]] == uids
@@ -393,8 +393,8 @@ def _built(study_files: list[Path], tmp_path: Path):
     from gateway.delivery.payloads import build_dicom
 
     async def scenario():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
         files, _ = await Deliveries(store).job_sources(result.job_id)
         await store.close()
         return blobs, result, [(n, blobs.get(k)) for n, k in files]
@@ -485,11 +485,11 @@ def test_a_destination_that_hangs_does_not_delay_another(orthanc, study_files, t
     hang = _Hang()
 
     async def scenario():
-        settings = _settings(tmp_path, delivery_concurrency=1)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path, delivery_concurrency=1)
+        store, blobs, result = await done_job(settings, study_files)
         hanging = {"name": "hang", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": hang.port,
                    "timeout_s": 8}
-        deliverer = Deliverer(store, blobs, parse_destinations([hanging, _pacs(orthanc)]), settings,
+        deliverer = Deliverer(store, blobs, parse_destinations([hanging, pacs_destination(orthanc)]), settings,
                               CollectorRegistry())
         try:
             deadline = time.monotonic() + 60
@@ -514,8 +514,8 @@ def test_a_replica_stopping_mid_send_gives_the_delivery_back_at_once_without_cou
     hang = _Hang()
 
     async def scenario():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
         hanging = {"name": "hang", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": hang.port,
                    "timeout_s": 30}
         deliverer = Deliverer(store, blobs, parse_destinations([hanging]), settings, CollectorRegistry())
@@ -561,8 +561,8 @@ def test_building_a_studys_objects_reads_only_the_key_images_pixels(tmp_path, mo
         study_files[-1].write_bytes(data)
 
     async def stored():
-        settings = _settings(tmp_path)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
         files, _ = await Deliveries(store).job_sources(result.job_id)
         await store.close()
         return blobs, result, files
@@ -592,12 +592,12 @@ def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handler
     port = server.server_address[1]
 
     async def scenario():
-        settings = _settings(tmp_path, **settings_kw)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path, **settings_kw)
+        store, blobs, result = await done_job(settings, study_files)
         dest = {"name": "pacs", "kind": "dicom", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": port}
         deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
         try:
-            return await _until(deliverer, result.job_id, {"done", "failed"})
+            return await until_states(deliverer, result.job_id, {"done", "failed"})
         finally:
             await store.close()
 
@@ -631,12 +631,12 @@ def test_an_unexpected_error_is_retried_only_up_to_the_attempts(study_files, tmp
     monkeypatch.setattr(payloads, "build_dicom", broken)
 
     async def scenario():
-        settings = _settings(tmp_path, delivery_max_attempts=2)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path, delivery_max_attempts=2)
+        store, blobs, result = await done_job(settings, study_files)
         dest = {"name": "pacs", "kind": "dicom", "ae_title": "ANY", "host": "127.0.0.1", "port": 9}
         deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
         try:
-            return await _until(deliverer, result.job_id, {"failed"}, timeout=20)
+            return await until_states(deliverer, result.job_id, {"failed"}, timeout=20)
         finally:
             await store.close()
 
@@ -654,8 +654,8 @@ def test_peers_that_hang_do_not_take_the_threads_the_gateway_reads_with(study_fi
 
     async def scenario():
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
-        settings = _settings(tmp_path, delivery_concurrency=1)
-        store, blobs, result = await _done_job(settings, study_files)
+        settings = delivery_settings(tmp_path, delivery_concurrency=1)
+        store, blobs, result = await done_job(settings, study_files)
         dests = [{"name": f"hang{i}", "kind": "dicom", "ae_title": "HANG", "host": "127.0.0.1", "port": h.port,
                   "timeout_s": 10} for i, h in enumerate(hangs)]
         deliverer = Deliverer(store, blobs, parse_destinations(dests), settings, CollectorRegistry())

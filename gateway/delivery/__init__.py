@@ -1,8 +1,9 @@
 """Results back where radiologists and the RIS look: SR and key images to PACS, FHIR to the RIS.
 
 :mod:`~gateway.delivery.config` (the destinations file), :mod:`~gateway.delivery.payloads` (what is
-sent, built once from the stored instances), :mod:`~gateway.delivery.senders` (C-STORE, STOW-RS,
-FHIR) and :mod:`~gateway.delivery.deliverer` (durable tasks in the state store, retries, metrics).
+sent, built once from the stored instances), :mod:`~gateway.delivery.iocm` (what a Rejection Note retracts of
+the earlier readings), :mod:`~gateway.delivery.senders` (C-STORE, STOW-RS, FHIR) and
+:mod:`~gateway.delivery.deliverer` (durable tasks in the state store, retries, metrics).
 """
 
 from gateway.delivery.config import DestinationsError, load_destinations, parse_destinations

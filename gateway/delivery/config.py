@@ -24,7 +24,9 @@ A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdi
 leaves out results with those reason codes (``[not_chest]``: the head and neck CTs a router sent on stay off a
 reader's worklist of indeterminate studies); ``calling_ae_titles`` (optional) keeps only studies received by
 C-STORE from those AE titles. ``objects`` of a DICOM
-destination is ``[sr, key_images]`` by default; add ``kos`` for the Key Object Selection document.
+destination is ``[sr, key_images]`` by default; add ``kos`` for the Key Object Selection document, and
+``rejection`` for the IHE IOCM Rejection Note that retracts, when a study is screened again, the objects this
+destination acknowledged for the earlier readings (with at least one of the others: it retracts what they sent).
 
 Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
 ``${VAR}`` in a value is replaced by the environment variable ``VAR`` (so a Kubernetes Secret can
@@ -39,7 +41,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from aggregator.fhir import IdentifierSystems
 from aggregator.schema import REASONS
@@ -50,13 +61,25 @@ __all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestinat
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-ObjectKind = Literal["sr", "key_images", "kos"]
+ObjectKind = Literal["sr", "key_images", "kos", "rejection"]
 """What a DICOM destination can be sent: the SR, the key images, the Key Object Selection document (KOS) that
-flags the evidence slices and the key images in the study (not by default: a PACS must accept its SOP class)."""
+flags the evidence slices and the key images in the study (not by default: a PACS must accept its SOP class),
+and the Rejection Note (IHE IOCM; a KOS too) that retracts the objects of the earlier readings a re-screen replaces."""
 
 
 def _default_objects() -> list[ObjectKind]:
     return ["sr", "key_images"]
+
+
+def _retracts_something(value: list[ObjectKind]) -> list[ObjectKind]:
+    if "rejection" in value and not set(value) - {"rejection"}:  # it would retract nothing, ever
+        raise ValueError("rejection retracts the earlier readings' objects sent here; list at least one of sr, "
+                         "key_images, kos with it")
+    return value
+
+
+Objects = Annotated[list[ObjectKind], Field(default_factory=_default_objects, min_length=1),
+                    AfterValidator(_retracts_something)]
 
 
 class DestinationsError(ValueError):
@@ -120,7 +143,7 @@ class DicomDestination(_Base):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
     tls: Tls | None = None
-    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
+    objects: Objects
 
     @property
     def where(self) -> str:
@@ -158,7 +181,7 @@ class StowDestination(_Http):
     """A DICOMweb STOW-RS endpoint: ``url`` is the DICOMweb base (``.../studies`` is appended)."""
 
     kind: Literal["stowrs"]
-    objects: list[ObjectKind] = Field(default_factory=_default_objects, min_length=1)
+    objects: Objects
 
 
 class FhirDestination(_Http):

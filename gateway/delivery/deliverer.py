@@ -6,7 +6,9 @@ two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``de
 once to each destination (slots per destination: a destination that hangs never delays another's
 deliveries). A claimed task:
 
-* checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason;
+* checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason, unless the
+  destination asks for ``rejection`` and holds objects of the study's earlier readings: then only the
+  Rejection Note that retracts them goes (:mod:`gateway.delivery.iocm`);
 * builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store, and again if a blob
   of it has gone missing (the objects' UIDs derive from the job, so a rebuild sends the same objects);
 * sends what the destination has not acknowledged yet (:mod:`gateway.delivery.senders`);
@@ -36,7 +38,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.delivery import payloads
+from gateway.delivery import iocm, payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
 from gateway.phi import withheld
@@ -191,7 +193,8 @@ class Deliverer:
                 sent = await self._send(task.id, dest, items)
                 await self.tasks.mark_sent(task.id, sent)
                 self.objects.labels(dest.name).inc(len(sent))
-            await self.tasks.finish(task.id, DONE, f"{len(payload['objects'])} object(s) acknowledged")
+            detail = f"{len(payload['objects'])} object(s) acknowledged"
+            await self.tasks.finish(task.id, DONE, f"{detail} ({payload['rule']})" if "rule" in payload else detail)
             self.outcomes.labels(dest.name, DONE).inc()
             logger.info("%s: delivered (%d object(s), attempt %d)", where, len(todo), task.attempts)
         except asyncio.CancelledError:
@@ -234,18 +237,25 @@ class Deliverer:
         files, context = await self.tasks.job_sources(task.job_id)
         callers = payloads.calling_ae_titles([f for f, _ in files])
         why = dest.rule.admits(result.verdict, callers, result.reason)
-        if why is not None:
+        earlier = await self.store.earlier_results(task.job_id)  # the readings this one replaces
+        held: list[dict[str, str]] = []  # what this destination acknowledged of them, for the Rejection Note
+        if not isinstance(dest, FhirDestination) and "rejection" in dest.objects:
+            held = await self.tasks.acknowledged([e.job_id for e in earlier if e.job_id], dest.name)
+        rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held else []
+        if why is not None and not rejected:
             await self.tasks.finish(task.id, SKIPPED, why)
             self.outcomes.labels(dest.name, SKIPPED).inc()
             logger.info("job %s -> %s: skipped (%s)", task.job_id, dest.name, why)
             return None
+        # a reading the rule leaves out still retracts the earlier ones it sent here (a positive followed by a
+        # negative at a positives-only PACS): only the Rejection Note goes
+        wanted: Sequence[str] = (["rejection"] if why is not None else [] if isinstance(dest, FhirDestination)
+                                 else dest.objects)
 
         def put(data: bytes) -> str:
             key = new_key()
             self.blobs.put(key, data)
             return key
-
-        earlier = await self.store.earlier_results(task.job_id)  # the readings this one replaces
 
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
@@ -254,10 +264,12 @@ class Deliverer:
                 sources = instance_sources(self.blobs, files)
             except FileNotFoundError:
                 raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
-            return payloads.build_dicom(result, sources, dest.objects, put, earlier)
+            return payloads.build_dicom(result, sources, wanted, put, earlier, rejected)
 
         objects = await asyncio.to_thread(build)
-        payload = {"verdict": result.verdict, "objects": objects}
+        payload: dict[str, Any] = {"verdict": result.verdict, "objects": objects}
+        if why is not None:
+            payload["rule"] = f"{why}; the earlier readings sent here are retracted"
         await self.tasks.save_payload(task.id, payload)
         return payload
 

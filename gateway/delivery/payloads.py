@@ -22,7 +22,7 @@ from aggregator.sr import SourceError
 
 logger = logging.getLogger(__name__)
 
-SR, KEY_IMAGE, KOS, FHIR = "sr", "key_image", "kos", "fhir"
+SR, KEY_IMAGE, KOS, REJECTION, FHIR = "sr", "key_image", "kos", "rejection", "fhir"
 
 
 class PayloadUnavailable(RuntimeError):
@@ -78,9 +78,12 @@ def _series(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]]) -> 
 
 
 def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]], objects: Sequence[str],
-                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
-    """Build the SR, the key images and the KOS, those of them in ``objects``; ``put`` stores bytes and returns a
-    blob key. The KOS references the key images when they are made too. The SR names
+                put: Callable[[bytes], str], earlier: Sequence[CaseResult] = (),
+                rejected: Sequence[Any] = ()) -> list[dict[str, str]]:
+    """Build the SR, the key images, the KOS and the Rejection Note, those of them in ``objects``; ``put`` stores
+    bytes and returns a blob key. The KOS references the key images when they are made too; the Rejection Note
+    (:func:`aggregator.keyimages.rejection_note`, last) retracts ``rejected``, headers of the objects of earlier
+    readings (:func:`gateway.delivery.iocm.retractable`), and is made only when there are some. The SR names
     the SRs of the ``earlier`` readings of the study as its predecessors; every UID is made under the
     result's own UID root (``result.uid_root``, fixed when it was made).
 
@@ -89,7 +92,7 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]],
     PayloadUnavailable
         When none of the screened instances is kept any more, or highdicom refuses their headers.
     """
-    from aggregator.keyimages import key_images, key_object_selection
+    from aggregator.keyimages import key_images, key_object_selection, rejection_note
     from aggregator.sr import to_sr
 
     datasets = _series(result, sources)
@@ -104,6 +107,8 @@ def build_dicom(result: CaseResult, sources: Sequence[tuple[str, bytes | Path]],
         if "kos" in objects:
             kos = key_object_selection(result, datasets, [ds for kind, ds in made if kind == KEY_IMAGE])
             made += [(KOS, kos)] if kos is not None else []
+        if "rejection" in objects and (note := rejection_note(result, datasets, rejected)) is not None:
+            made.append((REJECTION, note))
     except SourceError as exc:  # its message names UIDs only
         raise PayloadUnavailable(f"the source images cannot be used: {exc}") from None
     except (ValueError, AttributeError, TypeError) as exc:  # highdicom's message may quote a header value

@@ -293,6 +293,21 @@ class Deliveries:
                                     .order_by(Delivery.destination))).scalars().all()
             return [_task(r) for r in rows]
 
+    async def acknowledged(self, job_ids: Sequence[str], destination: str) -> list[dict[str, str]]:
+        """The payload objects (kind, uid, sop_class_uid, blob_key) of ``job_ids``' deliveries to ``destination``
+        that it acknowledged, whatever the task's state (a failed one may have sent some), in ``job_ids``' order."""
+        if not job_ids:
+            return []
+        async with self.store.read() as s:
+            rows = (await s.execute(select(Delivery.job_id, Delivery.payload, Delivery.sent).where(
+                Delivery.job_id.in_(list(job_ids)), Delivery.destination == destination))).all()
+        by_job = {r[0]: (r[1], set(r[2] or ())) for r in rows}
+        out = []
+        for job_id in job_ids:
+            payload, sent = by_job.get(job_id, (None, set()))
+            out += [o for o in (payload or {}).get("objects", []) if o.get("uid") in sent]
+        return out
+
     async def counts(self) -> dict[tuple[str, str], int]:
         """``{(destination, state): n}`` of the tasks not final (for the gauge)."""
         async with self.store.read() as s:
