@@ -727,3 +727,82 @@ def test_stow_failures_for_objects_held_already_count_as_delivered(status, reaso
         with pytest.raises(SendError) as exc:
             asyncio.run(send())
         assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]
+
+
+def _key_object(title: tuple[str, str, str]) -> tuple[str, str, bytes]:
+    """A Key Object Selection document with ``title`` as an item to send: (uid, SOP class, Part 10 bytes)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = KeyObjectSelectionDocumentStorage, generate_uid()
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "KO", generate_uid(), generate_uid()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = title
+    ds.ConceptNameCodeSequence = [code]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return str(ds.SOPInstanceUID), str(ds.SOPClassUID), out.getvalue()
+
+
+def test_dcm4chee_s_already_received_answer_means_held_for_a_rejection_note_only():
+    """dcm4chee-arc answers a Rejection Note it holds already with 0xA770 ("Rejection Note [uid=...] already
+    received", its StoreService.DUPLICATE_REJECTION_NOTE): a forced re-send, or a retry after a lost answer, of
+    our note (its UID derives from its content). Not dcm4chee here: a real pynetdicom C-STORE SCP answers as it
+    does. For the note that is delivered; for any other object 0xA7xx keeps DICOM's "out of resources" (retried)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import KeyObjectSelectionDocumentStorage
+
+    from aggregator.keyimages import OF_INTEREST, REJECTED_FOR_QUALITY
+    from gateway.delivery.config import DicomDestination
+    from gateway.delivery.senders import DUPLICATE_REJECTION_NOTE, SendError, send_dicom
+
+    scp = AE(ae_title="DCM4CHEE")
+    scp.add_supported_context(KeyObjectSelectionDocumentStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: DUPLICATE_REJECTION_NOTE)])
+    try:
+        dest = DicomDestination(name="arc", kind="dicom", host="127.0.0.1", port=server.server_address[1],
+                                ae_title="DCM4CHEE", objects=["sr", "kos", "rejection"], timeout_s=10)
+        note, kos = _key_object(REJECTED_FOR_QUALITY), _key_object(OF_INTEREST)
+        assert send_dicom(dest, [note], "CTSCREEN") == [note[0]]
+        with pytest.raises(SendError, match="out of resources") as exc:
+            send_dicom(dest, [note, kos], "CTSCREEN")
+        assert exc.value.sent == [note[0]] and not exc.value.permanent
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(("reasons", "done"), [
+    ([0xA770, 0xA770], False),  # the note held already; the KOS refused (out of resources)
+    ([0xA770], True),           # the note held already, the KOS stored
+])
+def test_stow_already_received_answer_means_held_for_a_rejection_note_only(reasons, done):
+    """dcm4chee-arc's STOW-RS answer for a Rejection Note it holds already (failure reason 0xA770), scripted
+    (httpx.MockTransport): no DICOMweb server here implements IOCM."""
+    import httpx
+
+    from aggregator.keyimages import OF_INTEREST, REJECTED_FOR_QUALITY
+    from gateway.delivery.config import StowDestination
+    from gateway.delivery.senders import SendError, send_stow
+
+    items = [_key_object(REJECTED_FOR_QUALITY), _key_object(OF_INTEREST)]
+    answer = {"00081198": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [reason]}}
+        for (uid, _, _), reason in zip(items, reasons, strict=False)]}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(202, json=answer))
+    dest = StowDestination(name="web", kind="stowrs", url="http://pacs/dicom-web")
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_stow(dest, items, client)
+
+    if done:
+        assert asyncio.run(send()) == [uid for uid, _, _ in items]
+    else:
+        with pytest.raises(SendError) as exc:
+            asyncio.run(send())
+        assert exc.value.sent == [items[0][0]]

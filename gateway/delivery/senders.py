@@ -12,6 +12,7 @@ import io
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
@@ -34,6 +35,30 @@ class SendError(RuntimeError):
 
 DUPLICATE = 0x0111
 """Status of a C-STORE, or failure reason of a STOW-RS object, that the peer holds that SOP instance already."""
+
+DUPLICATE_REJECTION_NOTE = 0xA770
+"""dcm4chee-arc's status (C-STORE, or STOW-RS failure reason) for a Rejection Note whose SOP instance it received
+already ("Rejection Note [uid=...] already received"); in the 0xA7xx range that DICOM gives to "out of
+resources". A note's UID derives from its content, so for a note it means held already: delivered. For any
+other object it keeps its standard meaning."""
+
+
+def _is_rejection_note(data: bytes) -> bool:
+    """Whether ``data`` is an IOCM Rejection Note (a Key Object Selection titled with one of ctscreen's
+    rejection titles), the one object a :data:`DUPLICATE_REJECTION_NOTE` answer means held already for."""
+    import pydicom
+    from pydicom.uid import KeyObjectSelectionDocumentStorage
+
+    from aggregator.keyimages import REJECTED_FOR_QUALITY
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM (a caller's bytes): not a note
+        return False
+    title = ds.get("ConceptNameCodeSequence") or [None]
+    return (ds.get("SOPClassUID") == KeyObjectSelectionDocumentStorage and title[0] is not None
+            and (title[0].get("CodeValue"), title[0].get("CodingSchemeDesignator")) == REJECTED_FOR_QUALITY[:2])
+
 
 def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str) -> list[str]:
     """C-STORE every item over one association (blocking)."""
@@ -75,7 +100,8 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
-            if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE):
+            if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE) or (
+                    code == DUPLICATE_REJECTION_NOTE and _is_rejection_note(data)):
                 # success, warnings (coercion, elements discarded), or held already: our UIDs are stable per
                 # result, so a PACS that refuses overwrites has this very object (a resend, a lost answer)
                 sent.append(uid)
@@ -116,8 +142,13 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     except ValueError:
         answer = {}
     failures = [i for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)]
-    failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures
-              if i.get("00081197", {}).get("Value", [None])[0] != DUPLICATE}  # held already: delivered
+    notes = {uid for uid, _, data in items if _is_rejection_note(data)} if failures else set()
+
+    def held(failure: dict[str, Any]) -> bool:  # held already: delivered
+        reason, uid = (failure.get(tag, {}).get("Value", [None])[0] for tag in ("00081197", "00081155"))
+        return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in notes)
+
+    failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures if not held(i)}
     done = [u for u in uids if u not in failed]
     if response.status_code == 409 and (failed or not failures):  # refused for good, unless all were held already
         raise _http_error(dest.where, response, sent=done)
