@@ -19,6 +19,7 @@ import json
 import sqlite3
 import time
 
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -204,6 +205,31 @@ def test_a_context_written_by_a_later_release_is_read():
     (ds,) = context.datasets()
     assert (ds.PatientID, ds.SOPInstanceUID, float(ds.SliceThickness)) == ("p", "1.2.3.4", 1.0)
     assert SrContext.from_json(context.to_json()) == context
+
+
+def test_the_fhir_payload_reads_a_later_releases_context_as_the_sr_does():
+    """The FHIR report's patient comes from the same stored context (its ``study`` pairs), read the same way:
+    a pair with a later release's extra value still names the patient."""
+    from datetime import UTC, datetime
+
+    from aggregator.case import SliceInput, decide
+    from gateway.delivery.payloads import build_fhir
+
+    later = {"study": [["PatientID", "P-7", "extra"], ["AccessionNumber", "A-1"]],
+             "instances": [["1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.3", 1, 512, 512, "future"]]}
+    inputs = [SliceInput("1.2.3.4", 0.0, np.zeros((0, 5)), np.array([0, 0, 511, 511], np.float32))]
+    result = decide(inputs).to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.9", job_id="job-f",
+                                      created_at=datetime(2026, 12, 5, 8, 30, tzinfo=UTC))
+    blobs: dict[str, bytes] = {}
+
+    def put(payload: bytes) -> str:
+        blobs[key := f"blob-{len(blobs)}"] = payload
+        return key
+
+    (made,) = build_fhir(result, later, put)
+    report = json.loads(blobs[made["blob_key"]])["entry"][0]["resource"]
+    assert report["subject"]["identifier"]["value"] == "P-7"
+    assert report["basedOn"][0]["identifier"]["value"] == "A-1"
 
 
 def test_an_enhanced_ct_makes_the_same_sr_from_its_kept_header_as_the_deliverer_from_its_file():

@@ -131,8 +131,10 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
         When the FHIR models refuse the bundle.
     """
     from aggregator.fhir import report_identifier, to_fhir
+    from gateway.report import SrContext
 
-    patient = {k: v for k, v in (sr_context or {}).get("study", []) if v}
+    # read as the SR reads it (SrContext.from_json: what an earlier or a later release stored)
+    patient = {k: v for k, v in SrContext.from_json(sr_context).study if v} if sr_context else {}
     try:
         bundle = to_fhir(result, patient, systems, supersedes=earlier)
     except ValueError as exc:
