@@ -57,11 +57,13 @@ from gateway.phi import file_ref, protect_logs
 from gateway.report import SrContext, sr_context
 from gateway.series import (
     MIN_SCREENABLE_POSITIONS,
+    SeriesLabels,
     SeriesRules,
     SeriesSelection,
     SortedSeries,
     frame_exclusion,
     select_series,
+    series_labels,
     sort_slices,
 )
 from gateway.uids import check_header_uids, is_uid
@@ -318,7 +320,7 @@ class StudyAccumulator:
                 "series %s: no frame decodes; trying the next series", selection.series_instance_uid
             )
             remaining = [h for h in frames if h.series_instance_uid not in failed_series]
-            following = select_series(remaining, self.rules)
+            following = select_series(remaining, self.rules, _labels_of(objects))
             if following is None:
                 raise NoUsableSeries(
                     f"No frame of series {', '.join(failed_series)} could be decoded and no other "
@@ -349,7 +351,7 @@ class StudyAccumulator:
                 "(or send them by STOW-RS, which screens each study apart)."
             )
         frames = [h for _, hs in objects.values() for h in hs]
-        selection = select_series(frames, self.rules)
+        selection = select_series(frames, self.rules, _labels_of(objects))
         if selection is None:
             for h in frames:
                 why = frame_exclusion(h, self.rules)
@@ -581,6 +583,17 @@ def _ct_study_of(ds: Dataset) -> str | None:
     if values[0] not in CT_SOP_CLASSES or not all(is_uid(v) for v in values):
         return None
     return values[2]
+
+
+def _labels_of(objects: Mapping[str, tuple[Dataset, list[FrameHeader]]]) -> dict[str, SeriesLabels]:
+    """What each series' first object says of its body part and frame of reference (:func:`gateway.series.series_labels`),
+    read from the data sets parsed on arrival."""
+    labels: dict[str, SeriesLabels] = {}
+    for ds, headers in objects.values():
+        uid = headers[0].series_instance_uid
+        if uid not in labels:
+            labels[uid] = series_labels(ds)
+    return labels
 
 
 def _keys_by_object(frames: Iterable[FrameHeader]) -> dict[str, frozenset[tuple[str, int]]]:

@@ -4,8 +4,11 @@ Selection (:func:`select_series`): every frame is first checked on its own again
 :class:`SeriesRules` (:func:`frame_exclusion` gives the reason a frame is left out: ``not_axial``,
 ``not_original``, ``localizer``, ``thickness``, ``no_geometry``); frames are grouped by Series
 Instance UID; within a series, frames whose orientation differs from the series' own are left
-out (``orientation_mismatch``); the series with the most distinct slice positions wins (ties: the
-thinner slices, then the lower Series Number, then the UID, so the choice is deterministic).
+out (``orientation_mismatch``); then the chest over any other body part, by the series' own name (Series
+Description, Body Part Examined), its positions against a series so named, or its protocol (:func:`region`,
+:class:`SeriesLabels`); among chest series, a lung reconstruction that covers the chest (:func:`kernel_class`,
+:func:`lung_rank`); then the most distinct slice positions, thinner slices, the lower Series Number, the UID (so
+the choice is deterministic). With no body part named anywhere, the most positions win, as they always did.
 
 Ordering (:func:`sort_slices`): the slice normal is ``n = row_cosines x col_cosines`` from Image
 Orientation (Patient); each slice's position is ``ImagePositionPatient . n`` (mm). Slices are
@@ -18,27 +21,34 @@ them, once, under the job's case rule (:func:`aggregator.case.decide`, ``CaseRul
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from gateway.dicom import CT_SOP_CLASSES, FrameHeader
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Region",
+    "SeriesLabels",
     "SeriesRules",
     "SeriesSelection",
     "SortedSeries",
     "frame_exclusion",
+    "kernel_class",
     "lung_rank",
     "lung_reconstruction",
+    "region",
     "select_series",
+    "series_labels",
     "slice_normal",
     "sort_slices",
 ]
@@ -208,19 +218,89 @@ def _main_orientation(group: Sequence[FrameHeader]) -> np.ndarray:
 
 
 _LUNG_WORDS = re.compile(r"lung|hrct", re.IGNORECASE)
-_LUNG_KERNEL = re.compile(r"^Bl\d\d")  # Siemens' lung family (Bl57, Bl64): "l" for lung
-_SOFT_KERNEL = re.compile(r"^(B[rv]\d\d|B[1-4]\d|I[1-4]\d|STANDARD|SOFT|FC[01]\d)", re.IGNORECASE)
-"""Soft-tissue kernels by name: Siemens B10-B49, Br/Bv families and their iterative I10-I49; GE STANDARD and SOFT;
-Canon FC01-FC19."""
+
+SHARP, SOFT = "sharp", "soft"
+"""The two classes of :func:`kernel_class`: a sharp (high spatial frequency) kernel, the lung and bone kernels
+HRCT is reconstructed with, and a soft-tissue (smooth or standard) kernel."""
+
+_SIEMENS_KERNEL = re.compile(r"(?P<family>B[rlvfs]?|H[rcf]?|[IJDU]|Qr?)(?P<number>\d\d)[a-z]{0,2}", re.IGNORECASE)
+"""Siemens: a family (B body, Br/Bv/Bf/Bs ADMIRE body, Bl lung, H/Hr head, I/J SAFIRE, Q quantitative, U ultra-high
+resolution), a two-digit sharpness and optional letters (B70f, Br64d, I30f, Bl57)."""
+_CANON_KERNEL = re.compile(r"F(?P<family>[CL])(?P<number>\d\d)", re.IGNORECASE)
+"""Canon/Toshiba: FC01-FC18 soft body, FC50-FC89 lung and high resolution; FL01-FL99 lung."""
+_PHILIPS_KERNELS = {"A": SOFT, "B": SOFT, "C": SOFT, "CB": SOFT, "UA": SOFT, "UB": SOFT, "UC": SOFT,
+                    "D": SHARP, "E": SHARP, "L": SHARP, "YA": SHARP, "YB": SHARP, "YC": SHARP, "YD": SHARP, "YE": SHARP}
+"""Philips names a kernel by letters only, matched as the whole value: A, B, C (smooth to standard body), CB
+(cardiac), UA-UC (brain); D, E (sharp, bone), L and YA-YE (lung)."""
+_SHARP_WORDS = re.compile(r"(?<![A-Z])(LUNG|HRCT|BONE|EDGE|SHARP|ULTRA)", re.IGNORECASE)
+"""GE (LUNG, BONE, BONEPLUS, EDGE, ULTRA, their HD variants), Canon AiCE (Lung, Body Sharp), United Imaging (B_SHARP_C)."""
+_SOFT_WORDS = re.compile(r"(?<![A-Z])(STANDARD|STND|STD|SOFT|SMOOTH|DETAIL|BODY)", re.IGNORECASE)
+"""GE (STANDARD, SOFT, DETAIL), Canon AiCE (Body), United Imaging (B_SOFT_B); checked after the sharp words."""
+SHARP_FROM, SOFT_UP_TO = 50, 40
+"""A numbered kernel (Siemens, Canon FC) is sharp from 50 (Siemens' lung family Bl56-Bl64 among them) and soft up to
+40; between them (B45f, B46f: medium) it is neither."""
+CANON_SOFT_UP_TO = 18
+"""Canon's soft body kernels are FC01-FC18; FC19-FC49 (head, bone) are not guessed."""
+
+
+def _numbered_kernel(value: str) -> str | None:
+    """The class of a Siemens or Canon kernel code (the whole ``value``); ``None`` when it is neither or medium."""
+    m = _SIEMENS_KERNEL.fullmatch(value)
+    if m is not None:
+        number = int(m["number"])
+    else:
+        m = _CANON_KERNEL.fullmatch(value)
+        if m is None:
+            return None
+        number = int(m["number"])
+        if m["family"].upper() == "L":
+            return SHARP
+        if CANON_SOFT_UP_TO < number < SHARP_FROM or number > 89:
+            return None  # FC19-FC49: head and bone kernels, not guessed
+    if number >= SHARP_FROM:
+        return SHARP
+    return SOFT if number <= SOFT_UP_TO else None
+
+
+def kernel_class(kernel: str) -> str | None:
+    r"""Whether a Convolution Kernel (0018,1210; several values joined by a backslash, as
+    :attr:`FrameHeader.convolution_kernel`) is :data:`SHARP` or :data:`SOFT`; ``None`` when no value says.
+
+    The first value that says decides (Siemens adds its ADMIRE strength, Canon its AIDR level, as further values).
+
+    >>> [kernel_class(k) for k in ("B70f", "Br64\\3", "I70f", "Bl57", "FC86", "YA", "BONEPLUS", "HD LUNG")]
+    ['sharp', 'sharp', 'sharp', 'sharp', 'sharp', 'sharp', 'sharp', 'sharp']
+    >>> [kernel_class(k) for k in ("B30f", "Br40\\3", "I30f", "Bv40", "FC13\\AIDR 3D", "B", "STANDARD", "")]
+    ['soft', 'soft', 'soft', 'soft', 'soft', 'soft', 'soft', None]
+    >>> kernel_class("B46f"), kernel_class("CHEST"), kernel_class("T20f")
+    (None, None, None)
+    """
+    for raw in kernel.split("\\"):
+        value = raw.strip()
+        found = _numbered_kernel(value) or _PHILIPS_KERNELS.get(value.upper())
+        if found is None and _SHARP_WORDS.search(value):
+            found = SHARP
+        if found is None and _SOFT_WORDS.search(value):
+            found = SOFT
+        if found is not None:
+            return found
+    return None
+
+
+def _kernel_of(h: FrameHeader) -> str | None:
+    """The class of a frame's kernel: its Convolution Kernel's, else a Siemens or Canon kernel code its Series
+    Description names (``Thorax 1.0 I70f``; letters and words in a description are no kernel)."""
+    return kernel_class(h.convolution_kernel) or next(
+        (c for word in re.split(r"[\s_,;()/]+", h.series_description) if (c := _numbered_kernel(word))), None)
 
 
 def lung_rank(h: FrameHeader) -> int:
-    """How surely a frame's series is a lung reconstruction, by its own account: 2 when its Convolution Kernel says
-    so (GE's ``LUNG``, a kernel naming the lung or HRCT, Siemens' lung family ``Bl57``, ``Bl64``); 1 when only its
-    Series Description does (``Lung 1.0``, ``HRCT``) and its kernel is no known soft-tissue one (``Br40``,
-    ``B30f``, ``STANDARD``, ``FC13``: a kernel outranks a protocol's name, such as LungCARE's soft series); else
-    0. Sharp kernels named by number only (B70f, FC86, YC) are not guessed, and a pulmonary angiogram (CTPA) is
-    no lung reconstruction by its name.
+    """How surely a frame's series is a lung reconstruction, by its own account: 2 when its kernel is sharp
+    (:func:`kernel_class`: a lung or bone kernel, ``Br64``, ``I70f``, ``LUNG``, ``YA``, ``FC86``; from its Convolution
+    Kernel, else a kernel code in its Series Description); 1 when only its Series Description names the lung or
+    HRCT (``Lung 1.0``) and its kernel is not soft (``Br40``, ``B30f``, ``STANDARD``, ``FC13``: a kernel outranks
+    a protocol's name, such as LungCARE's soft series); else 0. A pulmonary angiogram (CTPA) is no lung
+    reconstruction by its name.
 
     >>> from dataclasses import replace
     >>> h = FrameHeader("f", None, "1.2", "", "1", "2", 3, "Thorax 1.0 B30f", "CT", (), None, None, 1.0, None, None,
@@ -229,11 +309,13 @@ def lung_rank(h: FrameHeader) -> int:
     (0, 1, 2)
     >>> lung_rank(replace(h, series_description="LungCARE 1.0 Br40", convolution_kernel="Br40"))
     0
+    >>> lung_rank(replace(h, series_description="Thorax 1.0 I70f")), lung_rank(replace(h, convolution_kernel="Br64\\\\3"))
+    (2, 2)
     """
-    kernel = h.convolution_kernel
-    if _LUNG_WORDS.search(kernel) or _LUNG_KERNEL.match(kernel):
+    kernel = _kernel_of(h)
+    if kernel == SHARP:
         return 2
-    if _LUNG_WORDS.search(h.series_description) and not _SOFT_KERNEL.match(kernel):
+    if _LUNG_WORDS.search(h.series_description) and kernel != SOFT:
         return 1
     return 0
 
@@ -250,13 +332,218 @@ def lung_reconstruction(h: FrameHeader) -> bool:
     return lung_rank(h) > 0
 
 
-def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None) -> SeriesSelection | None:
+# --------------------------------------------------------------------------------------------
+# body part
+# --------------------------------------------------------------------------------------------
+_CHEST_WORDS = re.compile(r"chest|thora|(?<![a-z])thx|lung|pulmo|poumon|t[oó]ra[xc]|brust|mediastin|hrct|ctpa",
+                          re.IGNORECASE)
+"""The chest in English, German, French, Italian, Spanish and Portuguese: chest, thorax (thorakal, thoracic), thx,
+lung (Lunge, LungCARE), pulmonary (pulmón), poumon, tórax, torace, Brust, mediastinum, HRCT, CTPA."""
+_ABDOMEN_WORDS = re.compile(r"abdom|(?<![a-z])abd|bauch|addom|pelv|becken|bassin|bacino|"
+                            r"liver|leber|kidney|niere|renal|(?<![a-z])uro|colon|pancrea", re.IGNORECASE)
+_HEAD_WORDS = re.compile(r"head|kopf|sch[aä]e?del|brain|hirn|cran|cereb|neck|hals|sinus|orbit|(?<![a-z])t[eê]te",
+                         re.IGNORECASE)
+_LIMB_WORDS = re.compile(r"spine|wirbel|rachis|extremit|knee|knie|genou|(?<![a-z])hip|h[uü]fte|shoulder|schulter|"
+                         r"ankle|wrist|(?<![a-z])hand|(?<![a-z])foot|(?<![a-z])fu(ss|ß)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Region:
+    """What a header text names: the chest, the abdomen or pelvis, the head or neck, another part (:func:`region`)."""
+
+    chest: bool = False
+    abdomen: bool = False
+    head: bool = False
+    other: bool = False
+
+    @property
+    def named(self) -> bool:
+        """Whether the text names any body part."""
+        return self.chest or self.abdomen or self.head or self.other
+
+
+def region(text: str) -> Region:
+    """The body parts a header text (Series Description, Body Part Examined, Protocol Name...) names.
+
+    >>> region("Chest/Abdomen/Pelvis 5.0").chest, region("ABDOMENPELVIS").chest, region("Lunge 1.0 Bl57").chest
+    (True, False, True)
+    >>> region("Thorax-Abdomen").abdomen, region("Becken 3.0").abdomen, region("Kopf nativ").head, region("5.0 B31f").named
+    (True, True, True, False)
+    """
+    return Region(bool(_CHEST_WORDS.search(text)), bool(_ABDOMEN_WORDS.search(text)), bool(_HEAD_WORDS.search(text)),
+                  bool(_LIMB_WORDS.search(text)))
+
+
+@dataclass(frozen=True)
+class SeriesLabels:
+    """What a series' data set says beyond its frames' :class:`~gateway.dicom.FrameHeader`: the texts that name the
+    body part imaged, and the frame of reference its positions are in (:func:`series_labels`)."""
+
+    body_part_examined: str = ""
+    """Body Part Examined (0018,0015), and the code meaning of an Anatomic Region Sequence (0008,2218), top level
+    or in an enhanced CT's Frame Anatomy functional group."""
+    protocol_name: str = ""
+    """Protocol Name (0018,1030)."""
+    study_description: str = ""
+    """Study Description (0008,1030): the same for every series of a study, so it never tells them apart."""
+    frame_of_reference_uid: str = ""
+    """Frame of Reference UID (0020,0052): positions of two series compare only within one frame of reference."""
+
+
+def _header_text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - malformed values surface lazily in pydicom
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    try:
+        return " ".join(str(v).strip() for v in value)
+    except TypeError:
+        return str(value).strip()
+
+
+def _anatomy(ds: Dataset) -> str:
+    """The code meanings of an Anatomic Region Sequence, top level or in the shared Frame Anatomy group."""
+    items: list[Dataset] = []
+    try:
+        items += list(ds.get("AnatomicRegionSequence") or [])
+        for shared in ds.get("SharedFunctionalGroupsSequence") or []:
+            for anatomy in shared.get("FrameAnatomySequence") or []:
+                items += list(anatomy.get("AnatomicRegionSequence") or [])
+    except Exception:  # noqa: BLE001 - malformed values surface lazily in pydicom
+        return ""
+    return " ".join(_header_text(item, "CodeMeaning") for item in items)
+
+
+def series_labels(ds: Dataset) -> SeriesLabels:
+    """Read a series' :class:`SeriesLabels` from one of its data sets (header only; a malformed value reads empty)."""
+    return SeriesLabels(
+        body_part_examined=" ".join(t for t in (_header_text(ds, "BodyPartExamined"), _anatomy(ds)) if t),
+        protocol_name=_header_text(ds, "ProtocolName"),
+        study_description=_header_text(ds, "StudyDescription"),
+        frame_of_reference_uid=_header_text(ds, "FrameOfReferenceUID"),
+    )
+
+
+CHEST, CHEST_APEX, CHEST_PROTOCOL, UNNAMED, NOT_CHEST = 4, 3, 2, 1, 0
+"""Body tiers of a series (:func:`select_series`), best first: the chest by its own name (Series Description, else
+Body Part Examined) or by lying in or around a series so named; the top series of a chest-abdomen protocol; the chest
+by its protocol (Protocol Name, else Study Description) only; nothing said; another body part."""
+_TIER_NAMES = {CHEST: "chest", CHEST_APEX: "top of a chest-abdomen protocol", CHEST_PROTOCOL: "chest protocol",
+               UNNAMED: "body part unnamed", NOT_CHEST: "not the chest"}
+OVERLAP_FRACTION = 0.5
+"""An unnamed series lying over at least this fraction of a chest series' z-range or of its own (one mostly within
+the other) images the chest; lying this much within an abdomen, head or limb series, it images that part."""
+APEX_TOLERANCE_MM = 30.0
+"""Under a chest-abdomen protocol, the series whose top lies within this of the highest top images the chest (the
+chest is the upper part of the range; an abdomen-pelvis series starts at the diaphragm, 15 cm or more below the apex)."""
+COVER_FRACTION = 0.75
+"""A lung reconstruction wins over a soft one only when its z extent is at least this fraction of the longest series
+of its body tier (leaving out series also named for the abdomen): it covers the chest, not a part of it (an
+expiration scan's few slices, a targeted reconstruction)."""
+
+
+@dataclass
+class _Candidate:
+    """One usable series and what :func:`select_series` ranks it by."""
+
+    uid: str
+    group: list[FrameHeader]
+    distinct: int
+    own: Region
+    """What the series says of itself: its Series Description, else its Body Part Examined."""
+    protocol: Region
+    """What its protocol says: its Protocol Name, else the Study Description."""
+    frame_of_reference: str
+    body: int = UNNAMED
+    covers: bool = False
+
+    @functools.cached_property
+    def z(self) -> tuple[float, float]:
+        """Lowest and highest patient z (mm; the head is +z whatever the patient position)."""
+        zs = [h.position[2] for h in self.group]  # type: ignore[index]
+        return min(zs), max(zs)
+
+    @property
+    def extent(self) -> float:
+        return self.z[1] - self.z[0]
+
+    @property
+    def combined(self) -> bool:
+        """Named for the abdomen (or pelvis) besides the chest: its extent is no chest's."""
+        return self.own.abdomen if self.own.named else self.protocol.abdomen
+
+    def overlap(self, other: _Candidate) -> float:
+        """Length (mm) the two z-ranges share; 0 across frames of reference, whose positions do not compare."""
+        if self.frame_of_reference != other.frame_of_reference:
+            return 0.0
+        return max(0.0, min(self.z[1], other.z[1]) - max(self.z[0], other.z[0]))
+
+
+def _body_tiers(candidates: Sequence[_Candidate]) -> None:
+    """Set each candidate's :attr:`_Candidate.body` (:data:`CHEST` ... :data:`NOT_CHEST`).
+
+    Evidence, surest first: the series' own name; its positions against a series so named (an unnamed series lying
+    mostly within a chest series, or holding most of one, images the chest; mostly within an abdomen series, the
+    abdomen); its protocol. Positions compare only within one frame of reference, and only series long enough to
+    screen (:data:`MIN_SCREENABLE_POSITIONS`) are compared with."""
+    ranged = [c for c in candidates if c.distinct >= MIN_SCREENABLE_POSITIONS and c.extent > 0]
+    chests = [c for c in ranged if c.own.chest and not c.own.abdomen]  # a chest-abdomen series' range is no chest's
+    others = [c for c in ranged if c.own.named and not c.own.chest]
+    for c in candidates:
+        if c.own.named:
+            c.body = CHEST if c.own.chest else NOT_CHEST
+        elif c.extent > 0 and any(c.overlap(o) >= OVERLAP_FRACTION * min(c.extent, o.extent) for o in chests):
+            c.body = CHEST
+        elif c.extent > 0 and any(c.overlap(o) >= OVERLAP_FRACTION * c.extent for o in others):
+            c.body = NOT_CHEST
+        elif c.protocol.named:
+            c.body = CHEST_PROTOCOL if c.protocol.chest else NOT_CHEST
+    # a chest-abdomen protocol (not one reaching the neck) scans the chest first from the top: its top series
+    tops: dict[str, float] = {}
+    upper = [c for c in ranged if c.body == CHEST_PROTOCOL and c.protocol.abdomen and not c.protocol.head]
+    for c in upper:
+        tops[c.frame_of_reference] = max(tops.get(c.frame_of_reference, -math.inf), c.z[1])
+    for c in upper:
+        if c.z[1] >= tops[c.frame_of_reference] - APEX_TOLERANCE_MM:
+            c.body = CHEST_APEX
+
+
+def _coverage(candidates: Sequence[_Candidate]) -> None:
+    """Set :attr:`_Candidate.covers` within each body tier (:data:`COVER_FRACTION` of its longest series)."""
+    for tier in {c.body for c in candidates}:
+        members = [c for c in candidates if c.body == tier and c.distinct >= MIN_SCREENABLE_POSITIONS]
+        reference = max((c.extent for c in members if not c.combined), default=0.0) or max(
+            (c.extent for c in members), default=0.0)
+        for c in members:
+            c.covers = c.extent >= COVER_FRACTION * reference
+
+
+def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = None,
+                  labels: Mapping[str, SeriesLabels] | None = None) -> SeriesSelection | None:
     """Pick the series to screen; ``None`` when no frame passes the rules.
 
-    The series with the most distinct positions wins; ties go to thinner slices, then to the surer lung
-    reconstruction (:func:`lung_rank`: the paper's HRCT is a thin lung reconstruction; a study reconstructed
-    twice at the same positions, a lung and a soft-tissue kernel, is screened on the lung one), then to the
-    lower series number, then the UID.
+    Ranking, each step deciding only when the ones before tie (header only: nothing is decoded):
+
+    1. a series of :data:`MIN_SCREENABLE_POSITIONS` or more positions (the case rule's run; fewer is a bolus
+       tracker's or a scout's);
+    2. the chest over anything else, whatever the number of positions (body tiers, :data:`CHEST` ... :data:`NOT_CHEST`,
+       :func:`_body_tiers`): the models learnt from chest CT, and a study that also holds an abdomen-pelvis series
+       (a chest-abdomen-pelvis protocol) screened on that longer series shows the lungs' bases at most. A series
+       named for both (``Chest/Abdomen/Pelvis``) is a chest series. Nothing named anywhere: every series ties here;
+    3. among chest series, a lung reconstruction (:func:`lung_rank`: a sharp kernel, else a name saying lung) that
+       covers the chest (:data:`COVER_FRACTION`) over a soft one, even with fewer positions or thicker slices: the
+       paper screened HRCT, a thin lung-kernel reconstruction, and a soft kernel smooths the ground glass and the
+       fine margins it was shown;
+    4. the most distinct positions (the most of the chest, at the finest spacing), then thinner slices, then the surer
+       lung reconstruction (in a tier that is not the chest, where step 3 does not apply), then the lower series
+       number, then the UID (deterministic).
+
+    A study with no body part named and no lung reconstruction is screened on the series with the most positions,
+    as before.
 
     Parameters
     ----------
@@ -264,8 +551,12 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
         Every frame of every readable CT object in the upload.
     rules : SeriesRules | None
         Defaults to :class:`SeriesRules()`.
+    labels : Mapping[str, SeriesLabels] | None
+        Per Series Instance UID, what its data sets say of the body part and frame of reference
+        (:func:`series_labels`); a series without is judged on its Series Description alone.
     """
     rules = rules or SeriesRules()
+    labels = labels or {}
     excluded: list[tuple[FrameHeader, str, str]] = []
     by_series: dict[str, list[FrameHeader]] = defaultdict(list)
     for h in frames:
@@ -306,18 +597,34 @@ def select_series(frames: Sequence[FrameHeader], rules: SeriesRules | None = Non
                 )
         usable[uid] = kept
 
-    def score(item: tuple[str, list[FrameHeader]]) -> tuple[float, ...]:
-        uid, group = item
-        distinct = _distinct_positions(group, rules)
-        thick = float(np.median([h.slice_thickness for h in group if h.slice_thickness] or [math.inf]))
-        number = group[0].series_number if group[0].series_number is not None else 1 << 30
-        return (-distinct, thick, -lung_rank(group[0]), number)
+    candidates = []
+    for uid, group in usable.items():
+        named = labels.get(uid, SeriesLabels())
+        own = region(group[0].series_description)
+        protocol = region(named.protocol_name)
+        candidates.append(_Candidate(
+            uid, group, _distinct_positions(group, rules),
+            own if own.named else region(named.body_part_examined),
+            protocol if protocol.named else region(named.study_description),
+            named.frame_of_reference_uid,
+        ))
+    _body_tiers(candidates)
+    _coverage(candidates)
 
-    ranked = sorted(usable.items(), key=lambda it: (score(it), it[0]))
-    winner_uid, winner = ranked[0]
-    others = {uid: len(g) for uid, g in ranked[1:]}
+    def score(c: _Candidate) -> tuple[float | str, ...]:
+        thick = float(np.median([h.slice_thickness for h in c.group if h.slice_thickness] or [math.inf]))
+        number = c.group[0].series_number if c.group[0].series_number is not None else 1 << 30
+        lung = lung_rank(c.group[0])
+        chest_lung = lung if c.body >= CHEST_PROTOCOL and c.covers else 0
+        return (c.distinct < MIN_SCREENABLE_POSITIONS, -c.body, -chest_lung, -c.distinct, thick, -lung, number, c.uid)
+
+    ranked = sorted(candidates, key=score)
+    best = ranked[0]
+    winner_uid, winner = best.uid, best.group
+    others = {c.uid: len(c.group) for c in ranked[1:]}
     if others:
-        logger.info("series %s chosen (%d frames) over %s", winner_uid, len(winner), others)
+        logger.info("series %s chosen (%d frames; %s, lung rank %d) over %s", winner_uid, len(winner),
+                    _TIER_NAMES[best.body], lung_rank(winner[0]), others)
     return SeriesSelection(
         series_instance_uid=winner_uid, chosen=winner, excluded=excluded, other_series=others,
         derived=winner[0].image_type if winner_uid in derived_uids else None,

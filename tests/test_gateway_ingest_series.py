@@ -525,7 +525,7 @@ def _series_named(study_uid: str, series_number: int, description: str, kernel: 
         (("Thorax 1.0 B30f", "B30f"), ("Thorax 1.0 Bl64", "Bl64"), 3),  # Siemens: the lung family by its kernel
         (("Chest", "STANDARD"), ("Chest", "LUNG"), 3),  # GE: the kernel says it
         (("Mediastinum 1 mm", "FC13"), ("Lung 1 mm", "FC52"), 3),  # Canon: the description says it
-        (("Body 1.0", "B30f"), ("Body 1.0", "B70f"), 2),  # a sharp kernel by number only: not guessed, lower number
+        (("Body 1.0", "B30f"), ("Body 1.0", "B70f"), 3),  # a sharp kernel by number only (Siemens >= 50)
         (("LungCARE 1.0 Br40", "Br40"), ("LungCARE 1.0 Bl57", "Bl57"), 3),  # both say lung: the kernel decides
         (("Lung 1.0", "Bl57"), ("Pulmonary angio 1.0 Br36", "Br36"), 2),  # a CTPA's soft series is no lung one
         (("Thorax 1.0 FC86", "FC86"), ("Pulmonary angio 1.0 Br36", "Br36"), 2),  # ... nor wins over a lung one unnamed
@@ -541,9 +541,11 @@ def test_a_study_reconstructed_twice_is_screened_on_its_lung_reconstruction(soft
     assert study.other_series and "1 other usable series not screened." in study.warnings
 
 
-def test_more_slices_still_win_over_a_lung_reconstruction() -> None:
+def test_more_slices_still_win_over_a_lung_reconstruction_of_part_of_the_chest() -> None:
+    """A lung reconstruction wins over more positions only when it covers the chest (gateway.series.COVER_FRACTION):
+    five of eight positions do not."""
     study_uid = generate_uid()
-    study = load_study(_series_named(study_uid, 2, "Body 1.0", "B30f", n=8)
+    study = load_study(_series_named(study_uid, 2, "Thorax 1.0", "B30f", n=8)
                        + _series_named(study_uid, 3, "Lung 1.0", "Bl64", n=5))
     assert study.series_number == 2 and study.n_slices == 8
 
