@@ -10,6 +10,7 @@
     ctscreen bench gpu      ...                      the paper profile on a GPU (UNet++ ResNet-50, TensorRT)
     ctscreen bench figures  [--only|--skip S]       every published figure, stamped (``make bench``)
     ctscreen bench sweep    ...                      the in-process ONNX Runtime sweep alone
+    ctscreen bench fov                               the models across fields of view (real slices, 250-500 mm)
     ctscreen bench scaling|phantom|models|decode|admission ... the other engineers' benchmarks
 
 Without ``--url``/``--triton-url`` a benchmark starts the embedded Triton (cpu profile) and a gateway on
@@ -55,6 +56,7 @@ DELEGATES = {
     "admission": ("benchmarks.bench_admission", "concurrent large uploads against the in-flight budget, RSS"),
     "figures": ("benchmarks.figures", "every published figure, stamped (make bench)"),
     "sweep": ("benchmarks.sweep_inprocess", "in-process ONNX Runtime over batch, threads and scheduling"),
+    "fov": ("benchmarks.fov", "the models across fields of view (real slices re-imaged 250-500 mm)"),
 }
 
 

@@ -101,6 +101,7 @@ PLAN: tuple[Step, ...] = (
                      "docs/models/"), ("docs/models/quality.json",), True, 6, group="accuracy"),
     Step("real", ("-m", "training.evaluate_real", "--out", "docs/models/"), ("docs/models/real.json",), True, 4,
          group="accuracy"),
+    Step("fov", ("-m", "benchmarks.fov"), (f"{RESULTS}/fov-latest.json",), True, 0.5, group="accuracy"),
 )
 
 

@@ -44,6 +44,7 @@ from ctscreen.machine import cores
 from gateway.dicom import (
     ALWAYS_LOSSY,
     CT_SOP_CLASSES,
+    MAX_PIXEL_MM,
     MAYBE_LOSSY,
     FrameHeader,
     GridMapping,
@@ -548,16 +549,13 @@ def _assemble(
     )
 
 
-MAX_PIXEL_MM = 5.0
-"""A pixel spacing above this (a 2.5 m field of view on 512 pixels), or not above 0, is no CT's: not measured."""
-
-
 def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
                    grids: Mapping[tuple[str, int], GridMapping],
                    probes: int = SECTION_PROBES) -> tuple[float | None, float | None]:
     """The widest lung field and the widest body section (cm², :func:`ctscreen.lungs.widest_sections`) of up to
     ``probes`` slices spread evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on
-    the 512 grid, whose pixel is the stored one times ``grids[key].scale``). ``(None, None)`` when a probed slice
+    the 512 grid, whose pixel is the stored one times ``grids[key].scale``), each on the original image's
+    footprint (:meth:`GridMapping.footprint`). ``(None, None)`` when a probed slice
     has no pixel spacing, or one that is no CT's (:data:`MAX_PIXEL_MM`)."""
 
     def mm_at(i: int) -> tuple[float, float] | None:
@@ -567,7 +565,8 @@ def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[Frame
         scale = grids[h.key].scale
         return h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale
 
-    return widest_sections(slice_at, mm_at, len(frames), probes)
+    # measured on the original image's footprint: the body wall to_grid puts around a cut field of view is no body
+    return widest_sections(lambda i: slice_at(i)[grids[frames[i].key].footprint()], mm_at, len(frames), probes)
 
 
 def _ct_study_of(ds: Dataset) -> str | None:
@@ -652,7 +651,7 @@ def decode_frames(
     out = []
     for h, frame in zip(headers, native, strict=True):
         if h.key in keys:
-            arr, grid = to_grid(frame, orientation=h.orientation)
+            arr, grid = to_grid(frame, orientation=h.orientation, spacing=h.pixel_spacing)
             out.append((h.key, arr, grid))
     return out, None, {"decode": t1 - t0, "resample": time.perf_counter() - t1}
 

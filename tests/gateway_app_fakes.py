@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctscreen.contracts import BOX_COUNT, HU_SLICES, LESION_BOXES, VALID_AREA_BOX
+from tests.gateway_dicom_factory import FOV_MM
 
 MARK = (slice(100, 140), slice(100, 140))
 
@@ -70,8 +71,8 @@ def _dataset(hu: np.ndarray, i: int, spacing: float, study: str, series: str, fr
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-250.0, -250.0, float(i * spacing)]
-    ds.PixelSpacing = [500.0 / hu.shape[0], 500.0 / hu.shape[1]]
+    ds.ImagePositionPatient = [-FOV_MM / 2, -FOV_MM / 2, float(i * spacing)]
+    ds.PixelSpacing = [FOV_MM / hu.shape[0], FOV_MM / hu.shape[1]]  # a chest field of view at any matrix
     ds.SliceThickness = spacing
     ds.Rows, ds.Columns = hu.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

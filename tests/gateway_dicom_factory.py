@@ -20,6 +20,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
+FOV_MM = 358.4
+"""The field of view every made slice has, whatever its matrix: 0.7 mm a pixel on the 512 grid, as the models learnt
+(gateway.dicom.GRID_MM), so that a small test matrix stands for a whole chest, not a 22 mm one."""
+
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -80,7 +84,7 @@ def ct_dataset(
     ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
     ds.SliceThickness = f"{thickness:g}"
-    ds.PixelSpacing = ["0.7", "0.7"]
+    ds.PixelSpacing = [f"{FOV_MM / n:.6g}" for n in hu.shape]  # a chest field of view at any matrix
     ds.Rows, ds.Columns = hu.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -175,7 +179,7 @@ def enhanced_ct(frames_hu: list[np.ndarray], rescale: list[tuple[float, float]],
     shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     shared.PixelMeasuresSequence = Sequence([Dataset()])
     shared.PixelMeasuresSequence[0].SliceThickness = 1.0
-    shared.PixelMeasuresSequence[0].PixelSpacing = [0.7, 0.7]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [FOV_MM / n for n in frames_hu[0].shape]
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per, stored = [], []
     for hu, (slope, intercept), zz in zip(frames_hu, rescale, z, strict=True):

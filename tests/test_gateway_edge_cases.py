@@ -34,6 +34,7 @@ from gateway.dicom import (
     decode_hu,
     lossy_compressed,
     read_headers,
+    to_grid,
 )
 from gateway.errors import GatewayError
 from gateway.ingest import load_study
@@ -282,12 +283,19 @@ def test_compressed_pixels_match_an_independent_decoder(rel: str, tool: str | No
 
 
 def test_non_512_matrices_are_resampled_and_boxes_map_back() -> None:
+    """CT_small is 128 x 128 at 0.66 mm (an 85 mm field): it lies on the grid at 0.62 mm a pixel (GRID_MM), in
+    the centre, a 137-pixel square whose mean is the original's, and its footprint maps back onto the whole image."""
+    from gateway.dicom import GRID_MM
+
     small = decode_file("CT_small", (EDGE / "pydicom/CT_small.dcm").read_bytes())[0]
-    assert small.grid.scale == 128 / 512 and (small.grid.rows, small.grid.cols) == (128, 128)
+    g = small.grid
+    assert (g.rows, g.cols) == (128, 128) and 0.661468 * g.scale == pytest.approx(GRID_MM[0], abs=0.002)
     native = _native_hu("pydicom/CT_small.dcm")[0]
-    # each original pixel becomes a 4x4 block whose centre pixels straddle its centre
-    assert abs(int(small.hu[4 * 60 + 1, 4 * 70 + 1]) - int(native[60, 70])) < 200
-    assert np.abs(small.hu.astype(np.float64).mean() - native.mean()) < 5
+    rows, cols = g.footprint()
+    assert rows == cols and rows.stop - rows.start == 136 and abs(rows.start + rows.stop - 512) <= 2
+    assert np.abs(small.hu[rows, cols].astype(np.float64).mean() - native.mean()) < 15
+    whole = g.to_original(np.array([[cols.start, rows.start, cols.stop - 1, rows.stop - 1, 0.9]]))
+    np.testing.assert_array_equal(whole, [[0, 0, 127, 127, 0.9]])
 
     scout = decode_file("MAROTECH", (EDGE / "pylibjpeg-data/MAROTECH_CT_JP2Lossy.dcm").read_bytes())[0]
     g = scout.grid
@@ -385,3 +393,46 @@ def test_real_chests_measure_a_chests_sections_and_heads_do_not(rel: str, chest:
         assert study.lung_field_cm2 < 0.5 * CHEST_LUNG_FIELD_CM2
     if rel.startswith(("fo-dicom/IM-0001", "pylibjpeg-data/ELSCINT1")):  # a head, a face
         assert study.body_cm2 < 0.85 * CHEST_BODY_CM2
+
+
+@pytest.mark.parametrize("fov_mm", [300, 250])
+def test_a_smaller_field_of_view_is_seen_at_the_models_scale_not_magnified(fov_mm: int) -> None:
+    """The real normal NEMA CT1 chest slice (GE, a 339 mm field at 0.66 mm) reconstructed on a smaller field: the
+    same pixels, a centre cut of the matrix (the field cuts the chest wall). Filling the grid with it magnified
+    the lungs past what the models learnt (0.50-0.58 mm a grid pixel here) and the lesion net boxed the
+    mediastinal border: a false box on a normal chest, three such slices a positive study. On the grid at
+    GRID_MM, with a body wall where the field cuts the body, it has none."""
+    from ctscreen.reference import ReferencePipeline
+    from gateway.dicom import GRID_MM, WALL_HU
+
+    rel = "dwv/nema-ct1_jpll.dcm"
+    hu = _native_hu(rel)[0]
+    mm = float(pydicom.dcmread(EDGE / rel, stop_before_pixels=True).PixelSpacing[0])
+    n = round(fov_mm / mm)
+    cut = hu[(512 - n) // 2 : (512 - n) // 2 + n, (512 - n) // 2 : (512 - n) // 2 + n]
+    on_grid, g = to_grid(cut, spacing=(mm, mm))
+    magnified, _ = to_grid(cut)  # the matrix alone decides the scale (before)
+    assert mm * g.scale == pytest.approx(GRID_MM[0], abs=0.002)
+    rows, cols = g.footprint()
+    assert abs(int(on_grid[rows.start - 3, 256]) - WALL_HU) < 60 and on_grid[0, 0] == -1024  # wall, then air
+    pipe = ReferencePipeline.from_repo(threads=1)
+    boxes_on_grid, boxes_magnified = (pipe.run(np.stack([x]))[0][0] for x in (on_grid, magnified))
+    assert len(boxes_magnified) >= 1, "the premise: magnified, the shipped lesion net boxes this normal slice"
+    assert len(boxes_on_grid) == 0
+
+
+def test_a_larger_field_of_view_is_zoomed_in_without_cutting_the_body() -> None:
+    """A 500 mm field (0.98 mm a pixel) is zoomed in to GRID_MM[1] (sensitivity on the real MedSeg slices re-imaged
+    so: 90 % filling the grid, 96 % at 0.82-0.85 mm), cropped about the centre; but never into the body: a
+    patient filling the field keeps every pixel, at a coarser grid."""
+    from gateway.dicom import GRID_MM
+
+    hu = np.full((512, 512), -1000, np.int16)
+    hu[156:356, 106:406] = 40  # a 293 x 195 mm body in the middle
+    out, g = to_grid(hu, spacing=(0.9765625, 0.9765625))
+    assert 0.9765625 * g.scale == pytest.approx(GRID_MM[1], abs=0.002) and g.pad_top < 0
+    assert (out > -500).sum() == pytest.approx(300 * 200 / g.scale ** 2, rel=0.01)  # all of it, magnified
+    hu[8:504, 40:472] = 40  # the body fills the field
+    out, g = to_grid(hu, spacing=(0.9765625, 0.9765625))
+    body = g.to_original(np.array([[0, 0, 511, 511]]))[0]
+    assert body[1] <= 8 and body[3] >= 503  # the grid spans every row of the body: none cut
