@@ -51,6 +51,7 @@ COVID19 = ("840539006", "SCT", "COVID-19")
 _PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                   "StudyDate", "StudyTime", "ReferringPhysicianName")
 _TEMPORAL = ("DA", "DT", "TM")
+_SEXES = ("M", "F", "O")
 
 
 class SourceError(ValueError):
@@ -203,7 +204,8 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
     """Header-only copies with the patient/study attributes highdicom reads present (empty if absent).
 
     A top-level date or time that pydicom cannot read (a scanner's ``03/02/1901`` birth date) is left
-    empty: highdicom converts them and would refuse the whole object for it. Which attribute was
+    empty: highdicom converts them and would refuse the whole object for it; so is a Patient's Sex other than
+    M, F or O (a scanner's ``U`` or ``W``; ``m`` is read as ``M``), which highdicom checks. Which attribute was
     emptied is logged, never its value. So is a Specific Character Set highdicom refuses: empty, or a
     lone ISO 2022 term (:func:`_plain_character_set`). The copies hold the caller's own element objects
     where nothing changed (no value is set on them; a changed one is a new element), so ``datasets`` is
@@ -227,10 +229,19 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
         for keyword in _PATIENT_STUDY:
             if keyword not in copy:
                 setattr(copy, keyword, "")
+        raw = str(copy.PatientSex or "")
+        sex = raw.strip().upper()  # an enumerated value (M, F, O) highdicom checks
+        if sex not in _SEXES:
+            if sex:
+                emptied.add("PatientSex")
+            sex = ""
+        if sex != raw:  # a new element: the caller's stays as it was
+            copy.add_new(0x00100040, "CS", sex)
         _plain_character_set(copy)
         out.append(copy)
     if emptied:
-        logger.warning("source headers: %s not a valid DICOM date or time; left empty", ", ".join(sorted(emptied)))
+        logger.warning("source headers: %s not a valid DICOM value (a date, a time, Patient's Sex M, F or O); left "
+                       "empty", ", ".join(sorted(emptied)))
     return out
 
 

@@ -454,6 +454,24 @@ def test_dates_a_scanner_wrote_malformed_are_left_empty_and_never_logged(study_f
         assert not [line for line in said if value in line], value
 
 
+@pytest.mark.parametrize(("sex", "written"), [("U", ""), ("W", ""), ("X", ""), ("m", "M"), ("O", "O")])
+def test_a_patients_sex_outside_m_f_o_is_left_empty_and_the_objects_are_made(study_files, tmp_path, caplog, sex,
+                                                                              written):
+    """Scanners write U (unknown) or W; highdicom takes M, F and O only and refused the SR, the key images and the
+    KOS for it: the delivery failed, nothing reached the PACS (a reviewer's reproduction through storescu). The
+    objects are made with it left empty (m read as M), and the log names the attribute, never the value."""
+    for f in study_files:
+        ds = pydicom.dcmread(f)
+        ds.PatientSex = sex
+        ds.save_as(f)
+    caplog.set_level(logging.DEBUG)
+    blobs, result, made = _built(study_files, tmp_path)
+    assert [m["kind"] for m in made][:1] == ["sr"] and len(made) == 1 + len(result.evidence.slices)
+    assert {pydicom.dcmread(io.BytesIO(blobs.get(m["blob_key"]))).PatientSex for m in made} == {written}
+    if not written:
+        assert any("PatientSex" in r.getMessage() for r in caplog.records)
+
+
 class _Hang:
     """A PACS that hangs: it accepts TCP connections (the kernel's backlog) and never answers."""
 
