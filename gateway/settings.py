@@ -202,7 +202,11 @@ class Settings(BaseSettings):
 
     # --- DICOMweb STOW-RS -----------------------------------------------------------------------
     stow_quiet_period_s: float = Field(
-        10.0, ge=0, le=86400, description="A STOW study is screened after this long without new instances."
+        60.0, ge=0, le=86400,
+        description="A STOW or C-STORE study is screened after this long without new instances (Orthanc's StableAge "
+                    "and mercure's series timeout are 60 s too: a scanner sends its reconstructions of one study "
+                    "tens of seconds apart, and each gap past it screens the study again and sends a second result "
+                    "set). A sender that knows the study is whole says so: POST /v1/studies/{uid}/complete."
     )
     stow_max_pending_studies: int = Field(16, ge=1, description="STOW studies being received at once.")
     stow_max_pending_bytes: int = Field(
@@ -354,7 +358,10 @@ class Settings(BaseSettings):
                           "validated at start (default: results are not sent anywhere).")
     delivery_backoff_s: float = Field(5.0, gt=0, le=3600, description="First wait before a delivery is tried again.")
     delivery_backoff_max_s: float = Field(300.0, gt=0, le=86400, description="Longest wait between two tries.")
-    delivery_max_attempts: int = Field(12, ge=1, le=1000, description="Tries before a delivery is failed.")
+    delivery_max_attempts: int = Field(
+        300, ge=1, le=1000,
+        description="Tries before a delivery is failed: with the default back-off (5 s doubling to 300 s), 300 "
+                    "tries span about a day, so a PACS down for a maintenance window gets its results after it.")
     delivery_lease_s: float = Field(120.0, gt=0, le=3600, description="Lease of a delivery being sent.")
     delivery_poll_s: float = Field(0.5, gt=0, le=60, description="How often the deliverer looks for work.")
     delivery_concurrency: int = Field(2, ge=1, le=64, description="Deliveries sent at once to each destination, per replica.")
