@@ -61,7 +61,9 @@ class SourceError(ValueError):
     while an object is built (highdicom refusing a header) may quote a value and must not be."""
 
 
-SR_SERIES_DESCRIPTION: Final = "ctscreen COVID-19 screening - AI result, not a diagnosis"
+SR_SERIES_DESCRIPTION: Final = "ctscreen COVID-19 AI: {verdict} - not a diagnosis"
+"""The SR's Series Description, with the verdict in capitals: a PACS study list shows series descriptions, so a
+reader sees the machine's reading there without opening the SR (at most 53 characters of LO's 64)."""
 """What a PACS shows for the SR series: a machine reading, to be verified (IHE AIR: say what made it)."""
 
 
@@ -78,8 +80,8 @@ def equipment_and_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> d
 
 
 def made_at(ds: Dataset, result: CaseResult, sources: Sequence[Dataset] = ()) -> Dataset:
-    """Set the Instance Creation Date and Time (and the Contribution DateTime of its contributing equipment) of an
-    object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
+    """Set the Instance Creation Date and Time, the Series Date and Time (and the Contribution DateTime of its
+    contributing equipment) of an object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
     Instance UID, it is the same object, byte for byte. Its dates and times are in the zone of the study they
     join (:func:`local_time`); Timezone Offset From UTC is written when the sources say theirs, and applies
     to the study's dates and times the object copies as well."""
@@ -89,8 +91,8 @@ def made_at(ds: Dataset, result: CaseResult, sources: Sequence[Dataset] = ()) ->
             ds.TimezoneOffsetFromUTC = offset
         elif "TimezoneOffsetFromUTC" in ds:
             del ds.TimezoneOffsetFromUTC
-        ds.InstanceCreationDate = when.strftime("%Y%m%d")
-        ds.InstanceCreationTime = when.strftime("%H%M%S.%f")
+        ds.InstanceCreationDate = ds.SeriesDate = when.strftime("%Y%m%d")  # a PACS lists a series by its date
+        ds.InstanceCreationTime = ds.SeriesTime = when.strftime("%H%M%S.%f")
         for item in ds.get("ContributingEquipmentSequence", []):
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
@@ -590,7 +592,7 @@ def to_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=SR_SERIES_DESCRIPTION.format(verdict=result.verdict.upper()),
         **equipment_and_time(result, images),
     )
     return made_at(sr, result, images)

@@ -470,3 +470,20 @@ def test_an_objects_times_are_in_the_studys_zone_with_its_offset(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         _time.tzset()
+
+
+@pytest.mark.parametrize("lesion_slices", [(1, 2, 3), ()])
+def test_a_pacs_study_list_shows_the_verdict_and_the_series_date(lesion_slices):
+    """A PACS lists a study's series by description and date: the SR's says the machine's verdict (a reviewer
+    found positive and negative results alike in the list), and every object states its Series Date and Time."""
+    from datetime import UTC, datetime
+
+    from aggregator.keyimages import key_images
+
+    result, sources = _series(lesion_slices=lesion_slices)
+    result = result.model_copy(update={"created_at": datetime(2026, 12, 5, 8, 30, tzinfo=UTC)})  # as the worker's
+    sr = to_sr(result, sources)
+    assert sr.SeriesDescription == f"ctscreen COVID-19 AI: {result.verdict.upper()} - not a diagnosis"
+    assert len(sr.SeriesDescription) <= 64 and result.verdict in ("positive", "negative")
+    for ds in [sr, *key_images(result, sources)]:
+        assert (ds.SeriesDate, ds.SeriesTime) == (ds.InstanceCreationDate, ds.InstanceCreationTime) != ("", "")

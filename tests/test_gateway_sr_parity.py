@@ -188,7 +188,7 @@ def test_a_context_stored_by_the_previous_release_still_makes_its_sr(screened):
     top = {p.split(".")[0].split("[")[0] for p in _differing(api, sent)}
     names = {pydicom.datadict.keyword_for_tag(int(t.strip("()").replace(",", ""), 16)) for t in top}
     assert names <= {"SpecificCharacterSet", "StudyDescription", "OtherPatientIDsSequence", "PatientAge", "PatientWeight", "PatientSize",
-                     "TimezoneOffsetFromUTC", "InstanceCreationDate", "InstanceCreationTime", "ContentDate",
+                     "TimezoneOffsetFromUTC", "InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime", "ContentDate",
                      "ContentTime", "ContributingEquipmentSequence", "ContentSequence"}, names
 
 
