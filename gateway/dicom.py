@@ -99,8 +99,23 @@ HIGH_HU_FRACTION = 0.05
 """More than this fraction of a frame above :data:`HIGH_HU` (bone is < 2000, the 12-bit CT scale ends
 at 3071; metal reaches higher but covers far less of a slice) means the decode went wrong."""
 
-MAX_PIXEL_MM = 5.0
-"""A pixel spacing above this (a 2.5 m field of view on 512 pixels), or not above 0, is no CT's: not measured."""
+MAX_FIELD_MM = 2560.0
+"""A field of view (pixel spacing times the matrix) over this (2.5 m), or a spacing not above 0, is no CT's: the
+scale is unknown (:func:`known_spacing`)."""
+
+
+def known_spacing(spacing: Sequence[float] | None, rows: int, cols: int) -> bool:
+    """Whether Pixel Spacing ``spacing`` of a ``rows x cols`` slice states a CT's scale (:data:`MAX_FIELD_MM`).
+
+    >>> known_spacing((0.7, 0.7), 512, 512), known_spacing((5.6, 5.6), 64, 64), known_spacing((6.0, 6.0), 512, 512)
+    (True, True, False)
+    >>> known_spacing(None, 512, 512), known_spacing((0.0, 0.7), 512, 512)
+    (False, False)
+    """
+    if spacing is None or len(spacing) != 2:
+        return False
+    row_mm, col_mm = (float(v) for v in spacing)
+    return 0.0 < row_mm and 0.0 < col_mm and row_mm * rows <= MAX_FIELD_MM and col_mm * cols <= MAX_FIELD_MM
 
 DEFER_BYTES = 64 * 1024
 """Values longer than this are read from the source bytes on first use (:func:`read_dataset`)."""
@@ -1338,7 +1353,7 @@ def grid_side(hu: np.ndarray, spacing: Sequence[float] | None, size: int = SLICE
     """
     rows, cols = hu.shape
     n = max(rows, cols)
-    if spacing is None or len(spacing) != 2 or not all(0.0 < float(v) <= MAX_PIXEL_MM for v in spacing):
+    if spacing is None or not known_spacing(spacing, rows, cols):
         return n
     mm = float(np.mean([float(v) for v in spacing]))
     lo, hi = GRID_MM

@@ -44,11 +44,11 @@ from ctscreen.machine import cores
 from gateway.dicom import (
     ALWAYS_LOSSY,
     CT_SOP_CLASSES,
-    MAX_PIXEL_MM,
     MAYBE_LOSSY,
     FrameHeader,
     GridMapping,
     decode_hu,
+    known_spacing,
     read_dataset,
     read_headers,
     to_grid,
@@ -73,7 +73,7 @@ from gateway.uploads import UploadLimits, iter_upload
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MAX_PIXEL_MM", "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
+    "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
     "decode_frames", "load_study", "make_decode_pool", "plan_study", "section_extent",
 ]
 
@@ -525,6 +525,9 @@ def _assemble(
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
     lung_field_cm2, body_cm2 = section_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids)
+    if lung_field_cm2 is None:
+        warnings.append("No usable Pixel Spacing: the slices' scale is unknown, so the matrix alone sets the grid and "
+                        "the check that the series is a chest (lung field and body section in cm²) is off.")
     context = sr_context(objects[uid][0] for uid in dict.fromkeys(info.sop_instance_uid for info in infos))  # slice order
     return PreparedStudy(
         hu=hu,
@@ -556,11 +559,11 @@ def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[Frame
     ``probes`` slices spread evenly over the series ``frames`` (in slice order; ``slice_at(i)`` is slice ``i`` on
     the 512 grid, whose pixel is the stored one times ``grids[key].scale``), each on the original image's
     footprint (:meth:`GridMapping.footprint`). ``(None, None)`` when a probed slice
-    has no pixel spacing, or one that is no CT's (:data:`MAX_PIXEL_MM`)."""
+    has no pixel spacing, or one that is no CT's (:func:`gateway.dicom.known_spacing`)."""
 
     def mm_at(i: int) -> tuple[float, float] | None:
         h = frames[i]
-        if h.pixel_spacing is None or not all(0.0 < v <= MAX_PIXEL_MM for v in h.pixel_spacing):
+        if h.pixel_spacing is None or not known_spacing(h.pixel_spacing, h.rows, h.cols):
             return None
         scale = grids[h.key].scale
         return h.pixel_spacing[0] * scale, h.pixel_spacing[1] * scale

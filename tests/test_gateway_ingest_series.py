@@ -611,3 +611,23 @@ def test_the_body_section_leaves_out_the_table_and_a_cut_field_of_view_keeps_the
     chest[100:420, 282:492] = -850.0
     lungs, body = section_areas_cm2(chest, (200 / 512, 200 / 512))
     assert lungs > 100 and body > 380  # the whole field
+
+
+def test_a_series_without_pixel_spacing_says_its_scale_and_the_chest_check_are_unknown() -> None:
+    """Without Pixel Spacing the slices' millimetres are unknown: the grid follows the matrix and the not-a-chest
+    measures (cm²) cannot be taken. That was silent (a reviewer's finding): a head CT without the tag could be
+    called positive with no word of why the check did not run. With the tag, no such warning."""
+    from gateway.ingest import load_study
+
+    files = [(name, data) for name, data, _, _ in make_series(6, spacing=1.0)]
+    with_spacing = load_study(files)
+    assert with_spacing.lung_field_cm2 is not None
+    assert not any("Pixel Spacing" in w for w in with_spacing.warnings)
+    stripped = []
+    for name, data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.PixelSpacing
+        stripped.append((name, to_bytes(ds)))
+    study = load_study(stripped)
+    assert study.lung_field_cm2 is None and study.body_cm2 is None
+    assert any(w.startswith("No usable Pixel Spacing") and "chest" in w for w in study.warnings)
