@@ -3,7 +3,10 @@
 Each record says who (token subject, API key name, calling AE@host, or ``anonymous``), how they
 authenticated, which scope the action needed, what the action was (method and route template, or the
 DIMSE event), which study (by Study Instance UID only) and job, when (UTC), from where (peer address)
-and the outcome (HTTP status or DICOM status, and ``ok``/``denied``/``refused``/``error``).
+and the outcome (HTTP status or DICOM status, and ``ok``/``denied``/``refused``/``error``, or ``aborted``
+for a DICOM association ended by an A-ABORT or a dropped connection). A DICOM association's record (action
+``DICOM association to <called AE>``) says in ``reason`` what it did (``echo``, ``stored 40, discarded 2 (not
+CT)``, ``nothing stored``) or why it was rejected; the instances it sent have a record per study and status.
 
 The trail is separate from the application log: the ``ctscreen.audit`` logger does not propagate, and
 writes to ``CTSCREEN_AUDIT_LOG_FILE``, or to standard output when it is not set (the state store

@@ -6,7 +6,8 @@
   (0x01), source *service user* (0x01), diagnostic *calling AE title not recognised* (0x03) (PS3.8
   9.3.4). A called AE title other than the SCP's is rejected with diagnostic 0x07.
 * **SOP-class allow-list** (``CTSCREEN_DICOM_SOP_CLASSES``): a subset of the CT storage classes the decoder
-  reads; the others are not negotiated.
+  reads; the CT classes left out are not negotiated. Storage classes other than CT are discarded or not
+  negotiated (``CTSCREEN_DICOM_ACCEPT_NON_CT``, :mod:`gateway.dimse`), never read.
 * **TLS** (``CTSCREEN_DICOM_TLS_CERT`` / ``_KEY``; ``_CA`` makes it mutual: peers must present a certificate
   signed by that CA), TLS 1.2 or later (PS3.15 Annex B.9 "BCP 195" profile). With
   ``CTSCREEN_DICOM_TLS_BIND_AE_TITLE`` the calling AE title must be the certificate's subject CN or a DNS

@@ -2,8 +2,13 @@
 
 Scanners and PACS push studies with C-STORE. :class:`StorageScp` is a pynetdicom Application Entity
 that accepts CT Image Storage, Enhanced CT Image Storage and Legacy Converted Enhanced CT Image
-Storage in every transfer syntax the decoder reads, and C-ECHO. Any other SOP class is not
-negotiated, so the peer learns before sending that it is refused.
+Storage in every transfer syntax the decoder reads, and C-ECHO. Every other storage SOP class (a dose
+SR, a secondary capture: what a PACS routes along with a whole study) is accepted too and each instance
+is answered 0x0000 and discarded, never stored nor screened (``CTSCREEN_DICOM_ACCEPT_NON_CT=discard``,
+the default: a router that forwards a study, as Orthanc does, fails before sending anything when one of
+its classes has no context, and dcmtk's storescu stops at the first such instance); with ``refuse`` they
+are not negotiated, so the peer learns before sending. A CT class left out of
+``CTSCREEN_DICOM_SOP_CLASSES`` is never negotiated.
 
 Each received instance goes, as the bytes of a DICOM Part 10 file, to the same
 :class:`~gateway.stow.Intake` as DICOMweb STOW-RS: written to the blob store and recorded in the
@@ -13,7 +18,7 @@ each association in its own thread; the intake lives on the asyncio loop, so eve
 over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits for it. C-STORE statuses (PS3.4 B.2.3):
 
 ========  =====================================================================
-0x0000    stored
+0x0000    stored (or, for a class other than CT, discarded)
 0xA700    out of resources: too many studies or bytes are being received (retry later)
 0xA900    the data set is not of the SOP class negotiated for it
 0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
@@ -23,8 +28,10 @@ over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits 
 Security (:mod:`gateway.dicom_security`): an allow-list of calling AE titles and their hosts (others are
 rejected at association, diagnostic 0x03), an allow-list of SOP classes, optional TLS (mutual with a CA),
 and 0xA700 whenever :meth:`gateway.stow.Intake.refusal` says no (a watermark, the limits, the state
-store away). Each association and its stored instances per study go to
-the audit trail (:mod:`gateway.audit`).
+store away). Every association that sent an A-ASSOCIATE-RQ gets exactly one record in the audit trail
+(:mod:`gateway.audit`) once it ends: accepted (``echo``, ``stored 40, discarded 2 (not CT)``, ``nothing
+stored``), ``denied`` (rejected, with the reason and the called AE title the peer used) or ``aborted``;
+before it, one record per study and C-STORE status of the instances it sent.
 
 Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
 """
@@ -38,7 +45,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +62,7 @@ from gateway.stow import InstanceHeader, Intake, read_header
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRANSFER_SYNTAXES", "StorageScp", "start_from_settings"]
+__all__ = ["NON_CT", "TRANSFER_SYNTAXES", "StorageScp", "non_ct_storage_classes", "start_from_settings"]
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -77,7 +85,25 @@ TRANSFER_SYNTAXES = [
     _uid.JPEG2000,
     _uid.RLELossless,
 ]
-"""Transfer syntaxes accepted for the CT storage classes (those the decoder reads)."""
+"""Transfer syntaxes accepted for the CT storage classes (those the decoder reads), and for the others."""
+
+NON_CT = ("discard", "refuse")
+"""What the SCP does with a storage SOP class other than CT (``CTSCREEN_DICOM_ACCEPT_NON_CT``): accept it and
+answer each instance 0x0000 without keeping it (``discard``), or not negotiate it (``refuse``)."""
+
+
+def non_ct_storage_classes() -> list[str]:
+    """Every storage SOP class pynetdicom knows (170 in 3.0) but the CT image classes: those accepted only to be
+    discarded. For an acceptor pynetdicom has no limit on supported contexts (its 128 is for requested ones).
+
+    >>> "1.2.840.10008.5.1.4.1.1.88.67" in non_ct_storage_classes()  # X-Ray Radiation Dose SR
+    True
+    >>> CT_SOP_CLASSES & set(non_ct_storage_classes())
+    frozenset()
+    """
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts} - CT_SOP_CLASSES)
 
 
 MAX_PDU_BYTES = 262_144
@@ -108,13 +134,18 @@ class ScpLimits:
                    settings.dicom_network_timeout_s)
 
 
-def _handshake_in_its_thread() -> type:
+def _server_class() -> type:
     from pynetdicom.transport import ThreadedAssociationServer
 
     class HandshakeInItsThread(ThreadedAssociationServer):
         """pynetdicom's threaded server, but the TLS handshake runs in the association's own thread under
         :data:`TLS_HANDSHAKE_TIMEOUT_S`. pynetdicom shakes hands in its one accepting thread with no
-        deadline, so a single TCP connection that sent nothing kept every other sender out."""
+        deadline, so a single TCP connection that sent nothing kept every other sender out. Each connection's
+        thread outlives its association (:func:`_handler_class`), so it is a daemon, and closing the server
+        does not wait for it."""
+
+        daemon_threads = True
+        block_on_close = False
 
         def get_request(self) -> Any:
             assert self.socket is not None  # bound: serve_forever runs
@@ -129,12 +160,96 @@ def _handshake_in_its_thread() -> type:
                     request.settimeout(before)
                 except OSError as exc:  # ssl.SSLError, a timeout, a reset: no association
                     logger.warning("DICOM TLS handshake with %s failed: %s", client_address[0] if isinstance(
-                        client_address, tuple) else client_address, type(exc).__name__)
+                        client_address, tuple) else client_address, _tls_failure(exc))
                     self.shutdown_request(request)
                     return
             super().process_request_thread(request, client_address)
 
     return HandshakeInItsThread
+
+
+def _handler_class(ended: Callable[[Any], None]) -> type:
+    from pynetdicom.transport import RequestHandler
+
+    class EndsEachAssociation(RequestHandler):
+        """pynetdicom's request handler, which starts the association's thread and returns; this one then
+        waits for that thread in the connection's own and calls ``ended(assoc)``: every association ends
+        there once, after its last event, whichever way it ended (pynetdicom fires no event for some)."""
+
+        assoc: Any = None
+
+        def _create_association(self) -> Any:
+            self.assoc = super()._create_association()
+            return self.assoc
+
+        def handle(self) -> None:
+            super().handle()
+            if self.assoc is not None:
+                self.assoc.join()
+                ended(self.assoc)
+
+    return EndsEachAssociation
+
+
+def _tls_failure(exc: OSError) -> str:
+    """Why a TLS handshake failed as OpenSSL words it, else the error's type.
+
+    >>> import ssl
+    >>> _tls_failure(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"))
+    'SSLError'
+    >>> err = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    >>> err.reason, err.verify_message = "CERTIFICATE_VERIFY_FAILED", "self-signed certificate"
+    >>> _tls_failure(err)
+    'SSLCertVerificationError: CERTIFICATE_VERIFY_FAILED (self-signed certificate)'
+    """
+    reason = getattr(exc, "reason", None)
+    verify = getattr(exc, "verify_message", None)
+    if not reason:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {reason}" + (f" ({verify})" if verify else "")
+
+
+_REJECTIONS = {(1, 3): "calling_ae_not_recognised", (1, 7): "called_ae_not_recognised",
+               (1, 2): "application_context_not_supported", (2, 2): "protocol_version_not_supported",
+               (2, 1): "user_identity_not_verified",  # pynetdicom's only use of ACSE "no reason given"
+               (3, 2): "association_limit", (3, 1): "temporary_congestion"}
+"""A-ASSOCIATE-RJ (source, diagnostic) of pynetdicom's own rejections -> the audit's reason (PS3.8 9.3.4)."""
+
+
+@dataclass
+class _Association:
+    """What one association asked and did, until its one audit record is written."""
+
+    calling: str
+    called: str
+    address: str
+    stored: Counter[tuple[str, int]] = field(default_factory=Counter)  # (study, C-STORE status) -> instances
+    discarded: int = 0
+    echoes: int = 0
+
+    def summary(self, accepted_contexts: int) -> str:
+        """``echo``, ``stored 40, refused 2 (0xA700), discarded 3 (not CT)``, ``nothing stored``...
+
+        >>> a = _Association("CT1", "CTSCREEN", "10.0.0.5")
+        >>> a.summary(1), a.summary(0)
+        ('nothing stored', 'nothing stored (no presentation context accepted)')
+        >>> a.echoes, a.discarded = 1, 2
+        >>> a.stored.update({("1.2.3", 0x0000): 3, ("1.2.4", 0x0000): 1, ("1.2.4", 0xA700): 2})
+        >>> a.summary(2)
+        'echo, stored 4, refused 2 (0xA700), discarded 2 (not CT)'
+        """
+        by_status: Counter[int] = Counter()
+        for (_study, status), n in self.stored.items():
+            by_status[status] += n
+        parts = [f"echo x{self.echoes}" if self.echoes > 1 else "echo"] if self.echoes else []
+        if by_status[SUCCESS]:
+            parts.append(f"stored {by_status.pop(SUCCESS)}")
+        parts += [f"refused {n} (0x{status:04X})" for status, n in sorted(by_status.items()) if n]
+        if self.discarded:
+            parts.append(f"discarded {self.discarded} (not CT)")
+        if parts:
+            return ", ".join(parts)
+        return "nothing stored" if accepted_contexts else "nothing stored (no presentation context accepted)"
 
 
 class StorageScp:
@@ -153,19 +268,22 @@ class StorageScp:
     ae_title : str
         The SCP's AE title (1 to 16 characters).
     metrics : Metrics | None
-        Counts refused instances by reason.
+        Counts refused instances by reason, and discarded ones by SOP class.
     handover_timeout_s : float
         Longest wait for the loop to take an instance (else 0x0110).
     peers : PeerPolicy | None
         Calling AE titles and hosts allowed (None: any).
     sop_classes : list[str] | None
-        SOP classes negotiated (None: every CT storage class).
+        CT SOP classes negotiated and stored (None: every CT storage class).
+    non_ct : str
+        A storage class other than CT: ``"discard"`` (negotiated; each instance answered 0x0000, not kept)
+        or ``"refuse"`` (not negotiated); see :data:`NON_CT`.
     ssl_context : ssl.SSLContext | None
         Serve DICOM over TLS.
     limits : ScpLimits
         Associations at once and the timeouts.
     audit : gateway.audit.AuditLog | None
-        Where associations and stored instances are recorded.
+        Where associations (one record each) and their instances per study are recorded.
     received_dir : Path | None
         Where each instance is written as it arrives, then stored from (None: the temporary folder). A
         file an aborted association left is removed once untouched for ``stale_after_s``.
@@ -178,11 +296,13 @@ class StorageScp:
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
                  sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None,
                  limits: ScpLimits = ScpLimits(), received_dir: Path | None = None,
-                 stale_after_s: float = 600.0) -> None:
+                 stale_after_s: float = 600.0, non_ct: str = "discard") -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError(f'Argument "ae_title" must be 1 to 16 characters, got {ae_title!r}.')
+        if non_ct not in NON_CT:
+            raise ValueError(f'Argument "non_ct" must be one of {", ".join(NON_CT)}, got {non_ct!r}.')
         self.stow = stow
         self.loop = loop
         self.host, self.port, self.ae_title = host, port, ae_title.strip()
@@ -190,9 +310,9 @@ class StorageScp:
         self.handover_timeout_s = handover_timeout_s
         self._server: Any = None
         self.peers, self.sop_classes, self.ssl_context = peers, sop_classes or sorted(CT_SOP_CLASSES), ssl_context
-        self.audit, self.limits = audit, limits
-        self._stored: dict[int, Counter[tuple[str, int]]] = {}  # association -> (study, status) -> count
-        self._stored_lock = threading.Lock()
+        self.audit, self.limits, self.non_ct = audit, limits, non_ct
+        self._associations: dict[Any, _Association] = {}  # pynetdicom's Association -> what it did so far
+        self._associations_lock = threading.Lock()
         self.received_dir = Path(received_dir or tempfile.gettempdir())
         self.stale_after_s = max(stale_after_s, 2 * limits.network_timeout_s)
         self._swept_at = 0.0
@@ -218,6 +338,9 @@ class StorageScp:
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        if self.non_ct == "discard":
+            for sop_class in non_ct_storage_classes():
+                ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.maximum_associations = self.limits.max_associations
@@ -228,9 +351,9 @@ class StorageScp:
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
         # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
-        # own thread under a deadline (see _handshake_in_its_thread)
+        # own thread under a deadline (see _server_class), and a handler that sees each association end
         server = ae.make_server((self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context,
-                                server_class=_handshake_in_its_thread())
+                                server_class=_server_class(), request_handler=_handler_class(self._ended))
         ae._servers.append(server)  # as start_server does: the server's shutdown() takes itself out of the list
         threading.Thread(target=make_target(server.serve_forever), name=f"dicom-scp-{self.port}", daemon=True).start()
         self._server = server
@@ -246,27 +369,77 @@ class StorageScp:
 
     # --- pynetdicom threads -----------------------------------------------------------------
     def _on_requested(self, event: Any) -> None:
-        if self.peers is not None:
-            self.peers.on_requested(event, self._audit_rejected)
+        """An A-ASSOCIATE-RQ: the association is followed from here (a connection that sends none is not one)."""
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive  # the requestor's titles are not set yet
+        with self._associations_lock:
+            self._associations[assoc] = _Association(str(primitive.calling_ae_title or "").strip()[:16],
+                                                     str(primitive.called_ae_title or "").strip()[:16],
+                                                     str(assoc.requestor.address))
+        if self.peers is not None:  # a rejection is recorded before the peer hears of it
+            self.peers.on_requested(event, lambda _ae, _address, why: self._finish(assoc, rejected=why))
 
     def _on_rejected(self, event: Any) -> None:
         """pynetdicom rejected an association itself (the policy's rejections never reach here): over the
         association limit (transient: the sender retries), or, without an allow-list, a wrong called AE title."""
         assoc = event.assoc
-        acceptors = sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
-        why = "association_limit" if acceptors > assoc.ae.maximum_associations else "called_ae_not_recognised"
-        primitive = assoc.requestor.primitive
-        ae = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        rj = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ sent
+        source, diagnostic = int(rj.result_source or 0), int(rj.diagnostic or 0)
+        why = _REJECTIONS.get((source, diagnostic), f"rejected_{source}_{diagnostic}")
         if why == "association_limit":
             logger.warning("DICOM association from %r at %s rejected: %d associations open (the limit)",
-                           ae[:16], assoc.requestor.address, assoc.ae.maximum_associations)
-        self._audit_rejected(ae, str(assoc.requestor.address), why)
+                           str(assoc.requestor.primitive.calling_ae_title).strip()[:16], assoc.requestor.address,
+                           assoc.ae.maximum_associations)
+        self._finish(assoc, rejected=why)
 
-    def _audit_rejected(self, ae: str, address: str, why: str) -> None:
-        if self.audit is not None:
-            self.audit.write(who=f"{ae[:16]}@{address}", auth="dicom_ae", action="DICOM A-ASSOCIATE", status=0,
-                             client=address, outcome="denied", reason=why)
-        self._refuse(why)
+    def _on_end(self, event: Any) -> None:
+        """Released or aborted (by either side)."""
+        self._finish(event.assoc, aborted=event.event.name == "EVT_ABORTED")
+
+    def _ended(self, assoc: Any) -> None:
+        """The association's thread has ended: its record, if no event wrote it (a connection that dropped
+        without an A-ABORT, say), and the files of aborted transfers."""
+        try:
+            self._finish(assoc, aborted=True)
+            if time.monotonic() - self._swept_at > 60:
+                self.sweep_received()
+        except Exception as exc:  # noqa: BLE001 - in a connection's thread: logged, never raised into socketserver
+            logger.warning("end of a DICOM association not recorded: %s", type(exc).__name__)
+
+    def _finish(self, assoc: Any, *, rejected: str | None = None, aborted: bool = False) -> None:
+        """Write the association's one audit record (the first call for it; later ones find nothing): denied
+        with the reason, or what it did, preceded by a record per study and C-STORE status it sent."""
+        with self._associations_lock:
+            done = self._associations.pop(assoc, None)
+        if done is None:
+            return
+        if rejected is not None:
+            self._refuse(rejected)
+        if self.audit is None:
+            return
+        who, action = f"{done.calling}@{done.address}", f"DICOM association to {done.called}"
+        if rejected is not None:
+            self.audit.write(who=who, auth="dicom_ae", action=action, status=0, client=done.address,
+                             outcome="denied", reason=rejected)
+            return
+        for (study, status), n in sorted(done.stored.items()):
+            self.audit.write(who=who, auth="dicom_ae", action=f"DICOM C-STORE x{n}", status=status,
+                             client=done.address, study_instance_uid=study,
+                             outcome="ok" if status == SUCCESS else "refused",
+                             reason=None if status == SUCCESS else f"0x{status:04X}")
+        summary = done.summary(len(assoc.accepted_contexts))
+        self.audit.write(who=who, auth="dicom_ae", action=action, status=0, client=done.address,
+                         outcome="aborted" if aborted else "ok", reason=f"aborted: {summary}" if aborted else summary)
+
+    def _tally(self, assoc: Any, *, stored: tuple[str, int] | None = None, echoes: int = 0, discarded: int = 0) -> None:
+        """Count what the association did: an instance stored (its study and status), a C-ECHO, a discard."""
+        with self._associations_lock:
+            done = self._associations.get(assoc)
+            if done is not None:
+                if stored is not None:
+                    done.stored[stored] += 1
+                done.echoes += echoes
+                done.discarded += discarded
 
     def sweep_received(self, now: float | None = None) -> int:
         """Remove the files of instances whose association ended mid-transfer (pynetdicom removes a file once
@@ -278,34 +451,30 @@ class StorageScp:
             logger.warning("removed %d partly received DICOM instance file(s) left by aborted associations", removed)
         return removed
 
-    def _on_end(self, event: Any) -> None:
-        """At release or abort: one audit record per study the association sent (counts by status)."""
-        if time.monotonic() - self._swept_at > 60:
-            self.sweep_received()
-        with self._stored_lock:
-            stored = self._stored.pop(id(event.assoc), None)
-        if self.audit is None or not stored:
-            return
-        peer = event.assoc.requestor
-        for (study, status), n in sorted(stored.items()):
-            self.audit.write(who=f"{str(peer.ae_title).strip()[:16]}@{peer.address}", auth="dicom_ae",
-                             action=f"DICOM C-STORE x{n}", status=status, client=str(peer.address),
-                             study_instance_uid=study, outcome="ok" if status == SUCCESS else "refused",
-                             reason=None if status == SUCCESS else f"0x{status:04X}")
-
     def _count_store(self, event: Any, study: str, status: int) -> int:
-        with self._stored_lock:
-            self._stored.setdefault(id(event.assoc), Counter())[(study, status)] += 1
+        self._tally(event.assoc, stored=(study, status))
         return status
 
     def _on_echo(self, event: Any) -> int:
+        self._tally(event.assoc, echoes=1)
         return SUCCESS
 
     def _refuse(self, reason: str) -> None:
         if self.metrics is not None:
             self.loop.call_soon_threadsafe(self.metrics.error, reason)
 
+    def _discard(self, event: Any, sop_class: str) -> int:
+        """An instance of a class other than CT (``non_ct="discard"``): answered 0x0000 unread, counted, not kept
+        (pynetdicom removes its file once this returns)."""
+        self._tally(event.assoc, discarded=1)
+        if self.metrics is not None:
+            self.loop.call_soon_threadsafe(self.metrics.discarded, sop_class)
+        return SUCCESS
+
     def _on_store(self, event: Any) -> int:
+        sop_class = str(event.context.abstract_syntax)
+        if sop_class not in CT_SOP_CLASSES:  # negotiated only to be discarded
+            return self._discard(event, sop_class)
         data = event.dataset_path  # the instance in a file pynetdicom removes once this returns
         peer = event.assoc.requestor
         name = f"dimse:{peer.ae_title}@{peer.address}#{event.request.AffectedSOPInstanceUID}"
@@ -365,6 +534,6 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
                      audit=audit, limits=ScpLimits.from_settings(settings),
-                     received_dir=settings.data_dir / "dicom-received")
+                     received_dir=settings.data_dir / "dicom-received", non_ct=settings.dicom_accept_non_ct)
     scp.start()
     return scp

@@ -17,6 +17,8 @@ Names (stable; the Helm chart's autoscaling reads ``ctscreen_backlog_slices``):
 ``ctscreen_triton_slices_total``       counter    slices answered by each endpoint ``{endpoint}``
 ``ctscreen_triton_retries_total``      counter    batches tried again after a transport failure
 ``ctscreen_triton_restarts_total``     counter    restarts of the embedded Triton after it died (``ctscreen serve``)
+``ctscreen_dicom_discarded_total``     counter    C-STORE instances of a class other than CT answered Success and
+                                                  discarded, by ``{sop_class}`` (its keyword, else its UID)
 =====================================  =========  ==========================================================
 
 No gateway exports backlog *seconds*: a gateway sees only its own share of the backlog and of each Triton
@@ -34,6 +36,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydicom.uid import UID
 
 from gateway.triton_pool import TritonPool
 
@@ -92,6 +95,9 @@ class Metrics:
         self.triton_restarts = Counter("ctscreen_triton_restarts",
                                        "Restarts of the embedded Triton after it died (ctscreen serve).",
                                        registry=self.registry)
+        self.dicom_discarded = Counter("ctscreen_dicom_discarded",
+                                       "C-STORE instances of a class other than CT answered Success and discarded.",
+                                       ["sop_class"], registry=self.registry)
         for verdict in ("positive", "negative", "indeterminate", "failed"):
             self.studies.labels(verdict)
         for stage in STAGES:
@@ -109,3 +115,7 @@ class Metrics:
     def error(self, reason: str, n: int = 1) -> None:
         """Count ``n`` errors of ``reason``."""
         self.errors.labels(reason).inc(n)
+
+    def discarded(self, sop_class_uid: str) -> None:
+        """Count one DICOM instance of ``sop_class_uid`` (not CT) received and discarded (labelled by keyword)."""
+        self.dicom_discarded.labels(UID(sop_class_uid).keyword or sop_class_uid).inc()

@@ -267,8 +267,13 @@ class Settings(BaseSettings):
         description="Calling AE titles allowed, as AE@host, AE@cidr or AE@* (comma-separated); empty: any.",
     )
     dicom_sop_classes: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="SOP classes the SCP negotiates (a subset of CT storage; empty: all)."
+        default_factory=list, description="CT SOP classes the SCP negotiates and stores (a subset of CT storage; "
+                                          "empty: all); a CT class left out is not negotiated."
     )
+    dicom_accept_non_ct: Literal["discard", "refuse"] = Field(
+        "discard", description="A storage SOP class other than CT (a dose SR, a secondary capture in a study a PACS "
+                               "routes whole): discard (negotiated, each instance answered Success and dropped, "
+                               "counted and audited) or refuse (not negotiated: a router forwarding the study fails).")
     dicom_tls_cert: Path | None = Field(None, description="PEM certificate of the DICOM SCP (enables TLS).")
     dicom_tls_key: Path | None = Field(None, description="PEM private key of that certificate.")
     dicom_tls_ca: Path | None = Field(None, description="CA bundle; if set, peers must present a certificate (mTLS).")

@@ -98,6 +98,29 @@ def ct_dataset(
     return ds
 
 
+def study_companions(study_uid: str) -> list[Dataset]:
+    """What a scanner adds to a CT study and a PACS routes with it: an X-Ray Radiation Dose SR and a Secondary
+    Capture (a dose screen), each in a series of its own, as Part 10 data sets."""
+    made = []
+    for sop_class, modality in (("1.2.840.10008.5.1.4.1.1.88.67", "SR"), ("1.2.840.10008.5.1.4.1.1.7", "OT")):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID(sop_class)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+        ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "PHANTOM", modality, 999, 1
+        if modality == "SR":
+            ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+        else:
+            ds.ConversionType, ds.SamplesPerPixel, ds.PhotometricInterpretation = "WSD", 1, "MONOCHROME2"
+            ds.Rows = ds.Columns = 16
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.PixelData = bytes(16 * 16)
+        made.append(ds)
+    return made
+
+
 def to_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     """Encode ``ds`` in ``transfer_syntax`` (compressing with pydicom's encoders) and serialise.
 

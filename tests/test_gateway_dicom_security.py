@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -289,7 +290,8 @@ def pki(tmp_path_factory):
 
 
 @needs_dcmtk
-def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path):
+def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.dimse")
     scp = scp_factory(ssl_context=tls_context(pki / "server.crt", pki / "server.key", pki / "ca.crt"))
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
     ok = _echo(scp.port, "-aet", "GOODSCU", *tls)
@@ -308,6 +310,11 @@ def test_mutual_tls_with_dcmtk(scp_factory, pki, tmp_path):
                              str(path)], capture_output=True, text=True, timeout=60)
     assert stored.returncode == 0 and "Received Store Response (Success)" in stored.stdout + stored.stderr, (
         stored.stdout + stored.stderr)
+    # the three failed handshakes are logged with OpenSSL's reason, not just "SSLError"
+    failures = sorted(r.getMessage().split(" failed: ")[1] for r in caplog.records if "TLS handshake" in r.getMessage())
+    assert len(failures) == 3 and all(": " in f for f in failures), failures
+    assert any("CERTIFICATE_VERIFY_FAILED" in f for f in failures), failures  # the rogue certificate
+    assert any("PEER_DID_NOT_RETURN_A_CERTIFICATE" in f for f in failures), failures  # none at all
 
 
 @needs_dcmtk

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import threading
@@ -23,13 +24,16 @@ import pytest
 import phantom
 from aggregator.schema import CaseResult
 from ctscreen.embedded import free_port
+from gateway.audit import AuditLog
 from gateway.cli import run_stack, serve_main
+from gateway.dicom_security import PeerPolicy, parse_peers
 from gateway.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StorageScp
 from gateway.ingest import load_study
+from gateway.metrics import Metrics
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
 from gateway.stow import Intake
-from tests.gateway_dicom_factory import ct_dataset
+from tests.gateway_dicom_factory import ct_dataset, study_companions
 from tests.test_e2e_gateway import models_trained
 
 pytestmark = pytest.mark.timeout(300)
@@ -98,13 +102,24 @@ def _screened(url: str, uid: str, timeout: float = 120.0) -> dict:
     raise AssertionError(f"study {uid} not screened in {timeout} s: {view}")
 
 
-def _send_study(port: int, folder: Path, *propose: str) -> tuple[str, str]:
-    """``storescu`` sends every file of ``folder``; returns the study UID and storescu's verbose log."""
+def _send_study(port: int, folder: Path, *propose: str, companions: Path | None = None) -> tuple[str, str]:
+    """``storescu`` sends every file of ``folder`` (then those of ``companions``) in one association; returns the
+    study UID and storescu's verbose log."""
     files = sorted(folder.rglob("*.dcm"))
     assert len(files) == N_SLICES
-    done = _storescu("-v", *propose, "+sd", "+r", "127.0.0.1", str(port), str(folder))
+    more = [str(companions)] if companions is not None else []
+    done = _storescu("-v", *propose, "+sd", "+r", "127.0.0.1", str(port), str(folder), *more)
     assert done.returncode == 0, done.stdout + done.stderr
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), done.stdout + done.stderr
+
+
+def _companions_of(folder: Path, out: Path) -> Path:
+    """A dose SR and a secondary capture of the study in ``folder``, written to ``out``."""
+    study = str(pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, ds in enumerate(study_companions(study)):
+        ds.save_as(out / f"companion{n}.dcm", enforce_file_format=True)
+    return out
 
 
 def _per_slice(result: CaseResult) -> list[tuple]:
@@ -112,10 +127,13 @@ def _per_slice(result: CaseResult) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def received(dimse_gateway, dimse_studies) -> dict[str, dict]:
-    """Each study pushed by storescu (plain: default syntaxes; twin: JPEG 2000 lossless proposed)."""
+def received(dimse_gateway, dimse_studies, tmp_path_factory) -> dict[str, dict]:
+    """Each study pushed by storescu (plain: default syntaxes, with the study's dose SR and secondary capture
+    in the same association, as a PACS routes a whole study; twin: JPEG 2000 lossless proposed)."""
     stack, port = dimse_gateway
-    sent = {"plain": _send_study(port, dimse_studies["plain"]), "j2k": _send_study(port, dimse_studies["j2k"], "-xv")}
+    companions = _companions_of(dimse_studies["plain"], tmp_path_factory.mktemp("companions"))
+    sent = {"plain": _send_study(port, dimse_studies["plain"], companions=companions),
+            "j2k": _send_study(port, dimse_studies["j2k"], "-xv")}
     return {name: {**_screened(stack.url, uid), "storescu_log": log} for name, (uid, log) in sent.items()}
 
 
@@ -133,8 +151,12 @@ def test_c_echo(dimse_gateway):
 @pytest.mark.triton
 @needs_dcmtk
 def test_storescu_study_is_screened_with_every_slice(received, dimse_studies):
+    """storescu (halt on error, its default) sent the dose SR and the secondary capture after the CT: each was
+    answered Success (discarded), and the study was screened with its CT slices alone."""
     view = received["plain"]
     assert view["state"] == "done", view
+    log = received["plain"]["storescu_log"]
+    assert log.count("Received Store Response (Success)") == N_SLICES + 2, log[-2000:]
     result = CaseResult.model_validate(view["result"])
     sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
             for p in dimse_studies["plain"].rglob("*.dcm")}
@@ -159,17 +181,28 @@ def test_jpeg2000_twin_gives_the_same_boxes(received, dimse_studies):
 
 @pytest.mark.triton
 @needs_dcmtk
-def test_non_ct_instance_is_refused_by_negotiation(dimse_gateway):
+def test_non_ct_instance_is_answered_success_and_not_kept(dimse_gateway):
     if not MR.is_file():
         pytest.skip(f"{MR} is absent (the shared DICOM edge cases)")
     stack, port = dimse_gateway
-    done = _storescu("-xv", "127.0.0.1", str(port), str(MR))
+    done = _storescu("-v", "-xv", "127.0.0.1", str(port), str(MR))
     out = done.stdout + done.stderr
-    # associated (so the gateway was there), but MR Image Storage was not among the accepted contexts;
-    # a non-zero exit alone would also come from a refused connection or a C-STORE refused after transfer
-    assert done.returncode != 0 and "No presentation context for: (MR)" in out, out
+    assert done.returncode == 0 and "Received Store Response (Success)" in out, out
     study = str(pydicom.dcmread(MR, stop_before_pixels=True).StudyInstanceUID)
     assert httpx.get(f"{stack.url}/v1/studies/{study}", timeout=30).status_code == 404
+
+
+@needs_dcmtk
+def test_non_ct_instance_is_refused_by_negotiation_when_asked(make_scp):
+    """``CTSCREEN_DICOM_ACCEPT_NON_CT=refuse``: the behaviour before discarding, for a site that wants it."""
+    if not MR.is_file():
+        pytest.skip(f"{MR} is absent (the shared DICOM edge cases)")
+    scp = make_scp(non_ct="refuse")
+    done = _storescu("-xv", "127.0.0.1", str(scp.port), str(MR))
+    out = done.stdout + done.stderr
+    # associated (so the SCP was there), but MR Image Storage was not among the accepted contexts; a non-zero
+    # exit alone would also come from a refused connection or a C-STORE refused after transfer
+    assert done.returncode != 0 and "No presentation context for: (MR)" in out, out
 
 
 @pytest.mark.triton
@@ -200,9 +233,10 @@ def test_serve_refuses_a_bad_dicom_port(capsys):
 
 # --- the SCP alone: statuses a full buffer and an unreadable header get ---------------------------
 @pytest.fixture
-def lone_scp(tmp_path_factory):
-    """A StorageScp on its own loop thread, over an Intake (SQLite and a blob folder) that holds at most
-    512 KiB of receiving studies (no sweeper: never screened)."""
+def make_scp(tmp_path_factory):
+    """Start StorageScps (given options) on their own loop thread, each over an Intake (SQLite and a blob
+    folder of its own) that holds at most 512 KiB of receiving studies (no sweeper: never screened), with an
+    audit log (``scp.audit.path``) and metrics; all stopped at the end."""
     data = tmp_path_factory.mktemp("lone-scp")
     url = f"sqlite:///{data / 'state.db'}"
     upgrade(url)
@@ -210,23 +244,39 @@ def lone_scp(tmp_path_factory):
     thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
     thread.start()
     store = Store(url)
-    stow = Intake(store, FolderBlobs(data / "blobs"), max_pending_studies=4, max_pending_bytes=512 * 1024)
-    scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE)
-    scp.start()
+    started: list[StorageScp] = []
+
+    def make(**options) -> StorageScp:
+        n = len(started)
+        stow = Intake(store, FolderBlobs(data / f"blobs{n}"), max_pending_studies=4, max_pending_bytes=512 * 1024)
+        scp = StorageScp(stow, loop, port=free_port(), host="127.0.0.1", ae_title=AE, metrics=Metrics(),
+                         audit=AuditLog(data / f"audit{n}.jsonl"), **options)
+        scp.start()
+        started.append(scp)
+        return scp
+
     try:
-        yield scp
+        yield make
     finally:
-        scp.stop()
+        for scp in started:
+            scp.stop()
+            scp.audit.close()
         asyncio.run_coroutine_threadsafe(store.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
 
 
+@pytest.fixture
+def lone_scp(make_scp):
+    """A StorageScp with the default options."""
+    return make_scp()
+
+
 def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     """pynetdicom as the SCU: 0x0000 stored, 0xA700 out of resources, 0xC000 cannot understand."""
     from pynetdicom import AE as ApplicationEntity
-    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+    from pynetdicom.sop_class import CTImageStorage
 
     small = ct_dataset(np.full((16, 16), -1000, np.int16))
     big = ct_dataset(np.full((512, 512), -1000, np.int16), study_uid=str(small.StudyInstanceUID))
@@ -234,16 +284,13 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     del no_study.StudyInstanceUID
     scu = ApplicationEntity(ae_title="TESTSCU")
     scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    scu.add_requested_context(MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
     assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
     assert assoc.is_established
     try:
         statuses = [int(assoc.send_c_store(ds).Status) for ds in (small, big, no_study)]
-        mr_contexts = [c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage]
     finally:
         assoc.release()
     assert statuses == [SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND]
-    assert mr_contexts == []  # not negotiated
     held = asyncio.run_coroutine_threadsafe(_pending(lone_scp.stow, str(small.StudyInstanceUID)), lone_scp.loop)
     assert held.result(10) == ("receiving", 1)
 
@@ -268,6 +315,125 @@ def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkey
     finally:
         assoc.release()
     assert status == OUT_OF_RESOURCES
+
+
+def _associations(scp: StorageScp, n: int, timeout: float = 10.0) -> list[dict]:
+    """The audit records of the SCP once ``n`` associations have one (written as each ends: the SCU may return
+    first), then a moment more, so that a second record of one would be seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [json.loads(line) for line in scp.audit.path.read_text().splitlines()]
+        if sum(r["action"].startswith("DICOM association") for r in records) >= n or time.monotonic() > deadline:
+            time.sleep(0.2)
+            return [json.loads(line) for line in scp.audit.path.read_text().splitlines()]
+        time.sleep(0.05)
+
+
+def _requestor(*sop_classes: str):
+    from pynetdicom import AE as ApplicationEntity
+
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    for sop_class in sop_classes:
+        scu.add_requested_context(sop_class, pydicom.uid.ExplicitVRLittleEndian)
+    return scu
+
+
+def _discarded(scp: StorageScp) -> dict[str, float]:
+    return {s.labels["sop_class"]: s.value for metric in scp.metrics.registry.collect()  # type: ignore[union-attr]
+            if metric.name == "ctscreen_dicom_discarded" for s in metric.samples if s.name.endswith("_total")}
+
+
+def test_a_mixed_study_in_one_association_keeps_its_ct_and_discards_the_rest(make_scp):
+    """A PACS routing a whole study sends its dose SR and secondary capture with the CT: every instance is
+    answered Success, the CT is stored as ever, the others are not stored, and are counted and audited."""
+    from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+
+    scp = make_scp()
+    ct = [ct_dataset(np.full((16, 16), -1000, np.int16)) for _ in range(3)]
+    study = str(ct[0].StudyInstanceUID)
+    for ds in ct[1:]:
+        ds.StudyInstanceUID = study
+    scu = _requestor(CTImageStorage, XRayRadiationDoseSRStorage, SecondaryCaptureImageStorage)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [ct[0], *study_companions(study), *ct[1:]]]
+    finally:
+        assoc.release()
+    assert statuses == [SUCCESS] * 5
+    held = asyncio.run_coroutine_threadsafe(_held(scp.stow), scp.loop).result(10)
+    assert sorted(str(pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True).SOPInstanceUID) for _, d in held) == \
+        sorted(str(ds.SOPInstanceUID) for ds in ct)
+    records = _associations(scp, 1)
+    assert [(r["action"], r["study_instance_uid"], r["outcome"]) for r in records] == [
+        ("DICOM C-STORE x3", study, "ok"), ("DICOM association to CTSCREEN", None, "ok")]
+    assert records[-1]["reason"] == "stored 3, discarded 2 (not CT)" and records[-1]["who"] == "TESTSCU@127.0.0.1"
+    deadline = time.monotonic() + 5  # counted on the event loop
+    while sum(_discarded(scp).values()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _discarded(scp) == {"XRayRadiationDoseSRStorage": 1.0, "SecondaryCaptureImageStorage": 1.0}
+
+
+def test_refuse_negotiates_ct_only_as_before(make_scp):
+    from pydantic import ValidationError
+    from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+
+    from gateway.settings import Settings
+
+    scp = make_scp(non_ct="refuse")
+    assoc = _requestor(CTImageStorage, XRayRadiationDoseSRStorage, SecondaryCaptureImageStorage).associate(
+        "127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established
+    accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {CTImageStorage}
+    assert _associations(scp, 1)[-1]["reason"] == "nothing stored"
+    assert Settings().dicom_accept_non_ct == "discard"
+    with pytest.raises(ValidationError, match="dicom_accept_non_ct"):
+        Settings(dicom_accept_non_ct="drop")
+    with pytest.raises(ValueError, match='Argument "non_ct"'):
+        StorageScp(scp.stow, scp.loop, port=free_port(), non_ct="drop")
+
+
+def test_every_association_has_one_audit_record(make_scp):
+    """A C-ECHO, a called AE title not ours, a calling AE title not allowed, an association whose every context
+    was refused, and an aborted one: one record each, with its outcome and no patient data."""
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    scp = make_scp(non_ct="refuse", peers=PeerPolicy(parse_peers(["TESTSCU@127.0.0.1"])))
+    echo = _requestor(Verification).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert int(echo.send_c_echo().Status) == SUCCESS
+    echo.release()
+    assert _requestor(Verification).associate("127.0.0.1", scp.port, ae_title="NOTCTSCREEN").is_rejected
+    from pynetdicom import AE as ApplicationEntity
+
+    stranger = ApplicationEntity(ae_title="STRANGER")
+    stranger.add_requested_context(Verification)
+    assert stranger.associate("127.0.0.1", scp.port, ae_title=AE).is_rejected
+    # accepted with every context refused: the requestor then aborts it (pynetdicom does, as dcmtk does)
+    assert not _requestor(MRImageStorage).associate("127.0.0.1", scp.port, ae_title=AE).is_established
+    aborted = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert int(aborted.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status) == SUCCESS
+    aborted.abort()
+    records = [r for r in _associations(scp, 5) if r["action"].startswith("DICOM association")]
+    assert [(r["who"], r["action"], r["outcome"], r["reason"]) for r in records] == [
+        ("TESTSCU@127.0.0.1", "DICOM association to CTSCREEN", "ok", "echo"),
+        ("TESTSCU@127.0.0.1", "DICOM association to NOTCTSCREEN", "denied", "called_ae_not_recognised"),
+        ("STRANGER@127.0.0.1", "DICOM association to CTSCREEN", "denied", "calling_ae_not_recognised"),
+        ("TESTSCU@127.0.0.1", "DICOM association to CTSCREEN", "aborted",
+         "aborted: nothing stored (no presentation context accepted)"),
+        ("TESTSCU@127.0.0.1", "DICOM association to CTSCREEN", "aborted", "aborted: stored 1"),
+    ]
+
+
+def test_a_called_ae_title_not_ours_is_audited_without_an_allow_list(lone_scp):
+    """pynetdicom rejects it itself (no allow-list): the record names the title the peer called."""
+    from pynetdicom.sop_class import Verification
+
+    assert _requestor(Verification).associate("127.0.0.1", lone_scp.port, ae_title="ELSEWHERE").is_rejected
+    (record,) = _associations(lone_scp, 1)
+    assert (record["action"], record["outcome"], record["reason"]) == (
+        "DICOM association to ELSEWHERE", "denied", "called_ae_not_recognised")
 
 
 async def _pending(stow: Intake, uid: str):

@@ -237,6 +237,7 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
         ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
         ({"gateway": {"dicom": {"port": 0}}}, "/gateway/dicom/port"),
+        ({"gateway": {"dicom": {"acceptNonCt": "drop"}}}, "/gateway/dicom/acceptNonCt"),
         # the gateway refuses a grace under 5 minutes (a write and the row that names it take seconds apart)
         ({"state": {"retention": {"orphanGraceMinutes": 4}}}, "/state/retention/orphanGraceMinutes"),
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
@@ -449,6 +450,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.dicom_max_backlog_slices == (40000 if production else None)
     if production:  # the default values leave DICOM off, and the SCP's settings unset
         assert settings.dicom_max_associations == 24 == int(env["CTSCREEN_DICOM_MAX_ASSOCIATIONS"])
+        assert settings.dicom_accept_non_ct == "discard" == env["CTSCREEN_DICOM_ACCEPT_NON_CT"]
     else:
         assert "CTSCREEN_DICOM_MAX_ASSOCIATIONS" not in env and "CTSCREEN_DICOM_PORT" not in env
     assert env["CTSCREEN_STOW_MAX_PENDING_STUDIES"] == "16" and settings.stow_max_pending_studies == 16
