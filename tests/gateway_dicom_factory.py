@@ -220,23 +220,25 @@ def enhanced_ct(frames_hu: list[np.ndarray], rescale: list[tuple[float, float]],
     return to_bytes(ds)
 
 
-HEAD_SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom-edge-cases" / "fo-dicom" / \
-    "IM-0001-0001-0001.dcm"
-"""A real head CT slice (sinuses, from a cervical-spine study): the models box its sinus air."""
+FACE_SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom-edge-cases" / "pylibjpeg-data" / \
+    "ELSCINT1_JP2vsJ2K.dcm"
+"""A real CT slice of a face (the oral airway, metal streaks): the models box it, two boxes a slice on the grid at
+their scale. (The fo-dicom head slice, whose sinus air they boxed when it filled the grid, gets none at its
+149 mm field's true scale.)"""
 
 
-def head_series(folder: Path, n: int = 6) -> Path:
-    """``n`` copies of :data:`HEAD_SLICE` 2 mm apart as one new series of a new study, written to ``folder``: a
+def face_series(folder: Path, n: int = 6) -> Path:
+    """``n`` copies of :data:`FACE_SLICE` 2 mm apart as one new series of a new study, written to ``folder``: a
     head CT a router sent on (the caller skips when the file is absent)."""
     import pydicom
 
     study, series = generate_uid(), generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        ds = pydicom.dcmread(HEAD_SLICE)
+        ds = pydicom.dcmread(FACE_SLICE)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 2.0 * i]
         ds.InstanceNumber = i + 1
-        ds.save_as(folder / f"head{i}.dcm")
+        ds.save_as(folder / f"face{i}.dcm")
     return folder

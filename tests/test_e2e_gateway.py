@@ -35,7 +35,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import EmbeddedTriton, free_port
 from gateway.cli import demo_main, run_stack
 from gateway.client import Outcome, screen_paths
-from tests.gateway_dicom_factory import HEAD_SLICE, head_series
+from tests.gateway_dicom_factory import FACE_SLICE, face_series
 from tests.test_gateway_admission import burst
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
@@ -157,20 +157,20 @@ def test_normal_study_is_negative(gateway, tmp_path):
 
 
 @needs_trained
-@pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
+@pytest.mark.skipif(not FACE_SLICE.is_file(), reason=f"real face CT slice not present at {FACE_SLICE} (shared data not mounted)")
 def test_a_head_ct_is_no_chest_and_never_positive(gateway, tmp_path):
-    """A real head CT slice (sinuses, from a cervical-spine study) as a series of 6: the models, which
-    learnt only chests, box the sinus air on every slice, a run in one quadrant. Its lung field and body
-    section, both a head's, make the study indeterminate (not_chest) instead of positive."""
+    """A real CT slice of a face (the oral airway, metal streaks) as a series of 6: the models, which learnt
+    only chests, box it on every slice, a run in one quadrant. Its lung field and body section, both a head's,
+    make the study indeterminate (not_chest) instead of positive."""
     from aggregator.case import CaseRule
 
-    folder = head_series(tmp_path / "head")
+    folder = face_series(tmp_path / "face")
     result = _result(screen_paths(gateway.url, [folder], quiet=True)[0])
     assert (result.verdict, result.reason) == ("indeterminate", "not_chest"), result.message
     assert result.lung_field_cm2 is not None and result.lung_field_cm2 < 50 and result.rule.min_lung_field_cm2 == 50
     assert result.body_cm2 is not None and result.body_cm2 < 300 and result.rule.min_body_cm2 == 300
     assert replay(result).reason == "not_chest" and not result.shows_lesions
-    # what the check stands between: without it, the sinus boxes make this head CT positive
+    # what the check stands between: without it, the boxes make this head CT positive
     assert replay(result, CaseRule(min_lung_field_cm2=None)).verdict == "positive"
 
 

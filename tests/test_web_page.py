@@ -23,7 +23,7 @@ import phantom
 from aggregator.schema import CaseResult
 from gateway.cli import run_stack
 from gateway.client import collect_files, screen_paths
-from tests.gateway_dicom_factory import HEAD_SLICE, head_series
+from tests.gateway_dicom_factory import FACE_SLICE, face_series
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -204,11 +204,11 @@ def test_the_study_view_lists_the_results_warnings(stack, screened, page, tmp_pa
     assert page.locator("section.warnings li").all_inner_texts() == covid.warnings
 
 
-@pytest.mark.skipif(not HEAD_SLICE.is_file(), reason=f"real head CT slice not present at {HEAD_SLICE} (shared data not mounted)")
+@pytest.mark.skipif(not FACE_SLICE.is_file(), reason=f"real face CT slice not present at {FACE_SLICE} (shared data not mounted)")
 def test_a_head_ct_shows_its_boxes_as_no_lesions(stack, screened, page, tmp_path):
-    """not_chest (a real head CT's sinuses, boxed by the models): the study view says it is no chest CT and draws
+    """not_chest (a real CT of a face, boxed by the models): the study view says it is no chest CT and draws
     its boxes as ignored ones, no run, no quadrant, nothing called a lesion."""
-    (outcome,) = screen_paths(stack.url, [head_series(tmp_path / "head")], quiet=True)
+    (outcome,) = screen_paths(stack.url, [face_series(tmp_path / "face")], quiet=True)
     assert outcome.error is None, outcome.error
     result = CaseResult.model_validate(outcome.result)
     assert result.reason == "not_chest" and result.evidence is not None  # boxes on every slice, a run
