@@ -43,16 +43,17 @@ resources". A note's UID derives from its content, so for a note it means held a
 other object it keeps its standard meaning."""
 
 
-def _is_rejection_note(data: bytes) -> bool:
-    """Whether ``data`` is an IOCM Rejection Note (a Key Object Selection titled with one of ctscreen's
-    rejection titles), the one object a :data:`DUPLICATE_REJECTION_NOTE` answer means held already for."""
+def _is_rejection_note(data: bytes | Any) -> bool:
+    """Whether ``data`` (Part 10 bytes, or the data set read from them) is an IOCM Rejection Note (a Key Object
+    Selection titled with one of ctscreen's rejection titles), the one object a :data:`DUPLICATE_REJECTION_NOTE`
+    answer means held already for."""
     import pydicom
     from pydicom.uid import KeyObjectSelectionDocumentStorage
 
     from aggregator.keyimages import REJECTED_FOR_QUALITY
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) if isinstance(data, bytes) else data
     except Exception:  # noqa: BLE001 - not DICOM (a caller's bytes): not a note
         return False
     title = ds.get("ConceptNameCodeSequence") or [None]
@@ -101,7 +102,7 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
             if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE) or (
-                    code == DUPLICATE_REJECTION_NOTE and _is_rejection_note(data)):
+                    code == DUPLICATE_REJECTION_NOTE and _is_rejection_note(ds)):
                 # success, warnings (coercion, elements discarded), or held already: our UIDs are stable per
                 # result, so a PACS that refuses overwrites has this very object (a resend, a lost answer)
                 sent.append(uid)
@@ -142,11 +143,12 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     except ValueError:
         answer = {}
     failures = [i for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)]
-    notes = {uid for uid, _, data in items if _is_rejection_note(data)} if failures else set()
+    data_of = {uid: data for uid, _, data in items}
 
     def held(failure: dict[str, Any]) -> bool:  # held already: delivered
         reason, uid = (failure.get(tag, {}).get("Value", [None])[0] for tag in ("00081197", "00081155"))
-        return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in notes)
+        return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in data_of
+                                       and _is_rejection_note(data_of[uid]))  # read only when so answered
 
     failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures if not held(i)}
     done = [u for u in uids if u not in failed]
