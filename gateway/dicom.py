@@ -1337,6 +1337,11 @@ WALL_HU, WALL_MM = 30.0, 12.0
 crops got the same, ``training.realct.place``), so that lungs the field cuts do not open onto air."""
 
 
+def pixel_mm(spacing: Sequence[float]) -> float:
+    """A pixel's side in mm: the mean of Pixel Spacing's two values (axial CT pixels are square)."""
+    return float(np.mean([float(v) for v in spacing]))
+
+
 def grid_side(hu: np.ndarray, spacing: Sequence[float] | None, size: int = SLICE_SIZE) -> int:
     """How many original pixels the ``size`` grid spans (a centred square): ``max(rows, cols)`` (the whole slice,
     padded to square), or, when Pixel Spacing puts that outside :data:`GRID_MM`, the side that puts it at the
@@ -1355,7 +1360,7 @@ def grid_side(hu: np.ndarray, spacing: Sequence[float] | None, size: int = SLICE
     n = max(rows, cols)
     if spacing is None or not known_spacing(spacing, rows, cols):
         return n
-    mm = float(np.mean([float(v) for v in spacing]))
+    mm = pixel_mm(spacing)
     lo, hi = GRID_MM
     if mm * n / size < lo:
         return int(math.ceil(size * lo / mm))
@@ -1427,12 +1432,12 @@ def to_grid(
     pad_top, pad_left = (n - rows) // 2, (n - cols) // 2  # negative: that many pixels cropped
     mapping = GridMapping(rows, cols, scale=n / size, pad_top=pad_top, pad_left=pad_left, **flips)
     top, left = max(0, -pad_top), max(0, -pad_left)
-    part = hu[top : top + min(rows - top, n), left : left + min(cols - left, n)]
+    part = hu[top : top + n, left : left + n]
     at = (max(0, pad_top), max(0, pad_left))
     dtype = np.int16 if n == size else np.float32  # n == size: padding alone puts it on the grid (a zoom by 1
     square = np.full((n, n), PAD_HU, dtype=dtype)  # is the identity, and it cost ~7 ms a slice)
     if n > max(rows, cols) and spacing is not None and cuts_body(part):
-        body_wall(square, (part.shape[0], part.shape[1]), at, float(np.mean([float(v) for v in spacing])))
+        body_wall(square, (part.shape[0], part.shape[1]), at, pixel_mm(spacing))
     square[at[0] : at[0] + part.shape[0], at[1] : at[1] + part.shape[1]] = part
     if n == size:
         return square, mapping
