@@ -209,7 +209,7 @@ class _Reading:
                                      assigner=patient.get("IssuerOfPatientID"))
         issued = result.created_at.isoformat() if result.created_at is not None else None
         device = _device(result)
-        device_ref = {"reference": _uuid(DEVICE_SYSTEM, device_identifier(result)), "type": "Device",
+        device_ref = {"reference": _uuid(DEVICE_SYSTEM, device["identifier"][0]["value"]), "type": "Device",
                       "identifier": dict(device["identifier"][0]), "display": device["deviceName"][0]["name"]}
         covid = _concept(SNOMED, "840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
         code, meaning = _VERDICT[result.verdict]

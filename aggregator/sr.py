@@ -62,9 +62,9 @@ class SourceError(ValueError):
 
 
 SR_SERIES_DESCRIPTION: Final = "ctscreen COVID-19 AI: {verdict} - not a diagnosis"
-"""The SR's Series Description, with the verdict in capitals: a PACS study list shows series descriptions, so a
-reader sees the machine's reading there without opening the SR (at most 53 characters of LO's 64)."""
-"""What a PACS shows for the SR series: a machine reading, to be verified (IHE AIR: say what made it)."""
+"""What a PACS shows for the SR series: a machine reading, to be verified (IHE AIR: say what made it), with the
+verdict in capitals: a PACS study list shows series descriptions, so a reader sees the machine's reading there
+without opening the SR (at most 53 characters of LO's 64)."""
 
 
 def equipment_and_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> dict[str, Any]:
