@@ -786,9 +786,9 @@ def test_dcm4chee_s_already_received_answer_means_held_for_a_rejection_note_only
         dest = DicomDestination(name="arc", kind="dicom", host="127.0.0.1", port=server.server_address[1],
                                 ae_title="DCM4CHEE", objects=["sr", "kos", "rejection"], timeout_s=10)
         note, kos = _key_object(REJECTED_FOR_QUALITY), _key_object(OF_INTEREST)
-        assert send_dicom(dest, [note], "CTSCREEN") == [note[0]]
+        assert send_dicom(dest, [note], "CTSCREEN", notes={note[0]}) == [note[0]]
         with pytest.raises(SendError, match="out of resources") as exc:
-            send_dicom(dest, [note, kos], "CTSCREEN")
+            send_dicom(dest, [note, kos], "CTSCREEN", notes={note[0]})
         assert exc.value.sent == [note[0]] and not exc.value.permanent
     finally:
         server.shutdown()
@@ -816,7 +816,7 @@ def test_stow_already_received_answer_means_held_for_a_rejection_note_only(reaso
 
     async def send():
         async with httpx.AsyncClient(transport=transport) as client:
-            return await send_stow(dest, items, client)
+            return await send_stow(dest, items, client, notes={items[0][0]})
 
     if done:
         assert asyncio.run(send()) == [uid for uid, _, _ in items]

@@ -190,7 +190,8 @@ class Deliverer:
                 payload = None
             assert payload is not None and items is not None
             if todo:
-                sent = await self._send(task.id, dest, items)
+                notes = {o["uid"] for o in todo if o.get("kind") == payloads.REJECTION}
+                sent = await self._send(task.id, dest, items, notes)
                 await self.tasks.mark_sent(task.id, sent)
                 self.objects.labels(dest.name).inc(len(sent))
             detail = f"{len(payload['objects'])} object(s) acknowledged"
@@ -283,16 +284,16 @@ class Deliverer:
 
         return await asyncio.to_thread(load)
 
-    async def _send(self, task_id: int, dest: Destination, items: list[Item]) -> list[str]:
+    async def _send(self, task_id: int, dest: Destination, items: list[Item], notes: set[str]) -> list[str]:
         beat = asyncio.get_running_loop().create_task(self._heartbeat(task_id))
         try:
             if isinstance(dest, DicomDestination):
                 return await asyncio.get_running_loop().run_in_executor(
-                    self._senders, send_dicom, dest, items, self.settings.dicom_ae_title)
+                    self._senders, send_dicom, dest, items, self.settings.dicom_ae_title, notes)
             if self._http is None:  # start() makes it; passes driven by poll() alone make it here
                 self._http = httpx.AsyncClient()
             if isinstance(dest, StowDestination):
-                return await send_stow(dest, items, self._http)
+                return await send_stow(dest, items, self._http, notes)
             return await send_fhir(dest, items, self._http)
         finally:
             beat.cancel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import httpx
@@ -39,30 +39,13 @@ DUPLICATE = 0x0111
 DUPLICATE_REJECTION_NOTE = 0xA770
 """dcm4chee-arc's status (C-STORE, or STOW-RS failure reason) for a Rejection Note whose SOP instance it received
 already ("Rejection Note [uid=...] already received"); in the 0xA7xx range that DICOM gives to "out of
-resources". A note's UID derives from its content, so for a note it means held already: delivered. For any
-other object it keeps its standard meaning."""
+resources". A note's UID derives from its content, so for a note (the payload says which objects are notes:
+``notes``) it means held already: delivered. For any other object it keeps its standard meaning."""
 
 
-def _is_rejection_note(data: bytes | Any) -> bool:
-    """Whether ``data`` (Part 10 bytes, or the data set read from them) is an IOCM Rejection Note (a Key Object
-    Selection titled with one of ctscreen's rejection titles), the one object a :data:`DUPLICATE_REJECTION_NOTE`
-    answer means held already for."""
-    import pydicom
-    from pydicom.uid import KeyObjectSelectionDocumentStorage
-
-    from aggregator.keyimages import REJECTED_FOR_QUALITY
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) if isinstance(data, bytes) else data
-    except Exception:  # noqa: BLE001 - not DICOM (a caller's bytes): not a note
-        return False
-    title = ds.get("ConceptNameCodeSequence") or [None]
-    return (ds.get("SOPClassUID") == KeyObjectSelectionDocumentStorage and title[0] is not None
-            and (title[0].get("CodeValue"), title[0].get("CodingSchemeDesignator")) == REJECTED_FOR_QUALITY[:2])
-
-
-def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str) -> list[str]:
-    """C-STORE every item over one association (blocking)."""
+def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: str,
+               notes: Collection[str] = ()) -> list[str]:
+    """C-STORE every item over one association (blocking); ``notes``: the UIDs of the Rejection Notes among them."""
     import pydicom
     from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
@@ -102,7 +85,7 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
             if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE) or (
-                    code == DUPLICATE_REJECTION_NOTE and _is_rejection_note(ds)):
+                    code == DUPLICATE_REJECTION_NOTE and uid in notes):
                 # success, warnings (coercion, elements discarded), or held already: our UIDs are stable per
                 # result, so a PACS that refuses overwrites has this very object (a resend, a lost answer)
                 sent.append(uid)
@@ -122,8 +105,10 @@ def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) 
     return SendError(f"{where} answered HTTP {response.status_code}", permanent=permanent, sent=sent)
 
 
-async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient) -> list[str]:
-    """STOW-RS every item in one multipart/related request to ``{url}/studies``."""
+async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient,
+                    notes: Collection[str] = ()) -> list[str]:
+    """STOW-RS every item in one multipart/related request to ``{url}/studies``; ``notes``: the UIDs of the
+    Rejection Notes among them."""
     boundary = uuid.uuid4().hex
     parts = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
              for _, _, data in items]
@@ -143,12 +128,9 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     except ValueError:
         answer = {}
     failures = [i for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)]
-    data_of = {uid: data for uid, _, data in items}
-
     def held(failure: dict[str, Any]) -> bool:  # held already: delivered
         reason, uid = (failure.get(tag, {}).get("Value", [None])[0] for tag in ("00081197", "00081155"))
-        return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in data_of
-                                       and _is_rejection_note(data_of[uid]))  # read only when so answered
+        return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in notes)
 
     failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures if not held(i)}
     done = [u for u in uids if u not in failed]
