@@ -238,20 +238,17 @@ class Deliverer:
         files, context = await self.tasks.job_sources(task.job_id)
         callers = payloads.calling_ae_titles([f for f, _ in files])
         why = dest.rule.admits(result.verdict, callers, result.reason)
-        earlier = await self.store.earlier_results(task.job_id)  # the readings this one replaces
-        held: list[dict[str, str]] = []  # what this destination acknowledged of them, for the Rejection Note
-        if not isinstance(dest, FhirDestination) and "rejection" in dest.objects:
-            held = await self.tasks.acknowledged([e.job_id for e in earlier if e.job_id], dest.name)
+        wants_note = not isinstance(dest, FhirDestination) and "rejection" in dest.objects
+        # the readings this one replaces (not read for a result this destination's rule leaves out, unless a
+        # Rejection Note may still go), and what this destination acknowledged of them, for the note
+        earlier = await self.store.earlier_results(task.job_id) if why is None or wants_note else []
+        held = await self.tasks.acknowledged([e.job_id for e in earlier if e.job_id], dest.name) if wants_note else []
         rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held else []
         if why is not None and not rejected:
             await self.tasks.finish(task.id, SKIPPED, why)
             self.outcomes.labels(dest.name, SKIPPED).inc()
             logger.info("job %s -> %s: skipped (%s)", task.job_id, dest.name, why)
             return None
-        # a reading the rule leaves out still retracts the earlier ones it sent here (a positive followed by a
-        # negative at a positives-only PACS): only the Rejection Note goes
-        wanted: Sequence[str] = (["rejection"] if why is not None else [] if isinstance(dest, FhirDestination)
-                                 else dest.objects)
 
         def put(data: bytes) -> str:
             key = new_key()
@@ -265,6 +262,9 @@ class Deliverer:
                 sources = instance_sources(self.blobs, files)
             except FileNotFoundError:
                 raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
+            # a reading the rule leaves out still retracts the earlier ones it sent here (a positive followed by a
+            # negative at a positives-only PACS): only the Rejection Note goes
+            wanted = ["rejection"] if why is not None else dest.objects
             return payloads.build_dicom(result, sources, wanted, put, earlier, rejected)
 
         objects = await asyncio.to_thread(build)
