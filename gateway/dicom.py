@@ -662,10 +662,10 @@ def _codes(value: Any) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in values)
 
 
-def _text(value: Any) -> str:
+def joined_text(value: Any) -> str:
     r"""A string or multi-valued string element as one string (values joined by a backslash); "" when absent.
 
-    >>> _text(["FC52", "AIDR 3D"]), _text("B70f"), _text(None)
+    >>> joined_text(["FC52", "AIDR 3D"]), joined_text("B70f"), joined_text(None)
     ('FC52\\AIDR 3D', 'B70f', '')
     """
     if value is None:
@@ -832,7 +832,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 intercept_missing=intercept_missing,
                 lossy=lossy,
                 warnings=tuple(warnings),
-                convolution_kernel=_text(_fg_value(ds, f, "CTReconstructionSequence", "ConvolutionKernel")),
+                convolution_kernel=joined_text(_fg_value(ds, f, "CTReconstructionSequence", "ConvolutionKernel")),
             )
         )
     return out

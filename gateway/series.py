@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from pydicom.dataset import Dataset
 
-from gateway.dicom import CT_SOP_CLASSES, FrameHeader
+from gateway.dicom import CT_SOP_CLASSES, FrameHeader, joined_text
 
 logger = logging.getLogger(__name__)
 
@@ -392,17 +392,9 @@ class SeriesLabels:
 
 def _header_text(ds: Dataset, keyword: str) -> str:
     try:
-        value = ds.get(keyword)
+        return joined_text(ds.get(keyword))
     except Exception:  # noqa: BLE001 - malformed values surface lazily in pydicom
         return ""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    try:
-        return " ".join(str(v).strip() for v in value)
-    except TypeError:
-        return str(value).strip()
 
 
 def _anatomy(ds: Dataset) -> str:
