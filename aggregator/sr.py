@@ -321,9 +321,17 @@ def library_uids(result: CaseResult, boxes: Literal["evidence", "all"] = "eviden
     (:func:`to_sr` with the same ``boxes``): the evidence run's, and for ``"all"`` those of every slice with a box."""
     shown = _shown(result)
     uids = {s.sop_instance_uid for s in shown.slices} if shown is not None else set()
-    if boxes == "all" and result.shows_lesions:
-        uids |= {f.sop_instance_uid for f in result.slices if f.boxes}
-    return uids
+    return uids | {uid for _, uid, _ in _chosen(result, boxes)}
+
+
+def _chosen(result: CaseResult, boxes: Literal["evidence", "all"]) -> list[tuple[int, str, LesionBox]]:
+    """``(slice index, SOP Instance UID, box)`` of each box the SR of ``result`` encodes (:func:`to_sr`)."""
+    if not result.shows_lesions:
+        return []
+    if boxes == "evidence":
+        shown = _shown(result)
+        return [(s.index, s.sop_instance_uid, b) for s in (shown.slices if shown is not None else []) for b in s.boxes]
+    return [(f.index, f.sop_instance_uid, b) for f in result.slices for b in f.boxes]
 
 
 def _in_slice_order(result: CaseResult, evidence: Sequence[Dataset]) -> list[Dataset]:
@@ -533,13 +541,7 @@ def to_sr(
         )
     ]
 
-    if not result.shows_lesions:
-        chosen: list[tuple[int, str, LesionBox]] = []
-    elif boxes == "evidence":
-        runs = shown.slices if shown is not None else []
-        chosen = [(s.index, s.sop_instance_uid, b) for s in runs for b in s.boxes]
-    else:
-        chosen = [(f.index, f.sop_instance_uid, b) for f in result.slices for b in f.boxes]
+    chosen = _chosen(result, boxes)
     skipped = 0
     for n, (index, uid, box) in enumerate(chosen):
         ds = by_uid.get(uid)
