@@ -210,7 +210,7 @@ class Screener:
         if not self._stream:
             study = await parse(lambda: self._loader(list(sources)))
             return self._prepared(study, time.monotonic() - t)
-        speculation = Speculation(self.pool, self.executor) if speculate else None
+        speculation = Speculation(self.pool) if speculate else None
         if speculation is not None:
             self.ahead.add(speculation)  # at once: the upload route's room check (has_room) counts it from here
         try:

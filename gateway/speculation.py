@@ -4,8 +4,14 @@ An upload is accepted only once every file is parsed, the series is chosen from 
 (:func:`gateway.ingest.plan_study`), the instances are durable and the job is committed: a 300-slice
 upload spends about a second on that on one core, and Triton waited for all of it (on 2 cores the other
 core idled; issue 17). Inference of one slice does not depend on the others, so a :class:`Speculation`
-decodes each CT object as soon as its header is parsed (:meth:`offer`, from the parsing thread) and
-sends its frames to Triton in batches, keeping the answers by frame. When the plan is known the
+decodes each CT object as soon as its header is parsed, in the parsing thread itself (:meth:`offer`), and
+sends its frames to Triton in batches, keeping the answers by frame.
+
+Decoding where the header was parsed, not in a pool of decode threads, saves a hand-off to another thread
+and back for every object: with the event loop, the parsing thread and two decode threads taking turns at
+the GIL, the gateway blocked about 40 times a slice in each decode thread, and a 300-slice study cost
+1.0-1.5 ms of gateway CPU a slice more (``python -m benchmarks.cpu_split``; docs/triton.md). Each upload
+has its own parsing thread, so concurrent uploads still decode side by side. When the plan is known the
 screening takes the answers of the chosen frames and asks Triton only for the rest
 (:meth:`gateway.screening.Screener.screen`).
 
@@ -31,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -56,20 +61,18 @@ class Speculation:
     ----------
     pool : TritonPool
         Where the batches go (:meth:`~gateway.triton_pool.TritonPool.infer_batch`).
-    executor : concurrent.futures.Executor
-        Where objects are decoded.
     rules : SeriesRules | None
         The header rules a frame must pass to be guessed at (the ingest's defaults).
     """
 
-    def __init__(self, pool: TritonPool, executor: Executor, rules: SeriesRules | None = None) -> None:
-        self.pool, self.executor, self.rules = pool, executor, rules or SeriesRules()
+    def __init__(self, pool: TritonPool, rules: SeriesRules | None = None) -> None:
+        self.pool, self.rules = pool, rules or SeriesRules()
         self._loop = asyncio.get_running_loop()
         self.taken: set[str] = set()
-        """SOP Instance UIDs of the objects taken on (decoded, or being decoded, here)."""
+        """SOP Instance UIDs of the objects taken on (decoded here)."""
         self.decodes: dict[str, asyncio.Future[Decoded]] = {}
-        """Their decodes, by SOP Instance UID, until the screening takes them (it pops them: the frames are
-        then held once, by the study)."""
+        """Their decodes (done futures: a decode's result or its error), by SOP Instance UID, until the
+        screening takes them (it pops them: the frames are then held once, by the study)."""
         self.answers: dict[tuple[str, int], SliceOutput] = {}
         """Frames Triton answered, by frame key."""
         self.stats = InferStats()
@@ -78,29 +81,35 @@ class Speculation:
         self._stopped = False  # no new object is taken on, no new batch sent
         self._closed = False  # the upload is parsed: a short last batch may go
         self._queue: list[tuple[tuple[str, int], np.ndarray]] = []  # decoded frames not yet sent
-        self._decoding = 0  # objects taken on whose frames are not queued yet
         self._sending: set[asyncio.Task[None]] = set()
         self._room = asyncio.Semaphore(max(1, pool.window()))
 
     # --- fed by the parsing thread --------------------------------------------------------------
     def offer(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
-        """An object was parsed (any thread): decode and screen it if it belongs to the guessed series."""
+        """An object was parsed (in the parsing thread): decode it here, unless its frames are all left out
+        or the speculation has stopped, and hand it to the event loop, which screens it if it belongs to the
+        guessed series. Never raises: a decode that fails is the screening's to meet (it gets the error)."""
+        keys = frozenset(h.key for h in headers if frame_exclusion(h, self.rules) is None)
+        decoded: Decoded | BaseException | None = None
+        if keys and not self._stopped:  # read across threads: a late stop only wastes this one decode
+            try:
+                decoded = decode_frames(ds, headers, keys)
+            except Exception as exc:  # noqa: BLE001 - kept for the screening, as a decode thread's future would
+                decoded = exc
         try:
-            self._loop.call_soon_threadsafe(self._take, uid, ds, headers)
+            self._loop.call_soon_threadsafe(self._take, uid, headers, keys, decoded)
         except RuntimeError:  # the loop is closing: nothing to speculate for
             pass
 
-    def _take(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
+    def _take(self, uid: str, headers: list[FrameHeader], keys: frozenset[tuple[str, int]],
+              decoded: Decoded | BaseException | None) -> None:
         if uid in self.taken:  # a re-send: the plan keeps the later copy, whose pixels may differ
-            old = self.decodes.pop(uid, None)
-            if old is not None:
-                old.cancel()
+            self.decodes.pop(uid, None)
             self._unusable = True
             self.stop()
             return
-        if self._stopped:
+        if self._stopped or decoded is None:
             return
-        keys = frozenset(h.key for h in headers if frame_exclusion(h, self.rules) is None)
         if not keys:
             return  # localizers, other modalities, ...: the plan leaves them out too
         series = headers[0].series_instance_uid
@@ -110,24 +119,22 @@ class Speculation:
             logger.debug("a second CT series in the upload: no more speculation")
             self.stop()
             return
-        future = self._loop.run_in_executor(self.executor, decode_frames, ds, headers, keys)
-        self.decodes[uid] = future
-        self.taken.add(uid)
-        self._decoding += 1
-        future.add_done_callback(self._decoded)
-
-    def _decoded(self, future: asyncio.Future[Decoded]) -> None:
-        self._decoding -= 1
-        if not future.cancelled() and future.exception() is None and not self._stopped:
-            frames, rejection, _ = future.result()
+        future: asyncio.Future[Decoded] = self._loop.create_future()
+        if isinstance(decoded, BaseException):
+            future.set_exception(decoded)
+        else:
+            future.set_result(decoded)
+            frames, rejection, _ = decoded
             if rejection is None:
                 self._queue.extend((key, arr) for key, arr, _ in frames)
-        self._send()  # also when it was the last decode: the short last batch goes
+        self.decodes[uid] = future
+        self.taken.add(uid)
+        self._send()
 
     # --- batches to Triton ------------------------------------------------------------------------
     def _send(self) -> None:
         size = self.pool.batch_size
-        last = self._closed and not self._decoding  # nothing more is coming: a short batch goes
+        last = self._closed  # nothing more is coming: a short batch goes
         while not self._stopped and (len(self._queue) >= size or (last and self._queue)):
             batch, self._queue = self._queue[:size], self._queue[size:]
             task = self._loop.create_task(self._infer(batch))
@@ -164,29 +171,22 @@ class Speculation:
         return not self._unusable
 
     def pending(self) -> int:
-        """Decodes and batches not ended yet (0 once settled or cancelled)."""
-        return sum(not t.done() for t in self._sending) + sum(not f.done() for f in self.decodes.values())
+        """Batches not answered yet (0 once settled or cancelled); decodes end in the parsing thread."""
+        return sum(not t.done() for t in self._sending)
 
     def busy(self) -> bool:
         """Whether it may still ask something of the cores or of Triton: the upload is still being parsed
-        (and it has not stopped), or a decode or a batch has not ended."""
+        and decoded (and it has not stopped), or a batch has not ended."""
         return (not self._closed and not self._stopped) or self.pending() > 0
 
     def covers(self, uids: list[str]) -> bool:
-        """Whether every one of these objects was taken on (is decoded or being decoded here)."""
+        """Whether every one of these objects was taken on (is decoded here)."""
         return not self._unusable and self.taken.issuperset(uids)
 
     async def settle(self) -> dict[tuple[str, int], SliceOutput]:
         """Wait for the batches sent (and those still to send from what was decoded); the answers by frame key."""
         self.close()
         while True:
-            pending = [f for f in self.decodes.values() if not f.done()]
-            if pending:
-                await asyncio.wait(pending)
-                continue
-            if self._decoding:  # decoded, their frames not queued yet (the callbacks run next)
-                await asyncio.sleep(0)
-                continue
             self._send()
             if not self._sending:
                 break
@@ -204,8 +204,7 @@ class Speculation:
         self.stop()
         for task in list(self._sending):
             task.cancel()
-        for future in self.decodes.values():
-            future.cancel()  # a decode already running finishes in its thread; its result is dropped
-        self.decodes.clear()  # nothing decoded is held past this
+        self.decodes.clear()  # nothing decoded is held past this (a decode still running in the parsing
+        # thread is dropped when it reaches the stopped loop side)
         self.answers.clear()
 

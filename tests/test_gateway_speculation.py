@@ -135,6 +135,33 @@ def test_requests_leave_before_the_last_file_is_parsed(triton, study_files, monk
 
 
 @pytest.mark.triton
+def test_each_object_is_decoded_in_the_thread_that_parsed_it(triton, study_files, monkeypatch):
+    """No hand-off to a decode thread and back for each object (issue 17: the GIL hand-offs cost the gateway
+    about 1 ms of CPU a slice): the speculation decodes an object where its header was just parsed."""
+    from gateway import speculation
+
+    parsed_in: dict[str, int] = {}
+    decoded_in: dict[str, int] = {}
+    add, decode = StudyAccumulator.add, speculation.decode_frames
+
+    def recording_add(self: StudyAccumulator, filename: str, data: Any) -> Any:
+        parsed_in[filename] = threading.get_ident()
+        return add(self, filename, data)
+
+    def recording_decode(ds: Any, headers: Any, keys: Any) -> Any:
+        decoded_in[headers[0].filename] = threading.get_ident()
+        return decode(ds, headers, keys)
+
+    monkeypatch.setattr(StudyAccumulator, "add", recording_add)
+    monkeypatch.setattr(speculation, "decode_frames", recording_decode)
+    run = _Run()
+    result = _screen(triton, study_files, ahead=True, run=run)
+    assert result.n_slices == N_SLICES and run.speculations[0].stats.slices == N_SLICES
+    assert len(decoded_in) == N_SLICES
+    assert {name: parsed_in[name] for name in decoded_in} == decoded_in
+
+
+@pytest.mark.triton
 def test_slices_the_speculation_could_not_get_answered_are_asked_again(triton, study_files):
     """Triton refuses every speculative request: the first refusal stops the speculation (at most the
     window's 4 batches were sent: 2 in flight a endpoint, twice that), each tried once; the screening asks
