@@ -415,3 +415,29 @@ def test_augment_without_jpeg_draws_nothing_for_it(monkeypatch) -> None:
     monkeypatch.setattr(train, "jpeg_round_trip", refuse)
     train.augment(hu.clone(), target.clone(), plain, jpeg=False)
     assert torch.rand(1, generator=plain) != torch.rand(1, generator=with_jpeg)  # it drew less
+
+
+def test_augment_textures_the_noise_of_some_slices_only_when_asked() -> None:
+    """``--textured-noise``: about half of a batch gets noise correlated between neighbouring pixels (as a
+    reconstruction kernel makes low-dose CT noise); without it only the softer kernel (p 0.3) correlates
+    neighbours, and the generator draws nothing for the choice (an older recipe replays its random stream).
+    Seen failing with the textured branch removed."""
+    import torch
+
+    from training import train
+
+    def correlated(x: torch.Tensor) -> int:  # slices whose left-right neighbours' noise correlates above 0.5
+        c = x[:, 0, 16:48, 16:48]
+        c = c - c.mean(dim=(1, 2), keepdim=True)
+        return sum(float((s[:, 1:] * s[:, :-1]).mean() / (s * s).mean()) > 0.5 for s in c)
+
+    hu, target = torch.full((64, 1, 64, 64), -850.0), torch.zeros((64, 1, 64, 64))
+    textured, _ = train.augment(hu.clone(), target.clone(), torch.Generator().manual_seed(3), jpeg=False,
+                                noise_hu=90.0, textured_noise=True)
+    white, _ = train.augment(hu.clone(), target.clone(), torch.Generator().manual_seed(3), jpeg=False, noise_hu=90.0)
+    # expected: 0.3 of 64 (19) softened without; 0.5 + 0.5 x 0.3 of 64 (42) with
+    assert correlated(white) < 29 < 33 < correlated(textured), (correlated(white), correlated(textured))
+    plain, asked = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    train.augment(hu.clone(), target.clone(), plain, jpeg=False)
+    train.augment(hu.clone(), target.clone(), asked, jpeg=False, textured_noise=True)
+    assert torch.rand(1, generator=plain) != torch.rand(1, generator=asked)  # the textured choice drew numbers

@@ -90,6 +90,17 @@ def train_main(argv: list[str]) -> int:
         help="no JPEG round trip in the augmentation (version 2.0.0 was trained before it existed)",
     )
     p.add_argument(
+        "--noise-hu",
+        type=float,
+        default=25.0,
+        help="the strongest Gaussian noise of the augmentation, in HU (default 25, as version 2.0.0)",
+    )
+    p.add_argument(
+        "--textured-noise",
+        action="store_true",
+        help="correlate half of the slices' augmentation noise over about a pixel (low-dose CT texture)",
+    )
+    p.add_argument(
         "--max-slices",
         type=positive(int),
         default=None,
@@ -145,6 +156,8 @@ def train_main(argv: list[str]) -> int:
         crop=args.crop,
         hard_negatives=args.hard_negatives,
         jpeg=not args.no_jpeg,
+        noise_hu=args.noise_hu,
+        textured_noise=args.textured_noise,
         max_slices_per_volume=args.max_slices,
         val_every=args.val_every,
         resume=args.resume,

@@ -54,6 +54,11 @@ class TrainConfig:
     jpeg: bool = True
     """Put half of the 8-bit exports through JPEG (added after version 2.0.0; False draws no random number
     for it, so a 2.0.0 recipe replays its random stream)."""
+    noise_hu: float = 25.0
+    """The strongest Gaussian noise added (standard deviation in HU, drawn uniformly from 0 to it a slice)."""
+    textured_noise: bool = False
+    """Correlate half of the slices' noise over about a pixel, as a reconstruction kernel does (low-dose CT
+    noise is textured); False draws no random number for it, so an older recipe replays its random stream."""
     crop: int | None = None
     """Train on windows of this size at the net's resolution (None: whole slices)."""
     hard_negatives: float = 0.0
@@ -72,9 +77,11 @@ class TrainConfig:
 
 
 def augment(
-    hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0, jpeg: bool = True
+    hu: torch.Tensor, target: torch.Tensor, gen: torch.Generator, *, max_rot_deg: float = 8.0, jpeg: bool = True,
+    noise_hu: float = 25.0, textured_noise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise, a
+    """Random left-right flips, small affine (rotation, scale, shift), HU window jitter and noise (up to
+    ``noise_hu``; with ``textured_noise``, half of the slices' noise correlated over about a pixel), a
     softer kernel, and an 8-bit export round trip (with ``jpeg``, half of them through JPEG at a random
     quality).
 
@@ -103,8 +110,15 @@ def augment(
     target = F.grid_sample(target, tgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # window jitter (calibration / kernel differences) and noise
     hu = hu * (1 + u(-0.05, 0.05))[:, None, None, None] + u(-40, 40)[:, None, None, None]
-    sigma = u(0, 25)[:, None, None, None]
+    sigma = u(0, noise_hu)[:, None, None, None]
     noise = torch.randn(hu.shape, generator=gen).to(dev)
+    if textured_noise:  # a Gaussian of 0.8 pixel (benchmarks.noise's "textured"), scaled back to unit deviation
+        textured = torch.rand(b, generator=gen).to(dev) < 0.5
+        g = torch.exp(-torch.arange(-2.0, 3.0, device=dev) ** 2 / (2 * 0.8**2))
+        g = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+        smooth = F.conv2d(F.pad(noise, (2, 2, 2, 2), mode="reflect"), g)
+        smooth = smooth / smooth.std(dim=(1, 2, 3), keepdim=True)
+        noise = torch.where(textured[:, None, None, None], smooth, noise)
     hu = hu + noise * sigma
     # scanners and exports: a softer kernel (blur, p = 0.3) and an 8-bit lung-window export round
     # trip (p = 0.4: clipped at a random window's ends, 256 grey levels), as the real JPEG slices are
@@ -396,7 +410,8 @@ def train(
         weight = torch.from_numpy(w_np).to(device)
         if cfg.augment:
             # no rotation for the valid area: a rotated rectangle is not the box of the rotated lungs
-            hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0, jpeg=cfg.jpeg)
+            hu, tgt = augment(hu, tgt, gen, max_rot_deg=0.0 if cfg.task == "valid_area" else 8.0, jpeg=cfg.jpeg,
+                               noise_hu=cfg.noise_hu, textured_noise=cfg.textured_noise)
         # hard-negative mining ramps in over the first 30 % of the steps: on an untrained net every
         # background pixel is "hard", and full weight from step 0 drives it to predict nothing
         hard = cfg.hard_negatives * min(1.0, step / max(1.0, 0.3 * cfg.steps))
