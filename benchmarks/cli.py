@@ -11,6 +11,7 @@
     ctscreen bench figures  [--only|--skip S]       every published figure, stamped (``make bench``)
     ctscreen bench sweep    ...                      the in-process ONNX Runtime sweep alone
     ctscreen bench fov                               the models across fields of view (real slices, 250-500 mm)
+    ctscreen bench noise                             the models under added noise (real slices, low-dose CT)
     ctscreen bench scaling|phantom|models|decode|admission ... the other engineers' benchmarks
 
 Without ``--url``/``--triton-url`` a benchmark starts the embedded Triton (cpu profile) and a gateway on
@@ -57,6 +58,7 @@ DELEGATES = {
     "figures": ("benchmarks.figures", "every published figure, stamped (make bench)"),
     "sweep": ("benchmarks.sweep_inprocess", "in-process ONNX Runtime over batch, threads and scheduling"),
     "fov": ("benchmarks.fov", "the models across fields of view (real slices re-imaged 250-500 mm)"),
+    "noise": ("benchmarks.noise", "the models under added noise (real slices; low-dose CT)"),
 }
 
 

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +116,32 @@ def write_json(path: Path, doc: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path
+
+
+def shared_real_data(shared: Path | None = None) -> tuple[Path, Path]:
+    """``(dicom-edge-cases folder, real-ct root)`` of the shared data (default ``../shared/data`` beside the
+    checkout); raises BenchError, saying what is missing, when the real CT is not there."""
+    from training.realct import DataError, real_ct_root
+
+    root = shared or Path(__file__).resolve().parents[2] / "shared" / "data"
+    try:
+        return root / "dicom-edge-cases", real_ct_root(root / "real-ct")
+    except DataError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def publish(prog: str, make: Any, render: Any, out: Path) -> int:
+    """Run ``make()`` (a stamped document), write it to ``out`` and print ``render(doc)`` and where it went;
+    exit status 2, with ``prog``'s one-line reason, when ``make`` raises BenchError (missing data)."""
+    try:
+        doc = make()
+    except BenchError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    path = write_json(out, doc)
+    print(render(doc))
+    print(f"\n{path} (commit {doc['machine'].get('commit')})")
+    return 0
 
 
 def _json_default(obj: Any) -> Any:

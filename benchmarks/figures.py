@@ -102,6 +102,7 @@ PLAN: tuple[Step, ...] = (
     Step("real", ("-m", "training.evaluate_real", "--out", "docs/models/"), ("docs/models/real.json",), True, 4,
          group="accuracy"),
     Step("fov", ("-m", "benchmarks.fov"), (f"{RESULTS}/fov-latest.json",), True, 0.5, group="accuracy"),
+    Step("noise", ("-m", "benchmarks.noise"), (f"{RESULTS}/noise-latest.json",), True, 3, group="accuracy"),
 )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.common import BenchError, machine_info, results_dir, write_json
+from benchmarks.common import BenchError, machine_info, publish, results_dir, shared_real_data
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,8 @@ def run(shared: Path | None = None) -> dict[str, Any]:
     """Both measures, stamped; raises BenchError when the shared data is not there."""
     from ctscreen.reference import ReferencePipeline
     from gateway.dicom import GRID_MM
-    from training.realct import DataError, real_ct_root
 
-    root = shared or Path(__file__).resolve().parents[2] / "shared" / "data"
-    edge = root / "dicom-edge-cases"
-    try:
-        real_ct = real_ct_root(root / "real-ct")
-    except DataError as exc:
-        raise BenchError(str(exc)) from None
+    edge, real_ct = shared_real_data(shared)
     if not (edge / NEMA).is_file():
         raise BenchError(f"{edge / NEMA} not found (the shared DICOM edge cases)")
     pipe = ReferencePipeline.from_repo(threads=2, batch=4)
@@ -142,15 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/fov-latest.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        doc = run(args.shared)
-    except BenchError as exc:
-        print(f"ctscreen bench fov: {exc}", file=sys.stderr)
-        return 2
-    path = write_json(args.out or results_dir() / "fov-latest.json", doc)
-    print(table(doc))
-    print(f"\n{path} (commit {doc['machine'].get('commit')})")
-    return 0
+    return publish("ctscreen bench fov", lambda: run(args.shared), table, args.out or results_dir() / "fov-latest.json")
 
 
 if __name__ == "__main__":
