@@ -10,9 +10,11 @@ sends its frames to Triton in batches, keeping the answers by frame.
 Decoding where the header was parsed, not in a pool of decode threads, saves a hand-off to another thread
 and back for every object: with the event loop, the parsing thread and two decode threads taking turns at
 the GIL, the gateway blocked about 40 times a slice in each decode thread, and a 300-slice study cost
-1.0-1.5 ms of gateway CPU a slice more (``python -m benchmarks.cpu_split``; docs/triton.md). Each upload
-has its own parsing thread, so concurrent uploads still decode side by side. When the plan is known the
-screening takes the answers of the chosen frames and asks Triton only for the rest
+about 1 ms of gateway CPU a slice more (paired runs, the README's performance section). Each multipart
+upload has its own parsing thread, so concurrent uploads still decode side by side (a zip or single file is
+parsed, and so decoded, in a thread of the decode pool). The parsing thread decodes only objects of the
+series it guessed (the first with screenable frames, as the event loop guesses), once each. When the plan
+is known the screening takes the answers of the chosen frames and asks Triton only for the rest
 (:meth:`gateway.screening.Screener.screen`).
 
 What it risks, and the bounds on it:
@@ -83,6 +85,8 @@ class Speculation:
         self._queue: list[tuple[tuple[str, int], np.ndarray]] = []  # decoded frames not yet sent
         self._sending: set[asyncio.Task[None]] = set()
         self._room = asyncio.Semaphore(max(1, pool.window()))
+        self._offered: set[str] = set()  # the parsing thread's: objects offered so far
+        self._guess: str | None = None  # the parsing thread's: the series the loop will guess (the first with frames)
 
     # --- fed by the parsing thread --------------------------------------------------------------
     def offer(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
@@ -90,8 +94,13 @@ class Speculation:
         or the speculation has stopped, and hand it to the event loop, which screens it if it belongs to the
         guessed series. Never raises: a decode that fails is the screening's to meet (it gets the error)."""
         keys = frozenset(h.key for h in headers if frame_exclusion(h, self.rules) is None)
+        series = headers[0].series_instance_uid
+        fresh = uid not in self._offered  # the parsing thread's own records: a re-send or an object of
+        self._offered.add(uid)  # another series than the guess is not decoded (the event loop stops on it)
+        if keys and self._guess is None:
+            self._guess = series
         decoded: Decoded | BaseException | None = None
-        if keys and not self._stopped:  # read across threads: a late stop only wastes this one decode
+        if keys and fresh and series == self._guess and not self._stopped:  # _stopped: a late stop wastes one decode
             try:
                 decoded = decode_frames(ds, headers, keys)
             except Exception as exc:  # noqa: BLE001 - kept for the screening, as a decode thread's future would
@@ -108,10 +117,8 @@ class Speculation:
             self._unusable = True
             self.stop()
             return
-        if self._stopped or decoded is None:
-            return
-        if not keys:
-            return  # localizers, other modalities, ...: the plan leaves them out too
+        if self._stopped or not keys:
+            return  # keys: localizers, other modalities, ...: the plan leaves them out too
         series = headers[0].series_instance_uid
         if self._series is None:
             self._series = series
@@ -119,9 +126,13 @@ class Speculation:
             logger.debug("a second CT series in the upload: no more speculation")
             self.stop()
             return
+        if decoded is None:  # the parsing thread saw the speculation stopped
+            return
         future: asyncio.Future[Decoded] = self._loop.create_future()
         if isinstance(decoded, BaseException):
             future.set_exception(decoded)
+            future.exception()  # marked seen: a dropped one is never logged by asyncio (its message may quote a
+            # patient's data), while the screening that takes it still meets the error
         else:
             future.set_result(decoded)
             frames, rejection, _ = decoded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 import time
 from typing import Any
@@ -203,6 +204,67 @@ def test_a_second_series_stops_the_speculation_and_the_result_is_unchanged(trito
     spec = run.speculations[0]
     assert len(spec.taken) == 6  # nothing after the first object of the second series
     assert sum(run.progress) == result.n_slices
+
+
+@pytest.mark.triton
+def test_objects_of_a_second_series_are_not_decoded_ahead(triton, study_files, monkeypatch):
+    """The parsing thread decodes only the series it guessed, not what the event loop will stop on (decoding in
+    the parsing thread before this decoded 1 to 6 objects of the second series, the more the busier the loop)."""
+    from gateway import speculation
+
+    decoded: list[str] = []
+    decode = speculation.decode_frames
+
+    def counting(ds: Any, headers: Any, keys: Any) -> Any:
+        decoded.append(headers[0].filename)
+        return decode(ds, headers, keys)
+
+    monkeypatch.setattr(speculation, "decode_frames", counting)
+    files = study_files[:6] + _second_series(study_files, 8) + study_files[6:]
+    result = _screen(triton, files, ahead=True)
+    assert result.n_slices == N_SLICES
+    assert decoded and not [n for n in decoded if n.startswith("second-")], decoded
+
+
+@pytest.mark.triton
+def test_a_decode_error_dropped_with_the_speculation_is_not_logged(triton, study_files, monkeypatch, caplog):
+    """A decode that fails (not on the image: a library's error, whose message may quote a patient's data) for an
+    upload that is then not accepted: asyncio must not log it as an exception never retrieved."""
+    import gc
+
+    from gateway import speculation
+
+    last = study_files[-1][0]
+    decode = speculation.decode_frames
+    raised: list[str] = []
+
+    def failing(ds: Any, headers: Any, keys: Any) -> Any:
+        if headers[0].filename == last:
+            raised.append(last)
+            raise MemoryError("while decoding DOE^JANE")
+        return decode(ds, headers, keys)
+
+    monkeypatch.setattr(speculation, "decode_frames", failing)
+
+    async def go() -> None:
+        pool = TritonPool([triton.grpc_url], batch_size=BATCH, max_inflight=2)
+        screener = Screener(pool, Metrics(), decode_workers=2)
+        try:
+            prepared = await screener.prepare(study_files, speculate=True)
+            prepared.release()  # not accepted: the speculation and what it holds are dropped
+            del prepared
+            await asyncio.sleep(0.05)
+            gc.collect()
+            await asyncio.sleep(0.05)
+        finally:
+            screener.close()
+            await pool.close()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(go())
+        gc.collect()
+    assert raised == [last]
+    assert not [r for r in caplog.records if "DOE^JANE" in r.getMessage() or "never retrieved" in r.getMessage()]
 
 
 @pytest.mark.triton
