@@ -62,6 +62,7 @@ __all__ = [
     "codestream_header",
     "decode_file",
     "decode_hu",
+    "image_noise_hu",
     "inflate_deflated",
     "part10_transfer_syntax",
     "read_dataset",
@@ -88,6 +89,13 @@ NOISE_LIMIT_HU = 400.0
 Real CT, even low-dose, stays far below (the edge-case corpus: at most ~100 HU, a head scan
 with dental metal artefacts); a wrongly decoded lossless JPEG (wrong predictor, lost sync)
 reaches > 1000 HU."""
+
+NOISY_HU: Final = 38.0
+"""Image noise (:func:`image_noise_hu`, on the grid) above which a study is warned about. The models were measured
+with noise added to real slices (``python -m benchmarks noise``, docs/models/real-ct.md): their false boxes did
+not grow with 30 HU added (the measure then read 24-34 HU on the four real normal chest slices, whose own noise
+reads 14-27 HU), and grew two to four times with 60 HU added (40-56 HU). The real training slices, 8-bit exports,
+read 9-14 HU."""
 
 MAX_MATRIX = 4096
 """Largest Rows or Columns accepted (CT is 512-1024; some micro-CT 2048)."""
@@ -1294,6 +1302,31 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
             out[i][pad] = PAD_HU
         _check_plausible(out[i], filename, h.frame_index, pad)
     return out
+
+
+def image_noise_hu(hu: np.ndarray) -> float | None:
+    """The image noise of a slice in HU, or None where it holds too little soft tissue to tell.
+
+    The 25th percentile of the standard deviation in 5 x 5 windows lying wholly in soft tissue and fat (windows
+    whose means lie in -200 to 150 HU, with a margin of 3 pixels): the most uniform quarter of the body's tissue, where the spread is noise,
+    not anatomy. It reads about 0.8 of the standard deviation of white noise added to a uniform region, a little
+    less for noise correlated over a pixel or two (a soft kernel, low dose). Measured on the 512 grid, this is the
+    noise the models see.
+
+    >>> rng = np.random.default_rng(0)
+    >>> flat = (40 + rng.normal(0, 50, (128, 128))).astype(np.int16)
+    >>> 35 < image_noise_hu(flat) < 45, image_noise_hu(np.full((64, 64), -1000, np.int16))
+    (True, None)
+    """
+    x = hu.astype(np.float32)
+    mean = ndimage.uniform_filter(x, 5)
+    sd = np.sqrt(np.maximum(ndimage.uniform_filter(x * x, 5) - mean * mean, 0.0))
+    tissue = ((mean > -200) & (mean < 150)).astype(np.float32)  # judged on the 5 x 5 means: noise does not move them
+    inside = ndimage.uniform_filter(tissue, 11) > 0.999  # the window and a margin of 3 pixels are all tissue
+    inside &= sd > 0.5  # not the flat body wall to_grid puts around a cut field of view (no scanner makes flat tissue)
+    if np.count_nonzero(inside) < 1000:
+        return None
+    return float(np.percentile(sd[inside], 25))
 
 
 def standard_flips(orientation: Sequence[float] | None) -> tuple[bool, bool]:

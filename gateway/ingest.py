@@ -45,9 +45,11 @@ from gateway.dicom import (
     ALWAYS_LOSSY,
     CT_SOP_CLASSES,
     MAYBE_LOSSY,
+    NOISY_HU,
     FrameHeader,
     GridMapping,
     decode_hu,
+    image_noise_hu,
     known_spacing,
     read_dataset,
     read_headers,
@@ -74,8 +76,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PreparedStudy", "Rejection", "SliceInfo", "StudyAccumulator", "StudyPlan",
-    "decode_frames", "load_study", "make_decode_pool", "plan_study", "section_extent",
+    "decode_frames", "load_study", "make_decode_pool", "plan_study", "section_extent", "study_noise_hu",
 ]
+
+NOISE_PROBES = 3
+"""Slices whose image noise is measured (:func:`study_noise_hu`): about 8 ms each."""
 
 
 class Rejection(NamedTuple):
@@ -525,6 +530,11 @@ def _assemble(
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
     lung_field_cm2, body_cm2 = section_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids)
+    noise = study_noise_hu(slice_at or (lambda i: hu[i]), len(ordered.slices))
+    if noise is not None and noise > NOISY_HU:
+        warnings.append(f"Image noise about {noise:.0f} HU (soft tissue, as the models see it): above the {NOISY_HU:.0f} HU "
+                        "up to which they were measured; expect more false boxes (a low-dose or sharp-kernel series: "
+                        "screen a soft-kernel reconstruction if there is one).")
     if lung_field_cm2 is None:
         warnings.append("No usable Pixel Spacing: the slices' scale is unknown, so the matrix alone sets the grid and "
                         "the check that the series is a chest (lung field and body section in cm²) is off.")
@@ -550,6 +560,19 @@ def _assemble(
         sr_context=context,
         work_s=work,
     )
+
+
+def study_noise_hu(slice_at: Callable[[int], np.ndarray], n: int, probes: int = NOISE_PROBES) -> float | None:
+    """The median image noise (:func:`gateway.dicom.image_noise_hu`) of up to ``probes`` slices spread over the
+    middle of the series (``slice_at(i)``: slice ``i`` on the 512 grid), or None when none holds enough tissue."""
+    at = sorted({int(round(v)) for v in np.linspace(0, n - 1, probes + 2)[1:-1]}) if n > 2 else list(range(n))
+
+    def centre(img: np.ndarray) -> np.ndarray:  # the middle 3/4: half the time, the same readings on real chests
+        r, c = img.shape[0] // 8, img.shape[1] // 8
+        return img[r : img.shape[0] - r, c : img.shape[1] - c]
+
+    values = [v for v in (image_noise_hu(centre(slice_at(i))) for i in at) if v is not None]
+    return float(np.median(values)) if values else None
 
 
 def section_extent(slice_at: Callable[[int], np.ndarray], frames: Sequence[FrameHeader],
