@@ -78,7 +78,6 @@ class Speculation:
         self.answers: dict[tuple[str, int], SliceOutput] = {}
         """Frames Triton answered, by frame key."""
         self.stats = InferStats()
-        self._series: str | None = None
         self._unusable = False  # an object was offered twice: its answers may be the earlier copy's
         self._stopped = False  # no new object is taken on, no new batch sent
         self._closed = False  # the upload is parsed: a short last batch may go
@@ -86,7 +85,8 @@ class Speculation:
         self._sending: set[asyncio.Task[None]] = set()
         self._room = asyncio.Semaphore(max(1, pool.window()))
         self._offered: set[str] = set()  # the parsing thread's: objects offered so far
-        self._guess: str | None = None  # the parsing thread's: the series the loop will guess (the first with frames)
+        self._guess: str | None = None  # the guessed series: the first with frames, set by the parsing thread
+        # before it hands that object to the loop, so the loop reads it set (one decision, not two kept alike)
 
     # --- fed by the parsing thread --------------------------------------------------------------
     def offer(self, uid: str, ds: Dataset, headers: list[FrameHeader]) -> None:
@@ -119,14 +119,11 @@ class Speculation:
             return
         if self._stopped or not keys:
             return  # keys: localizers, other modalities, ...: the plan leaves them out too
-        series = headers[0].series_instance_uid
-        if self._series is None:
-            self._series = series
-        elif series != self._series:
+        if headers[0].series_instance_uid != self._guess:
             logger.debug("a second CT series in the upload: no more speculation")
             self.stop()
             return
-        if decoded is None:  # the parsing thread saw the speculation stopped
+        if decoded is None:  # the parsing thread saw the speculation stopped, or had seen this object before
             return
         future: asyncio.Future[Decoded] = self._loop.create_future()
         if isinstance(decoded, BaseException):
