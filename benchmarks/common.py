@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,7 +130,7 @@ def shared_real_data(shared: Path | None = None) -> tuple[Path, Path]:
         raise BenchError(str(exc)) from None
 
 
-def publish(prog: str, make: Any, render: Any, out: Path) -> int:
+def publish(prog: str, make: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], str], out: Path) -> int:
     """Run ``make()`` (a stamped document), write it to ``out`` and print ``render(doc)`` and where it went;
     exit status 2, with ``prog``'s one-line reason, when ``make`` raises BenchError (missing data)."""
     try:

@@ -1308,8 +1308,8 @@ def image_noise_hu(hu: np.ndarray) -> float | None:
     """The image noise of a slice in HU, or None where it holds too little soft tissue to tell.
 
     The 25th percentile of the standard deviation in 5 x 5 windows lying wholly in soft tissue and fat (windows
-    whose means lie in -200 to 150 HU, with a margin of 3 pixels): the most uniform quarter of the body's tissue, where the spread is noise,
-    not anatomy. It reads about 0.8 of the standard deviation of white noise added to a uniform region, a little
+    whose means lie in -200 to 150 HU, with a margin of 3 pixels): the most uniform quarter of the body's
+    tissue, where the spread is noise, not anatomy. It reads about 0.8 of the standard deviation of white noise added to a uniform region, a little
     less for noise correlated over a pixel or two (a soft kernel, low dose). Measured on the 512 grid, this is the
     noise the models see.
 

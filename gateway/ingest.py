@@ -529,8 +529,9 @@ def _assemble(
     if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")
     thicknesses = [h.slice_thickness for h in ordered.slices if h.slice_thickness is not None]
-    lung_field_cm2, body_cm2 = section_extent(slice_at or (lambda i: hu[i]), ordered.slices, grids)
-    noise = study_noise_hu(slice_at or (lambda i: hu[i]), len(ordered.slices))
+    at = slice_at or (lambda i: hu[i])
+    lung_field_cm2, body_cm2 = section_extent(at, ordered.slices, grids)
+    noise = study_noise_hu(at, len(ordered.slices))
     if noise is not None and noise > NOISY_HU:
         warnings.append(f"Image noise about {noise:.0f} HU (soft tissue, as the models see it): above the {NOISY_HU:.0f} HU "
                         "up to which they were measured; expect more false boxes (a low-dose or sharp-kernel series: "
