@@ -110,8 +110,9 @@ class PeerPolicy:
             ip = ip.ipv4_mapped
         return any(p.ae_title == ae_title.strip() and (p.network is None or ip in p.network) for p in self.peers)
 
-    def on_requested(self, event: Any, notify: Callable[[str, str, str], None] | None = None) -> None:
-        """pynetdicom ``EVT_REQUESTED`` handler: reject an association the policy does not allow."""
+    def on_requested(self, event: Any, notify: Callable[[str], None] | None = None) -> None:
+        """pynetdicom ``EVT_REQUESTED`` handler: reject an association the policy does not allow; ``notify(why)``
+        is told the reason first."""
         assoc = event.assoc
         primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ: the requestor's titles are not set yet
         ae, address = str(primitive.calling_ae_title).strip(), str(assoc.requestor.address)
@@ -126,7 +127,7 @@ class PeerPolicy:
             return
         logger.warning("DICOM association from %r at %s rejected: %s", ae[:16], address, why)
         if notify is not None:  # recorded before the peer hears of it
-            notify(ae, address, why)
+            notify(why)
         assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
         assoc.kill()  # as pynetdicom's own rejections do: waits until the DUL has sent the A-ASSOCIATE-RJ
 

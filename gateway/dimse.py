@@ -377,7 +377,7 @@ class StorageScp:
                                                      str(primitive.called_ae_title or "").strip()[:16],
                                                      str(assoc.requestor.address))
         if self.peers is not None:  # a rejection is recorded before the peer hears of it
-            self.peers.on_requested(event, lambda _ae, _address, why: self._finish(assoc, rejected=why))
+            self.peers.on_requested(event, lambda why: self._finish(assoc, rejected=why))
 
     def _on_rejected(self, event: Any) -> None:
         """pynetdicom rejected an association itself (the policy's rejections never reach here): over the
