@@ -148,6 +148,7 @@ class Worker:
         while not self._stopping:
             await self._slots.acquire()
             job = None
+            seen = self.store.work.generation  # a job queued while the claim runs wakes the wait below at once
             try:
                 if await self._triton_ready():
                     job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
@@ -155,7 +156,7 @@ class Worker:
                 logger.error("claiming a job failed; trying again in %g s", poll, exc_info=withheld(exc))
             if job is None:
                 self._slots.release()
-                await self.store.work.wait(poll)
+                await self.store.work.wait(poll, seen)
                 continue
             task = asyncio.get_running_loop().create_task(self._work(job), name=f"job-{job.id}")
             self._running[job.id] = task

@@ -1056,6 +1056,105 @@ def test_progress_wakes_event_streams_and_not_the_workers_of_every_replica(db_ur
     _run(go())
 
 
+def test_a_change_while_the_waiter_reads_the_store_is_not_slept_over(db_url):
+    """A waiter reads the store, then waits: a change notified between the two (no one waiting at that moment)
+    was lost, and the waiter slept its whole timeout with work in the store. Taken before the read, the
+    generation makes the wait return at once; with nothing new, it still waits."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            seen = store.work.generation
+            assert await store.claim(60) is None  # the worker's read finds nothing ...
+            await _queue(store, 1)  # ... and a job is queued before it waits
+            t = time.monotonic()
+            assert await store.work.wait(30, seen)
+            assert time.monotonic() - t < 1
+            assert not await store.work.wait(0.2, store.work.generation)  # nothing since: the wait is a wait
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_a_job_queued_while_the_worker_claims_is_claimed_at_once_not_a_poll_later(db_url):
+    """The worker's claim found nothing while an upload was being accepted; the acceptance's wake-up came
+    before the worker waited again, and the job waited a whole poll (up to ``worker_poll_s``; seen at 5 s as
+    5 s added to a 2 s study, at random). The real store and worker; Triton's readiness is a stub."""
+    from types import SimpleNamespace
+
+    from gateway.settings import Settings
+    from gateway.worker import Worker
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        claims: list[float] = []
+        real_claim = store.claim
+
+        async def claim(lease_s, exclude=()):
+            job = await real_claim(lease_s, exclude)
+            claims.append(time.monotonic())
+            if len(claims) == 1:
+                await _queue(store, 1)  # accepted while this claim ran, after it read
+            return None if len(claims) <= 2 else job
+
+        async def ready():
+            return True
+
+        store.claim = claim  # type: ignore[method-assign]
+        screener = SimpleNamespace(pool=SimpleNamespace(is_ready=ready))
+        worker = Worker(store, None, screener, Settings(worker_poll_s=30))  # type: ignore[arg-type]
+        try:
+            worker.start()
+            for _ in range(100):
+                if len(claims) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(claims) >= 2, "the worker slept a poll over a job queued during its claim"
+            assert claims[1] - claims[0] < 2
+        finally:
+            await worker.stop(0)
+            await store.close()
+
+    _run(go())
+
+
+def test_a_job_event_stream_tells_a_change_made_while_it_read_at_once(db_url):
+    """``GET /v1/jobs/{id}/events`` (:func:`gateway.api.jobs.job_views`): a job that finished while its stream
+    read the previous event was told up to ``worker_poll_s`` late (a client following it, the load benchmark
+    too, waited that long for the verdict)."""
+    from gateway.api.jobs import job_views
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [job_id] = await _queue(store, 1)
+            assert await store.claim(60) is not None
+            real_job = store.job
+
+            async def job(job_id_):  # the stream's read of the job's view
+                view = await real_job(job_id_)
+                if view.state == JobState.decoding:  # the job finishes after the read, before the stream waits
+                    assert await store.finish(job_id, _result(job_id), None)
+                return view
+
+            store.job = job  # type: ignore[method-assign]
+            views = job_views(store, job_id, poll_s=30)
+            assert (await anext(views)).state == JobState.decoding
+            t = time.monotonic()
+            assert (await asyncio.wait_for(anext(views), 10)).state == JobState.done
+            assert time.monotonic() - t < 2
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_down(db_url):
     """``counts(mine=True)`` partitions the open jobs over live replicas (what the fleet signal sums)."""
     upgrade(db_url)

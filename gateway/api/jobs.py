@@ -58,6 +58,7 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
     """
     last_event, shown, quiet_since = 0, None, time.monotonic()
     while True:
+        seen = store.changed.generation  # a change while reading below is not slept over
         events = await store.events_after(job_id, last_event)
         if events or shown is None:
             if events:
@@ -72,7 +73,7 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
         elif time.monotonic() - quiet_since >= keepalive_s:
             quiet_since = time.monotonic()
             yield None
-        await store.changed.wait(poll_s)
+        await store.changed.wait(poll_s, seen)
 
 
 @router.get(

@@ -138,11 +138,12 @@ class Deliverer:
 
     async def _loop(self) -> None:
         while True:
+            seen = self.store.work.generation  # work that comes while the pass runs is not slept over
             try:
                 await self.poll()
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop deliveries
                 logger.error("delivery pass failed; trying again", exc_info=withheld(exc))
-            await self.store.work.wait(self.settings.delivery_poll_s)
+            await self.store.work.wait(self.settings.delivery_poll_s, seen)
 
     async def stop(self) -> None:
         """Stop the loop; tasks being sent are cancelled and given back to any replica at once, their try not

@@ -1006,18 +1006,32 @@ def _quiet_cancelled_resets(engine: AsyncEngine) -> None:
 
 
 class _Changes:
-    """In-process wake-up of whoever waits for a change in the store (workers, SSE streams)."""
+    """In-process wake-up of whoever waits for a change in the store (workers, SSE streams).
+
+    A waiter reads the store, then waits; a change notified while it was reading would be lost to a plain
+    event (it is set for the waiters of the moment), and the waiter would sleep its whole timeout with work
+    in the store: a job accepted while the worker's claim was in flight waited a poll to be claimed, a job
+    finished while its event stream read the previous event was told up to a poll late. So a waiter takes
+    :attr:`generation` before it reads and hands it to :meth:`wait`, which returns at once when a change came
+    since.
+    """
 
     def __init__(self) -> None:
         self._event: asyncio.Event | None = None
+        self.generation = 0
+        """How many changes were notified so far (take it before reading the store, see :meth:`wait`)."""
 
     def notify(self) -> None:
+        self.generation += 1
         if self._event is not None:
             self._event.set()
             self._event = None
 
-    async def wait(self, timeout: float) -> bool:
-        """Return at the next change (True), or after ``timeout`` s (False)."""
+    async def wait(self, timeout: float, seen: int | None = None) -> bool:
+        """Return at the next change (True), or after ``timeout`` s (False); at once (True) when a change was
+        notified since :attr:`generation` read ``seen``."""
+        if seen is not None and seen != self.generation:
+            return True
         if self._event is None:
             self._event = asyncio.Event()
         try:

@@ -176,6 +176,7 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
         yield b"retry: 2000\n\n"
         quiet_since = time.monotonic()
         while not await request.is_disconnected() and await guard.holds():  # a revoked key ends the stream
+            seen = store.changed.generation  # a change while reading below is not slept over
             events = await cursor.next()
             for e in events:
                 e.pop("id")
@@ -185,7 +186,7 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
             elif time.monotonic() - quiet_since >= 15.0:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
-            await store.changed.wait(settings.worker_poll_s)
+            await store.changed.wait(settings.worker_poll_s, seen)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
