@@ -355,15 +355,14 @@ class Sweeper:
     async def sweep(self) -> None:
         """One pass."""
         s = self.settings
-        await self.store.complete_due(s.stow_quiet_period_s, s.job_deadline_s)
-        overdue = await self.store.fail_overdue()
+        swept = await self.store.sweep(s.stow_quiet_period_s, s.job_deadline_s)  # one transaction
+        overdue = await self.store.fail_overdue(swept.overdue) if swept.overdue else 0
         if overdue:  # after a long Triton outage: studies that need someone's retry, not silence
             logger.warning("%d studies failed at their deadline (no Triton took them in time); their instances are "
                            "kept: POST /v1/jobs/{id}/retry queues one again", overdue)
             if self.metrics is not None:
                 self.metrics.failed("deadline", overdue)
-        await self.store.adopt()  # queued jobs a replica left at shut-down: counted here from now on
-        self.counts = await self.store.counts(mine=True)
+        self.counts = swept.counts  # with the queued jobs a replica left at shut-down, adopted by this pass
         if time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + self.retention_every_s
             if self.before_expire is not None:

@@ -5,7 +5,7 @@ before an acknowledgement) and :mod:`gateway.store.migrate` (Alembic migrations 
 """
 
 from gateway.store.blobs import BlobStore, FolderBlobs, instance_sources, new_key
-from gateway.store.store import Claimed, Store, StoreError, StudyState, async_url, redact
+from gateway.store.store import Claimed, Store, StoreError, StudyState, Swept, async_url, redact
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "async_url", "instance_sources",
-           "new_key", "redact"]
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "Swept", "async_url",
+           "instance_sources", "new_key", "redact"]
