@@ -27,7 +27,7 @@ from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
 from gateway.jobs import Busy, JobError, JobNotFound, JobView
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import Store, new_key
+from gateway.store import Store, new_keys
 from gateway.uids import check_uid
 from gateway.uploads import (
     FilePart,
@@ -241,7 +241,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 drop_pages(body)
                 prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
-            keyed = [(name, new_key(), path) for name, path in files]
+            keyed = [(name, key, path) for (name, path), key in zip(files, new_keys(len(files)), strict=True)]
             try:
                 await run_in_threadpool(blobs.put_many, [(key, path) for _, key, path in keyed])
                 sizes = [(n, k, p.stat().st_size) for n, k, p in keyed]

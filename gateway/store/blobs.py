@@ -5,7 +5,7 @@ the folder, so a blob is durable when :meth:`~FolderBlobs.put` returns (the gate
 instance only after that). On Kubernetes the folder is a ReadWriteMany volume shared by every gateway
 replica. An S3-compatible store would implement the same three methods.
 
-Keys are relative paths made by :func:`new_key` (``ab/abcdef...``); a key never comes from a client.
+Keys are relative paths made by :func:`new_key` or :func:`new_keys` (``ab/abcdef...``); a key never comes from a client.
 """
 
 from __future__ import annotations
@@ -104,8 +104,15 @@ SET_ASIDE = "orphans"
 
 def new_key() -> str:
     """A fresh key, spread over 256 sub-folders."""
-    name = uuid.uuid4().hex
-    return f"{name[:2]}/{name}"
+    return new_keys(1)[0]
+
+
+def new_keys(n: int) -> list[str]:
+    """``n`` fresh keys in one of the 256 sub-folders (chosen at random): an upload's files stored together
+    sync one folder, not one each (a 60-file upload touched ~50 folders: 21 -> 10 ms of CPU to store it,
+    measured here; a 300-file one ~200). Uploads still spread over the folders."""
+    folder = uuid.uuid4().hex[:2]
+    return [f"{folder}/{uuid.uuid4().hex}" for _ in range(n)]
 
 
 class FolderBlobs:
