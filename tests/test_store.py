@@ -1135,15 +1135,15 @@ def test_a_job_event_stream_tells_a_change_made_while_it_read_at_once(db_url):
         try:
             [job_id] = await _queue(store, 1)
             assert await store.claim(60) is not None
-            real_job = store.job
+            real_step = store.job_step
 
-            async def job(job_id_):  # the stream's read of the job's view
-                view = await real_job(job_id_)
-                if view.state == JobState.decoding:  # the job finishes after the read, before the stream waits
-                    assert await store.finish(job_id, _result(job_id), None)
-                return view
+            async def step(job_id_, after, *, view=False):  # the stream's read
+                events, seen = await real_step(job_id_, after, view=view)
+                if seen is not None and seen.state == JobState.decoding:  # the job finishes after the read, before
+                    assert await store.finish(job_id, _result(job_id), None)  # the stream waits
+                return events, seen
 
-            store.job = job  # type: ignore[method-assign]
+            store.job_step = step  # type: ignore[method-assign]
             views = job_views(store, job_id, poll_s=30)
             assert (await anext(views)).state == JobState.decoding
             t = time.monotonic()
@@ -1195,6 +1195,37 @@ def test_one_sweep_is_one_transaction_and_does_what_its_four_did(db_url):
         finally:
             await a.close()
             await b.close()
+
+    _run(go())
+
+
+def test_an_event_streams_step_is_one_session(db_url):
+    """Each job's event stream reads at every change of any job (every 0.5 s per running job): its events and
+    its view in one session, not one each."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    from gateway.api.jobs import job_views
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [job_id] = await _queue(store, 1)
+            sessions = []
+
+            def checkout(*_):
+                sessions.append(1)
+
+            event.listen(Pool, "checkout", checkout)
+            try:
+                view = await anext(job_views(store, job_id, poll_s=30))
+            finally:
+                event.remove(Pool, "checkout", checkout)
+            assert view.state == JobState.queued and len(sessions) == 1
+        finally:
+            await store.close()
 
     _run(go())
 

@@ -59,11 +59,10 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
     last_event, shown, quiet_since = 0, None, time.monotonic()
     while True:
         seen = store.changed.generation  # a change while reading below is not slept over
-        events = await store.events_after(job_id, last_event)
-        if events or shown is None:
+        events, view = await store.job_step(job_id, last_event, view=shown is None)
+        if view is not None:
             if events:
                 last_event = events[-1][0]
-            view = await store.job(job_id)
             key = (view.state, view.slices_done, view.slices_total, view.attempts)
             if key != shown:
                 shown, quiet_since = key, time.monotonic()

@@ -840,10 +840,14 @@ class Store:
             Unknown (or expired) job.
         """
         async with self.read() as s:
-            job = await s.get(Job, job_id)
-            if job is None:
-                raise JobNotFound(f"No job {job_id!r}.")
-            result = await s.get(Result, job_id) if job.state == JobState.done.value else None
+            return await self._job_view(s, job_id)
+
+    @staticmethod
+    async def _job_view(s: AsyncSession, job_id: str) -> JobView:
+        job = await s.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(f"No job {job_id!r}.")
+        result = await s.get(Result, job_id) if job.state == JobState.done.value else None
         return _view(job, result)
 
     async def earlier_results(self, job_id: str, limit: int = 10) -> list[CaseResult]:
@@ -881,9 +885,27 @@ class Store:
     async def events_after(self, job_id: str, after: int) -> list[tuple[int, str]]:
         """``(event id, state)`` of the job's events after ``after``."""
         async with self.read() as s:
-            rows = await s.execute(select(Event.id, Event.state).where(Event.job_id == job_id, Event.id > after)
-                                   .order_by(Event.id))
-            return [(r[0], r[1]) for r in rows]
+            return await self._events_after(s, job_id, after)
+
+    @staticmethod
+    async def _events_after(s: AsyncSession, job_id: str, after: int) -> list[tuple[int, str]]:
+        rows = await s.execute(select(Event.id, Event.state).where(Event.job_id == job_id, Event.id > after)
+                               .order_by(Event.id))
+        return [(r[0], r[1]) for r in rows]
+
+    async def job_step(self, job_id: str, after: int, *, view: bool = False
+                       ) -> tuple[list[tuple[int, str]], JobView | None]:
+        """An event stream's step, in one session (it took two, at every change of any job): the job's events
+        after ``after`` (:meth:`events_after`) and, when there are any or ``view`` asks, its view (:meth:`job`).
+
+        Raises
+        ------
+        JobNotFound
+            The view was read and the job is unknown (or expired).
+        """
+        async with self.read() as s:
+            events = await self._events_after(s, job_id, after)
+            return events, (await self._job_view(s, job_id) if events or view else None)
 
     async def counts(self, mine: bool = False) -> tuple[int, int, int]:
         """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica.
