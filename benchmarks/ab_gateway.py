@@ -10,7 +10,7 @@ CPU seconds over the cores), the time the cores were not all busy with this stud
     python -m benchmarks.ab_gateway --a CTSCREEN_SCREEN_AHEAD=false        # -> results/ab-latest.json
 
 ``--a-tree``/``--b-tree`` run a side's gateway from another checkout, so two commits compare the same way
-(uvicorn's own options go as ``UVICORN_*=value``)::
+(uvicorn's own options go as ``UVICORN_*=value``, glibc's malloc tunables as ``MALLOC_*=value``)::
 
     git worktree add /tmp/base HEAD~1
     python -m benchmarks.ab_gateway --a-tree /tmp/base                      # A: HEAD~1, B: this tree
@@ -42,8 +42,8 @@ def _env(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.startswith(("CTSCREEN_", "UVICORN_")):
-            raise argparse.ArgumentTypeError(f"expected CTSCREEN_NAME=value or UVICORN_NAME=value, got {pair!r}")
+        if not sep or not name.startswith(("CTSCREEN_", "UVICORN_", "MALLOC_")):
+            raise argparse.ArgumentTypeError(f"expected CTSCREEN_NAME=value, UVICORN_NAME=value or MALLOC_NAME=value, got {pair!r}")
         out[name] = value
     return out
 
@@ -94,12 +94,19 @@ def markdown(doc: dict[str, Any]) -> str:
         return f"{doc[f'env_{name}'] or 'defaults'}" + (f" (code of {tree})" if tree else "")
 
     lines = [f"Paired A/B, {doc['slices']}-slice study, {doc['rounds']} rounds. A: {side('a')}; B: {side('b')}.", "",
-             "| round | A latency s (idle gap) | B latency s (idle gap) |", "|---|---|---|"]
+             "| round | A latency s (idle gap) | B latency s (idle gap) | gateway CPU ms a slice, A / B |",
+             "|---|---|---|---|"]
+
+    def gw(run: dict[str, Any]) -> float:
+        return float(run.get("cpu_ms_per_slice", {}).get("gateway", float("nan")))
+
     for i, (a, b) in enumerate(zip(doc["runs"]["A"], doc["runs"]["B"], strict=True)):
-        lines.append(f"| {i + 1} | {a['latency_s']:.2f} ({a['idle_gap_s']:.2f}) | {b['latency_s']:.2f} ({b['idle_gap_s']:.2f}) |")
+        lines.append(f"| {i + 1} | {a['latency_s']:.2f} ({a['idle_gap_s']:.2f}) | {b['latency_s']:.2f} "
+                     f"({b['idle_gap_s']:.2f}) | {gw(a):.2f} / {gw(b):.2f} |")
     m = doc["median"]
+    cpu = {name: statistics.median(gw(r) for r in doc["runs"][name]) for name in ("A", "B")}
     lines.append(f"| median | {m['A']['latency_s']:.2f} ({m['A']['idle_gap_s']:.2f}) | "
-                 f"{m['B']['latency_s']:.2f} ({m['B']['idle_gap_s']:.2f}) |")
+                 f"{m['B']['latency_s']:.2f} ({m['B']['idle_gap_s']:.2f}) | {cpu['A']:.2f} / {cpu['B']:.2f} |")
     lines.append(f"\nMedian of the paired differences (A - B): {doc['median_a_minus_b_s']:+.2f} s.")
     return "\n".join(lines) + "\n"
 

@@ -74,6 +74,8 @@ PLAN: tuple[Step, ...] = (
          (f"{RESULTS}/perf-latest.json", f"{RESULTS}/ratios-latest.json"), True, 25),
     # the CPU of one 300-slice study by process, served against in process (the best setting of "stack")
     Step("cpu", ("-m", "benchmarks.cpu_split", "--slices", "300"), (f"{RESULTS}/cpu-latest.json",), True, 3),
+    # the cores over time during the gateway ratio's load, and the gateway's CPU a study and a slice
+    Step("timeline", ("-m", "benchmarks.cpu_timeline"), (f"{RESULTS}/timeline-latest.json",), True, 2),
     # screening ahead off (A) against on (B): paired rounds of one 300-slice study on one Triton
     Step("ab-ahead", ("-m", "benchmarks.ab_gateway", "--a", "CTSCREEN_SCREEN_AHEAD=false", "--rounds", "4"),
          (f"{RESULTS}/ab-latest.json",), True, 3),

@@ -315,7 +315,7 @@ def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.C
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
-    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value or UVICORN_NAME=value, got 'FOO=1'"),
+    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value, UVICORN_NAME=value or MALLOC_NAME=value, got 'FOO=1'"),
     (["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
     (["--a-tree", "/nonexistent"], "--a-tree /nonexistent is not a checkout of this repository"),
     (["--slices", "4"], "--slices must be at least 8"),
@@ -329,3 +329,32 @@ def test_ab_gateway_bad_arguments_exit_2_before_anything_starts(argv: list[str],
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_cpu_timeline_reads_cores_busy_and_fits_a_study_and_a_slice(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks.cpu_timeline``: samples become cores busy by process group (stubs summed), the gateway's CPU
+    per study is fitted as a x slices + b, the summary names both, and bad sizes exit 2 before anything starts."""
+    import doctest
+
+    from benchmarks import cpu_timeline
+    from benchmarks.cpu_timeline import cores_busy, fit, main, markdown
+
+    assert doctest.testmod(cpu_timeline).failed == 0
+    rows = cores_busy([(0.0, {"gateway": 1.0}), (0.1, {"gateway": 1.1, "stub lesion": 0.1, "stub valid_area": 0.05}),
+                       (0.2, {"gateway": 1.1, "stub lesion": 0.28, "stub valid_area": 0.05})])
+    assert [r["stubs"] for r in rows] == [1.5, 1.8] and [r["gateway"] for r in rows] == [1.0, 0.0]
+    assert fit([(8, 0.12), (60, 0.38)]) == (0.005, 0.08)
+    with pytest.raises(ValueError, match="two study sizes"):
+        fit([(8, 0.1), (8, 0.2)])
+    doc = {"load": {"study_slices": 60, "studies": 4, "concurrency": 2, "step_s": 0.1, "wall_s": 7.3,
+                    "slices_per_s": 33.0, "cores": 2, "share_of_samples_cores_all_busy": 0.9,
+                    "mean_cores_busy": {"gateway": 0.2, "stubs": 1.7, "total": 1.9}, "timeline": rows},
+           "gateway_cpu": {"fit_slices": [8, 60], "studies_a_point": 8, "rounds": 3, "ms_a_slice": 5.0,
+                           "ms_a_study": 80.0, "ms_a_slice_in_60_slice_studies": 6.33}}
+    text = markdown(doc)
+    assert "5.0 ms a slice + 80.0 ms a study, so 6.33 ms a slice in studies of 60" in text
+    assert "90 % of the 0.1 s samples had at least 90% of the cores busy" in text
+    for argv in (["--fit-slices", "8"], ["--fit-slices", "60,60"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "--fit-slices must be two different sizes" in capsys.readouterr().err
