@@ -136,21 +136,26 @@ def measure(slices: int, studies: int, concurrency: int, step: float, fit_slices
     }
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def summary(doc: dict[str, Any]) -> str:
+    """The load's cores busy and the gateway's fitted CPU, in two sentences (what the report shows)."""
     load, g = doc["load"], doc["gateway_cpu"]
     mean = load["mean_cores_busy"]
-    lines = [f"One load of {load['studies']} studies of {load['study_slices']} slices, {load['concurrency']} in "
-             f"flight: {load['slices_per_s']} slices/s over {load['wall_s']} s; cores busy on average: "
-             + ", ".join(f"{k} {v}" for k, v in mean.items())
-             + f" of {load['cores']}; {100 * load['share_of_samples_cores_all_busy']:.0f} % of the "
-             f"{load['step_s']} s samples had at least {BUSY:.0%} of the cores busy.", "",
-             "| t s | gateway | stubs | triton core | client | total |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['t_s']} | {r['gateway']} | {r['stubs']} | {r['triton core']} | {r['client']} | {r['total']} |"
-              for r in load["timeline"]]
     per = g[f"ms_a_slice_in_{load['study_slices']}_slice_studies"]
-    lines += ["", f"The gateway's CPU, fitted over studies of {' and '.join(map(str, g['fit_slices']))} slices "
-              f"({g['studies_a_point']} studies a point, {g['rounds']} rounds): {g['ms_a_slice']} ms a slice + "
-              f"{g['ms_a_study']} ms a study, so {per} ms a slice in studies of {load['study_slices']}."]
+    return (f"One load of {load['studies']} studies of {load['study_slices']} slices, {load['concurrency']} in "
+            f"flight: {load['slices_per_s']} slices/s over {load['wall_s']} s; cores busy on average: "
+            + ", ".join(f"{k} {v}" for k, v in mean.items())
+            + f" of {load['cores']}; {100 * load['share_of_samples_cores_all_busy']:.0f} % of the "
+            f"{load['step_s']} s samples had at least {BUSY:.0%} of the cores busy. The gateway's CPU, fitted over "
+            f"studies of {' and '.join(map(str, g['fit_slices']))} slices ({g['studies_a_point']} studies a point, "
+            f"{g['rounds']} rounds): {g['ms_a_slice']} ms a slice + {g['ms_a_study']} ms a study, so {per} ms a "
+            f"slice in studies of {load['study_slices']}.")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """:func:`summary` and the timeline as a table."""
+    lines = [summary(doc), "", "| t s | gateway | stubs | triton core | client | total |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['t_s']} | {r['gateway']} | {r['stubs']} | {r['triton core']} | {r['client']} | {r['total']} |"
+              for r in doc["load"]["timeline"]]
     return "\n".join(lines) + "\n"
 
 

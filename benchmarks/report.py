@@ -238,6 +238,7 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "other_benchmarks": {k: v for k, v in others.items() if v},
         "scaling": _scaling(results / "scaling"),
         "cpu_split": latest("cpu", results),
+        "cpu_timeline": latest("timeline", results),
     }
     write_json(results / "report.json", report)
     md = markdown(report)
@@ -322,6 +323,16 @@ def markdown(report: dict[str, Any]) -> str:
                   "On a CPU-bound machine a study cannot be served in less wall time than its CPU over the "
                   "cores allows: the goal `gateway / in process <= 1.15` needs the served CPU within about "
                   "1.15 x the in-process CPU.", "", cpu_markdown(report["cpu_split"]).rstrip()]
+    if report.get("cpu_timeline"):
+        from benchmarks.cpu_timeline import summary as timeline_summary
+
+        stamp = report["cpu_timeline"].get("machine") or {}
+        lines += ["", "### Where the cores go during the gateway's load (`python -m benchmarks.cpu_timeline`)", "",
+                  "Every process's CPU sampled during one load of the gateway ratio's shape: cores left idle would "
+                  "be a gap in the pipeline; all of them busy means only the served path's CPU moves the ratio "
+                  "(`results/timeline-latest.json` holds the samples).", "",
+                  timeline_summary(report["cpu_timeline"])
+                  + (f" Measured {stamp.get('time_utc')}, commit `{stamp.get('commit')}`." if stamp else "")]
     if report.get("ort_sweep"):
         lines += ["", "### In-process ONNX Runtime sweep (the denominator is its best setting)", "",
                   "| batch | intra-op threads per session | schedule | slices/s |", "|---|---|---|---|"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,7 +332,8 @@ def test_ab_gateway_bad_arguments_exit_2_before_anything_starts(argv: list[str],
     assert fragment in err and "Traceback" not in err
 
 
-def test_cpu_timeline_reads_cores_busy_and_fits_a_study_and_a_slice(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cpu_timeline_reads_cores_busy_and_fits_a_study_and_a_slice(capsys: pytest.CaptureFixture[str],
+                                                                    tmp_path: Path) -> None:
     """``benchmarks.cpu_timeline``: samples become cores busy by process group (stubs summed), the gateway's CPU
     per study is fitted as a x slices + b, the summary names both, and bad sizes exit 2 before anything starts."""
     import doctest
@@ -354,6 +356,12 @@ def test_cpu_timeline_reads_cores_busy_and_fits_a_study_and_a_slice(capsys: pyte
     text = markdown(doc)
     assert "5.0 ms a slice + 80.0 ms a study, so 6.33 ms a slice in studies of 60" in text
     assert "90 % of the 0.1 s samples had at least 90% of the cores busy" in text
+    from benchmarks import report
+
+    (tmp_path / "timeline-latest.json").write_text(json.dumps({**doc, "machine": {"commit": "abc1234"}}))
+    report.build(tmp_path, update_readme=False)  # the report shows it
+    page = (tmp_path / "report.md").read_text()
+    assert "Where the cores go during the gateway's load" in page and "6.33 ms a slice in studies of 60" in page
     for argv in (["--fit-slices", "8"], ["--fit-slices", "60,60"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
