@@ -362,7 +362,9 @@ class Sweeper:
                            "kept: POST /v1/jobs/{id}/retry queues one again", overdue)
             if self.metrics is not None:
                 self.metrics.failed("deadline", overdue)
-        self.counts = swept.counts  # with the queued jobs a replica left at shut-down, adopted by this pass
+        # with the queued jobs a replica left at shut-down, adopted by this pass; read again when it failed some
+        # (rare): the backlog holds DICOM senders back (Watermark), and failed jobs are no backlog
+        self.counts = await self.store.counts(mine=True) if overdue else swept.counts
         if time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + self.retention_every_s
             if self.before_expire is not None:
