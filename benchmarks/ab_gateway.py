@@ -31,7 +31,7 @@ from benchmarks.common import BenchError, results_dir, write_json
 from benchmarks.cpu_split import snapshot, split
 from benchmarks.inprocess import cores
 from benchmarks.load import LoadConfig, run_load
-from benchmarks.stack import check_tree, embedded_triton, gateway
+from benchmarks.stack import GATEWAY_PIDS, check_tree, embedded_triton, gateway
 from benchmarks.studies import build_pool
 from ctscreen.machine import machine_info
 
@@ -48,12 +48,21 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _own_cpu_s(url: str) -> float:
+    """CPU seconds so far of the gateway at ``url`` and its children (the other side's gateway, idle meanwhile,
+    counts as "gateway" in :func:`~benchmarks.cpu_split.snapshot` too)."""
+    return sum(snapshot(GATEWAY_PIDS[url]).values())
+
+
 def _study(url: str, pool: dict, slices: int) -> dict[str, Any]:
     cfg = LoadConfig(url=url, mode="closed", concurrency=1, duration=600, max_studies=1,
                      sizes=f"fixed:{slices}", kinds=("covid",), study_timeout=600)
-    before = snapshot()
+    before, own = snapshot(), _own_cpu_s(url)
     run = run_load(cfg, pool)
+    own = (_own_cpu_s(url) - own) * 1000 / slices
     cpu = split(before, snapshot(), slices)
+    idle_other = cpu.get("gateway", 0.0) - own  # the other gateway's polls: no part of this study
+    cpu = {**cpu, "gateway": round(own, 2), "total": round(cpu["total"] - idle_other, 2)}
     if not run.get("completed"):
         raise BenchError(f"a {slices}-slice study did not complete: {run.get('errors')}")
     latency = run["latency_s"]["max"]

@@ -92,7 +92,7 @@ def _load(url: str, pool: dict, slices: int, studies: int, concurrency: int) -> 
 def measure(slices: int, studies: int, concurrency: int, step: float, fit_slices: tuple[int, int],
             fit_studies: int, rounds: int) -> dict[str, Any]:
     pool = build_pool([slices] * studies)
-    fit_pools = {n: build_pool([n] * fit_studies, ("covid",)) for n in fit_slices}
+    fit_pools = {n: build_pool([n] * fit_studies) for n in fit_slices}  # covid and normal studies, alternating
     with embedded_triton(None) as triton, gateway(triton) as url:
         _load(url, pool, slices, studies, concurrency)  # warm: sessions, caches, the first study's imports
         samples: list[tuple[float, dict[str, float]]] = []
@@ -115,8 +115,9 @@ def measure(slices: int, studies: int, concurrency: int, step: float, fit_slices
         for r in range(rounds):
             for n in fit_slices if r % 2 == 0 else fit_slices[::-1]:
                 before = snapshot().get("gateway", 0.0)
-                for _ in range(fit_studies):  # one at a time: a study's own cost, not two studies' contention
-                    _load(url, fit_pools[n], n, 1, 1)
+                # one load of fit_studies studies, one at a time (a study's own cost, not two studies' contention;
+                # the load's own /metrics scrapes and connection are shared by its studies)
+                _load(url, fit_pools[n], n, fit_studies, 1)
                 points.append((n, (snapshot().get("gateway", 0.0) - before) / fit_studies))
     rows = cores_busy(samples)
     a, b = fit(points)

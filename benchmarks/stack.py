@@ -81,6 +81,10 @@ def check_tree(tree: Path) -> None:
         raise BenchError(f"{tree} is not a checkout of this repository (no gateway/main.py)")
 
 
+GATEWAY_PIDS: dict[str, int] = {}
+"""The process of each gateway :func:`gateway` runs, by its URL (two side by side: each one's own CPU)."""
+
+
 @contextlib.contextmanager
 def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout: float = 120.0,
             tree: Path | None = None) -> Iterator[str]:
@@ -112,6 +116,7 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
         check_tree(tree)
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), full_env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(cmd, cwd=tree or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    GATEWAY_PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -127,6 +132,7 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
             time.sleep(0.5)
         yield url
     finally:
+        GATEWAY_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=15)

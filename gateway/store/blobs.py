@@ -5,7 +5,8 @@ the folder, so a blob is durable when :meth:`~FolderBlobs.put` returns (the gate
 instance only after that). On Kubernetes the folder is a ReadWriteMany volume shared by every gateway
 replica. An S3-compatible store would implement the same three methods.
 
-Keys are relative paths made by :func:`new_key` or :func:`new_keys` (``ab/abcdef...``); a key never comes from a client.
+Keys are relative paths made by :func:`new_key` or :func:`new_keys` (``ab/`` and 32 hex digits: one of 256 folders,
+an upload's files in one); a key never comes from a client.
 """
 
 from __future__ import annotations
