@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydicom import uid as _uid
 
@@ -56,7 +56,7 @@ from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, InvalidInput
 from gateway.metrics import Metrics
-from gateway.settings import Settings
+from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
 from gateway.stow import InstanceHeader, Intake, read_header
 
@@ -87,7 +87,7 @@ TRANSFER_SYNTAXES = [
 ]
 """Transfer syntaxes accepted for the CT storage classes (those the decoder reads), and for the others."""
 
-NON_CT = ("discard", "refuse")
+NON_CT: tuple[str, ...] = get_args(NonCt)
 """What the SCP does with a storage SOP class other than CT (``CTSCREEN_DICOM_ACCEPT_NON_CT``): accept it and
 answer each instance 0x0000 without keeping it (``discard``), or not negotiate it (``refuse``)."""
 

@@ -75,6 +75,10 @@ def default_data_dir() -> Path:
     return Path(user_data_dir("ctscreen", appauthor=False))
 
 
+NonCt = Literal["discard", "refuse"]
+"""What the DICOM SCP does with a storage SOP class other than CT (``dicom_accept_non_ct``, :data:`gateway.dimse.NON_CT`)."""
+
+
 class Settings(BaseSettings):
     """Gateway settings; each field reads ``CTSCREEN_<FIELD>`` from the environment.
 
@@ -270,7 +274,7 @@ class Settings(BaseSettings):
         default_factory=list, description="CT SOP classes the SCP negotiates and stores (a subset of CT storage; "
                                           "empty: all); a CT class left out is not negotiated."
     )
-    dicom_accept_non_ct: Literal["discard", "refuse"] = Field(
+    dicom_accept_non_ct: NonCt = Field(
         "discard", description="A storage SOP class other than CT (a dose SR, a secondary capture in a study a PACS "
                                "routes whole): discard (negotiated, each instance answered Success and dropped, "
                                "counted and audited) or refuse (not negotiated: a router forwarding the study fails).")
