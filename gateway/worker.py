@@ -356,7 +356,7 @@ class Sweeper:
         """One pass."""
         s = self.settings
         swept = await self.store.sweep(s.stow_quiet_period_s, s.job_deadline_s)  # one transaction
-        overdue = await self.store.fail_overdue(swept.overdue) if swept.overdue else 0
+        overdue = await self.store.fail_overdue(swept.overdue)
         if overdue:  # after a long Triton outage: studies that need someone's retry, not silence
             logger.warning("%d studies failed at their deadline (no Triton took them in time); their instances are "
                            "kept: POST /v1/jobs/{id}/retry queues one again", overdue)
