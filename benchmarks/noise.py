@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def noisy(hu: np.ndarray, sigma: float, corr_px: float, rng: np.random.Generator
     return np.rint(np.clip(hu.astype(np.float32) + sigma * n, -1024, 3071)).astype(np.int16)
 
 
+def conditions() -> Iterator[tuple[str, int, float]]:
+    """``(texture, sigma HU, correlation px)`` of each measured condition, in order: no noise once (texture
+    ``none``), then each texture at each strength.
+
+    >>> [c[:2] for c in conditions()][:3]
+    [('none', 0), ('white', 30), ('white', 60)]
+    """
+    for texture, corr in TEXTURES.items():
+        for sigma in SIGMAS_HU:
+            if sigma == 0 and texture != "white":
+                continue
+            yield ("none" if sigma == 0 else texture), sigma, corr
+
+
 def _boxes(pipe: Any, grids: list[np.ndarray]) -> list[np.ndarray]:
     boxes, _, _ = pipe.run(np.stack(grids).astype(np.int16))
     return [np.asarray(b, np.float64).reshape(-1, 5) for b in boxes]
@@ -83,19 +98,16 @@ def lesions(pipe: Any, hu: list[np.ndarray], masks: list[np.ndarray], rng: np.ra
     """Per texture and strength: per-image sensitivity (on the slices with a lesion) and false boxes a slice."""
     rows = []
     with_lesion = sum(bool(m.any()) for m in masks)
-    for texture, corr in TEXTURES.items():
-        for sigma in SIGMAS_HU:
-            if sigma == 0 and texture != "white":
-                continue
-            hit = false = 0
-            for start in range(0, len(hu), 16):  # a batch at a time: the pseudo volumes are long
-                imgs = [noisy(h, sigma, corr, rng) for h in hu[start : start + 16]]
-                for b, mask in zip(_boxes(pipe, imgs), masks[start : start + 16], strict=True):
-                    on = [bool(mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].any()) for x0, y0, x1, y1, _ in b]
-                    hit, false = hit + (any(on) and bool(mask.any())), false + len(on) - sum(on)
-            rows.append({"texture": "none" if sigma == 0 else texture, "sigma_hu": sigma, "slices": len(hu),
-                         "with_lesion": with_lesion, "sensitivity": round(hit / max(1, with_lesion), 4),
-                         "false_boxes_per_slice": round(false / len(hu), 3)})
+    for texture, sigma, corr in conditions():
+        hit = false = 0
+        for start in range(0, len(hu), 16):  # a batch at a time: the pseudo volumes are long
+            imgs = [noisy(h, sigma, corr, rng) for h in hu[start : start + 16]]
+            for b, mask in zip(_boxes(pipe, imgs), masks[start : start + 16], strict=True):
+                on = [bool(mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].any()) for x0, y0, x1, y1, _ in b]
+                hit, false = hit + (any(on) and bool(mask.any())), false + len(on) - sum(on)
+        rows.append({"texture": texture, "sigma_hu": sigma, "slices": len(hu),
+                     "with_lesion": with_lesion, "sensitivity": round(hit / max(1, with_lesion), 4),
+                     "false_boxes_per_slice": round(false / len(hu), 3)})
     return rows
 
 
@@ -108,17 +120,14 @@ def normal(pipe: Any, edge: Path, rng: np.random.Generator) -> list[dict[str, An
         ds, headers = read_headers(Path(rel).name, (edge / rel).read_bytes())
         slices.append((decode_hu(ds, headers, rel)[0], headers[0].pixel_spacing))
     rows = []
-    for texture, corr in TEXTURES.items():
-        for sigma in SIGMAS_HU:
-            if sigma == 0 and texture != "white":
-                continue
-            per_slice = []
-            for hu, spacing in slices:
-                grids = [to_grid(noisy(hu, sigma, corr, rng), spacing=spacing)[0] for _ in range(DRAWS if sigma else 1)]
-                per_slice.append(float(np.mean([len(b) for b in _boxes(pipe, grids)])))
-            rows.append({"texture": "none" if sigma == 0 else texture, "sigma_hu": sigma, "draws": DRAWS if sigma else 1,
-                         "boxes_per_slice": round(float(np.mean(per_slice)), 3),
-                         "by_slice": dict(zip(NORMALS, [round(v, 2) for v in per_slice], strict=True))})
+    for texture, sigma, corr in conditions():
+        per_slice = []
+        for hu, spacing in slices:
+            grids = [to_grid(noisy(hu, sigma, corr, rng), spacing=spacing)[0] for _ in range(DRAWS if sigma else 1)]
+            per_slice.append(float(np.mean([len(b) for b in _boxes(pipe, grids)])))
+        rows.append({"texture": texture, "sigma_hu": sigma, "draws": DRAWS if sigma else 1,
+                     "boxes_per_slice": round(float(np.mean(per_slice)), 3),
+                     "by_slice": dict(zip(NORMALS, [round(v, 2) for v in per_slice], strict=True))})
     return rows
 
 
