@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchError, results_dir, write_json
+from benchmarks.common import BenchError, publish_run, results_dir
 from benchmarks.cpu_split import snapshot, split
 from benchmarks.inprocess import cores
 from benchmarks.load import LoadConfig, run_load
 from benchmarks.stack import GATEWAY_PIDS, check_tree, embedded_triton, gateway
 from benchmarks.studies import build_pool
-from ctscreen.machine import machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {exc}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    command = "python -m benchmarks.ab_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = machine_info()
-    try:
-        runs = run(args.slices, args.rounds, env_a, env_b, args.a_tree, args.b_tree)
-        doc = {"command": command.strip(), "machine": machine, **runs}
-    except BenchError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 1
-    write_json(args.out or results_dir() / "ab-latest.json", doc)
-    print(markdown(doc))  # noqa: T201
-    return 0
+    return publish_run(p.prog, argv, lambda: run(args.slices, args.rounds, env_a, env_b, args.a_tree, args.b_tree),
+                       markdown, args.out or results_dir() / "ab-latest.json")
 
 
 if __name__ == "__main__":

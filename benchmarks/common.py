@@ -130,18 +130,31 @@ def shared_real_data(shared: Path | None = None) -> tuple[Path, Path]:
         raise BenchError(str(exc)) from None
 
 
-def publish(prog: str, make: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], str], out: Path) -> int:
+def publish(prog: str, make: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], str], out: Path,
+            *, failed: int = 2) -> int:
     """Run ``make()`` (a stamped document), write it to ``out`` and print ``render(doc)`` and where it went;
-    exit status 2, with ``prog``'s one-line reason, when ``make`` raises BenchError (missing data)."""
+    exit status ``failed``, with ``prog``'s one-line reason, when ``make`` raises BenchError (2, the default:
+    missing data; 1: a run that failed, e.g. a server that did not start)."""
     try:
         doc = make()
     except BenchError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: {'error: ' if failed == 1 else ''}{exc}", file=sys.stderr)
+        return failed
     path = write_json(out, doc)
     print(render(doc))
     print(f"\n{path} (commit {doc['machine'].get('commit')})")
     return 0
+
+
+def publish_run(prog: str, argv: Sequence[str] | None, make: Callable[[], dict[str, Any]],
+                render: Callable[[dict[str, Any]], str], out: Path) -> int:
+    """:func:`publish` the document ``make()`` measures, stamped first with the command that ran (``prog`` and
+    ``argv``, default ``sys.argv``) and the machine (its load average before the run); a BenchError exits 1.
+    Logs at INFO (a run's progress)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = machine_info()
+    return publish(prog, lambda: {"command": command.strip(), "machine": machine, **make()}, render, out, failed=1)
 
 
 def _json_default(obj: Any) -> Any:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +44,16 @@ def _http(url: str) -> str:
 
 
 @contextlib.contextmanager
-def embedded_triton(repo_dir: Path | None = None, timeout: float = 300.0) -> Iterator[TritonTarget]:
-    """A started :class:`ctscreen.embedded.EmbeddedTriton` (cpu profile unless ``repo_dir``), stopped on exit."""
+def embedded_triton(repo_dir: Path | None = None, timeout: float = 300.0,
+                    env: Mapping[str, str | None] | None = None) -> Iterator[TritonTarget]:
+    """A started :class:`ctscreen.embedded.EmbeddedTriton` (cpu profile unless ``repo_dir``; ``env`` on top of
+    the server's environment, None removing a name), stopped on exit."""
     try:
         from ctscreen.embedded import EmbeddedTriton
     except ImportError as exc:
         raise BenchError(f"ctscreen.embedded is not importable ({exc}); pass --triton-url to use a running Triton") from exc
     TMP_DIR.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedTriton(repo_dir, log_file=TMP_DIR / "triton.log")
+    server = EmbeddedTriton(repo_dir, log_file=TMP_DIR / "triton.log", env=env)
     try:
         server.start(timeout=timeout)
     except Exception as exc:

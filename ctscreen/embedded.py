@@ -41,10 +41,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import IO
+from typing import IO, Final
 
 logger = logging.getLogger(__name__)
 server_logger = logging.getLogger("ctscreen.tritonserver")
@@ -54,6 +54,21 @@ _PORT_TAKEN = re.compile(
 )
 _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version (\d+): (.*?)\"?$")
 _ERROR_LINE = re.compile(r"^E\d{4} |^error: |Error:", re.I)
+
+
+MALLOC_ENV: Final = {
+    "MALLOC_MMAP_THRESHOLD_": str(16 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
+    "MALLOC_TOP_PAD_": str(16 << 20),
+}
+"""glibc malloc settings of tritonserver and its python stubs (environment variables: every process of the
+server reads them at its start; the Helm chart sets the same, ``triton.mallocEnv``). With glibc's defaults a
+stub returns the memory of a slice's label and mask arrays (about 1 MiB each) to the kernel after every
+request and faults it back in at the next: about 370 page faults a slice in each post-processing and fused
+stub. Arrays up to 16 MiB come from the heap, and the heap keeps up to 128 MiB free before it shrinks: no page
+faults a slice, 1.7 ms of CPU a slice less in the fused stubs, about 2 ms in the ensemble's, ~10 MiB more
+resident a stub (docs/triton.md, "Memory allocator"). Set in the server's environment only where the caller's
+environment does not (an operator's own values win)."""
 
 
 class TritonStartError(RuntimeError):
@@ -242,6 +257,9 @@ class EmbeddedTriton:
         tritonserver ``--log-verbose``.
     echo : IO[str], optional
         Write every server log line to this stream as well (the ``ctscreen triton`` command).
+    env : Mapping[str, str | None], optional
+        Environment of the server on top of its own (:data:`MALLOC_ENV` among it); ``None`` removes a name
+        (``{"MALLOC_TOP_PAD_": None}``: glibc's default for it). ``benchmarks.ab_triton`` compares two.
     """
 
     def __init__(
@@ -255,6 +273,7 @@ class EmbeddedTriton:
         host: str = "127.0.0.1",
         log_verbose: int = 0,
         echo: IO[str] | None = None,
+        env: Mapping[str, str | None] | None = None,
     ) -> None:
         for name, port in (
             ("grpc_port", grpc_port),
@@ -270,6 +289,7 @@ class EmbeddedTriton:
         self.log_file = Path(log_file) if log_file is not None else None
         self.log_verbose = int(log_verbose)
         self._echo = echo
+        self._extra_env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
@@ -424,6 +444,13 @@ class EmbeddedTriton:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pools from the model configs
+        for name, value in MALLOC_ENV.items():
+            env.setdefault(name, value)
+        for name, given in self._extra_env.items():
+            if given is None:
+                env.pop(name, None)
+            else:
+                env[name] = given
         return env
 
     def _launch(self, binary: Path, libs: Path, backends: Path) -> None:

@@ -315,18 +315,22 @@ def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.C
     assert exc.value.code == 2 and "--rounds" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("argv", "fragment"), [
-    (["--a", "FOO=1"], "expected CTSCREEN_NAME=value, UVICORN_NAME=value or MALLOC_NAME=value, got 'FOO=1'"),
-    (["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
-    (["--a-tree", "/nonexistent"], "--a-tree /nonexistent is not a checkout of this repository"),
-    (["--slices", "4"], "--slices must be at least 8"),
+@pytest.mark.parametrize(("module", "argv", "fragment"), [
+    ("ab_gateway", ["--a", "FOO=1"], "expected CTSCREEN_NAME=value, UVICORN_NAME=value or MALLOC_NAME=value, got 'FOO=1'"),
+    ("ab_gateway", ["--b", "CTSCREEN_SCREEN_AHEAD"], "expected CTSCREEN_NAME=value"),
+    ("ab_gateway", ["--a-tree", "/nonexistent"], "--a-tree /nonexistent is not a checkout of this repository"),
+    ("ab_gateway", ["--slices", "4"], "--slices must be at least 8"),
+    ("ab_triton", ["--a", "MALLOC_TOP_PAD_"], "expected NAME=value or NAME= (to remove NAME), got 'MALLOC_TOP_PAD_'"),
+    ("ab_triton", ["--b", "=1"], "expected NAME=value"),
+    ("ab_triton", ["--rounds", "0"], "--rounds must be at least 1"),
+    ("ab_triton", ["--models", "lesion"], "invalid choice: 'lesion'"),
 ])
-def test_ab_gateway_bad_arguments_exit_2_before_anything_starts(argv: list[str], fragment: str,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.ab_gateway import main
+def test_ab_bad_arguments_exit_2_before_anything_starts(module: str, argv: list[str], fragment: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
 
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        importlib.import_module(f"benchmarks.{module}").main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
@@ -366,3 +370,24 @@ def test_cpu_timeline_reads_cores_busy_and_fits_a_study_and_a_slice(capsys: pyte
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and "--fit-slices must be two different sizes" in capsys.readouterr().err
+
+
+def test_ab_triton_table_names_both_sides_and_every_busy_process() -> None:
+    """``benchmarks.ab_triton``: A's glibc defaults are named as such, B with no settings is the shipped server,
+    and each model's row carries best and median slices/s and the median CPU of every process that worked."""
+    import doctest
+
+    from benchmarks import ab_triton
+    from benchmarks.ab_triton import markdown, side_env, summary
+
+    assert doctest.testmod(ab_triton).failed == 0
+    runs = {"A": {"ct_screen": [{"slices_per_s": 36.0, "cpu_ms_per_slice": {"stub postprocess": 7.0, "stub x": 0.01,
+                                                                            "total": 55.0}},
+                                {"slices_per_s": 36.4, "cpu_ms_per_slice": {"stub postprocess": 7.2, "total": 55.4}}]},
+            "B": {"ct_screen": [{"slices_per_s": 37.6, "cpu_ms_per_slice": {"stub postprocess": 5.8, "total": 53.5}},
+                                {"slices_per_s": 37.0, "cpu_ms_per_slice": {"stub postprocess": 5.6, "total": 53.3}}]}}
+    doc = {"rounds": 2, "call": {"batch": 2, "concurrency": 4}, "env_a": side_env(None), "env_b": side_env([]),
+           "summary": summary(runs)}
+    text = markdown(doc)
+    assert "- A: MALLOC_MMAP_THRESHOLD_=(glibc default)" in text and "- B: the shipped server" in text
+    assert "| ct_screen | 36.40 (36.20) | 37.60 (37.30) | stub postprocess 7.10 / 5.70; total 55.20 / 53.40 |" in text

@@ -234,6 +234,8 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"triton": {"modelRepository": {"source": "nfs"}}}, "/triton/modelRepository/source"),
         ({"triton": {"resources": {"limits": {"cpu": "lots"}}}}, "/triton/resources/limits/cpu"),
         ({"triton": {"securityContext": {"runAsUser": 0}}}, "/triton/securityContext/runAsUser"),
+        ({"triton": {"mallocEnv": {"LD_PRELOAD": "/x.so"}}}, "/triton/mallocEnv"),  # MALLOC_*_ only
+        ({"triton": {"mallocEnv": {"MALLOC_TOP_PAD_": "16M"}}}, "/triton/mallocEnv/MALLOC_TOP_PAD_"),  # bytes
         ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
         ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
         ({"gateway": {"dicom": {"port": 0}}}, "/gateway/dicom/port"),
@@ -388,6 +390,25 @@ def test_triton_pod_gpu_probes_drain_and_shm(rendered):
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
     assert spec["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_triton_gets_the_malloc_settings_the_embedded_server_gets(rendered, value_set):
+    """The Triton pods' glibc malloc tunables are the embedded server's (one measurement, docs/triton.md), an
+    operator's extraEnv still comes after them, and null leaves glibc's defaults."""
+    from ctscreen.embedded import MALLOC_ENV
+
+    def env(values: dict | None, objects: list[dict] | None = None) -> list[dict]:
+        return container(find(objects or render(values), "Deployment", "-triton"), "triton")["env"]
+
+    shipped = env(None, rendered[value_set])
+    assert {e["name"]: e["value"] for e in shipped if e["name"].startswith("MALLOC_")} == MALLOC_ENV
+    extra = env({"triton": {"extraEnv": [{"name": "MALLOC_TOP_PAD_", "value": "0"}]}})
+    assert [e["value"] for e in extra if e["name"] == "MALLOC_TOP_PAD_"][-1] == "0"
+    assert not [e for e in env({"triton": {"mallocEnv": None}}) if e["name"].startswith("MALLOC_")]
+    one = env({"triton": {"mallocEnv": {"MALLOC_TOP_PAD_": None}}})
+    assert sorted(e["name"] for e in one if e["name"].startswith("MALLOC_")) == [
+        "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
 
 
 @pytest.mark.parametrize("value_set", ["default", "production"])

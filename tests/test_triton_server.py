@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from ctscreen import contracts as c
-from ctscreen.embedded import EmbeddedTriton
+from ctscreen.embedded import MALLOC_ENV, EmbeddedTriton
 from ctscreen.postprocess import postprocess_batch, unpack_boxes
 from ctscreen.repo import build_repository, default_settings
 from tests.triton_analytic import KNOWN_BOXES, known_slice, write_analytic_models
@@ -201,6 +201,58 @@ def test_segmentation_stubs_run_the_configured_slices_per_call(triton: EmbeddedT
     lines = triton.log_file.read_text().splitlines()
     for name in c.SEGMENTATION_MODELS:
         assert any(f"{name}: " in line and said.search(line) for line in lines), name
+
+
+def _stub_faults(server: EmbeddedTriton, model: str) -> int:
+    """Minor page faults so far of the server's python stubs that run ``model`` (its instances together)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue  # not a process, or one that ended
+        if int(stat[1]) == server.pid and f"/{model}/1/model.py".encode() in b" ".join(cmdline):
+            total += int(stat[7])  # minflt
+    return total
+
+
+def _faults_a_slice(server: EmbeddedTriton, model: str, stub: str, requests: int = 10) -> float:
+    hu = phantom_slices()[:2]
+    for _ in range(4):  # every instance has seen requests of this shape
+        infer(server.grpc_url, hu, model)
+    before = _stub_faults(server, stub)
+    for _ in range(requests):
+        infer(server.grpc_url, hu, model)
+    return (_stub_faults(server, stub) - before) / (requests * len(hu))
+
+
+def _environ(server: EmbeddedTriton) -> dict[str, str]:
+    raw = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if item)
+
+
+@pytest.fixture(scope="module")
+def glibc_malloc(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped cpu repository on a server given glibc's malloc defaults (every MALLOC_ENV name removed)."""
+    log = tmp_path_factory.mktemp("glibc-malloc") / "tritonserver.log"
+    with EmbeddedTriton(log_file=log, env=dict.fromkeys(MALLOC_ENV)) as server:
+        yield server
+
+
+@pytest.mark.parametrize(("model", "stub"), [(c.FUSED_MODEL, c.FUSED_MODEL), (c.ENSEMBLE_MODEL, c.POSTPROCESS_MODEL)])
+def test_stubs_keep_their_memory_between_requests(triton: EmbeddedTriton, glibc_malloc: EmbeddedTriton,
+                                                  model: str, stub: str) -> None:
+    """With ``ctscreen.embedded.MALLOC_ENV`` (in the server's environment, which its stubs inherit) the
+    post-processing's slice-sized arrays stay on the stubs' heaps: a request faults no pages in (under one a
+    slice here). With glibc's defaults the memory goes back to the kernel after every request and comes back
+    as page faults (700-1000 a slice here), ~1.3 ms of CPU a slice in the fused stubs (docs/triton.md,
+    "Memory allocator"). ``env`` removes names from a server's environment."""
+    shipped, defaults = _environ(triton), _environ(glibc_malloc)
+    assert {k: shipped.get(k) for k in MALLOC_ENV} == MALLOC_ENV
+    assert not set(MALLOC_ENV) & set(defaults)
+    kept, returned = _faults_a_slice(triton, model, stub), _faults_a_slice(glibc_malloc, model, stub)
+    assert kept < 50 and returned > 100, f"{stub}: {kept:.1f} page faults a slice shipped, {returned:.0f} with glibc's defaults"
 
 
 def test_metrics_endpoint_counts_inferences(triton: EmbeddedTriton) -> None:

@@ -1,0 +1,151 @@
+"""Paired A/B of two environments of the Triton server: the ensemble's and the fused model's slices/s and CPU.
+
+Each round starts the embedded Triton once with A's environment and once with B's, in alternating order
+(A B, B A, ...), so that drift in the machine's load hits both alike, and drives each model the way the
+gateway does (2 slices a request, 4 requests in flight) after a warm-up. It records slices/s and the CPU of
+every process per slice (``/proc``, as :mod:`benchmarks.cpu_split`: this client, Triton's core, each stub).
+
+A side's settings are ``NAME=value`` on top of the server's own environment (``ctscreen.embedded.MALLOC_ENV``
+among it); ``NAME=`` (empty) removes NAME. Without ``--a``/``--b``, A is glibc's malloc defaults (every name of
+``MALLOC_ENV`` removed) and B the shipped server::
+
+    python -m benchmarks.ab_triton                                        # -> results/ab-triton-latest.json
+    python -m benchmarks.ab_triton --a MALLOC_TRIM_THRESHOLD_=33554432 --b --rounds 3 --out /tmp/x.json
+
+Linux only (``/proc``). Prints a table: each model's best and median slices/s and median CPU a slice by
+process, A against B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import publish_run, results_dir
+from benchmarks.cpu_split import snapshot, split
+from benchmarks.perf import sample_slices
+from benchmarks.ratios import ensemble_throughput
+from benchmarks.stack import embedded_triton
+from ctscreen.contracts import ENSEMBLE_MODEL, FUSED_MODEL
+from ctscreen.embedded import MALLOC_ENV
+
+logger = logging.getLogger(__name__)
+
+CALL = (2, 4)
+"""(slices a request, requests in flight): the gateway's shape on the cpu profile."""
+
+
+def side_env(pairs: list[str] | None) -> dict[str, str | None]:
+    """A side's environment from ``NAME=value`` pairs (``NAME=``: removed); None: glibc's malloc defaults.
+
+    >>> side_env(["MALLOC_TOP_PAD_=0", "MALLOC_ARENA_MAX="])
+    {'MALLOC_TOP_PAD_': '0', 'MALLOC_ARENA_MAX': None}
+    >>> sorted(side_env(None)) == sorted(MALLOC_ENV)
+    True
+    """
+    if pairs is None:
+        return dict.fromkeys(MALLOC_ENV)
+    out: dict[str, str | None] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not name.replace("_", "").isalnum() or not name[0].isalpha():
+            raise argparse.ArgumentTypeError(f"expected NAME=value or NAME= (to remove NAME), got {pair!r}")
+        out[name] = value or None
+    return out
+
+
+def _measure(grpc_url: str, model: str, slices: Any, min_slices: int) -> dict[str, Any]:
+    before = snapshot()
+    run = ensemble_throughput(grpc_url, slices, batch=CALL[0], concurrency=CALL[1], min_slices=min_slices, model=model)
+    return {"slices_per_s": run["slices_per_s"], "slices": run["slices"],
+            "cpu_ms_per_slice": split(before, snapshot(), run["slices"])}
+
+
+def run(env_a: dict[str, str | None], env_b: dict[str, str | None], rounds: int, min_slices: int,
+        models: tuple[str, ...]) -> dict[str, Any]:
+    slices = sample_slices(16)
+    sides: dict[str, dict[str, list[dict[str, Any]]]] = {s: {m: [] for m in models} for s in ("A", "B")}
+    envs = {"A": env_a, "B": env_b}
+    for r in range(rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            with embedded_triton(None, env=envs[name]) as triton:
+                for model in models:
+                    ensemble_throughput(triton.grpc_url, slices, batch=CALL[0], concurrency=CALL[1], min_slices=64,
+                                        model=model)  # warm-up: every instance has run requests of this shape
+                for model in models:
+                    res = _measure(triton.grpc_url, model, slices, min_slices)
+                    logger.info("round %d %s %s: %.2f slices/s, CPU %.1f ms a slice", r + 1, name, model,
+                                res["slices_per_s"], res["cpu_ms_per_slice"]["total"])
+                    sides[name][model].append(res)
+    return {"rounds": rounds, "call": {"batch": CALL[0], "concurrency": CALL[1]}, "min_slices": min_slices,
+            "env_a": env_a, "env_b": env_b, "runs": sides, "summary": summary(sides)}
+
+
+def summary(sides: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per side and model: best and median slices/s, median CPU ms a slice by process.
+
+    >>> run = {"slices_per_s": 30.0, "cpu_ms_per_slice": {"triton core": 1.0, "total": 50.0}}
+    >>> summary({"A": {"m": [run, {**run, "slices_per_s": 32.0}]}})["A"]["m"]["slices_per_s_best"]
+    32.0
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for side, models in sides.items():
+        for model, runs in models.items():
+            keys = sorted({k for r in runs for k in r["cpu_ms_per_slice"]})
+            out.setdefault(side, {})[model] = {
+                "slices_per_s_best": max(r["slices_per_s"] for r in runs),
+                "slices_per_s_median": round(statistics.median(r["slices_per_s"] for r in runs), 3),
+                "cpu_ms_per_slice_median": {
+                    k: round(statistics.median(r["cpu_ms_per_slice"].get(k, 0.0) for r in runs), 2) for k in keys},
+            }
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    def env(e: dict[str, str | None]) -> str:
+        return ", ".join(f"{k}={'(glibc default)' if v is None else v}" for k, v in e.items()) or "the shipped server"
+
+    lines = [f"Paired A/B of the Triton server's environment, {doc['rounds']} rounds, {doc['call']['batch']} slices a "
+             f"request, {doc['call']['concurrency']} in flight.", "", f"- A: {env(doc['env_a'])}",
+             f"- B: {env(doc['env_b'])}", "",
+             "| model | slices/s A best (median) | B best (median) | CPU ms a slice, median: process A / B |",
+             "|---|---|---|---|"]
+    for model, a in doc["summary"]["A"].items():
+        b = doc["summary"]["B"][model]
+        ca, cb = a["cpu_ms_per_slice_median"], b["cpu_ms_per_slice_median"]
+        cpu = "; ".join(f"{k} {ca.get(k, 0.0):.2f} / {cb.get(k, 0.0):.2f}" for k in sorted(set(ca) | set(cb))
+                        if max(ca.get(k, 0.0), cb.get(k, 0.0)) >= 0.05)
+        lines.append(f"| {model} | {a['slices_per_s_best']:.2f} ({a['slices_per_s_median']:.2f}) | "
+                     f"{b['slices_per_s_best']:.2f} ({b['slices_per_s_median']:.2f}) | {cpu} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab_triton", description=__doc__.splitlines()[0])
+    p.add_argument("--a", nargs="*", default=None,
+                   help="NAME=value (NAME=: removed) on top of server A's environment; default: glibc's malloc "
+                        "defaults (every MALLOC_ENV name removed)")
+    p.add_argument("--b", nargs="*", default=[], help="the same for server B; default: the shipped server")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--slices", type=int, default=256, help="slices a measured run (at least)")
+    p.add_argument("--models", nargs="+", default=[ENSEMBLE_MODEL, FUSED_MODEL], choices=[ENSEMBLE_MODEL, FUSED_MODEL])
+    p.add_argument("--out", type=Path, default=None, help="default results/ab-triton-latest.json")
+    args = p.parse_args(argv)
+    try:
+        env_a, env_b = side_env(args.a), side_env(args.b)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    if args.rounds < 1 or args.slices < 16:
+        p.error("--rounds must be at least 1 and --slices at least 16")
+    if not Path("/proc/self/stat").exists():
+        p.error("needs Linux /proc")
+    models = tuple(dict.fromkeys(args.models))
+    return publish_run(p.prog, argv, lambda: run(env_a, env_b, args.rounds, args.slices, models), markdown,
+                       args.out or results_dir() / "ab-triton-latest.json")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
