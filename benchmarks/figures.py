@@ -80,7 +80,7 @@ PLAN: tuple[Step, ...] = (
     Step("ab-ahead", ("-m", "benchmarks.ab_gateway", "--a", "CTSCREEN_SCREEN_AHEAD=false", "--rounds", "4"),
          (f"{RESULTS}/ab-latest.json",), True, 3),
     # glibc's malloc defaults (A) against the shipped Triton environment (B): paired server starts
-    Step("ab-triton", ("-m", "benchmarks.ab_triton"), (f"{RESULTS}/ab-triton-latest.json",), True, 2),
+    Step("ab-triton", ("-m", "benchmarks.ab_triton", "--rounds", "4"), (f"{RESULTS}/ab-triton-latest.json",), True, 3.5),
     Step("poisson", ("-m", "benchmarks", "load", "--append", "--mode", "poisson", "--rates", "0.02", "--duration",
                      "240", "--max-studies", "5", "--sizes", "lognormal:60,0.4,20,120"),
          (f"{RESULTS}/load-latest.json",), True, 6),
