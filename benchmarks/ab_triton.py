@@ -7,7 +7,7 @@ every process per slice (``/proc``, as :mod:`benchmarks.cpu_split`: this client,
 
 A side's settings are ``NAME=value`` on top of the server's own environment (``ctscreen.embedded.MALLOC_ENV``
 among it); ``NAME=`` (empty) removes NAME. Without ``--a``/``--b``, A is glibc's malloc defaults (every name of
-``MALLOC_ENV`` removed) and B the shipped server::
+``MALLOC_ENV`` and ``GLIBC_TUNABLES`` removed) and B the shipped server::
 
     python -m benchmarks.ab_triton                                        # -> results/ab-triton-latest.json
     python -m benchmarks.ab_triton --a MALLOC_TRIM_THRESHOLD_=33554432 --b --rounds 3 --out /tmp/x.json
@@ -24,7 +24,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import publish_run, results_dir
+from tritonclient.utils import InferenceServerException
+
+from benchmarks.common import BenchError, publish_run, results_dir
 from benchmarks.cpu_split import snapshot, split
 from benchmarks.perf import sample_slices
 from benchmarks.ratios import ensemble_throughput
@@ -43,11 +45,11 @@ def side_env(pairs: list[str] | None) -> dict[str, str | None]:
 
     >>> side_env(["MALLOC_TOP_PAD_=0", "MALLOC_ARENA_MAX="])
     {'MALLOC_TOP_PAD_': '0', 'MALLOC_ARENA_MAX': None}
-    >>> sorted(side_env(None)) == sorted(MALLOC_ENV)
+    >>> sorted(side_env(None)) == sorted([*MALLOC_ENV, "GLIBC_TUNABLES"])
     True
     """
-    if pairs is None:
-        return dict.fromkeys(MALLOC_ENV)
+    if pairs is None:  # GLIBC_TUNABLES too: this shell's malloc policy would reach the server otherwise
+        return dict.fromkeys([*MALLOC_ENV, "GLIBC_TUNABLES"])
     out: dict[str, str | None] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -57,9 +59,19 @@ def side_env(pairs: list[str] | None) -> dict[str, str | None]:
     return out
 
 
+def _throughput(grpc_url: str, model: str, slices: Any, min_slices: int) -> dict[str, Any]:
+    try:
+        return ensemble_throughput(grpc_url, slices, batch=CALL[0], concurrency=CALL[1], min_slices=min_slices,
+                                   model=model)
+    except InferenceServerException as exc:
+        raise BenchError(f"{model}: {exc}") from None
+
+
 def _measure(grpc_url: str, model: str, slices: Any, min_slices: int) -> dict[str, Any]:
+    """Slices/s and CPU a slice by process (the CPU includes the run's one connection warm-up request of
+    2 slices, the same on both sides: +1 % at 256 slices)."""
     before = snapshot()
-    run = ensemble_throughput(grpc_url, slices, batch=CALL[0], concurrency=CALL[1], min_slices=min_slices, model=model)
+    run = _throughput(grpc_url, model, slices, min_slices)
     return {"slices_per_s": run["slices_per_s"], "slices": run["slices"],
             "cpu_ms_per_slice": split(before, snapshot(), run["slices"])}
 
@@ -72,9 +84,8 @@ def run(env_a: dict[str, str | None], env_b: dict[str, str | None], rounds: int,
     for r in range(rounds):
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
             with embedded_triton(None, env=envs[name]) as triton:
-                for model in models:
-                    ensemble_throughput(triton.grpc_url, slices, batch=CALL[0], concurrency=CALL[1], min_slices=64,
-                                        model=model)  # warm-up: every instance has run requests of this shape
+                for model in models:  # warm-up: every instance has run requests of this shape
+                    _throughput(triton.grpc_url, model, slices, 64)
                 for model in models:
                     res = _measure(triton.grpc_url, model, slices, min_slices)
                     logger.info("round %d %s %s: %.2f slices/s, CPU %.1f ms a slice", r + 1, name, model,
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab_triton", description=__doc__.splitlines()[0])
     p.add_argument("--a", nargs="*", default=None,
                    help="NAME=value (NAME=: removed) on top of server A's environment; default: glibc's malloc "
-                        "defaults (every MALLOC_ENV name removed)")
+                        "defaults (every MALLOC_ENV name and GLIBC_TUNABLES removed)")
     p.add_argument("--b", nargs="*", default=[], help="the same for server B; default: the shipped server")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--slices", type=int, default=256, help="slices a measured run (at least)")

@@ -64,11 +64,43 @@ MALLOC_ENV: Final = {
 """glibc malloc settings of tritonserver and its python stubs (environment variables: every process of the
 server reads them at its start; the Helm chart sets the same, ``triton.mallocEnv``). With glibc's defaults a
 stub returns the memory of a slice's label and mask arrays (about 1 MiB each) to the kernel after every
-request and faults it back in at the next: about 370 page faults a slice in each post-processing and fused
-stub. Arrays up to 16 MiB come from the heap, and the heap keeps up to 128 MiB free before it shrinks: no page
-faults a slice, 1.7 ms of CPU a slice less in the fused stubs, about 2 ms in the ensemble's, ~10 MiB more
-resident a stub (docs/triton.md, "Memory allocator"). Set in the server's environment only where the caller's
-environment does not (an operator's own values win)."""
+request and faults it back in at the next: 700-1000 page faults a slice in each post-processing and fused stub
+(tests/test_triton_server.py), about 1.2 ms of CPU a slice in the fused stubs. Arrays up to 16 MiB come from
+the heap, and the main heap keeps up to 128 MiB free before it shrinks (docs/triton.md, "Memory allocator").
+A name the caller's environment sets is the caller's, and a ``GLIBC_TUNABLES`` naming ``glibc.malloc.``
+settings is an operator's malloc policy that these names would override: then none is set."""
+
+
+def server_environment(base: Mapping[str, str], libs: Path, extra: Mapping[str, str | None] | None = None,
+                       ) -> dict[str, str]:
+    """The environment tritonserver runs in: ``base`` (the caller's), the wheel's ``libs`` first on
+    ``LD_LIBRARY_PATH``, this Python's ``bin`` first on ``PATH`` (the stub embeds the first ``python3``),
+    ``OMP_NUM_THREADS=1`` unless set, ``extra`` on top (None removes a name), then :data:`MALLOC_ENV` for the
+    names neither sets, unless ``GLIBC_TUNABLES`` names malloc settings (an operator's policy, which the
+    ``MALLOC_*`` names would override).
+
+    >>> env = server_environment({"MALLOC_TOP_PAD_": "0"}, Path("/libs"), {"MALLOC_MMAP_THRESHOLD_": None})
+    >>> env["LD_LIBRARY_PATH"], env["MALLOC_TOP_PAD_"], "MALLOC_MMAP_THRESHOLD_" in env, env["MALLOC_TRIM_THRESHOLD_"]
+    ('/libs', '0', False, '134217728')
+    >>> sorted(k for k in server_environment({}, Path("/l"), {"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"})
+    ...        if k.startswith("MALLOC_"))
+    []
+    """
+    env = dict(base)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pools from the model configs
+    extra = dict(extra or {})
+    for name, given in extra.items():
+        if given is None:
+            env.pop(name, None)
+        else:
+            env[name] = given
+    if "glibc.malloc." not in env.get("GLIBC_TUNABLES", ""):
+        for name, value in MALLOC_ENV.items():
+            if name not in extra:
+                env.setdefault(name, value)
+    return env
 
 
 class TritonStartError(RuntimeError):
@@ -440,18 +472,7 @@ class EmbeddedTriton:
         ]
 
     def _env(self, libs: Path) -> dict[str, str]:
-        env = os.environ.copy()
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
-        env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pools from the model configs
-        for name, value in MALLOC_ENV.items():
-            env.setdefault(name, value)
-        for name, given in self._extra_env.items():
-            if given is None:
-                env.pop(name, None)
-            else:
-                env[name] = given
-        return env
+        return server_environment(os.environ, libs, self._extra_env)
 
     def _launch(self, binary: Path, libs: Path, backends: Path) -> None:
         self._tail.clear()

@@ -234,7 +234,7 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"triton": {"modelRepository": {"source": "nfs"}}}, "/triton/modelRepository/source"),
         ({"triton": {"resources": {"limits": {"cpu": "lots"}}}}, "/triton/resources/limits/cpu"),
         ({"triton": {"securityContext": {"runAsUser": 0}}}, "/triton/securityContext/runAsUser"),
-        ({"triton": {"mallocEnv": {"LD_PRELOAD": "/x.so"}}}, "/triton/mallocEnv"),  # MALLOC_*_ only
+        ({"triton": {"mallocEnv": {"LD_PRELOAD": "/x.so"}}}, "/triton/mallocEnv"),  # MALLOC_* only
         ({"triton": {"mallocEnv": {"MALLOC_TOP_PAD_": "16M"}}}, "/triton/mallocEnv/MALLOC_TOP_PAD_"),  # bytes
         ({"gateway": {"discovery": "consul"}}, "/gateway/discovery"),
         ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
@@ -394,21 +394,27 @@ def test_triton_pod_gpu_probes_drain_and_shm(rendered):
 
 @pytest.mark.parametrize("value_set", ["default", "production"])
 def test_triton_gets_the_malloc_settings_the_embedded_server_gets(rendered, value_set):
-    """The Triton pods' glibc malloc tunables are the embedded server's (one measurement, docs/triton.md), an
-    operator's extraEnv still comes after them, and null leaves glibc's defaults."""
+    """The Triton pods' glibc malloc settings are the embedded server's (one measurement, docs/triton.md); a name
+    extraEnv sets is extraEnv's alone (one entry a name: server-side apply refuses duplicates), an extraEnv
+    GLIBC_TUNABLES (the operator's malloc policy, which MALLOC_* names would override) drops them all, and null
+    leaves glibc's defaults."""
     from ctscreen.embedded import MALLOC_ENV
 
-    def env(values: dict | None, objects: list[dict] | None = None) -> list[dict]:
-        return container(find(objects or render(values), "Deployment", "-triton"), "triton")["env"]
+    def malloc(values: dict | None, objects: list[dict] | None = None) -> list[tuple[str, str]]:
+        env = container(find(objects or render(values), "Deployment", "-triton"), "triton")["env"]
+        names = [e["name"] for e in env]
+        assert len(names) == len(set(names)), names
+        return [(e["name"], e["value"]) for e in env if e["name"].startswith(("MALLOC_", "GLIBC_"))]
 
-    shipped = env(None, rendered[value_set])
-    assert {e["name"]: e["value"] for e in shipped if e["name"].startswith("MALLOC_")} == MALLOC_ENV
-    extra = env({"triton": {"extraEnv": [{"name": "MALLOC_TOP_PAD_", "value": "0"}]}})
-    assert [e["value"] for e in extra if e["name"] == "MALLOC_TOP_PAD_"][-1] == "0"
-    assert not [e for e in env({"triton": {"mallocEnv": None}}) if e["name"].startswith("MALLOC_")]
-    one = env({"triton": {"mallocEnv": {"MALLOC_TOP_PAD_": None}}})
-    assert sorted(e["name"] for e in one if e["name"].startswith("MALLOC_")) == [
-        "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+    assert dict(malloc(None, rendered[value_set])) == MALLOC_ENV
+    extra = malloc({"triton": {"extraEnv": [{"name": "MALLOC_TOP_PAD_", "value": "0"}]}})
+    assert dict(extra) == {**MALLOC_ENV, "MALLOC_TOP_PAD_": "0"}
+    tunables = [{"name": "GLIBC_TUNABLES", "value": "glibc.malloc.arena_max=2"}]
+    assert malloc({"triton": {"extraEnv": tunables}}) == [("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]
+    assert malloc({"triton": {"mallocEnv": None}}) == []
+    one = malloc({"triton": {"mallocEnv": {"MALLOC_TOP_PAD_": None, "MALLOC_ARENA_MAX": "2", "MALLOC_X": None}}})
+    assert dict(one) == {"MALLOC_MMAP_THRESHOLD_": MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"], "MALLOC_ARENA_MAX": "2",
+                         "MALLOC_TRIM_THRESHOLD_": MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]}
 
 
 @pytest.mark.parametrize("value_set", ["default", "production"])

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from ctscreen.embedded import SHM_DIR, EmbeddedTriton, new_shm_prefix, remove_shm, sweep_stale_shm
+from ctscreen.embedded import (
+    MALLOC_ENV,
+    SHM_DIR,
+    EmbeddedTriton,
+    new_shm_prefix,
+    remove_shm,
+    server_environment,
+    sweep_stale_shm,
+)
 from ctscreen.repo import build_repository
 from tests.conftest import free_port
 from tests.triton_analytic import write_analytic_models
@@ -218,3 +226,25 @@ def test_a_killed_server_leaves_no_shared_memory(small_repo: Path) -> None:
         triton.stop()
         stale.unlink(missing_ok=True)
     assert not list(SHM_DIR.glob(prefix + "*"))
+
+
+@pytest.mark.parametrize(("base", "extra", "want"), [
+    ({}, None, MALLOC_ENV),
+    # the caller's own value of a name is the caller's; env= sets or removes a name
+    ({"MALLOC_TOP_PAD_": "0"}, {"MALLOC_MMAP_THRESHOLD_": None},
+     {"MALLOC_TOP_PAD_": "0", "MALLOC_TRIM_THRESHOLD_": MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]}),
+    ({}, {"MALLOC_TRIM_THRESHOLD_": "1"}, {**MALLOC_ENV, "MALLOC_TRIM_THRESHOLD_": "1"}),
+    # an operator's GLIBC_TUNABLES malloc policy (from the caller or env=) is not overridden by MALLOC_* names
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, None, {}),
+    ({}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {}),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=4096"}, None, MALLOC_ENV),
+])
+def test_server_environment_sets_the_malloc_policy_unless_the_operator_has_one(base, extra, want) -> None:
+    import doctest
+
+    from ctscreen import embedded
+
+    env = server_environment({"PATH": "/usr/bin", **base}, Path("/libs"), extra)
+    assert {k: v for k, v in env.items() if k.startswith("MALLOC_")} == want
+    assert env["LD_LIBRARY_PATH"] == "/libs" and env["PATH"].endswith(":/usr/bin") and env["OMP_NUM_THREADS"] == "1"
+    assert doctest.testmod(embedded).failed == 0
