@@ -37,7 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -45,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import sweep_inprocess
-from benchmarks.common import RESULTS_DIR, BenchError, write_json
+from benchmarks.common import RESULTS_DIR, BenchError, publish_run
 from benchmarks.load import LoadConfig, run_load
 from benchmarks.ratios import decode_series, median_run
 from benchmarks.stack import embedded_triton, gateway
 from benchmarks.studies import build_pool
 from ctscreen.cliargs import positive
-from ctscreen.machine import machine_info
 
 logger = logging.getLogger(__name__)
 CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -262,18 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--run-batch must be >= 0, got {args.run_batch}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    command = "python -m benchmarks.cpu_split " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = machine_info()  # stamped at the start: the load average before the run
-    try:
-        doc = {"command": command.strip(), "machine": machine, **run(args.slices, _best_setting(args), args.request_batch,
-                                                                    args.run_batch, args.rounds)}
-    except BenchError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 1
-    write_json(args.out, doc)
-    print(markdown(doc))  # noqa: T201
-    return 0
+    return publish_run(p.prog, argv, lambda: run(args.slices, _best_setting(args), args.request_batch, args.run_batch,
+                                                 args.rounds), markdown, args.out)
 
 
 if __name__ == "__main__":

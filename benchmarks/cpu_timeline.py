@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchError, results_dir, write_json
+from benchmarks.common import BenchError, publish_run, results_dir
 from benchmarks.cpu_split import snapshot
 from benchmarks.inprocess import cores
 from benchmarks.load import LoadConfig, run_load
 from benchmarks.stack import embedded_triton, gateway
 from benchmarks.studies import build_pool
 from ctscreen.cliargs import positive, positive_list
-from ctscreen.machine import machine_info
 
 BUSY = 0.9
 """A sample whose processes kept at least this share of the cores busy counts as "cores all busy"."""
@@ -177,19 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fit-slices must be two different sizes, as 8,60; got {','.join(map(str, sizes))}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
-    command = "python -m benchmarks.cpu_timeline " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = machine_info()
-    try:
-        doc = {"command": command.strip(), "machine": machine,
-               **measure(args.study_slices, args.studies, args.concurrency, args.step, (sizes[0], sizes[1]),
-                         args.fit_studies, args.rounds)}
-    except BenchError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 1
-    out = write_json(args.out or results_dir() / "timeline-latest.json", doc)
-    print(markdown(doc))  # noqa: T201
-    print(f"-> {out}")  # noqa: T201
-    return 0
+    return publish_run(p.prog, argv, lambda: measure(args.study_slices, args.studies, args.concurrency, args.step,
+                                                     (sizes[0], sizes[1]), args.fit_studies, args.rounds),
+                       markdown, args.out or results_dir() / "timeline-latest.json")
 
 
 if __name__ == "__main__":
