@@ -45,7 +45,7 @@ SCHEMA_VERSION: Final = "1.2.0"
 Verdict = Literal["positive", "negative", "indeterminate"]
 Quadrant = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
 """Quadrants on the 512 grid the models saw (row 0 at the top). Ingest mirrors every axial slice into the
-radiological convention first (:func:`gateway.dicom.standard_flips`: columns to the patient's left, rows
+radiological convention first (:func:`gateway.dicom.standard_orientation`: columns to the patient's left, rows
 to posterior), so on the grid the image's left is the patient's right and its top is anterior, whatever
 the stored image's orientation; :func:`quadrant_words` says so to a reader."""
 

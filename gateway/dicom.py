@@ -170,10 +170,14 @@ class GridMapping:
         Original pixels per 512-grid pixel (``max(rows, cols) / 512``).
     pad_top, pad_left : int
         Air rows/columns added above/left of the original to make it square.
+    transpose : bool
+        The original's rows and columns were swapped first (a decubitus slice, whose image runs from the
+        patient's front to back along its rows: :func:`standard_orientation`); ``rows`` and ``cols`` stay the original's,
+        and the grid holds the ``cols x rows`` image.
     flip_rows, flip_cols : bool
-        The original was mirrored top-bottom / left-right first, to put it in the radiological
+        The (swapped) image was then mirrored top-bottom / left-right, to put it in the radiological
         convention the models learnt (anterior at the top, the patient's right on the image's left):
-        see :func:`standard_flips`.
+        see :func:`standard_orientation`.
     """
 
     rows: int
@@ -183,23 +187,35 @@ class GridMapping:
     pad_left: int = 0
     flip_rows: bool = False
     flip_cols: bool = False
+    transpose: bool = False
 
     @property
     def is_identity(self) -> bool:
-        """True when the slice was 512 x 512 and nothing was resampled or mirrored."""
+        """True when the slice was 512 x 512 and nothing was resampled, swapped or mirrored."""
         return (self.scale == 1.0 and self.pad_top == 0 and self.pad_left == 0
-                and not self.flip_rows and not self.flip_cols)
+                and not self.flip_rows and not self.flip_cols and not self.transpose)
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the original once swapped (:attr:`transpose`): the image the grid holds."""
+        return (self.cols, self.rows) if self.transpose else (self.rows, self.cols)
 
     def _unflip(self, out: np.ndarray, keep: np.ndarray) -> None:
-        """Mirror inclusive boxes ``out[keep]`` (original grid) back where the flips took them."""
+        """Mirror inclusive boxes ``out[keep]`` (the swapped original's grid) back where the flips took them."""
+        rows, cols = self.upright
         if self.flip_cols:
             x0 = out[keep, 0].copy()
-            out[keep, 0] = self.cols - 1 - out[keep, 2]
-            out[keep, 2] = self.cols - 1 - x0
+            out[keep, 0] = cols - 1 - out[keep, 2]
+            out[keep, 2] = cols - 1 - x0
         if self.flip_rows:
             y0 = out[keep, 1].copy()
-            out[keep, 1] = self.rows - 1 - out[keep, 3]
-            out[keep, 3] = self.rows - 1 - y0
+            out[keep, 1] = rows - 1 - out[keep, 3]
+            out[keep, 3] = rows - 1 - y0
+
+    def _swap(self, out: np.ndarray, keep: np.ndarray) -> None:
+        """Swap x and y of inclusive boxes ``out[keep]`` when the original was transposed (its own inverse)."""
+        if self.transpose:
+            out[keep, :4] = out[keep][:, [1, 0, 3, 2]]
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """Map boxes ``(x0, y0, x1, y1, ...)`` of inclusive 512-grid pixels to the original grid.
@@ -221,21 +237,23 @@ class GridMapping:
             return out
         pad = np.all(b[:, :4] == -1, axis=1)
         s = self.scale
+        rows, cols = self.upright
         x0 = np.floor(b[:, 0] * s + 1e-9) - self.pad_left
         y0 = np.floor(b[:, 1] * s + 1e-9) - self.pad_top
         x1 = np.ceil((b[:, 2] + 1) * s - 1e-9) - 1 - self.pad_left
         y1 = np.ceil((b[:, 3] + 1) * s - 1e-9) - 1 - self.pad_top
         mapped = np.stack(
             [
-                np.clip(x0, 0, self.cols - 1),
-                np.clip(y0, 0, self.rows - 1),
-                np.clip(x1, 0, self.cols - 1),
-                np.clip(y1, 0, self.rows - 1),
+                np.clip(x0, 0, cols - 1),
+                np.clip(y0, 0, rows - 1),
+                np.clip(x1, 0, cols - 1),
+                np.clip(y1, 0, rows - 1),
             ],
             axis=1,
         )
         out[~pad, :4] = mapped[~pad]
         self._unflip(out, ~pad)
+        self._swap(out, ~pad)
         return out
 
     def to_grid(self, boxes: np.ndarray) -> np.ndarray:
@@ -246,7 +264,9 @@ class GridMapping:
             return out
         s = self.scale
         b = b.astype(np.float64, copy=True)
-        self._unflip(b, np.ones(len(b), bool))  # mirroring is its own inverse
+        every = np.ones(len(b), bool)
+        self._swap(b, every)  # swapping and mirroring are each their own inverse
+        self._unflip(b, every)
         out[:, 0] = np.floor((b[:, 0] + self.pad_left) / s + 1e-9)
         out[:, 1] = np.floor((b[:, 1] + self.pad_top) / s + 1e-9)
         out[:, 2] = np.ceil((b[:, 2] + 1 + self.pad_left) / s - 1e-9) - 1
@@ -258,8 +278,9 @@ class GridMapping:
         """The rows and columns of the ``size`` grid that lie on the original image (not on what :func:`to_grid` put
         around it: air, a body wall)."""
         s = self.scale
-        return (slice(max(0, math.ceil(self.pad_top / s - 1e-9)), min(size, math.floor((self.rows + self.pad_top) / s + 1e-9))),
-                slice(max(0, math.ceil(self.pad_left / s - 1e-9)), min(size, math.floor((self.cols + self.pad_left) / s + 1e-9))))
+        rows, cols = self.upright
+        return (slice(max(0, math.ceil(self.pad_top / s - 1e-9)), min(size, math.floor((rows + self.pad_top) / s + 1e-9))),
+                slice(max(0, math.ceil(self.pad_left / s - 1e-9)), min(size, math.floor((cols + self.pad_left) / s + 1e-9))))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -271,6 +292,7 @@ class GridMapping:
             "pad_left": self.pad_left,
             "flip_rows": self.flip_rows,
             "flip_cols": self.flip_cols,
+            "transpose": self.transpose,
         }
 
 
@@ -1329,25 +1351,34 @@ def image_noise_hu(hu: np.ndarray) -> float | None:
     return float(np.percentile(sd[inside], 25))
 
 
-def standard_flips(orientation: Sequence[float] | None) -> tuple[bool, bool]:
-    """``(flip_rows, flip_cols)`` that put an axial image into the radiological convention.
+def standard_orientation(orientation: Sequence[float] | None) -> tuple[bool, bool, bool]:
+    """``(transpose, flip_rows, flip_cols)`` that put an axial image into the radiological convention:
+    first swap its rows and columns (``transpose``), then mirror it top-bottom and left-right.
 
     The models learnt axial slices as scanners usually store them (Image Orientation (Patient)
     ``1,0,0,0,1,0``: columns run to the patient's left, rows to posterior). A slice stored with a row
     direction pointing to the patient's right, or a column direction pointing anterior (prone
     protocols, some reformats), is mirrored back before inference and its boxes mirrored again on the
-    way out. Only the dominant axis counts; a non-axial or unknown orientation is left as it is.
+    way out. A slice whose image runs front to back along its rows and side to side down its columns (a
+    patient lying on a side: decubitus; a reformat turned by 90 degrees) is swapped first: the image then shows the patient
+    upright, one of the four mirrorings. Only the dominant axes count; a non-axial or unknown orientation
+    is left as it is.
 
-    >>> standard_flips((1, 0, 0, 0, -1, 0)), standard_flips((-1, 0, 0, 0, 1, 0)), standard_flips(None)
-    ((True, False), (False, True), (False, False))
+    >>> standard_orientation((1, 0, 0, 0, -1, 0)), standard_orientation((-1, 0, 0, 0, 1, 0))
+    ((False, True, False), (False, False, True))
+    >>> standard_orientation((0, -1, 0, 1, 0, 0)), standard_orientation(None)    # turned by 90 degrees
+    ((True, True, False), (False, False, False))
     """
     if orientation is None or len(orientation) != 6:
-        return False, False
+        return False, False, False
     row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    axial = np.argmax(np.abs(row)) == 0 and np.argmax(np.abs(col)) == 1
-    if not axial:
-        return False, False
-    return bool(col[1] < 0), bool(row[0] < 0)
+    axes = int(np.argmax(np.abs(row))), int(np.argmax(np.abs(col)))
+    if axes not in ((0, 1), (1, 0)):
+        return False, False, False
+    transpose = axes == (1, 0)
+    if transpose:  # the swapped image's rows run along the stored columns' direction, and its columns along the rows'
+        row, col = col, row
+    return transpose, bool(col[1] < 0), bool(row[0] < 0)
 
 
 GRID_MM: Final = (0.62, 0.85)
@@ -1430,7 +1461,7 @@ def to_grid(
     hu: np.ndarray, size: int = SLICE_SIZE, orientation: Sequence[float] | None = None,
     spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, GridMapping]:
-    """Resample one HU slice to ``size x size``: mirror it into the radiological convention, put it in the centre
+    """Resample one HU slice to ``size x size``: swap and mirror it into the radiological convention, put it in the centre
     of a square of :func:`grid_side` original pixels (air around it, a body wall first where its field of view
     cuts the body; or cropped around the body), then linear zoom.
 
@@ -1441,7 +1472,7 @@ def to_grid(
     size : int
         Output side (the model's 512).
     orientation : sequence of 6 floats or None
-        Image Orientation (Patient), for :func:`standard_flips`.
+        Image Orientation (Patient), for :func:`standard_orientation`.
     spacing : sequence of 2 floats or None
         Pixel Spacing (mm), for :func:`grid_side`; without it the whole slice fills the grid.
 
@@ -1452,18 +1483,22 @@ def to_grid(
     """
     if hu.ndim != 2 or min(hu.shape) < 1:
         raise ValueError(f'Argument "hu" must be a non-empty 2-D slice, got shape {hu.shape}.')
-    rows, cols = hu.shape
-    flip_rows, flip_cols = standard_flips(orientation)
+    stored_rows, stored_cols = hu.shape
+    transpose, flip_rows, flip_cols = standard_orientation(orientation)
+    if transpose:
+        hu = hu.T
+        spacing = None if spacing is None or len(spacing) != 2 else (spacing[1], spacing[0])
     if flip_rows:
         hu = hu[::-1]
     if flip_cols:
         hu = hu[:, ::-1]
-    flips = {"flip_rows": flip_rows, "flip_cols": flip_cols}
+    flips = {"flip_rows": flip_rows, "flip_cols": flip_cols, "transpose": transpose}
+    rows, cols = hu.shape  # the swapped image's, from here on
     n = grid_side(hu, spacing, size)
     if rows == size and cols == size and n == size:
-        return np.ascontiguousarray(hu, dtype=np.int16), GridMapping(rows, cols, **flips)
+        return np.ascontiguousarray(hu, dtype=np.int16), GridMapping(stored_rows, stored_cols, **flips)
     pad_top, pad_left = (n - rows) // 2, (n - cols) // 2  # negative: that many pixels cropped
-    mapping = GridMapping(rows, cols, scale=n / size, pad_top=pad_top, pad_left=pad_left, **flips)
+    mapping = GridMapping(stored_rows, stored_cols, scale=n / size, pad_top=pad_top, pad_left=pad_left, **flips)
     top, left = max(0, -pad_top), max(0, -pad_left)
     part = hu[top : top + n, left : left + n]
     at = (max(0, pad_top), max(0, pad_left))

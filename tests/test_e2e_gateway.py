@@ -64,8 +64,33 @@ def studies(tmp_path_factory) -> dict[str, Path]:
         "covid": Path(phantom.write_study(covid, out / "covid")),
         "covid_j2k": Path(phantom.write_study(covid, out / "covid-j2k", encoding="jpeg2000", shuffle=True)),
     }
+    paths["covid_decubitus"] = turned_a_quarter(paths["covid"], out / "covid-decubitus")
     paths["_covid_study"] = covid  # type: ignore[assignment]
     return paths
+
+
+def turned_a_quarter(src: Path, dst: Path) -> Path:
+    """The study in ``src`` as a scanner stores a patient lying on the right side (decubitus): each image turned
+    by 90 degrees (rows and columns swapped, then mirrored top-bottom, a rotation: the slice normal and the
+    slices' positions stay), with the Image Orientation (Patient) and Image Position (Patient) that place every
+    stored pixel where it was in the patient, and the Pixel Spacing's two values swapped."""
+    dst.mkdir(parents=True)
+    for f in sorted(src.rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        upright = ds.pixel_array
+        row, col = np.array([float(v) for v in ds.ImageOrientationPatient[:3]]), np.array(
+            [float(v) for v in ds.ImageOrientationPatient[3:]])
+        row_mm, col_mm = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+        stored = np.ascontiguousarray(upright.T[::-1])  # stored[r, c] = upright[c, R - 1 - r], R = upright's columns
+        # stored pixel (0, 0) is upright pixel (row 0, column R - 1); +column: upright's +row; +row: upright's -column
+        origin = np.array([float(v) for v in ds.ImagePositionPatient]) + (upright.shape[1] - 1) * col_mm * row
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*col, *(-row))]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin]
+        ds.PixelSpacing = [f"{col_mm:g}", f"{row_mm:g}"]
+        ds.Rows, ds.Columns = stored.shape
+        ds.PixelData = stored.astype(upright.dtype).tobytes()
+        ds.save_as(dst / f.relative_to(src).as_posix().replace("/", "_"), enforce_file_format=True)
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +104,7 @@ def gateway(triton):
 @pytest.fixture(scope="module")
 def screened(gateway, studies) -> dict[str, Outcome]:
     """Each study screened once through ``ctscreen screen``'s code path."""
-    names = ["covid", "covid_j2k"]
+    names = ["covid", "covid_j2k", "covid_decubitus"]
     outcomes = screen_paths(gateway.url, [studies[n] for n in names], quiet=True)
     return dict(zip(names, outcomes, strict=True))
 
@@ -126,6 +151,31 @@ def test_shuffled_jpeg2000_twin_gives_the_same_answer(screened):
     assert [s.position_mm for s in j2k.slices] == [s.position_mm for s in plain.slices]
     assert [(s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in j2k.slices] == [
         (s.valid_area, [(b.grid, round(b.score, 4)) for b in s.boxes]) for s in plain.slices]
+
+
+def test_a_decubitus_study_is_screened_upright_and_its_boxes_point_at_the_stored_pixels(studies, screened):
+    """The same study stored as a patient lying on a side (every image turned by 90 degrees, its orientation
+    saying so) reaches the models upright: the same slices, boxes and valid areas on the grid, the same
+    verdict, evidence and quadrant; every box on the stored image is the upright one's turned. Seen failing
+    with the swap taken out of ``gateway.dicom.to_grid`` (the models then saw the chest on its side)."""
+    plain, turned = _result(screened["covid"]), _result(screened["covid_decubitus"])
+    assert (turned.verdict, turned.reason, turned.n_slices) == (plain.verdict, plain.reason, plain.n_slices)
+    assert [s.position_mm for s in turned.slices] == pytest.approx([s.position_mm for s in plain.slices])
+    assert [(s.valid_area, [(b.grid, round(b.score, 4), b.quadrants) for b in s.boxes]) for s in turned.slices] == [
+        (s.valid_area, [(b.grid, round(b.score, 4), b.quadrants) for b in s.boxes]) for s in plain.slices]
+    assert sum(len(s.boxes) for s in plain.slices) > 0, "the phantom study should have lesion boxes"
+    assert (turned.evidence is None) == (plain.evidence is None)
+    if plain.evidence is not None:
+        assert turned.evidence is not None and turned.evidence.quadrant == plain.evidence.quadrant
+        assert [s.index for s in turned.evidence.slices] == [s.index for s in plain.evidence.slices]
+    rows = int(pydicom.dcmread(next(studies["covid"].rglob("*.dcm")), stop_before_pixels=True).Columns)  # turned: rows
+    for p, q in zip(plain.slices, turned.slices, strict=True):
+        for a, b in zip(p.boxes, q.boxes, strict=True):
+            assert a.original is not None and b.original is not None
+            # stored[r, c] = upright[c, rows - 1 - r]: an upright box (x0..x1, y0..y1) is stored at
+            # columns y0..y1 and rows (rows - 1 - x1)..(rows - 1 - x0)
+            assert (b.original.x0, b.original.x1) == (a.original.y0, a.original.y1)
+            assert (b.original.y0, b.original.y1) == (rows - 1 - a.original.x1, rows - 1 - a.original.x0)
 
 
 @needs_trained

@@ -361,6 +361,7 @@ def test_mutated_files_raise_only_gateway_errors(syntax: str) -> None:
         ((-1, 0, 0, 0, 1, 0), (False, True)),  # columns run to the patient's right: mirrored
         ((-1, 0, 0, 0, -1, 0), (True, True)),
         ((1, 0, 0, 0, 0, -1), (False, False)),  # coronal: not an axial slice, left alone
+        ((0, 0, 1, 1, 0, 0), (False, False)),  # sagittal-like axes: not swapped, left alone
     ],
 )
 @pytest.mark.parametrize("shape", [(512, 512), (300, 600), (768, 768)])
@@ -372,7 +373,7 @@ def test_slices_are_mirrored_into_the_radiological_convention_and_boxes_back(ori
     y0, x0 = rows // 5, cols // 6  # a finding near the stored image's top-left corner
     stored[y0 : y0 + rows // 10, x0 : x0 + cols // 10] = 300
     out, grid = to_grid(stored, orientation=orientation)
-    assert (grid.flip_rows, grid.flip_cols) == flips
+    assert (grid.flip_rows, grid.flip_cols, grid.transpose) == (*flips, False)
     ys, xs = np.nonzero(out > -350)
     # on the model grid the finding sits where the convention puts it
     assert (ys.mean() > 256) == flips[0] and (xs.mean() > 256) == flips[1]
@@ -382,6 +383,62 @@ def test_slices_are_mirrored_into_the_radiological_convention_and_boxes_back(ori
     # to_grid of the mapped-back box covers the model-grid box again
     again = grid.to_grid(back[None, :4])[0]
     assert again[0] <= box[0, 0] + 1 and again[2] >= box[0, 2] - 1 and again[1] <= box[0, 1] + 1
+
+
+def stored_as(upright: np.ndarray, turn: bool, flip_rows: bool, flip_cols: bool) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``upright`` (stored as scanners usually do, Image Orientation (Patient) 1,0,0,0,1,0) stored another way:
+    rows and columns swapped, then mirrored; and the Image Orientation (Patient) that says so, derived from
+    where each stored pixel lies in the patient, not from the code under test."""
+    stored, row, col = upright, np.array([1, 0, 0]), np.array([0, 1, 0])  # +column: patient's left; +row: posterior
+    if turn:
+        stored, row, col = stored.T, col, row
+    if flip_rows:
+        stored, col = stored[::-1], -col
+    if flip_cols:
+        stored, row = stored[:, ::-1], -row
+    return np.ascontiguousarray(stored), tuple(int(v) for v in (*row, *col))
+
+
+EIGHT_WAYS = [(turn, fr, fc) for turn in (False, True) for fr in (False, True) for fc in (False, True)]
+
+
+@pytest.mark.parametrize(("turn", "flip_rows", "flip_cols"), EIGHT_WAYS)
+@pytest.mark.parametrize(("shape", "spacing"), [((512, 512), (0.7, 0.7)), ((400, 640), (0.6, 0.6)),
+                                                 ((300, 600), (0.5, 0.8))])
+def test_every_turning_and_mirroring_reaches_the_grid_upright_and_boxes_go_back(turn, flip_rows, flip_cols, shape,
+                                                                                spacing):
+    """A decubitus slice (front to back along its rows) or a reformat turned by 90 degrees is swapped, then
+    mirrored, so the models see the same upright image whichever of the eight ways it was stored; a box found
+    there maps back to the stored pixels of the finding. The stored image's Pixel Spacing (row, column)
+    swaps with its axes. Seen failing with the swap taken out of ``to_grid``."""
+    rng = np.random.default_rng(7)
+    upright = np.full(shape, -1000, np.int16)
+    rows, cols = shape
+    upright[rows // 8 : rows - rows // 8, cols // 10 : cols - cols // 10] = 40  # a body, not symmetric
+    upright += rng.integers(-20, 20, shape).astype(np.int16)
+    y0, x0 = rows // 5, cols // 6  # a finding in the patient's right anterior quadrant
+    upright[y0 : y0 + rows // 10, x0 : x0 + cols // 9] = 300
+    truth, truth_grid = to_grid(upright, orientation=(1, 0, 0, 0, 1, 0), spacing=spacing)
+    stored, orientation = stored_as(upright, turn, flip_rows, flip_cols)
+    stored_spacing = spacing[::-1] if turn else spacing
+    out, grid = to_grid(stored, orientation=orientation, spacing=stored_spacing)
+    assert grid.transpose == turn and (grid.rows, grid.cols) == stored.shape
+    np.testing.assert_array_equal(out, truth)  # the very image the upright slice gives
+    # the finding's box on the grid, back on the stored image: where the finding is stored
+    ys, xs = np.nonzero(out > 200)
+    box = np.array([[xs.min(), ys.min(), xs.max(), ys.max(), 0.9]], np.float32)
+    marker = np.zeros(shape, bool)
+    marker[y0 : y0 + rows // 10, x0 : x0 + cols // 9] = True
+    sy, sx = np.nonzero(stored_as(marker, turn, flip_rows, flip_cols)[0])
+    back = grid.to_original(box)[0]
+    np.testing.assert_allclose(back[:4], [sx.min(), sy.min(), sx.max(), sy.max()], atol=2)
+    assert back[4] == pytest.approx(0.9)
+    again = grid.to_grid(back[None, :4])[0]  # and to the grid again: it covers the grid's box
+    assert again[0] <= box[0, 0] + 1 and again[1] <= box[0, 1] + 1 and again[2] >= box[0, 2] - 1 and again[3] >= box[0, 3] - 1
+    # the part of the grid on the stored image is the upright one's
+    assert grid.footprint() == truth_grid.footprint()
+    # padding rows stay padding
+    assert grid.to_original(np.full((1, 5), -1.0))[0].tolist() == [-1.0] * 5
 
 
 def test_a_read_error_of_the_volume_is_no_refusal_of_the_file(tmp_path, monkeypatch):
