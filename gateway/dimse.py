@@ -481,7 +481,7 @@ class StorageScp:
         try:
             header = read_header(data, name)
         except InvalidInput as exc:  # not DICOM, or a deflated data set that inflates past the bounds
-            logger.info("C-STORE from %s refused (0xC000): %s", peer.ae_title, exc.message)
+            logger.info("C-STORE from %s refused (0xC000): %s", peer.ae_title, exc.reason)  # a message may quote the header
             self._refuse(exc.reason)
             return CANNOT_UNDERSTAND
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID) or header.sop_class_uid not in CT_SOP_CLASSES:

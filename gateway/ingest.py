@@ -260,7 +260,9 @@ class StudyAccumulator:
             _, headers = read_headers(filename, ds)
             check_header_uids(headers[0])  # before any UID names a file or a row (issue 14)
         except InvalidInput as exc:
-            logger.info("refused %s: %s (%s)", file_ref(filename), exc.reason, exc.message)
+            # the reason only: a message may quote a header value (a Modality element whose broken length took in the
+            # patient's name); the message goes to the uploader in the study's rejections
+            logger.info("refused %s: %s", file_ref(filename), exc.reason)
             return self._reject(Rejection(filename, exc.reason, exc.message))
         uid = headers[0].sop_instance_uid
         with self._lock:

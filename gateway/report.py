@@ -207,7 +207,9 @@ def sr_context(datasets: Iterable[Any]) -> SrContext | None:
             return None
         return SrContext(study_attrs, tuple(found.values()), header, tuple(described.items()), timezone_offset(kept))
     except Exception as exc:  # noqa: BLE001 - the SR is an extra; screening goes on without it
-        logger.warning("no SR context for study: %s: %s", type(exc).__name__, exc)
+        # its type only: pydicom's messages quote the value it choked on (a patient's name stored with a wrong VR)
+        logger.warning("no SR context for study: %s (its message is withheld: it may quote patient data)",
+                       type(exc).__name__)
         return None
 
 

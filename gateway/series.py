@@ -37,6 +37,7 @@ from gateway.dicom import CT_SOP_CLASSES, FrameHeader, joined_text
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_POSITION_MM",
     "Region",
     "SeriesLabels",
     "SeriesRules",
@@ -131,18 +132,34 @@ class SeriesSelection:
     was taken instead (:func:`select_series`); ``None`` otherwise."""
 
 
+MAX_POSITION_MM = 1e5
+"""Image Position (Patient) farther than this (100 m) from the origin in any axis is no scanner's: the frame has
+no usable geometry (values near the float maximum overflowed the position arithmetic into a 503)."""
+
+
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit normal ``row_cosines x col_cosines`` of Image Orientation (Patient).
+
+    >>> slice_normal((1, 0, 0, 0, 1, 0)).tolist()
+    [0.0, 0.0, 1.0]
+    >>> slice_normal((1e308, 0, 0, 0, 1e308, 0))
+    Traceback (most recent call last):
+    ValueError: Image Orientation (Patient) holds no direction cosines: its row and column directions are 1e+308 and 1e+308 long, not 1.
 
     Raises
     ------
     ValueError
-        The orientation does not have 6 values or its two directions are (nearly) parallel.
+        The orientation does not have 6 values, a direction is not a unit vector (its length off 1 by more
+        than a half), or its two directions are (nearly) parallel.
     """
     if len(orientation) != 6:
         raise ValueError(f'Argument "orientation" must have 6 values, got {len(orientation)}.')
     # plain floats: np.cross costs ~35 us on 3-vectors, and every frame of an upload asks (twice)
     r0, r1, r2, c0, c1, c2 = (float(v) for v in orientation)
+    row_len, col_len = math.hypot(r0, r1, r2), math.hypot(c0, c1, c2)
+    if not (0.5 < row_len < 1.5 and 0.5 < col_len < 1.5):
+        raise ValueError(f"Image Orientation (Patient) holds no direction cosines: its row and column directions "
+                         f"are {row_len:.3g} and {col_len:.3g} long, not 1.")
     n = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)
     norm = math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2])
     if norm < 1e-3:
@@ -161,6 +178,8 @@ def frame_exclusion(h: FrameHeader, rules: SeriesRules) -> tuple[str, str] | Non
         return "not_original", f"Image Type {shown} is not ORIGINAL\\PRIMARY."
     if h.orientation is None or h.position is None:
         return "no_geometry", "Image Orientation/Position (Patient) missing: slices cannot be ordered."
+    if any(abs(v) > MAX_POSITION_MM for v in h.position):
+        return "no_geometry", f"Image Position (Patient) lies over {MAX_POSITION_MM:g} mm from the origin: no scanner's."
     try:
         n = slice_normal(h.orientation)
     except ValueError as exc:

@@ -65,13 +65,23 @@ def is_job_id(value: object) -> bool:
 
 
 def check_header_uids(header: object) -> None:
-    """Check the Study, Series and SOP Instance UIDs of a parsed header (empty ones are left to the
-    decoder's own rules); raises :class:`InvalidUid` naming the first bad one."""
+    """Check the Study, Series and SOP Instance UIDs of a parsed header; raises :class:`InvalidUid` naming the
+    first one missing or bad. All three are Type 1 in a CT image: without its Study Instance UID an upload's
+    object was filed under ``""`` (no study URL, no SR) and escaped the mixed-studies check; without its SOP
+    Instance UID the result named it by its file name (often the patient's), as STOW-RS and C-STORE never did.
+
+    >>> from types import SimpleNamespace as H
+    >>> check_header_uids(H(study_instance_uid="1.2", series_instance_uid="1.3", sop_instance_uid="1.4"))
+    >>> check_header_uids(H(study_instance_uid="", series_instance_uid="1.3", sop_instance_uid="1.4"))
+    Traceback (most recent call last):
+    gateway.uids.InvalidUid: StudyInstanceUID is missing: a CT image needs its Study, Series and SOP Instance UIDs.
+    """
     for name, attr in (("StudyInstanceUID", "study_instance_uid"), ("SeriesInstanceUID", "series_instance_uid"),
                        ("SOPInstanceUID", "sop_instance_uid")):
         value = getattr(header, attr, "") or ""
-        if value and not value.endswith("#nouid"):  # '#nouid': the decoder's stand-in for a missing SOP UID
-            check_uid(value, name)
+        if not value or value.endswith("#nouid"):  # '#nouid': the decoder's stand-in for a missing SOP UID
+            raise InvalidUid(f"{name} is missing: a CT image needs its Study, Series and SOP Instance UIDs.")
+        check_uid(value, name)
 
 
 def _register() -> None:

@@ -139,3 +139,63 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
             assert len(value) >= 5  # the scan means something
             hits = [ln for ln in [*lines, *audit] if value in ln]
             assert hits == [], (value, hits[:3])
+
+
+def _rewritten(files: list[Path], edit) -> list[tuple[str, bytes]]:
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        edit(ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+        out.append((f.name, buf.getvalue()))
+    return out
+
+
+def _swallowing_modality(data: bytes) -> bytes:
+    """One byte of the Modality element's length changed (2 -> 512): its value takes in the elements after it,
+    the patient's name and ID among them, and the file is refused as not CT quoting that value."""
+    at = data.find(b"\x08\x00\x60\x00CS\x02\x00CT")
+    assert at > 0
+    return data[: at + 6] + b"\x00\x02" + data[at + 8 :]
+
+
+def test_header_values_a_refusal_or_a_failed_sr_quotes_never_reach_a_log_line(studies, tmp_path, caplog):
+    """Two ways patient data reached the log at the default level, both seen there before the fix: a file refused
+    as not CT whose broken Modality took in the patient's name and ID (``refused ...: not_ct (Modality is
+    '...DOE^JANE...')`` on upload; the SCP's refusals log their reason alone too), and a patient's name
+    stored with a wrong VR (FL), whose pydicom error the SR's context logged (``no SR context for study: ...
+    b'DOE^JANE^X'``). The upload still gets the refusal's full message (its sender owns the data)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    caplog.set_level(logging.DEBUG)
+    name, patient_id = "DOE^JANE^X", "MRN-778899"
+
+    def identify(ds):
+        ds.PatientName, ds.PatientID = name, patient_id
+
+    def name_as_float(ds):
+        value = name.encode() + (b" " if len(name) % 2 else b"")
+        ds._dict[Tag(0x00100010)] = RawDataElement(Tag(0x00100010), "FL", len(value), value, 0, False, True)
+
+    files = sorted(studies[1].glob("*.dcm"))
+    good = _rewritten(files, identify)
+    refused = [(good[0][0], _swallowing_modality(good[0][1])), *good[1:]]
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data")
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as client:
+        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in refused])
+        assert r.status_code == 202, r.text
+        job = _wait(client, r.headers["location"], {})
+        assert job["state"] == "done" and [x["reason"] for x in job["result"]["rejected"]] == ["not_ct"], job
+        assert "DOE^JANE" in job["result"]["rejected"][0]["message"]  # the uploader sees what was wrong
+        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom"))
+                                              for n, d in _rewritten(files, name_as_float)])
+        assert r.status_code == 202, r.text
+        assert _wait(client, r.headers["location"], {})["state"] == "done"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no SR context" in m for m in messages)
+    assert any(m.startswith("refused ") and "not_ct" in m for m in messages)
+    for value in ("DOE^JANE", "DOE", "JANE", patient_id):
+        hits = [m for m in messages if value in m]
+        assert not hits, hits

@@ -91,6 +91,14 @@ REFUSED = [
     ("zero_rows", _matrix(0, 64), 415, "not_dicom"),
     ("no_position", _drop("ImagePositionPatient"), 422, "no_usable_series"),
     ("no_orientation", _drop("ImageOrientationPatient"), 422, "no_usable_series"),
+    # finite but no scanner's: the position arithmetic overflowed into 503 internal_error (Retry-After: retried forever)
+    ("huge_position", _set("ImagePositionPatient", [1e308, 1e308, 1e308]), 422, "no_usable_series"),
+    ("huge_orientation", _set("ImageOrientationPatient", [1e308, 0, 0, 0, 1e308, 0]), 422, "no_usable_series"),
+    ("tiny_orientation", _set("ImageOrientationPatient", [1e-3, 0, 0, 0, 1e-3, 0]), 422, "no_usable_series"),
+    # Type 1 UIDs missing: filed under "" (no study URL, no SR, past the mixed-studies check), or named by file
+    ("no_study_uid", _drop("StudyInstanceUID"), 400, "invalid_uid"),
+    ("no_series_uid", _drop("SeriesInstanceUID"), 400, "invalid_uid"),
+    ("no_sop_uid", _drop("SOPInstanceUID"), 400, "invalid_uid"),
 ]
 
 
@@ -119,6 +127,36 @@ def test_upload_refuses_bad_ct(client, name, edit, status, reason):
 def test_upload_refuses_bad_requests(client, kwargs, status, reason):
     r = client.post("/v1/studies", **kwargs)
     assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("edit", [_set("ImagePositionPatient", [1e308, 1e308, 1e308]),
+                                  _set("ImageOrientationPatient", [1e308, 0, 0, 0, 1e308, 0])],
+                         ids=["huge_position", "huge_orientation"])
+def test_one_slice_with_impossible_geometry_is_left_out_and_the_rest_screened(client, edit):
+    """Before: 503 internal_error for the whole upload (OverflowError), and via STOW-RS a job failing for good."""
+    files = SERIES[:1] + _edit(SERIES[1:2], edit) + SERIES[2:]
+    r = client.post("/v1/studies", files=upload_files(files))
+    assert r.status_code == 202, r.text
+    view = wait_job(client, r.json()["job_id"])
+    assert view["state"] == "done" and view["result"]["n_slices"] == 5, view
+    assert [x["reason"] for x in view["result"]["rejected"]] == ["no_geometry"], view["result"]["rejected"]
+    _, another = ct_series(6, size=64)
+    stowed = _stow_and_screen(client, _edit(another[:1], edit) + another[1:])
+    assert stowed["state"] == "done" and stowed["result"]["n_slices"] == 5, stowed
+
+
+def test_a_file_without_its_study_uid_is_refused_and_counts_for_no_study(client):
+    """Before: the file's series was screened and filed under ``""`` (no /v1/studies URL), and an upload of study
+    A plus study B without its Study Instance UID passed the mixed-studies check. Now B's files are refused
+    (400 ``invalid_uid`` each) and A is screened alone, B's files listed as refused."""
+    _, other = ct_series(6, size=64)
+    r = client.post("/v1/studies", files=upload_files(SERIES[:4] + _edit(other, _drop("StudyInstanceUID"))))
+    assert r.status_code == 202, r.text
+    view = wait_job(client, r.json()["job_id"])
+    study_uid = str(pydicom.dcmread(io.BytesIO(SERIES[0][1]), stop_before_pixels=True).StudyInstanceUID)
+    assert view["study_instance_uid"] == study_uid and view["result"]["n_slices"] == 4, view
+    assert [x["reason"] for x in view["result"]["rejected"]] == ["invalid_uid"] * 6, view["result"]["rejected"]
 
 
 def test_upload_of_two_studies_is_refused_not_half_screened(client):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -148,13 +149,19 @@ def redact(url: str) -> str:
     return f"{base}?{urlencode(hidden, doseq=True, safe='*')}" if hidden else base
 
 
-def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
-    """``name`` cut to ``limit`` characters: its head and its tail (a zip member's own name), with ``...``
-    between, so an upload's long ``Content-Disposition`` or zip path is kept, not refused by the database.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-    >>> fit_filename("a" * 10 + "/slice1.dcm", 16)
-    'a...a/slice1.dcm'
+
+def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
+    r"""``name`` cut to ``limit`` characters: its head and its tail (a zip member's own name), with ``...``
+    between, so an upload's long ``Content-Disposition`` or zip path is kept, not refused by the database;
+    control characters become ``?`` (PostgreSQL's text refuses a NUL: a part named ``a\x00b.dcm`` was answered
+    503 there, and accepted by SQLite).
+
+    >>> fit_filename("a" * 10 + "/slice1.dcm", 16), fit_filename("a\x00b\n.dcm")
+    ('a...a/slice1.dcm', 'a?b?.dcm')
     """
+    name = _CONTROL.sub("?", name)
     if len(name) <= limit:
         return name
     tail = limit * 3 // 4

@@ -6,15 +6,18 @@ Read from one stored instance's header (no pixels); patient name, ID and birth d
 from __future__ import annotations
 
 import io
+import re
 
 __all__ = ["LABEL_KEYWORDS", "read_labels"]
 
 LABEL_KEYWORDS = ("StudyDate", "AccessionNumber", "SeriesDescription")
 _LIMITS = {"study_date": 8, "accession_number": 16, "series_description": 64}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def read_labels(data: bytes) -> dict[str, str | None]:
-    """The labels of the instance ``data`` (values missing or unreadable are None).
+    """The labels of the instance ``data`` (values missing or unreadable are None), without control characters
+    (PostgreSQL's text refuses a NUL, which an Accession Number may carry).
 
     >>> read_labels(b"not dicom")
     {'study_date': None, 'accession_number': None, 'series_description': None}
@@ -25,7 +28,7 @@ def read_labels(data: bytes) -> dict[str, str | None]:
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(LABEL_KEYWORDS))
         for keyword, name in zip(LABEL_KEYWORDS, _LIMITS, strict=True):
-            value = str(ds.get(keyword, "") or "").strip()
+            value = _CONTROL.sub("", str(ds.get(keyword, "") or "")).strip()
             out[name] = value[: _LIMITS[name]] or None
     except Exception:  # noqa: BLE001 - a label is a convenience; the row shows its UID instead
         return dict.fromkeys(_LIMITS)

@@ -133,7 +133,10 @@ async def _fill_labels(web: WebState, rows: list[WorklistRow]) -> dict[int, dict
         except (FileNotFoundError, ValueError):
             continue
         labels = await asyncio.to_thread(read_labels, data)
-        await web.worklist.put_labels(r.study_id, labels)
+        try:
+            await web.worklist.put_labels(r.study_id, labels)
+        except Exception as exc:  # noqa: BLE001 - labels are a convenience: shown now, read again next time
+            logger.warning("worklist labels of study %d not recorded (%s)", r.study_id, type(exc).__name__)
         found[r.study_id] = labels
     return found
 
