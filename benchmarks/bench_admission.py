@@ -38,7 +38,7 @@ def _proc_kib(pid: int, field: str) -> int:
 async def _one(port: int, size: int, gate: asyncio.Event) -> tuple[int, bool]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: gw\r\nContent-Type: application/octet-stream\r\n"
+        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                      f"Content-Length: {size}\r\n\r\n".encode())
         await writer.drain()
         await gate.wait()

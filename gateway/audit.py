@@ -99,7 +99,8 @@ class AuditLog:
 
 
 class AuditMiddleware:
-    """ASGI middleware writing one audit record per ``/v1/...`` and ``/dicomweb/...`` request.
+    """ASGI middleware writing one audit record per ``/v1/...`` and ``/dicomweb/...`` request, and one per refused
+    credential anywhere else (``/metrics`` on the API port: a key guessed there left no trace).
 
     The principal and the scope come from :func:`gateway.auth.require` (``request.state``); the study and
     job from the path parameters, or from ``request.state.study_instance_uid``/``job_id`` set by a route.
@@ -109,9 +110,10 @@ class AuditMiddleware:
         self.app, self.audit = app, audit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIXES):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        api = scope["path"].startswith(API_PREFIXES)
         scope.setdefault("state", {})
         status = 0
 
@@ -131,7 +133,10 @@ class AuditMiddleware:
             status = status or 500
             raise
         finally:
-            self._record(scope, status, broke=broke)
+            # elsewhere (probes, the page's files, /metrics) only a credential refused: a scrape every 15 s is no
+            # access to patient data, a guessed key is
+            if api or (status in (401, 403) and scope["state"].get("scope") is not None):
+                self._record(scope, status, broke=broke)
 
     def _record(self, scope: dict[str, Any], status: int, *, broke: bool = False) -> None:
         """One record; ``broke``: the answer failed after its status was sent, so the record says ``error``

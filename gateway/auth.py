@@ -33,9 +33,10 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "OidcVerifier", "Principal",
-    "StreamGuard", "check_exposure", "local_address", "reached_off_loopback", "require", "still_holds",
+    "StreamGuard", "check_exposure", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
 ]
 
 STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
@@ -298,28 +299,29 @@ class Authenticator:
         keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
         return cls(oidc, keys, anonymous_anywhere=settings.auth_insecure)
 
-    async def authenticate(self, credential: str | None, local_address: str | None = None) -> Principal:
-        """The principal of ``credential`` (a bearer token or an API key), for a call that arrived on
-        ``local_address`` (this server's address the connection reached: ASGI ``scope["server"]``).
+    async def authenticate(self, credential: str | None, scope: Mapping[str, Any] | None = None) -> Principal:
+        """The principal of ``credential`` (a bearer token or an API key), for the call of ASGI ``scope``.
 
         Raises
         ------
         gateway.errors.Unauthorized
             No or bad credential (401).
         gateway.errors.AuthNotConfigured
-            No credential source is configured and the call reached a non-loopback IP address of this
-            server (403): the startup check (:func:`check_exposure`) sees ``CTSCREEN_HOST``, not the
-            address a process manager told uvicorn to bind.
+            No credential source is configured and the call is not a local one (403, :func:`not_local`): it
+            reached a non-loopback address of this server (the startup check, :func:`check_exposure`, sees
+            ``CTSCREEN_HOST``, not the address a process manager told uvicorn to bind), came through a proxy from
+            another host, names another host (DNS rebinding) or is a browser's cross-site request.
         gateway.errors.AuthUnavailable
             The provider's keys or the API key file cannot be read now (503).
         """
         if not self.enabled:
-            if self.anonymous_anywhere or not reached_off_loopback(local_address):
+            why = None if self.anonymous_anywhere or scope is None else not_local(scope)
+            if why is None:
                 return ANONYMOUS
             raise AuthNotConfigured(
-                "This gateway has no authentication configured and answers anonymous calls on loopback only: "
-                "set CTSCREEN_AUTH_OIDC_ISSUER and CTSCREEN_AUTH_OIDC_AUDIENCE, or CTSCREEN_AUTH_API_KEYS_FILE, "
-                "or start it with --insecure (CTSCREEN_AUTH_INSECURE=true).")
+                f"This gateway has no authentication configured and answers anonymous calls from this machine "
+                f"only, and this call {why}: set CTSCREEN_AUTH_OIDC_ISSUER and CTSCREEN_AUTH_OIDC_AUDIENCE, or "
+                f"CTSCREEN_AUTH_API_KEYS_FILE, or start it with --insecure (CTSCREEN_AUTH_INSECURE=true).")
         if not credential:
             raise Unauthorized("Authentication required: send 'Authorization: Bearer <token or API key>'.",
                                error=None)
@@ -367,8 +369,7 @@ def require(scope: str) -> Any:
     ) -> Principal:
         request.state.scope = scope
         auth: Authenticator = getattr(request.app.state, "auth", None) or Authenticator()
-        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key,
-                                            local_address(request.scope))
+        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key, request.scope)
         request.state.principal = principal
         if not principal.has(scope):
             raise InsufficientScope(f"This needs the scope {scope!r}; the credential has "
@@ -395,7 +396,7 @@ async def still_holds(request: Request, scope: str) -> bool:
     bearer = await _bearer(request)  # read as require() reads it: a bearer token first, else the key header
     credential = bearer.credentials if bearer is not None else await _api_key(request)
     try:
-        principal = await auth.authenticate(credential, local_address(request.scope))
+        principal = await auth.authenticate(credential, request.scope)
     except AuthUnavailable:
         return True
     except Unauthorized:
@@ -429,10 +430,13 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 studies_write = require(STUDIES_WRITE)
 results_read = require(RESULTS_READ)
+admin = require(ADMIN)
 WriteAccess = Annotated[Principal, Depends(studies_write)]
 """A route parameter: the caller, who holds ``studies:write``."""
 ReadAccess = Annotated[Principal, Depends(results_read)]
 """A route parameter: the caller, who holds ``results:read``."""
+AdminAccess = Annotated[Principal, Depends(admin)]
+"""A route parameter: the caller, who holds ``admin``."""
 
 
 def is_loopback(host: str) -> bool:
@@ -449,10 +453,61 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def local_address(scope: MutableMapping[str, Any]) -> str | None:
+def local_address(scope: Mapping[str, Any]) -> str | None:
     """The address of this server a connection reached (ASGI ``scope["server"]``'s host; None: unknown)."""
     server = scope.get("server")
     return str(server[0]) if server else None
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header's or an ``Origin``'s host names this machine: ``localhost`` (or a name under it,
+    RFC 6761) or a loopback IP address.
+
+    >>> [_loopback_name(h) for h in ("localhost", "app.localhost", "127.0.0.1", "[::1]", "rebind.example", "10.0.0.1")]
+    [True, True, True, True, False, False]
+    """
+    host = host.strip().lower().rstrip(".")
+    return host.endswith(".localhost") or is_loopback(host)
+
+
+def not_local(scope: Mapping[str, Any]) -> str | None:
+    """Why the call of ASGI ``scope`` is not one from this machine (a phrase), or None when it is: the only calls
+    a gateway without authentication answers anonymously.
+
+    Not local: the connection reached a non-loopback address of this server; it came from another host through
+    a proxy (the client address uvicorn took from ``X-Forwarded-For``); its ``Host`` header names another host
+    (a page whose name the attacker points at 127.0.0.1: DNS rebinding); or a browser says a page of another
+    site sent it (``Sec-Fetch-Site: cross-site``, or an ``Origin`` that is no loopback name: an HTML form posts
+    across sites without asking). A test client's or a Unix socket's addresses are no IP addresses, and
+    their ``Host`` is checked only on an IP address.
+
+    >>> base = {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "headers": [(b"host", b"127.0.0.1:8000")]}
+    >>> not_local(base) is None
+    True
+    >>> not_local({**base, "headers": [(b"host", b"rebind.example:8000")]})
+    "names another host in its Host header ('rebind.example')"
+    >>> not_local({**base, "headers": [*base["headers"], (b"origin", b"https://evil.example")]})
+    'came from a page of another site'
+    >>> not_local({**base, "client": ("203.0.113.9", 443)})
+    'came from another host'
+    """
+    if reached_off_loopback(local_address(scope)):
+        return "reached a non-loopback address of this server"
+    client = scope.get("client")
+    if client and reached_off_loopback(str(client[0])):
+        return "came from another host"
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+    server = local_address(scope)
+    if server is not None and is_loopback(server.strip("[]")):
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        if not _loopback_name(name):
+            return f"names another host in its Host header ({name[:64]!r})"
+    origin = headers.get("origin")
+    origin_host = (urlsplit(origin).hostname or "") if origin and origin != "null" else ""
+    if headers.get("sec-fetch-site") == "cross-site" or origin == "null" or (origin and not _loopback_name(origin_host)):
+        return "came from a page of another site"
+    return None
 
 
 def reached_off_loopback(address: str | None) -> bool:

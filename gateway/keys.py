@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,14 +142,41 @@ class KeyStore:
         return record
 
     # --- writing (the command) ---------------------------------------------------------------
-    def _save(self) -> None:
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold this process's lock and an exclusive lock on ``<file>.lock`` (every writer's, across processes)
+        and read the file afresh: two ``ctscreen keys revoke`` at once each rewrote the file they had read, so a
+        revocation reported done could be lost, and both wrote one temporary file (a reader saw half of it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        with self._lock:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._mtime = None  # another process may have changed it within this mtime's granularity
+                self._load()
+                yield
+            finally:
+                os.close(fd)  # and the lock with it
+
+    def _save(self) -> None:
+        """Write the keys to a temporary file of its own beside the file, sync it, and rename it into place."""
         rows = [{**asdict(k), "scopes": list(k.scopes)} for k in self._keys.values()]
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": 1, "keys": rows}, fh, indent=1)
-        os.replace(tmp, self.path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"version": 1, "keys": rows}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # the rename too: a revocation reported done survives a crash
+        finally:
+            os.close(dir_fd)
         self._mtime = None  # re-read at the next use
 
     def add(self, name: str, scopes: list[str]) -> tuple[str, ApiKey]:
@@ -159,16 +190,14 @@ class KeyStore:
         salt = secrets.token_bytes(16)
         record = ApiKey(key_id, name.strip(), tuple(dict.fromkeys(scopes)), salt.hex(), _hash(secret, salt),
                         time.time())
-        with self._lock:
-            self._load()
+        with self._changing():
             self._keys[key_id] = record
             self._save()
         return f"{PREFIX}{key_id}_{secret}", record
 
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key by id (or by name when one active key has it); returns its record."""
-        with self._lock:
-            self._load()
+        with self._changing():
             record = self._keys.get(key_id)
             if record is None:
                 named = [k for k in self._keys.values() if k.name == key_id and k.revoked_at is None]

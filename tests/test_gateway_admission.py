@@ -67,7 +67,7 @@ async def burst(port: int, n: int, size: int, path: str = "/v1/studies", content
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
     length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
     for _, writer in conns:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: {content_type}\r\n{length}\r\n\r\n".encode())
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{length}\r\n\r\n".encode())
         await writer.drain()
     await asyncio.sleep(1.0)  # every head has been seen: over-budget answers are out now
 
@@ -157,7 +157,7 @@ def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path, route):
 
     async def send(port: int) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: {media}"
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {media}"
                      f"\r\nContent-Length: {size}\r\n\r\n".encode())
         with open(body, "rb") as fh:
             while chunk := fh.read(256 * 1024):
@@ -288,7 +288,7 @@ def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, mo
 
     async def upload(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: gw\r\nContent-Type: multipart/form-data; boundary={boundary}"
+        writer.write(f"POST /v1/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
                      f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         for i in range(0, len(body), 64 * 1024):
             writer.write(body[i:i + 64 * 1024])

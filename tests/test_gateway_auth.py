@@ -8,6 +8,7 @@ call, not inference). API keys are made with the ``ctscreen keys`` command itsel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -196,11 +197,14 @@ def test_no_credential_is_401_and_probes_stay_open(client):
     assert client.get("/readyz").status_code in (200, 503)
 
 
-def test_metrics_on_the_api_port_need_a_credential(client, provider):
-    """They name the Triton endpoints' addresses, which /v1/service shows to admins only."""
+def test_metrics_on_the_api_port_need_an_admin_credential(client, provider):
+    """They name the Triton endpoints' addresses, which /v1/service shows to admins only (a results:read token
+    read them here before)."""
     r = client.get("/metrics")
     assert r.status_code == 401, r.text
     r = client.get("/metrics", headers=_bearer(provider.token("results:read")))
+    assert r.status_code == 403 and r.json()["reason"] == "insufficient_scope", r.text
+    r = client.get("/metrics", headers=_bearer(provider.token("admin")))
     assert r.status_code == 200 and "ctscreen_triton_endpoints" in r.text
 
 
@@ -523,25 +527,16 @@ def test_a_database_password_never_reaches_a_log_line():
     assert redact("sqlite:////var/lib/ctscreen/state.db") == "sqlite:////var/lib/ctscreen/state.db"
 
 
-@pytest.mark.parametrize("insecure", [False, True])
-def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_only(tmp_path, insecure):
-    """``uvicorn --factory gateway.main:app_from_env --host 0.0.0.0``: the app never sees that address
-    (CTSCREEN_HOST stays loopback, so the start-up check passes); each call that arrives on a non-loopback
-    address is refused instead, unless --insecure. Real uvicorn, real sockets."""
-    import threading
-
-    import httpx
+@contextlib.contextmanager
+def _served(settings: Settings, host: str):
+    """The app of ``settings`` under a real uvicorn on ``host`` and a free port (yielded), in a thread."""
     import uvicorn
 
     from tests.conftest import free_port
 
-    address = _own_address()
-    if address is None:
-        pytest.skip("this machine has no non-loopback address to call the gateway on")
-    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, auth_insecure=insecure, shutdown_grace_s=1)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, client_factory=FakeFleet()), host="0.0.0.0",
-                                           port=port, log_level="error", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, client_factory=FakeFleet()), host=host, port=port,
+                                           log_level="error", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -549,12 +544,28 @@ def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_onl
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
             time.sleep(0.1)
-        outside = httpx.get(f"http://{address}:{port}/v1/jobs/nosuchjob", timeout=10)
-        inside = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/nosuchjob", timeout=10)
-        probe = httpx.get(f"http://{address}:{port}/healthz", timeout=10)
+        yield port
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_only(tmp_path, insecure):
+    """``uvicorn --factory gateway.main:app_from_env --host 0.0.0.0``: the app never sees that address
+    (CTSCREEN_HOST stays loopback, so the start-up check passes); each call that arrives on a non-loopback
+    address is refused instead, unless --insecure. Real uvicorn, real sockets."""
+
+    import httpx
+
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to call the gateway on")
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, auth_insecure=insecure, shutdown_grace_s=1)
+    with _served(settings, "0.0.0.0") as port:
+        outside = httpx.get(f"http://{address}:{port}/v1/jobs/nosuchjob", timeout=10)
+        inside = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/nosuchjob", timeout=10)
+        probe = httpx.get(f"http://{address}:{port}/healthz", timeout=10)
     assert inside.status_code == 404, inside.text
     assert probe.status_code == 200
     if insecure:
@@ -562,3 +573,100 @@ def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_onl
     else:
         assert outside.status_code == 403 and outside.json()["reason"] == "auth_not_configured", outside.text
         assert "CTSCREEN_AUTH_API_KEYS_FILE" in outside.json()["message"]
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_gateway_without_auth_answers_no_browser_page_of_another_site_and_no_other_host(tmp_path, insecure):
+    """Without authentication a gateway on 127.0.0.1 answered every local socket as the anonymous admin, so any
+    web page its operator opened could use it: an HTML form posting a study across sites (a "simple" request,
+    no preflight: 202), a name the attacker points at 127.0.0.1 reading the worklist (DNS rebinding: 200), and a
+    reverse proxy on the same host carried everyone's calls in (the audit line even named the remote client).
+    Now each is 403 ``auth_not_configured``, unless --insecure; the page the gateway serves itself, a client
+    on this machine and ``localhost`` still work. Real uvicorn, real sockets."""
+    import httpx
+
+    from tests.gateway_app_fakes import ct_series
+
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, auth_insecure=insecure, shutdown_grace_s=1)
+    _, files = ct_series(6, size=64)
+    form = [("files", (name, data, "application/dicom")) for name, data in files]
+
+    def foreign(port: int) -> dict[str, tuple[str, str, dict[str, str]]]:
+        return {
+            "form posted by another site": ("POST", "/v1/studies", {"origin": "https://attacker.example"}),
+            "fetch from another site": ("GET", "/v1/worklist", {"sec-fetch-site": "cross-site"}),
+            "sandboxed or file page": ("GET", "/v1/worklist", {"origin": "null"}),
+            "rebound name": ("GET", "/v1/worklist", {"host": f"rebind.attacker.example:{port}"}),
+            "metrics by a rebound name": ("GET", "/metrics", {"host": f"rebind.attacker.example:{port}"}),
+            "another host through a local proxy": ("GET", "/v1/worklist", {"x-forwarded-for": "203.0.113.9"}),
+        }
+    answers = {}
+    with _served(settings, "127.0.0.1") as port:
+        base = f"http://127.0.0.1:{port}"
+        local = {
+            "this machine": ("GET", "/v1/worklist", {}),
+            "localhost": ("GET", "/v1/worklist", {"host": f"localhost:{port}"}),
+            "the gateway's own page": ("POST", "/v1/studies", {"origin": base, "sec-fetch-site": "same-origin"}),
+        }
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for what, (method, path, headers) in {**foreign(port), **local}.items():
+                kw = {"files": form} if method == "POST" else {}
+                answers[what] = client.request(method, path, headers=headers, **kw)
+    for what in ("this machine", "localhost", "the gateway's own page"):
+        assert answers[what].status_code in (200, 202), (what, answers[what].text)
+    for what in foreign(0):
+        r = answers[what]
+        if insecure:
+            assert r.status_code in (200, 202), (what, r.text)
+        else:
+            assert r.status_code == 403 and r.json()["reason"] == "auth_not_configured", (what, r.text)
+
+
+def test_a_credential_refused_outside_the_api_is_audited_and_a_scrape_is_not(provider, keyfile, tmp_path):
+    """``/metrics`` on the API port needs a credential, but only ``/v1`` and ``/dicomweb`` were audited: a key
+    guessed or a token tried there left no record. Now every refused credential is recorded, wherever; an
+    admitted scrape (every 15 s, no patient data) and the probes are not."""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    settings = Settings(triton_urls="fake:1", auth_oidc_issuer=provider.issuer, auth_oidc_audience=AUD,
+                        auth_api_keys_file=keyfile, shutdown_grace_s=1, audit_log_file=audit)
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"X-API-Key": "cts_000000000000_guess"}).status_code == 401
+        assert c.get("/metrics", headers=_bearer(provider.token("results:read"))).status_code == 403
+        assert c.get("/metrics", headers=_bearer(provider.token("admin"))).status_code == 200
+        assert c.get("/healthz").status_code == 200
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["action"], r["status"], r["outcome"]) for r in records] == [
+        ("GET /metrics", 401, "denied"), ("GET /metrics", 401, "denied"), ("GET /metrics", 403, "denied")], records
+    assert records[2]["who"] != "unauthenticated" and records[2]["scope"] == "admin"
+
+
+def _revoke_in_a_process(args: tuple[str, str]) -> str:
+    from pathlib import Path
+
+    from gateway.keys import KeyStore
+
+    path, key_id = args
+    return KeyStore(Path(path)).revoke(key_id).id
+
+
+def test_revocations_run_at_once_in_several_processes_are_all_kept(tmp_path):
+    """Eight ``ctscreen keys revoke`` at once: each read the file, changed its copy and wrote it back through one
+    shared temporary name, so revocations reported done were lost (1 to 3 of 8 in each of 4 runs), a writer
+    failed on the other's temporary file, and a reader once saw half a file. Now writers take a lock on
+    ``<file>.lock`` and read the file afresh under it; every revocation is in the file, which stays whole."""
+    import multiprocessing
+
+    from gateway.keys import KeyStore
+
+    path = tmp_path / "api_keys.json"
+    store = KeyStore(path)
+    ids = [store.add(f"robot{i}", ["results:read"])[1].id for i in range(8)]
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        done = pool.map(_revoke_in_a_process, [(str(path), i) for i in ids])
+    assert sorted(done) == sorted(ids)
+    after = {k.id: k for k in KeyStore(path).keys()}
+    assert all(after[i].revoked_at is not None for i in ids), [i for i in ids if after[i].revoked_at is None]
+    assert (path.stat().st_mode & 0o777) == 0o600 and not list(tmp_path.glob("*.tmp"))

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import BlobsDep, MetricsDep, PoolDep, SettingsDep, StoreDep
-from gateway.auth import AUTH_RESPONSES, ReadAccess
+from gateway.auth import AUTH_RESPONSES, AdminAccess
 from gateway.errors import NotFound
 from gateway.store import Store
 from gateway.triton_pool import TritonPool
@@ -91,12 +91,13 @@ async def readyz_triton(request: Request, pool: PoolDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={**AUTH_RESPONSES, 404: {"description": "served on CTSCREEN_METRICS_PORT instead"}})
-async def metrics(metrics: MetricsDep, settings: SettingsDep, _: ReadAccess) -> Response:
+async def metrics(metrics: MetricsDep, settings: SettingsDep, _: AdminAccess) -> Response:
     """The gateway's metrics in the Prometheus text format (here unless ``CTSCREEN_METRICS_PORT`` is set).
 
-    On the API port they need ``results:read`` like the API (they name the Triton endpoints' addresses,
-    which ``/v1/service`` shows to admins only): a scraper sends an API key. On their own port
-    (``CTSCREEN_METRICS_PORT``, the Helm chart's) they are open to whoever the network lets reach it."""
+    On the API port they need ``admin``: they name the Triton endpoints' addresses, which ``/v1/service`` shows
+    to admins only (a ``results:read`` key, a reading room's, read them here before): a scraper sends an admin
+    key, or scrapes the metrics port instead. On their own port (``CTSCREEN_METRICS_PORT``, the Helm chart's)
+    they are open to whoever the network lets reach it."""
     if settings.metrics_port is not None:
         raise NotFound("Metrics are on their own port.")
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
