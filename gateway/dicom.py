@@ -408,6 +408,32 @@ def read_failed(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno is not None
 
 
+_ITEM_TAGS: Final = frozenset({(0xFFFE, 0xE000), (0xFFFE, 0xE0DD),  # Item, Sequence Delimitation Item, and
+                                (0xFEFF, 0x00E0), (0xFEFF, 0xDDE0)})  # the same read in the other byte order (a
+# big endian file's UN sequence holds little endian items: read on, then dropped, as before, by read_dataset)
+_pydicom_read_sequence_item = pydicom.filereader.read_sequence_item
+
+
+def _item_or_refusal(fp: BinaryIO, is_implicit_VR: bool, is_little_endian: bool, *args: Any, **kwargs: Any) -> Any:
+    """pydicom's reader of a sequence item, refusing a sequence whose next element is neither an item nor the
+    sequence's end (PS3.5 7.5). pydicom reads any tag there as an item: a 24-byte broken sequence of undefined
+    length ahead of 30 MiB of pixels made it read each 8 bytes of the pixels as an empty item, 4 million data
+    sets (a minute of CPU and 2.4 GiB for one C-STORE instance of 30 MiB; an upload alike). Installed in
+    :mod:`pydicom.filereader` when this module is imported, for every reader of the gateway."""
+    at = fp.tell()
+    head = fp.read(4)
+    fp.seek(at)
+    if len(head) == 4:
+        tag = struct.unpack("<HH" if is_little_endian else ">HH", head)
+        if tag not in _ITEM_TAGS:
+            raise InvalidDicomError(f"a sequence holds ({tag[0]:04X},{tag[1]:04X}) at byte {at} where an item or "
+                                    "its end must be: not a DICOM data set")
+    return _pydicom_read_sequence_item(fp, is_implicit_VR, is_little_endian, *args, **kwargs)
+
+
+pydicom.filereader.read_sequence_item = _item_or_refusal
+
+
 def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     """Parse DICOM bytes (Part 10 file, or a bare data set), or a file holding them, into a pydicom Dataset.
 

@@ -349,7 +349,7 @@ class StorageScp:
         ae.require_called_aet = True  # a sender addresses this AE title (with or without a peer allow-list)
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
+                    (evt.EVT_RELEASED, self._on_end)]  # an abort or a dropped connection: _ended
         # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
         # own thread under a deadline (see _server_class), and a handler that sees each association end
         server = ae.make_server((self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context,
@@ -361,10 +361,13 @@ class StorageScp:
                     " (TLS)" if self.ssl_context is not None else "")
 
     def stop(self) -> None:
-        """Stop listening and abort open associations (blocking; call it off the event loop)."""
+        """Stop listening and abort open associations (blocking; call it off the event loop): an association
+        left open went on getting 0x0000 while the gateway shut down, then 0xC211 once its loop had closed."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+            for assoc in list(server.active_associations):
+                assoc.abort()
             logger.info("DICOM SCP %s stopped", self.ae_title)
 
     # --- pynetdicom threads -----------------------------------------------------------------
@@ -393,8 +396,8 @@ class StorageScp:
         self._finish(assoc, rejected=why)
 
     def _on_end(self, event: Any) -> None:
-        """Released or aborted (by either side)."""
-        self._finish(event.assoc, aborted=event.event.name == "EVT_ABORTED")
+        """Released (an abort, by either side, or a dropped connection is written when its thread ends: _ended)."""
+        self._finish(event.assoc)
 
     def _ended(self, assoc: Any) -> None:
         """The association's thread has ended: its record, if no event wrote it (a connection that dropped
@@ -483,16 +486,18 @@ class StorageScp:
         except InvalidInput as exc:  # not DICOM, or a deflated data set that inflates past the bounds
             logger.info("C-STORE from %s refused (0xC000): %s", peer.ae_title, exc.reason)  # a message may quote the header
             self._refuse(exc.reason)
-            return CANNOT_UNDERSTAND
+            return self._count_store(event, "", CANNOT_UNDERSTAND)  # in the association's audit summary too
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID) or header.sop_class_uid not in CT_SOP_CLASSES:
             self._refuse("not_ct")
-            return DOES_NOT_MATCH
-        future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)
+            return self._count_store(event, "", DOES_NOT_MATCH)
+        future = None
         try:
+            future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)
             return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
-        except Exception as exc:  # noqa: BLE001 - the loop stopping (cancelled) or stuck, or a fault: answered,
-            # never raised (pynetdicom would answer 0xC211 and leave the instance's file behind)
-            future.cancel()
+        except Exception as exc:  # noqa: BLE001 - the loop stopping (cancelled), closed or stuck, or a fault:
+            # answered, never raised (pynetdicom would answer 0xC211 and leave the instance's file behind)
+            if future is not None:
+                future.cancel()
             logger.warning("C-STORE of %s not taken by the gateway: %s", header.sop_instance_uid, type(exc).__name__)
             return self._count_store(event, header.study_instance_uid, PROCESSING_FAILURE)
 

@@ -365,6 +365,14 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         "bad.yaml": ("destinations: [unclosed", "not valid YAML"),
         "system.yaml": ("destinations: [{name: r, kind: fhir, url: 'http://x', patient_id_system: 'no scheme'}]",
                         "patient_id_system"),
+        # each of these loaded, then failed every delivery with a traceback, retried for about a day
+        "url_port.yaml": ("destinations: [{name: r, kind: fhir, url: 'http://127.0.0.1:99999/fhir'}]", "1 to 65535"),
+        "header_value.yaml": ("destinations: [{name: r, kind: fhir, url: 'http://x', headers: {A: 'Bearer t\u00f6k'}}]",
+                              "ASCII on one line"),
+        "header_name.yaml": ("destinations: [{name: r, kind: fhir, url: 'http://x', headers: {'A B': 'x'}}]",
+                             "no HTTP header name"),
+        "not_a_ca.yaml": (f"destinations: [{{name: p, kind: dicom, ae_title: A, host: h, port: 104, objects: [sr], "
+                          f"tls: {{ca_file: '{tmp_path / 'd.yaml'}'}}}}]", "do not make a TLS context"),
     }
     for name, (text, expected) in cases.items():
         path = tmp_path / name
@@ -372,6 +380,11 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         with pytest.raises(DestinationsError, match=expected) as exc:
             load_destinations(path)
         assert "\n" not in str(exc.value)
+    for encoding in ("utf-16", "latin-1"):  # UTF-16: what Windows PowerShell writes by default (was a traceback)
+        path = tmp_path / f"{encoding}.yaml"
+        path.write_text("destinations: [{name: r\u00e9, kind: fhir, url: 'http://x'}]", encoding=encoding)
+        with pytest.raises(DestinationsError, match="not UTF-8 text"):
+            load_destinations(path)
     leaky = tmp_path / "leaky.yaml"
     leaky.write_text("destinations: [{name: w, kind: fhir, url: 'ftp://x', headers: {A: 'Bearer s3cr3t-token'}}]")
     with pytest.raises(DestinationsError) as exc:
@@ -824,3 +837,41 @@ def test_stow_already_received_answer_means_held_for_a_rejection_note_only(reaso
         with pytest.raises(SendError) as exc:
             asyncio.run(send())
         assert exc.value.sent == [items[0][0]]
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["at_its_association_limit", "refusing_our_ae_title"])
+def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(busy):
+    """A-ASSOCIATE-RJ result 2 (transient: a PACS at its association limit, busy with a modality) failed the delivery
+    for good after one attempt, for an operator to resend by hand; result 1 (permanent: our AE title not known
+    there) stays permanent. A real pynetdicom SCP."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from gateway.delivery.senders import SendError, send_dicom
+    from tests.gateway_dicom_factory import ct_dataset, to_bytes
+
+    scp = AE(ae_title="PACS")
+    scp.maximum_associations = 1
+    scp.add_supported_context(CTImageStorage)
+    scp.add_supported_context(Verification)
+    scp.require_calling_aet = ["MODALITY"] if busy else ["SOMEONE"]
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+    held = None
+    try:
+        port = server.server_address[1]
+        if busy:  # a modality holds the PACS's only association
+            other = AE(ae_title="MODALITY")
+            other.add_requested_context(Verification)
+            held = other.associate("127.0.0.1", port, ae_title="PACS")
+            assert held.is_established
+        [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": port, "objects": ["sr"]}])
+        ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+        with pytest.raises(SendError) as info:
+            send_dicom(dest, [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds))], "MODALITY" if busy else "CTSCREEN")
+        assert info.value.permanent is (not busy), str(info.value)
+        assert ("transient" in str(info.value)) is busy
+    finally:
+        if held is not None:
+            held.release()
+        server.shutdown()

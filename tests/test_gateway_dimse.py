@@ -562,3 +562,41 @@ def test_serve_with_dicom_port_answers_c_echo(triton):
             raise
     assert up, out
     assert proc.returncode == 0 and f"DICOM C-STORE SCP: AE {AE} on 127.0.0.1:{dicom_port}" in out, out
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_refused_instances_count_in_the_association_record_and_a_released_one_is_ok(make_scp):
+    """An instance answered 0xC000 was left out of the association's record (``stored 1`` for one stored and one
+    refused); a released association is ``ok``, an aborted one ``aborted`` (the abort is written when its thread
+    ends, the one handler for every way an association ends but a release)."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    scp = make_scp()
+    good = ct_dataset(np.full((16, 16), -1000, np.int16))
+    bad = ct_dataset(np.full((16, 16), -1000, np.int16))
+    bad.StudyInstanceUID = "not-a-uid"
+    released = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert [int(released.send_c_store(ds).Status) for ds in (good, bad)] == [SUCCESS, CANNOT_UNDERSTAND]
+    released.release()
+    aborted = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert int(aborted.send_c_store(bad).Status) == CANNOT_UNDERSTAND
+    aborted.abort()
+    records = [r for r in _associations(scp, 2) if r["action"].startswith("DICOM association")]
+    assert [(r["outcome"], r["reason"]) for r in records] == [
+        ("ok", "stored 1, refused 1 (0xC000)"), ("aborted", "aborted: refused 1 (0xC000)")], records
+
+
+def test_stopping_the_scp_aborts_its_open_associations(make_scp):
+    """stop() closed the listener only: an association already open went on getting 0x0000 while the gateway
+    shut down (and 0xC211 once its loop had closed)."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    scp = make_scp()
+    assoc = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status) == SUCCESS
+    scp.stop()
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted and not assoc.is_established
+    assert not _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE).is_established

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -127,6 +128,19 @@ class Tls(_Model):
     key_file: Path | None = None
     server_hostname: str | None = None
 
+    def context(self) -> ssl.SSLContext:
+        """The client's TLS context (its CA, and its certificate when given).
+
+        Raises
+        ------
+        ssl.SSLError, OSError
+            A file that holds no certificate or key, or cannot be read.
+        """
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
 
 class _Base(_Model):
     name: str = Field(pattern=_NAME)
@@ -150,9 +164,28 @@ class DicomDestination(_Base):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP header name (RFC 9110 token)."""
+
+
 class _Http(_Base):
     url: str = Field(pattern=r"^https?://[^\s]+$")
     headers: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        import httpx
+
+        try:
+            url = httpx.URL(value)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise ValueError(f"url is no usable URL ({type(exc).__name__}: {str(exc)[:80]})") from None
+        if not url.host:
+            raise ValueError("url names no host")
+        if url.port is not None and not 1 <= url.port <= 65535:  # else every delivery failed, retried for a day
+            raise ValueError(f"url's port must be 1 to 65535, got {url.port}")
+        return value
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -165,7 +198,13 @@ class _Http(_Base):
             missing = [v for v in _ENV.findall(text) if v not in os.environ]
             if missing:
                 raise ValueError(f"header {key!r} refers to unset environment variable {missing[0]}")
-            out[key] = _ENV.sub(lambda m: os.environ[m.group(1)], text)
+            value_text = _ENV.sub(lambda m: os.environ[m.group(1)], text)
+            # checked here, not at each delivery (every one failed, retried for a day); the value is never quoted
+            if not _TOKEN.match(str(key)):
+                raise ValueError(f"header name {str(key)[:40]!r} is no HTTP header name")
+            if not value_text.isascii() or any(c in value_text for c in "\r\n\x00"):
+                raise ValueError(f"header {key!r}: its value must be ASCII on one line")
+            out[key] = value_text
         return out
 
     @property
@@ -240,6 +279,11 @@ def parse_destinations(data: object, source: str = "destinations") -> list[Desti
             for f in (d.tls.ca_file, d.tls.cert_file, d.tls.key_file):
                 if f is not None and not Path(f).is_file():
                     raise DestinationsError(f"{source}: destination {d.name!r}: TLS file {f} does not exist")
+            try:  # a file that holds no certificate failed every delivery with a traceback, retried for a day
+                d.tls.context()
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise DestinationsError(f"{source}: destination {d.name!r}: its TLS files do not make a TLS context "
+                                        f"({type(exc).__name__}: {getattr(exc, 'reason', None) or 'unreadable'})") from None
     return list(parsed.destinations)
 
 
@@ -253,9 +297,11 @@ def load_destinations(path: Path | str) -> list[Destination]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DestinationsError(f"destinations file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:  # e.g. UTF-16, as Windows PowerShell writes by default
+        raise DestinationsError(f"destinations file {path}: not UTF-8 text (save it as UTF-8)") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

@@ -58,16 +58,22 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
     if dest.tls is not None:
         import ssl
 
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_file)
-        if dest.tls.cert_file is not None:
-            context.load_cert_chain(dest.tls.cert_file, dest.tls.key_file)
+        try:  # checked when the file was loaded; a file changed since fails here, for good
+            context = dest.tls.context()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise SendError(f"the TLS files of {dest.where} do not make a TLS context ({type(exc).__name__})",
+                            permanent=True) from None
         tls = (context, dest.tls.server_hostname or dest.host)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     except OSError as exc:
         raise SendError(f"cannot reach {dest.where}: {exc.strerror or exc}") from None
     if assoc.is_rejected:
-        raise SendError(f"association rejected by {dest.where}", permanent=True)
+        # A-ASSOCIATE-RJ result 1 is permanent; 2 (transient: the PACS is busy, at its association limit) is
+        # tried again with back-off, as the gateway's own SCP asks its senders to
+        transient = getattr(getattr(assoc.acceptor, "primitive", None), "result", None) == 0x02
+        raise SendError(f"association rejected by {dest.where}" + (" for now (transient)" if transient else ""),
+                        permanent=not transient)
     if not assoc.is_established:
         raise SendError(f"no association with {dest.where} (refused, aborted or timed out)")
     sent: list[str] = []
