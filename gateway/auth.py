@@ -499,9 +499,9 @@ def not_local(scope: Mapping[str, Any]) -> str | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
     server = local_address(scope)
     if server is not None and is_loopback(server.strip("[]")):
-        host = headers.get("host", "")
+        host = headers.get("host", "")  # none: an HTTP/1.0 client on this machine (a browser always sends one)
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-        if not _loopback_name(name):
+        if host and not _loopback_name(name):
             return f"names another host in its Host header ({name[:64]!r})"
     origin = headers.get("origin")
     origin_host = (urlsplit(origin).hostname or "") if origin and origin != "null" else ""

@@ -59,6 +59,7 @@ from gateway.metrics import Metrics
 from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
 from gateway.stow import InstanceHeader, Intake, read_header
+from gateway.uids import is_uid
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,48 @@ def non_ct_storage_classes() -> list[str]:
     from pynetdicom.presentation import AllStoragePresentationContexts
 
     return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts} - CT_SOP_CLASSES)
+
+
+def accept_private_classes(assoc: Any) -> list[str]:
+    """Add to an association being requested (``EVT_REQUESTED``, before negotiation) a supported context for each
+    private SOP class it proposes (a UID outside the standard's root ``1.2.840.10008``), in the transfer syntaxes
+    of the others; returns those classes. Under ``non_ct="discard"`` their instances are then answered 0x0000 and
+    discarded like any other class but CT: a Siemens CT study carries CSA Non-Image objects
+    (``1.3.12.2.1107.5.9.1``), which were not negotiated, so the sender's C-STORE of each failed, and a sender that
+    stops at a failure kept the rest of the CT back. Such a class is registered with pynetdicom as storage (at
+    most :data:`MAX_PRIVATE_CLASSES` in a process). Standard classes keep their own negotiation (a Storage
+    Commitment or a query is never accepted this way: a sender would wait for an answer that never comes)."""
+    from pydicom.uid import UID
+    from pynetdicom.presentation import build_context
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import register_uid
+
+    syntaxes: list[str | UID] = [*TRANSFER_SYNTAXES]
+    supported = assoc.acceptor.supported_contexts
+    have = {str(c.abstract_syntax) for c in supported}
+    proposed = {str(c.abstract_syntax) for c in assoc.requestor.primitive.presentation_context_definition_list}
+    private = []
+    with _PRIVATE_LOCK:
+        for uid in sorted(proposed - have):
+            if uid.startswith("1.2.840.10008.") or not is_uid(uid):
+                continue
+            if uid not in _PRIVATE_CLASSES:
+                if len(_PRIVATE_CLASSES) >= MAX_PRIVATE_CLASSES:  # pynetdicom's table is process-wide: bounded
+                    continue
+                # pynetdicom dispatches a C-STORE only for a class it knows as storage
+                register_uid(uid, "CtscreenPrivate_" + uid.replace(".", "_"), StorageServiceClass)
+                _PRIVATE_CLASSES.add(uid)
+            private.append(uid)
+    if private:
+        assoc.acceptor.supported_contexts = supported + [build_context(uid, syntaxes) for uid in private]
+    return private
+
+
+MAX_PRIVATE_CLASSES = 256
+"""Most private SOP classes :func:`accept_private_classes` registers in a process (a sender proposing ever new
+ones is not let grow pynetdicom's tables without bound)."""
+_PRIVATE_CLASSES: set[str] = set()
+_PRIVATE_LOCK = threading.Lock()
 
 
 MAX_PDU_BYTES = 262_144
@@ -379,6 +422,8 @@ class StorageScp:
             self._associations[assoc] = _Association(str(primitive.calling_ae_title or "").strip()[:16],
                                                      str(primitive.called_ae_title or "").strip()[:16],
                                                      str(assoc.requestor.address))
+        if self.non_ct == "discard":
+            accept_private_classes(assoc)
         if self.peers is not None:  # a rejection is recorded before the peer hears of it
             self.peers.on_requested(event, lambda why: self._finish(assoc, rejected=why))
 

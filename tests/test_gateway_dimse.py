@@ -600,3 +600,37 @@ def test_stopping_the_scp_aborts_its_open_associations(make_scp):
         time.sleep(0.05)
     assert assoc.is_aborted and not assoc.is_established
     assert not _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE).is_established
+
+
+CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+"""Siemens CSA Non-Image Storage: a private class a Siemens CT study carries beside its images."""
+
+
+def test_a_private_class_in_a_study_is_accepted_and_discarded_and_every_ct_slice_kept(make_scp):
+    """A private SOP class a sender proposed (Siemens CSA Non-Image objects travel with Siemens CT) was not
+    negotiated: the sender's C-STORE of it failed (pynetdicom's SCU raises "no presentation context"), and a sender
+    that stops at a failure kept the rest of the CT back. Under ``discard`` (the default) it is accepted, answered
+    0x0000 and discarded, and counted; with ``refuse`` it stays unnegotiated."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    ct = [ct_dataset(np.full((16, 16), -1000, np.int16)) for _ in range(3)]
+    study = str(ct[0].StudyInstanceUID)
+    for ds in ct:
+        ds.StudyInstanceUID = study
+    csa = ct_dataset(np.full((16, 16), -1000, np.int16))
+    csa.StudyInstanceUID = study
+    csa.SOPClassUID = csa.file_meta.MediaStorageSOPClassUID = CSA_NON_IMAGE
+    for mode in ("discard", "refuse"):
+        scp = make_scp(non_ct=mode)
+        assoc = _requestor(CTImageStorage, CSA_NON_IMAGE).associate("127.0.0.1", scp.port, ae_title=AE)
+        assert assoc.is_established
+        try:
+            accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+            assert (CSA_NON_IMAGE in accepted) is (mode == "discard"), accepted
+            statuses = [int(assoc.send_c_store(ds).Status) for ds in (ct[0], csa, *ct[1:])] if mode == "discard" else []
+        finally:
+            assoc.release()
+        if mode == "discard":
+            assert statuses == [SUCCESS] * 4
+            records = _associations(scp, 1)
+            assert records[-1]["reason"] == "stored 3, discarded 1 (not CT)", records
