@@ -287,6 +287,39 @@ def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("override", "external", "message"), [
+    ("c" * 48, True, None),  # the schema's maxLength (47) refuses it first
+    ("c" * 47, True, ""),
+    ("c" * 42, False, "StatefulSet"),
+    ("c" * 42, True, ""),
+    ("c" * 41, False, ""),
+])
+def test_a_long_release_name_fails_the_render_instead_of_the_cluster(override, external, message):
+    """A 50-character full name (a 53-character release name, or fullnameOverride, both accepted) rendered Services
+    of 66 characters, which the API server refuses (the Triton headless Service, the gateway's metrics), and a
+    PostgreSQL StatefulSet of 61, whose pod never comes (its controller-revision-hash label passes 63): the
+    validator of these tests checks no name length. Now the render fails with one line naming the limit; names
+    that fit render, every Service at most 63 characters and every StatefulSet at most 52."""
+    values: dict = {"fullnameOverride": override}
+    if external:
+        values["state"] = {"database": {"existingSecret": "ctscreen-db"}, "blobs": {"existingClaim": "nfs"}}
+    if message is None:
+        with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match="fullnameOverride"):
+            chart.validate_schema(values)
+        return
+    if message:
+        with pytest.raises(helm.HelmError) as info:
+            render(values)
+        assert message in str(info.value) and "fullnameOverride" in str(info.value)
+        return
+    objects = render(values)
+    limits = {"Service": 63, "StatefulSet": 52, "Job": 63, "Pod": 63}
+    for o in objects:
+        if o["kind"] in limits:
+            assert len(o["metadata"]["name"]) <= limits[o["kind"]], (o["kind"], o["metadata"]["name"])
+    assert any(o["kind"] == "StatefulSet" for o in objects) is (not external)
+
+
 def test_a_uid_root_the_schema_accepts_the_gateway_accepts():
     """One rule in both places: a 40-character root passed ``helm install`` and the pod then crash-looped
     (the gateway counted the dot it appends)."""
