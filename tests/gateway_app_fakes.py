@@ -84,6 +84,18 @@ def _dataset(hu: np.ndarray, i: int, spacing: float, study: str, series: str, fr
     return buf.getvalue()
 
 
+def edited(files: Iterable[tuple[str, bytes]], edit: Any) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of each file with ``edit(ds)`` applied to its data set."""
+    out = []
+    for name, data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        edit(ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append((name, buf.getvalue()))
+    return out
+
+
 def wait_job(client: Any, job_id: str, timeout: float = 20.0) -> dict:
     """The job's view once it is ``done`` or ``failed`` (``client``: a ``TestClient`` of the app)."""
     deadline = time.monotonic() + timeout

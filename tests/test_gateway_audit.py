@@ -28,7 +28,7 @@ from ctscreen.embedded import free_port
 from gateway import keys as keys_cli
 from gateway.main import create_app
 from gateway.settings import Settings
-from tests.gateway_app_fakes import FakeFleet
+from tests.gateway_app_fakes import FakeFleet, edited
 from tests.test_gateway_app_api import STOW_TYPE, related_body
 
 MALFORMED = {"PatientBirthDate": "03/02/1901", "StudyDate": "2020133", "StudyTime": "25:61:99",
@@ -141,17 +141,6 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
             assert hits == [], (value, hits[:3])
 
 
-def _rewritten(files: list[Path], edit) -> list[tuple[str, bytes]]:
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        edit(ds)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=False)
-        out.append((f.name, buf.getvalue()))
-    return out
-
-
 def _swallowing_modality(data: bytes) -> bytes:
     """One byte of the Modality element's length changed (2 -> 512): its value takes in the elements after it,
     the patient's name and ID among them, and the file is refused as not CT quoting that value."""
@@ -180,7 +169,7 @@ def test_header_values_a_refusal_or_a_failed_sr_quotes_never_reach_a_log_line(st
         ds._dict[Tag(0x00100010)] = RawDataElement(Tag(0x00100010), "FL", len(value), value, 0, False, True)
 
     files = sorted(studies[1].glob("*.dcm"))
-    good = _rewritten(files, identify)
+    good = edited([(f.name, f.read_bytes()) for f in files], identify)
     refused = [(good[0][0], _swallowing_modality(good[0][1])), *good[1:]]
     settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data")
     with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as client:
@@ -190,7 +179,7 @@ def test_header_values_a_refusal_or_a_failed_sr_quotes_never_reach_a_log_line(st
         assert job["state"] == "done" and [x["reason"] for x in job["result"]["rejected"]] == ["not_ct"], job
         assert "DOE^JANE" in job["result"]["rejected"][0]["message"]  # the uploader sees what was wrong
         r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom"))
-                                              for n, d in _rewritten(files, name_as_float)])
+                                              for n, d in edited([(f.name, f.read_bytes()) for f in files], name_as_float)])
         assert r.status_code == 202, r.text
         assert _wait(client, r.headers["location"], {})["state"] == "done"
     messages = [r.getMessage() for r in caplog.records]

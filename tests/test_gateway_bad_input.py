@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from gateway.main import create_app
 from gateway.settings import Settings
-from tests.gateway_app_fakes import FakeFleet, ct_series
+from tests.gateway_app_fakes import FakeFleet, ct_series, edited
 from tests.test_gateway_app_api import upload_files, wait_job
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
@@ -35,18 +35,6 @@ def client():
 def _related(parts: list[bytes]) -> bytes:
     out = b"".join(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
     return out + b"--b0undary--\r\n"
-
-
-def _edit(files, edit):
-    """The files with ``edit(ds)`` applied to each data set."""
-    out = []
-    for name, data in files:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        edit(ds)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out.append((name, buf.getvalue()))
-    return out
 
 
 def _stow_and_screen(client, files) -> dict:
@@ -105,7 +93,7 @@ REFUSED = [
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 @pytest.mark.parametrize(("name", "edit", "status", "reason"), REFUSED, ids=[c[0] for c in REFUSED])
 def test_upload_refuses_bad_ct(client, name, edit, status, reason):
-    r = client.post("/v1/studies", files=upload_files(_edit(SERIES, edit)))
+    r = client.post("/v1/studies", files=upload_files(edited(SERIES, edit)))
     assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
     assert r.json()["message"]
     if name == "one_pixel":
@@ -135,14 +123,14 @@ def test_upload_refuses_bad_requests(client, kwargs, status, reason):
                          ids=["huge_position", "huge_orientation"])
 def test_one_slice_with_impossible_geometry_is_left_out_and_the_rest_screened(client, edit):
     """Before: 503 internal_error for the whole upload (OverflowError), and via STOW-RS a job failing for good."""
-    files = SERIES[:1] + _edit(SERIES[1:2], edit) + SERIES[2:]
+    files = SERIES[:1] + edited(SERIES[1:2], edit) + SERIES[2:]
     r = client.post("/v1/studies", files=upload_files(files))
     assert r.status_code == 202, r.text
     view = wait_job(client, r.json()["job_id"])
     assert view["state"] == "done" and view["result"]["n_slices"] == 5, view
     assert [x["reason"] for x in view["result"]["rejected"]] == ["no_geometry"], view["result"]["rejected"]
     _, another = ct_series(6, size=64)
-    stowed = _stow_and_screen(client, _edit(another[:1], edit) + another[1:])
+    stowed = _stow_and_screen(client, edited(another[:1], edit) + another[1:])
     assert stowed["state"] == "done" and stowed["result"]["n_slices"] == 5, stowed
 
 
@@ -151,7 +139,7 @@ def test_a_file_without_its_study_uid_is_refused_and_counts_for_no_study(client)
     A plus study B without its Study Instance UID passed the mixed-studies check. Now B's files are refused
     (400 ``invalid_uid`` each) and A is screened alone, B's files listed as refused."""
     _, other = ct_series(6, size=64)
-    r = client.post("/v1/studies", files=upload_files(SERIES[:4] + _edit(other, _drop("StudyInstanceUID"))))
+    r = client.post("/v1/studies", files=upload_files(SERIES[:4] + edited(other, _drop("StudyInstanceUID"))))
     assert r.status_code == 202, r.text
     view = wait_job(client, r.json()["job_id"])
     study_uid = str(pydicom.dcmread(io.BytesIO(SERIES[0][1]), stop_before_pixels=True).StudyInstanceUID)
@@ -170,7 +158,7 @@ def test_upload_of_two_studies_is_refused_not_half_screened(client):
 @pytest.mark.parametrize(
     "files",
     [ct_series(2, lesion=[0, 1], size=64)[1], ct_series(1, size=64)[1],
-     _edit(SERIES, _set("ImagePositionPatient", [-250.0, -250.0, 0.0]))],
+     edited(SERIES, _set("ImagePositionPatient", [-250.0, -250.0, 0.0]))],
     ids=["two_slices_with_lesions", "one_slice", "all_at_one_position"],
 )
 def test_too_short_study_is_screened_indeterminate(client, files):
@@ -198,7 +186,7 @@ def test_stow_refuses_bad_requests(client, body, content_type, status, reason):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 def test_stow_nan_slope_study_fails_with_reason(client):
-    view = _stow_and_screen(client, _edit(ct_series(6, size=64)[1], _set("RescaleSlope", "NaN")))
+    view = _stow_and_screen(client, edited(ct_series(6, size=64)[1], _set("RescaleSlope", "NaN")))
     assert view["state"] == "failed" and view["error"]["reason"] == "no_usable_series", view
     assert {r["reason"] for r in view["error"]["detail"]["rejected"]} == {"not_ct"}, view
 

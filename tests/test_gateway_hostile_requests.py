@@ -141,37 +141,19 @@ def test_a_job_failing_on_a_bug_is_logged_with_its_traceback_and_not_its_message
     assert "DOE^JANE" not in caplog.text and "DOE^JANE" not in json.dumps(job)
 
 
-def _wait_done(client: TestClient, job_id: str) -> dict:
-    import time
-
-    deadline = time.monotonic() + 30
-    while (view := client.get(f"/v1/jobs/{job_id}").json())["state"] not in ("done", "failed"):
-        assert time.monotonic() < deadline, view
-        time.sleep(0.05)
-    return view
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_nul_in_a_file_name_or_a_label_is_kept_out_of_the_database(tmp_path, request, backend):
     """PostgreSQL's text refuses a NUL, which SQLite takes: a part named ``a\\x00b.dcm`` got 503 internal_error
     there (its name is recorded with the instance), and a study whose Accession Number held a NUL was screened but
     broke every worklist page showing it (503, the labels never recorded, read again at every page) until
     retention removed it. Names keep ``?`` for control characters; labels lose them. Real PostgreSQL 15."""
-    import io
+    from tests.gateway_app_fakes import ct_series, edited, wait_job
 
-    import pydicom
-
-    from tests.gateway_app_fakes import ct_series
+    def labels(ds):
+        ds.AccessionNumber, ds.SeriesDescription = "AB\x00CD", "CHEST\x00\x01 LUNG"
 
     kw = {"database_url": request.getfixturevalue("pg_url")} if backend == "postgresql" else {}
-    _, files = ct_series(6, size=64)
-    labelled = []
-    for name, data in files:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.AccessionNumber, ds.SeriesDescription = "AB\x00CD", "CHEST\x00\x01 LUNG"
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        labelled.append((name, out.getvalue()))
+    labelled = edited(ct_series(6, size=64)[1], labels)
     boundary = "nulnames"
     body = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="s\x00{i}.dcm"\r\n'.encode("latin-1")
@@ -180,7 +162,7 @@ def test_a_nul_in_a_file_name_or_a_label_is_kept_out_of_the_database(tmp_path, r
     with _client(tmp_path, **kw) as client:
         r = client.post("/v1/studies", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
         assert r.status_code == 202, r.text
-        view = _wait_done(client, r.json()["job_id"])
+        view = wait_job(client, r.json()["job_id"], timeout=30)
         assert view["state"] == "done", view
         page = client.get("/v1/worklist")
         assert page.status_code == 200, page.text

@@ -149,7 +149,8 @@ def redact(url: str) -> str:
     return f"{base}?{urlencode(hidden, doseq=True, safe='*')}" if hidden else base
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 control characters and DEL: never stored as text (PostgreSQL's text refuses a NUL, SQLite takes it)."""
 
 
 def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
@@ -161,7 +162,7 @@ def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
     >>> fit_filename("a" * 10 + "/slice1.dcm", 16), fit_filename("a\x00b\n.dcm")
     ('a...a/slice1.dcm', 'a?b?.dcm')
     """
-    name = _CONTROL.sub("?", name)
+    name = CONTROL_CHARACTERS.sub("?", name)
     if len(name) <= limit:
         return name
     tail = limit * 3 // 4

@@ -6,13 +6,13 @@ Read from one stored instance's header (no pixels); patient name, ID and birth d
 from __future__ import annotations
 
 import io
-import re
+
+from gateway.store.store import CONTROL_CHARACTERS
 
 __all__ = ["LABEL_KEYWORDS", "read_labels"]
 
 LABEL_KEYWORDS = ("StudyDate", "AccessionNumber", "SeriesDescription")
 _LIMITS = {"study_date": 8, "accession_number": 16, "series_description": 64}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def read_labels(data: bytes) -> dict[str, str | None]:
@@ -28,7 +28,7 @@ def read_labels(data: bytes) -> dict[str, str | None]:
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(LABEL_KEYWORDS))
         for keyword, name in zip(LABEL_KEYWORDS, _LIMITS, strict=True):
-            value = _CONTROL.sub("", str(ds.get(keyword, "") or "")).strip()
+            value = CONTROL_CHARACTERS.sub("", str(ds.get(keyword, "") or "")).strip()
             out[name] = value[: _LIMITS[name]] or None
     except Exception:  # noqa: BLE001 - a label is a convenience; the row shows its UID instead
         return dict.fromkeys(_LIMITS)
