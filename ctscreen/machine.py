@@ -75,8 +75,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def code_commit() -> tuple[str, bool | None]:
-    """The checkout's short commit and whether it had uncommitted changes.
+FIGURE_OUTPUTS = (":(exclude)benchmarks/results", ":(exclude,glob)**/*.md")
+"""Paths a figure run writes itself (result files, plots, the READMEs' figure tables): changes there do not
+make the code that measured "uncommitted" (a run's first figure dirtied the tree for every figure after it,
+so each published run read "commit (uncommitted changes)" though it ran a clean commit)."""
+
+
+def code_commit(root: Path = ROOT) -> tuple[str, bool | None]:
+    """The checkout's short commit and whether its code had uncommitted changes (tracked files, less
+    :data:`FIGURE_OUTPUTS`).
 
     ``CTSCREEN_COMMIT`` wins where it is set: a copy of the tree (an image, a GPU node) may carry no
     ``.git``, or a stale one; whoever copied it names the commit, and ``dirty`` is then unknown (None)."""
@@ -85,11 +92,11 @@ def code_commit() -> tuple[str, bool | None]:
         return named, None
     try:
         commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
         dirty: bool | None = bool(subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-            timeout=10).stdout.strip()) if commit else None
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", *FIGURE_OUTPUTS],
+            capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         return "", None
     return commit, dirty

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks import figures, readme_figures, stamps
 from benchmarks.common import ROOT, machine_info
+from ctscreen.machine import code_commit
 
 SHIPPED = stamps.shipped_models()
 
@@ -166,3 +168,26 @@ def test_a_step_that_prints_json_is_stamped(tmp_path: Path, monkeypatch: pytest.
     doc = json.loads((tmp_path / "web.json").read_text())
     assert doc["median_s"] == 0.5 and doc["machine"]["models"] == SHIPPED
     assert stamps.problems(tmp_path / "web.json", shipped=SHIPPED) == []
+
+
+def test_a_figure_runs_own_outputs_do_not_mark_the_code_uncommitted(tmp_path: Path) -> None:
+    """A figure run rewrites benchmarks/results and the READMEs' tables before its later figures are stamped;
+    those must still name a clean commit. A changed source file (or a changed model) is uncommitted code."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for rel in ("benchmarks/results/ratios-latest.json", "README.md", "benchmarks/README.md", "gateway/worker.py",
+                "model_repository/lesion/1/model.onnx"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("before\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "x")
+    assert code_commit(tmp_path)[1] is False
+    for rel in ("benchmarks/results/ratios-latest.json", "README.md", "benchmarks/README.md"):
+        (tmp_path / rel).write_text("after\n")
+    assert code_commit(tmp_path)[1] is False
+    for rel in ("gateway/worker.py", "model_repository/lesion/1/model.onnx"):
+        (tmp_path / rel).write_text("after\n")
+        assert code_commit(tmp_path)[1] is True, rel
+        git("checkout", "-q", "--", rel)
