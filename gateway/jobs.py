@@ -67,3 +67,7 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
     error: JobError | None = None
     result: CaseResult | None = None
+    version: int | None = Field(None, description="the version of the study this job screens (GET /v1/jobs/{id})")
+    superseded_by: int | None = Field(
+        None, description="a newer version of the same study (instances received after this one's): this job's "
+                          "result is not the study's latest (GET /v1/jobs/{id})")

@@ -18,11 +18,13 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 import phantom
 from aggregator.schema import CaseResult
 from gateway.cli import run_stack
 from gateway.client import collect_files, screen_paths
+from tests.gateway_app_fakes import edited
 from tests.gateway_dicom_factory import FACE_SLICE, face_series
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
@@ -222,6 +224,8 @@ def test_a_head_ct_shows_its_boxes_as_no_lesions(stack, screened, page, tmp_path
     page.wait_for_selector(f'#viewer[data-index="{boxed}"][data-ready=true]')
     assert page.locator("#viewer rect.ignored").count() == len(result.slices[boxed].boxes) > 0
     assert page.locator("#viewer rect.lesion").count() == 0 and page.locator("#viewer rect.quadrant").count() == 0
+    readout = page.inner_text("#readout")  # announced (aria-live): it said "2 lesions"
+    assert "lesion" not in readout and re.search(r"\d+ box(es)?$", readout), readout
     labels = page.locator(".strip button").evaluate_all("bs => bs.map(b => b.getAttribute('aria-label'))")
     assert labels and all("lesion" not in label and "run" not in label for label in labels)
     legend = page.inner_text("p.legend")
@@ -276,6 +280,14 @@ def test_the_page_and_the_api_send_their_security_headers(stack):
     assert "frame-ancestors 'none'" in csp and "'sha256-" in csp and "unsafe-inline" not in csp
     assert script.headers["content-security-policy"] == csp
     assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    # the modules are asked for again each time (304 by ETag): a browser guessed them fresh from their age and ran
+    # an upgraded page with the old modules
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        for path in sorted(p.name for p in (ROOT / "gateway" / "web" / "static").iterdir()):
+            r = c.get(f"/web/static/{path}")
+            assert r.status_code == 200 and r.headers["cache-control"] == "no-cache", path
+            again = c.get(f"/web/static/{path}", headers={"If-None-Match": r.headers["etag"]})
+            assert again.status_code == 304, path
 
 
 def test_progress_streams_while_a_third_study_is_screening(stack, screened, studies, page):
@@ -503,3 +515,128 @@ def test_service_route_reports_endpoints_and_latency(stack, screened):
                                "slices_per_second": d["endpoints"][0]["slices_per_second"]}]
     assert d["p50_s"] > 0 and d["p95_s"] >= d["p50_s"] and d["studies_per_hour"] >= 2
     assert d["backlog_slices"] >= 0 and isinstance(d["failures"], list)
+
+
+# --- what a review against a real gateway found (every job state, a study of two series, STOW) ----------
+def _files(folder: Path, edit: Any) -> list[tuple[str, bytes]]:
+    return edited([(p.name, p.read_bytes()) for p in collect_files(folder)], edit)
+
+
+def _stow(url: str, files: list[tuple[str, bytes]]) -> None:
+    boundary = "ctscreen-web-test"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+                    for _, data in files) + f"--{boundary}--\r\n".encode()
+    r = httpx.post(url + "/dicomweb/studies", content=body, timeout=60,
+                   headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text
+
+
+def _wait_done(url: str, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        if view["state"] in ("done", "failed"):
+            return view
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish: {view}")
+
+
+def test_the_series_label_is_the_screened_series_not_the_scout_sent_first(stack, studies, tmp_path):
+    """Scanners send the scout first: the row named the first stored instance's series ('SCOUT'), recorded
+    while the study was still arriving, beside the chest series' verdict."""
+    uid, scout = generate_uid(), generate_uid()
+
+    def study(ds: Any) -> None:
+        ds.StudyInstanceUID, ds.AccessionNumber = uid, "TWOSERIES"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+    def scout_edit(ds: Any) -> None:
+        study(ds)
+        ds.SeriesInstanceUID, ds.SeriesDescription, ds.SeriesNumber = scout, "SCOUT", 99
+
+    def chest_edit(ds: Any) -> None:
+        study(ds)
+        ds.SeriesDescription = "CHEST 1.0"
+
+    few = Path(phantom.write_study(phantom.make_study(seed=14, kind="normal", n_slices=3), tmp_path / "scout"))
+    files = _files(few, scout_edit) + _files(studies["covid"], chest_edit)
+    r = httpx.post(stack.url + "/v1/studies", timeout=120,
+                   files=[("files", (name, data, "application/dicom")) for name, data in files])
+    assert r.status_code == 202, r.text
+    view = _wait_done(stack.url, r.json()["job_id"])
+    assert view["state"] == "done" and view["series_instance_uid"] != scout and view["result"]["n_slices"] == N_SLICES
+    for _ in range(2):  # read from the screened series, then as recorded
+        row = next(row for row in httpx.get(stack.url + "/v1/worklist", timeout=30).json()["rows"]
+                   if row["job_id"] == view["job_id"])
+        assert row["labels"]["series_description"] == "CHEST 1.0", row["labels"]
+        assert row["labels"]["accession_number"] == "TWOSERIES"
+
+
+def test_a_study_received_while_the_page_is_open_shows_and_supersedes_live(stack, screened, studies, page, tmp_path):
+    """STOW studies have no job while they arrive, so no job event told the open worklist: a new study, and a
+    late instance opening version 2 of a done study (its verdict superseded), showed only on a reload. The
+    superseded version's own view says it is superseded. A study without an accession number shows the end
+    of its UID (the start is the organisation's root, the same for every study)."""
+    uid = generate_uid()
+
+    def no_accession(ds: Any) -> None:
+        ds.StudyInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        del ds.AccessionNumber
+
+    small = Path(phantom.write_study(phantom.make_study(seed=15, kind="normal", n_slices=6), tmp_path / "stow"))
+    _stow(stack.url, _files(small, no_accession))
+    first = httpx.post(f"{stack.url}/v1/studies/{uid}/complete", timeout=30)
+    assert first.status_code == 202, first.text
+    job1 = _wait_done(stack.url, first.json()["job_id"])["job_id"]
+    page.goto(stack.url + "/")
+    row1 = page.locator(f'tr[data-job-id="{job1}"]')
+    row1.wait_for()
+    page.wait_for_selector('#live-state[data-state="live"]')
+    assert row1.get_attribute("data-superseded-by") is None
+    link = row1.locator("th.uid a")
+    assert link.inner_text() == "…" + uid[-18:] and link.get_attribute("title") == uid
+    assert link.get_attribute("aria-label") == f"Study {uid}"
+
+    _stow(stack.url, _files(small, no_accession)[:1])  # one late instance: version 2, receiving
+    page.wait_for_function(f"""() => document.querySelector('tr[data-job-id="{job1}"]')
+        ?.dataset.supersededBy === "2" """, timeout=10_000)
+    receiving = page.locator('tr[data-state="receiving"]', has_text=uid[-18:])
+    assert receiving.count() == 1 and "v2" in receiving.inner_text()
+
+    page.goto(f"{stack.url}/#/study/{job1}")
+    page.wait_for_selector("#verdict")
+    note = page.locator("#superseded")
+    assert "version 2 of this study was received after this one (version 1)" in note.inner_text()
+    view = httpx.get(f"{stack.url}/v1/jobs/{job1}", timeout=30).json()
+    assert (view["version"], view["superseded_by"]) == (1, 2)
+    assert httpx.get(f"{stack.url}/v1/jobs/{screened['covid'][0]}", timeout=30).json()["superseded_by"] is None
+
+
+def test_the_pages_keep_their_size(stack, screened, page):
+    """'Older' went back to 50 rows a page and 'Newer' missed the first page."""
+    total = httpx.get(stack.url + "/v1/worklist", timeout=30).json()["total"]
+    assert total >= 3
+    page.goto(stack.url + "/#/?limit=1")
+    page.wait_for_function("() => document.querySelector('.pager-summary').textContent.startsWith('Studies 1–1 ')")
+    page.click("text=Older →")
+    page.wait_for_function("() => document.querySelector('.pager-summary').textContent.startsWith('Studies 2–2 ')")
+    assert "limit=1" in page.evaluate("location.hash")
+    page.click("text=← Newer")
+    page.wait_for_function("() => document.querySelector('.pager-summary').textContent.startsWith('Studies 1–1 ')")
+    assert page.locator("table.worklist tbody tr").count() == 1
+
+
+def test_a_queued_retry_shows_why_it_waits():
+    """A job released after a failed try (Triton away) is queued with that try's error: the row says so."""
+    from gateway.store.worklist import WorklistRow
+    from gateway.web.routes import row_json
+
+    row = WorklistRow(study_id=1, study_instance_uid="1.2.3", version=1, origin="upload", received_at=0.0,
+                      state="queued", job_id="a" * 32, slices_done=0, slices_total=8, instances=8, finished_at=None,
+                      started_at=0.0, verdict=None, reason=None, message=None, labels=None,
+                      error={"reason": "triton_unavailable", "message": "No Triton answered."})
+    shown = row_json(row)
+    assert (shown["reason"], shown["message"]) == ("triton_unavailable", "retrying after: No Triton answered.")
+    done = row_json(WorklistRow(**{**{f: getattr(row, f) for f in row.__slots__}, "state": "done"}))
+    assert done["reason"] is None and done["message"] is None

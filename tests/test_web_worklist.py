@@ -18,7 +18,7 @@ from benchmarks.web_worklist import seed
 from gateway.store import Store
 from gateway.store.migrate import upgrade
 from gateway.store.worklist import Worklist, row_state
-from gateway.web.labels import read_labels
+from gateway.web.labels import read_label_header, read_labels
 from gateway.web.render import WINDOWS, SeriesMap, render_png, window_u8
 
 N = 30  # seed(): every 3rd positive, every 7th failed
@@ -139,3 +139,40 @@ def test_row_state_maps_job_states():
     assert [row_state("complete", s) for s in ("queued", "decoding", "inferring", "aggregating", "done", "failed")] == [
         "queued", "screening", "screening", "screening", "done", "failed"]
     assert row_state("receiving", None) == "receiving"
+
+
+def test_labels_are_one_line_of_plain_text(tmp_path):
+    """A right-to-left override in an Accession Number showed 'ACC12<RLO>3456' as 'ACC126543'; a Series
+    Description of two values showed as a Python list."""
+    study = phantom.make_study(seed=3, kind="normal", n_slices=4, matrix=64)
+    folder = phantom.write_study(study, tmp_path / "s")
+    ds = pydicom.dcmread(sorted(folder.rglob("*.dcm"))[0])
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.AccessionNumber = "ACC12\u202e3456"
+    ds.SeriesDescription = pydicom.multival.MultiValue(str, ["Thorax", "Lung 1.0"])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    header = read_label_header(buf.getvalue())
+    assert header.labels["accession_number"] == "ACC123456"
+    assert header.labels["series_description"] == "Thorax\\Lung 1.0"
+    assert header.series_instance_uid == ds.SeriesInstanceUID
+
+
+def test_labels_recorded_before_revision_0007_are_read_again(tmp_path):
+    """Recorded from the first stored instance (often the scout) while the study was still arriving: 0007
+    removes them, so that the worklist reads them from the screened series."""
+    url = f"sqlite:///{tmp_path / 'ctscreen.db'}"
+    upgrade(url, "0006")
+    seed(url, 3, now=time.time())
+
+    async def put(w: Worklist):
+        await w.put_labels(1, {"series_description": "SCOUT"})
+
+    _run(url, put)
+    engine = create_engine(url)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM study_labels")).scalar() >= 1
+    upgrade(url)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM study_labels")).scalar() == 0
+    engine.dispose()

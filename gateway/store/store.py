@@ -55,7 +55,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
@@ -840,7 +840,7 @@ class Store:
 
     # --- reading ---------------------------------------------------------------------------------
     async def job(self, job_id: str) -> JobView:
-        """The job with its result once done.
+        """The job with its result once done, the version of its study and the newer version superseding it.
 
         Raises
         ------
@@ -848,7 +848,15 @@ class Store:
             Unknown (or expired) job.
         """
         async with self.read() as s:
-            return await self._job_view(s, job_id)
+            view = await self._job_view(s, job_id)
+            newer = aliased(Study)
+            latest = (select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid)
+                      .scalar_subquery())
+            row = (await s.execute(select(Study.version, latest).join(Job, Job.study_id == Study.id)
+                                   .where(Job.id == job_id))).first()
+        if row is None:
+            return view
+        return view.model_copy(update={"version": row[0], "superseded_by": row[1] if row[1] > row[0] else None})
 
     @staticmethod
     async def _job_view(s: AsyncSession, job_id: str) -> JobView:

@@ -2,8 +2,8 @@
 
 Everything here reads the state store (one read transaction per call) except :meth:`Worklist.put_labels`,
 which records the patient-free labels of a study version (study date, accession number, series
-description) the first time the worklist shows it; the labels are read from the version's first stored
-instance by :mod:`gateway.web.labels`, never from a client.
+description) once its job is done; the labels are read from a stored instance of the screened series by
+:mod:`gateway.web.labels`, never from a client.
 
 The worklist is one row per study version, newest first (``studies.created_at``, indexed); its filters
 run in SQL: state, verdict (an expression index on the result document, revision 0004) and the day the
@@ -79,6 +79,8 @@ class WorklistRow:
     labels: dict[str, str | None] | None
     latest_version: int = 0
     """The study's newest version: above ``version``, this row's verdict is superseded."""
+    series_instance_uid: str | None = None
+    """The series the result is about (done rows): its instances carry the row's series description."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +160,7 @@ class Worklist:
             Job.id, Job.state, Job.slices_done, Job.slices_total, Job.files, Job.finished_at, Job.created_at,
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
-            StudyLabels.read_at, latest,
+            StudyLabels.read_at, latest, self._json_text(("series_instance_uid",)),
         ).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)
@@ -171,21 +173,15 @@ class Worklist:
                 study_id=r[0], study_instance_uid=r[1], version=r[2], origin=r[3], received_at=r[4],
                 state=row_state(r[5], r[7]), job_id=r[6], slices_done=int(r[8] or 0), slices_total=r[9],
                 instances=r[10], finished_at=r[11], started_at=r[12], error=r[13], verdict=r[14], reason=r[15],
-                message=r[16], labels=labels, latest_version=int(r[21] or r[2])))
+                message=r[16], labels=labels, latest_version=int(r[21] or r[2]), series_instance_uid=r[22]))
         return WorklistPage(out, total)
 
-    async def first_instance(self, study_id: int) -> tuple[str, str] | None:
-        """``(filename, blob key)`` of the first instance stored for a study version."""
-        async with self.store.read() as s:
-            row = (await s.execute(select(Instance.filename, Instance.blob_key).where(Instance.study_id == study_id)
-                                   .order_by(Instance.id).limit(1))).first()
-        return None if row is None else (row[0], row[1])
-
-    async def instances(self, study_id: int) -> list[tuple[str, str, str | None]]:
-        """``(filename, blob key, SOP Instance UID or None)`` of every instance of a study version."""
+    async def instances(self, study_id: int, limit: int | None = None) -> list[tuple[str, str, str | None]]:
+        """``(filename, blob key, SOP Instance UID or None)`` of the instances of a study version, as stored
+        (the first ``limit`` of them)."""
         async with self.store.read() as s:
             rows = await s.execute(select(Instance.filename, Instance.blob_key, Instance.sop_instance_uid)
-                                   .where(Instance.study_id == study_id).order_by(Instance.id))
+                                   .where(Instance.study_id == study_id).order_by(Instance.id).limit(limit))
             return [(r[0], r[1], r[2]) for r in rows]
 
     async def study_of_job(self, job_id: str) -> int | None:
@@ -201,6 +197,12 @@ class Worklist:
         insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
         async with self.store.tx() as s:
             await s.execute(insert(StudyLabels).values(**values).on_conflict_do_nothing())
+
+    async def newest_study(self) -> int:
+        """The id of the newest study version (0 when none): a new one (a STOW study received, a late instance
+        opening version 2) makes no job event until it is screened."""
+        async with self.store.read() as s:
+            return int((await s.execute(select(func.max(Study.id)))).scalar() or 0)
 
     async def last_event(self) -> int:
         """The id of the newest job event (0 when none)."""

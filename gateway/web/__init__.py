@@ -44,6 +44,9 @@ class SecurityHeaders:
         common = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                   (b"x-frame-options", b"DENY")]
         self._page = [*common, (b"content-security-policy", page_policy.encode())]
+        # the page's modules are asked for again each time (a 304 by their ETag): without it the browser
+        # guessed them fresh from their age and ran an upgraded index.html with the old worklist.js
+        self._static = [*self._page, (b"cache-control", b"no-cache")]
         self._api = [*common, (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")]
         self._docs = common
 
@@ -52,7 +55,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        extra = (self._page if path == "/" or path.startswith("/web/")
+        extra = (self._static if path.startswith("/web/static/") else self._page if path == "/" or path.startswith("/web/")
                  else self._docs if path.startswith(("/docs", "/redoc")) else self._api)
 
         async def send_wrapper(message: dict[str, Any]) -> None:

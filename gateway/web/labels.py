@@ -1,35 +1,72 @@
 """Patient-free labels of a study for the worklist: study date, accession number, series description.
 
-Read from one stored instance's header (no pixels); patient name, ID and birth date are never read.
+Read from one stored instance's header (no pixels); patient name, ID and birth date are never read. The
+series description is the screened series' (an instance of the series the result is about): scanners send
+the scout or topogram first, whose description is not the study's.
 """
 
 from __future__ import annotations
 
 import io
+import unicodedata
+from dataclasses import dataclass
 
 from gateway.store.store import CONTROL_CHARACTERS
 
-__all__ = ["LABEL_KEYWORDS", "read_labels"]
+__all__ = ["LABEL_KEYWORDS", "LabelHeader", "displayable", "read_label_header", "read_labels"]
 
 LABEL_KEYWORDS = ("StudyDate", "AccessionNumber", "SeriesDescription")
 _LIMITS = {"study_date": 8, "accession_number": 16, "series_description": 64}
 
 
-def read_labels(data: bytes) -> dict[str, str | None]:
-    """The labels of the instance ``data`` (values missing or unreadable are None), without control characters
-    (PostgreSQL's text refuses a NUL, which an Accession Number may carry).
+def displayable(value: object) -> str:
+    """A header value as one line of text a page may show as it is: a multi-valued one joined by DICOM's
+    backslash (not a Python list), without control characters (PostgreSQL's text refuses a NUL, which an
+    Accession Number may carry) and without Unicode format characters (a right-to-left override in an
+    Accession Number showed ``ACC12\\u202e3456`` as ``ACC126543``).
 
-    >>> read_labels(b"not dicom")
-    {'study_date': None, 'accession_number': None, 'series_description': None}
+    >>> displayable("ACC12\\u202e3456"), displayable(["Thorax", "Lung 1.0"]), displayable("A\\x00B\\u200b ")
+    ('ACC123456', 'Thorax\\\\Lung 1.0', 'AB')
+    """
+    from pydicom.multival import MultiValue
+
+    text = "\\".join(str(v) for v in value) if isinstance(value, list | tuple | MultiValue) else str(value)
+    text = CONTROL_CHARACTERS.sub("", text)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+@dataclass(frozen=True)
+class LabelHeader:
+    """The labels of one instance and the series it belongs to (to tell the screened series' instances)."""
+
+    labels: dict[str, str | None]
+    series_instance_uid: str | None
+
+
+def read_label_header(data: bytes) -> LabelHeader:
+    """The labels of the instance ``data`` (values missing or unreadable are None) and its Series Instance UID.
+
+    >>> read_label_header(b"not dicom")
+    LabelHeader(labels={'study_date': None, 'accession_number': None, 'series_description': None}, series_instance_uid=None)
     """
     out: dict[str, str | None] = dict.fromkeys(_LIMITS)
     try:
         import pydicom
 
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(LABEL_KEYWORDS))
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                             specific_tags=[*LABEL_KEYWORDS, "SeriesInstanceUID"])
         for keyword, name in zip(LABEL_KEYWORDS, _LIMITS, strict=True):
-            value = CONTROL_CHARACTERS.sub("", str(ds.get(keyword, "") or "")).strip()
-            out[name] = value[: _LIMITS[name]] or None
+            out[name] = displayable(ds.get(keyword, "") or "")[: _LIMITS[name]] or None
+        series = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
     except Exception:  # noqa: BLE001 - a label is a convenience; the row shows its UID instead
-        return dict.fromkeys(_LIMITS)
-    return out
+        return LabelHeader(dict.fromkeys(_LIMITS), None)
+    return LabelHeader(out, series)
+
+
+def read_labels(data: bytes) -> dict[str, str | None]:
+    """The labels of the instance ``data`` (see :func:`read_label_header`).
+
+    >>> read_labels(b"not dicom")
+    {'study_date': None, 'accession_number': None, 'series_description': None}
+    """
+    return read_label_header(data).labels

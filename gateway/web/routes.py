@@ -4,7 +4,7 @@
 ``GET /``                                       the page (worklist, study viewer, service view); no data
 ``GET /web/static/...``                         its HTML, CSS and JS modules (no build step)
 ``GET /v1/worklist``                            study versions, newest first; filters and paging in SQL
-``GET /v1/worklist/events``                     progress of every job as server-sent events
+``GET /v1/worklist/events``                     progress of every job, new study versions, as server-sent events
 ``GET /v1/jobs/{id}/slices/{index}.png``        one slice of a done job, windowed (``?window=lung``)
 ``GET /v1/service``                             Triton endpoints, backlog, throughput, latency, failures
 ==============================================  ==========================================================
@@ -36,7 +36,7 @@ from gateway.jobs import JobState
 from gateway.store import Store
 from gateway.store.worklist import EventCursor, Worklist, WorklistRow
 from gateway.web.access import ReadAccess
-from gateway.web.labels import read_labels
+from gateway.web.labels import read_label_header
 from gateway.web.render import WINDOWS, InstancesGone, LruCache, SeriesMap, png_etag, render_png
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class WebState:
         self.results: LruCache[str, CaseResult] = LruCache(16)
         self.series: LruCache[str, SeriesMap] = LruCache(8)
         self.pngs: LruCache[tuple[str, int, str], bytes] = LruCache(512)
+        self.provisional: LruCache[int, dict[str, str | None]] = LruCache(1024)
+        """Labels of study versions not done yet, by study id (their series is not chosen: none recorded)."""
         self._series_locks: dict[str, asyncio.Lock] = {}
 
     async def series_of(self, job_id: str) -> SeriesMap:
@@ -105,13 +107,16 @@ def _epoch(day: date) -> float:
 
 def row_json(r: WorklistRow) -> dict[str, Any]:
     """One worklist row as the API answers it (``superseded_by``: the newer version of the study, if any)."""
-    error = r.error or {}
+    # a failed job's error is its reason; a job queued again after a failed try (Triton away, ...) shows why it
+    # waits, as the error of that try
+    error = (r.error or {}) if r.state in ("failed", "queued") else {}
     return {
         "study_id": r.study_id, "study_instance_uid": r.study_instance_uid, "version": r.version, "origin": r.origin,
         "received_at": _iso(r.received_at), "state": r.state, "job_id": r.job_id,
         "slices_done": r.slices_done, "slices_total": r.slices_total, "instances": r.instances,
-        "verdict": r.verdict, "reason": r.reason or (error.get("reason") if r.state == "failed" else None),
-        "message": r.message or (error.get("message") if r.state == "failed" else None),
+        "verdict": r.verdict, "reason": r.reason or error.get("reason"),
+        "message": r.message or (f"retrying after: {error['message']}" if r.state == "queued" and error.get("message")
+                                 else error.get("message")),
         "finished_at": _iso(r.finished_at),
         "time_s": None if r.finished_at is None or r.started_at is None else round(r.finished_at - r.started_at, 2),
         "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
@@ -119,25 +124,50 @@ def row_json(r: WorklistRow) -> dict[str, Any]:
     }
 
 
+LABEL_SCAN = 64
+"""How many of a done study version's stored instances are read, in the order stored, to find one of the
+screened series (a scout or a second series sent first); past them the row gets no series description."""
+
+
+async def _labels_of(web: WebState, row: WorklistRow) -> dict[str, str | None] | None:
+    """The labels of a study version: the study's from its first instance, the series description from the
+    first instance of the screened series (``row.series_instance_uid``; None before the job is done)."""
+    first: dict[str, str | None] | None = None
+    for _, key, _ in await web.worklist.instances(row.study_id, limit=LABEL_SCAN if row.series_instance_uid else 1):
+        try:
+            data = await asyncio.to_thread(web.blobs.get, key)
+        except (FileNotFoundError, ValueError):
+            continue
+        header = await asyncio.to_thread(read_label_header, data)
+        if row.series_instance_uid is not None and header.series_instance_uid == row.series_instance_uid:
+            return header.labels
+        if first is None:
+            first = {**header.labels, "series_description": None}  # the study's labels; no series chosen yet
+            if row.series_instance_uid is None:
+                break
+    return first
+
+
 async def _fill_labels(web: WebState, rows: list[WorklistRow]) -> dict[int, dict[str, str | None]]:
-    """Labels of the rows that have none yet, read from each version's first instance and recorded."""
+    """Labels of the rows that have none recorded: recorded once a row's job is done (the screened series is
+    known then); before, the study's labels without a series, kept in memory only."""
     found: dict[int, dict[str, str | None]] = {}
     for r in rows:
         if r.labels is not None:
             continue
-        first = await web.worklist.first_instance(r.study_id)
-        if first is None:
+        settled = r.state == "done"
+        cached = None if settled else web.provisional.get(r.study_id)
+        labels = cached if cached is not None else await _labels_of(web, r)
+        if labels is None:
             continue
-        try:
-            data = await asyncio.to_thread(web.blobs.get, first[1])
-        except (FileNotFoundError, ValueError):
+        found[r.study_id] = labels
+        if not settled:
+            web.provisional.put(r.study_id, labels)
             continue
-        labels = await asyncio.to_thread(read_labels, data)
         try:
             await web.worklist.put_labels(r.study_id, labels)
         except Exception as exc:  # noqa: BLE001 - labels are a convenience: shown now, read again next time
             logger.warning("worklist labels of study %d not recorded (%s)", r.study_id, type(exc).__name__)
-        found[r.study_id] = labels
     return found
 
 
@@ -169,13 +199,17 @@ async def worklist(
 @router.get("/v1/worklist/events", summary="Progress of every job as server-sent events",
             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
 async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
-    """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job."""
+    """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job;
+    ``event: studies`` with ``{newest}`` (a study id) when a study version is opened (a study being received
+    shows on the worklist before it has a job)."""
     store = web.worklist.store
     cursor = await EventCursor.at_newest(web.worklist)
+    newest = await web.worklist.newest_study()
 
     guard = StreamGuard(request, RESULTS_READ)
 
     async def stream() -> AsyncIterator[bytes]:
+        nonlocal newest
         yield b"retry: 2000\n\n"
         quiet_since = time.monotonic()
         while not await request.is_disconnected() and await guard.holds():  # a revoked key ends the stream
@@ -184,6 +218,11 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
             for e in events:
                 e.pop("id")
                 yield f"event: progress\ndata: {json.dumps(e)}\n\n".encode()
+            top = await web.worklist.newest_study()
+            if top != newest:
+                newest = top
+                yield f"event: studies\ndata: {json.dumps({'newest': top})}\n\n".encode()
+                quiet_since = time.monotonic()
             if events:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= 15.0:

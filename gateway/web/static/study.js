@@ -27,6 +27,15 @@ function quadrantRect(quadrant, cx, cy, cols, rows) {
   return { x: left ? 0 : cx, y: top ? 0 : cy, width: left ? cx : cols - cx, height: top ? cy : rows - cy };
 }
 
+// a later version of the study (instances received after this job's) has its own verdict: say so first
+// (a list: replaceChildren would write a null as the text "null")
+function supersededNote(job) {
+  if (!job.superseded_by) return [];
+  return [h("p", { class: "superseded-note", id: "superseded", role: "note" },
+    `Superseded: version ${job.superseded_by} of this study was received after this one (version ${job.version}), `
+    + "so this is not the study's latest result. ", h("a", { href: "#/" }, "The worklist shows the newer version."))];
+}
+
 export function studyView(main, jobId) {
   let stopped = false;
   let cleanup = () => {};
@@ -63,7 +72,8 @@ function pending(main, job) {
   };
   show(job);
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
-    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), status, bar);
+    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), ...supersededNote(job),
+    status, bar);
   if (job.state === "failed") return () => {};
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
     show(v);
@@ -142,6 +152,7 @@ function viewer(main, job) {
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid", title: result.study_instance_uid }, result.study_instance_uid)),
+    ...supersededNote(job),
     h("div", { class: "study" },
       h("section", { class: "viewer", "aria-label": "Images" },
         h("div", { class: "tools" },
@@ -203,7 +214,7 @@ function viewer(main, job) {
     const sl = slices[index];
     const lesions = sl.boxes.length;
     readout.textContent = `Slice ${index + 1} / ${slices.length} · ${sl.position_mm.toFixed(1)} mm · `
-      + `${WINDOWS[windowName]} window · ${lesions ? `${lesions} lesion${lesions > 1 ? "s" : ""}` : "no lesion"}`
+      + `${WINDOWS[windowName]} window · ${lesions ? `${lesions} ${word}${lesions > 1 ? (noChest ? "es" : "s") : ""}` : `no ${word}`}`
       + (runIndex.has(index) ? " · in the run" : "");
     slider.value = index;
     stage.dataset.index = index;

@@ -37,15 +37,23 @@ function stateCell(row) {
   return t.content.querySelector("td");
 }
 
+// Study UIDs share their first digits (the organisation's root): a row without an accession number shows
+// the UID's end, which tells studies apart; the whole UID is its title and its accessible name.
+const UID_TAIL = 18;
+
 function label(row) {
   const l = row.labels || {};
-  return l.accession_number ? `Acc. ${l.accession_number}` : row.study_instance_uid;
+  if (l.accession_number) return `Acc. ${l.accession_number}`;
+  const uid = row.study_instance_uid;
+  return uid.length > UID_TAIL + 1 ? `…${uid.slice(-UID_TAIL)}` : uid;
 }
 
 function rowHtml(row) {
   const name = esc(label(row));
   const uid = esc(row.study_instance_uid);
-  const link = row.job_id ? `<a href="#/study/${esc(row.job_id)}" title="${uid}">${name}</a>` : `<span title="${uid}">${name}</span>`;
+  const spoken = row.labels?.accession_number ? name : `Study ${uid}`;
+  const link = row.job_id ? `<a href="#/study/${esc(row.job_id)}" title="${uid}" aria-label="${spoken}">${name}</a>`
+    : `<span title="${uid}" aria-label="${spoken}">${name}</span>`;
   const verdict = row.verdict ? `<span class="verdict verdict-${esc(row.verdict)}">${esc(row.verdict)}</span>`
     : (row.state === "failed" ? "—" : "");
   // an older version's verdict is not the study's: say so in words, not only by muting the row
@@ -97,14 +105,18 @@ export function worklistView(main, params) {
     h("colgroup", {}, ["c-when", "c-date", "c-uid", "c-series", "c-state", "c-verdict", "c-reason", "c-time"]
       .map((c) => h("col", { class: c }))),
     h("thead", {}, h("tr", {},
-      ["Received (UTC)", "Study date", "Accession / Study UID", "Series", "State", "Verdict", "Reason", "Time"]
-        .map((t) => h("th", { scope: "col" }, t)))),
+      ["Received (UTC)", "Study date", "Accession / Study UID", "Series", "State", "Verdict", "Reason", "Turnaround"]
+        .map((t) => h("th", { scope: "col", title: t === "Turnaround"
+          ? "From acceptance to the result; a study screened again after a failed try counts from its first acceptance"
+          : null }, t)))),
     tbody);
   const summary = h("p", { class: "pager-summary", "aria-live": "polite" });
   const prev = h("button", { type: "button", disabled: offset === 0 }, "← Newer");
   const next = h("button", { type: "button", disabled: true }, "Older →");
-  prev.addEventListener("click", () => go({ ...filters, offset: Math.max(0, offset - limit) }));
-  next.addEventListener("click", () => go({ ...filters, offset: offset + limit }));
+  // the page size travels with the pages (it went back to 50 on "Older", and "Newer" missed the first page)
+  const size = limit === PAGE ? "" : limit;
+  prev.addEventListener("click", () => go({ ...filters, limit: size, offset: Math.max(0, offset - limit) || "" }));
+  next.addEventListener("click", () => go({ ...filters, limit: size, offset: offset + limit }));
   const live = h("span", { class: "live", id: "live-state" }, "connecting…");
 
   main.replaceChildren(
@@ -148,6 +160,9 @@ export function worklistView(main, params) {
   };
 
   const stop = subscribe("/v1/worklist/events", (type, e) => {
+    // a study version opened (received by STOW or C-STORE, or a late instance superseding a verdict): it has
+    // no job yet, so no progress event; the first page shows it
+    if (type === "studies") { if (!offset) reloadSoon(); return; }
     if (type !== "progress") return;
     const tr = tbody.querySelector(`tr[data-job-id="${CSS.escape(e.job_id)}"]`);
     if (!tr) { if (!offset) reloadSoon(); return; }   // a new study on the first page
