@@ -483,9 +483,12 @@ def test_worklist_route_filters_and_pages_in_the_server(stack, screened):
         assert c.get("/v1/worklist", params={"received_to": today}).json()["total"] == everything["total"]
         row = next(r for r in everything["rows"] if r["job_id"] == screened["covid"][0])
         assert row["labels"]["accession_number"] == "A00000011" and row["time_s"] > 0 and row["reason"] == "run_found"
-        for bad in ({"verdict": "maybe"}, {"state": "lost"}, {"limit": 0}, {"received_from": "yesterday"}):
+        for bad in ({"verdict": "maybe"}, {"state": "lost"}, {"limit": 0}, {"received_from": "yesterday"},
+                    {"received_to": "2024-02-30"}):
             r = c.get("/v1/worklist", params=bad)
             assert r.status_code == 422 and r.json()["reason"] == "bad_request", bad
+            # the message names what does not match (the page shows only the message)
+            assert f"query parameter {next(iter(bad))}: " in r.json()["message"], r.json()
 
 
 def test_slice_png_is_cached_and_refuses_clearly(stack, screened):
@@ -640,3 +643,17 @@ def test_a_queued_retry_shows_why_it_waits():
     assert (shown["reason"], shown["message"]) == ("triton_unavailable", "retrying after: No Triton answered.")
     done = row_json(WorklistRow(**{**{f: getattr(row, f) for f in row.__slots__}, "state": "done"}))
     assert done["reason"] is None and done["message"] is None
+
+
+def test_a_refused_credential_is_not_shown_as_signed_in(stack, screened, page):
+    """A stored credential the gateway refuses (revoked, expired) still read "signed in" beside the sign-in
+    form. This module's gateway runs without authentication, so its 401 is played by the browser's router."""
+    page.route("**/v1/worklist?*", lambda route: route.fulfill(
+        status=401, content_type="application/json", headers={"WWW-Authenticate": "Bearer"},
+        body='{"reason": "unauthorized", "message": "Unknown or revoked API key."}'))
+    page.goto(stack.url + "/")
+    page.click("#signin-toggle")
+    page.fill("#credential", "cts_revoked-key")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_function("() => document.getElementById('who').textContent === 'credential refused'")
+    assert page.is_visible("#signin-form")

@@ -78,6 +78,8 @@ document.getElementById("signout").addEventListener("click", () => {
   route();
 });
 window.addEventListener("ctscreen:auth", (e) => {
+  // a stored credential the gateway refuses (revoked, expired, mistyped) is no sign-in
+  if (e.detail.status === 401 && credential.get()) who.textContent = "credential refused";
   openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}` : "Sign in with an API key or an access token.");
 });
 
