@@ -103,9 +103,12 @@ class IdentifierSystems:
     Attributes
     ----------
     patient_id : str | None
-        The system of every Patient ID.
+        The system of the Patient IDs of studies that name no Issuer of Patient ID.
     issuers : Mapping[str, str]
-        Issuer of Patient ID -> system; the study's issuer, when listed, wins over ``patient_id``.
+        Issuer of Patient ID -> system. A study whose issuer is not listed gets no system (its identifier
+        carries the issuer as assigner and is stored unresolved): an outside clinic's Patient ID 12345,
+        filed under the site's own system, named the site's patient 12345. List the site's own issuer here
+        when its scanners write one.
     accession : str | None
         The system of accession numbers (the ServiceRequest's identifier).
     """
@@ -115,7 +118,13 @@ class IdentifierSystems:
     accession: str | None = None
 
     def of_patient(self, issuer: str | None) -> str | None:
-        return self.issuers.get(issuer, self.patient_id) if issuer else self.patient_id
+        """The system of a Patient ID from ``issuer`` (None: unresolved).
+
+        >>> s = IdentifierSystems(patient_id="urn:oid:2.999.1", issuers={"HOSP": "urn:oid:2.999.3"})
+        >>> s.of_patient(None), s.of_patient("HOSP"), s.of_patient("OUTSIDE_CLINIC")
+        ('urn:oid:2.999.1', 'urn:oid:2.999.3', None)
+        """
+        return self.issuers.get(issuer) if issuer else self.patient_id
 
 
 def report_identifier(result: CaseResult) -> str:

@@ -81,7 +81,7 @@ def equipment_and_time(result: CaseResult, sources: Sequence[Dataset] = ()) -> d
 
 def made_at(ds: Dataset, result: CaseResult, sources: Sequence[Dataset] = ()) -> Dataset:
     """Set the Instance Creation Date and Time, the Series Date and Time (and the Contribution DateTime of its
-    contributing equipment) of an object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
+    contributing equipment, a key image's Date and Time of Secondary Capture) of an object made from ``result`` to the result's time (highdicom writes the clock's): built again under the same SOP
     Instance UID, it is the same object, byte for byte. Its dates and times are in the zone of the study they
     join (:func:`local_time`); Timezone Offset From UTC is written when the sources say theirs, and applies
     to the study's dates and times the object copies as well."""
@@ -93,6 +93,8 @@ def made_at(ds: Dataset, result: CaseResult, sources: Sequence[Dataset] = ()) ->
             del ds.TimezoneOffsetFromUTC
         ds.InstanceCreationDate = ds.SeriesDate = when.strftime("%Y%m%d")  # a PACS lists a series by its date
         ds.InstanceCreationTime = ds.SeriesTime = when.strftime("%H%M%S.%f")
+        if "DateOfSecondaryCapture" in ds:  # a key image: highdicom writes its build's clock there too
+            ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = ds.SeriesDate, ds.SeriesTime
         for item in ds.get("ContributingEquipmentSequence", []):
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
@@ -248,12 +250,17 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 
 _SINGLE_BYTE = {"100", "101", "109", "110", "126", "127", "138", "144", "148", "166", "203", "13"}
+_HIGHDICOM_SETS = {"ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 58",
+                   *(f"ISO 2022 IR {n}" for n in _SINGLE_BYTE)}
+"""Code-extension terms highdicom writes (``highdicom.enum.SpecificCharacterSetValues``)."""
 
 
 def _plain_character_set(ds: Dataset) -> None:
     """Specific Character Set as highdicom accepts it, for what scanners write: an empty value is the default
     repertoire (the element goes); one ``ISO 2022 IR n`` term alone (code extensions without a second
-    term) is ``ISO_IR n`` (the same single-byte set; ``IR 6`` is the default repertoire)."""
+    term) is ``ISO_IR n`` (the same single-byte set; ``IR 6`` is the default repertoire); several terms
+    keep their sets where highdicom knows them all (an empty first one named ``ISO 2022 IR 6``), else the
+    objects are written in UTF-8 (``ISO_IR 192``)."""
     if "SpecificCharacterSet" not in ds:
         return
     value = ds.SpecificCharacterSet
@@ -266,6 +273,13 @@ def _plain_character_set(ds: Dataset) -> None:
             del ds.SpecificCharacterSet
         elif number in _SINGLE_BYTE:
             ds.add_new(0x00080005, "CS", f"ISO_IR {number}")  # a new element: the caller's stays as it is
+    elif len(terms) > 1:
+        # code extensions: an empty first value is the default repertoire (what Japanese scanners write,
+        # ``\ISO 2022 IR 87``); a set highdicom does not know (Korean IR 149) is written in UTF-8: the copies'
+        # text is already decoded (read by tag with the source's set), so it is encoded afresh, losing nothing
+        named = [t or "ISO 2022 IR 6" for t in terms]
+        known = all(t in _HIGHDICOM_SETS for t in named)
+        ds.add_new(0x00080005, "CS", named if known else "ISO_IR 192")
 
 
 def _readable(vr: str, value: object) -> bool:

@@ -409,8 +409,13 @@ def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems
     assert report["subject"]["reference"] == "Patient?identifier=https://hosp.example/mrn|P%201%7C2"
     assert report["subject"]["identifier"] == {"system": "https://hosp.example/mrn", "value": "P 1|2"}
     assert report["basedOn"][0]["reference"] == "ServiceRequest?identifier=urn:oid:1.2.4|ACC-9"
+    # an issuer the site did not list: not the site's system (the site's patient P 1|2 is someone else), an
+    # identifier with its assigner, stored unresolved; a study naming no issuer is the site's own
     other = to_fhir(result, {**patient, "IssuerOfPatientID": "ELSEWHERE"}, systems)["entry"][0]["resource"]
-    assert other["subject"]["reference"].startswith("Patient?identifier=urn:oid:1.2.3|")  # the default system
+    assert "reference" not in other["subject"] and other["subject"]["identifier"] == {
+        "value": "P 1|2", "assigner": {"display": "ELSEWHERE"}}
+    unnamed = to_fhir(result, {"PatientID": "P 1|2"}, systems)["entry"][0]["resource"]
+    assert unnamed["subject"]["reference"].startswith("Patient?identifier=urn:oid:1.2.3|")  # the default system
     bare = to_fhir(result, patient)["entry"][0]["resource"]  # no systems: identifiers, stored unresolved
     assert "reference" not in bare["subject"] and bare["subject"]["identifier"] == {
         "value": "P 1|2", "assigner": {"display": "HOSP"}}

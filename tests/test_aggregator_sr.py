@@ -104,6 +104,25 @@ def test_character_sets_scanners_write_do_not_block_the_sr(charset, expected):
     assert all(ds.SpecificCharacterSet == charset for ds in headers)  # the caller's data sets are left as they were
 
 
+@pytest.mark.parametrize(("charset", "name", "expected"), [
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),  # as Japanese scanners
+    (["", "ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87"]),
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=홍^길동", "ISO_IR 192"),  # Korean: no set highdicom writes
+    (["ISO 2022 IR 6", "ISO 2022 IR 149"], "Hong^Gildong=홍^길동", "ISO_IR 192"),
+])
+def test_code_extensions_scanners_write_do_not_block_the_sr(charset, name, expected):
+    """An empty first value (the default repertoire), or a set highdicom does not know, made every SR, key
+    image and KOS of the study fail for good: only its FHIR report reached anyone."""
+    result, headers = _series()
+    for ds in headers:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+    sr = to_sr(result, headers)
+    assert sr.SpecificCharacterSet == expected
+    assert str(_read_back(sr).PatientName) == name
+    assert all(ds.SpecificCharacterSet == charset for ds in headers)  # the caller's data sets are left as they were
+
+
 # --- Image Library (TID 1600) ----------------------------------------------------------------------------
 IMAGE_LIBRARY, IMAGE_LIBRARY_GROUP = "111028", "126200"
 TILTED = ["1", "0", "0", "0", "0.996195", "-0.087156"]  # a 5 degree gantry tilt

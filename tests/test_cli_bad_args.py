@@ -68,12 +68,12 @@ CASES = [
     (["triton", "--log-file", UNWRITABLE + "/t.log"], "--log-file"),  # was: a traceback
     (["triton", "--grpc-port", "{taken}"], "already in use"),
     (["serve", "--port", "-1"], "--port must be 0..65535"),
-    (["serve", "--triton-url", "http://x:1"], "without a scheme"),
-    (["serve", "--repo", "{tmp}/missing"], "no such folder"),
+    (["serve", "--triton-url", "http://x:1", "--port", "{free}"], "without a scheme"),
+    (["serve", "--repo", "{tmp}/missing", "--port", "{free}"], "no such folder"),
     (["screen", "{tmp}/missing"], "no such file or folder"),
     (["screen", "--url", "ftp://x", "{tmp}"], "must start with http:// or https://"),
     (["screen", "--url", "http://127.0.0.1:{free}", "{tmp}"], "no ctscreen gateway answers"),
-    (["demo", "--slices", "-1"], "--slices must be"),
+    (["demo", "--slices", "-1", "--port", "{free}"], "--slices must be"),
     (["eval", "--data", "{tmp}/missing"], "not a directory"),
     (["eval", "--data", "{tmp}", "--url", "ftp://x"], "must start with http:// or https://"),  # was: "cannot connect"
     (["eval", "--data", "{tmp}", "--triton-url", "notaurl"], "host:port"),  # was: a pydantic traceback

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -70,36 +71,51 @@ def delivery_settings(tmp_path: Path, **kw) -> Settings:
 
 
 async def done_job(settings: Settings, files: list[Path], *, filename_prefix: str = "upload/",
-                    stores: tuple[Store, FolderBlobs] | None = None, not_chest: bool = False):
+                    stores: tuple[Store, FolderBlobs] | None = None, not_chest: bool = False, positive: bool = True):
     """A done job in a fresh store (or in ``stores``, a study's next version): the files as its instances, a
-    positive result on slices 2..4 (``not_chest``: the same run, on a series measured as no chest)."""
+    positive result on slices 2..4 (``not_chest``: the same run, on a series measured as no chest; not
+    ``positive``: no lesion, negative)."""
     if stores is None:
         await asyncio.to_thread(upgrade, settings.database())
     store, blobs = stores or (Store(settings.database()), FolderBlobs(settings.blobs()))
+    view = await accepted_job(store, blobs, files, filename_prefix=filename_prefix)
+    result = await finish_job(store, settings, view.job_id, files, not_chest=not_chest, positive=positive)
+    return store, blobs, result
+
+
+async def accepted_job(store: Store, blobs: FolderBlobs, files: list[Path], *, filename_prefix: str = "upload/"):
+    """The files accepted as a study's next version, its job claimed (as a worker claims it)."""
     stored = []
     for f in files:
         data = f.read_bytes()
         key = new_key()
         blobs.put(key, data)
         stored.append((f"{filename_prefix}{f.name}", key, len(data)))
-    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
-                     key=lambda d: float(d.ImagePositionPatient[2]))
-    study_uid = str(headers[0].StudyInstanceUID)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     view = await store.accept_upload(study_uid, stored, 3600.0)
     claimed = await store.claim(30.0)
     assert claimed is not None and claimed.id == view.job_id
+    return view
+
+
+async def finish_job(store: Store, settings: Settings, job_id: str, files: list[Path], *, not_chest: bool = False,
+                     positive: bool = True):
+    """Write a claimed job's result, made from ``files`` as the worker makes it (under the site's UID root)."""
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    study_uid = str(headers[0].StudyInstanceUID)
     inputs = [SliceInput(str(d.SOPInstanceUID), float(d.ImagePositionPatient[2]),
-                         LESION if k in (2, 3, 4) else np.zeros((0, 5)), VA, rows=int(d.Rows), cols=int(d.Columns))
+                         LESION if positive and k in (2, 3, 4) else np.zeros((0, 5)), VA, rows=int(d.Rows),
+                         cols=int(d.Columns))
               for k, d in enumerate(headers)]
     measured = {"lung_field_cm2": 12.0, "body_cm2": 200.0} if not_chest else {}
     result = decide(inputs, **measured).to_result(
-        study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID), job_id=view.job_id
+        study_instance_uid=study_uid, series_instance_uid=str(headers[0].SeriesInstanceUID), job_id=job_id
     ).model_copy(update={"uid_root": settings.uid_root})
-    assert result.verdict == ("indeterminate" if not_chest else "positive")  # made as the worker makes it: under
-    # the site's UID root
+    assert result.verdict == ("indeterminate" if not_chest else "positive" if positive else "negative")
     context = sr_context(headers)
-    assert await store.finish(view.job_id, result, context.to_json() if context else None)
-    return store, blobs, result
+    assert await store.finish(job_id, result, context.to_json() if context else None)
+    return result
 
 
 def pacs_destination(orthanc: OrthancServer, **kw) -> dict:
@@ -227,8 +243,8 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
     """Version 2 of a study (an instance arrived after it was screened) is delivered after version 1: its SR
     names version 1's SR in the Predecessor Documents Sequence, and its FHIR report names version 1's as the
     one it replaces (diagnosticReport-replaces), which keeps its own status: the RIS's current report is
-    version 2's. Version 1 delivered again late (a re-send) stays replaced and unchanged: its bundle only
-    creates what is missing. Every object is made under the site's UID root."""
+    version 2's. Version 1 sent again late (a re-send) is skipped as superseded: the RIS is left as it was.
+    Every object is made under the site's UID root."""
     from aggregator.fhir import report_identifier
 
     async def scenario():
@@ -268,8 +284,12 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [first_sr]
             assert "PredecessorDocumentsSequence" not in pydicom.dcmread(
                 io.BytesIO(orthanc.get(f"/instances/{held[first_sr]}/file")))
+            # sent again late (a re-send an operator asks for after an outage), the superseded reading reaches
+            # no destination: it would stand beside the current one where a peer has no replaces chain
             await deliverer.tasks.resend(first.job_id, "ris", "fhir", force=True)
-            await until_states(deliverer, first.job_id, {"done"})
+            (again,) = [t for t in await until_states(deliverer, first.job_id, {"done", "skipped"})
+                        if t.destination == "ris"]
+            assert again.state == "skipped" and again.history[-1]["detail"].startswith("superseded: version 2")
             assert ris.current_reports() == [report_identifier(second)] and not ris.errors
             assert all(ris.resources[k] is v for k, v in held_first.items())
         finally:
@@ -278,6 +298,139 @@ def test_a_study_screened_again_leaves_one_live_reading_in_the_pacs_and_the_ris(
             await store.close()
 
     asyncio.run(scenario())
+
+
+@needs_orthanc
+def test_a_reading_built_before_an_outage_and_superseded_during_it_reaches_no_destination(orthanc, study_files,
+                                                                                          tmp_path):
+    """Version 1's objects were built, the PACS was down, and version 2 was screened meanwhile. Once the PACS was
+    back the retries went in back-off order: version 2 first (nothing of version 1 acknowledged, so no note),
+    then version 1, whose positive SR and key images then stood live beside the current reading."""
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        store, blobs, first = await done_job(settings, study_files)
+        down = Deliverer(store, blobs, parse_destinations([{**pacs_destination(orthanc), "port": 9}]), settings,
+                         CollectorRegistry())
+        try:  # version 1 built and tried: the peer refuses the connection
+            (built,) = await until_states(down, first.job_id, {"pending"}, at_least_attempts=1)
+            assert built.payload is not None
+        finally:
+            await down.stop()
+        _, _, second = await done_job(settings, study_files, stores=(store, blobs), positive=False)
+        deliverer = Deliverer(store, blobs, parse_destinations([pacs_destination(orthanc)]), settings,
+                              CollectorRegistry())
+        try:
+            (later,) = await until_states(deliverer, second.job_id, {"done"})
+            (earlier,) = await until_states(deliverer, first.job_id, {"skipped"})
+            assert earlier.history[-1]["detail"].startswith("superseded: version 2 of the study")
+            held = set(_orthanc_series(orthanc, first.study_instance_uid).get("SR", []))
+            assert held == {o["uid"] for o in later.payload["objects"] if o["kind"] == "sr"}  # version 2's SR only
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@needs_orthanc
+def test_an_earlier_version_screened_again_after_a_later_one_replaces_nothing(orthanc, study_files, tmp_path):
+    """Version 1 failed, version 2 was screened and delivered, then an operator retried version 1: its result,
+    written last, was taken for the newest reading; it became the RIS's current report and its Rejection Note
+    retracted version 2's SR at the PACS. Readings are ordered by version: version 1 reaches no destination."""
+    from aggregator.fhir import report_identifier
+    from gateway.jobs import JobError
+
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        await asyncio.to_thread(upgrade, settings.database())
+        store, blobs = Store(settings.database()), FolderBlobs(settings.blobs())
+        first = await accepted_job(store, blobs, study_files[:-1])
+        assert await store.fail(first.job_id, JobError(reason="triton_unavailable", message="No Triton answered."))
+        _, _, second = await done_job(settings, study_files, stores=(store, blobs))
+        ris = FhirReceiver()
+        deliverer = Deliverer(store, blobs, parse_destinations([
+            pacs_destination(orthanc, objects=["sr", "key_images", "rejection"]),
+            {"name": "ris", "kind": "fhir", "url": ris.url}]), settings, CollectorRegistry())
+        try:
+            await until_states(deliverer, second.job_id, {"done"})
+            before = _orthanc_series(orthanc, second.study_instance_uid)
+            await store.retry(first.job_id, 3600.0)
+            claimed = await store.claim(30.0)
+            assert claimed is not None and claimed.id == first.job_id
+            await finish_job(store, settings, first.job_id, study_files[:-1], positive=False)
+            assert await store.earlier_results(first.job_id) == []  # no reading came before version 1
+            assert [r.job_id for r in await store.earlier_results(second.job_id)] == [first.job_id]
+            for task in await until_states(deliverer, first.job_id, {"skipped"}):
+                assert task.history[-1]["detail"].startswith("superseded: version 2 of the study"), task
+            assert _orthanc_series(orthanc, second.study_instance_uid) == before  # nothing retracted, nothing added
+            assert ris.current_reports() == [report_identifier(second)] and not ris.errors
+        finally:
+            await deliverer.stop()
+            ris.close()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reading_a_fhir_rule_leaves_out_still_replaces_the_one_sent_there(study_files, tmp_path):
+    """A RIS that takes positives only held version 1's positive report; version 2, negative, was skipped by the
+    rule, so the positive stayed the RIS's current report. It goes, replacing it (a FHIR receiver of ours,
+    ``tests/fhir_receiver.py``, that keeps the replaces chain as a server does)."""
+    from aggregator.fhir import report_identifier
+
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        store, blobs, first = await done_job(settings, study_files)
+        ris = FhirReceiver()
+        deliverer = Deliverer(store, blobs, parse_destinations([{"name": "ris", "kind": "fhir", "url": ris.url,
+                                                                 "rule": {"verdicts": ["positive"]}}]),
+                              settings, CollectorRegistry())
+        try:
+            await until_states(deliverer, first.job_id, {"done"})
+            _, _, second = await done_job(settings, study_files, stores=(store, blobs), positive=False)
+            (task,) = await until_states(deliverer, second.job_id, {"done", "skipped"})
+            assert task.state == "done" and "sent all the same" in task.payload["rule"]
+            assert ris.current_reports() == [report_identifier(second)] and not ris.errors
+            # the RIS holds this study's readings now: each later one replaces the one before there
+            _, _, third = await done_job(settings, study_files, stores=(store, blobs), positive=False)
+            (task,) = await until_states(deliverer, third.job_id, {"done", "skipped"})
+            assert task.state == "done" and ris.current_reports() == [report_identifier(third)]
+        finally:
+            await deliverer.stop()
+            ris.close()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_key_images_built_again_are_the_same_objects_byte_for_byte(study_files, tmp_path):
+    """Each destination builds its own payload, and a lost blob is built again: the key images carried the
+    build's clock in Date and Time of Secondary Capture, other bytes under the same SOP Instance UID."""
+    from gateway.delivery.payloads import build_dicom
+
+    async def made():
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
+        sources, _ = await Deliveries(store).job_sources(result.job_id)
+        await store.close()
+        return blobs, result, [(name, blobs.get(key)) for name, key in sources]
+
+    blobs, result, sources = asyncio.run(made())
+    result = result.model_copy(update={"created_at": datetime(2026, 3, 1, 9, 30, 15, tzinfo=UTC)})  # as the worker's
+
+    def build() -> dict[str, bytes]:
+        def put(data: bytes) -> str:
+            key = new_key()
+            blobs.put(key, data)
+            return key
+
+        return {o["uid"]: blobs.get(o["blob_key"]) for o in build_dicom(result, sources, ["sr", "key_images", "kos"], put)}
+
+    first = build()
+    time.sleep(0.05)
+    again = build()
+    assert first.keys() == again.keys() and len(first) >= 3
+    assert [uid for uid in first if first[uid] != again[uid]] == []
 
 
 @needs_orthanc
@@ -758,6 +911,29 @@ def test_stow_failures_for_objects_held_already_count_as_delivered(status, reaso
         with pytest.raises(SendError) as exc:
             asyncio.run(send())
         assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]
+
+
+def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_answer_does_not_name():
+    """A failure item without its SOP Instance UID (a part the server could not parse) marked every object
+    acknowledged, the failed one never sent again. Scripted answer (httpx.MockTransport)."""
+    import httpx
+
+    from gateway.delivery.config import StowDestination
+    from gateway.delivery.senders import SendError, send_stow
+
+    uids = ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
+    answer = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xC000]}}]},
+              "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids[:2]]}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(202, json=answer))
+    dest = StowDestination(name="web", kind="stowrs", url="http://pacs/dicom-web")
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_stow(dest, [(uid, "1.2.840.10008.5.1.4.1.1.88.34", b"x") for uid in uids], client)
+
+    with pytest.raises(SendError) as exc:
+        asyncio.run(send())
+    assert not exc.value.permanent and exc.value.sent == uids[:2]
 
 
 def _key_object(title: tuple[str, str, str]) -> tuple[str, str, bytes]:

@@ -173,6 +173,16 @@ class Deliverer:
         dest = self.destinations[task.destination]
         where = f"job {task.job_id} -> {dest.name}"
         try:
+            later = await self.store.later_reading(task.job_id)
+            if later is not None:
+                # a later version's reading replaces this one: sent after it (a payload built before an outage and
+                # sent once the peer is back, a failed earlier version screened again), it would stand at the
+                # peer beside or over the current reading
+                why = f"superseded: version {later[0]} of the study (job {later[1]}) has a later reading"
+                await self.tasks.finish(task.id, SKIPPED, why)
+                self.outcomes.labels(dest.name, SKIPPED).inc()
+                logger.info("%s: skipped (%s)", where, why)
+                return
             payload, items = task.payload, None
             for again in (False, True):
                 if payload is None:
@@ -239,13 +249,17 @@ class Deliverer:
         files, context = await self.tasks.job_sources(task.job_id)
         callers = payloads.calling_ae_titles([f for f, _ in files])
         why = dest.rule.admits(result.verdict, callers, result.reason)
-        wants_note = not isinstance(dest, FhirDestination) and "rejection" in dest.objects
+        fhir = isinstance(dest, FhirDestination)
+        # a reading the rule leaves out still replaces the earlier ones this destination holds: at a FHIR server
+        # by its report (whose replaces chain makes it current; the positive it holds stayed current), at a PACS
+        # by a Rejection Note where the destination sends them
+        wants_note = isinstance(dest, FhirDestination) or "rejection" in dest.objects
         # the readings this one replaces (not read for a result this destination's rule leaves out, unless a
-        # Rejection Note may still go), and what this destination acknowledged of them, for the note
+        # note may still go), and what this destination acknowledged of them
         earlier = await self.store.earlier_results(task.job_id) if why is None or wants_note else []
         held = await self.tasks.acknowledged([e.job_id for e in earlier if e.job_id], dest.name) if wants_note else []
-        rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held else []
-        if why is not None and not rejected:
+        rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held and not fhir else []
+        if why is not None and not (rejected or fhir and held):
             await self.tasks.finish(task.id, SKIPPED, why)
             self.outcomes.labels(dest.name, SKIPPED).inc()
             logger.info("job %s -> %s: skipped (%s)", task.job_id, dest.name, why)
@@ -271,7 +285,8 @@ class Deliverer:
         objects = await asyncio.to_thread(build)
         payload: dict[str, Any] = {"verdict": result.verdict, "objects": objects}
         if why is not None:
-            payload["rule"] = f"{why}; the earlier readings sent here are retracted"
+            payload["rule"] = f"{why}; sent all the same: it replaces the earlier reading sent here" if fhir \
+                else f"{why}; the earlier readings sent here are retracted"
         await self.tasks.save_payload(task.id, payload)
         return payload
 

@@ -140,6 +140,10 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
 
     failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures if not held(i)}
     done = [u for u in uids if u not in failed]
+    if "" in failed:  # a failure that names no instance: only those the answer names as stored (or held) are done
+        named = {str(i.get("00081155", {}).get("Value", [""])[0])
+                 for i in [*answer.get("00081199", {}).get("Value", []), *filter(held, failures)] if isinstance(i, dict)}
+        done = [u for u in uids if u in named]
     if response.status_code == 409 and (failed or not failures):  # refused for good, unless all were held already
         raise _http_error(dest.where, response, sent=done)
     if failed or (response.status_code == 202 and not failures):

@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
+    Select,
     and_,
     delete,
     event,
@@ -867,18 +868,38 @@ class Store:
         return _view(job, result)
 
     async def earlier_results(self, job_id: str, limit: int = 10) -> list[CaseResult]:
-        """The results of the same study written before this job's (earlier versions, still kept), newest
-        first: the readings this one supersedes (the SR's Predecessor Documents, the FHIR reports it
-        replaces)."""
+        """The results of earlier versions of the same study (still kept), newest version first: the readings
+        this one supersedes (the SR's Predecessor Documents, the FHIR reports it replaces).
+
+        By version, not by when a result was written: an earlier version screened again after a later one (a
+        failed version 1 retried once version 2 was done) is no successor of it."""
         async with self.read() as s:
-            mine = (await s.execute(select(Result.study_instance_uid, Result.created_at)
-                                    .where(Result.job_id == job_id))).first()
+            mine = (await s.execute(self._version_of(job_id))).first()
             if mine is None:
                 return []
-            rows = (await s.execute(select(Result.result).where(
-                Result.study_instance_uid == mine[0], Result.created_at < mine[1], Result.job_id != job_id)
-                .order_by(Result.created_at.desc()).limit(limit))).scalars().all()
+            rows = (await s.execute(select(Result.result).join(Job, Job.id == Result.job_id)
+                                    .join(Study, Study.id == Job.study_id)
+                                    .where(Study.study_instance_uid == mine[0], Study.version < mine[1])
+                                    .order_by(Study.version.desc()).limit(limit))).scalars().all()
         return [stored_result(r) for r in rows]
+
+    async def later_reading(self, job_id: str) -> tuple[int, str] | None:
+        """``(version, job id)`` of the newest result of a later version of the same study, or None: a reading
+        that supersedes this job's (which must then reach no destination, whenever it was screened)."""
+        async with self.read() as s:
+            mine = (await s.execute(self._version_of(job_id))).first()
+            if mine is None:
+                return None
+            row = (await s.execute(select(Study.version, Job.id).join(Job, Job.study_id == Study.id)
+                                   .join(Result, Result.job_id == Job.id)
+                                   .where(Study.study_instance_uid == mine[0], Study.version > mine[1])
+                                   .order_by(Study.version.desc()).limit(1))).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    @staticmethod
+    def _version_of(job_id: str) -> Select[str, int]:
+        """``(Study Instance UID, version)`` of the study version a job screens."""
+        return select(Study.study_instance_uid, Study.version).join(Job, Job.study_id == Study.id).where(Job.id == job_id)
 
     async def sr_context(self, job_id: str) -> dict[str, Any] | None:
         """The SR headers kept with a done job's result."""
