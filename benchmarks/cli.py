@@ -125,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results folder (default benchmarks/results)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     parser.add_argument("--results", type=Path, help="results folder (default benchmarks/results)")
-    sub = parser.add_subparsers(dest="cmd", metavar="{perf,load,ratios,all,report,gpu,scaling,phantom,models,decode}",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)  # argparse lists them all
 
     p = sub.add_parser("perf", parents=[shared], help="perf_analyzer sweeps over each model and the ensemble")
     _add_target(p, gateway=False)

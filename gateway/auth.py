@@ -15,7 +15,7 @@ as ``X-API-Key``):
 Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
 ``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
 credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``/healthz``,
-``/readyz`` and ``/readyz/triton`` stay open; ``/metrics`` needs ``results:read`` on the API port and is
+``/readyz`` and ``/readyz/triton`` stay open; ``/metrics`` needs ``admin`` on the API port and is
 open on a port of its own (``CTSCREEN_METRICS_PORT``).
 
 Without any credential source configured, every request is the anonymous principal with every scope:

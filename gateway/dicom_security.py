@@ -78,7 +78,7 @@ def check_sop_classes(uids: Sequence[str]) -> list[str]:
     """The SOP classes to negotiate: ``uids`` (each one a CT storage class) or every CT class."""
     unknown = [u for u in uids if u not in CT_SOP_CLASSES]
     if unknown:
-        raise ValueError(f"dicom_sop_classes {unknown} are not CT storage classes the decoder reads "
+        raise ValueError(f"{unknown} are not CT storage classes the decoder reads "
                          f"({', '.join(sorted(CT_SOP_CLASSES))}).")
     return sorted(uids) if uids else sorted(CT_SOP_CLASSES)
 

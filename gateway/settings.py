@@ -60,9 +60,15 @@ def setting_error(exc: ValidationError) -> str:
     ... except ValidationError as exc:
     ...     print(setting_error(exc))
     CTSCREEN_TRITON_GRPC_PORT: Input should be greater than or equal to 1
+    >>> try:
+    ...     Settings(dicom_allowed_peers="CT1")
+    ... except ValidationError as exc:
+    ...     print(setting_error(exc))
+    CTSCREEN_DICOM_ALLOWED_PEERS: DICOM peer 'CT1' must read AE@host, AE@cidr or AE@* (e.g. CT_SCANNER@10.0.0.5).
     """
     first = exc.errors()[0]
     loc, message = first.get("loc", ()), first.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")  # pydantic's, before the sentence a validator raised
     if not loc:  # a rule across settings: its message names the variables
         return message
     return f"CTSCREEN_{str(loc[0]).upper()}: {message}"
@@ -353,8 +359,12 @@ class Settings(BaseSettings):
         if self.dicom_tls_bind_ae_title and self.dicom_tls_ca is None:
             raise ValueError("CTSCREEN_DICOM_TLS_BIND_AE_TITLE needs mutual TLS (CTSCREEN_DICOM_TLS_CA): without "
                              "a client certificate there is nothing to bind the AE title to.")
-        parse_peers(self.dicom_allowed_peers)
-        check_sop_classes(self.dicom_sop_classes)
+        # checked here (a rule of the model, whose errors name no field): the message names the variable
+        for name, check in (("dicom_allowed_peers", parse_peers), ("dicom_sop_classes", check_sop_classes)):
+            try:
+                check(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"CTSCREEN_{name.upper()}: {exc}") from None
         return self
     # --- deliveries to PACS / RIS (gateway.delivery) -------------------------------------------------
     uid_root: str | None = Field(

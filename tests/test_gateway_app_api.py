@@ -434,6 +434,9 @@ def test_stow_partial_and_total_failure_and_media_types():
         assert bad_type.status_code == 415
         not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
         assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"
+        # counted as every refused request is: these two 415s
+        text = client.get("/metrics").text
+        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 2.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
 
 
 def test_an_uploads_files_are_stored_in_one_blob_folder(tmp_path):

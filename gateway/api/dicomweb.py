@@ -81,7 +81,8 @@ def store_status(referenced: list[dict[str, Any]], failed: list[dict[str, Any]])
     return 503 if busy else 409
 
 
-def _media_error(message: str) -> JSONResponse:
+def _media_error(metrics: Metrics, message: str) -> JSONResponse:
+    metrics.error("unsupported_media_type")  # counted as every refused request is (ctscreen_errors_total)
     body = {"reason": "unsupported_media_type", "message": message}
     return JSONResponse(body, status_code=415)
 
@@ -92,11 +93,11 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "multipart/related":
-        return _media_error(f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
+        return _media_error(metrics, f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
     match = _TYPE.search(content_type)
     if match is None or match.group(1).strip().lower() != "application/dicom":
         found = match.group(1) if match else "none"
-        return _media_error(f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
+        return _media_error(metrics, f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
     try:
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
     except OSError as exc:
@@ -160,7 +161,7 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
     if failed:
         body_json["00081198"] = {"vr": "SQ", "Value": failed}
     if not parts:
-        return _media_error("The multipart/related body holds no part.")
+        return _media_error(metrics, "The multipart/related body holds no part.")
     return _dicom_json(store_status(referenced, failed), body_json, studies, retry_after_s)
 
 

@@ -1,7 +1,9 @@
-"""study_labels read again: the worklist took a study version's labels from its first stored instance,
-whose series (a scout or topogram, sent first) is often not the screened one, and recorded them while the
-study was still being received. Labels are now recorded once the job is done, from an instance of the
-screened series; the rows recorded before are removed so that the worklist reads them again.
+"""study_labels read again from the screened series.
+
+The worklist took a study version's labels from its first stored instance, whose series (a scout or
+topogram, sent first) is often not the screened one, and recorded them while the study was still being
+received. Labels are now recorded once the job is done, from an instance of the screened series; the rows
+recorded before are removed so that the worklist reads them again.
 
 Revision ID: 0007
 Revises: 0006
