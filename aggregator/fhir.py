@@ -370,8 +370,19 @@ def _by_identifier(kind: str, value: str, system: str | None, *, assigner: str |
         identifier["assigner"] = {"display": assigner}
     ref: dict[str, Any] = {"type": kind, "identifier": identifier}
     if system:
-        ref["reference"] = f"{kind}?identifier={quote(system, safe=':/.-_~')}|{quote(value, safe='.-_~')}"
+        ref["reference"] = f"{kind}?identifier={quote(_escaped(system), safe=':/.-_~')}|{quote(_escaped(value), safe='.-_~')}"
     return ref
+
+
+def _escaped(text: str) -> str:
+    r"""``text`` as a part of a FHIR search token: ``\``, ``|``, ``,`` and ``$`` escaped with a backslash (FHIR R4
+    search, "Escaping Search Parameters"); percent-encoding alone reached the server as a bare ``|``, which split
+    an identifier such as ``P 1|2`` into a system and a value.
+
+    >>> print(_escaped("P 1|2,3$4\\5"))
+    P 1\|2\,3\$4\\5
+    """
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
 
 
 def validate_bundle(bundle: Mapping[str, Any]) -> None:

@@ -46,8 +46,9 @@ class ValueRedactor(logging.Filter):
 
 
 def protect_logs() -> None:
-    """Withhold header values from pydicom's log records and drop its duplicate warnings (idempotent;
-    process-wide: call it in every process that parses DICOM, decode workers included)."""
+    """Withhold header values from pydicom's log records and drop its duplicate warnings, and keep httpx's
+    request lines (whole URLs) out of the log (idempotent; process-wide: call it in every process that parses
+    DICOM, decode workers included)."""
     logger = logging.getLogger("pydicom")
     if not any(isinstance(f, ValueRedactor) for f in logger.filters):
         logger.addFilter(ValueRedactor())
@@ -57,6 +58,11 @@ def protect_logs() -> None:
     # highdicom warns with the name itself when a Patient's Name has one component ("GOUDURIX")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
     warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name", category=UserWarning)
+    # httpx logs every request's whole URL at INFO: a webhook's secret in its query string (ctscreen's own lines
+    # name a destination by its URL without the query); its warnings and errors still come through
+    for name in ("httpx", "httpcore"):
+        if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def file_ref(name: str) -> str:

@@ -406,7 +406,8 @@ def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems
     systems = IdentifierSystems(patient_id="urn:oid:1.2.3", issuers={"HOSP": "https://hosp.example/mrn"},
                                 accession="urn:oid:1.2.4")
     report = to_fhir(result, patient, systems)["entry"][0]["resource"]
-    assert report["subject"]["reference"] == "Patient?identifier=https://hosp.example/mrn|P%201%7C2"
+    # the value's "|" escaped for the search (a backslash, then percent-encoded): a bare one split it in two
+    assert report["subject"]["reference"] == "Patient?identifier=https://hosp.example/mrn|P%201%5C%7C2"
     assert report["subject"]["identifier"] == {"system": "https://hosp.example/mrn", "value": "P 1|2"}
     assert report["basedOn"][0]["reference"] == "ServiceRequest?identifier=urn:oid:1.2.4|ACC-9"
     # an issuer the site did not list: not the site's system (the site's patient P 1|2 is someone else), an

@@ -403,6 +403,32 @@ def test_a_reading_a_fhir_rule_leaves_out_still_replaces_the_one_sent_there(stud
     asyncio.run(scenario())
 
 
+def test_a_webhooks_secret_in_its_url_stays_out_of_the_log(study_files, tmp_path, caplog):
+    """ctscreen's lines name a destination by its URL without the query, but httpx logged every request's whole
+    URL at INFO: a webhook's token in its query string went to the log at --log-level info."""
+    from gateway.phi import protect_logs
+
+    caplog.set_level(logging.INFO)
+    protect_logs()  # what create_app does for the gateway's process
+
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        store, blobs, first = await done_job(settings, study_files)
+        ris = FhirReceiver()
+        deliverer = Deliverer(store, blobs, parse_destinations([{"name": "hook", "kind": "fhir",
+                                                                 "url": f"{ris.url}?token=s3cret-token"}]),
+                              settings, CollectorRegistry())
+        try:
+            await until_states(deliverer, first.job_id, {"done"})
+        finally:
+            await deliverer.stop()
+            ris.close()
+            await store.close()
+
+    asyncio.run(scenario())
+    assert "delivered" in caplog.text and "s3cret-token" not in caplog.text
+
+
 def test_key_images_built_again_are_the_same_objects_byte_for_byte(study_files, tmp_path):
     """Each destination builds its own payload, and a lost blob is built again: the key images carried the
     build's clock in Date and Time of Secondary Capture, other bytes under the same SOP Instance UID."""
@@ -934,6 +960,31 @@ def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_an
     with pytest.raises(SendError) as exc:
         asyncio.run(send())
     assert not exc.value.permanent and exc.value.sent == uids[:2]
+
+
+def test_a_fhir_refusal_says_its_issue_codes_and_never_their_diagnostics():
+    """A RIS's 4xx came back as "answered HTTP 422" alone: the operator could not tell a missing Patient from a
+    malformed bundle. Its OperationOutcome's codes are kept; its diagnostics, which quote the identifier it
+    could not resolve, are not. Scripted answer (httpx.MockTransport)."""
+    import httpx
+
+    from gateway.delivery.config import FhirDestination
+    from gateway.delivery.senders import SendError, send_fhir
+
+    outcome = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "not-found", "diagnostics": "No Patient matches identifier urn:oid:2.999.1|P-12345",
+         "expression": ["Bundle.entry[0].resource.subject"]}]}
+    transport = httpx.MockTransport(lambda request: httpx.Response(422, json=outcome))
+    dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_fhir(dest, [("job", "", b"{}")], client)
+
+    with pytest.raises(SendError) as exc:
+        asyncio.run(send())
+    assert str(exc.value) == "http://ris/fhir answered HTTP 422 (OperationOutcome: error not-found)"
+    assert exc.value.permanent and "P-12345" not in str(exc.value)
 
 
 def _key_object(title: tuple[str, str, str]) -> tuple[str, str, bytes]:

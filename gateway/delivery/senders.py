@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -108,7 +109,26 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
 
 def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) -> SendError:
     permanent = 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429)
-    return SendError(f"{where} answered HTTP {response.status_code}", permanent=permanent, sent=sent)
+    return SendError(f"{where} answered HTTP {response.status_code}{outcome_codes(response)}", permanent=permanent,
+                     sent=sent)
+
+
+def outcome_codes(response: httpx.Response) -> str:
+    """The issue codes (severity and code: FHIR's fixed vocabulary) of a FHIR OperationOutcome answer, as
+    ``" (OperationOutcome: error not-found)"``; "" for any other answer. Never its diagnostics or expressions,
+    which may quote the identifiers it could not resolve (a patient's ID)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    codes = []
+    for issue in body.get("issue", [])[:5]:
+        if isinstance(issue, dict):
+            words = [str(issue.get(k, "")) for k in ("severity", "code")]
+            codes.append(" ".join(w for w in words if re.fullmatch(r"[a-z-]{1,32}", w)))
+    return f" (OperationOutcome: {', '.join(c for c in codes if c)})" if any(codes) else ""
 
 
 async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient,
