@@ -204,6 +204,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(sr.router)
     app.include_router(deliveries.router)
+    app.include_router(deliveries.fleet)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
     install_web(app)  # the page at /, its files and read routes (issue 16)

@@ -83,7 +83,9 @@ class OrthancServer:
         return f"{self.url}/dicom-web"
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start (again) on the same ports and storage; returns once the REST API answers."""
+        """Start (again) on the same ports and storage; returns once the REST API answers (at once if it runs)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen([self.exe, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                           cwd=self.root)

@@ -460,6 +460,47 @@ def test_key_images_built_again_are_the_same_objects_byte_for_byte(study_files, 
 
 
 @needs_orthanc
+def test_the_failed_deliveries_of_an_outage_are_listed_and_sent_again_in_one_call(orthanc, tmp_path):
+    """After an outage longer than the tries each failed delivery had to be found in the logs and re-sent by its
+    job: GET /v1/deliveries?state=failed lists them, POST /v1/deliveries/resend?destination= sends them all.
+    Through the whole app (real store, real Orthanc); Triton is faked (``FakeFleet``): only delivery is tested."""
+    from fastapi.testclient import TestClient
+
+    from gateway.main import create_app
+    from tests.gateway_app_fakes import FakeFleet, ct_series, wait_job
+
+    destinations = tmp_path / "destinations.json"
+    destinations.write_text(json.dumps({"destinations": [{**pacs_destination(orthanc), "objects": ["sr"]}]}))
+    settings = delivery_settings(tmp_path / "data", destinations_file=destinations, delivery_max_attempts=1)
+    jobs = []
+    orthanc.stop()
+    try:
+        with TestClient(create_app(settings, client_factory=FakeFleet())) as client:
+            for _ in range(2):
+                _, files = ct_series(9, lesion=(3, 4, 5), size=256)
+                r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files])
+                assert r.status_code == 202, r.text
+                jobs.append(wait_job(client, r.json()["job_id"])["job_id"])
+            deadline = time.monotonic() + 60
+            while len(failed := client.get("/v1/deliveries").json()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert sorted(d["job_id"] for d in failed) == sorted(jobs)
+            assert all(d["state"] == "failed" and d["destination"] == "pacs" and d["error"] for d in failed)
+            assert client.get("/v1/deliveries", params={"state": "done"}).json() == []
+            assert client.get("/v1/deliveries", params={"destination": "ris"}).status_code == 404
+            assert client.post("/v1/deliveries/resend").status_code == 422  # which destination: always named
+            orthanc.start()
+            r = client.post("/v1/deliveries/resend", params={"destination": "pacs"})
+            assert (r.status_code, r.json()) == (202, {"destination": "pacs", "queued": 2})
+            while len(client.get("/v1/deliveries", params={"state": "done"}).json()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get("/v1/deliveries").json() == []
+            assert sorted(d["job_id"] for d in client.get("/v1/deliveries", params={"state": "done"}).json()) == sorted(jobs)
+    finally:
+        orthanc.start()
+
+
+@needs_orthanc
 def test_exhausted_attempts_fail_keep_the_payload_and_resend_delivers(orthanc, study_files, tmp_path):
     async def scenario():
         settings = delivery_settings(tmp_path, delivery_max_attempts=2)

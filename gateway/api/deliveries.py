@@ -1,9 +1,10 @@
-"""``/v1/jobs/{id}/deliveries``: where a result was sent (PACS, RIS), and a re-send."""
+"""``/v1/jobs/{id}/deliveries``: where a result was sent (PACS, RIS), and a re-send; ``/v1/deliveries``: the
+deliveries in one state across jobs (the failed ones, after an outage), and a re-send of every failed one."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -16,6 +17,7 @@ from gateway.errors import NotFound, NotResendable
 
 # reading deliveries needs results:read, a re-send studies:write (admin implies both), as for the jobs
 router = APIRouter(prefix="/v1/jobs", tags=["deliveries"], responses=AUTH_RESPONSES)
+fleet = APIRouter(prefix="/v1/deliveries", tags=["deliveries"], responses=AUTH_RESPONSES)
 
 
 class DeliveryView(BaseModel):
@@ -31,18 +33,20 @@ class DeliveryView(BaseModel):
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None
     history: list[dict[str, Any]] = Field(description="the task's events (state, attempt, detail)")
+    job_id: str | None = Field(None, description="the job whose result it is (in lists across jobs)")
 
 
 def _ts(v: float | None) -> datetime | None:
     return None if v is None else datetime.fromtimestamp(v, UTC)
 
 
-def _view(task: Any) -> DeliveryView:
+def _view(task: Any, *, with_job: bool = False) -> DeliveryView:
     objects = [{"kind": o["kind"], "uid": o["uid"]} for o in (task.payload or {}).get("objects", [])]
     return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
                         objects=objects, sent=list(task.sent), error=task.error,
                         next_attempt_at=_ts(task.next_attempt_at) if task.state == "pending" else None,
-                        delivered_at=_ts(task.delivered_at), history=list(task.history))
+                        delivered_at=_ts(task.delivered_at), history=list(task.history),
+                        job_id=task.job_id if with_job else None)
 
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job, or no delivery of it to that destination"}}
@@ -74,3 +78,37 @@ async def resend(job_id: str, destination: str, request: Request, store: StoreDe
         raise NotResendable(str(exc)) from None
     return JSONResponse(_view(task).model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{job_id}/deliveries"})
+
+
+def _destination(request: Request, destination: str) -> str:
+    if destination not in request.app.state.deliverer.destinations:
+        raise NotFound(f"No destination {destination[:64]!r} is configured.")
+    return destination
+
+
+@fleet.get("", response_model=list[DeliveryView], summary="Deliveries in one state, across jobs",
+           responses={404: {"description": "no such destination"}})
+async def deliveries_in_state(
+    request: Request, _: ReadAccess,
+    state: Literal["pending", "sending", "done", "skipped", "failed"] = Query("failed"),
+    destination: str | None = Query(None, max_length=64, description="one destination (default: every one)"),
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[DeliveryView]:
+    """The deliveries in ``state`` (default ``failed``: those that ran out of tries), the latest changed first,
+    each with its job: what an outage left undelivered, without reading the logs."""
+    if destination is not None:
+        _destination(request, destination)
+    tasks = await request.app.state.deliverer.tasks.in_state(state, destination, limit)
+    return [_view(t, with_job=True) for t in tasks]
+
+
+@fleet.post("/resend", status_code=202, summary="Send every failed delivery to a destination again",
+            responses={404: {"description": "no such destination"}})
+async def resend_failed(request: Request, _: WriteAccess,
+                        destination: str = Query(..., max_length=64, description="the destination"),
+                        limit: int = Query(1000, ge=1, le=10_000)) -> JSONResponse:
+    """Queue again the failed deliveries to ``destination`` (the oldest ``limit``): after an outage longer
+    than the tries. A reading superseded since is skipped when its turn comes, never sent over the newer one."""
+    queued = await request.app.state.deliverer.tasks.resend_failed(_destination(request, destination), limit)
+    return JSONResponse({"destination": destination, "queued": queued}, status_code=202,
+                        headers={"Location": f"/v1/deliveries?state=pending&destination={destination}"})

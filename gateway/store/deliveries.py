@@ -102,6 +102,15 @@ def _task(row: Delivery) -> Task:
                 row.updated_at, row.delivered_at)
 
 
+def _requeue(row: Delivery, now: float, detail: str) -> None:
+    """Make a delivery pending now, its tries counted afresh (a skipped one's rule is checked again)."""
+    if row.state == SKIPPED:
+        row.payload = None  # the rule is checked again when it is built
+    row.state, row.attempts, row.next_attempt_at, row.error = PENDING, 0, now, None
+    row.updated_at = now
+    _event(row, now, PENDING, detail)
+
+
 def _event(row: Delivery, now: float, state: str, detail: str | None = None) -> None:
     entry: dict[str, Any] = {"at": round(now, 3), "state": state, "attempt": row.attempts}
     if detail:
@@ -277,14 +286,34 @@ class Deliveries:
                 raise ValueError(f"Job {job_id} was delivered to {destination} already; force=true sends it again.")
             if force:
                 row.sent = []
-            if row.state == SKIPPED:
-                row.payload = None  # the rule is checked again when it is built
-            row.state, row.attempts, row.next_attempt_at, row.error = PENDING, 0, now, None
-            row.updated_at = now
-            _event(row, now, PENDING, "re-send requested" + (" (forced)" if force else ""))
+            _requeue(row, now, "re-send requested" + (" (forced)" if force else ""))
             task = _task(row)
         self.store.wake()
         return task
+
+    async def resend_failed(self, destination: str, limit: int = 1000) -> int:
+        """Queue again now the failed deliveries to ``destination`` (the oldest ``limit`` first), as
+        :meth:`resend` does one: after an outage longer than the tries, each one's job had to be named by hand.
+        Returns how many were queued."""
+        now = await self.store.now()
+        async with self.store.tx() as s:
+            rows = (await s.execute(select(Delivery).where(Delivery.state == FAILED, Delivery.destination == destination)
+                                    .order_by(Delivery.updated_at).limit(limit).with_for_update())).scalars().all()
+            for row in rows:
+                _requeue(row, now, "re-send of every failed delivery requested")
+        if rows:
+            self.store.wake()
+        return len(rows)
+
+    async def in_state(self, state: str, destination: str | None = None, limit: int = 100) -> list[Task]:
+        """The deliveries in ``state`` (to ``destination``, or to any), the latest changed first."""
+        query = select(Delivery).where(Delivery.state == state)
+        if destination is not None:
+            query = query.where(Delivery.destination == destination)
+        async with self.store.read() as s:
+            rows = (await s.execute(query.order_by(Delivery.updated_at.desc(), Delivery.id.desc()).limit(limit))
+                    ).scalars().all()
+            return [_task(r) for r in rows]
 
     async def of_job(self, job_id: str) -> list[Task]:
         """The deliveries of a job."""
