@@ -324,6 +324,9 @@ def test_progress_streams_while_a_third_study_is_screening(stack, screened, stud
     assert len({d for d, _ in steps}) >= 2, f"too few progress updates over SSE: {seen}"
     assert [d for d, _ in steps] == sorted(d for d, _ in steps) and all(n == 2 * N_SLICES for _, n in steps)
     assert row.get_attribute("data-verdict") in ("positive", "negative", "indeterminate")
+    # a screen reader hears which study finished and its verdict ("A study finished: done" said neither)
+    page.wait_for_function("() => document.getElementById('announce').textContent.includes('Acc. A00000012: ')")
+    assert page.inner_text("#announce").endswith(row.get_attribute("data-verdict"))
 
 
 def test_a_study_finished_while_the_events_were_down_shows_once_they_return(stack, screened, page, tmp_path):

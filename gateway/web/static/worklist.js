@@ -125,6 +125,7 @@ export function worklistView(main, params) {
 
   let reloadTimer = null;
   let loads = 0;
+  const finished = new Set();  // jobs whose end is announced once their rows are loaded again
   let left = false;  // the view was left: an answer still on the wire must not write to the page
   async function load() {
     const q = new URLSearchParams({ limit, offset });
@@ -140,6 +141,13 @@ export function worklistView(main, params) {
       tbody.innerHTML = page.rows.length ? page.rows.map(rowHtml).join("")
         : '<tr><td colspan="8" class="empty">No study matches.</td></tr>';
       if (held) tbody.querySelector(`tr[data-job-id="${CSS.escape(held)}"] a`)?.focus();
+      const said = [...finished].map((job) => {
+        const tr = tbody.querySelector(`tr[data-job-id="${CSS.escape(job)}"]`);
+        const name = tr?.querySelector("th.uid a, th.uid span")?.textContent || "A study";
+        return `${name}: ${tr?.dataset.verdict || tr?.dataset.state || "finished"}`;
+      });
+      if (said.length) announce(said.join("; "));
+      finished.clear();
       performance.mark("worklist-dom");
       requestAnimationFrame(() => setTimeout(() => performance.mark("worklist-painted")));  // after the next paint
       const last = Math.min(page.total, offset + page.rows.length);
@@ -170,8 +178,11 @@ export function worklistView(main, params) {
     tr.dataset.state = e.state;
     const row = { state: e.state, slices_done: e.slices_done, slices_total: e.slices_total };
     tr.querySelector('[data-role="state"]').replaceWith(stateCell(row));
-    if (e.state === "done" || e.state === "failed") { announce(`A study finished: ${e.state}`); reloadSoon(); }
-    else if (was !== e.state) announce(`A study is ${e.state}`);
+    // said with the row's name (its accession number, or its UID's end), and a finished one with its verdict once
+    // the row is loaded again: "A study finished: done" told a screen reader user neither which nor what
+    const name = tr.querySelector("th.uid a, th.uid span")?.textContent || "A study";
+    if (e.state === "done" || e.state === "failed") { finished.add(e.job_id); reloadSoon(); }
+    else if (was !== e.state) announce(`${name}: ${e.state}`);
   }, { onState: (s) => {
     live.textContent = s === "live" ? "live" : s;
     live.dataset.state = s;
