@@ -672,6 +672,14 @@ class _PortRace(TritonStartError):
 # --- command line -------------------------------------------------------------------------------
 
 
+def set_from_signal(event: threading.Event) -> None:
+    """Set ``event`` from a signal handler: from a thread of its own. A handler runs in the main thread between
+    two bytecodes, possibly while that thread holds ``event``'s lock (leaving ``Event.wait(0.5)``), and
+    ``Event.set`` there waited for that lock forever: ``make demo`` stopped by ``timeout`` hung with its
+    Triton, and Ctrl-C could no longer end it."""
+    threading.Thread(target=event.set, name="ctscreen-stop", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``ctscreen triton [--grpc-port --http-port --metrics-port --repo DIR]``."""
     parser = argparse.ArgumentParser(
@@ -715,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
-        stopping.set()
+        set_from_signal(stopping)
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -73,9 +73,12 @@ class Stack:
 
 @contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop`` (main thread only) while the block runs."""
+    """SIGTERM and SIGINT set ``stop`` (main thread only) while the block runs (never from the handler itself:
+    :func:`ctscreen.embedded.set_from_signal`)."""
+    from ctscreen.embedded import set_from_signal
+
     signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in signals}
+    previous = {s: signal.signal(s, lambda signum, frame: set_from_signal(stop)) for s in signals}
     try:
         yield
     finally:

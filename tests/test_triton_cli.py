@@ -248,3 +248,30 @@ def test_server_environment_sets_the_malloc_policy_unless_the_operator_has_one(b
     assert {k: v for k, v in env.items() if k.startswith("MALLOC_")} == want
     assert env["LD_LIBRARY_PATH"] == "/libs" and env["PATH"].endswith(":/usr/bin") and env["OMP_NUM_THREADS"] == "1"
     assert doctest.testmod(embedded).failed == 0
+
+
+_SIGNAL_WHILE_WAITING = """
+import signal, sys, threading
+from ctscreen.embedded import set_from_signal
+stop = threading.Event()
+direct = sys.argv[1] == "direct"
+signal.signal(signal.SIGTERM, lambda signum, frame: stop.set() if direct else set_from_signal(stop))
+with stop._cond:  # what the main thread holds as Event.wait(0.5) returns: the signal lands there
+    signal.raise_signal(signal.SIGTERM)
+print("stopped" if stop.wait(5) else "not set")
+"""
+
+
+@pytest.mark.parametrize("handler", ["set_from_signal", "direct"])
+def test_a_signal_that_lands_while_the_main_thread_holds_the_stop_events_lock_still_stops(handler: str) -> None:
+    """``ctscreen demo``, ``serve`` and ``triton`` wait in ``Event.wait(0.5)`` loops and their SIGTERM/SIGINT
+    handlers set that event. Setting it in the handler itself (``direct``, as before) waits forever for the
+    lock the interrupted main thread holds: ``make demo`` stopped by ``timeout`` hung with its Triton, and
+    Ctrl-C could no longer end it. The race is made certain here by holding the lock when the signal comes."""
+    cmd = [sys.executable, "-c", _SIGNAL_WHILE_WAITING, handler]
+    if handler == "direct":  # the control: the deadlock this guards against is real
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(cmd, capture_output=True, text=True, timeout=3)
+        return
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr
