@@ -434,14 +434,7 @@ def test_key_images_built_again_are_the_same_objects_byte_for_byte(study_files, 
     build's clock in Date and Time of Secondary Capture, other bytes under the same SOP Instance UID."""
     from gateway.delivery.payloads import build_dicom
 
-    async def made():
-        settings = delivery_settings(tmp_path)
-        store, blobs, result = await done_job(settings, study_files)
-        sources, _ = await Deliveries(store).job_sources(result.job_id)
-        await store.close()
-        return blobs, result, [(name, blobs.get(key)) for name, key in sources]
-
-    blobs, result, sources = asyncio.run(made())
+    blobs, result, sources = _done_sources(study_files, tmp_path)
     result = result.model_copy(update={"created_at": datetime(2026, 3, 1, 9, 30, 15, tzinfo=UTC)})  # as the worker's
 
     def build() -> dict[str, bytes]:
@@ -621,10 +614,8 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         Settings(destinations_file=tmp_path / "missing.yaml")
 
 
-def _built(study_files: list[Path], tmp_path: Path):
-    """The SR and key images the payload builder makes from a done job of ``study_files``."""
-    from gateway.delivery.payloads import build_dicom
-
+def _done_sources(study_files: list[Path], tmp_path: Path):
+    """A done job of ``study_files``: its blob store, its result and its instances as ``(filename, bytes)``."""
     async def scenario():
         settings = delivery_settings(tmp_path)
         store, blobs, result = await done_job(settings, study_files)
@@ -632,7 +623,14 @@ def _built(study_files: list[Path], tmp_path: Path):
         await store.close()
         return blobs, result, [(n, blobs.get(k)) for n, k in files]
 
-    blobs, result, sources = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def _built(study_files: list[Path], tmp_path: Path):
+    """The SR and key images the payload builder makes from a done job of ``study_files``."""
+    from gateway.delivery.payloads import build_dicom
+
+    blobs, result, sources = _done_sources(study_files, tmp_path)
     made = build_dicom(result, sources, ["sr", "key_images"], lambda data: (k := new_key(), blobs.put(k, data))[0])
     return blobs, result, made
 

@@ -18,7 +18,7 @@ from benchmarks.web_worklist import seed
 from gateway.store import Store
 from gateway.store.migrate import upgrade
 from gateway.store.worklist import Worklist, row_state
-from gateway.web.labels import read_label_header, read_labels
+from gateway.web.labels import read_label_header
 from gateway.web.render import WINDOWS, SeriesMap, render_png, window_u8
 
 N = 30  # seed(): every 3rd positive, every 7th failed
@@ -105,7 +105,7 @@ def test_labels_are_recorded_once_and_never_hold_the_patient(database, tmp_path)
     study = phantom.make_study(seed=3, kind="normal", n_slices=4, matrix=64)
     folder = phantom.write_study(study, tmp_path / "s")
     data = sorted(folder.rglob("*.dcm"))[0].read_bytes()
-    labels = read_labels(data)
+    labels = read_label_header(data).labels
     assert labels["accession_number"] == "A00000003" and labels["study_date"] and labels["series_description"]
     assert not any("Phantom" in (v or "") for v in labels.values())
 

@@ -57,6 +57,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
@@ -152,6 +153,13 @@ def redact(url: str) -> str:
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0 and C1 control characters and DEL: never stored as text (PostgreSQL's text refuses a NUL, SQLite takes it)."""
+
+
+def latest_version() -> ScalarSelect[Any]:
+    """The newest version of the study a query's ``Study`` row is a version of (a correlated subquery): above
+    the row's own version, its reading is superseded."""
+    newer = aliased(Study)
+    return select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid).scalar_subquery()
 
 
 def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
@@ -850,10 +858,7 @@ class Store:
         """
         async with self.read() as s:
             view = await self._job_view(s, job_id)
-            newer = aliased(Study)
-            latest = (select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid)
-                      .scalar_subquery())
-            row = (await s.execute(select(Study.version, latest).join(Job, Job.study_id == Study.id)
+            row = (await s.execute(select(Study.version, latest_version()).join(Job, Job.study_id == Study.id)
                                    .where(Job.id == job_id))).first()
         if row is None:
             return view

@@ -18,12 +18,12 @@ from typing import Any
 from sqlalchemy import Float, ForeignKey, String, and_, func, literal_column, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Mapped, aliased, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.jobs import RUNNING, JobState
 from gateway.store.models import Base, Event, Instance, Job, Result, Study
-from gateway.store.store import RECEIVING, Store
+from gateway.store.store import RECEIVING, Store, latest_version
 
 __all__ = ["STATES", "VERDICTS", "StudyLabels", "Worklist", "WorklistPage", "WorklistRow", "row_state"]
 
@@ -152,15 +152,12 @@ class Worklist:
         joined = (select(Study).outerjoin(Job, Job.study_id == Study.id)
                   .outerjoin(Result, Result.job_id == Job.id).where(and_(True, *where)))
         count = joined.with_only_columns(func.count(Study.id))
-        newer = aliased(Study)
-        latest = (select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid)
-                  .scalar_subquery())
         query = (joined.outerjoin(StudyLabels, StudyLabels.study_id == Study.id).with_only_columns(
             Study.id, Study.study_instance_uid, Study.version, Study.origin, Study.created_at, Study.state,
             Job.id, Job.state, Job.slices_done, Job.slices_total, Job.files, Job.finished_at, Job.created_at,
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
-            StudyLabels.read_at, latest, self._json_text(("series_instance_uid",)),
+            StudyLabels.read_at, latest_version(), self._json_text(("series_instance_uid",)),
         ).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)

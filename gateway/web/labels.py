@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gateway.store.store import CONTROL_CHARACTERS
 
-__all__ = ["LABEL_KEYWORDS", "LabelHeader", "displayable", "read_label_header", "read_labels"]
+__all__ = ["LABEL_KEYWORDS", "LabelHeader", "displayable", "read_label_header"]
 
 LABEL_KEYWORDS = ("StudyDate", "AccessionNumber", "SeriesDescription")
 _LIMITS = {"study_date": 8, "accession_number": 16, "series_description": 64}
@@ -62,11 +62,3 @@ def read_label_header(data: bytes) -> LabelHeader:
         return LabelHeader(dict.fromkeys(_LIMITS), None)
     return LabelHeader(out, series)
 
-
-def read_labels(data: bytes) -> dict[str, str | None]:
-    """The labels of the instance ``data`` (see :func:`read_label_header`).
-
-    >>> read_labels(b"not dicom")
-    {'study_date': None, 'accession_number': None, 'series_description': None}
-    """
-    return read_label_header(data).labels
