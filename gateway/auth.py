@@ -410,12 +410,14 @@ class StreamGuard:
 
     def __init__(self, request: Request, scope: str) -> None:
         self.request, self.scope = request, scope
-        self._next = time.monotonic() + STREAM_RECHECK_S
+        self.every_s = STREAM_RECHECK_S
+        """How often the credential is asked again: a stream must call :meth:`holds` at least as often."""
+        self._next = time.monotonic() + self.every_s
 
     async def holds(self) -> bool:
         if time.monotonic() < self._next:
             return True
-        self._next = time.monotonic() + STREAM_RECHECK_S
+        self._next = time.monotonic() + self.every_s
         if await still_holds(self.request, self.scope):
             return True
         note_reason(self.request.scope, "credential_ended")

@@ -7,6 +7,7 @@ rewritten here only with ``CTSCREEN_UI_SCREENSHOTS=1`` (a test run leaves the tr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,8 +23,10 @@ from pydicom.uid import generate_uid
 
 import phantom
 from aggregator.schema import CaseResult
+from ctscreen.embedded import free_port
 from gateway.cli import run_stack
 from gateway.client import collect_files, screen_paths
+from tests.fhir_receiver import FhirReceiver
 from tests.gateway_app_fakes import edited
 from tests.gateway_dicom_factory import FACE_SLICE, face_series
 
@@ -42,14 +45,29 @@ if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
 
 
 @pytest.fixture(scope="module")
-def stack(triton, tmp_path_factory):
+def ris():
+    """The RIS the gateway sends positive readings to (a FHIR endpoint of the tests': no FHIR server runs here)."""
+    receiver = FhirReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def stack(triton, ris, tmp_path_factory):
     """A live gateway; progress written every 0.05 s and small batches, so screening shows steps.
 
     Events closer together than the page's 300 ms reload delay are what once kept a new study's row
     off the worklist until it was done (a debounce restarted by every event; CI hit it at 0.2 s).
+    Two destinations: the RIS takes positive readings; a DICOMweb PACS on a port nobody listens on fails
+    every result at its first try.
     """
-    overrides = {"data_dir": tmp_path_factory.mktemp("web-data"), "stow_quiet_period_s": 3600.0,
-                 "progress_interval_s": 0.05, "triton_batch_size": 2, "max_concurrent_studies": 1}
+    data = tmp_path_factory.mktemp("web-data")
+    (data / "destinations.json").write_text(json.dumps({"destinations": [
+        {"name": "ris", "kind": "fhir", "url": ris.url, "rule": {"verdicts": ["positive"]}},
+        {"name": "pacs-web", "kind": "stowrs", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]}))
+    overrides = {"data_dir": data, "stow_quiet_period_s": 3600.0,
+                 "progress_interval_s": 0.05, "triton_batch_size": 2, "max_concurrent_studies": 1,
+                 "destinations_file": data / "destinations.json", "delivery_max_attempts": 1, "delivery_poll_s": 0.2}
     with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as s:
         yield s
 
@@ -660,3 +678,39 @@ def test_a_refused_credential_is_not_shown_as_signed_in(stack, screened, page):
     page.click("#signin-form button[type=submit]")
     page.wait_for_function("() => document.getElementById('who').textContent === 'credential refused'")
     assert page.is_visible("#signin-form")
+
+
+def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(stack, screened, ris, page):
+    """Delivered to the RIS, failed at the PACS (nobody listens there) with the reason and a button that queues
+    it again; the normal study's reading is not sent to the RIS, whose rule takes positive ones only; the
+    service view lists the failed deliveries with a link to their study."""
+    covid, normal = screened["covid"][0], screened["normal"][0]
+    page.goto(f"{stack.url}/#/study/{covid}")
+    ris_row, pacs_row = page.locator("tr[data-destination=ris]"), page.locator("tr[data-destination=pacs-web]")
+    sync_api.expect(ris_row).to_have_attribute("data-state", "done", timeout=30_000)
+    sync_api.expect(pacs_row).to_have_attribute("data-state", "failed", timeout=30_000)
+    assert ris_row.locator("td").first.inner_text() == "delivered" and "FHIR" in ris_row.inner_text()
+    assert "cannot reach http://127.0.0.1:" in pacs_row.inner_text() and "ConnectError" in pacs_row.inner_text()
+    assert [r["identifier"][0]["value"] for r in ris.of_type("DiagnosticReport")] and not ris.errors
+    _shot(page, "study-deliveries.png")
+    before = pacs_row.get_attribute("data-updated")
+    pacs_row.get_by_role("button", name="Send to pacs-web again").click()
+    # queued again, tried once more (its attempts start afresh), failed again: the row shows the new try
+    page.wait_for_function("""(before) => {
+        const row = document.querySelector('tr[data-destination="pacs-web"]');
+        return row && row.dataset.state === 'failed' && row.dataset.updated !== before;
+    }""", arg=before, timeout=30_000)
+    assert page.inner_text("#announce") == "Sending to pacs-web again"
+    view = httpx.get(f"{stack.url}/v1/jobs/{covid}/deliveries", timeout=30).json()
+    [pacs] = [d for d in view if d["destination"] == "pacs-web"]
+    assert sum(e["state"] == "failed" for e in pacs["history"]) == 2, pacs["history"]
+
+    page.goto(f"{stack.url}/#/study/{normal}")
+    row = page.locator("tr[data-destination=ris]")
+    sync_api.expect(row).to_have_attribute("data-state", "skipped", timeout=30_000)
+    assert row.locator("td").first.inner_text() == "not sent" and "negative results are not sent here" in row.inner_text()
+
+    page.goto(f"{stack.url}/#/service")
+    failed = page.locator("table.failed-deliveries tr[data-destination=pacs-web]")
+    sync_api.expect(failed.first).to_be_visible(timeout=30_000)
+    assert {covid, normal} <= {a.get_attribute("href").rsplit("/", 1)[1] for a in failed.locator("a").all()}

@@ -32,6 +32,7 @@ class DeliveryView(BaseModel):
     error: str | None = None
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None
+    updated_at: datetime | None = Field(None, description="when its state last changed")
     history: list[dict[str, Any]] = Field(description="the task's events (state, attempt, detail)")
     job_id: str | None = Field(None, description="the job whose result it is (in lists across jobs)")
 
@@ -45,7 +46,8 @@ def _view(task: Any, *, with_job: bool = False) -> DeliveryView:
     return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
                         objects=objects, sent=list(task.sent), error=task.error,
                         next_attempt_at=_ts(task.next_attempt_at) if task.state == "pending" else None,
-                        delivered_at=_ts(task.delivered_at), history=list(task.history),
+                        delivered_at=_ts(task.delivered_at), updated_at=_ts(task.updated_at),
+                        history=list(task.history),
                         job_id=task.job_id if with_job else None)
 
 

@@ -88,7 +88,9 @@ async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: Rea
     guard = StreamGuard(request, RESULTS_READ)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for view in job_views(store, job_id, settings.worker_poll_s):
+        # a quiet job's stream wakes (a keep-alive) at least as often as its credential is asked again: a key
+        # revoked while nothing happened ended the stream only at the next 15 s keep-alive
+        async for view in job_views(store, job_id, settings.worker_poll_s, keepalive_s=min(15.0, guard.every_s)):
             if not await guard.holds():  # a revoked key, an expired token: the stream ends
                 return
             if view is None:

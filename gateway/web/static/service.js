@@ -2,6 +2,7 @@
 // Refreshed every 2 s while shown.
 
 import { getJson } from "./api.js";
+import { failedDeliveries } from "./deliveries.js";
 import { fmtDate, fmtSeconds, h } from "./dom.js";
 
 const REFRESH_MS = 2000;
@@ -19,7 +20,7 @@ export function serviceView(main) {
 
   async function refresh() {
     try {
-      const d = await getJson("/v1/service");
+      const [d, undelivered] = await Promise.all([getJson("/v1/service"), failedDeliveries()]);
       if (stopped) return;
       const ready = d.endpoints.filter((e) => e.ready).length;
       body.replaceChildren(
@@ -46,7 +47,11 @@ export function serviceView(main) {
             h("tbody", {}, d.failures.map((f) => h("tr", {},
               h("td", {}, fmtDate(f.finished_at)), h("td", {}, h("code", {}, f.reason)), h("td", {}, f.message),
               h("td", {}, h("a", { href: `#/study/${f.job_id}` }, "open"))))))
-            : h("p", {}, "None.")));
+            : h("p", {}, "None.")),
+        h("section", { "aria-labelledby": "h-undelivered" },
+          h("h2", { id: "h-undelivered" }, "Undelivered results"),
+          h("p", { class: "hint" }, "Deliveries that ran out of tries. A study's view sends its own again; "
+            + "POST /v1/deliveries/resend?destination=NAME sends every one to a destination again."), undelivered));
       stamp.textContent = `Updated ${fmtDate(d.at)}`;
       main.dataset.loaded = String(Date.now());
     } catch (error) {

@@ -3,6 +3,7 @@
 
 import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
 import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
+import { deliveriesPanel } from "./deliveries.js";
 
 const WINDOWS = { lung: "Lung", mediastinum: "Mediastinum" };
 const GRID = 512;
@@ -129,6 +130,7 @@ function viewer(main, job) {
       + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
     : h("p", {}, result.verdict === "negative" ? "The model flagged no lesion on any slice."
       : "No lesion run to show.");  // indeterminate (no lung field, too few slices): nothing was ruled out
+  const deliveries = deliveriesPanel(job);
   const side = h("aside", { class: "summary", "aria-label": "Result" },
     h("p", {}, h("span", { class: `verdict verdict-${result.verdict}`, id: "verdict" }, result.verdict)),
     h("p", { class: "reason" }, result.message), run,
@@ -141,7 +143,7 @@ function viewer(main, job) {
     result.warnings.length ? h("section", { class: "warnings", "aria-label": "Warnings" },
       h("h2", {}, `Warnings (${result.warnings.length})`),
       h("ul", {}, result.warnings.map((w) => h("li", {}, w)))) : null,
-    models,
+    models, deliveries.element,
     h("div", { class: "downloads" }, h("h2", {}, "Download"),
       h("button", { type: "button", onclick: () => saveJson(result, `ctscreen-result-${job.job_id}.json`) }, "CaseResult (JSON)"),
       h("button", { type: "button", onclick: () => download(`/v1/jobs/${job.job_id}/sr`, `ctscreen-sr-${job.job_id}.dcm`)
@@ -267,5 +269,5 @@ function viewer(main, job) {
   });
   slider.addEventListener("input", () => go(Number(slider.value)));
   show();
-  return () => { token++; for (const p of urls.values()) p.then((u) => URL.revokeObjectURL(u)).catch(() => {}); };
+  return () => { token++; deliveries.stop(); for (const p of urls.values()) p.then((u) => URL.revokeObjectURL(u)).catch(() => {}); };
 }
