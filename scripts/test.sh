@@ -8,4 +8,10 @@ export MPLBACKEND=Agg
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 .venv/bin/python -m ruff check ctscreen phantom training aggregator gateway benchmarks evaluation tests
 .venv/bin/python -m mypy  # the packages and settings of [tool.mypy] in pyproject.toml
-exec .venv/bin/python -m pytest "$@"
+# two worker processes, each test file whole in one of them (its module-scoped servers start once);
+# CTSCREEN_TEST_WORKERS=0 runs everything in this process (a debugger, -x, a single test)
+workers="${CTSCREEN_TEST_WORKERS:-2}"
+if [ "$workers" = 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"

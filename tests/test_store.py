@@ -652,9 +652,9 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_write(db_url):
         a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
         try:
             [job_id] = await _queue(a, 1)
-            claimed = await a.claim(lease_s=0.3)
+            claimed = await a.claim(lease_s=1.5)  # long enough for b's claim below on a loaded machine
             assert claimed is not None and await b.claim(60) is None  # held
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(1.6)
             taken = await b.claim(60)
             assert taken is not None and taken.id == job_id and taken.attempts == 2
             assert not await a.heartbeat(job_id, 60)
