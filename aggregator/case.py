@@ -89,6 +89,7 @@ from aggregator.schema import (
     Timings,
     Verdict,
     quadrant_words,
+    slice_span,
 )
 from ctscreen.contracts import EMPTY_BOX, MIN_BOX_AREA, PROB_CUTOFF, RUN_SLICES, SLICE_SIZE
 from ctscreen.lungs import CHEST_BODY_CM2, CHEST_LUNG_FIELD_CM2
@@ -570,7 +571,7 @@ def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
     first, last = findings[run.start], findings[run.stop - 1]
     return (
         f"{run.n} consecutive slices ({run.extent_mm:.1f} mm) with lesions in the {quadrant_words(run.quadrant)} "
-        f"quadrant, slices {first.index}-{last.index} ({first.position_mm:.1f} to {last.position_mm:.1f} mm)"
+        f"quadrant, {slice_span(first.index, last.index)} ({first.position_mm:.1f} to {last.position_mm:.1f} mm)"
     )
 
 

@@ -65,6 +65,21 @@ def quadrant_words(quadrant: str) -> str:
     """
     return f"{_ANATOMY.get(quadrant, quadrant)} (image {quadrant.replace('_', ' ')})"
 
+
+def slice_span(first_index: int, last_index: int) -> str:
+    """Slices ``first_index``..``last_index`` (0-based, as ``index`` in the result) as a reader's text: numbered
+    from 1, as the web page's viewer and strip number them. A message read "slices 4-12" beside a viewer that
+    showed the same run as slices 5 to 13.
+
+    >>> slice_span(4, 12)
+    'slices 5-13'
+    >>> slice_span(0, 0)
+    'slice 1'
+    """
+    if first_index == last_index:
+        return f"slice {first_index + 1}"
+    return f"slices {first_index + 1}-{last_index + 1}"
+
 REASONS: Final[dict[str, str]] = {
     "run_found": "positive: lesions in the same quadrant on enough consecutive slices",
     "no_run": "negative: lesions found, but no run long enough in any quadrant",
@@ -135,7 +150,8 @@ class LesionBox(_Model):
 class SliceFinding(_Model):
     """What the models and the rule found on one slice."""
 
-    index: int = Field(ge=0, description="0-based index in position order (not file order)")
+    index: int = Field(ge=0, description="0-based index in position order (not file order); text for a reader "
+                                         "(the message, the web page) numbers slices from 1")
     sop_instance_uid: str
     position_mm: float = Field(description="position along the slice normal, mm")
     valid_area: Box | None = Field(default=None, description="valid-area box on the 512 grid; None when empty")

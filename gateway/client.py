@@ -225,11 +225,13 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
 
 
 def _evidence_text(result: dict[str, Any]) -> str:
+    from aggregator.schema import slice_span  # the client's own imports stay light (no pydantic to upload)
+
     ev = result.get("evidence")
     if not ev:
         return "-"
     idx = [s["index"] for s in ev.get("slices", [])]
-    span = f"slices {idx[0]}-{idx[-1]}" if idx else ""
+    span = slice_span(idx[0], idx[-1]) if idx else ""  # numbered from 1, as the page and the message number them
     return f"{ev['quadrant']} x{ev['n_slices']} {span}".strip()
 
 

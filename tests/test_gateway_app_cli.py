@@ -49,5 +49,5 @@ def test_verdict_table():
                            Outcome("bad", error={"reason": "not_dicom", "message": "no"})], {"covid": "covid"})
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["study", "truth", "verdict"]
-    assert "POSITIVE" in lines[2] and "top_left x3 slices 7-9" in lines[2]
+    assert "POSITIVE" in lines[2] and "top_left x3 slices 8-10" in lines[2]  # indexes 7-9, numbered from 1
     assert "ERROR" in lines[3] and "not_dicom" in lines[3]

@@ -190,6 +190,12 @@ def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened
     ds = pydicom.dcmread(collect_files(studies["covid"])[0], stop_before_pixels=True)
     assert size == [ds.Columns, ds.Rows]  # the stored grid: the original boxes need no scaling
     assert f"{finding.position_mm:.1f} mm" in page.inner_text("#readout")
+    # the result's message and the page number the run's slices alike (from 1, as the strip): the message
+    # once said "slices 4-12" beside "slices 5–13"
+    summary = page.inner_text("aside.summary")
+    first, last = run[0].index + 1, run[-1].index + 1
+    assert f"slices {first}-{last} (" in summary and f"slices {first}–{last}." in summary, summary
+    assert page.locator(f'.strip button[data-index="{run[0].index}"]').inner_text() == str(first)
     page.evaluate("window.scrollTo(0, 0)")
     _shot(page, "study.png")
     # keys and wheel step through the slices; the window presets switch
@@ -688,7 +694,7 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     service view lists the failed deliveries with a link to their study."""
     covid, normal = screened["covid"][0], screened["normal"][0]
     page.goto(f"{stack.url}/#/study/{covid}")
-    ris_row, pacs_row = page.locator("tr[data-destination=ris]"), page.locator("tr[data-destination=pacs-web]")
+    ris_row, pacs_row = page.locator("tbody[data-destination=ris]"), page.locator("tbody[data-destination=pacs-web]")
     sync_api.expect(ris_row).to_have_attribute("data-state", "done", timeout=30_000)
     sync_api.expect(pacs_row).to_have_attribute("data-state", "failed", timeout=30_000)
     assert ris_row.locator("td").first.inner_text() == "delivered" and "FHIR" in ris_row.inner_text()
@@ -698,7 +704,7 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     pacs_row.get_by_role("button", name="Send to pacs-web again").click()
     # queued again, tried once more (its attempts start afresh), failed again: the row shows the new try
     page.wait_for_function("""(before) => {
-        const row = document.querySelector('tr[data-destination="pacs-web"]');
+        const row = document.querySelector('tbody[data-destination="pacs-web"]');
         return row && row.dataset.state === 'failed' && row.dataset.updated !== before;
     }""", arg=before, timeout=30_000)
     assert page.inner_text("#announce") == "Sending to pacs-web again"
@@ -707,7 +713,7 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     assert sum(e["state"] == "failed" for e in pacs["history"]) == 2, pacs["history"]
 
     page.goto(f"{stack.url}/#/study/{normal}")
-    row = page.locator("tr[data-destination=ris]")
+    row = page.locator("tbody[data-destination=ris]")
     sync_api.expect(row).to_have_attribute("data-state", "skipped", timeout=30_000)
     assert row.locator("td").first.inner_text() == "not sent" and "negative results are not sent here" in row.inner_text()
 
@@ -715,3 +721,16 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     failed = page.locator("table.failed-deliveries tr[data-destination=pacs-web]")
     sync_api.expect(failed.first).to_be_visible(timeout=30_000)
     assert {covid, normal} <= {a.get_attribute("href").rsplit("/", 1)[1] for a in failed.locator("a").all()}
+
+
+def test_without_javascript_the_page_says_it_needs_it_where_its_content_goes(stack, browser):
+    """The shell's main area read "Loading…" for ever with scripting off (the notice sat below the footer)."""
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        pg = context.new_page()
+        pg.goto(stack.url + "/")
+        main = pg.inner_text("#main")
+        assert "This page needs JavaScript" in main and "/openapi.json" in main
+        assert "Loading" not in pg.inner_text("body")
+    finally:
+        context.close()

@@ -42,14 +42,17 @@ export function deliveriesPanel(job) {
     refresh();
   }
 
-  function row(d) {
+  // one tbody a destination: its name and state, then what happened under them (the side panel is narrow)
+  function rows(d) {
     const failed = d.state === "failed";
-    return h("tr", { dataset: { destination: d.destination, state: d.state, updated: d.updated_at } },
-      h("th", { scope: "row" }, d.destination, h("small", { class: "kind" }, KINDS[d.kind] || d.kind)),
-      h("td", { class: d.state === "done" ? "ok" : failed ? "bad" : "" }, STATES[d.state] || d.state),
-      h("td", { class: "delivery-detail" }, detail(d),
+    const why = detail(d);
+    return h("tbody", { dataset: { destination: d.destination, state: d.state, updated: d.updated_at } },
+      h("tr", {},
+        h("th", { scope: "row" }, d.destination, h("small", { class: "kind" }, KINDS[d.kind] || d.kind)),
+        h("td", { class: d.state === "done" ? "ok" : failed ? "bad" : "" }, STATES[d.state] || d.state)),
+      why || failed ? h("tr", { class: "delivery-detail" }, h("td", { colspan: 2 }, why,
         failed ? h("button", { type: "button", class: "resend", onclick: (e) => resend(d, e.currentTarget),
-          "aria-label": `Send to ${d.destination} again` }, "Send again") : null));
+          "aria-label": `Send to ${d.destination} again` }, "Send again") : null)) : null);
   }
 
   async function refresh() {
@@ -72,8 +75,8 @@ export function deliveriesPanel(job) {
       shown = key;
       body.replaceChildren(list.length
         ? h("table", { class: "delivery-list" },
-          h("thead", {}, h("tr", {}, ["Destination", "State", ""].map((t) => h("th", { scope: "col" }, t)))),
-          h("tbody", {}, list.map(row)))
+          h("thead", {}, h("tr", {}, ["Destination", "State"].map((t) => h("th", { scope: "col" }, t)))),
+          list.map(rows))
         : h("p", { class: "hint" }, age < FIRST_DELIVERY_S ? "Not sent yet."
           : "Sent nowhere: no destination was configured when it finished."));
     }
