@@ -88,6 +88,7 @@ from aggregator.schema import (
     SliceFinding,
     Timings,
     Verdict,
+    mm_text,
     quadrant_words,
     slice_span,
 )
@@ -570,8 +571,8 @@ def _quadrant_original(s: SliceInput, quadrant: Quadrant, rule: CaseRule, frame:
 def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
     first, last = findings[run.start], findings[run.stop - 1]
     return (
-        f"{run.n} consecutive slices ({run.extent_mm:.1f} mm) with lesions in the {quadrant_words(run.quadrant)} "
-        f"quadrant, {slice_span(first.index, last.index)} ({first.position_mm:.1f} to {last.position_mm:.1f} mm)"
+        f"{run.n} consecutive slices ({mm_text(run.extent_mm)} mm) with lesions in the {quadrant_words(run.quadrant)} "
+        f"quadrant, {slice_span(first.index, last.index)} ({mm_text(first.position_mm)} to {mm_text(last.position_mm)} mm)"
     )
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice, quadrant_words
+from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice, quadrant_words, slice_span
 from aggregator.sr import (
     SourceError,
     device_observer,
@@ -248,7 +248,8 @@ def key_images(
             sc.SpecificCharacterSet = headers.SpecificCharacterSet
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"
-        sc.DerivationDescription = (f"ctscreen: slice {evidence.index} of the {quadrant_words(ev.quadrant)} run, "
+        sc.DerivationDescription = (f"ctscreen: {slice_span(evidence.index, evidence.index)} of the "
+                                    f"{quadrant_words(ev.quadrant)} run, "
                                     f"lung window C {LUNG_WINDOW[0]:g} W {LUNG_WINDOW[1]:g}, lesion boxes drawn")
         sc.BurnedInAnnotation = "YES"
         source = Dataset()
@@ -293,8 +294,10 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     referenced = [*headers, *key_images]
     key = result_key(result)
     version = result.software_version or "unknown"
+    # not "consecutive": a run bridged over a slice without a lung field spans more slices than it counts
     description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
-                   f"{ev.n_slices} consecutive slice(s) with lesions in the {quadrant_words(ev.quadrant)} quadrant.")
+                   f"{ev.n_slices} slice(s) with lesions in the {quadrant_words(ev.quadrant)} quadrant, "
+                   f"{slice_span(ev.slices[0].index, ev.slices[-1].index)}.")
     # its content decides its UID: two destinations asking for different objects (with the key images or not)
     # never get two documents under one SOP Instance UID
     kind = "kos+key-images" if key_images else "kos"

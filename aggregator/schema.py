@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -47,7 +48,7 @@ Quadrant = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
 """Quadrants on the 512 grid the models saw (row 0 at the top). Ingest mirrors every axial slice into the
 radiological convention first (:func:`gateway.dicom.standard_orientation`: columns to the patient's left, rows
 to posterior), so on the grid the image's left is the patient's right and its top is anterior, whatever
-the stored image's orientation; :func:`quadrant_words` says so to a reader."""
+the stored image's orientation; :func:`quadrant_words` names the patient's side to a reader."""
 
 QUADRANTS: Final[tuple[Quadrant, ...]] = ("top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -56,14 +57,25 @@ _ANATOMY: Final[dict[str, str]] = {"top_left": "right anterior", "top_right": "l
 
 
 def quadrant_words(quadrant: str) -> str:
-    """A quadrant as a reader's text: the patient's side first, then where it lies on the models' grid. The
-    grid's names alone misled on a stored image mirrored from the grid (a prone protocol, a reformat),
-    where the key image showed the box on the other side than the text said.
+    """A quadrant as a reader's text: the patient's side, which holds on every image of the study. The grid's
+    names misled on a stored image mirrored from the grid (a prone protocol, a reformat): "top left" there
+    is the stored image's bottom left, where the key image and the page draw the box; so the text names no
+    image side (the page and the key images show it).
 
     >>> quadrant_words("top_left")
-    'right anterior (image top left)'
+    'right anterior'
     """
-    return f"{_ANATOMY.get(quadrant, quadrant)} (image {quadrant.replace('_', ' ')})"
+    return _ANATOMY.get(quadrant, quadrant)
+
+
+def mm_text(value: float) -> str:
+    """Millimetres to one decimal, halves rounded up as the page's ``toFixed(1)`` rounds them (Python's
+    format rounds them to even: an extent of 6.25 mm read "6.2 mm" in the message and "6.3 mm" on the page).
+
+    >>> [mm_text(v) for v in (6.25, 96.25, -96.25, 0.15, 45.0)]
+    ['6.3', '96.3', '-96.3', '0.1', '45.0']
+    """
+    return str(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
 def slice_span(first_index: int, last_index: int) -> str:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
-from aggregator.schema import CaseResult, LesionBox, quadrant_words
+from aggregator.schema import CaseResult, LesionBox, quadrant_words, slice_span
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -571,7 +571,7 @@ def to_sr(
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=stable_uid(*key, "box", n, root=result.uid_root), identifier=f"lesion {n + 1}, slice {index}, {', '.join(quadrant_words(q) for q in box.quadrants)}"
+                    uid=stable_uid(*key, "box", n, root=result.uid_root), identifier=f"lesion {n + 1}, {slice_span(index, index)}, {', '.join(quadrant_words(q) for q in box.quadrants)}"
                 ),
                 referenced_region=region,
                 finding_type=codes.SCT.Lesion,

@@ -225,14 +225,16 @@ def _follow(client: Any, job_id: str, bar: Any, max_wait_s: float) -> dict[str, 
 
 
 def _evidence_text(result: dict[str, Any]) -> str:
-    from aggregator.schema import slice_span  # the client's own imports stay light (no pydantic to upload)
+    """The run as the SR, the page and the message tell it: the patient's side, slices numbered from 1; none
+    for a series that is no chest CT (its boxes are no lung lesions, and every other output leaves it out)."""
+    from aggregator.schema import NOT_CHEST, quadrant_words, slice_span  # the client's own imports stay light
 
     ev = result.get("evidence")
-    if not ev:
+    if not ev or result.get("reason") == NOT_CHEST:
         return "-"
     idx = [s["index"] for s in ev.get("slices", [])]
-    span = slice_span(idx[0], idx[-1]) if idx else ""  # numbered from 1, as the page and the message number them
-    return f"{ev['quadrant']} x{ev['n_slices']} {span}".strip()
+    span = slice_span(idx[0], idx[-1]) if idx else ""
+    return f"{quadrant_words(ev['quadrant'])} x{ev['n_slices']} {span}".strip()
 
 
 def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = None) -> str:
@@ -256,6 +258,10 @@ def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = No
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(o.result is not None for o in outcomes):
+        from aggregator.fhir import NOTICE  # what opens the SR's, the key images' and the FHIR report's text
+
+        lines.append(NOTICE)
     return "\n".join(lines)
 
 

@@ -193,7 +193,7 @@ def test_a_run_broken_by_a_gap_shows_the_broken_run_as_its_evidence():
     s = [SliceInput(f"1.3.{i}", float(p), br if p in (5, 10) else tl if p in (25, 30, 40) else boxes(), VA)
          for i, p in enumerate(positions)]
     d = decide(s)
-    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "top left" in d.message
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "right anterior quadrant" in d.message  # top_left
     assert d.evidence.quadrant == "top_left" and [e.position_mm for e in d.evidence.slices] == [25.0, 30.0, 40.0]
     assert not d.evidence.qualifies
 

@@ -216,7 +216,7 @@ def test_fhir_report_validates_and_refers_to_the_imaging_study():
     assert observations["verdict"].valueCodeableConcept.coding[0].display == "Present"
     quadrant = observations["quadrant"].valueCodeableConcept
     assert quadrant.coding[0].code == result.evidence.quadrant  # the grid's name, for machines
-    assert quadrant.text.startswith(("right ", "left ")) and "image" in quadrant.text  # the patient's side, for a reader
+    assert quadrant.text in ("right anterior", "left anterior", "right posterior", "left posterior")  # the patient's side
     assert observations["run"].valueQuantity.value == result.evidence.n_slices
     assert [e.fullUrl for e in parsed.entry[1:1 + len(observations)]] == [r.reference for r in report.result]
     assert all(e.request.method == "POST" and e.request.ifNoneExist == f"identifier={e.resource.identifier[0].system}|"
@@ -493,3 +493,46 @@ def test_a_pacs_study_list_shows_the_verdict_and_the_series_date(lesion_slices):
     assert len(sr.SeriesDescription) <= 64 and result.verdict in ("positive", "negative")
     for ds in [sr, *key_images(result, sources)]:
         assert (ds.SeriesDate, ds.SeriesTime) == (ds.InstanceCreationDate, ds.InstanceCreationTime) != ("", "")
+
+
+def _texts(items) -> list[str]:
+    """Every text value in an SR content tree (tracking identifiers included)."""
+    out = []
+    for item in items:
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        if "ContentSequence" in item:
+            out += _texts(item.ContentSequence)
+    return out
+
+
+def test_every_output_numbers_the_runs_slices_as_the_message_does():
+    """What a reader compares across the PACS, the RIS and the page agrees: slices numbered from 1 (the SR's
+    lesion labels and the key images' derivation said "slice 1" for the message's "slice 2"), the patient's
+    side only (a grid side, "image top left", is another side on a mirrored stored image), and a run that
+    spans more slices than it counts is not called consecutive in the KOS."""
+    result, sources = _series(lesion_slices=(1, 2, 3))  # indexes 1-3: slices 2-4 to a reader
+    assert [s.index for s in result.evidence.slices] == [1, 2, 3]
+    side = {"top_left": "right anterior", "top_right": "left anterior", "bottom_left": "right posterior",
+            "bottom_right": "left posterior"}[result.evidence.quadrant]
+    assert "slices 2-4 (" in result.message and f"the {side} quadrant" in result.message
+    images = key_images(result, sources)
+    assert [str(i.DerivationDescription).split(" of the ")[0] for i in images] == [
+        "ctscreen: slice 2", "ctscreen: slice 3", "ctscreen: slice 4"]
+    assert all(f"the {side} run" in str(i.DerivationDescription) for i in images)
+    kos = key_object_selection(result, sources, images)
+    [text] = [t for t in _texts(kos.ContentSequence) if "slice(s)" in t]
+    assert f"3 slice(s) with lesions in the {side} quadrant, slices 2-4." in text and "consecutive" not in text
+    labels = [t for t in _texts(to_sr(result, sources).ContentSequence) if t.startswith("lesion ")]
+    assert labels == [f"lesion {n}, slice {n + 1}, {side}" for n in (1, 2, 3)], labels
+    conclusion = to_fhir(result)["entry"][0]["resource"]["conclusion"]
+    assert result.message in conclusion
+    assert not any("(image" in t for t in [result.message, text, *labels, *(str(i.DerivationDescription) for i in images)])
+
+
+def test_the_message_rounds_millimetres_as_the_page_does():
+    """Python's format rounds halves to even ("6.2" for 6.25 mm) where the page's toFixed(1) rounds them up."""
+    inputs = [SliceInput(f"1.2.3.{k}", 1.25 * k, LESION, VA, rows=512, cols=512) for k in range(5)]
+    result = decide(inputs).to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.9", job_id="job-1")
+    assert result.evidence.extent_mm == 6.25
+    assert "5 consecutive slices (6.3 mm)" in result.message and "(0.0 to 5.0 mm)" in result.message

@@ -49,5 +49,8 @@ def test_verdict_table():
                            Outcome("bad", error={"reason": "not_dicom", "message": "no"})], {"covid": "covid"})
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["study", "truth", "verdict"]
-    assert "POSITIVE" in lines[2] and "top_left x3 slices 8-10" in lines[2]  # indexes 7-9, numbered from 1
+    assert "POSITIVE" in lines[2] and "right anterior x3 slices 8-10" in lines[2]  # indexes 7-9, numbered from 1
+    assert "not a diagnosis" in lines[-1]
+    not_chest = {**result, "verdict": "indeterminate", "reason": "not_chest"}  # its boxes are no lung lesions
+    assert verdict_table([Outcome("head", result=not_chest, seconds=1.0)]).splitlines()[2].split()[4] == "-"
     assert "ERROR" in lines[3] and "not_dicom" in lines[3]

@@ -194,7 +194,7 @@ def test_study_view_draws_the_result_boxes_on_a_slice_of_the_run(stack, screened
     # once said "slices 4-12" beside "slices 5–13"
     summary = page.inner_text("aside.summary")
     first, last = run[0].index + 1, run[-1].index + 1
-    assert f"slices {first}-{last} (" in summary and f"slices {first}–{last}." in summary, summary
+    assert f"slices {first}-{last} (" in summary and f"slices {first}-{last}." in summary, summary
     assert page.locator(f'.strip button[data-index="{run[0].index}"]').inner_text() == str(first)
     page.evaluate("window.scrollTo(0, 0)")
     _shot(page, "study.png")

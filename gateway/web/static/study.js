@@ -14,13 +14,15 @@ function boxOf(box, scale) {
            x1: Math.round(box.grid.x1 * scale), y1: Math.round(box.grid.y1 * scale) };
 }
 
-// as aggregator.schema.quadrant_words: the grid is in the radiological convention (image left = patient right)
+// as aggregator.schema.quadrant_words: the patient's side (the grid is in the radiological convention, image
+// left = patient right; a stored image may be mirrored from it, so its own side is what the overlay shows)
 const ANATOMY = { top_left: "right anterior", top_right: "left anterior", bottom_left: "right posterior",
   bottom_right: "left posterior" };
 
-function quadrantWords(quadrant) {
-  return `${ANATOMY[quadrant] || quadrant} (image ${quadrant.replace("_", " ")})`;
-}
+const quadrantWords = (quadrant) => ANATOMY[quadrant] || quadrant;
+
+// as aggregator.schema.slice_span: slices numbered from 1 (millimetres: toFixed(1) rounds halves up, as mm_text)
+const sliceSpan = (a, b) => (a === b ? `slice ${a + 1}` : `slices ${a + 1}-${b + 1}`);
 
 function quadrantRect(quadrant, cx, cy, cols, rows) {
   const left = quadrant.endsWith("left");
@@ -125,9 +127,9 @@ function viewer(main, job) {
   const run = noChest
     ? h("p", {}, "Not a chest CT: the boxes the models drew are no lung lesions, and no run counts.")
     : evidence
-    ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} slices `
-      + `(${evidence.extent_mm.toFixed(1)} mm) in the ${quadrantWords(evidence.quadrant)} quadrant, slices `
-      + `${evidence.slices[0].index + 1}–${evidence.slices[evidence.slices.length - 1].index + 1}.`)
+    ? h("p", {}, `${evidence.qualifies ? "Qualifying run" : "Longest run (does not qualify)"}: ${evidence.n_slices} `
+      + `slice${evidence.n_slices === 1 ? "" : "s"} (${evidence.extent_mm.toFixed(1)} mm) in the ${quadrantWords(evidence.quadrant)} `
+      + `quadrant, ${sliceSpan(evidence.slices[0].index, evidence.slices[evidence.slices.length - 1].index)}.`)
     : h("p", {}, result.verdict === "negative" ? "The model flagged no lesion on any slice."
       : "No lesion run to show.");  // indeterminate (no lung field, too few slices): nothing was ruled out
   const deliveries = deliveriesPanel(job);
