@@ -11,8 +11,11 @@ Description, Body Part Examined), its positions against a series so named, or it
 the choice is deterministic). With no body part named anywhere, the most positions win, as they always did.
 
 Ordering (:func:`sort_slices`): the slice normal is ``n = row_cosines x col_cosines`` from Image
-Orientation (Patient); each slice's position is ``ImagePositionPatient . n`` (mm). Slices are
-sorted by that position, ascending (for a standard axial series, feet to head); Instance Number
+Orientation (Patient), turned toward the head (its z component made non-negative); each slice's position
+is ``ImagePositionPatient . n`` (mm): an axial slice's patient z, the table position a PACS shows, for a
+feet-first or a prone series as for a head-first supine one (the normal of a feet-first series points to
+the feet, and its positions read -z: the page and the message gave 93.8 mm for the slice a PACS showed at
+-93.75). Slices are sorted by that position, ascending (feet to head); Instance Number
 and file order are ignored. Slices at the same position (within :attr:`SeriesRules.duplicate_tol_mm`)
 are duplicates: one is kept (the lowest ``(instance number, SOP UID, frame)``) and the others are
 reported. Gaps (a step much larger than the spacing) are not looked for here: the aggregator decides
@@ -676,6 +679,8 @@ def sort_slices(frames: Sequence[FrameHeader], rules: SeriesRules | None = None)
     if any(h.orientation is None or h.position is None for h in frames):
         raise ValueError('Argument "frames" must all have orientation and position.')
     normal = slice_normal(frames[0].orientation)  # type: ignore[arg-type]
+    if normal[2] < 0:  # toward the head: a position is the slice's patient z, what a PACS shows as its location
+        normal = -normal
     pos = np.array([float(np.dot(normal, h.position)) for h in frames])  # type: ignore[arg-type]
     tie = [
         (

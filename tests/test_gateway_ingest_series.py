@@ -41,15 +41,19 @@ def test_shuffled_files_with_scrambled_instance_numbers_come_back_in_position_or
     assert study.excluded == [] and study.rejected == []
 
 
-def test_order_follows_the_normal_not_the_z_axis() -> None:
-    """IOP (-1,0,0, 0,1,0): normal = row x col = (0,0,-1); positions grow as z falls."""
+def test_order_runs_feet_to_head_and_a_position_is_the_patients_z_whatever_the_scan_direction() -> None:
+    """IOP (-1,0,0, 0,1,0) (feet first): row x col = (0,0,-1), turned toward the head, so positions are the
+    slices' z, as a PACS shows them (they read -z: "93.8 mm" for the slice a PACS showed at -93.75)."""
     iop = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     np.testing.assert_allclose(slice_normal(iop), [0, 0, -1])
     series = make_series(5, rows=32, cols=32, spacing=3.0, orientation=iop)
-    study = load_study(_files(series)[::-1])
-    assert study.normal == (0.0, 0.0, -1.0)
-    assert [s.position_mm for s in study.slices] == [0.0, 3.0, 6.0, 9.0, 12.0]
-    assert [s.filename for s in study.slices] == [f"s{i:04d}.dcm" for i in range(5)]
+    files = _files(series)
+    z = {name: float(pydicom.dcmread(io.BytesIO(data)).ImagePositionPatient[2]) for name, data in files}
+    study = load_study(files[::-1])
+    assert study.normal == (0.0, 0.0, 1.0)
+    assert [s.position_mm for s in study.slices] == sorted(z.values())
+    assert [s.position_mm for s in study.slices] == [z[s.filename] for s in study.slices]
+    assert len(set(z.values())) == 5
 
 
 def test_lossy_compressed_slices_are_flagged_once_for_the_study() -> None:
