@@ -701,13 +701,15 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     assert "cannot reach http://127.0.0.1:" in pacs_row.inner_text() and "ConnectError" in pacs_row.inner_text()
     assert [r["identifier"][0]["value"] for r in ris.of_type("DiagnosticReport")] and not ris.errors
     before = pacs_row.get_attribute("data-updated")
-    pacs_row.get_by_role("button", name="Send to pacs-web again").click()
+    pacs_row.get_by_role("button", name="Send again to pacs-web").click()
     # queued again, tried once more (its attempts start afresh), failed again: the row shows the new try
     page.wait_for_function("""(before) => {
         const row = document.querySelector('tbody[data-destination="pacs-web"]');
         return row && row.dataset.state === 'failed' && row.dataset.updated !== before;
     }""", arg=before, timeout=30_000)
-    assert page.inner_text("#announce") == "Sending to pacs-web again"
+    assert page.inner_text("#announce") in ("Sending to pacs-web again", "pacs-web: failed")
+    # the row redrawn for the new try keeps the keyboard focus (its new button)
+    assert page.evaluate("document.activeElement.closest('tbody')?.dataset.destination") == "pacs-web"
     view = httpx.get(f"{stack.url}/v1/jobs/{covid}/deliveries", timeout=30).json()
     [pacs] = [d for d in view if d["destination"] == "pacs-web"]
     assert sum(e["state"] == "failed" for e in pacs["history"]) == 2, pacs["history"]
@@ -734,3 +736,42 @@ def test_without_javascript_the_page_says_it_needs_it_where_its_content_goes(sta
         assert "Loading" not in pg.inner_text("body")
     finally:
         context.close()
+
+
+def _deliveries_route(page: Any, job_id: str, answer: list[dict[str, Any]], server_now: float) -> None:
+    """The gateway's deliveries answer played by the browser's router (a retraction-only delivery needs a PACS
+    and two readings; the server's clock, its Date header, cannot be moved otherwise)."""
+    from email.utils import formatdate
+
+    page.route(f"**/v1/jobs/{job_id}/deliveries", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(answer),
+        headers={"Date": formatdate(server_now, usegmt=True)}))
+
+
+def test_the_delivery_list_words_a_retraction_and_reads_the_servers_clock(stack, screened, page):
+    """A delivery that sent only the note withdrawing an earlier reading (the rule keeps this one from that
+    PACS) read "delivered", as if the PACS held this reading's SR; and whether an empty list is "not sent yet"
+    was judged by the browser's clock against the server's finished_at (a browser an hour ahead said "no
+    delivery" at once)."""
+    from datetime import datetime
+
+    job_id = screened["normal"][0]
+    finished = datetime.fromisoformat(httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=30).json()["finished_at"])
+    at = finished.timestamp()
+    retraction = {"destination": "pacs", "kind": "dicom", "state": "done", "attempts": 1,
+                  "objects": [{"kind": "rejection", "uid": "1.2.3.4"}], "sent": ["1.2.3.4"], "error": None,
+                  "next_attempt_at": None, "delivered_at": finished.isoformat(), "updated_at": finished.isoformat(),
+                  "history": [{"at": at, "state": "done", "attempt": 1,
+                               "detail": "1 object(s) acknowledged (rule: negative results are not sent here)"}]}
+    _deliveries_route(page, job_id, [retraction], at + 5)
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    row = page.locator("tbody[data-destination=pacs]")
+    sync_api.expect(row.locator(".state-cell")).to_have_text("earlier reading retracted")
+    assert "Rejection Note at" in row.inner_text() and "negative results are not sent here" in row.inner_text()
+
+    page.unroute(f"**/v1/jobs/{job_id}/deliveries")
+    page.clock.set_fixed_time(at + 3600)  # the browser an hour ahead of the server
+    _deliveries_route(page, job_id, [], at + 5)  # the server: finished 5 s ago, its deliverer not yet round
+    page.goto(f"{stack.url}/#/")
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    sync_api.expect(page.locator("section.deliveries p.hint")).to_have_text("Not sent yet.")

@@ -20,7 +20,9 @@ export function serviceView(main) {
 
   async function refresh() {
     try {
-      const [d, undelivered] = await Promise.all([getJson("/v1/service"), failedDeliveries()]);
+      // the undelivered results apart: a failing list must not freeze the service figures
+      const [d, undelivered] = await Promise.all([getJson("/v1/service"), failedDeliveries().catch((e) =>
+        h("p", { class: "bad" }, `Cannot load the undelivered results: ${e.message}`))]);
       if (stopped) return;
       const ready = d.endpoints.filter((e) => e.ready).length;
       body.replaceChildren(
