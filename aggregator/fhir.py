@@ -93,7 +93,8 @@ _CTSCREEN = "urn:ctscreen:code"
 _AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
                 "display": "Artificial Intelligence asserted"}
 NOTICE: Final = "Machine reading for screening, not a diagnosis; to be verified by a radiologist."
-"""Opens every conclusion (the SR and the key images say it too)."""
+"""Opens every conclusion and the KOS's text; the SR says "not a diagnosis" in its Series Description (its
+TID 1500 content holds coded findings only), the key images in theirs, the CLI under its table."""
 
 
 @dataclass(frozen=True, slots=True)
