@@ -276,7 +276,8 @@ class _Reading:
             "imagingStudy": [study],
             "result": [{"reference": _uuid(IDENTIFIER_SYSTEM, ident, part), "type": "Observation"}
                        for part in observations],
-            "conclusion": f"{NOTICE} COVID-19 screening (ctscreen): {result.verdict}. {result.message}",
+            "conclusion": f"{NOTICE} COVID-19 screening (ctscreen {result.software_version or 'unknown'}): "
+                          f"{result.verdict}. {result.message}",  # the version as the KOS names it
         }
         if result.verdict == "positive":  # the code alone must say it: "Present" did not
             report["conclusionCode"] = [covid]

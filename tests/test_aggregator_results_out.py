@@ -527,6 +527,8 @@ def test_every_output_numbers_the_runs_slices_as_the_message_does():
     assert labels == [f"lesion {n}, slice {n + 1}, {side}" for n in (1, 2, 3)], labels
     conclusion = to_fhir(result)["entry"][0]["resource"]["conclusion"]
     assert result.message in conclusion
+    version = f"(ctscreen {result.software_version})"  # the KOS named it, the RIS's conclusion did not
+    assert result.software_version and version in conclusion and version in text
     assert not any("(image" in t for t in [result.message, text, *labels, *(str(i.DerivationDescription) for i in images)])
 
 
