@@ -279,6 +279,13 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     for key in ("command", "data", "serving_path", "date", "note"):
         if meta.get(key):
             lines.append(f"- **{key.replace('_', ' ')}**: `{meta[key]}`" if key == "command" else f"- **{key.replace('_', ' ')}**: {meta[key]}")
+    machine = meta.get("machine")
+    if isinstance(machine, Mapping):  # the stamp every published figure carries (report.json: meta.machine)
+        dirty = " (uncommitted changes)" if machine.get("dirty") else ""
+        load = machine.get("loadavg_1m")
+        lines.append(f"- **stamp**: commit `{machine.get('commit')}`{dirty}; {machine.get('cpu')}, "
+                     f"{machine.get('cores')} cores, load {load:.1f}" if isinstance(load, (int, float))
+                     else f"- **stamp**: commit `{machine.get('commit')}`{dirty}; {machine.get('cpu')}")
     kinds = ", ".join(f"{k} {n}" for k, n in report["kinds"].items())
     lines += [
         f"- **cases**: {report['n_cases']} ({kinds}); slices: {report['n_slices']}; failed: {report['n_failed']}",

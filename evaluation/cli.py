@@ -51,6 +51,7 @@ from pathlib import Path
 from aggregator.report import DEFAULT_CUTOFFS
 from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
+from ctscreen.machine import machine_info
 from evaluation import EvalError
 from evaluation.dataset import discover, looks_like_nifti_set, make_phantom_set, write_nifti_set
 from evaluation.output import write_report
@@ -214,6 +215,7 @@ def eval_main(argv: list[str]) -> int:
             "wall_s": round(time.monotonic() - t0, 1),
             "min_lesion_px": args.min_lesion_px,
             "concurrency": 1 if args.in_process else args.concurrency,
+            "machine": machine_info(),  # the figure's stamp: commit, CPU, load, the shipped models' sha256
         }
         report = write_report(evaluated, args.out, meta=meta, cutoffs=args.cutoffs,
                               indeterminate_as=args.indeterminate_as)

@@ -84,6 +84,10 @@ def test_eval_in_process_writes_the_report(reference):
     assert report["per_image"]["n"] > 0  # per-image truth matched to screened slices
     assert all(len(r["result"]["slices"]) == N_SLICES for r in rows)
     assert (out / "report.md").read_text().count("| per patient |") == 1
+    # stamped as every published figure is: the commit, the machine and its load, the shipped models
+    stamp = report["meta"]["machine"]
+    assert stamp["commit"] and stamp["cores"] and "loadavg_1m" in stamp and stamp["models"]
+    assert f"- **stamp**: commit `{stamp['commit']}`" in (out / "report.md").read_text()
 
 
 @pytest.mark.triton
