@@ -188,6 +188,7 @@ def eval_main(argv: list[str]) -> int:
         print(f"ctscreen eval: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stamp = machine_info()  # before the run writes anything (its audit trail lands in --out as it goes)
     try:
         if args.make_phantom:
             make_phantom_set(args.data, args.make_phantom, n_slices=args.phantom_slices)
@@ -215,7 +216,7 @@ def eval_main(argv: list[str]) -> int:
             "wall_s": round(time.monotonic() - t0, 1),
             "min_lesion_px": args.min_lesion_px,
             "concurrency": 1 if args.in_process else args.concurrency,
-            "machine": machine_info(),  # the figure's stamp: commit, CPU, load, the shipped models' sha256
+            "machine": stamp,  # the figure's stamp: commit, CPU, load, the shipped models' sha256
         }
         report = write_report(evaluated, args.out, meta=meta, cutoffs=args.cutoffs,
                               indeterminate_as=args.indeterminate_as)
