@@ -283,9 +283,9 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     if isinstance(machine, Mapping):  # the stamp every published figure carries (report.json: meta.machine)
         dirty = " (uncommitted changes)" if machine.get("dirty") else ""
         load = machine.get("loadavg_1m")
-        lines.append(f"- **stamp**: commit `{machine.get('commit')}`{dirty}; {machine.get('cpu')}, "
-                     f"{machine.get('cores')} cores, load {load:.1f}" if isinstance(load, (int, float))
-                     else f"- **stamp**: commit `{machine.get('commit')}`{dirty}; {machine.get('cpu')}")
+        where = (f"{machine.get('cpu')}, {machine.get('cores')} cores, load {load:.1f}"
+                 if isinstance(load, (int, float)) else f"{machine.get('cpu')}")
+        lines.append(f"- **stamp**: commit `{machine.get('commit')}`{dirty}; {where}")
     kinds = ", ".join(f"{k} {n}" for k, n in report["kinds"].items())
     lines += [
         f"- **cases**: {report['n_cases']} ({kinds}); slices: {report['n_slices']}; failed: {report['n_failed']}",

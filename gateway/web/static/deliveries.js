@@ -1,7 +1,7 @@
 // Where a result went: each destination (PACS, RIS) with its state, for the study view; and the deliveries that
 // ran out of tries, for the service view. A reader sees whether the PACS holds the SR before she looks for it.
 
-import { api, ApiError } from "./api.js";
+import { api, ApiError, getJson } from "./api.js";
 import { announce, fmtDate, h } from "./dom.js";
 
 const REFRESH_MS = 2000;
@@ -154,7 +154,7 @@ export function deliveriesPanel(job) {
 
 /** The service view's table of the deliveries that ran out of tries, the latest changed first ("None." without). */
 export async function failedDeliveries(limit = 20) {
-  const list = await (await api(`/v1/deliveries?state=failed&limit=${limit}`)).json();
+  const list = await getJson(`/v1/deliveries?state=failed&limit=${limit}`);
   if (!list.length) return h("p", {}, "None.");
   return h("table", { class: "failed-deliveries" }, h("caption", { class: "visually-hidden" }, "Undelivered results"),
     h("thead", {}, h("tr", {}, ["Changed", "Destination", "Error", "Study"].map((t) => h("th", { scope: "col" }, t)))),
