@@ -276,7 +276,7 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     lines = ["# ctscreen evaluation", ""]
     if meta.get("title"):
         lines += [str(meta["title"]), ""]
-    for key in ("command", "data", "serving_path", "date", "note"):
+    for key in ("command", "data", "labels", "serving_path", "date", "note"):
         if meta.get(key):
             lines.append(f"- **{key.replace('_', ' ')}**: `{meta[key]}`" if key == "command" else f"- **{key.replace('_', ' ')}**: {meta[key]}")
     machine = meta.get("machine")

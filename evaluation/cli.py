@@ -2,7 +2,7 @@
 
 ::
 
-    ctscreen eval --data DIR [--url URL | --in-process] [--out docs/eval/] [--make-phantom N]
+    ctscreen eval --data DIR [--labels FILE] [--url URL | --in-process] [--out docs/eval/] [--make-phantom N]
 
 Serving paths
 -------------
@@ -25,6 +25,16 @@ held-out phantom set (seeds from ``training.datasets.PHANTOM_EVAL_SEED0``, kinds
 training) into ``DIR``. Or ``DIR`` is a NIfTI set in the training layout (``ct_scans/`` and
 ``Infection_Mask/`` or the like): its cases are first written as DICOM studies under ``--work``
 (:func:`evaluation.dataset.write_nifti_set`), label 1 when the lesion mask is not empty.
+
+A centre's own studies: ``--labels FILE``, a CSV with a header row naming ``study`` and ``label`` (and
+optionally ``kind``), one row per study; ``study`` is a folder of its DICOM files, a DICOM file, a zip or a
+NIfTI volume in HU, under ``DIR``; ``label`` is 1/0 (or positive/negative, yes/no, true/false). Only the
+studies listed are screened, and they count per patient only (no per-image truth)::
+
+    study,label,kind
+    P0001,1,covid
+    P0002,0,normal
+    exports/P0003.zip,0,bacterial
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
 (default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
@@ -53,7 +63,14 @@ from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
 from ctscreen.machine import machine_info
 from evaluation import EvalError
-from evaluation.dataset import discover, looks_like_nifti_set, make_phantom_set, write_nifti_set
+from evaluation.dataset import (
+    discover,
+    labelled_cases,
+    looks_like_nifti_set,
+    make_phantom_set,
+    read_labels,
+    write_nifti_set,
+)
 from evaluation.output import write_report
 from evaluation.runners import Runner, http_runner, in_process_runner, run_cases
 
@@ -126,7 +143,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a labelled set through the serving path and write a Table-3 report "
                     "(Markdown, JSON, PNG plots).",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder of labelled studies (phantom manifest.json)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of labelled studies (phantom manifest.json), or of the studies --labels names")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="CSV naming each study (a folder, DICOM file, zip or NIfTI volume under --data) and its "
+                        "label: header study,label[,kind]; label 1/0 (positive/negative). Per patient only")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
     where.add_argument("--in-process", action="store_true",
@@ -140,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--make-phantom", type=positive(int), metavar="N",
                    help="first write N held-out phantom studies into --data (existing ones are kept)")
     p.add_argument("--work", type=Path, default=Path("out/eval-work"),
-                   help="where a NIfTI set is written as DICOM studies (default out/eval-work)")
+                   help="where NIfTI volumes are written as DICOM studies (default out/eval-work)")
     p.add_argument("--phantom-slices", type=positive(int), default=None, help="slices per phantom study")
     p.add_argument("--limit", type=positive(int), help="evaluate the first N studies only")
     p.add_argument("--concurrency", type=positive(int), default=2,
@@ -177,6 +198,10 @@ def eval_main(argv: list[str]) -> int:
         except ValueError as exc:
             print(f"ctscreen eval: --triton-url: {exc}", file=sys.stderr)
             return 2
+    if args.labels is not None and args.make_phantom:
+        print("ctscreen eval: --labels names your own studies; --make-phantom writes phantom studies with their "
+              "own truth: give one or the other", file=sys.stderr)
+        return 2
     if args.url and not args.url.lower().startswith(("http://", "https://")):
         print(f"ctscreen eval: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
         return 2
@@ -193,12 +218,17 @@ def eval_main(argv: list[str]) -> int:
         if args.make_phantom:
             make_phantom_set(args.data, args.make_phantom, n_slices=args.phantom_slices)
         data = args.data
-        if looks_like_nifti_set(data):
-            data = args.work / data.resolve().name
-            n = write_nifti_set(args.data, data)
-            if not args.quiet:
-                print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
-        cases = discover(data, args.min_lesion_px)
+        if args.labels is not None:
+            if not data.is_dir():
+                raise EvalError(f"--data {data}: not a directory")
+            cases = labelled_cases(read_labels(args.labels, data), args.work / data.resolve().name)
+        else:
+            if looks_like_nifti_set(data):
+                data = args.work / data.resolve().name
+                n = write_nifti_set(args.data, data)
+                if not args.quiet:
+                    print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
+            cases = discover(data, args.min_lesion_px)
         if args.limit:
             cases = cases[: args.limit]
         t0 = time.monotonic()
@@ -211,6 +241,9 @@ def eval_main(argv: list[str]) -> int:
             "title": args.title,
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
             "data": str(args.data),
+            "labels": str(args.labels) if args.labels is not None else "",
+            "note": ("labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
+                     if args.labels is not None else ""),
             "serving_path": path_name,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.monotonic() - t0, 1),

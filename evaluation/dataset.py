@@ -5,6 +5,11 @@ DICOM files and ``manifest.json``, format ``ctscreen-phantom/1``); :func:`make_p
 held-out phantom set, and :func:`write_nifti_set` writes a NIfTI set (the training layout) as such
 studies. :func:`discover` reads the set back as :class:`LabelledCase` records.
 
+A centre's own studies need no manifest: :func:`read_labels` reads a labels file (CSV: ``study``, ``label``
+and optionally ``kind``), one row per study, the study being a folder of DICOM files, a DICOM file, a zip
+or a NIfTI volume under the set's folder, and :func:`labelled_cases` makes its cases (a NIfTI volume is
+first written as a DICOM study). Such cases have a per-patient truth only: no slice is counted per image.
+
 Per-image truth: a slice is positive when its lesion mask covers more than ``min_px`` pixels (default
 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip) are left
 out of the per-image metrics.
@@ -12,8 +17,10 @@ out of the per-image metrics.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +107,115 @@ def discover(data: Path, min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
             slice_truth=slice_truth_from_manifest(manifest, min_px),
         ))
     if not cases:
-        raise EvalError(f"--data {data}: no study with a manifest.json (write one with --make-phantom N)")
+        raise EvalError(f"--data {data}: no study with a manifest.json (write the phantom set with --make-phantom N, "
+                        "or name your own studies and their labels with --labels FILE)")
+    return cases
+
+
+LABEL_WORDS = {"1": True, "0": False, "positive": True, "negative": False, "yes": True, "no": False,
+               "true": True, "false": False}
+"""How a labels file may write a study's truth (any case): 1 / positive / yes / true is COVID-19 pneumonia."""
+
+
+@dataclass(frozen=True)
+class StudyLabel:
+    """One row of a labels file: a study under the set's folder and its truth."""
+
+    study: str
+    """The row's ``study`` as written (the case's name in the report)."""
+    path: Path
+    label: bool
+    kind: str
+    """The row's ``kind``, or ``covid`` / ``non-covid`` from the label: the class of the report's
+    false-positive table."""
+
+
+def _delimiter(header: str) -> str:
+    """``,`` unless the header line is split by ``;`` or a tab instead (spreadsheets write either)."""
+    for sep in (",", ";", "\t"):
+        if sep in header:
+            return sep
+    return ","
+
+
+def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
+    """The rows of a labels file, their studies checked to exist under ``data``.
+
+    The file is CSV (a ``;`` or tab-separated export from a spreadsheet too; a UTF-8 byte-order mark is
+    skipped) with a header row naming ``study`` and ``label`` (any case; further columns are ignored) and
+    optionally ``kind``. ``study`` is a path under ``data``: a folder of one study's DICOM files (any
+    depth), one DICOM file, a zip, or a NIfTI volume (``.nii``, ``.nii.gz``) in Hounsfield units.
+    ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
+
+    Raises
+    ------
+    EvalError
+        The file cannot be read, lacks a column, or a row names no study, a study twice, a study that is
+        not there, or a label it does not know (its line number said).
+    """
+    try:
+        text = labels.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalError(f"--labels {labels}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from exc
+    lines = text.splitlines()
+    if not lines:
+        raise EvalError(f"--labels {labels}: the file is empty (expected a header row: study,label[,kind])")
+    reader = csv.reader(lines, delimiter=_delimiter(lines[0]))
+    header = [h.strip().lower() for h in next(reader)]
+    missing = [c for c in ("study", "label") if c not in header]
+    if missing:
+        raise EvalError(f"--labels {labels}: no {' or '.join(missing)} column in the header row "
+                        f"(found: {', '.join(h for h in header if h) or 'nothing'}; expected study,label[,kind])")
+    col: dict[str, int] = {name: header.index(name) for name in ("study", "label", "kind") if name in header}
+    rows: list[StudyLabel] = []
+    seen: dict[str, int] = {}
+    for number, cells in enumerate(reader, start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        value = {name: cells[i].strip() if i < len(cells) else "" for name, i in col.items()}
+        where = f"--labels {labels}, line {number}"
+        study, word, kind = value["study"], value["label"], value.get("kind", "")
+        if not study:
+            raise EvalError(f"{where}: no study named")
+        if word.lower() not in LABEL_WORDS:
+            raise EvalError(f"{where}: label {word!r} of {study!r} is not one of "
+                            f"{', '.join(LABEL_WORDS)}" if word else f"{where}: {study!r} has no label")
+        path = data / study
+        key = str(path.resolve())
+        if key in seen:
+            raise EvalError(f"{where}: {study!r} is named again (first on line {seen[key]})")
+        seen[key] = number
+        if not path.exists():
+            raise EvalError(f"{where}: {study!r} is not under --data {data} (no such file or folder)")
+        label = LABEL_WORDS[word.lower()]
+        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid")))
+    if not rows:
+        raise EvalError(f"--labels {labels}: no study listed under the header row")
+    return rows
+
+
+def is_nifti(path: Path) -> bool:
+    """A NIfTI volume by its name (``.nii`` or ``.nii.gz``)."""
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _safe_name(study: str) -> str:
+    """A folder name for a study's path: ``scans/a b.nii.gz`` -> ``scans__a_b.nii.gz``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", study.replace("/", "__").replace("\\", "__")).strip("._") or "study"
+
+
+def labelled_cases(rows: list[StudyLabel], work: Path) -> list[LabelledCase]:
+    """The cases of a labels file's rows, in its order; each NIfTI volume first written as a DICOM study under
+    ``work`` (kept there: a second run reuses it). Per-patient truth only (no slice counts per image)."""
+    cases = []
+    for row in rows:
+        path = row.path
+        if is_nifti(path):
+            folder = work / _safe_name(row.study)
+            _write_nifti_study(row.study, path, None, None, folder, label=row.label, kind=row.kind)
+            path = folder / "dicom"
+        cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
+                                  slice_truth=lambda result: {}))
     return cases
 
 
@@ -130,38 +245,70 @@ def write_nifti_set(root: Path, out: Path) -> int:
     on the 512 grid, positions along +z by the volume's slice spacing, label 1 when the lesion mask is
     not empty. Folders already written are kept. Returns the number of cases.
     """
-    import nibabel as nib
-
-    import phantom
-    from training.datasets import DataError, load_nifti_case, nifti_cases
+    from training.datasets import DataError, nifti_cases
 
     try:
         cases = nifti_cases(root)
     except DataError as exc:
         raise EvalError(str(exc)) from exc
     for case_id, volume, lesion, lung in cases:
-        folder = out / case_id
-        if (folder / "manifest.json").is_file():
-            continue
-        try:
-            v = load_nifti_case(case_id, volume, lesion, lung)
-        except DataError as exc:
-            raise EvalError(str(exc)) from exc
-        img = nib.as_closest_canonical(nib.load(str(volume)))
-        sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
-        label = int(v.lesion.any())
-        study = phantom.Study(
-            hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
-            finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
-            kind="covid" if label else "normal", label=label,
-            pixel_spacing=(sy * img.shape[1] / v.hu.shape[1], sx * img.shape[0] / v.hu.shape[2]),
-            slice_thickness=sz, slice_spacing=sz,
-            positions=np.array([[0.0, 0.0, k * sz] for k in range(len(v.hu))]),
-            seed=0, rescale_intercept=-1024, pixel_representation=1,
-        )
-        phantom.write_study(study, folder, salt=case_id, montage=False)
-        logger.info("wrote %s", folder)
+        _write_nifti_study(case_id, volume, lesion, lung, out / case_id)
     return len(cases)
+
+
+AIR_HU = -500.0
+"""A volume in Hounsfield units has air around and in the chest: its 1st percentile lies below this."""
+
+
+def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Path | None, folder: Path, *,
+                       label: bool | None = None, kind: str | None = None) -> None:
+    """Write one NIfTI volume (and its masks) as a DICOM study in the phantom layout under ``folder``, unless
+    it is there already. ``label``/``kind`` (a labels file's row) replace the lesion mask's, and the manifest
+    then holds no per-slice truth: the study is labelled as a whole.
+
+    Raises
+    ------
+    EvalError
+        The volume cannot be read, its masks do not fit it, or its values are not Hounsfield units.
+    """
+    import nibabel as nib
+
+    import phantom
+    from training.datasets import DataError, load_nifti_case
+
+    if (folder / "manifest.json").is_file():
+        return
+    try:
+        v = load_nifti_case(case_id, volume, lesion, lung)
+        img = nib.as_closest_canonical(nib.load(str(volume)))
+    except DataError as exc:
+        raise EvalError(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # nibabel's errors on a truncated or foreign file
+        raise EvalError(f"{case_id}: cannot read NIfTI: {exc}") from exc
+    low = float(np.percentile(v.hu, 1))
+    if low > AIR_HU:
+        raise EvalError(f"{case_id}: its values do not look like Hounsfield units (1st percentile {low:.0f}, no air "
+                        f"below {AIR_HU:.0f}); export the volume in HU (a windowed 0-255 image cannot be screened)")
+    sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
+    has_lesion = bool(v.lesion.any())
+    study = phantom.Study(
+        hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
+        finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
+        kind=kind or ("covid" if has_lesion else "normal"), label=int(has_lesion if label is None else label),
+        pixel_spacing=(sy * img.shape[1] / v.hu.shape[1], sx * img.shape[0] / v.hu.shape[2]),
+        slice_thickness=sz, slice_spacing=sz,
+        positions=np.array([[0.0, 0.0, k * sz] for k in range(len(v.hu))]),
+        seed=0, rescale_intercept=-1024, pixel_representation=1,
+    )
+    phantom.write_study(study, folder, salt=case_id, montage=False)
+    if label is not None:  # no per-slice truth: a later discover() of this folder must not count its slices
+        manifest_path = folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        for key in ("z_positions", "lesion_slices", "lesion_area_px"):
+            manifest.pop(key, None)
+        manifest["slice_truth"] = "none: labelled per study by a labels file"
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    logger.info("wrote %s", folder)
 
 
 def looks_like_nifti_set(data: Path) -> bool:

@@ -180,3 +180,106 @@ def test_cases_run_concurrently_keep_their_order_and_a_crash_is_a_row():
     assert rows[2].result is None and rows[2].error == "ConnectionError: gateway went away"
     assert all(r.result is not None for i, r in enumerate(rows) if i != 2)
     assert len(seen) > 1
+
+
+# --- a centre's own studies, labelled per study by a labels file (--labels) --------------------------------
+
+
+def _centre_export(phantom_set: Path, root: Path) -> Path:
+    """The phantom set as a centre would export it: no manifest, the COVID study's files in a nested folder,
+    the normal study's in a zip; and a labels file as a spreadsheet writes it (BOM, ``;``, capitals, an extra
+    column, a blank line)."""
+    import shutil
+    import zipfile
+
+    covid, normal = sorted(p for p in phantom_set.iterdir() if (p / "manifest.json").is_file())
+    data = root / "export"
+    shutil.copytree(covid / "dicom", data / "P0001" / "CT" / "series 2")
+    with zipfile.ZipFile(data / "P0002.zip", "w") as z:
+        for f in sorted((normal / "dicom").iterdir()):
+            z.write(f, f"IMG/{f.name}")
+    (data / "labels.csv").write_text("\ufeffStudy;LABEL;Kind;Comment\nP0001;positive;covid;ward 3\n\n"
+                                     "P0002.zip;0;;\n", encoding="utf-8")
+    return data
+
+
+def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, reference, tmp_path):
+    data = _centre_export(phantom_set, tmp_path)
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "r"), "-q"])
+    assert code == (0 if report["goal"]["met"] else 1)
+    assert [(r["case_id"], r["kind"], r["label"]) for r in rows] == [("P0001", "covid", 1), ("P0002.zip", "non-covid", 0)]
+    # the same studies screened as with their manifests: the same verdicts, the same boxes
+    for mine, ref in zip(rows, reference[2], strict=True):
+        assert mine["result"]["verdict"] == ref["result"]["verdict"]
+        assert [[b["grid"] for b in s["boxes"]] for s in mine["result"]["slices"]] == [
+            [b["grid"] for b in s["boxes"]] for s in ref["result"]["slices"]]
+    # labelled per study: nothing counts per image, and the report says why
+    assert all(r["slice_truth"] == {} for r in rows) and report["per_image"]["n"] == 0
+    assert report["per_patient"]["n"] == 2
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "- **labels**: " in md and "no per-image truth" in md
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("name,label\nP0001,1\n", "no study column in the header row (found: name, label"),
+    ("study,label\nP0001,maybe\n", "line 2: label 'maybe' of 'P0001' is not one of 1, 0, positive"),
+    ("study,label\nP0001,\n", "line 2: 'P0001' has no label"),
+    ("study,label\nP0001,1\nP0009,0\n", "line 3: 'P0009' is not under --data"),
+    ("study,label\nP0001,1\n./P0001/,0\n", "line 3: './P0001/' is named again (first on line 2)"),
+    ("", "the file is empty"),
+    ("study,label\n\n", "no study listed under the header row"),
+])
+def test_a_labels_file_it_cannot_use_is_a_one_line_error_naming_the_line(tmp_path, capsys, content, message):
+    (tmp_path / "P0001").mkdir()
+    (tmp_path / "labels.csv").write_text(content)
+    code = eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                      "--out", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_labels_and_make_phantom_do_not_go_together(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("study,label\n")
+    assert eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--make-phantom", "2",
+                      "--in-process"]) == 2
+    assert "give one or the other" in capsys.readouterr().err
+
+
+def test_a_nifti_volume_labelled_per_study_is_written_as_dicom_and_counted_per_patient(tmp_path, capsys):
+    import nibabel as nib
+
+    data = tmp_path / "vols"
+    data.mkdir()
+    hu = np.full((64, 64, 6), -1000, np.int16)
+    hu[8:56, 8:56] = 40
+    hu[12:30, 12:52] = -850
+    hu[34:52, 12:52] = -850
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), data / "case 1.nii.gz")
+    # a lung-windowed export (0-255): not Hounsfield units, refused before anything is screened
+    nib.save(nib.Nifti1Image(((hu + 1000) // 8).clip(0, 255).astype(np.uint8), affine), data / "windowed.nii")
+    (data / "labels.csv").write_text("study,label\ncase 1.nii.gz,no\n")
+    work = tmp_path / "work"
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--work", str(work), "--out", str(tmp_path / "r"), "-q"])
+    assert code == (0 if report["goal"]["met"] else 1)
+    assert [(r["case_id"], r["kind"], r["label"]) for r in rows] == [("case 1.nii.gz", "non-covid", 0)]
+    assert len(rows[0]["result"]["slices"]) == 6 and rows[0]["slice_truth"] == {}
+    manifest = json.loads((work / "vols" / "case_1.nii.gz" / "manifest.json").read_text())
+    assert manifest["label"] == 0 and "z_positions" not in manifest  # no per-slice truth for a later run either
+    (data / "labels.csv").write_text("study,label\ncase 1.nii.gz,0\nwindowed.nii,0\n")
+    assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                      "--work", str(work), "--out", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "windowed.nii: its values do not look like Hounsfield units" in err
+
+
+@pytest.mark.triton
+def test_a_labels_file_through_the_serving_path_agrees_with_the_reference(phantom_set, reference, triton, tmp_path):
+    data = _centre_export(phantom_set, tmp_path)
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"),
+                               "--triton-url", triton.grpc_url, "--out", str(tmp_path / "served"), "-q"])
+    assert report["n_failed"] == 0 and report["meta"]["serving_path"].startswith("embedded stack")
+    assert [r["result"]["verdict"] for r in rows] == [r["result"]["verdict"] for r in reference[2]]
+    assert [r["case_id"] for r in rows] == ["P0001", "P0002.zip"]

@@ -287,14 +287,15 @@ def _to_grid(vol: np.ndarray, order: int) -> np.ndarray:
 
 
 def load_nifti_case(
-    case_id: str, volume: Path, lesion: Path, lung: Path | None = None
+    case_id: str, volume: Path, lesion: Path | None, lung: Path | None = None
 ) -> Volume:
-    """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, masks > 0)."""
+    """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, masks > 0; no ``lesion`` file: an
+    empty lesion mask, for a volume labelled per study only)."""
     import nibabel as nib
 
     try:
         hu = _axial_slices(nib.load(str(volume))).astype(np.float32)
-        les = _axial_slices(nib.load(str(lesion))) > 0
+        les = _axial_slices(nib.load(str(lesion))) > 0 if lesion is not None else np.zeros(hu.shape, bool)
         lng = _axial_slices(nib.load(str(lung))) > 0 if lung is not None else None
     except (OSError, nib.filebasedimages.ImageFileError) as exc:
         raise DataError(f"{case_id}: cannot read NIfTI: {exc}") from exc
@@ -314,7 +315,7 @@ def load_nifti_case(
         valid_boxes=boxes,
         finding=[""] * len(hu),
         kind="covid" if les.any() else "unknown",
-        meta={"volume": str(volume), "lesion": str(lesion), "lung": str(lung) if lung else None},
+        meta={"volume": str(volume), "lesion": str(lesion) if lesion else None, "lung": str(lung) if lung else None},
     )
 
 
