@@ -723,6 +723,10 @@ def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(
     failed = page.locator("table.failed-deliveries tr[data-destination=pacs-web]")
     sync_api.expect(failed.first).to_be_visible(timeout=30_000)
     assert {covid, normal} <= {a.get_attribute("href").rsplit("/", 1)[1] for a in failed.locator("a").all()}
+    # each row's link says which study it opens (a screen reader's list of links read "open, open")
+    names = [page.get_by_role("link", name=f"Open the study of job {job[:8]}, not delivered to pacs-web")
+             for job in (covid, normal)]
+    assert all(n.count() >= 1 for n in names) and all(n.first.inner_text() == "open" for n in names)
 
 
 def test_without_javascript_the_page_says_it_needs_it_where_its_content_goes(stack, browser):

@@ -2,7 +2,7 @@
 // ran out of tries, for the service view. A reader sees whether the PACS holds the SR before she looks for it.
 
 import { api, ApiError, getJson } from "./api.js";
-import { announce, fmtDate, h } from "./dom.js";
+import { announce, fmtDate, h, studyLink } from "./dom.js";
 
 const REFRESH_MS = 2000;
 const LONGEST_WAIT_MS = 30000;
@@ -160,5 +160,5 @@ export async function failedDeliveries(limit = 20) {
     h("thead", {}, h("tr", {}, ["Changed", "Destination", "Error", "Study"].map((t) => h("th", { scope: "col" }, t)))),
     h("tbody", {}, list.map((d) => h("tr", { dataset: { destination: d.destination } },
       h("td", { class: "when" }, fmtDate(d.updated_at)), h("td", {}, d.destination), h("td", {}, d.error || "—"),
-      h("td", {}, h("a", { href: `#/study/${d.job_id}` }, "open"))))));
+      h("td", {}, studyLink(d.job_id, `not delivered to ${d.destination}, ${fmtDate(d.updated_at)}`))))));
 }

@@ -29,6 +29,13 @@ export function s(tag, attrs = {}, ...children) {
   return el;
 }
 
+/** An "open" link to a study's view whose accessible name says which row it is (a screen reader's list of links
+ * read "open, open, open"): "Open the study of job 1a2b3c4d, WHAT". */
+export function studyLink(jobId, what) {
+  return h("a", { href: `#/study/${jobId}`, "aria-label": `Open the study of job ${String(jobId).slice(0, 8)}, ${what}` },
+    "open");
+}
+
 export function announce(text) {
   const region = document.getElementById("announce");
   if (region) region.textContent = text;

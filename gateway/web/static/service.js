@@ -3,7 +3,7 @@
 
 import { getJson } from "./api.js";
 import { failedDeliveries } from "./deliveries.js";
-import { fmtDate, fmtSeconds, h } from "./dom.js";
+import { fmtDate, fmtSeconds, h, studyLink } from "./dom.js";
 
 const REFRESH_MS = 2000;
 
@@ -45,10 +45,10 @@ export function serviceView(main) {
         h("section", { "aria-labelledby": "h-failures" },
           h("h2", { id: "h-failures" }, "Recent failures"),
           d.failures.length ? h("table", { class: "failures" },
-            h("thead", {}, h("tr", {}, ["Finished", "Reason", "Message", ""].map((t) => h("th", { scope: "col" }, t)))),
+            h("thead", {}, h("tr", {}, ["Finished", "Reason", "Message", "Study"].map((t) => h("th", { scope: "col" }, t)))),
             h("tbody", {}, d.failures.map((f) => h("tr", {},
               h("td", {}, fmtDate(f.finished_at)), h("td", {}, h("code", {}, f.reason)), h("td", {}, f.message),
-              h("td", {}, h("a", { href: `#/study/${f.job_id}` }, "open"))))))
+              h("td", {}, studyLink(f.job_id, `${f.reason}, ${fmtDate(f.finished_at)}`))))))
             : h("p", {}, "None.")),
         h("section", { "aria-labelledby": "h-undelivered" },
           h("h2", { id: "h-undelivered" }, "Undelivered results"),
