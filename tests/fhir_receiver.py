@@ -3,6 +3,10 @@ Bundle with ``fhir.resources`` and keeps one resource per identifier, as a FHIR 
 interactions do: ``POST`` with ``ifNoneExist`` creates only what is missing, a conditional ``PUT
 Type?identifier=...`` creates or replaces (FHIR R4 3.1.0.4.3 and 3.1.0.5.4). As a server's transaction does, it
 refuses a bundle whose ``urn:uuid:`` references name no entry of it (R4 3.1.0.11.2).
+
+With ``patients`` (a set of ``system|value``) it resolves the bundle's conditional references to patients
+(``Patient?identifier=system|value``) as a RIS does: a patient it does not know yet fails the transaction with
+404 and an OperationOutcome ``not-found`` (what HAPI FHIR answers), until the patient is added.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from ctscreen.embedded import free_port
 class FhirReceiver:
     """A FHIR R4 endpoint at ``url``; ``resources`` maps ``Type?identifier=system|value`` to the resource held."""
 
-    def __init__(self) -> None:
+    def __init__(self, patients: set[str] | None = None) -> None:
         self.bundles: list[dict] = []
         self.errors: list[str] = []
+        self.patients = patients
+        """Patients known (``system|value``), or None: conditional references to patients are not resolved."""
+        self.unresolved: list[str] = []
+        """Conditional patient references a transaction was refused for."""
         self.resources: dict[str, dict] = {}
         self.lock = threading.Lock()
         receiver = self
@@ -38,6 +46,17 @@ class FhirReceiver:
                     data = json.loads(body)
                     Bundle.parse_obj(data)
                     assert data["type"] == "transaction"
+                    unknown = receiver.unknown_patients(data)
+                    if unknown:
+                        receiver.unresolved += unknown
+                        outcome = {"resourceType": "OperationOutcome", "issue": [
+                            {"severity": "error", "code": "not-found",
+                             "diagnostics": f"Invalid match URL \"Patient?identifier={unknown[0]}\" - No resources match this search"}]}
+                        self.send_response(404)
+                        self.send_header("Content-Type", "application/fhir+json")
+                        self.end_headers()
+                        self.wfile.write(json.dumps(outcome).encode())
+                        return
                     statuses = receiver.apply(data)
                 except Exception as exc:  # noqa: BLE001 - answered 400 and recorded
                     receiver.errors.append(f"{type(exc).__name__}: {exc}")
@@ -55,6 +74,14 @@ class FhirReceiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def unknown_patients(self, bundle: dict) -> list[str]:
+        """The ``system|value`` of the bundle's conditional patient references this RIS does not know."""
+        if self.patients is None:
+            return []
+        refs = re.findall(r'"reference": "Patient\?identifier=([^"]+)"', json.dumps(bundle))
+        with self.lock:
+            return sorted({r for r in refs if r not in self.patients})
 
     def apply(self, bundle: dict) -> list[str]:
         """Carry out a transaction's entries (all or nothing: the keys and references are checked first)."""

@@ -1022,8 +1022,70 @@ def test_a_fhir_refusal_says_its_issue_codes_and_never_their_diagnostics():
 
     with pytest.raises(SendError) as exc:
         asyncio.run(send())
-    assert str(exc.value) == "http://ris/fhir answered HTTP 422 (OperationOutcome: error not-found)"
-    assert exc.value.permanent and "P-12345" not in str(exc.value)
+    assert str(exc.value).startswith("http://ris/fhir answered HTTP 422 (OperationOutcome: error not-found)")
+    assert "P-12345" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("status", "outcome", "permanent"), [
+    (404, {"severity": "error", "code": "not-found"}, False),  # HAPI: the conditional reference matches nothing
+    (422, {"severity": "error", "code": "not-found"}, False),
+    (412, None, False),  # a conditional match the server could not make (yet)
+    (404, None, True),  # no FHIR answer: a wrong URL
+    (400, {"severity": "error", "code": "structure"}, True),  # a bundle it cannot take: trying again cannot help
+    (403, {"severity": "error", "code": "forbidden"}, True),
+])
+def test_a_ris_that_does_not_know_the_patient_or_order_yet_is_tried_again(status, outcome, permanent):
+    """Images often reach screening before the RIS holds the order or the patient's registration; a RIS that
+    could not resolve the report's conditional references failed the delivery at once, for an operator to send
+    again by hand. It is tried again with the other failures' back-off; a refusal of the bundle itself stays
+    permanent. Scripted answers (httpx.MockTransport); the delivery through a RIS that learns the patient later
+    is the test below."""
+    import httpx
+
+    from gateway.delivery.config import FhirDestination
+    from gateway.delivery.senders import SendError, send_fhir
+
+    body = {"resourceType": "OperationOutcome", "issue": [outcome]} if outcome else None
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(status, json=body) if body else httpx.Response(status, text="no"))
+    dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_fhir(dest, [("job", "", b"{}")], client)
+
+    with pytest.raises(SendError) as exc:
+        asyncio.run(send())
+    assert exc.value.permanent is permanent, str(exc.value)
+    assert str(exc.value).startswith(f"http://ris/fhir answered HTTP {status}")
+    assert ("tried again later" in str(exc.value)) is not permanent
+
+
+def test_a_report_for_a_patient_the_ris_registers_later_is_delivered_once_it_does(study_files, tmp_path):
+    """The RIS resolves the report's conditional patient reference (a FHIR receiver of ours that answers 404
+    not-found, as HAPI FHIR does, until it knows the patient): the delivery waits in back-off, then lands."""
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
+        ris = FhirReceiver(patients=set())
+        deliverer = Deliverer(store, blobs, parse_destinations([{"name": "ris", "kind": "fhir", "url": ris.url,
+                                                                 "patient_id_system": "urn:oid:1.2.3"}]),
+                              settings, CollectorRegistry())
+        try:
+            (task,) = await until_states(deliverer, result.job_id, {"pending"}, at_least_attempts=2)
+            assert "404 (OperationOutcome: error not-found)" in (task.error or "") and not ris.bundles
+            assert ris.unresolved and ris.unresolved[0].startswith("urn:oid:1.2.3|")
+            ris.patients.update(ris.unresolved)  # the registration arrives
+            (task,) = await until_states(deliverer, result.job_id, {"done", "failed"})
+            assert task.state == "done", task.error
+            assert [r["subject"]["reference"] for r in ris.of_type("DiagnosticReport")] == [
+                f"Patient?identifier={ris.unresolved[0]}"]
+        finally:
+            await deliverer.stop()
+            ris.close()
+            await store.close()
+
+    asyncio.run(scenario())
 
 
 def _key_object(title: tuple[str, str, str]) -> tuple[str, str, bytes]:

@@ -2,8 +2,10 @@
 
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
-other than 408/429, a refused association). Blocking (pynetdicom) or async (httpx); messages never hold
-a header value or patient data.
+other than 408/429, a refused association). A FHIR server's refusal of a reference it cannot resolve yet
+(412, or an OperationOutcome ``not-found``: the RIS has no such patient or order yet, as when the images
+reach screening before the order or the registration does) is tried again with the others' back-off.
+Blocking (pynetdicom) or async (httpx); messages never hold a header value or patient data.
 """
 
 from __future__ import annotations
@@ -117,18 +119,34 @@ def outcome_codes(response: httpx.Response) -> str:
     """The issue codes (severity and code: FHIR's fixed vocabulary) of a FHIR OperationOutcome answer, as
     ``" (OperationOutcome: error not-found)"``; "" for any other answer. Never its diagnostics or expressions,
     which may quote the identifiers it could not resolve (a patient's ID)."""
+    codes = [" ".join(w for w in issue if w) for issue in _issues(response)]
+    return f" (OperationOutcome: {', '.join(c for c in codes if c)})" if any(codes) else ""
+
+
+def _issues(response: httpx.Response) -> list[tuple[str, str]]:
+    """``(severity, code)`` of a FHIR OperationOutcome answer's first five issues ("" where not a plain word)."""
     try:
         body = response.json()
     except ValueError:
-        return ""
+        return []
     if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return ""
-    codes = []
+        return []
+    out = []
     for issue in body.get("issue", [])[:5]:
         if isinstance(issue, dict):
-            words = [str(issue.get(k, "")) for k in ("severity", "code")]
-            codes.append(" ".join(w for w in words if re.fullmatch(r"[a-z-]{1,32}", w)))
-    return f" (OperationOutcome: {', '.join(c for c in codes if c)})" if any(codes) else ""
+            severity, code = (str(issue.get(k, "")) for k in ("severity", "code"))
+            out.append((_word(severity), _word(code)))
+    return out
+
+
+def _word(text: str) -> str:
+    """``text`` if it is one of FHIR's code words (lower-case letters and hyphens), else "": never free text."""
+    return text if re.fullmatch(r"[a-z-]{1,32}", text) else ""
+
+
+def _issue_codes(response: httpx.Response) -> set[str]:
+    """The issue codes of a FHIR OperationOutcome answer (empty for any other answer)."""
+    return {code for _, code in _issues(response) if code}
 
 
 async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient,
@@ -182,7 +200,12 @@ async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.
         except httpx.HTTPError as exc:
             raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}", sent=sent) from None
         if not 200 <= response.status_code < 300:
-            raise _http_error(dest.where, response, sent)
+            error = _http_error(dest.where, response, sent)
+            if error.permanent and (response.status_code == 412 or "not-found" in _issue_codes(response)):
+                # the conditional references to the patient and the order: a RIS that does not know them yet
+                # (registration or order still on its way) may know them at the next try
+                error = SendError(f"{error}; a patient or order it does not know yet? tried again later", sent=sent)
+            raise error
         sent.append(ident)
     return sent
 
