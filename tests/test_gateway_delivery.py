@@ -16,6 +16,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -1001,27 +1002,34 @@ def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_an
     assert not exc.value.permanent and exc.value.sent == uids[:2]
 
 
+def _fhir_refusal(answer: Any) -> Any:
+    """The SendError of one bundle sent to a FHIR destination that answers ``answer`` (an ``httpx.Response``)."""
+    import httpx
+
+    from gateway.delivery.config import FhirDestination
+    from gateway.delivery.senders import SendError, send_fhir
+
+    dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
+
+    async def send():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: answer)) as client:
+            return await send_fhir(dest, [("job", "", b"{}")], client)
+
+    with pytest.raises(SendError) as exc:
+        asyncio.run(send())
+    return exc
+
+
 def test_a_fhir_refusal_says_its_issue_codes_and_never_their_diagnostics():
     """A RIS's 4xx came back as "answered HTTP 422" alone: the operator could not tell a missing Patient from a
     malformed bundle. Its OperationOutcome's codes are kept; its diagnostics, which quote the identifier it
     could not resolve, are not. Scripted answer (httpx.MockTransport)."""
     import httpx
 
-    from gateway.delivery.config import FhirDestination
-    from gateway.delivery.senders import SendError, send_fhir
-
     outcome = {"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "not-found", "diagnostics": "No Patient matches identifier urn:oid:2.999.1|P-12345",
          "expression": ["Bundle.entry[0].resource.subject"]}]}
-    transport = httpx.MockTransport(lambda request: httpx.Response(422, json=outcome))
-    dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
-
-    async def send():
-        async with httpx.AsyncClient(transport=transport) as client:
-            return await send_fhir(dest, [("job", "", b"{}")], client)
-
-    with pytest.raises(SendError) as exc:
-        asyncio.run(send())
+    exc = _fhir_refusal(httpx.Response(422, json=outcome))
     assert str(exc.value).startswith("http://ris/fhir answered HTTP 422 (OperationOutcome: error not-found)")
     assert "P-12345" not in str(exc.value)
 
@@ -1042,20 +1050,8 @@ def test_a_ris_that_does_not_know_the_patient_or_order_yet_is_tried_again(status
     is the test below."""
     import httpx
 
-    from gateway.delivery.config import FhirDestination
-    from gateway.delivery.senders import SendError, send_fhir
-
     body = {"resourceType": "OperationOutcome", "issue": [outcome]} if outcome else None
-    transport = httpx.MockTransport(
-        lambda request: httpx.Response(status, json=body) if body else httpx.Response(status, text="no"))
-    dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
-
-    async def send():
-        async with httpx.AsyncClient(transport=transport) as client:
-            return await send_fhir(dest, [("job", "", b"{}")], client)
-
-    with pytest.raises(SendError) as exc:
-        asyncio.run(send())
+    exc = _fhir_refusal(httpx.Response(status, json=body) if body else httpx.Response(status, text="no"))
     assert exc.value.permanent is permanent, str(exc.value)
     assert str(exc.value).startswith(f"http://ris/fhir answered HTTP {status}")
     assert ("tried again later" in str(exc.value)) is not permanent
