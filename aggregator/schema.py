@@ -165,7 +165,7 @@ class SliceFinding(_Model):
     index: int = Field(ge=0, description="0-based index in position order (not file order); text for a reader "
                                          "(the message, the web page) numbers slices from 1")
     sop_instance_uid: str
-    position_mm: float = Field(description="position along the slice normal, mm")
+    position_mm: float = Field(description="position along the slice normal turned toward the head (the patient z of an axial slice, as a PACS shows its location), mm")
     valid_area: Box | None = Field(default=None, description="valid-area box on the 512 grid; None when empty")
     valid_area_original: Box | None = None
     boxes: list[LesionBox] = Field(default_factory=list)
