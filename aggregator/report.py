@@ -35,7 +35,7 @@ from aggregator.metrics import (
 )
 from aggregator.schema import SCHEMA_VERSION, CaseResult
 
-__all__ = ["DEFAULT_CUTOFFS", "DEFAULT_VARIANTS", "EvalCase", "Goal", "build_report", "render_markdown"]
+__all__ = ["DEFAULT_CUTOFFS", "DEFAULT_VARIANTS", "EvalCase", "Goal", "build_report", "goal_words", "render_markdown"]
 
 DEFAULT_CUTOFFS: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 """Cutoffs of the curves: the paper's 0.50 up to 0.95 (Triton already cut at 0.50)."""
@@ -202,11 +202,7 @@ def build_report(
         "per_patient": patient.as_dict(),
         "per_image": image.as_dict(),
         "table3": table3({"per image": image, "per patient": patient}),
-        "goal": {
-            "sensitivity": goal.sensitivity,
-            "specificity": goal.specificity,
-            "met": sens is not None and spec is not None and sens >= goal.sensitivity and spec >= goal.specificity,
-        },
+        "goal": _goal(goal, sens, spec),
         "rule": rule.params().model_dump(),
         "rules_differ": len(rules) > 1,
         "models": [m.model_dump() for m in results[0].models] if results else [],
@@ -229,6 +225,31 @@ def build_report(
         },
         "cases": [_case_row(c) for c in cases],
     }
+
+
+def _goal(goal: Goal, sens: float | None, spec: float | None) -> dict[str, Any]:
+    """The per-patient goal judged on what the set measures: a set of one class (a centre's lesion-free scans)
+    measures one of the two, and is judged on it (``measured`` says which); none measured is not met."""
+    measured = [name for name, value in (("sensitivity", sens), ("specificity", spec)) if value is not None]
+    met = bool(measured) and (sens is None or sens >= goal.sensitivity) and (spec is None or spec >= goal.specificity)
+    return {"sensitivity": goal.sensitivity, "specificity": goal.specificity, "measured": measured, "met": met}
+
+
+def goal_words(goal: Mapping[str, Any]) -> str:
+    """``goal met`` / ``goal NOT met``, saying which measure was not measured when only one was.
+
+    >>> goal_words({"met": True, "measured": ["specificity"]})
+    'goal met on specificity; sensitivity not measured: no COVID-19 study'
+    >>> goal_words({"met": False, "measured": ["sensitivity", "specificity"]})
+    'goal NOT met'
+    """
+    words = "goal met" if goal["met"] else "goal NOT met"
+    measured = goal.get("measured", ["sensitivity", "specificity"])
+    if measured == ["specificity"]:
+        return f"{words} on specificity; sensitivity not measured: no COVID-19 study"
+    if measured == ["sensitivity"]:
+        return f"{words} on sensitivity; specificity not measured: no study without COVID-19"
+    return words if measured else f"{words}: nothing measured"
 
 
 def _variant(name: str, overrides: Mapping[str, Any], cases: Sequence[EvalCase], truth: list[bool],
@@ -263,6 +284,12 @@ def _case_row(c: EvalCase) -> dict[str, Any]:
     }
 
 
+def _cell(text: str, limit: int = 160) -> str:
+    """``text`` fit for one Markdown table cell: one line, no ``|``, at most ``limit`` characters."""
+    flat = " ".join(str(text).split()).replace("|", "/")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -290,7 +317,8 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     lines += [
         f"- **cases**: {report['n_cases']} ({kinds}); slices: {report['n_slices']}; failed: {report['n_failed']}",
         f"- **indeterminate counted as**: {report['indeterminate_as']} "
-        f"({report['per_patient']['indeterminate']} indeterminate cases)",
+        f"({report['per_patient']['indeterminate']} indeterminate cases"
+        + (f", {report['n_failed']} of them failed: no verdict, the error in the cases below)" if report["n_failed"] else ")"),
         "",
         "## Table 3",
         "",
@@ -307,7 +335,7 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     lines += [
         "",
         f"**Per-patient goal** (sensitivity >= {g['sensitivity']:.2f}, specificity >= {g['specificity']:.2f}): "
-        f"{'met' if g['met'] else 'NOT met'} (sensitivity {_pct(pp['sensitivity']['value'])}%, "
+        f"{goal_words(g).removeprefix('goal ')} (sensitivity {_pct(pp['sensitivity']['value'])}%, "
         f"specificity {_pct(pp['specificity']['value'])}%).",
         "",
         "## Case rule",
@@ -358,6 +386,7 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     for c in report["cases"]:
         mark = "" if c["correct"] else " **x**"
         secs = "" if c["seconds"] is None else f"{c['seconds']:.2f}"
-        lines.append(f"| {c['case_id']} | {c['kind']} | {c['label']} | {c['verdict']}{mark} | {c['reason']} | "
+        reason = c["reason"] if c["verdict"] != "failed" else _cell(c.get("error") or "failed")
+        lines.append(f"| {c['case_id']} | {c['kind']} | {c['label']} | {c['verdict']}{mark} | {reason} | "
                      f"{c['n_slices']} | {c['run']} | {secs} |")
     return "\n".join(lines) + "\n"

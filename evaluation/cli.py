@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aggregator.report import DEFAULT_CUTOFFS
+from aggregator.report import DEFAULT_CUTOFFS, goal_words
 from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
 from ctscreen.machine import machine_info
@@ -221,7 +221,9 @@ def eval_main(argv: list[str]) -> int:
         if args.labels is not None:
             if not data.is_dir():
                 raise EvalError(f"--data {data}: not a directory")
-            cases = labelled_cases(read_labels(args.labels, data), args.work / data.resolve().name)
+            rows = read_labels(args.labels, data)
+            cases = labelled_cases(rows[: args.limit] if args.limit else rows, args.work / data.resolve().name,
+                                   quiet=args.quiet)
         else:
             if looks_like_nifti_set(data):
                 data = args.work / data.resolve().name
@@ -259,6 +261,8 @@ def eval_main(argv: list[str]) -> int:
     pp = report["per_patient"]["metrics"]
     sens, spec = pp["sensitivity"]["value"], pp["specificity"]["value"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"per patient: sensitivity {fmt(sens)}, specificity {fmt(spec)} "
-          f"(goal {'met' if report['goal']['met'] else 'NOT met'}); report in {args.out / 'report.md'}")
+    failed = (f"; {report['n_failed']} of {report['n_cases']} studies failed, counted as {args.indeterminate_as} "
+              "(see the report's cases)" if report["n_failed"] else "")
+    print(f"per patient: sensitivity {fmt(sens)}, specificity {fmt(spec)} ({goal_words(report['goal'])}){failed}; "
+          f"report in {args.out / 'report.md'}")
     return 0 if report["goal"]["met"] else 1

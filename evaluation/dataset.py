@@ -18,9 +18,14 @@ out of the per-image metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
 import re
+import shutil
+import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,38 +135,60 @@ class StudyLabel:
     false-positive table."""
 
 
-def _delimiter(header: str) -> str:
-    """``,`` unless the header line is split by ``;`` or a tab instead (spreadsheets write either)."""
+def _labels_text(labels: Path) -> str:
+    """The labels file's text: UTF-8 (a byte-order mark skipped), UTF-16 with its mark (a spreadsheet's
+    "Unicode text"), else Windows-1252 (a spreadsheet's plain "CSV" on Windows)."""
+    try:
+        raw = labels.read_bytes()
+    except OSError as exc:
+        raise EvalError(f"--labels {labels}: cannot read it ({exc.strerror or exc})") from exc
+    if raw.startswith(b"PK\x03\x04"):
+        raise EvalError(f"--labels {labels}: a workbook (.xlsx), not CSV: save it as CSV UTF-8")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _header(lines: list[str]) -> tuple[str, int]:
+    """The delimiter and the header's line index: Excel's ``sep=;`` first line names it; else the one of
+    ``,`` ``;`` tab that splits the header into a ``study`` and a ``label`` column (``,`` when none does)."""
+    first = lines[0].strip().lower()
+    if first.startswith("sep=") and len(first) == 5:
+        return lines[0].strip()[4], 1
     for sep in (",", ";", "\t"):
-        if sep in header:
-            return sep
-    return ","
+        cells = [c.strip().strip('"').lower() for c in lines[0].split(sep)]
+        if "study" in cells and "label" in cells:
+            return sep, 0
+    return ",", 0
 
 
 def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     """The rows of a labels file, their studies checked to exist under ``data``.
 
-    The file is CSV (a ``;`` or tab-separated export from a spreadsheet too; a UTF-8 byte-order mark is
-    skipped) with a header row naming ``study`` and ``label`` (any case; further columns are ignored) and
-    optionally ``kind``. ``study`` is a path under ``data``: a folder of one study's DICOM files (any
-    depth), one DICOM file, a zip, or a NIfTI volume (``.nii``, ``.nii.gz``) in Hounsfield units.
-    ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
+    The file is CSV as spreadsheets write it (``,`` ``;`` or tab; Excel's ``sep=`` line; UTF-8 with or without
+    a byte-order mark, UTF-16, Windows-1252) with a header row naming ``study`` and ``label`` (any case;
+    further columns are ignored) and optionally ``kind``. ``study`` is a path under ``data`` (``/`` or ``\\``):
+    a folder of one study's DICOM files (any depth), one DICOM file, a zip, or a NIfTI volume (``.nii``,
+    ``.nii.gz``) in Hounsfield units. ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
 
     Raises
     ------
     EvalError
         The file cannot be read, lacks a column, or a row names no study, a study twice, a study that is
-        not there, or a label it does not know (its line number said).
+        not there or an empty folder, a label it does not know, or a kind that contradicts the label (the
+        line number said).
     """
-    try:
-        text = labels.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalError(f"--labels {labels}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from exc
+    text = _labels_text(labels)
     lines = text.splitlines()
-    if not lines:
+    if not any(line.strip() for line in lines):
         raise EvalError(f"--labels {labels}: the file is empty (expected a header row: study,label[,kind])")
-    reader = csv.reader(lines, delimiter=_delimiter(lines[0]))
-    header = [h.strip().lower() for h in next(reader)]
+    sep, skip = _header(lines)
+    source = io.StringIO("\n".join(lines[skip:]) + "\n")
+    reader = csv.reader(source, delimiter=sep)
+    header = [h.strip().lower() for h in next(reader, [])]
     missing = [c for c in ("study", "label") if c not in header]
     if missing:
         raise EvalError(f"--labels {labels}: no {' or '.join(missing)} column in the header row "
@@ -169,7 +196,9 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     col: dict[str, int] = {name: header.index(name) for name in ("study", "label", "kind") if name in header}
     rows: list[StudyLabel] = []
     seen: dict[str, int] = {}
-    for number, cells in enumerate(reader, start=2):
+    end = reader.line_num
+    for cells in reader:
+        number, end = end + 1 + skip, reader.line_num  # the record's first line in the file (a quoted cell may span lines)
         if not any(c.strip() for c in cells):
             continue
         value = {name: cells[i].strip() if i < len(cells) else "" for name, i in col.items()}
@@ -180,18 +209,27 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
         if word.lower() not in LABEL_WORDS:
             raise EvalError(f"{where}: label {word!r} of {study!r} is not one of "
                             f"{', '.join(LABEL_WORDS)}" if word else f"{where}: {study!r} has no label")
-        path = data / study
+        label = LABEL_WORDS[word.lower()]
+        if kind.lower() in (_CONTRADICTS[label]):
+            raise EvalError(f"{where}: kind {kind!r} of {study!r} contradicts its label {word!r}")
+        path = data / study.replace("\\", "/")
         key = str(path.resolve())
         if key in seen:
             raise EvalError(f"{where}: {study!r} is named again (first on line {seen[key]})")
         seen[key] = number
         if not path.exists():
-            raise EvalError(f"{where}: {study!r} is not under --data {data} (no such file or folder)")
-        label = LABEL_WORDS[word.lower()]
+            where_not = "no such file or folder" if Path(study).is_absolute() else f"not under --data {data}"
+            raise EvalError(f"{where}: {study!r}: {where_not}")
+        if path.is_dir() and not any(f.is_file() for f in path.rglob("*")):
+            raise EvalError(f"{where}: {study!r} is an empty folder")
         rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid")))
     if not rows:
         raise EvalError(f"--labels {labels}: no study listed under the header row")
     return rows
+
+
+_CONTRADICTS = {True: ("non-covid", "normal", "negative"), False: ("covid", "covid-19", "positive")}
+"""Kinds that say the opposite of a label (a typo in one of the two columns)."""
 
 
 def is_nifti(path: Path) -> bool:
@@ -199,19 +237,27 @@ def is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def _safe_name(study: str) -> str:
-    """A folder name for a study's path: ``scans/a b.nii.gz`` -> ``scans__a_b.nii.gz``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", study.replace("/", "__").replace("\\", "__")).strip("._") or "study"
+def _work_folder(work: Path, study: str) -> Path:
+    """A folder of its own under ``work`` for a study's path: a readable name and a digest of the path, so
+    ``scans/a b.nii.gz`` and ``scans/a_b.nii.gz`` never share one (``scans__a_b.nii.gz-1f2e3d4c``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", study.replace("/", "__").replace("\\", "__")).strip("._") or "study"
+    return work / f"{name[:80]}-{hashlib.sha256(study.encode()).hexdigest()[:8]}"
 
 
-def labelled_cases(rows: list[StudyLabel], work: Path) -> list[LabelledCase]:
+def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True) -> list[LabelledCase]:
     """The cases of a labels file's rows, in its order; each NIfTI volume first written as a DICOM study under
-    ``work`` (kept there: a second run reuses it). Per-patient truth only (no slice counts per image)."""
+    ``work`` (reused by a later run while the volume is the same file, unchanged). Per-patient truth only (no
+    slice counts per image)."""
     cases = []
+    volumes = sum(is_nifti(row.path) for row in rows)
+    done = 0
     for row in rows:
         path = row.path
         if is_nifti(path):
-            folder = work / _safe_name(row.study)
+            done += 1
+            if not quiet:
+                print(f"NIfTI {done}/{volumes}: {row.study} as a DICOM study", file=sys.stderr, flush=True)
+            folder = _work_folder(work, row.study)
             _write_nifti_study(row.study, path, None, None, folder, label=row.label, kind=row.kind)
             path = folder / "dicom"
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
@@ -263,8 +309,10 @@ AIR_HU = -500.0
 def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Path | None, folder: Path, *,
                        label: bool | None = None, kind: str | None = None) -> None:
     """Write one NIfTI volume (and its masks) as a DICOM study in the phantom layout under ``folder``, unless
-    it is there already. ``label``/``kind`` (a labels file's row) replace the lesion mask's, and the manifest
-    then holds no per-slice truth: the study is labelled as a whole.
+    it is there already, written from the same files unchanged (their paths, sizes and modification times,
+    kept in the manifest's ``source``; anything else there is replaced). ``label``/``kind`` (a labels file's
+    row) replace the lesion mask's, and the manifest then holds no per-slice truth: the study is labelled as
+    a whole.
 
     Raises
     ------
@@ -276,14 +324,20 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     import phantom
     from training.datasets import DataError, load_nifti_case
 
-    if (folder / "manifest.json").is_file():
-        return
+    source = {"files": [_fingerprint(f) for f in (volume, lesion, lung)], "label": label, "kind": kind}
+    try:
+        if json.loads((folder / "manifest.json").read_text()).get("source") == source:
+            return
+    except (OSError, ValueError):
+        pass
+    if folder.exists():  # another volume's, an earlier version's, or a write cut short
+        shutil.rmtree(folder)
     try:
         v = load_nifti_case(case_id, volume, lesion, lung)
         img = nib.as_closest_canonical(nib.load(str(volume)))
     except DataError as exc:
         raise EvalError(str(exc)) from exc
-    except (OSError, ValueError) as exc:  # nibabel's errors on a truncated or foreign file
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # nibabel's errors on a truncated or foreign file
         raise EvalError(f"{case_id}: cannot read NIfTI: {exc}") from exc
     low = float(np.percentile(v.hu, 1))
     if low > AIR_HU:
@@ -301,14 +355,23 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
         seed=0, rescale_intercept=-1024, pixel_representation=1,
     )
     phantom.write_study(study, folder, salt=case_id, montage=False)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
     if label is not None:  # no per-slice truth: a later discover() of this folder must not count its slices
-        manifest_path = folder / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
         for key in ("z_positions", "lesion_slices", "lesion_area_px"):
             manifest.pop(key, None)
         manifest["slice_truth"] = "none: labelled per study by a labels file"
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+    manifest["source"] = source  # written last: a write cut short is written again by the next run
+    manifest_path.write_text(json.dumps(manifest, indent=1))
     logger.info("wrote %s", folder)
+
+
+def _fingerprint(path: Path | None) -> list[Any] | None:
+    """``[resolved path, size, modification time in ns]`` of a file (None for no file)."""
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def looks_like_nifti_set(data: Path) -> bool:

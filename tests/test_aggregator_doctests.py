@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.parametrize("name", ["aggregator.case", "aggregator.metrics", "aggregator.schema", "aggregator.keyimages",
-                                  "aggregator.fhir", "aggregator.sr"])
+                                  "aggregator.fhir", "aggregator.sr", "aggregator.report"])
 def test_doctests(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from aggregator.case import SliceInput, decide
+from evaluation import EvalError
 from evaluation.cli import eval_main
 from evaluation.dataset import discover, slice_truth_from_manifest
 
@@ -225,18 +226,47 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
     ("name,label\nP0001,1\n", "no study column in the header row (found: name, label"),
     ("study,label\nP0001,maybe\n", "line 2: label 'maybe' of 'P0001' is not one of 1, 0, positive"),
     ("study,label\nP0001,\n", "line 2: 'P0001' has no label"),
-    ("study,label\nP0001,1\nP0009,0\n", "line 3: 'P0009' is not under --data"),
+    ("study,label\nP0001,1\nP0009,0\n", "line 3: 'P0009': not under --data"),
+    ("study,label\nP0001,1\n/nowhere/P9,0\n", "line 3: '/nowhere/P9': no such file or folder"),
     ("study,label\nP0001,1\n./P0001/,0\n", "line 3: './P0001/' is named again (first on line 2)"),
+    ("study,label\nP0001,1\nEMPTY,0\n", "line 3: 'EMPTY' is an empty folder"),  # was a failed case: a false positive
+    ("study,label,kind\nP0001,0,covid\n", "line 2: kind 'covid' of 'P0001' contradicts its label '0'"),
+    # a quoted comment over two lines: the error names the line in the file, not the record's number
+    ('study,label,comment\nP0001,1,"two\nlines"\nP0009,0,\n', "line 4: 'P0009'"),
     ("", "the file is empty"),
     ("study,label\n\n", "no study listed under the header row"),
 ])
 def test_a_labels_file_it_cannot_use_is_a_one_line_error_naming_the_line(tmp_path, capsys, content, message):
     (tmp_path / "P0001").mkdir()
+    (tmp_path / "P0001" / "IM0001").write_bytes(b"a file")
+    (tmp_path / "EMPTY" / "sub").mkdir(parents=True)
     (tmp_path / "labels.csv").write_text(content)
     code = eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
                       "--out", str(tmp_path / "r"), "-q"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(("raw", "ok"), [
+    (b"sep=;\r\nstudy;label;kind (covid, normal)\r\nP0001;1;covid\r\n", True),  # Excel's sep line, a "," in a name
+    ("study\tlabel\tcomment\nP0001\t1\tFr\u00e4ulein\n".encode("utf-16"), True),  # "Unicode text"
+    ("study,label,comment\nP0001,1,caf\u00e9\n".encode("cp1252"), True),  # Excel's plain "CSV" on Windows
+    (b"study,label\nsub\\P0001,1\n", True),  # a Windows path
+    (b"PK\x03\x04 a workbook", False),
+])
+def test_a_labels_file_as_spreadsheets_save_it_is_read(tmp_path, raw, ok):
+    from evaluation.dataset import read_labels
+
+    (tmp_path / "sub" / "P0001").mkdir(parents=True)
+    (tmp_path / "sub" / "P0001" / "IM1").write_bytes(b"x")
+    (tmp_path / "P0001").symlink_to(tmp_path / "sub" / "P0001")
+    (tmp_path / "labels.csv").write_bytes(raw)
+    if not ok:
+        with pytest.raises(EvalError, match=r"a workbook \(\.xlsx\), not CSV: save it as CSV UTF-8"):
+            read_labels(tmp_path / "labels.csv", tmp_path)
+        return
+    (row,) = read_labels(tmp_path / "labels.csv", tmp_path)
+    assert row.label is True and row.path.resolve() == (tmp_path / "sub" / "P0001").resolve()
 
 
 def test_labels_and_make_phantom_do_not_go_together(tmp_path, capsys):
@@ -266,7 +296,8 @@ def test_a_nifti_volume_labelled_per_study_is_written_as_dicom_and_counted_per_p
     assert code == (0 if report["goal"]["met"] else 1)
     assert [(r["case_id"], r["kind"], r["label"]) for r in rows] == [("case 1.nii.gz", "non-covid", 0)]
     assert len(rows[0]["result"]["slices"]) == 6 and rows[0]["slice_truth"] == {}
-    manifest = json.loads((work / "vols" / "case_1.nii.gz" / "manifest.json").read_text())
+    (folder,) = (work / "vols").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["label"] == 0 and "z_positions" not in manifest  # no per-slice truth for a later run either
     (data / "labels.csv").write_text("study,label\ncase 1.nii.gz,0\nwindowed.nii,0\n")
     assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
@@ -283,3 +314,71 @@ def test_a_labels_file_through_the_serving_path_agrees_with_the_reference(phanto
     assert report["n_failed"] == 0 and report["meta"]["serving_path"].startswith("embedded stack")
     assert [r["result"]["verdict"] for r in rows] == [r["result"]["verdict"] for r in reference[2]]
     assert [r["case_id"] for r in rows] == ["P0001", "P0002.zip"]
+
+
+def _volume(path: Path, slices: int, body_hu: int = 40) -> None:
+    import nibabel as nib
+
+    hu = np.full((64, 64, slices), -1000, np.int16)
+    hu[8:56, 8:56] = body_hu
+    hu[12:30, 12:52] = -850
+    hu[34:52, 12:52] = -850
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 5.0, 1.0])), path)
+
+
+def test_a_converted_volume_is_never_screened_in_place_of_another(tmp_path):
+    """The DICOM written from a NIfTI volume was reused by the volume's name alone: a second site's
+    study_0001.nii.gz, a re-exported file, or "vol a" beside "vol_a" was screened as the first one written."""
+    work = tmp_path / "work"
+
+    def slices(data: Path, labels: str) -> list[int]:
+        (data / "labels.csv").write_text(labels)
+        code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                                   "--work", str(work), "--out", str(tmp_path / "r"), "-q"])
+        assert report["n_failed"] == 0
+        return [len(r["result"]["slices"]) for r in rows]
+
+    for site, n in (("siteA", 6), ("siteB", 4)):  # the same folder name and file name at two sites
+        _volume(tmp_path / site / "export" / "CT-1" / "study_0001.nii.gz", n)
+        assert slices(tmp_path / site / "export", "study,label\nCT-1/study_0001.nii.gz,0\n") == [n]
+    data = tmp_path / "siteB" / "export"
+    _volume(data / "CT-1" / "study_0001.nii.gz", 5)  # exported again
+    assert slices(data, "study,label\nCT-1/study_0001.nii.gz,0\n") == [5]
+    _volume(data / "vol a.nii.gz", 3)
+    _volume(data / "vol_a.nii.gz", 7)
+    assert slices(data, "study,label\nvol a.nii.gz,0\nvol_a.nii.gz,0\n") == [3, 7]
+
+
+def test_a_volume_it_cannot_read_is_a_one_line_error_naming_it(tmp_path, capsys):
+    import nibabel as nib
+
+    _volume(tmp_path / "whole.nii.gz", 4)
+    raw = (tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])  # a copy cut short (was an EOFError traceback)
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), tmp_path / "flat.nii")
+    for name, message in (("cut.nii.gz", "cut.nii.gz: cannot read NIfTI"),
+                          ("flat.nii", "flat.nii: expected a 3-D NIfTI image")):
+        (tmp_path / "labels.csv").write_text(f"study,label\n{name},0\n")
+        assert eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    # --limit: only the studies evaluated are converted (a trial run of a large set)
+    (tmp_path / "labels.csv").write_text("study,label\nwhole.nii.gz,0\ncut.nii.gz,0\n")
+    code = eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process", "--limit", "1",
+                      "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"])
+    assert code in (0, 1)
+
+
+def test_a_study_that_fails_is_said_in_the_summary_and_its_row(tmp_path, capsys):
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "IM1").write_bytes(b"not a DICOM file")
+    (tmp_path / "labels.csv").write_text("study,label\nP1,0\n")
+    code, report, rows = _run(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert report["n_failed"] == 1 and rows[0]["error"] and code == 1
+    assert "1 of 1 studies failed, counted as positive (see the report's cases)" in out
+    row = next(line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| P1 |"))
+    assert "failed **x**" in row and rows[0]["error"].split(":")[0] in row

@@ -68,6 +68,24 @@ def test_goal_is_checked():
         build_report([])
 
 
+def test_a_set_of_one_class_is_judged_on_the_measure_it_has(cases):
+    """A centre's lesion-free scans measure specificity only: the goal read "NOT met" (exit 1) whatever the
+    specificity, as sensitivity was n/a. It is judged on what the set measures, and says what it did not."""
+    from aggregator.report import goal_words
+
+    negatives = [_case("n1", "normal", False, set()), _case("n2", "normal", False, {6})]
+    report = build_report(negatives)
+    assert report["goal"] == {"sensitivity": 0.95, "specificity": 0.90, "measured": ["specificity"], "met": True}
+    assert "met on specificity; sensitivity not measured: no COVID-19 study" in render_markdown(report)
+    worse = build_report([*negatives, _case("n3", "tb", False, {3, 4, 5})])
+    assert worse["goal"]["met"] is False and goal_words(worse["goal"]).startswith("goal NOT met on specificity")
+    assert build_report([_case("c1", "covid", True, {2, 3, 4})])["goal"]["measured"] == ["sensitivity"]
+    # a failed study: its error in the report's row (it counts as indeterminate), and the count says so
+    md = render_markdown(build_report(cases))
+    assert "| f1 | normal | 0 | failed **x** | no_usable_series: nothing to screen |" in md
+    assert "(1 indeterminate cases, 1 of them failed: no verdict, the error in the cases below)" in md
+
+
 def test_markdown_is_laid_out_like_table3(cases):
     md = render_markdown(build_report(cases, indeterminate_as="negative"), plots=[("curves", "curves.png")])
     assert "| level | TP | FN | TN | FP | accuracy | sensitivity | specificity | PPV | NPV |" in md

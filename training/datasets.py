@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,8 +298,10 @@ def load_nifti_case(
         hu = _axial_slices(nib.load(str(volume))).astype(np.float32)
         les = _axial_slices(nib.load(str(lesion))) > 0 if lesion is not None else np.zeros(hu.shape, bool)
         lng = _axial_slices(nib.load(str(lung))) > 0 if lung is not None else None
-    except (OSError, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:  # EOFError: a truncated .gz
         raise DataError(f"{case_id}: cannot read NIfTI: {exc}") from exc
+    except DataError as exc:  # not 3-D
+        raise DataError(f"{case_id}: {exc}") from exc
     if les.shape != hu.shape or (lng is not None and lng.shape != hu.shape):
         raise DataError(f"{case_id}: mask shape differs from volume shape {hu.shape}.")
     hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767).astype(np.int16)
