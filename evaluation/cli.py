@@ -27,14 +27,16 @@ training) into ``DIR``. Or ``DIR`` is a NIfTI set in the training layout (``ct_s
 (:func:`evaluation.dataset.write_nifti_set`), label 1 when the lesion mask is not empty.
 
 A centre's own studies: ``--labels FILE``, a CSV with a header row naming ``study`` and ``label`` (and
-optionally ``kind``), one row per study; ``study`` is a folder of its DICOM files, a DICOM file, a zip or a
-NIfTI volume in HU, under ``DIR``; ``label`` is 1/0 (or positive/negative, yes/no, true/false). Only the
-studies listed are screened, and they count per patient only (no per-image truth)::
+optionally ``kind`` and ``mask``), one row per study; ``study`` is a folder of its DICOM files, a DICOM file,
+a zip or a NIfTI volume in HU, under ``DIR``; ``label`` is 1/0 (or positive/negative, yes/no, true/false).
+Only the studies listed are screened, and they count per patient only, but for a NIfTI volume with its
+lesion mask (``mask``), whose slices count per image too::
 
-    study,label,kind
-    P0001,1,covid
-    P0002,0,normal
-    exports/P0003.zip,0,bacterial
+    study,label,kind,mask
+    P0001,1,covid,
+    P0002,0,normal,
+    exports/P0003.zip,0,bacterial,
+    volumes/P0004.nii.gz,1,covid,masks/P0004.nii.gz
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``--min-lesion-px`` pixels
 (default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
@@ -147,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder of labelled studies (phantom manifest.json), or of the studies --labels names")
     p.add_argument("--labels", type=Path, metavar="FILE",
                    help="CSV naming each study (a folder, DICOM file, zip or NIfTI volume under --data) and its "
-                        "label: header study,label[,kind]; label 1/0 (positive/negative). Per patient only")
+                        "label: header study,label[,kind][,mask]; label 1/0 (positive/negative); mask: a NIfTI "
+                        "volume's lesion mask (per-image truth)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
     where.add_argument("--in-process", action="store_true",
@@ -222,8 +225,13 @@ def eval_main(argv: list[str]) -> int:
             if not data.is_dir():
                 raise EvalError(f"--data {data}: not a directory")
             rows = read_labels(args.labels, data)
-            cases = labelled_cases(rows[: args.limit] if args.limit else rows, args.work / data.resolve().name,
-                                   quiet=args.quiet)
+            rows = rows[: args.limit] if args.limit else rows
+            cases = labelled_cases(rows, args.work / data.resolve().name, quiet=args.quiet,
+                                   min_px=args.min_lesion_px)
+            masked = sum(row.mask is not None for row in rows)
+            note = ("labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
+                    if not masked else f"labelled per study (--labels); per-image truth from the lesion masks of "
+                    f"{masked} of {len(rows)} studies")
         else:
             if looks_like_nifti_set(data):
                 data = args.work / data.resolve().name
@@ -231,6 +239,7 @@ def eval_main(argv: list[str]) -> int:
                 if not args.quiet:
                     print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
             cases = discover(data, args.min_lesion_px)
+            note = ""
         if args.limit:
             cases = cases[: args.limit]
         t0 = time.monotonic()
@@ -244,8 +253,7 @@ def eval_main(argv: list[str]) -> int:
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
             "data": str(args.data),
             "labels": str(args.labels) if args.labels is not None else "",
-            "note": ("labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
-                     if args.labels is not None else ""),
+            "note": note,
             "serving_path": path_name,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.monotonic() - t0, 1),

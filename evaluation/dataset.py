@@ -6,9 +6,10 @@ held-out phantom set, and :func:`write_nifti_set` writes a NIfTI set (the traini
 studies. :func:`discover` reads the set back as :class:`LabelledCase` records.
 
 A centre's own studies need no manifest: :func:`read_labels` reads a labels file (CSV: ``study``, ``label``
-and optionally ``kind``), one row per study, the study being a folder of DICOM files, a DICOM file, a zip
-or a NIfTI volume under the set's folder, and :func:`labelled_cases` makes its cases (a NIfTI volume is
-first written as a DICOM study). Such cases have a per-patient truth only: no slice is counted per image.
+and optionally ``kind`` and ``mask``), one row per study, the study being a folder of DICOM files, a DICOM
+file, a zip or a NIfTI volume under the set's folder, and :func:`labelled_cases` makes its cases (a NIfTI
+volume is first written as a DICOM study). Such cases have a per-patient truth only, unless a NIfTI volume
+comes with its lesion mask: then its slices count per image too.
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``min_px`` pixels (default
 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip) are left
@@ -133,6 +134,8 @@ class StudyLabel:
     kind: str
     """The row's ``kind``, or ``covid`` / ``non-covid`` from the label: the class of the report's
     false-positive table."""
+    mask: Path | None = None
+    """A NIfTI volume's lesion mask (the row's ``mask``): per-image truth for its slices."""
 
 
 def _labels_text(labels: Path) -> str:
@@ -170,9 +173,10 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
 
     The file is CSV as spreadsheets write it (``,`` ``;`` or tab; Excel's ``sep=`` line; UTF-8 with or without
     a byte-order mark, UTF-16, Windows-1252) with a header row naming ``study`` and ``label`` (any case;
-    further columns are ignored) and optionally ``kind``. ``study`` is a path under ``data`` (``/`` or ``\\``):
-    a folder of one study's DICOM files (any depth), one DICOM file, a zip, or a NIfTI volume (``.nii``,
-    ``.nii.gz``) in Hounsfield units. ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
+    further columns are ignored) and optionally ``kind`` and ``mask``. ``study`` is a path under ``data`` (``/``
+    or ``\\``): a folder of one study's DICOM files (any depth), one DICOM file, a zip, or a NIfTI volume
+    (``.nii``, ``.nii.gz``) in Hounsfield units; ``mask``, for a NIfTI volume, its lesion mask (a NIfTI of the
+    same grid, lesion where not 0). ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
 
     Raises
     ------
@@ -193,7 +197,7 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     if missing:
         raise EvalError(f"--labels {labels}: no {' or '.join(missing)} column in the header row "
                         f"(found: {', '.join(h for h in header if h) or 'nothing'}; expected study,label[,kind])")
-    col: dict[str, int] = {name: header.index(name) for name in ("study", "label", "kind") if name in header}
+    col: dict[str, int] = {name: header.index(name) for name in ("study", "label", "kind", "mask") if name in header}
     rows: list[StudyLabel] = []
     seen: dict[str, int] = {}
     end = reader.line_num
@@ -203,7 +207,7 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
             continue
         value = {name: cells[i].strip() if i < len(cells) else "" for name, i in col.items()}
         where = f"--labels {labels}, line {number}"
-        study, word, kind = value["study"], value["label"], value.get("kind", "")
+        study, word, kind, mask = value["study"], value["label"], value.get("kind", ""), value.get("mask", "")
         if not study:
             raise EvalError(f"{where}: no study named")
         if word.lower() not in LABEL_WORDS:
@@ -222,7 +226,12 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
             raise EvalError(f"{where}: {study!r}: {where_not}")
         if path.is_dir() and not any(f.is_file() for f in path.rglob("*")):
             raise EvalError(f"{where}: {study!r} is an empty folder")
-        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid")))
+        mask_path = data / mask.replace("\\", "/") if mask else None
+        if mask_path is not None and not is_nifti(path):
+            raise EvalError(f"{where}: a mask goes with a NIfTI volume; {study!r} is not one")
+        if mask_path is not None and not is_nifti(mask_path):
+            raise EvalError(f"{where}: mask {mask!r} of {study!r} is no NIfTI file under --data")
+        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid"), mask_path))
     if not rows:
         raise EvalError(f"--labels {labels}: no study listed under the header row")
     return rows
@@ -244,10 +253,12 @@ def _work_folder(work: Path, study: str) -> Path:
     return work / f"{name[:80]}-{hashlib.sha256(study.encode()).hexdigest()[:8]}"
 
 
-def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True) -> list[LabelledCase]:
+def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
+                   min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
     """The cases of a labels file's rows, in its order; each NIfTI volume first written as a DICOM study under
-    ``work`` (reused by a later run while the volume is the same file, unchanged). Per-patient truth only (no
-    slice counts per image)."""
+    ``work`` (reused by a later run while the volume is the same file, unchanged). Per-patient truth only,
+    but for a NIfTI volume with its mask, whose slices count per image (positive above ``min_px`` lesion
+    pixels, as :func:`slice_truth_from_manifest`)."""
     cases = []
     volumes = sum(is_nifti(row.path) for row in rows)
     done = 0
@@ -258,8 +269,13 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True) ->
             if not quiet:
                 print(f"NIfTI {done}/{volumes}: {row.study} as a DICOM study", file=sys.stderr, flush=True)
             folder = _work_folder(work, row.study)
-            _write_nifti_study(row.study, path, None, None, folder, label=row.label, kind=row.kind)
+            _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind)
             path = folder / "dicom"
+            if row.mask is not None:
+                manifest = json.loads((folder / "manifest.json").read_text())
+                cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
+                                          slice_truth=slice_truth_from_manifest(manifest, min_px)))
+                continue
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                   slice_truth=lambda result: {}))
     return cases
@@ -311,13 +327,14 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     """Write one NIfTI volume (and its masks) as a DICOM study in the phantom layout under ``folder``, unless
     it is there already, written from the same files unchanged (their paths, sizes and modification times,
     kept in the manifest's ``source``; anything else there is replaced). ``label``/``kind`` (a labels file's
-    row) replace the lesion mask's, and the manifest then holds no per-slice truth: the study is labelled as
-    a whole.
+    row) replace the lesion mask's; without a ``lesion`` mask the manifest holds no per-slice truth (the study
+    is labelled as a whole).
 
     Raises
     ------
     EvalError
-        The volume cannot be read, its masks do not fit it, or its values are not Hounsfield units.
+        The volume cannot be read, its masks do not fit it, its values are not Hounsfield units, or its lesion
+        mask marks lesions where ``label`` says there are none.
     """
     import nibabel as nib
 
@@ -345,6 +362,8 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
                         f"below {AIR_HU:.0f}); export the volume in HU (a windowed 0-255 image cannot be screened)")
     sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
     has_lesion = bool(v.lesion.any())
+    if label is False and has_lesion:
+        raise EvalError(f"{case_id}: labelled negative, but its lesion mask marks lesions")
     study = phantom.Study(
         hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
         finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
@@ -357,7 +376,7 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     phantom.write_study(study, folder, salt=case_id, montage=False)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    if label is not None:  # no per-slice truth: a later discover() of this folder must not count its slices
+    if lesion is None:  # no per-slice truth: a later discover() of this folder must not count its slices
         for key in ("z_positions", "lesion_slices", "lesion_area_px"):
             manifest.pop(key, None)
         manifest["slice_truth"] = "none: labelled per study by a labels file"

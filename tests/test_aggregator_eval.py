@@ -382,3 +382,35 @@ def test_a_study_that_fails_is_said_in_the_summary_and_its_row(tmp_path, capsys)
     assert "1 of 1 studies failed, counted as positive (see the report's cases)" in out
     row = next(line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| P1 |"))
     assert "failed **x**" in row and rows[0]["error"].split(":")[0] in row
+
+
+def test_a_nifti_volume_with_its_lesion_mask_counts_per_image_too(tmp_path, capsys):
+    import nibabel as nib
+
+    data = tmp_path / "set"
+    _volume(data / "vols" / "c1.nii.gz", 6)
+    _volume(data / "vols" / "n1.nii.gz", 6)
+    mask = np.zeros((64, 64, 6), np.uint8)
+    mask[15:25, 15:25, 1:5] = 1  # slices 1-4: a 10 x 10 lesion, 6400 pixels on the 512 grid
+    (data / "masks").mkdir()
+    nib.save(nib.Nifti1Image(mask, np.diag([0.7, 0.7, 5.0, 1.0])), data / "masks" / "c1.nii.gz")
+    (data / "labels.csv").write_text("study,label,mask\nvols/c1.nii.gz,1,masks/c1.nii.gz\nvols/n1.nii.gz,0,\n")
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"])
+    assert sum(rows[0]["slice_truth"].values()) == 4 and len(rows[0]["slice_truth"]) == 6
+    assert rows[1]["slice_truth"] == {}  # no mask: per patient only
+    assert report["per_image"]["tp"] + report["per_image"]["fn"] == 4
+    assert "per-image truth from the lesion masks of 1 of 2 studies" in (tmp_path / "r" / "report.md").read_text()
+    (data / "P1").mkdir()
+    (data / "P1" / "IM1").write_bytes(b"x")
+    for labels, message in (("study,label,mask\nvols/c1.nii.gz,0,masks/c1.nii.gz\n",
+                             "vols/c1.nii.gz: labelled negative, but its lesion mask marks lesions"),
+                            ("study,label,mask\nP1,1,masks/c1.nii.gz\n",
+                             "line 2: a mask goes with a NIfTI volume; 'P1' is not one"),
+                            ("study,label,mask\nvols/c1.nii.gz,1,masks/none.nii.gz\n",
+                             "line 2: mask 'masks/none.nii.gz' of 'vols/c1.nii.gz' is no NIfTI file under --data")):
+        (data / "labels.csv").write_text(labels)
+        assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
