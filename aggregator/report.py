@@ -202,7 +202,8 @@ def build_report(
         "per_patient": patient.as_dict(),
         "per_image": image.as_dict(),
         "table3": table3({"per image": image, "per patient": patient}),
-        "goal": _goal(goal, sens, spec),
+        "goal": _goal(goal, sens, spec, positives=any(c.label for c in cases),
+                      negatives=any(not c.label for c in cases)),
         "rule": rule.params().model_dump(),
         "rules_differ": len(rules) > 1,
         "models": [m.model_dump() for m in results[0].models] if results else [],
@@ -227,11 +228,13 @@ def build_report(
     }
 
 
-def _goal(goal: Goal, sens: float | None, spec: float | None) -> dict[str, Any]:
-    """The per-patient goal judged on what the set measures: a set of one class (a centre's lesion-free scans)
-    measures one of the two, and is judged on it (``measured`` says which); none measured is not met."""
-    measured = [name for name, value in (("sensitivity", sens), ("specificity", spec)) if value is not None]
-    met = bool(measured) and (sens is None or sens >= goal.sensitivity) and (spec is None or spec >= goal.specificity)
+def _goal(goal: Goal, sens: float | None, spec: float | None, *, positives: bool, negatives: bool) -> dict[str, Any]:
+    """The per-patient goal judged on the classes the set holds: a set of one class (a centre's lesion-free
+    scans) measures one of the two measures and is judged on it (``measured`` says which). A measure of a
+    class the set holds but that has no value (every such study failed and was excluded) is not met."""
+    measured = [name for name, held in (("sensitivity", positives), ("specificity", negatives)) if held]
+    met = bool(measured) and (not positives or (sens is not None and sens >= goal.sensitivity)) and (
+        not negatives or (spec is not None and spec >= goal.specificity))
     return {"sensitivity": goal.sensitivity, "specificity": goal.specificity, "measured": measured, "met": met}
 
 

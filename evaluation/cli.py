@@ -28,7 +28,8 @@ training) into ``DIR``. Or ``DIR`` is a NIfTI set in the training layout (``ct_s
 
 A centre's own studies: ``--labels FILE``, a CSV with a header row naming ``study`` and ``label`` (and
 optionally ``kind`` and ``mask``), one row per study; ``study`` is a folder of its DICOM files, a DICOM file,
-a zip or a NIfTI volume in HU, under ``DIR``; ``label`` is 1/0 (or positive/negative, yes/no, true/false).
+a zip or a NIfTI volume in HU, relative to ``DIR`` (or absolute); ``label`` is 1/0 (or positive/negative,
+yes/no, true/false).
 Only the studies listed are screened, and they count per patient only, but for a NIfTI volume with its
 lesion mask (``mask``), whose slices count per image too::
 
@@ -71,6 +72,7 @@ from evaluation.dataset import (
     looks_like_nifti_set,
     make_phantom_set,
     read_labels,
+    work_folder,
     write_nifti_set,
 )
 from evaluation.output import write_report
@@ -148,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True,
                    help="folder of labelled studies (phantom manifest.json), or of the studies --labels names")
     p.add_argument("--labels", type=Path, metavar="FILE",
-                   help="CSV naming each study (a folder, DICOM file, zip or NIfTI volume under --data) and its "
+                   help="CSV naming each study (a folder, DICOM file, zip or NIfTI volume, relative to --data) and its "
                         "label: header study,label[,kind][,mask]; label 1/0 (positive/negative); mask: a NIfTI "
                         "volume's lesion mask (per-image truth)")
     where = p.add_mutually_exclusive_group()
@@ -226,19 +228,22 @@ def eval_main(argv: list[str]) -> int:
                 raise EvalError(f"--data {data}: not a directory")
             rows = read_labels(args.labels, data)
             rows = rows[: args.limit] if args.limit else rows
-            cases = labelled_cases(rows, args.work / data.resolve().name, quiet=args.quiet,
+            cases = labelled_cases(rows, work_folder(args.work, data, "labels"), quiet=args.quiet,
                                    min_px=args.min_lesion_px)
             masked = sum(row.mask is not None for row in rows)
             note = ("labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
                     if not masked else f"labelled per study (--labels); per-image truth from the lesion masks of "
                     f"{masked} of {len(rows)} studies")
         else:
+            written = None
             if looks_like_nifti_set(data):
-                data = args.work / data.resolve().name
-                n = write_nifti_set(args.data, data)
+                data = work_folder(args.work, data, "set")
+                written = write_nifti_set(args.data, data)
                 if not args.quiet:
-                    print(f"NIfTI set: {n} cases written as DICOM studies under {data}", file=sys.stderr)
+                    print(f"NIfTI set: {len(written)} cases written as DICOM studies under {data}", file=sys.stderr)
             cases = discover(data, args.min_lesion_px)
+            if written is not None:  # this set's cases only: never a study left there by an earlier set
+                cases = [c for c in cases if c.case_id in set(written)]
             note = ""
         if args.limit:
             cases = cases[: args.limit]
@@ -265,6 +270,10 @@ def eval_main(argv: list[str]) -> int:
                               indeterminate_as=args.indeterminate_as)
     except EvalError as exc:
         print(f"ctscreen eval: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --work or --data not writable or readable, a disk full while converting
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ctscreen eval: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     pp = report["per_patient"]["metrics"]
     sens, spec = pp["sensitivity"]["value"], pp["specificity"]["value"]

@@ -37,6 +37,7 @@ import numpy as np
 from aggregator.schema import CaseResult
 from ctscreen.contracts import MIN_BOX_AREA
 from evaluation import EvalError
+from gateway.client import CliError, collect_files
 
 logger = logging.getLogger(__name__)
 
@@ -156,16 +157,18 @@ def _labels_text(labels: Path) -> str:
 
 
 def _header(lines: list[str]) -> tuple[str, int]:
-    """The delimiter and the header's line index: Excel's ``sep=;`` first line names it; else the one of
-    ``,`` ``;`` tab that splits the header into a ``study`` and a ``label`` column (``,`` when none does)."""
-    first = lines[0].strip().lower()
-    if first.startswith("sep=") and len(first) == 5:
-        return lines[0].strip()[4], 1
+    """The delimiter and the header's line index (blank lines before it skipped): Excel's ``sep=;`` line names
+    the delimiter; else the one of ``,`` ``;`` tab that splits the header into a ``study`` and a ``label``
+    column (``,`` when none does)."""
+    at = next(i for i, line in enumerate(lines) if line.strip())
+    first = lines[at].rstrip("\r\n")
+    if first.lower().startswith("sep=") and len(first) == 5:
+        return first[4], at + 1
     for sep in (",", ";", "\t"):
-        cells = [c.strip().strip('"').lower() for c in lines[0].split(sep)]
+        cells = [c.strip().strip('"').lower() for c in first.split(sep)]
         if "study" in cells and "label" in cells:
-            return sep, 0
-    return ",", 0
+            return sep, at
+    return ",", at
 
 
 def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
@@ -224,8 +227,12 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
         if not path.exists():
             where_not = "no such file or folder" if Path(study).is_absolute() else f"not under --data {data}"
             raise EvalError(f"{where}: {study!r}: {where_not}")
-        if path.is_dir() and not any(f.is_file() for f in path.rglob("*")):
-            raise EvalError(f"{where}: {study!r} is an empty folder")
+        if path.is_dir():
+            try:
+                collect_files(path)  # what an upload of it would send
+            except CliError:
+                raise EvalError(f"{where}: {study!r} holds no file to screen (empty, or only hidden files and "
+                                "non-DICOM ones such as .json .png .nii)") from None
         mask_path = data / mask.replace("\\", "/") if mask else None
         if mask_path is not None and not is_nifti(path):
             raise EvalError(f"{where}: a mask goes with a NIfTI volume; {study!r} is not one")
@@ -242,8 +249,18 @@ _CONTRADICTS = {True: ("non-covid", "normal", "negative"), False: ("covid", "cov
 
 
 def is_nifti(path: Path) -> bool:
-    """A NIfTI volume by its name (``.nii`` or ``.nii.gz``)."""
-    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+    """A NIfTI volume: a file with its name (:func:`training.datasets.is_nifti_name`)."""
+    from training.datasets import is_nifti_name
+
+    return path.is_file() and is_nifti_name(path.name)
+
+
+def work_folder(work: Path, data: Path, kind: str) -> Path:
+    """Where the NIfTI volumes of ``data`` are written as DICOM studies: a folder of ``work`` of its own for
+    that folder (its name and a digest of its resolved path: two sites' ``export`` folders never share one)
+    and for ``kind`` (``set`` or ``labels``: a later run of the other kind never counts these studies)."""
+    resolved = str(data.resolve())
+    return work / f"{data.resolve().name or 'data'}-{kind}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
 
 
 def _work_folder(work: Path, study: str) -> Path:
@@ -299,13 +316,13 @@ def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encodin
         logger.info("wrote %s", out)
 
 
-def write_nifti_set(root: Path, out: Path) -> int:
+def write_nifti_set(root: Path, out: Path) -> list[str]:
     """Write a NIfTI set (the training layout: volumes plus lesion masks) as DICOM studies under ``out``.
 
     Each case becomes a folder in the phantom layout (``dicom/``, ``manifest.json``, ``masks/``) written
     by :func:`phantom.write_study`, so that it can travel the serving path like any study: axial slices
     on the 512 grid, positions along +z by the volume's slice spacing, label 1 when the lesion mask is
-    not empty. Folders already written are kept. Returns the number of cases.
+    not empty. A study already written from the same files is kept. Returns the case ids written, in order.
     """
     from training.datasets import DataError, nifti_cases
 
@@ -315,7 +332,7 @@ def write_nifti_set(root: Path, out: Path) -> int:
         raise EvalError(str(exc)) from exc
     for case_id, volume, lesion, lung in cases:
         _write_nifti_study(case_id, volume, lesion, lung, out / case_id)
-    return len(cases)
+    return [case_id for case_id, *_ in cases]
 
 
 AIR_HU = -500.0
@@ -347,7 +364,10 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
             return
     except (OSError, ValueError):
         pass
-    if folder.exists():  # another volume's, an earlier version's, or a write cut short
+    if folder.exists():  # another volume's, an earlier version's, or a write cut short: if this command wrote it
+        if not folder.is_dir() or folder.is_symlink() or any(
+                p.name not in ("dicom", "masks", "manifest.json") for p in folder.iterdir()):
+            raise EvalError(f"{folder} is in the way and is no study this command wrote: choose another --work")
         shutil.rmtree(folder)
     try:
         v = load_nifti_case(case_id, volume, lesion, lung)
@@ -364,6 +384,8 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     has_lesion = bool(v.lesion.any())
     if label is False and has_lesion:
         raise EvalError(f"{case_id}: labelled negative, but its lesion mask marks lesions")
+    if label is True and lesion is not None and not has_lesion:
+        raise EvalError(f"{case_id}: labelled positive, but its lesion mask marks none")
     study = phantom.Study(
         hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
         finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
@@ -373,7 +395,9 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
         positions=np.array([[0.0, 0.0, k * sz] for k in range(len(v.hu))]),
         seed=0, rescale_intercept=-1024, pixel_representation=1,
     )
-    phantom.write_study(study, folder, salt=case_id, montage=False)
+    # UIDs of their own for each source: two sites' study_0001, or a volume exported again, are other studies
+    salt = f"{case_id}:{hashlib.sha256(json.dumps(source).encode()).hexdigest()[:16]}"
+    phantom.write_study(study, folder, salt=salt, montage=False)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     if lesion is None:  # no per-slice truth: a later discover() of this folder must not count its slices

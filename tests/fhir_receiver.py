@@ -6,7 +6,8 @@ refuses a bundle whose ``urn:uuid:`` references name no entry of it (R4 3.1.0.11
 
 With ``patients`` (a set of ``system|value``) it resolves the bundle's conditional references to patients
 (``Patient?identifier=system|value``) as a RIS does: a patient it does not know yet fails the transaction with
-404 and an OperationOutcome ``not-found`` (what HAPI FHIR answers), until the patient is added.
+404 and an OperationOutcome of issue code ``processing`` (what HAPI FHIR answers: ``ResourceNotFoundException``,
+HAPI-1091), until the patient is added.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class FhirReceiver:
                     if unknown:
                         receiver.unresolved += unknown
                         outcome = {"resourceType": "OperationOutcome", "issue": [
-                            {"severity": "error", "code": "not-found",
-                             "diagnostics": f"Invalid match URL \"Patient?identifier={unknown[0]}\" - No resources match this search"}]}
+                            {"severity": "error", "code": "processing",
+                             "diagnostics": f"HAPI-1091: Invalid match URL \"Patient?identifier={unknown[0]}\" - "
+                                            "No resources match this search"}]}
                         self.send_response(404)
                         self.send_header("Content-Type", "application/fhir+json")
                         self.end_headers()

@@ -135,6 +135,10 @@ def test_eval_of_a_nifti_set_writes_dicom_studies_first(tmp_path):
         affine = np.diag([0.7, 0.7, 5.0, 1.0])
         nib.save(nib.Nifti1Image(hu, affine), root / "ct_scans" / f"{cid}.nii.gz")
         nib.save(nib.Nifti1Image(mask, affine), root / "Infection_Mask" / f"{cid}.nii.gz")
+    # a labels run of the same folder first: its studies are never counted as the set's (one --work for both)
+    (root / "labels.csv").write_text("study,label\nct_scans/case1.nii.gz,1\n")
+    assert eval_main(["--data", str(root), "--labels", str(root / "labels.csv"), "--in-process",
+                      "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r0"), "-q"]) in (0, 1)
     code, report, rows = _run(["--data", str(root), "--in-process", "--work", str(tmp_path / "work"),
                                "--out", str(tmp_path / "r"), "-q"])
     assert code == (0 if report["goal"]["met"] else 1)
@@ -229,7 +233,9 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
     ("study,label\nP0001,1\nP0009,0\n", "line 3: 'P0009': not under --data"),
     ("study,label\nP0001,1\n/nowhere/P9,0\n", "line 3: '/nowhere/P9': no such file or folder"),
     ("study,label\nP0001,1\n./P0001/,0\n", "line 3: './P0001/' is named again (first on line 2)"),
-    ("study,label\nP0001,1\nEMPTY,0\n", "line 3: 'EMPTY' is an empty folder"),  # was a failed case: a false positive
+    # was a failed case: a false positive
+    ("study,label\nP0001,1\nEMPTY,0\n", "line 3: 'EMPTY' holds no file to screen"),
+    ("\nstudy,label\nP0001,1\nDS,0\n", "line 4: 'DS' holds no file to screen"),  # a blank first line; only .DS_Store
     ("study,label,kind\nP0001,0,covid\n", "line 2: kind 'covid' of 'P0001' contradicts its label '0'"),
     # a quoted comment over two lines: the error names the line in the file, not the record's number
     ('study,label,comment\nP0001,1,"two\nlines"\nP0009,0,\n', "line 4: 'P0009'"),
@@ -240,6 +246,8 @@ def test_a_labels_file_it_cannot_use_is_a_one_line_error_naming_the_line(tmp_pat
     (tmp_path / "P0001").mkdir()
     (tmp_path / "P0001" / "IM0001").write_bytes(b"a file")
     (tmp_path / "EMPTY" / "sub").mkdir(parents=True)
+    (tmp_path / "DS").mkdir()
+    (tmp_path / "DS" / ".DS_Store").write_bytes(b"x")
     (tmp_path / "labels.csv").write_text(content)
     code = eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
                       "--out", str(tmp_path / "r"), "-q"])
@@ -250,6 +258,7 @@ def test_a_labels_file_it_cannot_use_is_a_one_line_error_naming_the_line(tmp_pat
 @pytest.mark.parametrize(("raw", "ok"), [
     (b"sep=;\r\nstudy;label;kind (covid, normal)\r\nP0001;1;covid\r\n", True),  # Excel's sep line, a "," in a name
     ("study\tlabel\tcomment\nP0001\t1\tFr\u00e4ulein\n".encode("utf-16"), True),  # "Unicode text"
+    (b"sep=\t\nstudy\tlabel\nP0001\t1\n", True),
     ("study,label,comment\nP0001,1,caf\u00e9\n".encode("cp1252"), True),  # Excel's plain "CSV" on Windows
     (b"study,label\nsub\\P0001,1\n", True),  # a Windows path
     (b"PK\x03\x04 a workbook", False),
@@ -296,7 +305,7 @@ def test_a_nifti_volume_labelled_per_study_is_written_as_dicom_and_counted_per_p
     assert code == (0 if report["goal"]["met"] else 1)
     assert [(r["case_id"], r["kind"], r["label"]) for r in rows] == [("case 1.nii.gz", "non-covid", 0)]
     assert len(rows[0]["result"]["slices"]) == 6 and rows[0]["slice_truth"] == {}
-    (folder,) = (work / "vols").iterdir()
+    (folder,) = (p for p in work.glob("vols-labels-*/*") if p.is_dir())
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["label"] == 0 and "z_positions" not in manifest  # no per-slice truth for a later run either
     (data / "labels.csv").write_text("study,label\ncase 1.nii.gz,0\nwindowed.nii,0\n")
@@ -342,12 +351,24 @@ def test_a_converted_volume_is_never_screened_in_place_of_another(tmp_path):
     for site, n in (("siteA", 6), ("siteB", 4)):  # the same folder name and file name at two sites
         _volume(tmp_path / site / "export" / "CT-1" / "study_0001.nii.gz", n)
         assert slices(tmp_path / site / "export", "study,label\nCT-1/study_0001.nii.gz,0\n") == [n]
+    # ... and other studies to a gateway too (their own UIDs: through --url they would have been versions of one)
+    uids = {json.loads(m.read_text())["study_instance_uid"] for m in work.glob("*/*/manifest.json")}
+    assert len(uids) == 2
     data = tmp_path / "siteB" / "export"
     _volume(data / "CT-1" / "study_0001.nii.gz", 5)  # exported again
     assert slices(data, "study,label\nCT-1/study_0001.nii.gz,0\n") == [5]
     _volume(data / "vol a.nii.gz", 3)
     _volume(data / "vol_a.nii.gz", 7)
     assert slices(data, "study,label\nvol a.nii.gz,0\nvol_a.nii.gz,0\n") == [3, 7]
+    # a folder in the way that this command did not write (here: a file added to it) is never deleted
+    (folder,) = [m.parent for m in work.glob("export-labels-*/*/manifest.json")
+                 if json.loads(m.read_text())["source"]["files"][0][0].endswith("/vol_a.nii.gz")]
+    (folder / "notes.txt").write_text("mine")
+    _volume(data / "vol_a.nii.gz", 8)
+    (data / "labels.csv").write_text("study,label\nvol_a.nii.gz,0\n")
+    assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process", "--work", str(work),
+                      "--out", str(tmp_path / "r"), "-q"]) == 2
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_a_volume_it_cannot_read_is_a_one_line_error_naming_it(tmp_path, capsys):
@@ -369,6 +390,16 @@ def test_a_volume_it_cannot_read_is_a_one_line_error_naming_it(tmp_path, capsys)
     code = eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process", "--limit", "1",
                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"])
     assert code in (0, 1)
+
+
+def test_a_work_folder_it_cannot_write_is_a_one_line_error(tmp_path, capsys):
+    _volume(tmp_path / "v.nii.gz", 4)
+    (tmp_path / "labels.csv").write_text("study,label\nv.nii.gz,0\n")
+    (tmp_path / "work").write_text("a file where --work should be a folder")
+    assert eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                      "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctscreen eval: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_a_study_that_fails_is_said_in_the_summary_and_its_row(tmp_path, capsys):
@@ -403,8 +434,11 @@ def test_a_nifti_volume_with_its_lesion_mask_counts_per_image_too(tmp_path, caps
     assert "per-image truth from the lesion masks of 1 of 2 studies" in (tmp_path / "r" / "report.md").read_text()
     (data / "P1").mkdir()
     (data / "P1" / "IM1").write_bytes(b"x")
+    nib.save(nib.Nifti1Image(mask * 0, np.diag([0.7, 0.7, 5.0, 1.0])), data / "masks" / "empty.nii.gz")
     for labels, message in (("study,label,mask\nvols/c1.nii.gz,0,masks/c1.nii.gz\n",
                              "vols/c1.nii.gz: labelled negative, but its lesion mask marks lesions"),
+                            ("study,label,mask\nvols/c1.nii.gz,1,masks/empty.nii.gz\n",
+                             "vols/c1.nii.gz: labelled positive, but its lesion mask marks none"),
                             ("study,label,mask\nP1,1,masks/c1.nii.gz\n",
                              "line 2: a mask goes with a NIfTI volume; 'P1' is not one"),
                             ("study,label,mask\nvols/c1.nii.gz,1,masks/none.nii.gz\n",

@@ -80,6 +80,11 @@ def test_a_set_of_one_class_is_judged_on_the_measure_it_has(cases):
     worse = build_report([*negatives, _case("n3", "tb", False, {3, 4, 5})])
     assert worse["goal"]["met"] is False and goal_words(worse["goal"]).startswith("goal NOT met on specificity")
     assert build_report([_case("c1", "covid", True, {2, 3, 4})])["goal"]["measured"] == ["sensitivity"]
+    # every COVID-19 study failed and failures are left out: sensitivity has no value, but the set holds the
+    # class, so the goal is not met (it read "met on specificity")
+    failed = EvalCase("c9", "covid", True, None, {}, 0.1, "no_usable_series: nothing to screen")
+    report = build_report([*negatives, failed], indeterminate_as="exclude")
+    assert report["goal"]["measured"] == ["sensitivity", "specificity"] and report["goal"]["met"] is False
     # a failed study: its error in the report's row (it counts as indeterminate), and the count says so
     md = render_markdown(build_report(cases))
     assert "| f1 | normal | 0 | failed **x** | no_usable_series: nothing to screen |" in md

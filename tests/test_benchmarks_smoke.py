@@ -196,7 +196,7 @@ def test_perf_analyzer_scenario_on_the_ensemble(triton, tmp_path) -> None:
     data = perf.input_data_file("ct_screen", names, tmp_path, n=1)
     assert json.loads(data.read_text())["data"][0]["HU_SLICES"]["shape"] == [1, 512, 512]
     res = perf.run_scenario("ct_screen", triton.grpc_url, input_data=data, input_names=names, batch=1,
-                            concurrency=(1, 1, 1), request_count=3, max_trials=3, stability=100, out_dir=tmp_path)
+                            concurrency=(1, 1, 1), request_count=3, max_trials=10, stability=1000, out_dir=tmp_path)
     assert res["rows"] and res["rows"][0]["Concurrency"] == 1 and res["rows"][0]["Inferences/Second"] > 0
     assert "--shape HU_SLICES:1,512,512" in res["command"]
 
@@ -211,7 +211,7 @@ def test_perf_analyzer_scenario_on_the_postprocess_model(triton, tmp_path) -> No
     data = perf.input_data_file("postprocess", names, tmp_path, n=1)
     assert set(json.loads(data.read_text())["data"][0]) == {"VALID_PROB", "LESION_PROB", "HU_SLICES"}
     res = perf.run_scenario("postprocess", triton.grpc_url, input_data=data, input_names=names, batch=1,
-                            concurrency=(1, 1, 1), request_count=3, max_trials=3, stability=100, out_dir=tmp_path)
+                            concurrency=(1, 1, 1), request_count=3, max_trials=10, stability=1000, out_dir=tmp_path)
     assert res["rows"] and res["rows"][0]["Inferences/Second"] > 0, res
 
 

@@ -1032,10 +1032,12 @@ def test_a_fhir_refusal_says_its_issue_codes_and_never_their_diagnostics():
     exc = _fhir_refusal(httpx.Response(422, json=outcome))
     assert str(exc.value).startswith("http://ris/fhir answered HTTP 422 (OperationOutcome: error not-found)")
     assert "P-12345" not in str(exc.value)
+    broken = _fhir_refusal(httpx.Response(400, json={"resourceType": "OperationOutcome", "issue": None}))
+    assert str(broken.value) == "http://ris/fhir answered HTTP 400" and broken.value.permanent  # was a TypeError
 
 
 @pytest.mark.parametrize(("status", "outcome", "permanent"), [
-    (404, {"severity": "error", "code": "not-found"}, False),  # HAPI: the conditional reference matches nothing
+    (404, {"severity": "error", "code": "processing"}, False),  # HAPI-1091: a conditional reference matches nothing
     (422, {"severity": "error", "code": "not-found"}, False),
     (412, None, False),  # a conditional match the server could not make (yet)
     (404, None, True),  # no FHIR answer: a wrong URL
@@ -1054,7 +1056,7 @@ def test_a_ris_that_does_not_know_the_patient_or_order_yet_is_tried_again(status
     exc = _fhir_refusal(httpx.Response(status, json=body) if body else httpx.Response(status, text="no"))
     assert exc.value.permanent is permanent, str(exc.value)
     assert str(exc.value).startswith(f"http://ris/fhir answered HTTP {status}")
-    assert ("tried again later" in str(exc.value)) is not permanent
+    assert ("may not know the patient or the order yet" in str(exc.value)) is not permanent
 
 
 def test_a_report_for_a_patient_the_ris_registers_later_is_delivered_once_it_does(study_files, tmp_path):
@@ -1069,7 +1071,7 @@ def test_a_report_for_a_patient_the_ris_registers_later_is_delivered_once_it_doe
                               settings, CollectorRegistry())
         try:
             (task,) = await until_states(deliverer, result.job_id, {"pending"}, at_least_attempts=2)
-            assert "404 (OperationOutcome: error not-found)" in (task.error or "") and not ris.bundles
+            assert "404 (OperationOutcome: error processing)" in (task.error or "") and not ris.bundles
             assert ris.unresolved and ris.unresolved[0].startswith("urn:oid:1.2.3|")
             ris.patients.update(ris.unresolved)  # the registration arrives
             (task,) = await until_states(deliverer, result.job_id, {"done", "failed"})

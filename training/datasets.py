@@ -229,6 +229,11 @@ _LUNG_DIRS = ("lung_mask", "lung", "lungs", "lung_masks")
 _NII = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
+def is_nifti_name(name: str) -> bool:
+    """Whether a file name is a NIfTI volume's (``.nii`` or ``.nii.gz``, any case)."""
+    return bool(_NII.search(name))
+
+
 def _case_id(path: Path) -> str:
     stem = _NII.sub("", path.name)
     return re.sub(r"(_mask|_seg|_label|_0000)$", "", stem, flags=re.IGNORECASE)

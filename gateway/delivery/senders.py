@@ -3,8 +3,10 @@
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
 other than 408/429, a refused association). A FHIR server's refusal of a reference it cannot resolve yet
-(412, or an OperationOutcome ``not-found``: the RIS has no such patient or order yet, as when the images
-reach screening before the order or the registration does) is tried again with the others' back-off.
+(412; a 404 with an OperationOutcome, as HAPI FHIR answers a conditional reference that matches nothing,
+HAPI-1091, issue code ``processing``; or any issue code ``not-found``: the RIS has no such patient or order
+yet, as when the images reach screening before the order or the registration does) is tried again with the
+others' back-off.
 Blocking (pynetdicom) or async (httpx); messages never hold a header value or patient data.
 """
 
@@ -132,7 +134,8 @@ def _issues(response: httpx.Response) -> list[tuple[str, str]]:
     if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
         return []
     out = []
-    for issue in body.get("issue", [])[:5]:
+    issues = body.get("issue")
+    for issue in issues[:5] if isinstance(issues, list) else []:
         if isinstance(issue, dict):
             severity, code = (str(issue.get(k, "")) for k in ("severity", "code"))
             out.append((_word(severity), _word(code)))
@@ -143,10 +146,6 @@ def _word(text: str) -> str:
     """``text`` if it is one of FHIR's code words (lower-case letters and hyphens), else "": never free text."""
     return text if re.fullmatch(r"[a-z-]{1,32}", text) else ""
 
-
-def _issue_codes(response: httpx.Response) -> set[str]:
-    """The issue codes of a FHIR OperationOutcome answer (empty for any other answer)."""
-    return {code for _, code in _issues(response) if code}
 
 
 async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.AsyncClient,
@@ -201,10 +200,12 @@ async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.
             raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}", sent=sent) from None
         if not 200 <= response.status_code < 300:
             error = _http_error(dest.where, response, sent)
-            if error.permanent and (response.status_code == 412 or "not-found" in _issue_codes(response)):
+            issues = _issues(response)
+            if error.permanent and (response.status_code == 412 or (response.status_code == 404 and issues)
+                                    or any(code == "not-found" for _, code in issues)):
                 # the conditional references to the patient and the order: a RIS that does not know them yet
                 # (registration or order still on its way) may know them at the next try
-                error = SendError(f"{error}; a patient or order it does not know yet? tried again later", sent=sent)
+                error = SendError(f"{error}; the RIS may not know the patient or the order yet", sent=sent)
             raise error
         sent.append(ident)
     return sent
