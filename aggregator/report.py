@@ -224,7 +224,7 @@ def build_report(
             "median_s": _median(seconds),
             "total_s": sum(seconds) if seconds else None,
         },
-        "cases": [_case_row(c) for c in cases],
+        "cases": [_case_row(c, up_to) for c, up_to in zip(cases, _positive_up_to(cases, rule, cutoffs), strict=True)],
     }
 
 
@@ -270,7 +270,20 @@ def _point(p) -> dict[str, Any]:
             "sensitivity": c.sensitivity().value, "specificity": c.specificity().value}
 
 
-def _case_row(c: EvalCase) -> dict[str, Any]:
+def _positive_up_to(cases: Sequence[EvalCase], rule: CaseRule, cutoffs: Sequence[float]) -> list[float | None]:
+    """Each case's highest cutoff (of ``cutoffs``, ascending from the served one) at which the case rule still
+    calls it positive; None when it is not positive at the first: a study-level score a reader can sweep."""
+    out: list[float | None] = [None] * len(cases)
+    still = [True] * len(cases)  # positive at every cutoff so far
+    for cutoff in sorted(cutoffs):
+        for i, verdict in enumerate(_verdicts(cases, replace(rule, cutoff=cutoff))):
+            still[i] = still[i] and verdict == "positive"
+            if still[i]:
+                out[i] = cutoff
+    return out
+
+
+def _case_row(c: EvalCase, positive_up_to: float | None = None) -> dict[str, Any]:
     r = c.result
     ev = r.evidence if r is not None else None
     return {
@@ -282,6 +295,7 @@ def _case_row(c: EvalCase) -> dict[str, Any]:
         "correct": (r is not None and r.verdict in ("positive", "negative") and (r.verdict == "positive") == c.label),
         "n_slices": len(r.slices) if r else 0,
         "run": f"{ev.n_slices} in {ev.quadrant}" if ev else "",
+        "positive_up_to": positive_up_to,
         "seconds": c.seconds,
         "error": c.error,
     }

@@ -8,7 +8,7 @@ pure report of :mod:`aggregator.report`) and nothing below imports it.
   set; a NIfTI set written as DICOM studies.
 * :mod:`evaluation.runners`: the serving paths (the gateway's HTTP API, the in-process reference) and
   the fan-out of a set through one of them.
-* :mod:`evaluation.output`: ``report.md``, ``report.json``, ``results.jsonl`` and the PNG plots.
+* :mod:`evaluation.output`: ``report.md``, ``report.json``, ``results.jsonl``, ``results.csv`` and the PNG plots.
 * :mod:`evaluation.cli`: the command.
 
 Errors

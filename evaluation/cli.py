@@ -43,8 +43,8 @@ Per-image truth: a slice is positive when its lesion mask covers more than ``--m
 (default 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip)
 are left out of the per-image metrics.
 
-Output (``--out``): ``report.md``, ``report.json``, ``results.jsonl`` (every CaseResult with its truth)
-and PNG plots.
+Output (``--out``): ``report.md``, ``report.json``, ``results.jsonl`` (every CaseResult with its truth),
+``results.csv`` (one row per study) and PNG plots.
 """
 
 from __future__ import annotations

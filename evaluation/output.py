@@ -1,4 +1,5 @@
-"""The files of a ``ctscreen eval`` report: ``report.md``, ``report.json``, ``results.jsonl`` and PNG plots.
+"""The files of a ``ctscreen eval`` report: ``report.md``, ``report.json``, ``results.jsonl``, ``results.csv``
+and PNG plots.
 
 The report itself (Table 3, curves, hard negatives) is built by the pure :func:`aggregator.report.build_report`
 and laid out by :func:`aggregator.report.render_markdown`; this module writes it and draws the plots.
@@ -6,6 +7,7 @@ and laid out by :func:`aggregator.report.render_markdown`; this module writes it
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,7 +105,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
 def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] | None = None,
                  cutoffs: Sequence[float] = DEFAULT_CUTOFFS, indeterminate_as: IndeterminateAs = "positive",
                  goal: Goal | None = None) -> dict[str, Any]:
-    """Build the report of ``cases`` and write ``report.md``, ``report.json``, ``results.jsonl`` and plots."""
+    """Build the report of ``cases`` and write ``report.md``, ``report.json``, ``results.jsonl``, ``results.csv``
+    and plots."""
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(cases, cutoffs=cutoffs, indeterminate_as=indeterminate_as, goal=goal, meta=meta)
     plots = write_plots(report, out)
@@ -115,4 +118,21 @@ def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] |
                    "seconds": c.seconds, "slice_truth": dict(c.slice_truth),
                    "result": None if c.result is None else c.result.model_dump(mode="json")}
             fh.write(json.dumps(row, sort_keys=True) + "\n")
+    write_results_csv(report["cases"], out / "results.csv")
     return report
+
+
+RESULTS_CSV_COLUMNS = ("case_id", "kind", "label", "verdict", "reason", "correct", "n_slices", "run",
+                       "positive_up_to", "seconds", "error")
+"""``results.csv``: one row per study, for a spreadsheet or a scoring script of one's own (``positive_up_to``:
+the highest cutoff of the report's curves at which the study is still positive, empty when it is not)."""
+
+
+def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """The report's cases as CSV (UTF-8, ``,``, a header of :data:`RESULTS_CSV_COLUMNS`)."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULTS_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else int(row[k]) if isinstance(row.get(k), bool)
+                                 else row[k]) for k in RESULTS_CSV_COLUMNS})

@@ -162,3 +162,17 @@ def test_results_jsonl_rows_validate_as_case_results(cases, tmp_path):
         row = json.loads(line)
         if row["result"] is not None:
             CaseResult.model_validate(row["result"])
+
+
+def test_results_csv_has_a_row_per_study_and_a_score_to_sweep(cases, tmp_path):
+    """results.csv: what a scoring script of one's own reads; positive_up_to is the highest cutoff of the curves
+    at which the case rule still calls the study positive (c2's boxes score 0.6: positive up to 0.6 only)."""
+    import csv
+
+    write_report(cases, tmp_path, cutoffs=[0.5, 0.6, 0.7, 0.95])
+    rows = {r["case_id"]: r for r in csv.DictReader((tmp_path / "results.csv").open(encoding="utf-8"))}
+    assert list(rows) == [c.case_id for c in cases]
+    assert rows["c1"]["positive_up_to"] == "0.7" and rows["c2"]["positive_up_to"] == "0.6"  # scores 0.9, 0.6
+    assert rows["n1"]["positive_up_to"] == "" and rows["n2"]["verdict"] == "positive" and rows["n2"]["correct"] == "0"
+    assert rows["f1"]["verdict"] == "failed" and rows["f1"]["error"].startswith("no_usable_series")
+    assert rows["c1"]["label"] == "1" and rows["c1"]["correct"] == "1"
