@@ -134,5 +134,13 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=RESULTS_CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else int(row[k]) if isinstance(row.get(k), bool)
-                                 else row[k]) for k in RESULTS_CSV_COLUMNS})
+            writer.writerow({k: _csv_value(row.get(k)) for k in RESULTS_CSV_COLUMNS})
+
+
+def _csv_value(value: Any) -> Any:
+    """A report value as a CSV cell: "" for None, 1/0 for a truth value, seconds to the millisecond."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return int(value)
+    return round(value, 3) if isinstance(value, float) else value
