@@ -56,7 +56,7 @@ def in_process_runner(repo: Path | None) -> Runner:
     from ctscreen.reference import ReferencePipeline
     from ctscreen.repo import model_provenance
     from gateway.client import collect_files
-    from gateway.errors import GatewayError
+    from gateway.errors import GatewayError, NoUsableSeries
     from gateway.ingest import load_study
 
     pipe = ReferencePipeline.from_repo(repo)
@@ -68,8 +68,9 @@ def in_process_runner(repo: Path | None) -> Runner:
         files = collect_files(case.path)
         try:
             study = load_study([(str(f.relative_to(case.path)), f.read_bytes()) for f in files])
-        except GatewayError as exc:
-            return None, time.monotonic() - t0, f"{exc.reason}: {exc.message}"
+        except GatewayError as exc:  # the reason the upload route would answer (an MR series: not_ct)
+            reason, message, _ = exc.narrowed() if isinstance(exc, NoUsableSeries) else (exc.reason, exc.message, 0)
+            return None, time.monotonic() - t0, f"{reason}: {message}"
         t1 = time.monotonic()
         boxes, valid, _ = pipe.run(study.hu)
         t2 = time.monotonic()

@@ -219,6 +219,15 @@ class NoUsableSeries(InvalidInput):
         body["rejected"] = [{"filename": f, "reason": r, "message": m} for f, r, m in self.rejected]
         return body
 
+    def narrowed(self) -> tuple[str, str, int]:
+        """``(reason, message, HTTP status)`` to answer with: every file refused for the same reason (e.g.
+        ``not_ct``: an MR series) answers with that reason and its message, anything else with this one's."""
+        reasons = {r[1] for r in self.rejected}
+        only = REASONS.get(next(iter(reasons))) if len(reasons) == 1 else None
+        if only is None:
+            return self.reason, self.message, self.http_status
+        return only.reason, f"{self.message} {self.rejected[0][2]}", only.http_status
+
 
 class MixedStudies(InvalidInput):
     """One upload holds CT images of more than one study: only one could be screened."""

@@ -448,3 +448,20 @@ def test_a_nifti_volume_with_its_lesion_mask_counts_per_image_too(tmp_path, caps
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_study_that_is_no_ct_fails_with_the_reason_the_upload_route_gives(phantom_set, tmp_path):
+    """In process, an MR series failed as no_usable_series where the serving path answers not_ct (the API's
+    narrowing of a refusal every file shares lived in its exception handler): one rule, both paths."""
+    import pydicom
+
+    covid = next(p for p in sorted(phantom_set.iterdir()) if (p / "manifest.json").is_file())
+    (tmp_path / "MR1").mkdir()
+    for i, f in enumerate(sorted((covid / "dicom").iterdir())[:3]):
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(tmp_path / "MR1" / f"IM{i}")
+    (tmp_path / "labels.csv").write_text("study,label\nMR1,0\n")
+    code, report, rows = _run(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "r"), "-q"])
+    assert rows[0]["error"].startswith("not_ct: ") and "Modality is 'MR'" in rows[0]["error"], rows[0]["error"]

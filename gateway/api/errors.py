@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.audit import note_reason
-from gateway.errors import REASONS, GatewayError, NoUsableSeries
+from gateway.errors import GatewayError, NoUsableSeries
 from gateway.phi import withheld
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
         body, status = exc.to_dict(), exc.http_status
-        if isinstance(exc, NoUsableSeries):
-            # every file refused for the same reason (e.g. not_dicom): answer with that reason
-            reasons = {r[1] for r in exc.rejected}
-            if len(reasons) == 1 and next(iter(reasons)) in REASONS:
-                only = REASONS[next(iter(reasons))]
-                body = {**body, "reason": only.reason, "message": f"{exc.message} {exc.rejected[0][2]}"}
-                status = only.http_status
+        if isinstance(exc, NoUsableSeries):  # every file refused for the same reason: answer with that reason
+            reason, message, status = exc.narrowed()
+            body = {**body, "reason": reason, "message": message}
         _note(request.scope, body["reason"])
         return JSONResponse(body, status_code=status, headers=exc.headers() or None)
 
