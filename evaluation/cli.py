@@ -11,7 +11,8 @@ Serving paths
   ``ctscreen serve`` does; ``CTSCREEN_TRITON_MODEL=ct_screen`` screens through the ensemble, which gives
   the same boxes, tested); every study is uploaded with
   ``POST /v1/studies`` and followed on ``/v1/jobs/{id}``, exactly as ``ctscreen screen`` does.
-* ``--url URL``: the same HTTP client against a gateway that is already running (a cluster).
+* ``--url URL``: the same HTTP client against a gateway that is already running (a cluster), with the
+  credential ``ctscreen screen`` sends (``$CTSCREEN_TOKEN``); a refused credential ends the run.
 * ``--in-process``: the **reference**, not the serving path: ingest (:func:`gateway.ingest.load_study`),
   ONNX Runtime on ``model_repository/*/1/model.onnx`` and :func:`ctscreen.postprocess.postprocess_batch`
   in this process (:class:`ctscreen.reference.ReferencePipeline`), then :func:`aggregator.case.decide`.
@@ -103,8 +104,11 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
         return
     import httpx
 
+    from gateway.client import http_client
+
     if args.url:
-        with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout) as client:
+        # the credential ctscreen screen sends ($CTSCREEN_TOKEN): a cluster's gateway refuses anonymous uploads
+        with http_client(args.url.rstrip("/"), args.timeout) as client:
             try:
                 ready = client.get("/readyz/triton")
             except httpx.HTTPError as exc:
@@ -126,7 +130,7 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
                                                       settings_overrides=audit))
         except (CliError, RuntimeError, OSError) as exc:
             raise EvalError(f"cannot start the embedded stack: {exc}") from exc
-        client = resources.enter_context(httpx.Client(base_url=stack.url, timeout=args.timeout))
+        client = resources.enter_context(http_client(stack.url, args.timeout))
         triton = f"Triton at {args.triton_url}" if args.triton_url else "embedded Triton, cpu profile"
         yield _Path(http_runner(client, args.timeout), f"embedded stack (ctscreen serve: {triton} + gateway, HTTP API)")
 

@@ -25,12 +25,17 @@ from typing import Any
 
 from aggregator.report import EvalCase
 from aggregator.schema import CaseResult
+from evaluation import EvalError
 from evaluation.dataset import LabelledCase
 
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[LabelledCase], tuple[CaseResult | None, float, str | None]]
-"""Screens one case: ``(result or None, seconds, error or None)``."""
+"""Screens one case: ``(result or None, seconds, error or None)``; raises
+:class:`~evaluation.EvalError` when no case can be screened (the run stops)."""
+
+REFUSED_CREDENTIAL = ("unauthorized", "insufficient_scope", "auth_not_configured")
+"""The gateway's reasons for refusing a call's credential (:mod:`gateway.errors`)."""
 
 
 def http_runner(client: Any, timeout_s: float) -> Runner:
@@ -41,6 +46,9 @@ def http_runner(client: Any, timeout_s: float) -> Runner:
         outcome = screen_path(client, case.path, quiet=True, max_wait_s=timeout_s)
         if outcome.result is None:
             err = outcome.error or {}
+            if err.get("reason") in REFUSED_CREDENTIAL:  # every study would fail alike: not a verdict on any
+                raise EvalError(f"the gateway refuses the credential ({err['reason']}): set CTSCREEN_TOKEN to an API "
+                                "key or access token with the studies:write and results:read scopes")
             return None, outcome.seconds, f"{err.get('reason', 'error')}: {err.get('message', '')}".strip()
         return CaseResult.model_validate(outcome.result), outcome.seconds, None
 
@@ -89,6 +97,8 @@ def _run_one(case: LabelledCase, runner: Runner) -> EvalCase:
     t0 = time.monotonic()
     try:
         result, seconds, error = runner(case)
+    except EvalError:  # nothing can be screened (a refused credential): the run ends, with its one-line error
+        raise
     except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
         logger.debug("case %s failed", case.case_id, exc_info=True)
         result, seconds, error = None, time.monotonic() - t0, f"{type(exc).__name__}: {exc}"
@@ -115,7 +125,11 @@ def run_cases(cases: Sequence[LabelledCase], runner: Runner, *, workers: int, qu
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctscreen-eval") as pool:
         futures = [pool.submit(_run_one, case, runner) for case in cases]
         out = []
-        for i, future in enumerate(futures, 1):
-            out.append(future.result())
-            report(i, out[-1])
+        try:
+            for i, future in enumerate(futures, 1):
+                out.append(future.result())
+                report(i, out[-1])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # the cases not begun are not sent
+            raise
         return out

@@ -465,3 +465,26 @@ def test_a_study_that_is_no_ct_fails_with_the_reason_the_upload_route_gives(phan
     code, report, rows = _run(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
                                "--out", str(tmp_path / "r"), "-q"])
     assert rows[0]["error"].startswith("not_ct: ") and "Modality is 'MR'" in rows[0]["error"], rows[0]["error"]
+
+
+@pytest.mark.triton
+def test_eval_against_a_gateway_that_asks_for_a_credential_sends_ctscreen_token(phantom_set, triton, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """ctscreen eval --url sent no credential: against a cluster's gateway every upload was refused (401), every
+    study a failed row counted positive. It sends $CTSCREEN_TOKEN as ctscreen screen does, and a refused
+    credential ends the run with one line instead of a report of failures."""
+    from gateway.cli import run_stack
+    from gateway.keys import KeyStore
+
+    keyfile = tmp_path / "keys.json"
+    key, _ = KeyStore(keyfile).add("evaluator", ["studies:write", "results:read"])
+    argv = ["--data", str(phantom_set), "--url", "", "--out", str(tmp_path / "r"), "-q", "--limit", "1"]
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides={"auth_api_keys_file": keyfile}) as stack:
+        argv[3] = stack.url
+        monkeypatch.delenv("CTSCREEN_TOKEN", raising=False)
+        assert eval_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "refuses the credential (unauthorized): set CTSCREEN_TOKEN" in err and len(err.splitlines()) == 1
+        monkeypatch.setenv("CTSCREEN_TOKEN", key)
+        code, report, rows = _run(argv)
+        assert report["n_failed"] == 0 and rows[0]["result"]["verdict"] in ("positive", "negative")
