@@ -779,3 +779,33 @@ def test_the_delivery_list_words_a_retraction_and_reads_the_servers_clock(stack,
     page.goto(f"{stack.url}/#/")
     page.goto(f"{stack.url}/#/study/{job_id}")
     sync_api.expect(page.locator("section.deliveries p.hint")).to_have_text("Not sent yet.")
+
+
+AXE_RULES = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa",
+                                                    "best-practice"]}}
+"""axe-core's WCAG 2.0-2.2 A and AA rules and its best practices."""
+
+
+def test_every_view_passes_axe_cores_wcag_rules(stack, screened, page):
+    """The worklist, a positive and a negative study with their delivery panels, the service view and the
+    sign-in box, checked by axe-core (the engine behind Lighthouse's accessibility audit; bundled by
+    axe-playwright-python, nothing downloaded) against WCAG 2.2 A/AA and its best practices."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    axe = Axe()
+    covid, normal = screened["covid"][0], screened["normal"][0]
+    views = [("/", f'tr[data-job-id="{covid}"]'), (f"/#/study/{covid}", "tbody[data-destination]"),
+             (f"/#/study/{normal}", "tbody[data-destination]"), ("/#/service", "table.endpoints")]
+    for route, ready in views:
+        page.goto(stack.url + route)
+        page.wait_for_selector(ready)
+        page.wait_for_function("() => document.querySelector('main')?.dataset.loaded")
+        violations = axe.run(page, options=AXE_RULES).response["violations"]
+        assert not violations, [(route, v["id"], v["help"], [n["target"] for n in v["nodes"][:3]]) for v in violations]
+    page.click("#signin-toggle")
+    page.wait_for_selector("#credential")
+    violations = axe.run(page, options=AXE_RULES).response["violations"]
+    assert not violations, [("sign-in", v["id"], v["help"]) for v in violations]
+    # the check is live: a button without a name is found
+    page.evaluate("document.querySelector('main').append(document.createElement('button'))")
+    assert "button-name" in {v["id"] for v in axe.run(page, options=AXE_RULES).response["violations"]}
