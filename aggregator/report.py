@@ -307,6 +307,11 @@ def _cell(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _percent(v: float | None) -> str:
+    """``95.0%``, or ``n/a`` (no percent sign)."""
+    return "n/a" if v is None else f"{_pct(v)}%"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -352,8 +357,8 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     lines += [
         "",
         f"**Per-patient goal** (sensitivity >= {g['sensitivity']:.2f}, specificity >= {g['specificity']:.2f}): "
-        f"{goal_words(g).removeprefix('goal ')} (sensitivity {_pct(pp['sensitivity']['value'])}%, "
-        f"specificity {_pct(pp['specificity']['value'])}%).",
+        f"{goal_words(g).removeprefix('goal ')} (sensitivity {_percent(pp['sensitivity']['value'])}, "
+        f"specificity {_percent(pp['specificity']['value'])}).",
         "",
         "## Case rule",
         "",

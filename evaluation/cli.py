@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str]) -> int:
-    """``ctscreen eval``; returns the exit status (0 done, 1 goal not met, 2 bad arguments or data)."""
+    """``ctscreen eval``; returns the exit status (0 goal met, 1 goal not met or a study failed, 2 bad arguments
+    or data)."""
     args = _parser().parse_args(argv)
     if args.timeout <= 0:
         print("ctscreen eval: --timeout must be > 0", file=sys.stderr)
@@ -282,8 +283,10 @@ def eval_main(argv: list[str]) -> int:
     pp = report["per_patient"]["metrics"]
     sens, spec = pp["sensitivity"]["value"], pp["specificity"]["value"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    failed = (f"; {report['n_failed']} of {report['n_cases']} studies failed, counted as {args.indeterminate_as} "
-              "(see the report's cases)" if report["n_failed"] else "")
+    counted = "left out" if args.indeterminate_as == "exclude" else f"counted {args.indeterminate_as}"
+    failed = (f"; {report['n_failed']} of {report['n_cases']} studies failed ({counted}; see the report's cases)"
+              if report["n_failed"] else "")
     print(f"per patient: sensitivity {fmt(sens)}, specificity {fmt(spec)} ({goal_words(report['goal'])}){failed}; "
           f"report in {args.out / 'report.md'}")
-    return 0 if report["goal"]["met"] else 1
+    # a study that failed has no verdict: the run did not measure what it was asked to, whatever the goal says
+    return 0 if report["goal"]["met"] and not report["n_failed"] else 1

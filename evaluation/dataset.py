@@ -217,7 +217,7 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
             raise EvalError(f"{where}: label {word!r} of {study!r} is not one of "
                             f"{', '.join(LABEL_WORDS)}" if word else f"{where}: {study!r} has no label")
         label = LABEL_WORDS[word.lower()]
-        if kind.lower() in (_CONTRADICTS[label]):
+        if _contradicts(kind, label):
             raise EvalError(f"{where}: kind {kind!r} of {study!r} contradicts its label {word!r}")
         path = data / study.replace("\\", "/")
         key = str(path.resolve())
@@ -244,8 +244,18 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     return rows
 
 
-_CONTRADICTS = {True: ("non-covid", "normal", "negative"), False: ("covid", "covid-19", "positive")}
-"""Kinds that say the opposite of a label (a typo in one of the two columns)."""
+def _contradicts(kind: str, label: bool) -> bool:
+    """Whether a kind says the opposite of its label (a slip in one of the two columns).
+
+    >>> [_contradicts(k, False) for k in ("COVID-19 pneumonia", "covid19", "non_covid", "bacterial")]
+    [True, True, False, False]
+    >>> [_contradicts(k, True) for k in ("healthy", "Non-COVID", "normal", "covid")]
+    [True, True, True, False]
+    """
+    word = re.sub(r"[^a-z0-9]", "", kind.lower())
+    if label:
+        return word in ("noncovid", "noncovid19", "normal", "negative", "healthy")
+    return word.startswith(("covid", "positive"))
 
 
 def is_nifti(path: Path) -> bool:

@@ -125,7 +125,8 @@ def write_report(cases: Sequence[EvalCase], out: Path, *, meta: dict[str, Any] |
 RESULTS_CSV_COLUMNS = ("case_id", "kind", "label", "verdict", "reason", "correct", "n_slices", "run",
                        "positive_up_to", "seconds", "error")
 """``results.csv``: one row per study, for a spreadsheet or a scoring script of one's own (``positive_up_to``:
-the highest cutoff of the report's curves at which the study is still positive, empty when it is not)."""
+the highest cutoff of the report's curves at which the study is still positive, empty when it is not and for
+a study that failed, which has no verdict: the report's curves count it as ``--indeterminate-as`` says)."""
 
 
 def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:

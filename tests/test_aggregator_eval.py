@@ -410,7 +410,13 @@ def test_a_study_that_fails_is_said_in_the_summary_and_its_row(tmp_path, capsys)
                                "--out", str(tmp_path / "r")])
     out = capsys.readouterr().out
     assert report["n_failed"] == 1 and rows[0]["error"] and code == 1
-    assert "1 of 1 studies failed, counted as positive (see the report's cases)" in out
+    assert "1 of 1 studies failed (counted positive; see the report's cases)" in out
+    # a COVID-19 study that failed counts positive by default: the goal reads met, but the run measured
+    # nothing, and its exit status says so (it was 0, what a CI gate on the exit status takes as a pass)
+    (tmp_path / "labels.csv").write_text("study,label\nP1,1\n")
+    code, report, _ = _run(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                            "--out", str(tmp_path / "r"), "-q"])
+    assert report["goal"]["met"] is True and code == 1
     row = next(line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| P1 |"))
     assert "failed **x**" in row and rows[0]["error"].split(":")[0] in row
 
@@ -488,3 +494,35 @@ def test_eval_against_a_gateway_that_asks_for_a_credential_sends_ctscreen_token(
         monkeypatch.setenv("CTSCREEN_TOKEN", key)
         code, report, rows = _run(argv)
         assert report["n_failed"] == 0 and rows[0]["result"]["verdict"] in ("positive", "negative")
+
+
+def test_a_mask_is_taken_voxel_for_voxel_on_the_volumes_grid(tmp_path):
+    """A mask whose header placed it otherwise than its volume (here z flipped) was turned by its own header:
+    its lesions landed on other slices and the per-image truth was wrong, silently."""
+    import doctest
+
+    import nibabel as nib
+
+    import evaluation.dataset
+
+    assert doctest.testmod(evaluation.dataset).failed == 0  # _contradicts' cases
+    data = tmp_path / "set"
+    (data / "masks").mkdir(parents=True)
+    hu = np.full((64, 64, 30), -1000, np.int16)
+    hu[8:56, 8:56] = 40
+    hu[12:30, 12:52] = -850
+    hu[34:52, 12:52] = -850
+    flipped = np.diag([0.7, 0.7, -5.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, flipped), data / "v.nii.gz")
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[15:25, 15:25, 2:8] = 1  # voxel slices 2-7 of the volume's array
+    nib.save(nib.Nifti1Image(mask, flipped), data / "masks" / "same.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.diag([0.7, 0.7, 5.0, 1.0])), data / "masks" / "other.nii.gz")
+    truths = []
+    for name in ("same", "other"):
+        (data / "labels.csv").write_text(f"study,label,mask\nv.nii.gz,1,masks/{name}.nii.gz\n")
+        code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                                   "--work", str(tmp_path / f"work-{name}"), "--out", str(tmp_path / "r"), "-q"])
+        truths.append(sorted(round(s["position_mm"]) for s in rows[0]["result"]["slices"]
+                             if rows[0]["slice_truth"].get(s["sop_instance_uid"])))
+    assert len(truths[0]) == 6 and truths[0] == truths[1]

@@ -76,7 +76,8 @@ def test_a_set_of_one_class_is_judged_on_the_measure_it_has(cases):
     negatives = [_case("n1", "normal", False, set()), _case("n2", "normal", False, {6})]
     report = build_report(negatives)
     assert report["goal"] == {"sensitivity": 0.95, "specificity": 0.90, "measured": ["specificity"], "met": True}
-    assert "met on specificity; sensitivity not measured: no COVID-19 study" in render_markdown(report)
+    assert "met on specificity; sensitivity not measured: no COVID-19 study (sensitivity n/a, specificity 100.0%)" \
+        in render_markdown(report)
     worse = build_report([*negatives, _case("n3", "tb", False, {3, 4, 5})])
     assert worse["goal"]["met"] is False and goal_words(worse["goal"]).startswith("goal NOT met on specificity")
     assert build_report([_case("c1", "covid", True, {2, 3, 4})])["goal"]["measured"] == ["sensitivity"]

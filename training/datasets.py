@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -296,13 +297,25 @@ def load_nifti_case(
     case_id: str, volume: Path, lesion: Path | None, lung: Path | None = None
 ) -> Volume:
     """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, masks > 0; no ``lesion`` file: an
-    empty lesion mask, for a volume labelled per study only)."""
+    empty lesion mask, for a volume labelled per study only).
+
+    A mask is taken voxel for voxel on the volume's grid (its array in the volume's orientation), whatever
+    its own header says: a mask written with another affine (a tool's identity, a flipped z) was turned by
+    its own and its lesions landed on other slices."""
     import nibabel as nib
 
+    def on_volume_grid(mask_path: Path, img: Any) -> np.ndarray:
+        mask: Any = nib.load(str(mask_path))
+        if not np.allclose(mask.affine, img.affine, atol=1e-2):
+            logger.warning("%s: the mask's header places it otherwise than the volume's; taken voxel for voxel "
+                           "on the volume's grid", case_id)
+        return _axial_slices(nib.Nifti1Image(np.asanyarray(mask.dataobj), img.affine)) > 0
+
     try:
-        hu = _axial_slices(nib.load(str(volume))).astype(np.float32)
-        les = _axial_slices(nib.load(str(lesion))) > 0 if lesion is not None else np.zeros(hu.shape, bool)
-        lng = _axial_slices(nib.load(str(lung))) > 0 if lung is not None else None
+        img: Any = nib.load(str(volume))
+        hu = _axial_slices(img).astype(np.float32)
+        les = on_volume_grid(lesion, img) if lesion is not None else np.zeros(hu.shape, bool)
+        lng = on_volume_grid(lung, img) if lung is not None else None
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:  # EOFError: a truncated .gz
         raise DataError(f"{case_id}: cannot read NIfTI: {exc}") from exc
     except DataError as exc:  # not 3-D
