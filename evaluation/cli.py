@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aggregator.case import CaseRule
 from aggregator.report import DEFAULT_CUTOFFS, goal_words
 from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
@@ -208,6 +209,10 @@ def eval_main(argv: list[str]) -> int:
         except ValueError as exc:
             print(f"ctscreen eval: --triton-url: {exc}", file=sys.stderr)
             return 2
+    below = [c for c in args.cutoffs if c < CaseRule().cutoff]
+    if below:  # the curves start at the served cutoff (a box under it was never kept): say so, not drop them
+        print(f"ctscreen eval: --cutoffs below the served {CaseRule().cutoff:.2f} are not measured (the served "
+              f"results hold no box under it): {', '.join(f'{c:g}' for c in below)} left out", file=sys.stderr)
     if args.labels is not None and args.make_phantom:
         print("ctscreen eval: --labels names your own studies; --make-phantom writes phantom studies with their "
               "own truth: give one or the other", file=sys.stderr)

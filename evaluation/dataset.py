@@ -189,7 +189,8 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
         line number said).
     """
     text = _labels_text(labels)
-    lines = text.splitlines()
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # CSV's line ends only (splitlines also
+    # breaks at U+2028 and the like inside a cell, which shifted every line number after it)
     if not any(line.strip() for line in lines):
         raise EvalError(f"--labels {labels}: the file is empty (expected a header row: study,label[,kind])")
     sep, skip = _header(lines)

@@ -239,6 +239,7 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
     ("study,label,kind\nP0001,0,covid\n", "line 2: kind 'covid' of 'P0001' contradicts its label '0'"),
     # a quoted comment over two lines: the error names the line in the file, not the record's number
     ('study,label,comment\nP0001,1,"two\nlines"\nP0009,0,\n', "line 4: 'P0009'"),
+    ('study,label,comment\nP0001,1,"a\u2028b"\nP0009,0,\n', "line 3: 'P0009'"),  # a line separator in a cell
     ("", "the file is empty"),
     ("study,label\n\n", "no study listed under the header row"),
 ])
@@ -276,6 +277,13 @@ def test_a_labels_file_as_spreadsheets_save_it_is_read(tmp_path, raw, ok):
         return
     (row,) = read_labels(tmp_path / "labels.csv", tmp_path)
     assert row.label is True and row.path.resolve() == (tmp_path / "sub" / "P0001").resolve()
+
+
+def test_cutoffs_under_the_served_one_are_said_to_be_left_out(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("study,label\nnone,0\n")
+    assert eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
+                      "--cutoffs", "0.3,0.5,0.7", "--out", str(tmp_path / "r"), "-q"]) == 2
+    assert "--cutoffs below the served 0.50 are not measured" in capsys.readouterr().err
 
 
 def test_labels_and_make_phantom_do_not_go_together(tmp_path, capsys):
