@@ -183,10 +183,13 @@ def build_report(
     rule = CaseRule.from_params(results[0].rule) if results else CaseRule()
     rules = {r.rule.model_dump_json() for r in results}
 
-    def patient_at(cutoff: float) -> Confusion:
-        return Confusion.from_verdicts(truth, _verdicts(cases, replace(rule, cutoff=cutoff)), indeterminate_as)
+    cutoffs = [float(c) for c in cutoffs if c >= rule.cutoff] or [rule.cutoff]
+    # every case replayed once per cutoff: the patient curve and each case's positive_up_to read these
+    verdicts_at = {c: _verdicts(cases, replace(rule, cutoff=c)) for c in sorted(set(cutoffs))}
 
-    cutoffs = [c for c in cutoffs if c >= rule.cutoff] or [rule.cutoff]
+    def patient_at(cutoff: float) -> Confusion:
+        return Confusion.from_verdicts(truth, verdicts_at[cutoff], indeterminate_as)
+
     patient_curve = sweep(cutoffs, patient_at)
     image_curve = sweep(cutoffs, lambda c: _per_image(cases, c))
     sens, spec = patient.sensitivity().value, patient.specificity().value
@@ -224,7 +227,7 @@ def build_report(
             "median_s": _median(seconds),
             "total_s": sum(seconds) if seconds else None,
         },
-        "cases": [_case_row(c, up_to) for c, up_to in zip(cases, _positive_up_to(cases, rule, cutoffs), strict=True)],
+        "cases": [_case_row(c, up_to) for c, up_to in zip(cases, _positive_up_to(verdicts_at), strict=True)],
     }
 
 
@@ -270,13 +273,15 @@ def _point(p) -> dict[str, Any]:
             "sensitivity": c.sensitivity().value, "specificity": c.specificity().value}
 
 
-def _positive_up_to(cases: Sequence[EvalCase], rule: CaseRule, cutoffs: Sequence[float]) -> list[float | None]:
-    """Each case's highest cutoff (of ``cutoffs``, ascending from the served one) at which the case rule still
-    calls it positive; None when it is not positive at the first: a study-level score a reader can sweep."""
-    out: list[float | None] = [None] * len(cases)
-    still = [True] * len(cases)  # positive at every cutoff so far
-    for cutoff in sorted(cutoffs):
-        for i, verdict in enumerate(_verdicts(cases, replace(rule, cutoff=cutoff))):
+def _positive_up_to(verdicts_at: Mapping[float, list[str]]) -> list[float | None]:
+    """Each case's highest cutoff (of ``verdicts_at``'s, the cases' verdicts replayed at each, ascending from
+    the served one) at which the case rule still calls it positive; None when it is not positive at the first:
+    a study-level score a reader can sweep."""
+    n = len(next(iter(verdicts_at.values())))
+    out: list[float | None] = [None] * n
+    still = [True] * n  # positive at every cutoff so far
+    for cutoff in sorted(verdicts_at):
+        for i, verdict in enumerate(verdicts_at[cutoff]):
             still[i] = still[i] and verdict == "positive"
             if still[i]:
                 out[i] = cutoff

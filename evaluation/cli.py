@@ -253,7 +253,8 @@ def eval_main(argv: list[str]) -> int:
                     print(f"NIfTI set: {len(written)} cases written as DICOM studies under {data}", file=sys.stderr)
             cases = discover(data, args.min_lesion_px)
             if written is not None:  # this set's cases only: never a study left there by an earlier set
-                cases = [c for c in cases if c.case_id in set(written)]
+                ids = set(written)
+                cases = [c for c in cases if c.case_id in ids]
             note = ""
         if args.limit:
             cases = cases[: args.limit]

@@ -27,6 +27,7 @@ from aggregator.report import EvalCase
 from aggregator.schema import CaseResult
 from evaluation import EvalError
 from evaluation.dataset import LabelledCase
+from gateway.errors import AuthNotConfigured, InsufficientScope, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ Runner = Callable[[LabelledCase], tuple[CaseResult | None, float, str | None]]
 """Screens one case: ``(result or None, seconds, error or None)``; raises
 :class:`~evaluation.EvalError` when no case can be screened (the run stops)."""
 
-REFUSED_CREDENTIAL = ("unauthorized", "insufficient_scope", "auth_not_configured")
-"""The gateway's reasons for refusing a call's credential (:mod:`gateway.errors`)."""
+REFUSED_CREDENTIAL = tuple(error.reason for error in (Unauthorized, InsufficientScope, AuthNotConfigured))
+"""The gateway's reasons for refusing a call's credential."""
 
 
 def http_runner(client: Any, timeout_s: float) -> Runner:
@@ -64,7 +65,7 @@ def in_process_runner(repo: Path | None) -> Runner:
     from ctscreen.reference import ReferencePipeline
     from ctscreen.repo import model_provenance
     from gateway.client import collect_files
-    from gateway.errors import GatewayError, NoUsableSeries
+    from gateway.errors import GatewayError
     from gateway.ingest import load_study
 
     pipe = ReferencePipeline.from_repo(repo)
@@ -77,7 +78,7 @@ def in_process_runner(repo: Path | None) -> Runner:
         try:
             study = load_study([(str(f.relative_to(case.path)), f.read_bytes()) for f in files])
         except GatewayError as exc:  # the reason the upload route would answer (an MR series: not_ct)
-            reason, message, _ = exc.narrowed() if isinstance(exc, NoUsableSeries) else (exc.reason, exc.message, 0)
+            reason, message, _ = exc.narrowed()
             return None, time.monotonic() - t0, f"{reason}: {message}"
         t1 = time.monotonic()
         boxes, valid, _ = pipe.run(study.hu)

@@ -114,6 +114,11 @@ class GatewayError(Exception):
     def __str__(self) -> str:  # KeyError subclasses would quote it
         return self.message
 
+    def narrowed(self) -> tuple[str, str, int]:
+        """``(reason, message, HTTP status)`` to answer with: this error's own (a subclass may name a more
+        specific one, :meth:`NoUsableSeries.narrowed`)."""
+        return self.reason, self.message, self.http_status
+
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON body of an error response: ``reason``, ``message`` and ``filename``."""
         body: dict[str, Any] = {"reason": self.reason, "message": self.message}

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.audit import note_reason
-from gateway.errors import GatewayError, NoUsableSeries
+from gateway.errors import GatewayError
 from gateway.phi import withheld
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
-        body, status = exc.to_dict(), exc.http_status
-        if isinstance(exc, NoUsableSeries):  # every file refused for the same reason: answer with that reason
-            reason, message, status = exc.narrowed()
-            body = {**body, "reason": reason, "message": message}
+        reason, message, status = exc.narrowed()  # e.g. every file refused for the same reason: that reason
+        body = {**exc.to_dict(), "reason": reason, "message": message}
         _note(request.scope, body["reason"])
         return JSONResponse(body, status_code=status, headers=exc.headers() or None)
 
