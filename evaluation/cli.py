@@ -156,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder of labelled studies (phantom manifest.json), or of the studies --labels names")
     p.add_argument("--labels", type=Path, metavar="FILE",
                    help="CSV naming each study (a folder, DICOM file, zip or NIfTI volume, relative to --data) and its "
-                        "label: header study,label[,kind][,mask]; label 1/0 (positive/negative); mask: a NIfTI "
-                        "volume's lesion mask (per-image truth)")
+                        "label: header study,label[,kind][,mask]; label 1/0 (positive/negative); mask: the study's "
+                        "lesion mask, per-image truth (a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running gateway (default: start the embedded stack here)")
     where.add_argument("--in-process", action="store_true",

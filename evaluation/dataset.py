@@ -8,8 +8,9 @@ studies. :func:`discover` reads the set back as :class:`LabelledCase` records.
 A centre's own studies need no manifest: :func:`read_labels` reads a labels file (CSV: ``study``, ``label``
 and optionally ``kind`` and ``mask``), one row per study, the study being a folder of DICOM files, a DICOM
 file, a zip or a NIfTI volume under the set's folder, and :func:`labelled_cases` makes its cases (a NIfTI
-volume is first written as a DICOM study). Such cases have a per-patient truth only, unless a NIfTI volume
-comes with its lesion mask: then its slices count per image too.
+volume is first written as a DICOM study). Such cases have a per-patient truth only, unless a study comes with
+its lesion mask (a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG, :mod:`evaluation.seg`): then its
+slices count per image too.
 
 Per-image truth: a slice is positive when its lesion mask covers more than ``min_px`` pixels (default
 25, the paper's box size), negative when it covers none; slices in between (a lesion's tip) are left
@@ -37,6 +38,7 @@ import numpy as np
 from aggregator.schema import CaseResult
 from ctscreen.contracts import MIN_BOX_AREA
 from evaluation import EvalError
+from evaluation.seg import is_seg, read_seg, slice_truth_from_seg
 from gateway.client import CliError, collect_files
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,10 @@ class StudyLabel:
     """The row's ``kind``, or ``covid`` / ``non-covid`` from the label: the class of the report's
     false-positive table."""
     mask: Path | None = None
-    """A NIfTI volume's lesion mask (the row's ``mask``): per-image truth for its slices."""
+    """The study's lesion mask (the row's ``mask``): a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG;
+    per-image truth for its slices."""
+    where: str = ""
+    """Where the row is (``--labels FILE, line N``): the start of a message about it."""
 
 
 def _labels_text(labels: Path) -> str:
@@ -178,8 +183,9 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     a byte-order mark, UTF-16, Windows-1252) with a header row naming ``study`` and ``label`` (any case;
     further columns are ignored) and optionally ``kind`` and ``mask``. ``study`` is a path under ``data`` (``/``
     or ``\\``): a folder of one study's DICOM files (any depth), one DICOM file, a zip, or a NIfTI volume
-    (``.nii``, ``.nii.gz``) in Hounsfield units; ``mask``, for a NIfTI volume, its lesion mask (a NIfTI of the
-    same grid, lesion where not 0). ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
+    (``.nii``, ``.nii.gz``) in Hounsfield units; ``mask``, the study's lesion mask: for a NIfTI volume a NIfTI of
+    the same grid (lesion where not 0), for a DICOM study a DICOM SEG file of it (:mod:`evaluation.seg`).
+    ``label`` is one of :data:`LABEL_WORDS`. Blank lines are skipped.
 
     Raises
     ------
@@ -235,11 +241,12 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
                 raise EvalError(f"{where}: {study!r} holds no file to screen (empty, or only hidden files and "
                                 "non-DICOM ones such as .json .png .nii)") from None
         mask_path = data / mask.replace("\\", "/") if mask else None
-        if mask_path is not None and not is_nifti(path):
-            raise EvalError(f"{where}: a mask goes with a NIfTI volume; {study!r} is not one")
-        if mask_path is not None and not is_nifti(mask_path):
-            raise EvalError(f"{where}: mask {mask!r} of {study!r} is no NIfTI file under --data")
-        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid"), mask_path))
+        if mask_path is not None and is_nifti(path) and not is_nifti(mask_path):
+            raise EvalError(f"{where}: mask {mask!r} of the NIfTI volume {study!r} is no NIfTI file under --data")
+        if mask_path is not None and not is_nifti(path) and not (mask_path.is_file() and is_seg(mask_path)):
+            raise EvalError(f"{where}: mask {mask!r} of the DICOM study {study!r} is no DICOM Segmentation (SEG) "
+                            "file under --data")
+        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid"), mask_path, where))
     if not rows:
         raise EvalError(f"--labels {labels}: no study listed under the header row")
     return rows
@@ -285,8 +292,13 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
                    min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
     """The cases of a labels file's rows, in its order; each NIfTI volume first written as a DICOM study under
     ``work`` (reused by a later run while the volume is the same file, unchanged). Per-patient truth only,
-    but for a NIfTI volume with its mask, whose slices count per image (positive above ``min_px`` lesion
-    pixels, as :func:`slice_truth_from_manifest`)."""
+    but for a study with its mask, whose slices count per image (positive above ``min_px`` lesion pixels, as
+    :func:`slice_truth_from_manifest`): a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG.
+
+    Raises
+    ------
+    EvalError
+        A volume or a mask it cannot use, the row's line said."""
     cases = []
     volumes = sum(is_nifti(row.path) for row in rows)
     done = 0
@@ -297,13 +309,28 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
             if not quiet:
                 print(f"NIfTI {done}/{volumes}: {row.study} as a DICOM study", file=sys.stderr, flush=True)
             folder = _work_folder(work, row.study)
-            _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind)
+            try:
+                _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind)
+            except EvalError as exc:
+                raise EvalError(f"{row.where}: {exc}" if row.where else str(exc)) from None
             path = folder / "dicom"
             if row.mask is not None:
                 manifest = json.loads((folder / "manifest.json").read_text())
                 cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                           slice_truth=slice_truth_from_manifest(manifest, min_px)))
                 continue
+        elif row.mask is not None:
+            try:
+                seg = read_seg(row.mask, row.mask.name)
+                lesions = any(px > 0 for px in seg.pixels.values())
+                if lesions != row.label:  # as a NIfTI volume's mask (_write_nifti_study)
+                    raise EvalError(f"{row.study}: labelled positive, but its lesion mask marks none" if row.label
+                                    else f"{row.study}: labelled negative, but its lesion mask marks lesions")
+            except EvalError as exc:
+                raise EvalError(f"{row.where}: {exc}" if row.where else str(exc)) from None
+            cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
+                                      slice_truth=slice_truth_from_seg(seg, min_px, row.mask.name)))
+            continue
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                   slice_truth=lambda result: {}))
     return cases

@@ -454,9 +454,10 @@ def test_a_nifti_volume_with_its_lesion_mask_counts_per_image_too(tmp_path, caps
                             ("study,label,mask\nvols/c1.nii.gz,1,masks/empty.nii.gz\n",
                              "vols/c1.nii.gz: labelled positive, but its lesion mask marks none"),
                             ("study,label,mask\nP1,1,masks/c1.nii.gz\n",
-                             "line 2: a mask goes with a NIfTI volume; 'P1' is not one"),
+                             "line 2: mask 'masks/c1.nii.gz' of the DICOM study 'P1' is no DICOM Segmentation (SEG)"),
                             ("study,label,mask\nvols/c1.nii.gz,1,masks/none.nii.gz\n",
-                             "line 2: mask 'masks/none.nii.gz' of 'vols/c1.nii.gz' is no NIfTI file under --data")):
+                             "line 2: mask 'masks/none.nii.gz' of the NIfTI volume 'vols/c1.nii.gz' is no NIfTI file "
+                             "under --data")):
         (data / "labels.csv").write_text(labels)
         assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
@@ -534,3 +535,134 @@ def test_a_mask_is_taken_voxel_for_voxel_on_the_volumes_grid(tmp_path):
         truths.append(sorted(round(s["position_mm"]) for s in rows[0]["result"]["slices"]
                              if rows[0]["slice_truth"].get(s["sop_instance_uid"])))
     assert len(truths[0]) == 6 and truths[0] == truths[1]
+
+
+def _seg(sources: list[Path], lesion: np.ndarray, out: Path, *, lungs: bool = True, anatomy_only: bool = False) -> Path:
+    """A DICOM SEG of ``sources`` (in order) as highdicom writes it: the lungs (anatomy) and the lesions."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    images = [pydicom.dcmread(f) for f in sources]
+    algorithm = hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    described = []
+    arrays = []
+    if lungs or anatomy_only:
+        described.append((codes.SCT.AnatomicalStructure, codes.SCT.Lung, "lungs"))
+        body = np.zeros_like(lesion)
+        body[:, 40:200, 30:220] = True  # a lung-field box: anatomy, never counted
+        arrays.append(body)
+    if not anatomy_only:
+        described.append((codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion, "ground-glass opacity"))
+        arrays.append(lesion)
+    descriptions = [hd.seg.SegmentDescription(segment_number=i, segment_label=label, segmented_property_category=cat,
+                                              segmented_property_type=kind, algorithm_type=algorithm)
+                    for i, (cat, kind, label) in enumerate(described, 1)]
+    seg = hd.seg.Segmentation(
+        source_images=images, pixel_array=np.stack(arrays, axis=-1).astype(bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out)
+    return out
+
+
+def test_a_dicom_study_with_its_dicom_seg_counts_per_image_as_its_phantom_truth(phantom_set, reference, tmp_path,
+                                                                               caplog):
+    """A centre's lesion annotations are DICOM SEG objects beside the images; a labels file's ``mask`` took NIfTI
+    only, so a DICOM study counted per patient alone. The SEG of the phantom's own lesion mask gives each slice
+    the truth its manifest gives (the lungs' segment, anatomy, not counted)."""
+    import shutil
+
+    import phantom
+    from training.datasets import PHANTOM_EVAL_SEED0, phantom_kind
+
+    covid = next(p for p in sorted(phantom_set.iterdir()) if "covid" in p.name)
+    i = int(covid.name.split("-")[0])
+    study = phantom.make_study(PHANTOM_EVAL_SEED0 + i, kind=phantom_kind(i), n_slices=N_SLICES)
+    manifest = json.loads((covid / "manifest.json").read_text())
+    files = {int(f["index"]): covid / f["file"] for f in manifest["files"]}
+    sources = [files[k] for k in sorted(files)]
+    data = tmp_path / "export"
+    shutil.copytree(covid / "dicom", data / "P0001")
+    _seg(sources, study.lesion_mask.astype(bool), data / "seg" / "P0001-lesions.dcm")
+    (data / "labels.csv").write_text("study,label,mask\nP0001,1,seg/P0001-lesions.dcm\n")
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "r"), "-q"])
+    ref = next(r for r in reference[2] if r["case_id"] == covid.name)
+    assert ref["slice_truth"] and any(ref["slice_truth"].values())
+    assert rows[0]["slice_truth"] == ref["slice_truth"]
+    assert report["per_image"]["n"] == len(ref["slice_truth"])
+    assert "per-image truth from the lesion masks of 1 of 1 studies" in (tmp_path / "r" / "report.md").read_text()
+
+    # a SEG of another series: nothing matches, said, and the study counts per patient only
+    other = tmp_path / "other"
+    shutil.copytree(covid / "dicom", other)
+    import highdicom as hd
+    import pydicom
+
+    for f in other.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = hd.UID(), "1.2.3.4.5"
+        ds.save_as(f)
+    _seg(sorted(other.iterdir()), np.ones(study.lesion_mask.shape, bool), data / "seg" / "other.dcm", lungs=False)
+    (data / "labels.csv").write_text("study,label,mask\nP0001,1,seg/other.dcm\n")
+    with caplog.at_level("WARNING", logger="evaluation.seg"):
+        code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                                   "--out", str(tmp_path / "r2"), "-q"])
+    assert rows[0]["slice_truth"] == {} and rows[0]["result"]["verdict"] == ref["result"]["verdict"]
+    assert "references none of the" in caplog.text and "other.dcm" in caplog.text
+
+
+def test_a_mask_it_cannot_use_stops_the_run_naming_the_line(phantom_set, tmp_path, capsys):
+    """A mask that is no SEG for a DICOM study, a SEG of anatomy only, a SEG that contradicts the label, a SEG
+    for a NIfTI volume: each one line naming the labels file's line, before anything is screened."""
+    import shutil
+
+    covid = next(p for p in sorted(phantom_set.iterdir()) if "covid" in p.name)
+    sources = sorted((covid / "dicom").iterdir())
+    data = tmp_path / "export"
+    shutil.copytree(covid / "dicom", data / "P0001")
+    import pydicom
+
+    first = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    empty = np.zeros((len(sources), first.Rows, first.Columns), bool)
+    some = empty.copy()
+    some[2, 100:120, 100:120] = True
+    _seg(sources, some, data / "seg" / "lesions.dcm")
+    _seg(sources, some, data / "seg" / "lungs.dcm", anatomy_only=True)
+    _seg(sources, empty, data / "seg" / "empty.dcm")
+    (data / "seg" / "notes.txt").write_text("not a SEG")
+    _volume(data / "vols" / "v.nii.gz", 6)
+    for labels, message in (
+        ("study,label,mask\nP0001,1,seg/notes.txt\n",
+         "line 2: mask 'seg/notes.txt' of the DICOM study 'P0001' is no DICOM Segmentation (SEG) file under --data"),
+        ("study,label,mask\nP0001,1,P0001/" + sources[0].name + "\n", "is no DICOM Segmentation (SEG) file"),  # a CT image
+        ("study,label,mask\nP0001,1,seg/lungs.dcm\n", "line 2: mask 'lungs.dcm' segments anatomy only"),
+        ("study,label,mask\n\nP0001,0,seg/lesions.dcm\n",
+         "line 3: P0001: labelled negative, but its lesion mask marks lesions"),
+        ("study,label,mask\nP0001,1,seg/empty.dcm\n", "line 2: P0001: labelled positive, but its lesion mask marks none"),
+        ("study,label,mask\nvols/v.nii.gz,1,seg/lesions.dcm\n",
+         "line 2: mask 'seg/lesions.dcm' of the NIfTI volume 'vols/v.nii.gz' is no NIfTI file under --data"),
+    ):
+        (data / "labels.csv").write_text(labels)
+        assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_refusals_met_while_converting_a_volume_name_the_labels_line(tmp_path, capsys):
+    """A volume refused while it is written as DICOM (not in HU) named the volume only; the line of the labels
+    file that names it is said too, as for every other refusal of the file."""
+    import nibabel as nib
+
+    data = tmp_path / "set"
+    (data / "vols").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.full((32, 32, 4), 128, np.uint8), np.eye(4)), data / "vols" / "windowed.nii.gz")
+    (data / "labels.csv").write_text("study,label\n\nvols/windowed.nii.gz,0\n")
+    assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                      "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "labels.csv, line 3: vols/windowed.nii.gz: its values do not look like Hounsfield units" in err, err
