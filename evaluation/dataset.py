@@ -146,7 +146,9 @@ class StudyLabel:
 
 def _labels_text(labels: Path) -> str:
     """The labels file's text: UTF-8 (a byte-order mark skipped), UTF-16 with its mark (a spreadsheet's
-    "Unicode text"), else Windows-1252 (a spreadsheet's plain "CSV" on Windows)."""
+    "Unicode text"), else Windows-1252 (a spreadsheet's plain "CSV" on Windows), line by line: a UTF-8 file
+    with one line edited in a Windows tool keeps its other lines' names as written.
+    """
     try:
         raw = labels.read_bytes()
     except OSError as exc:
@@ -158,7 +160,15 @@ def _labels_text(labels: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return raw.decode("cp1252", errors="replace")
+        pass
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for line in raw.split(b"\n"):  # "\n" is one byte in both: a line is decoded whole, one way or the other
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("cp1252", errors="replace"))
+    return "\n".join(lines)
 
 
 def _header(lines: list[str]) -> tuple[str, int]:

@@ -666,3 +666,17 @@ def test_refusals_met_while_converting_a_volume_name_the_labels_line(tmp_path, c
                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "labels.csv, line 3: vols/windowed.nii.gz: its values do not look like Hounsfield units" in err, err
+
+
+def test_a_utf8_labels_file_with_one_windows_line_keeps_its_other_names(tmp_path):
+    """One stray Windows-1252 byte made the whole UTF-8 file read as Windows-1252: every other non-ASCII name came
+    out garbled ('ZÃ¼rich') and 'not under --data'. Each line is read in the encoding it is in."""
+    from evaluation.dataset import read_labels
+
+    for name in ("Z\u00fcrich P1", "Montr\u00e9al P2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "IM1").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_bytes("\ufeffstudy,label\nZ\u00fcrich P1,1\n".encode()
+                                          + "Montr\u00e9al P2,0\n".encode("cp1252"))
+    rows = read_labels(tmp_path / "labels.csv", tmp_path)
+    assert [(r.study, r.label) for r in rows] == [("Z\u00fcrich P1", True), ("Montr\u00e9al P2", False)]
