@@ -63,12 +63,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aggregator.case import CaseRule
-from aggregator.report import DEFAULT_CUTOFFS, goal_words
+from aggregator.report import DEFAULT_CUTOFFS, EvalCase, goal_words
 from ctscreen.cliargs import positive
 from ctscreen.contracts import MIN_BOX_AREA
 from ctscreen.machine import machine_info
 from evaluation import EvalError
 from evaluation.dataset import (
+    LabelledCase,
     discover,
     labelled_cases,
     looks_like_nifti_set,
@@ -146,6 +147,27 @@ def _cutoffs(text: str) -> list[float]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names (``--lesion-segments``)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _labels_note(cases: list[LabelledCase], evaluated: list[EvalCase], masked: set[str]) -> str:
+    """The report's line on a labels file's truth: which studies counted per image (their mask matched screened
+    slices), which masks matched none, and the DICOM SEG segments counted as lesions."""
+    if not masked:
+        return "labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
+    matched = sum(1 for c in evaluated if c.case_id in masked and c.slice_truth)
+    note = f"labelled per study (--labels); per-image truth from the lesion masks of {matched} of {len(evaluated)} studies"
+    unmatched = sum(1 for c in evaluated if c.case_id in masked and not c.slice_truth and c.result is not None)
+    if unmatched:
+        note += f" ({unmatched} mask(s) matched none of the screened slices: a segmentation of another series?)"
+    segments = sorted({s for c in cases for s in c.lesion_segments})
+    if segments:
+        note += "; DICOM SEG segments counted as lesions: " + ", ".join(repr(s) for s in segments)
+    return note
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctscreen eval",
@@ -179,6 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per study (default 900)")
     p.add_argument("--indeterminate-as", choices=("positive", "negative", "exclude"), default="positive",
                    help="how an indeterminate verdict counts per patient (default positive: referred)")
+    p.add_argument("--lesion-segments", type=_names, default=[], metavar="NAMES",
+                   help="--labels with DICOM SEG masks: the lesion segments' labels or property types, comma-separated "
+                        "(default: every segment that is not anatomy by its category or type)")
     p.add_argument("--min-lesion-px", type=int, default=MIN_BOX_AREA,
                    help="per-image truth: a slice is positive above this many lesion pixels (default 25)")
     p.add_argument("--cutoffs", type=_cutoffs, default=list(DEFAULT_CUTOFFS), help="cutoffs of the curves")
@@ -239,11 +264,8 @@ def eval_main(argv: list[str]) -> int:
             rows = read_labels(args.labels, data)
             rows = rows[: args.limit] if args.limit else rows
             cases = labelled_cases(rows, work_folder(args.work, data, "labels"), quiet=args.quiet,
-                                   min_px=args.min_lesion_px)
-            masked = sum(row.mask is not None for row in rows)
-            note = ("labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
-                    if not masked else f"labelled per study (--labels); per-image truth from the lesion masks of "
-                    f"{masked} of {len(rows)} studies")
+                                   min_px=args.min_lesion_px, named_segments=args.lesion_segments)
+            masked = {row.study for row in rows if row.mask is not None}
         else:
             written = None
             if looks_like_nifti_set(data):
@@ -264,6 +286,8 @@ def eval_main(argv: list[str]) -> int:
             path_name = path.name
             evaluated = run_cases(cases, path.runner, workers=1 if args.in_process else args.concurrency,
                                   quiet=args.quiet)
+        if args.labels is not None:  # after the run: a mask counts once it matched screened slices
+            note = _labels_note(cases, evaluated, masked)
         meta = {
             "title": args.title,
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),

@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import numpy as np
 from aggregator.schema import CaseResult
 from ctscreen.contracts import MIN_BOX_AREA
 from evaluation import EvalError
-from evaluation.seg import is_seg, read_seg, slice_truth_from_seg
+from evaluation.seg import SEG_SOP_CLASSES, is_seg, read_seg, slice_truth_from_seg
 from gateway.client import CliError, collect_files
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class LabelledCase:
     path: Path
     slice_truth: Callable[[CaseResult], dict[str, bool]]
     """Truth per image for the slices of a result (by SOP Instance UID)."""
+    lesion_segments: tuple[str, ...] = ()
+    """The labels of the segments of its DICOM SEG counted as lesions (none without a SEG)."""
 
 
 def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA) -> Callable[[CaseResult], dict[str, bool]]:
@@ -142,6 +144,8 @@ class StudyLabel:
     per-image truth for its slices."""
     where: str = ""
     """Where the row is (``--labels FILE, line N``): the start of a message about it."""
+    mask_text: str = ""
+    """The row's ``mask`` as written (how messages name it)."""
 
 
 def _labels_text(labels: Path) -> str:
@@ -256,7 +260,7 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
         if mask_path is not None and not is_nifti(path) and not (mask_path.is_file() and is_seg(mask_path)):
             raise EvalError(f"{where}: mask {mask!r} of the DICOM study {study!r} is no DICOM Segmentation (SEG) "
                             "file under --data")
-        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid"), mask_path, where))
+        rows.append(StudyLabel(study, path, label, kind or ("covid" if label else "non-covid"), mask_path, where, mask))
     if not rows:
         raise EvalError(f"--labels {labels}: no study listed under the header row")
     return rows
@@ -298,12 +302,13 @@ def _work_folder(work: Path, study: str) -> Path:
     return work / f"{name[:80]}-{hashlib.sha256(study.encode()).hexdigest()[:8]}"
 
 
-def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
-                   min_px: int = MIN_BOX_AREA) -> list[LabelledCase]:
+def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, min_px: int = MIN_BOX_AREA,
+                   named_segments: Sequence[str] = ()) -> list[LabelledCase]:
     """The cases of a labels file's rows, in its order; each NIfTI volume first written as a DICOM study under
     ``work`` (reused by a later run while the volume is the same file, unchanged). Per-patient truth only,
     but for a study with its mask, whose slices count per image (positive above ``min_px`` lesion pixels, as
-    :func:`slice_truth_from_manifest`): a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG.
+    :func:`slice_truth_from_manifest`): a NIfTI volume's NIfTI mask, a DICOM study's DICOM SEG (of that study;
+    ``named_segments``: its lesion segments' labels or types, :func:`evaluation.seg.lesion_segments`).
 
     Raises
     ------
@@ -331,7 +336,11 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
                 continue
         elif row.mask is not None:
             try:
-                seg = read_seg(row.mask, row.mask.name)
+                seg = read_seg(row.mask, row.mask_text or row.mask.name, named_segments)
+                study = _study_uid(path)
+                if study is not None and seg.study_instance_uid and seg.study_instance_uid != study:
+                    raise EvalError(f"mask {row.mask_text or row.mask.name!r} segments another study than "
+                                    f"{row.study!r} (its Study Instance UID is not the study's)")
                 lesions = any(px > 0 for px in seg.pixels.values())
                 if lesions != row.label:  # as a NIfTI volume's mask (_write_nifti_study)
                     raise EvalError(f"{row.study}: labelled positive, but its lesion mask marks none" if row.label
@@ -339,11 +348,43 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True,
             except EvalError as exc:
                 raise EvalError(f"{row.where}: {exc}" if row.where else str(exc)) from None
             cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
-                                      slice_truth=slice_truth_from_seg(seg, min_px, row.mask.name)))
+                                      slice_truth=slice_truth_from_seg(seg, min_px, f"{row.where}: {row.study}"),
+                                      lesion_segments=tuple(seg.segments)))
             continue
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                   slice_truth=lambda result: {}))
     return cases
+
+
+def _study_uid(path: Path) -> str | None:
+    """The Study Instance UID of the first DICOM image of a study (a folder, a zip or a file) that one of its first
+    files states; None when none does."""
+    import zipfile
+
+    import pydicom
+
+    def uid(source: Any) -> str | None:
+        try:
+            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPClassUID"])
+        except Exception:  # noqa: BLE001 - not DICOM, or cut short: the next file
+            return None
+        if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:  # a SEG kept in the study's folder
+            return None
+        return str(ds.get("StudyInstanceUID", "") or "") or None
+
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for info in [i for i in z.infolist() if not i.is_dir()][:20]:
+                with z.open(info) as fh:
+                    found = uid(io.BytesIO(fh.read(8 << 20)))
+                if found:
+                    return found
+        return None
+    try:
+        files = collect_files(path)
+    except CliError:
+        return None
+    return next((found for found in map(uid, files[:20]) if found), None)
 
 
 def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit",

@@ -513,8 +513,10 @@ def test_a_mask_is_taken_voxel_for_voxel_on_the_volumes_grid(tmp_path):
     import nibabel as nib
 
     import evaluation.dataset
+    import evaluation.seg
 
     assert doctest.testmod(evaluation.dataset).failed == 0  # _contradicts' cases
+    assert doctest.testmod(evaluation.seg).failed == 0  # lesion_segments' cases
     data = tmp_path / "set"
     (data / "masks").mkdir(parents=True)
     hu = np.full((64, 64, 30), -1000, np.int16)
@@ -537,30 +539,41 @@ def test_a_mask_is_taken_voxel_for_voxel_on_the_volumes_grid(tmp_path):
     assert len(truths[0]) == 6 and truths[0] == truths[1]
 
 
-def _seg(sources: list[Path], lesion: np.ndarray, out: Path, *, lungs: bool = True, anatomy_only: bool = False) -> Path:
-    """A DICOM SEG of ``sources`` (in order) as highdicom writes it: the lungs (anatomy) and the lesions."""
+def _seg(sources: list[Path], lesion: np.ndarray, out: Path, *, lungs: bool = True, anatomy_only: bool = False,
+         lungs_as_tissue: bool = False, labelmap: bool = False) -> Path:
+    """A DICOM SEG of ``sources`` (in order) as highdicom writes it: the lungs (anatomy, or filed under Tissue as
+    some converters do) and the lesions (under Anatomical Structure too with ``anatomy_only``, as MONAI Label's
+    writer files every segment); a label-map SEG with ``labelmap``."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     images = [pydicom.dcmread(f) for f in sources]
     algorithm = hd.seg.SegmentAlgorithmTypeValues.MANUAL
     described = []
     arrays = []
-    if lungs or anatomy_only:
-        described.append((codes.SCT.AnatomicalStructure, codes.SCT.Lung, "lungs"))
+    if lungs:
+        tissue = Code("85756007", "SCT", "Tissue")
+        described.append((tissue if lungs_as_tissue else codes.SCT.AnatomicalStructure, codes.SCT.Lung, "lungs"))
         body = np.zeros_like(lesion)
         body[:, 40:200, 30:220] = True  # a lung-field box: anatomy, never counted
         arrays.append(body)
-    if not anatomy_only:
-        described.append((codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion, "ground-glass opacity"))
-        arrays.append(lesion)
+    category = codes.SCT.AnatomicalStructure if anatomy_only else codes.SCT.MorphologicallyAbnormalStructure
+    described.append((category, codes.SCT.Lesion, "ground-glass opacity"))
+    arrays.append(lesion)
     descriptions = [hd.seg.SegmentDescription(segment_number=i, segment_label=label, segmented_property_category=cat,
                                               segmented_property_type=kind, algorithm_type=algorithm)
                     for i, (cat, kind, label) in enumerate(described, 1)]
+    if labelmap:  # one value a pixel: the lesion's number over the lungs'
+        pixels = np.zeros(lesion.shape, np.uint8)
+        for number, array in enumerate(arrays, 1):
+            pixels[array.astype(bool)] = number
+        kind_of = hd.seg.SegmentationTypeValues.LABELMAP
+    else:
+        pixels, kind_of = np.stack(arrays, axis=-1).astype(bool), hd.seg.SegmentationTypeValues.BINARY
     seg = hd.seg.Segmentation(
-        source_images=images, pixel_array=np.stack(arrays, axis=-1).astype(bool),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        source_images=images, pixel_array=pixels, segmentation_type=kind_of, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -594,7 +607,34 @@ def test_a_dicom_study_with_its_dicom_seg_counts_per_image_as_its_phantom_truth(
     assert ref["slice_truth"] and any(ref["slice_truth"].values())
     assert rows[0]["slice_truth"] == ref["slice_truth"]
     assert report["per_image"]["n"] == len(ref["slice_truth"])
-    assert "per-image truth from the lesion masks of 1 of 1 studies" in (tmp_path / "r" / "report.md").read_text()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "per-image truth from the lesion masks of 1 of 1 studies" in md
+    assert "DICOM SEG segments counted as lesions: 'ground-glass opacity'" in md
+    # the same truth from the SEGs tools write otherwise: the lungs filed under Tissue (not counted: their type is
+    # the lung), a label map, every segment filed as anatomy (MONAI Label's writer) with the lesions named
+    for name, options, argv in (("tissue.dcm", {"lungs_as_tissue": True}, []), ("map.dcm", {"labelmap": True}, []),
+                                ("monai.dcm", {"anatomy_only": True}, ["--lesion-segments", "Ground-glass opacity"])):
+        _seg(sources, study.lesion_mask.astype(bool), data / "seg" / name, **options)
+        (data / "labels.csv").write_text(f"study,label,mask\nP0001,1,seg/{name}\n")
+        code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                                   "--out", str(tmp_path / name), "-q", *argv])
+        assert rows[0]["slice_truth"] == ref["slice_truth"], name
+    # a SEG whose Referenced Series Sequence names 3 of its images: the slices of the rest are left out (never
+    # guessed), and highdicom's warning a frame stays out of the output
+    import pydicom
+
+    ds = pydicom.dcmread(data / "seg" / "P0001-lesions.dcm")
+    named = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence = named[:3]
+    ds.save_as(data / "seg" / "three.dcm")
+    (data / "labels.csv").write_text("study,label,mask\nP0001,1,seg/three.dcm\n")
+    caplog.clear()
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "three"), "-q"])
+    three = {str(item.ReferencedSOPInstanceUID) for item in named[:3]}
+    assert set(rows[0]["slice_truth"]) <= three and rows[0]["slice_truth"]
+    assert all(ref["slice_truth"][k] == v for k, v in rows[0]["slice_truth"].items())
+    assert not [r for r in caplog.records if r.name.startswith("highdicom")]
 
     # a SEG of another series: nothing matches, said, and the study counts per patient only
     other = tmp_path / "other"
@@ -612,10 +652,12 @@ def test_a_dicom_study_with_its_dicom_seg_counts_per_image_as_its_phantom_truth(
         code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
                                    "--out", str(tmp_path / "r2"), "-q"])
     assert rows[0]["slice_truth"] == {} and rows[0]["result"]["verdict"] == ref["result"]["verdict"]
-    assert "references none of the" in caplog.text and "other.dcm" in caplog.text
+    assert "line 2: P0001: the mask references none of the" in caplog.text
+    assert "lesion masks of 0 of 1 studies (1 mask(s) matched none of the screened slices" in (
+        tmp_path / "r2" / "report.md").read_text()
 
 
-def test_a_mask_it_cannot_use_stops_the_run_naming_the_line(phantom_set, tmp_path, capsys):
+def test_a_mask_it_cannot_use_stops_the_run_naming_the_line(phantom_set, tmp_path, capsys, caplog):
     """A mask that is no SEG for a DICOM study, a SEG of anatomy only, a SEG that contradicts the label, a SEG
     for a NIfTI volume: each one line naming the labels file's line, before anything is screened."""
     import shutil
@@ -634,12 +676,25 @@ def test_a_mask_it_cannot_use_stops_the_run_naming_the_line(phantom_set, tmp_pat
     _seg(sources, some, data / "seg" / "lungs.dcm", anatomy_only=True)
     _seg(sources, empty, data / "seg" / "empty.dcm")
     (data / "seg" / "notes.txt").write_text("not a SEG")
+    cut = (data / "seg" / "lesions.dcm").read_bytes()
+    (data / "seg" / "cut.dcm").write_bytes(cut[: len(cut) * 2 // 3])
+    ds = pydicom.dcmread(data / "seg" / "lesions.dcm")
+    del ds.ReferencedSeriesSequence
+    ds.save_as(data / "seg" / "unreferenced.dcm")
+    ds = pydicom.dcmread(data / "seg" / "lesions.dcm")
+    ds.StudyInstanceUID = "1.2.3.4.5.6"
+    ds.save_as(data / "seg" / "another-study.dcm")
     _volume(data / "vols" / "v.nii.gz", 6)
     for labels, message in (
         ("study,label,mask\nP0001,1,seg/notes.txt\n",
          "line 2: mask 'seg/notes.txt' of the DICOM study 'P0001' is no DICOM Segmentation (SEG) file under --data"),
         ("study,label,mask\nP0001,1,P0001/" + sources[0].name + "\n", "is no DICOM Segmentation (SEG) file"),  # a CT image
-        ("study,label,mask\nP0001,1,seg/lungs.dcm\n", "line 2: mask 'lungs.dcm' segments anatomy only"),
+        ("study,label,mask\nP0001,1,seg/lungs.dcm\n", "line 2: mask 'seg/lungs.dcm' segments anatomy only (its segments: "
+         "'lungs', 'ground-glass opacity'); if some are the lesions, name them with --lesion-segments"),
+        ("study,label,mask\nP0001,1,seg/cut.dcm\n", "line 2: mask 'seg/cut.dcm' is cut short"),
+        ("study,label,mask\nP0001,1,seg/unreferenced.dcm\n", "line 2: mask 'seg/unreferenced.dcm' has no Referenced Series"),
+        ("study,label,mask\nP0001,1,seg/another-study.dcm\n",
+         "line 2: mask 'seg/another-study.dcm' segments another study than 'P0001'"),
         ("study,label,mask\n\nP0001,0,seg/lesions.dcm\n",
          "line 3: P0001: labelled negative, but its lesion mask marks lesions"),
         ("study,label,mask\nP0001,1,seg/empty.dcm\n", "line 2: P0001: labelled positive, but its lesion mask marks none"),
@@ -647,10 +702,17 @@ def test_a_mask_it_cannot_use_stops_the_run_naming_the_line(phantom_set, tmp_pat
          "line 2: mask 'seg/lesions.dcm' of the NIfTI volume 'vols/v.nii.gz' is no NIfTI file under --data"),
     ):
         (data / "labels.csv").write_text(labels)
+        caplog.clear()
         assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r"), "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+        assert not [r for r in caplog.records if r.name.startswith("highdicom")]  # one line, not a warning a frame
+    (data / "labels.csv").write_text("study,label,mask\nP0001,1,seg/lesions.dcm\n")
+    assert eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process", "--lesion-segments",
+                      "consolidation", "--out", str(tmp_path / "r"), "-q"]) == 2
+    assert ("line 2: mask 'seg/lesions.dcm' has no segment named 'consolidation' (its segments: 'lungs', "
+            "'ground-glass opacity')") in capsys.readouterr().err
 
 
 def test_refusals_met_while_converting_a_volume_name_the_labels_line(tmp_path, capsys):
