@@ -326,7 +326,7 @@ def serve_main(argv: list[str]) -> int:
 
             print(f"ctscreen gateway: {stack.url}  (web page {stack.url}/, API schema {stack.url}/openapi.json, "
                   f"Triton gRPC {stack.triton_url})")
-            print(f"state store: {redact(stack.settings.database())}  blobs: {stack.settings.blobs()}")
+            print(f"state store: {redact(stack.settings.database())}  blobs: {stack.settings.blob_url or stack.settings.blobs()}")
             if args.destinations is not None:
                 print(f"results sent to: {', '.join(names) or 'no destination'}")
             if args.dicom_port is not None:

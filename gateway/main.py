@@ -31,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
-from gateway.store import FolderBlobs, Store, redact
+from gateway.store import Store, redact
 from gateway.store.migrate import SchemaError, prepare_schema
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
@@ -134,7 +134,7 @@ def create_app(
                 raise
         store = Store(database)
         store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
-        blobs = FolderBlobs(settings.blobs())
+        blobs = settings.blob_store()
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
         rule = case_rule(settings)
@@ -145,9 +145,11 @@ def create_app(
         deliverer = Deliverer(store, blobs, settings.destinations(), settings, metrics.registry)
         sweeper = Sweeper(store, blobs, settings, before_expire=deliverer.expire, metrics=metrics)
         # the backlog this gateway counts (its share of the cluster's, as in ctscreen_backlog_slices) and
-        # the blob volume's free space, for C-STORE and STOW-RS alike
+        # the blob volume's free space (with an S3 bucket: the data folder's, where uploads are spooled), for
+        # C-STORE and STOW-RS alike
         watermark = Watermark(backlog=lambda: sweeper.counts[2], max_backlog_slices=settings.dicom_max_backlog_slices,
-                              disk=settings.blobs(), min_free_bytes=settings.dicom_min_free_bytes)
+                              disk=settings.data_dir if settings.blob_url else settings.blobs(),
+                              min_free_bytes=settings.dicom_min_free_bytes)
         intake = Intake(store, blobs, max_pending_studies=settings.stow_max_pending_studies,
                         max_pending_bytes=settings.stow_max_pending_bytes, deadline_s=settings.job_deadline_s,
                         watermark=watermark)

@@ -162,6 +162,12 @@ class Settings(BaseSettings):
     )
     blob_dir: Path | None = Field(None, description="Folder of instance bytes (ReadWriteMany on Kubernetes); "
                                                     "default data_dir/blobs.")
+    blob_url: str | None = Field(None, description="s3://bucket[/prefix]: instance bytes in an S3 bucket instead of "
+                                                   "blob_dir (credentials: boto3's AWS_* variables, IRSA, instance "
+                                                   "profile); the bucket must exist.")
+    s3_endpoint_url: str | None = Field(None, description="The S3 endpoint of a non-AWS store (MinIO, Ceph): "
+                                                          "https://minio.example:9000; default AWS.")
+    s3_region: str | None = Field(None, description="The bucket's region (default: boto3's chain).")
     db_migrate: bool = Field(True, description="Upgrade the database schema at start.")
     lease_s: float = Field(30.0, gt=0, le=3600, description="Lease of a claimed job, renewed while it runs.")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="Lease renewal and progress write period.")
@@ -427,6 +433,33 @@ class Settings(BaseSettings):
 
         async_url(value.strip())  # raises ValueError with the reason
         return value.strip()
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"must be s3://bucket[/prefix], got {value.strip()!r}")
+        return value.strip()
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().lower().startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value.strip()!r}")
+        return value.strip()
+
+    def blob_store(self) -> Any:
+        """The blob store in use: the S3 bucket of ``blob_url``, else the folder (:meth:`blobs`)."""
+        from gateway.store.blobs import open_blobs
+
+        return open_blobs(self.blobs(), self.blob_url, endpoint_url=self.s3_endpoint_url, region=self.s3_region)
 
     def database(self) -> str:
         """The database URL in use (SQLite in ``data_dir`` unless ``database_url``)."""

@@ -6,7 +6,8 @@
 #                             the JPEG 2000 oracle of the edge-case tests), libb64-0d, postgresql,
 #                             orthanc + orthanc-dicomweb (the PACS of the delivery tests), chromium (the
 #                             browser Playwright drives in the web page tests; never `playwright install`)
-#                             (the tests start their own PostgreSQL server in a temporary folder)
+#                             (the tests start their own PostgreSQL server in a temporary folder), and
+#                             .venv-s3: moto's S3 server, for the S3 blob store's tests
 #
 # Idempotent and quick when nothing changed (a stamp keyed by pyproject.toml and the extras).
 set -euo pipefail
@@ -66,5 +67,22 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' \
     || { echo "setup: numpy >= 2 got installed; ctscreen needs numpy < 2" >&2; exit 1; }
   touch "$stamp"
+fi
+# --- an S3 server for the tests of the S3 blob store (--test) -----------------------------------
+# moto's S3 server (a real S3 REST API on loopback: MinIO installs neither from Debian nor from PyPI here) in a
+# venv of its own: moto brings botocore, whose python-dateutil<3 the Kubernetes client in .venv refuses
+if [ "$mode" = test ] || [ "$mode" = --test ]; then
+  s3_reqs="moto[server]==5.2.6"
+  s3_stamp=".venv-s3/.ctscreen-setup-$(echo "$s3_reqs" | sha256sum | cut -c1-16)"
+  if [ ! -f "$s3_stamp" ]; then
+    echo "setup: installing the tests' S3 server (moto) into .venv-s3"
+    [ -x .venv-s3/bin/python ] || "$py" -m venv .venv-s3
+    if ! .venv-s3/bin/python -m pip install -q "$s3_reqs" >/tmp/ctscreen-setup-s3.log 2>&1; then
+      grep -v "^WARNING: Location 'file:" /tmp/ctscreen-setup-s3.log >&2 || true
+      echo "setup: 'pip install $s3_reqs' into .venv-s3 failed" >&2
+      exit 1
+    fi
+    touch "$s3_stamp"
+  fi
 fi
 echo "setup: ready (.venv, ctscreen${extras:+[$extras]})"

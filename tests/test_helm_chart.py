@@ -715,3 +715,36 @@ def test_dashboard_has_the_panels_ops_need(rendered):
     configmap = find(rendered["production"], "ConfigMap", "-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["ctscreen-overview.json"]) == board
+
+
+def test_blobs_in_an_s3_bucket_need_no_claim():
+    """A cluster without ReadWriteMany storage keeps the instances in an S3 bucket: no claim is made or mounted,
+    the gateway gets the bucket's URL and the credentials' Secret (or none: IRSA), the volume alert goes, and
+    every object stays valid; a bucket name S3 refuses is refused by the values schema."""
+    values = _production()
+    values["state"]["blobs"] = {"s3": {"bucket": "site-ct", "prefix": "/ctscreen/prod/", "endpoint": "https://minio.site:9000",
+                                       "region": "eu-central-1", "credentialsSecret": "ctscreen-s3"}}
+    objs = render(values)
+    assert not [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"].endswith("-blobs")]
+    gateway = find(objs, "Deployment", "-gateway")
+    env = {e["name"]: e for e in container(gateway, "gateway")["env"]}
+    assert env["CTSCREEN_BLOB_URL"]["value"] == "s3://site-ct/ctscreen/prod"
+    assert env["CTSCREEN_S3_ENDPOINT_URL"]["value"] == "https://minio.site:9000"
+    assert env["CTSCREEN_S3_REGION"]["value"] == "eu-central-1"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "ctscreen-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert "CTSCREEN_BLOB_DIR" not in env
+    spec = gateway["spec"]["template"]["spec"]
+    assert "blobs" not in {v["name"] for v in spec["volumes"]}
+    assert "blobs" not in {m["name"] for m in container(gateway, "gateway")["volumeMounts"]}
+    rules = [r for o in objs if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"] for r in g["rules"]]
+    assert rules and "CtscreenBlobVolumeFilling" not in {r.get("alert") for r in rules}
+    for obj in objs:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_SUBSET_SCHEMAS:
+            kv.validate(obj, "1.33.0", strict=True)
+    assert helm.lint(CHART, values, strict=True)["errors"] == []
+    values["state"]["blobs"]["s3"] = {"bucket": "Site_CT", "credentialsSecret": ""}  # IRSA, and a bad name
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"])
+    values["state"]["blobs"]["s3"] = {"bucket": "site-ct"}  # IRSA: no keys in the pod
+    env = {e["name"] for e in container(find(render(values), "Deployment", "-gateway"), "gateway")["env"]}
+    assert "CTSCREEN_BLOB_URL" in env and "AWS_ACCESS_KEY_ID" not in env

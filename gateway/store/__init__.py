@@ -4,8 +4,16 @@ See :mod:`gateway.store.store` (tables, claims, leases), :mod:`gateway.store.blo
 before an acknowledgement) and :mod:`gateway.store.migrate` (Alembic migrations shipped here).
 """
 
-from gateway.store.blobs import BlobStore, FolderBlobs, instance_sources, new_key, new_keys
+from gateway.store.blobs import (
+           BlobStore,
+           FolderBlobs,
+           S3Blobs,
+           instance_sources,
+           new_key,
+           new_keys,
+           open_blobs,
+)
 from gateway.store.store import Claimed, Store, StoreError, StudyState, Swept, async_url, redact
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "Store", "StoreError", "StudyState", "Swept", "async_url",
-           "instance_sources", "new_key", "new_keys", "redact"]
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "S3Blobs", "Store", "StoreError", "StudyState", "Swept", "async_url",
+           "instance_sources", "new_key", "new_keys", "open_blobs", "redact"]

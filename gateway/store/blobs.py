@@ -3,7 +3,7 @@
 :class:`FolderBlobs` writes each blob to a temporary file, fsyncs it, renames it into place and fsyncs
 the folder, so a blob is durable when :meth:`~FolderBlobs.put` returns (the gateway acknowledges an
 instance only after that). On Kubernetes the folder is a ReadWriteMany volume shared by every gateway
-replica. An S3-compatible store would implement the same three methods.
+replica. :class:`S3Blobs` keeps them in an S3 bucket instead (AWS, MinIO, Ceph), for clusters without one.
 
 Keys are relative paths made by :func:`new_key` or :func:`new_keys` (``ab/`` and 32 hex digits: one of 256 folders,
 an upload's files in one); a key never comes from a client.
@@ -11,18 +11,22 @@ an upload's files in one); a key never comes from a client.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 _T = TypeVar("_T")
 _IO_THREADS = 4
+
+logger = logging.getLogger(__name__)
 
 
 def filesystem_now(folder: Path) -> float:
@@ -280,6 +284,189 @@ class FolderBlobs:
                     elif _STAGED.fullmatch(entry.name):  # a staged file whose writer died
                         Path(entry.path).unlink(missing_ok=True)
         return sorted(keys)
+
+
+class S3Blobs:
+    """Blobs as objects of an S3 bucket (AWS S3, MinIO, Ceph RGW, any S3 API): no ReadWriteMany volume.
+
+    A PUT is durable when S3 answers it, so :meth:`put_many` returns once every object is answered (4 at a time)
+    and deletes the ones stored when any fails (all or none, as :class:`FolderBlobs`). Keys are ``prefix`` +
+    the key; what the orphan sweep sets aside goes to ``prefix + "orphans/"`` (a copy, then a delete: S3 has
+    no rename). Objects' ages are their Last-Modified (the S3 server's clock) against this machine's clock:
+    the orphan sweep's hour of grace dwarfs any skew. The client is MinIO's (``minio``: S3's whole API for any
+    S3 store, and no pin on ``python-dateutil``, which botocore's would fight the Kubernetes client over).
+    Credentials, first found: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``), MinIO's
+    ``MINIO_ACCESS_KEY`` / ``MINIO_SECRET_KEY``, ``~/.aws/credentials``, then a web identity (IRSA:
+    ``AWS_WEB_IDENTITY_TOKEN_FILE`` and ``AWS_ROLE_ARN``) or the instance's or task's role.
+
+    Parameters
+    ----------
+    bucket : str
+        The bucket (it must exist: ctscreen never creates one).
+    prefix : str
+        Where the keys start in it (``""``, or a folder such as ``ctscreen/prod``).
+    endpoint_url : str | None
+        A non-AWS endpoint (MinIO, Ceph: ``https://minio.example:9000``); None for AWS (``region``'s endpoint).
+    region : str | None
+        The bucket's region (None: asked of the server once).
+    client : Any
+        A ``minio.Minio`` client to use instead of making one (tests).
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 client: Any = None) -> None:
+        if not bucket:
+            raise ValueError('Argument "bucket" must not be empty.')
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.root = f"s3://{bucket}/{self.prefix}"
+        """Where the blobs are, as a URL (logs, the CLI's summary)."""
+        self.client = client if client is not None else s3_client(endpoint_url, region)
+
+    @classmethod
+    def from_url(cls, url: str, *, endpoint_url: str | None = None, region: str | None = None) -> S3Blobs:
+        """The store of ``s3://bucket[/prefix]`` (ValueError for another URL)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"A blob URL is s3://bucket[/prefix], got {url!r}.")
+        return cls(parts.netloc, parts.path, endpoint_url=endpoint_url, region=region)
+
+    def _key(self, key: str) -> str:
+        if not _NEW_KEY.fullmatch(key):  # keys are ours (new_keys): never a client's path
+            raise ValueError(f"Not a blob key: {key!r}.")
+        return self.prefix + key
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        return getattr(exc, "code", None) in ("NoSuchKey", "NoSuchObject")
+
+    def put(self, key: str, data: bytes) -> None:
+        self.put_many([(key, data)])
+
+    def _put(self, key: str, data: bytes | Path) -> str:
+        if isinstance(data, Path):  # a spooled upload: streamed from its file, never read into memory whole
+            self.client.fput_object(self.bucket, self._key(key), str(data), content_type="application/dicom")
+        else:
+            import io
+
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data),
+                                   content_type="application/octet-stream")
+        return key
+
+    def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
+        if not items:
+            return
+        if len(items) == 1:
+            self._put(*items[0])  # nothing else to take back when it fails
+            return
+        futures = _each(self._put, items, "s3")
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is None:
+            return
+        for done in futures:  # all or none: what was stored goes again
+            if done.exception() is None:
+                try:
+                    self.delete(done.result())
+                except Exception:  # noqa: BLE001 - left for the orphan sweep (nothing names it)
+                    logger.warning("could not take back a blob of a failed write; the orphan sweep will")
+        raise failed
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, self._key(key))
+        except Exception as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(2, "No such blob", key) from exc
+            raise
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def writable(self) -> bool:
+        try:
+            return bool(self.client.bucket_exists(self.bucket))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused credentials: not ready
+            logger.warning("blob bucket %s not usable: %s", self.bucket, type(exc).__name__)
+            return False
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._key(key))  # absent: S3 answers 204 all the same
+
+    def set_aside(self, key: str) -> None:
+        from minio.commonconfig import CopySource
+
+        source = self._key(key)
+        try:
+            self.client.copy_object(self.bucket, f"{self.prefix}{SET_ASIDE}/{key}", CopySource(self.bucket, source))
+        except Exception as exc:
+            if self._missing(exc):
+                return
+            raise
+        self.client.remove_object(self.bucket, source)
+
+    def _listed(self, prefix: str, before: float) -> Iterator[str]:
+        """The names of the objects under ``prefix`` last written before ``before`` (a Unix time)."""
+        for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            if item.last_modified is not None and item.last_modified.timestamp() < before:
+                yield str(item.object_name)
+
+    def purge_set_aside(self, age_s: float, later_s: float = 0.0) -> int:
+        gone = 0
+        for name in list(self._listed(f"{self.prefix}{SET_ASIDE}/", time.time() + later_s - age_s)):
+            self.client.remove_object(self.bucket, name)
+            gone += 1
+        return gone
+
+    def shards(self) -> list[str]:
+        """The two-hex-digit folders :func:`new_key` spreads keys over (those that hold an object)."""
+        names = (str(item.object_name)[len(self.prefix):].rstrip("/")
+                 for item in self.client.list_objects(self.bucket, prefix=self.prefix, recursive=False) if item.is_dir)
+        return sorted(name for name in names if re.fullmatch(r"[0-9a-f]{2}", name))
+
+    def older_than(self, age_s: float, later_s: float = 0.0, shard: str | None = None) -> list[str]:
+        before = time.time() + later_s - age_s
+        keys = []
+        for name in self.shards() if shard is None else [shard]:
+            for full in self._listed(f"{self.prefix}{name}/", before):
+                key = full[len(self.prefix):]
+                if _NEW_KEY.fullmatch(key):  # only the layout new_key makes: another object is not ours to judge
+                    keys.append(key)
+        return sorted(keys)
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A ``minio.Minio`` client of ``endpoint_url`` (default AWS), with the credential chain of :class:`S3Blobs`."""
+    from urllib.parse import urlsplit
+
+    from minio import Minio
+    from minio.credentials import (
+        AWSConfigProvider,
+        ChainedProvider,
+        EnvAWSProvider,
+        EnvMinioProvider,
+        IamAwsProvider,
+    )
+
+    if endpoint_url:
+        parts = urlsplit(endpoint_url)
+        endpoint, secure = parts.netloc, parts.scheme == "https"
+    else:
+        endpoint, secure = "s3.amazonaws.com", True
+    chain = ChainedProvider([EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider()])
+    return Minio(endpoint, secure=secure, region=region, credentials=chain)
+
+
+def open_blobs(folder: Path, url: str | None = None, *, endpoint_url: str | None = None,
+               region: str | None = None) -> FolderBlobs | S3Blobs:
+    """The blob store of the settings: an S3 bucket when ``url`` (``s3://bucket[/prefix]``) is given, else the
+    folder."""
+    if url:
+        return S3Blobs.from_url(url, endpoint_url=endpoint_url, region=region)
+    return FolderBlobs(folder)
 
 
 def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]]) -> list[tuple[str, bytes | Path]]:

@@ -1,0 +1,184 @@
+"""The blob store in an S3 bucket (``CTSCREEN_BLOB_URL=s3://bucket/prefix``): the contract :class:`FolderBlobs` keeps,
+kept by :class:`S3Blobs` against a real S3 REST server on loopback, and a gateway that keeps its instances there.
+
+The server is moto's (``.venv-s3/bin/moto_server``, set up by ``scripts/setup.sh --test`` in a venv of its own):
+MinIO installs neither from Debian nor from PyPI here. It speaks S3's HTTP API (signed requests, XML listings,
+copy, errors), which is all the gateway's client (MinIO's ``minio``) sees; it is not AWS's durability, which
+no test here could show.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.store import FolderBlobs, S3Blobs, instance_sources, new_keys
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MOTO = ROOT / ".venv-s3" / "bin" / "moto_server"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    if not MOTO.exists():
+        pytest.skip(f"no S3 server for the tests at {MOTO} (bash scripts/setup.sh --test installs moto's there)")
+    port = free_port()
+    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on {url}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    """A new bucket, and the credentials the gateway finds in its environment (as on a cluster: AWS_*)."""
+    from gateway.store.blobs import s3_client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ctscreen-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ctscreen-test-secret")
+    name = f"ct-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_server, "us-east-1").make_bucket(name)
+    return name
+
+
+@pytest.fixture(params=["folder", "s3"])
+def blobs(request, tmp_path):
+    if request.param == "folder":
+        return FolderBlobs(tmp_path / "blobs")
+    bucket = request.getfixturevalue("bucket")
+    return S3Blobs(bucket, "site-a/ctscreen", endpoint_url=request.getfixturevalue("s3_server"), region="us-east-1")
+
+
+def test_bytes_and_files_stored_read_and_deleted(blobs, tmp_path):
+    a, b, c = new_keys(3)
+    spooled = tmp_path / "spooled.dcm"
+    spooled.write_bytes(b"DICM" * 1000)
+    blobs.put_many([(a, b"first"), (b, spooled)])
+    blobs.put(c, b"")
+    assert blobs.get(a) == b"first" and blobs.get(b) == spooled.read_bytes() and blobs.get(c) == b""
+    assert spooled.is_file()  # the caller's file stays
+    blobs.delete(a)
+    blobs.delete(a)  # absent: no error
+    with pytest.raises(FileNotFoundError):
+        blobs.get(a)
+    assert blobs.writable()
+
+
+def test_put_many_stores_all_or_none(blobs, tmp_path):
+    """A file of an upload that cannot be read (here: gone) fails the write, and nothing of it is kept: the
+    upload is refused, not acknowledged half stored."""
+    keys = new_keys(4)
+    files = []
+    for i, key in enumerate(keys[:3]):
+        files.append((key, tmp_path / f"f{i}"))
+        files[-1][1].write_bytes(bytes([i]) * 5000)
+    files.append((keys[3], tmp_path / "gone"))
+    with pytest.raises(OSError):
+        blobs.put_many(files)
+    for key in keys:
+        with pytest.raises(FileNotFoundError):
+            blobs.get(key)
+
+
+def test_the_orphan_sweeps_view_ages_sets_aside_and_purges(blobs):
+    first, second = new_keys(1)[0], new_keys(1)[0]
+    blobs.put(first, b"one")
+    blobs.put(second, b"two")
+    shards = blobs.shards()
+    assert {first[:2], second[:2]} <= set(shards) and all(len(s) == 2 for s in shards)
+    assert blobs.older_than(3600) == []  # written just now
+    assert blobs.older_than(0, later_s=10) == sorted([first, second])
+    assert blobs.older_than(0, later_s=10, shard=first[:2]) == sorted(k for k in (first, second) if k[:2] == first[:2])
+    blobs.set_aside(first)
+    blobs.set_aside(first)  # absent now: no error
+    with pytest.raises(FileNotFoundError):
+        blobs.get(first)
+    assert blobs.older_than(0, later_s=10) == [second]  # what is set aside is no live blob
+    assert blobs.purge_set_aside(3600) == 0  # set aside just now: kept, restorable
+    assert blobs.purge_set_aside(0, later_s=10) == 1
+    assert blobs.get(second) == b"two"
+
+
+def test_an_s3_store_hands_a_study_over_as_bytes_and_refuses_a_foreign_key(bucket, s3_server):
+    blobs = S3Blobs(bucket, endpoint_url=s3_server, region="us-east-1")
+    key = new_keys(1)[0]
+    blobs.put(key, b"DICM")
+    assert instance_sources(blobs, [("IM1", key)]) == [("IM1", b"DICM")]
+    with pytest.raises(FileNotFoundError):
+        instance_sources(blobs, [("IM2", new_keys(1)[0])])
+    with pytest.raises(ValueError, match="Not a blob key"):
+        blobs.get("../../etc/passwd")
+    assert not S3Blobs("no-such-bucket", endpoint_url=s3_server, region="us-east-1").writable()
+
+
+def test_a_blob_url_is_checked_when_the_gateway_starts(tmp_path):
+    from gateway.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, blob_url=" s3://scans/ctscreen/prod ", s3_endpoint_url="https://minio:9000")
+    store = settings.blob_store()
+    assert isinstance(store, S3Blobs) and store.root == "s3://scans/ctscreen/prod/" and store.bucket == "scans"
+    assert isinstance(Settings(data_dir=tmp_path).blob_store(), FolderBlobs)
+    for bad, message in (({"blob_url": "/var/blobs"}, "must be s3://bucket"), ({"blob_url": "s3:///prefix"}, "must be s3://"),
+                         ({"s3_endpoint_url": "minio:9000"}, "http:// or https:// URL")):
+        with pytest.raises(ValueError, match=message):
+            Settings(data_dir=tmp_path, **bad)
+
+
+@pytest.mark.triton
+def test_a_gateway_with_its_blobs_in_s3_screens_uploads_and_stow(triton, bucket, s3_server, tmp_path):
+    """A gateway whose instances live in the bucket, not in its data folder: an upload and a STOW-RS study are
+    screened from what S3 holds (the worker reads the instances back from it), and nothing lands in a blob folder."""
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+    from pydicom.uid import generate_uid
+
+    import phantom
+    from gateway.cli import run_stack
+    from gateway.client import screen_paths
+    from gateway.store.blobs import s3_client
+
+    study = phantom.make_study(seed=5, kind="covid", n_slices=12)
+    folder = Path(phantom.write_study(study, tmp_path / "covid", montage=False))
+    overrides = {"blob_url": f"s3://{bucket}/ctscreen", "s3_endpoint_url": s3_server, "s3_region": "us-east-1",
+                 "data_dir": tmp_path / "data", "stow_quiet_period_s": 3600.0, "screen_ahead": False}
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack:
+        (outcome,) = screen_paths(stack.url, [folder], quiet=True)
+        assert outcome.error is None and outcome.result["verdict"] in ("positive", "negative", "indeterminate")
+        assert len(outcome.result["slices"]) == 12
+        files = sorted((folder / "dicom").iterdir())
+        datasets = [pydicom.dcmread(f) for f in files]
+        for ds in datasets:  # the same slices as another study, sent by STOW-RS
+            ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+            ds.SOPInstanceUID = generate_uid()
+        DICOMwebClient(url=f"{stack.url}/dicomweb").store_instances(datasets=datasets)
+        with httpx.Client(base_url=stack.url, timeout=60) as http:
+            assert http.post("/v1/studies/1.2.826.0.1.3680043.8.498.1/complete").status_code == 202
+            deadline = time.monotonic() + 120
+            while (view := http.get("/v1/studies/1.2.826.0.1.3680043.8.498.1").json())["state"] not in ("done", "failed"):
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+            assert view["state"] == "done", view
+            assert httpx.get(f"{stack.url}/readyz").status_code == 200
+        assert view["result"]["verdict"] == outcome.result["verdict"]
+    objects = [o.object_name for o in s3_client(s3_server, "us-east-1").list_objects(bucket, prefix="ctscreen/",
+                                                                                    recursive=True)]
+    assert len([o for o in objects if o.count("/") == 2]) >= 24  # both studies' instances, under the prefix
+    assert not (tmp_path / "data" / "blobs").exists() or not any((tmp_path / "data" / "blobs").rglob("*"))
