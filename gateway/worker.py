@@ -27,10 +27,12 @@ import errno
 import functools
 import logging
 import random
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import PYDICOM_ROOT_UID
@@ -41,10 +43,10 @@ from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import BlobStore, Claimed, Store, StoreError, instance_sources
+from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError, instance_sources
 from gateway.store.deliveries import Deliveries
 from gateway.triton_pool import InferenceUnavailable
-from gateway.uploads import sweep_spools
+from gateway.uploads import new_spool, sweep_spools
 
 logger = logging.getLogger(__name__)
 
@@ -217,10 +219,11 @@ class Worker:
 
         beat = asyncio.get_running_loop().create_task(heartbeat(), name=f"lease-{job.id}")
         remembered = await self._recall(job.id)
+        spool: Path | None = None  # where a bucket's instances were downloaded to
         try:
             prepared = remembered
             if prepared is None:
-                prepared = await self._prepare(job)
+                prepared, spool = await self._prepare(job)
             await set_state(JobState.inferring, slices_total=prepared.n_slices,
                             series_instance_uid=prepared.series_instance_uid)
             accepted = time.time() - (await self.store.now() - job.created_at)  # created_at is the store's clock
@@ -274,6 +277,8 @@ class Worker:
             await asyncio.gather(beat, return_exceptions=True)
             if remembered is not None:  # its spooled files: the blob store holds the instances
                 await asyncio.to_thread(remembered.release)
+            if spool is not None:
+                await asyncio.to_thread(shutil.rmtree, spool, True)
 
     def _backoff(self, job: Claimed) -> float:
         """Seconds before a released job is tried again: doubling from ``retry_backoff_s`` with its attempts,
@@ -281,19 +286,30 @@ class Worker:
         s = self.settings
         return min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** max(0, job.attempts - 1))
 
-    async def _prepare(self, job: Claimed) -> Prepared:
+    async def _prepare(self, job: Claimed) -> tuple[Prepared, Path | None]:
+        """The study of ``job`` read back from the blob store, and the spool folder its instances were downloaded
+        to (an S3 bucket's; None for a folder's), which the caller removes once the study is screened."""
         files = await self.store.instance_files(job.study_id)
         if not files:
             from gateway.errors import Unavailable
 
             raise Unavailable("The study's instances are no longer kept (retention); send it again.")
+        # instances in a bucket are downloaded to files of a spool folder (removed when the study is released),
+        # not held in memory whole; a folder's are read where they are
+        spool = None if isinstance(self.blobs, FolderBlobs) else await asyncio.to_thread(new_spool, self.settings.spool_dir())
         try:
-            sources = await asyncio.to_thread(instance_sources, self.blobs, files)
-        except FileNotFoundError as exc:
-            from gateway.errors import Unavailable
+            try:
+                sources = await asyncio.to_thread(instance_sources, self.blobs, files, spool)
+            except FileNotFoundError as exc:
+                from gateway.errors import Unavailable
 
-            raise Unavailable(f"An instance of the study is missing from the blob store: {exc.filename}") from None
-        return await self.screener.prepare(sources)
+                raise Unavailable(f"An instance of the study is missing from the blob store: {exc.filename}") from None
+            prepared = await self.screener.prepare(sources)
+        except BaseException:
+            if spool is not None:
+                await asyncio.to_thread(shutil.rmtree, spool, True)
+            raise
+        return prepared, spool
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
         self.screener.metrics.failed(error.reason)

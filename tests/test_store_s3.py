@@ -178,7 +178,49 @@ def test_a_gateway_with_its_blobs_in_s3_screens_uploads_and_stow(triton, bucket,
             assert view["state"] == "done", view
             assert httpx.get(f"{stack.url}/readyz").status_code == 200
         assert view["result"]["verdict"] == outcome.result["verdict"]
+        spool = tmp_path / "data" / "spool"  # where the STOW study's instances were downloaded to: removed
+        assert not spool.exists() or not any(spool.iterdir()), list(spool.iterdir())
     objects = [o.object_name for o in s3_client(s3_server, "us-east-1").list_objects(bucket, prefix="ctscreen/",
                                                                                     recursive=True)]
     assert len([o for o in objects if o.count("/") == 2]) >= 24  # both studies' instances, under the prefix
     assert not (tmp_path / "data" / "blobs").exists() or not any((tmp_path / "data" / "blobs").rglob("*"))
+
+
+def test_a_store_that_fails_is_the_folders_oserror_never_an_internal_error(bucket, s3_server, tmp_path):
+    """S3 refusing (no such bucket) or not answering (nothing listens) is an OSError, as a failing volume is: the
+    upload route answers 503 and the worker tries the job again later, where anything else would be a 500 and a
+    failed job. A missing object stays FileNotFoundError (the study's instances are gone: no retry helps)."""
+    import errno
+
+    gone = S3Blobs("no-such-bucket", endpoint_url=s3_server, region="us-east-1")
+    key = new_keys(1)[0]
+    spooled = tmp_path / "f"
+    spooled.write_bytes(b"DICM")
+    for call in (lambda: gone.put(key, b"x"), lambda: gone.put_many([(key, spooled), (new_keys(1)[0], b"y")]),
+                 lambda: gone.get(key), gone.shards, lambda: gone.older_than(0), lambda: gone.delete(key)):
+        with pytest.raises(OSError) as raised:
+            call()
+        assert raised.value.errno == errno.EIO and not isinstance(raised.value, FileNotFoundError), raised.value
+    live = S3Blobs(bucket, endpoint_url=s3_server, region="us-east-1")
+    with pytest.raises(FileNotFoundError):
+        live.get(key)
+    dead = S3Blobs(bucket, endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    with pytest.raises(OSError) as raised:
+        dead.get(key)
+    assert raised.value.errno == errno.EIO and not dead.writable()
+
+
+@pytest.mark.triton
+def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_server, bucket, tmp_path):
+    import phantom
+    from gateway.cli import run_stack
+
+    folder = Path(phantom.write_study(phantom.make_study(seed=6, kind="normal", n_slices=4), tmp_path / "s",
+                                      montage=False))
+    files = [("files", (f.name, f.read_bytes(), "application/dicom")) for f in sorted((folder / "dicom").iterdir())]
+    overrides = {"blob_url": "s3://no-such-bucket/ctscreen", "s3_endpoint_url": s3_server, "s3_region": "us-east-1",
+                 "data_dir": tmp_path / "data"}
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack:
+        assert httpx.get(f"{stack.url}/readyz", timeout=30).status_code == 503
+        answer = httpx.post(f"{stack.url}/v1/studies", files=files, timeout=60)
+        assert answer.status_code == 503 and "could not be stored durably" in answer.text, answer.text

@@ -11,6 +11,8 @@ an upload's files in one); a key never comes from a client.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -342,17 +344,36 @@ class S3Blobs:
     def _missing(exc: Exception) -> bool:
         return getattr(exc, "code", None) in ("NoSuchKey", "NoSuchObject")
 
+    @contextlib.contextmanager
+    def _answered(self, key: str = "") -> Iterator[None]:
+        """S3's refusals and silences as the folder's errors: a missing object is :class:`FileNotFoundError`, anything
+        else (unreachable, 5xx, throttled, refused credentials) an :class:`OSError` (EIO), which the callers already
+        meet as a blob volume that failed (an upload's 503, a job tried again later): never an internal error."""
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as exc:
+            if key and self._missing(exc):
+                raise FileNotFoundError(errno.ENOENT, "No such blob", key) from exc
+            code = getattr(exc, "code", None) or type(exc).__name__
+            raise OSError(errno.EIO, f"The S3 store did not do it ({code})") from exc
+
     def put(self, key: str, data: bytes) -> None:
         self.put_many([(key, data)])
 
     def _put(self, key: str, data: bytes | Path) -> str:
+        name = self._key(key)
         if isinstance(data, Path):  # a spooled upload: streamed from its file, never read into memory whole
-            self.client.fput_object(self.bucket, self._key(key), str(data), content_type="application/dicom")
+            size = data.stat().st_size  # a file gone is the folder's FileNotFoundError, raised here
+            with open(data, "rb") as fh, self._answered():
+                self.client.put_object(self.bucket, name, fh, size, content_type="application/dicom")
         else:
             import io
 
-            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data),
-                                   content_type="application/octet-stream")
+            with self._answered():
+                self.client.put_object(self.bucket, name, io.BytesIO(data), len(data),
+                                       content_type="application/octet-stream")
         return key
 
     def put_many(self, items: Sequence[tuple[str, bytes | Path]]) -> None:
@@ -374,17 +395,21 @@ class S3Blobs:
         raise failed
 
     def get(self, key: str) -> bytes:
-        try:
-            response = self.client.get_object(self.bucket, self._key(key))
-        except Exception as exc:
-            if self._missing(exc):
-                raise FileNotFoundError(2, "No such blob", key) from exc
-            raise
-        try:
-            return bytes(response.read())
-        finally:
-            response.close()
-            response.release_conn()
+        name = self._key(key)
+        with self._answered(key):
+            response = self.client.get_object(self.bucket, name)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+    def download(self, key: str, path: Path) -> None:
+        """``key``'s bytes written to the file ``path`` (a study read back for screening: its instances as files,
+        a few slices' pixels at a time in memory, not the whole study)."""
+        name = self._key(key)
+        with self._answered(key):
+            self.client.fget_object(self.bucket, name, str(path))
 
     def writable(self) -> bool:
         try:
@@ -394,37 +419,41 @@ class S3Blobs:
             return False
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, self._key(key))  # absent: S3 answers 204 all the same
+        name = self._key(key)
+        with self._answered():
+            self.client.remove_object(self.bucket, name)  # absent: S3 answers 204 all the same
 
     def set_aside(self, key: str) -> None:
         from minio.commonconfig import CopySource
 
         source = self._key(key)
         try:
-            self.client.copy_object(self.bucket, f"{self.prefix}{SET_ASIDE}/{key}", CopySource(self.bucket, source))
-        except Exception as exc:
-            if self._missing(exc):
-                return
-            raise
-        self.client.remove_object(self.bucket, source)
+            with self._answered(key):
+                self.client.copy_object(self.bucket, f"{self.prefix}{SET_ASIDE}/{key}", CopySource(self.bucket, source))
+        except FileNotFoundError:
+            return
+        with self._answered():
+            self.client.remove_object(self.bucket, source)
 
-    def _listed(self, prefix: str, before: float) -> Iterator[str]:
+    def _listed(self, prefix: str, before: float) -> list[str]:
         """The names of the objects under ``prefix`` last written before ``before`` (a Unix time)."""
-        for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
-            if item.last_modified is not None and item.last_modified.timestamp() < before:
-                yield str(item.object_name)
+        with self._answered():
+            return [str(item.object_name) for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                    if item.last_modified is not None and item.last_modified.timestamp() < before]
 
     def purge_set_aside(self, age_s: float, later_s: float = 0.0) -> int:
         gone = 0
-        for name in list(self._listed(f"{self.prefix}{SET_ASIDE}/", time.time() + later_s - age_s)):
-            self.client.remove_object(self.bucket, name)
+        for name in self._listed(f"{self.prefix}{SET_ASIDE}/", time.time() + later_s - age_s):
+            with self._answered():
+                self.client.remove_object(self.bucket, name)
             gone += 1
         return gone
 
     def shards(self) -> list[str]:
         """The two-hex-digit folders :func:`new_key` spreads keys over (those that hold an object)."""
-        names = (str(item.object_name)[len(self.prefix):].rstrip("/")
-                 for item in self.client.list_objects(self.bucket, prefix=self.prefix, recursive=False) if item.is_dir)
+        with self._answered():
+            names = [str(item.object_name)[len(self.prefix):].rstrip("/") for item in
+                     self.client.list_objects(self.bucket, prefix=self.prefix, recursive=False) if item.is_dir]
         return sorted(name for name in names if re.fullmatch(r"[0-9a-f]{2}", name))
 
     def older_than(self, age_s: float, later_s: float = 0.0, shard: str | None = None) -> list[str]:
@@ -469,15 +498,18 @@ def open_blobs(folder: Path, url: str | None = None, *, endpoint_url: str | None
     return FolderBlobs(folder)
 
 
-def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]]) -> list[tuple[str, bytes | Path]]:
+def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: Path | None = None
+                     ) -> list[tuple[str, bytes | Path]]:
     """``(filename, content)`` of a study's instances (``(filename, blob key)`` each): their files when the
-    blob store keeps files (a reader then reads what it needs: headers, the pixels of a few slices), else
-    their bytes.
+    blob store keeps files (a reader then reads what it needs: headers, the pixels of a few slices), the files
+    they are downloaded to in ``spool`` from an S3 bucket, else their bytes.
 
     Raises
     ------
     FileNotFoundError
         An instance's blob is missing (its name is the missing file's).
+    OSError
+        The store failed a read.
     """
     if isinstance(blobs, FolderBlobs):
         paths = [(name, blobs.path(key)) for name, key in files]
@@ -485,6 +517,12 @@ def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]]) -> list
             if not path.is_file():
                 raise FileNotFoundError(2, "No such blob", path.name)
         return list(paths)
+    if spool is not None and isinstance(blobs, S3Blobs):  # each instance to a file of the spool (its caller's to remove)
+        out: list[tuple[str, bytes | Path]] = []
+        for i, (name, key) in enumerate(files):
+            blobs.download(key, spool / f"{i:06d}.dcm")
+            out.append((name, spool / f"{i:06d}.dcm"))
+        return out
     return [(name, blobs.get(key)) for name, key in files]
 
 
