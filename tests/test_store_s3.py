@@ -9,6 +9,7 @@ no test here could show.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import uuid
@@ -24,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MOTO = ROOT / ".venv-s3" / "bin" / "moto_server"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
+@contextlib.contextmanager
+def _moto_server():
+    """moto's S3 server on a free loopback port, its URL; stopped on exit."""
     if not MOTO.exists():
         pytest.skip(f"no S3 server for the tests at {MOTO} (bash scripts/setup.sh --test installs moto's there)")
     port = free_port()
@@ -33,18 +35,25 @@ def s3_server():
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url, timeout=2)
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto's S3 server did not start on {url}")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        while True:
+            try:
+                httpx.get(url, timeout=2)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto's S3 server did not start on {url}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with _moto_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -224,3 +233,36 @@ def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_serv
         assert httpx.get(f"{stack.url}/readyz", timeout=30).status_code == 503
         answer = httpx.post(f"{stack.url}/v1/studies", files=files, timeout=60)
         assert answer.status_code == 503 and "could not be stored durably" in answer.text, answer.text
+
+
+@pytest.mark.triton
+def test_the_viewer_answers_503_while_the_bucket_does_not_answer(triton, tmp_path, monkeypatch):
+    """A slice image whose bytes the bucket cannot give now is a 503 (retry), as is the study's series map; it was
+    a 500 (an internal error) for what is a dependency's outage."""
+    import phantom
+    from gateway.cli import run_stack
+    from gateway.client import screen_paths
+    from gateway.store.blobs import s3_client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ctscreen-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ctscreen-test-secret")
+    folder = Path(phantom.write_study(phantom.make_study(seed=7, kind="covid", n_slices=6), tmp_path / "s",
+                                      montage=False))
+    with _moto_server() as server:
+        s3_client(server, "us-east-1").make_bucket("viewer")
+        overrides = {"blob_url": "s3://viewer", "s3_endpoint_url": server, "s3_region": "us-east-1",
+                     "data_dir": tmp_path / "data"}
+        stack = run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides)
+        running = stack.__enter__()
+        try:
+            (outcome,) = screen_paths(running.url, [folder], quiet=True)
+            job = outcome.job_id
+            assert httpx.get(f"{running.url}/v1/jobs/{job}/slices/0.png", timeout=30).status_code == 200
+        except BaseException:
+            stack.__exit__(None, None, None)
+            raise
+    try:  # the server is gone now
+        answer = httpx.get(f"{running.url}/v1/jobs/{job}/slices/1.png", timeout=60)
+        assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
+    finally:
+        stack.__exit__(None, None, None)

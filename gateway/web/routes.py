@@ -31,7 +31,7 @@ from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.api.ops import triton_ready
 from gateway.auth import ADMIN, RESULTS_READ, StreamGuard
-from gateway.errors import InstancesExpired, NoSuchSlice, NotDone
+from gateway.errors import InstancesExpired, NoSuchSlice, NotDone, Unavailable
 from gateway.jobs import JobState
 from gateway.store import Store
 from gateway.store.worklist import EventCursor, Worklist, WorklistRow
@@ -73,7 +73,12 @@ class WebState:
             if cached is None:
                 study_id = await self.worklist.study_of_job(job_id)
                 instances = [] if study_id is None else await self.worklist.instances(study_id)
-                cached = await asyncio.to_thread(SeriesMap.build, instances, self.blobs.get)
+                try:
+                    cached = await asyncio.to_thread(SeriesMap.build, instances, self.blobs.get)
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:  # the blob store failed a read (a volume's EIO, a bucket that did not answer)
+                    raise Unavailable("The study's images cannot be read now (the blob store failed); retry.") from exc
                 if len(cached):
                     self.series.put(job_id, cached)
         self._series_locks.pop(job_id, None)
@@ -136,7 +141,7 @@ async def _labels_of(web: WebState, row: WorklistRow) -> dict[str, str | None] |
     for _, key, _ in await web.worklist.instances(row.study_id, limit=LABEL_SCAN if row.series_instance_uid else 1):
         try:
             data = await asyncio.to_thread(web.blobs.get, key)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # gone, or the store failed: the labels are a nicety, the row goes on
             continue
         header = await asyncio.to_thread(read_label_header, data)
         if row.series_instance_uid is not None and header.series_instance_uid == row.series_instance_uid:
@@ -276,6 +281,8 @@ async def slice_png(
             data = await asyncio.to_thread(web.blobs.get, source.blob_key)
         except FileNotFoundError:
             raise InstancesExpired(f"The images of job {job_id} are no longer kept.") from None
+        except OSError as exc:
+            raise Unavailable("The image cannot be read now (the blob store failed); retry.") from exc
         png = await asyncio.to_thread(render_png, data, source.filename, source.frame, window)
         web.pngs.put(key, png)
     return Response(png, media_type="image/png", headers=headers)
