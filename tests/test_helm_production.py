@@ -633,7 +633,8 @@ def _notes(values: dict) -> str:
 
 
 @pytest.mark.parametrize(("blobs", "warned"), [({}, True), ({"storageClassName": "efs-sc"}, False),
-                                               ({"existingClaim": "site-blobs"}, False)])
+                                               ({"existingClaim": "site-blobs"}, False),
+                                               ({"s3": {"bucket": "site-ct"}}, False)])
 def test_install_notes_warn_when_the_shared_blob_claim_falls_to_the_default_storage_class(blobs, warned):
     """EKS, GKE and AKS default classes are ReadWriteOnce: the ReadWriteMany claim stays Pending, silently."""
     values = _production()
