@@ -163,11 +163,16 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="Folder of instance bytes (ReadWriteMany on Kubernetes); "
                                                     "default data_dir/blobs.")
     blob_url: str | None = Field(None, description="s3://bucket[/prefix]: instance bytes in an S3 bucket instead of "
-                                                   "blob_dir (credentials: boto3's AWS_* variables, IRSA, instance "
-                                                   "profile); the bucket must exist.")
+                                                   "blob_dir; the bucket must exist. Credentials: AWS_ACCESS_KEY_ID and "
+                                                   "AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, a web identity (IRSA) or "
+                                                   "the node's role; permissions: s3:PutObject, s3:GetObject, "
+                                                   "s3:DeleteObject, s3:ListBucket (and s3:GetBucketLocation without "
+                                                   "s3_region).")
     s3_endpoint_url: str | None = Field(None, description="The S3 endpoint of a non-AWS store (MinIO, Ceph): "
-                                                          "https://minio.example:9000; default AWS.")
-    s3_region: str | None = Field(None, description="The bucket's region (default: boto3's chain).")
+                                                          "https://minio.example:9000 (scheme, host and port only); "
+                                                          "default AWS.")
+    s3_region: str | None = Field(None, description="The bucket's region (AWS_REGION is not read for it); default: "
+                                                    "asked of the bucket once.")
     db_migrate: bool = Field(True, description="Upgrade the database schema at start.")
     lease_s: float = Field(30.0, gt=0, le=3600, description="Lease of a claimed job, renewed while it runs.")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="Lease renewal and progress write period.")
@@ -451,8 +456,20 @@ class Settings(BaseSettings):
     def _check_s3_endpoint(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        if not value.strip().lower().startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http:// or https:// URL, got {value.strip()!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"is a scheme, a host and a port only (the client cannot send to a path), got "
+                             f"{value.strip()!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not one
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {exc}") from None
         return value.strip()
 
     def blob_store(self) -> Any:

@@ -319,15 +319,17 @@ def _read_member(
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
-async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+async def in_thread(fn: Callable[..., _T], *args: Any, on_cancel: Callable[[], object] | None = None) -> _T:
     """``fn(*args)`` in a worker thread, awaited to its end even when the awaiting task is cancelled meanwhile
     (the cancellation is raised once the thread is done): a cancelled await does not stop the thread, and
     what a caller does on cancellation (close the files the thread writes, abort a parse) must not run
-    beside it."""
+    beside it. ``on_cancel()`` runs first on a cancellation (e.g. sets the flag that makes ``fn`` return soon)."""
     done = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         await asyncio.wait({done})
         raise
 

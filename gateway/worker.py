@@ -28,6 +28,7 @@ import functools
 import logging
 import random
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,7 @@ from gateway.settings import Settings
 from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError, instance_sources
 from gateway.store.deliveries import Deliveries
 from gateway.triton_pool import InferenceUnavailable
-from gateway.uploads import new_spool, sweep_spools
+from gateway.uploads import in_thread, new_spool, sweep_spools
 
 logger = logging.getLogger(__name__)
 
@@ -297,9 +298,10 @@ class Worker:
         # instances in a bucket are downloaded to files of a spool folder (removed when the study is released),
         # not held in memory whole; a folder's are read where they are
         spool = None if isinstance(self.blobs, FolderBlobs) else await asyncio.to_thread(new_spool, self.settings.spool_dir())
+        stop = threading.Event()
         try:
-            try:
-                sources = await asyncio.to_thread(instance_sources, self.blobs, files, spool)
+            try:  # cancelled (a lost lease, a shut-down): the downloads stop, and end before the spool goes
+                sources = await in_thread(instance_sources, self.blobs, files, spool, stop, on_cancel=stop.set)
             except FileNotFoundError as exc:
                 from gateway.errors import Unavailable
 
@@ -386,8 +388,10 @@ class Sweeper:
             if self.before_expire is not None:
                 await self.before_expire()
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
-            for key in keys:
-                await asyncio.to_thread(self.blobs.delete, key)
+            failed = await asyncio.to_thread(self._delete_each, keys)
+            if failed:  # nothing names them now: the orphan sweep takes them, and says so (not the brake's alarm)
+                logger.warning("retention: %d of %d expired blobs could not be deleted now (%s); the orphan sweep "
+                               "removes them later", failed[0], len(keys), failed[1])
             # uploads spooled by a process that died before removing them, or kept past a long outage
             if await asyncio.to_thread(sweep_spools, s.spool_dir(), 2 * s.job_deadline_s):
                 logger.warning("removed upload spool folders older than twice the job deadline")
@@ -395,6 +399,17 @@ class Sweeper:
             # its own task: walking a large shared folder must not hold up study completion and deadlines
             self._orphans = asyncio.get_running_loop().create_task(self.sweep_orphans(), name="ctscreen-orphans")
             self._orphans.add_done_callback(self._orphans_done)
+
+    def _delete_each(self, keys: list[str]) -> tuple[int, str] | None:
+        """Delete these blobs, each one tried whatever the others did; ``(how many failed, the first error)``, or
+        None when none did (one failed delete ends neither the pass nor the spool sweep after it)."""
+        failed, first = 0, ""
+        for key in keys:
+            try:
+                self.blobs.delete(key)
+            except OSError as exc:
+                failed, first = failed + 1, first or (exc.strerror or type(exc).__name__)
+        return (failed, first) if failed else None
 
     def _orphans_done(self, task: asyncio.Task[int]) -> None:
         self._orphans = None

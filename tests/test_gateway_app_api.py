@@ -330,10 +330,12 @@ def test_readyz_says_not_ready_while_the_store_or_the_blob_folder_fails(tmp_path
         root = client.app.state.blobs.root  # the blob volume is gone (an unmounted share)
         root.rename(tmp_path / "elsewhere")
         try:
+            time.sleep(1.1)  # past the blob check's one-second cache too
             r = client.get("/readyz")
             assert r.status_code == 503 and r.json()["blobs"] is False and r.json()["store"] is True
         finally:
             (tmp_path / "elsewhere").rename(root)
+        time.sleep(1.1)
         assert client.get("/readyz").status_code == 200
 
 

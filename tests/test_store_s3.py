@@ -146,7 +146,10 @@ def test_a_blob_url_is_checked_when_the_gateway_starts(tmp_path):
     assert isinstance(store, S3Blobs) and store.root == "s3://scans/ctscreen/prod/" and store.bucket == "scans"
     assert isinstance(Settings(data_dir=tmp_path).blob_store(), FolderBlobs)
     for bad, message in (({"blob_url": "/var/blobs"}, "must be s3://bucket"), ({"blob_url": "s3:///prefix"}, "must be s3://"),
-                         ({"s3_endpoint_url": "minio:9000"}, "http:// or https:// URL")):
+                         ({"s3_endpoint_url": "minio:9000"}, "http:// or https:// URL"),
+                         ({"s3_endpoint_url": "https://key:secret@minio:9000"}, "must not hold credentials"),
+                         ({"s3_endpoint_url": "https://gw.site/s3/"}, "a scheme, a host and a port only"),
+                         ({"s3_endpoint_url": "https://minio:99999"}, "bad port")):
         with pytest.raises(ValueError, match=message):
             Settings(data_dir=tmp_path, **bad)
 
@@ -220,8 +223,11 @@ def test_a_store_that_fails_is_the_folders_oserror_never_an_internal_error(bucke
 
 
 @pytest.mark.triton
-def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_server, bucket, tmp_path):
+def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_server, bucket, tmp_path, monkeypatch):
+    import gateway.store.blobs
     import phantom
+
+    monkeypatch.setattr(gateway.store.blobs, "S3_READ_TIMEOUT_S", 8.0)  # the silent endpoint's probes end sooner
     from gateway.cli import run_stack
 
     folder = Path(phantom.write_study(phantom.make_study(seed=6, kind="normal", n_slices=4), tmp_path / "s",
@@ -233,6 +239,12 @@ def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_serv
         assert httpx.get(f"{stack.url}/readyz", timeout=30).status_code == 503
         answer = httpx.post(f"{stack.url}/v1/studies", files=files, timeout=60)
         assert answer.status_code == 503 and "could not be stored durably" in answer.text, answer.text
+    # a bucket's endpoint that takes connections and never answers: the probe says not ready within its 3 s
+    with _silent_server() as silent, run_stack(port=0, triton_url=triton.grpc_url, settings_overrides={
+            **overrides, "s3_endpoint_url": silent, "data_dir": tmp_path / "data2"}) as stack:
+        t0 = time.monotonic()
+        probe = httpx.get(f"{stack.url}/readyz", timeout=30)
+        assert probe.status_code == 503 and probe.json()["blobs"] is False and time.monotonic() - t0 < 5
 
 
 @pytest.mark.triton
@@ -266,3 +278,80 @@ def test_the_viewer_answers_503_while_the_bucket_does_not_answer(triton, tmp_pat
         assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
     finally:
         stack.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _silent_server():
+    """A TCP server that takes connections and never answers (a bucket's load balancer with nothing behind it)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_store_that_takes_connections_and_never_answers_fails_within_its_timeouts(monkeypatch):
+    """minio's own client waits 300 s to read and tries 5 times: an upload or a probe hung for half an hour. The
+    gateway's client gives up after its read timeout (30 s; 1 s here), once, as the folder's EIO."""
+    import errno
+
+    import gateway.store.blobs as module
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ctscreen-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ctscreen-test-secret")
+    monkeypatch.setattr(module, "S3_READ_TIMEOUT_S", 1.0)
+    with _silent_server() as url:
+        silent = S3Blobs("ctscreen", endpoint_url=url, region="us-east-1")
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            silent.put(new_keys(1)[0], b"x")
+        assert raised.value.errno == errno.EIO and time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        assert not silent.writable() and time.monotonic() - t0 < 10
+
+
+def test_a_stopped_read_of_a_study_writes_nothing_more(bucket, s3_server, tmp_path):
+    """A job given up while its study is read back (a lost lease, a shut-down) stopped waiting, removed its spool
+    folder, and the download thread went on writing every file back into it; a stop flag ends it."""
+    import threading
+
+    blobs = S3Blobs(bucket, endpoint_url=s3_server, region="us-east-1")
+    keys = new_keys(40)
+    blobs.put_many([(k, b"DICM" * 100) for k in keys])
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    files = [(f"IM{i}", k) for i, k in enumerate(keys)]
+    got = instance_sources(blobs, files, spool)
+    assert [p.read_bytes() for _, p in got] == [b"DICM" * 100] * 40 and [n for n, _ in got] == [n for n, _ in files]
+    again = tmp_path / "again"
+    again.mkdir()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InterruptedError):
+        instance_sources(blobs, files, again, stop)
+    assert list(again.iterdir()) == []
+
+
+def test_retention_deletes_every_blob_it_can_when_one_delete_fails(tmp_path, caplog):
+    """One failed delete ended the retention pass: the spool sweep after it was skipped and every later expired
+    blob stayed, named by nothing, until the orphan sweep's brake took them for a wrong database."""
+    from gateway.settings import Settings
+    from gateway.store import Store
+    from gateway.worker import Sweeper
+
+    class Flaky(FolderBlobs):
+        def delete(self, key: str) -> None:
+            if key == keys[2]:
+                raise OSError(5, "Input/output error")
+            super().delete(key)
+
+    blobs = Flaky(tmp_path / "blobs")
+    keys = new_keys(6)
+    blobs.put_many([(k, b"x") for k in keys])
+    sweeper = Sweeper(Store(f"sqlite:///{tmp_path / 'db.sqlite'}"), blobs, Settings(data_dir=tmp_path))
+    assert sweeper._delete_each(keys) == (1, "Input/output error")
+    assert [k for k in keys if (tmp_path / "blobs" / k).exists()] == [keys[2]]

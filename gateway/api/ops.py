@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.api.deps import BlobsDep, MetricsDep, PoolDep, SettingsDep, StoreDep
 from gateway.auth import AUTH_RESPONSES, AdminAccess
 from gateway.errors import NotFound
-from gateway.store import Store
+from gateway.store import BlobStore, Store
 from gateway.triton_pool import TritonPool
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,20 @@ async def _store_answers(request: Request, store: Store) -> bool:
     return await _once_a_second(request, "store_cache", ask)
 
 
+async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
+    """Whether the blob store takes blobs, said within 3 s (asked at most once a second): a bucket that takes
+    connections and never answers, or a hung NFS mount, is not ready, and probes never pile up behind it."""
+
+    async def ask() -> bool:
+        try:
+            return bool(await asyncio.wait_for(asyncio.to_thread(blobs.writable), 3.0))
+        except TimeoutError:
+            logger.warning("readiness: the blob store does not answer within 3 s")
+            return False
+
+    return await _once_a_second(request, "blobs_cache", ask)
+
+
 @router.get("/readyz", summary="Readiness: the gateway takes studies (state store and blob folder usable)",
             responses={503: {"description": "the state store does not answer, or blobs cannot be written"}})
 async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsDep) -> JSONResponse:
@@ -73,7 +87,7 @@ async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsD
     """
     ready_triton = await triton_ready(request, pool)
     store_ok = await _store_answers(request, store)
-    blobs_ok = await asyncio.to_thread(blobs.writable)
+    blobs_ok = await _blobs_writable(request, blobs)
     ready = store_ok and blobs_ok
     body = {"ready": ready, "store": store_ok, "blobs": blobs_ok,
             "triton": {"ready_endpoints": len(ready_triton), "endpoints": len(pool.endpoints)}}

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -43,8 +44,9 @@ from gateway.delivery.config import DicomDestination, FhirDestination, StowDesti
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
 from gateway.phi import withheld
 from gateway.settings import Settings
-from gateway.store import BlobStore, Store, instance_sources, new_key
+from gateway.store import BlobStore, FolderBlobs, Store, instance_sources, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
+from gateway.uploads import new_spool
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +275,21 @@ class Deliverer:
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
                 return payloads.build_fhir(result, context, put, dest.systems(), earlier)
-            try:  # files, read as needed (their pixels only for the key images)
-                sources = instance_sources(self.blobs, files)
-            except FileNotFoundError:
-                raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
-            # a reading the rule leaves out still retracts the earlier ones it sent here (a positive followed by a
-            # negative at a positives-only PACS): only the Rejection Note goes
-            wanted = ["rejection"] if why is not None else dest.objects
-            return payloads.build_dicom(result, sources, wanted, put, earlier, rejected)
+            # files, read as needed (their pixels only for the key images); a bucket's downloaded to a spool
+            # folder for the build, not held in memory whole
+            spool = None if isinstance(self.blobs, FolderBlobs) else new_spool(self.settings.spool_dir())
+            try:
+                try:
+                    sources = instance_sources(self.blobs, files, spool)
+                except FileNotFoundError:
+                    raise payloads.PayloadUnavailable("an instance is missing from the blob store") from None
+                # a reading the rule leaves out still retracts the earlier ones it sent here (a positive followed by
+                # a negative at a positives-only PACS): only the Rejection Note goes
+                wanted = ["rejection"] if why is not None else dest.objects
+                return payloads.build_dicom(result, sources, wanted, put, earlier, rejected)
+            finally:
+                if spool is not None:
+                    shutil.rmtree(spool, ignore_errors=True)
 
         objects = await asyncio.to_thread(build)
         payload: dict[str, Any] = {"verdict": result.verdict, "objects": objects}

@@ -356,8 +356,7 @@ class S3Blobs:
         except Exception as exc:
             if key and self._missing(exc):
                 raise FileNotFoundError(errno.ENOENT, "No such blob", key) from exc
-            code = getattr(exc, "code", None) or type(exc).__name__
-            raise OSError(errno.EIO, f"The S3 store did not do it ({code})") from exc
+            raise OSError(errno.EIO, f"The S3 store did not do it ({s3_reason(exc)})") from exc
 
     def put(self, key: str, data: bytes) -> None:
         self.put_many([(key, data)])
@@ -406,17 +405,27 @@ class S3Blobs:
 
     def download(self, key: str, path: Path) -> None:
         """``key``'s bytes written to the file ``path`` (a study read back for screening: its instances as files,
-        a few slices' pixels at a time in memory, not the whole study)."""
+        a few slices' pixels at a time in memory, not the whole study); one GET, streamed."""
         name = self._key(key)
         with self._answered(key):
-            self.client.fget_object(self.bucket, name, str(path))
+            response = self.client.get_object(self.bucket, name)
+            try:
+                with open(path, "xb") as fh:  # x: never into a folder removed and made again meanwhile
+                    for chunk in response.stream(1 << 20):
+                        fh.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
 
     def writable(self) -> bool:
         try:
-            return bool(self.client.bucket_exists(self.bucket))
+            there = bool(self.client.bucket_exists(self.bucket))
         except Exception as exc:  # noqa: BLE001 - unreachable, refused credentials: not ready
-            logger.warning("blob bucket %s not usable: %s", self.bucket, type(exc).__name__)
+            logger.warning("blob bucket %s not usable: %s", self.bucket, s3_reason(exc))
             return False
+        if not there:
+            logger.warning("blob bucket %s does not exist (ctscreen never creates one)", self.bucket)
+        return there
 
     def delete(self, key: str) -> None:
         name = self._key(key)
@@ -471,6 +480,8 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any
     """A ``minio.Minio`` client of ``endpoint_url`` (default AWS), with the credential chain of :class:`S3Blobs`."""
     from urllib.parse import urlsplit
 
+    import certifi
+    import urllib3
     from minio import Minio
     from minio.credentials import (
         AWSConfigProvider,
@@ -486,7 +497,30 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any
     else:
         endpoint, secure = "s3.amazonaws.com", True
     chain = ChainedProvider([EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider()])
-    return Minio(endpoint, secure=secure, region=region, credentials=chain)
+    # minio's own pool waits 300 s to connect and to read and tries 5 times: a bucket that takes connections and
+    # never answers held a call (a readiness probe, an upload) for half an hour. Here: 5 s to connect (3 tries),
+    # 30 s between bytes (a read that timed out is not sent again: the store may be doing it), 2 tries more on a
+    # 5xx, and a connection for each of the threads that store at once.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=S3_CONNECT_TIMEOUT_S, read=S3_READ_TIMEOUT_S), maxsize=4 * _IO_THREADS,
+        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=3, connect=3, read=0, status=2, backoff_factor=0.2,
+                              status_forcelist=[500, 502, 503, 504]))
+    return Minio(endpoint, secure=secure, region=region, credentials=chain, http_client=http)
+
+
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 30.0
+
+
+def s3_reason(exc: BaseException) -> str:
+    """What an S3 call's error says, for a log line or a message: S3's error code (``NoSuchBucket``,
+    ``AccessDenied``, ``SignatureDoesNotMatch``), else the error's type and text (no credential is in either)."""
+    code = getattr(exc, "code", None)
+    if code:
+        return str(code)
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def open_blobs(folder: Path, url: str | None = None, *, endpoint_url: str | None = None,
@@ -498,8 +532,8 @@ def open_blobs(folder: Path, url: str | None = None, *, endpoint_url: str | None
     return FolderBlobs(folder)
 
 
-def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: Path | None = None
-                     ) -> list[tuple[str, bytes | Path]]:
+def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: Path | None = None,
+                     stop: threading.Event | None = None) -> list[tuple[str, bytes | Path]]:
     """``(filename, content)`` of a study's instances (``(filename, blob key)`` each): their files when the
     blob store keeps files (a reader then reads what it needs: headers, the pixels of a few slices), the files
     they are downloaded to in ``spool`` from an S3 bucket, else their bytes.
@@ -509,7 +543,7 @@ def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: 
     FileNotFoundError
         An instance's blob is missing (its name is the missing file's).
     OSError
-        The store failed a read.
+        The store failed a read (:class:`InterruptedError` once ``stop`` is set: no file is written after).
     """
     if isinstance(blobs, FolderBlobs):
         paths = [(name, blobs.path(key)) for name, key in files]
@@ -518,11 +552,16 @@ def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: 
                 raise FileNotFoundError(2, "No such blob", path.name)
         return list(paths)
     if spool is not None and isinstance(blobs, S3Blobs):  # each instance to a file of the spool (its caller's to remove)
-        out: list[tuple[str, bytes | Path]] = []
-        for i, (name, key) in enumerate(files):
+        def fetch(i: int, key: str) -> None:
+            if stop is not None and stop.is_set():  # the caller gave up (a lost lease, a shut-down): fetch no more
+                raise InterruptedError(errno.EINTR, "The read of the study was stopped")
             blobs.download(key, spool / f"{i:06d}.dcm")
-            out.append((name, spool / f"{i:06d}.dcm"))
-        return out
+
+        done = _each(fetch, [(i, key) for i, (_, key) in enumerate(files)], "s3-read") if files else []
+        failed = next((f.exception() for f in done if f.exception() is not None), None)
+        if failed is not None:
+            raise failed
+        return [(name, spool / f"{i:06d}.dcm") for i, (name, _) in enumerate(files)]
     return [(name, blobs.get(key)) for name, key in files]
 
 
