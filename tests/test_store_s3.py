@@ -20,6 +20,8 @@ import pytest
 
 from gateway.store import FolderBlobs, S3Blobs, instance_sources, new_keys
 from tests.conftest import free_port
+from tests.orthanc import OrthancServer, orthanc_bin
+from tests.test_e2e_gateway import needs_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 MOTO = ROOT / ".venv-s3" / "bin" / "moto_server"
@@ -355,3 +357,46 @@ def test_retention_deletes_every_blob_it_can_when_one_delete_fails(tmp_path, cap
     sweeper = Sweeper(Store(f"sqlite:///{tmp_path / 'db.sqlite'}"), blobs, Settings(data_dir=tmp_path))
     assert sweeper._delete_each(keys) == (1, "Input/output error")
     assert [k for k in keys if (tmp_path / "blobs" / k).exists()] == [keys[2]]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.triton
+@needs_trained
+@pytest.mark.skipif(orthanc_bin() is None, reason="Orthanc not installed: scripts/setup.sh --test")
+def test_a_positive_study_kept_in_the_bucket_is_delivered_to_the_pacs(triton, bucket, s3_server, tmp_path):
+    """The payload of a delivery (the SR and its key images) is built from the study's instances, which the
+    deliverer reads from the bucket into spool files (removed after), and lands in a real PACS (Orthanc, C-STORE)."""
+    import json
+
+    import phantom
+    from gateway.cli import run_stack
+    from gateway.client import screen_paths
+
+    study = phantom.make_study(seed=11, kind="covid", n_slices=40, matrix=512)
+    folder = Path(phantom.write_study(study, tmp_path / "covid", montage=False, salt="s3-deliv"))
+    pacs = OrthancServer("PACS")
+    try:
+        destinations = tmp_path / "destinations.json"
+        destinations.write_text(json.dumps({"destinations": [
+            {"name": "pacs", "kind": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}]}))
+        overrides = {"blob_url": f"s3://{bucket}/site", "s3_endpoint_url": s3_server, "s3_region": "us-east-1",
+                     "data_dir": tmp_path / "data", "destinations_file": destinations, "delivery_backoff_s": 0.5,
+                     "delivery_backoff_max_s": 1.0, "delivery_poll_s": 0.2}
+        with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack:
+            (outcome,) = screen_paths(stack.url, [folder], quiet=True)
+            assert outcome.error is None and outcome.result["verdict"] == "positive", outcome.result.get("reason")
+            deadline = time.monotonic() + 120
+            while True:
+                (d,) = httpx.get(f"{stack.url}/v1/jobs/{outcome.job_id}/deliveries", timeout=30).json()
+                if d["state"] in ("done", "failed", "skipped") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert d["state"] == "done", d
+        kinds = [o["kind"] for o in d["objects"]]
+        assert kinds[0] == "sr" and "key_image" in kinds
+        held = pacs.instances_of_study(outcome.result["study_instance_uid"])
+        assert {o["uid"] for o in d["objects"]} <= {i["MainDicomTags"]["SOPInstanceUID"] for i in held}
+        spool = tmp_path / "data" / "spool"
+        assert not spool.exists() or not any(spool.iterdir()), list(spool.iterdir())
+    finally:
+        pacs.close()
