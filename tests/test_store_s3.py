@@ -151,7 +151,8 @@ def test_a_blob_url_is_checked_when_the_gateway_starts(tmp_path):
                          ({"s3_endpoint_url": "minio:9000"}, "http:// or https:// URL"),
                          ({"s3_endpoint_url": "https://key:secret@minio:9000"}, "must not hold credentials"),
                          ({"s3_endpoint_url": "https://gw.site/s3/"}, "a scheme, a host and a port only"),
-                         ({"s3_endpoint_url": "https://minio:99999"}, "bad port")):
+                         ({"s3_endpoint_url": "https://minio:99999"}, "bad port"),
+                         ({"blob_url": "s3://Site_CT/x"}, "names the bucket 'Site_CT', which S3 refuses")):
         with pytest.raises(ValueError, match=message):
             Settings(data_dir=tmp_path, **bad)
 
