@@ -388,7 +388,8 @@ class Sweeper:
             if self.before_expire is not None:
                 await self.before_expire()
             keys = await self.store.expire(s.result_retention_s, s.instance_retention_s)
-            failed = await asyncio.to_thread(self._delete_each, keys)
+            stop = threading.Event()  # a shut-down ends the deletes between two keys (the rest: the orphan sweep's)
+            failed = await in_thread(self._delete_each, keys, stop, on_cancel=stop.set)
             if failed:  # nothing names them now: the orphan sweep takes them, and says so (not the brake's alarm)
                 logger.warning("retention: %d of %d expired blobs could not be deleted now (%s); the orphan sweep "
                                "removes them later", failed[0], len(keys), failed[1])
@@ -400,11 +401,14 @@ class Sweeper:
             self._orphans = asyncio.get_running_loop().create_task(self.sweep_orphans(), name="ctscreen-orphans")
             self._orphans.add_done_callback(self._orphans_done)
 
-    def _delete_each(self, keys: list[str]) -> tuple[int, str] | None:
+    def _delete_each(self, keys: list[str], stop: threading.Event | None = None) -> tuple[int, str] | None:
         """Delete these blobs, each one tried whatever the others did; ``(how many failed, the first error)``, or
-        None when none did (one failed delete ends neither the pass nor the spool sweep after it)."""
+        None when none did (one failed delete ends neither the pass nor the spool sweep after it). ``stop`` set:
+        no more deletes (a shut-down; what is left, named by nothing now, goes to the orphan sweep)."""
         failed, first = 0, ""
         for key in keys:
+            if stop is not None and stop.is_set():
+                break
             try:
                 self.blobs.delete(key)
             except OSError as exc:

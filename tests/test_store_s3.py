@@ -230,7 +230,7 @@ def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_serv
     import gateway.store.blobs
     import phantom
 
-    monkeypatch.setattr(gateway.store.blobs, "S3_READ_TIMEOUT_S", 8.0)  # the silent endpoint's probes end sooner
+    monkeypatch.setattr(gateway.store.blobs, "S3_READ_TIMEOUT_S", 12.0)  # the silent endpoint's probes end sooner
     from gateway.cli import run_stack
 
     folder = Path(phantom.write_study(phantom.make_study(seed=6, kind="normal", n_slices=4), tmp_path / "s",
@@ -247,7 +247,7 @@ def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_serv
             **overrides, "s3_endpoint_url": silent, "data_dir": tmp_path / "data2"}) as stack:
         t0 = time.monotonic()
         probe = httpx.get(f"{stack.url}/readyz", timeout=30)
-        assert probe.status_code == 503 and probe.json()["blobs"] is False and time.monotonic() - t0 < 5
+        assert probe.status_code == 503 and probe.json()["blobs"] is False and time.monotonic() - t0 < 7
 
 
 @pytest.mark.triton
@@ -401,3 +401,125 @@ def test_a_positive_study_kept_in_the_bucket_is_delivered_to_the_pacs(triton, bu
         assert not spool.exists() or not any(spool.iterdir()), list(spool.iterdir())
     finally:
         pacs.close()
+
+
+def test_a_busy_store_or_a_hung_credentials_endpoint_holds_no_call(monkeypatch, tmp_path):
+    """A busy MinIO answers 503 SlowDown with Retry-After: 120, which urllib3 obeyed (2 x 120 s a call) and then
+    said "too many 503" instead of S3's code; the credentials' fetch (IRSA's STS, the instance's metadata) went
+    through minio's own pool, without a timeout. Both now end within the client's own limits."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import gateway.store.blobs as module
+
+    class Busy(BaseHTTPRequestHandler):
+        def _busy(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>busy</Message></Error>'
+            self.send_response(503)
+            self.send_header("Retry-After", "30")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_GET = do_HEAD = _busy
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ctscreen-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ctscreen-test-secret")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        busy = S3Blobs("ctscreen", endpoint_url=f"http://127.0.0.1:{server.server_port}", region="us-east-1")
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="SlowDown"):
+            busy.put(new_keys(1)[0], b"x" * 100)
+        assert time.monotonic() - t0 < 5
+    finally:
+        server.shutdown()
+    monkeypatch.setattr(module, "S3_READ_TIMEOUT_S", 1.0)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials
+    with _silent_server() as silent:
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"{silent}/credentials")
+        blobs = S3Blobs("ctscreen", endpoint_url="http://127.0.0.1:9", region="us-east-1")
+        t0 = time.monotonic()
+        assert not blobs.writable() and time.monotonic() - t0 < 10
+
+
+def test_one_failed_read_stops_the_rest_of_the_study(tmp_path):
+    """A study whose first instance cannot be read went on fetching the other 499 before its error came back (each
+    against a bucket that drops connections: 21 s). Here the store's reads themselves are stood in for (a missing
+    object at once, the others slow), so the count does not hang on the machine's speed."""
+    keys = new_keys(41)
+
+    class Slow(S3Blobs):
+        def download(self, key: str, path: Path) -> None:
+            if key == keys[0]:
+                raise FileNotFoundError(2, "No such blob", key)
+            time.sleep(0.05)
+            path.write_bytes(b"DICM")
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with pytest.raises(FileNotFoundError):
+        instance_sources(Slow("ctscreen", client=object()), [(f"IM{i}", k) for i, k in enumerate(keys)], spool)
+    assert len(list(spool.iterdir())) <= 3  # at most those already under way in the other threads
+
+
+def test_readiness_keeps_one_probe_of_a_hung_store(monkeypatch):
+    """Each probe started a thread that the 3 s limit left hung: after ten probes the shared threads were all held
+    and an upload's file work waited. A probe still under way is waited on again instead."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import gateway.api.ops as ops
+
+    monkeypatch.setattr(ops, "BLOBS_PROBE_S", 0.1)
+    release, calls = threading.Event(), []
+
+    class Hung:
+        def writable(self) -> bool:
+            calls.append(1)
+            release.wait(10)
+            return True
+
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace()))
+
+    async def probes() -> list[bool]:
+        answers = []
+        for _ in range(4):
+            request.app.state.blobs_cache = None  # past the one-second cache each time
+            answers.append(await ops._blobs_writable(request, Hung()))
+        answers.append(len(calls))  # one thread for the four probes of the hang
+        release.set()
+        await asyncio.sleep(0.2)
+        request.app.state.blobs_cache = None
+        answers.append(await ops._blobs_writable(request, Hung()))
+        return answers
+
+    assert asyncio.run(probes()) == [False] * 4 + [1, True]
+
+
+def test_a_shutdown_ends_the_retention_deletes_between_two_keys(tmp_path):
+    """Cancelling the sweeper did not stop its thread of deletes, and the process waited for all of them at exit
+    (100,000 expired blobs: about 40 minutes, past any grace period)."""
+    import threading
+
+    from gateway.settings import Settings
+    from gateway.store import Store
+    from gateway.worker import Sweeper
+
+    blobs = FolderBlobs(tmp_path / "blobs")
+    keys = new_keys(5)
+    blobs.put_many([(k, b"x") for k in keys])
+    sweeper = Sweeper(Store(f"sqlite:///{tmp_path / 'db.sqlite'}"), blobs, Settings(data_dir=tmp_path))
+    stop = threading.Event()
+    stop.set()
+    assert sweeper._delete_each(keys, stop) is None
+    assert all((tmp_path / "blobs" / k).exists() for k in keys)

@@ -61,15 +61,25 @@ async def _store_answers(request: Request, store: Store) -> bool:
     return await _once_a_second(request, "store_cache", ask)
 
 
+BLOBS_PROBE_S = 3.0
+"""How long readiness waits for the blob store's answer."""
+
+
 async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
     """Whether the blob store takes blobs, said within 3 s (asked at most once a second): a bucket that takes
     connections and never answers, or a hung NFS mount, is not ready, and probes never pile up behind it."""
 
+    state = request.app.state
+
     async def ask() -> bool:
+        probe = getattr(state, "blobs_probe", None)
+        if probe is None or probe.done():  # one probe at a time: a hung one is waited on again, not joined by more
+            probe = asyncio.ensure_future(asyncio.to_thread(blobs.writable))
+            state.blobs_probe = probe
         try:
-            return bool(await asyncio.wait_for(asyncio.to_thread(blobs.writable), 3.0))
+            return bool(await asyncio.wait_for(asyncio.shield(probe), BLOBS_PROBE_S))
         except TimeoutError:
-            logger.warning("readiness: the blob store does not answer within 3 s")
+            logger.warning("readiness: the blob store does not answer within %g s", BLOBS_PROBE_S)
             return False
 
     return await _once_a_second(request, "blobs_cache", ask)

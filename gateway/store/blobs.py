@@ -496,16 +496,19 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any
         endpoint, secure = parts.netloc, parts.scheme == "https"
     else:
         endpoint, secure = "s3.amazonaws.com", True
-    chain = ChainedProvider([EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider()])
     # minio's own pool waits 300 s to connect and to read and tries 5 times: a bucket that takes connections and
     # never answers held a call (a readiness probe, an upload) for half an hour. Here: 5 s to connect (3 tries),
     # 30 s between bytes (a read that timed out is not sent again: the store may be doing it), 2 tries more on a
-    # 5xx, and a connection for each of the threads that store at once.
+    # 5xx without waiting the Retry-After a busy MinIO asks (120 s), the last answer then read for S3's own error
+    # code, and a connection for each of the threads that store at once. The credentials' fetches (IRSA's STS,
+    # the instance's metadata) go through the same pool: an endpoint that hangs there held every call too.
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=S3_CONNECT_TIMEOUT_S, read=S3_READ_TIMEOUT_S), maxsize=4 * _IO_THREADS,
         cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         retries=urllib3.Retry(total=3, connect=3, read=0, status=2, backoff_factor=0.2,
-                              status_forcelist=[500, 502, 503, 504]))
+                              status_forcelist=[500, 502, 503, 504], respect_retry_after_header=False,
+                              raise_on_status=False))
+    chain = ChainedProvider([EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider(http_client=http)])
     return Minio(endpoint, secure=secure, region=region, credentials=chain, http_client=http)
 
 
@@ -552,13 +555,20 @@ def instance_sources(blobs: BlobStore, files: Sequence[tuple[str, str]], spool: 
                 raise FileNotFoundError(2, "No such blob", path.name)
         return list(paths)
     if spool is not None and isinstance(blobs, S3Blobs):  # each instance to a file of the spool (its caller's to remove)
+        halt = threading.Event()  # one read failed: the study cannot be read now, fetch no more of it
+
         def fetch(i: int, key: str) -> None:
-            if stop is not None and stop.is_set():  # the caller gave up (a lost lease, a shut-down): fetch no more
-                raise InterruptedError(errno.EINTR, "The read of the study was stopped")
-            blobs.download(key, spool / f"{i:06d}.dcm")
+            if (stop is not None and stop.is_set()) or halt.is_set():  # the caller gave up (a lost lease, a
+                raise InterruptedError(errno.EINTR, "The read of the study was stopped")  # shut-down), or one failed
+            try:
+                blobs.download(key, spool / f"{i:06d}.dcm")
+            except BaseException:
+                halt.set()
+                raise
 
         done = _each(fetch, [(i, key) for i, (_, key) in enumerate(files)], "s3-read") if files else []
-        failed = next((f.exception() for f in done if f.exception() is not None), None)
+        errors = [f.exception() for f in done if f.exception() is not None]  # the first real one, not a halt's
+        failed = next((e for e in errors if not isinstance(e, InterruptedError)), errors[0] if errors else None)
         if failed is not None:
             raise failed
         return [(name, spool / f"{i:06d}.dcm") for i, (name, _) in enumerate(files)]
