@@ -19,6 +19,7 @@ out of the per-image metrics.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -28,7 +29,7 @@ import re
 import shutil
 import sys
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,10 +325,8 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
             if not quiet:
                 print(f"NIfTI {done}/{volumes}: {row.study} as a DICOM study", file=sys.stderr, flush=True)
             folder = _work_folder(work, row.study)
-            try:
+            with _at(row.where):
                 _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind)
-            except EvalError as exc:
-                raise EvalError(f"{row.where}: {exc}" if row.where else str(exc)) from None
             path = folder / "dicom"
             if row.mask is not None:
                 manifest = json.loads((folder / "manifest.json").read_text())
@@ -335,18 +334,13 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
                                           slice_truth=slice_truth_from_manifest(manifest, min_px)))
                 continue
         elif row.mask is not None:
-            try:
+            with _at(row.where):
                 seg = read_seg(row.mask, row.mask_text or row.mask.name, named_segments)
                 study = _study_uid(path)
                 if study is not None and seg.study_instance_uid and seg.study_instance_uid != study:
                     raise EvalError(f"mask {row.mask_text or row.mask.name!r} segments another study than "
                                     f"{row.study!r} (its Study Instance UID is not the study's)")
-                lesions = any(px > 0 for px in seg.pixels.values())
-                if lesions != row.label:  # as a NIfTI volume's mask (_write_nifti_study)
-                    raise EvalError(f"{row.study}: labelled positive, but its lesion mask marks none" if row.label
-                                    else f"{row.study}: labelled negative, but its lesion mask marks lesions")
-            except EvalError as exc:
-                raise EvalError(f"{row.where}: {exc}" if row.where else str(exc)) from None
+                _check_mask_label(row.study, row.label, any(px > 0 for px in seg.pixels.values()))
             cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                       slice_truth=slice_truth_from_seg(seg, min_px, f"{row.where}: {row.study}"),
                                       lesion_segments=tuple(seg.segments)))
@@ -356,12 +350,32 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
     return cases
 
 
+@contextlib.contextmanager
+def _at(where: str) -> Iterator[None]:
+    """An :class:`EvalError` raised inside said with ``where`` (a labels file's line) in front."""
+    try:
+        yield
+    except EvalError as exc:
+        raise EvalError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _check_mask_label(case_id: str, label: bool, has_lesion: bool) -> None:
+    """Refuse a study whose lesion mask says the opposite of its label (a NIfTI mask's or a DICOM SEG's)."""
+    if has_lesion and not label:
+        raise EvalError(f"{case_id}: labelled negative, but its lesion mask marks lesions")
+    if label and not has_lesion:
+        raise EvalError(f"{case_id}: labelled positive, but its lesion mask marks none")
+
+
 def _study_uid(path: Path) -> str | None:
     """The Study Instance UID of the first DICOM image of a study (a folder, a zip or a file) that one of its first
-    files states; None when none does."""
-    import zipfile
+    files states (read as an upload of it would be, :func:`gateway.uploads.iter_upload`); None when none does."""
+    from itertools import islice
 
     import pydicom
+
+    from gateway.errors import UploadError
+    from gateway.uploads import iter_upload
 
     def uid(source: Any) -> str | None:
         try:
@@ -372,19 +386,18 @@ def _study_uid(path: Path) -> str | None:
             return None
         return str(ds.get("StudyInstanceUID", "") or "") or None
 
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            for info in [i for i in z.infolist() if not i.is_dir()][:20]:
-                with z.open(info) as fh:
-                    found = uid(io.BytesIO(fh.read(8 << 20)))
-                if found:
-                    return found
-        return None
+    def contents() -> Iterator[tuple[str, bytes | Path]]:
+        for file in collect_files(path):
+            yield from iter_upload(file.name, file)
+
     try:
-        files = collect_files(path)
-    except CliError:
+        for _, content in islice(contents(), 20):
+            found = uid(content if isinstance(content, Path) else io.BytesIO(content))
+            if found:
+                return found
+    except (CliError, UploadError, OSError):  # no file, or an archive an upload would refuse too
         return None
-    return next((found for found in map(uid, files[:20]) if found), None)
+    return None
 
 
 def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit",
@@ -471,10 +484,8 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
                         f"below {AIR_HU:.0f}); export the volume in HU (a windowed 0-255 image cannot be screened)")
     sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
     has_lesion = bool(v.lesion.any())
-    if label is False and has_lesion:
-        raise EvalError(f"{case_id}: labelled negative, but its lesion mask marks lesions")
-    if label is True and lesion is not None and not has_lesion:
-        raise EvalError(f"{case_id}: labelled positive, but its lesion mask marks none")
+    if label is not None and lesion is not None:
+        _check_mask_label(case_id, label, has_lesion)
     study = phantom.Study(
         hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
         finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),

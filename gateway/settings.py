@@ -444,14 +444,9 @@ class Settings(BaseSettings):
     def _check_blob_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        from urllib.parse import urlsplit
+        from gateway.store.blobs import split_blob_url
 
-        parts = urlsplit(value.strip())
-        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"must be s3://bucket[/prefix], got {value.strip()!r}")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc):
-            raise ValueError(f"names the bucket {parts.netloc!r}, which S3 refuses (3-63 lower-case letters, digits, "
-                             "dots and hyphens)")
+        split_blob_url(value.strip())  # raises ValueError with the reason
         return value.strip()
 
     @field_validator("s3_endpoint_url")

@@ -327,13 +327,8 @@ class S3Blobs:
 
     @classmethod
     def from_url(cls, url: str, *, endpoint_url: str | None = None, region: str | None = None) -> S3Blobs:
-        """The store of ``s3://bucket[/prefix]`` (ValueError for another URL)."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"A blob URL is s3://bucket[/prefix], got {url!r}.")
-        return cls(parts.netloc, parts.path, endpoint_url=endpoint_url, region=region)
+        """The store of ``s3://bucket[/prefix]`` (ValueError for another URL, :func:`split_blob_url`)."""
+        return cls(*split_blob_url(url), endpoint_url=endpoint_url, region=region)
 
     def _key(self, key: str) -> str:
         if not _NEW_KEY.fullmatch(key):  # keys are ours (new_keys): never a client's path
@@ -524,6 +519,24 @@ def s3_reason(exc: BaseException) -> str:
         return str(code)
     text = str(exc).splitlines()[0][:160] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def split_blob_url(url: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket[/prefix]``; ValueError, saying why, for another URL or a bucket name S3
+    refuses.
+
+    >>> split_blob_url("s3://site-ct/ctscreen/prod")
+    ('site-ct', '/ctscreen/prod')
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"must be s3://bucket[/prefix], got {url!r}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc):
+        raise ValueError(f"names the bucket {parts.netloc!r}, which S3 refuses (3-63 lower-case letters, digits, "
+                         "dots and hyphens)")
+    return parts.netloc, parts.path
 
 
 def open_blobs(folder: Path, url: str | None = None, *, endpoint_url: str | None = None,
