@@ -230,3 +230,36 @@ writes its compute cache under $HOME/.nv by default.
 - name: CUDA_CACHE_PATH
   value: /tmp/.nv/ComputeCache
 {{- end -}}
+
+{{/* A container's environment: the chart's entries (a YAML list, as text) with an extra list merged in
+(gateway.extraEnv, triton.extraEnv). An extra entry naming a chart variable takes that entry's place, so the
+list names each variable once (server-side apply, Helm 4's default, refuses a list with duplicate names) and
+keeps its order (a $(VAR) reference sees only the variables above it); the other extras follow. Of two extras
+of one name the later wins.
+Pass (dict "chart" <text> "extra" <list>). */}}
+{{- define "ctscreen.env" -}}
+{{- $extra := dict -}}
+{{- range .extra }}{{ $_ := set $extra .name . }}{{ end -}}
+{{- $out := list -}}
+{{- $placed := list -}}
+{{- range (.chart | fromYamlArray) -}}
+{{- if hasKey $extra .name -}}
+{{- if not (has .name $placed) }}{{ $out = append $out (get $extra .name) }}{{ $placed = append $placed .name }}{{ end -}}
+{{- else -}}
+{{- $out = append $out . -}}
+{{- end -}}
+{{- end -}}
+{{- range .extra -}}
+{{- if not (has .name $placed) }}{{ $out = append $out (get $extra .name) }}{{ $placed = append $placed .name }}{{ end -}}
+{{- end -}}
+{{- with $out }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
+{{/* Labels of a pod template: the selector's (which win), the component's podLabels, commonLabels and the
+recommended labels that select nothing (version, part-of, managed-by): cost and inventory tools (OpenCost,
+Kubecost) read pods, not their Deployments. Pass (dict "ctx" $ "component" "gateway" "podLabels" <dict>). */}}
+{{- define "ctscreen.podLabels" -}}
+{{- $sel := include "ctscreen.selectorLabels" . | fromYaml -}}
+{{- $recommended := dict "app.kubernetes.io/version" (.ctx.Chart.AppVersion | toString) "app.kubernetes.io/part-of" "ctscreen" "app.kubernetes.io/managed-by" .ctx.Release.Service -}}
+{{- toYaml (merge (dict) $sel (.podLabels | default dict) (.ctx.Values.commonLabels | default dict) $recommended) -}}
+{{- end -}}
