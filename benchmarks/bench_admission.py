@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     spool = tempfile.mkdtemp(prefix="ctscreen-bench-admission-")
     env = {**os.environ, "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_UPLOAD_BUDGET_BYTES": str(args.budget_mb * MiB),
            "CTSCREEN_MAX_UPLOAD_BYTES": str(args.size_mb * MiB), "CTSCREEN_MAX_UPLOADS_PER_CLIENT": "1000",
+           "CTSCREEN_UPLOAD_CLIENT_BYTES": str(args.budget_mb * MiB),  # every upload comes from this one client
            "CTSCREEN_MAX_QUEUED_STUDIES": "1024", "CTSCREEN_UPLOAD_TMP_DIR": spool,
            "CTSCREEN_DATA_DIR": os.path.join(spool, "data")}  # a fresh state store, not the user's
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--host", "127.0.0.1",

@@ -38,6 +38,11 @@ API_PREFIXES = ("/v1/", "/dicomweb/")
 """Where the API lives: every request under these is audited, and its answers are never cached."""
 
 
+CLIENT_CLOSED = 499
+"""The status of a request whose client left before it was read whole (nginx's 499): nobody receives the
+answer; the record says ``aborted``, as for a DICOM association the peer aborted."""
+
+
 def note_reason(scope: MutableMapping[str, Any], reason: str) -> None:
     """Give the audit record of the request in ``scope`` its reason (a refusal's, a stream's end)."""
     scope.setdefault("state", {})["audit_reason"] = reason
@@ -46,6 +51,8 @@ def note_reason(scope: MutableMapping[str, Any], reason: str) -> None:
 def _outcome(status: int) -> str:
     if status < 400:
         return "ok"
+    if status == CLIENT_CLOSED:
+        return "aborted"
     if status in (401, 403):
         return "denied"
     return "refused" if status < 500 else "error"

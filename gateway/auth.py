@@ -149,8 +149,10 @@ class OidcVerifier:
                 continue
             try:
                 keys[str(data.get("kid", f"#{i}"))] = jwt.PyJWK(data)
-            except jwt.PyJWTError as exc:
-                logger.warning("JWKS key %s of %s ignored: %s", str(data.get("kid"))[:64], url, exc)
+            except Exception as exc:  # noqa: BLE001 - PyJWK raises more than PyJWTError on an odd key ("alg": "none"
+                # is NotImplementedError, a list-valued "alg" TypeError): one odd key must not cost the others
+                logger.warning("JWKS key %s of %s ignored: %s: %s", str(data.get("kid"))[:64], url,
+                               type(exc).__name__, str(exc)[:200])
         self._keys, self._fetched_at = keys, time.monotonic()
         logger.info("JWKS of %s fetched: %d signing keys", self.issuer, len(keys))
 

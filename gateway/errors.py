@@ -13,6 +13,7 @@ the message.
      |    +-- UploadError                          bad_upload          400
      |    |    +-- UnsafePath                      unsafe_path         400
      |    |    +-- BadArchive                      bad_archive         400   (corrupt or nested zip)
+     |    |    +-- BodyStalled                     body_stalled        408   (no byte for a while; closed)
      |    |    +-- TooLarge                        too_large           413
      |    |    +-- ZipBomb                         zip_bomb            413
      |    +-- NotDicom                             not_dicom           415
@@ -58,6 +59,7 @@ __all__ = [
     "REASONS",
     "AuthUnavailable",
     "BadArchive",
+    "BodyStalled",
     "Busy",
     "Conflict",
     "GatewayError",
@@ -164,6 +166,17 @@ class TooLarge(UploadError):
 
     reason = "too_large"
     http_status = 413
+
+
+class BodyStalled(UploadError):
+    """No byte of a request body arrived for ``CTSCREEN_BODY_IDLE_TIMEOUT_S``: the body is dropped (408) and the
+    connection closed, so that a stalled client holds no share of the upload budget."""
+
+    reason = "body_stalled"
+    http_status = 408
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class ZipBomb(UploadError):

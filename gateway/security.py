@@ -34,8 +34,11 @@ def install(app: FastAPI, settings: Settings) -> None:
     """
     check_exposure(settings, settings.host)
     app.state.auth = Authenticator.from_settings(settings)
-    app.state.admission = Admission(settings.upload_budget_bytes, settings.max_uploads_per_client,
-                                    settings.retry_after_s, settings.upload_tmp_dir)
+    app.state.admission = Admission(
+        settings.upload_budget_bytes, settings.max_uploads_per_client, settings.retry_after_s, settings.upload_tmp_dir,
+        client_bytes=settings.upload_client_bytes or max(settings.upload_budget_bytes // 2, settings.max_upload_bytes),
+        idle_timeout_s=settings.body_idle_timeout_s,
+    )
     app.state.audit = AuditLog.from_settings(settings)
     app.add_middleware(AuditMiddleware, audit=app.state.audit)
     app.add_middleware(NoStoreMiddleware)

@@ -282,6 +282,15 @@ class Settings(BaseSettings):
         4 * 1024**3, ge=1024, description="Request bodies (uploads, STOW) in flight at once; beyond: 429."
     )
     max_uploads_per_client: int = Field(4, ge=1, le=1024, description="Bodies one client sends at once.")
+    upload_client_bytes: int | None = Field(
+        None, ge=1024,
+        description="Bytes of request bodies one client holds in flight at once; default: half the upload budget, "
+        "or the largest upload if that is more (a client's first body is never refused by it).",
+    )
+    body_idle_timeout_s: float = Field(
+        60.0, gt=0, le=3600,
+        description="A request body from which no byte arrives for this long is dropped (408 body_stalled).",
+    )
     upload_tmp_dir: Path | None = Field(None, description="Where request bodies are spooled (default: temp dir).")
     dicom_allowed_peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

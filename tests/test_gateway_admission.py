@@ -96,7 +96,7 @@ def test_concurrent_uploads_over_the_budget_get_429_before_their_body(tmp_path):
     spool = tmp_path / "bodies"
     spool.mkdir()
     with Live(upload_budget_bytes=20 * MiB, max_upload_bytes=8 * MiB, max_uploads_per_client=100,
-              upload_tmp_dir=spool) as live:
+              upload_client_bytes=20 * MiB, upload_tmp_dir=spool) as live:  # one address: the budget, not its share
         results = asyncio.run(burst(live.port, 40, 4 * MiB))
         admission = live.app.state.admission
         assert admission.in_flight == 0 and admission.peak <= 20 * MiB

@@ -38,6 +38,7 @@ class Provider:
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # never published
         self.published = {"rsa-1": (self.rsa, "RS256"), "ec-1": (self.ec, "ES256")}
+        self.odd: list[dict] = []  # JWKs published as they are (keys no verifier can use)
         self.fetches = 0
         provider = self
 
@@ -68,7 +69,7 @@ class Provider:
             return {"issuer": self.issuer, "jwks_uri": self.issuer + "/jwks.json"}
         if path == "/jwks.json":
             self.fetches += 1
-            return {"keys": [self.jwk(kid) for kid in self.published]}
+            return {"keys": [self.jwk(kid) for kid in self.published] + self.odd}
         return None
 
     def jwk(self, kid: str) -> dict:
@@ -345,6 +346,22 @@ def test_jwks_is_cached_and_refetched_for_a_new_key(client, provider, monkeypatc
         assert _upload(client, _bearer(provider.token(kid="rsa-2"))).status_code == 202  # rotation
     finally:
         del provider.published["rsa-2"]
+
+
+@pytest.mark.parametrize("alg", ["none", ["RS256"]])
+def test_an_odd_key_in_the_jwks_is_ignored_not_a_failure_of_every_token(provider, keyfile, alg):
+    """PyJWK raises NotImplementedError ("alg": "none") or TypeError (a list) for such a key, not PyJWTError: the
+    fetch failed whole, the first valid token got 503 internal_error and the next ones auth_unavailable."""
+    provider.odd = [{**provider.jwk("rsa-1"), "kid": "odd", "alg": alg}]
+    try:
+        settings = Settings(triton_urls="fake:1", auth_oidc_issuer=provider.issuer, auth_oidc_audience=AUD,
+                            auth_api_keys_file=keyfile, shutdown_grace_s=1)
+        with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
+            for _ in range(2):
+                r = _upload(c, _bearer(provider.token()))
+                assert r.status_code == 202, r.text
+    finally:
+        provider.odd = []
 
 
 @pytest.mark.parametrize("stream", ["worklist", "job"])

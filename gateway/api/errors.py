@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from gateway.audit import note_reason
+from gateway.audit import CLIENT_CLOSED, note_reason
 from gateway.errors import GatewayError
 from gateway.phi import withheld
 
@@ -75,7 +76,9 @@ def _internal_error(exc: BaseException) -> JSONResponse:
 
 class LastResort:
     """ASGI middleware: an exception that no handler answered is logged once and answered 503
-    ``internal_error``, inside the audit middleware (whose record then says 503 and why).
+    ``internal_error``, inside the audit middleware (whose record then says 503 and why). A client that left
+    mid-body (starlette's ``ClientDisconnect``) is no error of ours: logged in one line, answered 499
+    ``client_disconnected`` (nobody reads it; the audit record says ``aborted``).
 
     Starlette's own last resort (an ``Exception`` handler) answers from the outermost middleware and then
     raises the exception again, so the server logged a second traceback and the audit record, which the
@@ -99,6 +102,17 @@ class LastResort:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            if started:
+                raise
+            # the client left mid-body (a cancelled upload, a dropped network): nothing was kept, and no fault
+            # of ours: no traceback, no internal error counted
+            logger.info("%s %s: the client left before its request was read whole", scope.get("method"),
+                        scope.get("path"))
+            _note(scope, "client_disconnected", count=False)
+            await error_response(CLIENT_CLOSED, "client_disconnected",
+                                 "The client closed the connection before its request was read whole; nothing "
+                                 "of it was kept.")(scope, receive, send)
         except Exception as exc:
             if started:
                 raise
