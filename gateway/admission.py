@@ -145,7 +145,8 @@ class Admission:
             arriving = request.stream()
             while True:
                 try:
-                    chunk = await asyncio.wait_for(anext(arriving), self.idle_timeout_s)
+                    async with asyncio.timeout(self.idle_timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+                        chunk = await anext(arriving)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:

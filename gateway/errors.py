@@ -41,6 +41,7 @@ the message.
      +-- gateway.triton_pool.InferenceFailed       inference_failed    502
      +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
           +-- AuthUnavailable                      auth_unavailable    503   (Retry-After)
+          +-- StoreUnavailable                     store_unavailable   503   (Retry-After; the database away)
           +-- OutOfResources(RetryLater, …)        out_of_resources    503   (Retry-After)
           +-- gateway.triton_pool.InferenceUnavailable
                                                    triton_unavailable  503   (Retry-After)
@@ -80,6 +81,7 @@ __all__ = [
     "RetryLater",
     "NotRetryable",
     "SrUnavailable",
+    "StoreUnavailable",
     "TooLarge",
     "Unauthorized",
     "Unavailable",
@@ -398,6 +400,14 @@ class OutOfResources(RetryLater, Unavailable):
     the client should retry after ``retry_after_s`` seconds."""
 
     reason = "out_of_resources"
+
+
+class StoreUnavailable(Unavailable):
+    """The state store (the database) cannot be reached now: a fail-over, a restart. Nothing of the request
+    was kept; the client sends it again after ``Retry-After``."""
+
+    reason = "store_unavailable"
+    retry_after_s = 5
 
 
 class AuthUnavailable(Unavailable):

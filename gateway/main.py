@@ -180,8 +180,12 @@ def create_app(
             # the sweeper first: once the worker has released this replica's jobs to the others, a sweep
             # here would adopt them back for a replica about to go (and no live one would count them)
             await sweeper.stop()
-            await worker.stop(settings.shutdown_grace_s)
-            await deliverer.stop()
+            # both at once, each within the grace: studies being screened and results being sent finish
+            stopped = await asyncio.gather(worker.stop(settings.shutdown_grace_s),
+                                           deliverer.stop(settings.shutdown_grace_s), return_exceptions=True)
+            for failure in stopped:
+                if isinstance(failure, BaseException):
+                    raise failure
             screener.close()
             if discovery is not None:
                 await discovery.close()

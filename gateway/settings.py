@@ -149,7 +149,8 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, le=3600,
-        description="On shut-down, running studies get this long to finish; the others are released to any replica.",
+        description="On shut-down, running studies and result deliveries being sent get this long to finish; the "
+        "others are released to any replica.",
     )
 
     # --- state store and blob store (gateway.store) ------------------------------------------------

@@ -147,7 +147,8 @@ class Watermark:
             self._measuring = asyncio.ensure_future(asyncio.to_thread(self._measure, self.disk, self.min_free_bytes))
             self._measuring.add_done_callback(self._measured)
         try:
-            return await asyncio.wait_for(asyncio.shield(self._measuring), self.disk_timeout_s)
+            async with asyncio.timeout(self.disk_timeout_s):
+                return await asyncio.shield(self._measuring)
         except TimeoutError:
             logger.warning("the blob volume's free space could not be measured in %.0f s: counted as full",
                            self.disk_timeout_s)

@@ -33,6 +33,7 @@ Errors (in the gateway's one tree, :mod:`gateway.errors`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -474,10 +475,11 @@ class TritonPool:
                 resting = [ep.down_until for ep in live if ep.down_until > now]
                 if resting:
                     wake = min(wake, min(resting))
-                try:
-                    await asyncio.wait_for(cond.wait(), timeout=max(0.01, wake - now))
-                except TimeoutError:
-                    pass
+                # not wait_for: on Python 3.11 it returns the inner result when a cancel arrives as cond.wait()
+                # completes (a notify_all), so a batch of a study given up went on calling Triton (CPython gh-86296, fixed in 3.12)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.01, wake - now)):
+                        await cond.wait()
 
     async def _release(self, ep: _Endpoint, slices: int) -> None:
         # The slot comes back before the first await: a batch cancelled while it waits for the lock (its

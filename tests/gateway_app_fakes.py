@@ -9,9 +9,11 @@ brighter than 0 HU, and a valid area covering the whole slice, so a test knows t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctscreen.contracts import BOX_COUNT, HU_SLICES, LESION_BOXES, VALID_AREA_BOX
+from gateway.main import create_app
+from gateway.settings import Settings
 from tests.gateway_dicom_factory import FOV_MM
 
 MARK = (slice(100, 140), slice(100, 140))
@@ -208,3 +212,26 @@ class FakeFleet:
         client = FakeTriton(url, **self.options.get(url, {}))
         self.clients[url] = client
         return client
+
+
+@contextlib.contextmanager
+def served(settings: Settings, host: str) -> Iterator[int]:
+    """The app of ``settings`` under a real uvicorn on ``host`` and a free port (yielded), in a thread."""
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, client_factory=FakeFleet()), host=host, port=port,
+                                           log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -578,7 +578,7 @@ def test_a_replica_shutting_down_leaves_its_released_jobs_to_the_others(tmp_path
     from gateway.store import Store
     from gateway.store.models import Job
 
-    async def slow_stop(self) -> None:  # a delivery still being sent when the replica stops
+    async def slow_stop(self, grace_s: float = 0.0) -> None:  # a delivery still being sent when the replica stops
         await asyncio.sleep(0.5)
 
     monkeypatch.setattr(Deliverer, "stop", slow_stop)

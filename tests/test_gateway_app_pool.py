@@ -282,3 +282,27 @@ def test_a_stream_that_ends_before_the_last_slice_is_an_error():
     with pytest.raises(ValueError, match="ended before all 10"):
         _run(pool.infer(_hu(10), ready=ready()))
     assert pool.pending_slices == 0
+
+
+def test_a_batch_given_up_as_room_comes_is_cancelled_not_sent():
+    """A batch waiting for room on a busy endpoint, whose study is given up (Triton away, the job released) just
+    as a slot frees: asyncio.wait_for on Python 3.11 returned the wait's result and lost the cancel (CPython
+    gh-86296), so the abandoned batch took the slot and went on calling Triton, tries and all (seen in a review's
+    run: six tries after its job was released). Every such cancel now ends the wait."""
+    async def scenario() -> int:
+        pool = TritonPool(["fake:1"], max_inflight=1, client_factory=FakeFleet())
+        ep = await pool._acquire(set())  # the only slot, taken
+        lost = 0
+        for _ in range(20):
+            waiter = asyncio.create_task(pool._acquire(set()))
+            await asyncio.sleep(0.01)  # waiting for room
+            await pool._release(ep, 0)  # room comes (notify_all) ...
+            waiter.cancel()  # ... as its study is given up
+            try:
+                ep = await waiter
+                lost += 1
+            except asyncio.CancelledError:
+                ep = await pool._acquire(set())
+        return lost
+
+    assert asyncio.run(scenario()) == 0

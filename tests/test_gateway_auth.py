@@ -8,7 +8,6 @@ call, not inference). API keys are made with the ``ctscreen keys`` command itsel
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -25,7 +24,7 @@ from gateway.auth import AuthConfigError
 from gateway.cli import serve_main
 from gateway.main import create_app
 from gateway.settings import Settings
-from tests.gateway_app_fakes import FakeFleet, ct_series
+from tests.gateway_app_fakes import FakeFleet, ct_series, served
 
 AUD = "ctscreen-gateway"
 
@@ -544,29 +543,6 @@ def test_a_database_password_never_reaches_a_log_line():
     assert redact("sqlite:////var/lib/ctscreen/state.db") == "sqlite:////var/lib/ctscreen/state.db"
 
 
-@contextlib.contextmanager
-def _served(settings: Settings, host: str):
-    """The app of ``settings`` under a real uvicorn on ``host`` and a free port (yielded), in a thread."""
-    import uvicorn
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, client_factory=FakeFleet()), host=host, port=port,
-                                           log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the gateway did not start"
-            time.sleep(0.1)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.mark.parametrize("insecure", [False, True])
 def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_only(tmp_path, insecure):
     """``uvicorn --factory gateway.main:app_from_env --host 0.0.0.0``: the app never sees that address
@@ -579,7 +555,7 @@ def test_a_gateway_without_auth_that_uvicorn_binds_publicly_answers_loopback_onl
     if address is None:
         pytest.skip("this machine has no non-loopback address to call the gateway on")
     settings = Settings(triton_urls="fake:1", data_dir=tmp_path, auth_insecure=insecure, shutdown_grace_s=1)
-    with _served(settings, "0.0.0.0") as port:
+    with served(settings, "0.0.0.0") as port:
         outside = httpx.get(f"http://{address}:{port}/v1/jobs/nosuchjob", timeout=10)
         inside = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/nosuchjob", timeout=10)
         probe = httpx.get(f"http://{address}:{port}/healthz", timeout=10)
@@ -618,7 +594,7 @@ def test_a_gateway_without_auth_answers_no_browser_page_of_another_site_and_no_o
             "another host through a local proxy": ("GET", "/v1/worklist", {"x-forwarded-for": "203.0.113.9"}),
         }
     answers = {}
-    with _served(settings, "127.0.0.1") as port:
+    with served(settings, "127.0.0.1") as port:
         base = f"http://127.0.0.1:{port}"
         local = {
             "this machine": ("GET", "/v1/worklist", {}),

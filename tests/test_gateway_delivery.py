@@ -1201,3 +1201,78 @@ def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(busy):
         if held is not None:
             held.release()
         server.shutdown()
+
+
+def _counting_scp(ae_title: str, delay_s: float = 0.0):
+    """A pynetdicom C-STORE SCP that takes the SR and key images, counting every instance it receives (and
+    answering each after ``delay_s``: a slow PACS)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+    scp = AE(ae_title=ae_title)
+    for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+        scp.add_supported_context(sop_class)
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        time.sleep(delay_s)
+        return 0x0000
+
+    return scp, received, [(evt.EVT_C_STORE, on_store)]
+
+
+def test_an_acknowledgement_the_store_could_not_record_at_once_is_recorded_not_sent_again(study_files, tmp_path,
+                                                                                          monkeypatch):
+    """A database outage as the PACS acknowledged: mark_sent raised, the catch-all retried the task, and the
+    next attempt (another replica's, once the lease lapsed, in a review's run on PostgreSQL) sent every object
+    again. The deliverer now records what was acknowledged once the store answers. The outage is simulated
+    (the store refuses the first two writes of the acknowledgement: a real outage is the review's PostgreSQL
+    run, which needs a restart mid-send); the PACS is a real pynetdicom SCP."""
+    from gateway.store.store import StoreUnreachable
+
+    real, refusals = Deliveries.mark_sent, [2]
+
+    async def away_then_back(self, task_id, uids):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise StoreUnreachable("The state store cannot be reached (ConnectionRefusedError).")
+        return await real(self, task_id, uids)
+
+    monkeypatch.setattr(Deliveries, "mark_sent", away_then_back)
+    scp, received, handlers = _counting_scp("COUNTING")
+    task = _deliver_to_scp(scp, study_files, tmp_path, evt_handlers=handlers)
+    assert (task.state, task.attempts) == ("done", 1), task
+    assert received and len(received) == len(set(received)), "an object sent twice"
+    assert sorted(task.sent) == sorted(received) and refusals == [0]
+
+
+def test_a_replica_stopping_lets_a_send_under_way_finish_within_the_grace(study_files, tmp_path):
+    """A rolling restart cut off a send to a slow PACS that had the objects already; another replica sent them
+    all again. Stopping now gives sends under way the shut-down grace first (CTSCREEN_SHUTDOWN_GRACE_S)."""
+    scp, received, handlers = _counting_scp("SLOW", delay_s=0.3)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+
+    async def scenario():
+        settings = delivery_settings(tmp_path)
+        store, blobs, result = await done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "SLOW", "host": "127.0.0.1",
+                "port": server.server_address[1]}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:  # the PACS is receiving
+                await deliverer.poll()
+                await asyncio.sleep(0.05)
+            assert received, "the delivery never started"
+            await deliverer.stop(grace_s=30)  # the replica shuts down mid-send
+            return await deliverer.tasks.of_job(result.job_id)
+        finally:
+            await store.close()
+
+    try:
+        (task,) = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert (task.state, task.attempts) == ("done", 1), task
+    assert len(received) > 1 and len(received) == len(set(received)) and sorted(task.sent) == sorted(received)

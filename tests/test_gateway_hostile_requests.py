@@ -169,3 +169,36 @@ def test_a_nul_in_a_file_name_or_a_label_is_kept_out_of_the_database(tmp_path, r
         [row] = page.json()["rows"]
         assert row["labels"]["accession_number"] == "ABCD" and row["labels"]["series_description"] == "CHEST LUNG", row
         assert client.get("/v1/worklist").status_code == 200  # the labels recorded: read from the store now
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "dropped", "bug"])
+def test_an_upload_while_the_database_is_away_is_a_503_to_retry_not_an_internal_error(tmp_path, monkeypatch,
+                                                                                      caplog, failure):
+    """While PostgreSQL restarted, an upload got 503 internal_error and a traceback in the log (a review's run);
+    STOW already answered such an outage 0xA700. The route's store calls now answer 503 store_unavailable with
+    Retry-After, in one log line; a database error that is no outage stays the last resort's. The outage is
+    simulated here (the store's call raises what SQLAlchemy and the store raise in one)."""
+    from sqlalchemy.exc import OperationalError
+
+    from gateway.store.store import Store, StoreUnreachable
+    from tests.gateway_app_fakes import ct_series
+
+    errors = {"unreachable": StoreUnreachable("The state store cannot be reached (ConnectionRefusedError)."),
+              "dropped": OperationalError("COMMIT", {}, ConnectionResetError(), connection_invalidated=True),
+              "bug": OperationalError("SELECT", {}, ValueError("no such column"))}
+
+    async def away(*args, **kwargs):
+        raise errors[failure]
+
+    monkeypatch.setattr(Store, "accept_upload", away)
+    caplog.set_level(logging.INFO)
+    _, files = ct_series(8, size=64)
+    with _client(tmp_path) as client:
+        r = client.post("/v1/studies", files=[("files", (name, data, "application/dicom")) for name, data in files])
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    if failure == "bug":
+        assert r.status_code == 503 and r.json()["reason"] == "internal_error" and tracebacks, r.text
+        return
+    assert r.status_code == 503 and r.json()["reason"] == "store_unavailable", r.text
+    assert r.headers["retry-after"] and not tracebacks
+    assert json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])["reason"] == "store_unavailable"

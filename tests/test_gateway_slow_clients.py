@@ -18,7 +18,7 @@ import pytest
 
 from gateway.keys import KeyStore
 from gateway.settings import Settings
-from tests.test_gateway_auth import _served
+from tests.gateway_app_fakes import served
 
 KIB = 1024
 
@@ -59,7 +59,7 @@ def test_a_stalled_body_is_dropped_and_one_client_cannot_hold_the_whole_budget(t
     settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data", auth_api_keys_file=keyfile,
                         upload_budget_bytes=1024 * KIB, max_upload_bytes=512 * KIB, body_idle_timeout_s=3,
                         audit_log_file=tmp_path / "audit.jsonl", shutdown_grace_s=1)
-    with _served(settings, "127.0.0.1") as port:
+    with served(settings, "127.0.0.1") as port:
         first = _open_body(port, a, 512 * KIB)
         time.sleep(0.3)  # admitted: it holds its share
         second = _open_body(port, a, 512 * KIB)
@@ -87,7 +87,7 @@ def test_a_client_leaving_mid_body_is_no_error_of_ours(tmp_path, keys, caplog, p
     settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data", auth_api_keys_file=keyfile,
                         audit_log_file=tmp_path / "audit.jsonl", shutdown_grace_s=1)
     caplog.set_level(logging.INFO)
-    with _served(settings, "127.0.0.1") as port:
+    with served(settings, "127.0.0.1") as port:
         s = _open_body(port, a, 100 * KIB, path)
         time.sleep(0.3)
         s.close()  # gone, 100 KiB short

@@ -16,12 +16,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gateway.audit import CLIENT_CLOSED, note_reason
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreUnavailable
 from gateway.phi import withheld
+from gateway.store.store import StoreUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,24 @@ def install(app: FastAPI) -> None:
         _note(request.scope, reason, count=False)  # not counted as an error (e.g. 404)
         body = {"reason": reason, **{k: v for k, v in detail.items() if k != "reason"}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def _store_away(request: Request, exc: Exception) -> JSONResponse:
+        """The database away (refused, reset, timed out; or a pooled connection it dropped mid-query): the
+        client retries, as after any 503, and the log says it in one line. Any other database error is a bug:
+        the last resort's (logged with its traceback)."""
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+            logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=withheld(exc))
+            _note(request.scope, "internal_error")
+            return _internal_error(exc)
+        logger.warning("%s %s: the state store cannot be reached (%s)", request.method, request.url.path,
+                       type(exc).__name__)
+        error = StoreUnavailable("The state store cannot be reached now; nothing of this request was kept. "
+                                 "Retry later.")
+        _note(request.scope, error.reason)
+        return JSONResponse(error.to_dict(), status_code=error.http_status, headers=error.headers())
+
+    app.add_exception_handler(StoreUnreachable, _store_away)
+    app.add_exception_handler(DBAPIError, _store_away)
 
     @app.exception_handler(Exception)
     async def _outside(request: Request, exc: Exception) -> JSONResponse:  # raised outside LastResort

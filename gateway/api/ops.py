@@ -52,7 +52,8 @@ async def _store_answers(request: Request, store: Store) -> bool:
 
     async def ask() -> bool:
         try:
-            await asyncio.wait_for(store.ping(), 3.0)
+            async with asyncio.timeout(3.0):
+                await store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means: not ready
             logger.warning("readiness: the state store does not answer (%s)", type(exc).__name__)
             return False
@@ -77,7 +78,8 @@ async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
             probe = asyncio.ensure_future(asyncio.to_thread(blobs.writable))
             state.blobs_probe = probe
         try:
-            return bool(await asyncio.wait_for(asyncio.shield(probe), BLOBS_PROBE_S))
+            async with asyncio.timeout(BLOBS_PROBE_S):
+                return bool(await asyncio.shield(probe))
         except TimeoutError:
             logger.warning("readiness: the blob store does not answer within %g s", BLOBS_PROBE_S)
             return False

@@ -246,7 +246,9 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 await run_in_threadpool(blobs.put_many, [(key, path) for _, key, path in keyed])
                 sizes = [(n, k, p.stat().st_size) for n, k, p in keyed]
             except OSError as exc:
-                raise Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.") from exc
+                refused = Unavailable(f"The study could not be stored durably: {exc.strerror or exc}.")
+                refused.retry_after_s = settings.retry_after_s  # a full or failing volume: not this study's fault
+                raise refused from exc
             del files
             job_id = uuid.uuid4().hex
             await worker.remember(job_id, prepared)  # before the job is visible: this replica's worker need not read it again

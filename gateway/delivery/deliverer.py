@@ -12,6 +12,8 @@ deliveries). A claimed task:
 * builds its payload once (:mod:`gateway.delivery.payloads`) into the blob store, and again if a blob
   of it has gone missing (the objects' UIDs derive from the job, so a rebuild sends the same objects);
 * sends what the destination has not acknowledged yet (:mod:`gateway.delivery.senders`);
+* records what the destination acknowledged, waiting out a state store that is away (:meth:`Deliverer._record`:
+  the destination already holds the objects; giving up there had another replica send them all again);
 * ends ``done``; or, on failure, goes back to ``pending`` after ``delivery_backoff_s`` doubling up to
   ``delivery_backoff_max_s``, and ``failed`` (payload kept) after ``delivery_max_attempts`` tries or a
   permanent refusal. ``POST /v1/jobs/{id}/deliveries/{dest}/resend`` queues it again.
@@ -30,7 +32,7 @@ import contextlib
 import functools
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +46,7 @@ from gateway.delivery.config import DicomDestination, FhirDestination, StowDesti
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
 from gateway.phi import withheld
 from gateway.settings import Settings
-from gateway.store import BlobStore, FolderBlobs, Store, instance_sources, new_key
+from gateway.store import BlobStore, FolderBlobs, Store, StoreError, instance_sources, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
 from gateway.uploads import new_spool
 
@@ -147,12 +149,18 @@ class Deliverer:
                 logger.error("delivery pass failed; trying again", exc_info=withheld(exc))
             await self.store.work.wait(self.settings.delivery_poll_s, seen)
 
-    async def stop(self) -> None:
-        """Stop the loop; tasks being sent are cancelled and given back to any replica at once, their try not
-        counted (if the store cannot be reached, their leases lapse and any replica resumes them then)."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop the loop; sends under way get ``grace_s`` seconds to finish (a PACS that has received a whole
+        study answers soon; cut off, it keeps what it got and another replica sends all of it again); those
+        still running then are cancelled and given back to any replica at once, their try not counted (if the
+        store cannot be reached, their leases lapse and any replica resumes them then)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._running and grace_s > 0:
+            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
+            if late:
+                logger.info("%d deliveries still sending after %g s of grace: cut off", len(late), grace_s)
         for run in list(self._running):
             run.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -205,10 +213,11 @@ class Deliverer:
             if todo:
                 notes = {o["uid"] for o in todo if o.get("kind") == payloads.REJECTION}
                 sent = await self._send(task.id, dest, items, notes)
-                await self.tasks.mark_sent(task.id, sent)
+                await self._record(where, lambda: self.tasks.mark_sent(task.id, sent))
                 self.objects.labels(dest.name).inc(len(sent))
             detail = f"{len(payload['objects'])} object(s) acknowledged"
-            await self.tasks.finish(task.id, DONE, f"{detail} ({payload['rule']})" if "rule" in payload else detail)
+            await self._record(where, lambda: self.tasks.finish(
+                task.id, DONE, f"{detail} ({payload['rule']})" if "rule" in payload else detail))
             self.outcomes.labels(dest.name, DONE).inc()
             logger.info("%s: delivered (%d object(s), attempt %d)", where, len(todo), task.attempts)
         except asyncio.CancelledError:
@@ -217,8 +226,9 @@ class Deliverer:
             await self._give_up(task, dest, str(exc))
         except SendError as exc:
             if exc.sent:
-                await self.tasks.mark_sent(task.id, exc.sent)
-                self.objects.labels(dest.name).inc(len(exc.sent))
+                acknowledged = exc.sent
+                await self._record(where, lambda: self.tasks.mark_sent(task.id, acknowledged))
+                self.objects.labels(dest.name).inc(len(acknowledged))
             self.failures.labels(dest.name).inc()
             s = self.settings
             if exc.permanent or task.attempts >= s.delivery_max_attempts:
@@ -235,6 +245,28 @@ class Deliverer:
                 await self._give_up(task, dest, reason)
                 return
             await self.tasks.retry_later(task.id, self.settings.delivery_backoff_max_s, reason)
+
+    async def _record(self, where: str, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Write what a destination acknowledged, however long the state store is away, within reason.
+
+        The objects are at the destination already: a write lost to a store outage left the task ``sending``
+        with nothing recorded, and the replica that took it over once its lease lapsed sent every object again.
+        The write is tried again (0.5 s, doubling to 5 s) for up to twice ``delivery_lease_s``; it lands while
+        nobody else has taken the task (the store checks that it is still this replica's), and a task taken
+        over meanwhile is the other replica's to finish. False: it was not this replica's any more."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + 2 * self.settings.delivery_lease_s
+        delay = 0.5
+        while True:
+            try:
+                return await write()
+            except StoreError as exc:
+                if loop.time() + delay > give_up_at:
+                    raise
+                logger.warning("%s: acknowledged, but the state store is away (%s); recording it again in %g s",
+                               where, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _give_up(self, task: Task, dest: Destination, reason: str) -> None:
         await self.tasks.finish(task.id, FAILED, reason)

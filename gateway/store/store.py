@@ -320,7 +320,8 @@ class Store:
             finally:
                 if connection is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(connection.close(), 5)
+                        async with asyncio.timeout(5):
+                            await connection.close()
             await asyncio.sleep(5)
 
     # --- time -----------------------------------------------------------------------------------
@@ -1146,7 +1147,8 @@ class _Changes:
         if self._event is None:
             self._event = asyncio.Event()
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (CPython gh-86296, fixed in 3.12)
+                await self._event.wait()
         except TimeoutError:
             return False
         return True
