@@ -835,9 +835,9 @@ def test_building_a_studys_objects_reads_only_the_key_images_pixels(tmp_path, mo
     assert 0 < len(pixels_read) <= n_key_images, (len(pixels_read), n_key_images)  # of 40 slices
 
 
-def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handlers=(), **settings_kw):
+def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handlers=(), drive=None, **settings_kw):
     """Screen a study, deliver it to the pynetdicom SCP ``scp`` (served on a free port) and return the
-    delivery task once it is done or failed."""
+    delivery task once it is done or failed (or what ``drive(deliverer, job_id)`` returns, when given)."""
     server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=list(evt_handlers))
     port = server.server_address[1]
 
@@ -847,6 +847,8 @@ def _deliver_to_scp(scp, study_files: list[Path], tmp_path: Path, *, evt_handler
         dest = {"name": "pacs", "kind": "dicom", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": port}
         deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
         try:
+            if drive is not None:
+                return await drive(deliverer, result.job_id)
             return await until_states(deliverer, result.job_id, {"done", "failed"})
         finally:
             await store.close()
@@ -1251,28 +1253,16 @@ def test_a_replica_stopping_lets_a_send_under_way_finish_within_the_grace(study_
     """A rolling restart cut off a send to a slow PACS that had the objects already; another replica sent them
     all again. Stopping now gives sends under way the shut-down grace first (CTSCREEN_SHUTDOWN_GRACE_S)."""
     scp, received, handlers = _counting_scp("SLOW", delay_s=0.3)
-    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
 
-    async def scenario():
-        settings = delivery_settings(tmp_path)
-        store, blobs, result = await done_job(settings, study_files)
-        dest = {"name": "pacs", "kind": "dicom", "ae_title": "SLOW", "host": "127.0.0.1",
-                "port": server.server_address[1]}
-        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
-        try:
-            deadline = time.monotonic() + 60
-            while not received and time.monotonic() < deadline:  # the PACS is receiving
-                await deliverer.poll()
-                await asyncio.sleep(0.05)
-            assert received, "the delivery never started"
-            await deliverer.stop(grace_s=30)  # the replica shuts down mid-send
-            return await deliverer.tasks.of_job(result.job_id)
-        finally:
-            await store.close()
+    async def stop_mid_send(deliverer, job_id):
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:  # the PACS is receiving
+            await deliverer.poll()
+            await asyncio.sleep(0.05)
+        assert received, "the delivery never started"
+        await deliverer.stop(grace_s=30)  # the replica shuts down mid-send
+        return await deliverer.tasks.of_job(job_id)
 
-    try:
-        (task,) = asyncio.run(scenario())
-    finally:
-        server.shutdown()
+    task = _deliver_to_scp(scp, study_files, tmp_path, evt_handlers=handlers, drive=stop_mid_send)
     assert (task.state, task.attempts) == ("done", 1), task
     assert len(received) > 1 and len(received) == len(set(received)) and sorted(task.sent) == sorted(received)
