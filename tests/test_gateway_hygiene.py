@@ -140,3 +140,49 @@ def test_long_but_legal_headers_get_a_clear_answer(live):
     r = httpx.post(f"{live}/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files],
                    headers={"X-Filename": "f" * 8000}, timeout=30)
     assert r.status_code == 202, r.text
+
+
+def test_a_file_named_after_a_patient_cannot_be_recovered_from_its_log_reference():
+    """Log lines named a refused file by a plain SHA-256 of its name: a review recovered '8241937/IM0001.dcm'
+    (a record number) from it in 17 s by trying every 7-digit number. The digest is keyed now, with a key of the
+    process: stable within it (one upload's lines go together), unknown outside it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from gateway.phi import file_ref
+
+    name = "8241937/IM0001.dcm"
+    ref = file_ref(name)
+    assert ref == file_ref(name) and ref[5:] != hashlib.sha256(name.encode()).hexdigest()[:10]
+    other = subprocess.run([sys.executable, "-c", f"from gateway.phi import file_ref; print(file_ref({name!r}))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert other.startswith("file#") and other != ref
+
+
+def test_the_access_log_leaves_query_strings_out(tmp_path, capfd):
+    """uvicorn's access log wrote each request line as sent: a client's ``?patient=...`` reached the log, on a 401
+    or 404 too. A real uvicorn with its default logging (what ``uvicorn --factory`` and the Helm chart run)."""
+    from gateway.main import create_app
+    from gateway.settings import Settings
+    from tests.conftest import free_port
+    from tests.gateway_app_fakes import FakeFleet
+
+    port = free_port()
+    app = create_app(Settings(triton_urls="fake:1", data_dir=tmp_path, shutdown_grace_s=1), client_factory=FakeFleet())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for path in ("/v1/worklist?patient=ZZQDOE&limit=5", "/nowhere?name=ZZQDOE", "/healthz?mrn=ZZQ8241937"):
+            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    out = capfd.readouterr()
+    logged = out.out + out.err
+    assert "GET /v1/worklist? HTTP/1.1" in logged and "GET /healthz? HTTP/1.1" in logged, logged[-2000:]
+    assert "ZZQ" not in logged
