@@ -276,6 +276,45 @@ def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, scr
     assert "no image" in page.inner_text("#readout")
 
 
+def test_a_slice_of_another_shape_than_square_is_drawn_in_its_shape(stack, screened, page):
+    """A 180 x 256 slice was stretched to the square stage (object-fit: fill, the boxes' SVG likewise): its anatomy
+    1.4 times too wide, and nothing on screen said so. The image here is a white 180 x 256 PNG in place of the
+    gateway's: drawn in its shape, the stage keeps black bars beside it."""
+    import io
+
+    from PIL import Image
+
+    job_id, _ = screened["covid"]
+    png = io.BytesIO()
+    Image.new("L", (180, 256), 255).save(png, format="PNG")
+    page.route(f"**/v1/jobs/{job_id}/slices/*.png*", lambda route: route.fulfill(
+        status=200, content_type="image/png", body=png.getvalue()))
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    shot = Image.open(io.BytesIO(page.locator("#viewer").screenshot())).convert("L")
+    w, h = shot.size
+    row = [shot.getpixel((x, h // 2)) for x in range(w)]
+    white = [x for x, v in enumerate(row) if v > 200]
+    assert white, "the slice is not drawn"
+    drawn = (white[-1] - white[0] + 1) / h
+    assert abs(drawn - 180 / 256) < 0.05, f"drawn {drawn:.2f} as wide as high, the image is {180 / 256:.2f}"
+    viewbox = page.get_attribute("#viewer svg", "viewBox")
+    assert viewbox == "0 0 180 256" and page.get_attribute("#viewer svg", "preserveAspectRatio") == "xMidYMid meet"
+
+
+def test_a_gateway_out_of_reach_is_said_so_and_the_view_can_try_again(stack, screened, page):
+    """A failed request left "Loading…" up for good (no deadline) or showed "TypeError: Failed to fetch". The
+    network failure is simulated by the browser (Playwright aborts the request)."""
+    job_id, _ = screened["covid"]
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.abort("connectionrefused"))
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    alert = page.wait_for_selector("main [role=alert]")
+    assert "Cannot reach the gateway" in alert.inner_text() and "TypeError" not in alert.inner_text()
+    page.unroute(f"**/v1/jobs/{job_id}")
+    page.get_by_role("button", name="Try again").click()
+    page.wait_for_selector("#viewer[data-ready=true]")
+
+
 def test_the_service_view_refused_asks_once_and_leaves_the_focus_alone(stack, page):
     """Refused (no results:read), it asked every 2 s, each refusal pulling the focus into the sign-in form."""
     asked = []

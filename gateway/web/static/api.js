@@ -35,12 +35,31 @@ function takePrefetch(path, options, token) {
   return plain && p.url === path && p.token === token ? p.response : null;
 }
 
-/** fetch() with the credential; a 401/403 also tells the page to ask for one. */
+const DEADLINE_S = 30;
+
+/**
+ * fetch() with the credential; a 401/403 also tells the page to ask for one. A request without a signal of its
+ * own (all but the event streams) gets a deadline: a gateway that never answers left "Loading…" up for good.
+ * A deadline passed and a network failure are ApiErrors whose message a person can read.
+ */
 export async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
   const token = credential.get();
   if (token) headers.set("Authorization", `Bearer ${token}`);
-  const response = await (takePrefetch(path, options, token) ?? fetch(path, { ...options, headers }));
+  let response;
+  try {
+    response = await (takePrefetch(path, options, token)
+      ?? fetch(path, { ...options, headers, signal: options.signal ?? AbortSignal.timeout(DEADLINE_S * 1000) }));
+  } catch (error) {
+    if (options.signal?.aborted) throw error;  // the caller's own abort (a stream closed)
+    if (error?.name === "TimeoutError") {
+      throw new ApiError(0, "timeout", `The gateway did not answer within ${DEADLINE_S} s. Try again.`);
+    }
+    if (error instanceof TypeError) {
+      throw new ApiError(0, "unreachable", "Cannot reach the gateway (the network or the gateway is down). Try again.");
+    }
+    throw error;
+  }
   if (response.ok || response.status === 304) return response;
   const detail = await body(response);
   const error = new ApiError(response.status, detail.reason, detail.message);

@@ -50,8 +50,11 @@ export function studyView(main, jobId) {
       job = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`);
     } catch (error) {
       if (stopped) return;  // the user has moved on: this view no longer owns the page
+      const missing = error instanceof ApiError && error.status === 404;
       main.replaceChildren(h("h1", {}, "Study"), h("p", { role: "alert" },
-        error instanceof ApiError && error.status === 404 ? "No such study (or its result has expired)." : error.message));
+        missing ? "No such study (or its result has expired)." : error.message),
+        missing ? null : h("button", { type: "button", onclick: () => { cleanup(); cleanup = studyView(main, jobId); } },
+          "Try again"));
       return;
     }
     if (stopped) return;
@@ -102,7 +105,9 @@ function viewer(main, job) {
   let token = 0;
 
   const img = h("img", { alt: "", class: "slice", draggable: "false" });
-  const overlay = s("svg", { class: "overlay", "aria-hidden": "true", preserveAspectRatio: "none" });
+  // the image and its boxes keep the stored matrix's shape inside the square stage (a 180 x 256 slice was stretched
+  // to a square: its anatomy 1.4 times too wide, the boxes stretched alike, so nothing on screen said so)
+  const overlay = s("svg", { class: "overlay", "aria-hidden": "true", preserveAspectRatio: "xMidYMid meet" });
   const stage = h("div", {
     class: "stage", tabindex: 0, role: "group", id: "viewer",
     "aria-roledescription": "slice viewer",
@@ -223,6 +228,7 @@ function viewer(main, job) {
     slider.value = index;
     stage.dataset.index = index;
     stage.dataset.ready = "false";
+    stage.setAttribute("aria-busy", "true");  // the image is on its way (the stage says so too: style.css)
     delete stage.dataset.failed;
     img.alt = `Axial slice ${index + 1} of ${slices.length}, ${WINDOWS[windowName]} window`;
     for (const b of strip.querySelectorAll("button")) b.setAttribute("aria-current", String(Number(b.dataset.index) === index));
@@ -235,6 +241,7 @@ function viewer(main, job) {
       dims = [img.naturalWidth, img.naturalHeight];
       draw();
       stage.dataset.ready = "true";
+      stage.removeAttribute("aria-busy");
       // neighbours ahead of time; one that fails says so when it is shown
       for (const n of [index + 1, index - 1]) if (n >= 0 && n < slices.length) imageUrl(n, windowName).catch(() => {});
     } catch (error) {
@@ -244,6 +251,7 @@ function viewer(main, job) {
       dims = null;
       overlay.replaceChildren();
       stage.dataset.failed = "true";
+      stage.removeAttribute("aria-busy");
       readout.textContent = `Slice ${index + 1}: no image (${error.message})`;
     }
   }
