@@ -535,6 +535,13 @@ class StorageScp:
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID) or header.sop_class_uid not in CT_SOP_CLASSES:
             self._refuse("not_ct")
             return self._count_store(event, "", DOES_NOT_MATCH)
+        if header.sop_instance_uid != str(event.request.AffectedSOPInstanceUID).strip():
+            # PS3.7 9.1.1: the command names the instance its data set is; a sender that names another would
+            # count as acknowledged (retries, storage commitment, the audit) an instance the gateway does not hold
+            logger.info("C-STORE from %s refused (0xA900): the data set's SOP Instance UID is not the command's",
+                        peer.ae_title)
+            self._refuse("uid_mismatch")
+            return self._count_store(event, "", DOES_NOT_MATCH)
         future = None
         try:
             future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)

@@ -420,6 +420,26 @@ def test_stow_quiet_period_triggers_screening():
         assert study["state"] == "done" and study["result"]["n_slices"] == 5
 
 
+def test_a_stow_failure_names_the_instance_as_it_came_not_an_invented_one():
+    """A CT whose SOP Instance UID breaks the grammar was refused (0xC000) as a Secondary Capture of instance "0":
+    a STOW client matches the failure items to its instances by these UIDs. They are the part's own now, and the
+    invented ones only where nothing could be read (both are Type 1)."""
+    _, files = ct_series(1)
+    ds = pydicom.dcmread(io.BytesIO(files[0][1]))
+    ds.SOPInstanceUID = "3f9a0c1d2e"  # a hex digest, as one real file has
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    bad = io.BytesIO()
+    ds.save_as(bad, enforce_file_format=True)
+    with TestClient(_app(stow_quiet_period_s=3600)) as client:
+        r = client.post("/dicomweb/studies", content=related_body([bad.getvalue(), b"garbage" * 50]),
+                        headers={"Content-Type": STOW_TYPE})
+    assert r.status_code == 409, r.text
+    named, unread = r.json()["00081198"]["Value"]
+    assert named["00081197"]["Value"] == [0xC000]
+    assert (named["00081150"]["Value"], named["00081155"]["Value"]) == ([str(ds.SOPClassUID)], ["3f9a0c1d2e"])
+    assert unread["00081155"]["Value"] == ["0"]
+
+
 def test_stow_partial_and_total_failure_and_media_types():
     uid, files = ct_series(2)
     with TestClient(_app(stow_quiet_period_s=3600)) as client:

@@ -295,6 +295,35 @@ def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     assert held.result(10) == ("receiving", 1)
 
 
+def test_a_data_set_that_is_not_the_instance_its_command_names_is_refused(lone_scp, tmp_path, monkeypatch):
+    """PS3.7: the Affected SOP Instance UID is the data set's. One that named another instance was stored under
+    the data set's UID and answered 0x0000, so the sender counted as acknowledged an instance the gateway did not
+    hold. pynetdicom sends a file as it is (chunked), its command with the meta group's UID: the file's meta names
+    another instance."""
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom import _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    path = tmp_path / "other.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    uid = str(ds.SOPInstanceUID).encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    path.write_bytes(path.read_bytes().replace(uid, other, 1))  # the meta group's (pydicom writes the data set's)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        status = int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+    assert status == 0xA900
+    study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(ds.StudyInstanceUID)), lone_scp.loop)
+    assert study.result(10) is None  # nothing kept
+
+
 def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkeypatch):
     """The store away (a fail-over) while an instance arrives: nothing was kept, and the sender is told to
     try again later (0xA700), counted; pynetdicom answered its own 0xC211 to the escaping exception."""

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
+from gateway.dicom import read_dataset
 from gateway.errors import GatewayError, InvalidInput
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, Intake, read_header
@@ -52,14 +53,33 @@ def _ui(value: str) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]}
 
 
+UNREAD_CLASS, UNREAD_INSTANCE = "1.2.840.10008.5.1.4.1.1.7", "0"
+"""What a failure item names when nothing could be read of the part (both attributes are Type 1)."""
+
+_PRINTABLE_UID = re.compile(r"[ -~]{1,64}")
+
+
 def _item(sop_class: str, sop_instance: str, failure: int | None = None) -> dict[str, Any]:
-    item: dict[str, Any] = {"00081150": _ui(sop_class or "1.2.840.10008.5.1.4.1.1.7"),
-                            "00081155": _ui(sop_instance or "0")}
+    item: dict[str, Any] = {"00081150": _ui(sop_class or UNREAD_CLASS),
+                            "00081155": _ui(sop_instance or UNREAD_INSTANCE)}
     if failure is None:
         item["00081190"] = NO_RETRIEVE_URL
     else:
         item["00081197"] = {"vr": "US", "Value": [failure]}
     return item
+
+
+def _uids_read(content: Path) -> tuple[str, str]:
+    """The SOP Class and Instance UIDs of a part that could not be taken, as it gives them (a client matches
+    the failure items to its instances by them), read leniently; ``""`` for what cannot be read (or is not a
+    printable value of at most 64 characters). A CT whose UIDs break the grammar was named as a Secondary
+    Capture of instance "0"."""
+    try:
+        ds = read_dataset(content)  # deflated data sets inflated within bounds, large values left unread
+        found = (str(ds.get("SOPClassUID", "") or "").strip(), str(ds.get("SOPInstanceUID", "") or "").strip())
+    except Exception:  # noqa: BLE001 - whatever the part is, the answer names what it can
+        return "", ""
+    return tuple(v if _PRINTABLE_UID.fullmatch(v) else "" for v in found)  # type: ignore[return-value]
 
 
 def _dicom_json(status: int, body: dict[str, Any], studies: list[str], retry_after_s: int) -> JSONResponse:
@@ -129,9 +149,9 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             continue
         try:
             header = await run_in_threadpool(read_header, content, name)  # a file: off the event loop
-        except InvalidInput as exc:  # not DICOM, or a deflated data set that inflates past the bounds
+        except InvalidInput as exc:  # not DICOM, a UID off the grammar, a deflated data set inflating past the bounds
             metrics.error(exc.reason)
-            failed.append(_item("", "", CANNOT_UNDERSTAND))
+            failed.append(_item(*await run_in_threadpool(_uids_read, content), CANNOT_UNDERSTAND))
             continue
         if study_instance_uid is not None and header.study_instance_uid != study_instance_uid:
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, DOES_NOT_MATCH))
