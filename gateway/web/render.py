@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 import numpy as np
+import pydicom
 
 __all__ = ["WINDOWS", "InstancesGone", "LruCache", "SeriesMap", "SliceSource", "png_etag", "render_png", "window_u8"]
 
@@ -109,6 +110,10 @@ class SeriesMap:
                 data = read(key)
             except FileNotFoundError:
                 continue
+            single = _single_frame_uid(data)
+            if single is not None:  # one slice: nothing else of its header is needed to find it; of two copies (a
+                sources[single] = [(None, SliceSource(filename, key, 0))]  # re-send), the later, as ingest keeps it
+                continue
             try:
                 _ds, headers = read_headers(filename, data)
             except Exception:  # noqa: BLE001 - an instance the screening refused has no slice to show
@@ -135,6 +140,33 @@ class SeriesMap:
         if len(frames) == 1:
             return frames[0][1]
         return min(frames, key=lambda f: abs((f[0] if f[0] is not None else 0.0) - position_mm))[1]
+
+
+_FIND_TAGS: Final = ["SOPInstanceUID", "NumberOfFrames", "PerFrameFunctionalGroupsSequence"]
+
+
+def _single_frame_uid(data: bytes) -> str | None:
+    """The SOP Instance UID of a stored single-frame object, read alone (pydicom's ``specific_tags``, no pixels):
+    a third of the time of a checked header read, which a viewer's first image of a 1,000-slice upload waited on
+    for each slice (uploads record no UIDs). None for a multi-frame object, a deflated one (pydicom would inflate
+    it whole), or one that does not read: the full read then decides.
+
+    >>> _single_frame_uid(b"not DICOM") is None
+    True
+    """
+    from gateway.dicom import DEFLATED, part10_transfer_syntax
+
+    try:
+        if part10_transfer_syntax(data) in (None, DEFLATED):
+            return None
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_FIND_TAGS)
+        frames = ds.get("NumberOfFrames")
+        if "PerFrameFunctionalGroupsSequence" in ds or (frames not in (None, "") and int(frames) != 1):
+            return None
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - whatever it is, the checked read says
+        return None
+    return uid or None
 
 
 def _along_normal(position: Sequence[float] | None, orientation: Sequence[float] | None) -> float | None:
