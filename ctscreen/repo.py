@@ -15,7 +15,9 @@ profile    valid_area and lesion
            ``scripts/build_trt_engines.sh`` turns into ``1/model.plan`` on the GPU node; an extra
            ``hu_cast`` model (onnxruntime, CPU) casts the INT16 slices to FP32 in the ensemble
 ``gpu-ort`` onnxruntime backend with the TensorRT execution provider (the fallback when no plan
-           can be built ahead of time)
+           can be built ahead of time), on the same TensorRT-ready graph behind the same ``hu_cast``:
+           with the INT16 input, ONNX Runtime ran the cast itself and gave TensorRT a subgraph whose
+           input (the cast's output) the configured shape profile did not name
 ========== ===================================================================================
 
 Every profile has ``postprocess`` (python backend) and the ``ct_screen`` ensemble with the names,
@@ -432,7 +434,7 @@ def _render_into(
         "input_name": c.HU_SLICES,
         "output_name": c.PROB,
     }
-    gpu_plan = profile == "gpu"
+    gpu_plan = profile in ("gpu", "gpu-ort")  # TensorRT's FP32-input graph behind hu_cast
     seg_template = templates / f"segmentation.{profile}.pbtxt"
     seg_values = dict(
         common,
@@ -533,6 +535,10 @@ def _render_into(
         seg_input = c.HU_FLOAT
     ens = dst / c.ENSEMBLE_MODEL
     (ens / "1").mkdir(parents=True)
+    # an object store keeps files, not folders: published with `aws s3 sync`, an empty version folder was lost,
+    # and Triton refused the ensemble ("at least one version must be available") and exited
+    (ens / "1" / "README.txt").write_text("The ensemble's version 1: Triton needs the folder; an object store "
+                                          "keeps it only with a file in it.\n")
     (ens / "config.pbtxt").write_text(
         _render(
             templates / "ct_screen.pbtxt",

@@ -59,7 +59,8 @@ def src(tmp_path: Path) -> Path:
         d = tmp_path / "src" / model / "1"
         d.mkdir(parents=True)
         (d / "model.onnx").write_bytes(f"onnx {model}".encode())
-        (tmp_path / "src" / model / "config.pbtxt").write_text(f'name: "{model}"\nplatform: "tensorrt_plan"\n')
+        (tmp_path / "src" / model / "config.pbtxt").write_text(
+            f'name: "{model}"\nplatform: "tensorrt_plan"\nmax_batch_size: 16\n')
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
@@ -146,6 +147,10 @@ def test_the_cache_key_changes_with_every_build_parameter(tmp_path, src, change)
     base = _run(tmp_path, MODELS="lesion")
     assert base.returncode == 0, base.stderr
     change = dict(change)
+    if "MAX_BATCH" in change:  # a render with that largest batch
+        for model in ("valid_area", "lesion"):
+            cfg = src / model / "config.pbtxt"
+            cfg.write_text(cfg.read_text().replace("max_batch_size: 16", f"max_batch_size: {change['MAX_BATCH']}"))
     if "onnx" in change:
         (src / "lesion" / "1" / "model.onnx").write_text(change.pop("onnx"))
     changed = _run(tmp_path, MODELS="lesion", **change)
@@ -213,6 +218,8 @@ def test_cleanup_removes_interrupted_builds_and_unused_keys_but_keeps_the_curren
         ({"MODELS": "missing"}, "model.onnx not found"),
         ({"PRECISION": "int4"}, "PRECISION must be fp16 or fp32"),
         ({"MAX_BATCH": "lots"}, "MAX_BATCH must be a whole number"),
+        # a render with another largest batch: Triton refused the plans after both were built (minutes each)
+        ({"MAX_BATCH": "32"}, "valid_area: MAX_BATCH 32 (triton.engines.maxBatch) differs from max_batch_size 16"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path, src, extra, message):

@@ -63,7 +63,7 @@ def test_every_config_parses_and_names_its_folder(rendered) -> None:
     profile, repo = rendered
     cfgs = configs(repo)
     expected = {c.VALID_AREA_MODEL, c.LESION_MODEL, c.POSTPROCESS_MODEL, c.ENSEMBLE_MODEL}
-    extra = {"gpu": {c.HU_CAST_MODEL}, "cpu": {c.FUSED_MODEL}}.get(profile, set())
+    extra = {"gpu": {c.HU_CAST_MODEL}, "gpu-ort": {c.HU_CAST_MODEL}, "cpu": {c.FUSED_MODEL}}.get(profile, set())
     assert set(cfgs) == expected | extra
     for name, config in cfgs.items():
         assert config.name == name
@@ -73,7 +73,7 @@ def test_every_config_parses_and_names_its_folder(rendered) -> None:
 def test_segmentation_models_match_contract_and_onnx(rendered) -> None:
     profile, repo = rendered
     settings = json.loads((repo / MARKER).read_text())["settings"]
-    want_input = mc.TYPE_FP32 if profile == "gpu" else mc.TYPE_INT16
+    want_input = mc.TYPE_FP32 if profile.startswith("gpu") else mc.TYPE_INT16
     for name in c.SEGMENTATION_MODELS:
         config = load_config(repo / name / "config.pbtxt")
         assert io(config, "input") == {c.HU_SLICES: (want_input, SLICE)}
@@ -145,7 +145,7 @@ def test_postprocess_and_ensemble_match_contract(rendered) -> None:
     assert set(outputs) <= produced
     order = [s.model_name for s in ens.ensemble_scheduling.step]
     assert order[-1] == c.POSTPROCESS_MODEL
-    assert (order[0] == c.HU_CAST_MODEL) == (profile == "gpu")
+    assert (order[0] == c.HU_CAST_MODEL) == profile.startswith("gpu")
 
 
 def test_cpu_fused_model_has_the_ensemble_contract_and_its_settings(rendered) -> None:
@@ -333,4 +333,4 @@ def test_trt_build_script_issues_the_right_trtexec_command(tmp_path) -> None:
         env=env,
         timeout=60,
     )
-    assert wrong.returncode == 2 and "differs from max_batch_size" in wrong.stderr
+    assert wrong.returncode != 0 and "differs from max_batch_size" in wrong.stderr

@@ -44,6 +44,16 @@ command -v flock >/dev/null || die "flock (util-linux) is needed to share the en
 for n in MIN_BATCH OPT_BATCH MAX_BATCH WORKSPACE_MIB BUILD_TIMEOUT; do
   case "${!n:-}" in ''|*[!0-9]*) die "$n must be a whole number, got '${!n:-}'" ;; esac
 done
+# The plans' batch range against the served configs, before any build: Triton refuses a plan whose largest batch
+# is not the config's max_batch_size (ctscreen repo build --max-batch-size), and only after the build (minutes).
+for model in ${MODELS:-}; do
+  cfg="$SRC/$model/config.pbtxt"
+  [ -f "$cfg" ] || continue  # a missing model is reported below, with its ONNX
+  served="$(sed -n 's/^max_batch_size: *\([0-9][0-9]*\) *$/\1/p' "$cfg" | head -n1)"
+  if [ -n "$served" ] && [ "$served" != "$MAX_BATCH" ]; then
+    die "$model: MAX_BATCH $MAX_BATCH (triton.engines.maxBatch) differs from max_batch_size $served in $cfg; Triton would refuse the plan: render with --max-batch-size $MAX_BATCH or set maxBatch to $served"
+  fi
+done
 case "${PRECISION:-fp16}" in
   fp16) precision_flag="--fp16" ;;
   fp32) precision_flag="" ;;
