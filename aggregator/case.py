@@ -465,6 +465,7 @@ def _finding(index: int, s: SliceInput, rule: CaseRule, frame: _SeriesFrame | No
     return SliceFinding(
         index=index,
         sop_instance_uid=s.sop_instance_uid,
+        frame_index=s.frame_index,
         position_mm=s.position_mm,
         valid_area=valid,
         valid_area_original=valid_original,
@@ -523,6 +524,14 @@ def _missed_inside(findings: Sequence[SliceFinding], covered: Sequence[SliceFind
     the slices that have one)."""
     first, last = covered[run.start].index, covered[run.stop - 1].index
     return sum(1 for f in findings[first : last + 1] if f.valid_area is None)
+
+
+def _missing_inside(run: _Run, starts: Sequence[int], positions: Sequence[float], spacing: float | None) -> int:
+    """The slices the gaps inside ``run`` leave out (``starts``: the first slice after each gap), by the nominal
+    spacing: a gap of 10 mm in a 5 mm series leaves out one."""
+    if not spacing:
+        return 0
+    return sum(max(0, round((positions[a] - positions[a - 1]) / spacing) - 1) for a in starts if run.start < a < run.stop)
 
 
 def _best(runs: Sequence[_Run]) -> _Run | None:
@@ -705,14 +714,23 @@ def decide(
     if findings and all(f.valid_area is None for f in findings):
         return make("indeterminate", "no_valid_area", "The valid-area model found no lung field on any slice.")
     if gaps:
+        # a run across a gap: its lesion slices, and the slices the gap leaves out (unknown: they may hold the
+        # lesion too), against the rule; a run that crosses no gap was judged in its segment already
+        starts = [a for a, _ in segments[1:]]
         whole = _runs(findings, [(0, len(findings))], positions, spacing, rule)
-        broken = [r for r in whole if _long_enough(r.n, r.n * (spacing or 0.0), rule)]
-        r = _best(broken)  # None when no run is broken
-        if r is not None:  # its evidence is the broken run the message names, not a shorter one of a segment
+        broken = [(r, missing) for r in whole if any(r.start < a < r.stop for a in starts)
+                  for missing in [_missing_inside(r, starts, positions, spacing)]
+                  if _long_enough(r.n + missing, r.extent_mm, rule)]
+        if broken:  # its evidence is the broken run the message names, not a shorter one of a segment
+            r = _best([b for b, _ in broken])
+            assert r is not None
+            missing = dict((id(b), m) for b, m in broken)[id(r)]
+            unknown = (f" (with the {missing} slice(s) the gap leaves out, where the lesion may go on)"
+                       if missing and not _long_enough(r.n, r.extent_mm, rule) else "")
             return make(
                 "indeterminate",
                 "run_broken_by_gap",
-                f"{r.n} slices with lesions in the {quadrant_words(r.quadrant)} quadrant would satisfy "
+                f"{r.n} slices with lesions in the {quadrant_words(r.quadrant)} quadrant{unknown} would satisfy "
                 f"the rule ({need}) but a gap in the series breaks the run.",
                 unproven(r, findings),
             )
@@ -722,7 +740,9 @@ def decide(
     if 0 < len(covered) < len(findings):
         at = [positions[f.index] for f in covered]
         bridged = _runs(covered, [(0, len(covered))], at, spacing, rule)
-        r = _best([b for b in bridged if b.qualifies and _missed_inside(findings, covered, b)])
+        # the slices without a valid area inside a run are unknown, not lesion-free: they count toward it
+        r = _best([b for b in bridged if (m := _missed_inside(findings, covered, b))
+                   and _long_enough(b.n + m, b.extent_mm, rule)])
         if r is not None:
             missed = _missed_inside(findings, covered, r)
             return make(
@@ -756,7 +776,7 @@ def slice_inputs(result: CaseResult) -> list[SliceInput]:
         ).reshape(-1, 5)
         va = f.valid_area
         valid = np.array(EMPTY_BOX if va is None else (va.x0, va.y0, va.x1, va.y1), np.float32)
-        out.append(SliceInput(f.sop_instance_uid, f.position_mm, rows, valid))
+        out.append(SliceInput(f.sop_instance_uid, f.position_mm, rows, valid, frame_index=f.frame_index))
     return out
 
 

@@ -288,7 +288,7 @@ def auc(points: Sequence[CurvePoint]) -> float | None:
 
 def false_positives_by_class(
     cases: Iterable[tuple[str, bool, str]],
-    indeterminate: Literal["positive", "negative"] = "positive",
+    indeterminate: IndeterminateAs = "positive",
 ) -> dict[str, dict[str, int | float | None]]:
     """False positives among the truly negative cases, per class (e.g. phantom kind).
 
@@ -296,8 +296,9 @@ def false_positives_by_class(
     ----------
     cases : iterable of (class, truth, verdict)
         One entry per case; ``truth`` True for a positive case (not counted here).
-    indeterminate : {"positive", "negative"}
-        How an indeterminate verdict counts.
+    indeterminate : {"positive", "negative", "exclude"}
+        How an indeterminate verdict counts (``exclude``: in neither ``n`` nor ``fp``, as the per-patient
+        figures leave it out; still counted in ``indeterminate``).
 
     Returns
     -------
@@ -310,9 +311,11 @@ def false_positives_by_class(
         if truth:
             continue
         row = table.setdefault(cls, [0, 0, 0])
-        row[0] += 1
         if verdict == "indeterminate":
             row[2] += 1
+            if indeterminate == "exclude":
+                continue
+        row[0] += 1
         if verdict == "positive" or (verdict == "indeterminate" and indeterminate == "positive"):
             row[1] += 1
     out: dict[str, dict[str, int | float | None]] = {}

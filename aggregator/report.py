@@ -218,7 +218,7 @@ def build_report(
         },
         "fp_by_class": false_positives_by_class(
             [(c.kind, c.label, v) for c, v in zip(cases, _verdicts(cases, None), strict=True)],
-            indeterminate="negative" if indeterminate_as == "negative" else "positive",
+            indeterminate=indeterminate_as,
         ),
         "fp_images_by_kind": _fp_images_by_kind(cases),
         "variants": [_variant(name, overrides, cases, truth, rule, indeterminate_as) for name, overrides in variants],

@@ -12,7 +12,8 @@ Layout
     ├── study_instance_uid, series_instance_uid
     ├── verdict (positive | negative | indeterminate), reason (code), message (text)
     ├── evidence: Evidence | None       the run of slices, its quadrant and its boxes
-    ├── slices: [SliceFinding]          every slice in position order, boxes in both grids
+    ├── slices: [SliceFinding]          every slice in position order, boxes in both grids (frame_index
+    │                                   of a multi-frame object's slice: added in 1.3.0)
     ├── rule: RuleParams                every case-rule parameter used
     ├── nominal_spacing_mm, n_slices, lung_field_cm2, body_cm2 (added in 1.2.0, with reason not_chest)
     ├── models: [ModelInfo], timings: Timings
@@ -40,7 +41,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-SCHEMA_VERSION: Final = "1.2.0"
+SCHEMA_VERSION: Final = "1.3.0"
 """Version of the :class:`CaseResult` document."""
 
 Verdict = Literal["positive", "negative", "indeterminate"]
@@ -165,6 +166,9 @@ class SliceFinding(_Model):
     index: int = Field(ge=0, description="0-based index in position order (not file order); text for a reader "
                                          "(the message, the web page) numbers slices from 1")
     sop_instance_uid: str
+    frame_index: int | None = Field(default=None, ge=0, description="0-based frame of a multi-frame object (an "
+                                    "Enhanced CT's frames share its SOP Instance UID); None for a single-frame slice. "
+                                    "(Added in 1.3.0: a result of a multi-frame series could not be replayed.)")
     position_mm: float = Field(description="position along the slice normal turned toward the head (the patient z of an axial slice, as a PACS shows its location), mm")
     valid_area: Box | None = Field(default=None, description="valid-area box on the 512 grid; None when empty")
     valid_area_original: Box | None = None

@@ -178,7 +178,9 @@ def test_empty_valid_area_on_one_slice_breaks_the_run_there_and_is_never_silentl
     assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "no valid area" in d.message
     assert [e.index for e in d.evidence.slices] == [3, 4, 6, 7] and not d.evidence.qualifies
     assert decide(s, CaseRule(run_slices=2)).verdict == "positive"
-    assert decide(s, CaseRule(run_slices=5)).verdict == "negative"  # 4 would not do either way
+    # the slice without a valid area is unknown, not lesion-free: with it, 5 would do; 6 would not either way
+    assert (decide(s, CaseRule(run_slices=5)).reason) == "run_broken_by_gap"
+    assert decide(s, CaseRule(run_slices=6)).verdict == "negative"
     apex = series({3: TL, 4: TL}, 10)  # no valid area on the first slices, above the lungs: nothing broken
     for i in (0, 1):
         apex[i] = SliceInput(apex[i].sop_instance_uid, apex[i].position_mm, boxes(), np.array(EMPTY_BOX))
@@ -592,3 +594,37 @@ def test_the_runs_quadrant_is_given_on_each_stored_image_as_the_rule_split_it():
     assert m.slices[0].boxes[0].original.x0 >= 256  # where the lesion is drawn: inside that region
     unknown = decide([SliceInput(f"1.2.6.{i}", 5.0 * i, lesion, both, rows=512, cols=400) for i in range(3)])
     assert unknown.evidence.slices[0].quadrant_original is None  # no mapping known: the viewer's own guess
+
+
+def test_a_slice_missing_or_unread_inside_a_lesion_is_unknown_never_a_silent_negative():
+    """A review's cases (docs/case-rule.md 5: a gap must never make a sick patient look healthy). Lesions on
+    the slices before and after one missing slice, or one whose valid area the model missed, were negative
+    (no_run): the slice between was counted as lesion-free. It is unknown: were the lesion there, the run would
+    qualify, so the case is indeterminate. A gap far from a run no longer blames it (with run_mm, the run was
+    measured as its slices times the spacing)."""
+    gap = series({3: TL, 5: TL}, 10, skip={4})
+    d = decide(gap)
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap"), d.message
+    assert "1 slice(s) the gap leaves out" in d.message
+    assert decide(gap, CaseRule(run_slices=4)).verdict == "negative"  # 2 + 1 unknown cannot make 4
+    unread = series({3: TL, 4: TL, 5: TL}, 10)
+    unread[4] = SliceInput(unread[4].sop_instance_uid, unread[4].position_mm, boxes(*TL), np.array(EMPTY_BOX))
+    d = decide(unread)
+    assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap") and "no valid area" in d.message
+    far = series({2: TL, 3: TL}, 12, skip={7, 8})
+    d = decide(far, CaseRule(run_slices=1, run_mm=15))
+    assert (d.verdict, d.reason) == ("negative", "no_run"), d.message  # 2 slices cover 10 mm, the gap is elsewhere
+
+
+def test_a_result_of_a_multi_frame_series_replays():
+    """An Enhanced CT's frames share one SOP Instance UID: decide took them (by frame), but its result kept no
+    frame, so replay (and the evaluation report, which replays every case per cutoff) refused it: 'holds SOP
+    Instance UID ... more than once'."""
+    from aggregator.case import replay
+
+    frames = [SliceInput("1.2.3.enhanced", 5.0 * i, boxes(*(TL if i in (2, 3, 4) else ())), VA, frame_index=i)
+              for i in range(8)]
+    d = decide(frames)
+    result = d.to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", job_id="j")
+    assert [f.frame_index for f in result.slices] == list(range(8))
+    assert (replay(result).verdict, replay(result).reason) == (d.verdict, d.reason) == ("positive", "run_found")

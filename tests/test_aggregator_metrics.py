@@ -122,6 +122,9 @@ def test_false_positives_by_class():
     assert table["tb"]["fp"] == 1 and table["tb"]["n"] == 2 and table["tb"]["rate"] == 0.5
     assert table["nodule"]["fp"] == 1 and table["nodule"]["indeterminate"] == 1
     assert false_positives_by_class(cases, indeterminate="negative")["nodule"]["fp"] == 0
+    # excluded, as the per-patient figures of the same report leave it out (it was counted as a positive there)
+    excluded = false_positives_by_class(cases + [("nodule", False, "negative")], indeterminate="exclude")["nodule"]
+    assert (excluded["n"], excluded["fp"], excluded["indeterminate"], excluded["rate"]) == (1, 0, 1, 0.0)
 
 
 def test_table3_rows():
