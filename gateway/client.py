@@ -2,7 +2,7 @@
 
 What ``ctscreen screen``, ``ctscreen demo`` and ``ctscreen eval`` share: :func:`collect_files` picks the
 files of a study (a folder, a zip or one file), :func:`screen_path` uploads them to ``POST /v1/studies``
-as one streamed multipart body (retrying on 429), follows the job's server-sent events (polling if the
+as one streamed multipart body (retrying on 429, and on 503 with Retry-After), follows the job's server-sent events (polling if the
 stream breaks) and returns an :class:`Outcome`; :func:`screen_paths` does that for several studies
 against one gateway and :func:`verdict_table` prints their verdicts. The credential is
 ``$CTSCREEN_TOKEN`` (an OIDC access token or an API key).
@@ -123,11 +123,18 @@ def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: flo
                 out.error = {"reason": "unreachable", "message": f"upload not accepted: {type(exc).__name__}"}
                 out.seconds = time.monotonic() - t0
                 return out
-        if response.status_code != 429:
+        # busy (429), or unavailable for now and saying when to come back (503 + Retry-After: the database
+        # restarting, the blob volume past its watermark): nothing was kept, the same upload goes again
+        later = response.status_code == 503 and "Retry-After" in response.headers
+        if response.status_code != 429 and not later:
             break
-        wait = float(response.headers.get("Retry-After", "5"))
+        try:
+            wait = min(300.0, max(0.0, float(response.headers.get("Retry-After", "5"))))
+        except ValueError:  # an HTTP date, which the gateway never sends: the default
+            wait = 5.0
         if not quiet:
-            print(f"{label}: gateway busy, retrying in {wait:g} s", file=sys.stderr)  # noqa: T201 - beside the bars
+            why = "busy" if response.status_code == 429 else f"unavailable ({error_of(response).get('reason')})"
+            print(f"{label}: gateway {why}, retrying in {wait:g} s", file=sys.stderr)  # noqa: T201 - beside the bars
         time.sleep(wait)
     assert response is not None
     if response.status_code != 202:

@@ -129,3 +129,26 @@ def test_an_empty_folder_among_several_studies_is_one_error_row(gateway, study, 
 def test_a_path_that_is_neither_file_nor_folder_is_named_as_such():
     with pytest.raises(screen_client.CliError, match="not a file or a folder"):
         screen_client.collect_files(Path("/dev/null"))
+
+
+def test_an_upload_answered_503_with_retry_after_goes_again(gateway, study, monkeypatch):
+    """The database restarting (503 store_unavailable, Retry-After) ended ``ctscreen screen``'s study with an
+    error although the gateway had said when to come back; only 429 was tried again. The outage is the store's
+    accept_upload refusing twice (as it does while PostgreSQL is away), in the real app."""
+    from gateway.store.store import Store, StoreUnreachable
+
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["admin"]
+    real, refusals, waits = Store.accept_upload, [2], []
+
+    async def away_then_back(self, *args, **kwargs):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise StoreUnreachable("The state store cannot be reached (ConnectionRefusedError).")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "accept_upload", away_then_back)
+    monkeypatch.setattr(screen_client.time, "sleep", waits.append)
+    out = screen_client.screen_path(client, study, quiet=True, max_wait_s=60)
+    assert out.error is None and out.result is not None, out.error
+    assert refusals == [0] and waits[:2] == [5.0, 5.0]

@@ -140,3 +140,18 @@ def test_argo_cd_runs_the_migrations_after_the_in_chart_database_exists(external
     else:
         assert annotations["argocd.argoproj.io/hook"] == "Sync"
         assert annotations["helm.sh/hook"] == "pre-upgrade"
+
+
+def test_gateway_settings_the_gateway_or_triton_would_refuse_fail_at_render_or_are_made_to_fit():
+    """A review of the values found three the chart accepted and the pods did not: a batch over the plans'
+    largest (Triton refuses every request), a batch or in-flight bound over the gateway's 64 (it does not
+    start), and uploads over the gateway's default budget of 4 GiB (it does not start)."""
+    with pytest.raises(helm.HelmError, match="over triton.engines.maxBatch 32"):
+        render({"gateway": {"batchSize": 48}})
+    with helm.Chart.load(CHART) as chart:
+        for key in ("batchSize", "maxInflightPerEndpoint"):
+            with pytest.raises(helm.HelmValuesError, match=f"/gateway/{key}"):
+                chart.validate_schema({"gateway": {key: 65}})
+    env = dict(_env(container(find(render({"gateway": {"maxUploadMiB": 8192}}), "Deployment", "-gateway"), "gateway")))
+    assert int(env["CTSCREEN_UPLOAD_BUDGET_BYTES"]) >= int(env["CTSCREEN_MAX_UPLOAD_BYTES"]) == 8192 * 2**20
+    assert "CTSCREEN_UPLOAD_BUDGET_BYTES" not in dict(_env(container(find(render(), "Deployment", "-gateway"), "gateway")))

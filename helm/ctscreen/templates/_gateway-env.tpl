@@ -47,6 +47,12 @@
   value: {{ $g.maxInflightPerEndpoint | quote }}
 - name: CTSCREEN_MAX_UPLOAD_BYTES
   value: {{ mul $g.maxUploadMiB 1048576 | int64 | quote }}
+{{- if gt (int $g.maxUploadMiB) 4096 }}
+# the bytes of bodies in flight must hold one largest upload (the gateway refuses to start otherwise; 4 GiB
+# by default): spooled to disk as they arrive, not held in memory
+- name: CTSCREEN_UPLOAD_BUDGET_BYTES
+  value: {{ mul $g.maxUploadMiB 1048576 | int64 | quote }}
+{{- end }}
 - name: CTSCREEN_STOW_MAX_PENDING_STUDIES
   value: {{ $g.maxPendingStudies | int64 | quote }}
 - name: CTSCREEN_STOW_MAX_PENDING_BYTES
