@@ -203,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how an indeterminate verdict counts per patient (default positive: referred)")
     p.add_argument("--lesion-segments", type=_names, default=[], metavar="NAMES",
                    help="--labels with DICOM SEG masks: the lesion segments' labels or property types, comma-separated "
-                        "(default: every segment that is not anatomy by its category or type)")
+                        "(default: every segment that is not anatomy by its category or type); with NIfTI masks of "
+                        "several labels: the lesion labels' numbers (e.g. 3)")
     p.add_argument("--min-lesion-px", type=int, default=MIN_BOX_AREA,
                    help="per-image truth: a slice is positive above this many lesion pixels (default 25)")
     p.add_argument("--cutoffs", type=_cutoffs, default=list(DEFAULT_CUTOFFS), help="cutoffs of the curves")

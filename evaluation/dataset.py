@@ -326,7 +326,8 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
                 print(f"NIfTI {done}/{volumes}: {row.study} as a DICOM study", file=sys.stderr, flush=True)
             folder = _work_folder(work, row.study)
             with _at(row.where):
-                _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind)
+                _write_nifti_study(row.study, path, row.mask, None, folder, label=row.label, kind=row.kind,
+                                   lesion_labels=_label_values(named_segments))
             path = folder / "dicom"
             if row.mask is not None:
                 manifest = json.loads((folder / "manifest.json").read_text())
@@ -441,8 +442,17 @@ AIR_HU = -500.0
 """A volume in Hounsfield units has air around and in the chest: its 1st percentile lies below this."""
 
 
+def _label_values(named: Sequence[str]) -> tuple[int, ...]:
+    """The lesion labels of a NIfTI mask among ``--lesion-segments``' names: the whole numbers.
+
+    >>> _label_values(["3", "Infection", "1"])
+    (1, 3)
+    """
+    return tuple(sorted({int(n) for n in named if n.strip().isdigit()}))
+
+
 def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Path | None, folder: Path, *,
-                       label: bool | None = None, kind: str | None = None) -> None:
+                       label: bool | None = None, kind: str | None = None, lesion_labels: Sequence[int] = ()) -> None:
     """Write one NIfTI volume (and its masks) as a DICOM study in the phantom layout under ``folder``, unless
     it is there already, written from the same files unchanged (their paths, sizes and modification times,
     kept in the manifest's ``source``; anything else there is replaced). ``label``/``kind`` (a labels file's
@@ -460,7 +470,8 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     import phantom
     from training.datasets import DataError, load_nifti_case
 
-    source = {"files": [_fingerprint(f) for f in (volume, lesion, lung)], "label": label, "kind": kind}
+    source = {"files": [_fingerprint(f) for f in (volume, lesion, lung)], "label": label, "kind": kind,
+              "lesion_labels": list(lesion_labels), "layout": 2}  # 2: square fields, world z (an older write is redone)
     try:
         if json.loads((folder / "manifest.json").read_text()).get("source") == source:
             return
@@ -472,7 +483,7 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
             raise EvalError(f"{folder} is in the way and is no study this command wrote: choose another --work")
         shutil.rmtree(folder)
     try:
-        v = load_nifti_case(case_id, volume, lesion, lung)
+        v = load_nifti_case(case_id, volume, lesion, lung, tuple(lesion_labels))
         img = nib.as_closest_canonical(nib.load(str(volume)))
     except DataError as exc:
         raise EvalError(str(exc)) from exc
@@ -482,7 +493,7 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
     if low > AIR_HU:
         raise EvalError(f"{case_id}: its values do not look like Hounsfield units (1st percentile {low:.0f}, no air "
                         f"below {AIR_HU:.0f}); export the volume in HU (a windowed 0-255 image cannot be screened)")
-    sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
+    sz = float(img.header.get_zooms()[2])
     has_lesion = bool(v.lesion.any())
     if label is not None and lesion is not None:
         _check_mask_label(case_id, label, has_lesion)
@@ -490,9 +501,11 @@ def _write_nifti_study(case_id: str, volume: Path, lesion: Path | None, lung: Pa
         hu=v.hu, lung_mask=np.zeros(v.hu.shape, bool), lesion_mask=v.lesion,
         finding_mask=np.zeros(v.hu.shape, np.uint8), valid_boxes=np.where(v.valid_boxes < 0, -1, v.valid_boxes),
         kind=kind or ("covid" if has_lesion else "normal"), label=int(has_lesion if label is None else label),
-        pixel_spacing=(sy * img.shape[1] / v.hu.shape[1], sx * img.shape[0] / v.hu.shape[2]),
+        pixel_spacing=(v.meta["grid_mm"], v.meta["grid_mm"]),  # a square field on the grid: square pixels
         slice_thickness=sz, slice_spacing=sz,
-        positions=np.array([[0.0, 0.0, k * sz] for k in range(len(v.hu))]),
+        # the slices' z in the volume's world (RAS and DICOM's LPS share it): a slice the report names is found in
+        # a NIfTI viewer at its position; index 0 is the lowest slice, whatever order the file stores them in
+        positions=np.array([[0.0, 0.0, float(img.affine[2, 3]) + k * sz] for k in range(len(v.hu))]),
         seed=0, rescale_intercept=-1024, pixel_representation=1,
     )
     # UIDs of their own for each source: two sites' study_0001, or a volume exported again, are other studies

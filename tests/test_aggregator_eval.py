@@ -742,3 +742,72 @@ def test_a_utf8_labels_file_with_one_windows_line_keeps_its_other_names(tmp_path
                                           + "Montr\u00e9al P2,0\n".encode("cp1252"))
     rows = read_labels(tmp_path / "labels.csv", tmp_path)
     assert [(r.study, r.label) for r in rows] == [("Z\u00fcrich P1", True), ("Montr\u00e9al P2", False)]
+
+
+def _body(shape: tuple[int, int, int]) -> np.ndarray:
+    """A volume in HU, x, y, z: air, a body and two lungs."""
+    hu = np.full(shape, -1000, np.int16)
+    hu[4:-4, 4:-4] = 40
+    hu[8 : shape[0] // 2 - 2, 8:-8] = -850
+    hu[shape[0] // 2 + 2 : -8, 8:-8] = -850
+    return hu
+
+
+def test_a_nifti_mask_in_another_voxel_order_is_read_where_its_header_puts_it(tmp_path):
+    """A review: the volume stored head first (dcm2niix), the mask of the same voxels saved canonical (RAS, as
+    nibabel's as_closest_canonical writes it). Taken voxel for voxel, its lesions landed on the mirror slices."""
+    import nibabel as nib
+
+    from training.datasets import load_nifti_case
+
+    hu = _body((64, 64, 30))
+    head_first = np.array([[0.7, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, -5.0, 100.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(hu, head_first), tmp_path / "v.nii.gz")
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[15:25, 15:25, 2:8] = 1  # array slices 2-7: the volume's z 90 to 65 mm
+    nib.save(nib.Nifti1Image(mask, head_first), tmp_path / "same.nii.gz")
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(mask, head_first)), tmp_path / "canonical.nii.gz")
+    assert not np.allclose(nib.load(tmp_path / "canonical.nii.gz").affine, head_first)
+    lesion_slices = [np.flatnonzero(load_nifti_case("v", tmp_path / "v.nii.gz", tmp_path / f"{m}.nii.gz").lesion
+                                    .any(axis=(1, 2))).tolist() for m in ("same", "canonical")]
+    assert lesion_slices[0] == lesion_slices[1] == list(range(22, 28))  # lowest first: array slices 7..2
+
+
+def test_a_nifti_mask_of_several_labels_is_refused_unless_its_lesion_labels_are_named(tmp_path):
+    """COVID-19-CT-Seg's Lung_and_Infection_Mask (1, 2 lungs, 3 infection): every lung slice was a lesion slice."""
+    import nibabel as nib
+
+    from training.datasets import DataError, load_nifti_case
+
+    hu = _body((64, 64, 20))
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[8:30, 8:-8, 2:18] = 1
+    mask[34:-8, 8:-8, 2:18] = 2
+    mask[15:25, 15:25, 5:9] = 3
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "m.nii.gz")
+    with pytest.raises(DataError, match=r"several labels \(1, 2, 3\).*--lesion-segments 3"):
+        load_nifti_case("v", tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", lesion_labels=())
+    named = load_nifti_case("v", tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", lesion_labels=(3,))
+    assert np.flatnonzero(named.lesion.any(axis=(1, 2))).tolist() == [5, 6, 7, 8]
+    assert load_nifti_case("v", tmp_path / "v.nii.gz", tmp_path / "m.nii.gz").lesion.any(axis=(1, 2)).sum() == 16
+
+
+def test_a_nifti_volume_of_non_square_slices_keeps_square_pixels_and_nan_is_air(tmp_path):
+    """A 384 x 512 slice (0.7 mm pixels) was stretched to the square grid, its chest 1.33 times too tall; NaN
+    outside a reconstruction circle became 0 HU (soft tissue)."""
+    import nibabel as nib
+
+    from training.datasets import load_nifti_case
+
+    hu = _body((64, 48, 4)).astype(np.float32)  # x 64 columns, y 48 rows
+    hu[0, 0, :] = np.nan
+    nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 5.0, 1.0])), tmp_path / "v.nii.gz")
+    v = load_nifti_case("v", tmp_path / "v.nii.gz", None)
+    rows_with_body = np.flatnonzero((v.hu[0] > -500).any(axis=1))
+    height = rows_with_body[-1] - rows_with_body[0] + 1
+    width = np.ptp(np.flatnonzero((v.hu[0] > -500).any(axis=0))) + 1
+    assert abs(height / width - 40 / 56) < 0.03, (height, width)  # the body's 40 x 56 voxels, not stretched
+    assert v.meta["grid_mm"] == pytest.approx(64 * 0.7 / 512)
+    assert v.hu.min() >= -1024 and not (v.hu == 0).any()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,29 @@ def _axial_slices(img) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
 
 
-def _to_grid(vol: np.ndarray, order: int) -> np.ndarray:
+def square_extent(shape: tuple[int, ...], spacing: tuple[float, float]) -> tuple[int, int]:
+    """Rows and columns of a slice of ``shape`` (``[..., H, W]``) padded to a square field (in mm, with
+    ``spacing`` = (row, column) mm), so a zoom to the grid keeps pixels square instead of stretching a
+    non-square slice (384 x 512 read 1.33 times too tall).
+
+    >>> square_extent((10, 384, 512), (0.7, 0.7)), square_extent((10, 512, 512), (0.7, 0.7))
+    ((512, 512), (512, 512))
+    """
+    h, w = shape[-2], shape[-1]
+    side = max(h * spacing[0], w * spacing[1])
+    return max(h, round(side / spacing[0])), max(w, round(side / spacing[1]))
+
+
+def _to_grid(vol: np.ndarray, order: int, spacing: tuple[float, float] | None = None, fill: float = 0.0) -> np.ndarray:
+    """``vol`` ``[Z, H, W]`` zoomed to the 512 grid; with ``spacing`` (row, column mm), first padded with ``fill``
+    around the centre to a square field, so its pixels stay square."""
+    if spacing is not None:
+        h, w = square_extent(vol.shape, spacing)
+        if (h, w) != vol.shape[1:]:
+            top, left = (h - vol.shape[1]) // 2, (w - vol.shape[2]) // 2
+            padded = np.full((vol.shape[0], h, w), fill, dtype=vol.dtype)
+            padded[:, top : top + vol.shape[1], left : left + vol.shape[2]] = vol
+            vol = padded
     if vol.shape[1:] == (SLICE_SIZE, SLICE_SIZE):
         return vol
     from scipy import ndimage
@@ -294,38 +316,65 @@ def _to_grid(vol: np.ndarray, order: int) -> np.ndarray:
 
 
 def load_nifti_case(
-    case_id: str, volume: Path, lesion: Path | None, lung: Path | None = None
+    case_id: str, volume: Path, lesion: Path | None, lung: Path | None = None,
+    lesion_labels: Sequence[int] | None = None,
 ) -> Volume:
-    """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, masks > 0; no ``lesion`` file: an
-    empty lesion mask, for a volume labelled per study only).
+    """Load one NIfTI case as a :class:`Volume` (HU clipped to int16, NaN as air; masks > 0; no ``lesion`` file:
+    an empty lesion mask, for a volume labelled per study only). A slice that is not square (in mm) is padded
+    with air to a square field before the zoom to the grid (``meta["grid_mm"]``: mm a grid pixel).
 
-    A mask is taken voxel for voxel on the volume's grid (its array in the volume's orientation), whatever
-    its own header says: a mask written with another affine (a tool's identity, a flipped z) was turned by
-    its own and its lesions landed on other slices."""
+    A mask whose header puts it on the volume's voxels in another voxel order (saved canonical, RAS, beside a
+    volume stored head first) is read in world space; any other mask is taken voxel for voxel on the volume's
+    grid (its array in the volume's orientation), with a warning: a mask written with another affine (a tool's
+    identity, a flipped z) was turned by its own and its lesions landed on other slices.
+
+    ``lesion_labels``: None, every non-zero voxel is lesion (a training set's binary masks); a tuple (evaluation):
+    those labels are lesion, and an empty one refuses a mask of several labels (COVID-19-CT-Seg's lungs 1, 2 and
+    infection 3; MedSeg's effusion 3 beside its lesions), where every non-zero voxel counted as lesion made each
+    lung slice a lesion slice."""
     import nibabel as nib
 
-    def on_volume_grid(mask_path: Path, img: Any) -> np.ndarray:
+    def on_volume_grid(mask_path: Path, img: Any, labels: Sequence[int] | None) -> np.ndarray:
         mask: Any = nib.load(str(mask_path))
-        if not np.allclose(mask.affine, img.affine, atol=1e-2):
-            logger.warning("%s: the mask's header places it otherwise than the volume's; taken voxel for voxel "
-                           "on the volume's grid", case_id)
-        return _axial_slices(nib.Nifti1Image(np.asanyarray(mask.dataobj), img.affine)) > 0
+        can_mask, can_img = nib.as_closest_canonical(mask), nib.as_closest_canonical(img)
+        if can_mask.shape[:3] == can_img.shape[:3] and np.allclose(can_mask.affine, can_img.affine, atol=1e-2):
+            values = _axial_slices(mask)  # the same voxels, maybe in another order: read in world space
+        else:
+            if not np.allclose(mask.affine, img.affine, atol=1e-2):
+                logger.warning("%s: the mask's header places it otherwise than the volume's; taken voxel for "
+                               "voxel on the volume's grid", case_id)
+            values = _axial_slices(nib.Nifti1Image(np.asanyarray(mask.dataobj), img.affine))
+        if labels is None:  # a lung mask: any label is lung
+            return values > 0
+        if labels:
+            return np.isin(values, np.asarray(labels))
+        found = [v for v in np.unique(values) if v != 0]
+        if len(found) > 1:
+            shown = ", ".join(f"{float(v):g}" for v in found[:8])
+            raise DataError(f"its lesion mask holds several labels ({shown}): which are lesions? (lungs, "
+                            "effusion ...); name them, e.g. --lesion-segments 3 (or 1,2)")
+        return values > 0
 
     try:
         img: Any = nib.load(str(volume))
         hu = _axial_slices(img).astype(np.float32)
-        les = on_volume_grid(lesion, img) if lesion is not None else np.zeros(hu.shape, bool)
-        lng = on_volume_grid(lung, img) if lung is not None else None
+        les = (on_volume_grid(lesion, img, None if lesion_labels is None else tuple(lesion_labels))
+               if lesion is not None else np.zeros(hu.shape, bool))
+        lng = on_volume_grid(lung, img, None) if lung is not None else None
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:  # EOFError: a truncated .gz
         raise DataError(f"{case_id}: cannot read NIfTI: {exc}") from exc
     except DataError as exc:  # not 3-D
         raise DataError(f"{case_id}: {exc}") from exc
     if les.shape != hu.shape or (lng is not None and lng.shape != hu.shape):
         raise DataError(f"{case_id}: mask shape differs from volume shape {hu.shape}.")
-    hu = np.clip(np.rint(_to_grid(hu, 1)), -32768, 32767).astype(np.int16)
-    les = _to_grid(les.astype(np.float32), 0) > 0.5
+    hu = np.nan_to_num(hu, nan=-1024.0)  # NaN outside a reconstruction circle: air, not 0 HU
+    sx, sy = (float(z) for z in nib.as_closest_canonical(img).header.get_zooms()[:2])
+    grid = (sy, sx)  # rows run along y, columns along x (_axial_slices)
+    side_rows = square_extent(hu.shape, grid)[0]
+    hu = np.clip(np.rint(_to_grid(hu, 1, grid, fill=-1024.0)), -32768, 32767).astype(np.int16)
+    les = _to_grid(les.astype(np.float32), 0, grid) > 0.5
     if lng is not None:
-        lng = _to_grid(lng.astype(np.float32), 0) > 0.5
+        lng = _to_grid(lng.astype(np.float32), 0, grid) > 0.5
         boxes = boxes_from_mask(lng)
     else:
         boxes = np.full((len(hu), 4), -2, dtype=np.int32)  # unknown: no valid-area target
@@ -336,7 +385,8 @@ def load_nifti_case(
         valid_boxes=boxes,
         finding=[""] * len(hu),
         kind="covid" if les.any() else "unknown",
-        meta={"volume": str(volume), "lesion": str(lesion) if lesion else None, "lung": str(lung) if lung else None},
+        meta={"volume": str(volume), "lesion": str(lesion) if lesion else None, "lung": str(lung) if lung else None,
+              "grid_mm": side_rows * sy / SLICE_SIZE},
     )
 
 
