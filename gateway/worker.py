@@ -157,6 +157,9 @@ class Worker:
                     job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the worker
                 logger.error("claiming a job failed; trying again in %g s", poll, exc_info=withheld(exc))
+            lost = self.store.take_lost_failed()  # set aside by the claim (worker_lost): failed studies, counted
+            if lost:
+                self.screener.metrics.failed("worker_lost", lost)
             if job is None:
                 self._slots.release()
                 await self.store.work.wait(poll, seen)
@@ -247,6 +250,7 @@ class Worker:
         except InferenceUnavailable as exc:
             delay = self._backoff(job)
             state = await self.store.release(job.id, delay, JobError(reason=exc.reason, message=str(exc)))
+            self._count_if_failed(state, exc.reason)
             logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
                            f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = self._seen_ready = 0.0
@@ -264,6 +268,7 @@ class Worker:
             code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             state = await self.store.release(job.id, delay, JobError(
                 reason="unavailable", message=f"The blob store could not be read ({code}); the study is tried again."))
+            self._count_if_failed(state, "unavailable")
             logger.warning("job %s: blob store read error (%s); %s", job.id, type(exc).__name__,
                            f"next try in {delay:g} s" if state == "queued" else state)
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
@@ -312,6 +317,12 @@ class Worker:
                 await asyncio.to_thread(shutil.rmtree, spool, True)
             raise
         return prepared, spool
+
+    def _count_if_failed(self, state: str | None, reason: str) -> None:
+        """A release past the job's deadline fails it: a failed study, counted as every other (the verdict SLO's
+        alert reads it)."""
+        if state == "failed":
+            self.screener.metrics.failed(reason)
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
         self.screener.metrics.failed(error.reason)

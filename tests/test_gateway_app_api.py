@@ -267,6 +267,10 @@ def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
         view = wait_job(client, r.json()["job_id"])
         assert view["state"] == "failed" and view["error"]["reason"] == "triton_unavailable"
         assert view["attempts"] >= 2  # it waited and tried again before the deadline
+        # a failed study, counted as every other (the verdict SLO's alert reads it): a release past the deadline
+        # failed it uncounted
+        metrics = client.get("/metrics").text
+        assert 'ctscreen_studies_total{verdict="failed"} 1.0' in metrics, metrics[:3000]
         assert "retry" in view["error"]["message"]
         assert fleet.clients["fake:1"].calls >= 2
         fleet.clients["fake:1"].fail_with = None  # Triton is back: a retry screens the kept instances

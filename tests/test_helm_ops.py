@@ -155,3 +155,26 @@ def test_gateway_settings_the_gateway_or_triton_would_refuse_fail_at_render_or_a
     env = dict(_env(container(find(render({"gateway": {"maxUploadMiB": 8192}}), "Deployment", "-gateway"), "gateway")))
     assert int(env["CTSCREEN_UPLOAD_BUDGET_BYTES"]) >= int(env["CTSCREEN_MAX_UPLOAD_BYTES"]) == 8192 * 2**20
     assert "CTSCREEN_UPLOAD_BUDGET_BYTES" not in dict(_env(container(find(render(), "Deployment", "-gateway"), "gateway")))
+
+
+def test_the_queue_compute_ratio_reads_the_ensembles_steps_not_the_ensemble():
+    """The ensemble's own compute time is its steps' queue and compute again (a real tritonserver 2.51: 1.86 s
+    for a study whose lesion step queued 0.40 s and computed 1.28 s), so the ratio over every model read half the
+    steps' (0.128 against 0.256) and the 1.5 target could not be reached. Every place that computes it leaves the
+    ensemble out; the dashboard shows where a slow study's time goes, by stage, as the runbook says."""
+    import json
+
+    values = {"autoscaling": {"mode": "keda"}, "monitoring": {"serviceMonitor": {"enabled": True},
+                                                              "podMonitor": {"enabled": True},
+                                                              "prometheusRule": {"enabled": True}}}
+    (scaled,) = [o for o in render(values) if o["kind"] == "ScaledObject"]
+    (ratio,) = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["name"] == "queue-compute-ratio"]
+    rules = (CHART / "files" / "prometheus-adapter-rules.yaml").read_text()
+    adapter = rules[rules.index('as: "ctscreen_triton_queue_compute_ratio"'):rules.index("external:")]  # its query
+    dashboard = json.loads((CHART / "dashboards" / "ctscreen-overview.json").read_text())
+    panels = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for text in [ratio, adapter, *[e for e in panels if "nv_inference_queue_duration_us" in e]]:
+        for metric in ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"):
+            selectors = [part.split("}")[0] for part in text.split(metric + "{")[1:]]
+            assert selectors and all('model!="ct_screen"' in s for s in selectors), (metric, text)
+    assert any("by (le, stage)" in e for e in panels)

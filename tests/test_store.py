@@ -778,7 +778,9 @@ def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url,
             await asyncio.sleep(0.35)
             assert (await a.claim(lease_s=0.1)).id == poison
             await asyncio.sleep(0.15)  # a third time
+            assert a.take_lost_failed() == 0
             assert await a.claim(lease_s=60) is None
+            assert a.take_lost_failed() == 1 and a.take_lost_failed() == 0  # for the worker to count (metrics)
             view = await a.job(poison)
             assert view.state == "failed" and view.error.reason == "worker_lost" and "3 times" in view.error.message
             await a.retry(poison, 60)

@@ -267,6 +267,9 @@ class Store:
         import socket
 
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lost_failed = 0
+        """Jobs this process's claims failed because their holder was lost with them once too often
+        (``worker_lost``): the worker counts them in the metrics (:meth:`take_lost_failed`)."""
         self.changed = _Changes()
         """Every job event, progress too (what event streams wait for)."""
         self.work = _Changes()
@@ -643,6 +646,11 @@ class Store:
         return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
                        job.deadline_at)
 
+    def take_lost_failed(self) -> int:
+        """How many jobs this process's claims failed as ``worker_lost`` since the last call."""
+        n, self.lost_failed = self.lost_failed, 0
+        return n
+
     def _lost(self, s: AsyncSession, job: Job, now: float) -> None:
         """``job``'s holder was lost with it (its lease lapsed: the process crashed or was killed, the node
         went, or it lost the store). The first time it is due again at once; again in a row, after a
@@ -652,6 +660,7 @@ class Store:
         job.takeovers = (job.takeovers or 0) + 1
         owner, job.lease_owner, job.lease_expires_at, job.updated_at = job.lease_owner, None, None, now
         if job.takeovers >= MAX_TAKEOVERS:
+            self.lost_failed += 1  # committed with the claim's transaction (a rolled-back claim: counted once more)
             job.state, job.finished_at = JobState.failed.value, now
             job.error = JobError(reason="worker_lost", message=(
                 f"The gateway screening this study was lost {job.takeovers} times in a row (a crash, a kill for "
