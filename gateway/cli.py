@@ -86,6 +86,28 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _preflight(settings: Any) -> None:
+    """What the gateway's start-up opens that a site may have got wrong, checked before Triton starts, each said
+    in one line: the blob folder (a file in its way, a read-only volume) and the DICOM TLS files. Found by the
+    gateway's own start-up instead, each was a 60-line traceback and '(port taken?)'.
+
+    Raises
+    ------
+    CliError
+        The blob store cannot be opened, or a TLS file cannot be read.
+    """
+    try:
+        settings.blob_store()
+    except OSError as exc:
+        where = settings.blob_url or settings.blobs()
+        raise CliError(f"the blob store {where} cannot be opened: {exc.strerror or exc}") from None
+    if settings.dicom_port is not None:
+        for name, path in (("CTSCREEN_DICOM_TLS_CERT", settings.dicom_tls_cert),
+                           ("CTSCREEN_DICOM_TLS_KEY", settings.dicom_tls_key), ("CTSCREEN_DICOM_TLS_CA", settings.dicom_tls_ca)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise CliError(f"{name} {path} cannot be read")
+
+
 @contextmanager
 def run_stack(
     *,
@@ -116,6 +138,7 @@ def run_stack(
         prepare_schema(settings.database(), settings.db_migrate)
     except SchemaError as exc:
         raise CliError(str(exc)) from None
+    _preflight(settings)
     triton = supervisor = None
     try:
         if triton_url is None:
@@ -151,7 +174,8 @@ def run_stack(
                     thread.join(15)
                     raise KeyboardInterrupt
                 if not thread.is_alive():
-                    raise CliError(f"the gateway could not start on {host}:{port} (port taken?)")
+                    raise CliError(f"the gateway could not start on {host}:{port} (the port taken, or its start-up "
+                                   "failed: the log above says why)")
                 if time.monotonic() > deadline:
                     raise CliError("the gateway did not start within 60 s")
                 time.sleep(0.05)
@@ -298,6 +322,8 @@ def serve_main(argv: list[str]) -> int:
     _check_stack_args(p, args)
     if args.dicom_port is not None and not 0 < args.dicom_port < 65536:
         p.error(f"--dicom-port must be 1..65535, got {args.dicom_port}")
+    if args.dicom_port is not None and args.dicom_port == args.port:
+        p.error(f"--dicom-port {args.dicom_port} is the API's --port: give each its own")
     if args.dicom_port is not None:
         _check_free(p, "--dicom-port", args.host, args.dicom_port)
     if not 0 < len(args.dicom_ae_title.strip()) <= 16:

@@ -514,6 +514,18 @@ def part10_transfer_syntax(data: bytes | Path) -> str | None:
     return _meta_group(io.BytesIO(data))[1]
 
 
+def same_data_set(a: bytes, b: bytes) -> bool:
+    """Whether two Part 10 files (or bare data sets) hold the same data set, byte for byte, whatever their meta
+    groups say (a C-STORE SCP writes its own; a STOW part is the sender's file).
+
+    >>> meta = lambda n: b"\0" * 128 + b"DICM" + b"\x02\x00\x13\x00SH" + bytes([n, 0]) + b"x" * n
+    >>> same_data_set(meta(2) + b"DATA", meta(4) + b"DATA"), same_data_set(meta(2) + b"DATA", meta(2) + b"DATB")
+    (True, False)
+    """
+    at_a, at_b = _meta_group(io.BytesIO(a))[0], _meta_group(io.BytesIO(b))[0]
+    return len(a) - at_a == len(b) - at_b and a[at_a:] == b[at_b:]
+
+
 def _meta_group(fh: BinaryIO) -> tuple[int, str | None]:
     """Walk the meta group of a Part 10 file from its start: the offset of the data set after it and the
     Transfer Syntax UID (``(0, None)`` without the "DICM" prefix). The meta group is explicit VR little

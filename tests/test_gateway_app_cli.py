@@ -54,3 +54,32 @@ def test_verdict_table():
     not_chest = {**result, "verdict": "indeterminate", "reason": "not_chest"}  # its boxes are no lung lesions
     assert verdict_table([Outcome("head", result=not_chest, seconds=1.0)]).splitlines()[2].split()[4] == "-"
     assert "ERROR" in lines[3] and "not_dicom" in lines[3]
+
+
+def test_a_dicom_port_that_is_the_api_port_is_one_line(capsys):
+    port = free_port()
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--port", str(port), "--dicom-port", str(port), "--triton-url", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is the API's --port" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("problem", ["blob_folder_is_a_file", "tls_file_missing"])
+def test_a_start_up_the_gateway_cannot_make_is_one_line_before_triton_starts(tmp_path, monkeypatch, capsys, problem):
+    """A file where the blob folder goes, or a DICOM TLS certificate that is not there: each was a 60-line
+    traceback from the gateway's start-up, after the embedded Triton had started, then '(port taken?)'. A
+    --triton-url nobody serves: nothing may be started before the check."""
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path / "data"))
+    argv = ["--port", "0", "--triton-url", "127.0.0.1:1"]
+    if problem == "blob_folder_is_a_file":
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "blobs").write_text("in the way")
+    else:
+        monkeypatch.setenv("CTSCREEN_DICOM_TLS_CERT", str(tmp_path / "none.pem"))
+        monkeypatch.setenv("CTSCREEN_DICOM_TLS_KEY", str(tmp_path / "none.key"))
+        argv += ["--dicom-port", str(free_port())]
+    rc = serve_main(argv)
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err, err
+    assert ("the blob store" in err) if problem == "blob_folder_is_a_file" else ("CTSCREEN_DICOM_TLS_CERT" in err)
+    assert len(err.strip().splitlines()) <= 2, err

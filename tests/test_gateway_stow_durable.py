@@ -117,6 +117,30 @@ def test_late_instance_opens_a_new_version_screened_with_every_instance(tmp_path
         assert client.get(f"/v1/jobs/{first['job_id']}").json()["state"] == "done"  # history kept
 
 
+def test_a_changed_instance_of_the_same_size_opens_a_new_version(tmp_path):
+    """An instance sent again with its pixels corrected, of the same size, was acknowledged and dropped as 'an
+    instance it was screened with' (compared by UID and size only): the study kept its old verdict. Its data set is
+    compared now; the same bytes again (a route replayed) still open nothing."""
+    uid, files = ct_series(4, lesion=(1, 2), size=128)
+    with TestClient(_app(0.3, tmp_path)) as client:
+        _stow(client, files)
+        first = _screened(client, uid)
+        assert first["state"] == "done"
+        _stow(client, files[:1])  # the same bytes: kept once
+        time.sleep(1.0)
+        assert client.get(f"/v1/studies/{uid}").json()["job_id"] == first["job_id"]
+        ds = pydicom.dcmread(io.BytesIO(files[0][1]))
+        pixels = ds.pixel_array.copy()
+        pixels[10:30, 10:30] = 900  # a correction: same size, other pixels
+        ds.PixelData = pixels.tobytes()
+        fixed = io.BytesIO()
+        ds.save_as(fixed, enforce_file_format=True)
+        assert len(fixed.getvalue()) == len(files[0][1])
+        _stow(client, [(files[0][0], fixed.getvalue())])
+        second = _screened(client, uid, not_job=first["job_id"])
+        assert second["state"] == "done" and second["files"] == 4
+
+
 def test_explicit_complete_is_once_per_version(tmp_path):
     uid, files = ct_series(4, size=128)
     with TestClient(_app(3600.0, tmp_path)) as client:
