@@ -518,7 +518,7 @@ def same_data_set(a: bytes, b: bytes) -> bool:
     """Whether two Part 10 files (or bare data sets) hold the same data set, byte for byte, whatever their meta
     groups say (a C-STORE SCP writes its own; a STOW part is the sender's file).
 
-    >>> meta = lambda n: b"\0" * 128 + b"DICM" + b"\x02\x00\x13\x00SH" + bytes([n, 0]) + b"x" * n
+    >>> meta = lambda n: bytes(128) + b"DICM" + bytes([2, 0, 0x13, 0]) + b"SH" + bytes([n, 0]) + b"x" * n
     >>> same_data_set(meta(2) + b"DATA", meta(4) + b"DATA"), same_data_set(meta(2) + b"DATA", meta(2) + b"DATB")
     (True, False)
     """
