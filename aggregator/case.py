@@ -724,7 +724,7 @@ def decide(
         if broken:  # its evidence is the broken run the message names, not a shorter one of a segment
             r = _best([b for b, _ in broken])
             assert r is not None
-            missing = dict((id(b), m) for b, m in broken)[id(r)]
+            missing = next(m for b, m in broken if b is r)
             unknown = (f" (with the {missing} slice(s) the gap leaves out, where the lesion may go on)"
                        if missing and not _long_enough(r.n, r.extent_mm, rule) else "")
             return make(
