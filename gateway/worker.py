@@ -13,8 +13,8 @@ replica).
 **Sweeper.** Every ``sweep_interval_s``: closes the STOW / C-STORE study versions quiet for
 ``stow_quiet_period_s`` (one job per version, decided atomically in the store), fails queued jobs past
 their deadline, refreshes the job gauges (this replica's share: the jobs it holds and the queued jobs
-it accepted, re-queued or adopted from a replica that shut down, so that the sum over replicas is the
-cluster's backlog: ``ctscreen_backlog_slices`` summed over gateways, which the chart's fleet signal
+it accepted, re-queued or adopted from a replica that shut down or was not seen alive for
+``max(lease_s, 4 * sweep_interval_s)``, so that the sum over replicas is the cluster's backlog: ``ctscreen_backlog_slices`` summed over gateways, which the chart's fleet signal
 ``ctscreen:backlog_seconds:fleet`` divides by Triton's rate) and, every minute, enforces
 retention (results and instances, with their blobs). Every ``orphan_sweep_interval_s`` it removes the
 blobs older than ``orphan_grace_s`` that nothing names (:meth:`Sweeper.sweep_orphans`).
@@ -372,6 +372,8 @@ class Sweeper:
         self.store, self.blobs, self.settings, self.metrics = store, blobs, settings, metrics
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
         self.counts: tuple[int, int, int] = (0, 0, 0)
+        self.alive_s = max(settings.lease_s, 4 * settings.sweep_interval_s)
+        """A replica whose sweeper has not run for this long is taken for gone (its waiting jobs adopted)."""
         self._task: asyncio.Task[None] | None = None
         self._retention_at = 0.0
         # replicas started together do not all walk the shared folder at once
@@ -384,7 +386,7 @@ class Sweeper:
     async def sweep(self) -> None:
         """One pass."""
         s = self.settings
-        swept = await self.store.sweep(s.stow_quiet_period_s, s.job_deadline_s)  # one transaction
+        swept = await self.store.sweep(s.stow_quiet_period_s, s.job_deadline_s, self.alive_s)  # one transaction
         overdue = await self.store.fail_overdue(swept.overdue)
         if overdue:  # after a long Triton outage: studies that need someone's retry, not silence
             logger.warning("%d studies failed at their deadline (no Triton took them in time); their instances are "

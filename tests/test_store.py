@@ -22,7 +22,7 @@ from aggregator.schema import CaseResult, Timings
 from gateway.jobs import JobError, JobState
 from gateway.store import Store
 from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
-from gateway.store.models import Instance, Job, Result, Study
+from gateway.store.models import Instance, Job, Replica, Result, Study
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -336,6 +336,7 @@ async def _a_row_in_every_table(store: Store, n: int) -> str:
     assert [t.job_id for t in await Deliveries(store).of_job(job_id)] == [job_id]
     await Worklist(store).put_labels(claimed.study_id, {"study_date": "20261201", "accession_number": f"A{n}"})
     await store.add_instance(f"1.8.{n}", f"1.8.{n}.1", "b.dcm", f"r{n}", 2)
+    await store.seen()
     return job_id
 
 
@@ -1262,6 +1263,84 @@ def test_replica_shares_of_the_backlog_sum_to_the_cluster_backlog_across_a_shut_
                 await s.close()
 
     _run(go())
+
+
+def test_the_waiting_jobs_of_a_killed_replica_are_adopted_so_the_shares_still_sum_to_the_backlog(db_url):
+    """A replica killed (OOM, a node lost) releases nothing: its queued jobs stayed named as its own, and the
+    job it held stayed under its lapsed lease, so no live replica's ``ctscreen_backlog_slices`` counted them
+    until one was claimed (the autoscaler read a shorter backlog than the cluster held). A live replica's
+    sweep adopts the waiting jobs of a replica not seen for ``alive_s``; a live replica keeps its own."""
+    upgrade(db_url)
+
+    async def go():
+        a, b, c = Store(db_url, owner="a"), Store(db_url, owner="b"), Store(db_url, owner="c")
+        try:
+            for store in (a, b, c):
+                await store.seen()
+            await _queue(a, 3)
+            held = await a.claim(60)  # a holds one, two queued jobs it accepted wait
+            assert held is not None
+            async with c.tx() as s:  # c accepted one more, and is alive
+                await s.execute(update(Job).where(Job.id != held.id).values(accepted_by="a"))
+            [cs] = await _queue_more(c, "1.3.0")
+            cluster = await a.counts()
+            assert cluster == (3, 1, 4)
+            # a is killed: nothing released; time passes beyond its lease and beyond alive_s
+            async with b.tx() as s:
+                await s.execute(update(Replica).where(Replica.owner == "a").values(seen_at=time.time() - 100))
+                await s.execute(update(Job).where(Job.id == held.id).values(lease_expires_at=time.time() - 1))
+            swept = await b.sweep(3600, 3600, alive_s=30)
+            assert swept.adopted == 3  # a's two queued jobs and the one it held
+            assert swept.counts == (2, 1, 3)
+            assert await c.counts(mine=True) == (1, 0, 1)  # c's own job stays c's share
+            assert await a.counts(mine=True) == (0, 0, 0)
+            assert tuple(map(sum, zip(swept.counts, await c.counts(mine=True), strict=True))) == cluster
+            assert (await b.sweep(3600, 3600, alive_s=30)).adopted == 0
+            claimed = await c.claim(60)  # whoever takes one over holds it while its lease runs
+            assert claimed is not None and claimed.id != cs
+            assert tuple(map(sum, zip(await b.counts(mine=True), await c.counts(mine=True), strict=True))) == cluster
+        finally:
+            for store in (a, b, c):
+                await store.close()
+
+    _run(go())
+
+
+def test_a_replica_is_seen_alive_by_its_sweeps_and_forgets_itself_at_shut_down(db_url):
+    """Each sweep records the replica alive (written at most every ``alive_s / 4``); a clean shut-down removes
+    its row (its jobs are released to no one); rows of replicas unseen for a day are removed."""
+    upgrade(db_url)
+
+    async def rows(store: Store) -> dict[str, float]:
+        async with store.read() as s:
+            return {r.owner: r.seen_at for r in (await s.execute(select(Replica))).scalars()}
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            await a.sweep(3600, 3600, alive_s=30)
+            first = (await rows(a))["a"]
+            await a.sweep(3600, 3600, alive_s=30)
+            assert (await rows(a))["a"] == first  # not written again within alive_s / 4
+            await asyncio.sleep(0.05)
+            await a.sweep(3600, 3600, alive_s=0.1)
+            assert (await rows(a))["a"] > first
+            async with a.tx() as s:
+                s.add(Replica(owner="gone-long-ago", seen_at=time.time() - 2 * 86_400))
+            await b.sweep(3600, 3600, alive_s=30)
+            assert set(await rows(a)) == {"a", "b"}
+            await a.release_all()
+            assert set(await rows(a)) == {"b"}
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
+async def _queue_more(store: Store, uid: str) -> list[str]:
+    await store.add_instance(uid, f"{uid}.1", "a.dcm", f"k{uid}", 1)
+    return [(await store.complete_now(uid, 60)).job_id]
 
 
 def test_a_transaction_cancelled_mid_statement_leaves_the_sqlite_database_unlocked(tmp_path):

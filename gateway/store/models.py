@@ -11,6 +11,9 @@
                and expiry) of the replica screening it.
 ``results``    the CaseResult of a done job and the headers its DICOM SR needs.
 ``events``     progress of a job (state and slices done), read by the SSE stream of any replica.
+``replicas``   when each gateway replica's sweeper last ran (revision 0008): the queued jobs of a replica
+               not seen for a while (killed, not shut down) are adopted by a live one, so that the
+               replicas' backlog gauges still sum to the cluster's backlog.
 =============  ==========================================================================================
 
 Times are seconds since the epoch (``float``): the same comparison on SQLite and PostgreSQL.
@@ -121,3 +124,12 @@ class Event(Base):
     slices_done: Mapped[int] = mapped_column(Integer)
     slices_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Replica(Base):
+    """A gateway replica and when its sweeper last said it was alive (revision 0008)."""
+
+    __tablename__ = "replicas"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seen_at: Mapped[float] = mapped_column(Float)

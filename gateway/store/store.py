@@ -62,7 +62,7 @@ from sqlalchemy.sql.selectable import ScalarSelect
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
 from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
-from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Result, Study
+from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Replica, Result, Study
 
 logger = logging.getLogger(__name__)
 # aiosqlite logs every operation with its parameters at DEBUG, and rows hold what an SR needs (patient
@@ -71,9 +71,9 @@ logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 RECEIVING, COMPLETE = "receiving", "complete"
 CHANNEL = "ctscreen"
+"""The PostgreSQL notification channel of job events."""
 PROGRESS, WORK = "progress", "work"
 """The payloads of a NOTIFY: only running jobs' progress, or a change that may be work (:attr:`Store.work`)."""
-"""The PostgreSQL notification channel of job events."""
 CLOCK_REFRESH_S = 60.0
 """How often a replica reads the database server's clock (PostgreSQL)."""
 CLOCK_MAX_ROUND_TRIP_S = 0.5
@@ -86,6 +86,17 @@ CLOCK_WARN_S = 2.0
 """A machine clock further off the server's than this is logged (the store is right either way)."""
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
+
+REPLICA_ALIVE_S = 30.0
+"""A replica whose sweeper has not run for this long is taken for gone, and its waiting jobs are adopted
+(:meth:`Store.adopt`); the sweeper passes ``max(lease_s, 4 * sweep_interval_s)``."""
+REPLICA_FORGOTTEN_S = 86_400.0
+"""The row of a replica not seen for this long is removed (pods come and go under new names)."""
+
+
+def _waiting(now: float) -> ColumnElement[bool]:
+    """The open jobs no lease holds: queued, or their holder's lease lapsed (any replica may take them)."""
+    return or_(Job.state == JobState.queued.value, and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now))
 
 
 def async_url(url: str) -> str:
@@ -267,6 +278,7 @@ class Store:
         import socket
 
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._seen_at: float | None = None  # when this replica last recorded itself alive (Store.seen)
         self.lost_failed = 0
         """Jobs this process's claims failed because their holder was lost with them once too often
         (``worker_lost``): the worker counts them in the metrics (:meth:`take_lost_failed`)."""
@@ -605,17 +617,19 @@ class Store:
             self.wake()
         return [j.id for j in jobs]
 
-    async def sweep(self, quiet_period_s: float, deadline_s: float) -> Swept:
-        """The sweeper's checks in one transaction: :meth:`complete_due`, :meth:`adopt`, the jobs past their
-        deadline (failed by :meth:`fail_overdue` given them, each in its own transaction: rare) and this
-        replica's :meth:`counts`. Four transactions a pass cost four sessions (about 1 ms of CPU each on SQLite;
-        on PostgreSQL a pre-ping and a round trip each), every ``sweep_interval_s`` on every replica, idle or not."""
+    async def sweep(self, quiet_period_s: float, deadline_s: float, alive_s: float = REPLICA_ALIVE_S) -> Swept:
+        """The sweeper's checks in one transaction: this replica seen alive (:meth:`seen`),
+        :meth:`complete_due`, :meth:`adopt` (``alive_s``), the jobs past their deadline (failed by
+        :meth:`fail_overdue` given them, each in its own transaction: rare) and this replica's :meth:`counts`.
+        Five transactions a pass cost five sessions (about 1 ms of CPU each on SQLite; on PostgreSQL a
+        pre-ping and a round trip each), every ``sweep_interval_s`` on every replica, idle or not."""
         now = await self.now()
         async with self.tx() as s:
+            await self._seen(s, now, alive_s)
             jobs = await self._complete_due(s, now, quiet_period_s, deadline_s)
-            adopted = await self._adopt(s)
+            adopted = await self._adopt(s, now, alive_s)
             overdue = await self._overdue(s, now)
-            counts = await self._counts(s, mine=True)
+            counts = await self._counts(s, mine=True, now=now)
         return Swept(self._completed(jobs), overdue, adopted, counts)
 
     async def complete_now(self, study_instance_uid: str, deadline_s: float) -> JobView:
@@ -811,19 +825,45 @@ class Store:
                 accepted_by=None, updated_at=now, slices_done=0, takeovers=0))
             await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
                             .values(accepted_by=None))
+            await s.execute(delete(Replica).where(Replica.owner == self.owner))
+            self._seen_at = None
             return _rowcount(done)
 
-    async def adopt(self) -> int:
-        """Count the queued jobs no replica counts (released at another's shut-down) as this one's share.
+    async def seen(self, alive_s: float = REPLICA_ALIVE_S) -> None:
+        """Record that this replica is alive (the sweeper, each pass; written at most every ``alive_s / 4``)."""
+        now = await self.now()
+        async with self.tx() as s:
+            await self._seen(s, now, alive_s, force=True)
+
+    async def _seen(self, s: AsyncSession, now: float, alive_s: float, force: bool = False) -> None:
+        if not force and self._seen_at is not None and now - self._seen_at < alive_s / 4:
+            return
+        if not _rowcount(await s.execute(update(Replica).where(Replica.owner == self.owner).values(seen_at=now))):
+            s.add(Replica(owner=self.owner, seen_at=now))
+            # the rows of replicas gone long ago (pods come and go with new names); one a day is kept
+            await s.execute(delete(Replica).where(Replica.seen_at < now - REPLICA_FORGOTTEN_S))
+        self._seen_at = now
+
+    async def adopt(self, alive_s: float = REPLICA_ALIVE_S) -> int:
+        """Count the open jobs no live replica counts as this one's share: the queued jobs, and those whose
+        holder's lease lapsed, that a replica left at shut-down (released: no one's) or that a replica not
+        seen alive for ``alive_s`` accepted (it was killed: OOM, a node lost). Records this replica alive first.
 
         One conditional UPDATE: of racing replicas each job goes to one. Returns how many were adopted.
         """
+        now = await self.now()
         async with self.tx() as s:
-            return await self._adopt(s)
+            await self._seen(s, now, alive_s)
+            return await self._adopt(s, now, alive_s)
 
-    async def _adopt(self, s: AsyncSession) -> int:
-        done = await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by.is_(None))
-                               .values(accepted_by=self.owner))
+    async def _adopt(self, s: AsyncSession, now: float, alive_s: float) -> int:
+        # gone: a replica whose row says it was last seen too long ago. One without a row is left alone (a
+        # release before revision 0008 records none), and so the UPDATE is race-free: a job another replica
+        # adopted a moment ago names a replica seen now
+        gone = select(Replica.owner).where(Replica.seen_at < now - alive_s)
+        done = await s.execute(update(Job).where(
+            _waiting(now), or_(Job.accepted_by.is_(None), Job.accepted_by.in_(gone)),
+        ).values(accepted_by=self.owner))
         return _rowcount(done)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
@@ -988,17 +1028,19 @@ class Store:
     async def counts(self, mine: bool = False) -> tuple[int, int, int]:
         """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica.
 
-        A replica's share is the jobs it holds under a lease and the queued jobs it accepted, so the
-        sum over replicas (what the autoscaler adds up) is the cluster's backlog.
+        A replica's share is the jobs it holds under a lease that runs, and the jobs waiting (queued, or
+        their holder's lease lapsed) that it accepted or adopted (:meth:`adopt`), so the sum over live
+        replicas (what the autoscaler adds up) is the cluster's backlog.
         """
+        now = await self.now()
         async with self.read() as s:
-            return await self._counts(s, mine)
+            return await self._counts(s, mine, now)
 
-    async def _counts(self, s: AsyncSession, mine: bool) -> tuple[int, int, int]:
+    async def _counts(self, s: AsyncSession, mine: bool, now: float) -> tuple[int, int, int]:
         where: list[ColumnElement[bool]] = [Job.state.not_in(_TERMINAL)]
-        if mine:
-            where.append(or_(Job.lease_owner == self.owner,
-                             and_(Job.state == JobState.queued.value, Job.accepted_by == self.owner)))
+        if mine:  # one replica a job: its lease holder while the lease runs, else the one that counts it waiting
+            where.append(or_(and_(Job.state.in_(_RUNNING), Job.lease_owner == self.owner, Job.lease_expires_at >= now),
+                             and_(_waiting(now), Job.accepted_by == self.owner)))
         rows = (await s.execute(select(Job.state, func.count(), func.coalesce(
             func.sum(func.coalesce(Job.slices_total, Job.files) - Job.slices_done), 0))
             .where(*where).group_by(Job.state))).all()
