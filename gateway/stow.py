@@ -29,7 +29,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_data_set
+from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
 from gateway.errors import NotDicom, Unavailable
 from gateway.jobs import JobView
 from gateway.store import BlobStore, Store, StoreError, new_key
@@ -246,9 +246,9 @@ class Intake:
             raise Unavailable(f"The instance could not be stored durably: {exc.strerror or exc}.",
                               filename=filename) from exc
         try:
-            changed = await self._changed(header, data, nbytes)
+            same_as, changed = await self._screened_copy(header, data)
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
-                                                     filename, key, nbytes, changed=changed)
+                                                     filename, key, nbytes, changed=changed, same_as=same_as)
         except Exception as exc:  # its blob stays: the commit may have landed (the orphan sweep checks)
             logger.error("instance %s not stored: the state store failed: %s", header.sop_instance_uid,
                          type(exc).__name__)
@@ -256,24 +256,28 @@ class Intake:
         if replaced is not None:
             await asyncio.to_thread(self.blobs.delete, replaced)
 
-    async def _changed(self, header: InstanceHeader, data: bytes | Path, nbytes: int) -> bool:
-        """Whether this instance, of the size of the copy the study was screened with, holds another data set
-        (pixels corrected, a header fixed): then it opens the next version. Judged by the size alone, a changed
-        instance of the same size was acknowledged and dropped. A copy that cannot be read counts as changed
-        (screened again, never dropped)."""
-        copy = await self.store.screened_copy(header.study_instance_uid, header.sop_instance_uid, nbytes)
+    async def _screened_copy(self, header: InstanceHeader, data: bytes | Path) -> tuple[str | None, bool]:
+        """``(blob key of the copy the study was screened with, when this instance holds the same data set;
+        whether it holds another)``, both empty when the study has no screened copy of it. The same data set
+        (the bytes again, or another transfer syntax of them: :func:`gateway.dicom.same_instance`) is kept
+        once; another (pixels corrected, a header fixed, a lossy re-encoding) opens the next version. Judged
+        by the size alone, a changed instance of the same size was acknowledged and dropped, and a forward in
+        another transfer syntax was screened again. A copy that cannot be read counts as changed (screened
+        again, never dropped)."""
+        copy = await self.store.screened_copy(header.study_instance_uid, header.sop_instance_uid)
         if copy is None:
-            return False
+            return None, False
 
-        def differs() -> bool:
+        def same() -> bool:
             try:
                 stored = self.blobs.get(copy)
             except OSError:
-                return True
+                return False
             new = data.read_bytes() if isinstance(data, Path) else bytes(data)
-            return not same_data_set(new, stored)
+            return same_instance(new, stored)
 
-        return await asyncio.to_thread(differs)
+        kept = await asyncio.to_thread(same)
+        return (copy, False) if kept else (None, True)
 
     async def complete(self, study_instance_uid: str) -> JobView:
         """Screen a study now (explicit trigger); without a receiving version, its latest job.

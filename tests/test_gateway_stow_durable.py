@@ -141,6 +141,60 @@ def test_a_changed_instance_of_the_same_size_opens_a_new_version(tmp_path):
         assert second["state"] == "done" and second["files"] == 4
 
 
+def _reencoded(data: bytes, syntax, **kw) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if syntax is None:  # implicit VR little endian, native pixels
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        ds.compress(syntax, generate_instance_uid=False, **kw)  # a route keeps the UID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    assert out.getvalue() != data
+    return out.getvalue()
+
+
+def test_same_instance_is_the_same_data_set_whatever_the_transfer_syntax_and_not_a_lossy_or_corrected_one():
+    """A PACS forwarding a study again may re-encode it; lossless, it is the same instance (each element and
+    each stored pixel value the same); lossy, a pixel or an element changed, it is not."""
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    from gateway.dicom import same_instance
+
+    _, files = ct_series(1, lesion=(0,), size=128)
+    data = files[0][1]
+    for syntax in (None, RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        again = _reencoded(data, syntax)
+        assert same_instance(again, data) and same_instance(data, again), syntax
+    assert not same_instance(_reencoded(data, JPEG2000, j2k_cr=[40], use_mct=False), data)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SeriesDescription = "corrected"
+    fixed = io.BytesIO()
+    ds.save_as(fixed, enforce_file_format=True)
+    assert not same_instance(fixed.getvalue(), data)
+    assert not same_instance(_reencoded(fixed.getvalue(), RLELossless), data)  # an element changed, then RLE
+    assert not same_instance(b"not DICOM at all", data)
+
+
+def test_a_study_forwarded_again_in_another_transfer_syntax_is_not_screened_again(tmp_path):
+    """The same instances again, decompressed or re-encoded losslessly by a PACS route (another size): the
+    size alone opened a new version, screened again with a second SR. Kept once now; a lossy re-encoding of
+    one instance (other pixels) opens the next version."""
+    from pydicom.uid import JPEG2000, RLELossless
+
+    uid, files = ct_series(4, lesion=(1, 2), size=128)
+    with TestClient(_app(0.3, tmp_path)) as client:
+        _stow(client, files)
+        first = _screened(client, uid)
+        assert first["state"] == "done"
+        again = _stow(client, [(name, _reencoded(data, RLELossless)) for name, data in files])
+        assert len(again["00081199"]["Value"]) == 4  # acknowledged
+        time.sleep(1.0)  # over three quiet periods
+        assert client.get(f"/v1/studies/{uid}").json()["job_id"] == first["job_id"]
+        _stow(client, [(files[0][0], _reencoded(files[0][1], JPEG2000, j2k_cr=[40], use_mct=False))])
+        second = _screened(client, uid, not_job=first["job_id"])
+        assert second["state"] == "done" and second["files"] == 4
+
+
 def test_explicit_complete_is_once_per_version(tmp_path):
     uid, files = ct_series(4, size=128)
     with TestClient(_app(3600.0, tmp_path)) as client:

@@ -424,29 +424,30 @@ class Store:
 
     # --- instances and studies -------------------------------------------------------------------
     async def add_instance(self, study_instance_uid: str, sop_instance_uid: str, filename: str, blob_key: str,
-                           nbytes: int, *, changed: bool = False) -> str | None:
+                           nbytes: int, *, changed: bool = False, same_as: str | None = None) -> str | None:
         """Record a STOW-RS / C-STORE instance in the study's receiving version (opened if needed).
 
         An instance already in that version (same SOP Instance UID) is replaced. One already in the
-        study's latest screened (or screening) version, the same size, is not recorded again, unless the
-        caller found it ``changed`` (its data set is not the screened copy's: :meth:`screened_copy`). Returns the
-        blob key nothing needs now (the replaced instance's, or ``blob_key`` itself when the instance was
-        not recorded): the caller deletes it. Else None.
+        study's latest screened (or screening) version is not recorded again: the same size, unless the caller
+        found it ``changed`` (its data set is not the screened copy's: :meth:`screened_copy`), or another size
+        when the caller found it the same as the copy whose blob is ``same_as`` (another transfer syntax).
+        Returns the blob key nothing needs now (the replaced instance's, or ``blob_key`` itself when the
+        instance was not recorded): the caller deletes it. Else None.
         """
         for attempt in range(5):
             try:
                 return await self._add_instance(study_instance_uid, sop_instance_uid, filename, blob_key, nbytes,
-                                                changed)
+                                                changed, same_as)
             except IntegrityError:  # another replica opened the same version at the same moment
                 if attempt == 4:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))
         return None
 
-    async def screened_copy(self, study_instance_uid: str, sop_instance_uid: str, nbytes: int) -> str | None:
-        """The blob key of this instance (same SOP Instance UID and size) in the study's latest version, when
-        that version is screened or being screened and none is receiving: the caller compares the data sets, and
-        a changed one opens the next version (:meth:`add_instance` with ``changed``)."""
+    async def screened_copy(self, study_instance_uid: str, sop_instance_uid: str) -> str | None:
+        """The blob key of this instance (same SOP Instance UID) in the study's latest version, when that
+        version is screened or being screened and none is receiving: the caller compares the data sets, and a
+        changed one opens the next version (:meth:`add_instance` with ``changed``, or without ``same_as``)."""
         async with self.read() as s:
             receiving = (await s.execute(select(Study.id).where(
                 Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING).limit(1))).first()
@@ -456,8 +457,7 @@ class Store:
             if latest is None:
                 return None
             return (await s.execute(select(Instance.blob_key).where(
-                Instance.study_id == latest, Instance.sop_instance_uid == sop_instance_uid,
-                Instance.nbytes == nbytes).limit(1))).scalar()
+                Instance.study_id == latest, Instance.sop_instance_uid == sop_instance_uid).limit(1))).scalar()
 
     async def _latest_screened(self, s: AsyncSession, uid: str) -> int | None:
         """The study's latest version, when it is screened or being screened (its job not failed)."""
@@ -470,14 +470,14 @@ class Store:
         return int(latest[0])
 
     async def _add_instance(self, uid: str, sop: str, filename: str, key: str, nbytes: int,
-                            changed: bool = False) -> str | None:
+                            changed: bool = False, same_as: str | None = None) -> str | None:
         now = await self.now()
         async with self.tx() as s:
             study = (await s.execute(
                 select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
             )).scalar_one_or_none()
             if study is None:
-                if not changed and await self._screened_already(s, uid, sop, nbytes):
+                if not changed and await self._screened_already(s, uid, sop, nbytes, same_as):
                     return key  # nothing recorded: the caller deletes the blob just written
                 study = await self._open_version(s, uid, now)
             old = (await s.execute(
@@ -495,16 +495,19 @@ class Store:
             return replaced
         return None
 
-    async def _screened_already(self, s: AsyncSession, uid: str, sop: str, nbytes: int) -> bool:
-        """Whether this instance (same SOP Instance UID, same size) is in the study's latest version, which
-        is screened or being screened: a PACS that sends a study again (a route replayed, a retry after a
-        lost acknowledgement) must not have it screened twice, nor get a second SR. After a failed job a
-        study sent again is screened again."""
+    async def _screened_already(self, s: AsyncSession, uid: str, sop: str, nbytes: int,
+                                same_as: str | None = None) -> bool:
+        """Whether this instance (same SOP Instance UID, and same size or the blob ``same_as``) is in the
+        study's latest version, which is screened or being screened: a PACS that sends a study again (a route
+        replayed, a retry after a lost acknowledgement, a forward in another transfer syntax) must not have it
+        screened twice, nor get a second SR. After a failed job a study sent again is screened again."""
         latest = await self._latest_screened(s, uid)
         if latest is None:
             return False
+        copy = Instance.nbytes == nbytes if same_as is None else or_(Instance.nbytes == nbytes,
+                                                                      Instance.blob_key == same_as)
         same = (await s.execute(select(Instance.id).where(
-            Instance.study_id == latest, Instance.sop_instance_uid == sop, Instance.nbytes == nbytes).limit(1))).first()
+            Instance.study_id == latest, Instance.sop_instance_uid == sop, copy).limit(1))).first()
         if same is not None:
             logger.info("study %s: an instance it was screened with received again; kept once", uid)
         return same is not None
