@@ -54,7 +54,7 @@ from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
-from gateway.errors import GatewayError, InvalidInput
+from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
@@ -561,6 +561,9 @@ class StorageScp:
             return OUT_OF_RESOURCES
         try:
             await self.stow.add(header, name, data, nbytes)  # fsynced and recorded before 0x0000
+        except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
+            self._count(exc.reason)
+            return OUT_OF_RESOURCES
         except GatewayError as exc:
             self._count(exc.reason)
             return PROCESSING_FAILURE

@@ -31,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.phi import protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
-from gateway.store import Store, redact
+from gateway.store import Store, StoreUnreachable, redact
 from gateway.store.migrate import SchemaError, prepare_schema
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
@@ -159,7 +159,11 @@ def create_app(
         app.state.sweeper = sweeper
         app.state.store, app.state.blobs, app.state.stow = store, blobs, intake
         app.state.screener, app.state.worker, app.state.deliverer = screener, worker, deliverer
-        await sweeper.sweep()  # studies left quiet while no replica ran are screened now
+        try:
+            await sweeper.sweep()  # studies left quiet while no replica ran are screened now
+        except StoreUnreachable as exc:  # a fail-over under way, a read-only standby: not ready until it answers
+            logger.warning("start-up sweep: %s The sweeper tries again every %g s; /readyz says 503 meanwhile.",
+                           exc, settings.sweep_interval_s)
         sweeper.start()
         worker.start()
         deliverer.start()  # nothing without destinations

@@ -30,9 +30,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
-from gateway.errors import NotDicom, Unavailable
+from gateway.errors import NotDicom, StoreUnavailable, Unavailable
 from gateway.jobs import JobView
-from gateway.store import BlobStore, Store, StoreError, new_key
+from gateway.store import BlobStore, Store, StoreError, StoreUnreachable, new_key
 from gateway.uids import is_uid
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,9 @@ class Intake:
 
         Raises
         ------
+        gateway.errors.StoreUnavailable
+            When the state store cannot take it now (it is not acknowledged; answer "out of resources": the
+            sender retries).
         gateway.errors.Unavailable
             When the instance could not be stored (it is not acknowledged; answer failure).
         """
@@ -249,6 +252,10 @@ class Intake:
             same_as, changed = await self._screened_copy(header, data)
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
                                                      filename, key, nbytes, changed=changed, same_as=same_as)
+        except StoreUnreachable as exc:  # a fail-over, a read-only standby, a full disk: the sender retries
+            logger.warning("instance %s not stored: %s", header.sop_instance_uid, exc)
+            raise StoreUnavailable("The state store cannot record the instance now; send it again later.",
+                                   filename=filename) from exc
         except Exception as exc:  # its blob stays: the commit may have landed (the orphan sweep checks)
             logger.error("instance %s not stored: the state store failed: %s", header.sop_instance_uid,
                          type(exc).__name__)

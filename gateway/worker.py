@@ -44,8 +44,16 @@ from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import BlobStore, Claimed, FolderBlobs, Store, StoreError, instance_sources
+from gateway.store import (
+    BlobStore,
+    Claimed,
+    FolderBlobs,
+    Store,
+    StoreError,
+    instance_sources,
+)
 from gateway.store.deliveries import Deliveries
+from gateway.store.store import StoreOutage
 from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import in_thread, new_spool, sweep_spools
 
@@ -85,6 +93,7 @@ class Worker:
         self.store, self.blobs, self.screener, self.settings = store, blobs, screener, settings
         self._slots = asyncio.Semaphore(settings.max_concurrent_studies)
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._outage = StoreOutage("claiming a job")
         self._prepared: OrderedDict[str, tuple[Prepared, float]] = OrderedDict()  # with when (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -156,7 +165,9 @@ class Worker:
                 if await self._triton_ready():
                     job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the worker
-                logger.error("claiming a job failed; trying again in %g s", poll, exc_info=withheld(exc))
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()
             lost = self.store.take_lost_failed()  # set aside by the claim (worker_lost): failed studies, counted
             if lost:
                 self.screener.metrics.failed("worker_lost", lost)
@@ -479,11 +490,14 @@ class Sweeper:
         return len(orphans)
 
     async def _loop(self) -> None:
+        outage = StoreOutage("sweep")
         while True:
             try:
                 await self.sweep()
             except Exception as exc:  # noqa: BLE001 - the sweeper must survive a database hiccup
-                logger.error("sweep failed; trying again", exc_info=withheld(exc))
+                outage.failed(exc)
+            else:
+                outage.ok()
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def stop(self) -> None:

@@ -291,6 +291,66 @@ def test_a_state_store_that_cannot_answer_is_busy_not_an_internal_error(tmp_path
     assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
 
 
+def _sql(url: str, *statements: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def go():  # from the server's own database: the test's may be read-only
+        conn = await asyncpg.connect(url.replace("postgresql://", "postgres://").rsplit("/", 1)[0] + "/postgres")
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_a_read_only_state_store_is_retry_later_and_not_ready_and_says_so_once(pg_url, tmp_path, caplog):
+    """A fail-over left the gateway on the old primary, now read-only (real PostgreSQL, the database set
+    ``default_transaction_read_only``). STOW answered 409 with 0x0110 (a failure routers do not retry), an
+    upload 503 internal_error, /readyz 200 (only SELECT 1), the start-up sweep a traceback of 160 lines and
+    the loops one traceback every pass. Now: the start goes on, /readyz is 503, STOW 503 with 0xA700 and
+    Retry-After, an upload 503 store_unavailable, no traceback; writable again, the same instances are kept."""
+    import logging
+
+    from gateway.store.migrate import upgrade
+
+    upgrade(pg_url)
+    database = pg_url.rsplit("/", 1)[1]
+    _sql(pg_url, f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+    caplog.set_level(logging.INFO)
+    uid, files = ct_series(2, size=128)
+    app = create_app(Settings(triton_urls="fake:1", stow_quiet_period_s=3600.0, data_dir=tmp_path,
+                              database_url=pg_url, sweep_interval_s=0.2), client_factory=FakeFleet())
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["store"] is False, ready.text
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert _failure_reasons(r.json()) == {0xA700}
+        up = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in files])
+        assert up.status_code == 503 and up.json()["reason"] == "store_unavailable", up.text
+        time.sleep(1.0)  # five sweeps and claims against the read-only store
+        assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
+        sweeps = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("sweep:")]
+        assert len(sweeps) <= 2 and "ReadOnlySQLTransactionError 25006" in sweeps[-1], sweeps  # the start-up's and the loop's first
+        _sql(pg_url, f"ALTER DATABASE {database} SET default_transaction_read_only = off",
+             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' "
+             "AND pid <> pg_backend_pid()")  # the fail-over ends: the gateway's connections are new ones
+        deadline = time.monotonic() + 20
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/readyz").status_code == 200
+        r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
+                        headers={"content-type": STOW_TYPE})
+        assert r.status_code == 200, r.text
+        assert client.get(f"/v1/studies/{uid}").json()["instances_received"] == 2
+    assert any("the state store answers again" in rec.getMessage() for rec in caplog.records)
+
+
 def test_stored_instances_carry_an_empty_retrieve_url(tmp_path):
     """Retrieve URL (0008,1190) is Type 2 at the top and in each stored item: present, empty (no WADO-RS);
     a failed item has none. A study of some stored and some refused is 202."""

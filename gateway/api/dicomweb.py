@@ -28,7 +28,7 @@ from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.dicom import read_dataset
-from gateway.errors import GatewayError, InvalidInput
+from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, Intake, read_header
 from gateway.uids import check_uid
@@ -168,6 +168,10 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             continue
         try:
             await stow.add(header, name, content, nbytes)  # blob fsynced and row committed before the answer
+        except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
+            metrics.error(exc.reason)
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
+            continue
         except GatewayError as exc:  # could not be stored durably
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PROCESSING_FAILURE))

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from gateway.audit import CLIENT_CLOSED, note_reason
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.phi import withheld
-from gateway.store.store import StoreUnreachable
+from gateway.store.store import StoreUnreachable, transient
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def install(app: FastAPI) -> None:
         """The database away (refused, reset, timed out; or a pooled connection it dropped mid-query): the
         client retries, as after any 503, and the log says it in one line. Any other database error is a bug:
         the last resort's (logged with its traceback)."""
-        if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+        if isinstance(exc, DBAPIError) and not transient(exc):
             logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=withheld(exc))
             _note(request.scope, "internal_error")
             return _internal_error(exc)

@@ -48,6 +48,7 @@ from gateway.phi import withheld
 from gateway.settings import Settings
 from gateway.store import BlobStore, FolderBlobs, Store, StoreError, instance_sources, new_key
 from gateway.store.deliveries import DONE, FAILED, SKIPPED, Deliveries, Task
+from gateway.store.store import StoreOutage
 from gateway.uploads import new_spool
 
 logger = logging.getLogger(__name__)
@@ -141,12 +142,15 @@ class Deliverer:
         slots.release()
 
     async def _loop(self) -> None:
+        outage = StoreOutage("delivery pass")
         while True:
             seen = self.store.work.generation  # work that comes while the pass runs is not slept over
             try:
                 await self.poll()
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop deliveries
-                logger.error("delivery pass failed; trying again", exc_info=withheld(exc))
+                outage.failed(exc)
+            else:
+                outage.ok()
             await self.store.work.wait(self.settings.delivery_poll_s, seen)
 
     async def stop(self, grace_s: float = 0.0) -> None:

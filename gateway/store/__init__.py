@@ -13,7 +13,16 @@ from gateway.store.blobs import (
            new_keys,
            open_blobs,
 )
-from gateway.store.store import Claimed, Store, StoreError, StudyState, Swept, async_url, redact
+from gateway.store.store import (
+           Claimed,
+           Store,
+           StoreError,
+           StoreUnreachable,
+           StudyState,
+           Swept,
+           async_url,
+           redact,
+)
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "S3Blobs", "Store", "StoreError", "StudyState", "Swept", "async_url",
-           "instance_sources", "new_key", "new_keys", "open_blobs", "redact"]
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "S3Blobs", "Store", "StoreError", "StoreUnreachable", "StudyState",
+           "Swept", "async_url", "instance_sources", "new_key", "new_keys", "open_blobs", "redact"]

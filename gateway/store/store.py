@@ -62,6 +62,7 @@ from sqlalchemy.sql.selectable import ScalarSelect
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound
 from gateway.jobs import RUNNING, TERMINAL, JobError, JobState, JobView
+from gateway.phi import withheld
 from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Replica, Result, Study
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,77 @@ class StoreUnreachable(ConnectionError):
     in time (SQLAlchemy's pool timeout)."""
 
 
+_TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "25006", "55P03", "40001", "40P01")
+"""PostgreSQL errors that say "not now", not "wrong": a connection exception, insufficient resources (disk
+full, out of memory, too many connections), the server shutting down or starting, a read-only transaction
+(a fail-over left this replica on the old primary, now a standby), a lock not available, a serialization
+failure or a deadlock."""
+_TRANSIENT_SQLITE = {5, 6, 8, 10, 13, 14}
+"""SQLite's BUSY, LOCKED, READONLY, IOERR, FULL and CANTOPEN."""
+
+
+def transient(exc: DBAPIError) -> bool:
+    """Whether a database error is the store unavailable for now (retry later), not a fault of the statement.
+
+    >>> from sqlalchemy.exc import OperationalError
+    >>> class Orig(Exception):
+    ...     sqlstate = "25006"
+    >>> transient(OperationalError("UPDATE jobs", {}, Orig())), transient(OperationalError("x", {}, Exception()))
+    (True, False)
+    """
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlstate", None)
+    if isinstance(code, str):
+        return code.startswith(_TRANSIENT_SQLSTATES)
+    return getattr(exc.orig, "sqlite_errorcode", None) in _TRANSIENT_SQLITE
+
+
+def _code(exc: DBAPIError) -> str:
+    """The error's class name and code (never its message, which may quote values)."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorcode", None)
+    cause = exc.orig.__cause__ or exc.orig if exc.orig is not None else exc  # asyncpg's own, under the adapter's
+    name = type(cause).__name__
+    return f"{name} {code}" if code is not None else name
+
+
 StoreError = (DBAPIError, StoreUnreachable)
 """What the state store raises when the database fails a statement (a fail-over, a lock, a full disk) or
 cannot be reached (``except StoreError``)."""
+
+
+class StoreOutage:
+    """The log of a loop that calls the state store every second or so: while the store cannot answer (a
+    fail-over, a read-only standby, a restart) one line when it goes, one a minute while it stays away and
+    one when it answers again, instead of a traceback every pass; any other failure is logged each time,
+    with its traceback (a bug)."""
+
+    every_s = 60.0
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since: float | None = None
+        self._logged = 0.0
+        self._tries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, StoreUnreachable):
+            logger.error("%s failed; trying again", self.what, exc_info=withheld(exc))
+            return
+        now, self._tries = time.monotonic(), self._tries + 1
+        if self._since is None:
+            self._since = self._logged = now
+            logger.warning("%s: %s Trying again.", self.what, exc)
+        elif now - self._logged >= self.every_s:
+            self._logged = now
+            logger.warning("%s: the state store still cannot answer after %.0f s (%d tries): %s", self.what,
+                           now - self._since, self._tries, exc)
+
+    def ok(self) -> None:
+        if self._since is not None:
+            logger.warning("%s: the state store answers again after %.0f s", self.what, time.monotonic() - self._since)
+            self._since, self._tries = None, 0
+
 
 
 SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword", "secret", "token", "key")
@@ -397,9 +466,16 @@ class Store:
         self._server = (server, at)
 
     async def ping(self) -> None:
-        """One trivial query (the readiness probe): raises when the database does not answer."""
+        """One trivial query (the readiness probe): raises when the database does not answer, and
+        :class:`StoreUnreachable` when it cannot take writes (PostgreSQL: a read-only transaction, as on a
+        standby a fail-over left this replica on, or under ``default_transaction_read_only``)."""
         async with self.read() as s:
-            await s.execute(text("SELECT 1"))
+            if self.dialect != "postgresql":
+                await s.execute(text("SELECT 1"))
+                return
+            if (await s.execute(text("SELECT current_setting('transaction_read_only')"))).scalar() == "on":
+                raise StoreUnreachable("The state store takes no writes (a read-only transaction: a standby, or "
+                                       "default_transaction_read_only).")
 
     # --- sessions -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -412,6 +488,10 @@ class Store:
         except (OSError, TimeoutError, PoolTimeout) as exc:  # the body is the store's own code: these come
             # from the driver, or from the pool when every connection stays taken past its timeout
             raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
+        except DBAPIError as exc:
+            if transient(exc):  # a read-only standby, a shut-down, a full disk: not the statement's fault
+                raise StoreUnreachable(f"The state store cannot take this now ({_code(exc)}).") from exc
+            raise
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -421,6 +501,10 @@ class Store:
                 yield session
         except (OSError, TimeoutError, PoolTimeout) as exc:
             raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
+        except DBAPIError as exc:
+            if transient(exc):
+                raise StoreUnreachable(f"The state store cannot answer now ({_code(exc)}).") from exc
+            raise
 
     # --- instances and studies -------------------------------------------------------------------
     async def add_instance(self, study_instance_uid: str, sop_instance_uid: str, filename: str, blob_key: str,
