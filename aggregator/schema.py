@@ -102,6 +102,8 @@ REASONS: Final[dict[str, str]] = {
     "run_broken_by_gap": "indeterminate: a run would qualify but a gap in the series breaks it",
     "not_chest": "indeterminate: the series' widest lung field and body section are smaller than a chest's (a head "
                  "or limb CT); its boxes are no lung lesions",
+    "transfer_interrupted": "indeterminate: no run was found, but the study's transfer ended without a release (an "
+                            "aborted C-STORE association): its slices may be only part of the study (set by the gateway)",
 }
 """Reason codes the aggregator emits, with their meaning. Callers (the gateway) may add their own
 codes for studies that never reach the case rule (for example ``no_usable_series``)."""

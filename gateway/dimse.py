@@ -463,6 +463,8 @@ class StorageScp:
             return
         if rejected is not None:
             self._refuse(rejected)
+        else:
+            self._transfer_ended(done, aborted)
         if self.audit is None:
             return
         who, action = f"{done.calling}@{done.address}", f"DICOM association to {done.called}"
@@ -478,6 +480,24 @@ class StorageScp:
         summary = done.summary(len(assoc.accepted_contexts))
         self.audit.write(who=who, auth="dicom_ae", action=action, status=0, client=done.address,
                          outcome="aborted" if aborted else "ok", reason=f"aborted: {summary}" if aborted else summary)
+
+    def _transfer_ended(self, done: _Association, aborted: bool) -> None:
+        """Tell the store how the association into each study it stored instances of ended: without a release,
+        the study's open version may be incomplete, and its result says so (a negative one is indeterminate);
+        a release clears that (the sender sent the study again, whole). Waits for the store at most
+        :attr:`handover_timeout_s` (in the association's thread); a failure is logged, never raised."""
+        studies = sorted({study for (study, status), _ in done.stored.items() if study and status == SUCCESS})
+        if not studies:
+            return
+        stored = sum(n for (study, status), n in done.stored.items() if study and status == SUCCESS)
+        note = (f"The C-STORE association from {done.calling or 'an unnamed AE'} ended without a release (an abort or a "
+                f"dropped connection) after {stored} instance(s): the study may be incomplete.") if aborted else None
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.stow.transfer_ended(studies, note), self.loop)
+            future.result(self.handover_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the loop stopping, the store away: said, not raised
+            logger.warning("how a DICOM association ended (%s) not recorded for %d studies: %s",
+                           "aborted" if aborted else "released", len(studies), type(exc).__name__)
 
     def _tally(self, assoc: Any, *, stored: tuple[str, int] | None = None, echoes: int = 0, discarded: int = 0) -> None:
         """Count what the association did: an instance stored (its study and status), a C-ECHO, a discard."""

@@ -286,6 +286,11 @@ class Intake:
         kept = await asyncio.to_thread(same)
         return (copy, False) if kept else (None, True)
 
+    async def transfer_ended(self, study_instance_uids: list[str], note: str | None) -> None:
+        """A C-STORE association that stored instances of these studies ended: without a release (``note``,
+        what their results will say) or released (None: clears it). See :meth:`Store.mark_interrupted`."""
+        await self.store.mark_interrupted(study_instance_uids, note)
+
     async def complete(self, study_instance_uid: str) -> JobView:
         """Screen a study now (explicit trigger); without a receiving version, its latest job.
 

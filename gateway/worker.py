@@ -38,6 +38,7 @@ from typing import Any
 
 from pydicom.uid import PYDICOM_ROOT_UID
 
+from aggregator.schema import CaseResult
 from gateway.errors import GatewayError
 from gateway.jobs import JobError, JobState
 from gateway.metrics import Metrics
@@ -76,6 +77,19 @@ class _Progress:
     done: int = 0
     state: JobState = JobState.decoding
     dirty: bool = False
+
+
+def transfer_interrupted(result: CaseResult, note: str) -> CaseResult:
+    """The result of a study whose C-STORE transfer ended without a release: it says so (a warning), and a
+    negative verdict is ``indeterminate`` (``transfer_interrupted``): the slices screened may be only part of
+    the study, and the run may lie in the rest. A positive one stands (its run was found)."""
+    warnings = [*result.warnings, note]
+    if result.verdict != "negative":
+        return result.model_copy(update={"warnings": warnings})
+    return result.model_copy(update={
+        "verdict": "indeterminate", "reason": "transfer_interrupted", "warnings": warnings,
+        "message": f"Indeterminate: {note} No run was found on the {result.n_slices} slices received; send the "
+                   "whole study again."})
 
 
 class Worker:
@@ -245,6 +259,9 @@ class Worker:
             result = await self.screener.screen(
                 prepared, job_id=job.id, started=accepted, on_batch=on_batch,
                 on_aggregate=lambda: set_state(JobState.aggregating))
+            interrupted = await self.store.interrupted(job.study_id)
+            if interrupted is not None:
+                result = transfer_interrupted(result, interrupted)
             # the headers its SR reads: the geometry of the images it references, not the whole series'
             context = prepared.sr_context.for_result(result).to_json() if prepared.sr_context is not None else None
             del prepared

@@ -291,6 +291,49 @@ def test_a_state_store_that_cannot_answer_is_busy_not_an_internal_error(tmp_path
     assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
 
 
+def _c_store(port: int, files, *, abort: bool) -> None:
+    """Send ``files`` on one association (pynetdicom, a real DIMSE peer over TCP), then release or abort it."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="CT3")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTSCREEN")
+    assert assoc.is_established
+    for _, data in files:
+        assert int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status) == 0
+    assoc.abort() if abort else assoc.release()
+
+
+def test_a_study_whose_c_store_association_aborted_is_not_a_plain_negative(tmp_path):
+    """A scanner's association aborted after 3 of 6 slices: the version closed on its quiet period and the 3
+    slices were screened as the whole study, negative, no warning (a review's run: 9 of 60 slices of a
+    COVID study, negative; the study sent again, positive). Now its result says the transfer ended without
+    a release, and a negative one is indeterminate (transfer_interrupted). The study sent again whole, on an
+    association released, within the quiet period: a plain result."""
+    from ctscreen.embedded import free_port
+
+    port = free_port()
+    with TestClient(_app(1.0, tmp_path, dicom_port=port, dicom_host="127.0.0.1")) as client:
+        cut, files = ct_series(6, size=128)
+        _c_store(port, files[:3], abort=True)
+        cut_off = _screened(client, cut)
+        assert cut_off["result"]["verdict"] == "indeterminate", cut_off["result"]
+        assert cut_off["result"]["reason"] == "transfer_interrupted" and cut_off["result"]["n_slices"] == 3
+        assert any("CT3 ended without a release" in w for w in cut_off["result"]["warnings"])
+        again, files = ct_series(6, size=128)
+        _c_store(port, files[:3], abort=True)
+        _c_store(port, files, abort=False)  # the sender retries the whole study at once
+        whole = _screened(client, again)
+        assert whole["result"]["verdict"] == "negative" and whole["result"]["n_slices"] == 6
+        assert not any("without a release" in w for w in whole["result"]["warnings"])
+        positive, files = ct_series(8, lesion=(1, 2, 3), shuffle_seed=None)
+        _c_store(port, files[:5], abort=True)  # the run was in what came: positive stands, with the warning
+        found = _screened(client, positive)
+        assert found["result"]["verdict"] == "positive", found["result"]["reason"]
+        assert any("without a release" in w for w in found["result"]["warnings"])
+
+
 def _sql(url: str, *statements: str) -> None:
     import asyncio
 

@@ -231,7 +231,11 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
         store = Store(db_url)
         try:
             assert await current(store.engine) == "0001" and "events" not in await _tables(store)
-            await store.add_instance("1.2.3", "1.2.3.1", "a.dcm", "k1", 10)
+            async with store.tx() as s:  # as release 0001 wrote them (this release's models hold later columns)
+                await s.execute(text("INSERT INTO studies (id, study_instance_uid, version, origin, state, created_at, "
+                                     "last_rx_at) VALUES (1, '1.2.3', 1, 'stow', 'receiving', 0, 0)"))
+                await s.execute(text("INSERT INTO instances (study_id, sop_instance_uid, filename, blob_key, nbytes, "
+                                     "received_at) VALUES (1, '1.2.3.1', 'a.dcm', 'k1', 10, 0)"))
         finally:
             await store.close()
 

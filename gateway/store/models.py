@@ -56,6 +56,9 @@ class Study(Base):
     created_at: Mapped[float] = mapped_column(Float)
     last_rx_at: Mapped[float] = mapped_column(Float)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    interrupted: Mapped[str | None] = mapped_column(String(256), nullable=True)  # revision 0009
+    """Set while the last C-STORE association that stored into this version ended without a release (an
+    A-ABORT, a dropped connection): what the result then says; cleared by one that released."""
 
 
 class Instance(Base):

@@ -628,6 +628,27 @@ class Store:
                 .where(Study.state == RECEIVING))).scalar() or 0
         return int(n), int(nbytes)
 
+    async def mark_interrupted(self, study_instance_uids: Collection[str], note: str | None) -> int:
+        """Record (``note``) or clear (None) that the last C-STORE transfer into each study's open version ended
+        without a release. The open version is the latest, while it is receiving or its job is not finished;
+        returns how many versions changed."""
+        n = 0
+        async with self.tx() as s:
+            for uid in sorted(set(study_instance_uids)):
+                row = (await s.execute(
+                    select(Study.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
+                    .where(Study.study_instance_uid == uid).order_by(Study.version.desc()).limit(1))).first()
+                if row is None or row[1] in _TERMINAL:
+                    continue
+                n += _rowcount(await s.execute(update(Study).where(Study.id == row[0]).values(
+                    interrupted=None if note is None else note[:256])))
+        return n
+
+    async def interrupted(self, study_id: int) -> str | None:
+        """What :meth:`mark_interrupted` recorded for this study version, or None."""
+        async with self.read() as s:
+            return (await s.execute(select(Study.interrupted).where(Study.id == study_id))).scalar()
+
     async def is_receiving(self, study_instance_uid: str) -> bool:
         """Whether the study has a version receiving instances now."""
         async with self.read() as s:
