@@ -88,7 +88,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def _preflight(settings: Any) -> None:
     """What the gateway's start-up opens that a site may have got wrong, checked before Triton starts, each said
-    in one line: the blob folder (a file in its way, a read-only volume) and the DICOM TLS files. Found by the
+    in one line: the blob folder (a file in its way, a read-only volume; one that is not the database's:
+    :mod:`gateway.store.pairing`) and the DICOM TLS files. Found by the
     gateway's own start-up instead, each was a 60-line traceback and '(port taken?)'.
 
     Raises
@@ -96,11 +97,17 @@ def _preflight(settings: Any) -> None:
     CliError
         The blob store cannot be opened, or a TLS file cannot be read.
     """
+    from gateway.store.pairing import StorePairingError, check_pairing_now
+
+    where = settings.blob_url or str(settings.blobs())
     try:
-        settings.blob_store()
+        blobs = settings.blob_store()
     except OSError as exc:
-        where = settings.blob_url or settings.blobs()
         raise CliError(f"the blob store {where} cannot be opened: {exc.strerror or exc}") from None
+    try:
+        check_pairing_now(settings.database(), blobs, where)
+    except StorePairingError as exc:
+        raise CliError(str(exc)) from None
     if settings.dicom_port is not None:
         for name, path in (("CTSCREEN_DICOM_TLS_CERT", settings.dicom_tls_cert),
                            ("CTSCREEN_DICOM_TLS_KEY", settings.dicom_tls_key), ("CTSCREEN_DICOM_TLS_CA", settings.dicom_tls_ca)):

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -55,6 +55,7 @@ from pydicom import uid as _uid
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
 from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
+from gateway.jobs import DIMSE_PRIORITIES, PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
@@ -332,6 +333,9 @@ class StorageScp:
         file an aborted association left is removed once untouched for ``stale_after_s``.
     stale_after_s : float
         See ``received_dir``; longer than any pause of a live transfer (the network timeout aborts one).
+    urgent_ae_titles : Collection[str]
+        Calling AE titles whose studies are urgent whatever Priority their C-STORE requests carry (an
+        emergency department's scanner); the others' rank is the request's Priority (LOW, MEDIUM, HIGH).
     """
 
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
@@ -339,11 +343,12 @@ class StorageScp:
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
                  sop_classes: list[str] | None = None, ssl_context: Any = None, audit: Any = None,
                  limits: ScpLimits = ScpLimits(), received_dir: Path | None = None,
-                 stale_after_s: float = 600.0, non_ct: str = "discard") -> None:
+                 stale_after_s: float = 600.0, non_ct: str = "discard", urgent_ae_titles: Collection[str] = ()) -> None:
         if not 0 < port < 65536:
             raise ValueError(f'Argument "port" must be 1..65535, got {port}.')
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError(f'Argument "ae_title" must be 1 to 16 characters, got {ae_title!r}.')
+        self.urgent_ae_titles = frozenset(a.strip() for a in urgent_ae_titles)
         if non_ct not in NON_CT:
             raise ValueError(f'Argument "non_ct" must be one of {", ".join(NON_CT)}, got {non_ct!r}.')
         self.stow = stow
@@ -562,9 +567,12 @@ class StorageScp:
                         peer.ae_title)
             self._refuse("uid_mismatch")
             return self._count_store(event, "", DOES_NOT_MATCH)
+        urgent = str(peer.ae_title).strip() in self.urgent_ae_titles
+        priority = PRIORITIES["urgent"] if urgent else DIMSE_PRIORITIES.get(int(event.request.Priority or 0), ROUTINE)
         future = None
         try:
-            future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size, priority),
+                                                      self.loop)
             return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
         except Exception as exc:  # noqa: BLE001 - the loop stopping (cancelled), closed or stuck, or a fault:
             # answered, never raised (pynetdicom would answer 0xC211 and leave the instance's file behind)
@@ -574,13 +582,13 @@ class StorageScp:
             return self._count_store(event, header.study_instance_uid, PROCESSING_FAILURE)
 
     # --- the event loop ---------------------------------------------------------------------
-    async def _hold(self, header: InstanceHeader, name: str, data: Path, nbytes: int) -> int:
+    async def _hold(self, header: InstanceHeader, name: str, data: Path, nbytes: int, priority: int = ROUTINE) -> int:
         refusal = await self.stow.refusal(header.study_instance_uid, nbytes)
         if refusal is not None:  # the sender keeps it and retries
             self._count(refusal)
             return OUT_OF_RESOURCES
         try:
-            await self.stow.add(header, name, data, nbytes)  # fsynced and recorded before 0x0000
+            await self.stow.add(header, name, data, nbytes, priority)  # fsynced and recorded before 0x0000
         except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
             self._count(exc.reason)
             return OUT_OF_RESOURCES
@@ -614,6 +622,7 @@ def start_from_settings(settings: Settings, stow: Intake, metrics: Metrics | Non
                      sop_classes=check_sop_classes(settings.dicom_sop_classes),
                      ssl_context=tls_context(cert, key, ca) if cert is not None and key is not None else None,
                      audit=audit, limits=ScpLimits.from_settings(settings),
-                     received_dir=settings.data_dir / "dicom-received", non_ct=settings.dicom_accept_non_ct)
+                     received_dir=settings.data_dir / "dicom-received", non_ct=settings.dicom_accept_non_ct,
+                     urgent_ae_titles=settings.dicom_urgent_ae_titles)
     scp.start()
     return scp

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -50,12 +50,33 @@ class JobError(BaseModel):
     detail: dict[str, Any] | None = None
 
 
+Priority = Literal["low", "routine", "urgent"]
+PRIORITIES: dict[str, int] = {"low": 0, "routine": 1, "urgent": 2}
+"""A study's priority and its rank in the store: a worker takes the highest due first, the oldest first within
+one (``POST /v1/studies?priority=``, STOW-RS ``?priority=``, the C-STORE request's Priority, an urgent AE title)."""
+ROUTINE = PRIORITIES["routine"]
+DIMSE_PRIORITIES: dict[int, int] = {0x0002: 0, 0x0000: 1, 0x0001: 2}
+"""The C-STORE request's Priority (0002,0700): LOW, MEDIUM, HIGH (PS3.7 9.1.1.1)."""
+
+
+def priority_name(rank: int | None) -> Priority:
+    """The name of a stored rank (a row written before ranks were: routine).
+
+    >>> priority_name(2), priority_name(None)
+    ('urgent', 'routine')
+    """
+    names: dict[int, Priority] = {0: "low", 1: "routine", 2: "urgent"}
+    return names.get(ROUTINE if rank is None else rank, "routine")
+
+
 class JobView(BaseModel):
     """A job as the API shows it."""
 
     job_id: str
     state: JobState
     origin: str = Field(description="upload or stow (STOW-RS and C-STORE)")
+    priority: Priority = Field("routine", description="taken before every lower one due (upload or STOW-RS "
+                                                      "?priority=, C-STORE Priority, an urgent AE title)")
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     files: int = Field(description="files received")

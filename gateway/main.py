@@ -33,6 +33,7 @@ from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import Store, StoreUnreachable, redact
 from gateway.store.migrate import SchemaError, prepare_schema
+from gateway.store.pairing import StorePairingError, check_pairing_now, checked_pairing
 from gateway.stow import Intake, Watermark
 from gateway.triton_pool import ClientFactory, TritonPool
 from gateway.web import install as install_web
@@ -133,8 +134,14 @@ def create_app(
                 logger.error("%s", exc)
                 raise
         store = Store(database)
-        store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         blobs = settings.blob_store()
+        try:  # a blob folder not mounted, a mistyped database URL: refused before anything is accepted
+            await checked_pairing(store, blobs, settings.blob_url or str(settings.blobs()))
+        except StorePairingError as exc:
+            logger.error("%s", exc)
+            await store.close()
+            raise
+        store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
         rule = case_rule(settings)
@@ -236,6 +243,7 @@ def app_from_env() -> FastAPI:
         raise SystemExit(f"ctscreen gateway: {exc}") from None
     try:  # before uvicorn runs the lifespan: its failure would be logged as a traceback
         prepare_schema(settings.database(), settings.db_migrate)
-    except SchemaError as exc:
+        check_pairing_now(settings.database(), settings.blob_store(), settings.blob_url or str(settings.blobs()))
+    except (SchemaError, StorePairingError) as exc:
         raise SystemExit(f"ctscreen gateway: {exc}") from None
     return app

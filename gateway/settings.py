@@ -297,6 +297,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Calling AE titles allowed, as AE@host, AE@cidr or AE@* (comma-separated); empty: any.",
     )
+    dicom_urgent_ae_titles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles whose studies are urgent (comma-separated; an emergency department's scanner): "
+                    "screened before routine ones whatever Priority their C-STORE requests carry.",
+    )
     dicom_sop_classes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="CT SOP classes the SCP negotiates and stores (a subset of CT storage; "
                                           "empty: all); a CT class left out is not negotiated."
@@ -348,7 +353,7 @@ class Settings(BaseSettings):
             raise PydanticUseDefault()
         return value
 
-    @field_validator("dicom_allowed_peers", "dicom_sop_classes", mode="before")
+    @field_validator("dicom_allowed_peers", "dicom_sop_classes", "dicom_urgent_ae_titles", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

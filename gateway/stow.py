@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 
 from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
 from gateway.errors import NotDicom, StoreUnavailable, Unavailable
-from gateway.jobs import JobView
+from gateway.jobs import ROUTINE, JobView
 from gateway.store import BlobStore, Store, StoreError, StoreUnreachable, new_key
 from gateway.uids import is_uid
 
@@ -229,9 +229,11 @@ class Intake:
             return False
         return held + nbytes <= self.max_pending_bytes
 
-    async def add(self, header: InstanceHeader, filename: str, data: bytes | Path, nbytes: int) -> None:
+    async def add(self, header: InstanceHeader, filename: str, data: bytes | Path, nbytes: int,
+                  priority: int = ROUTINE) -> None:
         """Store one instance of ``nbytes`` (its bytes, or a file that stays the caller's) durably (blob
-        fsynced, row committed); replaces one with the same UID.
+        fsynced, row committed); replaces one with the same UID. ``priority``: its study's rank
+        (:data:`gateway.jobs.PRIORITIES`; a version takes the highest of its instances').
 
         Raises
         ------
@@ -251,7 +253,8 @@ class Intake:
         try:
             same_as, changed = await self._screened_copy(header, data)
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
-                                                     filename, key, nbytes, changed=changed, same_as=same_as)
+                                                     filename, key, nbytes, changed=changed, same_as=same_as,
+                                                     priority=priority)
         except StoreUnreachable as exc:  # a fail-over, a read-only standby, a full disk: the sender retries
             logger.warning("instance %s not stored: %s", header.sop_instance_uid, exc)
             raise StoreUnavailable("The state store cannot record the instance now; send it again later.",

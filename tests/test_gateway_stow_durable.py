@@ -291,18 +291,47 @@ def test_a_state_store_that_cannot_answer_is_busy_not_an_internal_error(tmp_path
     assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
 
 
-def _c_store(port: int, files, *, abort: bool) -> None:
-    """Send ``files`` on one association (pynetdicom, a real DIMSE peer over TCP), then release or abort it."""
+def _c_store(port: int, files, *, abort: bool = False, ae_title: str = "CT3", priority: int = 2) -> None:
+    """Send ``files`` on one association (pynetdicom, a real DIMSE peer over TCP), then release or abort it.
+    ``priority``: the C-STORE requests' Priority (0 MEDIUM, 1 HIGH, 2 LOW, as PS3.7 numbers them)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
-    ae = AE(ae_title="CT3")
+    ae = AE(ae_title=ae_title)
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="CTSCREEN")
     assert assoc.is_established
     for _, data in files:
-        assert int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status) == 0
+        assert int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(data)), priority=priority).Status) == 0
     assoc.abort() if abort else assoc.release()
+
+
+def test_a_studys_priority_comes_from_c_store_its_ae_title_stow_and_the_upload(tmp_path):
+    """An emergency study has to be screened before the routine ones waiting: its rank comes from the C-STORE
+    requests' Priority (pynetdicom over TCP), from an AE title the site names urgent, from STOW-RS's and the
+    upload's ``?priority=``; a rank that is no rank is a 422 naming the field."""
+    from ctscreen.embedded import free_port
+
+    port = free_port()
+    with TestClient(_app(0.3, tmp_path, dicom_port=port, dicom_host="127.0.0.1",
+                         dicom_urgent_ae_titles="ER_CT")) as client:
+        cases = []
+        for send, expected in ((lambda f: _c_store(port, f, priority=1), "urgent"),
+                               (lambda f: _c_store(port, f, priority=0), "routine"),
+                               (lambda f: _c_store(port, f), "low"),
+                               (lambda f: _c_store(port, f, ae_title="ER_CT"), "urgent"),
+                               (lambda f: client.post("/dicomweb/studies?priority=urgent", content=related_body(
+                                   [d for _, d in f]), headers={"content-type": STOW_TYPE}), "urgent")):
+            uid, files = ct_series(2, size=64)
+            send(files)
+            cases.append((uid, expected))
+        for uid, expected in cases:
+            assert _screened(client, uid)["priority"] == expected, (uid, expected)
+        _, files = ct_series(2, size=64)
+        up = client.post("/v1/studies?priority=urgent", files=[("files", (n, d, "application/dicom")) for n, d in files])
+        assert up.status_code == 202 and up.json()["priority"] == "urgent", up.text
+        bad = client.post("/v1/studies?priority=asap", files=[("files", (n, d, "application/dicom")) for n, d in files])
+        assert bad.status_code == 422 and "priority" in bad.text, bad.text
 
 
 def test_a_study_whose_c_store_association_aborted_is_not_a_plain_negative(tmp_path):

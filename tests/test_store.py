@@ -1310,6 +1310,91 @@ def test_the_waiting_jobs_of_a_killed_replica_are_adopted_so_the_shares_still_su
     _run(go())
 
 
+def test_a_blob_store_that_is_not_the_databases_is_refused_at_start(db_url, tmp_path):
+    """A replica on a blob folder that was not mounted (created empty on the pod's own disk) acknowledged studies
+    no other replica could read, all failed; one on a mistyped database URL built a fresh schema there and
+    served a second, empty state store (a review's runs on real PostgreSQL). Both refused at start, in one
+    line (the gateway's start, ``uvicorn --factory gateway.main:app_from_env`` and ``ctscreen serve``): by the
+    newest instances the database names, none in the blob store; by a database that never recorded anything
+    beside a blob store that holds instances. A new cluster (both empty) and the right pair start."""
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from gateway.main import create_app
+    from gateway.settings import Settings
+    from gateway.store import FolderBlobs
+    from gateway.store.blobs import new_key
+    from gateway.store.pairing import StorePairingError, check_pairing, check_pairing_now
+    from tests.gateway_app_fakes import FakeFleet
+
+    upgrade(db_url)
+    mounted, unmounted = FolderBlobs(tmp_path / "volume"), FolderBlobs(tmp_path / "not-mounted")
+
+    async def go():
+        store = Store(db_url)
+        try:
+            await check_pairing(store, mounted, "volume")  # a new cluster: both empty
+            keys = [new_key() for _ in range(3)]
+            for i, key in enumerate(keys):
+                mounted.put(key, b"DICM")
+                await store.add_instance("1.2.3", f"1.2.3.{i}", "a.dcm", key, 4)
+            await check_pairing(store, mounted, "volume")
+            with pytest.raises(StorePairingError, match="none of the newest 3 is in the blob store not-mounted"):
+                await check_pairing(store, unmounted, "not-mounted")
+        finally:
+            await store.close()
+
+    _run(go())
+    app = create_app(Settings(triton_urls="fake:1", data_dir=tmp_path, database_url=db_url,
+                              blob_dir=tmp_path / "not-mounted"), client_factory=FakeFleet())
+    with pytest.raises(StorePairingError), TestClient(app):
+        pass
+    wrong = f"sqlite:///{tmp_path / 'typo.db'}"
+    upgrade(wrong)  # CTSCREEN_DB_MIGRATE made it
+    with pytest.raises(StorePairingError, match="has never recorded a study, but the blob store volume holds"):
+        check_pairing_now(wrong, mounted, "volume")
+    env = {**os.environ, "CTSCREEN_DATABASE_URL": wrong, "CTSCREEN_BLOB_DIR": str(tmp_path / "volume"),
+           "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_DATA_DIR": str(tmp_path)}
+    for argv in (["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", "0"],
+                 ["-c", "from ctscreen.cli import main; raise SystemExit(main())", "serve", "--port", "0",
+                  "--triton-url", "127.0.0.1:1"]):
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL, env=env)
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ctscreen")]
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert len(lines) == 1 and "has never recorded a study" in lines[0], p.stderr
+
+
+def test_the_highest_priority_due_is_claimed_first_and_the_oldest_within_one(db_url):
+    """Workers took the oldest due job: an emergency study waited behind every routine one queued before it. A
+    version's rank is the highest of its instances'; its job takes it; the claim takes urgent before routine
+    before low, the oldest first within one."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [routine] = await _queue(store, 1)
+            low = (await store.accept_upload("9.1", [("a.dcm", "k-low", 1)], 60, priority=0)).job_id
+            urgent = (await store.accept_upload("9.2", [("a.dcm", "k-urgent", 1)], 60, priority=2)).job_id
+            await store.add_instance("9.3", "9.3.1", "a.dcm", "k-3a", 1)  # routine instances, then one urgent
+            await store.add_instance("9.3", "9.3.2", "a.dcm", "k-3b", 1, priority=2)
+            await store.add_instance("9.3", "9.3.3", "a.dcm", "k-3c", 1, priority=0)
+            stowed = (await store.complete_now("9.3", 60)).job_id
+            assert (await store.job(stowed)).priority == "urgent" and (await store.job(low)).priority == "low"
+            order = []
+            while (claimed := await store.claim(60)) is not None:
+                order.append(claimed.id)
+            assert order == [urgent, stowed, routine, low]
+            assert (await store.job(routine)).priority == "routine"
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_replica_is_seen_alive_by_its_sweeps_and_forgets_itself_at_shut_down(db_url):
     """Each sweep records the replica alive (written at most every ``alive_s / 4``); a clean shut-down removes
     its row (its jobs are released to no one); rows of replicas unseen for a day are removed."""

@@ -82,14 +82,20 @@ def test_bytes_and_files_stored_read_and_deleted(blobs, tmp_path):
     a, b, c = new_keys(3)
     spooled = tmp_path / "spooled.dcm"
     spooled.write_bytes(b"DICM" * 1000)
+    assert blobs.empty() and not blobs.exists(a)
     blobs.put_many([(a, b"first"), (b, spooled)])
     blobs.put(c, b"")
     assert blobs.get(a) == b"first" and blobs.get(b) == spooled.read_bytes() and blobs.get(c) == b""
     assert spooled.is_file()  # the caller's file stays
+    assert blobs.exists(a) and not blobs.empty()
     blobs.delete(a)
     blobs.delete(a)  # absent: no error
     with pytest.raises(FileNotFoundError):
         blobs.get(a)
+    assert not blobs.exists(a)
+    for key in (b, c):
+        blobs.delete(key)
+    assert blobs.empty()  # what the pairing check at start reads (gateway.store.pairing)
     assert blobs.writable()
 
 

@@ -186,14 +186,17 @@ def test_labels_are_one_line_of_plain_text(tmp_path):
 def test_labels_recorded_before_revision_0007_are_read_again(tmp_path):
     """Recorded from the first stored instance (often the scout) while the study was still arriving: 0007
     removes them, so that the worklist reads them from the screened series."""
+    from gateway.store.migrate import downgrade, plan_downgrade
+
     url = f"sqlite:///{tmp_path / 'ctscreen.db'}"
-    upgrade(url, "0006")
-    seed(url, 3, now=time.time())
+    upgrade(url)
+    seed(url, 3, now=time.time())  # by this release's models, then back to 0006 (a downgrade keeps the rows)
 
     async def put(w: Worklist):
         await w.put_labels(1, {"series_description": "SCOUT"})
 
     _run(url, put)
+    downgrade(plan_downgrade(url, "0006"))
     engine = create_engine(url)
     with engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM study_labels")).scalar() >= 1

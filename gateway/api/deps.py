@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from gateway.errors import TooLarge
+from gateway.jobs import Priority
 from gateway.metrics import Metrics
 from gateway.screening import Screener
 from gateway.settings import Settings
@@ -35,6 +36,9 @@ StowDep = Annotated[Intake, Depends(_state("stow"))]
 BlobsDep = Annotated[BlobStore, Depends(_state("blobs"))]
 ScreenerDep = Annotated[Screener, Depends(_state("screener"))]
 WorkerDep = Annotated[Worker, Depends(_state("worker"))]
+PriorityQuery = Annotated[Priority, Query(
+    description="urgent: screened before every routine and low study waiting (an emergency); low: after them. "
+                "Within one priority, the oldest first.")]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -25,10 +25,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from gateway.admission import client_key
-from gateway.api.deps import MetricsDep, SettingsDep, StowDep
+from gateway.api.deps import MetricsDep, PriorityQuery, SettingsDep, StowDep
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.dicom import read_dataset
 from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
+from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, Intake, read_header
 from gateway.uids import check_uid
@@ -108,7 +109,7 @@ def _media_error(metrics: Metrics, message: str) -> JSONResponse:
 
 
 async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep,
-                 study_instance_uid: str | None) -> JSONResponse:
+                 study_instance_uid: str | None, priority: int = ROUTINE) -> JSONResponse:
     """Spool the body's parts to files as it arrives (no instance is held in memory whole), then store them."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
@@ -128,14 +129,14 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
                 parts = await spool_multipart(body, content_type, spool)
             except OSError as exc:
                 raise spooling_failed(exc, "The instances") from exc
-            return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s)
+            return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s, priority)
     finally:
         with anyio.CancelScope(shield=True):  # removed even when the request is cancelled (a shut-down)
             await run_in_threadpool(shutil.rmtree, spool, True)
 
 
 async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics: Metrics,
-                study_instance_uid: str | None, retry_after_s: int) -> JSONResponse:
+                study_instance_uid: str | None, retry_after_s: int, priority: int = ROUTINE) -> JSONResponse:
     """Store each spooled part; the Store Instances Response."""
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -167,7 +168,7 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
         try:
-            await stow.add(header, name, content, nbytes)  # blob fsynced and row committed before the answer
+            await stow.add(header, name, content, nbytes, priority)  # blob fsynced and row committed before the answer
         except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
@@ -205,15 +206,16 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/studies", summary="STOW-RS: store instances of any study", responses=_RESPONSES)
-async def stow_studies(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep) -> JSONResponse:
+async def stow_studies(request: Request, settings: SettingsDep, stow: StowDep, metrics: MetricsDep,
+                       priority: PriorityQuery = "routine") -> JSONResponse:
     """Store instances; each study is screened once complete."""
-    return await _store(request, settings, stow, metrics, None)
+    return await _store(request, settings, stow, metrics, None, PRIORITIES[priority])
 
 
 @router.post("/studies/{study_instance_uid}", summary="STOW-RS: store instances of one study",
              responses=_RESPONSES)
 async def stow_study(study_instance_uid: str, request: Request, settings: SettingsDep, stow: StowDep,
-                     metrics: MetricsDep) -> JSONResponse:
+                     metrics: MetricsDep, priority: PriorityQuery = "routine") -> JSONResponse:
     """Store instances of ``study_instance_uid``; instances of another study fail with 0xA900."""
     check_uid(study_instance_uid)
-    return await _store(request, settings, stow, metrics, study_instance_uid)
+    return await _store(request, settings, stow, metrics, study_instance_uid, PRIORITIES[priority])

@@ -21,10 +21,10 @@ from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
-from gateway.api.deps import BlobsDep, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
+from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
 from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
-from gateway.jobs import Busy, JobError, JobNotFound, JobView
+from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
@@ -205,7 +205,8 @@ async def check_capacity(store: Store, settings: Settings) -> None:
     }}},
 )
 async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, blobs: BlobsDep,
-                       screener: ScreenerDep, worker: WorkerDep, stow: StowDep, _: WriteAccess) -> JSONResponse:
+                       screener: ScreenerDep, worker: WorkerDep, stow: StowDep, _: WriteAccess,
+                       priority: PriorityQuery = "routine") -> JSONResponse:
     """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
     await check_capacity(store, settings)  # before reading the body: a full gateway holds no more uploads
     refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
@@ -255,7 +256,8 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             kept = True
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
-                                                 slices_total=prepared.n_slices, job_id=job_id)
+                                                 slices_total=prepared.n_slices, job_id=job_id,
+                                                 priority=PRIORITIES[priority])
             except BaseException:
                 await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
                 # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known

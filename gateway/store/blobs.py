@@ -90,6 +90,12 @@ class BlobStore(Protocol):
     def writable(self) -> bool:
         """Whether new blobs can be stored now (the readiness probe asks)."""
 
+    def exists(self, key: str) -> bool:
+        """Whether a blob is stored under ``key``."""
+
+    def empty(self) -> bool:
+        """Whether no blob is stored at all (what was set aside aside)."""
+
     def shards(self) -> list[str]:
         """The parts the keys are spread over (:meth:`older_than` lists one at a time, so that the orphan
         sweep holds one part's keys, not a million)."""
@@ -226,6 +232,16 @@ class FolderBlobs:
 
     def writable(self) -> bool:
         return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def empty(self) -> bool:
+        for name in self.shards():
+            with os.scandir(self._root / name) as entries:
+                if any(entry.is_file(follow_symlinks=False) for entry in entries):
+                    return False
+        return True
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -421,6 +437,18 @@ class S3Blobs:
         if not there:
             logger.warning("blob bucket %s does not exist (ctscreen never creates one)", self.bucket)
         return there
+
+    def exists(self, key: str) -> bool:
+        name = self._key(key)
+        try:
+            with self._answered(key):
+                self.client.stat_object(self.bucket, name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def empty(self) -> bool:
+        return not self.shards()  # a prefix is listed only while an object is under it
 
     def delete(self, key: str) -> None:
         name = self._key(key)

@@ -56,6 +56,7 @@ class Study(Base):
     created_at: Mapped[float] = mapped_column(Float)
     last_rx_at: Mapped[float] = mapped_column(Float)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # revision 0010
     interrupted: Mapped[str | None] = mapped_column(String(256), nullable=True)  # revision 0009
     """Set while the last C-STORE association that stored into this version ended without a release (an
     A-ABORT, a dropped connection): what the result then says; cleared by one that released."""
@@ -93,6 +94,7 @@ class Job(Base):
     slices_done: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     takeovers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # revision 0006
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # revision 0010
     next_attempt_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)
     accepted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # revision 0002
