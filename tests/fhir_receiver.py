@@ -7,7 +7,8 @@ refuses a bundle whose ``urn:uuid:`` references name no entry of it (R4 3.1.0.11
 With ``patients`` (a set of ``system|value``) it resolves the bundle's conditional references to patients
 (``Patient?identifier=system|value``) as a RIS does: a patient it does not know yet fails the transaction with
 404 and an OperationOutcome of issue code ``processing`` (what HAPI FHIR answers: ``ResourceNotFoundException``,
-HAPI-1091), until the patient is added.
+HAPI-1091), until the patient is added. ``answers`` are refusals it answers first (a 503 with ``Retry-After``);
+``delay_s`` makes each transaction take that long, and ``most_in_flight`` counts how many overlapped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ctscreen.embedded import free_port
@@ -23,7 +25,13 @@ from ctscreen.embedded import free_port
 class FhirReceiver:
     """A FHIR R4 endpoint at ``url``; ``resources`` maps ``Type?identifier=system|value`` to the resource held."""
 
-    def __init__(self, patients: set[str] | None = None) -> None:
+    def __init__(self, patients: set[str] | None = None, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        """How long each transaction takes (a busy server): transactions overlap when sent at once."""
+        self.in_flight = self.most_in_flight = 0
+        """Transactions being answered now, and the most there were at once."""
+        self.answers: list[tuple[int, dict[str, str], dict | None]] = []
+        """Refusals to answer first, one a request: ``(status, headers, OperationOutcome or None)``."""
         self.bundles: list[dict] = []
         self.errors: list[str] = []
         self.patients = patients
@@ -39,9 +47,30 @@ class FhirReceiver:
                 return
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                with receiver.lock:
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                try:
+                    time.sleep(receiver.delay_s)
+                    self.transaction()
+                finally:
+                    with receiver.lock:
+                        receiver.in_flight -= 1
+
+            def transaction(self) -> None:
                 from fhir.resources.R4B.bundle import Bundle
 
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    refusal = receiver.answers.pop(0) if receiver.answers else None
+                if refusal is not None:
+                    status, headers, outcome = refusal
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/fhir+json", **headers}.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(json.dumps(outcome).encode() if outcome else b"")
+                    return
                 try:
                     assert self.headers.get("Content-Type", "").startswith("application/fhir+json")
                     data = json.loads(body)

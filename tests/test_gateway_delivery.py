@@ -1266,3 +1266,99 @@ def test_a_replica_stopping_lets_a_send_under_way_finish_within_the_grace(study_
     task = _deliver_to_scp(scp, study_files, tmp_path, evt_handlers=handlers, drive=stop_mid_send)
     assert (task.state, task.attempts) == ("done", 1), task
     assert len(received) > 1 and len(received) == len(set(received)) and sorted(task.sent) == sorted(received)
+
+
+def test_a_study_screened_again_while_its_earlier_reading_is_being_sent_retracts_it(study_files, tmp_path):
+    """Version 2 was screened while version 1 was still being sent to a slow PACS: version 2's payload was built at
+    once, before the PACS had acknowledged anything of version 1, so it carried no Rejection Note, and version 1's
+    positive SR and key images then stood live in the PACS beside it. Version 2's delivery now waits for version
+    1's to end: its note retracts all of version 1's objects, and reaches the PACS after them. A real pynetdicom
+    SCP that answers each C-STORE after 0.3 s."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        Comprehensive3DSRStorage,
+        KeyObjectSelectionDocumentStorage,
+        SecondaryCaptureImageStorage,
+    )
+
+    scp = AE(ae_title="SLOW")
+    for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage):
+        scp.add_supported_context(sop_class)
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        time.sleep(0.3)
+        return 0x0000
+
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    async def scenario():
+        settings = delivery_settings(tmp_path, delivery_concurrency=2)
+        store, blobs, first = await done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "SLOW", "host": "127.0.0.1",
+                "port": server.server_address[1], "objects": ["sr", "key_images", "rejection"]}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:  # version 1 is being sent
+                await deliverer.poll()
+                await asyncio.sleep(0.05)
+            _, _, second = await done_job(settings, study_files, stores=(store, blobs), positive=False)
+            (later,) = await until_states(deliverer, second.job_id, {"done", "failed", "skipped"})
+            (earlier,) = await deliverer.tasks.of_job(first.job_id)
+            note = next((o for o in later.payload["objects"] if o["kind"] == "rejection"), None)
+            return earlier, later, note and pydicom.dcmread(io.BytesIO(blobs.get(note["blob_key"])))
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    try:
+        earlier, later, note = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert (earlier.state, later.state) == ("done", "done"), (earlier, later)
+    assert note is not None, "version 2 went without a Rejection Note"
+    retracted = {str(ref.ReferencedSOPInstanceUID) for study in note.CurrentRequestedProcedureEvidenceSequence
+                 for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert retracted == set(earlier.sent) and len(retracted) > 1  # the SR and the key images
+    assert received.index(str(note.SOPInstanceUID)) > max(received.index(uid) for uid in earlier.sent)
+
+
+def test_reports_go_to_a_fhir_server_one_at_a_time(tmp_path):
+    """Two bundles with the same conditional creates (the Device's ``ifNoneExist``) in flight at once made two
+    Devices at HAPI FHIR (hapifhir/hapi-fhir#3141), and every later conditional create then failed 412. Three
+    studies screened, delivered with two slots a destination by two replicas (two deliverers with stores of
+    their own on one database) to a FHIR server of ours that takes 0.3 s a transaction: never two at once."""
+    studies = [write_study(tmp_path / "studies", f"serial{i}") for i in range(3)]
+
+    async def scenario():
+        settings = delivery_settings(tmp_path, delivery_concurrency=2)
+        store, blobs, first = await done_job(settings, studies[0])
+        jobs = [first] + [(await done_job(settings, files, stores=(store, blobs)))[2] for files in studies[1:]]
+        ris = FhirReceiver(delay_s=0.3)
+        other = Store(settings.database(), owner="another-replica")
+        replicas = [Deliverer(s, blobs, parse_destinations([{"name": "ris", "kind": "fhir", "url": ris.url}]), settings,
+                              CollectorRegistry()) for s in (store, other)]
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for replica in replicas:
+                    await replica.poll()
+                await asyncio.sleep(0.05)
+                tasks = [t for j in jobs for t in await replicas[0].tasks.of_job(j.job_id)]
+                if len(tasks) == 3 and all(t.state == "done" for t in tasks):
+                    break
+            return tasks, ris.most_in_flight, len(ris.of_type("Device")), ris.errors
+        finally:
+            for replica in replicas:
+                await replica.stop()
+            ris.close()
+            await other.close()
+            await store.close()
+
+    tasks, most, devices, errors = asyncio.run(scenario())
+    assert [t.state for t in tasks] == ["done"] * 3 and not errors
+    assert most == 1, f"{most} transactions at once"
+    assert devices == 1
+

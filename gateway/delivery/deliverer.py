@@ -4,7 +4,9 @@ Every ``delivery_poll_s``: (1) each done job finished in the last ``delivery_bac
 delivery to a configured destination gets one (``pending``; the pair is unique, so replicas never make
 two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``delivery_concurrency`` at
 once to each destination (slots per destination: a destination that hangs never delays another's
-deliveries). A claimed task:
+deliveries), one at a time to a FHIR destination across the replicas; a later version's delivery is not
+claimed while an earlier version's to the same destination has not ended (:meth:`Deliveries.claim`). A
+claimed task:
 
 * checks the destination's rule (verdict, calling AE of the source): ``skipped`` with the reason, unless the
   destination asks for ``rejection`` and holds objects of the study's earlier readings: then only the
@@ -91,7 +93,12 @@ class Deliverer:
         self.pending: dict[tuple[str, str], int] = {}
         # slots per destination: one that hangs (accepts TCP, never answers) holds only its own, so it never
         # delays another destination's deliveries
-        self._slots = {name: asyncio.Semaphore(settings.delivery_concurrency) for name in self.destinations}
+        # a FHIR server's one at a time (by every replica: Deliveries.claim's serial): two transactions with the same
+        # conditional creates (the Device's ifNoneExist) at once made two of it at HAPI FHIR, and every later one
+        # then failed 412, matching both
+        self._serial = [n for n, d in self.destinations.items() if isinstance(d, FhirDestination)]
+        self._slots = {name: asyncio.Semaphore(1 if name in self._serial else settings.delivery_concurrency)
+                       for name in self.destinations}
         # C-STORE sends block a thread each (pynetdicom): their own threads, one a slot, so hanging peers never
         # fill the event loop's default pool (6 threads on 2 cores), which blob reads and API-key checks use
         self._senders = ThreadPoolExecutor(max(1, len(self.destinations)) * settings.delivery_concurrency,
@@ -128,7 +135,7 @@ class Deliverer:
         await self.tasks.enqueue_missing({n: d.kind for n, d in self.destinations.items()}, s.delivery_backfill_s)
         self.pending = await self.tasks.counts()
         while free := [name for name, slots in self._slots.items() if not slots.locked()]:
-            task = await self.tasks.claim(s.delivery_lease_s, free, s.delivery_max_attempts)
+            task = await self.tasks.claim(s.delivery_lease_s, free, s.delivery_max_attempts, self._serial)
             if task is None:
                 return
             slots = self._slots[task.destination]

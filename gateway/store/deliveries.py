@@ -8,6 +8,14 @@ A delivery goes::
        (back-off)          |
                            +--> pending again on POST /v1/jobs/{id}/deliveries/{dest}/resend
 
+Order. A delivery of a later version of a study is not claimed while a delivery of an earlier version to the
+same destination has not ended (pending, in back-off or sending): its build reads what the destination
+acknowledged of the earlier readings (the Rejection Note, the FHIR report it replaces), and that is only known
+once they end. The earlier one, claimed, is skipped as superseded (at once: one waiting in back-off is due as
+soon as a later version has a delivery to that destination) or, already being sent, ends done; ended deliveries
+(done, failed, skipped) block nothing, so neither waits for the other. Deliveries to a destination named
+``serial`` in :meth:`Deliveries.claim` (FHIR servers) are sent one at a time across the replicas.
+
 ``sending`` is held under a lease like a job: a replica that dies mid-send leaves a lease that expires,
 and any replica takes the task over. ``payload`` lists the objects built once for the destination
 (blob keys of the SR, key images or FHIR bundle, with their SOP Instance UIDs / identifiers); ``sent``
@@ -17,8 +25,9 @@ the same result version (the UIDs are derived from the job). ``history`` is the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +45,16 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, aliased, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.errors import JobNotFound
 from gateway.jobs import JobState
-from gateway.store.models import Base, Instance, Job, Result
+from gateway.store.models import Base, Instance, Job, Result, Study
 from gateway.store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -153,20 +165,48 @@ class Deliveries:
                 continue
         return created
 
-    async def claim(self, lease_s: float, names: list[str], max_attempts: int | None = None) -> Task | None:
+    async def claim(self, lease_s: float, names: list[str], max_attempts: int | None = None,
+                    serial: Collection[str] = ()) -> Task | None:
         """Take the next due delivery to one of ``names`` (or one whose lease expired), under a lease.
 
         A task whose lease expired after ``max_attempts`` tries is failed instead (its sender was lost on
-        every try: a crash while building or sending it would otherwise take each replica down in turn)."""
+        every try: a crash while building or sending it would otherwise take each replica down in turn).
+
+        A later version's delivery waits for the earlier versions' deliveries to the same destination to end
+        (see the module docstring); to a destination in ``serial`` (a FHIR server, whose conditional creates two
+        transactions at once would duplicate) none is taken while another is being sent under a live lease, by
+        any replica: the claims to those destinations take a lock of the destination (PostgreSQL: an advisory
+        lock for the transaction; SQLite: its writes are one at a time) so two replicas cannot both see it free."""
         if not names:
             return None
         now = await self.store.now()
+        serial = sorted(set(serial) & set(names))
+        mine_job, mine_study = aliased(Job), aliased(Study)
+        other, other_job, other_study = aliased(Delivery), aliased(Job), aliased(Study)
+
+        def version_of_study(newer: bool) -> ColumnElement[bool]:
+            """Whose version of the same study has a delivery (``other``) to the same destination."""
+            return and_(mine_job.id == Delivery.job_id, mine_study.id == mine_job.study_id,
+                        other.destination == Delivery.destination,
+                        other_job.id == other.job_id, other_study.id == other_job.study_id,
+                        other_study.study_instance_uid == mine_study.study_instance_uid,
+                        other_study.version > mine_study.version if newer else other_study.version < mine_study.version)
+
+        earlier_open = exists().where(version_of_study(newer=False), other.state.not_in(FINAL))
+        superseded = exists().where(version_of_study(newer=True))  # claimed, it is skipped at once: no back-off
+        busy = exists().where(other.destination == Delivery.destination, other.state == SENDING,
+                              other.lease_expires_at >= now)
+        due = [Delivery.destination.in_(names), or_(
+            and_(Delivery.state == PENDING, or_(Delivery.next_attempt_at <= now, superseded)),
+            and_(Delivery.state == SENDING, Delivery.lease_expires_at < now),
+        ), ~earlier_open]
+        if serial:
+            due.append(or_(Delivery.destination.not_in(serial), ~busy))
         for _ in range(16):  # past the tasks failed here
             async with self.store.tx() as s:
-                row = (await s.execute(select(Delivery).where(Delivery.destination.in_(names), or_(
-                    and_(Delivery.state == PENDING, Delivery.next_attempt_at <= now),
-                    and_(Delivery.state == SENDING, Delivery.lease_expires_at < now),
-                )).order_by(Delivery.next_attempt_at).limit(1).with_for_update(skip_locked=True))).scalar_one_or_none()
+                await self._lock_destinations(s, serial)
+                row = (await s.execute(select(Delivery).where(*due)
+                                       .order_by(Delivery.next_attempt_at).limit(1).with_for_update(skip_locked=True))).scalar_one_or_none()
                 if row is None:
                     return None
                 row.updated_at = now
@@ -184,6 +224,16 @@ class Deliveries:
                 _event(row, now, SENDING)
                 return _task(row)
         return None
+
+    async def _lock_destinations(self, s: AsyncSession, names: Sequence[str]) -> None:
+        """Hold the claim lock of each of ``names`` (sorted: no two claims wait on each other) until the transaction
+        ends. PostgreSQL: an advisory transaction lock keyed by the name; SQLite writes one transaction at a time."""
+        if self.store.dialect != "postgresql":
+            return
+        for name in names:
+            key = int.from_bytes(hashlib.blake2b(f"ctscreen-delivery:{name}".encode(), digest_size=8).digest(),
+                                 "big", signed=True)
+            await s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     async def _update(self, task_id: int, change: Any, *, leased: bool = True) -> Task | None:
         now = await self.store.now()
