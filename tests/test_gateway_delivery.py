@@ -1005,7 +1005,8 @@ def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_an
 
 
 def _fhir_refusal(answer: Any) -> Any:
-    """The SendError of one bundle sent to a FHIR destination that answers ``answer`` (an ``httpx.Response``)."""
+    """The SendError of one bundle sent to a FHIR destination that answers ``answer`` (an ``httpx.Response``, or a
+    function of the request that returns or raises)."""
     import httpx
 
     from gateway.delivery.config import FhirDestination
@@ -1014,7 +1015,8 @@ def _fhir_refusal(answer: Any) -> Any:
     dest = FhirDestination(name="ris", kind="fhir", url="http://ris/fhir")
 
     async def send():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: answer)) as client:
+        respond = answer if callable(answer) else lambda request: answer
+        async with httpx.AsyncClient(transport=httpx.MockTransport(respond)) as client:
             return await send_fhir(dest, [("job", "", b"{}")], client)
 
     with pytest.raises(SendError) as exc:
@@ -1362,3 +1364,109 @@ def test_reports_go_to_a_fhir_server_one_at_a_time(tmp_path):
     assert most == 1, f"{most} transactions at once"
     assert devices == 1
 
+
+def test_a_fhir_server_holding_duplicates_fails_the_delivery_for_good_saying_so():
+    """Two Devices with one identifier at HAPI FHIR (made by two conditional creates at once) fail every later
+    conditional create of it with 412; that was tried for a day as "the RIS may not know the patient". It is
+    permanent, says what is wrong, and never quotes the diagnostics (they name the identifier). HAPI FHIR's
+    answers, scripted (httpx.MockTransport)."""
+    import httpx
+
+    for diagnostics in ('HAPI-0958: Failed to CREATE resource with match URL "Device?identifier=urn:ctscreen:device|'
+                        'ctscreen/1.0/abc" because this search matched 2 resources',
+                        'HAPI-2207: Invalid match URL "Patient?identifier=urn:oid:1.2|P-12345" - Multiple resources '
+                        'match this search'):
+        outcome = {"resourceType": "OperationOutcome",
+                   "issue": [{"severity": "error", "code": "processing", "diagnostics": diagnostics}]}
+        exc = _fhir_refusal(httpx.Response(412, json=outcome))
+        assert exc.value.permanent, str(exc.value)
+        assert "more than one resource matches" in str(exc.value) and "may not know" not in str(exc.value)
+        assert "P-12345" not in str(exc.value) and "abc" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("answer", "permanent", "says"), [
+    ((409, {}), False, "a version conflict: tried again"),
+    ((401, {}), False, "token may have expired"),
+    ((503, {"Retry-After": "7"}), False, "asks to wait 7 s"),
+    ((429, {"Retry-After": "7"}), False, "asks to wait 7 s"),
+    ("timeout", False, "timed out waiting for the answer of http://ris/fhir (the server may have stored it)"),
+])
+def test_a_fhir_servers_answer_is_classed_as_it_means(answer, permanent, says):
+    """A 409 (a version conflict) and a 401 (an expired token) failed the delivery for good; a read timeout said
+    "cannot reach" of a server that may have stored the bundle; a Retry-After was not read. Scripted answers
+    (httpx.MockTransport); the waits they make are the test below."""
+    import httpx
+
+    def respond(request):
+        if answer == "timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        status, headers = answer
+        return httpx.Response(status, headers=headers, json={"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "conflict" if status == 409 else "security"}]})
+
+    exc = _fhir_refusal(respond)
+    assert exc.value.permanent is permanent and says in str(exc.value), str(exc.value)
+    assert exc.value.wait_s == (7.0 if says.startswith("asks") else None)
+    assert exc.value.longest is (answer != "timeout" and answer[0] == 401)
+
+
+@pytest.mark.parametrize(("status", "headers", "wait"), [
+    (503, {"Retry-After": "3"}, 3.0),  # more than the back-off (0.2 s): waited
+    (429, {"Retry-After": "3600"}, 5.0),  # more than the longest back-off: that
+    (401, {}, 5.0),  # an expired token: the longest back-off
+])
+def test_a_destination_that_asks_to_wait_is_given_the_time(study_files, tmp_path, status, headers, wait):
+    """A RIS answering 503 with Retry-After was tried again after the back-off's 0.2 s (and 0.4, 0.8, ...), each a
+    try counted against the attempts; a 401 failed for good. A FHIR server of ours that answers so first."""
+    async def scenario():
+        settings = delivery_settings(tmp_path, delivery_backoff_max_s=5.0)
+        store, blobs, result = await done_job(settings, study_files)
+        ris = FhirReceiver()
+        ris.answers.append((status, headers, None))
+        deliverer = Deliverer(store, blobs, parse_destinations([{"name": "ris", "kind": "fhir", "url": ris.url}]),
+                              settings, CollectorRegistry())
+        try:
+            return await until_states(deliverer, result.job_id, {"pending"}, at_least_attempts=1)
+        finally:
+            await deliverer.stop()
+            ris.close()
+            await store.close()
+
+    (task,) = asyncio.run(scenario())
+    assert task.next_attempt_at - task.updated_at == pytest.approx(wait, abs=0.01), task
+    assert f"answered HTTP {status}" in task.error
+
+
+def test_a_forced_resend_that_fails_shows_no_delivery_time(study_files, tmp_path):
+    """Delivered, sent again by force to a PACS gone meanwhile, failed: the API still showed the first delivery's
+    time as its ``delivered_at`` beside state failed. A real pynetdicom SCP, stopped before the re-send."""
+    from gateway.api.deliveries import _view
+
+    scp, received, handlers = _counting_scp("GONE")
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    port, stopped = server.server_address[1], []
+
+    async def scenario():
+        settings = delivery_settings(tmp_path, delivery_max_attempts=1)
+        store, blobs, result = await done_job(settings, study_files)
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": port, "timeout_s": 5}
+        deliverer = Deliverer(store, blobs, parse_destinations([dest]), settings, CollectorRegistry())
+        try:
+            (done,) = await until_states(deliverer, result.job_id, {"done", "failed"})
+            assert done.state == "done" and done.delivered_at is not None, done
+            server.shutdown()
+            stopped.append(True)
+            await deliverer.tasks.resend(result.job_id, "pacs", "dicom", force=True)
+            (failed,) = await until_states(deliverer, result.job_id, {"failed"})
+            return _view(failed)
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    try:
+        view = asyncio.run(scenario())
+    finally:
+        if not stopped:
+            server.shutdown()
+    assert view.state == "failed" and view.delivered_at is None, view
+    assert [e["state"] for e in view.history].count("done") == 1  # the earlier delivery stays in its history

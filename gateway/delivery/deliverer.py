@@ -245,7 +245,10 @@ class Deliverer:
             if exc.permanent or task.attempts >= s.delivery_max_attempts:
                 await self._give_up(task, dest, str(exc))
                 return
-            delay = min(s.delivery_backoff_max_s, s.delivery_backoff_s * 2 ** max(0, task.attempts - 1))
+            delay = s.delivery_backoff_max_s if exc.longest else min(
+                s.delivery_backoff_max_s, s.delivery_backoff_s * 2 ** max(0, task.attempts - 1))
+            if exc.wait_s is not None:  # the destination's Retry-After: at least that long, within the longest back-off
+                delay = max(delay, min(exc.wait_s, s.delivery_backoff_max_s))
             await self.tasks.retry_later(task.id, delay, str(exc))
             logger.warning("%s: attempt %d failed (%s); next try in %g s", where, task.attempts, exc, delay)
         except Exception as exc:  # noqa: BLE001 - last resort: a delivery never dies silently

@@ -6,12 +6,17 @@ other than 408/429, a refused association). A FHIR server's refusal of a referen
 (412; a 404 with an OperationOutcome, as HAPI FHIR answers a conditional reference that matches nothing,
 HAPI-1091, issue code ``processing``; or any issue code ``not-found``: the RIS has no such patient or order
 yet, as when the images reach screening before the order or the registration does) is tried again with the
-others' back-off.
+others' back-off; a 412 that says more than one resource matches (duplicates at the server) is permanent. A
+FHIR server's 409 (a version conflict) is tried again, a 401 (an expired token) after the longest back-off
+(``SendError.longest``); a 429's or 503's ``Retry-After`` is the least wait (``SendError.wait_s``); a read
+timeout says the server may have stored what was sent.
 Blocking (pynetdicom) or async (httpx); messages never hold a header value or patient data.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import io
 import logging
 import re
@@ -30,12 +35,17 @@ Item = tuple[str, str, bytes]
 
 
 class SendError(RuntimeError):
-    """A send that did not (fully) succeed; ``sent`` holds what did."""
+    """A send that did not (fully) succeed; ``sent`` holds what did. ``wait_s``: the least wait before the next try
+    that the destination asked for (``Retry-After``); ``longest``: the next try after the longest back-off (a
+    refusal that a quick retry cannot help, an expired token)."""
 
-    def __init__(self, message: str, *, permanent: bool = False, sent: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, sent: Sequence[str] = (), wait_s: float | None = None,
+                 longest: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.sent = list(sent)
+        self.wait_s = wait_s
+        self.longest = longest
 
 
 DUPLICATE = 0x0111
@@ -112,9 +122,46 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
 
 
 def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) -> SendError:
-    permanent = 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429)
-    return SendError(f"{where} answered HTTP {response.status_code}{outcome_codes(response)}", permanent=permanent,
-                     sent=sent)
+    """A refusal: permanent for a 4xx but 401 (an expired token: tried again after the longest back-off), 408, 425 and
+    429; a 429's or 503's ``Retry-After`` is the least wait before the next try."""
+    status = response.status_code
+    message = f"{where} answered HTTP {status}{outcome_codes(response)}"
+    wait_s = retry_after(response) if status in (429, 503) else None
+    if wait_s is not None:
+        message += f" (asks to wait {wait_s:g} s)"
+    if status == 401:
+        message += " (unauthorized: its token may have expired or been revoked; tried again after the longest back-off)"
+    return SendError(message, permanent=400 <= status < 500 and status not in (401, 408, 425, 429), sent=sent,
+                     wait_s=wait_s, longest=status == 401)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP-date, RFC 9110 10.2.3); None without
+    one or for one that is neither.
+
+    >>> retry_after(httpx.Response(503, headers={"Retry-After": "120"})), retry_after(httpx.Response(503))
+    (120.0, None)
+    >>> retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
+    0.0
+    """
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+
+def _unanswered(where: str, exc: httpx.HTTPError, sent: Sequence[str] = ()) -> SendError:
+    """A request without an answer: a read timeout came after the request was sent, so the server may have stored
+    it (the next try sends the same identifiers: replaced, not duplicated); any other error, no connection."""
+    if isinstance(exc, httpx.ReadTimeout):
+        return SendError(f"timed out waiting for the answer of {where} (the server may have stored it)", sent=sent)
+    return SendError(f"cannot reach {where}: {type(exc).__name__}", sent=sent)
 
 
 def outcome_codes(response: httpx.Response) -> str:
@@ -142,6 +189,24 @@ def _issues(response: httpx.Response) -> list[tuple[str, str]]:
     return out
 
 
+def _multiple_matches(response: httpx.Response) -> bool:
+    """Whether a FHIR OperationOutcome answer says a search matched more than one resource (HAPI FHIR:
+    "HAPI-0958: Failed to CREATE resource with match URL ... because this search matched 2 resources",
+    "HAPI-2207: Invalid match URL ... - Multiple resources match this search"). Its diagnostics are read here,
+    never quoted (they name the identifiers)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    issues = body.get("issue") if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None
+    texts = [f"{i.get('diagnostics', '')} {d.get('text', '') if isinstance(d := i.get('details'), dict) else ''}"
+             for i in (issues if isinstance(issues, list) else []) if isinstance(i, dict)]
+    return any(MULTIPLE_MATCHES.search(t) for t in texts)
+
+
+MULTIPLE_MATCHES = re.compile(r"multiple (resources )?match|matched \d+ resources|more than one", re.IGNORECASE)
+
+
 def _word(text: str) -> str:
     """``text`` if it is one of FHIR's code words (lower-case letters and hyphens), else "": never free text."""
     return text if re.fullmatch(r"[a-z-]{1,32}", text) else ""
@@ -162,7 +227,7 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     try:
         response = await client.post(url, content=body, headers=headers, timeout=dest.timeout_s)
     except httpx.HTTPError as exc:
-        raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}") from None
+        raise _unanswered(dest.where, exc) from None
     uids = [uid for uid, _, _ in items]
     if response.status_code not in (200, 202, 409):  # 409: every object failed (the answer says why)
         raise _http_error(dest.where, response)
@@ -197,12 +262,20 @@ async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.
         try:
             response = await client.post(dest.url, content=data, headers=headers, timeout=dest.timeout_s)
         except httpx.HTTPError as exc:
-            raise SendError(f"cannot reach {dest.where}: {type(exc).__name__}", sent=sent) from None
+            raise _unanswered(dest.where, exc, sent) from None
         if not 200 <= response.status_code < 300:
             error = _http_error(dest.where, response, sent)
             issues = _issues(response)
-            if error.permanent and (response.status_code == 412 or (response.status_code == 404 and issues)
-                                    or any(code == "not-found" for _, code in issues)):
+            if response.status_code == 412 and _multiple_matches(response):
+                # duplicates at the server (two conditional creates of one resource at once, hapi-fhir#3141): every
+                # later conditional create or reference to it fails the same way until someone merges them there
+                error = SendError(f"{error}: more than one resource matches a conditional create or reference (the "
+                                  "server holds duplicates, e.g. two Devices with one identifier); trying again cannot "
+                                  "help until they are merged there", permanent=True, sent=sent)
+            elif response.status_code == 409:  # a version conflict (another writer's update at the same moment)
+                error = SendError(f"{error} (a version conflict: tried again)", sent=sent)
+            elif error.permanent and (response.status_code == 412 or (response.status_code == 404 and issues)
+                                      or any(code == "not-found" for _, code in issues)):
                 # the conditional references to the patient and the order: a RIS that does not know them yet
                 # (registration or order still on its way) may know them at the next try
                 error = SendError(f"{error}; the RIS may not know the patient or the order yet", sent=sent)

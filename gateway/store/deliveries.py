@@ -119,6 +119,8 @@ def _requeue(row: Delivery, now: float, detail: str) -> None:
     if row.state == SKIPPED:
         row.payload = None  # the rule is checked again when it is built
     row.state, row.attempts, row.next_attempt_at, row.error = PENDING, 0, now, None
+    row.delivered_at = None  # of this round: a forced re-send that fails showed the earlier delivery's time (its
+    # event stays in the history)
     row.updated_at = now
     _event(row, now, PENDING, detail)
 
