@@ -86,6 +86,9 @@ REPLACES: Final = {"DiagnosticReport": "http://hl7.org/fhir/StructureDefinition/
 """The R4 core extensions by which a later reading names the one it replaces, per resource type."""
 
 SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
+SUSPECTED_COVID19: Final = ("840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
+"""SNOMED CT code and display of the reading's concept (a situation: suspected, not the disorder); the SR's too
+(:data:`aggregator.sr.SUSPECTED_COVID19`)."""
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _VERDICT = {"positive": ("52101004", "Present"), "negative": ("272519000", "Absent"),  # the SR's (PS3.16)
             "indeterminate": ("82334004", "Indeterminate")}
@@ -221,7 +224,7 @@ class _Reading:
         device = _device(result)
         device_ref = {"reference": _uuid(DEVICE_SYSTEM, device["identifier"][0]["value"]), "type": "Device",
                       "identifier": dict(device["identifier"][0]), "display": device["deviceName"][0]["name"]}
-        covid = _concept(SNOMED, "840544004", "Suspected disease caused by severe acute respiratory coronavirus 2")
+        covid = _concept(SNOMED, *SUSPECTED_COVID19)
         code, meaning = _VERDICT[result.verdict]
         common: dict[str, Any] = {"meta": {"security": [_AI_ASSERTED]}, "status": "preliminary",
                                   **({"subject": subject} if subject is not None else {}),

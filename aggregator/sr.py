@@ -3,8 +3,10 @@
 :func:`to_sr` encodes a :class:`~aggregator.schema.CaseResult` as a Comprehensive 3D SR built with
 highdicom, in memory (no I/O: the caller stores or sends the returned data set):
 
-* one **case-level group** (TID 1501): finding type COVID-19 (SCT 840539006), qualitative evaluation
-  "COVID-19" = Present / Absent / Indeterminate for a positive / negative / indeterminate verdict,
+* one **case-level group** (TID 1501): finding type suspected COVID-19 (SCT 840544004, the concept the FHIR
+  report uses: a screening result is no diagnosis, and the disorder 840539006 = Present would read as one),
+  qualitative evaluation "Suspected disease caused by SARS-CoV-2" = Present / Absent / Indeterminate for a
+  positive / negative / indeterminate verdict,
   the algorithm (``ctscreen`` and its version) with every case-rule parameter, the images of the
   evidence run as source images;
 * one **planar ROI group** (TID 1410) per lesion box of the evidence run (``boxes="evidence"``, the
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
+from aggregator import fhir
 from aggregator.schema import CaseResult, LesionBox, quadrant_words, slice_span
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,12 +44,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COVID19", "IMAGE_LIBRARY_KEYWORDS", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer",
+__all__ = ["SUSPECTED_COVID19", "IMAGE_LIBRARY_KEYWORDS", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer",
            "equipment_and_time", "library_uids", "local_time", "made_at", "result_key", "sr_uids", "stable_uid",
            "timezone_offset", "to_sr", "usable_headers"]
 
-COVID19 = ("840539006", "SCT", "COVID-19")
-"""SNOMED CT: disease caused by severe acute respiratory syndrome coronavirus 2 (disorder)."""
+SUSPECTED_COVID19 = (fhir.SUSPECTED_COVID19[0], "SCT", "Suspected disease caused by SARS-CoV-2")
+"""SNOMED CT 840544004 "Suspected disease caused by severe acute respiratory coronavirus 2" (situation), as the FHIR
+report's conclusion code and verdict (:mod:`aggregator.fhir`): a machine's screening result, not the disorder
+(840539006), which coded consumers (problem lists, notifiable-disease rules) read as a diagnosis. Its Code Meaning
+is shortened to fit LO's 64 characters."""
 
 _PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                   "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -535,7 +541,7 @@ def to_sr(
         + [f"model {m.name}={m.version}" for m in result.models],
     )
     lung = [FindingSite(codes.SCT.Lung)]
-    covid = CodedConcept(*COVID19)
+    covid = CodedConcept(*SUSPECTED_COVID19)
     value = {"positive": codes.SCT.Present, "negative": codes.SCT.Absent,
              "indeterminate": codes.SCT.Indeterminate}[result.verdict]
 

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from aggregator.case import SliceInput, decide
-from aggregator.sr import COVID19, to_sr
+from aggregator.sr import SUSPECTED_COVID19, to_sr
 from tests.gateway_dicom_factory import ct_dataset
 
 highdicom = pytest.importorskip("highdicom")
@@ -44,9 +44,26 @@ def _read_back(sr):
 def _verdict(sr) -> str:
     group = sr.content.get_image_measurement_groups()[0]
     (evaluation,) = group.get_qualitative_evaluations()
-    assert evaluation.name.value == COVID19[0]
+    assert evaluation.name.value == SUSPECTED_COVID19[0]
     return evaluation.value.meaning
 
+
+
+def test_the_sr_states_the_same_suspected_concept_as_the_fhir_report():
+    """The SR stated the disorder (SCT 840539006 "COVID-19") = Present, a diagnosis to coded consumers, while the FHIR
+    report of the same reading deliberately says 840544004 "Suspected disease caused by SARS-CoV-2": a screening
+    result is no diagnosis. Both say 840544004 now, as finding type and as the evaluated concept."""
+    from aggregator.fhir import to_fhir
+
+    result, headers = _series()
+    group = _read_back(to_sr(result, headers)).content.get_image_measurement_groups()[0]
+    finding = group.finding_type
+    (evaluation,) = group.get_qualitative_evaluations()
+    report = next(e["resource"] for e in to_fhir(result)["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    (coding,) = report["conclusionCode"][0]["coding"]
+    assert (finding.value, finding.scheme_designator) == ("840544004", "SCT") == (coding["code"], "SCT")
+    assert evaluation.name.value == "840544004" and evaluation.value.meaning == "Present"
+    assert len(evaluation.name.meaning) <= 64  # LO
 
 def test_positive_case_encodes_verdict_and_evidence_boxes():
     result, headers = _series()
