@@ -63,8 +63,10 @@ before it is returned; a result the models refuse raises :class:`ValueError`.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,8 +163,9 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
     result : CaseResult
         The case result.
     patient : Mapping[str, str] or None
-        DICOM attributes of the source: ``PatientID``, ``IssuerOfPatientID``, ``AccessionNumber``
-        (absent ones are left out).
+        DICOM attributes of the source: ``PatientID``, ``IssuerOfPatientID``, ``AccessionNumber``;
+        ``StudyDate``, ``StudyTime`` and ``TimezoneOffsetFromUTC`` make the ``effectiveDateTime`` of the report and
+        the observations (:func:`study_date_time`) (absent ones are left out).
     systems : IdentifierSystems or None
         The receiving site's identifier systems; without them, references by identifier only.
     supersedes : Sequence[CaseResult]
@@ -200,6 +203,36 @@ def to_fhir(result: CaseResult, patient: Mapping[str, str] | None = None,
     return bundle
 
 
+def study_date_time(date: str | None, time: str | None = None, offset: str | None = None) -> str | None:
+    """The study's DICOM Study Date and Time as a FHIR ``dateTime`` (the report's and the observations'
+    ``effectiveDateTime``: when the images were taken), or None without a valid date.
+
+    FHIR R4 (2.24.0.1, dateTime): "If hours and minutes are specified, a time zone SHALL be populated", and the
+    seconds must be given. With the study's Timezone Offset From UTC, the date and time with that offset (a
+    time of hours or hours and minutes gets zero minutes and seconds); without one the study's zone is unknown
+    (its time is the scanner's local time), so the date alone.
+
+    >>> study_date_time("20261205", "093015.25", "+0100"), study_date_time("20261205", "0930", "-0330")
+    ('2026-12-05T09:30:15.25+01:00', '2026-12-05T09:30:00-03:30')
+    >>> study_date_time("20261205", "093015"), study_date_time("2026-12-05"), study_date_time("20261305")
+    ('2026-12-05', None, None)
+    """
+    m = re.fullmatch(r"(\d{4})(\d\d)(\d\d)", (date or "").strip())
+    try:
+        day = datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+    except ValueError:
+        day = None
+    if day is None or day.year < 1:
+        return None
+    t = re.fullmatch(r"([01]\d|2[0-3])([0-5]\d)?([0-5]\d)?(\.\d{1,6})?", (time or "").strip())
+    z = re.fullmatch(r"([+-])(0\d|1[0-3])([0-5]\d)|([+-])(14)(00)", (offset or "").strip())
+    if t is None or z is None or (t.group(4) and not t.group(3)):
+        return day.isoformat()
+    sign, hours, minutes = (g for g in z.groups() if g is not None)
+    return (f"{day.isoformat()}T{t.group(1)}:{t.group(2) or '00'}:{t.group(3) or '00'}{t.group(4) or ''}"
+            f"{sign}{hours}:{minutes}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One result's report, observations (by part) and device, before they become entries."""
@@ -226,8 +259,11 @@ class _Reading:
                       "identifier": dict(device["identifier"][0]), "display": device["deviceName"][0]["name"]}
         covid = _concept(SNOMED, *SUSPECTED_COVID19)
         code, meaning = _VERDICT[result.verdict]
+        effective = study_date_time(patient.get("StudyDate"), patient.get("StudyTime"),
+                                    patient.get("TimezoneOffsetFromUTC"))
         common: dict[str, Any] = {"meta": {"security": [_AI_ASSERTED]}, "status": "preliminary",
                                   **({"subject": subject} if subject is not None else {}),
+                                  **({"effectiveDateTime": effective} if effective else {}),
                                   **({"issued": issued} if issued else {})}
 
         def observation(part: str, code_: dict[str, Any], **value: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ test) and by the ``fhir.resources`` models.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 from collections.abc import Collection
@@ -538,3 +539,30 @@ def test_the_message_rounds_millimetres_as_the_page_does():
     result = decide(inputs).to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.9", job_id="job-1")
     assert result.evidence.extent_mm == 6.25
     assert "5 consecutive slices (6.3 mm)" in result.message and "(0.0 to 5.0 mm)" in result.message
+
+
+@pytest.mark.parametrize(("study", "effective"), [
+    ({"StudyDate": "20261205", "StudyTime": "093015.25", "TimezoneOffsetFromUTC": "+0100"}, "2026-12-05T09:30:15.25+01:00"),
+    ({"StudyDate": "20261205", "StudyTime": "0930", "TimezoneOffsetFromUTC": "-0330"}, "2026-12-05T09:30:00-03:30"),
+    ({"StudyDate": "20261205", "StudyTime": "093015"}, "2026-12-05"),  # its zone unknown: the date alone
+    ({"StudyDate": "20261205", "StudyTime": "9:30", "TimezoneOffsetFromUTC": "+0100"}, "2026-12-05"),
+    ({"StudyDate": "2026XX05", "StudyTime": "093015", "TimezoneOffsetFromUTC": "+0100"}, None),
+    ({}, None),
+])
+def test_the_fhir_report_and_observations_say_when_the_study_was_taken(study, effective):
+    """No ``effectiveDateTime`` on the report nor the observations: a RIS could not place the reading in time
+    (``issued`` is when the machine read it). It is the study's date and time with its offset, or the date alone
+    where the zone is unknown (R4: a time needs a zone); the bundle validates with the R4 models."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    result, _ = _series()
+    bundle = to_fhir(result, {"PatientID": "P-123", **study})
+    Bundle.parse_obj(bundle)
+    resources = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] in
+                 ("DiagnosticReport", "Observation")]
+    assert len(resources) >= 5
+    assert {r.get("effectiveDateTime") for r in resources} == {effective}
+    # R4's dateTime regex (fhir.resources takes a time without a zone, which R4 does not)
+    r4 = (r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
+          r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?")
+    assert effective is None or re.fullmatch(r4, effective)

@@ -1470,3 +1470,25 @@ def test_a_forced_resend_that_fails_shows_no_delivery_time(study_files, tmp_path
             server.shutdown()
     assert view.state == "failed" and view.delivered_at is None, view
     assert [e["state"] for e in view.history].count("done") == 1  # the earlier delivery stays in its history
+
+
+def test_a_fhir_payload_dates_the_reading_by_the_study_in_its_time_zone():
+    """The FHIR payload built for a delivery carries the study's date, time and Timezone Offset From UTC (kept with
+    the result in its SR headers) as the report's ``effectiveDateTime``."""
+    from gateway.delivery.payloads import build_fhir
+    from tests.test_aggregator_results_out import _series
+
+    result, sources = _series()
+    for ds in sources:
+        ds.StudyDate, ds.StudyTime, ds.TimezoneOffsetFromUTC = "20261205", "093015", "+0100"
+    context = sr_context(sources)
+    assert context is not None
+    kept: dict[str, bytes] = {}
+
+    def put(data: bytes) -> str:
+        kept[str(len(kept))] = data
+        return str(len(kept) - 1)
+
+    (made,) = build_fhir(result, context.to_json(), put)
+    report = json.loads(kept[made["blob_key"]])["entry"][0]["resource"]
+    assert report["resourceType"] == "DiagnosticReport" and report["effectiveDateTime"] == "2026-12-05T09:30:15+01:00"

@@ -134,7 +134,10 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
     from gateway.report import SrContext
 
     # read as the SR reads it (SrContext.from_json: what an earlier or a later release stored)
-    patient = {k: v for k, v in SrContext.from_json(sr_context).study if v} if sr_context else {}
+    context = SrContext.from_json(sr_context) if sr_context else None
+    patient = {k: v for k, v in context.study if v} if context else {}
+    if context is not None and context.timezone_offset:  # the study's zone: its date and time become one instant
+        patient["TimezoneOffsetFromUTC"] = context.timezone_offset
     try:
         bundle = to_fhir(result, patient, systems, supersedes=earlier)
     except ValueError as exc:
