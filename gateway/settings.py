@@ -136,7 +136,8 @@ class Settings(BaseSettings):
     # --- jobs and limits ---------------------------------------------------------------------
     max_concurrent_studies: int = Field(2, ge=1, le=256, description="Studies screened at once.")
     max_queued_studies: int = Field(
-        4, ge=0, le=1024, description="Accepted studies waiting for a slot; beyond this: 429."
+        4, ge=0, le=1024, description="Accepted studies waiting for a slot, per replica (the cluster takes the sum "
+                                       "over its live replicas of this plus max_concurrent_studies); beyond: 429."
     )
     retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429 answer and of a 503 the intake gives when it can keep no more.")
     max_upload_bytes: int = Field(
@@ -494,6 +495,12 @@ class Settings(BaseSettings):
     def database(self) -> str:
         """The database URL in use (SQLite in ``data_dir`` unless ``database_url``)."""
         return self.database_url or f"sqlite:///{self.data_dir / 'ctscreen.db'}"
+
+    @property
+    def replica_alive_s(self) -> float:
+        """A replica whose sweeper has not run for this long is taken for gone: its waiting jobs are adopted,
+        and its share of the upload limit no longer counts (``max(lease_s, 4 * sweep_interval_s)``)."""
+        return max(self.lease_s, 4 * self.sweep_interval_s)
 
     def spool_dir(self) -> Path:
         """Where uploads are spooled while they are read and screened (``data_dir/spool``)."""

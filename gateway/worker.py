@@ -400,7 +400,7 @@ class Sweeper:
         self.store, self.blobs, self.settings, self.metrics = store, blobs, settings, metrics
         self.before_expire = before_expire  # e.g. the deliveries' own retention, before rows cascade away
         self.counts: tuple[int, int, int] = (0, 0, 0)
-        self.alive_s = max(settings.lease_s, 4 * settings.sweep_interval_s)
+        self.alive_s = settings.replica_alive_s
         """A replica whose sweeper has not run for this long is taken for gone (its waiting jobs adopted)."""
         self._task: asyncio.Task[None] | None = None
         self._retention_at = 0.0

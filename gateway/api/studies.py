@@ -28,6 +28,7 @@ from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
+from gateway.store.replicas import live_replicas
 from gateway.uids import check_uid
 from gateway.uploads import (
     FilePart,
@@ -177,11 +178,19 @@ def limits_of(settings: SettingsDep) -> UploadLimits:
 
 
 async def check_capacity(store: Store, settings: Settings) -> None:
-    """Refuse an upload (429) while ``max_concurrent_studies + max_queued_studies`` jobs are active."""
+    """Refuse an upload (429) while the cluster's active jobs (queued or running, of every origin: they wait
+    for the same slots) reach the sum of the live replicas' ``max_concurrent_studies + max_queued_studies``.
+
+    Each live replica (:func:`~gateway.store.replicas.live_replicas`) brings its slots and its queue
+    allowance, taken to be this replica's settings (the replicas of a deployment share them): one gateway
+    refuses at its own limit, as before; two take twice as much, and a killed one's share goes with it.
+    """
     queued, running, _ = await store.counts()
-    limit = settings.max_concurrent_studies + settings.max_queued_studies
+    replicas = await live_replicas(store, settings.replica_alive_s)
+    limit = replicas * (settings.max_concurrent_studies + settings.max_queued_studies)
     if queued + running >= limit:
-        raise Busy(f"{limit} studies are being screened or waiting; retry later.", settings.retry_after_s)
+        where = "" if replicas == 1 else f" on {replicas} gateways"
+        raise Busy(f"{limit} studies are being screened or waiting{where}; retry later.", settings.retry_after_s)
 
 
 @router.post(

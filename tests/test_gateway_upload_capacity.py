@@ -1,0 +1,106 @@
+"""The upload limit of a cluster (``gateway.api.studies.check_capacity``) on real SQLite and PostgreSQL.
+
+Replicas are ``Store`` objects with their own owner names on one database, recorded alive as their
+sweepers record them (table ``replicas``); jobs are accepted and claimed as the workers do. The limit is
+the sum of the live replicas' ``max_concurrent_studies + max_queued_studies``: one gateway refuses at its
+own limit, as it always did; a second one raises the cluster's, and a killed one's share goes with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import update
+
+from gateway.api.studies import check_capacity
+from gateway.errors import Busy
+from gateway.settings import Settings
+from gateway.store import Store
+from gateway.store.migrate import upgrade
+from gateway.store.models import Replica
+from gateway.store.replicas import live_replicas
+
+SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_studies=1, lease_s=30,
+                    sweep_interval_s=0.5, retry_after_s=7)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+async def _accept(store: Store, n: int) -> None:
+    for i in range(n):
+        await store.accept_upload(f"1.2.826.0.1.{i}", [("a.dcm", f"key-{i}", 10)], 3600, slices_total=10)
+
+
+async def _refused(store: Store) -> Busy | None:
+    try:
+        await check_capacity(store, SETTINGS)
+    except Busy as exc:
+        return exc
+    return None
+
+
+def test_a_second_gateway_raises_the_cluster_limit_and_a_killed_one_takes_its_share_away(db_url):
+    """The review's cluster: two gateways with 2 slots and a queue of 1 each, 3 studies running (2 on A, 1 on
+    B), none queued, a slot free on B. The 4th upload was refused (3 >= one gateway's 2 + 1); now it is
+    taken, and the cluster refuses at 2 x 3. Once B stops being seen (killed), A alone refuses at 3."""
+    upgrade(db_url)
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            await a.seen(SETTINGS.replica_alive_s)
+            await b.seen(SETTINGS.replica_alive_s)
+            await _accept(a, 3)
+            for holder in (a, a, b):
+                assert await holder.claim(SETTINGS.lease_s) is not None
+            assert await a.counts() == (0, 3, 30)
+            assert await live_replicas(a, SETTINGS.replica_alive_s) == 2
+            assert await _refused(a) is None and await _refused(b) is None  # the 4th upload, on either gateway
+            await _accept(b, 2)  # 5 active
+            assert await _refused(b) is None
+            await _accept(b, 1)  # 6 active: 2 gateways x (2 + 1)
+            refused = await _refused(a)
+            assert refused is not None and refused.retry_after_s == 7 and "6 studies" in str(refused)
+            # B killed: not seen for longer than max(lease_s, 4 x sweep_interval_s); A alone refuses at 3
+            async with a.tx() as s:
+                await s.execute(update(Replica).where(Replica.owner == "b").values(
+                    seen_at=await a.now() - 2 * SETTINGS.replica_alive_s))
+            assert await live_replicas(a, SETTINGS.replica_alive_s) == 1
+            refused = await _refused(a)
+            assert refused is not None and "3 studies" in str(refused)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(go())
+
+
+def test_one_gateway_still_refuses_at_its_own_limit(db_url):
+    """The overload protection of a single gateway is unchanged: queued or running jobs of any origin (a
+    C-STORE study waits for the same slots) reach ``max_concurrent_studies + max_queued_studies``: 429. The
+    gateway counts itself before its sweeper first recorded it."""
+    upgrade(db_url)
+
+    async def go():
+        a = Store(db_url, owner="a")
+        try:
+            assert await live_replicas(a, SETTINGS.replica_alive_s) == 1  # no row yet
+            await _accept(a, 2)
+            assert await _refused(a) is None
+            await a.add_instance("1.2.826.0.9", "1.2.826.0.9.1", "x.dcm", "key-x", 10)
+            await a.complete_now("1.2.826.0.9", 3600)  # a C-STORE study: 3 queued
+            assert await a.counts() == (3, 0, 21)
+            refused = await _refused(a)
+            assert refused is not None and str(refused).startswith("3 studies are being screened or waiting;")
+            await a.seen(SETTINGS.replica_alive_s)
+            assert await _refused(a) is not None  # its own row counts once
+        finally:
+            await a.close()
+
+    asyncio.run(go())
