@@ -5,7 +5,8 @@ rendered from ``model_repository/`` (the shipped ONNX files), on free ports, and
 Tests that use it should carry ``@pytest.mark.triton``. Its log is written to the session's temporary
 folder and printed when start-up fails.
 
-``postgres`` is a real PostgreSQL server for the session, ``pg_url`` a fresh database in it.
+``postgres`` is a real PostgreSQL server for the session, ``pg_url`` a fresh database in it, ``db_url`` a fresh
+state store on SQLite and on PostgreSQL (two runs of the test).
 
 Every test runs with ``CTSCREEN_DATA_DIR`` set to a folder of its own, so a gateway made by a test
 keeps its state store (SQLite) and blobs there, never in the user's data folder or another test's.
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +69,14 @@ def postgres() -> Iterator[PostgresServer]:
 def pg_url(postgres: PostgresServer) -> str:
     """The URL of a fresh, empty PostgreSQL database."""
     return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh state store URL, once on SQLite (a file of the test's folder) and once on PostgreSQL (``pg_url``)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from sqlalchemy import update
 
 from gateway.api.studies import check_capacity
@@ -23,13 +22,6 @@ from gateway.store.replicas import live_replicas
 
 SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_studies=1, lease_s=30,
                     sweep_interval_s=0.5, retry_after_s=7)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 async def _accept(store: Store, n: int) -> None:

@@ -25,13 +25,6 @@ from gateway.store.migrate import SchemaError, check_schema, current, database_r
 from gateway.store.models import Instance, Job, Replica, Result, Study
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    return request.getfixturevalue("pg_url")
-
-
 def _run(coro):
     return asyncio.run(coro)
 
