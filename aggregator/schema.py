@@ -16,7 +16,7 @@ Layout
     │                                   of a multi-frame object's slice: added in 1.3.0)
     ├── rule: RuleParams                every case-rule parameter used
     ├── nominal_spacing_mm, n_slices, lung_field_cm2, body_cm2 (added in 1.2.0, with reason not_chest)
-    ├── models: [ModelInfo], timings: Timings
+    ├── models: [ModelInfo], timings: Timings (receive_s and quiet_s, and queued_s filled: added in 1.4.0)
     └── rejected: [RejectedFile], gaps: [Gap], warnings: [str]
 
 Coordinates
@@ -41,7 +41,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-SCHEMA_VERSION: Final = "1.3.0"
+SCHEMA_VERSION: Final = "1.4.0"
 """Version of the :class:`CaseResult` document."""
 
 Verdict = Literal["positive", "negative", "indeterminate"]
@@ -237,9 +237,27 @@ class ModelInfo(_Model):
 
 
 class Timings(_Model):
-    """Wall-clock durations in seconds; None for a stage that did not run or was not measured."""
+    """Wall-clock durations in seconds; None for a stage that did not run or was not measured.
 
-    queued_s: float | None = Field(default=None, ge=0.0)
+    The time from the study's arrival to its verdict is ``receive_s + total_s`` from the first instance
+    received (an upload: its acceptance), ``quiet_s + total_s`` from the last one.
+    """
+
+    receive_s: float | None = Field(
+        default=None, ge=0.0,
+        description="From the first instance of the study version received to its job created: the instances "
+        "arriving and the quiet period after the last (STOW-RS, C-STORE); 0 for an upload, accepted whole. "
+        "(Added in 1.4.0.)")
+    quiet_s: float | None = Field(
+        default=None, ge=0.0,
+        description="From the last instance of the study version received to its job created: the quiet period "
+        "the gateway waited for more (STOW-RS, C-STORE; shorter when POST .../complete closed it); 0 for an "
+        "upload. (Added in 1.4.0.)")
+    queued_s: float | None = Field(
+        default=None, ge=0.0,
+        description="Waiting for a worker: from the job created (or queued again: a try released for want of "
+        "Triton, a holder lost, a retry) to a worker claiming it, summed over its tries; part of total_s. "
+        "(Filled from 1.4.0; null before.)")
     ingest_s: float | None = Field(
         default=None, ge=0.0,
         description="Reading the files and deciding the series; for a study streamed through, the first batch "
@@ -248,7 +266,10 @@ class Timings(_Model):
         default=None, ge=0.0,
         description="From the first request to the last answer (decoding the rest of a streamed study overlaps it).")
     aggregate_s: float | None = Field(default=None, ge=0.0)
-    total_s: float | None = Field(default=None, ge=0.0)
+    total_s: float | None = Field(
+        default=None, ge=0.0,
+        description="From the job created (the study complete, or the upload accepted; a retried job: its first "
+        "creation) to the result: queued_s, every try and the screening. The time before it: receive_s, quiet_s.")
     stages_ms_per_slice: dict[str, float] | None = Field(
         default=None,
         description="Milliseconds per screened slice spent in each stage, summed over the stage's parallel "

@@ -7,6 +7,10 @@ Names (stable; the Helm chart's autoscaling reads ``ctscreen_backlog_slices``):
 ``ctscreen_slices_total``              counter    slices answered by Triton
 ``ctscreen_errors_total{reason}``      counter    refused requests, refused files and failed jobs by reason
 ``ctscreen_stage_seconds{stage}``      histogram  per-study latency of decode, infer, aggregate, total
+                                                  (total: from the job created, its queue included)
+``ctscreen_study_turnaround_seconds``  histogram  from a study's last instance received (an upload:
+                                                  accepted) to its verdict, by ``{origin}`` (``upload``;
+                                                  ``stow``: STOW-RS and C-STORE, its quiet period included)
 ``ctscreen_studies_inflight{state}``   gauge      studies queued / running now
 ``ctscreen_inflight_requests``         gauge      Triton requests on the wire now
 ``ctscreen_backlog_slices``            gauge      slices accepted and not yet answered (queued studies
@@ -41,6 +45,8 @@ from pydicom.uid import UID
 from gateway.triton_pool import TritonPool
 
 STAGES = ("decode", "infer", "aggregate", "total")
+ORIGINS = ("upload", "stow")
+"""How a study came (``jobs.origin``): uploaded whole, or instance by instance (STOW-RS, C-STORE)."""
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, math.inf)
 
 
@@ -92,6 +98,10 @@ class Metrics:
                               ["reason"], registry=self.registry)
         self.stage = Histogram("ctscreen_stage_seconds", "Per-study latency of each stage.", ["stage"],
                                buckets=_BUCKETS, registry=self.registry)
+        self.turnaround = Histogram(
+            "ctscreen_study_turnaround_seconds",
+            "From a study's last instance received (an upload: accepted) to its verdict, by origin.",
+            ["origin"], buckets=_BUCKETS, registry=self.registry)
         self.triton_restarts = Counter("ctscreen_triton_restarts",
                                        "Restarts of the embedded Triton after it died (ctscreen serve).",
                                        registry=self.registry)
@@ -102,6 +112,8 @@ class Metrics:
             self.studies.labels(verdict)
         for stage in STAGES:
             self.stage.labels(stage)
+        for origin in ORIGINS:
+            self.turnaround.labels(origin)
 
     def attach(self, pool: TritonPool, jobs_state: Callable[[], tuple[int, int, int]]) -> None:
         """Register the live gauges of ``pool`` and of the job store (``(queued, running, backlog)``)."""

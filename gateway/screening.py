@@ -362,8 +362,10 @@ class Screener:
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
                      on_batch: Callable[[int], None] | None = None,
-                     on_aggregate: Callable[[], Any] | None = None) -> CaseResult:
-        """Screen a prepared study; ``started`` (epoch seconds) is when its job was accepted.
+                     on_aggregate: Callable[[], Any] | None = None,
+                     waited: dict[str, float] | None = None) -> CaseResult:
+        """Screen a prepared study; ``started`` (epoch seconds) is when its job was accepted, ``waited`` the
+        timings of the waits before the screening (:meth:`gateway.store.waits.Waits.timings`).
 
         Raises
         ------
@@ -374,7 +376,7 @@ class Screener:
         """
         if prepared.speculation is not None:
             self.ahead.discard(prepared.speculation)  # a job now: it counts as running, no longer as ahead
-        timings: dict[str, Any] = {"ingest_s": prepared.ingest_s}
+        timings: dict[str, Any] = {**(waited or {}), "ingest_s": prepared.ingest_s}
         before = await self.pool.inference_statistics()
         calls = InferStats()
         t = time.monotonic()

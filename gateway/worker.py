@@ -55,6 +55,7 @@ from gateway.store import (
 )
 from gateway.store.deliveries import Deliveries
 from gateway.store.store import StoreOutage
+from gateway.store.waits import study_waits
 from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import in_thread, new_spool, sweep_spools
 
@@ -250,6 +251,7 @@ class Worker:
         remembered = await self._recall(job.id)
         spool: Path | None = None  # where a bucket's instances were downloaded to
         try:
+            waits = await study_waits(self.store, job.id)  # claimed: its waits in the queue are over
             prepared = remembered
             if prepared is None:
                 prepared, spool = await self._prepare(job)
@@ -258,7 +260,8 @@ class Worker:
             accepted = time.time() - (await self.store.now() - job.created_at)  # created_at is the store's clock
             result = await self.screener.screen(
                 prepared, job_id=job.id, started=accepted, on_batch=on_batch,
-                on_aggregate=lambda: set_state(JobState.aggregating))
+                on_aggregate=lambda: set_state(JobState.aggregating),
+                waited=None if waits is None else waits.timings())
             interrupted = await self.store.interrupted(job.study_id)
             if interrupted is not None:
                 result = transfer_interrupted(result, interrupted)
@@ -270,6 +273,9 @@ class Worker:
             result = result.model_copy(update={"uid_root": self.settings.uid_root or PYDICOM_ROOT_UID})
             if not await self.store.finish(job.id, result, context):
                 raise LeaseLost(job.id)
+            if waits is not None:  # the verdict is recorded: the study's turnaround, from its last instance
+                self.screener.metrics.turnaround.labels(job.origin).observe(
+                    max(0.0, await self.store.now() - waits.last_received_at))
             logger.info("job %s done: %s (%d slices)", job.id, result.verdict, result.n_slices)
         except asyncio.CancelledError:
             raise  # shut-down (released by stop) or lease lost (another replica has it)

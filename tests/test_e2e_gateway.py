@@ -233,11 +233,14 @@ def test_stow_rs_upload_by_dicomweb_client_is_screened(gateway, studies, screene
     uid = datasets[0].StudyInstanceUID
     client = DICOMwebClient(url=f"{gateway.url}/dicomweb")
     response = client.store_instances(datasets=datasets[:25])
+    first_sent = time.monotonic()  # the first 25 instances are in (the second request starts after)
     assert len(response.ReferencedSOPSequence) == 25 and "FailedSOPSequence" not in response
+    time.sleep(0.5)
     response = client.store_instances(datasets=datasets[25:], study_instance_uid=uid)
     assert len(response.ReferencedSOPSequence) == N_SLICES - 25
     with httpx.Client(base_url=gateway.url, timeout=60) as http:
         assert http.get(f"/v1/studies/{uid}").json()["state"] == "receiving"
+        arrived_s = time.monotonic() - first_sent  # at most the time its instances took to arrive
         job = http.post(f"/v1/studies/{uid}/complete")
         assert job.status_code == 202, job.text
         deadline = time.monotonic() + 120
@@ -251,6 +254,13 @@ def test_stow_rs_upload_by_dicomweb_client_is_screened(gateway, studies, screene
     plain = _result(screened["covid"])
     assert stow.n_slices == N_SLICES and stow.verdict == plain.verdict
     assert _boxes(stow) == _boxes(plain)
+    # the time the study took to arrive is in its timings (total_s starts at the job); an upload has none
+    t = stow.timings
+    assert t.receive_s is not None and t.quiet_s is not None and t.queued_s is not None
+    assert 0.5 <= t.receive_s and t.quiet_s < t.receive_s <= arrived_s + 5  # completed at once: little quiet
+    assert plain.timings.receive_s == plain.timings.quiet_s == 0 and plain.timings.queued_s is not None
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'ctscreen_study_turnaround_seconds_count{origin="stow"} 1.0' in metrics
 
 
 def _zip(members: dict[str, bytes]) -> bytes:

@@ -123,7 +123,9 @@ def row_json(r: WorklistRow) -> dict[str, Any]:
         "message": r.message or (f"retrying after: {error['message']}" if r.state == "queued" and error.get("message")
                                  else error.get("message")),
         "finished_at": _iso(r.finished_at),
-        "time_s": None if r.finished_at is None or r.started_at is None else round(r.finished_at - r.started_at, 2),
+        # the turnaround from the row's "Received" (the version's first instance; an upload: accepted) to its
+        # result: the instances arriving, the quiet period and the queue count, as the waiting sender sees it
+        "time_s": None if r.finished_at is None or r.job_id is None else round(max(0.0, r.finished_at - r.received_at), 2),
         "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
         "superseded_by": r.latest_version if r.latest_version > r.version else None,
     }

@@ -107,7 +107,7 @@ export function worklistView(main, params) {
     h("thead", {}, h("tr", {},
       ["Received (UTC)", "Study date", "Accession / Study UID", "Series", "State", "Verdict", "Reason", "Turnaround"]
         .map((t) => h("th", { scope: "col", title: t === "Turnaround"
-          ? "From acceptance to the result; a study screened again after a failed try counts from its first acceptance"
+          ? "From Received (the first instance; an upload: its acceptance) to the result: arrival, quiet period and queue included; a study screened again after a failed try counts from then too"
           : null }, t)))),
     tbody);
   const summary = h("p", { class: "pager-summary", "aria-live": "polite" });
