@@ -42,7 +42,7 @@ from tests.test_aggregator_sr import LESION, VA
 highdicom = pytest.importorskip("highdicom")
 
 
-def _series(n: int = 6, lesion_slices=(1, 2, 3)):
+def results_series(n: int = 6, lesion_slices=(1, 2, 3)):
     """Full 512 x 512 CT instances with patient and study attributes, and their case result."""
     study, series = generate_uid(), generate_uid()
     hu = np.full((512, 512), -1000, np.int16)
@@ -81,7 +81,7 @@ def dcmtk_clean(tool: str, data: bytes, tmp_path, *args: str, allowed: Collectio
 
 
 def test_sr_files_under_the_source_patient_and_study_and_validates(tmp_path):
-    result, sources = _series()
+    result, sources = results_series()
     sr = to_sr(result, sources)
     data = _bytes(sr)
     back = highdicom.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(data)))
@@ -100,7 +100,7 @@ def test_sr_files_under_the_source_patient_and_study_and_validates(tmp_path):
 
 
 def test_key_images_are_secondary_captures_with_boxes_in_a_lung_window(tmp_path):
-    result, sources = _series()
+    result, sources = results_series()
     images = key_images(result, sources)
     assert len(images) == len(result.evidence.slices) == 3
     series = {str(i.SeriesInstanceUID) for i in images}
@@ -127,10 +127,10 @@ def test_key_images_are_secondary_captures_with_boxes_in_a_lung_window(tmp_path)
 
 
 def test_negative_result_has_no_key_images_and_missing_sources_are_refused():
-    result, sources = _series(lesion_slices=(1, 2))
+    result, sources = results_series(lesion_slices=(1, 2))
     assert result.verdict == "negative" and key_images(result, sources) == []
     assert key_object_selection(result, sources) is None  # nothing to flag
-    positive, sources = _series()
+    positive, sources = results_series()
     with pytest.raises(ValueError, match="lacks evidence slice"):
         key_images(positive, sources[:1])
     with pytest.raises(ValueError, match="lacks evidence slice"):
@@ -140,7 +140,7 @@ def test_negative_result_has_no_key_images_and_missing_sources_are_refused():
 def test_a_series_that_is_no_chest_shows_its_boxes_as_lesions_nowhere():
     """not_chest (a head's sinuses make a run): the SR holds the verdict only, no key images, no KOS, no run in
     the FHIR report; the same series as a chest shows them all."""
-    result, sources = _series()
+    result, sources = results_series()
     head = result.model_copy(update={"verdict": "indeterminate", "reason": "not_chest"})
     assert result.shows_lesions and not head.shows_lesions and head.evidence is not None
     assert key_images(head, sources) == [] and key_object_selection(head, sources) is None
@@ -160,7 +160,7 @@ def test_the_key_object_selection_flags_the_run_and_its_key_images_in_the_study(
     the key images, in the source's patient and study, a new series; rebuilt, the same object."""
     from datetime import UTC, datetime
 
-    result, sources = _series()
+    result, sources = results_series()
     result = result.model_copy(update={"created_at": datetime(2026, 12, 5, 1, 2, 3, tzinfo=UTC)})  # as the worker
     images = key_images(result, sources)
     kos = key_object_selection(result, sources, images)
@@ -201,7 +201,7 @@ def test_the_key_object_selection_flags_the_run_and_its_key_images_in_the_study(
 
 
 def test_fhir_report_validates_and_refers_to_the_imaging_study():
-    result, sources = _series()
+    result, sources = results_series()
     bundle = to_fhir(result, {"PatientID": "P-123", "IssuerOfPatientID": "HOSP", "AccessionNumber": "ACC-9"})
     from fhir.resources.R4B.bundle import Bundle
 
@@ -233,7 +233,7 @@ def test_the_fhir_report_is_coded_as_a_machine_reading_not_as_the_radiologists_c
     """LOINC 24627-2 "CT Chest" is the code of the radiologist's report of the exam: a RIS listing reports by
     code showed the machine reading as that report. The code is the SR's title, DICOM 126000 Imaging
     Measurement Report, and every resource that asserts something carries the AI-asserted security label."""
-    result, _ = _series()
+    result, _ = results_series()
     bundle = to_fhir(result)
     report = bundle["entry"][0]["resource"]
     assert report["code"]["coding"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "126000",
@@ -253,7 +253,7 @@ def test_the_fhir_device_names_the_algorithm_and_every_observation_refers_to_it(
     from aggregator.fhir import device_identifier
     from aggregator.schema import ModelInfo
 
-    result, _ = _series()
+    result, _ = results_series()
     models = [ModelInfo(name="lesion", version="2.0.0", sha256="ab" * 32, platform="onnxruntime"),
               ModelInfo(name="ct_screen", version="1", platform="ensemble")]
     result = result.model_copy(update={"software_version": "9.9.9", "models": models})
@@ -281,7 +281,7 @@ def test_the_fhir_device_names_the_algorithm_and_every_observation_refers_to_it(
 def test_the_sr_and_the_fhir_report_code_the_verdict_alike(lesion_slices):
     """The RIS and the PACS must read one verdict: FHIR's Absent was SNOMED CT 2667000, the SR's 272519000
     (the code PS3.16 gives Absent, as pydicom's code dictionary has it): two codes for one answer."""
-    result, sources = _series(lesion_slices=lesion_slices)
+    result, sources = results_series(lesion_slices=lesion_slices)
 
     def coded(items):  # every coded value of the SR's content tree, as (code, meaning)
         for item in items:
@@ -304,7 +304,7 @@ def test_a_newer_reading_names_the_older_sr_and_the_older_report_it_replaces():
     in the bundle too, as conditional creates, so a RIS that never got it still holds the whole chain."""
     from aggregator.sr import sr_uids
 
-    newer, sources = _series()
+    newer, sources = results_series()
     older = newer.model_copy(update={"job_id": "job-0", "verdict": "negative", "evidence": None})
     sr = to_sr(newer, sources, predecessors=[older])
     (item,) = sr.PredecessorDocumentsSequence
@@ -359,7 +359,7 @@ def test_a_study_screened_three_times_has_one_current_reading_at_the_ris_in_any_
     created, nothing is cancelled, and the Device that made the three readings is one resource."""
     from tests.fhir_receiver import FhirReceiver
 
-    v3, _ = _series()
+    v3, _ = results_series()
     readings = [v3.model_copy(update={"job_id": f"job-{k}"}) for k in (1, 2, 3)]
     bundles = {k: to_fhir(readings[k - 1], {"PatientID": "P-123"}, supersedes=readings[:k - 1][::-1])
                for k in (1, 2, 3)}
@@ -385,7 +385,7 @@ def test_a_study_screened_three_times_has_one_current_reading_at_the_ris_in_any_
 def test_key_images_keep_the_patients_name_in_its_character_set(charset, name):
     """highdicom copies the name but not the character set: a Latin-1 name went out as Latin-1 bytes with
     no (0008,0005), which a PACS reads as another patient's."""
-    result, sources = _series()
+    result, sources = results_series()
     for ds in sources:
         ds.SpecificCharacterSet, ds.PatientName = charset, name
     sources = [dcmread(io.BytesIO(_bytes(ds))) for ds in sources]
@@ -402,7 +402,7 @@ def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems
     subject carried a made-up system (urn:ctscreen:issuer:...) no RIS knows, and the order none."""
     from aggregator.fhir import NOTICE, IdentifierSystems
 
-    result, _ = _series()
+    result, _ = results_series()
     patient = {"PatientID": "P 1|2", "IssuerOfPatientID": "HOSP", "AccessionNumber": "ACC-9"}
     systems = IdentifierSystems(patient_id="urn:oid:1.2.3", issuers={"HOSP": "https://hosp.example/mrn"},
                                 accession="urn:oid:1.2.4")
@@ -424,7 +424,7 @@ def test_fhir_report_finds_the_sites_patient_and_order_by_its_identifier_systems
     # the conclusion says what this is; its code says COVID-19 for a positive result, nothing otherwise
     assert report["conclusion"].startswith(NOTICE) and result.verdict == "positive"
     assert report["conclusionCode"][0]["coding"][0]["code"] == "840544004"
-    negative, _ = _series(lesion_slices=())
+    negative, _ = results_series(lesion_slices=())
     assert "conclusionCode" not in to_fhir(negative, patient, systems)["entry"][0]["resource"]
 
 
@@ -435,7 +435,7 @@ def test_what_a_reader_sees_says_it_is_a_machine_reading_and_a_rebuild_is_the_sa
     import time as _time
     from datetime import UTC, datetime
 
-    result, sources = _series()
+    result, sources = results_series()
     result = result.model_copy(update={"created_at": datetime(2026, 1, 2, 10, 15, 30, tzinfo=UTC)})  # as screened
     first_sr, first_key = to_sr(result, sources), key_images(result, sources)[0]
     _time.sleep(1.1)
@@ -459,7 +459,7 @@ def test_an_objects_times_are_in_the_studys_zone_with_its_offset(monkeypatch):
     import time as _time
     from datetime import datetime, timedelta, timezone
 
-    result, sources = _series()
+    result, sources = results_series()
     made = result.model_copy(update={"created_at": datetime(2026, 12, 5, 2, 2, 3, tzinfo=timezone(timedelta(hours=1)))})
     for src in sources:
         src.TimezoneOffsetFromUTC = "-0500"  # the scanner's zone
@@ -487,7 +487,7 @@ def test_a_pacs_study_list_shows_the_verdict_and_the_series_date(lesion_slices):
 
     from aggregator.keyimages import key_images
 
-    result, sources = _series(lesion_slices=lesion_slices)
+    result, sources = results_series(lesion_slices=lesion_slices)
     result = result.model_copy(update={"created_at": datetime(2026, 12, 5, 8, 30, tzinfo=UTC)})  # as the worker's
     sr = to_sr(result, sources)
     assert sr.SeriesDescription == f"ctscreen COVID-19 AI: {result.verdict.upper()} - not a diagnosis"
@@ -512,7 +512,7 @@ def test_every_output_numbers_the_runs_slices_as_the_message_does():
     lesion labels and the key images' derivation said "slice 1" for the message's "slice 2"), the patient's
     side only (a grid side, "image top left", is another side on a mirrored stored image), and a run that
     spans more slices than it counts is not called consecutive in the KOS."""
-    result, sources = _series(lesion_slices=(1, 2, 3))  # indexes 1-3: slices 2-4 to a reader
+    result, sources = results_series(lesion_slices=(1, 2, 3))  # indexes 1-3: slices 2-4 to a reader
     assert [s.index for s in result.evidence.slices] == [1, 2, 3]
     side = {"top_left": "right anterior", "top_right": "left anterior", "bottom_left": "right posterior",
             "bottom_right": "left posterior"}[result.evidence.quadrant]
@@ -555,7 +555,7 @@ def test_the_fhir_report_and_observations_say_when_the_study_was_taken(study, ef
     where the zone is unknown (R4: a time needs a zone); the bundle validates with the R4 models."""
     from fhir.resources.R4B.bundle import Bundle
 
-    result, _ = _series()
+    result, _ = results_series()
     bundle = to_fhir(result, {"PatientID": "P-123", **study})
     Bundle.parse_obj(bundle)
     resources = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] in

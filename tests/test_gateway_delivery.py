@@ -1440,7 +1440,7 @@ def test_a_destination_that_asks_to_wait_is_given_the_time(study_files, tmp_path
 def test_a_forced_resend_that_fails_shows_no_delivery_time(study_files, tmp_path):
     """Delivered, sent again by force to a PACS gone meanwhile, failed: the API still showed the first delivery's
     time as its ``delivered_at`` beside state failed. A real pynetdicom SCP, stopped before the re-send."""
-    from gateway.api.deliveries import _view
+    from gateway.api.deliveries import delivery_view
 
     scp, received, handlers = _counting_scp("GONE")
     server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
@@ -1458,7 +1458,7 @@ def test_a_forced_resend_that_fails_shows_no_delivery_time(study_files, tmp_path
             stopped.append(True)
             await deliverer.tasks.resend(result.job_id, "pacs", "dicom", force=True)
             (failed,) = await until_states(deliverer, result.job_id, {"failed"})
-            return _view(failed)
+            return delivery_view(failed)
         finally:
             await deliverer.stop()
             await store.close()
@@ -1476,9 +1476,9 @@ def test_a_fhir_payload_dates_the_reading_by_the_study_in_its_time_zone():
     """The FHIR payload built for a delivery carries the study's date, time and Timezone Offset From UTC (kept with
     the result in its SR headers) as the report's ``effectiveDateTime``."""
     from gateway.delivery.payloads import build_fhir
-    from tests.test_aggregator_results_out import _series
+    from tests.test_aggregator_results_out import results_series
 
-    result, sources = _series()
+    result, sources = results_series()
     for ds in sources:
         ds.StudyDate, ds.StudyTime, ds.TimezoneOffsetFromUTC = "20261205", "093015", "+0100"
     context = sr_context(sources)

@@ -41,7 +41,7 @@ def _ts(v: float | None) -> datetime | None:
     return None if v is None else datetime.fromtimestamp(v, UTC)
 
 
-def _view(task: Any, *, with_job: bool = False) -> DeliveryView:
+def delivery_view(task: Any, *, with_job: bool = False) -> DeliveryView:
     objects = [{"kind": o["kind"], "uid": o["uid"]} for o in (task.payload or {}).get("objects", [])]
     return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
                         objects=objects, sent=list(task.sent), error=task.error,
@@ -59,7 +59,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job
 async def list_deliveries(job_id: str, request: Request, store: StoreDep, _: ReadAccess) -> list[DeliveryView]:
     """Each destination the result goes to, with its state, attempts and events."""
     await store.job(checked_job_id(job_id))  # 404
-    return [_view(t) for t in await request.app.state.deliverer.tasks.of_job(job_id)]
+    return [delivery_view(t) for t in await request.app.state.deliverer.tasks.of_job(job_id)]
 
 
 @router.post("/{job_id}/deliveries/{destination}/resend", status_code=202, response_model=DeliveryView,
@@ -78,7 +78,7 @@ async def resend(job_id: str, destination: str, request: Request, store: StoreDe
                                            force=force)
     except ValueError as exc:
         raise NotResendable(str(exc)) from None
-    return JSONResponse(_view(task).model_dump(mode="json"), status_code=202,
+    return JSONResponse(delivery_view(task).model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{job_id}/deliveries"})
 
 
@@ -101,7 +101,7 @@ async def deliveries_in_state(
     if destination is not None:
         _destination(request, destination)
     tasks = await request.app.state.deliverer.tasks.in_state(state, destination, limit)
-    return [_view(t, with_job=True) for t in tasks]
+    return [delivery_view(t, with_job=True) for t in tasks]
 
 
 @fleet.post("/resend", status_code=202, summary="Send every failed delivery to a destination again",
