@@ -474,6 +474,8 @@ def screen_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the CaseResult documents as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout in seconds (default 600)")
+    p.add_argument("--priority", choices=("urgent", "routine", "low"), default="routine",
+                   help="urgent: screened before every routine and low study waiting (default routine)")
     args = p.parse_args(argv)
     if not args.url.startswith(("http://", "https://")):
         p.error(f"--url must start with http:// or https://, got {args.url!r}")
@@ -490,7 +492,7 @@ def screen_main(argv: list[str]) -> int:
             p.error(f"{path}: no such file or folder")
     try:
         outcomes = screen_paths(args.url.rstrip("/"), args.paths, quiet=args.quiet or args.json,
-                                timeout=args.timeout)
+                                timeout=args.timeout, priority=args.priority)
     except CliError as exc:
         print(f"ctscreen screen: {exc}", file=sys.stderr)
         return 1

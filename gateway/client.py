@@ -96,8 +96,10 @@ def error_of(response: Any) -> dict[str, Any]:
     return {"reason": f"http_{response.status_code}", "message": response.text[:200]}
 
 
-def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: float = 3600.0) -> Outcome:
-    """Upload one study, follow its progress and return its outcome (never raises for the study)."""
+def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: float = 3600.0,
+                priority: str = "routine") -> Outcome:
+    """Upload one study (at ``priority``: urgent, routine or low), follow its progress and return its outcome
+    (never raises for the study)."""
     import httpx
     from tqdm import tqdm
 
@@ -117,7 +119,7 @@ def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: flo
                   leave=False, file=sys.stderr) as bar:
             content_type, length, body = _multipart(files, root, bar)
             try:
-                response = client.post("/v1/studies", content=body,
+                response = client.post("/v1/studies", content=body, params={"priority": priority},
                                        headers={"Content-Type": content_type, "Content-Length": str(length)})
             except httpx.TransportError as exc:  # the gateway went away during the upload: nothing accepted
                 out.error = {"reason": "unreachable", "message": f"upload not accepted: {type(exc).__name__}"}
@@ -280,8 +282,8 @@ def http_client(url: str, timeout: float) -> Any:
     return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 
 
-def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeout: float = 600.0
-                 ) -> list[Outcome]:
+def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeout: float = 600.0,
+                 priority: str = "routine") -> list[Outcome]:
     """Screen each path against the gateway at ``url``."""
     import httpx
 
@@ -293,5 +295,5 @@ def screen_paths(url: str, paths: Sequence[Path], *, quiet: bool = False, timeou
             raise CliError(f"no ctscreen gateway answers at {url} ({type(exc).__name__}); "
                            "start one with 'ctscreen serve'") from None
         for path in paths:
-            outcomes.append(screen_path(client, path, quiet=quiet))
+            outcomes.append(screen_path(client, path, quiet=quiet, priority=priority))
     return outcomes

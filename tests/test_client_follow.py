@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -124,6 +125,18 @@ def test_an_empty_folder_among_several_studies_is_one_error_row(gateway, study, 
     outcomes = screen_client.screen_paths("http://testserver", [study, empty], quiet=True)
     assert outcomes[0].error is None and outcomes[0].result is not None
     assert outcomes[1].error == {"reason": "no_files", "message": f"{empty}: no file to upload"}
+
+
+def test_ctscreen_screen_priority_reaches_the_job(gateway, study, monkeypatch, capsys):
+    """``ctscreen screen --priority urgent`` uploads with ``?priority=urgent``: the job is taken before routine ones."""
+    from gateway.cli import screen_main
+
+    client, keys = gateway
+    monkeypatch.setattr(screen_client, "http_client", lambda url, timeout: client)
+    client.headers["X-API-Key"] = keys["admin"]
+    assert screen_main([str(study), "--priority", "urgent", "--json", "--url", "http://testserver"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert client.get(f"/v1/jobs/{result['job_id']}").json()["priority"] == "urgent"
 
 
 def test_a_path_that_is_neither_file_nor_folder_is_named_as_such():

@@ -420,7 +420,10 @@ def test_a_read_only_state_store_is_retry_later_and_not_ready_and_says_so_once(p
                         headers={"content-type": STOW_TYPE})
         assert r.status_code == 200, r.text
         assert client.get(f"/v1/studies/{uid}").json()["instances_received"] == 2
-    assert any("the state store answers again" in rec.getMessage() for rec in caplog.records)
+        deadline = time.monotonic() + 20  # the loops' next pass says it (the sweeper every 0.2 s)
+        while not any("the state store answers again" in rec.getMessage() for rec in caplog.records):
+            assert time.monotonic() < deadline, "no loop said the state store answers again"
+            time.sleep(0.1)
 
 
 def test_stored_instances_carry_an_empty_retrieve_url(tmp_path):
