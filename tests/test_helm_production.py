@@ -440,6 +440,7 @@ def test_gateway_listens_on_every_address_so_it_is_held_to_the_auth_requirement(
         assert settings.auth_oidc_issuer == values["gateway"]["auth"]["oidcIssuer"]
         assert settings.auth_oidc_audience == "ctscreen"
         assert settings.dicom_allowed_peers == values["gateway"]["dicom"]["allowedPeers"]
+        assert settings.dicom_urgent_ae_titles == values["gateway"]["dicom"]["urgentAeTitles"] == ["CT_SCANNER_1"]
 
 
 def test_auth_settings_reach_the_pod_from_secrets_never_as_literals(production):

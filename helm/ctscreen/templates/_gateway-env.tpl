@@ -86,6 +86,10 @@
 - name: CTSCREEN_DICOM_ALLOWED_PEERS
   value: {{ join "," . | quote }}
 {{- end }}
+{{- with $g.dicom.urgentAeTitles }}
+- name: CTSCREEN_DICOM_URGENT_AE_TITLES
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- if $g.dicom.tls.secretName }}
 - name: CTSCREEN_DICOM_TLS_CERT
   value: /etc/ctscreen/dicom-tls/tls.crt
