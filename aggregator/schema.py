@@ -256,7 +256,8 @@ class Timings(_Model):
     queued_s: float | None = Field(
         default=None, ge=0.0,
         description="Waiting for a worker: from the job created (or queued again: a try released for want of "
-        "Triton, a holder lost, a retry) to a worker claiming it, summed over its tries; part of total_s. "
+        "Triton or at a replica's shut-down, a holder lost, a retry) to a worker claiming it, summed over its tries; "
+        "part of total_s. "
         "(Filled from 1.4.0; null before.)")
     ingest_s: float | None = Field(
         default=None, ge=0.0,

@@ -126,3 +126,26 @@ def test_queued_time_sums_the_waits_of_every_try_and_not_the_tries(db_url):
         assert again.receive_s == again.quiet_s == 0  # an upload
 
     asyncio.run(go())
+
+
+def test_the_wait_after_a_replica_shut_down_counts_as_queued(db_url):
+    """A replica shutting down gives its jobs back (release_all) without an event: the wait until another
+    replica claimed one was in no result's queued_s. It writes the job's 'queued' event now."""
+    upgrade(db_url)
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            job = await a.accept_upload("1.2.826.0.1.8", [("a.dcm", "key-b", 10)], 3600)
+            assert await a.claim(30) is not None
+            await asyncio.sleep(0.3)
+            assert await a.release_all() == 1  # a shuts down
+            await asyncio.sleep(0.5)
+            assert await b.claim(30) is not None
+            waits = await study_waits(b, job.job_id)
+        finally:
+            await a.close()
+            await b.close()
+        assert waits is not None and 0.5 <= waits.queued_s < 0.8  # the wait after the shut-down, not the try
+
+    asyncio.run(go())

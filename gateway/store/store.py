@@ -944,9 +944,14 @@ class Store:
         """
         now = await self.now()
         async with self.tx() as s:
-            done = await s.execute(update(Job).where(Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).values(
+            held = (await s.execute(select(Job.id, Job.slices_total).where(
+                Job.lease_owner == self.owner, Job.state.in_(_RUNNING)).with_for_update())).all()
+            done = await s.execute(update(Job).where(Job.id.in_([r[0] for r in held])).values(
                 state=JobState.queued.value, lease_owner=None, lease_expires_at=None, next_attempt_at=now,
                 accepted_by=None, updated_at=now, slices_done=0, takeovers=0))
+            for job_id, total in held:  # queued again: its wait from now counts (queued_s), and others wake
+                s.add(Event(job_id=job_id, state=JobState.queued.value, slices_done=0, slices_total=total,
+                            created_at=now))
             await s.execute(update(Job).where(Job.state == JobState.queued.value, Job.accepted_by == self.owner)
                             .values(accepted_by=None))
             await s.execute(delete(Replica).where(Replica.owner == self.owner))
