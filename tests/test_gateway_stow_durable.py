@@ -195,6 +195,22 @@ def test_a_study_forwarded_again_in_another_transfer_syntax_is_not_screened_agai
         assert second["state"] == "done" and second["files"] == 4
 
 
+def test_while_a_later_version_arrives_the_study_shows_the_previous_result(tmp_path):
+    """A late instance opened version 2: while it was received, GET /v1/studies/{uid} said 'receiving' with
+    version 1's job id and no result (a review: a consumer could not tell the study had a verdict). It keeps
+    version 1's job and result until version 2 is screened."""
+    uid, files = ct_series(5, lesion=(1, 2, 3), size=128)
+    with TestClient(_app(1.5, tmp_path)) as client:
+        _stow(client, files[:4])
+        first = _screened(client, uid)
+        _stow(client, files[4:])  # the late one
+        view = client.get(f"/v1/studies/{uid}").json()
+        assert view["state"] == "receiving" and view["instances_received"] == 5, view
+        assert view["job_id"] == first["job_id"] and view["result"] == first["result"]
+        second = _screened(client, uid, not_job=first["job_id"])
+        assert client.get(f"/v1/studies/{uid}").json()["result"]["job_id"] == second["job_id"]
+
+
 def test_explicit_complete_is_once_per_version(tmp_path):
     uid, files = ct_series(4, size=128)
     with TestClient(_app(3600.0, tmp_path)) as client:

@@ -52,9 +52,11 @@ class StudyView(BaseModel):
     study_instance_uid: str
     state: str = Field(description="receiving, or the state of its latest job")
     instances_received: int | None = Field(None, description="STOW instances held, while receiving")
-    job_id: str | None = None
+    job_id: str | None = Field(None, description="its latest job; while a later version is being received, the "
+                                                 "previous version's, whose result stays the study's latest "
+                                                 "until the new version is screened")
     error: JobError | None = None
-    result: CaseResult | None = None
+    result: CaseResult | None = Field(None, description="that job's result (null until it is done)")
 
 
 def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, Path] | None:
@@ -305,9 +307,10 @@ async def get_study(study_instance_uid: str, store: StoreDep, _: ReadAccess) -> 
     if study is None or (study.state != "receiving" and study.job is None):
         raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
     job = study.job
-    if study.state == "receiving":
+    if study.state == "receiving":  # a later version arriving: the previous one's result is still the latest
         return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=study.instances,
-                         job_id=job.job_id if job else None)
+                         job_id=job.job_id if job else None, error=job.error if job else None,
+                         result=job.result if job else None)
     assert job is not None
     return StudyView(study_instance_uid=study_instance_uid, state=job.state.value, job_id=job.job_id,
                      error=job.error, result=job.result)
