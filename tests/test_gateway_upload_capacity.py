@@ -18,7 +18,6 @@ from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.migrate import upgrade
 from gateway.store.models import Replica
-from gateway.store.replicas import live_replicas
 
 SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_studies=1, lease_s=30,
                     sweep_interval_s=0.5, retry_after_s=7)
@@ -52,7 +51,7 @@ def test_a_second_gateway_raises_the_cluster_limit_and_a_killed_one_takes_its_sh
             for holder in (a, a, b):
                 assert await holder.claim(SETTINGS.lease_s) is not None
             assert await a.counts() == (0, 3, 30)
-            assert await live_replicas(a, SETTINGS.replica_alive_s) == 2
+            assert await a.live_replicas(SETTINGS.replica_alive_s) == 2
             assert await _refused(a) is None and await _refused(b) is None  # the 4th upload, on either gateway
             await _accept(b, 2)  # 5 active
             assert await _refused(b) is None
@@ -63,7 +62,7 @@ def test_a_second_gateway_raises_the_cluster_limit_and_a_killed_one_takes_its_sh
             async with a.tx() as s:
                 await s.execute(update(Replica).where(Replica.owner == "b").values(
                     seen_at=await a.now() - 2 * SETTINGS.replica_alive_s))
-            assert await live_replicas(a, SETTINGS.replica_alive_s) == 1
+            assert await a.live_replicas(SETTINGS.replica_alive_s) == 1
             refused = await _refused(a)
             assert refused is not None and "3 studies" in str(refused)
         finally:
@@ -82,7 +81,7 @@ def test_one_gateway_still_refuses_at_its_own_limit(db_url):
     async def go():
         a = Store(db_url, owner="a")
         try:
-            assert await live_replicas(a, SETTINGS.replica_alive_s) == 1  # no row yet
+            assert await a.live_replicas(SETTINGS.replica_alive_s) == 1  # no row yet
             await _accept(a, 2)
             assert await _refused(a) is None
             await a.add_instance("1.2.826.0.9", "1.2.826.0.9.1", "x.dcm", "key-x", 10)

@@ -28,7 +28,6 @@ from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
-from gateway.store.replicas import live_replicas
 from gateway.uids import check_uid
 from gateway.uploads import (
     FilePart,
@@ -183,12 +182,12 @@ async def check_capacity(store: Store, settings: Settings) -> None:
     """Refuse an upload (429) while the cluster's active jobs (queued or running, of every origin: they wait
     for the same slots) reach the sum of the live replicas' ``max_concurrent_studies + max_queued_studies``.
 
-    Each live replica (:func:`~gateway.store.replicas.live_replicas`) brings its slots and its queue
+    Each live replica (:meth:`~gateway.store.Store.live_replicas`) brings its slots and its queue
     allowance, taken to be this replica's settings (the replicas of a deployment share them): one gateway
     refuses at its own limit, as before; two take twice as much, and a killed one's share goes with it.
     """
     queued, running, _ = await store.counts()
-    replicas = await live_replicas(store, settings.replica_alive_s)
+    replicas = await store.live_replicas(settings.replica_alive_s)
     limit = replicas * (settings.max_concurrent_studies + settings.max_queued_studies)
     if queued + running >= limit:
         where = "" if replicas == 1 else f" on {replicas} gateways"

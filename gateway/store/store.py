@@ -90,7 +90,7 @@ _TERMINAL = [s.value for s in TERMINAL]
 
 REPLICA_ALIVE_S = 30.0
 """A replica whose sweeper has not run for this long is taken for gone, and its waiting jobs are adopted
-(:meth:`Store.adopt`); the sweeper passes ``max(lease_s, 4 * sweep_interval_s)``."""
+(:meth:`Store.adopt`): the default; the gateway passes :attr:`gateway.settings.Settings.replica_alive_s`."""
 REPLICA_FORGOTTEN_S = 86_400.0
 """The row of a replica not seen for this long is removed (pods come and go under new names)."""
 
@@ -200,7 +200,6 @@ class StoreOutage:
         if self._since is not None:
             logger.warning("%s: the state store answers again after %.0f s", self.what, time.monotonic() - self._since)
             self._since, self._tries = None, 0
-
 
 
 SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword", "secret", "token", "key")
@@ -545,15 +544,21 @@ class Store:
             return (await s.execute(select(Instance.blob_key).where(
                 Instance.study_id == latest, Instance.sop_instance_uid == sop_instance_uid).limit(1))).scalar()
 
-    async def _latest_screened(self, s: AsyncSession, uid: str) -> int | None:
-        """The study's latest version, when it is screened or being screened (its job not failed)."""
-        latest = (await s.execute(
+    @staticmethod
+    async def _latest_version(s: AsyncSession, uid: str) -> tuple[int, str | None] | None:
+        """``(id, its job's state or None)`` of the study's latest version, or None for a study never received."""
+        row = (await s.execute(
             select(Study.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
             .where(Study.study_instance_uid == uid).order_by(Study.version.desc()).limit(1)
         )).first()
+        return None if row is None else (int(row[0]), row[1])
+
+    async def _latest_screened(self, s: AsyncSession, uid: str) -> int | None:
+        """The study's latest version, when it is screened or being screened (its job not failed)."""
+        latest = await self._latest_version(s, uid)
         if latest is None or latest[1] is None or latest[1] == JobState.failed.value:
             return None
-        return int(latest[0])
+        return latest[0]
 
     async def _add_instance(self, uid: str, sop: str, filename: str, key: str, nbytes: int,
                             changed: bool = False, same_as: str | None = None, priority: int = ROUTINE) -> str | None:
@@ -640,12 +645,10 @@ class Store:
         n = 0
         async with self.tx() as s:
             for uid in sorted(set(study_instance_uids)):
-                row = (await s.execute(
-                    select(Study.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
-                    .where(Study.study_instance_uid == uid).order_by(Study.version.desc()).limit(1))).first()
-                if row is None or row[1] in _TERMINAL:
+                latest = await self._latest_version(s, uid)
+                if latest is None or latest[1] in _TERMINAL:
                     continue
-                n += _rowcount(await s.execute(update(Study).where(Study.id == row[0]).values(
+                n += _rowcount(await s.execute(update(Study).where(Study.id == latest[0]).values(
                     interrupted=None if note is None else note[:256])))
         return n
 
@@ -895,7 +898,7 @@ class Store:
         else:  # queued, or abandoned by a replica that died (its lease lapsed): never one being screened, and
             # only past its deadline (another replica's sweep may have failed it and a user retried it since
             # this one read it as overdue: the retry's fresh deadline keeps it)
-            cond += [or_(Job.state == JobState.queued.value, Job.lease_expires_at < now), Job.deadline_at < now]
+            cond += [_waiting(now), Job.deadline_at < now]
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(*cond).values(
                 state=JobState.failed.value, lease_owner=None, lease_expires_at=None, finished_at=now, updated_at=now,
@@ -973,6 +976,16 @@ class Store:
             await s.execute(delete(Replica).where(Replica.seen_at < now - REPLICA_FORGOTTEN_S))
         self._seen_at = now
 
+    async def live_replicas(self, alive_s: float = REPLICA_ALIVE_S) -> int:
+        """The gateway replicas seen alive within ``alive_s`` (:meth:`seen`), this one included even before its
+        first sweep recorded it (at least 1): the upload limit is the sum of theirs
+        (:func:`gateway.api.studies.check_capacity`)."""
+        now = await self.now()
+        async with self.read() as s:
+            others = (await s.execute(select(func.count()).select_from(Replica).where(
+                Replica.seen_at >= now - alive_s, Replica.owner != self.owner))).scalar()
+        return 1 + int(others or 0)
+
     async def adopt(self, alive_s: float = REPLICA_ALIVE_S) -> int:
         """Count the open jobs no live replica counts as this one's share: the queued jobs, and those whose
         holder's lease lapsed, that a replica left at shut-down (released: no one's) or that a replica not
@@ -1047,9 +1060,7 @@ class Store:
 
     @staticmethod
     async def _overdue(s: AsyncSession, now: float) -> list[tuple[str, Any]]:
-        rows = (await s.execute(select(Job.id, Job.error).where(or_(
-            Job.state == JobState.queued.value, and_(Job.state.in_(_RUNNING), Job.lease_expires_at < now),
-        ), Job.deadline_at < now))).all()
+        rows = (await s.execute(select(Job.id, Job.error).where(_waiting(now), Job.deadline_at < now))).all()
         return [(r[0], r[1]) for r in rows]
 
     # --- reading ---------------------------------------------------------------------------------
