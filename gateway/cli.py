@@ -105,7 +105,7 @@ def _preflight(settings: Any) -> None:
     except OSError as exc:
         raise CliError(f"the blob store {where} cannot be opened: {exc.strerror or exc}") from None
     try:
-        check_pairing_now(settings.database(), blobs, where)
+        check_pairing_now(settings.database(), blobs)
     except StorePairingError as exc:
         raise CliError(str(exc)) from None
     if settings.dicom_port is not None:
@@ -158,7 +158,7 @@ def run_stack(
                 # instead of three (docs/triton.md); CTSCREEN_TRITON_MODEL=ct_screen picks the ensemble
                 settings = settings.model_copy(update={"triton_model": triton.screen_model})
         settings = settings.model_copy(update={"triton_urls": [triton_url]})
-        app = create_app(settings, schema_ready=True)
+        app = create_app(settings, start_checked=True)
         if triton is not None:
             supervisor = Supervisor(triton, start_timeout=start_timeout,
                                     on_restart=lambda: app.state.metrics.triton_restarts.inc())

@@ -104,7 +104,7 @@ def create_app(
     *,
     client_factory: ClientFactory | None = None,
     loader: Loader | None = None,
-    schema_ready: bool = False,
+    start_checked: bool = False,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -116,9 +116,11 @@ def create_app(
         Makes the Triton client of an endpoint (unit tests pass a fake; default: real gRPC).
     loader : Callable | None
         Turns uploaded files into a prepared study (default :func:`gateway.ingest.load_study`).
-    schema_ready : bool
-        The caller has upgraded and checked the schema (:func:`gateway.store.migrate.prepare_schema`);
-        otherwise the start does (``CTSCREEN_DB_MIGRATE``) and a schema it cannot run on fails it.
+    start_checked : bool
+        The caller has upgraded and checked the schema (:func:`gateway.store.migrate.prepare_schema`) and
+        checked that the blob store is the database's (:func:`gateway.store.pairing.check_pairing_now`), each
+        failure said in one line; otherwise the start does both (``CTSCREEN_DB_MIGRATE``), and a schema it
+        cannot run on or a blob store that is not the database's fails it.
     """
     settings = settings or Settings()
     protect_logs()  # no header value (a malformed birth date ...) in pydicom's log records
@@ -127,7 +129,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         database = settings.database()
-        if not schema_ready:  # what app_from_env and the CLI do before the server starts
+        if not start_checked:  # what app_from_env and the CLI do before the server starts
             try:
                 await asyncio.to_thread(prepare_schema, database, settings.db_migrate)
             except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
@@ -135,12 +137,13 @@ def create_app(
                 raise
         store = Store(database)
         blobs = settings.blob_store()
-        try:  # a blob folder not mounted, a mistyped database URL: refused before anything is accepted
-            await checked_pairing(store, blobs, settings.blob_url or str(settings.blobs()))
-        except StorePairingError as exc:
-            logger.error("%s", exc)
-            await store.close()
-            raise
+        if not start_checked:  # a blob folder not mounted, a mistyped database URL: refused before anything is accepted
+            try:
+                await checked_pairing(store, blobs)
+            except StorePairingError as exc:
+                logger.error("%s", exc)
+                await store.close()
+                raise
         store.listen()  # PostgreSQL: other replicas' job events wake this one's worker and SSE streams
         logger.info("state store %s, blobs in %s, replica %s", redact(database), blobs.root, store.owner)
         pool = make_pool(settings, client_factory)
@@ -238,12 +241,12 @@ def app_from_env() -> FastAPI:
     except ValidationError as exc:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
     try:
-        app = create_app(settings, schema_ready=True)
+        app = create_app(settings, start_checked=True)
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file
         raise SystemExit(f"ctscreen gateway: {exc}") from None
     try:  # before uvicorn runs the lifespan: its failure would be logged as a traceback
         prepare_schema(settings.database(), settings.db_migrate)
-        check_pairing_now(settings.database(), settings.blob_store(), settings.blob_url or str(settings.blobs()))
+        check_pairing_now(settings.database(), settings.blob_store())
     except (SchemaError, StorePairingError) as exc:
         raise SystemExit(f"ctscreen gateway: {exc}") from None
     return app

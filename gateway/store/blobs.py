@@ -66,6 +66,10 @@ def sweep_stale(root: Path, pattern: str, max_age_s: float, now: float | None = 
 class BlobStore(Protocol):
     """Durable bytes under a key (blocking calls: run them off the event loop)."""
 
+    @property
+    def root(self) -> Path | str:
+        """Where the blobs are, as messages name it: the folder, or ``s3://bucket/prefix``."""
+
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key``; durable when this returns."""
 

@@ -31,11 +31,11 @@ class StorePairingError(RuntimeError):
     """The state store and the blob store do not belong together (the message says which check failed)."""
 
 
-async def check_pairing(store: Store, blobs: BlobStore, where: str) -> None:
-    """Raise :class:`StorePairingError` when ``store`` and ``blobs`` (described as ``where``) do not belong
-    together (see the module docstring)."""
+async def check_pairing(store: Store, blobs: BlobStore) -> None:
+    """Raise :class:`StorePairingError` when ``store`` and ``blobs`` do not belong together (see the module
+    docstring)."""
     used, keys = await store.pairing_facts()
-    database = redact(store.url)
+    database, where = redact(store.url), blobs.root
     if keys:
         found = await asyncio.to_thread(lambda: sum(blobs.exists(k) for k in keys))
         if not found:
@@ -52,24 +52,24 @@ async def check_pairing(store: Store, blobs: BlobStore, where: str) -> None:
             "to start afresh on purpose, empty the blob store first.)")
 
 
-async def checked_pairing(store: Store, blobs: BlobStore, where: str) -> None:
+async def checked_pairing(store: Store, blobs: BlobStore) -> None:
     """:func:`check_pairing` at a gateway's start: a state store or a blob store that cannot answer now is left
     to the start's other checks (the gateway starts not ready, and is refused nothing it did not check)."""
     try:
-        await check_pairing(store, blobs, where)
+        await check_pairing(store, blobs)
     except (*StoreError, OSError) as exc:  # a bucket gone, a volume that fails: readiness says so
         logger.warning("the state store and the blob store could not be checked against each other now (%s)",
                        type(exc).__name__)
 
 
-def check_pairing_now(database_url: str, blobs: BlobStore, where: str) -> None:
+def check_pairing_now(database_url: str, blobs: BlobStore) -> None:
     """:func:`checked_pairing` from synchronous code (a command's or a server factory's checks before serving),
     in a thread of its own: uvicorn calls its ``--factory`` inside its running event loop."""
 
     async def go() -> None:
         store = Store(database_url)
         try:
-            await checked_pairing(store, blobs, where)
+            await checked_pairing(store, blobs)
         finally:
             await store.close()
 
