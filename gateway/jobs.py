@@ -51,10 +51,11 @@ class JobError(BaseModel):
 
 
 Priority = Literal["low", "routine", "urgent"]
-PRIORITIES: dict[str, int] = {"low": 0, "routine": 1, "urgent": 2}
+PRIORITIES: dict[Priority, int] = {"low": 0, "routine": 1, "urgent": 2}
 """A study's priority and its rank in the store: a worker takes the highest due first, the oldest first within
 one (``POST /v1/studies?priority=``, STOW-RS ``?priority=``, the C-STORE request's Priority, an urgent AE title)."""
 ROUTINE = PRIORITIES["routine"]
+_NAMES: dict[int, Priority] = {rank: name for name, rank in PRIORITIES.items()}
 DIMSE_PRIORITIES: dict[int, int] = {0x0002: 0, 0x0000: 1, 0x0001: 2}
 """The C-STORE request's Priority (0002,0700): LOW, MEDIUM, HIGH (PS3.7 9.1.1.1)."""
 
@@ -65,8 +66,7 @@ def priority_name(rank: int | None) -> Priority:
     >>> priority_name(2), priority_name(None)
     ('urgent', 'routine')
     """
-    names: dict[int, Priority] = {0: "low", 1: "routine", 2: "urgent"}
-    return names.get(ROUTINE if rank is None else rank, "routine")
+    return _NAMES.get(ROUTINE if rank is None else rank, "routine")
 
 
 class JobView(BaseModel):
