@@ -196,7 +196,21 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _answers(url: str, containing: bytes = b"") -> bool:
+    """``url`` answers 200 (with ``containing`` in its body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200 and (not containing or containing in response.read())
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 _LIVE: set[EmbeddedTriton] = set()
+_CLAIMED: set[int] = set()
+"""Ports this process picked for servers it runs, held until each server is cleaned up: two servers
+started at once from threads (the balancing tests start three) must not be handed the same port that
+``bind(0)`` returned to each a moment apart."""
+_CLAIMED_LOCK = threading.Lock()
 """Servers started and not yet stopped (strong references: a dropped object still gets stopped)."""
 
 SHM_DIR = Path("/dev/shm")
@@ -327,6 +341,7 @@ class EmbeddedTriton:
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
         self._log_fh: IO[str] | None = None
         self._shm_prefix: str | None = None  # the python backend's regions of the running server
+        self._claimed: set[int] = set()  # ports picked for it (0 requested), in _CLAIMED until cleanup
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -434,18 +449,27 @@ class EmbeddedTriton:
 
     def _choose_ports(self) -> None:
         names = {"grpc": "gRPC", "http": "HTTP", "metrics": "metrics"}
-        taken: set[int] = set()
-        for key, requested in self._requested.items():
-            if requested == 0:
-                port = free_port(self._client_host)
-                while port in taken:
+        self._release_ports()
+        with _CLAIMED_LOCK:
+            chosen: dict[str, int] = {}
+            for key, requested in self._requested.items():
+                if requested == 0:
                     port = free_port(self._client_host)
-            else:
-                port = requested
-                if not _port_free(self.host, port):
-                    raise TritonStartError(f"{names[key]} port {port} on {self.host} is already in use")
-            taken.add(port)
-            self._ports[key] = port
+                    while port in _CLAIMED or port in chosen.values():
+                        port = free_port(self._client_host)
+                else:
+                    port = requested
+                    if not _port_free(self.host, port):
+                        raise TritonStartError(f"{names[key]} port {port} on {self.host} is already in use")
+                chosen[key] = port
+            self._ports.update(chosen)
+            self._claimed = {port for key, port in chosen.items() if self._requested[key] == 0}
+            _CLAIMED.update(self._claimed)
+
+    def _release_ports(self) -> None:
+        with _CLAIMED_LOCK:
+            _CLAIMED.difference_update(self._claimed)
+            self._claimed = set()
 
     def _command(self, binary: Path, backends: Path) -> list[str]:
         self._shm_prefix = prefix = new_shm_prefix()
@@ -518,8 +542,15 @@ class EmbeddedTriton:
             server_logger.debug("%s", line.rstrip())
 
     def _wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
+        """Ready when the server says so, serves its metrics, and is still running a moment later.
+
+        tritonserver starts its metrics service last and exits when that port is taken, after it has
+        answered ``/v2/health/ready``: so the health check alone let a server that was about to exit
+        count as started (a CI run lost one of three servers that way).
+        """
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
+        seen_ready = False
         while time.monotonic() < deadline:
             if cancel is not None and cancel.is_set():
                 raise TritonStartError("interrupted while tritonserver was starting")
@@ -529,13 +560,13 @@ class EmbeddedTriton:
                 if self._reader is not None:
                     self._reader.join(timeout=5)
                 raise self._failure(code)
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        logger.info("tritonserver ready: grpc %s, http %s", self.grpc_url, self.http_url)
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if _answers(url) and _answers(self.metrics_url, containing=b"nv_"):
+                if seen_ready:  # still alive one poll after it first looked ready
+                    logger.info("tritonserver ready: grpc %s, http %s", self.grpc_url, self.http_url)
+                    return
+                seen_ready = True
+            else:
+                seen_ready = False
             time.sleep(0.25)
         raise TritonStartError(
             f"tritonserver not ready after {timeout:.0f} s (repository {self._repo_dir}); "
@@ -613,6 +644,7 @@ class EmbeddedTriton:
         if self._shm_prefix is not None:  # the server and its stubs are gone: so are their regions
             remove_shm(self._shm_prefix)
             self._shm_prefix = None
+        self._release_ports()
         _LIVE.discard(self)
 
 

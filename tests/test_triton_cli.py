@@ -3,12 +3,15 @@ a clean stop on SIGTERM. Every server here is the real tritonserver; ports are p
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from ctscreen.embedded import (
     MALLOC_ENV,
     SHM_DIR,
     EmbeddedTriton,
+    TritonStartError,
     new_shm_prefix,
     remove_shm,
     server_environment,
@@ -103,6 +107,65 @@ def test_model_that_fails_to_load_is_named(small_repo: Path, tmp_path: Path) -> 
     line = one_line(done.stderr)
     assert line.startswith(f"ctscreen triton: model 'lesion' failed to load from {broken / 'lesion'}: "), line
     assert "INVALID_PROTOBUF" in line and "At:" not in line  # the reason, without the stub's stack
+
+
+def test_a_metrics_port_taken_while_the_server_starts_fails_the_start(small_repo: Path, caplog) -> None:
+    """tritonserver binds its metrics port last and exits when it is taken, after it has answered
+    /v2/health/ready: such a server must not count as started (a CI run lost one of three that way).
+    The port is taken as the server is launched, after the check that it was free."""
+    port = free_port()
+    taken = socket.socket()
+
+    class TakeThePort(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("starting "):
+                taken.bind(("127.0.0.1", port))
+                taken.listen()
+
+    handler = TakeThePort()
+    caplog.set_level(logging.INFO, logger="ctscreen.embedded")
+    logging.getLogger("ctscreen.embedded").addHandler(handler)
+    triton = EmbeddedTriton(small_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=port)
+    try:
+        with pytest.raises(TritonStartError, match=f"could not bind 127.0.0.1:{port}: address already in use"):
+            triton.start(timeout=120)
+    finally:
+        logging.getLogger("ctscreen.embedded").removeHandler(handler)
+        taken.close()
+        triton.stop()
+
+
+def test_servers_started_at_once_are_never_handed_the_same_port(tmp_path: Path, monkeypatch) -> None:
+    """bind(0) may hand two threads the same port a moment apart; a port picked for a server that is
+    still starting is not picked for another. (A stand-in binary that never gets ready: only the
+    choice of ports is under test.)"""
+    never_ready = tmp_path / "tritonserver"
+    never_ready.write_text("#!/bin/sh\nexec sleep 60\n")
+    never_ready.chmod(0o755)
+    monkeypatch.setenv("CTSCREEN_TRITONSERVER", str(never_ready))
+    per_thread = threading.local()  # what bind(0) returns, a moment apart: the same ports to each thread
+
+    def free_port(host: str = "127.0.0.1") -> int:
+        per_thread.picks = getattr(per_thread, "picks", None) or itertools.cycle(range(41000, 41006))
+        return next(per_thread.picks)
+
+    monkeypatch.setattr("ctscreen.embedded.free_port", free_port)
+
+    def ports(triton: EmbeddedTriton) -> set[str]:
+        return {triton.grpc_url, triton.http_url, triton.metrics_url.removesuffix("/metrics").split("//")[1]}
+
+    first, second = EmbeddedTriton(tmp_path), EmbeddedTriton(tmp_path)
+    starting = threading.Thread(target=lambda: pytest.raises(TritonStartError, first.start, timeout=4))
+    starting.start()
+    try:
+        deadline = time.monotonic() + 10
+        while first.pid is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(TritonStartError, match="not ready"):
+            second.start(timeout=1)
+    finally:
+        starting.join()
+    assert not ports(first) & ports(second), (ports(first), ports(second))
 
 
 def test_bad_port_argument_is_one_line() -> None:
