@@ -87,26 +87,41 @@ def label(cmd: str) -> str:
     return "other"
 
 
-def snapshot(root: int | None = None) -> dict[str, float]:
-    """CPU seconds so far of ``root`` (default this process) and every descendant, by :func:`label`;
-    a descendant is labelled by its nearest labelled ancestor (the gateway's decode workers count as
-    the gateway)."""
-    root = os.getpid() if root is None else root
+def processes() -> dict[int, tuple[int, float, str]]:
+    """``{pid: (ppid, cpu seconds incl. reaped children, cmdline)}`` of every process in ``/proc``."""
     procs = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (info := _proc(int(entry))) is not None:
             procs[int(entry)] = info
+    return procs
+
+
+def labelled_tree(procs: dict[int, tuple[int, float, str]], root: int | None = None) -> dict[int, str]:
+    """``{pid: label}`` of ``root`` (default this process, labelled ``client``) and every descendant in
+    ``procs`` (:func:`processes`), by :func:`label`; a descendant is labelled by its nearest labelled
+    ancestor (the gateway's decode workers count as the gateway)."""
+    root = os.getpid() if root is None else root
     children: dict[int, list[int]] = defaultdict(list)
     for pid, (ppid, _, _) in procs.items():
         children[ppid].append(pid)
-    out: dict[str, float] = defaultdict(float)
+    out: dict[int, str] = {}
     todo = [(root, "client")] if root in procs else []
     while todo:
         pid, name = todo.pop()
-        out[name] += procs[pid][1]
+        out[pid] = name
         for child in children[pid]:
             own = label(procs[child][2])
             todo.append((child, name if own == "other" else own))
+    return out
+
+
+def snapshot(root: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of ``root`` (default this process) and every descendant, by
+    :func:`labelled_tree`'s labels."""
+    procs = processes()
+    out: dict[str, float] = defaultdict(float)
+    for pid, name in labelled_tree(procs, root).items():
+        out[name] += procs[pid][1]
     return dict(out)
 
 
@@ -208,10 +223,10 @@ def run(slices: int, setting: sweep_inprocess.Setting, request_batch: int | None
     }
 
 
-def _stamp(m: dict[str, Any]) -> str:
+def measured_at(m: dict[str, Any]) -> str:
     """`` Measured <date>, commit <c>, load <l>.`` from a result's machine stamp ('' without one).
 
-    >>> _stamp({"time_utc": "2026-12-03T21:02:48Z", "commit": "bddadc8", "loadavg_1m": 1.405})
+    >>> measured_at({"time_utc": "2026-12-03T21:02:48Z", "commit": "bddadc8", "loadavg_1m": 1.405})
     ' Measured 2026-12-03T21:02:48Z, commit `bddadc8`, 1-min load average 1.41 at the start.'
     """
     if not m.get("commit"):
@@ -230,7 +245,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"One {doc['slices']}-slice study, {which}: {s['latency_s']:.1f} s through the gateway, "
              f"{local['wall_s']:.1f} s in process (wall ratio {doc['wall_ratio']}); CPU "
              f"{s['cpu_ms_per_slice']['total']:.1f} ms per slice served against {local['cpu_ms_per_slice']:.1f} in "
-             f"process (CPU ratio {doc['cpu_ratio']}).{_stamp(doc.get('machine') or {})}", "",
+             f"process (CPU ratio {doc['cpu_ratio']}).{measured_at(doc.get('machine') or {})}", "",
              "| process | CPU ms per slice |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s["cpu_ms_per_slice"].items() if k != "total"]
     lines += [f"| **total served** | {s['cpu_ms_per_slice']['total']:.1f} |",

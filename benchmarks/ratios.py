@@ -22,7 +22,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from benchmarks.dicom_volume import decode_series
 from benchmarks.inprocess import cores
 from benchmarks.studies import PoolStudy
 from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, FUSED_MODEL, HU_SLICES, LESION_BOXES, VALID_AREA_BOX
+
+if TYPE_CHECKING:
+    from benchmarks.load import LoadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -276,32 +280,13 @@ def run_ratios(
     if gateway_url and "gateway" not in skip:
         pool = build_pool([study_slices] * studies)
         plan = list(pool.values())
-        cfg = LoadConfig(url=gateway_url, mode="closed", concurrency=gateway_concurrency, duration=600,
-                         max_studies=studies, sizes=f"fixed:{study_slices}", study_timeout=600,
-                         triton_metrics_url=triton.metrics_url, allow_remote=allow_remote)
-        # as the ensemble against in process: gateway rounds alternate with runs of ORT's best setting, and
-        # each side keeps its best (one load of 4 studies moved this ratio by 0.2 between runs minutes apart
-        # on these shared cores; other tenants only ever slow a run down)
-        gw_runs: list[dict[str, Any]] = []
-        gw_ort_runs: list[dict[str, Any]] = []
-        for r in range(gateway_rounds):
-            logger.info("round %d: gateway end to end ...", r + 1)
-            gw_runs.append(run_load(cfg, pool))
-            logger.info("round %d: in-process ORT, best setting ...", r + 1)
-            gw_ort_runs.append(sweep_inprocess.measure(best_setting, hu))
-        # a round that did not complete counts on neither side (its in-process run goes with it)
-        pairs = [(g, o) for g, o in zip(gw_runs, gw_ort_runs, strict=True)
-                 if g["completed"] == g["sent"] and g.get("slices_per_s")]
-        done = [g for g, _ in pairs]
-        out["gateway"] = max(done, key=lambda g: g["slices_per_s"]) if done else gw_runs[0]
-        out["gateway_rounds"] = [{"slices_per_s": g.get("slices_per_s"), "studies_per_hour": g.get("studies_per_hour"),
-                                  "completed": g["completed"], "sent": g["sent"],
-                                  "in_process_slices_per_s": o.get("slices_per_s")}
-                                 for g, o in zip(gw_runs, gw_ort_runs, strict=True)]
-        out["ort_gateway_rounds"] = {"best": max(gw_ort_runs, key=lambda r: r["slices_per_s"]), "runs": gw_ort_runs}
-        r_gw = best_over_best([g["slices_per_s"] for g, _ in pairs], [o["slices_per_s"] for _, o in pairs])
-        gw_ort_sps = max((o["slices_per_s"] for _, o in pairs), default=None)
-        gw_sps = out["gateway"]["slices_per_s"] if done else None
+        cfg = gateway_load(gateway_url, triton, study_slices=study_slices, studies=studies,
+                           concurrency=gateway_concurrency, allow_remote=allow_remote)
+        rounds_gw = gateway_ratio(lambda: run_load(cfg, pool), lambda: sweep_inprocess.measure(best_setting, hu),
+                                  gateway_rounds)
+        out.update(rounds_gw.section)
+        done = rounds_gw.done
+        r_gw, gw_ort_sps, gw_sps = rounds_gw.ratio, rounds_gw.in_process_slices_per_s, rounds_gw.gateway_slices_per_s
         # the peers below get one run each: they are compared with the gateway's median round
         ct_sph = median_run(done, lambda g: g["studies_per_hour"])["studies_per_hour"] if done else None
         peer_studies = [plan[i % len(plan)] for i in range(studies)]
@@ -362,6 +347,73 @@ def run_ratios(
                       "study_300_in_process_s": big_ort_s}
     out["where_the_time_goes"] = explain(out)
     return out
+
+
+def gateway_load(gateway_url: str, triton: Any, *, study_slices: int, studies: int, concurrency: int,
+                 allow_remote: bool = False) -> LoadConfig:
+    """The :class:`~benchmarks.load.LoadConfig` of the gateway ratio's load: ``studies`` studies of
+    ``study_slices`` slices, ``concurrency`` in flight, Triton's statistics read around it."""
+    from benchmarks.load import LoadConfig
+
+    return LoadConfig(url=gateway_url, mode="closed", concurrency=concurrency, duration=600, max_studies=studies,
+                      sizes=f"fixed:{study_slices}", study_timeout=600, triton_metrics_url=triton.metrics_url,
+                      allow_remote=allow_remote)
+
+
+@dataclass
+class GatewayRatio:
+    """What :func:`gateway_ratio` measured."""
+
+    section: dict[str, Any]
+    """The result's ``gateway`` (the best completed load), ``gateway_rounds`` and ``ort_gateway_rounds``."""
+    done: list[dict[str, Any]]
+    """The loads that completed, in order."""
+    ratio: float | None
+    gateway_slices_per_s: float | None
+    in_process_slices_per_s: float | None
+
+
+def gateway_ratio(load: Callable[[], dict[str, Any]], in_process: Callable[[], dict[str, Any]],
+                  rounds: int) -> GatewayRatio:
+    """``rounds`` gateway loads (``load()``: a :func:`benchmarks.load.run_load` summary), each followed by an
+    in-process run (``in_process()``: a :func:`benchmarks.sweep_inprocess.measure` result); the ratio is
+    :func:`best_over_best` of the rounds whose load completed every study.
+
+    As the ensemble against in process: the two sides alternate and each keeps its best (one load of 4
+    studies moved this ratio by 0.2 between runs minutes apart on these shared cores; other tenants only
+    ever slow a run down).
+
+    >>> loads = iter([{"completed": 4, "sent": 4, "slices_per_s": 27.0}, {"completed": 3, "sent": 4,
+    ...               "slices_per_s": 40.0}, {"completed": 4, "sent": 4, "slices_per_s": 28.0}])
+    >>> local = iter({"slices_per_s": v} for v in (30.0, 50.0, 31.0))
+    >>> r = gateway_ratio(lambda: next(loads), lambda: next(local), 3)
+    >>> r.ratio, r.gateway_slices_per_s, r.in_process_slices_per_s, len(r.done)
+    (0.903, 28.0, 31.0, 2)
+    """
+    gw_runs: list[dict[str, Any]] = []
+    ort_runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        logger.info("round %d: gateway end to end ...", r + 1)
+        gw_runs.append(load())
+        logger.info("round %d: in-process ORT, best setting ...", r + 1)
+        ort_runs.append(in_process())
+    # a round that did not complete counts on neither side (its in-process run goes with it)
+    pairs = [(g, o) for g, o in zip(gw_runs, ort_runs, strict=True)
+             if g["completed"] == g["sent"] and g.get("slices_per_s")]
+    done = [g for g, _ in pairs]
+    section: dict[str, Any] = {
+        "gateway": max(done, key=lambda g: g["slices_per_s"]) if done else gw_runs[0],
+        "gateway_rounds": [{"slices_per_s": g.get("slices_per_s"), "studies_per_hour": g.get("studies_per_hour"),
+                            "completed": g["completed"], "sent": g["sent"],
+                            "in_process_slices_per_s": o.get("slices_per_s")}
+                           for g, o in zip(gw_runs, ort_runs, strict=True)],
+        "ort_gateway_rounds": {"best": max(ort_runs, key=lambda r: r["slices_per_s"]), "runs": ort_runs},
+    }
+    return GatewayRatio(
+        section, done,
+        best_over_best([g["slices_per_s"] for g, _ in pairs], [o["slices_per_s"] for _, o in pairs]),
+        section["gateway"]["slices_per_s"] if done else None,
+        max((o["slices_per_s"] for _, o in pairs), default=None))
 
 
 def median_run(runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
