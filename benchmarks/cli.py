@@ -10,6 +10,7 @@
     ctscreen bench gpu      ...                      the paper profile on a GPU (UNet++ ResNet-50, TensorRT)
     ctscreen bench figures  [--only|--skip S]       every published figure, stamped (``make bench``)
     ctscreen bench sweep    ...                      the in-process ONNX Runtime sweep alone
+    ctscreen bench split    ...                      gateway ratio, Triton and gateway on a core each (not the goal)
     ctscreen bench fov                               the models across fields of view (real slices, 250-500 mm)
     ctscreen bench noise                             the models under added noise (real slices, low-dose CT)
     ctscreen bench scaling|phantom|models|decode|admission ... the other engineers' benchmarks
@@ -57,6 +58,8 @@ DELEGATES = {
     "admission": ("benchmarks.bench_admission", "concurrent large uploads against the in-flight budget, RSS"),
     "figures": ("benchmarks.figures", "every published figure, stamped (make bench)"),
     "sweep": ("benchmarks.sweep_inprocess", "in-process ONNX Runtime over batch, threads and scheduling"),
+    "split": ("benchmarks.split_cores", "the gateway ratio with Triton on one core and the gateway on another "
+              "(deployment shape; not the goal)"),
     "fov": ("benchmarks.fov", "the models across fields of view (real slices re-imaged 250-500 mm)"),
     "noise": ("benchmarks.noise", "the models under added noise (real slices; low-dose CT)"),
 }

@@ -239,6 +239,8 @@ def build(results: Path | None = None, *, update_readme: bool | None = None) -> 
         "scaling": _scaling(results / "scaling"),
         "cpu_split": latest("cpu", results),
         "cpu_timeline": latest("timeline", results),
+        # Triton and the gateway on a core each (the deployment's shape): beside the goals, not one of them
+        "split_cores": latest("split", results),
     }
     write_json(results / "report.json", report)
     md = markdown(report)
@@ -302,6 +304,10 @@ def markdown(report: dict[str, Any]) -> str:
         "## Goals (goal against measured)", "",
     ]
     lines += _goals_md(report["goals"]) if report["goals"] else ["No ratio run yet: `ctscreen bench ratios`."]
+    if report.get("split_cores"):
+        from benchmarks.split_cores import report_lines
+
+        lines += ["", *report_lines(report["split_cores"])]
     if report.get("where_the_time_goes"):
         lines += ["", "### Where the time goes", ""] + [f"- {s}" for s in report["where_the_time_goes"]]
     if report["stage_ms_per_slice"]:
