@@ -76,6 +76,9 @@ PLAN: tuple[Step, ...] = (
     Step("cpu", ("-m", "benchmarks.cpu_split", "--slices", "300"), (f"{RESULTS}/cpu-latest.json",), True, 3),
     # the cores over time during the gateway ratio's load, and the gateway's CPU a study and a slice
     Step("timeline", ("-m", "benchmarks.cpu_timeline"), (f"{RESULTS}/timeline-latest.json",), True, 2),
+    # the gateway ratio's load with Triton on one core and the gateway and client on the other, against in process
+    # on Triton's core alone: the deployment's shape, reported beside the goals (not one of them)
+    Step("split", ("-m", "benchmarks.split_cores"), (f"{RESULTS}/split-latest.json",), True, 3),
     # screening ahead off (A) against on (B): paired rounds of one 300-slice study on one Triton
     Step("ab-ahead", ("-m", "benchmarks.ab_gateway", "--a", "CTSCREEN_SCREEN_AHEAD=false", "--rounds", "4"),
          (f"{RESULTS}/ab-latest.json",), True, 3),
