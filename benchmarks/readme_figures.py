@@ -121,6 +121,11 @@ def table() -> str:
              "stack", "benchmarks/results/report.md"),
         _row("gateway end to end / in-process ONNX Runtime (best setting)", ratios, _goal("gateway end-to-end"),
              ">= 0.90", "stack", "benchmarks/results/report.md"),
+        _row("not a goal: the same ratio in the deployment's shape, Triton on one core, the gateway and its client "
+             "on the other, in process on Triton's core alone", "split-latest.json",
+             lambda d: f"{_n(d['figures']['split_over_in_process'], '{:.2f}')} "
+                       f"({d['figures']['gateway_slices_per_s']} / {d['figures']['in_process_slices_per_s']} slices/s)",
+             "none (the goal is the row above)", "split", "benchmarks/results/report.md"),
         _row("ctscreen / MONAI Deploy App SDK client (`TritonRemoteModel`), studies per hour", ratios,
              _goal("ctscreen / MONAI Deploy"), ">= 3", "stack", "benchmarks/results/report.md"),
         _row("ctscreen / plain HTTP-JSON client (one slice per request), studies per hour", ratios,
