@@ -253,6 +253,11 @@ def test_full_gateway_answers_429_with_retry_after():
         second = client.post("/v1/studies", files=upload_files(files))
         assert second.status_code == 429 and second.headers["retry-after"] == "7"
         assert second.json()["reason"] == "busy"
+        # routine work does not turn away an urgent study: it counts urgent jobs only (and goes first)
+        urgent = client.post("/v1/studies?priority=urgent", files=upload_files(files))
+        assert urgent.status_code == 202 and urgent.json()["priority"] == "urgent"
+        assert client.post("/v1/studies?priority=urgent", files=upload_files(files)).status_code == 429
+        assert wait_job(client, urgent.json()["job_id"])["state"] == "done"
         assert wait_job(client, first.json()["job_id"])["state"] == "done"
         assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
 

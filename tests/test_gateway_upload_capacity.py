@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from gateway.api.studies import check_capacity
 from gateway.errors import Busy
+from gateway.jobs import PRIORITIES, Priority
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.migrate import upgrade
@@ -23,14 +24,15 @@ SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_s
                     sweep_interval_s=0.5, retry_after_s=7)
 
 
-async def _accept(store: Store, n: int) -> None:
+async def _accept(store: Store, n: int, priority: Priority = "routine") -> None:
     for i in range(n):
-        await store.accept_upload(f"1.2.826.0.1.{i}", [("a.dcm", f"key-{i}", 10)], 3600, slices_total=10)
+        await store.accept_upload(f"1.2.826.0.1.{priority}.{i}", [("a.dcm", f"key-{priority}-{i}", 10)], 3600,
+                                  slices_total=10, priority=PRIORITIES[priority])
 
 
-async def _refused(store: Store) -> Busy | None:
+async def _refused(store: Store, priority: Priority = "routine") -> Busy | None:
     try:
-        await check_capacity(store, SETTINGS)
+        await check_capacity(store, SETTINGS, priority)
     except Busy as exc:
         return exc
     return None
@@ -91,6 +93,32 @@ def test_one_gateway_still_refuses_at_its_own_limit(db_url):
             assert refused is not None and str(refused).startswith("3 studies are being screened or waiting;")
             await a.seen(SETTINGS.replica_alive_s)
             assert await _refused(a) is not None  # its own row counts once
+        finally:
+            await a.close()
+
+    asyncio.run(go())
+
+
+def test_an_urgent_upload_is_not_turned_away_by_routine_work(db_url):
+    """A full gateway (2 slots + 1 queued, all routine) refused an emergency department's study as it refused
+    any upload. Urgent uploads count only urgent jobs against the limit: taken while routine work fills the
+    gateway, refused once urgent jobs alone reach it (at most twice the limit in all); a routine upload is
+    still refused all along."""
+    upgrade(db_url)
+
+    async def go():
+        a = Store(db_url, owner="a")
+        try:
+            await _accept(a, 3)  # routine: the gateway is full
+            assert await _refused(a) is not None
+            assert await _refused(a, "urgent") is None
+            await _accept(a, 2, "urgent")
+            assert await _refused(a, "urgent") is None
+            assert await a.counts(priority=PRIORITIES["urgent"]) == (2, 0, 20)
+            await _accept(a, 1, "urgent")  # 3 urgent: the limit, of urgent jobs alone
+            refused = await _refused(a, "urgent")
+            assert refused is not None and str(refused).startswith("3 urgent studies are being screened or waiting;")
+            assert await _refused(a, "low") is not None
         finally:
             await a.close()
 

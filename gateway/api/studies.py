@@ -24,7 +24,7 @@ from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
 from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
-from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView
+from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView, Priority
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
@@ -178,20 +178,26 @@ def limits_of(settings: SettingsDep) -> UploadLimits:
                         max_total_bytes=max(settings.max_upload_bytes, 4096 * 1024**2))
 
 
-async def check_capacity(store: Store, settings: Settings) -> None:
+async def check_capacity(store: Store, settings: Settings, priority: Priority = "routine") -> None:
     """Refuse an upload (429) while the cluster's active jobs (queued or running, of every origin: they wait
     for the same slots) reach the sum of the live replicas' ``max_concurrent_studies + max_queued_studies``.
 
     Each live replica (:meth:`~gateway.store.Store.live_replicas`) brings its slots and its queue
     allowance, taken to be this replica's settings (the replicas of a deployment share them): one gateway
     refuses at its own limit, as before; two take twice as much, and a killed one's share goes with it.
+
+    An urgent upload counts only the urgent jobs against that limit: a backlog of routine work never turns
+    away an emergency department's study (it is claimed before them), while urgent uploads alone are still
+    refused at the same limit, so the cluster holds at most twice its limit.
     """
-    queued, running, _ = await store.counts()
+    urgent = priority == "urgent"
+    queued, running, _ = await store.counts(priority=PRIORITIES["urgent"] if urgent else None)
     replicas = await store.live_replicas(settings.replica_alive_s)
     limit = replicas * (settings.max_concurrent_studies + settings.max_queued_studies)
     if queued + running >= limit:
         where = "" if replicas == 1 else f" on {replicas} gateways"
-        raise Busy(f"{limit} studies are being screened or waiting{where}; retry later.", settings.retry_after_s)
+        what = "urgent studies" if urgent else "studies"
+        raise Busy(f"{limit} {what} are being screened or waiting{where}; retry later.", settings.retry_after_s)
 
 
 @router.post(
@@ -218,7 +224,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                        screener: ScreenerDep, worker: WorkerDep, stow: StowDep, _: WriteAccess,
                        priority: PriorityQuery = "routine") -> JSONResponse:
     """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
-    await check_capacity(store, settings)  # before reading the body: a full gateway holds no more uploads
+    await check_capacity(store, settings, priority)  # before reading the body: a full gateway holds no more uploads
     refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
     if refusal is not None:
         raise OutOfResources(_WATERMARKS[refusal], settings.retry_after_s)

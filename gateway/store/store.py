@@ -1165,8 +1165,9 @@ class Store:
             events = await self._events_after(s, job_id, after)
             return events, (await self._job_view(s, job_id) if events or view else None)
 
-    async def counts(self, mine: bool = False) -> tuple[int, int, int]:
-        """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica.
+    async def counts(self, mine: bool = False, *, priority: int | None = None) -> tuple[int, int, int]:
+        """``(queued, running, backlog slices)`` across the cluster, or (``mine``) of this replica; of the jobs
+        of ``priority`` (:data:`gateway.jobs.PRIORITIES`) and above only, when given.
 
         A replica's share is the jobs it holds under a lease that runs, and the jobs waiting (queued, or
         their holder's lease lapsed) that it accepted or adopted (:meth:`adopt`), so the sum over live
@@ -1174,10 +1175,13 @@ class Store:
         """
         now = await self.now()
         async with self.read() as s:
-            return await self._counts(s, mine, now)
+            return await self._counts(s, mine, now, priority)
 
-    async def _counts(self, s: AsyncSession, mine: bool, now: float) -> tuple[int, int, int]:
+    async def _counts(self, s: AsyncSession, mine: bool, now: float,
+                      priority: int | None = None) -> tuple[int, int, int]:
         where: list[ColumnElement[bool]] = [Job.state.not_in(_TERMINAL)]
+        if priority is not None:
+            where.append(Job.priority >= priority)
         if mine:  # one replica a job: its lease holder while the lease runs, else the one that counts it waiting
             where.append(or_(and_(Job.state.in_(_RUNNING), Job.lease_owner == self.owner, Job.lease_expires_at >= now),
                              and_(_waiting(now), Job.accepted_by == self.owner)))
