@@ -66,15 +66,19 @@ def test_a_later_version_waits_for_the_earlier_ones_delivery_to_end(db_url, earl
     """Version 2 was claimed and built while version 1 was still being sent to the same PACS: its Rejection Note
     could not retract what the PACS had not acknowledged yet, and version 1 stayed live there."""
     async def body(store, deliveries):
-        _, sending = await _first_version_sending(store, deliveries)
+        first, sending = await _first_version_sending(store, deliveries)
         second = await _screened(store, "1.2.7", "1.2.7.2")
         other = await _screened(store, "1.2.8", "1.2.8.1")  # another study's is not held up
         assert await deliveries.enqueue_missing({"pacs": "dicom"}, 3600) == 2
         taken = await deliveries.claim(60, ["pacs"])
         assert taken is not None and taken.job_id == other
         assert await deliveries.claim(60, ["pacs"]) is None  # version 2 waits
+        # and says for whom (a plain "pending" before)
+        assert await deliveries.held_behind(second) == {"pacs": first}
+        assert await deliveries.held_behind(first) == {} and await deliveries.held_behind(other) == {}
         state = {"done": "done", "failed": FAILED, "skipped": SKIPPED}[earlier_ends]
         assert await deliveries.finish(sending.id, state, None if state == "done" else "why")
+        assert await deliveries.held_behind(second) == {}
         later = await deliveries.claim(60, ["pacs"])  # an ended delivery blocks nothing
         assert later is not None and later.job_id == second
 

@@ -82,6 +82,7 @@ def _deliveries(client: TestClient, job_id: str, timeout: float = 60.0) -> list[
     while time.monotonic() < deadline:
         got = client.get(f"/v1/jobs/{job_id}/deliveries").json()
         if got and all(d["state"] in ("done", "failed", "skipped") for d in got):
+            assert all(d["held_behind"] is None for d in got)  # ended: held behind nothing
             return got
         time.sleep(0.1)
     raise AssertionError(f"deliveries of {job_id} not final: {got}")

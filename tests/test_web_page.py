@@ -812,6 +812,16 @@ def test_the_delivery_list_words_a_retraction_and_reads_the_servers_clock(stack,
     sync_api.expect(row.locator(".state-cell")).to_have_text("earlier reading retracted")
     assert "Rejection Note at" in row.inner_text() and "negative results are not sent here" in row.inner_text()
 
+    # a later reading waiting for the earlier one's delivery there to end read as a bare "waiting"
+    page.unroute(f"**/v1/jobs/{job_id}/deliveries")
+    held = {**retraction, "state": "pending", "attempts": 0, "objects": [], "sent": [], "delivered_at": None,
+            "history": [], "held_behind": "0" * 32}
+    _deliveries_route(page, job_id, [held], at + 5)
+    page.goto(f"{stack.url}/#/")
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    sync_api.expect(row.locator(".state-cell")).to_have_text("waiting")
+    sync_api.expect(row).to_contain_text("after the earlier reading's delivery here ends")
+
     page.unroute(f"**/v1/jobs/{job_id}/deliveries")
     page.clock.set_fixed_time(at + 3600)  # the browser an hour ahead of the server
     _deliveries_route(page, job_id, [], at + 5)  # the server: finished 5 s ago, its deliverer not yet round

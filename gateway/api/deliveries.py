@@ -35,20 +35,24 @@ class DeliveryView(BaseModel):
     updated_at: datetime | None = Field(None, description="when its state last changed")
     history: list[dict[str, Any]] = Field(description="the task's events (state, attempt, detail)")
     job_id: str | None = Field(None, description="the job whose result it is (in lists across jobs)")
+    held_behind: str | None = Field(None, description=(
+        "in a job's deliveries: the job of an earlier version of the study whose delivery to this destination has "
+        "not ended; this one, pending, is not sent before it ends (its replaces and Rejection Note name what the "
+        "destination acknowledged of it)"))
 
 
 def _ts(v: float | None) -> datetime | None:
     return None if v is None else datetime.fromtimestamp(v, UTC)
 
 
-def delivery_view(task: Any, *, with_job: bool = False) -> DeliveryView:
+def delivery_view(task: Any, *, with_job: bool = False, held_behind: str | None = None) -> DeliveryView:
     objects = [{"kind": o["kind"], "uid": o["uid"]} for o in (task.payload or {}).get("objects", [])]
     return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
                         objects=objects, sent=list(task.sent), error=task.error,
                         next_attempt_at=_ts(task.next_attempt_at) if task.state == "pending" else None,
                         delivered_at=_ts(task.delivered_at), updated_at=_ts(task.updated_at),
                         history=list(task.history),
-                        job_id=task.job_id if with_job else None)
+                        job_id=task.job_id if with_job else None, held_behind=held_behind)
 
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job, or no delivery of it to that destination"}}
@@ -59,7 +63,9 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job
 async def list_deliveries(job_id: str, request: Request, store: StoreDep, _: ReadAccess) -> list[DeliveryView]:
     """Each destination the result goes to, with its state, attempts and events."""
     await store.job(checked_job_id(job_id))  # 404
-    return [delivery_view(t) for t in await request.app.state.deliverer.tasks.of_job(job_id)]
+    tasks = request.app.state.deliverer.tasks
+    held = await tasks.held_behind(job_id)
+    return [delivery_view(t, held_behind=held.get(t.destination)) for t in await tasks.of_job(job_id)]
 
 
 @router.post("/{job_id}/deliveries/{destination}/resend", status_code=202, response_model=DeliveryView,

@@ -108,6 +108,17 @@ class Task:
     delivered_at: float | None
 
 
+def _other_version(other: Any, *, newer: bool) -> ColumnElement[bool]:
+    """``other`` (an alias of :class:`Delivery`) is a delivery to the same destination as :class:`Delivery`'s
+    row, of a ``newer`` (else an earlier) version of the same study."""
+    mine_job, mine_study, other_job, other_study = aliased(Job), aliased(Study), aliased(Job), aliased(Study)
+    return and_(mine_job.id == Delivery.job_id, mine_study.id == mine_job.study_id,
+                other.destination == Delivery.destination,
+                other_job.id == other.job_id, other_study.id == other_job.study_id,
+                other_study.study_instance_uid == mine_study.study_instance_uid,
+                other_study.version > mine_study.version if newer else other_study.version < mine_study.version)
+
+
 def _task(row: Delivery) -> Task:
     return Task(row.id, row.job_id, row.destination, row.kind, row.state, row.attempts, row.next_attempt_at,
                 row.payload, tuple(row.sent or ()), row.error, tuple(row.history or ()), row.created_at,
@@ -183,19 +194,9 @@ class Deliveries:
             return None
         now = await self.store.now()
         serial = sorted(set(serial) & set(names))
-        mine_job, mine_study = aliased(Job), aliased(Study)
-        other, other_job, other_study = aliased(Delivery), aliased(Job), aliased(Study)
-
-        def version_of_study(newer: bool) -> ColumnElement[bool]:
-            """Whose version of the same study has a delivery (``other``) to the same destination."""
-            return and_(mine_job.id == Delivery.job_id, mine_study.id == mine_job.study_id,
-                        other.destination == Delivery.destination,
-                        other_job.id == other.job_id, other_study.id == other_job.study_id,
-                        other_study.study_instance_uid == mine_study.study_instance_uid,
-                        other_study.version > mine_study.version if newer else other_study.version < mine_study.version)
-
-        earlier_open = exists().where(version_of_study(newer=False), other.state.not_in(FINAL))
-        superseded = exists().where(version_of_study(newer=True))  # claimed, it is skipped at once: no back-off
+        other = aliased(Delivery)
+        earlier_open = exists().where(_other_version(other, newer=False), other.state.not_in(FINAL))
+        superseded = exists().where(_other_version(other, newer=True))  # claimed, it is skipped at once: no back-off
         busy = exists().where(other.destination == Delivery.destination, other.state == SENDING,
                               other.lease_expires_at >= now)
         due = [Delivery.destination.in_(names), or_(
@@ -373,6 +374,18 @@ class Deliveries:
             rows = (await s.execute(select(Delivery).where(Delivery.job_id == job_id)
                                     .order_by(Delivery.destination))).scalars().all()
             return [_task(r) for r in rows]
+
+    async def held_behind(self, job_id: str) -> dict[str, str]:
+        """``{destination: job}`` of the job's pending deliveries that wait for an earlier version's delivery
+        to the same destination to end (:meth:`claim` takes none before), each with the earliest such job."""
+        other = aliased(Delivery)
+        async with self.store.read() as s:
+            rows = (await s.execute(
+                select(Delivery.destination, other.job_id).where(
+                    Delivery.job_id == job_id, Delivery.state == PENDING, _other_version(other, newer=False),
+                    other.state.not_in(FINAL))
+                .order_by(other.created_at.desc()))).all()  # the earliest last: it is the one kept
+        return {destination: earlier for destination, earlier in rows}
 
     async def acknowledged(self, job_ids: Sequence[str], destination: str) -> list[dict[str, str]]:
         """The payload objects (kind, uid, sop_class_uid, blob_key) of ``job_ids``' deliveries to ``destination``

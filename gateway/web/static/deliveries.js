@@ -42,6 +42,8 @@ function detail(d) {
     return `${sentWhat(d)} at ${fmtDate(d.delivered_at)}${rule ? `; ${rule}` : ""}`;
   }
   if (d.state === "pending") {
+    // a later reading is not sent while the earlier one's delivery there goes on (its retraction names it)
+    if (d.held_behind) return "after the earlier reading's delivery here ends";
     return d.attempts ? `try ${d.attempts + 1} at ${fmtDate(d.next_attempt_at)}; last: ${d.error || "—"}` : "";
   }
   if (d.state === "sending") return d.attempts > 1 ? `try ${d.attempts}` : "";
