@@ -1856,3 +1856,36 @@ def test_the_worklist_stream_gives_an_event_committed_behind_a_later_one(pg_url)
 
     seen, expected = _run(go())
     assert seen == expected
+
+
+def test_a_sqlite_state_store_is_readable_by_its_owner_and_group_only(tmp_path):
+    """Under the usual umask (022) SQLite created ctscreen.db and its -wal file readable by every user of the
+    host (a privacy review read patient names from them), while the blobs are 0640. A new database and its
+    -wal and -shm files are 0640 now; one an earlier release left 0644 is narrowed at the next start."""
+    import stat
+
+    def modes(db) -> dict[str, str]:
+        return {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in sorted(db.parent.glob(db.name + "*"))}
+
+    old = os.umask(0o022)
+    try:
+        db = tmp_path / "new" / "ctscreen.db"
+        upgrade(f"sqlite:///{db}")
+
+        async def write(db) -> None:
+            store = Store(f"sqlite:///{db}")
+            try:
+                await store.accept_upload("1.2.826.0.1.7", [("a.dcm", "key-a", 10)], 3600)
+                assert {p.name for p in db.parent.iterdir()} >= {"ctscreen.db", "ctscreen.db-wal", "ctscreen.db-shm"}
+                assert set(modes(db).values()) == {"0o640"}, modes(db)
+            finally:
+                await store.close()
+
+        asyncio.run(write(db))
+        earlier = tmp_path / "earlier" / "ctscreen.db"  # as an earlier release left it
+        upgrade(f"sqlite:///{earlier}")
+        for p in earlier.parent.iterdir():
+            p.chmod(0o644)
+        asyncio.run(write(earlier))
+    finally:
+        os.umask(old)

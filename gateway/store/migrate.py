@@ -33,7 +33,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.store.store import async_url, redact
+from gateway.store.store import async_url, private_sqlite_file, redact
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,10 +74,7 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = 
         The database's revision when it is one this release does not ship (left as it is, warned);
         None when the upgrade ran.
     """
-    if url.startswith("sqlite"):
-        path = async_url(url).split(":///", 1)[1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite_file(async_url(url))
     at = database_revision(url)
     if at is not None and not shipped(at):
         logger.warning("state store %s is at revision %s, which this release (newest %s) does not ship: a later "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -321,9 +322,7 @@ class Store:
         self._clock_off = 0.0  # this machine's clock minus the server's, as last logged about
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         if self.dialect == "sqlite":
-            path = self.url.split(":///", 1)[1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(self.url)
             # writes begin IMMEDIATE (the database's write lock at once, so a read-then-write transaction
             # never meets another writer half-way, even in another process); reads begin deferred
             self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 30})
@@ -1281,6 +1280,39 @@ def _notify_on_commit(session: Session) -> None:
     kind = session.info.pop("notify", None)
     if kind is not None:
         session.execute(text("SELECT pg_notify(:channel, :kind)"), {"channel": CHANNEL, "kind": kind})
+
+
+SQLITE_MODE = 0o640
+"""Permissions of a SQLite state store and its -wal and -shm files (SQLite gives those the database's): its
+results hold what an SR needs of the patient, so no other user may read it (the blobs are 0640 as well)."""
+
+
+def private_sqlite_file(url: str) -> None:
+    """Make the folder of ``url``'s SQLite database and the database itself (empty) readable by its owner and
+    group only, before SQLite creates it under the process's umask (022: readable by every user of the host);
+    a database, -wal or -shm file an earlier release left readable by others is narrowed to :data:`SQLITE_MODE`.
+    Nothing for ``:memory:`` or another scheme.
+
+    >>> import tempfile, stat; db = Path(tempfile.mkdtemp()) / "state" / "ctscreen.db"
+    >>> private_sqlite_file(f"sqlite:///{db}"); oct(stat.S_IMODE(db.stat().st_mode))
+    '0o640'
+    """
+    path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    db = Path(path)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_MODE))
+    except FileExistsError:
+        pass
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            mode = f.stat().st_mode & 0o777
+            if mode & ~SQLITE_MODE:
+                f.chmod(mode & SQLITE_MODE)
+        except FileNotFoundError:
+            continue
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
