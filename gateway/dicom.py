@@ -820,11 +820,32 @@ def read_headers(filename: str, data: bytes | Dataset) -> tuple[Dataset, list[Fr
         ) from exc
 
 
+MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT IVUS "
+    "KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE "
+    "RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA "
+    "XAPROTOCOL XC".split())
+"""The Modality defined terms (PS3.3 C.7.3.1.1.1): the only values a refusal quotes."""
+
+
+def modality_said(modality: str) -> str:
+    """How a refusal names a Modality that is not CT: a defined term as it is; any other value withheld, by its
+    length only. A Modality whose length was broken takes in the elements after it (the patient's name among
+    them), and the refusal's message is kept in the result that every reader of results sees.
+
+    >>> modality_said("MR"), modality_said("DOE^JANE MRN-778899")
+    ("'MR'", 'an unrecognised value of 19 characters (withheld: it may hold patient data)')
+    """
+    if modality in MODALITIES:
+        return repr(modality)
+    return f"an unrecognised value of {len(modality)} characters (withheld: it may hold patient data)"
+
+
 def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     modality = str(ds.get("Modality", "") or "").strip().upper()
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if modality and modality != "CT":
-        raise NotCT(f"Modality is {modality!r}, not 'CT'.", filename=filename)
+        raise NotCT(f"Modality is {modality_said(modality)}, not 'CT'.", filename=filename)
     if not modality and not sop_class:
         raise NotDicom(
             "Neither SOP Class UID nor Modality: not a DICOM image, or a truncated file.", filename=filename
