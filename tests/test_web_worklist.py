@@ -108,6 +108,14 @@ def test_labels_are_recorded_once_and_never_hold_the_patient(database, tmp_path)
     labels = read_label_header(data).labels
     assert labels["accession_number"] == "A00000003" and labels["study_date"] and labels["series_description"]
     assert not any("Phantom" in (v or "") for v in labels.values())
+    # a Study Date that is no DICOM date is not kept (a privacy review's malformed one read "Zyxwvut9": the
+    # name of the patient, served to every reader of the worklist)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for bad in ("Zyxwvut9", "20200231", "2020-12-31"):
+        ds.StudyDate = bad
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        assert read_label_header(buf.getvalue()).labels["study_date"] is None, bad
 
     async def put(w: Worklist):
         await w.put_labels(1, labels)

@@ -1,7 +1,7 @@
 """Read-side queries of the web page (issue 16): the worklist, its live progress, the service figures.
 
 Everything here reads the state store (one read transaction per call) except :meth:`Worklist.put_labels`,
-which records the patient-free labels of a study version (study date, accession number, series
+which records the labels (no patient name, ID or birth date) of a study version (study date, accession number, series
 description) once its job is done; the labels are read from a stored instance of the screened series by
 :mod:`gateway.web.labels`, never from a client.
 
@@ -34,7 +34,7 @@ _RUNNING = [s.value for s in RUNNING]
 
 
 class StudyLabels(Base):
-    """Patient-free labels of one study version (revision 0004)."""
+    """Labels (no patient name, ID or birth date) of one study version (revision 0004)."""
 
     __tablename__ = "study_labels"
 

@@ -1,8 +1,12 @@
-"""Patient-free labels of a study for the worklist: study date, accession number, series description.
+"""Labels of a study for the worklist: study date, accession number, series description.
 
-Read from one stored instance's header (no pixels); patient name, ID and birth date are never read. The
-series description is the screened series' (an instance of the series the result is about): scanners send
-the scout or topogram first, whose description is not the study's.
+Read from one stored instance's header (no pixels); patient name, ID and birth date are never read. They
+are not free of patient data: the accession number identifies the order (as a RIS worklist shows it) and
+the series description is free text an operator may have typed anything into; so the worklist needs
+``results:read``, as the results do. A study date that is no DICOM date (``YYYYMMDD``) is not kept: a broken
+length takes in the elements after it. The series description is the screened series' (an instance of
+the series the result is about): scanners send the scout or topogram first, whose description is not the
+study's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 from gateway.store.store import CONTROL_CHARACTERS
 
-__all__ = ["LABEL_KEYWORDS", "LabelHeader", "displayable", "read_label_header"]
+__all__ = ["LABEL_KEYWORDS", "LabelHeader", "dicom_date", "displayable", "read_label_header"]
 
 LABEL_KEYWORDS = ("StudyDate", "AccessionNumber", "SeriesDescription")
 _LIMITS = {"study_date": 8, "accession_number": 16, "series_description": 64}
@@ -33,6 +37,23 @@ def displayable(value: object) -> str:
     text = "\\".join(str(v) for v in value) if isinstance(value, list | tuple | MultiValue) else str(value)
     text = CONTROL_CHARACTERS.sub("", text)
     return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+def dicom_date(text: str) -> bool:
+    """``text`` is a date as DICOM writes one (DA: ``YYYYMMDD``, a real day).
+
+    >>> dicom_date("20201231"), dicom_date("20200231"), dicom_date("Zyxwvut9"), dicom_date("2020-12-31")
+    (True, False, False, False)
+    """
+    import datetime
+
+    if len(text) != 8 or not text.isdigit():
+        return False
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,8 @@ def read_label_header(data: bytes) -> LabelHeader:
                              specific_tags=[*LABEL_KEYWORDS, "SeriesInstanceUID"])
         for keyword, name in zip(LABEL_KEYWORDS, _LIMITS, strict=True):
             out[name] = displayable(ds.get(keyword, "") or "")[: _LIMITS[name]] or None
+        if out["study_date"] is not None and not dicom_date(out["study_date"]):
+            out["study_date"] = None
         series = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
     except Exception:  # noqa: BLE001 - a label is a convenience; the row shows its UID instead
         return LabelHeader(dict.fromkeys(_LIMITS), None)

@@ -189,7 +189,7 @@ async def worklist(
     received_from: Annotated[date | None, Query(description="received on or after this day (UTC), YYYY-MM-DD")] = None,
     received_to: Annotated[date | None, Query(description="received on or before this day (UTC), YYYY-MM-DD")] = None,
 ) -> JSONResponse:
-    """One row per study version: patient-free labels, state and progress, verdict with its reason, time taken."""
+    """One row per study version: labels (no patient name, ID or birth date), state and progress, verdict with its reason, time taken."""
     page = await web.worklist.page(
         limit=limit, offset=offset, state=state, verdict=verdict,
         received_from=None if received_from is None else _epoch(received_from),
