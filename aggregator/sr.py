@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUSPECTED_COVID19", "IMAGE_LIBRARY_KEYWORDS", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer",
+__all__ = ["SUSPECTED_COVID19", "IMAGE_LIBRARY_KEYWORDS", "SR_HEADER_KEYWORDS", "SR_SERIES_DESCRIPTION", "SourceError", "device_observer",
            "equipment_and_time", "library_uids", "local_time", "made_at", "result_key", "sr_uids", "stable_uid",
            "timezone_offset", "to_sr", "usable_headers"]
 
@@ -327,8 +327,69 @@ _OPTIONAL: Final = {"SpacingBetweenSlices"}
 
 IMAGE_LIBRARY_KEYWORDS: Final = ("Modality", "FrameOfReferenceUID", *_VM)
 """What :func:`to_sr` reads of an image it references, beyond its UIDs and Number of Frames: the Image Library's
-descriptors. (Of the first image in slice order, the evidence's first, it reads the whole header: highdicom
-copies its patient, study and equipment.)"""
+descriptors. (Of the first image in slice order, the evidence's first, it reads more: :data:`SR_HEADER_KEYWORDS`.)"""
+
+_PATIENT_AND_STUDY: Final = (
+    # highdicom's SOPClass.copy_patient_and_study_information: the root attributes of the modules of the Patient
+    # and Study entities of the source's IOD, the same five for CT Image, Enhanced CT and Legacy Converted
+    # Enhanced CT (highdicom 0.28's tables). Patient:
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
+    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence",
+    "StudyDescription", "ProcedureCodeSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence",
+    "StudyInstanceUID", "StudyID", "RequestingService", "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+)
+_ACQUISITION_EQUIPMENT: Final = (
+    # highdicom's ContributingEquipment.for_image_acquisition: the SR's Contributing Equipment Sequence item
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
+    "InstitutionalDepartmentName", "InstitutionAddress", "StationName", "AcquisitionDateTime", "AcquisitionDate",
+    "AcquisitionTime",
+)
+
+SR_HEADER_KEYWORDS: Final = tuple(dict.fromkeys((
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+    *_PATIENT_AND_STUDY, *_ACQUISITION_EQUIPMENT,
+    "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames",  # highdicom's check of a source image, the boxes'
+    *IMAGE_LIBRARY_KEYWORDS, "TimezoneOffsetFromUTC",
+)))
+"""Every attribute :func:`to_sr` reads of its first source image in slice order (the evidence's first), of
+which highdicom copies the patient, study and acquisition equipment into the SR: its character set and UIDs; the
+patient and study modules highdicom copies (Patient, Clinical Trial Subject, General Study, Patient Study,
+Clinical Trial Study: Other Patient IDs, Study Description, weight...); the acquisition equipment highdicom
+names as contributing (manufacturer, model, serial number, software, institution, its department and address,
+station, acquisition date and time); the pixel description highdicom checks a source image by; the Image
+Library's descriptors; the Timezone Offset From UTC. What else a header holds (Patient's Address, Operators'
+Name, private elements...) does not change the SR: the headers kept to make it again need no more
+(``gateway.report.SrContext``)."""
 
 
 def _shown(result: CaseResult) -> Any:

@@ -232,3 +232,69 @@ def test_image_library_carries_only_what_the_headers_state(caplog):
                                                          "ImageOrientationPatient", "PixelSpacing", "SliceThickness"))
     head = result.model_copy(update={"verdict": "indeterminate", "reason": "not_chest"})
     assert IMAGE_LIBRARY not in {i.ConceptNameCodeSequence[0].CodeValue for i in to_sr(head, headers).ContentSequence}
+
+
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
+                                       "1.2.840.10008.5.1.4.1.1.2.2"])  # CT, Enhanced CT, Legacy Converted
+def test_sr_header_keywords_name_every_attribute_the_sr_reads_of_its_sources(monkeypatch, sop_class):
+    """What a header needs to make the same SR (``gateway.report`` keeps no more of the first slice's): every
+    attribute ``to_sr`` and highdicom read of the sources, as they read them (each lookup noted, whether the
+    attribute is there or not), is in SR_HEADER_KEYWORDS. A later highdicom that copies more fails here."""
+    from pydicom.datadict import keyword_for_tag, tag_for_keyword
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    import aggregator.sr as sr_module
+    from aggregator.sr import SR_HEADER_KEYWORDS
+
+    seen: set[str] = set()
+
+    def note(key) -> None:
+        if isinstance(key, str):
+            if tag_for_keyword(key) is not None:
+                seen.add(key)
+        elif not isinstance(key, slice):
+            seen.add(keyword_for_tag(Tag(key)) or str(Tag(key)))
+
+    class Noting(Dataset):
+        """A header that notes each attribute looked up in it; walking it whole is noted as "*"."""
+
+        def __getattr__(self, name):
+            note(name)
+            return super().__getattr__(name)
+
+        def __getitem__(self, key):
+            note(key)
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            note(key)
+            return super().get(key, default)
+
+        def get_item(self, key, *, keep_deferred=False):
+            note(key)
+            return super().get_item(key, keep_deferred=keep_deferred)
+
+        def __contains__(self, key):
+            note(key)
+            return super().__contains__(key)
+
+        def __iter__(self):
+            seen.add("*")
+            return super().__iter__()
+
+        def keys(self):
+            seen.add("*")
+            return super().keys()
+
+    result, headers = _series()
+    for ds in headers:
+        ds.SOPClassUID = sop_class
+        ds.Manufacturer = "ACME"  # highdicom reads the rest of the acquisition equipment only then
+    usable = sr_module.usable_headers
+    monkeypatch.setattr(sr_module, "usable_headers", lambda datasets: [Noting(ds) for ds in usable(datasets)])
+    to_sr(result, headers)
+    assert "*" not in seen  # highdicom reads attributes by name, none by walking a header
+    assert {"PatientName", "OtherPatientIDsSequence", "StudyDescription", "InstitutionAddress", "StationName",
+            "ImagePositionPatient"} <= seen  # the noting works: the modules, the equipment, the library
+    assert seen - set(SR_HEADER_KEYWORDS) == set()
