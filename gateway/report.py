@@ -5,10 +5,11 @@
 again for it), so the SR can be made from the job at any time afterwards (:func:`encode_sr`), after the
 instances' retention too, and is the SR the deliverer makes from the stored instances, byte for byte: one
 SOP Instance UID, one object. It keeps the SOP class, instance and series, frames, rows and columns of every
-instance (about a hundred bytes each; the SR lists them all as evidence), the first slice's header (without
-pixel data, private or other binary elements; highdicom copies its patient, study and equipment), the first
-Timezone Offset From UTC the instances state, and the Image Library's descriptors of the images the SR
-references (:meth:`SrContext.for_result`: the evidence run's, not the whole series').
+instance (about a hundred bytes each; the SR lists them all as evidence), of the first slice's header the
+attributes the SR reads (:data:`aggregator.sr.SR_HEADER_KEYWORDS`: highdicom copies its patient, study and
+acquisition equipment; nothing else a header holds, such as Patient's Address, Operators' Name or private
+elements, is kept), the first Timezone Offset From UTC the instances state, and the Image Library's descriptors
+of the images the SR references (:meth:`SrContext.for_result`: the evidence run's, not the whole series').
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.tag import Tag
 
 from aggregator.schema import CaseResult
-from aggregator.sr import IMAGE_LIBRARY_KEYWORDS, library_uids, timezone_offset
+from aggregator.sr import IMAGE_LIBRARY_KEYWORDS, SR_HEADER_KEYWORDS, library_uids, timezone_offset
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,7 @@ STUDY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirth
                   "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
 _PER_INSTANCE = ("Rows", "Columns")  # in each instance's row already
 _DESCRIBED = tuple((k, tag_for_keyword(k)) for k in IMAGE_LIBRARY_KEYWORDS if k not in _PER_INSTANCE)
-_BINARY = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
-_ICON_IMAGE = 0x00880200
-_FUNCTIONAL_GROUPS = 0x5200  # an enhanced CT's per-frame and shared groups: the SR reads none of them
+_KEPT = tuple(Tag(k) for k in SR_HEADER_KEYWORDS)  # a misspelt keyword fails at import
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +51,10 @@ class SrContext:
         ``(SOPClassUID, SOPInstanceUID, SeriesInstanceUID, NumberOfFrames, Rows, Columns)`` per screened
         instance.
     header : bytes
-        The first slice's header, its public elements but the binary ones (pixel data) and the functional
-        groups, encoded as a data set (Explicit VR Little Endian): what highdicom copies is there as the source
-        wrote it. Empty when kept by an earlier release, or when it could not be encoded.
+        Of the first slice's header the attributes the SR reads (:data:`~aggregator.sr.SR_HEADER_KEYWORDS`),
+        encoded as a data set (Explicit VR Little Endian): what highdicom copies is there as the source wrote
+        it. Empty when kept by an earlier release, or when it could not be encoded. (An earlier release kept
+        every public element but the binary ones: its rows still make the same SR.)
     images : tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
         ``(SOPInstanceUID, ((keyword, value), ...))``: the :data:`~aggregator.sr.IMAGE_LIBRARY_KEYWORDS` an
         instance's header states, each value as its DICOM string (``"0.7\\0.7"``).
@@ -151,21 +152,17 @@ def _described(ds: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _header(ds: Any) -> bytes:
-    """``ds``'s public elements but the binary ones (pixel data, overlays, an icon) and an enhanced CT's
-    functional groups (a value per frame), as an Explicit VR Little Endian data set; empty (and logged) when
-    they cannot be encoded."""
-    from pydicom.datadict import DicomDictionary, dictionary_VR
+    """The :data:`~aggregator.sr.SR_HEADER_KEYWORDS` ``ds`` holds, as an Explicit VR Little Endian data set:
+    no other element is read (pixel data, an enhanced CT's functional groups, an address, a private element);
+    empty (and logged) when they cannot be encoded."""
     from pydicom.dataset import Dataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
     try:
         kept = Dataset()
-        for tag in ds.keys():  # by tag, VR from the raw element: a deferred value is not read to be dropped
-            if tag.is_private or tag == _ICON_IMAGE or tag.group == _FUNCTIONAL_GROUPS:
-                continue
-            vr = ds.get_item(tag).VR or (dictionary_VR(tag) if tag in DicomDictionary else "UN")
-            if vr not in _BINARY:
+        for tag in _KEPT:
+            if tag in ds:
                 kept.add(ds[tag])
         buf = DicomBytesIO()
         buf.is_little_endian, buf.is_implicit_VR = True, False
@@ -178,8 +175,8 @@ def _header(ds: Any) -> bytes:
 
 
 def sr_context(datasets: Iterable[Any]) -> SrContext | None:
-    """The :class:`SrContext` of the screened instances, from their parsed data sets, in slice order (the first
-    slice's header is kept whole, as the SR copies it; the descriptors of every instance, until
+    """The :class:`SrContext` of the screened instances, from their parsed data sets, in slice order (of the first
+    slice's header what the SR reads of it; the descriptors of every instance, until
     :meth:`SrContext.for_result` keeps those of the images the SR references).
 
     An instance without a SOP Instance UID is left out. Never raises: returns None (and logs) when the

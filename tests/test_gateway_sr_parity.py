@@ -156,8 +156,8 @@ def test_the_api_sr_is_the_delivered_sr_byte_for_byte(screened, orthanc):
 
 
 def test_the_stored_context_is_bounded_by_the_images_the_sr_references(screened):
-    """Per instance the store keeps its UIDs and size; one header (the first slice's, without pixel data or
-    private elements) and the geometry of the evidence run's images only, not the whole series'."""
+    """Per instance the store keeps its UIDs and size; one header (what the SR reads of the first slice's: no
+    pixel data, no private elements) and the geometry of the evidence run's images only, not the whole series'."""
     _, job_id, _, settings = screened
     with sqlite3.connect(settings.data_dir / "ctscreen.db") as db:
         (stored,) = db.execute("SELECT sr_context FROM results WHERE job_id = ?", (job_id,)).fetchone()
@@ -268,3 +268,81 @@ def test_an_enhanced_ct_makes_the_same_sr_from_its_kept_header_as_the_deliverer_
     kept, sent = encode_sr(result, context.for_result(result)), blobs[made["blob_key"]]
     assert _differing(pydicom.dcmread(io.BytesIO(kept)), pydicom.dcmread(io.BytesIO(sent))) == []
     assert kept == sent
+
+
+NOT_READ = {"PatientAddress": "1 Main St^^Town", "PatientTelephoneNumbers": "555-0100", "MilitaryRank": "Major",
+            "PatientMotherBirthName": "Mother^Maiden", "EthnicGroup": "group", "OperatorsName": "Op^Erator",
+            "PerformingPhysicianName": "Perf^Doc", "ProtocolName": "CHEST LOW DOSE", "BodyPartExamined": "CHEST",
+            "PerformedProcedureStepDescription": "CT THORAX", "InstitutionCodeSequence": None, "RequestAttributesSequence": None}
+"""Header attributes a scanner or a worklist writes that the SR does not read (with a private element)."""
+
+
+def _more_than_the_sr_reads(ds: Dataset) -> None:
+    for keyword, value in NOT_READ.items():
+        if value is None:
+            item = Dataset()
+            item.RequestedProcedureID, item.CodeValue = "RP-9", "H1"
+            setattr(ds, keyword, [item])
+        else:
+            setattr(ds, keyword, value)
+    ds.add_new(0x00291010, "OB", b"\x01" * 64)
+    ds.add_new(0x00091010, "LO", "private")
+    # and what the SR copies: the patient and study modules, the acquisition equipment
+    ds.PatientBirthDate, ds.PatientSex, ds.PatientAge, ds.AccessionNumber = "19600102", "F", "065Y", "ACC-1"
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.StudyDescription = "7", "20261205", "083000", "CT THORAX HR"
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = "X-1", "HOSP_B"
+    ds.OtherPatientIDsSequence = [other]
+    ds.Manufacturer, ds.StationName, ds.InstitutionName, ds.InstitutionAddress = "ACME", "CT1", "Hosp", "2 Hosp Rd"
+
+
+def test_the_kept_header_holds_only_what_the_sr_reads():
+    """Data minimisation: of the first slice's header the context keeps the attributes the SR reads
+    (``aggregator.sr.SR_HEADER_KEYWORDS``), not the patient's address, the operators, the request or a private
+    element; the SR made from it is still the deliverer's (from the stored files), patient and study included."""
+    from datetime import UTC, datetime
+
+    from aggregator.case import SliceInput, decide
+    from aggregator.sr import SR_HEADER_KEYWORDS
+    from gateway.delivery.payloads import build_dicom
+    from gateway.ingest import load_study
+    from gateway.report import encode_sr
+    from tests.gateway_app_fakes import edited
+
+    _, files = ct_series(6, lesion=[2, 3, 4], size=64)
+    files = edited(files, _more_than_the_sr_reads)
+    context = load_study(files).sr_context
+    assert context is not None
+    header = context.header_dataset()
+    assert header is not None and {e.keyword for e in header} <= set(SR_HEADER_KEYWORDS)
+    assert not set(NOT_READ) & {e.keyword for e in header} and not any(e.tag.is_private for e in header)
+    assert header.OtherPatientIDsSequence[0].PatientID == "X-1" and header.InstitutionAddress == "2 Hosp Rd"
+
+    headers = sorted((pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True) for _, d in files),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    box = np.array([[10, 10, 20, 20, 0.9]], np.float32)
+    inputs = [SliceInput(str(d.SOPInstanceUID), float(d.ImagePositionPatient[2]), box if k in (2, 3, 4) else
+                         np.zeros((0, 5)), np.array([0, 0, 63, 63], np.float32), rows=64, cols=64)
+              for k, d in enumerate(headers)]
+    result = decide(inputs).to_result(study_instance_uid=str(headers[0].StudyInstanceUID),
+                                      series_instance_uid=str(headers[0].SeriesInstanceUID), job_id="job-min",
+                                      created_at=datetime(2026, 12, 5, 8, 30, tzinfo=UTC))
+    assert result.verdict == "positive"
+    blobs: dict[str, bytes] = {}
+
+    def put(payload: bytes) -> str:
+        blobs[key := f"blob-{len(blobs)}"] = payload
+        return key
+
+    (made,) = build_dicom(result, files, ["sr"], put)
+    kept, sent = encode_sr(result, context.for_result(result)), blobs[made["blob_key"]]
+    sr = pydicom.dcmread(io.BytesIO(kept))
+    assert _differing(sr, pydicom.dcmread(io.BytesIO(sent))) == []
+    assert kept == sent
+    assert (str(sr.PatientName), sr.PatientID, sr.PatientBirthDate, sr.PatientSex, sr.AccessionNumber, sr.StudyID,
+            sr.StudyDate, sr.StudyTime, sr.StudyDescription, sr.StudyInstanceUID) == \
+        ("Test^Gateway", "TEST", "19600102", "F", "ACC-1", "7", "20261205", "083000", "CT THORAX HR",
+         result.study_instance_uid)
+    assert sr.OtherPatientIDsSequence[0].PatientID == "X-1"  # highdicom copies the Patient module whole
+    assert sr.ContributingEquipmentSequence[0].InstitutionAddress == "2 Hosp Rd"  # and the acquisition equipment
+    assert not set(NOT_READ) & {e.keyword for e in sr}
