@@ -106,8 +106,12 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
         return
     import httpx
 
-    from gateway.client import http_client
+    from gateway.client import CliError, env_token, http_client
 
+    try:
+        env_token()  # the credential ctscreen screen sends: one the HTTP header cannot carry ends the run here
+    except CliError as exc:
+        raise EvalError(str(exc)) from None
     if args.url:
         # the credential ctscreen screen sends ($CTSCREEN_TOKEN): a cluster's gateway refuses anonymous uploads
         with http_client(args.url.rstrip("/"), args.timeout) as client:
@@ -120,7 +124,6 @@ def _serving_path(args: argparse.Namespace) -> Iterator[_Path]:
             yield _Path(http_runner(client, args.timeout), f"gateway at {args.url}")
         return
     from gateway.cli import run_stack
-    from gateway.client import CliError
 
     with ExitStack() as resources:
         try:

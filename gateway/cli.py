@@ -452,6 +452,9 @@ def send_main(argv: list[str]) -> int:
     except httpx.HTTPError as exc:
         print(f"ctscreen send: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
         return 1
+    except CliError as exc:  # a $CTSCREEN_TOKEN no header can carry
+        print(f"ctscreen send: {exc}", file=sys.stderr)
+        return 1
     if r.status_code != 202:
         err = error_of(r)
         print(f"ctscreen send: {err.get('message', err.get('reason'))}", file=sys.stderr)

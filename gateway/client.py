@@ -274,10 +274,28 @@ def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = No
     return "\n".join(lines)
 
 
+def env_token() -> str | None:
+    """``$CTSCREEN_TOKEN`` (an OIDC access token or an API key, ``ctscreen keys add``), or None when unset or blank.
+
+    Surrounding whitespace is dropped: a key written to a file (``ctscreen keys add ... > key``) and put into a
+    Kubernetes Secret ends in a newline. A token that still cannot go into an HTTP header raises
+    :class:`CliError` (it would otherwise fail every request as if no gateway answered)."""
+    token = (os.environ.get("CTSCREEN_TOKEN") or "").strip()
+    if not token:
+        return None
+    bad = next((c for c in token if not " " <= c <= "~"), None)  # a control character, or not ASCII
+    if bad is not None:
+        raise CliError(f"$CTSCREEN_TOKEN holds a character an HTTP header cannot carry ({bad!r}); "
+                       "set it to the token or API key alone")
+    return token
+
+
 def http_client(url: str, timeout: float) -> Any:
+    """An ``httpx.Client`` for the gateway at ``url`` sending ``$CTSCREEN_TOKEN``; :class:`CliError` for a token
+    no header can carry."""
     import httpx
 
-    token = os.environ.get("CTSCREEN_TOKEN")  # an OIDC access token or an API key (ctscreen keys add)
+    token = env_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 

@@ -165,3 +165,55 @@ def test_an_upload_answered_503_with_retry_after_goes_again(gateway, study, monk
     out = screen_client.screen_path(client, study, quiet=True, max_wait_s=60)
     assert out.error is None and out.result is not None, out.error
     assert refusals == [0] and waits[:2] == [5.0, 5.0]
+
+
+@pytest.fixture
+def healthz_server():
+    """A real HTTP server on a free port answering ``GET /healthz``; yields its URL and the Authorization
+    headers it was sent (the newline case fails in h11, on the wire, not in ``TestClient``)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_token_read_from_a_file_with_its_newline_is_sent_without_it(healthz_server, monkeypatch):
+    """The chart's README wrote the helm-test key with ``> helm-test.key``; the Secret kept the newline and
+    ``ctscreen screen`` said no gateway answered (h11's LocalProtocolError)."""
+    url, seen = healthz_server
+    monkeypatch.setenv("CTSCREEN_TOKEN", "ctk_abc.def\n")
+    with screen_client.http_client(url, 5.0) as client:
+        assert client.get("/healthz").status_code == 200
+    assert seen == ["Bearer ctk_abc.def"]
+
+
+def test_a_token_no_header_can_carry_is_named_not_taken_for_an_absent_gateway(healthz_server, study, monkeypatch,
+                                                                              capsys):
+    from gateway.cli import screen_main
+
+    url, seen = healthz_server
+    monkeypatch.setenv("CTSCREEN_TOKEN", "ctk_abc\n.def")
+    assert screen_main([str(study), "--quiet", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "ctscreen screen: $CTSCREEN_TOKEN holds a character an HTTP header cannot carry ('\\n'); "
+        "set it to the token or API key alone"]
+    assert seen == []
