@@ -239,6 +239,38 @@ def test_helm_test_pod_screens_one_study_through_the_gateway_and_may_reach_it(pr
         "the gateway's NetworkPolicy must admit the test pod"
 
 
+def _pod_secret_names(node) -> set[str]:
+    """The Secrets a rendered object's pods read: env, envFrom, volumes, image pull secrets."""
+    names: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretKeyRef", "secretRef"):
+                names.add(value["name"])
+            elif key == "secret" and isinstance(value, dict) and "secretName" in value:
+                names.add(value["secretName"])
+            elif key == "imagePullSecrets":
+                names.update(s["name"] for s in value)
+            else:
+                names |= _pod_secret_names(value)
+    elif isinstance(node, list):
+        for item in node:
+            names |= _pod_secret_names(item)
+    return names
+
+
+def test_the_install_steps_create_every_secret_the_production_pods_read(production):
+    """The chart README's production install never created ctscreen-db (state.database.existingSecret):
+    the gateways and the migrations Job could not start. Every Secret a pod reads is rendered by the chart,
+    created by a ``kubectl create secret`` step, or issued by cert-manager from a step's Certificate."""
+    readme = (CHART / "README.md").read_text()
+    steps = readme.split("## Install on a real cluster", 1)[1].split("\n## ", 1)[0]
+    rendered = {o["metadata"]["name"] for o in production if o["kind"] == "Secret"}
+    missing = sorted(name for name in _pod_secret_names(production) - rendered
+                     if not re.search(rf"create secret [\w-]+ {re.escape(name)}\b", steps)
+                     and f"secretName {name}" not in steps)
+    assert missing == []
+
+
 # --- Triton pod on real GPU nodes ----------------------------------------------------------------------
 
 
