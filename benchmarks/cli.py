@@ -65,6 +65,11 @@ DELEGATES = {
 }
 
 
+# the delegated commands that write under results_dir(), so the global --results reaches them; the others
+# write where their own options say (scaling: --out; figures: benchmarks/results, stamped) or write nothing
+RESULTS_DIR_DELEGATES = frozenset({"phantom", "models", "gpu", "admission", "sweep", "split", "fov", "noise"})
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, never a traceback
         self.exit(2, f"ctscreen bench: error: {message}\n")
@@ -120,7 +125,7 @@ def _add_load(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(),
+    parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(), allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = _Parser(add_help=False)
     shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
@@ -343,11 +348,32 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def _delegated(argv: list[str]) -> int | None:
+    """Where a delegated command's name stands in ``argv`` once the global options before it are passed
+    (``-v``, ``--results DIR``); None when the command is not delegated. What follows the name is the
+    delegate's own to parse."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in DELEGATES:
+            return i
+        if argv[i] in ("-v", "--verbose") or argv[i].startswith("--results="):
+            i += 1
+        elif argv[i] == "--results":
+            i += 2
+        else:
+            return None
+    return None
+
+
 def _main(argv: list[str]) -> int:
-    if argv and argv[0] in DELEGATES:
-        return _delegate(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    at = _delegated(argv)
+    args = parser.parse_args(argv if at is None else argv[:at])
+    if at is not None:
+        args.cmd = argv[at]
+        if args.results and args.cmd not in RESULTS_DIR_DELEGATES:
+            parser.error(f"--results does not reach '{args.cmd}', which writes where its own options say "
+                         f"(ctscreen bench {args.cmd} --help)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.results:
@@ -358,6 +384,8 @@ def _main(argv: list[str]) -> int:
         except OSError as exc:
             parser.error(f"--results {args.results}: {exc.strerror or exc}")
         set_results_dir(args.results)
+    if at is not None:
+        return _delegate(args.cmd, argv[at + 1:])
     url = getattr(args, "url", None)
     if url and not url.lower().startswith(("http://", "https://")):
         parser.error(f"--url must start with http:// or https://, got {url!r}")

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import promstats
 from benchmarks.cli import main as bench_main
-from benchmarks.common import UnsafeTarget, check_target, is_loopback
+from benchmarks.common import UnsafeTarget, check_target, is_loopback, results_dir, set_results_dir
 from benchmarks.load import LoadConfig, arrival_times
 from benchmarks.studies import SizeDist
 from ctscreen.contracts import BOX_COUNT, LESION_BOXES, VALID_AREA_BOX
@@ -79,6 +79,37 @@ def test_cli_bad_values_are_one_line_before_anything_starts(capsys: pytest.Captu
     assert bench_main(["load", "--gateway-env", "FOO=1"]) == 1
     err = capsys.readouterr().err
     assert "--gateway-env wants CTSCREEN_NAME=VALUE" in err and "starting" not in err
+
+
+@pytest.fixture
+def results_kept():
+    """The results folder as it was, set back after a test that passes ``--results``."""
+    before = results_dir()
+    yield
+    set_results_dir(before)
+
+
+@pytest.mark.parametrize("command", ["fov", "noise"])
+@pytest.mark.parametrize("head", [["--results", "{tmp}"], ["-v", "--results={tmp}"]])
+def test_the_global_results_folder_reaches_a_delegated_command(command, head, tmp_path, monkeypatch, results_kept):
+    """``ctscreen bench --results DIR fov`` ended in AttributeError: 'Namespace' object has no attribute
+    'triton_url' (the delegate's name was parsed as a command of the harness). Nothing is measured here."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{command}")
+    seen = []
+    monkeypatch.setattr(module, "main", lambda argv: seen.append((argv, results_dir())) or 0)
+    out = tmp_path / "res"
+    assert bench_main([h.format(tmp=out) for h in head] + [command, "--shared", "/nowhere"]) == 0
+    assert seen == [(["--shared", "/nowhere"], out)] and out.is_dir()
+
+
+def test_the_global_results_folder_is_refused_where_it_would_not_reach(tmp_path, capsys, results_kept):
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["--results", str(tmp_path / "res"), "figures", "--list"])
+    assert exc.value.code == 2 and not (tmp_path / "res").exists()
+    assert capsys.readouterr().err.strip() == ("ctscreen bench: error: --results does not reach 'figures', which "
+                                               "writes where its own options say (ctscreen bench figures --help)")
 
 
 @pytest.mark.parametrize(
