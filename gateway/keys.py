@@ -218,15 +218,19 @@ def _out(text: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``ctscreen keys add NAME --scopes ...|list|revoke ID``."""
+    file_help = "the key file (default $CTSCREEN_AUTH_API_KEYS_FILE); the gateway reads the same file"
     p = argparse.ArgumentParser(prog="ctscreen keys", description="API keys of the gateway (stored hashed).")
-    p.add_argument("--file", type=Path, default=os.environ.get("CTSCREEN_AUTH_API_KEYS_FILE"),
-                   help="the key file (default $CTSCREEN_AUTH_API_KEYS_FILE); the gateway reads the same file")
+    p.add_argument("--file", type=Path, default=os.environ.get("CTSCREEN_AUTH_API_KEYS_FILE"), help=file_help)
+    # --file after the command too (ctscreen keys add NAME --scopes ... --file PATH); unset there, the one
+    # before the command (or the environment's) stands
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--file", type=Path, default=argparse.SUPPRESS, help=file_help)
     sub = p.add_subparsers(dest="cmd", required=True)
-    add = sub.add_parser("add", help="make a key and print it once")
+    add = sub.add_parser("add", parents=[after], help="make a key and print it once")
     add.add_argument("name", help="who uses the key (a machine: pacs-router, ris-bridge)")
     add.add_argument("--scopes", nargs="+", required=True, choices=SCOPES, help="what the key may do")
-    sub.add_parser("list", help="list keys (never the keys themselves)")
-    rev = sub.add_parser("revoke", help="revoke a key by id (or by name)")
+    sub.add_parser("list", parents=[after], help="list keys (never the keys themselves)")
+    rev = sub.add_parser("revoke", parents=[after], help="revoke a key by id (or by name)")
     rev.add_argument("id")
     args = p.parse_args(argv)
     if args.file is None:

@@ -290,6 +290,23 @@ def test_api_keys_add_use_list_revoke(client, keyfile, capsys):
     assert "revoked" in capsys.readouterr().out
 
 
+def test_keys_file_is_taken_after_the_command_as_well_as_before(tmp_path, capsys, monkeypatch):
+    """The README's ``ctscreen keys add NAME --scopes ... --file PATH`` said "unrecognized arguments: --file";
+    only ``ctscreen keys --file PATH add ...`` worked. Both do; after the command wins."""
+    monkeypatch.delenv("CTSCREEN_AUTH_API_KEYS_FILE", raising=False)
+    after, before = tmp_path / "after.json", tmp_path / "before.json"
+    assert keys_cli.main(["add", "r2", "--scopes", "results:read", "--file", str(after)]) == 0
+    assert keys_cli.main(["--file", str(before), "add", "r1", "--scopes", "studies:write"]) == 0
+    capsys.readouterr()
+    assert keys_cli.main(["list", "--file", str(after)]) == 0
+    assert "r2" in capsys.readouterr().out
+    assert keys_cli.main(["--file", str(after), "list", "--file", str(before)]) == 0
+    listing = capsys.readouterr().out
+    assert "r1" in listing and "r2" not in listing
+    assert keys_cli.main(["revoke", "r2", "--file", str(after)]) == 0
+    assert keys_cli.main(["--file", str(after), "list"]) == 0 and "revoked" in capsys.readouterr().out
+
+
 def test_keys_command_refuses_unknown_scope_and_missing_file(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CTSCREEN_AUTH_API_KEYS_FILE", raising=False)
     with pytest.raises(SystemExit) as exc:
