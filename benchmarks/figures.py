@@ -10,8 +10,10 @@ against the shipped models (:mod:`benchmarks.stamps`; ``tests/test_figure_stamps
 
     python -m benchmarks figures [--only a,b | --skip a,b] [--list] [--dry-run]
 
-Groups: ``performance`` (about 45 minutes on a quiet 2-core machine) and ``accuracy`` (about 25
-minutes: the evaluation reports README cites). ``--skip accuracy`` keeps the performance figures only.
+Groups: ``performance`` (about 58 minutes on a quiet 2-core machine) and ``accuracy`` (about 25
+minutes: the evaluation reports README cites), 82 in all (:func:`plan_minutes`; ``--list`` prints them, and
+``tests/test_figure_stamps.py`` holds the READMEs and the Makefile to them). ``--skip accuracy`` keeps the
+performance figures only.
 Run it on a quiet machine: the stamp records the load average, and figures under load are not published.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +116,11 @@ PLAN: tuple[Step, ...] = (
 )
 
 
+def plan_minutes(steps: Sequence[Step] = PLAN, group: str | None = None) -> int:
+    """The expected minutes of ``steps`` (of one group, or all), rounded half up: what the prose states."""
+    return math.floor(sum(s.minutes for s in steps if group in (None, s.group)) + 0.5)
+
+
 def select(plan: Sequence[Step], only: Sequence[str] = (), skip: Sequence[str] = ()) -> list[Step]:
     """The steps named by ``only`` (steps or groups; all when empty), less those named by ``skip``."""
     known = {s.name for s in plan} | {s.group for s in plan}
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for s in steps:
             print(f"{s.name:<20} {s.group:<12} ~{s.minutes:>4g} min  -> {', '.join(s.outputs)}")
-        print(f"total ~{sum(s.minutes for s in steps):g} min on a quiet 2-core machine")
+        groups = ", ".join(f"{g} ~{plan_minutes(steps, g)}" for g in dict.fromkeys(s.group for s in steps))
+        print(f"total ~{plan_minutes(steps)} min on a quiet 2-core machine ({groups})")
         return 0
     load = os.getloadavg()[0]
     if load > 0.5 and not args.dry_run:

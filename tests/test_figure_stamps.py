@@ -156,6 +156,28 @@ def test_the_plan_prints_and_selects(capsys: pytest.CaptureFixture[str]) -> None
         figures.select(figures.PLAN, ["nope"])
 
 
+def _prose(text: str) -> str:
+    """``text`` with comment markers at line starts dropped and whitespace collapsed."""
+    return " ".join(" ".join(re.sub(r"^\s*#", "", line) for line in text.splitlines()).split())
+
+
+def test_the_stated_durations_are_the_plans() -> None:
+    """README said about 45 minutes for the performance rows and 70 with the accuracy reports; the plan's steps
+    add up to 58 and 82."""
+    perf, accuracy, total = (figures.plan_minutes(group=g) for g in ("performance", "accuracy", None))
+    claims = {
+        "README.md": f"about {perf} minutes on a quiet 2-core machine for these rows, {total} with the accuracy",
+        "benchmarks/README.md": f"the performance figures only (~{perf} min",
+        "Makefile": f"about {total} minutes on 2 cores, BENCH_ARGS=\"--skip accuracy\" for the performance "
+                    f"figures alone, about {perf})",
+    }
+    for name, claim in claims.items():
+        assert claim in _prose((ROOT / name).read_text()), name
+    doc = _prose(figures.__doc__ or "")
+    assert f"``performance`` (about {perf} minutes" in doc and f"``accuracy`` (about {accuracy} minutes" in doc
+    assert f"{total} in all" in doc
+
+
 def test_a_step_that_prints_json_is_stamped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
