@@ -375,6 +375,17 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
+def _sqlite_file_missing(url: str) -> bool:
+    """Whether ``url`` names a SQLite database file that is not there (SQLite would create it on opening)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    path = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
+        return False
+    return not Path(path).exists()
+
+
 def db_main(argv: list[str]) -> int:
     """``ctscreen db upgrade [--revision REV]`` / ``ctscreen db downgrade REVISION [--dry-run]`` /
     ``ctscreen db current``."""
@@ -417,6 +428,10 @@ def db_main(argv: list[str]) -> int:
         else:
             from gateway.store.migrate import database_revision, head
 
+            if _sqlite_file_missing(database):  # opening it would create it (or fail: no folder)
+                print(f"state store {redact(database)}: no database yet, revision none (newest {head()}); "
+                      "`ctscreen db upgrade` creates it")
+                return 0
             at = database_revision(database) or "none"
             print(f"state store {redact(database)}: revision {at} (newest {head()})")
     except (CliError, RevisionError) as exc:

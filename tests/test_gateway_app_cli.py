@@ -1,4 +1,4 @@
-"""``ctscreen serve/screen/demo`` argument handling and output, without a server (errors are one line)."""
+"""``ctscreen serve/screen/demo/db`` argument handling and output, without a server (errors are one line)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,24 @@ def test_a_start_up_the_gateway_cannot_make_is_one_line_before_triton_starts(tmp
     assert rc != 0 and "Traceback" not in err, err
     assert ("the blob store" in err) if problem == "blob_folder_is_a_file" else ("CTSCREEN_DICOM_TLS_CERT" in err)
     assert len(err.strip().splitlines()) <= 2, err
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_db_current_without_a_sqlite_file_says_there_is_none_and_makes_none(folder, tmp_path, monkeypatch, capsys):
+    """A data folder that did not exist gave a raw "OperationalError: ... unable to open database file"; an
+    empty one got an empty ctscreen.db made by the question."""
+    from gateway.cli import db_main
+    from gateway.store.migrate import head
+
+    data = tmp_path / "data"
+    if folder == "empty":
+        data.mkdir()
+    monkeypatch.delenv("CTSCREEN_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(data))
+    assert db_main(["current"]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"state store sqlite:///{data}/ctscreen.db: no database yet, revision none (newest {head()}); "
+                          "`ctscreen db upgrade` creates it\n", "")
+    assert sorted(tmp_path.rglob("*")) == ([data] if folder == "empty" else [])
+    assert db_main(["upgrade"]) == 0 and db_main(["current"]) == 0
+    assert capsys.readouterr().out.endswith(f"revision {head()} (newest {head()})\n")
