@@ -177,3 +177,16 @@ def test_results_csv_has_a_row_per_study_and_a_score_to_sweep(cases, tmp_path):
     assert rows["n1"]["positive_up_to"] == "" and rows["n2"]["verdict"] == "positive" and rows["n2"]["correct"] == "0"
     assert rows["f1"]["verdict"] == "failed" and rows["f1"]["error"].startswith("no_usable_series")
     assert rows["c1"]["label"] == "1" and rows["c1"]["correct"] == "1"
+
+
+def test_the_documented_results_csv_columns_are_the_written_ones():
+    """docs/eval/README.md listed "case, ... slices, longest run" for case_id, ..., n_slices, run."""
+    import re
+    from pathlib import Path
+
+    from evaluation.output import RESULTS_CSV_COLUMNS
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "eval"
+    row = next(line for line in (docs / "README.md").read_text().splitlines() if line.startswith("| `results.csv` |"))
+    assert tuple(re.findall(r"`(\w+)`", row.split("|")[2])) == RESULTS_CSV_COLUMNS
+    assert tuple((docs / "results.csv").read_text().splitlines()[0].split(",")) == RESULTS_CSV_COLUMNS
