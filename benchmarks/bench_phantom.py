@@ -40,7 +40,7 @@ print(json.dumps(out))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_phantom", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="ctscreen bench phantom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)

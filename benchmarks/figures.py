@@ -174,7 +174,7 @@ def run_step(step: Step, *, logs: Path, dry_run: bool = False) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks figures", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ctscreen bench figures", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help="comma list of steps or groups to run (default: all)")
     p.add_argument("--skip", default="", help="comma list of steps or groups to leave out")
     p.add_argument("--list", action="store_true", help="print the plan with the expected minutes, run nothing")

@@ -556,7 +556,7 @@ def _gpu_name() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_paper_profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ctscreen bench gpu", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="export paper ONNX, render the gpu repository, build TensorRT engines")
     b.add_argument("--out", type=Path, required=True)

@@ -313,7 +313,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.split_cores", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ctscreen bench split", description=__doc__.splitlines()[0])
     p.add_argument("--study-slices", type=positive(int), default=60, help="slices per study of the gateway's load")
     p.add_argument("--studies", type=positive(int), default=4, help="studies per gateway load")
     p.add_argument("--concurrency", type=positive(int), default=2, help="studies in flight on the gateway")

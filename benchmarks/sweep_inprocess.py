@@ -240,7 +240,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep_inprocess", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ctscreen bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--slices", type=int, default=64, help="slices per setting (default 64)")
     p.add_argument("--batches", type=_ints, default=list(BATCHES))
     p.add_argument("--threads", type=_ints, default=list(THREADS))

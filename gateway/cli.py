@@ -314,9 +314,16 @@ def _metrics_port(p: argparse.ArgumentParser) -> int | None:
         p.exit(2, f"ctscreen serve: {setting_error(exc)}\n")
 
 
+def _described(command: str) -> str:
+    """The module docstring's item on ``command``, as plain text (its --help description)."""
+    items = (__doc__ or "").split("\n\n")[1].lstrip("* ").split("\n* ")
+    text = " ".join(next(i for i in items if i.startswith(f"``{command}``:")).split(":", 1)[1].split())
+    return (text[0].upper() + text[1:]).replace("``", "")
+
+
 def serve_main(argv: list[str]) -> int:
     """``ctscreen serve``: embedded Triton + gateway on localhost until Ctrl-C."""
-    p = argparse.ArgumentParser(prog="ctscreen serve", description=__doc__.split("\n\n")[1].strip())
+    p = argparse.ArgumentParser(prog="ctscreen serve", description=_described("serve"))
     _stack_args(p)
     p.add_argument("--dicom-port", type=int, default=None,
                    help="also listen for DICOM C-STORE / C-ECHO on this port (a Storage SCP; default: off)")
@@ -472,7 +479,10 @@ def send_main(argv: list[str]) -> int:
         return 1
     if r.status_code != 202:
         err = error_of(r)
-        print(f"ctscreen send: {err.get('message', err.get('reason'))}", file=sys.stderr)
+        message = str(err.get("message", err.get("reason")))
+        if err.get("reason") == "not_resendable":  # the API names its query parameter; here it is an option
+            message = message.replace("force=true", "--force")
+        print(f"ctscreen send: {message}", file=sys.stderr)
         return 1
     body = r.json()
     print(f"job {args.job_id} -> {args.to}: {body['state']} (objects are sent by the gateway; "

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks import promstats
+from benchmarks.cli import DELEGATES
 from benchmarks.cli import main as bench_main
 from benchmarks.common import UnsafeTarget, check_target, is_loopback, results_dir, set_results_dir
 from benchmarks.load import LoadConfig, arrival_times
@@ -80,6 +81,14 @@ def test_cli_bad_values_are_one_line_before_anything_starts(capsys: pytest.Captu
     err = capsys.readouterr().err
     assert "--gateway-env wants CTSCREEN_NAME=VALUE" in err and "starting" not in err
 
+
+@pytest.mark.parametrize("command", sorted(DELEGATES))
+def test_a_delegated_command_names_itself_in_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ctscreen bench phantom --help`` said ``usage: bench_phantom``; split, sweep and gpu named their modules."""
+    with pytest.raises(SystemExit) as exc:
+        bench_main([command, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: ctscreen bench {command} ")
 
 @pytest.fixture
 def results_kept():

@@ -173,7 +173,7 @@ def _one_clear_line(p: subprocess.CompletedProcess, expected: str) -> None:
     # argparse prints its usage lines first (``usage:`` and indented continuations): not error lines
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
     assert len(lines) == 1, p.stderr
-    assert lines[0].startswith(("ctscreen", "bench_phantom")), p.stderr
+    assert lines[0].startswith("ctscreen"), p.stderr
     assert expected in lines[0], p.stderr
 
 

@@ -104,3 +104,29 @@ def test_db_current_without_a_sqlite_file_says_there_is_none_and_makes_none(fold
     assert sorted(tmp_path.rglob("*")) == ([data] if folder == "empty" else [])
     assert db_main(["upgrade"]) == 0 and db_main(["current"]) == 0
     assert capsys.readouterr().out.endswith(f"revision {head()} (newest {head()})\n")
+
+
+def test_serve_help_describes_serve_alone(capsys):
+    """``ctscreen serve --help`` printed the whole module's list: screen, db and demo too."""
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "The embedded Triton (cpu profile) and the gateway on localhost" in out
+    assert "screen PATH" not in out and "db upgrade" not in out and "``" not in out.split("options:")[0]
+
+
+def test_send_names_its_force_option_when_the_result_was_delivered(monkeypatch, capsys):
+    """The gateway's 409 says ``force=true`` (its query parameter); ``ctscreen send`` has ``--force``."""
+    import httpx
+
+    from gateway import cli
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"reason": "not_resendable", "message": "Job j1 was delivered to pacs "
+                                         "already; force=true sends it again."})
+
+    monkeypatch.setattr(cli, "http_client", lambda url, timeout: httpx.Client(
+        base_url=url, transport=httpx.MockTransport(answer)))
+    assert cli.send_main(["j1", "--to", "pacs", "--url", "http://testserver"]) == 1
+    assert capsys.readouterr().err == "ctscreen send: Job j1 was delivered to pacs already; --force sends it again.\n"

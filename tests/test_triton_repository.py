@@ -334,3 +334,17 @@ def test_trt_build_script_issues_the_right_trtexec_command(tmp_path) -> None:
         timeout=60,
     )
     assert wrong.returncode != 0 and "differs from max_batch_size" in wrong.stderr
+
+
+def test_the_documented_repo_build_usage_names_every_option(capsys):
+    """docs/triton.md's usage line left out --fused-threads."""
+    import re
+
+    from ctscreen.repo import main as repo_main
+
+    with pytest.raises(SystemExit):
+        repo_main(["build", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    doc = (ROOT / "docs" / "triton.md").read_text()
+    block = doc[doc.index("ctscreen repo build --profile"):].split("```")[0]
+    assert set(re.findall(r"--[\w-]+", block)) == set(re.findall(r"--[\w-]+", usage)) - {"--help"}
