@@ -28,7 +28,7 @@ from gateway import security
 from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.auth import AuthConfigError
 from gateway.metrics import Metrics
-from gateway.phi import protect_logs
+from gateway.phi import RequestScope, protect_logs
 from gateway.screening import Loader, Screener
 from gateway.settings import Settings, setting_error
 from gateway.store import Store, StoreUnreachable, redact
@@ -220,6 +220,7 @@ def create_app(
     )
     errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)
+    app.add_middleware(RequestScope)  # outermost: the access log names a refused request by its route's template
     app.include_router(studies.router)
     app.include_router(jobs.router)
     app.include_router(sr.router)

@@ -17,8 +17,13 @@ import logging
 import re
 import secrets
 import warnings
+from contextvars import ContextVar
+from typing import Any
 
-__all__ = ["QueryStripper", "ValueRedactor", "WithheldError", "file_ref", "protect_logs", "withheld"]
+__all__ = ["QueryStripper", "RequestScope", "ValueRedactor", "WithheldError", "file_ref", "protect_logs", "withheld"]
+
+REQUEST_SCOPE: ContextVar[dict[str, Any] | None] = ContextVar("ctscreen_request_scope", default=None)
+"""The ASGI scope of the request being answered (:class:`RequestScope`): the access log reads its route."""
 
 _QUOTED = re.compile(r"""b?'(?:\\.|[^'\\])*'|b?"(?:\\.|[^"\\])*\"""")
 
@@ -48,21 +53,50 @@ class ValueRedactor(logging.Filter):
 
 
 class QueryStripper(logging.Filter):
-    """A filter of uvicorn's access log that leaves each request's query string out of its line: no route of the
-    gateway takes patient data in a query, but a client may send it one (``?patient=DOE``), and the access log
-    wrote it as sent, on 401s and 404s too. The path stays; ``?`` marks that a query was left out.
+    """A filter of uvicorn's access log that leaves each request's query string out of its line, and the path of a
+    request the gateway refused: no route of the gateway takes patient data in a query, but a client may send it
+    one (``?patient=DOE``), or a path (``/v1/studies/DOE.JOHN``, refused 400), and the access log wrote both as
+    sent. ``?`` marks that a query was left out; a refused request's path is its route's template (from
+    :data:`REQUEST_SCOPE`), or ``(path withheld)`` where no route took it. An answered request keeps its path:
+    a route took its parameters (a job, a UID, a destination that exists).
 
     >>> r = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
     ...                       ("127.0.0.1:5", "GET", "/v1/worklist?patient=DOE&limit=5", "1.1", 200), None)
     >>> QueryStripper().filter(r), r.getMessage()
     (True, '127.0.0.1:5 - "GET /v1/worklist? HTTP/1.1" 200')
+    >>> r.args = ("127.0.0.1:5", "GET", "/nowhere/DOE.JOHN", "1.1", 404); QueryStripper().filter(r), r.getMessage()
+    (True, '127.0.0.1:5 - "GET (path withheld) HTTP/1.1" 404')
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?", *args[3:])
+        if not (isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str)):
+            return True
+        path, query, _ = args[2].partition("?")
+        refused = len(args) >= 5 and isinstance(args[4], int) and args[4] >= 400
+        if refused:
+            scope = REQUEST_SCOPE.get()
+            template = getattr((scope or {}).get("route"), "path", None)
+            path = template if isinstance(template, str) and template.startswith("/") else "(path withheld)"
+        if query or "?" in args[2] or refused:
+            record.args = (*args[:2], path + ("?" if "?" in args[2] else ""), *args[3:])
         return True
+
+
+class RequestScope:
+    """ASGI middleware keeping the scope of the request being answered in :data:`REQUEST_SCOPE` while the app
+    answers it (uvicorn writes its access line as the answer starts, from within the app's call): the routing
+    puts the matched route in that same scope."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        token = REQUEST_SCOPE.set(scope if scope["type"] == "http" else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REQUEST_SCOPE.reset(token)
 
 
 def protect_logs() -> None:

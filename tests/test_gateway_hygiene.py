@@ -162,7 +162,8 @@ def test_a_file_named_after_a_patient_cannot_be_recovered_from_its_log_reference
 
 def test_the_access_log_leaves_query_strings_out(tmp_path, capfd):
     """uvicorn's access log wrote each request line as sent: a client's ``?patient=...`` reached the log, on a 401
-    or 404 too. A real uvicorn with its default logging (what ``uvicorn --factory`` and the Helm chart run)."""
+    or 404 too, and a name a client put in a path the gateway refused (``/v1/studies/DOE.JOHN``). A refused
+    request's path is its route's template now. A real uvicorn with its default logging (what ``uvicorn --factory`` and the Helm chart run)."""
     from gateway.main import create_app
     from gateway.settings import Settings
     from tests.conftest import free_port
@@ -177,7 +178,9 @@ def test_the_access_log_leaves_query_strings_out(tmp_path, capfd):
         deadline = time.monotonic() + 60
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        for path in ("/v1/worklist?patient=ZZQDOE&limit=5", "/nowhere?name=ZZQDOE", "/healthz?mrn=ZZQ8241937"):
+        for path in ("/v1/worklist?patient=ZZQDOE&limit=5", "/nowhere?name=ZZQDOE", "/healthz?mrn=ZZQ8241937",
+                     # a path the gateway refuses (a privacy review's client put the name in a study UID)
+                     "/v1/studies/ZZQDOE.JOHN", "/nowhere/ZZQDOE", "/v1/jobs/ZZQDOE-JOHN/deliveries"):
             httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
     finally:
         server.should_exit = True
@@ -185,4 +188,6 @@ def test_the_access_log_leaves_query_strings_out(tmp_path, capfd):
     out = capfd.readouterr()
     logged = out.out + out.err
     assert "GET /v1/worklist? HTTP/1.1" in logged and "GET /healthz? HTTP/1.1" in logged, logged[-2000:]
+    assert '"GET /v1/studies/{study_instance_uid} HTTP/1.1" 400' in logged, logged[-2000:]
+    assert '"GET /v1/jobs/{job_id}/deliveries HTTP/1.1" 4' in logged and '"GET (path withheld) HTTP/1.1" 404' in logged
     assert "ZZQ" not in logged
