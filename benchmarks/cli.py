@@ -374,8 +374,9 @@ def _main(argv: list[str]) -> int:
         if args.results and args.cmd not in RESULTS_DIR_DELEGATES:
             parser.error(f"--results does not reach '{args.cmd}', which writes where its own options say "
                          f"(ctscreen bench {args.cmd} --help)")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if at is None or args.verbose:  # a delegate configures its own logging (its -v, its progress at INFO)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.results:
         try:  # one line now rather than a traceback when the first figure is written
             args.results.mkdir(parents=True, exist_ok=True)

@@ -206,12 +206,12 @@ def _answers(url: str, containing: bytes = b"") -> bool:
 
 
 _LIVE: set[EmbeddedTriton] = set()
+"""Servers started and not yet stopped (strong references: a dropped object still gets stopped)."""
 _CLAIMED: set[int] = set()
 """Ports this process picked for servers it runs, held until each server is cleaned up: two servers
 started at once from threads (the balancing tests start three) must not be handed the same port that
 ``bind(0)`` returned to each a moment apart."""
 _CLAIMED_LOCK = threading.Lock()
-"""Servers started and not yet stopped (strong references: a dropped object still gets stopped)."""
 
 SHM_DIR = Path("/dev/shm")
 """Where the python backend's stubs keep their shared-memory regions (``shm_open``)."""

@@ -220,7 +220,7 @@ def create_app(
     )
     errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)
-    app.add_middleware(RequestScope)  # outermost: the access log names a refused request by its route's template
+    app.add_middleware(RequestScope)  # around the routes: the access log names a refused request by its route's template
     app.include_router(studies.router)
     app.include_router(jobs.router)
     app.include_router(sr.router)

@@ -56,9 +56,10 @@ class QueryStripper(logging.Filter):
     """A filter of uvicorn's access log that leaves each request's query string out of its line, and the path of a
     request the gateway refused: no route of the gateway takes patient data in a query, but a client may send it
     one (``?patient=DOE``), or a path (``/v1/studies/DOE.JOHN``, refused 400), and the access log wrote both as
-    sent. ``?`` marks that a query was left out; a refused request's path is its route's template (from
-    :data:`REQUEST_SCOPE`), or ``(path withheld)`` where no route took it. An answered request keeps its path:
-    a route took its parameters (a job, a UID, a destination that exists).
+    sent. ``?`` marks that a query was left out; a refused or redirected request's path (status 300 and above) is its
+    route's template (from :data:`REQUEST_SCOPE`), or ``(path withheld)`` where no route took it (a slash redirect,
+    an error answered after the app). An answered request keeps its path: a route took its parameters (a job, a
+    UID, a destination that exists).
 
     >>> r = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
     ...                       ("127.0.0.1:5", "GET", "/v1/worklist?patient=DOE&limit=5", "1.1", 200), None)
@@ -73,7 +74,8 @@ class QueryStripper(logging.Filter):
         if not (isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str)):
             return True
         path, query, _ = args[2].partition("?")
-        refused = len(args) >= 5 and isinstance(args[4], int) and args[4] >= 400
+        # refused, or sent elsewhere (a slash redirect answers a path no route took, before any route refuses it)
+        refused = len(args) >= 5 and isinstance(args[4], int) and args[4] >= 300
         if refused:
             scope = REQUEST_SCOPE.get()
             template = getattr((scope or {}).get("route"), "path", None)

@@ -431,3 +431,19 @@ def test_ab_triton_table_names_both_sides_and_every_busy_process() -> None:
     text = markdown(doc)
     assert "- A: MALLOC_MMAP_THRESHOLD_=(glibc default)" in text and "- B: the shipped server" in text
     assert "| ct_screen | 36.40 (36.20) | 37.60 (37.30) | stub postprocess 7.10 / 5.70; total 55.20 / 53.40 |" in text
+
+
+def test_a_delegated_command_configures_its_own_logging(monkeypatch, results_kept):
+    """The harness configured the root logger (WARNING) before handing over, so a delegate's own basicConfig did
+    nothing: ``ctscreen bench sweep -v`` and fov's progress at INFO went quiet. Only a ``-v`` given before the
+    command configures it now. Nothing is measured here."""
+    import importlib
+    import logging
+
+    calls: list[str] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: calls.append(logging.getLevelName(kw.get("level"))))
+    module = importlib.import_module("benchmarks.fov")
+    monkeypatch.setattr(module, "main", lambda argv: calls.append("delegate") or 0)
+    assert bench_main(["fov"]) == 0 and calls == ["delegate"]
+    calls.clear()
+    assert bench_main(["-v", "fov"]) == 0 and calls == ["INFO", "delegate"]

@@ -1294,11 +1294,18 @@ def private_sqlite_file(url: str) -> None:
     Nothing for ``:memory:`` or another scheme.
 
     >>> import tempfile, stat; db = Path(tempfile.mkdtemp()) / "state" / "ctscreen.db"
-    >>> private_sqlite_file(f"sqlite:///{db}"); oct(stat.S_IMODE(db.stat().st_mode))
+    >>> private_sqlite_file(f"sqlite:///{db}?timeout=30"); oct(stat.S_IMODE(db.stat().st_mode))
     '0o640'
+    >>> sorted(p.name for p in db.parent.iterdir())  # the query names no file
+    ['ctscreen.db']
     """
-    path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
-    if not path or path == ":memory:" or path.startswith("file:"):
+    from sqlalchemy.engine import make_url
+
+    if not url.startswith("sqlite"):
+        return
+    parsed = make_url(url)  # the file SQLAlchemy opens: a query (?timeout=30) is no part of its name
+    path = parsed.database or ""
+    if not path or path == ":memory:" or path.startswith("file:") or parsed.query.get("mode") == "memory":
         return
     db = Path(path)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -1306,6 +1313,8 @@ def private_sqlite_file(url: str) -> None:
         os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_MODE))
     except FileExistsError:
         pass
+    except OSError as exc:  # a read-only volume: SQLite says what it cannot do when it opens the file
+        logger.warning("state store %s: cannot create it with mode 0640 (%s)", db, exc.strerror or exc)
     for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         try:
             mode = f.stat().st_mode & 0o777
@@ -1313,6 +1322,9 @@ def private_sqlite_file(url: str) -> None:
                 f.chmod(mode & SQLITE_MODE)
         except FileNotFoundError:
             continue
+        except OSError as exc:  # another user's file, a read-only volume: it starts as before, and says so
+            logger.warning("state store file %s is readable by others (mode %o) and cannot be narrowed (%s)",
+                           f, mode, exc.strerror or exc)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
