@@ -73,15 +73,15 @@ class QueryStripper(logging.Filter):
         args = record.args
         if not (isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str)):
             return True
-        path, query, _ = args[2].partition("?")
+        path, mark, _ = args[2].partition("?")  # mark: "?" when a query was sent, left out here
         # refused, or sent elsewhere (a slash redirect answers a path no route took, before any route refuses it)
         refused = len(args) >= 5 and isinstance(args[4], int) and args[4] >= 300
         if refused:
             scope = REQUEST_SCOPE.get()
             template = getattr((scope or {}).get("route"), "path", None)
             path = template if isinstance(template, str) and template.startswith("/") else "(path withheld)"
-        if query or "?" in args[2] or refused:
-            record.args = (*args[:2], path + ("?" if "?" in args[2] else ""), *args[3:])
+        if mark or refused:
+            record.args = (*args[:2], path + mark, *args[3:])
         return True
 
 
