@@ -44,10 +44,15 @@ def dicom_date(text: str) -> bool:
 
     >>> dicom_date("20201231"), dicom_date("20200231"), dicom_date("Zyxwvut9"), dicom_date("2020-12-31")
     (True, False, False, False)
+
+    Digits are ASCII ones (DA's character repertoire): ``int`` and ``isdigit`` take others too.
+
+    >>> dicom_date("\N{ARABIC-INDIC DIGIT TWO}0201231"), dicom_date("٢٠٢٠١٢٣١")
+    (False, False)
     """
     import datetime
 
-    if len(text) != 8 or not text.isdigit():
+    if len(text) != 8 or not (text.isascii() and text.isdigit()):
         return False
     try:
         datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
