@@ -196,7 +196,10 @@ def make_study(seed: int, kind: str = "covid", n_slices: int | None = None, matr
     n_slices
         Number of slices (1-2000); default drawn so that 60-600 slices cover the chest. When
         given, the slice spacing is the standard value closest to covering the chest, and the
-        anatomy is scaled along z to fit the slices.
+        anatomy is scaled along z to fit the slices: the slices sit at evenly spaced levels of the
+        whole chest (``step`` = chest length / ``n_slices`` apart), while each one still shows
+        ``slice_thickness`` mm of the patient (a 16-slice study is 16 real 5 mm slices, about 20 mm
+        apart in the patient, 5 mm apart in its positions).
     matrix
         Square matrix size (64-1024); default mostly 512, sometimes 768 or a cropped field.
     **overrides
@@ -235,9 +238,10 @@ def make_study(seed: int, kind: str = "covid", n_slices: int | None = None, matr
     n = geo["n"]
     rows, cols = geo["shape"]
     ps = geo["ps"]
-    coverage = n * geo["spacing"]
     step = p.length / n  # anatomical mm per slice
-    half_slab = 0.5 * geo["thickness"] * p.length / coverage
+    # each slice is ``thickness`` mm of the patient, as its SliceThickness says, however far apart the
+    # z-scaling puts the slices: scaled with it, 16 x 5 mm rendered 18-22 mm of anatomy per slice
+    half_slab = 0.5 * geo["thickness"]
 
     findings: list[Finding] = []
     stage = None

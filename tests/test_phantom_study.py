@@ -163,6 +163,19 @@ def test_positions_advance_along_the_normal_by_the_spacing(studies):
         assert s.slice_spacing in SLICE_SPACINGS
 
 
+def test_a_slice_shows_its_stated_thickness_whatever_the_slice_count():
+    # 16 and 48 slices, both 5 mm thick: slice k of the 16 sits at the anatomical level of slice 3k + 1 of
+    # the 48, so the two images are the same 5 mm of the same patient. The z-scaling that fits the chest
+    # into n_slices moves where the slices sit; it must not thicken them: 16 x 5 mm once rendered slabs of
+    # 18-22 mm of anatomy (the whole chest / 80 mm) under SliceThickness 5, and the lesion net boxed them
+    short = phantom.make_study(1, "normal", n_slices=16, matrix=128, noise=0.0)
+    fine = phantom.make_study(1, "normal", n_slices=48, matrix=128, noise=0.0)
+    assert short.slice_thickness == fine.slice_thickness == 5.0
+    for k in (5, 7, 9):
+        assert np.array_equal(short.lung_mask[k], fine.lung_mask[3 * k + 1])
+        assert np.array_equal(short.hu[k], fine.hu[3 * k + 1]), k
+
+
 def test_geometry_variation_across_seeds():
     from phantom.anatomy import sample_patient
 
