@@ -111,6 +111,9 @@ PLAN: tuple[Step, ...] = (
                      "docs/models/"), ("docs/models/quality.json",), True, 6, group="accuracy"),
     Step("real", ("-m", "training.evaluate_real", "--out", "docs/models/"), ("docs/models/real.json",), True, 4,
          group="accuracy"),
+    # the model cards quote the real-CT report (tests/test_figure_stamps.py checks they quote this one)
+    *(Step(f"card-{task}", ("-m", "ctscreen.cli", "export", task, "--card-only", "--metrics", "docs/models/real.json"),
+           (), True, 0.1, group="accuracy") for task in ("valid-area", "lesion")),
     Step("fov", ("-m", "benchmarks.fov"), (f"{RESULTS}/fov-latest.json",), True, 0.5, group="accuracy"),
     Step("noise", ("-m", "benchmarks.noise"), (f"{RESULTS}/noise-latest.json",), True, 3, group="accuracy"),
 )
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if args.list:
         for s in steps:
-            print(f"{s.name:<20} {s.group:<12} ~{s.minutes:>4g} min  -> {', '.join(s.outputs)}")
+            print(f"{s.name:<20} {s.group:<12} ~{s.minutes:>4g} min  -> {', '.join(s.outputs) or '(no stamped file)'}")
         groups = ", ".join(f"{g} ~{plan_minutes(steps, g)}" for g in dict.fromkeys(s.group for s in steps))
         print(f"total ~{plan_minutes(steps)} min on a quiet 2-core machine ({groups})")
         return 0

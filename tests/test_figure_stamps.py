@@ -151,7 +151,8 @@ def test_the_plan_prints_and_selects(capsys: pytest.CaptureFixture[str]) -> None
     assert figures.main(["--dry-run", "--skip", "accuracy"]) == 0
     out = capsys.readouterr().out
     assert "+ -m benchmarks all --concurrency 1,2" in out and "training.evaluate" not in out
-    assert [s.name for s in figures.select(figures.PLAN, ["accuracy"])] == ["eval", "quality", "real", "fov", "noise"]
+    assert [s.name for s in figures.select(figures.PLAN, ["accuracy"])] == ["eval", "quality", "real", "card-valid-area",
+                                                                             "card-lesion", "fov", "noise"]
     with pytest.raises(ValueError, match="unknown step"):
         figures.select(figures.PLAN, ["nope"])
 
