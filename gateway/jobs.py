@@ -69,6 +69,31 @@ def priority_name(rank: int | None) -> Priority:
     return _NAMES.get(ROUTINE if rank is None else rank, "routine")
 
 
+class JobAccepted(BaseModel):
+    """A job as a caller without ``results:read`` sees it in a write route's answer: which job, and its state
+    (its result and error are read with ``results:read``, ``GET /v1/jobs/{id}``)."""
+
+    job_id: str
+    state: JobState
+
+
+def answer_of(view: JobView, reads_results: bool) -> dict[str, Any]:
+    """The JSON a write route answers with ``view``: all of it for a caller who may read results, else
+    only the job's id and state (a ``studies:write``-only key, e.g. a PACS router, never sees a verdict).
+
+    >>> from datetime import datetime, timezone
+    >>> v = JobView(job_id="a" * 32, state=JobState.done, origin="upload", files=1,
+    ...             created_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    >>> answer_of(v, False)
+    {'job_id': 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'state': 'done'}
+    >>> "result" in answer_of(v, True)
+    True
+    """
+    if reads_results:
+        return view.model_dump(mode="json")
+    return JobAccepted(job_id=view.job_id, state=view.state).model_dump(mode="json")
+
+
 class JobView(BaseModel):
     """A job as the API shows it."""
 

@@ -682,3 +682,31 @@ def test_revocations_run_at_once_in_several_processes_are_all_kept(tmp_path):
     after = {k.id: k for k in KeyStore(path).keys()}
     assert all(after[i].revoked_at is not None for i in ids), [i for i in ids if after[i].revoked_at is None]
     assert (path.stat().st_mode & 0o777) == 0o600 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_write_only_key_reads_no_result_from_a_write_route(client, keyfile):
+    """``POST /v1/studies/{uid}/complete`` of a finished study answers with its latest job: a ``studies:write``
+    key (a PACS router, refused by ``GET /v1/jobs/{id}``) gets that job's id and state, not its verdict; a key
+    that also holds ``results:read`` gets the whole job (pen test rev1, 17)."""
+    from gateway.keys import KeyStore
+
+    keys = KeyStore(keyfile)
+    writer, _ = keys.add("pacs-router", ["studies:write"])
+    reader, _ = keys.add("reading-room", ["results:read"])
+    both, _ = keys.add("workstation", ["studies:write", "results:read"])
+    upload = _upload(client, {"X-API-Key": writer})
+    assert upload.status_code == 202, upload.text
+    assert "result" not in upload.json() or upload.json()["result"] is None
+    deadline = time.monotonic() + 30
+    while (job := client.get(upload.headers["location"], headers={"X-API-Key": reader}).json())["state"] != "done":
+        assert time.monotonic() < deadline and job["state"] != "failed", job
+        time.sleep(0.05)
+    assert job["result"] is not None
+    uid = job["study_instance_uid"]
+    assert client.get(f"/v1/studies/{uid}", headers={"X-API-Key": writer}).status_code == 403
+    r = client.post(f"/v1/studies/{uid}/complete", headers={"X-API-Key": writer})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"job_id": job["job_id"], "state": "done"}, r.text
+    assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    r = client.post(f"/v1/studies/{uid}/complete", headers={"X-API-Key": both})
+    assert r.status_code == 202 and r.json()["result"] == job["result"], r.text

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.api.deps import SettingsDep, StoreDep
 from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess
 from gateway.errors import JobNotFound, NotRetryable
-from gateway.jobs import TERMINAL, JobState, JobView
+from gateway.jobs import TERMINAL, JobAccepted, JobState, JobView, answer_of
 from gateway.store import Store
 from gateway.uids import is_job_id
 
@@ -38,15 +38,18 @@ async def get_job(job_id: str, store: StoreDep, _: ReadAccess) -> JobView:
     return await store.job(checked_job_id(job_id))
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=JobView, summary="Queue a failed job again",
-             responses={**_NOT_FOUND, 409: {"description": "the job is not failed, or its instances are gone"}})
-async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, _: WriteAccess) -> JSONResponse:
-    """Screen a failed job's instances again (with a fresh deadline)."""
+@router.post("/{job_id}/retry", status_code=202, response_model=JobView | JobAccepted,
+             summary="Queue a failed job again",
+             responses={202: {"description": "the job queued again: whole with results:read, else its id and state"},
+                        **_NOT_FOUND, 409: {"description": "the job is not failed, or its instances are gone"}})
+async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, caller: WriteAccess) -> JSONResponse:
+    """Screen a failed job's instances again (with a fresh deadline); like ``.../complete``, the answer
+    shows more than the job's id and state only to a caller who holds ``results:read``."""
     try:
         view = await store.retry(checked_job_id(job_id), settings.job_deadline_s)
     except ValueError as exc:
         raise NotRetryable(str(exc)) from None
-    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+    return JSONResponse(answer_of(view, caller.has(RESULTS_READ)), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float = 15.0

@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field
 from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
-from gateway.auth import AUTH_RESPONSES, ReadAccess, WriteAccess
+from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, WriteAccess
 from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
-from gateway.jobs import PRIORITIES, Busy, JobError, JobNotFound, JobView, Priority
+from gateway.jobs import PRIORITIES, Busy, JobAccepted, JobError, JobNotFound, JobView, Priority, answer_of
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
@@ -290,16 +290,21 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
     )
 
 
-@router.post("/{study_instance_uid}/complete", status_code=202, response_model=JobView,
+@router.post("/{study_instance_uid}/complete", status_code=202, response_model=JobView | JobAccepted,
              summary="Declare a STOW-RS study complete and screen it now",
-             responses={400: {"description": "not a DICOM UID"},
+             responses={202: {"description": "the job (a finished study: its latest); with results:read the whole "
+                                             "job, result included, else its id and state only"},
+                        400: {"description": "not a DICOM UID"},
                         404: {"description": "no instance of this study is waiting"},
                         429: {"description": "the job store is full; see Retry-After"}})
-async def complete_study(study_instance_uid: str, stow: StowDep, _: WriteAccess) -> JSONResponse:
-    """Screen the instances received for this study now (instead of after the quiet period)."""
+async def complete_study(study_instance_uid: str, stow: StowDep, caller: WriteAccess) -> JSONResponse:
+    """Screen the instances received for this study now (instead of after the quiet period).
+
+    Without a receiving version the answer is the study's latest job, which may be done: its result is in
+    the answer only for a caller who also holds ``results:read`` (a write-only key reads no verdict here)."""
     check_uid(study_instance_uid)
     view = await stow.complete(study_instance_uid)
-    return JSONResponse(view.model_dump(mode="json"), status_code=202,
+    return JSONResponse(answer_of(view, caller.has(RESULTS_READ)), status_code=202,
                         headers={"Location": f"/v1/jobs/{view.job_id}"})
 
 
