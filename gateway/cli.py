@@ -137,6 +137,7 @@ def run_stack(
     import uvicorn
 
     from ctscreen.embedded import EmbeddedTriton, Supervisor, free_port
+    from gateway.httpserver import bounded_protocol
     from gateway.main import create_app
     from gateway.store.migrate import SchemaError, prepare_schema
 
@@ -166,7 +167,8 @@ def run_stack(
         if port == 0:
             port = free_port(host)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5,  # a head over the limit: 431 (gateway.httpserver)
+                                http=bounded_protocol(settings.max_request_head_bytes))
         server = uvicorn.Server(config)
         stop = threading.Event()
         with contextlib.ExitStack() as held:

@@ -7,8 +7,9 @@ threads), the worker that claims jobs and the sweeper; all are made on start-up 
 shut-down, never at import. The app holds no job in memory: any replica on the same database and
 blob folder answers for every job.
 
-Run it with ``uvicorn --factory gateway.main:app_from_env`` (settings from ``CTSCREEN_*``) or
-``ctscreen serve`` (embedded Triton plus the gateway).
+Run it with ``uvicorn --http gateway.httpserver:BoundedHttpToolsProtocol --factory gateway.main:app_from_env``
+(settings from ``CTSCREEN_*``; the ``--http`` protocol bounds a request's head) or ``ctscreen serve`` (embedded
+Triton plus the gateway).
 """
 
 from __future__ import annotations

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Largest request body (413 beyond)."
     )
+    max_request_head_bytes: int = Field(
+        64 * 1024, ge=8 * 1024, le=16 * 1024**2,
+        description="Largest request line and headers of one request (431 and the connection closed beyond; "
+                    "gateway.httpserver): uvicorn's httptools parser has no limit of its own.",
+    )
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding DICOM.")
     screen_ahead: bool = Field(
         True, description="Screen an upload's slices as they are parsed, before its job is accepted, while a "

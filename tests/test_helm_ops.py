@@ -178,3 +178,12 @@ def test_the_queue_compute_ratio_reads_the_ensembles_steps_not_the_ensemble():
             selectors = [part.split("}")[0] for part in text.split(metric + "{")[1:]]
             assert selectors and all('model!="ct_screen"' in s for s in selectors), (metric, text)
     assert any("by (le, stage)" in e for e in panels)
+
+
+def test_the_gateway_bounds_a_request_head():
+    """uvicorn's httptools parser has no limit on a header: the chart's command names the bounded protocol
+    (gateway.httpserver) and passes gateway.maxRequestHeadKiB to it (pen test rev1, 27)."""
+    gateway = container(find(render({"gateway": {"maxRequestHeadKiB": 32}}), "Deployment", "-gateway"), "gateway")
+    command = gateway["command"]
+    assert command[command.index("--http") + 1] == "gateway.httpserver:BoundedHttpToolsProtocol"
+    assert dict(_env(gateway))["CTSCREEN_MAX_REQUEST_HEAD_BYTES"] == str(32 * 1024)

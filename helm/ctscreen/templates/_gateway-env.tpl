@@ -47,6 +47,8 @@
   value: {{ $g.maxInflightPerEndpoint | quote }}
 - name: CTSCREEN_MAX_UPLOAD_BYTES
   value: {{ mul $g.maxUploadMiB 1048576 | int64 | quote }}
+- name: CTSCREEN_MAX_REQUEST_HEAD_BYTES
+  value: {{ mul $g.maxRequestHeadKiB 1024 | int64 | quote }}
 {{- if gt (int $g.maxUploadMiB) 4096 }}
 # the bytes of bodies in flight must hold one largest upload (the gateway refuses to start otherwise; 4 GiB
 # by default): spooled to disk as they arrive, not held in memory
