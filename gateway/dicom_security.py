@@ -33,7 +33,7 @@ from gateway.dicom import CT_SOP_CLASSES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Peer", "PeerPolicy", "check_sop_classes", "parse_peers", "tls_context"]
+__all__ = ["Peer", "PeerPolicy", "check_sop_classes", "parse_peers", "peer_ip", "tls_context"]
 
 REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
@@ -102,13 +102,25 @@ class PeerPolicy:
         """Whether ``ae_title`` may call from ``address``."""
         if not self.peers:
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
+        ip = peer_ip(address)
+        if ip is None:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         return any(p.ae_title == ae_title.strip() and (p.network is None or ip in p.network) for p in self.peers)
+
+    def admits_host(self, address: str) -> bool:
+        """Whether some allowed peer may call from ``address`` (any AE title): a connection from any other host
+        is refused before it sends anything. Every host is admitted without an allow-list or with a peer ``AE@*``.
+
+        >>> policy = PeerPolicy(parse_peers(["CT1@10.0.0.5", "PACS@10.1.0.0/24"]))
+        >>> policy.admits_host("10.1.0.7"), policy.admits_host("::ffff:10.0.0.5"), policy.admits_host("10.0.0.6")
+        (True, True, False)
+        >>> PeerPolicy(parse_peers(["ANY@*"])).admits_host("192.0.2.1")
+        True
+        """
+        if not self.peers or any(p.network is None for p in self.peers):
+            return True
+        ip = peer_ip(address)
+        return ip is not None and any(p.network is not None and ip in p.network for p in self.peers)
 
     def on_requested(self, event: Any, notify: Callable[[str], None] | None = None) -> None:
         """pynetdicom ``EVT_REQUESTED`` handler: reject an association the policy does not allow; ``notify(why)``
@@ -130,6 +142,22 @@ class PeerPolicy:
             notify(why)
         assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
         assoc.kill()  # as pynetdicom's own rejections do: waits until the DUL has sent the A-ASSOCIATE-RJ
+
+
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a peer's ``address`` (an IPv4-mapped IPv6 address as IPv4; a zone dropped); None when
+    it is none.
+
+    >>> peer_ip("::ffff:10.0.0.5"), peer_ip("fe80::1%eth0"), peer_ip("ct1.example.org")
+    (IPv4Address('10.0.0.5'), IPv6Address('fe80::1'), None)
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def certificate_names(cert: dict[str, Any] | None) -> set[str]:

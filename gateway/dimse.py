@@ -53,7 +53,7 @@ from typing import Any, get_args
 from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
-from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, tls_context
+from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, peer_ip, tls_context
 from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
 from gateway.jobs import DIMSE_PRIORITIES, PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
@@ -64,7 +64,7 @@ from gateway.uids import is_uid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NON_CT", "TRANSFER_SYNTAXES", "StorageScp", "non_ct_storage_classes", "start_from_settings"]
+__all__ = ["NON_CT", "TRANSFER_SYNTAXES", "ConnectionGate", "ScpLimits", "StorageScp", "non_ct_storage_classes", "start_from_settings"]
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -163,22 +163,75 @@ class ScpLimits:
 
     One association past ``max_associations`` is rejected as transient (A-ASSOCIATE-RJ result 2, source 3,
     reason 2: local limit exceeded), so the sender tries again later. ``acse_timeout_s``: the wait for
-    an association's request, acceptance or release; ``dimse_timeout_s``: for the next DIMSE message;
+    an association's acceptance or release; ``dimse_timeout_s``: for the next DIMSE message;
     ``network_timeout_s``: an association idle this long is aborted (a sender gone silent frees its place).
+    ``request_timeout_s``: the wait for a connection's A-ASSOCIATE-RQ, while it holds a place (a connection
+    that sends nothing is closed then); ``connections_per_host``: TCP connections one address holds at once
+    (one more is closed as it is accepted), so one host, allowed or not, cannot take every place.
     """
 
     max_associations: int = 10
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
+    request_timeout_s: float = 5.0
+    connections_per_host: int = 4
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ScpLimits:
         return cls(settings.dicom_max_associations, settings.dicom_acse_timeout_s, settings.dicom_dimse_timeout_s,
-                   settings.dicom_network_timeout_s)
+                   settings.dicom_network_timeout_s, settings.dicom_request_timeout_s,
+                   settings.dicom_max_connections_per_host)
 
 
-def _server_class() -> type:
+class ConnectionGate:
+    """Which TCP connections the SCP takes, decided as each is accepted, before it has a thread or a place
+    among the associations: one from a host no allowed peer may call from (``peers``), or one past
+    ``per_host`` open from its address, is closed at once and ``refused(address, why)`` is told.
+
+    >>> from gateway.dicom_security import parse_peers
+    >>> gate = ConnectionGate(PeerPolicy(parse_peers(["CT1@10.0.0.5"])), per_host=2)
+    >>> gate.admit("10.0.0.9"), gate.admit("10.0.0.5"), gate.admit("::ffff:10.0.0.5"), gate.admit("10.0.0.5")
+    ('host_not_allowed', None, None, 'too_many_connections_from_host')
+    >>> gate.release("10.0.0.5"); gate.admit("10.0.0.5") is None
+    True
+    """
+
+    def __init__(self, peers: PeerPolicy | None, per_host: int) -> None:
+        self.peers, self.per_host = peers, per_host
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(address: str) -> str:
+        ip = peer_ip(address)
+        return str(ip) if ip is not None else address
+
+    def admit(self, address: str) -> str | None:
+        """None when a connection from ``address`` is taken (counted until :meth:`release`), else why not."""
+        if self.peers is not None and not self.peers.admits_host(address):
+            return "host_not_allowed"
+        key = self._key(address)
+        with self._lock:
+            if self._open[key] >= self.per_host:
+                return "too_many_connections_from_host"
+            self._open[key] += 1
+        return None
+
+    def release(self, address: str) -> None:
+        """A connection :meth:`admit` took has ended."""
+        key = self._key(address)
+        with self._lock:
+            self._open[key] -= 1
+            if self._open[key] <= 0:
+                del self._open[key]
+
+
+def _address(client_address: Any) -> str:
+    return str(client_address[0] if isinstance(client_address, tuple) else client_address)
+
+
+def _server_class(gate: ConnectionGate, refused: Callable[[str, str], None]) -> type:
     from pynetdicom.transport import ThreadedAssociationServer
 
     class HandshakeInItsThread(ThreadedAssociationServer):
@@ -186,44 +239,58 @@ def _server_class() -> type:
         :data:`TLS_HANDSHAKE_TIMEOUT_S`. pynetdicom shakes hands in its one accepting thread with no
         deadline, so a single TCP connection that sent nothing kept every other sender out. Each connection's
         thread outlives its association (:func:`_handler_class`), so it is a daemon, and closing the server
-        does not wait for it."""
+        does not wait for it. Each connection passes ``gate`` first (in the accepting thread: a refused one
+        never takes a thread nor an association's place), and leaves it when its thread ends."""
 
         daemon_threads = True
         block_on_close = False
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            why = gate.admit(_address(client_address))
+            if why is None:
+                return True
+            refused(_address(client_address), why)
+            return False  # socketserver closes it
 
         def get_request(self) -> Any:
             assert self.socket is not None  # bound: serve_forever runs
             return self.socket.accept()  # the plain socket; process_request_thread wraps it
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
-            if self.ssl_context:
-                before = request.gettimeout()
-                try:
-                    request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
-                    request = self.ssl_context.wrap_socket(request, server_side=True)
-                    request.settimeout(before)
-                except OSError as exc:  # ssl.SSLError, a timeout, a reset: no association
-                    logger.warning("DICOM TLS handshake with %s failed: %s", client_address[0] if isinstance(
-                        client_address, tuple) else client_address, _tls_failure(exc))
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
+            try:
+                if self.ssl_context:
+                    before = request.gettimeout()
+                    try:
+                        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                        request = self.ssl_context.wrap_socket(request, server_side=True)
+                        request.settimeout(before)
+                    except OSError as exc:  # ssl.SSLError, a timeout, a reset: no association
+                        logger.warning("DICOM TLS handshake with %s failed: %s", _address(client_address),
+                                       _tls_failure(exc))
+                        self.shutdown_request(request)
+                        return
+                super().process_request_thread(request, client_address)
+            finally:
+                gate.release(_address(client_address))
 
     return HandshakeInItsThread
 
 
-def _handler_class(ended: Callable[[Any], None]) -> type:
+def _handler_class(ended: Callable[[Any], None], request_timeout_s: float) -> type:
     from pynetdicom.transport import RequestHandler
 
     class EndsEachAssociation(RequestHandler):
         """pynetdicom's request handler, which starts the association's thread and returns; this one then
         waits for that thread in the connection's own and calls ``ended(assoc)``: every association ends
-        there once, after its last event, whichever way it ended (pynetdicom fires no event for some)."""
+        there once, after its last event, whichever way it ended (pynetdicom fires no event for some).
+        The association waits ``request_timeout_s`` for its A-ASSOCIATE-RQ (pynetdicom's wait is its ACSE
+        timeout, read as the wait starts; the SCP puts the ACSE timeout back once the request came)."""
 
         assoc: Any = None
 
         def _create_association(self) -> Any:
             self.assoc = super()._create_association()
+            self.assoc.acse_timeout = request_timeout_s
             return self.assoc
 
         def handle(self) -> None:
@@ -400,8 +467,10 @@ class StorageScp:
                     (evt.EVT_RELEASED, self._on_end)]  # an abort or a dropped connection: _ended
         # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
         # own thread under a deadline (see _server_class), and a handler that sees each association end
+        gate = ConnectionGate(self.peers, self.limits.connections_per_host)
         server = ae.make_server((self.host, self.port), evt_handlers=handlers, ssl_context=self.ssl_context,
-                                server_class=_server_class(), request_handler=_handler_class(self._ended))
+                                server_class=_server_class(gate, self._connection_refused),
+                                request_handler=_handler_class(self._ended, self.limits.request_timeout_s))
         ae._servers.append(server)  # as start_server does: the server's shutdown() takes itself out of the list
         threading.Thread(target=make_target(server.serve_forever), name=f"dicom-scp-{self.port}", daemon=True).start()
         self._server = server
@@ -419,9 +488,19 @@ class StorageScp:
             logger.info("DICOM SCP %s stopped", self.ae_title)
 
     # --- pynetdicom threads -----------------------------------------------------------------
+    def _connection_refused(self, address: str, why: str) -> None:
+        """A TCP connection closed as it was accepted (:class:`ConnectionGate`): logged, counted and audited
+        (its address and why; it sent nothing)."""
+        logger.warning("DICOM connection from %s refused: %s", address, why)
+        self._refuse(f"dicom_{why}")
+        if self.audit is not None:
+            self.audit.write(who=f"@{address}", auth="dicom_ae", action="DICOM connection", status=0,
+                             client=address, outcome="denied", reason=why)
+
     def _on_requested(self, event: Any) -> None:
         """An A-ASSOCIATE-RQ: the association is followed from here (a connection that sends none is not one)."""
         assoc = event.assoc
+        assoc.acse_timeout = self.limits.acse_timeout_s  # the request's own wait was request_timeout_s
         primitive = assoc.requestor.primitive  # the requestor's titles are not set yet
         with self._associations_lock:
             self._associations[assoc] = _Association(str(primitive.calling_ae_title or "").strip()[:16],

@@ -252,7 +252,15 @@ class Settings(BaseSettings):
                                        "(A-ASSOCIATE-RJ 2/3/2, local limit exceeded) and the sender retries."
     )
     dicom_acse_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Longest wait for a DICOM association's request, acceptance or release."
+        30.0, gt=0, le=3600, description="Longest wait for a DICOM association's acceptance or release."
+    )
+    dicom_request_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="Longest wait for a DICOM connection's A-ASSOCIATE-RQ, while it holds one of "
+                                        "the associations' places (a connection that sends nothing is closed then).",
+    )
+    dicom_max_connections_per_host: int = Field(
+        4, ge=1, le=1000, description="DICOM connections one address holds at once; one more is closed as it is "
+                                      "accepted (and audited), so one host cannot take every association's place.",
     )
     dicom_dimse_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for an association's next DIMSE message."

@@ -376,3 +376,84 @@ def test_the_scp_advertises_a_bounded_pdu(scp_factory):
 
     elsewhere = requestor.associate("127.0.0.1", scp.port, ae_title="WHATEVER")  # no allow-list: still our title
     assert elsewhere.is_rejected and not elsewhere.is_established
+
+
+def _silent(port: int, source: str, n: int) -> list:
+    """``n`` TCP connections from ``source`` (a loopback address) that never send an A-ASSOCIATE-RQ."""
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+    time.sleep(0.3)  # accepted (or refused) by the SCP
+    return socks
+
+
+def _closed(s) -> bool:
+    s.settimeout(0.01)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _echo_scu(port: int, calling: str = "GOODSCU"):
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import Verification
+
+    scu = ApplicationEntity(ae_title=calling)
+    scu.add_requested_context(Verification)
+    scu.acse_timeout = 5
+    return scu.associate("127.0.0.1", port, ae_title=AE)
+
+
+def test_connections_from_a_host_no_peer_names_take_no_place(scp_factory):
+    """12 silent connections from a host no allowed peer may call from (127.0.0.2) are closed as they are
+    accepted, each audited: the allowed scanner associates (before: they held all 10 places for the ACSE
+    timeout, and it got "local limit exceeded"; pen test rev1, 07 and 24)."""
+    metrics = Metrics()
+    scp = scp_factory(peers=PeerPolicy(parse_peers(["GOODSCU@127.0.0.1"])), metrics=metrics,
+                      limits=ScpLimits(max_associations=10))
+    socks = _silent(scp.port, "127.0.0.2", 12)
+    try:
+        assert all(_closed(s) for s in socks)
+        assoc = _echo_scu(scp.port)
+        assert assoc.is_established, "the allowed scanner was kept out"
+        assert assoc.send_c_echo().Status == SUCCESS
+        assoc.release()
+    finally:
+        for s in socks:
+            s.close()
+    records = [json.loads(line) for line in scp_factory.audit_path.read_text().splitlines()]
+    refused = [r for r in records if r["action"] == "DICOM connection"]
+    assert len(refused) == 12
+    assert {(r["client"], r["outcome"], r["reason"]) for r in refused} == {("127.0.0.2", "denied", "host_not_allowed")}
+    assert _counted(metrics, "dicom_host_not_allowed") == 12
+
+
+def test_one_allowed_host_holds_a_few_connections_and_a_silent_one_briefly(scp_factory):
+    """An allowed host (127.0.0.3) opening 12 silent connections keeps 3 (the cap per host), each for the wait
+    for an A-ASSOCIATE-RQ (2 s here), not the ACSE timeout: a scanner from another host associates meanwhile,
+    and the cap's connections are closed after the wait."""
+    scp = scp_factory(peers=PeerPolicy(parse_peers(["GOODSCU@127.0.0.1", "ROUTER@127.0.0.3"])),
+                      limits=ScpLimits(max_associations=4, request_timeout_s=2.0, connections_per_host=3))
+    socks = _silent(scp.port, "127.0.0.3", 12)
+    try:
+        assert sum(_closed(s) for s in socks) == 9
+        assoc = _echo_scu(scp.port)
+        assert assoc.is_established
+        time.sleep(2.5)  # past the request wait: the 3 kept are closed
+        assert all(_closed(s) for s in socks)
+        assert assoc.is_established and assoc.send_c_echo().Status == SUCCESS  # the ACSE timeout is back after the RQ
+        assoc.release()
+    finally:
+        for s in socks:
+            s.close()
+    reasons = [json.loads(line)["reason"] for line in scp_factory.audit_path.read_text().splitlines()
+               if json.loads(line)["action"] == "DICOM connection"]
+    assert reasons == ["too_many_connections_from_host"] * 9

@@ -76,6 +76,10 @@
   value: {{ $g.dicom.quietPeriodSeconds | quote }}
 - name: CTSCREEN_DICOM_MAX_ASSOCIATIONS
   value: {{ $g.dicom.maxAssociations | quote }}
+- name: CTSCREEN_DICOM_MAX_CONNECTIONS_PER_HOST
+  value: {{ $g.dicom.maxConnectionsPerHost | quote }}
+- name: CTSCREEN_DICOM_REQUEST_TIMEOUT_S
+  value: {{ $g.dicom.timeouts.requestSeconds | quote }}
 - name: CTSCREEN_DICOM_ACSE_TIMEOUT_S
   value: {{ $g.dicom.timeouts.acseSeconds | quote }}
 - name: CTSCREEN_DICOM_DIMSE_TIMEOUT_S
