@@ -1,7 +1,8 @@
 """Upload admission under pressure: N concurrent large uploads against an in-flight byte budget (issue 14).
 
 ``ctscreen bench admission [--uploads 40] [--size-mb 200] [--budget-mb 1024]`` starts a gateway process
-(``uvicorn --factory gateway.main:app_from_env`` on a loopback port; no Triton is needed, the bodies are
+(``uvicorn --http gateway.httpserver:BoundedHttpToolsProtocol --factory gateway.main:app_from_env``, as the
+chart runs it, on a loopback port; no Triton is needed, the bodies are
 not DICOM and are refused after they are read), opens N connections that each send a request head with
 ``Content-Length`` at once, and then sends the bodies of those that were not answered straight away. It
 records how many got 429 before their body, how many were read, whether any got a 5xx, and the gateway
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
            "CTSCREEN_UPLOAD_CLIENT_BYTES": str(args.budget_mb * MiB),  # every upload comes from this one client
            "CTSCREEN_MAX_QUEUED_STUDIES": "1024", "CTSCREEN_UPLOAD_TMP_DIR": spool,
            "CTSCREEN_DATA_DIR": os.path.join(spool, "data")}  # a fresh state store, not the user's
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "uvicorn", "--http", "gateway.httpserver:BoundedHttpToolsProtocol",  # as the chart
+           "--factory", "gateway.main:app_from_env", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, int]] = []

@@ -114,6 +114,8 @@ def gateway(triton: TritonTarget, *, env: dict[str, str] | None = None, timeout:
     if GATEWAY_APP.endswith("()"):
         cmd[3] = GATEWAY_APP[:-2]
         cmd.append("--factory")
+    if ((tree or ROOT) / "gateway" / "httpserver.py").is_file():  # the protocol the chart and ctscreen serve run
+        full_env.setdefault("UVICORN_HTTP", "gateway.httpserver:BoundedHttpToolsProtocol")  # (UVICORN_* of A/B wins)
     if tree is not None:
         check_tree(tree)
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), full_env.get("PYTHONPATH", "")) if p)
