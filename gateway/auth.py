@@ -10,7 +10,16 @@ as ``X-API-Key``):
   signature and ``iss``, ``aud``, ``exp`` and ``nbf`` (30 s leeway); only RS256 and ES256 are accepted,
   so ``alg: none`` and HS256 signed with the public key (algorithm confusion) are refused before any
   key is looked at. Scopes come from the ``scope`` (space-separated) or ``scp`` claim.
-* **API keys** for machines (:mod:`gateway.keys`), stored hashed.
+* **API keys** for machines (:mod:`gateway.keys`), stored hashed. A key not verified since the key file
+  last changed costs an scrypt (tens of ms of CPU), as does any key of an unknown id: :class:`KeyChecks`
+  runs them on threads of their own (``CTSCREEN_AUTH_KEY_THREADS``), not the default pool that readiness
+  probes and blob I/O wait on; at most ``CTSCREEN_AUTH_KEY_MAX_PENDING`` hash or wait at once, more are
+  refused unhashed (429 ``auth_busy``, Retry-After 1); and an id that failed
+  ``CTSCREEN_AUTH_KEY_MAX_FAILURES`` times within ``CTSCREEN_AUTH_KEY_FAILURE_WINDOW_S`` is refused
+  unhashed until that window ends (429 ``auth_throttled`` with the seconds left, logged when it starts,
+  audited with the reason). A key already verified is never refused by either (no hash): a flood of
+  wrong secrets for a key's id does not lock out the caller who uses it, unless the key file changes
+  meanwhile.
 
 Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
 ``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
@@ -32,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -44,14 +55,22 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.audit import note_reason
-from gateway.errors import AuthNotConfigured, AuthUnavailable, InsufficientScope, Unauthorized
-from gateway.keys import SCOPES, KeyStore
+from gateway.errors import (
+    AuthBusy,
+    AuthNotConfigured,
+    AuthThrottled,
+    AuthUnavailable,
+    InsufficientScope,
+    RetryLater,
+    Unauthorized,
+)
+from gateway.keys import SCOPES, ApiKey, KeyStore, parse_key
 from gateway.settings import Settings, secure_url
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "OidcVerifier", "Principal",
+    "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "KeyChecks", "OidcVerifier", "Principal",
     "StreamGuard", "check_exposure", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
 ]
 
@@ -268,6 +287,93 @@ def _scopes_of(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(s for s in items if s in SCOPES)
 
 
+class KeyChecks:
+    """API key checks, bounded: scrypt on threads of their own, a few at a time, and not at all for an id
+    that failed too often lately.
+
+    Parameters
+    ----------
+    keys : KeyStore
+        The keys.
+    threads : int
+        Threads that hash.
+    max_pending : int
+        Checks hashing or waiting for a thread at once; more are refused (:class:`gateway.errors.AuthBusy`).
+    max_failures : int
+        Failures of one id within ``window_s`` (from its first) after which its keys are refused unhashed
+        until the window ends (:class:`gateway.errors.AuthThrottled`).
+    window_s : float
+        That window.
+    """
+
+    MAX_IDS = 10_000
+    """Ids whose failures are remembered at most (random ids would otherwise grow the table without end)."""
+
+    def __init__(self, keys: KeyStore, *, threads: int = 2, max_pending: int = 8, max_failures: int = 10,
+                 window_s: float = 60.0) -> None:
+        self.keys, self.threads, self.max_pending = keys, threads, max_pending
+        self.max_failures, self.window_s = max_failures, window_s
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0  # changed on the event loop only
+        self._failures: dict[str, tuple[float, int]] = {}  # id -> (first failure of its window, failures)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="api-key-check")
+        return self._pool
+
+    def _throttled_for(self, key_id: str, now: float) -> float:
+        """Seconds ``key_id`` stays refused unhashed (0: it may be checked)."""
+        entry = self._failures.get(key_id)
+        if entry is None or entry[1] < self.max_failures:
+            return 0.0
+        return max(0.0, entry[0] + self.window_s - now)
+
+    def _failed(self, key_id: str, now: float) -> None:
+        entry = self._failures.get(key_id)
+        entry = (now, 1) if entry is None or now >= entry[0] + self.window_s else (entry[0], entry[1] + 1)
+        self._failures[key_id] = entry
+        if entry[1] == self.max_failures:
+            logger.warning("API key id %s failed %d checks within %g s: its keys are refused unhashed for %.0f s",
+                           key_id, entry[1], self.window_s, entry[0] + self.window_s - now)
+        if len(self._failures) > self.MAX_IDS:
+            self._failures = {k: v for k, v in self._failures.items() if now < v[0] + self.window_s}
+            while len(self._failures) > self.MAX_IDS // 2:  # oldest first
+                del self._failures[next(iter(self._failures))]
+
+    async def verify(self, key: str) -> ApiKey | None:
+        """The active record of ``key`` or None, as :meth:`gateway.keys.KeyStore.verify`.
+
+        Raises
+        ------
+        gateway.errors.AuthThrottled
+            The key's id failed too often lately (not hashed).
+        gateway.errors.AuthBusy
+            Too many checks are hashing or waiting (not hashed).
+        ValueError
+            The key file cannot be read.
+        """
+        record = await asyncio.to_thread(self.keys.cached, key)  # no scrypt: a file stat and a dict
+        parsed = parse_key(key)
+        if record is not None or parsed is None:
+            return record
+        key_id, now = parsed[0], time.monotonic()
+        wait = self._throttled_for(key_id, now)
+        if wait > 0:
+            raise AuthThrottled(f"API key id {key_id} failed too many checks lately; its keys are refused for "
+                                f"{math.ceil(wait)} s.", math.ceil(wait))
+        if self._pending >= self.max_pending:
+            raise AuthBusy("Too many API key checks are running; try again shortly.", 1)
+        self._pending += 1
+        try:
+            record = await asyncio.get_running_loop().run_in_executor(self._executor(), self.keys.verify, key)
+        finally:
+            self._pending -= 1
+        if record is None:
+            self._failed(key_id, time.monotonic())
+        return record
+
+
 class Authenticator:
     """Turns a request's credential into a :class:`Principal` (held as ``app.state.auth``).
 
@@ -275,13 +381,14 @@ class Authenticator:
     ----------
     oidc : OidcVerifier | None
         Token verification, when an issuer is configured.
-    keys : KeyStore | None
-        API keys, when a key file is configured.
+    keys : KeyStore | KeyChecks | None
+        API keys, when a key file is configured (a bare store: checked with :class:`KeyChecks`' defaults).
     """
 
-    def __init__(self, oidc: OidcVerifier | None = None, keys: KeyStore | None = None, *,
+    def __init__(self, oidc: OidcVerifier | None = None, keys: KeyStore | KeyChecks | None = None, *,
                  anonymous_anywhere: bool = False) -> None:
-        self.oidc, self.keys = oidc, keys
+        self.oidc = oidc
+        self.keys = KeyChecks(keys) if isinstance(keys, KeyStore) else keys
         self.anonymous_anywhere = anonymous_anywhere  # no credential source and --insecure: off loopback too
 
     @property
@@ -298,7 +405,11 @@ class Authenticator:
                 raise AuthConfigError("CTSCREEN_AUTH_OIDC_AUDIENCE must be set with CTSCREEN_AUTH_OIDC_ISSUER.")
             oidc = OidcVerifier(settings.auth_oidc_issuer, settings.auth_oidc_audience,
                                 jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
-        keys = KeyStore(settings.auth_api_keys_file) if settings.auth_api_keys_file else None
+        keys = None
+        if settings.auth_api_keys_file:
+            keys = KeyChecks(KeyStore(settings.auth_api_keys_file), threads=settings.auth_key_threads,
+                             max_pending=settings.auth_key_max_pending, max_failures=settings.auth_key_max_failures,
+                             window_s=settings.auth_key_failure_window_s)
         return cls(oidc, keys, anonymous_anywhere=settings.auth_insecure)
 
     async def authenticate(self, credential: str | None, scope: Mapping[str, Any] | None = None) -> Principal:
@@ -315,6 +426,8 @@ class Authenticator:
             another host, names another host (DNS rebinding) or is a browser's cross-site request.
         gateway.errors.AuthUnavailable
             The provider's keys or the API key file cannot be read now (503).
+        gateway.errors.AuthThrottled, gateway.errors.AuthBusy
+            An API key not checked: its id failed too often lately, or too many checks are running (429).
         """
         if not self.enabled:
             why = None if self.anonymous_anywhere or scope is None else not_local(scope)
@@ -331,7 +444,7 @@ class Authenticator:
             record = None
             if self.keys is not None:
                 try:
-                    record = await asyncio.to_thread(self.keys.verify, credential)
+                    record = await self.keys.verify(credential)
                 except ValueError as exc:  # unreadable key file: the operator's problem, not the client's
                     logger.error("%s", exc)
                     raise AuthUnavailable("API keys cannot be checked now.") from exc
@@ -399,7 +512,7 @@ async def still_holds(request: Request, scope: str) -> bool:
     credential = bearer.credentials if bearer is not None else await _api_key(request)
     try:
         principal = await auth.authenticate(credential, request.scope)
-    except AuthUnavailable:
+    except (AuthUnavailable, RetryLater):  # cannot be asked now (a throttled id, checks full): not ended
         return True
     except Unauthorized:
         return False

@@ -38,6 +38,8 @@ the message.
      +-- RetryLater(GatewayError)                  (a base: Retry-After; Busy and OutOfResources)
      +-- Busy(RetryLater, RuntimeError)            busy                429   (Retry-After)
      |    +-- gateway.admission.OverBudget         over_budget         429   (Retry-After)
+     |    +-- AuthBusy                             auth_busy           429   (Retry-After; API key checks full)
+     +-- AuthThrottled(RetryLater)                 auth_throttled      429   (Retry-After; an id failed too often)
      +-- gateway.triton_pool.InferenceFailed       inference_failed    502
      +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
           +-- AuthUnavailable                      auth_unavailable    503   (Retry-After)
@@ -58,6 +60,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "REASONS",
+    "AuthBusy",
+    "AuthThrottled",
     "AuthUnavailable",
     "BadArchive",
     "BodyStalled",
@@ -385,6 +389,19 @@ class Busy(RetryLater, RuntimeError):
     """Too many studies are active; the client should retry after ``retry_after_s`` seconds."""
 
     reason = "busy"
+    http_status = 429
+
+
+class AuthBusy(Busy):
+    """As many API key checks (scrypt) as the gateway runs at once are running or waiting; refused unhashed."""
+
+    reason = "auth_busy"
+
+
+class AuthThrottled(RetryLater):
+    """An API key id failed its check too often lately: its keys are refused unhashed for a while."""
+
+    reason = "auth_throttled"
     http_status = 429
 
 

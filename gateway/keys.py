@@ -5,7 +5,10 @@ bytes (base64url). Only ``scrypt(secret, salt)`` is stored, in a JSON file (``CT
 mode 0600, written by temp file + rename). The file is re-read when its modification time changes, so a
 key revoked with ``ctscreen keys revoke`` stops working at the next request of a running gateway.
 A verified key is remembered in memory (by a SHA-256 of the whole key) until the file changes, so scrypt
-runs once per key and file version, not once per request.
+runs once per key and file version, not once per request. An unknown or revoked id costs the same scrypt as
+a wrong secret (a hash with a dummy salt), so timing does not tell which ids exist; the gateway runs these
+checks on threads of their own, a few at a time, and stops hashing for an id that failed too often
+(:class:`gateway.auth.KeyChecks`).
 
 When the database state store of issue 13 is merged, the records move into it (a ``api_keys`` table
 with the same fields); the file stays as the import/export format of the command.
@@ -42,6 +45,7 @@ SCOPES = ("studies:write", "results:read", "admin")
 """Every scope a key or token may carry; ``admin`` implies the other two."""
 PREFIX = "cts_"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+_DUMMY_SALT = secrets.token_bytes(16)  # an unknown id is hashed with it: as slow as a known id's wrong secret
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,26 @@ class KeyStore:
             self._load()
             return list(self._keys.values())
 
+    def cached(self, key: str) -> ApiKey | None:
+        """The active record of ``key`` when this very key was verified under the file's current version
+        (no scrypt), else None (it may still verify: ask :meth:`verify`)."""
+        parsed = parse_key(key)
+        if parsed is None:
+            return None
+        digest = hashlib.sha256(key.encode()).digest()
+        with self._lock:
+            self._load()
+            record = self._keys.get(parsed[0])
+            if record is None or record.revoked_at is not None or self._verified.get(digest) != parsed[0]:
+                return None
+            return record
+
     def verify(self, key: str) -> ApiKey | None:
-        """The active record of ``key``, or None (unknown, malformed, wrong secret or revoked)."""
+        """The active record of ``key``, or None (unknown, malformed, wrong secret or revoked).
+
+        An unknown or revoked id is hashed all the same (with a dummy salt): it takes as long as a wrong
+        secret of a known id.
+        """
         parsed = parse_key(key)
         if parsed is None:
             return None
@@ -130,10 +152,11 @@ class KeyStore:
         with self._lock:
             self._load()
             record = self._keys.get(key_id)
-            if record is None or record.revoked_at is not None:
-                return None
-            if self._verified.get(digest) == key_id:
+            if record is not None and record.revoked_at is None and self._verified.get(digest) == key_id:
                 return record
+        if record is None or record.revoked_at is not None:
+            _hash(secret, _DUMMY_SALT)  # outside the lock, like a real check
+            return None
         expected = _hash(secret, bytes.fromhex(record.salt))  # scrypt outside the lock
         if not hmac.compare_digest(expected, record.hash):
             return None

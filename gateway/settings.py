@@ -280,6 +280,17 @@ class Settings(BaseSettings):
     auth_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="How long a fetched JWKS is used.")
     auth_api_keys_file: Path | None = Field(None, description="API key file (ctscreen keys); enables API keys.")
     auth_insecure: bool = Field(False, description="Serve without auth on a non-loopback address (--insecure).")
+    auth_key_threads: int = Field(
+        2, ge=1, le=64, description="Threads that hash API keys (scrypt); their own, not the pool probes and file "
+        "I/O use.")
+    auth_key_max_pending: int = Field(
+        8, ge=1, le=4096, description="API key checks hashing or waiting for a thread at once; beyond: 429 auth_busy "
+        "(a key already verified since the key file last changed needs no hash and is never refused).")
+    auth_key_max_failures: int = Field(
+        10, ge=1, description="Failed checks of one API key id within CTSCREEN_AUTH_KEY_FAILURE_WINDOW_S after which "
+        "its keys are refused unhashed (429 auth_throttled) until that window ends.")
+    auth_key_failure_window_s: float = Field(
+        60.0, gt=0, le=86400, description="The window of CTSCREEN_AUTH_KEY_MAX_FAILURES, from an id's first failure.")
     audit_log_file: Path | None = Field(
         None, description="JSON-lines audit log (default: standard output)."
     )

@@ -9,6 +9,8 @@ call, not inference). API keys are made with the ``ctscreen keys`` command itsel
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -710,3 +712,143 @@ def test_a_write_only_key_reads_no_result_from_a_write_route(client, keyfile):
     assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
     r = client.post(f"/v1/studies/{uid}/complete", headers={"X-API-Key": both})
     assert r.status_code == 202 and r.json()["result"] == job["result"], r.text
+
+
+# --- API key checks under a flood (scrypt off the default pool, bounded, throttled per id) -----------------
+def _scrypt_s() -> float:
+    import hashlib
+
+    t = time.perf_counter()
+    hashlib.scrypt(b"x", salt=b"0" * 16, n=2**14, r=8, p=1, dklen=32)
+    return time.perf_counter() - t
+
+
+def _probe(port: int, seconds: float) -> list[float]:
+    """/readyz latencies, asked every 0.1 s for ``seconds`` (its blob check is asked afresh once a second)."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            assert c.get("/readyz").status_code == 200
+            times.append(time.perf_counter() - t)
+            time.sleep(0.1)
+    return times
+
+
+_FLOOD = """
+import asyncio, secrets, sys, httpx
+port, key_id, senders = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+async def sender(c):
+    while True:
+        r = await c.get("/v1/worklist?limit=1", headers={"X-API-Key": f"cts_{key_id}_{secrets.token_urlsafe(32)}"})
+        print(r.status_code, flush=True)
+        await asyncio.sleep(0.02)
+async def main():
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                 limits=httpx.Limits(max_connections=senders + 4)) as c:
+        await asyncio.gather(*(sender(c) for _ in range(senders)))
+asyncio.run(main())
+"""
+
+
+def _flood(port: int, key_id: str, senders: int) -> subprocess.Popen:
+    """``senders`` parallel callers of wrong secrets for ``key_id`` (a process of its own: not this one's GIL),
+    printing their answers' codes, until killed."""
+    return subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), key_id, str(senders)], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_flood_of_wrong_secrets_for_a_known_key_id_keeps_probes_prompt_and_the_key_working(keyfile, tmp_path):
+    """Each wrong secret of a known id ran scrypt in the default thread pool, where /readyz's blob check waits:
+    32 senders pushed /readyz to seconds (05_scrypt_flood.py). The checks run on threads of their own, a few
+    at a time, the excess refused unhashed (429 auth_busy). The throttle is off here (a failure limit no flood
+    reaches): this is the pool's part alone. Compared with the probe's quiet latency and one scrypt's time on
+    this machine now, not a fixed figure. Before: the flood's /readyz waited out its blob check (3 s): 503."""
+    import httpx
+
+    from gateway.keys import KeyStore
+
+    key, record = KeyStore(keyfile).add("reader", ["results:read"])
+    settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, data_dir=tmp_path / "data",
+                        shutdown_grace_s=1, auth_key_max_failures=10**9)
+    with served(settings, "127.0.0.1") as port:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            assert c.get("/v1/worklist?limit=1", headers={"X-API-Key": key}).status_code == 200  # verified once
+        quiet = _probe(port, 2.5)
+        scrypt_s = min(_scrypt_s() for _ in range(3))
+        flood = _flood(port, record.id, 32)
+        try:
+            time.sleep(1.0)
+            loud = _probe(port, 3.0)
+            scrypt_s = max(scrypt_s, min(_scrypt_s() for _ in range(3)))  # as slow as the flood makes it
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+                assert c.get("/v1/worklist?limit=1", headers={"X-API-Key": key}).status_code == 200
+        finally:
+            flood.kill()
+            codes = {int(line) for line in flood.communicate(timeout=60)[0].split()}
+    assert codes == {401, 429}, codes
+    assert max(loud) < max(quiet) + 6 * scrypt_s, (max(quiet), max(loud), scrypt_s)
+
+
+def test_an_id_that_fails_too_often_is_refused_unhashed_for_a_while_and_its_verified_key_still_works(
+        keyfile, tmp_path):
+    """No limit on failed checks of one id: each cost an scrypt. After 3 failures within the window, its keys
+    are refused at once (429 auth_throttled, Retry-After, audited) until the window ends; the key already
+    verified needs no hash and keeps working; another id is not affected. Before: every try answered 401."""
+    import httpx
+
+    from gateway.keys import KeyStore
+
+    keys = KeyStore(keyfile)
+    key, record = keys.add("reader", ["results:read"])
+    _, other = keys.add("other", ["results:read"])
+    audit = tmp_path / "audit.jsonl"
+    settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, data_dir=tmp_path / "data",
+                        shutdown_grace_s=1, auth_key_max_failures=3, auth_key_failure_window_s=2.0,
+                        audit_log_file=audit)
+
+    def wrong(key_id: str) -> str:
+        return f"cts_{key_id}_{'A' * 43}"
+
+    with served(settings, "127.0.0.1") as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        def get(k: str) -> httpx.Response:
+            return c.get("/v1/worklist?limit=1", headers={"X-API-Key": k})
+
+        assert get(key).status_code == 200
+        assert [get(wrong(record.id)).status_code for _ in range(3)] == [401] * 3
+        throttled_at = time.monotonic()
+        r = get(wrong(record.id))
+        assert r.status_code == 429 and r.json()["reason"] == "auth_throttled", r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 2
+        assert get(key).status_code == 200
+        assert get(wrong(other.id)).status_code == 401
+        if time.monotonic() - throttled_at < 0.5:  # still inside the window (a loaded machine may take longer)
+            assert get(wrong(record.id)).status_code == 429
+        time.sleep(max(0.0, throttled_at + int(r.headers["retry-after"]) + 0.2 - time.monotonic()))
+        assert get(wrong(record.id)).status_code == 401  # lapsed
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(row["reason"] == "auth_throttled" and row["status"] == 429 for row in rows)
+
+
+def test_an_unknown_key_id_costs_what_a_wrong_secret_of_a_known_one_does(keyfile):
+    """An unknown id answered at once and a known one after an scrypt: the ids (not secret) could be found by
+    timing (04_key_timing.py). Before: the unknown id took a small fraction of the known one's time."""
+    import secrets
+    import statistics
+
+    from gateway.keys import KeyStore
+
+    keys = KeyStore(keyfile)
+    _, record = keys.add("reader", ["results:read"])
+
+    def took(key_id: str) -> float:
+        t = time.perf_counter()
+        assert keys.verify(f"cts_{key_id}_{secrets.token_urlsafe(32)}") is None
+        return time.perf_counter() - t
+
+    known = statistics.median(took(record.id) for _ in range(5))
+    unknown = statistics.median(took(secrets.token_hex(6)) for _ in range(5))
+    assert unknown > 0.5 * known, (unknown, known)

@@ -8,7 +8,9 @@ from fastapi.testclient import TestClient
 from gateway.admission import OverBudget
 from gateway.errors import (
     REASONS,
+    AuthBusy,
     AuthNotConfigured,
+    AuthThrottled,
     AuthUnavailable,
     Busy,
     GatewayError,
@@ -33,6 +35,8 @@ from tests.gateway_app_fakes import FakeFleet
 ANSWERS = [
     (Busy("Full.", 7), 429, "busy", {"retry-after": "7"}),
     (OverBudget("Too many bytes in flight.", 3), 429, "over_budget", {"retry-after": "3"}),
+    (AuthBusy("Too many key checks.", 1), 429, "auth_busy", {"retry-after": "1"}),
+    (AuthThrottled("Key id failed too often.", 9), 429, "auth_throttled", {"retry-after": "9"}),
     (JobNotFound("No job 'x'."), 404, "not_found", {}),
     (NotFound("No destination 'pacs'."), 404, "not_found", {}),
     (NoSuchSlice("No slice 9."), 404, "no_such_slice", {}),
