@@ -43,7 +43,8 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -62,6 +63,7 @@ from gateway.errors import (
     AuthUnavailable,
     InsufficientScope,
     RetryLater,
+    TooManyStreams,
     Unauthorized,
 )
 from gateway.keys import SCOPES, ApiKey, KeyStore, parse_key
@@ -71,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "KeyChecks", "OidcVerifier", "Principal",
-    "StreamGuard", "check_exposure", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
+    "StreamGuard", "StreamSlots", "check_exposure", "stream_slot", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
 ]
 
 STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
@@ -537,6 +539,87 @@ class StreamGuard:
             return True
         note_reason(self.request.scope, "credential_ended")
         return False
+
+
+class StreamSlots:
+    """Event streams open on this replica, per caller and all together (``app.state.stream_slots``).
+
+    A stream holds no database connection between its polls (each step is one short session), but each
+    one polls: a thousand streams of one key pushed the probes to seconds and, on PostgreSQL, took the pool
+    that the worker and lease renewals need.
+
+    Parameters
+    ----------
+    per_caller : int
+        Streams one caller (:attr:`Principal.kind` and :attr:`Principal.subject`) may hold open.
+    total : int
+        Streams open at once, all callers together.
+    """
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, per_caller: int, total: int) -> None:
+        self.per_caller, self.total = per_caller, total
+        self.open: dict[str, int] = {}
+
+    def take(self, principal: Principal) -> Callable[[], None]:
+        """A slot for ``principal``'s stream; the returned function gives it back (once, however often called).
+
+        Raises
+        ------
+        gateway.errors.TooManyStreams
+            The caller, or the replica, holds as many as it may (429).
+        """
+        who = f"{principal.kind}:{principal.subject}"
+        if self.open.get(who, 0) >= self.per_caller:
+            raise TooManyStreams(f"This credential holds {self.per_caller} event streams open, as many as one caller "
+                                 f"may; close one (or reuse it) first.", self.RETRY_AFTER_S)
+        if sum(self.open.values()) >= self.total:
+            raise TooManyStreams(f"This gateway holds {self.total} event streams open, as many as it serves at once.",
+                                 self.RETRY_AFTER_S)
+        self.open[who] = self.open.get(who, 0) + 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                left = self.open.get(who, 1) - 1
+                if left > 0:
+                    self.open[who] = left
+                else:
+                    self.open.pop(who, None)
+
+        return give_back
+
+
+def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``stream`` holding one of :class:`StreamSlots`' slots for ``principal`` until it ends, is closed or is
+    dropped unstarted (a client gone before the answer began).
+
+    Raises
+    ------
+    gateway.errors.TooManyStreams
+        No slot is free (429): ``stream`` is closed unstarted.
+    """
+    state = request.app.state
+    slots: StreamSlots | None = getattr(state, "stream_slots", None)
+    if slots is None:
+        settings: Settings | None = getattr(state, "settings", None)
+        slots = StreamSlots(settings.max_streams_per_caller if settings else 8, settings.max_streams if settings else 256)
+        state.stream_slots = slots
+    give_back = slots.take(principal)
+
+    async def held() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            give_back()
+
+    wrapped = held()
+    weakref.finalize(wrapped, give_back)
+    return wrapped
 
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {

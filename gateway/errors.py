@@ -39,6 +39,7 @@ the message.
      +-- Busy(RetryLater, RuntimeError)            busy                429   (Retry-After)
      |    +-- gateway.admission.OverBudget         over_budget         429   (Retry-After)
      |    +-- AuthBusy                             auth_busy           429   (Retry-After; API key checks full)
+     |    +-- TooManyStreams                       too_many_streams    429   (Retry-After; event streams open)
      +-- AuthThrottled(RetryLater)                 auth_throttled      429   (Retry-After; an id failed too often)
      +-- gateway.triton_pool.InferenceFailed       inference_failed    502
      +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
@@ -87,6 +88,7 @@ __all__ = [
     "SrUnavailable",
     "StoreUnavailable",
     "TooLarge",
+    "TooManyStreams",
     "Unauthorized",
     "Unavailable",
     "Undecodable",
@@ -396,6 +398,12 @@ class AuthBusy(Busy):
     """As many API key checks (scrypt) as the gateway runs at once are running or waiting; refused unhashed."""
 
     reason = "auth_busy"
+
+
+class TooManyStreams(Busy):
+    """The caller (or the gateway, all callers together) holds as many event streams open as it may."""
+
+    reason = "too_many_streams"
 
 
 class AuthThrottled(RetryLater):

@@ -280,6 +280,10 @@ class Settings(BaseSettings):
     auth_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="How long a fetched JWKS is used.")
     auth_api_keys_file: Path | None = Field(None, description="API key file (ctscreen keys); enables API keys.")
     auth_insecure: bool = Field(False, description="Serve without auth on a non-loopback address (--insecure).")
+    # event streams (worklist and job events) open at once on this replica; beyond: 429 too_many_streams
+    max_streams_per_caller: int = Field(8, ge=1, le=4096, description="Event streams one caller (API key name, "
+                                        "token subject) holds open at once.")
+    max_streams: int = Field(256, ge=1, le=65536, description="Event streams open at once, all callers together.")
     auth_key_threads: int = Field(
         2, ge=1, le=64, description="Threads that hash API keys (scrypt); their own, not the pool probes and file "
         "I/O use.")

@@ -852,3 +852,44 @@ def test_an_unknown_key_id_costs_what_a_wrong_secret_of_a_known_one_does(keyfile
     known = statistics.median(took(record.id) for _ in range(5))
     unknown = statistics.median(took(secrets.token_hex(6)) for _ in range(5))
     assert unknown > 0.5 * known, (unknown, known)
+
+
+def test_event_streams_are_limited_per_caller_and_per_gateway(keyfile, tmp_path):
+    """One results:read key opened 1000 event streams (12_sse_flood.py): the probes took seconds and, on
+    PostgreSQL, the pool ran out. A caller now holds CTSCREEN_MAX_STREAMS_PER_CALLER, the replica
+    CTSCREEN_MAX_STREAMS; beyond, 429 too_many_streams; a closed stream's slot comes back. Before: every
+    stream opened (200)."""
+    import httpx
+
+    from gateway.keys import KeyStore
+
+    keys = KeyStore(keyfile)
+    a, _ = keys.add("reader-a", ["results:read"])
+    b, _ = keys.add("reader-b", ["results:read"])
+    settings = Settings(triton_urls="fake:1", auth_api_keys_file=keyfile, data_dir=tmp_path / "data",
+                        shutdown_grace_s=1, max_streams_per_caller=2, max_streams=3, worker_poll_s=0.1)
+    with served(settings, "127.0.0.1") as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        def open_stream(key: str) -> httpx.Response:
+            r = c.send(c.build_request("GET", "/v1/worklist/events", headers={"X-API-Key": key}), stream=True)
+            if r.status_code != 200:
+                r.read()
+            return r
+
+        held = [open_stream(a), open_stream(a)]
+        assert [r.status_code for r in held] == [200, 200]
+        over = open_stream(a)
+        assert over.status_code == 429, over.status_code
+        assert over.json()["reason"] == "too_many_streams", over.text
+        assert "retry-after" in over.headers and "credential" in over.json()["message"]
+        held.append(open_stream(b))
+        assert held[-1].status_code == 200  # another caller: its own slots
+        full = open_stream(b)
+        assert full.status_code == 429 and "gateway" in full.json()["message"], full.text
+        held.pop(0).close()
+        deadline = time.monotonic() + 30
+        while (again := open_stream(a)).status_code == 429:  # the server sees the close at its next poll
+            assert time.monotonic() < deadline, again.text
+            time.sleep(0.2)
+        held.append(again)
+        for r in held:
+            r.close()

@@ -23,6 +23,7 @@ from gateway.errors import (
     NotResendable,
     NotRetryable,
     SrUnavailable,
+    TooManyStreams,
     Unauthorized,
     Unavailable,
 )
@@ -37,6 +38,7 @@ ANSWERS = [
     (OverBudget("Too many bytes in flight.", 3), 429, "over_budget", {"retry-after": "3"}),
     (AuthBusy("Too many key checks.", 1), 429, "auth_busy", {"retry-after": "1"}),
     (AuthThrottled("Key id failed too often.", 9), 429, "auth_throttled", {"retry-after": "9"}),
+    (TooManyStreams("Too many streams.", 5), 429, "too_many_streams", {"retry-after": "5"}),
     (JobNotFound("No job 'x'."), 404, "not_found", {}),
     (NotFound("No destination 'pacs'."), 404, "not_found", {}),
     (NoSuchSlice("No slice 9."), 404, "no_such_slice", {}),

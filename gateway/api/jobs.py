@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.api.deps import SettingsDep, StoreDep
-from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess
+from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess, stream_slot
 from gateway.errors import JobNotFound, NotRetryable
 from gateway.jobs import TERMINAL, JobAccepted, JobState, JobView, answer_of
 from gateway.store import Store
@@ -82,11 +82,14 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
     "/{job_id}/events",
     summary="Progress of a job as server-sent events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **_NOT_FOUND},
+    responses={200: {"content": {"text/event-stream": {}}}, **_NOT_FOUND,
+               429: {"description": "the caller, or the gateway, holds as many event streams open as it may"}},
 )
-async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: ReadAccess,
+async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, who: ReadAccess,
                      request: Request) -> StreamingResponse:
-    """``event: progress`` at each change, then ``event: done`` or ``event: failed`` with the job."""
+    """``event: progress`` at each change, then ``event: done`` or ``event: failed`` with the job. A caller
+    holds at most ``CTSCREEN_MAX_STREAMS_PER_CALLER`` streams open (the worklist's too), the replica
+    ``CTSCREEN_MAX_STREAMS``: beyond, 429 ``too_many_streams``."""
     await store.job(checked_job_id(job_id))  # 404 before the stream starts
     guard = StreamGuard(request, RESULTS_READ)
 
@@ -105,5 +108,5 @@ async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, _: Rea
                 data.pop("result", None)
             yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
+    return StreamingResponse(stream_slot(request, who, stream()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -30,7 +30,7 @@ from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.api.ops import triton_ready
-from gateway.auth import ADMIN, RESULTS_READ, StreamGuard
+from gateway.auth import ADMIN, RESULTS_READ, StreamGuard, stream_slot
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone, Unavailable
 from gateway.jobs import JobState
 from gateway.store import Store
@@ -204,11 +204,14 @@ async def worklist(
 
 
 @router.get("/v1/worklist/events", summary="Progress of every job as server-sent events",
-            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+            response_class=StreamingResponse, responses={
+                200: {"content": {"text/event-stream": {}}},
+                429: {"description": "the caller, or the gateway, holds as many event streams open as it may"}})
 async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
     """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job;
     ``event: studies`` with ``{newest}`` (a study id) when a study version is opened (a study being received
-    shows on the worklist before it has a job)."""
+    shows on the worklist before it has a job). A caller holds at most ``CTSCREEN_MAX_STREAMS_PER_CALLER``
+    streams open, the replica ``CTSCREEN_MAX_STREAMS``: beyond, 429 ``too_many_streams``."""
     store = web.worklist.store
     cursor = await EventCursor.at_newest(web.worklist)
     newest = await web.worklist.newest_study()
@@ -237,7 +240,7 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
                 yield b": keep-alive\n\n"
             await store.changed.wait(settings.worker_poll_s, seen)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
+    return StreamingResponse(stream_slot(request, _who, stream()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
