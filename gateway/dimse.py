@@ -19,7 +19,9 @@ over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits 
 
 ========  =====================================================================
 0x0000    stored (or, for a class other than CT, discarded)
-0xA700    out of resources: too many studies or bytes are being received (retry later)
+0xA700    out of resources: too many studies or bytes are being received (retry later), or the instance is
+          larger than one file may be (:attr:`StorageScp.max_instance_bytes`, the upload path's per-file
+          limit): refused before its header is read, nothing kept
 0xA900    the data set is not of the SOP class negotiated for it
 0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
 0x0110    processing failure: not stored durably, or the gateway did not answer in time
@@ -61,6 +63,7 @@ from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
 from gateway.stow import InstanceHeader, Intake, read_header
 from gateway.uids import is_uid
+from gateway.uploads import UploadLimits
 
 logger = logging.getLogger(__name__)
 
@@ -405,6 +408,11 @@ class StorageScp:
         emergency department's scanner); the others' rank is the request's Priority (LOW, MEDIUM, HIGH).
     """
 
+    max_instance_bytes: int = UploadLimits.max_file_bytes
+    """The largest instance a C-STORE may bring (the upload path's per-file limit): a larger one is answered
+    0xA700 and not kept. pynetdicom has written it to its temporary file by then (that file is removed when
+    the handler returns); its job would fail ``too_large`` after a 0x0000 that told the sender it was stored."""
+
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
                  handover_timeout_s: float = 30.0, peers: PeerPolicy | None = None,
@@ -629,6 +637,11 @@ class StorageScp:
             return self._discard(event, sop_class)
         data = event.dataset_path  # the instance in a file pynetdicom removes once this returns
         peer = event.assoc.requestor
+        if (nbytes := data.stat().st_size) > self.max_instance_bytes:
+            logger.info("C-STORE from %s refused (0xA700): %d bytes, over the %d bytes one instance may be",
+                        peer.ae_title, nbytes, self.max_instance_bytes)
+            self._refuse("too_large")
+            return self._count_store(event, "", OUT_OF_RESOURCES)
         name = f"dimse:{peer.ae_title}@{peer.address}#{event.request.AffectedSOPInstanceUID}"
         try:
             header = read_header(data, name)

@@ -663,3 +663,26 @@ def test_a_private_class_in_a_study_is_accepted_and_discarded_and_every_ct_slice
             assert statuses == [SUCCESS] * 4
             records = _associations(scp, 1)
             assert records[-1]["reason"] == "stored 3, discarded 1 (not CT)", records
+
+
+def test_an_instance_over_the_per_file_limit_is_refused_not_stored(lone_scp, monkeypatch):
+    """A 1.2-2.5 GiB instance was written whole, stored and answered 0x0000, then its job failed too_large: the
+    sender believed it delivered (20_dimse_huge.py). Over the per-file limit (a small one here) it is answered
+    0xA700 and nothing is kept; one under it is stored. Before: 0x0000 and the study held the instance."""
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(lone_scp, "max_instance_bytes", 64 * 1024, raising=False)
+    small = ct_dataset(np.full((16, 16), -1000, np.int16))
+    big = ct_dataset(np.full((256, 256), -1000, np.int16))  # 128 KiB of pixels
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (big, small)]
+    finally:
+        assoc.release()
+    assert statuses == [OUT_OF_RESOURCES, SUCCESS]
+    study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(big.StudyInstanceUID)), lone_scp.loop)
+    assert study.result(10) is None  # nothing kept
