@@ -36,7 +36,7 @@ from gateway.jobs import JobState
 from gateway.store import Store
 from gateway.store.worklist import EventCursor, Worklist, WorklistRow
 from gateway.web.access import ReadAccess
-from gateway.web.labels import read_label_header
+from gateway.web.labels import label_prefix, read_label_header
 from gateway.web.render import WINDOWS, InstancesGone, LruCache, SeriesMap, png_etag, render_png
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class WebState:
         self.pngs: LruCache[tuple[str, int, str], bytes] = LruCache(512)
         self.provisional: LruCache[int, dict[str, str | None]] = LruCache(1024)
         """Labels of study versions not done yet, by study id (their series is not chosen: none recorded)."""
+        self.unlabelled: LruCache[int, float] = LruCache(1024)
+        """When the labels of a study version could not be read (by study id): not read again for
+        :data:`UNLABELLED_RETRY_S` (each worklist load read its blobs again)."""
         self._series_locks: dict[str, asyncio.Lock] = {}
 
     async def series_of(self, job_id: str) -> SeriesMap:
@@ -132,6 +135,8 @@ def row_json(r: WorklistRow) -> dict[str, Any]:
 
 
 LABEL_SCAN = 64
+UNLABELLED_RETRY_S = 300.0
+"""How long a study version whose labels could not be read is shown without them before they are read again."""
 """How many of a done study version's stored instances are read, in the order stored, to find one of the
 screened series (a scout or a second series sent first); past them the row gets no series description."""
 
@@ -142,7 +147,7 @@ async def _labels_of(web: WebState, row: WorklistRow) -> dict[str, str | None] |
     first: dict[str, str | None] | None = None
     for _, key, _ in await web.worklist.instances(row.study_id, limit=LABEL_SCAN if row.series_instance_uid else 1):
         try:
-            data = await asyncio.to_thread(web.blobs.get, key)
+            data = await asyncio.to_thread(label_prefix, web.blobs, key)  # the header, not the pixel data
         except (OSError, ValueError):  # gone, or the store failed: the labels are a nicety, the row goes on
             continue
         header = await asyncio.to_thread(read_label_header, data)
@@ -163,9 +168,13 @@ async def _fill_labels(web: WebState, rows: list[WorklistRow]) -> dict[int, dict
         if r.labels is not None:
             continue
         settled = r.state == "done"
+        failed_at = web.unlabelled.get(r.study_id)
+        if failed_at is not None and time.monotonic() - failed_at < UNLABELLED_RETRY_S:
+            continue
         cached = None if settled else web.provisional.get(r.study_id)
         labels = cached if cached is not None else await _labels_of(web, r)
         if labels is None:
+            web.unlabelled.put(r.study_id, time.monotonic())
             continue
         found[r.study_id] = labels
         if not settled:
