@@ -1188,15 +1188,18 @@ def _check_rle(frame: bytes, rows: int, cols: int, bytes_per_sample: int, where:
             )
 
 
-def _stored_values(ds: Dataset, filename: str) -> tuple[np.ndarray, np.ndarray]:
+def _stored_values(ds: Dataset, filename: str, frame: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decoded stored values as [F, R, C], with J2K signedness trusted over Pixel Representation, and the
     same values before the bits above Bits Stored were cleared (for Pixel Padding Value; the same array
-    when there are none, or when the codec (JPEG 2000, JPEG-LS) already fitted its output to them)."""
+    when there are none, or when the codec (JPEG 2000, JPEG-LS) already fitted its output to them).
+    ``frame``: that frame only ([1, R, C]; the others are not decoded)."""
     try:
         raw = _native_raw(ds)
     except (AttributeError, TypeError, ValueError):
         raw = None
     if raw is not None:
+        if frame is not None:
+            raw = raw[frame : frame + 1]
         return _unused_bits_cleared(raw, _opt_int(ds.get("BitsStored")) or 16), raw
     from pydicom.pixels import pixel_array
     from pydicom.pixels.decoders import RLELosslessDecoder
@@ -1206,7 +1209,7 @@ def _stored_values(ds: Dataset, filename: str) -> tuple[np.ndarray, np.ndarray]:
     # pylibjpeg-rle is bounded by Rows x Columns; pydicom's own RLE decoder (its fallback) is not
     plugin = "pylibjpeg" if ts == _RLE and "pylibjpeg" in RLELosslessDecoder.available_plugins else ""
     try:
-        arr = pixel_array(ds, decoding_plugin=plugin, correct_unused_bits=False)
+        arr = pixel_array(ds, index=frame, decoding_plugin=plugin, correct_unused_bits=False)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as exc:  # noqa: BLE001 - codecs raise anything, even pyo3's PanicException
@@ -1367,8 +1370,10 @@ def _air_stored_near_0(stored: np.ndarray, slope: float, padding: np.ndarray | N
     return bool(values.size) and float(np.percentile(values, 1)) > AIR_STORED_NEAR_0
 
 
-def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upload>") -> np.ndarray:
-    """Decode the frames of ``ds`` to HU on their original grid.
+def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upload>", *,
+              frame: int | None = None) -> np.ndarray:
+    """Decode the frames of ``ds`` to HU on their original grid (``frame``: that one only, the others not
+    decoded; the same HU as its plane of the whole).
 
     Compressed frames are refused before decoding when their own headers declare another matrix than
     Rows x Columns (:func:`_check_codestreams`). Pixels whose stored value is Pixel Padding Value
@@ -1385,11 +1390,13 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         Its frame headers (slope/intercept per frame), as returned by :func:`read_headers`.
     filename : str
         Name used in messages.
+    frame : int | None
+        Decode this frame only (0-based; its own slope and intercept).
 
     Returns
     -------
     numpy.ndarray
-        int16 ``[F, rows, cols]``.
+        int16 ``[F, rows, cols]`` (``[1, rows, cols]`` for one ``frame``).
 
     Raises
     ------
@@ -1397,7 +1404,11 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         The codec failed, a frame's codestream declares another matrix, the frame count disagrees, or a frame
         decodes to noise.
     """
-    stored, raw = _stored_values(ds, filename)
+    if frame is not None:
+        if not 0 <= frame < len(headers):
+            raise Undecodable(f"No frame {frame}: the header says {len(headers)}.", filename=filename)
+        headers = [headers[frame]]
+    stored, raw = _stored_values(ds, filename, frame)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
     padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None

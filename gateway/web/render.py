@@ -82,8 +82,8 @@ def render_png(data: bytes, filename: str, frame: int, window: str) -> bytes:
     from gateway.dicom import decode_hu, read_headers
 
     ds, headers = read_headers(filename, data)
-    hu = decode_hu(ds, headers, filename)
-    image = Image.fromarray(window_u8(hu[min(frame, hu.shape[0] - 1)], *WINDOWS[window]), mode="L")
+    hu = decode_hu(ds, headers, filename, frame=max(0, min(frame, len(headers) - 1)))  # that frame only
+    image = Image.fromarray(window_u8(hu[0], *WINDOWS[window]), mode="L")
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
