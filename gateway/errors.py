@@ -22,6 +22,7 @@ the message.
      |    +-- Undecodable                          undecodable         422
      |    +-- NoUsableSeries                       no_usable_series    422
      |    +-- MixedStudies                         mixed_studies       422
+     |    +-- MixedPatients                        mixed_patients      422
      |    +-- gateway.uids.InvalidUid              invalid_uid         400
      +-- Unauthorized(GatewayError)                unauthorized        401   (WWW-Authenticate)
      +-- InsufficientScope(GatewayError)           insufficient_scope  403   (WWW-Authenticate)
@@ -34,6 +35,7 @@ the message.
      |    +-- NotRetryable                         not_retryable       409
      |    +-- NotResendable                        not_resendable      409
      |    +-- SrUnavailable                        sr_unavailable      409
+     |    +-- PatientMismatch                      patient_mismatch    409   (the study names another patient)
      +-- InstancesExpired(GatewayError)            instances_expired   410
      +-- RetryLater(GatewayError)                  (a base: Retry-After; Busy and OutOfResources)
      +-- Busy(RetryLater, RuntimeError)            busy                429   (Retry-After)
@@ -73,6 +75,7 @@ __all__ = [
     "InsufficientScope",
     "InvalidInput",
     "JobNotFound",
+    "MixedPatients",
     "MixedStudies",
     "NoPixelData",
     "NoSuchSlice",
@@ -83,6 +86,7 @@ __all__ = [
     "NotFound",
     "NotResendable",
     "OutOfResources",
+    "PatientMismatch",
     "RetryLater",
     "NotRetryable",
     "SrUnavailable",
@@ -262,6 +266,14 @@ class MixedStudies(InvalidInput):
     http_status = 422
 
 
+class MixedPatients(InvalidInput):
+    """One upload's CT images name more than one patient (Patient ID with its issuer,
+    :func:`gateway.phi.patient_key`): a study names one."""
+
+    reason = "mixed_patients"
+    http_status = 422
+
+
 class Unauthorized(GatewayError):
     """No credential, or one that is refused (unknown key, bad or expired token).
 
@@ -362,6 +374,13 @@ class SrUnavailable(Conflict):
     """No DICOM SR can be made for the job (its image headers are missing or unusable)."""
 
     reason = "sr_unavailable"
+
+
+class PatientMismatch(Conflict):
+    """The study's earlier instances or versions name another patient than these (Patient ID with its issuer,
+    :func:`gateway.phi.patient_key`): a study names one patient, and nothing of another replaces its reading."""
+
+    reason = "patient_mismatch"
 
 
 class InstancesExpired(GatewayError):

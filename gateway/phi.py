@@ -20,7 +20,8 @@ import warnings
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["QueryStripper", "RequestScope", "ValueRedactor", "WithheldError", "file_ref", "protect_logs", "withheld"]
+__all__ = ["QueryStripper", "RequestScope", "ValueRedactor", "WithheldError", "file_ref", "patient_key", "patient_key_of",
+           "protect_logs", "withheld"]
 
 REQUEST_SCOPE: ContextVar[dict[str, Any] | None] = ContextVar("ctscreen_request_scope", default=None)
 """The ASGI scope of the request being answered (:class:`RequestScope`): the access log reads its route."""
@@ -142,6 +143,51 @@ def file_ref(name: str) -> str:
     """
     digest = hmac.new(_FILE_REF_KEY, name.encode("utf-8", "surrogatepass"), hashlib.sha256)
     return "file#" + digest.hexdigest()[:10]
+
+
+_PATIENT_KEY_DOMAIN = b"ctscreen/patient-key/v1\x00"
+"""Prefixed to what :func:`patient_key` digests: its digests are of no use as another system's digest of an ID."""
+
+
+def patient_key(patient_id: object, issuer: object = None) -> str:
+    """The patient a study names, as the state store keeps it (``studies.patient_key``): a SHA-256 digest, never
+    the ID, of Patient ID (0010,0020) with Issuer of Patient ID (0010,0021), each stripped of DICOM's padding.
+
+    One study names one patient: an instance, a version or an upload whose key is not the one the study's
+    earlier instances gave is refused (``patient_mismatch``; ``mixed_patients`` within one upload). An empty or
+    absent Patient ID is a value like any other, not a wildcard: an anonymised study (every instance without an
+    ID) still goes together, and a slice stripped of its ID cannot slip into a study that has one. The issuer
+    takes part: the same ID from another issuer is another patient.
+
+    Not keyed with a secret (the deployment has none to give; a per-process key, as :func:`file_ref`'s, would not
+    survive a restart nor match between replicas), so a 7-digit record number could be found from its digest by
+    trying them all; the prefix keeps the digests apart from any other system's. The same database already holds
+    the Patient ID of each screened study in clear (``results.sr_context``, the SR's headers), so the digest
+    exposes nothing more; it keeps the ID out of a new column, its indexes and its log lines.
+
+    >>> key = patient_key("PH00000000")
+    >>> len(key), key == patient_key(" PH00000000 ", ""), key == patient_key("PH00000000", "HOSP")
+    (64, True, False)
+    >>> patient_key(None) == patient_key("") != patient_key("PH00000007")
+    True
+    """
+    parts = ("" if v is None else str(v).strip() for v in (issuer, patient_id))
+    digest = hashlib.sha256(_PATIENT_KEY_DOMAIN)
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\x00")
+    return digest.hexdigest()
+
+
+def patient_key_of(ds: Any) -> str:
+    """:func:`patient_key` of a data set's Patient ID and Issuer of Patient ID (absent ones empty).
+
+    >>> patient_key_of({"PatientID": "PH00000000"}) == patient_key("PH00000000")
+    True
+    """
+    try:
+        return patient_key(ds.get("PatientID", None), ds.get("IssuerOfPatientID", None))
+    except Exception:  # noqa: BLE001 - a malformed value surfaces lazily in pydicom: an empty one
+        return patient_key(None)
 
 
 class WithheldError(Exception):

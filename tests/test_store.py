@@ -16,11 +16,13 @@ import time
 import warnings
 
 import pytest
-from sqlalchemy import inspect, select, text, update
+from sqlalchemy import func, inspect, select, text, update
 
 from aggregator.case import CaseRule, decide
 from aggregator.schema import CaseResult, Timings
+from gateway.errors import PatientMismatch
 from gateway.jobs import JobError, JobState
+from gateway.phi import patient_key
 from gateway.store import Store
 from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
 from gateway.store.models import Instance, Job, Replica, Result, Study
@@ -218,6 +220,11 @@ def test_a_migration_that_fails_half_way_changes_nothing_and_runs_once_the_cause
     assert _run(state())[0] == head()
 
 
+_OLD_RECEIVING_STUDY = text("INSERT INTO studies (id, study_instance_uid, version, origin, state, created_at, last_rx_at) "
+                            "VALUES (1, :uid, 1, 'stow', 'receiving', 0, 0)")
+"""A receiving study version as every release wrote it (the columns of revision 0001)."""
+
+
 def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
     upgrade(db_url, "0001")
 
@@ -226,8 +233,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url):
         try:
             assert await current(store.engine) == "0001" and "events" not in await _tables(store)
             async with store.tx() as s:  # as release 0001 wrote them (this release's models hold later columns)
-                await s.execute(text("INSERT INTO studies (id, study_instance_uid, version, origin, state, created_at, "
-                                     "last_rx_at) VALUES (1, '1.2.3', 1, 'stow', 'receiving', 0, 0)"))
+                await s.execute(_OLD_RECEIVING_STUDY, {"uid": "1.2.3"})
                 await s.execute(text("INSERT INTO instances (study_id, sop_instance_uid, filename, blob_key, nbytes, "
                                      "received_at) VALUES (1, '1.2.3.1', 'a.dcm', 'k1', 10, 0)"))
         finally:
@@ -719,6 +725,92 @@ def test_a_study_sent_again_is_screened_once_unless_its_job_failed(db_url):
             await store.close()
 
     _run(go())
+
+
+def test_a_study_names_one_patient_and_another_patients_instances_or_uploads_are_refused(db_url):
+    """A slice of patient B relabelled with patient A's Study Instance UID opened version 2 of A's study and
+    superseded A's reading (a penetration test): an instance or an upload naming another patient than the study's
+    earlier versions is refused and records nothing, the study's reading untouched; A's own instances still
+    open the next version. A version an earlier release wrote (no key) and a caller giving none compare nothing."""
+    upgrade(db_url)
+    a, b = patient_key("PH00000000"), patient_key("PH00000007")
+
+    async def instances(store: Store) -> int:
+        async with store.read() as s:
+            return len((await s.execute(select(Instance.id))).all())
+
+    async def go():
+        store = Store(db_url)
+        try:
+            assert await store.add_instance("1.2.6", "1.2.6.1", "a.dcm", "k1", 10, patient_key=a) is None
+            with pytest.raises(PatientMismatch) as refused:  # into the receiving version
+                await store.add_instance("1.2.6", "1.2.6.2", "b.dcm", "k2", 10, patient_key=b)
+            assert refused.value.reason == "patient_mismatch" and "PH0" not in refused.value.message
+            assert await store.add_instance("1.2.6", "1.2.6.3", "a.dcm", "k3", 10, patient_key=a) is None
+            first = await store.complete_now("1.2.6", 60)
+            assert first.files == 2
+            with pytest.raises(PatientMismatch):  # a late instance: would open version 2
+                await store.add_instance("1.2.6", "1.2.6.2", "b.dcm", "k4", 10, patient_key=b)
+            with pytest.raises(PatientMismatch):  # an upload: would be version 2
+                await store.accept_upload("1.2.6", [("b.dcm", "k5", 10)], 60, patient_key=b)
+            study = await store.study("1.2.6")
+            assert (study.state, study.job.job_id) == ("complete", first.job_id)  # the reading untouched
+            assert await instances(store) == 2
+            async with store.read() as s:
+                assert (await s.execute(select(func.count()).select_from(Job))).scalar() == 1
+            # the same patient: a late instance opens version 2, an upload version 3
+            assert await store.add_instance("1.2.6", "1.2.6.5", "a.dcm", "k6", 10, patient_key=a) is None
+            second = await store.complete_now("1.2.6", 60)
+            assert second.job_id != first.job_id and second.files == 3
+            third = await store.accept_upload("1.2.6", [("a.dcm", "k7", 10)], 60, patient_key=a)
+            assert (await store.study("1.2.6")).job.job_id == third.job_id
+            # an uploaded study: a STOW-RS / C-STORE instance of another patient is refused too
+            await store.accept_upload("1.2.7", [("b.dcm", "k8", 10)], 60, patient_key=b)
+            with pytest.raises(PatientMismatch):
+                await store.add_instance("1.2.7", "1.2.7.9", "a.dcm", "k9", 10, patient_key=a)
+            assert not await store.is_receiving("1.2.7")
+            # an anonymised study (every instance without an ID) goes together; an ID then is another patient
+            empty = patient_key("")
+            assert await store.add_instance("1.2.8", "1.2.8.1", "x.dcm", "k10", 10, patient_key=empty) is None
+            assert await store.add_instance("1.2.8", "1.2.8.2", "x.dcm", "k11", 10, patient_key=empty) is None
+            with pytest.raises(PatientMismatch):
+                await store.add_instance("1.2.8", "1.2.8.3", "a.dcm", "k12", 10, patient_key=a)
+            # no key given (a caller that reads none): not compared, and names no patient
+            assert await store.add_instance("1.2.6", "1.2.6.6", "a.dcm", "k13", 10) is None
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_a_study_an_earlier_release_recorded_takes_the_patient_of_its_next_version(db_url):
+    """Revision 0011 adds ``studies.patient_key``: a version written before names no patient (NULL), so the
+    study's next instance is taken whatever its patient, and names the study's patient from then on."""
+    upgrade(db_url, "0010")
+
+    async def before():
+        store = Store(db_url)
+        async with store.tx() as s:  # as release 0010 wrote it
+            await s.execute(_OLD_RECEIVING_STUDY, {"uid": "1.2.9"})
+        await store.close()
+
+    async def after():
+        store = Store(db_url)
+        try:
+            async with store.read() as s:
+                assert (await s.execute(select(Study.patient_key))).scalar_one() is None
+            a, b = patient_key("PH00000000", "HOSP"), patient_key("PH00000000")  # the issuer counts
+            assert await store.add_instance("1.2.9", "1.2.9.1", "a.dcm", "k1", 10, patient_key=a) is None
+            with pytest.raises(PatientMismatch):
+                await store.add_instance("1.2.9", "1.2.9.2", "b.dcm", "k2", 10, patient_key=b)
+            async with store.read() as s:
+                assert (await s.execute(select(Study.patient_key))).scalar_one() == a
+        finally:
+            await store.close()
+
+    _run(before())
+    upgrade(db_url)
+    _run(after())
 
 
 def test_earlier_results_are_the_studys_readings_before_this_one(db_url):

@@ -60,6 +60,9 @@ class Study(Base):
     interrupted: Mapped[str | None] = mapped_column(String(256), nullable=True)  # revision 0009
     """Set while the last C-STORE association that stored into this version ended without a release (an
     A-ABORT, a dropped connection): what the result then says; cleared by one that released."""
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)  # revision 0011
+    """The patient the version names (:func:`gateway.phi.patient_key`: a digest, never the ID); None for a
+    version an earlier release wrote, or one recorded without it. Every version of a study names the same."""
 
 
 class Instance(Base):

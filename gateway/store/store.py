@@ -64,7 +64,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.selectable import ScalarSelect
 
 from aggregator.schema import CaseResult, stored_result
-from gateway.errors import JobNotFound
+from gateway.errors import JobNotFound, PatientMismatch
 from gateway.jobs import ROUTINE, RUNNING, TERMINAL, JobError, JobState, JobView, priority_name
 from gateway.phi import withheld
 from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Replica, Result, Study
@@ -519,7 +519,7 @@ class Store:
     # --- instances and studies -------------------------------------------------------------------
     async def add_instance(self, study_instance_uid: str, sop_instance_uid: str, filename: str, blob_key: str,
                            nbytes: int, *, changed: bool = False, same_as: str | None = None,
-                           priority: int = ROUTINE) -> str | None:
+                           priority: int = ROUTINE, patient_key: str | None = None) -> str | None:
         """Record a STOW-RS / C-STORE instance in the study's receiving version (opened if needed).
 
         An instance already in that version (same SOP Instance UID) is replaced. One already in the
@@ -527,13 +527,16 @@ class Store:
         found it ``changed`` (its data set is not the screened copy's: :meth:`screened_copy`), or another size
         when the caller found it the same as the copy whose blob is ``same_as`` (another transfer syntax).
         The version's ``priority`` (:data:`gateway.jobs.PRIORITIES`) is the highest of its instances'.
+        ``patient_key`` (:func:`gateway.phi.patient_key`): the patient the instance names; one that is not the
+        patient the study's earlier instances and versions name raises :class:`~gateway.errors.PatientMismatch`
+        and records nothing (None: not compared, as a version an earlier release wrote).
         Returns the blob key nothing needs now (the replaced instance's, or ``blob_key`` itself when the
         instance was not recorded): the caller deletes it. Else None.
         """
         for attempt in range(5):
             try:
                 return await self._add_instance(study_instance_uid, sop_instance_uid, filename, blob_key, nbytes,
-                                                changed, same_as, priority)
+                                                changed, same_as, priority, patient_key)
             except IntegrityError:  # another replica opened the same version at the same moment
                 if attempt == 4:
                     raise
@@ -572,12 +575,14 @@ class Store:
         return latest[0]
 
     async def _add_instance(self, uid: str, sop: str, filename: str, key: str, nbytes: int,
-                            changed: bool = False, same_as: str | None = None, priority: int = ROUTINE) -> str | None:
+                            changed: bool = False, same_as: str | None = None, priority: int = ROUTINE,
+                            patient_key: str | None = None) -> str | None:
         now = await self.now()
         async with self.tx() as s:
             study = (await s.execute(
                 select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
             )).scalar_one_or_none()
+            await self._check_patient(s, uid, patient_key, "an instance")
             if study is None:
                 if not changed and await self._screened_already(s, uid, sop, nbytes, same_as):
                     return key  # nothing recorded: the caller deletes the blob just written
@@ -585,6 +590,8 @@ class Store:
                 study.priority = priority
             else:
                 study.priority = max(study.priority, priority)
+            if study.patient_key is None:
+                study.patient_key = patient_key
             old = (await s.execute(
                 select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == sop)
             )).scalar_one_or_none()
@@ -599,6 +606,20 @@ class Store:
         if replaced is not None and await self._unreferenced(replaced):
             return replaced
         return None
+
+    @staticmethod
+    async def _check_patient(s: AsyncSession, uid: str, patient_key: str | None, what: str) -> None:
+        """Raise :class:`~gateway.errors.PatientMismatch` when the study's versions name a patient other than
+        ``patient_key`` (the latest that names one: each was checked against those before it)."""
+        if patient_key is None:
+            return
+        named = (await s.execute(
+            select(Study.patient_key, Study.version).where(Study.study_instance_uid == uid, Study.patient_key.is_not(None))
+            .order_by(Study.version.desc()).limit(1))).first()
+        if named is not None and named[0] != patient_key:
+            logger.warning("study %s: %s naming another patient than its version %d refused", uid, what, named[1])
+            raise PatientMismatch(f"Study {uid} names another patient: its earlier instances name another Patient ID "
+                                  "(or Issuer of Patient ID) than these; a study names one patient. Nothing was kept.")
 
     async def _screened_already(self, s: AsyncSession, uid: str, sop: str, nbytes: int,
                                 same_as: str | None = None) -> bool:
@@ -685,16 +706,22 @@ class Store:
 
     async def accept_upload(self, study_instance_uid: str, files: Sequence[tuple[str, str, int]],
                             deadline_s: float, *, slices_total: int | None = None,
-                            job_id: str | None = None, priority: int = ROUTINE) -> JobView:
-        """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it."""
+                            job_id: str | None = None, priority: int = ROUTINE,
+                            patient_key: str | None = None) -> JobView:
+        """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it.
+
+        Raises :class:`~gateway.errors.PatientMismatch`, recording nothing, when the study's earlier versions
+        name another patient than ``patient_key`` (:meth:`add_instance`)."""
         for attempt in range(5):
             try:
                 now = await self.now()
                 async with self.tx() as s:
+                    await self._check_patient(s, study_instance_uid, patient_key, "an upload")
                     latest = (await s.execute(select(func.max(Study.version)).where(
                         Study.study_instance_uid == study_instance_uid))).scalar()
                     study = Study(study_instance_uid=study_instance_uid, version=(latest or 0) + 1, origin="upload",
-                                  state=COMPLETE, created_at=now, last_rx_at=now, completed_at=now, priority=priority)
+                                  state=COMPLETE, created_at=now, last_rx_at=now, completed_at=now, priority=priority,
+                                  patient_key=patient_key)
                     s.add(study)
                     await s.flush()
                     # one multi-row INSERT, not the unit of work's object per file (200 ms of CPU for 300)
