@@ -55,8 +55,8 @@ from gateway.dicom import (
     read_headers,
     to_grid,
 )
-from gateway.errors import InvalidInput, MixedStudies, NoUsableSeries, Undecodable, UploadError
-from gateway.phi import file_ref, protect_logs
+from gateway.errors import InvalidInput, MixedPatients, MixedStudies, NoUsableSeries, Undecodable, UploadError
+from gateway.phi import file_ref, patient_key_of, protect_logs
 from gateway.report import SrContext, sr_context
 from gateway.series import (
     MIN_SCREENABLE_POSITIONS,
@@ -150,6 +150,9 @@ class PreparedStudy:
     work_s: dict[str, float] = field(default_factory=dict)
     """Seconds of work per stage, summed over the decoding workers: ``decode`` (pixel data to HU) and
     ``resample`` (to the 512 grid)."""
+    patient_key: str | None = None
+    """The patient the study's CT images name (:func:`gateway.phi.patient_key`): the store compares it with the
+    study's earlier versions."""
 
     @property
     def n_slices(self) -> int:
@@ -218,6 +221,7 @@ class StudyAccumulator:
         (in the parsing thread; :class:`gateway.speculation.Speculation` screens ahead with it)."""
         self._objects: dict[str, tuple[Dataset, list[FrameHeader]]] = {}
         self._studies: Counter[str] = Counter()  # CT images per Study Instance UID, refused ones too
+        self._patients: set[str] = set()  # the patient keys of those CT images (gateway.phi.patient_key)
         self.rejected: list[Rejection] = []
         self.n_files = 0
         self._lock = threading.Lock()  # add() may be called from several request threads
@@ -230,6 +234,12 @@ class StudyAccumulator:
     def study_instance_uids(self) -> set[str]:
         """Study Instance UIDs of the accepted objects."""
         return {hs[0].study_instance_uid for _, hs in self._objects.values()}
+
+    @property
+    def patient_key(self) -> str | None:
+        """The patient the CT images name (:func:`gateway.phi.patient_key`), None before any or when several do."""
+        with self._lock:
+            return next(iter(self._patients)) if len(self._patients) == 1 else None
 
     @property
     def sop_instance_uids(self) -> list[str]:
@@ -255,8 +265,10 @@ class StudyAccumulator:
             ds = read_dataset(data, filename)  # parsing runs outside the lock
             study = _ct_study_of(ds)
             if study is not None:
+                patient = patient_key_of(ds)
                 with self._lock:
                     self._studies[study] += 1
+                    self._patients.add(patient)
             _, headers = read_headers(filename, ds)
             check_header_uids(headers[0])  # before any UID names a file or a row (issue 14)
         except InvalidInput as exc:
@@ -341,8 +353,10 @@ class StudyAccumulator:
         for i, h in enumerate(ordered.slices):
             hu[i] = decoded[h.key][0]
         grids = {key: grid for key, (_, grid) in decoded.items()}
-        return _assemble(objects, selection, ordered, hu, grids, rejected, excluded, failed_series,
-                         self.n_files, dict(work))
+        study = _assemble(objects, selection, ordered, hu, grids, rejected, excluded, failed_series,
+                          self.n_files, dict(work))
+        study.patient_key = self.patient_key
+        return study
 
     def _select(
         self,
@@ -352,11 +366,17 @@ class StudyAccumulator:
             rejected = list(self.rejected)
             objects = dict(self._objects)
             studies = dict(self._studies)
+            patients = len(self._patients)
         if self.one_study and len(studies) > 1:
             found = ", ".join(f"{uid} ({n} files)" for uid, n in studies.items())
             raise MixedStudies(
                 f"The upload holds CT images of {len(studies)} studies: {found}. Upload one study at a time "
                 "(or send them by STOW-RS, which screens each study apart)."
+            )
+        if self.one_study and patients > 1:  # one study of two patients' series: a study names one patient
+            raise MixedPatients(
+                f"The upload's CT images name {patients} patients (their Patient ID or Issuer of Patient ID differ); a "
+                "study names one patient. Upload each patient's study apart."
             )
         frames = [h for _, hs in objects.values() for h in hs]
         selection = select_series(frames, self.rules, _labels_of(objects))
@@ -419,6 +439,11 @@ class StudyPlan:
         return self.ordered.slices[0].study_instance_uid
 
     @property
+    def patient_key(self) -> str | None:
+        """The patient the study's CT images name (:attr:`StudyAccumulator.patient_key`)."""
+        return self.accumulator.patient_key
+
+    @property
     def series_instance_uid(self) -> str:
         return self.ordered.slices[0].series_instance_uid
 
@@ -461,8 +486,10 @@ class StudyPlan:
         with ``pixels`` holding each slice by key (a study screened ahead: :attr:`PreparedStudy.hu` stays empty)."""
         frames = self.ordered.slices
         slice_at = None if pixels is None else (lambda i: pixels[frames[i].key])
-        return _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
-                         list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at)
+        study = _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
+                          list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at)
+        study.patient_key = self.patient_key
+        return study
 
     def finish(self, *, workers: int | None = None, executor: Executor | None = None) -> PreparedStudy:
         """The whole-study path (:meth:`StudyAccumulator.finish`): for a study with a frame that does not decode."""

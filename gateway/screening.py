@@ -129,6 +129,11 @@ class Prepared:
         return self.study.series_instance_uid if self.study is not None else self._plan.series_instance_uid
 
     @property
+    def patient_key(self) -> str | None:
+        """The patient the study names (:func:`gateway.phi.patient_key`), for the store to compare."""
+        return self.study.patient_key if self.study is not None else self._plan.patient_key
+
+    @property
     def n_slices(self) -> int:
         return self.study.n_slices if self.study is not None else self._plan.n_slices
 

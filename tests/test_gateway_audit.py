@@ -165,7 +165,8 @@ def test_header_values_a_refusal_or_a_failed_sr_quotes_never_reach_a_log_line(st
     def identify(ds):
         ds.PatientName, ds.PatientID = name, patient_id
 
-    def name_as_float(ds):
+    def name_as_float(ds):  # the same study of the same patient (another patient's would be refused: patient_mismatch)
+        ds.PatientID = patient_id
         value = name.encode() + (b" " if len(name) % 2 else b"")
         ds._dict[Tag(0x00100010)] = RawDataElement(Tag(0x00100010), "FL", len(value), value, 0, False, True)
 

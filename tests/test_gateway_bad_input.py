@@ -155,6 +155,50 @@ def test_upload_of_two_studies_is_refused_not_half_screened(client):
     assert "2 studies" in r.json()["message"]
 
 
+def _patient(patient_id: str, issuer: str | None = None):
+    def edit(ds):
+        ds.PatientID = patient_id
+        if issuer is not None:
+            ds.IssuerOfPatientID = issuer
+
+    return edit
+
+
+def test_an_upload_of_two_patients_series_under_one_study_is_refused_and_nothing_kept(client):
+    """Before: 202, one study of two patients' series (PatientID PH00000000 and PH00000007, a penetration test),
+    screened as one. Now 422 ``mixed_patients``, no patient data in the message, and no study recorded."""
+    uid, study = ct_series(4, size=64)
+    _, other = ct_series(4, size=64, study_uid=uid)
+    files = edited(study, _patient("PH00000000")) + edited(other, _patient("PH00000007"))
+    r = client.post("/v1/studies", files=upload_files(files))
+    assert (r.status_code, r.json()["reason"]) == (422, "mixed_patients"), r.text
+    assert "PH0" not in r.text and "2 patients" in r.json()["message"]
+    assert client.get(f"/v1/studies/{uid}").status_code == 404
+    # the same ID from another issuer is another patient too
+    r = client.post("/v1/studies", files=upload_files(edited(study, _patient("PH00000000", "HOSP-A"))
+                                                      + edited(other, _patient("PH00000000"))))
+    assert (r.status_code, r.json()["reason"]) == (422, "mixed_patients"), r.text
+
+
+def test_an_upload_naming_another_patient_than_the_studys_is_refused_and_its_reading_kept(client):
+    """Before: the second upload (patient B's slices under A's Study Instance UID) was version 2, screened, and
+    superseded A's reading. Now 409 ``patient_mismatch`` and the study's latest job is still A's; A's own
+    study sent again is still taken (version 2)."""
+    uid, study = ct_series(4, size=64)
+    r = client.post("/v1/studies", files=upload_files(edited(study, _patient("PH00000000"))))
+    assert r.status_code == 202, r.text
+    first = wait_job(client, r.json()["job_id"])["job_id"]
+    _, other = ct_series(4, size=64, study_uid=uid)
+    r = client.post("/v1/studies", files=upload_files(edited(other, _patient("PH00000007"))))
+    assert (r.status_code, r.json()["reason"]) == (409, "patient_mismatch"), r.text
+    assert "PH0" not in r.text
+    assert client.get(f"/v1/studies/{uid}").json()["job_id"] == first
+    r = client.post("/v1/studies", files=upload_files(edited(study, _patient("PH00000000"))))
+    assert r.status_code == 202, r.text
+    assert wait_job(client, r.json()["job_id"])["state"] == "done"
+    assert client.get(f"/v1/studies/{uid}").json()["job_id"] == r.json()["job_id"] != first
+
+
 @pytest.mark.parametrize(
     "files",
     [ct_series(2, lesion=[0, 1], size=64)[1], ct_series(1, size=64)[1],

@@ -343,6 +343,7 @@ def test_corrupt_slice_inside_a_series_is_rejected_and_the_rest_screened() -> No
     bad.ImageOrientationPatient = first.ImageOrientationPatient
     bad.ImagePositionPatient = [0, 0, 5.0]  # between slices 2 (4 mm) and 3 (6 mm)
     bad.SliceThickness = first.SliceThickness
+    bad.PatientID = first.PatientID  # the series' patient: another's would refuse the upload (mixed_patients)
     buf = io.BytesIO()
     bad.save_as(buf)
     sources = [(n, d) for n, d, _, _ in series] + [("bad.dcm", buf.getvalue())]

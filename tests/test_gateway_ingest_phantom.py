@@ -45,9 +45,11 @@ def test_shuffled_jpeg2000_phantom_decodes_to_its_truth(covid: tuple[phantom.Stu
     assert study.rejected == []
 
 
-def _in_study(data: bytes, study_uid: str) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    ds.StudyInstanceUID = study_uid
+def _in_study(data: bytes | pydicom.Dataset, study_uid: str, patient_id: str) -> bytes:
+    """``data`` as an instance of that study and its patient (another patient's would refuse the upload:
+    mixed_patients)."""
+    ds = pydicom.dcmread(io.BytesIO(data)) if isinstance(data, bytes) else data
+    ds.StudyInstanceUID, ds.PatientID = study_uid, patient_id
     return to_bytes(ds)
 
 
@@ -58,25 +60,28 @@ def test_phantom_series_wins_over_scout_small_series_and_reformat(
     files = _read_dir(out)
     ref = load_study(files[:1])
     study_uid = ref.study_instance_uid
+    patient = str(pydicom.dcmread(io.BytesIO(files[0][1]), stop_before_pixels=True).PatientID)
     # scout: a coronal LOCALIZER built from the phantom volume
     coronal = truth.hu[:, 64, :][::-1]
     files.append(
         (
             "scout.dcm",
-            to_bytes(
+            _in_study(
                 ct_dataset(
                     coronal,
                     study_uid=study_uid,
                     orientation=CORONAL,
                     image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-                )
+                ),
+                study_uid,
+                patient,
             ),
         )
     )
     # a second, smaller axial series of another phantom (same study)
     other = phantom.make_study(4, "normal", n_slices=4, matrix=64)
     small = write_study(other, tmp_path / "small", encoding="explicit", salt="second", montage=False)
-    files += [(f"small/{n}", _in_study(d, study_uid)) for n, d in _read_dir(small)]
+    files += [(f"small/{n}", _in_study(d, study_uid, patient)) for n, d in _read_dir(small)]
     # a coronal reformat with more images than the axial series: not axial, left out
     reformat_uid = generate_uid()
     for k in range(0, 128, 8):
@@ -84,7 +89,7 @@ def test_phantom_series_wins_over_scout_small_series_and_reformat(
         files.append(
             (
                 f"cor/{k}.dcm",
-                to_bytes(
+                _in_study(
                     ct_dataset(
                         img,
                         study_uid=study_uid,
@@ -92,7 +97,9 @@ def test_phantom_series_wins_over_scout_small_series_and_reformat(
                         orientation=CORONAL,
                         position=(0.0, float(k), 0.0),
                         image_type=("DERIVED", "SECONDARY", "REFORMATTED"),
-                    )
+                    ),
+                    study_uid,
+                    patient,
                 ),
             )
         )

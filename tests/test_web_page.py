@@ -615,8 +615,8 @@ def test_the_series_label_is_the_screened_series_not_the_scout_sent_first(stack,
     while the study was still arriving, beside the chest series' verdict."""
     uid, scout = generate_uid(), generate_uid()
 
-    def study(ds: Any) -> None:
-        ds.StudyInstanceUID, ds.AccessionNumber = uid, "TWOSERIES"
+    def study(ds: Any) -> None:  # one patient too: two phantoms' IDs would refuse the upload (mixed_patients)
+        ds.StudyInstanceUID, ds.AccessionNumber, ds.PatientID = uid, "TWOSERIES", "TWOSERIES"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
 
     def scout_edit(ds: Any) -> None:

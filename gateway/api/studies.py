@@ -209,7 +209,8 @@ async def check_capacity(store: Store, settings: Settings, priority: Priority = 
         400: {"description": "bad upload, unsafe path in a zip"},
         413: {"description": "upload too large, zip bomb"},
         415: {"description": "not DICOM"},
-        422: {"description": "not CT, no pixel data, undecodable, no usable series, mixed studies"},
+        409: {"description": "the study's earlier versions name another patient (patient_mismatch)"},
+        422: {"description": "not CT, no pixel data, undecodable, no usable series, mixed studies, mixed patients"},
         429: {"description": "too many studies in progress, or too many bytes in flight; see Retry-After"},
         503: {"description": "the blob volume or the backlog is past its watermark; see Retry-After"},
     },
@@ -258,6 +259,8 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                 drop_pages(body)
                 prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
+            # another patient's images under this study's UID: refused before anything is stored (and in the commit)
+            await store.check_patient(prepared.study_instance_uid, prepared.patient_key)
             keyed = [(name, key, path) for (name, path), key in zip(files, new_keys(len(files)), strict=True)]
             try:
                 await run_in_threadpool(blobs.put_many, [(key, path) for _, key, path in keyed])
@@ -273,7 +276,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
                                                  slices_total=prepared.n_slices, job_id=job_id,
-                                                 priority=PRIORITIES[priority])
+                                                 priority=PRIORITIES[priority], patient_key=prepared.patient_key)
             except BaseException:
                 await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
                 # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known

@@ -607,6 +607,12 @@ class Store:
             return replaced
         return None
 
+    async def check_patient(self, study_instance_uid: str, patient_key: str | None) -> None:
+        """Raise :class:`~gateway.errors.PatientMismatch` when the study's versions name another patient than
+        ``patient_key`` now: an upload asks before it stores its files (:meth:`accept_upload` checks again)."""
+        async with self.read() as s:
+            await self._check_patient(s, study_instance_uid, patient_key, "an upload")
+
     @staticmethod
     async def _check_patient(s: AsyncSession, uid: str, patient_key: str | None, what: str) -> None:
         """Raise :class:`~gateway.errors.PatientMismatch` when the study's versions name a patient other than
