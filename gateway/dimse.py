@@ -23,6 +23,7 @@ over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits 
           larger than one file may be (:attr:`StorageScp.max_instance_bytes`, the upload path's per-file
           limit): refused before its header is read, nothing kept
 0xA900    the data set is not of the SOP class negotiated for it
+0xA901    its study's earlier instances name another patient (Patient ID with its issuer): nothing kept
 0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
 0x0110    processing failure: not stored durably, or the gateway did not answer in time
 ========  =====================================================================
@@ -56,12 +57,12 @@ from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, peer_ip, tls_context
-from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
+from gateway.errors import GatewayError, InvalidInput, PatientMismatch, StoreUnavailable
 from gateway.jobs import DIMSE_PRIORITIES, PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.settings import NonCt, Settings
 from gateway.store.blobs import sweep_stale
-from gateway.stow import InstanceHeader, Intake, read_header
+from gateway.stow import PATIENT_MISMATCH, InstanceHeader, Intake, read_header
 from gateway.uids import is_uid
 from gateway.uploads import UploadLimits
 
@@ -684,6 +685,9 @@ class StorageScp:
         except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
             self._count(exc.reason)
             return OUT_OF_RESOURCES
+        except PatientMismatch as exc:  # its study names another patient: nothing kept (the audit has the status)
+            self._count(exc.reason)
+            return PATIENT_MISMATCH
         except GatewayError as exc:
             self._count(exc.reason)
             return PROCESSING_FAILURE

@@ -30,8 +30,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
-from gateway.errors import NotDicom, StoreUnavailable, Unavailable
+from gateway.errors import NotDicom, PatientMismatch, StoreUnavailable, Unavailable
 from gateway.jobs import ROUTINE, JobView
+from gateway.phi import patient_key_of
 from gateway.store import BlobStore, Store, StoreError, StoreUnreachable, new_key
 from gateway.uids import is_uid
 
@@ -39,15 +40,23 @@ logger = logging.getLogger(__name__)
 
 CT_STORAGE = CT_SOP_CLASSES  # the CT storage classes the decoder accepts
 _TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"]
+_PATIENT_TAGS = ["PatientID", "IssuerOfPatientID"]  # read for patient_key alone: never kept, logged or answered
+
+PATIENT_MISMATCH = 0xA901
+"""The STOW-RS ``FailureReason`` and C-STORE status of an instance whose study names another patient
+(:class:`~gateway.errors.PatientMismatch`): an error of the "does not match" family (A9xx, PS3.4 Annex B),
+its own code so that senders and the audit tell it from 0xA900."""
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceHeader:
-    """The three UIDs STOW-RS needs from an instance."""
+    """The three UIDs STOW-RS needs from an instance, and the patient it names."""
 
     sop_class_uid: str
     sop_instance_uid: str
     study_instance_uid: str
+    patient_key: str | None = None
+    """:func:`gateway.phi.patient_key` of its Patient ID and issuer (None: not read, not compared)."""
 
 
 def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeader:
@@ -67,31 +76,32 @@ def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeade
     """
     if part10_transfer_syntax(data) == DEFLATED:
         inflated = read_dataset(data, filename)  # NotDicom, ZipBomb, TooLarge
-        return _check_uids([str(inflated.get(t, "") or "").strip() for t in _TAGS], filename)
+        return _check_uids([str(inflated.get(t, "") or "").strip() for t in _TAGS], filename, patient_key_of(inflated))
+    tags = _TAGS + _PATIENT_TAGS
     try:
         source = data if isinstance(data, Path) else io.BytesIO(data)
         try:
-            ds: pydicom.Dataset = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_TAGS)
+            ds: pydicom.Dataset = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=tags)
         except InvalidDicomError:
             if not isinstance(source, Path):
                 source.seek(0)
-            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_TAGS, force=True)
+            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=tags, force=True)
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
     except Exception:  # pydicom raises many types; the decoder's reader knows the hard cases
         # (e.g. explicit VR big endian with undefined-length UN sequences, which pydicom 3.0 cannot read)
         ds = read_dataset(data.read_bytes() if isinstance(data, Path) else data, filename)  # NotDicom, with why
         values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
-    return _check_uids(values, filename)
+    return _check_uids(values, filename, patient_key_of(ds))
 
 
-def _check_uids(values: list[str], filename: str) -> InstanceHeader:
+def _check_uids(values: list[str], filename: str, patient_key: str | None = None) -> InstanceHeader:
     if not all(values):
         missing = [t for t, v in zip(_TAGS, values, strict=True) if not v]
         raise NotDicom(f"DICOM data set without {', '.join(missing)}.", filename=filename)
     for tag, value in zip(_TAGS, values, strict=True):  # grammar first, before a UID reaches a row or a log (issue 14)
         if not is_uid(value):
             raise NotDicom(f"{tag} {value[:70]!r} is not a DICOM UID.", filename=filename)
-    return InstanceHeader(*values)
+    return InstanceHeader(values[0], values[1], values[2], patient_key)
 
 
 class Watermark:
@@ -242,6 +252,9 @@ class Intake:
             sender retries).
         gateway.errors.Unavailable
             When the instance could not be stored (it is not acknowledged; answer failure).
+        gateway.errors.PatientMismatch
+            When its study's earlier instances name another patient (nothing kept; answer
+            :data:`PATIENT_MISMATCH`).
         """
         key = new_key()
         try:
@@ -254,7 +267,10 @@ class Intake:
             same_as, changed = await self._screened_copy(header, data)
             replaced = await self.store.add_instance(header.study_instance_uid, header.sop_instance_uid,
                                                      filename, key, nbytes, changed=changed, same_as=same_as,
-                                                     priority=priority)
+                                                     priority=priority, patient_key=header.patient_key)
+        except PatientMismatch:  # refused before the commit: nothing names the blob just written
+            await asyncio.to_thread(self.blobs.delete, key)
+            raise
         except StoreUnreachable as exc:  # a fail-over, a read-only standby, a full disk: the sender retries
             logger.warning("instance %s not stored: %s", header.sop_instance_uid, exc)
             raise StoreUnavailable("The state store cannot record the instance now; send it again later.",

@@ -199,6 +199,25 @@ def test_an_upload_naming_another_patient_than_the_studys_is_refused_and_its_rea
     assert client.get(f"/v1/studies/{uid}").json()["job_id"] == r.json()["job_id"] != first
 
 
+def test_a_stow_instance_of_another_patient_under_a_studys_uid_fails_and_nothing_is_kept(client):
+    """Before: stored (200) into the study's version, which then held both patients' series. Now that instance
+    fails with FailureReason 0xA901 (409 when it is the only one, 202 beside A's own), no patient data in the
+    answer, and the study holds A's instances alone."""
+    uid, study = ct_series(4, size=64)
+    a = edited(study, _patient("PH00000000"))
+    _, other = ct_series(2, size=64, study_uid=uid)
+    b = edited(other, _patient("PH00000007"))
+    r = client.post(f"/dicomweb/studies/{uid}", content=_related([d for _, d in a[:2]]), headers={"content-type": STOW_TYPE})
+    assert r.status_code == 200, r.text
+    r = client.post(f"/dicomweb/studies/{uid}", content=_related([b[0][1]]), headers={"content-type": STOW_TYPE})
+    assert r.status_code == 409, r.text
+    assert [f["00081197"]["Value"] for f in r.json()["00081198"]["Value"]] == [[0xA901]] and "PH0" not in r.text
+    r = client.post("/dicomweb/studies", content=_related([a[2][1], b[1][1], a[3][1]]), headers={"content-type": STOW_TYPE})
+    assert r.status_code == 202, r.text
+    assert [f["00081197"]["Value"] for f in r.json()["00081198"]["Value"]] == [[0xA901]]
+    assert client.get(f"/v1/studies/{uid}").json()["instances_received"] == 4
+
+
 @pytest.mark.parametrize(
     "files",
     [ct_series(2, lesion=[0, 1], size=64)[1], ct_series(1, size=64)[1],

@@ -32,7 +32,7 @@ from gateway.ingest import load_study
 from gateway.metrics import Metrics
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
-from gateway.stow import Intake
+from gateway.stow import PATIENT_MISMATCH, Intake
 from tests.gateway_dicom_factory import ct_dataset, study_companions
 from tests.test_e2e_gateway import models_trained
 
@@ -453,6 +453,44 @@ def test_every_association_has_one_audit_record(make_scp):
          "aborted: nothing stored (no presentation context accepted)"),
         ("TESTSCU@127.0.0.1", "DICOM association to CTSCREEN", "aborted", "aborted: stored 1"),
     ]
+
+
+def test_an_instance_of_another_patient_under_a_studys_uid_is_refused_and_audited(lone_scp):
+    """A penetration test sent patient B's slice under patient A's Study Instance UID by C-STORE: stored (0x0000),
+    the study's next version held both patients' series and B's was screened. Now 0xA901 into the receiving
+    version and after its completion alike, nothing kept, the association's audit record says 0xA901 for the
+    study and names no patient; A's own instances still come in."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    def slice_of(patient_id: str, study_uid: str | None = None):
+        ds = ct_dataset(np.full((16, 16), -1000, np.int16), study_uid=study_uid)
+        ds.PatientID = patient_id
+        return ds
+
+    a = slice_of("PH00000000")
+    uid = str(a.StudyInstanceUID)
+
+    def send(*datasets) -> list[int]:
+        assoc = _requestor(CTImageStorage).associate("127.0.0.1", lone_scp.port, ae_title=AE)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        finally:
+            assoc.release()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, lone_scp.loop).result(10)
+
+    assert send(a, slice_of("PH00000007", uid), slice_of("PH00000000", uid)) == [SUCCESS, PATIENT_MISMATCH, SUCCESS]
+    assert on_loop(_pending(lone_scp.stow, uid)) == ("receiving", 2)
+    first = on_loop(lone_scp.stow.complete(uid))
+    assert send(slice_of("PH00000007", uid)) == [PATIENT_MISMATCH]  # would have opened version 2
+    study = on_loop(lone_scp.stow.store.study(uid))
+    assert (study.state, study.job.job_id) == ("complete", first.job_id)
+    records = _associations(lone_scp, 2)
+    assert [(r["action"], r["study_instance_uid"], r["reason"]) for r in records if r["reason"] == "0xA901"] == [
+        ("DICOM C-STORE x1", uid, "0xA901")] * 2
+    assert "PH0" not in lone_scp.audit.path.read_text()
 
 
 def test_a_called_ae_title_not_ours_is_audited_without_an_allow_list(lone_scp):

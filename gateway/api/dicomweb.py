@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from fastapi.responses import JSONResponse
 
 from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, PriorityQuery, SettingsDep, StowDep
+from gateway.audit import note_reason
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.dicom import read_dataset
-from gateway.errors import GatewayError, InvalidInput, StoreUnavailable
+from gateway.errors import GatewayError, InvalidInput, PatientMismatch, StoreUnavailable
 from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
-from gateway.stow import CT_STORAGE, Intake, read_header
+from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
 from gateway.uids import check_uid
 from gateway.uploads import new_spool, spool_multipart, spooling_failed
 
@@ -129,15 +131,18 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
                 parts = await spool_multipart(body, content_type, spool)
             except OSError as exc:
                 raise spooling_failed(exc, "The instances") from exc
-            return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s, priority)
+            return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s, priority,
+                               request.scope)
     finally:
         with anyio.CancelScope(shield=True):  # removed even when the request is cancelled (a shut-down)
             await run_in_threadpool(shutil.rmtree, spool, True)
 
 
 async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics: Metrics,
-                study_instance_uid: str | None, retry_after_s: int, priority: int = ROUTINE) -> JSONResponse:
-    """Store each spooled part; the Store Instances Response."""
+                study_instance_uid: str | None, retry_after_s: int, priority: int = ROUTINE,
+                scope: MutableMapping[str, Any] | None = None) -> JSONResponse:
+    """Store each spooled part; the Store Instances Response. An instance refused because its study names another
+    patient gives the request's audit record (``scope``) its reason."""
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: list[str] = []
@@ -172,6 +177,12 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
         except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
+            continue
+        except PatientMismatch as exc:  # the study names another patient: nothing kept, its reading untouched
+            metrics.error(exc.reason)
+            if scope is not None:
+                note_reason(scope, exc.reason)
+            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, PATIENT_MISMATCH))
             continue
         except GatewayError as exc:  # could not be stored durably
             metrics.error(exc.reason)
