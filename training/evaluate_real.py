@@ -74,8 +74,20 @@ GOALS = {
     "real_normal_boxes": 0,
     "abdomen_max_valid_area_share": 0.02,
 }
-FLOORS = {"medseg_per_image_sensitivity": 0.85, "medseg_box_precision": 0.6}
-"""What ``tests/test_models_quality.py`` enforces: the shipped weights must not fall below these."""
+FLOORS = {
+    "medseg_per_image_sensitivity": 0.90,
+    "medseg_box_precision": 0.75,
+    "medseg_false_boxes_per_slice": 0.3,
+    "medseg_lesion_recall": 0.35,
+    "medseg_dice": 0.40,
+    "phantom_valid_area_iou_median": 0.96,
+}
+"""What ``tests/test_models_quality.py`` enforces: the shipped weights must not fall below these, and every
+held-out real volume must be positive. The first three are the goals. Lesion recall (0.405 with 2.0.0, 390
+truth lesions: 95 % CI about +-0.05) and Dice (0.458) sit about one interval below today's figure: a lesion
+net whose logits are shifted by -2 (recall 0.328, Dice 0.364) fails them, one shifted by -1 (0.367, 0.418)
+does not. The valid-area IoU median (phantom: 0.971 on the report's 28 studies, 0.974 on the floor test's 7)
+is held to 0.96: a valid-area net whose probability is scaled by 0.6 (0.952) fails it."""
 
 
 def truth_lesions(mask: np.ndarray) -> list[np.ndarray]:
@@ -315,6 +327,32 @@ def phantom_section(run: ReferencePipeline, n: int, slices: int, seed: int) -> d
     }
 
 
+def floor_failures(report: dict) -> list[str]:
+    """The floors (:data:`FLOORS`) the sections present in ``report`` miss, one line each ([] when none)."""
+    out: list[str] = []
+
+    def below(name: str, value: float | None) -> None:
+        if value is None or value < FLOORS[name]:
+            out.append(f"{name} {value} < floor {FLOORS[name]}")
+
+    m = report.get("medseg")
+    if m:
+        below("medseg_per_image_sensitivity", m["per_image_sensitivity"]["value"])
+        below("medseg_box_precision", m["box_precision"]["value"])
+        below("medseg_lesion_recall", m["lesion_recall"]["value"])
+        below("medseg_dice", m["dice"])
+        if m["false_boxes_per_slice"] > FLOORS["medseg_false_boxes_per_slice"]:
+            out.append(f"medseg_false_boxes_per_slice {m['false_boxes_per_slice']} > floor "
+                       f"{FLOORS['medseg_false_boxes_per_slice']}")
+    for case, v in (report.get("pseudo") or {}).items():
+        if (v["verdict"], v["reason"]) != ("positive", "run_found"):
+            out.append(f"held-out real volume {case}: {v['verdict']} ({v['reason']}), not positive")
+    ph = report.get("phantom")
+    if ph:
+        below("phantom_valid_area_iou_median", ph["valid_area_iou_median"])
+    return out
+
+
 def _pct(e: dict) -> str:
     v = e.get("value")
     if v is None:
@@ -393,12 +431,17 @@ def markdown(r: dict) -> str:
             "",
             "| figure | value | goal |",
             "|---|---|---|",
-            f"| per-image sensitivity | {_pct(m['per_image_sensitivity'])} | >= 90 % (floor 85 %) |",
-            f"| lesion-level recall | {_pct(m['lesion_recall'])} | - |",
-            f"| box precision (boxes overlapping truth) | {_pct(m['box_precision'])} | >= 75 % (floor 60 %) |",
+            f"| per-image sensitivity | {_pct(m['per_image_sensitivity'])} | >= 90 % (floor "
+            f"{100 * FLOORS['medseg_per_image_sensitivity']:.0f} %) |",
+            f"| lesion-level recall | {_pct(m['lesion_recall'])} | floor "
+            f"{100 * FLOORS['medseg_lesion_recall']:.0f} % |",
+            f"| box precision (boxes overlapping truth) | {_pct(m['box_precision'])} | >= 75 % (floor "
+            f"{100 * FLOORS['medseg_box_precision']:.0f} %) |",
             f"| false boxes per slice (in truth-free lung) | {m['false_boxes_per_slice']:.2f} "
-            f"({m['false_boxes']} of {m['boxes']} boxes) | <= 0.3 |",
-            f"| Dice (lesion map >= 0.5 inside the valid area) | {m['dice']:.3f} | - |",
+            f"({m['false_boxes']} of {m['boxes']} boxes) | <= 0.3 (floor "
+            f"{FLOORS['medseg_false_boxes_per_slice']}) |",
+            f"| Dice (lesion map >= 0.5 inside the valid area) | {m['dice']:.3f} | floor "
+            f"{FLOORS['medseg_dice']:.2f} |",
             "",
             "A box counts as a hit when it touches any truth pixel (a lenient test: see the Dice). All "
             f"{m['slices']} slices hold lesions, so no real per-image specificity is measured here.",
