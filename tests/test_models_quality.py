@@ -162,3 +162,14 @@ def test_slice_figures_count_boxes_against_the_truth():
     assert figs["box_precision"]["successes"] == 1 and figs["box_precision"]["total"] == 3
     assert figs["false_boxes"] == 2 and figs["false_boxes_per_slice"] == 1.0
     assert figs["dice"] == pytest.approx(1.0)
+    # false boxes per slice [1, 1]: every resample has mean 1; the interval is reproducible (fixed seed)
+    ci = figs["false_boxes_per_slice_ci"]
+    assert (ci["low"], ci["high"], ci["unit"]) == (1.0, 1.0, "slice")
+
+
+def test_false_boxes_per_slice_get_a_seeded_bootstrap_interval_over_slices():
+    per_slice = [0] * 38 + [1] * 8 + [2]  # 10 false boxes on 47 slices
+    a, b = ev.bootstrap_mean(per_slice), ev.bootstrap_mean(per_slice)
+    assert a == b and a["low"] < sum(per_slice) / len(per_slice) < a["high"]
+    assert 0.0 < a["low"] and a["high"] < 0.5
+    assert ev.bootstrap_mean([])["low"] is None
