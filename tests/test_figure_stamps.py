@@ -214,3 +214,17 @@ def test_a_figure_runs_own_outputs_do_not_mark_the_code_uncommitted(tmp_path: Pa
         (tmp_path / rel).write_text("after\n")
         assert code_commit(tmp_path)[1] is True, rel
         git("checkout", "-q", "--", rel)
+
+
+def test_the_phantom_quality_report_is_stamped_like_the_others(tmp_path: Path) -> None:
+    """docs/models/quality.json (training.evaluate) carries the machine stamp and the commit of the phantom
+    that made its studies, as docs/models/real.json does (it had neither: phantom_version read "unknown")."""
+    import time
+
+    from training.evaluate import phantom_version, run_stamp
+
+    doc = {**run_stamp("training.evaluate", ["--studies", "1"], time.perf_counter()), "models": SHIPPED}
+    assert doc["commit"] != "unknown" and doc["command"] == "python -m training.evaluate --studies 1"
+    assert stamps.problems(_write(tmp_path / "quality.json", doc), shipped=SHIPPED) == []
+    version = phantom_version()
+    assert version != "unknown" and re.fullmatch(r"[0-9a-f]{7,40}(\+dirty)?", version), version

@@ -38,12 +38,46 @@ import numpy as np
 
 from aggregator.metrics import Confusion, Estimate
 from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, PROB_CUTOFF, VALID_AREA_MODEL
+from ctscreen.machine import machine_info
 from ctscreen.postprocess import regions
 from ctscreen.reference import ReferencePipeline
 from training.datasets import PHANTOM_EVAL_SEED0, Volume
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_stamp(prog: str, argv: list[str] | None, t0: float) -> dict:
+    """Command, commit, load, host, machine, date and seconds of a report written by ``prog``."""
+    st = machine_info()
+    return {
+        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": st.get("commit") or "unknown",
+        "load": round(st.get("loadavg_1m", 0.0), 2),
+        "host": f"{platform.platform()}, {st.get('cpu', '')}, {st.get('cores', '')} cores",
+        "machine": st,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def phantom_version() -> str:
+    """The commit that last changed the ``phantom`` package (it has no version number of its own), with
+    ``+dirty`` when its files differ from that commit; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False)
+
+    try:
+        last = git("log", "-1", "--format=%h", "--", "phantom")
+        changed = git("status", "--porcelain", "--", "phantom")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = last.stdout.strip()
+    if last.returncode != 0 or not commit:
+        return "unknown"
+    return commit + ("+dirty" if changed.stdout.strip() else "")
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -188,6 +222,8 @@ def markdown(report: dict) -> str:
         "# Model quality on held-out phantom studies",
         "",
         f"Command: `{report['command']}`  ",
+        f"Commit `{report.get('commit', 'unknown')}`; phantom `{report.get('phantom_version', 'unknown')}`; "
+        f"{report.get('host', '')}; load average {report.get('load', 'n/a')}; {report.get('seconds', 'n/a')} s.  ",
         f"Models: valid_area sha256 `{report['models']['valid_area']['sha256'][:16]}…`, "
         f"lesion sha256 `{report['models']['lesion']['sha256'][:16]}…`  ",
         f"Studies: {report['n_studies']} (seeds {report['seeds'][0]}..{report['seeds'][1]}, kinds "
@@ -195,6 +231,10 @@ def markdown(report: dict) -> str:
         "",
         "Pipeline: ONNX Runtime (valid_area, lesion) + `ctscreen.postprocess.postprocess_batch` (cut-off "
         f"{PROB_CUTOFF}, boxes > {MIN_BOX_AREA} px, valid-area filter): the code Triton runs.",
+        "",
+        "Per-slice sensitivity here: the share of lesion-positive slices (a lesion with a box over "
+        f"{MIN_BOX_AREA} px) given at least one lesion box anywhere on the slice (the box need not touch the "
+        "lesion; the share of boxes that do is below).",
         "",
         "## Targets",
         "",
@@ -264,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("study %d/%d %s", i + 1, args.studies, vol.case_id)
             yield vol
 
+    t0 = time.perf_counter()
     pipe = ReferencePipeline(args.valid_area, args.lesion, threads=args.threads)
     report = evaluate_volumes(pipe, volumes())
     targets = {"valid_iou_median": 0.90, "sensitivity": 0.90, "specificity": 0.98}
@@ -276,13 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = targets
     report.update(
         {
-            "command": "python -m training.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **run_stamp("training.evaluate", argv, t0),
             "n_studies": args.studies,
             "seeds": [args.seed, args.seed + args.studies - 1],
             "kinds": list(kinds),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "phantom_version": getattr(phantom, "__version__", "unknown"),
-            "host": platform.platform(),
+            "phantom_version": phantom_version(),
             "models": {
                 name: {"path": str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path),
                        "sha256": sha256_of(path)}

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +42,9 @@ from aggregator.case import SliceInput, decide
 from aggregator.metrics import Confusion, Estimate
 from ctscreen.contracts import LESION_MODEL, MIN_BOX_AREA, VALID_AREA_MODEL
 from ctscreen.lungs import widest_sections
-from ctscreen.machine import machine_info
 from ctscreen.reference import ReferencePipeline
 from training import realct
-from training.evaluate import evaluate_volumes, lesion_truth, overlaps
+from training.evaluate import evaluate_volumes, lesion_truth, overlaps, run_stamp
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -584,20 +581,6 @@ def sections_report(run: ReferencePipeline, sections: set[str], root: Path | Non
         report["phantom"] = phantom_section(run, phantom_studies, phantom_slices, seed)
     report["goals"] = goals(report)
     return report
-
-
-def run_stamp(prog: str, argv: list[str] | None, t0: float) -> dict:
-    """Command, commit, load, host, machine, date and seconds of a report written by ``prog``."""
-    st = machine_info()
-    return {
-        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": st.get("commit") or "unknown",
-        "load": round(st.get("loadavg_1m", 0.0), 2),
-        "host": f"{platform.platform()}, {st.get('cpu', '')}, {st.get('cores', '')} cores",
-        "machine": st,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
