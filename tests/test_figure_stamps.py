@@ -74,7 +74,7 @@ def test_the_model_cards_carry_the_published_real_ct_report() -> None:
     """The shipped cards quote docs/models/real.json (the report the README cites), measured on the shipped
     ONNX files; a report regenerated without the cards (or the other way round) fails here: regenerate
     with `ctscreen export TASK --card-only --metrics docs/models/real.json`."""
-    from training.card import card_metrics, limitations_for
+    from training.card import INTENDED_USE, card_metrics, limitations_for
 
     real = json.loads((ROOT / "docs" / "models" / "real.json").read_text())
     for model in SHIPPED:
@@ -82,6 +82,26 @@ def test_the_model_cards_carry_the_published_real_ct_report() -> None:
         assert real["models"][model]["sha256"] == card["sha256"], f"docs/models/real.json measured other {model} weights"
         assert card["metrics"] == card_metrics(model, real), f"the {model} card quotes another report"
         assert card["limitations"] == limitations_for(card.get("training")), f"the {model} card's limitations are stale"
+        assert card["intended_use"] == INTENDED_USE[model], f"the {model} card's intended use is stale"
+        md = (ROOT / "model_repository" / model / "1" / "model_card.md").read_text()
+        assert "## Intended use\n\n**Not a medical device**" in md, f"the {model} card.md is stale"
+
+
+def test_card_only_rewrites_the_cards_words_from_the_code(tmp_path: Path) -> None:
+    """`ctscreen export TASK --card-only` (training.card.update_card_metrics) rewrites the intended use and the
+    limitations from training/card.py, not only the metrics: a card's words do not go stale."""
+    from training.card import INTENDED_USE, LIMITATIONS_REAL, update_card_metrics
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"not a model")
+    (tmp_path / "model_card.json").write_text(json.dumps({
+        "name": "lesion", "version": "0", "intended_use": "old words", "limitations": "old limits",
+        "training": {"real_ct": {}}, "metrics": {}}))
+    jpath, mpath = update_card_metrics(onnx, {"x": 1})
+    card = json.loads(jpath.read_text())
+    assert (card["intended_use"], card["limitations"], card["metrics"]) == (INTENDED_USE["lesion"], LIMITATIONS_REAL, {"x": 1})
+    md = mpath.read_text()
+    assert "**Not a medical device**" in md and "Toshiba lower-chest slice" in md and "phantom only" in md
 
 
 def test_a_copy_of_the_tree_is_stamped_with_the_commit_its_copier_names(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,19 @@ LIMITATIONS_REAL = (
     "(MedSeg / medicalsegmentation.com and the COVID-19-CT-Seg collection, via the Inf-Net repository): "
     "treat these weights as research-only until it is settled. No lesion-free real patient was "
     "available for training: specificity on real non-COVID patients rests on lesion-free regions of "
-    "COVID-19 slices and on the phantom's hard negatives, and must be measured on local data before use."
+    "COVID-19 slices and on the phantom's hard negatives, and must be measured on local data before use. "
+    "Known failure modes and gaps: (1) low-dose noise: false boxes grow from about 60 HU of added noise "
+    "(0.21 a MedSeg slice without, 0.75 at 90 HU white, 1.33 textured; about one box a normal slice at 90 HU "
+    "textured), so a normal low-dose study may come out positive; the gateway warns above 38 HU of measured "
+    "noise (README noise row, docs/models/real-ct.md). (2) Thick slices: untested on real slices over 5 mm; "
+    "the gateway refuses series over 10 mm. (3) Field of view: false boxes depend on the scale of the lungs "
+    "on the 512 grid (0.96 a MedSeg slice at a 250 mm field filling the grid, 0.23 once placed at "
+    "0.62-0.85 mm a pixel); the gateway places each slice in that band (docs/ingest.md). (4) The Toshiba "
+    "lower-chest slice, one of the five real normal chest slices tested (4 patients), gets a false lesion box. (5) Untested on "
+    "contrast-enhanced COVID-19 scans (the real normal slices tested are contrast-enhanced: NEMA CT1, "
+    "Toshiba and two cardiac CTAs), on paediatric and on non-axial scans. (6) The hard-negative classes "
+    "(TB, bronchiectasis, bacterial pneumonia, nodules, emphysema, stomach bubble, bowel gas) are tested on "
+    "the synthetic phantom only."
 )
 
 
@@ -129,6 +141,8 @@ def _card_markdown(card: dict) -> str:
         "",
         "## Intended use",
         "",
+        "**Not a medical device**: research use only.",
+        "",
         card.get("intended_use", ""),
         "",
         "## Architecture",
@@ -172,7 +186,8 @@ def card_metrics(task: str, report: dict) -> dict:
         return {
             **keep,
             "medseg_test": {k: m[k] for k in ("per_image_sensitivity", "lesion_recall", "box_precision",
-                                             "false_boxes_per_slice", "dice")},
+                                             "false_boxes_per_slice", "false_boxes_per_slice_ci", "dice")
+                            if k in m},
             "held_out_real_volumes": {c: v["verdict"] for c, v in (report.get("pseudo") or {}).items()},
             "real_dicom_boxes": {r["file"]: r["boxes"] for r in (report.get("dicom") or {}).get("slices", [])},
             "phantom_per_patient": ph.get("per_patient", {}).get("metrics"),
@@ -193,12 +208,15 @@ def card_metrics(task: str, report: dict) -> dict:
 
 
 def update_card_metrics(onnx_path: Path, metrics: dict) -> tuple[Path, Path]:
-    """Replace the metrics of the card beside ``onnx_path``, and its limitations by the current text for
-    its training data (what is known of the data grows with the reports); the file itself is not touched."""
+    """Replace the metrics of the card beside ``onnx_path``, its intended use by the current text for its
+    task and its limitations by the current text for its training data (what is known of the models grows
+    with the reports): the card's words come from this module. The file itself is not touched."""
     jpath = Path(onnx_path).parent / "model_card.json"
     if not jpath.is_file():
         raise FileNotFoundError(f"no model card at {jpath}")
     card = json.loads(jpath.read_text())
     card["metrics"] = metrics
+    if card.get("name") in INTENDED_USE:
+        card["intended_use"] = INTENDED_USE[card["name"]]
     card["limitations"] = limitations_for(card.get("training"))
     return write_model_card(Path(onnx_path), card)
