@@ -51,8 +51,8 @@ LIMITATIONS_REAL = (
     "on the 512 grid (0.96 a MedSeg slice at a 250 mm field filling the grid, 0.23 once placed at "
     "0.62-0.85 mm a pixel); the gateway places each slice in that band (docs/ingest.md). (4) The Toshiba "
     "lower-chest slice, one of the five real normal chest slices tested (4 patients), gets a false lesion box. (5) Untested on "
-    "contrast-enhanced COVID-19 scans (the real normal slices tested are contrast-enhanced: NEMA CT1, "
-    "Toshiba and two cardiac CTAs), on paediatric and on non-axial scans. (6) The hard-negative classes "
+    "contrast-enhanced COVID-19 scans (of the real normal slices, NEMA CT1 and Toshiba are contrast-enhanced, "
+    "two come from cardiac CT angiography studies), on paediatric and on non-axial scans. (6) The hard-negative classes "
     "(TB, bronchiectasis, bacterial pneumonia, nodules, emphysema, stomach bubble, bowel gas) are tested on "
     "the synthetic phantom only."
 )

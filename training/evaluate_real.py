@@ -57,7 +57,10 @@ REAL_NORMAL_CHEST = (
     "dwv/osirix-toutatix-101.dcm",
     "pylibjpeg-data/TOSHIBA_J2K_OpenJPEGv2Regression.dcm",
 )
-"""Real HU chest slices with lungs that no reader would call COVID-19 pneumonia."""
+"""Real HU chest slices with lungs that no reader would call COVID-19 pneumonia: 5 slices of 4 patients
+(osirix-toutatix-100 and -101 are neighbouring slices, 1 mm apart, of one series); NEMA CT1 and the Toshiba
+slice are contrast-enhanced (Contrast/Bolus Agent ISOVUE300, CE), GOUDURIX and TOUTATIX come from cardiac CT
+angiography studies."""
 REAL_ABDOMEN = ("pydicom/explicit_VR-UN.dcm",)
 """A real HU abdomen slice (bowel gas, no lung)."""
 KNOWN_WINDOWS = ((-1350, 150), (-1250, 250), (-1500, 500), (-1000, 200), (-1200, -200), (-1100, -500))
@@ -516,6 +519,12 @@ def markdown(r: dict) -> str:
         lines += [
             "",
             "## Real HU DICOM slices without COVID-19 (../shared/data/dicom-edge-cases)",
+            "",
+            "The chest slices are 5 slices of 4 patients (osirix-toutatix-100 and -101 are neighbouring slices, "
+            "1 mm apart, of one series); NEMA CT1 and the Toshiba slice are contrast-enhanced, GOUDURIX and "
+            "TOUTATIX come from cardiac CT angiography studies. The abdomen goal is met by the lung-field check of "
+            "`ctscreen.lungs` (commit 8392a30), which was built against this same single abdomen slice "
+            "(n = 1): it is not an independent test of that check.",
             "",
             "| file | what | lesion boxes | valid area (share of the slice) |",
             "|---|---|---|---|",
