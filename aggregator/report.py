@@ -349,7 +349,9 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
         "",
         "## Table 3",
         "",
-        "Metrics in %, 95% Wilson interval in brackets.",
+        "Metrics in %, 95% Wilson interval in brackets. Per image: a slice is positive in truth when its lesion "
+        "mask holds more than `--min-lesion-px` lesion pixels (default 25; slices with fewer, but some, are left "
+        "out), and called positive when it gets any lesion box, wherever on the slice.",
         "",
         "| level | TP | FN | TN | FP | accuracy | sensitivity | specificity | PPV | NPV |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
