@@ -112,6 +112,14 @@ _DUE = (select(Study).where(Study.state == RECEIVING, Study.last_rx_at <= bindpa
 _OVERDUE = select(Job.id, Job.error).where(_waiting(_NOW), Job.deadline_at < _NOW)
 
 
+def _refuse_patient(uid: str, what: str, version: int) -> None:
+    """Raise :class:`~gateway.errors.PatientMismatch`: ``what`` names another patient than the study's ``version``
+    (every version of a study that names one names the same: each was checked against those before it)."""
+    logger.warning("study %s: %s naming another patient than its version %d refused", uid, what, version)
+    raise PatientMismatch(f"Study {uid} names another patient: its earlier instances name another Patient ID "
+                          "(or Issuer of Patient ID) than these; a study names one patient. Nothing was kept.")
+
+
 def async_url(url: str) -> str:
     """``url`` with the async driver the store uses (``postgresql://`` -> ``postgresql+asyncpg://``).
 
@@ -582,7 +590,10 @@ class Store:
             study = (await s.execute(
                 select(Study).where(Study.study_instance_uid == uid, Study.state == RECEIVING).with_for_update()
             )).scalar_one_or_none()
-            await self._check_patient(s, uid, patient_key, "an instance")
+            if study is None or study.patient_key is None:
+                await self._check_patient(s, uid, patient_key, "an instance")
+            elif patient_key is not None and study.patient_key != patient_key:  # checked when it was set: no query
+                _refuse_patient(uid, "an instance", study.version)
             if study is None:
                 if not changed and await self._screened_already(s, uid, sop, nbytes, same_as):
                     return key  # nothing recorded: the caller deletes the blob just written
@@ -623,9 +634,7 @@ class Store:
             select(Study.patient_key, Study.version).where(Study.study_instance_uid == uid, Study.patient_key.is_not(None))
             .order_by(Study.version.desc()).limit(1))).first()
         if named is not None and named[0] != patient_key:
-            logger.warning("study %s: %s naming another patient than its version %d refused", uid, what, named[1])
-            raise PatientMismatch(f"Study {uid} names another patient: its earlier instances name another Patient ID "
-                                  "(or Issuer of Patient ID) than these; a study names one patient. Nothing was kept.")
+            _refuse_patient(uid, what, named[1])
 
     async def _screened_already(self, s: AsyncSession, uid: str, sop: str, nbytes: int,
                                 same_as: str | None = None) -> bool:
