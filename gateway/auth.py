@@ -602,12 +602,7 @@ def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[by
     gateway.errors.TooManyStreams
         No slot is free (429): ``stream`` is closed unstarted.
     """
-    state = request.app.state
-    slots: StreamSlots | None = getattr(state, "stream_slots", None)
-    if slots is None:
-        settings: Settings | None = getattr(state, "settings", None)
-        slots = StreamSlots(settings.max_streams_per_caller if settings else 8, settings.max_streams if settings else 256)
-        state.stream_slots = slots
+    slots: StreamSlots = request.app.state.stream_slots  # gateway.security.install
     give_back = slots.take(principal)
 
     async def held() -> AsyncIterator[bytes]:

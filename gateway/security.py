@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from gateway.admission import Admission
 from gateway.audit import API_PREFIXES, AuditLog, AuditMiddleware
-from gateway.auth import Authenticator, check_exposure
+from gateway.auth import Authenticator, StreamSlots, check_exposure
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         idle_timeout_s=settings.body_idle_timeout_s,
     )
     app.state.audit = AuditLog.from_settings(settings)
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_caller, settings.max_streams)  # event streams
     app.add_middleware(AuditMiddleware, audit=app.state.audit)
     app.add_middleware(NoStoreMiddleware)
     if not app.state.auth.enabled:
