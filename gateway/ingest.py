@@ -353,10 +353,8 @@ class StudyAccumulator:
         for i, h in enumerate(ordered.slices):
             hu[i] = decoded[h.key][0]
         grids = {key: grid for key, (_, grid) in decoded.items()}
-        study = _assemble(objects, selection, ordered, hu, grids, rejected, excluded, failed_series,
-                          self.n_files, dict(work))
-        study.patient_key = self.patient_key
-        return study
+        return _assemble(objects, selection, ordered, hu, grids, rejected, excluded, failed_series,
+                         self.n_files, dict(work), patient_key=self.patient_key)
 
     def _select(
         self,
@@ -486,10 +484,9 @@ class StudyPlan:
         with ``pixels`` holding each slice by key (a study screened ahead: :attr:`PreparedStudy.hu` stays empty)."""
         frames = self.ordered.slices
         slice_at = None if pixels is None else (lambda i: pixels[frames[i].key])
-        study = _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
-                          list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at)
-        study.patient_key = self.patient_key
-        return study
+        return _assemble(self.objects, self.selection, self.ordered, hu, grids, list(self.rejected),
+                         list(self.excluded), [], self.accumulator.n_files, dict(work or {}), slice_at,
+                         patient_key=self.patient_key)
 
     def finish(self, *, workers: int | None = None, executor: Executor | None = None) -> PreparedStudy:
         """The whole-study path (:meth:`StudyAccumulator.finish`): for a study with a frame that does not decode."""
@@ -508,9 +505,11 @@ def _assemble(
     n_files: int,
     work: dict[str, float],
     slice_at: Callable[[int], np.ndarray] | None = None,
+    *,
+    patient_key: str | None = None,
 ) -> PreparedStudy:
     """The :class:`PreparedStudy` of ``ordered`` slices whose HU are ``hu`` (one row per slice), or
-    ``slice_at(i)`` where ``hu`` is empty."""
+    ``slice_at(i)`` where ``hu`` is empty; ``patient_key``: the patient its CT images name."""
     for h in ordered.duplicates:
         excluded.append(
             Rejection(
@@ -571,6 +570,7 @@ def _assemble(
     context = sr_context(objects[uid][0] for uid in dict.fromkeys(info.sop_instance_uid for info in infos))  # slice order
     return PreparedStudy(
         hu=hu,
+        patient_key=patient_key,
         slices=infos,
         study_instance_uid=first.study_instance_uid,
         series_instance_uid=first.series_instance_uid,
