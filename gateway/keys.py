@@ -124,19 +124,24 @@ class KeyStore:
             self._load()
             return list(self._keys.values())
 
+    def _active(self, key_id: str, digest: bytes) -> tuple[ApiKey | None, bool]:
+        """``(the id's active record or None, whether the key of this digest was verified)`` under the key file's
+        current version."""
+        with self._lock:
+            self._load()
+            record = self._keys.get(key_id)
+            if record is None or record.revoked_at is not None:
+                return None, False
+            return record, self._verified.get(digest) == key_id
+
     def cached(self, key: str) -> ApiKey | None:
         """The active record of ``key`` when this very key was verified under the file's current version
         (no scrypt), else None (it may still verify: ask :meth:`verify`)."""
         parsed = parse_key(key)
         if parsed is None:
             return None
-        digest = hashlib.sha256(key.encode()).digest()
-        with self._lock:
-            self._load()
-            record = self._keys.get(parsed[0])
-            if record is None or record.revoked_at is not None or self._verified.get(digest) != parsed[0]:
-                return None
-            return record
+        record, verified = self._active(parsed[0], hashlib.sha256(key.encode()).digest())
+        return record if verified else None
 
     def verify(self, key: str) -> ApiKey | None:
         """The active record of ``key``, or None (unknown, malformed, wrong secret or revoked).
@@ -149,12 +154,10 @@ class KeyStore:
             return None
         key_id, secret = parsed
         digest = hashlib.sha256(key.encode()).digest()
-        with self._lock:
-            self._load()
-            record = self._keys.get(key_id)
-            if record is not None and record.revoked_at is None and self._verified.get(digest) == key_id:
-                return record
-        if record is None or record.revoked_at is not None:
+        record, verified = self._active(key_id, digest)
+        if verified:
+            return record
+        if record is None:  # unknown or revoked
             _hash(secret, _DUMMY_SALT)  # outside the lock, like a real check
             return None
         expected = _hash(secret, bytes.fromhex(record.salt))  # scrypt outside the lock
