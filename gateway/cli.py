@@ -275,6 +275,10 @@ def _check_free(p: argparse.ArgumentParser, flag: str, host: str, port: int) -> 
 
 
 def _check_stack_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from gateway.settings import unknown_variables
+
+    for line in unknown_variables(os.environ):  # before anything can stop the start: a typo may be its cause
+        print(f"ctscreen {p.prog.split()[-1]}: warning: {line}", file=sys.stderr, flush=True)
     if not 0 <= args.port < 65536:
         p.error(f"--port must be 0..65535, got {args.port}")
     _check_free(p, "--port", args.host, args.port)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -31,7 +32,7 @@ from gateway.auth import AuthConfigError
 from gateway.metrics import Metrics
 from gateway.phi import RequestScope, protect_logs
 from gateway.screening import Loader, Screener
-from gateway.settings import Settings, setting_error
+from gateway.settings import Settings, setting_error, unknown_variables
 from gateway.store import Store, StoreUnreachable, redact
 from gateway.store.migrate import SchemaError, prepare_schema
 from gateway.store.pairing import StorePairingError, check_pairing_now, checked_pairing
@@ -242,6 +243,8 @@ def app_from_env() -> FastAPI:
         settings = Settings()
     except ValidationError as exc:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
+    for line in unknown_variables(os.environ):
+        logger.warning("ctscreen gateway: %s", line)
     try:
         app = create_app(settings, start_checked=True)
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file

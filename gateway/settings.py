@@ -10,6 +10,7 @@ process with a one-line error instead of failing the first study.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -557,3 +558,38 @@ class Settings(BaseSettings):
         if len(set(urls)) != len(urls):
             raise ValueError(f"Triton endpoints must be distinct, got {urls}.")
         return urls
+
+
+OTHER_VARIABLES = frozenset({
+    # the command-line client (`ctscreen screen`, `send`) and the embedded Triton (ctscreen.embedded, ctscreen.repo)
+    "CTSCREEN_URL", "CTSCREEN_TOKEN", "CTSCREEN_CACHE_DIR", "CTSCREEN_TRITONSERVER", "CTSCREEN_TRITON_BACKENDS",
+    "CTSCREEN_MODEL_SOURCE", "CTSCREEN_ONNX_DIR",
+    # benchmarks, scripts and tests
+    "CTSCREEN_BENCH_GATEWAY_APP", "CTSCREEN_MONAI_VENV", "CTSCREEN_TRITON_HOME", "CTSCREEN_COMMIT",
+    "CTSCREEN_BUILD_ENGINES_IMPL", "CTSCREEN_TEST_WORKERS", "CTSCREEN_CHROMIUM", "CTSCREEN_UI_SCREENSHOTS",
+    "CTSCREEN_RUN_DATA_PROBE",
+})
+"""``CTSCREEN_*`` variables that are no gateway setting but are read by ctscreen's other parts."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``CTSCREEN_*`` variable in ``environ`` that nothing reads, with the closest setting.
+
+    :class:`Settings` ignores variables it does not know (the same prefix serves the client, the embedded
+    Triton and the benchmarks), so a misspelt setting would silently keep its default; the gateway logs
+    these lines at start.
+
+    >>> unknown_variables({"CTSCREEN_TRITON_BATCHSIZE": "16", "CTSCREEN_URL": "http://x", "HOME": "/root"})
+    ['CTSCREEN_TRITON_BATCHSIZE is no ctscreen setting and is ignored (did you mean CTSCREEN_TRITON_BATCH_SIZE?)']
+    """
+    import difflib
+
+    known = {f"CTSCREEN_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith("CTSCREEN_") or name in known or name in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is no ctscreen setting and is ignored{hint}")
+    return lines

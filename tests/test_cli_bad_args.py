@@ -199,3 +199,21 @@ def test_a_taken_metrics_port_stops_serve_in_one_line_naming_its_variable(taken_
     free = _free_port()
     _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"],
                          env={"CTSCREEN_METRICS_PORT": str(taken_port)}), "CTSCREEN_METRICS_PORT")
+
+
+def test_a_misspelt_setting_is_named_at_start_with_the_setting_it_resembles(tmp_path):
+    """Settings ignores CTSCREEN_* variables it does not know (the prefix also serves the client and the embedded
+    Triton), so CTSCREEN_TRITON_BATCHSIZE=16 started a gateway with batch size 2 and no word. Both starts name it;
+    an unreadable key file then stops each, after the settings were read."""
+    bad = tmp_path / "keys.json"
+    bad.write_text("[1, 2]")
+    env = {"CTSCREEN_AUTH_API_KEYS_FILE": str(bad), "CTSCREEN_TRITON_BATCHSIZE": "16"}
+    hint = "CTSCREEN_TRITON_BATCHSIZE is no ctscreen setting and is ignored (did you mean CTSCREEN_TRITON_BATCH_SIZE?)"
+    free = _free_port()
+    serve = _run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"], env=env)
+    chart = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port",
+                            str(free)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                           env={**os.environ, **env})
+    for p in (serve, chart):
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert hint in p.stderr, p.stderr
