@@ -38,8 +38,9 @@ Both signals reach the HPA 15 s late (scrape + adapter). Per-request queue time 
 dynamic-batching delay (``--batching-delay-us``), which is what a queue-time target of 50 us fights.
 
 Per-slice GPU cost: 0.005 s per slice per GPU (200 slices/s) for the paper profile (UNet++ ResNet-50
-pair at 512, TensorRT FP16): the figure the project brief fixes, since no GPU measurement exists yet
-(``benchmarks/results/gpu-latest.json`` would hold one). A second cost (0.02 s, a 4x slower GPU class)
+pair at 512, TensorRT FP16): the figure the project brief fixes, since no measurement through Triton and
+TensorRT exists yet; the one GPU run (``benchmarks/results/gpu-latest.json``: PyTorch FP16 in process on an
+H200, no Triton) read 7.1 ms a slice. A second cost (0.02 s, a 4x slower GPU class)
 shows the regime where the cluster needs several GPUs at the daily peak.
 
 Run ``ctscreen bench scaling`` (or ``python -m benchmarks.scaling_sim``); results, exact parameters
@@ -568,7 +569,9 @@ def _markdown(doc: dict[str, Any]) -> str:
         f" {c['metric_lag_s']:g} s late, dynamic-batching delay {c['batching_delay_us']:g} us per request.",
         f"- Per-slice GPU cost: {', '.join(f'{x * 1000:g} ms' for x in doc['slice_costs_s'])}."
         " 5 ms/slice/GPU is the paper-profile figure fixed by the project brief (UNet++ ResNet-50 pair,"
-        " 512, TensorRT FP16); no GPU measurement exists yet. 20 ms models a 4x slower GPU class.",
+        " 512, TensorRT FP16); no measurement through Triton and TensorRT exists yet (the one GPU run,"
+        " PyTorch FP16 in process on an H200, read 7.1 ms a slice: benchmarks/results/gpu-latest.json)."
+        " 20 ms models a 4x slower GPU class.",
         "",
         "| slice cost | policy | p50 s | p95 s | p99 s | max s | GPU-h | busy GPU-h | util | scale events | mean / max replicas | studies cut |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
