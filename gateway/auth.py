@@ -9,7 +9,10 @@ as ``X-API-Key``):
   10 s, so key rotation works without letting junk tokens hammer the provider. PyJWT verifies the
   signature and ``iss``, ``aud``, ``exp`` and ``nbf`` (30 s leeway); only RS256 and ES256 are accepted,
   so ``alg: none`` and HS256 signed with the public key (algorithm confusion) are refused before any
-  key is looked at. Scopes come from the ``scope`` (space-separated) or ``scp`` claim.
+  key is looked at. Scopes come from the ``scope`` (space-separated) or ``scp`` claim. The issuer's ID,
+  logout and refresh tokens are refused (401 ``unauthorized``, ``error="invalid_token"``): a ``typ`` header
+  other than ``at+jwt`` or ``JWT`` (RFC 9068), Keycloak's ``typ`` claim other than ``Bearer``/``DPoP``, or a
+  ``nonce``, ``at_hash``, ``c_hash`` or ``s_hash`` claim (:func:`_not_an_access_token`).
 * **API keys** for machines (:mod:`gateway.keys`), stored hashed. A key not verified since the key file
   last changed costs an scrypt (tens of ms of CPU), as does any key of an unknown id: :class:`KeyChecks`
   runs them on threads of their own (``CTSCREEN_AUTH_KEY_THREADS``), not the default pool that readiness
@@ -253,8 +256,9 @@ class OidcVerifier:
 
 ACCESS_TYPES = frozenset({"jwt", "at+jwt"})
 """``typ`` header values of an access token (RFC 9068 ``at+jwt``; ``JWT`` from providers that predate it)."""
-ID_TOKEN_CLAIMS = ("at_hash", "c_hash", "s_hash")
-"""Claims only an OpenID Connect ID token carries (OIDC Core 3.1.3.6, 3.3.2.11, FAPI)."""
+ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash")
+"""Claims only an OpenID Connect ID token carries (OIDC Core 2, 3.1.3.6, 3.3.2.11, FAPI): ``nonce`` is in every ID
+token of a sign-in that sent one (each browser sign-in does; ``at_hash`` is optional in the code flow)."""
 
 
 def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str | None:
@@ -265,14 +269,15 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     audience (a single-page viewer registered as both), a browser's ID token would pass every other check.
     It names a person, not a grant; it is refused by its header type (RFC 8725 3.11), by the ``typ`` claim
     Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` or ``DPoP`` on access tokens) or by a claim only ID
-    tokens carry."""
+    tokens carry (:data:`ID_TOKEN_CLAIMS`). Keycloak before 24 copied the sign-in's ``nonce`` into its access tokens
+    too (keycloak#26893): a token its ``typ`` claim calls an access token is not refused for a ``nonce``."""
     typ = header.get("typ")
     if typ is not None and str(typ).lower().removeprefix("application/") not in ACCESS_TYPES:
         return f"the token's type {str(typ)[:40]!r} is not an access token's (JWT or at+jwt)"
     kind = claims.get("typ")
     if kind is not None and str(kind).lower() not in ("bearer", "dpop"):  # Keycloak: DPoP-bound access tokens
         return f"the token is a {str(kind)[:20]!r} token, not an access token"
-    held = [name for name in ID_TOKEN_CLAIMS if name in claims]
+    held = [name for name in ID_TOKEN_CLAIMS if name in claims and not (name == "nonce" and kind is not None)]
     if held:
         return f"the token is an ID token (it carries {held[0]}), not an access token"
     return None

@@ -161,6 +161,8 @@ BAD_TOKENS = {
     # well signed by the issuer, for this audience, with scopes: but not access tokens
     "id-token-at-hash": lambda p: p.token(at_hash="x1", nonce="n", azp=AUD),
     "id-token-c-hash": lambda p: p.token(c_hash="x2"),
+    "id-token-nonce": lambda p: p.token(nonce="n", azp=AUD),  # the code flow's ID token: no at_hash needed
+    "id-token-nonce-jwt-typ": lambda p: p.token(header_typ="JWT", nonce="n"),
     "keycloak-id-token": lambda p: p.token(typ="ID", azp=AUD),
     "keycloak-refresh-token": lambda p: p.token(typ="Refresh"),
     "oidc-logout-token": lambda p: p.token(header_typ="logout+jwt"),
@@ -174,16 +176,20 @@ def test_bad_tokens_are_401(client, provider, name):
     assert r.json()["reason"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
 
 
-@pytest.mark.parametrize(("header_typ", "typ"), [(None, None), ("JWT", "Bearer"), ("at+jwt", None),
-                                                 ("application/at+JWT", "bearer"), ("JWT", "DPoP")])
-def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ):
-    """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer."""
-    r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ)))
+@pytest.mark.parametrize(("header_typ", "typ", "nonce"), [
+    (None, None, None), ("JWT", "Bearer", None), ("at+jwt", None, None), ("application/at+JWT", "bearer", None),
+    ("JWT", "DPoP", None), ("JWT", "Bearer", "n"),
+])
+def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ, nonce):
+    """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer (Keycloak before 24
+    also copied the sign-in's nonce into its access tokens: its typ claim says which kind it is)."""
+    r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ, nonce=nonce)))
     assert r.status_code == 202, r.text
 
 
 @pytest.mark.parametrize(("token", "says"), [
     (lambda p: p.token(at_hash="x1"), "an ID token (it carries at_hash)"),
+    (lambda p: p.token(nonce="n"), "an ID token (it carries nonce)"),
     (lambda p: p.token(typ="ID"), "'ID' token, not an access token"),
     (lambda p: p.token(header_typ="logout+jwt"), "type 'logout+jwt' is not an access token's"),
 ])
