@@ -21,7 +21,8 @@ over with :func:`asyncio.run_coroutine_threadsafe` and the C-STORE answer waits 
 0x0000    stored (or, for a class other than CT, discarded)
 0xA700    out of resources: too many studies or bytes are being received (retry later), or the instance is
           larger than one file may be (:attr:`StorageScp.max_instance_bytes`, the upload path's per-file
-          limit): refused before its header is read, nothing kept
+          limit): refused before its header is read, nothing kept (its temporary file holds nothing once
+          the instance passes the limit: :class:`CappedFile`)
 0xA900    the data set is not of the SOP class negotiated for it
 0xA901    its study's earlier instances name another patient (Patient ID with its issuer): nothing kept
 0xC000    cannot understand: the header lacks its SOP/Study Instance UIDs
@@ -42,7 +43,6 @@ Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen se
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import tempfile
 import threading
@@ -68,7 +68,7 @@ from gateway.uploads import UploadLimits
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NON_CT", "TRANSFER_SYNTAXES", "ConnectionGate", "ScpLimits", "StorageScp", "non_ct_storage_classes", "start_from_settings"]
+__all__ = ["NON_CT", "TRANSFER_SYNTAXES", "CappedFile", "ConnectionGate", "ScpLimits", "StorageScp", "non_ct_storage_classes", "start_from_settings"]
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -367,6 +367,53 @@ class _Association:
         return "nothing stored" if accepted_contexts else "nothing stored (no presentation context accepted)"
 
 
+class CappedFile:
+    """The temporary file pynetdicom writes a C-STORE's data set to (``tempfile.NamedTemporaryFile``'s arguments),
+    keeping at most ``cap`` bytes.
+
+    pynetdicom writes each fragment as it arrives and calls the C-STORE handler after the last, and the request
+    tells no size before: an instance over the limit would be on disk whole before it could be refused. Once
+    the bytes written pass ``cap`` the file is emptied and the rest is only counted (:attr:`received`):
+    nothing of it stays on disk, and :attr:`over` tells the handler to refuse it.
+
+    Parameters
+    ----------
+    cap : int
+        The most bytes the file keeps (the File Meta Information pynetdicom writes first included).
+    **kwargs
+        ``tempfile.NamedTemporaryFile``'s (pynetdicom passes ``delete``, ``mode`` and ``suffix``).
+    """
+
+    def __init__(self, cap: int, **kwargs: Any) -> None:
+        if cap < 0:
+            raise ValueError(f'Argument "cap" must not be negative, got {cap}.')
+        self._file = tempfile.NamedTemporaryFile(**kwargs)
+        self.name: str = self._file.name
+        self.file = self._file.file  # pynetdicom flushes it after each fragment
+        self.cap = cap
+        self.received = 0
+        """Bytes pynetdicom wrote, those not kept included."""
+
+    @property
+    def over(self) -> bool:
+        """Whether more than ``cap`` bytes came (the file is then empty)."""
+        return self.received > self.cap
+
+    def write(self, data: bytes) -> int:
+        was_over = self.over
+        self.received += len(data)
+        if not self.over:
+            return self._file.write(data)
+        if not was_over:  # this write passes the cap: what was kept goes too
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.flush()
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class StorageScp:
     """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.Intake`.
 
@@ -411,8 +458,10 @@ class StorageScp:
 
     max_instance_bytes: int = UploadLimits.max_file_bytes
     """The largest instance a C-STORE may bring (the upload path's per-file limit): a larger one is answered
-    0xA700 and not kept. pynetdicom has written it to its temporary file by then (that file is removed when
-    the handler returns); its job would fail ``too_large`` after a 0x0000 that told the sender it was stored."""
+    0xA700 and not kept (its job would fail ``too_large`` after a 0x0000 that told the sender it was stored).
+    C-STORE tells no size before the data set, and pynetdicom reads the data set to its end before the handler
+    answers: its temporary file (:class:`CappedFile`) is emptied once the instance passes this, and the rest
+    is counted, not written."""
 
     def __init__(self, stow: Intake, loop: asyncio.AbstractEventLoop, *, port: int, host: str = "0.0.0.0",
                  ae_title: str = "CTSCREEN", metrics: Metrics | None = None,
@@ -453,11 +502,11 @@ class StorageScp:
         # each received instance is written to a file in received_dir as its fragments arrive (then stored
         # from there), not gathered in memory: an enhanced CT is a whole series in one instance. Both are
         # process-wide (the gateway's process is the only SCP in it); pynetdicom takes no folder for these
-        # files, so its NamedTemporaryFile is given ours (where a file an abort leaves is swept)
+        # files, so its NamedTemporaryFile is given ours (where a file an abort leaves is swept), one that
+        # writes no instance past max_instance_bytes
         self.received_dir.mkdir(parents=True, exist_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
-            tempfile.NamedTemporaryFile, dir=self.received_dir, prefix="ctscreen-rx-")
+        dimse_messages.NamedTemporaryFile = self._received_file  # type: ignore[assignment]
         self.sweep_received()
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
@@ -612,6 +661,11 @@ class StorageScp:
             logger.warning("removed %d partly received DICOM instance file(s) left by aborted associations", removed)
         return removed
 
+    def _received_file(self, **kwargs: Any) -> CappedFile:
+        """pynetdicom's ``NamedTemporaryFile`` for a C-STORE's data set: in ``received_dir``, and capped at
+        :attr:`max_instance_bytes` (read as each instance begins)."""
+        return CappedFile(self.max_instance_bytes, dir=self.received_dir, prefix="ctscreen-rx-", **kwargs)
+
     def _count_store(self, event: Any, study: str, status: int) -> int:
         self._tally(event.assoc, stored=(study, status))
         return status
@@ -638,7 +692,9 @@ class StorageScp:
             return self._discard(event, sop_class)
         data = event.dataset_path  # the instance in a file pynetdicom removes once this returns
         peer = event.assoc.requestor
-        if (nbytes := data.stat().st_size) > self.max_instance_bytes:
+        received = getattr(event.request, "_dataset_file", None)  # pynetdicom's; ours unless another SCP started
+        nbytes = received.received if isinstance(received, CappedFile) else data.stat().st_size
+        if nbytes > self.max_instance_bytes or (isinstance(received, CappedFile) and received.over):
             logger.info("C-STORE from %s refused (0xA700): %d bytes, over the %d bytes one instance may be",
                         peer.ae_title, nbytes, self.max_instance_bytes)
             self._refuse("too_large")

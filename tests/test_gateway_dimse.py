@@ -724,3 +724,44 @@ def test_an_instance_over_the_per_file_limit_is_refused_not_stored(lone_scp, mon
     assert statuses == [OUT_OF_RESOURCES, SUCCESS]
     study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(big.StudyInstanceUID)), lone_scp.loop)
     assert study.result(10) is None  # nothing kept
+
+
+def test_an_instance_over_the_per_file_limit_is_not_written_past_it(make_scp, tmp_path, monkeypatch):
+    """The 0xA700 of an instance over the per-file limit came once pynetdicom had written the whole of it to its
+    temporary file (a 2.5 GiB instance took 2.5 GiB of the received folder's disk to be refused; C-STORE tells no
+    size before the data set, and the handler runs after its last fragment). The file now keeps nothing once the
+    instance passes the limit, and the rest is counted, not written; the refusal and the next instance are as
+    before. Each file's size is read as pynetdicom removes it, after the handler answered. Before: 0xA700 with
+    the whole instance (512 KiB) on disk."""
+    import pynetdicom.service_class
+    from pynetdicom import AE as ApplicationEntity
+    from pynetdicom.sop_class import CTImageStorage
+
+    received = tmp_path / "received"
+    scp = make_scp(received_dir=received)
+    cap = 64 * 1024
+    monkeypatch.setattr(scp, "max_instance_bytes", cap, raising=False)
+    sizes: list[int] = []
+    unlink = os.unlink
+
+    def spy(path, *args, **kwargs):  # pynetdicom removes each instance's file once the handler has answered
+        if Path(path).parent == received:
+            sizes.append(Path(path).stat().st_size)
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(pynetdicom.service_class.os, "unlink", spy)
+    small = ct_dataset(np.full((16, 16), -1000, np.int16))
+    big = ct_dataset(np.full((512, 512), -1000, np.int16))  # 512 KiB of pixels
+    scu = ApplicationEntity(ae_title="TESTSCU")
+    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (big, small, big)]
+    finally:
+        assoc.release()
+    assert statuses == [OUT_OF_RESOURCES, SUCCESS, OUT_OF_RESOURCES]
+    assert len(sizes) == 3 and sizes[0] == sizes[2] == 0 and 0 < sizes[1] <= cap, sizes
+    assert not list(received.glob("ctscreen-rx-*"))
+    study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(big.StudyInstanceUID)), scp.loop)
+    assert study.result(10) is None  # nothing kept
