@@ -115,5 +115,6 @@ class JobView(BaseModel):
     result: CaseResult | None = None
     version: int | None = Field(None, description="the version of the study this job screens (GET /v1/jobs/{id})")
     superseded_by: int | None = Field(
-        None, description="a newer version of the same study (instances received after this one's): this job's "
-                          "result is not the study's latest (GET /v1/jobs/{id})")
+        None, description="a newer version of the same study (instances received after this one's) that has not "
+                          "failed: this job's result is not the study's latest, or will not be once that one is "
+                          "screened; a failed later version supersedes nothing (GET /v1/jobs/{id})")

@@ -405,12 +405,49 @@ def test_stow_then_explicit_complete():
         assert len(body["00081199"]["Value"]) == 6 and "00081198" not in body
         assert client.get(f"/v1/studies/{uid}").json() == {
             "study_instance_uid": uid, "state": "receiving", "instances_received": 6, "job_id": None,
-            "error": None, "result": None}
+            "error": None, "result": None, "version": None, "reading": None}
         job = client.post(f"/v1/studies/{uid}/complete")
         assert job.status_code == 202
         assert wait_job(client, job.json()["job_id"])["result"]["verdict"] == "positive"
         assert client.get(f"/v1/studies/{uid}").json()["result"]["verdict"] == "positive"
         assert client.post("/v1/studies/1.2.3.4/complete").status_code == 404
+
+
+def test_a_failed_later_version_leaves_the_studys_reading_visible_and_not_superseded():
+    """A late instance opens version 2; its screening fails (an inference error). The study view showed the
+    failure only, with no result: version 1's reading, the one RIS and PACS hold (a version without a reading
+    skips no delivery), was gone from it, and version 1's job and worklist row said "superseded by v2", a
+    version that replaced nothing. Now the failure is the study's state and version 1's reading is beside it,
+    not superseded; a version 3 that is screened supersedes both."""
+    uid, files = ct_series(5, lesion=[1, 2, 3])
+    fleet = FakeFleet()
+    with TestClient(_app(fleet, stow_quiet_period_s=3600, triton_max_attempts=1)) as client:
+        def stow(part: list[tuple[str, bytes]]) -> str:
+            r = client.post(f"/dicomweb/studies/{uid}", content=related_body([d for _, d in part]),
+                            headers={"Content-Type": STOW_TYPE})
+            assert r.status_code == 200, r.text
+            return wait_job(client, client.post(f"/v1/studies/{uid}/complete").json()["job_id"])["job_id"]
+
+        first = stow(files[:3])
+        fleet.clients["fake:1"].fail_with = "StatusCode.INVALID_ARGUMENT"  # not retried: the job fails
+        second = stow(files[3:4])
+        assert client.get(f"/v1/jobs/{second}").json()["error"]["reason"] == "inference_failed"
+        read = client.get(f"/v1/jobs/{first}").json()
+        assert read["result"]["verdict"] and (read["version"], read["superseded_by"]) == (1, None), read
+        rows = {r["version"]: r for r in client.get("/v1/worklist").json()["rows"] if r["study_instance_uid"] == uid}
+        assert (rows[1]["state"], rows[1]["superseded_by"]) == ("done", None), rows
+        assert (rows[2]["state"], rows[2]["superseded_by"]) == ("failed", None), rows
+        study = client.get(f"/v1/studies/{uid}").json()
+        assert (study["state"], study["job_id"], study["version"]) == ("failed", second, 2), study
+        assert study["error"]["reason"] == "inference_failed" and study["result"] is None
+        reading = study["reading"]
+        assert (reading["job_id"], reading["version"], reading["superseded_by"]) == (first, 1, None), study
+        assert reading["result"] == read["result"], study
+        fleet.clients["fake:1"].fail_with = None
+        third = stow(files[4:])  # screened: the study's reading now, superseding both
+        study = client.get(f"/v1/studies/{uid}").json()
+        assert (study["state"], study["job_id"], study["version"], study["reading"]) == ("done", third, 3, None), study
+        assert [client.get(f"/v1/jobs/{j}").json()["superseded_by"] for j in (first, second, third)] == [3, 3, None]
 
 
 def test_stow_quiet_period_triggers_screening():

@@ -840,6 +840,58 @@ def test_earlier_results_are_the_studys_readings_before_this_one(db_url):
     _run(go())
 
 
+def test_a_failed_later_version_supersedes_no_reading_and_the_study_keeps_its_reading(db_url):
+    """Version 2 of a study fails: version 1's reading stays the study's (its destinations hold it, and a version
+    without a result skips no delivery). Before, version 1's job and worklist row named version 2 as superseding
+    it and the study gave the failure alone. A version being received or screened still supersedes (its reading
+    is to replace this one); a failed version retried counts again."""
+    from gateway.store.worklist import Worklist
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            jobs = []
+            for key in ("a", "b"):  # version 1 done, version 2 failed
+                await store.add_instance("1.2.8", f"1.2.8.{key}", "a.dcm", key, 1)
+                jobs.append((await store.complete_now("1.2.8", 60)).job_id)
+                claimed = await store.claim(60)
+                assert claimed.id == jobs[-1]
+                if key == "a":
+                    assert await store.finish(claimed.id, _result(claimed.id, "1.2.8"), None)
+                else:
+                    assert await store.fail(claimed.id, JobError(reason="inference_failed", message="refused"))
+
+            async def superseded() -> list[int | None]:
+                return [(await store.job(j)).superseded_by for j in jobs]
+
+            async def rows() -> dict[int, int]:
+                page = await Worklist(store).page(limit=100)
+                return {r.version: r.latest_version for r in page.rows if r.study_instance_uid == "1.2.8"}
+
+            assert await superseded() == [None, None] and await rows() == {1: 1, 2: 1}
+            study = await store.study("1.2.8")
+            assert (study.job.job_id, study.job.state, study.job.version) == (jobs[1], JobState.failed, 2)
+            assert study.reading.job_id == jobs[0] and study.reading.result.job_id == jobs[0]
+            assert study.reading.version == 1 and study.reading.superseded_by is None
+            await store.retry(jobs[1], 60)  # queued again: it is to replace version 1's reading
+            assert await superseded() == [2, None] and (await store.study("1.2.8")).reading.superseded_by == 2
+            assert await store.fail((await store.claim(60)).id, JobError(reason="inference_failed", message="again"))
+            await store.add_instance("1.2.8", "1.2.8.c", "a.dcm", "c", 1)  # version 3, being received
+            assert await superseded() == [3, 3] and await rows() == {1: 3, 2: 3, 3: 3}
+            study = await store.study("1.2.8")
+            assert study.state == "receiving" and study.job.job_id == jobs[1] and study.reading.job_id == jobs[0]
+            done = await store.complete_now("1.2.8", 60)
+            assert await store.finish((await store.claim(60)).id, _result(done.job_id, "1.2.8"), None)
+            study = await store.study("1.2.8")
+            assert study.job.job_id == done.job_id and study.reading is None
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 def test_a_job_whose_holder_is_lost_with_it_again_and_again_is_set_aside(db_url, monkeypatch):
     """A study whose screening kills its process (out of memory, a crash) was taken over at once by the next
     replica, every lease, until its deadline a day later: every gateway in turn. Now the first take-over is

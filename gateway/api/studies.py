@@ -45,6 +45,17 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPON
 _FILENAME = re.compile(r'filename\*?\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
 
 
+class StudyReading(BaseModel):
+    """The study's reading while its latest job has none: the done job of the newest version that has one, and
+    whether a later version supersedes it."""
+
+    job_id: str
+    version: int | None = None
+    superseded_by: int | None = Field(None, description="a later version not failed (being received or screened): "
+                                                        "its reading will replace this one")
+    result: CaseResult | None = None
+
+
 class StudyView(BaseModel):
     """Where a study is: still being received (STOW), screening, or its latest result."""
 
@@ -56,6 +67,16 @@ class StudyView(BaseModel):
                                                  "until the new version is screened")
     error: JobError | None = None
     result: CaseResult | None = Field(None, description="that job's result (null until it is done)")
+    version: int | None = Field(None, description="the version of the study that job screens")
+    reading: StudyReading | None = Field(
+        None, description="while that job has no result (a later version queued, screening or failed): the reading "
+                          "of the newest version that has one, the study's reading (the one its destinations were "
+                          "sent) until a later version is done; a failed version supersedes none")
+
+
+def _reading(view: JobView | None) -> StudyReading | None:
+    return None if view is None else StudyReading(job_id=view.job_id, version=view.version,
+                                                  superseded_by=view.superseded_by, result=view.result)
 
 
 def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, Path] | None:
@@ -319,11 +340,11 @@ async def get_study(study_instance_uid: str, store: StoreDep, _: ReadAccess) -> 
     study = await store.study(study_instance_uid)
     if study is None or (study.state != "receiving" and study.job is None):
         raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
-    job = study.job
+    job, reading = study.job, _reading(study.reading)
     if study.state == "receiving":  # a later version arriving: the previous one's result is still the latest
         return StudyView(study_instance_uid=study_instance_uid, state="receiving", instances_received=study.instances,
                          job_id=job.job_id if job else None, error=job.error if job else None,
-                         result=job.result if job else None)
+                         result=job.result if job else None, version=job.version if job else None, reading=reading)
     assert job is not None
     return StudyView(study_instance_uid=study_instance_uid, state=job.state.value, job_id=job.job_id,
-                     error=job.error, result=job.result)
+                     error=job.error, result=job.result, version=job.version, reading=reading)

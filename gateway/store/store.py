@@ -255,10 +255,15 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def latest_version() -> ScalarSelect[Any]:
-    """The newest version of the study a query's ``Study`` row is a version of (a correlated subquery): above
-    the row's own version, its reading is superseded."""
-    newer = aliased(Study)
-    return select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid).scalar_subquery()
+    """The newest version of the study a query's ``Study`` row is a version of whose job has not failed (a
+    correlated subquery; None when every version's has): above the row's own version, its reading is
+    superseded. A version being received, queued or screened counts (its reading is to replace this one); a
+    failed one replaces nothing (no reading, and no destination is sent one), until it is retried."""
+    newer, job = aliased(Study), aliased(Job)
+    return (select(func.max(newer.version)).outerjoin(job, job.study_id == newer.id)
+            .where(newer.study_instance_uid == Study.study_instance_uid,
+                   or_(job.state.is_(None), job.state != JobState.failed.value))
+            .scalar_subquery())
 
 
 def fit_filename(name: str, limit: int = FILENAME_LENGTH) -> str:
@@ -316,6 +321,9 @@ class StudyState:
     state: str  # receiving, or complete
     instances: int
     job: JobView | None
+    reading: JobView | None = None
+    """While ``job`` has no result (a later version queued, screening or failed): the done job of the newest
+    version that has one, the study's reading (the one its destinations were sent) until a later one is done."""
 
 
 class Store:
@@ -1128,7 +1136,8 @@ class Store:
                                    .where(Job.id == job_id))).first()
         if row is None:
             return view
-        return view.model_copy(update={"version": row[0], "superseded_by": row[1] if row[1] > row[0] else None})
+        superseded = row[1] is not None and row[1] > row[0]
+        return view.model_copy(update={"version": row[0], "superseded_by": row[1] if superseded else None})
 
     @staticmethod
     async def _job_view(s: AsyncSession, job_id: str) -> JobView:
@@ -1187,8 +1196,12 @@ class Store:
             job = (await s.execute(select(Job).where(Job.study_instance_uid == study_instance_uid)
                                    .order_by(Job.created_at.desc()).limit(1))).scalar_one_or_none()
             n = (await s.execute(select(func.count()).where(Instance.study_id == latest.id))).scalar() or 0
+            read = None if job is None or job.state == JobState.done.value else (await s.execute(
+                select(Job.id).join(Study, Study.id == Job.study_id)
+                .where(Job.study_instance_uid == study_instance_uid, Job.state == JobState.done.value)
+                .order_by(Study.version.desc()).limit(1))).scalar()
         view = None if job is None else await self.job(job.id)
-        return StudyState(study_instance_uid, latest.state, int(n), view)
+        return StudyState(study_instance_uid, latest.state, int(n), view, None if read is None else await self.job(read))
 
     async def events_after(self, job_id: str, after: int) -> list[tuple[int, str]]:
         """``(event id, state)`` of the job's events after ``after``."""

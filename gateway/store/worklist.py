@@ -78,7 +78,8 @@ class WorklistRow:
     error: dict[str, Any] | None
     labels: dict[str, str | None] | None
     latest_version: int = 0
-    """The study's newest version: above ``version``, this row's verdict is superseded."""
+    """The study's newest version whose job has not failed (:func:`gateway.store.store.latest_version`): above
+    ``version``, this row's verdict is superseded."""
     series_instance_uid: str | None = None
     """The series the result is about (done rows): its instances carry the row's series description."""
 
