@@ -5,7 +5,8 @@ post-processing, the aggregator's case rule) via :mod:`training.evaluate_real`. 
 ``../shared/data/real-ct`` and ``../shared/data/dicom-edge-cases`` and skip, saying where they looked,
 when those folders are absent. Goals are measured in ``docs/models/real.md``; the floors
 (``training.evaluate_real.FLOORS``) are the medseg goals plus lesion recall, Dice, every held-out real volume
-positive and the phantom valid-area IoU median.
+positive (here the two nearest the not_chest thresholds; ``make bench`` screens all four) and the phantom
+valid-area IoU median.
 
 Checked on degraded copies of the models (an audit's script running these tests on each): lesion logits
 shifted by -3 or -2 fail the medseg floor (before: every test passed), +8 fails it too (before: only the
@@ -48,11 +49,17 @@ def test_medseg_test_floor(runner, real_root):
     assert ev.floor_failures({"medseg": figs}) == [], figs
 
 
-def test_every_held_out_real_covid_volume_is_a_chest_and_positive(runner, real_root):
-    """The not_chest check on real COVID-19 CT: each held-out volume (placed at 0.7 mm a pixel by
+# the two held-out volumes nearest the not_chest thresholds (lung field 206 and 221 cm2, body 739 and 699
+# cm2 in docs/models/real.json); all four are screened by `python -m training.evaluate_real` (make bench's
+# `real` step, its goal "pseudo_volumes_positive"): the four took 56 s of the suite under CI's load
+NEAREST_THE_THRESHOLDS = ("coronacases_org_010", "radiopaedia_org_covid-19-pneumonia-40_86625_0-dcm")
+
+
+def test_held_out_real_covid_volumes_are_chests_and_positive(runner, real_root):
+    """The not_chest check on real COVID-19 CT: a held-out volume (placed at 0.7 mm a pixel by
     training.realct) measures a chest's lung field and body, and is positive."""
-    vols = ev.pseudo_section(runner, real_root)
-    assert len(vols) == 4
+    vols = ev.pseudo_section(runner, real_root, NEAREST_THE_THRESHOLDS)
+    assert sorted(vols) == sorted(NEAREST_THE_THRESHOLDS)
     for case, v in vols.items():
         assert v["lung_field_cm2"] is not None and v["lung_field_cm2"] > 150, (case, v)
         assert v["body_cm2"] is not None and v["body_cm2"] > 400, (case, v)

@@ -31,7 +31,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +232,12 @@ def split_overlap(root: Path | None, threshold: float = NEAR_DUPLICATE) -> dict:
                for side, rows in sides.items()}}
 
 
-def pseudo_section(run: ReferencePipeline, root: Path | None) -> dict:
+def pseudo_section(run: ReferencePipeline, root: Path | None, cases: Collection[str] | None = None) -> dict:
+    """The held-out pseudo-labelled volumes (``cases`` of them, by default all) through ``run`` and the case rule."""
     out = {}
     for case in realct.pseudo_split("test", root):
+        if cases is not None and case not in cases:
+            continue
         vol = realct.pseudo_volume(case, root)
         boxes, valid, prob = run.run(vol.hu, maps=True)
         # file NNN is the slice's index in its volume; neighbours in index are neighbours in space
