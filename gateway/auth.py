@@ -12,7 +12,7 @@ as ``X-API-Key``):
   key is looked at. Scopes come from the ``scope`` (space-separated) or ``scp`` claim. The issuer's ID,
   logout and refresh tokens are refused (401 ``unauthorized``, ``error="invalid_token"``): a ``typ`` header
   other than ``at+jwt`` or ``JWT`` (RFC 9068), Keycloak's ``typ`` claim other than ``Bearer``/``DPoP``, or a
-  ``nonce``, ``at_hash``, ``c_hash`` or ``s_hash`` claim (:func:`_not_an_access_token`).
+  ``nonce``, ``at_hash``, ``c_hash`` or ``s_hash`` claim, or Cognito's ``token_use`` ``id`` (:func:`_not_an_access_token`).
 * **API keys** for machines (:mod:`gateway.keys`), stored hashed. A key not verified since the key file
   last changed costs an scrypt (tens of ms of CPU), as does any key of an unknown id: :class:`KeyChecks`
   runs them on threads of their own (``CTSCREEN_AUTH_KEY_THREADS``), not the default pool that readiness
@@ -268,7 +268,8 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     tokens, and an ID token's audience is the client it was issued to: where that client id is also the API's
     audience (a single-page viewer registered as both), a browser's ID token would pass every other check.
     It names a person, not a grant; it is refused by its header type (RFC 8725 3.11), by the ``typ`` claim
-    Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` or ``DPoP`` on access tokens) or by a claim only ID
+    Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` or ``DPoP`` on access tokens), by the ``token_use``
+    claim AWS Cognito writes (``id``; ``access`` on access tokens) or by a claim only ID
     tokens carry (:data:`ID_TOKEN_CLAIMS`). Keycloak before 24 copied the sign-in's ``nonce`` into its access tokens
     too (keycloak#26893): a token its ``typ`` claim calls an access token is not refused for a ``nonce``."""
     typ = header.get("typ")
@@ -277,6 +278,9 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     kind = claims.get("typ")
     if kind is not None and str(kind).lower() not in ("bearer", "dpop"):  # Keycloak: DPoP-bound access tokens
         return f"the token is a {str(kind)[:20]!r} token, not an access token"
+    use = claims.get("token_use")  # AWS Cognito: "id" or "access"
+    if use is not None and str(use).lower() != "access":
+        return f"the token is a {str(use)[:20]!r} token (token_use), not an access token"
     held = [name for name in ID_TOKEN_CLAIMS if name in claims and not (name == "nonce" and kind is not None)]
     if held:
         return f"the token is an ID token (it carries {held[0]}), not an access token"

@@ -165,6 +165,7 @@ BAD_TOKENS = {
     "id-token-nonce-jwt-typ": lambda p: p.token(header_typ="JWT", nonce="n"),
     "keycloak-id-token": lambda p: p.token(typ="ID", azp=AUD),
     "keycloak-refresh-token": lambda p: p.token(typ="Refresh"),
+    "cognito-id-token": lambda p: p.token(token_use="id"),
     "oidc-logout-token": lambda p: p.token(header_typ="logout+jwt"),
 }
 
@@ -176,14 +177,16 @@ def test_bad_tokens_are_401(client, provider, name):
     assert r.json()["reason"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
 
 
-@pytest.mark.parametrize(("header_typ", "typ", "nonce"), [
-    (None, None, None), ("JWT", "Bearer", None), ("at+jwt", None, None), ("application/at+JWT", "bearer", None),
-    ("JWT", "DPoP", None), ("JWT", "Bearer", "n"),
+@pytest.mark.parametrize(("header_typ", "typ", "nonce", "token_use"), [
+    (None, None, None, None), ("JWT", "Bearer", None, None), ("at+jwt", None, None, None),
+    ("application/at+JWT", "bearer", None, None), ("JWT", "DPoP", None, None), ("JWT", "Bearer", "n", None),
+    ("JWT", None, None, "access"),
 ])
-def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ, nonce):
+def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ, nonce, token_use):
     """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer (Keycloak before 24
-    also copied the sign-in's nonce into its access tokens: its typ claim says which kind it is)."""
-    r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ, nonce=nonce)))
+    also copied the sign-in's nonce into its access tokens: its typ claim says which kind it is), Cognito's
+    token_use access."""
+    r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ, nonce=nonce, token_use=token_use)))
     assert r.status_code == 202, r.text
 
 
@@ -191,6 +194,7 @@ def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ
     (lambda p: p.token(at_hash="x1"), "an ID token (it carries at_hash)"),
     (lambda p: p.token(nonce="n"), "an ID token (it carries nonce)"),
     (lambda p: p.token(typ="ID"), "'ID' token, not an access token"),
+    (lambda p: p.token(token_use="id"), "'id' token (token_use), not an access token"),
     (lambda p: p.token(header_typ="logout+jwt"), "type 'logout+jwt' is not an access token's"),
 ])
 def test_a_token_that_is_no_access_token_says_so(client, provider, token, says):
