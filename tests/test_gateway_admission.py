@@ -13,7 +13,6 @@ ones end 415, which is the point: a 4xx, never a 5xx).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 import tracemalloc
@@ -272,9 +271,10 @@ def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, mo
     probe of every pod waited behind it. Real uvicorn, a raw socket sending the body, /healthz asked
     meanwhile.
 
-    Which thread wrote is the decisive check (it holds at any load); the probes' wait is compared with
-    their wait just before the upload on the same machine, not with a fixed figure (a loaded machine made
-    a quiet probe take over 0.15 s)."""
+    Which thread wrote is the check: it holds at any load. The probes' wait is no check (never a timed
+    test): it read 0.3-0.4 s a probe with the writes on the loop and under 0.05 s off it on a quiet machine,
+    but 0.22 s off it at load 5-6 (CI beside other work), over its wait just before the upload plus 0.1 s;
+    the probes are kept to show the service answering while the writes go on."""
     import httpx
 
     from gateway import uploads
@@ -314,7 +314,6 @@ def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, mo
         return time.monotonic() - t0
 
     with Live(FakeFleet(**{"fake:1": {"ready": False}})) as live:
-        quiet = statistics.median(probe(live.port) for _ in range(7))
         sender = threading.Thread(target=lambda: asyncio.run(upload(live.port)))
         sender.start()
         waits = []
@@ -323,7 +322,6 @@ def test_a_streamed_upload_is_parsed_and_written_off_the_event_loop(tmp_path, mo
             time.sleep(0.02)
         sender.join()
     assert on_loop and not any(on_loop), f"{sum(on_loop)} of {len(on_loop)} part writes ran on the event loop"
-    assert statistics.median(waits) < quiet + 0.1, f"/healthz waited {sorted(waits)} s behind the upload's writes (quiet: {quiet:.3f} s)"
     assert len(waits) >= 5, waits  # asked while the writes went on (they take over a second)
 
 
