@@ -14,4 +14,5 @@ workers="${CTSCREEN_TEST_WORKERS:-2}"
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
-exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+# files in the order tests/conftest.py gives them (the longest first), not xdist's (the most tests first)
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

@@ -1,4 +1,4 @@
-"""The test suite cleans up after itself: a run leaves no data folder of its own behind.
+"""The test suite cleans up after itself (a run leaves no data folder of its own behind) and its schedule names real files.
 
 Module- and session-scoped gateways keep their state store and blobs in the run's data folder
 (``tests/conftest.py``); each run left one in the temporary folder (150 MB after a full suite, 2.9 GB
@@ -40,3 +40,10 @@ def test_a_run_removes_its_data_folder(tmp_path: Path) -> None:
     run_folder = Path(record.read_text())
     assert run_folder.name.startswith("ctscreen-test-data-") and run_folder.parent == tmp_path
     assert not run_folder.exists(), f"the run left its data folder behind: {run_folder}"
+
+
+def test_the_longest_files_named_for_the_schedule_exist() -> None:
+    """conftest.LONGEST_FIRST orders the run; a renamed file would silently lose its place."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()] == []
