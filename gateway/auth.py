@@ -270,8 +270,10 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     It names a person, not a grant; it is refused by its header type (RFC 8725 3.11), by the ``typ`` claim
     Keycloak writes (``ID``, ``Refresh``, ``Logout``; ``Bearer`` or ``DPoP`` on access tokens), by the ``token_use``
     claim AWS Cognito writes (``id``; ``access`` on access tokens) or by a claim only ID
-    tokens carry (:data:`ID_TOKEN_CLAIMS`). Keycloak before 24 copied the sign-in's ``nonce`` into its access tokens
-    too (keycloak#26893): a token its ``typ`` claim calls an access token is not refused for a ``nonce``."""
+    tokens carry (:data:`ID_TOKEN_CLAIMS`). ``nonce`` alone is not held against a token that grants scopes (``scope``
+    or ``scp``; an ID token grants none) or that its Keycloak ``typ`` claim calls an access token: Azure AD B2C
+    copies the sign-in's ``nonce`` into its access tokens, as Keycloak did before 25 (keycloak#26893). A scope-less
+    ID token with only a ``nonce`` would get 403 on every route anyway; refused here, it is told what it is."""
     typ = header.get("typ")
     if typ is not None and str(typ).lower().removeprefix("application/") not in ACCESS_TYPES:
         return f"the token's type {str(typ)[:40]!r} is not an access token's (JWT or at+jwt)"
@@ -281,7 +283,9 @@ def _not_an_access_token(header: dict[str, Any], claims: dict[str, Any]) -> str 
     use = claims.get("token_use")  # AWS Cognito: "id" or "access"
     if use is not None and str(use).lower() != "access":
         return f"the token is a {str(use)[:20]!r} token (token_use), not an access token"
-    held = [name for name in ID_TOKEN_CLAIMS if name in claims and not (name == "nonce" and kind is not None)]
+    grants = claims.get("scope") is not None or claims.get("scp") is not None
+    held = [name for name in ID_TOKEN_CLAIMS
+            if name in claims and not (name == "nonce" and (kind is not None or grants))]
     if held:
         return f"the token is an ID token (it carries {held[0]}), not an access token"
     return None

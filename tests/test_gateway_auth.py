@@ -161,8 +161,9 @@ BAD_TOKENS = {
     # well signed by the issuer, for this audience, with scopes: but not access tokens
     "id-token-at-hash": lambda p: p.token(at_hash="x1", nonce="n", azp=AUD),
     "id-token-c-hash": lambda p: p.token(c_hash="x2"),
-    "id-token-nonce": lambda p: p.token(nonce="n", azp=AUD),  # the code flow's ID token: no at_hash needed
-    "id-token-nonce-jwt-typ": lambda p: p.token(header_typ="JWT", nonce="n"),
+    # the code flow's ID token: no at_hash needed, and no scope (an ID token grants none)
+    "id-token-nonce": lambda p: p.token(None, nonce="n", azp=AUD),
+    "id-token-nonce-jwt-typ": lambda p: p.token(None, header_typ="JWT", nonce="n"),
     "keycloak-id-token": lambda p: p.token(typ="ID", azp=AUD),
     "keycloak-refresh-token": lambda p: p.token(typ="Refresh"),
     "cognito-id-token": lambda p: p.token(token_use="id"),
@@ -183,16 +184,25 @@ def test_bad_tokens_are_401(client, provider, name):
     ("JWT", None, None, "access"),
 ])
 def test_access_tokens_of_every_kind_are_taken(client, provider, header_typ, typ, nonce, token_use):
-    """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer (Keycloak before 24
+    """RFC 9068's at+jwt, the plain JWT most providers write, Keycloak's typ claim Bearer (Keycloak before 25
     also copied the sign-in's nonce into its access tokens: its typ claim says which kind it is), Cognito's
     token_use access."""
     r = _upload(client, _bearer(provider.token(header_typ=header_typ, typ=typ, nonce=nonce, token_use=token_use)))
     assert r.status_code == 202, r.text
 
 
+def test_an_azure_ad_b2c_access_token_with_the_sign_ins_nonce_is_taken(client, provider):
+    """B2C's access tokens (learn.microsoft.com, "Request an access token in Azure AD B2C") carry a JWT header, the
+    sign-in's nonce and the scopes they grant in scp: refused 401 as an ID token when a nonce alone marked one."""
+    token = provider.token(None, header_typ="JWT", nonce="anyRandomValue", scp="studies:write results:read",
+                           tfp="B2C_1_signupsignin1")
+    r = _upload(client, _bearer(token))
+    assert r.status_code == 202, r.text
+
+
 @pytest.mark.parametrize(("token", "says"), [
     (lambda p: p.token(at_hash="x1"), "an ID token (it carries at_hash)"),
-    (lambda p: p.token(nonce="n"), "an ID token (it carries nonce)"),
+    (lambda p: p.token(None, nonce="n"), "an ID token (it carries nonce)"),
     (lambda p: p.token(typ="ID"), "'ID' token, not an access token"),
     (lambda p: p.token(token_use="id"), "'id' token (token_use), not an access token"),
     (lambda p: p.token(header_typ="logout+jwt"), "type 'logout+jwt' is not an access token's"),
