@@ -110,6 +110,16 @@ _NOW: BindParameter[float] = bindparam("now", type_=Float())
 _DUE = (select(Study).where(Study.state == RECEIVING, Study.last_rx_at <= bindparam("quiet_before", type_=Float()))
         .order_by(Study.last_rx_at).limit(100).with_for_update(skip_locked=True))
 _OVERDUE = select(Job.id, Job.error).where(_waiting(_NOW), Job.deadline_at < _NOW)
+# gone: a replica whose row says it was last seen too long ago. One without a row is left alone (a release
+# before revision 0008 records none), and so the UPDATE is race-free: a job another replica adopted a moment
+# ago names a replica seen now. No session object is synchronised (the ORM's "auto" strategy evaluated the
+# criteria against the session's objects before each pass, a third of the pass's CPU): a pass's session
+# holds no job it could change (the jobs it queued name this replica already), and its objects are not read
+# after it for ``accepted_by``
+_ADOPT = update(Job).where(
+    _waiting(_NOW), or_(Job.accepted_by.is_(None), Job.accepted_by.in_(
+        select(Replica.owner).where(Replica.seen_at < bindparam("gone_before", type_=Float()))))
+).values(accepted_by=bindparam("adopter")).execution_options(synchronize_session=False)
 
 
 def _refuse_patient(uid: str, what: str, version: int) -> None:
@@ -1057,13 +1067,7 @@ class Store:
             return await self._adopt(s, now, alive_s)
 
     async def _adopt(self, s: AsyncSession, now: float, alive_s: float) -> int:
-        # gone: a replica whose row says it was last seen too long ago. One without a row is left alone (a
-        # release before revision 0008 records none), and so the UPDATE is race-free: a job another replica
-        # adopted a moment ago names a replica seen now
-        gone = select(Replica.owner).where(Replica.seen_at < now - alive_s)
-        done = await s.execute(update(Job).where(
-            _waiting(now), or_(Job.accepted_by.is_(None), Job.accepted_by.in_(gone)),
-        ).values(accepted_by=self.owner))
+        done = await s.execute(_ADOPT, {"now": now, "gone_before": now - alive_s, "adopter": self.owner})
         return _rowcount(done)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
