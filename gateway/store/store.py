@@ -42,7 +42,9 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Float,
+    Integer,
     Select,
+    String,
     and_,
     bindparam,
     delete,
@@ -119,6 +121,11 @@ _PICK = select(Job).where(or_(
     and_(Job.state.in_(_RUNNING), Job.lease_expires_at < _NOW),
 )).order_by(Job.priority.desc(), Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
 _PICK_EXCLUDING = _PICK.where(Job.id.not_in(bindparam("exclude", expanding=True)))
+# an event stream's step (at every progress write of its job, twice a second while it runs): built at each step,
+# its expressions and cache key cost about a fifth of the step's query
+_EVENTS_AFTER = (select(Event.id, Event.state).where(Event.job_id == bindparam("job_id", type_=String()),
+                                                     Event.id > bindparam("after", type_=Integer()))
+                 .order_by(Event.id))
 # gone: a replica whose row says it was last seen too long ago. One without a row is left alone (a release
 # before revision 0008 records none), and so the UPDATE is race-free: a job another replica adopted a moment
 # ago names a replica seen now. No session object is synchronised (the ORM's "auto" strategy evaluated the
@@ -1218,8 +1225,7 @@ class Store:
 
     @staticmethod
     async def _events_after(s: AsyncSession, job_id: str, after: int) -> list[tuple[int, str]]:
-        rows = await s.execute(select(Event.id, Event.state).where(Event.job_id == job_id, Event.id > after)
-                               .order_by(Event.id))
+        rows = await s.execute(_EVENTS_AFTER, {"job_id": job_id, "after": after})
         return [(r[0], r[1]) for r in rows]
 
     async def job_step(self, job_id: str, after: int, *, view: bool = False
