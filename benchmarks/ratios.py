@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ def monai_style_run(http_url: str, studies: Sequence[PoolStudy], max_seconds: fl
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
+    """``a / b`` unrounded (a goal is judged on it; :func:`_goal` rounds what it shows)."""
+    return a / b if a and b else None
 
 
 def best_over_best(side: Sequence[float], baseline: Sequence[float]) -> float | None:
@@ -189,7 +191,7 @@ def best_over_best(side: Sequence[float], baseline: Sequence[float]) -> float | 
     but the best of more noisy runs is higher by the noise alone (for runs scattered by 8 %, the best of
     9 beats the best of 3 by about 5 %), so a ratio compares the same number of runs of each side.
 
-    >>> best_over_best([30.0, 33.0], [34.0, 31.0])
+    >>> round(best_over_best([30.0, 33.0], [34.0, 31.0]), 3)
     0.971
     >>> best_over_best([], [])
     >>> best_over_best([30.0], [34.0, 40.0])
@@ -203,7 +205,23 @@ def best_over_best(side: Sequence[float], baseline: Sequence[float]) -> float | 
 
 
 def _goal(name: str, goal: str, value: float | None, ok: Any, unit: str = "", note: str | None = None) -> dict[str, Any]:
-    return goal_line(name, goal, value, None if value is None else bool(ok(value)), unit, note)
+    """A goal row: met or not on the unrounded ``value``, shown at 3 decimals rounded towards missing the goal.
+
+    A gateway ratio of 44.123 / 49.028 = 0.89996 slices/s read 0.9 and "met" against >= 0.90 when the ratio was
+    rounded first; it now reads 0.899, missed:
+
+    >>> g = _goal("gateway", ">= 0.90", 44.123 / 49.028, lambda v: v >= 0.90)
+    >>> g["measured"], g["met"]
+    (0.899, False)
+    >>> g = _goal("study", "<= 1.15", 1.1501, lambda v: v <= 1.15)
+    >>> g["measured"], g["met"]
+    (1.151, False)
+    """
+    if value is None:
+        return goal_line(name, goal, None, None, unit, note)
+    up = goal.lstrip().startswith("<")  # an upper bound: round up; a lower bound: round down
+    shown = (math.ceil if up else math.floor)(round(value * 1000, 6)) / 1000
+    return goal_line(name, goal, shown, bool(ok(value)), unit, note)
 
 
 def run_ratios(
@@ -387,7 +405,7 @@ def gateway_ratio(load: Callable[[], dict[str, Any]], in_process: Callable[[], d
     ...               "slices_per_s": 40.0}, {"completed": 4, "sent": 4, "slices_per_s": 28.0}])
     >>> local = iter({"slices_per_s": v} for v in (30.0, 50.0, 31.0))
     >>> r = gateway_ratio(lambda: next(loads), lambda: next(local), 3)
-    >>> r.ratio, r.gateway_slices_per_s, r.in_process_slices_per_s, len(r.done)
+    >>> round(r.ratio, 3), r.gateway_slices_per_s, r.in_process_slices_per_s, len(r.done)
     (0.903, 28.0, 31.0, 2)
     """
     gw_runs: list[dict[str, Any]] = []

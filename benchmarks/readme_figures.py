@@ -72,7 +72,10 @@ def _goal(name: str) -> Callable[[dict[str, Any]], str]:
         g = next(g for g in doc["goals"] if g["name"].startswith(name))
         if g["measured"] is None:
             return f"not measured: {g.get('note') or 'skipped'}"
-        return f"{g['measured']:.2f}{' ' + g['unit'] if g['unit'] else ''}"
+        unit = " " + g["unit"] if g["unit"] else ""
+        if g["unit"]:
+            return f"{g['measured']:.2f}{unit}"
+        return f"{g['measured']:.3f}" + (" (missed)" if g.get("met") is False else "")
     return get
 
 
