@@ -51,6 +51,13 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
+def _charts_gateway(port: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The gateway as the chart starts it (``uvicorn --factory gateway.main:app_from_env``), ``env`` added."""
+    argv = ["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(port)]
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **env})
+
+
 # (argv, a fragment of the expected error line); {tmp}, {free}, {taken} are filled in per test, {phantom} and
 # {junk_repo} by the eval_inputs fixture
 CASES = [
@@ -152,10 +159,7 @@ def test_a_bad_setting_stops_serve_in_one_line(env, expected):
 @pytest.mark.parametrize(("env", "expected"), DISCOVERY_CASES[:2], ids=[next(iter(c[0])) for c in DISCOVERY_CASES[:2]])
 def test_a_bad_discovery_setting_stops_the_charts_gateway_in_one_line(env, expected):
     """The chart runs ``uvicorn --factory gateway.main:app_from_env``: same one line, no traceback."""
-    argv = ["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(_free_port())]
-    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL, env={**os.environ, **env})
-    _one_clear_line(p, expected)
+    _one_clear_line(_charts_gateway(_free_port(), env), expected)
 
 
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[_id(c) for c in CASES])
@@ -185,9 +189,7 @@ def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_o
     free = _free_port()
     _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"], env=env),
                     "CTSCREEN_AUTH_API_KEYS_FILE: API key file")
-    p = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(free)],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, **env})
-    _one_clear_line(p, "must hold a JSON object")
+    _one_clear_line(_charts_gateway(free, env), "must hold a JSON object")
     _one_clear_line(_run(["keys", "--file", str(bad), "list"]), "cannot be read")
     inside_a_file = str(bad / "keys.json")  # stat() raises NotADirectoryError, not FileNotFoundError
     _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"],
@@ -211,9 +213,6 @@ def test_a_misspelt_setting_is_named_at_start_with_the_setting_it_resembles(tmp_
     hint = "CTSCREEN_TRITON_BATCHSIZE is no ctscreen setting and is ignored (did you mean CTSCREEN_TRITON_BATCH_SIZE?)"
     free = _free_port()
     serve = _run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"], env=env)
-    chart = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port",
-                            str(free)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-                           env={**os.environ, **env})
-    for p in (serve, chart):
+    for p in (serve, _charts_gateway(free, env)):
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
         assert hint in p.stderr, p.stderr

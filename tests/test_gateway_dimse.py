@@ -275,21 +275,12 @@ def lone_scp(make_scp):
 
 def test_full_buffer_and_unreadable_header_get_their_status(lone_scp):
     """pynetdicom as the SCU: 0x0000 stored, 0xA700 out of resources, 0xC000 cannot understand."""
-    from pynetdicom import AE as ApplicationEntity
-    from pynetdicom.sop_class import CTImageStorage
 
     small = ct_dataset(np.full((16, 16), -1000, np.int16))
     big = ct_dataset(np.full((512, 512), -1000, np.int16), study_uid=str(small.StudyInstanceUID))
     no_study = ct_dataset(np.full((16, 16), -1000, np.int16))
     del no_study.StudyInstanceUID
-    scu = ApplicationEntity(ae_title="TESTSCU")
-    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        statuses = [int(assoc.send_c_store(ds).Status) for ds in (small, big, no_study)]
-    finally:
-        assoc.release()
+    statuses = _c_store(lone_scp.port, small, big, no_study)
     assert statuses == [SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND]
     held = asyncio.run_coroutine_threadsafe(_pending(lone_scp.stow, str(small.StudyInstanceUID)), lone_scp.loop)
     assert held.result(10) == ("receiving", 1)
@@ -300,9 +291,7 @@ def test_a_data_set_that_is_not_the_instance_its_command_names_is_refused(lone_s
     the data set's UID and answered 0x0000, so the sender counted as acknowledged an instance the gateway did not
     hold. pynetdicom sends a file as it is (chunked), its command with the meta group's UID: the file's meta names
     another instance."""
-    from pynetdicom import AE as ApplicationEntity
     from pynetdicom import _config
-    from pynetdicom.sop_class import CTImageStorage
 
     ds = ct_dataset(np.full((16, 16), -1000, np.int16))
     path = tmp_path / "other.dcm"
@@ -311,14 +300,7 @@ def test_a_data_set_that_is_not_the_instance_its_command_names_is_refused(lone_s
     other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
     path.write_bytes(path.read_bytes().replace(uid, other, 1))  # the meta group's (pydicom writes the data set's)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    scu = ApplicationEntity(ae_title="TESTSCU")
-    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        status = int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
+    (status,) = _c_store(lone_scp.port, path)
     assert status == 0xA900
     study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(ds.StudyInstanceUID)), lone_scp.loop)
     assert study.result(10) is None  # nothing kept
@@ -327,8 +309,6 @@ def test_a_data_set_that_is_not_the_instance_its_command_names_is_refused(lone_s
 def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkeypatch):
     """The store away (a fail-over) while an instance arrives: nothing was kept, and the sender is told to
     try again later (0xA700), counted; pynetdicom answered its own 0xC211 to the escaping exception."""
-    from pynetdicom import AE as ApplicationEntity
-    from pynetdicom.sop_class import CTImageStorage
 
     from gateway.store.store import StoreUnreachable
 
@@ -336,13 +316,7 @@ def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkey
         raise StoreUnreachable("The state store cannot be reached (ConnectionRefusedError).")
 
     monkeypatch.setattr(lone_scp.stow, "room_for", away)
-    scu = ApplicationEntity(ae_title="TESTSCU")
-    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
-    try:
-        status = int(assoc.send_c_store(ct_dataset(np.full((16, 16), -1000, np.int16))).Status)
-    finally:
-        assoc.release()
+    (status,) = _c_store(lone_scp.port, ct_dataset(np.full((16, 16), -1000, np.int16)))
     assert status == OUT_OF_RESOURCES
 
 
@@ -365,6 +339,18 @@ def _requestor(*sop_classes: str):
     for sop_class in sop_classes:
         scu.add_requested_context(sop_class, pydicom.uid.ExplicitVRLittleEndian)
     return scu
+
+
+def _c_store(port: int, *datasets) -> list[int]:
+    """The statuses of ``datasets`` sent by C-STORE over one association (CT Image Storage, explicit VR LE)."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    assoc = _requestor(CTImageStorage).associate("127.0.0.1", port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
 
 
 def _discarded(scp: StorageScp) -> dict[str, float]:
@@ -460,7 +446,6 @@ def test_an_instance_of_another_patient_under_a_studys_uid_is_refused_and_audite
     the study's next version held both patients' series and B's was screened. Now 0xA901 into the receiving
     version and after its completion alike, nothing kept, the association's audit record says 0xA901 for the
     study and names no patient; A's own instances still come in."""
-    from pynetdicom.sop_class import CTImageStorage
 
     def slice_of(patient_id: str, study_uid: str | None = None):
         ds = ct_dataset(np.full((16, 16), -1000, np.int16), study_uid=study_uid)
@@ -471,12 +456,7 @@ def test_an_instance_of_another_patient_under_a_studys_uid_is_refused_and_audite
     uid = str(a.StudyInstanceUID)
 
     def send(*datasets) -> list[int]:
-        assoc = _requestor(CTImageStorage).associate("127.0.0.1", lone_scp.port, ae_title=AE)
-        assert assoc.is_established
-        try:
-            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-        finally:
-            assoc.release()
+        return _c_store(lone_scp.port, *datasets)
 
     def on_loop(coro):
         return asyncio.run_coroutine_threadsafe(coro, lone_scp.loop).result(10)
@@ -707,20 +687,11 @@ def test_an_instance_over_the_per_file_limit_is_refused_not_stored(lone_scp, mon
     """A 1.2-2.5 GiB instance was written whole, stored and answered 0x0000, then its job failed too_large: the
     sender believed it delivered (20_dimse_huge.py). Over the per-file limit (a small one here) it is answered
     0xA700 and nothing is kept; one under it is stored. Before: 0x0000 and the study held the instance."""
-    from pynetdicom import AE as ApplicationEntity
-    from pynetdicom.sop_class import CTImageStorage
 
     monkeypatch.setattr(lone_scp, "max_instance_bytes", 64 * 1024, raising=False)
     small = ct_dataset(np.full((16, 16), -1000, np.int16))
     big = ct_dataset(np.full((256, 256), -1000, np.int16))  # 128 KiB of pixels
-    scu = ApplicationEntity(ae_title="TESTSCU")
-    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", lone_scp.port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        statuses = [int(assoc.send_c_store(ds).Status) for ds in (big, small)]
-    finally:
-        assoc.release()
+    statuses = _c_store(lone_scp.port, big, small)
     assert statuses == [OUT_OF_RESOURCES, SUCCESS]
     study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(big.StudyInstanceUID)), lone_scp.loop)
     assert study.result(10) is None  # nothing kept
@@ -734,8 +705,6 @@ def test_an_instance_over_the_per_file_limit_is_not_written_past_it(make_scp, tm
     before. Each file's size is read as pynetdicom removes it, after the handler answered. Before: 0xA700 with
     the whole instance (512 KiB) on disk."""
     import pynetdicom.service_class
-    from pynetdicom import AE as ApplicationEntity
-    from pynetdicom.sop_class import CTImageStorage
 
     received = tmp_path / "received"
     scp = make_scp(received_dir=received)
@@ -752,14 +721,7 @@ def test_an_instance_over_the_per_file_limit_is_not_written_past_it(make_scp, tm
     monkeypatch.setattr(pynetdicom.service_class.os, "unlink", spy)
     small = ct_dataset(np.full((16, 16), -1000, np.int16))
     big = ct_dataset(np.full((512, 512), -1000, np.int16))  # 512 KiB of pixels
-    scu = ApplicationEntity(ae_title="TESTSCU")
-    scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", scp.port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        statuses = [int(assoc.send_c_store(ds).Status) for ds in (big, small, big)]
-    finally:
-        assoc.release()
+    statuses = _c_store(scp.port, big, small, big)
     assert statuses == [OUT_OF_RESOURCES, SUCCESS, OUT_OF_RESOURCES]
     assert len(sizes) == 3 and sizes[0] == sizes[2] == 0 and 0 < sizes[1] <= cap, sizes
     assert not list(received.glob("ctscreen-rx-*"))
