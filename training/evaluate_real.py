@@ -77,9 +77,7 @@ GOALS = {
     "abdomen_max_valid_area_share": 0.02,
 }
 FLOORS = {
-    "medseg_per_image_sensitivity": 0.90,
-    "medseg_box_precision": 0.75,
-    "medseg_false_boxes_per_slice": 0.3,
+    **{k: GOALS[k] for k in ("medseg_per_image_sensitivity", "medseg_box_precision", "medseg_false_boxes_per_slice")},
     "medseg_lesion_recall": 0.35,
     "medseg_dice": 0.40,
     "phantom_valid_area_iou_median": 0.96,
