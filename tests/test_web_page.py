@@ -1,18 +1,22 @@
 """The web page in a real browser: Debian's Chromium (headless) driven by Playwright, against a live
 gateway (uvicorn) on the session's real embedded Triton, with phantom studies screened for real.
 
-One gateway per module; small studies (24 slices, 256 matrix). The screenshots under ``docs/ui/`` are
-rewritten here only with ``CTSCREEN_UI_SCREENSHOTS=1`` (a test run leaves the tree as it was).
+One gateway per module (a test that needs Triton away starts its own two); small studies (24 slices, 256
+matrix). The screenshots under ``docs/ui/`` are rewritten here only with ``CTSCREEN_UI_SCREENSHOTS=1`` (a test
+run leaves the tree as it was).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from pydicom.uid import generate_uid
 import phantom
 from aggregator.schema import CaseResult
 from ctscreen.embedded import free_port
-from gateway.cli import run_stack
+from gateway.cli import Stack, run_stack
 from gateway.client import collect_files, screen_paths
 from tests.fhir_receiver import FhirReceiver
 from tests.gateway_app_fakes import edited
@@ -680,6 +684,74 @@ def test_a_study_received_while_the_page_is_open_shows_and_supersedes_live(stack
     view = httpx.get(f"{stack.url}/v1/jobs/{job1}", timeout=30).json()
     assert (view["version"], view["superseded_by"]) == (1, 2)
     assert httpx.get(f"{stack.url}/v1/jobs/{screened['covid'][0]}", timeout=30).json()["superseded_by"] is None
+
+
+@contextlib.contextmanager
+def _gateway(**kw: Any) -> Iterator[Stack]:
+    """``run_stack`` started in a thread of its own: its start-up calls ``asyncio.run``, which the thread where
+    Playwright's loop runs refuses (a test's own gateway, started once its page is open)."""
+    held = run_stack(port=0, **kw)
+    with ThreadPoolExecutor(1) as pool:
+        stack = pool.submit(held.__enter__).result()
+    with contextlib.ExitStack() as on_exit:
+        on_exit.push(held)
+        yield stack
+
+
+def test_a_retried_version_supersedes_the_earlier_one_again_at_once(triton, page, tmp_path):
+    """Version 2 of a done study failing gives version 1 its reading back, and its row loses "superseded" at
+    once; retried, version 2 is to replace that reading again, yet version 1's row showed "superseded" again
+    only once version 2 ended or the page was loaded again. Version 1 is screened by a gateway on the real
+    Triton; a second gateway on the same store has no Triton, so version 2 and its retry wait queued until
+    the deadline fails them."""
+    uid = generate_uid()
+
+    def one_study(ds: Any) -> None:
+        ds.StudyInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+    small = Path(phantom.write_study(phantom.make_study(seed=16, kind="normal", n_slices=6), tmp_path / "study"))
+    files = _files(small, one_study)
+    common = {"data_dir": tmp_path / "data", "stow_quiet_period_s": 3600.0}
+    with _gateway(triton_url=triton.grpc_url, settings_overrides=common) as first:
+        _stow(first.url, files)
+        r = httpx.post(f"{first.url}/v1/studies/{uid}/complete", timeout=30)
+        assert r.status_code == 202, r.text
+        job1 = _wait_done(first.url, r.json()["job_id"])["job_id"]
+        assert httpx.get(f"{first.url}/v1/jobs/{job1}", timeout=30).json()["state"] == "done"
+
+    deadline_s = 8.0
+    away = f"127.0.0.1:{free_port()}"  # nobody listens: no Triton takes a study
+    with _gateway(triton_url=away, settings_overrides={**common, "job_deadline_s": deadline_s}) as stack:
+        _stow(stack.url, _files(small, one_study)[:1])  # one late instance: version 2, receiving
+        page.goto(stack.url + "/")
+        page.wait_for_selector('#live-state[data-state="live"]')
+        row1 = f'tr[data-job-id="{job1}"]'
+        page.locator(row1).wait_for()
+
+        def superseded_by(by: str | None, timeout_s: float) -> None:
+            page.wait_for_function(f"""() => {{ const tr = document.querySelector('{row1}');
+                return tr && (tr.dataset.supersededBy ?? null) === {json.dumps(by)}; }}""", timeout=timeout_s * 1000)
+
+        superseded_by("2", 10)
+        r = httpx.post(f"{stack.url}/v1/studies/{uid}/complete", timeout=30)
+        assert r.status_code == 202, r.text
+        job2 = r.json()["job_id"]
+        row2 = f'tr[data-job-id="{job2}"]'
+        # its deadline passes queued: failed, it replaces nothing, and version 1 is the study's reading again
+        page.wait_for_selector(f'{row2}[data-state="failed"]', timeout=(deadline_s + 20) * 1000)
+        superseded_by(None, 5)
+        assert "superseded" not in page.inner_text(row1)
+
+        r = httpx.post(f"{stack.url}/v1/jobs/{job2}/retry", timeout=30)
+        assert r.status_code == 202, r.text
+        # queued again on its retry's event: version 1 is superseded again, before version 2 ends
+        page.wait_for_selector(f'{row2}[data-state="queued"]', timeout=5_000)
+        superseded_by("2", 3)
+        assert "superseded by v2" in page.inner_text(row1)
+        assert httpx.get(f"{stack.url}/v1/jobs/{job2}", timeout=30).json()["state"] == "queued"
+        assert httpx.get(f"{stack.url}/v1/jobs/{job1}", timeout=30).json()["superseded_by"] == 2
+        page.goto("about:blank")  # its event stream closed: the gateway stops without waiting 5 s for it
 
 
 def test_the_pages_keep_their_size(stack, screened, page):

@@ -181,8 +181,11 @@ export function worklistView(main, params) {
     // said with the row's name (its accession number, or its UID's end), and a finished one with its verdict once
     // the row is loaded again: "A study finished: done" told a screen reader user neither which nor what
     const name = tr.querySelector("th.uid a, th.uid span")?.textContent || "A study";
-    if (e.state === "done" || e.state === "failed") { finished.add(e.job_id); reloadSoon(); }
-    else if (was !== e.state) announce(`${name}: ${e.state}`);
+    if (e.state === "done" || e.state === "failed") { finished.add(e.job_id); reloadSoon(); return; }
+    // a failed version replaces no reading (the earlier versions' rows lose "superseded"); retried, it is to
+    // replace it again: the server tells those rows their mark back, which only a reload of the page shows
+    if (was === "failed") reloadSoon();
+    if (was !== e.state) announce(`${name}: ${e.state}`);
   }, { onState: (s) => {
     live.textContent = s === "live" ? "live" : s;
     live.dataset.state = s;
