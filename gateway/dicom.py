@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -441,7 +442,8 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
     Values longer than :data:`DEFER_BYTES` (native Pixel Data) are not copied: pydicom reads them from
     ``data`` when they are first used (decoding), so a data set kept until its pixels are decoded holds
     no second copy of them; from a file, it holds none at all until then (the file must stay until the
-    pixels are decoded).
+    pixels are decoded). Native 16-bit Pixel Data is read by :func:`decode_hu` into its result alone: the data
+    set holds no copy of it afterwards either.
 
     A Deflated Explicit VR Little Endian file is inflated first, with bounds (:func:`inflate_deflated`);
     the inflated copy is what the data set then reads its deferred values from.
@@ -979,33 +981,116 @@ _CHECKED_SYNTAXES = _JPEG_SYNTAXES | _J2K_SYNTAXES | {_RLE}
 """Encapsulated syntaxes whose frame headers :func:`_check_codestreams` reads; any other is not decoded."""
 
 
-def _native_raw(ds: Dataset) -> np.ndarray | None:
-    """[F, R, C] view of native little-endian 16-bit data as stored (bits above Bits Stored kept), or None."""
+def _native_layout(ds: Dataset) -> tuple[int, int, int, int, np.dtype] | None:
+    """``(frames, rows, cols, bits stored, dtype)`` of native little-endian 16-bit data, or None (another
+    syntax or layout), from the header alone."""
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if ts not in _NATIVE_LE or ds.get("BitsAllocated") != 16 or (ds.get("SamplesPerPixel") or 1) != 1:
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     frames = _opt_int(ds.get("NumberOfFrames")) or 1
-    data = ds.PixelData
-    if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2 or frames < 1:
-        return None
     bits = _opt_int(ds.get("BitsStored")) or 16
-    if not 1 <= bits <= 16:
+    if frames < 1 or not 1 <= bits <= 16:
         return None
-    signed = ds.get("PixelRepresentation") == 1
-    arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=frames * rows * cols)
-    return arr.reshape(frames, rows, cols)
+    return frames, rows, cols, bits, np.dtype("<i2" if ds.get("PixelRepresentation") == 1 else "<u2")
 
 
-def _unused_bits_cleared(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+def _native_raw(ds: Dataset) -> np.ndarray | None:
+    """[F, R, C] view of native little-endian 16-bit data as stored (bits above Bits Stored kept), or None."""
+    layout = _native_layout(ds)
+    if layout is None:
+        return None
+    frames, rows, cols, _, dtype = layout
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=frames * rows * cols).reshape(frames, rows, cols)
+
+
+_PIXEL_DATA: Final = 0x7FE00010
+
+
+def _native_owned(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, int] | None:
+    """What :func:`_native_raw` views (frame ``frame`` only, when given) as a new array, and Bits Stored; or None.
+
+    The array is the caller's to compute the stored values and then the HU in, in place (:func:`decode_hu`):
+    no copy of the pixels besides it. Pixel Data not read yet (deferred, :func:`read_dataset`) is read from the
+    file or buffer straight into it, without a copy as bytes, and without being kept in ``ds``; a value that
+    cannot be read so (a file changed or truncated since it was parsed, another source) gives None, and
+    :func:`_stored_values` reads it as before, with the same errors."""
+    try:
+        layout = _native_layout(ds)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if layout is None:
+        return None
+    frames, rows, cols, bits, dtype = layout
+    first, n = (0, frames) if frame is None else (frame, 1)
+    out = np.empty((n, rows, cols), dtype=dtype)
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(elem, pydicom.dataelem.RawDataElement) and elem.value is None:
+        if elem.length == 0xFFFFFFFF or elem.length < frames * rows * cols * 2:
+            return None
+        return (out, bits) if _read_deferred_into(ds, elem, first * rows * cols * 2, out) else None
+    try:
+        data = ds.PixelData
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2:
+        return None
+    np.copyto(out, np.frombuffer(data, dtype=dtype, count=n * rows * cols, offset=first * rows * cols * 2)
+              .reshape(n, rows, cols))
+    return out, bits
+
+
+def _read_deferred_into(ds: Dataset, elem: Any, offset: int, out: np.ndarray) -> bool:
+    """Read ``out.nbytes`` bytes of the deferred value ``elem`` of ``ds``, from ``offset`` on, into ``out``, from
+    where pydicom would read it (the file ``ds`` was parsed from, or its buffer), after the checks pydicom makes
+    (the file is there, unchanged since, and holds that element there). False, ``out`` undefined, when a check
+    fails or the value is short: pydicom's own read then raises, warns or reads what it does."""
+    src = ds.filename or ds.buffer
+    if ds.filename and ds.buffer and not getattr(ds.buffer, "closed", False):
+        src = ds.buffer
+    implicit = bool(elem.is_implicit_VR)
+    head_at = elem.value_tell - pydicom.filereader.data_element_offset_to_value(implicit, elem.VR)
+    tag = struct.pack("<HH", elem.tag >> 16, elem.tag & 0xFFFF) + (b"" if implicit else str(elem.VR).encode()[:2])
+    want, target = out.nbytes, out.reshape(-1).view(np.uint8).data
+    if isinstance(src, str):
+        if ds.timestamp is None or not Path(src).exists():
+            return False
+        with open(src, "rb", buffering=0) as fh:
+            if os.fstat(fh.fileno()).st_mtime != ds.timestamp:
+                return False
+            fh.seek(head_at)
+            if fh.read(len(tag)) != tag:
+                return False
+            fh.seek(elem.value_tell + offset)
+            got = 0
+            while got < want:
+                n = fh.readinto(target[got:])
+                if not n:
+                    return False
+                got += n
+        return True
+    if isinstance(src, io.BytesIO) and not src.closed:
+        with src.getbuffer() as view:
+            if bytes(view[head_at : head_at + len(tag)]) != tag or len(view) < elem.value_tell + offset + want:
+                return False
+            target[:] = view[elem.value_tell + offset : elem.value_tell + offset + want]
+        return True
+    return False
+
+
+def _unused_bits_cleared(arr: np.ndarray, bits_stored: int, *, in_place: bool = False) -> np.ndarray:
     """``arr`` with the bits above ``bits_stored`` masked off (unsigned) or the sign extended (signed), as
-    pydicom's ``correct_unused_bits``; ``arr`` itself when there are none."""
+    pydicom's ``correct_unused_bits``; ``arr`` itself when there are none (or ``in_place``: cleared in it)."""
     shift = 8 * arr.dtype.itemsize - bits_stored
     if shift <= 0 or bits_stored < 1:
         return arr
+    into = arr if in_place else None
     if arr.dtype.kind == "u":  # one masking pass, not two shifts (a quarter of the time, on every slice)
-        return arr & arr.dtype.type((1 << bits_stored) - 1)
-    return np.right_shift(np.left_shift(arr, shift), shift)
+        return np.bitwise_and(arr, arr.dtype.type((1 << bits_stored) - 1), out=into)
+    return np.right_shift(np.left_shift(arr, shift, out=into), shift, out=into)
 
 
 def native_fast_path(ds: Dataset) -> np.ndarray | None:
@@ -1305,21 +1390,26 @@ def _padding_mask(raw: np.ndarray, padding: tuple[int, int] | None) -> np.ndarra
     return mask if mask.any() else None
 
 
-def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
+def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None, *,
+                  bits_stored: int | None = None) -> np.ndarray:
     """Return ``slope * stored + intercept`` rounded to int16 (clipped to the int16 range), written into
-    ``out`` (an int16 array of the same shape) when given, so that a frame is copied once.
+    ``out`` (an int16 array of the same shape) when given, so that a frame is copied once; ``out`` may be
+    ``stored`` itself seen as int16 (``stored.view(np.int16)``: the HU replace the stored values).
 
-    Integer arithmetic when ``slope == 1`` and the intercept is integral (the usual CT case).
+    Integer arithmetic when ``slope == 1`` and the intercept is integral (the usual CT case). ``bits_stored``:
+    the stored values are known to fit that many bits (their bits above it cleared), so that when the result
+    must fit int16 their range is not looked for.
     """
     if out is None:
         out = np.empty(stored.shape, dtype=np.int16)
     if slope == 1.0 and float(intercept).is_integer():
         b = int(intercept)
         if stored.dtype in (np.int16, np.uint16) and stored.size:
-            lo, hi = int(stored.min()), int(stored.max())
+            lo, hi = _range_of(stored, b, bits_stored)
             if hi <= 32767 and -32768 <= lo + b and hi + b <= 32767:
                 # the usual CT case in one pass: the stored values and the result both fit int16
-                np.copyto(out, stored, casting="unsafe")
+                if not _same_memory(out, stored):  # else the int16 view of stored values that fit it: the same
+                    np.copyto(out, stored, casting="unsafe")
                 out += np.int16(b)
                 return out
         hu = stored.astype(np.int32) + b
@@ -1327,6 +1417,23 @@ def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.nd
         hu = np.rint(stored.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     np.copyto(out, np.clip(hu, -32768, 32767), casting="unsafe")
     return out
+
+
+def _range_of(stored: np.ndarray, shift: int, bits_stored: int | None) -> tuple[int, int]:
+    """Bounds of int16 or uint16 ``stored``: those ``bits_stored`` bits allow when the values shifted by ``shift``
+    then fit int16 (nothing to look at), else the values' own minimum and maximum."""
+    if bits_stored is not None and 1 <= bits_stored < 16:
+        signed = stored.dtype.kind == "i"
+        lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+        if -32768 <= lo + shift and hi + shift <= 32767:
+            return lo, hi
+    return int(stored.min()), int(stored.max())
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are views of the very same elements (same start, shape and strides)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides)
 
 
 def _check_plausible(hu: np.ndarray, filename: str, frame: int | None, padding: np.ndarray | None = None) -> None:
@@ -1409,18 +1516,26 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         if not 0 <= frame < len(headers):
             raise Undecodable(f"No frame {frame}: the header says {len(headers)}.", filename=filename)
         headers = [headers[frame]]
-    stored, raw = _stored_values(ds, filename, frame)
+    owned = _native_owned(ds, frame)
+    bits: int | None = None
+    if owned is not None:  # native: the raw values, then the stored ones, then the HU, all in one array
+        raw, bits = owned
+        stored, out = raw, raw.view(np.int16)
+    else:
+        stored, raw = _stored_values(ds, filename, frame)
+        out = np.empty(stored.shape, dtype=np.int16)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
     padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None
-    out = np.empty(stored.shape, dtype=np.int16)
     for i, h in enumerate(headers):
         pad = _padding_mask(raw[i], _lossy_padding(padding, h.slope, h.intercept)
                             if padding is not None and h.lossy else padding)
+        if bits is not None:  # the padding was found on the raw values: the stored ones may now replace them
+            _unused_bits_cleared(stored[i], bits, in_place=True)
         intercept = h.intercept
         if h.intercept_missing and _air_stored_near_0(stored[i], h.slope, pad):
             intercept = -1024.0  # air stored near 0: without it the lungs read as water (+1024 HU)
-        rescale_to_hu(stored[i], h.slope, intercept, out=out[i])  # each frame written once, in place
+        rescale_to_hu(stored[i], h.slope, intercept, out=out[i], bits_stored=bits)  # each frame written once
         if pad is not None:
             out[i][pad] = PAD_HU
         _check_plausible(out[i], filename, h.frame_index, pad)

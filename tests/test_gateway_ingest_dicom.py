@@ -56,6 +56,23 @@ def test_lossless_syntaxes_round_trip_exactly(syntax: str) -> None:
     np.testing.assert_array_equal(decode_hu(ds, headers)[0], hu)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("from_file", [True, False], ids=["file", "bytes"])
+def test_decoding_leaves_the_pixels_out_of_the_data_set(tmp_path: Path, syntax: str, from_file: bool) -> None:
+    """Native Pixel Data left unread by the parse (``read_dataset``) is read into the decoded array alone: the
+    data set, which a study keeps until it is screened, does not take in a copy of it (512 KB a slice), and
+    decodes to the same HU again, a frame alone too."""
+    hu = chest_like(256, 256, seed=5)  # 128 KB of pixels: over DEFER_BYTES
+    data = to_bytes(ct_dataset(hu), syntax)
+    source = tmp_path / "x.dcm"
+    source.write_bytes(data)
+    ds, headers = read_headers("x.dcm", read_dataset(source if from_file else data))
+    np.testing.assert_array_equal(decode_hu(ds, headers)[0], hu)
+    assert ds.get_item(0x7FE00010, keep_deferred=True).value is None
+    np.testing.assert_array_equal(decode_hu(ds, headers, frame=0)[0], hu)
+
+
 def test_lossy_jpeg2000_is_close() -> None:
     hu = chest_like(128, 128, seed=4)
     got = decode_hu(*read_headers("x.dcm", to_bytes(ct_dataset(hu), JPEG2000)))[0].astype(np.int32)
