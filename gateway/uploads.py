@@ -290,30 +290,33 @@ def _check_ratio(archive: str, name: str, size: int, compressed: int, limits: Up
 def _read_member(
     zf: zipfile.ZipFile, archive: str, info: zipfile.ZipInfo, limits: UploadLimits, budget: int
 ) -> bytes:
-    """Read one member in chunks, never past the limits, whatever its header declares."""
+    """Read one member in chunks, never past the limits, whatever its header declares. A member of one chunk
+    (a slice) is that chunk: not copied again."""
     cap = min(limits.max_file_bytes, budget)
-    buf = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     try:
         with zf.open(info) as fh:
             while True:
                 chunk = fh.read(_CHUNK)
                 if not chunk:
                     break
-                buf += chunk
-                if len(buf) > cap:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > cap:
                     raise ZipBomb(
                         f"Zip member {info.filename!r} expands past {cap} bytes "
                         f"(it declared {info.file_size}).",
                         filename=archive,
                     )
-                _check_ratio(archive, info.filename, len(buf), info.compress_size, limits)
+                _check_ratio(archive, info.filename, size, info.compress_size, limits)
     except UploadError:
         raise
     except Exception as exc:  # noqa: BLE001 - a hostile archive makes zipfile raise anything
         # BadZipFile: CRC mismatch or truncated data; zlib.error: corrupt deflate stream;
         # RuntimeError: encrypted; NotImplementedError: unknown method; ValueError: bad offsets.
         raise BadArchive(f"Zip member {info.filename!r} cannot be read: {exc}.", filename=archive) from exc
-    return bytes(buf)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
