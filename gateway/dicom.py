@@ -1528,8 +1528,8 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
     padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None
     for i, h in enumerate(headers):
-        pad = _padding_mask(raw[i], _lossy_padding(padding, h.slope, h.intercept)
-                            if padding is not None and h.lossy else padding)
+        padded = _lossy_padding(padding, h.slope, h.intercept) if padding is not None and h.lossy else padding
+        pad = _padding_mask(raw[i], padded)
         if bits is not None:  # the padding was found on the raw values: the stored ones may now replace them
             _unused_bits_cleared(stored[i], bits, in_place=True)
         intercept = h.intercept
@@ -1537,9 +1537,21 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
             intercept = -1024.0  # air stored near 0: without it the lungs read as water (+1024 HU)
         rescale_to_hu(stored[i], h.slope, intercept, out=out[i], bits_stored=bits)  # each frame written once
         if pad is not None:
-            out[i][pad] = PAD_HU
+            _pad_with_air(out[i], pad, one_value=padded is not None and padded[0] == padded[1])
         _check_plausible(out[i], filename, h.frame_index, pad)
     return out
+
+
+def _pad_with_air(hu: np.ndarray, pad: np.ndarray, *, one_value: bool) -> None:
+    """``hu[pad] = PAD_HU``. When the padding is one stored value (``one_value``), every pixel under ``pad`` holds the
+    same HU (a frame's HU are a function of its stored values): the one difference to :data:`PAD_HU` is added under
+    the mask, in wrapping int16 arithmetic (exact), in a third of the time of boolean indexing."""
+    if not one_value or not hu.flags.c_contiguous or not pad.flags.c_contiguous:
+        hu[pad] = PAD_HU
+        return
+    delta = (PAD_HU - int(hu.flat[int(np.argmax(pad))]) + 32768) % 65536 - 32768
+    if delta:
+        hu += np.multiply(pad.view(np.uint8), np.int16(delta), dtype=np.int16)
 
 
 def image_noise_hu(hu: np.ndarray) -> float | None:
