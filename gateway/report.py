@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.tag import Tag
 
 from aggregator.schema import CaseResult
@@ -34,7 +34,7 @@ __all__ = ["SrContext", "encode_sr", "sr_context"]
 STUDY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                   "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "Modality")
 _PER_INSTANCE = ("Rows", "Columns")  # in each instance's row already
-_DESCRIBED = tuple((k, tag_for_keyword(k)) for k in IMAGE_LIBRARY_KEYWORDS if k not in _PER_INSTANCE)
+_DESCRIBED = tuple((k, tag_for_keyword(k), dictionary_VR(k)) for k in IMAGE_LIBRARY_KEYWORDS if k not in _PER_INSTANCE)
 _KEPT = tuple(Tag(k) for k in SR_HEADER_KEYWORDS)  # a misspelt keyword fails at import
 
 
@@ -140,15 +140,31 @@ def _dicom_string(value: Any) -> str:
 
 def _described(ds: Any) -> tuple[tuple[str, str], ...]:
     """The :data:`~aggregator.sr.IMAGE_LIBRARY_KEYWORDS` ``ds`` states (but rows and columns), as DICOM strings:
-    a value not parsed yet as its bytes say (a quarter of the time, for every slice of a study)."""
+    a value not parsed yet as its bytes say (:func:`_parsed_string`; a quarter of the time, for every slice of a
+    study)."""
     out = []
-    for keyword, tag in _DESCRIBED:
+    for keyword, tag, vr in _DESCRIBED:
         elem = ds.get_item(tag)
         if elem is not None:
             value = elem.value
-            out.append((keyword, value.decode("ascii", "replace").strip(" \0") if isinstance(value, bytes)
-                        else _dicom_string(value)))
+            out.append((keyword, _parsed_string(value, vr) if isinstance(value, bytes) else _dicom_string(value)))
     return tuple(out)
+
+
+def _parsed_string(value: bytes, vr: str) -> str:
+    r"""The bytes of a value not parsed yet as :func:`_dicom_string` of what pydicom parses them to (a DS value
+    without its spaces, a CS value keeping its leading ones), so that what the context holds is the same whether
+    an element was read before (the frame headers read some of them, or not) or not.
+
+    >>> _parsed_string(b"-85.0\\ -115.0\\-97.3 ", "DS"), _parsed_string(b" CT ", "CS"), _parsed_string(b"1.2.3\0", "UI")
+    ('-85.0\\-115.0\\-97.3', ' CT', '1.2.3')
+    """
+    text = value.decode("ascii", "replace")
+    if vr == "DS":  # stripped, split, each value read as its digits
+        return "\\".join(v.strip() for v in text.strip().rstrip(" \0").split("\\"))
+    if vr == "UI":  # each UID stripped
+        return "\\".join(v.strip() for v in text.rstrip("\0 ").split("\\"))
+    return text.rstrip(" \0")
 
 
 def _header(ds: Any) -> bytes:

@@ -346,3 +346,21 @@ def test_the_kept_header_holds_only_what_the_sr_reads():
     assert sr.OtherPatientIDsSequence[0].PatientID == "X-1"  # highdicom copies the Patient module whole
     assert sr.ContributingEquipmentSequence[0].InstitutionAddress == "2 Hosp Rd"  # and the acquisition equipment
     assert not set(NOT_READ) & {e.keyword for e in sr}
+
+
+def test_the_sr_context_does_not_depend_on_what_read_the_header_before() -> None:
+    """An image's descriptors in the SR context are what pydicom parses them to, whether an element was read before
+    (by pydicom) or is still as the file holds it (the frame headers read the common elements straight from the
+    bytes): a space after a backslash in Image Position (Patient) is kept out either way."""
+    from gateway.dicom import read_dataset
+    from gateway.report import sr_context
+    from tests.gateway_dicom_factory import chest_like, ct_dataset, to_bytes
+
+    data = to_bytes(ct_dataset(chest_like(32, 32), position=(-85.0, -115.0, -97.3)))
+    assert data.count(b"-85.0000\\-115.0000") == 1
+    data = data.replace(b"-85.0000\\-115.0000", b"-85.000\\ -115.0000")  # the same length, the same numbers
+    untouched, read = read_dataset(data), read_dataset(data)
+    assert [float(v) for v in read.ImagePositionPatient] == [-85.0, -115.0, -97.3]  # parsed by pydicom first
+    a, b = sr_context([untouched]), sr_context([read])
+    assert a is not None and a == b
+    assert dict(a.images[0][1])["ImagePositionPatient"] == "-85.000\\-115.0000\\-97.3000"
