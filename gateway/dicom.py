@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,7 @@ __all__ = [
     "codestream_header",
     "decode_file",
     "decode_hu",
+    "header_value",
     "image_noise_hu",
     "inflate_deflated",
     "part10_transfer_syntax",
@@ -718,8 +720,96 @@ def _read_big_endian_with_un_sequences(data: bytes, filename: str, cause: Except
     return ds
 
 
-def _fg_value(ds: Dataset, frame: int | None, seq: str, keyword: str) -> Any:
-    """Look ``keyword`` up in ``seq`` of the Per-Frame, then Shared Functional Groups, then top level."""
+_PLAIN_VALUE: Final = {vr: re.compile(pydicom.valuerep.VR_REGEXES[vr]) for vr in ("CS", "DS", "IS", "UI")}
+_PLAIN_TEXT: Final = re.compile(r"[ -\[\]-~]*")  # printable ASCII but the backslash (LO, SH: one value)
+_PLAIN_CHARSETS: Final = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
+_KEYWORD_TAGS: dict[str, tuple[int, str]] = {}
+
+
+def header_value(ds: Dataset, keyword: str, default: Any = None, *, many: bool = False) -> Any:
+    """``ds.get(keyword, default)`` for what the per-frame headers read (:func:`read_headers`), read straight from the
+    bytes of an element not converted yet when they are plain: one value (``many``: or several, as a list) of a US,
+    UI, CS, DS, IS, LO or SH element, in the VR its tag has, whose characters are ones pydicom's checks pass without a
+    word (printable ASCII; LO and SH in a character set that reads ASCII as ASCII). A str, int or float (a list of
+    them), which ``str()``, ``int()`` or ``float()`` read as pydicom's own value; anything else is pydicom's
+    ``ds.get``, as before. pydicom converting each element it is asked for costs ~8 us an element, a fifth of a
+    slice's parse."""
+    spec = _KEYWORD_TAGS.get(keyword)
+    if spec is None:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f'Argument "keyword" names no DICOM element: {keyword!r}.')
+        spec = _KEYWORD_TAGS[keyword] = (tag, pydicom.datadict.dictionary_VR(tag))
+    tag, vr = spec
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return default
+    if isinstance(elem, pydicom.dataelem.RawDataElement) and elem.value and (elem.VR or vr) == vr:
+        value = _plain(ds, elem.value, vr, bool(elem.is_little_endian), many)
+        if value is not None:
+            return value
+    return ds.get(keyword, default)
+
+
+def _plain(ds: Dataset, raw: bytes, vr: str, little_endian: bool, many: bool) -> Any:
+    """:func:`header_value` of the bytes ``raw`` of a ``vr`` element; None when they are not plain."""
+    if vr == "US":
+        return int.from_bytes(raw, "little") if len(raw) == 2 and little_endian and not many else None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    most = pydicom.valuerep.MAX_VALUE_LEN.get(vr, 0)
+    if vr in ("LO", "SH"):  # pydicom: split, each value checked for its length, then stripped of trailing spaces, NULs
+        values = text.split("\\")
+        if not _plain_charset(ds) or not all(len(v) <= most for v in values):
+            return None
+        values = [v.rstrip("\0 ") for v in values]
+        if not all(_PLAIN_TEXT.fullmatch(v) for v in values):
+            return None
+    elif vr in _PLAIN_VALUE:  # pydicom: trailing spaces and NULs stripped (DS: leading spaces too), then split
+        values = (text.strip() if vr == "DS" else text).rstrip(" \0").split("\\")
+        pattern = _PLAIN_VALUE[vr]
+        if not all(len(v) <= most and _PLAIN_TEXT.fullmatch(v) and pattern.match(v) for v in values):
+            return None  # pydicom would warn of it, or read it otherwise (a UID's spaces stripped, ...)
+        if vr == "DS":
+            floats = [float(v) for v in values]
+            if not all(math.isfinite(f) for f in floats):
+                return None
+            return _one_or_many(floats, many)
+        if vr == "IS":
+            ints = [int(v) for v in values]
+            if not all(-(1 << 31) <= i < (1 << 31) for i in ints):
+                return None
+            return _one_or_many(ints, many)
+    else:
+        return None
+    return _one_or_many(values, many)
+
+
+def _one_or_many(values: list[Any], many: bool) -> Any:
+    """As pydicom gives an element's values: one value alone, several as a list (``many``; else None)."""
+    return values[0] if len(values) == 1 else values if many else None
+
+
+def _plain_charset(ds: Dataset) -> bool:
+    """Whether ``ds``'s Specific Character Set (none, or one value that reads ASCII as ASCII) decodes printable ASCII
+    bytes as those characters, with no word from pydicom."""
+    elem = ds.get_item(0x00080005, keep_deferred=True)
+    if elem is None:
+        return True
+    value = elem.value
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii").strip(" \0")
+        except UnicodeDecodeError:
+            return False
+    return isinstance(value, str) and value.strip() in _PLAIN_CHARSETS
+
+
+def _fg_value(ds: Dataset, frame: int | None, seq: str, keyword: str, *, many: bool = False) -> Any:
+    """Look ``keyword`` up in ``seq`` of the Per-Frame, then Shared Functional Groups, then top level
+    (:func:`header_value`, ``many`` as there)."""
     if frame is not None:
         for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
             items = ds.get(groups)
@@ -729,7 +819,7 @@ def _fg_value(ds: Dataset, frame: int | None, seq: str, keyword: str) -> Any:
             inner = item.get(seq)
             if inner and keyword in inner[0]:
                 return inner[0][keyword].value
-    return ds.get(keyword)
+    return header_value(ds, keyword, many=many)
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -845,8 +935,8 @@ def modality_said(modality: str) -> str:
 
 
 def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    modality = str(header_value(ds, "Modality", "") or "").strip().upper()
+    sop_class = str(header_value(ds, "SOPClassUID", "") or "")
     if modality and modality != "CT":
         raise NotCT(f"Modality is {modality_said(modality)}, not 'CT'.", filename=filename)
     if not modality and not sop_class:
@@ -861,23 +951,23 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         raise NoPixelData("CT object has no Pixel Data.", filename=filename)
     if "PixelData" not in ds:
         raise NotCT("Float pixel data is not a CT image.", filename=filename)
-    spp = _opt_int(ds.get("SamplesPerPixel")) or 1
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    spp = _opt_int(header_value(ds, "SamplesPerPixel")) or 1
+    photometric = str(header_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if spp != 1 or not photometric.startswith("MONOCHROME"):
         raise NotCT(
             f"Colour image ({photometric}, {spp} samples per pixel) cannot hold HU.", filename=filename
         )
-    bits_stored = _opt_int(ds.get("BitsStored")) or _opt_int(ds.get("BitsAllocated")) or 0
+    bits_stored = _opt_int(header_value(ds, "BitsStored")) or _opt_int(header_value(ds, "BitsAllocated")) or 0
     if bits_stored <= 8:
         raise NotCT(
             f"{bits_stored}-bit pixels cannot hold Hounsfield units "
             f"(a screenshot or secondary capture, SOP Class {sop_class}).",
             filename=filename,
         )
-    rows, cols = _opt_int(ds.get("Rows")), _opt_int(ds.get("Columns"))
+    rows, cols = _opt_int(header_value(ds, "Rows")), _opt_int(header_value(ds, "Columns"))
     if not rows or not cols or rows < 0 or cols < 0:
         raise NotDicom("Rows or Columns missing.", filename=filename)
-    n_frames = _opt_int(ds.get("NumberOfFrames")) or 1
+    n_frames = _opt_int(header_value(ds, "NumberOfFrames")) or 1
     if n_frames < 1:
         raise NotDicom(f"Number of Frames is {n_frames}.", filename=filename)
     if rows > MAX_MATRIX or cols > MAX_MATRIX or n_frames * rows * cols > MAX_PIXELS:
@@ -896,7 +986,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                        "(PS3.3 C.7.6.16: one per frame).", filename=filename)
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    base_type = _codes(ds.get("ImageType"))
+    base_type = _codes(header_value(ds, "ImageType", many=True))
     lossy = lossy_compressed(ds, ts)
     out = []
     for f in frames:
@@ -922,30 +1012,30 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
             intercept = 0.0 if intercept is None else intercept
         if slope == 0:
             raise NotCT("Rescale Slope is 0.", filename=filename)
-        frame_type = _fg_value(ds, f, "CTImageFrameTypeSequence", "FrameType")
+        frame_type = _fg_value(ds, f, "CTImageFrameTypeSequence", "FrameType", many=True)
         image_type = _codes(frame_type) if frame_type else base_type
-        ps = _floats(_fg_value(ds, f, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        ps = _floats(_fg_value(ds, f, "PixelMeasuresSequence", "PixelSpacing", many=True), 2)
         out.append(
             FrameHeader(
                 filename=filename,
                 frame_index=f,
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "") or f"{filename}#nouid"),
+                sop_instance_uid=str(header_value(ds, "SOPInstanceUID", "") or f"{filename}#nouid"),
                 sop_class_uid=sop_class,
-                study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
-                series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-                series_number=_opt_int(ds.get("SeriesNumber")),
-                series_description=str(ds.get("SeriesDescription", "") or ""),
+                study_instance_uid=str(header_value(ds, "StudyInstanceUID", "") or ""),
+                series_instance_uid=str(header_value(ds, "SeriesInstanceUID", "") or ""),
+                series_number=_opt_int(header_value(ds, "SeriesNumber")),
+                series_description=str(header_value(ds, "SeriesDescription", "") or ""),
                 modality=modality or "CT",
                 image_type=image_type,
                 orientation=_floats(  # type: ignore[arg-type]
-                    _fg_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+                    _fg_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient", many=True), 6
                 ),
                 position=_floats(  # type: ignore[arg-type]
-                    _fg_value(ds, f, "PlanePositionSequence", "ImagePositionPatient"), 3
+                    _fg_value(ds, f, "PlanePositionSequence", "ImagePositionPatient", many=True), 3
                 ),
                 slice_thickness=_opt_float(_fg_value(ds, f, "PixelMeasuresSequence", "SliceThickness")),
                 pixel_spacing=ps,  # type: ignore[arg-type]
-                instance_number=_opt_int(ds.get("InstanceNumber")),
+                instance_number=_opt_int(header_value(ds, "InstanceNumber")),
                 rows=rows,
                 cols=cols,
                 slope=slope,
@@ -954,7 +1044,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
                 intercept_missing=intercept_missing,
                 lossy=lossy,
                 warnings=tuple(warnings),
-                convolution_kernel=joined_text(_fg_value(ds, f, "CTReconstructionSequence", "ConvolutionKernel")),
+                convolution_kernel=joined_text(_fg_value(ds, f, "CTReconstructionSequence", "ConvolutionKernel", many=True)),
             )
         )
     return out

@@ -49,6 +49,7 @@ from gateway.dicom import (
     FrameHeader,
     GridMapping,
     decode_hu,
+    header_value,
     image_noise_hu,
     known_spacing,
     read_dataset,
@@ -632,7 +633,7 @@ def _ct_study_of(ds: Dataset) -> str | None:
     mixing studies is refused whichever of its files would have been screened.
     """
     try:
-        values = [str(ds.get(k, "") or "").strip() for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+        values = [str(header_value(ds, k, "") or "").strip() for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
     except Exception:  # noqa: BLE001 - malformed values surface lazily in pydicom
         return None
     if values[0] not in CT_SOP_CLASSES or not all(is_uid(v) for v in values):

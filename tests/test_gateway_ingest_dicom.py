@@ -26,6 +26,7 @@ from gateway.dicom import (
     GridMapping,
     decode_file,
     decode_hu,
+    header_value,
     native_fast_path,
     read_dataset,
     read_headers,
@@ -71,6 +72,53 @@ def test_decoding_leaves_the_pixels_out_of_the_data_set(tmp_path: Path, syntax: 
     np.testing.assert_array_equal(decode_hu(ds, headers)[0], hu)
     assert ds.get_item(0x7FE00010, keep_deferred=True).value is None
     np.testing.assert_array_equal(decode_hu(ds, headers, frame=0)[0], hu)
+
+
+@pytest.mark.parametrize(("keyword", "raw", "charset"), [
+    ("SOPInstanceUID", b"1.2.840.1\0", None), ("SOPInstanceUID", b" 1.2.3", None), ("SOPInstanceUID", b"1.02", None),
+    ("Modality", b"CT", None), ("Modality", b"ct", None), ("Modality", b"CT\\MR ", None), ("ImageType", b"ORIGINAL\\PRIMARY ", None),
+    ("RescaleIntercept", b"-1024 ", None), ("RescaleIntercept", b"1e400 ", None), ("RescaleSlope", b"1\\1 ", None),
+    ("RescaleSlope", b"nan ", None), ("ImagePositionPatient", b"-85.0\\ -115.0\\-97.3 ", None), ("PixelSpacing", b"0,7\\0,7 ", None),
+    ("SeriesNumber", b" 12 ", None), ("SeriesNumber", b"1.0 ", None), ("SeriesNumber", b"99999999999 ", None),
+    ("SeriesDescription", b"Thorax  ", "ISO_IR 100"), ("SeriesDescription", "Thorax \u00c4".encode("latin-1"), "ISO_IR 100"),
+    ("SeriesDescription", b"Thorax", "ISO 2022 IR 87"), ("ConvolutionKernel", b"B30f\\I40f ", None),
+])
+def test_header_value_reads_as_pydicom_does(keyword: str, raw: bytes, charset: str | None) -> None:
+    """``header_value`` of an element still as the file holds it reads as pydicom's own value does (``str``, ``int``,
+    ``float`` of each value) and leaves what pydicom would warn about, or read otherwise, to pydicom."""
+    import warnings
+
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = ct_dataset(chest_like(16, 16))
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    tag = Tag(tag_for_keyword(keyword))
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+    data = to_bytes(ds)
+
+    def read(get):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                value = get(read_dataset(data))
+            except ValueError as exc:
+                value = exc
+        as_list = list(value) if isinstance(value, list | pydicom.multival.MultiValue) else [value]
+        kind = float if dictionary_VR(tag) == "DS" else int if dictionary_VR(tag) in ("IS", "US") else str
+
+        def as_read(v: object) -> str:  # what the headers make of a value: str(), int() or float() of it, or not
+            try:
+                return repr(kind(v))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                return f"unread {v!r}"
+
+        return [as_read(v) for v in as_list], [str(w.message) for w in said]
+
+    many = keyword in ("ImageType", "ImagePositionPatient", "PixelSpacing", "ConvolutionKernel")
+    assert read(lambda ds: header_value(ds, keyword, many=many)) == read(lambda ds: ds.get(keyword))
 
 
 def test_lossy_jpeg2000_is_close() -> None:
