@@ -1075,14 +1075,23 @@ def _native_layout(ds: Dataset) -> tuple[int, int, int, int, np.dtype] | None:
     """``(frames, rows, cols, bits stored, dtype)`` of native little-endian 16-bit data, or None (another
     syntax or layout), from the header alone."""
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    if ts not in _NATIVE_LE or ds.get("BitsAllocated") != 16 or (ds.get("SamplesPerPixel") or 1) != 1:
+    if ts not in _NATIVE_LE or header_value(ds, "BitsAllocated") != 16 or (header_value(ds, "SamplesPerPixel") or 1) != 1:
         return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = _opt_int(ds.get("NumberOfFrames")) or 1
-    bits = _opt_int(ds.get("BitsStored")) or 16
+    rows, cols = int(_required(ds, "Rows")), int(_required(ds, "Columns"))
+    frames = _opt_int(header_value(ds, "NumberOfFrames")) or 1
+    bits = _opt_int(header_value(ds, "BitsStored")) or 16
     if frames < 1 or not 1 <= bits <= 16:
         return None
-    return frames, rows, cols, bits, np.dtype("<i2" if ds.get("PixelRepresentation") == 1 else "<u2")
+    return frames, rows, cols, bits, np.dtype("<i2" if header_value(ds, "PixelRepresentation") == 1 else "<u2")
+
+
+_ABSENT: Final = object()
+
+
+def _required(ds: Dataset, keyword: str) -> Any:
+    """``ds.<keyword>`` (:class:`AttributeError` when absent), as :func:`header_value` reads it."""
+    value = header_value(ds, keyword, _ABSENT)
+    return getattr(ds, keyword) if value is _ABSENT else value
 
 
 def _native_raw(ds: Dataset) -> np.ndarray | None:
