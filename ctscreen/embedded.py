@@ -68,7 +68,74 @@ request and faults it back in at the next: 700-1000 page faults a slice in each 
 (tests/test_triton_server.py), about 1.2 ms of CPU a slice in the fused stubs. Arrays up to 16 MiB come from
 the heap, and the main heap keeps up to 128 MiB free before it shrinks (docs/triton.md, "Memory allocator").
 A name the caller's environment sets is the caller's, and a ``GLIBC_TUNABLES`` naming ``glibc.malloc.``
-settings is an operator's malloc policy that these names would override: then none is set."""
+settings is an operator's malloc policy that these names would override: then none is set (:func:`malloc_policy`).
+The gateway's process applies the same values to itself at its start (:func:`apply_malloc_policy`)."""
+
+MALLOPT_PARAM: Final = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2}
+"""glibc's ``mallopt`` parameter of each :data:`MALLOC_ENV` name (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``,
+``M_TOP_PAD`` of ``<malloc.h>``): the same setting as the variable, made in a process already running."""
+
+
+def malloc_policy(environ: Mapping[str, str]) -> dict[str, str]:
+    """The :data:`MALLOC_ENV` settings a process with the environment ``environ`` is given: each name it does
+    not set itself, and none when its ``GLIBC_TUNABLES`` names ``glibc.malloc.`` settings (an operator's
+    policy, which the ``MALLOC_*`` names would override).
+
+    >>> sorted(malloc_policy({"MALLOC_TOP_PAD_": "0"}))
+    ['MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_']
+    >>> malloc_policy({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}), malloc_policy({}) == MALLOC_ENV
+    ({}, True)
+    """
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return {}
+    return {name: value for name, value in MALLOC_ENV.items() if name not in environ}
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt`` of this process; None on another C library (musl) or without one."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc's own: musl's mallopt does nothing
+            return None
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def apply_malloc_policy(environ: Mapping[str, str] | None = None,
+                        mallopt: Callable[[int, int], int] | None = None) -> dict[str, int]:
+    """Give this running process :data:`MALLOC_ENV` by glibc's ``mallopt`` (its variables are read only when a
+    process starts), under the rules of :func:`malloc_policy` on ``environ`` (default ``os.environ``); return
+    what was set. Not glibc (musl): nothing, logged at debug. ``mallopt`` replaces glibc's (tests).
+
+    >>> calls = []
+    >>> apply_malloc_policy({"MALLOC_TOP_PAD_": "0"}, lambda p, v: calls.append((p, v)) or 1)
+    {'MALLOC_MMAP_THRESHOLD_': 16777216, 'MALLOC_TRIM_THRESHOLD_': 134217728}
+    >>> calls
+    [(-3, 16777216), (-1, 134217728)]
+    >>> apply_malloc_policy({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"}, lambda p, v: 1/0)
+    {}
+    """
+    wanted = malloc_policy(os.environ if environ is None else environ)
+    if not wanted:
+        logger.debug("glibc malloc: the environment's own policy (MALLOC_* or GLIBC_TUNABLES) is kept")
+        return {}
+    if mallopt is None:
+        mallopt = _glibc_mallopt()
+        if mallopt is None:
+            logger.debug("not glibc: no malloc policy set (%s)", ", ".join(wanted))
+            return {}
+    done = {}
+    for name, value in wanted.items():
+        if mallopt(MALLOPT_PARAM[name], int(value)) == 1:
+            done[name] = int(value)
+        else:
+            logger.debug("glibc malloc: mallopt refused %s=%s", name, value)
+    return done
 
 
 def server_environment(base: Mapping[str, str], libs: Path, extra: Mapping[str, str | None] | None = None,
@@ -96,10 +163,7 @@ def server_environment(base: Mapping[str, str], libs: Path, extra: Mapping[str, 
             env.pop(name, None)
         else:
             env[name] = given
-    if "glibc.malloc." not in env.get("GLIBC_TUNABLES", ""):
-        for name, value in MALLOC_ENV.items():
-            if name not in extra:
-                env.setdefault(name, value)
+    env.update({name: value for name, value in malloc_policy(env).items() if name not in extra})
     return env
 
 
