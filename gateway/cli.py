@@ -138,7 +138,7 @@ def run_stack(
 
     from ctscreen.embedded import EmbeddedTriton, Supervisor, free_port
     from gateway.httpserver import bounded_protocol
-    from gateway.main import create_app
+    from gateway.main import create_app, tune_malloc
     from gateway.store.migrate import SchemaError, prepare_schema
 
     settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
@@ -147,6 +147,7 @@ def run_stack(
     except SchemaError as exc:
         raise CliError(str(exc)) from None
     _preflight(settings)
+    tune_malloc(settings.malloc_tuning)  # this process runs the gateway (Triton's processes take MALLOC_ENV at start)
     triton = supervisor = None
     try:
         if triton_url is None:

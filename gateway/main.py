@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from aggregator.case import CaseRule
 from ctscreen import __version__
+from ctscreen.embedded import apply_malloc_policy
 from gateway import security
 from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.auth import AuthConfigError
@@ -77,6 +78,22 @@ def tuned_gc(on: bool = True) -> Iterator[None]:
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+def tune_malloc(on: bool = True) -> dict[str, int]:
+    """Give the gateway's process Triton's glibc malloc policy (``CTSCREEN_MALLOC_TUNING``, on by default):
+    :func:`ctscreen.embedded.apply_malloc_policy`, at the start of the process's gateway (``app_from_env``,
+    ``ctscreen serve``), never by :func:`create_app` (a library caller's process is its own). Returns what was set.
+
+    Decoding a slice allocates arrays of 512 KiB and more; with glibc's defaults each is a fresh mmap, unmapped
+    when freed, whose pages the kernel zero-fills again at the next slice (docs/gateway.md, "glibc's malloc").
+    """
+    if not on:
+        return {}
+    done = apply_malloc_policy()
+    if done:
+        logger.info("glibc malloc policy of the gateway's process: %s", " ".join(f"{k}={v}" for k, v in done.items()))
+    return done
 
 
 def make_pool(settings: Settings, client_factory: ClientFactory | None = None) -> TritonPool:
@@ -245,6 +262,7 @@ def app_from_env() -> FastAPI:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
     for line in unknown_variables(os.environ):
         logger.warning("ctscreen gateway: %s", line)
+    tune_malloc(settings.malloc_tuning)
     try:
         app = create_app(settings, start_checked=True)
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file

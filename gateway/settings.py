@@ -191,6 +191,11 @@ class Settings(BaseSettings):
                           "every 50,000 allocations, not 700: a study's DICOM headers are millions of short-lived "
                           "objects, and the default collector took about 5 % of the gateway's CPU. "
                           "False: Python's defaults.")
+    malloc_tuning: bool = Field(
+        True, description="Give the gateway's process the glibc malloc policy of Triton's (ctscreen.embedded.MALLOC_ENV, "
+                          "by mallopt at start): a slice's decoded arrays come from the heap instead of fresh, "
+                          "zero-filled mmaps. Names of it the environment sets (MALLOC_*_), or a GLIBC_TUNABLES naming "
+                          "glibc.malloc. settings, are kept. False: glibc's defaults.")
     job_deadline_s: float = Field(
         24 * 3600.0, gt=0, description="An accepted study that no Triton could take this long fails (instances kept)."
     )
