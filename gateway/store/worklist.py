@@ -208,12 +208,16 @@ class Worklist:
             return int((await s.execute(select(func.max(Event.id)))).scalar() or 0)
 
     async def events_after(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
-        """Job events after ``after`` (oldest first): id, job, state, slices done and total."""
+        """Job events after ``after`` (oldest first): id, job, the Study Instance UID it screens (a page past the
+        first learns from it that a version of one of its studies changed: that study's marks may change), state,
+        slices done and total."""
         async with self.store.read() as s:
-            rows = await s.execute(select(Event.id, Event.job_id, Event.state, Event.slices_done, Event.slices_total)
-                                   .where(Event.id > after).order_by(Event.id).limit(limit))
-            return [{"id": r[0], "job_id": r[1], "state": row_state("complete", r[2]), "slices_done": r[3],
-                     "slices_total": r[4]} for r in rows]
+            rows = await s.execute(select(Event.id, Event.job_id, Job.study_instance_uid, Event.state, Event.slices_done,
+                                          Event.slices_total)
+                                   .join(Job, Job.id == Event.job_id).where(Event.id > after).order_by(Event.id)
+                                   .limit(limit))
+            return [{"id": r[0], "job_id": r[1], "study_instance_uid": r[2], "state": row_state("complete", r[3]),
+                     "slices_done": r[4], "slices_total": r[5]} for r in rows]
 
     async def event_ids(self, low: int, high: int) -> set[int]:
         """Ids of the job events in ``(low, high]`` committed now."""

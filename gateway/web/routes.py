@@ -217,7 +217,8 @@ async def worklist(
                 200: {"content": {"text/event-stream": {}}},
                 429: {"description": "the caller, or the gateway, holds as many event streams open as it may"}})
 async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
-    """``event: progress`` with ``{job_id, state, slices_done, slices_total}`` at each change of any job;
+    """``event: progress`` with ``{job_id, study_instance_uid, state, slices_done, slices_total}`` at each change
+    of any job;
     ``event: studies`` with ``{newest}`` (a study id) when a study version is opened (a study being received
     shows on the worklist before it has a job). A caller holds at most ``CTSCREEN_MAX_STREAMS_PER_CALLER``
     streams open, the replica ``CTSCREEN_MAX_STREAMS``: beyond, 429 ``too_many_streams``."""

@@ -58,7 +58,7 @@ function rowHtml(row) {
     : (row.state === "failed" ? "—" : "");
   // an older version's verdict is not the study's: say so in words, not only by muting the row
   const superseded = row.superseded_by ? `<small class="superseded"> superseded by v${esc(row.superseded_by)}</small>` : "";
-  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
+  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-uid="${uid}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
     + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
     + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
     + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}${superseded}</th>`
@@ -173,7 +173,13 @@ export function worklistView(main, params) {
     if (type === "studies") { if (!offset) reloadSoon(); return; }
     if (type !== "progress") return;
     const tr = tbody.querySelector(`tr[data-job-id="${CSS.escape(e.job_id)}"]`);
-    if (!tr) { if (!offset) reloadSoon(); return; }   // a new study on the first page
+    // a new study on the first page; past it, a version of a study shown here queued, done or failed: whether its
+    // other versions' rows are superseded may have changed (the rows may shift, as they would for a reload)
+    if (!tr) {
+      const mine = tbody.querySelector(`tr[data-uid="${CSS.escape(e.study_instance_uid || "")}"]`);
+      if (!offset || (mine && ["queued", "done", "failed"].includes(e.state))) reloadSoon();
+      return;
+    }
     const was = tr.dataset.state;
     tr.dataset.state = e.state;
     const row = { state: e.state, slices_done: e.slices_done, slices_total: e.slices_total };
