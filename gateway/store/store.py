@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVarTuple, overload
 
 from sqlalchemy import (
     BindParameter,
@@ -63,7 +63,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, aliased
-from sqlalchemy.sql.selectable import ScalarSelect
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.selectable import ScalarSelect, TypedReturnsRows
 
 from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound, PatientMismatch
@@ -91,6 +92,7 @@ TAKEOVER_BACKOFF_S = 30.0
 """Wait before the second take-over in a row, doubling after (the first is at once: a node was lost)."""
 CLOCK_WARN_S = 2.0
 """A machine clock further off the server's than this is logged (the store is right either way)."""
+_Ts = TypeVarTuple("_Ts")
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
 
@@ -109,14 +111,14 @@ def _waiting(now: float | BindParameter[float]) -> ColumnElement[bool]:
 # The sweeper's statements, built once with their times as parameters (``now``, ``quiet_before``): built at each
 # pass, twice a second on every replica, their expressions cost about a quarter of the pass's CPU
 _NOW: BindParameter[float] = bindparam("now", type_=Float())
-_DUE = (select(Study).where(Study.state == RECEIVING, Study.last_rx_at <= bindparam("quiet_before", type_=Float()))
+_DUE = (select(Study.id).where(Study.state == RECEIVING, Study.last_rx_at <= bindparam("quiet_before", type_=Float()))
         .order_by(Study.last_rx_at).limit(100).with_for_update(skip_locked=True))
 _OVERDUE = select(Job.id, Job.error).where(_waiting(_NOW), Job.deadline_at < _NOW)
 # the worker's claim (every poll of an idle slot, twice a second): the next job due (queued) or abandoned (lease
 # expired), the highest priority first and the oldest first within one; _PICK_EXCLUDING leaves out ``exclude``
 # (an expanding parameter, as ``not_in`` of a list makes one). Built at each claim, its expressions and cache
 # key cost about a quarter of an idle claim's CPU
-_PICK = select(Job).where(or_(
+_PICK = select(Job.id).where(or_(
     and_(Job.state == JobState.queued.value, Job.next_attempt_at <= _NOW),
     and_(Job.state.in_(_RUNNING), Job.lease_expires_at < _NOW),
 )).order_by(Job.priority.desc(), Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
@@ -815,8 +817,13 @@ class Store:
         return self._completed(jobs)
 
     async def _complete_due(self, s: AsyncSession, now: float, quiet_period_s: float, deadline_s: float) -> list[Job]:
-        due = (await s.execute(_DUE, {"quiet_before": now - quiet_period_s})).scalars().all()
-        return await self._complete(s, due, now, deadline_s)
+        # the ids first, on the session's connection (no ORM load, nor its execute path, when none is due: nearly
+        # every pass); the rows are locked by then, and the ORM loads the few that are
+        due = (await _core(s, _DUE, {"quiet_before": now - quiet_period_s})).scalars().all()
+        if not due:
+            return []
+        studies = (await s.execute(select(Study).where(Study.id.in_(due)).order_by(Study.last_rx_at))).scalars().all()
+        return await self._complete(s, studies, now, deadline_s)
 
     def _completed(self, jobs: Sequence[Job]) -> list[str]:
         """Say which studies went quiet (after the commit that queued their jobs) and wake the workers."""
@@ -878,10 +885,10 @@ class Store:
         now = await self.now()
         pick, params = (_PICK_EXCLUDING, {"now": now, "exclude": list(exclude)}) if exclude else (_PICK, {"now": now})
         async with self.tx() as s:
-            job = (await s.execute(pick, params)).scalar_one_or_none()
+            job = await _picked(s, pick, params)
             while job is not None and job.state != JobState.queued.value:
                 self._lost(s, job, now)  # queued again (later) or set aside: never run here at once twice
-                job = (await s.execute(pick, params)).scalar_one_or_none()
+                job = await _picked(s, pick, params)
             if job is None:
                 return None
             job.state, job.lease_owner, job.lease_expires_at = JobState.decoding.value, self.owner, now + lease_s
@@ -1078,7 +1085,7 @@ class Store:
             return await self._adopt(s, now, alive_s)
 
     async def _adopt(self, s: AsyncSession, now: float, alive_s: float) -> int:
-        done = await s.execute(_ADOPT, {"now": now, "gone_before": now - alive_s, "adopter": self.owner})
+        done = await _core(s, _ADOPT, {"now": now, "gone_before": now - alive_s, "adopter": self.owner})
         return _rowcount(done)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
@@ -1133,7 +1140,7 @@ class Store:
 
     @staticmethod
     async def _overdue(s: AsyncSession, now: float) -> list[tuple[str, Any]]:
-        rows = (await s.execute(_OVERDUE, {"now": now})).all()
+        rows = (await _core(s, _OVERDUE, {"now": now})).all()
         return [(r[0], r[1]) for r in rows]
 
     # --- reading ---------------------------------------------------------------------------------
@@ -1225,7 +1232,7 @@ class Store:
 
     @staticmethod
     async def _events_after(s: AsyncSession, job_id: str, after: int) -> list[tuple[int, str]]:
-        rows = await s.execute(_EVENTS_AFTER, {"job_id": job_id, "after": after})
+        rows = await _core(s, _EVENTS_AFTER, {"job_id": job_id, "after": after})
         return [(r[0], r[1]) for r in rows]
 
     async def job_step(self, job_id: str, after: int, *, view: bool = False
@@ -1270,7 +1277,7 @@ class Store:
         if mine and priority is None:  # the sweeper's, each pass: built once (as _DUE and _OVERDUE)
             if self._mine is None:
                 self._mine = self._counts_query(True, _NOW)
-            rows = (await s.execute(self._mine, {"now": now})).all()
+            rows = (await _core(s, self._mine, {"now": now})).all()
         else:
             rows = (await s.execute(self._counts_query(mine, now, priority))).all()
         queued = sum(int(r[1]) for r in rows if r[0] == JobState.queued.value)
@@ -1316,6 +1323,33 @@ class Store:
         if gone:
             logger.info("retention: removed %d finished studies", len(gone))
         return sorted(keys - still)
+
+
+async def _picked(s: AsyncSession, pick: Select[str], params: dict[str, Any]) -> Job | None:
+    """The job ``pick`` (:data:`_PICK`) chooses, locked: its id read on the connection (an idle worker's claim, twice
+    a second, finds none and loads nothing), then the row by the ORM. The session is flushed first: a job set aside
+    by :meth:`Store._lost` must be chosen by what it is now (the ORM's own execute flushed it before reading)."""
+    await s.flush()
+    job_id = (await _core(s, pick, params)).scalar()
+    return None if job_id is None else await s.get(Job, job_id)
+
+
+@overload
+async def _core(s: AsyncSession, statement: TypedReturnsRows[*_Ts],
+                params: dict[str, Any] | None = None) -> CursorResult[*_Ts]: ...
+
+
+@overload
+async def _core(s: AsyncSession, statement: Executable,
+                params: dict[str, Any] | None = None) -> CursorResult[*tuple[Any, ...]]: ...
+
+
+async def _core(s: AsyncSession, statement: Executable,
+                params: dict[str, Any] | None = None) -> CursorResult[*tuple[Any, ...]]:
+    """``statement`` executed on the session's connection, in its transaction: SQL as written, without the ORM's
+    execute path (a Core statement through the session is taken apart for ORM options and entities first, about a
+    third of a short statement's CPU). For statements that load no ORM objects and need no session synchronised."""
+    return await (await s.connection()).execute(statement, params)
 
 
 async def _named(s: AsyncSession, keys: Sequence[str]) -> set[str]:
