@@ -1589,6 +1589,9 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
     become air (:data:`PAD_HU`) and are left out of the plausibility checks. In a lossy frame the padding may
     miss the value a little (:data:`LOSSY_PADDING_TOLERANCE`).
 
+    Native pixels are read from ``ds``'s source (the file or the bytes it was parsed from) at each call, never
+    kept in ``ds``: a file must stay until its last decode, not only its first.
+
     Parameters
     ----------
     ds : pydicom.dataset.Dataset

@@ -26,7 +26,6 @@ import asyncio
 import functools
 import io
 import logging
-import mmap
 import os
 import re
 import stat
@@ -35,7 +34,7 @@ import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast, overload
+from typing import IO, Any, TypeVar, overload
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
@@ -95,7 +94,7 @@ class UploadLimits:
             raise ValueError(f'Argument "max_ratio" must be > 1, got {self.max_ratio}.')
 
 
-def is_zip(data: bytes | mmap.mmap | Path) -> bool:
+def is_zip(data: bytes | Path) -> bool:
     """Return whether ``data`` (bytes, or a file) starts like a zip archive."""
     if isinstance(data, Path):
         with open(data, "rb") as fh:
@@ -105,7 +104,7 @@ def is_zip(data: bytes | mmap.mmap | Path) -> bool:
 
 @overload
 def iter_upload(
-    filename: str, data: bytes | mmap.mmap, limits: UploadLimits | None = None
+    filename: str, data: bytes, limits: UploadLimits | None = None
 ) -> Iterator[tuple[str, bytes]]: ...
 
 
@@ -116,7 +115,7 @@ def iter_upload(
 
 
 def iter_upload(
-    filename: str, data: bytes | mmap.mmap | Path, limits: UploadLimits | None = None
+    filename: str, data: bytes | Path, limits: UploadLimits | None = None
 ) -> Iterator[tuple[str, bytes]] | Iterator[tuple[str, bytes | Path]]:
     """Yield the files in one upload: the file itself, or every member of a zip archive.
 
@@ -124,8 +123,9 @@ def iter_upload(
     ----------
     filename : str
         Name the client gave the upload (used in messages and as the prefix of member names).
-    data : bytes | mmap.mmap | pathlib.Path
-        The upload body, or the file it was spooled to.
+    data : bytes | pathlib.Path
+        The upload body, or the file it was spooled to (an admitted body, a ``mmap``, is spooled first:
+        ``gateway.api.studies``).
     limits : UploadLimits | None
         Limits to enforce; defaults to :class:`UploadLimits()`.
 
@@ -156,8 +156,7 @@ def iter_upload(
         if isinstance(data, Path):
             yield filename, data
             return
-        # a memory-mapped body (gateway.admission) is read through its file: no page is held twice
-        yield filename, data.tobytes() if isinstance(data, mmap.mmap) and hasattr(data, "tobytes") else bytes(data)
+        yield filename, bytes(data)
         return
     if isinstance(data, Path):
         with open(data, "rb") as fh:  # read in place, a member at a time
@@ -217,9 +216,9 @@ def _check_no_overlap(archive: str, infos: list[zipfile.ZipInfo], directory_at: 
                           filename=archive)
 
 
-def _iter_zip(filename: str, data: bytes | mmap.mmap | IO[bytes], limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
-    # a mmap or an open file is read in place: it reads, seeks and tells like a binary file
-    fh = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else cast(IO[bytes], data)
+def _iter_zip(filename: str, data: bytes | IO[bytes], limits: UploadLimits) -> Iterator[tuple[str, bytes]]:
+    # an open file is read in place
+    fh = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         entries = declared_entries(fh)
         fh.seek(0)
