@@ -1094,9 +1094,10 @@ def _required(ds: Dataset, keyword: str) -> Any:
     return getattr(ds, keyword) if value is _ABSENT else value
 
 
-def _native_raw(ds: Dataset) -> np.ndarray | None:
-    """[F, R, C] view of native little-endian 16-bit data as stored (bits above Bits Stored kept), or None."""
-    layout = _native_layout(ds)
+def _native_raw(ds: Dataset, layout: tuple[int, int, int, int, np.dtype] | None = None) -> np.ndarray | None:
+    """[F, R, C] view of native little-endian 16-bit data as stored (bits above Bits Stored kept), or None.
+    ``layout``: :func:`_native_layout`'s, when the caller has it."""
+    layout = layout or _native_layout(ds)
     if layout is None:
         return None
     frames, rows, cols, _, dtype = layout
@@ -1132,13 +1133,12 @@ def _native_owned(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, in
             return None
         return (out, bits) if _read_deferred_into(ds, elem, first * rows * cols * 2, out) else None
     try:
-        data = ds.PixelData
+        raw = _native_raw(ds, layout)
     except (AttributeError, TypeError, ValueError):
         return None
-    if not isinstance(data, bytes) or len(data) < frames * rows * cols * 2:
+    if raw is None:
         return None
-    np.copyto(out, np.frombuffer(data, dtype=dtype, count=n * rows * cols, offset=first * rows * cols * 2)
-              .reshape(n, rows, cols))
+    np.copyto(out, raw[first : first + n])
     return out, bits
 
 
