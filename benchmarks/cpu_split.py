@@ -55,14 +55,21 @@ logger = logging.getLogger(__name__)
 CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after ``pid (comm)`` (a command name may hold spaces and parentheses):
+    ``[0]`` the state, ``[1]`` the parent, ``[7]`` minor page faults, ``[11]``-``[14]`` CPU ticks (proc(5) fields 3 on).
+    OSError when the process is gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def _proc(pid: int) -> tuple[int, float, str] | None:
     """``(ppid, cpu seconds incl. reaped children, cmdline)`` of ``pid``, None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat_fields(pid)
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     ppid = int(fields[1])
     utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
     return ppid, (utime + stime + cutime + cstime) / CLK, cmd

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import phantom
+from benchmarks.cpu_split import stat_fields
 from benchmarks.stack import GATEWAY_PIDS, TritonTarget, gateway
 from ctscreen.embedded import (
     MALLOC_ENV,
@@ -56,7 +57,7 @@ def test_refused_settings_and_switched_off_set_nothing(monkeypatch: pytest.Monke
 
 
 def _minflt(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    return int(stat_fields(pid)[7])
 
 
 @pytest.fixture(scope="module")

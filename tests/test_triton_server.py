@@ -22,6 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.cpu_split import stat_fields
 from ctscreen import contracts as c
 from ctscreen.embedded import MALLOC_ENV, EmbeddedTriton
 from ctscreen.postprocess import postprocess_batch, unpack_boxes
@@ -211,7 +212,7 @@ def _stub_faults(server: EmbeddedTriton, model: str) -> int:
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            stat = stat_fields(proc.name)
         except (OSError, ValueError):
             continue  # not a process, or one that ended
         if int(stat[1]) == server.pid and f"/{model}/1/model.py".encode() in b" ".join(cmdline):
