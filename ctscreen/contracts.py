@@ -42,6 +42,14 @@ FUSED_MODEL: Final = "ct_screen_fused"
 HU_CAST_MODEL: Final = "hu_cast"  # gpu profile only: INT16 -> FP32 in front of the TensorRT plans
 SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
 
+# --- request priority -------------------------------------------------------------------------
+PRIORITY_LEVELS: Final = 3
+"""Priority levels of every model Triton batches (``dynamic_batching.priority_levels``): a request of level 1
+(an urgent study's) is scheduled before every waiting request of level 2 (routine, also the level of a request
+that names none), and those before level 3 (low). Triton passes an ensemble request's level to its steps."""
+DEFAULT_PRIORITY_LEVEL: Final = 2
+"""The level of a request that names none (a client other than the gateway: perf_analyzer, a peer)."""
+
 # --- paper defaults (Chen et al., Sci Rep 2020, 10:19196) --------------------------------------
 PROB_CUTOFF: Final = 0.50
 """A pixel (and a region) counts when its probability is >= this."""

@@ -433,6 +433,9 @@ def _render_into(
         "max_batch_size": s.max_batch_size,
         "input_name": c.HU_SLICES,
         "output_name": c.PROB,
+        # every batching model: an urgent study's requests go before the routine ones waiting (c.PRIORITY_LEVELS)
+        "priority_levels": c.PRIORITY_LEVELS,
+        "default_priority_level": c.DEFAULT_PRIORITY_LEVEL,
     }
     gpu_plan = profile in ("gpu", "gpu-ort")  # TensorRT's FP32-input graph behind hu_cast
     seg_template = templates / f"segmentation.{profile}.pbtxt"

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
+from ctscreen.contracts import PRIORITY_LEVELS
 from gateway.errors import Busy as Busy  # re-exported: the API's job errors
 from gateway.errors import JobNotFound as JobNotFound
 
@@ -55,9 +56,20 @@ PRIORITIES: dict[Priority, int] = {"low": 0, "routine": 1, "urgent": 2}
 """A study's priority and its rank in the store: a worker takes the highest due first, the oldest first within
 one (``POST /v1/studies?priority=``, STOW-RS ``?priority=``, the C-STORE request's Priority, an urgent AE title)."""
 ROUTINE = PRIORITIES["routine"]
+URGENT = PRIORITIES["urgent"]
 _NAMES: dict[int, Priority] = {rank: name for name, rank in PRIORITIES.items()}
 DIMSE_PRIORITIES: dict[int, int] = {0x0002: 0, 0x0000: 1, 0x0001: 2}
 """The C-STORE request's Priority (0002,0700): LOW, MEDIUM, HIGH (PS3.7 9.1.1.1)."""
+
+
+def triton_priority(rank: int | None) -> int:
+    """The Triton priority level (:data:`ctscreen.contracts.PRIORITY_LEVELS`) of a study's requests, by its rank:
+    urgent 1 (Triton's most urgent), routine 2 (the models' default level), low 3.
+
+    >>> [triton_priority(PRIORITIES[p]) for p in ("urgent", "routine", "low")], triton_priority(None)
+    ([1, 2, 3], 2)
+    """
+    return PRIORITY_LEVELS - (ROUTINE if rank is None else rank)
 
 
 def priority_name(rank: int | None) -> Priority:

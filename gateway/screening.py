@@ -184,7 +184,7 @@ class Screener:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def prepare(self, sources: Iterable[tuple[str, bytes | Path]], *, speculate: bool = False,
-                      streamed: bool = False) -> Prepared:
+                      streamed: bool = False, priority: int = 0) -> Prepared:
         """Read a study's files and decide its series and slice order from the headers; decode its
         first batch of slices (the rest is decoded while it is screened, :meth:`screen`).
 
@@ -215,7 +215,7 @@ class Screener:
         if not self._stream:
             study = await parse(lambda: self._loader(list(sources)))
             return self._prepared(study, time.monotonic() - t)
-        speculation = Speculation(self.pool) if speculate else None
+        speculation = Speculation(self.pool, priority=priority) if speculate else None
         if speculation is not None:
             self.ahead.add(speculation)  # at once: the upload route's room check (has_room) counts it from here
         try:
@@ -280,7 +280,7 @@ class Screener:
             prepared.decoded[uid] = (frames, spent)
 
     async def _screen_stream(self, prepared: Prepared, progress: Callable[[int], None],
-                             calls: InferStats) -> tuple[PreparedStudy, list[SliceOutput]]:
+                             calls: InferStats, priority: int) -> tuple[PreparedStudy, list[SliceOutput]]:
         """Decode the rest of a planned study batch by batch while Triton screens the batches decoded; or,
         when the upload's speculation took on every object of the chosen series, take its answers and
         ask Triton only for the slices it has no answer for (:meth:`_screen_ahead`)."""
@@ -332,23 +332,23 @@ class Screener:
         try:
             if ahead is not None:
                 outputs = await self._screen_ahead(ahead, pixels, [h.key for h in plan.ordered.slices], fill(),
-                                                   streamed, calls)
+                                                   streamed, calls, priority)
             else:
-                outputs = await self.pool.infer(hu, on_batch=streamed, ready=fill(), stats=calls)
+                outputs = await self.pool.infer(hu, on_batch=streamed, ready=fill(), stats=calls, priority=priority)
         except _Undecoded:
             logger.info("a frame of the series did not decode; screening the study whole")
             if prepared.speculation is not None:
                 prepared.speculation.cancel()  # its answers are not used on that path
             prepared.decoded.clear()
             study = await asyncio.get_running_loop().run_in_executor(self.executor, self._whole, plan)
-            return study, await self.pool.infer(study.hu, on_batch=again, stats=calls)
+            return study, await self.pool.infer(study.hu, on_batch=again, stats=calls, priority=priority)
         # in a decode thread: it measures the lung field of up to 12 slices (~8 ms), too long for the event loop
         assemble = functools.partial(plan.assemble, hu, grids, dict(work), pixels=pixels if ahead is not None else None)
         return await asyncio.get_running_loop().run_in_executor(self.executor, assemble), outputs
 
     async def _screen_ahead(self, ahead: Speculation, pixels: dict[tuple[str, int], np.ndarray],
                             keys: list[tuple[str, int]], filled: AsyncIterator[int],
-                            on_batch: Callable[[int], None], calls: InferStats) -> list[SliceOutput]:
+                            on_batch: Callable[[int], None], calls: InferStats, priority: int) -> list[SliceOutput]:
         """The outputs of the slices ``keys`` (their pixels put in ``pixels`` by ``filled``): the
         speculation's answers, and Triton's for the slices it has none for (a batch of it failed, ...)."""
         async for _ in filled:  # every object decoded (by the speculation): pixels holds every key
@@ -361,16 +361,18 @@ class Screener:
             on_batch(len(keys) - len(missing))
         if missing:
             rest = np.stack([pixels[keys[i]] for i in missing])
-            for i, out in zip(missing, await self.pool.infer(rest, on_batch=on_batch, stats=calls), strict=True):
+            for i, out in zip(missing, await self.pool.infer(rest, on_batch=on_batch, stats=calls,
+                                                                     priority=priority), strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
     async def screen(self, prepared: Prepared, *, job_id: str, started: float,
                      on_batch: Callable[[int], None] | None = None,
                      on_aggregate: Callable[[], Any] | None = None,
-                     waited: dict[str, float] | None = None) -> CaseResult:
+                     waited: dict[str, float] | None = None, priority: int = 0) -> CaseResult:
         """Screen a prepared study; ``started`` (epoch seconds) is when its job was accepted, ``waited`` the
-        timings of the waits before the screening (:meth:`gateway.store.waits.Waits.timings`).
+        timings of the waits before the screening (:meth:`gateway.store.waits.Waits.timings`), ``priority`` the
+        Triton priority level of its batches (:func:`gateway.jobs.triton_priority`; 0, the default).
 
         Raises
         ------
@@ -392,11 +394,11 @@ class Screener:
                 on_batch(n)
 
         if prepared.study is None:
-            study, outputs = await self._screen_stream(prepared, progress, calls)
+            study, outputs = await self._screen_stream(prepared, progress, calls, priority)
             prepared.study, prepared.plan = study, None
         else:
             study = prepared.study
-            outputs = await self.pool.infer(study.hu, on_batch=progress, stats=calls)
+            outputs = await self.pool.infer(study.hu, on_batch=progress, stats=calls, priority=priority)
         timings["inference_s"] = time.monotonic() - t
         after = await self.pool.inference_statistics()
         self.metrics.stage.labels("infer").observe(timings["inference_s"])

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
 
     # --- jobs and limits ---------------------------------------------------------------------
     max_concurrent_studies: int = Field(2, ge=1, le=256, description="Studies screened at once.")
+    urgent_slots: int = Field(
+        1, ge=0, le=64, description="Studies screened at once beyond max_concurrent_studies, urgent ones only: an urgent "
+                                    "study starts at once while routine ones take every slot, and its batches go first.")
     max_queued_studies: int = Field(
         4, ge=0, le=1024, description="Accepted studies waiting for a slot, per replica (the cluster takes the sum "
                                        "over its live replicas of this plus max_concurrent_studies); beyond: 429."

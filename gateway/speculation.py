@@ -65,10 +65,12 @@ class Speculation:
         Where the batches go (:meth:`~gateway.triton_pool.TritonPool.infer_batch`).
     rules : SeriesRules | None
         The header rules a frame must pass to be guessed at (the ingest's defaults).
+    priority : int
+        The Triton priority level of the batches (:func:`gateway.jobs.triton_priority`; 0, the default).
     """
 
-    def __init__(self, pool: TritonPool, rules: SeriesRules | None = None) -> None:
-        self.pool, self.rules = pool, rules or SeriesRules()
+    def __init__(self, pool: TritonPool, rules: SeriesRules | None = None, priority: int = 0) -> None:
+        self.pool, self.rules, self.priority = pool, rules or SeriesRules(), priority
         self._loop = asyncio.get_running_loop()
         self.taken: set[str] = set()
         """SOP Instance UIDs of the objects taken on (decoded here)."""
@@ -154,7 +156,8 @@ class Speculation:
             if self._stopped:
                 return
             try:
-                out = await self.pool.infer_batch(np.stack([arr for _, arr in batch]), self.stats, attempts=1)
+                out = await self.pool.infer_batch(np.stack([arr for _, arr in batch]), self.stats, attempts=1,
+                                                   priority=self.priority)
             except Exception as exc:  # noqa: BLE001 - the screening asks again for what is not answered here
                 logger.debug("a speculative batch of %d was not answered: %s; no more speculation", len(batch), exc)
                 self.stop()

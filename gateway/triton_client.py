@@ -65,9 +65,12 @@ class ArrayInput(InferInput):
 
 def encode_infer_request(model_name: str, inputs: Sequence[InferInput],
                          outputs: Sequence[InferRequestedOutput] = (), model_version: str = "",
-                         request_id: str = "") -> bytes:
-    """The serialised ``ModelInferRequest`` of ``inputs`` (their raw contents, in order) and ``outputs``."""
+                         request_id: str = "", priority: int = 0) -> bytes:
+    """The serialised ``ModelInferRequest`` of ``inputs`` (their raw contents, in order) and ``outputs``;
+    ``priority``: the request's Triton priority level (0: the model's default), as tritonclient sends it."""
     head = service_pb2.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
+    if priority:
+        head.parameters["priority"].uint64_param = priority
     raws: list[Any] = []
     for inp in inputs:
         head.inputs.append(inp._get_tensor())
@@ -95,11 +98,11 @@ class TritonClient(grpcaio.InferenceServerClient):
     async def infer(self, model_name: str, inputs: Sequence[InferInput], model_version: str = "",
                     outputs: Sequence[InferRequestedOutput] | None = None, request_id: str = "",
                     client_timeout: float | None = None, headers: dict[str, str] | None = None,
-                    **unsupported: Any) -> InferResult:
-        """As tritonclient's ``infer`` for plain requests (no sequences, priorities, parameters, compression)."""
+                    priority: int = 0, **unsupported: Any) -> InferResult:
+        """As tritonclient's ``infer`` for plain requests (no sequences, parameters, compression)."""
         if any(value not in (None, 0, False, "") for value in unsupported.values()):
             raise ValueError(f"TritonClient.infer does not send {sorted(unsupported)}.")
-        request = encode_infer_request(model_name, inputs, outputs or (), model_version, request_id)
+        request = encode_infer_request(model_name, inputs, outputs or (), model_version, request_id, priority)
         try:
             response = await self._model_infer(request, metadata=self._get_metadata(headers), timeout=client_timeout)
         except grpc.RpcError as exc:

@@ -9,6 +9,9 @@ slices of a study out to them:
 * a study keeps at most twice the healthy endpoints' room of its batches waiting for a slot (the next
   is sent as one comes back), so an answer wakes a few waiters, not every batch of every study;
 * every call carries a deadline (``timeout_s``);
+* every call carries its study's priority (a Triton priority level, :data:`ctscreen.contracts.PRIORITY_LEVELS`):
+  a batch of a more urgent study takes the next free slot before the waiting batches of less urgent ones, here,
+  and Triton's batcher schedules it before the requests of lower levels waiting there (from every replica);
 * a request that fails with ``UNAVAILABLE``, a deadline or another transport error is retried on
   another endpoint, up to ``max_attempts`` tries; the failing endpoint rests for an exponential
   back-off and then takes one request at a time until one succeeds (a half-open circuit breaker);
@@ -37,13 +40,22 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ctscreen.contracts import BOX_COUNT, ENSEMBLE_MODEL, HU_SLICES, LESION_BOXES, SLICE_SIZE, VALID_AREA_BOX
+from ctscreen.contracts import (
+    BOX_COUNT,
+    DEFAULT_PRIORITY_LEVEL,
+    ENSEMBLE_MODEL,
+    HU_SLICES,
+    LESION_BOXES,
+    SLICE_SIZE,
+    VALID_AREA_BOX,
+)
 from ctscreen.postprocess import unpack_outputs
 from gateway.errors import GatewayError, Unavailable
 
@@ -228,6 +240,7 @@ class TritonPool:
         self._retired: list[_Endpoint] = []
         self._cond: asyncio.Condition | None = None
         self._pending_slices = 0
+        self._waiting: Counter[int] = Counter()  # batches waiting in _acquire, by priority level
         self.retries = 0
         self.set_endpoints(endpoints)
 
@@ -435,13 +448,31 @@ class TritonPool:
         return None, {}
 
     # --- scheduling --------------------------------------------------------------------------
-    async def _acquire(self, tried: set[str]) -> _Endpoint:
+    async def _acquire(self, tried: set[str], priority: int = 0) -> _Endpoint:
         """The least-loaded healthy endpoint with room, preferring ones not in ``tried``.
 
-        Waiting for room on a busy but healthy endpoint has no deadline (the requests it holds have
-        theirs, so room comes); waiting while no endpoint is healthy (all resting after failures,
-        removed, or none configured) gives up after ``timeout_s``.
+        A batch of priority level ``priority`` (0: the default level) leaves a free slot to the batches of
+        more urgent levels waiting here (1 is the most urgent), so an urgent study's batches overtake the
+        routine ones already waiting; it looks again at the next answer (every answer wakes the waiters).
+
+        Waiting for room on a busy but healthy endpoint has no deadline (the requests it holds have theirs,
+        so room comes); waiting while no endpoint is healthy (all resting after failures, removed, or none
+        configured) gives up after ``timeout_s``.
         """
+        level = priority or DEFAULT_PRIORITY_LEVEL
+        self._waiting[level] += 1
+        try:
+            return await self._acquire_at(tried, level)
+        finally:
+            self._waiting[level] -= 1
+            if not self._waiting[level]:
+                del self._waiting[level]
+
+    def _overtaken(self, level: int) -> bool:
+        """Whether a batch of a more urgent level than ``level`` waits for a slot."""
+        return any(other < level for other in self._waiting)
+
+    async def _acquire_at(self, tried: set[str], level: int) -> _Endpoint:
         cond = self._condition()
         deadline: float | None = None
         async with cond:
@@ -453,7 +484,7 @@ class TritonPool:
                 pool = fresh or healthy
                 # an endpoint that failed lately is on probation: one request at a time until one succeeds
                 free = [ep for ep in pool if ep.inflight < (1 if ep.consecutive_failures else self.max_inflight)]
-                if free:
+                if free and not self._overtaken(level):
                     ep = min(free, key=lambda e: (e.consecutive_failures > 0, e.inflight, e.last_pick))
                     ep.last_pick = now
                     self._mark(ep, +1)
@@ -502,7 +533,8 @@ class TritonPool:
             logger.debug("closing a Triton client failed: %s", exc)
 
     # --- inference ---------------------------------------------------------------------------
-    async def _call(self, ep: _Endpoint, batch: np.ndarray, stats: InferStats | None = None) -> list[SliceOutput]:
+    async def _call(self, ep: _Endpoint, batch: np.ndarray, stats: InferStats | None = None,
+                    priority: int = 0) -> list[SliceOutput]:
         import tritonclient.grpc as grpcclient
 
         from gateway.triton_client import ArrayInput
@@ -511,7 +543,7 @@ class TritonPool:
         outputs = [grpcclient.InferRequestedOutput(n) for n in (LESION_BOXES, BOX_COUNT, VALID_AREA_BOX)]
         t0 = time.perf_counter()
         result = await self._client(ep).infer(
-            self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s
+            self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s, priority=priority
         )
         t1 = time.perf_counter()
         boxes = result.as_numpy(LESION_BOXES)
@@ -528,11 +560,12 @@ class TritonPool:
         return out
 
     async def infer_batch(self, batch: np.ndarray, stats: InferStats | None = None,
-                          attempts: int | None = None) -> list[SliceOutput]:
+                          attempts: int | None = None, priority: int = 0) -> list[SliceOutput]:
         """Screen one batch of slices ``[B, 512, 512]`` (or ``[B, 1, 512, 512]``) int16 HU.
 
         Tries up to ``attempts`` (default ``max_attempts``) endpoints; the answer of exactly one try is returned (and counted
-        in ``stats``).
+        in ``stats``). ``priority``: the batch's Triton priority level (:func:`gateway.jobs.triton_priority`; 0, the
+        default level).
 
         Raises
         ------
@@ -554,11 +587,11 @@ class TritonPool:
         last: BaseException | None = None
         tries = self.max_attempts if attempts is None else max(1, attempts)
         for attempt in range(1, tries + 1):
-            ep = await self._acquire(tried)
+            ep = await self._acquire(tried, priority)
             tried.add(ep.url)
             answered = 0
             try:
-                out = await self._call(ep, batch, stats)
+                out = await self._call(ep, batch, stats, priority)
                 answered = len(out)
                 ep.slices_done += answered
                 ep.requests_done += 1
@@ -596,8 +629,10 @@ class TritonPool:
         on_batch: Callable[[int], Awaitable[None] | None] | None = None,
         ready: AsyncIterator[int] | None = None,
         stats: InferStats | None = None,
+        priority: int = 0,
     ) -> list[SliceOutput]:
-        """Screen every slice of ``hu`` ``[Z, 512, 512]`` int16; results in slice order.
+        """Screen every slice of ``hu`` ``[Z, 512, 512]`` int16; results in slice order, each batch at ``priority``
+        (:meth:`infer_batch`).
 
         Batches are sent concurrently (bounded by the endpoints' in-flight limits). ``on_batch(n)``
         is called after each batch of ``n`` slices comes back (progress).
@@ -625,7 +660,7 @@ class TritonPool:
         async def run(start: int) -> None:
             nonlocal remaining
             stop = min(z, start + self.batch_size)
-            out = await self.infer_batch(hu[start:stop], stats)
+            out = await self.infer_batch(hu[start:stop], stats, priority=priority)
             for i, item in enumerate(out):
                 if results[start + i] is not None:  # pragma: no cover - guarded by construction
                     raise AssertionError(f"slice {start + i} answered twice")

@@ -1,7 +1,9 @@
 """The work loops every gateway replica runs: the worker (claims and screens jobs) and the sweeper.
 
 **Worker.** Up to ``max_concurrent_studies`` jobs at once, each claimed from the state store under a
-lease of ``lease_s`` seconds. While a job runs, a heartbeat records progress every
+lease of ``lease_s`` seconds, and up to ``urgent_slots`` urgent ones more while those slots are all taken: an
+urgent study starts at once, and its batches overtake the routine studies' in the gateway and in Triton
+(:func:`gateway.jobs.triton_priority`). While a job runs, a heartbeat records progress every
 ``progress_interval_s`` (when there is some) and renews the lease at least every ``lease_s / 3``; a replica that loses its lease (it stalled and another took the job over)
 stops working on it, and only the lease holder can write the result. When no Triton endpoint is ready
 the worker claims nothing; when Triton goes away during a study, the job goes back to ``queued`` with
@@ -40,7 +42,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 
 from aggregator.schema import CaseResult
 from gateway.errors import GatewayError
-from gateway.jobs import JobError, JobState
+from gateway.jobs import URGENT, JobError, JobState, triton_priority
 from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
@@ -93,6 +95,30 @@ def transfer_interrupted(result: CaseResult, note: str) -> CaseResult:
                    "whole study again."})
 
 
+class _Slots:
+    """The worker's room: ``slots`` for any job, and ``urgent`` more that only an urgent job takes, the one kind
+    only while the others are all taken."""
+
+    def __init__(self, slots: int, urgent: int) -> None:
+        self._free = {False: slots, True: urgent}  # by "urgent only"
+        self._freed = asyncio.Event()
+
+    async def take(self) -> bool:
+        """Wait for a free slot and take it; True when it is one kept for urgent jobs."""
+        while True:
+            for urgent_only in (False, True):
+                if self._free[urgent_only] > 0:
+                    self._free[urgent_only] -= 1
+                    return urgent_only
+            self._freed.clear()
+            await self._freed.wait()
+
+    def give(self, urgent_only: bool) -> None:
+        """Give back a slot :meth:`take` took."""
+        self._free[urgent_only] += 1
+        self._freed.set()
+
+
 class Worker:
     """Claims jobs from the store and screens them (see the module docstring).
 
@@ -106,7 +132,7 @@ class Worker:
 
     def __init__(self, store: Store, blobs: BlobStore, screener: Screener, settings: Settings) -> None:
         self.store, self.blobs, self.screener, self.settings = store, blobs, screener, settings
-        self._slots = asyncio.Semaphore(settings.max_concurrent_studies)
+        self._slots = _Slots(settings.max_concurrent_studies, settings.urgent_slots)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._outage = StoreOutage("claiming a job")
         self._prepared: OrderedDict[str, tuple[Prepared, float]] = OrderedDict()  # with when (monotonic)
@@ -145,14 +171,15 @@ class Worker:
             return None
         return prepared
 
-    def has_room(self) -> bool:
+    def has_room(self, urgent: bool = False) -> bool:
         """Whether an upload may be screened ahead now: Triton was ready at the last look (no probe here:
         an upload never waits on Triton) and a slot is free that no running job and no other upload still
         being screened ahead takes (one whose guess has settled holds memory, bounded by :meth:`remember`,
         but asks nothing more of Triton or the cores: an accepted upload that another replica claims
-        must not hold a slot here)."""
+        must not hold a slot here). An ``urgent`` upload may also take the slots kept for urgent studies."""
         working = sum(1 for s in list(self.screener.ahead) if s.busy())  # list(): a release may run in a thread
-        free = self.settings.max_concurrent_studies - len(self._running) - working
+        slots = self.settings.max_concurrent_studies + (self.settings.urgent_slots if urgent else 0)
+        free = slots - len(self._running) - working
         recent = max(_READY_FOR_AHEAD_S, 2 * self.settings.worker_poll_s)  # an idle worker probes every poll
         return not self._stopping and free > 0 and time.monotonic() - self._seen_ready < recent
 
@@ -173,12 +200,13 @@ class Worker:
     async def _loop(self) -> None:
         poll = self.settings.worker_poll_s
         while not self._stopping:
-            await self._slots.acquire()
+            urgent_only = await self._slots.take()
             job = None
             seen = self.store.work.generation  # a job queued while the claim runs wakes the wait below at once
             try:
                 if await self._triton_ready():
-                    job = await self.store.claim(self.settings.lease_s, exclude=list(self._running))
+                    job = await self.store.claim(self.settings.lease_s, exclude=list(self._running),
+                                                 min_priority=URGENT if urgent_only else None)
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the worker
                 self._outage.failed(exc)
             else:
@@ -187,16 +215,16 @@ class Worker:
             if lost:
                 self.screener.metrics.failed("worker_lost", lost)
             if job is None:
-                self._slots.release()
+                self._slots.give(urgent_only)
                 await self.store.work.wait(poll, seen)
                 continue
             task = asyncio.get_running_loop().create_task(self._work(job), name=f"job-{job.id}")
             self._running[job.id] = task
-            task.add_done_callback(functools.partial(self._done, job.id))
+            task.add_done_callback(functools.partial(self._done, job.id, urgent_only))
 
-    def _done(self, job_id: str, _task: asyncio.Task[None]) -> None:
+    def _done(self, job_id: str, urgent_only: bool, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
-        self._slots.release()
+        self._slots.give(urgent_only)
 
     async def _work(self, job: Claimed) -> None:
         s = self.settings
@@ -261,7 +289,7 @@ class Worker:
             result = await self.screener.screen(
                 prepared, job_id=job.id, started=accepted, on_batch=on_batch,
                 on_aggregate=lambda: set_state(JobState.aggregating),
-                waited=None if waits is None else waits.timings())
+                waited=None if waits is None else waits.timings(), priority=triton_priority(job.priority))
             interrupted = await self.store.interrupted(job.study_id)
             if interrupted is not None:
                 result = transfer_interrupted(result, interrupted)

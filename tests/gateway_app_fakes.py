@@ -152,11 +152,13 @@ class FakeTriton:
         self.closed = False
         self.timeouts: list[float | None] = []
         self.events: list[tuple[str, int, int]] = []
+        self.priorities: list[int] = []  # each call's Triton priority level, in the order the calls started
 
-    async def infer(self, model_name, inputs, outputs=None, client_timeout=None, **kw):
+    async def infer(self, model_name, inputs, outputs=None, client_timeout=None, priority=0, **kw):
         self.calls += 1
         call = self.calls
         self.timeouts.append(client_timeout)
+        self.priorities.append(priority)
         self.inflight += 1
         self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
         self.events.append(("start", call, self.inflight))

@@ -246,7 +246,8 @@ def test_empty_upload_is_400():
 
 def test_full_gateway_answers_429_with_retry_after():
     fleet = FakeFleet(**{"fake:1": {"delay": 0.3}})
-    with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, retry_after_s=7)) as client:
+    with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, urgent_slots=0,
+                         retry_after_s=7)) as client:
         _, files = ct_series(8)
         first = client.post("/v1/studies", files=upload_files(files))
         assert first.status_code == 202

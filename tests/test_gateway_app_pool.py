@@ -50,6 +50,29 @@ def test_inflight_bound_and_least_loaded_spread():
     assert all(t == pool.timeout_s for c in fleet.clients.values() for t in c.timeouts)
 
 
+def test_an_urgent_batch_takes_the_next_free_slot_before_the_routine_ones_waiting():
+    """Two routine studies keep batches waiting for the one slot; an urgent batch sent meanwhile is the next
+    call made, and the routine batches go on after it. Seen failing without the overtaking in ``_acquire``: the
+    routine batches waiting before it took the slot first (the urgent one was the fourth call after it came)."""
+    fleet = FakeFleet(**{"a:1": {"delay": 0.01}})
+    pool = TritonPool(["a:1"], batch_size=2, max_inflight=1, client_factory=fleet)
+
+    async def main() -> int:
+        studies = [asyncio.ensure_future(pool.infer(_hu(20), priority=2)) for _ in range(2)]
+        while "a:1" not in fleet.clients or fleet.clients["a:1"].calls < 3:
+            await asyncio.sleep(0.001)
+        client = fleet.clients["a:1"]
+        sent_at = client.calls
+        await pool.infer_batch(_hu(2), priority=1)
+        await asyncio.gather(*studies)
+        return client.priorities.index(1) + 1 - sent_at
+
+    assert _run(main()) == 1  # the very next call
+    client = fleet.clients["a:1"]
+    assert sorted(client.priorities) == [1] + [2] * 20 and client.slices == 42
+    assert pool.pending_slices == 0 and pool.inflight_requests == 0
+
+
 def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():
     """Every batch sent waits for a slot, and each answer wakes every waiter: a 100-slice study sent whole
     had 50 batches waiting (O(batches^2) wake-ups of the gateway's CPU). Sent through a window of twice
@@ -59,12 +82,12 @@ def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():
     waiting = most = 0
     acquire = pool._acquire
 
-    async def counted(tried):
+    async def counted(tried, priority=0):
         nonlocal waiting, most
         waiting += 1
         most = max(most, waiting)
         try:
-            return await acquire(tried)
+            return await acquire(tried, priority)
         finally:
             waiting -= 1
 

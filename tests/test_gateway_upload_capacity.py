@@ -20,7 +20,7 @@ from gateway.store import Store
 from gateway.store.migrate import upgrade
 from gateway.store.models import Replica
 
-SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_studies=1, lease_s=30,
+SETTINGS = Settings(triton_urls="fake:1", max_concurrent_studies=2, max_queued_studies=1, urgent_slots=1, lease_s=30,
                     sweep_interval_s=0.5, retry_after_s=7)
 
 
@@ -102,8 +102,8 @@ def test_one_gateway_still_refuses_at_its_own_limit(db_url):
 def test_an_urgent_upload_is_not_turned_away_by_routine_work(db_url):
     """A full gateway (2 slots + 1 queued, all routine) refused an emergency department's study as it refused
     any upload. Urgent uploads count only urgent jobs against the limit: taken while routine work fills the
-    gateway, refused once urgent jobs alone reach it (at most twice the limit in all); a routine upload is
-    still refused all along."""
+    gateway, refused once urgent jobs alone reach it and the slot kept for them (``urgent_slots``; at most twice
+    the limit and those slots in all); a routine upload is still refused all along."""
     upgrade(db_url)
 
     async def go():
@@ -115,9 +115,11 @@ def test_an_urgent_upload_is_not_turned_away_by_routine_work(db_url):
             await _accept(a, 2, "urgent")
             assert await _refused(a, "urgent") is None
             assert await a.counts(priority=PRIORITIES["urgent"]) == (2, 0, 20)
-            await _accept(a, 1, "urgent")  # 3 urgent: the limit, of urgent jobs alone
+            await _accept(a, 1, "urgent")  # 3 urgent: the limit, of urgent jobs alone; one more for the urgent slot
+            assert await _refused(a, "urgent") is None
+            await _accept(a, 1, "urgent")
             refused = await _refused(a, "urgent")
-            assert refused is not None and str(refused).startswith("3 urgent studies are being screened or waiting;")
+            assert refused is not None and str(refused).startswith("4 urgent studies are being screened or waiting;")
             assert await _refused(a, "low") is not None
         finally:
             await a.close()

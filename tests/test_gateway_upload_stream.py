@@ -186,7 +186,7 @@ def test_a_study_prepared_as_its_request_is_cancelled_is_released(tmp_path) -> N
     class Screener:
         request: asyncio.Task[Any]
 
-        async def prepare(self, sources, *, speculate: bool, streamed: bool) -> Study:
+        async def prepare(self, sources, *, speculate: bool, streamed: bool, priority: int = 0) -> Study:
             await asyncio.to_thread(lambda: list(sources))
             asyncio.get_running_loop().call_soon(self.request.cancel)  # lands before the route resumes
             return Study()

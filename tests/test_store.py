@@ -1522,9 +1522,17 @@ def test_the_highest_priority_due_is_claimed_first_and_the_oldest_within_one(db_
             await store.add_instance("9.3", "9.3.3", "a.dcm", "k-3c", 1, priority=0)
             stowed = (await store.complete_now("9.3", 60)).job_id
             assert (await store.job(stowed)).priority == "urgent" and (await store.job(low)).priority == "low"
-            order = []
+            # a worker whose slots are all taken but the one kept for urgent studies takes urgent ones only,
+            # with their rank (the Triton priority of their batches), and never one it runs (``exclude``)
+            first = await store.claim(60, min_priority=2)
+            assert first is not None and (first.id, first.priority) == (urgent, 2)
+            second = await store.claim(60, exclude=[urgent], min_priority=2)
+            assert second is not None and (second.id, second.priority) == (stowed, 2)
+            assert await store.claim(60, exclude=[urgent, stowed], min_priority=2) is None
+            order = [first.id, second.id]
             while (claimed := await store.claim(60)) is not None:
                 order.append(claimed.id)
+                assert claimed.priority == {routine: 1, low: 0}[claimed.id]
             assert order == [urgent, stowed, routine, low]
             assert (await store.job(routine)).priority == "routine"
         finally:

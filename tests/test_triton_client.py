@@ -35,19 +35,21 @@ def _inputs(batch: np.ndarray, other: np.ndarray) -> list[grpcclient.InferInput]
     return [ArrayInput(c.HU_SLICES, batch), plain]
 
 
-def test_the_hand_written_request_is_tritonclients():
-    """Parsed back, the bytes are the message tritonclient builds of the same inputs, tensors in order."""
+@pytest.mark.parametrize("priority", [0, 1, 3])
+def test_the_hand_written_request_is_tritonclients(priority):
+    """Parsed back, the bytes are the message tritonclient builds of the same inputs, tensors in order, with the
+    same priority parameter (none for 0, the model's default level)."""
     batch = np.random.default_rng(0).integers(-1024, 3000, (3, 1, 64, 64)).astype(np.int16)
     other = np.arange(10, dtype=np.float32)
     inputs = _inputs(batch, other)
     outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
     ours = service_pb2.ModelInferRequest.FromString(
-        encode_infer_request("ct_screen", inputs, outputs, model_version="1", request_id="r1"))
+        encode_infer_request("ct_screen", inputs, outputs, model_version="1", request_id="r1", priority=priority))
     plain = grpcclient.InferInput(c.HU_SLICES, list(batch.shape), "INT16")
     plain.set_data_from_numpy(batch)
     theirs = _get_inference_request(model_name="ct_screen", inputs=[plain, inputs[1]], model_version="1",
                                     request_id="r1", outputs=outputs, sequence_id=0, sequence_start=False,
-                                    sequence_end=False, priority=0, timeout=None, parameters=None)
+                                    sequence_end=False, priority=priority, timeout=None, parameters=None)
     assert ours == theirs
     assert ours.raw_input_contents[0] == batch.tobytes() and ours.raw_input_contents[1] == other.tobytes()
 

@@ -70,6 +70,21 @@ def test_every_config_parses_and_names_its_folder(rendered) -> None:
         assert (repo / name / "1").is_dir()
 
 
+def test_every_model_but_the_ensemble_schedules_by_priority(rendered) -> None:
+    """Every model Triton schedules has the priority levels the gateway's requests name (an urgent study's go
+    first, ``gateway.jobs.triton_priority``), with routine the level of a request that names none; the
+    ensemble has no queue of its own: Triton passes its requests' priority to its steps."""
+    _, repo = rendered
+    for name, config in configs(repo).items():
+        if name == c.ENSEMBLE_MODEL:
+            assert config.platform == "ensemble" and not config.HasField("dynamic_batching")
+            continue
+        batcher = config.dynamic_batching
+        assert config.HasField("dynamic_batching"), name
+        assert (batcher.priority_levels, batcher.default_priority_level) == (3, 2), name
+        assert (c.PRIORITY_LEVELS, c.DEFAULT_PRIORITY_LEVEL) == (3, 2)
+
+
 def test_segmentation_models_match_contract_and_onnx(rendered) -> None:
     profile, repo = rendered
     settings = json.loads((repo / MARKER).read_text())["settings"]

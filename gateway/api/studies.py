@@ -24,7 +24,17 @@ from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
 from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, WriteAccess
 from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
-from gateway.jobs import PRIORITIES, Busy, JobAccepted, JobError, JobNotFound, JobView, Priority, answer_of
+from gateway.jobs import (
+    PRIORITIES,
+    Busy,
+    JobAccepted,
+    JobError,
+    JobNotFound,
+    JobView,
+    Priority,
+    answer_of,
+    triton_priority,
+)
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import Store, new_keys
@@ -116,7 +126,7 @@ class _Abandoned(Exception):
 
 
 async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, spool: Path,
-                            screener: Screener, speculate: bool) -> tuple[list[tuple[str, Path]], Prepared]:
+                            screener: Screener, speculate: bool, priority: int = 0) -> tuple[list[tuple[str, Path]], Prepared]:
     """Split a multipart upload into files as it arrives and parse (and, with ``speculate``, screen) each one
     as soon as its part ends; returns the files and the prepared study once the body is over.
 
@@ -145,7 +155,7 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
         if not files:
             raise UploadError("The upload holds no file.")
 
-    task = asyncio.ensure_future(screener.prepare(sources(), speculate=speculate, streamed=True))
+    task = asyncio.ensure_future(screener.prepare(sources(), speculate=speculate, streamed=True, priority=priority))
     try:
         async for piece in gathered(chunks):  # parsed and written in a thread, a megabyte at a time
             try:
@@ -208,13 +218,15 @@ async def check_capacity(store: Store, settings: Settings, priority: Priority = 
     refuses at its own limit, as before; two take twice as much, and a killed one's share goes with it.
 
     An urgent upload counts only the urgent jobs against that limit: a backlog of routine work never turns
-    away an emergency department's study (it is claimed before them), while urgent uploads alone are still
-    refused at the same limit, so the cluster holds at most twice its limit.
+    away an emergency department's study (it is claimed before them), while urgent uploads alone are refused
+    at that limit plus the replicas' ``urgent_slots`` (the slots only they take), so the cluster holds at most
+    twice its limit and those slots.
     """
     urgent = priority == "urgent"
     queued, running, _ = await store.counts(priority=PRIORITIES["urgent"] if urgent else None)
     replicas = await store.live_replicas(settings.replica_alive_s)
-    limit = replicas * (settings.max_concurrent_studies + settings.max_queued_studies)
+    limit = replicas * (settings.max_concurrent_studies + settings.max_queued_studies
+                        + (settings.urgent_slots if urgent else 0))
     if queued + running >= limit:
         where = "" if replicas == 1 else f" on {replicas} gateways"
         what = "urgent studies" if urgent else "studies"
@@ -247,6 +259,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                        priority: PriorityQuery = "routine") -> JSONResponse:
     """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
     await check_capacity(store, settings, priority)  # before reading the body: a full gateway holds no more uploads
+    level = triton_priority(PRIORITIES[priority])  # of its batches screened ahead (then of its job's)
     refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
     if refusal is not None:
         raise OutOfResources(_WATERMARKS[refusal], settings.retry_after_s)
@@ -269,16 +282,17 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
         try:
             # a study that cannot be screened is refused here, with its 4xx; while the worker has room, its
             # slices are screened as they are parsed (gateway.speculation), before the job is accepted
+            ahead = settings.screen_ahead and worker.has_room(urgent=priority == "urgent")
             if multipart:  # split and parsed as it arrives
                 files, prepared = await prepare_streamed(body, content_type, limits_of(settings), spool, screener,
-                                                          settings.screen_ahead and worker.has_room())
+                                                          ahead, level)
             else:
                 try:
                     files = await run_in_threadpool(_expand, body, filename, limits_of(settings), spool)
                 except OSError as exc:
                     raise spooling_failed(exc) from exc
                 drop_pages(body)
-                prepared = await screener.prepare(files, speculate=settings.screen_ahead and worker.has_room())
+                prepared = await screener.prepare(files, speculate=ahead, priority=level)
             prepared.on_release(functools.partial(shutil.rmtree, spool, ignore_errors=True))
             # another patient's images under this study's UID: refused before anything is stored (and in the commit)
             await store.check_patient(prepared.study_instance_uid, prepared.patient_key)

@@ -123,6 +123,10 @@ _PICK = select(Job.id).where(or_(
     and_(Job.state.in_(_RUNNING), Job.lease_expires_at < _NOW),
 )).order_by(Job.priority.desc(), Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
 _PICK_EXCLUDING = _PICK.where(Job.id.not_in(bindparam("exclude", expanding=True)))
+# the same for a worker whose slots are all taken but one kept for urgent studies: those of ``min_priority`` and above
+_AT_LEAST = Job.priority >= bindparam("min_priority", type_=Integer())
+_PICKS = {(False, False): _PICK, (True, False): _PICK_EXCLUDING,
+          (False, True): _PICK.where(_AT_LEAST), (True, True): _PICK_EXCLUDING.where(_AT_LEAST)}
 # an event stream's step (at every progress write of its job, twice a second while it runs): built at each step,
 # its expressions and cache key cost about a fifth of the step's query
 _EVENTS_AFTER = (select(Event.id, Event.state).where(Event.job_id == bindparam("job_id", type_=String()),
@@ -325,6 +329,8 @@ class Claimed:
     attempts: int
     created_at: float
     deadline_at: float
+    priority: int = ROUTINE
+    """Its rank (:data:`gateway.jobs.PRIORITIES`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,12 +884,17 @@ class Store:
             return [(r[0], r[1]) for r in rows]
 
     # --- jobs: claim, lease, finish ---------------------------------------------------------------
-    async def claim(self, lease_s: float, exclude: Collection[str] = ()) -> Claimed | None:
+    async def claim(self, lease_s: float, exclude: Collection[str] = (), min_priority: int | None = None) -> Claimed | None:
         """Take the next job that is due (queued) or abandoned (lease expired), the highest priority first and
         the oldest first within one, under a lease; never one of ``exclude`` (the jobs this process is running:
-        a late renewal must not hand it a second task)."""
+        a late renewal must not hand it a second task); only one of ``min_priority`` or above, when given."""
         now = await self.now()
-        pick, params = (_PICK_EXCLUDING, {"now": now, "exclude": list(exclude)}) if exclude else (_PICK, {"now": now})
+        pick = _PICKS[bool(exclude), min_priority is not None]
+        params: dict[str, Any] = {"now": now}
+        if exclude:
+            params["exclude"] = list(exclude)
+        if min_priority is not None:
+            params["min_priority"] = min_priority
         async with self.tx() as s:
             job = await _picked(s, pick, params)
             while job is not None and job.state != JobState.queued.value:
@@ -897,7 +908,7 @@ class Store:
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
         self.wake()
         return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
-                       job.deadline_at)
+                       job.deadline_at, ROUTINE if job.priority is None else job.priority)
 
     def take_lost_failed(self) -> int:
         """How many jobs this process's claims failed as ``worker_lost`` since the last call."""

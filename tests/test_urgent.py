@@ -1,0 +1,117 @@
+"""Urgent studies overtake routine ones: in Triton's queues, in the gateway's pool and in the worker's slots.
+
+Real Triton (the session fixture ``triton``, cpu profile), real gRPC through the gateway's own pool and, for the
+end-to-end test, a live gateway (uvicorn) screening real phantom DICOM uploads. Nothing is faked here; the
+pool's own slot order under a fake client is in ``tests/test_gateway_app_pool.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import phantom
+from ctscreen import contracts as c
+from gateway.cli import run_stack
+from gateway.client import http_client
+from gateway.jobs import PRIORITIES, triton_priority
+from gateway.triton_pool import TritonPool
+
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
+
+ROUTINE_BATCHES = 24
+
+
+async def _overtaken(url: str, model: str) -> tuple[int, int]:
+    """How many routine requests, of those still unanswered when an urgent one was sent, Triton answered
+    before it, and how many there were. The routine requests (``ROUTINE_BATCHES`` batches of 2 slices) are all
+    in Triton's queue at once (the pool's room is larger than them); the urgent batch goes once the first
+    routine answer is back (Triton is busy and its queue full)."""
+    pool = TritonPool([url], model_name=model, batch_size=2, max_inflight=ROUTINE_BATCHES + 1, timeout_s=120)
+    rng = np.random.default_rng(7)
+    batch = rng.integers(-1000, 200, (2, c.SLICE_SIZE, c.SLICE_SIZE)).astype(np.int16)
+    answered: list[str] = []
+    first = asyncio.Event()
+
+    async def one(name: str, priority: int) -> None:
+        await pool.infer_batch(batch, priority=priority)
+        answered.append(name)
+        first.set()
+
+    try:
+        await pool.infer_batch(batch)  # warm: the client connected
+        routine = [asyncio.ensure_future(one(f"r{i}", triton_priority(PRIORITIES["routine"])))
+                   for i in range(ROUTINE_BATCHES)]
+        await first.wait()
+        pending = ROUTINE_BATCHES - len(answered)
+        before = len(answered)
+        await one("urgent", triton_priority(PRIORITIES["urgent"]))
+        overtaking = len(answered) - 1 - before
+        await asyncio.gather(*routine)
+    finally:
+        await pool.close()
+    return overtaking, pending
+
+
+@pytest.mark.parametrize("model", [c.FUSED_MODEL, c.ENSEMBLE_MODEL])
+def test_triton_answers_an_urgent_request_before_the_routine_ones_waiting(triton, model):
+    """Sent behind a full queue of routine requests, an urgent one is answered after those Triton was already
+    running, not after the queue: without the models' priority levels (config.pbtxt's ``priority_levels``) it
+    was answered last of all (``ct_screen``) or after about two thirds of them (``ct_screen_fused``)."""
+    overtaking, pending = asyncio.run(_overtaken(triton.grpc_url, model))
+    assert pending >= ROUTINE_BATCHES - 4, f"the queue drained before the urgent request went ({pending} left)"
+    # the requests in execution when it arrived (two instances, batches of up to max_batch_size) finish first
+    assert overtaking <= pending // 2, f"{overtaking} of {pending} routine requests were answered before it"
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("urgent-studies")
+    return {
+        "routine": Path(phantom.write_study(phantom.make_study(seed=21, kind="normal", n_slices=160), out / "routine")),
+        "urgent": Path(phantom.write_study(phantom.make_study(seed=22, kind="covid", n_slices=8), out / "urgent")),
+    }
+
+
+def _upload(client, folder: Path, priority: str) -> str:
+    files = [("files", (f.name, f.read_bytes(), "application/dicom")) for f in sorted(folder.rglob("*.dcm"))]
+    r = client.post("/v1/studies", files=files, params={"priority": priority})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def _until(client, job_id: str, states: tuple[str, ...], timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in states:
+            return view
+        assert time.monotonic() < deadline, f"job {job_id} never reached {states}: {view['state']}"
+        time.sleep(0.05)
+
+
+def test_an_urgent_study_is_screened_at_once_while_a_routine_one_takes_the_only_slot(triton, two_studies):
+    """One slot (``max_concurrent_studies=1``), taken by a routine 160-slice study being screened: an urgent
+    8-slice study sent then starts at once in the slot kept for urgent studies (``urgent_slots``) and, its
+    batches going first, ends long before the routine one. Seen failing with ``urgent_slots=0``: it waited for
+    the routine study to end. (Screening ahead is off: the upload's slices would otherwise be screened while it
+    arrives, whatever the slots.)"""
+    overrides = {"max_concurrent_studies": 1, "urgent_slots": 1, "screen_ahead": False,
+                 "max_upload_bytes": 200 * 1024 * 1024}
+    with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack, \
+            http_client(stack.url, 120) as client:
+        routine = _upload(client, two_studies["routine"], "routine")
+        _until(client, routine, ("inferring",))
+        urgent = _upload(client, two_studies["urgent"], "urgent")
+        views = {name: _until(client, job, ("done", "failed")) for name, job in (("urgent", urgent),
+                                                                                  ("routine", routine))}
+    for name, view in views.items():
+        assert view["state"] == "done", (name, view.get("error"))
+    assert views["urgent"]["priority"] == "urgent"
+    assert views["routine"]["slices_done"] == 160 and views["urgent"]["slices_done"] == 8
+    assert views["urgent"]["finished_at"] < views["routine"]["finished_at"], (
+        f"urgent ended {views['urgent']['finished_at']}, routine {views['routine']['finished_at']}")
