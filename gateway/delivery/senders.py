@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
+from gateway.dimse_scu import steady_reactor
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
                         permanent=not transient)
     if not assoc.is_established:
         raise SendError(f"no association with {dest.where} (refused, aborted or timed out)")
+    steady_reactor(assoc)  # else a reactor run late may take a C-STORE's answer: a DIMSE timeout, then a resend
     sent: list[str] = []
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
