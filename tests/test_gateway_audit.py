@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 import phantom
 from ctscreen.embedded import free_port
 from gateway import keys as keys_cli
+from gateway.dimse_scu import steady_reactor
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, edited
@@ -106,6 +107,7 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
         scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
         assoc = scu.associate("127.0.0.1", dicom_port, ae_title="CTSCREEN")
         assert assoc.is_established
+        steady_reactor(assoc)
         statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in sorted(dimse.glob("*.dcm"))]
         assoc.release()
         assert set(statuses) == {0}

@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 import phantom
 from ctscreen.embedded import EmbeddedTriton, free_port
+from gateway.dimse_scu import steady_reactor
 from gateway.store import Store
 from gateway.store.models import Job
 
@@ -113,6 +114,7 @@ class Gateway:
         scu.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
         assoc = scu.associate("127.0.0.1", self.dicom_port, ae_title="CTSCREEN")
         assert assoc.is_established
+        steady_reactor(assoc)
         try:
             statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
         finally:

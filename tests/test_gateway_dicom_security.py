@@ -28,6 +28,7 @@ from ctscreen.embedded import free_port
 from gateway.audit import AuditLog
 from gateway.dicom_security import Peer, PeerPolicy, parse_peers, tls_context
 from gateway.dimse import OUT_OF_RESOURCES, SUCCESS, ScpLimits, StorageScp
+from gateway.dimse_scu import steady_reactor
 from gateway.metrics import Metrics
 from gateway.store import FolderBlobs, Store
 from gateway.store.migrate import upgrade
@@ -121,7 +122,7 @@ def test_sop_class_allow_list_and_watermark(scp_factory):
     backlog = [0]
     full = scp_factory(watermark=Watermark(backlog=lambda: backlog[0], max_backlog_slices=10))
     ds = ct_dataset(np.full((16, 16), -1000, np.int16))
-    assoc = scu.associate("127.0.0.1", full.port, ae_title=AE)
+    assoc = steady_reactor(scu.associate("127.0.0.1", full.port, ae_title=AE))
     try:
         first = int(assoc.send_c_store(ds).Status)
         backlog[0] = 11

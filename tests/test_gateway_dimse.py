@@ -28,6 +28,7 @@ from gateway.audit import AuditLog
 from gateway.cli import run_stack, serve_main
 from gateway.dicom_security import PeerPolicy, parse_peers
 from gateway.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StorageScp
+from gateway.dimse_scu import steady_reactor
 from gateway.ingest import load_study
 from gateway.metrics import Metrics
 from gateway.store import FolderBlobs, Store
@@ -341,50 +342,13 @@ def _requestor(*sop_classes: str):
     return scu
 
 
-class _Checkpoint:
-    """pynetdicom's reactor checkpoint (a ``threading.Event`` there), without its race. ``send_c_store`` clears it
-    and waits until the reactor says it is paused (``_is_paused``), then sends and waits for the answer; but the
-    reactor's ``Event.wait`` returns once woken by the previous ``set()`` even when cleared again since, and its
-    ``_is_paused`` is still True meanwhile: a reactor woken late polled the DIMSE queue after the next request went
-    and took its answer ("Received unexpected C-STORE service message"), and the C-STORE waited out the DIMSE
-    timeout (30 s) for nothing. Here ``wait`` returns only while set, and says paused under the same lock."""
-
-    def __init__(self, assoc) -> None:
-        self._assoc, self._cond, self._flag = assoc, threading.Condition(), True
-
-    def set(self) -> None:
-        with self._cond:
-            self._flag = True
-            self._cond.notify_all()
-
-    def clear(self) -> None:
-        with self._cond:
-            self._flag = False
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            self._assoc._is_paused = True
-            ok = self._cond.wait_for(lambda: self._flag, timeout)
-            self._assoc._is_paused = False
-            return ok
-
-
-def _steady_reactor(assoc):
-    """``assoc`` (an established SCU association) with a race-free reactor checkpoint (:class:`_Checkpoint`)."""
-    assoc._reactor_checkpoint = _Checkpoint(assoc)
-    return assoc
-
-
 def _c_store(port: int, *datasets) -> list[int]:
     """The statuses of ``datasets`` sent by C-STORE over one association (CT Image Storage, explicit VR LE)."""
     from pynetdicom.sop_class import CTImageStorage
 
     assoc = _requestor(CTImageStorage).associate("127.0.0.1", port, ae_title=AE)
     assert assoc.is_established
-    _steady_reactor(assoc)
+    steady_reactor(assoc)
     try:
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]
     finally:
@@ -409,7 +373,7 @@ def test_a_mixed_study_in_one_association_keeps_its_ct_and_discards_the_rest(mak
     scu = _requestor(CTImageStorage, XRayRadiationDoseSRStorage, SecondaryCaptureImageStorage)
     assoc = scu.associate("127.0.0.1", scp.port, ae_title=AE)
     assert assoc.is_established
-    _steady_reactor(assoc)
+    steady_reactor(assoc)
     try:
         statuses = [int(assoc.send_c_store(ds).Status) for ds in [ct[0], *study_companions(study), *ct[1:]]]
     finally:
@@ -661,7 +625,7 @@ def test_refused_instances_count_in_the_association_record_and_a_released_one_is
     good = ct_dataset(np.full((16, 16), -1000, np.int16))
     bad = ct_dataset(np.full((16, 16), -1000, np.int16))
     bad.StudyInstanceUID = "not-a-uid"
-    released = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    released = steady_reactor(_requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE))
     assert [int(released.send_c_store(ds).Status) for ds in (good, bad)] == [SUCCESS, CANNOT_UNDERSTAND]
     released.release()
     aborted = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
@@ -710,6 +674,7 @@ def test_a_private_class_in_a_study_is_accepted_and_discarded_and_every_ct_slice
         scp = make_scp(non_ct=mode)
         assoc = _requestor(CTImageStorage, CSA_NON_IMAGE).associate("127.0.0.1", scp.port, ae_title=AE)
         assert assoc.is_established
+        steady_reactor(assoc)
         try:
             accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
             assert (CSA_NON_IMAGE in accepted) is (mode == "discard"), accepted

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from aggregator.schema import CaseResult
 from aggregator.sr import sr_uids
+from gateway.dimse_scu import steady_reactor
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series
@@ -317,6 +318,7 @@ def _c_store(port: int, files, *, abort: bool = False, ae_title: str = "CT3", pr
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="CTSCREEN")
     assert assoc.is_established
+    steady_reactor(assoc)
     for _, data in files:
         assert int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(data)), priority=priority).Status) == 0
     assoc.abort() if abort else assoc.release()
