@@ -1241,8 +1241,8 @@ def test_a_job_queued_while_the_worker_claims_is_claimed_at_once_not_a_poll_late
         claims: list[float] = []
         real_claim = store.claim
 
-        async def claim(lease_s, exclude=()):
-            job = await real_claim(lease_s, exclude)
+        async def claim(lease_s, exclude=(), min_priority=None):
+            job = await real_claim(lease_s, exclude, min_priority)
             claims.append(time.monotonic())
             if len(claims) == 1:
                 await _queue(store, 1)  # accepted while this claim ran, after it read
