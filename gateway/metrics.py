@@ -11,6 +11,7 @@ Names (stable; the Helm chart's autoscaling reads ``ctscreen_backlog_slices``):
 ``ctscreen_study_turnaround_seconds``  histogram  from a study's last instance received (an upload:
                                                   accepted) to its verdict, by ``{origin}`` (``upload``;
                                                   ``stow``: STOW-RS and C-STORE, its quiet period included)
+                                                  and ``{priority}`` (``urgent``, ``routine``, ``low``)
 ``ctscreen_studies_inflight{state}``   gauge      studies queued / running now
 ``ctscreen_inflight_requests``         gauge      Triton requests on the wire now
 ``ctscreen_backlog_slices``            gauge      slices accepted and not yet answered (queued studies
@@ -42,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydicom.uid import UID
 
+from gateway.jobs import PRIORITIES
 from gateway.triton_pool import TritonPool
 
 STAGES = ("decode", "infer", "aggregate", "total")
@@ -100,8 +102,8 @@ class Metrics:
                                buckets=_BUCKETS, registry=self.registry)
         self.turnaround = Histogram(
             "ctscreen_study_turnaround_seconds",
-            "From a study's last instance received (an upload: accepted) to its verdict, by origin.",
-            ["origin"], buckets=_BUCKETS, registry=self.registry)
+            "From a study's last instance received (an upload: accepted) to its verdict, by origin and priority.",
+            ["origin", "priority"], buckets=_BUCKETS, registry=self.registry)
         self.triton_restarts = Counter("ctscreen_triton_restarts",
                                        "Restarts of the embedded Triton after it died (ctscreen serve).",
                                        registry=self.registry)
@@ -113,7 +115,8 @@ class Metrics:
         for stage in STAGES:
             self.stage.labels(stage)
         for origin in ORIGINS:
-            self.turnaround.labels(origin)
+            for priority in PRIORITIES:
+                self.turnaround.labels(origin, priority)
 
     def attach(self, pool: TritonPool, jobs_state: Callable[[], tuple[int, int, int]]) -> None:
         """Register the live gauges of ``pool`` and of the job store (``(queued, running, backlog)``)."""

@@ -42,7 +42,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 
 from aggregator.schema import CaseResult
 from gateway.errors import GatewayError
-from gateway.jobs import URGENT, JobError, JobState, triton_priority
+from gateway.jobs import URGENT, JobError, JobState, priority_name, triton_priority
 from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
@@ -302,7 +302,7 @@ class Worker:
             if not await self.store.finish(job.id, result, context):
                 raise LeaseLost(job.id)
             if waits is not None:  # the verdict is recorded: the study's turnaround, from its last instance
-                self.screener.metrics.turnaround.labels(job.origin).observe(
+                self.screener.metrics.turnaround.labels(job.origin, priority_name(job.priority)).observe(
                     max(0.0, await self.store.now() - waits.last_received_at))
             logger.info("job %s done: %s (%d slices)", job.id, result.verdict, result.n_slices)
         except asyncio.CancelledError:

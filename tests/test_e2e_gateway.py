@@ -260,7 +260,7 @@ def test_stow_rs_upload_by_dicomweb_client_is_screened(gateway, studies, screene
     assert 0.5 <= t.receive_s and t.quiet_s < t.receive_s <= arrived_s + 5  # completed at once: little quiet
     assert plain.timings.receive_s == plain.timings.quiet_s == 0 and plain.timings.queued_s is not None
     metrics = httpx.get(f"{gateway.url}/metrics").text
-    assert 'ctscreen_study_turnaround_seconds_count{origin="stow"} 1.0' in metrics
+    assert 'ctscreen_study_turnaround_seconds_count{origin="stow",priority="routine"} 1.0' in metrics
 
 
 def _zip(members: dict[str, bytes]) -> bytes:

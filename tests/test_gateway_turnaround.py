@@ -34,9 +34,10 @@ def _related(parts: list[bytes]) -> bytes:
 
 
 def _histogram(metrics: str, origin: str) -> tuple[float, float]:
-    """``(count, sum)`` of ``ctscreen_study_turnaround_seconds{origin}``."""
+    """``(count, sum)`` of ``ctscreen_study_turnaround_seconds{origin}`` (routine studies)."""
     def value(kind: str) -> float:
-        found = re.search(rf'^ctscreen_study_turnaround_seconds_{kind}{{origin="{origin}"}} (\S+)$', metrics, re.M)
+        found = re.search(rf'^ctscreen_study_turnaround_seconds_{kind}{{origin="{origin}",priority="routine"}} (\S+)$',
+                          metrics, re.M)
         assert found, metrics[:2000]
         return float(found.group(1))
     return value("count"), value("sum")

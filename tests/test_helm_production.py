@@ -151,8 +151,8 @@ def test_slo_burn_rate_alerts_read_indicators_the_gateway_exports(production):
     assert "ctscreen_stage_seconds" not in slow
     metrics = Metrics()
     for origin in ("upload", "stow"):
-        metrics.turnaround.labels(origin).observe(1.0)
-        assert f'ctscreen_study_turnaround_seconds_bucket{{le="{le}",origin="{origin}"}} 1.0' \
+        metrics.turnaround.labels(origin, "routine").observe(1.0)
+        assert f'ctscreen_study_turnaround_seconds_bucket{{le="{le}",origin="{origin}",priority="routine"}} 1.0' \
             in generate_latest(metrics.registry).decode()
     assert float(le) == yaml.safe_load((CHART / "values.yaml").read_text())["monitoring"]["prometheusRule"]["slo"]["latencySeconds"]
     verdicts = rules["CtscreenVerdictBudgetBurn"]["expr"]

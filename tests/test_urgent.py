@@ -109,6 +109,9 @@ def test_an_urgent_study_is_screened_at_once_while_a_routine_one_takes_the_only_
         urgent = _upload(client, two_studies["urgent"], "urgent")
         views = {name: _until(client, job, ("done", "failed")) for name, job in (("urgent", urgent),
                                                                                   ("routine", routine))}
+        metrics = client.get("/metrics").text
+    for priority in ("urgent", "routine"):  # each study's turnaround under its priority (the chart's urgent p95)
+        assert f'ctscreen_study_turnaround_seconds_count{{origin="upload",priority="{priority}"}} 1.0' in metrics
     for name, view in views.items():
         assert view["state"] == "done", (name, view.get("error"))
     assert views["urgent"]["priority"] == "urgent"
