@@ -766,6 +766,24 @@ def test_a_retried_version_supersedes_the_earlier_one_again_at_once(triton, page
         page.goto("about:blank")  # its event stream closed: the gateway stops without waiting 5 s for it
 
 
+def test_an_urgent_study_says_so_on_its_row(stack, screened, page, tmp_path):
+    """An urgent study (screened before every routine one) carries the word on its worklist row; routine rows
+    carry none. Seen failing before the worklist read the study's priority (no ``.priority`` on the row)."""
+    urgent = Path(phantom.write_study(phantom.make_study(seed=31, kind="normal", n_slices=8), tmp_path / "urgent"))
+    (outcome,) = screen_paths(stack.url, [urgent], quiet=True, priority="urgent")
+    assert outcome.error is None, outcome.error
+    rows = httpx.get(stack.url + "/v1/worklist", timeout=30).json()["rows"]
+    assert {r["job_id"]: r["priority"] for r in rows}[outcome.job_id] == "urgent"
+    assert {r["priority"] for r in rows if r["job_id"] in {j for j, _ in screened.values()}} == {"routine"}
+    page.goto(stack.url + "/")
+    row = page.locator(f'tr[data-job-id="{outcome.job_id}"]')
+    row.wait_for()
+    assert row.get_attribute("data-priority") == "urgent"
+    assert row.locator(".priority").inner_text() == "urgent"
+    for job_id, _ in screened.values():
+        assert page.locator(f'tr[data-job-id="{job_id}"] .priority').count() == 0
+
+
 def test_the_pages_keep_their_size(stack, screened, page):
     """'Older' went back to 50 rows a page and 'Newer' missed the first page."""
     total = httpx.get(stack.url + "/v1/worklist", timeout=30).json()["total"]

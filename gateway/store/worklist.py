@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.jobs import RUNNING, JobState
+from gateway.jobs import RUNNING, JobState, Priority, priority_name
 from gateway.store.models import Base, Event, Instance, Job, Result, Study
 from gateway.store.store import RECEIVING, Store, latest_version
 
@@ -82,6 +82,8 @@ class WorklistRow:
     ``version``, this row's verdict is superseded."""
     series_instance_uid: str | None = None
     """The series the result is about (done rows): its instances carry the row's series description."""
+    priority: Priority = "routine"
+    """The study version's priority (:data:`gateway.jobs.PRIORITIES`): urgent ones go first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +160,7 @@ class Worklist:
             Job.id, Job.state, Job.slices_done, Job.slices_total, Job.files, Job.finished_at, Job.created_at,
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
-            StudyLabels.read_at, latest_version(), self._json_text(("series_instance_uid",)),
+            StudyLabels.read_at, latest_version(), self._json_text(("series_instance_uid",)), Study.priority,
         ).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)
@@ -171,7 +173,8 @@ class Worklist:
                 study_id=r[0], study_instance_uid=r[1], version=r[2], origin=r[3], received_at=r[4],
                 state=row_state(r[5], r[7]), job_id=r[6], slices_done=int(r[8] or 0), slices_total=r[9],
                 instances=r[10], finished_at=r[11], started_at=r[12], error=r[13], verdict=r[14], reason=r[15],
-                message=r[16], labels=labels, latest_version=int(r[21] or r[2]), series_instance_uid=r[22]))
+                message=r[16], labels=labels, latest_version=int(r[21] or r[2]), series_instance_uid=r[22],
+                priority=priority_name(r[23])))
         return WorklistPage(out, total)
 
     async def instances(self, study_id: int, limit: int | None = None) -> list[tuple[str, str, str | None]]:

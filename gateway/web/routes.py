@@ -131,6 +131,7 @@ def row_json(r: WorklistRow) -> dict[str, Any]:
         "time_s": None if r.finished_at is None or r.job_id is None else round(max(0.0, r.finished_at - r.received_at), 2),
         "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
         "superseded_by": r.latest_version if r.latest_version > r.version else None,
+        "priority": r.priority,
     }
 
 

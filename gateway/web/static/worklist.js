@@ -58,10 +58,13 @@ function rowHtml(row) {
     : (row.state === "failed" ? "—" : "");
   // an older version's verdict is not the study's: say so in words, not only by muting the row
   const superseded = row.superseded_by ? `<small class="superseded"> superseded by v${esc(row.superseded_by)}</small>` : "";
-  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-uid="${uid}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
+  // an urgent study is screened before the others (and said so in words); a low one after them
+  const priority = row.priority && row.priority !== "routine"
+    ? ` <span class="priority priority-${esc(row.priority)}">${esc(row.priority)}</span>` : "";
+  return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-uid="${uid}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}" data-priority="${esc(row.priority || "routine")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
     + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
     + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
-    + `<th scope="row" class="uid">${link}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}${superseded}</th>`
+    + `<th scope="row" class="uid">${link}${priority}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}${superseded}</th>`
     + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
     + stateHtml(row)
     + `<td>${verdict}</td>`
