@@ -40,7 +40,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +239,7 @@ class TritonPool:
         self._retired: list[_Endpoint] = []
         self._cond: asyncio.Condition | None = None
         self._pending_slices = 0
-        self._waiting: Counter[int] = Counter()  # batches waiting in _acquire, by priority level
+        self._waiting: dict[object, tuple[int, set[str]]] = {}  # batches waiting in _acquire: level, tried
         self.retries = 0
         self.set_endpoints(endpoints)
 
@@ -452,25 +451,44 @@ class TritonPool:
         """The least-loaded healthy endpoint with room, preferring ones not in ``tried``.
 
         A batch of priority level ``priority`` (0: the default level) leaves a free slot to the batches of
-        more urgent levels waiting here (1 is the most urgent), so an urgent study's batches overtake the
-        routine ones already waiting; it looks again at the next answer (every answer wakes the waiters).
+        more urgent levels waiting here (1 is the most urgent) that would take it (:meth:`_overtaken`), so an
+        urgent study's batches overtake the routine ones already waiting; it looks again when one of them has
+        taken a slot or given up, and at the next answer (every answer wakes the waiters).
 
         Waiting for room on a busy but healthy endpoint has no deadline (the requests it holds have theirs,
         so room comes); waiting while no endpoint is healthy (all resting after failures, removed, or none
         configured) gives up after ``timeout_s``.
         """
         level = priority or DEFAULT_PRIORITY_LEVEL
-        self._waiting[level] += 1
+        me = object()
+        self._waiting[me] = (level, tried)
+        taken = False
         try:
-            return await self._acquire_at(tried, level)
+            ep = await self._acquire_at(tried, level)
+            taken = True
+            return ep
         finally:
-            self._waiting[level] -= 1
-            if not self._waiting[level]:
-                del self._waiting[level]
+            del self._waiting[me]
+            if not taken and self._holds_back(level):
+                self._notify_soon()  # given up (cancelled): the slots it was left go to the batches it held back
 
-    def _overtaken(self, level: int) -> bool:
-        """Whether a batch of a more urgent level than ``level`` waits for a slot."""
-        return any(other < level for other in self._waiting)
+    def _room(self, tried: set[str], now: float) -> list[_Endpoint]:
+        """The endpoints with a free slot that a batch which tried ``tried`` takes one of: the healthy ones it
+        has not tried (all healthy ones when it tried them all); an endpoint that failed lately is on probation,
+        one request at a time until one succeeds."""
+        healthy = [ep for ep in self._eps.values() if not ep.removed and ep.down_until <= now]
+        pool = [ep for ep in healthy if ep.url not in tried] or healthy
+        return [ep for ep in pool if ep.inflight < (1 if ep.consecutive_failures else self.max_inflight)]
+
+    def _overtaken(self, level: int, now: float) -> bool:
+        """Whether a batch of a more urgent level than ``level`` waits here that would take a free slot now. One
+        that waits for another endpoint (it tried the free ones; the one it waits for is full or on probation)
+        does not hold the free slots back: they would stay idle until its endpoint answers."""
+        return any(other < level and self._room(tried, now) for other, tried in self._waiting.values())
+
+    def _holds_back(self, level: int) -> bool:
+        """Whether a batch of a less urgent level than ``level`` waits here."""
+        return any(other > level for other, _ in self._waiting.values())
 
     async def _acquire_at(self, tried: set[str], level: int) -> _Endpoint:
         cond = self._condition()
@@ -480,14 +498,15 @@ class TritonPool:
                 now = time.monotonic()
                 live = [ep for ep in self._eps.values() if not ep.removed]
                 healthy = [ep for ep in live if ep.down_until <= now]
-                fresh = [ep for ep in healthy if ep.url not in tried]
-                pool = fresh or healthy
-                # an endpoint that failed lately is on probation: one request at a time until one succeeds
-                free = [ep for ep in pool if ep.inflight < (1 if ep.consecutive_failures else self.max_inflight)]
-                if free and not self._overtaken(level):
+                free = self._room(tried, now)
+                if free and not self._overtaken(level, now):
                     ep = min(free, key=lambda e: (e.consecutive_failures > 0, e.inflight, e.last_pick))
                     ep.last_pick = now
                     self._mark(ep, +1)
+                    if self._holds_back(level) and self._room(set(), now):
+                        # the less urgent batches woken with this one left the slots to it: one took, the other
+                        # free slots are theirs now (else idle until the next answer or their 1 s look)
+                        cond.notify_all()
                     return ep
                 if healthy:
                     deadline = None

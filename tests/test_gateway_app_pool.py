@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.triton_pool import InferenceFailed, InferenceUnavailable, TritonPool
-from tests.gateway_app_fakes import MARK, FakeFleet
+from tests.gateway_app_fakes import MARK, FakeFleet, FakeTriton
 
 
 def _hu(z: int, marked: tuple[int, ...] = ()) -> np.ndarray:
@@ -329,3 +329,83 @@ def test_a_batch_given_up_as_room_comes_is_cancelled_not_sent():
         return lost
 
     assert asyncio.run(scenario()) == 0
+
+
+class _Gated(FakeTriton):
+    """A fake endpoint whose calls wait for ``gate`` (every call while it is not set) before they are answered."""
+
+    def __init__(self, url: str, **kw) -> None:
+        super().__init__(url, **kw)
+        self.gate = asyncio.Event()
+
+    async def infer(self, *args, **kw):
+        await self.gate.wait()  # the gate of the moment the call is made
+        return await super().infer(*args, **kw)
+
+
+def test_the_slots_an_urgent_batch_leaves_free_go_to_the_routine_batches_at_once():
+    """Three answers come back together (Triton answers a batch of requests at once) with three routine batches
+    and one urgent batch waiting: the urgent one takes a slot, and the routine ones take the other two. Seen
+    failing before: the routine batches, woken with the urgent one, left every free slot to it and were not woken
+    again; two slots stayed idle until the next answer or the waiters' look a second later (1 of 3 taken)."""
+    clients: dict[str, _Gated] = {}
+
+    def factory(url: str) -> _Gated:
+        clients[url] = _Gated(url)
+        return clients[url]
+
+    pool = TritonPool(["a:1"], batch_size=1, max_inflight=3, client_factory=factory)
+
+    async def main() -> tuple[int, list[int]]:
+        first = [asyncio.ensure_future(pool.infer_batch(_hu(1), priority=2)) for _ in range(3)]
+        while pool.inflight_requests < 3:
+            await asyncio.sleep(0.001)
+        client = clients["a:1"]
+        waiting = [asyncio.ensure_future(pool.infer_batch(_hu(1), priority=2)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        urgent = asyncio.ensure_future(pool.infer_batch(_hu(1), priority=1))
+        await asyncio.sleep(0.01)
+        answers, client.gate = client.gate, asyncio.Event()  # the next calls are held
+        answers.set()  # the three answers, together
+        await asyncio.gather(*first)
+        await asyncio.sleep(0.05)
+        started = pool.inflight_requests
+        client.gate.set()
+        await asyncio.gather(*waiting, urgent)
+        return started, client.priorities
+
+    started, priorities = _run(main())
+    assert priorities[3] == 1  # the urgent batch first
+    assert started == 3, f"{started} of the 3 free slots taken"
+
+
+def test_an_urgent_batch_waiting_for_another_endpoint_leaves_a_free_one_to_routine_batches():
+    """An urgent batch whose try on ``a`` failed (INTERNAL: ``a`` stays healthy) waits for ``b``, the endpoint it
+    has not tried, busy with a slow request; ``a`` is free. A routine batch takes ``a`` at once. Seen failing
+    before: it left ``a`` to the urgent batch, which does not take it, and both waited for ``b``'s answer (up to
+    ``timeout_s``, 30 s, when ``b`` hangs on probation)."""
+    clients: dict[str, FakeTriton] = {}
+
+    def factory(url: str) -> FakeTriton:
+        clients[url] = (_Gated(url) if url == "b:1"
+                        else FakeTriton(url, fail_first=1, fail_with="StatusCode.INTERNAL"))
+        return clients[url]
+
+    pool = TritonPool(["b:1"], batch_size=1, max_inflight=1, client_factory=factory)
+
+    async def main() -> None:
+        slow = asyncio.ensure_future(pool.infer_batch(_hu(1), priority=2))  # b's only slot, held
+        while pool.inflight_requests < 1:
+            await asyncio.sleep(0.001)
+        pool.set_endpoints(["b:1", "a:1"])
+        urgent = asyncio.ensure_future(pool.infer_batch(_hu(1), priority=1))
+        while "a:1" not in clients or clients["a:1"].calls < 1 or pool.inflight_requests > 1:
+            await asyncio.sleep(0.001)  # its try on a failed; it waits for b
+        try:
+            out = await asyncio.wait_for(pool.infer_batch(_hu(1), priority=2), 2)
+        finally:
+            clients["b:1"].gate.set()  # type: ignore[attr-defined]
+            await asyncio.gather(slow, urgent)
+        assert out[0].endpoint == "a:1"
+
+    _run(main())
