@@ -225,6 +225,9 @@ class Worker:
     def _done(self, job_id: str, urgent_only: bool, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._slots.give(urgent_only)
+        # the loop may be waiting for work, not for a slot: it polled the slot kept for urgent jobs (the others all
+        # taken) and found none; the slot freed here is for the next job queued, now, not a poll later
+        self.store.work.notify()
 
     async def _work(self, job: Claimed) -> None:
         s = self.settings
