@@ -43,10 +43,12 @@ HU_CAST_MODEL: Final = "hu_cast"  # gpu profile only: INT16 -> FP32 in front of 
 SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
 
 # --- request priority -------------------------------------------------------------------------
-PRIORITY_LEVELS: Final = 3
+PRIORITY_LEVELS: Final = 2
 """Priority levels of every model Triton batches (``dynamic_batching.priority_levels``): a request of level 1
-(an urgent study's) is scheduled before every waiting request of level 2 (routine, also the level of a request
-that names none), and those before level 3 (low). Triton passes an ensemble request's level to its steps."""
+(an urgent study's) is scheduled before every waiting request of level 2 (every other study's, also the level of
+a request that names none). Triton passes an ensemble request's level to its steps. A low study is claimed after
+the routine ones but, once screened, is not held behind them: a level of its own would starve it (and the worker
+slot it holds) for as long as routine studies keep batches waiting, which a busy gateway always does."""
 DEFAULT_PRIORITY_LEVEL: Final = 2
 """The level of a request that names none (a client other than the gateway: perf_analyzer, a peer)."""
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from aggregator.schema import CaseResult
-from ctscreen.contracts import PRIORITY_LEVELS
+from ctscreen.contracts import DEFAULT_PRIORITY_LEVEL
 from gateway.errors import Busy as Busy  # re-exported: the API's job errors
 from gateway.errors import JobNotFound as JobNotFound
 
@@ -64,12 +64,13 @@ DIMSE_PRIORITIES: dict[int, int] = {0x0002: 0, 0x0000: 1, 0x0001: 2}
 
 def triton_priority(rank: int | None) -> int:
     """The Triton priority level (:data:`ctscreen.contracts.PRIORITY_LEVELS`) of a study's requests, by its rank:
-    urgent 1 (Triton's most urgent), routine 2 (the models' default level), low 3.
+    urgent 1 (Triton's most urgent), any other 2 (the models' default level: a low study, claimed last, is not
+    starved once screened).
 
     >>> [triton_priority(PRIORITIES[p]) for p in ("urgent", "routine", "low")], triton_priority(None)
-    ([1, 2, 3], 2)
+    ([1, 2, 2], 2)
     """
-    return PRIORITY_LEVELS - (ROUTINE if rank is None else rank)
+    return 1 if rank is not None and rank >= URGENT else DEFAULT_PRIORITY_LEVEL
 
 
 def priority_name(rank: int | None) -> Priority:

@@ -12,6 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from gateway.jobs import PRIORITIES, triton_priority
 from gateway.triton_pool import InferenceFailed, InferenceUnavailable, TritonPool
 from tests.gateway_app_fakes import MARK, FakeFleet, FakeTriton
 
@@ -71,6 +72,28 @@ def test_an_urgent_batch_takes_the_next_free_slot_before_the_routine_ones_waitin
     client = fleet.clients["a:1"]
     assert sorted(client.priorities) == [1] + [2] * 20 and client.slices == 42
     assert pool.pending_slices == 0 and pool.inflight_requests == 0
+
+
+def test_a_low_study_being_screened_is_not_starved_by_routine_ones():
+    """A low study is claimed after the routine ones, but once screened its batches wait their turn beside the
+    routine studies' (one Triton level for both, gateway.jobs.triton_priority). With a level of its own below
+    routine, a 4-slice low study ended after a 120-slice routine study started after it: a busy gateway always
+    has routine batches waiting, and the low study held its worker slot meanwhile."""
+    fleet = FakeFleet(**{"a:1": {"delay": 0.005}})
+    pool = TritonPool(["a:1"], batch_size=2, max_inflight=2, client_factory=fleet)
+    ended: list[str] = []
+
+    async def study(name: str, z: int, rank: str, after: float) -> None:
+        await asyncio.sleep(after)
+        await pool.infer(_hu(z), priority=triton_priority(PRIORITIES[rank]))
+        ended.append(name)
+
+    async def main() -> None:
+        await asyncio.gather(study("routine", 120, "routine", 0.0), study("low", 4, "low", 0.02),
+                             study("later routine", 120, "routine", 0.04))
+
+    _run(main())
+    assert ended.index("low") == 0, ended
 
 
 def test_a_study_keeps_a_window_of_batches_sent_not_all_of_them():

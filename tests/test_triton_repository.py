@@ -81,8 +81,8 @@ def test_every_model_but_the_ensemble_schedules_by_priority(rendered) -> None:
             continue
         batcher = config.dynamic_batching
         assert config.HasField("dynamic_batching"), name
-        assert (batcher.priority_levels, batcher.default_priority_level) == (3, 2), name
-        assert (c.PRIORITY_LEVELS, c.DEFAULT_PRIORITY_LEVEL) == (3, 2)
+        assert (batcher.priority_levels, batcher.default_priority_level) == (2, 2), name
+        assert (c.PRIORITY_LEVELS, c.DEFAULT_PRIORITY_LEVEL) == (2, 2)
 
 
 def test_segmentation_models_match_contract_and_onnx(rendered) -> None:
