@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from gateway.jobs import ROUTINE
 from gateway.settings import Settings
-from gateway.store.store import Claimed, _Changes
+from gateway.store.store import Changes, Claimed
 from gateway.worker import Worker
 
 
@@ -19,7 +19,7 @@ class _Store:
 
     def __init__(self, queued: list[tuple[str, int]]) -> None:
         self.queued = queued
-        self.work = _Changes()
+        self.work = Changes()
         self.claims: list[tuple[float, str | None]] = []  # (when, the job claimed)
 
     async def claim(self, lease_s, exclude=(), min_priority=None):

@@ -411,9 +411,9 @@ class Store:
         self.lost_failed = 0
         """Jobs this process's claims failed because their holder was lost with them once too often
         (``worker_lost``): the worker counts them in the metrics (:meth:`take_lost_failed`)."""
-        self.changed = _Changes()
+        self.changed = Changes()
         """Every job event, progress too (what event streams wait for)."""
-        self.work = _Changes()
+        self.work = Changes()
         """Events that may give a worker or a deliverer something to do: a job queued (new, released, retried),
         done or failed; not the progress of running jobs, which on PostgreSQL would otherwise wake every
         replica's claim and delivery passes a few times a second per running job."""
@@ -1514,7 +1514,7 @@ def _quiet_cancelled_resets(engine: AsyncEngine) -> None:
         target.addFilter(_CancelledReset())
 
 
-class _Changes:
+class Changes:
     """In-process wake-up of whoever waits for a change in the store (workers, SSE streams).
 
     A waiter reads the store, then waits; a change notified while it was reading would be lost to a plain
