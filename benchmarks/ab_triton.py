@@ -12,6 +12,14 @@ among it); ``NAME=`` (empty) removes NAME. Without ``--a``/``--b``, A is glibc's
     python -m benchmarks.ab_triton                                        # -> results/ab-triton-latest.json
     python -m benchmarks.ab_triton --a MALLOC_TRIM_THRESHOLD_=33554432 --b --rounds 3 --out /tmp/x.json
 
+``--a-repo``/``--b-repo`` serve a side from a model repository of its own (``ctscreen repo build --profile cpu
+--out DIR``, then edited: a config setting to compare) instead of the cpu profile's cached one::
+
+    ctscreen repo build --profile cpu --out /tmp/a && cp -r /tmp/a /tmp/b
+    sed -i 's/max_queue_delay_microseconds: 0 }/max_queue_delay_microseconds: 0 priority_levels: 2 default_priority_level: 2 }/' \
+        /tmp/b/ct_screen_fused/config.pbtxt
+    python -m benchmarks.ab_triton --a --a-repo /tmp/a --b-repo /tmp/b --models ct_screen_fused --rounds 4
+
 Linux only (``/proc``). Prints a table: each model's best and median slices/s and median CPU a slice by
 process, A against B.
 """
@@ -77,13 +85,14 @@ def _measure(grpc_url: str, model: str, slices: Any, min_slices: int) -> dict[st
 
 
 def run(env_a: dict[str, str | None], env_b: dict[str, str | None], rounds: int, min_slices: int,
-        models: tuple[str, ...]) -> dict[str, Any]:
+        models: tuple[str, ...], repo_a: Path | None = None, repo_b: Path | None = None) -> dict[str, Any]:
     slices = sample_slices(16)
     sides: dict[str, dict[str, list[dict[str, Any]]]] = {s: {m: [] for m in models} for s in ("A", "B")}
     envs = {"A": env_a, "B": env_b}
+    repos = {"A": repo_a, "B": repo_b}
     for r in range(rounds):
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            with embedded_triton(None, env=envs[name]) as triton:
+            with embedded_triton(repos[name], env=envs[name]) as triton:
                 for model in models:  # warm-up: every instance has run requests of this shape
                     _throughput(triton.grpc_url, model, slices, 64)
                 for model in models:
@@ -92,7 +101,8 @@ def run(env_a: dict[str, str | None], env_b: dict[str, str | None], rounds: int,
                                 res["slices_per_s"], res["cpu_ms_per_slice"]["total"])
                     sides[name][model].append(res)
     return {"rounds": rounds, "call": {"batch": CALL[0], "concurrency": CALL[1]}, "min_slices": min_slices,
-            "env_a": env_a, "env_b": env_b, "runs": sides, "summary": summary(sides)}
+            "env_a": env_a, "env_b": env_b, "repo_a": str(repo_a) if repo_a else None,
+            "repo_b": str(repo_b) if repo_b else None, "runs": sides, "summary": summary(sides)}
 
 
 def summary(sides: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -120,8 +130,9 @@ def markdown(doc: dict[str, Any]) -> str:
         return ", ".join(f"{k}={'(glibc default)' if v is None else v}" for k, v in e.items()) or "the shipped server"
 
     lines = [f"Paired A/B of the Triton server's environment, {doc['rounds']} rounds, {doc['call']['batch']} slices a "
-             f"request, {doc['call']['concurrency']} in flight.", "", f"- A: {env(doc['env_a'])}",
-             f"- B: {env(doc['env_b'])}", "",
+             f"request, {doc['call']['concurrency']} in flight.", "",
+             f"- A: {env(doc['env_a'])}" + (f", models of {doc['repo_a']}" if doc.get("repo_a") else ""),
+             f"- B: {env(doc['env_b'])}" + (f", models of {doc['repo_b']}" if doc.get("repo_b") else ""), "",
              "| model | slices/s A best (median) | B best (median) | CPU ms a slice, median: process A / B |",
              "|---|---|---|---|"]
     for model, a in doc["summary"]["A"].items():
@@ -143,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--slices", type=int, default=256, help="slices a measured run (at least)")
     p.add_argument("--models", nargs="+", default=[ENSEMBLE_MODEL, FUSED_MODEL], choices=[ENSEMBLE_MODEL, FUSED_MODEL])
+    p.add_argument("--a-repo", type=Path, default=None, help="serve A from this model repository (default: the "
+                   "cpu profile's cached one)")
+    p.add_argument("--b-repo", type=Path, default=None, help="the same for B")
     p.add_argument("--out", type=Path, default=None, help="default results/ab-triton-latest.json")
     args = p.parse_args(argv)
+    for flag, repo in (("--a-repo", args.a_repo), ("--b-repo", args.b_repo)):
+        if repo is not None and not (repo / FUSED_MODEL / "config.pbtxt").is_file():
+            p.error(f"{flag} {repo}: no rendered cpu model repository there (ctscreen repo build --profile cpu --out DIR)")
     try:
         env_a, env_b = side_env(args.a), side_env(args.b)
     except argparse.ArgumentTypeError as exc:
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux /proc")
     models = tuple(dict.fromkeys(args.models))
-    return publish_run(p.prog, argv, lambda: run(env_a, env_b, args.rounds, args.slices, models), markdown,
+    return publish_run(p.prog, argv, lambda: run(env_a, env_b, args.rounds, args.slices, models, args.a_repo,
+                                                 args.b_repo), markdown,
                        args.out or results_dir() / "ab-triton-latest.json")
 
 

@@ -364,6 +364,7 @@ def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.C
     ("ab_triton", ["--b", "=1"], "expected NAME=value"),
     ("ab_triton", ["--rounds", "0"], "--rounds must be at least 1"),
     ("ab_triton", ["--models", "lesion"], "invalid choice: 'lesion'"),
+    ("ab_triton", ["--b-repo", "/nonexistent-repo"], "--b-repo /nonexistent-repo: no rendered cpu model repository there"),
 ])
 def test_ab_bad_arguments_exit_2_before_anything_starts(module: str, argv: list[str], fragment: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -431,6 +432,8 @@ def test_ab_triton_table_names_both_sides_and_every_busy_process() -> None:
     text = markdown(doc)
     assert "- A: MALLOC_MMAP_THRESHOLD_=(glibc default)" in text and "- B: the shipped server" in text
     assert "| ct_screen | 36.40 (36.20) | 37.60 (37.30) | stub postprocess 7.10 / 5.70; total 55.20 / 53.40 |" in text
+    with_repos = markdown({**doc, "env_a": side_env([]), "repo_a": "/tmp/a", "repo_b": "/tmp/b"})
+    assert "- A: the shipped server, models of /tmp/a" in with_repos and "- B: the shipped server, models of /tmp/b" in with_repos
 
 
 def test_a_delegated_command_configures_its_own_logging(monkeypatch, results_kept):

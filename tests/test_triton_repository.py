@@ -80,6 +80,9 @@ def test_every_model_but_the_ensemble_schedules_by_priority(rendered) -> None:
             assert config.platform == "ensemble" and not config.HasField("dynamic_batching")
             continue
         batcher = config.dynamic_batching
+        if name == c.FUSED_MODEL:  # measured slower with them (docs/triton.md, "Priority")
+            assert config.HasField("dynamic_batching") and batcher.priority_levels == 0
+            continue
         assert config.HasField("dynamic_batching"), name
         assert (batcher.priority_levels, batcher.default_priority_level) == (2, 2), name
         assert (c.PRIORITY_LEVELS, c.DEFAULT_PRIORITY_LEVEL) == (2, 2)
