@@ -68,6 +68,61 @@ def test_triton_answers_an_urgent_request_before_the_routine_ones_waiting(triton
     assert overtaking <= pending // 2, f"{overtaking} of {pending} routine requests were answered before it"
 
 
+_PASS_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("HU_COPY", pb_utils.get_input_tensor_by_name(
+            r, "HU_SLICES").as_numpy().copy())]) for r in requests]
+"""
+
+
+def _with_a_first_step(repo: Path) -> None:
+    """``repo``'s ensemble with a step in front of its segmentation models, as the gpu profiles' ``hu_cast``:
+    a python pass-through (this machine's Triton has no onnxruntime backend), batched with priority levels."""
+    (repo / "hu_pass" / "1").mkdir(parents=True)
+    (repo / "hu_pass" / "1" / "model.py").write_text(_PASS_MODEL)
+    (repo / "hu_pass" / "config.pbtxt").write_text(
+        'name: "hu_pass"\nbackend: "python"\nmax_batch_size: 8\n'
+        'input [ { name: "HU_SLICES" data_type: TYPE_INT16 dims: [ 1, 512, 512 ] } ]\n'
+        'output [ { name: "HU_COPY" data_type: TYPE_INT16 dims: [ 1, 512, 512 ] } ]\n'
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        f"dynamic_batching {{ priority_levels: {c.PRIORITY_LEVELS} default_priority_level: {c.DEFAULT_PRIORITY_LEVEL} }}\n")
+    ensemble = repo / c.ENSEMBLE_MODEL / "config.pbtxt"
+    text = ensemble.read_text()
+    step = ('    {\n      model_name: "hu_pass"\n      model_version: -1\n'
+            f'      input_map {{ key: "{c.HU_SLICES}" value: "{c.HU_SLICES}" }}\n'
+            '      output_map { key: "HU_COPY" value: "HU_COPY" }\n    },\n')
+    text = text.replace("  step [\n", "  step [\n" + step, 1)
+    for model in c.SEGMENTATION_MODELS:
+        text = text.replace(f'model_name: "{model}"\n      model_version: -1\n      input_map {{ key: "{c.HU_SLICES}" '
+                            f'value: "{c.HU_SLICES}" }}', f'model_name: "{model}"\n      model_version: -1\n      '
+                            f'input_map {{ key: "{c.HU_SLICES}" value: "HU_COPY" }}')
+    assert text.count('value: "HU_COPY" }') == 3, text
+    ensemble.write_text(text)
+
+
+def test_the_priority_reaches_steps_behind_the_first(tmp_path):
+    """The gpu profiles put ``hu_cast`` in front of the segmentation models, where the queue builds: an ensemble
+    request's priority must reach those second steps (triton-inference-server/server#6055 reported it lost behind
+    a python first step). On this Triton (2.51) it does: behind 24 routine requests, the urgent one comes after
+    those running; sent at the routine level it came after all of them."""
+    from ctscreen.embedded import EmbeddedTriton
+    from ctscreen.repo import build_repository
+
+    repo = build_repository("cpu", tmp_path / "repo")
+    _with_a_first_step(repo)
+    server = EmbeddedTriton(repo, log_file=tmp_path / "triton.log")
+    server.start(timeout=300)
+    try:
+        overtaking, pending = asyncio.run(_overtaken(server.grpc_url, c.ENSEMBLE_MODEL))
+    finally:
+        server.stop()
+    assert pending >= ROUTINE_BATCHES - 4, f"the queue drained before the urgent request went ({pending} left)"
+    assert overtaking <= pending // 2, f"{overtaking} of {pending} routine requests were answered before it"
+
+
 @pytest.fixture(scope="module")
 def two_studies(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("urgent-studies")
