@@ -472,19 +472,18 @@ class TritonPool:
             if not taken and self._holds_back(level):
                 self._notify_soon()  # given up (cancelled): the slots it was left go to the batches it held back
 
-    def _room(self, tried: set[str], now: float) -> list[_Endpoint]:
+    def _room(self, tried: set[str], healthy: list[_Endpoint]) -> list[_Endpoint]:
         """The endpoints with a free slot that a batch which tried ``tried`` takes one of: the healthy ones it
         has not tried (all healthy ones when it tried them all); an endpoint that failed lately is on probation,
-        one request at a time until one succeeds."""
-        healthy = [ep for ep in self._eps.values() if not ep.removed and ep.down_until <= now]
+        one request at a time until one succeeds. ``healthy``: the endpoints neither removed nor resting now."""
         pool = [ep for ep in healthy if ep.url not in tried] or healthy
         return [ep for ep in pool if ep.inflight < (1 if ep.consecutive_failures else self.max_inflight)]
 
-    def _overtaken(self, level: int, now: float) -> bool:
+    def _overtaken(self, level: int, healthy: list[_Endpoint]) -> bool:
         """Whether a batch of a more urgent level than ``level`` waits here that would take a free slot now. One
         that waits for another endpoint (it tried the free ones; the one it waits for is full or on probation)
         does not hold the free slots back: they would stay idle until its endpoint answers."""
-        return any(other < level and self._room(tried, now) for other, tried in self._waiting.values())
+        return any(other < level and self._room(tried, healthy) for other, tried in self._waiting.values())
 
     def _holds_back(self, level: int) -> bool:
         """Whether a batch of a less urgent level than ``level`` waits here."""
@@ -498,12 +497,12 @@ class TritonPool:
                 now = time.monotonic()
                 live = [ep for ep in self._eps.values() if not ep.removed]
                 healthy = [ep for ep in live if ep.down_until <= now]
-                free = self._room(tried, now)
-                if free and not self._overtaken(level, now):
+                free = self._room(tried, healthy)
+                if free and not self._overtaken(level, healthy):
                     ep = min(free, key=lambda e: (e.consecutive_failures > 0, e.inflight, e.last_pick))
                     ep.last_pick = now
                     self._mark(ep, +1)
-                    if self._holds_back(level) and self._room(set(), now):
+                    if self._holds_back(level) and self._room(set(), healthy):
                         # the less urgent batches woken with this one left the slots to it: one took, the other
                         # free slots are theirs now (else idle until the next answer or their 1 s look)
                         cond.notify_all()
