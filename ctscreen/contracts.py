@@ -44,7 +44,8 @@ SEGMENTATION_MODELS: Final = (VALID_AREA_MODEL, LESION_MODEL)
 
 # --- request priority -------------------------------------------------------------------------
 PRIORITY_LEVELS: Final = 2
-"""Priority levels of every model Triton batches (``dynamic_batching.priority_levels``): a request of level 1
+"""Priority levels of the ensemble's models (``dynamic_batching.priority_levels``; the cpu profile's fused model
+has none, docs/triton.md says why): a request of level 1
 (an urgent study's) is scheduled before every waiting request of level 2 (every other study's, also the level of
 a request that names none). Triton passes an ensemble request's level to its steps. A low study is claimed after
 the routine ones but, once screened, is not held behind them: a level of its own would starve it (and the worker

@@ -433,7 +433,8 @@ def _render_into(
         "max_batch_size": s.max_batch_size,
         "input_name": c.HU_SLICES,
         "output_name": c.PROB,
-        # every batching model: an urgent study's requests go before the routine ones waiting (c.PRIORITY_LEVELS)
+        # the ensemble's models: an urgent study's requests go before the routine ones waiting (c.PRIORITY_LEVELS;
+        # the cpu profile's fused template names none: docs/triton.md, "Priority")
         "priority_levels": c.PRIORITY_LEVELS,
         "default_priority_level": c.DEFAULT_PRIORITY_LEVEL,
     }

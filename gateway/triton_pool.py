@@ -11,7 +11,8 @@ slices of a study out to them:
 * every call carries a deadline (``timeout_s``);
 * every call carries its study's priority (a Triton priority level, :data:`ctscreen.contracts.PRIORITY_LEVELS`):
   a batch of a more urgent study takes the next free slot before the waiting batches of less urgent ones, here,
-  and Triton's batcher schedules it before the requests of lower levels waiting there (from every replica);
+  and the batchers of the ensemble's models schedule it before the requests of lower levels waiting there (from
+  every replica);
 * a request that fails with ``UNAVAILABLE``, a deadline or another transport error is retried on
   another endpoint, up to ``max_attempts`` tries; the failing endpoint rests for an exponential
   back-off and then takes one request at a time until one succeeds (a half-open circuit breaker);
