@@ -14,6 +14,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, inspect, select, text, update
@@ -26,6 +27,7 @@ from gateway.phi import patient_key
 from gateway.store import Store
 from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
 from gateway.store.models import Instance, Job, Replica, Result, Study
+from gateway.store.store import PROGRESS
 
 
 def _run(coro):
@@ -1171,20 +1173,31 @@ def test_other_replicas_are_woken_by_job_events_on_postgresql(pg_url):
     _run(go())
 
 
+@contextlib.asynccontextmanager
+async def _writer_and_listener(db_url: str) -> AsyncIterator[tuple[Store, Store]]:
+    """``(writer, seen)``: ``seen`` listens; on PostgreSQL ``writer`` is another replica's store (its changes
+    reach ``seen`` through NOTIFY), on SQLite the same store."""
+    a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+    try:
+        a.listen()
+        if db_url.startswith("postgresql"):
+            await a.work.wait(10)  # the listener is up (it wakes the waiters once when it starts)
+            yield b, a
+        else:
+            yield a, a
+    finally:
+        await a.close()
+        await b.close()
+
+
 def test_progress_wakes_event_streams_and_not_the_workers_of_every_replica(db_url):
     """Each running job's progress (every 0.5 s) woke every replica's claim and delivery passes (a write
     transaction and a scan of the hour's finished jobs each) on PostgreSQL: only streams need it. Work
     (a job queued, done) still wakes the workers at once, here and on the other replicas."""
     upgrade(db_url)
-    pg = db_url.startswith("postgresql")
 
     async def go():
-        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
-        try:
-            a.listen()
-            if pg:
-                await a.work.wait(10)  # the listener is up (it wakes the waiters once when it starts)
-            writer, seen = (b, a) if pg else (a, a)  # on PostgreSQL through NOTIFY, from another replica
+        async with _writer_and_listener(db_url) as (writer, seen):
             [job_id] = await _queue(writer, 1)
             assert await writer.claim(60) is not None
             streams, workers = (asyncio.ensure_future(seen.changed.wait(2)), asyncio.ensure_future(seen.work.wait(2)))
@@ -1196,9 +1209,38 @@ def test_progress_wakes_event_streams_and_not_the_workers_of_every_replica(db_ur
             await asyncio.sleep(0.1)
             assert await writer.finish(job_id, _result(job_id), None)  # work: a delivery to build
             assert await workers
-        finally:
-            await a.close()
-            await b.close()
+
+    _run(go())
+
+
+def test_a_jobs_progress_wakes_the_streams_following_it_and_not_those_of_other_jobs(db_url):
+    """An event stream follows one job (``Changes.watching``): every running job's progress woke every stream
+    of the replica, a store read per stream and change. Now progress wakes the streams of its job (on
+    PostgreSQL through the NOTIFY's job, from another replica) and whoever waits for any change (the
+    worklist); so does a job's end. A change of jobs unknown still wakes every stream."""
+    upgrade(db_url)
+
+    async def go():
+        async with _writer_and_listener(db_url) as (writer, seen):
+            first, second = await _queue(writer, 2)
+            assert await writer.claim(60) is not None and await writer.claim(60) is not None
+            with seen.changed.watching(first) as mine, seen.changed.watching(second) as theirs, \
+                    seen.changed.watching(first) as also_mine:
+                await asyncio.sleep(0.2)  # the claims' notices are in
+                marks = (mine.generation, theirs.generation, also_mine.generation, seen.changed.generation)
+                waits = [asyncio.ensure_future(w.wait(1.5, g)) for w, g in zip((mine, theirs, also_mine, seen.changed),
+                                                                                marks, strict=True)]
+                await asyncio.sleep(0.1)
+                assert await writer.heartbeat(first, 60, slices_done=5)  # the first job's progress
+                assert await asyncio.gather(*waits) == [True, False, True, True]
+                waits = [asyncio.ensure_future(w.wait(1.5, w.generation)) for w in (mine, theirs)]
+                await asyncio.sleep(0.1)
+                assert await writer.finish(second, _result(second), None)  # the second job done
+                assert await asyncio.gather(*waits) == [False, True]
+                waits = [asyncio.ensure_future(w.wait(10, w.generation)) for w in (mine, theirs)]
+                seen.heard(PROGRESS)  # a notice naming no job (events of several jobs, an older replica's): all look
+                assert await asyncio.gather(*waits) == [True, True]
+            assert not seen.changed._watched  # the streams gone, nothing is kept for their jobs
 
     _run(go())
 

@@ -56,26 +56,29 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
                     ) -> AsyncIterator[JobView | None]:
     """The job's view at each change until it finishes (``None``: nothing new, keep-alive).
 
-    Changes are the job's rows in the ``events`` table, so any replica streams any job; a change made
-    by this process wakes the stream at once, others are seen within ``poll_s``.
+    Changes are the job's rows in the ``events`` table, so any replica streams any job. A change of this
+    job made by this process (or, on PostgreSQL, heard from another replica) wakes the stream at once, and so
+    does a change of jobs unknown; the progress of other jobs does not (:meth:`gateway.store.store.Changes.
+    watching`). Anything missed is seen within ``poll_s``.
     """
     last_event, shown, quiet_since = 0, None, time.monotonic()
-    while True:
-        seen = store.changed.generation  # a change while reading below is not slept over
-        events, view = await store.job_step(job_id, last_event, view=shown is None)
-        if view is not None:
-            if events:
-                last_event = events[-1][0]
-            key = (view.state, view.slices_done, view.slices_total, view.attempts)
-            if key != shown:
-                shown, quiet_since = key, time.monotonic()
-                yield view
-            if view.state in TERMINAL:
-                return
-        elif time.monotonic() - quiet_since >= keepalive_s:
-            quiet_since = time.monotonic()
-            yield None
-        await store.changed.wait(poll_s, seen)
+    with store.changed.watching(job_id) as changes:  # this job's changes: not every running job's progress
+        while True:
+            seen = changes.generation  # a change while reading below is not slept over
+            events, view = await store.job_step(job_id, last_event, view=shown is None)
+            if view is not None:
+                if events:
+                    last_event = events[-1][0]
+                key = (view.state, view.slices_done, view.slices_total, view.attempts)
+                if key != shown:
+                    shown, quiet_since = key, time.monotonic()
+                    yield view
+                if view.state in TERMINAL:
+                    return
+            elif time.monotonic() - quiet_since >= keepalive_s:
+                quiet_since = time.monotonic()
+                yield None
+            await changes.wait(poll_s, seen)
 
 
 @router.get(
