@@ -604,6 +604,13 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
     with pytest.raises(DestinationsError) as exc:
         load_destinations(leaky)
     assert "s3cr3t" not in str(exc.value)
+    # a password in the URL was used (httpx sends it as Basic auth) and written into every delivery error: the
+    # log, the stored error the deliveries API and the web page show
+    for url in ("https://ris:s3cr3t@ris.example/fhir", "https://s3cr3t@ris.example/dicomweb"):
+        leaky.write_text(f"destinations: [{{name: w, kind: stowrs, url: '{url}', objects: [sr]}}]")
+        with pytest.raises(DestinationsError, match="no user name or password: give credentials as a header") as exc:
+            load_destinations(leaky)
+        assert "s3cr3t" not in str(exc.value)
     from gateway.cli import serve_main
 
     with pytest.raises(SystemExit) as stop:

@@ -183,6 +183,9 @@ class _Http(_Base):
             raise ValueError(f"url is no usable URL ({type(exc).__name__}: {str(exc)[:80]})") from None
         if not url.host:
             raise ValueError("url names no host")
+        if url.userinfo:  # it would be in every delivery error: the log, the deliveries API, the web page
+            raise ValueError("url must hold no user name or password: give credentials as a header "
+                             "(e.g. Authorization: Basic ${VAR}, from an environment variable)")
         if url.port is not None and not 1 <= url.port <= 65535:  # else every delivery failed, retried for a day
             raise ValueError(f"url's port must be 1 to 65535, got {url.port}")
         return value
