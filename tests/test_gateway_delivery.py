@@ -1396,6 +1396,7 @@ def test_a_fhir_server_holding_duplicates_fails_the_delivery_for_good_saying_so(
     ((401, {}), False, "token may have expired"),
     ((503, {"Retry-After": "7"}), False, "asks to wait 7 s"),
     ((429, {"Retry-After": "7"}), False, "asks to wait 7 s"),
+    ((503, {"Retry-After": "²".encode()}), False, "503"),  # a digit to str.isdigit: float() raised, a traceback
     ("timeout", False, "timed out waiting for the answer of http://ris/fhir (the server may have stored it)"),
 ])
 def test_a_fhir_servers_answer_is_classed_as_it_means(answer, permanent, says):

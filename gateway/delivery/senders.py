@@ -145,9 +145,10 @@ def retry_after(response: httpx.Response) -> float | None:
     (120.0, None)
     >>> retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
     0.0
+    >>> retry_after(httpx.Response(503, headers={"Retry-After": "²".encode()}))  # a digit to str.isdigit, not to float
     """
     value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
