@@ -422,6 +422,10 @@ class Authenticator:
                                 jwks_url=settings.auth_oidc_jwks_url, cache_s=settings.auth_jwks_cache_s)
         keys = None
         if settings.auth_api_keys_file:
+            if not settings.auth_api_keys_file.exists():  # a typo, or a Secret not mounted: every key refused, 401
+                logger.warning("CTSCREEN_AUTH_API_KEYS_FILE %s does not exist: no API key is accepted until it does "
+                               "(ctscreen keys add --file %s creates it)", settings.auth_api_keys_file,
+                               settings.auth_api_keys_file)
             keys = KeyChecks(KeyStore(settings.auth_api_keys_file), threads=settings.auth_key_threads,
                              max_pending=settings.auth_key_max_pending, max_failures=settings.auth_key_max_failures,
                              window_s=settings.auth_key_failure_window_s)

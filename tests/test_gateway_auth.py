@@ -9,6 +9,7 @@ call, not inference). API keys are made with the ``ctscreen keys`` command itsel
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -338,6 +339,25 @@ def test_keys_command_refuses_unknown_scope_and_missing_file(tmp_path, capsys, m
         keys_cli.main(["--file", str(tmp_path / "k.json"), "add", "x", "--scopes", "root"])
     assert keys_cli.main(["--file", str(tmp_path / "k.json"), "revoke", "nosuchkey"]) == 1
     assert "No API key" in capsys.readouterr().err
+
+
+def test_a_key_file_that_does_not_exist_is_said_at_start_and_taken_once_it_does(tmp_path, caplog, capsys):
+    """A key file path with a typo, or a Secret not mounted, started a gateway that answered every key 401
+    ("unknown or revoked") and said nothing of the file. It still starts (``ctscreen keys add`` may create the
+    file later, and the gateway reads it then), and says so in its log."""
+    path = tmp_path / "keys" / "api_keys.json"
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        app = create_app(Settings(triton_urls="fake:1", auth_api_keys_file=path), client_factory=FakeFleet())
+    assert f"CTSCREEN_AUTH_API_KEYS_FILE {path} does not exist: no API key is accepted until it does" in caplog.text
+    with TestClient(app) as c:
+        path.parent.mkdir()
+        assert keys_cli.main(["--file", str(path), "add", "ris", "--scopes", "studies:write"]) == 0
+        key = capsys.readouterr().out.split()[-1]
+        assert _upload(c, {"Authorization": f"Bearer {key}"}).status_code == 202
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        create_app(Settings(triton_urls="fake:1", auth_api_keys_file=path), client_factory=FakeFleet())
+    assert "does not exist" not in caplog.text
 
 
 # --- secure by default -----------------------------------------------------------------------------
