@@ -112,7 +112,12 @@ class KeyStore:
                 if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
                     raise ValueError('it must hold a JSON object {"keys": [...]}, as "ctscreen keys add" writes')
                 for row in data.get("keys", []):
-                    row["scopes"] = tuple(row["scopes"])
+                    scopes = row["scopes"]
+                    # a hand-edited "scopes": "admin" was split into letters: a key of no scope, 403 everywhere
+                    if not isinstance(scopes, list) or not scopes or any(x not in SCOPES for x in scopes):
+                        raise ValueError(f'the scopes of key {str(row.get("id"))[:12]!r} must be a list of some of '
+                                         f'{", ".join(SCOPES)}, got {str(scopes)[:60]!r}')
+                    row["scopes"] = tuple(scopes)
                     keys[row["id"]] = ApiKey(**row)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"API key file {self.path} cannot be read: {exc}") from exc

@@ -7,12 +7,15 @@ fast. ``/proc/...`` stands for an output folder that cannot be created (even by 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+
+from gateway.keys import KeyStore
 
 UNWRITABLE = "/proc/ctscreen-no-such-dir/out"
 
@@ -191,6 +194,12 @@ def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_o
                     "CTSCREEN_AUTH_API_KEYS_FILE: API key file")
     _one_clear_line(_charts_gateway(free, env), "must hold a JSON object")
     _one_clear_line(_run(["keys", "--file", str(bad), "list"]), "cannot be read")
+    edited = tmp_path / "edited.json"  # by hand, "scopes": "admin": a key of the scopes a, d, m, i, n (403 everywhere)
+    KeyStore(edited).add("ops", ["admin"])
+    data = json.loads(edited.read_text())
+    data["keys"][0]["scopes"] = "admin"
+    edited.write_text(json.dumps(data))
+    _one_clear_line(_run(["keys", "--file", str(edited), "list"]), "must be a list of some of studies:write")
     inside_a_file = str(bad / "keys.json")  # stat() raises NotADirectoryError, not FileNotFoundError
     _one_clear_line(_run(["serve", "--port", str(free), "--triton-url", f"127.0.0.1:{free}"],
                          env={"CTSCREEN_AUTH_API_KEYS_FILE": inside_a_file}), "Not a directory")
