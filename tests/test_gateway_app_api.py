@@ -40,6 +40,19 @@ def related_body(parts: list[bytes], boundary: str = "b0undary", part_type: str 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
 
 
+def test_a_priority_sent_as_a_form_field_is_refused_not_ignored():
+    """``curl -F priority=urgent`` (a form field, not ``?priority=``) was taken for a file named part-N, refused
+    as not DICOM, and the study screened as routine without a word: an emergency study queued behind the day's
+    work. Other form fields stay what they were (a file each, refused as not DICOM in the result)."""
+    _, files = ct_series(6, size=64)
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", files=upload_files(files), data={"priority": "urgent"})
+        assert r.status_code == 400 and r.json()["reason"] == "bad_upload", r.text
+        assert "'priority' is not read: priority is a query parameter (POST /v1/studies?priority=...)" in r.text
+        r = client.post("/v1/studies", files=upload_files(files), data={"note": "hello"}, params={"priority": "urgent"})
+        assert r.status_code == 202 and r.json()["priority"] == "urgent", r.text
+
+
 # --- settings ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("field", "value"),

@@ -53,6 +53,9 @@ from gateway.uploads import (
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
 _FILENAME = re.compile(r'filename\*?\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+_FIELD = re.compile(r'(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+_QUERY_OPTIONS = frozenset({"priority"})
+"""The upload's query parameters: a form field of one of these names is refused (it would not be read)."""
 
 
 class StudyReading(BaseModel):
@@ -91,9 +94,21 @@ def _reading(view: JobView | None) -> StudyReading | None:
 
 def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, Path] | None:
     """The file of the ``i``-th multipart part (from 1): its name from Content-Disposition, else ``part-<i>``;
-    None for an empty part without a filename (a form field)."""
+    None for an empty part without a filename (a form field).
+
+    Raises
+    ------
+    gateway.errors.UploadError
+        A form field named as one of the route's query parameters (``-F priority=urgent``): it was taken for a
+        file (then refused as not DICOM) and the study screened as routine, without a word.
+    """
     disposition = headers.get("content-disposition", "")
     match = _FILENAME.search(disposition)
+    field = _FIELD.search(disposition)
+    if match is None and field is not None and (field.group(1) or field.group(2)) in _QUERY_OPTIONS:
+        option = field.group(1) or field.group(2)
+        raise UploadError(f"The form field {option!r} is not read: {option} is a query parameter "
+                          f"(POST /v1/studies?{option}=...).")
     if match is None and "filename" not in disposition and not content.stat().st_size:
         return None
     name = (match.group(1) or match.group(2)) if match else f"part-{i}"
