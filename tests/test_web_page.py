@@ -554,7 +554,8 @@ def test_worklist_route_filters_and_pages_in_the_server(stack, screened):
         row = next(r for r in everything["rows"] if r["job_id"] == screened["covid"][0])
         assert row["labels"]["accession_number"] == "A00000011" and row["time_s"] > 0 and row["reason"] == "run_found"
         for bad in ({"verdict": "maybe"}, {"state": "lost"}, {"limit": 0}, {"received_from": "yesterday"},
-                    {"received_to": "2024-02-30"}):
+                    {"received_to": "2024-02-30"},
+                    {"received_to": "2020-01-01", "received_from": "2021-01-01"}):  # was 200, no rows
             r = c.get("/v1/worklist", params=bad)
             assert r.status_code == 422 and r.json()["reason"] == "bad_request", bad
             # the message names what does not match (the page shows only the message)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from aggregator.schema import CaseResult
@@ -200,6 +201,9 @@ async def worklist(
     received_to: Annotated[date | None, Query(description="received on or before this day (UTC), YYYY-MM-DD")] = None,
 ) -> JSONResponse:
     """One row per study version: labels (no patient name, ID or birth date), state and progress, verdict with its reason, time taken."""
+    if received_from is not None and received_to is not None and received_from > received_to:  # was 200, no rows
+        raise RequestValidationError([{"loc": ("query", "received_to"), "type": "value_error",
+                                       "msg": f"must be on or after received_from ({received_from.isoformat()})"}])
     page = await web.worklist.page(
         limit=limit, offset=offset, state=state, verdict=verdict,
         received_from=None if received_from is None else _epoch(received_from),
