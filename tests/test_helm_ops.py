@@ -96,8 +96,8 @@ def test_the_gateway_drain_fits_its_grace_period():
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"triton": {"gpuResource": "nvidia.com/mig-1g.10gb", "gpus": 2}}, "sees one MIG device only"),
-    ({"gateway": {"ingress": {"enabled": True}}}, "the NetworkPolicy admits nobody to it"),
-    ({"gateway": {"service": {"type": "LoadBalancer"}}}, "the NetworkPolicy admits nobody to it"),
+    ({"gateway": {"ingress": {"enabled": True}}}, "published (gateway.ingress.enabled is true) but networkPolicy.gatewayIngressFrom is empty"),
+    ({"gateway": {"service": {"type": "LoadBalancer"}}}, "published (gateway.service.type is LoadBalancer) but networkPolicy.gatewayIngressFrom is"),
     ({"gateway": {"metricsPort": 8080}}, "must differ"),
     ({"gateway": {"dicom": {"enabled": True, "port": 9102, "allowedPeers": ["CT@*"]}}}, "must differ"),
     ({"triton": {"ports": {"metrics": 8000}}}, "must differ"),
