@@ -339,6 +339,7 @@ class _Association:
     called: str
     address: str
     stored: Counter[tuple[str, int]] = field(default_factory=Counter)  # (study, C-STORE status) -> instances
+    sent: dict[str, set[str]] = field(default_factory=dict)  # study -> SOP Instance UIDs stored (0x0000)
     discarded: int = 0
     echoes: int = 0
 
@@ -626,14 +627,15 @@ class StorageScp:
     def _transfer_ended(self, done: _Association, aborted: bool) -> None:
         """Tell the store how the association into each study it stored instances of ended: without a release,
         the study's open version may be incomplete, and its result says so (a negative one is indeterminate);
-        a release clears that (the sender sent the study again, whole). Waits for the store at most
+        a release clears that where it sent every instance the open version holds (the sender sent the study
+        again, whole; not a second sender adding a few). Waits for the store at most
         :attr:`handover_timeout_s` (in the association's thread); a failure is logged, never raised."""
-        studies = sorted({study for (study, status), _ in done.stored.items() if study and status == SUCCESS})
-        if not studies:
+        if not done.sent:
             return
-        stored = sum(n for (study, status), n in done.stored.items() if study and status == SUCCESS)
+        stored = sum(len(sops) for sops in done.sent.values())
         note = (f"The C-STORE association from {done.calling or 'an unnamed AE'} ended without a release (an abort or a "
                 f"dropped connection) after {stored} instance(s): the study may be incomplete.") if aborted else None
+        studies = done.sent
         try:
             future = asyncio.run_coroutine_threadsafe(self.stow.transfer_ended(studies, note), self.loop)
             future.result(self.handover_timeout_s)
@@ -641,13 +643,17 @@ class StorageScp:
             logger.warning("how a DICOM association ended (%s) not recorded for %d studies: %s",
                            "aborted" if aborted else "released", len(studies), type(exc).__name__)
 
-    def _tally(self, assoc: Any, *, stored: tuple[str, int] | None = None, echoes: int = 0, discarded: int = 0) -> None:
-        """Count what the association did: an instance stored (its study and status), a C-ECHO, a discard."""
+    def _tally(self, assoc: Any, *, stored: tuple[str, int] | None = None, sop_instance_uid: str = "", echoes: int = 0,
+               discarded: int = 0) -> None:
+        """Count what the association did: an instance stored (its study and status, and its SOP Instance UID), a
+        C-ECHO, a discard."""
         with self._associations_lock:
             done = self._associations.get(assoc)
             if done is not None:
                 if stored is not None:
                     done.stored[stored] += 1
+                    if stored[1] == SUCCESS and stored[0]:
+                        done.sent.setdefault(stored[0], set()).add(sop_instance_uid)
                 done.echoes += echoes
                 done.discarded += discarded
 
@@ -666,8 +672,8 @@ class StorageScp:
         :attr:`max_instance_bytes` (read as each instance begins)."""
         return CappedFile(self.max_instance_bytes, dir=self.received_dir, prefix="ctscreen-rx-", **kwargs)
 
-    def _count_store(self, event: Any, study: str, status: int) -> int:
-        self._tally(event.assoc, stored=(study, status))
+    def _count_store(self, event: Any, study: str, status: int, sop_instance_uid: str = "") -> int:
+        self._tally(event.assoc, stored=(study, status), sop_instance_uid=sop_instance_uid)
         return status
 
     def _on_echo(self, event: Any) -> int:
@@ -722,7 +728,8 @@ class StorageScp:
         try:
             future = asyncio.run_coroutine_threadsafe(self._hold(header, name, data, data.stat().st_size, priority),
                                                       self.loop)
-            return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s))
+            return self._count_store(event, header.study_instance_uid, future.result(self.handover_timeout_s),
+                                     header.sop_instance_uid)
         except Exception as exc:  # noqa: BLE001 - the loop stopping (cancelled), closed or stuck, or a fault:
             # answered, never raised (pynetdicom would answer 0xC211 and leave the instance's file behind)
             if future is not None:

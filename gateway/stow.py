@@ -22,7 +22,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,10 +305,11 @@ class Intake:
         kept = await asyncio.to_thread(same)
         return (copy, False) if kept else (None, True)
 
-    async def transfer_ended(self, study_instance_uids: list[str], note: str | None) -> None:
-        """A C-STORE association that stored instances of these studies ended: without a release (``note``,
-        what their results will say) or released (None: clears it). See :meth:`Store.mark_interrupted`."""
-        await self.store.mark_interrupted(study_instance_uids, note)
+    async def transfer_ended(self, sent: Mapping[str, Collection[str]], note: str | None) -> None:
+        """A C-STORE association that stored these instances (SOP Instance UIDs by study) ended: without a release
+        (``note``, what their results will say) or released (None: clears it where it sent the whole study).
+        See :meth:`Store.mark_interrupted`."""
+        await self.store.mark_interrupted(sent, note)
 
     async def complete(self, study_instance_uid: str) -> JobView:
         """Screen a study now (explicit trigger); without a receiving version, its latest job.

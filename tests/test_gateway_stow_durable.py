@@ -357,7 +357,8 @@ def test_a_study_whose_c_store_association_aborted_is_not_a_plain_negative(tmp_p
     slices were screened as the whole study, negative, no warning (a review's run: 9 of 60 slices of a
     COVID study, negative; the study sent again, positive). Now its result says the transfer ended without
     a release, and a negative one is indeterminate (transfer_interrupted). The study sent again whole, on an
-    association released, within the quiet period: a plain result."""
+    association released, within the quiet period: a plain result; a released association that adds only a few
+    instances leaves the warning."""
     from ctscreen.embedded import free_port
 
     port = free_port()
@@ -374,6 +375,11 @@ def test_a_study_whose_c_store_association_aborted_is_not_a_plain_negative(tmp_p
         whole = _screened(client, again)
         assert whole["result"]["verdict"] == "negative" and whole["result"]["n_slices"] == 6
         assert not any("without a release" in w for w in whole["result"]["warnings"])
+        added, files = ct_series(6, size=128)  # a review's run: any released association cleared the note, and
+        _c_store(port, files[:3], abort=True)  # 4 of 6 slices read as a plain negative
+        _c_store(port, files[3:4], ae_title="CT4")  # a second sender adds one instance; released
+        partial = _screened(client, added)
+        assert partial["result"]["reason"] == "transfer_interrupted" and partial["result"]["n_slices"] == 4, partial
         positive, files = ct_series(8, lesion=(1, 2, 3), shuffle_seed=None)
         _c_store(port, files[:5], abort=True)  # the run was in what came: positive stands, with the warning
         found = _screened(client, positive)

@@ -32,7 +32,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -731,16 +731,24 @@ class Store:
                 .where(Study.state == RECEIVING))).scalar() or 0
         return int(n), int(nbytes)
 
-    async def mark_interrupted(self, study_instance_uids: Collection[str], note: str | None) -> int:
-        """Record (``note``) or clear (None) that the last C-STORE transfer into each study's open version ended
-        without a release. The open version is the latest, while it is receiving or its job is not finished;
-        returns how many versions changed."""
+    async def mark_interrupted(self, sent: Mapping[str, Collection[str]], note: str | None) -> int:
+        """Record (``note``) or clear (None) that a C-STORE transfer into each study's open version ended without
+        a release; ``sent``: the SOP Instance UIDs the association stored, by study. The open version is the
+        latest, while it is receiving or its job is not finished. A release clears the note only where the
+        association sent every instance the version holds (the study sent again, whole): one that added a few
+        (a second sender, a retry of one instance) leaves it, else an incomplete study would read as a plain
+        result. Returns how many versions changed."""
         n = 0
         async with self.tx() as s:
-            for uid in sorted(set(study_instance_uids)):
+            for uid in sorted(sent):
                 latest = await self._latest_version(s, uid)
                 if latest is None or latest[1] in _TERMINAL:
                     continue
+                if note is None:
+                    held = set((await s.execute(
+                        select(Instance.sop_instance_uid).where(Instance.study_id == latest[0]))).scalars())
+                    if not held <= set(sent[uid]):
+                        continue
                 n += _rowcount(await s.execute(update(Study).where(Study.id == latest[0]).values(
                     interrupted=None if note is None else note[:256])))
         return n
