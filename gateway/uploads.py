@@ -33,6 +33,8 @@ import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
@@ -318,7 +320,22 @@ def _read_member(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+def media_parameter(content_type: str, name: str) -> str | None:
+    """The parameter ``name`` of a Content-Type value (any case, quoted or not, RFC 2231 too), or None: parsed
+    as the ``email`` package parses it, not searched for (``boundary="type=x"`` named a STOW-RS body's type, and
+    ``start-type=...`` too).
+
+    >>> media_parameter('multipart/related; boundary="type=x"; type="application/dicom"', "type")
+    'application/dicom'
+    >>> media_parameter('multipart/related; start-type=foo; boundary=abc', "type") is None
+    True
+    >>> media_parameter('multipart/form-data; BOUNDARY=----x7MA4', "boundary")
+    '----x7MA4'
+    """
+    message = Message()
+    message["content-type"] = content_type
+    value = message.get_param(name, header="content-type")
+    return None if value is None else str(collapse_rfc2231_value(value))
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any, on_cancel: Callable[[], object] | None = None) -> _T:
@@ -464,10 +481,13 @@ class MultipartSplitter:
     def __init__(self, content_type: str, new_part: Callable[[], Any], *, max_parts: int = 10000) -> None:
         if not content_type.lower().lstrip().startswith("multipart/"):
             raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
-        match = _BOUNDARY.search(content_type)
-        if match is None:
+        found = media_parameter(content_type, "boundary")
+        if not found:
             raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
-        boundary = (match.group(1) or match.group(2)).encode("latin-1")
+        try:
+            boundary = found.encode("latin-1")
+        except UnicodeEncodeError:
+            raise UploadError(f"Content-Type {content_type!r} has a boundary that is not Latin-1.") from None
         self._delimiter = b"--" + boundary
         self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
         self.new_part, self.max_parts = new_part, max_parts

@@ -517,9 +517,18 @@ def test_stow_partial_and_total_failure_and_media_types():
         assert bad_type.status_code == 415
         not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
         assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"
-        # counted as every refused request is: these two 415s
+        # the parameters parsed, not searched for: "type=" inside another parameter is not the body's type
+        no_type = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary="xtype=application/dicom"),
+                              headers={"Content-Type": 'multipart/related; boundary="xtype=application/dicom"'})
+        assert no_type.status_code == 415 and "(not 'none')" in no_type.text, no_type.text  # was accepted
+        for content_type, boundary in (('multipart/related; boundary="type=x"; type="application/dicom"', "type=x"),
+                                       ('multipart/related; start-type=foo; type="application/dicom"; boundary=b0', "b0")):
+            r = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary=boundary),
+                            headers={"Content-Type": content_type})
+            assert r.status_code == 200, (content_type, r.text)  # both were 415, (not 'x') and (not 'foo')
+        # counted as every refused request is: these three 415s
         text = client.get("/metrics").text
-        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 2.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
+        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 3.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
 
 
 def test_an_uploads_files_are_stored_in_one_blob_folder(tmp_path):

@@ -35,7 +35,7 @@ from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
 from gateway.uids import check_uid
-from gateway.uploads import UploadLimits, new_spool, spool_multipart, spooling_failed
+from gateway.uploads import UploadLimits, media_parameter, new_spool, spool_multipart, spooling_failed
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
                    responses=AUTH_RESPONSES)
@@ -52,7 +52,6 @@ MAX_INSTANCE_BYTES = UploadLimits.max_file_bytes
 """The largest instance kept (0xA700 beyond, as C-STORE's :attr:`gateway.dimse.StorageScp.max_instance_bytes`):
 the worker reads no larger file of a study."""
 
-_TYPE = re.compile(r'type\s*=\s*"?([^";]+)"?', re.IGNORECASE)
 
 
 def _ui(value: str) -> dict[str, Any]:
@@ -120,10 +119,9 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "multipart/related":
         return _media_error(metrics, f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
-    match = _TYPE.search(content_type)
-    if match is None or match.group(1).strip().lower() != "application/dicom":
-        found = match.group(1) if match else "none"
-        return _media_error(metrics, f'Only type="application/dicom" is supported (not {found!r}); send DICOM Part 10 files.')
+    found = media_parameter(content_type, "type")
+    if found is None or found.strip().lower() != "application/dicom":
+        return _media_error(metrics, f'Only type="application/dicom" is supported (not {found or "none"!r}); send DICOM Part 10 files.')
     try:
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
     except OSError as exc:
