@@ -57,7 +57,7 @@ from pydicom import uid as _uid
 
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, peer_ip, tls_context
-from gateway.errors import GatewayError, InvalidInput, PatientMismatch, StoreUnavailable
+from gateway.errors import GatewayError, InvalidInput, OutOfResources, PatientMismatch, StoreUnavailable
 from gateway.jobs import DIMSE_PRIORITIES, PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.settings import NonCt, Settings
@@ -745,8 +745,8 @@ class StorageScp:
             return OUT_OF_RESOURCES
         try:
             await self.stow.add(header, name, data, nbytes, priority)  # fsynced and recorded before 0x0000
-        except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
-            self._count(exc.reason)
+        except (StoreUnavailable, OutOfResources) as exc:  # the state store or the blob volume cannot take it now:
+            self._count(exc.reason)  # the sender retries
             return OUT_OF_RESOURCES
         except PatientMismatch as exc:  # its study names another patient: nothing kept (the audit has the status)
             self._count(exc.reason)

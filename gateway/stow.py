@@ -17,6 +17,7 @@ the instance and sends it again later. :meth:`Intake.refusal` decides it, once f
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import io
 import logging
@@ -30,7 +31,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
-from gateway.errors import NotDicom, PatientMismatch, StoreUnavailable, Unavailable
+from gateway.errors import NotDicom, OutOfResources, PatientMismatch, StoreUnavailable, Unavailable
 from gateway.jobs import ROUTINE, JobView
 from gateway.phi import patient_key_of
 from gateway.store import BlobStore, Store, StoreError, StoreUnreachable, new_key
@@ -42,6 +43,9 @@ CT_STORAGE = CT_SOP_CLASSES  # the CT storage classes the decoder accepts
 _TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"]
 _PATIENT_TAGS = ["PatientID", "IssuerOfPatientID"]  # read for patient_key alone: never kept, logged or answered
 
+VOLUME_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""A blob write failing so is for now, not for good: the instance is refused as out of resources (the sender
+retries); it was a processing failure (0x0110), which senders may not retry, and the instance was lost there."""
 PATIENT_MISMATCH = 0xA901
 """The STOW-RS ``FailureReason`` and C-STORE status of an instance whose study names another patient
 (:class:`~gateway.errors.PatientMismatch`): an error of the "does not match" family (A9xx, PS3.4 Annex B),
@@ -250,8 +254,10 @@ class Intake:
         gateway.errors.StoreUnavailable
             When the state store cannot take it now (it is not acknowledged; answer "out of resources": the
             sender retries).
+        gateway.errors.OutOfResources
+            When the blob volume is full (:data:`VOLUME_FULL`; not acknowledged; answer "out of resources").
         gateway.errors.Unavailable
-            When the instance could not be stored (it is not acknowledged; answer failure).
+            When the instance could not be stored otherwise (it is not acknowledged; answer failure).
         gateway.errors.PatientMismatch
             When its study's earlier instances name another patient (nothing kept; answer
             :data:`PATIENT_MISMATCH`).
@@ -261,6 +267,9 @@ class Intake:
             await asyncio.to_thread(self.blobs.put_many, [(key, data)])
         except OSError as exc:
             logger.error("instance %s not stored: cannot write its blob: %s", header.sop_instance_uid, exc)
+            if exc.errno in VOLUME_FULL:  # for now: the sender retries (0xA700), as below the disk watermark
+                raise OutOfResources(f"The blob volume is full ({exc.strerror}); send the instance again later.",
+                                     StoreUnavailable.retry_after_s) from exc
             raise Unavailable(f"The instance could not be stored durably: {exc.strerror or exc}.",
                               filename=filename) from exc
         try:

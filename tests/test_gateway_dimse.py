@@ -8,6 +8,7 @@ real embedded Triton of the session fixture ``triton``, and the studies are phan
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
@@ -319,6 +320,19 @@ def test_a_state_store_that_cannot_answer_gets_out_of_resources(lone_scp, monkey
     monkeypatch.setattr(lone_scp.stow, "room_for", away)
     (status,) = _c_store(lone_scp.port, ct_dataset(np.full((16, 16), -1000, np.int16)))
     assert status == OUT_OF_RESOURCES
+
+
+@pytest.mark.parametrize(("error", "expected"), [(errno.ENOSPC, OUT_OF_RESOURCES), (errno.EIO, 0x0110)])
+def test_a_full_blob_volume_is_out_of_resources_and_a_failing_one_a_processing_failure(lone_scp, monkeypatch,
+                                                                                      error, expected):
+    """A blob write failing for a full volume (past the disk watermark's margin) answered 0x0110, a failure
+    senders may not retry: the instance was lost on their side. A full volume is for now: 0xA700, sent again."""
+    def broken(items):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(lone_scp.stow.blobs, "put_many", broken)
+    (status,) = _c_store(lone_scp.port, ct_dataset(np.full((16, 16), -1000, np.int16)))
+    assert status == expected
 
 
 def _associations(scp: StorageScp, n: int, timeout: float = 10.0) -> list[dict]:

@@ -30,7 +30,7 @@ from gateway.api.deps import MetricsDep, PriorityQuery, SettingsDep, StowDep
 from gateway.audit import note_reason
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.dicom import read_dataset
-from gateway.errors import GatewayError, InvalidInput, PatientMismatch, StoreUnavailable
+from gateway.errors import GatewayError, InvalidInput, OutOfResources, PatientMismatch, StoreUnavailable
 from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
@@ -179,7 +179,8 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             continue
         try:
             await stow.add(header, name, content, nbytes, priority)  # blob fsynced and row committed before the answer
-        except StoreUnavailable as exc:  # the state store cannot take it now: the sender retries
+        except (StoreUnavailable, OutOfResources) as exc:  # the state store or the blob volume cannot take it now:
+            # the sender retries
             metrics.error(exc.reason)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
