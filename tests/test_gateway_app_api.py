@@ -526,6 +526,8 @@ def test_stow_partial_and_total_failure_and_media_types():
             r = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary=boundary),
                             headers={"Content-Type": content_type})
             assert r.status_code == 200, (content_type, r.text)  # both were 415, (not 'x') and (not 'foo')
+        empty = client.post("/dicomweb/studies", content=b"--b0undary--\r\n", headers={"Content-Type": STOW_TYPE})
+        assert empty.status_code == 400 and empty.json()["reason"] == "bad_upload", empty.text  # was 415: the type was right
         # counted as every refused request is: these three 415s
         text = client.get("/metrics").text
         assert 'ctscreen_errors_total{reason="unsupported_media_type"} 3.0' in text, [line for line in text.splitlines() if 'errors_total' in line]

@@ -30,7 +30,14 @@ from gateway.api.deps import MetricsDep, PriorityQuery, SettingsDep, StowDep
 from gateway.audit import note_reason
 from gateway.auth import AUTH_RESPONSES, studies_write
 from gateway.dicom import read_dataset
-from gateway.errors import GatewayError, InvalidInput, OutOfResources, PatientMismatch, StoreUnavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    OutOfResources,
+    PatientMismatch,
+    StoreUnavailable,
+    UploadError,
+)
 from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
@@ -202,8 +209,8 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
         body_json["00081199"] = {"vr": "SQ", "Value": referenced}
     if failed:
         body_json["00081198"] = {"vr": "SQ", "Value": failed}
-    if not parts:
-        return _media_error(metrics, "The multipart/related body holds no part.")
+    if not parts:  # the media type was right, the body is malformed: 400, not 415
+        raise UploadError("The multipart/related body holds no part.")
     return _dicom_json(store_status(referenced, failed), body_json, studies, retry_after_s)
 
 
