@@ -1226,7 +1226,8 @@ def test_a_jobs_progress_wakes_the_streams_following_it_and_not_those_of_other_j
             assert await writer.claim(60) is not None and await writer.claim(60) is not None
             with seen.changed.watching(first) as mine, seen.changed.watching(second) as theirs, \
                     seen.changed.watching(first) as also_mine:
-                await asyncio.sleep(0.2)  # the claims' notices are in
+                while any(await asyncio.gather(*(w.wait(0.3, w.generation) for w in (mine, theirs)))):
+                    pass  # the claims' notices are in (on PostgreSQL they come through the listener, any time)
                 marks = (mine.generation, theirs.generation, also_mine.generation, seen.changed.generation)
                 waits = [asyncio.ensure_future(w.wait(1.5, g)) for w, g in zip((mine, theirs, also_mine, seen.changed),
                                                                                 marks, strict=True)]
@@ -1241,6 +1242,30 @@ def test_a_jobs_progress_wakes_the_streams_following_it_and_not_those_of_other_j
                 seen.heard(PROGRESS)  # a notice naming no job (events of several jobs, an older replica's): all look
                 assert await asyncio.gather(*waits) == [True, True]
             assert not seen.changed._watched  # the streams gone, nothing is kept for their jobs
+
+    _run(go())
+
+
+def test_a_job_a_claim_finds_lost_wakes_its_streams(db_url):
+    """A claim that meets a job whose holder was lost queues it again (or fails it) in its transaction: that
+    job's streams are woken too, not only the claimed job's (a review: one poll late on SQLite)."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            [lost] = await _queue(store, 1)
+            assert (await store.claim(0.05)).id == lost
+            await asyncio.sleep(0.1)
+            assert (await store.claim(0.05)).id == lost  # taken over at once: lost once
+            await asyncio.sleep(0.1)
+            [other] = await _queue_more(store, "9.9.9")
+            with store.changed.watching(lost) as changes:
+                seen = changes.generation
+                assert (await store.claim(60)).id == other  # lost twice: queued again after a back-off
+                assert changes.generation != seen and (await store.job(lost)).state == "queued"
+        finally:
+            await store.close()
 
     _run(go())
 

@@ -744,7 +744,9 @@ class Store:
                 latest = await self._latest_version(s, uid)
                 if latest is None or latest[1] in _TERMINAL:
                     continue
-                if note is None:
+                if note is None:  # nearly always nothing to clear: one row read, not the version's instances
+                    if (await s.execute(select(Study.interrupted).where(Study.id == latest[0]))).scalar() is None:
+                        continue
                     held = set((await s.execute(
                         select(Instance.sop_instance_uid).where(Instance.study_id == latest[0]))).scalars())
                     if not held <= set(sent[uid]):
@@ -907,17 +909,23 @@ class Store:
             params["exclude"] = list(exclude)
         if min_priority is not None:
             params["min_priority"] = min_priority
+        lost: list[str] = []
         async with self.tx() as s:
             job = await _picked(s, pick, params)
             while job is not None and job.state != JobState.queued.value:
                 self._lost(s, job, now)  # queued again (later) or set aside: never run here at once twice
+                lost.append(job.id)
                 job = await _picked(s, pick, params)
-            if job is None:
-                return None
-            job.state, job.lease_owner, job.lease_expires_at = JobState.decoding.value, self.owner, now + lease_s
-            job.attempts += 1
-            job.slices_done, job.updated_at, job.error = 0, now, None
-            s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
+            if job is not None:
+                job.state, job.lease_owner, job.lease_expires_at = JobState.decoding.value, self.owner, now + lease_s
+                job.attempts += 1
+                job.slices_done, job.updated_at, job.error = 0, now, None
+                s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total,
+                            created_at=now))
+        for lost_id in lost:  # their streams (queued again, or failed): their events are in this transaction too
+            self.wake(lost_id)
+        if job is None:
+            return None
         self.wake(job.id)
         return Claimed(job.id, job.study_id, job.study_instance_uid, job.origin, job.attempts, job.created_at,
                        job.deadline_at, ROUTINE if job.priority is None else job.priority)
