@@ -36,6 +36,7 @@ from gateway.jobs import ROUTINE, JobView
 from gateway.phi import patient_key_of
 from gateway.store import BlobStore, Store, StoreError, StoreUnreachable, new_key
 from gateway.uids import is_uid
+from gateway.uploads import UploadLimits
 
 logger = logging.getLogger(__name__)
 
@@ -200,16 +201,20 @@ class Intake:
         Deadline of the jobs ``complete`` queues.
     watermark : Watermark | None
         When set, instances are refused while it refuses.
+    max_instance_bytes : int
+        The largest instance kept: the worker reads no larger file of a study (the upload path's per-file
+        limit). C-STORE also cuts one off as it arrives (:attr:`gateway.dimse.StorageScp.max_instance_bytes`).
     """
 
     def __init__(self, store: Store, blobs: BlobStore, *, max_pending_studies: int = 16,
                  max_pending_bytes: int = 4 * 1024**3, deadline_s: float = 86400.0,
-                 watermark: Watermark | None = None) -> None:
+                 watermark: Watermark | None = None, max_instance_bytes: int = UploadLimits.max_file_bytes) -> None:
         self.store, self.blobs = store, blobs
         self.max_pending_studies = max_pending_studies
         self.max_pending_bytes = max_pending_bytes
         self.deadline_s = deadline_s
         self.watermark = watermark
+        self.max_instance_bytes = max_instance_bytes
 
     async def refusal(self, study_instance_uid: str, nbytes: int) -> str | None:
         """Why an instance of ``nbytes`` for this study cannot be kept now, or None when it can.
@@ -218,8 +223,12 @@ class Intake:
         ``out_of_resources_backlog`` / ``out_of_resources_disk_full`` above a watermark (a study already
         being received is let finish past the backlog one: cut off, it would be screened in part),
         ``store_unavailable`` while the state store cannot answer (a fail-over), ``out_of_resources``
-        when the receiving studies fill their limits.
+        when the receiving studies fill their limits; and ``too_large`` for an instance over
+        :attr:`max_instance_bytes` (kept, it failed its whole study ``too_large`` after the sender was told it
+        was stored).
         """
+        if nbytes > self.max_instance_bytes:
+            return "too_large"
         try:
             mark = None if self.watermark is None else await self.watermark.refusal(
                 functools.partial(self.store.is_receiving, study_instance_uid))

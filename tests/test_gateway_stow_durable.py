@@ -459,13 +459,11 @@ def test_a_read_only_state_store_is_retry_later_and_not_ready_and_says_so_once(p
             time.sleep(0.1)
 
 
-def test_a_stow_instance_larger_than_the_worker_reads_fails_alone_not_the_study_after_a_200(tmp_path, monkeypatch):
+def test_a_stow_instance_larger_than_the_worker_reads_fails_alone_not_the_study_after_a_200(tmp_path):
     """STOW-RS kept an instance over the per-file limit (1 GiB) that C-STORE refuses: the request was answered
     200, then the whole study failed (too_large) and its other slices were never screened (a review's run, the
     limit scaled down). Now that instance fails alone (0xA700) and the study is screened without it."""
     from pydicom.tag import Tag
-
-    import gateway.api.dicomweb as dicomweb
 
     uid, files = ct_series(5, size=64)
     big = pydicom.dcmread(io.BytesIO(files[2][1]))
@@ -474,9 +472,9 @@ def test_a_stow_instance_larger_than_the_worker_reads_fails_alone_not_the_study_
     out = io.BytesIO()
     big.save_as(out, enforce_file_format=True)
     files[2] = (files[2][0], out.getvalue())
-    monkeypatch.setattr(dicomweb, "MAX_INSTANCE_BYTES", 40 * 1024)  # a stand-in for 1 GiB
     assert all(len(d) < 40 * 1024 for i, (_, d) in enumerate(files) if i != 2) and len(files[2][1]) > 40 * 1024
     with TestClient(_app(0.5, tmp_path)) as client:
+        client.app.state.stow.max_instance_bytes = 40 * 1024  # a stand-in for 1 GiB
         r = client.post("/dicomweb/studies", content=related_body([d for _, d in files]),
                         headers={"content-type": STOW_TYPE})
         assert r.status_code == 202, r.text

@@ -42,7 +42,7 @@ from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
 from gateway.uids import check_uid
-from gateway.uploads import UploadLimits, media_parameter, new_spool, spool_multipart, spooling_failed
+from gateway.uploads import media_parameter, new_spool, spool_multipart, spooling_failed
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
                    responses=AUTH_RESPONSES)
@@ -55,9 +55,6 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 NO_RETRIEVE_URL = {"vr": "UR"}  # Type 2, empty: no WADO-RS here
-MAX_INSTANCE_BYTES = UploadLimits.max_file_bytes
-"""The largest instance kept (0xA700 beyond, as C-STORE's :attr:`gateway.dimse.StorageScp.max_instance_bytes`):
-the worker reads no larger file of a study."""
 
 
 
@@ -175,12 +172,8 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED))
             continue
         nbytes = content.stat().st_size
-        if nbytes > MAX_INSTANCE_BYTES:  # the worker reads no larger file: the whole study failed (too_large) after a 200
-            metrics.error("too_large")
-            failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
-            continue
         refusal = await stow.refusal(header.study_instance_uid, nbytes)
-        if refusal is not None:  # the sender keeps it and retries
+        if refusal is not None:  # the sender keeps it and retries (too_large: over the worker's per-file limit)
             metrics.error(refusal)
             failed.append(_item(header.sop_class_uid, header.sop_instance_uid, OUT_OF_RESOURCES))
             continue
