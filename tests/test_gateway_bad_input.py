@@ -237,7 +237,7 @@ def test_too_short_study_is_screened_indeterminate(client, files):
         (b"", STOW_TYPE, 400, "bad_upload"),
         (b"abc", "", 415, "unsupported_media_type"),
         (b"abc", 'multipart/related; type="application/dicom"', 400, "bad_upload"),
-        (b"--b0undary--\r\n", STOW_TYPE, 415, "unsupported_media_type"),
+        (b"--b0undary--\r\n", STOW_TYPE, 400, "bad_upload"),  # the type is right, the body malformed (was 415)
     ],
     ids=["empty", "no_content_type", "no_boundary", "zero_parts"],
 )
