@@ -320,10 +320,10 @@ def _read_member(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def media_parameter(content_type: str, name: str) -> str | None:
-    """The parameter ``name`` of a Content-Type value (any case, quoted or not, RFC 2231 too), or None: parsed
-    as the ``email`` package parses it, not searched for (``boundary="type=x"`` named a STOW-RS body's type, and
-    ``start-type=...`` too).
+def media_parameter(value: str, name: str, header: str = "content-type") -> str | None:
+    """The parameter ``name`` of a Content-Type (or ``header``: Content-Disposition) value (any case, quoted or
+    not, RFC 2231 too), or None: parsed as the ``email`` package parses it, not searched for
+    (``boundary="type=x"`` named a STOW-RS body's type, and ``start-type=...`` too).
 
     >>> media_parameter('multipart/related; boundary="type=x"; type="application/dicom"', "type")
     'application/dicom'
@@ -331,11 +331,14 @@ def media_parameter(content_type: str, name: str) -> str | None:
     True
     >>> media_parameter('multipart/form-data; BOUNDARY=----x7MA4', "boundary")
     '----x7MA4'
+    >>> disposition = "form-data; name=files; filename*=UTF-8''r%C3%A9sum%C3%A9.dcm"
+    >>> media_parameter(disposition, "filename", "content-disposition"), media_parameter(disposition, "name", "content-disposition")
+    ('résumé.dcm', 'files')
     """
     message = Message()
-    message["content-type"] = content_type
-    value = message.get_param(name, header="content-type")
-    return None if value is None else str(collapse_rfc2231_value(value))
+    message[header] = value
+    found = message.get_param(name, header=header)
+    return None if found is None else str(collapse_rfc2231_value(found))
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any, on_cancel: Callable[[], object] | None = None) -> _T:

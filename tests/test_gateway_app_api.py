@@ -8,6 +8,7 @@ carrying a marker patch). The real Triton path is ``tests/test_e2e_gateway.py``.
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 
@@ -51,6 +52,24 @@ def test_a_priority_sent_as_a_form_field_is_refused_not_ignored():
         assert "'priority' is not read: priority is a query parameter (POST /v1/studies?priority=...)" in r.text
         r = client.post("/v1/studies", files=upload_files(files), data={"note": "hello"}, params={"priority": "urgent"})
         assert r.status_code == 202 and r.json()["priority"] == "urgent", r.text
+
+
+def test_a_parts_filename_is_read_as_rfc_2231_says():
+    """Content-Disposition parameters are parsed (``gateway.uploads.media_parameter``), not searched for: a
+    ``filename*=UTF-8''...`` part was named ``UTF-8''r%C3%A9sum%C3%A9.txt`` in the result's refused files."""
+    _, files = ct_series(6, size=64)
+    body, boundary = b"", "b0undary"
+    parts = [(f'form-data; name="files"; filename="{n}"', d) for n, d in files]
+    parts.append(("form-data; name=\"files\"; filename*=UTF-8''r%C3%A9sum%C3%A9.txt", b"not dicom"))
+    for disposition, data in parts:
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    with TestClient(_app()) as client:
+        r = client.post("/v1/studies", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"])
+    assert job["state"] == "done" and "résumé.txt" in json.dumps(job, ensure_ascii=False), job
+    assert "UTF-8''" not in json.dumps(job), job
 
 
 # --- settings ---------------------------------------------------------------------------------------

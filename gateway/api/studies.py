@@ -6,7 +6,6 @@ import asyncio
 import functools
 import os
 import queue
-import re
 import shutil
 import tempfile
 import uuid
@@ -46,14 +45,13 @@ from gateway.uploads import (
     gathered,
     in_thread,
     iter_upload,
+    media_parameter,
     new_spool,
     spooling_failed,
 )
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 
-_FILENAME = re.compile(r'filename\*?\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
-_FIELD = re.compile(r'(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
 _QUERY_OPTIONS = frozenset({"priority"})
 """The upload's query parameters: a form field of one of these names is refused (it would not be read)."""
 
@@ -103,16 +101,14 @@ def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, P
         file (then refused as not DICOM) and the study screened as routine, without a word.
     """
     disposition = headers.get("content-disposition", "")
-    match = _FILENAME.search(disposition)
-    field = _FIELD.search(disposition)
-    if match is None and field is not None and (field.group(1) or field.group(2)) in _QUERY_OPTIONS:
-        option = field.group(1) or field.group(2)
-        raise UploadError(f"The form field {option!r} is not read: {option} is a query parameter "
-                          f"(POST /v1/studies?{option}=...).")
-    if match is None and "filename" not in disposition and not content.stat().st_size:
+    filename = media_parameter(disposition, "filename", "content-disposition")
+    field = media_parameter(disposition, "name", "content-disposition")
+    if filename is None and field in _QUERY_OPTIONS:
+        raise UploadError(f"The form field {field!r} is not read: {field} is a query parameter "
+                          f"(POST /v1/studies?{field}=...).")
+    if filename is None and not content.stat().st_size:
         return None
-    name = (match.group(1) or match.group(2)) if match else f"part-{i}"
-    return name or f"part-{i}", content
+    return filename or f"part-{i}", content
 
 
 def _files_of(name: str, content: Path, limits: UploadLimits, spool: Path,
