@@ -635,13 +635,12 @@ class StorageScp:
         stored = sum(len(sops) for sops in done.sent.values())
         note = (f"The C-STORE association from {done.calling or 'an unnamed AE'} ended without a release (an abort or a "
                 f"dropped connection) after {stored} instance(s): the study may be incomplete.") if aborted else None
-        studies = done.sent
         try:
-            future = asyncio.run_coroutine_threadsafe(self.stow.transfer_ended(studies, note), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self.stow.transfer_ended(done.sent, note), self.loop)
             future.result(self.handover_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the loop stopping, the store away: said, not raised
             logger.warning("how a DICOM association ended (%s) not recorded for %d studies: %s",
-                           "aborted" if aborted else "released", len(studies), type(exc).__name__)
+                           "aborted" if aborted else "released", len(done.sent), type(exc).__name__)
 
     def _tally(self, assoc: Any, *, stored: tuple[str, int] | None = None, sop_instance_uid: str = "", echoes: int = 0,
                discarded: int = 0) -> None:

@@ -320,25 +320,27 @@ def _read_member(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def media_parameter(value: str, name: str, header: str = "content-type") -> str | None:
-    """The parameter ``name`` of a Content-Type (or ``header``: Content-Disposition) value (any case, quoted or
-    not, RFC 2231 too), or None: parsed as the ``email`` package parses it, not searched for
-    (``boundary="type=x"`` named a STOW-RS body's type, and ``start-type=...`` too).
+def media_parameters(value: str, header: str = "content-type") -> dict[str, str]:
+    """The parameters of a Content-Type (or ``header``: Content-Disposition) value, by lower-case name (the first
+    of a name; any case, quoted or not, RFC 2231 too): parsed once as the ``email`` package parses it, not
+    searched for (``boundary="type=x"`` named a STOW-RS body's type, and ``start-type=...`` too).
 
-    >>> media_parameter('multipart/related; boundary="type=x"; type="application/dicom"', "type")
+    >>> media_parameters('multipart/related; boundary="type=x"; type="application/dicom"').get("type")
     'application/dicom'
-    >>> media_parameter('multipart/related; start-type=foo; boundary=abc', "type") is None
+    >>> media_parameters('multipart/related; start-type=foo; boundary=abc').get("type") is None
     True
-    >>> media_parameter('multipart/form-data; BOUNDARY=----x7MA4', "boundary")
+    >>> media_parameters('multipart/form-data; BOUNDARY=----x7MA4').get("boundary")
     '----x7MA4'
-    >>> disposition = "form-data; name=files; filename*=UTF-8''r%C3%A9sum%C3%A9.dcm"
-    >>> media_parameter(disposition, "filename", "content-disposition"), media_parameter(disposition, "name", "content-disposition")
+    >>> found = media_parameters("form-data; name=files; filename*=UTF-8''r%C3%A9sum%C3%A9.dcm", "content-disposition")
+    >>> found["filename"], found["name"]
     ('résumé.dcm', 'files')
     """
     message = Message()
     message[header] = value
-    found = message.get_param(name, header=header)
-    return None if found is None else str(collapse_rfc2231_value(found))
+    found: dict[str, str] = {}
+    for name, param in message.get_params(header=header) or ():
+        found.setdefault(name, str(collapse_rfc2231_value(param)))
+    return found
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any, on_cancel: Callable[[], object] | None = None) -> _T:
@@ -484,7 +486,7 @@ class MultipartSplitter:
     def __init__(self, content_type: str, new_part: Callable[[], Any], *, max_parts: int = 10000) -> None:
         if not content_type.lower().lstrip().startswith("multipart/"):
             raise UploadError(f'Argument "content_type" must be multipart/*, got {content_type!r}.')
-        found = media_parameter(content_type, "boundary")
+        found = media_parameters(content_type).get("boundary")
         if not found:
             raise UploadError(f"Content-Type {content_type!r} has no boundary parameter.")
         try:

@@ -55,7 +55,7 @@ def test_a_priority_sent_as_a_form_field_is_refused_not_ignored():
 
 
 def test_a_parts_filename_is_read_as_rfc_2231_says():
-    """Content-Disposition parameters are parsed (``gateway.uploads.media_parameter``), not searched for: a
+    """Content-Disposition parameters are parsed (``gateway.uploads.media_parameters``), not searched for: a
     ``filename*=UTF-8''...`` part was named ``UTF-8''r%C3%A9sum%C3%A9.txt`` in the result's refused files."""
     _, files = ct_series(6, size=64)
     body, boundary = b"", "b0undary"

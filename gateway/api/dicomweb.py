@@ -42,7 +42,7 @@ from gateway.jobs import PRIORITIES, ROUTINE
 from gateway.metrics import Metrics
 from gateway.stow import CT_STORAGE, PATIENT_MISMATCH, Intake, read_header
 from gateway.uids import check_uid
-from gateway.uploads import media_parameter, new_spool, spool_multipart, spooling_failed
+from gateway.uploads import media_parameters, new_spool, spool_multipart, spooling_failed
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(studies_write)],
                    responses=AUTH_RESPONSES)
@@ -55,7 +55,6 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 NO_RETRIEVE_URL = {"vr": "UR"}  # Type 2, empty: no WADO-RS here
-
 
 
 def _ui(value: str) -> dict[str, Any]:
@@ -123,7 +122,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "multipart/related":
         return _media_error(metrics, f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
-    found = media_parameter(content_type, "type")
+    found = media_parameters(content_type).get("type")
     if found is None or found.strip().lower() != "application/dicom":
         return _media_error(metrics, f'Only type="application/dicom" is supported (not {found or "none"!r}); send DICOM Part 10 files.')
     try:
@@ -148,6 +147,8 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
                 scope: MutableMapping[str, Any] | None = None) -> JSONResponse:
     """Store each spooled part; the Store Instances Response. An instance refused because its study names another
     patient gives the request's audit record (``scope``) its reason."""
+    if not parts:  # the media type was right, the body is malformed: 400, not 415
+        raise UploadError("The multipart/related body holds no part.")
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: list[str] = []
@@ -202,8 +203,6 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
         body_json["00081199"] = {"vr": "SQ", "Value": referenced}
     if failed:
         body_json["00081198"] = {"vr": "SQ", "Value": failed}
-    if not parts:  # the media type was right, the body is malformed: 400, not 415
-        raise UploadError("The multipart/related body holds no part.")
     return _dicom_json(store_status(referenced, failed), body_json, studies, retry_after_s)
 
 

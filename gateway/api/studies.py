@@ -45,7 +45,7 @@ from gateway.uploads import (
     gathered,
     in_thread,
     iter_upload,
-    media_parameter,
+    media_parameters,
     new_spool,
     spooling_failed,
 )
@@ -101,8 +101,8 @@ def _part_upload(i: int, headers: dict[str, str], content: Path) -> tuple[str, P
         file (then refused as not DICOM) and the study screened as routine, without a word.
     """
     disposition = headers.get("content-disposition", "")
-    filename = media_parameter(disposition, "filename", "content-disposition")
-    field = media_parameter(disposition, "name", "content-disposition")
+    parameters = media_parameters(disposition, "content-disposition")
+    filename, field = parameters.get("filename"), parameters.get("name")
     if filename is None and field in _QUERY_OPTIONS:
         raise UploadError(f"The form field {field!r} is not read: {field} is a query parameter "
                           f"(POST /v1/studies?{field}=...).")
