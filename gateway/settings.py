@@ -139,6 +139,13 @@ class Settings(BaseSettings):
     urgent_slots: int = Field(
         1, ge=0, le=64, description="Studies screened at once beyond max_concurrent_studies, urgent ones only: an urgent "
                                     "study starts at once while routine ones take every slot, and its batches go first.")
+    priority_ageing_s: float = Field(
+        3600.0, ge=0, description="How long a waiting study may be passed over by the studies of each higher rank that "
+                                  "come after it: an urgent study goes before the routine ones queued less than this "
+                                  "before it, a routine one before the low ones queued less than this before it (an "
+                                  "urgent one, twice this), so no study waits for ever under a flood of more urgent "
+                                  "ones. 0: first come, first served (the urgent slots still take urgent studies "
+                                  "first); job_deadline_s or more: strict priority.")
     max_queued_studies: int = Field(
         4, ge=0, le=1024, description="Accepted studies waiting for a slot, per replica (the cluster takes the sum "
                                        "over its live replicas of this plus max_concurrent_studies); beyond: 429."

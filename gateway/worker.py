@@ -206,7 +206,8 @@ class Worker:
             try:
                 if await self._triton_ready():
                     job = await self.store.claim(self.settings.lease_s, exclude=list(self._running),
-                                                 min_priority=URGENT if urgent_only else None)
+                                                 min_priority=URGENT if urgent_only else None,
+                                                 ageing_s=self.settings.priority_ageing_s)
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the worker
                 self._outage.failed(exc)
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -1308,8 +1309,8 @@ def test_a_job_queued_while_the_worker_claims_is_claimed_at_once_not_a_poll_late
         claims: list[float] = []
         real_claim = store.claim
 
-        async def claim(lease_s, exclude=(), min_priority=None):
-            job = await real_claim(lease_s, exclude, min_priority)
+        async def claim(lease_s, exclude=(), min_priority=None, **kw):
+            job = await real_claim(lease_s, exclude, min_priority, **kw)
             claims.append(time.monotonic())
             if len(claims) == 1:
                 await _queue(store, 1)  # accepted while this claim ran, after it read
@@ -1602,6 +1603,45 @@ def test_the_highest_priority_due_is_claimed_first_and_the_oldest_within_one(db_
                 assert claimed.priority == {routine: 1, low: 0}[claimed.id]
             assert order == [urgent, stowed, routine, low]
             assert (await store.job(routine)).priority == "routine"
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_a_waiting_job_is_passed_over_by_higher_ranks_for_a_bounded_time(db_url):
+    """Strict priority starved a job: under a steady flow of routine studies a low one (a C-STORE request of
+    priority LOW) waited until its deadline failed it, and a routine one waited for every urgent study. With
+    ``ageing_s`` a job is passed over only by those of a higher rank that came due less than ``ageing_s`` a
+    rank after it; 0 is first come, first served; the default is strict priority."""
+    upgrade(db_url)
+    hour, serial = 3600.0, itertools.count(1)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            async def order(ageing_s: float | None, due_ago_s: dict[str, tuple[int, float]]) -> list[str]:
+                now, ids = await store.now(), {}
+                for name, (rank, ago) in due_ago_s.items():
+                    uid = f"9.{next(serial)}"
+                    job = await store.accept_upload(uid, [("a.dcm", f"k-{uid}", 1)], 10 * hour, priority=rank)
+                    ids[job.job_id] = name
+                    async with store.tx() as s:
+                        await s.execute(update(Job).where(Job.id == job.job_id).values(next_attempt_at=now - ago))
+                kw = {} if ageing_s is None else {"ageing_s": ageing_s}
+                got = []
+                while (claimed := await store.claim(60, **kw)) is not None:
+                    got.append(ids[claimed.id])
+                return got
+
+            queue = {"low, due 2.2 h": (0, 2.2 * hour), "routine, 1.4 h": (1, 1.4 * hour),
+                     "routine, 0.3 h": (1, 0.3 * hour), "urgent, now": (2, 0.0)}
+            # the urgent study overtakes the routine study queued 0.3 h before it, not the one queued 1.4 h
+            # before it; the low study goes before the urgent one (2.2 h > 2 x 1 h), after the routine one
+            # that came due 0.8 h after it
+            assert await order(hour, queue) == ["routine, 1.4 h", "low, due 2.2 h", "urgent, now", "routine, 0.3 h"]
+            assert await order(0.0, queue) == ["low, due 2.2 h", "routine, 1.4 h", "routine, 0.3 h", "urgent, now"]
+            assert await order(None, queue) == ["urgent, now", "routine, 1.4 h", "routine, 0.3 h", "low, due 2.2 h"]
         finally:
             await store.close()
 

@@ -21,9 +21,11 @@ class _Store:
         self.queued = queued
         self.work = Changes()
         self.claims: list[tuple[float, str | None]] = []  # (when, the job claimed)
+        self.ageing: set[float | None] = set()  # the claims' ageing_s
 
-    async def claim(self, lease_s, exclude=(), min_priority=None):
+    async def claim(self, lease_s, exclude=(), min_priority=None, ageing_s=None):
         await asyncio.sleep(0.01)  # a round trip to the database
+        self.ageing.add(ageing_s)
         due = [j for j in self.queued if j[0] not in exclude and (min_priority is None or j[1] >= min_priority)]
         job = max(due, key=lambda j: j[1], default=None)
         self.claims.append((time.monotonic(), None if job is None else job[0]))
@@ -56,7 +58,7 @@ def test_a_slot_freed_while_the_urgent_slot_is_polled_is_taken_at_once_not_a_pol
         screener = SimpleNamespace(pool=SimpleNamespace(is_ready=ready), ahead=set(),
                                    metrics=SimpleNamespace(failed=lambda *a: None))
         worker = Worker(store, None, screener,  # type: ignore[arg-type]
-                        Settings(max_concurrent_studies=1, urgent_slots=1, worker_poll_s=5))
+                        Settings(max_concurrent_studies=1, urgent_slots=1, worker_poll_s=5, priority_ageing_s=900))
 
         async def work(job: Claimed) -> None:
             if job.id == "r1":
@@ -74,6 +76,7 @@ def test_a_slot_freed_while_the_urgent_slot_is_polled_is_taken_at_once_not_a_pol
             while not any(job == "r2" for _, job in store.claims):
                 assert time.monotonic() - t < 10, "r2 never claimed"
                 await asyncio.sleep(0.01)
+            assert store.ageing == {900}  # the setting: no claim strict, none first come first served
             return next(when for when, job in store.claims if job == "r2") - t
         finally:
             await worker.stop(0)

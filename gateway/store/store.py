@@ -112,17 +112,22 @@ def _waiting(now: float | BindParameter[float]) -> ColumnElement[bool]:
 # The sweeper's statements, built once with their times as parameters (``now``, ``quiet_before``): built at each
 # pass, twice a second on every replica, their expressions cost about a quarter of the pass's CPU
 _NOW: BindParameter[float] = bindparam("now", type_=Float())
+STRICT_PRIORITY_S = 10 * 365 * 86400.0
+"""The claim's ageing that never lifts a job above a higher rank: longer than any job waits (its deadline)."""
 _DUE = (select(Study.id).where(Study.state == RECEIVING, Study.last_rx_at <= bindparam("quiet_before", type_=Float()))
         .order_by(Study.last_rx_at).limit(100).with_for_update(skip_locked=True))
 _OVERDUE = select(Job.id, Job.error).where(_waiting(_NOW), Job.deadline_at < _NOW)
 # the worker's claim (every poll of an idle slot, twice a second): the next job due (queued) or abandoned (lease
-# expired), the highest priority first and the oldest first within one; _PICK_EXCLUDING leaves out ``exclude``
-# (an expanding parameter, as ``not_in`` of a list makes one). Built at each claim, its expressions and cache
-# key cost about a quarter of an idle claim's CPU
+# expired), the first by its due time less ``ageing`` seconds a rank (the highest priority first, the oldest first
+# within one, and none passed over for longer than that a rank); _PICK_EXCLUDING leaves out ``exclude`` (an
+# expanding parameter, as ``not_in`` of a list makes one). Built at each claim, its expressions and cache key cost
+# about a quarter of an idle claim's CPU
+_RANK = func.coalesce(Job.priority, ROUTINE)
 _PICK = select(Job.id).where(or_(
     and_(Job.state == JobState.queued.value, Job.next_attempt_at <= _NOW),
     and_(Job.state.in_(_RUNNING), Job.lease_expires_at < _NOW),
-)).order_by(Job.priority.desc(), Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
+)).order_by(Job.next_attempt_at - _RANK * bindparam("ageing", type_=Float()), _RANK.desc(),
+            Job.next_attempt_at).limit(1).with_for_update(skip_locked=True)
 _PICK_EXCLUDING = _PICK.where(Job.id.not_in(bindparam("exclude", expanding=True)))
 # the same for a worker whose slots are all taken but one kept for urgent studies: those of ``min_priority`` and above
 _AT_LEAST = Job.priority >= bindparam("min_priority", type_=Integer())
@@ -898,13 +903,19 @@ class Store:
             return [(r[0], r[1]) for r in rows]
 
     # --- jobs: claim, lease, finish ---------------------------------------------------------------
-    async def claim(self, lease_s: float, exclude: Collection[str] = (), min_priority: int | None = None) -> Claimed | None:
-        """Take the next job that is due (queued) or abandoned (lease expired), the highest priority first and
-        the oldest first within one, under a lease; never one of ``exclude`` (the jobs this process is running:
-        a late renewal must not hand it a second task); only one of ``min_priority`` or above, when given."""
+    async def claim(self, lease_s: float, exclude: Collection[str] = (), min_priority: int | None = None,
+                    ageing_s: float = STRICT_PRIORITY_S) -> Claimed | None:
+        """Take the next job that is due (queued) or abandoned (lease expired), under a lease: the highest
+        priority first and the oldest first within one, except that a job is passed over only by jobs of a
+        higher rank that came due less than ``ageing_s`` a rank after it (a routine study, by urgent ones of
+        the following ``ageing_s``; a low one, by routine ones of the following ``ageing_s`` and urgent ones
+        of twice that): each waits a bounded time under a flood of more urgent work. The default,
+        :data:`STRICT_PRIORITY_S`, passes over for ever. Never one of ``exclude`` (the jobs this process is
+        running: a late renewal must not hand it a second task); only one of ``min_priority`` or above, when
+        given."""
         now = await self.now()
         pick = _PICKS[bool(exclude), min_priority is not None]
-        params: dict[str, Any] = {"now": now}
+        params: dict[str, Any] = {"now": now, "ageing": ageing_s}
         if exclude:
             params["exclude"] = list(exclude)
         if min_priority is not None:
