@@ -143,7 +143,7 @@ def run_stack(
 
     settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
     try:  # so is a schema this release cannot run on
-        prepare_schema(settings.database(), settings.db_migrate)
+        prepare_schema(settings.database(), settings.db_migrate, settings.db_start_wait_s)
     except SchemaError as exc:
         raise CliError(str(exc)) from None
     _preflight(settings)

@@ -150,7 +150,7 @@ def create_app(
         database = settings.database()
         if not start_checked:  # what app_from_env and the CLI do before the server starts
             try:
-                await asyncio.to_thread(prepare_schema, database, settings.db_migrate)
+                await asyncio.to_thread(prepare_schema, database, settings.db_migrate, settings.db_start_wait_s)
             except SchemaError as exc:  # behind this release, or never migrated: say what to run, then stop
                 logger.error("%s", exc)
                 raise
@@ -268,7 +268,7 @@ def app_from_env() -> FastAPI:
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file
         raise SystemExit(f"ctscreen gateway: {exc}") from None
     try:  # before uvicorn runs the lifespan: its failure would be logged as a traceback
-        prepare_schema(settings.database(), settings.db_migrate)
+        prepare_schema(settings.database(), settings.db_migrate, settings.db_start_wait_s)
         check_pairing_now(settings.database(), settings.blob_store())
     except (SchemaError, StorePairingError) as exc:
         raise SystemExit(f"ctscreen gateway: {exc}") from None

@@ -192,6 +192,10 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="The bucket's region (AWS_REGION is not read for it); default: "
                                                     "asked of the bucket once.")
     db_migrate: bool = Field(True, description="Upgrade the database schema at start.")
+    db_start_wait_s: float = Field(
+        90.0, ge=0, le=3600, description="How long a start waits for a PostgreSQL state store that cannot be reached "
+                                         "yet (started after the gateway, a fail-over), trying every second; then it "
+                                         "stops with one line. Within the chart's startup probe (120 s).")
     lease_s: float = Field(30.0, gt=0, le=3600, description="Lease of a claimed job, renewed while it runs.")
     progress_interval_s: float = Field(0.5, gt=0, le=60, description="Lease renewal and progress write period.")
     worker_poll_s: float = Field(0.5, gt=0, le=60, description="How often an idle worker looks for work.")

@@ -13,7 +13,11 @@ import contextlib
 import itertools
 import os
 import re
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import AsyncIterator
 
@@ -29,6 +33,7 @@ from gateway.store import Store
 from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
 from gateway.store.models import Instance, Job, Replica, Result, Study
 from gateway.store.store import PROGRESS
+from tests.conftest import free_port
 
 
 def _run(coro):
@@ -154,8 +159,6 @@ def test_the_served_gateway_refuses_an_unmigrated_schema_with_one_line(tmp_path)
     """What the chart runs (``uvicorn --factory gateway.main:app_from_env``) on a database never migrated,
     with CTSCREEN_DB_MIGRATE=false: it stops at once with one line saying what to run; the check ran in
     the lifespan, whose failure uvicorn logs as a traceback."""
-    import subprocess
-    import sys
 
     env = {**os.environ, "CTSCREEN_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}", "CTSCREEN_DB_MIGRATE": "false",
            "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_DATA_DIR": str(tmp_path)}
@@ -683,7 +686,6 @@ def test_a_database_that_cannot_be_reached_is_a_store_error():
     (release the study, try again) missed it, and a fail-over failed the study as an internal error."""
     from gateway.store import StoreError
     from gateway.store.store import StoreUnreachable
-    from tests.conftest import free_port
 
     async def go():
         store = Store(f"postgresql://nobody@127.0.0.1:{free_port()}/none", owner="a")
@@ -1523,8 +1525,6 @@ def test_a_blob_store_that_is_not_the_databases_is_refused_at_start(db_url, tmp_
     line (the gateway's start, ``uvicorn --factory gateway.main:app_from_env`` and ``ctscreen serve``): by the
     newest instances the database names, none in the blob store; by a database that never recorded anything
     beside a blob store that holds instances. A new cluster (both empty) and the right pair start."""
-    import subprocess
-    import sys
 
     from fastapi.testclient import TestClient
 
@@ -2148,3 +2148,80 @@ def test_a_sqlite_state_store_is_readable_by_its_owner_and_group_only(tmp_path):
         asyncio.run(write(earlier))
     finally:
         os.umask(old)
+
+
+def _forward(listen_port: int, to_port: int, stop: threading.Event) -> threading.Thread:
+    """A TCP forwarder from ``listen_port`` to the test's PostgreSQL (as a Service in front of the database),
+    run in a thread of its own until ``stop``."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            pr, pw = await asyncio.open_connection("127.0.0.1", to_port)
+            await asyncio.gather(pipe(r, pw), pipe(pr, w))
+
+        server = await asyncio.start_server(client, "127.0.0.1", listen_port)
+        async with server:
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_gateway_started_before_its_database_waits_for_it_then_serves(postgres, tmp_path):
+    """A gateway pod that started before its PostgreSQL (the chart's own, a fail-over, a rescheduled pod) died
+    with a traceback (ConnectionRefusedError from the schema check) and crash-looped, its back-off growing to
+    5 minutes. It now tries every second for CTSCREEN_DB_START_WAIT_S (said once, not a traceback) and serves
+    once the database answers; a database that never answers, or refuses the gateway, stops it in one line."""
+    database = postgres.new_database().rsplit("/", 1)[1]
+    port = free_port()
+    env = {**os.environ, "CTSCREEN_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/{database}",
+           "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_DATA_DIR": str(tmp_path), "CTSCREEN_DB_START_WAIT_S": "60"}
+    http = free_port()
+    gateway = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port",
+                                str(http)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, env=env)
+    stop = threading.Event()
+    try:
+        time.sleep(3)  # a few refused tries
+        assert gateway.poll() is None, gateway.communicate()[1]
+        _forward(port, postgres.port, stop)
+        deadline = time.monotonic() + 90
+        while True:
+            assert gateway.poll() is None, gateway.communicate()[1]
+            assert time.monotonic() < deadline, "the gateway never came up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        gateway.terminate()
+        err = gateway.communicate(timeout=60)[1]
+        stop.set()
+    assert "Traceback" not in err, err
+    waits = [ln for ln in err.splitlines() if "does not answer yet" in ln]
+    assert len(waits) == 1 and "ConnectionRefusedError" in waits[0], err  # said once (every 10 s), no password
+    assert any("answers after" in ln for ln in err.splitlines()), err
+
+    for name, url, said in (("never answers", f"postgresql://postgres@127.0.0.1:{free_port()}/{database}",
+                             "did not answer in 2 s"),
+                            ("no such database", postgres.url("absent_db"), "refused the gateway (InvalidCatalogNameError")):
+        p = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", "0"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                           env={**env, "CTSCREEN_DATABASE_URL": url, "CTSCREEN_DB_START_WAIT_S": "2"})
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ctscreen")]
+        assert p.returncode != 0 and "Traceback" not in p.stderr, (name, p.stderr)
+        assert len(lines) == 1 and said in lines[0], (name, p.stderr)

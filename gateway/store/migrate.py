@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.store.store import async_url, private_sqlite_file, redact
+from gateway.store.store import async_url, error_code, private_sqlite_file, redact, unreachable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -213,19 +216,52 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
                        where, at, newest)
 
 
-def prepare_schema(url: str, migrate: bool) -> None:
+def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: float = 10.0,
+                   clock: Callable[[], float] = time.monotonic) -> None:
     """Upgrade the schema (when ``migrate``) and check it, before a server starts; callable from a running
     event loop (it works in a thread of its own), as uvicorn's app factory is.
+
+    A database that cannot be reached yet (refused, not resolved, timed out, starting up, a standby:
+    :func:`gateway.store.store.unreachable`) is tried again every second for up to ``wait_s``, said in one line
+    at the first try and every ``every_s`` after: a gateway started before its database (the chart's
+    PostgreSQL, a fail-over under way) waits for it instead of dying with a traceback into a crash loop.
 
     Raises
     ------
     SchemaError
-        As :func:`check_schema`.
+        As :func:`check_schema`; and when the database still cannot be reached after ``wait_s``, or refuses
+        the gateway (a wrong password, a database that does not exist): one line naming the cause.
     """
     def run() -> None:
         if migrate:
             upgrade(url)
         asyncio.run(_on_engine(url, lambda engine: check_schema(engine, url)))
 
+    if async_url(url).startswith("sqlite"):  # a file: no server to wait for
+        wait_s = 0.0
+    where, start = f"state store {redact(url)}", clock()
+    said = -every_s
     with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool:
-        pool.submit(run).result()
+        while True:
+            try:
+                pool.submit(run).result()
+                break
+            except SchemaError:
+                raise
+            except (OSError, DBAPIError, PoolTimeout) as exc:
+                gone, waited = unreachable(exc), clock() - start
+                if gone is None:
+                    cause = error_code(exc) if isinstance(exc, DBAPIError) else type(exc).__name__
+                    raise SchemaError(f"{where} refused the gateway ({cause}): check CTSCREEN_DATABASE_URL, "
+                                      "its user, password and database name.") from None
+                if waited >= wait_s:
+                    raise SchemaError(f"{where} did not answer{f' in {waited:.0f} s' if wait_s else ''}: {gone} "
+                                      "Check CTSCREEN_DATABASE_URL and that the database runs "
+                                      "(CTSCREEN_DB_START_WAIT_S: how long a start waits for it).") from None
+                if waited - said >= every_s:
+                    said = waited
+                    logger.warning("%s does not answer yet (%s); waiting up to %.0f s more", where, gone,
+                                   wait_s - waited)
+            time.sleep(min(1.0, max(0.0, wait_s - (clock() - start))))
+    if said >= 0:
+        logger.warning("%s answers after %.0f s", where, clock() - start)

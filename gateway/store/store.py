@@ -214,12 +214,22 @@ def transient(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlite_errorcode", None) in _TRANSIENT_SQLITE
 
 
-def _code(exc: DBAPIError) -> str:
+def error_code(exc: DBAPIError) -> str:
     """The error's class name and code (never its message, which may quote values)."""
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorcode", None)
     cause = exc.orig.__cause__ or exc.orig if exc.orig is not None else exc  # asyncpg's own, under the adapter's
     name = type(cause).__name__
     return f"{name} {code}" if code is not None else name
+
+
+def unreachable(exc: BaseException, doing: str = "answer now") -> StoreUnreachable | None:
+    """``exc`` as the store unreachable or unavailable for now (refused, reset, timed out, not resolved, no pooled
+    connection free, a transient database error: :func:`transient`), or None when it is another failure."""
+    if isinstance(exc, (OSError, TimeoutError, PoolTimeout)):  # from the driver, or the pool past its timeout
+        return StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).")
+    if isinstance(exc, DBAPIError) and transient(exc):  # a read-only standby, a shut-down, a full disk
+        return StoreUnreachable(f"The state store cannot {doing} ({error_code(exc)}).")
+    return None
 
 
 StoreError = (DBAPIError, StoreUnreachable)
@@ -554,12 +564,9 @@ class Store:
         try:
             async with lock, self._sessions() as session, session.begin():
                 yield session
-        except (OSError, TimeoutError, PoolTimeout) as exc:  # the body is the store's own code: these come
-            # from the driver, or from the pool when every connection stays taken past its timeout
-            raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
-        except DBAPIError as exc:
-            if transient(exc):  # a read-only standby, a shut-down, a full disk: not the statement's fault
-                raise StoreUnreachable(f"The state store cannot take this now ({_code(exc)}).") from exc
+        except (OSError, TimeoutError, PoolTimeout, DBAPIError) as exc:  # the body is the store's own code
+            if (gone := unreachable(exc, "take this now")) is not None:
+                raise gone from exc
             raise
 
     @contextlib.asynccontextmanager
@@ -568,11 +575,9 @@ class Store:
         try:
             async with self._readers() as session:
                 yield session
-        except (OSError, TimeoutError, PoolTimeout) as exc:
-            raise StoreUnreachable(f"The state store cannot be reached ({type(exc).__name__}).") from exc
-        except DBAPIError as exc:
-            if transient(exc):
-                raise StoreUnreachable(f"The state store cannot answer now ({_code(exc)}).") from exc
+        except (OSError, TimeoutError, PoolTimeout, DBAPIError) as exc:
+            if (gone := unreachable(exc)) is not None:
+                raise gone from exc
             raise
 
     # --- instances and studies -------------------------------------------------------------------
