@@ -621,12 +621,33 @@ def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[by
     """
     slots: StreamSlots = request.app.state.stream_slots  # gateway.security.install
     give_back = slots.take(principal)
+    draining: asyncio.Event = request.app.state.draining  # gateway.main: the process is going
 
     async def held() -> AsyncIterator[bytes]:
+        # ends once the process drains (SIGTERM): uvicorn waits for open streams before it shuts the app down,
+        # so one open worklist held every replica to its graceful timeout; the client follows elsewhere
         try:
-            async for chunk in stream:
+            while not draining.is_set():
+                step = asyncio.ensure_future(anext(stream))
+                stop = asyncio.ensure_future(draining.wait())
+                try:
+                    await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    if not step.done():
+                        step.cancel()
+                        await asyncio.gather(step, return_exceptions=True)
+                if step.cancelled():
+                    return
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    return
                 yield chunk
         finally:
+            aclose = getattr(stream, "aclose", None)  # an async generator's: its own finally runs now
+            if aclose is not None:
+                await aclose()
             give_back()
 
     wrapped = held()

@@ -195,6 +195,7 @@ def run_stack(
             try:
                 yield stack
             finally:
+                app.state.drain()  # no new claim, event streams end: the server need not wait for them
                 server.should_exit = True  # the lifespan stops claiming and releases running jobs ...
                 thread.join(settings.shutdown_grace_s + 15)
     finally:

@@ -18,7 +18,9 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
@@ -204,10 +206,25 @@ def create_app(
 
         discovery = start_discovery(settings, pool)  # None unless CTSCREEN_TRITON_DISCOVERY asks for it
         logger.info("gateway up: Triton endpoints %s, model %s", pool.endpoints, settings.triton_model)
+
+        def drain() -> None:  # in the event loop
+            if app.state.draining.is_set():
+                return
+            app.state.draining.set()  # event streams end (gateway.auth.stream_slot)
+            worker.stop_claiming()
+            deliverer.stop_claiming()
+            logger.info("draining: no new job or delivery is claimed, event streams are closed (their clients "
+                        "follow on another replica); running jobs finish")
+
+        loop = asyncio.get_running_loop()
+        app.state.drain = lambda: loop.call_soon_threadsafe(drain)  # from any thread (ctscreen serve's)
+        restore = drain_on_signals(app.state.drain)
         try:
             with tuned_gc(settings.gc_tuning):
                 yield
         finally:
+            restore()
+            drain()
             if scp is not None:
                 await asyncio.to_thread(scp.stop)
             # the sweeper first: once the worker has released this replica's jobs to the others, a sweep
@@ -237,6 +254,8 @@ def create_app(
         docs_url="/docs" if settings.api_docs and settings.api_docs_pages else None,
         redoc_url="/redoc" if settings.api_docs and settings.api_docs_pages else None,
     )
+    app.state.draining = asyncio.Event()  # set on SIGTERM (drain_on_signals) and at shut-down
+    app.state.drain = lambda: None  # until the lifespan has started
     errors.install(app)  # first: its last-resort middleware sits inside the audit trail's
     security.install(app, settings)  # auth, admission budget, audit trail (issue 14)
     app.add_middleware(RequestScope)  # around the routes: the access log names a refused request by its route's template
@@ -249,6 +268,38 @@ def create_app(
     app.include_router(ops.router)
     install_web(app)  # the page at /, its files and read routes (issue 16)
     return app
+
+
+def drain_on_signals(drain: Callable[[], object]) -> Callable[[], None]:
+    """Call ``drain`` on SIGTERM and SIGINT before the handler already there (uvicorn's, which begins its own
+    shut-down); returns what puts that handler back. Only in the main thread, and only over a handler that
+    is a function (signals go to the main thread: elsewhere, as in ``ctscreen serve``, its caller drains).
+
+    uvicorn runs the lifespan's shut-down only once every connection has closed or its graceful timeout
+    (the chart's 60 s) is over: until then the worker went on claiming jobs (which the shut-down then cut
+    off for another replica to screen again) and every event stream (a browser's worklist, ``ctscreen
+    screen`` following its job) held the process open to that timeout.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if not callable(handler):
+            continue
+
+        def on_signal(signum: int, frame: object, handler: Callable[..., object] = handler) -> None:
+            drain()
+            handler(signum, frame)
+
+        before[sig] = handler
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def app_from_env() -> FastAPI:

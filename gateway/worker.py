@@ -201,6 +201,9 @@ class Worker:
         poll = self.settings.worker_poll_s
         while not self._stopping:
             urgent_only = await self._slots.take()
+            if self._stopping:  # stopped claiming while it waited for a slot
+                self._slots.give(urgent_only)
+                break
             job = None
             seen = self.store.work.generation  # a job queued while the claim runs wakes the wait below at once
             try:
@@ -394,6 +397,11 @@ class Worker:
         self.screener.metrics.failed(error.reason)
         if await self.store.fail(job.id, error):
             logger.info("job %s failed: %s", job.id, error.reason)
+
+    def stop_claiming(self) -> None:
+        """Claim no more jobs (the process is going: SIGTERM); those running go on until :meth:`stop`."""
+        self._stopping = True
+        self.store.work.notify()  # a loop waiting for work looks again, and stops
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming, give running jobs ``grace_s`` seconds, release the others to any replica."""

@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pydicom
@@ -266,6 +268,61 @@ def test_sigterm_releases_the_job_to_another_replica_at_once(gateways, cluster_e
     view = gateways().wait_up().finished(job["job_id"])
     assert view["state"] == "done" and view["attempts"] == 2, view
     _every_slice_once(view, study_files)
+
+
+def test_sigterm_under_uvicorn_stops_claiming_and_ends_event_streams_at_once(triton, cluster_env, tmp_path):
+    """The chart runs ``uvicorn --factory gateway.main:app_from_env --timeout-graceful-shutdown 60``: uvicorn
+    runs the app's shut-down (where the worker stopped) only once every connection has closed or that timeout
+    is over. So after SIGTERM the worker went on claiming jobs (a pod being rolled screened a study it was
+    then cut off from) and one open event stream (a browser's worklist, ``ctscreen screen`` following its job)
+    held the process to the full 60 s. Now SIGTERM drains first: no claim, every event stream ends."""
+    env = {**os.environ, **cluster_env, "CTSCREEN_TRITON_URLS": triton.grpc_url, "PYTHONUNBUFFERED": "1"}
+    port, log = free_port(), tmp_path / "uvicorn.log"
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--http", "gateway.httpserver:BoundedHttpToolsProtocol",
+                             "--factory", "gateway.main:app_from_env", "--port", str(port),
+                             "--timeout-graceful-shutdown", "60"],
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    ended: list[float] = []
+
+    def follow() -> None:  # the worklist page's stream
+        try:
+            with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/worklist/events", timeout=120) as answer:
+                for _ in answer.iter_bytes():
+                    pass
+        except httpx.HTTPError:
+            pass
+        ended.append(time.monotonic())
+
+    try:
+        Gateway.wait_up(SimpleNamespace(proc=proc, log=log, http=httpx.Client(base_url=f"http://127.0.0.1:{port}")))
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while "GET /v1/worklist/events" not in log.read_text() and not ended:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        uid = "1.2.826.0.1.3680043.10.543.99"
+        url = cluster_env.get("CTSCREEN_DATABASE_URL") or f"sqlite:///{cluster_env['CTSCREEN_DATA_DIR']}/ctscreen.db"
+
+        async def queue() -> None:  # a job due while the replica drains (another replica accepted it)
+            store = Store(url)
+            try:
+                await store.accept_upload(uid, [("a.dcm", "k-absent", 1)], 600)
+            finally:
+                await store.close()
+
+        asyncio.run(queue())
+        # not held to the 60 s graceful timeout; uvicorn raises the signal again once it has shut down
+        assert proc.wait(45) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        reader.join(10)
+        assert ended and ended[0] - signalled < 30, "the event stream outlived the drain"
+        assert _db_jobs(cluster_env, uid) == [("queued", None, 0)], log.read_text()[-3000:]  # never claimed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 @pytest.mark.parametrize("cluster_env", ["sqlite", "postgresql"], indirect=True)

@@ -105,6 +105,7 @@ class Deliverer:
                                            thread_name_prefix="ctscreen-delivery")
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._claiming = True  # False once the process is going (stop_claiming)
         self._http: httpx.AsyncClient | None = None
         self.outcomes = Counter("ctscreen_deliveries", "Deliveries ended, by destination and outcome.",
                                 ["destination", "outcome"], registry=registry)
@@ -134,7 +135,7 @@ class Deliverer:
         s = self.settings
         await self.tasks.enqueue_missing({n: d.kind for n, d in self.destinations.items()}, s.delivery_backfill_s)
         self.pending = await self.tasks.counts()
-        while free := [name for name, slots in self._slots.items() if not slots.locked()]:
+        while self._claiming and (free := [name for name, slots in self._slots.items() if not slots.locked()]):
             task = await self.tasks.claim(s.delivery_lease_s, free, s.delivery_max_attempts, self._serial)
             if task is None:
                 return
@@ -159,6 +160,10 @@ class Deliverer:
             else:
                 outage.ok()
             await self.store.work.wait(self.settings.delivery_poll_s, seen)
+
+    def stop_claiming(self) -> None:
+        """Start no more deliveries (the process is going: SIGTERM); those being sent go on until :meth:`stop`."""
+        self._claiming = False
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop the loop; sends under way get ``grace_s`` seconds to finish (a PACS that has received a whole
