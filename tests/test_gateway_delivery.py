@@ -956,6 +956,52 @@ def test_a_peer_that_holds_the_objects_already_counts_as_delivered(study_files, 
     assert sorted(task.sent) == sorted(stored) and stored
 
 
+def test_a_c_store_status_is_classed_as_the_standard_defines_it(caplog):
+    """Only 0xA900-0xCFFF was a permanent failure and only 0xB000/B006/B007 a warning: 0x0122 (SOP class not
+    supported) was retried about 300 times over a day, and a stored object answered with warning 0x0116 was sent
+    again and failed. Success and warnings are stored (logged); 0xA7xx, 0x0213 and 0x0210 tried again; any other
+    failure permanent, its error naming the SOP class and the status's meaning. A real pynetdicom SCP."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.delivery.senders import SendError, send_dicom
+    from tests.gateway_dicom_factory import ct_dataset, to_bytes
+
+    answer = [0]
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: answer[0])])
+    try:
+        [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": server.server_address[1], "objects": ["sr"], "timeout_s": 10}])
+        ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+        item = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds))
+        for code, meaning in [(0x0001, "Warning"), (0x0107, "Attribute List Error"),
+                              (0x0116, "Attribute Value Out of Range"), (0xB000, "Coercion of Data Elements"),
+                              (0xB006, "Element Discarded"), (0xB007, "Data Set Does Not Match SOP Class")]:
+            answer[0] = code
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="gateway.delivery.senders"):
+                assert send_dicom(dest, [item], "CTSCREEN") == [item[0]], hex(code)
+            assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery.senders"] == [
+                f"{dest.where} stored a CT Image Storage object with a warning (C-STORE status 0x{code:04X}: {meaning})"]
+        for code, permanent, meaning in [
+                (0xA700, False, "Out of Resources"), (0xA7FF, False, "Out of Resources"),
+                (0x0213, False, "Resource Limitation"), (0x0210, False, "Duplicate Invocation"),
+                (0x0122, True, "SOP Class Not Supported"), (0x0124, True, "Not Authorised"),
+                (0x0117, True, "Invalid Object Instance"), (0x0211, True, "Unrecognised Operation"),
+                (0x0110, True, "Processing Failure"), (0xA900, True, "Data Set Does Not Match SOP Class"),
+                (0xC000, True, "Cannot Understand"), (0x0500, True, "a status DICOM does not define")]:
+            answer[0] = code
+            with pytest.raises(SendError) as exc:
+                send_dicom(dest, [item], "CTSCREEN")
+            assert exc.value.permanent is permanent and exc.value.sent == [], (hex(code), str(exc.value))
+            assert f"C-STORE status 0x{code:04X}" in str(exc.value) and meaning in str(exc.value), str(exc.value)
+            assert "CT Image Storage" in str(exc.value)
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize(("status", "reasons", "done"), [
     (409, [0x0111, 0x0111], True),   # every object held already
     (202, [0x0111], True),           # one held already, the other stored

@@ -2,7 +2,7 @@
 
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
-other than 408/429, a refused association). A FHIR server's refusal of a reference it cannot resolve yet
+other than 408/429, a refused association, a C-STORE failure other than out of resources: :func:`store_status`). A FHIR server's refusal of a reference it cannot resolve yet
 (412; a 404 with an OperationOutcome, as HAPI FHIR answers a conditional reference that matches nothing,
 HAPI-1091, issue code ``processing``; or any issue code ``not-found``: the RIS has no such patient or order
 yet, as when the images reach screening before the order or the registration does) is tried again with the
@@ -51,6 +51,42 @@ class SendError(RuntimeError):
 
 DUPLICATE = 0x0111
 """Status of a C-STORE, or failure reason of a STOW-RS object, that the peer holds that SOP instance already."""
+
+TRANSIENT_STATUSES = (0x0210, 0x0213)
+"""The failures besides 0xA7xx ("Refused: Out of Resources") that another try can help (PS3.7 C.5): 0x0213
+"Resource Limitation", and 0x0210 "Duplicate Invocation" (a Message ID in use on that association; the next try
+opens a new one). Every other failure (0x01xx, 0x0211 "Unrecognised Operation", 0xA9xx, 0xCxxx, any status PS3.7
+does not define) refuses that object for good."""
+
+
+def store_status(code: int) -> tuple[str, str]:
+    """How a C-STORE status, or a STOW-RS failure or warning reason (the same codes, PS3.18 10.5.3), reads:
+    ``("stored" | "transient" | "permanent", meaning)``. Success and the warnings (0x0001, 0x0107, 0x0116,
+    0xBxxx, PS3.7 C and PS3.4 B.2.3) are stored; out of resources (0xA7xx) and :data:`TRANSIENT_STATUSES`
+    transient; any other status is a permanent failure. ``meaning``: the standard's words (pynetdicom's table).
+
+    >>> store_status(0x0116)
+    ('stored', 'Attribute Value Out of Range')
+    >>> store_status(0x0122)
+    ('permanent', 'Refused: SOP Class Not Supported')
+    """
+    from pynetdicom.status import (
+        STATUS_SUCCESS,
+        STATUS_UNKNOWN,
+        STATUS_WARNING,
+        STORAGE_SERVICE_CLASS_STATUS,
+        code_to_category,
+    )
+
+    category = code_to_category(code)
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, ""))[1] or (
+        category if category != STATUS_UNKNOWN else "a status DICOM does not define")
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return "stored", meaning
+    if 0xA700 <= code <= 0xA7FF or code in TRANSIENT_STATUSES:
+        return "transient", meaning
+    return "permanent", meaning
+
 
 DUPLICATE_REJECTION_NOTE = 0xA770
 """dcm4chee-arc's status (C-STORE, or STOW-RS failure reason) for a Rejection Note whose SOP instance it received
@@ -101,22 +137,29 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             names = ", ".join(getattr(UID(c), "name", c) for c in refused)
             raise SendError(f"{dest.where} accepts no presentation context for {names}; set the destination's "
                             "objects to those it takes (e.g. [key_images])", permanent=True)
-        for uid, _cls, data in items:
+        for uid, sop_class, data in items:
             ds = pydicom.dcmread(io.BytesIO(data))
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
-            if code in (0x0000, 0xB000, 0xB007, 0xB006, DUPLICATE) or (
-                    code == DUPLICATE_REJECTION_NOTE and uid in notes):
-                # success, warnings (coercion, elements discarded), or held already: our UIDs are stable per
-                # result, so a PACS that refuses overwrites has this very object (a resend, a lost answer)
+            outcome, meaning = store_status(code)
+            name = getattr(UID(sop_class), "name", sop_class)
+            if code == DUPLICATE or (code == DUPLICATE_REJECTION_NOTE and uid in notes):
+                # held already: our UIDs are stable per result, so a PACS that refuses overwrites has this very
+                # object (a resend, a lost answer)
                 sent.append(uid)
-            elif 0xA700 <= code <= 0xA7FF:
-                raise SendError(f"{dest.where} is out of resources (0x{code:04X})", sent=sent)
+            elif outcome == "stored":  # success, or a warning (coercion, elements discarded, value out of range)
+                if code:
+                    logger.warning("%s stored a %s object with a warning (C-STORE status 0x%04X: %s)", dest.where,
+                                   name, code, meaning)
+                sent.append(uid)
+            elif outcome == "transient":
+                raise SendError(f"{dest.where} is out of resources or busy for now (C-STORE status 0x{code:04X}: "
+                                f"{meaning}) storing a {name} object", sent=sent)
             else:
-                raise SendError(f"{dest.where} refused an object (C-STORE status 0x{code:04X})", sent=sent,
-                                permanent=0xA900 <= code <= 0xCFFF)
+                raise SendError(f"{dest.where} refused a {name} object for good (C-STORE status 0x{code:04X}: "
+                                f"{meaning})", sent=sent, permanent=True)
     finally:
         if assoc.is_established:
             assoc.release()
