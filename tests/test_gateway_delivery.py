@@ -1034,6 +1034,46 @@ def test_stow_failures_for_objects_held_already_count_as_delivered(status, reaso
         assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]
 
 
+def _stow_answered(status: int, answer: dict, uids: list[str]) -> list[str]:
+    """What :func:`send_stow` makes of a DICOMweb server's ``answer`` (scripted: httpx.MockTransport) to the STOW-RS
+    of SRs with these ``uids``: the UIDs it counts as delivered (or its SendError)."""
+    import httpx
+
+    from gateway.delivery.config import StowDestination
+    from gateway.delivery.senders import send_stow
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=answer))
+    dest = StowDestination(name="web", kind="stowrs", url="http://pacs/dicom-web")
+
+    async def send():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_stow(dest, [(uid, "1.2.840.10008.5.1.4.1.1.88.34", b"x") for uid in uids], client)
+
+    return asyncio.run(send())
+
+
+@pytest.mark.parametrize(("reasons", "permanent"), [
+    ([0xA700, 0xA7FF], False),  # out of resources, as the reviewer's server answered (42752)
+    ([0xA700, 0xC000], True),   # one of them cannot be understood: trying again cannot deliver both
+    ([0x0122, 0x0122], True),
+])
+def test_a_stow_409_for_want_of_resources_is_tried_again_saying_its_reasons(reasons, permanent):
+    """Every 409 with a failure was a 4xx, failed for good after one try, though its Failure Reason 0xA7xx (out of
+    resources) is what a C-STORE 0xA7xx says, and that is tried again; the error did not say the reason. A
+    DICOMweb server's answer, scripted (httpx.MockTransport): no server here runs out of resources on demand."""
+    from gateway.delivery.senders import SendError
+
+    uids = ["1.2.3.1", "1.2.3.2"]
+    answer = {"00081198": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [reason]}}
+        for uid, reason in zip(uids, reasons, strict=True)]}}
+    with pytest.raises(SendError) as exc:
+        _stow_answered(409, answer, uids)
+    assert exc.value.permanent is permanent and exc.value.sent == [], str(exc.value)
+    assert str(exc.value).startswith("http://pacs/dicom-web answered HTTP 409 (failure reason 0x"), str(exc.value)
+    assert all(f"0x{r:04X}" in str(exc.value) for r in reasons), str(exc.value)
+
+
 def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_answer_does_not_name():
     """A failure item without its SOP Instance UID (a part the server could not parse) marked every object
     acknowledged, the failed one never sent again. Scripted answer (httpx.MockTransport)."""

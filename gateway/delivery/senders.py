@@ -2,7 +2,8 @@
 
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
-other than 408/429, a refused association, a C-STORE failure other than out of resources: :func:`store_status`). A FHIR server's refusal of a reference it cannot resolve yet
+other than 408/429 and than a STOW-RS 409 for want of resources, a refused association, a C-STORE failure other
+than out of resources: :func:`store_status`). A FHIR server's refusal of a reference it cannot resolve yet
 (412; a 404 with an OperationOutcome, as HAPI FHIR answers a conditional reference that matches nothing,
 HAPI-1091, issue code ``processing``; or any issue code ``not-found``: the RIS has no such patient or order
 yet, as when the images reach screening before the order or the registration does) is tried again with the
@@ -292,10 +293,17 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
         named = {str(i.get("00081155", {}).get("Value", [""])[0])
                  for i in [*answer.get("00081199", {}).get("Value", []), *filter(held, failures)] if isinstance(i, dict)}
         done = [u for u in uids if u in named]
+    reasons = [failure.get("00081197", {}).get("Value", [None])[0] for failure in failures if not held(failure)]
+    codes = sorted({r for r in reasons if isinstance(r, int)})
+    said = (" (failure reason " + ", ".join(f"0x{r:04X} {store_status(r)[1]}" for r in codes) + ")") if codes else ""
     if response.status_code == 409 and (failed or not failures):  # refused for good, unless all were held already
-        raise _http_error(dest.where, response, sent=done)
+        if reasons and all(isinstance(r, int) and store_status(r)[0] == "transient" for r in reasons):
+            # out of resources (0xA7xx) for every object, as C-STORE's 0xA7xx: tried again
+            raise SendError(f"{dest.where} answered HTTP 409{said}: out of resources for now", sent=done)
+        error = _http_error(dest.where, response, sent=done)
+        raise SendError(f"{error}{said}", permanent=error.permanent, sent=done)
     if failed or (response.status_code == 202 and not failures):
-        raise SendError(f"{dest.where} refused {len(failed) or 'some'} of {len(uids)} object(s)", sent=done)
+        raise SendError(f"{dest.where} refused {len(failed) or 'some'} of {len(uids)} object(s){said}", sent=done)
     return done
 
 
