@@ -1074,6 +1074,31 @@ def test_a_stow_409_for_want_of_resources_is_tried_again_saying_its_reasons(reas
     assert all(f"0x{r:04X}" in str(exc.value) for r in reasons), str(exc.value)
 
 
+def test_a_stow_202_with_warnings_only_is_delivered_and_logs_them(caplog):
+    """A 202 that lists every object stored with a Warning Reason (0xB000, coercion) and none failed was "refused
+    some of 2 object(s)", tried again and failed at last: they are stored, the warning logged. A 202 that names
+    only some as stored, none failed, leaves the others to be sent again. Scripted answers (httpx.MockTransport)."""
+    from gateway.delivery.senders import SendError
+
+    uids = ["1.2.3.1", "1.2.3.2"]
+
+    def stored(listed: list[str]) -> dict:
+        return {"00081199": {"vr": "SQ", "Value": [
+            {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.34"]},
+             "00081155": {"vr": "UI", "Value": [uid]}, "00081196": {"vr": "US", "Value": [0xB000]}} for uid in listed]}}
+
+    with caplog.at_level(logging.WARNING, logger="gateway.delivery.senders"):
+        assert _stow_answered(202, stored(uids), uids) == uids
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery.senders"] == [
+        "http://pacs/dicom-web stored the objects with a warning (warning reason 0xB000 Coercion of Data Elements)"]
+    with pytest.raises(SendError, match="naming 1 of 2 object.s. stored") as exc:
+        _stow_answered(202, stored(uids[:1]), uids)
+    assert exc.value.sent == uids[:1] and not exc.value.permanent
+    with pytest.raises(SendError) as exc:  # an answer that says nothing: nothing counts as delivered
+        _stow_answered(202, {}, uids)
+    assert exc.value.sent == []
+
+
 def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_answer_does_not_name():
     """A failure item without its SOP Instance UID (a part the server could not parse) marked every object
     acknowledged, the failed one never sent again. Scripted answer (httpx.MockTransport)."""

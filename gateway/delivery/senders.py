@@ -302,8 +302,21 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
             raise SendError(f"{dest.where} answered HTTP 409{said}: out of resources for now", sent=done)
         error = _http_error(dest.where, response, sent=done)
         raise SendError(f"{error}{said}", permanent=error.permanent, sent=done)
-    if failed or (response.status_code == 202 and not failures):
-        raise SendError(f"{dest.where} refused {len(failed) or 'some'} of {len(uids)} object(s){said}", sent=done)
+    if failed:
+        raise SendError(f"{dest.where} refused {len(failed)} of {len(uids)} object(s){said}", sent=done)
+    stored = [i for i in answer.get("00081199", {}).get("Value", []) if isinstance(i, dict)]
+    if response.status_code == 202 and not failures:
+        # accepted, none failed: stored with warnings (PS3.18 10.5.3), each object it names in the Referenced SOP
+        # Sequence; one it does not name is sent again
+        listed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in stored}
+        done = [u for u in uids if u in listed]
+        if len(done) < len(uids):
+            raise SendError(f"{dest.where} answered HTTP 202 naming {len(done)} of {len(uids)} object(s) stored and "
+                            "none failed", sent=done)
+    warned = sorted({w for i in stored if isinstance(w := i.get("00081196", {}).get("Value", [None])[0], int)})
+    if warned:
+        logger.warning("%s stored the objects with a warning (warning reason %s)", dest.where,
+                       ", ".join(f"0x{w:04X} {store_status(w)[1]}" for w in warned))
     return done
 
 
