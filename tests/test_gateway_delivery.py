@@ -1287,22 +1287,29 @@ def test_stow_already_received_answer_means_held_for_a_rejection_note_only(reaso
         assert exc.value.sent == [items[0][0]]
 
 
-@pytest.mark.parametrize("busy", [True, False], ids=["at_its_association_limit", "refusing_our_ae_title"])
-def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(busy):
+@pytest.mark.parametrize(("case", "says"), [
+    ("busy", "for now (transient): local limit exceeded, said the DICOM UL service-provider (presentation)"),
+    ("calling", "for good (permanent): calling AE title CTSCREEN not recognised, said the DICOM UL service-user"),
+    ("called", "for good (permanent): called AE title NOT_PACS not recognised, said the DICOM UL service-user"),
+], ids=["at_its_association_limit", "refusing_our_ae_title", "not_its_ae_title"])
+def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(case, says):
     """A-ASSOCIATE-RJ result 2 (transient: a PACS at its association limit, busy with a modality) failed the delivery
-    for good after one attempt, for an operator to resend by hand; result 1 (permanent: our AE title not known
-    there) stays permanent. A real pynetdicom SCP."""
+    for good after one attempt, for an operator to resend by hand; result 1 (permanent: our AE title, or the one we
+    call, not known there) stays permanent. The error said "association rejected by PACS@host:port" alone; it says
+    the result, the reason and its source in words (PS3.8 9.3.4), and the AE title concerned. A real pynetdicom SCP."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage, Verification
 
     from gateway.delivery.senders import SendError, send_dicom
     from tests.gateway_dicom_factory import ct_dataset, to_bytes
 
+    busy = case == "busy"
     scp = AE(ae_title="PACS")
     scp.maximum_associations = 1
     scp.add_supported_context(CTImageStorage)
     scp.add_supported_context(Verification)
-    scp.require_calling_aet = ["MODALITY"] if busy else ["SOMEONE"]
+    scp.require_calling_aet = {"busy": ["MODALITY"], "calling": ["SOMEONE"], "called": ["CTSCREEN"]}[case]
+    scp.require_called_aet = True
     server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
     held = None
     try:
@@ -1312,13 +1319,13 @@ def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(busy):
             other.add_requested_context(Verification)
             held = other.associate("127.0.0.1", port, ae_title="PACS")
             assert held.is_established
-        [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                                      "port": port, "objects": ["sr"]}])
+        [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "NOT_PACS" if case == "called" else
+                                      "PACS", "host": "127.0.0.1", "port": port, "objects": ["sr"]}])
         ds = ct_dataset(np.full((16, 16), -1000, np.int16))
         with pytest.raises(SendError) as info:
             send_dicom(dest, [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds))], "MODALITY" if busy else "CTSCREEN")
         assert info.value.permanent is (not busy), str(info.value)
-        assert ("transient" in str(info.value)) is busy
+        assert str(info.value) == f"association rejected by {dest.where} {says}"
     finally:
         if held is not None:
             held.release()

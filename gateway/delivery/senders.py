@@ -124,9 +124,12 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
     if assoc.is_rejected:
         # A-ASSOCIATE-RJ result 1 is permanent; 2 (transient: the PACS is busy, at its association limit) is
         # tried again with back-off, as the gateway's own SCP asks its senders to
-        transient = getattr(getattr(assoc.acceptor, "primitive", None), "result", None) == 0x02
-        raise SendError(f"association rejected by {dest.where}" + (" for now (transient)" if transient else ""),
-                        permanent=not transient)
+        rejection = getattr(assoc.acceptor, "primitive", None)
+        result, source, reason = (getattr(rejection, a, None) for a in ("result", "result_source", "diagnostic"))
+        transient = result == 0x02
+        raise SendError(f"association rejected by {dest.where} "
+                        + ("for now (transient" if transient else "for good (permanent")
+                        + f"): {rejection_words(source, reason, ae.ae_title, dest.ae_title)}", permanent=not transient)
     if not assoc.is_established:
         raise SendError(f"no association with {dest.where} (refused, aborted or timed out)")
     steady_reactor(assoc)  # else a reactor run late may take a C-STORE's answer: a DIMSE timeout, then a resend
@@ -165,6 +168,29 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
         if assoc.is_established:
             assoc.release()
     return sent
+
+
+REJECTION_REASONS = {
+    1: ("the DICOM UL service-user", {1: "no reason given", 2: "application context name not supported",
+                                     3: "calling AE title {calling} not recognised",
+                                     7: "called AE title {called} not recognised"}),
+    2: ("the DICOM UL service-provider (ACSE)", {1: "no reason given", 2: "protocol version not supported"}),
+    3: ("the DICOM UL service-provider (presentation)", {1: "temporary congestion", 2: "local limit exceeded"}),
+}
+"""A-ASSOCIATE-RJ's Source and Reason/Diag. in words (PS3.8 9.3.4), by source, then reason."""
+
+
+def rejection_words(source: int | None, reason: int | None, calling: str, called: str) -> str:
+    """An A-ASSOCIATE-RJ's reason and source in words, the AE titles named where the reason is one of them.
+
+    >>> rejection_words(1, 3, "CTSCREEN", "PACS")
+    'calling AE title CTSCREEN not recognised, said the DICOM UL service-user'
+    >>> rejection_words(3, 2, "CTSCREEN", "PACS")
+    'local limit exceeded, said the DICOM UL service-provider (presentation)'
+    """
+    who, reasons = REJECTION_REASONS.get(source or 0, (f"source {source}", {}))
+    words = reasons.get(reason or 0, f"reason {reason}").format(calling=calling.strip(), called=called.strip())
+    return f"{words}, said {who}"
 
 
 def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) -> SendError:
