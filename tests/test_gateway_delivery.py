@@ -622,6 +622,39 @@ def test_destinations_file_errors_are_one_line_and_keep_secrets(tmp_path, monkey
         Settings(destinations_file=tmp_path / "missing.yaml")
 
 
+def test_ae_titles_hosts_and_stow_urls_are_checked_or_expanded_at_start(monkeypatch):
+    """An AE title with a backslash, a control character, a non-ASCII letter or only spaces was accepted and
+    every association then failed, retried for a day; a ``${VAR}`` in ``url`` or ``host`` was sent as written
+    (headers alone were expanded); a STOW-RS base with a query string was posted to ``...?apikey=abc/studies``.
+    Each stops the start in one line naming the destination and the field; ``${VAR}`` is expanded as in headers."""
+    monkeypatch.setenv("PACS_HOST", "pacs.example.org")
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+
+    def dicom(**kw) -> dict:
+        return {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "pacs", "port": 104, **kw}
+
+    for bad, field in [({"ae_title": "PACS\\1"}, "ae_title"), ({"ae_title": "    "}, "ae_title"),
+                       ({"ae_title": "PACS\t1"}, "ae_title"), ({"ae_title": "A" * 17}, "ae_title"),
+                       ({"calling_ae_title": "CTSCR\u00c9EN"}, "calling_ae_title"),
+                       ({"calling_ae_title": ""}, "calling_ae_title")]:
+        with pytest.raises(DestinationsError) as exc:
+            parse_destinations([dicom(**bad)])
+        assert str(exc.value).startswith(f"destinations: destination 'pacs' (destinations.0.{field}): "), str(exc.value)
+        assert "\n" not in str(exc.value)
+    assert parse_destinations([dicom(ae_title="PACS_1 (CT)", calling_ae_title=" CTSCREEN")])
+    [pacs, web] = parse_destinations([dicom(host="${PACS_HOST}"),
+                                      {"name": "web", "kind": "stowrs", "url": "https://${PACS_HOST}/dicom-web"}])
+    assert pacs.host == "pacs.example.org" and web.url == "https://pacs.example.org/dicom-web"
+    with pytest.raises(DestinationsError, match=r"'pacs' \(destinations.0.host\): .*unset environment variable NOPE_UNSET"):
+        parse_destinations([dicom(host="${NOPE_UNSET}")])
+    with pytest.raises(DestinationsError, match=r"'web' \(destinations.0.url\): .*unset environment variable NOPE_UNSET"):
+        parse_destinations([{"name": "web", "kind": "stowrs", "url": "https://${NOPE_UNSET}/dicom-web"}])
+    for url in ("https://pacs/dicom-web?apikey=abc", "https://pacs/dicom-web#studies", "https://pacs/dicom-web?"):
+        with pytest.raises(DestinationsError, match=r"'web' \(destinations.0.url\): .*no query string or fragment"):
+            parse_destinations([{"name": "web", "kind": "stowrs", "url": url}])
+    assert parse_destinations([{"name": "hook", "kind": "fhir", "url": "https://ris/hook?source=ctscreen"}])
+
+
 def _done_sources(study_files: list[Path], tmp_path: Path):
     """A done job of ``study_files``: its blob store, its result and its instances as ``(filename, bytes)``."""
     async def scenario():

@@ -29,8 +29,9 @@ destination is ``[sr, key_images]`` by default; add ``kos`` for the Key Object S
 destination acknowledged for the earlier readings (with at least one of the others: it retracts what they sent).
 
 Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
-``${VAR}`` in a value is replaced by the environment variable ``VAR`` (so a Kubernetes Secret can
-provide it). :func:`load_destinations` raises :class:`DestinationsError` with a one-line message.
+``${VAR}`` in a value, in a ``url`` or a ``host`` is replaced by the environment variable ``VAR`` (so a
+Kubernetes Secret can provide it). AE titles are checked as DICOM AE titles; a STOW-RS ``url`` is the
+DICOMweb base, without a query string or fragment. :func:`load_destinations` raises :class:`DestinationsError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -81,6 +82,32 @@ def _retracts_something(value: list[ObjectKind]) -> list[ObjectKind]:
 
 Objects = Annotated[list[ObjectKind], Field(default_factory=_default_objects, min_length=1),
                     AfterValidator(_retracts_something)]
+
+
+def _ae_title(value: str) -> str:
+    """A DICOM AE title (PS3.5 6.2, VR AE): 1 to 16 characters of the default repertoire (printable ASCII), no
+    backslash, not all spaces; else every association was refused, or its A-ASSOCIATE-RQ never made, for a day."""
+    if not value.strip(" ") or len(value) > 16 or "\\" in value or not all(" " <= c <= "~" for c in value):
+        raise ValueError("not a DICOM AE title: 1 to 16 characters of printable ASCII (letters, digits, spaces, "
+                         "punctuation), no backslash, not all spaces")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+def _from_env(text: str, what: str) -> str:
+    """``text`` with each ``${VAR}`` replaced by the environment variable ``VAR``.
+
+    Raises
+    ------
+    ValueError
+        An unset variable (named with ``what``, never the text).
+    """
+    missing = [v for v in _ENV.findall(text) if v not in os.environ]
+    if missing:
+        raise ValueError(f"{what} refers to unset environment variable {missing[0]}")
+    return _ENV.sub(lambda m: os.environ[m.group(1)], text)
 
 
 class DestinationsError(ValueError):
@@ -152,12 +179,17 @@ class DicomDestination(_Base):
     """A DICOM C-STORE peer (a PACS)."""
 
     kind: Literal["dicom"]
-    ae_title: str = Field(min_length=1, max_length=16)
+    ae_title: AeTitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
-    calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
+    calling_ae_title: AeTitle | None = None
     tls: Tls | None = None
     objects: Objects
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_from_env(cls, value: object) -> object:
+        return _from_env(value, "host") if isinstance(value, str) else value
 
     @property
     def where(self) -> str:
@@ -171,6 +203,11 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 class _Http(_Base):
     url: str = Field(pattern=r"^https?://[^\s]+$")
     headers: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_from_env(cls, value: object) -> object:
+        return _from_env(value, "url") if isinstance(value, str) else value
 
     @field_validator("url")
     @classmethod
@@ -197,11 +234,7 @@ class _Http(_Base):
             return value
         out = {}
         for key, raw in value.items():
-            text = str(raw)
-            missing = [v for v in _ENV.findall(text) if v not in os.environ]
-            if missing:
-                raise ValueError(f"header {key!r} refers to unset environment variable {missing[0]}")
-            value_text = _ENV.sub(lambda m: os.environ[m.group(1)], text)
+            value_text = _from_env(str(raw), f"header {key!r}")
             # checked here, not at each delivery (every one failed, retried for a day); the value is never quoted
             if not _TOKEN.match(str(key)):
                 raise ValueError(f"header name {str(key)[:40]!r} is no HTTP header name")
@@ -224,6 +257,14 @@ class StowDestination(_Http):
 
     kind: Literal["stowrs"]
     objects: Objects
+
+    @field_validator("url")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        if "?" in value or "#" in value:  # `.../dicom-web?apikey=abc` was posted to `...?apikey=abc/studies`
+            raise ValueError("url must hold no query string or fragment: it is the DICOMweb base that /studies is "
+                             "appended to (give credentials as a header, e.g. Authorization: Bearer ${VAR})")
+        return value
 
 
 class FhirDestination(_Http):
@@ -250,10 +291,19 @@ class _File(_Model):
     destinations: list[Destination] = Field(default_factory=list)
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, data: object) -> str:
+    """The first error: where (``destinations.0.ae_title``, with the destination's name when it has a valid one)
+    and why."""
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("dicom", "stowrs", "fhir"))
+    path = first.get("loc", ())
+    loc = ".".join(str(p) for p in path if p not in ("dicom", "stowrs", "fhir"))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if len(path) > 1 and path[0] == "destinations" and isinstance(path[1], int) and isinstance(data, dict):
+        listed = data.get("destinations")
+        entry = listed[path[1]] if isinstance(listed, list) and path[1] < len(listed) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and re.match(_NAME, name):
+            loc = f"destination {name!r} ({loc})"
     return f"{loc}: {first.get('msg', 'invalid')}{more}"
 
 
@@ -272,7 +322,7 @@ def parse_destinations(data: object, source: str = "destinations") -> list[Desti
     try:
         parsed = TypeAdapter(_File).validate_python(data)
     except ValidationError as exc:
-        raise DestinationsError(f"{source}: {_one_line(exc)}") from None
+        raise DestinationsError(f"{source}: {_one_line(exc, data)}") from None
     names = [d.name for d in parsed.destinations]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
