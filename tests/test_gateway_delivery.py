@@ -34,6 +34,7 @@ from gateway.store.deliveries import Deliveries
 from gateway.store.migrate import upgrade
 from tests.fhir_receiver import FhirReceiver
 from tests.orthanc import OrthancServer, dicomweb_plugin, orthanc_bin
+from tests.test_gateway_dicom_security import pki  # noqa: F401 - a fixture: the test CA's certificates
 
 pytestmark = [pytest.mark.timeout(120)]
 needs_orthanc = pytest.mark.skipif(orthanc_bin() is None or dicomweb_plugin() is None,
@@ -1362,6 +1363,45 @@ def test_a_pacs_that_rejects_an_association_for_now_is_tried_again(case, says):
     finally:
         if held is not None:
             held.release()
+        server.shutdown()
+
+
+def test_a_tls_handshake_that_fails_says_so(pki):  # noqa: F811 - the fixture imported above
+    """A PACS whose certificate did not verify (another CA, or not issued to the name checked) failed as "no
+    association with PACS@host:port (refused, aborted or timed out)", nothing said of TLS: the error says the
+    handshake failed and OpenSSL's reason. Tried again as before (a certificate can be renewed). A real pynetdicom
+    SCP on TLS; the certificates of tests/test_gateway_dicom_security.py (the server's is for 127.0.0.1)."""
+    import ssl
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.delivery.senders import SendError, send_dicom
+    from tests.gateway_dicom_factory import ct_dataset, to_bytes
+
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(pki / "server.crt", pki / "server.key")
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False, ssl_context=server_tls,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+    try:
+        def send(**tls) -> list[str]:
+            [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                          "port": server.server_address[1], "objects": ["sr"], "timeout_s": 10,
+                                          "tls": tls}])
+            ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+            return send_dicom(dest, [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds))], "CTSCREEN")
+
+        assert len(send(ca_file=str(pki / "ca.crt"))) == 1
+        for tls, says in [({"ca_file": str(pki / "ca.crt"), "server_hostname": "pacs.example.org"}, "Hostname mismatch"),
+                          ({"ca_file": str(pki / "rogue.crt")}, "local issuer certificate")]:
+            with pytest.raises(SendError) as exc:
+                send(**tls)
+            assert str(exc.value).startswith("TLS handshake with PACS@127.0.0.1:"), str(exc.value)
+            assert "certificate verify failed" in str(exc.value) and says in str(exc.value), str(exc.value)
+            assert not exc.value.permanent
+    finally:
         server.shutdown()
 
 

@@ -117,10 +117,13 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
             raise SendError(f"the TLS files of {dest.where} do not make a TLS context ({type(exc).__name__})",
                             permanent=True) from None
         tls = (context, dest.tls.server_hostname or dest.host)
+        handshakes = _handshake_failures(context)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     except OSError as exc:
         raise SendError(f"cannot reach {dest.where}: {exc.strerror or exc}") from None
+    if tls is not None and handshakes and not assoc.is_established:  # pynetdicom logs it and says no more
+        raise SendError(f"TLS handshake with {dest.where} failed: {_tls_words(handshakes[0], tls[1])}")
     if assoc.is_rejected:
         # A-ASSOCIATE-RJ result 1 is permanent; 2 (transient: the PACS is busy, at its association limit) is
         # tried again with back-off, as the gateway's own SCP asks its senders to
@@ -168,6 +171,39 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
         if assoc.is_established:
             assoc.release()
     return sent
+
+
+def _handshake_failures(context: Any) -> list[OSError]:
+    """The errors of the TLS handshakes of the sockets ``context`` (an :class:`ssl.SSLContext`) makes, as they
+    happen: pynetdicom catches a failed one, logs it and reports only an association not established. Its
+    documented hook ``sslsocket_class`` makes the sockets record them."""
+    import ssl
+
+    failures: list[OSError] = []
+
+    class Recording(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except OSError as exc:
+                failures.append(exc)
+                raise
+
+    context.sslsocket_class = Recording
+    return failures
+
+
+def _tls_words(exc: OSError, server_hostname: str) -> str:
+    """A failed TLS handshake in words: a certificate that does not verify (and why: OpenSSL's words), another TLS
+    error (OpenSSL's reason), or the connection lost (a peer that does not speak TLS there)."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"certificate verify failed: {str(exc.verify_message).rstrip('.')} (the name checked: "
+                f"{server_hostname}, tls.server_hostname or else host; the CAs trusted: tls.ca_file)")
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or type(exc).__name__)
+    return f"{exc.strerror or type(exc).__name__} (does the peer speak TLS on that port?)"
 
 
 REJECTION_REASONS = {
