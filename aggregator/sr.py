@@ -256,17 +256,13 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 
 _SINGLE_BYTE = {"100", "101", "109", "110", "126", "127", "138", "144", "148", "166", "203", "13"}
-_HIGHDICOM_SETS = {"ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 58",
-                   *(f"ISO 2022 IR {n}" for n in _SINGLE_BYTE)}
-"""Code-extension terms highdicom writes (``highdicom.enum.SpecificCharacterSetValues``)."""
 
 
 def _plain_character_set(ds: Dataset) -> None:
-    """Specific Character Set as highdicom accepts it, for what scanners write: an empty value is the default
-    repertoire (the element goes); one ``ISO 2022 IR n`` term alone (code extensions without a second
-    term) is ``ISO_IR n`` (the same single-byte set; ``IR 6`` is the default repertoire); several terms
-    keep their sets where highdicom knows them all (an empty first one named ``ISO 2022 IR 6``), else the
-    objects are written in UTF-8 (``ISO_IR 192``)."""
+    """Specific Character Set as highdicom accepts it and PACS read it, for what scanners write: an empty value is
+    the default repertoire (the element goes); one ``ISO 2022 IR n`` term alone (code extensions without a second
+    term) is ``ISO_IR n`` (the same single-byte set; ``IR 6`` is the default repertoire); several terms (code
+    extensions, ``\\ISO 2022 IR 87`` as Japanese scanners write) are written in UTF-8 (``ISO_IR 192``)."""
     if "SpecificCharacterSet" not in ds:
         return
     value = ds.SpecificCharacterSet
@@ -280,12 +276,11 @@ def _plain_character_set(ds: Dataset) -> None:
         elif number in _SINGLE_BYTE:
             ds.add_new(0x00080005, "CS", f"ISO_IR {number}")  # a new element: the caller's stays as it is
     elif len(terms) > 1:
-        # code extensions: an empty first value is the default repertoire (what Japanese scanners write,
-        # ``\ISO 2022 IR 87``); a set highdicom does not know (Korean IR 149) is written in UTF-8: the copies'
-        # text is already decoded (read by tag with the source's set), so it is encoded afresh, losing nothing
-        named = [t or "ISO 2022 IR 6" for t in terms]
-        known = all(t in _HIGHDICOM_SETS for t in named)
-        ds.add_new(0x00080005, "CS", named if known else "ISO_IR 192")
+        # code extensions: highdicom refuses the source's own empty first value, and the value it takes,
+        # ``ISO 2022 IR 6\ISO 2022 IR 87``, Orthanc 1.10 reads as ASCII (the names show raw escape sequences);
+        # UTF-8 every current PACS and viewer reads. The copies' text is already decoded (read by tag with the
+        # source's set), so it is encoded afresh, losing nothing
+        ds.add_new(0x00080005, "CS", "ISO_IR 192")
 
 
 def _readable(vr: str, value: object) -> bool:
