@@ -307,7 +307,8 @@ class Intake:
         once; another (pixels corrected, a header fixed, a lossy re-encoding) opens the next version. Judged
         by the size alone, a changed instance of the same size was acknowledged and dropped, and a forward in
         another transfer syntax was screened again. A copy that cannot be read counts as changed (screened
-        again, never dropped)."""
+        again, never dropped). After retention no copy is left: the store recognises an instance of a done version by
+        its SOP Instance UID alone (:meth:`Store.add_instance`)."""
         copy = await self.store.screened_copy(header.study_instance_uid, header.sop_instance_uid)
         if copy is None:
             return None, False

@@ -120,6 +120,31 @@ def test_late_instance_opens_a_new_version_screened_with_every_instance(tmp_path
         assert client.get(f"/v1/jobs/{first['job_id']}").json()["state"] == "done"  # history kept
 
 
+def test_an_instance_sent_again_after_retention_screens_nothing(tmp_path):
+    """The reviewer's case: a study screened positive, then retention deleted its instances and blobs, then
+    ``storescu`` sent one of them again. It opened a version of that one slice, screened indeterminate, whose
+    delivery retracted the positive SR at the PACS and replaced the report at the RIS. The UIDs stay known: it is
+    acknowledged and kept nowhere. A new instance still opens the next version: of the instances received since."""
+    uid, files = ct_series(8, lesion=(2, 3, 4))
+    app = _app(0.3, tmp_path)
+    with TestClient(app) as client:
+        _stow(client, files[:7])
+        first = _screened(client, uid)
+        assert first["result"]["verdict"] == "positive"
+        # retention, as the sweeper runs it (instances_s -1: a job finished within the second is past it)
+        for key in client.portal.call(app.state.store.expire, 86400.0, -1.0):
+            app.state.blobs.delete(key)
+        assert _blobs(tmp_path) == 0
+        again = _stow(client, files[:1])
+        assert len(again["00081199"]["Value"]) == 1  # acknowledged
+        study = client.get(f"/v1/studies/{uid}").json()
+        assert (study["state"], study["job_id"]) == ("done", first["job_id"])  # no version opened
+        assert _blobs(tmp_path) == 0  # and not kept
+        _stow(client, files[7:])  # a new instance
+        second = _screened(client, uid, not_job=first["job_id"])
+        assert second["version"] == 2 and second["files"] == 1
+
+
 def test_a_changed_instance_of_the_same_size_opens_a_new_version(tmp_path):
     """An instance sent again with its pixels corrected, of the same size, was acknowledged and dropped as 'an
     instance it was screened with' (compared by UID and size only): the study kept its old verdict. Its data set is

@@ -31,7 +31,7 @@ from gateway.jobs import JobError, JobState
 from gateway.phi import patient_key
 from gateway.store import Store
 from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
-from gateway.store.models import Instance, Job, Replica, Result, Study
+from gateway.store.models import ExpiredInstance, Instance, Job, Replica, Result, Study
 from gateway.store.store import PROGRESS
 from tests.conftest import free_port
 
@@ -331,8 +331,8 @@ async def _snapshot(store: Store, schema: dict[str, tuple] | None = None) -> tup
 
 
 async def _a_row_in_every_table(store: Store, n: int) -> str:
-    """A done job (study, instance, job, events, result with its SR headers), its delivery task and study labels,
-    and a study still receiving: rows in every table of the newest schema. Returns the job's id."""
+    """A done job (study, instance, job, events, result with its SR headers, an expired instance's UID), its delivery
+    task and study labels, and a study still receiving: rows in every table of the newest schema. Returns the job's id."""
     from gateway.store.deliveries import Deliveries
     from gateway.store.worklist import Worklist
 
@@ -345,6 +345,8 @@ async def _a_row_in_every_table(store: Store, n: int) -> str:
     await Deliveries(store).enqueue_missing({"pacs": "dicom"}, 3600)
     assert [t.job_id for t in await Deliveries(store).of_job(job_id)] == [job_id]
     await Worklist(store).put_labels(claimed.study_id, {"study_date": "20261201", "accession_number": f"A{n}"})
+    async with store.tx() as s:  # an instance of the study that retention removed (Store.expire keeps its UID)
+        s.add(ExpiredInstance(study_id=claimed.study_id, sop_instance_uid=f"{uid}.0"))
     await store.add_instance(f"1.8.{n}", f"1.8.{n}.1", "b.dcm", f"r{n}", 2)
     await store.seen()
     return job_id
@@ -1128,6 +1130,53 @@ def test_retention_removes_old_results_and_instances(db_url):
             with pytest.raises(KeyError):
                 await store.job(old)
             assert (await store.job(new)).state == "done"
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_an_instance_screened_with_and_sent_again_after_retention_screens_nothing(db_url):
+    """Retention removed a done version's instances and blobs; a week later a PACS re-sent one of them (a re-route,
+    a prefetch, ``storescu``): it opened a version of that one slice, screened indeterminate, whose delivery retracted
+    the study's positive reading at the PACS and replaced it at the RIS. Retention now keeps the SOP Instance UIDs
+    of a done version's instances (with its result): one sent again is recognised by its UID (its bytes are gone to
+    compare) and kept nowhere, whatever its copy and whichever later version failed; a new instance opens the next
+    version, which holds the instances received since."""
+    upgrade(db_url)
+
+    async def done(store: Store, uid: str, age_s: float = 0.0) -> str:
+        job_id = (await store.complete_now(uid, 60)).job_id
+        assert (await store.claim(60)).id == job_id
+        assert await store.finish(job_id, _result(job_id, uid), None)
+        async with store.tx() as s:
+            await s.execute(update(Job).where(Job.id == job_id).values(finished_at=time.time() - age_s))
+        return job_id
+
+    async def go():
+        store = Store(db_url)
+        try:
+            uid = "1.2.40"
+            for n in (1, 2, 3):
+                assert await store.add_instance(uid, f"{uid}.{n}", "a.dcm", f"k{n}", 10) is None
+            first = await done(store, uid, age_s=100)
+            assert await store.expire(results_s=1000, instances_s=50) == ["k1", "k2", "k3"]
+            assert await store.add_instance(uid, f"{uid}.1", "a.dcm", "k1b", 10) == "k1b"  # the same again
+            assert await store.add_instance(uid, f"{uid}.2", "b.dcm", "k2b", 12) == "k2b"  # another copy of it
+            study = await store.study(uid)
+            assert (study.state, study.job.job_id) == ("complete", first)  # no version opened: nothing screened
+            # a new instance: version 2, of it alone (version 1's bytes are gone)
+            assert await store.add_instance(uid, f"{uid}.4", "d.dcm", "k4", 10) is None
+            second = (await store.complete_now(uid, 60)).job_id
+            assert (await store.job(second)).files == 1
+            assert (await store.claim(60)).id == second
+            assert await store.fail(second, JobError(reason="x", message="x"))
+            # version 2 failed, so version 1's reading is the study's: its instances sent again still screen nothing
+            assert await store.add_instance(uid, f"{uid}.3", "c.dcm", "k3b", 10) == "k3b"
+            assert (await store.study(uid)).job.job_id == second
+            await store.expire(results_s=50, instances_s=50)  # version 1 gone with its result: its UIDs too
+            async with store.read() as s:
+                assert (await s.execute(text("SELECT COUNT(*) FROM studies"))).scalar() == 1
         finally:
             await store.close()
 

@@ -1,20 +1,22 @@
 """The tables of the state store (SQLAlchemy 2 declarative models).
 
-=============  ==========================================================================================
-``studies``    one row per *version* of a study: ``receiving`` while STOW-RS / C-STORE instances arrive,
-               ``complete`` once the quiet period (or ``POST .../complete``) closed it; an upload is a
-               complete version at once. An instance arriving after completion opens version n + 1.
-``instances``  the files of a version (idempotent by SOP Instance UID within a version), each pointing
-               to its bytes in the blob store; a new version starts with a copy of the previous rows.
-``jobs``       one per complete version: the state machine, attempts, next attempt time, deadline,
-               the replica that accepted it (its metrics count it while queued) and the lease (owner
-               and expiry) of the replica screening it.
-``results``    the CaseResult of a done job and the headers its DICOM SR needs.
-``events``     progress of a job (state and slices done), read by the SSE stream of any replica.
-``replicas``   when each gateway replica's sweeper last ran (revision 0008): the queued jobs of a replica
-               not seen for a while (killed, not shut down) are adopted by a live one, so that the
-               replicas' backlog gauges still sum to the cluster's backlog.
-=============  ==========================================================================================
+=======================  ==========================================================================================
+``studies``              one row per *version* of a study: ``receiving`` while STOW-RS / C-STORE instances arrive,
+                         ``complete`` once the quiet period (or ``POST .../complete``) closed it; an upload is a
+                         complete version at once. An instance arriving after completion opens version n + 1.
+``instances``            the files of a version (idempotent by SOP Instance UID within a version), each pointing
+                         to its bytes in the blob store; a new version starts with a copy of the previous rows.
+``expired_instances``    the SOP Instance UIDs of a done version's instances that retention removed (revision 0012):
+                         an instance the study was screened with, sent again after retention, is recognised by its UID.
+``jobs``                 one per complete version: the state machine, attempts, next attempt time, deadline,
+                         the replica that accepted it (its metrics count it while queued) and the lease (owner
+                         and expiry) of the replica screening it.
+``results``              the CaseResult of a done job and the headers its DICOM SR needs.
+``events``               progress of a job (state and slices done), read by the SSE stream of any replica.
+``replicas``             when each gateway replica's sweeper last ran (revision 0008): the queued jobs of a replica
+                         not seen for a while (killed, not shut down) are adopted by a live one, so that the
+                         replicas' backlog gauges still sum to the cluster's backlog.
+=======================  ==========================================================================================
 
 Times are seconds since the epoch (``float``): the same comparison on SQLite and PostgreSQL.
 """
@@ -78,6 +80,18 @@ class Instance(Base):
     blob_key: Mapped[str] = mapped_column(String(128), index=True)
     nbytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[float] = mapped_column(Float)
+
+
+class ExpiredInstance(Base):
+    """A SOP Instance UID a done study version was screened with, whose instance retention removed (revision 0012).
+
+    Only the UID is kept (no file name, size or bytes), as long as the version's result: a PACS that sends the
+    study again later (a re-route, a prefetch) must not have it screened on what it re-sent alone."""
+
+    __tablename__ = "expired_instances"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
 
 
 class Job(Base):

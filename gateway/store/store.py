@@ -71,7 +71,16 @@ from aggregator.schema import CaseResult, stored_result
 from gateway.errors import JobNotFound, PatientMismatch
 from gateway.jobs import ROUTINE, RUNNING, TERMINAL, JobError, JobState, JobView, priority_name
 from gateway.phi import withheld
-from gateway.store.models import FILENAME_LENGTH, Event, Instance, Job, Replica, Result, Study
+from gateway.store.models import (
+    FILENAME_LENGTH,
+    Event,
+    ExpiredInstance,
+    Instance,
+    Job,
+    Replica,
+    Result,
+    Study,
+)
 
 logger = logging.getLogger(__name__)
 # aiosqlite logs every operation with its parameters at DEBUG, and rows hold what an SR needs (patient
@@ -589,7 +598,9 @@ class Store:
         An instance already in that version (same SOP Instance UID) is replaced. One already in the
         study's latest screened (or screening) version is not recorded again: the same size, unless the caller
         found it ``changed`` (its data set is not the screened copy's: :meth:`screened_copy`), or another size
-        when the caller found it the same as the copy whose blob is ``same_as`` (another transfer syntax).
+        when the caller found it the same as the copy whose blob is ``same_as`` (another transfer syntax); one whose
+        instance retention removed from a done version is not recorded again whatever its copy (its SOP Instance UID
+        is kept, its bytes are not: :meth:`expire`).
         The version's ``priority`` (:data:`gateway.jobs.PRIORITIES`) is the highest of its instances'.
         ``patient_key`` (:func:`gateway.phi.patient_key`): the patient the instance names; one that is not the
         patient the study's earlier instances and versions name raises :class:`~gateway.errors.PatientMismatch`
@@ -697,17 +708,32 @@ class Store:
         """Whether this instance (same SOP Instance UID, and same size or the blob ``same_as``) is in the
         study's latest version, which is screened or being screened: a PACS that sends a study again (a route
         replayed, a retry after a lost acknowledgement, a forward in another transfer syntax) must not have it
-        screened twice, nor get a second SR. After a failed job a study sent again is screened again."""
-        latest = await self._latest_screened(s, uid)
+        screened twice, nor get a second SR. After a failed job a study sent again is screened again.
+
+        An instance the latest version does not hold any more, whose SOP Instance UID a done version of the study
+        was screened with before retention removed it (``expired_instances``), is screened already too, whatever
+        its copy (the bytes are gone to compare): sent again a week later (a re-route, a prefetch), it opened a
+        version of itself alone, whose reading replaced the study's at its destinations."""
+        latest = await self._latest_version(s, uid)
         if latest is None:
             return False
-        copy = Instance.nbytes == nbytes if same_as is None else or_(Instance.nbytes == nbytes,
-                                                                      Instance.blob_key == same_as)
-        same = (await s.execute(select(Instance.id).where(
-            Instance.study_id == latest, Instance.sop_instance_uid == sop, copy).limit(1))).first()
-        if same is not None:
-            logger.info("study %s: an instance it was screened with received again; kept once", uid)
-        return same is not None
+        held = (await s.execute(select(Instance.nbytes, Instance.blob_key).where(
+            Instance.study_id == latest[0], Instance.sop_instance_uid == sop))).all()
+        if held:
+            if latest[1] is None or latest[1] == JobState.failed.value:
+                return False
+            same = any(n == nbytes or (same_as is not None and k == same_as) for n, k in held)
+            if same:
+                logger.info("study %s: an instance it was screened with received again; kept once", uid)
+            return same
+        expired = (await s.execute(select(ExpiredInstance.study_id).join(Job, Job.study_id == ExpiredInstance.study_id)
+                                   .join(Study, Study.id == ExpiredInstance.study_id).where(
+            Study.study_instance_uid == uid, ExpiredInstance.sop_instance_uid == sop,
+            Job.state == JobState.done.value).limit(1))).first()
+        if expired is not None:
+            logger.info("study %s: an instance it was screened with received again after retention removed it; "
+                        "recognised by its SOP Instance UID, not kept", uid)
+        return expired is not None
 
     async def _open_version(self, s: AsyncSession, uid: str, now: float) -> Study:
         latest = (await s.execute(select(func.max(Study.version)).where(Study.study_instance_uid == uid))).scalar()
@@ -721,7 +747,8 @@ class Store:
             select(Study.id).where(Study.study_instance_uid == uid, Study.origin == "stow", Study.id != study.id)
             .order_by(Study.version.desc()).limit(1).with_for_update()
         )).scalar()
-        if previous is not None:  # a late instance: the new version holds every instance of the study
+        if previous is not None:  # a late instance: the new version holds every instance of the study still kept
+            # (after retention, none of the earlier ones: their blobs are gone)
             await s.execute(insert(Instance).from_select(
                 ["study_id", "sop_instance_uid", "filename", "blob_key", "nbytes", "received_at"],
                 select(literal(study.id), Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
@@ -1340,8 +1367,9 @@ class Store:
     async def expire(self, results_s: float, instances_s: float) -> list[str]:
         """Delete what retention allows; returns the blob keys nothing refers to any more.
 
-        Instances of a finished job go ``instances_s`` after it finished; the job, its result and its
-        events (and its study version) go ``results_s`` after it finished.
+        Instances of a finished job go ``instances_s`` after it finished (a done job's SOP Instance UIDs stay, in
+        ``expired_instances``); the job, its result and its events (and its study version, with those UIDs) go
+        ``results_s`` after it finished.
         """
         now = await self.now()
         async with self.tx() as s:
@@ -1353,6 +1381,13 @@ class Store:
             touched = select(Job.study_id).where(Job.state.in_(_TERMINAL),
                                                  Job.finished_at < now - min(instances_s, results_s))
             await s.execute(select(Study.id).where(Study.id.in_(touched)).order_by(Study.id).with_for_update())
+            # what a done version was screened with stays known by its SOP Instance UIDs (nothing else), as long as
+            # its result: an instance sent again later screens nothing (_screened_already)
+            await s.execute(insert(ExpiredInstance).from_select(
+                ["study_id", "sop_instance_uid"],
+                select(Instance.study_id, Instance.sop_instance_uid).join(Job, Job.study_id == Instance.study_id)
+                .where(Job.state == JobState.done.value, Job.finished_at < now - instances_s,
+                       Job.finished_at >= now - results_s, Instance.sop_instance_uid.is_not(None))))
             keys = set((await s.execute(delete(Instance).where(Instance.study_id.in_(old_instances))
                                         .returning(Instance.blob_key))).scalars())
             old_studies = select(Job.study_id).where(Job.state.in_(_TERMINAL), Job.finished_at < now - results_s)
@@ -1360,6 +1395,7 @@ class Store:
             if gone:
                 keys |= set((await s.execute(delete(Instance).where(Instance.study_id.in_(gone))
                                              .returning(Instance.blob_key))).scalars())
+                await s.execute(delete(ExpiredInstance).where(ExpiredInstance.study_id.in_(gone)))
                 await s.execute(delete(Event).where(Event.job_id.in_(select(Job.id).where(Job.study_id.in_(gone)))))
                 await s.execute(delete(Result).where(Result.job_id.in_(select(Job.id).where(Job.study_id.in_(gone)))))
                 await s.execute(delete(Job).where(Job.study_id.in_(gone)))
