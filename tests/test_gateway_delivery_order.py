@@ -134,3 +134,30 @@ def test_deliveries_to_a_fhir_server_are_sent_one_at_a_time_by_all_replicas(db_u
                 await s.close()
 
     asyncio.run(go())
+
+
+def test_a_forced_resend_that_fails_keeps_what_the_destination_was_acknowledged_to_hold(db_url):
+    """The reviewer's case, in the store: job J2 delivered (its objects acknowledged), sent again by force to a PACS
+    stopped meanwhile, failed with nothing acknowledged. The force had cleared ``sent``, the only record of what the
+    PACS holds, so the next version's build read nothing of J2 (``acknowledged``): no Rejection Note for J2's SR, key
+    images and KOS, live at the PACS beside the new reading (and at a RIS, no report replacing J2's from a reading
+    its rule leaves out). The earlier acknowledgements are kept (``held``) with the new round's; the forced round
+    still sends every object again."""
+    async def body(store, deliveries):
+        first, task = await _first_version_sending(store, deliveries)
+        objects = [{"kind": kind, "uid": f"9.{n}", "sop_class_uid": "1.2", "blob_key": f"b{n}"}
+                   for n, kind in enumerate(("sr", "key_image", "kos"))]
+        assert await deliveries.save_payload(task.id, {"verdict": "positive", "objects": objects})
+        assert await deliveries.mark_sent(task.id, ["9.0", "9.1", "9.2"])
+        assert await deliveries.finish(task.id, "done")
+        forced = await deliveries.resend(first, "pacs", "dicom", force=True)
+        again = await deliveries.claim(60, ["pacs"])
+        assert again is not None and again.id == task.id and again.sent == ()  # every object goes again
+        assert await deliveries.mark_sent(again.id, ["9.0"])  # then the PACS went away
+        assert await deliveries.finish(again.id, FAILED, "cannot reach the PACS")
+        assert await deliveries.acknowledged([first], "pacs") == objects
+        assert forced.sent == () and forced.held == ("9.0", "9.1", "9.2")
+        (failed,) = await deliveries.of_job(first)
+        assert (failed.state, failed.sent, failed.held) == (FAILED, ("9.0",), ("9.0", "9.1", "9.2"))
+
+    _with_deliveries(db_url, body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,46 @@ def test_a_pacs_that_never_acknowledged_the_earlier_reading_gets_no_note(pacs_pa
             held = _held(pacs, second.study_instance_uid)
             assert set(held) == _uids(task) and not _notes(held)
         finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_forced_resend_that_failed_leaves_the_next_reading_retracting_what_the_pacs_holds(
+        pacs_pair, study_files, tmp_path):
+    """The reviewer's case: version 1 delivered to an Orthanc (every object acknowledged), then sent again by force
+    while that Orthanc was stopped: failed, nothing acknowledged. The force had forgotten what the PACS held, and
+    version 2's delivery carried its SR, key images and KOS but no Rejection Note: version 1's objects stayed live
+    there. Now the note names them."""
+    pacs = pacs_pair[0]
+
+    async def scenario():
+        settings = delivery_settings(tmp_path, delivery_max_attempts=1)
+        store, blobs, first = await done_job(settings, study_files)
+        wanted = ["sr", "key_images", "kos", "rejection"]
+        deliverer = Deliverer(store, blobs, parse_destinations([pacs_destination(pacs, objects=wanted)]), settings,
+                              CollectorRegistry())
+        with socket.socket() as closed:  # a port nothing listens on: the PACS stopped
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        stopped = Deliverer(store, blobs, parse_destinations([pacs_destination(pacs, port=port, objects=wanted)]),
+                            settings, CollectorRegistry())
+        try:
+            (v1,) = await until_states(deliverer, first.job_id, {"done"})
+            assert set(v1.sent) == _uids(v1)
+            await stopped.tasks.resend(first.job_id, "pacs", "dicom", force=True)
+            (failed,) = await until_states(stopped, first.job_id, {"failed"})
+            assert failed.sent == ()
+            _, _, second = await done_job(settings, study_files, stores=(store, blobs))
+            (v2,) = await until_states(deliverer, second.job_id, {"done"})
+            assert [o["kind"] for o in v2.payload["objects"]][-1] == "rejection"
+            held = _held(pacs, first.study_instance_uid)
+            (note,) = _notes(held).values()
+            assert _content_refs(note) == _uids(v1)
+            assert _evidence(note) == _four_uids(held, _uids(v1))
+        finally:
+            await stopped.stop()
+            await deliverer.stop()
             await store.close()
 
     asyncio.run(scenario())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -399,6 +400,38 @@ def test_downgrade_to_each_earlier_revision_keeps_what_the_older_schema_holds_an
         if target == BASE:
             jobs.clear()
     _run(write_and_serve())
+
+
+def test_a_downgrade_before_0013_keeps_what_a_destination_held_before_a_forced_resend_in_sent(db_url):
+    """Revision 0013 keeps what a destination acknowledged before a forced re-send in ``deliveries.held``; the older
+    schema's only record of it is ``sent`` (which a later reading's Rejection Note reads), so a downgrade folds it
+    back there rather than drop it with the column."""
+    from gateway.store.deliveries import Delivery
+    from gateway.store.migrate import downgrade, plan_downgrade
+
+    upgrade(db_url)
+
+    async def held() -> None:
+        store = Store(db_url)
+        try:
+            await _a_row_in_every_table(store, 0)
+            async with store.tx() as s:
+                await s.execute(update(Delivery).values(held=["9.1", "9.2"], sent=["9.2", "9.3"]))
+        finally:
+            await store.close()
+
+    async def sent() -> list[str]:
+        store = Store(db_url)
+        try:
+            async with store.read() as s:
+                (value,) = (await s.execute(text("SELECT sent FROM deliveries"))).scalars().all()
+                return json.loads(value) if isinstance(value, str) else value
+        finally:
+            await store.close()
+
+    _run(held())
+    downgrade(plan_downgrade(db_url, "0012"))
+    assert _run(sent()) == ["9.1", "9.2", "9.3"]
 
 
 def test_a_downgrade_names_its_target_and_a_bad_one_is_refused_in_one_line(db_url, capsys):

@@ -28,7 +28,11 @@ class DeliveryView(BaseModel):
     state: str = Field(description="pending, sending, done, skipped or failed")
     attempts: int
     objects: list[dict[str, str]] = Field(description="what is sent: kind and SOP Instance UID / FHIR identifier")
-    sent: list[str] = Field(description="UIDs / identifiers the destination acknowledged")
+    sent: list[str] = Field(description="UIDs / identifiers the destination acknowledged (in this round: a forced "
+                                        "re-send sends every object again)")
+    held: list[str] = Field(description=(
+        "UIDs / identifiers the destination is recorded as holding: acknowledged in this round or before a forced "
+        "re-send (a later reading's Rejection Note and replacing FHIR report name them, whatever that re-send did)"))
     error: str | None = None
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None
@@ -48,7 +52,7 @@ def _ts(v: float | None) -> datetime | None:
 def delivery_view(task: Any, *, with_job: bool = False, held_behind: str | None = None) -> DeliveryView:
     objects = [{"kind": o["kind"], "uid": o["uid"]} for o in (task.payload or {}).get("objects", [])]
     return DeliveryView(destination=task.destination, kind=task.kind, state=task.state, attempts=task.attempts,
-                        objects=objects, sent=list(task.sent), error=task.error,
+                        objects=objects, sent=list(task.sent), held=list(task.held), error=task.error,
                         next_attempt_at=_ts(task.next_attempt_at) if task.state == "pending" else None,
                         delivered_at=_ts(task.delivered_at), updated_at=_ts(task.updated_at),
                         history=list(task.history),

@@ -19,8 +19,11 @@ soon as a later version has a delivery to that destination) or, already being se
 ``sending`` is held under a lease like a job: a replica that dies mid-send leaves a lease that expires,
 and any replica takes the task over. ``payload`` lists the objects built once for the destination
 (blob keys of the SR, key images or FHIR bundle, with their SOP Instance UIDs / identifiers); ``sent``
-lists those the destination acknowledged, so a retry sends only the rest and nothing is sent twice for
-the same result version (the UIDs are derived from the job). ``history`` is the task's event list.
+lists those the destination acknowledged in this round, so a retry sends only the rest and nothing is sent twice
+for the same result version (the UIDs are derived from the job). A forced re-send starts a round that sends every
+object again; what the destination acknowledged before it stays in ``held`` (revision 0013), since the destination
+still holds it whether or not the new round gets through: a later reading's Rejection Note and FHIR replaces read
+both (:meth:`Deliveries.acknowledged`). ``history`` is the task's event list.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class Delivery(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     sent: Mapped[list[str]] = mapped_column(JSON)
+    held: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # revision 0013
+    """What the destination acknowledged in the rounds before a forced re-send (None: nothing, or written by an
+    earlier release, which cleared ``sent`` on a force)."""
     error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
@@ -101,11 +107,14 @@ class Task:
     next_attempt_at: float
     payload: dict[str, Any] | None
     sent: tuple[str, ...]
+    """What the destination acknowledged in this round (a forced re-send starts a round)."""
     error: str | None
     history: tuple[dict[str, Any], ...]
     created_at: float
     updated_at: float
     delivered_at: float | None
+    held: tuple[str, ...] = ()
+    """What the destination acknowledged in this round and the earlier ones: what it is recorded as holding."""
 
 
 def _other_version(other: Any, *, newer: bool) -> ColumnElement[bool]:
@@ -122,7 +131,12 @@ def _other_version(other: Any, *, newer: bool) -> ColumnElement[bool]:
 def _task(row: Delivery) -> Task:
     return Task(row.id, row.job_id, row.destination, row.kind, row.state, row.attempts, row.next_attempt_at,
                 row.payload, tuple(row.sent or ()), row.error, tuple(row.history or ()), row.created_at,
-                row.updated_at, row.delivered_at)
+                row.updated_at, row.delivered_at, tuple(_held(row.held, row.sent)))
+
+
+def _held(held: list[str] | None, sent: list[str] | None) -> list[str]:
+    """What a destination is recorded as holding: acknowledged in the rounds before a forced re-send or in this one."""
+    return sorted({*(held or ()), *(sent or ())})
 
 
 def _requeue(row: Delivery, now: float, detail: str) -> None:
@@ -309,8 +323,9 @@ class Deliveries:
         A done job without a delivery to ``destination`` (finished before the destination was added)
         gets one.
 
-        ``force`` also forgets what was sent, so every object goes again (same UIDs: the destination
-        replaces, it does not duplicate).
+        ``force`` starts a new round: every object goes again (same UIDs: the destination replaces, it does not
+        duplicate). What the destination acknowledged before stays recorded as held there (``held``), whatever the
+        new round does: cleared, a forced re-send that failed left a later reading nothing to retract.
 
         Raises
         ------
@@ -338,7 +353,7 @@ class Deliveries:
             if row.state == DONE and not force:
                 raise ValueError(f"Job {job_id} was delivered to {destination} already; force=true sends it again.")
             if force:
-                row.sent = []
+                row.held, row.sent = _held(row.held, row.sent), []
             _requeue(row, now, "re-send requested" + (" (forced)" if force else ""))
             task = _task(row)
         self.store.wake()
@@ -389,13 +404,14 @@ class Deliveries:
 
     async def acknowledged(self, job_ids: Sequence[str], destination: str) -> list[dict[str, str]]:
         """The payload objects (kind, uid, sop_class_uid, blob_key) of ``job_ids``' deliveries to ``destination``
-        that it acknowledged, whatever the task's state (a failed one may have sent some), in ``job_ids``' order."""
+        that it acknowledged, in any round (a forced re-send that failed leaves them there), whatever the task's state
+        (a failed one may have sent some), in ``job_ids``' order."""
         if not job_ids:
             return []
         async with self.store.read() as s:
-            rows = (await s.execute(select(Delivery.job_id, Delivery.payload, Delivery.sent).where(
+            rows = (await s.execute(select(Delivery.job_id, Delivery.payload, Delivery.sent, Delivery.held).where(
                 Delivery.job_id.in_(list(job_ids)), Delivery.destination == destination))).all()
-        by_job = {r[0]: (r[1], set(r[2] or ())) for r in rows}
+        by_job = {r[0]: (r[1], set(_held(r[3], r[2]))) for r in rows}
         out = []
         for job_id in job_ids:
             payload, sent = by_job.get(job_id, (None, set()))
