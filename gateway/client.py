@@ -114,17 +114,32 @@ def screen_path(client: Any, path: Path, *, quiet: bool = False, max_wait_s: flo
     nbytes = sum(f.stat().st_size for f in files)
     label = path.name or str(path)
     response = None
+    key = uuid.uuid4().hex  # the upload's Idempotency-Key: sent again, it is answered with the job it made
+    unreachable_since = None
     for _attempt in range(100):
         with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"{label}: upload", disable=quiet,
                   leave=False, file=sys.stderr) as bar:
             content_type, length, body = _multipart(files, root, bar)
             try:
                 response = client.post("/v1/studies", content=body, params={"priority": priority},
-                                       headers={"Content-Type": content_type, "Content-Length": str(length)})
-            except httpx.TransportError as exc:  # the gateway went away during the upload: nothing accepted
-                out.error = {"reason": "unreachable", "message": f"upload not accepted: {type(exc).__name__}"}
-                out.seconds = time.monotonic() - t0
-                return out
+                                       headers={"Content-Type": content_type, "Content-Length": str(length),
+                                                "Idempotency-Key": key})
+            except httpx.TransportError as exc:  # the gateway went away during the upload, or before its answer
+                # came: it may have accepted the study, so the same upload goes again under the same key (a
+                # gateway that kept it answers with that job) for up to UNREACHABLE_S
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_S:
+                    out.error = {"reason": "unreachable", "message": f"the gateway has not answered the upload for "
+                                 f"{UNREACHABLE_S:g} s ({type(exc).__name__}); sent again later, it is not screened "
+                                 "twice only if sent under the same Idempotency-Key"}
+                    out.seconds = time.monotonic() - t0
+                    return out
+                if not quiet:
+                    print(f"{label}: the gateway did not answer ({type(exc).__name__}), sending again in 2 s",  # noqa: T201
+                          file=sys.stderr)
+                time.sleep(2.0)
+                continue
+        unreachable_since = None
         # busy (429), or unavailable for now and saying when to come back (503 + Retry-After: the database
         # restarting, the blob volume past its watermark): nothing was kept, the same upload goes again
         later = response.status_code == 503 and "Retry-After" in response.headers

@@ -115,6 +115,36 @@ def test_a_gateway_that_stays_away_ends_the_wait_with_the_job_id(gateway, study,
     assert out.error["reason"] == "unreachable" and out.job_id in out.error["message"]
 
 
+class _AnswerLost(_Restarting):
+    """The app's client whose first upload reaches the gateway, is accepted, and its answer is lost (a connection
+    reset after the commit, a proxy's timeout)."""
+
+    def __init__(self, inner: TestClient) -> None:
+        super().__init__(inner, down=0)
+        self.accepted: list[str] = []
+
+    def post(self, url: str, **kw):
+        answer = self.inner.post(url, **kw)
+        if not self.accepted:
+            self.accepted.append(answer.json()["job_id"])
+            raise httpx.ReadError("connection reset by peer")
+        return answer
+
+
+def test_an_upload_whose_answer_was_lost_is_sent_again_under_its_key_and_screened_once(gateway, study, monkeypatch):
+    """``ctscreen screen`` said "upload not accepted" when the connection broke, though the gateway may have
+    accepted the study (and sent again by hand, it was a second version, screened and reported twice). It now
+    sends it again under the same Idempotency-Key, and the gateway answers the job it made."""
+    client, keys = gateway
+    client.headers["X-API-Key"] = keys["admin"]
+    monkeypatch.setattr(screen_client.time, "sleep", lambda s: None)
+    lossy = _AnswerLost(client)
+    out = screen_client.screen_path(lossy, study, quiet=True, max_wait_s=60)
+    assert out.error is None and out.job_id == lossy.accepted[0], out.error
+    uid = client.get(f"/v1/jobs/{out.job_id}").json()["study_instance_uid"]
+    assert client.get(f"/v1/studies/{uid}").json()["version"] == 1
+
+
 def test_an_empty_folder_among_several_studies_is_one_error_row(gateway, study, tmp_path, monkeypatch):
     """An empty folder aborted the whole run, after the studies before it had been screened."""
     client, keys = gateway

@@ -295,6 +295,33 @@ def test_full_gateway_answers_429_with_retry_after():
         assert client.post("/v1/studies", files=upload_files(files)).status_code == 202
 
 
+def test_an_upload_sent_again_under_its_idempotency_key_gets_its_first_job_not_a_second_version():
+    """A client that lost an upload's 202 (a connection cut once the job was committed, a proxy's timeout) could
+    only send it again: a second version, screened again, a second report to the RIS. Under the same
+    ``Idempotency-Key`` the first job is the answer (202, Idempotent-Replayed), even while the gateway is full
+    (it was accepted once); another key is another upload; a key that is no header value is 400."""
+    fleet = FakeFleet(**{"fake:1": {"delay": 0.3}})
+    _, files = ct_series(8)
+    with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, urgent_slots=0)) as client:
+        first = client.post("/v1/studies", files=upload_files(files), headers={"Idempotency-Key": "study-1"})
+        assert first.status_code == 202 and "idempotent-replayed" not in first.headers, first.text
+        again = client.post("/v1/studies", files=upload_files(files), headers={"Idempotency-Key": "study-1"})
+        assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
+        assert again.json()["job_id"] == first.json()["job_id"]
+        assert again.headers["location"] == f"/v1/jobs/{first.json()['job_id']}"
+        other = client.post("/v1/studies", files=upload_files(files), headers={"Idempotency-Key": "study-1b"})
+        assert other.status_code == 429, other.text  # a new upload: the full gateway turns it away
+        bad = client.post("/v1/studies", files=upload_files(files), headers={"Idempotency-Key": ""})
+        assert bad.status_code == 400 and bad.json()["reason"] == "bad_request", bad.text
+        uid = first.json()["study_instance_uid"]
+        assert wait_job(client, first.json()["job_id"])["state"] == "done"
+        assert client.get(f"/v1/studies/{uid}").json()["version"] == 1  # no second version
+        later = client.post("/v1/studies", files=upload_files(files), headers={"Idempotency-Key": "study-1"})
+        assert later.json()["job_id"] == first.json()["job_id"] and later.json()["state"] == "done"
+        fresh = client.post("/v1/studies", files=upload_files(files))  # no key: a new version, as before
+        assert fresh.status_code == 202 and fresh.json()["job_id"] != first.json()["job_id"]
+
+
 def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
     fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
     # the retried job has the same 4 s to be screened once Triton is back (1.5 s ran out in a CI run at load 4)

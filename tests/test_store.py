@@ -1691,6 +1691,32 @@ def test_the_highest_priority_due_is_claimed_first_and_the_oldest_within_one(db_
     _run(go())
 
 
+def test_an_idempotency_key_records_one_upload_even_sent_twice_at_once(db_url):
+    """Two uploads under one key, the second committed while the first was (two replicas, a client's retry):
+    the unique key refuses the second, which records nothing and learns the first's job (``KeyTaken``)."""
+    from gateway.store import KeyTaken
+
+    upgrade(db_url)
+
+    async def go():
+        a, b = Store(db_url, owner="a"), Store(db_url, owner="b")
+        try:
+            first = await a.accept_upload("7.1", [("a.dcm", "k-1", 1)], 60, idempotency_key="d" * 64)
+            with pytest.raises(KeyTaken) as taken:
+                await b.accept_upload("7.1", [("a.dcm", "k-2", 1)], 60, idempotency_key="d" * 64)
+            assert taken.value.view.job_id == first.job_id
+            assert (await b.job_by_key("d" * 64)).job_id == first.job_id and await b.job_by_key("e" * 64) is None
+            async with a.read() as s:
+                assert (await s.execute(select(func.count()).select_from(Study))).scalar() == 1
+            other = await b.accept_upload("7.1", [("a.dcm", "k-3", 1)], 60, idempotency_key="e" * 64)
+            assert other.job_id != first.job_id and (await b.job(other.job_id)).version == 2
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(go())
+
+
 def test_a_waiting_job_is_passed_over_by_higher_ranks_for_a_bounded_time(db_url):
     """Strict priority starved a job: under a steady flow of routine studies a low one (a C-STORE request of
     priority LOW) waited until its deadline failed it, and a routine one waited for every urgent study. With

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import queue
 import shutil
@@ -21,8 +22,14 @@ from pydantic import BaseModel, Field
 from aggregator.schema import CaseResult
 from gateway.admission import client_key, drop_pages
 from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, StoreDep, StowDep, WorkerDep
-from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, WriteAccess
-from gateway.errors import OutOfResources, TooLarge, Unavailable, UploadError
+from gateway.auth import AUTH_RESPONSES, RESULTS_READ, Principal, ReadAccess, WriteAccess
+from gateway.errors import (
+    InvalidInput,
+    OutOfResources,
+    TooLarge,
+    Unavailable,
+    UploadError,
+)
 from gateway.jobs import (
     PRIORITIES,
     Busy,
@@ -36,7 +43,7 @@ from gateway.jobs import (
 )
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
-from gateway.store import Store, new_keys
+from gateway.store import KeyTaken, Store, new_keys
 from gateway.uids import check_uid
 from gateway.uploads import (
     FilePart,
@@ -193,6 +200,15 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
         raise
 
 
+def _forget_blobs(blobs: Any, keys: list[str]) -> None:
+    """Remove the blobs of an upload that recorded nothing (a failure leaves them to the orphan sweep)."""
+    for k in keys:
+        try:
+            blobs.delete(k)
+        except Exception:  # noqa: BLE001 - the volume or bucket failing: the orphan sweep removes it later
+            pass
+
+
 def _spool_bytes(data: Any, spool: Path) -> Path:
     """``data`` (bytes, or the admission's mapped body) written to a new file in ``spool``, 1 MiB at a time."""
     fd, name = tempfile.mkstemp(prefix="file-", dir=spool)
@@ -212,6 +228,44 @@ _WATERMARKS = {
     "out_of_resources_disk_full": "The gateway's blob volume is nearly full; retry later.",
     "out_of_resources_backlog": "Too many slices are waiting to be screened; retry later.",
 }
+
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+def idempotency(request: Request, caller: Principal) -> str | None:
+    """The digest under which an upload's ``Idempotency-Key`` header is kept (with the caller's identity, so one
+    caller's key never answers another's upload), or None without the header.
+
+    >>> from types import SimpleNamespace as NS
+    >>> from gateway.auth import ANONYMOUS
+    >>> len(idempotency(NS(headers={"idempotency-key": "study-42-try"}), ANONYMOUS))
+    64
+    >>> from gateway.auth import Principal
+    >>> reader = Principal("reading-room", "api_key", frozenset())
+    >>> idempotency(NS(headers={"idempotency-key": "k"}), ANONYMOUS) != idempotency(NS(headers={"idempotency-key": "k"}), reader)
+    True
+    >>> idempotency(NS(headers={"idempotency-key": ""}), ANONYMOUS)
+    Traceback (most recent call last):
+    gateway.errors.InvalidInput: The Idempotency-Key header must be 1 to 255 printable ASCII characters.
+
+    Raises
+    ------
+    gateway.errors.InvalidInput
+        An empty key, or one longer than 255 characters or with other than printable ASCII characters.
+    """
+    key = request.headers.get(IDEMPOTENCY_KEY.lower())
+    if key is None:
+        return None
+    if not 0 < len(key) <= 255 or not all(" " <= c <= "~" for c in key):
+        raise InvalidInput(f"The {IDEMPOTENCY_KEY} header must be 1 to 255 printable ASCII characters.")
+    return hashlib.sha256("\0".join((caller.kind, caller.subject, key)).encode()).hexdigest()
+
+
+def _replayed(view: JobView) -> JSONResponse:
+    """The answer to an upload sent again under its key: its first upload's job, as that upload was answered."""
+    return JSONResponse(view.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/jobs/{view.job_id}", "Idempotent-Replayed": "true"})
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
@@ -266,9 +320,18 @@ async def check_capacity(store: Store, settings: Settings, priority: Priority = 
     }}},
 )
 async def upload_study(request: Request, store: StoreDep, settings: SettingsDep, blobs: BlobsDep,
-                       screener: ScreenerDep, worker: WorkerDep, stow: StowDep, _: WriteAccess,
+                       screener: ScreenerDep, worker: WorkerDep, stow: StowDep, caller: WriteAccess,
                        priority: PriorityQuery = "routine") -> JSONResponse:
-    """Accept a study; answers 202 with the job once it is decoded and stored, screening continues."""
+    """Accept a study; answers 202 with the job once it is decoded and stored, screening continues.
+
+    With an ``Idempotency-Key`` header (1 to 255 printable ASCII characters, a new one per study, e.g. a UUID),
+    an upload sent again under the same key by the same caller (its first answer lost: a cut connection, a
+    proxy's timeout) is answered with the first upload's job (202, ``Idempotent-Replayed: true``), its body
+    not read: a key names one upload, whatever is sent under it again. A key is kept as long as its job
+    (``CTSCREEN_RESULT_RETENTION_S``)."""
+    key = idempotency(request, caller)
+    if key is not None and (first := await store.job_by_key(key)) is not None:
+        return _replayed(first)  # before the capacity: the study was accepted once, whatever the load now
     await check_capacity(store, settings, priority)  # before reading the body: a full gateway holds no more uploads
     level = triton_priority(PRIORITIES[priority])  # of its batches screened ahead (then of its job's)
     refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
@@ -322,7 +385,12 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             try:
                 view = await store.accept_upload(prepared.study_instance_uid, sizes, settings.job_deadline_s,
                                                  slices_total=prepared.n_slices, job_id=job_id,
-                                                 priority=PRIORITIES[priority], patient_key=prepared.patient_key)
+                                                 priority=PRIORITIES[priority], patient_key=prepared.patient_key,
+                                                 idempotency_key=key)
+            except KeyTaken as taken:  # the same key accepted meanwhile (sent twice at once): nothing recorded
+                await worker.forget(job_id)
+                await run_in_threadpool(_forget_blobs, blobs, [k for _, k, _ in keyed])
+                return _replayed(taken.view)
             except BaseException:
                 await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
                 # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known

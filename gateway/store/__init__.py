@@ -15,6 +15,7 @@ from gateway.store.blobs import (
 )
 from gateway.store.store import (
            Claimed,
+           KeyTaken,
            Store,
            StoreError,
            StoreUnreachable,
@@ -24,5 +25,5 @@ from gateway.store.store import (
            redact,
 )
 
-__all__ = ["BlobStore", "Claimed", "FolderBlobs", "S3Blobs", "Store", "StoreError", "StoreUnreachable", "StudyState",
+__all__ = ["BlobStore", "Claimed", "FolderBlobs", "KeyTaken", "S3Blobs", "Store", "StoreError", "StoreUnreachable", "StudyState",
            "Swept", "async_url", "instance_sources", "new_key", "new_keys", "open_blobs", "redact"]

@@ -98,7 +98,8 @@ class Job(Base):
     """The screening of one complete study version."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
+    __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),
+                      Index("ux_jobs_idempotency_key", "idempotency_key", unique=True))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
@@ -121,6 +122,8 @@ class Job(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # revision 0014: the digest of an upload's Idempotency-Key with its caller (gateway.api.studies.idempotency)
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Result(Base):

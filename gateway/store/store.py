@@ -191,6 +191,14 @@ def async_url(url: str) -> str:
     raise ValueError(f"Database URL scheme {scheme!r} is not supported; use postgresql:// or sqlite:///.")
 
 
+class KeyTaken(Exception):
+    """An upload's idempotency key is held by the job of an earlier upload: ``view`` (:meth:`Store.accept_upload`)."""
+
+    def __init__(self, view: JobView) -> None:
+        super().__init__(view.job_id)
+        self.view = view
+
+
 class StoreUnreachable(ConnectionError):
     """The database could not be reached: its connection was refused, reset or timed out (a fail-over, a
     restart; the driver raises these as OSError, not as a DBAPIError), or no pooled connection came free
@@ -815,11 +823,12 @@ class Store:
     async def accept_upload(self, study_instance_uid: str, files: Sequence[tuple[str, str, int]],
                             deadline_s: float, *, slices_total: int | None = None,
                             job_id: str | None = None, priority: int = ROUTINE,
-                            patient_key: str | None = None) -> JobView:
+                            patient_key: str | None = None, idempotency_key: str | None = None) -> JobView:
         """Record an uploaded study (``(filename, blob_key, nbytes)`` per file) as a complete version and queue it.
 
         Raises :class:`~gateway.errors.PatientMismatch`, recording nothing, when the study's earlier versions
-        name another patient than ``patient_key`` (:meth:`add_instance`)."""
+        name another patient than ``patient_key`` (:meth:`add_instance`); :class:`KeyTaken`, recording nothing,
+        when a job holds ``idempotency_key`` already (an upload sent again while its first was being accepted)."""
         for attempt in range(5):
             try:
                 now = await self.now()
@@ -837,21 +846,36 @@ class Store:
                         await s.execute(insert(Instance), [
                             {"study_id": study.id, "filename": fit_filename(name), "blob_key": key, "nbytes": n,
                              "received_at": now} for name, key, n in files])
-                    job = await self._new_job(s, study, len(files), now, deadline_s, job_id)
+                    job = await self._new_job(s, study, len(files), now, deadline_s, job_id,
+                                              idempotency_key=idempotency_key)
                     job.slices_total = slices_total
                 self.wake(job.id)
                 return _view(job)
             except IntegrityError:
+                if idempotency_key is not None and (first := await self.job_by_key(idempotency_key)) is not None:
+                    raise KeyTaken(first) from None
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def job_by_key(self, idempotency_key: str) -> JobView | None:
+        """The job of the upload recorded under ``idempotency_key`` (:meth:`accept_upload`), if any is kept."""
+        async with self.read() as s:
+            job_id = (await s.execute(select(Job.id).where(Job.idempotency_key == idempotency_key))).scalar()
+        if job_id is None:
+            return None
+        try:
+            return await self.job(job_id)
+        except JobNotFound:  # removed by retention meanwhile
+            return None
+
     async def _new_job(self, s: AsyncSession, study: Study, files: int, now: float, deadline_s: float,
-                       job_id: str | None = None) -> Job:
+                       job_id: str | None = None, *, idempotency_key: str | None = None) -> Job:
         job = Job(id=job_id or uuid.uuid4().hex, study_id=study.id, study_instance_uid=study.study_instance_uid,
                   origin=study.origin, state=JobState.queued.value, files=files, slices_done=0, attempts=0,
                   accepted_by=self.owner, priority=ROUTINE if study.priority is None else study.priority,
-                  next_attempt_at=now, deadline_at=now + deadline_s, created_at=now, updated_at=now)
+                  next_attempt_at=now, deadline_at=now + deadline_s, created_at=now, updated_at=now,
+                  idempotency_key=idempotency_key)
         s.add(job)
         await s.flush()
         s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=None, created_at=now))
