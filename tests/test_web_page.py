@@ -357,6 +357,44 @@ def test_the_page_and_the_api_send_their_security_headers(stack):
             assert again.status_code == 304, path
 
 
+def test_many_worklist_tabs_share_one_event_stream(stack, screened, browser, tmp_path):
+    """Each worklist tab held its own event stream open, and Chromium opens at most 6 HTTP/1.1 connections to a
+    host: with six tabs open a seventh never loaded, and live updates stopped. Eight tabs of one browser follow a
+    new study live, and a ninth loads."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    try:
+        tabs = []
+        for _ in range(8):
+            tab = context.new_page()
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
+            tab.goto(stack.url + "/")
+            tab.wait_for_selector("main[data-loaded]", timeout=20_000)
+            tabs.append(tab)
+        for tab in tabs:
+            tab.wait_for_selector('#live-state[data-state="live"]', timeout=20_000)
+        path = Path(phantom.write_study(phantom.make_study(seed=17, kind="normal", n_slices=8), tmp_path / "tabs"))
+        (outcome,) = screen_paths(stack.url, [path], quiet=True)
+        assert outcome.error is None, outcome.error
+        for tab in tabs:  # the tabs that read no stream of their own heard it too
+            tab.wait_for_function(f"""() => document.querySelector('tr[data-job-id="{outcome.job_id}"]')
+                ?.dataset.verdict""", timeout=20_000)
+        ninth = context.new_page()
+        ninth.goto(stack.url + "/")
+        ninth.wait_for_selector(f'tr[data-job-id="{outcome.job_id}"]', timeout=20_000)
+        ninth.wait_for_selector('#live-state[data-state="live"]', timeout=20_000)
+        tabs[0].close()  # the tab that read the stream for all: another one takes it over
+        path = Path(phantom.write_study(phantom.make_study(seed=18, kind="normal", n_slices=8), tmp_path / "more"))
+        (outcome,) = screen_paths(stack.url, [path], quiet=True)
+        assert outcome.error is None, outcome.error
+        for tab in [*tabs[1:], ninth]:
+            tab.wait_for_function(f"""() => document.querySelector('tr[data-job-id="{outcome.job_id}"]')
+                ?.dataset.verdict""", timeout=20_000)
+    finally:
+        context.close()
+    assert not errors, errors
+
+
 def test_progress_streams_while_a_third_study_is_screening(stack, screened, studies, page):
     page.goto(stack.url + "/")
     page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()

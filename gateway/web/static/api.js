@@ -129,6 +129,85 @@ export function subscribe(path, onEvent, { onState } = {}) {
 // a job's own stream (it ends when the job does)
 const type_is_final = (path) => /\/v1\/jobs\/[^/]+\/events$/.test(path);
 
+// a name for the credential that tabs can share without writing it out (a lock's name is listed by
+// navigator.locks.query() to every script of the origin): a 53-bit string hash (cyrb53), not a secret
+function keyOf(text) {
+  let a = 0xdeadbeef;
+  let b = 0x41c6ce57;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    a = Math.imul(a ^ c, 2654435761);
+    b = Math.imul(b ^ c, 1597334677);
+  }
+  a = Math.imul(a ^ (a >>> 16), 2246822507) ^ Math.imul(b ^ (b >>> 13), 3266489909);
+  b = Math.imul(b ^ (b >>> 16), 2246822507) ^ Math.imul(a ^ (a >>> 13), 3266489909);
+  return (4294967296 * (2097151 & b) + (a >>> 0)).toString(36);
+}
+
+/**
+ * subscribe() for a stream every tab may follow at once (the worklist's): one tab of the origin reads it for all
+ * the tabs with the same credential. Chromium opens at most 6 HTTP/1.1 connections to a host, and a stream holds
+ * one for good: six worklist tabs left a seventh unable to load anything, and the six without live updates.
+ * The tab holding the Web Lock named for the path and credential (navigator.locks) reads the stream and passes
+ * each event and state on over a BroadcastChannel; the others listen, and one of them takes the lock, and the
+ * stream, when that tab closes or leaves the view. Where there are no Web Locks (they need a secure context:
+ * a page served over plain http from another host than localhost), each tab reads its own stream, closed while
+ * the tab is hidden and opened again (the view then loads again) when it is shown.
+ */
+export function sharedSubscribe(path, onEvent, { onState } = {}) {
+  if (!navigator.locks || typeof BroadcastChannel !== "function") return whileShown(path, onEvent, { onState });
+  const name = `ctscreen-events ${path} ${keyOf(credential.get() || "")}`;
+  const channel = new BroadcastChannel(name);
+  const waiting = new AbortController();
+  let leading = false;
+  let state = null;  // [state, detail] as this tab last learnt it (leading: its own)
+  let release = null;
+  const setState = (...s) => { state = s; onState?.(...s); };
+  channel.onmessage = ({ data }) => {
+    if (data.kind === "hello") {  // a tab that just opened asks the leader where the stream stands
+      if (leading && state) channel.postMessage({ kind: "state", state });
+    } else if (!leading && data.kind === "state") {
+      setState(...data.state);
+    } else if (!leading && data.kind === "event") {
+      onEvent(data.type, data.data);
+    }
+  };
+  channel.postMessage({ kind: "hello" });
+  navigator.locks.request(name, { signal: waiting.signal }, () => new Promise((resolve) => {
+    leading = true;
+    const stop = subscribe(path, (type, data) => {
+      channel.postMessage({ kind: "event", type, data });
+      onEvent(type, data);
+    }, { onState: (...s) => { channel.postMessage({ kind: "state", state: s }); setState(...s); } });
+    release = () => { stop(); resolve(); };
+  })).catch(() => {});  // the view left while it waited for the lock (AbortError)
+  return () => {
+    waiting.abort();
+    release?.();
+    channel.close();
+  };
+}
+
+/** subscribe() while the tab is shown: closed while it is hidden (onState "paused"), opened again when shown. */
+function whileShown(path, onEvent, { onState } = {}) {
+  let stop = null;
+  const sync = () => {
+    if (document.hidden) {
+      stop?.();
+      stop = null;
+      onState?.("paused");
+    } else if (!stop) {
+      stop = subscribe(path, onEvent, { onState });
+    }
+  };
+  document.addEventListener("visibilitychange", sync);
+  sync();
+  return () => {
+    document.removeEventListener("visibilitychange", sync);
+    stop?.();
+  };
+}
+
 /** Save what a route answers as a file (the credential rides along, unlike a plain link). */
 export async function download(path, filename) {
   const blob = await (await api(path)).blob();

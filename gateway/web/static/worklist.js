@@ -1,6 +1,6 @@
 // The worklist: studies newest first, filters and paging done by the server, live progress over SSE.
 
-import { ApiError, getJson, subscribe } from "./api.js";
+import { ApiError, getJson, sharedSubscribe } from "./api.js";
 import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 
 const STATES = ["receiving", "queued", "screening", "done", "failed"];
@@ -170,7 +170,7 @@ export function worklistView(main, params) {
     if (reloadTimer === null) reloadTimer = setTimeout(() => { reloadTimer = null; load(); }, 300);
   };
 
-  const stop = subscribe("/v1/worklist/events", (type, e) => {
+  const stop = sharedSubscribe("/v1/worklist/events", (type, e) => {
     // a study version opened (received by STOW or C-STORE, or a late instance superseding a verdict): it has
     // no job yet, so no progress event; the first page shows it
     if (type === "studies") { if (!offset) reloadSoon(); return; }
