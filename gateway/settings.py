@@ -304,6 +304,10 @@ class Settings(BaseSettings):
     max_streams_per_caller: int = Field(8, ge=1, le=4096, description="Event streams one caller (API key name, "
                                         "token subject) holds open at once.")
     max_streams: int = Field(256, ge=1, le=65536, description="Event streams open at once, all callers together.")
+    events_keepalive_s: float = Field(
+        15.0, gt=0, le=30, description="An event stream with nothing to say sends a keep-alive comment this often "
+        "(announced in its X-Keepalive-Interval header: the page takes a stream silent for 2.5 times as long for a "
+        "dead connection).")
     auth_key_threads: int = Field(
         2, ge=1, le=64, description="Threads that hash API keys (scrypt); their own, not the pool probes and file "
         "I/O use.")

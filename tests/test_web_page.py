@@ -63,7 +63,7 @@ def stack(triton, ris, tmp_path_factory):
     Events closer together than the page's 300 ms reload delay are what once kept a new study's row
     off the worklist until it was done (a debounce restarted by every event; CI hit it at 0.2 s).
     Two destinations: the RIS takes positive readings; a DICOMweb PACS on a port nobody listens on fails
-    every result at its first try.
+    every result at its first try. Event streams send a keep-alive every second (a silent one is dead sooner).
     """
     data = tmp_path_factory.mktemp("web-data")
     (data / "destinations.json").write_text(json.dumps({"destinations": [
@@ -71,7 +71,8 @@ def stack(triton, ris, tmp_path_factory):
         {"name": "pacs-web", "kind": "stowrs", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]}))
     overrides = {"data_dir": data, "stow_quiet_period_s": 3600.0,
                  "progress_interval_s": 0.05, "triton_batch_size": 2, "max_concurrent_studies": 1,
-                 "destinations_file": data / "destinations.json", "delivery_max_attempts": 1, "delivery_poll_s": 0.2}
+                 "destinations_file": data / "destinations.json", "delivery_max_attempts": 1, "delivery_poll_s": 0.2,
+                 "events_keepalive_s": 1.0}
     with run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as s:
         yield s
 
@@ -450,6 +451,73 @@ def test_a_study_finished_while_the_events_were_down_shows_once_they_return(stac
     blocked["on"] = False  # the stream reconnects (every 2 s) and the table loads again
     page.wait_for_function(f"""() => document.querySelector('{row}')?.dataset.verdict""", timeout=20_000)
     assert page.get_attribute("#live-state", "data-state") == "live"
+
+
+class _SilentProxy:
+    """A TCP forwarder to a local port that can go silent: frozen, it keeps every connection open and passes no
+    byte either way (a NAT or a proxy that lost the flow without a reset)."""
+
+    def __init__(self, to_port: int) -> None:
+        import socket
+
+        self.to_port = to_port
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                near, _ = self.server.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.to_port))
+            self.sockets += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: Any, b: Any) -> None:
+        try:
+            while data := a.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (a, b):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self.frozen.clear()
+        for sock in [self.server, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_silent_event_stream_is_taken_for_dead_and_opened_again(stack, screened, page):
+    """A connection that died without a reset (a frozen proxy, a NAT that forgot the flow) kept "live" on the
+    worklist for good while nothing came. This gateway sends a keep-alive every second (X-Keepalive-Interval): behind
+    a proxy gone silent the page says it is reconnecting, and live again (the table loaded again) once bytes pass."""
+    proxy = _SilentProxy(int(stack.url.rsplit(":", 1)[1]))
+    try:
+        page.goto(proxy.url + "/")
+        page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+        page.wait_for_selector('#live-state[data-state="live"]')
+        proxy.frozen.set()
+        page.wait_for_selector('#live-state[data-state="reconnecting"]', timeout=30_000)
+        before = page.get_attribute("main", "data-loaded")
+        proxy.frozen.clear()
+        page.wait_for_selector('#live-state[data-state="live"]', timeout=30_000)
+        page.wait_for_function(f"() => document.querySelector('main').dataset.loaded !== '{before}'", timeout=30_000)
+        page.goto("about:blank")
+    finally:
+        proxy.close()
 
 
 def test_a_view_left_behind_never_writes_to_the_page(stack, screened, page):

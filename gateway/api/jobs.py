@@ -95,11 +95,12 @@ async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, who: R
     ``CTSCREEN_MAX_STREAMS``: beyond, 429 ``too_many_streams``."""
     await store.job(checked_job_id(job_id))  # 404 before the stream starts
     guard = StreamGuard(request, RESULTS_READ)
+    keepalive_s = min(settings.events_keepalive_s, guard.every_s)
 
     async def stream() -> AsyncIterator[bytes]:
         # a quiet job's stream wakes (a keep-alive) at least as often as its credential is asked again: a key
         # revoked while nothing happened ended the stream only at the next 15 s keep-alive
-        async for view in job_views(store, job_id, settings.worker_poll_s, keepalive_s=min(15.0, guard.every_s)):
+        async for view in job_views(store, job_id, settings.worker_poll_s, keepalive_s=keepalive_s):
             if not await guard.holds():  # a revoked key, an expired token: the stream ends
                 return
             if view is None:
@@ -112,4 +113,5 @@ async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, who: R
             yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
     return StreamingResponse(stream_slot(request, who, stream()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      "X-Keepalive-Interval": f"{keepalive_s:g}"})

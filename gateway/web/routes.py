@@ -224,6 +224,7 @@ async def worklist(
 async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, request: Request) -> StreamingResponse:
     """``event: progress`` with ``{job_id, study_instance_uid, state, slices_done, slices_total}`` at each change
     of any job;
+    ``: keep-alive`` after ``CTSCREEN_EVENTS_KEEPALIVE_S`` (header ``X-Keepalive-Interval``) without one;
     ``event: studies`` with ``{newest}`` (a study id) when a study version is opened (a study being received
     shows on the worklist before it has a job). A caller holds at most ``CTSCREEN_MAX_STREAMS_PER_CALLER``
     streams open, the replica ``CTSCREEN_MAX_STREAMS``: beyond, 429 ``too_many_streams``."""
@@ -250,13 +251,14 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
                 quiet_since = time.monotonic()
             if events:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= 15.0:
+            elif time.monotonic() - quiet_since >= settings.events_keepalive_s:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
             await store.changed.wait(settings.worker_poll_s, seen)
 
     return StreamingResponse(stream_slot(request, _who, stream()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      "X-Keepalive-Interval": f"{settings.events_keepalive_s:g}"})
 
 
 async def _done_result(web: WebState, store: Store, job_id: str) -> CaseResult:

@@ -71,25 +71,47 @@ export async function api(path, options = {}) {
 
 export const getJson = async (path, options) => (await api(path, options)).json();
 
+// a stream silent for this many of the server's keep-alive intervals (its X-Keepalive-Interval header; 15 s
+// without one) is taken for a dead connection: a proxy or a network that drops packets without a reset kept
+// "live" on screen while nothing came
+const SILENT_INTERVALS = 2.5;
+const KEEPALIVE_S = 15;
+
 /**
  * Server-sent events over fetch (so the request carries the Authorization header).
- * Calls onEvent(type, data) per event; reconnects after a drop; returns a function that stops it.
+ * Calls onEvent(type, data) per event; reconnects after a drop, or after a silence longer than the server's
+ * keep-alive allows; returns a function that stops it.
  */
 export function subscribe(path, onEvent, { onState } = {}) {
   const controller = new AbortController();
   const job = type_is_final(path);
   let finished = false;  // a job's stream: its done or failed event came
   let retryMs = 2000;
+  let silentMs = SILENT_INTERVALS * KEEPALIVE_S * 1000;
   (async () => {
     while (!controller.signal.aborted) {
+      // this try's own abort: the caller's stop, or the watchdog when nothing came for silentMs
+      const attempt = new AbortController();
+      const stop = () => attempt.abort();
+      controller.signal.addEventListener("abort", stop);
+      let watchdog = null;
+      const quiet = () => {
+        clearTimeout(watchdog);
+        watchdog = setTimeout(stop, silentMs);
+      };
+      quiet();  // a request that never answers counts as silence too
       try {
-        const response = await api(path, { signal: controller.signal, headers: { Accept: "text/event-stream" } });
+        const response = await api(path, { signal: attempt.signal, headers: { Accept: "text/event-stream" } });
+        const keepalive = Number(response.headers.get("X-Keepalive-Interval"));
+        if (keepalive > 0) silentMs = SILENT_INTERVALS * keepalive * 1000;
+        quiet();
         onState?.("live");
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
+          quiet();  // any bytes, a keep-alive comment too
           buffer += value;
           let cut;
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -118,6 +140,10 @@ export function subscribe(path, onEvent, { onState } = {}) {
           onState?.("stopped");
           return;
         }
+      } finally {
+        clearTimeout(watchdog);
+        controller.signal.removeEventListener("abort", stop);
+        attempt.abort();  // a silent connection is closed, not left to the browser's pool
       }
       onState?.("reconnecting");
       await new Promise((resolve) => setTimeout(resolve, retryMs));
