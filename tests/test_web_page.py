@@ -891,6 +891,57 @@ def test_an_urgent_study_says_so_on_its_row(stack, screened, page, tmp_path):
         assert page.locator(f'tr[data-job-id="{job_id}"] .priority').count() == 0
 
 
+def _row(**kw: Any) -> dict[str, Any]:
+    """A worklist row as ``GET /v1/worklist`` answers it (the page's own routes play it in the browser)."""
+    return {"study_id": 1, "study_instance_uid": "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234",
+            "version": 1, "origin": "stow", "received_at": "2026-12-07T10:00:00Z", "state": "done",
+            "job_id": "a" * 32, "slices_done": 300, "slices_total": 300, "instances": 300, "verdict": "indeterminate",
+            "reason": "not_chest", "message": "The series is no chest CT: its widest lung field and body section are "
+            "smaller than a chest's.", "finished_at": "2026-12-07T10:05:00Z", "time_s": 300.0,
+            "labels": {"study_date": "20261207", "accession_number": "ACC-2026-0000123456789",
+                       "series_description": "CHEST 1.0 B70f LUNG"},
+            "superseded_by": None, "priority": "routine", **kw}
+
+
+@pytest.mark.parametrize("width", [1280, 1024])
+def test_the_worklist_badges_and_reason_stay_on_screen(stack, browser, width):
+    """The urgent badge and "superseded by v3" sat in the name's cell after a long accession number, clipped out
+    of sight at 1280 px; at 1024 px the fixed columns left the Reason column 0 px wide and clipped "Turnaround"."""
+    rows = [_row(job_id="a" * 32, priority="urgent", version=2, superseded_by=3),
+            _row(job_id="b" * 32, priority="low", state="screening", slices_done=10, verdict=None, reason=None,
+                 message=None, finished_at=None, time_s=None, labels={"study_date": None, "accession_number": None,
+                                                                       "series_description": None})]
+    context = browser.new_context(viewport={"width": width, "height": 800})
+    try:
+        pg = context.new_page()
+        pg.route("**/v1/worklist?*", lambda route: route.fulfill(
+            status=200, content_type="application/json",
+            body=json.dumps({"total": len(rows), "limit": 50, "offset": 0, "rows": rows})))
+        pg.goto(stack.url + "/")
+        pg.wait_for_selector(f'tr[data-job-id="{"b" * 32}"]')
+        hidden = pg.evaluate("""() => {
+            const out = [];
+            // every badge whole inside its cell, and the cell showing it (the point at its centre is the badge)
+            for (const el of document.querySelectorAll('table.worklist tbody :is(.priority, small, .verdict)')) {
+                const r = el.getBoundingClientRect(), c = el.closest('th, td').getBoundingClientRect();
+                const hit = document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2);
+                if (r.width === 0 || r.left < c.left || r.right > c.right || !(hit === el || el.contains(hit)))
+                    out.push(el.textContent);
+            }
+            for (const th of document.querySelectorAll('table.worklist thead th'))
+                if (th.scrollWidth > th.clientWidth) out.push(`header ${th.textContent}`);
+            return out;
+        }""")
+        assert not hidden, f"cut off at {width} px: {hidden}"
+        badges = pg.locator(f'tr[data-job-id="{"a" * 32}"] th.uid').inner_text()
+        assert "urgent" in badges and "v2" in badges and "superseded by v3" in badges
+        reason = pg.locator(f'tr[data-job-id="{"a" * 32}"] td.reason')
+        assert reason.evaluate("td => td.clientWidth") >= 140, "the Reason column is too narrow to read"
+        assert pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    finally:
+        context.close()
+
+
 def test_the_pages_keep_their_size(stack, screened, page):
     """'Older' went back to 50 rows a page and 'Newer' missed the first page."""
     total = httpx.get(stack.url + "/v1/worklist", timeout=30).json()["total"]

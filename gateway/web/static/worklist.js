@@ -48,6 +48,12 @@ function label(row) {
   return uid.length > UID_TAIL + 1 ? `…${uid.slice(-UID_TAIL)}` : uid;
 }
 
+// the day and the time, each kept whole where the column is narrow (the day wrapped after its first hyphen)
+function received(iso) {
+  const [day, time = ""] = fmtDate(iso).replace(" UTC", "").slice(0, 16).split(" ");
+  return `<span>${esc(day)}</span> <span>${esc(time)}</span>`;
+}
+
 function rowHtml(row) {
   const name = esc(label(row));
   const uid = esc(row.study_instance_uid);
@@ -57,14 +63,18 @@ function rowHtml(row) {
   const verdict = row.verdict ? `<span class="verdict verdict-${esc(row.verdict)}">${esc(row.verdict)}</span>`
     : (row.state === "failed" ? "—" : "");
   // an older version's verdict is not the study's: say so in words, not only by muting the row
-  const superseded = row.superseded_by ? `<small class="superseded"> superseded by v${esc(row.superseded_by)}</small>` : "";
+  const superseded = row.superseded_by ? `<small class="superseded">superseded by v${esc(row.superseded_by)}</small>` : "";
   // an urgent study is screened before the others (and said so in words); a low one after them
   const priority = row.priority && row.priority !== "routine"
-    ? ` <span class="priority priority-${esc(row.priority)}">${esc(row.priority)}</span>` : "";
+    ? `<span class="priority priority-${esc(row.priority)}">${esc(row.priority)}</span>` : "";
+  // on a line of their own under the name, which alone is cut short: behind a long accession number or UID the
+  // cell's clip hid them ("urgent" and "superseded by v2" were not on screen at 1280 px)
+  const version = row.version > 1 ? `<small class="version">v${esc(row.version)}</small>` : "";
+  const badges = priority || version || superseded ? `<span class="badges">${priority}${version}${superseded}</span>` : "";
   return `<tr data-job-id="${esc(row.job_id || "")}" data-study-id="${esc(row.study_id)}" data-uid="${uid}" data-state="${esc(row.state)}" data-verdict="${esc(row.verdict || "")}" data-priority="${esc(row.priority || "routine")}"${row.superseded_by ? ` class="superseded" data-superseded-by="${esc(row.superseded_by)}"` : ""}>`
-    + `<td class="when">${esc(fmtDate(row.received_at).replace(" UTC", "").slice(0, 16))}</td>`
-    + `<td>${esc(fmtStudyDate(row.labels?.study_date))}</td>`
-    + `<th scope="row" class="uid">${link}${priority}${row.version > 1 ? `<small> v${esc(row.version)}</small>` : ""}${superseded}</th>`
+    + `<td class="when">${received(row.received_at)}</td>`
+    + `<td class="when">${esc(fmtStudyDate(row.labels?.study_date))}</td>`
+    + `<th scope="row" class="uid"><span class="uid-name">${link}</span>${badges}</th>`
     + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
     + stateHtml(row)
     + `<td>${verdict}</td>`
