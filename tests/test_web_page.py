@@ -520,6 +520,32 @@ def test_a_silent_event_stream_is_taken_for_dead_and_opened_again(stack, screene
         proxy.close()
 
 
+def test_an_event_stream_refused_for_too_many_says_why_and_backs_off(stack, screened, page):
+    """A 429 too_many_streams on the worklist's stream was taken for a network drop: "reconnecting" for good, asked
+    again every 2 s. The page says the server's reason and waits at least its Retry-After, longer each time."""
+    message = "This credential holds 8 event streams open, as many as one caller may; close one (or reuse it) first."
+    asked: list[float] = []
+    refuse = {"on": True}
+
+    def answer(route: Any) -> None:
+        if not refuse["on"]:
+            route.continue_()
+            return
+        asked.append(time.monotonic())
+        route.fulfill(status=429, content_type="application/json", headers={"Retry-After": "1"},
+                      body=json.dumps({"reason": "too_many_streams", "message": message}))
+
+    page.route("**/v1/worklist/events", answer)
+    page.goto(stack.url + "/")
+    page.wait_for_selector('#live-state[data-state="refused"]')
+    assert message in page.inner_text("#live-state")
+    page.wait_for_function("() => /trying again in 4 s/.test(document.getElementById('live-state').textContent)",
+                           timeout=30_000)  # refused again: the wait doubled
+    assert len(asked) >= 2 and asked[1] - asked[0] >= 1.0  # no sooner than its Retry-After
+    refuse["on"] = False
+    page.wait_for_selector('#live-state[data-state="live"]', timeout=30_000)
+
+
 def test_a_view_left_behind_never_writes_to_the_page(stack, screened, page):
     """An answer to the worklist view just left (the filter changed while its load was on the wire) must
     not mark the new view loaded: CI once saw the filtered view "loaded" with its table still empty."""

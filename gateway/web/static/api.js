@@ -11,10 +11,11 @@ export const credential = {
 };
 
 export class ApiError extends Error {
-  constructor(status, reason, message) {
+  constructor(status, reason, message, retryAfterS = null) {
     super(message || `HTTP ${status}`);
     this.status = status;
     this.reason = reason || "http_error";
+    this.retryAfterS = retryAfterS;  // the answer's Retry-After, in seconds (a 429, a 503), or null
   }
 }
 
@@ -62,7 +63,8 @@ export async function api(path, options = {}) {
   }
   if (response.ok || response.status === 304) return response;
   const detail = await body(response);
-  const error = new ApiError(response.status, detail.reason, detail.message);
+  const retryAfter = Number(response.headers.get("Retry-After"));
+  const error = new ApiError(response.status, detail.reason, detail.message, retryAfter > 0 ? retryAfter : null);
   if (response.status === 401 || response.status === 403) {
     window.dispatchEvent(new CustomEvent("ctscreen:auth", { detail: error }));
   }
@@ -76,11 +78,15 @@ export const getJson = async (path, options) => (await api(path, options)).json(
 // "live" on screen while nothing came
 const SILENT_INTERVALS = 2.5;
 const KEEPALIVE_S = 15;
+// a stream refused for too many streams open (429) is asked for again no sooner than its Retry-After, and later
+// each time it is refused again, up to this
+const LONGEST_REFUSED_MS = 60000;
 
 /**
  * Server-sent events over fetch (so the request carries the Authorization header).
  * Calls onEvent(type, data) per event; reconnects after a drop, or after a silence longer than the server's
- * keep-alive allows; returns a function that stops it.
+ * keep-alive allows; returns a function that stops it. onState(state, detail): "live", "reconnecting", "stopped"
+ * (refused: 401, 403, 404), or "refused" with the server's reason (429: too many streams open) and the wait in s.
  */
 export function subscribe(path, onEvent, { onState } = {}) {
   const controller = new AbortController();
@@ -88,6 +94,7 @@ export function subscribe(path, onEvent, { onState } = {}) {
   let finished = false;  // a job's stream: its done or failed event came
   let retryMs = 2000;
   let silentMs = SILENT_INTERVALS * KEEPALIVE_S * 1000;
+  let refusedMs = 0;  // the last wait after a 429 (0: the last try was not refused)
   (async () => {
     while (!controller.signal.aborted) {
       // this try's own abort: the caller's stop, or the watchdog when nothing came for silentMs
@@ -100,11 +107,13 @@ export function subscribe(path, onEvent, { onState } = {}) {
         watchdog = setTimeout(stop, silentMs);
       };
       quiet();  // a request that never answers counts as silence too
+      let refused = null;  // a 429's ApiError
       try {
         const response = await api(path, { signal: attempt.signal, headers: { Accept: "text/event-stream" } });
         const keepalive = Number(response.headers.get("X-Keepalive-Interval"));
         if (keepalive > 0) silentMs = SILENT_INTERVALS * keepalive * 1000;
         quiet();
+        refusedMs = 0;
         onState?.("live");
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
@@ -140,13 +149,23 @@ export function subscribe(path, onEvent, { onState } = {}) {
           onState?.("stopped");
           return;
         }
+        refused = error instanceof ApiError && error.status === 429 ? error : null;
       } finally {
         clearTimeout(watchdog);
         controller.signal.removeEventListener("abort", stop);
         attempt.abort();  // a silent connection is closed, not left to the browser's pool
       }
-      onState?.("reconnecting");
-      await new Promise((resolve) => setTimeout(resolve, retryMs));
+      let waitMs = retryMs;
+      if (refused) {
+        // the caller or the gateway holds as many streams as it may: say so, and back off (it showed
+        // "reconnecting" and asked again every 2 s, for good)
+        waitMs = refusedMs = Math.min(LONGEST_REFUSED_MS,
+          Math.max((refused.retryAfterS || 0) * 1000, 2 * refusedMs, retryMs));
+        onState?.("refused", { message: refused.message, retryS: Math.round(waitMs / 1000) });
+      } else {
+        onState?.("reconnecting");
+      }
+      await new Promise((resolve) => setTimeout(resolve, waitMs));
     }
   })();
   return () => controller.abort();

@@ -205,8 +205,9 @@ export function worklistView(main, params) {
     // replace it again: the server tells those rows their mark back, which only a reload of the page shows
     if (was === "failed") reloadSoon();
     if (was !== e.state) announce(`${name}: ${e.state}`);
-  }, { onState: (s) => {
-    live.textContent = s === "live" ? "live" : s;
+  }, { onState: (s, detail) => {
+    // refused (429, too many streams open): the server's reason, and when the page asks again
+    live.textContent = s === "refused" ? `not live: ${detail.message} (trying again in ${detail.retryS} s)` : s;
     live.dataset.state = s;
     // the stream tells what happens from now on: what happened before it (re)connected, the table
     // learns by loading again (a study that finished while the connection was down, or before it opened)
