@@ -668,6 +668,37 @@ def test_sign_in_box_puts_the_credential_on_every_request(stack, screened, page)
     assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") == "cts_example-key"
 
 
+def test_a_pasted_credential_loses_its_invisible_characters_and_a_foreign_one_is_refused(stack, screened, page):
+    """A credential pasted with a zero-width space broke the page with "TypeError: Failed to execute 'set' on
+    'Headers'". Invisible characters and white space go; a character no key or token has is refused in the sign-in
+    box; one stored before (this tab's sessionStorage) opens the sign-in box with the reason, never a TypeError."""
+    seen: list[str | None] = []
+    page.on("request", lambda r: seen.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+    page.goto(stack.url + "/")
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    page.click("#signin-toggle")
+    page.fill("#credential", " cts_example-key\u200b\ufeff ")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#signin-form", state="hidden")
+    assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") == "cts_example-key"
+    seen.clear()
+    page.reload()
+    page.locator(f'tr[data-job-id="{screened["covid"][0]}"]').wait_for()
+    assert seen and all(h == "Bearer cts_example-key" for h in seen)
+
+    page.click("#signin-toggle")
+    page.fill("#credential", "cts_example\u2013key")  # an en dash, where the issuer wrote "-"
+    page.click("#signin-form button[type=submit]")
+    sync_api.expect(page.locator("#signin-message")).to_contain_text("U+2013")
+    assert page.is_visible("#signin-form") and "TypeError" not in page.inner_text("body")
+    assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") == "cts_example-key"
+
+    page.evaluate("sessionStorage.setItem('ctscreen.credential', 'cts_example\u2013key')")
+    page.reload()
+    sync_api.expect(page.locator("#signin-message")).to_contain_text("The credential cannot be sent")
+    assert "TypeError" not in page.inner_text("body")
+
+
 # --- the routes behind it ---------------------------------------------------------------------------
 def test_worklist_route_filters_and_pages_in_the_server(stack, screened):
     with httpx.Client(base_url=stack.url, timeout=30) as c:

@@ -38,15 +38,41 @@ function takePrefetch(path, options, token) {
 
 const DEADLINE_S = 30;
 
+// what an API key or a token (a JWT) is made of: printable ASCII, nothing else
+const PRINTABLE = /^[\x21-\x7e]+$/;
+// what a paste brings along unseen: white space, zero-width and other format characters
+const INVISIBLE = /[\s\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]/g;
+
+/** A credential as typed or pasted: ``{value}`` without invisible characters, or ``{error}`` saying which is wrong. */
+export function cleanCredential(text) {
+  const value = text.replace(INVISIBLE, "");
+  const bad = [...value].find((c) => !PRINTABLE.test(c));
+  if (!bad) return { value };
+  const code = `U+${bad.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+  return { error: `An API key or access token holds only printable ASCII characters; this one has “${bad}” (${code}) `
+    + "in it. Copy it again from where it was issued." };
+}
+
 /**
  * fetch() with the credential; a 401/403 also tells the page to ask for one. A request without a signal of its
  * own (all but the event streams) gets a deadline: a gateway that never answers left "Loading…" up for good.
  * A deadline passed and a network failure are ApiErrors whose message a person can read.
  */
 export async function api(path, options = {}) {
-  const headers = new Headers(options.headers || {});
   const token = credential.get();
-  if (token) headers.set("Authorization", `Bearer ${token}`);
+  let headers;
+  try {
+    if (token && !PRINTABLE.test(token)) throw new TypeError("not printable ASCII");
+    headers = new Headers(options.headers || {});
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+  } catch {
+    // a credential stored with a character a header cannot carry: "TypeError: Failed to execute 'set' on
+    // 'Headers'" was all the page said
+    const error = new ApiError(0, "bad_credential", "The credential cannot be sent: it holds a character no API "
+      + "key or token has. Sign in again.");
+    window.dispatchEvent(new CustomEvent("ctscreen:auth", { detail: error }));
+    throw error;
+  }
   let response;
   try {
     response = await (takePrefetch(path, options, token)

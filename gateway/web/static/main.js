@@ -1,6 +1,6 @@
 // The page's router (#/, #/study/<job>, #/service) and the sign-in box.
 
-import { credential } from "./api.js";
+import { cleanCredential, credential } from "./api.js";
 import { worklistView } from "./worklist.js";
 
 const main = document.getElementById("main");
@@ -64,7 +64,14 @@ toggle.addEventListener("click", () => (form.hidden ? openForm() : (form.hidden 
   toggle.setAttribute("aria-expanded", "false"))));
 form.addEventListener("submit", (e) => {
   e.preventDefault();
-  if (input.value.trim()) credential.set(input.value.trim());
+  // a pasted credential's invisible characters (a zero-width space) go; one a header cannot carry is refused here
+  const { value, error } = cleanCredential(input.value);
+  if (error) {
+    message.textContent = error;
+    input.focus();
+    return;
+  }
+  if (value) credential.set(value);
   input.value = "";
   form.hidden = true;
   toggle.setAttribute("aria-expanded", "false");
@@ -80,7 +87,8 @@ document.getElementById("signout").addEventListener("click", () => {
 window.addEventListener("ctscreen:auth", (e) => {
   // a stored credential the gateway refuses (revoked, expired, mistyped) is no sign-in
   if (e.detail.status === 401 && credential.get()) who.textContent = "credential refused";
-  openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}` : "Sign in with an API key or an access token.");
+  openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}`
+    : e.detail.reason === "bad_credential" ? e.detail.message : "Sign in with an API key or an access token.");
 });
 
 // "Skip to content" moves the focus; it must not touch the hash, which names the view
