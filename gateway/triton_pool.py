@@ -328,6 +328,10 @@ class TritonPool:
             if not ep.removed
         }
 
+    def measured_rates(self) -> dict[str, float]:
+        """Measured slices per second of the live endpoints that have been measured (none assumed)."""
+        return {url: ep.rate for url, ep in self._eps.items() if not ep.removed and ep.rate is not None}
+
     def capacity(self) -> float:
         """Slices per second the live endpoints are expected to deliver together."""
         return sum(self.rates().values())

@@ -651,6 +651,21 @@ def test_service_view_shows_triton_and_throughput(stack, screened, page):
     _shot(page, "service.png")
 
 
+def test_the_service_view_says_what_was_never_measured(triton, page, tmp_path):
+    """An endpoint never measured and not ready showed "15 slices/s" (the pool's assumed rate) under "Measured rate",
+    and a backlog time divided by it. Here no Triton listens: no rate, and the backlog time is unknown."""
+    away = f"127.0.0.1:{free_port()}"
+    with _gateway(triton_url=away, settings_overrides={"data_dir": tmp_path / "data"}) as stack:
+        d = httpx.get(stack.url + "/v1/service", timeout=30).json()
+        assert d["endpoints"] == [{"name": "Triton 1", "url": away, "ready": False, "slices_per_second": None}]
+        assert d["backlog_seconds"] is None
+        page.goto(f"{stack.url}/#/service")
+        page.wait_for_selector("table.endpoints tr[data-ready=false]")
+        assert page.inner_text("table.endpoints tbody td.num") == "not measured"
+        assert page.inner_text("#backlog-seconds") == "unknown (no Triton ready)"
+        page.goto("about:blank")
+
+
 def test_sign_in_box_puts_the_credential_on_every_request(stack, screened, page):
     seen: list[str | None] = []
     page.on("request", lambda r: seen.append(r.headers.get("authorization")) if "/v1/" in r.url else None)

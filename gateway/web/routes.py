@@ -315,19 +315,23 @@ async def service(_who: ReadAccess, web: WebDep, pool: PoolDep, request: Request
     """Triton endpoints and readiness, backlog (slices, seconds), studies per hour, p50/p95, recent failures.
 
     Each endpoint has a ``name`` (``Triton 1``, ...); its ``url``, an address inside the cluster, only for
-    an ``admin`` caller (null for the others).
+    an ``admin`` caller (null for the others); ``slices_per_second`` as measured, null before it is. The backlog
+    time is the backlog over the measured rates of the ready endpoints: null when none of them has one.
     """
     addresses = _who is None or _who.has(ADMIN)  # None: a gateway without authentication
     ready = set(await triton_ready(request, pool))
     queued, running, backlog = await web.worklist.store.counts()
-    rates = pool.rates()
-    rate = sum(rates.values()) or None
+    # measured rates only: an endpoint never measured showed pool.rates()'s assumed 15 slices/s as "measured", and
+    # the backlog time was divided by the rates of endpoints not ready
+    rates = pool.measured_rates()
+    rate = sum(r for url, r in rates.items() if url in ready) or None
     figures = await web.worklist.service()
     for failure in figures["failures"]:
         failure["finished_at"] = _iso(failure["finished_at"])
     body = {
         "endpoints": [{"name": f"Triton {i}", "url": url if addresses else None, "ready": url in ready,
-                       "slices_per_second": round(rates.get(url, 0.0), 2)} for i, url in enumerate(pool.endpoints, 1)],
+                       "slices_per_second": None if url not in rates else round(rates[url], 2)}
+                      for i, url in enumerate(pool.endpoints, 1)],
         "model": pool.model_name,
         "queued": queued, "running": running,
         "backlog_slices": backlog,
