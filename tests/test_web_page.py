@@ -261,6 +261,43 @@ def test_a_head_ct_shows_its_boxes_as_no_lesions(stack, screened, page, tmp_path
     assert "box (no lesion)" in legend and "in the run" not in legend and "run quadrant" not in legend
 
 
+def test_a_failed_study_has_a_button_that_screens_it_again(stack, screened, page):
+    """A failed job's view told the reader to send "POST /v1/jobs/<id>/retry". It has a Screen again button now,
+    and its message no such hint. The failed job is played by the browser's router (the real one is done): refused
+    first (403, the key cannot write), then queued, the view shows the job as it is now."""
+    job_id, _ = screened["covid"]
+    real = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=30).json()
+    failed = {**real, "state": "failed", "result": None, "error": {
+        "reason": "triton_unavailable", "message": "No Triton was ready. No Triton could take the study before its "
+        f"deadline; its instances are kept: POST /v1/jobs/{job_id}/retry queues it again."}}
+    posted: list[str] = []
+    answers = iter([(403, {"reason": "insufficient_scope", "message": "This needs the scope studies:write."}),
+                    (202, {"job_id": job_id, "state": "queued"})])
+
+    def job(route: Any) -> None:
+        if route.request.method == "POST":
+            posted.append(route.request.url)
+            status, body = next(answers)
+            route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+        elif not posted or len(posted) < 2:
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(failed))
+        else:
+            route.continue_()
+
+    page.route(f"**/v1/jobs/{job_id}", job)
+    page.route(f"**/v1/jobs/{job_id}/retry", job)
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    status = page.locator("main p.state-failed")
+    sync_api.expect(status).to_contain_text("its instances are kept.")
+    assert "POST" not in status.inner_text()
+    page.get_by_role("button", name="Screen again").click()
+    sync_api.expect(page.locator("#retry-refused")).to_contain_text("Not queued again: This needs the scope")
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Screen again").click()
+    page.wait_for_selector("#viewer[data-ready=true]")  # asked again: the job as the gateway has it
+    assert posted == [f"{stack.url}/v1/jobs/{job_id}/retry"] * 2
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""

@@ -59,7 +59,7 @@ export function studyView(main, jobId) {
     }
     if (stopped) return;
     if (job.state !== "done") {
-      cleanup = pending(main, job);
+      cleanup = pending(main, job, () => { cleanup(); cleanup = studyView(main, jobId); });
       return;
     }
     cleanup = viewer(main, job);
@@ -67,11 +67,33 @@ export function studyView(main, jobId) {
   return () => { stopped = true; cleanup(); };
 }
 
-function pending(main, job) {
+// a failed job's message ends "its instances are kept: POST /v1/jobs/ID/retry queues it again." for the API's
+// callers; the page has a button for it
+const withoutRetryHint = (text) => text.replace(/:?\s*POST \/v1\/jobs\/\S+\/retry queues (it|one) again\.?/, ".");
+
+/** A failed job's "Screen again" (POST /v1/jobs/{id}/retry: studies:write); queued, the view is shown again. */
+function retryButton(job, again) {
+  const refused = h("p", { class: "bad", id: "retry-refused" });
+  const button = h("button", { type: "button", id: "retry", onclick: async () => {
+    button.disabled = true;
+    refused.textContent = "";
+    try {
+      await api(`/v1/jobs/${encodeURIComponent(job.job_id)}/retry`, { method: "POST" });
+      announce("Queued to be screened again");
+      again();
+    } catch (error) {
+      refused.textContent = `Not queued again: ${error.message}`;  // a 401/403 opens the sign-in box too
+      button.disabled = false;
+    }
+  } }, "Screen again");
+  return [h("p", {}, button), refused];
+}
+
+function pending(main, job, again) {
   const status = h("p", { class: `state state-${job.state}`, "aria-live": "polite" });
   const bar = h("progress", { max: 1, value: 0, "aria-label": "slices screened" });
   const show = (v) => {
-    status.textContent = v.state === "failed" ? `failed: ${v.error?.message || v.error?.reason || ""}`
+    status.textContent = v.state === "failed" ? `failed: ${withoutRetryHint(v.error?.message || v.error?.reason || "")}`
       : `${v.state}${v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : ""}`;
     bar.max = v.slices_total || 1;
     bar.value = v.slices_done || 0;
@@ -79,11 +101,12 @@ function pending(main, job) {
   show(job);
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), ...supersededNote(job),
-    status, bar);
+    status, bar, ...(job.state === "failed" ? retryButton(job, again) : []));
   if (job.state === "failed") return () => {};
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
     show(v);
     if (type === "done") location.reload();
+    else if (type === "failed") again();  // with its Screen again button
   });
 }
 
