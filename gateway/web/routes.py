@@ -45,9 +45,10 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(tags=["web"])
 
-PNG_CACHE_CONTROL = "private, no-cache"
-"""Kept by the browser but asked for again each time (a 304 by ETag once the credential is checked): with
-a max-age, a signed-out tab, or another tab of the same browser, read the cached images without one."""
+PNG_CACHE_CONTROL = "no-store"
+"""Never kept by the browser, like every other answer of the API: ``private, no-cache`` left the slices in the
+browser's disk cache after sign-out (a shared workstation). The ETag stays: a client that keeps them may ask with
+``If-None-Match`` (304). The study view keeps the slices it showed in memory, for the view only."""
 
 
 class WebState:
