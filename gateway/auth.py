@@ -711,7 +711,8 @@ def not_local(scope: Mapping[str, Any]) -> str | None:
     a proxy (the client address uvicorn took from ``X-Forwarded-For``); its ``Host`` header names another host
     (a page whose name the attacker points at 127.0.0.1: DNS rebinding); or a browser says a page of another
     site sent it (``Sec-Fetch-Site: cross-site``, or an ``Origin`` that is no loopback name: an HTML form posts
-    across sites without asking). A test client's or a Unix socket's addresses are no IP addresses, and
+    across sites without asking), or a page of another origin on this machine (``Sec-Fetch-Site: same-site``,
+    or an ``Origin`` other than the request's own scheme, host and port: a local development server's page). A test client's or a Unix socket's addresses are no IP addresses, and
     their ``Host`` is checked only on an IP address.
 
     >>> base = {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "headers": [(b"host", b"127.0.0.1:8000")]}
@@ -723,6 +724,10 @@ def not_local(scope: Mapping[str, Any]) -> str | None:
     'came from a page of another site'
     >>> not_local({**base, "client": ("203.0.113.9", 443)})
     'came from another host'
+    >>> not_local({**base, "headers": [*base["headers"], (b"origin", b"http://localhost:3000")]})
+    'came from a page of another origin on this machine'
+    >>> not_local({**base, "headers": [*base["headers"], (b"origin", b"http://127.0.0.1:8000")]}) is None
+    True
     """
     if reached_off_loopback(local_address(scope)):
         return "reached a non-loopback address of this server"
@@ -740,7 +745,20 @@ def not_local(scope: Mapping[str, Any]) -> str | None:
     origin_host = (urlsplit(origin).hostname or "") if origin and origin != "null" else ""
     if headers.get("sec-fetch-site") == "cross-site" or origin == "null" or (origin and not _loopback_name(origin_host)):
         return "came from a page of another site"
+    if headers.get("sec-fetch-site") == "same-site" or (
+            origin and headers.get("host") and _origin(origin) != _origin(f"{scope.get('scheme', 'http')}://{headers['host']}")):
+        return "came from a page of another origin on this machine"  # a local dev server's page, another port
     return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of an origin or a URL, the port filled in for http and https."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a port: compares unequal to any origin
+        port = -1
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme.lower())
 
 
 def reached_off_loopback(address: str | None) -> bool:

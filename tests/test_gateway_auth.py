@@ -634,8 +634,9 @@ def test_a_gateway_without_auth_answers_no_browser_page_of_another_site_and_no_o
     """Without authentication a gateway on 127.0.0.1 answered every local socket as the anonymous admin, so any
     web page its operator opened could use it: an HTML form posting a study across sites (a "simple" request,
     no preflight: 202), a name the attacker points at 127.0.0.1 reading the worklist (DNS rebinding: 200), and a
-    reverse proxy on the same host carried everyone's calls in (the audit line even named the remote client).
-    Now each is 403 ``auth_not_configured``, unless --insecure; the page the gateway serves itself, a client
+    reverse proxy on the same host carried everyone's calls in (the audit line even named the remote client), and
+    a page of another port on this machine (a development server) posted across origins. Now each is 403
+    ``auth_not_configured``, unless --insecure; the page the gateway serves itself, a client
     on this machine and ``localhost`` still work. Real uvicorn, real sockets."""
     import httpx
 
@@ -653,6 +654,9 @@ def test_a_gateway_without_auth_answers_no_browser_page_of_another_site_and_no_o
             "rebound name": ("GET", "/v1/worklist", {"host": f"rebind.attacker.example:{port}"}),
             "metrics by a rebound name": ("GET", "/metrics", {"host": f"rebind.attacker.example:{port}"}),
             "another host through a local proxy": ("GET", "/v1/worklist", {"x-forwarded-for": "203.0.113.9"}),
+            # a page of a local development server (another port: another origin) posting a retry or a study
+            "a page of another port": ("POST", "/v1/studies", {"origin": "http://localhost:3000"}),
+            "a fetch of another port": ("GET", "/v1/worklist", {"sec-fetch-site": "same-site"}),
         }
     answers = {}
     with served(settings, "127.0.0.1") as port:
