@@ -733,14 +733,15 @@ def test_revocations_run_at_once_in_several_processes_are_all_kept(tmp_path):
 def test_a_write_only_key_reads_no_result_from_a_write_route(client, keyfile):
     """``POST /v1/studies/{uid}/complete`` of a finished study answers with its latest job: a ``studies:write``
     key (a PACS router, refused by ``GET /v1/jobs/{id}``) gets that job's id and state, not its verdict; a key
-    that also holds ``results:read`` gets the whole job (pen test rev1, 17)."""
+    that also holds ``results:read`` gets the whole job (pen test rev1, 17). The same for an upload sent again
+    under its Idempotency-Key: its answer is the first upload's job as it is now."""
     from gateway.keys import KeyStore
 
     keys = KeyStore(keyfile)
     writer, _ = keys.add("pacs-router", ["studies:write"])
     reader, _ = keys.add("reading-room", ["results:read"])
     both, _ = keys.add("workstation", ["studies:write", "results:read"])
-    upload = _upload(client, {"X-API-Key": writer})
+    upload = _upload(client, {"X-API-Key": writer, "Idempotency-Key": "router-1"})
     assert upload.status_code == 202, upload.text
     assert "result" not in upload.json() or upload.json()["result"] is None
     deadline = time.monotonic() + 30
@@ -756,6 +757,12 @@ def test_a_write_only_key_reads_no_result_from_a_write_route(client, keyfile):
     assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
     r = client.post(f"/v1/studies/{uid}/complete", headers={"X-API-Key": both})
     assert r.status_code == 202 and r.json()["result"] == job["result"], r.text
+    # nor by sending the upload again under its Idempotency-Key once the job is done (the review of the key)
+    r = _upload(client, {"X-API-Key": writer, "Idempotency-Key": "router-1"})
+    assert r.status_code == 202 and r.headers["idempotent-replayed"] == "true", r.text
+    assert r.json() == {"job_id": job["job_id"], "state": "done"}, r.text
+    r = _upload(client, {"X-API-Key": both, "Idempotency-Key": "router-1"})  # another caller: another upload
+    assert r.status_code == 202 and r.json()["job_id"] != job["job_id"] and "idempotent-replayed" not in r.headers
 
 
 # --- API key checks under a flood (scrypt off the default pool, bounded, throttled per id) -----------------

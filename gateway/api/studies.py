@@ -262,9 +262,10 @@ def idempotency(request: Request, caller: Principal) -> str | None:
     return hashlib.sha256("\0".join((caller.kind, caller.subject, key)).encode()).hexdigest()
 
 
-def _replayed(view: JobView) -> JSONResponse:
-    """The answer to an upload sent again under its key: its first upload's job, as that upload was answered."""
-    return JSONResponse(view.model_dump(mode="json"), status_code=202,
+def _replayed(view: JobView, caller: Principal) -> JSONResponse:
+    """The answer to an upload sent again under its key: its first upload's job as it is now, its result only for
+    a caller who may read results (a ``studies:write``-only key, a PACS router's, never sees a verdict)."""
+    return JSONResponse(answer_of(view, caller.has(RESULTS_READ)), status_code=202,
                         headers={"Location": f"/v1/jobs/{view.job_id}", "Idempotent-Replayed": "true"})
 
 
@@ -301,7 +302,7 @@ async def check_capacity(store: Store, settings: Settings, priority: Priority = 
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobView,
+    response_model=JobView | JobAccepted,
     summary="Upload one study (multipart files, one zip, or one raw DICOM file)",
     responses={
         400: {"description": "bad upload, unsafe path in a zip"},
@@ -326,12 +327,12 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
 
     With an ``Idempotency-Key`` header (1 to 255 printable ASCII characters, a new one per study, e.g. a UUID),
     an upload sent again under the same key by the same caller (its first answer lost: a cut connection, a
-    proxy's timeout) is answered with the first upload's job (202, ``Idempotent-Replayed: true``), its body
-    not read: a key names one upload, whatever is sent under it again. A key is kept as long as its job
+    proxy's timeout) is answered with the first upload's job (202, ``Idempotent-Replayed: true``; its result only
+    with ``results:read``), its body not read: a key names one upload, whatever is sent under it again. A key is kept as long as its job
     (``CTSCREEN_RESULT_RETENTION_S``)."""
     key = idempotency(request, caller)
     if key is not None and (first := await store.job_by_key(key)) is not None:
-        return _replayed(first)  # before the capacity: the study was accepted once, whatever the load now
+        return _replayed(first, caller)  # before the capacity: the study was accepted once, whatever the load now
     await check_capacity(store, settings, priority)  # before reading the body: a full gateway holds no more uploads
     level = triton_priority(PRIORITIES[priority])  # of its batches screened ahead (then of its job's)
     refusal = await stow.upload_refusal()  # the watermarks C-STORE and STOW-RS obey
@@ -390,7 +391,7 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
             except KeyTaken as taken:  # the same key accepted meanwhile (sent twice at once): nothing recorded
                 await worker.forget(job_id)
                 await run_in_threadpool(_forget_blobs, blobs, [k for _, k, _ in keyed])
-                return _replayed(taken.view)
+                return _replayed(taken.view, caller)
             except BaseException:
                 await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs
                 # the blobs stay: the commit may have landed (a failed or cancelled COMMIT has no known
