@@ -206,24 +206,16 @@ def run_stack(
 
 
 def _settings(overrides: dict[str, Any] | None) -> Any:
-    """Settings from the environment and ``overrides``, with the state store migrated; one-line errors."""
+    """Settings from the environment and ``overrides``; one-line errors. (The state store is migrated by
+    :func:`gateway.store.migrate.prepare_schema`, which waits for a database not up yet.)"""
     from pydantic import ValidationError
 
     from gateway.settings import Settings, setting_error
-    from gateway.store import redact
-    from gateway.store.migrate import upgrade
 
     try:
-        settings = Settings(**(overrides or {}))
+        return Settings(**(overrides or {}))
     except ValidationError as exc:
         raise CliError(setting_error(exc)) from None
-    database = settings.database()
-    if settings.db_migrate:
-        try:
-            upgrade(database)
-        except Exception as exc:  # noqa: BLE001 - driver errors of every kind: one line
-            raise CliError(f"state store {redact(database)}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    return settings
 
 
 # --- subcommands --------------------------------------------------------------------------------

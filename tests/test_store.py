@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +32,15 @@ from gateway.errors import PatientMismatch
 from gateway.jobs import JobError, JobState
 from gateway.phi import patient_key
 from gateway.store import Store
-from gateway.store.migrate import SchemaError, check_schema, current, database_revision, head, upgrade
+from gateway.store.migrate import (
+    SchemaError,
+    check_schema,
+    current,
+    database_revision,
+    head,
+    prepare_schema,
+    upgrade,
+)
 from gateway.store.models import ExpiredInstance, Instance, Job, Replica, Result, Study
 from gateway.store.store import PROGRESS
 from tests.conftest import free_port
@@ -2324,12 +2333,49 @@ def test_a_gateway_started_before_its_database_waits_for_it_then_serves(postgres
     assert len(waits) == 1 and "ConnectionRefusedError" in waits[0], err  # said once (every 10 s), no password
     assert any("answers after" in ln for ln in err.splitlines()), err
 
-    for name, url, said in (("never answers", f"postgresql://postgres@127.0.0.1:{free_port()}/{database}",
-                             "did not answer in 2 s"),
-                            ("no such database", postgres.url("absent_db"), "refused the gateway (InvalidCatalogNameError")):
-        p = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", "0"],
-                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                           env={**env, "CTSCREEN_DATABASE_URL": url, "CTSCREEN_DB_START_WAIT_S": "2"})
+    never = f"postgresql://postgres@127.0.0.1:{free_port()}/{database}"
+    uvicorn = ["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", "0"]
+    serve = ["-m", "ctscreen.cli", "serve", "--port", "0", "--triton-url", "127.0.0.1:1"]  # it migrated unwaited
+    for name, argv, url, said in (("never answers", uvicorn, never, "did not answer in 2 s"),
+                                  ("never answers, ctscreen serve", serve, never, "did not answer in 2 s"),
+                                  ("no such database", uvicorn, postgres.url("absent_db"),
+                                   "refused the gateway (InvalidCatalogNameError")):
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL, env={**env, "CTSCREEN_DATABASE_URL": url,
+                                                          "CTSCREEN_DB_START_WAIT_S": "2"})
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ctscreen")]
         assert p.returncode != 0 and "Traceback" not in p.stderr, (name, p.stderr)
         assert len(lines) == 1 and said in lines[0], (name, p.stderr)
+
+    # a pod deleted while its database is away: SIGTERM ends the wait (uvicorn's own handlers only noted it)
+    waiting = subprocess.Popen([sys.executable, *uvicorn], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL, env={**env, "CTSCREEN_DATABASE_URL": never})
+    try:
+        assert waiting.stderr is not None
+        while "does not answer yet" not in (line := waiting.stderr.readline()):
+            assert line, "the gateway ended before it waited"
+        waiting.send_signal(signal.SIGTERM)
+        rest = waiting.communicate(timeout=30)[1]  # the wait is 60 s
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(30)
+    assert waiting.returncode != 0 and "Traceback" not in rest, rest
+    assert "stopped by SIGTERM while waiting" in rest, rest
+
+
+def test_a_migration_that_fails_says_so_not_that_the_database_refused_the_gateway(tmp_path, caplog):
+    """Every error of the start's migration but an unreachable store was reported as the database refusing the
+    gateway ("check its user, password and database name"), the statement's error lost (the review of the
+    change). A migration whose statement fails is said as such, its error logged with its message withheld."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    upgrade(url, "0013")
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
+        db.execute("CREATE INDEX ux_jobs_idempotency_key ON jobs (id)")  # 0014's index name, taken
+    with pytest.raises(SchemaError) as refused, caplog.at_level("ERROR"):
+        prepare_schema(url, True)
+    assert "the schema upgrade or check failed (OperationalError" in str(refused.value), refused.value
+    assert "password" not in str(refused.value)
+    assert any(r.exc_info and "withheld" in str(r.exc_info[1]) for r in caplog.records), caplog.records

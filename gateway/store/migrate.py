@@ -18,10 +18,13 @@ ships the database's revision can downgrade it: after a ``helm rollback``, run t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import signal
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway.phi import withheld
 from gateway.store.store import async_url, error_code, private_sqlite_file, redact, unreachable
 
 logger = logging.getLogger(__name__)
@@ -216,6 +220,37 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
                        where, at, newest)
 
 
+_REFUSALS = ("28", "3D000")
+"""SQLSTATEs of a server that refuses the connection itself: invalid authorization (a wrong user or password,
+no pg_hba.conf entry), no such database."""
+
+
+def _refusal(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None)
+    return isinstance(code, str) and code.startswith(_REFUSALS)
+
+
+@contextlib.contextmanager
+def _signals_stop(where: str, waiting: bool) -> Iterator[None]:
+    """While a start waits for the database: SIGTERM or SIGINT stop it (SchemaError). ``uvicorn --factory`` runs
+    the factory under its own handlers, which only note the signal for a server not started yet: a pod deleted
+    while its database was away waited the whole ``CTSCREEN_DB_START_WAIT_S``, Ctrl-C did nothing. Main thread
+    only; the handlers there before are put back."""
+    if not waiting or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SchemaError(f"{where}: stopped by {signal.Signals(signum).name} while waiting for it to answer.")
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: float = 10.0,
                    clock: Callable[[], float] = time.monotonic) -> None:
     """Upgrade the schema (when ``migrate``) and check it, before a server starts; callable from a running
@@ -229,8 +264,9 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
     Raises
     ------
     SchemaError
-        As :func:`check_schema`; and when the database still cannot be reached after ``wait_s``, or refuses
-        the gateway (a wrong password, a database that does not exist): one line naming the cause.
+        As :func:`check_schema`; and when the database still cannot be reached after ``wait_s``, refuses the
+        gateway (a wrong password, a database that does not exist), fails a migration's statement (logged, its
+        message withheld), or a SIGTERM or SIGINT comes while it waits: one line naming the cause.
     """
     def run() -> None:
         if migrate:
@@ -241,7 +277,7 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
         wait_s = 0.0
     where, start = f"state store {redact(url)}", clock()
     said = -every_s
-    with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool, _signals_stop(where, wait_s > 0):
         while True:
             try:
                 pool.submit(run).result()
@@ -250,10 +286,14 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
                 raise
             except (OSError, DBAPIError, PoolTimeout) as exc:
                 gone, waited = unreachable(exc), clock() - start
-                if gone is None:
+                if gone is None and isinstance(exc, DBAPIError) and _refusal(exc):
+                    raise SchemaError(f"{where} refused the gateway ({error_code(exc)}): check "
+                                      "CTSCREEN_DATABASE_URL, its user, password and database name.") from None
+                if gone is None:  # a migration's statement or the check failed: its error, without its message
+                    logger.error("%s: the schema upgrade or check failed", where, exc_info=withheld(exc))
                     cause = error_code(exc) if isinstance(exc, DBAPIError) else type(exc).__name__
-                    raise SchemaError(f"{where} refused the gateway ({cause}): check CTSCREEN_DATABASE_URL, "
-                                      "its user, password and database name.") from None
+                    raise SchemaError(f"{where}: the schema upgrade or check failed ({cause}); the log above "
+                                      "names the statement's error.") from None
                 if waited >= wait_s:
                     raise SchemaError(f"{where} did not answer{f' in {waited:.0f} s' if wait_s else ''}: {gone} "
                                       "Check CTSCREEN_DATABASE_URL and that the database runs "
