@@ -577,16 +577,26 @@ def _quadrant_original(s: SliceInput, quadrant: Quadrant, rule: CaseRule, frame:
     return Box(x0=min(box.x0, x1c), y0=min(box.y0, y1c), x1=x1c, y1=y1c)
 
 
+def _slices(n: int, what: str = "slices") -> str:
+    """``n`` slices in words, a single one as such.
+
+    >>> _slices(1, "consecutive slices"), _slices(3, "consecutive slices"), _slices(0)
+    ('1 slice', '3 consecutive slices', '0 slices')
+    """
+    return "1 slice" if n == 1 else f"{n} {what}"
+
+
 def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
     first, last = findings[run.start], findings[run.stop - 1]
     return (
-        f"{run.n} consecutive slices ({mm_text(run.extent_mm)} mm) with lesions in the {quadrant_words(run.quadrant)} "
+        f"{_slices(run.n, 'consecutive slices')} ({mm_text(run.extent_mm)} mm) with lesions in the "
+        f"{quadrant_words(run.quadrant)} "
         f"quadrant, {slice_span(first.index, last.index)} ({mm_text(first.position_mm)} to {mm_text(last.position_mm)} mm)"
     )
 
 
 def _requirement(rule: CaseRule) -> str:
-    text = f"{rule.run_slices} consecutive slices"
+    text = _slices(rule.run_slices, "consecutive slices")
     return text + (f" covering {rule.run_mm:g} mm" if rule.run_mm is not None else "")
 
 
@@ -680,7 +690,7 @@ def decide(
     ]
     if len(ordered) < rule.run_slices:
         warnings.append(
-            f"Only {len(ordered)} slice(s); the case rule looks for {rule.run_slices} consecutive slices."
+            f"Only {_slices(len(ordered))}; the case rule looks for {_slices(rule.run_slices, 'consecutive slices')}."
         )
     need = _requirement(rule)
 
@@ -758,10 +768,10 @@ def decide(
         return make(
             "indeterminate",
             "too_few_slices",
-            f"The longest gap-free stretch has {longest} slices, too short for the rule ({need}).",
+            f"The longest gap-free stretch has {_slices(longest)}, too short for the rule ({need}).",
         )
     if best is None:
-        return make("negative", "no_findings", f"No lesion on any of {len(findings)} slices.")
+        return make("negative", "no_findings", f"No lesion on any of {_slices(len(findings))}.")
     return make(
         "negative", "no_run", f"Longest run: {_describe(best, findings)}; the rule needs {need}."
     )

@@ -65,6 +65,13 @@ def test_run_length_table(lesions, verdict, reason):
     assert (d.verdict, d.reason) == (verdict, reason)
 
 
+def test_a_single_slice_is_said_as_one_slice():
+    """The reader's page read "Longest run: 1 consecutive slices" (the web review)."""
+    one = decide(series({4: TL}, 10))
+    assert "Longest run: 1 slice (" in one.message and "1 consecutive slices" not in one.message, one.message
+    assert "Longest run: 2 consecutive slices (" in decide(series({4: TL, 5: TL}, 10)).message
+
+
 def test_exactly_two_negative_three_positive_in_every_quadrant():
     for q in BOX:
         assert decide(series({3: (q,), 4: (q,)}, 10)).verdict == "negative"
