@@ -298,6 +298,19 @@ def test_a_failed_study_has_a_button_that_screens_it_again(stack, screened, page
     assert posted == [f"{stack.url}/v1/jobs/{job_id}/retry"] * 2
 
 
+def test_a_study_being_screened_says_screening_as_the_worklist_does(stack, screened, page):
+    """The study view showed the job's internal steps ("decoding", "inferring") where the worklist says
+    "screening" (the web review). The job being screened is played by the browser's router."""
+    job_id, _ = screened["covid"]
+    real = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=30).json()
+    running = {**real, "state": "inferring", "result": None, "slices_done": 3, "slices_total": 8}
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                   body=json.dumps(running)))
+    page.route(f"**/v1/jobs/{job_id}/events", lambda route: route.abort())  # no "done" replaces the view
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    sync_api.expect(page.locator("main p.state")).to_have_text("screening: 3/8 slices")
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""

@@ -89,12 +89,15 @@ function retryButton(job, again) {
   return [h("p", {}, button), refused];
 }
 
+// the job's states in the worklist's words (gateway/store/worklist.py row_state): its steps are "screening"
+const SHOWN_STATE = { decoding: "screening", inferring: "screening", aggregating: "screening" };
+
 function pending(main, job, again) {
   const status = h("p", { class: `state state-${job.state}`, "aria-live": "polite" });
   const bar = h("progress", { max: 1, value: 0, "aria-label": "slices screened" });
   const show = (v) => {
     status.textContent = v.state === "failed" ? `failed: ${withoutRetryHint(v.error?.message || v.error?.reason || "")}`
-      : `${v.state}${v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : ""}`;
+      : `${SHOWN_STATE[v.state] || v.state}${v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : ""}`;
     bar.max = v.slices_total || 1;
     bar.value = v.slices_done || 0;
   };
