@@ -311,6 +311,29 @@ def test_a_study_being_screened_says_screening_as_the_worklist_does(stack, scree
     sync_api.expect(page.locator("main p.state")).to_have_text("screening: 3/8 slices")
 
 
+def test_the_viewer_marks_the_patients_sides_on_the_image(stack, screened, page):
+    """The slice was drawn as stored with nothing on it to say which side is the patient's: a study stored
+    mirrored (its row direction to the patient's right) showed a left-lung finding where a reader expects the
+    right lung (the web review). The markers come from the PNG's X-Image-Sides; the mirrored slice is played by
+    the browser's router, the rest is the real gateway."""
+    job_id, _ = screened["covid"]
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    marks = {edge: page.locator(f"#viewer .side-{edge}") for edge in ("left", "top", "right", "bottom")}
+    assert {edge: m.inner_text() for edge, m in marks.items()} == {"left": "R", "top": "A", "right": "L", "bottom": "P"}
+    assert "the patient's right on the image's left" in page.locator("#viewer img").get_attribute("alt")
+
+    def mirrored(route: Any) -> None:
+        answer = route.fetch()
+        route.fulfill(response=answer, headers={**answer.headers, "x-image-sides": "L A R P"})
+
+    page.route(f"**/v1/jobs/{job_id}/slices/*.png*", mirrored)
+    page.reload()
+    page.wait_for_selector("#viewer[data-ready=true]")
+    sync_api.expect(marks["left"]).to_have_text("L")
+    sync_api.expect(marks["right"]).to_have_text("R")
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""
@@ -798,6 +821,7 @@ def test_slice_png_is_cached_and_refuses_clearly(stack, screened):
         # never kept by the browser (a shared workstation's disk cache held them after sign-out); a 304 by ETag for
         # a client that keeps them, once the credential is checked
         assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-image-sides"] == "R A L P"  # the phantom is stored as scanners usually store a slice
         again = c.get(f"/v1/jobs/{job_id}/slices/3.png", params={"window": "mediastinum"},
                       headers={"If-None-Match": r.headers["etag"]})
         assert again.status_code == 304 and not again.content

@@ -136,11 +136,19 @@ def test_windows_and_png_on_the_stored_grid(tmp_path):
     assert len(series) == len(files)
     ds = pydicom.dcmread(io.BytesIO(blobs["k0"]), stop_before_pixels=True)
     source = series.find(str(ds.SOPInstanceUID), 0.0)
-    png = render_png(blobs[source.blob_key], source.filename, source.frame, "lung")
+    png = render_png(blobs[source.blob_key], source.filename, source.frame, "lung").png
     with Image.open(io.BytesIO(png)) as image:
         assert image.mode == "L" and image.size == (ds.Columns, ds.Rows)
     with pytest.raises(ValueError, match="window"):
         render_png(blobs["k0"], "x", 0, "bone")
+    # the orientation markers: as scanners usually store a slice, and a slice stored mirrored (its row direction
+    # to the patient's right), which the page showed with nothing to say the patient's left is on the image's left
+    assert render_png(blobs[source.blob_key], source.filename, source.frame, "lung").sides == ("R", "A", "L", "P")
+    mirrored = pydicom.dcmread(io.BytesIO(blobs[source.blob_key]))
+    mirrored.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+    out = io.BytesIO()
+    mirrored.save_as(out)
+    assert render_png(out.getvalue(), source.filename, source.frame, "lung").sides == ("L", "A", "R", "P")
 
 
 def test_the_viewer_finds_a_slice_without_a_checked_read_of_every_header(tmp_path, monkeypatch):
@@ -279,6 +287,6 @@ def test_a_slice_png_decodes_its_frame_only_with_that_frames_rescale(syntax, mon
 
     monkeypatch.setattr(pydicom.pixels, "pixel_array", counting)
     for k in (2, 4):
-        png = np.asarray(Image.open(io.BytesIO(render_png(data, "x", k, "lung"))))
+        png = np.asarray(Image.open(io.BytesIO(render_png(data, "x", k, "lung").png)))
         assert np.array_equal(png, window_u8(whole[k], *WINDOWS["lung"]))
     assert asked == ([] if syntax == "native" else [2, 4])

@@ -27,7 +27,8 @@ from typing import Final, Generic, TypeVar
 import numpy as np
 import pydicom
 
-__all__ = ["WINDOWS", "InstancesGone", "LruCache", "SeriesMap", "SliceSource", "png_etag", "render_png", "window_u8"]
+__all__ = ["WINDOWS", "InstancesGone", "LruCache", "Rendered", "SeriesMap", "SliceSource", "image_sides", "png_etag",
+           "render_png", "window_u8"]
 
 WINDOWS: Final[dict[str, tuple[float, float]]] = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
 """Window presets: name -> (centre, width) in HU."""
@@ -65,8 +66,49 @@ def png_etag(job_id: str, index: int, window: str, blob_key: str) -> str:
     return f'"{digest}"'
 
 
-def render_png(data: bytes, filename: str, frame: int, window: str) -> bytes:
-    """One frame of a stored instance as a windowed 8-bit grayscale PNG.
+_LETTERS: Final = (("R", "L"), ("A", "P"), ("F", "H"))
+"""The patient direction of each DICOM patient axis (x, y, z of LPS), towards minus and towards plus."""
+
+
+def _toward(v: np.ndarray) -> str:
+    """The patient direction ``v`` points to, its dominant axis first, an axis under a quarter left out (so an
+    oblique slice reads e.g. ``LP``)."""
+    letters = [_LETTERS[axis][bool(v[axis] > 0)] for axis in np.argsort(-np.abs(v)) if abs(v[axis]) >= 0.25]
+    return "".join(letters[:2])
+
+
+def image_sides(orientation: Sequence[float] | None) -> tuple[str, str, str, str] | None:
+    """The patient directions at the image's left, top, right and bottom edges, from Image Orientation (Patient)
+    (the row then the column direction cosines), as a viewer's orientation markers; None without one.
+
+    The image is drawn as stored, on the grid of the result's boxes: a slice stored mirrored (a row direction to
+    the patient's right) shows the patient's left on the image's left, and a reader going by the radiological
+    convention would put a left-lung finding on the right without the markers.
+
+    >>> image_sides((1, 0, 0, 0, 1, 0)), image_sides((-1, 0, 0, 0, 1, 0))
+    (('R', 'A', 'L', 'P'), ('L', 'A', 'R', 'P'))
+    >>> image_sides((0.8, 0.6, 0, 0, 0, -1)), image_sides(None)
+    (('RA', 'H', 'LP', 'F'), None)
+    """
+    if orientation is None or len(orientation) != 6:
+        return None
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    if not (np.isfinite(row).all() and np.isfinite(col).all()) or not (row.any() and col.any()):
+        return None
+    return _toward(-row), _toward(-col), _toward(row), _toward(col)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A rendered slice: its PNG, and the patient directions at its left, top, right and bottom edges."""
+
+    png: bytes
+    sides: tuple[str, str, str, str] | None
+
+
+def render_png(data: bytes, filename: str, frame: int, window: str) -> Rendered:
+    """One frame of a stored instance as a windowed 8-bit grayscale PNG, with its orientation markers
+    (:func:`image_sides`).
 
     Raises
     ------
@@ -82,11 +124,12 @@ def render_png(data: bytes, filename: str, frame: int, window: str) -> bytes:
     from gateway.dicom import decode_hu, read_headers
 
     ds, headers = read_headers(filename, data)
-    hu = decode_hu(ds, headers, filename, frame=max(0, min(frame, len(headers) - 1)))  # that frame only
+    frame = max(0, min(frame, len(headers) - 1))
+    hu = decode_hu(ds, headers, filename, frame=frame)  # that frame only
     image = Image.fromarray(window_u8(hu[0], *WINDOWS[window]), mode="L")
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return Rendered(buf.getvalue(), image_sides(headers[frame].orientation))
 
 
 class SeriesMap:

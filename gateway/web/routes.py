@@ -38,7 +38,7 @@ from gateway.store import Store
 from gateway.store.worklist import EventCursor, Worklist, WorklistRow
 from gateway.web.access import ReadAccess
 from gateway.web.labels import label_prefix, read_label_header
-from gateway.web.render import WINDOWS, InstancesGone, LruCache, SeriesMap, png_etag, render_png
+from gateway.web.render import WINDOWS, InstancesGone, LruCache, Rendered, SeriesMap, png_etag, render_png
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class WebState:
         self.blobs = blobs
         self.results: LruCache[str, CaseResult] = LruCache(16)
         self.series: LruCache[str, SeriesMap] = LruCache(8)
-        self.pngs: LruCache[tuple[str, int, str], bytes] = LruCache(512)
+        self.pngs: LruCache[tuple[str, int, str], Rendered] = LruCache(512)
         self.provisional: LruCache[int, dict[str, str | None]] = LruCache(1024)
         """Labels of study versions not done yet, by study id (their series is not chosen: none recorded)."""
         self.unlabelled: LruCache[int, float] = LruCache(1024)
@@ -274,6 +274,11 @@ async def _done_result(web: WebState, store: Store, job_id: str) -> CaseResult:
     return view.result
 
 
+IMAGE_SIDES = "X-Image-Sides"
+"""The PNG's header naming the patient directions at its left, top, right and bottom edges (``R A L P`` for an
+axial slice stored as scanners usually store it), from Image Orientation (Patient)."""
+
+
 @router.get("/v1/jobs/{job_id}/slices/{index}.png", summary="One slice of a done job as a windowed PNG",
             response_class=Response, tags=["jobs"],
             responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (ETag)"},
@@ -298,17 +303,19 @@ async def slice_png(
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     key = (job_id, index, window)
-    png = web.pngs.get(key)
-    if png is None:
+    rendered = web.pngs.get(key)
+    if rendered is None:
         try:
             data = await asyncio.to_thread(web.blobs.get, source.blob_key)
         except FileNotFoundError:
             raise InstancesExpired(f"The images of job {job_id} are no longer kept.") from None
         except OSError as exc:
             raise Unavailable("The image cannot be read now (the blob store failed); retry.") from exc
-        png = await asyncio.to_thread(render_png, data, source.filename, source.frame, window)
-        web.pngs.put(key, png)
-    return Response(png, media_type="image/png", headers=headers)
+        rendered = await asyncio.to_thread(render_png, data, source.filename, source.frame, window)
+        web.pngs.put(key, rendered)
+    if rendered.sides is not None:  # the viewer's orientation markers: left, top, right, bottom
+        headers[IMAGE_SIDES] = " ".join(rendered.sides)
+    return Response(rendered.png, media_type="image/png", headers=headers)
 
 
 @router.get("/v1/service", summary="Service figures for the ops view")

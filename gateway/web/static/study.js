@@ -89,6 +89,12 @@ function retryButton(job, again) {
   return [h("p", {}, button), refused];
 }
 
+// a marker in words, for the image's alt text: "R" -> "right", "LP" -> "left posterior"
+function sideWords(letters) {
+  const words = { R: "right", L: "left", A: "anterior", P: "posterior", H: "head", F: "feet" };
+  return [...letters].map((c) => words[c] || c).join(" ");
+}
+
 // the job's states in the worklist's words (gateway/store/worklist.py row_state): its steps are "screening"
 const SHOWN_STATE = { decoding: "screening", inferring: "screening", aggregating: "screening" };
 
@@ -134,11 +140,15 @@ function viewer(main, job) {
   // the image and its boxes keep the stored matrix's shape inside the square stage (a 180 x 256 slice was stretched
   // to a square: its anatomy 1.4 times too wide, the boxes stretched alike, so nothing on screen said so)
   const overlay = s("svg", { class: "overlay", "aria-hidden": "true", preserveAspectRatio: "xMidYMid meet" });
+  // orientation markers (the PNG's X-Image-Sides: the patient directions at the left, top, right, bottom edges):
+  // the image is drawn as stored, so a slice stored mirrored shows the patient's left on the image's left
+  const sides = ["left", "top", "right", "bottom"].map((edge) =>
+    h("span", { class: `side side-${edge}`, "aria-hidden": "true", dataset: { edge } }));
   const stage = h("div", {
     class: "stage", tabindex: 0, role: "group", id: "viewer",
     "aria-roledescription": "slice viewer",
     "aria-label": "Slice viewer. Arrow keys, Page Up/Down, Home/End or the mouse wheel change the slice; L and M change the window.",
-  }, img, overlay);
+  }, img, overlay, ...sides);
   const readout = h("p", { class: "readout", id: "readout", "aria-live": "polite" });
   const slider = h("input", { type: "range", min: 0, max: slices.length - 1, value: index, id: "slice-slider",
                               "aria-label": "Slice" });
@@ -238,7 +248,8 @@ function viewer(main, job) {
     const key = `${i}:${w}`;
     if (!urls.has(key)) {
       urls.set(key, api(`/v1/jobs/${job.job_id}/slices/${i}.png?window=${w}`)
-        .then((r) => r.blob()).then((b) => URL.createObjectURL(b))
+        .then(async (r) => ({ url: URL.createObjectURL(await r.blob()),
+                              sides: (r.headers.get("X-Image-Sides") || "").split(" ").filter(Boolean) }))
         .catch((e) => { urls.delete(key); throw e; }));  // a failed image is asked for again next time
     }
     return urls.get(key);
@@ -259,9 +270,12 @@ function viewer(main, job) {
     img.alt = `Axial slice ${index + 1} of ${slices.length}, ${WINDOWS[windowName]} window`;
     for (const b of strip.querySelectorAll("button")) b.setAttribute("aria-current", String(Number(b.dataset.index) === index));
     try {
-      const url = await imageUrl(index, windowName);
+      const { url, sides: named } = await imageUrl(index, windowName);
       if (mine !== token) return;
       img.src = url;
+      sides.forEach((el, k) => { el.textContent = named.length === 4 ? named[k] : ""; });
+      img.alt = `Axial slice ${index + 1} of ${slices.length}, ${WINDOWS[windowName]} window`
+        + (named.length === 4 ? `, the patient's ${sideWords(named[0])} on the image's left` : "");
       await img.decode();
       if (mine !== token) return;
       dims = [img.naturalWidth, img.naturalHeight];
@@ -274,6 +288,7 @@ function viewer(main, job) {
       if (mine !== token) return;
       // never leave the previous slice (or window) on screen under this slice's readout
       img.removeAttribute("src");
+      for (const el of sides) el.textContent = "";
       dims = null;
       overlay.replaceChildren();
       stage.dataset.failed = "true";
