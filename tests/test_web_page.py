@@ -334,6 +334,19 @@ def test_the_viewer_marks_the_patients_sides_on_the_image(stack, screened, page)
     sync_api.expect(marks["right"]).to_have_text("R")
 
 
+def test_a_gateway_with_no_destination_says_so_in_the_delivery_panel(stack, screened, page):
+    """A gateway sending to no PACS or RIS showed "Not sent yet." under every result for 90 s, polling every 2 s,
+    then "No delivery recorded" (the web review). The deliveries' X-Destinations-Configured says how many there
+    are (this gateway: 2); a gateway with none is played by the browser's router."""
+    job_id, _ = screened["normal"]
+    real = httpx.get(f"{stack.url}/v1/jobs/{job_id}/deliveries", timeout=30)
+    assert real.status_code == 200 and real.headers["x-destinations-configured"] == "2", real.headers
+    page.route(f"**/v1/jobs/{job_id}/deliveries", lambda route: route.fulfill(
+        status=200, content_type="application/json", body="[]", headers={"X-Destinations-Configured": "0"}))
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    sync_api.expect(page.locator("section.deliveries p.hint")).to_contain_text("No destination is configured")
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""

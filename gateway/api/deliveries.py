@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -62,11 +62,18 @@ def delivery_view(task: Any, *, with_job: bool = False, held_behind: str | None 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job, or no delivery of it to that destination"}}
 
 
+DESTINATIONS_CONFIGURED = "X-Destinations-Configured"
+"""The header of a job's deliveries naming how many destinations are configured (the page says "none" then)."""
+
+
 @router.get("/{job_id}/deliveries", response_model=list[DeliveryView], summary="Deliveries of a job's result",
             responses=_NOT_FOUND)
-async def list_deliveries(job_id: str, request: Request, store: StoreDep, _: ReadAccess) -> list[DeliveryView]:
-    """Each destination the result goes to, with its state, attempts and events."""
+async def list_deliveries(job_id: str, request: Request, response: Response, store: StoreDep,
+                          _: ReadAccess) -> list[DeliveryView]:
+    """Each destination the result goes to, with its state, attempts and events; ``X-Destinations-Configured``:
+    how many destinations this gateway sends to (0: none, so an empty list will stay empty)."""
     await store.job(checked_job_id(job_id))  # 404
+    response.headers[DESTINATIONS_CONFIGURED] = str(len(request.app.state.deliverer.destinations))
     tasks = request.app.state.deliverer.tasks
     held = await tasks.held_behind(job_id)
     return [delivery_view(t, held_behind=held.get(t.destination)) for t in await tasks.of_job(job_id)]

@@ -129,9 +129,11 @@ export function deliveriesPanel(job) {
     clearTimeout(timer);
     let list;
     let now;
+    let configured;
     try {
       const response = await api(path);
       now = Date.parse(response.headers.get("Date") || "") || Date.now();
+      configured = response.headers.get("X-Destinations-Configured");
       list = await response.json();
     } catch (error) {
       if (stopped) return;
@@ -143,9 +145,12 @@ export function deliveriesPanel(job) {
     }
     if (stopped) return;
     draw(list);
-    const young = (now - Date.parse(job.finished_at)) / 1000 < FIRST_DELIVERY_S;
+    const none = !list.length && configured === "0";  // no PACS or RIS to send to: nothing will come
+    const young = !none && (now - Date.parse(job.finished_at)) / 1000 < FIRST_DELIVERY_S;
     status.hidden = list.length > 0;
-    status.textContent = list.length ? "" : young ? "Not sent yet." : "No delivery recorded for this result.";
+    status.textContent = list.length ? ""
+      : none ? "No destination is configured: the result stays here and in the API (no PACS or RIS is sent it)."
+      : young ? "Not sent yet." : "No delivery recorded for this result.";
     element.dataset.loaded = String(Date.now());
     const wait = !list.length && young ? REFRESH_MS : nextReadMs(list, now);
     if (wait !== null) timer = setTimeout(refresh, wait);
