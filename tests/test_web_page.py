@@ -347,6 +347,21 @@ def test_a_gateway_with_no_destination_says_so_in_the_delivery_panel(stack, scre
     sync_api.expect(page.locator("section.deliveries p.hint")).to_contain_text("No destination is configured")
 
 
+def test_the_study_view_names_the_study_as_the_worklist_does(stack, screened, page):
+    """The study view named its study by its UID alone: a reader could not tell which study was open (the web
+    review). It reads the study's worklist row (``/v1/worklist?job_id=``) and shows its accession number, study
+    date, series and when it was received."""
+    job_id, _ = screened["covid"]
+    one = httpx.get(f"{stack.url}/v1/worklist", params={"job_id": job_id}, timeout=30).json()
+    assert one["total"] == 1 and one["rows"][0]["job_id"] == job_id, one
+    bad = httpx.get(f"{stack.url}/v1/worklist", params={"job_id": "x' OR 1=1"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["reason"] == "bad_request", bad.text
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    sync_api.expect(page.locator("#study-identity")).to_contain_text("Accession A00000011")
+    assert "received " in page.locator("#study-identity").inner_text()
+
+
 def test_a_slice_that_cannot_be_shown_leaves_no_other_slice_on_screen(stack, screened, page):
     """The viewer kept the previous slice's image and boxes under the new slice's readout when an image
     failed (410 once retention removed the instances, 503, the network)."""

@@ -113,7 +113,8 @@ class Worklist:
         return self._json_text(("verdict",))
 
     async def page(self, *, limit: int = 50, offset: int = 0, state: str | None = None, verdict: str | None = None,
-                   received_from: float | None = None, received_to: float | None = None) -> WorklistPage:
+                   received_from: float | None = None, received_to: float | None = None,
+                   job_id: str | None = None) -> WorklistPage:
         """The study versions matching the filters, newest first.
 
         Parameters
@@ -126,6 +127,8 @@ class Worklist:
             One of :data:`VERDICTS` (only done studies have one).
         received_from, received_to : float | None
             Received at or after / before these epoch seconds.
+        job_id : str | None
+            The row of this job only (the study view names its study as the worklist does).
 
         Raises
         ------
@@ -152,6 +155,8 @@ class Worklist:
             where.append(Study.created_at >= received_from)
         if received_to is not None:
             where.append(Study.created_at < received_to)
+        if job_id is not None:
+            where.append(Job.id == job_id)
         joined = (select(Study).outerjoin(Job, Job.study_id == Study.id)
                   .outerjoin(Result, Result.job_id == Job.id).where(and_(True, *where)))
         count = joined.with_only_columns(func.count(Study.id))

@@ -89,6 +89,22 @@ function retryButton(job, again) {
   return [h("p", {}, button), refused];
 }
 
+// the study as the worklist names it (accession number, study date, series, priority, received), so a reader can
+// tell which study is open: the UID alone said nothing; filled in once the worklist's row is read
+function identity(job) {
+  const line = h("p", { class: "identity", id: "study-identity" });
+  getJson(`/v1/worklist?job_id=${encodeURIComponent(job.job_id)}&limit=1`).then((page) => {
+    const row = page.rows?.[0];
+    if (!row) return;
+    const l = row.labels || {};
+    const parts = [l.accession_number && `Accession ${l.accession_number}`, l.study_date && `study date ${l.study_date}`,
+      l.series_description && `series ${l.series_description}`, row.priority !== "routine" && row.priority,
+      `received ${fmtDate(row.received_at)}`].filter(Boolean);
+    line.textContent = parts.join(" · ");
+  }).catch(() => {});  // the labels are a help: the view goes on without them
+  return line;
+}
+
 // a marker in words, for the image's alt text: "R" -> "right", "LP" -> "left posterior"
 function sideWords(letters) {
   const words = { R: "right", L: "left", A: "anterior", P: "posterior", H: "head", F: "feet" };
@@ -109,7 +125,8 @@ function pending(main, job, again) {
   };
   show(job);
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
-    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), ...supersededNote(job),
+    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), identity(job),
+    ...supersededNote(job),
     status, bar, ...(job.state === "failed" ? retryButton(job, again) : []));
   if (job.state === "failed") return () => {};
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
@@ -197,6 +214,7 @@ function viewer(main, job) {
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid", title: result.study_instance_uid }, result.study_instance_uid)),
+    identity(job),
     ...supersededNote(job),
     h("div", { class: "study" },
       h("section", { class: "viewer", "aria-label": "Images" },
