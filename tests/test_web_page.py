@@ -1162,6 +1162,24 @@ def test_a_refused_credential_is_not_shown_as_signed_in(stack, screened, page):
     assert page.is_visible("#signin-form")
 
 
+def test_a_credential_refused_once_read_takes_what_it_read_off_the_screen(stack, screened, page):
+    """A key revoked while the worklist was open: the page said "credential refused" but kept the rows' accession
+    numbers and series descriptions on screen, where sign-out clears them (the web review). The revocation's 401
+    is played by the browser's router (this module's gateway runs without authentication)."""
+    page.goto(stack.url + "/")
+    page.evaluate("sessionStorage.setItem('ctscreen.credential', 'cts_soon-revoked')")
+    page.reload()
+    page.wait_for_selector(f'tr[data-job-id="{screened["covid"][0]}"]')
+    page.route("**/v1/worklist?*", lambda route: route.fulfill(
+        status=401, content_type="application/json", headers={"WWW-Authenticate": "Bearer"},
+        body='{"reason": "unauthorized", "message": "Unknown or revoked API key."}'))
+    page.evaluate("location.hash = '#/?state=done'")  # the worklist asks again
+    page.wait_for_function("() => document.getElementById('who').textContent === 'credential refused'")
+    assert page.locator("tr[data-job-id]").count() == 0
+    assert "refused the credential" in page.locator("main").inner_text()
+    assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") is None
+
+
 def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(stack, screened, ris, page):
     """Delivered to the RIS, failed at the PACS (nobody listens there) with the reason and a button that queues
     it again; the normal study's reading is not sent to the RIS, whose rule takes positive ones only; the

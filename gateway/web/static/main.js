@@ -85,8 +85,19 @@ document.getElementById("signout").addEventListener("click", () => {
   route();
 });
 window.addEventListener("ctscreen:auth", (e) => {
-  // a stored credential the gateway refuses (revoked, expired, mistyped) is no sign-in
-  if (e.detail.status === 401 && credential.get()) who.textContent = "credential refused";
+  // a stored credential the gateway refuses (revoked, expired, mistyped) is no sign-in, and what it read (the
+  // worklist's accession numbers and series, a study's images) leaves the screen as at sign-out
+  if (e.detail.status === 401 && credential.get()) {
+    credential.clear();
+    leave();
+    leave = () => {};
+    const note = document.createElement("p");
+    note.setAttribute("role", "alert");
+    note.textContent = "The gateway refused the credential (revoked, expired or mistyped): sign in again.";
+    main.replaceChildren(note);
+    showSignedIn();
+    who.textContent = "credential refused";
+  }
   openForm(e.detail.status === 403 ? `Not allowed: ${e.detail.message}`
     : e.detail.reason === "bad_credential" ? e.detail.message : "Sign in with an API key or an access token.");
 });
