@@ -190,7 +190,7 @@ def test_too_few_slices_is_reported_under_the_jobs_rule_not_refused() -> None:
     study = load_study(_files(make_series(2, rows=32, cols=32)))
     assert study.n_slices == 2
     warned = case_result(study, _no_findings(study)).warnings
-    assert [w for w in warned if w.startswith("Only")] == ["Only 2 slice(s); the case rule looks for 3 consecutive slices."]
+    assert [w for w in warned if w.startswith("Only")] == ["Only 2 slices; the case rule looks for 3 consecutive slices."]
     assert not any(w.startswith("Only") for w in case_result(study, _no_findings(study), CaseRule(run_slices=2)).warnings)
 
 
