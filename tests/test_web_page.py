@@ -1064,6 +1064,17 @@ def test_an_urgent_study_says_so_on_its_row(stack, screened, page, tmp_path):
     assert row.locator(".priority").inner_text() == "urgent"
     for job_id, _ in screened.values():
         assert page.locator(f'tr[data-job-id="{job_id}"] .priority').count() == 0
+    # the worklist filters by priority, as by state and verdict (mercure's and OHIF's worklists do; the web review)
+    only = httpx.get(stack.url + "/v1/worklist", params={"priority": "urgent"}, timeout=30).json()["rows"]
+    assert outcome.job_id in {r["job_id"] for r in only} and {r["priority"] for r in only} == {"urgent"}
+    bad = httpx.get(stack.url + "/v1/worklist", params={"priority": "stat"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["reason"] == "bad_request", bad.text
+    page.select_option("#f-priority", "urgent")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_function("() => location.hash.includes('priority=urgent')")
+    for job_id, _ in screened.values():
+        sync_api.expect(page.locator(f'tr[data-job-id="{job_id}"]')).to_have_count(0)
+    sync_api.expect(page.locator(f'tr[data-job-id="{outcome.job_id}"]')).to_have_count(1)
 
 
 def _row(**kw: Any) -> dict[str, Any]:

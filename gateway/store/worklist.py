@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.jobs import RUNNING, JobState, Priority, priority_name
+from gateway.jobs import PRIORITIES, ROUTINE, RUNNING, JobState, Priority, priority_name
 from gateway.store.models import Base, Event, Instance, Job, Result, Study
 from gateway.store.store import RECEIVING, Store, latest_version
 
@@ -114,7 +114,7 @@ class Worklist:
 
     async def page(self, *, limit: int = 50, offset: int = 0, state: str | None = None, verdict: str | None = None,
                    received_from: float | None = None, received_to: float | None = None,
-                   job_id: str | None = None) -> WorklistPage:
+                   job_id: str | None = None, priority: Priority | None = None) -> WorklistPage:
         """The study versions matching the filters, newest first.
 
         Parameters
@@ -129,6 +129,8 @@ class Worklist:
             Received at or after / before these epoch seconds.
         job_id : str | None
             The row of this job only (the study view names its study as the worklist does).
+        priority : str | None
+            Study versions of this priority only (``urgent``, ``routine``, ``low``).
 
         Raises
         ------
@@ -157,6 +159,10 @@ class Worklist:
             where.append(Study.created_at < received_to)
         if job_id is not None:
             where.append(Job.id == job_id)
+        if priority is not None:
+            if priority not in PRIORITIES:
+                raise ValueError(f'Argument "priority" must be one of {", ".join(PRIORITIES)}, got {priority!r}.')
+            where.append(func.coalesce(Study.priority, ROUTINE) == PRIORITIES[priority])
         joined = (select(Study).outerjoin(Job, Job.study_id == Study.id)
                   .outerjoin(Result, Result.job_id == Job.id).where(and_(True, *where)))
         count = joined.with_only_columns(func.count(Study.id))

@@ -201,6 +201,7 @@ async def worklist(
     received_from: Annotated[date | None, Query(description="received on or after this day (UTC), YYYY-MM-DD")] = None,
     received_to: Annotated[date | None, Query(description="received on or before this day (UTC), YYYY-MM-DD")] = None,
     job_id: Annotated[str | None, Query(pattern="^[0-9a-f]{32}$", description="this job's row only")] = None,
+    priority: Literal["urgent", "routine", "low"] | None = Query(None, description="study versions of this priority"),
 ) -> JSONResponse:
     """One row per study version: labels (no patient name, ID or birth date), state and progress, verdict with its reason, time taken."""
     if received_from is not None and received_to is not None and received_from > received_to:  # was 200, no rows
@@ -210,7 +211,7 @@ async def worklist(
         limit=limit, offset=offset, state=state, verdict=verdict,
         received_from=None if received_from is None else _epoch(received_from),
         received_to=None if received_to is None or received_to == date.max else _epoch(received_to + timedelta(days=1)),
-        job_id=job_id)
+        job_id=job_id, priority=priority)
     labels = await _fill_labels(web, page.rows)
     rows = [row_json(r) for r in page.rows]
     for row in rows:

@@ -5,6 +5,7 @@ import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 
 const STATES = ["receiving", "queued", "screening", "done", "failed"];
 const VERDICTS = ["positive", "negative", "indeterminate"];
+const PRIORITIES = ["urgent", "routine", "low"];
 const PAGE = 50;
 
 function select(name, label, options, value) {
@@ -86,6 +87,7 @@ export function worklistView(main, params) {
   const filters = {
     state: STATES.includes(params.get("state")) ? params.get("state") : "",
     verdict: VERDICTS.includes(params.get("verdict")) ? params.get("verdict") : "",
+    priority: PRIORITIES.includes(params.get("priority")) ? params.get("priority") : "",
     received_from: params.get("received_from") || "",
     received_to: params.get("received_to") || "",
   };
@@ -95,6 +97,7 @@ export function worklistView(main, params) {
   const form = h("form", { class: "filters", "aria-label": "Filter the worklist" },
     select("state", "State", STATES, filters.state),
     select("verdict", "Verdict", VERDICTS, filters.verdict),
+    select("priority", "Priority", PRIORITIES, filters.priority),
     h("label", { class: "field" }, "Received from (UTC day)",
       h("input", { type: "date", name: "received_from", value: filters.received_from })),
     h("label", { class: "field" }, "to (UTC day)",
