@@ -55,6 +55,7 @@ from gateway.store import (
     StoreError,
     instance_sources,
 )
+from gateway.store.blobs import delete_each
 from gateway.store.deliveries import Deliveries
 from gateway.store.store import StoreOutage
 from gateway.store.waits import study_waits
@@ -489,18 +490,9 @@ class Sweeper:
             self._orphans.add_done_callback(self._orphans_done)
 
     def _delete_each(self, keys: list[str], stop: threading.Event | None = None) -> tuple[int, str] | None:
-        """Delete these blobs, each one tried whatever the others did; ``(how many failed, the first error)``, or
-        None when none did (one failed delete ends neither the pass nor the spool sweep after it). ``stop`` set:
-        no more deletes (a shut-down; what is left, named by nothing now, goes to the orphan sweep)."""
-        failed, first = 0, ""
-        for key in keys:
-            if stop is not None and stop.is_set():
-                break
-            try:
-                self.blobs.delete(key)
-            except OSError as exc:
-                failed, first = failed + 1, first or (exc.strerror or type(exc).__name__)
-        return (failed, first) if failed else None
+        """:func:`gateway.store.blobs.delete_each` on this sweeper's blob store (one failed delete ends neither the
+        pass nor the spool sweep after it)."""
+        return delete_each(self.blobs, keys, stop)
 
     def _orphans_done(self, task: asyncio.Task[int]) -> None:
         self._orphans = None

@@ -44,6 +44,7 @@ from gateway.jobs import (
 from gateway.screening import Prepared, Screener
 from gateway.settings import Settings
 from gateway.store import KeyTaken, Store, new_keys
+from gateway.store.blobs import delete_each
 from gateway.uids import check_uid
 from gateway.uploads import (
     FilePart,
@@ -198,15 +199,6 @@ async def prepare_streamed(chunks: AsyncIterator[bytes], content_type: str, limi
         else:  # it ended (e.g. the request was cancelled as it did): nothing it holds goes on
             await run_in_threadpool(prepared.release)
         raise
-
-
-def _forget_blobs(blobs: Any, keys: list[str]) -> None:
-    """Remove the blobs of an upload that recorded nothing (a failure leaves them to the orphan sweep)."""
-    for k in keys:
-        try:
-            blobs.delete(k)
-        except Exception:  # noqa: BLE001 - the volume or bucket failing: the orphan sweep removes it later
-            pass
 
 
 def _spool_bytes(data: Any, spool: Path) -> Path:
@@ -390,7 +382,8 @@ async def upload_study(request: Request, store: StoreDep, settings: SettingsDep,
                                                  idempotency_key=key)
             except KeyTaken as taken:  # the same key accepted meanwhile (sent twice at once): nothing recorded
                 await worker.forget(job_id)
-                await run_in_threadpool(_forget_blobs, blobs, [k for _, k, _ in keyed])
+                # the second copy's blobs: one the store fails to delete is left to the orphan sweep
+                await run_in_threadpool(delete_each, blobs, [k for _, k, _ in keyed])
                 return _replayed(taken.view, caller)
             except BaseException:
                 await worker.forget(job_id)  # a cache: were the job committed after all, the worker reads the blobs

@@ -119,6 +119,21 @@ SET_ASIDE = "orphans"
 """The folder (in the blob folder) where the orphan sweep moves the blobs nothing names."""
 
 
+def delete_each(blobs: BlobStore, keys: Sequence[str], stop: threading.Event | None = None) -> tuple[int, str] | None:
+    """Delete these blobs, each one tried whatever the others did; ``(how many failed, the first error)``, or None
+    when none did. ``stop`` set: no more deletes (a shut-down; what is left, named by nothing now, goes to the
+    orphan sweep)."""
+    failed, first = 0, ""
+    for key in keys:
+        if stop is not None and stop.is_set():
+            break
+        try:
+            blobs.delete(key)
+        except OSError as exc:
+            failed, first = failed + 1, first or (exc.strerror or type(exc).__name__)
+    return (failed, first) if failed else None
+
+
 def new_key() -> str:
     """A fresh key, spread over 256 sub-folders."""
     return new_keys(1)[0]
