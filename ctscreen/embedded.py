@@ -46,6 +46,8 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO, Final
 
+from ctscreen.signals import stop_on_signals
+
 logger = logging.getLogger(__name__)
 server_logger = logging.getLogger("ctscreen.tritonserver")
 
@@ -768,14 +770,6 @@ class _PortRace(TritonStartError):
 # --- command line -------------------------------------------------------------------------------
 
 
-def set_from_signal(event: threading.Event) -> None:
-    """Set ``event`` from a signal handler: from a thread of its own. A handler runs in the main thread between
-    two bytecodes, possibly while that thread holds ``event``'s lock (leaving ``Event.wait(0.5)``), and
-    ``Event.set`` there waited for that lock forever: ``make demo`` stopped by ``timeout`` hung with its
-    Triton, and Ctrl-C could no longer end it."""
-    threading.Thread(target=event.set, name="ctscreen-stop", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     """``ctscreen triton [--grpc-port --http-port --metrics-port --repo DIR]``."""
     parser = argparse.ArgumentParser(
@@ -817,14 +811,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     stopping = threading.Event()
+    with stop_on_signals(stopping):
+        return _serve(triton, stopping, args.timeout)
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        set_from_signal(stopping)
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+def _serve(triton: EmbeddedTriton, stopping: threading.Event, timeout: float) -> int:
+    """Run ``triton`` until ``stopping`` is set or it exits by itself; stop it after."""
     try:
         try:
-            triton.start(timeout=args.timeout, cancel=stopping)
+            triton.start(timeout=timeout, cancel=stopping)
         except TritonStartError as exc:
             sys.stderr.write(f"ctscreen triton: {exc}\n")
             return 130 if stopping.is_set() else 1
@@ -843,5 +838,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         triton.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)

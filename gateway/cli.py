@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctscreen.signals import stop_on_signals
 from gateway.client import CliError, error_of, http_client, screen_paths, verdict_table
 
 logger = logging.getLogger(__name__)
@@ -64,26 +64,11 @@ class Stack:
         so a signal sent as soon as ``/readyz`` says ready still stops it cleanly.
         """
         assert self._thread is not None
-        with contextlib.nullcontext() if self._signals_held else _stop_on_signals(self._stop):
+        with contextlib.nullcontext() if self._signals_held else stop_on_signals(self._stop):
             while self._thread.is_alive() and not self._stop.wait(0.5):
                 pass
             if self._stop.is_set():
                 print("\nstopping ...", file=sys.stderr)
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop`` (main thread only) while the block runs (never from the handler itself:
-    :func:`ctscreen.embedded.set_from_signal`)."""
-    from ctscreen.embedded import set_from_signal
-
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: set_from_signal(stop)) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _preflight(settings: Any) -> None:
@@ -174,7 +159,7 @@ def run_stack(
         stop = threading.Event()
         with contextlib.ExitStack() as held:
             if handle_signals:
-                held.enter_context(_stop_on_signals(stop))
+                held.enter_context(stop_on_signals(stop))
             thread = threading.Thread(target=server.run, name="ctscreen-gateway", daemon=True)
             thread.start()
             deadline = time.monotonic() + 60

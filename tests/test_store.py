@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -2362,6 +2364,37 @@ def test_a_gateway_started_before_its_database_waits_for_it_then_serves(postgres
             waiting.wait(30)
     assert waiting.returncode != 0 and "Traceback" not in rest, rest
     assert "stopped by SIGTERM while waiting" in rest, rest
+
+
+class _SignalOnFlush(logging.StreamHandler):
+    """A log handler that receives SIGTERM while it flushes "does not answer yet": where the signal came in CI."""
+
+    def flush(self) -> None:
+        super().flush()
+        if "does not answer yet" in self.stream.getvalue() and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, inside emit
+
+
+def test_a_signal_that_comes_while_the_wait_is_logged_still_stops_it():
+    """CI (stop 51) sent SIGTERM to a gateway waiting for its database as it wrote "does not answer yet": the
+    handler raised its stop inside logging's emit, which swallows every exception ("--- Logging error ---"), and
+    the start waited its whole CTSCREEN_DB_START_WAIT_S. The handler now only notes the signal (ctscreen.signals);
+    the wait looks at it. Made certain here by the signal coming inside the handler's flush."""
+    assert threading.current_thread() is threading.main_thread()  # signals are handled there only
+    handler = _SignalOnFlush(io.StringIO())
+    logger = logging.getLogger("gateway.store.migrate")
+    logger.addHandler(handler)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SchemaError, match="stopped by SIGTERM while waiting"):
+            prepare_schema(f"postgresql://postgres@127.0.0.1:{free_port()}/absent", True, wait_s=20)
+    finally:
+        logger.removeHandler(handler)
+    assert getattr(handler, "sent", False) and time.monotonic() - started < 10
+    assert signal.getsignal(signal.SIGTERM) is before  # pytest's own handler is back
 
 
 def test_a_migration_that_fails_says_so_not_that_the_database_refused_the_gateway(tmp_path, caplog):

@@ -315,7 +315,7 @@ def test_server_environment_sets_the_malloc_policy_unless_the_operator_has_one(b
 
 _SIGNAL_WHILE_WAITING = """
 import signal, sys, threading
-from ctscreen.embedded import set_from_signal
+from ctscreen.signals import set_from_signal
 stop = threading.Event()
 direct = sys.argv[1] == "direct"
 signal.signal(signal.SIGTERM, lambda signum, frame: stop.set() if direct else set_from_signal(stop))

@@ -24,8 +24,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -39,6 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ctscreen.signals import stop_on_signals
 from gateway.phi import withheld
 from gateway.store.store import async_url, error_code, private_sqlite_file, redact, unreachable
 
@@ -230,25 +230,32 @@ def _refusal(exc: DBAPIError) -> bool:
     return isinstance(code, str) and code.startswith(_REFUSALS)
 
 
-@contextlib.contextmanager
-def _signals_stop(where: str, waiting: bool) -> Iterator[None]:
-    """While a start waits for the database: SIGTERM or SIGINT stop it (SchemaError). ``uvicorn --factory`` runs
-    the factory under its own handlers, which only note the signal for a server not started yet: a pod deleted
-    while its database was away waited the whole ``CTSCREEN_DB_START_WAIT_S``, Ctrl-C did nothing. Main thread
-    only; the handlers there before are put back."""
-    if not waiting or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _until_stopped(run: Callable[[], None], stop: threading.Event, received: list[signal.Signals], where: str) -> None:
+    """``run()`` in a daemon thread of its own until it returns (or raises: raised here) or ``stop`` is set (a
+    SchemaError): a start stopped while a connection attempt hangs need not wait for it."""
+    outcome: list[BaseException | None] = []
 
-    def stop(signum: int, _frame: object) -> None:
-        raise SchemaError(f"{where}: stopped by {signal.Signals(signum).name} while waiting for it to answer.")
+    def attempt() -> None:
+        try:
+            run()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
+            outcome.append(exc)
+        finally:
+            done.set()
 
-    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    done = threading.Event()
+    threading.Thread(target=attempt, name="ctscreen-schema", daemon=True).start()
+    while not done.wait(0.2):
+        if stop.is_set():
+            _stopped(where, received)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _stopped(where: str, received: list[signal.Signals]) -> None:
+    said = received[0].name if received else "a signal"
+    raise SchemaError(f"{where}: stopped by {said} while waiting for it to answer.")
 
 
 def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: float = 10.0,
@@ -277,10 +284,13 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
         wait_s = 0.0
     where, start = f"state store {redact(url)}", clock()
     said = -every_s
-    with ThreadPoolExecutor(1, thread_name_prefix="ctscreen-schema") as pool, _signals_stop(where, wait_s > 0):
+    stop, received = threading.Event(), []
+    with contextlib.ExitStack() as held:
+        if wait_s > 0:
+            received = held.enter_context(stop_on_signals(stop))
         while True:
             try:
-                pool.submit(run).result()
+                _until_stopped(run, stop, received, where)
                 break
             except SchemaError:
                 raise
@@ -302,6 +312,7 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
                     said = waited
                     logger.warning("%s does not answer yet (%s); waiting up to %.0f s more", where, gone,
                                    wait_s - waited)
-            time.sleep(min(1.0, max(0.0, wait_s - (clock() - start))))
+            if stop.wait(min(1.0, max(0.0, wait_s - (clock() - start)))):
+                _stopped(where, received)
     if said >= 0:
         logger.warning("%s answers after %.0f s", where, clock() - start)
