@@ -88,6 +88,7 @@ from aggregator.schema import (
     SliceFinding,
     Timings,
     Verdict,
+    counted,
     mm_text,
     quadrant_words,
     slice_span,
@@ -577,26 +578,17 @@ def _quadrant_original(s: SliceInput, quadrant: Quadrant, rule: CaseRule, frame:
     return Box(x0=min(box.x0, x1c), y0=min(box.y0, y1c), x1=x1c, y1=y1c)
 
 
-def _slices(n: int, what: str = "slices") -> str:
-    """``n`` slices in words, a single one as such.
-
-    >>> _slices(1, "consecutive slices"), _slices(3, "consecutive slices"), _slices(0)
-    ('1 slice', '3 consecutive slices', '0 slices')
-    """
-    return "1 slice" if n == 1 else f"{n} {what}"
-
-
 def _describe(run: _Run, findings: Sequence[SliceFinding]) -> str:
     first, last = findings[run.start], findings[run.stop - 1]
     return (
-        f"{_slices(run.n, 'consecutive slices')} ({mm_text(run.extent_mm)} mm) with lesions in the "
+        f"{counted(run.n, 'slice', 'consecutive slices')} ({mm_text(run.extent_mm)} mm) with lesions in the "
         f"{quadrant_words(run.quadrant)} "
         f"quadrant, {slice_span(first.index, last.index)} ({mm_text(first.position_mm)} to {mm_text(last.position_mm)} mm)"
     )
 
 
 def _requirement(rule: CaseRule) -> str:
-    text = _slices(rule.run_slices, "consecutive slices")
+    text = counted(rule.run_slices, "slice", "consecutive slices")
     return text + (f" covering {rule.run_mm:g} mm" if rule.run_mm is not None else "")
 
 
@@ -690,7 +682,7 @@ def decide(
     ]
     if len(ordered) < rule.run_slices:
         warnings.append(
-            f"Only {_slices(len(ordered))}; the case rule looks for {_slices(rule.run_slices, 'consecutive slices')}."
+            f"Only {counted(len(ordered), 'slice')}; the case rule looks for {counted(rule.run_slices, 'slice', 'consecutive slices')}."
         )
     need = _requirement(rule)
 
@@ -735,7 +727,7 @@ def decide(
             r = _best([b for b, _ in broken])
             assert r is not None
             missing = next(m for b, m in broken if b is r)
-            unknown = (f" (with the {missing} slice(s) the gap leaves out, where the lesion may go on)"
+            unknown = (f" (with the {counted(missing, 'slice')} the gap leaves out, where the lesion may go on)"
                        if missing and not _long_enough(r.n, r.extent_mm, rule) else "")
             return make(
                 "indeterminate",
@@ -759,7 +751,7 @@ def decide(
                 "indeterminate",
                 "run_broken_by_gap",
                 f"{r.n} slices with lesions in the {quadrant_words(r.quadrant)} quadrant would satisfy the rule "
-                f"({need}) but {missed} slice(s) among them have no valid area (the valid-area model found no "
+                f"({need}) but {counted(missed, 'slice')} among them {'has' if missed == 1 else 'have'} no valid area (the valid-area model found no "
                 "lung field there), which breaks the run.",
                 unproven(r, covered),
             )
@@ -768,10 +760,10 @@ def decide(
         return make(
             "indeterminate",
             "too_few_slices",
-            f"The longest gap-free stretch has {_slices(longest)}, too short for the rule ({need}).",
+            f"The longest gap-free stretch has {counted(longest, 'slice')}, too short for the rule ({need}).",
         )
     if best is None:
-        return make("negative", "no_findings", f"No lesion on any of {_slices(len(findings))}.")
+        return make("negative", "no_findings", f"No lesion on any of {counted(len(findings), 'slice')}.")
     return make(
         "negative", "no_run", f"Longest run: {_describe(best, findings)}; the rule needs {need}."
     )

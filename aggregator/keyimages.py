@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice, quadrant_words, slice_span
+from aggregator.schema import Box, CaseResult, Evidence, EvidenceSlice, counted, quadrant_words, slice_span
 from aggregator.sr import (
     SourceError,
     device_observer,
@@ -296,7 +296,7 @@ def key_object_selection(result: CaseResult, sources: Sequence[Dataset], key_ima
     version = result.software_version or "unknown"
     # not "consecutive": a run bridged over a slice without a lung field spans more slices than it counts
     description = (f"{NOTICE} COVID-19 screening (ctscreen {version}): {result.verdict} ({result.reason}); "
-                   f"{ev.n_slices} slice(s) with lesions in the {quadrant_words(ev.quadrant)} quadrant, "
+                   f"{counted(ev.n_slices, 'slice')} with lesions in the {quadrant_words(ev.quadrant)} quadrant, "
                    f"{slice_span(ev.slices[0].index, ev.slices[-1].index)}.")
     # its content decides its UID: two destinations asking for different objects (with the key images or not)
     # never get two documents under one SOP Instance UID
@@ -358,7 +358,7 @@ def rejection_note(result: CaseResult, sources: Sequence[Dataset], rejected: Seq
     headers = usable_headers(own[:1])
     referenced = sorted(rejected, key=lambda ds: (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))
     key = result_key(result)
-    description = (f"Superseded: {len(referenced)} object(s) of earlier ctscreen readings of this study, replaced "
+    description = (f"Superseded: {counted(len(referenced), 'object')} of earlier ctscreen readings of this study, replaced "
                    f"by a later reading (job {result.job_id or 'unknown'}); machine readings, not a diagnosis.")
     return _document(result, headers[0], REJECTED_FOR_QUALITY, referenced, description,
                      series_instance_uid=stable_uid(*key, "rejection-series", root=result.uid_root),

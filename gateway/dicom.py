@@ -47,6 +47,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from aggregator.schema import counted
 from ctscreen.contracts import SLICE_SIZE
 from gateway.errors import NoPixelData, NotCT, NotDicom, TooLarge, Undecodable, ZipBomb
 from gateway.phi import file_ref
@@ -973,7 +974,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     if rows > MAX_MATRIX or cols > MAX_MATRIX or n_frames * rows * cols > MAX_PIXELS:
         # checked before decoding: a forged header must not make a codec allocate gigabytes
         raise TooLarge(
-            f"{n_frames} frame(s) of {rows}x{cols} pixels exceed the limits "
+            f"{counted(n_frames, 'frame')} of {rows}x{cols} pixels exceed the limits "
             f"({MAX_MATRIX}x{MAX_MATRIX}, {MAX_PIXELS} pixels per object).",
             filename=filename,
         )
@@ -982,7 +983,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and len(per_frame) != n_frames:
         # each frame's position, orientation and rescale are its item's: a frame without one has none
-        raise NotDicom(f"Per-Frame Functional Groups Sequence has {len(per_frame)} item(s) for {n_frames} frame(s) "
+        raise NotDicom(f"Per-Frame Functional Groups Sequence has {counted(len(per_frame), 'item')} for {counted(n_frames, 'frame')} "
                        "(PS3.3 C.7.6.16: one per frame).", filename=filename)
     frames: list[int | None] = list(range(n_frames)) if multi else [None]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
@@ -1346,7 +1347,7 @@ def _check_codestreams(ds: Dataset, ts: str, filename: str) -> None:
         if (head.rows, head.cols, head.components) != (rows, cols, 1):
             raise Undecodable(
                 f"{where}'s {head.kind} codestream declares {head.rows}x{head.cols} pixels and "
-                f"{head.components} component(s), but Rows x Columns say {rows}x{cols} and 1 sample: refused "
+                f"{counted(head.components, 'component')}, but Rows x Columns say {rows}x{cols} and 1 sample: refused "
                 "before decoding (a codec allocates what the codestream declares: a forged or corrupt file).",
                 filename=filename,
             )
@@ -1357,7 +1358,7 @@ def _check_rle(frame: bytes, rows: int, cols: int, bytes_per_sample: int, where:
         raise Undecodable(f"{where} (RLE) is {len(frame)} bytes: shorter than the RLE header.", filename=filename)
     n_segments = struct.unpack_from("<I", frame)[0]
     if n_segments != bytes_per_sample:
-        raise Undecodable(f"{where}'s RLE header declares {n_segments} segment(s); {bytes_per_sample} expected "
+        raise Undecodable(f"{where}'s RLE header declares {counted(n_segments, 'segment')}; {bytes_per_sample} expected "
                           f"({8 * bytes_per_sample} bits, 1 sample): refused before decoding.", filename=filename)
     offsets = [*struct.unpack_from(f"<{n_segments}I", frame, 4), len(frame)]
     # the least compact encoding there is, one-byte literal runs, doubles a segment (plus a pad byte)

@@ -55,6 +55,7 @@ from typing import Any, get_args
 
 from pydicom import uid as _uid
 
+from aggregator.schema import counted
 from gateway.dicom import CT_SOP_CLASSES
 from gateway.dicom_security import PeerPolicy, check_sop_classes, parse_peers, peer_ip, tls_context
 from gateway.errors import GatewayError, InvalidInput, OutOfResources, PatientMismatch, StoreUnavailable
@@ -634,7 +635,7 @@ class StorageScp:
             return
         stored = sum(len(sops) for sops in done.sent.values())
         note = (f"The C-STORE association from {done.calling or 'an unnamed AE'} ended without a release (an abort or a "
-                f"dropped connection) after {stored} instance(s): the study may be incomplete.") if aborted else None
+                f"dropped connection) after {counted(stored, 'instance')}: the study may be incomplete.") if aborted else None
         try:
             future = asyncio.run_coroutine_threadsafe(self.stow.transfer_ended(done.sent, note), self.loop)
             future.result(self.handover_timeout_s)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataset import Dataset
 
+from aggregator.schema import counted
 from ctscreen.contracts import SLICE_SIZE
 from ctscreen.lungs import SECTION_PROBES, widest_sections
 from ctscreen.machine import cores
@@ -535,10 +536,10 @@ def _assemble(
     # each slice-level warning once, counted: per file it repeated for every slice, and it named the
     # uploader's file names (which may carry a patient's name) on every screen that shows the result
     for warning, n in Counter(w for h in ordered.slices for w in h.warnings).items():
-        warnings.append(f"{n} of {len(ordered.slices)} slice(s): {warning}")
+        warnings.append(f"{n} of {counted(len(ordered.slices), 'slice')}: {warning}")
     first = ordered.slices[0]
     if ordered.duplicates:
-        warnings.append(f"{len(ordered.duplicates)} duplicate slice position(s) removed.")
+        warnings.append(f"{counted(len(ordered.duplicates), 'duplicate slice position')} removed.")
     if selection.derived is not None:
         shown = "\\".join(selection.derived) or "absent"
         warnings.append(f"No ORIGINAL\\PRIMARY series of {MIN_SCREENABLE_POSITIONS} or more positions: screened a derived "
@@ -553,7 +554,7 @@ def _assemble(
     lossy = [h for h in ordered.slices if h.lossy]
     if lossy:
         syntaxes = ", ".join(sorted({_lossy_label(h.transfer_syntax_uid) for h in lossy}))
-        warnings.append(f"{len(lossy)} of {len(ordered.slices)} slice(s) lossy compressed ({syntaxes}): the models "
+        warnings.append(f"{len(lossy)} of {counted(len(ordered.slices), 'slice')} lossy compressed ({syntaxes}): the models "
                         "learnt from lossless CT, so faint opacities may be missed; screen the lossless original.")
     if (first.rows, first.cols) != (SLICE_SIZE, SLICE_SIZE):
         warnings.append(f"Matrix {first.rows}x{first.cols} resampled to {SLICE_SIZE}x{SLICE_SIZE}.")

@@ -612,7 +612,7 @@ def test_a_slice_missing_or_unread_inside_a_lesion_is_unknown_never_a_silent_neg
     gap = series({3: TL, 5: TL}, 10, skip={4})
     d = decide(gap)
     assert (d.verdict, d.reason) == ("indeterminate", "run_broken_by_gap"), d.message
-    assert "1 slice(s) the gap leaves out" in d.message
+    assert "1 slice the gap leaves out" in d.message
     assert decide(gap, CaseRule(run_slices=4)).verdict == "negative"  # 2 + 1 unknown cannot make 4
     unread = series({3: TL, 4: TL, 5: TL}, 10)
     unread[4] = SliceInput(unread[4].sop_instance_uid, unread[4].position_mm, boxes(*TL), np.array(EMPTY_BOX))

@@ -522,8 +522,8 @@ def test_every_output_numbers_the_runs_slices_as_the_message_does():
         "ctscreen: slice 2", "ctscreen: slice 3", "ctscreen: slice 4"]
     assert all(f"the {side} run" in str(i.DerivationDescription) for i in images)
     kos = key_object_selection(result, sources, images)
-    [text] = [t for t in _texts(kos.ContentSequence) if "slice(s)" in t]
-    assert f"3 slice(s) with lesions in the {side} quadrant, slices 2-4." in text and "consecutive" not in text
+    [text] = [t for t in _texts(kos.ContentSequence) if "slices with lesions" in t]
+    assert f"3 slices with lesions in the {side} quadrant, slices 2-4." in text and "consecutive" not in text
     labels = [t for t in _texts(to_sr(result, sources).ContentSequence) if t.startswith("lesion ")]
     assert labels == [f"lesion {n}, slice {n + 1}, {side}" for n in (1, 2, 3)], labels
     conclusion = to_fhir(result)["entry"][0]["resource"]["conclusion"]

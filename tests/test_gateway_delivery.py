@@ -1125,7 +1125,7 @@ def test_a_stow_202_with_warnings_only_is_delivered_and_logs_them(caplog):
         assert _stow_answered(202, stored(uids), uids) == uids
     assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery.senders"] == [
         "http://pacs/dicom-web stored the objects with a warning (warning reason 0xB000 Coercion of Data Elements)"]
-    with pytest.raises(SendError, match="naming 1 of 2 object.s. stored") as exc:
+    with pytest.raises(SendError, match="naming 1 of 2 objects stored") as exc:
         _stow_answered(202, stored(uids[:1]), uids)
     assert exc.value.sent == uids[:1] and not exc.value.permanent
     with pytest.raises(SendError) as exc:  # an answer that says nothing: nothing counts as delivered

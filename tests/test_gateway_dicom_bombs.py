@@ -148,7 +148,7 @@ def test_a_forged_jpeg_frame_header_is_refused_before_decoding(
     frame = b"\xff\xd8" + b"\xff\xe0\x00\x04\x00\x00" + sof + b"\xff\xda\x00\x08\x01\x01\x00\x01\x00\x00" + bytes(64)
     with pytest.raises(Undecodable) as info:
         decode_file("bomb.dcm", _with_frames(data, [frame], syntax))
-    assert f"declares {rows}x{cols} pixels and {components} component(s)" in info.value.message
+    assert f"declares {rows}x{cols} pixels and {components} component{'' if components == 1 else 's'}" in info.value.message
     assert "64x64" in info.value.message
     assert decoder_calls == []
 

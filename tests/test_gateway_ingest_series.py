@@ -62,7 +62,7 @@ def test_lossy_compressed_slices_are_flagged_once_for_the_study() -> None:
     a lossless syntax says nothing."""
     series = make_series(4, rows=32, cols=32, transfer_syntax=JPEG2000)
     (warned,) = [w for w in load_study(_files(series)).warnings if "lossy" in w]
-    assert warned.startswith("4 of 4 slice(s) lossy compressed (JPEG 2000 Image Compression)")
+    assert warned.startswith("4 of 4 slices lossy compressed (JPEG 2000 Image Compression)")
     lossless = make_series(4, rows=32, cols=32, transfer_syntax=JPEG2000Lossless)
     assert not [w for w in load_study(_files(lossless)).warnings if "lossy" in w]
     mixed = make_series(3, rows=32, cols=32)
@@ -71,7 +71,7 @@ def test_lossy_compressed_slices_are_flagged_once_for_the_study() -> None:
     near = pydicom.dcmread(io.BytesIO(mixed[1][1]))
     files = [("a.dcm", to_bytes(again)), ("b.dcm", to_bytes(near, JPEGLSNearLossless)), ("c.dcm", mixed[2][1])]
     (warned,) = [w for w in load_study(files).warnings if "lossy" in w]
-    assert warned.startswith("2 of 3 slice(s) lossy compressed (JPEG-LS Lossy (Near-Lossless) Image Compression, "
+    assert warned.startswith("2 of 3 slices lossy compressed (JPEG-LS Lossy (Near-Lossless) Image Compression, "
                              "Lossy Image Compression 01)"), warned
 
 
@@ -87,7 +87,7 @@ def test_a_slice_warning_is_said_once_for_the_study_without_file_names() -> None
         files.append((f"DOE^JANE_{i}.dcm", to_bytes(ds)))
     warnings = load_study(files).warnings
     (warned,) = [w for w in warnings if "Rescale" in w]
-    assert warned.startswith("2 of 3 slice(s): Rescale Slope/Intercept missing"), warned
+    assert warned.startswith("2 of 3 slices: Rescale Slope/Intercept missing"), warned
     assert not [w for w in warnings if "DOE" in w]
 
 

@@ -43,6 +43,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from aggregator.schema import counted
 from gateway.delivery import iocm, payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
@@ -231,7 +232,7 @@ class Deliverer:
                 sent = await self._send(task.id, dest, items, notes)
                 await self._record(where, lambda: self.tasks.mark_sent(task.id, sent))
                 self.objects.labels(dest.name).inc(len(sent))
-            detail = f"{len(payload['objects'])} object(s) acknowledged"
+            detail = f"{counted(len(payload['objects']), 'object')} acknowledged"
             await self._record(where, lambda: self.tasks.finish(
                 task.id, DONE, f"{detail} ({payload['rule']})" if "rule" in payload else detail))
             self.outcomes.labels(dest.name, DONE).inc()

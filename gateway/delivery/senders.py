@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from aggregator.schema import counted
 from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
 from gateway.dimse_scu import steady_reactor
 
@@ -365,7 +366,7 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
         error = _http_error(dest.where, response, sent=done)
         raise SendError(f"{error}{said}", permanent=error.permanent, sent=done)
     if failed:
-        raise SendError(f"{dest.where} refused {len(failed)} of {len(uids)} object(s){said}", sent=done)
+        raise SendError(f"{dest.where} refused {len(failed)} of {counted(len(uids), 'object')}{said}", sent=done)
     stored = [i for i in answer.get("00081199", {}).get("Value", []) if isinstance(i, dict)]
     if response.status_code == 202 and not failures:
         # accepted, none failed: stored with warnings (PS3.18 10.5.3), each object it names in the Referenced SOP
@@ -373,7 +374,7 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
         listed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in stored}
         done = [u for u in uids if u in listed]
         if len(done) < len(uids):
-            raise SendError(f"{dest.where} answered HTTP 202 naming {len(done)} of {len(uids)} object(s) stored and "
+            raise SendError(f"{dest.where} answered HTTP 202 naming {len(done)} of {counted(len(uids), 'object')} stored and "
                             "none failed", sent=done)
     warned = sorted({w for i in stored if isinstance(w := i.get("00081196", {}).get("Value", [None])[0], int)})
     if warned:

@@ -55,6 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, aliased, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
+from aggregator.schema import counted
 from gateway.errors import JobNotFound
 from gateway.jobs import JobState
 from gateway.store.models import Base, Instance, Job, Result, Study
@@ -267,7 +268,7 @@ class Deliveries:
         """Record the objects built for the task (under its lease)."""
         def change(row: Delivery, now: float) -> None:
             row.payload = payload
-            _event(row, now, SENDING, f"built {len(payload.get('objects', []))} object(s)")
+            _event(row, now, SENDING, f"built {counted(len(payload.get('objects', [])), 'object')}")
         return await self._update(task_id, change) is not None
 
     async def mark_sent(self, task_id: int, uids: list[str]) -> bool:
