@@ -26,7 +26,8 @@ as ``X-API-Key``):
 
 Scopes: ``studies:write`` (upload, STOW-RS, complete), ``results:read`` (jobs, studies, SR, events) and
 ``admin`` (implies both). Each route depends on :func:`require` with its scope; a missing or bad
-credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``/healthz``,
+credential is 401 (with ``WWW-Authenticate``), a valid one without the scope 403. ``GET /v1/me`` needs a
+good credential and no scope (:func:`authenticated`): it tells the caller its scopes. ``/healthz``,
 ``/readyz`` and ``/readyz/triton`` stay open; ``/metrics`` needs ``admin`` on the API port and is
 open on a port of its own (``CTSCREEN_METRICS_PORT``).
 
@@ -75,8 +76,9 @@ from gateway.settings import Settings, secure_url
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "KeyChecks", "OidcVerifier", "Principal",
-    "StreamGuard", "StreamSlots", "check_exposure", "stream_slot", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
+    "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "Caller", "KeyChecks", "OidcVerifier",
+    "Principal", "StreamGuard", "StreamSlots", "check_exposure", "stream_slot", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
+    "authenticated",
 ]
 
 STUDIES_WRITE, RESULTS_READ, ADMIN = SCOPES
@@ -488,6 +490,19 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey"
                         description="An API key made with `ctscreen keys add`.")
 
 
+async def authenticated(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Principal:
+    """A route dependency: the caller's :class:`Principal`, whatever its scopes (401 without a good credential;
+    403 ``auth_not_configured`` as :meth:`Authenticator.authenticate`). Left on ``request.state`` for the audit log."""
+    auth: Authenticator = getattr(request.app.state, "auth", None) or Authenticator()
+    principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key, request.scope)
+    request.state.principal = principal
+    return principal
+
+
 def require(scope: str) -> Any:
     """A route dependency: the caller's :class:`Principal`, which must hold ``scope`` (else 401/403).
 
@@ -502,9 +517,7 @@ def require(scope: str) -> Any:
         api_key: Annotated[str | None, Depends(_api_key)],
     ) -> Principal:
         request.state.scope = scope
-        auth: Authenticator = getattr(request.app.state, "auth", None) or Authenticator()
-        principal = await auth.authenticate(bearer.credentials if bearer is not None else api_key, request.scope)
-        request.state.principal = principal
+        principal = await authenticated(request, bearer, api_key)
         if not principal.has(scope):
             raise InsufficientScope(f"This needs the scope {scope!r}; the credential has "
                                     f"{sorted(principal.scopes) or 'none'}.", scope=scope)
@@ -670,6 +683,8 @@ ReadAccess = Annotated[Principal, Depends(results_read)]
 """A route parameter: the caller, who holds ``results:read``."""
 AdminAccess = Annotated[Principal, Depends(admin)]
 """A route parameter: the caller, who holds ``admin``."""
+Caller = Annotated[Principal, Depends(authenticated)]
+"""A route parameter: the caller, with whatever scopes its credential grants (``GET /v1/me``)."""
 
 
 def is_loopback(host: str) -> bool:

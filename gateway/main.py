@@ -30,7 +30,7 @@ from aggregator.case import CaseRule
 from ctscreen import __version__
 from ctscreen.embedded import apply_malloc_policy
 from gateway import security
-from gateway.api import deliveries, dicomweb, errors, jobs, ops, sr, studies
+from gateway.api import caller, deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.auth import AuthConfigError
 from gateway.metrics import Metrics
 from gateway.phi import RequestScope, protect_logs
@@ -266,6 +266,7 @@ def create_app(
     app.include_router(deliveries.fleet)
     app.include_router(dicomweb.router)
     app.include_router(ops.router)
+    app.include_router(caller.router)
     install_web(app)  # the page at /, its files and read routes (issue 16)
     return app
 

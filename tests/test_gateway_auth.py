@@ -273,6 +273,9 @@ def test_every_api_route_needs_its_scope(client, provider):
     for path, operations in client.get("/openapi.json").json()["paths"].items():
         if not path.startswith(("/v1/", "/dicomweb/")):
             continue
+        if path == "/v1/me":  # any good credential, whatever its scopes: test_me_names_the_caller_and_its_scopes
+            assert client.get(path).status_code == 401
+            continue
         url = path.replace("{study_instance_uid}", "1.2.3").replace("{job_id}", "0" * 32)
         for method in (m.upper() for m in operations):
             seen += 1
@@ -291,6 +294,51 @@ def test_openapi_shows_the_security_schemes(client):
     assert schemes["apiKey"]["type"] == "apiKey" and schemes["apiKey"]["name"] == "X-API-Key"
     assert {"bearer": []} in doc["paths"]["/v1/studies"]["post"]["security"]
     assert "security" not in doc["paths"]["/healthz"]["get"]
+
+
+def test_me_names_the_caller_and_its_scopes(client, provider, keyfile, capsys):
+    """``GET /v1/me`` (the web page offers only what the caller may do): each kind of credential gets its subject,
+    the scopes it carries and those it may act with (``admin`` implies the others); never the credential itself.
+    Without a credential, or with a bad one, 401 as everywhere."""
+    def me(headers: dict[str, str]) -> dict:
+        r = client.get("/v1/me", headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.headers["cache-control"] == "no-store"
+        secret = headers.get("X-API-Key") or headers.get("Authorization", "").removeprefix("Bearer ")
+        assert secret and secret not in r.text
+        return r.json()
+
+    reader = me(_bearer(provider.token("results:read")))
+    assert reader == {"subject": "alice", "kind": "oidc", "scopes": ["results:read"], "effective_scopes": ["results:read"]}
+    both = me(_bearer(provider.token("results:read studies:write openid profile", kid="ec-1", sub="bob")))
+    assert (both["subject"], both["scopes"]) == ("bob", ["studies:write", "results:read"])  # unknown scopes left out
+    boss = me(_bearer(provider.token(None, scp=["admin"])))
+    assert boss["scopes"] == ["admin"] and boss["effective_scopes"] == ["studies:write", "results:read", "admin"]
+    assert me(_bearer(provider.token("")))["effective_scopes"] == []  # a good token without a scope may still ask
+
+    assert keys_cli.main(["--file", str(keyfile), "add", "pacs-router", "--scopes", "studies:write"]) == 0
+    key = capsys.readouterr().out.strip()
+    for headers in (_bearer(key), {"X-API-Key": key}):
+        assert me(headers) == {"subject": "key:pacs-router", "kind": "api_key", "scopes": ["studies:write"],
+                               "effective_scopes": ["studies:write"]}
+
+    for refused in ({}, {"X-API-Key": key[:-2] + "xx"}, _bearer(provider.token("admin", exp=int(time.time()) - 3600))):
+        r = client.get("/v1/me", headers=refused)
+        assert r.status_code == 401 and r.json()["reason"] == "unauthorized", r.text
+    assert {"bearer": []} in client.get("/openapi.json").json()["paths"]["/v1/me"]["get"]["security"]
+
+
+def test_me_without_authentication_is_the_anonymous_caller_on_this_machine_only(tmp_path):
+    """A gateway without authentication (``make demo``, loopback): the page's caller is anonymous with every scope,
+    so it offers every action as before; a browser page of another site is refused as on every route."""
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, shutdown_grace_s=1)
+    with TestClient(create_app(settings, client_factory=FakeFleet()), raise_server_exceptions=False) as c:
+        r = c.get("/v1/me")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"subject": "anonymous", "kind": "anonymous", "scopes": ["studies:write", "results:read", "admin"],
+                            "effective_scopes": ["studies:write", "results:read", "admin"]}
+        r = c.get("/v1/me", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and r.json()["reason"] == "auth_not_configured", r.text
 
 
 def test_api_keys_add_use_list_revoke(client, keyfile, capsys):
