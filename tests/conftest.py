@@ -5,6 +5,9 @@ rendered from ``model_repository/`` (the shipped ONNX files), on free ports, and
 Tests that use it should carry ``@pytest.mark.triton``. Its log is written to the session's temporary
 folder and printed when start-up fails.
 
+``browser`` is Debian's Chromium (headless) driven by Playwright, one per test module, and ``page`` a fresh tab in it
+that fails its test on a JavaScript error or a Content-Security-Policy refusal (``tests/test_web_*.py``).
+
 ``postgres`` is a real PostgreSQL server for the session, ``pg_url`` a fresh database in it, ``db_url`` a fresh
 state store on SQLite and on PostgreSQL (two runs of the test).
 
@@ -19,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +76,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(autouse=True)
 def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path_factory.mktemp("ctscreen-data")))
+
+
+CHROMIUM = os.environ.get("CTSCREEN_CHROMIUM", "/usr/bin/chromium")
+"""The browser of the web page's tests (never downloaded: scripts/setup.sh --test installs Debian's)."""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # a script or style the page's Content-Security-Policy refuses shows only here (the policy allows no eval:
+    # wait_for_function takes arrow functions, which Playwright calls, not strings it would evaluate)
+    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+    try:
+        yield pg
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 @pytest.fixture(scope="session")

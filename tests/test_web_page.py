@@ -30,6 +30,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import free_port
 from gateway.cli import Stack, run_stack
 from gateway.client import collect_files, screen_paths
+from tests.conftest import CHROMIUM
 from tests.fhir_receiver import FhirReceiver
 from tests.gateway_app_fakes import edited
 from tests.gateway_dicom_factory import FACE_SLICE, face_series
@@ -37,7 +38,6 @@ from tests.gateway_dicom_factory import FACE_SLICE, face_series
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CTSCREEN_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = ROOT / "docs" / "ui"
 N_SLICES = 24
 # the scanner's 512 matrix: 256-matrix phantoms of healthy patients come out positive with the shipped
@@ -95,32 +95,6 @@ def screened(stack, studies) -> dict[str, tuple[str, CaseResult]]:
         assert o.error is None, o.error
         out[name] = (o.job_id, CaseResult.model_validate(o.result))
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    # a script or style the page's Content-Security-Policy refuses shows only here (the policy allows no eval:
-    # wait_for_function takes arrow functions, which Playwright calls, not strings it would evaluate)
-    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
-    try:
-        yield pg
-    finally:
-        context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _shot(page: Any, name: str) -> None:

@@ -73,6 +73,81 @@ def test_pages_filter_and_order_in_sql(database):
     _run(database, check)
 
 
+def _prioritise(url: str) -> dict[int, str]:
+    """Study versions of every priority, among them three urgent and two low, and two pairs received in the same
+    instant (one pair across a page's edge below), so the order rests on the id where the time ties: study id ->
+    priority."""
+    urgent, low = {3, 17, 29}, {4, 12}
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE studies SET priority = 2 WHERE id IN (3, 17, 29)"))
+        c.execute(text("UPDATE studies SET priority = 0 WHERE id IN (4, 12)"))
+        for a, b in ((17, 18), (20, 21)):
+            c.execute(text("UPDATE studies SET created_at = (SELECT created_at FROM studies WHERE id = :b) WHERE id = :a"),
+                      {"a": a, "b": b})
+    engine.dispose()
+    return {i: "urgent" if i in urgent else "low" if i in low else "routine" for i in range(1, N + 1)}
+
+
+def test_urgent_first_orders_by_priority_then_newest_and_pages_without_repeating_a_row(database):
+    """A reading room wants its urgent studies at the top: ``order="priority"`` puts urgent first, then routine, then
+    low, newest first within each (the id breaking ties of the same instant); every page of it follows on from the
+    one before, none repeating or skipping a row. The default order is unchanged (newest first)."""
+    priorities = _prioritise(database)
+    rank = {"urgent": 2, "routine": 1, "low": 0}
+
+    async def check(w: Worklist):
+        newest = (await w.page(limit=1000)).rows
+        assert [(r.received_at, r.study_id) for r in newest] == sorted(
+            ((r.received_at, r.study_id) for r in newest), reverse=True)  # unchanged
+        ordered = (await w.page(limit=1000, order="priority")).rows
+        assert [r.priority for r in ordered] == [priorities[r.study_id] for r in ordered]
+        assert [r.study_id for r in ordered] == [r.study_id for r in sorted(
+            newest, key=lambda r: (rank[r.priority], r.received_at, r.study_id), reverse=True)]
+        assert [r.study_id for r in ordered[:3]] == [29, 17, 3] and [r.study_id for r in ordered[-2:]] == [12, 4]
+        for size in (4, 7, 10):
+            pages = [(await w.page(limit=size, offset=o, order="priority")).rows for o in range(0, N, size)]
+            assert [r.study_id for p in pages for r in p] == [r.study_id for r in ordered], size
+        second = await w.page(limit=10, offset=10, order="priority")
+        assert second.total == N and [r.study_id for r in second.rows] == [r.study_id for r in ordered[10:20]]
+        # with a filter too: the urgent and low of one state, in the same order
+        done = (await w.page(limit=1000, state="done", order="priority")).rows
+        assert [r.study_id for r in done] == [r.study_id for r in ordered if r.state == "done"]
+        with pytest.raises(ValueError, match="Argument"):
+            await w.page(order="oldest")
+
+    _run(database, check)
+
+
+def test_the_worklist_route_orders_urgent_first_across_pages(database, tmp_path):
+    """``GET /v1/worklist?order=priority``: urgent rows first, page 2 follows page 1; no order is newest first; an
+    unknown order is 422."""
+    from fastapi.testclient import TestClient
+
+    from gateway.main import create_app
+    from gateway.settings import Settings
+    from tests.gateway_app_fakes import FakeFleet
+
+    priorities = _prioritise(database)
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path, database_url=database, stow_quiet_period_s=3600,
+                        shutdown_grace_s=1)
+    with TestClient(create_app(settings, client_factory=FakeFleet())) as c:
+        newest = c.get("/v1/worklist", params={"limit": 1000}).json()["rows"]
+        assert [r["received_at"] for r in newest] == sorted((r["received_at"] for r in newest), reverse=True)
+        pages = [c.get("/v1/worklist", params={"limit": 10, "offset": o, "order": "priority"}).json() for o in (0, 10, 20)]
+        rows = [r for p in pages for r in p["rows"]]
+        assert len({r["study_id"] for r in rows}) == N and {p["total"] for p in pages} == {N}
+        assert [r["priority"] for r in rows] == sorted((r["priority"] for r in rows), key=["urgent", "routine", "low"].index)
+        assert [r["priority"] for r in rows] == [priorities[r["study_id"]] for r in rows]
+        assert [r["study_id"] for r in pages[0]["rows"][:3]] == [29, 17, 3]
+        urgent = c.get("/v1/worklist", params={"priority": "urgent", "order": "priority"}).json()["rows"]
+        assert [r["study_id"] for r in urgent] == [29, 17, 3]
+        r = c.get("/v1/worklist", params={"order": "oldest"})
+        assert r.status_code == 422 and "query parameter order: " in r.json()["message"], r.text
+        spec = c.get("/openapi.json").json()["paths"]["/v1/worklist"]["get"]["parameters"]
+        assert next(p for p in spec if p["name"] == "order")["schema"]["default"] == "newest"
+
+
 def test_an_older_version_of_a_study_names_the_version_that_supersedes_it(database):
     """A late instance opens version 2: version 1's row (perhaps negative) must not read as the study's
     verdict; its row names the newer version (the page says "superseded by v2")."""

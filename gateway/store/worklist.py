@@ -25,11 +25,14 @@ from gateway.jobs import PRIORITIES, ROUTINE, RUNNING, JobState, Priority, prior
 from gateway.store.models import Base, Event, Instance, Job, Result, Study
 from gateway.store.store import RECEIVING, Store, latest_version
 
-__all__ = ["STATES", "VERDICTS", "StudyLabels", "Worklist", "WorklistPage", "WorklistRow", "row_state"]
+__all__ = ["ORDERS", "STATES", "VERDICTS", "StudyLabels", "Worklist", "WorklistPage", "WorklistRow", "row_state"]
 
 STATES = ("receiving", "queued", "screening", "done", "failed")
 """The states the worklist shows (``screening`` is decoding, inferring or aggregating)."""
 VERDICTS = ("positive", "negative", "indeterminate")
+ORDERS = ("newest", "priority")
+"""The worklist's orders: ``newest`` first (the default), or by ``priority``: urgent first (then routine, then low; newest first
+within each). Either is a total order (the study version's id breaks ties), so offset paging repeats or skips no row."""
 _RUNNING = [s.value for s in RUNNING]
 
 
@@ -114,8 +117,8 @@ class Worklist:
 
     async def page(self, *, limit: int = 50, offset: int = 0, state: str | None = None, verdict: str | None = None,
                    received_from: float | None = None, received_to: float | None = None,
-                   job_id: str | None = None, priority: Priority | None = None) -> WorklistPage:
-        """The study versions matching the filters, newest first.
+                   job_id: str | None = None, priority: Priority | None = None, order: str = "newest") -> WorklistPage:
+        """The study versions matching the filters, newest first (or urgent first: ``order``).
 
         Parameters
         ----------
@@ -131,12 +134,16 @@ class Worklist:
             The row of this job only (the study view names its study as the worklist does).
         priority : str | None
             Study versions of this priority only (``urgent``, ``routine``, ``low``).
+        order : str
+            One of :data:`ORDERS`: ``newest`` first, or by ``priority``: urgent, then routine, then low, each newest first.
 
         Raises
         ------
         ValueError
-            An unknown state or verdict, or a negative page.
+            An unknown state, verdict or order, or a negative page.
         """
+        if order not in ORDERS:
+            raise ValueError(f'Argument "order" must be one of {", ".join(ORDERS)}, got {order!r}.')
         if state is not None and state not in STATES:
             raise ValueError(f'Argument "state" must be one of {", ".join(STATES)}, got {state!r}.')
         if verdict is not None and verdict not in VERDICTS:
@@ -172,7 +179,7 @@ class Worklist:
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
             StudyLabels.read_at, latest_version(), self._json_text(("series_instance_uid",)), Study.priority,
-        ).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset))
+        ).order_by(*self._order(order)).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)
             rows = (await s.execute(query)).all()
@@ -187,6 +194,13 @@ class Worklist:
                 message=r[16], labels=labels, latest_version=int(r[21] or r[2]), series_instance_uid=r[22],
                 priority=priority_name(r[23])))
         return WorklistPage(out, total)
+
+    @staticmethod
+    def _order(order: str) -> list[ColumnElement[Any]]:
+        """The ORDER BY of :meth:`page`: newest first (``ix_studies_created_at``), the id breaking ties (two versions
+        received in the same instant); ``priority``: by priority first (a row written before priorities: routine)."""
+        newest: list[ColumnElement[Any]] = [Study.created_at.desc(), Study.id.desc()]
+        return newest if order == "newest" else [func.coalesce(Study.priority, ROUTINE).desc(), *newest]
 
     async def instances(self, study_id: int, limit: int | None = None) -> list[tuple[str, str, str | None]]:
         """``(filename, blob key, SOP Instance UID or None)`` of the instances of a study version, as stored

@@ -3,7 +3,7 @@
 ==============================================  ==========================================================
 ``GET /``                                       the page (worklist, study viewer, service view); no data
 ``GET /web/static/...``                         its HTML, CSS and JS modules (no build step)
-``GET /v1/worklist``                            study versions, newest first; filters and paging in SQL
+``GET /v1/worklist``                            study versions, newest or urgent first; filters and paging in SQL
 ``GET /v1/worklist/events``                     progress of every job, new study versions, as server-sent events
 ``GET /v1/jobs/{id}/slices/{index}.png``        one slice of a done job, windowed (``?window=lung``)
 ``GET /v1/service``                             Triton endpoints, backlog, throughput, latency, failures
@@ -190,7 +190,7 @@ async def _fill_labels(web: WebState, rows: list[WorklistRow]) -> dict[int, dict
     return found
 
 
-@router.get("/v1/worklist", summary="Studies for the worklist, newest first (filters and paging)",
+@router.get("/v1/worklist", summary="Studies for the worklist, newest first or urgent first (filters and paging)",
             responses={422: {"description": "a filter or the page is out of range"}})
 async def worklist(
     _who: ReadAccess, web: WebDep,
@@ -202,6 +202,9 @@ async def worklist(
     received_to: Annotated[date | None, Query(description="received on or before this day (UTC), YYYY-MM-DD")] = None,
     job_id: Annotated[str | None, Query(pattern="^[0-9a-f]{32}$", description="this job's row only")] = None,
     priority: Literal["urgent", "routine", "low"] | None = Query(None, description="study versions of this priority"),
+    order: Literal["newest", "priority"] = Query(
+        "newest", description="newest: newest first; priority: urgent first, then routine, then low, newest first within "
+                              "each. Either is a total order: paging with offset repeats or skips no row"),
 ) -> JSONResponse:
     """One row per study version: labels (no patient name, ID or birth date), state and progress, verdict with its reason, time taken."""
     if received_from is not None and received_to is not None and received_from > received_to:  # was 200, no rows
@@ -211,7 +214,7 @@ async def worklist(
         limit=limit, offset=offset, state=state, verdict=verdict,
         received_from=None if received_from is None else _epoch(received_from),
         received_to=None if received_to is None or received_to == date.max else _epoch(received_to + timedelta(days=1)),
-        job_id=job_id, priority=priority)
+        job_id=job_id, priority=priority, order=order)
     labels = await _fill_labels(web, page.rows)
     rows = [row_json(r) for r in page.rows]
     for row in rows:

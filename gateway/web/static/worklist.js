@@ -1,4 +1,5 @@
-// The worklist: studies newest first, filters and paging done by the server, live progress over SSE.
+// The worklist: studies newest first (or urgent first), filters and paging done by the server, live progress over
+// SSE.
 
 import { ApiError, getJson, sharedSubscribe } from "./api.js";
 import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
@@ -6,6 +7,8 @@ import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 const STATES = ["receiving", "queued", "screening", "done", "failed"];
 const VERDICTS = ["positive", "negative", "indeterminate"];
 const PRIORITIES = ["urgent", "routine", "low"];
+// the order of the rows (the API's ?order=): newest first (the default, no parameter), or urgent first
+const ORDERS = { "": "newest first", priority: "urgent first" };
 const PAGE = 50;
 
 function select(name, label, options, value) {
@@ -90,7 +93,9 @@ export function worklistView(main, params) {
     priority: PRIORITIES.includes(params.get("priority")) ? params.get("priority") : "",
     received_from: params.get("received_from") || "",
     received_to: params.get("received_to") || "",
+    order: params.get("order") in ORDERS ? params.get("order") : "",
   };
+  const byPriority = filters.order === "priority";
   const offset = Math.max(0, Number(params.get("offset")) || 0);
   const limit = Math.min(1000, Math.max(1, Number(params.get("limit")) || PAGE));
 
@@ -102,6 +107,9 @@ export function worklistView(main, params) {
       h("input", { type: "date", name: "received_from", value: filters.received_from })),
     h("label", { class: "field" }, "to (UTC day)",
       h("input", { type: "date", name: "received_to", value: filters.received_to })),
+    h("label", { class: "field" }, "Order",
+      h("select", { name: "order", id: "f-order" },
+        Object.entries(ORDERS).map(([value, text]) => h("option", { value, selected: value === filters.order }, text)))),
     h("button", { type: "submit" }, "Apply"),
     h("button", { type: "reset" }, "Clear"));
   const go = (next) => {
@@ -117,7 +125,8 @@ export function worklistView(main, params) {
 
   const tbody = h("tbody");
   const table = h("table", { class: "worklist", "aria-describedby": "worklist-caption" },
-    h("caption", { id: "worklist-caption" }, "Studies, newest first"),
+    h("caption", { id: "worklist-caption" },
+      byPriority ? "Studies, urgent first, then routine, then low; newest first within each" : "Studies, newest first"),
     h("colgroup", {}, ["c-when", "c-date", "c-uid", "c-series", "c-state", "c-verdict", "c-reason", "c-time"]
       .map((c) => h("col", { class: c }))),
     h("thead", {}, h("tr", {},
@@ -127,8 +136,9 @@ export function worklistView(main, params) {
           : null }, t)))),
     tbody);
   const summary = h("p", { class: "pager-summary", "aria-live": "polite" });
-  const prev = h("button", { type: "button", disabled: offset === 0 }, "← Newer");
-  const next = h("button", { type: "button", disabled: true }, "Older →");
+  // urgent first, the next page is not older (its first rows may be newer than the last here)
+  const prev = h("button", { type: "button", disabled: offset === 0 }, byPriority ? "← Previous" : "← Newer");
+  const next = h("button", { type: "button", disabled: true }, byPriority ? "Next →" : "Older →");
   // the page size travels with the pages (it went back to 50 on "Older", and "Newer" missed the first page)
   const size = limit === PAGE ? "" : limit;
   prev.addEventListener("click", () => go({ ...filters, limit: size, offset: Math.max(0, offset - limit) || "" }));
