@@ -1,4 +1,5 @@
-"""The worklist urgent first: Debian's Chromium (headless) driven by Playwright against a live gateway with API keys.
+"""The web page offers only what its caller may do (``GET /v1/me``), a failed row's Screen again, and the worklist
+urgent first: Debian's Chromium (headless) driven by Playwright against a live gateway with API keys.
 
 No Triton: the store is seeded (``benchmarks.web_worklist.seed``: done and failed study versions, some urgent, some
 low), and the gateway's Triton is an address nobody listens on, so a study screened again waits queued.
@@ -86,6 +87,92 @@ def _api(site: dict[str, Any], who: str, path: str) -> Any:
     return r.json()
 
 
+def test_a_reader_sees_no_usable_screen_again_and_its_title_names_the_scope(site, page):
+    """A key without studies:write: each failed row's Screen again and the failed study's are disabled, their title
+    saying which scope is needed (they were offered, and answered 403 after the click); nothing is posted."""
+    assert _api(site, "reader", "/v1/me")["effective_scopes"] == ["results:read"]
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    _signed_in(page, site, "reader")
+    button = page.locator(f'{_row(site, 7)} button[data-action="screen-again"]')
+    sync_api.expect(button).to_have_attribute("title", "Needs the studies:write scope, which this credential "
+                                                       "(key:reader) does not grant")
+    assert button.is_disabled() and page.locator('button[data-action="screen-again"]:enabled').count() == 0
+    assert button.get_attribute("aria-label").startswith("Screen again: ")
+    assert page.locator('tr[data-state="done"] button').count() == 0  # a done row has none
+    page.goto(f"{site['url']}/#/study/{site['jobs'][7]}")
+    retry = page.locator("#retry")  # the study view's
+    sync_api.expect(retry).to_have_attribute("title", "Needs the studies:write scope, which this credential "
+                                                      "(key:reader) does not grant")
+    assert retry.is_disabled()
+    retry.click(force=True)  # a click on it does nothing
+    page.wait_for_timeout(300)
+    assert posted == []
+
+
+def test_a_writer_screens_a_failed_row_again_from_the_worklist(site, page):
+    """A failed row's Screen again (the study view's, one function): with studies:write it is enabled, and pressed
+    the job is queued again (POST /v1/jobs/{id}/retry); its row follows (queued, the button gone)."""
+    job = site["jobs"][14]
+    _signed_in(page, site, "writer")
+    button = page.locator(f'{_row(site, 14)} button[data-action="screen-again"]')
+    sync_api.expect(button).to_be_enabled()
+    assert button.get_attribute("title") is None
+    with page.expect_response(lambda r: r.url.endswith(f"/v1/jobs/{job}/retry")) as answer:
+        button.click()
+    assert answer.value.status == 202
+    page.wait_for_selector(f'{_row(site, 14)}[data-state="queued"]')
+    assert page.locator(f'{_row(site, 14)} button').count() == 0
+    assert _api(site, "writer", f"/v1/jobs/{job}")["state"] == "queued"
+    # the same job queued again (the gateway retries a failed job in place: no new study version)
+    rows = [r for r in _api(site, "reader", "/v1/worklist?limit=100")["rows"]
+            if r["study_instance_uid"] == _api(site, "reader", f"/v1/jobs/{job}")["study_instance_uid"]]
+    assert [(r["job_id"], r["version"], r["state"]) for r in rows] == [(job, 1, "queued")]
+
+
+def test_a_refused_screen_again_on_a_row_says_why_under_it(site, page):
+    """A credential that changed since the page asked (here the gateway's answer, played by the browser's router):
+    the 403 is said under the row's button, which can be pressed again."""
+    job = site["jobs"][7]
+    page.route(f"**/v1/jobs/{job}/retry", lambda route: route.fulfill(
+        status=403, content_type="application/json",
+        body='{"reason": "insufficient_scope", "message": "This needs the scope studies:write."}'))
+    _signed_in(page, site, "writer")
+    button = page.locator(f'{_row(site, 7)} button[data-action="screen-again"]')
+    button.click()
+    sync_api.expect(page.locator(f'{_row(site, 7)} [data-role="refused"]')).to_have_text(
+        "Not queued again: This needs the scope studies:write.")
+    sync_api.expect(button).to_be_enabled()
+    assert httpx.get(f"{site['url']}/v1/jobs/{job}", headers={"X-API-Key": site["keys"]["reader"]},
+                     timeout=30).json()["state"] == "failed"
+
+
+def test_send_again_follows_the_callers_scope(site, page):
+    """The study view's delivery panel (deliveries.js) with a failed delivery played by the browser's router: its Send
+    again (studies:write) is disabled with its title for a reader, usable for a writer. The seeded results have no
+    slices to view, so the panel is drawn on the worklist's page, as the study view draws it."""
+    job = site["jobs"][8]
+    failed = [{"job_id": job, "destination": "pacs", "kind": "dicom", "state": "failed", "attempts": 5,
+               "error": "association refused", "next_attempt_at": None, "delivered_at": None, "objects": [], "sent": [],
+               "held": [], "history": [], "updated_at": "2024-01-01T00:01:00Z", "held_behind": None}]
+    page.route(f"**/v1/jobs/{job}/deliveries", lambda route: route.fulfill(
+        status=200, content_type="application/json", headers={"X-Destinations-Configured": "1"}, body=json.dumps(failed)))
+    for who, usable in (("reader", False), ("writer", True)):
+        _signed_in(page, site, who)
+        page.wait_for_function("() => document.querySelector('main')?.dataset.loaded")
+        page.evaluate("""async (job) => { const {deliveriesPanel} = await import('/web/static/deliveries.js');
+            document.querySelector('main').append(deliveriesPanel({job_id: job, finished_at: '2024-01-01T00:00:00Z'}).element);
+            }""", job)
+        button = page.get_by_role("button", name="Send again to pacs")
+        if usable:
+            sync_api.expect(button).to_be_enabled()
+            assert button.get_attribute("title") is None
+        else:
+            sync_api.expect(button).to_have_attribute("title", "Needs the studies:write scope, which this credential "
+                                                               "(key:reader) does not grant")
+            assert button.is_disabled()
+
+
 def test_the_worklist_urgent_first_pages_without_repeating_a_row(site, page):
     """The page's Order control: urgent first, then routine, then low, newest first within each; its pages follow
     on (page 2 starts where page 1 ended); the default is unchanged, newest first."""
@@ -111,3 +198,19 @@ def test_the_worklist_urgent_first_pages_without_repeating_a_row(site, page):
         page.wait_for_function("t => !t.isConnected", arg=table)
     assert seen == expected
     assert page.locator("#worklist-caption").inner_text().startswith("Studies, urgent first")
+
+
+def test_the_gated_worklist_passes_axe_cores_wcag_rules(site, page):
+    """The rows' Screen again, disabled with its title (a reader) and enabled (a writer), and the Order control."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    from tests.test_web_page import AXE_RULES
+
+    for who, width in (("reader", 1280), ("writer", 1280), ("writer", 390)):
+        page.set_viewport_size({"width": width, "height": 800})
+        _signed_in(page, site, who, "/#/?order=priority")
+        page.wait_for_selector(f'{_row(site, 7)} button[data-action="screen-again"]'
+                               + (":enabled" if who == "writer" else "[title]"))
+        violations = Axe().run(page, options=AXE_RULES).response["violations"]
+        assert not violations, [(who, width, v["id"], v["help"], [n["target"] for n in v["nodes"][:3]])
+                                for v in violations]

@@ -1,6 +1,7 @@
 // Where a result went: each destination (PACS, RIS) with its state, for the study view; and the deliveries that
 // ran out of tries, for the service view. A reader sees whether the PACS holds the SR before she looks for it.
 
+import { gate, STUDIES_WRITE } from "./actions.js";
 import { api, ApiError, getJson } from "./api.js";
 import { announce, fmtDate, h, studyLink } from "./dom.js";
 
@@ -69,6 +70,7 @@ export function deliveriesPanel(job) {
 
   async function resend(d, button) {
     button.disabled = true;
+    button.dataset.busy = "1";  // gate() leaves it disabled until its row is drawn again
     focusAfter = d.destination;
     refused.delete(d.destination);
     try {
@@ -92,8 +94,9 @@ export function deliveriesPanel(job) {
         h("td", { class: `state-cell ${d.state === "done" ? "ok" : failed ? "bad" : ""}`, tabindex: -1 }, stateWord(d))),
       why || failed ? h("tr", { class: "delivery-detail" }, h("td", { colspan: 2 }, why,
         no ? h("span", { class: "resend-refused bad" }, no) : null,
-        failed ? h("button", { type: "button", class: "resend", onclick: (e) => resend(d, e.currentTarget) },
-          `Send again to ${d.destination}`) : null)) : null);
+        // studies:write: disabled, its title saying so, for a credential without it (gate, after each draw)
+        failed ? h("button", { type: "button", class: "resend", disabled: true, dataset: { needs: STUDIES_WRITE },
+          onclick: (e) => resend(d, e.currentTarget) }, `Send again to ${d.destination}`) : null)) : null);
   }
 
   function draw(list) {
@@ -107,7 +110,10 @@ export function deliveriesPanel(job) {
         const focused = old.body.contains(document.activeElement) || focusAfter === d.destination;
         old.body.replaceWith(body);
         if (focusAfter === d.destination) focusAfter = null;
-        if (focused) (body.querySelector("button.resend") || body.querySelector(".state-cell")).focus();
+        // once gate() has said whether its button may be used (a disabled one takes no focus)
+        if (focused) {
+          gate(body).then(() => (body.querySelector("button.resend:not(:disabled)") || body.querySelector(".state-cell")).focus());
+        }
         if (old.state !== d.state) announce(`${d.destination}: ${stateWord(d)}`);
       } else {
         table.append(body);
@@ -115,6 +121,7 @@ export function deliveriesPanel(job) {
       rows.set(d.destination, { key, state: d.state, body });
     }
     table.hidden = !list.length;
+    gate(table);
   }
 
   // the next read: soon while sending, at the next try while waiting (a back-off runs up to minutes)

@@ -2,6 +2,7 @@
 // result summary and downloads. Boxes are the result's `original` boxes (the stored image's grid).
 
 import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
+import { canScreenAgain, gate, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
 import { deliveriesPanel } from "./deliveries.js";
 
@@ -71,21 +72,13 @@ export function studyView(main, jobId) {
 // callers; the page has a button for it
 const withoutRetryHint = (text) => text.replace(/:?\s*POST \/v1\/jobs\/\S+\/retry queues (it|one) again\.?/, ".");
 
-/** A failed job's "Screen again" (POST /v1/jobs/{id}/retry: studies:write); queued, the view is shown again. */
+/** A failed job's "Screen again" (actions.js, as a failed worklist row's; studies:write: disabled without it);
+ * queued, the view is shown again. */
 function retryButton(job, again) {
   const refused = h("p", { class: "bad", id: "retry-refused" });
-  const button = h("button", { type: "button", id: "retry", onclick: async () => {
-    button.disabled = true;
-    refused.textContent = "";
-    try {
-      await api(`/v1/jobs/${encodeURIComponent(job.job_id)}/retry`, { method: "POST" });
-      announce("Queued to be screened again");
-      again();
-    } catch (error) {
-      refused.textContent = `Not queued again: ${error.message}`;  // a 401/403 opens the sign-in box too
-      button.disabled = false;
-    }
-  } }, "Screen again");
+  const button = h("button", { type: "button", id: "retry", disabled: true, dataset: { needs: STUDIES_WRITE },
+    onclick: async () => { if (await screenAgain(job.job_id, button, refused)) again(); } }, "Screen again");
+  gate(button);
   return [h("p", {}, button), refused];
 }
 
@@ -127,7 +120,7 @@ function pending(main, job, again) {
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), identity(job),
     ...supersededNote(job),
-    status, bar, ...(job.state === "failed" ? retryButton(job, again) : []));
+    status, bar, ...(canScreenAgain(job.state) ? retryButton(job, again) : []));
   if (job.state === "failed") return () => {};
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
     show(v);

@@ -1,6 +1,7 @@
 // The worklist: studies newest first (or urgent first), filters and paging done by the server, live progress over
-// SSE.
+// SSE; a failed study's row has the study view's Screen again (actions.js).
 
+import { canScreenAgain, gate, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { ApiError, getJson, sharedSubscribe } from "./api.js";
 import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 
@@ -27,12 +28,21 @@ function progress(row) {
 // Rows are written as one HTML string (escaped) and parsed once: a page of 1,000 studies stays fast.
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
-function stateHtml(row) {
+// a failed study's Screen again (studies:write): written disabled, gate() enables it for a caller who holds the
+// scope; named with its row (a screen reader's list of buttons read "Screen again" as often as rows failed)
+function screenAgainHtml(row, name) {
+  if (!canScreenAgain(row.state) || !row.job_id || !name) return "";
+  return `<button type="button" class="screen-again" data-action="screen-again" data-needs="${STUDIES_WRITE}" disabled`
+    + ` aria-label="Screen again: ${esc(name)}">Screen again</button><span class="bad retry-refused" data-role="refused"></span>`;
+}
+
+function stateHtml(row, name = null) {
   const text = row.state === "screening" && row.slices_total
     ? `screening ${row.slices_done}/${row.slices_total}` : row.state;
   const bar = row.state === "screening"
     ? `<progress max="${row.slices_total || 1}" value="${row.slices_done}" aria-label="slices screened of ${row.slices_total || 0}"></progress>` : "";
-  return `<td class="state state-${esc(row.state)}" data-role="state"><span class="state-text">${esc(text)}</span>${bar}</td>`;
+  return `<td class="state state-${esc(row.state)}" data-role="state"><span class="state-text">${esc(text)}</span>${bar}`
+    + `${screenAgainHtml(row, name)}</td>`;
 }
 
 function stateCell(row) {
@@ -80,7 +90,7 @@ function rowHtml(row) {
     + `<td class="when">${esc(fmtStudyDate(row.labels?.study_date))}</td>`
     + `<th scope="row" class="uid"><span class="uid-name">${link}</span>${badges}</th>`
     + `<td class="series">${esc(row.labels?.series_description || "—")}</td>`
-    + stateHtml(row)
+    + stateHtml(row, label(row))
     + `<td>${verdict}</td>`
     + `<td class="reason" title="${esc(row.message)}"><code>${esc(row.reason)}</code> ${esc(row.message)}</td>`
     + `<td class="num">${esc(fmtSeconds(row.time_s))}</td></tr>`;
@@ -149,6 +159,18 @@ export function worklistView(main, params) {
     h("div", { class: "view-head" }, h("h1", {}, "Worklist"), live),
     form, summary, h("div", { class: "table-wrap" }, table), h("nav", { class: "pager", "aria-label": "Pages" }, prev, next));
 
+  // a failed row's Screen again: queued, its row follows the job (the event stream), the focus on the row's link
+  tbody.addEventListener("click", async (e) => {
+    const button = e.target.closest('button[data-action="screen-again"]');
+    const tr = button?.closest("tr");
+    if (!tr) return;
+    if (await screenAgain(tr.dataset.jobId, button, tr.querySelector('[data-role="refused"]'))) {
+      if (left) return;
+      tr.querySelector("th.uid a")?.focus();
+      reloadSoon();
+    }
+  });
+
   let reloadTimer = null;
   let loads = 0;
   const finished = new Set();  // jobs whose end is announced once their rows are loaded again
@@ -167,6 +189,7 @@ export function worklistView(main, params) {
       tbody.innerHTML = page.rows.length ? page.rows.map(rowHtml).join("")
         : '<tr><td colspan="8" class="empty">No study matches.</td></tr>';
       if (held) tbody.querySelector(`tr[data-job-id="${CSS.escape(held)}"] a`)?.focus();
+      gate(tbody);  // the rows' Screen again, for a caller who may
       const said = [...finished].map((job) => {
         const tr = tbody.querySelector(`tr[data-job-id="${CSS.escape(job)}"]`);
         const name = tr?.querySelector("th.uid a, th.uid span")?.textContent || "A study";

@@ -1,0 +1,69 @@
+// What the caller may do, and the actions that need a scope. The gateway says who the caller is (GET /v1/me, asked
+// once per credential); a button whose scope the credential lacks is disabled, its title naming the scope (it was
+// offered to everyone, and a reader's click answered 403). Such a button is written disabled, with data-needs
+// naming its scope, and gate() enables it once the gateway has said: none is usable before.
+
+import { api, credential, getJson } from "./api.js";
+import { announce } from "./dom.js";
+
+export const STUDIES_WRITE = "studies:write";
+
+let asked = null;  // { token, answer }: the answer for this credential
+
+/**
+ * The caller as the gateway sees it ({subject, kind, scopes, effective_scopes}), or null when it cannot tell (an
+ * older gateway, the network down): then every action is offered and the gateway decides, as before. Without
+ * authentication (loopback) the caller is anonymous with every scope.
+ */
+export function caller() {
+  const token = credential.get();
+  if (asked?.token !== token) {
+    const mine = { token, answer: null };
+    // a 401 here opens the sign-in box (api.js), as the view's own request does; not kept: asked again next time
+    mine.answer = getJson("/v1/me").catch(() => { if (asked === mine) asked = null; return null; });
+    asked = mine;
+  }
+  return asked.answer;
+}
+
+/** Whether the caller (caller()'s answer) may act with ``scope``; one the gateway did not describe may try. */
+export const may = (who, scope) => !who || who.effective_scopes.includes(scope);
+
+/** The buttons in ``root`` (itself included) that need a scope: enabled where the caller holds it, else disabled
+ * with a title saying which scope is needed. A button busy with its request is left alone. */
+export async function gate(root) {
+  const who = await caller();
+  const buttons = [root, ...root.querySelectorAll("[data-needs]")].filter((el) => el.dataset?.needs);
+  for (const el of buttons) {
+    if (el.dataset.busy) continue;
+    const scope = el.dataset.needs;
+    el.disabled = !may(who, scope);
+    if (el.disabled) el.title = `Needs the ${scope} scope, which this credential (${who.subject}) does not grant`;
+    else el.removeAttribute("title");
+  }
+}
+
+/** Whether a job in ``state`` can be screened again (the gateway retries failed jobs only: 409 for any other). */
+export const canScreenAgain = (state) => state === "failed";
+
+/**
+ * "Screen again" (POST /v1/jobs/{id}/retry: studies:write), for the study view's button and each failed worklist
+ * row's. ``button`` is disabled while it is asked; a refusal is written in ``refused`` (a 401/403 opens the sign-in
+ * box too) and the button can be pressed again. Resolves to whether the job is queued again.
+ */
+export async function screenAgain(jobId, button, refused) {
+  button.disabled = true;
+  button.dataset.busy = "1";
+  refused.textContent = "";
+  try {
+    await api(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, { method: "POST" });
+    announce("Queued to be screened again");
+    return true;
+  } catch (error) {
+    refused.textContent = `Not queued again: ${error.message}`;
+    button.disabled = false;
+    return false;
+  } finally {
+    delete button.dataset.busy;
+  }
+}
