@@ -60,6 +60,17 @@ _TEMPORAL = ("DA", "DT", "TM")
 _SEXES = ("M", "F", "O")
 
 
+def patient_sex(raw: object) -> str:
+    """A Patient's Sex as the enumerated value DICOM (and HL7 v2 table 0001) has for it, M, F or O; "" for any
+    other value (a scanner's ``U`` or ``W``; ``m`` is read as ``M``).
+
+    >>> patient_sex(" m"), patient_sex("W"), patient_sex(None)
+    ('M', '', '')
+    """
+    sex = str(raw or "").strip().upper()
+    return sex if sex in _SEXES else ""
+
+
 class SourceError(ValueError):
     """The source images cannot make the object asked for (missing, of another study, multi-frame).
 
@@ -240,11 +251,9 @@ def usable_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
             if keyword not in copy:
                 setattr(copy, keyword, "")
         raw = str(copy.PatientSex or "")
-        sex = raw.strip().upper()  # an enumerated value (M, F, O) highdicom checks
-        if sex not in _SEXES:
-            if sex:
-                emptied.add("PatientSex")
-            sex = ""
+        sex = patient_sex(raw)  # an enumerated value (M, F, O) highdicom checks
+        if raw.strip() and not sex:
+            emptied.add("PatientSex")
         if sex != raw:  # a new element: the caller's stays as it was
             copy.add_new(0x00100040, "CS", sex)
         _plain_character_set(copy)
