@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize("name", ["aggregator.case", "aggregator.metrics", "aggregator.schema", "aggregator.keyimages",
-                                  "aggregator.fhir", "aggregator.sr", "aggregator.report"])
+                                  "aggregator.fhir", "aggregator.sr", "aggregator.report",
+                                  "aggregator.hl7v2"])
 def test_doctests(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -1,0 +1,52 @@
+"""The HL7 v2 ORU^R01 of a result (:mod:`aggregator.hl7v2`), parsed back with the ``hl7`` library; the message a
+RIS gets over MLLP is in ``tests/test_gateway_delivery_hl7.py``."""
+
+from __future__ import annotations
+
+import hl7
+
+from aggregator.case import decide
+from aggregator.hl7v2 import Parties, to_oru
+
+
+def test_an_oru_escapes_every_delimiter_and_leaves_absent_or_invalid_patient_fields_empty():
+    """Pure: the message of a result whose study has a backslash in a name (DICOM's value delimiter, here as it
+    reached the headers kept), a birth date that is no date, a sex outside M/F/O, and no accession number."""
+    result = decide([]).to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", job_id="job-7") \
+        .model_copy(update={"message": "No run: a | b ^ c ~ d \\ e & f\nsecond line"})
+    text = to_oru(result, {"PatientName": "Back\\slash^Ann", "PatientBirthDate": "19611340", "PatientSex": "W"},
+                  Parties(sending_facility="RAD"))
+    assert "\n" not in text and text.endswith("\r")
+    message = hl7.parse(text)
+    assert message["PID.F5.R1.C1"] == "Back\\slash" and "Back\\Eslash" not in text and "Back\\E\\slash" in text
+    assert (message["PID.F3"], message["PID.F7"], message["PID.F8"]) == ("", "", "")
+    assert message["OBR.F2"] == "" and message["OBR.F3.R1.C1"] == "1.2.3"  # the study as the order, without one
+    reason = next(s for s in message.segments("OBX") if str(s(3)(1)(1)) == "reason")
+    assert message.unescape(str(reason(5)(1)(2))) == "No run: a | b ^ c ~ d \\ e & f\rsecond line"
+    assert "\\F\\ b \\S\\ c \\R\\ d \\E\\ e \\T\\ f\\.br\\second line" in text
+
+
+def _positive(job_id: str):
+    import numpy as np
+
+    from aggregator.case import SliceInput
+
+    lesion, va = np.array([[200, 180, 240, 220, 0.9]], np.float32), np.array([60, 60, 450, 450], np.float32)
+    inputs = [SliceInput(f"1.2.3.4.{k}", 5.0 * k, lesion if k in (2, 3, 4) else np.zeros((0, 5)), va, rows=512,
+                         cols=512) for k in range(8)]
+    return decide(inputs).to_result(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", job_id=job_id)
+
+
+def test_a_reading_that_replaces_one_sent_is_a_correction_naming_it():
+    first, second = _positive("job-1"), _positive("job-2")
+    patient = {"PatientID": "P1", "AccessionNumber": "A1", "StudyDate": "20261205", "StudyTime": "093015",
+               "TimezoneOffsetFromUTC": "+0100", "PatientName": "Doe^Jane", "PatientBirthDate": "19610304",
+               "PatientSex": "f"}
+    sent = hl7.parse(to_oru(first, patient))
+    again = hl7.parse(to_oru(second, patient, supersedes=[first], corrects=True))
+    assert (sent["OBR.F25"], again["OBR.F25"]) == ("F", "C")
+    assert {str(s(11)) for s in again.segments("OBX")} == {"C"}
+    assert sent["MSH.F10"] != again["MSH.F10"] and sent["OBR.F3"] == again["OBR.F3"] == "A1"
+    assert sent["OBR.F7"] == "20261205093015+0100" and sent["PID.F8"] == "F" and sent["PID.F5.R1.C2"] == "Jane"
+    assert "It replaces the earlier reading job-1 of this study." in again.unescape(str(again.segments("OBX")[0](5)))
+    assert to_oru(first, patient, now=None).split("|")[9] == sent["MSH.F10"]  # the same message, the same id
