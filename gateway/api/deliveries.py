@@ -24,10 +24,11 @@ class DeliveryView(BaseModel):
     """One result to one destination."""
 
     destination: str
-    kind: str = Field(description="dicom, stowrs or fhir")
+    kind: str = Field(description="dicom, stowrs, fhir or hl7")
     state: str = Field(description="pending, sending, done, skipped or failed")
     attempts: int
-    objects: list[dict[str, str]] = Field(description="what is sent: kind and SOP Instance UID / FHIR identifier")
+    objects: list[dict[str, str]] = Field(description="what is sent: kind and SOP Instance UID / report identifier "
+                                                    "(FHIR, HL7)")
     sent: list[str] = Field(description="UIDs / identifiers the destination acknowledged (in this round: a forced "
                                         "re-send sends every object again)")
     held: list[str] = Field(description=(

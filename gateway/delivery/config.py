@@ -19,6 +19,16 @@
         kind: fhir                      # FHIR R4 transaction Bundle (DiagnosticReport + Observations)
         url: https://ris.example.org/fhir                                      # a FHIR base, or a webhook
         rule: {verdicts: all, calling_ae_titles: [CT_ROOM_1]}
+      - name: ris-hl7
+        kind: hl7                       # HL7 v2.5.1 ORU^R01 over MLLP, delivered on the RIS's AA
+        host: ris.example.org
+        port: 2575
+        sending_application: CTSCREEN   # MSH-3 to MSH-6 (receiving_*: what the RIS's interface expects)
+        sending_facility: RADIOLOGY
+        receiving_application: RIS
+        receiving_facility: HOSPITAL
+        connect_timeout_s: 10           # optional; timeout_s (30): how long the ACK may take
+        tls: {ca_file: /etc/ctscreen/ca.pem}                                   # optional, as a DICOM peer's
 
 A **rule** selects results: ``verdicts`` is ``all`` (default) or a list of verdicts; ``except_reasons``
 leaves out results with those reason codes (``[not_chest]``: the head and neck CTs a router sent on stay off a
@@ -31,7 +41,8 @@ destination acknowledged for the earlier readings (with at least one of the othe
 Header values are secrets: they are :class:`pydantic.SecretStr`, never logged nor shown by the API;
 ``${VAR}`` in a value, in a ``url`` or a ``host`` is replaced by the environment variable ``VAR`` (so a
 Kubernetes Secret can provide it). AE titles are checked as DICOM AE titles; a STOW-RS ``url`` is the
-DICOMweb base, without a query string or fragment. :func:`load_destinations` raises :class:`DestinationsError` with a one-line message.
+DICOMweb base, without a query string or fragment; an HL7 destination's application and facility names are 1 to 64
+printable ASCII characters without an HL7 delimiter (``| ^ ~ \\ &``). :func:`load_destinations` raises :class:`DestinationsError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -55,10 +66,11 @@ from pydantic import (
 )
 
 from aggregator.fhir import IdentifierSystems
+from aggregator.hl7v2 import DELIMITERS, Parties
 from aggregator.schema import REASONS
 
-__all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestination", "Rule", "StowDestination",
-           "load_destinations", "parse_destinations"]
+__all__ = ["DestinationsError", "Destination", "DicomDestination", "FhirDestination", "Hl7Destination", "Rule",
+           "StowDestination", "load_destinations", "parse_destinations"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -148,7 +160,7 @@ class Rule(_Model):
 
 
 class Tls(_Model):
-    """TLS of a DICOM association."""
+    """TLS of a DICOM association or an MLLP connection."""
 
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -175,21 +187,26 @@ class _Base(_Model):
     timeout_s: float = Field(30.0, gt=0, le=600)
 
 
-class DicomDestination(_Base):
-    """A DICOM C-STORE peer (a PACS)."""
+class _Peer(_Base):
+    """A peer reached by host and port (TCP), with optional TLS."""
 
-    kind: Literal["dicom"]
-    ae_title: AeTitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
-    calling_ae_title: AeTitle | None = None
     tls: Tls | None = None
-    objects: Objects
 
     @field_validator("host", mode="before")
     @classmethod
     def _host_from_env(cls, value: object) -> object:
         return _from_env(value, "host") if isinstance(value, str) else value
+
+
+class DicomDestination(_Peer):
+    """A DICOM C-STORE peer (a PACS)."""
+
+    kind: Literal["dicom"]
+    ae_title: AeTitle
+    calling_ae_title: AeTitle | None = None
+    objects: Objects
 
     @property
     def where(self) -> str:
@@ -284,7 +301,40 @@ class FhirDestination(_Http):
         return IdentifierSystems(self.patient_id_system, dict(self.issuer_systems), self.accession_system)
 
 
-Destination = Annotated[DicomDestination | StowDestination | FhirDestination, Field(discriminator="kind")]
+def _hl7_name(value: str) -> str:
+    """An HL7 v2 application or facility name (HD's namespace id, MSH-3 to MSH-6): an HL7 delimiter in it would
+    shift every field after it, and the RIS refused, or misfiled, every message."""
+    if len(value) > 64 or any(c in DELIMITERS for c in value) or not all(" " <= c <= "~" for c in value):
+        raise ValueError("not an HL7 application or facility name: at most 64 characters of printable ASCII, none of "
+                         "the HL7 delimiters | ^ ~ \\ &")
+    return value
+
+
+Hl7Name = Annotated[str, AfterValidator(_hl7_name)]
+
+
+class Hl7Destination(_Peer):
+    """A RIS that takes HL7 v2.5.1 ORU^R01 results over MLLP (one connection a delivery); ``timeout_s`` is how long
+    its ACK may take, ``connect_timeout_s`` the connection (and TLS handshake)."""
+
+    kind: Literal["hl7"]
+    sending_application: Hl7Name = Field("CTSCREEN", min_length=1)
+    sending_facility: Hl7Name = ""
+    receiving_application: Hl7Name = ""
+    receiving_facility: Hl7Name = ""
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @property
+    def where(self) -> str:
+        return f"MLLP {self.host}:{self.port}"
+
+    def parties(self) -> Parties:
+        return Parties(self.sending_application, self.sending_facility, self.receiving_application,
+                       self.receiving_facility)
+
+
+Destination = Annotated[DicomDestination | StowDestination | FhirDestination | Hl7Destination,
+                        Field(discriminator="kind")]
 
 
 class _File(_Model):
@@ -296,7 +346,7 @@ def _one_line(exc: ValidationError, data: object) -> str:
     and why."""
     first = exc.errors()[0]
     path = first.get("loc", ())
-    loc = ".".join(str(p) for p in path if p not in ("dicom", "stowrs", "fhir"))
+    loc = ".".join(str(p) for p in path if p not in ("dicom", "stowrs", "fhir", "hl7"))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if len(path) > 1 and path[0] == "destinations" and isinstance(path[1], int) and isinstance(data, dict):
         listed = data.get("destinations")
@@ -328,7 +378,7 @@ def parse_destinations(data: object, source: str = "destinations") -> list[Desti
     if dup:
         raise DestinationsError(f"{source}: destination names must be unique, {dup[0]!r} appears twice")
     for d in parsed.destinations:
-        if isinstance(d, DicomDestination) and d.tls is not None:
+        if isinstance(d, _Peer) and d.tls is not None:
             for f in (d.tls.ca_file, d.tls.cert_file, d.tls.key_file):
                 if f is not None and not Path(f).is_file():
                     raise DestinationsError(f"{source}: destination {d.name!r}: TLS file {f} does not exist")

@@ -4,7 +4,7 @@ Every ``delivery_poll_s``: (1) each done job finished in the last ``delivery_bac
 delivery to a configured destination gets one (``pending``; the pair is unique, so replicas never make
 two); (2) due tasks are claimed under a lease (``delivery_lease_s``), up to ``delivery_concurrency`` at
 once to each destination (slots per destination: a destination that hangs never delays another's
-deliveries), one at a time to a FHIR destination across the replicas; a later version's delivery is not
+deliveries), one at a time to a FHIR or HL7 destination across the replicas; a later version's delivery is not
 claimed while an earlier version's to the same destination has not ended (:meth:`Deliveries.claim`). A
 claimed task:
 
@@ -45,8 +45,8 @@ from prometheus_client.registry import Collector
 
 from aggregator.schema import counted
 from gateway.delivery import iocm, payloads
-from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
-from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_stow
+from gateway.delivery.config import DicomDestination, FhirDestination, Hl7Destination, StowDestination
+from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_hl7, send_stow
 from gateway.phi import withheld
 from gateway.settings import Settings
 from gateway.store import BlobStore, FolderBlobs, Store, StoreError, instance_sources, new_key
@@ -56,7 +56,11 @@ from gateway.uploads import new_spool
 
 logger = logging.getLogger(__name__)
 
-Destination = DicomDestination | StowDestination | FhirDestination
+Destination = DicomDestination | StowDestination | FhirDestination | Hl7Destination
+
+REPORTS = (FhirDestination, Hl7Destination)
+"""The destinations that take a report (a RIS): a later reading's report replaces the earlier one held there (FHIR's
+replaces extension, HL7's corrected result), also when the destination's rule leaves the later reading out."""
 
 
 class _Pending(Collector):
@@ -96,8 +100,9 @@ class Deliverer:
         # delays another destination's deliveries
         # a FHIR server's one at a time (by every replica: Deliveries.claim's serial): two transactions with the same
         # conditional creates (the Device's ifNoneExist) at once made two of it at HAPI FHIR, and every later one
-        # then failed 412, matching both
-        self._serial = [n for n, d in self.destinations.items() if isinstance(d, FhirDestination)]
+        # then failed 412, matching both; an HL7 RIS files results in the order they come (a correction after the
+        # result it corrects)
+        self._serial = [n for n, d in self.destinations.items() if isinstance(d, REPORTS)]
         self._slots = {name: asyncio.Semaphore(1 if name in self._serial else settings.delivery_concurrency)
                        for name in self.destinations}
         # C-STORE sends block a thread each (pynetdicom): their own threads, one a slot, so hanging peers never
@@ -303,17 +308,17 @@ class Deliverer:
         files, context = await self.tasks.job_sources(task.job_id)
         callers = payloads.calling_ae_titles([f for f, _ in files])
         why = dest.rule.admits(result.verdict, callers, result.reason)
-        fhir = isinstance(dest, FhirDestination)
+        report = isinstance(dest, REPORTS)
         # a reading the rule leaves out still replaces the earlier ones this destination holds: at a FHIR server
-        # by its report (whose replaces chain makes it current; the positive it holds stayed current), at a PACS
-        # by a Rejection Note where the destination sends them
-        wants_note = isinstance(dest, FhirDestination) or "rejection" in dest.objects
+        # by its report (whose replaces chain makes it current; the positive it holds stayed current), at an HL7
+        # RIS by a corrected result (OBR-25 C), at a PACS by a Rejection Note where the destination sends them
+        wants_note = isinstance(dest, REPORTS) or "rejection" in dest.objects
         # the readings this one replaces (not read for a result this destination's rule leaves out, unless a
         # note may still go), and what this destination acknowledged of them
         earlier = await self.store.earlier_results(task.job_id) if why is None or wants_note else []
         held = await self.tasks.acknowledged([e.job_id for e in earlier if e.job_id], dest.name) if wants_note else []
-        rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held and not fhir else []
-        if why is not None and not (rejected or fhir and held):
+        rejected = await asyncio.to_thread(iocm.retractable, held, self.blobs.get) if held and not report else []
+        if why is not None and not (rejected or report and held):
             await self.tasks.finish(task.id, SKIPPED, why)
             self.outcomes.labels(dest.name, SKIPPED).inc()
             logger.info("job %s -> %s: skipped (%s)", task.job_id, dest.name, why)
@@ -327,6 +332,8 @@ class Deliverer:
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
                 return payloads.build_fhir(result, context, put, dest.systems(), earlier)
+            if isinstance(dest, Hl7Destination):  # a correction (OBR-25 C) of a reading this RIS was sent
+                return payloads.build_hl7(result, context, put, dest.parties(), earlier, corrects=bool(held))
             # files, read as needed (their pixels only for the key images); a bucket's downloaded to a spool
             # folder for the build, not held in memory whole
             spool = None if isinstance(self.blobs, FolderBlobs) else new_spool(self.settings.spool_dir())
@@ -346,7 +353,7 @@ class Deliverer:
         objects = await asyncio.to_thread(build)
         payload: dict[str, Any] = {"verdict": result.verdict, "objects": objects}
         if why is not None:
-            payload["rule"] = f"{why}; sent all the same: it replaces the earlier reading sent here" if fhir \
+            payload["rule"] = f"{why}; sent all the same: it replaces the earlier reading sent here" if report \
                 else f"{why}; the earlier readings sent here are retracted"
         await self.tasks.save_payload(task.id, payload)
         return payload
@@ -371,6 +378,8 @@ class Deliverer:
                 self._http = httpx.AsyncClient()
             if isinstance(dest, StowDestination):
                 return await send_stow(dest, items, self._http, notes)
+            if isinstance(dest, Hl7Destination):
+                return await send_hl7(dest, items)
             return await send_fhir(dest, items, self._http)
         finally:
             beat.cancel()

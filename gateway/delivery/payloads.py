@@ -4,11 +4,13 @@ For a DICOM or STOW-RS destination: the TID 1500 SR (:func:`aggregator.sr.to_sr`
 the screened series, the key images (:func:`aggregator.keyimages.key_images`) rendered from the stored
 pixel data, and, where the destination asks for it, the Key Object Selection document that flags the evidence
 slices and the key images (:func:`aggregator.keyimages.key_object_selection`). For a FHIR destination: the transaction Bundle (:func:`aggregator.fhir.to_fhir`), whose
-patient identifiers come from the headers kept with the result. Blocking, CPU-bound: run it in a thread.
+patient identifiers come from the headers kept with the result; for an HL7 destination, the ORU^R01 message that
+says the same (:func:`aggregator.hl7v2.to_oru`), with the patient's identifier, name, birth date and sex. Blocking, CPU-bound: run it in a thread.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -17,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.fhir import IdentifierSystems
+from aggregator.hl7v2 import Parties
 from aggregator.schema import CaseResult
 from aggregator.sr import SourceError
 
 logger = logging.getLogger(__name__)
 
-SR, KEY_IMAGE, KOS, REJECTION, FHIR = "sr", "key_image", "kos", "rejection", "fhir"
+SR, KEY_IMAGE, KOS, REJECTION, FHIR, HL7 = "sr", "key_image", "kos", "rejection", "fhir", "hl7"
 
 
 class PayloadUnavailable(RuntimeError):
@@ -131,6 +134,16 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
         When the FHIR models refuse the bundle.
     """
     from aggregator.fhir import report_identifier, to_fhir
+
+    try:
+        bundle = to_fhir(result, _patient(sr_context), systems, supersedes=earlier)
+    except ValueError as exc:
+        raise PayloadUnavailable(str(exc)) from None
+    return [{"kind": FHIR, "uid": report_identifier(result), "blob_key": put(json.dumps(bundle).encode())}]
+
+
+def _patient(sr_context: dict[str, Any] | None) -> dict[str, str]:
+    """The patient and study attributes kept with the result (those with a value), and the study's time zone."""
     from gateway.report import SrContext
 
     # read as the SR reads it (SrContext.from_json: what an earlier or a later release stored)
@@ -138,8 +151,25 @@ def build_fhir(result: CaseResult, sr_context: dict[str, Any] | None, put: Calla
     patient = {k: v for k, v in context.study if v} if context else {}
     if context is not None and context.timezone_offset:  # the study's zone: its date and time become one instant
         patient["TimezoneOffsetFromUTC"] = context.timezone_offset
+    return patient
+
+
+def build_hl7(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str], parties: Parties,
+              earlier: Sequence[CaseResult] = (), corrects: bool = False) -> list[dict[str, str]]:
+    """Build the HL7 v2.5.1 ORU^R01 message of ``result`` (UTF-8); ``corrects``: the destination was sent an earlier
+    reading of the study, which this one corrects (OBR-25 ``C``).
+
+    Raises
+    ------
+    PayloadUnavailable
+        When the FHIR models refuse the report the message is read from.
+    """
+    from aggregator.fhir import report_identifier
+    from aggregator.hl7v2 import to_oru
+
     try:
-        bundle = to_fhir(result, patient, systems, supersedes=earlier)
+        message = to_oru(result, _patient(sr_context), parties, supersedes=earlier, corrects=corrects,
+                         now=datetime.datetime.now(datetime.UTC))
     except ValueError as exc:
         raise PayloadUnavailable(str(exc)) from None
-    return [{"kind": FHIR, "uid": report_identifier(result), "blob_key": put(json.dumps(bundle).encode())}]
+    return [{"kind": HL7, "uid": report_identifier(result), "blob_key": put(message.encode("utf-8"))}]

@@ -1,4 +1,5 @@
-"""Sending built objects to one destination: DICOM C-STORE (pynetdicom), STOW-RS and FHIR (httpx).
+"""Sending built objects to one destination: DICOM C-STORE (pynetdicom), STOW-RS and FHIR (httpx), HL7 v2 over
+MLLP (asyncio, the ``hl7`` library's MLLP streams).
 
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
@@ -10,17 +11,25 @@ yet, as when the images reach screening before the order or the registration doe
 others' back-off; a 412 that says more than one resource matches (duplicates at the server) is permanent. A
 FHIR server's 409 (a version conflict) is tried again, a 401 (an expired token) after the longest back-off
 (``SendError.longest``); a 429's or 503's ``Retry-After`` is the least wait (``SendError.wait_s``); a read
-timeout says the server may have stored what was sent.
-Blocking (pynetdicom) or async (httpx); messages never hold a header value or patient data.
+timeout says the server may have stored what was sent. An HL7 message is delivered on the RIS's application
+accept (MSA-1 ``AA``, or ``CA``) of that message (MSA-2 our MSH-10); an application error (``AE``/``CE``), no
+ACK, an ACK of another message, one that is no HL7 ACK, a connection refused or lost are tried again; a reject
+(``AR``/``CR``) is permanent (:func:`ack_outcome`).
+Blocking (pynetdicom) or async (httpx, asyncio); messages never hold a header value or patient data of ours (an HL7
+ACK's text, MSA-3 and ERR, is the RIS's own words, quoted on one line).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import email.utils
 import io
 import logging
+import os
 import re
+import ssl
 import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -28,7 +37,7 @@ from typing import Any
 import httpx
 
 from aggregator.schema import counted
-from gateway.delivery.config import DicomDestination, FhirDestination, StowDestination
+from gateway.delivery.config import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from gateway.dimse_scu import steady_reactor
 
 logger = logging.getLogger(__name__)
@@ -110,13 +119,7 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls = None
     if dest.tls is not None:
-        import ssl
-
-        try:  # checked when the file was loaded; a file changed since fails here, for good
-            context = dest.tls.context()
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise SendError(f"the TLS files of {dest.where} do not make a TLS context ({type(exc).__name__})",
-                            permanent=True) from None
+        context = _tls_context(dest)
         tls = (context, dest.tls.server_hostname or dest.host)
         handshakes = _handshake_failures(context)
     try:
@@ -174,6 +177,23 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
     return sent
 
 
+def _tls_context(dest: DicomDestination | Hl7Destination) -> ssl.SSLContext:
+    """The TLS context of a destination that has ``tls``.
+
+    Raises
+    ------
+    SendError
+        Permanent: its files make no TLS context (checked when the file was loaded; a file changed since fails
+        here, for good).
+    """
+    assert dest.tls is not None
+    try:
+        return dest.tls.context()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise SendError(f"the TLS files of {dest.where} do not make a TLS context ({type(exc).__name__})",
+                        permanent=True) from None
+
+
 def _handshake_failures(context: Any) -> list[OSError]:
     """The errors of the TLS handshakes of the sockets ``context`` (an :class:`ssl.SSLContext`) makes, as they
     happen: pynetdicom catches a failed one, logs it and reports only an association not established. Its
@@ -197,8 +217,6 @@ def _handshake_failures(context: Any) -> list[OSError]:
 def _tls_words(exc: OSError, server_hostname: str) -> str:
     """A failed TLS handshake in words: a certificate that does not verify (and why: OpenSSL's words), another TLS
     error (OpenSSL's reason), or the connection lost (a peer that does not speak TLS there)."""
-    import ssl
-
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"certificate verify failed: {str(exc.verify_message).rstrip('.')} (the name checked: "
                 f"{server_hostname}, tls.server_hostname or else host; the CAs trusted: tls.ca_file)")
@@ -413,3 +431,119 @@ async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.
         sent.append(ident)
     return sent
 
+
+ACCEPTED, ERRORS, REJECTED = ("AA", "CA"), ("AE", "CE"), ("AR", "CR")
+"""HL7 acknowledgment codes (table 0008), original mode and enhanced mode's commit: accepted (delivered), an error
+(tried again), a reject (permanent)."""
+
+ACK_LIMIT = 1024 * 1024
+"""The longest ACK read (bytes): an ACK is a few hundred; a peer that streams more is no HL7 peer."""
+
+
+async def send_hl7(dest: Hl7Destination, items: Sequence[Item]) -> list[str]:
+    """Send each HL7 message (UTF-8 bytes) over one MLLP connection (``0x0B`` ... ``0x1C 0x0D``), each acknowledged
+    before the next goes (:func:`ack_outcome`)."""
+    from hl7.mllp import InvalidBlockError, open_hl7_connection
+
+    context = _tls_context(dest) if dest.tls is not None else None
+    server_hostname = (dest.tls.server_hostname or dest.host) if dest.tls is not None else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            open_hl7_connection(dest.host, dest.port, limit=ACK_LIMIT, ssl=context, server_hostname=server_hostname),
+            dest.connect_timeout_s)
+    except TimeoutError:  # before OSError: TimeoutError is one
+        raise SendError(f"cannot reach {dest.where}: no connection within {dest.connect_timeout_s:g} s") from None
+    except ssl.SSLError as exc:
+        raise SendError(f"TLS handshake with {dest.where} failed: {_tls_words(exc, server_hostname or dest.host)}") \
+            from None
+    except OSError as exc:  # asyncio's strerror is "Connect call failed (address)": the errno's words
+        raise SendError(f"cannot reach {dest.where}: {os.strerror(exc.errno) if exc.errno else type(exc).__name__}") \
+            from None
+    sent: list[str] = []
+    try:
+        for ident, _, data in items:
+            ours = message_control_id(data)
+            try:
+                writer.writeblock(data)
+                await writer.drain()
+                block = await asyncio.wait_for(reader.readblock(), dest.timeout_s)
+            except TimeoutError:
+                raise SendError(f"no ACK from {dest.where} within {dest.timeout_s:g} s (it may have filed the "
+                                "message: the same one goes again, with the same control id)", sent=sent) from None
+            except asyncio.IncompleteReadError:
+                raise SendError(f"{dest.where} closed the connection without an ACK", sent=sent) from None
+            except (InvalidBlockError, ValueError):  # no start block, or longer than ACK_LIMIT
+                raise SendError(f"{dest.where} answered no MLLP block (no 0x0B start, or over {ACK_LIMIT} bytes)",
+                                sent=sent) from None
+            except OSError as exc:
+                raise SendError(f"connection to {dest.where} lost before its ACK ({exc.strerror or type(exc).__name__})",
+                                sent=sent) from None
+            ack_outcome(dest.where, block, ours, sent)
+            sent.append(ident)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+    return sent
+
+
+def message_control_id(data: bytes) -> str:
+    r"""MSH-10 of an HL7 message (its bytes).
+
+    >>> message_control_id(b"MSH|^~\\&|CTSCREEN||||20261207||ORU^R01^ORU_R01|4F2A|P|2.5.1\r")
+    '4F2A'
+    """
+    import hl7
+
+    return str(hl7.parse(data.decode("utf-8")).segment("MSH")(10))
+
+
+def ack_outcome(where: str, block: bytes, control_id: str, sent: Sequence[str] = ()) -> None:
+    """Read an HL7 ACK of the message whose MSH-10 is ``control_id``: return if the RIS accepted it (MSA-1 ``AA`` or
+    ``CA``), else raise.
+
+    Raises
+    ------
+    SendError
+        An application error (``AE``/``CE``), an ACK of another message (MSA-2), an unknown code, or one that is no
+        HL7 ACK (no MSH, no MSA): tried again. A reject (``AR``/``CR``): permanent. The RIS's text (MSA-3, ERR-3's
+        code and text, ERR-8) is quoted on one line.
+    """
+    import hl7
+
+    try:
+        ack = hl7.parse(block.decode("utf-8", errors="replace"))
+        code, answered = (str(ack[f"MSA.F{n}"]).strip() for n in (1, 2))
+    except Exception:  # noqa: BLE001 - hl7's ParseException, KeyError (no MSA), IndexError: not an ACK
+        raise SendError(f"{where} answered no HL7 ACK ({len(block)} bytes, no MSH and MSA segments)",
+                        sent=sent) from None
+    if answered != control_id:
+        raise SendError(f"{where} acknowledged another message (MSA-2 {_one_line(answered, 40)!r}, ours "
+                        f"{control_id})", sent=sent)
+    code = code.upper()
+    if code in ACCEPTED:
+        return
+    said = _ack_text(ack)
+    if code in REJECTED:
+        raise SendError(f"{where} rejected the message (MSA-1 {code}{said}); trying again cannot help", permanent=True,
+                        sent=sent)
+    if code in ERRORS:
+        raise SendError(f"{where} answered an application error (MSA-1 {code}{said}); tried again", sent=sent)
+    raise SendError(f"{where} answered an unknown acknowledgment code (MSA-1 {_one_line(code, 8)!r})", sent=sent)
+
+
+def _ack_text(ack: Any) -> str:
+    """``": " + MSA-3, ERR-3 (code and text), ERR-8`` of an ACK, on one line, cut to 200 characters; "" without."""
+    parts = []
+    for key in ("MSA.F3", "ERR.F3.R1.C1", "ERR.F3.R1.C2", "ERR.F8"):
+        try:
+            parts.append(str(ack[key]))
+        except (KeyError, IndexError):
+            continue
+    text = _one_line("; ".join(p for p in parts if p.strip()), 200)
+    return f": {text}" if text else ""
+
+
+def _one_line(text: str, most: int) -> str:
+    """``text`` with its control characters as spaces, cut to ``most`` characters."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()[:most]

@@ -10,9 +10,10 @@ const LONGEST_WAIT_MS = 30000;
 // the deliverer makes a done job's deliveries at its next poll (delivery_poll_s, at most 60 s): until then the
 // list is empty; measured on the server's clock (its Date header), never the browser's
 const FIRST_DELIVERY_S = 90;
-const KINDS = { dicom: "DICOM C-STORE", stowrs: "DICOMweb STOW-RS", fhir: "FHIR" };
+const KINDS = { dicom: "DICOM C-STORE", stowrs: "DICOMweb STOW-RS", fhir: "FHIR", hl7: "HL7 v2 (MLLP)" };
 const STATES = { pending: "waiting", sending: "sending", done: "delivered", skipped: "not sent", failed: "failed" };
-const OBJECTS = { sr: "SR", key_image: "key image", kos: "KOS", rejection: "Rejection Note", fhir: "report" };
+const OBJECTS = { sr: "SR", key_image: "key image", kos: "KOS", rejection: "Rejection Note", fhir: "report",
+  hl7: "ORU^R01" };
 
 // what a done delivery sent: "SR, 2 key images, KOS"
 function sentWhat(d) {
