@@ -14,9 +14,7 @@ one place decides the codes, texts and numbers, and this module only writes them
 * ``ORC`` / ``OBR``: the accession number as placer and filler order number (without one, the Study Instance
   UID as filler order number: a later reading of the study refers to the same order); OBR-4 the report's code
   (DICOM 126000 "Imaging Measurement Report"), OBR-7 the study's date and time, OBR-22 when the reading was
-  made, OBR-24 ``CT``, OBR-25 ``F``, or ``C`` for a reading that replaces one this destination was sent (a
-  study screened again: HL7's way to say the earlier result is corrected, as the FHIR report names the one it
-  replaces; its conclusion says which).
+  made, OBR-24 ``CT``, OBR-25 ``P`` (:data:`RESULT_STATUS`).
 * ``NTE`` after the OBR: the research-use note the FHIR Device carries.
 * ``OBX`` rows: the conclusion (``TX``: the notice that this is a machine reading, the verdict, the reason;
   what the FHIR report's ``conclusion`` says), then each FHIR Observation in the report's order: the verdict as
@@ -25,6 +23,13 @@ one place decides the codes, texts and numbers, and this module only writes them
   quadrant and the run (``NM`` in UCUM units; its extent, whether it qualifies and its first slice in rows of
   the same sub-id). Each row carries the result status, the study's date and time, and the Device's identifier
   as its equipment (OBX-18).
+
+**Preliminary, always.** OBR-25 and every OBX-11 are ``P`` (tables 0123 and 0085: preliminary), as the FHIR report
+is ``preliminary``: a machine reading no radiologist has verified. ``F`` (final) and ``C`` (a correction of a final
+result) say a verified result: a RIS or EHR shows such a one as the exam's signed report. A later reading of the
+study (screened again) is ``P`` too, with the same filler order number and OBR-4 service as the earlier one, so a
+receiver that keys results by order and service replaces the earlier preliminary result with it; its conclusion
+names the reading it replaces, as the FHIR report does.
 
 Every text is escaped (:func:`escape`). Pure: no I/O; the message is a ``str`` whose segments end in ``\r``.
 """
@@ -51,7 +56,7 @@ from aggregator.fhir import (
 from aggregator.schema import CaseResult
 from aggregator.sr import patient_sex
 
-__all__ = ["DELIMITERS", "Parties", "control_id", "escape", "to_oru"]
+__all__ = ["DELIMITERS", "RESULT_STATUS", "Parties", "control_id", "escape", "to_oru"]
 
 DELIMITERS: Final = "|^~\\&"
 """The field separator and the encoding characters (component, repetition, escape, subcomponent) of every
@@ -61,6 +66,10 @@ CODING_SYSTEMS: Final = {SNOMED: "SCT", LOINC: "LN", UCUM: "UCUM", DCM: "DCM",
                          "http://terminology.hl7.org/CodeSystem/v2-0074": "HL70074"}
 """FHIR code systems by their HL7 v2 names (table 0396); ctscreen's own (``urn:ctscreen:code``...) are local:
 :func:`_system`."""
+
+RESULT_STATUS: Final = "P"
+"""OBR-25 and OBX-11 of every message: preliminary (a machine reading; see the module docstring). Never ``F`` or
+``C``, which claim a result a radiologist verified."""
 
 _ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\"}
 
@@ -162,8 +171,7 @@ def _name(value: str) -> str:
 
 
 def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties: Parties | None = None, *,
-           supersedes: Sequence[CaseResult] = (), corrects: bool = False,
-           now: datetime.datetime | None = None) -> str:
+           supersedes: Sequence[CaseResult] = (), now: datetime.datetime | None = None) -> str:
     """Encode ``result`` as an HL7 v2.5.1 ORU^R01 message (see the module docstring).
 
     Parameters
@@ -177,9 +185,8 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
     parties : Parties or None
         MSH-3 to MSH-6.
     supersedes : Sequence[CaseResult]
-        The study's earlier readings, newest first (the conclusion names the one this replaces).
-    corrects : bool
-        The destination was sent an earlier reading of the study: OBR-25 and OBX-11 ``C``, else ``F``.
+        The study's earlier readings, newest first (the conclusion names the one this replaces; the message is
+        preliminary all the same).
     now : datetime.datetime or None
         MSH-7 (default: now, UTC).
 
@@ -199,7 +206,6 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
     by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
     report = bundle["entry"][0]["resource"]
     device = next(r for r in by_url.values() if r["resourceType"] == "Device")
-    status = "C" if corrects else "F"
     effective = dtm(report.get("effectiveDateTime"))
     equipment = escape(device["identifier"][0]["value"])
     when = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
@@ -218,7 +224,7 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
                          8: patient_sex(patient.get("PatientSex"))}),
         _segment("ORC", {1: "RE", 2: accession, 3: filler, 5: "CM"}),
         _segment("OBR", {1: "1", 2: accession, 3: filler, 4: _cwe(report["code"]), 7: effective,
-                         22: dtm(report.get("issued")), 24: "CT", 25: status}),
+                         22: dtm(report.get("issued")), 24: "CT", 25: RESULT_STATUS}),
     ]
     segments += [_segment("NTE", {1: str(n), 2: "L", 3: escape(note["text"])})
                  for n, note in enumerate(device.get("note", []), 1)]
@@ -233,7 +239,7 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
             rows.append({3: _cwe(component["code"], f"{parent}.{name.replace(' ', '_')}"), 4: str(sub_id),
                          **_value(component)})
     for n, row in enumerate(rows, 1):
-        segments.append(_segment("OBX", {1: str(n), **row, 11: status, 14: effective, 18: equipment}))
+        segments.append(_segment("OBX", {1: str(n), **row, 11: RESULT_STATUS, 14: effective, 18: equipment}))
     return "\r".join(segments) + "\r"
 
 

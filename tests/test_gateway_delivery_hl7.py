@@ -22,6 +22,7 @@ from ctscreen.embedded import free_port
 from gateway.delivery import DestinationsError, parse_destinations
 from gateway.delivery.deliverer import Deliverer
 from tests.mllp_receiver import ERR_TEXT, MllpReceiver
+from tests.test_aggregator_hl7v2 import result_statuses
 from tests.test_gateway_delivery import delivery_settings, done_job, until_states, write_study
 from tests.test_gateway_dicom_security import pki  # noqa: F401 - a fixture: the test CA's certificates
 
@@ -100,12 +101,12 @@ def test_a_result_reaches_the_ris_as_an_oru_r01_it_parses_and_accepts(study_file
     assert (message["PID.F7"], message["PID.F8"]) == ("19610304", "F")
     for field in ("ORC.F2", "ORC.F3", "OBR.F2", "OBR.F3"):  # the accession number: placer and filler order
         assert message[field] == ACCESSION, field
-    assert message["ORC.F1"] == "RE" and message["OBR.F25"] == "F" and message["OBR.F24"] == "CT"
+    assert message["ORC.F1"] == "RE" and message["OBR.F24"] == "CT"
+    assert result_statuses(message) == {"P"}  # a machine reading: preliminary, never F (final) nor C
     assert message["OBR.F4.R1.C1"] == "126000" and message["OBR.F4.R1.C3"] == "DCM"
     assert message["OBR.F7"][:8] == str(pydicom.dcmread(study_files[0]).StudyDate)  # when the images were taken
     assert "Research use only" in message["NTE.F3"]
     rows = {str(s(3)(1)(1)): s for s in message.segments("OBX")}
-    assert all(str(s(11)) == "F" for s in message.segments("OBX"))
     conclusion = message.unescape(str(rows["conclusion"](5)))
     assert conclusion.startswith("Machine reading for screening, not a diagnosis") and result.verdict in conclusion
     verdict = rows["840544004"]
@@ -207,10 +208,11 @@ def test_mllp_over_tls_delivers_and_a_handshake_that_fails_says_so(study_files, 
     assert not error.permanent
 
 
-def test_a_study_screened_again_is_sent_as_a_correction(study_files, tmp_path):
+def test_a_study_screened_again_is_sent_as_a_preliminary_result_replacing_the_first(study_files, tmp_path):
     """Version 2 of a study (screened again, negative now) at a RIS that takes positives only: it was sent version
-    1's positive, so version 2 goes all the same, as a corrected result (OBR-25 and OBX-11 C) of the same order,
-    saying which reading it replaces (as the FHIR report does with its replaces extension)."""
+    1's positive, so version 2 goes all the same, again a preliminary result (OBR-25 and OBX-11 P, never F nor C:
+    no radiologist verified it) of the same order and service, which the RIS files in place of the first, saying
+    which reading it replaces (as the FHIR report does with its replaces extension)."""
     from aggregator.fhir import report_identifier
 
     async def check(deliverer, receiver, store, blobs, first):
@@ -222,8 +224,8 @@ def test_a_study_screened_again_is_sent_as_a_correction(study_files, tmp_path):
 
     (v1, v2), first, second = _deliver(tmp_path, with_patient(study_files),
                                        lambda r: ris(r, rule={"verdicts": ["positive"]}), check)
-    assert (v1["OBR.F25"], v2["OBR.F25"]) == ("F", "C")
-    assert {str(s(11)) for s in v2.segments("OBX")} == {"C"}
+    assert result_statuses(v1) == result_statuses(v2) == {"P"}
+    assert v1["OBR.F4"] == v2["OBR.F4"]
     assert v1["OBR.F3"] == v2["OBR.F3"] == ACCESSION and v1["MSH.F10"] != v2["MSH.F10"]
     conclusion = v2.unescape(str(v2.segments("OBX")[0](5)))
     assert f"It replaces the earlier reading {report_identifier(first)}" in conclusion and "negative" in conclusion

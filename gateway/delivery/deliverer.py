@@ -60,7 +60,8 @@ Destination = DicomDestination | StowDestination | FhirDestination | Hl7Destinat
 
 REPORTS = (FhirDestination, Hl7Destination)
 """The destinations that take a report (a RIS): a later reading's report replaces the earlier one held there (FHIR's
-replaces extension, HL7's corrected result), also when the destination's rule leaves the later reading out."""
+replaces extension; at an HL7 RIS the later preliminary result of the same filler order and service), also when the
+destination's rule leaves the later reading out."""
 
 
 class _Pending(Collector):
@@ -100,8 +101,8 @@ class Deliverer:
         # delays another destination's deliveries
         # a FHIR server's one at a time (by every replica: Deliveries.claim's serial): two transactions with the same
         # conditional creates (the Device's ifNoneExist) at once made two of it at HAPI FHIR, and every later one
-        # then failed 412, matching both; an HL7 RIS files results in the order they come (a correction after the
-        # result it corrects)
+        # then failed 412, matching both; an HL7 RIS files results in the order they come (a later reading's
+        # preliminary result after the one it replaces)
         self._serial = [n for n, d in self.destinations.items() if isinstance(d, REPORTS)]
         self._slots = {name: asyncio.Semaphore(1 if name in self._serial else settings.delivery_concurrency)
                        for name in self.destinations}
@@ -311,7 +312,7 @@ class Deliverer:
         report = isinstance(dest, REPORTS)
         # a reading the rule leaves out still replaces the earlier ones this destination holds: at a FHIR server
         # by its report (whose replaces chain makes it current; the positive it holds stayed current), at an HL7
-        # RIS by a corrected result (OBR-25 C), at a PACS by a Rejection Note where the destination sends them
+        # RIS by its preliminary result of the same filler order and service, at a PACS by a Rejection Note where the destination sends them
         wants_note = isinstance(dest, REPORTS) or "rejection" in dest.objects
         # the readings this one replaces (not read for a result this destination's rule leaves out, unless a
         # note may still go), and what this destination acknowledged of them
@@ -332,8 +333,8 @@ class Deliverer:
         def build() -> list[dict[str, str]]:
             if isinstance(dest, FhirDestination):
                 return payloads.build_fhir(result, context, put, dest.systems(), earlier)
-            if isinstance(dest, Hl7Destination):  # a correction (OBR-25 C) of a reading this RIS was sent
-                return payloads.build_hl7(result, context, put, dest.parties(), earlier, corrects=bool(held))
+            if isinstance(dest, Hl7Destination):  # preliminary (OBR-25 P), also when it replaces a reading sent here
+                return payloads.build_hl7(result, context, put, dest.parties(), earlier)
             # files, read as needed (their pixels only for the key images); a bucket's downloaded to a spool
             # folder for the build, not held in memory whole
             spool = None if isinstance(self.blobs, FolderBlobs) else new_spool(self.settings.spool_dir())

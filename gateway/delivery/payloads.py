@@ -155,9 +155,9 @@ def _patient(sr_context: dict[str, Any] | None) -> dict[str, str]:
 
 
 def build_hl7(result: CaseResult, sr_context: dict[str, Any] | None, put: Callable[[bytes], str], parties: Parties,
-              earlier: Sequence[CaseResult] = (), corrects: bool = False) -> list[dict[str, str]]:
-    """Build the HL7 v2.5.1 ORU^R01 message of ``result`` (UTF-8); ``corrects``: the destination was sent an earlier
-    reading of the study, which this one corrects (OBR-25 ``C``).
+              earlier: Sequence[CaseResult] = ()) -> list[dict[str, str]]:
+    """Build the HL7 v2.5.1 ORU^R01 message of ``result`` (UTF-8), a preliminary result (OBR-25 ``P``) also when it
+    replaces an earlier reading of the study (``earlier``: its conclusion names the one it replaces).
 
     Raises
     ------
@@ -168,7 +168,7 @@ def build_hl7(result: CaseResult, sr_context: dict[str, Any] | None, put: Callab
     from aggregator.hl7v2 import to_oru
 
     try:
-        message = to_oru(result, _patient(sr_context), parties, supersedes=earlier, corrects=corrects,
+        message = to_oru(result, _patient(sr_context), parties, supersedes=earlier,
                          now=datetime.datetime.now(datetime.UTC))
     except ValueError as exc:
         raise PayloadUnavailable(str(exc)) from None
