@@ -11,9 +11,11 @@ one place decides the codes, texts and numbers, and this module only writes them
 * ``PID``: Patient ID (with the Issuer of Patient ID as its assigning authority), name (DICOM's family, given,
   middle, prefix, suffix as XPN's family, given, middle, suffix, prefix), birth date and sex as the study has
   them; a birth date that is no date, or a sex other than M, F or O, is left empty, as the SR leaves it.
-* ``ORC`` / ``OBR``: the accession number as placer and filler order number (without one, the Study Instance
-  UID as filler order number: a later reading of the study refers to the same order); OBR-4 the report's code
-  (DICOM 126000 "Imaging Measurement Report"), OBR-7 the study's date and time, OBR-22 when the reading was
+* ``ORC`` / ``OBR``: the accession number as placer order number (ORC-2, OBR-2: the exam this reading is of;
+  empty without one), ctscreen's own screening of the study as filler order number (ORC-3, OBR-3:
+  :func:`filler_order_number`, never the accession number); OBR-4 the report's code (DICOM 126000 "Imaging
+  Measurement Report", as the FHIR report's: not a LOINC imaging report code such as 24627-2 "CT Chest", which
+  is the radiologist's report of the exam), OBR-7 the study's date and time, OBR-22 when the reading was
   made, OBR-24 ``CT``, OBR-25 ``P`` (:data:`RESULT_STATUS`).
 * ``NTE`` after the OBR: the research-use note the FHIR Device carries.
 * ``OBX`` rows: the conclusion (``TX``: the notice that this is a machine reading, the verdict, the reason;
@@ -23,6 +25,12 @@ one place decides the codes, texts and numbers, and this module only writes them
   quadrant and the run (``NM`` in UCUM units; its extent, whether it qualifies and its first slice in rows of
   the same sub-id). Each row carries the result status, the study's date and time, and the Device's identifier
   as its equipment (OBX-18).
+
+**Whose order number.** The RIS or dictation system sends the radiologist's report of the exam under its accession
+number, often as the filler order number too; a receiver that files results by filler order number would file a
+message whose filler order number is the accession number over that report, or that report over it. So the
+accession number is only the placer order number, the link to the exam, and the filler order number is ctscreen's
+identifier of its screening of the study, in ctscreen's namespace (EI ``<id>^CTSCREEN``).
 
 **Preliminary, always.** OBR-25 and every OBX-11 are ``P`` (tables 0123 and 0085: preliminary), as the FHIR report
 is ``preliminary``: a machine reading no radiologist has verified. ``F`` (final) and ``C`` (a correction of a final
@@ -56,7 +64,8 @@ from aggregator.fhir import (
 from aggregator.schema import CaseResult
 from aggregator.sr import patient_sex
 
-__all__ = ["DELIMITERS", "RESULT_STATUS", "Parties", "control_id", "escape", "to_oru"]
+__all__ = ["DELIMITERS", "FILLER_NAMESPACE", "RESULT_STATUS", "Parties", "control_id", "escape",
+           "filler_order_number", "to_oru"]
 
 DELIMITERS: Final = "|^~\\&"
 """The field separator and the encoding characters (component, repetition, escape, subcomponent) of every
@@ -70,6 +79,11 @@ CODING_SYSTEMS: Final = {SNOMED: "SCT", LOINC: "LN", UCUM: "UCUM", DCM: "DCM",
 RESULT_STATUS: Final = "P"
 """OBR-25 and OBX-11 of every message: preliminary (a machine reading; see the module docstring). Never ``F`` or
 ``C``, which claim a result a radiologist verified."""
+
+FILLER_NAMESPACE: Final = "CTSCREEN"
+"""EI.2 (namespace id) of the filler order number: ctscreen's, the same whatever a destination's
+``sending_application`` says, so a renamed sending application still replaces the preliminary results sent
+under the old name."""
 
 _ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\"}
 
@@ -118,6 +132,21 @@ def control_id(result: CaseResult) -> str:
     (True, 20)
     """
     return uuid.uuid5(uuid.NAMESPACE_OID, f"{IDENTIFIER_SYSTEM}/{report_identifier(result)}/hl7").hex[:20].upper()
+
+
+def filler_order_number(result: CaseResult) -> str:
+    """ORC-3 and OBR-3 of the message of ``result``: ctscreen's screening of the study (EI, already escaped:
+    16 hex digits derived from the Study Instance UID, the study's part of what the SR's and KOS's UIDs derive
+    from, then :data:`FILLER_NAMESPACE`). The same for every reading of the study, so a later one replaces the
+    earlier preliminary result at the RIS; another study's differs; never the accession number.
+
+    >>> from aggregator.schema import CaseResult
+    >>> one, again = (CaseResult.model_construct(job_id=j, study_instance_uid="1.2.3") for j in ("job-1", "job-2"))
+    >>> filler_order_number(one) == filler_order_number(again), filler_order_number(one).endswith("^CTSCREEN")
+    (True, True)
+    """
+    key = uuid.uuid5(uuid.NAMESPACE_OID, f"{IDENTIFIER_SYSTEM}/study/{result.study_instance_uid}/hl7-order")
+    return f"{key.hex[:16].upper()}^{FILLER_NAMESPACE}"
 
 
 def dtm(value: str | None) -> str:
@@ -210,7 +239,7 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
     equipment = escape(device["identifier"][0]["value"])
     when = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
     accession = escape(patient.get("AccessionNumber", "").strip())
-    filler = accession or f"{escape(result.study_instance_uid)}^DICOM_STUDY_UID"
+    filler = filler_order_number(result)
     pid = escape(patient.get("PatientID", "").strip())
     issuer = escape(patient.get("IssuerOfPatientID", "").strip())
     segments = [

@@ -18,11 +18,12 @@ import pydicom
 import pytest
 from prometheus_client import CollectorRegistry
 
+from aggregator.hl7v2 import filler_order_number
 from ctscreen.embedded import free_port
 from gateway.delivery import DestinationsError, parse_destinations
 from gateway.delivery.deliverer import Deliverer
 from tests.mllp_receiver import ERR_TEXT, MllpReceiver
-from tests.test_aggregator_hl7v2 import result_statuses
+from tests.test_aggregator_hl7v2 import orders, result_statuses
 from tests.test_gateway_delivery import delivery_settings, done_job, until_states, write_study
 from tests.test_gateway_dicom_security import pki  # noqa: F401 - a fixture: the test CA's certificates
 
@@ -99,8 +100,10 @@ def test_a_result_reaches_the_ris_as_an_oru_r01_it_parses_and_accepts(study_file
     assert "Zoë".encode() in raw and b"O'Brien\\F\\Smith\\T\\Co^Zo\xc3\xab\\R\\Ann" in raw
     assert (message["PID.F3.R1.C1"], message["PID.F3.R1.C4"]) == (PATIENT_ID, ISSUER)
     assert (message["PID.F7"], message["PID.F8"]) == ("19610304", "F")
-    for field in ("ORC.F2", "ORC.F3", "OBR.F2", "OBR.F3"):  # the accession number: placer and filler order
-        assert message[field] == ACCESSION, field
+    # the accession number is the placer order only (the exam); the filler order is ctscreen's screening of the
+    # study, so a RIS filing by filler order never files this reading over the radiologist's report of the exam
+    assert orders(message) == {("ACC\\S\\77", filler_order_number(result))}  # ACCESSION, escaped as sent
+    assert message["OBR.F3.R1.C1"] != ACCESSION and message["OBR.F3.R1.C2"] == "CTSCREEN"
     assert message["ORC.F1"] == "RE" and message["OBR.F24"] == "CT"
     assert result_statuses(message) == {"P"}  # a machine reading: preliminary, never F (final) nor C
     assert message["OBR.F4.R1.C1"] == "126000" and message["OBR.F4.R1.C3"] == "DCM"
@@ -226,7 +229,8 @@ def test_a_study_screened_again_is_sent_as_a_preliminary_result_replacing_the_fi
                                        lambda r: ris(r, rule={"verdicts": ["positive"]}), check)
     assert result_statuses(v1) == result_statuses(v2) == {"P"}
     assert v1["OBR.F4"] == v2["OBR.F4"]
-    assert v1["OBR.F3"] == v2["OBR.F3"] == ACCESSION and v1["MSH.F10"] != v2["MSH.F10"]
+    assert orders(v1) == orders(v2) == {("ACC\\S\\77", filler_order_number(first))} and v1["MSH.F10"] != v2["MSH.F10"]
+    assert v1["OBR.F2"] == ACCESSION and v1["OBR.F3.R1.C1"] != ACCESSION
     conclusion = v2.unescape(str(v2.segments("OBX")[0](5)))
     assert f"It replaces the earlier reading {report_identifier(first)}" in conclusion and "negative" in conclusion
 
