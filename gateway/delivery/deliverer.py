@@ -312,7 +312,8 @@ class Deliverer:
         report = isinstance(dest, REPORTS)
         # a reading the rule leaves out still replaces the earlier ones this destination holds: at a FHIR server
         # by its report (whose replaces chain makes it current; the positive it holds stayed current), at an HL7
-        # RIS by its preliminary result of the same filler order and service, at a PACS by a Rejection Note where the destination sends them
+        # RIS by its preliminary result of the same filler order and service, at a PACS by a Rejection Note where
+        # the destination sends them
         wants_note = isinstance(dest, REPORTS) or "rejection" in dest.objects
         # the readings this one replaces (not read for a result this destination's rule leaves out, unless a
         # note may still go), and what this destination acknowledged of them
