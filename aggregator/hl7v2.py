@@ -17,9 +17,11 @@ one place decides the codes, texts and numbers, and this module only writes them
   Measurement Report", as the FHIR report's: not a LOINC imaging report code such as 24627-2 "CT Chest", which
   is the radiologist's report of the exam), OBR-7 the study's date and time, OBR-22 when the reading was
   made, OBR-24 ``CT``, OBR-25 ``P`` (:data:`RESULT_STATUS`).
+  ORC-1 ``RE``; ORC-5 (order status) empty: the exam's order is the RIS's to state.
 * ``NTE`` after the OBR: the research-use note the FHIR Device carries.
 * ``OBX`` rows: the conclusion (``TX``: the notice that this is a machine reading, the verdict, the reason;
-  what the FHIR report's ``conclusion`` says), then each FHIR Observation in the report's order: the verdict as
+  what the FHIR report's ``conclusion`` says), the Study Instance UID (``ST``, DICOM 110180: the link to the
+  images, with or without an accession number), then each FHIR Observation in the report's order: the verdict as
   a coded value (``CWE``, SNOMED CT 840544004 *suspected* COVID-19 = 52101004 Present / 272519000 Absent /
   82334004 Indeterminate, the verdict's word as its original text), the reason (code and sentence), the
   quadrant and the run (``NM`` in UCUM units; its extent, whether it qualifies and its first slice in rows of
@@ -251,13 +253,14 @@ def to_oru(result: CaseResult, patient: Mapping[str, str] | None = None, parties
                          5: _name(patient.get("PatientName", "")),
                          7: dtm(study_date_time(patient.get("PatientBirthDate"))),
                          8: patient_sex(patient.get("PatientSex"))}),
-        _segment("ORC", {1: "RE", 2: accession, 3: filler, 5: "CM"}),
+        _segment("ORC", {1: "RE", 2: accession, 3: filler}),  # ORC-5 empty: "CM" said the exam's order completed
         _segment("OBR", {1: "1", 2: accession, 3: filler, 4: _cwe(report["code"]), 7: effective,
                          22: dtm(report.get("issued")), 24: "CT", 25: RESULT_STATUS}),
     ]
     segments += [_segment("NTE", {1: str(n), 2: "L", 3: escape(note["text"])})
                  for n, note in enumerate(device.get("note", []), 1)]
-    rows: list[dict[int, str]] = [{2: "TX", 3: "conclusion^Conclusion^99CTS", 5: escape(report["conclusion"])}]
+    rows: list[dict[int, str]] = [{2: "TX", 3: "conclusion^Conclusion^99CTS", 5: escape(report["conclusion"])},
+                                  {2: "ST", 3: "110180^Study Instance UID^DCM", 5: escape(result.study_instance_uid)}]
     for sub_id, ref in enumerate(report["result"], 1):
         obs = by_url[ref["reference"]]
         code = obs["code"]

@@ -89,3 +89,8 @@ def test_two_studies_have_two_filler_orders_and_the_service_is_the_fhir_report_s
     assert (first["OBR.F4.R1.C1"], first["OBR.F4.R1.C2"]) == (coding["code"], coding["display"]) == (
         "126000", "Imaging Measurement Report")
     assert first["OBR.F4.R1.C3"] == "DCM" and "LN" not in {str(c) for c in first.segment("OBR")(4)(1)}
+    # the images' study whatever the accession (none here), and no order status claimed for the exam
+    bare = hl7.parse(to_oru(other, {}))
+    assert orders(bare) == {("", filler_order_number(other))}
+    assert [str(o(5)) for o in bare.segments("OBX") if str(o(3)).startswith("110180^")] == ["1.2.4"]
+    assert len(bare.segment("ORC")) == 4  # ORC-5 (and what follows) left out
