@@ -4,7 +4,9 @@ Each record says who (token subject, API key name, calling AE@host, or ``anonymo
 authenticated, which scope the action needed, what the action was (method and route template, or the
 DIMSE event), which study (by Study Instance UID only) and job, when (UTC), from where (peer address)
 and the outcome (HTTP status or DICOM status, and ``ok``/``denied``/``refused``/``error``, or ``aborted``
-for a DICOM association ended by an A-ABORT or a dropped connection). A DICOM association's record (action
+for a DICOM association ended by an A-ABORT or a dropped connection). An HTTP request's record has its request id
+(``request_id``: the ``X-Request-ID`` the client got, :mod:`gateway.logs`), the one the application log's lines
+of that request carry; a DICOM record has none. A DICOM association's record (action
 ``DICOM association to <called AE>``) says in ``reason`` what it did (``echo``, ``stored 40, discarded 2 (not
 CT)``, ``nothing stored``) or why it was rejected; the instances it sent have a record per study and status.
 
@@ -14,7 +16,8 @@ keeps no results folder to put it in; on Kubernetes standard output is what the 
 number; never a free-text message, which could quote a header), so no PHI can reach them.
 
 Record fields: ``ts``, ``who``, ``auth``, ``scope``, ``action``, ``study_instance_uid``, ``job_id``,
-``client``, ``status``, ``outcome``, ``reason``.
+``request_id``, ``client``, ``status``, ``outcome``, ``reason``. The request id is opaque (a UUID or hexadecimal
+digits: a client's own that is not is replaced, never quoted), so it carries no PHI either.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from gateway.logs import request_id_of
 from gateway.settings import Settings
 from gateway.uids import is_job_id, is_uid
 
@@ -87,13 +91,14 @@ class AuditLog:
 
     def write(self, *, who: str, auth: str, action: str, status: int, client: str | None = None,
               scope: str | None = None, study_instance_uid: str | None = None, job_id: str | None = None,
-              reason: str | None = None, outcome: str | None = None) -> None:
-        """Append one record; UIDs and job ids that are not well formed are left out, not quoted."""
+              reason: str | None = None, outcome: str | None = None, request_id: str | None = None) -> None:
+        """Append one record; UIDs, job ids and request ids that are not well formed are left out, not quoted."""
         record = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
             "who": who[:160], "auth": auth, "scope": scope, "action": action[:160],
             "study_instance_uid": study_instance_uid if is_uid(study_instance_uid) else None,
             "job_id": job_id if is_job_id(job_id) else None,
+            "request_id": request_id_of(request_id),
             "client": client, "status": status, "outcome": outcome or _outcome(status),
             "reason": reason,
         }
@@ -163,6 +168,7 @@ class AuditMiddleware:
             client=client[0] if client else None,
             study_instance_uid=params.get("study_instance_uid") or state.get("study_instance_uid"),
             job_id=params.get("job_id") or state.get("job_id"),
+            request_id=state.get("request_id"),
             reason="broken_mid_answer" if broke else state.get("audit_reason"),
             outcome="error" if broke else None,
         )

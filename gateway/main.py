@@ -32,6 +32,7 @@ from ctscreen.embedded import apply_malloc_policy
 from gateway import security
 from gateway.api import caller, deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.auth import AuthConfigError
+from gateway.logs import RequestIds
 from gateway.metrics import Metrics
 from gateway.phi import RequestScope, protect_logs
 from gateway.screening import Loader, Screener
@@ -268,6 +269,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(caller.router)
     install_web(app)  # the page at /, its files and read routes (issue 16)
+    app.add_middleware(RequestIds)  # the outermost: every answer, errors included, says its request's id
     return app
 
 

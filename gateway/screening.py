@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -84,8 +85,18 @@ def in_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shut-down): nobody awaits it
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    # in the caller's context, as asyncio.to_thread: its records carry the request's or the job's id (gateway.logs)
+    threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True).start()
     return future
+
+
+class ContextExecutor(ThreadPoolExecutor):
+    """A thread pool whose tasks run in the context of their submitter, as :func:`asyncio.to_thread`'s do
+    (``loop.run_in_executor`` copies none): a decode thread's log records carry the id of the job or request it
+    works for (:mod:`gateway.logs`)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 class _Undecoded(Exception):
@@ -173,7 +184,7 @@ class Screener:
         self._loader = loader or _ingest_loader(decode_workers)
         self._stream = loader is None  # a custom loader decodes whole studies: nothing to stream
         self.decode_workers = decode_workers
-        self.executor = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
+        self.executor = ContextExecutor(max_workers=decode_workers, thread_name_prefix="ctscreen-decode")
         self._models: tuple[float, list[ModelInfo]] | None = None  # (when read, monotonic; what)
         self.ahead: set[Speculation] = set()
         """Speculations of uploads from the start of their parse until released or screened (the upload route

@@ -43,6 +43,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 from aggregator.schema import CaseResult
 from gateway.errors import GatewayError
 from gateway.jobs import URGENT, JobError, JobState, priority_name, triton_priority
+from gateway.logs import JOB_ID
 from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.screening import Prepared, Screener
@@ -235,6 +236,7 @@ class Worker:
         self.store.work.notify()
 
     async def _work(self, job: Claimed) -> None:
+        JOB_ID.set(job.id)  # this task's own context (and its threads'): every record of the job carries its id
         s = self.settings
         progress = _Progress()
         me = asyncio.current_task()

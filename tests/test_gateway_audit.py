@@ -89,8 +89,11 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
         folder = f"{str(head.PatientName).replace('^', '_')}_{head.PatientID}"
         parts = [(f"{folder}/{f.name}", f.read_bytes()) for f in files]
         parts += [(f"{folder}/notes.txt", b"not dicom at all"), (f"{folder}/again.dcm", files[0].read_bytes())]
-        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in parts], headers=auth)
+        # a client's request id made of the patient's name and ID: replaced, never logged nor audited
+        r = client.post("/v1/studies", files=[("files", (n, d, "application/dicom")) for n, d in parts],
+                        headers={**auth, "X-Request-ID": folder})
         assert r.status_code == 202, r.text
+        assert r.headers["x-request-id"] != folder
         job = _wait(client, r.headers["location"], auth)
         assert job["state"] == "done", job
         assert client.get(f"{r.headers['location']}/sr", headers=auth).status_code == 200
@@ -134,8 +137,10 @@ def test_no_phi_in_any_log_or_audit_line(studies, tmp_path, caplog, recwarn):
     assert any(r["action"].startswith("DICOM C-STORE") and r["study_instance_uid"] == dimse_uid for r in records)
     assert any(r["who"] == "key:robot2" and r["outcome"] == "ok" for r in records)
     assert any(r["outcome"] == "denied" and r["status"] == 401 for r in records)
-    assert all(set(r) == {"ts", "who", "auth", "scope", "action", "study_instance_uid", "job_id", "client", "status",
-                          "outcome", "reason"} for r in records)
+    assert all(set(r) == {"ts", "who", "auth", "scope", "action", "study_instance_uid", "job_id", "request_id", "client",
+                          "status", "outcome", "reason"} for r in records)
+    # an HTTP request's record has its id, a DICOM association's none
+    assert all((r["request_id"] is None) == r["action"].startswith("DICOM") for r in records), records
     for folder in studies:
         for value in _phi(folder):
             assert len(value) >= 5  # the scan means something
