@@ -68,7 +68,9 @@ class Stack:
             while self._thread.is_alive() and not self._stop.wait(0.5):
                 pass
             if self._stop.is_set():
-                print("\nstopping ...", file=sys.stderr)
+                from gateway.logs import say
+
+                say("\nstopping ...", getattr(self.settings, "log_format", "text"))
 
 
 def _preflight(settings: Any) -> None:
@@ -119,6 +121,11 @@ def run_stack(
     starts, SIGTERM and SIGINT ask :meth:`Stack.wait` to stop instead of raising KeyboardInterrupt;
     one that arrives before the gateway is up aborts the start (KeyboardInterrupt).
     """
+    from gateway.logs import configure, say
+
+    settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
+    configure(settings.log_format)  # before the imports below: alembic's logs a line as it is imported
+
     import uvicorn
 
     from ctscreen.embedded import EmbeddedTriton, Supervisor, free_port
@@ -126,7 +133,6 @@ def run_stack(
     from gateway.main import create_app, tune_malloc
     from gateway.store.migrate import SchemaError, prepare_schema
 
-    settings = _settings({"host": host, **(settings_overrides or {})})  # before Triton starts: a bad setting costs nothing
     try:  # so is a schema this release cannot run on
         prepare_schema(settings.database(), settings.db_migrate, settings.db_start_wait_s)
     except SchemaError as exc:
@@ -136,7 +142,7 @@ def run_stack(
     triton = supervisor = None
     try:
         if triton_url is None:
-            print("starting the embedded Triton (cpu profile) ...", file=sys.stderr, flush=True)
+            say("starting the embedded Triton (cpu profile) ...", settings.log_format)
             triton = EmbeddedTriton(repo)
             triton.start(timeout=start_timeout)
             triton_url = triton.grpc_url
@@ -155,6 +161,7 @@ def run_stack(
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                 timeout_graceful_shutdown=5,  # a head over the limit: 431 (gateway.httpserver)
                                 http=bounded_protocol(settings.max_request_head_bytes))
+        configure(settings.log_format)  # again: uvicorn.Config has just set up uvicorn's loggers
         server = uvicorn.Server(config)
         stop = threading.Event()
         with contextlib.ExitStack() as held:

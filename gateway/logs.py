@@ -1,4 +1,4 @@
-"""The gateway's application log: request and job ids on every record.
+"""The gateway's application log: request and job ids on every record, text or JSON lines.
 
 **Request ids.** :class:`RequestIds` (the outermost ASGI middleware) gives each HTTP request an id: the client's
 ``X-Request-ID`` when it is well formed (:func:`request_id_of`: a UUID or 16 to 64 hexadecimal digits, what
@@ -12,17 +12,25 @@ into every log record written while the request is handled, in awaited code too.
 a study's screening carry its job's id (the messages that named the job already still do).
 
 :class:`ContextFilter` copies both onto each record (attributes ``request_id`` and ``job_id``, None when unset).
+:func:`configure` installs it on the process's log handlers and, for ``CTSCREEN_LOG_FORMAT=json``, turns the
+gateway's records and uvicorn's error and access logs into one JSON object per line on standard error
+(:class:`JsonLines`); ``text`` (the default) leaves every line as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 import uuid
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["JOB_ID", "REQUEST_ID", "ContextFilter", "RequestIds", "new_request_id", "request_id_of"]
+from pythonjsonlogger.json import JsonFormatter
+
+__all__ = ["JOB_ID", "REQUEST_ID", "ContextFilter", "JsonLines", "RequestIds", "configure", "new_request_id",
+           "request_id_of", "say"]
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("ctscreen_request_id", default=None)
 """The id of the HTTP request being answered (:class:`RequestIds`)."""
@@ -106,3 +114,90 @@ class ContextFilter(logging.Filter):
         if getattr(record, "job_id", None) is None:
             record.job_id = JOB_ID.get()
         return True
+
+
+class JsonLines(JsonFormatter):
+    """One JSON object per record, with these keys only: ``time`` (UTC, ISO 8601, milliseconds), ``level``,
+    ``logger``, ``message``, then ``request_id`` and ``job_id`` when set, ``exception`` (the formatted traceback)
+    when the record has one, and ``stack`` when it asked for one. A record's ``extra`` values are not written
+    (uvicorn's ``color_message``, anything a library attaches): the line says what a text line would, no more.
+
+    The exception is formatted as the text format does, from the record's ``exc_info``: the handlers that may
+    meet patient data in an exception's message log :func:`gateway.phi.withheld` of it, and this formatter
+    shows that, never the original message.
+
+    >>> r = logging.LogRecord("gateway.worker", logging.WARNING, "", 0, "job %s: %s", ("j1", "late"), None)
+    >>> r.created, r.msecs, r.job_id = 0.0, 0.0, "j1"
+    >>> JsonLines().format(r)
+    '{"time": "1970-01-01T00:00:00.000Z", "level": "WARNING", "logger": "gateway.worker", "message": "job j1: late", "job_id": "j1"}'
+    """
+
+    def __init__(self) -> None:
+        super().__init__(json_ensure_ascii=False)
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["time"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        log_data["level"] = record.levelname
+        log_data["logger"] = record.name
+        log_data["message"] = record.message
+        for key in ("request_id", "job_id"):
+            value = getattr(record, key, None)
+            if value is not None:
+                log_data[key] = value
+        if message_dict.get("exc_info"):
+            log_data["exception"] = message_dict["exc_info"]
+        if message_dict.get("stack_info"):
+            log_data["stack"] = message_dict["stack_info"]
+
+
+def _console(handler: logging.Handler) -> bool:
+    """A plain stream handler writing to this process's standard error or output (basicConfig's, uvicorn's):
+    not a file's, not pytest's capture."""
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+        sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+
+
+def configure(log_format: str) -> None:
+    """Install :class:`ContextFilter` on the handlers of the root logger and of uvicorn's loggers and, for
+    ``json``, format the records of all three as :class:`JsonLines` on standard error (idempotent).
+
+    Call it once uvicorn has configured its loggers: ``gateway.main.app_from_env`` (uvicorn calls the factory
+    after its own logging set-up) and ``ctscreen serve`` (after ``uvicorn.Config``). For ``json``:
+
+    * the handlers of uvicorn's ``uvicorn`` (error log) and ``uvicorn.access`` loggers write JSON lines to standard
+      error (uvicorn's access log wrote to standard output, where the audit trail is); a logger uvicorn left without
+      handlers (``--no-access-log``) stays silent;
+    * the root logger's console handler (``ctscreen serve``'s, from ``logging.basicConfig``) writes JSON lines;
+      under ``uvicorn --factory`` it had none (the gateway's warnings came out bare through Python's last resort,
+      its info lines not at all): one on standard error is added, at uvicorn's ``--log-level``.
+
+    ``text`` changes no line: the filter only sets two attributes on each record.
+    """
+    context = ContextFilter()
+    json_lines = log_format == "json"
+    root, server, access = logging.getLogger(), logging.getLogger("uvicorn"), logging.getLogger("uvicorn.access")
+    for logger in (root, server, access):
+        handlers = logger.handlers
+        if json_lines and logger is root and not any(_console(h) for h in handlers):
+            root.addHandler(logging.StreamHandler(sys.stderr))  # formatted below
+            level = server.getEffectiveLevel()
+            if level < root.level:
+                root.setLevel(level)
+        for handler in logger.handlers:
+            if not any(isinstance(f, ContextFilter) for f in handler.filters):
+                handler.addFilter(context)
+            if json_lines and _console(handler):
+                assert isinstance(handler, logging.StreamHandler)
+                if handler.stream is not sys.stderr:
+                    handler.setStream(sys.stderr)
+                handler.setFormatter(JsonLines())
+
+
+def say(text: str, log_format: str, logger: str = "gateway.cli") -> None:
+    """Tell the operator of ``ctscreen serve`` or ``demo`` something on standard error, whatever the log level (the
+    start of the embedded Triton, the stop): the text as it was, or a :class:`JsonLines` line of level INFO for
+    ``json``, so that standard error holds JSON lines only."""
+    if log_format == "json":
+        text = JsonLines().format(logging.LogRecord(logger, logging.INFO, "", 0, text.strip(), (), None))
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

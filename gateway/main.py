@@ -32,7 +32,7 @@ from ctscreen.embedded import apply_malloc_policy
 from gateway import security
 from gateway.api import caller, deliveries, dicomweb, errors, jobs, ops, sr, studies
 from gateway.auth import AuthConfigError
-from gateway.logs import RequestIds
+from gateway.logs import RequestIds, configure
 from gateway.metrics import Metrics
 from gateway.phi import RequestScope, protect_logs
 from gateway.screening import Loader, Screener
@@ -314,16 +314,25 @@ def app_from_env() -> FastAPI:
         settings = Settings()
     except ValidationError as exc:
         raise SystemExit(f"ctscreen gateway: {setting_error(exc)}") from None
+    configure(settings.log_format)  # uvicorn has set up its loggers by now: JSON lines if asked, ids on each record
+
+    def stop(message: str) -> SystemExit:
+        """The process's end in one line: as it was, or a JSON line (CRITICAL) when the log is JSON."""
+        if settings.log_format != "json":
+            return SystemExit(f"ctscreen gateway: {message}")
+        logger.critical("ctscreen gateway: %s", message)
+        return SystemExit(1)
+
     for line in unknown_variables(os.environ):
         logger.warning("ctscreen gateway: %s", line)
     tune_malloc(settings.malloc_tuning)
     try:
         app = create_app(settings, start_checked=True)
     except AuthConfigError as exc:  # no auth off loopback, an unreadable API key file
-        raise SystemExit(f"ctscreen gateway: {exc}") from None
+        raise stop(str(exc)) from None
     try:  # before uvicorn runs the lifespan: its failure would be logged as a traceback
         prepare_schema(settings.database(), settings.db_migrate, settings.db_start_wait_s)
         check_pairing_now(settings.database(), settings.blob_store())
     except (SchemaError, StorePairingError) as exc:
-        raise SystemExit(f"ctscreen gateway: {exc}") from None
+        raise stop(str(exc)) from None
     return app

@@ -210,6 +210,10 @@ class Settings(BaseSettings):
                           "by mallopt at start): a slice's decoded arrays come from the heap instead of fresh, "
                           "zero-filled mmaps. Names of it the environment sets (MALLOC_*_), or a GLIBC_TUNABLES naming "
                           "glibc.malloc. settings, are kept. False: glibc's defaults.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="The application log's lines (the gateway's and uvicorn's error and access logs, on "
+                            "standard error): text, or json (one object a line: time, level, logger, message, "
+                            "request_id, job_id, exception; gateway.logs). The Helm chart sets json.")
     job_deadline_s: float = Field(
         24 * 3600.0, gt=0, description="An accepted study that no Triton could take this long fails (instances kept)."
     )

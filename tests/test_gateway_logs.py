@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -143,3 +144,144 @@ def test_the_decode_threads_work_in_their_submitter_s_context():
         JOB_ID.reset(token)
     with ContextExecutor(max_workers=1) as pool:
         assert pool.submit(JOB_ID.get).result(5) is None
+
+
+# --- the log's format (CTSCREEN_LOG_FORMAT): real gateway processes, as the chart and `ctscreen serve` start them ---
+FACTORY = ["-m", "uvicorn", "--http", "gateway.httpserver:BoundedHttpToolsProtocol", "--factory",
+           "gateway.main:app_from_env", "--log-level", "info"]
+SERVE = ["-c", "from ctscreen.cli import main; raise SystemExit(main())", "serve", "--log-level", "info"]
+UPLOAD_ID = "0123456789abcdef0123456789abcdef"
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _gateway_lines(tmp_path, argv: list[str], log_format: str | None) -> tuple[str, str]:
+    """Start the gateway (``argv``, Triton on a port nobody listens on), send it a worklist call with a patient's
+    name in its query, an upload of a file that is not DICOM and a call with a malformed request id, stop it
+    (SIGTERM); its standard output and error."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "CTSCREEN_DATA_DIR": str(tmp_path / "data"), "CTSCREEN_TRITON_URLS": f"127.0.0.1:{free_port()}",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("CTSCREEN_LOG_FORMAT", None)
+    if log_format is not None:
+        env["CTSCREEN_LOG_FORMAT"] = log_format
+    if argv is SERVE:
+        argv = [*argv, "--port", str(port), "--triton-url", env.pop("CTSCREEN_TRITON_URLS")]
+    else:
+        argv = [*argv, "--port", str(port)]
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            with httpx.Client(base_url=url, timeout=10) as client:
+                assert client.get("/v1/worklist?patient=ZZQDOE^JOHN&limit=5",
+                                  headers={"X-Request-ID": GOOD}).headers["x-request-id"] == GOOD
+                r = client.post("/v1/studies", files=[("files", ("ZZQDOE_JOHN.dcm", b"not dicom", "application/dicom"))],
+                                headers={"X-Request-ID": UPLOAD_ID})
+                assert r.status_code == 415 and r.headers["x-request-id"] == UPLOAD_ID, r.text
+                client.get("/v1/studies/ZZQDOE.JOHN", headers={"X-Request-ID": "ZZQDOE-JOHN-1"})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    return out.read_text(), err.read_text()
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line, or this fails
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= line.keys() and TIME.fullmatch(line["time"]), line
+        assert set(line) <= {"time", "level", "logger", "message", "request_id", "job_id", "exception", "stack"}, line
+    return lines
+
+
+@pytest.mark.parametrize("argv", [FACTORY, SERVE], ids=["uvicorn --factory", "ctscreen serve"])
+def test_json_logs_are_one_object_a_line_with_the_request_s_id(tmp_path, argv):
+    """CTSCREEN_LOG_FORMAT=json: the gateway's records and uvicorn's error and access logs are JSON lines on
+    standard error (the access log was on standard output, beside the audit trail); the access line and a line
+    the upload's parse wrote carry their request's id; no patient's name, from a query, a path, a file name or a
+    request id, is in any line."""
+    out, err = _gateway_lines(tmp_path, argv, "json")
+    lines = _json_lines(err)
+    by = {(line["logger"], line.get("request_id")): line for line in lines}
+    access = by[("uvicorn.access", GOOD)]
+    assert access["level"] == "INFO" and '"GET /v1/worklist? HTTP/1.1" 200' in access["message"], access
+    assert by[("gateway.ingest", UPLOAD_ID)]["message"].startswith("refused file#"), lines
+    assert '"POST /v1/studies HTTP/1.1" 415' in by[("uvicorn.access", UPLOAD_ID)]["message"]
+    assert any(line["logger"] == "uvicorn.error" and "Application startup complete" in line["message"]
+               for line in lines), lines
+    assert any(line["logger"] == "gateway.main" and line["message"].startswith("gateway up") for line in lines)
+    refused = [line for line in lines if "/v1/studies/{study_instance_uid}" in line["message"]]
+    assert len(refused) == 1 and NEW_ID.fullmatch(refused[0]["request_id"]), refused
+    audit = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {r["request_id"] for r in audit} >= {GOOD, UPLOAD_ID}, audit
+    assert "uvicorn" not in out  # standard output: the audit trail (and serve's banner) only
+    assert "ZZQ" not in out + err
+
+
+def test_text_logs_are_as_they_were(tmp_path):
+    """The default (``text``): uvicorn's own lines on standard error, its access log on standard output, the
+    gateway's warnings as uvicorn's defaults leave them; no JSON, no request id in a line."""
+    out, err = _gateway_lines(tmp_path, FACTORY, None)
+    assert "INFO:     Application startup complete." in err, err
+    assert "authentication is off" in err and not any(line.startswith("{") for line in err.splitlines())
+    assert re.search(r'INFO: +127\.0\.0\.1:\d+ - "GET /v1/worklist\? HTTP/1\.1" 200', out), out
+    assert GOOD not in err and "ZZQ" not in out + err
+    assert any(json.loads(line).get("request_id") == GOOD for line in out.splitlines() if line.startswith("{"))
+
+
+def test_a_json_line_s_exception_is_the_withheld_one():
+    """The last-resort handlers log :func:`gateway.phi.withheld` of an unexpected error: its JSON line has the
+    traceback and the exception's type, not its message."""
+    from gateway.logs import JsonLines
+    from gateway.phi import withheld
+
+    name = "ZZQ" + "DOE^JANE"  # not in the traceback's quoted source line
+    try:
+        raise ValueError(f"Invalid value for PatientName: {name!r}")
+    except ValueError as exc:
+        record = logging.LogRecord("gateway.api.errors", logging.ERROR, __file__, 1, "unexpected error on %s %s",
+                                   ("GET", "/v1/boom"), (WithheldError := type(withheld(exc)), withheld(exc),
+                                                         exc.__traceback__))
+    line = json.loads(JsonLines().format(record))
+    assert WithheldError.__name__ in line["exception"] and "Traceback" in line["exception"], line
+    assert "ValueError (its message is withheld" in line["exception"] and "ZZQ" not in json.dumps(line)
+    assert line["message"] == "unexpected error on GET /v1/boom" and line["level"] == "ERROR"
+
+
+def test_a_start_refused_under_json_logs_says_why_in_a_json_line(tmp_path):
+    """A start the app refuses (here: every address, no authentication) ended with a bare text line on standard
+    error; under JSON logs it is one JSON line, CRITICAL, and the process still exits non-zero."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "CTSCREEN_LOG_FORMAT": "json", "CTSCREEN_HOST": "0.0.0.0", "CTSCREEN_DATA_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, *FACTORY, "--port", str(free_port())], capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert run.returncode != 0
+    lines = _json_lines(run.stderr)
+    assert lines[-1]["level"] == "CRITICAL" and lines[-1]["message"].startswith("ctscreen gateway: "), lines
+    assert "CTSCREEN_AUTH" in lines[-1]["message"] and "Traceback" not in run.stderr

@@ -240,6 +240,7 @@ def test_strict_validation_catches_a_misspelt_field(rendered):
         ({"gateway": {"dicom": {"aeTitle": "A_TITLE_LONGER_THAN_16"}}}, "/gateway/dicom/aeTitle"),
         ({"gateway": {"dicom": {"port": 0}}}, "/gateway/dicom/port"),
         ({"gateway": {"dicom": {"acceptNonCt": "drop"}}}, "/gateway/dicom/acceptNonCt"),
+        ({"gateway": {"logFormat": "yaml"}}, "/gateway/logFormat"),
         # the gateway refuses a grace under 5 minutes (a write and the row that names it take seconds apart)
         ({"state": {"retention": {"orphanGraceMinutes": 4}}}, "/state/retention/orphanGraceMinutes"),
         ({"tritn": {}}, "additional properties 'tritn' not allowed"),
@@ -496,6 +497,7 @@ def test_gateway_environment_is_accepted_by_the_gateway_settings(rendered, value
     assert settings.triton_batch_size == int(env["CTSCREEN_TRITON_BATCH_SIZE"])
     assert settings.triton_max_inflight == int(env["CTSCREEN_TRITON_MAX_INFLIGHT"])
     assert settings.max_upload_bytes == int(env["CTSCREEN_MAX_UPLOAD_BYTES"])
+    assert settings.log_format == "json"  # JSON lines for the cluster's log collector (gateway.logFormat)
     assert str(settings.data_dir) == env["CTSCREEN_DATA_DIR"] == "/var/lib/ctscreen"
     assert str(settings.blobs()) == env["CTSCREEN_BLOB_DIR"] == "/var/lib/ctscreen-blobs"
     assert settings.job_deadline_s == 24 * 3600 and settings.instance_retention_s == 7 * 86400

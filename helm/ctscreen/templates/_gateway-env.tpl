@@ -26,6 +26,8 @@
 - name: CTSCREEN_AUTH_INSECURE
   value: "true"
 {{- end }}
+- name: CTSCREEN_LOG_FORMAT
+  value: {{ $g.logFormat | quote }}
 - name: CTSCREEN_TRITON_DISCOVERY
   value: {{ $g.discovery | quote }}
 - name: CTSCREEN_TRITON_SERVICE
