@@ -8,8 +8,10 @@ into the log and the audit trail. The id goes back in the ``X-Request-ID`` answe
 app gives, errors included), into the request's audit record (``request_id``) and, through :data:`REQUEST_ID`,
 into every log record written while the request is handled, in awaited code too.
 
-**Job ids.** The worker sets :data:`JOB_ID` while it screens a job (``gateway.worker.Worker``), so the records of
-a study's screening carry its job's id (the messages that named the job already still do).
+**Job ids.** The worker sets :data:`JOB_ID` while it screens a job (``gateway.worker.Worker``), and the deliverer
+while it sends a job's result (``gateway.delivery.deliverer.Deliverer``), so the records of a study's screening
+and delivery carry its job's id (the messages that named the job already still do). Their threads
+(:class:`ContextExecutor`, ``asyncio.to_thread``) inherit it.
 
 :class:`ContextFilter` copies both onto each record (attributes ``request_id`` and ``job_id``, None when unset).
 :func:`configure` installs it on the process's log handlers and, for ``CTSCREEN_LOG_FORMAT=json``, turns the
@@ -23,13 +25,15 @@ import logging
 import re
 import sys
 import uuid
-from contextvars import ContextVar
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar, copy_context
 from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["JOB_ID", "REQUEST_ID", "ContextFilter", "JsonLines", "RequestIds", "configure", "new_request_id",
+__all__ = ["JOB_ID", "REQUEST_ID", "ContextExecutor", "ContextFilter", "JsonLines", "RequestIds", "configure", "new_request_id",
            "request_id_of", "say"]
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("ctscreen_request_id", default=None)
@@ -114,6 +118,15 @@ class ContextFilter(logging.Filter):
         if getattr(record, "job_id", None) is None:
             record.job_id = JOB_ID.get()
         return True
+
+
+class ContextExecutor(ThreadPoolExecutor):
+    """A thread pool whose tasks run in the context of their submitter, as :func:`asyncio.to_thread`'s do
+    (``loop.run_in_executor`` copies none): a decode or sender thread's records carry the id of the job or request
+    it works for."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(copy_context().run, fn, *args, **kwargs)
 
 
 class JsonLines(JsonFormatter):

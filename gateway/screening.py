@@ -24,7 +24,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ from aggregator.schema import CaseResult, ModelInfo, Timings
 from ctscreen.contracts import POSTPROCESS_MODEL, SLICE_SIZE
 from gateway.dicom import GridMapping
 from gateway.ingest import PreparedStudy, StudyPlan, load_study, plan_study
+from gateway.logs import ContextExecutor
 from gateway.metrics import Metrics
 from gateway.phi import withheld
 from gateway.report import SrContext
@@ -88,15 +88,6 @@ def in_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
     # in the caller's context, as asyncio.to_thread: its records carry the request's or the job's id (gateway.logs)
     threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True).start()
     return future
-
-
-class ContextExecutor(ThreadPoolExecutor):
-    """A thread pool whose tasks run in the context of their submitter, as :func:`asyncio.to_thread`'s do
-    (``loop.run_in_executor`` copies none): a decode thread's log records carry the id of the job or request it
-    works for (:mod:`gateway.logs`)."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 class _Undecoded(Exception):

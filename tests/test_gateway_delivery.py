@@ -408,9 +408,11 @@ def test_a_reading_a_fhir_rule_leaves_out_still_replaces_the_one_sent_there(stud
 def test_a_webhooks_secret_in_its_url_stays_out_of_the_log(study_files, tmp_path, caplog):
     """ctscreen's lines name a destination by its URL without the query, but httpx logged every request's whole
     URL at INFO: a webhook's token in its query string went to the log at --log-level info."""
+    from gateway.logs import ContextFilter
     from gateway.phi import protect_logs
 
     caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(ContextFilter())  # what gateway.logs.configure puts on the process's handlers
     protect_logs()  # what create_app does for the gateway's process
 
     async def scenario():
@@ -426,9 +428,14 @@ def test_a_webhooks_secret_in_its_url_stays_out_of_the_log(study_files, tmp_path
             await deliverer.stop()
             ris.close()
             await store.close()
+        return first.job_id
 
-    asyncio.run(scenario())
+    job_id = asyncio.run(scenario())
     assert "delivered" in caplog.text and "s3cret-token" not in caplog.text
+    # the delivery's records carry its job's id (gateway.logs.JOB_ID), as the screening's do
+    delivered = [r for r in caplog.records if r.getMessage().endswith("attempt 1)") and "delivered" in r.getMessage()]
+    assert delivered and all(r.job_id == job_id for r in delivered), [(r.getMessage(), r.job_id)
+                                                                       for r in caplog.records]
 
 
 def test_key_images_built_again_are_the_same_objects_byte_for_byte(study_files, tmp_path):

@@ -19,9 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway import keys as keys_cli
-from gateway.logs import JOB_ID, ContextFilter
+from gateway.logs import JOB_ID, ContextExecutor, ContextFilter
 from gateway.main import create_app
-from gateway.screening import ContextExecutor
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series, wait_job
 

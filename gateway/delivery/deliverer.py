@@ -35,7 +35,6 @@ import functools
 import logging
 import shutil
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -47,6 +46,7 @@ from aggregator.schema import counted
 from gateway.delivery import iocm, payloads
 from gateway.delivery.config import DicomDestination, FhirDestination, Hl7Destination, StowDestination
 from gateway.delivery.senders import Item, SendError, send_dicom, send_fhir, send_hl7, send_stow
+from gateway.logs import JOB_ID, ContextExecutor
 from gateway.phi import withheld
 from gateway.settings import Settings
 from gateway.store import BlobStore, FolderBlobs, Store, StoreError, instance_sources, new_key
@@ -108,7 +108,7 @@ class Deliverer:
                        for name in self.destinations}
         # C-STORE sends block a thread each (pynetdicom): their own threads, one a slot, so hanging peers never
         # fill the event loop's default pool (6 threads on 2 cores), which blob reads and API-key checks use
-        self._senders = ThreadPoolExecutor(max(1, len(self.destinations)) * settings.delivery_concurrency,
+        self._senders = ContextExecutor(max(1, len(self.destinations)) * settings.delivery_concurrency,
                                            thread_name_prefix="ctscreen-delivery")
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -203,6 +203,7 @@ class Deliverer:
 
     # --- one task ---------------------------------------------------------------------------------
     async def _run(self, task: Task) -> None:
+        JOB_ID.set(task.job_id)  # this task's own context: its records (and its sender threads') carry the job's id
         dest = self.destinations[task.destination]
         where = f"job {task.job_id} -> {dest.name}"
         try:
