@@ -33,14 +33,15 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["JOB_ID", "REQUEST_ID", "ContextExecutor", "ContextFilter", "JsonLines", "RequestIds", "configure", "new_request_id",
-           "request_id_of", "say"]
+__all__ = ["JOB_ID", "REQUEST_ID", "ContextExecutor", "ContextFilter", "JsonLines", "RequestIds", "configure",
+           "new_request_id", "request_id_of", "say"]
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("ctscreen_request_id", default=None)
 """The id of the HTTP request being answered (:class:`RequestIds`)."""
 
 JOB_ID: ContextVar[str | None] = ContextVar("ctscreen_job_id", default=None)
-"""The id of the job being screened (``gateway.worker.Worker``)."""
+"""The id of the job being screened (``gateway.worker.Worker``) or whose result is being sent
+(``gateway.delivery.deliverer.Deliverer``)."""
 
 HEADER = "x-request-id"
 
