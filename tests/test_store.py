@@ -2397,6 +2397,31 @@ def test_a_signal_that_comes_while_the_wait_is_logged_still_stops_it():
     assert signal.getsignal(signal.SIGTERM) is before  # pytest's own handler is back
 
 
+def test_a_signal_that_comes_as_the_last_attempt_succeeds_still_stops_the_start(monkeypatch):
+    """The review of the change above: a SIGTERM that came while the attempt that succeeded ran was noted by the
+    wait's handler, which was then put back, and the start went on: under uvicorn a pod being deleted served and
+    claimed jobs until its SIGKILL, under ``ctscreen serve`` Ctrl-C was lost. It stops the start now."""
+    import gateway.store.migrate as migrate
+
+    def upgrade_slowly(url):  # the migration that succeeds; the pod is deleted meanwhile
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread as the attempt ends
+
+    async def schema_ok(url, use):
+        return None
+
+    monkeypatch.setattr(migrate, "upgrade", upgrade_slowly)
+    monkeypatch.setattr(migrate, "_on_engine", schema_ok)
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # uvicorn's, say
+    try:
+        with pytest.raises(SchemaError, match="stopped by SIGTERM while waiting"):
+            prepare_schema("postgresql://postgres@127.0.0.1:1/x", True, wait_s=30)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not seen
+
+
 def test_a_migration_that_fails_says_so_not_that_the_database_refused_the_gateway(tmp_path, caplog):
     """Every error of the start's migration but an unreachable store was reported as the database refusing the
     gateway ("check its user, password and database name"), the statement's error lost (the review of the

@@ -232,7 +232,8 @@ def _refusal(exc: DBAPIError) -> bool:
 
 def _until_stopped(run: Callable[[], None], stop: threading.Event, received: list[signal.Signals], where: str) -> None:
     """``run()`` in a daemon thread of its own until it returns (or raises: raised here) or ``stop`` is set (a
-    SchemaError): a start stopped while a connection attempt hangs need not wait for it."""
+    SchemaError): a start stopped while a connection attempt hangs says so at once. (Its process may still wait at exit
+    for a name lookup under way in asyncio's thread pool, up to the resolver's own timeout.)"""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -247,7 +248,7 @@ def _until_stopped(run: Callable[[], None], stop: threading.Event, received: lis
     done = threading.Event()
     threading.Thread(target=attempt, name="ctscreen-schema", daemon=True).start()
     while not done.wait(0.2):
-        if stop.is_set():
+        if received or stop.is_set():  # received: noted in the handler itself; stop: set a moment later
             _stopped(where, received)
     if outcome[0] is not None:
         raise outcome[0]
@@ -314,5 +315,7 @@ def prepare_schema(url: str, migrate: bool, wait_s: float = 0.0, *, every_s: flo
                                    wait_s - waited)
             if stop.wait(min(1.0, max(0.0, wait_s - (clock() - start)))):
                 _stopped(where, received)
+    if received:  # one that came as the last attempt succeeded (the handler before ours never saw it): stop still
+        _stopped(where, received)
     if said >= 0:
         logger.warning("%s answers after %.0f s", where, clock() - start)
