@@ -2,8 +2,9 @@
 library's asyncio one (:func:`hl7.mllp.start_hl7_server`), that parses each message it gets with :func:`hl7.parse`
 and answers the ACK the library builds for it (:meth:`hl7.Message.create_ack`), as an interface engine does.
 
-``answers`` are what it answers first, one a message, then ``AA``: ``AE`` or ``AR`` (with MSA-3 and an ERR
-segment saying why), ``wrong`` (an AA whose MSA-2 names another message), ``silent`` (no answer, the connection
+``answers`` are what it answers first, one a message, then ``AA``: ``AE`` (ERR-3 204, unknown key), ``AR`` (ERR-3
+207, an internal error: the RIS's database down), ``AR200`` (a reject, ERR-3 200: it takes no such message type),
+each with MSA-3 and ERR-8 texts naming the patient, as a RIS's may; ``crlf`` (an AA whose segments end in CR LF), ``wrong`` (an AA whose MSA-2 names another message), ``silent`` (no answer, the connection
 kept open), ``close`` (the connection closed without an answer), ``reset`` (closed with a TCP reset), ``garbage`` (an MLLP block that is no HL7).
 With ``ssl`` (a server context) it speaks MLLP over TLS. Runs in the test's event loop: start it with
 :meth:`start`, inside ``asyncio.run``.
@@ -19,8 +20,11 @@ from typing import Any
 import hl7
 from hl7.mllp import start_hl7_server
 
-ERR_TEXT = "Unknown order for this patient"
-"""MSA-3 of its AE and AR answers."""
+ERR_TEXT = "Patient DOE JANE MRN 4711 not registered"
+"""MSA-3 and ERR-8 of its AE and AR answers: a RIS's words may name the patient; ctscreen must not repeat them."""
+
+ERR_CODES = {"AE": "204^Unknown key identifier", "AR": "207^Application internal error",
+             "AR200": "200^Unsupported message type"}
 
 
 class MllpReceiver:
@@ -69,14 +73,17 @@ class MllpReceiver:
                     writer.writeblock(b"this is no HL7 acknowledgment")
                     await writer.drain()
                     continue
-                ack = message.create_ack("AA" if answer == "wrong" else answer, application="RIS", facility="HOSP")
+                code = answer[:2] if answer in ERR_CODES else "AA" if answer in ("wrong", "crlf") else answer
+                ack = message.create_ack(code, application="RIS", facility="HOSP")
                 if answer == "wrong":
                     ack.segment("MSA").assign_field("SOME-OTHER-ID", 2)
                 text = str(ack)
-                if answer in ("AE", "AR"):
+                if answer in ERR_CODES:
                     ack.segment("MSA").assign_field(ack.escape(ERR_TEXT), 3)
-                    text = str(ack) + "ERR||PID^1^3|204^Unknown key identifier^HL70357|E\r"
-                if answer == "AA":
+                    text = str(ack) + f"ERR||PID^1^3|{ERR_CODES[answer]}^HL70357|E||||{ack.escape(ERR_TEXT)}\r"
+                if answer == "crlf":
+                    text = text.replace("\r", "\r\n")
+                if code == "AA" and answer != "wrong":
                     self.filed.append(message)
                 writer.writeblock(text.encode("utf-8"))
                 await writer.drain()

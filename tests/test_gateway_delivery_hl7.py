@@ -130,7 +130,11 @@ def test_a_result_reaches_the_ris_as_an_oru_r01_it_parses_and_accepts(study_file
 
 
 @pytest.mark.parametrize(("answer", "says"), [
-    ("AE", f"answered an application error (MSA-1 AE: {ERR_TEXT}; 204; Unknown key identifier); tried again"),
+    ("AE", "answered an application error (MSA-1 AE: ERR-3 204 unknown key identifier; its text withheld); tried "
+           "again"),
+    # v2.5 2.9.2: a reject "for reasons unrelated to content or format" (a system down): the RIS wants it again
+    ("AR", "rejected the message (MSA-1 AR: ERR-3 207 application internal error; its text withheld), not for what it "
+           "holds; tried again"),
     ("silent", "no ACK from MLLP 127.0.0.1:{port} within 0.5 s"),
     ("wrong", "acknowledged another message (MSA-2 'SOME-OTHER-ID', ours "),
     ("close", "MLLP 127.0.0.1:{port} closed the connection without an ACK"),
@@ -151,7 +155,7 @@ def test_an_answer_that_is_no_accept_is_tried_again_then_delivered(study_files, 
     assert len(receiver.filed) == 1
     history = " ".join(str(h) for h in task.history)
     assert says.format(port=receiver.port) in history, history
-    assert NAME[0] not in history and PATIENT_ID not in history
+    assert NAME[0] not in history and PATIENT_ID not in history and "4711" not in history
 
 
 def test_a_reject_fails_the_delivery_for_good_with_the_ris_s_words(study_files, tmp_path):
@@ -159,11 +163,27 @@ def test_a_reject_fails_the_delivery_for_good_with_the_ris_s_words(study_files, 
         (task,) = await until_states(deliverer, result.job_id, {"done", "failed"})
         return task, receiver
 
-    task, receiver = _deliver(tmp_path, with_patient(study_files), ris, check, answers=("AR",))
+    task, receiver = _deliver(tmp_path, with_patient(study_files), ris, check, answers=("AR200",))
     assert task.state == "failed" and task.attempts == 1
-    assert task.error == (f"MLLP 127.0.0.1:{receiver.port} rejected the message (MSA-1 AR: {ERR_TEXT}; 204; Unknown key "
-                          "identifier); trying again cannot help")
+    assert task.error == (f"MLLP 127.0.0.1:{receiver.port} rejected the message (MSA-1 AR: ERR-3 200 unsupported message "
+                          "type; its text withheld); trying again cannot help")
     assert len(receiver.messages) == 1 and not receiver.filed
+
+
+def test_an_ack_s_own_words_never_reach_the_log_or_the_delivery_and_any_line_ending_reads():
+    """A RIS's reject named the patient ("Patient MRN 4711 DOE^JANE not registered" in MSA-3, ERR-8): ctscreen
+    quoted it into its log, the delivery's error and the API (the review of this destination). Only the codes and
+    ctscreen's words for them are said. An AA whose segments end in CR LF or LF (not the standard's CR) read as no
+    ACK: the RIS filed the message and got it again until the delivery failed."""
+    from gateway.delivery.senders import SendError, ack_outcome
+
+    ack = (f"MSH|^~\\&|RIS|HOSP|||20261207||ACK|1|P|2.5.1\rMSA|AR|ID-1|{ERR_TEXT}\r"
+           f"ERR||PID^1^3|207^{ERR_TEXT}^HL70357|E||||{ERR_TEXT}\r")
+    with pytest.raises(SendError) as exc:
+        ack_outcome("RIS", ack.encode(), "ID-1")
+    assert "DOE" not in str(exc.value) and "4711" not in str(exc.value) and not exc.value.permanent, str(exc.value)
+    for ending in ("\r\n", "\n"):
+        ack_outcome("RIS", f"MSH|^~\\&|RIS|HOSP|||20261207||ACK|1|P|2.5.1{ending}MSA|AA|ID-1{ending}".encode(), "ID-1")
 
 
 def test_a_ris_that_refuses_connections_is_tried_again_until_it_listens(study_files, tmp_path):

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import re
+import socket
 import ssl
 import uuid
 from collections.abc import Collection, Sequence
@@ -434,7 +435,21 @@ async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.
 
 ACCEPTED, ERRORS, REJECTED = ("AA", "CA"), ("AE", "CE"), ("AR", "CR")
 """HL7 acknowledgment codes (table 0008), original mode and enhanced mode's commit: accepted (delivered), an error
-(tried again), a reject (permanent)."""
+(tried again), a reject (tried again, unless its ERR-3 is one of :data:`UNSUPPORTED`)."""
+
+ERROR_CODES = {"0": "message accepted", "100": "segment sequence error", "101": "required field missing",
+               "102": "data type error", "103": "table value not found", "104": "value too long",
+               "200": "unsupported message type", "201": "unsupported event code",
+               "202": "unsupported processing id", "203": "unsupported version id", "204": "unknown key identifier",
+               "205": "duplicate key identifier", "206": "application record locked",
+               "207": "application internal error"}
+"""HL7 table 0357 (ERR-3's codes) in words: what an error says of an ACK is these words, never the RIS's own texts
+(MSA-3, ERR-3's text, ERR-8), which may name the patient or the record number."""
+
+UNSUPPORTED = frozenset({"200", "201", "202", "203"})
+"""ERR-3 codes of a reject that the same message sent again meets again: this RIS does not take its message type,
+event, processing id or version. Any other reject (v2.5 2.9.2: "for reasons unrelated to content or format", a
+system down, an internal error) is tried again."""
 
 ACK_LIMIT = 1024 * 1024
 """The longest ACK read (bytes): an ACK is a few hundred; a peer that streams more is no HL7 peer."""
@@ -457,8 +472,7 @@ async def send_hl7(dest: Hl7Destination, items: Sequence[Item]) -> list[str]:
         raise SendError(f"TLS handshake with {dest.where} failed: {_tls_words(exc, server_hostname or dest.host)}") \
             from None
     except OSError as exc:  # asyncio's strerror is "Connect call failed (address)": the errno's words
-        raise SendError(f"cannot reach {dest.where}: {os.strerror(exc.errno) if exc.errno else type(exc).__name__}") \
-            from None
+        raise SendError(f"cannot reach {dest.where}: {_connect_words(exc)}") from None
     sent: list[str] = []
     try:
         for ident, _, data in items:
@@ -487,6 +501,18 @@ async def send_hl7(dest: Hl7Destination, items: Sequence[Item]) -> list[str]:
     return sent
 
 
+def _connect_words(exc: OSError) -> str:
+    """What a failed connect says: a name lookup's own words (its errno is negative: ``os.strerror(-2)`` read
+    "Unknown error -2" for "Name or service not known"), else the errno's (asyncio's strerror names the address).
+
+    >>> _connect_words(socket.gaierror(-2, "Name or service not known")), _connect_words(ConnectionRefusedError(111, "x"))
+    ('Name or service not known', 'Connection refused')
+    """
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or "the name does not resolve"
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+
+
 def message_control_id(data: bytes) -> str:
     r"""MSH-10 of an HL7 message (its bytes).
 
@@ -511,8 +537,9 @@ def ack_outcome(where: str, block: bytes, control_id: str, sent: Sequence[str] =
     """
     import hl7
 
-    try:
-        ack = hl7.parse(block.decode("utf-8", errors="replace"))
+    try:  # a RIS that ends its segments in CR LF or LF, not the standard's CR
+        text = block.decode("utf-8", errors="replace").replace("\r\n", "\r").replace("\n", "\r")
+        ack = hl7.parse(text)
         code, answered = (str(ack[f"MSA.F{n}"]).strip() for n in (1, 2))
     except Exception:  # noqa: BLE001 - hl7's ParseException, KeyError (no MSA), IndexError: not an ACK
         raise SendError(f"{where} answered no HL7 ACK ({len(block)} bytes, no MSH and MSA segments)",
@@ -523,25 +550,46 @@ def ack_outcome(where: str, block: bytes, control_id: str, sent: Sequence[str] =
     code = code.upper()
     if code in ACCEPTED:
         return
-    said = _ack_text(ack)
-    if code in REJECTED:
+    codes, said = _ack_codes(ack)
+    if code in REJECTED and codes & UNSUPPORTED:
         raise SendError(f"{where} rejected the message (MSA-1 {code}{said}); trying again cannot help", permanent=True,
+                        sent=sent)
+    if code in REJECTED:
+        raise SendError(f"{where} rejected the message (MSA-1 {code}{said}), not for what it holds; tried again",
                         sent=sent)
     if code in ERRORS:
         raise SendError(f"{where} answered an application error (MSA-1 {code}{said}); tried again", sent=sent)
     raise SendError(f"{where} answered an unknown acknowledgment code (MSA-1 {_one_line(code, 8)!r})", sent=sent)
 
 
-def _ack_text(ack: Any) -> str:
-    """``": " + MSA-3, ERR-3 (code and text), ERR-8`` of an ACK, on one line, cut to 200 characters; "" without."""
-    parts = []
-    for key in ("MSA.F3", "ERR.F3.R1.C1", "ERR.F3.R1.C2", "ERR.F8"):
+def _ack_codes(ack: Any) -> tuple[set[str], str]:
+    r"""The ERR-3 codes of an ACK (table 0357) and what to say of them: ``": ERR-3 204 unknown key identifier"`` ("" for
+    none). Only codes and this module's words for them: the RIS's texts are withheld (:data:`ERROR_CODES`).
+
+    >>> import hl7
+    >>> _ack_codes(hl7.parse("MSH|^~\\&|RIS\rMSA|AR|1|DOE^JANE\rERR||PID^1^3|207^Internal^HL70357|E||||DOE\r"))
+    ({'207'}, ': ERR-3 207 application internal error; its text withheld')
+    """
+    codes: list[str] = []
+    try:
+        errs = ack.segments("ERR")
+    except KeyError:  # none
+        errs = []
+    for err in errs:
         try:
-            parts.append(str(ack[key]))
+            code = str(err(3)(1)(1)).strip()
         except (KeyError, IndexError):
             continue
-    text = _one_line("; ".join(p for p in parts if p.strip()), 200)
-    return f": {text}" if text else ""
+        if re.fullmatch(r"\d{1,5}", code):
+            codes.append(code)
+    words = [f"ERR-3 {c} {ERROR_CODES[c]}" if c in ERROR_CODES else f"ERR-3 {c}" for c in dict.fromkeys(codes)]
+    try:
+        texted = bool(str(ack["MSA.F3"]).strip())
+    except (KeyError, IndexError):
+        texted = False
+    if texted or codes:
+        words.append("its text withheld")
+    return set(codes), f": {'; '.join(words)}" if words else ""
 
 
 def _one_line(text: str, most: int) -> str:
