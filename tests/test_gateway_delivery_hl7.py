@@ -186,6 +186,37 @@ def test_an_ack_s_own_words_never_reach_the_log_or_the_delivery_and_any_line_end
         ack_outcome("RIS", f"MSH|^~\\&|RIS|HOSP|||20261207||ACK|1|P|2.5.1{ending}MSA|AA|ID-1{ending}".encode(), "ID-1")
 
 
+def test_a_ris_that_takes_the_connection_and_reads_nothing_does_not_hold_the_delivery():
+    """The review: the message was written and drained without a time limit, so a RIS that accepted the connection
+    and never read (a hung interface engine) held the delivery, and its slot, for good once the message outgrew
+    the sockets' buffers. The send gives up after ``timeout_s`` (a real TCP server that reads nothing; a message of
+    32 MB, past loopback's buffers)."""
+    from gateway.delivery.senders import SendError, send_hl7
+
+    async def scenario() -> SendError:
+        held = []
+
+        async def accept(reader, writer):  # never reads
+            held.append(writer)
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        (dest,) = parse_destinations([{"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": port,
+                                       "timeout_s": 1, "connect_timeout_s": 2}])
+        message = b"MSH|^~\\&|CTSCREEN||||20261207||ORU^R01^ORU_R01|ID-1|P|2.5.1\rOBX|1|TX|||" + b"x" * (32 << 20)
+        try:
+            with pytest.raises(SendError) as exc:
+                await asyncio.wait_for(send_hl7(dest, [("x", "", message + b"\r")]), 30)
+            return exc.value
+        finally:
+            for writer in held:
+                writer.close()
+            server.close()
+
+    error = asyncio.run(scenario())
+    assert "read none of the message within 1 s" in str(error) and not error.permanent, str(error)
+
+
 def test_a_ris_that_refuses_connections_is_tried_again_until_it_listens(study_files, tmp_path):
     port = free_port()
 

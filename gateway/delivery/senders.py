@@ -477,9 +477,16 @@ async def send_hl7(dest: Hl7Destination, items: Sequence[Item]) -> list[str]:
     try:
         for ident, _, data in items:
             ours = message_control_id(data)
-            try:
+            try:  # a RIS that takes the connection and reads nothing held the delivery (and its slot) for good
                 writer.writeblock(data)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), dest.timeout_s)
+            except TimeoutError:
+                raise SendError(f"{dest.where} read none of the message within {dest.timeout_s:g} s", sent=sent) \
+                    from None
+            except OSError as exc:
+                raise SendError(f"connection to {dest.where} lost while sending ({exc.strerror or type(exc).__name__})",
+                                sent=sent) from None
+            try:
                 block = await asyncio.wait_for(reader.readblock(), dest.timeout_s)
             except TimeoutError:
                 raise SendError(f"no ACK from {dest.where} within {dest.timeout_s:g} s (it may have filed the "
