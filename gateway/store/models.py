@@ -48,6 +48,8 @@ class Study(Base):
         # at most one receiving version per study (migration 0005): two replicas cannot both open one
         Index("ux_studies_receiving", "study_instance_uid", unique=True,
               postgresql_where=text("state = 'receiving'"), sqlite_where=text("state = 'receiving'")),
+        # the worklist's urgent-first order and priority filter (migration 0015), read backwards for DESC
+        Index("ix_studies_priority_created_at", "priority", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
