@@ -16,7 +16,17 @@ and delivery carry its job's id (the messages that named the job already still d
 :class:`ContextFilter` copies both onto each record (attributes ``request_id`` and ``job_id``, None when unset).
 :func:`configure` installs it on the process's log handlers and, for ``CTSCREEN_LOG_FORMAT=json``, turns the
 gateway's records and uvicorn's error and access logs into one JSON object per line on standard error
-(:class:`JsonLines`); ``text`` (the default) leaves every line as it was.
+(:class:`JsonLines`: the ids in full, as fields). ``text`` (the default) keeps each line as it was and ends its
+first line with the ids that are set (:class:`TextIds`), nothing when neither is::
+
+    INFO:     10.0.3.7:51234 - "POST /v1/studies HTTP/1.1" 202 Accepted [req=2e3f4a5b]
+    2026-12-07 14:18:03,112 INFO gateway.worker: job 5b0c...6d0a91fe done: negative (300 slices) [job=6d0a91fe]
+
+Each id is cut to its **last** 8 characters (:func:`short_id`): enough to grep for one request or job among a
+replica's lines (one chance in four billion that two random ids share them). The tail, not the head: the tail is
+random in the gateway's own ids, ingress-nginx's and Envoy's, and in a UUIDv7 or an AWS X-Ray trace id, whose head
+is a timestamp shared by every request of that millisecond or second. The whole id is in the answer's
+``X-Request-ID``, the audit trail and the JSON format.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["JOB_ID", "REQUEST_ID", "ContextExecutor", "ContextFilter", "JsonLines", "RequestIds", "configure",
-           "new_request_id", "request_id_of", "say"]
+__all__ = ["JOB_ID", "REQUEST_ID", "ContextExecutor", "ContextFilter", "JsonLines", "RequestIds", "TextIds", "configure",
+           "new_request_id", "request_id_of", "say", "short_id"]
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("ctscreen_request_id", default=None)
 """The id of the HTTP request being answered (:class:`RequestIds`)."""
@@ -164,6 +174,44 @@ class JsonLines(JsonFormatter):
             log_data["stack"] = message_dict["stack_info"]
 
 
+def short_id(value: str) -> str:
+    """The last 8 characters of a request or job id, as a text line shows it (random in the ids the gateway meets;
+    a UUIDv7's head is its time).
+
+    >>> short_id("9f1c6a2e-55b1-4c1e-9a6e-0c1d2e3f4a5b"), short_id("0123456789abcdef0123456789abcdef")
+    ('2e3f4a5b', '89abcdef')
+    """
+    return value[-8:]
+
+
+class TextIds(logging.Formatter):
+    """A handler's own text format (``inner``: uvicorn's, ``basicConfig``'s, or the bare message of a handler
+    that has none), its first line ended by `` [req=<id> job=<id>]`` with the ids of the record that are set
+    (:func:`short_id`), nothing when neither is. The first line, not the last: a traceback's lines follow the
+    message, and ``grep`` finds the line that says what happened.
+
+    >>> r = logging.LogRecord("gateway.worker", logging.INFO, "", 0, "job %s done", ("5b0c",), None)
+    >>> TextIds(None).format(r)
+    'job 5b0c done'
+    >>> r.request_id, r.job_id = None, "0123456789abcdef0123456789abcdef"
+    >>> TextIds(logging.Formatter("%(levelname)s %(message)s")).format(r)
+    'INFO job 5b0c done [job=89abcdef]'
+    """
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        ids = [f"{name}={short_id(value)}" for name, value in (("req", getattr(record, "request_id", None)),
+                                                               ("job", getattr(record, "job_id", None))) if value]
+        if not ids:
+            return text
+        first, newline, rest = text.partition("\n")
+        return f"{first} [{' '.join(ids)}]{newline}{rest}"
+
+
 def _console(handler: logging.Handler) -> bool:
     """A plain stream handler writing to this process's standard error or output (basicConfig's, uvicorn's):
     not a file's, not pytest's capture."""
@@ -185,7 +233,10 @@ def configure(log_format: str) -> None:
       under ``uvicorn --factory`` it had none (the gateway's warnings came out bare through Python's last resort,
       its info lines not at all): one on standard error is added, at uvicorn's ``--log-level``.
 
-    ``text`` changes no line: the filter only sets two attributes on each record.
+    For ``text`` each of those handlers keeps its format, wrapped in :class:`TextIds`, and so does Python's handler
+    of last resort (:data:`logging.lastResort`), which writes the gateway's warnings under ``uvicorn --factory``,
+    where the root logger has no handler: a line written while a request is answered or a job screened ends with
+    their ids, any other line is as it was.
     """
     context = ContextFilter()
     json_lines = log_format == "json"
@@ -205,6 +256,19 @@ def configure(log_format: str) -> None:
                 if handler.stream is not sys.stderr:
                     handler.setStream(sys.stderr)
                 handler.setFormatter(JsonLines())
+            elif not json_lines and _console(handler):
+                _with_ids(handler)
+    last_resort = logging.lastResort
+    if not json_lines and last_resort is not None:
+        if not any(isinstance(f, ContextFilter) for f in last_resort.filters):
+            last_resort.addFilter(context)
+        _with_ids(last_resort)
+
+
+def _with_ids(handler: logging.Handler) -> None:
+    """Wrap ``handler``'s format in :class:`TextIds` (once)."""
+    if not isinstance(handler.formatter, TextIds):
+        handler.setFormatter(TextIds(handler.formatter))
 
 
 def say(text: str, log_format: str, logger: str = "gateway.cli") -> None:

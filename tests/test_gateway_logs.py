@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -238,15 +239,89 @@ def test_json_logs_are_one_object_a_line_with_the_request_s_id(tmp_path, argv):
     assert "ZZQ" not in out + err
 
 
-def test_text_logs_are_as_they_were(tmp_path):
+@pytest.mark.parametrize("argv", [FACTORY, SERVE], ids=["uvicorn --factory", "ctscreen serve"])
+def test_text_logs_are_as_they_were_and_end_with_the_request_s_id(tmp_path, argv):
     """The default (``text``): uvicorn's own lines on standard error, its access log on standard output, the
-    gateway's warnings as uvicorn's defaults leave them; no JSON, no request id in a line."""
-    out, err = _gateway_lines(tmp_path, FACTORY, None)
-    assert "INFO:     Application startup complete." in err, err
+    gateway's lines as uvicorn's defaults (or ``ctscreen serve``'s) leave them; no JSON. A line written while a
+    request was answered ends with the last 8 characters of its id (``[req=2e3f4a5b]``: an operator reading a
+    replica's text log could not follow one request); the other lines end as they did."""
+    out, err = _gateway_lines(tmp_path, argv, None)
+    assert "INFO:     Application startup complete.\n" in err, err
     assert "authentication is off" in err and not any(line.startswith("{") for line in err.splitlines())
-    assert re.search(r'INFO: +127\.0\.0\.1:\d+ - "GET /v1/worklist\? HTTP/1\.1" 200', out), out
+    assert re.search(r'INFO: +127\.0\.0\.1:\d+ - "GET /v1/worklist\? HTTP/1\.1" 200 OK \[req=2e3f4a5b\]\n', out), out
+    assert re.search(r'"POST /v1/studies HTTP/1\.1" 415 Unsupported Media Type \[req=89abcdef\]\n', out), out
+    refused = re.search(r'"GET /v1/studies/\{study_instance_uid\} HTTP/1\.1" 400 Bad Request \[req=([0-9a-f]{8})\]\n',
+                        out)
+    assert refused, out
+    audit = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(r["request_id"] == GOOD for r in audit)
+    assert any(r["request_id"].endswith(refused[1]) and r["status"] == 400 for r in audit), audit  # a new id's
+    assert not any("[req=" in line for line in err.splitlines() if "authentication is off" in line or "startup" in line)
+    if argv is SERVE:  # the gateway's info lines are written (not under uvicorn --factory, in text)
+        assert re.search(r"INFO gateway\.ingest: refused file#[0-9a-f]+: not_dicom \[req=89abcdef\]\n", err), err
     assert GOOD not in err and "ZZQ" not in out + err
-    assert any(json.loads(line).get("request_id") == GOOD for line in out.splitlines() if line.startswith("{"))
+
+
+@contextlib.contextmanager
+def _text_log() -> Iterator[io.StringIO]:
+    """``configure("text")`` on this process's handlers with a console handler on the root logger as ``ctscreen
+    serve``'s ``logging.basicConfig`` makes it, standard error a buffer (yielded) meanwhile; every handler it touched
+    is put back afterwards. Entered in the test's body: pytest sets its own standard error back between phases."""
+    import sys
+
+    from gateway.logs import configure
+
+    stderr, sys.stderr = sys.stderr, io.StringIO()
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    touched = [h for name in (None, "uvicorn", "uvicorn.access") for h in logging.getLogger(name).handlers]
+    saved = [(h, list(h.filters), h.formatter) for h in [*touched, logging.lastResort] if h is not None]
+    try:
+        configure("text")
+        configure("text")  # ctscreen serve calls it twice: one suffix, not two
+        yield sys.stderr
+    finally:
+        sys.stderr = stderr
+        root.removeHandler(console)
+        for handler, filters, formatter in saved:
+            handler.filters[:] = filters
+            handler.setFormatter(formatter)
+
+
+def test_a_text_line_ends_with_the_ids_that_are_set_and_a_traceback_follows():
+    """In process, through ``configure("text")``: a record of a job's screening ends with ``[job=...]``, one of a
+    request with both ids; none set, the line is as it was; with a traceback, the ids end the message's line. The
+    gateway's warnings under ``uvicorn --factory`` (no handler on the root logger) go through Python's handler of
+    last resort: it shows them too."""
+    from gateway.logs import REQUEST_ID
+
+    worker = logging.getLogger("gateway.worker")
+    bare = logging.getLogger("tests.no_handler")  # no handler anywhere: the last resort writes its records
+    bare.propagate = False
+    with _text_log() as err:
+        worker.warning("job %s late", "j1")
+        job = JOB_ID.set("0123456789abcdef0123456789abcdef")
+        worker.warning("job %s done", "j1")
+        request = REQUEST_ID.set(GOOD)  # a job retried by its request (a retry's records carry both)
+        try:
+            worker.warning("job %s queued again", "j1")
+            try:
+                raise ValueError("the withheld one")
+            except ValueError:
+                worker.exception("unexpected error")
+            bare.warning("held for a while")
+        finally:
+            JOB_ID.reset(job)
+            REQUEST_ID.reset(request)
+            bare.propagate = True
+    lines = err.getvalue().splitlines()
+    assert lines[:4] == ["WARNING gateway.worker: job j1 late", "WARNING gateway.worker: job j1 done [job=89abcdef]",
+                         "WARNING gateway.worker: job j1 queued again [req=2e3f4a5b job=89abcdef]",
+                         "ERROR gateway.worker: unexpected error [req=2e3f4a5b job=89abcdef]"], lines
+    assert lines[4] == "Traceback (most recent call last):" and "ValueError: the withheld one" in lines
+    assert lines[-1] == "held for a while [req=2e3f4a5b job=89abcdef]", lines
 
 
 def test_a_json_line_s_exception_is_the_withheld_one():
