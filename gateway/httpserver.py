@@ -6,7 +6,9 @@ too) for seconds, and a 256 MiB one for minutes (pen test rev1, 27); only uvicor
 and it is slower. :class:`BoundedHttpToolsProtocol` counts the bytes a request's head takes (from the
 connection's start, or the end of the previous request on a kept-alive connection, to the end of its
 headers) and, past ``CTSCREEN_MAX_REQUEST_HEAD_BYTES`` (64 KiB by default), answers 431 Request Header
-Fields Too Large and closes the connection before feeding the parser any more of it.
+Fields Too Large and closes the connection before feeding the parser any more of it. The app never sees that
+request, so :class:`gateway.logs.RequestIds` gives it no id: the 431 carries its own ``X-Request-ID``, the
+client's when its header was read before the limit and is well formed, else a new one, and so does its log line.
 
 ``ctscreen serve`` runs it; under plain uvicorn (the Helm chart) name it:
 ``uvicorn --http gateway.httpserver:BoundedHttpToolsProtocol --factory gateway.main:app_from_env``.
@@ -20,23 +22,27 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.logs import HEADER, new_request_id, request_id_of
+
 logger = logging.getLogger("ctscreen.gateway")
 
 __all__ = ["BoundedHttpToolsProtocol", "bounded_protocol", "head_too_large"]
 
 
-def head_too_large(limit: int) -> bytes:
-    """The whole 431 answer (it closes the connection) to a request whose head passed ``limit`` bytes.
+def head_too_large(limit: int, request_id: str) -> bytes:
+    """The whole 431 answer (it closes the connection) to a request whose head passed ``limit`` bytes, with its
+    ``X-Request-ID`` (a well-formed id: :func:`gateway.logs.request_id_of`).
 
-    >>> head_too_large(65536).split(b"\\r\\n")[0]
+    >>> head_too_large(65536, "0" * 32).split(b"\\r\\n")[0]
     b'HTTP/1.1 431 Request Header Fields Too Large'
-    >>> b"connection: close" in head_too_large(65536)
-    True
+    >>> b"connection: close" in head_too_large(65536, "0" * 32), b"x-request-id: " + b"0" * 32 in head_too_large(1, "0" * 32)
+    (True, True)
     """
     body = json.dumps({"reason": "request_header_fields_too_large",
                        "message": f"The request line and headers are over the limit of {limit} bytes."}).encode()
     return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\ncache-control: no-store\r\n\r\n%s" % (len(body), body))
+            b"content-length: %d\r\nconnection: close\r\ncache-control: no-store\r\nx-request-id: %s\r\n\r\n%s"
+            % (len(body), request_id.encode(), body))
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -102,8 +108,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
-        logger.warning("a request head from %s passed %d bytes: 431, connection closed", client, self._limit)
-        self.transport.write(head_too_large(self._limit))
+        # the headers parsed so far (uvicorn's on_header, names lowercased): the client's id if it came before the
+        # limit; a malformed one is replaced, as RequestIds does
+        sent = next((v for k, v in self.headers or () if k == HEADER.encode()), None)
+        rid = request_id_of(sent) or new_request_id()
+        logger.warning("a request head from %s passed %d bytes: 431, connection closed", client, self._limit,
+                       extra={"request_id": rid})
+        self.transport.write(head_too_large(self._limit, rid))
         self.transport.close()
         self.parser = None  # type: ignore[assignment]  # nothing more of this connection is parsed
 

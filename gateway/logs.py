@@ -5,8 +5,9 @@
 ingress-nginx, Envoy and most proxies send), else a new one (32 hexadecimal digits). A malformed one is dropped,
 never quoted: a header is free text, and a client's own scheme (``DOE-JOHN-1``) could carry a patient's name
 into the log and the audit trail. The id goes back in the ``X-Request-ID`` answer header (on every answer the
-app gives, errors included), into the request's audit record (``request_id``) and, through :data:`REQUEST_ID`,
-into every log record written while the request is handled, in awaited code too.
+app gives, errors included; ``gateway.httpserver``'s 431, which the app never sees, sets its own), into the
+request's audit record (``request_id``) and, through :data:`REQUEST_ID`, into every log record written while the
+request is handled, in awaited code too.
 
 **Job ids.** The worker sets :data:`JOB_ID` while it screens a job (``gateway.worker.Worker``), and the deliverer
 while it sends a job's result (``gateway.delivery.deliverer.Deliverer``), so the records of a study's screening

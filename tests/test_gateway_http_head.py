@@ -5,6 +5,8 @@ free port; Triton unreachable, which the liveness path does not ask); the client
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 import threading
 import time
@@ -83,6 +85,34 @@ def test_a_huge_header_is_refused_with_431_while_healthz_answers(port):
     assert b"request_header_fields_too_large" in answer and b"connection: close" in answer.lower()
     assert took < 5, took
     assert waits and max(waits) < 2, waits
+
+
+def _refused_head(port: int, head: bytes) -> bytes:
+    """The answer to ``head`` followed by a header value four times the limit."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(head + b"X-Big: " + b"a" * (4 * LIMIT) + b"\r\n\r\n")
+        except OSError:
+            pass
+        return _answer(sock)
+
+
+def test_a_431_carries_a_request_id_as_every_answer_does(port, caplog):
+    """The app never sees a refused head, so its middleware gave the 431 no ``X-Request-ID``: the client's, when
+    it came before the limit and is well formed, or a new one is on the answer and on its warning's record (a
+    malformed one is replaced, never quoted)."""
+    caplog.set_level(logging.WARNING, logger="ctscreen.gateway")
+    good = "9f1c6a2e-55b1-4c1e-9a6e-0c1d2e3f4a5b"
+    answers = {sent: _refused_head(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + (
+        b"" if sent is None else b"X-Request-ID: " + sent.encode() + b"\r\n")) for sent in (good, None, "DOE-JOHN-1")}
+    ids = {}
+    for sent, answer in answers.items():
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        ids[sent] = re.search(rb"\r\nx-request-id: ([^\r]*)\r\n", answer)[1].decode()
+    assert ids[good] == good and all(re.fullmatch("[0-9a-f]{32}", ids[s]) for s in (None, "DOE-JOHN-1")), ids
+    logged = [r.request_id for r in caplog.records if "431, connection closed" in r.getMessage()]
+    assert set(ids.values()) <= set(logged), (ids, logged)
+    assert "DOE" not in caplog.text
 
 
 def test_a_huge_url_is_refused_too(port):
