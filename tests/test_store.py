@@ -2052,11 +2052,13 @@ def test_a_late_instance_and_retention_of_its_previous_version_take_turns(pg_url
     _run(go())
 
 
-def test_a_retry_and_retention_of_its_instances_take_turns(pg_url):
+@pytest.mark.parametrize("again", ["retry", "rescreen"])
+def test_a_retry_and_retention_of_its_instances_take_turns(pg_url, again):
     """PostgreSQL, read committed: retention deleting a failed job's instances (under the study version's
-    row lock, as Store.expire holds it) while an operator retries that job. The retry waits for retention
-    and is refused ("no longer kept"); before, it saw the uncommitted rows still there and queued a job
-    whose instances were gone a moment later, to fail again."""
+    row lock, as Store.expire holds it) while an operator retries that job, or screens the study again as a new
+    version. Either waits for retention and is refused ("no longer kept"); before, the retry saw the uncommitted
+    rows still there and queued a job whose instances were gone a moment later, to fail again (a re-screen would
+    have copied rows naming blobs retention was about to delete)."""
     from gateway.store.models import Instance
 
     upgrade(pg_url)
@@ -2070,15 +2072,87 @@ def test_a_retry_and_retention_of_its_instances_take_turns(pg_url):
                 await s.execute(update(Job).where(Job.id == job_id).values(state="failed"))
             async with _holding_version(other, study) as s:
                 await s.execute(Instance.__table__.delete().where(Instance.study_id == study))
-                retry = asyncio.get_running_loop().create_task(store.retry(job_id, 60))
+                retry = asyncio.get_running_loop().create_task(
+                    store.retry(job_id, 60) if again == "retry" else store.rescreen("1.2.9", 60))
                 await asyncio.sleep(1.0)
-                assert not retry.done(), "the retry read the instances under retention's feet"
+                assert not retry.done(), f"the {again} read the instances under retention's feet"
             with pytest.raises(ValueError, match="no longer kept"):
                 await retry
             assert (await store.job(job_id)).state == "failed"
+            assert (await store.study("1.2.9")).job.job_id == job_id  # no version recorded
         finally:
             await store.close()
             await other.close()
+
+    _run(go())
+
+
+def test_a_done_study_is_screened_again_as_a_new_version_whose_blobs_outlive_the_earlier_ones(db_url):
+    """A study screened once is screened again (the models were updated): version 2 holds version 1's instances,
+    naming the same blobs, queued with a fresh job; version 1 reads superseded. Retention of version 1 (its instances,
+    then its result) deletes no blob version 2 names, and version 2 is screened and kept; the next one is version 3."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            uid = "1.2.60"
+            for n in (1, 2):
+                await store.add_instance(uid, f"{uid}.{n}", f"{n}.dcm", f"k{n}", 10, priority=2)
+            first = (await store.complete_now(uid, 60)).job_id
+            assert (await store.claim(60)).id == first
+            assert await store.finish(first, _result(first, uid), None)
+            again = await store.rescreen(uid, 60)
+            assert (again.state, again.version, again.files, again.priority) == ("queued", 2, 2, "urgent")
+            assert again.job_id != first
+            assert (await store.job(first)).superseded_by == 2
+            files = await store.instance_files(await _study_id(store, again.job_id))
+            assert files == await store.instance_files(await _study_id(store, first)) == [("1.dcm", "k1"), ("2.dcm", "k2")]
+            with pytest.raises(ValueError, match=rf"Version 2 of study {uid} is queued \(job {again.job_id}\)"):
+                await store.rescreen(uid, 60)
+            assert (await store.claim(60)).id == again.job_id
+            assert await store.finish(again.job_id, _result(again.job_id, uid), None)
+            async with store.tx() as s:
+                await s.execute(update(Job).where(Job.id == first).values(finished_at=time.time() - 100))
+            assert await store.expire(results_s=1000, instances_s=50) == []  # version 2 still names them
+            assert await store.expire(results_s=50, instances_s=50) == []  # version 1 gone with its result
+            with pytest.raises(KeyError):
+                await store.job(first)
+            assert await store.instance_files(await _study_id(store, again.job_id)) == files
+            assert (await store.job(again.job_id)).result is not None
+            third = await store.rescreen(uid, 60, priority=0)
+            assert (third.version, third.files, third.priority) == (3, 2, "low")
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_a_study_is_screened_again_only_when_its_latest_version_is_finished_and_its_instances_kept(db_url):
+    """Refusals say why: no such study; its latest version still being received; its instances removed by
+    retention. Nothing is recorded by a refusal."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            with pytest.raises(KeyError, match="No study '1.2.61' has been received"):
+                await store.rescreen("1.2.61", 60)
+            await store.add_instance("1.2.62", "1.2.62.1", "a.dcm", "k1", 10)
+            with pytest.raises(ValueError, match="Version 1 of study 1.2.62 is still being received"):
+                await store.rescreen("1.2.62", 60)
+            job_id = (await store.complete_now("1.2.62", 60)).job_id
+            assert (await store.claim(60)).id == job_id
+            assert await store.fail(job_id, JobError(reason="x", message="x"))
+            async with store.tx() as s:
+                await s.execute(update(Job).where(Job.id == job_id).values(finished_at=time.time() - 100))
+            assert await store.expire(results_s=1000, instances_s=50) == ["k1"]
+            with pytest.raises(ValueError, match="its instances are no longer kept \\(retention\\); send the study again"):
+                await store.rescreen("1.2.62", 60)
+            async with store.read() as s:
+                assert (await s.execute(text("SELECT COUNT(*) FROM studies"))).scalar() == 1
+        finally:
+            await store.close()
 
     _run(go())
 

@@ -757,10 +757,7 @@ class Store:
         )).scalar()
         if previous is not None:  # a late instance: the new version holds every instance of the study still kept
             # (after retention, none of the earlier ones: their blobs are gone)
-            await s.execute(insert(Instance).from_select(
-                ["study_id", "sop_instance_uid", "filename", "blob_key", "nbytes", "received_at"],
-                select(literal(study.id), Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
-                       Instance.received_at).where(Instance.study_id == previous)))
+            await _copy_instances(s, previous, study.id)
             logger.info("study %s: instance after completion, opening version %d", uid, study.version)
         return study
 
@@ -1201,15 +1198,12 @@ class Store:
             study_id = (await s.execute(select(Job.study_id).where(Job.id == job_id))).scalar_one_or_none()
             if study_id is None:
                 raise JobNotFound(f"No job {job_id!r}.")
-            # retention deletes instances under their study version's row lock (expire): take it first, in
-            # expire's order (study, then job), so that the check below sees its deletion committed or not begun
-            await s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
-            job = (await s.execute(select(Job).where(Job.id == job_id).with_for_update())).scalar_one_or_none()
+            job = await _locked_job(s, study_id)
             if job is None:  # retention removed it meanwhile
                 raise JobNotFound(f"No job {job_id!r}.")
             if job.state != JobState.failed.value:
                 raise ValueError(f"Job {job_id} is {job.state}; only a failed job can be retried.")
-            if not (await s.execute(select(Instance.id).where(Instance.study_id == job.study_id).limit(1))).first():
+            if not await _instances_kept(s, job.study_id):
                 raise ValueError(f"The instances of job {job_id} are no longer kept (retention); send the study again.")
             job.state, job.attempts, job.next_attempt_at, job.deadline_at = JobState.queued.value, 0, now, now + deadline_s
             job.takeovers = 0
@@ -1218,6 +1212,79 @@ class Store:
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
         self.wake(job.id)
         return _view(job)
+
+    async def rescreen(self, study_instance_uid: str, deadline_s: float, *, priority: int | None = None,
+                       idempotency_key: str | None = None) -> JobView:
+        """Screen a study again, with the models served now, from the instances the gateway still keeps: a new
+        version (the latest's + 1, same Study Instance UID, origin and patient) holding the latest version's
+        instances, queued as a new job with a fresh deadline, at ``priority`` (default: the latest version's).
+
+        Only the study's latest version is screened again, once its job is done or failed: its reading then
+        supersedes the earlier one everywhere a study sent again does (the version's number orders them:
+        :func:`latest_version`, :meth:`earlier_results`, the deliveries), and nothing new is needed downstream.
+
+        The new version's instance rows name the same blobs as the earlier version's, as a late instance's version
+        does (:meth:`_open_version`); no byte is copied (a 300-slice study is 150 MB, twice on S3). This is safe
+        because a blob is deleted only when no instance row names it any more: :meth:`expire` deletes the rows of an
+        expired version and returns only the keys no other row names (its check in the same transaction), the orphan
+        sweep keeps every named key (:meth:`named_blobs`), and an instance replaced in a receiving version hands
+        back its blob only when unreferenced (:meth:`add_instance`). The earlier version's row is locked first, as
+        :meth:`retry` and :meth:`expire` lock it (study, then job): retention either ended before, and its instances
+        are gone (refused), or waits and sees the copies as references.
+
+        ``idempotency_key`` (:func:`gateway.api.studies.idempotency`): kept with the new job, so that a request sent
+        again under it is answered with this job (:meth:`job_by_key`).
+
+        Raises
+        ------
+        JobNotFound
+            No version of the study was received.
+        ValueError
+            The latest version is being received, queued or screened (the message names it and its job), or its
+            instances are no longer kept (retention).
+        KeyTaken
+            Another request recorded a job under ``idempotency_key`` meanwhile; nothing was recorded.
+        """
+        for attempt in range(5):
+            try:
+                now = await self.now()
+                async with self.tx() as s:
+                    latest = (await s.execute(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                                              .order_by(Study.version.desc()).limit(1).with_for_update()
+                                              )).scalar_one_or_none()
+                    if latest is None:
+                        raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
+                    job = await _locked_job(s, latest.id)
+                    what = f"Version {latest.version} of study {study_instance_uid}"
+                    if latest.state == RECEIVING or job is None:
+                        raise ValueError(f"{what} is still being received; it is screened once complete "
+                                         f"(POST /v1/studies/{study_instance_uid}/complete screens it now).")
+                    if job.state not in (JobState.done.value, JobState.failed.value):
+                        raise ValueError(f"{what} is {job.state} (job {job.id}); a study is screened again once "
+                                         "its latest version is done or failed.")
+                    if not await _instances_kept(s, latest.id):
+                        raise ValueError(f"{what} cannot be screened again: its instances are no longer kept "
+                                         "(retention); send the study again.")
+                    study = Study(study_instance_uid=study_instance_uid, version=latest.version + 1,
+                                  origin=latest.origin, state=COMPLETE, created_at=now, last_rx_at=now,
+                                  completed_at=now, priority=latest.priority if priority is None else priority,
+                                  interrupted=latest.interrupted, patient_key=latest.patient_key)
+                    s.add(study)
+                    await s.flush()
+                    files = await _copy_instances(s, latest.id, study.id)
+                    new = await self._new_job(s, study, files, now, deadline_s, idempotency_key=idempotency_key)
+                    new.series_instance_uid = job.series_instance_uid
+                self.wake(new.id)
+                logger.info("study %s: version %d screened again as version %d, job %s", study_instance_uid,
+                            latest.version, study.version, new.id)
+                return _view(new).model_copy(update={"version": study.version})
+            except IntegrityError:  # another version of the study recorded at the same moment: decided again
+                if idempotency_key is not None and (first := await self.job_by_key(idempotency_key)) is not None:
+                    raise KeyTaken(first) from None
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def fail_overdue(self, overdue: Sequence[tuple[str, Any]] | None = None) -> int:
         """Fail the jobs whose deadline passed while queued (no Triton took them in time), or while held by
@@ -1430,6 +1497,30 @@ class Store:
         if gone:
             logger.info("retention: removed %d finished studies", len(gone))
         return sorted(keys - still)
+
+
+async def _locked_job(s: AsyncSession, study_id: int) -> Job | None:
+    """The job of a study version, locked with the version's row: retention deletes instances under that row's lock
+    (:meth:`Store.expire`), taken here first, in its order (study, then job), so that what the caller reads next
+    sees its deletion committed or not begun."""
+    await s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+    return (await s.execute(select(Job).where(Job.study_id == study_id).with_for_update())).scalar_one_or_none()
+
+
+async def _instances_kept(s: AsyncSession, study_id: int) -> bool:
+    """Whether retention left the instances of a study version (it deletes them all at once)."""
+    return (await s.execute(select(Instance.id).where(Instance.study_id == study_id).limit(1))).first() is not None
+
+
+async def _copy_instances(s: AsyncSession, source: int, target: int) -> int:
+    """Copy the instance rows of study version ``source`` into version ``target``, naming the same blobs (a blob is
+    deleted only once no row names it: :meth:`Store.expire`). Returns how many."""
+    await s.execute(insert(Instance).from_select(
+        ["study_id", "sop_instance_uid", "filename", "blob_key", "nbytes", "received_at"],
+        select(literal(target), Instance.sop_instance_uid, Instance.filename, Instance.blob_key, Instance.nbytes,
+               Instance.received_at).where(Instance.study_id == source)))
+    # counted, not the INSERT's row count (a driver may not report one for INSERT ... SELECT)
+    return int((await s.execute(select(func.count()).where(Instance.study_id == target))).scalar() or 0)
 
 
 async def _picked(s: AsyncSession, pick: Select[str], params: dict[str, Any]) -> Job | None:
