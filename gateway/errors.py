@@ -33,6 +33,7 @@ the message.
      +-- Conflict(GatewayError)                    conflict            409
      |    +-- NotDone                              not_done            409
      |    +-- NotRetryable                         not_retryable       409
+     |    +-- NotRescreenable                      not_rescreenable    409   (a version being screened, or expired)
      |    +-- NotResendable                        not_resendable      409
      |    +-- SrUnavailable                        sr_unavailable      409
      |    +-- PatientMismatch                      patient_mismatch    409   (the study names another patient)
@@ -84,6 +85,7 @@ __all__ = [
     "NotDicom",
     "NotDone",
     "NotFound",
+    "NotRescreenable",
     "NotResendable",
     "OutOfResources",
     "PatientMismatch",
@@ -362,6 +364,14 @@ class NotRetryable(Conflict):
     """Only a failed job whose instances are still kept can be queued again."""
 
     reason = "not_retryable"
+
+
+class NotRescreenable(Conflict):
+    """A study is screened again only from its latest version, once that is done or failed and its instances are
+    still kept (``POST /v1/studies/{uid}/rescreen``): the message says which version holds it, or that retention
+    removed them."""
+
+    reason = "not_rescreenable"
 
 
 class NotResendable(Conflict):

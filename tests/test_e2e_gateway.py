@@ -13,6 +13,7 @@ Tritons vs one), which must agree slice for slice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import EmbeddedTriton, free_port
 from gateway.cli import demo_main, run_stack
 from gateway.client import Outcome, screen_paths
+from tests.fhir_receiver import FhirReceiver
 from tests.gateway_dicom_factory import FACE_SLICE, face_series
 from tests.test_gateway_admission import burst
 
@@ -406,3 +408,77 @@ def test_serve_starts_and_stops_cleanly(triton):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_done_study_screened_again_is_version_2_and_outlives_the_retention_of_version_1(triton, tmp_path):
+    """A screened study screened again from the instances the gateway keeps (POST /v1/studies/{uid}/rescreen, the
+    models updated): version 2 is done by the real Triton with the same reading, version 1 reads superseded by it.
+    Retention of version 1 (its instances, as the sweeper's pass: Store.expire, then the blobs it returns deleted)
+    deletes none of version 2's pixels: its slices still render, version 1's are gone (410). Once retention removed
+    the latest version's instances too, the study cannot be screened again (409, send it again)."""
+    from sqlalchemy import update
+
+    from gateway.settings import Settings
+    from gateway.store import Store
+    from gateway.store.blobs import delete_each
+    from gateway.store.models import Job
+    from tests.screen_helpers import comparable
+
+    url = f"sqlite:///{tmp_path / 'ctscreen.db'}"
+    ris = FhirReceiver()  # every reading, whatever its verdict
+    (tmp_path / "destinations.json").write_text(json.dumps({"destinations": [
+        {"name": "ris", "kind": "fhir", "url": ris.url}]}))
+    overrides = {"data_dir": tmp_path, "database_url": url, "stow_quiet_period_s": 3600.0,
+                 "destinations_file": tmp_path / "destinations.json", "delivery_poll_s": 0.2}
+    study = Path(phantom.write_study(phantom.make_study(seed=43, kind="covid", n_slices=12), tmp_path / "study"))
+
+    def done(client: httpx.Client, job_id: str) -> dict:
+        end = time.monotonic() + 180
+        while (view := client.get(f"/v1/jobs/{job_id}").json())["state"] not in ("done", "failed"):
+            assert time.monotonic() < end, view
+            time.sleep(0.2)
+        assert view["state"] == "done", view
+        return view
+
+    async def retention(*old: str) -> list[str]:
+        """Version(s) ``old`` finished long ago; retention's pass over the instances; the keys it deleted."""
+        store = Store(url)
+        try:
+            async with store.tx() as s:
+                await s.execute(update(Job).where(Job.id.in_(old)).values(finished_at=time.time() - 100))
+            keys = await store.expire(results_s=10_000, instances_s=50)
+        finally:
+            await store.close()
+        assert delete_each(Settings(data_dir=tmp_path, database_url=url).blob_store(), keys) is None
+        return keys
+
+    with contextlib.closing(ris), run_stack(port=0, triton_url=triton.grpc_url, settings_overrides=overrides) as stack, \
+            httpx.Client(base_url=stack.url, timeout=60) as client:
+        (first,) = screen_paths(stack.url, [study], quiet=True)
+        assert first.error is None, first.error
+        uid = first.result["study_instance_uid"]
+        r = client.post(f"/v1/studies/{uid}/rescreen")
+        assert r.status_code == 202, r.text
+        second = r.json()
+        assert (second["version"], second["files"]) == (2, 12) and r.headers["location"] == f"/v1/jobs/{second['job_id']}"
+        view = done(client, second["job_id"])
+        same = {k: v for k, v in comparable(CaseResult.model_validate(first.result)).items() if k != "job_id"}
+        assert {k: v for k, v in comparable(CaseResult.model_validate(view["result"])).items() if k != "job_id"} == same
+        assert client.get(f"/v1/jobs/{first.job_id}").json()["superseded_by"] == 2
+        latest = client.get(f"/v1/studies/{uid}").json()
+        assert (latest["version"], latest["job_id"], latest["state"]) == (2, second["job_id"], "done")
+        # the RIS holds both reports, version 2's replacing version 1's (as for a study sent again: nothing new)
+        end = time.monotonic() + 60
+        while len(ris.of_type("DiagnosticReport")) < 2:
+            assert time.monotonic() < end, client.get(f"/v1/jobs/{second['job_id']}/deliveries").json()
+            time.sleep(0.2)
+        assert ris.current_reports() == [second["job_id"]]
+
+        assert asyncio.run(retention(first.job_id)) == []  # every blob still named by version 2
+        assert client.get(f"/v1/jobs/{second['job_id']}/slices/5.png").status_code == 200
+        assert client.get(f"/v1/jobs/{first.job_id}/slices/5.png").status_code == 410
+        assert len(asyncio.run(retention(first.job_id, second["job_id"]))) == 12
+        r = client.post(f"/v1/studies/{uid}/rescreen")
+        assert r.status_code == 409 and r.json() == {"reason": "not_rescreenable", "message": (
+            f"Version 2 of study {uid} cannot be screened again: its instances are no longer kept (retention); "
+            "send the study again.")}

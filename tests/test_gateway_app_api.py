@@ -414,7 +414,7 @@ def test_openapi_lists_the_routes():
         paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/studies", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/studies/{study_instance_uid}",
                  "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/healthz", "/readyz", "/readyz/triton",
-                 "/metrics"):
+                 "/metrics", "/v1/studies/{study_instance_uid}/rescreen"):
         assert path in paths
 
 

@@ -12,9 +12,9 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -25,6 +25,7 @@ from gateway.api.deps import BlobsDep, PriorityQuery, ScreenerDep, SettingsDep, 
 from gateway.auth import AUTH_RESPONSES, RESULTS_READ, Principal, ReadAccess, WriteAccess
 from gateway.errors import (
     InvalidInput,
+    NotRescreenable,
     OutOfResources,
     TooLarge,
     Unavailable,
@@ -254,11 +255,16 @@ def idempotency(request: Request, caller: Principal) -> str | None:
     return hashlib.sha256("\0".join((caller.kind, caller.subject, key)).encode()).hexdigest()
 
 
-def _replayed(view: JobView, caller: Principal) -> JSONResponse:
-    """The answer to an upload sent again under its key: its first upload's job as it is now, its result only for
-    a caller who may read results (a ``studies:write``-only key, a PACS router's, never sees a verdict)."""
+def _accepted(view: JobView, caller: Principal, **headers: str) -> JSONResponse:
+    """202 with the job (``Location``): its result only for a caller who may read results (a ``studies:write``-only
+    key, a PACS router's, never sees a verdict)."""
     return JSONResponse(answer_of(view, caller.has(RESULTS_READ)), status_code=202,
-                        headers={"Location": f"/v1/jobs/{view.job_id}", "Idempotent-Replayed": "true"})
+                        headers={"Location": f"/v1/jobs/{view.job_id}", **headers})
+
+
+def _replayed(view: JobView, caller: Principal) -> JSONResponse:
+    """The answer to a request sent again under its key: the job it made, as it is now (:func:`_accepted`)."""
+    return _accepted(view, caller, **{"Idempotent-Replayed": "true"})
 
 
 def limits_of(settings: SettingsDep) -> UploadLimits:
@@ -414,9 +420,45 @@ async def complete_study(study_instance_uid: str, stow: StowDep, caller: WriteAc
     Without a receiving version the answer is the study's latest job, which may be done: its result is in
     the answer only for a caller who also holds ``results:read`` (a write-only key reads no verdict here)."""
     check_uid(study_instance_uid)
-    view = await stow.complete(study_instance_uid)
-    return JSONResponse(answer_of(view, caller.has(RESULTS_READ)), status_code=202,
-                        headers={"Location": f"/v1/jobs/{view.job_id}"})
+    return _accepted(await stow.complete(study_instance_uid), caller)
+
+
+_RESCREEN_ANSWERS: dict[int | str, dict[str, Any]] = {
+    202: {"description": "the new version's job, queued; with results:read the whole job, else its id and state only"},
+    400: {"description": "not a DICOM UID, or a bad Idempotency-Key"},
+    404: {"description": "no such study received"},
+    409: {"description": "not_rescreenable: its latest version is being received, queued or screened (the message "
+                         "names it and its job), or retention removed its instances (send the study again)"},
+    429: {"description": "too many studies in progress; see Retry-After"},
+}
+
+
+@router.post("/{study_instance_uid}/rescreen", status_code=202, response_model=JobView | JobAccepted,
+             summary="Screen a done study again, with the models served now, as a new version",
+             responses=_RESCREEN_ANSWERS)
+async def rescreen_study(study_instance_uid: str, request: Request, store: StoreDep, settings: SettingsDep,
+                         caller: WriteAccess, priority: Annotated[Priority | None, Query(
+                             description="the new version's priority (urgent, routine, low); by default the "
+                                         "screened version's")] = None) -> JSONResponse:
+    """Screen the study's latest version again from the instances the gateway keeps, without sending it from the
+    PACS again (the models were updated, a reading is doubted): a new version (``version`` + 1) and job, whose
+    reading supersedes the earlier one at every destination, as a study sent again does. Its latest version must
+    be done or failed, and retention must not have removed its instances. ``Idempotency-Key`` as for an upload:
+    the same key again from the same caller is answered with the job it made (202, ``Idempotent-Replayed``)."""
+    check_uid(study_instance_uid)
+    key = idempotency(request, caller)
+    if key is not None and (first := await store.job_by_key(key)) is not None:
+        return _replayed(first, caller)
+    await check_capacity(store, settings, priority or "routine")
+    try:
+        view = await store.rescreen(study_instance_uid, settings.job_deadline_s, idempotency_key=key,
+                                    priority=None if priority is None else PRIORITIES[priority])
+    except KeyTaken as taken:  # the same key used at the same moment: its job
+        return _replayed(taken.view, caller)
+    except ValueError as exc:
+        raise NotRescreenable(str(exc)) from None
+    request.state.job_id = view.job_id  # audit (the study is the path's)
+    return _accepted(view, caller)
 
 
 @router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",
