@@ -1311,3 +1311,60 @@ def test_every_view_passes_axe_cores_wcag_rules(stack, screened, page):
     # the check is live: a button without a name is found
     page.evaluate("document.querySelector('main').append(document.createElement('button'))")
     assert "button-name" in {v["id"] for v in axe.run(page, options=AXE_RULES).response["violations"]}
+
+
+def test_a_done_study_is_screened_again_with_the_current_models_from_its_view(stack, page, tmp_path):
+    """A done study's view offers "Screen again with the current models": disabled with its title for a reader (the
+    gateway's GET /v1/me for a results:read key, played by the browser's router; this gateway has no keys), usable
+    by a writer. Pressed, it asks first (a new reading replaces this one downstream); Cancel posts nothing; a refusal
+    (409, played by the router) is said under it; confirmed, the page follows the new version's job until it is done
+    (its viewer, which offers it again), and version 1's view, superseded, offers it no more. Last in the module:
+    the study screened here adds worklist rows."""
+    study = Path(phantom.write_study(phantom.make_study(seed=47, kind="normal", n_slices=8), tmp_path / "again"))
+    (outcome,) = screen_paths(stack.url, [study], quiet=True)
+    assert outcome.error is None, outcome.error
+    first, uid = outcome.job_id, outcome.result["study_instance_uid"]
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    reader = {"subject": "key:reader", "kind": "api_key", "scopes": ["results:read"], "effective_scopes": ["results:read"]}
+    page.route("**/v1/me", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                        body=json.dumps(reader)))
+    page.goto(f"{stack.url}/#/study/{first}")
+    button = page.locator("#rescreen")
+    sync_api.expect(button).to_have_attribute("title", "Needs the studies:write scope, which this credential "
+                                                       "(key:reader) does not grant")
+    assert button.is_disabled() and button.inner_text() == "Screen again with the current models"
+    page.unroute("**/v1/me")
+    page.reload()  # asked again: anonymous on loopback, every scope
+    sync_api.expect(button).to_be_enabled()
+    confirm = page.locator("#rescreen-confirm")
+    assert confirm.is_hidden()
+    button.click()
+    sync_api.expect(confirm).to_be_visible()
+    assert "as version 2" in confirm.inner_text() and "replaces this one" in confirm.inner_text()
+    page.locator("#rescreen-no").click()
+    sync_api.expect(confirm).to_be_hidden()
+    assert posted == []
+    refusal = {"reason": "not_rescreenable", "message": f"Version 2 of study {uid} is queued (job {'0' * 32}); a "
+               "study is screened again once its latest version is done or failed."}
+    page.route(f"**/v1/studies/{uid}/rescreen", lambda route: route.fulfill(
+        status=409, content_type="application/json", body=json.dumps(refusal)))
+    button.click()
+    page.locator("#rescreen-yes").click()
+    sync_api.expect(page.locator("#rescreen-refused")).to_have_text(f"Not screened again: {refusal['message']}")
+    sync_api.expect(button).to_be_enabled()
+    page.unroute(f"**/v1/studies/{uid}/rescreen")
+    button.click()
+    with page.expect_response(lambda r: r.url.endswith(f"/v1/studies/{uid}/rescreen")) as answer:
+        page.locator("#rescreen-yes").click()
+    assert answer.value.status == 202
+    second = answer.value.json()["job_id"]
+    assert posted == [f"{stack.url}/v1/studies/{uid}/rescreen"] * 2
+    page.wait_for_function("(h) => location.hash === h", arg=f"#/study/{second}")
+    page.wait_for_selector("#viewer[data-ready=true]", timeout=120_000)  # followed until done, then its viewer
+    assert httpx.get(f"{stack.url}/v1/jobs/{second}", timeout=30).json()["version"] == 2
+    sync_api.expect(page.locator("#rescreen")).to_be_enabled()  # the latest version: offered again
+    page.goto(f"{stack.url}/#/study/{first}")
+    page.wait_for_selector("#superseded")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    assert page.locator("#rescreen").count() == 0

@@ -46,24 +46,47 @@ export async function gate(root) {
 /** Whether a job in ``state`` can be screened again (the gateway retries failed jobs only: 409 for any other). */
 export const canScreenAgain = (state) => state === "failed";
 
+/** Whether a done job's study can be screened again with the current models as a new version (POST
+ * /v1/studies/{uid}/rescreen): its latest version only (one superseded has a newer reading to screen again). */
+export const canRescreen = (job) => job.state === "done" && !job.superseded_by;
+
 /**
- * "Screen again" (POST /v1/jobs/{id}/retry: studies:write), for the study view's button and each failed worklist
- * row's. ``button`` is disabled while it is asked; a refusal is written in ``refused`` (a 401/403 opens the sign-in
- * box too) and the button can be pressed again. Resolves to whether the job is queued again.
+ * POST ``path`` for a button: ``button`` is disabled while it is asked; a refusal is written in ``refused`` after
+ * ``notDone`` (a 401/403 opens the sign-in box too) and the button can be pressed again. Resolves to the answer's
+ * JSON once accepted (``done`` is announced), else null.
  */
-export async function screenAgain(jobId, button, refused) {
+async function act(path, button, refused, done, notDone) {
   button.disabled = true;
   button.dataset.busy = "1";
   refused.textContent = "";
   try {
-    await api(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, { method: "POST" });
-    announce("Queued to be screened again");
-    return true;
+    const answer = await (await api(path, { method: "POST" })).json();
+    announce(done);
+    return answer;
   } catch (error) {
-    refused.textContent = `Not queued again: ${error.message}`;
+    refused.textContent = `${notDone}: ${error.message}`;
     button.disabled = false;
-    return false;
+    return null;
   } finally {
     delete button.dataset.busy;
   }
+}
+
+/**
+ * "Screen again" (POST /v1/jobs/{id}/retry: studies:write), for the study view's button and each failed worklist
+ * row's (act()). Resolves to whether the job is queued again.
+ */
+export async function screenAgain(jobId, button, refused) {
+  return await act(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, button, refused, "Queued to be screened again",
+    "Not queued again") !== null;
+}
+
+/**
+ * "Screen again with the current models" (POST /v1/studies/{uid}/rescreen: studies:write), for a done study's view
+ * (act()): the study's kept instances screened as a new version, whose reading replaces this one downstream.
+ * Resolves to the new version's job ({job_id, state, ...}), or null when refused.
+ */
+export function rescreen(studyUid, button, refused) {
+  return act(`/v1/studies/${encodeURIComponent(studyUid)}/rescreen`, button, refused,
+    "Queued to be screened again as a new version", "Not screened again");
 }

@@ -2,7 +2,7 @@
 // result summary and downloads. Boxes are the result's `original` boxes (the stored image's grid).
 
 import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
-import { canScreenAgain, gate, screenAgain, STUDIES_WRITE } from "./actions.js";
+import { canRescreen, canScreenAgain, gate, rescreen, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
 import { deliveriesPanel } from "./deliveries.js";
 
@@ -80,6 +80,32 @@ function retryButton(job, again) {
     onclick: async () => { if (await screenAgain(job.job_id, button, refused)) again(); } }, "Screen again");
   gate(button);
   return [h("p", {}, button), refused];
+}
+
+/** A done study's "Screen again with the current models" (actions.js rescreen; studies:write: disabled without it),
+ * for its latest version only. Pressed, it asks first (the new reading replaces this one at the study's
+ * destinations); confirmed and queued, the page follows the new version's job; a refusal is said under it. */
+function rescreenButton(job) {
+  const refused = h("p", { class: "bad", id: "rescreen-refused" });
+  const confirm = h("div", { class: "rescreen-confirm", id: "rescreen-confirm", role: "group", hidden: true,
+    "aria-label": "Confirm screening again" });
+  const button = h("button", { type: "button", id: "rescreen", disabled: true, "aria-expanded": "false",
+    "aria-controls": "rescreen-confirm", dataset: { needs: STUDIES_WRITE },
+    onclick: () => { ask(true); yes.focus(); } }, "Screen again with the current models");
+  const ask = (open) => {
+    confirm.hidden = !open;
+    button.setAttribute("aria-expanded", String(open));
+  };
+  const yes = h("button", { type: "button", id: "rescreen-yes", onclick: async () => {
+    ask(false);
+    const view = await rescreen(job.study_instance_uid, button, refused);
+    if (view) location.hash = `#/study/${encodeURIComponent(view.job_id)}`;
+  } }, "Screen again");
+  const no = h("button", { type: "button", id: "rescreen-no", onclick: () => { ask(false); button.focus(); } }, "Cancel");
+  confirm.append(h("p", {}, `This screens the study's kept images again, as version ${(job.version || 1) + 1}, with the `
+    + "models served now. Its reading replaces this one at the study's destinations (PACS, RIS, FHIR)."), yes, " ", no);
+  gate(button);
+  return h("section", { class: "rescreen", "aria-label": "Screen again" }, h("p", {}, button), confirm, refused);
 }
 
 // the study as the worklist names it (accession number, study date, series, priority, received), so a reader can
@@ -196,7 +222,7 @@ function viewer(main, job) {
     result.warnings.length ? h("section", { class: "warnings", "aria-label": "Warnings" },
       h("h2", {}, `Warnings (${result.warnings.length})`),
       h("ul", {}, result.warnings.map((w) => h("li", {}, w)))) : null,
-    models, deliveries.element,
+    models, deliveries.element, canRescreen(job) ? rescreenButton(job) : null,
     h("div", { class: "downloads" }, h("h2", {}, "Download"),
       h("button", { type: "button", onclick: () => saveJson(result, `ctscreen-result-${job.job_id}.json`) }, "CaseResult (JSON)"),
       h("button", { type: "button", onclick: () => download(`/v1/jobs/${job.job_id}/sr`, `ctscreen-sr-${job.job_id}.dcm`)
