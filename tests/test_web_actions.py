@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -218,8 +219,8 @@ def test_the_gated_worklist_passes_axe_cores_wcag_rules(site, page):
 
 def test_a_done_study_is_screened_again_only_by_a_writer_and_once_at_a_time(site):
     """POST /v1/studies/{uid}/rescreen on a done seeded study whose instances are kept: a reader is refused (403,
-    nothing recorded), a writer gets version 2's job (202, Location), queued (no Triton here); asked again while it
-    waits, 409 not_rescreenable names it; an unknown study is 404. The audit log has the route with the study and
+    nothing recorded), a writer gets version 2's job (202, Location), queued (no Triton here); sent again under its
+    Idempotency-Key, the same job; asked again without it while it waits, 409 not_rescreenable names it; an unknown study is 404. The audit log has the route with the study and
     the new job. Last in the module: the new version is a worklist row the tests above do not expect."""
     database = site["database"]
     with contextlib.closing(sqlite3.connect(database)) as db, db:
@@ -227,27 +228,37 @@ def test_a_done_study_is_screened_again_only_by_a_writer_and_once_at_a_time(site
         db.execute("INSERT INTO instances (study_id, sop_instance_uid, filename, blob_key, nbytes, received_at) "
                    "VALUES (3, '2.25.3', 'a.dcm', ?, 17, 0)", (new_keys(1)[0],))
 
-    def post(who: str, study: str = uid) -> httpx.Response:
-        return httpx.post(f"{site['url']}/v1/studies/{study}/rescreen?priority=urgent",
-                          headers={"Authorization": f"Bearer {site['keys'][who]}"}, timeout=30)
+    def post(who: str, study: str = uid, key: str | None = None) -> httpx.Response:
+        return httpx.post(f"{site['url']}/v1/studies/{study}/rescreen?priority=urgent", timeout=30, headers={
+            "Authorization": f"Bearer {site['keys'][who]}", **({"Idempotency-Key": key} if key else {})})
 
     refused = post("reader")
     assert (refused.status_code, refused.json()["reason"]) == (403, "insufficient_scope")
     with contextlib.closing(sqlite3.connect(database)) as db:
         assert db.execute("SELECT COUNT(*) FROM studies WHERE study_instance_uid = ?", (uid,)).fetchone()[0] == 1
-    r = post("writer")
+    r = post("writer", key="rescreen-3")
     assert r.status_code == 202, r.text
     job = r.json()
     assert (job["state"], job["version"], job["files"], job["priority"]) == ("queued", 2, 1, "urgent")
     assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    replayed = post("writer", key="rescreen-3")  # its answer lost, sent again: the same job, no refusal
+    assert (replayed.status_code, replayed.headers["idempotent-replayed"]) == (202, "true")
+    assert replayed.json()["job_id"] == job["job_id"]
     again = post("writer")
     assert again.status_code == 409 and again.json() == {"reason": "not_rescreenable", "message": (
         f"Version 2 of study {uid} is queued (job {job['job_id']}); a study is screened again once its latest "
         "version is done or failed.")}
     missing = post("writer", "1.2.3.404")
     assert (missing.status_code, missing.json()["reason"]) == (404, "not_found")
-    audit = [json.loads(line) for line in (site["database"].parent / "audit.jsonl").read_text().splitlines()]
-    mine = [(a["who"], a["status"], a["study_instance_uid"], a["job_id"]) for a in audit
-            if a["action"] == "POST /v1/studies/{study_instance_uid}/rescreen"]
-    assert mine == [("key:reader", 403, uid, None), ("key:writer", 202, uid, job["job_id"]),
-                    ("key:writer", 409, uid, None), ("key:writer", 404, "1.2.3.404", None)]
+
+    def audited() -> list[tuple[str, int, str, str | None]]:
+        audit = [json.loads(line) for line in (database.parent / "audit.jsonl").read_text().splitlines()]
+        return [(a["who"], a["status"], a["study_instance_uid"], a["job_id"]) for a in audit
+                if a["action"] == "POST /v1/studies/{study_instance_uid}/rescreen"]
+
+    end = time.monotonic() + 10
+    while len(audited()) < 5 and time.monotonic() < end:  # a record is written once its answer is sent
+        time.sleep(0.05)
+    assert audited() == [("key:reader", 403, uid, None), ("key:writer", 202, uid, job["job_id"]),
+                         ("key:writer", 202, uid, job["job_id"]), ("key:writer", 409, uid, None),
+                         ("key:writer", 404, "1.2.3.404", None)]

@@ -447,18 +447,18 @@ async def rescreen_study(study_instance_uid: str, request: Request, store: Store
     the same key again from the same caller is answered with the job it made (202, ``Idempotent-Replayed``)."""
     check_uid(study_instance_uid)
     key = idempotency(request, caller)
-    if key is not None and (first := await store.job_by_key(key)) is not None:
-        return _replayed(first, caller)
-    await check_capacity(store, settings, priority or "routine")
-    try:
-        view = await store.rescreen(study_instance_uid, settings.job_deadline_s, idempotency_key=key,
-                                    priority=None if priority is None else PRIORITIES[priority])
-    except KeyTaken as taken:  # the same key used at the same moment: its job
-        return _replayed(taken.view, caller)
-    except ValueError as exc:
-        raise NotRescreenable(str(exc)) from None
-    request.state.job_id = view.job_id  # audit (the study is the path's)
-    return _accepted(view, caller)
+    first = None if key is None else await store.job_by_key(key)
+    if first is None:
+        await check_capacity(store, settings, priority or "routine")
+        try:
+            view = await store.rescreen(study_instance_uid, settings.job_deadline_s, idempotency_key=key,
+                                        priority=None if priority is None else PRIORITIES[priority])
+        except KeyTaken as taken:  # the same key used at the same moment: its job
+            first = taken.view
+        except ValueError as exc:
+            raise NotRescreenable(str(exc)) from None
+    request.state.job_id = (view if first is None else first).job_id  # audit (the study is the path's)
+    return _accepted(view, caller) if first is None else _replayed(first, caller)
 
 
 @router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",

@@ -3,7 +3,8 @@
 =======================  ==========================================================================================
 ``studies``              one row per *version* of a study: ``receiving`` while STOW-RS / C-STORE instances arrive,
                          ``complete`` once the quiet period (or ``POST .../complete``) closed it; an upload is a
-                         complete version at once. An instance arriving after completion opens version n + 1.
+                         complete version at once. An instance arriving after completion opens version n + 1,
+                         and so does a study screened again (``Store.rescreen``: complete at once).
 ``instances``            the files of a version (idempotent by SOP Instance UID within a version), each pointing
                          to its bytes in the blob store; a new version starts with a copy of the previous rows.
 ``expired_instances``    the SOP Instance UIDs of a done version's instances that retention removed (revision 0012):

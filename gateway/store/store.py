@@ -1233,7 +1233,9 @@ class Store:
         are gone (refused), or waits and sees the copies as references.
 
         ``idempotency_key`` (:func:`gateway.api.studies.idempotency`): kept with the new job, so that a request sent
-        again under it is answered with this job (:meth:`job_by_key`).
+        again under it is answered with this job (:meth:`job_by_key`). The version is received when it is asked for
+        (its ``created_at`` and ``last_rx_at``: the worklist's "Received", and where its turnaround starts, as an
+        upload's at its acceptance).
 
         Raises
         ------
