@@ -2151,6 +2151,13 @@ def test_a_study_is_screened_again_only_when_its_latest_version_is_finished_and_
                 await store.rescreen("1.2.62", 60)
             async with store.read() as s:
                 assert (await s.execute(text("SELECT COUNT(*) FROM studies"))).scalar() == 1
+            # a failed version whose instances are kept is screened again too (as a new version; retry is in place)
+            await store.add_instance("1.2.64", "1.2.64.1", "a.dcm", "k2", 10)
+            failed = (await store.complete_now("1.2.64", 60)).job_id
+            assert (await store.claim(60)).id == failed
+            assert await store.fail(failed, JobError(reason="x", message="x"))
+            again = await store.rescreen("1.2.64", 60)
+            assert (again.version, again.files, (await store.job(failed)).superseded_by) == (2, 1, 2)
         finally:
             await store.close()
 
