@@ -2128,6 +2128,48 @@ def test_a_done_study_is_screened_again_as_a_new_version_whose_blobs_outlive_the
     _run(go())
 
 
+def test_a_rescreen_and_a_late_instance_opening_the_next_version_take_turns(pg_url, monkeypatch):
+    """PostgreSQL: a study screened again while a late C-STORE / STOW instance opens the next version. The re-screen
+    locks the latest version's row and then records version n + 1; the late instance recorded version n + 1 first and
+    then locked the version it copies. Each waited for the other: PostgreSQL aborted one (deadlock detected, a 500 or
+    a failed C-STORE). Both now lock the latest version first: one waits for the other, and both are recorded."""
+    import gateway.store.store as module
+
+    upgrade(pg_url)
+
+    async def go():
+        store, other = Store(pg_url), Store(pg_url, owner="replica-2")
+        try:
+            uid = "1.2.70"
+            await store.add_instance(uid, f"{uid}.1", "1.dcm", "k1", 10)
+            first = (await store.complete_now(uid, 60)).job_id
+            assert (await store.claim(60)).id == first
+            assert await store.finish(first, _result(first, uid), None)
+            locked, original = asyncio.Event(), module._locked_job
+
+            async def slow(s, study_id):  # the re-screen holds the latest version's lock a moment
+                job = await original(s, study_id)
+                locked.set()
+                await asyncio.sleep(1.5)
+                return job
+
+            monkeypatch.setattr(module, "_locked_job", slow)
+            rescreen = asyncio.get_running_loop().create_task(store.rescreen(uid, 60))
+            await locked.wait()
+            late = asyncio.get_running_loop().create_task(other.add_instance(uid, f"{uid}.2", "2.dcm", "k2", 10))
+            again, replaced = await asyncio.gather(rescreen, late)
+            assert (again.version, replaced) == (2, None)
+            async with store.read() as s:
+                rows = (await s.execute(select(Study.version, Study.state).where(Study.study_instance_uid == uid)
+                                        .order_by(Study.version))).all()
+            assert [tuple(r) for r in rows] == [(1, "complete"), (2, "complete"), (3, "receiving")]
+        finally:
+            await store.close()
+            await other.close()
+
+    _run(go())
+
+
 def test_a_study_is_screened_again_only_when_its_latest_version_is_finished_and_its_instances_kept(db_url):
     """Refusals say why: no such study; its latest version still being received; its instances removed by
     retention. Nothing is recorded by a refusal."""

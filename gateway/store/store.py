@@ -744,6 +744,10 @@ class Store:
         return expired is not None
 
     async def _open_version(self, s: AsyncSession, uid: str, now: float) -> Study:
+        # the study's versions locked first, in id order (as expire locks them), before version n + 1 is recorded:
+        # a re-screen (rescreen) holds the latest version's lock while it records n + 1 too; recording first and
+        # locking after, each waited for the other (PostgreSQL: deadlock detected)
+        await s.execute(select(Study.id).where(Study.study_instance_uid == uid).order_by(Study.id).with_for_update())
         latest = (await s.execute(select(func.max(Study.version)).where(Study.study_instance_uid == uid))).scalar()
         study = Study(study_instance_uid=uid, version=(latest or 0) + 1, origin="stow", state=RECEIVING,
                       created_at=now, last_rx_at=now)
