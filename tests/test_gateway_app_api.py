@@ -322,6 +322,31 @@ def test_an_upload_sent_again_under_its_idempotency_key_gets_its_first_job_not_a
         assert fresh.status_code == 202 and fresh.json()["job_id"] != first.json()["job_id"]
 
 
+def test_an_idempotency_key_answers_only_the_request_it_was_first_sent_with():
+    """A key names one request: a rescreen of study B under the key that named the upload of study A, or the
+    rescreen of study A, is a request of its own (B screened again), not answered with A's job as "replayed"
+    (the caller was told B was being screened again, and the audit record named B with A's job). The same
+    rescreen sent again under its key is still answered with its job."""
+    a_uid, a_files = ct_series(8, study_uid="1.2.826.0.1.3680043.8.498.71")
+    b_uid, b_files = ct_series(8, study_uid="1.2.826.0.1.3680043.8.498.72")
+    with TestClient(_app()) as client:
+        a = client.post("/v1/studies", files=upload_files(a_files), headers={"Idempotency-Key": "k-1"}).json()
+        b = client.post("/v1/studies", files=upload_files(b_files)).json()
+        assert wait_job(client, a["job_id"])["state"] == wait_job(client, b["job_id"])["state"] == "done"
+        again = client.post(f"/v1/studies/{b_uid}/rescreen", headers={"Idempotency-Key": "k-1"})
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers, again.text
+        assert (again.json()["study_instance_uid"], again.json()["version"]) == (b_uid, 2)
+        assert wait_job(client, again.json()["job_id"])["state"] == "done"
+        a_again = client.post(f"/v1/studies/{a_uid}/rescreen", headers={"Idempotency-Key": "k-2"})
+        assert a_again.status_code == 202 and a_again.json()["version"] == 2, a_again.text
+        replayed = client.post(f"/v1/studies/{a_uid}/rescreen", headers={"Idempotency-Key": "k-2"})
+        assert replayed.headers["idempotent-replayed"] == "true" and replayed.json()["job_id"] == a_again.json()["job_id"]
+        assert wait_job(client, a_again.json()["job_id"])["state"] == "done"
+        other = client.post(f"/v1/studies/{b_uid}/rescreen", headers={"Idempotency-Key": "k-2"})
+        assert other.status_code == 202 and "idempotent-replayed" not in other.headers, other.text
+        assert (other.json()["study_instance_uid"], other.json()["version"]) == (b_uid, 3)
+
+
 def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
     fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
     # the retried job has the same 4 s to be screened once Triton is back (1.5 s ran out in a CI run at load 4)

@@ -226,9 +226,11 @@ _WATERMARKS = {
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
-def idempotency(request: Request, caller: Principal) -> str | None:
+def idempotency(request: Request, caller: Principal, scope: str = "") -> str | None:
     """The digest under which an upload's ``Idempotency-Key`` header is kept (with the caller's identity, so one
-    caller's key never answers another's upload), or None without the header.
+    caller's key never answers another's upload), or None without the header. ``scope``: what else the request
+    names (a rescreen: its route and study), so that its key never answers another request (an upload, or the
+    rescreen of another study); empty for an upload (the digests its jobs were kept under).
 
     >>> from types import SimpleNamespace as NS
     >>> from gateway.auth import ANONYMOUS
@@ -238,6 +240,9 @@ def idempotency(request: Request, caller: Principal) -> str | None:
     >>> reader = Principal("reading-room", "api_key", frozenset())
     >>> idempotency(NS(headers={"idempotency-key": "k"}), ANONYMOUS) != idempotency(NS(headers={"idempotency-key": "k"}), reader)
     True
+    >>> k = NS(headers={"idempotency-key": "k"})
+    >>> len({idempotency(k, ANONYMOUS), idempotency(k, ANONYMOUS, "rescreen 1.2"), idempotency(k, ANONYMOUS, "rescreen 1.3")})
+    3
     >>> idempotency(NS(headers={"idempotency-key": ""}), ANONYMOUS)
     Traceback (most recent call last):
     gateway.errors.InvalidInput: The Idempotency-Key header must be 1 to 255 printable ASCII characters.
@@ -252,7 +257,7 @@ def idempotency(request: Request, caller: Principal) -> str | None:
         return None
     if not 0 < len(key) <= 255 or not all(" " <= c <= "~" for c in key):
         raise InvalidInput(f"The {IDEMPOTENCY_KEY} header must be 1 to 255 printable ASCII characters.")
-    return hashlib.sha256("\0".join((caller.kind, caller.subject, key)).encode()).hexdigest()
+    return hashlib.sha256("\0".join((caller.kind, caller.subject, *((scope,) if scope else ()), key)).encode()).hexdigest()
 
 
 def _accepted(view: JobView, caller: Principal, **headers: str) -> JSONResponse:
@@ -444,9 +449,10 @@ async def rescreen_study(study_instance_uid: str, request: Request, store: Store
     PACS again (the models were updated, a reading is doubted): a new version (``version`` + 1) and job, whose
     reading supersedes the earlier one at every destination, as a study sent again does. Its latest version must
     be done or failed, and retention must not have removed its instances. ``Idempotency-Key`` as for an upload:
-    the same key again from the same caller is answered with the job it made (202, ``Idempotent-Replayed``)."""
+    the same key again from the same caller for the same study is answered with the job it made (202,
+    ``Idempotent-Replayed``); an upload's key, or another study's rescreen's, answers nothing here."""
     check_uid(study_instance_uid)
-    key = idempotency(request, caller)
+    key = idempotency(request, caller, f"rescreen {study_instance_uid}")  # never an upload's, nor another study's
     first = None if key is None else await store.job_by_key(key)
     if first is None:
         await check_capacity(store, settings, priority or "routine")
