@@ -347,6 +347,26 @@ def test_an_idempotency_key_answers_only_the_request_it_was_first_sent_with():
         assert (other.json()["study_instance_uid"], other.json()["version"]) == (b_uid, 3)
 
 
+def test_an_urgent_study_screened_again_is_admitted_as_urgent_and_an_unknown_one_is_404_when_full():
+    """A rescreen without ?priority= takes the screened version's priority: an urgent study's is urgent, and routine
+    work does not turn it away (it counts urgent jobs only, as an urgent upload); it was checked as routine (429).
+    A study never received is 404 whatever the load (there is nothing to queue), as for a study not screenable."""
+    fleet = FakeFleet(**{"fake:1": {"delay": 0.3}})
+    a_uid, a_files = ct_series(8, study_uid="1.2.826.0.1.3680043.8.498.81")
+    _, b_files = ct_series(8, study_uid="1.2.826.0.1.3680043.8.498.82")
+    with TestClient(_app(fleet, max_concurrent_studies=1, max_queued_studies=0, urgent_slots=0)) as client:
+        a = client.post("/v1/studies?priority=urgent", files=upload_files(a_files)).json()
+        assert wait_job(client, a["job_id"])["state"] == "done"
+        b = client.post("/v1/studies", files=upload_files(b_files))
+        assert b.status_code == 202, b.text  # routine work fills the gateway
+        missing = client.post("/v1/studies/1.2.3.404/rescreen")
+        assert (missing.status_code, missing.json()["reason"]) == (404, "not_found"), missing.text
+        again = client.post(f"/v1/studies/{a_uid}/rescreen")
+        assert again.status_code == 202 and again.json()["priority"] == "urgent", again.text
+        assert wait_job(client, again.json()["job_id"])["state"] == "done"
+        assert wait_job(client, b.json()["job_id"])["state"] == "done"
+
+
 def test_triton_down_past_the_deadline_fails_the_job_with_its_instances_kept():
     fleet = FakeFleet(**{"fake:1": {"fail_with": "StatusCode.UNAVAILABLE"}})
     # the retried job has the same 4 s to be screened once Triton is back (1.5 s ran out in a CI run at load 4)

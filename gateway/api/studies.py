@@ -40,6 +40,7 @@ from gateway.jobs import (
     JobView,
     Priority,
     answer_of,
+    priority_name,
     triton_priority,
 )
 from gateway.screening import Prepared, Screener
@@ -455,7 +456,11 @@ async def rescreen_study(study_instance_uid: str, request: Request, store: Store
     key = idempotency(request, caller, f"rescreen {study_instance_uid}")  # never an upload's, nor another study's
     first = None if key is None else await store.job_by_key(key)
     if first is None:
-        await check_capacity(store, settings, priority or "routine")
+        current = await store.latest_priority(study_instance_uid)  # 404 before 429: nothing to queue
+        if current is None:
+            raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
+        # admitted at the priority it is queued at: an urgent study's (by default) counts urgent jobs only
+        await check_capacity(store, settings, priority or priority_name(current))
         try:
             view = await store.rescreen(study_instance_uid, settings.job_deadline_s, idempotency_key=key,
                                         priority=None if priority is None else PRIORITIES[priority])

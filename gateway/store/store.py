@@ -1396,6 +1396,13 @@ class Store:
         view = None if job is None else await self.job(job.id)
         return StudyState(study_instance_uid, latest.state, int(n), view, None if read is None else await self.job(read))
 
+    async def latest_priority(self, study_instance_uid: str) -> int | None:
+        """The priority of the study's latest version (what :meth:`rescreen` gives the next by default), or None for
+        a study never received."""
+        async with self.read() as s:
+            return (await s.execute(select(Study.priority).where(Study.study_instance_uid == study_instance_uid)
+                                    .order_by(Study.version.desc()).limit(1))).scalar()
+
     async def events_after(self, job_id: str, after: int) -> list[tuple[int, str]]:
         """``(event id, state)`` of the job's events after ``after``."""
         async with self.read() as s:
