@@ -1341,7 +1341,7 @@ def test_a_done_study_is_screened_again_with_the_current_models_from_its_view(st
     assert confirm.is_hidden()
     button.click()
     sync_api.expect(confirm).to_be_visible()
-    assert "as version 2" in confirm.inner_text() and "replaces this one" in confirm.inner_text()
+    assert "as a new version" in confirm.inner_text() and "replaces this one" in confirm.inner_text()
     page.locator("#rescreen-no").click()
     sync_api.expect(confirm).to_be_hidden()
     assert posted == []

@@ -102,8 +102,10 @@ function rescreenButton(job) {
     if (view) location.hash = `#/study/${encodeURIComponent(view.job_id)}`;
   } }, "Screen again");
   const no = h("button", { type: "button", id: "rescreen-no", onclick: () => { ask(false); button.focus(); } }, "Cancel");
-  confirm.append(h("p", {}, `This screens the study's kept images again, as version ${(job.version || 1) + 1}, with the `
-    + "models served now. Its reading replaces this one at the study's destinations (PACS, RIS, FHIR)."), yes, " ", no);
+  // "a new version", not "version N + 1": a later version of the study that failed does not supersede this one (the
+  // page still offers the button here), and the gateway screens the study's latest version again, as N + 2
+  confirm.append(h("p", {}, "This screens the study's kept images again, as a new version, with the models served "
+    + "now. Its reading replaces this one at the study's destinations (PACS, RIS, FHIR)."), yes, " ", no);
   gate(button);
   return h("section", { class: "rescreen", "aria-label": "Screen again" }, h("p", {}, button), confirm, refused);
 }
