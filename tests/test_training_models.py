@@ -312,7 +312,8 @@ def test_paper_profile_trains_a_few_steps_on_the_real_recipe_and_exports(tmp_pat
         real = []  # the real-CT folder is absent here: phantom only (the loaders have their own tests)
     vols = real + list(phantom_volumes(1, 123_456, n_slices=4, kinds=("covid",)))
     cfg = TrainConfig(task="lesion", profile="paper", out=tmp_path / "run", steps=3, batch=1, crop=64,
-                      val_every=3, progress=False, threads=2, hard_negatives=1.0, augment=True)
+                      val_every=3, progress=False, threads=2, hard_negatives=1.0, augment=True,
+                      val_slices_per_volume=1)  # one 512 validation slice: the step runs, a quarter of the time
     result = train(cfg, train_volumes=vols, val_volumes=vols[-1:])
     assert result["steps"] == 3 and np.isfinite(result["final"]["val_loss"])
     info = export_checkpoint(task="lesion", checkpoint=Path(result["last"]), out=tmp_path / "paper.onnx",
