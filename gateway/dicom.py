@@ -1434,18 +1434,34 @@ def _j2k_params(ds: Dataset) -> dict[str, Any]:
         return {}
 
 
-def _padding_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
+def _padding_range(ds: Dataset, dtype: np.dtype, filename: str = "<upload>") -> tuple[int, int] | None:
     """Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), as stored values of
     ``dtype`` (the decoded array's: signed when Pixel Representation is 1), lowest first; None without a
     usable Pixel Padding Value.
 
     Each is US or SS as Pixel Representation says; a writer that chose the other VR (GE's unsigned 63536 for
     -2000, or the reverse) wrote the same 16 bits, so the bits are read in ``dtype``'s own signedness.
+
+    Raises
+    ------
+    gateway.errors.Undecodable
+        One of them cannot be read in the VR it was written with (2 bytes said to be SL): which pixels lie
+        outside the field of view is unknown. pydicom converts an element when it is first read, here, after
+        the headers were checked; its error failed the whole study as an internal one.
     """
     bits = 8 * dtype.itemsize
 
     def stored(keyword: str) -> int | None:
-        value = ds.get(keyword)
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
+            if read_failed(exc):
+                raise
+            elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
+            written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
+            raise Undecodable(
+                f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read ({written}): the "
+                "pixels outside the scanner's field of view cannot be told from the image.", filename=filename) from None
         if isinstance(value, Sequence | pydicom.multival.MultiValue) and not isinstance(value, str | bytes):
             value = value[0] if len(value) else None
         if isinstance(value, bytes):  # VR left unresolved (UN, OB)
@@ -1629,7 +1645,7 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         out = np.empty(stored.shape, dtype=np.int16)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
-    padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None
+    padding = _padding_range(ds, raw.dtype, filename) if raw.dtype.kind in "iu" else None
     for i, h in enumerate(headers):
         padded = _lossy_padding(padding, h.slope, h.intercept) if padding is not None and h.lossy else padding
         pad = _padding_mask(raw[i], padded)
