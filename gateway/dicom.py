@@ -952,6 +952,10 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         raise NoPixelData("CT object has no Pixel Data.", filename=filename)
     if "PixelData" not in ds:
         raise NotCT("Float pixel data is not a CT image.", filename=filename)
+    pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)  # a deferred value is None with its length kept
+    if not pixels.value and (not isinstance(pixels, pydicom.dataelem.RawDataElement) or not pixels.length):
+        # said here, not by the decoder: encapsulated, it failed as "'NoneType' object has no attribute 'read'"
+        raise NoPixelData("The CT object's Pixel Data is empty (length 0).", filename=filename)
     spp = _opt_int(header_value(ds, "SamplesPerPixel")) or 1
     photometric = str(header_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if spp != 1 or not photometric.startswith("MONOCHROME"):

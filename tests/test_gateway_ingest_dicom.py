@@ -211,6 +211,19 @@ def test_refusals_name_their_reason() -> None:
         read_headers("rgb.dcm", to_bytes(rgb))
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless], ids=lambda s: s.name)
+def test_an_empty_pixel_data_is_no_pixel_data(syntax: str) -> None:
+    """The fuzz campaign's Pixel Data of length 0 (its undefined length zeroed, or its VR rewritten as LT, whose
+    2-byte length then reads 0): refused as "'NoneType' object has no attribute 'read'" (encapsulated) or "the
+    number of bytes of pixel data is less than expected (0 vs 2048 bytes)" (native), when it was decoded."""
+    data = to_bytes(ct_dataset(chest_like(32, 32)), syntax)
+    at = data.index(b"\xe0\x7f\x10\x00")
+    for empty in (data[:at + 8] + bytes(4) + data[at + 12:],  # OB, length 0 (the pixels then read as elements)
+                  data[:at + 4] + b"LT" + bytes(2)):  # LT, 2-byte length 0
+        with pytest.raises(NoPixelData, match="Pixel Data is empty"):
+            read_headers("empty.dcm", empty)
+
+
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 def test_truncated_file_is_refused_not_a_crash() -> None:
     data = to_bytes(ct_dataset(chest_like(64, 64)))
