@@ -935,6 +935,37 @@ def modality_said(modality: str) -> str:
     return f"an unrecognised value of {len(modality)} characters (withheld: it may hold patient data)"
 
 
+_DECODER_READS: Final = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
+                          "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                          "PixelPaddingValue", "PixelPaddingRangeLimit", "ExtendedOffsetTable", "ExtendedOffsetTableLengths")
+"""The elements of the image pixel module that decoding reads (:func:`decode_hu`, pydicom's decoders)."""
+
+
+def _check_pixel_elements(ds: Dataset, filename: str) -> None:
+    """Refuse ``ds`` when an element of :data:`_DECODER_READS` cannot be read in the VR it was written with (Bits
+    Allocated as SL holding 2 bytes, a VR that does not exist), naming it.
+
+    pydicom converts an element when it is first read: some of these were first read by the decoder, after the
+    header checks, and pydicom's BytesLengthException or NotImplementedError failed the whole study as an internal
+    error. :func:`header_value` converts only an element that is not plain (a plain one converts without fail),
+    so a well-formed file costs no conversion here.
+
+    Raises
+    ------
+    gateway.errors.NotDicom
+    """
+    for keyword in _DECODER_READS:
+        try:
+            header_value(ds, keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
+            if read_failed(exc):
+                raise
+            elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
+            written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
+            raise NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read "
+                           f"({written}).", filename=filename) from None
+
+
 def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     modality = str(header_value(ds, "Modality", "") or "").strip().upper()
     sop_class = str(header_value(ds, "SOPClassUID", "") or "")
@@ -952,6 +983,7 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         raise NoPixelData("CT object has no Pixel Data.", filename=filename)
     if "PixelData" not in ds:
         raise NotCT("Float pixel data is not a CT image.", filename=filename)
+    _check_pixel_elements(ds, filename)
     pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)  # a deferred value is None with its length kept
     if not pixels.value and (not isinstance(pixels, pydicom.dataelem.RawDataElement) or not pixels.length):
         # said here, not by the decoder: encapsulated, it failed as "'NoneType' object has no attribute 'read'"
@@ -1438,34 +1470,19 @@ def _j2k_params(ds: Dataset) -> dict[str, Any]:
         return {}
 
 
-def _padding_range(ds: Dataset, dtype: np.dtype, filename: str = "<upload>") -> tuple[int, int] | None:
+def _padding_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
     """Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), as stored values of
     ``dtype`` (the decoded array's: signed when Pixel Representation is 1), lowest first; None without a
     usable Pixel Padding Value.
 
     Each is US or SS as Pixel Representation says; a writer that chose the other VR (GE's unsigned 63536 for
     -2000, or the reverse) wrote the same 16 bits, so the bits are read in ``dtype``'s own signedness.
-
-    Raises
-    ------
-    gateway.errors.Undecodable
-        One of them cannot be read in the VR it was written with (2 bytes said to be SL): which pixels lie
-        outside the field of view is unknown. pydicom converts an element when it is first read, here, after
-        the headers were checked; its error failed the whole study as an internal one.
+    Both are readable (:func:`_check_pixel_elements`).
     """
     bits = 8 * dtype.itemsize
 
     def stored(keyword: str) -> int | None:
-        try:
-            value = ds.get(keyword)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
-            if read_failed(exc):
-                raise
-            elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
-            written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
-            raise Undecodable(
-                f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read ({written}): the "
-                "pixels outside the scanner's field of view cannot be told from the image.", filename=filename) from None
+        value = ds.get(keyword)
         if isinstance(value, Sequence | pydicom.multival.MultiValue) and not isinstance(value, str | bytes):
             value = value[0] if len(value) else None
         if isinstance(value, bytes):  # VR left unresolved (UN, OB)
@@ -1649,7 +1666,7 @@ def decode_hu(ds: Dataset, headers: Sequence[FrameHeader], filename: str = "<upl
         out = np.empty(stored.shape, dtype=np.int16)
     if stored.shape[0] != len(headers):
         raise Undecodable(f"Decoded {stored.shape[0]} frames, header says {len(headers)}.", filename=filename)
-    padding = _padding_range(ds, raw.dtype, filename) if raw.dtype.kind in "iu" else None
+    padding = _padding_range(ds, raw.dtype) if raw.dtype.kind in "iu" else None
     for i, h in enumerate(headers):
         padded = _lossy_padding(padding, h.slope, h.intercept) if padding is not None and h.lossy else padding
         pad = _padding_mask(raw[i], padded)

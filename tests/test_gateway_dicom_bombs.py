@@ -503,10 +503,13 @@ def test_padding_through_ingest_from_files(tmp_path: Path) -> None:
     assert all(int(study.hu[i][0, 0]) == PAD_HU for i in range(3))
 
 
-@pytest.mark.parametrize("tag", [0x00280120, 0x00280121])
-def test_a_padding_value_whose_length_does_not_fit_its_vr_refuses_that_file_only(tag: int) -> None:
-    """The fuzz campaign's (0028,0120) of VR SL holding 2 bytes: pydicom's BytesLengthException, raised when the
-    decoder first read it, failed the whole study as an internal error. That file is refused, naming the element."""
+@pytest.mark.parametrize(("tag", "vr"), [(0x00280120, "SL"), (0x00280121, "SL"), (0x00280100, "SL"),
+                                         (0x00280103, "FD"), (0x00280120, "FS")])
+def test_a_pixel_element_whose_bytes_do_not_fit_its_vr_refuses_that_file_only(tag: int, vr: str) -> None:
+    """The fuzz campaign's VR flips of real files: (0028,0120) Pixel Padding Value as SL holding 2 bytes, Bits
+    Allocated as SL, Pixel Representation as FD, a VR that does not exist. pydicom converts an element when it is
+    first read; these were first read by the decoder, after the header checks, and its BytesLengthException or
+    NotImplementedError failed the whole study as an internal error. That file is refused, naming the element."""
     files = [(name, data) for name, data, _, _ in make_series(4, rows=N, cols=N)]
     ds = pydicom.dcmread(io.BytesIO(files[0][1]))
     ds.add_new(0x00280120, "US", 0)
@@ -515,12 +518,12 @@ def test_a_padding_value_whose_length_does_not_fit_its_vr_refuses_that_file_only
     raw = _save(ds)
     element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
     assert raw.count(element + b"US") == 1
-    files[0] = ("sl.dcm", raw.replace(element + b"US", element + b"SL"))
+    files[0] = ("bad.dcm", raw.replace(element + b"US", element + vr.encode()))
     study = load_study(files, workers=1)
     assert study.n_slices == 3
     [(name, reason, message)] = study.rejected
-    assert (name, reason) == ("sl.dcm", "undecodable")
-    assert f"({tag >> 16:04X},{tag & 0xFFFF:04X})" in message and "2 bytes" in message and "SL" in message, message
+    assert (name, reason) == ("bad.dcm", "not_dicom")
+    assert f"({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be read (2 bytes of VR {vr})" in message, message
 
 
 def _broken_sequence_ahead_of_pixels(pixel_bytes: int, where: int = 0x0040A730) -> bytes:
