@@ -31,7 +31,7 @@ from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.api.ops import triton_ready
-from gateway.auth import ADMIN, RESULTS_READ, StreamGuard, stream_slot
+from gateway.auth import ADMIN, AUTH_RESPONSES, RESULTS_READ, StreamGuard, stream_slot
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone, Unavailable
 from gateway.jobs import JobState
 from gateway.store import Store
@@ -43,7 +43,7 @@ from gateway.web.render import WINDOWS, InstancesGone, LruCache, Rendered, Serie
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-router = APIRouter(tags=["web"])
+router = APIRouter(tags=["web"], responses=AUTH_RESPONSES)  # every route in the schema needs results:read
 
 PNG_CACHE_CONTROL = "no-store"
 """Never kept by the browser, like every other answer of the API: ``private, no-cache`` left the slices in the
