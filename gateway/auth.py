@@ -671,8 +671,13 @@ def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[by
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no credential, or a bad one (expired, wrong issuer or audience, unknown key)"},
     403: {"description": "the credential lacks the scope this route needs"},
+    429: {"description": "the API key was not checked: its id failed too often lately (auth_throttled), or too many "
+                         "checks are running (auth_busy); Retry-After"},
+    503: {"description": "the identity provider's keys or the API key file cannot be read now (auth_unavailable); "
+                         "Retry-After"},
 }
-"""The answers every protected route may give (for the OpenAPI document)."""
+"""The answers every protected route may give (for the OpenAPI document); a route's own 429 or 503 (admission,
+the state store) replaces the description, not the status."""
 
 studies_write = require(STUDIES_WRITE)
 results_read = require(RESULTS_READ)
