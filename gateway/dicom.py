@@ -939,11 +939,13 @@ _DECODER_READS: Final = ("SamplesPerPixel", "PhotometricInterpretation", "Planar
                           "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                           "PixelPaddingValue", "PixelPaddingRangeLimit", "ExtendedOffsetTable", "ExtendedOffsetTableLengths")
 """The elements of the image pixel module that decoding reads (:func:`decode_hu`, pydicom's decoders)."""
+_DECODER_NUMBERS: Final = frozenset(_DECODER_READS) - {"PhotometricInterpretation"}
 
 
 def _check_pixel_elements(ds: Dataset, filename: str) -> None:
     """Refuse ``ds`` when an element of :data:`_DECODER_READS` cannot be read in the VR it was written with (Bits
-    Allocated as SL holding 2 bytes, a VR that does not exist), naming it.
+    Allocated as SL holding 2 bytes, a VR that does not exist), or reads as text where a number must be (Bits Stored
+    as CS: "'<=' not supported between instances of 'int' and 'str'" from the decoder), naming it.
 
     pydicom converts an element when it is first read: some of these were first read by the decoder, after the
     header checks, and pydicom's BytesLengthException or NotImplementedError failed the whole study as an internal
@@ -956,7 +958,7 @@ def _check_pixel_elements(ds: Dataset, filename: str) -> None:
     """
     for keyword in _DECODER_READS:
         try:
-            header_value(ds, keyword)
+            value = header_value(ds, keyword)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
             if read_failed(exc):
                 raise
@@ -964,6 +966,11 @@ def _check_pixel_elements(ds: Dataset, filename: str) -> None:
             written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
             raise NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read "
                            f"({written}).", filename=filename) from None
+        values = value if isinstance(value, list | pydicom.multival.MultiValue) else [value]
+        if keyword in _DECODER_NUMBERS and not all(v is None or isinstance(v, int | float | bytes) for v in values):
+            elem = ds[keyword]  # bytes: a VR left unresolved (UN), read as the padding code reads it
+            raise NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} is not a number (VR "
+                           f"{elem.VR}).", filename=filename)
 
 
 def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:

@@ -526,6 +526,21 @@ def test_a_pixel_element_whose_bytes_do_not_fit_its_vr_refuses_that_file_only(ta
     assert f"({tag >> 16:04X},{tag & 0xFFFF:04X}) cannot be read (2 bytes of VR {vr})" in message, message
 
 
+@pytest.mark.parametrize(("keyword", "vr"), [("BitsStored", "CS"), ("BitsStored", "PN"), ("PixelRepresentation", "TM"),
+                                             ("Rows", "DA")])
+def test_a_pixel_element_written_as_text_is_refused_naming_it(keyword: str, vr: str) -> None:
+    """The fuzz campaign's Bits Stored rewritten as CS (its 2 bytes then read as text): the decoder's words were
+    "TypeError: '<=' not supported between instances of 'int' and 'str'", or 'PersonName' with PN."""
+    ds = ct_dataset(chest_like(N, N))
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    raw = _save(ds)
+    element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    assert raw.count(element + b"US") == 1
+    with pytest.raises(NotDicom) as refused:
+        gdicom.read_headers("text.dcm", raw.replace(element + b"US", element + vr.encode()))
+    assert f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not a number (VR {vr})" in refused.value.message, refused.value
+
+
 def _broken_sequence_ahead_of_pixels(pixel_bytes: int, where: int = 0x0040A730) -> bytes:
     """A CT instance with a 24-byte broken sequence of undefined length (its next element is no item) ahead of
     ``pixel_bytes`` of native pixel data."""
