@@ -53,6 +53,27 @@ class ValueRedactor(logging.Filter):
         return True
 
 
+class PluginFailures(logging.Filter):
+    """A filter of pydicom's decoders' logger that turns the record of a decoding plugin that failed on a frame (at
+    ERROR, with its traceback: ``LOGGER.exception``) into a DEBUG line without it.
+
+    A corrupt frame in an upload put an ERROR record with a traceback for each plugin in the gateway's log, as if the
+    gateway had failed; the file is refused (undecodable) with every plugin's words, and a plugin that fails where
+    the next one succeeds is no fault at all.
+
+    >>> failed = (ValueError, ValueError("bad marker"), None)
+    >>> r = logging.LogRecord("pydicom.pixels.decoders.base", logging.ERROR, "", 0, "bad marker", (), failed)
+    >>> PluginFailures().filter(r), r.levelname, r.exc_info
+    (True, 'DEBUG', None)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class QueryStripper(logging.Filter):
     """A filter of uvicorn's access log that leaves each request's query string out of its line, and the path of a
     request the gateway refused: no route of the gateway takes patient data in a query, but a client may send it
@@ -103,12 +124,16 @@ class RequestScope:
 
 
 def protect_logs() -> None:
-    """Withhold header values from pydicom's log records and drop its duplicate warnings, keep httpx's
+    """Withhold header values from pydicom's log records and drop its duplicate warnings, log its decoding plugins'
+    failures without their tracebacks (:class:`PluginFailures`), keep httpx's
     request lines (whole URLs) out of the log and query strings out of uvicorn's access log (idempotent; process-wide: call it in every process that parses
     DICOM, decode workers included)."""
     logger = logging.getLogger("pydicom")
     if not any(isinstance(f, ValueRedactor) for f in logger.filters):
         logger.addFilter(ValueRedactor())
+    decoders = logging.getLogger("pydicom.pixels.decoders.base")  # its own logger: the filters above do not see it
+    if not any(isinstance(f, PluginFailures) for f in decoders.filters):
+        decoders.addFilter(PluginFailures())
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, QueryStripper) for f in access.filters):
         access.addFilter(QueryStripper())

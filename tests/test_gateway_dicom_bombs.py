@@ -16,6 +16,7 @@ memory bound) without the old code path allocating more than tens of MiB.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import tracemalloc
 import zlib
@@ -239,6 +240,22 @@ def test_rle_still_decodes_and_an_oversized_segment_is_refused_before_decoding(d
     assert peak < 8 * MiB, peak
     with pytest.raises(Undecodable, match="declares 3 segment"):
         decode_file("rle3.dcm", _with_frames(data, [_rle_frame([b"\x00\x07"] * 3)]))
+
+
+def test_a_frame_every_decoder_fails_on_logs_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A JPEG-LS frame with a marker segment of length 1 (the HTTP fuzz campaign's corrupt JPEG-LS slices): each of
+    pydicom's plugins that failed on it was logged at ERROR with its traceback (pydicom's LOGGER.exception), two
+    tracebacks in the gateway's log for a file it refuses with every plugin's words. A DEBUG line each now."""
+    from gateway.phi import protect_logs
+
+    protect_logs()
+    data = to_bytes(ct_dataset(chest_like(64, 64)), JPEGLSLossless)
+    frame = next(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
+    at = frame.index(b"\xff\xda")  # start of scan: a bad LSE marker segment ahead of it
+    with caplog.at_level(logging.DEBUG), pytest.raises(Undecodable, match="marker"):
+        decode_file("lse.dcm", _with_frames(data, [frame[:at] + b"\xff\xf8\x00\x01" + frame[at:]]))
+    failures = [r for r in caplog.records if r.name.startswith("pydicom.pixels")]
+    assert failures and all(r.levelno == logging.DEBUG and not r.exc_info for r in failures), failures
 
 
 def test_an_encapsulated_syntax_without_a_header_check_is_not_decoded(decoder_calls: list[str]) -> None:
