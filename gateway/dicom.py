@@ -992,6 +992,9 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
         raise NotCT("Float pixel data is not a CT image.", filename=filename)
     _check_pixel_elements(ds, filename)
     pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)  # a deferred value is None with its length kept
+    if pixels.VR not in _PIXEL_VRS:
+        # read as what it claims: a sequence (the decoder met the sequence reader's InvalidDicomError), text
+        raise NotDicom(f"Pixel Data (7FE0,0010) has VR {pixels.VR}: pixels are OB or OW.", filename=filename)
     if not pixels.value and (not isinstance(pixels, pydicom.dataelem.RawDataElement) or not pixels.length):
         # said here, not by the decoder: encapsulated, it failed as "'NoneType' object has no attribute 'read'"
         raise NoPixelData("The CT object's Pixel Data is empty (length 0).", filename=filename)
@@ -1152,6 +1155,8 @@ def _native_raw(ds: Dataset, layout: tuple[int, int, int, int, np.dtype] | None 
 
 
 _PIXEL_DATA: Final = 0x7FE00010
+_PIXEL_VRS: Final = frozenset({None, "OB", "OW", "OB or OW", "UN"})
+"""The VRs Pixel Data may be read with (None: implicit VR, looked up when it is converted)."""
 
 
 def _native_owned(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, int] | None:

@@ -213,15 +213,27 @@ def test_refusals_name_their_reason() -> None:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless], ids=lambda s: s.name)
 def test_an_empty_pixel_data_is_no_pixel_data(syntax: str) -> None:
-    """The fuzz campaign's Pixel Data of length 0 (its undefined length zeroed, or its VR rewritten as LT, whose
-    2-byte length then reads 0): refused as "'NoneType' object has no attribute 'read'" (encapsulated) or "the
-    number of bytes of pixel data is less than expected (0 vs 2048 bytes)" (native), when it was decoded."""
+    """The fuzz campaign's Pixel Data of length 0 (its undefined length zeroed): refused as "'NoneType' object has
+    no attribute 'read'" (encapsulated) or "the number of bytes of pixel data is less than expected (0 vs 2048
+    bytes)" (native), when it was decoded."""
     data = to_bytes(ct_dataset(chest_like(32, 32)), syntax)
     at = data.index(b"\xe0\x7f\x10\x00")
-    for empty in (data[:at + 8] + bytes(4) + data[at + 12:],  # OB, length 0 (the pixels then read as elements)
-                  data[:at + 4] + b"LT" + bytes(2)):  # LT, 2-byte length 0
+    for empty in (data[:at + 8] + bytes(4) + data[at + 12:],  # length 0 (the pixels then read as elements)
+                  data[:at + 8] + bytes(4)):  # length 0, the file's end
         with pytest.raises(NoPixelData, match="Pixel Data is empty"):
             read_headers("empty.dcm", empty)
+
+
+@pytest.mark.parametrize(("syntax", "vr"), [(ExplicitVRLittleEndian, "SQ"), (ExplicitVRLittleEndian, "UT"),
+                                           (ExplicitVRLittleEndian, "UC"), (RLELossless, "UT"), (RLELossless, "UC")])
+def test_a_pixel_data_of_another_vr_is_refused_naming_it(syntax: str, vr: str) -> None:
+    """The fuzz campaign's sweep of every VR over every element: Pixel Data as SQ escaped the decoder as the sequence
+    reader's InvalidDicomError (the whole study failed as an internal error); as UT or UC it was refused in
+    pydicom's words ("'str' object has no attribute 'read'", "memoryview: a bytes-like object is required")."""
+    data = to_bytes(ct_dataset(chest_like(32, 32)), syntax)
+    at = data.index(b"\xe0\x7f\x10\x00OB" if syntax == RLELossless else b"\xe0\x7f\x10\x00OW")
+    with pytest.raises(NotDicom, match=rf"Pixel Data \(7FE0,0010\) has VR {vr}"):
+        read_headers("vr.dcm", data[:at + 4] + vr.encode() + data[at + 6:])
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
