@@ -942,6 +942,16 @@ _DECODER_READS: Final = ("SamplesPerPixel", "PhotometricInterpretation", "Planar
 _DECODER_NUMBERS: Final = frozenset(_DECODER_READS) - {"PhotometricInterpretation"}
 
 
+def unreadable(ds: Dataset, keyword: str, filename: str) -> NotDicom:
+    """The refusal of ``ds`` whose element ``keyword`` pydicom could not convert in the VR it was written with (a UID
+    written as FL, Bits Allocated as SL holding 2 bytes, a VR that does not exist): the element named, its bytes not
+    quoted (pydicom's message quotes them)."""
+    elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
+    written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
+    return NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read ({written}).",
+                    filename=filename)
+
+
 def _check_pixel_elements(ds: Dataset, filename: str) -> None:
     """Refuse ``ds`` when an element of :data:`_DECODER_READS` cannot be read in the VR it was written with (Bits
     Allocated as SL holding 2 bytes, a VR that does not exist), or reads as text where a number must be (Bits Stored
@@ -962,10 +972,7 @@ def _check_pixel_elements(ds: Dataset, filename: str) -> None:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
             if read_failed(exc):
                 raise
-            elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
-            written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
-            raise NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read "
-                           f"({written}).", filename=filename) from None
+            raise unreadable(ds, keyword, filename) from None
         values = value if isinstance(value, list | pydicom.multival.MultiValue) else [value]
         if keyword in _DECODER_NUMBERS and not all(v is None or isinstance(v, int | float | bytes) for v in values):
             elem = ds[keyword]  # bytes: a VR left unresolved (UN), read as the padding code reads it

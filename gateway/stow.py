@@ -30,7 +30,15 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.dicom import CT_SOP_CLASSES, DEFLATED, part10_transfer_syntax, read_dataset, same_instance
+from gateway.dicom import (
+    CT_SOP_CLASSES,
+    DEFLATED,
+    part10_transfer_syntax,
+    read_dataset,
+    read_failed,
+    same_instance,
+    unreadable,
+)
 from gateway.errors import NotDicom, OutOfResources, PatientMismatch, StoreUnavailable, Unavailable
 from gateway.jobs import ROUTINE, JobView
 from gateway.phi import patient_key_of
@@ -81,7 +89,7 @@ def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeade
     """
     if part10_transfer_syntax(data) == DEFLATED:
         inflated = read_dataset(data, filename)  # NotDicom, ZipBomb, TooLarge
-        return _check_uids([str(inflated.get(t, "") or "").strip() for t in _TAGS], filename, patient_key_of(inflated))
+        return _check_uids(_uids_of(inflated, filename), filename, patient_key_of(inflated))
     tags = _TAGS + _PATIENT_TAGS
     try:
         source = data if isinstance(data, Path) else io.BytesIO(data)
@@ -95,8 +103,24 @@ def read_header(data: bytes | Path, filename: str = "instance") -> InstanceHeade
     except Exception:  # pydicom raises many types; the decoder's reader knows the hard cases
         # (e.g. explicit VR big endian with undefined-length UN sequences, which pydicom 3.0 cannot read)
         ds = read_dataset(data.read_bytes() if isinstance(data, Path) else data, filename)  # NotDicom, with why
-        values = [str(ds.get(t, "") or "").strip() for t in _TAGS]
+        values = _uids_of(ds, filename)
     return _check_uids(values, filename, patient_key_of(ds))
+
+
+def _uids_of(ds: pydicom.Dataset, filename: str) -> list[str]:
+    """The values of :data:`_TAGS` in ``ds`` (an absent one empty); one pydicom cannot convert in the VR it was
+    written with (a SOP Class UID written as FL) is refused, named (:func:`gateway.dicom.unreadable`): its
+    BytesLengthException answered STOW-RS 503 internal_error and C-STORE 0x0110, for an instance only its sender
+    can fix."""
+    values = []
+    for tag in _TAGS:
+        try:
+            values.append(str(ds.get(tag, "") or "").strip())
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
+            if read_failed(exc):
+                raise
+            raise unreadable(ds, tag, filename) from None
+    return values
 
 
 def _check_uids(values: list[str], filename: str, patient_key: str | None = None) -> InstanceHeader:

@@ -23,3 +23,23 @@ def test_garbage_is_not_dicom_with_a_reason():
     with pytest.raises(NotDicom) as info:
         read_header(b"%PDF-1.7 not a DICOM instance" * 8, "report.pdf")
     assert info.value.reason == "not_dicom"
+
+
+@pytest.mark.parametrize(("keyword", "vr"), [("SOPClassUID", "FL"), ("StudyInstanceUID", "SL")])
+def test_a_uid_whose_bytes_do_not_fit_its_vr_is_not_dicom_naming_it(keyword, vr):
+    """The HTTP fuzz campaign's STOW-RS instance whose SOP Class UID was rewritten as FL (26 bytes): pydicom's
+    BytesLengthException, raised by the fallback reader's conversion, answered 503 internal_error with a traceback
+    in the log (C-STORE: 0x0110 processing failure), for an instance the sender can only fix."""
+    import struct
+
+    import pydicom
+
+    from tests.gateway_dicom_factory import chest_like, ct_dataset, to_bytes
+
+    ds = ct_dataset(chest_like(16, 16), study_uid="1.2.3.456")  # 10 bytes written, as the SOP Class UID's 26
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    element = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"UI"
+    raw = to_bytes(ds)
+    assert raw.count(element) == 1
+    with pytest.raises(NotDicom, match=rf"\({tag >> 16:04X},{tag & 0xFFFF:04X}\) cannot be read \(\d+ bytes of VR {vr}\)"):
+        read_header(raw.replace(element, element[:4] + vr.encode()), "flipped.dcm")
