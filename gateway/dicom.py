@@ -486,6 +486,9 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
         raw = data.read_bytes() if isinstance(data, Path) else data
         if has_magic and part10_transfer_syntax(raw) == _EXPLICIT_BIG_ENDIAN:
             ds = _read_big_endian_with_un_sequences(raw, filename, exc)
+        elif _ran_out(exc):
+            raise NotDicom("The DICOM header ends inside an element or a sequence: the file is truncated, or a length "
+                           "in it runs past its end.", filename=filename) from exc
         else:
             raise NotDicom(
                 f"DICOM header cannot be parsed: {type(exc).__name__}: {exc}", filename=filename
@@ -504,6 +507,13 @@ def read_dataset(data: bytes | Path, filename: str = "<upload>") -> Dataset:
             ds.file_meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     return ds
+
+
+def _ran_out(exc: BaseException) -> bool:
+    """Whether pydicom's reader failed for want of bytes: an element's tag, VR or length cut short (``struct.error``,
+    "unpack requires a buffer of 4 bytes"), or no item where a sequence of undefined length goes on ("No tag to read
+    at file position 436"). Said so, not in those words: a truncated file is the usual cause."""
+    return isinstance(exc, struct.error) or (isinstance(exc, OSError) and str(exc).startswith("No tag to read"))
 
 
 def part10_transfer_syntax(data: bytes | Path) -> str | None:

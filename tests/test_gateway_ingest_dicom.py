@@ -236,6 +236,29 @@ def test_a_pixel_data_of_another_vr_is_refused_naming_it(syntax: str, vr: str) -
         read_headers("vr.dcm", data[:at + 4] + vr.encode() + data[at + 6:])
 
 
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_a_header_cut_inside_a_sequence_is_called_truncated(undefined: bool) -> None:
+    """The fuzz campaign's truncations at each element boundary of real headers: a file cut inside a sequence
+    was refused as "DICOM header cannot be parsed: error: unpack requires a buffer of 4 bytes" (inside its length)
+    or "OSError: No tag to read at file position 436" (undefined length, where its end is due)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = ct_dataset(chest_like(16, 16))
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3"
+    ds.ReferencedImageSequence = Sequence([item, item])
+    data = to_bytes(ds)
+    at = data.index(b"\x08\x00\x40\x11SQ")
+    length = int.from_bytes(data[at + 8:at + 12], "little")
+    if undefined:  # its items, then the file's end where the Sequence Delimitation Item is due
+        cut = data[:at + 8] + b"\xff" * 4 + data[at + 12:at + 12 + length]
+    else:  # inside the sequence's own length
+        cut = data[:at + 10]
+    with pytest.raises(NotDicom, match="truncated"):
+        read_headers("cut.dcm", cut)
+
+
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 def test_truncated_file_is_refused_not_a_crash() -> None:
     data = to_bytes(ct_dataset(chest_like(64, 64)))
