@@ -1012,9 +1012,6 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     if pixels.VR not in _PIXEL_VRS:
         # read as what it claims: a sequence (the decoder met the sequence reader's InvalidDicomError), text
         raise NotDicom(f"Pixel Data (7FE0,0010) has VR {pixels.VR}: pixels are OB or OW.", filename=filename)
-    if not pixels.value and (not isinstance(pixels, pydicom.dataelem.RawDataElement) or not pixels.length):
-        # said here, not by the decoder: encapsulated, it failed as "'NoneType' object has no attribute 'read'"
-        raise NoPixelData("The CT object's Pixel Data is empty (length 0).", filename=filename)
     spp = _opt_int(header_value(ds, "SamplesPerPixel")) or 1
     photometric = str(header_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if spp != 1 or not photometric.startswith("MONOCHROME"):
@@ -1031,6 +1028,10 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     rows, cols = _opt_int(header_value(ds, "Rows")), _opt_int(header_value(ds, "Columns"))
     if not rows or not cols or rows < 0 or cols < 0:
         raise NotDicom("Rows or Columns missing.", filename=filename)
+    if not pixels.value and (not isinstance(pixels, pydicom.dataelem.RawDataElement) or not pixels.length):
+        # said here, not by the decoder: encapsulated, it failed as "'NoneType' object has no attribute 'read'";
+        # after Rows and Columns, whose 0 empties it too
+        raise NoPixelData("The CT object's Pixel Data is empty (length 0).", filename=filename)
     n_frames = _opt_int(header_value(ds, "NumberOfFrames")) or 1
     if n_frames < 1:
         raise NotDicom(f"Number of Frames is {n_frames}.", filename=filename)
