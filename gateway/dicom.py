@@ -990,6 +990,32 @@ def _check_pixel_elements(ds: Dataset, filename: str) -> None:
                            f"{elem.VR}).", filename=filename)
 
 
+def _check_frames_fit(ds: Dataset, pixels: Any, n_frames: int, rows: int, cols: int, filename: str) -> None:
+    """Refuse a Number of Frames that the Pixel Data cannot hold: native, Rows x Columns x Bits Allocated each;
+    encapsulated, at least an item (8 bytes) each.
+
+    Each frame gets a :class:`FrameHeader` before any pixel is read: an 8 KiB slice saying 100,000 frames cost 8 s
+    of CPU (the decoder refused it afterwards).
+
+    Raises
+    ------
+    gateway.errors.NotDicom
+    """
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    value = pixels.value
+    defined = isinstance(pixels, pydicom.dataelem.RawDataElement) and pixels.length != 0xFFFFFFFF
+    held = pixels.length if defined else len(value) if isinstance(value, bytes) else None
+    if held is None:
+        return
+    if ts in _NATIVE:
+        need = n_frames * rows * cols * (((_opt_int(header_value(ds, "BitsAllocated")) or 16) + 7) // 8)
+    else:
+        need = 8 * n_frames
+    if need > held:
+        raise NotDicom(f"{n_frames} frames of {rows}x{cols} pixels take at least {need} bytes; the Pixel Data holds "
+                       f"{held}: Number of Frames is wrong, or the file is truncated.", filename=filename)
+
+
 def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
     modality = str(header_value(ds, "Modality", "") or "").strip().upper()
     sop_class = str(header_value(ds, "SOPClassUID", "") or "")
@@ -1042,6 +1068,8 @@ def _headers(filename: str, ds: Dataset) -> list[FrameHeader]:
             f"({MAX_MATRIX}x{MAX_MATRIX}, {MAX_PIXELS} pixels per object).",
             filename=filename,
         )
+    if n_frames > 1:
+        _check_frames_fit(ds, pixels, n_frames, rows, cols, filename)
 
     multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")

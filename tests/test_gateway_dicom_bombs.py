@@ -258,6 +258,18 @@ def test_a_frame_every_decoder_fails_on_logs_no_traceback(caplog: pytest.LogCapt
     assert failures and all(r.levelno == logging.DEBUG and not r.exc_info for r in failures), failures
 
 
+@pytest.mark.parametrize("syntax", [None, RLELossless], ids=["native", "rle"])
+def test_more_frames_than_the_pixel_data_can_hold_are_refused_with_the_header(syntax: str | None) -> None:
+    """The fuzz campaign's 8 KiB slice saying Number of Frames 100000: read_headers described 100,000 frames (8 s of
+    CPU in the upload's thread, for 16 KiB sent), then the decoder refused it. Refused now from the header: a native
+    frame takes Rows x Columns x its bytes, an encapsulated one at least an item (8 bytes)."""
+    data = to_bytes(ct_dataset(chest_like(64, 64)), syntax) if syntax else to_bytes(ct_dataset(chest_like(64, 64)))
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.NumberOfFrames = 20000
+    with pytest.raises(NotDicom, match="20000 frames of 64x64 pixels .* Pixel Data holds"):
+        gdicom.read_headers("frames.dcm", _save(ds))
+
+
 def test_an_encapsulated_syntax_without_a_header_check_is_not_decoded(decoder_calls: list[str]) -> None:
     data = to_bytes(ct_dataset(chest_like(64, 64)))
     mpeg2 = "1.2.840.10008.1.2.4.100"
