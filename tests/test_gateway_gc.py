@@ -38,7 +38,7 @@ def test_the_collector_is_tuned_while_the_app_runs(tmp_path, tuning: bool) -> No
                                   "gateway.series", "gateway.store.store", "gateway.store.blobs", "gateway.web.labels", "gateway.web.render",
                                   "gateway.api.errors", "gateway.settings", "gateway.store.waits", "gateway.jobs",
                                   "gateway.delivery.senders", "gateway.uploads", "gateway.api.studies", "gateway.auth",
-                                  "ctscreen.signals"])
+                                  "gateway.logs", "gateway.httpserver", "ctscreen.signals"])
 def test_doctests(name: str) -> None:
     """The examples in these modules' docstrings (the suite does not use --doctest-modules)."""
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
