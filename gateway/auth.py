@@ -670,7 +670,8 @@ def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[by
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no credential, or a bad one (expired, wrong issuer or audience, unknown key)"},
-    403: {"description": "the credential lacks the scope this route needs"},
+    403: {"description": "the credential lacks the scope this route needs (insufficient_scope), or the gateway has no "
+                         "authentication and was called from off the loopback (auth_not_configured)"},
     429: {"description": "the API key was not checked: its id failed too often lately (auth_throttled), or too many "
                          "checks are running (auth_busy); Retry-After"},
     503: {"description": "the identity provider's keys or the API key file cannot be read now (auth_unavailable); "

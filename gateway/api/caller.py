@@ -31,7 +31,9 @@ class CallerView(BaseModel):
 
 
 @router.get("/me", response_model=CallerView, summary="The caller as the gateway sees it: who, and its scopes",
-            responses={k: AUTH_RESPONSES[k] for k in (401, 429, 503)})  # any good credential: no scope to lack
+            responses={**{k: AUTH_RESPONSES[k] for k in (401, 429, 503)},  # any good credential: no scope to lack
+                       403: {"description": "auth_not_configured: a gateway without authentication, called from off "
+                                            "the loopback"}})
 async def me(caller: Caller) -> CallerView:
     """Any good credential may ask (no scope needed); without one 401, as every route. Never the credential."""
     return CallerView(subject=caller.subject, kind=caller.kind,
