@@ -919,6 +919,10 @@ def read_headers(filename: str, data: bytes | Dataset) -> tuple[Dataset, list[Fr
     except Exception as exc:  # noqa: BLE001 - malformed values surface lazily in pydicom
         if read_failed(exc):  # a deferred value read from a file that failed: no fault of the file
             raise
+        # an element whose bytes do not fit its VR (Slice Thickness written as FD): named, its bytes not quoted, as
+        # pydicom's BytesLengthException quotes them (up to 256 bytes of the uploader's header, into the job's view)
+        if (tag := _first_unreadable(ds)) is not None:
+            raise unreadable(ds, tag, filename) from exc
         raise NotDicom(
             f"DICOM header has malformed values: {type(exc).__name__}: {exc}", filename=filename
         ) from exc
@@ -952,14 +956,30 @@ _DECODER_READS: Final = ("SamplesPerPixel", "PhotometricInterpretation", "Planar
 _DECODER_NUMBERS: Final = frozenset(_DECODER_READS) - {"PhotometricInterpretation"}
 
 
-def unreadable(ds: Dataset, keyword: str, filename: str) -> NotDicom:
-    """The refusal of ``ds`` whose element ``keyword`` pydicom could not convert in the VR it was written with (a UID
-    written as FL, Bits Allocated as SL holding 2 bytes, a VR that does not exist): the element named, its bytes not
-    quoted (pydicom's message quotes them)."""
+def unreadable(ds: Dataset, keyword: str | int, filename: str) -> NotDicom:
+    """The refusal of ``ds`` whose element ``keyword`` (or tag) pydicom could not convert in the VR it was written with
+    (a UID written as FL, Bits Allocated as SL holding 2 bytes, a VR that does not exist): the element named, its
+    bytes not quoted (pydicom's message quotes them)."""
     elem = ds.get_item(keyword, keep_deferred=True)  # still as read: its bytes
     written = f"{len(elem.value)} bytes of VR {elem.VR}" if isinstance(elem.value, bytes) else f"VR {elem.VR}"
-    return NotDicom(f"{pydicom.datadict.dictionary_description(elem.tag)} {elem.tag} cannot be read ({written}).",
-                    filename=filename)
+    try:
+        name = pydicom.datadict.dictionary_description(elem.tag)
+    except KeyError:  # a private or unknown element
+        name = "Element"
+    return NotDicom(f"{name} {elem.tag} cannot be read ({written}).", filename=filename)
+
+
+def _first_unreadable(ds: Dataset) -> int | None:
+    """The tag of the first element of ``ds`` (its top level, Pixel Data left out) that pydicom cannot convert in the
+    VR it was written with, or None. Asked only once a header failed: converting every element costs ~8 us each."""
+    for tag in list(ds.keys()):
+        if tag == _PIXEL_DATA:
+            continue
+        try:
+            ds[tag]
+        except Exception:  # noqa: BLE001 - pydicom raises many types on a value that does not fit its VR
+            return int(tag)
+    return None
 
 
 def _check_pixel_elements(ds: Dataset, filename: str) -> None:
