@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pydicom import uid as _uid
+from pydicom.dataset import Dataset as _Dataset
 
 from aggregator.schema import counted
 from gateway.dicom import CT_SOP_CLASSES
@@ -416,6 +417,51 @@ class CappedFile:
         self._file.close()
 
 
+STORE_COMMAND_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+"""The C-STORE-RQ command's UIDs, both mandatory (PS3.7 Table 9.1-1, "M"): the class and the instance the data set is."""
+
+_NO_UID = _uid.UID("0")
+"""What pynetdicom's file meta of a received instance says for a UID its C-STORE command lacks (never read:
+:meth:`StorageScp._on_command` answers such a command and removes the file)."""
+
+
+class _StoreCommand(_Dataset):
+    """A C-STORE-RQ command set without a UID of :data:`STORE_COMMAND_UIDS`: reading it gives :data:`_NO_UID`
+    (``in``, iterating and the request primitive pynetdicom makes of it still lack it)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in STORE_COMMAND_UIDS:
+                return _NO_UID
+            raise
+
+
+def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Any:
+    """pynetdicom's ``dimse_messages.decode`` (``dsutils.decode``, which it calls for command sets only) for the
+    gateway: a C-STORE-RQ command without an Affected SOP Class or Instance UID (or with an empty one, dropped) is
+    a :class:`_StoreCommand`.
+
+    In chunked receiving (``STORE_RECV_CHUNKED_DATASET``, the gateway's) pynetdicom 3.0.4's
+    ``DIMSEMessage.decode_msg`` reads both UIDs from the command, for the meta of its temporary file, before any
+    handler runs: a command without one raised AttributeError in the association's reader, which aborted the
+    association (A-ABORT, no status) with a traceback in the log. The message is now decoded whole, and
+    :meth:`StorageScp._on_command` answers it (pynetdicom itself drops a request short of a mandatory parameter
+    unanswered: ``Association._serve_request``, "Received unexpected C-STORE service message")."""
+    from pynetdicom.dsutils import decode
+
+    command = decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+    if command.get("CommandField") == 0x0001:  # C-STORE-RQ
+        lacking = [keyword for keyword in STORE_COMMAND_UIDS if not command.get(keyword)]
+        for keyword in lacking:
+            if keyword in command:  # present and empty: says no more than absent
+                delattr(command, keyword)
+        if lacking:
+            command.__class__ = _StoreCommand
+    return command
+
+
 class StorageScp:
     """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.Intake`.
 
@@ -509,6 +555,7 @@ class StorageScp:
         self.received_dir.mkdir(parents=True, exist_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = self._received_file  # type: ignore[assignment]
+        dimse_messages.decode = decode_command  # a C-STORE command lacking a UID is answered: _on_command
         self.sweep_received()
         ae = AE(ae_title=self.ae_title)
         for sop_class in self.sop_classes:
@@ -524,7 +571,8 @@ class StorageScp:
         ae.require_called_aet = True  # a sender addresses this AE title (with or without a peer allow-list)
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_RELEASED, self._on_end)]  # an abort or a dropped connection: _ended
+                    (evt.EVT_RELEASED, self._on_end),  # an abort or a dropped connection: _ended
+                    (evt.EVT_DIMSE_RECV, self._on_command)]
         # AE.start_server(block=False), but with a server class that shakes TLS hands in each association's
         # own thread under a deadline (see _server_class), and a handler that sees each association end
         gate = ConnectionGate(self.peers, self.limits.connections_per_host)
@@ -691,6 +739,47 @@ class StorageScp:
         if self.metrics is not None:
             self.loop.call_soon_threadsafe(self.metrics.discarded, sop_class)
         return SUCCESS
+
+    def _on_command(self, event: Any) -> None:
+        """EVT_DIMSE_RECV (each DIMSE message received, in the association's reader): a C-STORE-RQ whose command lacks
+        its Affected SOP Class or Instance UID (:func:`decode_command`; PS3.7 Table 9.1-1: both mandatory) is
+        answered 0xC000 here, with an Error Comment that names what it lacks (PS3.4 Table B.2-1: 0xCxxx, "cannot
+        understand", the C-STORE failure for a request the SCP cannot make sense of; 0xA900 is for a data set
+        that does not match its SOP class, and there may be no class to match). pynetdicom then drops the request
+        (warned: "Received unexpected C-STORE service message") and the association goes on. Said in the log
+        (which UIDs: no patient data), counted and audited as a refusal; the data set's file is removed. A
+        request without a Message ID as well cannot be answered (a response names the request's): dropped."""
+        try:
+            message = event.message
+            command = message.command_set
+            if not isinstance(command, _StoreCommand):
+                return
+            lacking = {(False, True): "Affected SOP Class UID", (True, False): "Affected SOP Instance UID"}.get(
+                ("AffectedSOPClassUID" in command, "AffectedSOPInstanceUID" in command), "Affected SOP Class and Instance UIDs")
+            peer = event.assoc.requestor
+            logger.warning("C-STORE from %s@%s refused (0xC000): its command lacks the %s (PS3.7 9.1.1: mandatory)",
+                           peer.ae_title, peer.address, lacking)
+            self._refuse("no_affected_sop_uid")
+            self._tally(event.assoc, stored=("", CANNOT_UNDERSTAND))
+            received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
+            if received is not None:
+                received.close()
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+            if command.get("MessageID") is None:
+                return
+            from pynetdicom.dimse_primitives import C_STORE
+
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = command.MessageID
+            rsp.Status = CANNOT_UNDERSTAND
+            # LO, 64 characters at most; pynetdicom's attribute (a str, documented) starts None, typed so
+            rsp.ErrorComment = f"Command lacks {lacking}"  # type: ignore[assignment]
+            if "AffectedSOPClassUID" in command:
+                rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
+            event.assoc.dimse.send_msg(rsp, message.context_id)
+        except Exception as exc:  # noqa: BLE001 - in the association's reader: logged, never raised
+            logger.warning("a C-STORE command without its UIDs not answered: %s", type(exc).__name__)
 
     def _on_store(self, event: Any) -> int:
         sop_class = str(event.context.abstract_syntax)

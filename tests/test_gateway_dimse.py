@@ -11,11 +11,13 @@ import asyncio
 import errno
 import io
 import json
+import logging
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -745,3 +747,75 @@ def test_an_instance_over_the_per_file_limit_is_not_written_past_it(make_scp, tm
     assert not list(received.glob("ctscreen-rx-*"))
     study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(big.StudyInstanceUID)), scp.loop)
     assert study.result(10) is None  # nothing kept
+
+
+def _raw_c_store(assoc, data: bytes, **command) -> Any:
+    """Send one C-STORE-RQ built by hand (its command set ``command``, Implicit VR LE as PS3.7 6.3.1 has it, then
+    ``data`` as its data set), as a hand-rolled SCU does, over ``assoc``; the response's primitive, or None once
+    the association is gone (or after 10 s without one)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu_primitives import P_DATA
+
+    cs = Dataset()
+    for keyword, value in command.items():
+        setattr(cs, keyword, value)
+    body = encode(cs, True, True)
+    cs.CommandGroupLength = len(body)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, b"\x03" + encode(cs, True, True)], [context_id, b"\x02" + data]]
+    assoc.dimse_timeout = 10
+    assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_store: its reactor would take the response
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        assoc.dul.send_pdu(pdata)
+        return assoc.dimse.get_msg(block=True)[1]
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+@pytest.mark.parametrize("missing", ["AffectedSOPInstanceUID", "AffectedSOPClassUID", "both"])
+def test_a_c_store_whose_command_lacks_an_affected_sop_uid_is_refused_and_the_association_lives(
+        make_scp, tmp_path, caplog, missing):
+    """PS3.7 9.3.1.1: a C-STORE-RQ's Affected SOP Class and Instance UIDs are mandatory. One without (a hand-rolled
+    SCU's, or a P-DATA cut short: the fuzz campaign's factory slice cut at byte 422) killed the association's
+    reader: pynetdicom's chunked receive (STORE_RECV_CHUNKED_DATASET, the gateway's) names its file's meta from
+    them before any handler runs, so its AttributeError aborted the association without a status, logged with a
+    traceback, and the audit said only "aborted". Now it is answered 0xC000 (cannot understand), the log says
+    why (no UID, no patient data), nothing is kept (its file is removed), and the association goes on storing.
+    Before: no response (``None``), an A-ABORT, and AttributeError's traceback logged at ERROR."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage
+
+    received = tmp_path / "received"
+    lone_scp = make_scp(received_dir=received)
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    ds.PatientName = "Secretname^Zqx"
+    command = {"AffectedSOPClassUID": CTImageStorage, "CommandField": 0x0001, "MessageID": 7, "Priority": 0,
+               "CommandDataSetType": 0x0001, "AffectedSOPInstanceUID": str(ds.SOPInstanceUID)}
+    for keyword in (["AffectedSOPInstanceUID", "AffectedSOPClassUID"] if missing == "both" else [missing]):
+        del command[keyword]
+    assoc = _requestor(CTImageStorage).associate("127.0.0.1", lone_scp.port, ae_title=AE)
+    assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == ExplicitVRLittleEndian
+    steady_reactor(assoc)
+    caplog.set_level(logging.INFO)
+    try:
+        rsp = _raw_c_store(assoc, encode(ds, False, True), **command)
+        assert rsp is not None and assoc.is_established, "no response: the association was aborted"
+        assert int(rsp.Status) == CANNOT_UNDERSTAND and int(rsp.MessageIDBeingRespondedTo) == 7
+        assert rsp.ErrorComment.startswith("Command lacks Affected SOP") and rsp.AffectedSOPInstanceUID is None
+        again = ct_dataset(np.full((16, 16), -1000, np.int16))
+        assert int(assoc.send_c_store(again).Status) == SUCCESS  # the same association goes on
+    finally:
+        assoc.release()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    said = [r.getMessage() for r in caplog.records if "Affected SOP" in r.getMessage()]
+    assert said and all(str(ds.PatientName) not in m and str(ds.PatientID) not in m for m in said), caplog.text
+    records = [r for r in _associations(lone_scp, 1) if r["action"].startswith("DICOM association")]
+    assert [(r["outcome"], r["reason"]) for r in records] == [("ok", "stored 1, refused 1 (0xC000)")], records
+    study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(ds.StudyInstanceUID)), lone_scp.loop)
+    assert study.result(10) is None  # nothing kept
+    assert not list(received.glob("ctscreen-rx-*"))
