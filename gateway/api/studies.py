@@ -454,8 +454,9 @@ async def rescreen_study(study_instance_uid: str, request: Request, store: Store
     ``Idempotent-Replayed``); an upload's key, or another study's rescreen's, answers nothing here."""
     check_uid(study_instance_uid)
     key = idempotency(request, caller, f"rescreen {study_instance_uid}")  # never an upload's, nor another study's
-    first = None if key is None else await store.job_by_key(key)
-    if first is None:
+    view = None if key is None else await store.job_by_key(key)
+    replayed = view is not None
+    if view is None:
         current = await store.latest_priority(study_instance_uid)  # 404 before 429: nothing to queue
         if current is None:
             raise JobNotFound(f"No study {study_instance_uid!r} has been received.")
@@ -465,11 +466,11 @@ async def rescreen_study(study_instance_uid: str, request: Request, store: Store
             view = await store.rescreen(study_instance_uid, settings.job_deadline_s, idempotency_key=key,
                                         priority=None if priority is None else PRIORITIES[priority])
         except KeyTaken as taken:  # the same key used at the same moment: its job
-            first = taken.view
+            view, replayed = taken.view, True
         except ValueError as exc:
             raise NotRescreenable(str(exc)) from None
-    request.state.job_id = (view if first is None else first).job_id  # audit (the study is the path's)
-    return _accepted(view, caller) if first is None else _replayed(first, caller)
+    request.state.job_id = view.job_id  # audit (the study is the path's)
+    return _replayed(view, caller) if replayed else _accepted(view, caller)
 
 
 @router.get("/{study_instance_uid}", response_model=StudyView, summary="The latest result of a study",
