@@ -33,6 +33,7 @@ the message.
      +-- Conflict(GatewayError)                    conflict            409
      |    +-- NotDone                              not_done            409
      |    +-- NotRetryable                         not_retryable       409
+     |    |    +-- Superseded                      superseded          409   (a later version of the study exists)
      |    +-- NotRescreenable                      not_rescreenable    409   (a version being screened, or expired)
      |    +-- NotResendable                        not_resendable      409
      |    +-- SrUnavailable                        sr_unavailable      409
@@ -93,6 +94,7 @@ __all__ = [
     "NotRetryable",
     "SrUnavailable",
     "StoreUnavailable",
+    "Superseded",
     "TooLarge",
     "TooManyStreams",
     "Unauthorized",
@@ -364,6 +366,38 @@ class NotRetryable(Conflict):
     """Only a failed job whose instances are still kept can be queued again."""
 
     reason = "not_retryable"
+
+
+class Superseded(NotRetryable):
+    """A failed job of a study version that is not the study's latest: a later version (a late instance, a re-screen,
+    the study sent again) holds its instances and is the one whose reading the study gets, so this one is not queued
+    again (its deliveries would be skipped as superseded). The message names the later version and its job, and what
+    to do with it; the answer names them too (``superseded_by``: its version, ``superseded_by_job``: its job, null
+    while it is being received).
+
+    Parameters
+    ----------
+    message : str
+        Which version supersedes the job, and what to do instead.
+    version : int | None
+        The study's latest version.
+    job_id : str | None
+        Its job (None while it is being received).
+    """
+
+    reason = "superseded"
+
+    def __init__(self, message: str, *, version: int | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+        self.job_id = job_id
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.version is not None:
+            body["superseded_by"] = self.version
+            body["superseded_by_job"] = self.job_id
+        return body
 
 
 class NotRescreenable(Conflict):

@@ -461,6 +461,9 @@ def test_openapi_lists_the_routes():
                  "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/healthz", "/readyz", "/readyz/triton",
                  "/metrics", "/v1/studies/{study_instance_uid}/rescreen"):
         assert path in paths
+    # a retry's two refusals: not failed (or its instances gone), and a later version of its study
+    refused = paths["/v1/jobs/{job_id}/retry"]["post"]["responses"]["409"]["description"]
+    assert "not_retryable" in refused and "superseded:" in refused and "superseded_by_job" in refused
 
 
 def test_results_and_sr_survive_a_restart(tmp_path):

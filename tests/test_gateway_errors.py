@@ -24,6 +24,7 @@ from gateway.errors import (
     NotResendable,
     NotRetryable,
     SrUnavailable,
+    Superseded,
     TooManyStreams,
     Unauthorized,
     Unavailable,
@@ -55,6 +56,8 @@ ANSWERS = [
     (AuthNotConfigured("No auth; loopback only."), 403, "auth_not_configured", {}),
     (NotDone("Job x is queued."), 409, "not_done", {}),
     (NotRetryable("Job x is done."), 409, "not_retryable", {}),
+    (Superseded("Job x screens version 1 of study 1.2, and version 2 (being received) came after it."), 409,
+     "superseded", {}),
     (NotRescreenable("Version 2 of study 1.2 is queued."), 409, "not_rescreenable", {}),
     (NotResendable("Being sent."), 409, "not_resendable", {}),
     (SrUnavailable("No headers."), 409, "sr_unavailable", {}),
@@ -75,6 +78,7 @@ def test_the_tree_keeps_the_builtin_bases_callers_catch():
     assert issubclass(Busy, RuntimeError) and issubclass(InferenceFailed, RuntimeError)
     assert issubclass(InferenceUnavailable, Unavailable)
     assert REASONS["not_found"] is NotFound  # the shared code maps to the general class
+    assert issubclass(Superseded, NotRetryable)  # a client that knows not_retryable's class still catches it
 
 
 @pytest.fixture(scope="module")

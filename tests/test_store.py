@@ -30,7 +30,7 @@ from sqlalchemy import func, inspect, select, text, update
 
 from aggregator.case import CaseRule, decide
 from aggregator.schema import CaseResult, Timings
-from gateway.errors import PatientMismatch
+from gateway.errors import PatientMismatch, Superseded
 from gateway.jobs import JobError, JobState
 from gateway.phi import patient_key
 from gateway.store import Store
@@ -2200,8 +2200,106 @@ def test_a_study_is_screened_again_only_when_its_latest_version_is_finished_and_
             assert await store.fail(failed, JobError(reason="x", message="x"))
             again = await store.rescreen("1.2.64", 60)
             assert (again.version, again.files, (await store.job(failed)).superseded_by) == (2, 1, 2)
+            with pytest.raises(Superseded, match=f"version 2 \\(job {again.job_id}, queued\\)"):
+                await store.retry(failed, 60)  # screened again as version 2: the failed version 1 is not retried
         finally:
             await store.close()
+
+    _run(go())
+
+
+async def _failed_stow_version(store: Store, uid: str) -> str:
+    """A STOW study's version 1 (one instance, blob ``k1``), screened and failed (its instances kept); its job."""
+    await store.add_instance(uid, f"{uid}.1", "1.dcm", "k1", 10)
+    job_id = (await store.complete_now(uid, 60)).job_id
+    assert (await store.claim(60)).id == job_id
+    assert await store.fail(job_id, JobError(reason="triton_unavailable", message="No Triton."))
+    return job_id
+
+
+def test_a_failed_version_is_retried_only_while_it_is_the_studys_latest(db_url):
+    """A failed version 1 was retried after a late instance opened version 2, after version 2 failed, after it was
+    done: wasted work (version 1's reading supersedes nothing by version, and its deliveries are skipped), and two
+    runnable versions of one study. Now the retry is refused (``superseded``), naming the later version, its job and
+    what to do with it, and nothing changes; the latest version's failed job is retried as before."""
+    from gateway.store.worklist import Worklist
+
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        uid = "1.2.80"
+        try:
+            first = await _failed_stow_version(store, uid)
+            assert (await store.job(first)).newest_version == 1
+            await store.add_instance(uid, f"{uid}.2", "2.dcm", "k2", 10)  # a late instance: version 2, receiving
+
+            async def refused() -> Superseded:
+                with pytest.raises(Superseded) as caught:
+                    await store.retry(first, 60)
+                view = await store.job(first)
+                assert (view.state, view.attempts, view.newest_version) == ("failed", 1, 2)  # as it was
+                assert caught.value.version == 2 and caught.value.reason == "superseded"
+                return caught.value
+
+            assert str(await refused()) == (
+                f"Job {first} screens version 1 of study {uid}, and version 2 (being received) came after it: "
+                f"POST /v1/studies/{uid}/complete screens it now. Only a job of a study's latest version is retried.")
+            second = (await store.complete_now(uid, 60)).job_id
+            assert (await refused()).job_id == second
+            assert (await store.claim(60)).id == second
+            assert await store.fail(second, JobError(reason="triton_unavailable", message="No Triton."))
+            error = await refused()
+            assert error.job_id == second and f"POST /v1/jobs/{second}/retry queues that one again" in str(error)
+            assert error.to_dict() == {"reason": "superseded", "message": str(error), "superseded_by": 2,
+                                       "superseded_by_job": second}
+            rows = (await Worklist(store).page(limit=10)).rows
+            assert {r.version: r.newest_version for r in rows} == {1: 2, 2: 2}
+            assert (await store.retry(second, 60)).state == "queued"  # the latest version's job: retried
+            assert "its reading is to be the study's" in str(await refused())
+            assert (await store.claim(60)).id == second
+            assert await store.finish(second, _result(second, uid), None)
+            assert f"POST /v1/studies/{uid}/rescreen screens the study again" in str(await refused())
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+@pytest.mark.parametrize("opener", ["late instance", "rescreen"])
+def test_a_retry_racing_a_later_version_being_opened_waits_and_is_refused(pg_url, opener):
+    """PostgreSQL, read committed: a failed version 1 (the study's latest) retried while a late instance opens
+    version 2, or while the study is screened again as version 2. The version opening takes version 1's row lock
+    first (held here a moment by another transaction, as retention holds it, so the order is known); the retry
+    waits for it, then sees version 2 and is refused: version 1 stays failed, and only version 2 is to be screened.
+    Without the check, both were runnable."""
+    upgrade(pg_url)
+
+    async def go():
+        store, other = Store(pg_url), Store(pg_url, owner="replica-2")
+        uid = "1.2.81"
+        try:
+            first = await _failed_stow_version(store, uid)
+            loop = asyncio.get_running_loop()
+            async with _holding_version(other, await _study_id(store, first)):
+                opening = loop.create_task(store.add_instance(uid, f"{uid}.2", "2.dcm", "k2", 10)
+                                           if opener == "late instance" else store.rescreen(uid, 60))
+                await asyncio.sleep(0.5)  # waiting for version 1's row
+                retry = loop.create_task(store.retry(first, 60))
+                await asyncio.sleep(0.5)
+                assert not opening.done() and not retry.done()
+            await opening
+            with pytest.raises(Superseded, match="and version 2 \\("):
+                await retry
+            async with store.read() as s:
+                rows = (await s.execute(select(Study.version, Study.state, Job.state)
+                                        .outerjoin(Job, Job.study_id == Study.id)
+                                        .where(Study.study_instance_uid == uid).order_by(Study.version))).all()
+            later = ("receiving", None) if opener == "late instance" else ("complete", "queued")
+            assert [tuple(r) for r in rows] == [(1, "complete", "failed"), (2, *later)]
+        finally:
+            await store.close()
+            await other.close()
 
     _run(go())
 

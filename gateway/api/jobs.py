@@ -41,10 +41,18 @@ async def get_job(job_id: str, store: StoreDep, _: ReadAccess) -> JobView:
 @router.post("/{job_id}/retry", status_code=202, response_model=JobView | JobAccepted,
              summary="Queue a failed job again",
              responses={202: {"description": "the job queued again: whole with results:read, else its id and state"},
-                        **_NOT_FOUND, 409: {"description": "the job is not failed, or its instances are gone"}})
+                        **_NOT_FOUND,
+                        409: {"description": "not_retryable: the job is not failed, or retention removed its instances; "
+                                             "superseded: a later version of its study exists (a late instance, a "
+                                             "re-screen, the study sent again), which the message names with its "
+                                             "job, as do superseded_by (its version) and superseded_by_job (its "
+                                             "job, null while it is being received): only the latest version's "
+                                             "job is retried"}})
 async def retry_job(job_id: str, store: StoreDep, settings: SettingsDep, caller: WriteAccess) -> JSONResponse:
     """Screen a failed job's instances again (with a fresh deadline); like ``.../complete``, the answer
-    shows more than the job's id and state only to a caller who holds ``results:read``."""
+    shows more than the job's id and state only to a caller who holds ``results:read``. Only a job of the study's
+    latest version is retried: an earlier one's reading would replace nothing and reach no destination (409
+    ``superseded``, naming the later version and its job)."""
     try:
         view = await store.retry(checked_job_id(job_id), settings.job_deadline_s)
     except ValueError as exc:

@@ -68,7 +68,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import ScalarSelect, TypedReturnsRows
 
 from aggregator.schema import CaseResult, stored_result
-from gateway.errors import JobNotFound, PatientMismatch
+from gateway.errors import JobNotFound, PatientMismatch, Superseded
 from gateway.jobs import ROUTINE, RUNNING, TERMINAL, JobError, JobState, JobView, priority_name
 from gateway.phi import withheld
 from gateway.store.models import (
@@ -328,6 +328,15 @@ def latest_version() -> ScalarSelect[Any]:
     return (select(func.max(newer.version)).outerjoin(job, job.study_id == newer.id)
             .where(newer.study_instance_uid == Study.study_instance_uid,
                    or_(job.state.is_(None), job.state != JobState.failed.value))
+            .scalar_subquery())
+
+
+def newest_version() -> ScalarSelect[Any]:
+    """The newest version of the study a query's ``Study`` row is a version of, whatever its state (being received,
+    queued, screened, done or failed; a correlated subquery): above the row's own version, the row's job is not
+    retried (:meth:`Store.retry`), the newer version is the one to screen."""
+    newer = aliased(Study)
+    return (select(func.max(newer.version)).where(newer.study_instance_uid == Study.study_instance_uid)
             .scalar_subquery())
 
 
@@ -1188,14 +1197,26 @@ class Store:
         return _rowcount(done)
 
     async def retry(self, job_id: str, deadline_s: float) -> JobView:
-        """Queue a failed job again, with a fresh deadline.
+        """Queue a failed job again, with a fresh deadline: a job of the study's latest version only.
+
+        A later version (a late instance opened it, the study was screened again or sent again) holds what this
+        one would screen and is the one whose reading the study gets: this one's reading, by version, would
+        supersede nothing and reach no destination. The check is made under the job's study version row lock
+        (:func:`_locked_job`), which every path opening a later version from this one takes first too (a late
+        instance locks every version of the study, :meth:`_open_version`; a re-screen the latest,
+        :meth:`rescreen`): one waits for the other, and the newest version is read after the lock (on PostgreSQL,
+        read committed, a statement of its own sees what the other committed), so a re-screen or a late instance
+        racing a retry never leaves both the retried version and a later one runnable. (An upload opens its
+        version without reading the earlier ones: it goes after a retry as it would after any queued version.)
 
         Raises
         ------
         JobNotFound
             Unknown job.
+        Superseded
+            A later version of the study exists (the message names it and its job).
         ValueError
-            The job is not failed.
+            The job is not failed, or its instances are no longer kept.
         """
         now = await self.now()
         async with self.tx() as s:
@@ -1207,6 +1228,7 @@ class Store:
                 raise JobNotFound(f"No job {job_id!r}.")
             if job.state != JobState.failed.value:
                 raise ValueError(f"Job {job_id} is {job.state}; only a failed job can be retried.")
+            await _refuse_superseded(s, job, study_id)
             if not await _instances_kept(s, job.study_id):
                 raise ValueError(f"The instances of job {job_id} are no longer kept (retention); send the study again.")
             job.state, job.attempts, job.next_attempt_at, job.deadline_at = JobState.queued.value, 0, now, now + deadline_s
@@ -1325,12 +1347,13 @@ class Store:
         """
         async with self.read() as s:
             view = await self._job_view(s, job_id)
-            row = (await s.execute(select(Study.version, latest_version()).join(Job, Job.study_id == Study.id)
-                                   .where(Job.id == job_id))).first()
+            row = (await s.execute(select(Study.version, latest_version(), newest_version())
+                                   .join(Job, Job.study_id == Study.id).where(Job.id == job_id))).first()
         if row is None:
             return view
         superseded = row[1] is not None and row[1] > row[0]
-        return view.model_copy(update={"version": row[0], "superseded_by": row[1] if superseded else None})
+        return view.model_copy(update={"version": row[0], "superseded_by": row[1] if superseded else None,
+                                       "newest_version": row[2]})
 
     @staticmethod
     async def _job_view(s: AsyncSession, job_id: str) -> JobView:
@@ -1344,8 +1367,8 @@ class Store:
         """The results of earlier versions of the same study (still kept), newest version first: the readings
         this one supersedes (the SR's Predecessor Documents, the FHIR reports it replaces).
 
-        By version, not by when a result was written: an earlier version screened again after a later one (a
-        failed version 1 retried once version 2 was done) is no successor of it."""
+        By version, not by when a result was written: an earlier version whose result is written after a later one's
+        (version 1 still being screened while version 2 was received and screened) is no successor of it."""
         async with self.read() as s:
             mine = (await s.execute(self._version_of(job_id))).first()
             if mine is None:
@@ -1518,6 +1541,28 @@ async def _locked_job(s: AsyncSession, study_id: int) -> Job | None:
     sees its deletion committed or not begun."""
     await s.execute(select(Study.id).where(Study.id == study_id).with_for_update())
     return (await s.execute(select(Job).where(Job.study_id == study_id).with_for_update())).scalar_one_or_none()
+
+
+async def _refuse_superseded(s: AsyncSession, job: Job, study_id: int) -> None:
+    """Raise :class:`~gateway.errors.Superseded` when a later version of ``job``'s study exists (:meth:`Store.retry`,
+    under the version's lock), naming it, its job and what to do with it."""
+    uid, mine = (await s.execute(select(Study.study_instance_uid, Study.version).where(Study.id == study_id))).one()
+    later = (await s.execute(
+        select(Study.version, Study.state, Job.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
+        .where(Study.study_instance_uid == uid, Study.version > mine).order_by(Study.version.desc()).limit(1))).first()
+    if later is None:
+        return
+    version, study_state, later_job, later_state = later
+    if study_state == RECEIVING or later_job is None:
+        what, then = "being received", f"POST /v1/studies/{uid}/complete screens it now"
+    else:
+        what = f"job {later_job}, {later_state}"
+        then = {JobState.failed.value: f"POST /v1/jobs/{later_job}/retry queues that one again",
+                JobState.done.value: f"its reading is the study's; POST /v1/studies/{uid}/rescreen screens the "
+                                     "study again"}.get(later_state, "its reading is to be the study's")
+    raise Superseded(f"Job {job.id} screens version {mine} of study {uid}, and version {version} ({what}) "
+                     f"came after it: {then}. Only a job of a study's latest version is retried.",
+                     version=int(version), job_id=later_job)
 
 
 async def _instances_kept(s: AsyncSession, study_id: int) -> bool:

@@ -23,7 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.jobs import PRIORITIES, RUNNING, JobState, Priority, priority_name
 from gateway.store.models import Base, Event, Instance, Job, Result, Study
-from gateway.store.store import RECEIVING, Store, latest_version
+from gateway.store.store import RECEIVING, Store, latest_version, newest_version
 
 __all__ = ["ORDERS", "STATES", "VERDICTS", "StudyLabels", "Worklist", "WorklistPage", "WorklistRow", "row_state"]
 
@@ -87,6 +87,9 @@ class WorklistRow:
     """The series the result is about (done rows): its instances carry the row's series description."""
     priority: Priority = "routine"
     """The study version's priority (:data:`gateway.jobs.PRIORITIES`): urgent ones go first."""
+    newest_version: int = 0
+    """The study's newest version, whatever its state (:func:`gateway.store.store.newest_version`): above ``version``,
+    this row's failed job is not retried (the page offers no Screen again on it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,7 @@ class Worklist:
             Job.error, verdict_col, self._json_text(("reason",)), self._json_text(("message",)),
             StudyLabels.study_date, StudyLabels.accession_number, StudyLabels.series_description,
             StudyLabels.read_at, latest_version(), self._json_text(("series_instance_uid",)), Study.priority,
+            newest_version(),
         ).order_by(*self._order(order)).limit(limit).offset(offset))
         async with self.store.read() as s:
             total = int((await s.execute(count)).scalar() or 0)
@@ -192,7 +196,7 @@ class Worklist:
                 state=row_state(r[5], r[7]), job_id=r[6], slices_done=int(r[8] or 0), slices_total=r[9],
                 instances=r[10], finished_at=r[11], started_at=r[12], error=r[13], verdict=r[14], reason=r[15],
                 message=r[16], labels=labels, latest_version=int(r[21] or r[2]), series_instance_uid=r[22],
-                priority=priority_name(r[23])))
+                priority=priority_name(r[23]), newest_version=int(r[24] or r[2])))
         return WorklistPage(out, total)
 
     @staticmethod
