@@ -262,3 +262,55 @@ def test_a_done_study_is_screened_again_only_by_a_writer_and_once_at_a_time(site
     assert audited() == [("key:reader", 403, uid, None), ("key:writer", 202, uid, job["job_id"]),
                          ("key:writer", 202, uid, job["job_id"]), ("key:writer", 409, uid, None),
                          ("key:writer", 404, "1.2.3.404", None)]
+
+
+def test_a_failed_version_below_a_later_one_is_not_screened_again(site, page):
+    """A failed version 1 whose study has a later version (here screened again as version 2, through the API) was
+    retried all the same (its reading then replaced nothing, its deliveries skipped) and the page offered it Screen
+    again. Now POST .../retry answers 409 ``superseded``, naming version 2 and its job; neither its worklist row nor
+    its study view offers Screen again, and each says which version is newer. Version 2 failing too (its deadline
+    played by the database: no Triton here, and a day's deadline) changes neither; version 2 has the button. After
+    the re-screen test: version 2 is a worklist row the tests above do not expect."""
+    writer = {"Authorization": f"Bearer {site['keys']['writer']}"}
+    job = site["jobs"][7]
+    uid = _api(site, "reader", f"/v1/jobs/{job}")["study_instance_uid"]
+    r = httpx.post(f"{site['url']}/v1/studies/{uid}/rescreen", headers=writer, timeout=30)
+    assert r.status_code == 202, r.text
+    later = r.json()["job_id"]
+    refused = httpx.post(f"{site['url']}/v1/jobs/{job}/retry", headers=writer, timeout=30)
+    assert refused.status_code == 409 and refused.json() == {"reason": "superseded", "message": (
+        f"Job {job} screens version 1 of study {uid}, and version 2 (job {later}, queued) came after it: its reading "
+        "is to be the study's. Only a job of a study's latest version is retried."),
+        "superseded_by": 2, "superseded_by_job": later}
+    view = _api(site, "reader", f"/v1/jobs/{job}")
+    assert (view["state"], view["version"], view["newest_version"], view["superseded_by"]) == ("failed", 1, 2, 2)
+
+    _signed_in(page, site, "writer")
+    row = page.locator(_row(site, 7))
+    sync_api.expect(row.locator(".superseded")).to_have_text("superseded by v2")
+    assert row.locator("button").count() == 0 and row.locator(".newer-version").count() == 0
+    with contextlib.closing(sqlite3.connect(site["database"])) as db, db:
+        db.execute("UPDATE jobs SET state = 'failed', finished_at = updated_at, error = ? WHERE id = ?",
+                   (json.dumps({"reason": "triton_unavailable", "message": "No Triton could take the study."}), later))
+    refused = httpx.post(f"{site['url']}/v1/jobs/{job}/retry", headers=writer, timeout=30)
+    assert refused.status_code == 409 and f"POST /v1/jobs/{later}/retry queues that one again" in refused.json()["message"]
+    rows = {r["job_id"]: r for r in _api(site, "reader", "/v1/worklist?limit=100")["rows"]}
+    assert {k: (rows[k]["version"], rows[k]["newest_version"], rows[k]["superseded_by"]) for k in (job, later)} == {
+        job: (1, 2, None), later: (2, 2, None)}
+    page.reload()
+    sync_api.expect(row.locator(".newer-version")).to_have_text("v2 is newer")
+    assert row.locator("button").count() == 0 and row.locator(".superseded").count() == 0
+    sync_api.expect(page.locator(f'tr[data-job-id="{later}"] button[data-action="screen-again"]')).to_be_enabled()
+    from axe_playwright_python.sync_playwright import Axe
+
+    from tests.test_web_page import AXE_RULES
+
+    violations = Axe().run(page, options=AXE_RULES).response["violations"]  # the note's contrast on a failed row
+    assert not violations, [(v["id"], v["help"], [n["target"] for n in v["nodes"][:3]]) for v in violations]
+    page.goto(f"{site['url']}/#/study/{job}")
+    sync_api.expect(page.locator("#superseded")).to_contain_text(
+        "Version 2 of this study was received after this one (version 1): that version is the one to screen")
+    assert page.locator("#retry").count() == 0
+    page.goto(f"{site['url']}/#/study/{later}")
+    sync_api.expect(page.locator("#retry")).to_be_enabled()
+    assert page.locator("#superseded").count() == 0

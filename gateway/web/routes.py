@@ -116,7 +116,8 @@ def _epoch(day: date) -> float:
 
 
 def row_json(r: WorklistRow) -> dict[str, Any]:
-    """One worklist row as the API answers it (``superseded_by``: the newer version of the study, if any)."""
+    """One worklist row as the API answers it (``superseded_by``: the newer version of the study, not failed, if any;
+    ``newest_version``: the study's newest, whatever its state)."""
     # a failed job's error is its reason; a job queued again after a failed try (Triton away, ...) shows why it
     # waits, as the error of that try
     error = (r.error or {}) if r.state in ("failed", "queued") else {}
@@ -133,6 +134,8 @@ def row_json(r: WorklistRow) -> dict[str, Any]:
         "time_s": None if r.finished_at is None or r.job_id is None else round(max(0.0, r.finished_at - r.received_at), 2),
         "labels": r.labels or {"study_date": None, "accession_number": None, "series_description": None},
         "superseded_by": r.latest_version if r.latest_version > r.version else None,
+        # the study's newest version, failed or being received too: a failed row below it has no Screen again
+        "newest_version": r.newest_version,
         "priority": r.priority,
     }
 

@@ -43,8 +43,15 @@ export async function gate(root) {
   }
 }
 
-/** Whether a job in ``state`` can be screened again (the gateway retries failed jobs only: 409 for any other). */
-export const canScreenAgain = (state) => state === "failed";
+/** Whether a job (or a worklist row) can be screened again: the gateway retries a failed job of its study's latest
+ * version only (409 for any other; an earlier version's reading would replace nothing: ``newest_version`` is
+ * the version to screen). */
+export const canScreenAgain = (job) => job.state === "failed" && !(job.newest_version > job.version);
+
+/** The study's later version, failed too, that is to be screened instead of this failed job's, or null (a later
+ * version not failed supersedes this one: ``superseded_by`` says so): named in words where no Screen again is. */
+export const newerVersion = (job) => (job.state === "failed" && !job.superseded_by && job.newest_version > job.version
+  ? job.newest_version : null);
 
 /** Whether a done job's study can be screened again with the current models as a new version (POST
  * /v1/studies/{uid}/rescreen): its latest version only (one superseded has a newer reading to screen again). */

@@ -2,7 +2,7 @@
 // result summary and downloads. Boxes are the result's `original` boxes (the stored image's grid).
 
 import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
-import { canRescreen, canScreenAgain, gate, rescreen, screenAgain, STUDIES_WRITE } from "./actions.js";
+import { canRescreen, canScreenAgain, gate, newerVersion, rescreen, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
 import { deliveriesPanel } from "./deliveries.js";
 
@@ -33,7 +33,15 @@ function quadrantRect(quadrant, cx, cy, cols, rows) {
 
 // a later version of the study (instances received after this job's) has its own verdict: say so first
 // (a list: replaceChildren would write a null as the text "null")
+// a failed one below a later version that failed too supersedes nothing, yet has no Screen again (the gateway retries
+// the latest version only): the note says which version to screen instead
 function supersededNote(job) {
+  const newer = newerVersion(job);
+  if (newer) {
+    return [h("p", { class: "superseded-note", id: "superseded", role: "note" },
+      `Version ${newer} of this study was received after this one (version ${job.version}): that version is the one `
+      + "to screen, not this one. ", h("a", { href: "#/" }, "The worklist shows the newer version."))];
+  }
   if (!job.superseded_by) return [];
   return [h("p", { class: "superseded-note", id: "superseded", role: "note" },
     `Superseded: version ${job.superseded_by} of this study was received after this one (version ${job.version}), `
@@ -148,7 +156,7 @@ function pending(main, job, again) {
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), identity(job),
     ...supersededNote(job),
-    status, bar, ...(canScreenAgain(job.state) ? retryButton(job, again) : []));
+    status, bar, ...(canScreenAgain(job) ? retryButton(job, again) : []));
   if (job.state === "failed") return () => {};
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
     show(v);

@@ -1,7 +1,7 @@
 // The worklist: studies newest first (or urgent first), filters and paging done by the server, live progress over
 // SSE; a failed study's row has the study view's Screen again (actions.js).
 
-import { canScreenAgain, gate, screenAgain, STUDIES_WRITE } from "./actions.js";
+import { canScreenAgain, gate, newerVersion, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { ApiError, getJson, sharedSubscribe } from "./api.js";
 import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 
@@ -29,9 +29,12 @@ function progress(row) {
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
 // a failed study's Screen again (studies:write): written disabled, gate() enables it for a caller who holds the
-// scope; named with its row (a screen reader's list of buttons read "Screen again" as often as rows failed)
+// scope; named with its row (a screen reader's list of buttons read "Screen again" as often as rows failed). A failed
+// earlier version has none (the gateway retries the latest only): its row names the newer version to screen instead
 function screenAgainHtml(row, name) {
-  if (!canScreenAgain(row.state) || !row.job_id || !name) return "";
+  const newer = name && newerVersion(row);
+  if (newer) return `<small class="newer-version">v${esc(newer)} is newer</small>`;
+  if (!canScreenAgain(row) || !row.job_id || !name) return "";
   return `<button type="button" class="screen-again" data-action="screen-again" data-needs="${STUDIES_WRITE}" disabled`
     + ` aria-label="Screen again: ${esc(name)}">Screen again</button><span class="bad retry-refused" data-role="refused"></span>`;
 }
