@@ -35,7 +35,9 @@ and 0xA700 whenever :meth:`gateway.stow.Intake.refusal` says no (a watermark, th
 store away). Every association that sent an A-ASSOCIATE-RQ gets exactly one record in the audit trail
 (:mod:`gateway.audit`) once it ends: accepted (``echo``, ``stored 40, discarded 2 (not CT)``, ``nothing
 stored``), ``denied`` (rejected, with the reason and the called AE title the peer used) or ``aborted``;
-before it, one record per study and C-STORE status of the instances it sent.
+before it, one record per study and C-STORE status of the instances it sent. A DIMSE message the SCP cannot act
+on (a command set cut short, a P-DATA on a presentation context not accepted) ends its association with an
+A-ABORT and one warning (:meth:`StorageScp._receive`), as dcmtk's storescp ends it.
 
 Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
 """
@@ -43,6 +45,8 @@ Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen se
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import tempfile
 import threading
@@ -344,6 +348,7 @@ class _Association:
     sent: dict[str, set[str]] = field(default_factory=dict)  # study -> SOP Instance UIDs stored (0x0000)
     discarded: int = 0
     echoes: int = 0
+    malformed: bool = False  # aborted by the SCP for a DIMSE message it could not act on (StorageScp._receive)
 
     def summary(self, accepted_contexts: int) -> str:
         """``echo``, ``stored 40, refused 2 (0xA700), discarded 3 (not CT)``, ``nothing stored``...
@@ -438,21 +443,67 @@ class _StoreCommand(_Dataset):
             raise
 
 
+_SERVICES = {0x0001: "C-STORE", 0x0010: "C-GET", 0x0020: "C-FIND", 0x0021: "C-MOVE", 0x0030: "C-ECHO",
+             0x0100: "N-EVENT-REPORT", 0x0110: "N-GET", 0x0120: "N-SET", 0x0130: "N-ACTION", 0x0140: "N-CREATE",
+             0x0150: "N-DELETE"}
+DIMSE_COMMANDS: dict[int, str] = {**{field: f"{name}-RQ" for field, name in _SERVICES.items()},
+                                  **{0x8000 | field: f"{name}-RSP" for field, name in _SERVICES.items()},
+                                  0x0FFF: "C-CANCEL-RQ"}
+"""Command Field (0000,0100) -> the DIMSE command it names (PS3.7 Table E.1-1); pynetdicom decodes these alone.
+
+>>> from pynetdicom.dimse_messages import _MESSAGE_TYPES
+>>> DIMSE_COMMANDS == {field: kind[0] for field, kind in _MESSAGE_TYPES.items()}
+True
+"""
+
+
+class MalformedMessage(ValueError):
+    """A DIMSE message the SCP cannot act on: its association is aborted (:meth:`StorageScp._receive`). Its text
+    says why in the standard's words and numbers, never a value the peer sent (no patient data)."""
+
+
+def _element(keyword: str) -> str:
+    """A command element's name and tag, as the log words them.
+
+    >>> _element("CommandField")
+    'Command Field (0000,0100)'
+    """
+    from pydicom.datadict import dictionary_description, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Any:
     """pynetdicom's ``dimse_messages.decode`` (``dsutils.decode``, which it calls for command sets only) for the
-    gateway: a C-STORE-RQ command without an Affected SOP Class or Instance UID (or with an empty one, dropped) is
-    a :class:`_StoreCommand`.
+    gateway: the command set, checked for what pynetdicom's ``DIMSEMessage.decode_msg`` reads of it.
 
-    In chunked receiving (``STORE_RECV_CHUNKED_DATASET``, the gateway's) pynetdicom 3.0.4's
-    ``DIMSEMessage.decode_msg`` reads both UIDs from the command, for the meta of its temporary file, before any
-    handler runs: a command without one raised AttributeError in the association's reader, which aborted the
-    association (A-ABORT, no status) with a traceback in the log. The message is now decoded whole, and
-    :meth:`StorageScp._on_command` answers it (pynetdicom itself drops a request short of a mandatory parameter
-    unanswered: ``Association._serve_request``, "Received unexpected C-STORE service message")."""
+    Raises :class:`MalformedMessage` for a command set without a Command Field (a P-DATA cut short) or with one
+    that names no DIMSE command, or without a Command Data Set Type: ``decode_msg`` read them unchecked, and
+    its AttributeError or KeyError killed the association's reader thread (a traceback on stderr, the TCP
+    connection dropped without an A-ABORT); :meth:`StorageScp._receive` now aborts the association.
+
+    A C-STORE-RQ command without an Affected SOP Class or Instance UID (or with an empty one, dropped) is a
+    :class:`_StoreCommand`: in chunked receiving (``STORE_RECV_CHUNKED_DATASET``, the gateway's) pynetdicom 3.0.4's
+    ``decode_msg`` reads both UIDs from the command, for the meta of its temporary file, before any handler runs,
+    and one missing killed the reader too. The message is now decoded whole, and :meth:`StorageScp._on_command`
+    answers it (pynetdicom itself drops a request short of a mandatory parameter unanswered:
+    ``Association._serve_request``, "Received unexpected C-STORE service message")."""
     from pynetdicom.dsutils import decode
 
     command = decode(bytestring, is_implicit_vr, is_little_endian, deflated)
-    if command.get("CommandField") == 0x0001:  # C-STORE-RQ
+    field = command.get("CommandField")
+    if field is None:
+        said, received = command.get("CommandGroupLength"), len(bytestring.getvalue()) - 12  # after that element
+        cut = f" (cut short: {max(received, 0)} of its {said} bytes)" if isinstance(said, int) and said > received else ""
+        raise MalformedMessage(f"its command set has no {_element('CommandField')}{cut}")
+    if not isinstance(field, int) or field not in DIMSE_COMMANDS:
+        raise MalformedMessage(f"its command set's {_element('CommandField')} names no DIMSE command")
+    name = DIMSE_COMMANDS[field]
+    if not isinstance(command.get("CommandDataSetType"), int):
+        raise MalformedMessage(f"its {name} command has no {_element('CommandDataSetType')}")
+    if field == 0x0001:  # C-STORE-RQ
         lacking = [keyword for keyword in STORE_COMMAND_UIDS if not command.get(keyword)]
         for keyword in lacking:
             if keyword in command:  # present and empty: says no more than absent
@@ -460,6 +511,34 @@ def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool
         if lacking:
             command.__class__ = _StoreCommand
     return command
+
+
+def _fragment_out_of_order(message: Any, pdvs: list[Any]) -> bool:
+    """Whether the presentation data values of a P-DATA (``(context id, control header and bytes)``), read after
+    the message pynetdicom has gathered so far (``message``: None, or a ``DIMSEMessage``, whose class is the
+    command's once its command set is whole), hold a data set fragment before its command set is whole
+    (PS3.8 E.2: the command comes first). pynetdicom took such a message for whole and failed to convert it,
+    with a traceback (``DIMSEServiceProvider.receive_primitive``, "Received an invalid DIMSE message").
+
+    >>> from pynetdicom.dimse_messages import C_ECHO_RQ, DIMSEMessage
+    >>> _fragment_out_of_order(None, [(1, b"\\x02...")]), _fragment_out_of_order(None, [(1, b"\\x03..."), (1, b"\\x02...")])
+    (True, False)
+    >>> _fragment_out_of_order(DIMSEMessage(), [(1, b"\\x00...")]), _fragment_out_of_order(C_ECHO_RQ(), [(1, b"\\x00...")])
+    (True, False)
+    """
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    whole = message is not None and type(message) is not DIMSEMessage
+    for _context_id, pdv in pdvs:
+        if not pdv:
+            continue  # decode_msg's IndexError: StorageScp._receive
+        if pdv[0] & 1:  # a command fragment
+            whole = whole or bool(pdv[0] & 2)
+        elif not whole:
+            return True
+        elif pdv[0] & 2:  # the data set's last: pynetdicom reads no further in this P-DATA
+            return False
+    return False
 
 
 class StorageScp:
@@ -616,6 +695,7 @@ class StorageScp:
                                                      str(assoc.requestor.address))
         if self.non_ct == "discard":
             accept_private_classes(assoc)
+        assoc.dimse.receive_primitive = functools.partial(self._receive, assoc, assoc.dimse.receive_primitive)
         if self.peers is not None:  # a rejection is recorded before the peer hears of it
             self.peers.on_requested(event, lambda why: self._finish(assoc, rejected=why))
 
@@ -670,8 +750,10 @@ class StorageScp:
                              outcome="ok" if status == SUCCESS else "refused",
                              reason=None if status == SUCCESS else f"0x{status:04X}")
         summary = done.summary(len(assoc.accepted_contexts))
+        if aborted:
+            summary = f"aborted{' (malformed DIMSE message)' if done.malformed else ''}: {summary}"
         self.audit.write(who=who, auth="dicom_ae", action=action, status=0, client=done.address,
-                         outcome="aborted" if aborted else "ok", reason=f"aborted: {summary}" if aborted else summary)
+                         outcome="aborted" if aborted else "ok", reason=summary)
 
     def _transfer_ended(self, done: _Association, aborted: bool) -> None:
         """Tell the store how the association into each study it stored instances of ended: without a release,
@@ -739,6 +821,51 @@ class StorageScp:
         if self.metrics is not None:
             self.loop.call_soon_threadsafe(self.metrics.discarded, sop_class)
         return SUCCESS
+
+    def _receive(self, assoc: Any, receive: Callable[[Any], None], primitive: Any) -> None:
+        """Each P-DATA the association's reader passes to pynetdicom's DIMSE provider (``receive``, its
+        ``receive_primitive``, in the reader thread; installed as the association is requested): one pynetdicom
+        cannot decode ends the association with an A-ABORT (source: service user), one warning in the log and
+        nothing kept, as dcmtk's storescp ends it ("DIMSE failure (aborting association)"); the SCP goes on
+        serving the others. Such a message was a P-DATA on a presentation context the association did not
+        accept, a data set fragment before its command, or a command set :func:`decode_command` refuses (one cut
+        before its Command Field, one naming no DIMSE command). pynetdicom's exception killed the reader thread
+        (a traceback on stderr, the connection dropped without an A-ABORT, or an A-P-ABORT after a logged
+        traceback for a fragment out of order). Later P-DATA of the association are dropped unread."""
+        if assoc.is_aborted:
+            return
+        dimse = assoc.dimse
+        why = None
+        accepted = {cx.context_id for cx in assoc.accepted_contexts}
+        pdvs = list(primitive.presentation_data_value_list)
+        stray = sorted({context_id for context_id, _pdv in pdvs if context_id not in accepted})
+        if stray:
+            why = f"a P-DATA on presentation context {stray[0]}, which the association did not accept"
+        elif _fragment_out_of_order(dimse.message, pdvs):
+            why = "a data set fragment came before its command set"
+        else:
+            try:
+                receive(primitive)
+                return
+            except MalformedMessage as exc:
+                why = str(exc)
+            except Exception as exc:  # noqa: BLE001 - in the association's reader: pynetdicom's decoding failed
+                why = f"its DIMSE message could not be decoded ({type(exc).__name__})"
+        message, dimse.message = dimse.message, None  # what was gathered of it goes
+        received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
+        with contextlib.suppress(OSError):  # one left behind is swept (sweep_received)
+            if received is not None:
+                received.close()
+            if isinstance(path, Path):
+                path.unlink(missing_ok=True)
+        peer = assoc.requestor
+        logger.warning("DICOM association from %s@%s aborted (A-ABORT): %s", peer.ae_title, peer.address, why)
+        self._refuse("malformed_dimse")
+        with self._associations_lock:
+            done = self._associations.get(assoc)
+            if done is not None:
+                done.malformed = True
+        assoc.abort(block=False)  # in the reader: the abort is sent from its queue, then the thread ends
 
     def _on_command(self, event: Any) -> None:
         """EVT_DIMSE_RECV (each DIMSE message received, in the association's reader): a C-STORE-RQ whose command lacks

@@ -749,31 +749,55 @@ def test_an_instance_over_the_per_file_limit_is_not_written_past_it(make_scp, tm
     assert study.result(10) is None  # nothing kept
 
 
-def _raw_c_store(assoc, data: bytes, **command) -> Any:
-    """Send one C-STORE-RQ built by hand (its command set ``command``, Implicit VR LE as PS3.7 6.3.1 has it, then
-    ``data`` as its data set), as a hand-rolled SCU does, over ``assoc``; the response's primitive, or None once
-    the association is gone (or after 10 s without one)."""
+def _command_set(**command) -> bytes:
+    """A DIMSE command set built by hand, as a hand-rolled SCU builds one: ``command``'s elements after its Command
+    Group Length, Implicit VR Little Endian (PS3.7 6.3.1)."""
     from pydicom.dataset import Dataset
     from pynetdicom.dsutils import encode
-    from pynetdicom.pdu_primitives import P_DATA
 
     cs = Dataset()
     for keyword, value in command.items():
         setattr(cs, keyword, value)
-    body = encode(cs, True, True)
-    cs.CommandGroupLength = len(body)
-    context_id = assoc.accepted_contexts[0].context_id
+    cs.CommandGroupLength = len(encode(cs, True, True))
+    return encode(cs, True, True)
+
+
+def _raw_p_data(assoc, *pdvs: tuple[int, bytes], timeout: float = 10.0) -> Any:
+    """Send one P-DATA of presentation data values built by hand (its context ID, then its message control header
+    and fragment: PS3.8 E.2) over ``assoc``, whose reactor is held meanwhile (as pynetdicom's send_c_store holds
+    it: it would take the answer); what came back: the response's primitive, the A-ABORT (A_ABORT: the SCP aborted
+    the association) or A-P-ABORT (A_P_ABORT: the connection went without one) that ended the association, or
+    None after ``timeout`` s without either."""
+    from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, P_DATA
+
     pdata = P_DATA()
-    pdata.presentation_data_value_list = [[context_id, b"\x03" + encode(cs, True, True)], [context_id, b"\x02" + data]]
-    assoc.dimse_timeout = 10
-    assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_store: its reactor would take the response
+    pdata.presentation_data_value_list = [list(pdv) for pdv in pdvs]
+    assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.001)
     try:
         assoc.dul.send_pdu(pdata)
-        return assoc.dimse.get_msg(block=True)[1]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rsp = assoc.dimse.get_msg(block=False)[1]
+            if rsp is not None:
+                return rsp
+            if isinstance(end := assoc.dul.peek_next_pdu(), A_ABORT | A_P_ABORT):
+                return end
+            time.sleep(0.01)
+        return None
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def _raw_c_store(assoc, data: bytes, **command) -> Any:
+    """Send one C-STORE-RQ built by hand (its command set ``command``, then ``data`` as its data set) over ``assoc``;
+    the response's primitive, or None once the association is gone (or after 10 s without one)."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    context_id = assoc.accepted_contexts[0].context_id
+    rsp = _raw_p_data(assoc, (context_id, b"\x03" + _command_set(**command)), (context_id, b"\x02" + data))
+    return rsp if isinstance(rsp, C_STORE) else None
 
 
 @pytest.mark.parametrize("missing", ["AffectedSOPInstanceUID", "AffectedSOPClassUID", "both"])
@@ -817,5 +841,83 @@ def test_a_c_store_whose_command_lacks_an_affected_sop_uid_is_refused_and_the_as
     records = [r for r in _associations(lone_scp, 1) if r["action"].startswith("DICOM association")]
     assert [(r["outcome"], r["reason"]) for r in records] == [("ok", "stored 1, refused 1 (0xC000)")], records
     study = asyncio.run_coroutine_threadsafe(lone_scp.stow.store.study(str(ds.StudyInstanceUID)), lone_scp.loop)
+    assert study.result(10) is None  # nothing kept
+    assert not list(received.glob("ctscreen-rx-*"))
+
+
+def _store_command(ds, **changes) -> dict[str, Any]:
+    """The C-STORE-RQ command of ``ds`` (CT Image Storage, Message ID 7), with ``changes`` (None: the element left out)."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    command = {"AffectedSOPClassUID": CTImageStorage, "CommandField": 0x0001, "MessageID": 7, "Priority": 0,
+               "CommandDataSetType": 0x0001, "AffectedSOPInstanceUID": str(ds.SOPInstanceUID), **changes}
+    return {keyword: value for keyword, value in command.items() if value is not None}
+
+
+def _cut_before_command_field(ds, data: bytes) -> tuple[list[tuple[int, bytes]], str]:
+    """A C-STORE-RQ of ``ds`` whose command set is cut where its Command Field (0000,0100) begins (its Command Group
+    Length and Affected SOP Class UID kept: the fuzz campaign's P-DATA cut short), and the log's words for it."""
+    encoded = _command_set(**_store_command(ds))
+    cut = encoded.index(b"\x00\x00\x00\x01\x02\x00\x00\x00")  # (0000,0100), 2 bytes long
+    return ([(0, b"\x03" + encoded[:cut]), (0, b"\x02" + data)],
+            f"its command set has no Command Field (0000,0100) (cut short: {cut - 12} of its {len(encoded) - 12} bytes)")
+
+
+MALFORMED = {  # (the data set, its bytes) -> the message's presentation data values (context 0: the accepted one),
+    # and the log's words for it
+    "command cut before its Command Field": _cut_before_command_field,
+    "C-STORE on a context not accepted": lambda ds, data: (
+        [(99, b"\x03" + _command_set(**_store_command(ds))), (99, b"\x02" + data)],
+        "a P-DATA on presentation context 99, which the association did not accept"),
+    "Command Field naming no command": lambda ds, data: (
+        [(0, b"\x03" + _command_set(**_store_command(ds, CommandField=0x0FF0))), (0, b"\x02" + data)],
+        "its command set's Command Field (0000,0100) names no DIMSE command"),
+    "no Command Data Set Type": lambda ds, data: (
+        [(0, b"\x03" + _command_set(**_store_command(ds, CommandDataSetType=None))), (0, b"\x02" + data)],
+        "its C-STORE-RQ command has no Command Data Set Type (0000,0800)"),
+    "a data set before its command": lambda ds, data: (
+        [(0, b"\x02" + data)], "a data set fragment came before its command set"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_dimse_message_the_scp_cannot_decode_aborts_its_association_cleanly_and_the_scp_goes_on(
+        make_scp, tmp_path, caplog, case):
+    """The fuzz campaign's last DIMSE crashes: a P-DATA whose message pynetdicom 3.0.4 cannot decode (a command set
+    cut before its Command Field, one naming no command or without its Command Data Set Type, a C-STORE on a
+    presentation context the association did not accept) raised in ``DIMSEMessage.decode_msg`` and killed the
+    association's reader thread: a traceback logged and on stderr ("Exception in thread ... run_reactor"), the TCP
+    connection dropped without an A-ABORT (the sender saw an A-P-ABORT). A data set fragment before any command
+    was an A-P-ABORT after pynetdicom's traceback ("Received an invalid DIMSE message"). Now the SCP ends such an
+    association as dcmtk's storescp does, with an A-ABORT from the service user (source 0), says why in one
+    warning (no patient data), audits it, keeps nothing, and serves the next association: a good one stores a slice.
+    Before: an A_P_ABORT, not an A_ABORT, and ERROR records with a traceback."""
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu_primitives import A_ABORT
+    from pynetdicom.sop_class import CTImageStorage
+
+    received = tmp_path / "received"
+    scp = make_scp(received_dir=received)
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    ds.PatientName = "Secretname^Zqx"
+    pdvs, words = MALFORMED[case](ds, encode(ds, False, True))
+    assoc = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established
+    steady_reactor(assoc)
+    context_id = assoc.accepted_contexts[0].context_id
+    caplog.set_level(logging.INFO)
+    try:
+        end = _raw_p_data(assoc, *[(cx or context_id, pdv) for cx, pdv in pdvs])
+        assert isinstance(end, A_ABORT) and end.abort_source == 0, end
+    finally:
+        assoc.abort()
+    assert _c_store(scp.port, ct_dataset(np.full((16, 16), -1000, np.int16))) == [SUCCESS]  # the SCP goes on
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.dimse" and r.levelno == logging.WARNING]
+    assert said == [f"DICOM association from TESTSCU@127.0.0.1 aborted (A-ABORT): {words}"], said
+    records = [r for r in _associations(scp, 2) if r["action"].startswith("DICOM association")]
+    assert [(r["outcome"], r["reason"]) for r in records] == [
+        ("aborted", "aborted (malformed DIMSE message): nothing stored"), ("ok", "stored 1")], records
+    study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(ds.StudyInstanceUID)), scp.loop)
     assert study.result(10) is None  # nothing kept
     assert not list(received.glob("ctscreen-rx-*"))
