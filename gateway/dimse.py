@@ -36,8 +36,8 @@ store away). Every association that sent an A-ASSOCIATE-RQ gets exactly one reco
 (:mod:`gateway.audit`) once it ends: accepted (``echo``, ``stored 40, discarded 2 (not CT)``, ``nothing
 stored``), ``denied`` (rejected, with the reason and the called AE title the peer used) or ``aborted``;
 before it, one record per study and C-STORE status of the instances it sent. A DIMSE message the SCP cannot act
-on (a command set cut short, a P-DATA on a presentation context not accepted) ends its association with an
-A-ABORT and one warning (:meth:`StorageScp._receive`), as dcmtk's storescp ends it.
+on (a command set cut short, a request without its Message ID, a P-DATA on a presentation context not accepted)
+ends its association with an A-ABORT and one warning (:meth:`StorageScp._receive`), as dcmtk's storescp ends it.
 
 Started by the app's lifespan when ``CTSCREEN_DICOM_PORT`` is set (``ctscreen serve --dicom-port N``).
 """
@@ -475,14 +475,15 @@ def _element(keyword: str) -> str:
     return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+SCP_READER = threading.local()
+"""``active`` while an SCP association's reader decodes a P-DATA (:meth:`StorageScp._receive`): only there does
+:func:`decode_command` check a command set (``dimse_messages.decode`` is module-wide, and the gateway's own
+associations as a requestor, :mod:`gateway.dimse_scu`, are read in the same process as pynetdicom reads them)."""
+
+
 def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Any:
     """pynetdicom's ``dimse_messages.decode`` (``dsutils.decode``, which it calls for command sets only) for the
-    gateway: the command set, checked for what pynetdicom's ``DIMSEMessage.decode_msg`` reads of it.
-
-    Raises :class:`MalformedMessage` for a command set without a Command Field (a P-DATA cut short) or with one
-    that names no DIMSE command, or without a Command Data Set Type: ``decode_msg`` read them unchecked, and
-    its AttributeError or KeyError killed the association's reader thread (a traceback on stderr, the TCP
-    connection dropped without an A-ABORT); :meth:`StorageScp._receive` now aborts the association.
+    gateway: the command set, checked (:func:`_check_command`) where an SCP association's reader decodes it.
 
     A C-STORE-RQ command without an Affected SOP Class or Instance UID (or with an empty one, dropped) is a
     :class:`_StoreCommand`: in chunked receiving (``STORE_RECV_CHUNKED_DATASET``, the gateway's) pynetdicom 3.0.4's
@@ -493,17 +494,9 @@ def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool
     from pynetdicom.dsutils import decode
 
     command = decode(bytestring, is_implicit_vr, is_little_endian, deflated)
-    field = command.get("CommandField")
-    if field is None:
-        said, received = command.get("CommandGroupLength"), len(bytestring.getvalue()) - 12  # after that element
-        cut = f" (cut short: {max(received, 0)} of its {said} bytes)" if isinstance(said, int) and said > received else ""
-        raise MalformedMessage(f"its command set has no {_element('CommandField')}{cut}")
-    if not isinstance(field, int) or field not in DIMSE_COMMANDS:
-        raise MalformedMessage(f"its command set's {_element('CommandField')} names no DIMSE command")
-    name = DIMSE_COMMANDS[field]
-    if not isinstance(command.get("CommandDataSetType"), int):
-        raise MalformedMessage(f"its {name} command has no {_element('CommandDataSetType')}")
-    if field == 0x0001:  # C-STORE-RQ
+    if getattr(SCP_READER, "active", False):
+        _check_command(command, len(bytestring.getvalue()))
+    if command.get("CommandField") == 0x0001:  # C-STORE-RQ
         lacking = [keyword for keyword in STORE_COMMAND_UIDS if not command.get(keyword)]
         for keyword in lacking:
             if keyword in command:  # present and empty: says no more than absent
@@ -511,6 +504,36 @@ def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool
         if lacking:
             command.__class__ = _StoreCommand
     return command
+
+
+def _check_command(command: _Dataset, nbytes: int) -> None:
+    """Raise :class:`MalformedMessage` for a command set (``nbytes`` long) without a Command Field (a P-DATA cut
+    short) or with one that names no DIMSE command, or without a Command Data Set Type: ``decode_msg`` read them
+    unchecked, and its AttributeError or KeyError killed the association's reader thread (a traceback on stderr,
+    the TCP connection dropped without an A-ABORT); :meth:`StorageScp._receive` now aborts the association.
+
+    So it does for a request without its Message ID, or a response or C-CANCEL without its Message ID Being
+    Responded To (PS3.7 9.3 and 10.3: mandatory): a response must name the request's Message ID, and no response
+    can name a request that has none (one with none, or 0, another request's ID, would break the standard's
+    pairing: the sender could not take it for this request's). pynetdicom dropped such a request unanswered
+    ("Received unexpected C-STORE service message", after a traceback of its EVT_DIMSE_RECV logger) and the sender
+    waited out its DIMSE timeout for the answer; dcmtk's storescp aborts the association ("Command Parse Failed:
+    Element: (0000,0110)")."""
+    field = command.get("CommandField")
+    if field is None:
+        said, received = command.get("CommandGroupLength"), nbytes - 12  # the bytes after that element
+        cut = f" (cut short: {max(received, 0)} of its {said} bytes)" if isinstance(said, int) and said > received else ""
+        raise MalformedMessage(f"its command set has no {_element('CommandField')}{cut}")
+    if not isinstance(field, int) or field not in DIMSE_COMMANDS:
+        raise MalformedMessage(f"its command set's {_element('CommandField')} names no DIMSE command")
+    name = DIMSE_COMMANDS[field]
+    if not isinstance(command.get("CommandDataSetType"), int):
+        raise MalformedMessage(f"its {name} command has no {_element('CommandDataSetType')}")
+    if field & 0x8000 or field == 0x0FFF:  # a response, C-CANCEL: the request it is about
+        if not isinstance(command.get("MessageIDBeingRespondedTo"), int):
+            raise MalformedMessage(f"its {name} command has no {_element('MessageIDBeingRespondedTo')}")
+    elif not isinstance(command.get("MessageID"), int):
+        raise MalformedMessage(f"its {name} command has no {_element('MessageID')}, which a response must name")
 
 
 def _fragment_out_of_order(message: Any, pdvs: list[Any]) -> bool:
@@ -829,9 +852,10 @@ class StorageScp:
         nothing kept, as dcmtk's storescp ends it ("DIMSE failure (aborting association)"); the SCP goes on
         serving the others. Such a message was a P-DATA on a presentation context the association did not
         accept, a data set fragment before its command, or a command set :func:`decode_command` refuses (one cut
-        before its Command Field, one naming no DIMSE command). pynetdicom's exception killed the reader thread
-        (a traceback on stderr, the connection dropped without an A-ABORT, or an A-P-ABORT after a logged
-        traceback for a fragment out of order). Later P-DATA of the association are dropped unread."""
+        before its Command Field, one naming no DIMSE command, a request without its Message ID:
+        :func:`_check_command`). pynetdicom's exception killed the reader thread (a traceback on stderr, the
+        connection dropped without an A-ABORT, or an A-P-ABORT after a logged traceback for a fragment out of
+        order). Later P-DATA of the association are dropped unread."""
         if assoc.is_aborted:
             return
         dimse = assoc.dimse
@@ -844,6 +868,7 @@ class StorageScp:
         elif _fragment_out_of_order(dimse.message, pdvs):
             why = "a data set fragment came before its command set"
         else:
+            SCP_READER.active = True  # decode_command checks each command set
             try:
                 receive(primitive)
                 return
@@ -851,6 +876,8 @@ class StorageScp:
                 why = str(exc)
             except Exception as exc:  # noqa: BLE001 - in the association's reader: pynetdicom's decoding failed
                 why = f"its DIMSE message could not be decoded ({type(exc).__name__})"
+            finally:
+                SCP_READER.active = False
         message, dimse.message = dimse.message, None  # what was gathered of it goes
         received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
         with contextlib.suppress(OSError):  # one left behind is swept (sweep_received)
@@ -874,8 +901,9 @@ class StorageScp:
         understand", the C-STORE failure for a request the SCP cannot make sense of; 0xA900 is for a data set
         that does not match its SOP class, and there may be no class to match). pynetdicom then drops the request
         (warned: "Received unexpected C-STORE service message") and the association goes on. Said in the log
-        (which UIDs: no patient data), counted and audited as a refusal; the data set's file is removed. A
-        request without a Message ID as well cannot be answered (a response names the request's): dropped."""
+        (which UIDs: no patient data), counted and audited as a refusal; the data set's file is removed. (One
+        without a Message ID as well, which no response could name, never comes here: :func:`decode_command`
+        refuses it and :meth:`_receive` aborts the association.)"""
         try:
             message = event.message
             command = message.command_set
@@ -893,8 +921,6 @@ class StorageScp:
                 received.close()
             if path is not None:
                 Path(path).unlink(missing_ok=True)
-            if command.get("MessageID") is None:
-                return
             from pynetdicom.dimse_primitives import C_STORE
 
             rsp = C_STORE()

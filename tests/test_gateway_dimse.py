@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -845,6 +846,9 @@ def test_a_c_store_whose_command_lacks_an_affected_sop_uid_is_refused_and_the_as
     assert not list(received.glob("ctscreen-rx-*"))
 
 
+VERIFICATION = "1.2.840.10008.1.1"
+
+
 def _store_command(ds, **changes) -> dict[str, Any]:
     """The C-STORE-RQ command of ``ds`` (CT Image Storage, Message ID 7), with ``changes`` (None: the element left out)."""
     from pynetdicom.sop_class import CTImageStorage
@@ -859,25 +863,75 @@ def _cut_before_command_field(ds, data: bytes) -> tuple[list[tuple[int, bytes]],
     Length and Affected SOP Class UID kept: the fuzz campaign's P-DATA cut short), and the log's words for it."""
     encoded = _command_set(**_store_command(ds))
     cut = encoded.index(b"\x00\x00\x00\x01\x02\x00\x00\x00")  # (0000,0100), 2 bytes long
-    return ([(0, b"\x03" + encoded[:cut]), (0, b"\x02" + data)],
+    return ([("ct", b"\x03" + encoded[:cut]), ("ct", b"\x02" + data)],
             f"its command set has no Command Field (0000,0100) (cut short: {cut - 12} of its {len(encoded) - 12} bytes)")
 
 
-MALFORMED = {  # (the data set, its bytes) -> the message's presentation data values (context 0: the accepted one),
-    # and the log's words for it
+MALFORMED = {  # (the data set, its bytes) -> the message's presentation data values (their context: "ct" and "echo"
+    # are the accepted ones), and the log's words for it
     "command cut before its Command Field": _cut_before_command_field,
     "C-STORE on a context not accepted": lambda ds, data: (
         [(99, b"\x03" + _command_set(**_store_command(ds))), (99, b"\x02" + data)],
         "a P-DATA on presentation context 99, which the association did not accept"),
     "Command Field naming no command": lambda ds, data: (
-        [(0, b"\x03" + _command_set(**_store_command(ds, CommandField=0x0FF0))), (0, b"\x02" + data)],
+        [("ct", b"\x03" + _command_set(**_store_command(ds, CommandField=0x0FF0))), ("ct", b"\x02" + data)],
         "its command set's Command Field (0000,0100) names no DIMSE command"),
     "no Command Data Set Type": lambda ds, data: (
-        [(0, b"\x03" + _command_set(**_store_command(ds, CommandDataSetType=None))), (0, b"\x02" + data)],
+        [("ct", b"\x03" + _command_set(**_store_command(ds, CommandDataSetType=None))), ("ct", b"\x02" + data)],
         "its C-STORE-RQ command has no Command Data Set Type (0000,0800)"),
     "a data set before its command": lambda ds, data: (
-        [(0, b"\x02" + data)], "a data set fragment came before its command set"),
+        [("ct", b"\x02" + data)], "a data set fragment came before its command set"),
 }
+
+WITHOUT_MESSAGE_ID = {  # as MALFORMED
+    "C-STORE": lambda ds, data: (
+        [("ct", b"\x03" + _command_set(**_store_command(ds, MessageID=None))), ("ct", b"\x02" + data)],
+        "its C-STORE-RQ command has no Message ID (0000,0110), which a response must name"),
+    "C-ECHO": lambda ds, data: (
+        [("echo", b"\x03" + _command_set(AffectedSOPClassUID=VERIFICATION, CommandField=0x0030,
+                                          CommandDataSetType=0x0101))],
+        "its C-ECHO-RQ command has no Message ID (0000,0110), which a response must name"),
+    "C-CANCEL": lambda ds, data: (
+        [("echo", b"\x03" + _command_set(CommandField=0x0FFF, CommandDataSetType=0x0101))],
+        "its C-CANCEL-RQ command has no Message ID Being Responded To (0000,0120)"),
+}
+
+
+def _aborted_cleanly(make_scp, tmp_path: Path, caplog, message: Callable[[Any, bytes], tuple[list, str]]) -> None:
+    """``message`` (an entry of :data:`MALFORMED`), sent by a pynetdicom SCU to an SCP of its own, gets an A-ABORT
+    from the service user (source 0) within 10 s, one warning in its words (no patient data), no ERROR or traceback
+    record, the association's audit record, nothing kept; and the SCP then stores a slice a second association
+    sends."""
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu_primitives import A_ABORT
+    from pynetdicom.sop_class import CTImageStorage
+
+    received = tmp_path / "received"
+    scp = make_scp(received_dir=received)
+    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
+    ds.PatientName = "Secretname^Zqx"
+    pdvs, words = message(ds, encode(ds, False, True))
+    assoc = _requestor(CTImageStorage, VERIFICATION).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established
+    steady_reactor(assoc)
+    accepted = {str(cx.abstract_syntax): cx.context_id for cx in assoc.accepted_contexts}
+    contexts = {"ct": accepted[CTImageStorage], "echo": accepted[VERIFICATION]}
+    caplog.set_level(logging.INFO)
+    try:
+        end = _raw_p_data(assoc, *[(contexts.get(cx, cx), pdv) for cx, pdv in pdvs])
+        assert isinstance(end, A_ABORT) and end.abort_source == 0, end
+    finally:
+        assoc.abort()
+    assert _c_store(scp.port, ct_dataset(np.full((16, 16), -1000, np.int16))) == [SUCCESS]  # the SCP goes on
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.dimse" and r.levelno == logging.WARNING]
+    assert said == [f"DICOM association from TESTSCU@127.0.0.1 aborted (A-ABORT): {words}"], said
+    records = [r for r in _associations(scp, 2) if r["action"].startswith("DICOM association")]
+    assert [(r["outcome"], r["reason"]) for r in records] == [
+        ("aborted", "aborted (malformed DIMSE message): nothing stored"), ("ok", "stored 1")], records
+    study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(ds.StudyInstanceUID)), scp.loop)
+    assert study.result(10) is None  # nothing kept
+    assert not list(received.glob("ctscreen-rx-*"))
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -892,32 +946,36 @@ def test_a_dimse_message_the_scp_cannot_decode_aborts_its_association_cleanly_an
     association as dcmtk's storescp does, with an A-ABORT from the service user (source 0), says why in one
     warning (no patient data), audits it, keeps nothing, and serves the next association: a good one stores a slice.
     Before: an A_P_ABORT, not an A_ABORT, and ERROR records with a traceback."""
-    from pynetdicom.dsutils import encode
-    from pynetdicom.pdu_primitives import A_ABORT
-    from pynetdicom.sop_class import CTImageStorage
+    _aborted_cleanly(make_scp, tmp_path, caplog, MALFORMED[case])
 
-    received = tmp_path / "received"
-    scp = make_scp(received_dir=received)
-    ds = ct_dataset(np.full((16, 16), -1000, np.int16))
-    ds.PatientName = "Secretname^Zqx"
-    pdvs, words = MALFORMED[case](ds, encode(ds, False, True))
-    assoc = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
-    assert assoc.is_established
-    steady_reactor(assoc)
-    context_id = assoc.accepted_contexts[0].context_id
-    caplog.set_level(logging.INFO)
+
+@pytest.mark.parametrize("case", list(WITHOUT_MESSAGE_ID))
+def test_a_request_without_its_message_id_is_aborted_at_once_not_left_unanswered(make_scp, tmp_path, caplog, case):
+    """PS3.7 9.3 and 10.3: a request's Message ID and a response's (or C-CANCEL's) Message ID Being Responded To are
+    mandatory, and a response names the request's Message ID: no response can name a request without one (a
+    response without it breaks the standard as well, and 0 is another request's ID). pynetdicom dropped such a
+    request unanswered ("Received unexpected C-STORE service message", after a traceback of its own EVT_DIMSE_RECV
+    logger), and the sender waited out its DIMSE timeout. Now the association is aborted at once, as dcmtk's
+    storescp does ("Command Parse Failed: Element: (0000,0110)"), with one warning that says why.
+    Before: nothing came back in 10 s (``None``), and ERROR records with a traceback."""
+    _aborted_cleanly(make_scp, tmp_path, caplog, WITHOUT_MESSAGE_ID[case])
+
+
+def test_commands_are_checked_in_the_scps_readers_only():
+    """``dimse_messages.decode`` is pynetdicom's, module-wide: the gateway's own associations as a requestor
+    (delivery, ``gateway.dimse_scu``) decode with ``decode_command`` too. A PACS's C-STORE-RSP without its Message ID
+    Being Responded To is pynetdicom's to refuse there ("Received an invalid C-STORE-RSP response", an abort); a
+    MalformedMessage raised in that reader, which has no StorageScp._receive around it, would kill the thread with
+    a traceback."""
+    from io import BytesIO
+
+    from gateway.dimse import SCP_READER, MalformedMessage, decode_command
+
+    response = _command_set(AffectedSOPClassUID=VERIFICATION, CommandField=0x8030, CommandDataSetType=0x0101, Status=0)
+    assert decode_command(BytesIO(response), True, True).Status == 0  # as pynetdicom decodes it
+    SCP_READER.active = True
     try:
-        end = _raw_p_data(assoc, *[(cx or context_id, pdv) for cx, pdv in pdvs])
-        assert isinstance(end, A_ABORT) and end.abort_source == 0, end
+        with pytest.raises(MalformedMessage, match=r"C-ECHO-RSP command has no Message ID Being Responded To"):
+            decode_command(BytesIO(response), True, True)
     finally:
-        assoc.abort()
-    assert _c_store(scp.port, ct_dataset(np.full((16, 16), -1000, np.int16))) == [SUCCESS]  # the SCP goes on
-    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
-    said = [r.getMessage() for r in caplog.records if r.name == "gateway.dimse" and r.levelno == logging.WARNING]
-    assert said == [f"DICOM association from TESTSCU@127.0.0.1 aborted (A-ABORT): {words}"], said
-    records = [r for r in _associations(scp, 2) if r["action"].startswith("DICOM association")]
-    assert [(r["outcome"], r["reason"]) for r in records] == [
-        ("aborted", "aborted (malformed DIMSE message): nothing stored"), ("ok", "stored 1")], records
-    study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(ds.StudyInstanceUID)), scp.loop)
-    assert study.result(10) is None  # nothing kept
-    assert not list(received.glob("ctscreen-rx-*"))
+        SCP_READER.active = False
