@@ -349,6 +349,7 @@ class _Association:
     discarded: int = 0
     echoes: int = 0
     malformed: bool = False  # aborted by the SCP for a DIMSE message it could not act on (StorageScp._receive)
+    priorities_read: int = 0  # requests whose Priority was none of LOW, MEDIUM, HIGH, read as MEDIUM (_read_priority)
 
     def summary(self, accepted_contexts: int) -> str:
         """``echo``, ``stored 40, refused 2 (0xA700), discarded 3 (not CT)``, ``nothing stored``...
@@ -475,6 +476,54 @@ def _element(keyword: str) -> str:
     return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+MEDIUM = 0x0000
+"""The Priority (0000,0700) a request whose own is none of LOW, MEDIUM, HIGH is read with (:func:`_read_priority`)."""
+
+_PRIORITY_REQUESTS = frozenset({0x0001, 0x0010, 0x0020, 0x0021})
+"""The requests whose command carries a Priority (0000,0700), mandatory: C-STORE, C-GET, C-FIND, C-MOVE (PS3.7 9.3)."""
+
+PRIORITY_SENT = "_ctscreen_priority_sent"
+"""The attribute of a command set whose Priority was read as :data:`MEDIUM`: what it said (:func:`_read_priority`)."""
+
+
+def _read_priority(command: _Dataset) -> None:
+    """Read a request's Priority (0000,0700) that is none of LOW (0x0002), MEDIUM (0x0000), HIGH (0x0001) as MEDIUM,
+    as dcmtk's storescp takes such a C-STORE (it stores the instance); what it said is kept in the command's
+    :data:`PRIORITY_SENT` (``0x0007``, ``empty``, ``2 values``, ``none``) for :meth:`StorageScp._on_command` to
+    say. pynetdicom 3.0.4 refused to make its request primitive of it (``ValueError: Priority must be 0, 1, or
+    2``) and dropped the association with an A-P-ABORT, after a traceback in the log (and another of its own
+    EVT_DIMSE_RECV logger, which names the priority). The Priority only ranks the study (HIGH urgent, MEDIUM
+    routine, LOW low: :data:`gateway.jobs.DIMSE_PRIORITIES`), and MEDIUM is the rank of a study sent without
+    one (STOW-RS), so nothing is refused for it. (dcmtk aborts the association for an empty or absent Priority,
+    "Command Parse Failed"; pynetdicom stored one absent as LOW, with its logger's traceback.)
+
+    >>> from pydicom.dataset import Dataset
+    >>> command = Dataset()
+    >>> command.CommandField, command.Priority = 0x0001, 0x0007
+    >>> _read_priority(command)
+    >>> command.Priority, getattr(command, PRIORITY_SENT)
+    (0, '0x0007')
+    >>> command.Priority = 0x0002  # LOW
+    >>> _read_priority(command), command.Priority
+    (None, 2)
+    """
+    if command.get("CommandField") not in _PRIORITY_REQUESTS:
+        return
+    sent = command.get("Priority")
+    if isinstance(sent, int) and sent in DIMSE_PRIORITIES:
+        return
+    if "Priority" not in command:
+        said = "none"
+    elif sent is None:
+        said = "empty"
+    elif isinstance(sent, int):
+        said = f"0x{sent:04X}"
+    else:  # several values (pynetdicom took the first, and its logger raised on them)
+        said = f"{len(sent)} values"
+    command.Priority = MEDIUM
+    setattr(command, PRIORITY_SENT, said)
+
+
 SCP_READER = threading.local()
 """``active`` while an SCP association's reader decodes a P-DATA (:meth:`StorageScp._receive`): only there does
 :func:`decode_command` check a command set (``dimse_messages.decode`` is module-wide, and the gateway's own
@@ -490,12 +539,14 @@ def decode_command(bytestring: Any, is_implicit_vr: bool, is_little_endian: bool
     ``decode_msg`` reads both UIDs from the command, for the meta of its temporary file, before any handler runs,
     and one missing killed the reader too. The message is now decoded whole, and :meth:`StorageScp._on_command`
     answers it (pynetdicom itself drops a request short of a mandatory parameter unanswered:
-    ``Association._serve_request``, "Received unexpected C-STORE service message")."""
+    ``Association._serve_request``, "Received unexpected C-STORE service message"). A request's Priority that is
+    none of LOW, MEDIUM, HIGH is read as MEDIUM (:func:`_read_priority`)."""
     from pynetdicom.dsutils import decode
 
     command = decode(bytestring, is_implicit_vr, is_little_endian, deflated)
     if getattr(SCP_READER, "active", False):
         _check_command(command, len(bytestring.getvalue()))
+    _read_priority(command)
     if command.get("CommandField") == 0x0001:  # C-STORE-RQ
         lacking = [keyword for keyword in STORE_COMMAND_UIDS if not command.get(keyword)]
         for keyword in lacking:
@@ -903,10 +954,16 @@ class StorageScp:
         (warned: "Received unexpected C-STORE service message") and the association goes on. Said in the log
         (which UIDs: no patient data), counted and audited as a refusal; the data set's file is removed. (One
         without a Message ID as well, which no response could name, never comes here: :func:`decode_command`
-        refuses it and :meth:`_receive` aborts the association.)"""
+        refuses it and :meth:`_receive` aborts the association.)
+
+        A request whose Priority :func:`decode_command` read as MEDIUM (none of LOW, MEDIUM, HIGH) goes on as
+        one with MEDIUM: the first of an association is said at INFO (the peer, what it sent; a sender that gets
+        it wrong gets it wrong for every instance), the others at DEBUG."""
         try:
             message = event.message
             command = message.command_set
+            if hasattr(command, PRIORITY_SENT):
+                self._priority_read(event.assoc, DIMSE_COMMANDS[command.CommandField], getattr(command, PRIORITY_SENT))
             if not isinstance(command, _StoreCommand):
                 return
             lacking = {(False, True): "Affected SOP Class UID", (True, False): "Affected SOP Instance UID"}.get(
@@ -932,7 +989,21 @@ class StorageScp:
                 rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
             event.assoc.dimse.send_msg(rsp, message.context_id)
         except Exception as exc:  # noqa: BLE001 - in the association's reader: logged, never raised
-            logger.warning("a C-STORE command without its UIDs not answered: %s", type(exc).__name__)
+            logger.warning("a DIMSE command received not handled: %s", type(exc).__name__)
+
+    def _priority_read(self, assoc: Any, name: str, said: str) -> None:
+        """Say that a request's Priority was read as MEDIUM (:meth:`_on_command`): at INFO for the association's
+        first, at DEBUG after it."""
+        with self._associations_lock:
+            done = self._associations.get(assoc)
+            first = done is None or not done.priorities_read
+            if done is not None:
+                done.priorities_read += 1
+        peer = assoc.requestor
+        logger.log(logging.INFO if first else logging.DEBUG,
+                   "%s from %s@%s: its Priority (0000,0700) is %s, none of LOW, MEDIUM, HIGH (PS3.7 9.3); read as "
+                   "MEDIUM%s", name, peer.ae_title, peer.address, said,
+                   " (said once per association)" if first else "")
 
     def _on_store(self, event: Any) -> int:
         sop_class = str(event.context.abstract_syntax)

@@ -59,7 +59,7 @@ ROUTINE = PRIORITIES["routine"]
 URGENT = PRIORITIES["urgent"]
 _NAMES: dict[int, Priority] = {rank: name for name, rank in PRIORITIES.items()}
 DIMSE_PRIORITIES: dict[int, int] = {0x0002: 0, 0x0000: 1, 0x0001: 2}
-"""The C-STORE request's Priority (0002,0700): LOW, MEDIUM, HIGH (PS3.7 9.1.1.1)."""
+"""The C-STORE request's Priority (0000,0700): LOW, MEDIUM, HIGH (PS3.7 9.1.1.1)."""
 
 
 def triton_priority(rank: int | None) -> int:

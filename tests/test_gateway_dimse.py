@@ -979,3 +979,59 @@ def test_commands_are_checked_in_the_scps_readers_only():
             decode_command(BytesIO(response), True, True)
     finally:
         SCP_READER.active = False
+
+
+PRIORITIES_NOT_LOW_MEDIUM_HIGH = {  # the Priority (0000,0700) a C-STORE-RQ sends (None: empty; absent: left out),
+    # what the log says it was
+    "0x0007": ({"Priority": 0x0007}, "0x0007"),
+    "0xFFFF": ({"Priority": 0xFFFF}, "0xFFFF"),
+    "empty": ({"Priority": None}, "empty"),
+    "two values": ({"Priority": [1, 0]}, "2 values"),
+    "absent": ({}, "none"),
+}
+
+
+@pytest.mark.parametrize("case", list(PRIORITIES_NOT_LOW_MEDIUM_HIGH))
+def test_a_c_store_whose_priority_is_not_low_medium_or_high_is_stored_as_medium(make_scp, tmp_path, caplog, case):
+    """PS3.7 9.3.1.1: a C-STORE-RQ's Priority is LOW (0x0002), MEDIUM (0x0000) or HIGH (0x0001). One with another
+    value (a hand-rolled SCU's; the fuzz campaign's) is stored by dcmtk's storescp as any other; pynetdicom 3.0.4
+    refused to make its request primitive ("ValueError: Priority must be 0, 1, or 2", logged with its traceback
+    at ERROR) and dropped the association with an A-P-ABORT, nothing stored. It only ranks the study, so the
+    gateway reads it as MEDIUM (routine): both instances stored, the association goes on, said once at INFO for
+    the association (the second at DEBUG), no ERROR or traceback record. An empty one was the same A-P-ABORT, and
+    one with two values or none was stored after pynetdicom's EVT_DIMSE_RECV logger's traceback (one with none as
+    LOW). Before (0x0007, 0xFFFF, empty): no response (``None``: the A-P-ABORT); two values, absent: the ERROR
+    records (absent: the study ranked low)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.jobs import ROUTINE
+
+    priority, said = PRIORITIES_NOT_LOW_MEDIUM_HIGH[case]
+    received = tmp_path / "received"
+    scp = make_scp(received_dir=received)
+    first = ct_dataset(np.full((16, 16), -1000, np.int16))
+    second = ct_dataset(np.full((16, 16), -1000, np.int16), study_uid=str(first.StudyInstanceUID))
+    assoc = _requestor(CTImageStorage).associate("127.0.0.1", scp.port, ae_title=AE)
+    assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == ExplicitVRLittleEndian
+    steady_reactor(assoc)
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="gateway.dimse")
+    try:
+        for ds in (first, second):
+            rsp = _raw_c_store(assoc, encode(ds, False, True), **_store_command(ds, Priority=None), **priority)
+            assert rsp is not None and assoc.is_established, "no response: the association was aborted"
+            assert (int(rsp.Status), int(rsp.MessageIDBeingRespondedTo)) == (SUCCESS, 7)
+    finally:
+        assoc.release()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    words = f"C-STORE-RQ from TESTSCU@127.0.0.1: its Priority (0000,0700) is {said}, none of LOW, MEDIUM, HIGH (PS3.7 9.3); read as MEDIUM"
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "Priority" in r.getMessage()]
+    assert lines == [(logging.INFO, f"{words} (said once per association)"), (logging.DEBUG, words)], lines
+    records = [r for r in _associations(scp, 1) if r["action"].startswith("DICOM association")]
+    assert [(r["outcome"], r["reason"]) for r in records] == [("ok", "stored 2")], records
+    uid = str(first.StudyInstanceUID)
+    assert asyncio.run_coroutine_threadsafe(_pending(scp.stow, uid), scp.loop).result(10) == ("receiving", 2)
+    assert asyncio.run_coroutine_threadsafe(scp.stow.store.latest_priority(uid), scp.loop).result(10) == ROUTINE
+    assert not list(received.glob("ctscreen-rx-*"))
