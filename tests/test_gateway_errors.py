@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -121,3 +124,40 @@ def test_real_routes_answer_from_the_tree(app):
             assert (r.status_code, r.json()["reason"]) == (status, reason), path
         r = client.post(f"/v1/jobs/{missing}/retry")
         assert (r.status_code, r.json()["reason"]) == (404, "not_found")
+
+
+# Codes answered outside the GatewayError tree: the framework's (gateway/api/errors.py), the last resort, a client
+# gone mid-body, and a request head over its limit (gateway/httpserver.py, before the app runs).
+OUTSIDE_THE_TREE = {"unsupported_media_type": 415, "method_not_allowed": 405, "not_acceptable": 406,
+                    "internal_error": 503, "client_disconnected": 499, "request_header_fields_too_large": 431}
+BASES_NEVER_RAISED = {"internal", "conflict"}  # GatewayError and Conflict themselves: only their subclasses are raised
+
+
+def _documented_errors() -> dict[str, set[int]]:
+    """docs/gateway.md's "### Errors" table: each reason code in a row's first cell, with that row's status."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "gateway.md").read_text()
+    section = text.split("\n### Errors\n", 1)[1]
+    table = section[section.index("\n| reason | status |"):].strip().split("\n\n", 1)[0]
+    out: dict[str, set[int]] = {}
+    for row in table.splitlines()[2:]:
+        first, status = row.strip("|").rsplit("|", 1)
+        for code in re.findall(r"^`([a-z_]+)`|[;,] `([a-z_]+)`", first.strip()):
+            out.setdefault(code[0] or code[1], set()).add(int(status))
+    return out
+
+
+def test_the_documented_error_table_lists_every_code_the_gateway_answers_with_its_status():
+    """docs/gateway.md said "Every error ..." and listed neither 429 ``auth_busy``, ``auth_throttled`` nor
+    ``too_many_streams``, nor 431 ``request_header_fields_too_large``: a client switching on the table missed
+    them. Each code of the tree (gateway.errors.GatewayError's subclasses) and each answered outside it is in the table with its
+    status, and the table names no code the gateway never sends."""
+    documented = _documented_errors()
+    tree, classes = [GatewayError], []
+    while tree:  # REASONS holds gateway.errors' own classes; these extend it elsewhere (admission, uids, triton_pool)
+        classes.append(cls := tree.pop())
+        tree.extend(cls.__subclasses__())
+    sent = {cls.reason: cls.http_status for cls in classes if cls.reason not in BASES_NEVER_RAISED}
+    sent |= OUTSIDE_THE_TREE
+    missing = {reason: status for reason, status in sent.items() if status not in documented.get(reason, set())}
+    assert missing == {}, f"not in docs/gateway.md's Errors table with this status: {missing}"
+    assert set(documented) - set(sent) == set(), "documented, never sent"
