@@ -385,6 +385,20 @@ def _sqlite_file_missing(url: str) -> bool:
     return not Path(path).exists()
 
 
+def _upgraded(before: str | None, after: str | None, target: str) -> str:
+    """What ``ctscreen db upgrade`` did, from the database's revision ``before`` and ``after`` it (Alembic goes only
+    forward: a ``--revision`` behind the database changes nothing, which "upgraded to REV" misreported)."""
+    from gateway.store.migrate import head, shipped
+
+    newest = head()
+    if after != before:
+        return f"upgraded{f' from {before}' if before else ''} to {after}" + ("" if after == newest else
+                                                                               f" (newest {newest})")
+    if target in ("head", after) or not shipped(target):
+        return f"at revision {after} already: nothing to upgrade"
+    return f"at revision {after}, past {target} already: nothing to upgrade (`ctscreen db downgrade {target}` goes back)"
+
+
 def db_main(argv: list[str]) -> int:
     """``ctscreen db upgrade [--revision REV]`` / ``ctscreen db downgrade REVISION [--dry-run]`` /
     ``ctscreen db current``."""
@@ -416,14 +430,15 @@ def db_main(argv: list[str]) -> int:
                 downgrade(plan)
                 print(f"state store {redact(database)}: downgraded to {plan.target}")
         elif args.action == "upgrade":
-            from gateway.store.migrate import upgrade
+            from gateway.store.migrate import database_revision, upgrade
 
+            before = None if _sqlite_file_missing(database) else database_revision(database)
             later = upgrade(database, args.revision)
             if later is not None:  # a later release migrated it (then a rollback): nothing to do here
                 print(f"state store {redact(database)}: at revision {later}, later than this release ships; "
                       "left as it is (migrations only add)")
             else:
-                print(f"state store {redact(database)}: upgraded to {args.revision}")
+                print(f"state store {redact(database)}: {_upgraded(before, database_revision(database), args.revision)}")
         else:
             from gateway.store.migrate import database_revision, head
 

@@ -106,6 +106,28 @@ def test_db_current_without_a_sqlite_file_says_there_is_none_and_makes_none(fold
     assert capsys.readouterr().out.endswith(f"revision {head()} (newest {head()})\n")
 
 
+def test_db_upgrade_says_the_revision_it_reached_and_not_a_target_it_did_not(tmp_path, monkeypatch, capsys):
+    """``ctscreen db upgrade --revision 0010`` on a database at the newest revision changed nothing (Alembic
+    goes only forward) and printed "upgraded to 0010"; without ``--revision`` it printed "upgraded to head". It
+    names the revision the database is at, and says when there was nothing to do."""
+    from gateway.cli import db_main
+    from gateway.store.migrate import database_revision, head
+
+    monkeypatch.delenv("CTSCREEN_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path))
+    url = f"sqlite:///{tmp_path}/ctscreen.db"
+    assert db_main(["upgrade", "--revision", "0010"]) == 0
+    assert capsys.readouterr().out == f"state store {url}: upgraded to 0010 (newest {head()})\n"
+    assert db_main(["upgrade"]) == 0
+    assert capsys.readouterr().out == f"state store {url}: upgraded from 0010 to {head()}\n"
+    assert db_main(["upgrade", "--revision", "0010"]) == 0
+    assert capsys.readouterr().out == (f"state store {url}: at revision {head()}, past 0010 already: nothing to "
+                                       f"upgrade (`ctscreen db downgrade 0010` goes back)\n")
+    assert db_main(["upgrade"]) == 0
+    assert capsys.readouterr().out == f"state store {url}: at revision {head()} already: nothing to upgrade\n"
+    assert database_revision(url) == head()
+
+
 def test_serve_help_describes_serve_alone(capsys):
     """``ctscreen serve --help`` printed the whole module's list: screen, db and demo too."""
     with pytest.raises(SystemExit) as exc:
