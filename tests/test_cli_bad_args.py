@@ -226,3 +226,19 @@ def test_a_misspelt_setting_is_named_at_start_with_the_setting_it_resembles(tmp_
     for p in (serve, _charts_gateway(free, env)):
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
         assert hint in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]], ids=["help", "version"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(argv):
+    """``ctscreen --help | head -1`` (and ``ctscreen screen ... | head -1``, whose verdict table is printed the same
+    way): the reader closed the pipe before the command wrote, and the command died with a BrokenPipeError
+    traceback. It ends with 141, as a shell reports a command stopped by SIGPIPE, and says nothing."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte: every write fails with EPIPE
+    try:
+        code = "from ctscreen.cli import main; raise SystemExit(main())"
+        p = subprocess.run([sys.executable, "-c", code, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_end)
+    assert (p.returncode, p.stderr) == (141, "")
