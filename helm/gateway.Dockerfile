@@ -24,4 +24,6 @@ ENV CTSCREEN_HOST=0.0.0.0
 EXPOSE 8080
 # /metrics, when CTSCREEN_METRICS_PORT is set (the chart sets 9102)
 EXPOSE 9102
-CMD ["uvicorn", "--factory", "gateway.main:app_from_env", "--host", "0.0.0.0", "--port", "8080"]
+# the chart's command (gateway.command): --http bounds a request's head (CTSCREEN_MAX_REQUEST_HEAD_BYTES), which
+# uvicorn's httptools parser does not
+CMD ["uvicorn", "--http", "gateway.httpserver:BoundedHttpToolsProtocol", "--factory", "gateway.main:app_from_env", "--host", "0.0.0.0", "--port", "8080"]

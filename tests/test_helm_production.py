@@ -624,6 +624,17 @@ def test_gateway_image_holds_itself_to_the_auth_requirement_where_it_binds():
     assert re.search(r"^ENV CTSCREEN_HOST=(\S+)$", text, re.M).group(1) == cmd[cmd.index("--host") + 1]
 
 
+def test_gateway_image_runs_the_charts_server_command():
+    """`docker run` of the image ran plain ``uvicorn --factory``, whose httptools parser bounds no request head (one
+    connection sending a huge header stalled the gateway): the chart's command names ``--http
+    gateway.httpserver:BoundedHttpToolsProtocol``, the image's did not. CMD is the chart's command and its port."""
+    text = (ROOT / "helm" / "gateway.Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]
+    assert cmd == [*values["command"], "--port", str(values["port"])]
+    assert re.search(r"^EXPOSE (\d+)$", text, re.M).group(1) == str(values["port"])
+
+
 def test_runtime_class_and_a_writable_cuda_cache_reach_the_triton_pod():
     """k3s, RKE2 and the GPU Operator without a default nvidia runtime need runtimeClassName; the read-only
     root filesystem leaves CUDA's JIT cache ($HOME/.nv) nowhere to go unless HOME points at /tmp."""
