@@ -388,13 +388,13 @@ def _sqlite_file_missing(url: str) -> bool:
 def _upgraded(before: str | None, after: str | None, target: str) -> str:
     """What ``ctscreen db upgrade`` did, from the database's revision ``before`` and ``after`` it (Alembic goes only
     forward: a ``--revision`` behind the database changes nothing, which "upgraded to REV" misreported)."""
-    from gateway.store.migrate import head, shipped
+    from gateway.store.migrate import head
 
     newest = head()
     if after != before:
         return f"upgraded{f' from {before}' if before else ''} to {after}" + ("" if after == newest else
                                                                                f" (newest {newest})")
-    if target in ("head", after) or not shipped(target):
+    if target in ("head", after):
         return f"at revision {after} already: nothing to upgrade"
     return f"at revision {after}, past {target} already: nothing to upgrade (`ctscreen db downgrade {target}` goes back)"
 
@@ -406,7 +406,8 @@ def db_main(argv: list[str]) -> int:
                                 "or SQLite in CTSCREEN_DATA_DIR).")
     sub = p.add_subparsers(dest="action", required=True)
     up = sub.add_parser("upgrade", help="upgrade the schema (to the newest revision by default)")
-    up.add_argument("--revision", default="head", help="target revision (default head)")
+    up.add_argument("--revision", default="head",
+                    help="target revision: one this release ships, by its full id, or head (the default)")
     down = sub.add_parser("downgrade", help="undo migrations back to REVISION (no default), dropping what they made")
     down.add_argument("revision", metavar="REVISION",
                       help="a revision this release ships (`ctscreen db current` names the newest), or base: no schema")
@@ -430,8 +431,9 @@ def db_main(argv: list[str]) -> int:
                 downgrade(plan)
                 print(f"state store {redact(database)}: downgraded to {plan.target}")
         elif args.action == "upgrade":
-            from gateway.store.migrate import database_revision, upgrade
+            from gateway.store.migrate import database_revision, known_revision, upgrade
 
+            known_revision(args.revision, "head")  # before the database is opened
             before = None if _sqlite_file_missing(database) else database_revision(database)
             later = upgrade(database, args.revision)
             if later is not None:  # a later release migrated it (then a rollback): nothing to do here

@@ -107,6 +107,7 @@ CASES = [
     (["db", "bogus"], "invalid choice: 'bogus'"),
     (["db", "downgrade"], "the following arguments are required: REVISION"),  # no default: base drops everything
     (["db", "downgrade", "head"], "unknown revision 'head': name one this release ships"),
+    (["db", "upgrade", "--revision", "9999"], "unknown revision '9999': name one this release ships"),  # was: Alembic's
     (["serve", "--host", "nosuch.invalid", "--insecure", "--port", "{free}"], "--host nosuch.invalid cannot be resolved"),
     (["serve", "--host", "192.0.2.1", "--insecure", "--port", "{free}"], "is 192.0.2.1 an address of this machine"),
     (["train", "lesion", "--device", "bogus"], "--device 'bogus'"),  # was: a RuntimeError traceback

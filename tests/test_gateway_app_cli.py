@@ -128,6 +128,29 @@ def test_db_upgrade_says_the_revision_it_reached_and_not_a_target_it_did_not(tmp
     assert database_revision(url) == head()
 
 
+@pytest.mark.parametrize("bad", ["9999", "heads", "+1", "001", "0010:0015", "base", "-1"])
+def test_db_upgrade_refuses_a_revision_it_does_not_ship_in_one_line_as_downgrade_does(bad, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """``ctscreen db upgrade --revision 9999`` answered with Alembic's own "CommandError: Can't locate revision
+    identified by '9999'" (a relative or range target, its other errors; heads and a prefix of several ids were
+    taken, then said "past heads already"), where ``db downgrade 9999`` names the revisions this release ships.
+    Upgrade answers the same way: one line, exit 1, the database left as it was (and none made)."""
+    from gateway.cli import db_main
+    from gateway.store.migrate import database_revision, head, revisions
+
+    monkeypatch.delenv("CTSCREEN_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path))
+    expected = f"ctscreen db: unknown revision {bad!r}: name one this release ships ({', '.join(revisions())}) or head\n"
+    assert db_main(["upgrade", "--revision", bad]) == 1
+    assert capsys.readouterr() == ("", expected)
+    assert list(tmp_path.iterdir()) == []  # no database made for a target refused
+    assert db_main(["upgrade", "--revision", "0010"]) == 0
+    capsys.readouterr()
+    assert db_main(["upgrade", f"--revision={bad}"]) == 1
+    assert capsys.readouterr() == ("", expected)
+    assert database_revision(f"sqlite:///{tmp_path}/ctscreen.db") == "0010" != head()
+
+
 def test_serve_help_describes_serve_alone(capsys):
     """``ctscreen serve --help`` printed the whole module's list: screen, db and demo too."""
     with pytest.raises(SystemExit) as exc:

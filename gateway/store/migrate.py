@@ -33,7 +33,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -80,7 +79,13 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = 
     str | None
         The database's revision when it is one this release does not ship (left as it is, warned);
         None when the upgrade ran.
+
+    Raises
+    ------
+    RevisionError
+        ``revision`` is neither ``head`` nor a revision this release ships (its full id): :func:`known_revision`.
     """
+    known_revision(revision, "head")
     private_sqlite_file(async_url(url))
     at = database_revision(url)
     if at is not None and not shipped(at):
@@ -90,6 +95,21 @@ def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float | None = 
         return at
     command.upgrade(_config(url, lock_timeout_s), revision)
     return None
+
+
+def known_revision(revision: str, other: str) -> None:
+    """Refuse a target that is neither a revision this release ships, by its full id, nor ``other`` (``head`` for an
+    upgrade, ``base`` for a downgrade): Alembic's own answers to the rest (a prefix, ``heads``, ``-1``, a range, an
+    id it cannot find) were its raw CommandError, or a prefix taken for a revision.
+
+    Raises
+    ------
+    RevisionError
+        One line naming the revisions this release ships.
+    """
+    if revision != other and not shipped(revision):
+        raise RevisionError(f"unknown revision {revision!r}: name one this release ships ({', '.join(revisions())}) "
+                            f"or {other}")
 
 
 def head() -> str:
@@ -133,11 +153,9 @@ def plan_downgrade(url: str, revision: str) -> DowngradePlan:
         schema, is at a revision this release does not ship (a later release's: downgrade with that release),
         or is before ``revision`` (that is an upgrade).
     """
+    known_revision(revision, BASE)
     known = revisions()
     order = [BASE, *known]
-    if revision not in order:
-        raise RevisionError(f"unknown revision {revision!r}: name one this release ships ({', '.join(known)}) "
-                            f"or {BASE}")
     where = f"state store {redact(url)}"
     at = database_revision(url)
     if at is None:
@@ -165,11 +183,9 @@ def _doc(revision: str) -> str:
 
 
 def shipped(revision: str) -> bool:
-    """Whether this release ships ``revision``."""
-    try:
-        return _scripts().get_revision(revision) is not None
-    except CommandError:  # no such revision (the script directory raises it for the revision map's errors)
-        return False
+    """Whether this release ships ``revision``, by its full id (Alembic's revision map also takes a unique prefix
+    and ``head``)."""
+    return revision in revisions()
 
 
 @functools.cache  # the scripts ship with the package: read them once
