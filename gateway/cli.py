@@ -415,7 +415,7 @@ def db_main(argv: list[str]) -> int:
     sub.add_parser("current", help="print the schema revision of the database")
     args = p.parse_args(argv)
     from gateway.store import redact
-    from gateway.store.migrate import RevisionError
+    from gateway.store.migrate import RevisionError, SchemaError
 
     try:
         settings = _settings({"db_migrate": False})
@@ -450,7 +450,7 @@ def db_main(argv: list[str]) -> int:
                 return 0
             at = database_revision(database) or "none"
             print(f"state store {redact(database)}: revision {at} (newest {head()})")
-    except (CliError, RevisionError) as exc:
+    except (CliError, RevisionError, SchemaError) as exc:
         print(f"ctscreen db: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - unreachable database, unknown revision: one line

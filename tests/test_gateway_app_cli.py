@@ -151,6 +151,35 @@ def test_db_upgrade_refuses_a_revision_it_does_not_ship_in_one_line_as_downgrade
     assert database_revision(f"sqlite:///{tmp_path}/ctscreen.db") == "0010" != head()
 
 
+def test_a_database_recording_two_revisions_is_named_in_one_line_by_every_db_command_and_serve(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """An alembic_version table with two rows (not a database ctscreen migrated: its history is one line, one row)
+    gave Alembic's raw "CommandError: Version table 'alembic_version' has more than one head present; please use
+    get_current_heads()" from db current, upgrade and downgrade, and from serve's start. Each says what it found,
+    in one line, exit 1, and changes nothing."""
+    import sqlite3
+
+    from gateway.cli import db_main
+
+    monkeypatch.delenv("CTSCREEN_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CTSCREEN_DATA_DIR", str(tmp_path))
+    assert db_main(["upgrade", "--revision", "0010"]) == 0
+    with sqlite3.connect(tmp_path / "ctscreen.db") as db:
+        db.execute("INSERT INTO alembic_version VALUES ('0009')")
+    capsys.readouterr()
+    said = (f"state store sqlite:///{tmp_path}/ctscreen.db records 2 revisions (0009, 0010) in its alembic_version "
+            "table, where ctscreen's records one")
+    for argv in (["current"], ["upgrade"], ["upgrade", "--revision", "0012"], ["downgrade", "0005"]):
+        assert db_main(argv) == 1, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"ctscreen db: {said}"), (argv, err)
+    rc = serve_main(["--port", str(free_port()), "--triton-url", f"127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and err.startswith(f"ctscreen serve: {said}"), err
+    with sqlite3.connect(tmp_path / "ctscreen.db") as db:
+        assert sorted(db.execute("SELECT version_num FROM alembic_version")) == [("0009",), ("0010",)]
+
+
 def test_serve_help_describes_serve_alone(capsys):
     """``ctscreen serve --help`` printed the whole module's list: screen, db and demo too."""
     with pytest.raises(SystemExit) as exc:

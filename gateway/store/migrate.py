@@ -193,10 +193,23 @@ def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(_config("sqlite://"))
 
 
-async def current(engine: object) -> str | None:
-    """The revision of the database behind an async ``engine`` (None: never migrated)."""
-    async with engine.connect() as connection:  # type: ignore[attr-defined]
-        return await connection.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+async def current(engine: AsyncEngine, url: str | None = None) -> str | None:
+    """The revision of the database behind an async ``engine`` at ``url`` (None: never migrated).
+
+    Raises
+    ------
+    SchemaError
+        Its alembic_version table records more than one revision (Alembic's own answer was a raw CommandError):
+        ctscreen's history is one line, so not a database ctscreen migrated, or one edited by hand.
+    """
+    async with engine.connect() as connection:
+        heads = await connection.run_sync(lambda c: MigrationContext.configure(c).get_current_heads())
+    if len(heads) > 1:
+        where = redact(url) if url is not None else engine.url.render_as_string(hide_password=True)
+        raise SchemaError(f"state store {where} records {len(heads)} revisions ({', '.join(sorted(heads))}) in its "
+                          "alembic_version table, where ctscreen's records one: not a database ctscreen migrated "
+                          "(check CTSCREEN_DATABASE_URL), or one edited by hand")
+    return heads[0] if heads else None
 
 
 async def _on_engine(url: str, use: Callable[[AsyncEngine], Awaitable[T]]) -> T:
@@ -210,7 +223,7 @@ async def _on_engine(url: str, use: Callable[[AsyncEngine], Awaitable[T]]) -> T:
 
 def database_revision(url: str) -> str | None:
     """The revision of the database at ``url`` (None: never migrated); blocking, like :func:`upgrade`."""
-    return asyncio.run(_on_engine(url, current))
+    return asyncio.run(_on_engine(url, lambda engine: current(engine, url)))
 
 
 async def check_schema(engine: AsyncEngine, url: str) -> None:
@@ -222,7 +235,7 @@ async def check_schema(engine: AsyncEngine, url: str) -> None:
         When the database was never migrated, or is at an earlier revision than this release's newest.
         A revision this release does not ship is run on, with a warning.
     """
-    at, newest = await current(engine), head()
+    at, newest = await current(engine, url), head()
     where = f"state store {redact(url)}"
     if at is None:
         raise SchemaError(f"{where} has no schema: run `ctscreen db upgrade` (or start with CTSCREEN_DB_MIGRATE=true).")
