@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
+from typing import Any, TextIO
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("phantom.cli", "synthetic chest-CT studies with ground truth, as DICOM series"),
@@ -35,14 +37,60 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class ReaderLeft(BaseException):
+    """Standard output's reader left (``ctscreen keys list | head -1``). A BaseException, as KeyboardInterrupt is, so
+    that a subcommand's handler of its own errors in one line (``except OSError``, ``except Exception``) and
+    argparse's help (which ignores an OSError) let it through to :func:`main`."""
+
+
+class _Stdout:
+    """Standard output whose BrokenPipeError, in the main thread, is :class:`ReaderLeft`; the rest is the stream's
+    own. (In another thread, ``ctscreen serve``'s gateway writing its audit trail and access log there, it stays a
+    BrokenPipeError, which logging reports and survives: a ReaderLeft would fail the request.)"""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _reader_left()
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _reader_left()
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _reader_left() -> None:
+    if threading.current_thread() is threading.main_thread():
+        raise ReaderLeft from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
+    stdout = sys.stdout
+    if stdout is None:  # started with standard output closed (>&-): print writes nothing, as it did
         return _main(argv)
-    except BrokenPipeError:
+    sys.stdout = _Stdout(stdout)
+    try:
+        try:
+            return _main(argv)
+        finally:  # a pipe is buffered: a reader that left shows here, not in the flush at exit
+            sys.stdout.flush()
+    except (ReaderLeft, BrokenPipeError):  # BrokenPipeError: one written past sys.stdout (its buffer, its fd)
         # the reader of standard output left (``ctscreen screen ... | head``): end quietly, as a shell reports a
         # command that SIGPIPE stopped; standard output goes to /dev/null so that its flush at exit raises nothing
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
         return 141
+    finally:
+        sys.stdout = stdout
 
 
 def _main(argv: list[str] | None) -> int:

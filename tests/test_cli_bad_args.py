@@ -229,17 +229,34 @@ def test_a_misspelt_setting_is_named_at_start_with_the_setting_it_resembles(tmp_
         assert hint in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"]], ids=["help", "version"])
-def test_a_reader_that_leaves_early_ends_the_command_quietly(argv):
+READER_LEAVES = [["--help"], ["--version"], ["keys", "--help"], ["keys", "--file", "{tmp}/keys.json", "list"],
+                 ["db", "current"], ["db", "downgrade", "0014", "--dry-run"]]
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("argv", READER_LEAVES, ids=["help", "version", "keys-help", "keys-list", "db-current",
+                                                     "db-downgrade"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, buffered, tmp_path):
     """``ctscreen --help | head -1`` (and ``ctscreen screen ... | head -1``, whose verdict table is printed the same
     way): the reader closed the pipe before the command wrote, and the command died with a BrokenPipeError
-    traceback. It ends with 141, as a shell reports a command stopped by SIGPIPE, and says nothing."""
+    traceback. It ends with 141, as a shell reports a command stopped by SIGPIPE, and says nothing. ``keys`` and
+    ``db`` took the error for one of their own and said "ctscreen keys: [Errno 32] Broken pipe", exit 1. Standard
+    output buffered (a pipe's default), nothing failed before the flush at exit: "Exception ignored ...
+    BrokenPipeError", exit 120 (unbuffered, as PYTHONUNBUFFERED=1 makes it, the write itself fails)."""
+    env = {**os.environ, "CTSCREEN_DATA_DIR": str(tmp_path)}
+    env.pop("CTSCREEN_DATABASE_URL", None)
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    KeyStore(tmp_path / "keys.json").add("pacs", ["studies:write"])
+    if argv[0] == "db":
+        assert _run(["db", "upgrade"], env={"CTSCREEN_DATA_DIR": str(tmp_path)}).returncode == 0
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first byte: every write fails with EPIPE
     try:
         code = "from ctscreen.cli import main; raise SystemExit(main())"
-        p = subprocess.run([sys.executable, "-c", code, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                           timeout=60, stdin=subprocess.DEVNULL)
+        p = subprocess.run([sys.executable, "-c", code, *(a.format(tmp=tmp_path) for a in argv)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
     finally:
         os.close(write_end)
     assert (p.returncode, p.stderr) == (141, "")
