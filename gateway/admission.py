@@ -33,7 +33,7 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.errors import BodyStalled, Busy, TooLarge
+from gateway.errors import BodyStalled, OverBudget, TooLarge
 from gateway.uploads import gathered, in_thread
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ def drop_pages(body: object) -> None:
     resident memory (the file stays until the route returns); a no-op for ``bytes``."""
     if isinstance(body, mmap.mmap) and not body.closed and hasattr(mmap, "MADV_DONTNEED"):
         body.madvise(mmap.MADV_DONTNEED)
-
-
-class OverBudget(Busy):
-    """The bytes in flight, or this client's bodies in flight, are at their limit (429, Retry-After)."""
-
-    reason = "over_budget"
 
 
 class Admission:

@@ -23,7 +23,7 @@ the message.
      |    +-- NoUsableSeries                       no_usable_series    422
      |    +-- MixedStudies                         mixed_studies       422
      |    +-- MixedPatients                        mixed_patients      422
-     |    +-- gateway.uids.InvalidUid              invalid_uid         400
+     |    +-- InvalidUid                           invalid_uid         400   (a UID breaking the DICOM grammar)
      +-- Unauthorized(GatewayError)                unauthorized        401   (WWW-Authenticate)
      +-- InsufficientScope(GatewayError)           insufficient_scope  403   (WWW-Authenticate)
      +-- AuthNotConfigured(GatewayError)           auth_not_configured 403   (no auth, called off loopback)
@@ -41,17 +41,16 @@ the message.
      +-- InstancesExpired(GatewayError)            instances_expired   410
      +-- RetryLater(GatewayError)                  (a base: Retry-After; Busy and OutOfResources)
      +-- Busy(RetryLater, RuntimeError)            busy                429   (Retry-After)
-     |    +-- gateway.admission.OverBudget         over_budget         429   (Retry-After)
+     |    +-- OverBudget                           over_budget         429   (Retry-After; bodies in flight full)
      |    +-- AuthBusy                             auth_busy           429   (Retry-After; API key checks full)
      |    +-- TooManyStreams                       too_many_streams    429   (Retry-After; event streams open)
      +-- AuthThrottled(RetryLater)                 auth_throttled      429   (Retry-After; an id failed too often)
-     +-- gateway.triton_pool.InferenceFailed       inference_failed    502
+     +-- InferenceFailed(GatewayError, …)          inference_failed    502   (Triton refused the request)
      +-- Unavailable(GatewayError, RuntimeError)   unavailable         503
           +-- AuthUnavailable                      auth_unavailable    503   (Retry-After)
           +-- StoreUnavailable                     store_unavailable   503   (Retry-After; the database away)
           +-- OutOfResources(RetryLater, …)        out_of_resources    503   (Retry-After)
-          +-- gateway.triton_pool.InferenceUnavailable
-                                                   triton_unavailable  503   (Retry-After)
+          +-- InferenceUnavailable                 triton_unavailable  503   (Retry-After; no Triton answered)
 
 Per-file problems inside a study (a file that is not CT, a frame that cannot be decoded) are not
 raised to the client: ingest records them as :class:`gateway.ingest.Rejection` rows with the same
@@ -73,9 +72,12 @@ __all__ = [
     "Busy",
     "Conflict",
     "GatewayError",
+    "InferenceFailed",
+    "InferenceUnavailable",
     "InstancesExpired",
     "InsufficientScope",
     "InvalidInput",
+    "InvalidUid",
     "JobNotFound",
     "MixedPatients",
     "MixedStudies",
@@ -89,6 +91,7 @@ __all__ = [
     "NotRescreenable",
     "NotResendable",
     "OutOfResources",
+    "OverBudget",
     "PatientMismatch",
     "RetryLater",
     "NotRetryable",
@@ -103,6 +106,7 @@ __all__ = [
     "UnsafePath",
     "UploadError",
     "ZipBomb",
+    "error_classes",
 ]
 
 
@@ -276,6 +280,13 @@ class MixedPatients(InvalidInput):
 
     reason = "mixed_patients"
     http_status = 422
+
+
+class InvalidUid(InvalidInput):
+    """A UID (from a URL or a DICOM header) breaks the DICOM UID grammar (:mod:`gateway.uids` checks them)."""
+
+    reason = "invalid_uid"
+    http_status = 400
 
 
 class Unauthorized(GatewayError):
@@ -457,6 +468,13 @@ class Busy(RetryLater, RuntimeError):
     http_status = 429
 
 
+class OverBudget(Busy):
+    """The bytes in flight, or this client's bodies in flight, are at their limit (429, Retry-After;
+    :class:`gateway.admission.Admission`)."""
+
+    reason = "over_budget"
+
+
 class AuthBusy(Busy):
     """As many API key checks (scrypt) as the gateway runs at once are running or waiting; refused unhashed."""
 
@@ -474,6 +492,14 @@ class AuthThrottled(RetryLater):
 
     reason = "auth_throttled"
     http_status = 429
+
+
+class InferenceFailed(GatewayError, RuntimeError):
+    """Triton answered a request with an error that another endpoint would answer the same way
+    (:mod:`gateway.triton_pool`)."""
+
+    reason = "inference_failed"
+    http_status = 502
 
 
 class Unavailable(GatewayError, RuntimeError):
@@ -505,13 +531,23 @@ class AuthUnavailable(Unavailable):
     retry_after_s = 5
 
 
-def _all_subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
+class InferenceUnavailable(Unavailable):
+    """No Triton endpoint could serve a request in time (every try failed or none is configured;
+    :mod:`gateway.triton_pool`)."""
+
+    reason = "triton_unavailable"
+    retry_after_s = 5
+
+
+def error_classes(cls: type[GatewayError] = GatewayError) -> list[type[GatewayError]]:
+    """``cls`` and every subclass defined so far, depth first (a base before its subclasses)."""
     out = [cls]
     for sub in cls.__subclasses__():
-        out.extend(_all_subclasses(sub))
+        out.extend(error_classes(sub))
     return out
 
 
-REASONS: dict[str, type[GatewayError]] = {c.reason: c for c in reversed(_all_subclasses(GatewayError))}
-"""Every reason code this module defines, mapped to its class (for docs and the HTTP mapping); a code
-two classes share (``not_found``) maps to the more general one."""
+REASONS: dict[str, type[GatewayError]] = {c.reason: c for c in reversed(error_classes())}
+"""Every reason code of the tree, mapped to its class (for docs and the HTTP mapping); a code two classes share
+(``not_found``) maps to the more general one. Every GatewayError subclass is defined in this module, so that this
+holds them all whatever was imported (tests/test_gateway_errors.py checks every gateway module)."""

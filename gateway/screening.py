@@ -378,9 +378,9 @@ class Screener:
 
         Raises
         ------
-        gateway.triton_pool.InferenceUnavailable
+        gateway.errors.InferenceUnavailable
             No Triton could answer (the caller retries later).
-        gateway.triton_pool.InferenceFailed
+        gateway.errors.InferenceFailed
             Triton refused the request.
         """
         if prepared.speculation is not None:

@@ -26,7 +26,7 @@ slices of a study out to them:
 No grpc or tritonclient type leaves this module: failures become :class:`InferenceUnavailable`
 (no endpoint could serve the batch: HTTP 503) or :class:`InferenceFailed` (Triton refused the request).
 
-Errors (in the gateway's one tree, :mod:`gateway.errors`)::
+Errors (defined in the gateway's one tree, :mod:`gateway.errors`)::
 
     GatewayError
     ├── Unavailable
@@ -57,7 +57,7 @@ from ctscreen.contracts import (
     VALID_AREA_BOX,
 )
 from ctscreen.postprocess import unpack_outputs
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import InferenceFailed, InferenceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +76,6 @@ RETRYABLE = frozenset(
 )
 #: Codes that mean the endpoint itself is unhealthy (it rests for a back-off before the next pick).
 _UNHEALTHY = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND"})
-
-
-class InferenceUnavailable(Unavailable):
-    """No Triton endpoint could serve a request in time (every try failed or none is configured)."""
-
-    reason = "triton_unavailable"
-    retry_after_s = 5
-
-
-class InferenceFailed(GatewayError, RuntimeError):
-    """Triton answered a request with an error that another endpoint would answer the same way."""
-
-    reason = "inference_failed"
-    http_status = 502
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,27 +10,20 @@ folder or a SQL statement. Job ids are the 32 hex digits :func:`uuid.uuid4` give
 >>> check_uid("..")
 Traceback (most recent call last):
 ...
-gateway.uids.InvalidUid: StudyInstanceUID '..' is not a DICOM UID: digits and single dots only, no leading zeros, at most 64 characters.
+gateway.errors.InvalidUid: StudyInstanceUID '..' is not a DICOM UID: digits and single dots only, no leading zeros, at most 64 characters.
 """
 
 from __future__ import annotations
 
 import re
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidUid
 
 __all__ = ["InvalidUid", "check_uid", "is_job_id", "is_uid"]
 
 UID_MAX = 64
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-
-
-class InvalidUid(InvalidInput):
-    """A UID (from a URL or a DICOM header) breaks the DICOM UID grammar."""
-
-    reason = "invalid_uid"
-    http_status = 400
 
 
 def is_uid(value: object) -> bool:
@@ -74,7 +67,7 @@ def check_header_uids(header: object) -> None:
     >>> check_header_uids(H(study_instance_uid="1.2", series_instance_uid="1.3", sop_instance_uid="1.4"))
     >>> check_header_uids(H(study_instance_uid="", series_instance_uid="1.3", sop_instance_uid="1.4"))
     Traceback (most recent call last):
-    gateway.uids.InvalidUid: StudyInstanceUID is missing: a CT image needs its Study, Series and SOP Instance UIDs.
+    gateway.errors.InvalidUid: StudyInstanceUID is missing: a CT image needs its Study, Series and SOP Instance UIDs.
     """
     for name, attr in (("StudyInstanceUID", "study_instance_uid"), ("SeriesInstanceUID", "series_instance_uid"),
                        ("SOPInstanceUID", "sop_instance_uid")):
@@ -82,14 +75,3 @@ def check_header_uids(header: object) -> None:
         if not value or value.endswith("#nouid"):  # '#nouid': the decoder's stand-in for a missing SOP UID
             raise InvalidUid(f"{name} is missing: a CT image needs its Study, Series and SOP Instance UIDs.")
         check_uid(value, name)
-
-
-def _register() -> None:
-    """Make ``invalid_uid`` known to the one HTTP mapping (:data:`gateway.errors.REASONS`), so a study whose
-    every file is refused for it is answered 400 ``invalid_uid`` like a bad URL."""
-    from gateway.errors import REASONS
-
-    REASONS.setdefault(InvalidUid.reason, InvalidUid)
-
-
-_register()

@@ -41,7 +41,7 @@ from typing import Any
 from pydicom.uid import PYDICOM_ROOT_UID
 
 from aggregator.schema import CaseResult
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InferenceUnavailable
 from gateway.jobs import URGENT, JobError, JobState, priority_name, triton_priority
 from gateway.logs import JOB_ID
 from gateway.metrics import Metrics
@@ -60,7 +60,6 @@ from gateway.store.blobs import delete_each
 from gateway.store.deliveries import Deliveries
 from gateway.store.store import StoreOutage
 from gateway.store.waits import study_waits
-from gateway.triton_pool import InferenceUnavailable
 from gateway.uploads import in_thread, new_spool, sweep_spools
 
 logger = logging.getLogger(__name__)

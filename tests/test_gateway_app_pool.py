@@ -12,8 +12,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from gateway.errors import InferenceFailed, InferenceUnavailable
 from gateway.jobs import PRIORITIES, triton_priority
-from gateway.triton_pool import InferenceFailed, InferenceUnavailable, TritonPool
+from gateway.triton_pool import TritonPool
 from tests.gateway_app_fakes import MARK, FakeFleet, FakeTriton
 
 
