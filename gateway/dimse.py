@@ -587,32 +587,51 @@ def _check_command(command: _Dataset, nbytes: int) -> None:
         raise MalformedMessage(f"its {name} command has no {_element('MessageID')}, which a response must name")
 
 
-def _fragment_out_of_order(message: Any, pdvs: list[Any]) -> bool:
-    """Whether the presentation data values of a P-DATA (``(context id, control header and bytes)``), read after
-    the message pynetdicom has gathered so far (``message``: None, or a ``DIMSEMessage``, whose class is the
-    command's once its command set is whole), hold a data set fragment before its command set is whole
-    (PS3.8 E.2: the command comes first). pynetdicom took such a message for whole and failed to convert it,
-    with a traceback (``DIMSEServiceProvider.receive_primitive``, "Received an invalid DIMSE message").
+def _fragment_out_of_order(message: Any, pdvs: list[Any]) -> str | None:
+    """Why the presentation data values of a P-DATA (``(context id, control header and bytes)``), read after the
+    message pynetdicom has gathered so far (``message``: None, or a ``DIMSEMessage``, whose class is the command's
+    once its command set is whole), break the order of a message's fragments (PS3.8 E.2: the command comes first,
+    and no fragment of another message comes before the current one's last), or None.
 
-    >>> from pynetdicom.dimse_messages import C_ECHO_RQ, DIMSEMessage
-    >>> _fragment_out_of_order(None, [(1, b"\\x02...")]), _fragment_out_of_order(None, [(1, b"\\x03..."), (1, b"\\x02...")])
-    (True, False)
-    >>> _fragment_out_of_order(DIMSEMessage(), [(1, b"\\x00...")]), _fragment_out_of_order(C_ECHO_RQ(), [(1, b"\\x00...")])
-    (True, False)
+    A data set fragment before its command set: pynetdicom took such a message for whole and failed to convert it,
+    with a traceback (``DIMSEServiceProvider.receive_primitive``, "Received an invalid DIMSE message"). A command
+    fragment after a data set fragment that was not the last (in this P-DATA, or pending from an earlier one):
+    pynetdicom read it as the message's command, never answered the request it cut short, and left that one's
+    file in ``received_dir`` for the sweep. (A command after a command set in one P-DATA is not refused here: a
+    message without a data set ends at its command set, and pynetdicom reads no further in that P-DATA.)
+
+    >>> from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
+    >>> _fragment_out_of_order(None, [(1, b"\\x02...")])
+    'a data set fragment came before its command set'
+    >>> _fragment_out_of_order(None, [(1, b"\\x03..."), (1, b"\\x02...")]) is None
+    True
+    >>> _fragment_out_of_order(DIMSEMessage(), [(1, b"\\x00...")])
+    'a data set fragment came before its command set'
+    >>> _fragment_out_of_order(C_ECHO_RQ(), [(1, b"\\x00...")]) is None
+    True
+    >>> _fragment_out_of_order(C_STORE_RQ(), [(1, b"\\x03...")])
+    'a command fragment came before the data set of the message before it ended'
+    >>> _fragment_out_of_order(None, [(1, b"\\x03..."), (1, b"\\x00..."), (1, b"\\x03...")])
+    'a command fragment came before the data set of the message before it ended'
     """
     from pynetdicom.dimse_messages import DIMSEMessage
 
     whole = message is not None and type(message) is not DIMSEMessage
+    pending = whole  # a data set begun (in an earlier P-DATA once the command is whole) and not ended
     for _context_id, pdv in pdvs:
         if not pdv:
             continue  # decode_msg's IndexError: StorageScp._receive
         if pdv[0] & 1:  # a command fragment
+            if pending:
+                return "a command fragment came before the data set of the message before it ended"
             whole = whole or bool(pdv[0] & 2)
         elif not whole:
-            return True
+            return "a data set fragment came before its command set"
         elif pdv[0] & 2:  # the data set's last: pynetdicom reads no further in this P-DATA
-            return False
-    return False
+            return None
+        else:
+            pending = True
+    return None
 
 
 class StorageScp:
@@ -902,8 +921,9 @@ class StorageScp:
         cannot decode ends the association with an A-ABORT (source: service user), one warning in the log and
         nothing kept, as dcmtk's storescp ends it ("DIMSE failure (aborting association)"); the SCP goes on
         serving the others. Such a message was a P-DATA on a presentation context the association did not
-        accept, a data set fragment before its command, or a command set :func:`decode_command` refuses (one cut
-        before its Command Field, one naming no DIMSE command, a request without its Message ID:
+        accept, a data set fragment before its command or a command before a data set ended
+        (:func:`_fragment_out_of_order`), or a command set :func:`decode_command` refuses (one cut before its
+        Command Field, one naming no DIMSE command, a request without its Message ID:
         :func:`_check_command`). pynetdicom's exception killed the reader thread (a traceback on stderr, the
         connection dropped without an A-ABORT, or an A-P-ABORT after a logged traceback for a fragment out of
         order). Later P-DATA of the association are dropped unread."""
@@ -916,8 +936,8 @@ class StorageScp:
         stray = sorted({context_id for context_id, _pdv in pdvs if context_id not in accepted})
         if stray:
             why = f"a P-DATA on presentation context {stray[0]}, which the association did not accept"
-        elif _fragment_out_of_order(dimse.message, pdvs):
-            why = "a data set fragment came before its command set"
+        elif (out_of_order := _fragment_out_of_order(dimse.message, pdvs)) is not None:
+            why = out_of_order
         else:
             SCP_READER.active = True  # decode_command checks each command set
             try:

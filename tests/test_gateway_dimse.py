@@ -881,7 +881,24 @@ MALFORMED = {  # (the data set, its bytes) -> the message's presentation data va
         "its C-STORE-RQ command has no Command Data Set Type (0000,0800)"),
     "a data set before its command": lambda ds, data: (
         [("ct", b"\x02" + data)], "a data set fragment came before its command set"),
+    # a second C-STORE's command before the first's data set ended (PS3.8 E.2: no fragment of another message until
+    # the current one's last): pynetdicom took it for the message's command, left the first's file (received_dir)
+    # for the sweep, never answered it and stored the second; in one P-DATA, and in the next one (None: a P-DATA
+    # ends there)
+    "a command amid the data set before it": lambda ds, data: (
+        [*_store_command_and_data(ds, data, 7, b"\x00"), *_store_command_and_data(ds, data, 8)],
+        "a command fragment came before the data set of the message before it ended"),
+    "a command in the P-DATA after a data set fragment": lambda ds, data: (
+        [*_store_command_and_data(ds, data, 7, b"\x00"), None, *_store_command_and_data(ds, data, 8)],
+        "a command fragment came before the data set of the message before it ended"),
 }
+
+
+def _store_command_and_data(ds, data: bytes, message_id: int, header: bytes = b"\x02") -> list[tuple[str, bytes]]:
+    """A C-STORE-RQ of ``ds`` (Message ID ``message_id``): its command, then its data set (the last fragment), or
+    (``header`` 0x00) its first 100 bytes as a fragment that is not the last."""
+    return [("ct", b"\x03" + _command_set(**_store_command(ds, MessageID=message_id))),
+            ("ct", header + (data if header == b"\x02" else data[:100]))]
 
 WITHOUT_MESSAGE_ID = {  # as MALFORMED
     "C-STORE": lambda ds, data: (
@@ -917,8 +934,17 @@ def _aborted_cleanly(make_scp, tmp_path: Path, caplog, message: Callable[[Any, b
     accepted = {str(cx.abstract_syntax): cx.context_id for cx in assoc.accepted_contexts}
     contexts = {"ct": accepted[CTImageStorage], "echo": accepted[VERIFICATION]}
     caplog.set_level(logging.INFO)
+    *before, last = [[]]  # P-DATAs: None in pdvs ends one (each before the last gets no answer)
+    for pdv in pdvs:
+        if pdv is None:
+            before.append(last)
+            last = []
+        else:
+            last.append((contexts.get(pdv[0], pdv[0]), pdv[1]))
     try:
-        end = _raw_p_data(assoc, *[(contexts.get(cx, cx), pdv) for cx, pdv in pdvs])
+        for pdata in before:
+            assert _raw_p_data(assoc, *pdata, timeout=0.5) is None
+        end = _raw_p_data(assoc, *last)
         assert isinstance(end, A_ABORT) and end.abort_source == 0, end
     finally:
         assoc.abort()
