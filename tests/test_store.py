@@ -2266,6 +2266,42 @@ def test_a_failed_version_is_retried_only_while_it_is_the_studys_latest(db_url):
     _run(go())
 
 
+@pytest.mark.parametrize("later", ["done", "failed"])
+def test_a_superseded_retry_sends_the_study_again_once_retention_removed_the_later_versions_instances(db_url, later):
+    """A failed version 1 below a version 2 whose instances retention removed (its job and result kept): the refusal
+    told the caller to screen the study again (version 2 done) or to retry version 2 (failed), each refused in turn
+    for want of instances. It now says version 2's instances are gone and to send the study again."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        uid = "1.2.82"
+        try:
+            first = await _failed_stow_version(store, uid)
+            await store.add_instance(uid, f"{uid}.2", "2.dcm", "k2", 10)  # a late instance: version 2
+            second = (await store.complete_now(uid, 60)).job_id
+            assert (await store.claim(60)).id == second
+            if later == "done":
+                assert await store.finish(second, _result(second, uid), None)
+            else:
+                assert await store.fail(second, JobError(reason="triton_unavailable", message="No Triton."))
+            async with store.tx() as s:
+                await s.execute(update(Job).where(Job.id.in_([first, second])).values(finished_at=time.time() - 100))
+            await store.expire(results_s=1000, instances_s=50)
+            with pytest.raises(Superseded) as caught:
+                await store.retry(first, 60)
+            assert str(caught.value) == (
+                f"Job {first} screens version 1 of study {uid}, and version 2 (job {second}, {later}) came after it: "
+                "its instances are no longer kept (retention); send the study again. Only a job of a study's latest "
+                "version is retried.")
+            with pytest.raises(ValueError, match="no longer kept"):  # as the message says
+                await (store.rescreen(uid, 60) if later == "done" else store.retry(second, 60))
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 @pytest.mark.parametrize("opener", ["late instance", "rescreen"])
 def test_a_retry_racing_a_later_version_being_opened_waits_and_is_refused(pg_url, opener):
     """PostgreSQL, read committed: a failed version 1 (the study's latest) retried while a late instance opens

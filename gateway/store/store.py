@@ -1548,11 +1548,11 @@ async def _refuse_superseded(s: AsyncSession, job: Job, study_id: int) -> None:
     under the version's lock), naming it, its job and what to do with it."""
     uid, mine = (await s.execute(select(Study.study_instance_uid, Study.version).where(Study.id == study_id))).one()
     later = (await s.execute(
-        select(Study.version, Study.state, Job.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
+        select(Study.id, Study.version, Study.state, Job.id, Job.state).outerjoin(Job, Job.study_id == Study.id)
         .where(Study.study_instance_uid == uid, Study.version > mine).order_by(Study.version.desc()).limit(1))).first()
     if later is None:
         return
-    version, study_state, later_job, later_state = later
+    later_id, version, study_state, later_job, later_state = later
     if study_state == RECEIVING or later_job is None:
         what, then = "being received", f"POST /v1/studies/{uid}/complete screens it now"
     else:
@@ -1560,6 +1560,8 @@ async def _refuse_superseded(s: AsyncSession, job: Job, study_id: int) -> None:
         then = {JobState.failed.value: f"POST /v1/jobs/{later_job}/retry queues that one again",
                 JobState.done.value: f"its reading is the study's; POST /v1/studies/{uid}/rescreen screens the "
                                      "study again"}.get(later_state, "its reading is to be the study's")
+        if later_state in _TERMINAL and not await _instances_kept(s, later_id):  # neither of those would take it
+            then = "its instances are no longer kept (retention); send the study again"
     raise Superseded(f"Job {job.id} screens version {mine} of study {uid}, and version {version} ({what}) "
                      f"came after it: {then}. Only a job of a study's latest version is retried.",
                      version=int(version), job_id=later_job)
