@@ -958,6 +958,9 @@ def _aborted_cleanly(make_scp, tmp_path: Path, caplog, message: Callable[[Any, b
     study = asyncio.run_coroutine_threadsafe(scp.stow.store.study(str(ds.StudyInstanceUID)), scp.loop)
     assert study.result(10) is None  # nothing kept
     assert not list(received.glob("ctscreen-rx-*"))
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), scp.loop).result(10)  # after the count's call_soon_threadsafe
+    counted = scp.metrics.registry.get_sample_value("ctscreen_errors_total", {"reason": "malformed_dimse"})
+    assert counted == 1, counted
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
