@@ -15,8 +15,8 @@ as ``X-API-Key``):
   ``nonce``, ``at_hash``, ``c_hash`` or ``s_hash`` claim, or Cognito's ``token_use`` ``id`` (:func:`_not_an_access_token`).
 * **API keys** for machines (:mod:`gateway.keys`), stored hashed. A key not verified since the key file
   last changed costs an scrypt (tens of ms of CPU), as does any key of an unknown id: :class:`KeyChecks`
-  runs them on threads of their own (``CTSCREEN_AUTH_KEY_THREADS``), not the default pool that readiness
-  probes and blob I/O wait on; at most ``CTSCREEN_AUTH_KEY_MAX_PENDING`` hash or wait at once, more are
+  runs them on threads of their own (``CTSCREEN_AUTH_KEY_THREADS``), not the default pool that blob I/O
+  waits on; at most ``CTSCREEN_AUTH_KEY_MAX_PENDING`` hash or wait at once, more are
   refused unhashed (429 ``auth_busy``, Retry-After 1); and an id that failed
   ``CTSCREEN_AUTH_KEY_MAX_FAILURES`` times within ``CTSCREEN_AUTH_KEY_FAILURE_WINDOW_S`` is refused
   unhashed until that window ends (429 ``auth_throttled`` with the seconds left, logged when it starts,

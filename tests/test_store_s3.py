@@ -248,12 +248,18 @@ def test_a_gateway_whose_bucket_is_gone_refuses_uploads_with_503(triton, s3_serv
         assert httpx.get(f"{stack.url}/readyz", timeout=30).status_code == 503
         answer = httpx.post(f"{stack.url}/v1/studies", files=files, timeout=60)
         assert answer.status_code == 503 and "could not be stored durably" in answer.text, answer.text
-    # a bucket's endpoint that takes connections and never answers: the probe says not ready within its 3 s
-    with _silent_server() as silent, run_stack(port=0, triton_url=triton.grpc_url, settings_overrides={
-            **overrides, "s3_endpoint_url": silent, "data_dir": tmp_path / "data2"}) as stack:
+    # a bucket's endpoint that takes connections and never answers (it went silent once the gateway was up; silent
+    # from the start, the start's pairing check waited out a read timeout first): the probe says not ready within
+    # its 3 s, and the gateway stops at once, not once the hung probe's read times out (asyncio's default pool held
+    # the shut-down until then: 9 s here, 27 s with the default 30 s)
+    with _silent_server(listening=False) as silent, run_stack(port=0, triton_url=triton.grpc_url, settings_overrides={
+            **overrides, "s3_endpoint_url": silent.url, "data_dir": tmp_path / "data2"}) as stack:
+        silent.listen()
         t0 = time.monotonic()
         probe = httpx.get(f"{stack.url}/readyz", timeout=30)
         assert probe.status_code == 503 and probe.json()["blobs"] is False and time.monotonic() - t0 < 7
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 4, f"the gateway took {time.monotonic() - t0:.1f} s to stop"
 
 
 @pytest.mark.triton
@@ -290,15 +296,21 @@ def test_the_viewer_answers_503_while_the_bucket_does_not_answer(triton, tmp_pat
 
 
 @contextlib.contextmanager
-def _silent_server():
-    """A TCP server that takes connections and never answers (a bucket's load balancer with nothing behind it)."""
+def _silent_server(*, listening: bool = True):
+    """A TCP server that takes connections and never answers (a bucket's load balancer with nothing behind it): its
+    URL, or with ``listening=False`` a namespace of its ``url``, which refuses connections until ``listen()``."""
     import socket
+    from types import SimpleNamespace
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        if listening:
+            listener.listen(16)
+            yield url
+        else:
+            yield SimpleNamespace(url=url, listen=lambda: listener.listen(16))
     finally:
         listener.close()
 
@@ -510,6 +522,33 @@ def test_readiness_keeps_one_probe_of_a_hung_store(monkeypatch):
         return answers
 
     assert asyncio.run(probes()) == [False] * 4 + [1, True]
+
+
+def test_a_probe_hung_on_the_store_does_not_hold_the_event_loops_end(monkeypatch):
+    """The probe's thread was one of the loop's default pool, which ``asyncio.run`` joins at its end: a gateway stopped
+    while a probe hung on the bucket waited for the S3 read timeout (30 s) before it exited."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import gateway.api.ops as ops
+
+    monkeypatch.setattr(ops, "BLOBS_PROBE_S", 0.1)
+    release = threading.Event()
+
+    class Hung:
+        def writable(self) -> bool:
+            release.wait(30)
+            return True
+
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace()))
+    t0 = time.monotonic()
+    try:
+        assert asyncio.run(ops._blobs_writable(request, Hung())) is False
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert took < 5, f"the event loop's end waited {took:.1f} s for the hung probe"
 
 
 def test_a_shutdown_ends_the_retention_deletes_between_two_keys(tmp_path):
