@@ -239,8 +239,11 @@ def _environ(server: EmbeddedTriton) -> dict[str, str]:
 def glibc_malloc(tmp_path_factory: pytest.TempPathFactory):
     """The shipped cpu repository on a server given glibc's malloc defaults (every MALLOC_ENV name removed)."""
     log = tmp_path_factory.mktemp("glibc-malloc") / "tritonserver.log"
-    with EmbeddedTriton(log_file=log, env=dict.fromkeys(MALLOC_ENV)) as server:
+    server = EmbeddedTriton(log_file=log, env=dict.fromkeys(MALLOC_ENV)).start()
+    try:
         yield server
+    finally:
+        server.stop(timeout=0)  # killed: a graceful stop unloads for 3-4 s (tests/conftest.py, triton)
 
 
 @pytest.mark.parametrize(("model", "stub"), [(c.FUSED_MODEL, c.FUSED_MODEL), (c.ENSEMBLE_MODEL, c.POSTPROCESS_MODEL)])
@@ -275,8 +278,11 @@ def analytic(tmp_path_factory: pytest.TempPathFactory):
     onnx_dir = write_analytic_models(root / "onnx")
     settings = default_settings("cpu")
     repo = build_repository("cpu", root / "repo", onnx_dir=onnx_dir, settings=settings)
-    with EmbeddedTriton(repo, log_file=root / "tritonserver.log") as server:
+    server = EmbeddedTriton(repo, log_file=root / "tritonserver.log").start()
+    try:
         yield server
+    finally:
+        server.stop(timeout=0)  # killed: a graceful stop unloads for 3-4 s (tests/conftest.py, triton)
 
 
 def test_known_lesions_give_known_boxes(analytic: EmbeddedTriton) -> None:
