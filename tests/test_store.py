@@ -2559,68 +2559,81 @@ def test_a_gateway_started_before_its_database_waits_for_it_then_serves(postgres
     """A gateway pod that started before its PostgreSQL (the chart's own, a fail-over, a rescheduled pod) died
     with a traceback (ConnectionRefusedError from the schema check) and crash-looped, its back-off growing to
     5 minutes. It now tries every second for CTSCREEN_DB_START_WAIT_S (said once, not a traceback) and serves
-    once the database answers; a database that never answers, or refuses the gateway, stops it in one line."""
+    once the database answers; a database that never answers, or refuses the gateway, stops it in one line.
+    (The five gateways are independent: they run at once, each mostly waiting.)"""
     database = postgres.new_database().rsplit("/", 1)[1]
     port = free_port()
     env = {**os.environ, "CTSCREEN_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/{database}",
            "CTSCREEN_TRITON_URLS": "127.0.0.1:1", "CTSCREEN_DATA_DIR": str(tmp_path), "CTSCREEN_DB_START_WAIT_S": "60"}
-    http = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port",
-                                str(http)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, env=env)
-    stop = threading.Event()
-    try:
-        time.sleep(3)  # a few refused tries
-        assert gateway.poll() is None, gateway.communicate()[1]
-        _forward(port, postgres.port, stop)
-        deadline = time.monotonic() + 90
-        while True:
-            assert gateway.poll() is None, gateway.communicate()[1]
-            assert time.monotonic() < deadline, "the gateway never came up"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as answer:
-                    assert answer.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-    finally:
-        gateway.terminate()
-        err = gateway.communicate(timeout=60)[1]
-        stop.set()
-    assert "Traceback" not in err, err
-    waits = [ln for ln in err.splitlines() if "does not answer yet" in ln]
-    assert len(waits) == 1 and "ConnectionRefusedError" in waits[0], err  # said once (every 10 s), no password
-    assert any("answers after" in ln for ln in err.splitlines()), err
-
     never = f"postgresql://postgres@127.0.0.1:{free_port()}/{database}"
     uvicorn = ["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", "0"]
     serve = ["-m", "ctscreen.cli", "serve", "--port", "0", "--triton-url", "127.0.0.1:1"]  # it migrated unwaited
-    for name, argv, url, said in (("never answers", uvicorn, never, "did not answer in 2 s"),
-                                  ("never answers, ctscreen serve", serve, never, "did not answer in 2 s"),
-                                  ("no such database", uvicorn, postgres.url("absent_db"),
-                                   "refused the gateway (InvalidCatalogNameError")):
-        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
-                           stdin=subprocess.DEVNULL, env={**env, "CTSCREEN_DATABASE_URL": url,
-                                                          "CTSCREEN_DB_START_WAIT_S": "2"})
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ctscreen")]
-        assert p.returncode != 0 and "Traceback" not in p.stderr, (name, p.stderr)
-        assert len(lines) == 1 and said in lines[0], (name, p.stderr)
+    started: list[subprocess.Popen] = []
 
-    # a pod deleted while its database is away: SIGTERM ends the wait (uvicorn's own handlers only noted it)
-    waiting = subprocess.Popen([sys.executable, *uvicorn], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, stdin=subprocess.DEVNULL, env={**env, "CTSCREEN_DATABASE_URL": never})
+    def gateway_process(argv: list[str], **overrides: str) -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True, stdin=subprocess.DEVNULL, env={**env, **overrides}))
+        return started[-1]
+
+    http = free_port()
+    stop = threading.Event()
     try:
+        gateway = gateway_process(["-m", "uvicorn", "--factory", "gateway.main:app_from_env", "--port", str(http)])
+        one_line_stops = [(name, gateway_process(argv, CTSCREEN_DATABASE_URL=url, CTSCREEN_DB_START_WAIT_S="2"), said)
+                          for name, argv, url, said in (
+                              ("never answers", uvicorn, never, "did not answer in 2 s"),
+                              ("never answers, ctscreen serve", serve, never, "did not answer in 2 s"),
+                              ("no such database", uvicorn, postgres.url("absent_db"),
+                               "refused the gateway (InvalidCatalogNameError"))]
+        # a pod deleted while its database is away: SIGTERM ends the wait (uvicorn's own handlers only noted it)
+        waiting = gateway_process(uvicorn, CTSCREEN_DATABASE_URL=never)
+        said: list[str] = []
+        try:
+            assert gateway.stderr is not None
+            while "does not answer yet" not in (line := gateway.stderr.readline()):
+                assert line, "the gateway ended before it waited"
+                said.append(line)
+            said.append(line)
+            time.sleep(2)  # a few refused tries more (one a second), said no more
+            assert gateway.poll() is None, gateway.communicate()[1]
+            _forward(port, postgres.port, stop)
+            deadline = time.monotonic() + 90
+            while True:
+                assert gateway.poll() is None, gateway.communicate()[1]
+                assert time.monotonic() < deadline, "the gateway never came up"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as answer:
+                        assert answer.status == 200
+                        break
+                except OSError:
+                    time.sleep(0.5)
+        finally:
+            gateway.terminate()
+            err = "".join(said) + gateway.communicate(timeout=60)[1]
+            stop.set()
+        assert "Traceback" not in err, err
+        waits = [ln for ln in err.splitlines() if "does not answer yet" in ln]
+        assert len(waits) == 1 and "ConnectionRefusedError" in waits[0], err  # said once (every 10 s), no password
+        assert any("answers after" in ln for ln in err.splitlines()), err
+
+        for name, p, said in one_line_stops:
+            stderr = p.communicate(timeout=120)[1]
+            lines = [ln for ln in stderr.splitlines() if ln.startswith("ctscreen")]
+            assert p.returncode != 0 and "Traceback" not in stderr, (name, stderr)
+            assert len(lines) == 1 and said in lines[0], (name, stderr)
+
         assert waiting.stderr is not None
         while "does not answer yet" not in (line := waiting.stderr.readline()):
             assert line, "the gateway ended before it waited"
         waiting.send_signal(signal.SIGTERM)
         rest = waiting.communicate(timeout=30)[1]  # the wait is 60 s
+        assert waiting.returncode != 0 and "Traceback" not in rest, rest
+        assert "stopped by SIGTERM while waiting" in rest, rest
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
-            waiting.wait(30)
-    assert waiting.returncode != 0 and "Traceback" not in rest, rest
-    assert "stopped by SIGTERM while waiting" in rest, rest
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
 
 
 class _SignalOnFlush(logging.StreamHandler):
