@@ -194,7 +194,9 @@ def run_stack(
         if supervisor is not None:
             supervisor.close()
         if triton is not None:
-            triton.stop()  # ... before Triton stops
+            # ... before Triton goes. Killed: the gateway, its only client, has stopped, so nothing is in flight;
+            # its own stop (SIGTERM) unloaded every model for 3-4 s more before `ctscreen serve` could exit
+            triton.kill()
 
 
 def _settings(overrides: dict[str, Any] | None) -> Any:

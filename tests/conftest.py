@@ -152,7 +152,6 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
     try:
         yield server
     finally:
-        # killed (SIGTERM, then SIGKILL of its process group at once; its shared memory removed): a graceful stop
-        # unloads each python-backend instance after a 1 s health check, one after another, which nothing here
-        # waits on; the tests that stop their own servers cover the graceful stop
-        server.stop(timeout=0)
+        # killed (EmbeddedTriton.kill): a graceful stop unloads each python-backend instance after a 1 s health
+        # check, one after another, which nothing here waits on; the tests that stop their own servers cover it
+        server.kill()

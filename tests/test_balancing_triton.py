@@ -62,7 +62,7 @@ def servers(tmp_path_factory):
         yield started
     finally:
         for s in started:
-            s.stop(timeout=0)  # killed: the tests stop two gracefully; the last one's 3-4 s unload proves nothing
+            s.kill()  # the tests stop two gracefully; the last one's 3-4 s unload proves nothing
 
 
 @pytest.fixture(scope="module")

@@ -385,7 +385,7 @@ def test_triton_stopped_mid_study_the_job_waits_and_ends_done(tmp_path, cluster_
         _every_slice_once(view, study_files)
     finally:
         gw.close()
-        own.stop(timeout=0)  # killed: its graceful stop (3-4 s of unloading) is not what this test is about
+        own.kill()  # its graceful stop (3-4 s of unloading) is not what this test is about
 
 
 def _children(pid: int) -> list[int]:

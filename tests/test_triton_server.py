@@ -243,7 +243,7 @@ def glibc_malloc(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield server
     finally:
-        server.stop(timeout=0)  # killed: a graceful stop unloads for 3-4 s (tests/conftest.py, triton)
+        server.kill()  # a graceful stop unloads for 3-4 s (EmbeddedTriton.kill)
 
 
 @pytest.mark.parametrize(("model", "stub"), [(c.FUSED_MODEL, c.FUSED_MODEL), (c.ENSEMBLE_MODEL, c.POSTPROCESS_MODEL)])
@@ -282,7 +282,7 @@ def analytic(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield server
     finally:
-        server.stop(timeout=0)  # killed: a graceful stop unloads for 3-4 s (tests/conftest.py, triton)
+        server.kill()  # a graceful stop unloads for 3-4 s (EmbeddedTriton.kill)
 
 
 def test_known_lesions_give_known_boxes(analytic: EmbeddedTriton) -> None:

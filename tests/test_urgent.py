@@ -128,7 +128,7 @@ def test_the_priority_reaches_steps_behind_the_first(tmp_path):
     finally:
         # killed: its graceful stop would first screen the routine requests given up above (about 100 slices),
         # then unload each python-backend instance after a 1 s health check, one after another
-        server.stop(timeout=0)
+        server.kill()
     assert pending >= ROUTINE_BATCHES - 4, f"the queue drained before the urgent request went ({pending} left)"
     assert overtaking <= pending // 2, f"{overtaking} of {pending} routine requests were answered before it"
 
