@@ -270,7 +270,14 @@ def main(argv: list[str]) -> int:
     try:
         if args.cmd == "add":
             key, record = store.add(args.name, args.scopes)
-            _out(key)
+            try:
+                _out(key)
+                sys.stdout.flush()  # a pipe is buffered: a reader that left shows here
+            except BaseException:  # never shown (ctscreen.cli.ReaderLeft, an interrupt): a key nobody holds goes
+                store.revoke(record.id)
+                sys.stderr.write(f"ctscreen keys: key {record.id} ({record.name}) could not be shown and is revoked; "
+                                 "add it again\n")
+                raise
             sys.stderr.write(f"key {record.id} ({record.name}: {' '.join(record.scopes)}) added to {args.file}; "
                              "it is shown only this once\n")
         elif args.cmd == "list":

@@ -251,12 +251,35 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, buffered, tmp
     KeyStore(tmp_path / "keys.json").add("pacs", ["studies:write"])
     if argv[0] == "db":
         assert _run(["db", "upgrade"], env={"CTSCREEN_DATA_DIR": str(tmp_path)}).returncode == 0
+    p = _into_a_closed_pipe([a.format(tmp=tmp_path) for a in argv], env)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
+def _into_a_closed_pipe(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``ctscreen ARGV`` with standard output a pipe whose reader is gone before the first byte (every write fails
+    with EPIPE), standard error captured."""
     read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the first byte: every write fails with EPIPE
+    os.close(read_end)
     try:
         code = "from ctscreen.cli import main; raise SystemExit(main())"
-        p = subprocess.run([sys.executable, "-c", code, *(a.format(tmp=tmp_path) for a in argv)], stdout=write_end,
-                           stderr=subprocess.PIPE, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+        return subprocess.run([sys.executable, "-c", code, *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
     finally:
         os.close(write_end)
-    assert (p.returncode, p.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_key_whose_reader_left_before_it_was_shown_is_revoked_and_said_so(buffered, tmp_path):
+    """``ctscreen keys add NAME --scopes ... | ...`` whose reader left: the key was saved, never shown (it is shown
+    only once), and the command ended quietly, leaving a working key nobody holds. It is revoked, and standard
+    error says so and what to do."""
+    env = {**os.environ}
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    keys = tmp_path / "keys.json"
+    p = _into_a_closed_pipe(["keys", "add", "pacs", "--scopes", "studies:write", "--file", str(keys)], env)
+    assert p.returncode == 141 and "Traceback" not in p.stderr, p.stderr
+    (record,) = KeyStore(keys).keys()
+    assert record.revoked_at is not None
+    assert p.stderr == f"ctscreen keys: key {record.id} (pacs) could not be shown and is revoked; add it again\n"
