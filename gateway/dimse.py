@@ -634,6 +634,16 @@ def _fragment_out_of_order(message: Any, pdvs: list[Any]) -> str | None:
     return None
 
 
+def _discard_received(message: Any) -> None:
+    """Close and remove the file pynetdicom was writing ``message``'s data set into (chunked receiving:
+    ``_data_set_file``, ``_data_set_path``), if it had begun one: a message the SCP refuses or aborts keeps nothing."""
+    received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
+    if received is not None:
+        received.close()
+    if isinstance(path, Path):
+        path.unlink(missing_ok=True)
+
+
 class StorageScp:
     """A C-STORE / C-ECHO SCP feeding a :class:`~gateway.stow.Intake`.
 
@@ -950,12 +960,8 @@ class StorageScp:
             finally:
                 SCP_READER.active = False
         message, dimse.message = dimse.message, None  # what was gathered of it goes
-        received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
         with contextlib.suppress(OSError):  # one left behind is swept (sweep_received)
-            if received is not None:
-                received.close()
-            if isinstance(path, Path):
-                path.unlink(missing_ok=True)
+            _discard_received(message)
         peer = assoc.requestor
         logger.warning("DICOM association from %s@%s aborted (A-ABORT): %s", peer.ae_title, peer.address, why)
         self._refuse("malformed_dimse")
@@ -993,11 +999,7 @@ class StorageScp:
                            peer.ae_title, peer.address, lacking)
             self._refuse("no_affected_sop_uid")
             self._tally(event.assoc, stored=("", CANNOT_UNDERSTAND))
-            received, path = getattr(message, "_data_set_file", None), getattr(message, "_data_set_path", None)
-            if received is not None:
-                received.close()
-            if path is not None:
-                Path(path).unlink(missing_ok=True)
+            _discard_received(message)
             from pynetdicom.dimse_primitives import C_STORE
 
             rsp = C_STORE()
