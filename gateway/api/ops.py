@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.api.deps import BlobsDep, MetricsDep, PoolDep, SettingsDep, StoreDep
 from gateway.auth import AUTH_RESPONSES, AdminAccess
 from gateway.errors import NotFound
+from gateway.screening import in_own_thread
 from gateway.store import BlobStore, Store
 from gateway.triton_pool import TritonPool
 
@@ -67,47 +67,19 @@ BLOBS_PROBE_S = 3.0
 """How long readiness waits for the blob store's answer."""
 
 
-def _in_a_daemon_thread(call: Callable[[], T]) -> asyncio.Future[T]:
-    """``call()`` on a daemon thread of its own, its outcome a future of the running loop. A probe hung on a bucket
-    that never answers held a thread of the loop's default pool, and the process's shut-down waited for it
-    (``asyncio.run`` joins that pool's threads) until the S3 read timeout, 30 s: a daemon thread is left behind."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, error: BaseException | None) -> None:
-        if future.done():  # cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(cast(T, value))
-
-    def run() -> None:
-        value, error = None, None
-        try:
-            value = call()
-        except BaseException as exc:  # noqa: BLE001 - the awaiting coroutine gets it
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, value, error)
-        except RuntimeError:  # the loop closed while the call hung: nobody waits for the answer
-            pass
-
-    threading.Thread(target=run, name="ctscreen-blobs-probe", daemon=True).start()
-    return future
-
-
 async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
     """Whether the blob store takes blobs, said within 3 s (asked at most once a second): a bucket that takes
     connections and never answers, or a hung NFS mount, is not ready, probes never pile up behind it, and the
-    hung one does not hold the gateway's shut-down (:func:`_in_a_daemon_thread`)."""
+    hung one does not hold the gateway's shut-down: the probe runs on a daemon thread of its own
+    (:func:`gateway.screening.in_own_thread`), where one of the loop's default pool held it (``asyncio.run`` joins that
+    pool's threads) until the S3 read timeout, 30 s."""
 
     state = request.app.state
 
     async def ask() -> bool:
         probe = getattr(state, "blobs_probe", None)
         if probe is None or probe.done():  # one probe at a time: a hung one is waited on again, not joined by more
-            probe = _in_a_daemon_thread(blobs.writable)
+            probe = in_own_thread(blobs.writable, "ctscreen-blobs-probe")
             state.blobs_probe = probe
         try:
             async with asyncio.timeout(BLOBS_PROBE_S):
