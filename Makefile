@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` (main job) and `make test` (the tests; .ci/run calls it).
-# `make bench` regenerates every published figure, stamped (on a quiet machine; about 82 minutes on 2
-# cores, BENCH_ARGS="--skip accuracy" for the performance figures alone, about 58).
+# `make bench` regenerates every published figure, stamped (on a quiet machine; about 85 minutes on 2
+# cores, BENCH_ARGS="--skip accuracy" for the performance figures alone, about 61).
 .PHONY: demo test setup bench
 
 demo:

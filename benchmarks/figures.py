@@ -10,8 +10,8 @@ against the shipped models (:mod:`benchmarks.stamps`; ``tests/test_figure_stamps
 
     python -m benchmarks figures [--only a,b | --skip a,b] [--list] [--dry-run]
 
-Groups: ``performance`` (about 58 minutes on a quiet 2-core machine) and ``accuracy`` (about 25
-minutes: the evaluation reports README cites), 82 in all (:func:`plan_minutes`; ``--list`` prints them, and
+Groups: ``performance`` (about 61 minutes on a quiet 2-core machine) and ``accuracy`` (about 25
+minutes: the evaluation reports README cites), 85 in all (:func:`plan_minutes`; ``--list`` prints them, and
 ``tests/test_figure_stamps.py`` holds the READMEs and the Makefile to them). ``--skip accuracy`` keeps the
 performance figures only.
 Run it on a quiet machine: the stamp records the load average, and figures under load are not published.
@@ -87,6 +87,8 @@ PLAN: tuple[Step, ...] = (
          (f"{RESULTS}/ab-latest.json",), True, 3),
     # glibc's malloc defaults (A) against the shipped Triton environment (B): paired server starts
     Step("ab-triton", ("-m", "benchmarks.ab_triton", "--rounds", "4"), (f"{RESULTS}/ab-triton-latest.json",), True, 3.5),
+    # what one Triton call costs the gateway's process: its unary call against a stream and blocking calls in threads
+    Step("ab-grpc", ("-m", "benchmarks.ab_grpc", "--rounds", "4"), (f"{RESULTS}/ab-grpc-latest.json",), True, 3),
     Step("poisson", ("-m", "benchmarks", "load", "--append", "--mode", "poisson", "--rates", "0.02", "--duration",
                      "240", "--max-studies", "5", "--sizes", "lognormal:60,0.4,20,120"),
          (f"{RESULTS}/load-latest.json",), True, 6),

@@ -365,6 +365,8 @@ def test_cpu_split_names_every_round_and_reports_the_median_one(capsys: pytest.C
     ("ab_triton", ["--rounds", "0"], "--rounds must be at least 1"),
     ("ab_triton", ["--models", "lesion"], "invalid choice: 'lesion'"),
     ("ab_triton", ["--b-repo", "/nonexistent-repo"], "--b-repo /nonexistent-repo: no rendered cpu model repository there"),
+    ("ab_grpc", ["--rounds", "0"], "argument --rounds: expected a value > 0, got '0'"),
+    ("ab_grpc", ["--batch", "9"], "--batch must be at most 8 (the cpu profile's max_batch_size)"),
 ])
 def test_ab_bad_arguments_exit_2_before_anything_starts(module: str, argv: list[str], fragment: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -450,3 +452,23 @@ def test_a_delegated_command_configures_its_own_logging(monkeypatch, results_kep
     assert bench_main(["fov"]) == 0 and calls == ["delegate"]
     calls.clear()
     assert bench_main(["-v", "fov"]) == 0 and calls == ["INFO", "delegate"]
+
+
+def test_ab_grpc_turns_the_order_each_round_and_compares_with_unary() -> None:
+    """``benchmarks.ab_grpc``: every mode runs once a round, first in turn; the table gives each mode's median CPU and
+    context switches a call and its CPU against the shipped unary call's, stamped when the run was."""
+    import doctest
+
+    from benchmarks import ab_grpc
+    from benchmarks.ab_grpc import MODES, markdown, order, summarise
+
+    assert doctest.testmod(ab_grpc).failed == 0
+    assert [order(r)[0] for r in range(3)] == list(MODES) and all(sorted(order(r)) == sorted(MODES) for r in range(4))
+    runs = {"unary": [{"cpu_ms_per_call": c, "switches_per_call": 16.0} for c in (1.8, 2.0, 2.4)],
+            "stream": [{"cpu_ms_per_call": c, "switches_per_call": 20.0} for c in (1.6, 1.5, 1.7)],
+            "sync": [{"cpu_ms_per_call": c, "switches_per_call": 22.0} for c in (2.2, 2.6, 2.1)]}
+    text = markdown({"batch": 2, "inflight": 4, "calls": 60, "rounds": 3, "model": "ct_screen_fused",
+                     "summary": summarise(runs), "machine": {"commit": "abc1234", "time_utc": "2026-12-07T23:55:28Z",
+                                                             "loadavg_1m": 4.79}})
+    assert "| unary | 2.0 | 16.0 | 1.0 |" in text and "| stream | 1.6 | 20.0 | 0.8 |" in text, text
+    assert "| sync | 2.2 | 22.0 | 1.1 |" in text and "commit `abc1234`, 1-min load average 4.79" in text

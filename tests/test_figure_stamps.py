@@ -184,7 +184,7 @@ def _prose(text: str) -> str:
 
 def test_the_stated_durations_are_the_plans() -> None:
     """README said about 45 minutes for the performance rows and 70 with the accuracy reports; the plan's steps
-    add up to 58 and 82."""
+    add up to 61 and 85."""
     perf, accuracy, total = (figures.plan_minutes(group=g) for g in ("performance", "accuracy", None))
     claims = {
         "README.md": f"about {perf} minutes on a quiet 2-core machine for these rows, {total} with the accuracy",
