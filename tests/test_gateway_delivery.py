@@ -1041,6 +1041,57 @@ def test_a_c_store_status_is_classed_as_the_standard_defines_it(caplog):
         server.shutdown()
 
 
+def test_a_pacs_that_ends_the_association_between_two_c_stores_is_tried_again_keeping_what_it_stored(monkeypatch):
+    """A PACS that aborts (or closes) the association after answering a C-STORE, as one that limits the operations
+    of an association does: the next C-STORE raised pynetdicom's RuntimeError ("must be established"), which the
+    deliverer took for an internal error (a traceback, the longest back-off), losing the acknowledgement of what
+    the PACS had stored. Now a transient SendError that keeps it. A real pynetdicom SCP; the sender's read of the
+    second object waits for the abort, so that it comes before the next C-STORE (the race a real PACS wins at times)."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.delivery.senders import SendError, send_dicom
+    from tests.gateway_dicom_factory import ct_dataset, to_bytes
+
+    aborted = threading.Event()
+
+    def on_store(event):
+        def abort() -> None:
+            event.assoc.abort()
+            aborted.set()
+        threading.Timer(0.05, abort).start()  # after the answer has gone
+        return 0x0000
+
+    reads = [0]
+    real = pydicom.dcmread
+
+    def read(*args, **kwargs):
+        reads[0] += 1
+        if reads[0] == 2:
+            assert aborted.wait(10)
+            time.sleep(0.5)  # the A-ABORT reaches the sender's association
+        return real(*args, **kwargs)
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                      "port": server.server_address[1], "timeout_s": 10}])
+        datasets = [ct_dataset(np.full((16, 16), -1000, np.int16)) for _ in range(3)]
+        items = [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds)) for ds in datasets]
+        monkeypatch.setattr(pydicom, "dcmread", read)
+        with pytest.raises(SendError) as exc:
+            send_dicom(dest, items, "CTSCREEN")
+        assert not exc.value.permanent and exc.value.sent == [items[0][0]], str(exc.value)
+        assert str(exc.value) == (f"{dest.where} ended the association after 1 of 3 objects (an A-ABORT or the "
+                                  "connection closed); the rest go at the next try")
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize(("status", "reasons", "done"), [
     (409, [0x0111, 0x0111], True),   # every object held already
     (202, [0x0111], True),           # one held already, the other stored

@@ -151,7 +151,16 @@ def send_dicom(dest: DicomDestination, items: Sequence[Item], calling_ae_title: 
                             "objects to those it takes (e.g. [key_images])", permanent=True)
         for uid, sop_class, data in items:
             ds = pydicom.dcmread(io.BytesIO(data))
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds) if assoc.is_established else None
+            except RuntimeError:  # pynetdicom's "must be established": it ended between the check and the send
+                if assoc.is_established:
+                    raise
+                status = None
+            if status is None:  # the peer aborted or closed the association after its last answer
+                raise SendError(f"{dest.where} ended the association after {len(sent)} of "
+                                f"{counted(len(items), 'object')} (an A-ABORT or the connection closed); the rest "
+                                "go at the next try", sent=sent)
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{dest.where} did not answer a C-STORE (connection lost)", sent=sent)
