@@ -1124,7 +1124,7 @@ def test_stow_failures_for_objects_held_already_count_as_delivered(status, reaso
         assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]
 
 
-def _stow_answered(status: int, answer: dict, uids: list[str]) -> list[str]:
+def _stow_answered(status: int, answer: Any, uids: list[str]) -> list[str]:
     """What :func:`send_stow` makes of a DICOMweb server's ``answer`` (scripted: httpx.MockTransport) to the STOW-RS
     of SRs with these ``uids``: the UIDs it counts as delivered (or its SendError)."""
     import httpx
@@ -1187,6 +1187,32 @@ def test_a_stow_202_with_warnings_only_is_delivered_and_logs_them(caplog):
     with pytest.raises(SendError) as exc:  # an answer that says nothing: nothing counts as delivered
         _stow_answered(202, {}, uids)
     assert exc.value.sent == []
+
+
+@pytest.mark.parametrize(("status", "answer", "done"), [
+    (200, [{"00081199": {"vr": "SQ"}}], True),  # the data set as a one-item array (the DICOM JSON model's list)
+    (200, "OK", True),                         # JSON, but no data set
+    (200, {"00081198": None, "00081199": {"vr": "SQ", "Value": None}}, True),
+    (202, {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": []},
+                                               "00081197": {"vr": "US", "Value": [0xC000]}}]},
+           "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.1"]}}]}}, False),
+])
+def test_a_stow_answer_that_is_no_store_instances_response_is_read_by_its_status(status, answer, done):
+    """A STOW-RS answer whose body is not the Store Instances Response data set the sender read (an array of it, a
+    bare JSON value, a sequence whose Value is null or an empty UID) raised AttributeError or IndexError: an
+    "internal error", every object sent again at the longest back-off for a day, though a 200 says all were stored.
+    Now a 200 is delivered whatever its body, and a 202's failure naming no instance leaves unacknowledged what the
+    answer does not name. Scripted answers (httpx.MockTransport): no DICOMweb server here answers so."""
+    from gateway.delivery.senders import SendError
+
+    uids = ["1.2.3.1", "1.2.3.2"]
+    if done:
+        assert _stow_answered(status, answer, uids) == uids
+    else:
+        with pytest.raises(SendError) as exc:
+            _stow_answered(status, answer, uids)
+        assert not exc.value.permanent and exc.value.sent == uids[:1], str(exc.value)
+        assert "failure reason 0xC000 Cannot Understand" in str(exc.value)
 
 
 def test_a_stow_failure_that_names_no_instance_leaves_unacknowledged_what_the_answer_does_not_name():

@@ -369,22 +369,18 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
     uids = [uid for uid, _, _ in items]
     if response.status_code not in (200, 202, 409):  # 409: every object failed (the answer says why)
         raise _http_error(dest.where, response)
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    failures = [i for i in answer.get("00081198", {}).get("Value", []) if isinstance(i, dict)]
+    answer = _stow_answer(response)
+    failures = _items(answer, "00081198")
     def held(failure: dict[str, Any]) -> bool:  # held already: delivered
-        reason, uid = (failure.get(tag, {}).get("Value", [None])[0] for tag in ("00081197", "00081155"))
+        reason, uid = (_first(failure, tag) for tag in ("00081197", "00081155"))
         return reason == DUPLICATE or (reason == DUPLICATE_REJECTION_NOTE and uid in notes)
 
-    failed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in failures if not held(i)}
+    failed = {str(_first(i, "00081155") or "") for i in failures if not held(i)}
     done = [u for u in uids if u not in failed]
     if "" in failed:  # a failure that names no instance: only those the answer names as stored (or held) are done
-        named = {str(i.get("00081155", {}).get("Value", [""])[0])
-                 for i in [*answer.get("00081199", {}).get("Value", []), *filter(held, failures)] if isinstance(i, dict)}
+        named = {str(_first(i, "00081155") or "") for i in [*_items(answer, "00081199"), *filter(held, failures)]}
         done = [u for u in uids if u in named]
-    reasons = [failure.get("00081197", {}).get("Value", [None])[0] for failure in failures if not held(failure)]
+    reasons = [_first(failure, "00081197") for failure in failures if not held(failure)]
     codes = sorted({r for r in reasons if isinstance(r, int)})
     said = (" (failure reason " + ", ".join(f"0x{r:04X} {store_status(r)[1]}" for r in codes) + ")") if codes else ""
     if response.status_code == 409 and (failed or not failures):  # refused for good, unless all were held already
@@ -395,20 +391,55 @@ async def send_stow(dest: StowDestination, items: Sequence[Item], client: httpx.
         raise SendError(f"{error}{said}", permanent=error.permanent, sent=done)
     if failed:
         raise SendError(f"{dest.where} refused {len(failed)} of {counted(len(uids), 'object')}{said}", sent=done)
-    stored = [i for i in answer.get("00081199", {}).get("Value", []) if isinstance(i, dict)]
+    stored = _items(answer, "00081199")
     if response.status_code == 202 and not failures:
         # accepted, none failed: stored with warnings (PS3.18 10.5.3), each object it names in the Referenced SOP
         # Sequence; one it does not name is sent again
-        listed = {str(i.get("00081155", {}).get("Value", [""])[0]) for i in stored}
+        listed = {str(_first(i, "00081155") or "") for i in stored}
         done = [u for u in uids if u in listed]
         if len(done) < len(uids):
             raise SendError(f"{dest.where} answered HTTP 202 naming {len(done)} of {counted(len(uids), 'object')} stored and "
                             "none failed", sent=done)
-    warned = sorted({w for i in stored if isinstance(w := i.get("00081196", {}).get("Value", [None])[0], int)})
+    warned = sorted({w for i in stored if isinstance(w := _first(i, "00081196"), int)})
     if warned:
         logger.warning("%s stored the objects with a warning (warning reason %s)", dest.where,
                        ", ".join(f"0x{w:04X} {store_status(w)[1]}" for w in warned))
     return done
+
+
+def _stow_answer(response: httpx.Response) -> dict[str, Any]:
+    """The Store Instances Response of a STOW-RS answer, a DICOM JSON data set; ``{}`` for a body that is none (no
+    JSON, another JSON value), so that its status code alone decides (200: all stored). A one-item array, the DICOM
+    JSON model's list of data sets, is read as its item.
+
+    >>> _stow_answer(httpx.Response(200, json=[{"00081199": {"vr": "SQ"}}])), _stow_answer(httpx.Response(200, text="OK"))
+    ({'00081199': {'vr': 'SQ'}}, {})
+    """
+    try:
+        answer = response.json()
+    except ValueError:
+        return {}
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    return answer if isinstance(answer, dict) else {}
+
+
+def _items(data_set: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    """The items of sequence ``tag`` of a DICOM JSON data set (none where it is absent, empty or not a sequence)."""
+    element = data_set.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return [i for i in values if isinstance(i, dict)] if isinstance(values, list) else []
+
+
+def _first(data_set: dict[str, Any], tag: str) -> Any:
+    """The first value of ``tag`` of a DICOM JSON data set; None where it has none.
+
+    >>> _first({"00081155": {"vr": "UI", "Value": ["1.2.3"]}}, "00081155"), _first({"00081155": {"vr": "UI", "Value": []}}, "00081155")
+    ('1.2.3', None)
+    """
+    element = data_set.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
 
 
 async def send_fhir(dest: FhirDestination, items: Sequence[Item], client: httpx.AsyncClient) -> list[str]:
