@@ -10,7 +10,8 @@ run's lesion boxes drawn in :data:`BOX_RGB`, and encodes it as a highdicom
   ``copy_patient_and_study_information``), so a PACS files it under the same patient and study;
 * belongs to a new series per result (UIDs derived from the result, so encoding one result twice gives
   the same objects and a re-send never makes a duplicate);
-* refers to its source slice (Source Image Sequence) and keeps its pixel spacing.
+* refers to its source slice (Source Image Sequence) and keeps its pixel spacing, and its Body Part Examined
+  (with its series' Laterality, where it states one).
 
 A negative result has no key images (its SR says so). Pure function: the caller reads the source
 instances (with pixel data) and sends the returned data sets.
@@ -29,6 +30,7 @@ supersedes; it never references a screened instance.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -84,6 +86,10 @@ REJECTED_FOR_QUALITY: Final = ("113001", "DCM", "Rejected for Quality Reasons")
 instances an archive hides from regular use and keeps (113037 "Rejected for Patient Safety Reasons" is for a
 wrong patient, 113038 "Incorrect Modality Worklist Entry" for a wrong order, 113039 "Data Retention Policy
 Expired" has them deleted); DICOM has no title for a result superseded by a later one."""
+
+
+_CODE_STRING: Final = re.compile(r"[A-Z0-9_ ]{1,16}")
+"""A one-valued CS (PS3.5 6.2): what a header value copied into an object must be (else it is left out)."""
 
 
 def lung_window(hu: np.ndarray, centre: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
@@ -252,6 +258,11 @@ def key_images(
                                     f"{quadrant_words(ev.quadrant)} run, "
                                     f"lung window C {LUNG_WINDOW[0]:g} W {LUNG_WINDOW[1]:g}, lesion boxes drawn")
         sc.BurnedInAnnotation = "YES"
+        part = str(ds.get("BodyPartExamined", "") or "").strip()
+        if _CODE_STRING.fullmatch(part):  # the source's (CHEST): without it, Laterality (Type 2C on a paired part)
+            sc.BodyPartExamined = part   # reads as missing (dciodvfy), and a hanging protocol finds no body part
+            if "Laterality" in ds and str(ds.Laterality or "").strip() in ("", "R", "L"):
+                sc.Laterality = str(ds.Laterality or "").strip()  # the source series' (a paired part's)
         source = Dataset()
         source.ReferencedSOPClassUID = ds.SOPClassUID
         source.ReferencedSOPInstanceUID = ds.SOPInstanceUID

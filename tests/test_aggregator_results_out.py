@@ -126,6 +126,27 @@ def test_key_images_are_secondary_captures_with_boxes_in_a_lung_window(tmp_path)
     assert [i.SOPInstanceUID for i in again] == [i.SOPInstanceUID for i in images]  # same result, same UIDs
 
 
+@pytest.mark.parametrize(("part", "laterality", "expected"), [
+    ("CHEST", None, ("CHEST", None)),
+    ("LUNG", "R", ("LUNG", "R")),     # a paired part: its series' Laterality goes with it
+    ("Chest wall", None, (None, None)),  # no CS value (lower case): left out, never copied malformed
+    (None, None, (None, None)),
+])
+def test_key_images_keep_the_body_part_examined_of_their_slices(part, laterality, expected):
+    """The key images had no Body Part Examined: dciodvfy (dicom3tools) then calls their Laterality, Type 2C on a
+    paired part, missing ("Missing attribute for Type 2C Conditional - Module=<GeneralSeries>"), and a viewer's
+    hanging protocol finds no body part for them. They now carry their slice's (and its series' Laterality)."""
+    result, sources = results_series()
+    for ds in sources:
+        if part is not None:
+            ds.BodyPartExamined = part
+        if laterality is not None:
+            ds.Laterality = laterality
+    for image in key_images(result, sources):
+        back = dcmread(io.BytesIO(_bytes(image)))
+        assert (back.get("BodyPartExamined"), back.get("Laterality")) == expected
+
+
 def test_negative_result_has_no_key_images_and_missing_sources_are_refused():
     result, sources = results_series(lesion_slices=(1, 2))
     assert result.verdict == "negative" and key_images(result, sources) == []
