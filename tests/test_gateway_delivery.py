@@ -1124,15 +1124,15 @@ def test_stow_failures_for_objects_held_already_count_as_delivered(status, reaso
         assert exc.value.permanent and exc.value.sent == ["1.2.3.1"]
 
 
-def _stow_answered(status: int, answer: Any, uids: list[str]) -> list[str]:
-    """What :func:`send_stow` makes of a DICOMweb server's ``answer`` (scripted: httpx.MockTransport) to the STOW-RS
-    of SRs with these ``uids``: the UIDs it counts as delivered (or its SendError)."""
+def _stow_answered(status: int, answer: Any, uids: list[str], headers: dict[str, str] | None = None) -> list[str]:
+    """What :func:`send_stow` makes of a DICOMweb server's ``answer`` (scripted: httpx.MockTransport; with
+    ``headers``) to the STOW-RS of SRs with these ``uids``: the UIDs it counts as delivered (or its SendError)."""
     import httpx
 
     from gateway.delivery.config import StowDestination
     from gateway.delivery.senders import send_stow
 
-    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=answer))
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=answer, headers=headers))
     dest = StowDestination(name="web", kind="stowrs", url="http://pacs/dicom-web")
 
     async def send():
@@ -1256,6 +1256,25 @@ def _fhir_refusal(answer: Any) -> Any:
     with pytest.raises(SendError) as exc:
         asyncio.run(send())
     return exc
+
+
+@pytest.mark.parametrize(("status", "permanent"), [(301, True), (308, True), (302, False), (307, False)])
+def test_a_redirect_is_said_and_a_permanent_one_fails_at_once(status, permanent):
+    """A STOW-RS or FHIR URL the server redirects (http to https, a moved base) answered 'HTTP 301' alone and was sent
+    again for a day of back-off (300 tries): redirects are not followed. A permanent one (301, 308) now fails at once,
+    saying to set the url; a temporary one is tried again, saying so; neither quotes the Location (a URL may carry a
+    token). Scripted answers (httpx.MockTransport)."""
+    import httpx
+
+    from gateway.delivery.senders import SendError
+
+    location = {"Location": "https://ris/fhir?token=s3cret"}
+    with pytest.raises(SendError) as stow:
+        _stow_answered(status, None, ["1.2.3.1"], headers=location)
+    for exc in (stow.value, _fhir_refusal(httpx.Response(status, headers=location)).value):
+        assert exc.permanent is permanent and exc.sent == [], str(exc)
+        assert f"answered HTTP {status} (a redirect, which is not followed: set the destination's url to where it " \
+               "points" in str(exc) and "s3cret" not in str(exc)
 
 
 def test_a_fhir_refusal_says_its_issue_codes_and_never_their_diagnostics():

@@ -3,7 +3,8 @@ MLLP (asyncio, the ``hl7`` library's MLLP streams).
 
 Each sender takes ``[(uid, sop_class_uid, bytes)]`` and returns the UIDs the destination acknowledged;
 it raises :class:`SendError` for the rest, ``permanent`` when trying again cannot help (a 4xx answer
-other than 408/429 and than a STOW-RS 409 for want of resources, a refused association, a C-STORE failure other
+other than 408/429 and than a STOW-RS 409 for want of resources, a permanent redirect (never followed), a refused
+association, a C-STORE failure other
 than out of resources: :func:`store_status`). A FHIR server's refusal of a reference it cannot resolve yet
 (412; a 404 with an OperationOutcome, as HAPI FHIR answers a conditional reference that matches nothing,
 HAPI-1091, issue code ``processing``; or any issue code ``not-found``: the RIS has no such patient or order
@@ -260,7 +261,8 @@ def rejection_words(source: int | None, reason: int | None, calling: str, called
 
 def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) -> SendError:
     """A refusal: permanent for a 4xx but 401 (an expired token: tried again after the longest back-off), 408, 425 and
-    429; a 429's or 503's ``Retry-After`` is the least wait before the next try."""
+    429, and for a permanent redirect (:data:`PERMANENT_REDIRECTS`, never followed); a 429's or 503's ``Retry-After``
+    is the least wait before the next try."""
     status = response.status_code
     message = f"{where} answered HTTP {status}{outcome_codes(response)}"
     wait_s = retry_after(response) if status in (429, 503) else None
@@ -268,8 +270,16 @@ def _http_error(where: str, response: httpx.Response, sent: Sequence[str] = ()) 
         message += f" (asks to wait {wait_s:g} s)"
     if status == 401:
         message += " (unauthorized: its token may have expired or been revoked; tried again after the longest back-off)"
-    return SendError(message, permanent=400 <= status < 500 and status not in (401, 408, 425, 429), sent=sent,
-                     wait_s=wait_s, longest=status == 401)
+    if 300 <= status < 400:  # its Location is not quoted: a URL may carry a token
+        message += (" (a redirect, which is not followed: set the destination's url to where it points"
+                    + (")" if status in PERMANENT_REDIRECTS else "; tried again)"))
+    return SendError(message, permanent=(400 <= status < 500 and status not in (401, 408, 425, 429))
+                     or status in PERMANENT_REDIRECTS, sent=sent, wait_s=wait_s, longest=status == 401)
+
+
+PERMANENT_REDIRECTS = (301, 308)
+"""Moved Permanently and Permanent Redirect (RFC 9110 15.4): the destination's URL is to change; tried again, each
+was sent again for a day of back-off (the others, a temporary redirect, may end: tried again)."""
 
 
 def retry_after(response: httpx.Response) -> float | None:
