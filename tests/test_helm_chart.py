@@ -651,6 +651,21 @@ def test_gateway_keeps_its_data_folder_on_a_volume():
     assert "only one pod can mount it" in str(info.value)
 
 
+def test_a_gateway_on_a_read_write_once_claim_rolls_without_a_surge_pod():
+    """The one replica a ReadWriteOnce results claim allows rolled with maxSurge 1: the new pod, which the spread
+    over nodes places away from the old one, waited on the claim the old pod holds (Multi-Attach), and the old pod
+    left only once the new one was ready: every upgrade stalled until its progress deadline. The old pod now
+    leaves first; a ReadWriteMany claim and the default emptyDir keep the surge."""
+    one = {"autoscaling": {"enabled": False}, "replicas": 1}
+    for gw, surge in (({**one, "resultsDir": {"claimName": "ctscreen-results"}}, (0, 1)),
+                      ({**one, "resultsDir": {"claimName": "ctscreen-results", "claimAccessMode": "ReadWriteMany"}},
+                       (1, 0)),
+                      (one, (1, 0))):
+        strategy = find(render({"gateway": gw}), "Deployment", "-gateway")["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert (strategy["rollingUpdate"]["maxSurge"], strategy["rollingUpdate"]["maxUnavailable"]) == surge, gw
+
+
 def test_triton_service_is_headless_with_a_named_grpc_port(rendered):
     headless = find(rendered["default"], "Service", "-triton-headless")
     assert headless["spec"]["clusterIP"] == "None"
