@@ -660,6 +660,47 @@ def test_the_gateway_budget_never_blocks_every_drain(autoscaling, replicas, budg
     assert bool(pdbs) is budget
 
 
+_LOCAL_VOLUMES = "cluster-autoscaler.kubernetes.io/safe-to-evict-local-volumes"
+
+
+def _disk_empty_dirs(deployment: dict) -> set[str]:
+    """The volumes the cluster autoscaler counts as local storage (its drain rule: a hostPath, or an emptyDir
+    not backed by memory), each of which keeps the pod, and so its node, in place unless the pod names it."""
+    return {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+            if "hostPath" in v or ("emptyDir" in v and v["emptyDir"].get("medium") != "Memory")}
+
+
+@pytest.mark.parametrize("patch", [
+    {},
+    {"triton__engines__cache__type": "emptyDir"},
+    {"triton__engines__build": False},
+    {"triton__modelRepository__source": "pvc"},
+    {"gateway__resultsDir__claimName": "scratch", "gateway__resultsDir__claimAccessMode": "ReadWriteMany"},
+])
+def test_the_cluster_autoscaler_may_move_triton_and_gateway_pods(patch):
+    """The cluster autoscaler (--skip-nodes-with-local-storage, its default) never moves a pod with a disk-backed
+    emptyDir it is not told of, so a node holding one Triton pod (models, tmp) or one gateway (tmp, results)
+    was never removed: a GPU node of a scaled-down fleet stayed up for a pod that fits elsewhere. Each pod names
+    exactly its own disk emptyDirs (scratch, copies, the engine cache when it is one), whatever the values."""
+    objs = render(_production(**patch))
+    for suffix in ("-triton", "-gateway"):
+        deployment = find(objs, "Deployment", suffix)
+        named = deployment["spec"]["template"]["metadata"]["annotations"][_LOCAL_VOLUMES].split(",")
+        assert sorted(named) == sorted(_disk_empty_dirs(deployment)), suffix
+    assert "dshm" not in find(objs, "Deployment", "-triton")["spec"]["template"]["metadata"]["annotations"][_LOCAL_VOLUMES]
+
+
+def test_a_pod_annotation_of_ones_own_replaces_the_charts():
+    """A volume of one's own (extraVolumes) is not named for the autoscaler: podAnnotations can name it (or none,
+    to keep the pod where it is), replacing the chart's value rather than writing the key twice."""
+    mine = {_LOCAL_VOLUMES: "models,tmp,mine", "example.org/owner": "ops"}
+    for component in ("triton", "gateway"):
+        objs = render(_production(**{f"{component}__podAnnotations": mine}))
+        annotations = find(objs, "Deployment", f"-{component}")["spec"]["template"]["metadata"]["annotations"]
+        assert annotations[_LOCAL_VOLUMES] == "models,tmp,mine" and annotations["example.org/owner"] == "ops"
+        assert any(k.startswith("checksum/") for k in annotations)
+
+
 def test_without_an_engine_build_the_repository_is_copied_in_the_triton_image_without_a_gpu_or_the_cache():
     """engines.build false (an ONNX Runtime repository, or plans built elsewhere) still pulled the ~10 GB
     TensorRT image, held the GPU for a copy, and mounted the engine cache (a missing claim: Pending)."""

@@ -263,3 +263,16 @@ Kubecost) read pods, not their Deployments. Pass (dict "ctx" $ "component" "gate
 {{- $recommended := dict "app.kubernetes.io/version" (.ctx.Chart.AppVersion | toString) "app.kubernetes.io/part-of" "ctscreen" "app.kubernetes.io/managed-by" .ctx.Release.Service -}}
 {{- toYaml (merge (dict) $sel (.podLabels | default dict) (.ctx.Values.commonLabels | default dict) $recommended) -}}
 {{- end -}}
+
+{{/* Annotations of a pod template: the chart's (a dict), then the component's podAnnotations, whose keys win (one
+key is never written twice). The chart's include the cluster autoscaler's
+cluster-autoscaler.kubernetes.io/safe-to-evict-local-volumes, naming the pod's disk-backed emptyDir volumes (pass
+their names as "local"): they hold scratch, copies and caches only, and the autoscaler does not move a pod with an
+emptyDir it is not told of, so the node it runs on is never removed (a GPU node kept for one Triton pod).
+Pass (dict "chart" <dict> "local" <list> "pod" <dict>). */}}
+{{- define "ctscreen.podAnnotations" -}}
+{{- $out := deepCopy .chart -}}
+{{- with .local }}{{ $_ := set $out "cluster-autoscaler.kubernetes.io/safe-to-evict-local-volumes" (join "," .) }}{{ end -}}
+{{- range $k, $v := (.pod | default dict) }}{{ $_ := set $out $k $v }}{{ end -}}
+{{- toYaml $out -}}
+{{- end -}}
