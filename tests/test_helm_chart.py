@@ -465,6 +465,20 @@ def test_every_container_runs_restricted(rendered, value_set):
             assert c["resources"]["limits"] and c["resources"]["requests"], c["name"]
 
 
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_fs_group_is_applied_to_a_volume_once_not_at_every_start(rendered, value_set):
+    """With fsGroup alone the kubelet changes the owner and mode of every file of a volume at each pod start
+    (fsGroupChangePolicy Always): a gateway starting on a CephFS blob volume (ceph-csi's fsGroupPolicy File) walked
+    every instance file first, as did PostgreSQL over its data and Triton over a shared engine cache.
+    OnRootMismatch does it once, while the volume's root lacks the group."""
+    templates = [o["spec"]["template"]["spec"] for o in rendered[value_set] if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(templates) >= 2
+    for spec in templates:
+        context = spec["securityContext"]
+        assert "fsGroup" in context
+        assert context["fsGroupChangePolicy"] == "OnRootMismatch"
+
 def test_gateway_role_may_only_read_endpointslices(rendered):
     role = find(rendered["default"], "Role")
     assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
