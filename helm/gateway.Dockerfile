@@ -3,14 +3,15 @@
 # The gateway needs no GPU and no torch; it talks gRPC to the Triton pods.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# constraints.txt: the exact versions the suite passed with (scripts/constraints.sh writes it)
+COPY pyproject.toml README.md constraints.txt ./
 COPY ctscreen ./ctscreen
 COPY gateway ./gateway
 COPY aggregator ./aggregator
 COPY phantom ./phantom
 COPY training ./training
 COPY benchmarks ./benchmarks
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

@@ -57,12 +57,13 @@ pip_quiet() {
   rm -f "$log"
 }
 
-key=$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)
+# the versions the suite passed with (constraints.txt, written by scripts/constraints.sh)
+key=$( (cat pyproject.toml constraints.txt; echo "$extras") | sha256sum | cut -c1-16)
 stamp=".venv/.ctscreen-setup-$key"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing ctscreen${extras:+[$extras]} into .venv (first run takes a few minutes)"
   pip_quiet install --upgrade pip
-  pip_quiet install -e ".${extras:+[$extras]}"
+  pip_quiet install -c constraints.txt -e ".${extras:+[$extras]}"
   # numpy 2 makes the Triton python-backend stub send 0-byte tensors: refuse to go on with it.
   .venv/bin/python -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)' \
     || { echo "setup: numpy >= 2 got installed; ctscreen needs numpy < 2" >&2; exit 1; }

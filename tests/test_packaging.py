@@ -104,3 +104,54 @@ def test_the_installed_app_starts_and_serves_its_page_outside_the_checkout(wheel
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "served" in done.stdout, done.stderr[-3000:]
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt's ``name==version`` lines, by canonical name."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_every_dependency_is_installed_at_the_version_constraints_txt_pins():
+    """A fresh clone and an image built months later get the versions the suite passed with: scripts/setup.sh and
+    the gateway image install with ``-c constraints.txt``, which pins every dependency pyproject.toml declares (base
+    and extras) at a version its range admits, and this environment (set up by setup.sh) holds exactly those.
+    torch and torchvision are pinned in pyproject.toml itself (their build is the machine's), and nothing only they
+    bring (CUDA 13 libraries) is pinned."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = _pins()
+    for req in declared:
+        name = canonicalize_name(req.name)
+        if name in ("torch", "torchvision"):
+            assert str(req.specifier).startswith("==") and name not in pins, req
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt (run scripts/constraints.sh)"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), f"{name}=={pins[name]} is not {req}"
+    assert not [n for n in pins if n.startswith("nvidia-") and n not in ("nvidia-cuda-runtime-cu12", "nvidia-pytriton")]
+    stale = {}
+    for name, pinned in pins.items():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            continue
+        if Version(have) != Version(pinned):
+            stale[name] = (have, pinned)
+    assert not stale, f"installed against pinned (scripts/setup.sh installs the pins): {stale}"
+    assert 'install -c constraints.txt -e ".' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert "pip install --no-cache-dir --prefix=/install -c constraints.txt ." in DOCKERFILE.read_text()
+    assert "constraints.txt" in _copied()
