@@ -261,12 +261,18 @@ def _evidence_text(result: dict[str, Any]) -> str:
     return f"{quadrant_words(ev['quadrant'])} x{ev['n_slices']} {span}".strip()
 
 
+_TABLE_MESSAGE_CHARS = 60
+"""An error's message in the table's evidence column is cut here; the whole message follows the table."""
+
+
 def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = None) -> str:
-    """A plain-text table, one row per study."""
+    """A plain-text table, one row per study; below it, each error whose message the table cut, in full (what
+    to do about it comes last in the gateway's messages: "Upload one study at a time", "set $CTSCREEN_TOKEN")."""
     head = ["study", "verdict", "reason", "slices", "evidence (quadrant, run)", "seconds"]
     if truth:
         head.insert(1, "truth")
     rows = [head]
+    cut = []
     for o in outcomes:
         if o.result is not None:
             r = o.result
@@ -274,8 +280,11 @@ def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = No
                    str(r.get("n_slices", "")), _evidence_text(r), f"{o.seconds:.1f}"]
         else:
             err = o.error or {}
-            row = [o.path, "ERROR", err.get("reason", "?"), "-", str(err.get("message", ""))[:60],
-                   f"{o.seconds:.1f}"]
+            message = " ".join(str(err.get("message", "")).split())
+            if len(message) > _TABLE_MESSAGE_CHARS:
+                cut.append(f"{o.path}: {err.get('reason', '?')}: {message}")
+                message = message[:_TABLE_MESSAGE_CHARS - 3].rstrip() + "..."
+            row = [o.path, "ERROR", err.get("reason", "?"), "-", message, f"{o.seconds:.1f}"]
         if truth:
             row.insert(1, truth.get(o.path, "?"))
         rows.append(row)
@@ -286,6 +295,8 @@ def verdict_table(outcomes: Sequence[Outcome], truth: dict[str, str] | None = No
         from aggregator.fhir import NOTICE  # what opens the SR's, the key images' and the FHIR report's text
 
         lines.append(NOTICE)
+    if cut:
+        lines += ["", *cut]
     return "\n".join(lines)
 
 

@@ -56,6 +56,25 @@ def test_verdict_table():
     assert "ERROR" in lines[3] and "not_dicom" in lines[3]
 
 
+def test_an_error_the_table_cuts_is_printed_whole_below_it():
+    """``ctscreen screen DIR`` on a folder of two studies (``ctscreen phantom --studies 2``) printed "The upload
+    holds CT images of 2 studies: 1.2.826.0.1.3680043" and no more: the table cut every error to 60 characters,
+    and with it what to do (upload one study at a time; set $CTSCREEN_TOKEN; the scope a key lacks)."""
+    advice = "Upload one study at a time (or send them by STOW-RS, which screens each study apart)."
+    message = f"The upload holds CT images of 2 studies: {'1.2.826.0.1.3680043.8.498.' + '7' * 38} (40 files). {advice}"
+    result = {"verdict": "negative", "reason": "no_findings", "n_slices": 40, "evidence": None}
+    table = verdict_table([Outcome("out", error={"reason": "mixed_studies", "message": message}, seconds=0.5),
+                           Outcome("normal", result=result, seconds=1.0),
+                           Outcome("bad", error={"reason": "not_dicom", "message": "no"})])
+    lines = table.splitlines()
+    row = lines[2]
+    assert "mixed_studies" in row and row.split("  ")[-1].strip() == "0.5"
+    assert "The upload holds CT images of 2 studies" in row and "... " in row and advice not in row
+    assert "not a diagnosis" in lines[5]
+    assert lines[-2:] == ["", f"out: mixed_studies: {message}"]  # whole, once; "no" fits the table
+    assert sum(advice in line for line in lines) == 1
+
+
 def test_a_dicom_port_that_is_the_api_port_is_one_line(capsys):
     port = free_port()
     with pytest.raises(SystemExit) as exc:
