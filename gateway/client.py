@@ -87,9 +87,16 @@ def _multipart(files: list[Path], root: Path, bar: Any) -> tuple[str, int, Itera
 
 
 def error_of(response: Any) -> dict[str, Any]:
+    """The gateway's error body of ``response``; a 401 to a request that carried no credential also says how
+    this client sends one (the gateway's own words name the header, which a command's user never writes)."""
     try:
         body = response.json()
         if isinstance(body, dict) and "reason" in body:
+            sent = response.request.headers
+            if response.status_code == 401 and "Authorization" not in sent and "X-API-Key" not in sent:
+                body = {**body, "message": f"{body.get('message', '')} The ctscreen commands send $CTSCREEN_TOKEN, "
+                                          "which is not set: set it to an API key (ctscreen keys add) or an "
+                                          "access token."}
             return body
     except ValueError:
         pass

@@ -96,6 +96,30 @@ def test_a_credential_refused_after_the_upload_ends_at_once_naming_the_job(gatew
     assert out.job_id in out.error["message"] and "refused" in out.error["message"]
 
 
+def test_an_upload_without_a_credential_names_ctscreen_token(gateway, study, monkeypatch, capsys):
+    """``ctscreen screen`` (and ``ctscreen send``) against a gateway with authentication, $CTSCREEN_TOKEN unset,
+    said only the gateway's words, "send 'Authorization: Bearer <token or API key>'": a header the command's
+    user never writes. A credential sent and refused keeps the gateway's words alone (it is set, and wrong)."""
+    from gateway import cli
+    from gateway.cli import screen_main, send_main
+
+    client, keys = gateway
+    for module in (screen_client, cli):  # the app keeps running for the last upload below
+        monkeypatch.setattr(module, "http_client", lambda url, timeout: contextlib.nullcontext(client))
+    out = screen_client.screen_path(client, study, quiet=True, max_wait_s=60)
+    assert out.error["reason"] == "unauthorized", out.error
+    assert out.error["message"].startswith("Authentication required: send 'Authorization: Bearer")
+    assert out.error["message"].endswith("The ctscreen commands send $CTSCREEN_TOKEN, which is not set: set it to "
+                                         "an API key (ctscreen keys add) or an access token.")
+    assert screen_main([str(study), "--quiet", "--url", "http://testserver"]) == 1
+    assert "$CTSCREEN_TOKEN, which is not set" in capsys.readouterr().out
+    assert send_main(["0" * 32, "--to", "pacs", "--url", "http://testserver"]) == 1
+    assert "$CTSCREEN_TOKEN, which is not set" in capsys.readouterr().err
+    client.headers["X-API-Key"] = "cts_000000000000_unknown"
+    out = screen_client.screen_path(client, study, quiet=True, max_wait_s=60)
+    assert out.error == {"reason": "unauthorized", "message": "The API key is unknown or revoked."}
+
+
 def test_a_gateway_restarting_while_a_job_runs_is_asked_again(gateway, study, monkeypatch):
     """It ended in a ConnectError traceback, without the job id."""
     client, keys = gateway
