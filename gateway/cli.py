@@ -225,6 +225,8 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
                    help="use this Triton gRPC endpoint (host:port) instead of starting the embedded one")
     p.add_argument("--repo", type=Path, default=None, help="Triton model repository (default: the cpu profile)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without authentication on a non-loopback --host (default: refused)")
 
 
 def _bind_error(host: str, port: int) -> str | None:
@@ -291,9 +293,9 @@ def _check_exposure(p: argparse.ArgumentParser, host: str, overrides: dict[str, 
     try:
         check_exposure(Settings(**{"host": host, **overrides}), host)
     except AuthConfigError as exc:
-        p.exit(2, f"ctscreen serve: {exc}\n")
+        p.exit(2, f"{p.prog}: {exc}\n")
     except ValidationError as exc:
-        p.exit(2, f"ctscreen serve: {setting_error(exc)}\n")
+        p.exit(2, f"{p.prog}: {setting_error(exc)}\n")
 
 
 def _metrics_port(p: argparse.ArgumentParser) -> int | None:
@@ -322,8 +324,6 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--dicom-port", type=int, default=None,
                    help="also listen for DICOM C-STORE / C-ECHO on this port (a Storage SCP; default: off)")
     p.add_argument("--dicom-ae-title", default="CTSCREEN", help="AE title of the DICOM SCP (default CTSCREEN)")
-    p.add_argument("--insecure", action="store_true",
-                   help="serve without authentication on a non-loopback --host (default: refused)")
     p.add_argument("--destinations", type=Path, default=None, metavar="FILE",
                    help="send results to the PACS / RIS destinations of this YAML or JSON file (see docs/gateway.md)")
     args = p.parse_args(argv)
@@ -574,6 +574,8 @@ def demo_main(argv: list[str]) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             p.error(f"--out {args.out}: cannot be created ({exc.strerror or exc})")
+    overrides: dict[str, Any] = {"auth_insecure": True} if args.insecure else {}
+    _check_exposure(p, args.host, overrides)  # one line, before Triton starts, as for serve
     _logging(args.log_level)
     tmp = None
     try:
@@ -584,7 +586,7 @@ def demo_main(argv: list[str]) -> int:
         # the audit trail goes beside the samples, not between the progress bars and the verdict table
         audit = out / "audit.jsonl"
         with run_stack(host=args.host, port=args.port, triton_url=args.triton_url, repo=args.repo,
-                       log_level=args.log_level, settings_overrides={"audit_log_file": audit}) as stack:
+                       log_level=args.log_level, settings_overrides={**overrides, "audit_log_file": audit}) as stack:
             print(f"gateway up at {stack.url}; making sample studies in {out} ...", file=sys.stderr, flush=True)
             truth = make_samples(out, args.slices)
             outcomes = screen_paths(stack.url, [Path(p) for p in truth])

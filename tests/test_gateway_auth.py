@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from gateway import keys as keys_cli
 from gateway.auth import AuthConfigError
-from gateway.cli import serve_main
+from gateway.cli import demo_main, serve_main
 from gateway.main import create_app
 from gateway.settings import Settings
 from tests.gateway_app_fakes import FakeFleet, ct_series, served
@@ -427,13 +427,21 @@ def test_non_loopback_bind_needs_auth(tmp_path):
         assert _upload(c, {}).status_code == 202
 
 
-def test_serve_refuses_a_public_bind_without_auth_in_one_line(capsys, monkeypatch):
+@pytest.mark.parametrize("main", [serve_main, demo_main], ids=["serve", "demo"])
+def test_serve_refuses_a_public_bind_without_auth_in_one_line(capsys, monkeypatch, main):
+    """``ctscreen demo --host 0.0.0.0`` started the embedded Triton, then ended 'ctscreen demo: AuthConfigError:
+    ... or pass --insecure', exit 1, and demo took no --insecure. Now it is refused as serve is, before anything
+    starts, and takes --insecure."""
     for name in ("CTSCREEN_AUTH_OIDC_ISSUER", "CTSCREEN_AUTH_API_KEYS_FILE", "CTSCREEN_AUTH_INSECURE"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as exc:
-        serve_main(["--host", "0.0.0.0", "--port", "0"])
+        main(["--host", "0.0.0.0", "--port", "0"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "--insecure" in err, err
+    assert err.startswith(f"ctscreen {main.__name__.removesuffix('_main')}: refusing to listen on 0.0.0.0"), err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--insecure" in capsys.readouterr().out
 
 
 def test_oidc_settings_are_checked():
