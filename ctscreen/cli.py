@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("phantom.cli", "synthetic chest-CT studies with ground truth, as DICOM series"),
     "train": ("training.cli:train_main", "train the valid-area or lesion UNet++"),
     "export": ("training.cli:export_main", "export a checkpoint to ONNX with its model card"),
-    "repo": ("ctscreen.repo", "render the Triton model repository (cpu or gpu profile)"),
+    "repo": ("ctscreen.repo", "render the Triton model repository (cpu, gpu or gpu-ort profile)"),
     "triton": ("ctscreen.embedded", "run the embedded tritonserver on the cpu repository"),
     "serve": ("gateway.cli:serve_main", "run the embedded Triton and the gateway on localhost"),
     "db": ("gateway.cli:db_main", "the gateway's state store schema: ctscreen db upgrade|downgrade REVISION|current"),

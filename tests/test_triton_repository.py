@@ -366,3 +366,16 @@ def test_the_documented_repo_build_usage_names_every_option(capsys):
     doc = (ROOT / "docs" / "triton.md").read_text()
     block = doc[doc.index("ctscreen repo build --profile"):].split("```")[0]
     assert set(re.findall(r"--[\w-]+", block)) == set(re.findall(r"--[\w-]+", usage)) - {"--help"}
+
+
+def test_ctscreen_help_names_every_profile_repo_build_renders(capsys):
+    """``ctscreen --help`` said ``repo``: "render the Triton model repository (cpu or gpu profile)", while
+    ``repo build --profile`` takes gpu-ort too (TensorRT absent: ONNX Runtime's CUDA provider)."""
+    import re
+
+    from ctscreen.cli import main
+    from ctscreen.repo import PROFILES
+
+    assert main(["--help"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("repo ")]
+    assert set(PROFILES) <= set(re.findall(r"[\w-]+", line)), line
