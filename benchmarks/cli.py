@@ -125,7 +125,7 @@ def _add_load(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip(), allow_abbrev=False,
+    parser = _Parser(prog="ctscreen bench", description=__doc__.split("::")[0].strip().replace("``", ""), allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = _Parser(add_help=False)
     shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")

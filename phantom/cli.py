@@ -28,8 +28,13 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgError(message)
 
 
+_WHAT = __doc__.split("\n\n")[0].split(": ", 1)[1]
+_DESCRIPTION = _WHAT[0].upper() + _WHAT[1:]
+"""The docstring's first line without its reST and the command's name, which the usage line gives."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ctscreen phantom", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="ctscreen phantom", description=_DESCRIPTION)
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--studies", type=int, default=1, help="number of studies (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first study (default 0)")

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from ctscreen.cli import COMMANDS
 from gateway.keys import KeyStore
 
 UNWRITABLE = "/proc/ctscreen-no-such-dir/out"
@@ -283,3 +284,12 @@ def test_a_key_whose_reader_left_before_it_was_shown_is_revoked_and_said_so(buff
     (record,) = KeyStore(keys).keys()
     assert record.revoked_at is not None
     assert p.stderr == f"ctscreen keys: key {record.id} (pacs) could not be shown and is revoked; add it again\n"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_help_is_plain_text(command):
+    """``ctscreen phantom --help`` opened "``ctscreen phantom``: write synthetic ...", ``ctscreen bench --help``
+    "``ctscreen bench`` (also ``python -m benchmarks``)": their module docstrings' reST, as written."""
+    shown = _run([command, "--help"])
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: ctscreen"), shown.stderr
+    assert "``" not in shown.stdout, shown.stdout
