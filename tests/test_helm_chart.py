@@ -270,7 +270,7 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
         ({"triton": {"priorityClass": {"create": True}}}, "needs triton.priorityClassName"),
         ({"triton": {"rollout": {"progressDeadlineSeconds": 3600}}}, "2 models x engines.buildTimeoutSeconds 1800"),
         # a new GPU node pulls a 10-15 GB image first: the deadline counts the pull too
-        ({"triton": {"rollout": {"imagePullSeconds": 1200}}}, "the image pull 1200 s"),
+        ({"triton": {"rollout": {"imagePullSeconds": 1200}}}, "the image pulls 2 x 1200 s"),
         ({"triton": {"engines": {"build": False}, "rollout": {"progressDeadlineSeconds": 600, "imagePullSeconds": 900}}},
          "the image pull 900 s (triton.rollout.imagePullSeconds) + 0 models"),
         # a security control the gateway would refuse without mutual TLS was dropped from the pod silently
@@ -286,6 +286,32 @@ def test_cross_field_rules_fail_the_render_with_a_clear_message(patch, message):
     with pytest.raises(helm.HelmError) as info:
         render(patch)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("build", "minimum"), [
+    # the TensorRT image (build-engines), two builds, then the Triton image, then the startup probe
+    (True, 2 * 900 + 2 * 1800 + 900),
+    # one pull (build-engines copies the repository in the Triton image), no build
+    (False, 900 + 900),
+])
+def test_the_triton_progress_deadline_counts_every_image_a_cold_node_pulls(build, minimum):
+    """On a cold GPU node with engines.build the kubelet pulls build-engines' TensorRT image, runs the builds, and
+    only then pulls the Triton image: the check counted one pull, so a default deadline that passed the render
+    failed the rollout (and helm --wait) while the second image came down. Without a build there is one pull."""
+    def deadline(seconds: int) -> dict:
+        return {"triton": {"engines": {"build": build}, "rollout": {"progressDeadlineSeconds": seconds}}}
+
+    triton = find(render(deadline(minimum)), "Deployment", "-triton")
+    assert triton["spec"]["progressDeadlineSeconds"] == minimum
+    with pytest.raises(helm.HelmError) as info:
+        render(deadline(minimum - 1))
+    pulls = ("the image pulls 2 x 900 s (build-engines' TensorRT image, then the Triton image" if build
+             else "the image pull 900 s (triton.rollout.imagePullSeconds) + 0 models")
+    assert pulls in str(info.value) and f"= {minimum} s" in str(info.value)
+    if build:  # the default covers a cold node (the chart's values and the README's wait, in minutes)
+        assert find(render(), "Deployment", "-triton")["spec"]["progressDeadlineSeconds"] >= minimum
+        readme = (CHART / "README.md").read_text()
+        assert f"--timeout={-(-minimum // 60)}m" in readme and f"`progressDeadlineSeconds` {minimum}" in readme
 
 
 @pytest.mark.parametrize(("override", "external", "message"), [
