@@ -690,6 +690,80 @@ def test_the_cluster_autoscaler_may_move_triton_and_gateway_pods(patch):
     assert "dshm" not in find(objs, "Deployment", "-triton")["spec"]["template"]["metadata"]["annotations"][_LOCAL_VOLUMES]
 
 
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str | int) -> int:
+    """A Kubernetes quantity of bytes (the suffixes the schema accepts) as a number."""
+    number, unit = re.fullmatch(r"([0-9.]+)([kMGT]i?)?", str(quantity)).groups()  # type: ignore[union-attr]
+    return int(float(number) * _UNITS[unit or ""])
+
+
+def _disk_writers(deployment: dict) -> dict[str, dict]:
+    """Every container (init containers too) that writes one of the pod's disk-backed emptyDirs, by name."""
+    spec = deployment["spec"]["template"]["spec"]
+    disk = _disk_empty_dirs(deployment)
+    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]
+            if any(m["name"] in disk and not m.get("readOnly") for m in c.get("volumeMounts", []))}
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_pods_request_the_disk_their_empty_dirs_take(value_set, tmp_path):
+    """Triton's emptyDirs may take 32Gi (sizeLimits), the gateway's 24Gi, and the scheduler counts none of it
+    unless a container requests ephemeral-storage: on a GPU node with a small root disk a pod was placed where
+    the kubelet then evicted it under disk pressure (first the pods above their requests). Each container that
+    writes such a volume requests at least what the pod holds in normal operation there:
+    Triton: the gpu-profile repository twice (source, served copy), each plan twice (cache, served; a plan is
+    the weights and their kernels: 64 MiB allowed each, not measured here), the CUDA JIT cache in /tmp (1 GiB,
+    CUDA's default CUDA_CACHE_MAXSIZE) and the kubelet's log files (5 x 10 MiB); the gateway: its budget of
+    request bodies in flight, spooled to disk (CTSCREEN_UPLOAD_BUDGET_BYTES)."""
+    from ctscreen.repo import build_repository
+    from gateway.settings import Settings
+
+    repo = build_repository("gpu", tmp_path / "gpu")
+    repository = sum(f.stat().st_size for f in repo.rglob("*") if f.is_file())
+    values = _production() if value_set == "production" else {}
+    objs = render(values)
+    triton = find(objs, "Deployment", "-triton")
+    models = len(yaml.safe_load((CHART / "values.yaml").read_text())["triton"]["engines"]["models"])
+    held = 2 * repository + 2 * models * 64 * 2**20 + 2**30 + 50 * 2**20
+    writers = _disk_writers(triton)
+    expected = {"build-engines", "triton"} | ({"fetch-models"} if value_set == "production" else set())
+    assert set(writers) == expected
+    for name, c in writers.items():
+        assert _bytes(c["resources"]["requests"]["ephemeral-storage"]) >= held, name
+    gateway = find(objs, "Deployment", "-gateway")
+    (writer,) = _disk_writers(gateway).values()
+    env = {e["name"]: e.get("value") for e in writer["env"]}
+    budget = int(env.get("CTSCREEN_UPLOAD_BUDGET_BYTES") or Settings.model_fields["upload_budget_bytes"].default)
+    assert _bytes(writer["resources"]["requests"]["ephemeral-storage"]) >= budget
+    if value_set == "production":  # a resources block of one's own keeps the chart's disk request beside it
+        assert container(triton, "triton")["resources"]["requests"]["cpu"] == _production()["triton"]["resources"]["requests"]["cpu"]
+
+
+def test_a_disk_request_of_ones_own_wins():
+    """triton.resources, triton.engines.resources (build-engines, and fetch-models with it) and gateway.resources
+    set the request; null drops it."""
+    values = _production(**{"triton__resources__requests__ephemeral-storage": "20Gi",
+                            "triton__engines__resources": {"requests": {"ephemeral-storage": 12 * 2**30}},
+                            "gateway__resources": {"requests": {"ephemeral-storage": "30Gi", "cpu": "2"}}})
+    objs = render(values)
+    triton = find(objs, "Deployment", "-triton")
+    requests = {name: c["resources"]["requests"] for name, c in _disk_writers(triton).items()}
+    assert requests["triton"]["ephemeral-storage"] == "20Gi" and requests["triton"]["cpu"] == "6"
+    assert _bytes(requests["build-engines"]["ephemeral-storage"]) == 12 * 2**30
+    assert _bytes(requests["fetch-models"]["ephemeral-storage"]) == 12 * 2**30
+    gateway = container(find(objs, "Deployment", "-gateway"), "gateway")["resources"]["requests"]
+    assert gateway["ephemeral-storage"] == "30Gi" and gateway["cpu"] == "2"
+    dropped = render(_production(**{"triton__engines__resources__requests__ephemeral-storage": None,
+                                    "gateway__resources__requests__ephemeral-storage": None}))
+    triton = find(dropped, "Deployment", "-triton")
+    for name, init in (("fetch-models", True), ("build-engines", True)):
+        assert "ephemeral-storage" not in container(triton, name, init=init)["resources"]["requests"], name
+    assert "ephemeral-storage" in container(triton, "triton")["resources"]["requests"]
+    assert "ephemeral-storage" not in container(find(dropped, "Deployment", "-gateway"), "gateway")["resources"]["requests"]
+
+
 def test_a_pod_annotation_of_ones_own_replaces_the_charts():
     """A volume of one's own (extraVolumes) is not named for the autoscaler: podAnnotations can name it (or none,
     to keep the pod where it is), replacing the chart's value rather than writing the key twice."""
