@@ -126,12 +126,12 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
     error: JobError | None = None
     result: CaseResult | None = None
-    version: int | None = Field(None, description="the version of the study this job screens (GET /v1/jobs/{id})")
+    version: int | None = Field(None, description="the version of the study this job screens (GET /v1/jobs/{id} and its events)")
     superseded_by: int | None = Field(
         None, description="a newer version of the same study (instances received after this one's) that has not "
                           "failed: this job's result is not the study's latest, or will not be once that one is "
-                          "screened; a failed later version supersedes nothing (GET /v1/jobs/{id})")
+                          "screened; a failed later version supersedes nothing (GET /v1/jobs/{id} and its events)")
     newest_version: int | None = Field(
         None, description="the study's newest version, whatever its state (being received, screened, done or "
                           "failed): above ``version``, this job is not retried (409 superseded), that version is "
-                          "the one to screen (GET /v1/jobs/{id})")
+                          "the one to screen (GET /v1/jobs/{id} and its events)")

@@ -189,6 +189,29 @@ def test_upload_positive_study_with_progress_events_and_metrics():
     assert fleet.clients["fake:1"].closed  # the lifespan closed the client
 
 
+def test_every_job_event_carries_the_job_as_get_gives_it():
+    """``GET /v1/jobs/{id}/events`` read the job without its study's version: each event said ``"version": null``
+    (and no ``newest_version``) while ``GET /v1/jobs/{id}`` gave 1. Every event's job is the same document as
+    GET's: the same fields, the same version; a ``progress`` event's without its result, ``done``'s all of it."""
+    uid, files = ct_series(10, lesion=[4, 5, 6])
+    with TestClient(_app(FakeFleet(**{"fake:1": {"delay": 0.05}}))) as client:
+        r = client.post("/dicomweb/studies", content=related_body([f for _, f in files]),
+                        headers={"Content-Type": STOW_TYPE})
+        assert r.status_code == 200, r.text
+        job_id = client.post(f"/v1/studies/{uid}/complete").json()["job_id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            text = stream.read().decode()
+        view = wait_job(client, job_id)
+    assert view["version"] == 1 and view["newest_version"] == 1, view
+    events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\ndata: ", 1)[1]))
+              for block in text.strip().split("\n\n") if block.startswith("event: ")]
+    assert [kind for kind, _ in events][-1] == "done" and "progress" in dict(events), text
+    for kind, data in events:
+        assert data["version"] == 1 and data["newest_version"] == 1 and data["superseded_by"] is None, (kind, data)
+        assert set(data) == set(view) - ({"result"} if kind == "progress" else set()), (kind, data)
+    assert events[-1][1] == view
+
+
 def test_an_upload_is_decoded_once():
     """The route decodes the upload (to answer 4xx) and hands it to its own worker: no second decode."""
     from gateway.ingest import load_study

@@ -1346,22 +1346,23 @@ class Store:
             Unknown (or expired) job.
         """
         async with self.read() as s:
-            view = await self._job_view(s, job_id)
-            row = (await s.execute(select(Study.version, latest_version(), newest_version())
-                                   .join(Job, Job.study_id == Study.id).where(Job.id == job_id))).first()
+            return await self._job_view(s, job_id)
+
+    @staticmethod
+    async def _job_view(s: AsyncSession, job_id: str) -> JobView:
+        """The job as :meth:`job` shows it, read in ``s`` (the event stream's steps read it so too)."""
+        job = await s.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(f"No job {job_id!r}.")
+        result = await s.get(Result, job_id) if job.state == JobState.done.value else None
+        view = _view(job, result)
+        row = (await s.execute(select(Study.version, latest_version(), newest_version())
+                               .join(Job, Job.study_id == Study.id).where(Job.id == job_id))).first()
         if row is None:
             return view
         superseded = row[1] is not None and row[1] > row[0]
         return view.model_copy(update={"version": row[0], "superseded_by": row[1] if superseded else None,
                                        "newest_version": row[2]})
-
-    @staticmethod
-    async def _job_view(s: AsyncSession, job_id: str) -> JobView:
-        job = await s.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(f"No job {job_id!r}.")
-        result = await s.get(Result, job_id) if job.state == JobState.done.value else None
-        return _view(job, result)
 
     async def earlier_results(self, job_id: str, limit: int = 10) -> list[CaseResult]:
         """The results of earlier versions of the same study (still kept), newest version first: the readings
