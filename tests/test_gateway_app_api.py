@@ -634,20 +634,44 @@ def test_stow_partial_and_total_failure_and_media_types():
         assert bad_type.status_code == 415
         not_related = client.post("/dicomweb/studies", content=files[1][1], headers={"Content-Type": "application/dicom"})
         assert not_related.status_code == 415 and not_related.json()["reason"] == "unsupported_media_type"
-        # the parameters parsed, not searched for: "type=" inside another parameter is not the body's type
-        no_type = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary="xtype=application/dicom"),
+        assert "Only type=\"application/dicom\" is supported (not 'application/dicom+json')" in bad_type.json()["message"]
+        # the parameters parsed, not searched for: "type=" inside another parameter is not the body's type, and
+        # without one the parts are: this one is DICOM JSON (was read as type="application/dicom", a 409)
+        no_type = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary="xtype=application/dicom",
+                                                                        part_type="application/dicom+json"),
                               headers={"Content-Type": 'multipart/related; boundary="xtype=application/dicom"'})
-        assert no_type.status_code == 415 and "(not 'none')" in no_type.text, no_type.text  # was accepted
+        assert no_type.status_code == 415, no_type.text
+        assert "without type= is read as type=\"application/dicom\" only when each part is DICOM: part 1 is " \
+               "'application/dicom+json'" in no_type.json()["message"], no_type.text
         for content_type, boundary in (('multipart/related; boundary="type=x"; type="application/dicom"', "type=x"),
                                        ('multipart/related; start-type=foo; type="application/dicom"; boundary=b0', "b0")):
             r = client.post("/dicomweb/studies", content=related_body([files[1][1]], boundary=boundary),
                             headers={"Content-Type": content_type})
             assert r.status_code == 200, (content_type, r.text)  # both were 415, (not 'x') and (not 'foo')
+        # a part that declares no Content-Type and is no Part 10 file, in a body without type=: 415 too
+        garbage = client.post("/dicomweb/studies", content=b"--b0\r\n\r\n" + b"garbage" * 50 + b"\r\n--b0--\r\n",
+                              headers={"Content-Type": "multipart/related; boundary=b0"})
+        assert garbage.status_code == 415, garbage.text
+        assert "part 1 declares no Content-Type and is no DICOM Part 10 file" in garbage.text, garbage.text
         empty = client.post("/dicomweb/studies", content=b"--b0undary--\r\n", headers={"Content-Type": STOW_TYPE})
         assert empty.status_code == 400 and empty.json()["reason"] == "bad_upload", empty.text  # was 415: the type was right
-        # counted as every refused request is: these three 415s
+        # counted as every refused request is: these four 415s
         text = client.get("/metrics").text
-        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 3.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
+        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 4.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
+
+
+def test_a_stow_body_without_type_is_stored_when_its_parts_are_dicom():
+    """``multipart/related`` without ``type=`` (RFC 2387 requires it; older modalities' STOW clients and some
+    routers omit it, and Orthanc and dcm4chee take such bodies) was answered 415 however plainly its parts were
+    DICOM. It is stored when each part is: declared ``application/dicom``, or declaring nothing and a Part 10 file."""
+    uid, files = ct_series(2)
+    declared = related_body([files[0][1]])
+    undeclared = b"--b0undary\r\n\r\n" + files[1][1] + b"\r\n--b0undary--\r\n"
+    with TestClient(_app(stow_quiet_period_s=3600)) as client:
+        for body in (declared, undeclared):
+            r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": "multipart/related; boundary=b0undary"})
+            assert r.status_code == 200 and len(r.json()["00081199"]["Value"]) == 1, r.text
+        assert client.get(f"/v1/studies/{uid}").json()["instances_received"] == 2
 
 
 def test_an_uploads_files_are_stored_in_one_blob_folder(tmp_path):

@@ -1,6 +1,7 @@
 """DICOMweb STOW-RS: ``POST /dicomweb/studies[/{StudyInstanceUID}]`` (PS3.18 section 10.5).
 
-The request is ``multipart/related; type="application/dicom"``, one DICOM instance per part. The answer
+The request is ``multipart/related; type="application/dicom"``, one DICOM instance per part (without ``type=``,
+which RFC 2387 requires and some senders omit, when each part is DICOM: declared so, or a Part 10 file). The answer
 is a Store Instances Response in ``application/dicom+json`` (PS3.18 Annex I): ``ReferencedSOPSequence``
 for the stored instances, ``FailedSOPSequence`` (with ``FailureReason``) for the others, and the status
 PS3.18 asks for: 200 every instance stored, 202 some stored, 409 none stored, 503 none stored because the
@@ -29,7 +30,7 @@ from gateway.admission import client_key
 from gateway.api.deps import MetricsDep, PriorityQuery, SettingsDep, StowDep
 from gateway.audit import note_reason
 from gateway.auth import AUTH_RESPONSES, studies_write
-from gateway.dicom import read_dataset
+from gateway.dicom import part10_transfer_syntax, read_dataset
 from gateway.errors import (
     GatewayError,
     InvalidInput,
@@ -123,7 +124,7 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
     if media != "multipart/related":
         return _media_error(metrics, f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
     found = media_parameters(content_type).get("type")
-    if found is None or found.strip().lower() != "application/dicom":
+    if found is not None and found.strip().lower() != "application/dicom":
         return _media_error(metrics, f'Only type="application/dicom" is supported (not {found or "none"!r}); send DICOM Part 10 files.')
     try:
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
@@ -135,11 +136,34 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
                 parts = await spool_multipart(body, content_type, spool)
             except OSError as exc:
                 raise spooling_failed(exc, "The instances") from exc
+            if found is None:  # RFC 2387 requires type=; some senders omit it (Orthanc and dcm4chee take such bodies)
+                other = await run_in_threadpool(_not_dicom, parts)
+                if other is not None:
+                    return _media_error(metrics, "multipart/related without type= is read as type=\"application/dicom\" "
+                                                 f"only when each part is DICOM: {other}; send DICOM Part 10 files.")
             return await _keep(parts, stow, metrics, study_instance_uid, settings.retry_after_s, priority,
                                request.scope)
     finally:
         with anyio.CancelScope(shield=True):  # removed even when the request is cancelled (a shut-down)
             await run_in_threadpool(shutil.rmtree, spool, True)
+
+
+def _part_type(headers: dict[str, str]) -> str | None:
+    """A part's own media type (lower case, without parameters), or None when it declares none."""
+    declared = headers.get("content-type")
+    return None if declared is None else declared.split(";", 1)[0].strip().lower()
+
+
+def _not_dicom(parts: list[tuple[dict[str, str], Path]]) -> str | None:
+    """Of a body sent without ``type=``: the first part that is not DICOM, in words (one that declares another
+    media type, or declares none and is no Part 10 file), or None when every part is."""
+    for i, (headers, content) in enumerate(parts):
+        declared = _part_type(headers)
+        if declared is None and part10_transfer_syntax(content) is None:
+            return f"part {i + 1} declares no Content-Type and is no DICOM Part 10 file"
+        if declared not in (None, "application/dicom"):
+            return f"part {i + 1} is {declared!r}"
+    return None
 
 
 async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics: Metrics,
@@ -154,8 +178,7 @@ async def _keep(parts: list[tuple[dict[str, str], Path]], stow: Intake, metrics:
     studies: list[str] = []
     for i, (headers, content) in enumerate(parts):
         name = f"part-{i + 1}"
-        part_type = headers.get("content-type", "application/dicom").split(";", 1)[0].strip().lower()
-        if part_type != "application/dicom":
+        if _part_type(headers) not in (None, "application/dicom"):
             metrics.error("unsupported_media_type")
             failed.append(_item("", "", CANNOT_UNDERSTAND))
             continue
@@ -214,7 +237,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no or bad credential"},
     403: {"description": "the credential lacks studies:write"},
     413: {"description": "body too large"},
-    415: {"description": "not multipart/related; type=application/dicom"},
+    415: {"description": "not multipart/related of application/dicom: a type= naming another, or, without type=, a "
+                         "part that is not DICOM"},
     429: {"description": "too many bytes or bodies in flight; see Retry-After"},
     503: {"description": "no instance stored: the gateway cannot keep more now (each failure 0xA700); see Retry-After",
           "content": {DICOM_JSON: {}}},
