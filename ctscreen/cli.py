@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv:  # a command missing, as argparse answers it: its usage line and one error line, exit 2
+        print(f"{_usage().splitlines()[0]}\nctscreen: error: a command is required: one of {', '.join(COMMANDS)} "
+              "(see 'ctscreen --help')", file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:

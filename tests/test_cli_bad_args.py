@@ -187,6 +187,16 @@ def _one_clear_line(p: subprocess.CompletedProcess, expected: str) -> None:
     assert expected in lines[0], p.stderr
 
 
+def test_a_missing_command_exits_2_as_argparse_does_and_help_0():
+    """Bare ``ctscreen`` printed the usage and exited 0: a script that ran it with a command left out (an empty
+    variable) went on as if it had worked. It exits 2 with argparse's usage line and one error line; ``--help`` 0."""
+    _one_clear_line(bare := _run([]), "ctscreen: error: a command is required: one of phantom, train")
+    assert bare.returncode == 2 and bare.stdout == "", bare
+    shown = _run(["--help"])
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: ctscreen <command>") and shown.stderr == ""
+    assert all(f"  {name} " in shown.stdout for name in COMMANDS), shown.stdout
+
+
 def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_one_line(tmp_path):
     """The gateway started with it, and answered every keyed call 503 (AttributeError); ``keys list`` crashed."""
     bad = tmp_path / "keys.json"
