@@ -197,6 +197,19 @@ def test_a_missing_command_exits_2_as_argparse_does_and_help_0():
     assert all(f"  {name} " in shown.stdout for name in COMMANDS), shown.stdout
 
 
+def test_python_m_ctscreen_is_the_ctscreen_command():
+    """``python -m ctscreen`` failed ("No module named ctscreen.__main__; ..."): where the console script is not on PATH
+    (a virtualenv not activated) there was no way in by the package's name. It runs the same entry point."""
+    for argv in (["--help"], ["phantom", "--help"]):
+        by_module = subprocess.run([sys.executable, "-m", "ctscreen", *argv], capture_output=True, text=True,
+                                   timeout=60, stdin=subprocess.DEVNULL)
+        assert by_module.returncode == 0 and by_module.stderr == "", by_module
+        assert by_module.stdout == _run(argv).stdout and by_module.stdout.startswith("usage: ctscreen"), by_module
+    missing = subprocess.run([sys.executable, "-m", "ctscreen"], capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    assert missing.returncode == 2 and "a command is required" in missing.stderr, missing
+
+
 def test_an_unreadable_api_key_file_stops_serve_the_charts_gateway_and_keys_in_one_line(tmp_path):
     """The gateway started with it, and answered every keyed call 503 (AttributeError); ``keys list`` crashed."""
     bad = tmp_path / "keys.json"
