@@ -465,7 +465,9 @@ def send_main(argv: list[str]) -> int:
     """``ctscreen send JOB_ID --to NAME [--url URL] [--force]``: queue a result's delivery again."""
     p = argparse.ArgumentParser(prog="ctscreen send",
                                 description="Send a job's result to a configured destination again (a re-send).")
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID",
+                   help="the job whose result to send: its job_id, as GET /v1/studies/{uid} and the web "
+                        "page's study address (#/study/JOB_ID) give it")
     p.add_argument("--to", required=True, metavar="NAME", help="destination name from the destinations file")
     p.add_argument("--force", action="store_true", help="send again even if it was delivered (same UIDs)")
     p.add_argument("--url", default=os.environ.get("CTSCREEN_URL", DEFAULT_URL),

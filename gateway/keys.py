@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
     add.add_argument("--scopes", nargs="+", required=True, choices=SCOPES, help="what the key may do")
     sub.add_parser("list", parents=[after], help="list keys (never the keys themselves)")
     rev = sub.add_parser("revoke", parents=[after], help="revoke a key by id (or by name)")
-    rev.add_argument("id")
+    rev.add_argument("id", help="the key's id (as list shows it), or its name")
     args = p.parse_args(argv)
     if args.file is None:
         p.error("no key file: pass --file PATH or set CTSCREEN_AUTH_API_KEYS_FILE")

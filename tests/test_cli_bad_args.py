@@ -197,6 +197,18 @@ def test_a_missing_command_exits_2_as_argparse_does_and_help_0():
     assert all(f"  {name} " in shown.stdout for name in COMMANDS), shown.stdout
 
 
+@pytest.mark.parametrize("command", [[c] for c in COMMANDS] + [["keys", "add"], ["keys", "revoke"], ["db", "downgrade"]],
+                         ids=" ".join)
+def test_every_positional_argument_is_explained(command):
+    """``ctscreen send --help`` listed JOB_ID with no word of what it is, ``ctscreen keys revoke --help`` its id:
+    every other command says what its positional arguments are."""
+    shown = _run([*command, "--help"]).stdout
+    lines = shown.partition("positional arguments:\n")[2].partition("\n\n")[0].splitlines() + [""]
+    for i, line in enumerate(lines[:-1]):  # an argument: its text beside it, or below it, further in (or its choices)
+        if line.startswith("  ") and not line.startswith("   "):
+            assert len(line.split()) > 1 or lines[i + 1].startswith("   "), shown
+
+
 def test_python_m_ctscreen_is_the_ctscreen_command():
     """``python -m ctscreen`` failed ("No module named ctscreen.__main__; ..."): where the console script is not on PATH
     (a virtualenv not activated) there was no way in by the package's name. It runs the same entry point."""
