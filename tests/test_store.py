@@ -2266,6 +2266,40 @@ def test_a_failed_version_is_retried_only_while_it_is_the_studys_latest(db_url):
     _run(go())
 
 
+def test_the_answers_that_open_or_requeue_a_job_carry_its_version_as_get_gives_it(db_url):
+    """An upload's 202 (``accept_upload``), ``complete``'s, ``retry``'s and ``rescreen``'s answers were built without
+    the study's version: ``"version": null`` and no ``newest_version`` (rescreen's had the version alone), while
+    ``GET /v1/jobs/{id}`` gave both. Each answer is now the job as GET gives it, read in the same transaction."""
+    upgrade(db_url)
+
+    async def go():
+        store = Store(db_url)
+        try:
+            first = await _failed_stow_version(store, "1.2.82")  # complete_now opened it
+            assert ((await store.job(first)).version, (await store.job(first)).newest_version) == (1, 1)
+            await store.add_instance("1.2.82", "1.2.82.9", "9.dcm", "k9", 10)  # version 2, receiving
+            completed = await store.complete_now("1.2.82", 60)
+            assert (completed.version, completed.newest_version, completed.state) == (2, 2, "queued")
+            assert completed == await store.job(completed.job_id)
+            assert (await store.claim(60)).id == completed.job_id
+            assert await store.fail(completed.job_id, JobError(reason="triton_unavailable", message="No Triton."))
+            retried = await store.retry(completed.job_id, 60)
+            assert (retried.version, retried.newest_version, retried.state) == (2, 2, "queued")
+            assert retried == await store.job(retried.job_id)
+            assert (await store.claim(60)).id == retried.job_id
+            assert await store.finish(retried.job_id, _result(retried.job_id, "1.2.82"), None)
+            again = await store.rescreen("1.2.82", 60)
+            assert (again.version, again.newest_version, again.superseded_by) == (3, 3, None)
+            assert again == await store.job(again.job_id)
+            accepted = await store.accept_upload("1.2.81", [("a.dcm", "k1", 10)], 60, slices_total=1)
+            assert (accepted.version, accepted.newest_version, accepted.superseded_by) == (1, 1, None)
+            assert accepted == await store.job(accepted.job_id)
+        finally:
+            await store.close()
+
+    _run(go())
+
+
 @pytest.mark.parametrize("later", ["done", "failed"])
 def test_a_superseded_retry_sends_the_study_again_once_retention_removed_the_later_versions_instances(db_url, later):
     """A failed version 1 below a version 2 whose instances retention removed (its job and result kept): the refusal

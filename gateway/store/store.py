@@ -859,8 +859,9 @@ class Store:
                     job = await self._new_job(s, study, len(files), now, deadline_s, job_id,
                                               idempotency_key=idempotency_key)
                     job.slices_total = slices_total
+                    view = await self._job_view(s, job.id)  # with its version, as GET gives it
                 self.wake(job.id)
-                return _view(job)
+                return view
             except IntegrityError:
                 if idempotency_key is not None and (first := await self.job_by_key(idempotency_key)) is not None:
                     raise KeyTaken(first) from None
@@ -953,9 +954,10 @@ class Store:
                 Study.study_instance_uid == study_instance_uid, Study.state == RECEIVING).with_for_update()
             )).scalar_one_or_none()
             jobs = await self._complete(s, [study], now, deadline_s) if study is not None else []
-        if jobs:
+            view = await self._job_view(s, jobs[0].id) if jobs else None
+        if view is not None:
             self.wake()
-            return _view(jobs[0])
+            return view
         latest = await self.study(study_instance_uid)
         if latest is None or latest.job is None:
             raise JobNotFound(f"No instance of study {study_instance_uid!r} is waiting to be screened.")
@@ -1236,8 +1238,9 @@ class Store:
             job.accepted_by = self.owner  # whoever accepted it first may be gone
             job.finished_at, job.error, job.slices_done, job.updated_at = None, None, 0, now
             s.add(Event(job_id=job.id, state=job.state, slices_done=0, slices_total=job.slices_total, created_at=now))
+            view = await self._job_view(s, job.id)
         self.wake(job.id)
-        return _view(job)
+        return view
 
     async def rescreen(self, study_instance_uid: str, deadline_s: float, *, priority: int | None = None,
                        idempotency_key: str | None = None) -> JobView:
@@ -1302,10 +1305,11 @@ class Store:
                     files = await _copy_instances(s, latest.id, study.id)
                     new = await self._new_job(s, study, files, now, deadline_s, idempotency_key=idempotency_key)
                     new.series_instance_uid = job.series_instance_uid
+                    view = await self._job_view(s, new.id)
                 self.wake(new.id)
                 logger.info("study %s: version %d screened again as version %d, job %s", study_instance_uid,
                             latest.version, study.version, new.id)
-                return _view(new).model_copy(update={"version": study.version})
+                return view
             except IntegrityError:  # another version of the study recorded at the same moment: decided again
                 if idempotency_key is not None and (first := await self.job_by_key(idempotency_key)) is not None:
                     raise KeyTaken(first) from None
