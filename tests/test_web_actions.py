@@ -201,6 +201,36 @@ def test_the_worklist_urgent_first_pages_without_repeating_a_row(site, page):
     assert page.locator("#worklist-caption").inner_text().startswith("Studies, urgent first")
 
 
+def test_a_keyboard_user_keeps_her_place_between_the_views(site, page):
+    """A view opened from the page put the focus nowhere: the link or button pressed went with the view it was in, and
+    the focus fell to the page's start (Tab went through the header and the filters again, a screen reader heard
+    nothing of the new view). Now a study opened puts it at the view's start (its first Tab: "← Worklist"); back on
+    the worklist, the focus is on that study's row; a pager button pressed is focused again on the next page."""
+    focused = "() => document.activeElement?.dataset?.control || document.activeElement?.id || document.activeElement?.tagName"
+    _signed_in(page, site, "reader", "/#/?limit=6")
+    table = page.wait_for_selector(f"{_row(site, 15)} th.uid a")
+    page.get_by_role("button", name="Older →").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("t => !t.isConnected", arg=table)
+    link = page.locator(f"{_row(site, 7)} th.uid a")
+    link.wait_for()
+    page.wait_for_function(f"() => ({focused})() === 'next'")
+    assert page.locator('[data-control="next"]').evaluate("b => b === document.activeElement")
+    link.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("main p.state-failed")
+    assert page.evaluate(focused) == "main"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "← Worklist"
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"""() => document.activeElement === document.querySelector('{_row(site, 7)} th.uid a')""")
+    page.go_back()  # the browser's Back to the study, and again to the worklist's second page
+    page.wait_for_selector("main p.state-failed")
+    page.go_back()
+    page.wait_for_function(f"""() => document.activeElement === document.querySelector('{_row(site, 7)} th.uid a')
+        && location.hash.includes('offset=6')""")
+
+
 def test_the_gated_worklist_passes_axe_cores_wcag_rules(site, page):
     """The rows' Screen again, disabled with its title (a reader) and enabled (a writer), and the Order control."""
     from axe_playwright_python.sync_playwright import Axe

@@ -6,6 +6,7 @@ import { worklistView } from "./worklist.js";
 const main = document.getElementById("main");
 let leave = () => {};
 let routed = 0;
+let openStudy = null;  // the job of the study view shown, if one is: back on the worklist, its row takes the focus
 
 // The study viewer and the service view load on first use: the worklist, the first screen, waits for fewer modules.
 const lazy = (load) => (...args) => {
@@ -21,10 +22,16 @@ function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   if (routed && !hash.startsWith("/")) return;  // an in-page anchor, not a view: stay where we are
   leave();
+  // a view opened from the page (a link, the pager, Back) puts the focus at its start: the link pressed is gone
+  // with the view it was in, and the focus fell to the page's start (a keyboard user tabbed through the header
+  // and the filters again, a screen reader heard nothing of the new view); the first view keeps the page's
+  if (routed) main.focus({ preventScroll: true });
   routed += 1;
   const [path, query = ""] = hash.split("?");
   const params = new URLSearchParams(query);
   const study = path.match(/^\/study\/([0-9a-f]{8,64})$/i);
+  const left = openStudy;
+  openStudy = study ? study[1] : null;
   let nav = "worklist";
   if (study) {
     leave = studyView(main, study[1]);
@@ -34,7 +41,7 @@ function route() {
     leave = serviceView(main);
     document.title = "Service · ctscreen";
   } else {
-    leave = worklistView(main, params);
+    leave = worklistView(main, params, { focusJob: left });
     document.title = "Worklist · ctscreen";
   }
   for (const a of document.querySelectorAll("[data-nav]")) {

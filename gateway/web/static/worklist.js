@@ -99,7 +99,13 @@ function rowHtml(row) {
     + `<td class="num">${esc(fmtSeconds(row.time_s))}</td></tr>`;
 }
 
-export function worklistView(main, params) {
+// the control a keyboard user pressed to get this view (the pager's, the filters' Apply or Clear): each builds a new
+// view, and the new view's own takes the focus once its rows are in (the focus fell to the page's start)
+let pressed = null;
+
+export function worklistView(main, params, { focusJob = null } = {}) {
+  const refocus = pressed;
+  pressed = null;
   const filters = {
     state: STATES.includes(params.get("state")) ? params.get("state") : "",
     verdict: VERDICTS.includes(params.get("verdict")) ? params.get("verdict") : "",
@@ -123,8 +129,8 @@ export function worklistView(main, params) {
     h("label", { class: "field" }, "Order",
       h("select", { name: "order", id: "f-order" },
         Object.entries(ORDERS).map(([value, text]) => h("option", { value, selected: value === filters.order }, text)))),
-    h("button", { type: "submit" }, "Apply"),
-    h("button", { type: "reset" }, "Clear"));
+    h("button", { type: "submit", dataset: { control: "apply" } }, "Apply"),
+    h("button", { type: "reset", dataset: { control: "clear" } }, "Clear"));
   const go = (next) => {
     const q = new URLSearchParams();
     for (const [k, v] of Object.entries(next)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
@@ -132,9 +138,10 @@ export function worklistView(main, params) {
   };
   form.addEventListener("submit", (e) => {
     e.preventDefault();
+    pressed = "apply";
     go({ ...Object.fromEntries(new FormData(form)), limit: limit === PAGE ? "" : limit });
   });
-  form.addEventListener("reset", (e) => { e.preventDefault(); go({}); });
+  form.addEventListener("reset", (e) => { e.preventDefault(); pressed = "clear"; go({}); });
 
   const tbody = h("tbody");
   const table = h("table", { class: "worklist", "aria-describedby": "worklist-caption" },
@@ -150,12 +157,20 @@ export function worklistView(main, params) {
     tbody);
   const summary = h("p", { class: "pager-summary", "aria-live": "polite" });
   // urgent first, the next page is not older (its first rows may be newer than the last here)
-  const prev = h("button", { type: "button", disabled: offset === 0 }, byPriority ? "← Previous" : "← Newer");
-  const next = h("button", { type: "button", disabled: true }, byPriority ? "Next →" : "Older →");
+  const prev = h("button", { type: "button", disabled: offset === 0, dataset: { control: "prev" } },
+    byPriority ? "← Previous" : "← Newer");
+  const next = h("button", { type: "button", disabled: true, dataset: { control: "next" } },
+    byPriority ? "Next →" : "Older →");
   // the page size travels with the pages (it went back to 50 on "Older", and "Newer" missed the first page)
   const size = limit === PAGE ? "" : limit;
-  prev.addEventListener("click", () => go({ ...filters, limit: size, offset: Math.max(0, offset - limit) || "" }));
-  next.addEventListener("click", () => go({ ...filters, limit: size, offset: offset + limit }));
+  prev.addEventListener("click", () => {
+    pressed = "prev";
+    go({ ...filters, limit: size, offset: Math.max(0, offset - limit) || "" });
+  });
+  next.addEventListener("click", () => {
+    pressed = "next";
+    go({ ...filters, limit: size, offset: offset + limit });
+  });
   const live = h("span", { class: "live", id: "live-state" }, "connecting…");
 
   main.replaceChildren(
@@ -173,6 +188,19 @@ export function worklistView(main, params) {
       reloadSoon();
     }
   });
+
+  // once the first rows are in (or refused): back from a study, its row's link; after a pager's or the filters'
+  // button, that button here (a pager button now disabled: the other); unless the focus has moved on meanwhile
+  let placed = !focusJob && !refocus;
+  const place = () => {
+    if (placed) return;
+    placed = true;
+    if (document.activeElement !== main && document.activeElement !== document.body) return;
+    const target = (focusJob && tbody.querySelector(`tr[data-job-id="${CSS.escape(focusJob)}"] th.uid a`))
+      || (refocus && [refocus, { prev: "next", next: "prev" }[refocus]]
+        .map((c) => c && main.querySelector(`[data-control="${c}"]:not(:disabled)`)).find(Boolean));
+    target?.focus();
+  };
 
   let reloadTimer = null;
   let loads = 0;
@@ -207,10 +235,12 @@ export function worklistView(main, params) {
         : offset >= page.total ? `No studies on this page (${page.total} in all)`
         : `Studies ${offset + 1}–${last} of ${page.total}`;
       next.disabled = last >= page.total;
+      place();
       main.dataset.loaded = String(Date.now());
     } catch (error) {
       if (left || mine !== loads) return;
       summary.textContent = error instanceof ApiError ? `Cannot load the worklist: ${error.message}` : String(error);
+      place();
     }
   }
   // throttled, not debounced: progress of a new study arrives every few hundred ms, and a debounce
