@@ -285,6 +285,37 @@ def test_a_study_being_screened_says_screening_as_the_worklist_does(stack, scree
     sync_api.expect(page.locator("main p.state")).to_have_text("screening: 3/8 slices")
 
 
+def test_a_study_being_screened_says_its_state_not_each_slice(stack, screened, page):
+    """The study view's progress line was one live region with the slice count in it: rewritten at each progress
+    event (every 0.5 s by default), a screen reader read "screening: 5/24 slices", "6/24", ... without end. Now the
+    state alone is said when it changes; the count is on screen and in the bar. The job and its event stream are
+    played by the browser's router (the real job is done)."""
+    job_id, _ = screened["covid"]
+    real = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=30).json()
+    queued = {**real, "state": "queued", "result": None, "slices_done": 0, "slices_total": 0}
+    steps = [{**queued, "state": state, "slices_done": done, "slices_total": 8}
+             for state, done in [("decoding", 0), *[("inferring", d) for d in range(1, 9)], ("aggregating", 8)]]
+    events = "retry: 600000\n\n" + "".join(f"event: progress\ndata: {json.dumps(v)}\n\n" for v in steps)
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                   body=json.dumps(queued)))
+    page.route(f"**/v1/jobs/{job_id}/events", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", headers={"X-Keepalive-Interval": "600"}, body=events))
+    page.goto(stack.url + "/web/static/style.css")
+    page.add_init_script("""window.__said = [];
+        new MutationObserver((changes) => {
+            for (const c of changes) {
+                const node = c.target.nodeType === 1 ? c.target : c.target.parentElement;
+                const live = node?.closest('[aria-live]:not([aria-live="off"]), [role="status"], [role="alert"]');
+                if (live && live.id !== 'announce') window.__said.push(live.textContent);
+            }
+        }).observe(document, {subtree: true, childList: true, characterData: true});""")
+    page.goto(f"{stack.url}/#/study/{job_id}")
+    sync_api.expect(page.locator("main p.state")).to_have_text("screening: 8/8 slices")
+    assert page.locator("main progress").evaluate("b => [b.value, b.max]") == [8, 8]
+    said = [t for t in page.evaluate("window.__said") if t]  # "queued" came with the view: no change of a region
+    assert said == ["screening"], said
+
+
 def test_the_viewer_marks_the_patients_sides_on_the_image(stack, screened, page):
     """The slice was drawn as stored with nothing on it to say which side is the patient's: a study stored
     mirrored (its row direction to the patient's right) showed a left-lung finding where a reader expects the

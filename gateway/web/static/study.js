@@ -144,11 +144,19 @@ function sideWords(letters) {
 const SHOWN_STATE = { decoding: "screening", inferring: "screening", aggregating: "screening" };
 
 function pending(main, job, again) {
-  const status = h("p", { class: `state state-${job.state}`, "aria-live": "polite" });
+  // the state (a failure with its reason) is a live region, said when it changes; the slice count is not: written at
+  // each progress event (every CTSCREEN_PROGRESS_INTERVAL_S), it had a screen reader read out "screening: 5/24
+  // slices", "6/24", ... without end. The bar holds the count for whoever asks for it
+  const said = h("span", { "aria-live": "polite", id: "job-state" });
+  const count = h("span", { class: "count" });
+  const status = h("p", { class: `state state-${job.state}` }, said, count);
   const bar = h("progress", { max: 1, value: 0, "aria-label": "slices screened" });
+  const write = (el, text) => { if (el.textContent !== text) el.textContent = text; };
   const show = (v) => {
-    status.textContent = v.state === "failed" ? `failed: ${withoutRetryHint(v.error?.message || v.error?.reason || "")}`
-      : `${SHOWN_STATE[v.state] || v.state}${v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : ""}`;
+    status.className = `state state-${v.state}`;
+    write(said, v.state === "failed" ? `failed: ${withoutRetryHint(v.error?.message || v.error?.reason || "")}`
+      : SHOWN_STATE[v.state] || v.state);
+    write(count, v.state !== "failed" && v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : "");
     bar.max = v.slices_total || 1;
     bar.value = v.slices_done || 0;
   };
