@@ -1399,3 +1399,28 @@ def test_a_done_study_is_screened_again_with_the_current_models_from_its_view(st
     page.wait_for_selector("#superseded")
     page.wait_for_selector("#viewer[data-ready=true]")
     assert page.locator("#rescreen").count() == 0
+
+
+def test_a_study_view_open_when_a_later_version_comes_says_it_is_superseded(stack, page, tmp_path):
+    """A done study's view, open while a later version of the study came (here a re-screen through the API; late
+    instances or the study sent again alike), went on showing its verdict as the study's, said nothing, and offered
+    "Screen again with the current models" for a reading no longer the latest, until the reader reloaded. Now the view
+    follows the worklist's event stream: the superseded note appears in a live region and the re-screen button goes.
+    After the re-screen test: the study screened here adds worklist rows."""
+    study = Path(phantom.write_study(phantom.make_study(seed=48, kind="normal", n_slices=8), tmp_path / "later"))
+    (outcome,) = screen_paths(stack.url, [study], quiet=True)
+    assert outcome.error is None, outcome.error
+    first, uid = outcome.job_id, outcome.result["study_instance_uid"]
+    page.goto(f"{stack.url}/#/study/{first}")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    sync_api.expect(page.locator("#rescreen")).to_be_enabled()
+    assert page.locator("#superseded").count() == 0
+    page.wait_for_timeout(1500)  # the view's first read of its row, as the stream opened, is over
+    r = httpx.post(f"{stack.url}/v1/studies/{uid}/rescreen", timeout=30)
+    assert r.status_code == 202, r.text
+    note = page.locator("#superseded-slot[aria-live=polite] #superseded")
+    sync_api.expect(note).to_contain_text("Superseded: version 2 of this study was received after this one "
+                                          "(version 1)", timeout=30_000)
+    assert page.locator("#rescreen").count() == 0
+    assert page.locator("#verdict").is_visible()  # the reading stays on screen, marked
+

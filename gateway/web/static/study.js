@@ -1,7 +1,7 @@
 // The study view: slice viewer with findings drawn over server-rendered slices, findings strip,
 // result summary and downloads. Boxes are the result's `original` boxes (the stored image's grid).
 
-import { api, ApiError, download, getJson, saveJson, subscribe } from "./api.js";
+import { api, ApiError, download, getJson, saveJson, sharedSubscribe, subscribe } from "./api.js";
 import { canRescreen, canScreenAgain, gate, newerVersion, rescreen, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
 import { deliveriesPanel } from "./deliveries.js";
@@ -118,6 +118,40 @@ function rescreenButton(job) {
   return h("section", { class: "rescreen", "aria-label": "Screen again" }, h("p", {}, button), confirm, refused);
 }
 
+// a later version of the study received while its view is open (late instances, a re-screen, the study sent again)
+// supersedes this reading: the view said nothing of it until reloaded, and offered this reading for a re-screen. It
+// follows the worklist's event stream (one for the tabs of a credential, api.js) and, when a version of this study
+// moves or a study version opens, reads this job's worklist row again; onChange(row) when its versions changed
+function followVersions(job, onChange) {
+  let seen = [job.superseded_by ?? null, job.newest_version ?? null];
+  let timer = null;
+  let asking = false;
+  let again = false;
+  const ask = async () => {
+    timer = null;
+    if (asking) { again = true; return; }
+    asking = true;
+    try {
+      const row = (await getJson(`/v1/worklist?job_id=${encodeURIComponent(job.job_id)}&limit=1`)).rows?.[0];
+      if (row && (row.superseded_by !== seen[0] || row.newest_version !== seen[1])) {
+        seen = [row.superseded_by, row.newest_version];
+        onChange(row);
+      }
+    } catch {
+      // read again at the next event; a refused credential is the page's (api.js)
+    } finally {
+      asking = false;
+      if (again) { again = false; soon(); }
+    }
+  };
+  const soon = () => { if (timer === null) timer = setTimeout(ask, 1000); };  // a burst of events, one read
+  const stop = sharedSubscribe("/v1/worklist/events", (type, e) => {
+    if (type === "studies" || (type === "progress" && e.study_instance_uid === job.study_instance_uid
+      && e.job_id !== job.job_id)) soon();
+  }, { onState: (state) => { if (state === "live") soon(); } });  // what changed before the stream (re)opened
+  return () => { stop(); clearTimeout(timer); };
+}
+
 // the study as the worklist names it (accession number, study date, series, priority, received), so a reader can
 // tell which study is open: the UID alone said nothing; filled in once the worklist's row is read
 function identity(job) {
@@ -228,6 +262,19 @@ function viewer(main, job) {
     : h("p", {}, result.verdict === "negative" ? "The model flagged no lesion on any slice."
       : "No lesion run to show.");  // indeterminate (no lung field, too few slices): nothing was ruled out
   const deliveries = deliveriesPanel(job);
+  const rescreenSlot = h("div", { id: "rescreen-slot" }, canRescreen(job) ? rescreenButton(job) : null);
+  // the superseded note, said when a later version comes while the view is open (a live region)
+  const noteSlot = h("div", { id: "superseded-slot", "aria-live": "polite" }, ...supersededNote(job));
+  const stopVersions = followVersions(job, (row) => {
+    const now = { ...job, superseded_by: row.superseded_by, newest_version: row.newest_version };
+    noteSlot.replaceChildren(...supersededNote(now));
+    // a superseded reading is not screened again (its newer version is): a Screen again pressed now answered 409
+    if (canRescreen(now) !== Boolean(rescreenSlot.firstChild)) {
+      const held = rescreenSlot.contains(document.activeElement);
+      rescreenSlot.replaceChildren(...(canRescreen(now) ? [rescreenButton(now)] : []));
+      if (held) main.focus();  // not to the page's start with the button it was on
+    }
+  });
   const side = h("aside", { class: "summary", "aria-label": "Result" },
     h("p", {}, h("span", { class: `verdict verdict-${result.verdict}`, id: "verdict" }, result.verdict)),
     h("p", { class: "reason" }, result.message), run,
@@ -240,7 +287,7 @@ function viewer(main, job) {
     result.warnings.length ? h("section", { class: "warnings", "aria-label": "Warnings" },
       h("h2", {}, `Warnings (${result.warnings.length})`),
       h("ul", {}, result.warnings.map((w) => h("li", {}, w)))) : null,
-    models, deliveries.element, canRescreen(job) ? rescreenButton(job) : null,
+    models, deliveries.element, rescreenSlot,
     h("div", { class: "downloads" }, h("h2", {}, "Download"),
       h("button", { type: "button", onclick: () => saveJson(result, `ctscreen-result-${job.job_id}.json`) }, "CaseResult (JSON)"),
       h("button", { type: "button", onclick: () => download(`/v1/jobs/${job.job_id}/sr`, `ctscreen-sr-${job.job_id}.dcm`)
@@ -252,7 +299,7 @@ function viewer(main, job) {
     h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid", title: result.study_instance_uid }, result.study_instance_uid)),
     identity(job),
-    ...supersededNote(job),
+    noteSlot,
     h("div", { class: "study" },
       h("section", { class: "viewer", "aria-label": "Images" },
         h("div", { class: "tools" },
@@ -375,5 +422,5 @@ function viewer(main, job) {
   });
   slider.addEventListener("input", () => go(Number(slider.value)));
   show();
-  return () => { token++; deliveries.stop(); for (const p of urls.values()) p.then((u) => URL.revokeObjectURL(u)).catch(() => {}); };
+  return () => { token++; deliveries.stop(); stopVersions(); for (const p of urls.values()) p.then((u) => URL.revokeObjectURL(u)).catch(() => {}); };
 }
