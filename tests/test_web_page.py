@@ -1190,6 +1190,8 @@ def test_a_credential_refused_once_read_takes_what_it_read_off_the_screen(stack,
     page.evaluate("sessionStorage.setItem('ctscreen.credential', 'cts_soon-revoked')")
     page.reload()
     page.wait_for_selector(f'tr[data-job-id="{screened["covid"][0]}"]')
+    # what the screen reader's live region last said (a study's accession number and verdict) is read too
+    page.evaluate("document.getElementById('announce').textContent = 'Acc. A123: positive'")
     page.route("**/v1/worklist?*", lambda route: route.fulfill(
         status=401, content_type="application/json", headers={"WWW-Authenticate": "Bearer"},
         body='{"reason": "unauthorized", "message": "Unknown or revoked API key."}'))
@@ -1198,6 +1200,16 @@ def test_a_credential_refused_once_read_takes_what_it_read_off_the_screen(stack,
     assert page.locator("tr[data-job-id]").count() == 0
     assert "refused the credential" in page.locator("main").inner_text()
     assert page.evaluate("sessionStorage.getItem('ctscreen.credential')") is None
+    assert page.inner_text("#announce") == ""
+    page.unroute("**/v1/worklist?*")  # signed in again, then out: sign-out clears it too
+    page.evaluate("sessionStorage.setItem('ctscreen.credential', 'cts_another')")
+    page.evaluate("location.hash = '#/'")
+    page.wait_for_selector(f'tr[data-job-id="{screened["covid"][0]}"]')
+    page.evaluate("document.getElementById('announce').textContent = 'Acc. A123: positive'")
+    if page.is_hidden("#signin-form"):  # open since the 401
+        page.click("#signin-toggle")
+    page.click("#signout")
+    assert page.inner_text("#announce") == ""
 
 
 def test_the_study_view_says_where_the_result_went_and_sends_a_failed_one_again(stack, screened, ris, page):

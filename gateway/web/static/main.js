@@ -85,8 +85,12 @@ form.addEventListener("submit", (e) => {
   showSignedIn();
   route();
 });
+// what the page read leaves with the credential, the screen reader's last announcement too (a study's accession
+// number and verdict, "Acc. A123: positive", stayed in the live region after sign-out)
+const forget = () => { document.getElementById("announce").textContent = ""; };
 document.getElementById("signout").addEventListener("click", () => {
   credential.clear();
+  forget();
   form.hidden = true;
   showSignedIn();
   route();
@@ -96,6 +100,7 @@ window.addEventListener("ctscreen:auth", (e) => {
   // worklist's accession numbers and series, a study's images) leaves the screen as at sign-out
   if (e.detail.status === 401 && credential.get()) {
     credential.clear();
+    forget();
     leave();
     leave = () => {};
     const note = document.createElement("p");
