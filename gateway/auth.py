@@ -57,6 +57,7 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 from fastapi import Depends, Request
+from fastapi.responses import StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.audit import note_reason
@@ -77,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN", "RESULTS_READ", "STUDIES_WRITE", "AuthConfigError", "Authenticator", "Caller", "KeyChecks", "OidcVerifier",
-    "Principal", "StreamGuard", "StreamSlots", "check_exposure", "stream_slot", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
+    "Principal", "StreamGuard", "StreamSlots", "check_exposure", "event_stream", "stream_slot", "local_address", "not_local", "reached_off_loopback", "require", "still_holds",
     "authenticated",
 ]
 
@@ -621,6 +622,18 @@ class StreamSlots:
                     self.open.pop(who, None)
 
         return give_back
+
+
+def event_stream(request: Request, principal: Principal, stream: AsyncIterator[bytes],
+                 keepalive_s: float) -> StreamingResponse:
+    """``stream`` (server-sent events) as the answer, holding one of ``principal``'s stream slots (:func:`stream_slot`).
+
+    ``Cache-Control: no-store``, as every other answer that names a study: kept by nobody (``no-cache`` allowed a
+    cache to store the events, study UIDs and all); ``X-Accel-Buffering: no``: a proxy that honours it (nginx)
+    passes each event on at once; ``X-Keepalive-Interval``: the seconds between comments on a quiet stream."""
+    return StreamingResponse(stream_slot(request, principal, stream), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                                      "X-Keepalive-Interval": f"{keepalive_s:g}"})
 
 
 def stream_slot(request: Request, principal: Principal, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -502,10 +502,12 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, t
             assert r.status_code == 202, r.text
             path = f"/v1/jobs/{r.json()['job_id']}/events"
         ended = threading.Event()
+        answered: dict[str, str] = {}
 
         def read() -> None:
             with c.stream("GET", path, headers=headers) as r:
                 assert r.status_code == 200
+                answered.update(r.headers)
                 for _ in r.iter_lines():
                     pass
             ended.set()
@@ -515,6 +517,8 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(keyfile, t
         keys.revoke(record.id)
         assert ended.wait(5), "the stream outlived its key (checked every 0.2 s here)"
         assert c.get(path, headers=headers).status_code == 401  # what the page's reconnect gets
+    # kept by no cache (the events name studies; no-cache let one store them), passed on at once by a proxy
+    assert (answered["cache-control"], answered["x-accel-buffering"]) == ("no-store", "no"), answered
     action = "GET /v1/worklist/events" if stream == "worklist" else "GET /v1/jobs/{job_id}/events"
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(r["status"], r["reason"]) for r in records if r["action"] == action] == [(200, "credential_ended"),

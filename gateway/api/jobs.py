@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.api.deps import SettingsDep, StoreDep
-from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess, stream_slot
+from gateway.auth import AUTH_RESPONSES, RESULTS_READ, ReadAccess, StreamGuard, WriteAccess, event_stream
 from gateway.errors import JobNotFound, NotRetryable
 from gateway.jobs import TERMINAL, JobAccepted, JobState, JobView, answer_of
 from gateway.store import Store
@@ -120,6 +120,4 @@ async def job_events(job_id: str, store: StoreDep, settings: SettingsDep, who: R
                 data.pop("result", None)
             yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
-    return StreamingResponse(stream_slot(request, who, stream()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                      "X-Keepalive-Interval": f"{keepalive_s:g}"})
+    return event_stream(request, who, stream(), keepalive_s)

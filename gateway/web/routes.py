@@ -31,7 +31,7 @@ from aggregator.schema import CaseResult
 from gateway.api.deps import PoolDep, SettingsDep, StoreDep
 from gateway.api.jobs import checked_job_id
 from gateway.api.ops import triton_ready
-from gateway.auth import ADMIN, AUTH_RESPONSES, RESULTS_READ, StreamGuard, stream_slot
+from gateway.auth import ADMIN, AUTH_RESPONSES, RESULTS_READ, StreamGuard, event_stream
 from gateway.errors import InstancesExpired, NoSuchSlice, NotDone, Unavailable
 from gateway.jobs import JobState
 from gateway.store import Store
@@ -266,9 +266,7 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
                 yield b": keep-alive\n\n"
             await store.changed.wait(settings.worker_poll_s, seen)
 
-    return StreamingResponse(stream_slot(request, _who, stream()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                      "X-Keepalive-Interval": f"{settings.events_keepalive_s:g}"})
+    return event_stream(request, _who, stream(), settings.events_keepalive_s)
 
 
 async def _done_result(web: WebState, store: Store, job_id: str) -> CaseResult:
