@@ -653,11 +653,14 @@ def test_stow_partial_and_total_failure_and_media_types():
                               headers={"Content-Type": "multipart/related; boundary=b0"})
         assert garbage.status_code == 415, garbage.text
         assert "part 1 declares no Content-Type and is no DICOM Part 10 file" in garbage.text, garbage.text
+        blank = client.post("/dicomweb/studies", content=related_body([files[1][1]]),
+                            headers={"Content-Type": 'multipart/related; type=""; boundary=b0undary'})
+        assert blank.status_code == 415 and "is supported (not an empty type=);" in blank.text, blank.text  # (not 'none')
         empty = client.post("/dicomweb/studies", content=b"--b0undary--\r\n", headers={"Content-Type": STOW_TYPE})
         assert empty.status_code == 400 and empty.json()["reason"] == "bad_upload", empty.text  # was 415: the type was right
-        # counted as every refused request is: these four 415s
+        # counted as every refused request is: these five 415s
         text = client.get("/metrics").text
-        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 4.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
+        assert 'ctscreen_errors_total{reason="unsupported_media_type"} 5.0' in text, [line for line in text.splitlines() if 'errors_total' in line]
 
 
 def test_a_stow_body_without_type_is_stored_when_its_parts_are_dicom():

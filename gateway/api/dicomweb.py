@@ -125,7 +125,8 @@ async def _store(request: Request, settings: SettingsDep, stow: StowDep, metrics
         return _media_error(metrics, f'STOW-RS needs multipart/related; type="application/dicom", got {media or "none"!r}.')
     found = media_parameters(content_type).get("type")
     if found is not None and found.strip().lower() != "application/dicom":
-        return _media_error(metrics, f'Only type="application/dicom" is supported (not {found or "none"!r}); send DICOM Part 10 files.')
+        named = repr(found) if found.strip() else "an empty type="
+        return _media_error(metrics, f'Only type="application/dicom" is supported (not {named}); send DICOM Part 10 files.')
     try:
         spool = await run_in_threadpool(new_spool, settings.spool_dir())
     except OSError as exc:
