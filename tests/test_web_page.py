@@ -1053,6 +1053,74 @@ def test_a_retried_version_supersedes_the_earlier_one_again_at_once(triton, page
         page.goto("about:blank")  # its event stream closed: the gateway stops without waiting 5 s for it
 
 
+def test_a_study_view_open_while_its_job_runs_shows_the_result_in_place(triton, studies, page, tmp_path):
+    """The view of a study being screened reloaded the whole page when its job was done: the sign-in asked again,
+    the page flashed, the scroll and the keyboard focus went to the page's start, and a screen reader heard the page
+    again instead of the verdict. Now the view is drawn again in place (verdict, boxes), the focus stays on the
+    element it was on, and the live region says the outcome once. The page's gateway has no Triton, so the job waits
+    queued while the view opens and the reader tabs to its link; a second replica on the same store, on the real
+    Triton, then screens it (the page's gateway streams its progress, as any replica streams any job)."""
+    common = {"data_dir": tmp_path / "data"}
+    with _gateway(triton_url=f"127.0.0.1:{free_port()}", settings_overrides=common) as stack:
+        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(studies["covid"])]
+        r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        page.goto(f"{stack.url}/#/study/{job_id}")
+        page.wait_for_selector("main p.state-queued")
+        navigated: list[str] = []
+        page.on("framenavigated", lambda frame: navigated.append(frame.url))
+        page.locator("main a", has_text="← Worklist").focus()
+        page.evaluate("""() => { window.__kept = true; window.__said = [];
+            new MutationObserver((changes) => {
+                for (const c of changes) {
+                    const node = c.target.nodeType === 1 ? c.target : c.target.parentElement;
+                    const live = node?.closest('[aria-live]:not([aria-live="off"]), [role="status"], [role="alert"]');
+                    if (live) window.__said.push([live.id, live.textContent]);
+                }
+            }).observe(document, {subtree: true, childList: true, characterData: true}); }""")
+        with _gateway(triton_url=triton.grpc_url, settings_overrides=common):
+            page.wait_for_selector("#viewer[data-ready=true]", timeout=120_000)
+        done = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=30).json()
+        result = CaseResult.model_validate(done["result"])
+        assert page.evaluate("() => window.__kept") is True and navigated == []  # no reload, no navigation
+        assert page.inner_text("#verdict") == result.verdict == "positive"
+        shown = int(page.get_attribute("#viewer", "data-index"))
+        assert 0 < page.locator("#viewer rect.lesion").count() == len(result.slices[shown].boxes)
+        assert page.evaluate("""() => { const a = document.activeElement;
+            return a.isConnected && a.matches('main a[href="#/"]') && a.textContent; }""") == "← Worklist"
+        said = page.evaluate("() => window.__said")
+        assert [t for where, t in said if where == "announce"] == ["screening done: positive"], said
+        assert not [t for where, t in said if where != "announce" and "done" in t], said
+        page.goto("about:blank")  # its event streams closed: the gateway stops without waiting for them
+
+
+def test_a_study_view_open_when_its_job_fails_shows_the_failure_in_place(studies, page, tmp_path):
+    """As a done one, a job that fails while its view is open is drawn again in place (its reason, Screen again),
+    the focus kept and the failure said once; the view read the job again and replaced itself, the focus lost. No
+    Triton: the job's deadline passes while it waits queued."""
+    settings = {"data_dir": tmp_path / "data", "job_deadline_s": 4.0}
+    with _gateway(triton_url=f"127.0.0.1:{free_port()}", settings_overrides=settings) as stack:
+        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(studies["covid"])]
+        r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
+        assert r.status_code == 202, r.text
+        page.goto(f"{stack.url}/#/study/{r.json()['job_id']}")
+        page.wait_for_selector("main p.state-queued")
+        page.locator("main a", has_text="← Worklist").focus()
+        page.evaluate("""() => { window.__kept = true; window.__said = [];
+            new MutationObserver(() => window.__said.push(document.getElementById('announce').textContent))
+                .observe(document.getElementById('announce'), {subtree: true, childList: true, characterData: true}); }""")
+        page.wait_for_selector("main p.state-failed", timeout=30_000)
+        sync_api.expect(page.locator("#retry")).to_be_enabled()
+        said = page.inner_text("#job-state")
+        assert said.startswith("failed: ") and "POST" not in said
+        assert page.evaluate("() => window.__said") == [f"screening {said}"]
+        assert page.evaluate("() => window.__kept") is True
+        assert page.evaluate("""() => { const a = document.activeElement;
+            return a.isConnected && a.matches('main a[href="#/"]') && a.textContent; }""") == "← Worklist"
+        page.goto("about:blank")
+
+
 def test_an_urgent_study_says_so_on_its_row(stack, screened, page, tmp_path):
     """An urgent study (screened before every routine one) carries the word on its worklist row; routine rows
     carry none. Seen failing before the worklist read the study's priority (no ``.priority`` on the row)."""

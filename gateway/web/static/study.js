@@ -52,6 +52,20 @@ export function studyView(main, jobId) {
   let stopped = false;
   let cleanup = () => {};
   main.replaceChildren(h("h1", {}, "Study"), h("p", {}, "Loading…"));
+  const again = () => { cleanup(); cleanup = studyView(main, jobId); };
+  let line = null;  // the study's identity line, read once for the view (identity)
+  const draw = (job) => (job.state === "done" ? viewer(main, job, line) : pending(main, job, line, again, ended));
+  // the job followed here ended: the view is drawn again in place from the job its stream ended with, the focus
+  // kept, the outcome said once. A done one reloaded the whole page: the sign-in asked again, the page flashed, the
+  // scroll and the focus went to the page's start and a screen reader read the page again, not the verdict
+  const ended = (job) => {
+    if (stopped) return;
+    const keep = focusKeeper(main);
+    cleanup();
+    cleanup = draw(job);
+    keep();
+    announce(`screening ${job.state === "done" ? `done: ${job.result.verdict}` : failedWords(job)}`);
+  };
 
   (async () => {
     let job;
@@ -62,16 +76,12 @@ export function studyView(main, jobId) {
       const missing = error instanceof ApiError && error.status === 404;
       main.replaceChildren(h("h1", {}, "Study"), h("p", { role: "alert" },
         missing ? "No such study (or its result has expired)." : error.message),
-        missing ? null : h("button", { type: "button", onclick: () => { cleanup(); cleanup = studyView(main, jobId); } },
-          "Try again"));
+        missing ? null : h("button", { type: "button", onclick: again }, "Try again"));
       return;
     }
     if (stopped) return;
-    if (job.state !== "done") {
-      cleanup = pending(main, job, () => { cleanup(); cleanup = studyView(main, jobId); });
-      return;
-    }
-    cleanup = viewer(main, job);
+    line = identity(job);
+    cleanup = draw(job);
   })();
   return () => { stopped = true; cleanup(); };
 }
@@ -79,6 +89,28 @@ export function studyView(main, jobId) {
 // a failed job's message ends "its instances are kept: POST /v1/jobs/ID/retry queues it again." for the API's
 // callers; the page has a button for it
 const withoutRetryHint = (text) => text.replace(/:?\s*POST \/v1\/jobs\/\S+\/retry queues (it|one) again\.?/, ".");
+
+/** A failed job's state in words, as its view shows it ("failed: No Triton was ready. ..."). */
+const failedWords = (job) => `failed: ${withoutRetryHint(job.error?.message || job.error?.reason || "")}`;
+
+/** Where the keyboard focus is in the view, to put it back once the view is drawn anew: on the same element (its
+ * id, or a link's address and words: "← Worklist" is in every view), else on the view's heading. Focus outside
+ * the view, or on the view itself, is left alone. */
+function focusKeeper(main) {
+  const el = document.activeElement;
+  if (!el || el === main || !main.contains(el)) return () => {};
+  const { id, localName, textContent } = el;
+  const href = el.getAttribute("href");
+  return () => {
+    const same = id ? document.getElementById(id)
+      : [...main.querySelectorAll(localName)].find((c) => c.getAttribute("href") === href && c.textContent === textContent);
+    same?.focus({ preventScroll: true });
+    if (same && document.activeElement === same) return;
+    const heading = main.querySelector("h1");
+    heading.tabIndex = -1;
+    heading.focus({ preventScroll: true });
+  };
+}
 
 /** A failed job's "Screen again" (actions.js, as a failed worklist row's; studies:write: disabled without it);
  * queued, the view is shown again. */
@@ -177,7 +209,7 @@ function sideWords(letters) {
 // the job's states in the worklist's words (gateway/store/worklist.py row_state): its steps are "screening"
 const SHOWN_STATE = { decoding: "screening", inferring: "screening", aggregating: "screening" };
 
-function pending(main, job, again) {
+function pending(main, job, line, again, ended) {
   // the state (a failure with its reason) is a live region, said when it changes; the slice count is not: written at
   // each progress event (every CTSCREEN_PROGRESS_INTERVAL_S), it had a screen reader read out "screening: 5/24
   // slices", "6/24", ... without end. The bar holds the count for whoever asks for it
@@ -188,26 +220,26 @@ function pending(main, job, again) {
   const write = (el, text) => { if (el.textContent !== text) el.textContent = text; };
   const show = (v) => {
     status.className = `state state-${v.state}`;
-    write(said, v.state === "failed" ? `failed: ${withoutRetryHint(v.error?.message || v.error?.reason || "")}`
-      : SHOWN_STATE[v.state] || v.state);
+    write(said, v.state === "failed" ? failedWords(v) : SHOWN_STATE[v.state] || v.state);
     write(count, v.state !== "failed" && v.slices_total ? `: ${v.slices_done}/${v.slices_total} slices` : "");
     bar.max = v.slices_total || 1;
     bar.value = v.slices_done || 0;
   };
   show(job);
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
-    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), identity(job),
+    h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), line,
     ...supersededNote(job),
     status, bar, ...(canScreenAgain(job) ? retryButton(job, again) : []));
   if (job.state === "failed") return () => {};
+  // done or failed, the view is drawn again (a failed one with its Screen again button): its state line, a live
+  // region, is not told "done" first
   return subscribe(`/v1/jobs/${encodeURIComponent(job.job_id)}/events`, (type, v) => {
-    show(v);
-    if (type === "done") location.reload();
-    else if (type === "failed") again();  // with its Screen again button
+    if (type === "done" || type === "failed") ended(v);
+    else show(v);
   });
 }
 
-function viewer(main, job) {
+function viewer(main, job, line) {
   const result = job.result;
   const slices = result.slices;
   // a series that is no chest CT (a head's sinuses): its boxes are no lung lesions and its run counts for nothing
@@ -298,7 +330,7 @@ function viewer(main, job) {
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid", title: result.study_instance_uid }, result.study_instance_uid)),
-    identity(job),
+    line,
     noteSlot,
     h("div", { class: "study" },
       h("section", { class: "viewer", "aria-label": "Images" },
