@@ -137,7 +137,7 @@ def test_send_dicom_keeps_every_answer_when_the_reactor_runs_late(pacs, monkeypa
 
     monkeypatch.setattr(ApplicationEntity, "associate", late_associate)
     [dest] = parse_destinations([{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                                  "port": port, "objects": ["sr"], "timeout_s": 3}])
+                                  "port": port, "objects": ["sr"], "timeout_s": 10}])
     datasets = [ct_dataset(np.full((16, 16), -1000, np.int16)) for _ in range(2)]
     items = [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), to_bytes(ds)) for ds in datasets]
     caplog.set_level(logging.WARNING, logger="pynetdicom")
@@ -146,7 +146,7 @@ def test_send_dicom_keeps_every_answer_when_the_reactor_runs_late(pacs, monkeypa
     elapsed = time.monotonic() - started
     assert [late.held.is_set() for late in lates] == [True], "the race was not set up"
     assert sent == received == [uid for uid, _, _ in items]
-    assert elapsed < HOLD_S + 1.5, elapsed
+    assert elapsed < 10, elapsed  # not the DIMSE timeout waited out (a loaded machine takes more than the hold)
     assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
 
 

@@ -58,7 +58,7 @@ def test_a_slot_freed_while_the_urgent_slot_is_polled_is_taken_at_once_not_a_pol
         screener = SimpleNamespace(pool=SimpleNamespace(is_ready=ready), ahead=set(),
                                    metrics=SimpleNamespace(failed=lambda *a: None))
         worker = Worker(store, None, screener,  # type: ignore[arg-type]
-                        Settings(max_concurrent_studies=1, urgent_slots=1, worker_poll_s=5, priority_ageing_s=900))
+                        Settings(max_concurrent_studies=1, urgent_slots=1, worker_poll_s=30, priority_ageing_s=900))
 
         async def work(job: Claimed) -> None:
             if job.id == "r1":
@@ -74,7 +74,7 @@ def test_a_slot_freed_while_the_urgent_slot_is_polled_is_taken_at_once_not_a_pol
             t = time.monotonic()
             finish.set()
             while not any(job == "r2" for _, job in store.claims):
-                assert time.monotonic() - t < 10, "r2 never claimed"
+                assert time.monotonic() - t < 20, "r2 never claimed (not before the poll)"
                 await asyncio.sleep(0.01)
             assert store.ageing == {900}  # the setting: no claim strict, none first come first served
             return next(when for when, job in store.claims if job == "r2") - t
@@ -82,4 +82,4 @@ def test_a_slot_freed_while_the_urgent_slot_is_polled_is_taken_at_once_not_a_pol
             await worker.stop(0)
 
     took = asyncio.run(go())
-    assert took < 1.0, f"the freed slot took {took:.2f} s to be claimed (worker_poll_s is 5)"
+    assert took < 5, f"the freed slot took {took:.2f} s to be claimed (worker_poll_s is 30)"
