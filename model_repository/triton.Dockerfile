@@ -7,5 +7,7 @@
 # Not built on the development machines (no Docker there).
 ARG TRITON_TAG=24.10-py3
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}
-RUN python3 -m pip install --no-cache-dir "numpy>=1.26,<2" "scipy>=1.11,<1.15" \
+# exact versions, as constraints.txt pins the gateway's: numpy its own; scipy the newest the earlier range (<1.15)
+# admitted (constraints.txt's 1.17.1 needs Python 3.11; the NGC image's is 3.10)
+RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "scipy==1.14.1" \
  && python3 -c "import numpy, scipy.ndimage; assert numpy.__version__ < '2'"

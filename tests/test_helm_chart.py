@@ -401,6 +401,9 @@ def test_triton_image_is_pinned_to_the_release_our_client_speaks(rendered):
     dockerfile = (ROOT / "model_repository" / "triton.Dockerfile").read_text()
     assert f"ARG TRITON_TAG={expected}" in dockerfile
     assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in dockerfile
+    # its Python packages at exact versions (an image built next month is the same image): numpy as constraints.txt
+    numpy = re.search(r"^numpy==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert numpy and f'"numpy=={numpy.group(1)}"' in dockerfile and re.search(r'"scipy==[\d.]+"', dockerfile)
     # trtexec from the same NGC month: same TensorRT (10.5) as the server that loads the plans
     assert container(deployment, "build-engines", init=True)["image"] == f"nvcr.io/nvidia/tensorrt:{expected}"
 
