@@ -449,6 +449,31 @@ def test_readyz_and_healthz():
         assert client.get("/readyz/triton").json() == {"ready": True, "ready_endpoints": 1, "endpoints": 1}
 
 
+def test_readyz_answers_within_the_kubelets_timeout_while_triton_hangs(tmp_path):
+    """A paused tritonserver (SIGSTOP; or a node cut off) answers no probe: the kernel still takes the TCP
+    connection, the gRPC call waits out ``CTSCREEN_TRITON_READY_TIMEOUT_S`` (2 s). /readyz waited for that
+    probe, which it does not depend on, and answered in 2 s: past the kubelet's probe timeout (1 s, the chart's
+    readiness probe sets none), so every gateway left its Service and no study was taken while Triton hung. The
+    hung Triton here is a loopback socket that is never read (what a stopped process is to its clients), with
+    the real gRPC client; /readyz/triton still waits for the probe and says 503."""
+    import socket
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        settings = Settings(triton_urls=f"127.0.0.1:{hung.getsockname()[1]}", data_dir=tmp_path / "data")
+        with TestClient(create_app(settings)) as client:
+            for _ in range(3):  # the first probe, one under way, and one after the last answer's second
+                t = time.monotonic()
+                r = client.get("/readyz")
+                assert time.monotonic() - t < 1.0 and r.status_code == 200, (time.monotonic() - t, r.text)
+                assert r.json()["triton"] == {"ready_endpoints": 0, "endpoints": 1}, r.text
+                time.sleep(1.1)
+            t = time.monotonic()
+            assert client.get("/readyz/triton").status_code == 503
+            assert time.monotonic() - t < 4.0
+
+
 def test_readyz_says_not_ready_while_the_store_or_the_blob_folder_fails(tmp_path):
     data = tmp_path / "data"
     with TestClient(_app(data_dir=data)) as client:

@@ -43,9 +43,39 @@ async def _once_a_second(request: Request, name: str, ask: Callable[[], Awaitabl
     return cast(T, cached[1])
 
 
-async def triton_ready(request: Request, pool: TritonPool) -> list[str]:
-    """The Triton endpoints with the model ready (asked at most once a second)."""
-    return list(await _once_a_second(request, "ready_cache", pool.ready_endpoints))
+READY_TRITON_WAIT_S = 0.25
+"""How long ``/readyz`` waits for a fresh Triton probe before it answers with the last one."""
+
+
+async def triton_ready(request: Request, pool: TritonPool, wait_s: float | None = None) -> list[str]:
+    """The Triton endpoints with the model ready (asked at most once a second, one probe at a time).
+
+    ``wait_s``: how long to wait for a probe under way; past it, the last probe's answer (none before the
+    first), while the probe goes on and keeps its answer for the next call. A paused or unreachable Triton
+    (SIGSTOP, a node cut off) answers no probe: each then takes ``CTSCREEN_TRITON_READY_TIMEOUT_S`` (2 s),
+    and ``/readyz``, which Triton is no part of, took as long, past the kubelet's probe timeout (1 s): every
+    gateway left its Service and no study was taken while Triton hung."""
+    state = request.app.state
+    cached = getattr(state, "ready_cache", None)
+    if cached is not None and time.monotonic() - cached[0] <= 1.0:
+        return list(cached[1])
+    probe = getattr(state, "ready_probe", None)
+    if probe is None:
+
+        async def ask() -> list[str]:
+            try:
+                ready = await pool.ready_endpoints()
+                state.ready_cache = (time.monotonic(), ready)
+                return ready
+            finally:
+                state.ready_probe = None
+
+        probe = state.ready_probe = asyncio.ensure_future(ask())
+    try:
+        async with asyncio.timeout(wait_s):
+            return list(await asyncio.shield(probe))
+    except TimeoutError:
+        return [] if cached is None else list(cached[1])
 
 
 async def _store_answers(request: Request, store: Store) -> bool:
@@ -101,7 +131,7 @@ async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsD
     is in the body (counts only; the addresses are for ``admin`` callers of ``/v1/service``) and at
     ``/readyz/triton``.
     """
-    ready_triton = await triton_ready(request, pool)
+    ready_triton = await triton_ready(request, pool, READY_TRITON_WAIT_S)  # Triton is not waited for
     store_ok = await _store_answers(request, store)
     blobs_ok = await _blobs_writable(request, blobs)
     ready = store_ok and blobs_ok
