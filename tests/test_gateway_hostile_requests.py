@@ -202,3 +202,57 @@ def test_an_upload_while_the_database_is_away_is_a_503_to_retry_not_an_internal_
     assert r.status_code == 503 and r.json()["reason"] == "store_unavailable", r.text
     assert r.headers["retry-after"] and not tracebacks
     assert json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])["reason"] == "store_unavailable"
+
+
+def test_open_event_streams_wait_out_a_database_restart(tmp_path, postgres, pg_url, caplog):
+    """PostgreSQL stopped (a restart, a fail-over) while a job's event stream and the worklist's were open: each
+    stream's next read raised, the log got "unexpected error on GET /v1/jobs/{id}/events" with a traceback, and
+    the stream was cut off mid-answer (a reader had to reconnect, ``ctscreen screen`` to ask again). The streams
+    now wait for the store, one log line for all of them when it goes and one when it is back, and go on: the
+    job (its lease lapsed meanwhile, resumed by this replica) ends done on the same stream. The real PostgreSQL,
+    down for 4 s; Triton is the fake (0.3 s a batch of 2: 40 slices take about 6 s)."""
+    import threading
+    import time
+
+    from tests.gateway_app_fakes import ct_series, wait_job
+
+    settings = Settings(triton_urls="fake:1", data_dir=tmp_path / "data", database_url=pg_url, lease_s=3,
+                        triton_batch_size=2, triton_max_inflight=1, progress_interval_s=0.1, screen_ahead=False,
+                        events_keepalive_s=1)
+    _, files = ct_series(40, size=64)
+    caplog.set_level(logging.INFO)
+    seen: dict[str, list[str]] = {"job": [], "worklist": []}
+    with TestClient(create_app(settings, client_factory=FakeFleet(**{"fake:1": {"delay": 0.3}}))) as client:
+        r = client.post("/v1/studies", files=[("files", (name, data, "application/dicom")) for name, data in files])
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+
+        def follow(name: str, path: str) -> None:
+            try:
+                with client.stream("GET", path) as answer:
+                    for line in answer.iter_lines():
+                        seen[name].append(line)
+                        if line.startswith("data:") and '"state": "done"' in line:
+                            return  # the worklist's stream says the job is done (the job's ends by itself)
+            except Exception as exc:  # noqa: BLE001 - what the reader met is the finding
+                seen[name].append(f"raised {exc!r}")
+
+        readers = [threading.Thread(target=follow, args=("job", f"/v1/jobs/{job_id}/events"), daemon=True),
+                   threading.Thread(target=follow, args=("worklist", "/v1/worklist/events"), daemon=True)]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + 30
+        while not (seen["worklist"] and any(line.startswith("event: progress") for line in seen["job"])):
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        postgres.restart(away_s=4.0)
+        for reader in readers:
+            reader.join(60)
+            assert not reader.is_alive(), seen
+        view = wait_job(client, job_id, timeout=30)
+    assert view["state"] == "done" and view["attempts"] == 2, view  # the lease lapsed while the store was away
+    assert seen["job"][-2] == "event: done", seen["job"][-5:]
+    assert not [line for lines in seen.values() for line in lines if line.startswith("raised")], seen
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records if rec.exc_info]
+    logged = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("event streams:")]
+    assert len(logged) == 2 and "answers again" in logged[1], logged

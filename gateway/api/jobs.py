@@ -67,13 +67,15 @@ async def job_views(store: Store, job_id: str, poll_s: float, keepalive_s: float
     Changes are the job's rows in the ``events`` table, so any replica streams any job. A change of this
     job made by this process (or, on PostgreSQL, heard from another replica) wakes the stream at once, and so
     does a change of jobs unknown; the progress of other jobs does not (:meth:`gateway.store.store.Changes.
-    watching`). Anything missed is seen within ``poll_s``.
+    watching`). Anything missed is seen within ``poll_s``. While the state store cannot answer (a restart, a
+    fail-over), the stream waits for it with its keep-alives (it ended with a traceback in the log).
     """
     last_event, shown, quiet_since = 0, None, time.monotonic()
     with store.changed.watching(job_id) as changes:  # this job's changes: not every running job's progress
         while True:
             seen = changes.generation  # a change while reading below is not slept over
-            events, view = await store.job_step(job_id, last_event, view=shown is None)
+            step = store.job_step(job_id, last_event, view=shown is None)
+            events, view = await store.streams.ride(step, ([], None))
             if view is not None:
                 if events:
                     last_event = events[-1][0]

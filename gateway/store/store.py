@@ -32,11 +32,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVarTuple, overload
+from typing import Any, TypeVar, TypeVarTuple, overload
 
 from sqlalchemy import (
     BindParameter,
@@ -103,6 +103,7 @@ TAKEOVER_BACKOFF_S = 30.0
 CLOCK_WARN_S = 2.0
 """A machine clock further off the server's than this is logged (the store is right either way)."""
 _Ts = TypeVarTuple("_Ts")
+_T = TypeVar("_T")
 _RUNNING = [s.value for s in RUNNING]
 _TERMINAL = [s.value for s in TERMINAL]
 
@@ -286,6 +287,17 @@ class StoreOutage:
             logger.warning("%s: the state store answers again after %.0f s", self.what, time.monotonic() - self._since)
             self._since, self._tries = None, 0
 
+    async def ride(self, read: Awaitable[_T], instead: _T) -> _T:
+        """``await read``, or ``instead`` while the state store cannot answer (logged as :meth:`failed` says): what a
+        loop that must outlive an outage (an event stream) reads."""
+        try:
+            value = await read
+        except StoreUnreachable as exc:
+            self.failed(exc)
+            return instead
+        self.ok()
+        return value
+
 
 SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword", "secret", "token", "key")
 """Query parameters of a database URL whose values :func:`redact` hides (libpq takes ``?password=``)."""
@@ -455,6 +467,8 @@ class Store:
         (``worker_lost``): the worker counts them in the metrics (:meth:`take_lost_failed`)."""
         self.changed = Changes()
         """Every job event, progress too (what event streams wait for)."""
+        self.streams = StoreOutage("event streams")
+        """The log of the event streams' reads (:meth:`StoreOutage.ride`): they wait out an outage, one line for all."""
         self.work = Changes()
         """Events that may give a worker or a deliverer something to do: a job queued (new, released, retried),
         done or failed; not the progress of running jobs, which on PostgreSQL would otherwise wake every

@@ -244,17 +244,20 @@ async def worklist_events(_who: ReadAccess, web: WebDep, settings: SettingsDep, 
 
     guard = StreamGuard(request, RESULTS_READ)
 
+    async def read() -> tuple[list[dict[str, Any]], int]:
+        return await cursor.next(), await web.worklist.newest_study()
+
     async def stream() -> AsyncIterator[bytes]:
         nonlocal newest
         yield b"retry: 2000\n\n"
         quiet_since = time.monotonic()
         while not await request.is_disconnected() and await guard.holds():  # a revoked key ends the stream
             seen = store.changed.generation  # a change while reading below is not slept over
-            events = await cursor.next()
+            # a restart or fail-over of the state store: the stream waits for it (its keep-alives go on)
+            events, top = await store.streams.ride(read(), ([], newest))
             for e in events:
                 e.pop("id")
                 yield f"event: progress\ndata: {json.dumps(e)}\n\n".encode()
-            top = await web.worklist.newest_study()
             if top != newest:
                 newest = top
                 yield f"event: studies\ndata: {json.dumps({'newest': top})}\n\n".encode()
