@@ -335,28 +335,39 @@ class TritonPool:
             ep.busy_s, ep.busy_slices = 0.0, 0
 
     # --- readiness ---------------------------------------------------------------------------
+    async def _probe(self, ep: _Endpoint) -> bool:
+        """Whether ``ep``'s server and model are ready now (each call within ``ready_timeout_s``)."""
+        try:
+            client = self._client(ep)
+            t = self.ready_timeout_s
+            return bool(
+                await client.is_server_ready(client_timeout=t)
+                and await client.is_model_ready(self.model_name, client_timeout=t)
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            logger.debug("readiness probe of %s failed: %s", ep.url, exc)
+            return False
+
     async def ready_endpoints(self) -> list[str]:
         """The live endpoints whose server and model are ready now (probes carry a deadline)."""
-
-        async def probe(ep: _Endpoint) -> bool:
-            try:
-                client = self._client(ep)
-                t = self.ready_timeout_s
-                return bool(
-                    await client.is_server_ready(client_timeout=t)
-                    and await client.is_model_ready(self.model_name, client_timeout=t)
-                )
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-                logger.debug("readiness probe of %s failed: %s", ep.url, exc)
-                return False
-
         live = [ep for ep in self._eps.values() if not ep.removed]
-        oks = await asyncio.gather(*(probe(ep) for ep in live))
+        oks = await asyncio.gather(*(self._probe(ep) for ep in live))
         return [ep.url for ep, ok in zip(live, oks, strict=True) if ok]
 
     async def is_ready(self) -> bool:
-        """True when at least one endpoint has the model ready."""
-        return bool(await self.ready_endpoints())
+        """True when at least one endpoint has the model ready, as soon as one says so: a paused endpoint (its
+        probe waits out ``ready_timeout_s``) held every idle claim of the worker that long, though another was
+        ready."""
+        probes = [asyncio.ensure_future(self._probe(ep)) for ep in self._eps.values() if not ep.removed]
+        try:
+            for answer in asyncio.as_completed(probes):
+                if await answer:
+                    return True
+            return False
+        finally:
+            for probe in probes:
+                probe.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
 
     async def model_version(self) -> str | None:
         """Version of the ensemble on the first ready endpoint (``None`` if none answers)."""

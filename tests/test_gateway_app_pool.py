@@ -255,6 +255,38 @@ def test_readiness_and_rates():
     assert pool.capacity() == 20.0
 
 
+def test_one_paused_endpoint_does_not_hold_the_answer_that_another_is_ready():
+    """A paused tritonserver (SIGSTOP) answers no probe: its call waits out the probe's deadline. ``is_ready``, the
+    worker's look before each idle claim, waited for every endpoint's probe, so one paused endpoint of two held the
+    claims of every replica ``ready_timeout_s`` (2 s) a look, with the other ready. It answers at the first ready
+    one now; ``ready_endpoints`` (every endpoint's state) still waits for each. The paused one is a fake whose
+    probe sleeps out its deadline, as the real client's does on a stopped server (tests/test_gateway_app_api.py
+    has that one)."""
+
+    class Paused(FakeTriton):
+        async def is_server_ready(self, client_timeout=None, **kw):
+            await asyncio.sleep(client_timeout)
+            raise TimeoutError("Deadline Exceeded")
+
+    def factory(url: str) -> FakeTriton:
+        return Paused(url) if url == "paused:1" else FakeTriton(url)
+
+    pool = TritonPool(["paused:1", "b:1"], ready_timeout_s=2.0, client_factory=factory)
+
+    async def scenario() -> tuple[bool, float, list[str], float]:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        ready = await pool.is_ready()
+        first = loop.time() - t
+        t = loop.time()
+        every = await pool.ready_endpoints()
+        return ready, first, every, loop.time() - t
+
+    ready, first, every, all_s = _run(scenario())
+    assert ready and first < 0.5, first
+    assert every == ["b:1"] and all_s >= 2.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"batch_size": 0}, "batch_size"), ({"max_inflight": 0}, "max_inflight"), ({"timeout_s": 0}, "timeout_s"),
