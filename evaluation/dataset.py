@@ -205,7 +205,7 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     Raises
     ------
     EvalError
-        The file cannot be read, lacks a column, or a row names no study, a study twice, a study that is
+        The file cannot be read, lacks a column or names one twice, or a row names no study, a study twice, a study that is
         not there or an empty folder, a label it does not know, or a kind that contradicts the label (the
         line number said).
     """
@@ -222,6 +222,12 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     if missing:
         raise EvalError(f"--labels {labels}: no {' or '.join(missing)} column in the header row "
                         f"(found: {', '.join(h for h in header if h) or 'nothing'}; expected study,label[,kind])")
+    twice = [name for name in ("study", "label", "kind", "mask") if header.count(name) > 1]
+    if twice:  # a sheet merged from two (the first reading's label and the second's): which one is the truth?
+        name = twice[0]
+        at = [str(i + 1) for i, h in enumerate(header) if h == name]
+        raise EvalError(f"--labels {labels}: the header row names a {name} column {len(at)} times (columns "
+                        f"{', '.join(at)}): keep one, or rename the others")
     col: dict[str, int] = {name: header.index(name) for name in ("study", "label", "kind", "mask") if name in header}
     rows: list[StudyLabel] = []
     seen: dict[str, int] = {}

@@ -228,6 +228,8 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
 
 @pytest.mark.parametrize(("content", "message"), [
     ("name,label\nP0001,1\n", "no study column in the header row (found: name, label"),
+    # two readings merged into one sheet: the first label column was taken without a word
+    ("study,label,Label\nP0001,1,0\n", "the header row names a label column 2 times (columns 2, 3): keep one"),
     ("study,label\nP0001,maybe\n", "line 2: label 'maybe' of 'P0001' is not one of 1, 0, positive"),
     ("study,label\nP0001,\n", "line 2: 'P0001' has no label"),
     ("study,label\nP0001,1\nP0009,0\n", "line 3: 'P0009': not under --data"),
