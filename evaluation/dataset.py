@@ -320,11 +320,12 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
     Raises
     ------
     EvalError
-        A volume or a mask it cannot use, the row's line said."""
+        A volume or a mask it cannot use, or a study named twice (one Study Instance UID), the row's line said."""
     cases = []
     volumes = sum(is_nifti(row.path) for row in rows)
     done = 0
-    for row in rows:
+    uids = _once_each(rows)
+    for row, uid in zip(rows, uids, strict=True):
         path = row.path
         if is_nifti(path):
             done += 1
@@ -343,8 +344,7 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
         elif row.mask is not None:
             with _at(row.where):
                 seg = read_seg(row.mask, row.mask_text or row.mask.name, named_segments)
-                study = _study_uid(path)
-                if study is not None and seg.study_instance_uid and seg.study_instance_uid != study:
+                if uid is not None and seg.study_instance_uid and seg.study_instance_uid != uid:
                     raise EvalError(f"mask {row.mask_text or row.mask.name!r} segments another study than "
                                     f"{row.study!r} (its Study Instance UID is not the study's)")
                 _check_mask_label(row.study, row.label, any(px > 0 for px in seg.pixels.values()))
@@ -355,6 +355,29 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                   slice_truth=lambda result: {}))
     return cases
+
+
+def _once_each(rows: Sequence[StudyLabel]) -> list[str | None]:
+    """The Study Instance UID of each row's DICOM study (None for a NIfTI volume, or when none is stated), checked
+    to be another study than every earlier row's: one study exported twice (a folder and its zip, or one of its
+    files) would count one patient twice, with its verdict twice.
+
+    Raises
+    ------
+    EvalError
+        Two rows name one study, the later row's line said."""
+    uids: list[str | None] = []
+    first: dict[str, StudyLabel] = {}
+    for row in rows:
+        uid = None if is_nifti(row.path) else _study_uid(row.path)
+        if uid is not None and uid in first:
+            line = first[uid].where.rpartition(", ")[2]
+            raise EvalError(f"{row.where}: {row.study!r} is the same study as {first[uid].study!r}"
+                            f"{f' ({line})' if line else ''}: one Study Instance UID; name it once")
+        if uid is not None:
+            first[uid] = row
+        uids.append(uid)
+    return uids
 
 
 @contextlib.contextmanager

@@ -226,6 +226,25 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
     assert "- **labels**: " in md and "no per-image truth" in md
 
 
+def test_one_study_named_twice_under_two_names_is_refused_before_the_run(phantom_set, tmp_path, capsys):
+    """A study exported twice (its folder and a zip of it, or one of its files) was screened twice and counted as
+    two patients, its verdict twice in every per-patient figure."""
+    import zipfile
+
+    data = _centre_export(phantom_set, tmp_path)
+    with zipfile.ZipFile(data / "P0001 again.zip", "w") as z:
+        for f in sorted((data / "P0001").rglob("*.dcm")):
+            z.write(f, f.name)
+    for twice in ("P0001 again.zip", "P0001/CT/series 2/IM0003.dcm"):
+        (data / "labels.csv").write_text(f"study,label\nP0001,1\nP0002.zip,0\n{twice},1\n")
+        code = eval_main(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                          "--out", str(tmp_path / "r"), "-q"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"line 4: {twice!r} is the same study as 'P0001' (line 2): one Study Instance UID; name it once" in err
+        assert not (tmp_path / "r" / "report.json").exists()  # refused before anything was screened
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("name,label\nP0001,1\n", "no study column in the header row (found: name, label"),
     # two readings merged into one sheet: the first label column was taken without a word
