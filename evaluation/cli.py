@@ -31,7 +31,8 @@ A centre's own studies: ``--labels FILE``, a CSV with a header row naming ``stud
 optionally ``kind`` and ``mask``), one row per study; ``study`` is a folder of its DICOM files, a DICOM file,
 a zip or a NIfTI volume in HU, relative to ``DIR`` (or absolute); ``label`` is 1/0 (or positive/negative,
 yes/no, true/false).
-Only the studies listed are screened, and they count per patient only, but for a NIfTI volume with its
+Only the studies listed are screened (what lies beside them under ``DIR`` that no row names is said before the
+run and in the report's note), and they count per patient only, but for a NIfTI volume with its
 lesion mask (``mask``), whose slices count per image too::
 
     study,label,kind,mask
@@ -75,6 +76,7 @@ from evaluation.dataset import (
     looks_like_nifti_set,
     make_phantom_set,
     read_labels,
+    unlisted,
     work_folder,
     write_nifti_set,
 )
@@ -169,6 +171,18 @@ def _labels_note(cases: list[LabelledCase], evaluated: list[EvalCase], masked: s
     if segments:
         note += "; DICOM SEG segments counted as lesions: " + ", ".join(repr(s) for s in segments)
     return note
+
+
+def _unlisted_words(names: list[str], shown: int) -> str:
+    """What lies under --data and no row of the labels file names (:func:`evaluation.dataset.unlisted`), the first
+    ``shown`` of them by name.
+
+    >>> _unlisted_words(["P7", "P8.zip", "P9"], 2)
+    '3 studies under --data that no row of --labels names, not screened: P7, P8.zip and 1 more'
+    """
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    what = "1 study" if len(names) == 1 else f"{len(names)} studies"
+    return f"{what} under --data that no row of --labels names, not screened: {', '.join(names[:shown])}{more}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,9 +280,12 @@ def eval_main(argv: list[str]) -> int:
             if not data.is_dir():
                 raise EvalError(f"--data {data}: not a directory")
             rows = read_labels(args.labels, data)
+            left_out = unlisted(rows, data, skip=(args.labels, args.out, args.work))
             rows = rows[: args.limit] if args.limit else rows
             cases = labelled_cases(rows, work_folder(args.work, data, "labels"), quiet=args.quiet,
                                    min_px=args.min_lesion_px, named_segments=args.lesion_segments)
+            if left_out:  # said before the run: a study forgotten in the file is not measured
+                print(f"ctscreen eval: {_unlisted_words(left_out, 5)}", file=sys.stderr)
             masked = {row.study for row in rows if row.mask is not None}
         else:
             written = None
@@ -282,6 +299,7 @@ def eval_main(argv: list[str]) -> int:
                 ids = set(written)
                 cases = [c for c in cases if c.case_id in ids]
             note = ""
+            left_out = []
         if args.limit:
             cases = cases[: args.limit]
         t0 = time.monotonic()
@@ -292,11 +310,14 @@ def eval_main(argv: list[str]) -> int:
                                   quiet=args.quiet)
         if args.labels is not None:  # after the run: a mask counts once it matched screened slices
             note = _labels_note(cases, evaluated, masked)
+            if left_out:
+                note += f"; {_unlisted_words(left_out, 20)}"
         meta = {
             "title": args.title,
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
             "data": str(args.data),
             "labels": str(args.labels) if args.labels is not None else "",
+            "unlisted": left_out,
             "note": note,
             "serving_path": path_name,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -273,6 +273,45 @@ def read_labels(labels: Path, data: Path) -> list[StudyLabel]:
     return rows
 
 
+def unlisted(rows: Sequence[StudyLabel], data: Path, skip: Sequence[Path] = ()) -> list[str]:
+    """What lies under ``data`` that a row could name as a study and none does (``/``-separated, relative to
+    ``data``, sorted): a folder holding a file to screen, a zip, a ``.dcm`` file or a NIfTI volume, looked for
+    beside the named studies (``data``'s own entries, and those of a folder holding a named study or mask), hidden
+    names and ``skip`` (the labels file, the report and work folders) left aside. A study forgotten in the labels
+    file is not screened: the run says so, rather than reporting on fewer studies without a word.
+    """
+    named = {row.path.resolve() for row in rows} | {row.mask.resolve() for row in rows if row.mask is not None}
+    skipped = {p.resolve() for p in skip}
+    found: list[str] = []
+
+    def holds(folder: Path) -> bool:  # a named study or mask, or the report or work folder, lies inside
+        return any(folder in p.parents for p in named | skipped)
+
+    def walk(folder: Path) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            path = entry.resolve()
+            if entry.name.startswith(".") or path in named or path in skipped:
+                continue
+            if entry.is_dir():
+                if holds(path):
+                    walk(entry)
+                    continue
+                try:
+                    collect_files(entry)
+                except CliError:
+                    continue
+            elif not (entry.is_file() and (entry.name.lower().endswith((".zip", ".dcm")) or is_nifti(entry))):
+                continue
+            found.append(entry.relative_to(data).as_posix())
+
+    walk(data)
+    return found
+
+
 def _contradicts(kind: str, label: bool) -> bool:
     """Whether a kind says the opposite of its label (a slip in one of the two columns).
 

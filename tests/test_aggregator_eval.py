@@ -15,7 +15,7 @@ import pytest
 from aggregator.case import SliceInput, decide
 from evaluation import EvalError
 from evaluation.cli import eval_main
-from evaluation.dataset import discover, slice_truth_from_manifest
+from evaluation.dataset import discover, read_labels, slice_truth_from_manifest, unlisted
 
 N_SLICES = 8
 
@@ -224,6 +224,34 @@ def test_a_centres_own_studies_are_evaluated_from_a_labels_file(phantom_set, ref
     assert report["per_patient"]["n"] == 2
     md = (tmp_path / "r" / "report.md").read_text()
     assert "- **labels**: " in md and "no per-image truth" in md
+
+
+def test_studies_under_data_that_the_labels_file_does_not_name_are_said(phantom_set, tmp_path, capsys):
+    """A study left out of the labels file (a row forgotten, a study exported late) was not screened, and the report
+    measured the others without a word: the run says which, on stderr before it starts and in the report's note."""
+    import shutil
+
+    data = _centre_export(phantom_set, tmp_path)
+    shutil.copytree(data / "P0001", data / "P0003")
+    (data / "more").mkdir()
+    shutil.copy(data / "P0002.zip", data / "more" / "P0004.zip")
+    shutil.copy(data / "P0002.zip", data / "more" / "P0005.zip")
+    (data / "notes").mkdir()
+    (data / "notes" / "ward.txt").write_text("not a study")
+    (data / ".Trash").mkdir()
+    (data / ".Trash" / "IM1.dcm").write_bytes(b"x")
+    (data / "labels.csv").write_text("study,label\nP0001,1\nmore/P0005.zip,0\nP0002.zip,0\n")
+    out = data / "report"  # the report and work folders under --data are no studies
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--work", str(data / "work"), "--out", str(out), "--limit", "2", "-q"])
+    assert [r["case_id"] for r in rows] == ["P0001", "more/P0005.zip"]  # P0002.zip: named, left out by --limit
+    words = "2 studies under --data that no row of --labels names, not screened: P0003, more/P0004.zip"
+    err = capsys.readouterr().err
+    assert words in err and "P0002" not in err
+    assert words in (out / "report.md").read_text() and report["meta"]["unlisted"] == ["P0003", "more/P0004.zip"]
+    (data / "labels.csv").write_text("study,label\nP0001,1\nmore/P0005.zip,0\nP0002.zip,0\nP0003,1\n"
+                                     "more/P0004.zip,0\n")
+    assert unlisted(read_labels(data / "labels.csv", data), data, skip=(out, data / "labels.csv")) == []
 
 
 def test_one_study_named_twice_under_two_names_is_refused_before_the_run(phantom_set, tmp_path, capsys):
