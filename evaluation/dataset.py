@@ -319,11 +319,19 @@ def _contradicts(kind: str, label: bool) -> bool:
     [True, True, False, False]
     >>> [_contradicts(k, True) for k in ("healthy", "Non-COVID", "normal", "covid")]
     [True, True, True, False]
+
+    A kind that names COVID-19 to say it is absent is a negative's, and one of another pneumonia than COVID-19's a
+    negative's too:
+
+    >>> [_contradicts(k, False) for k in ("COVID-negative", "covid-free", "COVID-19 ruled out")]
+    [False, False, False]
+    >>> [_contradicts(k, True) for k in ("COVID-negative", "Non-COVID pneumonia")]
+    [True, True]
     """
     word = re.sub(r"[^a-z0-9]", "", kind.lower())
-    if label:
-        return word in ("noncovid", "noncovid19", "normal", "negative", "healthy")
-    return word.startswith(("covid", "positive"))
+    negative = word.startswith("noncovid") or word in ("normal", "negative", "healthy") or (
+        word.startswith("covid") and any(no in word for no in ("neg", "free", "ruledout", "excluded")))
+    return negative if label else word.startswith(("covid", "positive")) and not negative
 
 
 def is_nifti(path: Path) -> bool:

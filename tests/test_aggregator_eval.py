@@ -328,6 +328,25 @@ def test_a_labels_file_as_spreadsheets_save_it_is_read(tmp_path, raw, ok):
     assert row.label is True and row.path.resolve() == (tmp_path / "sub" / "P0001").resolve()
 
 
+@pytest.mark.parametrize(("label", "kind", "contradicts"), [
+    ("0", "COVID-negative", False), ("0", "covid-free", False), ("0", "COVID-19 ruled out", False),  # were refused
+    ("1", "Non-COVID pneumonia", True), ("1", "COVID negative", True),  # were taken: a slip in one of the columns
+    ("0", "COVID-19 pneumonia", True), ("1", "healthy", True), ("0", "bacterial", False), ("1", "covid19", False),
+])
+def test_a_kind_is_checked_against_its_label_as_centres_word_it(tmp_path, label, kind, contradicts):
+    from evaluation.dataset import read_labels
+
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "IM1").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text(f"study,label,kind\nP1,{label},{kind}\n")
+    if contradicts:
+        with pytest.raises(EvalError, match=f"line 2: kind {kind!r} of 'P1' contradicts its label '{label}'"):
+            read_labels(tmp_path / "labels.csv", tmp_path)
+    else:
+        (row,) = read_labels(tmp_path / "labels.csv", tmp_path)
+        assert (row.label, row.kind) == (label == "1", kind)
+
+
 def test_cutoffs_under_the_served_one_are_said_to_be_left_out(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("study,label\nnone,0\n")
     assert eval_main(["--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--in-process",
