@@ -234,8 +234,11 @@ def eval_main(argv: list[str]) -> int:
     """``ctscreen eval``; returns the exit status (0 goal met, 1 goal not met or a study failed, 2 bad arguments
     or data)."""
     args = _parser().parse_args(argv)
-    if args.timeout <= 0:
+    if not args.timeout > 0:  # nan too: every comparison with it is false
         print("ctscreen eval: --timeout must be > 0", file=sys.stderr)
+        return 2
+    if args.min_lesion_px < 0:  # every slice, lesion-free ones too, was a positive of the per-image truth
+        print(f"ctscreen eval: --min-lesion-px must be >= 0 (lesion pixels), got {args.min_lesion_px}", file=sys.stderr)
         return 2
     if args.triton_url and (args.url or args.in_process):
         print("ctscreen eval: --triton-url goes with the embedded stack, not with --url or --in-process",

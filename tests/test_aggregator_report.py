@@ -118,6 +118,9 @@ def test_write_report_files(cases, tmp_path):
         (["--data", "/nonexistent/x", "--in-process"], "not a directory"),
         (["--data", "{tmp}", "--in-process"], "no study with a manifest.json"),
         (["--data", "{tmp}", "--timeout", "0"], "--timeout"),
+        (["--data", "{tmp}", "--timeout", "nan"], "--timeout must be > 0"),
+        # every slice was a per-image positive, lesion-free ones too: sensitivity 25 % on a phantom pair
+        (["--data", "{tmp}", "--min-lesion-px", "-1"], "--min-lesion-px must be >= 0 (lesion pixels), got -1"),
         (["--data", "{tmp}", "--repo", "/nonexistent/repo"], "--repo"),
     ],
 )
