@@ -319,29 +319,16 @@ class Worker:
         except LeaseLost:
             logger.warning("job %s: lease lost before the result was written; left to its new holder", job.id)
         except InferenceUnavailable as exc:
-            delay = self._backoff(job)
-            state = await self.store.release(job.id, delay, JobError(reason=exc.reason, message=str(exc)))
-            self._count_if_failed(state, exc.reason)
-            logger.warning("job %s: no Triton could take it (%s); %s", job.id, exc,
-                           f"next try in {delay:g} s" if state == "queued" else state)
             self._ready_at = self._seen_ready = 0.0
+            await self._release(job, f"no Triton could take it ({exc})",
+                                JobError(reason=exc.reason, message=str(exc)))
         except StoreError as exc:  # the state store blinked (a fail-over, a lock): the study is not at fault
-            delay = self._backoff(job)
-            logger.warning("job %s: state store error (%s); released, next try in %g s", job.id,
-                           type(exc).__name__, delay)
-            try:
-                await self.store.release(job.id, delay, JobError(reason="store_unavailable",
-                                                                 message=f"State store error: {type(exc).__name__}."))
-            except Exception:  # noqa: BLE001 - still down: the lease lapses and the job is resumed then
-                logger.warning("job %s: could not release it; it is resumed when its lease lapses", job.id)
+            await self._release(job, f"state store error ({type(exc).__name__})", JobError(
+                reason="store_unavailable", message=f"State store error: {type(exc).__name__}."))
         except OSError as exc:  # the blob volume failed a read (EIO, a stale NFS handle): the study is not at fault
-            delay = self._backoff(job)
             code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            state = await self.store.release(job.id, delay, JobError(
+            await self._release(job, f"blob store read error ({type(exc).__name__})", JobError(
                 reason="unavailable", message=f"The blob store could not be read ({code}); the study is tried again."))
-            self._count_if_failed(state, "unavailable")
-            logger.warning("job %s: blob store read error (%s); %s", job.id, type(exc).__name__,
-                           f"next try in {delay:g} s" if state == "queued" else state)
         except GatewayError as exc:  # a bad study, or Triton refused it (InferenceFailed)
             await self._fail(job, JobError(reason=exc.reason, message=exc.message, detail=exc.to_dict()))
         except Exception as exc:  # noqa: BLE001 - last resort: a job never dies silently
@@ -356,6 +343,22 @@ class Worker:
                 await asyncio.to_thread(remembered.release)
             if spool is not None:
                 await asyncio.to_thread(shutil.rmtree, spool, True)
+
+    async def _release(self, job: Claimed, cause: str, error: JobError) -> None:
+        """Give ``job`` back after a try that failed for want of something else than the study (Triton, the state
+        store, the blob store): queued again with back-off, or failed past its deadline (counted). One log line,
+        ``cause`` (no patient data) and what became of the job. The state store may be away then too (a
+        PostgreSQL restart): the release is not written, the job keeps its lease and is resumed when it lapses;
+        nothing escapes the job's task."""
+        delay = self._backoff(job)
+        try:
+            state = await self.store.release(job.id, delay, error)
+        except Exception as exc:  # noqa: BLE001 - the store is down (too): its lease lapses, any replica resumes it
+            logger.warning("job %s: %s; could not release it (%s): it is resumed when its lease lapses", job.id,
+                           cause, type(exc).__name__)
+            return
+        self._count_if_failed(state, error.reason)
+        logger.warning("job %s: %s; %s", job.id, cause, f"next try in {delay:g} s" if state == "queued" else state)
 
     def _backoff(self, job: Claimed) -> float:
         """Seconds before a released job is tried again: doubling from ``retry_backoff_s`` with its attempts,

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -55,9 +56,25 @@ class PostgresServer:
     def restart(self, away_s: float) -> None:
         """Stop the server (``fast``: its connections are cut, as in a restart or a fail-over), leave it down for
         ``away_s`` seconds (connections refused), and start it again on the same port with the same data."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._halt()
         time.sleep(away_s)
         self._start()
+
+    def down_for(self, away_s: float) -> threading.Thread:
+        """:meth:`restart` that returns once the server is stopped: it is started again ``away_s`` seconds later on
+        the thread returned (join it)."""
+        self._halt()
+
+        def back() -> None:
+            time.sleep(away_s)
+            self._start()
+
+        thread = threading.Thread(target=back, name="postgres-back", daemon=True)
+        thread.start()
+        return thread
+
+    def _halt(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [str(self.bin / tool), *args]

@@ -890,6 +890,75 @@ def test_a_blob_store_read_error_releases_the_job_for_a_retry_instead_of_failing
     assert (job["state"], job["attempts"]) == ("done", 2), job
 
 
+@pytest.mark.parametrize("outage", ["triton", "blobs"])
+def test_a_release_the_state_store_cannot_take_leaves_the_job_to_its_lease(tmp_path, postgres, pg_url, outage,
+                                                                          monkeypatch, caplog):
+    """A try that ends for want of Triton (no endpoint could take it) or of the blob store (EIO) releases the job
+    with back-off. PostgreSQL away at that moment too (a restart; the same outage may be behind both) made the
+    release raise out of the job's task, unhandled ('Task exception was never retrieved', a traceback), where a
+    state store error released with one line. Now the same: one line, the job keeps its lease and is resumed
+    when it lapses. The real PostgreSQL, stopped the moment the try fails and back 2 s later; the try's failure
+    is a stub (the fake Triton's screen, or the blob read, raises once)."""
+    import asyncio
+    import errno
+    import logging
+
+    from gateway.errors import InferenceUnavailable
+    from gateway.screening import Screener
+    from gateway.worker import Worker
+
+    ended: list[BaseException | None] = []  # each job task's outcome: an exception there is one nobody handles
+    real_done = Worker._done
+
+    def done(self, job_id, urgent_only, task):
+        ended.append(None if task.cancelled() else task.exception())
+        real_done(self, job_id, urgent_only, task)
+
+    back = []
+
+    def failing_once(owner, name, error):
+        real = getattr(owner, name)
+
+        async def fails(self, *args, **kwargs):
+            if not back:  # the first try: the database goes away, then the try fails
+                back.append(await asyncio.to_thread(postgres.down_for, 2.0))
+                raise error
+            return await real(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, fails)
+
+    async def keep_nothing(self, job_id, prepared):  # as on a replica that did not take the upload
+        await asyncio.to_thread(prepared.release)
+
+    if outage == "triton":
+        failing_once(Screener, "screen", InferenceUnavailable("No Triton endpoint could take the request."))
+    else:
+        failing_once(Worker, "_prepare", OSError(errno.EIO, "Input/output error"))
+    monkeypatch.setattr(Worker, "_done", done)
+    monkeypatch.setattr(Worker, "remember", keep_nothing)
+    caplog.set_level(logging.INFO)
+    try:
+        with TestClient(_app(data_dir=tmp_path, database_url=pg_url, screen_ahead=False, lease_s=3,
+                             retry_backoff_s=0.2, retry_backoff_max_s=0.2)) as client:
+            _, files = ct_series(6, lesion=(2, 3, 4), size=64)
+            r = client.post("/v1/studies", files=upload_files(files))
+            assert r.status_code == 202, r.text
+            deadline = time.monotonic() + 30
+            while not back:  # the job's view is a 503 while the database is away: asked once it is back
+                assert time.monotonic() < deadline, "the try never failed"
+                time.sleep(0.05)
+            back[0].join(60)
+            job = wait_job(client, r.json()["job_id"], timeout=60)
+    finally:
+        for thread in back:
+            thread.join(60)
+    assert (job["state"], job["attempts"]) == ("done", 2), job  # resumed once its lease lapsed
+    assert ended and all(e is None for e in ended), ended
+    released = [m for m in caplog.messages if "could not release it" in m]
+    assert len(released) == 1 and "it is resumed when its lease lapses" in released[0], caplog.messages
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records if rec.exc_info]
+
+
 def test_a_worker_releases_its_kept_uploads_off_the_event_loop():
     """Releasing a kept upload removes its spool folder (rmtree): on the event loop it stalled every
     request and lease renewal meanwhile."""
