@@ -502,6 +502,39 @@ def test_readyz_says_not_ready_while_the_store_or_the_blob_folder_fails(tmp_path
         assert client.get("/readyz").status_code == 200
 
 
+def test_readyz_asks_the_state_store_and_the_blob_store_at_once(tmp_path):
+    """/readyz asked the state store (up to 3 s), then the blob store (up to 3 s): a slow but working database
+    and a slow blob volume took the sum, past the readiness probe's timeout, and every gateway left its Service
+    at once. The two are asked at once now: both have started before either ends. Each check here is the real
+    one after a 1 s wait (a stub around it: a slow database or volume on cue)."""
+    import asyncio
+
+    spans: dict[str, list[float]] = {}
+    with TestClient(_app(data_dir=tmp_path / "data")) as client:
+        store, blobs = client.app.state.store, client.app.state.blobs
+        real_ping, real_writable = store.ping, blobs.writable
+
+        async def slow_ping() -> None:
+            spans["store"] = [time.monotonic()]
+            await asyncio.sleep(1.0)
+            await real_ping()
+            spans["store"].append(time.monotonic())
+
+        def slow_writable() -> bool:
+            spans["blobs"] = [time.monotonic()]
+            time.sleep(1.0)
+            ok = real_writable()
+            spans["blobs"].append(time.monotonic())
+            return ok
+
+        store.ping, blobs.writable = slow_ping, slow_writable
+        time.sleep(1.1)  # past both checks' one-second caches
+        r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["store"] and r.json()["blobs"], r.text
+    (store_start, store_end), (blobs_start, blobs_end) = spans["store"], spans["blobs"]
+    assert max(store_start, blobs_start) < min(store_end, blobs_end), spans
+
+
 def test_openapi_lists_the_routes():
     with TestClient(_app()) as client:
         paths = client.get("/openapi.json").json()["paths"]

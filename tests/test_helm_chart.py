@@ -456,6 +456,18 @@ def test_triton_pod_gpu_probes_drain_and_shm(rendered):
 
 
 @pytest.mark.parametrize("value_set", ["default", "production"])
+def test_the_gateways_readiness_probe_waits_for_what_readyz_may_take(rendered, value_set):
+    """The gateway's readiness probe set no ``timeoutSeconds`` (the kubelet's 1 s) while ``/readyz`` may take up to
+    ``READYZ_MAX_S`` (3 s) for a slow but working database or blob store: every replica left its Service at once.
+    The probe waits that long and a second more (the request's own time)."""
+    from gateway.api.ops import READYZ_MAX_S
+
+    probe = container(find(rendered[value_set], "Deployment", "-gateway"), "gateway")["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    assert probe.get("timeoutSeconds", 1) >= READYZ_MAX_S + 1, probe
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
 def test_triton_gets_the_malloc_settings_the_embedded_server_gets(rendered, value_set):
     """The Triton pods' glibc malloc settings are the embedded server's (one measurement, docs/triton.md); a name
     extraEnv sets is extraEnv's alone (one entry a name: server-side apply refuses duplicates), an extraEnv

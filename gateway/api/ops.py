@@ -53,7 +53,7 @@ async def triton_ready(request: Request, pool: TritonPool, wait_s: float | None 
     ``wait_s``: how long to wait for a probe under way; past it, the last probe's answer (none before the
     first), while the probe goes on and keeps its answer for the next call. A paused or unreachable Triton
     (SIGSTOP, a node cut off) answers no probe: each then takes ``CTSCREEN_TRITON_READY_TIMEOUT_S`` (2 s),
-    and ``/readyz``, which Triton is no part of, took as long, past the kubelet's probe timeout (1 s): every
+    and ``/readyz``, which Triton is no part of, took as long, past the kubelet's probe timeout (1 s then): every
     gateway left its Service and no study was taken while Triton hung."""
     state = request.app.state
     cached = getattr(state, "ready_cache", None)
@@ -78,12 +78,16 @@ async def triton_ready(request: Request, pool: TritonPool, wait_s: float | None 
         return [] if cached is None else list(cached[1])
 
 
+STORE_PROBE_S = 3.0
+"""How long readiness waits for the state store's answer."""
+
+
 async def _store_answers(request: Request, store: Store) -> bool:
     """Whether the state store answers a query within 3 s (asked at most once a second)."""
 
     async def ask() -> bool:
         try:
-            async with asyncio.timeout(3.0):
+            async with asyncio.timeout(STORE_PROBE_S):
                 await store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means: not ready
             logger.warning("readiness: the state store does not answer (%s)", type(exc).__name__)
@@ -121,6 +125,11 @@ async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
     return await _once_a_second(request, "blobs_cache", ask)
 
 
+READYZ_MAX_S = max(READY_TRITON_WAIT_S, STORE_PROBE_S, BLOBS_PROBE_S)
+"""The longest ``/readyz`` takes: its checks run at once, so the slowest one's bound (the chart's readiness probe
+gives it more: ``timeoutSeconds``, ``tests/test_helm_chart.py``)."""
+
+
 @router.get("/readyz", summary="Readiness: the gateway takes studies (state store and blob folder usable)",
             responses={503: {"description": "the state store does not answer, or blobs cannot be written"}})
 async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsDep) -> JSONResponse:
@@ -131,9 +140,11 @@ async def readyz(request: Request, pool: PoolDep, store: StoreDep, blobs: BlobsD
     is in the body (counts only; the addresses are for ``admin`` callers of ``/v1/service``) and at
     ``/readyz/triton``.
     """
-    ready_triton = await triton_ready(request, pool, READY_TRITON_WAIT_S)  # Triton is not waited for
-    store_ok = await _store_answers(request, store)
-    blobs_ok = await _blobs_writable(request, blobs)
+    # at once: a slow but working database and a slow blob store take the slower one's time, not the sum, which
+    # passed the probe's timeout and took every replica out of its Service together (READYZ_MAX_S)
+    ready_triton, store_ok, blobs_ok = await asyncio.gather(
+        triton_ready(request, pool, READY_TRITON_WAIT_S),  # Triton is not waited for
+        _store_answers(request, store), _blobs_writable(request, blobs))
     ready = store_ok and blobs_ok
     body = {"ready": ready, "store": store_ok, "blobs": blobs_ok,
             "triton": {"ready_endpoints": len(ready_triton), "endpoints": len(pool.endpoints)}}
