@@ -1129,9 +1129,8 @@ class Store:
         async with self.read() as s:
             deadline = (await s.execute(select(Job.deadline_at).where(Job.id == job_id))).scalar()
         if deadline is not None and now + delay_s > deadline and error is not None:
-            message = (f"{error.message} No Triton could take the study before its deadline; its instances are "
-                       "kept: POST /v1/jobs/{id}/retry queues it again.").replace("{id}", job_id)
-            ok = await self.fail(job_id, JobError(reason=error.reason, message=message, detail=error.detail))
+            ok = await self.fail(job_id, JobError(reason=error.reason, message=_past_deadline(error, job_id),
+                                                  detail=error.detail))
             return JobState.failed.value if ok else "lost"
         async with self.tx() as s:
             row = (await s.execute(update(Job).where(
@@ -1344,9 +1343,7 @@ class Store:
         for job_id, error in overdue:
             last = JobError.model_validate(error) if error else JobError(reason="triton_unavailable",
                                                                          message="No Triton was ready.")
-            message = (f"{last.message} No Triton could take the study before its deadline; its instances are "
-                       f"kept: POST /v1/jobs/{job_id}/retry queues it again.")
-            n += await self.fail(job_id, JobError(reason=last.reason, message=message), leased=False)
+            n += await self.fail(job_id, JobError(reason=last.reason, message=_past_deadline(last, job_id)), leased=False)
         return n
 
     @staticmethod
@@ -1636,6 +1633,21 @@ async def _named(s: AsyncSession, keys: Sequence[str]) -> set[str]:
         chunk = list(keys[i : i + 500])
         named |= set((await s.execute(select(Instance.blob_key).where(Instance.blob_key.in_(chunk)))).scalars())
     return named
+
+
+def _past_deadline(last: JobError, job_id: str) -> str:
+    """The message of a job failed at its deadline, after ``last`` (the error of its last try): what kept it from being
+    screened, in the words of that error's cause (it said "No Triton could take the study" when the blob store or the
+    state store had failed the tries), and how to try again.
+
+    >>> _past_deadline(JobError(reason="triton_unavailable", message="No Triton was ready."), "j1")
+    'No Triton was ready. No Triton could take the study before its deadline; its instances are kept: POST /v1/jobs/j1/retry queues it again.'
+    >>> _past_deadline(JobError(reason="store_unavailable", message="State store error."), "j1").split(" before")[0]
+    'State store error. The study could not be screened'
+    """
+    why = ("No Triton could take the study" if last.reason == "triton_unavailable"
+           else "The study could not be screened")
+    return f"{last.message} {why} before its deadline; its instances are kept: POST /v1/jobs/{job_id}/retry queues it again."
 
 
 def _view(job: Job, result: Result | None = None) -> JobView:
