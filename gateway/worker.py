@@ -399,8 +399,18 @@ class Worker:
             self.screener.metrics.failed(reason)
 
     async def _fail(self, job: Claimed, error: JobError) -> None:
-        self.screener.metrics.failed(error.reason)
-        if await self.store.fail(job.id, error):
+        """Record ``job`` failed (a bad study, Triton's refusal, a bug), counted once it is written. The state store
+        may be away then (a PostgreSQL restart): nothing is written or counted, one line says so and the job keeps
+        its lease, resumed when it lapses (its next try fails it again, and is counted then); nothing escapes the
+        job's task. Counted first, a failure the store did not take was counted again by the try that recorded it."""
+        try:
+            failed = await self.store.fail(job.id, error)
+        except Exception as exc:  # noqa: BLE001 - the store is down: its lease lapses, any replica resumes it
+            logger.warning("job %s: %s; could not record its failure (%s): it is resumed when its lease lapses",
+                           job.id, error.reason, type(exc).__name__)
+            return
+        if failed:
+            self.screener.metrics.failed(error.reason)
             logger.info("job %s failed: %s", job.id, error.reason)
 
     def stop_claiming(self) -> None:

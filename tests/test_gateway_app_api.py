@@ -923,7 +923,7 @@ def test_a_blob_store_read_error_releases_the_job_for_a_retry_instead_of_failing
     assert (job["state"], job["attempts"]) == ("done", 2), job
 
 
-@pytest.mark.parametrize("outage", ["triton", "blobs"])
+@pytest.mark.parametrize("outage", ["triton", "blobs", "refused"])
 def test_a_release_the_state_store_cannot_take_leaves_the_job_to_its_lease(tmp_path, postgres, pg_url, outage,
                                                                           monkeypatch, caplog):
     """A try that ends for want of Triton (no endpoint could take it) or of the blob store (EIO) releases the job
@@ -931,12 +931,14 @@ def test_a_release_the_state_store_cannot_take_leaves_the_job_to_its_lease(tmp_p
     release raise out of the job's task, unhandled ('Task exception was never retrieved', a traceback), where a
     state store error released with one line. Now the same: one line, the job keeps its lease and is resumed
     when it lapses. The real PostgreSQL, stopped the moment the try fails and back 2 s later; the try's failure
-    is a stub (the fake Triton's screen, or the blob read, raises once)."""
+    is a stub (the fake Triton's screen, or the blob read, raises once). ``refused``: a try that fails the job (Triton
+    refused the request) with the database away: the failure was counted, then raised out of the task unrecorded;
+    now it is neither recorded nor counted (one line), and the job is resumed when its lease lapses."""
     import asyncio
     import errno
     import logging
 
-    from gateway.errors import InferenceUnavailable
+    from gateway.errors import InferenceFailed, InferenceUnavailable
     from gateway.screening import Screener
     from gateway.worker import Worker
 
@@ -965,6 +967,8 @@ def test_a_release_the_state_store_cannot_take_leaves_the_job_to_its_lease(tmp_p
 
     if outage == "triton":
         failing_once(Screener, "screen", InferenceUnavailable("No Triton endpoint could take the request."))
+    elif outage == "refused":
+        failing_once(Screener, "screen", InferenceFailed("Triton refused the request."))
     else:
         failing_once(Worker, "_prepare", OSError(errno.EIO, "Input/output error"))
     monkeypatch.setattr(Worker, "_done", done)
@@ -982,13 +986,16 @@ def test_a_release_the_state_store_cannot_take_leaves_the_job_to_its_lease(tmp_p
                 time.sleep(0.05)
             back[0].join(60)
             job = wait_job(client, r.json()["job_id"], timeout=60)
+            counted = [line for line in client.get("/metrics").text.splitlines()
+                       if line.startswith('ctscreen_studies_total{verdict="failed"}')]
     finally:
         for thread in back:
             thread.join(60)
     assert (job["state"], job["attempts"]) == ("done", 2), job  # resumed once its lease lapsed
     assert ended and all(e is None for e in ended), ended
-    released = [m for m in caplog.messages if "could not release it" in m]
+    released = [m for m in caplog.messages if "could not release it" in m or "could not record its failure" in m]
     assert len(released) == 1 and "it is resumed when its lease lapses" in released[0], caplog.messages
+    assert counted in ([], ['ctscreen_studies_total{verdict="failed"} 0.0']), counted  # done: no failure counted
     assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records if rec.exc_info]
 
 
