@@ -985,6 +985,20 @@ def _gateway(**kw: Any) -> Iterator[Stack]:
         yield stack
 
 
+def _sent(stack: Stack, study: Path) -> str:
+    """``study`` sent to ``stack`` (POST /v1/studies): its job."""
+    files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(study)]
+    r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
+    assert r.status_code == 202, r.text
+    return str(r.json()["job_id"])
+
+
+# what the page's live region (#announce) says from now on, in window.__said; window.__kept is gone if it reloads
+HEAR_ANNOUNCE = """() => { window.__kept = true; window.__said = [];
+    new MutationObserver(() => window.__said.push(document.getElementById('announce').textContent))
+        .observe(document.getElementById('announce'), {subtree: true, childList: true, characterData: true}); }"""
+
+
 @pytest.mark.parametrize("where", ["/", "/#/?limit=1&offset=1"], ids=["first page", "version 1 alone on page 2"])
 def test_a_retried_version_supersedes_the_earlier_one_again_at_once(triton, page, tmp_path, where):
     """Version 2 of a done study failing gives version 1 its reading back, and its row loses "superseded" at
@@ -1062,10 +1076,7 @@ def test_a_study_view_open_while_its_job_runs_shows_the_result_in_place(triton, 
     Triton, then screens it (the page's gateway streams its progress, as any replica streams any job)."""
     common = {"data_dir": tmp_path / "data"}
     with _gateway(triton_url=f"127.0.0.1:{free_port()}", settings_overrides=common) as stack:
-        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(studies["covid"])]
-        r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["job_id"]
+        job_id = _sent(stack, studies["covid"])
         page.goto(f"{stack.url}/#/study/{job_id}")
         page.wait_for_selector("main p.state-queued")
         navigated: list[str] = []
@@ -1101,15 +1112,10 @@ def test_a_study_view_open_when_its_job_fails_shows_the_failure_in_place(studies
     Triton: the job's deadline passes while it waits queued."""
     settings = {"data_dir": tmp_path / "data", "job_deadline_s": 4.0}
     with _gateway(triton_url=f"127.0.0.1:{free_port()}", settings_overrides=settings) as stack:
-        files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in collect_files(studies["covid"])]
-        r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
-        assert r.status_code == 202, r.text
-        page.goto(f"{stack.url}/#/study/{r.json()['job_id']}")
+        page.goto(f"{stack.url}/#/study/{_sent(stack, studies['covid'])}")
         page.wait_for_selector("main p.state-queued")
         page.locator("main a", has_text="← Worklist").focus()
-        page.evaluate("""() => { window.__kept = true; window.__said = [];
-            new MutationObserver(() => window.__said.push(document.getElementById('announce').textContent))
-                .observe(document.getElementById('announce'), {subtree: true, childList: true, characterData: true}); }""")
+        page.evaluate(HEAR_ANNOUNCE)
         page.wait_for_selector("main p.state-failed", timeout=30_000)
         sync_api.expect(page.locator("#retry")).to_be_enabled()
         said = page.inner_text("#job-state")
@@ -1118,6 +1124,52 @@ def test_a_study_view_open_when_its_job_fails_shows_the_failure_in_place(studies
         assert page.evaluate("() => window.__kept") is True
         assert page.evaluate("""() => { const a = document.activeElement;
             return a.isConnected && a.matches('main a[href="#/"]') && a.textContent; }""") == "← Worklist"
+        page.goto("about:blank")
+
+
+def test_screen_again_pressed_from_the_keyboard_keeps_the_place_and_says_what_happened(studies, page, tmp_path):
+    """A failed study's Screen again, accepted, had the view built anew: the pressed button gone, the focus fell to
+    the page's body and a keyboard or screen-reader user lost her place. Now the view is drawn again in place (the
+    job queued), the focus on its heading, and the live region says once that it is queued; refused (409, played
+    by the browser's router: retention removed the instances), the button stays with the focus and the refusal is
+    said. No Triton: the job's deadline fails it queued, and again after its retry (the view follows it)."""
+    settings = {"data_dir": tmp_path / "data", "job_deadline_s": 5.0}
+    with _gateway(triton_url=f"127.0.0.1:{free_port()}", settings_overrides=settings) as stack:
+        job_id = _sent(stack, studies["covid"])
+        page.goto(f"{stack.url}/#/study/{job_id}")
+        page.wait_for_selector("main p.state-failed", timeout=30_000)
+        button = page.locator("#retry")
+        sync_api.expect(button).to_be_enabled()
+        page.evaluate(HEAR_ANNOUNCE)
+        focused = "() => { const a = document.activeElement; return a === document.body ? 'body' : a.id || a.localName; }"
+        gone = f"The instances of job {job_id} are no longer kept (retention); send the study again."
+        page.route(f"**/v1/jobs/{job_id}/retry", lambda route: route.fulfill(
+            status=409, content_type="application/json", body=json.dumps({"reason": "not_retryable", "message": gone})))
+        button.focus()
+        page.keyboard.press("Enter")
+        refusal = f"Not queued again: {gone}"
+        sync_api.expect(page.locator("#retry-refused")).to_have_text(refusal)
+        sync_api.expect(button).to_be_enabled()
+        assert page.evaluate(focused) == "retry"
+        assert page.evaluate("() => window.__said") == [refusal]
+        page.unroute(f"**/v1/jobs/{job_id}/retry")
+
+        page.evaluate("() => { window.__said = []; }")
+        button.focus()
+        with page.expect_response(lambda r: r.url.endswith(f"/v1/jobs/{job_id}/retry")) as answer:
+            page.keyboard.press("Enter")
+        assert answer.value.status == 202
+        page.wait_for_selector("main p.state-queued")
+        assert button.count() == 0
+        assert page.evaluate(focused) == "h1"  # the view's heading: the button pressed is gone
+        assert page.evaluate("() => window.__said") == ["Queued to be screened again"]
+        assert page.evaluate("() => window.__kept") is True  # drawn in place, not the page loaded again
+        # followed: its deadline fails it again, said once more, the focus left where it is
+        page.wait_for_selector("main p.state-failed", timeout=30_000)
+        sync_api.expect(button).to_be_enabled()
+        said = page.inner_text("#job-state")
+        assert page.evaluate("() => window.__said") == ["Queued to be screened again", f"screening {said}"]
+        assert page.evaluate(focused) == "h1"
         page.goto("about:blank")
 
 
@@ -1464,6 +1516,8 @@ def test_a_done_study_is_screened_again_with_the_current_models_from_its_view(st
     page.locator("#rescreen-yes").click()
     sync_api.expect(page.locator("#rescreen-refused")).to_have_text(f"Not screened again: {refusal['message']}")
     sync_api.expect(button).to_be_enabled()
+    assert page.evaluate("() => document.activeElement.id") == "rescreen"  # it fell to the body with the confirmation
+    assert page.inner_text("#announce") == f"Not screened again: {refusal['message']}"
     page.unroute(f"**/v1/studies/{uid}/rescreen")
     button.click()
     with page.expect_response(lambda r: r.url.endswith(f"/v1/studies/{uid}/rescreen")) as answer:

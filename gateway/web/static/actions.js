@@ -59,8 +59,8 @@ export const canRescreen = (job) => job.state === "done" && !job.superseded_by;
 
 /**
  * POST ``path`` for a button: ``button`` is disabled while it is asked; a refusal is written in ``refused`` after
- * ``notDone`` (a 401/403 opens the sign-in box too) and the button can be pressed again. Resolves to the answer's
- * JSON once accepted (``done`` is announced), else null.
+ * ``notDone`` and announced (a 401/403 opens the sign-in box too) and the button can be pressed again. Resolves to
+ * the answer's JSON once accepted (``done`` is announced), else null.
  */
 async function act(path, button, refused, done, notDone) {
   button.disabled = true;
@@ -71,7 +71,9 @@ async function act(path, button, refused, done, notDone) {
     announce(done);
     return answer;
   } catch (error) {
+    // said too: the line under the button is no live region, and a screen reader heard nothing of the refusal
     refused.textContent = `${notDone}: ${error.message}`;
+    announce(refused.textContent);
     button.disabled = false;
     return null;
   } finally {
@@ -81,11 +83,11 @@ async function act(path, button, refused, done, notDone) {
 
 /**
  * "Screen again" (POST /v1/jobs/{id}/retry: studies:write), for the study view's button and each failed worklist
- * row's (act()). Resolves to whether the job is queued again.
+ * row's (act()). Resolves to the job queued again (the gateway's answer: {job_id, state, ...}), or null when refused.
  */
-export async function screenAgain(jobId, button, refused) {
-  return await act(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, button, refused, "Queued to be screened again",
-    "Not queued again") !== null;
+export function screenAgain(jobId, button, refused) {
+  return act(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, button, refused, "Queued to be screened again",
+    "Not queued again");
 }
 
 /**

@@ -54,18 +54,28 @@ export function studyView(main, jobId) {
   main.replaceChildren(h("h1", {}, "Study"), h("p", {}, "Loading…"));
   const again = () => { cleanup(); cleanup = studyView(main, jobId); };
   let line = null;  // the study's identity line, read once for the view (identity)
-  const draw = (job) => (job.state === "done" ? viewer(main, job, line) : pending(main, job, line, again, ended));
+  const draw = (job) => (job.state === "done" ? viewer(main, job, line) : pending(main, job, line, queued, ended));
+  // the view drawn again in place from ``job``, the focus put back where ``keep`` (focusKeeper) found it
+  const redraw = (job, keep) => {
+    if (stopped) return false;
+    cleanup();
+    cleanup = draw(job);
+    keep();
+    return true;
+  };
   // the job followed here ended: the view is drawn again in place from the job its stream ended with, the focus
   // kept, the outcome said once. A done one reloaded the whole page: the sign-in asked again, the page flashed, the
   // scroll and the focus went to the page's start and a screen reader read the page again, not the verdict
   const ended = (job) => {
-    if (stopped) return;
-    const keep = focusKeeper(main);
-    cleanup();
-    cleanup = draw(job);
-    keep();
-    announce(`screening ${job.state === "done" ? `done: ${job.result.verdict}` : failedWords(job)}`);
+    if (redraw(job, focusKeeper(main))) {
+      announce(`screening ${job.state === "done" ? `done: ${job.result.verdict}` : failedWords(job)}`);
+    }
   };
+  // a failed job queued again by its Screen again (said by actions.js): drawn again in place from the gateway's
+  // answer, followed from there; the focus found before the button was pressed goes to the view's heading (the
+  // button is gone). The view was built anew: the button vanished, the focus fell to the page's body and nothing
+  // was said. An answer without the job's details (a caller without results:read) keeps the study's own
+  const queued = (job, answer, keep) => redraw({ ...job, error: null, slices_done: 0, ...answer }, keep);
 
   (async () => {
     let job;
@@ -113,11 +123,17 @@ function focusKeeper(main) {
 }
 
 /** A failed job's "Screen again" (actions.js, as a failed worklist row's; studies:write: disabled without it);
- * queued, the view is shown again. */
-function retryButton(job, again) {
+ * queued, queued(job, answer, keep) draws the view again in place, the focus kept as it was when pressed (the
+ * button is disabled meanwhile, which may take the focus off it). */
+function retryButton(main, job, queued) {
   const refused = h("p", { class: "bad", id: "retry-refused" });
   const button = h("button", { type: "button", id: "retry", disabled: true, dataset: { needs: STUDIES_WRITE },
-    onclick: async () => { if (await screenAgain(job.job_id, button, refused)) again(); } }, "Screen again");
+    onclick: async () => {
+      const keep = focusKeeper(main);
+      const answer = await screenAgain(job.job_id, button, refused);
+      if (answer) queued(job, answer, keep);
+      else if (button.isConnected && document.activeElement === document.body) keep();  // refused: back on it
+    } }, "Screen again");
   gate(button);
   return [h("p", {}, button), refused];
 }
@@ -139,7 +155,9 @@ function rescreenButton(job) {
   const yes = h("button", { type: "button", id: "rescreen-yes", onclick: async () => {
     ask(false);
     const view = await rescreen(job.study_instance_uid, button, refused);
-    if (view) location.hash = `#/study/${encodeURIComponent(view.job_id)}`;
+    if (view) location.hash = `#/study/${encodeURIComponent(view.job_id)}`;  // the new view takes the focus (main.js)
+    // refused: the confirmation hidden with the focus on it, the focus fell to the page's body; the button has it
+    else if (button.isConnected && document.activeElement === document.body) button.focus();
   } }, "Screen again");
   const no = h("button", { type: "button", id: "rescreen-no", onclick: () => { ask(false); button.focus(); } }, "Cancel");
   // "a new version", not "version N + 1": a later version of the study that failed does not supersede this one (the
@@ -209,7 +227,7 @@ function sideWords(letters) {
 // the job's states in the worklist's words (gateway/store/worklist.py row_state): its steps are "screening"
 const SHOWN_STATE = { decoding: "screening", inferring: "screening", aggregating: "screening" };
 
-function pending(main, job, line, again, ended) {
+function pending(main, job, line, queued, ended) {
   // the state (a failure with its reason) is a live region, said when it changes; the slice count is not: written at
   // each progress event (every CTSCREEN_PROGRESS_INTERVAL_S), it had a screen reader read out "screening: 5/24
   // slices", "6/24", ... without end. The bar holds the count for whoever asks for it
@@ -229,7 +247,7 @@ function pending(main, job, line, again, ended) {
   main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Worklist")),
     h("h1", {}, "Study ", h("span", { class: "uid" }, job.study_instance_uid || job.job_id)), line,
     ...supersededNote(job),
-    status, bar, ...(canScreenAgain(job) ? retryButton(job, again) : []));
+    status, bar, ...(canScreenAgain(job) ? retryButton(main, job, queued) : []));
   if (job.state === "failed") return () => {};
   // done or failed, the view is drawn again (a failed one with its Screen again button): its state line, a live
   // region, is not told "done" first
