@@ -39,6 +39,7 @@ __all__ = [
     "Estimate",
     "IndeterminateAs",
     "auc",
+    "called_positive",
     "false_positives_by_class",
     "sweep",
     "table3",
@@ -50,6 +51,25 @@ METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "np
 
 IndeterminateAs = Literal["positive", "negative", "exclude"]
 """How an indeterminate verdict counts: as positive (referred to a reader), as negative, or not at all."""
+
+
+def called_positive(verdict: str, indeterminate: IndeterminateAs = "positive") -> bool | None:
+    """Whether a case verdict counts as called positive, an indeterminate one counting as ``indeterminate`` says;
+    None when it is not counted (``exclude``). The one reading of a verdict the per-patient figures, the
+    false-positive table and each case's ``correct`` share.
+
+    >>> [called_positive(v) for v in ("positive", "negative", "indeterminate")]
+    [True, False, True]
+    >>> called_positive("indeterminate", "negative"), called_positive("indeterminate", "exclude")
+    (False, None)
+    """
+    if indeterminate not in ("positive", "negative", "exclude"):
+        raise ValueError(f'Argument "indeterminate" must be positive, negative or exclude, got {indeterminate!r}.')
+    if verdict not in ("positive", "negative", "indeterminate"):
+        raise ValueError(f'Argument "verdicts" holds an unknown verdict {verdict!r}.')
+    if verdict == "indeterminate":
+        return None if indeterminate == "exclude" else indeterminate == "positive"
+    return verdict == "positive"
 
 
 def wilson(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -187,14 +207,10 @@ class Confusion:
                 f'Arguments "truth" and "verdicts" must have the same length, got {len(truth)} and {len(verdicts)}.'
             )
         for t, v in zip(truth, verdicts, strict=True):
-            if v not in ("positive", "negative", "indeterminate"):
-                raise ValueError(f'Argument "verdicts" holds an unknown verdict {v!r}.')
-            if v == "indeterminate":
-                n_ind += 1
-                if indeterminate == "exclude":
-                    continue
-                v = indeterminate
-            pairs.append((bool(t), v == "positive"))
+            called = called_positive(v, indeterminate)
+            n_ind += v == "indeterminate"
+            if called is not None:
+                pairs.append((bool(t), called))
         c = cls.from_labels([t for t, _ in pairs], [p for _, p in pairs])
         return cls(tp=c.tp, fp=c.fp, tn=c.tn, fn=c.fn, indeterminate=n_ind)
 
@@ -311,13 +327,11 @@ def false_positives_by_class(
         if truth:
             continue
         row = table.setdefault(cls, [0, 0, 0])
-        if verdict == "indeterminate":
-            row[2] += 1
-            if indeterminate == "exclude":
-                continue
-        row[0] += 1
-        if verdict == "positive" or (verdict == "indeterminate" and indeterminate == "positive"):
-            row[1] += 1
+        row[2] += verdict == "indeterminate"
+        called = called_positive(verdict, indeterminate)
+        if called is not None:
+            row[0] += 1
+            row[1] += called
     out: dict[str, dict[str, int | float | None]] = {}
     for cls in sorted(table):
         n, fp, ind = table[cls]

@@ -29,6 +29,7 @@ from aggregator.metrics import (
     Confusion,
     IndeterminateAs,
     auc,
+    called_positive,
     false_positives_by_class,
     sweep,
     table3,
@@ -177,7 +178,8 @@ def build_report(
         raise ValueError('Argument "cases" must not be empty.')
     goal = goal or Goal()
     truth = [c.label for c in cases]
-    patient = Confusion.from_verdicts(truth, _verdicts(cases, None), indeterminate_as)
+    verdicts = _verdicts(cases, None)
+    patient = Confusion.from_verdicts(truth, verdicts, indeterminate_as)
     image = _per_image(cases)
     results = [c.result for c in cases if c.result is not None]
     rule = CaseRule.from_params(results[0].rule) if results else CaseRule()
@@ -217,7 +219,7 @@ def build_report(
             "auc_per_image": auc(image_curve),
         },
         "fp_by_class": false_positives_by_class(
-            [(c.kind, c.label, v) for c, v in zip(cases, _verdicts(cases, None), strict=True)],
+            [(c.kind, c.label, v) for c, v in zip(cases, verdicts, strict=True)],
             indeterminate=indeterminate_as,
         ),
         "fp_images_by_kind": _fp_images_by_kind(cases),
@@ -227,7 +229,8 @@ def build_report(
             "median_s": _median(seconds),
             "total_s": sum(seconds) if seconds else None,
         },
-        "cases": [_case_row(c, up_to) for c, up_to in zip(cases, _positive_up_to(verdicts_at), strict=True)],
+        "cases": [_case_row(c, called_positive(v, indeterminate_as), up_to) for c, v, up_to
+                  in zip(cases, verdicts, _positive_up_to(verdicts_at), strict=True)],
     }
 
 
@@ -288,7 +291,9 @@ def _positive_up_to(verdicts_at: Mapping[float, list[str]]) -> list[float | None
     return out
 
 
-def _case_row(c: EvalCase, positive_up_to: float | None = None) -> dict[str, Any]:
+def _case_row(c: EvalCase, called: bool | None, positive_up_to: float | None = None) -> dict[str, Any]:
+    """A case of the report; ``called``: its verdict as the per-patient row counts it (an indeterminate or failed
+    one as ``indeterminate_as`` says, None when left out), so ``correct`` sums to the row's TP + TN."""
     r = c.result
     ev = r.evidence if r is not None else None
     return {
@@ -297,7 +302,7 @@ def _case_row(c: EvalCase, positive_up_to: float | None = None) -> dict[str, Any
         "label": int(c.label),
         "verdict": r.verdict if r else "failed",
         "reason": r.reason if r else "failed",
-        "correct": (r is not None and r.verdict in ("positive", "negative") and (r.verdict == "positive") == c.label),
+        "correct": None if called is None else called == c.label,
         "n_slices": len(r.slices) if r else 0,
         "run": f"{ev.n_slices} in {ev.quadrant}" if ev else "",
         "positive_up_to": positive_up_to,
@@ -413,7 +418,7 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
     lines += ["", "## Cases", "", "| case | kind | label | verdict | reason | slices | longest run | s |",
               "|---|---|---:|---|---|---:|---|---:|"]
     for c in report["cases"]:
-        mark = "" if c["correct"] else " **x**"
+        mark = {True: "", False: " **x**"}.get(c["correct"], " (left out)")
         secs = "" if c["seconds"] is None else f"{c['seconds']:.2f}"
         reason = c["reason"] if c["verdict"] != "failed" else _cell(c.get("error") or "failed")
         lines.append(f"| {c['case_id']} | {c['kind']} | {c['label']} | {c['verdict']}{mark} | {reason} | "

@@ -98,7 +98,8 @@ def test_markdown_is_laid_out_like_table3(cases):
     assert "| per patient | 2 | 1 | 3 | 1 | 71.43 [" in md
     assert "![curves](curves.png)" in md
     assert "NOT met" in md
-    assert "| f1 | normal | 0 | failed **x** |" in md
+    # counted negative, the failed normal study is one of Table 3's TN: not marked wrong (its error is in the row)
+    assert "| f1 | normal | 0 | failed | no_usable_series: nothing to screen |" in md
 
 
 def test_write_report_files(cases, tmp_path):
@@ -193,3 +194,24 @@ def test_the_documented_results_csv_columns_are_the_written_ones():
     row = next(line for line in (docs / "README.md").read_text().splitlines() if line.startswith("| `results.csv` |"))
     assert tuple(re.findall(r"`(\w+)`", row.split("|")[2])) == RESULTS_CSV_COLUMNS
     assert tuple((docs / "results.csv").read_text().splitlines()[0].split(",")) == RESULTS_CSV_COLUMNS
+
+
+@pytest.mark.parametrize("policy", ["positive", "negative", "exclude"])
+def test_correct_follows_the_indeterminate_policy_of_table3(cases, policy, tmp_path):
+    """results.csv's `correct` said 0 (and report.md marked x) for an indeterminate COVID-19 study that Table 3, under
+    the default --indeterminate-as positive, counted a true positive: summing `correct` did not give the accuracy.
+    It now counts each study as the per-patient row does (left out, empty, under exclude)."""
+    import csv
+
+    short = _case("c4", "covid", True, {0, 1}, n=2)  # two slices: indeterminate (too_few_slices)
+    assert short.result is not None and short.result.verdict == "indeterminate"
+    report = write_report([*cases, short], tmp_path, indeterminate_as=policy, cutoffs=[0.5])
+    rows = list(csv.DictReader((tmp_path / "results.csv").open(encoding="utf-8")))
+    counted = [int(r["correct"]) for r in rows if r["correct"] != ""]
+    pp = report["per_patient"]
+    assert len(counted) == pp["tp"] + pp["fn"] + pp["tn"] + pp["fp"]
+    assert sum(counted) / len(counted) == pytest.approx(pp["metrics"]["accuracy"]["value"])
+    c4 = next(r for r in rows if r["case_id"] == "c4")
+    assert c4["correct"] == {"positive": "1", "negative": "0", "exclude": ""}[policy]
+    mark = {"positive": "", "negative": " **x**", "exclude": " (left out)"}[policy]
+    assert f"| c4 | covid | 1 | indeterminate{mark} | too_few_slices |" in (tmp_path / "report.md").read_text()
