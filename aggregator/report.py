@@ -9,7 +9,8 @@ Definitions
 * **Per patient**: truth is the case label (1 = COVID-19); the prediction is the verdict, an
   indeterminate verdict counting as ``indeterminate_as`` (default positive: referred to a reader).
 * **Per image**: truth is given per slice (SOP Instance UID) by the caller; the prediction is "at least
-  one lesion box survived the rule's filters on this slice". Slices without truth are not counted.
+  one lesion box survived the rule's filters on this slice". Slices without truth are not counted, nor those of
+  a failed case (no slice screened): ``per_image_missing`` says how many cases and truth slices that leaves out.
 * **Curves over the cutoff**: every result is re-decided (:func:`aggregator.case.replay`) with the
   rule's ``cutoff`` set to each value; the boxes Triton returned were already cut at the served cutoff,
   so the curve is exact for cutoffs at or above it.
@@ -78,7 +79,8 @@ class EvalCase:
     result : CaseResult or None
         The result, or None when the serving path failed on the case (``error`` says why).
     slice_truth : Mapping[str, bool]
-        Truth per image, by SOP Instance UID.
+        Truth per image, by SOP Instance UID; for a failed case, of the slices its truth knows (none counted per
+        image: the report says how many the per-image row lacks).
     seconds : float or None
         Wall-clock time from upload to result, as the client saw it.
     error : str or None
@@ -106,6 +108,35 @@ def _per_image(cases: Iterable[EvalCase], cutoff: float | None = None) -> Confus
             # float32, as decide() compares: a score stored from float32 must pass the same cutoffs
             predicted.append(any(cutoff is None or np.float32(b.score) >= np.float32(cutoff) for b in f.boxes))
     return Confusion.from_labels(truth, predicted)
+
+
+def _per_image_missing(cases: Iterable[EvalCase]) -> dict[str, int]:
+    """What the per-image row lacks: the failed studies (no slice screened) and, where their truth is known, their
+    truth slices (positive and negative)."""
+    failed = [c for c in cases if c.result is None]
+    truths = [v for c in failed for v in c.slice_truth.values()]
+    return {"studies": len(failed), "studies_with_truth": sum(bool(c.slice_truth) for c in failed),
+            "slices": len(truths), "positive_slices": sum(map(bool, truths))}
+
+
+def _per_image_missing_words(missing: Mapping[str, int]) -> str:
+    """The report's sentence on :func:`_per_image_missing` ("" when nothing is missing).
+
+    >>> _per_image_missing_words({"studies": 2, "studies_with_truth": 1, "slices": 60, "positive_slices": 9})
+    '**Per image leaves out 2 failed studies** (no slice screened): 60 truth slices of 1 of them (9 positive, 51 negative); the other 1 has no per-image truth.'
+    """
+    n = missing.get("studies", 0)
+    if not n:
+        return ""
+    words = f"**Per image leaves out {n} failed stud{'y' if n == 1 else 'ies'}** (no slice screened)"
+    known, slices, pos = missing["studies_with_truth"], missing["slices"], missing["positive_slices"]
+    if not known:
+        return words + f": {'its' if n == 1 else 'their'} per-image truth is not known."
+    whose = "it" if n == 1 else f"all {n}" if known == n else f"{known} of them"
+    words += f": {slices} truth slices of {whose} ({pos} positive, {slices - pos} negative)"
+    if known < n:
+        words += f"; the other {n - known} {'has' if n - known == 1 else 'have'} no per-image truth"
+    return words + "."
 
 
 def _verdicts(cases: Sequence[EvalCase], rule: CaseRule | None) -> list[str]:
@@ -170,7 +201,8 @@ def build_report(
     Returns
     -------
     dict
-        ``per_patient``, ``per_image`` (confusion and metrics), ``table3`` rows, ``curves``,
+        ``per_patient``, ``per_image`` (confusion and metrics), ``per_image_missing`` (the failed studies the
+        per-image row lacks and their truth slices, where known), ``table3`` rows, ``curves``,
         ``fp_by_class``, ``fp_images_by_kind``, ``variants``, ``goal``, ``rule``, ``models``,
         ``timing`` and ``cases``.
     """
@@ -206,6 +238,7 @@ def build_report(
         "indeterminate_as": indeterminate_as,
         "per_patient": patient.as_dict(),
         "per_image": image.as_dict(),
+        "per_image_missing": _per_image_missing(cases),
         "table3": table3({"per image": image, "per patient": patient}),
         "goal": _goal(goal, sens, spec, positives=any(c.label for c in cases),
                       negatives=any(not c.label for c in cases)),
@@ -358,6 +391,7 @@ def render_markdown(report: Mapping[str, Any], *, plots: Sequence[tuple[str, str
         "mask holds more than `--min-lesion-px` lesion pixels (default 25; slices with fewer, but some, are left "
         "out), and called positive when it gets any lesion box, wherever on the slice.",
         "",
+        *([missing, ""] if (missing := _per_image_missing_words(report.get("per_image_missing", {}))) else []),
         "| level | TP | FN | TN | FP | accuracy | sensitivity | specificity | PPV | NPV |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -162,7 +162,7 @@ def _labels_note(cases: list[LabelledCase], evaluated: list[EvalCase], masked: s
     slices), which masks matched none, and the DICOM SEG segments counted as lesions."""
     if not masked:
         return "labelled per study (--labels): no per-image truth, so the per-image row counts nothing"
-    matched = sum(1 for c in evaluated if c.case_id in masked and c.slice_truth)
+    matched = sum(1 for c in evaluated if c.case_id in masked and c.slice_truth and c.result is not None)
     note = f"labelled per study (--labels); per-image truth from the lesion masks of {matched} of {len(evaluated)} studies"
     unmatched = sum(1 for c in evaluated if c.case_id in masked and not c.slice_truth and c.result is not None)
     if unmatched:

@@ -53,20 +53,23 @@ class LabelledCase:
     kind: str
     label: bool
     path: Path
-    slice_truth: Callable[[CaseResult], dict[str, bool]]
-    """Truth per image for the slices of a result (by SOP Instance UID)."""
+    slice_truth: Callable[[CaseResult | None], dict[str, bool]]
+    """Truth per image for the slices of a result (by SOP Instance UID); given None (the study failed), for every
+    slice the truth knows, so the report can say what the per-image row lacks."""
     lesion_segments: tuple[str, ...] = ()
     """The labels of the segments of its DICOM SEG counted as lesions (none without a SEG)."""
 
 
-def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA) -> Callable[[CaseResult], dict[str, bool]]:
+def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA
+                              ) -> Callable[[CaseResult | None], dict[str, bool]]:
     """Per-image truth of a phantom study (``ctscreen-phantom/1`` manifest).
 
     The manifest gives the lesion area of each lesion slice by slice index, and for each index its
     SOP Instance UID (``files``) and z position (``z_positions``; the slices are axial, so z is the
     position along the normal). A result slice is matched by SOP Instance UID, or else to the slice
     nearest its ``position_mm`` within half the slice spacing. It is positive above ``min_px`` lesion
-    pixels, negative at 0, and left out in between or when it matches no slice.
+    pixels, negative at 0, and left out in between or when it matches no slice. Given None (the study failed),
+    the truth of every slice of the manifest, keyed by its SOP Instance UID (or ``#index`` when it states none).
     """
     zs = np.asarray(manifest.get("z_positions") or [], dtype=float)
     if zs.size == 0:
@@ -84,15 +87,20 @@ def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AR
         k = int(np.argmin(np.abs(zs - position_mm)))
         return k if abs(zs[k] - position_mm) <= spacing / 2 else None
 
-    def truth(result: CaseResult) -> dict[str, bool]:
+    def truth(result: CaseResult | None) -> dict[str, bool]:
+        slices: list[tuple[str, int | None]]
+        if result is None:
+            uid_of = {k: uid for uid, k in by_uid.items()}
+            slices = [(uid_of.get(k, f"#{k}"), k) for k in range(len(area))]
+        else:
+            slices = [(f.sop_instance_uid, index_of(f.sop_instance_uid, f.position_mm)) for f in result.slices]
         out = {}
-        for f in result.slices:
-            k = index_of(f.sop_instance_uid, f.position_mm)
+        for uid, k in slices:
             if k is None or not 0 <= k < len(area):
                 continue
             px = int(area[k])
             if px == 0 or px > min_px:
-                out[f.sop_instance_uid] = px > min_px
+                out[uid] = px > min_px
         return out
 
     return truth

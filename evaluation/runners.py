@@ -103,7 +103,7 @@ def _run_one(case: LabelledCase, runner: Runner) -> EvalCase:
     except Exception as exc:  # noqa: BLE001 - one failed study is a row of the report, not the end
         logger.debug("case %s failed", case.case_id, exc_info=True)
         result, seconds, error = None, time.monotonic() - t0, f"{type(exc).__name__}: {exc}"
-    truth = case.slice_truth(result) if result is not None else {}
+    truth = case.slice_truth(result)  # a failed study: the truth of its slices, which the per-image row lacks
     return EvalCase(case.case_id, case.kind, case.label, result, truth, seconds, error)
 
 

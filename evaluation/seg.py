@@ -187,19 +187,20 @@ def read_seg(path: Path, name: str = "", named: Sequence[str] = ()) -> SegTruth:
 
 
 def slice_truth_from_seg(truth: SegTruth, min_px: int = MIN_BOX_AREA, name: str = ""
-                         ) -> Callable[[CaseResult], dict[str, bool]]:
+                         ) -> Callable[[CaseResult | None], dict[str, bool]]:
     """Per-image truth of a result's slices from a SEG: positive above ``min_px`` lesion pixels, negative at 0,
     left out in between or where the SEG does not reference the slice. A result none of whose slices the SEG
     references (a SEG of another series) is said in the log (``name``: the study and its line) and counts per
-    patient only."""
+    patient only. Given None (the study failed), the truth of every slice the SEG references."""
 
-    def slice_truth(result: CaseResult) -> dict[str, bool]:
+    def slice_truth(result: CaseResult | None) -> dict[str, bool]:
+        uids = list(truth.pixels) if result is None else [f.sop_instance_uid for f in result.slices]
         out = {}
-        for f in result.slices:
-            px = truth.pixels.get(f.sop_instance_uid)
+        for uid in uids:
+            px = truth.pixels.get(uid)
             if px is not None and (px == 0 or px > min_px):
-                out[f.sop_instance_uid] = px > min_px
-        if result.slices and not any(f.sop_instance_uid in truth.pixels for f in result.slices):
+                out[uid] = px > min_px
+        if result is not None and result.slices and not any(f.sop_instance_uid in truth.pixels for f in result.slices):
             logger.warning("%s: the mask references none of the %d screened slices (a segmentation of another series "
                            "than the one screened?): this study counts per patient only", name or "(SEG)",
                            len(result.slices))

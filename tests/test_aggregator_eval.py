@@ -34,6 +34,12 @@ def test_slice_truth_from_manifest_matches_by_position():
     manifest["files"] = [{"index": 4, "sop_instance_uid": "u0.0"}, {"index": 2, "sop_instance_uid": "u10.0"}]
     got = slice_truth_from_manifest(manifest, min_px=25)(result)
     assert got["u0.0"] is False and got["u10.0"] is True
+    # a failed study (no result): every slice the manifest knows, by its file's UID or else its index
+    assert slice_truth_from_manifest(manifest, min_px=25)(None) == {
+        "#0": False, "u10.0": True, "#3": True, "u0.0": False}  # index 1: 10 px, left out
+    from evaluation.seg import SegTruth, slice_truth_from_seg
+
+    assert slice_truth_from_seg(SegTruth({"a": 0, "b": 10, "c": 400}), 25)(None) == {"a": False, "c": True}
 
 
 def test_discover_reads_labels_and_kinds(tmp_path):
@@ -89,6 +95,29 @@ def test_eval_in_process_writes_the_report(reference):
     stamp = report["meta"]["machine"]
     assert stamp["commit"] and stamp["cores"] and "loadavg_1m" in stamp and stamp["models"]
     assert f"- **stamp**: commit `{stamp['commit']}`" in (out / "report.md").read_text()
+
+
+def test_a_failed_studys_truth_slices_are_said_missing_from_the_per_image_row(phantom_set, tmp_path):
+    """A study that failed to screen had its slices drop out of the per-image row without a word; its manifest
+    still knows their truth, which the report now states as missing (report.md and report.json)."""
+    import shutil
+
+    covid = next(p for p in sorted(phantom_set.iterdir()) if "covid" in p.name)
+    study = tmp_path / "data" / covid.name
+    shutil.copytree(covid, study)
+    for dcm in (study / "dicom").iterdir():
+        dcm.write_bytes(b"not a DICOM file any more")
+    manifest = json.loads((study / "manifest.json").read_text())
+    area = dict(zip(manifest["lesion_slices"], manifest["lesion_area_px"], strict=True))
+    known = [area.get(i, 0) for i in range(N_SLICES) if area.get(i, 0) == 0 or area.get(i, 0) > 25]
+    code, report, rows = _run(["--data", str(tmp_path / "data"), "--in-process", "--out", str(tmp_path / "r"), "-q"])
+    assert code == 1 and report["n_failed"] == 1 and rows[0]["result"] is None
+    positive = sum(px > 0 for px in known)
+    assert report["per_image_missing"] == {"studies": 1, "studies_with_truth": 1, "slices": len(known),
+                                           "positive_slices": positive}
+    assert report["per_image"]["n"] == 0 and len(rows[0]["slice_truth"]) == len(known)
+    assert (f"**Per image leaves out 1 failed study** (no slice screened): {len(known)} truth slices of it "
+            f"({positive} positive, {len(known) - positive} negative).") in (tmp_path / "r" / "report.md").read_text()
 
 
 @pytest.mark.triton
@@ -494,7 +523,8 @@ def test_a_study_that_fails_is_said_in_the_summary_and_its_row(tmp_path, capsys)
                             "--out", str(tmp_path / "r"), "-q"])
     assert report["goal"]["met"] is True and code == 1
     row = next(line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| P1 |"))
-    assert "failed **x**" in row and rows[0]["error"].split(":")[0] in row
+    # counted positive, it is one of Table 3's true positives: not marked wrong, its error in the row
+    assert "| failed |" in row and "**x**" not in row and rows[0]["error"].split(":")[0] in row
 
 
 def test_a_nifti_volume_with_its_lesion_mask_counts_per_image_too(tmp_path, capsys):

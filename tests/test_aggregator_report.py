@@ -215,3 +215,19 @@ def test_correct_follows_the_indeterminate_policy_of_table3(cases, policy, tmp_p
     assert c4["correct"] == {"positive": "1", "negative": "0", "exclude": ""}[policy]
     mark = {"positive": "", "negative": " **x**", "exclude": " (left out)"}[policy]
     assert f"| c4 | covid | 1 | indeterminate{mark} | too_few_slices |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_per_image_row_says_which_failed_studies_it_lacks(cases, tmp_path):
+    """A failed study's slices dropped out of the per-image denominators without a word: report.md and report.json
+    now say how many studies (and their truth slices, where known) the per-image row lacks."""
+    truth = {f"c9.{i}": i in {2, 3} for i in range(6)}  # what its manifest or mask knows: 2 positive, 4 negative
+    failed = EvalCase("c9", "covid", True, None, truth, 0.1, "no_usable_series: nothing to screen")
+    report = write_report([*cases, failed], tmp_path, cutoffs=[0.5])
+    assert report["per_image_missing"] == {"studies": 2, "studies_with_truth": 1, "slices": 6, "positive_slices": 2}
+    assert json.loads((tmp_path / "report.json").read_text())["per_image_missing"] == report["per_image_missing"]
+    assert report["per_image"]["n"] == 6 * 8  # the screened studies' slices only, as before
+    md = (tmp_path / "report.md").read_text()
+    assert ("**Per image leaves out 2 failed studies** (no slice screened): 6 truth slices of 1 of them "
+            "(2 positive, 4 negative); the other 1 has no per-image truth.") in md
+    assert md.index("Per image leaves out") < md.index("| level | TP |")
+    assert "Per image leaves out" not in render_markdown(build_report(cases[:-1]))  # nothing failed: nothing said
