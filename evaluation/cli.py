@@ -32,7 +32,8 @@ optionally ``kind`` and ``mask``), one row per study; ``study`` is a folder of i
 a zip or a NIfTI volume in HU, relative to ``DIR`` (or absolute); ``label`` is 1/0 (or positive/negative,
 yes/no, true/false).
 Only the studies listed are screened (what lies beside them under ``DIR`` that no row names is said before the
-run and in the report's note), and they count per patient only, but for a NIfTI volume with its
+run and in the report's note; so are DICOM studies of one patient, by Patient ID: the per-patient row counts
+studies), and they count per patient only, but for a NIfTI volume with its
 lesion mask (``mask``), whose slices count per image too::
 
     study,label,kind,mask
@@ -76,6 +77,8 @@ from evaluation.dataset import (
     looks_like_nifti_set,
     make_phantom_set,
     read_labels,
+    same_patient,
+    same_patient_words,
     unlisted,
     work_folder,
     write_nifti_set,
@@ -289,6 +292,9 @@ def eval_main(argv: list[str]) -> int:
                                    min_px=args.min_lesion_px, named_segments=args.lesion_segments)
             if left_out:  # said before the run: a study forgotten in the file is not measured
                 print(f"ctscreen eval: {_unlisted_words(left_out, 5)}", file=sys.stderr)
+            patients = same_patient(rows, cases)  # counted apart, as studies: said, not refused
+            if patients:
+                print(f"ctscreen eval: warning: {same_patient_words(patients, len(cases))}", file=sys.stderr)
             masked = {row.study for row in rows if row.mask is not None}
         else:
             written = None
@@ -302,7 +308,7 @@ def eval_main(argv: list[str]) -> int:
                 ids = set(written)
                 cases = [c for c in cases if c.case_id in ids]
             note = ""
-            left_out = []
+            left_out, patients = [], []
         if args.limit:
             cases = cases[: args.limit]
         t0 = time.monotonic()
@@ -315,12 +321,15 @@ def eval_main(argv: list[str]) -> int:
             note = _labels_note(cases, evaluated, masked)
             if left_out:
                 note += f"; {_unlisted_words(left_out, 20)}"
+            if patients:
+                note += f"; {same_patient_words(patients, len(cases))}"
         meta = {
             "title": args.title,
             "command": "ctscreen eval " + " ".join(shlex.quote(a) for a in argv),
             "data": str(args.data),
             "labels": str(args.labels) if args.labels is not None else "",
             "unlisted": left_out,
+            "same_patient": patients,  # the labels file's lines of the studies of one patient, a list per patient
             "note": note,
             "serving_path": path_name,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

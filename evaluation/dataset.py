@@ -58,6 +58,9 @@ class LabelledCase:
     slice the truth knows, so the report can say what the per-image row lacks."""
     lesion_segments: tuple[str, ...] = ()
     """The labels of the segments of its DICOM SEG counted as lesions (none without a SEG)."""
+    patient: int | None = None
+    """A labels file's DICOM study: the index (in the file's rows) of the first study of its patient, by Patient ID
+    (compared, never kept); None when its files state none, or for a NIfTI volume."""
 
 
 def slice_truth_from_manifest(manifest: dict[str, Any], min_px: int = MIN_BOX_AREA
@@ -379,8 +382,8 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
     cases = []
     volumes = sum(is_nifti(row.path) for row in rows)
     done = 0
-    uids = _once_each(rows)
-    for row, uid in zip(rows, uids, strict=True):
+    uids, patients = _once_each(rows)
+    for row, uid, patient in zip(rows, uids, patients, strict=True):
         path = row.path
         if is_nifti(path):
             done += 1
@@ -394,7 +397,7 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
             if row.mask is not None:
                 manifest = json.loads((folder / "manifest.json").read_text())
                 cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
-                                          slice_truth=slice_truth_from_manifest(manifest, min_px)))
+                                          slice_truth=slice_truth_from_manifest(manifest, min_px), patient=patient))
                 continue
         elif row.mask is not None:
             with _at(row.where):
@@ -405,26 +408,32 @@ def labelled_cases(rows: list[StudyLabel], work: Path, *, quiet: bool = True, mi
                 _check_mask_label(row.study, row.label, any(px > 0 for px in seg.pixels.values()))
             cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
                                       slice_truth=slice_truth_from_seg(seg, min_px, f"{row.where}: {row.study}"),
-                                      lesion_segments=tuple(seg.segments)))
+                                      lesion_segments=tuple(seg.segments), patient=patient))
             continue
         cases.append(LabelledCase(case_id=row.study, kind=row.kind, label=row.label, path=path,
-                                  slice_truth=lambda result: {}))
+                                  slice_truth=lambda result: {}, patient=patient))
     return cases
 
 
-def _once_each(rows: Sequence[StudyLabel]) -> list[str | None]:
+def _once_each(rows: Sequence[StudyLabel]) -> tuple[list[str | None], list[int | None]]:
     """The Study Instance UID of each row's DICOM study (None for a NIfTI volume, or when none is stated), checked
     to be another study than every earlier row's: one study exported twice (a folder and its zip, or one of its
-    files) would count one patient twice, with its verdict twice.
+    files) would count one patient twice, with its verdict twice. And each DICOM row's patient: the index of the
+    first row whose study states the same Patient ID (and Issuer of Patient ID), None where none is stated; two
+    studies of one patient (a baseline and its follow-up) are two studies, counted apart (see
+    :func:`same_patient`). The IDs themselves are compared here and kept nowhere.
 
     Raises
     ------
     EvalError
         Two rows name one study, the later row's line said."""
     uids: list[str | None] = []
+    patients: list[int | None] = []
     first: dict[str, StudyLabel] = {}
-    for row in rows:
-        uid = None if is_nifti(row.path) else _study_uid(row.path)
+    first_of: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        uid, patient = (None, None) if is_nifti(row.path) else _study_ids(row.path)
+        patients.append(None if patient is None else first_of.setdefault(patient, i))
         if uid is not None and uid in first:
             line = first[uid].where.rpartition(", ")[2]
             raise EvalError(f"{row.where}: {row.study!r} is the same study as {first[uid].study!r}"
@@ -432,7 +441,40 @@ def _once_each(rows: Sequence[StudyLabel]) -> list[str | None]:
         if uid is not None:
             first[uid] = row
         uids.append(uid)
-    return uids
+    return uids, patients
+
+
+def same_patient(rows: Sequence[StudyLabel], cases: Sequence[LabelledCase]) -> list[list[str]]:
+    """The labels file's studies that are of one patient (:attr:`LabelledCase.patient`), each group as the lines
+    of its rows (``["line 3", "line 7"]``), in the file's order; ``cases`` are ``rows``' (one each, in order)."""
+    groups: dict[int, list[str]] = {}
+    for row, case in zip(rows, cases, strict=True):
+        if case.patient is not None:
+            groups.setdefault(case.patient, []).append(row.where.rpartition(", ")[2] or row.study)
+    return [lines for lines in groups.values() if len(lines) > 1]
+
+
+def same_patient_words(groups: Sequence[Sequence[str]], n_studies: int) -> str:
+    """What :func:`same_patient` found, in words for stderr and the report's note ("" when nothing).
+
+    >>> same_patient_words([["line 3", "line 7"]], 9)
+    'lines 3 and 7 of --labels are studies of one patient (one Patient ID): 8 patients in 9 studies; the per-patient row counts studies (and its intervals take them as independent)'
+    >>> same_patient_words([["line 2", "line 4", "line 5"], ["line 3", "line 6"]], 5)
+    'lines 2, 4 and 5, and lines 3 and 6, of --labels are studies of one patient each (one Patient ID): 2 patients in 5 studies; the per-patient row counts studies (and its intervals take them as independent)'
+    """
+    if not groups:
+        return ""
+
+    def lines(group: Sequence[str]) -> str:
+        numbers = [g.removeprefix("line ") for g in group]
+        return f"lines {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+    patients = n_studies - sum(len(g) - 1 for g in groups)
+    named = lines(groups[0]) if len(groups) == 1 else ", and ".join(map(lines, groups)) + ","
+    each = "" if len(groups) == 1 else " each"
+    return (f"{named} of --labels are studies of one patient{each} (one Patient ID): {patients} "
+            f"patient{'s' if patients != 1 else ''} in {n_studies} studies; the per-patient row counts studies "
+            "(and its intervals take them as independent)")
 
 
 @contextlib.contextmanager
@@ -452,9 +494,11 @@ def _check_mask_label(case_id: str, label: bool, has_lesion: bool) -> None:
         raise EvalError(f"{case_id}: labelled positive, but its lesion mask marks none")
 
 
-def _study_uid(path: Path) -> str | None:
+def _study_ids(path: Path) -> tuple[str | None, tuple[str, str] | None]:
     """The Study Instance UID of the first DICOM image of a study (a folder, a zip or a file) that one of its first
-    files states (read as an upload of it would be, :func:`gateway.uploads.iter_upload`); None when none does."""
+    files states (read as an upload of it would be, :func:`gateway.uploads.iter_upload`), and that file's patient
+    (Issuer of Patient ID, Patient ID; None when it states no Patient ID); (None, None) when no file states a
+    Study Instance UID."""
     from itertools import islice
 
     import pydicom
@@ -462,14 +506,17 @@ def _study_uid(path: Path) -> str | None:
     from gateway.errors import UploadError
     from gateway.uploads import iter_upload
 
-    def uid(source: Any) -> str | None:
+    def ids(source: Any) -> tuple[str | None, tuple[str, str] | None]:
         try:
-            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPClassUID"])
+            ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=[
+                "StudyInstanceUID", "SOPClassUID", "PatientID", "IssuerOfPatientID"])
         except Exception:  # noqa: BLE001 - not DICOM, or cut short: the next file
-            return None
+            return None, None
         if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES:  # a SEG kept in the study's folder
-            return None
-        return str(ds.get("StudyInstanceUID", "") or "") or None
+            return None, None
+        patient = str(ds.get("PatientID", "") or "").strip()
+        return (str(ds.get("StudyInstanceUID", "") or "") or None,
+                (str(ds.get("IssuerOfPatientID", "") or "").strip(), patient) if patient else None)
 
     def contents() -> Iterator[tuple[str, bytes | Path]]:
         for file in collect_files(path):
@@ -477,12 +524,12 @@ def _study_uid(path: Path) -> str | None:
 
     try:
         for _, content in islice(contents(), 20):
-            found = uid(content if isinstance(content, Path) else io.BytesIO(content))
-            if found:
+            found = ids(content if isinstance(content, Path) else io.BytesIO(content))
+            if found[0]:
                 return found
     except (CliError, UploadError, OSError):  # no file, or an archive an upload would refuse too
-        return None
-    return None
+        return None, None
+    return None, None
 
 
 def make_phantom_set(data: Path, n: int, *, n_slices: int | None = None, encoding: str = "explicit",

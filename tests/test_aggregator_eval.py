@@ -302,6 +302,47 @@ def test_one_study_named_twice_under_two_names_is_refused_before_the_run(phantom
         assert not (tmp_path / "r" / "report.json").exists()  # refused before anything was screened
 
 
+def test_two_studies_of_one_patient_are_said_not_counted_as_two_patients_silently(phantom_set, tmp_path, capsys):
+    """A baseline and its follow-up (two studies, one Patient ID) counted as two patients, the intervals taking them
+    as independent, without a word. They are still screened and counted as studies, but stderr and the report's
+    note say which lines are one patient, never the Patient ID itself."""
+    import zipfile
+
+    import pydicom
+
+    data = _centre_export(phantom_set, tmp_path)
+    covid_file = next((data / "P0001").rglob("*.dcm"))
+    patient_id = str(pydicom.dcmread(covid_file, stop_before_pixels=True).PatientID)
+    follow_up = data / "P0003"  # the normal study's files, as a later study of P0001's patient
+    follow_up.mkdir()
+    study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    with zipfile.ZipFile(data / "P0002.zip") as z:
+        for name in z.namelist():
+            ds = pydicom.dcmread(z.open(name))
+            assert ds.PatientID != patient_id
+            ds.PatientID = patient_id
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            ds.save_as(follow_up / Path(name).name)
+    (data / "labels.csv").write_text("study,label\nP0001,1\nP0002.zip,0\nP0003,0\n")
+    code, report, rows = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                               "--out", str(tmp_path / "r"), "-q"])
+    err = capsys.readouterr().err
+    assert code in (0, 1) and len(rows) == 3 and report["per_patient"]["n"] == 3  # not refused, counted as studies
+    said = ("lines 2 and 4 of --labels are studies of one patient (one Patient ID): 2 patients in 3 studies; "
+            "the per-patient row counts studies")
+    assert f"ctscreen eval: warning: {said}" in err
+    assert said in report["meta"]["note"] and report["meta"]["same_patient"] == [["line 2", "line 4"]]
+    assert said in (tmp_path / "r" / "report.md").read_text()
+    for text in (err, (tmp_path / "r" / "report.md").read_text(), (tmp_path / "r" / "report.json").read_text()):
+        assert patient_id not in text  # compared, never written
+    # the centre's own export (two patients) says nothing
+    (data / "labels.csv").write_text("study,label\nP0001,1\nP0002.zip,0\n")
+    _, report, _ = _run(["--data", str(data), "--labels", str(data / "labels.csv"), "--in-process",
+                         "--out", str(tmp_path / "r"), "-q"])
+    assert "one patient" not in capsys.readouterr().err and report["meta"]["same_patient"] == []
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("name,label\nP0001,1\n", "no study column in the header row (found: name, label"),
     # two readings merged into one sheet: the first label column was taken without a word
