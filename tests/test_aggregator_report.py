@@ -231,3 +231,22 @@ def test_the_per_image_row_says_which_failed_studies_it_lacks(cases, tmp_path):
             "(2 positive, 4 negative); the other 1 has no per-image truth.") in md
     assert md.index("Per image leaves out") < md.index("| level | TP |")
     assert "Per image leaves out" not in render_markdown(build_report(cases[:-1]))  # nothing failed: nothing said
+
+
+def test_the_readmes_phantom_rows_say_what_docs_eval_report_json_counts():
+    """README.md's figures row read 'same set, per image (2880 slices)': the report's per-image row counts 2878 (2
+    slices of 1-25 lesion pixels are left out); the row's counts and figures are tied to docs/eval/report.json."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "docs" / "eval" / "report.json").read_text())
+    lines = (root / "README.md").read_text().splitlines()
+    patient = next(line for line in lines if line.startswith("| held-out phantom, per patient ("))
+    assert re.search(r"\((\d+) studies", patient).group(1) == str(report["n_cases"])
+    image = next(line for line in lines if line.startswith("| same set, per image ("))
+    counted, screened = map(int, re.search(r"per image \((\d+) of its (\d+) slices", image).groups())
+    assert (counted, screened) == (report["per_image"]["n"], report["n_slices"])
+    row = next(r for r in report["table3"] if r["level"] == "per image")
+    figures = " / ".join(row[m] for m in ("accuracy", "sensitivity", "specificity", "ppv", "npv"))
+    assert f"| {figures} % |" in image
