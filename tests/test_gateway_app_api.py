@@ -535,6 +535,38 @@ def test_readyz_asks_the_state_store_and_the_blob_store_at_once(tmp_path):
     assert max(store_start, blobs_start) < min(store_end, blobs_end), spans
 
 
+def test_simultaneous_readyz_probes_share_one_state_store_query(tmp_path):
+    """The state store's check kept its answer for a second but was not single-flight: simultaneous /readyz
+    probes (the kubelet's, a load balancer's, monitoring's) arriving before the first one's answer each queried
+    the database, piling up on it while it was slow. Now they share the query under way; once its answer is
+    more than a second old, the next probe queries again. The ping is the real one after 0.5 s (a stub around
+    it: a slow database on cue), counted."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = 0
+    with TestClient(_app(data_dir=tmp_path / "data")) as client:
+        store = client.app.state.store
+        real_ping = store.ping
+
+        async def slow_ping() -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.5)
+            await real_ping()
+
+        store.ping = slow_ping
+        time.sleep(1.1)  # past the check's one-second cache
+        with ThreadPoolExecutor(8) as threads:
+            answers = list(threads.map(lambda _: client.get("/readyz"), range(8)))
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+        assert all(r.json()["store"] for r in answers)
+        assert calls == 1, calls
+        time.sleep(1.1)  # the answer has lapsed
+        assert client.get("/readyz").json()["store"] is True
+        assert calls == 2, calls
+
+
 def test_openapi_lists_the_routes():
     with TestClient(_app()) as client:
         paths = client.get("/openapi.json").json()["paths"]

@@ -43,6 +43,18 @@ async def _once_a_second(request: Request, name: str, ask: Callable[[], Awaitabl
     return cast(T, cached[1])
 
 
+def _one_at_a_time(request: Request, name: str, start: Callable[[], asyncio.Future[T]]) -> asyncio.Future[T]:
+    """The check under way, kept in ``app.state.<name>``, or a new one ``start()``s: simultaneous probes share
+    one check (await it through :func:`asyncio.shield`: a waiter that gives up does not stop it for the others),
+    and a hung one is waited on again, not joined by more."""
+    state = request.app.state
+    probe = getattr(state, name, None)
+    if probe is None or probe.done():
+        probe = start()
+        setattr(state, name, probe)
+    return cast("asyncio.Future[T]", probe)
+
+
 READY_TRITON_WAIT_S = 0.25
 """How long ``/readyz`` waits for a fresh Triton probe before it answers with the last one."""
 
@@ -59,18 +71,13 @@ async def triton_ready(request: Request, pool: TritonPool, wait_s: float | None 
     cached = getattr(state, "ready_cache", None)
     if cached is not None and time.monotonic() - cached[0] <= 1.0:
         return list(cached[1])
-    probe = getattr(state, "ready_probe", None)
-    if probe is None:
 
-        async def ask() -> list[str]:
-            try:
-                ready = await pool.ready_endpoints()
-                state.ready_cache = (time.monotonic(), ready)
-                return ready
-            finally:
-                state.ready_probe = None
+    async def ask() -> list[str]:
+        ready = await pool.ready_endpoints()
+        state.ready_cache = (time.monotonic(), ready)
+        return ready
 
-        probe = state.ready_probe = asyncio.ensure_future(ask())
+    probe = _one_at_a_time(request, "ready_probe", lambda: asyncio.ensure_future(ask()))
     try:
         async with asyncio.timeout(wait_s):
             return list(await asyncio.shield(probe))
@@ -83,9 +90,11 @@ STORE_PROBE_S = 3.0
 
 
 async def _store_answers(request: Request, store: Store) -> bool:
-    """Whether the state store answers a query within 3 s (asked at most once a second)."""
+    """Whether the state store answers a query within 3 s (asked at most once a second, one query at a time):
+    simultaneous probes (the kubelet's, a load balancer's, monitoring's) each queried the database, and piled up
+    on it while it was slow, when it could least take them; they share the query under way now."""
 
-    async def ask() -> bool:
+    async def ping() -> bool:
         try:
             async with asyncio.timeout(STORE_PROBE_S):
                 await store.ping()
@@ -93,6 +102,9 @@ async def _store_answers(request: Request, store: Store) -> bool:
             logger.warning("readiness: the state store does not answer (%s)", type(exc).__name__)
             return False
         return True
+
+    async def ask() -> bool:
+        return await asyncio.shield(_one_at_a_time(request, "store_probe", lambda: asyncio.ensure_future(ping())))
 
     return await _once_a_second(request, "store_cache", ask)
 
@@ -108,13 +120,9 @@ async def _blobs_writable(request: Request, blobs: BlobStore) -> bool:
     (:func:`gateway.screening.in_own_thread`), where one of the loop's default pool held it (``asyncio.run`` joins that
     pool's threads) until the S3 read timeout, 30 s."""
 
-    state = request.app.state
 
     async def ask() -> bool:
-        probe = getattr(state, "blobs_probe", None)
-        if probe is None or probe.done():  # one probe at a time: a hung one is waited on again, not joined by more
-            probe = in_own_thread(blobs.writable, "ctscreen-blobs-probe")
-            state.blobs_probe = probe
+        probe = _one_at_a_time(request, "blobs_probe", lambda: in_own_thread(blobs.writable, "ctscreen-blobs-probe"))
         try:
             async with asyncio.timeout(BLOBS_PROBE_S):
                 return bool(await asyncio.shield(probe))
