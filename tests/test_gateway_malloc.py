@@ -27,9 +27,10 @@ from gateway.client import screen_paths
 from gateway.main import tune_malloc
 
 SLICES = 40
-BOUND = 120
-"""Page faults a slice of the gateway screening a 40-slice study: 17-72 with the policy, 164-193 with glibc's defaults
-(four runs each, 2-core machine)."""
+KEPT_MAX = 40
+"""Page faults a slice of the gateway screening a 40-slice study four times after two: 10-14 with the policy, 106-171
+with glibc's defaults (four runs each, 2-core machine). Over two screenings after one (before), 14-88 against 104-252:
+the heaps still grew now and then, and a CI run read 87 against 104 (the bound was 120 between them)."""
 
 
 @pytest.mark.parametrize(("environ", "want"), [
@@ -67,17 +68,17 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _faults_a_slice(triton: EmbeddedTriton, study: Path, tuning: bool) -> float:
-    """The gateway's minor page faults a slice over its second and third screenings of ``study`` (the first
-    warms its heaps and imports)."""
+    """The gateway's minor page faults a slice over four screenings of ``study`` after two (which warm its heaps and
+    imports)."""
     target = TritonTarget(triton.grpc_url, f"http://{triton.http_url}", None, triton.screen_model)
     with gateway(target, env={"CTSCREEN_MALLOC_TUNING": str(tuning).lower()}) as url:
         pid = GATEWAY_PIDS[url]
-        [first] = screen_paths(url, [study], quiet=True)
-        assert first.result is not None, first.error
+        warm = screen_paths(url, [study, study], quiet=True)
+        assert all(o.result is not None for o in warm), [o.error for o in warm]
         before = _minflt(pid)
-        outcomes = screen_paths(url, [study, study], quiet=True)
+        outcomes = screen_paths(url, [study] * 4, quiet=True)
         assert all(o.result is not None for o in outcomes), [o.error for o in outcomes]
-        return (_minflt(pid) - before) / (2 * SLICES)
+        return (_minflt(pid) - before) / (4 * SLICES)
 
 
 @pytest.mark.triton
@@ -90,5 +91,5 @@ def test_the_gateway_keeps_its_decoding_memory_between_slices(triton: EmbeddedTr
         pytest.skip("this run's environment sets its own glibc malloc policy, which the gateway keeps")
     kept = _faults_a_slice(triton, study, tuning=True)
     returned = _faults_a_slice(triton, study, tuning=False)
-    assert kept < BOUND and returned > BOUND, f"{kept:.0f} page faults a slice with the policy, {returned:.0f} without"
+    assert kept < KEPT_MAX and returned > 3 * kept, f"{kept:.0f} page faults a slice with the policy, {returned:.0f} without"
 
