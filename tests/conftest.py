@@ -81,11 +81,6 @@ def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 CHROMIUM = os.environ.get("CTSCREEN_CHROMIUM", "/usr/bin/chromium")
 """The browser of the web page's tests (never downloaded: scripts/setup.sh --test installs Debian's)."""
 
-# what the page's live region (#announce) says from now on, in window.__said; window.__kept is gone if it reloads
-HEAR_ANNOUNCE = """() => { window.__kept = true; window.__said = [];
-    new MutationObserver(() => window.__said.push(document.getElementById('announce').textContent))
-        .observe(document.getElementById('announce'), {subtree: true, childList: true, characterData: true}); }"""
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:

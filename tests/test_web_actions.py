@@ -27,7 +27,7 @@ from gateway.keys import KeyStore
 from gateway.settings import Settings
 from gateway.store.blobs import new_keys
 from gateway.store.migrate import upgrade
-from tests.conftest import CHROMIUM, HEAR_ANNOUNCE
+from tests.conftest import CHROMIUM
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -146,58 +146,6 @@ def test_a_refused_screen_again_on_a_row_says_why_under_it(site, page):
     sync_api.expect(button).to_be_enabled()
     assert httpx.get(f"{site['url']}/v1/jobs/{job}", headers={"X-API-Key": site["keys"]["reader"]},
                      timeout=30).json()["state"] == "failed"
-
-
-def test_a_refused_screen_again_on_a_row_keeps_the_keyboard_focus_on_it(site, page):
-    """A keyboard user pressing Enter on a failed row's Screen again, refused (409: the gateway's answer played by the
-    browser's router, held until the test answers it): the button, disabled while it asked, had sent the focus to the
-    page's body, and it stayed there (she lost her place; the refusal was said). The focus is back on the row's button,
-    and on the same row's button found again when the rows were drawn anew meanwhile (here the event stream, played
-    by the router too, telling of a study version opening)."""
-    job = site["jobs"][7]
-    retries: list[Any] = []  # the retry requests, answered below
-    page.route(f"**/v1/jobs/{job}/retry", lambda route: retries.append(route))
-    streams: list[Any] = []  # the worklist's event stream, answered below
-    page.route("**/v1/worklist/events", lambda route: streams.append(route))
-    _signed_in(page, site, "writer")
-    button = page.locator(f"#screen-again-{job}")
-    sync_api.expect(button).to_be_enabled()
-    page.evaluate(HEAR_ANNOUNCE)
-    focused = "() => { const a = document.activeElement; return a === document.body ? 'body' : a.id || a.localName; }"
-    gone = f"The instances of job {job} are no longer kept (retention); send the study again."
-    refusal = f"Not queued again: {gone}"
-
-    def press_and_refuse(meanwhile: Any = None) -> None:
-        page.evaluate("() => { window.__said.length = 0; }")
-        button.focus()
-        page.keyboard.press("Enter")
-        for _ in range(200):
-            if retries:
-                break
-            page.wait_for_timeout(50)
-        assert page.evaluate(focused) == "body"  # the button, disabled while it asks, lost the focus
-        if meanwhile:
-            meanwhile()
-        retries.pop().fulfill(status=409, content_type="application/json",
-                              body=json.dumps({"reason": "not_retryable", "message": gone}))
-        sync_api.expect(button).to_be_focused()
-        assert page.evaluate(focused) == f"screen-again-{job}"
-        assert page.evaluate("() => window.__said") == [refusal]
-
-    press_and_refuse()
-    sync_api.expect(page.locator(f'{_row(site, 7)} [data-role="refused"]')).to_have_text(refusal)
-
-    def rows_drawn_anew() -> None:
-        page.evaluate(f"() => {{ document.querySelector('{_row(site, 7)}').dataset.old = '1'; }}")
-        assert len(streams) == 1
-        # "live", then a study version opened: the rows are loaded again (the next try in a minute: none meanwhile)
-        streams.pop().fulfill(status=200, content_type="text/event-stream",
-                              body="retry: 60000\n\nevent: studies\ndata: {}\n\n")
-        page.wait_for_selector(f"{_row(site, 7)}:not([data-old])")
-        sync_api.expect(button).to_be_enabled()
-
-    press_and_refuse(rows_drawn_anew)
-    assert page.evaluate("() => window.__kept") is True
 
 
 def test_send_again_follows_the_callers_scope(site, page):

@@ -30,7 +30,7 @@ from aggregator.schema import CaseResult
 from ctscreen.embedded import free_port
 from gateway.cli import Stack, run_stack
 from gateway.client import collect_files, screen_paths
-from tests.conftest import CHROMIUM, HEAR_ANNOUNCE
+from tests.conftest import CHROMIUM
 from tests.fhir_receiver import FhirReceiver
 from tests.gateway_app_fakes import edited
 from tests.gateway_dicom_factory import FACE_SLICE, face_series
@@ -991,6 +991,12 @@ def _sent(stack: Stack, study: Path) -> str:
     r = httpx.post(stack.url + "/v1/studies", files=files, timeout=120)
     assert r.status_code == 202, r.text
     return str(r.json()["job_id"])
+
+
+# what the page's live region (#announce) says from now on, in window.__said; window.__kept is gone if it reloads
+HEAR_ANNOUNCE = """() => { window.__kept = true; window.__said = [];
+    new MutationObserver(() => window.__said.push(document.getElementById('announce').textContent))
+        .observe(document.getElementById('announce'), {subtree: true, childList: true, characterData: true}); }"""
 
 
 @pytest.mark.parametrize("where", ["/", "/#/?limit=1&offset=1"], ids=["first page", "version 1 alone on page 2"])

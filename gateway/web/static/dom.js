@@ -41,24 +41,6 @@ export function announce(text) {
   if (region) region.textContent = text;
 }
 
-/** Where the keyboard focus is in ``root``, to put it back once ``root`` is drawn anew, or once a button that was
- * disabled while it asked (which sends the focus to the page's body) can be pressed again: the function returned
- * focuses the same element (its id, or a link's address and words: "← Worklist" is in every view), else
- * ``fallback()``'s (the study view's heading, a worklist row's link). Focus outside ``root``, or on it, is left alone. */
-export function focusKeeper(root, fallback = () => null) {
-  const el = document.activeElement;
-  if (!el || el === root || !root.contains(el)) return () => {};
-  const { id, localName, textContent } = el;
-  const href = el.getAttribute("href");
-  return () => {
-    const same = id ? document.getElementById(id)
-      : [...root.querySelectorAll(localName)].find((c) => c.getAttribute("href") === href && c.textContent === textContent);
-    same?.focus({ preventScroll: true });
-    if (same && document.activeElement === same) return;
-    fallback()?.focus({ preventScroll: true });
-  };
-}
-
 export const fmtSeconds = (s) => {
   if (s === null || s === undefined) return "—";
   if (s < 59.95) return `${s.toFixed(1)} s`;

@@ -3,7 +3,7 @@
 
 import { api, ApiError, download, getJson, saveJson, sharedSubscribe, subscribe } from "./api.js";
 import { canRescreen, canScreenAgain, gate, newerVersion, rescreen, screenAgain, STUDIES_WRITE } from "./actions.js";
-import { announce, fmtDate, fmtSeconds, focusKeeper, h, s } from "./dom.js";
+import { announce, fmtDate, fmtSeconds, h, s } from "./dom.js";
 import { deliveriesPanel } from "./deliveries.js";
 
 const WINDOWS = { lung: "Lung", mediastinum: "Mediastinum" };
@@ -55,7 +55,7 @@ export function studyView(main, jobId) {
   const again = () => { cleanup(); cleanup = studyView(main, jobId); };
   let line = null;  // the study's identity line, read once for the view (identity)
   const draw = (job) => (job.state === "done" ? viewer(main, job, line) : pending(main, job, line, queued, ended));
-  // the view drawn again in place from ``job``, the focus put back where ``keep`` (viewFocus) found it
+  // the view drawn again in place from ``job``, the focus put back where ``keep`` (focusKeeper) found it
   const redraw = (job, keep) => {
     if (stopped) return false;
     cleanup();
@@ -67,7 +67,7 @@ export function studyView(main, jobId) {
   // kept, the outcome said once. A done one reloaded the whole page: the sign-in asked again, the page flashed, the
   // scroll and the focus went to the page's start and a screen reader read the page again, not the verdict
   const ended = (job) => {
-    if (redraw(job, viewFocus(main))) {
+    if (redraw(job, focusKeeper(main))) {
       announce(`screening ${job.state === "done" ? `done: ${job.result.verdict}` : failedWords(job)}`);
     }
   };
@@ -103,13 +103,24 @@ const withoutRetryHint = (text) => text.replace(/:?\s*POST \/v1\/jobs\/\S+\/retr
 /** A failed job's state in words, as its view shows it ("failed: No Triton was ready. ..."). */
 const failedWords = (job) => `failed: ${withoutRetryHint(job.error?.message || job.error?.reason || "")}`;
 
-/** Where the keyboard focus is in the view (focusKeeper, dom.js), to put it back once the view is drawn anew: else on
- * the view's heading. */
-const viewFocus = (main) => focusKeeper(main, () => {
-  const heading = main.querySelector("h1");
-  heading.tabIndex = -1;
-  return heading;
-});
+/** Where the keyboard focus is in the view, to put it back once the view is drawn anew: on the same element (its
+ * id, or a link's address and words: "← Worklist" is in every view), else on the view's heading. Focus outside
+ * the view, or on the view itself, is left alone. */
+function focusKeeper(main) {
+  const el = document.activeElement;
+  if (!el || el === main || !main.contains(el)) return () => {};
+  const { id, localName, textContent } = el;
+  const href = el.getAttribute("href");
+  return () => {
+    const same = id ? document.getElementById(id)
+      : [...main.querySelectorAll(localName)].find((c) => c.getAttribute("href") === href && c.textContent === textContent);
+    same?.focus({ preventScroll: true });
+    if (same && document.activeElement === same) return;
+    const heading = main.querySelector("h1");
+    heading.tabIndex = -1;
+    heading.focus({ preventScroll: true });
+  };
+}
 
 /** A failed job's "Screen again" (actions.js, as a failed worklist row's; studies:write: disabled without it);
  * queued, queued(job, answer, keep) draws the view again in place, the focus kept as it was when pressed (the
@@ -118,7 +129,7 @@ function retryButton(main, job, queued) {
   const refused = h("p", { class: "bad", id: "retry-refused" });
   const button = h("button", { type: "button", id: "retry", disabled: true, dataset: { needs: STUDIES_WRITE },
     onclick: async () => {
-      const keep = viewFocus(main);
+      const keep = focusKeeper(main);
       const answer = await screenAgain(job.job_id, button, refused);
       if (answer) queued(job, answer, keep);
       else if (button.isConnected && document.activeElement === document.body) keep();  // refused: back on it

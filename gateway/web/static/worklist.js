@@ -3,7 +3,7 @@
 
 import { canScreenAgain, gate, newerVersion, screenAgain, STUDIES_WRITE } from "./actions.js";
 import { ApiError, getJson, sharedSubscribe } from "./api.js";
-import { announce, fmtDate, fmtSeconds, fmtStudyDate, focusKeeper, h } from "./dom.js";
+import { announce, fmtDate, fmtSeconds, fmtStudyDate, h } from "./dom.js";
 
 const STATES = ["receiving", "queued", "screening", "done", "failed"];
 const VERDICTS = ["positive", "negative", "indeterminate"];
@@ -35,9 +35,7 @@ function screenAgainHtml(row, name) {
   const newer = name && newerVersion(row);
   if (newer) return `<small class="newer-version">v${esc(newer)} is newer</small>`;
   if (!canScreenAgain(row) || !row.job_id || !name) return "";
-  // its id (the row's job) finds it again in the rows drawn anew: a refusal puts the focus back on it (focusKeeper)
-  return `<button type="button" id="screen-again-${esc(row.job_id)}" class="screen-again" data-action="screen-again"`
-    + ` data-needs="${STUDIES_WRITE}" disabled`
+  return `<button type="button" class="screen-again" data-action="screen-again" data-needs="${STUDIES_WRITE}" disabled`
     + ` aria-label="Screen again: ${esc(name)}">Screen again</button><span class="bad retry-refused" data-role="refused"></span>`;
 }
 
@@ -179,20 +177,16 @@ export function worklistView(main, params, { focusJob = null } = {}) {
     h("div", { class: "view-head" }, h("h1", {}, "Worklist"), live),
     form, summary, h("div", { class: "table-wrap" }, table), h("nav", { class: "pager", "aria-label": "Pages" }, prev, next));
 
-  // a failed row's Screen again: queued, its row follows the job (the event stream), the focus on the row's link.
-  // Refused, the focus goes back on the button (disabled while it asked, it had sent the focus to the page's body: a
-  // keyboard user lost her place), or on the same row's found again when the rows were drawn anew meanwhile
+  // a failed row's Screen again: queued, its row follows the job (the event stream), the focus on the row's link
   tbody.addEventListener("click", async (e) => {
     const button = e.target.closest('button[data-action="screen-again"]');
     const tr = button?.closest("tr");
     if (!tr) return;
-    const job = tr.dataset.jobId;
-    const keep = focusKeeper(tbody, () => tbody.querySelector(`tr[data-job-id="${CSS.escape(job)}"] th.uid a`));
-    if (await screenAgain(job, button, tr.querySelector('[data-role="refused"]'))) {
+    if (await screenAgain(tr.dataset.jobId, button, tr.querySelector('[data-role="refused"]'))) {
       if (left) return;
       tr.querySelector("th.uid a")?.focus();
       reloadSoon();
-    } else if (!left && document.activeElement === document.body) keep();
+    }
   });
 
   // once the first rows are in (or refused): back from a study, its row's link; after a pager's or the filters'
